@@ -1,0 +1,55 @@
+"""Unit tier: moto as S3 and a sqlite tracking store in tmp_path; no network."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import mlflow
+import pytest
+from moto import mock_aws
+
+from tracking import store
+
+BUCKET = "unit-artifacts"
+
+
+@pytest.fixture
+def mocked_s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+    for var in ("MLFLOW_S3_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    store.s3_client.cache_clear()
+    with mock_aws():
+        client = boto3.client("s3", region_name="us-east-1")
+        client.create_bucket(Bucket=BUCKET)
+        yield client
+    store.s3_client.cache_clear()
+
+
+@pytest.fixture
+def tracking_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(params=["s3", "mlflow"])
+def experiment(request: pytest.FixtureRequest, mocked_s3: object, tracking_store: str, tmp_path: Path) -> str:
+    """An experiment whose runs store artifacts on (moto) S3 via our fast path, or on file:// via MLflow."""
+    location = f"s3://{BUCKET}/exp" if request.param == "s3" else (tmp_path / "artifacts").as_uri()
+    experiment_id = mlflow.create_experiment(f"unit-{request.param}", artifact_location=location)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return str(request.param)
+
+
+@pytest.fixture
+def s3_experiment(mocked_s3: object, tracking_store: str) -> str:
+    experiment_id = mlflow.create_experiment("unit-s3", artifact_location=f"s3://{BUCKET}/exp")
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id

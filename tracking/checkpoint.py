@@ -1,0 +1,293 @@
+"""Writing a model's weights, whole model and resumable checkpoints to an MLflow run.
+
+The layout is fixed (users and the UI rely on it)::
+
+    state_dict/state_dict.pt             torch.save(model.state_dict())
+    state_dict/manifest.json
+    checkpoints/epoch_0007/checkpoint.pt   {"epoch", "model_state", "optim_state", ...}
+    checkpoints/epoch_0007/manifest.json   written last: its presence is the commit
+    model  (an MLflow logged model, runs:/<id>/model)
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from tracking import spec
+from tracking.config import TrackingConfig
+from tracking.manifest import MANIFEST_NAME, Manifest, now, versions
+from tracking.run import TAG_BEST, TAG_BEST_VALUE, TAG_LATEST, TAG_MODE, TAG_MONITOR, RunHandle, open_run, target_run_id
+
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_FILE = "checkpoint.pt"
+STATE_DICT_DIR = "state_dict"
+MODEL_NAME = "model"
+
+
+def checkpoint_dir(epoch: int) -> str:
+    return f"{CHECKPOINTS_DIR}/epoch_{epoch:04d}"
+
+
+@dataclass(frozen=True)
+class LoggedCheckpoint:
+    """Where a checkpoint was committed, and its manifest."""
+
+    run_id: str
+    path: str
+    manifest: Manifest
+
+
+def log_state_dict(
+    model: nn.Module,
+    *,
+    run_id: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    format: str = "torch",
+    config: TrackingConfig | None = None,
+) -> LoggedCheckpoint:
+    """Log ``model.state_dict()`` as ``state_dict/state_dict.pt`` (or ``.safetensors``) plus a manifest.
+
+    The file loads with the plain ``model.load_state_dict(torch.load(f, weights_only=True))``.
+    """
+    _check_model(model)
+    if format not in ("torch", "safetensors"):
+        raise ValueError(f"format must be 'torch' or 'safetensors', got {format!r}")
+    handle = open_run(target_run_id(run_id), config)
+    state = model.state_dict()
+    if format == "safetensors":
+        from safetensors.torch import save
+
+        name = "state_dict.safetensors"
+        data = save({k: v.contiguous() for k, v in state.items()})
+        stored = handle.store.write_bytes(f"{STATE_DICT_DIR}/{name}", data)
+    else:
+        name = "state_dict.pt"
+        stored = handle.store.write(f"{STATE_DICT_DIR}/{name}", lambda stream: torch.save(state, stream))
+    manifest = Manifest(
+        kind="state_dict",
+        files={name: stored},
+        model=spec.describe_model(model, model_kwargs),
+        format=format,
+        versions=versions(),
+        created_at=now(),
+    )
+    handle.store.write_bytes(f"{STATE_DICT_DIR}/{MANIFEST_NAME}", manifest.to_json())
+    return LoggedCheckpoint(handle.run_id, STATE_DICT_DIR, manifest)
+
+
+def log_model(
+    model: nn.Module,
+    *,
+    run_id: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    registered_model_name: str | None = None,
+    **mlflow_kwargs: Any,
+) -> Any:
+    """Log the whole model with MLflow's pytorch flavor, loadable as ``runs:/<id>/model``.
+
+    How to rebuild it without unpickling (class path and init kwargs) is recorded in
+    the logged model's metadata under ``"tracking"``. Returns MLflow's ``ModelInfo``.
+    """
+    import mlflow.pytorch
+
+    _check_model(model)
+    description = spec.describe_model(model, model_kwargs)
+    return mlflow.pytorch.log_model(
+        model,
+        name=MODEL_NAME,
+        run_id=target_run_id(run_id),
+        registered_model_name=registered_model_name,
+        metadata={"tracking": {"model": description, "format_version": 1}},
+        **mlflow_kwargs,
+    )
+
+
+def log_checkpoint(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    epoch: int,
+    step: int | None = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    metrics: Mapping[str, float] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    monitor: str | None = None,
+    mode: str = "min",
+    model_kwargs: Mapping[str, Any] | None = None,
+    scheduler_kwargs: Mapping[str, Any] | None = None,
+    run_id: str | None = None,
+    config: TrackingConfig | None = None,
+) -> LoggedCheckpoint:
+    """Log a resumable checkpoint as ``checkpoints/epoch_NNNN/{checkpoint.pt,manifest.json}``.
+
+    ``checkpoint.pt`` is the plain dict of the seed notes (``epoch``, ``model_state``,
+    ``optim_state``) plus ``scheduler_state``, ``scaler_state``, ``step``, ``metrics``
+    and any ``extra`` keys (tensors and plain Python values only). The manifest is
+    written last; the run's ``latest`` tag (and ``best``, when ``monitor`` is given)
+    move only once it is stored.
+    """
+    snapshot = snapshot_checkpoint(
+        model,
+        optimizer,
+        epoch=epoch,
+        step=step,
+        scheduler=scheduler,
+        scaler=scaler,
+        metrics=metrics,
+        extra=extra,
+        monitor=monitor,
+        mode=mode,
+        model_kwargs=model_kwargs,
+        scheduler_kwargs=scheduler_kwargs,
+    )
+    handle = open_run(target_run_id(run_id), config)
+    return commit_checkpoint(handle, snapshot)
+
+
+@dataclass
+class CheckpointSnapshot:
+    """Everything one checkpoint stores, taken from the live objects at one instant."""
+
+    payload: dict[str, Any]
+    manifest: Manifest
+    monitor: str | None
+    mode: str
+
+
+def snapshot_checkpoint(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    epoch: int,
+    step: int | None = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    metrics: Mapping[str, float] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    monitor: str | None = None,
+    mode: str = "min",
+    model_kwargs: Mapping[str, Any] | None = None,
+    scheduler_kwargs: Mapping[str, Any] | None = None,
+) -> CheckpointSnapshot:
+    """Validate the arguments and gather the checkpoint dict and its manifest (no I/O)."""
+    _check_model(model)
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+    clean_metrics = check_metrics(metrics)
+    if monitor is not None and monitor not in clean_metrics:
+        raise ValueError(
+            f"monitor metric {monitor!r} is not in metrics {sorted(clean_metrics)}; pass it in metrics=..."
+        )
+    payload: dict[str, Any] = {
+        "epoch": epoch,
+        "model_state": model.state_dict(),
+        "optim_state": optimizer.state_dict() if optimizer is not None else None,
+        "step": step,
+        "metrics": clean_metrics,
+    }
+    if scheduler is not None:
+        payload["scheduler_state"] = scheduler.state_dict()
+    if scaler is not None:
+        payload["scaler_state"] = scaler.state_dict()
+    reserved = set(payload) | {"scheduler_state", "scaler_state"}
+    for key, value in (extra or {}).items():
+        if key in reserved:
+            raise ValueError(f"extra key {key!r} clashes with a checkpoint key; rename it")
+        payload[key] = value
+    manifest = Manifest(
+        kind="checkpoint",
+        files={},
+        model=spec.describe_model(model, model_kwargs),
+        epoch=epoch,
+        step=step,
+        metrics=clean_metrics,
+        optimizer=spec.describe_optimizer(optimizer, model) if optimizer is not None else None,
+        scheduler=spec.describe_scheduler(scheduler, scheduler_kwargs) if scheduler is not None else None,
+        scaler={"class": spec.class_path(scaler)} if scaler is not None else None,
+        extra_keys=sorted(extra or {}),
+        versions=versions(),
+        created_at=now(),
+    )
+    return CheckpointSnapshot(payload, manifest, monitor, mode)
+
+
+def commit_checkpoint(handle: RunHandle, snapshot: CheckpointSnapshot) -> LoggedCheckpoint:
+    """Store the checkpoint file, then its manifest, then move the run's tags."""
+    manifest = snapshot.manifest
+    assert manifest.epoch is not None
+    folder = checkpoint_dir(manifest.epoch)
+    # Re-logging an epoch: retract the old commit first, so a failure below never
+    # leaves a manifest that vouches for a half-replaced file.
+    handle.store.delete(f"{folder}/{MANIFEST_NAME}")
+    stored = handle.store.write(f"{folder}/{CHECKPOINT_FILE}", lambda s: torch.save(snapshot.payload, s))
+    manifest.files = {CHECKPOINT_FILE: stored}
+    handle.store.write_bytes(f"{folder}/{MANIFEST_NAME}", manifest.to_json())
+    tags = {TAG_LATEST: folder}
+    if snapshot.monitor is not None:
+        value = manifest.metrics[snapshot.monitor]
+        if _improves(value, handle.tags, snapshot.monitor, snapshot.mode):
+            tags.update(
+                {TAG_BEST: folder, TAG_BEST_VALUE: repr(value), TAG_MONITOR: snapshot.monitor, TAG_MODE: snapshot.mode}
+            )
+    handle.set_tags(tags)
+    return LoggedCheckpoint(handle.run_id, folder, manifest)
+
+
+def _improves(value: float, tags: Mapping[str, str], monitor: str, mode: str) -> bool:
+    if tags.get(TAG_MONITOR) != monitor or TAG_BEST_VALUE not in tags:
+        return True
+    best = float(tags[TAG_BEST_VALUE])
+    return value < best if mode == "min" else value > best
+
+
+def check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, value in (metrics or {}).items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+            raise ValueError(f"metric {name!r} must be a finite number, got {value!r}")
+        out[str(name)] = float(value)
+    return out
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def committed_epochs(handle: RunHandle) -> list[int]:
+    """Epochs whose checkpoint manifest is stored: one listing, the fallback for missing tags."""
+    epochs = []
+    for path in handle.store.list_files(CHECKPOINTS_DIR):
+        folder, _, name = path.partition("/")
+        number = folder.removeprefix("epoch_")
+        if name == MANIFEST_NAME and folder.startswith("epoch_") and number.isdigit():
+            epochs.append(int(number))
+    return sorted(epochs)
+
+
+def read_manifest(handle: RunHandle, folder: str) -> Manifest:
+    path = f"{folder}/{MANIFEST_NAME}"
+    return Manifest.from_json(handle.store.read(path), run_id=handle.run_id, path=path)
+
+
+def delete_checkpoint(handle: RunHandle, epoch: int) -> None:
+    """Delete one checkpoint: the manifest first, so it stops existing before its data goes."""
+    folder = checkpoint_dir(epoch)
+    handle.store.delete(f"{folder}/{MANIFEST_NAME}")
+    handle.store.delete(f"{folder}/{CHECKPOINT_FILE}")

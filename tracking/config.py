@@ -1,0 +1,138 @@
+"""Settings, read from the standard MLflow/AWS variables plus a few ``TRACKING_*`` ones.
+
+Precedence is explicit argument > environment > default, and the environment is
+read only when :meth:`TrackingConfig.from_env` is called, never at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from tracking.errors import ConfigError
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+# Variable name for every field read from the environment.
+ENV_VARS: dict[str, str] = {
+    "tracking_uri": "MLFLOW_TRACKING_URI",
+    "s3_endpoint_url": "MLFLOW_S3_ENDPOINT_URL",
+    "aws_access_key_id": "AWS_ACCESS_KEY_ID",
+    "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
+    "aws_region": "AWS_DEFAULT_REGION",
+    "s3_ignore_tls": "MLFLOW_S3_IGNORE_TLS",
+    "experiment_name": "TRACKING_EXPERIMENT",
+    "bucket": "TRACKING_BUCKET",
+    "data_dir": "TRACKING_DATA_DIR",
+    "part_size_mb": "TRACKING_S3_PART_SIZE_MB",
+    "max_concurrency": "TRACKING_S3_MAX_CONCURRENCY",
+}
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where runs are tracked and where their bytes are stored."""
+
+    tracking_uri: str | None = None
+    s3_endpoint_url: str | None = None
+    aws_access_key_id: str | None = field(default=None, repr=False)
+    aws_secret_access_key: str | None = field(default=None, repr=False)
+    aws_region: str = "us-east-1"
+    s3_ignore_tls: bool = False
+    experiment_name: str = "pytorch-checkpoints"
+    bucket: str = "mlflow"
+    data_dir: Path = Path(".tracking")
+    part_size_mb: int = 16
+    max_concurrency: int = 8
+
+    def __post_init__(self) -> None:
+        if self.tracking_uri is not None:
+            _check_uri(self.tracking_uri, ENV_VARS["tracking_uri"], schemes=None)
+        if self.s3_endpoint_url is not None:
+            _check_uri(self.s3_endpoint_url, ENV_VARS["s3_endpoint_url"], schemes={"http", "https"})
+        if not self.bucket or "/" in self.bucket:
+            raise ConfigError(f"{ENV_VARS['bucket']}={self.bucket!r} is not a bucket name; use e.g. 'mlflow'.")
+        if not self.experiment_name:
+            raise ConfigError(f"{ENV_VARS['experiment_name']} is empty; set an experiment name.")
+        if self.part_size_mb < 5:
+            raise ConfigError(
+                f"{ENV_VARS['part_size_mb']}={self.part_size_mb}: S3 multipart parts must be at least 5 MB."
+            )
+        if self.max_concurrency < 1:
+            raise ConfigError(f"{ENV_VARS['max_concurrency']}={self.max_concurrency}: must be at least 1.")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> TrackingConfig:
+        """Build a config from ``environ`` (default ``os.environ``); ``overrides`` win over it.
+
+        Overrides that are ``None`` are ignored, so CLI options can be passed through as they are.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        types = {f.name: f.type for f in fields(cls)}
+        for name, var in ENV_VARS.items():
+            raw = env.get(var)
+            if raw is None or (raw == "" and types[name] != "bool"):
+                continue
+            values[name] = _parse(raw, str(types[name]), var)
+        unknown = set(overrides) - set(types)
+        if unknown:
+            raise TypeError(f"unknown config fields: {sorted(unknown)}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def with_changes(self, **changes: Any) -> TrackingConfig:
+        return replace(self, **changes)
+
+    @property
+    def part_size(self) -> int:
+        return self.part_size_mb * 1024 * 1024
+
+    def s3_client_env(self) -> dict[str, str]:
+        """The variables MLflow's own S3 client and ``mlflow server`` read."""
+        out: dict[str, str] = {"AWS_DEFAULT_REGION": self.aws_region}
+        if self.s3_endpoint_url:
+            out["MLFLOW_S3_ENDPOINT_URL"] = self.s3_endpoint_url
+        if self.aws_access_key_id:
+            out["AWS_ACCESS_KEY_ID"] = self.aws_access_key_id
+        if self.aws_secret_access_key:
+            out["AWS_SECRET_ACCESS_KEY"] = self.aws_secret_access_key
+        if self.s3_ignore_tls:
+            out["MLFLOW_S3_IGNORE_TLS"] = "true"
+        return out
+
+
+def _parse(raw: str, type_name: str, var: str) -> Any:
+    if type_name == "bool":
+        lowered = raw.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ConfigError(f"{var}={raw!r} is not a boolean; use true or false.")
+    if type_name == "int":
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"{var}={raw!r} is not an integer.") from None
+    if type_name == "Path":
+        return Path(raw)
+    return raw
+
+
+def _check_uri(value: str, var: str, schemes: set[str] | None) -> None:
+    parsed = urlparse(value)
+    if schemes is not None:
+        if parsed.scheme not in schemes or not parsed.netloc:
+            raise ConfigError(f"{var}={value!r} is not a valid URL; expected e.g. http://127.0.0.1:8333.")
+        return
+    # A tracking URI may be a plain local path (MLflow accepts it), or scheme://...
+    if parsed.scheme in {"http", "https"} and not parsed.netloc:
+        raise ConfigError(f"{var}={value!r} is not a valid URL; expected e.g. http://127.0.0.1:5000.")
+    if " " in value.strip():
+        raise ConfigError(f"{var}={value!r} contains spaces; expected a URI such as http://127.0.0.1:5000.")

@@ -1,0 +1,472 @@
+"""Reading back: a run ID (or registry URI) -> a rebuilt model, optimizer and scheduler.
+
+Every file is checked against its manifest's size and sha256 before ``torch.load``,
+state always loads with ``weights_only=True``, and recorded classes are checked to
+be Module / Optimizer / scheduler subclasses before they are called. A load never
+modifies anything on the store.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from tracking import spec
+from tracking.checkpoint import (
+    CHECKPOINT_FILE,
+    MODEL_NAME,
+    STATE_DICT_DIR,
+    checkpoint_dir,
+    committed_epochs,
+    read_manifest,
+)
+from tracking.config import TrackingConfig
+from tracking.errors import ConfigError, MismatchError, NotFoundError, TrackingError
+from tracking.manifest import MANIFEST_NAME, Manifest
+from tracking.run import TAG_BEST, TAG_LATEST, TAG_MODE, TAG_MONITOR, RunHandle, open_run
+from tracking.uri import parse_source
+
+MODEL_HINT = "pass model=<an instance or a factory> to tracking.load"
+OPTIMIZER_HINT = "pass optimizer=<a factory taking the model's parameters> to tracking.load"
+SCHEDULER_HINT = "pass scheduler=<a factory taking the optimizer> to tracking.load"
+
+ModelArg = nn.Module | Callable[[], nn.Module] | None
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint rebuilt into live objects; attributes are None where nothing was saved."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    scheduler: Any
+    scaler: Any
+    epoch: int | None
+    step: int | None
+    metrics: dict[str, float]
+    run_id: str
+    path: str
+    manifest: Manifest
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_run_id(source: str, config: TrackingConfig | None = None) -> str:
+    """The run a run ID, ``runs:/`` URI or ``models:/`` registry URI leads to."""
+    parsed = parse_source(source)
+    if parsed.run_id is not None:
+        return parsed.run_id
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=(config or TrackingConfig.from_env()).tracking_uri)
+    try:
+        if parsed.alias is not None:
+            version = client.get_model_version_by_alias(parsed.model_name, parsed.alias)
+        else:
+            version = client.get_model_version(parsed.model_name, parsed.version)
+    except MlflowException as exc:
+        raise NotFoundError(
+            f"{source}: no such registered model version or alias ({exc.message}); check the name and "
+            "alias in the MLflow UI's Models page."
+        ) from exc
+    if not version.run_id:
+        raise NotFoundError(f"{source} (version {version.version}) is not linked to a run; load it by run ID.")
+    return str(version.run_id)
+
+
+def load(
+    source: str,
+    checkpoint: str | int = "latest",
+    *,
+    step: int | None = None,
+    map_location: str | torch.device = "cpu",
+    mode: str = "eval",
+    model: ModelArg = None,
+    optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+    scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+    strict: bool = True,
+    config: TrackingConfig | None = None,
+) -> LoadedCheckpoint:
+    """Rebuild the model, optimizer, scheduler and AMP scaler of a logged checkpoint.
+
+    ``source`` is a run ID, ``runs:/<id>`` or ``models:/<name>@<alias>`` /
+    ``models:/<name>/<version>``. ``checkpoint`` is ``"latest"``, ``"best"`` or an
+    epoch number; ``step=`` picks the checkpoint logged at that global step instead.
+    ``mode="eval"`` returns the model in eval mode, ``"train"`` ready to resume.
+    Pass ``model=`` (instance or factory), ``optimizer=`` (factory taking the model's
+    parameters) or ``scheduler=`` (factory taking the optimizer) for classes that
+    cannot be rebuilt from the manifest.
+    """
+    _check_mode(mode)
+    handle = open_run(resolve_run_id(source, config), config)
+    folder, manifest = _find_checkpoint(handle, checkpoint, step)
+    state = _read_torch(handle, folder, manifest, CHECKPOINT_FILE, map_location)
+    if not isinstance(state, dict) or "model_state" not in state:
+        raise TrackingError(
+            f"run {handle.run_id}: {folder}/{CHECKPOINT_FILE} has no 'model_state' key; it is not a checkpoint."
+        )
+    built = _build_model(handle, manifest, model, map_location)
+    _load_weights(handle, folder, built, state["model_state"], strict)
+    optim = None
+    if state.get("optim_state") is not None:
+        optim = _build_optimizer(handle, manifest, built, optimizer)
+        optim.load_state_dict(state["optim_state"])
+    sched = None
+    if state.get("scheduler_state") is not None and optim is not None:
+        sched = _build_scheduler(handle, manifest, optim, scheduler)
+        sched.load_state_dict(state["scheduler_state"])
+    scaler = None
+    if state.get("scaler_state") is not None:
+        scaler_cls = spec.import_class(
+            (manifest.scaler or {}).get("class", "torch.amp.grad_scaler:GradScaler"),
+            "scaler",
+            run_id=handle.run_id,
+            hint="install a torch that provides it",
+        )
+        scaler = scaler_cls(torch.device(map_location).type)
+        scaler.load_state_dict(state["scaler_state"])
+    built.train(mode == "train")
+    known = {"epoch", "model_state", "optim_state", "scheduler_state", "scaler_state", "step", "metrics"}
+    return LoadedCheckpoint(
+        model=built,
+        optimizer=optim,
+        scheduler=sched,
+        scaler=scaler,
+        epoch=state.get("epoch"),
+        step=state.get("step"),
+        metrics=dict(state.get("metrics") or manifest.metrics),
+        run_id=handle.run_id,
+        path=folder,
+        manifest=manifest,
+        extra={k: v for k, v in state.items() if k not in known},
+    )
+
+
+def load_state_dict(
+    source: str,
+    *,
+    checkpoint: str | int | None = None,
+    map_location: str | torch.device = "cpu",
+    config: TrackingConfig | None = None,
+) -> dict[str, torch.Tensor]:
+    """The model weights alone: the ``state_dict/`` artifact, or a checkpoint's ``model_state``."""
+    handle = open_run(resolve_run_id(source, config), config)
+    folder, manifest, name = _find_weights(handle, checkpoint)
+    state = _read_torch(handle, folder, manifest, name, map_location)
+    return dict(state["model_state"] if manifest.kind == "checkpoint" else state)
+
+
+def load_model(
+    source: str,
+    *,
+    checkpoint: str | int | None = None,
+    map_location: str | torch.device = "cpu",
+    mode: str = "eval",
+    model: ModelArg = None,
+    strict: bool = True,
+    config: TrackingConfig | None = None,
+) -> nn.Module:
+    """The model alone, for evaluation and serving, rebuilt without unpickling code.
+
+    Reads ``state_dict/`` when the run has it and no ``checkpoint`` is asked for,
+    else the checkpoint (default: latest).
+    """
+    _check_mode(mode)
+    handle = open_run(resolve_run_id(source, config), config)
+    folder, manifest, name = _find_weights(handle, checkpoint)
+    state = _read_torch(handle, folder, manifest, name, map_location)
+    built = _build_model(handle, manifest, model, map_location)
+    _load_weights(handle, folder, built, state["model_state"] if manifest.kind == "checkpoint" else state, strict)
+    built.train(mode == "train")
+    return built
+
+
+def load_pickled_model(
+    source: str,
+    *,
+    trust_pickle: bool = False,
+    map_location: str | torch.device = "cpu",
+    config: TrackingConfig | None = None,
+) -> nn.Module:
+    """The whole pickled model logged by ``log_model`` (seed section 4), in eval mode.
+
+    Unpickling runs arbitrary code from the artifact, so it needs ``trust_pickle=True``.
+    """
+    if not trust_pickle:
+        raise ValueError(
+            f"{source}: the whole-model artifact is a pickle, and unpickling can run arbitrary code. "
+            "Pass trust_pickle=True if you trust this run, or use tracking.load_model(), which rebuilds "
+            "the model from its class and weights without unpickling."
+        )
+    import mlflow.pytorch
+    from mlflow.exceptions import MlflowException
+
+    run_id = resolve_run_id(source, config)
+    try:
+        loaded = mlflow.pytorch.load_model(f"runs:/{run_id}/{MODEL_NAME}", map_location=map_location)
+    except MlflowException as exc:
+        raise NotFoundError(
+            f"run {run_id}: no whole model at runs:/{run_id}/{MODEL_NAME} ({exc.message}); log one with "
+            "tracking.log_model(model), or use tracking.load_model() for checkpoints."
+        ) from exc
+    loaded.eval()
+    return loaded  # type: ignore[no-any-return]
+
+
+def list_checkpoints(source: str, *, config: TrackingConfig | None = None) -> list[Manifest]:
+    """Manifests of every committed checkpoint of a run, oldest epoch first."""
+    handle = open_run(resolve_run_id(source, config), config)
+    return [read_manifest(handle, checkpoint_dir(epoch)) for epoch in committed_epochs(handle)]
+
+
+# ---------------------------------------------------------------- resolution
+
+
+def _find_checkpoint(handle: RunHandle, checkpoint: str | int, step: int | None) -> tuple[str, Manifest]:
+    if step is not None:
+        for manifest in (read_manifest(handle, checkpoint_dir(e)) for e in committed_epochs(handle)):
+            if manifest.step == step:
+                assert manifest.epoch is not None
+                return checkpoint_dir(manifest.epoch), manifest
+        raise NotFoundError(f"run {handle.run_id}: no checkpoint was logged at step {step}.")
+    if isinstance(checkpoint, bool) or not isinstance(checkpoint, int | str):
+        raise TypeError(f"checkpoint must be 'latest', 'best' or an epoch number, got {checkpoint!r}")
+    if isinstance(checkpoint, str) and checkpoint.isdigit():
+        checkpoint = int(checkpoint)
+    if isinstance(checkpoint, int):
+        folder = checkpoint_dir(checkpoint)
+        try:
+            return folder, read_manifest(handle, folder)
+        except NotFoundError:
+            epochs = committed_epochs(handle)
+            raise NotFoundError(
+                f"run {handle.run_id}: no checkpoint for epoch {checkpoint} ({folder}/{MANIFEST_NAME} "
+                f"is missing); committed epochs: {_epoch_list(epochs)}."
+            ) from None
+    if checkpoint not in ("latest", "best"):
+        raise ValueError(f"checkpoint must be 'latest', 'best' or an epoch number, got {checkpoint!r}")
+    tag = handle.tags.get(TAG_LATEST if checkpoint == "latest" else TAG_BEST)
+    if tag:
+        try:
+            return tag, read_manifest(handle, tag)
+        except NotFoundError:
+            pass  # a stale tag (checkpoint deleted by hand): fall back to listing below
+    return _find_by_listing(handle, checkpoint)
+
+
+def _find_by_listing(handle: RunHandle, which: str) -> tuple[str, Manifest]:
+    epochs = committed_epochs(handle)
+    if not epochs:
+        raise NotFoundError(
+            f"run {handle.run_id} has no committed checkpoints under checkpoints/; log one with "
+            "tracking.log_checkpoint(...) or load the state dict with tracking.load_model()."
+        )
+    if which == "latest":
+        return checkpoint_dir(epochs[-1]), read_manifest(handle, checkpoint_dir(epochs[-1]))
+    monitor = handle.tags.get(TAG_MONITOR)
+    if not monitor:
+        raise NotFoundError(
+            f"run {handle.run_id} records no best checkpoint: log checkpoints with monitor=... "
+            f"(or a Checkpointer), or pick an epoch: {_epoch_list(epochs)}."
+        )
+    manifests = [read_manifest(handle, checkpoint_dir(e)) for e in epochs]
+    scored = [m for m in manifests if monitor in m.metrics]
+    if not scored:
+        raise NotFoundError(f"run {handle.run_id}: no checkpoint has the monitored metric {monitor!r}.")
+    mode = handle.tags.get(TAG_MODE, "min")
+    best = (min if mode == "min" else max)(scored, key=lambda m: m.metrics[monitor])
+    assert best.epoch is not None
+    return checkpoint_dir(best.epoch), best
+
+
+def _find_weights(handle: RunHandle, checkpoint: str | int | None) -> tuple[str, Manifest, str]:
+    if checkpoint is None:
+        try:
+            manifest = read_manifest(handle, STATE_DICT_DIR)
+            return STATE_DICT_DIR, manifest, next(iter(manifest.files))
+        except NotFoundError:
+            checkpoint = "latest"
+    folder, manifest = _find_checkpoint(handle, checkpoint, None)
+    return folder, manifest, CHECKPOINT_FILE
+
+
+def _epoch_list(epochs: list[int]) -> str:
+    return ", ".join(map(str, epochs)) if epochs else "none"
+
+
+# ------------------------------------------------------------------ building
+
+
+class _BufferReader(io.RawIOBase):
+    """A seekable read-only stream over a buffer, so torch.load needs no second copy."""
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self._view = memoryview(data)
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, out: Any) -> int:
+        chunk = self._view[self._pos : self._pos + len(out)]
+        out[: len(chunk)] = chunk
+        self._pos += len(chunk)
+        return len(chunk)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _read_torch(
+    handle: RunHandle, folder: str, manifest: Manifest, name: str, map_location: str | torch.device
+) -> Any:
+    expected = manifest.files.get(name)
+    if expected is None:
+        raise TrackingError(f"run {handle.run_id}: {folder}/{MANIFEST_NAME} does not list {name}.")
+    try:
+        data = handle.store.read(f"{folder}/{name}", expected)
+    except NotFoundError:
+        raise NotFoundError(
+            f"run {handle.run_id}: {folder}/{name} is listed in its manifest but missing from the store "
+            f"({handle.store.describe(f'{folder}/{name}')}); it was deleted. Load another checkpoint."
+        ) from None
+    try:
+        _check_device(map_location)
+        if manifest.format == "safetensors":
+            from safetensors.torch import load as load_safetensors
+
+            return {k: v.to(map_location) for k, v in load_safetensors(bytes(data)).items()}
+        return torch.load(_BufferReader(data), map_location=map_location, weights_only=True)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise TrackingError(
+            f"run {handle.run_id}: {folder}/{name} matches its manifest but torch.load refused it ({exc}). "
+            "It may hold objects other than tensors and plain Python values."
+        ) from exc
+
+
+def _check_device(map_location: str | torch.device) -> None:
+    device = torch.device(map_location)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"map_location={map_location!r} but CUDA is not available here; use 'cpu'.")
+
+
+def _build_model(
+    handle: RunHandle, manifest: Manifest, model: ModelArg, map_location: str | torch.device
+) -> nn.Module:
+    recorded = manifest.model
+    if isinstance(model, nn.Module):
+        built = model
+    elif isinstance(model, type) and issubclass(model, nn.Module):
+        built = spec.build(model, (), recorded.get("init_kwargs") or {}, run_id=handle.run_id, hint=MODEL_HINT)
+    elif callable(model):
+        built = model()
+        if not isinstance(built, nn.Module):
+            raise TypeError(f"the model factory returned {type(built).__name__}, not a torch.nn.Module")
+    elif model is not None:
+        raise TypeError(f"model must be an nn.Module, an nn.Module class or a factory, got {model!r}")
+    else:
+        cls = spec.import_class(recorded["class"], "model", run_id=handle.run_id, hint=MODEL_HINT)
+        kwargs = recorded.get("init_kwargs")
+        if kwargs is None:
+            raise NotFoundError(
+                f"run {handle.run_id}: the init arguments of {recorded['class']} were not recorded, so the "
+                f"model cannot be rebuilt from the run alone; {MODEL_HINT} (or log with "
+                "@tracking.rebuildable / model_kwargs= next time)."
+            )
+        built = spec.build(cls, (), kwargs, run_id=handle.run_id, hint=MODEL_HINT)
+    return built.to(map_location)
+
+
+def _load_weights(
+    handle: RunHandle, folder: str, model: nn.Module, state: Mapping[str, torch.Tensor], strict: bool
+) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: stored {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if hasattr(state[k], "shape") and state[k].shape != own[k].shape
+    ]
+    if shapes or (strict and (missing or unexpected)):
+        raise MismatchError(
+            f"run {handle.run_id}: {folder} does not fit {spec.class_path(model)}: "
+            f"missing keys {missing or 'none'}; unexpected keys {unexpected or 'none'}; "
+            f"shape mismatches {shapes or 'none'}. Build the model with the architecture that was "
+            "logged" + ("" if shapes else ", or pass strict=False to load the keys that match") + "."
+        )
+    model.load_state_dict(state, strict=strict)
+
+
+def _build_optimizer(
+    handle: RunHandle,
+    manifest: Manifest,
+    model: nn.Module,
+    factory: Callable[..., torch.optim.Optimizer] | None,
+) -> torch.optim.Optimizer:
+    if factory is not None:
+        built = factory(model.parameters())
+        if not isinstance(built, torch.optim.Optimizer):
+            raise TypeError(f"the optimizer factory returned {type(built).__name__}, not an Optimizer")
+        return built
+    recorded = manifest.optimizer
+    if not recorded:
+        raise NotFoundError(f"run {handle.run_id}: the manifest does not describe the optimizer; {OPTIMIZER_HINT}.")
+    cls = spec.import_class(recorded["class"], "optimizer", run_id=handle.run_id, hint=OPTIMIZER_HINT)
+    named = dict(model.named_parameters())
+    try:
+        groups = [{"params": [named[n] for n in g["params"]]} for g in recorded["param_groups"]]
+    except KeyError as exc:
+        raise MismatchError(
+            f"run {handle.run_id}: the optimizer was trained over parameter {exc} which the model lacks; "
+            f"{OPTIMIZER_HINT}."
+        ) from None
+    built = spec.build(cls, (groups,), recorded.get("defaults", {}), run_id=handle.run_id, hint=OPTIMIZER_HINT)
+    return built  # type: ignore[no-any-return]
+
+
+def _build_scheduler(
+    handle: RunHandle,
+    manifest: Manifest,
+    optimizer: torch.optim.Optimizer,
+    factory: Callable[[torch.optim.Optimizer], Any] | None,
+) -> Any:
+    if factory is not None:
+        return factory(optimizer)
+    recorded = manifest.scheduler or {}
+    if recorded.get("init_kwargs") is None:
+        raise NotFoundError(
+            f"run {handle.run_id}: the scheduler {recorded.get('class', '(unknown)')} cannot be rebuilt from "
+            f"its manifest (its init arguments were not recorded); {SCHEDULER_HINT}."
+        )
+    cls = spec.import_class(recorded["class"], "scheduler", run_id=handle.run_id, hint=SCHEDULER_HINT)
+    # Constructing a scheduler steps it once, which rewrites the optimizer's learning rates;
+    # load_state_dict on both afterwards restores the saved values.
+    saved_groups = [dict(g) for g in optimizer.state_dict()["param_groups"]]
+    built = spec.build(cls, (optimizer,), recorded["init_kwargs"], run_id=handle.run_id, hint=SCHEDULER_HINT)
+    for group, saved in zip(optimizer.param_groups, saved_groups, strict=True):
+        for key, value in saved.items():
+            if key != "params":
+                group[key] = value
+    return built
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in ("eval", "train"):
+        raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+

@@ -1,0 +1,81 @@
+"""The MLflow run an operation targets: the active run or an explicit run ID, and its store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tracking.config import TrackingConfig
+from tracking.errors import NotFoundError, StorageError
+from tracking.store import ArtifactStore, open_store
+
+# Run tags pointing at committed checkpoints, so "latest"/"best" cost O(1) calls.
+TAG_LATEST = "tracking.checkpoint.latest"
+TAG_BEST = "tracking.checkpoint.best"
+TAG_BEST_VALUE = "tracking.checkpoint.best_value"
+TAG_MONITOR = "tracking.checkpoint.monitor"
+TAG_MODE = "tracking.checkpoint.mode"
+
+
+@dataclass
+class RunHandle:
+    """A run's ID, tags and artifact store, fetched once per operation."""
+
+    run_id: str
+    tags: dict[str, str]
+    status: str
+    store: ArtifactStore
+    client: Any
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+            self.tags[key] = value
+
+    def delete_tag(self, key: str) -> None:
+        if key in self.tags:
+            self.client.delete_tag(self.run_id, key)
+            del self.tags[key]
+
+
+def target_run_id(run_id: str | None) -> str:
+    """``run_id`` when given, else the active run's; a clear error when there is neither."""
+    if run_id is not None:
+        if not isinstance(run_id, str) or not run_id:
+            raise ValueError(f"run_id must be a non-empty string, got {run_id!r}")
+        return run_id
+    import mlflow
+
+    active = mlflow.active_run()
+    if active is None:
+        raise ValueError(
+            "no active MLflow run and no run_id: call inside `with mlflow.start_run():` or pass run_id=..."
+        )
+    return str(active.info.run_id)
+
+
+def open_run(run_id: str, config: TrackingConfig | None = None) -> RunHandle:
+    """Fetch run ``run_id`` (one tracking-server call) and open its artifact store."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    config = config or TrackingConfig.from_env()
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"} or "not found" in str(exc):
+            raise NotFoundError(
+                f"run {run_id} not found on tracking server {client.tracking_uri}; check the run ID "
+                "(MLflow UI or `tracking runs`) and MLFLOW_TRACKING_URI."
+            ) from exc
+        raise StorageError(f"run {run_id}: the tracking server failed: {exc}") from exc
+    except OSError as exc:
+        raise StorageError(
+            f"run {run_id}: cannot reach the tracking server {client.tracking_uri} ({exc}); "
+            "check MLFLOW_TRACKING_URI (`tracking stack status`)."
+        ) from exc
+    if run.info.lifecycle_stage == "deleted":
+        raise NotFoundError(f"run {run_id} is deleted; restore it in the MLflow UI to use its artifacts.")
+    store = open_store(run_id, run.info.artifact_uri, config)
+    return RunHandle(run_id, dict(run.data.tags), run.info.status, store, client)

@@ -1,0 +1,230 @@
+"""How a model, optimizer or scheduler is described in a manifest and rebuilt from it.
+
+A description is a class path (``module:QualName``) plus JSON-serialisable init
+arguments. Rebuilding imports the class and refuses anything that is not a
+``torch.nn.Module``, ``torch.optim.Optimizer`` or LR scheduler subclass before it is
+called, so a tampered manifest naming ``os:system`` cannot run anything.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import json
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from tracking.errors import NotFoundError, UnsafeClassError
+
+# Attribute on a model instance holding the init arguments captured by @rebuildable.
+INIT_KWARGS_ATTR = "_tracking_init_kwargs"
+
+ModuleT = TypeVar("ModuleT", bound=type[nn.Module])
+
+
+def rebuildable(cls: ModuleT) -> ModuleT:
+    """Class decorator: remember the arguments each instance was constructed with.
+
+    ``tracking.log_*`` record them in the manifest, so the loader can rebuild the
+    model from the run alone::
+
+        @tracking.rebuildable
+        class Model(nn.Module):
+            def __init__(self, n_input_features: int): ...
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"@rebuildable decorates torch.nn.Module subclasses, got {cls!r}")
+    original = cls.__init__
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def __init__(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        # Only the arguments of the instance's own class describe it: a base class's
+        # arguments say nothing about how a subclass with its own __init__ is built.
+        if type(self).__init__ is __init__:
+            object.__setattr__(self, INIT_KWARGS_ATTR, _bind(signature, self, args, kwargs))
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
+
+
+def _bind(signature: inspect.Signature, self: Any, args: Any, kwargs: Any) -> dict[str, Any] | None:
+    bound = signature.bind(self, *args, **kwargs)
+    bound.apply_defaults()
+    out: dict[str, Any] = {}
+    for name, value in list(bound.arguments.items())[1:]:
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                return None  # *args cannot be replayed by keyword
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        else:
+            out[name] = value
+    return out
+
+
+def class_path(obj_or_cls: Any) -> str:
+    cls = obj_or_cls if isinstance(obj_or_cls, type) else type(obj_or_cls)
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def is_json(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def describe_model(model: nn.Module, model_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Class path and init kwargs of ``model``; ``init_kwargs`` is None when they are unknown."""
+    kwargs: Mapping[str, Any] | None = model_kwargs
+    source = "explicit"
+    if kwargs is None:
+        kwargs = getattr(model, INIT_KWARGS_ATTR, None)
+        source = "rebuildable"
+    if kwargs is None and _takes_no_arguments(type(model)):
+        kwargs, source = {}, "no-arguments"
+    if kwargs is not None and not is_json(dict(kwargs)):
+        if model_kwargs is not None:
+            raise ValueError(
+                f"model_kwargs for {class_path(model)} must be JSON-serialisable, got {dict(model_kwargs)!r}"
+            )
+        kwargs = None
+    note = None
+    if kwargs is None:
+        source = "unknown"
+        note = (
+            "init arguments were not captured: decorate the class with @tracking.rebuildable or pass "
+            "model_kwargs=...; to load, pass model=<instance or factory>"
+        )
+    return {
+        "class": class_path(model),
+        "init_kwargs": None if kwargs is None else dict(kwargs),
+        "init_kwargs_source": source,
+        **({"note": note} if note else {}),
+    }
+
+
+def _takes_no_arguments(cls: type) -> bool:
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    return all(p.default is not inspect.Parameter.empty or p.kind in (p.VAR_KEYWORD,) for p in params) and not any(
+        p.kind is p.VAR_POSITIONAL for p in params
+    )
+
+
+def describe_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
+    """Class, defaults, and which named parameters sit in which param group."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = []
+    for group in optimizer.param_groups:
+        params = [names.get(id(p)) for p in group["params"]]
+        if any(n is None for n in params):
+            raise ValueError(
+                "the optimizer holds parameters that are not in the model; log the model the optimizer trains"
+            )
+        groups.append({"params": params})
+    return {
+        "class": class_path(optimizer),
+        # Only JSON-able hyperparameters can be replayed; load_state_dict restores the rest.
+        "defaults": {k: v for k, v in _jsonable(dict(optimizer.defaults)).items() if v is not _SKIP},
+        "param_groups": groups,
+    }
+
+
+def describe_scheduler(scheduler: Any, scheduler_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Class and the init arguments that can be read back off the instance."""
+    if scheduler_kwargs is not None:
+        if not is_json(dict(scheduler_kwargs)):
+            raise ValueError("scheduler_kwargs must be JSON-serialisable")
+        return {"class": class_path(scheduler), "init_kwargs": dict(scheduler_kwargs)}
+    kwargs: dict[str, Any] | None = {}
+    params = list(inspect.signature(type(scheduler).__init__).parameters.values())[2:]
+    for p in params:
+        # last_epoch is restored by load_state_dict; constructing with it != -1 needs initial_lr.
+        if p.name in {"last_epoch", "verbose"} or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        value = getattr(scheduler, p.name, inspect.Parameter.empty)
+        if value is inspect.Parameter.empty:
+            if p.default is inspect.Parameter.empty:
+                kwargs = None
+                break
+            continue
+        if not is_json(value):
+            kwargs = None
+            break
+        assert kwargs is not None
+        kwargs[p.name] = value
+    return {"class": class_path(scheduler), "init_kwargs": kwargs}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return value if is_json(value) else _SKIP
+
+
+_SKIP = object()
+
+
+_ALLOWED_BASES: dict[str, tuple[type, ...]] = {
+    "model": (nn.Module,),
+    "optimizer": (torch.optim.Optimizer,),
+    "scheduler": (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau),
+    "scaler": (torch.amp.GradScaler,),
+}
+
+
+def import_class(path: str, role: str, *, run_id: str, hint: str) -> type:
+    """Import ``module:QualName`` and check it is a subclass allowed for ``role``.
+
+    The check happens on the imported object before anything is called, so a
+    manifest naming ``os:system`` fails here without running.
+    """
+    module_name, sep, qualname = path.partition(":")
+    if not sep or not module_name or not qualname:
+        raise UnsafeClassError(f"run {run_id}: recorded {role} class {path!r} is not of the form module:QualName.")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise NotFoundError(
+            f"run {run_id}: the {role} class {path} cannot be imported (module {module_name!r}: {exc}). "
+            f"Install the code that defines it, or {hint}."
+        ) from exc
+    obj: Any = module
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise NotFoundError(
+                f"run {run_id}: module {module_name!r} has no {qualname!r} (recorded {role} class {path}). "
+                f"The code changed since the run; {hint}."
+            )
+    bases = _ALLOWED_BASES[role]
+    if not (isinstance(obj, type) and issubclass(obj, bases)):
+        allowed = " or ".join(f"{b.__module__}.{b.__qualname__}" for b in bases)
+        raise UnsafeClassError(
+            f"run {run_id}: refusing to instantiate {path} as the {role}: it is not a subclass of {allowed}. "
+            "The manifest may have been tampered with."
+        )
+    return obj
+
+
+def build(cls: type, args: tuple[Any, ...], kwargs: Mapping[str, Any], *, run_id: str, hint: str) -> Any:
+    try:
+        return cls(*args, **kwargs)
+    except TypeError as exc:
+        raise NotFoundError(
+            f"run {run_id}: {class_path(cls)} no longer accepts the recorded arguments {dict(kwargs)!r} "
+            f"({exc}); {hint}."
+        ) from exc
+

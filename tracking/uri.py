@@ -1,0 +1,75 @@
+"""Parsing of the strings users hand us: run sources and S3 artifact locations."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+_RUN_ID = re.compile(r"^[0-9a-fA-F]{32}$")
+
+
+@dataclass(frozen=True)
+class RunSource:
+    """A run ID, or the registry model (name + alias or version) that leads to one."""
+
+    run_id: str | None = None
+    model_name: str | None = None
+    alias: str | None = None
+    version: str | None = None
+    artifact_path: str = ""
+
+
+def parse_source(source: str) -> RunSource:
+    """Parse ``<run_id>``, ``runs:/<run_id>[/path]``, ``models:/<name>@<alias>`` or ``models:/<name>/<v>``."""
+    if not isinstance(source, str) or not source.strip():
+        raise ValueError(
+            f"source must be a run ID, runs:/<run_id> or models:/<name>@<alias>, got {source!r}"
+        )
+    source = source.strip()
+    if source.startswith("runs:/"):
+        parts = source[len("runs:/") :].strip("/").split("/", 1)
+        if not parts[0]:
+            raise ValueError(f"{source!r} has no run ID; expected runs:/<run_id>[/path]")
+        return RunSource(run_id=parts[0], artifact_path=parts[1] if len(parts) > 1 else "")
+    if source.startswith("models:/"):
+        rest = source[len("models:/") :].strip("/")
+        if "@" in rest:
+            name, _, alias = rest.partition("@")
+            if name and alias:
+                return RunSource(model_name=name, alias=alias)
+        else:
+            name, _, version = rest.partition("/")
+            if name and version.isdigit():
+                return RunSource(model_name=name, version=version)
+        raise ValueError(f"{source!r} is not models:/<name>@<alias> or models:/<name>/<version>")
+    if "/" in source or ":" in source:
+        raise ValueError(
+            f"{source!r} is not a run ID; expected a 32-character hex run ID, runs:/<run_id> "
+            "or models:/<name>@<alias>"
+        )
+    return RunSource(run_id=source)
+
+
+def looks_like_run_id(value: str) -> bool:
+    return bool(_RUN_ID.match(value))
+
+
+@dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    key: str
+
+    def join(self, *parts: str) -> S3Location:
+        key = "/".join(p.strip("/") for p in (self.key, *parts) if p.strip("/"))
+        return S3Location(self.bucket, key)
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+def parse_s3_uri(uri: str) -> S3Location:
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise ValueError(f"{uri!r} is not an s3://bucket/key URI")
+    return S3Location(parsed.netloc, parsed.path.lstrip("/"))
