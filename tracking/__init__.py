@@ -2,6 +2,7 @@
 and load them back by run ID."""
 
 from tracking.checkpoint import LoggedCheckpoint, log_checkpoint, log_model, log_state_dict
+from tracking.checkpointer import Checkpointer
 from tracking.config import TrackingConfig
 from tracking.errors import (
     ConfigError,
@@ -21,9 +22,11 @@ from tracking.loader import (
     load_state_dict,
     resolve_run_id,
 )
+from tracking.rng import capture_rng_state, restore_rng_state
 from tracking.spec import rebuildable
 
 __all__ = [
+    "Checkpointer",
     "ConfigError",
     "IntegrityError",
     "LoadedCheckpoint",
@@ -34,6 +37,7 @@ __all__ = [
     "TrackingConfig",
     "TrackingError",
     "UnsafeClassError",
+    "capture_rng_state",
     "list_checkpoints",
     "load",
     "load_model",
@@ -44,4 +48,5 @@ __all__ = [
     "log_state_dict",
     "rebuildable",
     "resolve_run_id",
+    "restore_rng_state",
 ]
