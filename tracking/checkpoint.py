@@ -99,13 +99,21 @@ def log_model(
 
     _check_model(model)
     description = spec.describe_model(model, model_kwargs)
+    handle = open_run(target_run_id(run_id))
+    # Create the logged model in the run's own experiment: MLflow would otherwise put it in
+    # the active (or default) experiment, where runs:/<id>/model does not look.
+    logged = mlflow.initialize_logged_model(
+        name=MODEL_NAME, source_run_id=handle.run_id, experiment_id=handle.experiment_id
+    )
     return mlflow.pytorch.log_model(
         model,
         name=MODEL_NAME,
-        run_id=target_run_id(run_id),
+        run_id=handle.run_id,
+        model_id=logged.model_id,
         registered_model_name=registered_model_name,
         metadata={"tracking": {"model": description, "format_version": 1}},
-        **mlflow_kwargs,
+        # The whole pickled module (seed section 4); MLflow's newer default, pt2, needs an input example.
+        **{"serialization_format": "pickle", **mlflow_kwargs},
     )
 
 

