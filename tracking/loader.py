@@ -8,7 +8,6 @@ modifies anything on the store.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +28,7 @@ from tracking.config import TrackingConfig
 from tracking.errors import ConfigError, MismatchError, NotFoundError, TrackingError
 from tracking.manifest import MANIFEST_NAME, Manifest
 from tracking.run import TAG_BEST, TAG_LATEST, TAG_MODE, TAG_MONITOR, RunHandle, open_run
+from tracking.store import BufferReader
 from tracking.uri import parse_source
 
 MODEL_HINT = "pass model=<an instance or a factory> to tracking.load"
@@ -75,7 +75,9 @@ def resolve_run_id(source: str, config: TrackingConfig | None = None) -> str:
             "alias in the MLflow UI's Models page."
         ) from exc
     if not version.run_id:
-        raise NotFoundError(f"{source} (version {version.version}) is not linked to a run; load it by run ID.")
+        raise NotFoundError(
+            f"{source} (version {version.version}) is not linked to a run; load it by run ID."
+        )
     return str(version.run_id)
 
 
@@ -181,7 +183,9 @@ def load_model(
     folder, manifest, name = _find_weights(handle, checkpoint)
     state = _read_torch(handle, folder, manifest, name, map_location)
     built = _build_model(handle, manifest, model, map_location)
-    _load_weights(handle, folder, built, state["model_state"] if manifest.kind == "checkpoint" else state, strict)
+    _load_weights(
+        handle, folder, built, state["model_state"] if manifest.kind == "checkpoint" else state, strict
+    )
     built.train(mode == "train")
     return built
 
@@ -302,34 +306,6 @@ def _epoch_list(epochs: list[int]) -> str:
 # ------------------------------------------------------------------ building
 
 
-class _BufferReader(io.RawIOBase):
-    """A seekable read-only stream over a buffer, so torch.load needs no second copy."""
-
-    def __init__(self, data: bytes | bytearray) -> None:
-        self._view = memoryview(data)
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, out: Any) -> int:
-        chunk = self._view[self._pos : self._pos + len(out)]
-        out[: len(chunk)] = chunk
-        self._pos += len(chunk)
-        return len(chunk)
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
-        self._pos = base + offset
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-
 def _read_torch(
     handle: RunHandle, folder: str, manifest: Manifest, name: str, map_location: str | torch.device
 ) -> Any:
@@ -349,7 +325,7 @@ def _read_torch(
             from safetensors.torch import load as load_safetensors
 
             return {k: v.to(map_location) for k, v in load_safetensors(bytes(data)).items()}
-        return torch.load(_BufferReader(data), map_location=map_location, weights_only=True)
+        return torch.load(BufferReader(data), map_location=map_location, weights_only=True)
     except ConfigError:
         raise
     except Exception as exc:
@@ -372,7 +348,9 @@ def _build_model(
     if isinstance(model, nn.Module):
         built = model
     elif isinstance(model, type) and issubclass(model, nn.Module):
-        built = spec.build(model, (), recorded.get("init_kwargs") or {}, run_id=handle.run_id, hint=MODEL_HINT)
+        built = spec.build(
+            model, (), recorded.get("init_kwargs") or {}, run_id=handle.run_id, hint=MODEL_HINT
+        )
     elif callable(model):
         built = model()
         if not isinstance(built, nn.Module):
@@ -426,7 +404,9 @@ def _build_optimizer(
         return built
     recorded = manifest.optimizer
     if not recorded:
-        raise NotFoundError(f"run {handle.run_id}: the manifest does not describe the optimizer; {OPTIMIZER_HINT}.")
+        raise NotFoundError(
+            f"run {handle.run_id}: the manifest does not describe the optimizer; {OPTIMIZER_HINT}."
+        )
     cls = spec.import_class(recorded["class"], "optimizer", run_id=handle.run_id, hint=OPTIMIZER_HINT)
     named = dict(model.named_parameters())
     try:
@@ -436,7 +416,9 @@ def _build_optimizer(
             f"run {handle.run_id}: the optimizer was trained over parameter {exc} which the model lacks; "
             f"{OPTIMIZER_HINT}."
         ) from None
-    built = spec.build(cls, (groups,), recorded.get("defaults", {}), run_id=handle.run_id, hint=OPTIMIZER_HINT)
+    built = spec.build(
+        cls, (groups,), recorded.get("defaults", {}), run_id=handle.run_id, hint=OPTIMIZER_HINT
+    )
     return built  # type: ignore[no-any-return]
 
 
@@ -469,4 +451,3 @@ def _build_scheduler(
 def _check_mode(mode: str) -> None:
     if mode not in ("eval", "train"):
         raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
-

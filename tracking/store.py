@@ -106,6 +106,34 @@ class _HashingWriter(io.RawIOBase):
         return StoredFile(self.size, self.sha256.hexdigest())
 
 
+class BufferReader(io.RawIOBase):
+    """A seekable read-only stream over a buffer, so neither torch.load nor an upload copies it."""
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self._view = memoryview(data)
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, out: Any) -> int:
+        chunk = self._view[self._pos : self._pos + len(out)]
+        out[: len(chunk)] = chunk
+        self._pos += len(chunk)
+        return len(chunk)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
 # --------------------------------------------------------------------------- S3
 
 
@@ -283,6 +311,10 @@ class S3Store(ArtifactStore):
                     "AWS_SECRET_ACCESS_KEY."
                 ) from exc
             raise StorageError(f"{where}: S3 error {code}: {exc}") from exc
+        except OSError as exc:
+            raise StorageError(
+                f"{where}: the S3 transfer failed ({exc}); nothing was committed, retry."
+            ) from exc
 
 
 def _bounded_map(
@@ -340,7 +372,7 @@ class _MultipartUpload:
     def finish(self) -> None:
         client = self.store.client
         if self.upload_id is None:
-            client.put_object(Bucket=self.target.bucket, Key=self.target.key, Body=bytes(self.buffer))
+            client.put_object(Bucket=self.target.bucket, Key=self.target.key, Body=BufferReader(self.buffer))
         else:
             if self.buffer:
                 self._send_part()
@@ -374,7 +406,7 @@ class _MultipartUpload:
                     Key=self.target.key,
                     UploadId=upload_id,
                     PartNumber=number,
-                    Body=body,
+                    Body=BufferReader(body),
                 )
                 return {"PartNumber": number, "ETag": response["ETag"]}
             finally:

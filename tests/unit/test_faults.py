@@ -1,0 +1,171 @@
+"""Bad input and failing storage: specific errors, and nothing half-written left visible."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+import tracking
+from pipelines.models import Model
+from tests.unit.conftest import BUCKET
+from tracking import store
+from tracking.run import TAG_LATEST
+
+
+def seed_model() -> tuple[Model, torch.optim.SGD]:
+    model = Model(n_input_features=6)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def big_model() -> torch.nn.Module:
+    # ~12 MB of weights: more than two 5 MB parts, so the upload goes multipart.
+    return torch.nn.Linear(1000, 3000)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"model": "not a model"}, TypeError, "torch.nn.Module"),
+        ({"optimizer": "sgd"}, TypeError, "Optimizer"),
+        ({"epoch": -1}, ValueError, "non-negative"),
+        ({"epoch": 1.5}, ValueError, "non-negative"),
+        ({"metrics": {"val_loss": "low"}}, ValueError, "'val_loss' must be a finite number"),
+        ({"metrics": {"val_loss": float("nan")}}, ValueError, "finite"),
+        ({"metrics": {"acc": 0.9}, "monitor": "val_loss"}, ValueError, "monitor metric 'val_loss'"),
+        ({"extra": {"model_state": 1}}, ValueError, "clashes"),
+    ],
+)
+def test_bad_arguments_raise_and_store_nothing(
+    experiment: str, kwargs: dict[str, object], error: type[Exception], match: str
+) -> None:
+    model, optimizer = seed_model()
+    arguments: dict[str, object] = {"model": model, "optimizer": optimizer, "epoch": 1, **kwargs}
+    with mlflow.start_run() as run:
+        with pytest.raises(error, match=match):
+            tracking.log_checkpoint(**arguments)  # type: ignore[arg-type]
+    assert tracking.list_checkpoints(run.info.run_id) == []
+
+
+def test_no_active_run_and_no_run_id(experiment: str) -> None:
+    model, optimizer = seed_model()
+    with pytest.raises(ValueError, match="no active MLflow run and no run_id"):
+        tracking.log_checkpoint(model, optimizer, epoch=1)
+
+
+def test_unknown_run_id(experiment: str) -> None:
+    model, optimizer = seed_model()
+    with pytest.raises(tracking.NotFoundError, match="run 0123456789abcdef0123456789abcdef not found"):
+        tracking.log_checkpoint(model, optimizer, epoch=1, run_id="0123456789abcdef0123456789abcdef")
+
+
+def test_failure_mid_upload_keeps_previous_checkpoint_latest(
+    s3_experiment: str, mocked_s3: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TRACKING_S3_PART_SIZE_MB", "5")
+    model = big_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, optimizer, epoch=1)
+        client = store.s3_client(tracking.TrackingConfig.from_env())
+        real_upload_part = client.upload_part
+        calls = []
+
+        def failing_upload_part(**kwargs: object) -> object:
+            calls.append(kwargs["PartNumber"])
+            if kwargs["PartNumber"] == 2:
+                raise ConnectionResetError("injected: connection reset during part 2")
+            return real_upload_part(**kwargs)
+
+        monkeypatch.setattr(client, "upload_part", failing_upload_part)
+        with pytest.raises(tracking.StorageError, match=r"epoch_0002/checkpoint.pt: .*injected"):
+            tracking.log_checkpoint(model, optimizer, epoch=2)
+        assert 2 in calls
+
+    assert MlflowClient().get_run(run.info.run_id).data.tags[TAG_LATEST] == "checkpoints/epoch_0001"
+    assert [m.epoch for m in tracking.list_checkpoints(run.info.run_id)] == [1]
+    assert tracking.load(run.info.run_id, model=big_model()).epoch == 1
+    s3 = mocked_s3
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])]  # type: ignore[attr-defined]
+    assert not [k for k in keys if "epoch_0002" in k]
+    assert s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []  # type: ignore[attr-defined]
+
+
+def test_failure_through_mlflow_store_keeps_previous_checkpoint(
+    tracking_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    experiment_id = mlflow.create_experiment("files", artifact_location=(tmp_path / "art").as_uri())
+    model, optimizer = seed_model()
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        tracking.log_checkpoint(model, optimizer, epoch=1)
+
+        def fail(self: object, local: str, artifact_path: str | None = None) -> None:
+            raise OSError("injected: disk full")
+
+        from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+        with monkeypatch.context() as patch:
+            patch.setattr(LocalArtifactRepository, "log_artifact", fail)
+            with pytest.raises(tracking.StorageError, match=r"run \w+: .*checkpoint.pt: .*disk full"):
+                tracking.log_checkpoint(model, optimizer, epoch=2)
+    assert [m.epoch for m in tracking.list_checkpoints(run.info.run_id)] == [1]
+    assert MlflowClient().get_run(run.info.run_id).data.tags[TAG_LATEST] == "checkpoints/epoch_0001"
+
+
+def test_relogging_an_epoch_that_fails_leaves_no_manifest_for_it(
+    experiment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, optimizer = seed_model()
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, optimizer, epoch=1)
+        tracking.log_checkpoint(model, optimizer, epoch=2)
+
+        def explode(obj: object, stream: object) -> None:
+            raise RuntimeError("injected: serialization failed")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(torch, "save", explode)
+            with pytest.raises(RuntimeError, match="injected"):
+                tracking.log_checkpoint(model, optimizer, epoch=2)
+    assert [m.epoch for m in tracking.list_checkpoints(run.info.run_id)] == [1]
+    # The tag still names epoch 2, which no longer exists: the loader falls back to listing.
+    assert tracking.load(run.info.run_id).epoch == 1
+
+
+def test_missing_bucket(mocked_s3: object, tracking_store: str) -> None:
+    experiment_id = mlflow.create_experiment("nobucket", artifact_location="s3://no-such-bucket/exp")
+    model, optimizer = seed_model()
+    with mlflow.start_run(experiment_id=experiment_id):
+        with pytest.raises(tracking.StorageError, match=r"bucket 'no-such-bucket' does not exist.*create it"):
+            tracking.log_checkpoint(model, optimizer, epoch=1)
+
+
+def test_missing_credentials(tracking_store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    store.s3_client.cache_clear()
+    experiment_id = mlflow.create_experiment("nocreds", artifact_location="s3://bucket/exp")
+    model, optimizer = seed_model()
+    with mlflow.start_run(experiment_id=experiment_id):
+        with pytest.raises(tracking.ConfigError, match="AWS_ACCESS_KEY_ID"):
+            tracking.log_checkpoint(model, optimizer, epoch=1)
+
+
+def test_unreachable_endpoint(tracking_store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    store.s3_client.cache_clear()
+    experiment_id = mlflow.create_experiment("unreachable", artifact_location="s3://bucket/exp")
+    model, optimizer = seed_model()
+    with mlflow.start_run(experiment_id=experiment_id):
+        with pytest.raises(tracking.StorageError, match=rf"cannot reach S3 at http://127.0.0.1:{port}"):
+            tracking.log_checkpoint(model, optimizer, epoch=1)
+    store.s3_client.cache_clear()
