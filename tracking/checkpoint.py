@@ -23,7 +23,16 @@ from torch import nn
 from tracking import spec
 from tracking.config import TrackingConfig
 from tracking.manifest import MANIFEST_NAME, Manifest, now, versions
-from tracking.run import TAG_BEST, TAG_BEST_VALUE, TAG_LATEST, TAG_MODE, TAG_MONITOR, RunHandle, open_run, target_run_id
+from tracking.run import (
+    TAG_BEST,
+    TAG_BEST_VALUE,
+    TAG_LATEST,
+    TAG_MODE,
+    TAG_MONITOR,
+    RunHandle,
+    open_run,
+    target_run_id,
+)
 
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -249,7 +258,12 @@ def commit_checkpoint(handle: RunHandle, snapshot: CheckpointSnapshot) -> Logged
         value = manifest.metrics[snapshot.monitor]
         if _improves(value, handle.tags, snapshot.monitor, snapshot.mode):
             tags.update(
-                {TAG_BEST: folder, TAG_BEST_VALUE: repr(value), TAG_MONITOR: snapshot.monitor, TAG_MODE: snapshot.mode}
+                {
+                    TAG_BEST: folder,
+                    TAG_BEST_VALUE: repr(value),
+                    TAG_MONITOR: snapshot.monitor,
+                    TAG_MODE: snapshot.mode,
+                }
             )
     handle.set_tags(tags)
     return LoggedCheckpoint(handle.run_id, folder, manifest)

@@ -23,9 +23,7 @@ class RunSource:
 def parse_source(source: str) -> RunSource:
     """Parse ``<run_id>``, ``runs:/<run_id>[/path]``, ``models:/<name>@<alias>`` or ``models:/<name>/<v>``."""
     if not isinstance(source, str) or not source.strip():
-        raise ValueError(
-            f"source must be a run ID, runs:/<run_id> or models:/<name>@<alias>, got {source!r}"
-        )
+        raise ValueError(f"source must be a run ID, runs:/<run_id> or models:/<name>@<alias>, got {source!r}")
     source = source.strip()
     if source.startswith("runs:/"):
         parts = source[len("runs:/") :].strip("/").split("/", 1)
