@@ -1,0 +1,412 @@
+"""Loading: run ID -> rebuilt model and optimizer, integrity and safety checks, clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+import tracking
+from pipelines.models import DigitsMLP, Model
+from tests.unit.conftest import BUCKET
+from tracking import store
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, steps: int) -> None:
+    model.train()
+    for _ in range(steps):
+        x, y = torch.randn(16, 64), torch.randint(0, 10, (16,))
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        scheduler.step()
+
+
+def digits_setup(seed: int = 0) -> tuple[DigitsMLP, torch.optim.Adam, Any]:
+    torch.manual_seed(seed)
+    model = DigitsMLP(hidden=32, dropout=0.3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    return model, optimizer, scheduler
+
+
+# ------------------------------------------------------------ fresh process
+
+
+@pytest.fixture
+def moto_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """moto as a real HTTP S3 endpoint on 127.0.0.1, so a child process can reach it."""
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    store.s3_client.cache_clear()
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        store.s3_client.cache_clear()
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys, torch, tracking
+    run_id, out = sys.argv[1], sys.argv[2]
+    loaded = tracking.load(run_id)                      # eval mode by default
+    x = torch.load(out + ".x", weights_only=True)
+    result = {"eval_out": loaded.model(x), "training": loaded.model.training}
+    loaded.model.train()
+    torch.manual_seed(123)
+    batch, target = torch.randn(16, 64), torch.randint(0, 10, (16,))
+    loaded.optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(loaded.model(batch), target).backward()
+    loaded.optimizer.step()
+    loaded.scheduler.step()
+    result.update(
+        epoch=loaded.epoch, step=loaded.step, params=loaded.model.state_dict(),
+        optim=loaded.optimizer.state_dict(), lr=loaded.optimizer.param_groups[0]["lr"],
+    )
+    torch.save(result, out)
+    """
+)
+
+
+@pytest.mark.parametrize("artifacts", ["s3", "file"])
+def test_fresh_process_rebuilds_model_optimizer_and_scheduler_exactly(
+    artifacts: str, request: pytest.FixtureRequest, tracking_store: str, tmp_path: Path
+) -> None:
+    if artifacts == "s3":
+        request.getfixturevalue("moto_server")
+        location = f"s3://{BUCKET}/exp"
+    else:
+        location = (tmp_path / "artifacts").as_uri()
+    experiment_id = mlflow.create_experiment("fresh", artifact_location=location)
+    model, optimizer, scheduler = digits_setup()
+    train_steps(model, optimizer, scheduler, steps=5)
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        tracking.log_checkpoint(model, optimizer, epoch=3, step=5, scheduler=scheduler)
+
+    x = torch.randn(8, 64)
+    model.eval()
+    expected_out = model(x)
+    out = tmp_path / "child.pt"
+    torch.save(x, f"{out}.x")
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, run.info.run_id, str(out)], cwd=REPO, capture_output=True, text=True
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    result = torch.load(out, weights_only=True)
+
+    # The state differed before loading ...
+    assert not torch.equal(DigitsMLP(hidden=32, dropout=0.3).eval()(x), expected_out)
+    # ... and matches after, bit for bit, in eval mode.
+    assert result["training"] is False
+    assert torch.equal(result["eval_out"], expected_out)
+    assert (result["epoch"], result["step"]) == (3, 5)
+
+    # One more training step from the loaded objects equals the step the original takes.
+    model.train()
+    torch.manual_seed(123)
+    batch, target = torch.randn(16, 64), torch.randint(0, 10, (16,))
+    optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(model(batch), target).backward()
+    optimizer.step()
+    scheduler.step()
+    for key, value in model.state_dict().items():
+        assert torch.equal(result["params"][key], value), key
+    expected_optim = optimizer.state_dict()
+    assert result["optim"]["param_groups"] == expected_optim["param_groups"]
+    for index, state in expected_optim["state"].items():
+        for name, tensor in state.items():
+            assert torch.equal(result["optim"]["state"][index][name], tensor), (index, name)
+    assert result["lr"] == optimizer.param_groups[0]["lr"]
+
+
+# ------------------------------------------------------------ in process
+
+
+def test_loaded_optimizer_state_equals_saved(experiment: str) -> None:
+    model, optimizer, scheduler = digits_setup()
+    train_steps(model, optimizer, scheduler, steps=3)
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, optimizer, epoch=1, scheduler=scheduler)
+    loaded = tracking.load(run.info.run_id, mode="train")
+    assert loaded.model.training
+    assert isinstance(loaded.optimizer, torch.optim.Adam)
+    assert isinstance(loaded.scheduler, torch.optim.lr_scheduler.StepLR)
+    assert loaded.scheduler.state_dict() == scheduler.state_dict()
+    saved, restored = optimizer.state_dict(), loaded.optimizer.state_dict()
+    assert restored["param_groups"] == saved["param_groups"]
+    for index, state in saved["state"].items():
+        for name, tensor in state.items():
+            assert torch.equal(restored["state"][index][name], tensor)
+
+
+def test_multiple_param_groups_are_rebuilt(experiment: str) -> None:
+    model, _, _ = digits_setup()
+    layers = list(model.net)
+    optimizer = torch.optim.SGD(
+        [{"params": layers[0].parameters(), "lr": 0.1}, {"params": layers[-1].parameters()}], lr=0.01
+    )
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, optimizer, epoch=1)
+    loaded = tracking.load(run.info.run_id, model=DigitsMLP(hidden=32, dropout=0.3))
+    assert loaded.optimizer is not None
+    assert [g["lr"] for g in loaded.optimizer.param_groups] == [0.1, 0.01]
+
+
+def test_best_latest_epoch_and_step_pick_the_right_checkpoint(experiment: str) -> None:
+    model, optimizer = Model(6), None
+    checkpointer = tracking.Checkpointer(monitor="val_loss")
+    with mlflow.start_run() as run:
+        for epoch, loss in [(1, 0.9), (2, 0.3), (3, 0.5)]:
+            with torch.no_grad():
+                model.linear.bias.fill_(epoch)
+            checkpointer.save(model, optimizer, epoch=epoch, step=epoch * 10, metrics={"val_loss": loss})
+    run_id = run.info.run_id
+    assert tracking.load(run_id).epoch == 3
+    best = tracking.load(run_id, "best")
+    assert (best.epoch, best.metrics, float(best.model.linear.bias.detach())) == (2, {"val_loss": 0.3}, 2.0)
+    assert tracking.load(run_id, 1).epoch == 1
+    assert tracking.load(run_id, "1").epoch == 1
+    assert tracking.load(f"runs:/{run_id}", step=30).epoch == 3
+    assert float(tracking.load_model(run_id, checkpoint="best").linear.bias.detach()) == 2.0
+    assert float(tracking.load_state_dict(run_id, checkpoint=1)["linear.bias"]) == 1.0
+
+
+def test_registry_alias_and_version_lead_back_to_the_run(experiment: str) -> None:
+    model = Model(6)
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, epoch=4)
+        tracking.log_model(model, registered_model_name="seed-model")
+    MlflowClient().set_registered_model_alias("seed-model", "champion", "1")
+    assert tracking.load("models:/seed-model@champion").run_id == run.info.run_id
+    assert tracking.load("models:/seed-model/1").epoch == 4
+    with pytest.raises(tracking.NotFoundError, match=r"models:/seed-model@nope: no such registered model"):
+        tracking.load("models:/seed-model@nope")
+
+
+def test_whole_model_needs_an_explicit_opt_in(experiment: str) -> None:
+    model = Model(6)
+    with mlflow.start_run() as run:
+        tracking.log_model(model)
+    with pytest.raises(ValueError, match="trust_pickle=True"):
+        tracking.load_pickled_model(run.info.run_id)
+    loaded = tracking.load_pickled_model(run.info.run_id, trust_pickle=True)
+    assert torch.equal(loaded.linear.weight, model.linear.weight)
+    assert not loaded.training
+
+
+def test_stale_latest_tag_falls_back_to_listing(experiment: str) -> None:
+    model = Model(6)
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, epoch=1)
+        tracking.log_checkpoint(model, epoch=2)
+    handle = tracking.run.open_run(run.info.run_id)
+    tracking.checkpoint.delete_checkpoint(handle, 2)  # deleted by hand: the tag still names epoch 2
+    assert tracking.load(run.info.run_id).epoch == 1
+
+
+# ------------------------------------------------------------ integrity and safety
+
+
+def stored_file(run_id: str, path: str) -> Path | None:
+    """The local file behind an artifact for file:// runs (None for S3 runs)."""
+    uri = MlflowClient().get_run(run_id).info.artifact_uri
+    return Path(uri.removeprefix("file://")) / path if uri.startswith("file://") else None
+
+
+def rewrite(run_id: str, path: str, change: Any) -> None:
+    local = stored_file(run_id, path)
+    if local is not None:
+        local.write_bytes(change(local.read_bytes()))
+        return
+    uri = MlflowClient().get_run(run_id).info.artifact_uri
+    key = f"{uri.removeprefix(f's3://{BUCKET}/')}/{path}"
+    s3 = boto3.client("s3", region_name="us-east-1")
+    data = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    s3.put_object(Bucket=BUCKET, Key=key, Body=change(data))
+
+
+def test_flipped_byte_is_caught(experiment: str) -> None:
+    model = Model(6)
+    with mlflow.start_run() as run:
+        logged = tracking.log_checkpoint(model, epoch=1)
+
+    def flip(data: bytes) -> bytes:
+        middle = len(data) // 2
+        return data[:middle] + bytes([data[middle] ^ 0x01]) + data[middle + 1 :]
+
+    rewrite(run.info.run_id, "checkpoints/epoch_0001/checkpoint.pt", flip)
+    expected = logged.manifest.files["checkpoint.pt"].sha256
+    with pytest.raises(tracking.IntegrityError) as caught:
+        tracking.load(run.info.run_id)
+    message = str(caught.value)
+    assert run.info.run_id in message and "checkpoints/epoch_0001/checkpoint.pt" in message
+    assert expected in message
+
+
+def tamper_manifest(run_id: str, folder: str, change: Any) -> None:
+    def edit(data: bytes) -> bytes:
+        manifest = json.loads(data)
+        change(manifest)
+        return json.dumps(manifest).encode()
+
+    rewrite(run_id, f"{folder}/manifest.json", edit)
+
+
+def test_os_system_manifest_is_refused_before_anything_runs(experiment: str, tmp_path: Path) -> None:
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(Model(6), epoch=1)
+    marker = tmp_path / "pwned"
+
+    def point_at_os_system(manifest: dict[str, Any]) -> None:
+        manifest["model"] = {"class": "os:system", "init_kwargs": {"command": f"touch {marker}"}}
+
+    tamper_manifest(run.info.run_id, "checkpoints/epoch_0001", point_at_os_system)
+    with pytest.raises(tracking.UnsafeClassError, match="refusing to instantiate os:system"):
+        tracking.load(run.info.run_id)
+    with pytest.raises(tracking.UnsafeClassError):
+        tracking.load_model(run.info.run_id)
+    assert not marker.exists()
+
+
+def test_optimizer_class_outside_torch_optim_is_refused(experiment: str) -> None:
+    model = Model(6)
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, torch.optim.SGD(model.parameters(), lr=0.1), epoch=1)
+
+    def swap(manifest: dict[str, Any]) -> None:
+        manifest["optimizer"]["class"] = "subprocess:Popen"
+
+    tamper_manifest(run.info.run_id, "checkpoints/epoch_0001", swap)
+    with pytest.raises(tracking.UnsafeClassError, match="subprocess:Popen"):
+        tracking.load(run.info.run_id)
+
+
+def test_class_that_no_longer_imports(experiment: str) -> None:
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(Model(6), epoch=1)
+
+    def rename(manifest: dict[str, Any]) -> None:
+        manifest["model"]["class"] = "old_project.models:Model"
+
+    tamper_manifest(run.info.run_id, "checkpoints/epoch_0001", rename)
+    with pytest.raises(tracking.NotFoundError, match=r"module 'old_project.models'.*pass model="):
+        tracking.load(run.info.run_id)
+    assert tracking.load(run.info.run_id, model=Model(6)).epoch == 1
+
+
+def test_newer_and_malformed_manifests(experiment: str) -> None:
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(Model(6), epoch=1)
+        tracking.log_checkpoint(Model(6), epoch=2)
+
+    def newer(manifest: dict[str, Any]) -> None:
+        manifest["format_version"] = 99
+
+    tamper_manifest(run.info.run_id, "checkpoints/epoch_0001", newer)
+    with pytest.raises(tracking.IntegrityError, match="format_version 99.*upgrade"):
+        tracking.load(run.info.run_id, 1)
+    rewrite(run.info.run_id, "checkpoints/epoch_0002/manifest.json", lambda data: data[:20])
+    with pytest.raises(tracking.IntegrityError, match="epoch_0002/manifest.json is not valid JSON"):
+        tracking.load(run.info.run_id, 2)
+
+
+def test_architecture_mismatch_lists_keys_and_shapes(experiment: str) -> None:
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(DigitsMLP(hidden=32), epoch=1)
+    with pytest.raises(tracking.MismatchError, match=r"shape mismatches \[.*'net.0.weight: stored \(32, 64\) vs model \(16, 64\)'"):
+        tracking.load(run.info.run_id, model=DigitsMLP(hidden=16))
+
+    class Wider(DigitsMLP):
+        def __init__(self) -> None:
+            super().__init__(hidden=32)
+            self.extra = torch.nn.Linear(2, 2)
+
+    with pytest.raises(tracking.MismatchError, match=r"missing keys \['extra.bias', 'extra.weight'\]"):
+        tracking.load(run.info.run_id, model=Wider())
+    loaded = tracking.load(run.info.run_id, model=Wider(), strict=False)
+    assert torch.equal(loaded.model.net[0].weight, tracking.load(run.info.run_id).model.net[0].weight)
+
+
+def test_unknown_run_no_checkpoints_and_missing_epoch(experiment: str) -> None:
+    with pytest.raises(tracking.NotFoundError, match="run ffffffffffffffffffffffffffffffff not found"):
+        tracking.load("ffffffffffffffffffffffffffffffff")
+    with mlflow.start_run() as run:
+        pass
+    with pytest.raises(tracking.NotFoundError, match="has no committed checkpoints"):
+        tracking.load(run.info.run_id)
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(Model(6), epoch=2)
+        tracking.log_checkpoint(Model(6), epoch=4)
+    with pytest.raises(tracking.NotFoundError, match="no checkpoint for epoch 3.*committed epochs: 2, 4"):
+        tracking.load(run.info.run_id, 3)
+    with pytest.raises(tracking.NotFoundError, match="records no best checkpoint"):
+        tracking.load(run.info.run_id, "best")
+    with pytest.raises(ValueError, match="'latest', 'best' or an epoch"):
+        tracking.load(run.info.run_id, "newest")
+
+
+def test_deleted_checkpoint_file(experiment: str) -> None:
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(Model(6), epoch=1)
+    tracking.run.open_run(run.info.run_id).store.delete("checkpoints/epoch_0001/checkpoint.pt")
+    with pytest.raises(tracking.NotFoundError, match="listed in its manifest but missing"):
+        tracking.load(run.info.run_id)
+
+
+def test_a_load_modifies_nothing_on_the_store(experiment: str) -> None:
+    model, optimizer, scheduler = digits_setup()
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, optimizer, epoch=1, scheduler=scheduler)
+        tracking.log_state_dict(model)
+    handle = tracking.run.open_run(run.info.run_id)
+
+    def snapshot() -> dict[str, str]:
+        return {
+            path: hashlib.sha256(handle.store.read(path)).hexdigest() for path in handle.store.list_files("")
+        }
+
+    before = snapshot()
+    tags_before = MlflowClient().get_run(run.info.run_id).data.tags
+    tracking.load(run.info.run_id)
+    tracking.load_model(run.info.run_id)
+    tracking.load_state_dict(run.info.run_id)
+    tracking.list_checkpoints(run.info.run_id)
+    assert snapshot() == before
+    assert MlflowClient().get_run(run.info.run_id).data.tags == tags_before
+
+
+def test_cuda_map_location(experiment: str) -> None:
+    model = Model(6)
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, torch.optim.SGD(model.parameters(), lr=0.1), epoch=1)
+    if torch.cuda.is_available():
+        assert tracking.load(run.info.run_id, map_location="cuda").model.linear.weight.is_cuda
+    else:
+        with pytest.raises(tracking.ConfigError, match="CUDA is not available"):
+            tracking.load(run.info.run_id, map_location="cuda")
