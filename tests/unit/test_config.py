@@ -1,0 +1,97 @@
+"""Settings and source parsing: no torch, no network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tracking.config import TrackingConfig
+from tracking.errors import ConfigError
+from tracking.uri import RunSource, parse_s3_uri, parse_source
+
+RUN = "0123456789abcdef0123456789abcdef"
+
+
+def test_defaults_without_environment() -> None:
+    config = TrackingConfig.from_env({})
+    assert config.tracking_uri is None
+    assert (config.bucket, config.experiment_name, config.s3_ignore_tls) == ("mlflow", "pytorch-checkpoints", False)
+    assert config.data_dir == Path(".tracking")
+
+
+def test_environment_then_explicit_argument_wins() -> None:
+    env = {
+        "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000",
+        "MLFLOW_S3_ENDPOINT_URL": "http://127.0.0.1:8333",
+        "AWS_ACCESS_KEY_ID": "key",
+        "AWS_SECRET_ACCESS_KEY": "secret",
+        "MLFLOW_S3_IGNORE_TLS": "true",
+        "TRACKING_BUCKET": "ckpts",
+        "TRACKING_S3_PART_SIZE_MB": "32",
+    }
+    config = TrackingConfig.from_env(env, bucket="explicit", tracking_uri=None)
+    assert config.bucket == "explicit"
+    assert config.tracking_uri == "http://127.0.0.1:5000"
+    assert config.s3_ignore_tls is True
+    assert config.part_size == 32 * 1024 * 1024
+    assert config.s3_client_env()["AWS_SECRET_ACCESS_KEY"] == "secret"
+
+
+def test_secrets_stay_out_of_repr() -> None:
+    config = TrackingConfig.from_env({"AWS_SECRET_ACCESS_KEY": "hunter2", "AWS_ACCESS_KEY_ID": "AKIA"})
+    assert "hunter2" not in repr(config) and "AKIA" not in repr(config)
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"MLFLOW_S3_IGNORE_TLS": "maybe"}, "MLFLOW_S3_IGNORE_TLS"),
+        ({"MLFLOW_S3_ENDPOINT_URL": "localhost:9000"}, "MLFLOW_S3_ENDPOINT_URL"),
+        ({"MLFLOW_TRACKING_URI": "http://"}, "MLFLOW_TRACKING_URI"),
+        ({"TRACKING_S3_PART_SIZE_MB": "big"}, "TRACKING_S3_PART_SIZE_MB"),
+        ({"TRACKING_S3_PART_SIZE_MB": "1"}, "TRACKING_S3_PART_SIZE_MB"),
+        ({"TRACKING_BUCKET": "a/b"}, "TRACKING_BUCKET"),
+    ],
+)
+def test_invalid_values_name_the_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        TrackingConfig.from_env(env)
+
+
+def test_unknown_override_is_a_programmer_error() -> None:
+    with pytest.raises(TypeError, match="unknown config fields"):
+        TrackingConfig.from_env({}, buckett="x")
+
+
+def test_the_environment_is_read_when_asked_not_at_import(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRACKING_BUCKET", "set-after-import")
+    assert TrackingConfig.from_env().bucket == "set-after-import"
+
+
+@pytest.mark.parametrize(
+    ("source", "parsed"),
+    [
+        (RUN, RunSource(run_id=RUN)),
+        (f"runs:/{RUN}", RunSource(run_id=RUN)),
+        (f"runs:/{RUN}/checkpoints", RunSource(run_id=RUN, artifact_path="checkpoints")),
+        ("models:/seed@champion", RunSource(model_name="seed", alias="champion")),
+        ("models:/seed/3", RunSource(model_name="seed", version="3")),
+    ],
+)
+def test_sources(source: str, parsed: RunSource) -> None:
+    assert parse_source(source) == parsed
+
+
+@pytest.mark.parametrize("source", ["", "runs:/", "models:/seed", "models:/seed/latest", "s3://b/k", 7])
+def test_bad_sources(source: object) -> None:
+    with pytest.raises(ValueError):
+        parse_source(source)  # type: ignore[arg-type]
+
+
+def test_s3_uri() -> None:
+    location = parse_s3_uri("s3://bucket/a/b/")
+    assert (location.bucket, location.key) == ("bucket", "a/b/")
+    assert str(location.join("c", "d.pt")) == "s3://bucket/a/b/c/d.pt"
+    with pytest.raises(ValueError):
+        parse_s3_uri("file:///tmp")
