@@ -1,7 +1,7 @@
 """Log PyTorch state dicts, whole models and resumable checkpoints to MLflow runs on S3,
 and load them back by run ID."""
 
-from tracking.checkpoint import LoggedCheckpoint, log_checkpoint, log_model, log_state_dict
+from tracking.checkpoint import LoggedCheckpoint, log_checkpoint, log_model, log_state_dict, wait_for_checkpoints
 from tracking.checkpointer import Checkpointer
 from tracking.config import TrackingConfig
 from tracking.errors import (
@@ -49,4 +49,5 @@ __all__ = [
     "rebuildable",
     "resolve_run_id",
     "restore_rng_state",
+    "wait_for_checkpoints",
 ]

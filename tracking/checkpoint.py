@@ -11,11 +11,13 @@ The layout is fixed (users and the UI rely on it)::
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
+from typing import Any, Literal, overload
 
 import torch
 from torch import nn
@@ -33,6 +35,7 @@ from tracking.run import (
     open_run,
     target_run_id,
 )
+from tracking.saver import AsyncSaver, to_host
 
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -126,6 +129,7 @@ def log_model(
     )
 
 
+@overload
 def log_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
@@ -142,7 +146,49 @@ def log_checkpoint(
     scheduler_kwargs: Mapping[str, Any] | None = None,
     run_id: str | None = None,
     config: TrackingConfig | None = None,
-) -> LoggedCheckpoint:
+    blocking: Literal[True] = True,
+) -> LoggedCheckpoint: ...
+
+
+@overload
+def log_checkpoint(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    epoch: int,
+    step: int | None = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    metrics: Mapping[str, float] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    monitor: str | None = None,
+    mode: str = "min",
+    model_kwargs: Mapping[str, Any] | None = None,
+    scheduler_kwargs: Mapping[str, Any] | None = None,
+    run_id: str | None = None,
+    config: TrackingConfig | None = None,
+    blocking: Literal[False],
+) -> Future[LoggedCheckpoint]: ...
+
+
+def log_checkpoint(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    epoch: int,
+    step: int | None = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    metrics: Mapping[str, float] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    monitor: str | None = None,
+    mode: str = "min",
+    model_kwargs: Mapping[str, Any] | None = None,
+    scheduler_kwargs: Mapping[str, Any] | None = None,
+    run_id: str | None = None,
+    config: TrackingConfig | None = None,
+    blocking: bool = True,
+) -> LoggedCheckpoint | Future[LoggedCheckpoint]:
     """Log a resumable checkpoint as ``checkpoints/epoch_NNNN/{checkpoint.pt,manifest.json}``.
 
     ``checkpoint.pt`` is the plain dict of the seed notes (``epoch``, ``model_state``,
@@ -150,6 +196,10 @@ def log_checkpoint(
     and any ``extra`` keys (tensors and plain Python values only). The manifest is
     written last; the run's ``latest`` tag (and ``best``, when ``monitor`` is given)
     move only once it is stored.
+
+    With ``blocking=False`` the call returns once the state is copied to host memory
+    and the upload runs in the background (one at a time, in order); the returned
+    future holds the result, and :func:`wait_for_checkpoints` flushes them all.
     """
     snapshot = snapshot_checkpoint(
         model,
@@ -166,7 +216,20 @@ def log_checkpoint(
         scheduler_kwargs=scheduler_kwargs,
     )
     handle = open_run(target_run_id(run_id), config)
-    return commit_checkpoint(handle, snapshot)
+    if blocking:
+        return commit_checkpoint(handle, snapshot)
+    return _background_saver().submit(functools.partial(commit_checkpoint, handle, snapshot.to_host()))
+
+
+@functools.cache
+def _background_saver() -> AsyncSaver:
+    return AsyncSaver()
+
+
+def wait_for_checkpoints() -> None:
+    """Block until every ``log_checkpoint(..., blocking=False)`` is committed; re-raise a failure."""
+    if _background_saver.cache_info().currsize:
+        _background_saver().wait()
 
 
 @dataclass
@@ -177,6 +240,10 @@ class CheckpointSnapshot:
     manifest: Manifest
     monitor: str | None
     mode: str
+
+    def to_host(self) -> CheckpointSnapshot:
+        """A copy that owns its tensors, safe to upload while training goes on."""
+        return replace(self, payload=to_host(self.payload))
 
 
 def snapshot_checkpoint(

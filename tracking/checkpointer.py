@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
+from concurrent.futures import Future
 from types import TracebackType
 from typing import Any
 
@@ -10,6 +12,7 @@ import torch
 from torch import nn
 
 from tracking.checkpoint import (
+    CheckpointSnapshot,
     LoggedCheckpoint,
     check_metrics,
     checkpoint_dir,
@@ -21,6 +24,7 @@ from tracking.checkpoint import (
 )
 from tracking.config import TrackingConfig
 from tracking.run import TAG_BEST, TAG_BEST_VALUE, TAG_MODE, TAG_MONITOR, RunHandle, open_run, target_run_id
+from tracking.saver import AsyncSaver
 
 
 class Checkpointer:
@@ -30,6 +34,12 @@ class Checkpointer:
     data) right after the next one commits; the latest checkpoint is always kept, and
     the run's ``latest``/``best`` tags always point at checkpoints that exist.
     ``keep_last=None`` and ``keep_best=None`` together keep everything.
+
+    With ``async_save=True``, :meth:`save` blocks only while the state is copied to
+    host memory; the upload and retention run in the background, one save at a time
+    (``on_busy="wait"`` blocks a new save while one is in flight, ``"coalesce"``
+    queues it, dropping a queued one it supersedes). Background errors re-raise on
+    the next save or on :meth:`close`; pending saves are flushed at interpreter exit.
     """
 
     def __init__(
@@ -42,6 +52,8 @@ class Checkpointer:
         *,
         run_id: str | None = None,
         config: TrackingConfig | None = None,
+        async_save: bool = False,
+        on_busy: str = "wait",
     ) -> None:
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
@@ -60,6 +72,7 @@ class Checkpointer:
         self._handle: RunHandle | None = None
         # epoch -> monitored value (None when the checkpoint lacks it), for retention.
         self._kept: dict[int, float | None] | None = None
+        self._saver = AsyncSaver(on_busy) if async_save else None
 
     def should_save(self, epoch: int) -> bool:
         return epoch % self.every_n_epochs == 0
@@ -73,10 +86,11 @@ class Checkpointer:
         metrics: Mapping[str, float] | None = None,
         force: bool = False,
         **kwargs: Any,
-    ) -> LoggedCheckpoint | None:
+    ) -> LoggedCheckpoint | Future[LoggedCheckpoint] | None:
         """Log a checkpoint if ``epoch`` is due (or ``force``), then apply retention.
 
         ``kwargs`` go to :func:`tracking.log_checkpoint` (``scheduler``, ``scaler``, ``step``, ``extra``...).
+        Returns None when no save was due, and a future of the result when saving asynchronously.
         """
         if not (force or self.should_save(epoch)):
             return None
@@ -96,10 +110,17 @@ class Checkpointer:
             **kwargs,
         )
         handle = self._open()
-        kept = self._existing(handle)
+        self._existing(handle)
+        if self._saver is None:
+            return self._commit(handle, snapshot)
+        return self._saver.submit(functools.partial(self._commit, handle, snapshot.to_host()))
+
+    def _commit(self, handle: RunHandle, snapshot: CheckpointSnapshot) -> LoggedCheckpoint:
         logged = commit_checkpoint(handle, snapshot)
-        kept[epoch] = clean.get(self.monitor)
-        self._apply_retention(handle, kept, latest=epoch)
+        epoch = snapshot.manifest.epoch
+        assert epoch is not None and self._kept is not None
+        self._kept[epoch] = snapshot.manifest.metrics.get(self.monitor)
+        self._apply_retention(handle, self._kept, latest=epoch)
         return logged
 
     def _open(self) -> RunHandle:
@@ -155,6 +176,15 @@ class Checkpointer:
     ) -> None:
         self.close()
 
+    def wait(self) -> None:
+        """Block until background saves are committed; re-raise their error."""
+        if self._saver is not None:
+            self._saver.wait()
+
     def close(self) -> None:
-        """Release the run handle; kept for symmetry with the asynchronous saver."""
-        self._handle = None
+        """Flush background saves and release the run handle."""
+        try:
+            if self._saver is not None:
+                self._saver.close()
+        finally:
+            self._handle = None

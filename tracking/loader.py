@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import torch
 from torch import nn
@@ -64,20 +64,19 @@ def resolve_run_id(source: str, config: TrackingConfig | None = None) -> str:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=(config or TrackingConfig.from_env()).tracking_uri)
+    name = str(parsed.model_name)
     try:
         if parsed.alias is not None:
-            version = client.get_model_version_by_alias(parsed.model_name, parsed.alias)
+            version = client.get_model_version_by_alias(name, parsed.alias)
         else:
-            version = client.get_model_version(parsed.model_name, parsed.version)
+            version = client.get_model_version(name, str(parsed.version))
     except MlflowException as exc:
         raise NotFoundError(
             f"{source}: no such registered model version or alias ({exc.message}); check the name and "
             "alias in the MLflow UI's Models page."
         ) from exc
     if not version.run_id:
-        raise NotFoundError(
-            f"{source} (version {version.version}) is not linked to a run; load it by run ID."
-        )
+        raise NotFoundError(f"{source} (version {version.version}) is not linked to a run; load it by run ID.")
     return str(version.run_id)
 
 
@@ -183,9 +182,7 @@ def load_model(
     folder, manifest, name = _find_weights(handle, checkpoint)
     state = _read_torch(handle, folder, manifest, name, map_location)
     built = _build_model(handle, manifest, model, map_location)
-    _load_weights(
-        handle, folder, built, state["model_state"] if manifest.kind == "checkpoint" else state, strict
-    )
+    _load_weights(handle, folder, built, state["model_state"] if manifest.kind == "checkpoint" else state, strict)
     built.train(mode == "train")
     return built
 
@@ -306,9 +303,7 @@ def _epoch_list(epochs: list[int]) -> str:
 # ------------------------------------------------------------------ building
 
 
-def _read_torch(
-    handle: RunHandle, folder: str, manifest: Manifest, name: str, map_location: str | torch.device
-) -> Any:
+def _read_torch(handle: RunHandle, folder: str, manifest: Manifest, name: str, map_location: str | torch.device) -> Any:
     expected = manifest.files.get(name)
     if expected is None:
         raise TrackingError(f"run {handle.run_id}: {folder}/{MANIFEST_NAME} does not list {name}.")
@@ -325,7 +320,7 @@ def _read_torch(
             from safetensors.torch import load as load_safetensors
 
             return {k: v.to(map_location) for k, v in load_safetensors(bytes(data)).items()}
-        return torch.load(BufferReader(data), map_location=map_location, weights_only=True)
+        return torch.load(cast(BinaryIO, BufferReader(data)), map_location=map_location, weights_only=True)
     except ConfigError:
         raise
     except Exception as exc:
@@ -341,16 +336,13 @@ def _check_device(map_location: str | torch.device) -> None:
         raise ConfigError(f"map_location={map_location!r} but CUDA is not available here; use 'cpu'.")
 
 
-def _build_model(
-    handle: RunHandle, manifest: Manifest, model: ModelArg, map_location: str | torch.device
-) -> nn.Module:
+def _build_model(handle: RunHandle, manifest: Manifest, model: ModelArg, map_location: str | torch.device) -> nn.Module:
     recorded = manifest.model
+    built: Any
     if isinstance(model, nn.Module):
         built = model
     elif isinstance(model, type) and issubclass(model, nn.Module):
-        built = spec.build(
-            model, (), recorded.get("init_kwargs") or {}, run_id=handle.run_id, hint=MODEL_HINT
-        )
+        built = spec.build(model, (), recorded.get("init_kwargs") or {}, run_id=handle.run_id, hint=MODEL_HINT)
     elif callable(model):
         built = model()
         if not isinstance(built, nn.Module):
@@ -367,7 +359,8 @@ def _build_model(
                 "@tracking.rebuildable / model_kwargs= next time)."
             )
         built = spec.build(cls, (), kwargs, run_id=handle.run_id, hint=MODEL_HINT)
-    return built.to(map_location)
+    module: nn.Module = built.to(map_location)
+    return module
 
 
 def _load_weights(
@@ -404,9 +397,7 @@ def _build_optimizer(
         return built
     recorded = manifest.optimizer
     if not recorded:
-        raise NotFoundError(
-            f"run {handle.run_id}: the manifest does not describe the optimizer; {OPTIMIZER_HINT}."
-        )
+        raise NotFoundError(f"run {handle.run_id}: the manifest does not describe the optimizer; {OPTIMIZER_HINT}.")
     cls = spec.import_class(recorded["class"], "optimizer", run_id=handle.run_id, hint=OPTIMIZER_HINT)
     named = dict(model.named_parameters())
     try:
@@ -416,9 +407,7 @@ def _build_optimizer(
             f"run {handle.run_id}: the optimizer was trained over parameter {exc} which the model lacks; "
             f"{OPTIMIZER_HINT}."
         ) from None
-    built = spec.build(
-        cls, (groups,), recorded.get("defaults", {}), run_id=handle.run_id, hint=OPTIMIZER_HINT
-    )
+    built = spec.build(cls, (groups,), recorded.get("defaults", {}), run_id=handle.run_id, hint=OPTIMIZER_HINT)
     return built  # type: ignore[no-any-return]
 
 

@@ -44,7 +44,7 @@ class Manifest:
         return json.dumps(data, indent=2, sort_keys=True, allow_nan=False).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes, *, run_id: str, path: str) -> Manifest:
+    def from_json(cls, raw: bytes | bytearray, *, run_id: str, path: str) -> Manifest:
         where = f"run {run_id}: {path}"
         try:
             data = json.loads(raw)

@@ -113,10 +113,10 @@ def describe_model(model: nn.Module, model_kwargs: Mapping[str, Any] | None) -> 
 
 
 def _takes_no_arguments(cls: type) -> bool:
-    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
-    return all(
-        p.default is not inspect.Parameter.empty or p.kind in (p.VAR_KEYWORD,) for p in params
-    ) and not any(p.kind is p.VAR_POSITIONAL for p in params)
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # type: ignore[misc]
+    return all(p.default is not inspect.Parameter.empty or p.kind in (p.VAR_KEYWORD,) for p in params) and not any(
+        p.kind is p.VAR_POSITIONAL for p in params
+    )
 
 
 def describe_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:
@@ -193,9 +193,7 @@ def import_class(path: str, role: str, *, run_id: str, hint: str) -> type:
     """
     module_name, sep, qualname = path.partition(":")
     if not sep or not module_name or not qualname:
-        raise UnsafeClassError(
-            f"run {run_id}: recorded {role} class {path!r} is not of the form module:QualName."
-        )
+        raise UnsafeClassError(f"run {run_id}: recorded {role} class {path!r} is not of the form module:QualName.")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any, BinaryIO, cast
 
 from tracking.config import TrackingConfig
 from tracking.errors import ConfigError, IntegrityError, NotFoundError, StorageError
@@ -40,7 +40,7 @@ class StoredFile:
     sha256: str
 
 
-Producer = Callable[[IO[bytes]], None]
+Producer = Callable[[BinaryIO], object]
 
 
 class ArtifactStore(ABC):
@@ -87,7 +87,7 @@ class ArtifactStore(ABC):
 class _HashingWriter(io.RawIOBase):
     """A write-only stream that hashes and counts what passes through to ``sink``."""
 
-    def __init__(self, sink: Callable[[memoryview], None]) -> None:
+    def __init__(self, sink: Callable[[memoryview], object]) -> None:
         self._sink = sink
         self.sha256 = hashlib.sha256()
         self.size = 0
@@ -198,7 +198,7 @@ class S3Store(ArtifactStore):
         target = self.root.join(path)
         with self._errors(path), _MultipartUpload(self, target) as upload:
             writer = _HashingWriter(upload.feed)
-            produce(writer)
+            produce(cast(BinaryIO, writer))
             upload.finish()
         return writer.stored()
 
@@ -307,14 +307,11 @@ class S3Store(ArtifactStore):
                 ) from exc
             if code in {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"}:
                 raise StorageError(
-                    f"{where}: S3 refused the credentials ({code}); check AWS_ACCESS_KEY_ID and "
-                    "AWS_SECRET_ACCESS_KEY."
+                    f"{where}: S3 refused the credentials ({code}); check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY."
                 ) from exc
             raise StorageError(f"{where}: S3 error {code}: {exc}") from exc
         except OSError as exc:
-            raise StorageError(
-                f"{where}: the S3 transfer failed ({exc}); nothing was committed, retry."
-            ) from exc
+            raise StorageError(f"{where}: the S3 transfer failed ({exc}); nothing was committed, retry.") from exc
 
 
 def _bounded_map(
@@ -434,7 +431,7 @@ class MlflowStore(ArtifactStore):
             local = os.path.join(tmp, name)
             with open(local, "wb") as fh:
                 writer = _HashingWriter(fh.write)
-                produce(writer)
+                produce(cast(BinaryIO, writer))
             self.repo.log_artifact(local, folder or None)
         return writer.stored()
 

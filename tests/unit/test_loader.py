@@ -339,7 +339,9 @@ def test_newer_and_malformed_manifests(experiment: str) -> None:
 def test_architecture_mismatch_lists_keys_and_shapes(experiment: str) -> None:
     with mlflow.start_run() as run:
         tracking.log_checkpoint(DigitsMLP(hidden=32), epoch=1)
-    with pytest.raises(tracking.MismatchError, match=r"shape mismatches \[.*'net.0.weight: stored \(32, 64\) vs model \(16, 64\)'"):
+    with pytest.raises(
+        tracking.MismatchError, match=r"shape mismatches \[.*'net.0.weight: stored \(32, 64\) vs model \(16, 64\)'"
+    ):
         tracking.load(run.info.run_id, model=DigitsMLP(hidden=16))
 
     class Wider(DigitsMLP):
@@ -387,9 +389,7 @@ def test_a_load_modifies_nothing_on_the_store(experiment: str) -> None:
     handle = tracking.run.open_run(run.info.run_id)
 
     def snapshot() -> dict[str, str]:
-        return {
-            path: hashlib.sha256(handle.store.read(path)).hexdigest() for path in handle.store.list_files("")
-        }
+        return {path: hashlib.sha256(handle.store.read(path)).hexdigest() for path in handle.store.list_files("")}
 
     before = snapshot()
     tags_before = MlflowClient().get_run(run.info.run_id).data.tags

@@ -1,0 +1,190 @@
+"""Asynchronous saves: snapshot isolation, error propagation, ordering, coalescing, flush at exit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+import tracking
+from pipelines.models import Model
+from tracking import checkpoint, checkpointer
+from tracking.run import TAG_LATEST
+from tracking.saver import AsyncSaver, to_host
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def latest_tag(run_id: str) -> str:
+    return MlflowClient().get_run(run_id).data.tags[TAG_LATEST]
+
+
+def test_snapshot_is_taken_before_save_returns(experiment: str) -> None:
+    model = Model(6)
+    with torch.no_grad():
+        model.linear.weight.fill_(1.0)
+    with mlflow.start_run() as run:
+        future = tracking.log_checkpoint(model, epoch=1, blocking=False)
+        with torch.no_grad():
+            model.linear.weight.fill_(2.0)  # the training loop goes on while the upload runs
+        assert future.result(timeout=60).path == "checkpoints/epoch_0001"
+    weights = tracking.load_state_dict(run.info.run_id)["linear.weight"]
+    assert torch.equal(weights, torch.ones_like(weights))
+
+
+def test_to_host_copies_tensors_and_keeps_structure() -> None:
+    tensor = torch.ones(3)
+    state = {"a": [tensor, (tensor, 1)], "b": "x"}
+    copied = to_host(state)
+    tensor.add_(1)
+    assert torch.equal(copied["a"][0], torch.ones(3)) and isinstance(copied["a"][1], tuple)
+    assert copied["b"] == "x"
+
+
+def test_background_error_is_raised_on_next_save_and_close(experiment: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = Model(6)
+    saver = tracking.Checkpointer(async_save=True)
+    real_commit = checkpoint.commit_checkpoint
+
+    def commit(handle: Any, snapshot: Any) -> Any:
+        if snapshot.manifest.epoch == 2:
+            raise tracking.StorageError("injected: the store went away")
+        return real_commit(handle, snapshot)
+
+    monkeypatch.setattr(checkpointer, "commit_checkpoint", commit)
+    with mlflow.start_run() as run:
+        saver.save(model, epoch=1)
+        saver.wait()
+        failed = saver.save(model, epoch=2)
+        assert failed is not None
+        with pytest.raises(tracking.StorageError, match="injected"):
+            saver.wait()
+        # The error is reported once; the next save goes through.
+        saver.save(model, epoch=3)
+        saver.save(model, epoch=4)
+        saver.close()
+    assert [m.epoch for m in tracking.list_checkpoints(run.info.run_id)] == [1, 3, 4]
+    assert latest_tag(run.info.run_id) == "checkpoints/epoch_0004"
+
+
+def test_failed_background_save_leaves_previous_latest(experiment: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = Model(6)
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, epoch=1)
+        with monkeypatch.context() as patch:
+
+            def explode(obj: object, stream: object) -> None:
+                raise OSError("injected: crash during upload")
+
+            patch.setattr(torch, "save", explode)
+            future = tracking.log_checkpoint(model, epoch=2, blocking=False)
+            with pytest.raises(tracking.StorageError, match="injected"):
+                future.result(timeout=60)
+            with pytest.raises(tracking.StorageError, match="injected"):
+                tracking.wait_for_checkpoints()
+    assert latest_tag(run.info.run_id) == "checkpoints/epoch_0001"
+    assert [m.epoch for m in tracking.list_checkpoints(run.info.run_id)] == [1]
+
+
+def test_saves_commit_in_submission_order_one_at_a_time() -> None:
+    saver = AsyncSaver(on_busy="wait")
+    order: list[int] = []
+    running = threading.Semaphore(1)
+
+    def job(n: int) -> int:
+        assert running.acquire(blocking=False), "two saves ran at once"
+        time.sleep(0.01)
+        order.append(n)
+        running.release()
+        return n
+
+    futures = [saver.submit(lambda n=n: job(n)) for n in range(8)]  # type: ignore[misc]
+    saver.close()
+    assert order == list(range(8))
+    assert [f.result() for f in futures] == list(range(8))
+
+
+def test_coalesce_drops_superseded_queued_saves() -> None:
+    saver = AsyncSaver(on_busy="coalesce")
+    gate, started = threading.Event(), threading.Event()
+    order: list[int] = []
+
+    def job(n: int) -> int:
+        if n == 0:
+            started.set()
+            gate.wait(timeout=30)
+        order.append(n)
+        return n
+
+    first = saver.submit(lambda: job(0))
+    assert started.wait(timeout=30)
+    queued = [saver.submit(lambda n=n: job(n)) for n in range(1, 5)]  # type: ignore[misc]
+    gate.set()
+    saver.close()
+    assert first.result() == 0
+    assert order == [0, 4]
+    assert [f.cancelled() for f in queued] == [True, True, True, False]
+
+
+def test_wait_mode_blocks_a_new_save_while_one_is_in_flight() -> None:
+    saver = AsyncSaver(on_busy="wait")
+    gate = threading.Event()
+    saver.submit(lambda: gate.wait(timeout=30))
+    submitted = threading.Event()
+    threading.Thread(target=lambda: (saver.submit(lambda: None), submitted.set())).start()
+    assert not submitted.wait(timeout=0.2)
+    gate.set()
+    assert submitted.wait(timeout=30)
+    saver.close()
+
+
+def test_pending_saves_are_flushed_at_interpreter_exit(tracking_store: str, tmp_path: Path) -> None:
+    experiment_id = mlflow.create_experiment("exit", artifact_location=(tmp_path / "art").as_uri())
+    run = MlflowClient().create_run(experiment_id)
+    script = textwrap.dedent(
+        f"""
+        import time, torch, tracking
+        from pipelines.models import Model
+        from tracking import checkpoint
+
+        real = checkpoint.commit_checkpoint
+        def slow_commit(handle, snapshot):
+            time.sleep(1.0)  # still uploading when the script ends
+            return real(handle, snapshot)
+        import tracking.checkpointer
+        tracking.checkpointer.commit_checkpoint = slow_commit
+
+        saver = tracking.Checkpointer(async_save=True, run_id={run.info.run_id!r})
+        for epoch in (1, 2):
+            saver.save(Model(6), epoch=epoch)
+        print("script done", flush=True)
+        # no close(): the Checkpointer must flush at exit
+        """
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env={**_env(), "MLFLOW_TRACKING_URI": tracking_store},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert "script done" in child.stdout
+    assert [m.epoch for m in tracking.list_checkpoints(run.info.run_id)] == [1, 2]
+    assert latest_tag(run.info.run_id) == "checkpoints/epoch_0002"
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return dict(os.environ)

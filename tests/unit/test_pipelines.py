@@ -1,0 +1,262 @@
+"""The training and evaluation pipelines end to end, on a sqlite tracking store and file:// artifacts.
+
+The core claim: a run SIGKILLed while writing its epoch-5 checkpoint and resumed to
+epoch 8 ends bit-identical to a run that trained 8 epochs straight: weights,
+optimizer and scheduler state, RNG states and every metric at every step. Both
+ways of resuming are checked: continuing the killed run, and a child run.
+
+MLflow keeps every value logged at a step. The killed attempt logged epoch 5's
+metrics before dying in its checkpoint, so the resumed run logs epoch 5 again;
+histories are compared on the latest value per step, and both epoch-5 values
+are checked to be equal.
+
+Runs that must be separate processes (the kill, and a resume in a fresh process)
+are subprocesses; the rest call the pipelines' ``main`` in-process to save imports.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+import tracking
+from pipelines import digits, evaluate, train, training
+from pipelines.models import Model
+
+ROOT = Path(__file__).resolve().parents[2]
+EXPERIMENT = "pipelines"
+METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
+PIPELINES = {"train": train, "digits": digits}
+# Where the fault wrapper kills each pipeline's epoch-5 checkpoint: halfway through the
+# checkpoint file, or with that file stored and halfway through its manifest (the commit).
+KILL_AT = {
+    "train": "checkpoints/epoch_0005/checkpoint.pt",
+    "digits": "checkpoints/epoch_0005/manifest.json",
+}
+
+
+@dataclass
+class Outcome:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def run_id(self) -> str:
+        found = re.search(r"MLflow run ([0-9a-f]{32})", self.out)
+        assert found, f"no run ID in stdout:\n{self.out}\nstderr:\n{self.err}"
+        return found.group(1)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """One sqlite tracking store for the module, and an experiment storing artifacts under file://."""
+    root = tmp_path_factory.mktemp("pipelines")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
+    variables = {"MLFLOW_TRACKING_URI": uri, "TRACKING_EXPERIMENT": EXPERIMENT}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in variables.items():
+            patch.setenv(name, value)
+        # Other tests leave an experiment active in this process, and mlflow.start_run(run_id=...)
+        # refuses a run from any other experiment; the pipelines themselves never set one.
+        patch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+        patch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+        yield {**os.environ, **variables}
+
+
+def inline(main: Callable[[list[str]], int], *args: str) -> Outcome:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(list(args))
+    return Outcome(code, out.getvalue(), err.getvalue())
+
+
+def process(env: dict[str, str], *args: str) -> Outcome:
+    done = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return Outcome(done.returncode, done.stdout, done.stderr)
+
+
+@dataclass
+class Scenario:
+    name: str
+    reference: str  # trained 8 epochs straight
+    killed: Outcome  # killed during epoch 5's checkpoint, then resumed in place to 8
+    killed_epochs: list[int]  # committed checkpoints right after the kill
+    killed_status: str
+    epoch5_files: list[str]  # what the kill left under checkpoints/epoch_0005/
+    child: str  # resumed from the killed run's epoch 4 into a new run, to 8
+    resumed: Outcome
+
+
+@pytest.fixture(scope="module", params=sorted(PIPELINES))
+def scenario(request: pytest.FixtureRequest, env: dict[str, str]) -> Scenario:
+    name = request.param
+    module = PIPELINES[name]
+    reference = inline(module.main, "--epochs", "8")
+    assert reference.code == 0, reference.err
+
+    killed = process(env, "tests.unit.fault", KILL_AT[name], f"pipelines.{name}", "--epochs", "8")
+    assert killed.code == -9, killed.err
+    client = MlflowClient()
+    run = client.get_run(killed.run_id)
+    epoch5 = [f.path for f in client.list_artifacts(killed.run_id, "checkpoints/epoch_0005")]
+    killed_epochs = [m.epoch or 0 for m in tracking.list_checkpoints(killed.run_id)]
+
+    # The child first: the in-place resume below lets retention delete epoch 4.
+    child = inline(module.main, "--resume", killed.run_id, "--new-run", "--epochs", "8")
+    assert child.code == 0, child.err
+    resumed = process(env, f"pipelines.{name}", "--resume", killed.run_id, "--epochs", "8")
+    assert resumed.code == 0, resumed.err
+    return Scenario(name, reference.run_id, killed, killed_epochs, run.info.status, epoch5, child.run_id, resumed)
+
+
+def checkpoint(run_id: str, epoch: int) -> dict[str, Any]:
+    """The raw checkpoint dict, read the seed notes' way."""
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"checkpoints/epoch_{epoch:04d}")
+    return torch.load(Path(path) / "checkpoint.pt", weights_only=True)  # type: ignore[no-any-return]
+
+
+def assert_identical(actual: Any, expected: Any, where: str = "checkpoint") -> None:
+    if isinstance(expected, torch.Tensor):
+        same = isinstance(actual, torch.Tensor) and actual.dtype == expected.dtype and torch.equal(actual, expected)
+    elif isinstance(expected, dict):
+        same = isinstance(actual, dict) and actual.keys() == expected.keys()
+        for key in expected if same else ():
+            assert_identical(actual[key], expected[key], f"{where}[{key!r}]")
+    elif isinstance(expected, list | tuple):
+        same = isinstance(actual, list | tuple) and len(actual) == len(expected)
+        for i in range(len(expected)) if same else ():
+            assert_identical(actual[i], expected[i], f"{where}[{i}]")
+    else:
+        same = actual == expected
+    if not same:
+        pytest.fail(f"{where} differs", pytrace=False)
+
+
+def history(run_id: str) -> dict[str, dict[int, float]]:
+    """Each metric's latest value per step."""
+    out: dict[str, dict[int, float]] = {}
+    for key in METRICS:
+        logged = sorted(MlflowClient().get_metric_history(run_id, key), key=lambda m: m.timestamp)
+        out[key] = {m.step: m.value for m in logged}
+    return out
+
+
+def values_at(run_id: str, key: str, step: int) -> list[float]:
+    return [m.value for m in MlflowClient().get_metric_history(run_id, key) if m.step == step]
+
+
+def only(steps: range, metrics: dict[str, dict[int, float]]) -> dict[str, dict[int, float]]:
+    return {key: {s: v for s, v in values.items() if s in steps} for key, values in metrics.items()}
+
+
+def test_kill_during_checkpoint_leaves_epoch_4_as_the_latest(scenario: Scenario) -> None:
+    assert scenario.killed_status == "RUNNING"  # nobody ended the run: the process died
+    assert max(scenario.killed_epochs) == 4 and 5 not in scenario.killed_epochs
+    assert "checkpoints/epoch_0005/manifest.json" not in scenario.epoch5_files
+    if KILL_AT[scenario.name].endswith("manifest.json"):
+        # The checkpoint file was fully stored, but without its manifest it does not exist.
+        assert scenario.epoch5_files == ["checkpoints/epoch_0005/checkpoint.pt"]
+
+
+def test_resume_in_place_matches_the_uninterrupted_run(scenario: Scenario) -> None:
+    client = MlflowClient()
+    resumed, reference = client.get_run(scenario.killed.run_id), client.get_run(scenario.reference)
+    assert resumed.info.status == "FINISHED"
+    assert resumed.data.params == reference.data.params
+    assert resumed.data.tags[training.TAG_RESUMED_FROM_EPOCH] == "4"
+    assert resumed.data.tags[training.TAG_RESUMES] == "1"
+    assert "logged again" in scenario.resumed.err  # the note about epoch 5's second value
+
+    assert_identical(checkpoint(scenario.killed.run_id, 8), checkpoint(scenario.reference, 8))
+    assert_identical(tracking.load_state_dict(scenario.killed.run_id), tracking.load_state_dict(scenario.reference))
+    assert history(scenario.killed.run_id) == history(scenario.reference)
+    assert set(history(scenario.killed.run_id)["val_loss"]) == set(range(1, 9))
+    for key in METRICS:
+        at_5 = values_at(scenario.killed.run_id, key, 5)
+        assert len(at_5) == 2 and at_5[0] == at_5[1], key  # logged before the kill, and again
+
+
+def test_resume_into_a_new_run_matches_the_uninterrupted_run(scenario: Scenario) -> None:
+    client = MlflowClient()
+    child, reference = client.get_run(scenario.child), client.get_run(scenario.reference)
+    parent = scenario.killed.run_id
+    assert child.info.experiment_id == reference.info.experiment_id
+    assert child.info.status == "FINISHED"
+    assert child.data.params == reference.data.params
+    assert child.data.tags["mlflow.parentRunId"] == parent
+    assert child.data.tags[training.TAG_RESUMED_FROM_RUN] == parent
+    assert child.data.tags[training.TAG_RESUMED_FROM_EPOCH] == "4"
+
+    assert_identical(checkpoint(scenario.child, 8), checkpoint(scenario.reference, 8))
+    expected = history(scenario.reference)
+    assert history(scenario.child) == only(range(5, 9), expected)
+    assert only(range(1, 5), history(parent)) == only(range(1, 5), expected)
+
+
+@pytest.mark.parametrize("which", ["latest", "7"])
+def test_evaluate_reports_the_validation_metrics_training_logged(scenario: Scenario, which: str) -> None:
+    run_id = scenario.reference
+    outcome = inline(evaluate.main, "--run-id", run_id, "--checkpoint", which)
+
+    assert outcome.code == 0, outcome.err
+    epoch = 8 if which == "latest" else int(which)
+    assert f"(epoch {epoch})" in outcome.out and "eval_loss=" in outcome.out
+    logged = history(run_id)
+    client = MlflowClient()
+    assert values_at(run_id, "eval_loss", epoch) == [logged["val_loss"][epoch]]
+    assert values_at(run_id, "eval_accuracy", epoch) == [logged["val_accuracy"][epoch]]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_resume_refuses_what_it_cannot_do_exactly(env: dict[str, str]) -> None:
+    first = inline(train.main, "--epochs", "2")
+    assert first.code == 0, first.err
+    run_id = first.run_id
+
+    def refused(main: Callable[[list[str]], int], *args: str) -> str:
+        outcome = inline(main, "--resume", run_id, *args)
+        assert outcome.code == 1 and outcome.err.count("\n") == 1, outcome.err
+        return outcome.err
+
+    assert "already reached epoch 2" in refused(train.main, "--epochs", "2")
+    assert "lr 0.1 -> 0.5" in refused(train.main, "--epochs", "3", "--lr", "0.5")
+    assert "--override" in refused(train.main, "--epochs", "3", "--batch-size", "16")
+    assert "--new-run" in refused(train.main, "--epochs", "3", "--from-epoch", "1")
+    assert "pipelines.train" in refused(digits.main, "--epochs", "3")
+    reshaped = replace(train.TASK, build_model=lambda n: Model(n + 1))
+    assert "shape" in refused(partial(training.main, reshaped), "--epochs", "3")
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED" and max(history(run_id)["val_loss"]) == 2  # untouched
+
+    with pytest.raises(SystemExit) as usage:
+        inline(train.main, "--new-run")
+    assert usage.value.code == 2
+
+
+def test_override_applies_the_new_value_and_records_it(env: dict[str, str]) -> None:
+    run_id = inline(train.main, "--epochs", "2").run_id
+
+    outcome = inline(train.main, "--resume", run_id, "--epochs", "3", "--lr", "0.5", "--override")
+
+    assert outcome.code == 0, outcome.err
+    run = MlflowClient().get_run(run_id)
+    assert run.data.tags[training.TAG_OVERRIDES] == "from epoch 2: lr 0.1 -> 0.5"
+    assert run.data.params["lr"] == "0.1"  # params cannot change; the tag says what did
+    assert history(run_id)["lr"] == {1: 0.1, 2: 0.1, 3: 0.5}
+    assert checkpoint(run_id, 3)["optim_state"]["param_groups"][0]["lr"] == 0.5

@@ -1,0 +1,137 @@
+"""Background checkpoint commits: the training loop blocks only for a host-memory snapshot.
+
+At most one commit runs at a time, in submission order, so the run's ``latest`` tag
+always ends at the newest checkpoint. An error in the background is re-raised on
+the next ``submit``, ``wait`` or ``close``. A crash mid-upload leaves the previous
+checkpoint as latest, because the manifest (the commit) is written last.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+ON_BUSY = ("wait", "coalesce")
+
+
+def to_host(value: Any) -> Any:
+    """A copy of ``value`` whose tensors are detached host-memory copies.
+
+    ``state_dict()`` returns live tensors that the next optimizer step overwrites, so
+    a background upload must own a copy. CUDA tensors go through pinned buffers with
+    one synchronisation at the end, rather than one blocking copy per tensor.
+    """
+    cuda_copies = False
+
+    def copy(item: Any) -> Any:
+        nonlocal cuda_copies
+        if isinstance(item, torch.Tensor):
+            if item.device.type == "cuda":
+                cuda_copies = True
+                host = torch.empty(item.shape, dtype=item.dtype, pin_memory=True)
+                return host.copy_(item.detach(), non_blocking=True)
+            return item.detach().clone()
+        if isinstance(item, dict):
+            return {k: copy(v) for k, v in item.items()}
+        if isinstance(item, list | tuple):
+            copied = [copy(v) for v in item]
+            return copied if isinstance(item, list) else type(item)(copied)
+        return item
+
+    result = copy(value)
+    if cuda_copies:
+        torch.cuda.synchronize()
+    return result
+
+
+class AsyncSaver:
+    """Commits checkpoints on one background thread, at most one in flight.
+
+    ``on_busy="wait"`` makes a new save wait for the one in flight; ``"coalesce"``
+    queues it instead, replacing (and dropping) any save still queued, so a slow
+    store costs skipped intermediate checkpoints rather than training time.
+    """
+
+    def __init__(self, on_busy: str = "wait") -> None:
+        if on_busy not in ON_BUSY:
+            raise ValueError(f"on_busy must be one of {ON_BUSY}, got {on_busy!r}")
+        self.on_busy = on_busy
+        self._lock = threading.Condition()
+        self._queued: tuple[Callable[[], Any], Future[Any]] | None = None
+        self._running: Future[Any] | None = None
+        self._error: BaseException | None = None
+        self._closed = False
+        self._worker = threading.Thread(target=self._loop, name="tracking-async-save", daemon=True)
+        self._worker.start()
+        # Flush before interpreter shutdown stops the thread pools the upload needs:
+        # threading's own exit hooks run before atexit's, and in reverse order.
+        threading._register_atexit(self.close)  # type: ignore[attr-defined]
+
+    def submit(self, job: Callable[[], T]) -> Future[T]:
+        """Run ``job`` in the background after the saves before it.
+
+        ``job`` must own its data: snapshot live tensors with :func:`to_host` first.
+        """
+        self._raise_pending_error()
+        future: Future[T] = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this AsyncSaver is closed")
+            if self.on_busy == "wait":
+                while self._running is not None or self._queued is not None:
+                    self._lock.wait()
+                self._raise_pending_error()
+            elif self._queued is not None:
+                self._queued[1].cancel()  # superseded by this newer checkpoint
+            self._queued = (job, future)
+            self._lock.notify_all()
+        return future
+
+    def wait(self) -> None:
+        """Block until every submitted save is committed; re-raise a background error."""
+        with self._lock:
+            while self._running is not None or self._queued is not None:
+                self._lock.wait()
+        self._raise_pending_error()
+
+    def close(self) -> None:
+        """Flush, then stop the background thread."""
+        try:
+            self.wait()
+        finally:
+            with self._lock:
+                self._closed = True
+                self._lock.notify_all()
+
+    def _raise_pending_error(self) -> None:
+        with self._lock:
+            error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while self._queued is None and not self._closed:
+                    self._lock.wait()
+                if self._queued is None:
+                    return
+                job, future = self._queued
+                self._queued = None
+                self._running = future
+            try:
+                future.set_result(job())
+            except BaseException as exc:
+                future.set_exception(exc)
+                with self._lock:
+                    self._error = exc
+            finally:
+                with self._lock:
+                    self._running = None
+                    self._lock.notify_all()
