@@ -329,10 +329,10 @@ def test_newer_and_malformed_manifests(experiment: str) -> None:
         manifest["format_version"] = 99
 
     tamper_manifest(run.info.run_id, "checkpoints/epoch_0001", newer)
-    with pytest.raises(tracking.IntegrityError, match="format_version 99.*upgrade"):
+    with pytest.raises(tracking.IntegrityError, match=r"format_version 99.*upgrade"):
         tracking.load(run.info.run_id, 1)
     rewrite(run.info.run_id, "checkpoints/epoch_0002/manifest.json", lambda data: data[:20])
-    with pytest.raises(tracking.IntegrityError, match="epoch_0002/manifest.json is not valid JSON"):
+    with pytest.raises(tracking.IntegrityError, match=r"epoch_0002/manifest\.json is not valid JSON"):
         tracking.load(run.info.run_id, 2)
 
 
@@ -365,7 +365,7 @@ def test_unknown_run_no_checkpoints_and_missing_epoch(experiment: str) -> None:
     with mlflow.start_run() as run:
         tracking.log_checkpoint(Model(6), epoch=2)
         tracking.log_checkpoint(Model(6), epoch=4)
-    with pytest.raises(tracking.NotFoundError, match="no checkpoint for epoch 3.*committed epochs: 2, 4"):
+    with pytest.raises(tracking.NotFoundError, match=r"no checkpoint for epoch 3.*committed epochs: 2, 4"):
         tracking.load(run.info.run_id, 3)
     with pytest.raises(tracking.NotFoundError, match="records no best checkpoint"):
         tracking.load(run.info.run_id, "best")
