@@ -6,6 +6,7 @@ manifest is always written last and deleted first.
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 from dataclasses import asdict, dataclass, field
@@ -72,6 +73,11 @@ class Manifest:
 
 
 def versions() -> dict[str, str]:
+    return dict(_installed_versions())
+
+
+@functools.cache  # importlib.metadata scans sys.path on every call: look once per process
+def _installed_versions() -> tuple[tuple[str, str], ...]:
     import torch
 
     out = {"python": platform.python_version(), "torch": torch.__version__}
@@ -80,7 +86,7 @@ def versions() -> dict[str, str]:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             pass
-    return out
+    return tuple(out.items())
 
 
 def now() -> str:

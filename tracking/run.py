@@ -29,14 +29,11 @@ class RunHandle:
     client: Any
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, value)
-            self.tags[key] = value
+        from mlflow.entities import RunTag
 
-    def delete_tag(self, key: str) -> None:
-        if key in self.tags:
-            self.client.delete_tag(self.run_id, key)
-            del self.tags[key]
+        # One request for all tags: the latest/best pointers move together.
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        self.tags.update(tags)
 
 
 def target_run_id(run_id: str | None) -> str:

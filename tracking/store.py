@@ -109,7 +109,7 @@ class _HashingWriter(io.RawIOBase):
 class BufferReader(io.RawIOBase):
     """A seekable read-only stream over a buffer, so neither torch.load nor an upload copies it."""
 
-    def __init__(self, data: bytes | bytearray) -> None:
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
         self._view = memoryview(data)
         self._pos = 0
 
@@ -201,6 +201,14 @@ class S3Store(ArtifactStore):
             produce(cast(BinaryIO, writer))
             upload.finish()
         return writer.stored()
+
+    def write_bytes(self, path: str, data: bytes) -> StoredFile:
+        if len(data) > self.config.part_size:
+            return super().write_bytes(path, data)
+        target = self.root.join(path)
+        with self._errors(path):
+            self.client.put_object(Bucket=target.bucket, Key=target.key, Body=data)
+        return StoredFile(len(data), hashlib.sha256(data).hexdigest())
 
     def read(self, path: str, expected: StoredFile | None = None) -> bytes | bytearray:
         target = self.root.join(path)
@@ -330,18 +338,22 @@ def _bounded_map(
 class _MultipartUpload:
     """Streams bytes into S3: one PUT when small, else parts uploaded by a worker pool.
 
-    At most ``max_concurrency + 1`` part buffers exist at once, so memory stays bounded
-    however large the file is; any error aborts the upload so no partial object appears.
+    Part buffers are preallocated and recycled, and at most ``max_concurrency + 1``
+    exist at once, so memory stays bounded however large the file is. Any error
+    aborts the upload, so no partial object ever appears.
     """
 
     def __init__(self, store: S3Store, target: S3Location) -> None:
         self.store = store
         self.target = target
         self.part_size = store.config.part_size
-        self.buffer = bytearray()
         self.upload_id: str | None = None
         self.parts: list[Future[dict[str, Any]]] = []
         self.slots = threading.BoundedSemaphore(store.config.max_concurrency)
+        self.spare: list[bytearray] = []
+        self.spare_lock = threading.Lock()
+        self.buffer = bytearray(self.part_size)
+        self.filled = 0
         self.done = False
 
     def __enter__(self) -> _MultipartUpload:
@@ -360,18 +372,21 @@ class _MultipartUpload:
 
     def feed(self, data: memoryview) -> None:
         while len(data):
-            room = self.part_size - len(self.buffer)
-            self.buffer += data[:room]
-            data = data[room:]
-            if len(self.buffer) == self.part_size:
+            room = self.part_size - self.filled
+            chunk = data[:room]
+            self.buffer[self.filled : self.filled + len(chunk)] = chunk
+            self.filled += len(chunk)
+            data = data[len(chunk) :]
+            if self.filled == self.part_size:
                 self._send_part()
 
     def finish(self) -> None:
         client = self.store.client
         if self.upload_id is None:
-            client.put_object(Bucket=self.target.bucket, Key=self.target.key, Body=BufferReader(self.buffer))
+            body = BufferReader(memoryview(self.buffer)[: self.filled])
+            client.put_object(Bucket=self.target.bucket, Key=self.target.key, Body=body)
         else:
-            if self.buffer:
+            if self.filled:
                 self._send_part()
             parts = [future.result() for future in self.parts]
             client.complete_multipart_upload(
@@ -392,7 +407,10 @@ class _MultipartUpload:
             if future.done() and future.exception():
                 future.result()
         self.slots.acquire()
-        body, self.buffer = self.buffer, bytearray()
+        buffer, size = self.buffer, self.filled
+        with self.spare_lock:
+            self.buffer = self.spare.pop() if self.spare else bytearray(self.part_size)
+        self.filled = 0
         number = len(self.parts) + 1
         upload_id = self.upload_id
 
@@ -403,10 +421,12 @@ class _MultipartUpload:
                     Key=self.target.key,
                     UploadId=upload_id,
                     PartNumber=number,
-                    Body=BufferReader(body),
+                    Body=BufferReader(memoryview(buffer)[:size]),
                 )
                 return {"PartNumber": number, "ETag": response["ETag"]}
             finally:
+                with self.spare_lock:
+                    self.spare.append(buffer)
                 self.slots.release()
 
         self.parts.append(self.store.pool.submit(upload))
