@@ -17,6 +17,7 @@ by side.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shlex
@@ -35,7 +36,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from tracking.config import TrackingConfig
-from tracking.errors import TrackingError
+from tracking.errors import ConfigError, TrackingError
 
 HOST = "127.0.0.1"
 DEFAULT_S3_PORT = 8333
@@ -130,24 +131,27 @@ class LocalStack:
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
 
     @classmethod
-    def from_data_dir(cls, config: TrackingConfig | None = None, data_dir: Path | str | None = None) -> LocalStack:
+    def from_data_dir(
+        cls, config: TrackingConfig | None = None, data_dir: Path | str | None = None
+    ) -> LocalStack:
         """The stack last started in ``data_dir`` (its ports and settings), or a default one."""
         config = config if config is not None else TrackingConfig()
         path = Path(data_dir if data_dir is not None else config.data_dir).resolve()
-        try:
-            saved = json.loads((path / "run" / "stack.json").read_text())
-        except FileNotFoundError:
+        state = path / "run" / "stack.json"
+        if not state.exists():
             return cls(config, path)
-        except (OSError, ValueError) as exc:
-            raise StackError(f"cannot read {path / 'run' / 'stack.json'} ({exc}); delete it and retry") from None
-        return cls(
-            config,
-            path,
-            s3_port=int(saved["s3_port"]),
-            mlflow_port=int(saved["mlflow_port"]),
-            backend_store_uri=str(saved["backend_store_uri"]),
-            serve_artifacts=bool(saved["serve_artifacts"]),
-        )
+        try:
+            saved = json.loads(state.read_text())
+            return cls(
+                config,
+                path,
+                s3_port=int(saved["s3_port"]),
+                mlflow_port=int(saved["mlflow_port"]),
+                backend_store_uri=str(saved["backend_store_uri"]),
+                serve_artifacts=bool(saved["serve_artifacts"]),
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StackError(f"cannot read {state} ({exc!r}); delete it and retry") from None
 
     # -- what clients use ---------------------------------------------------------------------
 
@@ -178,7 +182,9 @@ class LocalStack:
 
     @property
     def secret_access_key(self) -> str:
-        return LOCAL_SECRET_ACCESS_KEY if self.uses_local_credentials else str(self.config.aws_secret_access_key)
+        return (
+            LOCAL_SECRET_ACCESS_KEY if self.uses_local_credentials else str(self.config.aws_secret_access_key)
+        )
 
     def env(self) -> dict[str, str]:
         """The variables a client sets to use this stack (as written to ``stack.env``)."""
@@ -208,6 +214,7 @@ class LocalStack:
         stopped again.
         """
         self._check_settings_unchanged()
+        _check_driver(self.backend_store_uri)
         for sub in ("run", "logs", _SEAWEEDFS):
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
         launches = [self._weed_launch(), self._mlflow_launch()]
@@ -232,8 +239,7 @@ class LocalStack:
                 started.append(launch.name)
             self._wait_until_healthy()
         except BaseException:
-            for name in reversed(started):
-                self._stop(name)
+            self._stop(*started)
             raise
         self._write_private(self.env_file, _export_lines(self.env()))
         return started
@@ -244,7 +250,7 @@ class LocalStack:
         A pid file whose process is gone, or now belongs to another program, is only removed.
         Data in ``data_dir`` stays.
         """
-        return [name for name in reversed(_SERVICES) if self._stop(name)]
+        return self._stop(*reversed(_SERVICES))
 
     def status(self) -> StackStatus:
         """Each service's pid and liveness, and the size of the data folder."""
@@ -254,7 +260,9 @@ class LocalStack:
             owned = self._owned_pid(name)
             pid = owned if owned is not None else _read_pid(self._pid_file(name))
             services.append(ServiceStatus(name, pid, owned is not None, urls[name], self.log_path(name)))
-        return StackStatus(tuple(services), self.data_dir, _tree_size(self.data_dir), _redact(self.backend_store_uri))
+        return StackStatus(
+            tuple(services), self.data_dir, _tree_size(self.data_dir), _redact(self.backend_store_uri)
+        )
 
     # -- the two services ---------------------------------------------------------------------
 
@@ -267,8 +275,8 @@ class LocalStack:
 
     def _weed_launch(self) -> _Launch:
         ports = self._weed_ports()
-        # `weed mini` is SeaweedFS's all-in-one dev mode: one process, and it stops in ~3 s,
-        # where `weed server -filer -s3` waits 15 s for its filer's gRPC streams on SIGTERM.
+        # `weed mini` is SeaweedFS's all-in-one dev mode: one process that stops in about a
+        # second, where `weed server -filer -s3` waits 15 s for its filer's gRPC streams on SIGTERM.
         argv = [
             _find_weed(self.log_path(_SEAWEEDFS)),
             "-logtostderr",  # else glog also writes weed.* files into /tmp
@@ -287,7 +295,13 @@ class LocalStack:
             "-master.volumeSizeLimitMB=64",
             "-volume.max=0",
             "-master.telemetry=false",
+            "-volume.preStopSeconds=0",  # no cluster to drain writes to: stop at once
         ]
+        socket_path = self.data_dir / "run" / "s3.sock"
+        # weed leaves its default /tmp/seaweedfs-s3-<port>.sock behind on exit; keep it in our
+        # folder instead, unless the path is too long for a unix socket (108 bytes on Linux).
+        if len(str(socket_path)) < 100:
+            argv.append(f"-s3.localSocket={socket_path}")
         return _Launch(_SEAWEEDFS, argv, dict(os.environ), tuple(ports.values()))
 
     def _mlflow_launch(self) -> _Launch:
@@ -325,6 +339,8 @@ class LocalStack:
             "backend_store_uri": self.backend_store_uri,
             "serve_artifacts": self.serve_artifacts,
             "bucket": self.bucket,
+            # weed reads its identities only at start: other credentials need a restart.
+            "access_key_id": self.access_key_id,
         }
 
     def _check_settings_unchanged(self) -> None:
@@ -399,8 +415,10 @@ class LocalStack:
                     continue
                 proc = self._procs.get(name)
                 if proc is not None and proc.poll() is not None:
+                    log = self.log_path(name)
                     raise StackError(
-                        f"{name} exited during start (exit code {proc.returncode}); log: {self.log_path(name)}"
+                        f"{name} exited during start (exit code {proc.returncode}, last log line: "
+                        f"{_last_line(log)!r}); log: {log}"
                     )
                 if proc is None and self._owned_pid(name) is None:
                     raise StackError(f"{name} stopped while waiting for it; log: {self.log_path(name)}")
@@ -410,9 +428,10 @@ class LocalStack:
                 return
             if time.monotonic() > deadline:
                 name, problem = next(iter(pending.items()))
+                log = self.log_path(name)
                 raise StackError(
-                    f"{name} did not become healthy within {self.startup_timeout:.0f}s ({problem}); "
-                    f"log: {self.log_path(name)}"
+                    f"{name} did not become healthy within {self.startup_timeout:.0f}s ({problem}; last "
+                    f"error in log: {_last_line(log, containing='Error')!r}); log: {log}"
                 )
             time.sleep(0.25)
 
@@ -469,39 +488,48 @@ class LocalStack:
                 return None if response.status == 200 else f"/health answered {response.status}"
         except urllib.error.HTTPError as exc:
             return f"/health answered {exc.code}"
+        except urllib.error.URLError as exc:
+            return f"not reachable: {exc.reason}"
         except OSError as exc:
             return f"not reachable: {exc}"
 
-    def _stop(self, name: str) -> bool:
-        pid = self._owned_pid(name)
-        if pid is not None:
-            self._terminate(name, pid)
-        for path in (self._pid_file(name), self._cmdline_file(name)):
-            path.unlink(missing_ok=True)
-        self._procs.pop(name, None)
-        return pid is not None
+    def _stop(self, *names: str) -> list[str]:
+        """SIGTERM the given services together, SIGKILL what is left after stop_timeout.
 
-    def _terminate(self, name: str, pid: int) -> None:
-        """SIGTERM the process (and its group, which we created), then SIGKILL after stop_timeout."""
-        try:
-            group = os.getpgid(pid) == pid
-        except ProcessLookupError:
-            return
+        Each service was started as the leader of its own process group, so signalling the
+        group also reaches its workers (uvicorn under ``mlflow server``).
+        """
+        targets: dict[str, tuple[int, bool]] = {}
+        for name in names:
+            pid = self._owned_pid(name)
+            if pid is not None:
+                try:
+                    targets[name] = (pid, os.getpgid(pid) == pid)
+                except ProcessLookupError:
+                    pass
+        stopped = list(targets)
         for sig, timeout in ((signal.SIGTERM, self.stop_timeout), (signal.SIGKILL, 5.0)):
-            try:
-                if group:
-                    os.killpg(pid, sig)
-                else:
-                    os.kill(pid, sig)
-            except ProcessLookupError:
-                return
+            for pid, group in targets.values():
+                _signal(pid, group, sig)
             deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                self._reap(name, pid)
-                if not _exists(pid, group):
-                    return
-                time.sleep(0.1)
-        raise StackError(f"{name} (pid {pid}) did not stop even after SIGKILL; log: {self.log_path(name)}")
+            while targets and time.monotonic() < deadline:
+                for name, (pid, group) in list(targets.items()):
+                    self._reap(name, pid)
+                    if not _signal(pid, group, 0):
+                        del targets[name]
+                if targets:
+                    time.sleep(0.1)
+            if not targets:
+                break
+        for name in names:
+            if name not in targets:
+                for path in (self._pid_file(name), self._cmdline_file(name)):
+                    path.unlink(missing_ok=True)
+                self._procs.pop(name, None)
+        if targets:
+            left = ", ".join(f"{name} (pid {pid})" for name, (pid, _) in targets.items())
+            raise StackError(f"{left} did not stop even after SIGKILL; log folder: {self.data_dir / 'logs'}")
+        return stopped
 
     def _reap(self, name: str, pid: int) -> None:
         # A process started by this Python process stays a zombie (and "exists") until waited for.
@@ -530,6 +558,28 @@ def _identities(access_key_id: str, secret_access_key: str) -> str:
         "actions": ["Admin", "Read", "List", "Tagging", "Write"],
     }
     return json.dumps({"identities": [identity]}, indent=2)
+
+
+def _last_line(path: Path, containing: str = "") -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    last = next((line.strip() for line in reversed(lines) if line.strip() and containing in line), "")
+    return last if len(last) <= 200 else last[:197] + "..."
+
+
+def _check_driver(backend_store_uri: str) -> None:
+    # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; the `postgres` extra installs psycopg2.
+    scheme = backend_store_uri.split(":", 1)[0]
+    if scheme in {"postgresql", "postgres"} and importlib.util.find_spec("psycopg") is None:
+        hint = "postgresql+psycopg2://" if importlib.util.find_spec("psycopg2") else "pip install psycopg"
+        raise ConfigError(
+            f"backend store {_redact(backend_store_uri)!r} needs the psycopg (3) driver, which is not "
+            f"installed; use {hint}"
+        )
 
 
 def _find_weed(log_path: Path) -> str:
@@ -580,16 +630,17 @@ def _cmdline(pid: int) -> str | None:
     return result.stdout.strip() or None
 
 
-def _exists(pid: int, group: bool) -> bool:
+def _signal(pid: int, group: bool, sig: int) -> bool:
+    """Send ``sig`` (0: only check) to the process or its group; False when none of it is left."""
     try:
         if group:
-            os.killpg(pid, 0)
+            os.killpg(pid, sig)
         else:
-            os.kill(pid, 0)
+            os.kill(pid, sig)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # exists, but no longer ours to signal
     return True
 
 

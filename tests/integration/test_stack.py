@@ -1,0 +1,162 @@
+"""The local stack for real: processes, ports, pid files, data that survives restarts, artifacts on S3."""
+
+from __future__ import annotations
+
+import os
+import socket
+import urllib.request
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import boto3
+import mlflow
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from tracking.cli import main
+from tracking.stack import LocalStack
+
+pytestmark = pytest.mark.integration
+
+Keys = Callable[[LocalStack, str], list[str]]
+
+
+def _cli_args(stack: LocalStack) -> list[str]:
+    return ["--data-dir", str(stack.data_dir), "--s3-port", str(stack.s3_port), "--mlflow-port", str(stack.mlflow_port)]
+
+
+def _gone(pid: int) -> bool:
+    """True when neither the process nor anything in its process group (its workers) is left."""
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _s3(stack: LocalStack) -> object:
+    return boto3.client(
+        "s3",
+        endpoint_url=stack.s3_endpoint_url,
+        aws_access_key_id=stack.access_key_id,
+        aws_secret_access_key=stack.secret_access_key,
+        region_name=stack.config.aws_region,
+    )
+
+
+def test_up_is_idempotent_and_data_survives_down_and_up(new_stack: Callable[..., LocalStack]) -> None:
+    stack = new_stack()
+    runner = CliRunner()
+
+    assert sorted(stack.up()) == ["mlflow", "seaweedfs"]
+    first = {s.name: s.pid for s in stack.status().services}
+    assert stack.up() == []  # idempotent: recognises its own live processes
+    assert {s.name: s.pid for s in stack.status().services} == first
+
+    # A second `up` through the CLI (a new LocalStack, as from another shell) starts nothing either.
+    again = runner.invoke(main, ["stack", "up", *_cli_args(stack)])
+    assert again.exit_code == 0, again.output
+    assert again.output.count("already running") == 2
+    assert f"export MLFLOW_TRACKING_URI={stack.tracking_uri}" in again.output
+    assert {s.name: s.pid for s in stack.status().services} == first
+    assert f"export MLFLOW_S3_ENDPOINT_URL={stack.s3_endpoint_url}\n" in stack.env_file.read_text()
+    assert (stack.data_dir / "run" / "seaweedfs.pid").read_text().strip() == str(first["seaweedfs"])
+    assert stack.log_path("mlflow").stat().st_size > 0
+
+    shown = runner.invoke(main, ["stack", "status", "--data-dir", str(stack.data_dir)])
+    assert shown.exit_code == 0, shown.output
+    for name, pid in first.items():
+        assert name in shown.output
+        assert str(pid) in shown.output
+    assert shown.output.count("running") == 2
+    assert stack.tracking_uri in shown.output
+
+    # Something in each store that must survive a restart.
+    _s3(stack).put_object(Bucket=stack.bucket, Key="survivor.txt", Body=b"still here")  # type: ignore[attr-defined]
+    experiment_id = MlflowClient(stack.tracking_uri).create_experiment(f"survivor-{uuid.uuid4().hex[:8]}")
+
+    stopped = runner.invoke(main, ["stack", "down", "--data-dir", str(stack.data_dir)])
+    assert stopped.exit_code == 0, stopped.output
+    assert all(_gone(pid) for pid in first.values() if pid is not None)
+    assert not any(s.alive for s in stack.status().services)
+    assert not (stack.data_dir / "run" / "mlflow.pid").exists()
+    for port in (stack.s3_port, stack.mlflow_port):
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still answers after down"
+    assert runner.invoke(main, ["stack", "down", "--data-dir", str(stack.data_dir)]).output.strip() == (
+        "nothing was running"
+    )
+
+    assert sorted(stack.up()) == ["mlflow", "seaweedfs"]
+    assert {s.name: s.pid for s in stack.status().services} != first
+    body = _s3(stack).get_object(Bucket=stack.bucket, Key="survivor.txt")["Body"].read()  # type: ignore[attr-defined]
+    assert body == b"still here"
+    assert MlflowClient(stack.tracking_uri).get_experiment(experiment_id).lifecycle_stage == "active"
+
+
+def test_busy_port_is_a_one_line_error(new_stack: Callable[..., LocalStack]) -> None:
+    stack = new_stack()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", stack.mlflow_port))
+        squatter.listen()
+        result = CliRunner().invoke(main, ["stack", "up", *_cli_args(stack)])
+
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert str(stack.mlflow_port) in lines[0]
+    assert str(stack.log_path("mlflow")) in lines[0]
+    assert "Traceback" not in result.output
+    assert not any(s.alive for s in stack.status().services)  # nothing half-started
+
+
+def test_server_dying_on_start_is_a_one_line_error_and_leaves_nothing(
+    new_stack: Callable[..., LocalStack], tmp_path: Path
+) -> None:
+    (tmp_path / "a-file").write_text("")
+    stack = new_stack()
+    bad_uri = f"sqlite:///{tmp_path / 'a-file' / 'mlflow.db'}"  # a folder inside a file: cannot exist
+    result = CliRunner().invoke(main, ["stack", "up", *_cli_args(stack), "--backend-store-uri", bad_uri])
+
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "mlflow exited during start" in lines[0]
+    assert str(stack.log_path("mlflow")) in lines[0]
+    # SeaweedFS, started by the same `up`, was stopped again.
+    assert not any(s.alive for s in stack.status().services)
+    assert not (stack.data_dir / "run" / "seaweedfs.pid").exists()
+
+
+def test_usage_error_exits_2() -> None:
+    result = CliRunner().invoke(main, ["stack", "up", "--s3-port", "not-a-port"])
+    assert result.exit_code == 2
+
+
+def test_mlflow_server_answers_health(stack: LocalStack) -> None:
+    with urllib.request.urlopen(f"{stack.tracking_uri}/health", timeout=5) as response:
+        assert response.status == 200
+        assert response.read().strip() == b"OK"
+
+
+def test_logged_artifact_lands_in_the_bucket(
+    stack: LocalStack, s3_keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if stack.serve_artifacts:
+        # Proxied mode: the client needs no S3 access at all, only the tracking server.
+        for key in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            monkeypatch.delenv(key)
+    experiment = mlflow.set_experiment(f"stack-{uuid.uuid4().hex[:8]}")
+    with mlflow.start_run() as run:
+        mlflow.log_param("lr", 0.1)
+        mlflow.log_text("hello from the stack", "notes/hello.txt")
+
+    run_id = run.info.run_id
+    scheme = "mlflow-artifacts:" if stack.serve_artifacts else "s3://"
+    assert run.info.artifact_uri.startswith(scheme)
+    key = f"mlartifacts/{experiment.experiment_id}/{run_id}/artifacts/notes/hello.txt"
+    assert key in s3_keys(stack, f"mlartifacts/{experiment.experiment_id}/")
+    assert mlflow.artifacts.load_text(f"runs:/{run_id}/notes/hello.txt") == "hello from the stack"
+    assert mlflow.get_run(run_id).data.params == {"lr": "0.1"}
