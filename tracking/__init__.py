@@ -1,29 +1,42 @@
 """Log PyTorch state dicts, whole models and resumable checkpoints to MLflow runs on S3,
-and load them back by run ID."""
+and load them back by run ID.
 
-from tracking.checkpoint import LoggedCheckpoint, log_checkpoint, log_model, log_state_dict, wait_for_checkpoints
-from tracking.checkpointer import Checkpointer
-from tracking.config import TrackingConfig
-from tracking.errors import (
-    ConfigError,
-    IntegrityError,
-    MismatchError,
-    NotFoundError,
-    StorageError,
-    TrackingError,
-    UnsafeClassError,
-)
-from tracking.loader import (
-    LoadedCheckpoint,
-    list_checkpoints,
-    load,
-    load_model,
-    load_pickled_model,
-    load_state_dict,
-    resolve_run_id,
-)
-from tracking.rng import capture_rng_state, restore_rng_state
-from tracking.spec import rebuildable
+Names are imported on first use, so ``import tracking`` (and the ``tracking`` command
+line) does not pay for torch and mlflow until they are needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> module that defines it
+_EXPORTS = {
+    "Checkpointer": "tracking.checkpointer",
+    "ConfigError": "tracking.errors",
+    "IntegrityError": "tracking.errors",
+    "LoadedCheckpoint": "tracking.loader",
+    "LoggedCheckpoint": "tracking.checkpoint",
+    "MismatchError": "tracking.errors",
+    "NotFoundError": "tracking.errors",
+    "StorageError": "tracking.errors",
+    "TrackingConfig": "tracking.config",
+    "TrackingError": "tracking.errors",
+    "UnsafeClassError": "tracking.errors",
+    "capture_rng_state": "tracking.rng",
+    "list_checkpoints": "tracking.loader",
+    "load": "tracking.loader",
+    "load_model": "tracking.loader",
+    "load_pickled_model": "tracking.loader",
+    "load_state_dict": "tracking.loader",
+    "log_checkpoint": "tracking.checkpoint",
+    "log_model": "tracking.checkpoint",
+    "log_state_dict": "tracking.checkpoint",
+    "rebuildable": "tracking.spec",
+    "resolve_run_id": "tracking.loader",
+    "restore_rng_state": "tracking.rng",
+    "wait_for_checkpoints": "tracking.checkpoint",
+}
 
 __all__ = [
     "Checkpointer",
@@ -51,3 +64,42 @@ __all__ = [
     "restore_rng_state",
     "wait_for_checkpoints",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tracking' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:
+    from tracking.checkpoint import LoggedCheckpoint, log_checkpoint, log_model, log_state_dict, wait_for_checkpoints
+    from tracking.checkpointer import Checkpointer
+    from tracking.config import TrackingConfig
+    from tracking.errors import (
+        ConfigError,
+        IntegrityError,
+        MismatchError,
+        NotFoundError,
+        StorageError,
+        TrackingError,
+        UnsafeClassError,
+    )
+    from tracking.loader import (
+        LoadedCheckpoint,
+        list_checkpoints,
+        load,
+        load_model,
+        load_pickled_model,
+        load_state_dict,
+        resolve_run_id,
+    )
+    from tracking.rng import capture_rng_state, restore_rng_state
+    from tracking.spec import rebuildable

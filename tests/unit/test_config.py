@@ -95,3 +95,17 @@ def test_s3_uri() -> None:
     assert str(location.join("c", "d.pt")) == "s3://bucket/a/b/c/d.pt"
     with pytest.raises(ValueError):
         parse_s3_uri("file:///tmp")
+
+
+def test_public_api_is_importable_and_lazy() -> None:
+    import subprocess
+    import sys
+
+    import tracking
+
+    assert set(tracking.__all__) == set(tracking._EXPORTS)
+    for name in tracking.__all__:
+        assert getattr(tracking, name) is not None
+    probe = "import sys, tracking.cli; print('torch' in sys.modules, 'mlflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]

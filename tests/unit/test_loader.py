@@ -22,6 +22,8 @@ import tracking
 from pipelines.models import DigitsMLP, Model
 from tests.unit.conftest import BUCKET
 from tracking import store
+from tracking.checkpoint import delete_checkpoint
+from tracking.run import open_run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -225,8 +227,8 @@ def test_stale_latest_tag_falls_back_to_listing(experiment: str) -> None:
     with mlflow.start_run() as run:
         tracking.log_checkpoint(model, epoch=1)
         tracking.log_checkpoint(model, epoch=2)
-    handle = tracking.run.open_run(run.info.run_id)
-    tracking.checkpoint.delete_checkpoint(handle, 2)  # deleted by hand: the tag still names epoch 2
+    handle = open_run(run.info.run_id)
+    delete_checkpoint(handle, 2)  # deleted by hand: the tag still names epoch 2
     assert tracking.load(run.info.run_id).epoch == 1
 
 
@@ -376,7 +378,7 @@ def test_unknown_run_no_checkpoints_and_missing_epoch(experiment: str) -> None:
 def test_deleted_checkpoint_file(experiment: str) -> None:
     with mlflow.start_run() as run:
         tracking.log_checkpoint(Model(6), epoch=1)
-    tracking.run.open_run(run.info.run_id).store.delete("checkpoints/epoch_0001/checkpoint.pt")
+    open_run(run.info.run_id).store.delete("checkpoints/epoch_0001/checkpoint.pt")
     with pytest.raises(tracking.NotFoundError, match="listed in its manifest but missing"):
         tracking.load(run.info.run_id)
 
@@ -386,7 +388,7 @@ def test_a_load_modifies_nothing_on_the_store(experiment: str) -> None:
     with mlflow.start_run() as run:
         tracking.log_checkpoint(model, optimizer, epoch=1, scheduler=scheduler)
         tracking.log_state_dict(model)
-    handle = tracking.run.open_run(run.info.run_id)
+    handle = open_run(run.info.run_id)
 
     def snapshot() -> dict[str, str]:
         return {path: hashlib.sha256(handle.store.read(path)).hexdigest() for path in handle.store.list_files("")}
