@@ -79,9 +79,7 @@ def _config(data_dir: Path | None) -> TrackingConfig:
     show_default=True,
     help="Proxy artifacts through the MLflow server instead of clients writing to S3 directly.",
 )
-@click.option(
-    "--timeout", type=click.FloatRange(min=1), default=90.0, show_default=True, help="Seconds to wait."
-)
+@click.option("--timeout", type=click.FloatRange(min=1), default=90.0, show_default=True, help="Seconds to wait.")
 def up(
     data_dir: Path | None,
     s3_port: int,
@@ -121,9 +119,7 @@ def up(
             continue
         click.echo(f"export {key}={value}")
     if local.uses_local_credentials:
-        click.echo(
-            "# local default S3 credentials; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY to choose your own"
-        )
+        click.echo("# local default S3 credentials; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY to choose your own")
 
 
 @stack.command()
@@ -167,3 +163,74 @@ def _human_size(size: float) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{size:.1f} TiB"
+
+
+# ------------------------------------------------------------------ runs
+
+
+_source_argument = click.argument("source", metavar="RUN")
+
+
+@main.command()
+@_source_argument
+def checkpoints(source: str) -> None:
+    """List a run's committed checkpoints. RUN is a run ID, runs:/<id> or models:/<name>@<alias>."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tracking.loader import find_checkpoint, list_checkpoints
+
+    manifests = list_checkpoints(source)
+    if not manifests:
+        click.echo(f"{source}: no committed checkpoints")
+        return
+    latest = find_checkpoint(source, "latest")[1].epoch
+    best = _best_epoch(source)
+    table = Table(title=f"checkpoints of {source}")
+    for column in ("epoch", "step", "metrics", "size", "created", ""):
+        table.add_column(column)
+    for manifest in manifests:
+        marks = [m for m, e in (("latest", latest), ("best", best)) if e == manifest.epoch]
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(manifest.metrics.items()))
+        size = sum(f.size for f in manifest.files.values())
+        step = "-" if manifest.step is None else str(manifest.step)
+        table.add_row(str(manifest.epoch), step, metrics, _human_size(size), manifest.created_at, " ".join(marks))
+    Console().print(table)
+
+
+def _best_epoch(source: str) -> int | None:
+    from tracking.errors import NotFoundError
+    from tracking.loader import find_checkpoint
+
+    try:
+        return find_checkpoint(source, "best")[1].epoch
+    except NotFoundError:
+        return None  # no monitored metric: nothing is "best"
+
+
+@main.command()
+@_source_argument
+@click.option("--checkpoint", default="latest", show_default=True, help="latest, best or an epoch number.")
+def show(source: str, checkpoint: str) -> None:
+    """Print a checkpoint's manifest as JSON. RUN is a run ID, runs:/<id> or models:/<name>@<alias>."""
+    from tracking.loader import find_checkpoint
+
+    folder, manifest = find_checkpoint(source, checkpoint)
+    click.echo(f"# {folder}/manifest.json", err=True)
+    click.echo(manifest.to_json().decode())
+
+
+@main.command()
+@_source_argument
+def verify(source: str) -> None:
+    """Check a run's stored files against their manifests' size and sha256. RUN: a run ID or URI."""
+    from tracking.errors import IntegrityError
+    from tracking.loader import verify as verify_run
+
+    report = verify_run(source)
+    for path, problem in report.items():
+        click.echo(f"{'ok ' if problem is None else 'BAD'} {path}")
+    bad = [path for path, problem in report.items() if problem is not None]
+    if bad:
+        raise IntegrityError(f"{len(bad)} of {len(report)} files failed: {report[bad[0]]}")
+    click.echo(f"{len(report)} files intact" if report else f"{source}: nothing to verify")

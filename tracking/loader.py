@@ -25,7 +25,7 @@ from tracking.checkpoint import (
     read_manifest,
 )
 from tracking.config import TrackingConfig
-from tracking.errors import ConfigError, MismatchError, NotFoundError, TrackingError
+from tracking.errors import ConfigError, IntegrityError, MismatchError, NotFoundError, TrackingError
 from tracking.manifest import MANIFEST_NAME, Manifest
 from tracking.run import TAG_BEST, TAG_LATEST, TAG_MODE, TAG_MONITOR, RunHandle, open_run
 from tracking.store import BufferReader
@@ -225,6 +225,36 @@ def list_checkpoints(source: str, *, config: TrackingConfig | None = None) -> li
     return [read_manifest(handle, checkpoint_dir(epoch)) for epoch in committed_epochs(handle)]
 
 
+def find_checkpoint(
+    source: str, checkpoint: str | int = "latest", *, config: TrackingConfig | None = None
+) -> tuple[str, Manifest]:
+    """The folder and manifest a checkpoint selector resolves to, without downloading the file."""
+    handle = open_run(resolve_run_id(source, config), config)
+    return _find_checkpoint(handle, checkpoint, None)
+
+
+def verify(source: str, *, config: TrackingConfig | None = None) -> dict[str, str | None]:
+    """Check every stored file of a run against its manifest: path -> None if intact, else the problem."""
+    handle = open_run(resolve_run_id(source, config), config)
+    folders = [checkpoint_dir(epoch) for epoch in committed_epochs(handle)]
+    if MANIFEST_NAME in handle.store.list_files(STATE_DICT_DIR):
+        folders.insert(0, STATE_DICT_DIR)
+    report: dict[str, str | None] = {}
+    for folder in folders:
+        try:
+            manifest = read_manifest(handle, folder)
+            for name, expected in manifest.files.items():
+                path = f"{folder}/{name}"
+                try:
+                    handle.store.read(path, expected)
+                    report[path] = None
+                except (IntegrityError, NotFoundError) as exc:
+                    report[path] = str(exc)
+        except IntegrityError as exc:
+            report[f"{folder}/{MANIFEST_NAME}"] = str(exc)
+    return report
+
+
 # ---------------------------------------------------------------- resolution
 
 
@@ -417,19 +447,20 @@ def _build_scheduler(
     optimizer: torch.optim.Optimizer,
     factory: Callable[[torch.optim.Optimizer], Any] | None,
 ) -> Any:
-    if factory is not None:
-        return factory(optimizer)
-    recorded = manifest.scheduler or {}
-    if recorded.get("init_kwargs") is None:
-        raise NotFoundError(
-            f"run {handle.run_id}: the scheduler {recorded.get('class', '(unknown)')} cannot be rebuilt from "
-            f"its manifest (its init arguments were not recorded); {SCHEDULER_HINT}."
-        )
-    cls = spec.import_class(recorded["class"], "scheduler", run_id=handle.run_id, hint=SCHEDULER_HINT)
-    # Constructing a scheduler steps it once, which rewrites the optimizer's learning rates;
-    # load_state_dict on both afterwards restores the saved values.
+    # Constructing a scheduler steps it once, which rewrites the optimizer's learning rates
+    # (a factory's scheduler too); put the loaded values back, load_state_dict restores the rest.
     saved_groups = [dict(g) for g in optimizer.state_dict()["param_groups"]]
-    built = spec.build(cls, (optimizer,), recorded["init_kwargs"], run_id=handle.run_id, hint=SCHEDULER_HINT)
+    if factory is not None:
+        built = factory(optimizer)
+    else:
+        recorded = manifest.scheduler or {}
+        if recorded.get("init_kwargs") is None:
+            raise NotFoundError(
+                f"run {handle.run_id}: the scheduler {recorded.get('class', '(unknown)')} cannot be rebuilt from "
+                f"its manifest (its init arguments were not recorded); {SCHEDULER_HINT}."
+            )
+        cls = spec.import_class(recorded["class"], "scheduler", run_id=handle.run_id, hint=SCHEDULER_HINT)
+        built = spec.build(cls, (optimizer,), recorded["init_kwargs"], run_id=handle.run_id, hint=SCHEDULER_HINT)
     for group, saved in zip(optimizer.param_groups, saved_groups, strict=True):
         for key, value in saved.items():
             if key != "params":

@@ -1,0 +1,61 @@
+"""The command line over a real run: listing, showing and verifying checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+from click.testing import CliRunner
+
+import tracking
+from pipelines.models import Model
+from tracking.cli import main
+from tracking.run import open_run
+
+
+@pytest.fixture
+def run_id(experiment: str) -> str:
+    model = Model(6)
+    checkpointer = tracking.Checkpointer(monitor="val_loss")
+    with mlflow.start_run() as run:
+        tracking.log_state_dict(model)
+        for epoch, loss in [(1, 0.5), (2, 0.2), (3, 0.4)]:
+            checkpointer.save(model, epoch=epoch, step=epoch * 10, metrics={"val_loss": loss})
+    return str(run.info.run_id)
+
+
+def test_checkpoints_lists_epochs_with_latest_and_best(run_id: str) -> None:
+    result = CliRunner().invoke(main, ["checkpoints", run_id], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[1]: line for line in result.output.splitlines() if line.strip()[:1] == "│"}
+    assert "best" in rows["2"] and "latest" in rows["3"] and "latest" not in rows["1"]
+
+
+def test_show_prints_the_manifest(run_id: str) -> None:
+    result = CliRunner().invoke(main, ["show", run_id, "--checkpoint", "best"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.stdout)
+    assert (manifest["epoch"], manifest["metrics"]) == (2, {"val_loss": 0.2})
+
+
+def test_verify_passes_then_reports_a_corrupted_file(run_id: str) -> None:
+    ok = CliRunner().invoke(main, ["verify", run_id])
+    assert ok.exit_code == 0, ok.output
+    assert "4 files intact" in ok.output
+    store = open_run(run_id).store
+    store.write_bytes("checkpoints/epoch_0002/checkpoint.pt", b"not a checkpoint")
+    bad = CliRunner().invoke(main, ["verify", run_id])
+    assert bad.exit_code == 1
+    assert "BAD checkpoints/epoch_0002/checkpoint.pt" in bad.output
+    assert len(bad.stderr.strip().splitlines()) == 1 and "1 of 4 files failed" in bad.stderr
+
+
+def test_errors_are_one_line_and_exit_1(experiment: str) -> None:
+    result = CliRunner().invoke(main, ["checkpoints", "ffffffffffffffffffffffffffffffff"])
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1 and "not found" in result.stderr
+
+
+def test_usage_errors_exit_2() -> None:
+    assert CliRunner().invoke(main, ["show"]).exit_code == 2
