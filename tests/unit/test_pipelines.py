@@ -21,6 +21,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, replace
@@ -127,8 +128,11 @@ def scenario(request: pytest.FixtureRequest, env: dict[str, str]) -> Scenario:
 
 def checkpoint(run_id: str, epoch: int) -> dict[str, Any]:
     """The raw checkpoint dict, read the seed notes' way."""
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"checkpoints/epoch_{epoch:04d}")
-    return torch.load(Path(path) / "checkpoint.pt", weights_only=True)  # type: ignore[no-any-return]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=f"checkpoints/epoch_{epoch:04d}/checkpoint.pt", dst_path=tmp
+        )
+        return torch.load(path, weights_only=True)  # type: ignore[no-any-return]
 
 
 def assert_identical(actual: Any, expected: Any, where: str = "checkpoint") -> None:

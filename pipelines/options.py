@@ -1,0 +1,159 @@
+"""The command line every training pipeline shares, and how a resumed run's params fill it in."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+
+DEFAULTS: dict[str, Any] = {
+    "epochs": 10,
+    "lr": 0.01,
+    "batch_size": 32,
+    "seed": 0,
+    "checkpoint_every": 1,
+    "keep_last": 3,
+    "keep_best": 1,
+    "monitor": "val_loss",
+    "monitor_mode": None,  # None: max for accuracies, min otherwise
+}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _count(text: str) -> int | None:
+    return None if text == "all" else _positive_int(text)
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+# The options logged as run params, with the parser that reads them back from a param.
+RECORDED: dict[str, Callable[[str], Any]] = {
+    "lr": _rate,
+    "batch_size": _positive_int,
+    "seed": int,
+    "checkpoint_every": _positive_int,
+    "keep_last": _count,
+    "keep_best": _count,
+    "monitor": str,
+    "monitor_mode": str,
+}
+
+
+@dataclass(frozen=True)
+class Options:
+    """A parsed command line; ``given`` holds the recorded options that were passed explicitly."""
+
+    epochs: int
+    experiment: str | None
+    resume: str | None
+    from_epoch: int | None
+    new_run: bool
+    override: bool
+    given: dict[str, Any]
+    defaults: dict[str, Any]
+
+    def settings(self, recorded: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """Every recorded option's value: given > the resumed run's param > default."""
+        recorded = recorded or {}
+        values = dict(self.defaults)
+        values.update({k: RECORDED[k](v) for k, v in recorded.items() if k in RECORDED})
+        values.update(self.given)
+        if values["monitor_mode"] is None or ("monitor" in self.given and "monitor_mode" not in self.given):
+            values["monitor_mode"] = "max" if values["monitor"].endswith("accuracy") else "min"
+        return values
+
+    def conflicts(self, recorded: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+        """Given options whose value differs from the resumed run's param: name -> (recorded, given)."""
+        return {
+            name: (recorded[name], param_value(value))
+            for name, value in self.given.items()
+            if name in recorded and RECORDED[name](recorded[name]) != value
+        }
+
+
+def param_value(value: Any) -> str:
+    return "all" if value is None else str(value)
+
+
+def parse(argv: Sequence[str] | None, *, prog: str, description: str | None, defaults: Mapping[str, Any]) -> Options:
+    """Parse a training pipeline's command line; ``defaults`` override the shared ones per pipeline."""
+    merged = {**DEFAULTS, **defaults}
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=merged["epochs"],
+        help="total epochs to reach; a resumed run trains the ones left (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--experiment",
+        help="MLflow experiment for a new run (default: $TRACKING_EXPERIMENT or pytorch-checkpoints; "
+        "a --new-run child: its parent's)",
+    )
+    recorded = parser.add_argument_group(
+        "recorded options", "logged as run params; a resumed run reuses its recorded values unless given again"
+    )
+
+    def add(flag: str, help: str, shown: str | None = None, **kwargs: Any) -> None:
+        default = shown or param_value(merged[flag[2:].replace("-", "_")])
+        # SUPPRESS keeps options that were not given out of the namespace, so that a
+        # resumed run can tell them from the ones its params should fill in.
+        recorded.add_argument(flag, default=argparse.SUPPRESS, help=f"{help} (default: {default})", **kwargs)
+
+    add("--lr", "learning rate", type=_rate)
+    add("--batch-size", "training batch size", type=_positive_int)
+    add("--seed", "seed for the initial weights and the batch order", type=int)
+    add("--checkpoint-every", "log a checkpoint every N epochs, and after the last", type=_positive_int, metavar="N")
+    add("--keep-last", "keep the last N checkpoints", type=_count, metavar="N|all")
+    add("--keep-best", "also keep the best N checkpoints by --monitor", type=_count, metavar="N|all")
+    add("--monitor", "metric that ranks checkpoints", choices=METRICS)
+    inferred = "max for accuracies, min otherwise" if merged["monitor_mode"] is None else None
+    add("--monitor-mode", "whether lower or higher --monitor is better", inferred, choices=("min", "max"))
+    resume = parser.add_argument_group("resuming")
+    resume.add_argument("--resume", metavar="RUN_ID", help="continue run RUN_ID from its latest checkpoint")
+    resume.add_argument(
+        "--from-epoch", type=_positive_int, metavar="N", help="resume from epoch N's checkpoint instead"
+    )
+    resume.add_argument(
+        "--new-run", action="store_true", help="resume into a new child run instead of continuing RUN_ID"
+    )
+    resume.add_argument(
+        "--override",
+        action="store_true",
+        help="allow options that differ from RUN_ID's params (recorded in its tracking.overrides tag)",
+    )
+    args = parser.parse_args(argv)
+    if args.resume is None and (args.from_epoch is not None or args.new_run or args.override):
+        parser.error("--from-epoch, --new-run and --override need --resume RUN_ID")
+    return Options(
+        epochs=args.epochs,
+        experiment=args.experiment,
+        resume=args.resume,
+        from_epoch=args.from_epoch,
+        new_run=args.new_run,
+        override=args.override,
+        given={name: getattr(args, name) for name in RECORDED if hasattr(args, name)},
+        defaults={name: merged[name] for name in RECORDED},
+    )

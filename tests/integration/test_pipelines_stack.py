@@ -1,0 +1,63 @@
+"""The training pipelines against the real stack: MLflow server, SeaweedFS as S3 (+ PostgreSQL)."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from pipelines import evaluate, train
+from tracking.stack import LocalStack
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_train_resume_and_evaluate_on_the_stack(
+    stack: LocalStack, s3_keys: Callable[[LocalStack, str], list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    experiment = f"pipelines-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("TRACKING_EXPERIMENT", experiment)
+    # Other tests may leave an experiment active in this process; start_run(run_id=...) would refuse.
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+
+    first = subprocess.run(
+        [sys.executable, "-m", "pipelines.train", "--epochs", "2"],
+        cwd=ROOT,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert first.returncode == 0, first.stderr
+    found = re.search(r"MLflow run ([0-9a-f]{32}) \(experiment (\d+)\)", first.stdout)
+    assert found, first.stdout
+    run_id, experiment_id = found.groups()
+    assert f"{stack.tracking_uri}/#/experiments/{experiment_id}/runs/{run_id}" in first.stdout
+
+    with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()) as err:
+        assert train.main(["--resume", run_id, "--epochs", "3"]) == 0, err.getvalue()
+        assert evaluate.main(["--run-id", run_id]) == 0, err.getvalue()
+
+    client = MlflowClient(stack.tracking_uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["tracking.resumed_from_epoch"] == "2"
+    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [1, 2, 3]
+    [val_loss] = [m.value for m in client.get_metric_history(run_id, "val_loss") if m.step == 3]
+    assert [m.value for m in client.get_metric_history(run_id, "eval_loss")] == [val_loss]
+    keys = s3_keys(stack, "")
+    for path in ("checkpoints/epoch_0003/manifest.json", "state_dict/state_dict.pt"):
+        assert any(run_id in key and key.endswith(path) for key in keys), path

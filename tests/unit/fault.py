@@ -1,0 +1,44 @@
+"""Run a module as ``python -m`` would, but SIGKILL the process halfway through writing one artifact.
+
+    python -m tests.unit.fault checkpoints/epoch_0005/checkpoint.pt pipelines.train --epochs 8
+
+Product code has no test hooks: this wraps the stores' ``write`` from outside, so the
+kill lands mid-stream, after part of the file went to the store's staging and before
+anything after it (the manifest, the run's tags) could be written.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import runpy
+import signal
+import sys
+from collections.abc import Callable
+from typing import IO
+
+from tracking import store
+
+
+def _dying(original: Callable[..., store.StoredFile], target: str) -> Callable[..., store.StoredFile]:
+    def write(self: store.ArtifactStore, path: str, produce: store.Producer) -> store.StoredFile:
+        if path != target:
+            return original(self, path, produce)
+
+        def half_then_die(stream: IO[bytes]) -> None:
+            buffer = io.BytesIO()
+            produce(buffer)
+            stream.write(buffer.getbuffer()[: buffer.tell() // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        return original(self, path, half_then_die)
+
+    return write
+
+
+if __name__ == "__main__":
+    target, module, *args = sys.argv[1:]
+    for cls in (store.MlflowStore, store.S3Store):
+        cls.write = _dying(cls.write, target)  # type: ignore[method-assign]
+    sys.argv = [module, *args]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
