@@ -168,7 +168,17 @@ def _human_size(size: float) -> str:
 # ------------------------------------------------------------------ runs
 
 
-_source_argument = click.argument("source", metavar="RUN")
+def _check_source(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from tracking.uri import parse_source
+
+    try:
+        parse_source(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+_source_argument = click.argument("source", metavar="RUN", callback=_check_source)
 
 
 @main.command()

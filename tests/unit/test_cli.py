@@ -59,3 +59,5 @@ def test_errors_are_one_line_and_exit_1(experiment: str) -> None:
 
 def test_usage_errors_exit_2() -> None:
     assert CliRunner().invoke(main, ["show"]).exit_code == 2
+    malformed = CliRunner().invoke(main, ["checkpoints", "s3://bucket/key"])
+    assert malformed.exit_code == 2 and "is not a run ID" in malformed.stderr

@@ -412,3 +412,25 @@ def test_cuda_map_location(experiment: str) -> None:
     else:
         with pytest.raises(tracking.ConfigError, match="CUDA is not available"):
             tracking.load(run.info.run_id, map_location="cuda")
+
+
+def test_scheduler_factory_keeps_the_loaded_learning_rate(experiment: str) -> None:
+    # A warm-up scheduler rewrites lr when constructed; the loaded lr must survive that.
+    model = Model(6)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=10)
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    saved_lr = optimizer.param_groups[0]["lr"]
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, optimizer, epoch=5, scheduler=scheduler)
+
+    def warmup(opt: torch.optim.Optimizer) -> Any:
+        return torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=10)
+
+    for factory in (None, warmup):
+        loaded = tracking.load(run.info.run_id, scheduler=factory)
+        assert loaded.optimizer is not None
+        assert loaded.optimizer.param_groups[0]["lr"] == saved_lr
+        assert loaded.scheduler.last_epoch == 5
