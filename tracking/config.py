@@ -56,9 +56,7 @@ class TrackingConfig:
         if self.s3_endpoint_url is not None:
             _check_uri(self.s3_endpoint_url, ENV_VARS["s3_endpoint_url"], schemes={"http", "https"})
         if not self.bucket or "/" in self.bucket:
-            raise ConfigError(
-                f"{ENV_VARS['bucket']}={self.bucket!r} is not a bucket name; use e.g. 'mlflow'."
-            )
+            raise ConfigError(f"{ENV_VARS['bucket']}={self.bucket!r} is not a bucket name; use e.g. 'mlflow'.")
         if not self.experiment_name:
             raise ConfigError(f"{ENV_VARS['experiment_name']} is empty; set an experiment name.")
         if self.part_size_mb < 5:

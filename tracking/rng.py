@@ -39,9 +39,7 @@ def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -
     return state
 
 
-def restore_rng_state(
-    state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None = None
-) -> None:
+def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None = None) -> None:
     """Put back what :func:`capture_rng_state` captured; ``generators`` must use the same names."""
     torch.set_rng_state(state["torch"].cpu())
     py = state["python"]

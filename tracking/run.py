@@ -62,9 +62,7 @@ def open_run(run_id: str, config: TrackingConfig | None = None) -> RunHandle:
     try:
         run = client.get_run(run_id)
     except MlflowException as exc:
-        if exc.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"} or "not found" in str(
-            exc
-        ):
+        if exc.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"} or "not found" in str(exc):
             raise NotFoundError(
                 f"run {run_id} not found on tracking server {client.tracking_uri}; check the run ID "
                 "(MLflow UI or `tracking runs`) and MLFLOW_TRACKING_URI."

@@ -131,9 +131,7 @@ class LocalStack:
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
 
     @classmethod
-    def from_data_dir(
-        cls, config: TrackingConfig | None = None, data_dir: Path | str | None = None
-    ) -> LocalStack:
+    def from_data_dir(cls, config: TrackingConfig | None = None, data_dir: Path | str | None = None) -> LocalStack:
         """The stack last started in ``data_dir`` (its ports and settings), or a default one."""
         config = config if config is not None else TrackingConfig()
         path = Path(data_dir if data_dir is not None else config.data_dir).resolve()
@@ -182,9 +180,7 @@ class LocalStack:
 
     @property
     def secret_access_key(self) -> str:
-        return (
-            LOCAL_SECRET_ACCESS_KEY if self.uses_local_credentials else str(self.config.aws_secret_access_key)
-        )
+        return LOCAL_SECRET_ACCESS_KEY if self.uses_local_credentials else str(self.config.aws_secret_access_key)
 
     def env(self) -> dict[str, str]:
         """The variables a client sets to use this stack (as written to ``stack.env``)."""
@@ -260,9 +256,7 @@ class LocalStack:
             owned = self._owned_pid(name)
             pid = owned if owned is not None else _read_pid(self._pid_file(name))
             services.append(ServiceStatus(name, pid, owned is not None, urls[name], self.log_path(name)))
-        return StackStatus(
-            tuple(services), self.data_dir, _tree_size(self.data_dir), _redact(self.backend_store_uri)
-        )
+        return StackStatus(tuple(services), self.data_dir, _tree_size(self.data_dir), _redact(self.backend_store_uri))
 
     # -- the two services ---------------------------------------------------------------------
 

@@ -43,8 +43,7 @@ def parse_source(source: str) -> RunSource:
         raise ValueError(f"{source!r} is not models:/<name>@<alias> or models:/<name>/<version>")
     if "/" in source or ":" in source:
         raise ValueError(
-            f"{source!r} is not a run ID; expected a 32-character hex run ID, runs:/<run_id> "
-            "or models:/<name>@<alias>"
+            f"{source!r} is not a run ID; expected a 32-character hex run ID, runs:/<run_id> or models:/<name>@<alias>"
         )
     return RunSource(run_id=source)
 

@@ -141,9 +141,7 @@ def test_mlflow_server_answers_health(stack: LocalStack) -> None:
         assert response.read().strip() == b"OK"
 
 
-def test_logged_artifact_lands_in_the_bucket(
-    stack: LocalStack, s3_keys: Keys, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_logged_artifact_lands_in_the_bucket(stack: LocalStack, s3_keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
     if stack.serve_artifacts:
         # Proxied mode: the client needs no S3 access at all, only the tracking server.
         for key in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
