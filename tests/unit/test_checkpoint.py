@@ -212,3 +212,10 @@ def _objects() -> list[dict[str, Any]]:
     import boto3
 
     return boto3.client("s3", region_name="us-east-1").list_objects_v2(Bucket=BUCKET).get("Contents", [])
+
+
+def test_moto_bucket_receives_plain_mlflow_artifacts(s3_experiment: str) -> None:
+    with mlflow.start_run() as run:
+        mlflow.log_text("hello", "notes/readme.txt")
+    keys = [o["Key"] for o in _objects()]
+    assert f"exp/{run.info.run_id}/artifacts/notes/readme.txt" in keys
