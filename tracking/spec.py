@@ -113,10 +113,9 @@ def describe_model(model: nn.Module, model_kwargs: Mapping[str, Any] | None) -> 
 
 
 def _takes_no_arguments(cls: type) -> bool:
-    params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # type: ignore[misc]
-    return all(p.default is not inspect.Parameter.empty or p.kind in (p.VAR_KEYWORD,) for p in params) and not any(
-        p.kind is p.VAR_POSITIONAL for p in params
-    )
+    # Only a constructor with no parameters at all: one with defaults may have been called
+    # with other values, and rebuilding with the defaults would silently build another model.
+    return len(inspect.signature(cls.__init__).parameters) == 1  # type: ignore[misc]
 
 
 def describe_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Any]:

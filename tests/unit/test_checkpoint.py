@@ -219,3 +219,20 @@ def test_moto_bucket_receives_plain_mlflow_artifacts(s3_experiment: str) -> None
         mlflow.log_text("hello", "notes/readme.txt")
     keys = [o["Key"] for o in _objects()]
     assert f"exp/{run.info.run_id}/artifacts/notes/readme.txt" in keys
+
+
+def test_models_without_init_arguments_need_no_decorator(experiment: str) -> None:
+    class Fixed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 2)
+
+    class Defaults(torch.nn.Module):
+        def __init__(self, width: int = 2) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(width, 2)
+
+    with mlflow.start_run():
+        assert tracking.log_state_dict(Fixed()).manifest.model["init_kwargs"] == {}
+        # Called with a non-default width: recording {} would rebuild the wrong model.
+        assert tracking.log_state_dict(Defaults(width=5)).manifest.model["init_kwargs"] is None
