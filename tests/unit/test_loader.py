@@ -434,3 +434,14 @@ def test_scheduler_factory_keeps_the_loaded_learning_rate(experiment: str) -> No
         assert loaded.optimizer is not None
         assert loaded.optimizer.param_groups[0]["lr"] == saved_lr
         assert loaded.scheduler.last_epoch == 5
+
+
+def test_amp_scaler_is_rebuilt(experiment: str) -> None:
+    model = Model(6)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, optimizer, epoch=1, scaler=scaler)
+    loaded = tracking.load(run.info.run_id)
+    assert isinstance(loaded.scaler, torch.amp.GradScaler)
+    assert loaded.scaler.state_dict() == scaler.state_dict()
