@@ -17,7 +17,7 @@ import numbers
 from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
-from typing import Any, Literal, overload
+from typing import Any, BinaryIO, Literal, overload
 
 import torch
 from torch import nn
@@ -81,7 +81,7 @@ def log_state_dict(
         stored = handle.store.write_bytes(f"{STATE_DICT_DIR}/{name}", data)
     else:
         name = "state_dict.pt"
-        stored = handle.store.write(f"{STATE_DICT_DIR}/{name}", lambda stream: torch.save(state, stream))
+        stored = handle.store.write(f"{STATE_DICT_DIR}/{name}", TorchSave(state))
     manifest = Manifest(
         kind="state_dict",
         files={name: stored},
@@ -317,7 +317,7 @@ def commit_checkpoint(handle: RunHandle, snapshot: CheckpointSnapshot) -> Logged
     # Re-logging an epoch: retract the old commit first, so a failure below never
     # leaves a manifest that vouches for a half-replaced file.
     handle.store.delete(f"{folder}/{MANIFEST_NAME}")
-    stored = handle.store.write(f"{folder}/{CHECKPOINT_FILE}", lambda s: torch.save(snapshot.payload, s))
+    stored = handle.store.write(f"{folder}/{CHECKPOINT_FILE}", TorchSave(snapshot.payload))
     manifest.files = {CHECKPOINT_FILE: stored}
     handle.store.write_bytes(f"{folder}/{MANIFEST_NAME}", manifest.to_json())
     tags = {TAG_LATEST: folder}
@@ -334,6 +334,41 @@ def commit_checkpoint(handle: RunHandle, snapshot: CheckpointSnapshot) -> Logged
             )
     handle.set_tags(tags)
     return LoggedCheckpoint(handle.run_id, folder, manifest)
+
+
+class TorchSave:
+    """A store producer writing ``torch.save(value)``, whose tensors the upload may read in place.
+
+    Their memory is ``stable`` while the store writes: a sync save blocks the training loop
+    that would change them, and an async save owns a host copy.
+    """
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __call__(self, stream: BinaryIO) -> None:
+        torch.save(self.value, stream)
+
+    @property
+    def stable(self) -> list[tuple[int, int]]:
+        """The ``(address, end)`` memory ranges of the CPU tensors in the value."""
+        ranges = []
+        pending, seen = [self.value], set()
+        while pending:
+            item = pending.pop()
+            if id(item) in seen:
+                continue  # shared (or self-referencing) containers are walked once
+            seen.add(id(item))
+            if isinstance(item, torch.Tensor):
+                if type(item) is torch.Tensor and item.device.type == "cpu" and item.layout == torch.strided:
+                    storage = item.untyped_storage()
+                    if storage.nbytes():
+                        ranges.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
+            elif isinstance(item, Mapping):
+                pending.extend(item.values())
+            elif isinstance(item, list | tuple):
+                pending.extend(item)
+        return ranges
 
 
 def _improves(value: float, tags: Mapping[str, str], monitor: str, mode: str) -> bool:
@@ -372,7 +407,10 @@ def committed_epochs(handle: RunHandle) -> list[int]:
 
 def read_manifest(handle: RunHandle, folder: str) -> Manifest:
     path = f"{folder}/{MANIFEST_NAME}"
-    return Manifest.from_json(handle.store.read(path), run_id=handle.run_id, path=path)
+    raw = handle.store.read(path)
+    return Manifest.from_json(
+        raw if isinstance(raw, bytes | bytearray) else bytes(raw), run_id=handle.run_id, path=path
+    )
 
 
 def delete_checkpoint(handle: RunHandle, epoch: int) -> None:

@@ -132,6 +132,9 @@ class AsyncSaver:
                 with self._lock:
                     self._error = exc
             finally:
+                # Drop the job, and the host snapshot it holds, now: kept until the next save
+                # arrives, it would double the memory of the next snapshot and be freed in its time.
+                del job
                 with self._lock:
                     self._running = None
                     self._lock.notify_all()
