@@ -40,6 +40,8 @@ from urllib.parse import urlsplit
 import torch
 from torch import nn
 
+from tracking.store import BufferReader
+
 DEFAULT_SIZES = "16MB,512MB,2GB"
 QUICK_SIZES = "4MB,40MB"
 DEFAULT_DATA_DIR = Path(".tracking/bench")
@@ -306,7 +308,7 @@ class Contenders:
         start = time.perf_counter()
         buffer = self._get(case.bucket, key, len(case.serialized))
         got = time.perf_counter() - start
-        restore(cast(BinaryIO, _Reader(buffer)), case.model, case.optimizer)
+        restore(cast(BinaryIO, BufferReader(buffer)), case.model, case.optimizer)
         loaded = time.perf_counter() - start
         del buffer
         if measure:
@@ -427,33 +429,6 @@ class Contenders:
         if measure:
             case.record("async_blocked", blocked)
             case.record("async_durable", durable)
-
-
-class _Reader(io.RawIOBase):
-    """A seekable view of a buffer for torch.load, as any careful client would write it."""
-
-    def __init__(self, data: bytearray) -> None:
-        self._view = memoryview(data)
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, out: Any) -> int:
-        chunk = self._view[self._pos : self._pos + len(out)]
-        out[: len(chunk)] = chunk
-        self._pos += len(chunk)
-        return len(chunk)
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self._pos = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence] + offset
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
 
 
 # --------------------------------------------------------------------------- measuring
