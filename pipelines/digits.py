@@ -15,6 +15,7 @@ from torch import nn
 
 from pipelines import training
 from pipelines.models import DigitsMLP
+from pipelines.task import Task
 
 HIDDEN, DROPOUT = 128, 0.2
 STEP_SIZE, GAMMA = 3, 0.5  # the learning rate halves every 3 epochs
@@ -36,7 +37,7 @@ def _predict(outputs: torch.Tensor) -> torch.Tensor:
     return outputs.argmax(dim=1)
 
 
-TASK = training.Task(
+TASK = Task(
     name="pipelines.digits",
     dataset="digits",
     build_model=_model,

@@ -17,7 +17,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import tracking
-from pipelines import data, digits, train, training
+from pipelines import data, digits, runs, train, training
+from tracking.errors import exit_code, one_line
 
 TASKS = {task.dataset: task for task in (train.TASK, digits.TASK)}
 
@@ -26,10 +27,10 @@ def evaluate(source: str, checkpoint: str | int = "latest") -> dict[str, float]:
     """Validation loss and accuracy of a run's checkpoint, also logged to the run as ``eval_*`` metrics."""
     config = tracking.TrackingConfig.from_env()
     client = MlflowClient(config.tracking_uri)
-    run = training.find_run(client, source, config)
+    run = runs.find_run(client, source, config)
     dataset = run.data.params.get("dataset")
     if dataset not in TASKS:
-        raise training.PipelineError(
+        raise runs.PipelineError(
             f"run {run.info.run_id} has dataset param {dataset!r}; evaluate knows {sorted(TASKS)}, "
             "i.e. runs of pipelines.train and pipelines.digits."
         )
@@ -66,9 +67,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         evaluate(args.run_id, args.checkpoint)
-    except (training.PipelineError, tracking.TrackingError, MlflowException) as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 1
+    except Exception as exc:
+        # MLflow's own errors (a refused request, an unknown run) are the user's to act on, like ours.
+        code = exit_code(exc, also=(MlflowException,))
+        if code is None:
+            raise
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return code
     return 0
 
 

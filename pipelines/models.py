@@ -10,7 +10,7 @@ import tracking
 
 @tracking.rebuildable
 class Model(nn.Module):
-    """The seed notes' logistic regression: one linear layer and a sigmoid."""
+    """Logistic regression on tabular features: one linear layer and a sigmoid."""
 
     def __init__(self, n_input_features: int) -> None:
         super().__init__()

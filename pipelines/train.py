@@ -1,4 +1,4 @@
-"""Train the seed notes' logistic regression (`Model`) on scikit-learn's breast-cancer data.
+"""Train a logistic regression (`Model`: one linear layer and a sigmoid) on scikit-learn's breast-cancer data.
 
 python -m pipelines.train --epochs 20
 python -m pipelines.train --resume RUN_ID --epochs 40
@@ -15,6 +15,7 @@ from torch import nn
 
 from pipelines import training
 from pipelines.models import Model
+from pipelines.task import Task
 
 
 def _loss(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -29,7 +30,7 @@ def _sgd(parameters: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer
     return torch.optim.SGD(parameters, lr=lr)
 
 
-TASK = training.Task(
+TASK = Task(
     name="pipelines.train",
     dataset="breast_cancer",
     build_model=Model,

@@ -2,7 +2,8 @@
 
 Programmer mistakes (wrong argument types, impossible values) raise the builtin
 ``TypeError`` / ``ValueError`` instead, so that ``except TrackingError`` only
-catches conditions a user can act on.
+catches conditions a user can act on. :func:`exit_code` and :func:`one_line` are
+the one rule for how a command line reports them: exit status 1 and an ``error:`` line.
 """
 
 from __future__ import annotations
@@ -34,3 +35,16 @@ class UnsafeClassError(TrackingError):
 
 class MismatchError(TrackingError):
     """Stored weights do not fit the model they are loaded into (keys or shapes differ)."""
+
+
+def exit_code(exc: BaseException, also: tuple[type[BaseException], ...] = ()) -> int | None:
+    """The status a command line exits with for ``exc``: 1 for a :class:`TrackingError` or one of ``also``.
+
+    None for anything else: the caller re-raises it, so an unexpected error keeps its traceback.
+    """
+    return 1 if isinstance(exc, (TrackingError, *also)) else None
+
+
+def one_line(exc: BaseException) -> str:
+    """``exc``'s message on one line, whatever newlines it holds, for an ``error:`` line on stderr."""
+    return " ".join(str(exc).split())

@@ -35,7 +35,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import tracking
-from pipelines import digits, evaluate, train, training
+from pipelines import digits, evaluate, runs, train, training
 from pipelines.models import Model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -183,8 +183,8 @@ def test_resume_in_place_matches_the_uninterrupted_run(scenario: Scenario) -> No
     resumed, reference = client.get_run(scenario.killed.run_id), client.get_run(scenario.reference)
     assert resumed.info.status == "FINISHED"
     assert resumed.data.params == reference.data.params
-    assert resumed.data.tags[training.TAG_RESUMED_FROM_EPOCH] == "4"
-    assert resumed.data.tags[training.TAG_RESUMES] == "1"
+    assert resumed.data.tags[runs.TAG_RESUMED_FROM_EPOCH] == "4"
+    assert resumed.data.tags[runs.TAG_RESUMES] == "1"
     assert "logged again" in scenario.resumed.err  # the note about epoch 5's second value
 
     assert_identical(checkpoint(scenario.killed.run_id, 8), checkpoint(scenario.reference, 8))
@@ -204,8 +204,8 @@ def test_resume_into_a_new_run_matches_the_uninterrupted_run(scenario: Scenario)
     assert child.info.status == "FINISHED"
     assert child.data.params == reference.data.params
     assert child.data.tags["mlflow.parentRunId"] == parent
-    assert child.data.tags[training.TAG_RESUMED_FROM_RUN] == parent
-    assert child.data.tags[training.TAG_RESUMED_FROM_EPOCH] == "4"
+    assert child.data.tags[runs.TAG_RESUMED_FROM_RUN] == parent
+    assert child.data.tags[runs.TAG_RESUMED_FROM_EPOCH] == "4"
 
     assert_identical(checkpoint(scenario.child, 8), checkpoint(scenario.reference, 8))
     expected = history(scenario.reference)
@@ -260,7 +260,7 @@ def test_override_applies_the_new_value_and_records_it(env: dict[str, str]) -> N
 
     assert outcome.code == 0, outcome.err
     run = MlflowClient().get_run(run_id)
-    assert run.data.tags[training.TAG_OVERRIDES] == "from epoch 2: lr 0.1 -> 0.5"
+    assert run.data.tags[runs.TAG_OVERRIDES] == "from epoch 2: lr 0.1 -> 0.5"
     assert run.data.params["lr"] == "0.1"  # params cannot change; the tag says what did
     assert history(run_id)["lr"] == {1: 0.1, 2: 0.1, 3: 0.5}
     assert checkpoint(run_id, 3)["optim_state"]["param_groups"][0]["lr"] == 0.5

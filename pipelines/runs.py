@@ -1,0 +1,214 @@
+"""The MLflow run a training writes to, and what a resume of one refuses or restores.
+
+A training without ``--resume`` starts a new run. ``--resume RUN_ID [--from-epoch N]``
+restores RUN_ID's checkpoint (the latest, or epoch N) and goes on in one of two runs:
+
+- By default the resumed run is RUN_ID itself and its metrics go on at step N+1.
+  An attempt that died after logging an epoch's metrics but before committing that
+  epoch's checkpoint leaves those steps behind: they are logged again, MLflow keeps
+  both values, and the later one is current. Rewinding a run in place to before its
+  latest checkpoint is refused; branch with ``--new-run`` instead.
+- ``--new-run`` starts a child run (in RUN_ID's experiment unless ``--experiment``)
+  (tags ``mlflow.parentRunId``, ``tracking.resumed_from_run``,
+  ``tracking.resumed_from_epoch``) with the same params; its metrics start at step N+1.
+
+Options left out take RUN_ID's recorded params. Given ones that differ are refused
+unless ``--override``, which the tag ``tracking.overrides`` records (a run's params
+cannot change, so on the same run they keep their first values).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import mlflow
+import torch
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+import tracking
+from pipelines import data, options
+from pipelines.task import State, Task
+
+TAG_RESUMED_FROM_RUN = "tracking.resumed_from_run"
+TAG_RESUMED_FROM_EPOCH = "tracking.resumed_from_epoch"
+TAG_RESUMES = "tracking.resumes"
+TAG_OVERRIDES = "tracking.overrides"
+
+
+# A TrackingError, so that tracking.errors.exit_code reports it like the library's own errors.
+class PipelineError(tracking.TrackingError):
+    """A run cannot be found, started, resumed or evaluated as asked; the message says why and what to do instead."""
+
+
+def find_run(client: MlflowClient, source: str, config: tracking.TrackingConfig) -> Run:
+    """The live run a run ID, ``runs:/`` or ``models:/`` URI names; :class:`PipelineError` if none."""
+    try:
+        run = client.get_run(tracking.resolve_run_id(source, config))
+    except ValueError as exc:
+        raise PipelineError(str(exc)) from exc
+    except MlflowException as exc:
+        raise PipelineError(f"{source}: {exc.message}") from exc
+    if run.info.lifecycle_stage == "deleted":
+        raise PipelineError(f"run {run.info.run_id} is deleted; restore it in the MLflow UI first.")
+    return run
+
+
+def find_origin(client: MlflowClient, task: Task, opts: options.Options, config: tracking.TrackingConfig) -> Run:
+    """The run to resume, once checked that this pipeline can resume it as asked."""
+    assert opts.resume is not None
+    run = find_run(client, opts.resume, config)
+    run_id, params = run.info.run_id, run.data.params
+    if params.get("dataset", task.dataset) != task.dataset:
+        raise PipelineError(
+            f"run {run_id} was trained by {params.get('pipeline', 'another pipeline')} on {params['dataset']}, "
+            f"not by {task.name} on {task.dataset}; resume it with `python -m {params.get('pipeline')}`."
+        )
+    if opts.from_epoch is not None and not opts.new_run:
+        latest = max((m.epoch or 0 for m in tracking.list_checkpoints(run_id, config=config)), default=0)
+        if opts.from_epoch < latest:
+            raise PipelineError(
+                f"run {run_id} has checkpoints up to epoch {latest}; continuing it from epoch "
+                f"{opts.from_epoch} would rewrite its later history. Add --new-run to branch a child run "
+                f"from epoch {opts.from_epoch}."
+            )
+    return run
+
+
+def changed_params(task: Task, opts: options.Options, origin: Run) -> dict[str, tuple[str, str]]:
+    """Params this resume changes: name -> (recorded, new); refused without --override."""
+    recorded = origin.data.params
+    changed = opts.conflicts(recorded)
+    changed.update({k: (recorded[k], str(v)) for k, v in task.params.items() if recorded.get(k, str(v)) != str(v)})
+    if changed and not opts.override:
+        listed = ", ".join(f"{name} {old} -> {new}" for name, (old, new) in changed.items())
+        raise PipelineError(
+            f"run {origin.info.run_id} was trained with other params ({listed}); leave these options out "
+            f"to keep the run's values, or add --override to apply them (recorded in the tag {TAG_OVERRIDES})."
+        )
+    return changed
+
+
+def restore(
+    task: Task,
+    opts: options.Options,
+    origin: Run,
+    values: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+    split: data.Split,
+    device: torch.device,
+) -> tuple[State, dict[str, Any]]:
+    """The state ``origin``'s checkpoint holds, and the RNG states to restore just before the first epoch."""
+    run_id = origin.info.run_id
+    try:
+        loaded = tracking.load(
+            run_id,
+            "latest" if opts.from_epoch is None else opts.from_epoch,
+            mode="train",
+            map_location=device,
+            model=lambda: task.build_model(split.n_features),
+            optimizer=lambda parameters: task.build_optimizer(parameters, values["lr"]),
+            scheduler=task.build_scheduler,
+        )
+    except tracking.MismatchError as exc:
+        raise PipelineError(f"cannot resume: {task.name} builds a different model than the one logged. {exc}") from exc
+    epoch = loaded.epoch or 0
+    if epoch >= opts.epochs:
+        raise PipelineError(
+            f"run {run_id} ({origin.info.status}) already reached epoch {epoch} and --epochs is "
+            f"{opts.epochs}; pass --epochs greater than {epoch} to train further."
+        )
+    if loaded.optimizer is None or "rng" not in loaded.extra:
+        raise PipelineError(
+            f"run {run_id}: {loaded.path} holds no optimizer or RNG state, so it cannot be resumed exactly; "
+            "resume a checkpoint logged by a training pipeline."
+        )
+    if "lr" in overrides:
+        # load_state_dict brought back the run's learning rate; the override applies from here on.
+        for group in loaded.optimizer.param_groups:
+            group["lr"] = values["lr"]
+        if loaded.scheduler is not None:
+            loaded.scheduler.base_lrs = [values["lr"]] * len(loaded.optimizer.param_groups)
+    state = State(loaded.model, loaded.optimizer, loaded.scheduler, epoch, loaded.step or 0)
+    return state, loaded.extra["rng"]
+
+
+@contextmanager
+def start(
+    client: MlflowClient,
+    config: tracking.TrackingConfig,
+    task: Task,
+    opts: options.Options,
+    origin: Run | None,
+    values: Mapping[str, Any],
+    overrides: Mapping[str, tuple[str, str]],
+    epoch: int,
+) -> Iterator[mlflow.ActiveRun]:
+    """The active MLflow run: new, RUN_ID itself, or a child of RUN_ID, with params and tags logged."""
+    params = {
+        "pipeline": task.name,
+        "dataset": task.dataset,
+        **{name: str(value) for name, value in task.params.items()},
+        **{name: options.param_value(values[name]) for name in options.RECORDED},
+    }
+    tags: dict[str, str] = {}
+    run_args: dict[str, Any]
+    if origin is None:
+        run_args = {"experiment_id": _experiment_id(client, config.experiment_name)}
+    elif opts.new_run:
+        parent = origin.info.run_id
+        experiment_id = _experiment_id(client, opts.experiment) if opts.experiment else origin.info.experiment_id
+        run_args = {"experiment_id": experiment_id}
+        tags = {MLFLOW_PARENT_RUN_ID: parent, TAG_RESUMED_FROM_RUN: parent, TAG_RESUMED_FROM_EPOCH: str(epoch)}
+    else:
+        run_args = {"run_id": origin.info.run_id}
+        # A run's params cannot change: log only those it lacks (options added since it started).
+        params = {name: value for name, value in params.items() if name not in origin.data.params}
+        resumes = int(origin.data.tags.get(TAG_RESUMES, "0")) + 1
+        tags = {TAG_RESUMED_FROM_EPOCH: str(epoch), TAG_RESUMES: str(resumes)}
+        _note_relogged(client, origin.info.run_id, epoch)
+    if overrides:
+        note = f"from epoch {epoch}: " + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in overrides.items())
+        earlier = origin.data.tags.get(TAG_OVERRIDES) if origin and not opts.new_run else None
+        tags[TAG_OVERRIDES] = f"{earlier}; {note}" if earlier else note
+    with mlflow.start_run(**run_args) as run:
+        if params:
+            mlflow.log_params(params)
+        if tags:
+            mlflow.set_tags(tags)
+        yield run
+
+
+def announce(client: MlflowClient, run: mlflow.ActiveRun) -> None:
+    """Print the run's ID and experiment, and where to view it when the tracking server has a UI."""
+    run_id, experiment_id = run.info.run_id, run.info.experiment_id
+    print(f"MLflow run {run_id} (experiment {experiment_id})", flush=True)
+    uri = str(client.tracking_uri)
+    if uri.startswith(("http://", "https://")):
+        print(f"view it at {uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}", flush=True)
+
+
+def _experiment_id(client: MlflowClient, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return str(client.create_experiment(name))
+    if experiment.lifecycle_stage == "deleted":
+        raise PipelineError(
+            f"experiment {name!r} is deleted; restore it in the MLflow UI or pass another --experiment."
+        )
+    return str(experiment.experiment_id)
+
+
+def _note_relogged(client: MlflowClient, run_id: str, epoch: int) -> None:
+    last = max((m.step for m in client.get_metric_history(run_id, "val_loss")), default=0)
+    if last > epoch:
+        print(
+            f"note: run {run_id} logged metrics up to epoch {last} but its checkpoint is from epoch {epoch}; "
+            f"epochs {epoch + 1}..{last} are logged again (MLflow keeps both values; the later is current).",
+            file=sys.stderr,
+        )

@@ -1,0 +1,40 @@
+"""The one rule for how a command line reports an error: exit status and a one-line message."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tracking.errors import IntegrityError, NotFoundError, TrackingError, exit_code, one_line
+
+
+class _Refused(Exception):
+    pass
+
+
+@pytest.mark.parametrize("exc", [TrackingError("x"), NotFoundError("x"), IntegrityError("x")])
+def test_tracking_errors_exit_1(exc: BaseException) -> None:
+    assert exit_code(exc) == 1
+
+
+@pytest.mark.parametrize("exc", [ValueError("x"), TypeError("x"), KeyboardInterrupt(), _Refused("x")])
+def test_anything_else_is_left_to_propagate(exc: BaseException) -> None:
+    assert exit_code(exc) is None
+
+
+def test_extra_types_exit_1_too() -> None:
+    assert exit_code(_Refused("x"), also=(_Refused,)) == 1
+    assert exit_code(ValueError("x"), also=(_Refused,)) is None
+
+
+def test_one_line_collapses_every_run_of_whitespace() -> None:
+    exc = NotFoundError("run abc has no checkpoint\n  at epoch 3;\tlog one first.\n")
+    assert one_line(exc) == "run abc has no checkpoint at epoch 3; log one first."
+
+
+def test_the_helper_imports_neither_torch_nor_mlflow() -> None:
+    code = "import sys, tracking.errors; print(sorted({'torch', 'mlflow', 'boto3'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
