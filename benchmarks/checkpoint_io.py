@@ -131,15 +131,14 @@ def bench_stack(args: argparse.Namespace) -> Iterator[Endpoint]:
         yield Endpoint(env, args.master_url, started=False)
         return
     from tracking.config import TrackingConfig
-    from tracking.stack import LocalStack
+    from tracking.localstack import LocalStack
 
     # TrackingConfig() rather than from_env(): the bench stack uses its built-in local
     # credentials, never whatever AWS_* the calling shell holds.
     stack = LocalStack(TrackingConfig(), args.data_dir, s3_port=args.s3_port, mlflow_port=args.mlflow_port)
     started = stack.up()
     try:
-        master = f"http://127.0.0.1:{stack.s3_port + 2}"  # the port after S3's pair, see LocalStack
-        yield Endpoint(stack.env(), master, started=bool(started))
+        yield Endpoint(stack.env(), stack.master_url, started=bool(started))
     finally:
         if started:
             stack.down()

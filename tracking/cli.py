@@ -6,14 +6,12 @@ line on stderr and exits 1, a usage error exits 2, and ``--debug`` shows the tra
 
 from __future__ import annotations
 
-from pathlib import Path
+import importlib
 from typing import Any
 
 import click
 
-from tracking.config import ENV_VARS, TrackingConfig
 from tracking.errors import TrackingError
-from tracking.stack import DEFAULT_MLFLOW_PORT, DEFAULT_S3_PORT, SEAWEEDFS_PORT_COUNT, LocalStack
 
 
 class _Group(click.Group):
@@ -28,133 +26,29 @@ class _Group(click.Group):
             ctx.exit(1)
 
 
-@click.group(cls=_Group)
+# Commands that live outside the library, as "module:attribute": imported only when invoked or
+# listed in the help, so that importing the library (or this module) never loads them.
+_LAZY_COMMANDS = {"stack": "tracking.localstack.cli:stack"}
+
+
+class _MainGroup(_Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in _LAZY_COMMANDS and cmd_name not in self.commands:
+            module, attribute = _LAZY_COMMANDS[cmd_name].split(":")
+            command = getattr(importlib.import_module(module), attribute)
+            if not isinstance(command, click.Command):
+                raise TypeError(f"{_LAZY_COMMANDS[cmd_name]} is not a click command")
+            self.add_command(command, cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_MainGroup)
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def main(debug: bool) -> None:
     """Log PyTorch checkpoints to MLflow on S3, and run a local stack to try it."""
-
-
-@main.group()
-def stack() -> None:
-    """A local SeaweedFS (S3) + MLflow server, with state in the data folder."""
-
-
-_data_dir_option = click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help=f"State folder (default: ${ENV_VARS['data_dir']} or .tracking).",
-)
-
-
-def _config(data_dir: Path | None) -> TrackingConfig:
-    return TrackingConfig.from_env(data_dir=data_dir)
-
-
-@stack.command()
-@_data_dir_option
-@click.option(
-    "--s3-port",
-    type=click.IntRange(1, 65536 - SEAWEEDFS_PORT_COUNT),
-    default=DEFAULT_S3_PORT,
-    show_default=True,
-    help=f"S3 port; SeaweedFS uses the {SEAWEEDFS_PORT_COUNT} ports from here on.",
-)
-@click.option(
-    "--mlflow-port",
-    type=click.IntRange(1, 65535),
-    default=DEFAULT_MLFLOW_PORT,
-    show_default=True,
-    help="MLflow server port (UI and REST API).",
-)
-@click.option(
-    "--backend-store-uri",
-    default=None,
-    metavar="URI",
-    help="MLflow backend store, e.g. postgresql+psycopg2://user@host/db (default: sqlite in the data folder).",
-)
-@click.option(
-    "--serve-artifacts/--no-serve-artifacts",
-    default=False,
-    show_default=True,
-    help="Proxy artifacts through the MLflow server instead of clients writing to S3 directly.",
-)
-@click.option("--timeout", type=click.FloatRange(min=1), default=90.0, show_default=True, help="Seconds to wait.")
-def up(
-    data_dir: Path | None,
-    s3_port: int,
-    mlflow_port: int,
-    backend_store_uri: str | None,
-    serve_artifacts: bool,
-    timeout: float,
-) -> None:
-    """Start SeaweedFS and the MLflow server (does nothing if they already run)."""
-    config = _config(data_dir)
-    try:
-        local = LocalStack(
-            config,
-            config.data_dir,
-            s3_port=s3_port,
-            mlflow_port=mlflow_port,
-            backend_store_uri=backend_store_uri,
-            serve_artifacts=serve_artifacts,
-            startup_timeout=timeout,
-        )
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    started = local.up()
-    pids = {s.name: s.pid for s in local.status().services}
-    for name, pid in pids.items():
-        verb = "started" if name in started else "already running"
-        click.echo(f"{name}: {verb} (pid {pid}, log {local.log_path(name)})")
-    click.echo(f"MLflow UI:   {local.tracking_uri}")
-    click.echo(f"S3 endpoint: {local.s3_endpoint_url}  bucket: {local.bucket}")
-    mode = "proxied by the MLflow server" if local.serve_artifacts else "written to S3 by clients"
-    click.echo(f"artifacts:   {local.artifact_root} ({mode})")
-    click.echo(f"\n# set these (or: source {local.env_file})")
-    for key, value in local.env().items():
-        if key == "AWS_SECRET_ACCESS_KEY" and not local.uses_local_credentials:
-            # The user's own secret: it is in their environment already and never printed.
-            click.echo(f"# {key} is taken from your environment")
-            continue
-        click.echo(f"export {key}={value}")
-    if local.uses_local_credentials:
-        click.echo("# local default S3 credentials; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY to choose your own")
-
-
-@stack.command()
-@_data_dir_option
-def down(data_dir: Path | None) -> None:
-    """Stop the processes `up` started; the data folder stays."""
-    local = LocalStack.from_data_dir(_config(data_dir))
-    stopped = local.down()
-    click.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
-
-
-@stack.command()
-@_data_dir_option
-def status(data_dir: Path | None) -> None:
-    """Show each service's pid, state and URL, and the data folder's size."""
-    from rich.console import Console
-    from rich.table import Table
-
-    local = LocalStack.from_data_dir(_config(data_dir))
-    report = local.status()
-    table = Table(title=f"local stack in {report.data_dir}")
-    for column in ("service", "pid", "state", "url"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("log", overflow="fold")
-    for service in report.services:
-        if service.alive:
-            state = "[green]running[/]"
-        else:
-            state = "[red]dead[/] (stale pid file)" if service.pid is not None else "stopped"
-        pid = str(service.pid) if service.pid is not None else "-"
-        table.add_row(service.name, pid, state, service.url, str(service.log))
-    console = Console()
-    console.print(table)
-    console.print(f"backend store: {report.backend_store_uri}")
-    console.print(f"data folder: {report.data_dir} ({_human_size(report.data_bytes)})")
 
 
 def _human_size(size: float) -> str:

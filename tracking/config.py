@@ -27,8 +27,6 @@ ENV_VARS: dict[str, str] = {
     "aws_region": "AWS_DEFAULT_REGION",
     "s3_ignore_tls": "MLFLOW_S3_IGNORE_TLS",
     "experiment_name": "TRACKING_EXPERIMENT",
-    "bucket": "TRACKING_BUCKET",
-    "data_dir": "TRACKING_DATA_DIR",
     "part_size_mb": "TRACKING_S3_PART_SIZE_MB",
     "max_concurrency": "TRACKING_S3_MAX_CONCURRENCY",
 }
@@ -45,8 +43,6 @@ class TrackingConfig:
     aws_region: str = "us-east-1"
     s3_ignore_tls: bool = False
     experiment_name: str = "pytorch-checkpoints"
-    bucket: str = "mlflow"
-    data_dir: Path = Path(".tracking")
     part_size_mb: int = 16
     max_concurrency: int = 8
 
@@ -55,8 +51,6 @@ class TrackingConfig:
             _check_uri(self.tracking_uri, ENV_VARS["tracking_uri"], schemes=None)
         if self.s3_endpoint_url is not None:
             _check_uri(self.s3_endpoint_url, ENV_VARS["s3_endpoint_url"], schemes={"http", "https"})
-        if not self.bucket or "/" in self.bucket:
-            raise ConfigError(f"{ENV_VARS['bucket']}={self.bucket!r} is not a bucket name; use e.g. 'mlflow'.")
         if not self.experiment_name:
             raise ConfigError(f"{ENV_VARS['experiment_name']} is empty; set an experiment name.")
         if self.part_size_mb < 5:

@@ -17,7 +17,7 @@ import pytest
 
 from tracking.config import TrackingConfig
 from tracking.errors import TrackingError
-from tracking.stack import SEAWEEDFS_PORT_COUNT, LocalStack
+from tracking.localstack import SEAWEEDFS_PORT_COUNT, LocalStack
 
 POSTGRES_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 POSTGRES_URI = "postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
@@ -163,17 +163,9 @@ def stack(request: pytest.FixtureRequest, use_stack: Callable[[LocalStack], Loca
 @pytest.fixture
 def s3_keys() -> Callable[[LocalStack, str], list[str]]:
     """Lists the object keys under a prefix of a stack's bucket, with boto3 (not through MLflow)."""
-    import boto3
 
     def keys(stack: LocalStack, prefix: str = "") -> list[str]:
-        client = boto3.client(
-            "s3",
-            endpoint_url=stack.s3_endpoint_url,
-            aws_access_key_id=stack.access_key_id,
-            aws_secret_access_key=stack.secret_access_key,
-            region_name=stack.config.aws_region,
-        )
-        pages = client.get_paginator("list_objects_v2").paginate(Bucket=stack.bucket, Prefix=prefix)
+        pages = stack.s3_client().get_paginator("list_objects_v2").paginate(Bucket=stack.bucket, Prefix=prefix)
         return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
 
     return keys

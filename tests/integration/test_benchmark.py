@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.checkpoint_io import CONTENDERS, METRICS, TARGETS
-from tracking.stack import LocalStack
+from tracking.localstack import LocalStack
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -63,9 +63,7 @@ def test_quick_run_against_a_running_stack(
 ) -> None:
     stack = use_stack(stack_sqlite)
     output = tmp_path / "results.json"
-    master = f"http://127.0.0.1:{stack.s3_port + 2}"
-
-    done = run_benchmark(stack.env(), "--use-env", "--master-url", master, "--output", str(output))
+    done = run_benchmark(stack.env(), "--use-env", "--master-url", stack.master_url, "--output", str(output))
 
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(output.read_text())

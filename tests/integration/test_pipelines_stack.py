@@ -17,7 +17,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipelines import evaluate, train
-from tracking.stack import LocalStack
+from tracking.localstack import LocalStack
 
 pytestmark = pytest.mark.integration
 

@@ -21,8 +21,8 @@ from mlflow.tracking import MlflowClient
 import tracking
 from pipelines.models import DigitsMLP, Model
 from tracking import store
+from tracking.localstack import LocalStack
 from tracking.run import TAG_LATEST, open_run
-from tracking.stack import LocalStack
 
 ROOT = Path(__file__).resolve().parents[2]
 

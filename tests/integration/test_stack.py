@@ -9,14 +9,13 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import boto3
 import mlflow
 import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from tracking.cli import main
-from tracking.stack import LocalStack
+from tracking.localstack import LocalStack
 
 pytestmark = pytest.mark.integration
 
@@ -34,16 +33,6 @@ def _gone(pid: int) -> bool:
     except ProcessLookupError:
         return True
     return False
-
-
-def _s3(stack: LocalStack) -> object:
-    return boto3.client(
-        "s3",
-        endpoint_url=stack.s3_endpoint_url,
-        aws_access_key_id=stack.access_key_id,
-        aws_secret_access_key=stack.secret_access_key,
-        region_name=stack.config.aws_region,
-    )
 
 
 def test_up_is_idempotent_and_data_survives_down_and_up(new_stack: Callable[..., LocalStack]) -> None:
@@ -74,7 +63,7 @@ def test_up_is_idempotent_and_data_survives_down_and_up(new_stack: Callable[...,
     assert stack.tracking_uri in shown.output
 
     # Something in each store that must survive a restart.
-    _s3(stack).put_object(Bucket=stack.bucket, Key="survivor.txt", Body=b"still here")  # type: ignore[attr-defined]
+    stack.s3_client().put_object(Bucket=stack.bucket, Key="survivor.txt", Body=b"still here")
     experiment_id = MlflowClient(stack.tracking_uri).create_experiment(f"survivor-{uuid.uuid4().hex[:8]}")
 
     stopped = runner.invoke(main, ["stack", "down", "--data-dir", str(stack.data_dir)])
@@ -91,7 +80,7 @@ def test_up_is_idempotent_and_data_survives_down_and_up(new_stack: Callable[...,
 
     assert sorted(stack.up()) == ["mlflow", "seaweedfs"]
     assert {s.name: s.pid for s in stack.status().services} != first
-    body = _s3(stack).get_object(Bucket=stack.bucket, Key="survivor.txt")["Body"].read()  # type: ignore[attr-defined]
+    body = stack.s3_client().get_object(Bucket=stack.bucket, Key="survivor.txt")["Body"].read()
     assert body == b"still here"
     assert MlflowClient(stack.tracking_uri).get_experiment(experiment_id).lifecycle_stage == "active"
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from tracking.config import TrackingConfig
@@ -16,8 +14,7 @@ RUN = "0123456789abcdef0123456789abcdef"
 def test_defaults_without_environment() -> None:
     config = TrackingConfig.from_env({})
     assert config.tracking_uri is None
-    assert (config.bucket, config.experiment_name, config.s3_ignore_tls) == ("mlflow", "pytorch-checkpoints", False)
-    assert config.data_dir == Path(".tracking")
+    assert (config.experiment_name, config.s3_ignore_tls) == ("pytorch-checkpoints", False)
 
 
 def test_environment_then_explicit_argument_wins() -> None:
@@ -27,11 +24,11 @@ def test_environment_then_explicit_argument_wins() -> None:
         "AWS_ACCESS_KEY_ID": "key",
         "AWS_SECRET_ACCESS_KEY": "secret",
         "MLFLOW_S3_IGNORE_TLS": "true",
-        "TRACKING_BUCKET": "ckpts",
+        "TRACKING_EXPERIMENT": "from-env",
         "TRACKING_S3_PART_SIZE_MB": "32",
     }
-    config = TrackingConfig.from_env(env, bucket="explicit", tracking_uri=None)
-    assert config.bucket == "explicit"
+    config = TrackingConfig.from_env(env, experiment_name="explicit", tracking_uri=None)
+    assert config.experiment_name == "explicit"
     assert config.tracking_uri == "http://127.0.0.1:5000"
     assert config.s3_ignore_tls is True
     assert config.part_size == 32 * 1024 * 1024
@@ -51,7 +48,6 @@ def test_secrets_stay_out_of_repr() -> None:
         ({"MLFLOW_TRACKING_URI": "http://"}, "MLFLOW_TRACKING_URI"),
         ({"TRACKING_S3_PART_SIZE_MB": "big"}, "TRACKING_S3_PART_SIZE_MB"),
         ({"TRACKING_S3_PART_SIZE_MB": "1"}, "TRACKING_S3_PART_SIZE_MB"),
-        ({"TRACKING_BUCKET": "a/b"}, "TRACKING_BUCKET"),
     ],
 )
 def test_invalid_values_name_the_variable(env: dict[str, str], variable: str) -> None:
@@ -65,8 +61,8 @@ def test_unknown_override_is_a_programmer_error() -> None:
 
 
 def test_the_environment_is_read_when_asked_not_at_import(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRACKING_BUCKET", "set-after-import")
-    assert TrackingConfig.from_env().bucket == "set-after-import"
+    monkeypatch.setenv("TRACKING_EXPERIMENT", "set-after-import")
+    assert TrackingConfig.from_env().experiment_name == "set-after-import"
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,8 @@
 """The local stack: SeaweedFS (an S3 server) and an MLflow tracking server, as background processes.
 
-Everything lives under one data folder (default ``.tracking/``)::
+Development and tests only: the library never imports this package (the CLI loads it lazily).
+
+Everything lives under one data folder (default ``.tracking/``, or ``$TRACKING_DATA_DIR`` from the CLI)::
 
     seaweedfs/            SeaweedFS volumes and filer metadata (the bucket's objects)
     mlflow.db             the MLflow backend store, unless a database URL is given
@@ -37,6 +39,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from tracking.config import TrackingConfig
 from tracking.errors import ConfigError, TrackingError
+from tracking.localstack.settings import DEFAULT_BUCKET, DEFAULT_DATA_DIR, StackSettings
 
 HOST = "127.0.0.1"
 DEFAULT_S3_PORT = 8333
@@ -79,10 +82,6 @@ class StackStatus:
     data_bytes: int
     backend_store_uri: str
 
-    @property
-    def running(self) -> bool:
-        return all(s.alive for s in self.services)
-
 
 @dataclass(frozen=True)
 class _Launch:
@@ -95,8 +94,11 @@ class _Launch:
 class LocalStack:
     """SeaweedFS + ``mlflow server`` on 127.0.0.1, with their state in ``data_dir``.
 
-    ``backend_store_uri`` defaults to a sqlite file in ``data_dir``. With ``serve_artifacts``
-    the server proxies artifacts (clients need no S3 credentials); otherwise clients write to
+    ``config`` supplies the S3 credentials and region (none: the built-in local credentials).
+    ``data_dir`` and ``bucket`` default to ``.tracking`` and ``mlflow``; the environment is not
+    read here (:meth:`StackSettings.from_env` does that for the CLI). ``backend_store_uri``
+    defaults to a sqlite file in ``data_dir``. With ``serve_artifacts`` the server proxies
+    artifacts (clients need no S3 credentials); otherwise clients write to
     ``s3://<bucket>/mlartifacts`` themselves.
     """
 
@@ -110,9 +112,15 @@ class LocalStack:
         serve_artifacts: bool = False,
         startup_timeout: float = 90.0,
         stop_timeout: float = 15.0,
+        bucket: str | None = None,
     ) -> None:
         self.config = config if config is not None else TrackingConfig()
-        self.data_dir = Path(data_dir if data_dir is not None else self.config.data_dir).resolve()
+        settings = StackSettings(
+            bucket=bucket if bucket is not None else DEFAULT_BUCKET,
+            data_dir=Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR,
+        )
+        self.data_dir = settings.data_dir.resolve()
+        self._bucket = settings.bucket
         if not 1 <= s3_port <= 65536 - SEAWEEDFS_PORT_COUNT:
             raise ValueError(f"s3_port={s3_port}: needs {SEAWEEDFS_PORT_COUNT} ports from it below 65536")
         if not 1 <= mlflow_port <= 65535:
@@ -122,22 +130,24 @@ class LocalStack:
                 f"mlflow_port={mlflow_port} falls inside SeaweedFS's ports {s3_port}-"
                 f"{s3_port + SEAWEEDFS_PORT_COUNT - 1}"
             )
-        self.s3_port = s3_port
-        self.mlflow_port = mlflow_port
+        self._s3_port = s3_port
+        self._mlflow_port = mlflow_port
         self.backend_store_uri = backend_store_uri or f"sqlite:///{self.data_dir / 'mlflow.db'}"
         self.serve_artifacts = serve_artifacts
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._client: Any = None
 
     @classmethod
-    def from_data_dir(cls, config: TrackingConfig | None = None, data_dir: Path | str | None = None) -> LocalStack:
+    def from_data_dir(
+        cls, config: TrackingConfig | None = None, data_dir: Path | str | None = None, bucket: str | None = None
+    ) -> LocalStack:
         """The stack last started in ``data_dir`` (its ports and settings), or a default one."""
-        config = config if config is not None else TrackingConfig()
-        path = Path(data_dir if data_dir is not None else config.data_dir).resolve()
+        path = Path(data_dir if data_dir is not None else DEFAULT_DATA_DIR).resolve()
         state = path / "run" / "stack.json"
         if not state.exists():
-            return cls(config, path)
+            return cls(config, path, bucket=bucket)
         try:
             saved = json.loads(state.read_text())
             return cls(
@@ -147,11 +157,21 @@ class LocalStack:
                 mlflow_port=int(saved["mlflow_port"]),
                 backend_store_uri=str(saved["backend_store_uri"]),
                 serve_artifacts=bool(saved["serve_artifacts"]),
+                bucket=bucket,
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise StackError(f"cannot read {state} ({exc!r}); delete it and retry") from None
 
     # -- what clients use ---------------------------------------------------------------------
+
+    @property
+    def s3_port(self) -> int:
+        """SeaweedFS's S3 port, the first of the ``SEAWEEDFS_PORT_COUNT`` ports it takes."""
+        return self._s3_port
+
+    @property
+    def mlflow_port(self) -> int:
+        return self._mlflow_port
 
     @property
     def tracking_uri(self) -> str:
@@ -162,8 +182,13 @@ class LocalStack:
         return f"http://{HOST}:{self.s3_port}"
 
     @property
+    def master_url(self) -> str:
+        """SeaweedFS's master (cluster admin API, e.g. ``/vol/vacuum``): not S3, not signed."""
+        return f"http://{HOST}:{self._weed_ports()['master.port']}"
+
+    @property
     def bucket(self) -> str:
-        return self.config.bucket
+        return self._bucket
 
     @property
     def artifact_root(self) -> str:
@@ -434,7 +459,7 @@ class LocalStack:
         # Imported here: boto3 takes a second to import and only `up` needs it.
         from botocore.exceptions import BotoCoreError, ClientError
 
-        client = self._s3_client()
+        client = self.s3_client()
         try:
             client.head_bucket(Bucket=self.bucket)
             return None
@@ -454,8 +479,12 @@ class LocalStack:
             return f"cannot create bucket {self.bucket!r}: {exc}"
         return "bucket created, checking again"
 
-    def _s3_client(self) -> Any:
-        client = getattr(self, "_client", None)
+    def s3_client(self) -> Any:
+        """A boto3 S3 client for this stack's endpoint and credentials (made once, then reused).
+
+        Short timeouts and no retries, as fits a server on 127.0.0.1.
+        """
+        client = self._client
         if client is None:
             import boto3
             from botocore.config import Config

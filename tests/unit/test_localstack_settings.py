@@ -1,0 +1,94 @@
+"""The local stack's settings and its place outside the library: no processes, no network."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tracking.cli import main
+from tracking.config import TrackingConfig
+from tracking.errors import ConfigError, TrackingError
+from tracking.localstack import LocalStack, StackError, StackSettings
+
+
+def test_defaults_without_environment() -> None:
+    settings = StackSettings.from_env({})
+    assert (settings.bucket, settings.data_dir) == ("mlflow", Path(".tracking"))
+
+
+def test_environment_then_explicit_argument_wins() -> None:
+    env = {"TRACKING_BUCKET": "ckpts", "TRACKING_DATA_DIR": "/srv/stack"}
+    settings = StackSettings.from_env(env, bucket="explicit", data_dir=None)
+    assert (settings.bucket, settings.data_dir) == ("explicit", Path("/srv/stack"))
+
+
+def test_invalid_bucket_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="TRACKING_BUCKET"):
+        StackSettings.from_env({"TRACKING_BUCKET": "a/b"})
+    with pytest.raises(ConfigError, match="TRACKING_BUCKET"):
+        LocalStack(bucket="")
+
+
+def test_unknown_override_is_a_programmer_error() -> None:
+    with pytest.raises(TypeError, match="unknown stack settings"):
+        StackSettings.from_env({}, buckett="x")
+
+
+def test_the_environment_is_read_when_asked_not_at_import(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRACKING_BUCKET", "set-after-import")
+    assert StackSettings.from_env().bucket == "set-after-import"
+
+
+def test_the_library_config_knows_nothing_of_the_stack() -> None:
+    config = TrackingConfig.from_env({"TRACKING_BUCKET": "a/b", "TRACKING_DATA_DIR": "elsewhere"})
+    assert not hasattr(config, "bucket") and not hasattr(config, "data_dir")
+
+
+def test_stack_defaults_and_accessors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRACKING_BUCKET", "from-env")  # read by the CLI, not by LocalStack itself
+    stack = LocalStack(TrackingConfig(), tmp_path, s3_port=21000, mlflow_port=21010)
+    assert stack.bucket == "mlflow" and stack.data_dir == tmp_path.resolve()
+    assert (stack.s3_port, stack.mlflow_port) == (21000, 21010)
+    assert stack.s3_endpoint_url == "http://127.0.0.1:21000"
+    assert stack.master_url == "http://127.0.0.1:21002"
+    assert LocalStack().data_dir == Path(".tracking").resolve()
+    assert LocalStack.from_data_dir(None, tmp_path, bucket="other").bucket == "other"
+    assert issubclass(StackError, TrackingError)
+
+
+def test_cli_reads_the_data_folder_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "400")  # rich would wrap the long tmp_path
+    monkeypatch.setenv("TRACKING_DATA_DIR", str(tmp_path / "from-env"))
+    from_env = CliRunner().invoke(main, ["stack", "status"])
+    assert from_env.exit_code == 0, from_env.output
+    assert f"data folder: {(tmp_path / 'from-env').resolve()} " in from_env.output
+    explicit = CliRunner().invoke(main, ["stack", "status", "--data-dir", str(tmp_path / "explicit")])
+    assert explicit.exit_code == 0, explicit.output
+    assert f"data folder: {(tmp_path / 'explicit').resolve()} " in explicit.output
+
+
+def test_cli_lists_the_stack_commands() -> None:
+    listed = CliRunner().invoke(main, ["--help"])
+    assert listed.exit_code == 0 and "stack" in listed.output.split("Commands:")[1]
+    up = CliRunner().invoke(main, ["stack", "up", "--help"], terminal_width=200)
+    assert up.exit_code == 0 and "$TRACKING_DATA_DIR or .tracking" in up.output
+
+
+def test_the_library_never_imports_the_local_stack() -> None:
+    # Every module of the package but the stack's own (walk_packages would import it to recurse).
+    root = Path(__file__).resolve().parents[2] / "tracking"
+    modules = [
+        ".".join(("tracking", *path.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
+        for path in sorted(root.rglob("*.py"))
+        if "localstack" not in path.relative_to(root).parts and path.name != "__main__.py"
+    ]
+    probe = (
+        f"import importlib, sys\nfor name in {modules!r}: importlib.import_module(name)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('tracking.localstack')))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

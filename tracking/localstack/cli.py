@@ -1,0 +1,142 @@
+"""``tracking stack up|down|status``: the local stack's commands, loaded by ``tracking.cli`` on demand.
+
+Errors are not handled here: a :class:`~tracking.errors.TrackingError` reaches the ``tracking``
+group, which prints it as one line and exits 1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from tracking.cli import _human_size
+from tracking.config import TrackingConfig
+from tracking.localstack.settings import ENV_VARS, StackSettings
+from tracking.localstack.stack import DEFAULT_MLFLOW_PORT, DEFAULT_S3_PORT, SEAWEEDFS_PORT_COUNT, LocalStack
+
+
+@click.group()
+def stack() -> None:
+    """A local SeaweedFS (S3) + MLflow server, with state in the data folder."""
+
+
+_data_dir_option = click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help=f"State folder (default: ${ENV_VARS['data_dir']} or .tracking).",
+)
+
+
+def _settings(data_dir: Path | None) -> tuple[TrackingConfig, StackSettings]:
+    return TrackingConfig.from_env(), StackSettings.from_env(data_dir=data_dir)
+
+
+@stack.command()
+@_data_dir_option
+@click.option(
+    "--s3-port",
+    type=click.IntRange(1, 65536 - SEAWEEDFS_PORT_COUNT),
+    default=DEFAULT_S3_PORT,
+    show_default=True,
+    help=f"S3 port; SeaweedFS uses the {SEAWEEDFS_PORT_COUNT} ports from here on.",
+)
+@click.option(
+    "--mlflow-port",
+    type=click.IntRange(1, 65535),
+    default=DEFAULT_MLFLOW_PORT,
+    show_default=True,
+    help="MLflow server port (UI and REST API).",
+)
+@click.option(
+    "--backend-store-uri",
+    default=None,
+    metavar="URI",
+    help="MLflow backend store, e.g. postgresql+psycopg2://user@host/db (default: sqlite in the data folder).",
+)
+@click.option(
+    "--serve-artifacts/--no-serve-artifacts",
+    default=False,
+    show_default=True,
+    help="Proxy artifacts through the MLflow server instead of clients writing to S3 directly.",
+)
+@click.option("--timeout", type=click.FloatRange(min=1), default=90.0, show_default=True, help="Seconds to wait.")
+def up(
+    data_dir: Path | None,
+    s3_port: int,
+    mlflow_port: int,
+    backend_store_uri: str | None,
+    serve_artifacts: bool,
+    timeout: float,
+) -> None:
+    """Start SeaweedFS and the MLflow server (does nothing if they already run)."""
+    config, settings = _settings(data_dir)
+    try:
+        local = LocalStack(
+            config,
+            settings.data_dir,
+            s3_port=s3_port,
+            mlflow_port=mlflow_port,
+            backend_store_uri=backend_store_uri,
+            serve_artifacts=serve_artifacts,
+            startup_timeout=timeout,
+            bucket=settings.bucket,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    started = local.up()
+    pids = {s.name: s.pid for s in local.status().services}
+    for name, pid in pids.items():
+        verb = "started" if name in started else "already running"
+        click.echo(f"{name}: {verb} (pid {pid}, log {local.log_path(name)})")
+    click.echo(f"MLflow UI:   {local.tracking_uri}")
+    click.echo(f"S3 endpoint: {local.s3_endpoint_url}  bucket: {local.bucket}")
+    mode = "proxied by the MLflow server" if local.serve_artifacts else "written to S3 by clients"
+    click.echo(f"artifacts:   {local.artifact_root} ({mode})")
+    click.echo(f"\n# set these (or: source {local.env_file})")
+    for key, value in local.env().items():
+        if key == "AWS_SECRET_ACCESS_KEY" and not local.uses_local_credentials:
+            # The user's own secret: it is in their environment already and never printed.
+            click.echo(f"# {key} is taken from your environment")
+            continue
+        click.echo(f"export {key}={value}")
+    if local.uses_local_credentials:
+        click.echo("# local default S3 credentials; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY to choose your own")
+
+
+@stack.command()
+@_data_dir_option
+def down(data_dir: Path | None) -> None:
+    """Stop the processes `up` started; the data folder stays."""
+    config, settings = _settings(data_dir)
+    local = LocalStack.from_data_dir(config, settings.data_dir, bucket=settings.bucket)
+    stopped = local.down()
+    click.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@stack.command()
+@_data_dir_option
+def status(data_dir: Path | None) -> None:
+    """Show each service's pid, state and URL, and the data folder's size."""
+    from rich.console import Console
+    from rich.table import Table
+
+    config, settings = _settings(data_dir)
+    local = LocalStack.from_data_dir(config, settings.data_dir, bucket=settings.bucket)
+    report = local.status()
+    table = Table(title=f"local stack in {report.data_dir}")
+    for column in ("service", "pid", "state", "url"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("log", overflow="fold")
+    for service in report.services:
+        if service.alive:
+            state = "[green]running[/]"
+        else:
+            state = "[red]dead[/] (stale pid file)" if service.pid is not None else "stopped"
+        pid = str(service.pid) if service.pid is not None else "-"
+        table.add_row(service.name, pid, state, service.url, str(service.log))
+    console = Console()
+    console.print(table)
+    console.print(f"backend store: {report.backend_store_uri}")
+    console.print(f"data folder: {report.data_dir} ({_human_size(report.data_bytes)})")
