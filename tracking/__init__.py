@@ -24,7 +24,7 @@ _EXPORTS = {
     "TrackingError": "tracking.errors",
     "UnsafeClassError": "tracking.errors",
     "capture_rng_state": "tracking.rng",
-    "list_checkpoints": "tracking.loader",
+    "list_checkpoints": "tracking.selection",
     "load": "tracking.loader",
     "load_model": "tracking.loader",
     "load_pickled_model": "tracking.loader",
@@ -33,9 +33,9 @@ _EXPORTS = {
     "log_model": "tracking.checkpoint",
     "log_state_dict": "tracking.checkpoint",
     "rebuildable": "tracking.spec",
-    "resolve_run_id": "tracking.loader",
+    "resolve_run_id": "tracking.selection",
     "restore_rng_state": "tracking.rng",
-    "wait_for_checkpoints": "tracking.checkpoint",
+    "wait_for_checkpoints": "tracking.saver",
 }
 
 __all__ = [
@@ -80,7 +80,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from tracking.checkpoint import LoggedCheckpoint, log_checkpoint, log_model, log_state_dict, wait_for_checkpoints
+    from tracking.checkpoint import LoggedCheckpoint, log_checkpoint, log_model, log_state_dict
     from tracking.checkpointer import Checkpointer
     from tracking.config import TrackingConfig
     from tracking.errors import (
@@ -92,14 +92,8 @@ if TYPE_CHECKING:
         TrackingError,
         UnsafeClassError,
     )
-    from tracking.loader import (
-        LoadedCheckpoint,
-        list_checkpoints,
-        load,
-        load_model,
-        load_pickled_model,
-        load_state_dict,
-        resolve_run_id,
-    )
+    from tracking.loader import LoadedCheckpoint, load, load_model, load_pickled_model, load_state_dict
     from tracking.rng import capture_rng_state, restore_rng_state
+    from tracking.saver import wait_for_checkpoints
+    from tracking.selection import list_checkpoints, resolve_run_id
     from tracking.spec import rebuildable

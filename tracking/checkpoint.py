@@ -1,17 +1,11 @@
 """Writing a model's weights, whole model and resumable checkpoints to an MLflow run.
 
-The layout is fixed (users and the UI rely on it)::
-
-    state_dict/state_dict.pt             torch.save(model.state_dict())
-    state_dict/manifest.json
-    checkpoints/epoch_0007/checkpoint.pt   {"epoch", "model_state", "optim_state", ...}
-    checkpoints/epoch_0007/manifest.json   written last: its presence is the commit
-    model  (an MLflow logged model, runs:/<id>/model)
+Where each file goes is :mod:`tracking.layout`'s business; this module decides what
+goes in it and in which order (data first, the manifest last, then the run's tags).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 from collections.abc import Mapping
@@ -22,29 +16,11 @@ from typing import Any, BinaryIO, Literal, overload
 import torch
 from torch import nn
 
-from tracking import spec
+from tracking import layout, spec
 from tracking.config import TrackingConfig
-from tracking.manifest import MANIFEST_NAME, Manifest, now, versions
-from tracking.run import (
-    TAG_BEST,
-    TAG_BEST_VALUE,
-    TAG_LATEST,
-    TAG_MODE,
-    TAG_MONITOR,
-    RunHandle,
-    open_run,
-    target_run_id,
-)
-from tracking.saver import AsyncSaver, to_host
-
-CHECKPOINTS_DIR = "checkpoints"
-CHECKPOINT_FILE = "checkpoint.pt"
-STATE_DICT_DIR = "state_dict"
-MODEL_NAME = "model"
-
-
-def checkpoint_dir(epoch: int) -> str:
-    return f"{CHECKPOINTS_DIR}/epoch_{epoch:04d}"
+from tracking.manifest import FORMAT_VERSION, Manifest, now, versions
+from tracking.run import RunHandle, open_run, target_run_id
+from tracking.saver import background_saver, to_host
 
 
 @dataclass(frozen=True)
@@ -76,12 +52,12 @@ def log_state_dict(
     if format == "safetensors":
         from safetensors.torch import save
 
-        name = "state_dict.safetensors"
+        name = layout.STATE_DICT_FILES[format]
         data = save({k: v.contiguous() for k, v in state.items()})
-        stored = handle.store.write_bytes(f"{STATE_DICT_DIR}/{name}", data)
+        stored = handle.store.write_bytes(f"{layout.STATE_DICT_DIR}/{name}", data)
     else:
-        name = "state_dict.pt"
-        stored = handle.store.write(f"{STATE_DICT_DIR}/{name}", TorchSave(state))
+        name = layout.STATE_DICT_FILES[format]
+        stored = handle.store.write(f"{layout.STATE_DICT_DIR}/{name}", TorchSave(state))
     manifest = Manifest(
         kind="state_dict",
         files={name: stored},
@@ -90,8 +66,8 @@ def log_state_dict(
         versions=versions(),
         created_at=now(),
     )
-    handle.store.write_bytes(f"{STATE_DICT_DIR}/{MANIFEST_NAME}", manifest.to_json())
-    return LoggedCheckpoint(handle.run_id, STATE_DICT_DIR, manifest)
+    handle.store.write_bytes(layout.manifest_path(layout.STATE_DICT_DIR), manifest.to_json())
+    return LoggedCheckpoint(handle.run_id, layout.STATE_DICT_DIR, manifest)
 
 
 def log_model(
@@ -115,16 +91,17 @@ def log_model(
     # Create the logged model in the run's own experiment: MLflow would otherwise put it in
     # the active (or default) experiment, where runs:/<id>/model does not look.
     logged = mlflow.initialize_logged_model(
-        name=MODEL_NAME, source_run_id=handle.run_id, experiment_id=handle.experiment_id
+        name=layout.MODEL_NAME, source_run_id=handle.run_id, experiment_id=handle.experiment_id
     )
     return mlflow.pytorch.log_model(
         model,
-        name=MODEL_NAME,
+        name=layout.MODEL_NAME,
         run_id=handle.run_id,
         model_id=logged.model_id,
         registered_model_name=registered_model_name,
-        metadata={"tracking": {"model": description, "format_version": 1}},
-        # The whole pickled module (seed section 4); MLflow's newer default, pt2, needs an input example.
+        metadata={"tracking": {"model": description, "format_version": FORMAT_VERSION}},
+        # The whole module pickled, as torch.save(model) does; MLflow's newer default, pt2,
+        # needs an input example.
         **{"serialization_format": "pickle", **mlflow_kwargs},
     )
 
@@ -191,8 +168,8 @@ def log_checkpoint(
 ) -> LoggedCheckpoint | Future[LoggedCheckpoint]:
     """Log a resumable checkpoint as ``checkpoints/epoch_NNNN/{checkpoint.pt,manifest.json}``.
 
-    ``checkpoint.pt`` is the plain dict of the seed notes (``epoch``, ``model_state``,
-    ``optim_state``) plus ``scheduler_state``, ``scaler_state``, ``step``, ``metrics``
+    ``checkpoint.pt`` is a plain dict that ``torch.load(f, weights_only=True)`` reads back
+    (``epoch``, ``model_state``, ``optim_state``) plus ``scheduler_state``, ``scaler_state``, ``step``, ``metrics``
     and any ``extra`` keys (tensors and plain Python values only). The manifest is
     written last; the run's ``latest`` tag (and ``best``, when ``monitor`` is given)
     move only once it is stored.
@@ -218,18 +195,8 @@ def log_checkpoint(
     handle = open_run(target_run_id(run_id), config)
     if blocking:
         return commit_checkpoint(handle, snapshot)
-    return _background_saver().submit(functools.partial(commit_checkpoint, handle, snapshot.to_host()))
-
-
-@functools.cache
-def _background_saver() -> AsyncSaver:
-    return AsyncSaver()
-
-
-def wait_for_checkpoints() -> None:
-    """Block until every ``log_checkpoint(..., blocking=False)`` is committed; re-raise a failure."""
-    if _background_saver.cache_info().currsize:
-        _background_saver().wait()
+    host = snapshot.to_host()
+    return background_saver().submit(lambda: commit_checkpoint(handle, host))
 
 
 @dataclass
@@ -269,7 +236,7 @@ def snapshot_checkpoint(
         raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
     if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
         raise ValueError(f"step must be a non-negative int, got {step!r}")
-    if mode not in ("min", "max"):
+    if mode not in layout.MODES:
         raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
     clean_metrics = check_metrics(metrics)
     if monitor is not None and monitor not in clean_metrics:
@@ -313,23 +280,23 @@ def commit_checkpoint(handle: RunHandle, snapshot: CheckpointSnapshot) -> Logged
     """Store the checkpoint file, then its manifest, then move the run's tags."""
     manifest = snapshot.manifest
     assert manifest.epoch is not None
-    folder = checkpoint_dir(manifest.epoch)
+    folder = layout.checkpoint_dir(manifest.epoch)
     # Re-logging an epoch: retract the old commit first, so a failure below never
     # leaves a manifest that vouches for a half-replaced file.
-    handle.store.delete(f"{folder}/{MANIFEST_NAME}")
-    stored = handle.store.write(f"{folder}/{CHECKPOINT_FILE}", TorchSave(snapshot.payload))
-    manifest.files = {CHECKPOINT_FILE: stored}
-    handle.store.write_bytes(f"{folder}/{MANIFEST_NAME}", manifest.to_json())
-    tags = {TAG_LATEST: folder}
+    handle.store.delete(layout.manifest_path(folder))
+    stored = handle.store.write(f"{folder}/{layout.CHECKPOINT_FILE}", TorchSave(snapshot.payload))
+    manifest.files = {layout.CHECKPOINT_FILE: stored}
+    handle.store.write_bytes(layout.manifest_path(folder), manifest.to_json())
+    tags = {layout.TAG_LATEST: folder}
     if snapshot.monitor is not None:
         value = manifest.metrics[snapshot.monitor]
-        if _improves(value, handle.tags, snapshot.monitor, snapshot.mode):
+        if layout.is_better(value, _recorded_best(handle.tags, snapshot.monitor), snapshot.mode):
             tags.update(
                 {
-                    TAG_BEST: folder,
-                    TAG_BEST_VALUE: repr(value),
-                    TAG_MONITOR: snapshot.monitor,
-                    TAG_MODE: snapshot.mode,
+                    layout.TAG_BEST: folder,
+                    layout.TAG_BEST_VALUE: repr(value),
+                    layout.TAG_MONITOR: snapshot.monitor,
+                    layout.TAG_MODE: snapshot.mode,
                 }
             )
     handle.set_tags(tags)
@@ -371,11 +338,11 @@ class TorchSave:
         return ranges
 
 
-def _improves(value: float, tags: Mapping[str, str], monitor: str, mode: str) -> bool:
-    if tags.get(TAG_MONITOR) != monitor or TAG_BEST_VALUE not in tags:
-        return True
-    best = float(tags[TAG_BEST_VALUE])
-    return value < best if mode == "min" else value > best
+def _recorded_best(tags: Mapping[str, str], monitor: str) -> float | None:
+    """The best value the run's tags record for ``monitor``; None when there is none to beat."""
+    if tags.get(layout.TAG_MONITOR) != monitor or layout.TAG_BEST_VALUE not in tags:
+        return None
+    return float(tags[layout.TAG_BEST_VALUE])
 
 
 def check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
@@ -392,29 +359,3 @@ def check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
 def _check_model(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-
-
-def committed_epochs(handle: RunHandle) -> list[int]:
-    """Epochs whose checkpoint manifest is stored: one listing, the fallback for missing tags."""
-    epochs = []
-    for path in handle.store.list_files(CHECKPOINTS_DIR):
-        folder, _, name = path.partition("/")
-        number = folder.removeprefix("epoch_")
-        if name == MANIFEST_NAME and folder.startswith("epoch_") and number.isdigit():
-            epochs.append(int(number))
-    return sorted(epochs)
-
-
-def read_manifest(handle: RunHandle, folder: str) -> Manifest:
-    path = f"{folder}/{MANIFEST_NAME}"
-    raw = handle.store.read(path)
-    return Manifest.from_json(
-        raw if isinstance(raw, bytes | bytearray) else bytes(raw), run_id=handle.run_id, path=path
-    )
-
-
-def delete_checkpoint(handle: RunHandle, epoch: int) -> None:
-    """Delete one checkpoint: the manifest first, so it stops existing before its data goes."""
-    folder = checkpoint_dir(epoch)
-    handle.store.delete(f"{folder}/{MANIFEST_NAME}")
-    handle.store.delete(f"{folder}/{CHECKPOINT_FILE}")

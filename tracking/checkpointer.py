@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from concurrent.futures import Future
 from types import TracebackType
@@ -11,19 +10,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from tracking import layout
 from tracking.checkpoint import (
     CheckpointSnapshot,
     LoggedCheckpoint,
     check_metrics,
-    checkpoint_dir,
     commit_checkpoint,
-    committed_epochs,
-    delete_checkpoint,
-    read_manifest,
     snapshot_checkpoint,
 )
 from tracking.config import TrackingConfig
-from tracking.run import TAG_BEST, TAG_BEST_VALUE, TAG_MODE, TAG_MONITOR, RunHandle, open_run, target_run_id
+from tracking.run import RunHandle, open_run, target_run_id
 from tracking.saver import AsyncSaver
 
 
@@ -60,7 +56,7 @@ class Checkpointer:
         for name, value in (("keep_last", keep_last), ("keep_best", keep_best)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
-        if mode not in ("min", "max"):
+        if mode not in layout.MODES:
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         self.every_n_epochs = every_n_epochs
         self.keep_last = keep_last
@@ -85,11 +81,17 @@ class Checkpointer:
         epoch: int,
         metrics: Mapping[str, float] | None = None,
         force: bool = False,
-        **kwargs: Any,
+        step: int | None = None,
+        scheduler: Any = None,
+        scaler: Any = None,
+        extra: Mapping[str, Any] | None = None,
+        model_kwargs: Mapping[str, Any] | None = None,
+        scheduler_kwargs: Mapping[str, Any] | None = None,
     ) -> LoggedCheckpoint | Future[LoggedCheckpoint] | None:
         """Log a checkpoint if ``epoch`` is due (or ``force``), then apply retention.
 
-        ``kwargs`` go to :func:`tracking.log_checkpoint` (``scheduler``, ``scaler``, ``step``, ``extra``...).
+        The arguments mean what they mean for :func:`tracking.log_checkpoint`; the run, the
+        config and the monitored metric are the Checkpointer's own, set when it is made.
         Returns None when no save was due, and a future of the result when saving asynchronously.
         """
         if not (force or self.should_save(epoch)):
@@ -107,13 +109,19 @@ class Checkpointer:
             metrics=clean,
             monitor=self.monitor if self.monitor in clean else None,
             mode=self.mode,
-            **kwargs,
+            step=step,
+            scheduler=scheduler,
+            scaler=scaler,
+            extra=extra,
+            model_kwargs=model_kwargs,
+            scheduler_kwargs=scheduler_kwargs,
         )
         handle = self._open()
         self._existing(handle)
         if self._saver is None:
             return self._commit(handle, snapshot)
-        return self._saver.submit(functools.partial(self._commit, handle, snapshot.to_host()))
+        host = snapshot.to_host()
+        return self._saver.submit(lambda: self._commit(handle, host))
 
     def _commit(self, handle: RunHandle, snapshot: CheckpointSnapshot) -> LoggedCheckpoint:
         logged = commit_checkpoint(handle, snapshot)
@@ -133,16 +141,10 @@ class Checkpointer:
         if self._kept is None:
             self._kept = {}
             if self.keep_last is not None or self.keep_best is not None:
-                for epoch in committed_epochs(handle):
-                    metrics = read_manifest(handle, checkpoint_dir(epoch)).metrics
+                for epoch in layout.committed_epochs(handle.store):
+                    metrics = layout.read_manifest(handle.store, layout.checkpoint_dir(epoch)).metrics
                     self._kept[epoch] = metrics.get(self.monitor)
         return self._kept
-
-    def _ranked(self, kept: Mapping[int, float | None]) -> list[int]:
-        scored = [e for e, v in kept.items() if v is not None]
-        sign = 1.0 if self.mode == "min" else -1.0
-        # Ties go to the earlier epoch, which reached the value first.
-        return sorted(scored, key=lambda e: (sign * float(kept[e] or 0.0), e))
 
     def _apply_retention(self, handle: RunHandle, kept: dict[int, float | None], latest: int) -> None:
         if self.keep_last is None and self.keep_best is None:
@@ -151,21 +153,21 @@ class Checkpointer:
         if self.keep_last is not None:
             keep.update(sorted(kept)[-self.keep_last :])
         if self.keep_best is not None:
-            keep.update(self._ranked(kept)[: self.keep_best])
-        ranked = self._ranked({e: kept[e] for e in keep})
-        if ranked and handle.tags.get(TAG_BEST) != checkpoint_dir(ranked[0]):
+            keep.update(layout.best_first(kept, self.mode)[: self.keep_best])
+        ranked = layout.best_first({e: kept[e] for e in keep}, self.mode)
+        if ranked and handle.tags.get(layout.TAG_BEST) != layout.checkpoint_dir(ranked[0]):
             # The best checkpoint fell out of the kept set: point the tag at the best survivor
             # before anything is deleted, so it never names a missing checkpoint.
             handle.set_tags(
                 {
-                    TAG_BEST: checkpoint_dir(ranked[0]),
-                    TAG_BEST_VALUE: repr(kept[ranked[0]]),
-                    TAG_MONITOR: self.monitor,
-                    TAG_MODE: self.mode,
+                    layout.TAG_BEST: layout.checkpoint_dir(ranked[0]),
+                    layout.TAG_BEST_VALUE: repr(kept[ranked[0]]),
+                    layout.TAG_MONITOR: self.monitor,
+                    layout.TAG_MODE: self.mode,
                 }
             )
         for epoch in sorted(set(kept) - keep):
-            delete_checkpoint(handle, epoch)
+            layout.delete_checkpoint(handle.store, epoch)
             del kept[epoch]
 
     def __enter__(self) -> Checkpointer:

@@ -1,7 +1,8 @@
 """The ``tracking`` command line: a thin shell over the library.
 
-This is the only place that turns errors into exit codes: a :class:`TrackingError` prints one
-line on stderr and exits 1, a usage error exits 2, and ``--debug`` shows the traceback instead.
+Errors become exit codes by the project's one rule (:func:`tracking.errors.exit_code`): a
+:class:`TrackingError` prints one line on stderr and exits 1, a usage error exits 2, and
+``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -11,19 +12,19 @@ from typing import Any
 
 import click
 
-from tracking.errors import TrackingError
+from tracking.errors import exit_code, one_line
 
 
 class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except TrackingError as exc:
-            if ctx.find_root().params.get("debug"):
+        except Exception as exc:
+            code = exit_code(exc)  # None for click's own exceptions: click maps those itself
+            if code is None or ctx.find_root().params.get("debug"):
                 raise
-            message = " ".join(str(exc).split())  # one line, whatever the message holds
-            click.echo(f"error: {message}", err=True)
-            ctx.exit(1)
+            click.echo(f"error: {one_line(exc)}", err=True)
+            ctx.exit(code)
 
 
 # Commands that live outside the library, as "module:attribute": imported only when invoked or
@@ -82,7 +83,7 @@ def checkpoints(source: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from tracking.loader import find_checkpoint, list_checkpoints
+    from tracking.selection import find_checkpoint, list_checkpoints
 
     manifests = list_checkpoints(source)
     if not manifests:
@@ -104,7 +105,7 @@ def checkpoints(source: str) -> None:
 
 def _best_epoch(source: str) -> int | None:
     from tracking.errors import NotFoundError
-    from tracking.loader import find_checkpoint
+    from tracking.selection import find_checkpoint
 
     try:
         return find_checkpoint(source, "best")[1].epoch
@@ -117,7 +118,7 @@ def _best_epoch(source: str) -> int | None:
 @click.option("--checkpoint", default="latest", show_default=True, help="latest, best or an epoch number.")
 def show(source: str, checkpoint: str) -> None:
     """Print a checkpoint's manifest as JSON. RUN is a run ID, runs:/<id> or models:/<name>@<alias>."""
-    from tracking.loader import find_checkpoint
+    from tracking.selection import find_checkpoint
 
     folder, manifest = find_checkpoint(source, checkpoint)
     click.echo(f"# {folder}/manifest.json", err=True)
@@ -128,8 +129,8 @@ def show(source: str, checkpoint: str) -> None:
 @_source_argument
 def verify(source: str) -> None:
     """Check a run's stored files against their manifests' size and sha256. RUN: a run ID or URI."""
+    from tracking.audit import verify as verify_run
     from tracking.errors import IntegrityError
-    from tracking.loader import verify as verify_run
 
     report = verify_run(source)
     for path, problem in report.items():

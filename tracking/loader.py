@@ -1,4 +1,7 @@
-"""Reading back: a run ID (or registry URI) -> a rebuilt model, optimizer and scheduler.
+"""Rebuilding: a run ID (or registry URI) -> a live model, optimizer, scheduler and scaler.
+
+Which run and checkpoint a source names is :mod:`tracking.selection`'s business; how the
+tensors avoid a copy is :mod:`tracking.zerocopy`'s.
 
 Every file is checked against its manifest's size and sha256 before ``torch.load``,
 state always loads with ``weights_only=True``, and recorded classes are checked to
@@ -16,21 +19,13 @@ from typing import Any, BinaryIO, cast
 import torch
 from torch import nn
 
-from tracking import spec
-from tracking.checkpoint import (
-    CHECKPOINT_FILE,
-    MODEL_NAME,
-    STATE_DICT_DIR,
-    checkpoint_dir,
-    committed_epochs,
-    read_manifest,
-)
+from tracking import layout, spec, zerocopy
 from tracking.config import TrackingConfig
-from tracking.errors import ConfigError, IntegrityError, MismatchError, NotFoundError, TrackingError
-from tracking.manifest import MANIFEST_NAME, Manifest
-from tracking.run import TAG_BEST, TAG_LATEST, TAG_MODE, TAG_MONITOR, RunHandle, open_run
-from tracking.store import Buffer, BufferReader
-from tracking.uri import parse_source
+from tracking.errors import ConfigError, MismatchError, NotFoundError, TrackingError
+from tracking.manifest import Manifest
+from tracking.run import RunHandle
+from tracking.selection import Selector, open_source, resolve_run_id, select_checkpoint, select_weights
+from tracking.storage import BufferReader
 
 MODEL_HINT = "pass model=<an instance or a factory> to tracking.load"
 OPTIMIZER_HINT = "pass optimizer=<a factory taking the model's parameters> to tracking.load"
@@ -56,34 +51,9 @@ class LoadedCheckpoint:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_run_id(source: str, config: TrackingConfig | None = None) -> str:
-    """The run a run ID, ``runs:/`` URI or ``models:/`` registry URI leads to."""
-    parsed = parse_source(source)
-    if parsed.run_id is not None:
-        return parsed.run_id
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=(config or TrackingConfig.from_env()).tracking_uri)
-    name = str(parsed.model_name)
-    try:
-        if parsed.alias is not None:
-            version = client.get_model_version_by_alias(name, parsed.alias)
-        else:
-            version = client.get_model_version(name, str(parsed.version))
-    except MlflowException as exc:
-        raise NotFoundError(
-            f"{source}: no such registered model version or alias ({exc.message}); check the name and "
-            "alias in the MLflow UI's Models page."
-        ) from exc
-    if not version.run_id:
-        raise NotFoundError(f"{source} (version {version.version}) is not linked to a run; load it by run ID.")
-    return str(version.run_id)
-
-
 def load(
     source: str,
-    checkpoint: str | int = "latest",
+    checkpoint: Selector = "latest",
     *,
     step: int | None = None,
     map_location: str | torch.device = "cpu",
@@ -105,14 +75,14 @@ def load(
     cannot be rebuilt from the manifest.
     """
     _check_mode(mode)
-    handle = open_run(resolve_run_id(source, config), config)
-    folder, manifest = _find_checkpoint(handle, checkpoint, step)
+    handle, selector = open_source(source, checkpoint, config)
+    folder, manifest = select_checkpoint(handle, "latest" if selector is None else selector, step)
     # The checkpoint's tensors share the download buffer: the model adopts its part of it
     # and the optimizer keeps the rest, so nothing is copied and nothing is left over.
-    state = _read_torch(handle, folder, manifest, CHECKPOINT_FILE, map_location, share=True)
+    state = _read_torch(handle, folder, manifest, layout.CHECKPOINT_FILE, map_location, share=True)
     if not isinstance(state, dict) or "model_state" not in state:
         raise TrackingError(
-            f"run {handle.run_id}: {folder}/{CHECKPOINT_FILE} has no 'model_state' key; it is not a checkpoint."
+            f"run {handle.run_id}: {folder}/{layout.CHECKPOINT_FILE} has no 'model_state' key; it is not a checkpoint."
         )
     built = _build_model(handle, manifest, model, map_location)
     adopted = _load_weights(handle, folder, built, state["model_state"], strict, adopt=True)
@@ -156,13 +126,13 @@ def load(
 def load_state_dict(
     source: str,
     *,
-    checkpoint: str | int | None = None,
+    checkpoint: Selector | None = None,
     map_location: str | torch.device = "cpu",
     config: TrackingConfig | None = None,
 ) -> dict[str, torch.Tensor]:
     """The model weights alone: the ``state_dict/`` artifact, or a checkpoint's ``model_state``."""
-    handle = open_run(resolve_run_id(source, config), config)
-    folder, manifest, name = _find_weights(handle, checkpoint)
+    handle, selector = open_source(source, checkpoint, config)
+    folder, manifest, name = select_weights(handle, selector)
     # Weights may share the download buffer only when they are all it holds (no optimizer state).
     share = manifest.kind == "state_dict"
     state = _read_torch(handle, folder, manifest, name, map_location, share=share)
@@ -172,7 +142,7 @@ def load_state_dict(
 def load_model(
     source: str,
     *,
-    checkpoint: str | int | None = None,
+    checkpoint: Selector | None = None,
     map_location: str | torch.device = "cpu",
     mode: str = "eval",
     model: ModelArg = None,
@@ -185,8 +155,8 @@ def load_model(
     else the checkpoint (default: latest).
     """
     _check_mode(mode)
-    handle = open_run(resolve_run_id(source, config), config)
-    folder, manifest, name = _find_weights(handle, checkpoint)
+    handle, selector = open_source(source, checkpoint, config)
+    folder, manifest, name = select_weights(handle, selector)
     share = manifest.kind == "state_dict"
     state = _read_torch(handle, folder, manifest, name, map_location, share=share)
     built = _build_model(handle, manifest, model, map_location)
@@ -203,7 +173,7 @@ def load_pickled_model(
     map_location: str | torch.device = "cpu",
     config: TrackingConfig | None = None,
 ) -> nn.Module:
-    """The whole pickled model logged by ``log_model`` (seed section 4), in eval mode.
+    """The whole pickled model logged by ``log_model`` (what ``torch.save(model)`` stores), in eval mode.
 
     Unpickling runs arbitrary code from the artifact, so it needs ``trust_pickle=True``.
     """
@@ -218,128 +188,14 @@ def load_pickled_model(
 
     run_id = resolve_run_id(source, config)
     try:
-        loaded = mlflow.pytorch.load_model(f"runs:/{run_id}/{MODEL_NAME}", map_location=map_location)
+        loaded = mlflow.pytorch.load_model(f"runs:/{run_id}/{layout.MODEL_NAME}", map_location=map_location)
     except MlflowException as exc:
         raise NotFoundError(
-            f"run {run_id}: no whole model at runs:/{run_id}/{MODEL_NAME} ({exc.message}); log one with "
+            f"run {run_id}: no whole model at runs:/{run_id}/{layout.MODEL_NAME} ({exc.message}); log one with "
             "tracking.log_model(model), or use tracking.load_model() for checkpoints."
         ) from exc
     loaded.eval()
     return loaded  # type: ignore[no-any-return]
-
-
-def list_checkpoints(source: str, *, config: TrackingConfig | None = None) -> list[Manifest]:
-    """Manifests of every committed checkpoint of a run, oldest epoch first."""
-    handle = open_run(resolve_run_id(source, config), config)
-    return [read_manifest(handle, checkpoint_dir(epoch)) for epoch in committed_epochs(handle)]
-
-
-def find_checkpoint(
-    source: str, checkpoint: str | int = "latest", *, config: TrackingConfig | None = None
-) -> tuple[str, Manifest]:
-    """The folder and manifest a checkpoint selector resolves to, without downloading the file."""
-    handle = open_run(resolve_run_id(source, config), config)
-    return _find_checkpoint(handle, checkpoint, None)
-
-
-def verify(source: str, *, config: TrackingConfig | None = None) -> dict[str, str | None]:
-    """Check every stored file of a run against its manifest: path -> None if intact, else the problem."""
-    handle = open_run(resolve_run_id(source, config), config)
-    folders = [checkpoint_dir(epoch) for epoch in committed_epochs(handle)]
-    if MANIFEST_NAME in handle.store.list_files(STATE_DICT_DIR):
-        folders.insert(0, STATE_DICT_DIR)
-    report: dict[str, str | None] = {}
-    for folder in folders:
-        try:
-            manifest = read_manifest(handle, folder)
-            for name, expected in manifest.files.items():
-                path = f"{folder}/{name}"
-                try:
-                    handle.store.read(path, expected)
-                    report[path] = None
-                except (IntegrityError, NotFoundError) as exc:
-                    report[path] = str(exc)
-        except IntegrityError as exc:
-            report[f"{folder}/{MANIFEST_NAME}"] = str(exc)
-    return report
-
-
-# ---------------------------------------------------------------- resolution
-
-
-def _find_checkpoint(handle: RunHandle, checkpoint: str | int, step: int | None) -> tuple[str, Manifest]:
-    if step is not None:
-        for manifest in (read_manifest(handle, checkpoint_dir(e)) for e in committed_epochs(handle)):
-            if manifest.step == step:
-                assert manifest.epoch is not None
-                return checkpoint_dir(manifest.epoch), manifest
-        raise NotFoundError(f"run {handle.run_id}: no checkpoint was logged at step {step}.")
-    if isinstance(checkpoint, bool) or not isinstance(checkpoint, int | str):
-        raise TypeError(f"checkpoint must be 'latest', 'best' or an epoch number, got {checkpoint!r}")
-    if isinstance(checkpoint, str) and checkpoint.isdigit():
-        checkpoint = int(checkpoint)
-    if isinstance(checkpoint, int):
-        folder = checkpoint_dir(checkpoint)
-        try:
-            return folder, read_manifest(handle, folder)
-        except NotFoundError:
-            epochs = committed_epochs(handle)
-            raise NotFoundError(
-                f"run {handle.run_id}: no checkpoint for epoch {checkpoint} ({folder}/{MANIFEST_NAME} "
-                f"is missing); committed epochs: {_epoch_list(epochs)}."
-            ) from None
-    if checkpoint not in ("latest", "best"):
-        raise ValueError(f"checkpoint must be 'latest', 'best' or an epoch number, got {checkpoint!r}")
-    tag = handle.tags.get(TAG_LATEST if checkpoint == "latest" else TAG_BEST)
-    if tag:
-        try:
-            return tag, read_manifest(handle, tag)
-        except NotFoundError:
-            pass  # a stale tag (checkpoint deleted by hand): fall back to listing below
-    return _find_by_listing(handle, checkpoint)
-
-
-def _find_by_listing(handle: RunHandle, which: str) -> tuple[str, Manifest]:
-    epochs = committed_epochs(handle)
-    if not epochs:
-        raise NotFoundError(
-            f"run {handle.run_id} has no committed checkpoints under checkpoints/; log one with "
-            "tracking.log_checkpoint(...) or load the state dict with tracking.load_model()."
-        )
-    if which == "latest":
-        return checkpoint_dir(epochs[-1]), read_manifest(handle, checkpoint_dir(epochs[-1]))
-    monitor = handle.tags.get(TAG_MONITOR)
-    if not monitor:
-        raise NotFoundError(
-            f"run {handle.run_id} records no best checkpoint: log checkpoints with monitor=... "
-            f"(or a Checkpointer), or pick an epoch: {_epoch_list(epochs)}."
-        )
-    manifests = [read_manifest(handle, checkpoint_dir(e)) for e in epochs]
-    scored = [m for m in manifests if monitor in m.metrics]
-    if not scored:
-        raise NotFoundError(f"run {handle.run_id}: no checkpoint has the monitored metric {monitor!r}.")
-    mode = handle.tags.get(TAG_MODE, "min")
-    best = (min if mode == "min" else max)(scored, key=lambda m: m.metrics[monitor])
-    assert best.epoch is not None
-    return checkpoint_dir(best.epoch), best
-
-
-def _find_weights(handle: RunHandle, checkpoint: str | int | None) -> tuple[str, Manifest, str]:
-    if checkpoint is None:
-        try:
-            manifest = read_manifest(handle, STATE_DICT_DIR)
-            return STATE_DICT_DIR, manifest, next(iter(manifest.files))
-        except NotFoundError:
-            checkpoint = "latest"
-    folder, manifest = _find_checkpoint(handle, checkpoint, None)
-    return folder, manifest, CHECKPOINT_FILE
-
-
-def _epoch_list(epochs: list[int]) -> str:
-    return ", ".join(map(str, epochs)) if epochs else "none"
-
-
-# ------------------------------------------------------------------ building
 
 
 def _read_torch(
@@ -352,7 +208,7 @@ def _read_torch(
 ) -> Any:
     expected = manifest.files.get(name)
     if expected is None:
-        raise TrackingError(f"run {handle.run_id}: {folder}/{MANIFEST_NAME} does not list {name}.")
+        raise TrackingError(f"run {handle.run_id}: {layout.manifest_path(folder)} does not list {name}.")
     try:
         data = handle.store.read(f"{folder}/{name}", expected)
     except NotFoundError:
@@ -367,7 +223,7 @@ def _read_torch(
 
             return {k: v.to(map_location) for k, v in load_safetensors(bytes(data)).items()}
         if share:
-            return _load_sharing(data, map_location)
+            return zerocopy.load_sharing(data, map_location)
         return torch.load(cast(BinaryIO, BufferReader(data)), map_location=map_location, weights_only=True)
     except ConfigError:
         raise
@@ -376,30 +232,6 @@ def _read_torch(
             f"run {handle.run_id}: {folder}/{name} matches its manifest but torch.load refused it ({exc}). "
             "It may hold objects other than tensors and plain Python values."
         ) from exc
-
-
-def _load_sharing(data: Buffer, map_location: str | torch.device) -> Any:
-    """``torch.load(weights_only=True)`` whose CPU tensors are views of ``data`` rather than copies.
-
-    This is torch.load's own ``mmap=True`` path (its ``_load`` with one storage over the
-    whole file), fed the downloaded buffer instead of a mapped file: the same unpickler and
-    checks, one copy of the checkpoint less in time and in peak memory. Falls back to a
-    plain torch.load where this torch lacks that path.
-    """
-    serialization: Any = torch.serialization
-    hooks = ("_load", "_open_zipfile_reader", "_weights_only_unpickler")
-    zip_archive = bytes(data[:4]) == b"PK\x03\x04"
-    if not isinstance(data, bytes) and zip_archive and all(hasattr(serialization, h) for h in hooks):
-        storage = torch.frombuffer(data, dtype=torch.uint8).untyped_storage()
-        with serialization._open_zipfile_reader(BufferReader(data)) as archive:
-            return serialization._load(
-                archive,
-                map_location,
-                serialization._weights_only_unpickler,
-                overall_storage=storage,
-                encoding="utf-8",
-            )
-    return torch.load(cast(BinaryIO, BufferReader(data)), map_location=map_location, weights_only=True)
 
 
 def _own(value: Any) -> Any:
@@ -474,57 +306,10 @@ def _load_weights(
             f"shape mismatches {shapes or 'none'}. Build the model with the architecture that was "
             "logged" + ("" if shapes else ", or pass strict=False to load the keys that match") + "."
         )
-    if adopt and _adopt(model, state):
+    if adopt and zerocopy.adopt(model, state):
         return True
     model.load_state_dict(state, strict=strict)
     return False
-
-
-# Modules whose load_state_dict is a plain copy of each key into the tensor of that name.
-_PLAIN_LOADERS = (nn.Module._load_from_state_dict, nn.modules.batchnorm._NormBase._load_from_state_dict)
-
-
-def _adopt(model: nn.Module, state: Mapping[str, Any]) -> bool:
-    """Point the model's parameters and buffers at the loaded tensors instead of copying into them.
-
-    As ``model.to()`` does, each tensor's ``.data`` is swapped, so the Parameter objects (and any
-    reference to them) stay the same. Done only where ``load_state_dict`` would be a plain copy:
-    no custom loading code or hooks, every key present, and the same dtype, device, shape and
-    strides; otherwise nothing is changed and False is returned.
-    """
-    targets: dict[str, torch.Tensor] = {}
-    for prefix, module in model.named_modules(remove_duplicate=False):
-        plain = type(module)._load_from_state_dict in _PLAIN_LOADERS
-        custom_extra = type(module).set_extra_state is not nn.Module.set_extra_state
-        if not plain or custom_extra or module._load_state_dict_pre_hooks or module._load_state_dict_post_hooks:
-            return False
-        persistent = [
-            *module._parameters.items(),
-            *((n, b) for n, b in module._buffers.items() if n not in module._non_persistent_buffers_set),
-        ]
-        for name, tensor in persistent:
-            if tensor is not None:
-                targets[f"{prefix}.{name}" if prefix else name] = tensor
-    if set(targets) != set(state):
-        return False
-    # Tensors stored once (tied when saved) must stay tied only where the model ties them too.
-    owners: dict[int, int] = {}
-    for key, tensor in targets.items():
-        loaded = state[key]
-        if not (
-            type(loaded) is torch.Tensor
-            and owners.setdefault(loaded.untyped_storage().data_ptr(), id(tensor)) == id(tensor)
-            and loaded.dtype == tensor.dtype
-            and loaded.device == tensor.device
-            and loaded.shape == tensor.shape
-            and loaded.stride() == tensor.stride()
-            and loaded.layout == torch.strided
-        ):
-            return False
-    with torch.no_grad():
-        for key, tensor in targets.items():
-            tensor.data = state[key]
-    return True
 
 
 def _build_optimizer(

@@ -1,7 +1,7 @@
-"""The ``manifest.json`` written beside every stored artifact: what it is and how to check it.
+"""The manifest written beside every stored artifact: what it is and how to check it.
 
 A checkpoint exists for the loader only once its manifest is stored, so the
-manifest is always written last and deleted first.
+manifest is always written last and deleted first (see :mod:`tracking.layout`).
 """
 
 from __future__ import annotations
@@ -15,11 +15,17 @@ from importlib import metadata
 from typing import Any
 
 from tracking.errors import IntegrityError
-from tracking.store import StoredFile
 
 FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-KINDS = ("checkpoint", "state_dict", "model")
+KINDS = ("checkpoint", "state_dict")
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """Size and SHA-256 of one stored file, as recorded in a manifest."""
+
+    size: int
+    sha256: str
 
 
 @dataclass
@@ -45,8 +51,8 @@ class Manifest:
         return json.dumps(data, indent=2, sort_keys=True, allow_nan=False).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes | bytearray, *, run_id: str, path: str) -> Manifest:
-        where = f"run {run_id}: {path}"
+    def from_json(cls, raw: bytes | bytearray, *, where: str) -> Manifest:
+        """Parse a stored manifest; ``where`` names it in errors (e.g. ``run <id>: <path>``)."""
         try:
             data = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -7,14 +7,7 @@ from typing import Any
 
 from tracking.config import TrackingConfig
 from tracking.errors import NotFoundError, StorageError
-from tracking.store import ArtifactStore, open_store
-
-# Run tags pointing at committed checkpoints, so "latest"/"best" cost O(1) calls.
-TAG_LATEST = "tracking.checkpoint.latest"
-TAG_BEST = "tracking.checkpoint.best"
-TAG_BEST_VALUE = "tracking.checkpoint.best_value"
-TAG_MONITOR = "tracking.checkpoint.monitor"
-TAG_MODE = "tracking.checkpoint.mode"
+from tracking.storage import ArtifactStore, open_store
 
 
 @dataclass
@@ -24,7 +17,6 @@ class RunHandle:
     run_id: str
     experiment_id: str
     tags: dict[str, str]
-    status: str
     store: ArtifactStore
     client: Any
 
@@ -65,7 +57,7 @@ def open_run(run_id: str, config: TrackingConfig | None = None) -> RunHandle:
         if exc.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"} or "not found" in str(exc):
             raise NotFoundError(
                 f"run {run_id} not found on tracking server {client.tracking_uri}; check the run ID "
-                "(MLflow UI or `tracking runs`) and MLFLOW_TRACKING_URI."
+                "(in the MLflow UI) and MLFLOW_TRACKING_URI."
             ) from exc
         raise StorageError(f"run {run_id}: the tracking server failed: {exc}") from exc
     except OSError as exc:
@@ -75,5 +67,5 @@ def open_run(run_id: str, config: TrackingConfig | None = None) -> RunHandle:
         ) from exc
     if run.info.lifecycle_stage == "deleted":
         raise NotFoundError(f"run {run_id} is deleted; restore it in the MLflow UI to use its artifacts.")
-    store = open_store(run_id, run.info.artifact_uri, config)
-    return RunHandle(run_id, run.info.experiment_id, dict(run.data.tags), run.info.status, store, client)
+    store = open_store(run.info.artifact_uri, config, owner=f"run {run_id}")
+    return RunHandle(run_id, run.info.experiment_id, dict(run.data.tags), store, client)

@@ -1,16 +1,24 @@
 """Background checkpoint commits: the training loop blocks only for a host-memory snapshot.
 
-At most one commit runs at a time, in submission order, so the run's ``latest`` tag
-always ends at the newest checkpoint. An error in the background is re-raised on
+At most one commit runs at a time per saver, in submission order, so the run's ``latest``
+tag always ends at the newest checkpoint. An error in the background is re-raised on
 the next ``submit``, ``wait`` or ``close``. A crash mid-upload leaves the previous
 checkpoint as latest, because the manifest (the commit) is written last.
+
+There is one story for every background save: ``log_checkpoint(blocking=False)`` uses the
+process's shared saver (:func:`background_saver`), each ``Checkpointer(async_save=True)``
+its own (it has its own ``on_busy`` policy); every live saver is known here, so
+:func:`wait_for_checkpoints` and interpreter exit flush them all.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import thread as _futures_thread  # noqa: F401  (see _flush_at_exit)
 from typing import Any, TypeVar
 
 import torch
@@ -69,9 +77,7 @@ class AsyncSaver:
         self._closed = False
         self._worker = threading.Thread(target=self._loop, name="tracking-async-save", daemon=True)
         self._worker.start()
-        # Flush before interpreter shutdown stops the thread pools the upload needs:
-        # threading's own exit hooks run before atexit's, and in reverse order.
-        threading._register_atexit(self.close)  # type: ignore[attr-defined]
+        _live.add(self)
 
     def submit(self, job: Callable[[], T]) -> Future[T]:
         """Run ``job`` in the background after the saves before it.
@@ -138,3 +144,41 @@ class AsyncSaver:
                 with self._lock:
                     self._running = None
                     self._lock.notify_all()
+
+
+# Every saver not yet garbage collected: flushed together by wait_for_checkpoints() and at exit.
+_live: weakref.WeakSet[AsyncSaver] = weakref.WeakSet()
+
+
+@functools.cache
+def background_saver() -> AsyncSaver:
+    """The process's shared saver, behind ``log_checkpoint(..., blocking=False)``."""
+    return AsyncSaver()
+
+
+def wait_for_checkpoints() -> None:
+    """Block until every background checkpoint save in this process is committed; re-raise a failure.
+
+    Covers ``log_checkpoint(..., blocking=False)`` and every ``Checkpointer(async_save=True)``.
+    """
+    errors = []
+    for saver in list(_live):
+        try:
+            saver.wait()
+        except BaseException as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+def _flush_at_exit() -> None:
+    for saver in list(_live):
+        saver.close()
+
+
+# Pending saves must be flushed before interpreter shutdown stops the thread pools the upload
+# needs. concurrent.futures refuses new work from its own hook in threading's exit hooks, which
+# run before atexit's, in reverse order of registration: a plain atexit handler would be too
+# late, and there is no public hook that runs earlier, so this registers where
+# concurrent.futures itself does, after it (its thread module is imported above for that).
+threading._register_atexit(_flush_at_exit)  # type: ignore[attr-defined]

@@ -20,16 +20,17 @@ from mlflow.tracking import MlflowClient
 
 import tracking
 from pipelines.models import DigitsMLP, Model
-from tracking import store
+from tracking.layout import TAG_LATEST
 from tracking.localstack import LocalStack
-from tracking.run import TAG_LATEST, open_run
+from tracking.run import open_run
+from tracking.storage import s3 as s3_storage
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
 def experiment_id(stack: LocalStack, monkeypatch: pytest.MonkeyPatch) -> str:
-    store.s3_client.cache_clear()
+    s3_storage.s3_client.cache_clear()
     experiment = mlflow.create_experiment(f"roundtrip-{uuid.uuid4().hex[:8]}")
     monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", experiment)
     return experiment

@@ -10,7 +10,7 @@ import mlflow
 import pytest
 from moto import mock_aws
 
-from tracking import store
+from tracking.storage import s3 as s3_storage
 
 BUCKET = "unit-artifacts"
 
@@ -22,12 +22,12 @@ def mocked_s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    store.s3_client.cache_clear()
+    s3_storage.s3_client.cache_clear()
     with mock_aws():
         client = boto3.client("s3", region_name="us-east-1")
         client.create_bucket(Bucket=BUCKET)
         yield client
-    store.s3_client.cache_clear()
+    s3_storage.s3_client.cache_clear()
 
 
 @pytest.fixture

@@ -17,11 +17,14 @@ import sys
 from collections.abc import Callable
 from typing import IO
 
-from tracking import store
+from tracking.manifest import StoredFile
+from tracking.storage import ArtifactStore, Producer
+from tracking.storage.artifact_repo import MlflowStore
+from tracking.storage.s3 import S3Store
 
 
-def _dying(original: Callable[..., store.StoredFile], target: str) -> Callable[..., store.StoredFile]:
-    def write(self: store.ArtifactStore, path: str, produce: store.Producer) -> store.StoredFile:
+def _dying(original: Callable[..., StoredFile], target: str) -> Callable[..., StoredFile]:
+    def write(self: ArtifactStore, path: str, produce: Producer) -> StoredFile:
         if path != target:
             return original(self, path, produce)
 
@@ -38,7 +41,7 @@ def _dying(original: Callable[..., store.StoredFile], target: str) -> Callable[.
 
 if __name__ == "__main__":
     target, module, *args = sys.argv[1:]
-    for cls in (store.MlflowStore, store.S3Store):
+    for cls in (MlflowStore, S3Store):
         cls.write = _dying(cls.write, target)  # type: ignore[method-assign]
     sys.argv = [module, *args]
     runpy.run_module(module, run_name="__main__", alter_sys=True)

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 import tracking
 from pipelines.models import Model
 from tracking import checkpoint, checkpointer
-from tracking.run import TAG_LATEST
+from tracking.layout import TAG_LATEST
 from tracking.saver import AsyncSaver, to_host
 
 REPO = Path(__file__).resolve().parents[2]

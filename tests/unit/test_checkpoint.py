@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 import tracking
 from pipelines.models import DigitsMLP, Model
 from tests.unit.conftest import BUCKET
-from tracking.run import TAG_BEST, TAG_LATEST
+from tracking.layout import TAG_BEST, TAG_LATEST
 
 
 def trained_seed_model() -> tuple[Model, torch.optim.SGD]:

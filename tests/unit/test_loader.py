@@ -21,9 +21,9 @@ from mlflow.tracking import MlflowClient
 import tracking
 from pipelines.models import DigitsMLP, Model
 from tests.unit.conftest import BUCKET
-from tracking import store
-from tracking.checkpoint import delete_checkpoint
+from tracking.layout import delete_checkpoint
 from tracking.run import open_run
+from tracking.storage import s3 as s3_storage
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -64,13 +64,13 @@ def moto_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    store.s3_client.cache_clear()
+    s3_storage.s3_client.cache_clear()
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
     try:
         yield endpoint
     finally:
         server.stop()
-        store.s3_client.cache_clear()
+        s3_storage.s3_client.cache_clear()
 
 
 CHILD = textwrap.dedent(
@@ -228,7 +228,7 @@ def test_stale_latest_tag_falls_back_to_listing(experiment: str) -> None:
         tracking.log_checkpoint(model, epoch=1)
         tracking.log_checkpoint(model, epoch=2)
     handle = open_run(run.info.run_id)
-    delete_checkpoint(handle, 2)  # deleted by hand: the tag still names epoch 2
+    delete_checkpoint(handle.store, 2)  # deleted by hand: the tag still names epoch 2
     assert tracking.load(run.info.run_id).epoch == 1
 
 

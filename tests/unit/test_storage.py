@@ -1,0 +1,114 @@
+"""The S3 fast path's own moves: uploads that borrow tensor memory, reads into one verified buffer."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+from typing import Any
+
+import pytest
+import torch
+
+import tracking
+from tests.unit.conftest import BUCKET
+from tracking.checkpoint import TorchSave
+from tracking.config import TrackingConfig
+from tracking.manifest import StoredFile
+from tracking.storage import multipart
+from tracking.storage.s3 import S3Store
+
+# The smallest part S3 allows, so that a few MB already go multipart.
+PART_MB = 5
+
+
+def s3_store() -> S3Store:
+    return S3Store(f"s3://{BUCKET}/direct", TrackingConfig.from_env(part_size_mb=PART_MB), owner=f"run {'0' * 32}")
+
+
+def payload() -> dict[str, Any]:
+    torch.manual_seed(0)
+    # Large tensors (borrowed) between many small ones and zip headers (copied): 3 parts and a bit.
+    return {
+        "big": [torch.randn(1024, 1024) for _ in range(4)],
+        "small": {f"t{i}": torch.randn(7) for i in range(50)},
+        "epoch": 3,
+    }
+
+
+def serialized(value: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def segments(monkeypatch: pytest.MonkeyPatch) -> list[memoryview]:
+    """Every part body's segments, as handed to the upload."""
+    seen: list[memoryview] = []
+    real_init = multipart._SegmentReader.__init__
+
+    def spy(self: multipart._SegmentReader, parts: list[memoryview]) -> None:
+        seen.extend(parts)
+        real_init(self, parts)
+
+    monkeypatch.setattr(multipart._SegmentReader, "__init__", spy)
+    return seen
+
+
+def test_multipart_upload_borrows_tensor_memory_and_stores_the_same_bytes(
+    mocked_s3: Any, segments: list[memoryview]
+) -> None:
+    value = payload()
+    expected = serialized(value)
+
+    stored = s3_store().write("a/checkpoint.pt", TorchSave(value))
+
+    body = mocked_s3.get_object(Bucket=BUCKET, Key="direct/a/checkpoint.pt")["Body"].read()
+    assert body == expected
+    assert stored == StoredFile(len(expected), hashlib.sha256(expected).hexdigest())
+    copied = sum(len(s) for s in segments if isinstance(s.obj, bytearray))
+    assert sum(len(s) for s in segments) == len(expected)
+    assert copied < 64 * 1024  # headers and the small tensors only: the 16 MB of weights went uncopied
+    assert len(mocked_s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])) == 0
+
+
+def test_a_producer_without_stable_memory_is_copied(mocked_s3: Any, segments: list[memoryview]) -> None:
+    value = payload()
+    expected = serialized(value)
+
+    s3_store().write("b/checkpoint.pt", lambda stream: torch.save(value, stream))
+
+    assert mocked_s3.get_object(Bucket=BUCKET, Key="direct/b/checkpoint.pt")["Body"].read() == expected
+    assert all(isinstance(s.obj, bytearray) for s in segments)
+
+
+def test_read_returns_verified_bytes_and_refuses_a_longer_object(mocked_s3: Any) -> None:
+    value = payload()
+    s3 = s3_store()
+    stored = s3.write("c/checkpoint.pt", TorchSave(value))
+
+    data = s3.read("c/checkpoint.pt", stored)
+    assert bytes(data) == serialized(value)
+    assert bytes(s3.read("c/checkpoint.pt")) == serialized(value)  # no manifest: sized by the response
+
+    # Same bytes in front, more behind: the hash of the first `size` bytes would still match.
+    mocked_s3.put_object(Bucket=BUCKET, Key="direct/c/checkpoint.pt", Body=serialized(value) + b"tail")
+    with pytest.raises(tracking.IntegrityError, match=r"is \d+ bytes, but its manifest says"):
+        s3.read("c/checkpoint.pt", stored)
+
+
+def test_segment_reader_reads_and_seeks_across_segments() -> None:
+    rng = random.Random(0)
+    pieces = [bytes(rng.randrange(256) for _ in range(n)) for n in (0, 5, 1, 17, 0, 9)]
+    whole = b"".join(pieces)
+    reader = multipart._SegmentReader([memoryview(p) for p in pieces])
+
+    assert reader.read() == whole
+    for _ in range(100):
+        start, size = rng.randrange(len(whole) + 3), rng.randrange(1, 12)
+        assert reader.seek(start) == start
+        assert reader.read(size) == whole[start : start + size]
+        assert reader.tell() == min(start + size, max(start, len(whole)))
+    assert reader.seek(-4, io.SEEK_END) == len(whole) - 4
+    assert reader.read() == whole[-4:]

@@ -1,0 +1,61 @@
+"""Loads that adopt the downloaded tensors instead of copying them, and when they must not."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+import torch
+
+import tracking
+
+
+class Tied(torch.nn.Module):
+    def __init__(self, tie: bool = True) -> None:
+        super().__init__()
+        self.encode = torch.nn.Linear(8, 8, bias=False)
+        self.decode = torch.nn.Linear(8, 8, bias=False)
+        if tie:
+            self.decode.weight = self.encode.weight
+
+
+def test_load_adopts_the_weights_and_keeps_the_parameter_objects(experiment: str) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.BatchNorm1d(64), torch.nn.Linear(64, 4))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model(torch.randn(8, 32)).sum().backward()
+    optimizer.step()
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, optimizer, epoch=1)
+
+    params = list(model.parameters())
+    with torch.no_grad():
+        for p in params:
+            p.add_(1.0)
+    loaded = tracking.load(run.info.run_id, model=model, optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+
+    assert loaded.model is model
+    assert [id(p) for p in model.parameters()] == [id(p) for p in params]
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    assert loaded.optimizer is not None
+    model.train()
+    model(torch.randn(8, 32)).sum().backward()
+    loaded.optimizer.step()  # trains in place, on the adopted weights
+    assert not torch.equal(saved["0.weight"], model.state_dict()["0.weight"])
+
+
+@pytest.mark.parametrize("tie_when_loading", [True, False])
+def test_tied_weights_stay_as_the_loading_model_ties_them(experiment: str, tie_when_loading: bool) -> None:
+    model = Tied()
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, epoch=1)
+
+    target = Tied(tie=tie_when_loading)
+    tracking.load(run.info.run_id, model=target)
+
+    assert torch.equal(target.encode.weight, model.encode.weight)
+    assert torch.equal(target.decode.weight, model.encode.weight)
+    with torch.no_grad():
+        target.encode.weight.add_(1.0)
+    # Loaded into separate parameters, the two must not end up sharing memory.
+    assert torch.equal(target.decode.weight, target.encode.weight) == tie_when_loading
