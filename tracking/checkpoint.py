@@ -166,7 +166,7 @@ def log_checkpoint(
     config: TrackingConfig | None = None,
     blocking: bool = True,
 ) -> LoggedCheckpoint | Future[LoggedCheckpoint]:
-    """Log a resumable checkpoint as ``checkpoints/epoch_NNNN/{checkpoint.pt,manifest.json}``.
+    """Log a resumable checkpoint: ``checkpoint.pt`` and then its manifest, in the epoch's folder.
 
     ``checkpoint.pt`` is a plain dict that ``torch.load(f, weights_only=True)`` reads back
     (``epoch``, ``model_state``, ``optim_state``) plus ``scheduler_state``, ``scaler_state``, ``step``, ``metrics``

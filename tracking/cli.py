@@ -118,10 +118,11 @@ def _best_epoch(source: str) -> int | None:
 @click.option("--checkpoint", default="latest", show_default=True, help="latest, best or an epoch number.")
 def show(source: str, checkpoint: str) -> None:
     """Print a checkpoint's manifest as JSON. RUN is a run ID, runs:/<id> or models:/<name>@<alias>."""
+    from tracking.layout import manifest_path
     from tracking.selection import find_checkpoint
 
     folder, manifest = find_checkpoint(source, checkpoint)
-    click.echo(f"# {folder}/manifest.json", err=True)
+    click.echo(f"# {manifest_path(folder)}", err=True)
     click.echo(manifest.to_json().decode())
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -79,9 +79,6 @@ class TrackingConfig:
             raise TypeError(f"unknown config fields: {sorted(unknown)}")
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
-
-    def with_changes(self, **changes: Any) -> TrackingConfig:
-        return replace(self, **changes)
 
     @property
     def part_size(self) -> int:

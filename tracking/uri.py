@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from urllib.parse import urlparse
-
-_RUN_ID = re.compile(r"^[0-9a-fA-F]{32}$")
 
 
 @dataclass(frozen=True)
@@ -46,10 +43,6 @@ def parse_source(source: str) -> RunSource:
             f"{source!r} is not a run ID; expected a 32-character hex run ID, runs:/<run_id> or models:/<name>@<alias>"
         )
     return RunSource(run_id=source)
-
-
-def looks_like_run_id(value: str) -> bool:
-    return bool(_RUN_ID.match(value))
 
 
 @dataclass(frozen=True)

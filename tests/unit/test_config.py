@@ -1,4 +1,4 @@
-"""Settings and source parsing: no torch, no network."""
+"""Settings: no torch, no network."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ import pytest
 
 from tracking.config import TrackingConfig
 from tracking.errors import ConfigError
-from tracking.uri import RunSource, parse_s3_uri, parse_source
 
-RUN = "0123456789abcdef0123456789abcdef"
 
 
 def test_defaults_without_environment() -> None:
@@ -63,34 +61,6 @@ def test_unknown_override_is_a_programmer_error() -> None:
 def test_the_environment_is_read_when_asked_not_at_import(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRACKING_EXPERIMENT", "set-after-import")
     assert TrackingConfig.from_env().experiment_name == "set-after-import"
-
-
-@pytest.mark.parametrize(
-    ("source", "parsed"),
-    [
-        (RUN, RunSource(run_id=RUN)),
-        (f"runs:/{RUN}", RunSource(run_id=RUN)),
-        (f"runs:/{RUN}/checkpoints", RunSource(run_id=RUN, artifact_path="checkpoints")),
-        ("models:/seed@champion", RunSource(model_name="seed", alias="champion")),
-        ("models:/seed/3", RunSource(model_name="seed", version="3")),
-    ],
-)
-def test_sources(source: str, parsed: RunSource) -> None:
-    assert parse_source(source) == parsed
-
-
-@pytest.mark.parametrize("source", ["", "runs:/", "models:/seed", "models:/seed/latest", "s3://b/k", 7])
-def test_bad_sources(source: object) -> None:
-    with pytest.raises(ValueError):
-        parse_source(source)  # type: ignore[arg-type]
-
-
-def test_s3_uri() -> None:
-    location = parse_s3_uri("s3://bucket/a/b/")
-    assert (location.bucket, location.key) == ("bucket", "a/b/")
-    assert str(location.join("c", "d.pt")) == "s3://bucket/a/b/c/d.pt"
-    with pytest.raises(ValueError):
-        parse_s3_uri("file:///tmp")
 
 
 def test_public_api_is_importable_and_lazy() -> None:

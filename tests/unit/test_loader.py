@@ -199,6 +199,20 @@ def test_best_latest_epoch_and_step_pick_the_right_checkpoint(experiment: str) -
     assert float(tracking.load_state_dict(run_id, checkpoint=1)["linear.bias"]) == 1.0
 
 
+def test_a_runs_uri_with_a_checkpoint_folder_loads_that_checkpoint(experiment: str) -> None:
+    model = Model(6)
+    with mlflow.start_run() as run:
+        for epoch in (1, 2, 3):
+            tracking.log_checkpoint(model, epoch=epoch)
+    run_id = run.info.run_id
+    assert tracking.load(f"runs:/{run_id}/checkpoints/epoch_0002").epoch == 2
+    assert tracking.load_model(f"runs:/{run_id}/checkpoints/epoch_0001/", model=Model(6)) is not None
+    with pytest.raises(ValueError, match="is not a checkpoint folder"):
+        tracking.load(f"runs:/{run_id}/model")
+    with pytest.raises(ValueError, match="names epoch 2, but checkpoint=3"):
+        tracking.load(f"runs:/{run_id}/checkpoints/epoch_0002", checkpoint=3)
+
+
 def test_registry_alias_and_version_lead_back_to_the_run(experiment: str) -> None:
     model = Model(6)
     with mlflow.start_run() as run:
