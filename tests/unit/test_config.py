@@ -8,7 +8,6 @@ from tracking.config import TrackingConfig
 from tracking.errors import ConfigError
 
 
-
 def test_defaults_without_environment() -> None:
     config = TrackingConfig.from_env({})
     assert config.tracking_uri is None
