@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
-from typing import Any, BinaryIO, Literal, overload
+from typing import Any, Literal, overload
 
 import torch
 from torch import nn
 
 from tracking import layout, spec
 from tracking.config import TrackingConfig
+from tracking.errors import StorageError
 from tracking.manifest import FORMAT_VERSION, Manifest, now, versions
+from tracking.payload import TorchSave, check_loadable
 from tracking.run import RunHandle, open_run, target_run_id
-from tracking.saver import background_saver, to_host
+from tracking.saver import background_saver, raise_background_errors, to_host
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ def log_state_dict(
         raise ValueError(f"format must be 'torch' or 'safetensors', got {format!r}")
     handle = open_run(target_run_id(run_id), config)
     state = model.state_dict()
+    check_loadable(state, "model.state_dict()")
     if format == "safetensors":
         from safetensors.torch import save
 
@@ -193,6 +197,8 @@ def log_checkpoint(
         scheduler_kwargs=scheduler_kwargs,
     )
     handle = open_run(target_run_id(run_id), config)
+    # A background save that failed unnoticed fails this save, whichever kind it is.
+    raise_background_errors()
     if blocking:
         return commit_checkpoint(handle, snapshot)
     host = snapshot.to_host()
@@ -256,9 +262,14 @@ def snapshot_checkpoint(
         payload["scaler_state"] = scaler.state_dict()
     reserved = set(payload) | {"scheduler_state", "scaler_state"}
     for key, value in (extra or {}).items():
+        if not isinstance(key, str):
+            raise ValueError(f"extra keys must be strings, got {key!r}")
         if key in reserved:
             raise ValueError(f"extra key {key!r} clashes with a checkpoint key; rename it")
+        check_loadable(value, f"extra[{key!r}]")
         payload[key] = value
+    # What torch hands over (state dicts of custom modules, optimizers, schedulers) must load too.
+    check_loadable(payload, "the checkpoint")
     manifest = Manifest(
         kind="checkpoint",
         files={},
@@ -277,72 +288,83 @@ def snapshot_checkpoint(
 
 
 def commit_checkpoint(handle: RunHandle, snapshot: CheckpointSnapshot) -> LoggedCheckpoint:
-    """Store the checkpoint file, then its manifest, then move the run's tags."""
+    """Store the checkpoint file, then its manifest, then move the run's tags.
+
+    A checkpoint counts as saved once all three happened; when moving the tags fails, the
+    manifest is retracted again, so the run never has a committed checkpoint its pointers
+    ignore. Re-logging an epoch keeps the old checkpoint until the new file is complete: an
+    S3 upload (direct or through a proxying server) replaces an object only when it
+    completes, so a failed or killed re-log leaves the old checkpoint loadable. (On a
+    ``file://`` store a killed re-log can leave a half-written file: its old manifest then
+    no longer matches it, and the loader refuses it as corrupted rather than load it.)
+    """
     manifest = snapshot.manifest
     assert manifest.epoch is not None
     folder = layout.checkpoint_dir(manifest.epoch)
-    # Re-logging an epoch: retract the old commit first, so a failure below never
-    # leaves a manifest that vouches for a half-replaced file.
-    handle.store.delete(layout.manifest_path(folder))
     stored = handle.store.write(f"{folder}/{layout.CHECKPOINT_FILE}", TorchSave(snapshot.payload))
     manifest.files = {layout.CHECKPOINT_FILE: stored}
     handle.store.write_bytes(layout.manifest_path(folder), manifest.to_json())
-    tags = {layout.TAG_LATEST: folder}
-    if snapshot.monitor is not None:
-        value = manifest.metrics[snapshot.monitor]
-        if layout.is_better(value, _recorded_best(handle.tags, snapshot.monitor), snapshot.mode):
-            tags.update(
-                {
-                    layout.TAG_BEST: folder,
-                    layout.TAG_BEST_VALUE: repr(value),
-                    layout.TAG_MONITOR: snapshot.monitor,
-                    layout.TAG_MODE: snapshot.mode,
-                }
-            )
-    handle.set_tags(tags)
+    try:
+        # Compare with the run's tags as stored now, not as read when the save began: another
+        # writer may have moved them since, and latest must never move backwards, nor best
+        # to a worse checkpoint.
+        handle.refresh_tags()
+        tags = _pointer_tags(handle.tags, folder, manifest, snapshot.monitor, snapshot.mode)
+        if tags:
+            handle.set_tags(tags)
+    except StorageError as exc:
+        handle.store.delete(layout.manifest_path(folder))
+        raise StorageError(
+            f"{exc} The checkpoint of epoch {manifest.epoch} was not committed (its manifest was retracted "
+            "again, the run's latest/best tags are unchanged); save it again once the tracking server answers."
+        ) from exc
     return LoggedCheckpoint(handle.run_id, folder, manifest)
 
 
-class TorchSave:
-    """A store producer writing ``torch.save(value)``, whose tensors the upload may read in place.
-
-    Their memory is ``stable`` while the store writes: a sync save blocks the training loop
-    that would change them, and an async save owns a host copy.
-    """
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-    def __call__(self, stream: BinaryIO) -> None:
-        torch.save(self.value, stream)
-
-    @property
-    def stable(self) -> list[tuple[int, int]]:
-        """The ``(address, end)`` memory ranges of the CPU tensors in the value."""
-        ranges = []
-        pending, seen = [self.value], set()
-        while pending:
-            item = pending.pop()
-            if id(item) in seen:
-                continue  # shared (or self-referencing) containers are walked once
-            seen.add(id(item))
-            if isinstance(item, torch.Tensor):
-                if type(item) is torch.Tensor and item.device.type == "cpu" and item.layout == torch.strided:
-                    storage = item.untyped_storage()
-                    if storage.nbytes():
-                        ranges.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
-            elif isinstance(item, Mapping):
-                pending.extend(item.values())
-            elif isinstance(item, list | tuple):
-                pending.extend(item)
-        return ranges
+def _pointer_tags(
+    tags: Mapping[str, str], folder: str, manifest: Manifest, monitor: str | None, mode: str
+) -> dict[str, str]:
+    """The pointer tags to move for a newly committed checkpoint, given the run's current tags."""
+    assert manifest.epoch is not None
+    out = {}
+    latest = layout.epoch_of(tags.get(layout.TAG_LATEST, ""))
+    if latest is None or manifest.epoch >= latest:
+        out[layout.TAG_LATEST] = folder
+    if monitor is not None:
+        value = manifest.metrics[monitor]
+        if layout.is_better(value, _recorded_best(tags, monitor), mode):
+            out.update(
+                {
+                    layout.TAG_BEST: folder,
+                    layout.TAG_BEST_VALUE: repr(value),
+                    layout.TAG_MONITOR: monitor,
+                    layout.TAG_MODE: mode,
+                }
+            )
+    return out
 
 
 def _recorded_best(tags: Mapping[str, str], monitor: str) -> float | None:
     """The best value the run's tags record for ``monitor``; None when there is none to beat."""
     if tags.get(layout.TAG_MONITOR) != monitor or layout.TAG_BEST_VALUE not in tags:
         return None
-    return float(tags[layout.TAG_BEST_VALUE])
+    raw = tags[layout.TAG_BEST_VALUE]
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        # The writer only records finite metrics, so this tag was edited or damaged. Refusing to
+        # save over it would lose the checkpoint; treating it as "nothing to beat" only lets this
+        # checkpoint become best, which the warning says.
+        warnings.warn(
+            f"run tag {layout.TAG_BEST_VALUE}={str(raw)[:200]!r} is not a finite number; treating the run as "
+            f"having no best {monitor!r} yet, so this checkpoint becomes best.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    return value
 
 
 def check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:

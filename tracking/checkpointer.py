@@ -20,7 +20,7 @@ from tracking.checkpoint import (
 )
 from tracking.config import TrackingConfig
 from tracking.run import RunHandle, open_run, target_run_id
-from tracking.saver import AsyncSaver
+from tracking.saver import AsyncSaver, raise_background_errors
 
 
 class Checkpointer:
@@ -118,6 +118,8 @@ class Checkpointer:
         )
         handle = self._open()
         self._existing(handle)
+        # A background save that failed unnoticed fails this save, whichever kind it is.
+        raise_background_errors()
         if self._saver is None:
             return self._commit(handle, snapshot)
         host = snapshot.to_host()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +26,28 @@ class RunHandle:
         from mlflow.entities import RunTag
 
         # One request for all tags: the latest/best pointers move together.
-        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        with tracking_server_errors(self.run_id, "setting the run's tags"):
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self.tags.update(tags)
+
+    def refresh_tags(self) -> None:
+        """Re-read the run's tags from the tracking server (another writer may have moved them)."""
+        with tracking_server_errors(self.run_id, "reading the run's tags"):
+            self.tags = dict(self.client.get_run(self.run_id).data.tags)
+
+
+@contextmanager
+def tracking_server_errors(run_id: str, doing: str) -> Iterator[None]:
+    """Turn a failing or unreachable tracking server into a StorageError that says what to do."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except (MlflowException, OSError) as exc:
+        raise StorageError(
+            f"run {run_id}: the tracking server failed while {doing} ({' '.join(str(exc).split())[:500]}); "
+            "check that it runs and MLFLOW_TRACKING_URI points at it, then retry."
+        ) from exc
 
 
 def target_run_id(run_id: str | None) -> str:

@@ -13,7 +13,10 @@ its own (it has its own ``on_busy`` policy); every live saver is known here, so
 
 from __future__ import annotations
 
+import atexit
 import functools
+import os
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -171,9 +174,40 @@ def wait_for_checkpoints() -> None:
         raise errors[0]
 
 
+def raise_background_errors() -> None:
+    """Re-raise the first error of a background save not yet reported, from any saver."""
+    for saver in list(_live):
+        saver._raise_pending_error()
+
+
+# A background error that surfaced only while flushing at exit: the process must not exit 0.
+_failed_at_exit: list[BaseException] = []
+
+
 def _flush_at_exit() -> None:
     for saver in list(_live):
-        saver.close()
+        try:
+            saver.close()
+        except BaseException as exc:
+            _failed_at_exit.append(exc)
+            message = " ".join(str(exc).split())
+            print(f"error: a background checkpoint save failed: {type(exc).__name__}: {message}", file=sys.stderr)
+
+
+def _exit_failed() -> None:
+    """End the process with status 1 when a background save failed and nobody saw the error."""
+    if not _failed_at_exit:
+        return
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None and mlflow.active_run() is not None:
+        # os._exit skips the atexit handler that would end it as FINISHED: it failed.
+        try:
+            mlflow.end_run(status="FAILED")
+        except Exception:
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 # Pending saves must be flushed before interpreter shutdown stops the thread pools the upload
@@ -182,3 +216,6 @@ def _flush_at_exit() -> None:
 # late, and there is no public hook that runs earlier, so this registers where
 # concurrent.futures itself does, after it (its thread module is imported above for that).
 threading._register_atexit(_flush_at_exit)  # type: ignore[attr-defined]
+# Python has no way to change the exit status once the program ended but os._exit; registered
+# at import, so it runs after the atexit handlers registered later (LIFO).
+atexit.register(_exit_failed)

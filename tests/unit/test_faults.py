@@ -116,13 +116,16 @@ def test_failure_through_mlflow_store_keeps_previous_checkpoint(
     assert MlflowClient().get_run(run.info.run_id).data.tags[TAG_LATEST] == "checkpoints/epoch_0001"
 
 
-def test_relogging_an_epoch_that_fails_leaves_no_manifest_for_it(
+def test_relogging_an_epoch_that_fails_keeps_the_old_checkpoint_loadable(
     experiment: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model, optimizer = seed_model()
     with mlflow.start_run() as run:
         tracking.log_checkpoint(model, optimizer, epoch=1)
         tracking.log_checkpoint(model, optimizer, epoch=2)
+        saved = model.linear.weight.detach().clone()
+        with torch.no_grad():
+            model.linear.weight.add_(1.0)
 
         def explode(obj: object, stream: object) -> None:
             raise RuntimeError("injected: serialization failed")
@@ -131,9 +134,34 @@ def test_relogging_an_epoch_that_fails_leaves_no_manifest_for_it(
             patch.setattr(torch, "save", explode)
             with pytest.raises(RuntimeError, match="injected"):
                 tracking.log_checkpoint(model, optimizer, epoch=2)
-    assert [m.epoch for m in tracking.list_checkpoints(run.info.run_id)] == [1]
-    # The tag still names epoch 2, which no longer exists: the loader falls back to listing.
-    assert tracking.load(run.info.run_id).epoch == 1
+    assert [m.epoch for m in tracking.list_checkpoints(run.info.run_id)] == [1, 2]
+    loaded = tracking.load(run.info.run_id)
+    assert loaded.epoch == 2
+    assert torch.equal(loaded.model.linear.weight, saved)
+
+
+def test_relogging_an_epoch_that_fails_mid_upload_keeps_the_old_checkpoint(
+    s3_experiment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TRACKING_S3_PART_SIZE_MB", "5")
+    model = big_model()
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, epoch=3)
+        saved = model.weight.detach().clone()
+        with torch.no_grad():
+            model.weight.mul_(2.0)
+        client = s3_storage.s3_client(tracking.TrackingConfig.from_env())
+        real_upload_part = client.upload_part
+
+        def failing_upload_part(**kwargs: object) -> object:
+            if kwargs["PartNumber"] == 2:
+                raise ConnectionResetError("injected: connection reset during part 2")
+            return real_upload_part(**kwargs)
+
+        monkeypatch.setattr(client, "upload_part", failing_upload_part)
+        with pytest.raises(tracking.StorageError, match="injected"):
+            tracking.log_checkpoint(model, epoch=3)
+    assert torch.equal(tracking.load(run.info.run_id, model=big_model()).model.weight, saved)
 
 
 def test_missing_bucket(mocked_s3: object, tracking_store: str) -> None:

@@ -12,7 +12,7 @@ import torch
 
 import tracking
 from tests.unit.conftest import BUCKET
-from tracking.checkpoint import TorchSave
+from tracking.payload import TorchSave
 from tracking.config import TrackingConfig
 from tracking.manifest import StoredFile
 from tracking.storage import multipart

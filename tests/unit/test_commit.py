@@ -1,0 +1,229 @@
+"""What a save commits, and when: loadable payloads only, pointers that never go backwards,
+and failures (of the tracking server, of a background save) that are never silent."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import decimal
+import enum
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+import tracking
+from pipelines.models import Model
+from tracking import payload
+from tracking.layout import TAG_BEST, TAG_LATEST
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Colour(enum.Enum):
+    RED = 1
+
+
+class Custom:
+    pass
+
+
+def self_referencing() -> list[Any]:
+    items: list[Any] = [1]
+    items.append(items)
+    return items
+
+
+def deeply_nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def tags(run_id: str) -> dict[str, str]:
+    return dict(MlflowClient().get_run(run_id).data.tags)
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        (np.float64(0.5), "numpy.float64"),
+        (np.arange(3), "numpy.ndarray"),
+        (datetime.datetime(2026, 1, 1), "datetime"),
+        (pathlib.Path("/data"), "Path"),
+        (argparse.Namespace(lr=0.1), "Namespace"),
+        (decimal.Decimal("0.1"), "Decimal"),
+        (Colour.RED, "Colour"),
+        (Custom(), "Custom"),
+        ({"history": [1.0, np.float32(2.0)]}, r"extra\['notes'\]\['history'\]\[1\]"),
+        (self_referencing(), "contains itself"),
+        (deeply_nested(200), "nested more than"),
+    ],
+)
+def test_extra_values_that_would_not_load_are_refused_before_anything_is_stored(
+    experiment: str, value: object, match: str
+) -> None:
+    model = Model(6)
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, epoch=1, metrics={"val_loss": 0.5}, monitor="val_loss")
+        with pytest.raises(ValueError, match=match):
+            tracking.log_checkpoint(
+                model, epoch=2, metrics={"val_loss": 0.1}, monitor="val_loss", extra={"notes": value}
+            )
+        with tracking.Checkpointer(keep_last=1, monitor="val_loss") as checkpointer:
+            with pytest.raises(ValueError, match=match):
+                checkpointer.save(model, epoch=3, metrics={"val_loss": 0.1}, extra={"notes": value})
+    assert [m.epoch for m in tracking.list_checkpoints(run.info.run_id)] == [1]
+    assert (tags(run.info.run_id)[TAG_LATEST], tags(run.info.run_id)[TAG_BEST]) == ("checkpoints/epoch_0001",) * 2
+
+
+def test_plain_extra_values_round_trip(experiment: str) -> None:
+    extra = {
+        "global_step": 7,
+        "history": [0.5, 0.25],
+        "config": {"lr": 0.1, "name": "seed", "layers": (6, 1), "tags": {"a"}},
+        "noise": torch.randn(3),
+        "none": None,
+        "blob": b"\x00\x01",
+    }
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(Model(6), epoch=1, extra=extra)
+    loaded = tracking.load(run.info.run_id).extra
+    assert torch.equal(loaded.pop("noise"), extra.pop("noise"))
+    assert loaded == extra
+
+
+def test_a_state_dict_that_would_not_load_is_refused(experiment: str) -> None:
+    class WithExtraState(Model):
+        def get_extra_state(self) -> object:
+            return np.float64(1.0)
+
+        def set_extra_state(self, state: object) -> None:
+            pass
+
+    with mlflow.start_run(), pytest.raises(ValueError, match=r"numpy\.float64"):
+        tracking.log_checkpoint(WithExtraState(6), epoch=1)
+
+
+def test_check_loadable_accepts_what_weights_only_loading_reads() -> None:
+    import io
+
+    value = {"t": torch.ones(2), "s": torch.Size([2]), "d": torch.float16, "dev": torch.device("cpu"), "c": 1j}
+    payload.check_loadable(value, "value")
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True)["s"] == torch.Size([2])
+
+
+def test_a_tracking_server_failure_while_moving_tags_commits_nothing(
+    experiment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = Model(6)
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, epoch=1, metrics={"val_loss": 0.5}, monitor="val_loss")
+
+        def dead_server(self: object, *args: object, **kwargs: object) -> None:
+            raise MlflowException("API request to endpoint /api/2.0/mlflow/runs/log-batch failed: Connection refused")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(MlflowClient, "log_batch", dead_server)
+            with pytest.raises(tracking.StorageError, match=r"tracking server failed .* epoch 2 was not committed"):
+                tracking.log_checkpoint(model, epoch=2, metrics={"val_loss": 0.1}, monitor="val_loss")
+    assert [m.epoch for m in tracking.list_checkpoints(run.info.run_id)] == [1]
+    assert tags(run.info.run_id)[TAG_LATEST] == "checkpoints/epoch_0001"
+    assert tracking.load(run.info.run_id, "best").epoch == 1
+
+
+def test_a_slow_writer_never_moves_latest_back_or_best_to_a_worse_checkpoint(
+    experiment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writer A starts epoch 5 (worse), writer B commits epoch 6 (better) while A uploads; A ends last."""
+    model = Model(6)
+    with mlflow.start_run() as run:
+        run_id = run.info.run_id
+        tracking.log_checkpoint(model, epoch=4, metrics={"val_loss": 0.9}, monitor="val_loss", run_id=run_id)
+        from tracking import payload as payload_module
+
+        real_call = payload_module.TorchSave.__call__
+        overtaken = []
+
+        def slow_save(self: payload_module.TorchSave, stream: Any) -> None:
+            if self.value["epoch"] == 5 and not overtaken:
+                overtaken.append(True)
+                tracking.log_checkpoint(model, epoch=6, metrics={"val_loss": 0.1}, monitor="val_loss", run_id=run_id)
+            real_call(self, stream)
+
+        monkeypatch.setattr(payload_module.TorchSave, "__call__", slow_save)
+        tracking.log_checkpoint(model, epoch=5, metrics={"val_loss": 0.5}, monitor="val_loss", run_id=run_id)
+    assert overtaken
+    assert [m.epoch for m in tracking.list_checkpoints(run_id)] == [4, 5, 6]
+    assert tags(run_id)[TAG_LATEST] == "checkpoints/epoch_0006"
+    assert tags(run_id)[TAG_BEST] == "checkpoints/epoch_0006"
+
+
+def test_a_failed_background_save_fails_the_next_save_of_any_kind(
+    experiment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tracking import checkpoint
+
+    model = Model(6)
+    real_commit = checkpoint.commit_checkpoint
+
+    def failing_commit(handle: Any, snapshot: Any) -> Any:
+        if snapshot.manifest.epoch == 2:
+            raise tracking.StorageError("injected: upload of epoch 2 failed")
+        return real_commit(handle, snapshot)
+
+    monkeypatch.setattr(checkpoint, "commit_checkpoint", failing_commit)
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, epoch=1, blocking=False).result()
+        failed = tracking.log_checkpoint(model, epoch=2, blocking=False)
+        with pytest.raises(tracking.StorageError):
+            failed.result(timeout=60)
+        with pytest.raises(tracking.StorageError, match="injected"):
+            tracking.log_checkpoint(model, epoch=3)  # synchronous, and still told
+        tracking.log_checkpoint(model, epoch=4)  # reported once: saving goes on
+    assert [m.epoch for m in tracking.list_checkpoints(run.info.run_id)] == [1, 4]
+
+
+def test_a_background_failure_found_only_at_exit_makes_the_process_fail(tracking_store: str, tmp_path: Path) -> None:
+    experiment_id = mlflow.create_experiment("exit-fail", artifact_location=(tmp_path / "art").as_uri())
+    run = MlflowClient().create_run(experiment_id)
+    script = textwrap.dedent(
+        f"""
+        import time, tracking
+        from pipelines.models import Model
+        from tracking import checkpoint
+
+        def failing_commit(handle, snapshot):
+            time.sleep(0.5)  # still uploading when the script ends
+            raise tracking.StorageError("injected: the store went away")
+        checkpoint.commit_checkpoint = failing_commit
+
+        tracking.log_checkpoint(Model(6), epoch=1, run_id={run.info.run_id!r}, blocking=False)
+        print("script done", flush=True)
+        """
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_store},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "script done" in child.stdout
+    assert child.returncode == 1, child.stderr[-3000:]
+    assert "error: a background checkpoint save failed: StorageError: injected: the store went away" in child.stderr
