@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import platform
+import re
+import reprlib
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
-from typing import Any
+from typing import Any, TypeGuard
 
 from tracking.errors import IntegrityError
 
@@ -52,30 +55,187 @@ class Manifest:
 
     @classmethod
     def from_json(cls, raw: bytes | bytearray, *, where: str) -> Manifest:
-        """Parse a stored manifest; ``where`` names it in errors (e.g. ``run <id>: <path>``)."""
+        """Parse and check a stored manifest; ``where`` names it in errors (e.g. ``run <id>: <path>``).
+
+        Anything but a well-formed manifest raises :class:`IntegrityError`, never another exception:
+        a manifest is data from the store, and the store can hold anything.
+        """
+        if len(raw) > MAX_BYTES:
+            raise _corrupt(where, f"it is {len(raw)} bytes, more than the {MAX_BYTES} a manifest may have")
         try:
-            data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise IntegrityError(f"{where} is not valid JSON ({exc}); the manifest is corrupted.") from exc
+            data = json.loads(raw, parse_constant=_refuse_constant)
+        except RecursionError:
+            raise _corrupt(where, "its JSON is nested too deeply to parse") from None
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, NaN, ints past the digit limit
+            raise IntegrityError(f"{where} is not valid JSON ({exc}); {_NEXT_STEP}") from exc
         if not isinstance(data, dict):
-            raise IntegrityError(f"{where} is not a JSON object; the manifest is corrupted.")
+            raise IntegrityError(f"{where} is not a JSON object; {_NEXT_STEP}")
+        if _depth(data) > MAX_DEPTH:
+            raise _corrupt(where, f"its JSON is nested more than {MAX_DEPTH} levels deep")
         version = data.get("format_version")
-        if not isinstance(version, int):
-            raise IntegrityError(f"{where} has no integer format_version; the manifest is corrupted.")
+        if not _is_int(version):
+            raise IntegrityError(f"{where} has no integer format_version; {_NEXT_STEP}")
         if version > FORMAT_VERSION:
             raise IntegrityError(
                 f"{where} has format_version {version}, newer than the {FORMAT_VERSION} this version "
                 "reads; upgrade the torch-mlflow-tracking package."
             )
-        try:
-            files = {name: StoredFile(int(f["size"]), str(f["sha256"])) for name, f in data["files"].items()}
-            known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "files"}
-            manifest = cls(files=files, **known)
-        except (KeyError, TypeError, AttributeError, ValueError) as exc:
-            raise IntegrityError(f"{where} is missing or has malformed fields ({exc!r}).") from exc
-        if manifest.kind not in KINDS or not isinstance(manifest.model, dict) or not manifest.files:
-            raise IntegrityError(f"{where} does not describe a {' / '.join(KINDS)} artifact.")
-        return manifest
+        if version < 1:
+            raise _corrupt(where, f"format_version is {version}; versions start at 1")
+        problem = _problem(data)
+        if problem is not None:
+            raise _corrupt(where, problem)
+        files = {name: StoredFile(f["size"], f["sha256"]) for name, f in data["files"].items()}
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "files"}
+        if "metrics" in known:
+            known["metrics"] = {name: float(value) for name, value in known["metrics"].items()}
+        return cls(files=files, **known)
+
+
+# Bounds on what a manifest may hold, so that reading or verifying a hostile one stays cheap:
+# a real manifest lists one or two files and is a few KiB (its optimizer groups name every
+# parameter, so a very large model reaches a few MiB).
+MAX_BYTES = 64 * 1024 * 1024
+MAX_FILES = 10_000
+MAX_DEPTH = 100
+FORMATS = ("torch", "safetensors")
+
+_NEXT_STEP = (
+    "the manifest is corrupted or was edited; load another checkpoint (checkpoint=<epoch>) or log this one again."
+)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# The writer names files checkpoint.pt, state_dict.pt, state_dict.safetensors: a name with a
+# slash or "..", or odd characters, would make verify read outside the manifest's own folder.
+_FILE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+def _corrupt(where: str, problem: str) -> IntegrityError:
+    return IntegrityError(f"{where} is malformed: {problem}; {_NEXT_STEP}")
+
+
+def _refuse_constant(name: str) -> Any:
+    # The writer never stores NaN or Infinity (allow_nan=False); Python's parser would accept them.
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer beyond any float
+        return False
+
+
+def _depth(value: Any) -> int:
+    """How deeply ``value`` nests lists and objects, counted without recursion."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            if depth <= MAX_DEPTH:
+                pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _problem(data: dict[str, Any]) -> str | None:
+    """What is wrong with a parsed manifest's fields, or None when they are all well-formed."""
+    for key in ("kind", "files", "model"):
+        if key not in data:
+            return f"it has no {key!r}"
+    if data["kind"] not in KINDS:
+        return f"kind is {_short(data['kind'])}, expected one of {', '.join(KINDS)}"
+    files = data["files"]
+    if not isinstance(files, dict) or not files:
+        return f"files is {_short(files)}, expected an object of name -> {{size, sha256}}"
+    if len(files) > MAX_FILES:
+        return f"it lists {len(files)} files, more than the {MAX_FILES} a manifest may list"
+    for name, stored in files.items():
+        if not _FILE_NAME.fullmatch(name):
+            return f"file name {_short(name)} is not a plain file name"
+        if not isinstance(stored, dict):
+            return f"files[{name!r}] is {_short(stored)}, expected {{size, sha256}}"
+        size, sha256 = stored.get("size"), stored.get("sha256")
+        if not _is_int(size) or size < 0:
+            return f"files[{name!r}].size is {_short(size)}, expected a byte count >= 0"
+        if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
+            return f"files[{name!r}].sha256 is {_short(sha256)}, expected 64 lowercase hex digits"
+    problem = (
+        _described_class(data, "model", required=True, kwargs_key="init_kwargs")
+        or _described_class(data, "optimizer", required=False, kwargs_key="defaults")
+        or _optimizer_groups(data.get("optimizer"))
+        or _described_class(data, "scheduler", required=False, kwargs_key="init_kwargs")
+        or _described_class(data, "scaler", required=False, kwargs_key=None)
+    )
+    if problem is not None:
+        return problem
+    for key in ("epoch", "step"):
+        value = data.get(key)
+        if value is not None and (not _is_int(value) or value < 0):
+            return f"{key} is {_short(value)}, expected an integer >= 0"
+    if data["kind"] == "checkpoint" and data.get("epoch") is None:
+        return "a checkpoint manifest has no epoch"
+    metrics = data.get("metrics", {})
+    if not isinstance(metrics, dict):
+        return f"metrics is {_short(metrics)}, expected an object of name -> number"
+    for name, value in metrics.items():
+        if not _is_number(value):
+            return f"metric {name!r} is {_short(value)}, expected a finite number"
+    extra_keys = data.get("extra_keys", [])
+    if not isinstance(extra_keys, list) or not all(isinstance(k, str) for k in extra_keys):
+        return f"extra_keys is {_short(extra_keys)}, expected a list of strings"
+    if data.get("format", "torch") not in FORMATS:
+        return f"format is {_short(data.get('format'))}, expected one of {', '.join(FORMATS)}"
+    versions = data.get("versions", {})
+    if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
+        return f"versions is {_short(versions)}, expected an object of name -> version string"
+    if not isinstance(data.get("created_at", ""), str):
+        return f"created_at is {_short(data['created_at'])}, expected a string"
+    return None
+
+
+def _described_class(data: dict[str, Any], key: str, *, required: bool, kwargs_key: str | None) -> str | None:
+    described = data.get(key)
+    if described is None and not required:
+        return None
+    if not isinstance(described, dict):
+        return f"{key} is {_short(described)}, expected an object with a 'class'"
+    if key == "scaler" and "class" not in described:
+        return None  # the loader falls back to torch's GradScaler
+    if not isinstance(described.get("class"), str):
+        return f"{key}.class is {_short(described.get('class'))}, expected 'module:QualName'"
+    if kwargs_key is not None:
+        kwargs = described.get(kwargs_key)
+        if kwargs is not None and not isinstance(kwargs, dict):
+            return f"{key}.{kwargs_key} is {_short(kwargs)}, expected an object of argument -> value"
+    return None
+
+
+def _optimizer_groups(optimizer: Any) -> str | None:
+    if optimizer is None:
+        return None
+    groups = optimizer.get("param_groups")
+    if not isinstance(groups, list):
+        return f"optimizer.param_groups is {_short(groups)}, expected a list of {{params: [names]}}"
+    for index, group in enumerate(groups):
+        params = group.get("params") if isinstance(group, dict) else None
+        if not isinstance(params, list) or not all(isinstance(p, str) for p in params):
+            return f"optimizer.param_groups[{index}] is {_short(group)}, expected {{params: [parameter names]}}"
+    return None
+
+
+def _short(value: Any) -> str:
+    """``value`` for an error message, cut short: a hostile manifest may hold megabytes."""
+    return _REPR.repr(value)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60
 
 
 def versions() -> dict[str, str]:

@@ -9,6 +9,8 @@ a tag is missing or stale.
 
 from __future__ import annotations
 
+import warnings
+
 from tracking import layout
 from tracking.config import TrackingConfig
 from tracking.errors import NotFoundError
@@ -81,13 +83,33 @@ def select_checkpoint(handle: RunHandle, checkpoint: Selector, step: int | None)
             ) from None
     if checkpoint not in ("latest", "best"):
         raise ValueError(f"checkpoint must be 'latest', 'best' or an epoch number, got {checkpoint!r}")
-    tag = handle.tags.get(layout.TAG_LATEST if checkpoint == "latest" else layout.TAG_BEST)
-    if tag:
+    tagged = _tagged_folder(handle, layout.TAG_LATEST if checkpoint == "latest" else layout.TAG_BEST)
+    if tagged is not None:
         try:
-            return tag, layout.read_manifest(store, tag)
+            return tagged, layout.read_manifest(store, tagged)
         except NotFoundError:
             pass  # a stale tag (checkpoint deleted by hand): fall back to listing below
     return _select_by_listing(handle, checkpoint)
+
+
+def _tagged_folder(handle: RunHandle, tag: str) -> str | None:
+    """The checkpoint folder a pointer tag names; None (after a warning) when it names none."""
+    value = handle.tags.get(tag)
+    if not value:
+        return None
+    epoch = layout.epoch_of(value)
+    if epoch is None:
+        # Tags are editable by anyone with access to the run: one that names no checkpoint folder
+        # is a hint gone wrong, not corruption, and the listing still knows the answer.
+        warnings.warn(
+            f"run {handle.run_id}: tag {tag}={value[:200]!r} does not name a checkpoint folder such as "
+            f"{layout.checkpoint_dir(7)}; ignoring it and listing the run's checkpoints instead. "
+            "Fix or delete the tag in the MLflow UI.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return None
+    return layout.checkpoint_dir(epoch)
 
 
 def select_weights(handle: RunHandle, checkpoint: Selector | None) -> tuple[str, Manifest, str]:
@@ -118,10 +140,17 @@ def _select_by_listing(handle: RunHandle, which: str) -> tuple[str, Manifest]:
             f"run {handle.run_id} records no best checkpoint: log checkpoints with monitor=... "
             f"(or a Checkpointer), or pick an epoch: {_epoch_list(epochs)}."
         )
+    mode = handle.tags.get(layout.TAG_MODE, "min")
+    if mode not in layout.MODES:
+        warnings.warn(
+            f"run {handle.run_id}: tag {layout.TAG_MODE}={mode[:200]!r} is not one of {', '.join(layout.MODES)}; "
+            "ranking the checkpoints as 'min'. Fix the tag in the MLflow UI.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        mode = "min"
     manifests = {e: layout.read_manifest(store, layout.checkpoint_dir(e)) for e in epochs}
-    ranked = layout.best_first(
-        {e: m.metrics.get(monitor) for e, m in manifests.items()}, handle.tags.get(layout.TAG_MODE, "min")
-    )
+    ranked = layout.best_first({e: m.metrics.get(monitor) for e, m in manifests.items()}, mode)
     if not ranked:
         raise NotFoundError(f"run {handle.run_id}: no checkpoint has the monitored metric {monitor!r}.")
     return layout.checkpoint_dir(ranked[0]), manifests[ranked[0]]

@@ -1,9 +1,10 @@
 """How a model, optimizer or scheduler is described in a manifest and rebuilt from it.
 
 A description is a class path (``module:QualName``) plus JSON-serialisable init
-arguments. Rebuilding imports the class and refuses anything that is not a
-``torch.nn.Module``, ``torch.optim.Optimizer`` or LR scheduler subclass before it is
-called, so a tampered manifest naming ``os:system`` cannot run anything.
+arguments. Rebuilding looks the class up in a module that is already imported (or is
+torch's own), never importing one because a manifest names it, and refuses anything
+that is not a ``torch.nn.Module``, ``torch.optim.Optimizer`` or LR scheduler subclass
+before it is called, so a tampered manifest naming ``os:system`` cannot run anything.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import functools
 import importlib
 import inspect
 import json
-from collections.abc import Mapping
+import sys
+from collections.abc import Collection, Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -184,25 +186,46 @@ _ALLOWED_BASES: dict[str, tuple[type, ...]] = {
 }
 
 
-def import_class(path: str, role: str, *, run_id: str, hint: str) -> type:
-    """Import ``module:QualName`` and check it is a subclass allowed for ``role``.
+def import_class(path: str, role: str, *, run_id: str, hint: str, allow_import: Collection[str] = ()) -> type:
+    """Look up ``module:QualName`` and check it is a subclass allowed for ``role``.
 
-    The check happens on the imported object before anything is called, so a
-    manifest naming ``os:system`` fails here without running.
+    The module must already be imported, or be torch's own, or be named in
+    ``allow_import`` (a module or a package whose submodules may be imported): importing
+    a module runs its top-level code, so a manifest naming a module must not be enough to
+    run it. The class check happens before anything is called, so a manifest naming
+    ``os:system`` fails here without running.
     """
+    if not isinstance(path, str):
+        raise UnsafeClassError(
+            f"run {run_id}: recorded {role} class {path!r} is not a string of the form module:QualName."
+        )
     module_name, sep, qualname = path.partition(":")
     if not sep or not module_name or not qualname:
         raise UnsafeClassError(f"run {run_id}: recorded {role} class {path!r} is not of the form module:QualName.")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise NotFoundError(
-            f"run {run_id}: the {role} class {path} cannot be imported (module {module_name!r}: {exc}). "
-            f"Install the code that defines it, or {hint}."
-        ) from exc
+    module = sys.modules.get(module_name)
+    if module is None:
+        if not _may_import(module_name, allow_import):
+            # NotFoundError, not UnsafeClassError: nothing says the class is unsafe, it is only
+            # not available yet, and the user's next step is the same as for missing code.
+            raise NotFoundError(
+                f"run {run_id}: the {role} class {path} is in module {module_name!r}, which is not imported in "
+                f"this process, and a module is never imported just because a manifest names it (that would "
+                f"run its code). Import the module that defines the class before loading (e.g. "
+                f"`import {module_name}`), or {hint}."
+            )
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise NotFoundError(
+                f"run {run_id}: the {role} class {path} cannot be imported (module {module_name!r}: {exc}). "
+                f"Install the code that defines it, or {hint}."
+            ) from exc
     obj: Any = module
     for part in qualname.split("."):
-        obj = getattr(obj, part, None)
+        try:
+            obj = getattr(obj, part, None)
+        except Exception:  # a module's __getattr__ may raise anything for a name it lacks
+            obj = None
         if obj is None:
             raise NotFoundError(
                 f"run {run_id}: module {module_name!r} has no {qualname!r} (recorded {role} class {path}). "
@@ -218,6 +241,11 @@ def import_class(path: str, role: str, *, run_id: str, hint: str) -> type:
     return obj
 
 
+def _may_import(module_name: str, allowed: Collection[str]) -> bool:
+    # torch's own modules are trusted like torch itself, which is already imported here.
+    return any(module_name == root or module_name.startswith(f"{root}.") for root in ("torch", *allowed))
+
+
 def build(cls: type, args: tuple[Any, ...], kwargs: Mapping[str, Any], *, run_id: str, hint: str) -> Any:
     try:
         return cls(*args, **kwargs)
@@ -225,4 +253,12 @@ def build(cls: type, args: tuple[Any, ...], kwargs: Mapping[str, Any], *, run_id
         raise NotFoundError(
             f"run {run_id}: {class_path(cls)} no longer accepts the recorded arguments {dict(kwargs)!r} "
             f"({exc}); {hint}."
+        ) from exc
+    except (ValueError, RuntimeError, ArithmeticError, LookupError, AttributeError) as exc:
+        # The recorded values (not the user's call) are what the constructor refused: an edited
+        # manifest, or code whose checks changed since the run. Either way these arguments cannot
+        # build it, and the caller can hand over an instance or a factory instead.
+        raise NotFoundError(
+            f"run {run_id}: {class_path(cls)} refused the recorded arguments {dict(kwargs)!r} "
+            f"({type(exc).__name__}: {exc}); {hint}."
         ) from exc

@@ -128,6 +128,7 @@ def test_retention_and_failed_upload_on_the_real_store(
 CHILD = textwrap.dedent(
     """
     import sys, torch, tracking
+    import pipelines.models  # the model's code: the loader never imports a module a manifest names
     loaded = tracking.load(sys.argv[1])
     torch.save({"out": loaded.model(torch.load(sys.argv[2], weights_only=True)),
                 "training": loaded.model.training, "epoch": loaded.epoch}, sys.argv[3])

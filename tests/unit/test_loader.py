@@ -76,6 +76,7 @@ def moto_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 CHILD = textwrap.dedent(
     """
     import sys, torch, tracking
+    import pipelines.models  # the model's code: the loader never imports a module a manifest names
     run_id, out = sys.argv[1], sys.argv[2]
     loaded = tracking.load(run_id)                      # eval mode by default
     x = torch.load(out + ".x", weights_only=True)

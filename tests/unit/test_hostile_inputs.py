@@ -1,0 +1,331 @@
+"""Hostile and malformed inputs on the reading side: manifests, class paths, run tags, stray objects.
+
+Each one ends in a :class:`tracking.TrackingError` that names the run and the path (or a
+warning where the input is only a hint, such as a pointer tag), never in a raw exception,
+and never runs code a manifest names.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+import tracking
+from pipelines.models import Model
+from tests.unit.test_loader import rewrite, tamper_manifest
+from tracking import layout, spec
+from tracking.audit import verify
+from tracking.cli import main
+from tracking.loader import MODEL_HINT
+from tracking.manifest import MAX_FILES, Manifest
+from tracking.run import open_run
+
+# ------------------------------------------------------------ no import because a manifest says so
+
+
+@pytest.fixture
+def sidefx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
+    """A module on sys.path that writes a marker file when imported, and defines an nn.Module."""
+    name = f"sidefx_{uuid.uuid4().hex}"
+    marker = tmp_path / "imported"
+    (tmp_path / f"{name}.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "import torch\n\nclass Anything(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name, marker
+    sys.modules.pop(name, None)
+
+
+def test_a_module_a_manifest_names_is_not_imported(sidefx: tuple[str, Path]) -> None:
+    name, marker = sidefx
+    with pytest.raises(tracking.NotFoundError) as caught:
+        spec.import_class(f"{name}:Anything", "model", run_id="r123", hint=MODEL_HINT)
+    message = str(caught.value)
+    assert "run r123" in message and f"{name}:Anything" in message
+    assert f"import {name}" in message and "pass model=" in message
+    assert not marker.exists() and name not in sys.modules
+
+
+def test_the_zen_of_python_is_not_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    if "this" in sys.modules:
+        pytest.skip("something in this process imported `this` already")
+    with pytest.raises(tracking.NotFoundError, match=r"this:s.*not imported"):
+        spec.import_class("this:s", "model", run_id="r1", hint=MODEL_HINT)
+    assert capsys.readouterr() == ("", "")
+    assert "this" not in sys.modules
+
+
+def test_a_class_of_an_imported_module_loads(sidefx: tuple[str, Path]) -> None:
+    name, marker = sidefx
+    module = __import__(name)  # the user's own import, the documented way
+    assert marker.exists()
+    assert spec.import_class(f"{name}:Anything", "model", run_id="r1", hint=MODEL_HINT) is module.Anything
+
+
+def test_torch_modules_and_allowed_modules_may_be_imported(sidefx: tuple[str, Path]) -> None:
+    name, marker = sidefx
+    scaler = spec.import_class("torch.amp.grad_scaler:GradScaler", "scaler", run_id="r1", hint="")
+    assert scaler is torch.amp.GradScaler
+    cls = spec.import_class(f"{name}:Anything", "model", run_id="r1", hint="", allow_import=[name])
+    assert cls.__name__ == "Anything" and marker.exists()
+
+
+@pytest.mark.parametrize("path", [None, 7, ["os:system"], "no-colon", ":Q", "m:"])
+def test_class_paths_that_are_not_module_qualname(path: Any) -> None:
+    with pytest.raises(tracking.UnsafeClassError, match="run r1"):
+        spec.import_class(path, "model", run_id="r1", hint="")
+
+
+def test_load_refuses_a_manifest_naming_an_unimported_module(experiment: str, sidefx: tuple[str, Path]) -> None:
+    name, marker = sidefx
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(Model(6), epoch=1)
+
+    def point_elsewhere(manifest: dict[str, Any]) -> None:
+        manifest["model"]["class"] = f"{name}:Anything"
+
+    tamper_manifest(run.info.run_id, "checkpoints/epoch_0001", point_elsewhere)
+    with pytest.raises(tracking.NotFoundError, match=rf"run {run.info.run_id}.*import {name}"):
+        tracking.load(run.info.run_id)
+    assert not marker.exists()
+    assert tracking.load(run.info.run_id, model=Model(6)).epoch == 1
+
+
+def test_recorded_arguments_a_constructor_refuses_are_an_error_not_a_crash(experiment: str) -> None:
+    model = Model(6)
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, torch.optim.SGD(model.parameters(), lr=0.1), epoch=1)
+
+    def negative_lr(manifest: dict[str, Any]) -> None:
+        manifest["optimizer"]["defaults"]["lr"] = -1.0  # SGD raises ValueError
+
+    tamper_manifest(run.info.run_id, "checkpoints/epoch_0001", negative_lr)
+    with pytest.raises(tracking.NotFoundError, match=r"SGD refused the recorded arguments.*ValueError"):
+        tracking.load(run.info.run_id)
+
+
+# ------------------------------------------------------------ malformed manifests
+
+
+def valid_manifest() -> dict[str, Any]:
+    return {
+        "format_version": 1,
+        "kind": "checkpoint",
+        "files": {"checkpoint.pt": {"size": 10, "sha256": "a" * 64}},
+        "model": {"class": "pipelines.models:Model", "init_kwargs": {"n_input_features": 6}},
+        "epoch": 1,
+        "step": 10,
+        "metrics": {"val_loss": 0.5},
+        "optimizer": {"class": "torch.optim.sgd:SGD", "defaults": {"lr": 0.1}, "param_groups": [{"params": ["w"]}]},
+        "scheduler": None,
+        "scaler": None,
+        "extra_keys": [],
+        "format": "torch",
+        "versions": {"torch": "2"},
+        "created_at": "2024-01-01T00:00:00+00:00",
+    }
+
+
+def edit(change: Callable[[dict[str, Any]], object]) -> bytes:
+    data = valid_manifest()
+    change(data)
+    return json.dumps(data).encode()
+
+
+MALFORMED: dict[str, bytes] = {
+    "missing model class": edit(lambda d: d["model"].pop("class")),
+    "model class not a string": edit(lambda d: d["model"].update({"class": 3})),
+    "model not an object": edit(lambda d: d.update(model="pipelines.models:Model")),
+    "no model": edit(lambda d: d.pop("model")),
+    "init_kwargs a list": edit(lambda d: d["model"].update(init_kwargs=[6])),
+    "size -1": edit(lambda d: d["files"]["checkpoint.pt"].update(size=-1)),
+    "size a string": edit(lambda d: d["files"]["checkpoint.pt"].update(size="10")),
+    "size a bool": edit(lambda d: d["files"]["checkpoint.pt"].update(size=True)),
+    "size a float": edit(lambda d: d["files"]["checkpoint.pt"].update(size=10.0)),
+    "sha256 too short": edit(lambda d: d["files"]["checkpoint.pt"].update(sha256="abc")),
+    "sha256 not hex": edit(lambda d: d["files"]["checkpoint.pt"].update(sha256="z" * 64)),
+    "sha256 missing": edit(lambda d: d["files"]["checkpoint.pt"].pop("sha256")),
+    "files a list": edit(lambda d: d.update(files=[["checkpoint.pt", 10]])),
+    "files empty": edit(lambda d: d.update(files={})),
+    "file entry a string": edit(lambda d: d["files"].update({"checkpoint.pt": "10"})),
+    "file name with a path": edit(lambda d: d["files"].update({"../../etc/passwd": {"size": 1, "sha256": "a" * 64}})),
+    "metrics a string": edit(lambda d: d.update(metrics="val_loss=0.5")),
+    "metric a string": edit(lambda d: d.update(metrics={"val_loss": "low"})),
+    "metric a bool": edit(lambda d: d.update(metrics={"val_loss": True})),
+    "metric beyond floats": edit(lambda d: d.update(metrics={"val_loss": 10**400})),
+    "metric infinite": edit(lambda d: d.update(metrics={"val_loss": 1e999})),
+    "metric NaN": json.dumps(valid_manifest()).replace("0.5", "NaN").encode(),
+    "epoch a string": edit(lambda d: d.update(epoch="1")),
+    "epoch negative": edit(lambda d: d.update(epoch=-1)),
+    "epoch a float": edit(lambda d: d.update(epoch=1.5)),
+    "checkpoint without epoch": edit(lambda d: d.update(epoch=None)),
+    "step a list": edit(lambda d: d.update(step=[1])),
+    "param_groups an object": edit(lambda d: d["optimizer"].update(param_groups={"params": ["w"]})),
+    "param group without params": edit(lambda d: d["optimizer"].update(param_groups=[{}])),
+    "param names not strings": edit(lambda d: d["optimizer"].update(param_groups=[{"params": [1]}])),
+    "optimizer defaults a list": edit(lambda d: d["optimizer"].update(defaults=[0.1])),
+    "optimizer without class": edit(lambda d: d["optimizer"].pop("class")),
+    "scheduler a string": edit(lambda d: d.update(scheduler="StepLR")),
+    "scaler class a number": edit(lambda d: d.update(scaler={"class": 1})),
+    "unknown kind": edit(lambda d: d.update(kind="pickle")),
+    "unknown format": edit(lambda d: d.update(format="pickle")),
+    "extra_keys a string": edit(lambda d: d.update(extra_keys="rng")),
+    "versions with numbers": edit(lambda d: d.update(versions={"torch": 2})),
+    "created_at a number": edit(lambda d: d.update(created_at=0)),
+    "format_version a bool": edit(lambda d: d.update(format_version=True)),
+    "format_version 0": edit(lambda d: d.update(format_version=0)),
+    "a JSON list": b"[1, 2]",
+    "not UTF-8": b"\xff\xfe{",
+    "100k-deep JSON": b"[" * 100_000 + b"]" * 100_000,
+    "deep init_kwargs": edit(lambda d: d["model"].update(init_kwargs=json.loads('{"a":' * 500 + "1" + "}" * 500))),
+    "an integer of 5000 digits": edit(lambda d: d.update(step=int("9" * 4000))).replace(b"9" * 4000, b"9" * 5000),
+    "too many files": edit(
+        lambda d: d.update(files={f"f{i}": {"size": 0, "sha256": "a" * 64} for i in range(MAX_FILES + 1)})
+    ),
+}
+
+
+def test_a_valid_manifest_parses() -> None:
+    manifest = Manifest.from_json(json.dumps(valid_manifest()).encode(), where="run r1: m.json")
+    assert manifest.files["checkpoint.pt"].size == 10 and manifest.metrics == {"val_loss": 0.5}
+
+
+@pytest.mark.parametrize("raw", MALFORMED.values(), ids=MALFORMED.keys())
+def test_a_malformed_manifest_is_an_integrity_error(raw: bytes) -> None:
+    with pytest.raises(tracking.IntegrityError) as caught:
+        Manifest.from_json(raw, where="run r1: checkpoints/epoch_0001/manifest.json")
+    message = str(caught.value)
+    assert message.startswith("run r1: checkpoints/epoch_0001/manifest.json ")
+    assert len(message) < 1000  # a hostile manifest's megabytes are not echoed back
+
+
+def test_load_list_verify_and_cli_report_a_malformed_manifest(experiment: str) -> None:
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(Model(6), epoch=1, metrics={"val_loss": 0.5})
+    run_id = run.info.run_id
+    tamper_manifest(run_id, "checkpoints/epoch_0001", lambda m: m.update(metrics="val_loss=0.5"))
+    path = "checkpoints/epoch_0001/manifest.json"
+    for call in (
+        lambda: tracking.load(run_id),
+        lambda: tracking.load_model(run_id),
+        lambda: tracking.list_checkpoints(run_id),
+    ):
+        with pytest.raises(tracking.IntegrityError, match=rf"run {run_id}: {path} is malformed: metrics"):
+            call()
+    report = verify(run_id)
+    assert list(report) == [path] and "metrics" in str(report[path])
+    result = CliRunner().invoke(main, ["checkpoints", run_id])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.count("\n") == 1 and path in result.stderr
+
+
+@pytest.mark.parametrize("size", [-1, 10**11])
+def test_a_wrong_file_size_is_an_integrity_error_without_allocating_it(
+    experiment: str, size: int, request: pytest.FixtureRequest
+) -> None:
+    if experiment == "s3" and size > 0:
+        # The S3 read allocates the manifest's size before the first GET (whose Content-Range
+        # would show the real size): 10**11 bytes fail as ENOMEM, reported as a StorageError.
+        request.applymarker(
+            pytest.mark.xfail(raises=tracking.StorageError, strict=True, reason="storage.s3 allocates first")
+        )
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(Model(6), epoch=1)
+    tamper_manifest(run.info.run_id, "checkpoints/epoch_0001", lambda m: m["files"]["checkpoint.pt"].update(size=size))
+    with pytest.raises(tracking.IntegrityError, match=rf"run {run.info.run_id}: checkpoints/epoch_0001"):
+        tracking.load(run.info.run_id)
+
+
+# ------------------------------------------------------------ stray objects and bad tags
+
+
+def test_a_stray_non_ascii_epoch_folder_is_ignored(experiment: str) -> None:
+    assert layout.epoch_of("checkpoints/epoch_¹") is None and layout.epoch_of("checkpoints/epoch_١٢") is None
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(Model(6), epoch=1)
+    store = open_run(run.info.run_id).store
+    store.write_bytes("checkpoints/epoch_¹/manifest.json", json.dumps(valid_manifest()).encode())
+    assert layout.committed_epochs(store) == [1]
+    assert [m.epoch for m in tracking.list_checkpoints(run.info.run_id)] == [1]
+    assert tracking.load(run.info.run_id).epoch == 1
+    assert list(verify(run.info.run_id)) == ["checkpoints/epoch_0001/checkpoint.pt"]
+
+
+@pytest.mark.parametrize("value", ["abc", "nan", "inf", "-inf", ""])
+def test_a_malformed_best_value_tag_means_nothing_to_beat(experiment: str, value: str) -> None:
+    model = Model(6)
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, epoch=1, metrics={"loss": 0.5}, monitor="loss")
+        MlflowClient().set_tag(run.info.run_id, layout.TAG_BEST_VALUE, value)
+        with pytest.warns(RuntimeWarning, match=rf"{layout.TAG_BEST_VALUE}=.*not a finite number"):
+            tracking.log_checkpoint(model, epoch=2, metrics={"loss": 0.9}, monitor="loss")
+    tags = MlflowClient().get_run(run.info.run_id).data.tags
+    assert tags[layout.TAG_BEST] == "checkpoints/epoch_0002" and tags[layout.TAG_BEST_VALUE] == "0.9"
+
+
+@pytest.mark.parametrize("which", ["latest", "best"])
+@pytest.mark.parametrize("value", ["../../etc", "state_dict"])
+def test_a_pointer_tag_naming_no_checkpoint_falls_back_to_the_listing(experiment: str, which: str, value: str) -> None:
+    model = Model(6)
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, epoch=1, metrics={"loss": 0.2}, monitor="loss")
+        tracking.log_checkpoint(model, epoch=2, metrics={"loss": 0.9}, monitor="loss")
+        tracking.log_state_dict(model)
+    tag = layout.TAG_LATEST if which == "latest" else layout.TAG_BEST
+    MlflowClient().set_tag(run.info.run_id, tag, value)
+    with pytest.warns(RuntimeWarning, match=rf"{tag}=.*does not name a checkpoint folder"):
+        loaded = tracking.load(run.info.run_id, which)
+    assert loaded.epoch == (2 if which == "latest" else 1)
+
+
+def test_a_pointer_tag_is_read_as_the_folder_it_names(experiment: str) -> None:
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(Model(6), epoch=1)
+        tracking.log_checkpoint(Model(6), epoch=2)
+    MlflowClient().set_tag(run.info.run_id, layout.TAG_LATEST, "checkpoints/epoch_1/")
+    loaded = tracking.load(run.info.run_id)
+    assert (loaded.epoch, loaded.path) == (1, "checkpoints/epoch_0001")
+
+
+def test_a_malformed_mode_tag_ranks_as_min_with_a_warning(experiment: str) -> None:
+    with mlflow.start_run() as run:
+        for epoch, loss in [(1, 0.5), (2, 0.1), (3, 0.9)]:
+            tracking.log_checkpoint(Model(6), epoch=epoch, metrics={"loss": loss}, monitor="loss")
+    client = MlflowClient()
+    client.delete_tag(run.info.run_id, layout.TAG_BEST)
+    client.set_tag(run.info.run_id, layout.TAG_MODE, "sideways")
+    with pytest.warns(RuntimeWarning, match=rf"{layout.TAG_MODE}='sideways'"):
+        assert tracking.load(run.info.run_id, "best").epoch == 2
+
+
+def test_a_tampered_file_entry_does_not_make_verify_read_elsewhere(experiment: str) -> None:
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(Model(6), epoch=1)
+
+    def add_foreign(manifest: dict[str, Any]) -> None:
+        manifest["files"]["../../other/checkpoint.pt"] = copy.deepcopy(manifest["files"]["checkpoint.pt"])
+
+    tamper_manifest(run.info.run_id, "checkpoints/epoch_0001", add_foreign)
+    report = verify(run.info.run_id)
+    assert list(report) == ["checkpoints/epoch_0001/manifest.json"]
+    assert "not a plain file name" in str(report["checkpoints/epoch_0001/manifest.json"])
+
+
+def test_an_empty_manifest_object_is_an_integrity_error(experiment: str) -> None:
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(Model(6), epoch=1)
+    rewrite(run.info.run_id, "checkpoints/epoch_0001/manifest.json", lambda data: b"")
+    with pytest.raises(tracking.IntegrityError, match="not valid JSON"):
+        tracking.load(run.info.run_id)
