@@ -4,15 +4,14 @@ Not part of the library: nothing in ``tracking`` imports this package; the ``tra
 commands load it lazily.
 """
 
+from tracking.localstack.services import HOST, SEAWEEDFS_PORT_COUNT
 from tracking.localstack.settings import DEFAULT_BUCKET, DEFAULT_DATA_DIR, ENV_VARS, StackSettings
 from tracking.localstack.stack import (
     ARTIFACT_PREFIX,
     DEFAULT_MLFLOW_PORT,
     DEFAULT_S3_PORT,
-    HOST,
     LOCAL_ACCESS_KEY_ID,
     LOCAL_SECRET_ACCESS_KEY,
-    SEAWEEDFS_PORT_COUNT,
     LocalStack,
     ServiceStatus,
     StackError,

