@@ -7,7 +7,7 @@ read only when :meth:`TrackingConfig.from_env` is called, never at import time.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,25 @@ ENV_VARS: dict[str, str] = {
     "experiment_name": "TRACKING_EXPERIMENT",
     "part_size_mb": "TRACKING_S3_PART_SIZE_MB",
     "max_concurrency": "TRACKING_S3_MAX_CONCURRENCY",
+    "s3_connect_timeout": "TRACKING_S3_CONNECT_TIMEOUT",
+    "s3_read_timeout": "TRACKING_S3_READ_TIMEOUT",
+}
+
+# S3 attempts per request when neither AWS_MAX_ATTEMPTS nor an AWS profile sets them. With the
+# default timeouts below, an endpoint that accepts connections and never answers fails in
+# 2 x 15 s (+ under a second of backoff): "about 30 s", never minutes.
+S3_MAX_ATTEMPTS = 2
+
+# MLflow's HTTP client settings (mlflow.environment_variables), set by bound_mlflow_requests() where
+# the user has not: each attempt waits at most the timeout, and there are 1 + retries attempts with
+# backoff sleeps of 0, then factor * 2**(k-1) + up to 1 s of jitter, between them. Worst case for a
+# server that accepts and never answers: 3 x 8 s + (0 + 2 x 1 + 1) s = 27 s; for a closed port ~3 s.
+# MLflow's own defaults (120 s, 7 retries, factor 2) take ~4 minutes for a closed port, over 15 for
+# a silent server.
+MLFLOW_REQUEST_DEFAULTS: dict[str, str] = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "8",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
 }
 
 
@@ -45,6 +64,10 @@ class TrackingConfig:
     experiment_name: str = "pytorch-checkpoints"
     part_size_mb: int = 16
     max_concurrency: int = 8
+    # Seconds to open a connection to S3, and to wait for each socket read of a response (not for
+    # the whole request: a large part or range keeps the connection busy, never idle that long).
+    s3_connect_timeout: float = 5.0
+    s3_read_timeout: float = 15.0
 
     def __post_init__(self) -> None:
         if self.tracking_uri is not None:
@@ -59,6 +82,10 @@ class TrackingConfig:
             )
         if self.max_concurrency < 1:
             raise ConfigError(f"{ENV_VARS['max_concurrency']}={self.max_concurrency}: must be at least 1.")
+        for name in ("s3_connect_timeout", "s3_read_timeout"):
+            value = getattr(self, name)
+            if not value > 0 or value == float("inf"):
+                raise ConfigError(f"{ENV_VARS[name]}={value}: must be a positive number of seconds, e.g. 15.")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> TrackingConfig:
@@ -98,6 +125,21 @@ class TrackingConfig:
         return out
 
 
+def bound_mlflow_requests(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Bound MLflow's HTTP timeout and retries, so a dead or silent tracking server fails in under 30 s.
+
+    Sets ``MLFLOW_HTTP_REQUEST_TIMEOUT`` (8 s), ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` (2) and
+    ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR`` (1) in ``environ`` (default ``os.environ``), each only
+    where it is unset, and returns what it set. MLflow reads them on every request, so this
+    bounds every MLflow call of the process, the user's own included: that is the point, and
+    setting any of the three beforehand opts out of it.
+    """
+    env = os.environ if environ is None else environ
+    applied = {var: value for var, value in MLFLOW_REQUEST_DEFAULTS.items() if not env.get(var)}
+    env.update(applied)
+    return applied
+
+
 def _parse(raw: str, type_name: str, var: str) -> Any:
     if type_name == "bool":
         lowered = raw.strip().lower()
@@ -111,6 +153,11 @@ def _parse(raw: str, type_name: str, var: str) -> Any:
             return int(raw)
         except ValueError:
             raise ConfigError(f"{var}={raw!r} is not an integer.") from None
+    if type_name == "float":
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"{var}={raw!r} is not a number of seconds, e.g. 15 or 2.5.") from None
     if type_name == "Path":
         return Path(raw)
     return raw

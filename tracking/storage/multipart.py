@@ -61,7 +61,15 @@ class MultipartUpload:
             for future in self.parts:
                 if not future.cancelled():
                     future.exception()
-            self.client.abort_multipart_upload(Bucket=self.target.bucket, Key=self.target.key, UploadId=self.upload_id)
+            try:
+                self.client.abort_multipart_upload(
+                    Bucket=self.target.bucket, Key=self.target.key, UploadId=self.upload_id
+                )
+            except Exception:
+                # Keep the error that stopped the upload (the abort usually fails for the same
+                # reason); the upload it leaves behind is a leftover `tracking verify` reports.
+                if exc is None:
+                    raise
 
     def feed(self, data: memoryview) -> None:
         borrow = len(data) >= BORROW_MIN and self._is_stable(data)

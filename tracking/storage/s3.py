@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, BinaryIO, cast
 
-from tracking.config import TrackingConfig
+from tracking.config import ENV_VARS, S3_MAX_ATTEMPTS, TrackingConfig
 from tracking.errors import ConfigError, IntegrityError, NotFoundError, StorageError
 from tracking.manifest import StoredFile
 from tracking.storage.base import ArtifactStore, Buffer, HashingWriter, Producer, StableProducer
@@ -30,8 +30,14 @@ _COPY_BLOCK = 8 * 1024 * 1024
 
 @functools.lru_cache(maxsize=8)
 def s3_client(config: TrackingConfig) -> Any:
-    """One boto3 client per configuration: clients are thread-safe and costly to build."""
+    """One boto3 client per configuration: clients are thread-safe and costly to build.
+
+    Timeouts come from ``config``; attempts and retry mode from botocore's own
+    ``AWS_MAX_ATTEMPTS`` / ``AWS_RETRY_MODE`` (or the AWS profile), read when the client is built,
+    with :data:`tracking.config.S3_MAX_ATTEMPTS` standard-mode attempts where neither sets them.
+    """
     import boto3
+    import botocore.session
     from botocore.config import Config
 
     if not config.aws_access_key_id and not _has_other_credentials():
@@ -39,12 +45,18 @@ def s3_client(config: TrackingConfig) -> Any:
             "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
             "(or an AWS profile), e.g. from `tracking stack up`."
         )
+    core = botocore.session.get_session()
+    # A `retries` in Config overrides botocore's environment and profile settings, so pass our
+    # bound only where the user set none; the retry mode is left to botocore (its default: standard).
+    user_attempts = core.get_config_variable("max_attempts") is not None
+    retries: Any = None if user_attempts else {"total_max_attempts": S3_MAX_ATTEMPTS}
     botocore_config = Config(
         region_name=config.aws_region,
         max_pool_connections=max(10, config.max_concurrency * 2),
-        retries={"mode": "standard", "max_attempts": 3},
-        connect_timeout=5,
-        read_timeout=120,
+        retries=retries,
+        connect_timeout=config.s3_connect_timeout,
+        # Per socket read, not per request: a large part or range streams for as long as it needs.
+        read_timeout=config.s3_read_timeout,
         # The manifest's sha256 covers every byte end to end; skip botocore's own
         # per-request payload hashing and CRC checksums, which would hash it all twice more.
         request_checksum_calculation="when_required",
@@ -55,6 +67,7 @@ def s3_client(config: TrackingConfig) -> Any:
         aws_access_key_id=config.aws_access_key_id,
         aws_secret_access_key=config.aws_secret_access_key,
         region_name=config.aws_region,
+        botocore_session=core,
     )
     return session.client(
         "s3",
@@ -188,9 +201,12 @@ class S3Store(ArtifactStore):
             while filled < len(out):
                 n = reader.readinto(out[filled : filled + _COPY_BLOCK])
                 if not n:
-                    raise IntegrityError(
-                        f"{self.owner}: s3://{target.bucket}/{target.key} ended after {offset + filled} "
-                        f"bytes, expected {offset + len(out)}; the object is shorter than its manifest says."
+                    # The response's own length was checked against the manifest before reading, so a
+                    # body that stops short is the connection dropping, not a shorter object.
+                    raise StorageError(
+                        f"{self.owner}: the download of s3://{target.bucket}/{target.key} was cut off after "
+                        f"{offset + filled} of {offset + len(out)} bytes (connection closed); the stored "
+                        "object is not affected: retry."
                     )
                 filled += n
             complete = True
@@ -201,24 +217,40 @@ class S3Store(ArtifactStore):
 
     @contextmanager
     def _errors(self, path: str) -> Iterator[None]:
-        """Turn botocore's exceptions into ours, naming the run, the object and what to do."""
+        """Turn botocore's, urllib3's and http.client's exceptions into ours: the run, the object, what to do."""
+        import http.client
+
         from botocore.exceptions import (
+            BotoCoreError,
             ClientError,
+            ConnectTimeoutError,
             EndpointConnectionError,
             NoCredentialsError,
+            ParamValidationError,
             PartialCredentialsError,
+            ReadTimeoutError,
         )
         from botocore.exceptions import ConnectionError as BotoConnectionError
+        from urllib3.exceptions import HTTPError as Urllib3Error
+        from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
         where = f"{self.owner}: {self.describe(path)}"
+        endpoint = self.config.s3_endpoint_url or "the AWS default endpoint"
         try:
             yield
         except (NoCredentialsError, PartialCredentialsError) as exc:
             raise ConfigError(
                 f"{where}: no usable S3 credentials ({exc}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY."
             ) from exc
+        except ParamValidationError:
+            raise  # a malformed request is a bug here, not something a retry fixes
+        except (ConnectTimeoutError, ReadTimeoutError, Urllib3Timeout, TimeoutError) as exc:
+            raise StorageError(
+                f"{where}: S3 at {endpoint} did not answer in time ({exc}); retry. If it is up but slow, "
+                f"raise {ENV_VARS['s3_read_timeout']} (now {self.config.s3_read_timeout:g} s) or "
+                f"{ENV_VARS['s3_connect_timeout']} (now {self.config.s3_connect_timeout:g} s)."
+            ) from exc
         except (EndpointConnectionError, BotoConnectionError) as exc:
-            endpoint = self.config.s3_endpoint_url or "the AWS default endpoint"
             raise StorageError(
                 f"{where}: cannot reach S3 at {endpoint} ({exc}); check MLFLOW_S3_ENDPOINT_URL "
                 "and that the server runs (`tracking stack status`)."
@@ -237,8 +269,13 @@ class S3Store(ArtifactStore):
                     f"{where}: S3 refused the credentials ({code}); check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY."
                 ) from exc
             raise StorageError(f"{where}: S3 error {code}: {exc}") from exc
-        except OSError as exc:
-            raise StorageError(f"{where}: the S3 transfer failed ({exc}); nothing was committed, retry.") from exc
+        except (BotoCoreError, Urllib3Error, http.client.HTTPException, OSError) as exc:
+            # Streaming errors, dropped connections, truncated responses: the transfer failed,
+            # not the stored bytes (those are checked against the manifest, separately).
+            raise StorageError(
+                f"{where}: the S3 transfer failed ({type(exc).__name__}: {exc}); this is a network or "
+                "server failure, not corruption, and nothing was committed by it: retry."
+            ) from exc
 
 
 def _new_buffer(size: int) -> bytearray | mmap.mmap:

@@ -1,0 +1,275 @@
+"""Transport failures: dead and silent endpoints fail in bounded time, dropped downloads say "retry".
+
+The endpoints are real sockets on 127.0.0.1: a closed port (connection refused) and a server
+that accepts connections and never answers. Fast tests set small timeouts through the
+documented variables; the ``slow`` ones measure the defaults.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tracking.config import MLFLOW_REQUEST_DEFAULTS, TrackingConfig, bound_mlflow_requests
+from tracking.errors import StorageError
+from tracking.manifest import StoredFile
+from tracking.storage import s3 as s3_storage
+from tracking.storage.s3 import S3Store
+
+
+class SilentServer:
+    """Accepts TCP connections on 127.0.0.1 and never sends a byte; closes them all on stop()."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.port = self.listener.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted.append(conn)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=5)
+        self.listener.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+@pytest.fixture
+def silent_url() -> Iterator[str]:
+    server = SilentServer()
+    yield f"http://127.0.0.1:{server.port}"
+    server.stop()
+
+
+@pytest.fixture
+def closed_url() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}"  # nothing listens there once the probe is closed
+
+
+@pytest.fixture
+def s3_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[pytest.MonkeyPatch]:
+    """Botocore with no attempts or timeouts set from outside: no env, no profile file."""
+    for var in ("AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE", "AWS_PROFILE", "TRACKING_S3_CONNECT_TIMEOUT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("TRACKING_S3_READ_TIMEOUT", raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    s3_storage.s3_client.cache_clear()
+    yield monkeypatch
+    s3_storage.s3_client.cache_clear()
+
+
+def store_at(endpoint: str) -> S3Store:
+    config = TrackingConfig.from_env(s3_endpoint_url=endpoint, aws_access_key_id="x", aws_secret_access_key="y")
+    return S3Store("s3://b/k", config, owner="run r")
+
+
+def timed_failure(call: Any) -> tuple[float, StorageError]:
+    start = time.monotonic()
+    with pytest.raises(StorageError) as caught:
+        call()
+    return time.monotonic() - start, caught.value
+
+
+# ------------------------------------------------------------------ S3
+
+
+def test_s3_timeouts_come_from_the_environment(s3_env: pytest.MonkeyPatch) -> None:
+    s3_env.setenv("TRACKING_S3_CONNECT_TIMEOUT", "1.5")
+    s3_env.setenv("TRACKING_S3_READ_TIMEOUT", "2")
+    client = store_at("http://127.0.0.1:1").client
+    assert (client.meta.config.connect_timeout, client.meta.config.read_timeout) == (1.5, 2.0)
+    assert client.meta.config.retries["total_max_attempts"] == 2
+
+
+def test_botocore_attempt_variables_win_over_the_default(s3_env: pytest.MonkeyPatch) -> None:
+    s3_env.setenv("AWS_MAX_ATTEMPTS", "5")
+    s3_env.setenv("AWS_RETRY_MODE", "adaptive")
+    retries = store_at("http://127.0.0.1:1").client.meta.config.retries
+    assert (retries["total_max_attempts"], retries["mode"]) == (5, "adaptive")
+
+
+@pytest.mark.parametrize("operation", ["read", "read_expected", "write_bytes", "write_multipart"])
+def test_a_silent_s3_endpoint_fails_within_the_configured_bound(
+    s3_env: pytest.MonkeyPatch, silent_url: str, operation: str
+) -> None:
+    s3_env.setenv("TRACKING_S3_CONNECT_TIMEOUT", "1")
+    s3_env.setenv("TRACKING_S3_READ_TIMEOUT", "1")
+    store = store_at(silent_url)
+    calls = {
+        "read": lambda: store.read("f"),
+        "read_expected": lambda: store.read("f", StoredFile(10, "0" * 64)),
+        "write_bytes": lambda: store.write_bytes("f", b"x" * 1000),
+        # More than one part: create_multipart_upload is the first request.
+        "write_multipart": lambda: store.write("f", lambda stream: stream.write(b"x" * (store.config.part_size + 1))),
+    }
+    elapsed, error = timed_failure(calls[operation])
+    # 2 attempts x 1 s read timeout, plus backoff and the abort of the upload.
+    assert elapsed < 10, f"{operation} took {elapsed:.1f} s"
+    assert "run r" in str(error) and "retry" in str(error)
+    assert "did not answer in time" in str(error) and "TRACKING_S3_READ_TIMEOUT" in str(error)
+
+
+@pytest.mark.parametrize("operation", ["read", "write_bytes"])
+def test_a_closed_s3_port_fails_fast(s3_env: pytest.MonkeyPatch, closed_url: str, operation: str) -> None:
+    store = store_at(closed_url)
+    call = (lambda: store.read("f")) if operation == "read" else (lambda: store.write_bytes("f", b"x"))
+    elapsed, error = timed_failure(call)
+    assert elapsed < 10, f"{operation} took {elapsed:.1f} s"
+    assert "cannot reach S3" in str(error) and closed_url in str(error)
+
+
+@pytest.mark.slow
+def test_a_silent_s3_endpoint_fails_in_about_30_s_by_default(s3_env: pytest.MonkeyPatch, silent_url: str) -> None:
+    elapsed, error = timed_failure(lambda: store_at(silent_url).read("f"))
+    print(f"silent S3 endpoint, defaults: {elapsed:.1f} s")
+    assert 25 < elapsed < 40 and "did not answer in time" in str(error)
+
+
+def test_a_closed_s3_port_fails_fast_by_default(s3_env: pytest.MonkeyPatch, closed_url: str) -> None:
+    elapsed, error = timed_failure(lambda: store_at(closed_url).read("f"))
+    print(f"closed S3 port, defaults: {elapsed:.1f} s")
+    assert elapsed < 10 and "cannot reach S3" in str(error)
+
+
+# ------------------------------------------------------------------ a download cut short
+
+
+class CutBody:
+    """A response body that delivers ``limit`` bytes, then ends (``error`` None) or raises ``error``."""
+
+    def __init__(self, body: Any, limit: int, error: BaseException | None) -> None:
+        self.body, self.left, self.error = body, limit, error
+
+    def readinto(self, out: Any) -> int:
+        if self.left <= 0:
+            if self.error is not None:
+                raise self.error
+            return 0
+        view = memoryview(out)[: self.left]
+        n = int(self.body.readinto(view))
+        self.left -= n
+        return n
+
+    def close(self) -> None:
+        self.body.close()
+
+
+def _streaming_errors() -> list[BaseException | None]:
+    import urllib3.exceptions
+    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+
+    return [
+        None,
+        ResponseStreamingError(error="Connection broken: IncompleteRead"),
+        IncompleteReadError(actual_bytes=10, expected_bytes=20),
+        ReadTimeoutError(endpoint_url="http://s3"),
+        urllib3.exceptions.ProtocolError("Connection broken"),
+        http.client.IncompleteRead(b"partial", 10),
+        ConnectionResetError(104, "Connection reset by peer"),
+    ]
+
+
+@pytest.mark.parametrize("error", _streaming_errors(), ids=lambda e: "ends-early" if e is None else type(e).__name__)
+@pytest.mark.parametrize("expected", [True, False], ids=["ranged", "whole"])
+def test_an_interrupted_download_is_a_storage_error_not_corruption(
+    mocked_s3: Any, monkeypatch: pytest.MonkeyPatch, error: BaseException | None, expected: bool
+) -> None:
+    from tests.unit.conftest import BUCKET
+
+    store = S3Store(f"s3://{BUCKET}/cut", TrackingConfig.from_env(), owner=f"run {'0' * 32}")
+    data = os.urandom(300_000)
+    stored = store.write_bytes("f.bin", data)
+    real_fill = S3Store._fill
+
+    def cut_fill(self: S3Store, target: Any, body: Any, out: memoryview, offset: int) -> None:
+        real_fill(self, target, CutBody(body, 1000, error), out, offset)
+
+    monkeypatch.setattr(S3Store, "_fill", cut_fill)
+    with pytest.raises(StorageError) as caught:
+        store.read("f.bin", stored if expected else None)
+    message = str(caught.value)
+    assert "retry" in message and "0" * 32 in message and "f.bin" in message
+    assert "corrupt" not in message.replace("not corruption", "")
+    monkeypatch.setattr(S3Store, "_fill", real_fill)
+    assert bytes(store.read("f.bin", stored)) == data  # the object was intact all along
+
+
+# ------------------------------------------------------------------ MLflow
+
+
+@pytest.fixture
+def mlflow_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """The three MLflow variables unset ("" counts as unset), restored after the test."""
+    for var in MLFLOW_REQUEST_DEFAULTS:
+        monkeypatch.setenv(var, "")
+    return monkeypatch
+
+
+def test_bound_mlflow_requests_sets_only_what_the_user_left_unset() -> None:
+    env = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "60", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": ""}
+    applied = bound_mlflow_requests(env)
+    assert applied == {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    assert env["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "60"
+    assert bound_mlflow_requests(env) == {}
+
+
+def mlflow_get_run(url: str) -> tuple[float, BaseException]:
+    from mlflow.tracking import MlflowClient
+
+    start = time.monotonic()
+    with pytest.raises(Exception) as caught:
+        MlflowClient(tracking_uri=url).get_run("0" * 32)
+    return time.monotonic() - start, caught.value
+
+
+def test_a_silent_tracking_server_fails_within_the_configured_bound(
+    mlflow_env: pytest.MonkeyPatch, silent_url: str
+) -> None:
+    from mlflow.exceptions import MlflowException
+
+    mlflow_env.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+    bound_mlflow_requests()
+    # 3 attempts x 1 s + backoff of at most 0 + (2 + 1) s.
+    elapsed, error = mlflow_get_run(silent_url)
+    assert isinstance(error, MlflowException)
+    assert elapsed < 10, f"took {elapsed:.1f} s"
+
+
+@pytest.mark.slow
+def test_a_silent_tracking_server_fails_within_30_s_by_default(mlflow_env: pytest.MonkeyPatch, silent_url: str) -> None:
+    bound_mlflow_requests()
+    elapsed, _ = mlflow_get_run(silent_url)
+    print(f"silent tracking server, defaults: {elapsed:.1f} s")
+    assert elapsed < 30
+
+
+def test_a_closed_tracking_port_fails_fast_by_default(mlflow_env: pytest.MonkeyPatch, closed_url: str) -> None:
+    bound_mlflow_requests()
+    elapsed, _ = mlflow_get_run(closed_url)
+    print(f"closed tracking port, defaults: {elapsed:.1f} s")
+    assert elapsed < 10
