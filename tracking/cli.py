@@ -113,9 +113,21 @@ def _best_epoch(source: str) -> int | None:
         return None  # no monitored metric: nothing is "best"
 
 
+def _check_checkpoint(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if value in ("latest", "best") or value.isdigit():
+        return value
+    raise click.BadParameter(f"{value!r}: expected latest, best or an epoch number (e.g. 7).")
+
+
 @main.command()
 @_source_argument
-@click.option("--checkpoint", default="latest", show_default=True, help="latest, best or an epoch number.")
+@click.option(
+    "--checkpoint",
+    default="latest",
+    show_default=True,
+    callback=_check_checkpoint,
+    help="latest, best or an epoch number.",
+)
 def show(source: str, checkpoint: str) -> None:
     """Print a checkpoint's manifest as JSON. RUN is a run ID, runs:/<id> or models:/<name>@<alias>."""
     from tracking.layout import manifest_path
@@ -128,15 +140,35 @@ def show(source: str, checkpoint: str) -> None:
 
 @main.command()
 @_source_argument
-def verify(source: str) -> None:
-    """Check a run's stored files against their manifests' size and sha256. RUN: a run ID or URI."""
+@click.option("--clean", is_flag=True, help="First remove leftovers: unfinished uploads, data no manifest lists.")
+@click.option("--force", is_flag=True, help="With --clean: also when the run is still RUNNING (its writer was killed).")
+def verify(source: str, clean: bool, force: bool) -> None:
+    """Check a run's stored files against their manifests' size and sha256. RUN: a run ID or URI.
+
+    Also lists leftovers of saves that died before committing (LEFTOVER lines): they are not
+    failures, nothing loads them; --clean removes them, never touching a committed checkpoint.
+    """
+    from tracking.audit import clean_leftovers
     from tracking.audit import verify as verify_run
     from tracking.errors import IntegrityError
 
+    if force and not clean:
+        raise click.UsageError("--force only applies with --clean.")
+    if clean:
+        removed = clean_leftovers(source, running=force)
+        for item in removed:
+            click.echo(f"REMOVED {item}")
+        click.echo(f"{len(removed)} leftovers removed")
     report = verify_run(source)
     for path, problem in report.items():
         click.echo(f"{'ok ' if problem is None else 'BAD'} {path}")
-    bad = [path for path, problem in report.items() if problem is not None]
-    if bad:
-        raise IntegrityError(f"{len(bad)} of {len(report)} files failed: {report[bad[0]]}")
-    click.echo(f"{len(report)} files intact" if report else f"{source}: nothing to verify")
+    for leftover in report.leftovers:
+        click.echo(f"LEFTOVER {leftover}")
+    failures = report.failures
+    if not failures:
+        click.echo(f"{len(report)} files intact" if report else f"{source}: nothing to verify")
+    if report.leftovers:
+        click.echo(f"{len(report.leftovers)} leftovers; `tracking verify --clean {source}` removes them")
+    if failures:
+        first = next(iter(failures.values()))
+        raise IntegrityError(f"{len(failures)} of {len(report)} files failed: {first}")

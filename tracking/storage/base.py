@@ -66,6 +66,18 @@ class ArtifactStore(ABC):
     def delete(self, path: str) -> None:
         """Delete one file; deleting a missing file is not an error."""
 
+    def pending_uploads(self, path: str) -> list[str]:
+        """Paths, relative to ``path``, of files below it with an upload begun and never finished.
+
+        An unfinished upload stores nothing readable but may hold space (S3 multipart parts) until
+        aborted. Stores whose uploads leave nothing behind have none: the default.
+        """
+        return []
+
+    def abort_pending(self, path: str) -> list[str]:
+        """Abort every unfinished upload below ``path``; the paths (relative to ``path``) they were for."""
+        return []
+
     def describe(self, path: str) -> str:
         return f"{self.artifact_uri.rstrip('/')}/{path}"
 

@@ -153,7 +153,7 @@ class S3Store(ArtifactStore):
             return buffer
 
     def list_files(self, path: str) -> list[str]:
-        prefix = self.root.join(path).key.rstrip("/") + "/"
+        prefix = self._prefix(path)
         names: list[str] = []
         with self._errors(path):
             paginator = self.client.get_paginator("list_objects_v2")
@@ -164,6 +164,40 @@ class S3Store(ArtifactStore):
     def delete(self, path: str) -> None:
         with self._errors(path):
             self.client.delete_object(Bucket=self.root.bucket, Key=self.root.join(path).key)
+
+    def pending_uploads(self, path: str) -> list[str]:
+        prefix = self._prefix(path)
+        return sorted({key[len(prefix) :] for key, _ in self._uploads(path)})
+
+    def abort_pending(self, path: str) -> list[str]:
+        from botocore.exceptions import ClientError
+
+        prefix = self._prefix(path)
+        aborted: set[str] = set()
+        for key, upload_id in self._uploads(path):
+            name = key[len(prefix) :]
+            with self._errors(f"{path.strip('/')}/{name}".lstrip("/")):
+                try:
+                    self.client.abort_multipart_upload(Bucket=self.root.bucket, Key=key, UploadId=upload_id)
+                except ClientError as exc:
+                    # Completed or aborted meanwhile by its writer: not pending any more either way.
+                    if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                        raise
+            aborted.add(name)
+        return sorted(aborted)
+
+    def _prefix(self, path: str) -> str:
+        key = self.root.join(path).key
+        return key.rstrip("/") + "/" if key else ""
+
+    def _uploads(self, path: str) -> list[tuple[str, str]]:
+        """(key, upload ID) of every unfinished multipart upload below ``path``."""
+        found: list[tuple[str, str]] = []
+        with self._errors(path):
+            paginator = self.client.get_paginator("list_multipart_uploads")
+            for page in paginator.paginate(Bucket=self.root.bucket, Prefix=self._prefix(path)):
+                found += [(u["Key"], u["UploadId"]) for u in page.get("Uploads", [])]
+        return found
 
     def _get_whole(self, target: S3Location) -> bytearray:
         response = self.client.get_object(Bucket=target.bucket, Key=target.key)
