@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tracking.config import MLFLOW_REQUEST_DEFAULTS, TrackingConfig, bound_mlflow_requests
-from tracking.errors import StorageError
+from tracking.errors import ConfigError, StorageError
 from tracking.manifest import StoredFile
 from tracking.storage import s3 as s3_storage
 from tracking.storage.s3 import S3Store
@@ -104,6 +104,12 @@ def test_s3_timeouts_come_from_the_environment(s3_env: pytest.MonkeyPatch) -> No
     client = store_at("http://127.0.0.1:1").client
     assert (client.meta.config.connect_timeout, client.meta.config.read_timeout) == (1.5, 2.0)
     assert client.meta.config.retries["total_max_attempts"] == 2
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_a_bad_timeout_is_a_config_error(value: str) -> None:
+    with pytest.raises(ConfigError, match="TRACKING_S3_READ_TIMEOUT"):
+        TrackingConfig.from_env({"TRACKING_S3_READ_TIMEOUT": value})
 
 
 def test_botocore_attempt_variables_win_over_the_default(s3_env: pytest.MonkeyPatch) -> None:

@@ -71,6 +71,10 @@ class MlflowStore(ArtifactStore):
         except MlflowException as exc:
             if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "404" in str(exc):
                 raise NotFoundError(f"{where}: no such artifact.") from exc
-            raise StorageError(f"{where}: the artifact store failed: {exc}") from exc
+            raise StorageError(f"{where}: the artifact store failed ({exc}); retry.") from exc
         except OSError as exc:
-            raise StorageError(f"{where}: the artifact store failed: {exc}") from exc
+            # requests' and urllib3's transport errors are OSErrors: a network failure, not corruption.
+            raise StorageError(
+                f"{where}: the artifact store failed ({exc}); a network or server failure, not corruption: "
+                "check that the tracking server runs (MLFLOW_TRACKING_URI), then retry."
+            ) from exc
