@@ -63,10 +63,10 @@ class Manifest:
         if len(raw) > MAX_BYTES:
             raise _corrupt(where, f"it is {len(raw)} bytes, more than the {MAX_BYTES} a manifest may have")
         try:
-            data = json.loads(raw, parse_constant=_refuse_constant)
+            data = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
         except RecursionError:
             raise _corrupt(where, "its JSON is nested too deeply to parse") from None
-        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, NaN, ints past the digit limit
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, NaN, 1e999, ints past the digit limit
             raise IntegrityError(f"{where} is not valid JSON ({exc}); {_NEXT_STEP}") from exc
         if not isinstance(data, dict):
             raise IntegrityError(f"{where} is not a JSON object; {_NEXT_STEP}")
@@ -116,6 +116,14 @@ def _corrupt(where: str, problem: str) -> IntegrityError:
 def _refuse_constant(name: str) -> Any:
     # The writer never stores NaN or Infinity (allow_nan=False); Python's parser would accept them.
     raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    # 1e999 parses to infinity, which to_json (allow_nan=False) could not write back.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is beyond the range of a float")
+    return value
 
 
 def _is_int(value: Any) -> TypeGuard[int]:

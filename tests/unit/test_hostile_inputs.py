@@ -167,6 +167,7 @@ MALFORMED: dict[str, bytes] = {
     "metric beyond floats": edit(lambda d: d.update(metrics={"val_loss": 10**400})),
     "metric infinite": edit(lambda d: d.update(metrics={"val_loss": 1e999})),
     "metric NaN": json.dumps(valid_manifest()).replace("0.5", "NaN").encode(),
+    "a float beyond range in init_kwargs": json.dumps(valid_manifest()).replace(": 6}", ": 1e999}").encode(),
     "epoch a string": edit(lambda d: d.update(epoch="1")),
     "epoch negative": edit(lambda d: d.update(epoch=-1)),
     "epoch a float": edit(lambda d: d.update(epoch=1.5)),
