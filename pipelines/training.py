@@ -32,12 +32,15 @@ import tracking
 from pipelines import data, options, runs
 from pipelines.progress import EpochProgress
 from pipelines.task import State, Task
+from tracking.config import bound_mlflow_requests
 from tracking.errors import exit_code, one_line
 
 
 def main(task: Task, argv: Sequence[str] | None = None, description: str | None = None) -> int:
     """Run a pipeline from its command line; errors print one line to stderr and return 1."""
     opts = options.parse(argv, prog=f"python -m {task.name}", description=description, defaults=task.defaults)
+    # Every MLflow call of the run fails in about 30 s when the tracking server is gone, not minutes.
+    bound_mlflow_requests()
     try:
         train(task, opts)
     except Exception as exc:

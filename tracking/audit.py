@@ -9,6 +9,7 @@ space: :func:`verify` reports them as *leftovers*, and :func:`clean_leftovers` r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import BinaryIO, cast
 
 from tracking import layout
 from tracking.config import TrackingConfig
@@ -16,7 +17,7 @@ from tracking.errors import IntegrityError, NotFoundError, TrackingError
 from tracking.manifest import Manifest
 from tracking.run import RunHandle, open_run, tracking_server_errors
 from tracking.selection import resolve_run_id
-from tracking.storage import ArtifactStore
+from tracking.storage import ArtifactStore, Buffer, BufferReader
 
 # The folders whose files count only once a manifest in them lists them.
 _MANIFEST_TOPS = (layout.STATE_DICT_DIR, layout.CHECKPOINTS_DIR)
@@ -63,12 +64,31 @@ def verify(source: str, *, config: TrackingConfig | None = None) -> VerifyReport
         for name, expected in manifest.files.items():
             path = f"{folder}/{name}"
             try:
-                store.read(path, expected)
-                report[path] = None
+                data = store.read(path, expected)
+                report[path] = _load_problem(store, path, data, manifest.format)
             except (IntegrityError, NotFoundError) as exc:
                 report[path] = str(exc)
     report.leftovers = _leftovers(store, manifests)
     return report
+
+
+def _load_problem(store: ArtifactStore, path: str, data: Buffer, format: str) -> str | None:
+    """Why intact bytes still would not load (None when they do): what a save must never commit."""
+    import torch
+
+    try:
+        if format == "safetensors":
+            from safetensors.torch import load as load_safetensors
+
+            load_safetensors(bytes(data))
+        else:
+            torch.load(cast(BinaryIO, BufferReader(data)), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        return (
+            f"{store.owner}: {path} matches its manifest but does not load with torch.load(weights_only=True) "
+            f"({' '.join(str(exc).split())[:300]}); load another checkpoint."
+        )
+    return None
 
 
 def clean_leftovers(source: str, *, config: TrackingConfig | None = None, running: bool = True) -> list[str]:

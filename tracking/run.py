@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from tracking.config import TrackingConfig
+from tracking.config import TrackingConfig, bound_mlflow_requests
 from tracking.errors import NotFoundError, StorageError
 from tracking.storage import ArtifactStore, open_store
 
@@ -71,6 +71,7 @@ def open_run(run_id: str, config: TrackingConfig | None = None) -> RunHandle:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    bound_mlflow_requests()
     config = config or TrackingConfig.from_env()
     client = MlflowClient(tracking_uri=config.tracking_uri)
     try:

@@ -227,3 +227,29 @@ def test_a_background_failure_found_only_at_exit_makes_the_process_fail(tracking
     assert "script done" in child.stdout
     assert child.returncode == 1, child.stderr[-3000:]
     assert "error: a background checkpoint save failed: StorageError: injected: the store went away" in child.stderr
+
+
+def test_verify_catches_an_intact_checkpoint_that_does_not_load(experiment: str) -> None:
+    """What an older version could commit: bytes that match their manifest but hold a numpy value."""
+    import io
+    import json
+
+    from tracking import audit, layout
+    from tracking.run import open_run
+
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(Model(6), epoch=1)
+        tracking.log_checkpoint(Model(6), epoch=2)
+    store = open_run(run.info.run_id).store
+    folder = layout.checkpoint_dir(2)
+    buffer = io.BytesIO()
+    torch.save({"epoch": 2, "model_state": {}, "lr": np.float64(0.1)}, buffer)
+    stored = store.write_bytes(f"{folder}/{layout.CHECKPOINT_FILE}", buffer.getvalue())
+    manifest = json.loads(bytes(store.read(layout.manifest_path(folder))))
+    manifest["files"][layout.CHECKPOINT_FILE] = {"size": stored.size, "sha256": stored.sha256}
+    store.write_bytes(layout.manifest_path(folder), json.dumps(manifest).encode())
+
+    report = audit.verify(run.info.run_id)
+    assert report[f"{layout.checkpoint_dir(1)}/{layout.CHECKPOINT_FILE}"] is None
+    problem = report[f"{folder}/{layout.CHECKPOINT_FILE}"]
+    assert problem is not None and "does not load with torch.load(weights_only=True)" in problem
