@@ -169,7 +169,8 @@ def start(
         run_args = {"run_id": origin.info.run_id}
         # A run's params cannot change: log only those it lacks (options added since it started).
         params = {name: value for name, value in params.items() if name not in origin.data.params}
-        resumes = int(origin.data.tags.get(TAG_RESUMES, "0")) + 1
+        recorded = origin.data.tags.get(TAG_RESUMES, "0")
+        resumes = (int(recorded) if recorded.isdecimal() else 0) + 1  # a hand-edited tag restarts the count
         tags = {TAG_RESUMED_FROM_EPOCH: str(epoch), TAG_RESUMES: str(resumes)}
         _note_relogged(client, origin.info.run_id, epoch)
     if overrides:

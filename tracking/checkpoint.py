@@ -368,13 +368,19 @@ def _recorded_best(tags: Mapping[str, str], monitor: str) -> float | None:
 
 
 def check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    if metrics is not None and not isinstance(metrics, Mapping):
+        raise TypeError(f"metrics must be a mapping of name -> number, got {type(metrics).__name__}")
     out: dict[str, float] = {}
     for name, value in (metrics or {}).items():
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        try:
+            number = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else math.nan
+        except OverflowError:  # an int beyond float range
+            number = math.nan
+        if not math.isfinite(number):
             raise ValueError(f"metric {name!r} must be a finite number, got {value!r}")
-        out[str(name)] = float(value)
+        out[str(name)] = number
     return out
 
 

@@ -125,19 +125,26 @@ class S3Store(ArtifactStore):
                 data = self._get_whole(target)
                 return data
             size = expected.size
-            buffer = _new_buffer(size)
-            view = memoryview(buffer)
             part = self.config.part_size
             ranges = [(start, min(start + part, size)) for start in range(0, size, part)] or [(0, 0)]
+            # The first GET comes before the buffer: its answer says the object's real size, so a
+            # manifest claiming 100 GB for a small file fails here instead of allocating 100 GB.
+            first = self._get_range(target, ranges[0], size)
+            try:
+                buffer = _new_buffer(size)
+            except BaseException:
+                first["Body"].close()
+                raise
+            view = memoryview(buffer)
             sha = hashlib.sha256()
             if len(ranges) == 1:
-                self._get_into(target, view, ranges[0], size)
+                self._get_into(target, view, ranges[0], size, first)
                 sha.update(view)
             else:
                 futures = _bounded_map(
                     self.pool,
                     self.config.max_concurrency,
-                    lambda r: self._get_into(target, view[r[0] : r[1]], r, size),
+                    lambda r: self._get_into(target, view[r[0] : r[1]], r, size, first if r == ranges[0] else None),
                     ranges,
                 )
                 try:
@@ -205,8 +212,19 @@ class S3Store(ArtifactStore):
         self._fill(target, response["Body"], memoryview(buffer), 0)
         return buffer
 
-    def _get_into(self, target: S3Location, out: memoryview, byte_range: tuple[int, int], size: int) -> None:
-        """Fill ``out`` with bytes ``byte_range`` of an object that should be ``size`` bytes long."""
+    def _get_into(
+        self, target: S3Location, out: memoryview, byte_range: tuple[int, int], size: int, response: Any = None
+    ) -> None:
+        """Fill ``out`` with bytes ``byte_range`` of an object that should be ``size`` bytes long.
+
+        ``response`` is that range's GET when it was already sent (see :meth:`read`).
+        """
+        if response is None:
+            response = self._get_range(target, byte_range, size)
+        self._fill(target, response["Body"], out, byte_range[0])
+
+    def _get_range(self, target: S3Location, byte_range: tuple[int, int], size: int) -> Any:
+        """GET ``byte_range`` and check the object is ``size`` bytes long; the body is left to read."""
         kwargs: dict[str, Any] = {"Bucket": target.bucket, "Key": target.key}
         if byte_range != (0, size):
             kwargs["Range"] = f"bytes={byte_range[0]}-{byte_range[1] - 1}"
@@ -221,7 +239,7 @@ class S3Store(ArtifactStore):
                 f"says {size}; the stored file was replaced or truncated. Load another checkpoint "
                 "(e.g. checkpoint=<epoch>) or re-log it."
             )
-        self._fill(target, response["Body"], out, byte_range[0])
+        return response
 
     def _fill(self, target: S3Location, body: Any, out: memoryview, offset: int) -> None:
         # urllib3's readinto reads into a new bytes object and copies that (0.1 s of CPU per
