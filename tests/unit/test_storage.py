@@ -12,9 +12,9 @@ import torch
 
 import tracking
 from tests.unit.conftest import BUCKET
-from tracking.payload import TorchSave
 from tracking.config import TrackingConfig
 from tracking.manifest import StoredFile
+from tracking.payload import TorchSave
 from tracking.storage import multipart
 from tracking.storage.s3 import S3Store
 
