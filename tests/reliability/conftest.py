@@ -27,12 +27,7 @@ from tests.integration.conftest import (  # noqa: F401
 from tests.reliability.proxy import FaultProxy
 from tracking.localstack import LocalStack
 
-MARKER = "reliability"
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    # Registered here too, so that --strict-markers accepts it whoever runs this folder.
-    config.addinivalue_line("markers", f"{MARKER}: proves a DESIGN.md reliability promise against the real stack")
+MARKER = "reliability"  # registered in pyproject.toml
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -64,7 +64,7 @@ def assert_sound(run_id: str, expected: Expected | None) -> list[int]:
     tags = run_tags(run_id)
     latest = epoch_of_tag(tags, layout.TAG_LATEST)
     best = epoch_of_tag(tags, layout.TAG_BEST)
-    if epochs:
+    if epochs or layout.TAG_LATEST in tags:
         assert latest in epochs, f"latest tag {tags.get(layout.TAG_LATEST)!r} names no committed checkpoint {epochs}"
         _check_loaded(tracking.load(run_id), latest, expected, "load(run) [latest]")
     if best is not None:
@@ -121,7 +121,8 @@ def pending_uploads(stack: LocalStack, run_id: str) -> list[str]:
 
 
 def leftovers(stack: LocalStack, run_id: str) -> list[str]:
-    """What a save that never committed left in the run's checkpoints: stray objects and pending uploads."""
+    """What saves that never committed left among the run's checkpoints: paths of objects no manifest
+    lists, and of multipart uploads never completed or aborted."""
     from tracking.run import open_run
 
     store = open_run(run_id).store
@@ -132,7 +133,7 @@ def leftovers(stack: LocalStack, run_id: str) -> list[str]:
         wanted.update(f"{folder}/{name}" for name in layout.read_manifest(store, folder).files)
     under = layout.CHECKPOINTS_DIR + "/"
     stray = [path for path in stored(stack, run_id) if path.startswith(under) and path not in wanted]
-    return stray + [f"(pending multipart upload) {key}" for key in pending_uploads(stack, run_id)]
+    return sorted(set(stray) | set(pending_uploads(stack, run_id)))
 
 
 # -- torch.load, watched ----------------------------------------------------------------------

@@ -147,19 +147,23 @@ def crashed(stack_postgres: LocalStack) -> Iterator[dict[str, Child]]:
 
 
 def _clean_and_check(stack: LocalStack, run_id: str, expected: invariants.Expected | None) -> None:
-    """Leftovers of the dead save: cleaned by clean_leftovers where it exists, never counted as committed."""
+    """What the dead save left: invisible to verify's checks and the loader, listed by verify as
+    leftovers, and gone after ``clean_leftovers`` (where the library has it)."""
+    left = invariants.leftovers(stack, run_id)
+    committed = set(invariants.committed(run_id))
+    report = audit.verify(run_id)
+    for path in report:
+        epoch = layout.epoch_of(path)
+        assert epoch is None or epoch in committed, f"verify checks uncommitted {path} as if committed: {report}"
+    if hasattr(report, "leftovers"):
+        reported = {leftover.path for leftover in report.leftovers}
+        assert set(left) <= reported, f"verify does not report leftovers {sorted(set(left) - reported)}"
     clean = getattr(audit, "clean_leftovers", None)
     if clean is None:
-        # No cleaner yet: what is left over must at least be invisible to verify and the loader.
-        committed = set(invariants.committed(run_id))
-        report = audit.verify(run_id)
-        for path in report:
-            epoch = layout.epoch_of(path)
-            assert epoch is None or epoch in committed, f"verify reports uncommitted {path}: {report}"
         return
     clean(run_id)
-    left = invariants.leftovers(stack, run_id)
-    assert not left, f"after clean_leftovers({run_id!r}) the dead save's leftovers remain: {left}"
+    remaining = invariants.leftovers(stack, run_id)
+    assert not remaining, f"after clean_leftovers({run_id!r}) the dead save's leftovers remain: {remaining}"
     invariants.assert_sound(run_id, expected)
 
 

@@ -187,3 +187,40 @@ def test_fault_during_load(
         assert not unpickled, f"torch.load ran although the load failed ({error})"
     route.direct()
     assert tracking.load(committed_run).epoch == 2, "a failed load changed what the run holds"
+
+
+# -- re-logging an epoch: "Re-logging must not destroy the old one before the new one is committed" --
+
+EPOCH1 = layout.checkpoint_dir(1) + "/"
+RELOG_FAULTS: list[tuple[str, str, str, dict[str, Any]]] = [
+    # (phase, server, pattern, Rule arguments): each fails the re-log for good
+    ("upload-part-2", "s3", rf"^PUT \S*{EPOCH1}(?!{layout.MANIFEST_FILE})\S*[?&]partNumber=2\b", {}),
+    ("write-manifest", "s3", rf"^PUT \S*{EPOCH1}{layout.MANIFEST_FILE}", {}),
+    ("move-tags", "tracking", TAGS, {"status": 500}),
+]
+
+
+@pytest.mark.parametrize(("phase", "server", "pattern", "rule"), RELOG_FAULTS, ids=[f[0] for f in RELOG_FAULTS])
+def test_fault_during_relog_keeps_the_old_checkpoint(
+    phase: str,
+    server: str,
+    pattern: str,
+    rule: dict[str, Any],
+    route: Route,
+    new_run: Callable[[], str],
+    small_parts: None,
+    quick_mlflow_retries: None,
+) -> None:
+    run_id = new_run()
+    workload.log(run_id, 1)
+    old, new = workload.model_state(1), workload.model_state(1, salt=1)
+    injected = _proxy(route, server).add(pattern, "status", **{"status": 503, "times": EVERY, **rule})
+
+    _, error = _outcome(lambda: workload.log(run_id, 1, salt=1))
+
+    assert injected.injected >= 1, f"the {phase} phase was never reached: {injected.pattern} matched no request"
+    assert error is not None, f"the re-log succeeded although every {phase} request failed"
+    _assert_storage_error(error, f"re-log with {phase} failing")
+    route.direct()
+    epochs = invariants.assert_sound(run_id, {1: [old, new]})
+    assert epochs == [1], f"the re-log failed at {phase} ({error}) and destroyed the old checkpoint of epoch 1"
