@@ -52,7 +52,8 @@ def main(debug: bool) -> None:
     """Log PyTorch checkpoints to MLflow on S3, and run a local stack to try it."""
 
 
-def _human_size(size: float) -> str:
+def human_size(size: float) -> str:
+    """``size`` bytes for a person: 512 B, 3.2 MiB (the stack's status shows its data folder this way too)."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
@@ -99,7 +100,7 @@ def checkpoints(source: str) -> None:
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(manifest.metrics.items()))
         size = sum(f.size for f in manifest.files.values())
         step = "-" if manifest.step is None else str(manifest.step)
-        table.add_row(str(manifest.epoch), step, metrics, _human_size(size), manifest.created_at, " ".join(marks))
+        table.add_row(str(manifest.epoch), step, metrics, human_size(size), manifest.created_at, " ".join(marks))
     Console().print(table)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from tracking.cli import _human_size
+from tracking.cli import human_size
 from tracking.config import TrackingConfig
 from tracking.localstack.settings import ENV_VARS, StackSettings
 from tracking.localstack.stack import DEFAULT_MLFLOW_PORT, DEFAULT_S3_PORT, SEAWEEDFS_PORT_COUNT, LocalStack
@@ -139,4 +139,4 @@ def status(data_dir: Path | None) -> None:
     console = Console()
     console.print(table)
     console.print(f"backend store: {report.backend_store_uri}")
-    console.print(f"data folder: {report.data_dir} ({_human_size(report.data_bytes)})")
+    console.print(f"data folder: {report.data_dir} ({human_size(report.data_bytes)})")
