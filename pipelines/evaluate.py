@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 import tracking
 from pipelines import data, digits, runs, train, training
-from tracking.errors import exit_code, one_line
+from tracking.errors import run_command
 
 TASKS = {task.dataset: task for task in (train.TASK, digits.TASK)}
 
@@ -65,16 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--checkpoint", type=_checkpoint, default="latest", help="latest, best or an epoch number (default: latest)"
     )
     args = parser.parse_args(argv)
-    try:
-        evaluate(args.run_id, args.checkpoint)
-    except Exception as exc:
-        # MLflow's own errors (a refused request, an unknown run) are the user's to act on, like ours.
-        code = exit_code(exc, also=(MlflowException,))
-        if code is None:
-            raise
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return code
-    return 0
+    # MLflow's own errors (a refused request, an unknown run) are the user's to act on, like ours.
+    return run_command(lambda: evaluate(args.run_id, args.checkpoint), also=(MlflowException,))
 
 
 if __name__ == "__main__":

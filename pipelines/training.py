@@ -16,7 +16,6 @@ resume goes on in, and what it refuses, is :mod:`pipelines.runs`.
 from __future__ import annotations
 
 import random
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,7 +32,7 @@ from pipelines import data, options, runs
 from pipelines.progress import EpochProgress
 from pipelines.task import State, Task
 from tracking.config import bound_mlflow_requests
-from tracking.errors import exit_code, one_line
+from tracking.errors import run_command
 
 
 def main(task: Task, argv: Sequence[str] | None = None, description: str | None = None) -> int:
@@ -41,16 +40,8 @@ def main(task: Task, argv: Sequence[str] | None = None, description: str | None 
     opts = options.parse(argv, prog=f"python -m {task.name}", description=description, defaults=task.defaults)
     # Every MLflow call of the run fails in about 30 s when the tracking server is gone, not minutes.
     bound_mlflow_requests()
-    try:
-        train(task, opts)
-    except Exception as exc:
-        # MLflow's own errors (a refused request, an unknown run) are the user's to act on, like ours.
-        code = exit_code(exc, also=(MlflowException,))
-        if code is None:
-            raise
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return code
-    return 0
+    # MLflow's own errors (a refused request, an unknown run) are the user's to act on, like ours.
+    return run_command(lambda: train(task, opts), also=(MlflowException,))
 
 
 def train(task: Task, opts: options.Options) -> str:

@@ -8,6 +8,9 @@ the one rule for how a command line reports them: exit status 1 and an ``error:`
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 
 class TrackingError(Exception):
     """Base class: something about a run, its artifacts or the store is wrong."""
@@ -48,3 +51,19 @@ def exit_code(exc: BaseException, also: tuple[type[BaseException], ...] = ()) ->
 def one_line(exc: BaseException) -> str:
     """``exc``'s message on one line, whatever newlines it holds, for an ``error:`` line on stderr."""
     return " ".join(str(exc).split())
+
+
+def run_command(action: Callable[[], object], also: tuple[type[BaseException], ...] = ()) -> int:
+    """Run a command's ``action`` and return its exit status: 0, or 1 with ``error: <one line>`` on stderr.
+
+    Errors :func:`exit_code` does not know propagate with their traceback.
+    """
+    try:
+        action()
+    except Exception as exc:
+        code = exit_code(exc, also)
+        if code is None:
+            raise
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return code
+    return 0

@@ -38,3 +38,18 @@ def test_the_helper_imports_neither_torch_nor_mlflow() -> None:
     code = "import sys, tracking.errors; print(sorted({'torch', 'mlflow', 'boto3'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_run_command_prints_one_line_and_returns_1_and_lets_other_errors_through(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tracking.errors import NotFoundError, run_command
+
+    def missing() -> None:
+        raise NotFoundError("run r: no such\ncheckpoint")
+
+    assert run_command(lambda: None) == 0
+    assert run_command(missing) == 1
+    assert capsys.readouterr().err == "error: run r: no such checkpoint\n"
+    with pytest.raises(KeyError):
+        run_command(lambda: {}["x"])
