@@ -35,6 +35,8 @@ HOST = "127.0.0.1"
 MAX_CONNECTIONS = 64
 IO_TIMEOUT = 60.0
 MAX_HEAD_BYTES = 64 * 1024
+MAX_ACCEPTS = 100_000  # per proxy
+MAX_REQUESTS = 10_000  # per client connection
 BLOCK = 256 * 1024
 ACTIONS = ("status", "reset_request", "reset_response", "cut_response", "drop_response", "stall")
 
@@ -163,7 +165,9 @@ class FaultProxy:
         self.close()
 
     def _accept_loop(self) -> None:
-        while not self._stop.is_set():
+        for _ in range(MAX_ACCEPTS):
+            if self._stop.is_set():
+                return
             try:
                 client, _ = self._listener.accept()
             except TimeoutError:
@@ -193,8 +197,8 @@ class FaultProxy:
         self._track(client)
         reader = client.makefile("rb")
         try:
-            while not self._stop.is_set():
-                if not self._exchange(client, reader):
+            for _ in range(MAX_REQUESTS):
+                if self._stop.is_set() or not self._exchange(client, reader):
                     break
         except (_Closed, OSError, ValueError):
             pass
@@ -241,14 +245,15 @@ class FaultProxy:
 
     def _relay(self, client: socket.socket, up: BinaryIO, method: str, rule: Rule | None) -> bool:
         """Relay one response (or fault it); False when the client connection must end."""
-        while True:
+        for _ in range(100):  # interim 1xx answers, then the response
             status_line, headers = _read_head(up)
             status = int(status_line.split(" ")[1])
             raw_head = (status_line + "\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n").encode("latin-1")
-            if 100 <= status < 200:
-                client.sendall(raw_head)
-                continue
-            break
+            if not 100 <= status < 200:
+                break
+            client.sendall(raw_head)
+        else:
+            raise ValueError("too many interim responses")
         action = rule.action if rule is not None else None
         if action == "drop_response":
             _drain(up, method, status, headers)
@@ -303,7 +308,7 @@ def _read_head(reader: BinaryIO) -> tuple[str, list[tuple[str, str]]]:
         raise ValueError("request or status line too long or cut")
     lines: list[str] = []
     total = len(first)
-    while True:
+    for _ in range(MAX_HEAD_BYTES):  # each line takes at least one byte of the budget
         line = reader.readline(MAX_HEAD_BYTES)
         total += len(line)
         if not line.endswith(b"\n") or total > MAX_HEAD_BYTES:
@@ -311,6 +316,8 @@ def _read_head(reader: BinaryIO) -> tuple[str, list[tuple[str, str]]]:
         if line in (b"\r\n", b"\n"):
             break
         lines.append(line.decode("latin-1").rstrip("\r\n"))
+    else:
+        raise ValueError("header block too long")
     headers = []
     for line in lines:
         name, _, value = line.partition(":")

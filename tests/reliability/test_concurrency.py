@@ -105,7 +105,9 @@ def test_two_writers_on_one_run_never_move_pointers_backwards(
     client = MlflowClient()
     seen: list[int] = []
     deadline = time.monotonic() + LIMIT_S
-    while (slow.poll() is None or fast.poll() is None) and time.monotonic() < deadline:
+    for _ in range(int(LIMIT_S / 0.1)):
+        if (slow.poll() is not None and fast.poll() is not None) or time.monotonic() > deadline:
+            break
         latest = client.get_run(run_id).data.tags.get(layout.TAG_LATEST)
         if latest is not None and (not seen or seen[-1] != layout.epoch_of(latest)):
             seen.append(layout.epoch_of(latest) or 0)

@@ -3,9 +3,10 @@ checkpoint loadable and the pointers right" (and "Re-logging must not destroy th
 new one is committed").
 
 Child processes save to the real stack and SIGKILL themselves at one phase each (see
-tests/reliability/crash.py): after creating the multipart upload, before part 2, after all
-parts, after completing it, after the manifest, after moving the tags, between the two deletes
-of retention, in the middle of re-logging an epoch, and a training pipeline mid-save. The
+tests/reliability/crash.py): after creating the multipart upload, before part 2, after
+completing it, after the manifest, after moving the tags, between the two deletes
+of retention, between the data and the manifest of a re-logged epoch, and a training
+pipeline mid-save. The
 children run side by side; then, for each, the parent checks: the previous checkpoint loads
 exactly as saved, latest and best name committed checkpoints, verify finds every committed file
 intact, and once leftovers are cleaned (``tracking.audit.clean_leftovers`` where it exists)
@@ -63,14 +64,12 @@ class Crash:
 CRASHES: dict[str, Crash] = {
     "after-create-upload": Crash("after", "CreateMultipartUpload", _data(2)),
     "before-part-2": Crash("before", "UploadPart", _data(2), nth=2),
-    "after-all-parts": Crash("after", "UploadPart", _data(2), nth=3),
     "after-complete-upload": Crash("after", "CompleteMultipartUpload", _data(2)),
     "after-manifest": Crash("after", "PutObject", _manifest(2), latest=frozenset({1, 2})),
     "after-tags": Crash("after", "tags", latest=frozenset({2})),
     "retention-between-deletes": Crash(
         "after", "DeleteObject", _manifest(1), latest=frozenset({2}), previous=None, child_args=("--keep-last", "1")
     ),
-    "relog-mid-parts": Crash("after", "UploadPart", _data(1), nth=2, epochs="1", relog=True),
     "relog-after-complete-upload": Crash("after", "CompleteMultipartUpload", _data(1), epochs="1", relog=True),
 }
 PIPELINE = "pipeline-after-data-of-epoch-3"

@@ -51,7 +51,8 @@ TRACKING_PASSWORD = _random(string.ascii_letters + string.digits, 32)
 def secret_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     config = TrackingConfig(aws_access_key_id=ACCESS_KEY_ID, aws_secret_access_key=SECRET_ACCESS_KEY)
     s3_port, mlflow_port = free_ports()
-    stack = LocalStack(config, tmp_path_factory.mktemp("stack-secrets"), s3_port=s3_port, mlflow_port=mlflow_port)
+    data_dir = tmp_path_factory.mktemp("stack-secrets")
+    stack = LocalStack(config, data_dir, s3_port=s3_port, mlflow_port=mlflow_port, stop_timeout=5.0)
     assert not stack.uses_local_credentials
     try:
         try:

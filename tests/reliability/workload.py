@@ -79,10 +79,13 @@ def log(run_id: str, epoch: int, hidden: int = BIG, salt: int = 0, **kwargs: Any
 
 def wait_for(path: Path, limit_s: float = WAIT_LIMIT_S) -> None:
     deadline = time.monotonic() + limit_s
-    while not path.exists():
+    for _ in range(int(limit_s / 0.05) + 1):
+        if path.exists():
+            return
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} did not appear within {limit_s:.0f}s")
+            break
         time.sleep(0.05)
+    raise TimeoutError(f"{path} did not appear within {limit_s:.0f}s")
 
 
 def _hold_before_manifest(epoch: int, ready: Path, until: Path) -> None:
