@@ -4,13 +4,12 @@ new one is committed").
 
 Child processes save to the real stack and SIGKILL themselves at one phase each (see
 tests/reliability/crash.py): after creating the multipart upload, before part 2, after
-completing it, after the manifest, after moving the tags, between the two deletes
-of retention, between the data and the manifest of a re-logged epoch, and a training
-pipeline mid-save. The
-children run side by side; then, for each, the parent checks: the previous checkpoint loads
-exactly as saved, latest and best name committed checkpoints, verify finds every committed file
-intact, and once leftovers are cleaned (``tracking.audit.clean_leftovers`` where it exists)
-nothing of the dead save is left in the bucket.
+completing it, after the manifest, after moving the tags, between the two deletes of
+retention, between the data and the manifest of a re-logged epoch, and a training pipeline
+mid-save. The children run side by side; then, for each, the parent checks: the previous
+checkpoint loads exactly as saved, latest and best name committed checkpoints, verify finds
+every committed file intact and lists the leftovers, and once they are cleaned
+(``tracking.audit.clean_leftovers`` where it exists) nothing of the dead save is left in the bucket.
 """
 
 from __future__ import annotations
