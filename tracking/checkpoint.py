@@ -19,11 +19,12 @@ from torch import nn
 
 from tracking import layout, spec
 from tracking.config import TrackingConfig
-from tracking.errors import StorageError
-from tracking.manifest import FORMAT_VERSION, Manifest, now, versions
+from tracking.errors import NotFoundError, StorageError, TrackingError
+from tracking.manifest import FORMAT_VERSION, Manifest, StoredFile, now, versions
 from tracking.payload import TorchSave, check_loadable
 from tracking.run import RunHandle, open_run, target_run_id
 from tracking.saver import background_saver, raise_background_errors, to_host
+from tracking.storage import ArtifactStore
 
 
 @dataclass(frozen=True)
@@ -291,19 +292,24 @@ def commit_checkpoint(handle: RunHandle, snapshot: CheckpointSnapshot) -> Logged
     """Store the checkpoint file, then its manifest, then move the run's tags.
 
     A checkpoint counts as saved once all three happened; when moving the tags fails, the
-    manifest is retracted again, so the run never has a committed checkpoint its pointers
-    ignore. Re-logging an epoch keeps the old checkpoint until the new file is complete: an
-    S3 upload (direct or through a proxying server) replaces an object only when it
-    completes, so a failed or killed re-log leaves the old checkpoint loadable. (On a
-    ``file://`` store a killed re-log can leave a half-written file: its old manifest then
-    no longer matches it, and the loader refuses it as corrupted rather than load it.)
+    manifest is undone, so the run never has a committed checkpoint its pointers ignore.
+
+    Re-logging a committed epoch never touches the old checkpoint before the new one is
+    committed: the new data goes to a staging name, and the new manifest (naming it)
+    replaces the old one in one write. Only then is the data given its usual name again
+    (copy, manifest, delete the staged file), each step leaving a manifest whose file
+    exists; a save killed at any point leaves the old or the new checkpoint loadable.
     """
     manifest = snapshot.manifest
     assert manifest.epoch is not None
+    store = handle.store
     folder = layout.checkpoint_dir(manifest.epoch)
-    stored = handle.store.write(f"{folder}/{layout.CHECKPOINT_FILE}", TorchSave(snapshot.payload))
-    manifest.files = {layout.CHECKPOINT_FILE: stored}
-    handle.store.write_bytes(layout.manifest_path(folder), manifest.to_json())
+    path = layout.manifest_path(folder)
+    previous = _stored_manifest(store, path)
+    name = layout.CHECKPOINT_FILE if previous is None else layout.STAGED_CHECKPOINT_FILE
+    stored = store.write(f"{folder}/{name}", TorchSave(snapshot.payload))
+    manifest.files = {name: stored}
+    store.write_bytes(path, manifest.to_json())
     try:
         # Compare with the run's tags as stored now, not as read when the save began: another
         # writer may have moved them since, and latest must never move backwards, nor best
@@ -313,12 +319,41 @@ def commit_checkpoint(handle: RunHandle, snapshot: CheckpointSnapshot) -> Logged
         if tags:
             handle.set_tags(tags)
     except StorageError as exc:
-        handle.store.delete(layout.manifest_path(folder))
+        if previous is None:
+            store.delete(path)
+        else:
+            store.write_bytes(path, previous)  # the old checkpoint's data was never touched
         raise StorageError(
-            f"{exc} The checkpoint of epoch {manifest.epoch} was not committed (its manifest was retracted "
-            "again, the run's latest/best tags are unchanged); save it again once the tracking server answers."
+            f"{exc} The checkpoint of epoch {manifest.epoch} was not committed (its manifest was undone, "
+            "the run's latest/best tags are unchanged); save it again once the tracking server answers."
         ) from exc
+    if previous is not None:
+        _unstage(store, folder, manifest, stored)
     return LoggedCheckpoint(handle.run_id, folder, manifest)
+
+
+def _stored_manifest(store: ArtifactStore, path: str) -> bytes | None:
+    try:
+        return bytes(store.read(path))
+    except NotFoundError:
+        return None
+
+
+def _unstage(store: ArtifactStore, folder: str, manifest: Manifest, stored: StoredFile) -> None:
+    """Give a re-logged checkpoint's data its usual name, for users who open ``checkpoint.pt`` directly."""
+    try:
+        store.copy(f"{folder}/{layout.STAGED_CHECKPOINT_FILE}", f"{folder}/{layout.CHECKPOINT_FILE}")
+        manifest.files = {layout.CHECKPOINT_FILE: stored}
+        store.write_bytes(layout.manifest_path(folder), manifest.to_json())
+        store.delete(f"{folder}/{layout.STAGED_CHECKPOINT_FILE}")
+    except TrackingError as exc:
+        # Committed already, under the staged name its manifest lists: it loads as it is.
+        warnings.warn(
+            f"{store.owner}: {folder} is committed, but renaming its data to {layout.CHECKPOINT_FILE} failed "
+            f"({exc}); it loads as it is, and `tracking verify --clean` removes what is left over.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _pointer_tags(

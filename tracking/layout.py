@@ -24,6 +24,8 @@ from tracking.storage import ArtifactStore
 
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_FILE = "checkpoint.pt"
+# Where a re-logged epoch's new data waits until its manifest commits (see commit_checkpoint).
+STAGED_CHECKPOINT_FILE = "checkpoint.next.pt"
 MANIFEST_FILE = "manifest.json"
 STATE_DICT_DIR = "state_dict"
 STATE_DICT_FILES = {"torch": "state_dict.pt", "safetensors": "state_dict.safetensors"}
@@ -49,7 +51,7 @@ def checkpoint_dir(epoch: int) -> str:
 def epoch_of(path: str) -> int | None:
     """The epoch of a checkpoint folder (or a file in it) such as ``checkpoints/epoch_0007``; else None."""
     parts = path.strip("/").split("/")
-    if len(parts) == 3 and parts[2] in (CHECKPOINT_FILE, MANIFEST_FILE):
+    if len(parts) == 3 and parts[2] in (CHECKPOINT_FILE, STAGED_CHECKPOINT_FILE, MANIFEST_FILE):
         parts = parts[:2]
     match = _EPOCH_FOLDER.fullmatch(parts[-1]) if len(parts) == 2 and parts[0] == CHECKPOINTS_DIR else None
     return int(match.group(1)) if match else None
@@ -95,3 +97,9 @@ def delete_checkpoint(store: ArtifactStore, epoch: int) -> None:
     folder = checkpoint_dir(epoch)
     store.delete(manifest_path(folder))
     store.delete(f"{folder}/{CHECKPOINT_FILE}")
+    store.delete(f"{folder}/{STAGED_CHECKPOINT_FILE}")
+
+
+def checkpoint_file(manifest: Manifest) -> str:
+    """The data file a checkpoint manifest lists: ``checkpoint.pt``, or the staged name mid re-log."""
+    return CHECKPOINT_FILE if CHECKPOINT_FILE in manifest.files else next(iter(manifest.files), CHECKPOINT_FILE)

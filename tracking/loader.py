@@ -79,11 +79,10 @@ def load(
     folder, manifest = select_checkpoint(handle, "latest" if selector is None else selector, step)
     # The checkpoint's tensors share the download buffer: the model adopts its part of it
     # and the optimizer keeps the rest, so nothing is copied and nothing is left over.
-    state = _read_torch(handle, folder, manifest, layout.CHECKPOINT_FILE, map_location, share=True)
+    name = layout.checkpoint_file(manifest)
+    state = _read_torch(handle, folder, manifest, name, map_location, share=True)
     if not isinstance(state, dict) or "model_state" not in state:
-        raise TrackingError(
-            f"run {handle.run_id}: {folder}/{layout.CHECKPOINT_FILE} has no 'model_state' key; it is not a checkpoint."
-        )
+        raise TrackingError(f"run {handle.run_id}: {folder}/{name} has no 'model_state' key; it is not a checkpoint.")
     built = _build_model(handle, manifest, model, map_location)
     adopted = _load_weights(handle, folder, built, state["model_state"], strict, adopt=True)
     optim = None

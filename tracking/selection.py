@@ -121,7 +121,7 @@ def select_weights(handle: RunHandle, checkpoint: Selector | None) -> tuple[str,
         except NotFoundError:
             checkpoint = "latest"
     folder, manifest = select_checkpoint(handle, checkpoint, None)
-    return folder, manifest, layout.CHECKPOINT_FILE
+    return folder, manifest, layout.checkpoint_file(manifest)
 
 
 def _select_by_listing(handle: RunHandle, which: str) -> tuple[str, Manifest]:

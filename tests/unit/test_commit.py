@@ -253,3 +253,36 @@ def test_verify_catches_an_intact_checkpoint_that_does_not_load(experiment: str)
     assert report[f"{layout.checkpoint_dir(1)}/{layout.CHECKPOINT_FILE}"] is None
     problem = report[f"{folder}/{layout.CHECKPOINT_FILE}"]
     assert problem is not None and "does not load with torch.load(weights_only=True)" in problem
+
+
+def test_a_relog_ends_under_the_usual_name_and_a_failed_one_restores_the_old(
+    experiment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tracking import layout
+    from tracking.run import open_run
+
+    model = Model(6)
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, epoch=1)
+        with torch.no_grad():
+            model.linear.weight.add_(1.0)
+        tracking.log_checkpoint(model, epoch=1)  # re-logged: replaces the first
+        relogged = model.linear.weight.detach().clone()
+        with torch.no_grad():
+            model.linear.weight.add_(1.0)
+
+        def dead_server(self: object, *args: object, **kwargs: object) -> None:
+            raise MlflowException("Connection refused")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(MlflowClient, "log_batch", dead_server)
+            with pytest.raises(tracking.StorageError, match="not committed"):
+                tracking.log_checkpoint(model, epoch=1)
+    store = open_run(run.info.run_id).store
+    folder = layout.checkpoint_dir(1)
+    assert torch.equal(tracking.load(run.info.run_id, checkpoint=1).model.linear.weight, relogged)
+    assert tracking.load(run.info.run_id).manifest.files.keys() == {layout.CHECKPOINT_FILE}
+    # The failed attempt's staged data is a leftover that verify reports, nothing else is.
+    assert sorted(store.list_files(folder)) == sorted(
+        [layout.CHECKPOINT_FILE, layout.MANIFEST_FILE, layout.STAGED_CHECKPOINT_FILE]
+    )

@@ -50,6 +50,7 @@ class MultipartUpload:
         self.copied = bytearray()
         self.filled = 0
         self.done = False
+        self.error: BaseException | None = None
 
     def __enter__(self) -> MultipartUpload:
         return self
@@ -72,6 +73,13 @@ class MultipartUpload:
                     raise
 
     def feed(self, data: memoryview) -> None:
+        try:
+            self._feed(data)
+        except BaseException as exc:
+            self.error = exc  # what the producer's own error handling may hide (see S3Store.write)
+            raise
+
+    def _feed(self, data: memoryview) -> None:
         borrow = len(data) >= BORROW_MIN and self._is_stable(data)
         while len(data):
             chunk = data[: self.part_size - self.filled]

@@ -104,9 +104,24 @@ class S3Store(ArtifactStore):
         upload = MultipartUpload(self.client, self.pool, target, self.config, stable)
         with self._errors(path), upload:
             writer = HashingWriter(upload.feed)
-            produce(cast(BinaryIO, writer))
+            try:
+                produce(cast(BinaryIO, writer))
+            except Exception:
+                # torch.save reports a failing write as its own RuntimeError ("unexpected pos"):
+                # the upload's error is the one that says what happened.
+                if upload.error is not None:
+                    raise upload.error from None
+                raise
             upload.finish()
         return writer.stored()
+
+    def copy(self, source: str, target: str) -> None:
+        with self._errors(source):
+            self.client.copy(
+                {"Bucket": self.root.bucket, "Key": self.root.join(source).key},
+                self.root.bucket,
+                self.root.join(target).key,
+            )
 
     def write_bytes(self, path: str, data: bytes) -> StoredFile:
         if len(data) > self.config.part_size:
