@@ -197,7 +197,15 @@ def announce(client: MlflowClient, run: mlflow.ActiveRun) -> None:
 def _experiment_id(client: MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        return str(client.create_experiment(name))
+        try:
+            return str(client.create_experiment(name))
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            # Another training started at the same moment created it first: use theirs.
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
     if experiment.lifecycle_stage == "deleted":
         raise PipelineError(
             f"experiment {name!r} is deleted; restore it in the MLflow UI or pass another --experiment."
