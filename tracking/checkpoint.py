@@ -197,7 +197,7 @@ def log_checkpoint(
         model_kwargs=model_kwargs,
         scheduler_kwargs=scheduler_kwargs,
     )
-    handle = open_run(target_run_id(run_id), config)
+    handle = open_run(target_run_id(run_id), config, reuse=True)
     # A background save that failed unnoticed fails this save, whichever kind it is.
     raise_background_errors()
     if blocking:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tracking.config import TrackingConfig, bound_mlflow_requests
@@ -66,13 +66,33 @@ def target_run_id(run_id: str | None) -> str:
     return str(active.info.run_id)
 
 
-def open_run(run_id: str, config: TrackingConfig | None = None) -> RunHandle:
-    """Fetch run ``run_id`` (one tracking-server call) and open its artifact store."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
+def open_run(run_id: str, config: TrackingConfig | None = None, *, reuse: bool = False) -> RunHandle:
+    """Fetch run ``run_id`` (one tracking-server call) and open its artifact store.
+
+    ``reuse=True`` (for writers, which re-read the tags when they commit) returns the run as
+    opened before in this process, with empty tags, without asking the server again: a run's
+    artifact location never changes, and a save of a small model is mostly such requests.
+    """
+    import mlflow
 
     bound_mlflow_requests()
     config = config or TrackingConfig.from_env()
+    key = (config, config.tracking_uri or mlflow.get_tracking_uri(), run_id)
+    opened = _opened.get(key) if reuse else None
+    if opened is None:
+        opened = _fetch_run(run_id, config)
+        _opened[key] = opened
+    return replace(opened, tags=dict(opened.tags) if not reuse else {})
+
+
+# Runs opened in this process, by (config, tracking URI, run ID): see open_run(reuse=True).
+_opened: dict[tuple[TrackingConfig, str, str], RunHandle] = {}
+
+
+def _fetch_run(run_id: str, config: TrackingConfig) -> RunHandle:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
     client = MlflowClient(tracking_uri=config.tracking_uri)
     try:
         run = client.get_run(run_id)
