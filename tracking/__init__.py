@@ -16,7 +16,7 @@ _EXPORTS = {
     "ConfigError": "tracking.errors",
     "IntegrityError": "tracking.errors",
     "LoadedCheckpoint": "tracking.loader",
-    "LoggedCheckpoint": "tracking.checkpoint",
+    "LoggedCheckpoint": "tracking.commit",
     "MismatchError": "tracking.errors",
     "NotFoundError": "tracking.errors",
     "StorageError": "tracking.errors",
@@ -80,8 +80,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from tracking.checkpoint import LoggedCheckpoint, log_checkpoint, log_model, log_state_dict
+    from tracking.checkpoint import log_checkpoint, log_model, log_state_dict
     from tracking.checkpointer import Checkpointer
+    from tracking.commit import LoggedCheckpoint
     from tracking.config import TrackingConfig
     from tracking.errors import (
         ConfigError,

@@ -11,13 +11,8 @@ import torch
 from torch import nn
 
 from tracking import layout
-from tracking.checkpoint import (
-    CheckpointSnapshot,
-    LoggedCheckpoint,
-    check_metrics,
-    commit_checkpoint,
-    snapshot_checkpoint,
-)
+from tracking.checkpoint import check_metrics, snapshot_checkpoint
+from tracking.commit import CheckpointSnapshot, LoggedCheckpoint, commit_checkpoint
 from tracking.config import TrackingConfig
 from tracking.run import RunHandle, open_run, target_run_id
 from tracking.saver import AsyncSaver, raise_background_errors
