@@ -7,6 +7,7 @@ point included (see :func:`commit_checkpoint`).
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from collections.abc import Mapping
@@ -63,7 +64,9 @@ def commit_checkpoint(handle: RunHandle, snapshot: CheckpointSnapshot) -> Logged
     folder = layout.checkpoint_dir(manifest.epoch)
     path = layout.manifest_path(folder)
     previous = _stored_manifest(store, path)
-    name = layout.CHECKPOINT_FILE if previous is None else layout.STAGED_CHECKPOINT_FILE
+    # New data never goes to the file the committed manifest lists (usually checkpoint.pt;
+    # the staged name when an earlier re-log died before renaming its data).
+    name = layout.STAGED_CHECKPOINT_FILE if layout.CHECKPOINT_FILE in _listed(previous) else layout.CHECKPOINT_FILE
     stored = store.write(f"{folder}/{name}", TorchSave(snapshot.payload))
     manifest.files = {name: stored}
     store.write_bytes(path, manifest.to_json())
@@ -84,8 +87,10 @@ def commit_checkpoint(handle: RunHandle, snapshot: CheckpointSnapshot) -> Logged
             f"{exc} The checkpoint of epoch {manifest.epoch} was not committed (its manifest was undone, "
             "the run's latest/best tags are unchanged); save it again once the tracking server answers."
         ) from exc
-    if previous is not None:
+    if name == layout.STAGED_CHECKPOINT_FILE:
         _unstage(store, folder, manifest, stored)
+    elif previous is not None:
+        store.delete(f"{folder}/{layout.STAGED_CHECKPOINT_FILE}")  # what the dead re-log had staged
     return LoggedCheckpoint(handle.run_id, folder, manifest)
 
 
@@ -94,6 +99,17 @@ def _stored_manifest(store: ArtifactStore, path: str) -> bytes | None:
         return bytes(store.read(path))
     except NotFoundError:
         return None
+
+
+def _listed(manifest: bytes | None) -> set[str]:
+    """The file names a stored manifest lists (none when there is none, or it cannot be read)."""
+    if manifest is None:
+        return set()
+    try:
+        files = json.loads(manifest).get("files")
+    except (ValueError, AttributeError, RecursionError):
+        return set()
+    return set(files) if isinstance(files, dict) else set()
 
 
 def _unstage(store: ArtifactStore, folder: str, manifest: Manifest, stored: StoredFile) -> None:

@@ -286,3 +286,30 @@ def test_a_relog_ends_under_the_usual_name_and_a_failed_one_restores_the_old(
     assert sorted(store.list_files(folder)) == sorted(
         [layout.CHECKPOINT_FILE, layout.MANIFEST_FILE, layout.STAGED_CHECKPOINT_FILE]
     )
+
+
+def test_a_relog_after_one_that_died_before_renaming_never_writes_the_listed_file(experiment: str) -> None:
+    import json
+
+    from tracking import layout
+    from tracking.run import open_run
+
+    model = Model(6)
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, epoch=1)
+    store = open_run(run.info.run_id).store
+    folder = layout.checkpoint_dir(1)
+    # What a re-log killed after its manifest commit but before the rename leaves behind.
+    store.copy(f"{folder}/{layout.CHECKPOINT_FILE}", f"{folder}/{layout.STAGED_CHECKPOINT_FILE}")
+    manifest = json.loads(bytes(store.read(layout.manifest_path(folder))))
+    manifest["files"] = {layout.STAGED_CHECKPOINT_FILE: manifest["files"][layout.CHECKPOINT_FILE]}
+    store.write_bytes(layout.manifest_path(folder), json.dumps(manifest).encode())
+    assert tracking.load(run.info.run_id).manifest.files.keys() == {layout.STAGED_CHECKPOINT_FILE}
+
+    with torch.no_grad():
+        model.linear.weight.add_(1.0)
+    tracking.log_checkpoint(model, epoch=1, run_id=run.info.run_id)
+    loaded = tracking.load(run.info.run_id)
+    assert torch.equal(loaded.model.linear.weight, model.linear.weight)
+    assert loaded.manifest.files.keys() == {layout.CHECKPOINT_FILE}
+    assert sorted(store.list_files(folder)) == sorted([layout.CHECKPOINT_FILE, layout.MANIFEST_FILE])
