@@ -16,7 +16,7 @@ _EXPORTS = {
     "ConfigError": "tracking.errors",
     "IntegrityError": "tracking.errors",
     "LoadedCheckpoint": "tracking.loader",
-    "LoggedCheckpoint": "tracking.commit",
+    "LoggedCheckpoint": "tracking.catalog",
     "MismatchError": "tracking.errors",
     "NotFoundError": "tracking.errors",
     "StorageError": "tracking.errors",
@@ -33,6 +33,7 @@ _EXPORTS = {
     "log_model": "tracking.checkpoint",
     "log_state_dict": "tracking.checkpoint",
     "rebuildable": "tracking.spec",
+    "register": "tracking.registry",
     "resolve_run_id": "tracking.selection",
     "restore_rng_state": "tracking.rng",
     "wait_for_checkpoints": "tracking.saver",
@@ -60,6 +61,7 @@ __all__ = [
     "log_model",
     "log_state_dict",
     "rebuildable",
+    "register",
     "resolve_run_id",
     "restore_rng_state",
     "wait_for_checkpoints",
@@ -80,9 +82,9 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from tracking.catalog import LoggedCheckpoint
     from tracking.checkpoint import log_checkpoint, log_model, log_state_dict
     from tracking.checkpointer import Checkpointer
-    from tracking.commit import LoggedCheckpoint
     from tracking.config import TrackingConfig
     from tracking.errors import (
         ConfigError,
@@ -94,6 +96,7 @@ if TYPE_CHECKING:
         UnsafeClassError,
     )
     from tracking.loader import LoadedCheckpoint, load, load_model, load_pickled_model, load_state_dict
+    from tracking.registry import register
     from tracking.rng import capture_rng_state, restore_rng_state
     from tracking.saver import wait_for_checkpoints
     from tracking.selection import list_checkpoints, resolve_run_id

@@ -1,40 +1,57 @@
 """Checking what a run has stored against its manifests, and finding what dead saves left behind.
 
-A save that dies (``kill -9``, a lost connection) before its manifest is written leaves data
-that no manifest lists, and on S3 possibly a multipart upload that was never completed. The
-loader never sees either (a checkpoint without a manifest does not exist), but they take up
-space: :func:`verify` reports them as *leftovers*, and :func:`clean_leftovers` removes them.
+A save that dies (``kill -9``, a lost connection) before its checkpoint is committed leaves a
+logged model that never became READY, data that no manifest lists, and on S3 possibly a
+multipart upload that was never completed. No reader sees any of it (a checkpoint without a
+manifest and a READY model does not exist), but it takes up space: :func:`verify` reports
+it as *leftovers*, and :func:`clean_leftovers` removes it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO, cast
 
-from tracking import layout
+from tracking import catalog, layout
+from tracking.catalog import StoredCheckpoint
 from tracking.config import TrackingConfig
 from tracking.errors import IntegrityError, NotFoundError, TrackingError
 from tracking.manifest import Manifest
-from tracking.run import RunHandle, open_run, tracking_server_errors
-from tracking.selection import resolve_run_id
+from tracking.run import RunHandle, tracking_server_errors
+from tracking.selection import open_run_of
 from tracking.storage import ArtifactStore, Buffer, BufferReader
-
-# The folders whose files count only once a manifest in them lists them.
-_MANIFEST_TOPS = (layout.STATE_DICT_DIR, layout.CHECKPOINTS_DIR)
 
 UNCOMMITTED = "no manifest lists it"
 UNFINISHED_UPLOAD = "unfinished upload"
+NOT_COMMITTED_MODEL = "a logged model whose save never committed"
+REPLACED_MODEL = "replaced by a newer checkpoint of the same epoch"
 
 
 @dataclass(frozen=True)
 class Leftover:
-    """A file a save left behind: uncommitted data, or an upload that never completed."""
+    """What a save left behind: uncommitted data, an unfinished upload, or an uncommitted logged model."""
 
-    path: str  # relative to the run's artifact root
-    kind: str  # UNCOMMITTED or UNFINISHED_UPLOAD
+    path: str  # state_dict/<file>, or <checkpoint name> (<model ID>)[/<file>]
+    kind: str
 
     def __str__(self) -> str:
         return f"{self.path} ({self.kind})"
+
+
+@dataclass
+class _Part:
+    """One manifest folder to check: the run's state_dict/, or a checkpoint's logged model."""
+
+    label: str
+    store: ArtifactStore
+    folder: str
+    manifest: Manifest | IntegrityError | None
+    model: StoredCheckpoint | None = None
+    leftover_kind: str | None = None  # set when the whole logged model is a leftover
+    files: list[str] = field(default_factory=list)
+
+    def path(self, name: str) -> str:
+        return f"{self.folder}/{name}" if self.folder else name
 
 
 class VerifyReport(dict[str, str | None]):
@@ -54,25 +71,27 @@ class VerifyReport(dict[str, str | None]):
 
 def verify(source: str, *, config: TrackingConfig | None = None) -> VerifyReport:
     """Check every stored file of a run against its manifest, and list what dead saves left behind."""
-    store = open_run(resolve_run_id(source, config), config).store
-    manifests = _manifests(store)
+    handle = open_run_of(source, config)
+    parts = _parts(handle)
     report = VerifyReport()
-    for folder, manifest in manifests.items():
-        if isinstance(manifest, IntegrityError):
-            report[layout.manifest_path(folder)] = str(manifest)
+    for part in parts:
+        if part.leftover_kind is not None:
             continue
-        for name, expected in manifest.files.items():
-            path = f"{folder}/{name}"
+        if isinstance(part.manifest, IntegrityError):
+            report[f"{part.label}/{layout.MANIFEST_FILE}"] = str(part.manifest)
+            continue
+        assert part.manifest is not None
+        for name, expected in part.manifest.files.items():
             try:
-                data = store.read(path, expected)
-                report[path] = _load_problem(store, path, data, manifest.format)
+                data = part.store.read(part.path(name), expected)
+                report[f"{part.label}/{name}"] = _load_problem(part, name, data, part.manifest.format)
             except (IntegrityError, NotFoundError) as exc:
-                report[path] = str(exc)
-    report.leftovers = _leftovers(store, manifests)
+                report[f"{part.label}/{name}"] = str(exc)
+    report.leftovers = _leftovers(parts)
     return report
 
 
-def _load_problem(store: ArtifactStore, path: str, data: Buffer, format: str) -> str | None:
+def _load_problem(part: _Part, name: str, data: Buffer, format: str) -> str | None:
     """Why intact bytes still would not load (None when they do): what a save must never commit."""
     import torch
 
@@ -85,33 +104,39 @@ def _load_problem(store: ArtifactStore, path: str, data: Buffer, format: str) ->
             torch.load(cast(BinaryIO, BufferReader(data)), map_location="cpu", weights_only=True)
     except Exception as exc:
         return (
-            f"{store.owner}: {path} matches its manifest but does not load with torch.load(weights_only=True) "
+            f"{part.store.owner}: {name} matches its manifest but does not load with torch.load(weights_only=True) "
             f"({' '.join(str(exc).split())[:300]}); load another checkpoint."
         )
     return None
 
 
 def clean_leftovers(source: str, *, config: TrackingConfig | None = None, running: bool = True) -> list[str]:
-    """Abort a run's unfinished uploads and delete data no manifest lists; what was removed.
+    """Abort a run's unfinished uploads, delete data no manifest lists and uncommitted logged models.
 
     Committed checkpoints are never touched. A save in progress looks exactly like a dead one,
     so call this only when no process writes to the run any more; ``running=False`` refuses a
     run whose status is still RUNNING (as a killed run's stays).
     """
-    handle = open_run(resolve_run_id(source, config), config)
+    handle = open_run_of(source, config)
     if not running:
         _refuse_running(handle)
-    store = handle.store
-    leftovers = _leftovers(store, _manifests(store))
-    # Uploads first: completing one after its data was judged would bring the data back.
-    aborted = {Leftover(path, UNFINISHED_UPLOAD) for path in store.abort_pending("")}
+    parts = _parts(handle)
+    leftovers = _leftovers(parts)
+    removed: list[Leftover] = []
+    for part in parts:
+        # Uploads first: completing one after its data was judged would bring the data back.
+        removed += [Leftover(f"{part.label}/{p}", UNFINISHED_UPLOAD) for p in part.store.abort_pending(part.folder)]
+        if part.model is not None and part.leftover_kind is not None:
+            catalog.delete(handle, part.model.model_id, part.model.artifact_uri)
     for leftover in leftovers:
         if leftover.kind == UNCOMMITTED:
-            store.delete(leftover.path)
-    removed = [leftover for leftover in leftovers if leftover.kind == UNCOMMITTED] + sorted(
-        aborted, key=lambda leftover: leftover.path
-    )
-    return [str(leftover) for leftover in removed]
+            part_label, _, name = leftover.path.rpartition("/")
+            part = next(p for p in parts if p.label == part_label)
+            part.store.delete(part.path(name))
+            removed.append(leftover)
+        elif leftover.kind in (NOT_COMMITTED_MODEL, REPLACED_MODEL):
+            removed.append(leftover)
+    return [str(leftover) for leftover in sorted(removed, key=lambda leftover: leftover.path)]
 
 
 def _refuse_running(handle: RunHandle) -> None:
@@ -124,37 +149,52 @@ def _refuse_running(handle: RunHandle) -> None:
         )
 
 
-def _manifests(store: ArtifactStore) -> dict[str, Manifest | IntegrityError]:
-    """Every committed folder's manifest, or the reason it cannot be read."""
-    folders = [layout.checkpoint_dir(epoch) for epoch in layout.committed_epochs(store)]
-    if layout.MANIFEST_FILE in store.list_files(layout.STATE_DICT_DIR):
-        folders.insert(0, layout.STATE_DICT_DIR)
-    found: dict[str, Manifest | IntegrityError] = {}
-    for folder in folders:
-        try:
-            found[folder] = layout.read_manifest(store, folder)
-        except IntegrityError as exc:
-            found[folder] = exc
-        except NotFoundError:
-            continue  # deleted since the listing (retention): its data is a leftover now
-    return found
+def _parts(handle: RunHandle) -> list[_Part]:
+    """The run's state dict folder and every checkpoint logged model, each with its manifest and files."""
+    parts = []
+    state_files = handle.store.list_files(layout.STATE_DICT_DIR)
+    if state_files:
+        part = _Part(
+            layout.STATE_DICT_DIR, handle.store, layout.STATE_DICT_DIR, _manifest(handle.store, layout.STATE_DICT_DIR)
+        )
+        part.files = state_files
+        parts.append(part)
+    models = catalog.search(handle, status=None)
+    newest = {m.epoch: m.model_id for m in models if m.status == catalog.READY}  # oldest first: newest wins
+    for model in models:
+        part = _Part(f"{model.name} ({model.model_id})", model.store, "", None, model)
+        part.files = model.store.list_files("")
+        if model.status != catalog.READY:
+            part.leftover_kind = NOT_COMMITTED_MODEL
+        else:
+            part.manifest = _manifest(model.store, "")
+            if part.manifest is None:
+                part.leftover_kind = NOT_COMMITTED_MODEL  # READY, but its failed save removed the manifest
+            elif newest.get(model.epoch) != model.model_id:
+                part.leftover_kind = REPLACED_MODEL
+        parts.append(part)
+    return parts
 
 
-def _leftovers(store: ArtifactStore, manifests: dict[str, Manifest | IntegrityError]) -> list[Leftover]:
-    """Files below the manifest folders that no readable manifest lists, and unfinished uploads."""
-    accounted: set[str] = set()
-    unreadable: list[str] = []
-    for folder, manifest in manifests.items():
-        if isinstance(manifest, IntegrityError):
-            unreadable.append(f"{folder}/")  # its files may be committed: leave them to the BAD line
-            continue
-        accounted.add(layout.manifest_path(folder))
-        accounted.update(f"{folder}/{name}" for name in manifest.files)
+def _manifest(store: ArtifactStore, folder: str) -> Manifest | IntegrityError | None:
+    try:
+        return layout.read_manifest(store, folder)
+    except IntegrityError as exc:
+        return exc
+    except NotFoundError:
+        return None
+
+
+def _leftovers(parts: list[_Part]) -> list[Leftover]:
+    """Uncommitted logged models, files that no readable manifest lists, and unfinished uploads."""
     found: list[Leftover] = []
-    for top in _MANIFEST_TOPS:
-        for name in store.list_files(top):
-            path = f"{top}/{name}"
-            if path not in accounted and not path.startswith(tuple(unreadable)):
-                found.append(Leftover(path, UNCOMMITTED))
-    found += [Leftover(path, UNFINISHED_UPLOAD) for path in store.pending_uploads("")]
+    for part in parts:
+        found += [Leftover(f"{part.label}/{p}", UNFINISHED_UPLOAD) for p in part.store.pending_uploads(part.folder)]
+        if part.leftover_kind is not None:
+            found.append(Leftover(part.label, part.leftover_kind))
+            continue
+        if isinstance(part.manifest, IntegrityError):
+            continue  # its files may be committed: leave them to the BAD line
+        listed = {layout.MANIFEST_FILE} | set(part.manifest.files if part.manifest else ())
+        found += [Leftover(f"{part.label}/{name}", UNCOMMITTED) for name in part.files if name not in listed]
     return found

@@ -1,7 +1,7 @@
 """Writing a model's weights, whole model and resumable checkpoints to an MLflow run.
 
-Where each file goes is :mod:`tracking.layout`'s business; this module decides what
-goes in it and in which order (data first, the manifest last, then the run's tags).
+Where each file goes is :mod:`tracking.layout`'s business, and how a checkpoint is committed
+:mod:`tracking.commit`'s; this module decides what goes in each file.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from tracking import layout, spec
-from tracking.commit import CheckpointSnapshot, LoggedCheckpoint, commit_checkpoint
+from tracking.catalog import LoggedCheckpoint
+from tracking.commit import CheckpointSnapshot, commit_checkpoint
 from tracking.config import TrackingConfig
 from tracking.manifest import FORMAT_VERSION, Manifest, now, versions
 from tracking.payload import TorchSave, check_loadable
@@ -159,13 +160,14 @@ def log_checkpoint(
     config: TrackingConfig | None = None,
     blocking: bool = True,
 ) -> LoggedCheckpoint | Future[LoggedCheckpoint]:
-    """Log a resumable checkpoint: ``checkpoint.pt`` and then its manifest, in the epoch's folder.
+    """Log a resumable checkpoint as a logged model of the run: ``checkpoint.pt``, then its manifest.
 
     ``checkpoint.pt`` is a plain dict that ``torch.load(f, weights_only=True)`` reads back
     (``epoch``, ``model_state``, ``optim_state``) plus ``scheduler_state``, ``scaler_state``, ``step``, ``metrics``
     and any ``extra`` keys (tensors and plain Python values only). The manifest is
-    written last; the run's ``latest`` tag (and ``best``, when ``monitor`` is given)
-    move only once it is stored.
+    written last, then the model is marked READY; the run's ``latest`` tag (and ``best``, when
+    ``monitor`` is given) move only then, and ``metrics`` are logged against the model.
+    The result's ``uri`` (``models:/<model_id>``) loads exactly this checkpoint.
 
     With ``blocking=False`` the call returns once the state is copied to host memory
     and the upload runs in the background (one at a time, in order); the returned

@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from tracking import layout
+from tracking import catalog, layout
+from tracking.catalog import LoggedCheckpoint
 from tracking.checkpoint import check_metrics, snapshot_checkpoint
-from tracking.commit import CheckpointSnapshot, LoggedCheckpoint, commit_checkpoint
+from tracking.commit import CheckpointSnapshot, commit_checkpoint
 from tracking.config import TrackingConfig
 from tracking.run import RunHandle, open_run, target_run_id
 from tracking.saver import AsyncSaver, raise_background_errors
@@ -21,8 +22,8 @@ from tracking.saver import AsyncSaver, raise_background_errors
 class Checkpointer:
     """Saves every ``every_n_epochs`` epochs and keeps the last N and the best K checkpoints.
 
-    A checkpoint outside both sets is deleted from the store (manifest first, then
-    data) right after the next one commits; the latest checkpoint is always kept, and
+    A checkpoint outside both sets is deleted (manifest first, then data, then its logged
+    model) right after the next one commits; the latest checkpoint is always kept, and
     the run's ``latest``/``best`` tags always point at checkpoints that exist.
     ``keep_last=None`` and ``keep_best=None`` together keep everything.
 
@@ -61,8 +62,10 @@ class Checkpointer:
         self._run_id = run_id
         self._config = config
         self._handle: RunHandle | None = None
-        # epoch -> monitored value (None when the checkpoint lacks it), for retention.
+        # epoch -> monitored value (None when the checkpoint lacks it), for retention, and
+        # epoch -> (model ID, artifact location), to delete what falls out.
         self._kept: dict[int, float | None] | None = None
+        self._models: dict[int, tuple[str, str]] = {}
         self._saver = AsyncSaver(on_busy) if async_save else None
 
     def should_save(self, epoch: int) -> bool:
@@ -125,6 +128,8 @@ class Checkpointer:
         epoch = snapshot.manifest.epoch
         assert epoch is not None and self._kept is not None
         self._kept[epoch] = snapshot.manifest.metrics.get(self.monitor)
+        assert logged.model_id is not None and logged.artifact_uri is not None
+        self._models[epoch] = (logged.model_id, logged.artifact_uri)
         self._apply_retention(handle, self._kept, latest=epoch)
         return logged
 
@@ -138,9 +143,9 @@ class Checkpointer:
         if self._kept is None:
             self._kept = {}
             if self.keep_last is not None or self.keep_best is not None:
-                for epoch in layout.committed_epochs(handle.store):
-                    metrics = layout.read_manifest(handle.store, layout.checkpoint_dir(epoch)).metrics
-                    self._kept[epoch] = metrics.get(self.monitor)
+                for epoch, stored in catalog.committed(handle).items():
+                    self._kept[epoch] = stored.metrics.get(self.monitor)
+                    self._models[epoch] = (stored.model_id, stored.artifact_uri)
         return self._kept
 
     def _apply_retention(self, handle: RunHandle, kept: dict[int, float | None], latest: int) -> None:
@@ -152,19 +157,19 @@ class Checkpointer:
         if self.keep_best is not None:
             keep.update(layout.best_first(kept, self.mode)[: self.keep_best])
         ranked = layout.best_first({e: kept[e] for e in keep}, self.mode)
-        if ranked and handle.tags.get(layout.TAG_BEST) != layout.checkpoint_dir(ranked[0]):
+        if ranked and handle.tags.get(layout.TAG_BEST) != self._models[ranked[0]][0]:
             # The best checkpoint fell out of the kept set: point the tag at the best survivor
             # before anything is deleted, so it never names a missing checkpoint.
             handle.set_tags(
                 {
-                    layout.TAG_BEST: layout.checkpoint_dir(ranked[0]),
+                    layout.TAG_BEST: self._models[ranked[0]][0],
                     layout.TAG_BEST_VALUE: repr(kept[ranked[0]]),
                     layout.TAG_MONITOR: self.monitor,
                     layout.TAG_MODE: self.mode,
                 }
             )
         for epoch in sorted(set(kept) - keep):
-            layout.delete_checkpoint(handle.store, epoch)
+            catalog.delete(handle, *self._models.pop(epoch))
             del kept[epoch]
 
     def __enter__(self) -> Checkpointer:

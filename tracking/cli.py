@@ -80,36 +80,37 @@ _source_argument = click.argument("source", metavar="RUN", callback=_check_sourc
 @main.command()
 @_source_argument
 def checkpoints(source: str) -> None:
-    """List a run's committed checkpoints. RUN is a run ID, runs:/<id> or models:/<name>@<alias>."""
+    """List a run's committed checkpoints (each a logged model). RUN is a run ID or runs:/<id>."""
     from rich.console import Console
     from rich.table import Table
 
     from tracking.selection import find_checkpoint, list_checkpoints
 
-    manifests = list_checkpoints(source)
-    if not manifests:
+    logged = list_checkpoints(source)
+    if not logged:
         click.echo(f"{source}: no committed checkpoints")
         return
-    latest = find_checkpoint(source, "latest")[1].epoch
-    best = _best_epoch(source)
+    latest = find_checkpoint(source, "latest").model_id
+    best = _best_model(source)
     table = Table(title=f"checkpoints of {source}")
-    for column in ("epoch", "step", "metrics", "size", "created", ""):
+    for column in ("epoch", "step", "metrics", "size", "model ID", ""):
         table.add_column(column)
-    for manifest in manifests:
-        marks = [m for m, e in (("latest", latest), ("best", best)) if e == manifest.epoch]
+    for checkpoint in logged:
+        manifest = checkpoint.manifest
+        marks = [m for m, e in (("latest", latest), ("best", best)) if e == checkpoint.model_id]
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(manifest.metrics.items()))
         size = sum(f.size for f in manifest.files.values())
         step = "-" if manifest.step is None else str(manifest.step)
-        table.add_row(str(manifest.epoch), step, metrics, human_size(size), manifest.created_at, " ".join(marks))
+        table.add_row(str(manifest.epoch), step, metrics, human_size(size), checkpoint.model_id, " ".join(marks))
     Console().print(table)
 
 
-def _best_epoch(source: str) -> int | None:
+def _best_model(source: str) -> str | None:
     from tracking.errors import NotFoundError
     from tracking.selection import find_checkpoint
 
     try:
-        return find_checkpoint(source, "best")[1].epoch
+        return find_checkpoint(source, "best").model_id
     except NotFoundError:
         return None  # no monitored metric: nothing is "best"
 
@@ -130,13 +131,12 @@ def _check_checkpoint(ctx: click.Context, param: click.Parameter, value: str) ->
     help="latest, best or an epoch number.",
 )
 def show(source: str, checkpoint: str) -> None:
-    """Print a checkpoint's manifest as JSON. RUN is a run ID, runs:/<id> or models:/<name>@<alias>."""
-    from tracking.layout import manifest_path
+    """Print a checkpoint's manifest as JSON. RUN: a run ID, runs:/<id>, models:/<model_id> or a registry URI."""
     from tracking.selection import find_checkpoint
 
-    folder, manifest = find_checkpoint(source, checkpoint)
-    click.echo(f"# {manifest_path(folder)}", err=True)
-    click.echo(manifest.to_json().decode())
+    located = find_checkpoint(source, checkpoint)
+    click.echo(f"# {located.store.describe(located.path('manifest.json'))}", err=True)
+    click.echo(located.manifest.to_json().decode())
 
 
 @main.command()

@@ -1,35 +1,26 @@
-"""Committing a checkpoint: data, then the manifest, then the run's pointer tags.
+"""Committing a checkpoint: its logged model, its data, its manifest, READY, then the run's tags.
 
-A checkpoint exists once its manifest is stored, and counts as saved once the tags moved;
-every step here keeps that true for whoever reads the run meanwhile, a save killed at any
-point included (see :func:`commit_checkpoint`).
+A checkpoint exists once its manifest is stored and its logged model is READY, and counts
+as saved once the run's pointer tags moved; every step keeps that true for whoever reads
+the run meanwhile, a save killed at any point included (see :func:`commit_checkpoint`).
 """
 
 from __future__ import annotations
 
-import json
 import math
+import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from tracking import layout
-from tracking.errors import NotFoundError, StorageError, TrackingError
-from tracking.manifest import Manifest, StoredFile
+from tracking import catalog, layout
+from tracking.catalog import LoggedCheckpoint, StoredCheckpoint
+from tracking.errors import StorageError, TrackingError
+from tracking.manifest import Manifest
 from tracking.payload import TorchSave
 from tracking.run import RunHandle
 from tracking.saver import to_host
-from tracking.storage import ArtifactStore
-
-
-@dataclass(frozen=True)
-class LoggedCheckpoint:
-    """Where a checkpoint was committed, and its manifest."""
-
-    run_id: str
-    path: str
-    manifest: Manifest
 
 
 @dataclass
@@ -47,103 +38,109 @@ class CheckpointSnapshot:
 
 
 def commit_checkpoint(handle: RunHandle, snapshot: CheckpointSnapshot) -> LoggedCheckpoint:
-    """Store the checkpoint file, then its manifest, then move the run's tags.
+    """Store a checkpoint as a new logged model of the run, then point the run's tags at it.
 
-    A checkpoint counts as saved once all three happened; when moving the tags fails, the
-    manifest is undone, so the run never has a committed checkpoint its pointers ignore.
-
-    Re-logging a committed epoch never touches the old checkpoint before the new one is
-    committed: the new data goes to a staging name, and the new manifest (naming it)
-    replaces the old one in one write. Only then is the data given its usual name again
-    (copy, manifest, delete the staged file), each step leaving a manifest whose file
-    exists; a save killed at any point leaves the old or the new checkpoint loadable.
+    Order: the logged model (PENDING), ``checkpoint.pt``, ``manifest.json``, READY, then one
+    request that moves the run's latest/best tags and logs the metrics against the model.
+    A save that fails on the way ends FAILED with its files removed, and the tags unchanged;
+    one killed on the way leaves a PENDING model that no reader lists and ``tracking verify
+    --clean`` removes. Re-logging an epoch makes a new model; the one it replaces is deleted
+    only after the new one is committed.
     """
     manifest = snapshot.manifest
     assert manifest.epoch is not None
-    store = handle.store
-    folder = layout.checkpoint_dir(manifest.epoch)
-    path = layout.manifest_path(folder)
-    previous = _stored_manifest(store, path)
-    # New data never goes to the file the committed manifest lists (usually checkpoint.pt;
-    # the staged name when an earlier re-log died before renaming its data).
-    name = layout.STAGED_CHECKPOINT_FILE if layout.CHECKPOINT_FILE in _listed(previous) else layout.CHECKPOINT_FILE
-    stored = store.write(f"{folder}/{name}", TorchSave(snapshot.payload))
-    manifest.files = {name: stored}
-    store.write_bytes(path, manifest.to_json())
+    checkpoint = catalog.create(handle, manifest)
     try:
+        stored = checkpoint.store.write(layout.CHECKPOINT_FILE, TorchSave(snapshot.payload))
+        manifest.files = {layout.CHECKPOINT_FILE: stored}
+        checkpoint.store.write_bytes(layout.MANIFEST_FILE, manifest.to_json())
+        catalog.set_status(handle, checkpoint, catalog.READY)
         # Compare with the run's tags as stored now, not as read when the save began: another
         # writer may have moved them since, and latest must never move backwards, nor best
         # to a worse checkpoint.
         handle.refresh_tags()
-        tags = _pointer_tags(handle.tags, folder, manifest, snapshot.monitor, snapshot.mode)
-        if tags:
-            handle.set_tags(tags)
-    except StorageError as exc:
-        if previous is None:
-            store.delete(path)
-        else:
-            store.write_bytes(path, previous)  # the old checkpoint's data was never touched
-        raise StorageError(
-            f"{exc} The checkpoint of epoch {manifest.epoch} was not committed (its manifest was undone, "
-            "the run's latest/best tags are unchanged); save it again once the tracking server answers."
-        ) from exc
-    if name == layout.STAGED_CHECKPOINT_FILE:
-        _unstage(store, folder, manifest, stored)
-    elif previous is not None:
-        store.delete(f"{folder}/{layout.STAGED_CHECKPOINT_FILE}")  # what the dead re-log had staged
-    return LoggedCheckpoint(handle.run_id, folder, manifest)
+        replaced = _replaced(handle.tags, manifest.epoch, checkpoint.model_id)
+        tags = _pointer_tags(handle.tags, checkpoint, manifest, snapshot.monitor, snapshot.mode, replaced)
+        handle.set_tags(tags, _model_metrics(checkpoint, manifest))
+    except Exception as exc:
+        _abandon(handle, checkpoint)
+        if isinstance(exc, StorageError):
+            raise StorageError(
+                f"{exc} The checkpoint of epoch {manifest.epoch} was not committed (its logged model "
+                f"{checkpoint.model_id} is marked FAILED, the run's latest/best tags are unchanged); save it "
+                "again once the store and the tracking server answer."
+            ) from exc
+        raise
+    for model_id in replaced:
+        _delete_replaced(handle, model_id)
+    return LoggedCheckpoint(handle.run_id, checkpoint.name, manifest, checkpoint.model_id, checkpoint.artifact_uri)
 
 
-def _stored_manifest(store: ArtifactStore, path: str) -> bytes | None:
+def _model_metrics(checkpoint: StoredCheckpoint, manifest: Manifest) -> list[Any]:
+    """The checkpoint's metrics as MLflow metrics of its logged model, at the checkpoint's step."""
+    from mlflow.entities import Metric
+
+    step = manifest.step if manifest.step is not None else manifest.epoch
+    now = int(time.time() * 1000)
+    return [Metric(k, v, now, step or 0, model_id=checkpoint.model_id) for k, v in manifest.metrics.items()]
+
+
+def _abandon(handle: RunHandle, checkpoint: StoredCheckpoint) -> None:
+    """Undo a save that failed: the manifest first (the checkpoint stops existing), then FAILED."""
     try:
-        return bytes(store.read(path))
-    except NotFoundError:
-        return None
-
-
-def _listed(manifest: bytes | None) -> set[str]:
-    """The file names a stored manifest lists (none when there is none, or it cannot be read)."""
-    if manifest is None:
-        return set()
+        checkpoint.store.delete(layout.MANIFEST_FILE)
+        checkpoint.store.delete(layout.CHECKPOINT_FILE)
+    except TrackingError:
+        pass  # readers need the manifest, and verify --clean finds what stays
     try:
-        files = json.loads(manifest).get("files")
-    except (ValueError, AttributeError, RecursionError):
-        return set()
-    return set(files) if isinstance(files, dict) else set()
+        catalog.set_status(handle, checkpoint, catalog.FAILED)
+    except TrackingError:
+        pass  # the server that failed the save may refuse this too: the manifest is gone either way
 
 
-def _unstage(store: ArtifactStore, folder: str, manifest: Manifest, stored: StoredFile) -> None:
-    """Give a re-logged checkpoint's data its usual name, for users who open ``checkpoint.pt`` directly."""
+def _replaced(tags: Mapping[str, str], epoch: int, model_id: str) -> set[str]:
+    """The models the run's tags name for this same epoch: a re-log replaces them."""
+    named = set()
+    if tags.get(layout.TAG_LATEST_EPOCH) == str(epoch):
+        named.add(tags.get(layout.TAG_LATEST, ""))
+    return {m for m in named if m and m != model_id}
+
+
+def _delete_replaced(handle: RunHandle, model_id: str) -> None:
     try:
-        store.copy(f"{folder}/{layout.STAGED_CHECKPOINT_FILE}", f"{folder}/{layout.CHECKPOINT_FILE}")
-        manifest.files = {layout.CHECKPOINT_FILE: stored}
-        store.write_bytes(layout.manifest_path(folder), manifest.to_json())
-        store.delete(f"{folder}/{layout.STAGED_CHECKPOINT_FILE}")
+        replaced = catalog.get(handle.client, model_id, handle.config)
+        catalog.delete(handle, replaced.model_id, replaced.artifact_uri)
     except TrackingError as exc:
-        # Committed already, under the staged name its manifest lists: it loads as it is.
         warnings.warn(
-            f"{store.owner}: {folder} is committed, but renaming its data to {layout.CHECKPOINT_FILE} failed "
-            f"({exc}); it loads as it is, and `tracking verify --clean` removes what is left over.",
+            f"run {handle.run_id}: the re-logged checkpoint replaces {model_id}, which could not be deleted "
+            f"({exc}); it is no longer latest, and `tracking verify --clean` removes it.",
             RuntimeWarning,
             stacklevel=3,
         )
 
 
 def _pointer_tags(
-    tags: Mapping[str, str], folder: str, manifest: Manifest, monitor: str | None, mode: str
+    tags: Mapping[str, str],
+    checkpoint: StoredCheckpoint,
+    manifest: Manifest,
+    monitor: str | None,
+    mode: str,
+    replaced: set[str],
 ) -> dict[str, str]:
     """The pointer tags to move for a newly committed checkpoint, given the run's current tags."""
     assert manifest.epoch is not None
     out = {}
-    latest = layout.epoch_of(tags.get(layout.TAG_LATEST, ""))
-    if latest is None or manifest.epoch >= latest:
-        out[layout.TAG_LATEST] = folder
+    latest = tags.get(layout.TAG_LATEST_EPOCH, "")
+    if not latest.isdecimal() or manifest.epoch >= int(latest):
+        out[layout.TAG_LATEST] = checkpoint.model_id
+        out[layout.TAG_LATEST_EPOCH] = str(manifest.epoch)
     if monitor is not None:
         value = manifest.metrics[monitor]
-        if layout.is_better(value, _recorded_best(tags, monitor), mode):
+        recorded = None if tags.get(layout.TAG_BEST) in replaced else _recorded_best(tags, monitor)
+        if layout.is_better(value, recorded, mode):
             out.update(
                 {
-                    layout.TAG_BEST: folder,
+                    layout.TAG_BEST: checkpoint.model_id,
                     layout.TAG_BEST_VALUE: repr(value),
                     layout.TAG_MONITOR: monitor,
                     layout.TAG_MODE: mode,

@@ -23,8 +23,7 @@ from tracking import layout, spec, zerocopy
 from tracking.config import TrackingConfig
 from tracking.errors import ConfigError, MismatchError, NotFoundError, TrackingError
 from tracking.manifest import Manifest
-from tracking.run import RunHandle
-from tracking.selection import Selector, open_source, resolve_run_id, select_checkpoint, select_weights
+from tracking.selection import Located, Selector, find_checkpoint, find_weights, resolve_run_id
 from tracking.storage import BufferReader
 
 MODEL_HINT = "pass model=<an instance or a factory> to tracking.load"
@@ -49,6 +48,7 @@ class LoadedCheckpoint:
     path: str
     manifest: Manifest
     extra: dict[str, Any] = field(default_factory=dict)
+    model_id: str | None = None
 
 
 def load(
@@ -66,41 +66,41 @@ def load(
 ) -> LoadedCheckpoint:
     """Rebuild the model, optimizer, scheduler and AMP scaler of a logged checkpoint.
 
-    ``source`` is a run ID, ``runs:/<id>`` or ``models:/<name>@<alias>`` /
-    ``models:/<name>/<version>``. ``checkpoint`` is ``"latest"``, ``"best"`` or an
-    epoch number; ``step=`` picks the checkpoint logged at that global step instead.
+    ``source`` is a run ID or ``runs:/<id>`` (then ``checkpoint`` is ``"latest"``, ``"best"``
+    or an epoch number, and ``step=`` picks the checkpoint logged at that global step
+    instead), a checkpoint's logged model ``models:/<model_id>``, or a registry version
+    ``models:/<name>@<alias>`` / ``models:/<name>/<version>``: the checkpoint it was made from.
     ``mode="eval"`` returns the model in eval mode, ``"train"`` ready to resume.
     Pass ``model=`` (instance or factory), ``optimizer=`` (factory taking the model's
     parameters) or ``scheduler=`` (factory taking the optimizer) for classes that
     cannot be rebuilt from the manifest.
     """
     _check_mode(mode)
-    handle, selector = open_source(source, checkpoint, config)
-    folder, manifest = select_checkpoint(handle, "latest" if selector is None else selector, step)
+    located = find_checkpoint(source, checkpoint, step=step, config=config)
+    manifest = located.manifest
     # The checkpoint's tensors share the download buffer: the model adopts its part of it
     # and the optimizer keeps the rest, so nothing is copied and nothing is left over.
-    name = layout.checkpoint_file(manifest)
-    state = _read_torch(handle, folder, manifest, name, map_location, share=True)
+    state = _read_torch(located, map_location, share=True)
     if not isinstance(state, dict) or "model_state" not in state:
-        raise TrackingError(f"run {handle.run_id}: {folder}/{name} has no 'model_state' key; it is not a checkpoint.")
-    built = _build_model(handle, manifest, model, map_location)
-    adopted = _load_weights(handle, folder, built, state["model_state"], strict, adopt=True)
+        raise TrackingError(f"run {located.run_id}: {located.label} has no 'model_state' key; it is not a checkpoint.")
+    built = _build_model(located, model, map_location)
+    adopted = _load_weights(located, built, state["model_state"], strict, adopt=True)
     optim = None
     if state.get("optim_state") is not None:
-        optim = _build_optimizer(handle, manifest, built, optimizer)
+        optim = _build_optimizer(located, built, optimizer)
         # A model that copied its weights leaves its part of the buffer unused: the optimizer
         # state then gets copies of its own, so that the buffer can be freed.
         optim.load_state_dict(state["optim_state"] if adopted else _own(state["optim_state"]))
     sched = None
     if state.get("scheduler_state") is not None and optim is not None:
-        sched = _build_scheduler(handle, manifest, optim, scheduler)
+        sched = _build_scheduler(located, optim, scheduler)
         sched.load_state_dict(_own(state["scheduler_state"]))
     scaler = None
     if state.get("scaler_state") is not None:
         scaler_cls = spec.import_class(
             (manifest.scaler or {}).get("class", "torch.amp.grad_scaler:GradScaler"),
             "scaler",
-            run_id=handle.run_id,
+            run_id=located.run_id,
             hint="install a torch that provides it",
         )
         scaler = scaler_cls(torch.device(map_location).type)
@@ -115,10 +115,11 @@ def load(
         epoch=state.get("epoch"),
         step=state.get("step"),
         metrics=dict(state.get("metrics") or manifest.metrics),
-        run_id=handle.run_id,
-        path=folder,
+        run_id=located.run_id,
+        path=located.label,
         manifest=manifest,
         extra={k: _own(v) for k, v in state.items() if k not in known},
+        model_id=located.model_id,
     )
 
 
@@ -130,12 +131,11 @@ def load_state_dict(
     config: TrackingConfig | None = None,
 ) -> dict[str, torch.Tensor]:
     """The model weights alone: the ``state_dict/`` artifact, or a checkpoint's ``model_state``."""
-    handle, selector = open_source(source, checkpoint, config)
-    folder, manifest, name = select_weights(handle, selector)
+    located = find_weights(source, checkpoint, config)
     # Weights may share the download buffer only when they are all it holds (no optimizer state).
-    share = manifest.kind == "state_dict"
-    state = _read_torch(handle, folder, manifest, name, map_location, share=share)
-    return dict(state["model_state"] if manifest.kind == "checkpoint" else state)
+    share = located.manifest.kind == "state_dict"
+    state = _read_torch(located, map_location, share=share)
+    return dict(state["model_state"] if located.manifest.kind == "checkpoint" else state)
 
 
 def load_model(
@@ -154,13 +154,12 @@ def load_model(
     else the checkpoint (default: latest).
     """
     _check_mode(mode)
-    handle, selector = open_source(source, checkpoint, config)
-    folder, manifest, name = select_weights(handle, selector)
-    share = manifest.kind == "state_dict"
-    state = _read_torch(handle, folder, manifest, name, map_location, share=share)
-    built = _build_model(handle, manifest, model, map_location)
-    weights = state["model_state"] if manifest.kind == "checkpoint" else state
-    _load_weights(handle, folder, built, weights, strict, adopt=share)
+    located = find_weights(source, checkpoint, config)
+    share = located.manifest.kind == "state_dict"
+    state = _read_torch(located, map_location, share=share)
+    built = _build_model(located, model, map_location)
+    weights = state["model_state"] if located.manifest.kind == "checkpoint" else state
+    _load_weights(located, built, weights, strict, adopt=share)
     built.train(mode == "train")
     return built
 
@@ -185,35 +184,29 @@ def load_pickled_model(
     import mlflow.pytorch
     from mlflow.exceptions import MlflowException
 
-    run_id = resolve_run_id(source, config)
+    # A registry version or logged model ID names the whole model itself; a run, its "model".
+    uri = source if source.startswith("models:/") else f"runs:/{resolve_run_id(source, config)}/{layout.MODEL_NAME}"
     try:
-        loaded = mlflow.pytorch.load_model(f"runs:/{run_id}/{layout.MODEL_NAME}", map_location=map_location)
+        loaded = mlflow.pytorch.load_model(uri, map_location=map_location)
     except MlflowException as exc:
         raise NotFoundError(
-            f"run {run_id}: no whole model at runs:/{run_id}/{layout.MODEL_NAME} ({exc.message}); log one with "
-            "tracking.log_model(model), or use tracking.load_model() for checkpoints."
+            f"{source}: no whole model at {uri} ({exc.message}); log one with tracking.log_model(model), "
+            "or use tracking.load_model() for checkpoints."
         ) from exc
     loaded.eval()
     return loaded  # type: ignore[no-any-return]
 
 
-def _read_torch(
-    handle: RunHandle,
-    folder: str,
-    manifest: Manifest,
-    name: str,
-    map_location: str | torch.device,
-    share: bool = False,
-) -> Any:
-    expected = manifest.files.get(name)
-    if expected is None:
-        raise TrackingError(f"run {handle.run_id}: {layout.manifest_path(folder)} does not list {name}.")
+def _read_torch(located: Located, map_location: str | torch.device, share: bool = False) -> Any:
+    manifest = located.manifest
+    name = located.file
+    path = located.path(name)
     try:
-        data = handle.store.read(f"{folder}/{name}", expected)
+        data = located.store.read(path, manifest.files[name])
     except NotFoundError:
         raise NotFoundError(
-            f"run {handle.run_id}: {folder}/{name} is listed in its manifest but missing from the store "
-            f"({handle.store.describe(f'{folder}/{name}')}); it was deleted. Load another checkpoint."
+            f"run {located.run_id}: {located.label}: {name} is listed in its manifest but missing from the store "
+            f"({located.store.describe(path)}); it was deleted. Load another checkpoint."
         ) from None
     try:
         _check_device(map_location)
@@ -228,7 +221,7 @@ def _read_torch(
         raise
     except Exception as exc:
         raise TrackingError(
-            f"run {handle.run_id}: {folder}/{name} matches its manifest but torch.load refused it ({exc}). "
+            f"run {located.run_id}: {located.label}: {name} matches its manifest but torch.load refused it ({exc}). "
             "It may hold objects other than tensors and plain Python values."
         ) from exc
 
@@ -254,13 +247,14 @@ def _check_device(map_location: str | torch.device) -> None:
         raise ConfigError(f"map_location={map_location!r} but CUDA is not available here; use 'cpu'.")
 
 
-def _build_model(handle: RunHandle, manifest: Manifest, model: ModelArg, map_location: str | torch.device) -> nn.Module:
-    recorded = manifest.model
+def _build_model(located: Located, model: ModelArg, map_location: str | torch.device) -> nn.Module:
+    run_id = located.run_id
+    recorded = located.manifest.model
     built: Any
     if isinstance(model, nn.Module):
         built = model
     elif isinstance(model, type) and issubclass(model, nn.Module):
-        built = spec.build(model, (), recorded.get("init_kwargs") or {}, run_id=handle.run_id, hint=MODEL_HINT)
+        built = spec.build(model, (), recorded.get("init_kwargs") or {}, run_id=run_id, hint=MODEL_HINT)
     elif callable(model):
         built = model()
         if not isinstance(built, nn.Module):
@@ -268,22 +262,21 @@ def _build_model(handle: RunHandle, manifest: Manifest, model: ModelArg, map_loc
     elif model is not None:
         raise TypeError(f"model must be an nn.Module, an nn.Module class or a factory, got {model!r}")
     else:
-        cls = spec.import_class(recorded["class"], "model", run_id=handle.run_id, hint=MODEL_HINT)
+        cls = spec.import_class(recorded["class"], "model", run_id=run_id, hint=MODEL_HINT)
         kwargs = recorded.get("init_kwargs")
         if kwargs is None:
             raise NotFoundError(
-                f"run {handle.run_id}: the init arguments of {recorded['class']} were not recorded, so the "
+                f"run {run_id}: the init arguments of {recorded['class']} were not recorded, so the "
                 f"model cannot be rebuilt from the run alone; {MODEL_HINT} (or log with "
                 "@tracking.rebuildable / model_kwargs= next time)."
             )
-        built = spec.build(cls, (), kwargs, run_id=handle.run_id, hint=MODEL_HINT)
+        built = spec.build(cls, (), kwargs, run_id=run_id, hint=MODEL_HINT)
     module: nn.Module = built.to(map_location)
     return module
 
 
 def _load_weights(
-    handle: RunHandle,
-    folder: str,
+    located: Located,
     model: nn.Module,
     state: Mapping[str, torch.Tensor],
     strict: bool,
@@ -300,7 +293,7 @@ def _load_weights(
     ]
     if shapes or (strict and (missing or unexpected)):
         raise MismatchError(
-            f"run {handle.run_id}: {folder} does not fit {spec.class_path(model)}: "
+            f"run {located.run_id}: {located.label} does not fit {spec.class_path(model)}: "
             f"missing keys {missing or 'none'}; unexpected keys {unexpected or 'none'}; "
             f"shape mismatches {shapes or 'none'}. Build the model with the architecture that was "
             "logged" + ("" if shapes else ", or pass strict=False to load the keys that match") + "."
@@ -312,35 +305,33 @@ def _load_weights(
 
 
 def _build_optimizer(
-    handle: RunHandle,
-    manifest: Manifest,
+    located: Located,
     model: nn.Module,
     factory: Callable[..., torch.optim.Optimizer] | None,
 ) -> torch.optim.Optimizer:
+    run_id = located.run_id
     if factory is not None:
         built = factory(model.parameters())
         if not isinstance(built, torch.optim.Optimizer):
             raise TypeError(f"the optimizer factory returned {type(built).__name__}, not an Optimizer")
         return built
-    recorded = manifest.optimizer
+    recorded = located.manifest.optimizer
     if not recorded:
-        raise NotFoundError(f"run {handle.run_id}: the manifest does not describe the optimizer; {OPTIMIZER_HINT}.")
-    cls = spec.import_class(recorded["class"], "optimizer", run_id=handle.run_id, hint=OPTIMIZER_HINT)
+        raise NotFoundError(f"run {run_id}: the manifest does not describe the optimizer; {OPTIMIZER_HINT}.")
+    cls = spec.import_class(recorded["class"], "optimizer", run_id=run_id, hint=OPTIMIZER_HINT)
     named = dict(model.named_parameters())
     try:
         groups = [{"params": [named[n] for n in g["params"]]} for g in recorded["param_groups"]]
     except KeyError as exc:
         raise MismatchError(
-            f"run {handle.run_id}: the optimizer was trained over parameter {exc} which the model lacks; "
-            f"{OPTIMIZER_HINT}."
+            f"run {run_id}: the optimizer was trained over parameter {exc} which the model lacks; {OPTIMIZER_HINT}."
         ) from None
-    built = spec.build(cls, (groups,), recorded.get("defaults", {}), run_id=handle.run_id, hint=OPTIMIZER_HINT)
+    built = spec.build(cls, (groups,), recorded.get("defaults", {}), run_id=run_id, hint=OPTIMIZER_HINT)
     return built  # type: ignore[no-any-return]
 
 
 def _build_scheduler(
-    handle: RunHandle,
-    manifest: Manifest,
+    located: Located,
     optimizer: torch.optim.Optimizer,
     factory: Callable[[torch.optim.Optimizer], Any] | None,
 ) -> Any:
@@ -350,14 +341,15 @@ def _build_scheduler(
     if factory is not None:
         built = factory(optimizer)
     else:
-        recorded = manifest.scheduler or {}
+        run_id = located.run_id
+        recorded = located.manifest.scheduler or {}
         if recorded.get("init_kwargs") is None:
             raise NotFoundError(
-                f"run {handle.run_id}: the scheduler {recorded.get('class', '(unknown)')} cannot be rebuilt from "
+                f"run {run_id}: the scheduler {recorded.get('class', '(unknown)')} cannot be rebuilt from "
                 f"its manifest (its init arguments were not recorded); {SCHEDULER_HINT}."
             )
-        cls = spec.import_class(recorded["class"], "scheduler", run_id=handle.run_id, hint=SCHEDULER_HINT)
-        built = spec.build(cls, (optimizer,), recorded["init_kwargs"], run_id=handle.run_id, hint=SCHEDULER_HINT)
+        cls = spec.import_class(recorded["class"], "scheduler", run_id=run_id, hint=SCHEDULER_HINT)
+        built = spec.build(cls, (optimizer,), recorded["init_kwargs"], run_id=run_id, hint=SCHEDULER_HINT)
     for group, saved in zip(optimizer.param_groups, saved_groups, strict=True):
         for key, value in saved.items():
             if key != "params":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -21,13 +21,17 @@ class RunHandle:
     tags: dict[str, str]
     store: ArtifactStore
     client: Any
+    config: TrackingConfig
 
-    def set_tags(self, tags: dict[str, str]) -> None:
+    def set_tags(self, tags: dict[str, str], metrics: Sequence[Any] = ()) -> None:
+        """Set run tags (and log ``metrics``, MLflow ``Metric`` entities) in one request."""
         from mlflow.entities import RunTag
 
-        # One request for all tags: the latest/best pointers move together.
+        if not tags and not metrics:
+            return
+        # One request for all: the latest/best pointers move together, with the checkpoint's metrics.
         with tracking_server_errors(self.run_id, "setting the run's tags"):
-            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            self.client.log_batch(self.run_id, metrics=list(metrics), tags=[RunTag(k, v) for k, v in tags.items()])
         self.tags.update(tags)
 
     def refresh_tags(self) -> None:
@@ -111,4 +115,4 @@ def _fetch_run(run_id: str, config: TrackingConfig) -> RunHandle:
     if run.info.lifecycle_stage == "deleted":
         raise NotFoundError(f"run {run_id} is deleted; restore it in the MLflow UI to use its artifacts.")
     store = open_store(run.info.artifact_uri, config, owner=f"run {run_id}")
-    return RunHandle(run_id, run.info.experiment_id, dict(run.data.tags), store, client)
+    return RunHandle(run_id, run.info.experiment_id, dict(run.data.tags), store, client, config)

@@ -1,144 +1,208 @@
-"""Which run and which stored artifact a source names, without downloading any weights.
+"""Which stored checkpoint (or state dict) a source names, without downloading any weights.
 
-A source is a run ID, ``runs:/<id>[/checkpoints/epoch_NNNN]`` or a registry URI
-(``models:/<name>@<alias>``, ``models:/<name>/<version>``); a checkpoint selector is
-``"latest"``, ``"best"``, an epoch number, or a global step. ``latest`` and ``best``
-cost one manifest read through the run's pointer tags; a listing is the fallback when
-a tag is missing or stale.
+A source is a run ID, ``runs:/<id>``, a checkpoint's logged model ``models:/<model_id>``, or
+a registry version ``models:/<name>@<alias>`` / ``models:/<name>/<version>`` (which loads the
+checkpoint that version was made from). For a run, a selector picks one of its checkpoints:
+``"latest"``, ``"best"``, an epoch number, or a global step. ``latest`` and ``best`` cost a
+constant number of requests through the run's pointer tags; a search of the run's logged
+models is the fallback when a tag is missing or stale.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
+from typing import Any
 
-from tracking import layout
+from tracking import catalog, layout
+from tracking.catalog import LoggedCheckpoint, StoredCheckpoint
 from tracking.config import TrackingConfig
-from tracking.errors import NotFoundError
+from tracking.errors import NotFoundError, TrackingError
 from tracking.manifest import Manifest
 from tracking.run import RunHandle, open_run
+from tracking.storage import ArtifactStore
 from tracking.uri import RunSource, parse_source
 
 Selector = str | int
 
 
-def resolve_run_id(source: str, config: TrackingConfig | None = None) -> str:
-    """The run a run ID, ``runs:/`` URI or ``models:/`` registry URI leads to."""
-    return _run_id(source, parse_source(source), config)
+@dataclass(frozen=True)
+class Located:
+    """A manifest and where its files are: a checkpoint's logged model, or a run's ``state_dict/``."""
 
+    run_id: str
+    store: ArtifactStore
+    folder: str  # "" for a checkpoint (the root of its logged model), "state_dict" for a state dict
+    manifest: Manifest
+    model_id: str | None = None
 
-def open_source(
-    source: str, checkpoint: Selector | None, config: TrackingConfig | None
-) -> tuple[RunHandle, Selector | None]:
-    """Open the run ``source`` names; a checkpoint folder in a ``runs:/`` URI becomes the selector."""
-    parsed = parse_source(source)
-    handle = open_run(_run_id(source, parsed, config), config)
-    if not parsed.artifact_path:
-        return handle, checkpoint
-    epoch = layout.epoch_of(parsed.artifact_path)
-    if epoch is None:
-        raise ValueError(
-            f"{source}: {parsed.artifact_path!r} is not a checkpoint folder; use runs:/<run_id> and pick one with "
-            f"checkpoint='latest' | 'best' | <epoch>, or runs:/<run_id>/{layout.checkpoint_dir(7)}."
+    @property
+    def file(self) -> str:
+        """The data file the manifest lists."""
+        return (
+            layout.CHECKPOINT_FILE if layout.CHECKPOINT_FILE in self.manifest.files else next(iter(self.manifest.files))
         )
-    if checkpoint not in (None, "latest", epoch, str(epoch)):
-        raise ValueError(f"{source} names epoch {epoch}, but checkpoint={checkpoint!r} asks for another; pass one.")
-    return handle, epoch
+
+    def path(self, name: str) -> str:
+        return f"{self.folder}/{name}" if self.folder else name
+
+    @property
+    def label(self) -> str:
+        """How messages name it: ``checkpoint-epoch-0007 (m-...)`` or ``state_dict``."""
+        if self.model_id is None:
+            return self.folder
+        return f"{layout.checkpoint_name(self.manifest.epoch or 0)} ({self.model_id})"
+
+    def logged(self) -> LoggedCheckpoint:
+        uri = self.store.artifact_uri if self.model_id else None
+        name = layout.checkpoint_name(self.manifest.epoch or 0) if self.model_id else self.folder
+        return LoggedCheckpoint(self.run_id, name, self.manifest, self.model_id, uri)
 
 
-def list_checkpoints(source: str, *, config: TrackingConfig | None = None) -> list[Manifest]:
-    """Manifests of every committed checkpoint of a run, oldest epoch first."""
-    handle = open_run(resolve_run_id(source, config), config)
-    return [layout.read_manifest(handle.store, layout.checkpoint_dir(e)) for e in layout.committed_epochs(handle.store)]
+def resolve_run_id(source: str, config: TrackingConfig | None = None) -> str:
+    """The run a run ID, ``runs:/``, ``models:/<model_id>`` or registry URI leads to."""
+    handle, pinned = _open(source, parse_source(source), config)
+    return pinned.run_id if pinned is not None else handle.run_id  # type: ignore[union-attr]
+
+
+def open_run_of(source: str, config: TrackingConfig | None = None) -> RunHandle:
+    """The run ``source`` names or was logged by."""
+    return open_run(resolve_run_id(source, config), config)
+
+
+def list_checkpoints(source: str, *, config: TrackingConfig | None = None) -> list[LoggedCheckpoint]:
+    """Every committed checkpoint of a run (its manifest and logged model), oldest epoch first."""
+    handle = open_run_of(source, config)
+    committed = catalog.committed(handle)
+    if not committed and (legacy := catalog.legacy_error(handle)) is not None:
+        raise legacy
+    found = []
+    for checkpoint in committed.values():
+        try:
+            found.append(_located(checkpoint).logged())
+        except NotFoundError:
+            continue  # deleted since the search (retention)
+    return found
 
 
 def find_checkpoint(
-    source: str, checkpoint: Selector = "latest", *, config: TrackingConfig | None = None
-) -> tuple[str, Manifest]:
-    """The folder and manifest a checkpoint selector resolves to, without downloading the file."""
-    handle, selector = open_source(source, checkpoint, config)
-    return select_checkpoint(handle, "latest" if selector is None else selector, None)
+    source: str, checkpoint: Selector = "latest", *, step: int | None = None, config: TrackingConfig | None = None
+) -> Located:
+    """The checkpoint a source and selector resolve to (its manifest read, its data not).
+
+    A source that names one checkpoint (``models:/...``) takes only the default ``"latest"``.
+    """
+    parsed = parse_source(source)
+    handle, pinned = _open(source, parsed, config)
+    if pinned is not None:
+        if checkpoint != "latest" or step is not None:
+            raise ValueError(
+                f"{source} names one checkpoint already; checkpoint=/step= pick among a run's checkpoints: "
+                "pass the run ID instead."
+            )
+        return _located(pinned)
+    assert handle is not None
+    if parsed.artifact_path:
+        raise ValueError(
+            f"{source}: {parsed.artifact_path!r} is not a checkpoint; checkpoints are logged models: load "
+            "models:/<model_id>, or runs:/<run_id> with checkpoint='latest' | 'best' | <epoch>."
+        )
+    return select_checkpoint(handle, checkpoint, step)
 
 
-def select_checkpoint(handle: RunHandle, checkpoint: Selector, step: int | None) -> tuple[str, Manifest]:
-    store = handle.store
+def find_weights(source: str, checkpoint: Selector | None = None, config: TrackingConfig | None = None) -> Located:
+    """The run's state dict when it has one and no checkpoint is asked for, else a checkpoint."""
+    parsed = parse_source(source)
+    handle, pinned = _open(source, parsed, config)
+    if pinned is None and checkpoint is None:
+        assert handle is not None
+        if parsed.artifact_path.strip("/") in ("", layout.STATE_DICT_DIR):
+            try:
+                manifest = layout.read_manifest(handle.store, layout.STATE_DICT_DIR)
+                return Located(handle.run_id, handle.store, layout.STATE_DICT_DIR, manifest)
+            except NotFoundError:
+                if parsed.artifact_path:
+                    raise
+        return select_checkpoint(handle, "latest", None)
+    return find_checkpoint(source, "latest" if checkpoint is None else checkpoint, config=config)
+
+
+def select_checkpoint(handle: RunHandle, checkpoint: Selector, step: int | None) -> Located:
     if step is not None:
-        for epoch in layout.committed_epochs(store):
-            manifest = layout.read_manifest(store, layout.checkpoint_dir(epoch))
-            if manifest.step == step:
-                return layout.checkpoint_dir(epoch), manifest
+        for stored in catalog.committed(handle).values():
+            located = _located(stored)
+            if located.manifest.step == step:
+                return located
         raise NotFoundError(f"run {handle.run_id}: no checkpoint was logged at step {step}.")
     if isinstance(checkpoint, bool) or not isinstance(checkpoint, int | str):
         raise TypeError(f"checkpoint must be 'latest', 'best' or an epoch number, got {checkpoint!r}")
     if isinstance(checkpoint, str) and checkpoint.isdecimal() and checkpoint.isascii():
         checkpoint = int(checkpoint)
     if isinstance(checkpoint, int):
-        folder = layout.checkpoint_dir(checkpoint)
-        try:
-            return folder, layout.read_manifest(store, folder)
-        except NotFoundError:
-            epochs = layout.committed_epochs(store)
-            raise NotFoundError(
-                f"run {handle.run_id}: no checkpoint for epoch {checkpoint} ({layout.manifest_path(folder)} "
-                f"is missing); committed epochs: {_epoch_list(epochs)}."
-            ) from None
+        for stored in reversed(catalog.search(handle, epoch=checkpoint)):
+            try:
+                return _located(stored)
+            except NotFoundError:
+                continue
+        committed = catalog.committed(handle)
+        if not committed and (legacy := catalog.legacy_error(handle)) is not None:
+            raise legacy
+        raise NotFoundError(
+            f"run {handle.run_id}: no committed checkpoint for epoch {checkpoint}; committed epochs: "
+            f"{_epoch_list(list(committed))}."
+        )
     if checkpoint not in ("latest", "best"):
         raise ValueError(f"checkpoint must be 'latest', 'best' or an epoch number, got {checkpoint!r}")
-    tagged = _tagged_folder(handle, layout.TAG_LATEST if checkpoint == "latest" else layout.TAG_BEST)
-    if tagged is not None:
+    model_id = _tagged_model(handle, layout.TAG_LATEST if checkpoint == "latest" else layout.TAG_BEST)
+    if model_id is not None:
         try:
-            return tagged, layout.read_manifest(store, tagged)
+            stored = catalog.get(handle.client, model_id, handle.config)
+            if stored.status == catalog.READY and stored.run_id == handle.run_id:
+                return _located(stored)
         except NotFoundError:
-            pass  # a stale tag (checkpoint deleted by hand): fall back to listing below
-    return _select_by_listing(handle, checkpoint)
+            pass  # a stale tag (checkpoint deleted by hand): fall back to searching below
+    return _select_by_search(handle, checkpoint)
 
 
-def _tagged_folder(handle: RunHandle, tag: str) -> str | None:
-    """The checkpoint folder a pointer tag names; None (after a warning) when it names none."""
+def _tagged_model(handle: RunHandle, tag: str) -> str | None:
+    """The logged model ID a pointer tag names; None (after a warning) when it names none."""
     value = handle.tags.get(tag)
     if not value:
         return None
-    epoch = layout.epoch_of(value)
-    if epoch is None:
-        # Tags are editable by anyone with access to the run: one that names no checkpoint folder
-        # is a hint gone wrong, not corruption, and the listing still knows the answer.
+    if value.startswith(f"{layout.LEGACY_CHECKPOINTS_DIR}/"):
+        raise catalog.legacy_error(handle) or TrackingError(value)
+    if not layout.MODEL_ID.fullmatch(value):
+        # Tags are editable by anyone with access to the run: one that names no logged model is
+        # a hint gone wrong, not corruption, and a search still knows the answer.
         warnings.warn(
-            f"run {handle.run_id}: tag {tag}={value[:200]!r} does not name a checkpoint folder such as "
-            f"{layout.checkpoint_dir(7)}; ignoring it and listing the run's checkpoints instead. "
+            f"run {handle.run_id}: tag {tag}={value[:200]!r} is not a logged model ID such as "
+            f"m-{'0' * 32}; ignoring it and searching the run's checkpoints instead. "
             "Fix or delete the tag in the MLflow UI.",
             RuntimeWarning,
             stacklevel=4,
         )
         return None
-    return layout.checkpoint_dir(epoch)
+    return value
 
 
-def select_weights(handle: RunHandle, checkpoint: Selector | None) -> tuple[str, Manifest, str]:
-    """The state dict artifact when there is one and no checkpoint is asked for, else a checkpoint."""
-    if checkpoint is None:
-        try:
-            manifest = layout.read_manifest(handle.store, layout.STATE_DICT_DIR)
-            return layout.STATE_DICT_DIR, manifest, next(iter(manifest.files))
-        except NotFoundError:
-            checkpoint = "latest"
-    folder, manifest = select_checkpoint(handle, checkpoint, None)
-    return folder, manifest, layout.checkpoint_file(manifest)
-
-
-def _select_by_listing(handle: RunHandle, which: str) -> tuple[str, Manifest]:
-    store = handle.store
-    epochs = layout.committed_epochs(store)
-    if not epochs:
+def _select_by_search(handle: RunHandle, which: str) -> Located:
+    committed = catalog.committed(handle)
+    if not committed:
+        legacy = catalog.legacy_error(handle)
+        if legacy is not None:
+            raise legacy
         raise NotFoundError(
-            f"run {handle.run_id} has no committed checkpoints under {layout.CHECKPOINTS_DIR}/; log one with "
-            "tracking.log_checkpoint(...) or load the state dict with tracking.load_model()."
+            f"run {handle.run_id} has no committed checkpoints (logged models of type "
+            f"{layout.CHECKPOINT_MODEL_TYPE}); log one with tracking.log_checkpoint(...) or load the state dict "
+            "with tracking.load_model()."
         )
     if which == "latest":
-        return layout.checkpoint_dir(epochs[-1]), layout.read_manifest(store, layout.checkpoint_dir(epochs[-1]))
+        return _located(committed[max(committed)])
     monitor = handle.tags.get(layout.TAG_MONITOR)
     if not monitor:
         raise NotFoundError(
             f"run {handle.run_id} records no best checkpoint: log checkpoints with monitor=... "
-            f"(or a Checkpointer), or pick an epoch: {_epoch_list(epochs)}."
+            f"(or a Checkpointer), or pick an epoch: {_epoch_list(list(committed))}."
         )
     mode = handle.tags.get(layout.TAG_MODE, "min")
     if mode not in layout.MODES:
@@ -149,34 +213,66 @@ def _select_by_listing(handle: RunHandle, which: str) -> tuple[str, Manifest]:
             stacklevel=4,
         )
         mode = "min"
-    manifests = {e: layout.read_manifest(store, layout.checkpoint_dir(e)) for e in epochs}
-    ranked = layout.best_first({e: m.metrics.get(monitor) for e, m in manifests.items()}, mode)
+    ranked = layout.best_first({e: c.metrics.get(monitor) for e, c in committed.items()}, mode)
     if not ranked:
         raise NotFoundError(f"run {handle.run_id}: no checkpoint has the monitored metric {monitor!r}.")
-    return layout.checkpoint_dir(ranked[0]), manifests[ranked[0]]
+    return _located(committed[ranked[0]])
 
 
-def _run_id(source: str, parsed: RunSource, config: TrackingConfig | None) -> str:
+def _located(stored: StoredCheckpoint) -> Located:
+    """A checkpoint logged model with its manifest read: the manifest, not the status, says it exists."""
+    try:
+        manifest = stored.read_manifest()
+    except NotFoundError:
+        raise NotFoundError(
+            f"{stored.uri} ({stored.name} of run {stored.run_id}, status {stored.status}) has no manifest: the "
+            "save did not commit, or the checkpoint was deleted. Load another checkpoint of the run."
+        ) from None
+    return Located(stored.run_id, stored.store, "", manifest, stored.model_id)
+
+
+def _open(
+    source: str, parsed: RunSource, config: TrackingConfig | None
+) -> tuple[RunHandle | None, StoredCheckpoint | None]:
+    """The run a source names, or the one checkpoint it pins (a model ID or registry version)."""
     if parsed.run_id is not None:
-        return parsed.run_id
-    from mlflow.exceptions import MlflowException
+        return open_run(parsed.run_id, config), None
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=(config or TrackingConfig.from_env()).tracking_uri)
+    from tracking.config import bound_mlflow_requests
+
+    bound_mlflow_requests()
+    config = config or TrackingConfig.from_env()
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    if parsed.model_id is not None:
+        return None, catalog.get(client, parsed.model_id, config)
+    version = _registry_version(client, source, parsed)
+    model_id = version.model_id or _model_id_in(version.source or "")
+    if model_id:
+        return None, catalog.get(client, model_id, config)
+    if version.run_id:
+        return open_run(str(version.run_id), config), None
+    raise NotFoundError(f"{source} (version {version.version}) names no logged model or run; register a checkpoint.")
+
+
+def _registry_version(client: Any, source: str, parsed: RunSource) -> Any:
+    from mlflow.exceptions import MlflowException
+
     name = str(parsed.model_name)
     try:
         if parsed.alias is not None:
-            version = client.get_model_version_by_alias(name, parsed.alias)
-        else:
-            version = client.get_model_version(name, str(parsed.version))
+            return client.get_model_version_by_alias(name, parsed.alias)
+        return client.get_model_version(name, str(parsed.version))
     except MlflowException as exc:
         raise NotFoundError(
             f"{source}: no such registered model version or alias ({exc.message}); check the name and "
             "alias in the MLflow UI's Models page."
         ) from exc
-    if not version.run_id:
-        raise NotFoundError(f"{source} (version {version.version}) is not linked to a run; load it by run ID.")
-    return str(version.run_id)
+
+
+def _model_id_in(uri: str) -> str | None:
+    rest = uri[len("models:/") :] if uri.startswith("models:/") else ""
+    return rest if layout.MODEL_ID.fullmatch(rest) else None
 
 
 def _epoch_list(epochs: list[int]) -> str:

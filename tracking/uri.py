@@ -8,9 +8,10 @@ from urllib.parse import urlparse
 
 @dataclass(frozen=True)
 class RunSource:
-    """A run ID, or the registry model (name + alias or version) that leads to one."""
+    """A run ID, a logged model ID, or the registry model (name + alias or version) that leads to one."""
 
     run_id: str | None = None
+    model_id: str | None = None
     model_name: str | None = None
     alias: str | None = None
     version: str | None = None
@@ -18,9 +19,12 @@ class RunSource:
 
 
 def parse_source(source: str) -> RunSource:
-    """Parse ``<run_id>``, ``runs:/<run_id>[/path]``, ``models:/<name>@<alias>`` or ``models:/<name>/<v>``."""
+    """Parse ``<run_id>``, ``runs:/<run_id>[/path]``, ``models:/<model_id>``, ``models:/<name>@<alias>``
+    or ``models:/<name>/<version>``."""
     if not isinstance(source, str) or not source.strip():
-        raise ValueError(f"source must be a run ID, runs:/<run_id> or models:/<name>@<alias>, got {source!r}")
+        raise ValueError(
+            f"source must be a run ID, runs:/<run_id>, models:/<model_id> or models:/<name>@<alias>, got {source!r}"
+        )
     source = source.strip()
     if source.startswith("runs:/"):
         parts = source[len("runs:/") :].strip("/").split("/", 1)
@@ -33,11 +37,13 @@ def parse_source(source: str) -> RunSource:
             name, _, alias = rest.partition("@")
             if name and alias:
                 return RunSource(model_name=name, alias=alias)
+        elif "/" not in rest and rest.startswith("m-"):
+            return RunSource(model_id=rest)
         else:
             name, _, version = rest.partition("/")
             if name and version.isdigit():
                 return RunSource(model_name=name, version=version)
-        raise ValueError(f"{source!r} is not models:/<name>@<alias> or models:/<name>/<version>")
+        raise ValueError(f"{source!r} is not models:/<model_id>, models:/<name>@<alias> or models:/<name>/<version>")
     if "/" in source or ":" in source:
         raise ValueError(
             f"{source!r} is not a run ID; expected a 32-character hex run ID, runs:/<run_id> or models:/<name>@<alias>"

@@ -1,0 +1,215 @@
+"""A run's checkpoints as MLflow logged models: create one, find one, list them, delete one.
+
+Each checkpoint is a logged model of its run (see :mod:`tracking.layout` for the names),
+with its files in the logged model's own artifact location. Both the writing side and the
+reading side go through this module, so neither needs to know how MLflow is asked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from tracking import layout
+from tracking.config import TrackingConfig
+from tracking.errors import NotFoundError, StorageError, TrackingError
+from tracking.manifest import FORMAT_VERSION, Manifest
+from tracking.run import RunHandle, tracking_server_errors
+from tracking.storage import ArtifactStore, open_store
+
+READY = "READY"
+PENDING = "PENDING"
+FAILED = "FAILED"
+
+# search_logged_models answers at most this many per page.
+_PAGE = 100
+
+
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    """One checkpoint's logged model: its ID, epoch, status, and the store of its files."""
+
+    model_id: str
+    name: str
+    epoch: int | None
+    status: str
+    run_id: str
+    metrics: dict[str, float]
+    created_ms: int
+    artifact_uri: str
+    store: ArtifactStore
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.model_id}"
+
+    def read_manifest(self) -> Manifest:
+        return layout.read_manifest(self.store)
+
+
+@dataclass(frozen=True)
+class LoggedCheckpoint:
+    """A committed checkpoint (or a run's state dict): where it is, and its manifest.
+
+    ``model_id`` is the checkpoint's logged model (load it as ``models:/<model_id>``) and
+    ``artifact_uri`` where its files are; a state dict has neither and lives in the run's
+    ``path`` folder.
+    """
+
+    run_id: str
+    path: str
+    manifest: Manifest
+    model_id: str | None = None
+    artifact_uri: str | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.model_id}" if self.model_id else f"runs:/{self.run_id}/{self.path}"
+
+    @property
+    def epoch(self) -> int | None:
+        return self.manifest.epoch
+
+    @property
+    def step(self) -> int | None:
+        return self.manifest.step
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.manifest.metrics
+
+
+def create(handle: RunHandle, manifest: Manifest) -> StoredCheckpoint:
+    """A new PENDING logged model for the checkpoint ``manifest`` describes, owned by the run."""
+    assert manifest.epoch is not None
+    params = {layout.PARAM_EPOCH: str(manifest.epoch), layout.PARAM_MODEL_CLASS: str(manifest.model.get("class"))}
+    if manifest.step is not None:
+        params[layout.PARAM_STEP] = str(manifest.step)
+    with tracking_server_errors(handle.run_id, "creating the checkpoint's logged model"):
+        model = handle.client.create_logged_model(
+            experiment_id=handle.experiment_id,
+            name=layout.checkpoint_name(manifest.epoch),
+            source_run_id=handle.run_id,
+            params=params,
+            tags={layout.TAG_FORMAT: manifest.format, layout.TAG_FORMAT_VERSION: str(FORMAT_VERSION)},
+            model_type=layout.CHECKPOINT_MODEL_TYPE,
+        )
+    return _wrap(model, handle.config)
+
+
+def set_status(handle: RunHandle, checkpoint: StoredCheckpoint, status: str) -> None:
+    with tracking_server_errors(handle.run_id, f"marking {checkpoint.name} ({checkpoint.model_id}) {status}"):
+        handle.client.finalize_logged_model(checkpoint.model_id, status)
+
+
+def get(client: Any, model_id: str, config: TrackingConfig) -> StoredCheckpoint:
+    """The checkpoint logged model ``model_id``; NotFoundError when there is none (or it is deleted)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_logged_model(model_id)
+    except MlflowException as exc:
+        if exc.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}:
+            raise NotFoundError(
+                f"models:/{model_id}: no such logged model on {client.tracking_uri}; check the model ID "
+                "(the run page's Logged models) and MLFLOW_TRACKING_URI."
+            ) from exc
+        raise StorageError(f"models:/{model_id}: the tracking server failed: {exc}") from exc
+    except OSError as exc:
+        raise StorageError(
+            f"models:/{model_id}: cannot reach the tracking server {client.tracking_uri} ({exc})."
+        ) from exc
+    if model.model_type != layout.CHECKPOINT_MODEL_TYPE:
+        raise NotFoundError(
+            f"models:/{model_id} ({model.name}) is a {model.model_type or 'plain'} logged model, not a checkpoint; "
+            "load a whole model with tracking.load_pickled_model() or mlflow.pytorch.load_model()."
+        )
+    return _wrap(model, config)
+
+
+def search(handle: RunHandle, *, epoch: int | None = None, status: str | None = READY) -> list[StoredCheckpoint]:
+    """The run's checkpoint logged models (of one epoch, of one status), oldest first."""
+    terms = [f"source_run_id = '{handle.run_id}'", f"model_type = '{layout.CHECKPOINT_MODEL_TYPE}'"]
+    if epoch is not None:
+        terms.append(f"name = '{layout.checkpoint_name(epoch)}'")
+    # Filtered here: the SQL stores do not match status in a filter string.
+    models = [_wrap(model, handle.config) for model in _pages(handle, " AND ".join(terms))]
+    return [m for m in models if status is None or m.status == status]
+
+
+def committed(handle: RunHandle) -> dict[int, StoredCheckpoint]:
+    """The run's READY checkpoints by epoch (the newest of an epoch logged twice): one search."""
+    found: dict[int, StoredCheckpoint] = {}
+    for checkpoint in search(handle):
+        if checkpoint.epoch is not None:
+            found[checkpoint.epoch] = checkpoint  # oldest first, so the newest wins
+    return dict(sorted(found.items()))
+
+
+def delete(handle: RunHandle, model_id: str, artifact_uri: str) -> None:
+    """Delete a checkpoint: its manifest first (it stops existing), then its files, then its logged model."""
+    store = open_store(artifact_uri, handle.config, owner=f"run {handle.run_id}, {model_id}")
+    store.delete(layout.MANIFEST_FILE)
+    for name in store.list_files(""):
+        store.delete(name)
+    with tracking_server_errors(handle.run_id, f"deleting checkpoint {model_id}"):
+        handle.client.delete_logged_model(model_id)
+
+
+def legacy_error(handle: RunHandle) -> TrackingError | None:
+    """The error for a run whose checkpoints are run artifacts (the layout before logged models), if it is one."""
+    pointer = handle.tags.get(layout.TAG_LATEST, "")
+    legacy = pointer.startswith(f"{layout.LEGACY_CHECKPOINTS_DIR}/") or bool(
+        handle.store.list_files(layout.LEGACY_CHECKPOINTS_DIR)
+    )
+    if not legacy:
+        return None
+    return TrackingError(
+        f"run {handle.run_id} stores its checkpoints as run artifacts under {layout.LEGACY_CHECKPOINTS_DIR}/, "
+        "the layout before checkpoints became MLflow logged models, which this version does not read. "
+        f"Download them with `mlflow artifacts download -r {handle.run_id} -a {layout.LEGACY_CHECKPOINTS_DIR}`, "
+        "or read the run with the release that wrote it."
+    )
+
+
+def _pages(handle: RunHandle, filter_string: str) -> Iterator[Any]:
+    token = None
+    while True:
+        with tracking_server_errors(handle.run_id, "listing the run's checkpoints"):
+            page = handle.client.search_logged_models(
+                experiment_ids=[handle.experiment_id],
+                filter_string=filter_string,
+                order_by=[{"field_name": "creation_timestamp", "ascending": True}],
+                max_results=_PAGE,
+                page_token=token,
+            )
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def _epoch(model: Any) -> int | None:
+    raw = (model.params or {}).get(layout.PARAM_EPOCH, "")
+    return int(raw) if raw.isdecimal() else layout.epoch_of(model.name)
+
+
+def _wrap(model: Any, config: TrackingConfig) -> StoredCheckpoint:
+    metrics: dict[str, float] = {}
+    for metric in sorted(model.metrics or [], key=lambda m: (m.step, m.timestamp)):
+        metrics[metric.key] = metric.value  # the last logged value of each
+    store = open_store(
+        model.artifact_location, config, owner=f"run {model.source_run_id}, {model.name} ({model.model_id})"
+    )
+    return StoredCheckpoint(
+        model_id=model.model_id,
+        name=model.name,
+        epoch=_epoch(model),
+        status=str(model.status),
+        run_id=str(model.source_run_id),
+        metrics=metrics,
+        created_ms=model.creation_timestamp,
+        artifact_uri=model.artifact_location,
+        store=store,
+    )

@@ -1,0 +1,59 @@
+"""Registering a checkpoint in MLflow's model registry, so ``models:/<name>@<alias>`` loads it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tracking.config import TrackingConfig, bound_mlflow_requests
+from tracking.errors import StorageError
+from tracking.selection import Selector, find_checkpoint
+
+# The logged model tag MLflow's own register_model keeps, so the UI links a model to its versions.
+_VERSIONS_TAG = "mlflow.modelVersions"
+
+
+def register(
+    source: str,
+    name: str,
+    *,
+    checkpoint: Selector = "best",
+    alias: str | None = None,
+    config: TrackingConfig | None = None,
+) -> Any:
+    """Make a version of registered model ``name`` from one checkpoint; MLflow's ``ModelVersion``.
+
+    ``source`` is a run (then ``checkpoint`` picks ``"best"``, ``"latest"`` or an epoch) or a
+    checkpoint's ``models:/<model_id>``. The version points at that checkpoint's logged model,
+    so ``tracking.load("models:/<name>@<alias>")`` rebuilds exactly it, whatever the run logs later.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"name must be a non-empty registered model name, got {name!r}")
+    pinned = source.strip().startswith("models:/")
+    located = find_checkpoint(source, "latest" if pinned else checkpoint, config=config)
+    assert located.model_id is not None
+    bound_mlflow_requests()
+    client = MlflowClient(tracking_uri=(config or TrackingConfig.from_env()).tracking_uri)
+    try:
+        try:
+            client.create_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = client.create_model_version(
+            name, source=f"models:/{located.model_id}", run_id=located.run_id, model_id=located.model_id
+        )
+        if alias is not None:
+            client.set_registered_model_alias(name, alias, version.version)
+        model = client.get_logged_model(located.model_id)
+        linked = [*json.loads(model.tags.get(_VERSIONS_TAG, "[]")), {"name": name, "version": version.version}]
+        client.set_logged_model_tags(located.model_id, {_VERSIONS_TAG: json.dumps(linked)})
+    except (MlflowException, OSError) as exc:
+        raise StorageError(
+            f"registering {located.label} of run {located.run_id} as {name!r} failed ({exc}); check the name "
+            "and that the tracking server runs, then retry."
+        ) from exc
+    return version
