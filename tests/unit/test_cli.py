@@ -11,7 +11,7 @@ from click.testing import CliRunner
 import tracking
 from pipelines.models import Model
 from tracking.cli import main
-from tracking.run import open_run
+from tracking.selection import find_checkpoint
 
 
 @pytest.fixture
@@ -43,11 +43,11 @@ def test_verify_passes_then_reports_a_corrupted_file(run_id: str) -> None:
     ok = CliRunner().invoke(main, ["verify", run_id])
     assert ok.exit_code == 0, ok.output
     assert "4 files intact" in ok.output
-    store = open_run(run_id).store
-    store.write_bytes("checkpoints/epoch_0002/checkpoint.pt", b"not a checkpoint")
+    second = find_checkpoint(run_id, 2)
+    second.store.write_bytes(second.path("checkpoint.pt"), b"not a checkpoint")
     bad = CliRunner().invoke(main, ["verify", run_id])
     assert bad.exit_code == 1
-    assert "BAD checkpoints/epoch_0002/checkpoint.pt" in bad.output
+    assert f"BAD checkpoint-epoch-0002 ({second.model_id})/checkpoint.pt" in bad.output
     assert len(bad.stderr.strip().splitlines()) == 1 and "1 of 4 files failed" in bad.stderr
 
 

@@ -8,6 +8,7 @@ from tracking import layout
 from tracking.uri import RunSource, parse_s3_uri, parse_source
 
 RUN = "0123456789abcdef0123456789abcdef"
+MODEL = "m-0123456789abcdef0123456789abcdef"
 
 
 @pytest.mark.parametrize(
@@ -15,7 +16,8 @@ RUN = "0123456789abcdef0123456789abcdef"
     [
         (RUN, RunSource(run_id=RUN)),
         (f"runs:/{RUN}", RunSource(run_id=RUN)),
-        (f"runs:/{RUN}/checkpoints", RunSource(run_id=RUN, artifact_path="checkpoints")),
+        (f"runs:/{RUN}/state_dict", RunSource(run_id=RUN, artifact_path="state_dict")),
+        (f"models:/{MODEL}", RunSource(model_id=MODEL)),
         ("models:/seed@champion", RunSource(model_name="seed", alias="champion")),
         ("models:/seed/3", RunSource(model_name="seed", version="3")),
     ],
@@ -39,17 +41,22 @@ def test_s3_uri_splits_into_bucket_and_key_and_joins() -> None:
 
 
 @pytest.mark.parametrize(
-    ("path", "epoch"),
+    ("name", "epoch"),
     [
-        ("checkpoints/epoch_0003", 3),
-        ("checkpoints/epoch_0003/", 3),
-        ("checkpoints/epoch_12345/checkpoint.pt", 12345),
-        ("checkpoints/epoch_0003/manifest.json", 3),
-        ("checkpoints/epoch_\u00b9", None),
-        ("checkpoints/epoch_0003/other.pt", None),
+        ("checkpoint-epoch-0003", 3),
+        ("checkpoint-epoch-12345", 12345),
+        ("checkpoint-epoch-\u00b9", None),
+        ("checkpoint-epoch-", None),
+        ("checkpoint-epoch-0003/checkpoint.pt", None),
+        ("checkpoints/epoch_0003", None),
         ("state_dict", None),
         ("model", None),
     ],
 )
-def test_a_checkpoint_path_names_its_epoch_and_nothing_else_does(path: str, epoch: int | None) -> None:
-    assert layout.epoch_of(path) == epoch
+def test_a_checkpoint_model_name_names_its_epoch_and_nothing_else_does(name: str, epoch: int | None) -> None:
+    assert layout.epoch_of(name) == epoch
+
+
+@pytest.mark.parametrize("epoch", [0, 3, 12345])
+def test_checkpoint_names_round_trip(epoch: int) -> None:
+    assert layout.epoch_of(layout.checkpoint_name(epoch)) == epoch
