@@ -11,6 +11,7 @@ import random
 import socket
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -90,9 +91,12 @@ def stack_proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSta
     yield from _run_stack(make_stack(tmp_path_factory.mktemp("stack-proxied"), serve_artifacts=True), "proxied")
 
 
-@pytest.fixture(scope="session")
-def postgres_database() -> Iterator[str]:
-    """A fresh database on the machine's PostgreSQL, dropped at the end of the session."""
+@contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """Creates a fresh database on the machine's PostgreSQL, yields its name, and drops it afterwards.
+
+    Fails the test (never skips it) when PostgreSQL cannot be reached.
+    """
     import psycopg2
 
     name = f"tracking_test_{uuid.uuid4().hex[:12]}"
@@ -105,12 +109,19 @@ def postgres_database() -> Iterator[str]:
         with admin.cursor() as cur:
             cur.execute(f'CREATE DATABASE "{name}"')
         try:
-            yield POSTGRES_URI.format(name=name)
+            yield name
         finally:
             with admin.cursor() as cur:
                 cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         admin.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """A fresh database on the machine's PostgreSQL, dropped at the end of the session."""
+    with fresh_postgres_database() as name:
+        yield POSTGRES_URI.format(name=name)
 
 
 @pytest.fixture(scope="session")
