@@ -1,10 +1,16 @@
-"""Evaluate a trained run's model on its validation data, and log the result to the run.
+"""Evaluate a trained model on its run's validation data, and log the result to the run.
 
     python -m pipelines.evaluate --run-id RUN_ID [--checkpoint latest|best|N]
+    python -m pipelines.evaluate --run-id models:/<model_id>          (one checkpoint)
+    python -m pipelines.evaluate --run-id models:/<name>@<alias>      (a registered checkpoint)
+    python -m pipelines.evaluate --run-id RUN_ID --checkpoint state_dict
+    python -m pipelines.evaluate --run-id RUN_ID --checkpoint model --trust-pickle
 
-The model is rebuilt by `tracking.load` in eval mode; the run's `dataset` param says
-which data. Metrics are logged as `eval_loss` and `eval_accuracy` at the checkpoint's
-epoch through the client, so a finished run stays finished.
+A checkpoint or the state dict is rebuilt by `tracking.load` / `tracking.load_model` without
+unpickling; ``model`` is the whole model in MLflow's pytorch flavor, a pickle, hence
+``--trust-pickle``. The run's `dataset` param says which data. Metrics are logged as
+`eval_loss` and `eval_accuracy` (at the checkpoint's epoch) through the client, so a finished
+run stays finished.
 """
 
 from __future__ import annotations
@@ -15,16 +21,20 @@ from collections.abc import Sequence
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from torch import nn
 
 import tracking
 from pipelines import data, digits, runs, train, training
 from tracking.errors import run_command
 
 TASKS = {task.dataset: task for task in (train.TASK, digits.TASK)}
+# What --checkpoint takes besides latest, best and an epoch number.
+WHOLE_MODEL = "model"
+STATE_DICT = "state_dict"
 
 
-def evaluate(source: str, checkpoint: str | int = "latest") -> dict[str, float]:
-    """Validation loss and accuracy of a run's checkpoint, also logged to the run as ``eval_*`` metrics."""
+def evaluate(source: str, checkpoint: str | int = "latest", *, trust_pickle: bool = False) -> dict[str, float]:
+    """Validation loss and accuracy of a model the run logged, also logged to the run as ``eval_*`` metrics."""
     config = tracking.TrackingConfig.from_env()
     client = MlflowClient(config.tracking_uri)
     run = runs.find_run(client, source, config)
@@ -35,38 +45,58 @@ def evaluate(source: str, checkpoint: str | int = "latest") -> dict[str, float]:
             "i.e. runs of pipelines.train and pipelines.digits."
         )
     task = TASKS[dataset]
-    loaded = tracking.load(run.info.run_id, checkpoint, mode="eval")
+    model, what, epoch = _load(source, checkpoint, trust_pickle)
     split = data.load(task.dataset)
-    loss, accuracy = training.measure(task, loaded.model, split.x_val, split.y_val)
+    loss, accuracy = training.measure(task, model, split.x_val, split.y_val)
     metrics = {"eval_loss": loss, "eval_accuracy": accuracy}
     for name, value in metrics.items():
-        client.log_metric(run.info.run_id, name, value, step=loaded.epoch or 0)
-    print(
-        f"run {run.info.run_id} {loaded.path} (epoch {loaded.epoch}): "
-        + " ".join(f"{name}={value:.6f}" for name, value in metrics.items())
-    )
+        client.log_metric(run.info.run_id, name, value, step=epoch or 0)
+    print(f"run {run.info.run_id} {what}: " + " ".join(f"{name}={value:.6f}" for name, value in metrics.items()))
     return metrics
 
 
+def _load(source: str, checkpoint: str | int, trust_pickle: bool) -> tuple[nn.Module, str, int | None]:
+    """The model to evaluate, how to name it, and its epoch when it is a checkpoint."""
+    if checkpoint == WHOLE_MODEL:
+        if not trust_pickle:
+            raise runs.PipelineError(
+                f"{source}: the whole model is a pickle and unpickling runs code from the artifact; pass "
+                "--trust-pickle if you trust this run, or evaluate a checkpoint or the state_dict."
+            )
+        return tracking.load_pickled_model(source, trust_pickle=True), "whole model (pytorch flavor)", None
+    if checkpoint == STATE_DICT:
+        return tracking.load_model(source), "state_dict", None
+    loaded = tracking.load(source, checkpoint, mode="eval")
+    return loaded.model, f"{loaded.path} (epoch {loaded.epoch})", loaded.epoch
+
+
 def _checkpoint(text: str) -> str | int:
-    if text in ("latest", "best"):
+    if text in ("latest", "best", WHOLE_MODEL, STATE_DICT):
         return text
     if text.isdigit():
         return int(text)
-    raise argparse.ArgumentTypeError(f"expected latest, best or an epoch number, got {text!r}")
+    raise argparse.ArgumentTypeError(f"expected latest, best, an epoch number, state_dict or model; got {text!r}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipelines.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--run-id", required=True, help="run ID, runs:/<id> or models:/<name>@<alias>")
     parser.add_argument(
-        "--checkpoint", type=_checkpoint, default="latest", help="latest, best or an epoch number (default: latest)"
+        "--run-id", required=True, help="run ID, runs:/<id>, models:/<model_id> or models:/<name>@<alias>"
     )
+    parser.add_argument(
+        "--checkpoint",
+        type=_checkpoint,
+        default="latest",
+        help="latest, best, an epoch number, state_dict or model (default: latest)",
+    )
+    parser.add_argument("--trust-pickle", action="store_true", help="allow --checkpoint model to unpickle")
     args = parser.parse_args(argv)
     # MLflow's own errors (a refused request, an unknown run) are the user's to act on, like ours.
-    return run_command(lambda: evaluate(args.run_id, args.checkpoint), also=(MlflowException,))
+    return run_command(
+        lambda: evaluate(args.run_id, args.checkpoint, trust_pickle=args.trust_pickle), also=(MlflowException,)
+    )
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 import tracking
 from pipelines import data, options
 from pipelines.task import State, Task
+from tracking import layout
 
 TAG_RESUMED_FROM_RUN = "tracking.resumed_from_run"
 TAG_RESUMED_FROM_EPOCH = "tracking.resumed_from_epoch"
@@ -189,16 +190,41 @@ def announce(client: MlflowClient, run: mlflow.ActiveRun) -> None:
     """Print the run's ID and experiment, and where to view it when the tracking server has a UI."""
     run_id, experiment_id = run.info.run_id, run.info.experiment_id
     print(f"MLflow run {run_id} (experiment {experiment_id})", flush=True)
+    link = ui_link(client, f"experiments/{experiment_id}/runs/{run_id}")
+    if link:
+        print(f"view it at {link}", flush=True)
+
+
+def report(client: MlflowClient, run: mlflow.ActiveRun, whole_model_id: str) -> None:
+    """Print what the run holds and how to load each: its latest and best checkpoints, the whole model."""
+    run_id, experiment_id = run.info.run_id, run.info.experiment_id
+    for which in ("latest", "best"):
+        try:
+            found = tracking.find_checkpoint(run_id, which)
+        except tracking.NotFoundError:
+            continue
+        print(f"{which} checkpoint: epoch {found.manifest.epoch}, models:/{found.model_id}", flush=True)
+    print(f"whole model: models:/{whole_model_id} (mlflow.pytorch.load_model)", flush=True)
+    link = ui_link(client, f"experiments/{experiment_id}/models")
+    if link:
+        print(f"checkpoints and models at {link}", flush=True)
+
+
+def ui_link(client: MlflowClient, page: str) -> str | None:
+    """The UI address of ``page`` (e.g. ``experiments/1/runs/<id>``) in the classic training view;
+    None when the tracking server has no UI (a local file or database)."""
     uri = str(client.tracking_uri)
-    if uri.startswith(("http://", "https://")):
-        print(f"view it at {uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}", flush=True)
+    if not uri.startswith(("http://", "https://")):
+        return None
+    return f"{uri.rstrip('/')}/#/{page}{layout.UI_VIEW_QUERY}"
 
 
 def _experiment_id(client: MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return str(client.create_experiment(name))
+            # The UI then opens the experiment in its training view (runs, models), not its GenAI one.
+            return str(client.create_experiment(name, tags={layout.EXPERIMENT_KIND_TAG: layout.EXPERIMENT_KIND}))
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -210,6 +236,8 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
         raise PipelineError(
             f"experiment {name!r} is deleted; restore it in the MLflow UI or pass another --experiment."
         )
+    if layout.EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, layout.EXPERIMENT_KIND_TAG, layout.EXPERIMENT_KIND)
     return str(experiment.experiment_id)
 
 

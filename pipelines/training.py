@@ -100,7 +100,11 @@ def train(task: Task, opts: options.Options) -> str:
                     extra={"rng": tracking.capture_rng_state({"sampler": generator})},
                     force=epoch == opts.epochs,
                 )
+        # The trained model in the two other shapes the save/load notes use: its state dict, and
+        # the whole model in MLflow's pytorch flavor (mlflow.pytorch.load_model, model serving).
         tracking.log_state_dict(state.model)
+        whole = tracking.log_model(state.model, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        runs.report(client, run, whole.model_id)
         return str(run.info.run_id)
 
 

@@ -24,6 +24,7 @@ _EXPORTS = {
     "TrackingError": "tracking.errors",
     "UnsafeClassError": "tracking.errors",
     "capture_rng_state": "tracking.rng",
+    "find_checkpoint": "tracking.selection",
     "list_checkpoints": "tracking.selection",
     "load": "tracking.loader",
     "load_model": "tracking.loader",
@@ -52,6 +53,7 @@ __all__ = [
     "TrackingError",
     "UnsafeClassError",
     "capture_rng_state",
+    "find_checkpoint",
     "list_checkpoints",
     "load",
     "load_model",
@@ -99,5 +101,5 @@ if TYPE_CHECKING:
     from tracking.registry import register
     from tracking.rng import capture_rng_state, restore_rng_state
     from tracking.saver import wait_for_checkpoints
-    from tracking.selection import list_checkpoints, resolve_run_id
+    from tracking.selection import find_checkpoint, list_checkpoints, resolve_run_id
     from tracking.spec import rebuildable

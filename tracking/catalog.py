@@ -103,8 +103,9 @@ def set_status(handle: RunHandle, checkpoint: StoredCheckpoint, status: str) -> 
         handle.client.finalize_logged_model(checkpoint.model_id, status)
 
 
-def get(client: Any, model_id: str, config: TrackingConfig) -> StoredCheckpoint:
-    """The checkpoint logged model ``model_id``; NotFoundError when there is none (or it is deleted)."""
+def get(client: Any, model_id: str, config: TrackingConfig, *, checkpoint: bool = True) -> StoredCheckpoint:
+    """The logged model ``model_id``; NotFoundError when there is none (or it is deleted), or when
+    ``checkpoint`` asks for a checkpoint and it is another kind of model (a whole model)."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -120,7 +121,7 @@ def get(client: Any, model_id: str, config: TrackingConfig) -> StoredCheckpoint:
         raise StorageError(
             f"models:/{model_id}: cannot reach the tracking server {client.tracking_uri} ({exc})."
         ) from exc
-    if model.model_type != layout.CHECKPOINT_MODEL_TYPE:
+    if checkpoint and model.model_type != layout.CHECKPOINT_MODEL_TYPE:
         raise NotFoundError(
             f"models:/{model_id} ({model.name}) is a {model.model_type or 'plain'} logged model, not a checkpoint; "
             "load a whole model with tracking.load_pickled_model() or mlflow.pytorch.load_model()."

@@ -77,12 +77,16 @@ def commit_checkpoint(handle: RunHandle, snapshot: CheckpointSnapshot) -> Logged
 
 
 def _model_metrics(checkpoint: StoredCheckpoint, manifest: Manifest) -> list[Any]:
-    """The checkpoint's metrics as MLflow metrics of its logged model, at the checkpoint's step."""
+    """The checkpoint's metrics as MLflow metrics of its logged model, at step = its epoch.
+
+    MLflow logs them to the run as well; epoch is the step the pipelines' charts use, so both
+    views agree (the global optimizer step stays in the manifest and the model's params).
+    """
     from mlflow.entities import Metric
 
-    step = manifest.step if manifest.step is not None else manifest.epoch
+    assert manifest.epoch is not None
     now = int(time.time() * 1000)
-    return [Metric(k, v, now, step or 0, model_id=checkpoint.model_id) for k, v in manifest.metrics.items()]
+    return [Metric(k, v, now, manifest.epoch, model_id=checkpoint.model_id) for k, v in manifest.metrics.items()]
 
 
 def _abandon(handle: RunHandle, checkpoint: StoredCheckpoint) -> None:

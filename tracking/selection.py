@@ -61,7 +61,7 @@ class Located:
 
 def resolve_run_id(source: str, config: TrackingConfig | None = None) -> str:
     """The run a run ID, ``runs:/``, ``models:/<model_id>`` or registry URI leads to."""
-    handle, pinned = _open(source, parse_source(source), config)
+    handle, pinned = _open(source, parse_source(source), config, checkpoint=False)
     return pinned.run_id if pinned is not None else handle.run_id  # type: ignore[union-attr]
 
 
@@ -232,7 +232,7 @@ def _located(stored: StoredCheckpoint) -> Located:
 
 
 def _open(
-    source: str, parsed: RunSource, config: TrackingConfig | None
+    source: str, parsed: RunSource, config: TrackingConfig | None, *, checkpoint: bool = True
 ) -> tuple[RunHandle | None, StoredCheckpoint | None]:
     """The run a source names, or the one checkpoint it pins (a model ID or registry version)."""
     if parsed.run_id is not None:
@@ -245,11 +245,11 @@ def _open(
     config = config or TrackingConfig.from_env()
     client = MlflowClient(tracking_uri=config.tracking_uri)
     if parsed.model_id is not None:
-        return None, catalog.get(client, parsed.model_id, config)
+        return None, catalog.get(client, parsed.model_id, config, checkpoint=checkpoint)
     version = _registry_version(client, source, parsed)
     model_id = version.model_id or _model_id_in(version.source or "")
     if model_id:
-        return None, catalog.get(client, model_id, config)
+        return None, catalog.get(client, model_id, config, checkpoint=checkpoint)
     if version.run_id:
         return open_run(str(version.run_id), config), None
     raise NotFoundError(f"{source} (version {version.version}) names no logged model or run; register a checkpoint.")
