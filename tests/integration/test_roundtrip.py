@@ -20,7 +20,8 @@ from mlflow.tracking import MlflowClient
 
 import tracking
 from pipelines.models import DigitsMLP, Model
-from tracking.layout import TAG_LATEST
+from tracking import catalog
+from tracking.layout import CHECKPOINT_MODEL_TYPE, TAG_BEST, TAG_LATEST, TAG_LATEST_EPOCH, checkpoint_name
 from tracking.localstack import LocalStack
 from tracking.run import open_run
 from tracking.storage import s3 as s3_storage
@@ -41,6 +42,11 @@ def artifact_bytes(run_id: str, path: str) -> bytes:
     return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path)).read_bytes()
 
 
+def model_bytes(artifact_uri: str, path: str) -> bytes:
+    """A logged model's stored file, fetched through MLflow's own client (not ours)."""
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{artifact_uri}/{path}")).read_bytes()
+
+
 def test_everything_lands_in_the_bucket_and_loads_with_the_seed_code(
     stack: LocalStack, experiment_id: str, s3_keys: Callable[[LocalStack, str], list[str]]
 ) -> None:
@@ -51,23 +57,37 @@ def test_everything_lands_in_the_bucket_and_loads_with_the_seed_code(
     optimizer.step()
     with mlflow.start_run() as run:
         tracking.log_state_dict(model)
-        tracking.log_checkpoint(model, optimizer, epoch=7, metrics={"val_loss": 0.3})
+        logged = tracking.log_checkpoint(model, optimizer, epoch=7, metrics={"val_loss": 0.3})
         tracking.log_model(model)
     run_id = run.info.run_id
 
+    # The checkpoint is a READY logged model of the run, of the checkpoint type, named for its epoch.
+    assert logged.model_id is not None and logged.artifact_uri is not None
+    stored = MlflowClient().get_logged_model(logged.model_id)
+    assert (stored.name, stored.model_type, str(stored.status)) == (
+        checkpoint_name(7),
+        CHECKPOINT_MODEL_TYPE,
+        "READY",
+    )
+    assert stored.source_run_id == run_id and stored.params["epoch"] == "7"
+    assert MlflowClient().get_run(run_id).data.tags[TAG_LATEST] == logged.model_id
+
     keys = s3_keys(stack, "mlartifacts/")
-    for path in ("state_dict/state_dict.pt", "checkpoints/epoch_0007/checkpoint.pt"):
-        assert any(key.endswith(f"{run_id}/artifacts/{path}") for key in keys), path
+    assert f"mlartifacts/{experiment_id}/{run_id}/artifacts/state_dict/state_dict.pt" in keys
+    # Its files sit in the logged model's own artifact location, not under the run's.
+    for name in ("checkpoint.pt", "manifest.json"):
+        assert f"mlartifacts/{experiment_id}/models/{logged.model_id}/artifacts/{name}" in keys, name
+    assert not any(f"{run_id}/artifacts/checkpoints/" in key for key in keys)
     assert any(key.endswith("/artifacts/data/model.pth") for key in keys)
 
-    raw = artifact_bytes(run_id, "checkpoints/epoch_0007/checkpoint.pt")
+    raw = model_bytes(logged.artifact_uri, "checkpoint.pt")
     checkpoint = torch.load(io.BytesIO(raw), weights_only=True)
     fresh = Model(n_input_features=6)
     fresh.load_state_dict(checkpoint["model_state"])
     fresh_optimizer = torch.optim.SGD(fresh.parameters(), lr=0)
     fresh_optimizer.load_state_dict(checkpoint["optim_state"])
     assert checkpoint["epoch"] == 7 and torch.equal(fresh.linear.weight, model.linear.weight)
-    manifest = json.loads(artifact_bytes(run_id, "checkpoints/epoch_0007/manifest.json"))
+    manifest = json.loads(model_bytes(logged.artifact_uri, "manifest.json"))
     assert manifest["files"]["checkpoint.pt"] == {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
 
     state = torch.load(io.BytesIO(artifact_bytes(run_id, "state_dict/state_dict.pt")), weights_only=True)
@@ -76,6 +96,7 @@ def test_everything_lands_in_the_bucket_and_loads_with_the_seed_code(
     x = torch.randn(3, 6)
     assert torch.equal(whole(x), model(x))
     assert torch.equal(tracking.load_model(run_id)(x), model(x))
+    assert torch.equal(tracking.load(f"models:/{logged.model_id}").model(x), model(x))
 
 
 def test_multipart_upload_and_ranged_load_on_seaweedfs(
@@ -99,7 +120,10 @@ def test_multipart_upload_and_ranged_load_on_seaweedfs(
 
 
 def test_retention_and_failed_upload_on_the_real_store(
-    stack: LocalStack, experiment_id: str, monkeypatch: pytest.MonkeyPatch
+    stack: LocalStack,
+    experiment_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+    s3_keys: Callable[[LocalStack, str], list[str]],
 ) -> None:
     model = Model(6)
     checkpointer = tracking.Checkpointer(keep_last=3, keep_best=2, monitor="val_loss")
@@ -118,11 +142,31 @@ def test_retention_and_failed_upload_on_the_real_store(
             with pytest.raises((tracking.StorageError, ConnectionResetError)):
                 tracking.log_checkpoint(model, epoch=21)
     run_id = run.info.run_id
-    assert [m.epoch for m in tracking.list_checkpoints(run_id)] == [5, 11, 18, 19, 20]
-    assert MlflowClient().get_run(run_id).data.tags[TAG_LATEST] == "checkpoints/epoch_0020"
+    kept = tracking.list_checkpoints(run_id)
+    assert [m.epoch for m in kept] == [5, 11, 18, 19, 20]
+    tags = MlflowClient().get_run(run_id).data.tags
+    assert tags[TAG_LATEST] == kept[-1].model_id and tags[TAG_LATEST_EPOCH] == "20"
+    assert tags[TAG_BEST] == kept[0].model_id
     assert tracking.load(run_id).epoch == 20
     assert tracking.load(run_id, "best").epoch == 5
-    assert "checkpoint.pt" not in open_run(run_id).store.list_files("checkpoints/epoch_0021")
+
+    handle = open_run(run_id)
+    # The failed save's logged model is FAILED, with no file left in its artifact location.
+    failed = catalog.search(handle, epoch=21, status=None)
+    assert [m.status for m in failed] == [catalog.FAILED]
+    assert failed[0].store.list_files("") == []
+    # Retention deleted the other 15 logged models (they vanish from search) and every one of their files.
+    assert sorted(m.epoch for m in catalog.search(handle, status=None) if m.epoch is not None) == [
+        5,
+        11,
+        18,
+        19,
+        20,
+        21,
+    ]
+    models = f"mlartifacts/{experiment_id}/models/"
+    owners = {key[len(models) :].split("/", 1)[0] for key in s3_keys(stack, models)}
+    assert owners == {m.model_id for m in kept}, "objects of deleted or failed checkpoints remain"
 
 
 CHILD = textwrap.dedent(
