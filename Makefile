@@ -9,8 +9,10 @@ BIN         := $(VENV)/bin
 STAMP       := $(VENV)/.installed
 STACK_ENV   := .tracking/stack.env
 TRAIN_ARGS  ?= --epochs 10 --checkpoint-every 2 --keep-last 3 --keep-best 1
+# dclint (a Compose-spec validator and linter) comes from npm, at this exact version.
+DCLINT      ?= npx --yes dclint@3.1.0
 
-.PHONY: install train test test-unit test-integration lint bench stack-up stack-down stack-status clean
+.PHONY: install train test test-unit test-integration lint lint-docker bench stack-up stack-down stack-status clean
 
 install: $(STAMP)
 
@@ -47,6 +49,12 @@ lint: install
 	$(BIN)/ruff check tracking pipelines benchmarks tests
 	$(BIN)/ruff format --check tracking pipelines benchmarks tests
 	$(BIN)/mypy tracking pipelines
+
+# docker/: hadolint (dev extras) on both Dockerfiles, dclint (npm; needs node) on compose.yaml.
+# Clean means no finding at all: hadolint fails on any, dclint is told to fail on warnings too.
+lint-docker: install
+	$(BIN)/hadolint docker/mlflow.Dockerfile docker/trainer.Dockerfile
+	$(DCLINT) --max-warnings 0 docker/compose.yaml
 
 bench: install
 	$(BIN)/python -m benchmarks.checkpoint_io
