@@ -3,7 +3,9 @@
 A pipeline describes its :class:`~pipelines.task.Task` and hands its command line to
 :func:`main`. Every epoch logs ``train_loss``, ``train_accuracy``, ``val_loss``,
 ``val_accuracy`` and ``lr`` at ``step=epoch`` (epochs count from 1) and offers a
-checkpoint to a :class:`tracking.Checkpointer`; the last epoch always gets one.
+checkpoint to a :class:`tracking.Checkpointer`; the last epoch always gets one. An epoch
+that gets a checkpoint logs its metrics through it (to the run and to the checkpoint's
+logged model, at the same step), so the charts and the checkpoints agree.
 
 ``--resume RUN_ID [--from-epoch N]`` restores the model, optimizer, scheduler, global
 step and every RNG state (torch, CUDA, numpy, Python and the DataLoader's sampler),
@@ -88,7 +90,11 @@ def train(task: Task, opts: options.Options) -> str:
                     "val_accuracy": val_accuracy,
                     "lr": lr,
                 }
-                mlflow.log_metrics(metrics, step=epoch)
+                last = epoch == opts.epochs
+                if not (last or checkpoints.should_save(epoch)):
+                    # A checkpoint logs its metrics to the run itself (and to its logged model):
+                    # logging them here too would show every point twice in the run's history.
+                    mlflow.log_metrics(metrics, step=epoch)
                 progress.update(epoch, metrics)
                 checkpoints.save(
                     state.model,
@@ -98,7 +104,7 @@ def train(task: Task, opts: options.Options) -> str:
                     scheduler=state.scheduler,
                     step=state.step,
                     extra={"rng": tracking.capture_rng_state({"sampler": generator})},
-                    force=epoch == opts.epochs,
+                    force=last,
                 )
         # The trained model in the two other shapes the save/load notes use: its state dict, and
         # the whole model in MLflow's pytorch flavor (mlflow.pytorch.load_model, model serving).

@@ -166,7 +166,8 @@ def log_checkpoint(
     (``epoch``, ``model_state``, ``optim_state``) plus ``scheduler_state``, ``scaler_state``, ``step``, ``metrics``
     and any ``extra`` keys (tensors and plain Python values only). The manifest is
     written last, then the model is marked READY; the run's ``latest`` tag (and ``best``, when
-    ``monitor`` is given) move only then, and ``metrics`` are logged against the model.
+    ``monitor`` is given) move only then, and ``metrics`` are logged against the model and the
+    run at step = ``epoch``, as ``mlflow.log_metrics(..., model_id=)`` does: do not log them again.
     The result's ``uri`` (``models:/<model_id>``) loads exactly this checkpoint.
 
     With ``blocking=False`` the call returns once the state is copied to host memory

@@ -47,8 +47,8 @@ class Case:
 
 
 def raw_checkpoint_path(contender: str, epoch: int) -> str:
-    """A raw contender's checkpoint file for ``epoch``: our layout's shape, below its own folder."""
-    return f"{raw_folder(contender)}/{layout.checkpoint_dir(epoch)}/{layout.CHECKPOINT_FILE}"
+    """A raw contender's checkpoint file for ``epoch``, below its own folder."""
+    return f"{raw_folder(contender)}/epoch_{epoch:04d}/{layout.CHECKPOINT_FILE}"
 
 
 class Contenders:
@@ -63,6 +63,8 @@ class Contenders:
         self.boto3 = boto3_client
         # Only signs URLs for the floor; it never sends a byte itself.
         self.signer = endpoint.boto3_client(config=Config(signature_version="s3v4", s3={"addressing_style": "path"}))
+        # Where our contenders' checkpoints went (their logged models' artifact locations), to reclaim.
+        self.written: list[str] = []
 
     def run(self, name: str, case: Case, epoch: int, measure: bool) -> None:
         runner: Callable[[Case, int, bool], None] = getattr(self, f"_{name}")
@@ -73,7 +75,9 @@ class Contenders:
             runner(case, epoch, measure)
         finally:
             self.reclaimer.delete(case.run.bucket, case.run.key(f"{raw_folder(name)}/"))
-            self.reclaimer.delete(case.run.bucket, case.run.key(f"{layout.checkpoint_dir(epoch)}/"))
+            while self.written:
+                bucket, _, key = self.written.pop().removeprefix("s3://").partition("/")
+                self.reclaimer.delete(bucket, key.rstrip("/") + "/")
             gc.collect()
 
     # -- floor: the same bytes, already serialized, over one plain HTTP request each way
@@ -182,8 +186,9 @@ class Contenders:
     def _ours(self, case: Case, epoch: int, measure: bool) -> None:
         run_id = case.run.run_id
         start = time.perf_counter()
-        tracking.log_checkpoint(case.model, case.optimizer, epoch=epoch, run_id=run_id)
+        logged = tracking.log_checkpoint(case.model, case.optimizer, epoch=epoch, run_id=run_id)
         saved = time.perf_counter() - start
+        self.written.append(str(logged.artifact_uri))
         gc.collect()
         start = time.perf_counter()
         loaded = tracking.load(run_id, epoch, model=case.model, optimizer=new_adam, mode="train")
@@ -201,8 +206,9 @@ class Contenders:
             case.model, case.optimizer, epoch=epoch, run_id=case.run.run_id, blocking=False
         )
         blocked = time.perf_counter() - start
-        future.result()
+        logged = future.result()
         durable = time.perf_counter() - start
+        self.written.append(str(logged.artifact_uri))
         if measure:
             case.record("async_blocked", blocked)
             case.record("async_durable", durable)

@@ -53,9 +53,15 @@ def open_bench_run(run_id: str) -> BenchRun:
 
 
 def end_run(run: BenchRun, reclaimer: Reclaimer) -> None:
-    """Delete a benchmark run's objects, then the run itself (soft-deleted, like the UI does)."""
+    """Delete a benchmark run's objects (its checkpoints' too), then the run itself (soft-deleted, like the UI does)."""
     from mlflow import MlflowClient
 
+    from tracking import catalog
+    from tracking.run import open_run
+
+    for checkpoint in catalog.search(open_run(run.run_id), status=None):
+        bucket, _, key = checkpoint.artifact_uri.removeprefix("s3://").partition("/")
+        reclaimer.delete(bucket, key.rstrip("/") + "/")
     reclaimer.delete(run.bucket, f"{run.prefix}/")
     MlflowClient().set_terminated(run.run_id)
     MlflowClient().delete_run(run.run_id)

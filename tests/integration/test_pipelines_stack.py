@@ -13,9 +13,11 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import mlflow
+import mlflow.pytorch
 import pytest
 from mlflow import MlflowClient
 
+import tracking
 from pipelines import evaluate, train
 from tracking.localstack import LocalStack
 
@@ -45,7 +47,11 @@ def test_train_resume_and_evaluate_on_the_stack(
     found = re.search(r"MLflow run ([0-9a-f]{32}) \(experiment (\d+)\)", first.stdout)
     assert found, first.stdout
     run_id, experiment_id = found.groups()
-    assert f"{stack.tracking_uri}/#/experiments/{experiment_id}/runs/{run_id}" in first.stdout
+    # Links open the UI's classic training view, and the experiment is tagged for it too.
+    assert f"{stack.tracking_uri}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning" in (
+        first.stdout
+    )
+    assert f"{stack.tracking_uri}/#/experiments/{experiment_id}/models?workflowType=machine_learning" in first.stdout
 
     with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()) as err:
         assert train.main(["--resume", run_id, "--epochs", "3"]) == 0, err.getvalue()
@@ -58,6 +64,28 @@ def test_train_resume_and_evaluate_on_the_stack(
     assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [1, 2, 3]
     [val_loss] = [m.value for m in client.get_metric_history(run_id, "val_loss") if m.step == 3]
     assert [m.value for m in client.get_metric_history(run_id, "eval_loss")] == [val_loss]
+    experiment_tags = client.get_experiment(experiment_id).tags
+    assert experiment_tags["mlflow.experimentKind"] == "custom_model_development"
+
+    # Every checkpoint is a READY logged model of the run with its metrics; the whole model too.
+    models = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    checkpoints = {m.name: m for m in models if m.model_type == "pytorch-checkpoint"}
+    assert set(checkpoints) == {"checkpoint-epoch-0001", "checkpoint-epoch-0002", "checkpoint-epoch-0003"}
+    assert all(str(m.status) == "READY" for m in checkpoints.values())
+    latest = checkpoints["checkpoint-epoch-0003"]
+    assert run.data.tags["tracking.checkpoint.latest"] == latest.model_id
+    assert {m.key: m.value for m in latest.metrics or []}["val_loss"] == val_loss
+    whole = [m for m in models if m.name == "model"]
+    assert len(whole) == 2  # one per training invocation: the first run's end, then the resumed one's
+    newest = max(whole, key=lambda m: m.creation_timestamp)
+    reloaded = mlflow.pytorch.load_model(f"models:/{newest.model_id}")
+    assert tracking.load_model(run_id).state_dict().keys() == reloaded.state_dict().keys()
+    with redirect_stdout(io.StringIO()) as out, redirect_stderr(io.StringIO()) as err:
+        assert evaluate.main(["--run-id", f"models:/{latest.model_id}"]) == 0, err.getvalue()
+        assert evaluate.main(["--run-id", run_id, "--checkpoint", "state_dict"]) == 0, err.getvalue()
+        assert evaluate.main(["--run-id", run_id, "--checkpoint", "model", "--trust-pickle"]) == 0, err.getvalue()
+    assert out.getvalue().count(f"eval_loss={val_loss:.6f}") == 3, out.getvalue()
+
     keys = s3_keys(stack, "")
-    for path in ("checkpoints/epoch_0003/manifest.json", "state_dict/state_dict.pt"):
-        assert any(run_id in key and key.endswith(path) for key in keys), path
+    assert any(key.endswith(f"models/{latest.model_id}/artifacts/manifest.json") for key in keys)
+    assert any(run_id in key and key.endswith("state_dict/state_dict.pt") for key in keys)
