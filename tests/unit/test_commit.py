@@ -55,6 +55,19 @@ def tags(run_id: str) -> dict[str, str]:
     return dict(MlflowClient().get_run(run_id).data.tags)
 
 
+def logged_models(run_id: str) -> list[Any]:
+    """Every (not deleted) logged model of the run, whatever its status, oldest first."""
+    client = MlflowClient()
+    experiment_id = client.get_run(run_id).info.experiment_id
+    return list(
+        client.search_logged_models(
+            experiment_ids=[experiment_id],
+            filter_string=f"source_run_id = '{run_id}'",
+            order_by=[{"field_name": "creation_timestamp", "ascending": True}],
+        )
+    )
+
+
 @pytest.mark.parametrize(
     ("value", "match"),
     [
@@ -84,8 +97,11 @@ def test_extra_values_that_would_not_load_are_refused_before_anything_is_stored(
         with tracking.Checkpointer(keep_last=1, monitor="val_loss") as checkpointer:
             with pytest.raises(ValueError, match=match):
                 checkpointer.save(model, epoch=3, metrics={"val_loss": 0.1}, extra={"notes": value})
-    assert [m.epoch for m in tracking.list_checkpoints(run.info.run_id)] == [1]
-    assert (tags(run.info.run_id)[TAG_LATEST], tags(run.info.run_id)[TAG_BEST]) == ("checkpoints/epoch_0001",) * 2
+    (first,) = tracking.list_checkpoints(run.info.run_id)
+    assert first.epoch == 1
+    assert (tags(run.info.run_id)[TAG_LATEST], tags(run.info.run_id)[TAG_BEST]) == (first.model_id,) * 2
+    # Refused before a logged model was even created: the run has exactly one.
+    assert [m.model_id for m in logged_models(run.info.run_id)] == [first.model_id]
 
 
 def test_plain_extra_values_round_trip(experiment: str) -> None:
@@ -141,9 +157,13 @@ def test_a_tracking_server_failure_while_moving_tags_commits_nothing(
             patch.setattr(MlflowClient, "log_batch", dead_server)
             with pytest.raises(tracking.StorageError, match=r"tracking server failed .* epoch 2 was not committed"):
                 tracking.log_checkpoint(model, epoch=2, metrics={"val_loss": 0.1}, monitor="val_loss")
-    assert [m.epoch for m in tracking.list_checkpoints(run.info.run_id)] == [1]
-    assert tags(run.info.run_id)[TAG_LATEST] == "checkpoints/epoch_0001"
+    (first,) = tracking.list_checkpoints(run.info.run_id)
+    assert first.epoch == 1
+    assert tags(run.info.run_id)[TAG_LATEST] == first.model_id
     assert tracking.load(run.info.run_id, "best").epoch == 1
+    # The attempt is a logged model of its own, FAILED and without a manifest.
+    statuses = {m.name: str(m.status) for m in logged_models(run.info.run_id)}
+    assert statuses == {"checkpoint-epoch-0001": "READY", "checkpoint-epoch-0002": "FAILED"}
 
 
 def test_a_slow_writer_never_moves_latest_back_or_best_to_a_worse_checkpoint(
@@ -168,9 +188,10 @@ def test_a_slow_writer_never_moves_latest_back_or_best_to_a_worse_checkpoint(
         monkeypatch.setattr(payload_module.TorchSave, "__call__", slow_save)
         tracking.log_checkpoint(model, epoch=5, metrics={"val_loss": 0.5}, monitor="val_loss", run_id=run_id)
     assert overtaken
-    assert [m.epoch for m in tracking.list_checkpoints(run_id)] == [4, 5, 6]
-    assert tags(run_id)[TAG_LATEST] == "checkpoints/epoch_0006"
-    assert tags(run_id)[TAG_BEST] == "checkpoints/epoch_0006"
+    listed = tracking.list_checkpoints(run_id)
+    assert [m.epoch for m in listed] == [4, 5, 6]
+    assert tags(run_id)[TAG_LATEST] == listed[2].model_id
+    assert tags(run_id)[TAG_BEST] == listed[2].model_id
 
 
 def test_a_failed_background_save_fails_the_next_save_of_any_kind(
@@ -235,38 +256,78 @@ def test_verify_catches_an_intact_checkpoint_that_does_not_load(experiment: str)
     import json
 
     from tracking import audit, layout
-    from tracking.run import open_run
+    from tracking.selection import find_checkpoint
 
     with mlflow.start_run() as run:
-        tracking.log_checkpoint(Model(6), epoch=1)
-        tracking.log_checkpoint(Model(6), epoch=2)
-    store = open_run(run.info.run_id).store
-    folder = layout.checkpoint_dir(2)
+        first = tracking.log_checkpoint(Model(6), epoch=1)
+        second = tracking.log_checkpoint(Model(6), epoch=2)
+    assert isinstance(first, tracking.LoggedCheckpoint) and isinstance(second, tracking.LoggedCheckpoint)
+    located = find_checkpoint(run.info.run_id, 2)
+    store = located.store
     buffer = io.BytesIO()
     torch.save({"epoch": 2, "model_state": {}, "lr": np.float64(0.1)}, buffer)
-    stored = store.write_bytes(f"{folder}/{layout.CHECKPOINT_FILE}", buffer.getvalue())
-    manifest = json.loads(bytes(store.read(layout.manifest_path(folder))))
+    stored = store.write_bytes(located.path(layout.CHECKPOINT_FILE), buffer.getvalue())
+    manifest = json.loads(bytes(store.read(located.path(layout.MANIFEST_FILE))))
     manifest["files"][layout.CHECKPOINT_FILE] = {"size": stored.size, "sha256": stored.sha256}
-    store.write_bytes(layout.manifest_path(folder), json.dumps(manifest).encode())
+    store.write_bytes(located.path(layout.MANIFEST_FILE), json.dumps(manifest).encode())
 
     report = audit.verify(run.info.run_id)
-    assert report[f"{layout.checkpoint_dir(1)}/{layout.CHECKPOINT_FILE}"] is None
-    problem = report[f"{folder}/{layout.CHECKPOINT_FILE}"]
+    assert report[f"checkpoint-epoch-0001 ({first.model_id})/{layout.CHECKPOINT_FILE}"] is None
+    problem = report[f"checkpoint-epoch-0002 ({second.model_id})/{layout.CHECKPOINT_FILE}"]
     assert problem is not None and "does not load with torch.load(weights_only=True)" in problem
 
 
-def test_a_relog_ends_under_the_usual_name_and_a_failed_one_restores_the_old(
+def test_a_relog_is_a_new_model_and_the_old_one_goes_only_once_it_committed(
     experiment: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tracking import layout
-    from tracking.run import open_run
+    from tracking import audit
+
+    model = Model(6)
+    real_call = payload.TorchSave.__call__
+    with mlflow.start_run() as run:
+        run_id = run.info.run_id
+        old = tracking.log_checkpoint(model, epoch=1)
+        assert isinstance(old, tracking.LoggedCheckpoint)
+        original = model.linear.weight.detach().clone()
+        with torch.no_grad():
+            model.linear.weight.add_(1.0)
+        during: list[tracking.LoadedCheckpoint] = []
+
+        def upload_and_look(self: payload.TorchSave, stream: Any) -> None:
+            during.append(tracking.load(run_id, checkpoint=1))  # while the new data uploads
+            real_call(self, stream)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(payload.TorchSave, "__call__", upload_and_look)
+            new = tracking.log_checkpoint(model, epoch=1)
+    assert isinstance(new, tracking.LoggedCheckpoint)
+    assert new.model_id != old.model_id
+    # Until the new model committed, epoch 1 was the old one, whole.
+    assert [d.model_id for d in during] == [old.model_id]
+    assert torch.equal(during[0].model.linear.weight, original)
+    # Once it committed, the tags name it and the old one is deleted, files and model.
+    assert tags(run_id)[TAG_LATEST] == new.model_id
+    assert [m.model_id for m in logged_models(run_id)] == [new.model_id]
+    assert [c.model_id for c in tracking.list_checkpoints(run_id)] == [new.model_id]
+    with pytest.raises(tracking.NotFoundError):
+        tracking.load(f"models:/{old.model_id}")
+    loaded = tracking.load(run_id, checkpoint=1)
+    assert loaded.model_id == new.model_id and torch.equal(loaded.model.linear.weight, model.linear.weight)
+    report = audit.verify(run_id)
+    assert not report.failures and not report.leftovers
+
+
+def test_a_failed_relog_keeps_the_old_checkpoint(experiment: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tracking import audit
 
     model = Model(6)
     with mlflow.start_run() as run:
+        run_id = run.info.run_id
         tracking.log_checkpoint(model, epoch=1)
         with torch.no_grad():
             model.linear.weight.add_(1.0)
-        tracking.log_checkpoint(model, epoch=1)  # re-logged: replaces the first
+        kept = tracking.log_checkpoint(model, epoch=1)  # re-logged: replaces the first
+        assert isinstance(kept, tracking.LoggedCheckpoint)
         relogged = model.linear.weight.detach().clone()
         with torch.no_grad():
             model.linear.weight.add_(1.0)
@@ -278,38 +339,52 @@ def test_a_relog_ends_under_the_usual_name_and_a_failed_one_restores_the_old(
             patch.setattr(MlflowClient, "log_batch", dead_server)
             with pytest.raises(tracking.StorageError, match="not committed"):
                 tracking.log_checkpoint(model, epoch=1)
-    store = open_run(run.info.run_id).store
-    folder = layout.checkpoint_dir(1)
-    assert torch.equal(tracking.load(run.info.run_id, checkpoint=1).model.linear.weight, relogged)
-    assert tracking.load(run.info.run_id).manifest.files.keys() == {layout.CHECKPOINT_FILE}
-    # The failed attempt's staged data is a leftover that verify reports, nothing else is.
-    assert sorted(store.list_files(folder)) == sorted(
-        [layout.CHECKPOINT_FILE, layout.MANIFEST_FILE, layout.STAGED_CHECKPOINT_FILE]
-    )
+    loaded = tracking.load(run_id, checkpoint=1)
+    assert loaded.model_id == kept.model_id and torch.equal(loaded.model.linear.weight, relogged)
+    assert tracking.load(run_id).model_id == kept.model_id
+    assert tags(run_id)[TAG_LATEST] == kept.model_id
+    # The failed attempt is a FAILED model without files that verify reports as a leftover.
+    models = logged_models(run_id)
+    assert [str(m.status) for m in models] == ["READY", "FAILED"] and models[0].model_id == kept.model_id
+    report = audit.verify(run_id)
+    assert not report.failures
+    assert [leftover.kind for leftover in report.leftovers] == [audit.NOT_COMMITTED_MODEL]
+    assert models[1].model_id in report.leftovers[0].path
 
 
-def test_a_relog_after_one_that_died_before_renaming_never_writes_the_listed_file(experiment: str) -> None:
-    import json
-
-    from tracking import layout
+def test_a_relog_after_one_killed_mid_upload_commits_and_leaves_only_the_dead_one_to_clean(experiment: str) -> None:
+    from tracking import audit, catalog, layout
     from tracking.run import open_run
 
     model = Model(6)
     with mlflow.start_run() as run:
-        tracking.log_checkpoint(model, epoch=1)
-    store = open_run(run.info.run_id).store
-    folder = layout.checkpoint_dir(1)
-    # What a re-log killed after its manifest commit but before the rename leaves behind.
-    store.copy(f"{folder}/{layout.CHECKPOINT_FILE}", f"{folder}/{layout.STAGED_CHECKPOINT_FILE}")
-    manifest = json.loads(bytes(store.read(layout.manifest_path(folder))))
-    manifest["files"] = {layout.STAGED_CHECKPOINT_FILE: manifest["files"][layout.CHECKPOINT_FILE]}
-    store.write_bytes(layout.manifest_path(folder), json.dumps(manifest).encode())
-    assert tracking.load(run.info.run_id).manifest.files.keys() == {layout.STAGED_CHECKPOINT_FILE}
+        run_id = run.info.run_id
+        old = tracking.log_checkpoint(model, epoch=1)
+    assert isinstance(old, tracking.LoggedCheckpoint)
+    # What a re-log killed halfway through its upload leaves: a PENDING model of the same
+    # epoch holding part of the data and no manifest.
+    handle = open_run(run_id)
+    dead = catalog.create(handle, tracking.load(run_id).manifest)
+    dead.store.write_bytes(layout.CHECKPOINT_FILE, b"half a checkpoint")
+    assert tracking.load(run_id, checkpoint=1).model_id == old.model_id
+    assert tracking.load(run_id).model_id == old.model_id
 
     with torch.no_grad():
         model.linear.weight.add_(1.0)
-    tracking.log_checkpoint(model, epoch=1, run_id=run.info.run_id)
-    loaded = tracking.load(run.info.run_id)
-    assert torch.equal(loaded.model.linear.weight, model.linear.weight)
-    assert loaded.manifest.files.keys() == {layout.CHECKPOINT_FILE}
-    assert sorted(store.list_files(folder)) == sorted([layout.CHECKPOINT_FILE, layout.MANIFEST_FILE])
+    new = tracking.log_checkpoint(model, epoch=1, run_id=run_id)
+    assert isinstance(new, tracking.LoggedCheckpoint)
+    loaded = tracking.load(run_id, checkpoint=1)
+    assert loaded.model_id == new.model_id and torch.equal(loaded.model.linear.weight, model.linear.weight)
+    assert {m.model_id: str(m.status) for m in logged_models(run_id)} == {
+        dead.model_id: "PENDING",
+        new.model_id: "READY",
+    }
+    report = audit.verify(run_id)
+    assert not report.failures
+    assert [(dead.model_id in leftover.path, leftover.kind) for leftover in report.leftovers] == [
+        (True, audit.NOT_COMMITTED_MODEL)
+    ]
+    audit.clean_leftovers(run_id)
+    assert [m.model_id for m in logged_models(run_id)] == [new.model_id]
+    assert dead.store.list_files("") == []
+    assert tracking.load(run_id).model_id == new.model_id
