@@ -91,7 +91,7 @@ def option(argv: list[str], name: str) -> str:
     return argv[i + 1]
 
 
-def request(url: str, host: str | None = None) -> tuple[int, bytes]:
+def http_get(url: str, host: str | None = None) -> tuple[int, bytes]:
     headers = {"Host": host} if host else {}
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
@@ -251,4 +251,4 @@ def test_the_declared_server_logs_lists_and_loads_a_checkpoint(
 
 
 def request_to(server: Server, path: str, host: str) -> tuple[int, bytes]:
-    return request(f"{server.tracking_uri}{path}", host=host)
+    return http_get(f"{server.tracking_uri}{path}", host=host)
