@@ -10,6 +10,7 @@ models is the fallback when a tag is missing or stale.
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -139,7 +140,7 @@ def select_checkpoint(handle: RunHandle, checkpoint: Selector, step: int | None)
     if isinstance(checkpoint, str) and checkpoint.isdecimal() and checkpoint.isascii():
         checkpoint = int(checkpoint)
     if isinstance(checkpoint, int):
-        for stored in reversed(catalog.search(handle, epoch=checkpoint)):
+        for stored in catalog.preferred(handle, catalog.search(handle, epoch=checkpoint)):
             try:
                 return _located(stored)
             except NotFoundError:
@@ -270,9 +271,15 @@ def _registry_version(client: Any, source: str, parsed: RunSource) -> Any:
         ) from exc
 
 
+# A version's source when it was made from a logged model: models:/<id> (MLflow's register_model,
+# ours) or the model's artifact location (the UI's Register button). MLflow's own registry keeps
+# no model ID on the version, so the source is what says which checkpoint it is.
+_VERSION_SOURCE = re.compile(r"(?:^models:/|/models/)(m-[0-9a-f]{32})(?:/artifacts)?/?$")
+
+
 def _model_id_in(uri: str) -> str | None:
-    rest = uri[len("models:/") :] if uri.startswith("models:/") else ""
-    return rest if layout.MODEL_ID.fullmatch(rest) else None
+    match = _VERSION_SOURCE.search(uri)
+    return match.group(1) if match else None
 
 
 def _epoch_list(epochs: list[int]) -> str:
