@@ -72,6 +72,11 @@ def train(task: Task, opts: options.Options) -> str:
         keep_best=values["keep_best"],
         monitor=values["monitor"],
         mode=values["monitor_mode"],
+        # For the run's description in the UI: how to evaluate this run and train it further.
+        commands=[
+            "python -m pipelines.evaluate --run-id {run_id} --checkpoint best",
+            f"python -m {task.name} --resume {{run_id}} --epochs {2 * opts.epochs}",
+        ],
     )
     with runs.start(client, config, task, opts, origin, values, overrides, state.epoch) as run, checkpoints:
         runs.announce(client, run)

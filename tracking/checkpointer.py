@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any
@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tracking import catalog, layout
+from tracking import catalog, layout, note
 from tracking.catalog import LoggedCheckpoint
 from tracking.checkpoint import check_metrics, snapshot_checkpoint
 from tracking.commit import CheckpointSnapshot, commit_checkpoint
@@ -32,6 +32,10 @@ class Checkpointer:
     (``on_busy="wait"`` blocks a new save while one is in flight, ``"coalesce"``
     queues it, dropping a queued one it supersedes). Background errors re-raise on
     the next save or on :meth:`close`; pending saves are flushed at interpreter exit.
+
+    Every save also rewrites the run's description in the MLflow UI (see :mod:`tracking.note`),
+    in the request that moves the run's tags; ``commands`` adds command lines to it (how to
+    evaluate or resume this run), ``describe_run=False`` leaves the description alone.
     """
 
     def __init__(
@@ -46,6 +50,8 @@ class Checkpointer:
         config: TrackingConfig | None = None,
         async_save: bool = False,
         on_busy: str = "wait",
+        describe_run: bool = True,
+        commands: Sequence[str] = (),
     ) -> None:
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
@@ -66,6 +72,10 @@ class Checkpointer:
         # epoch -> (model ID, artifact location), to delete what falls out.
         self._kept: dict[int, float | None] | None = None
         self._models: dict[int, tuple[str, str]] = {}
+        # epoch -> model ID and metrics of every committed checkpoint, for the run's description.
+        self._noted: dict[int, note.NotedCheckpoint] = {}
+        self.describe_run = describe_run
+        self.commands = tuple(commands)
         self._saver = AsyncSaver(on_busy) if async_save else None
 
     def should_save(self, epoch: int) -> bool:
@@ -124,14 +134,40 @@ class Checkpointer:
         return self._saver.submit(lambda: self._commit(handle, host))
 
     def _commit(self, handle: RunHandle, snapshot: CheckpointSnapshot) -> LoggedCheckpoint:
-        logged = commit_checkpoint(handle, snapshot)
-        epoch = snapshot.manifest.epoch
+        manifest = snapshot.manifest
+        epoch = manifest.epoch
         assert epoch is not None and self._kept is not None
-        self._kept[epoch] = snapshot.manifest.metrics.get(self.monitor)
+        known = self._kept
+        value = manifest.metrics.get(self.monitor)
+
+        def describe(model_id: str, tags: Mapping[str, str]) -> dict[str, str]:
+            # The checkpoints as they will be once this one is committed and retention has run.
+            noted = {**self._noted, epoch: note.NotedCheckpoint(model_id, dict(manifest.metrics))}
+            kept = self._retained({**known, epoch: value}, latest=epoch) if self._retains else set(noted)
+            by_model = {c.model_id: e for e, c in noted.items()}
+            text = note.render(
+                handle.run_id,
+                model_class=str(manifest.model.get("class")),
+                optimizer_class=(manifest.optimizer or {}).get("class"),
+                checkpoints={e: c for e, c in noted.items() if e in kept},
+                latest=by_model.get(tags.get(layout.TAG_LATEST, "")),
+                best=by_model.get(tags.get(layout.TAG_BEST, "")),
+                monitor=self.monitor,
+                commands=[c.replace("{run_id}", handle.run_id) for c in self.commands],
+            )
+            return {note.NOTE_TAG: text}
+
+        logged = commit_checkpoint(handle, snapshot, describe if self.describe_run else None)
+        self._kept[epoch] = value
         assert logged.model_id is not None and logged.artifact_uri is not None
         self._models[epoch] = (logged.model_id, logged.artifact_uri)
+        self._noted[epoch] = note.NotedCheckpoint(logged.model_id, dict(manifest.metrics))
         self._apply_retention(handle, self._kept, latest=epoch)
         return logged
+
+    @property
+    def _retains(self) -> bool:
+        return self.keep_last is not None or self.keep_best is not None
 
     def _open(self) -> RunHandle:
         if self._handle is None:
@@ -139,23 +175,30 @@ class Checkpointer:
         return self._handle
 
     def _existing(self, handle: RunHandle) -> dict[int, float | None]:
-        # Read once per Checkpointer: a resumed run's earlier checkpoints count for retention too.
+        # Read once per Checkpointer: a resumed run's earlier checkpoints count for retention
+        # and its description too.
         if self._kept is None:
             self._kept = {}
-            if self.keep_last is not None or self.keep_best is not None:
+            if self._retains or self.describe_run:
                 for epoch, stored in catalog.committed(handle).items():
                     self._kept[epoch] = stored.metrics.get(self.monitor)
                     self._models[epoch] = (stored.model_id, stored.artifact_uri)
+                    self._noted[epoch] = note.NotedCheckpoint(stored.model_id, stored.metrics)
         return self._kept
 
-    def _apply_retention(self, handle: RunHandle, kept: dict[int, float | None], latest: int) -> None:
-        if self.keep_last is None and self.keep_best is None:
-            return
+    def _retained(self, kept: Mapping[int, float | None], latest: int) -> set[int]:
+        """The epochs retention keeps of ``kept`` (epoch -> monitored value) once ``latest`` is committed."""
         keep = {latest}
         if self.keep_last is not None:
             keep.update(sorted(kept)[-self.keep_last :])
         if self.keep_best is not None:
             keep.update(layout.best_first(kept, self.mode)[: self.keep_best])
+        return keep
+
+    def _apply_retention(self, handle: RunHandle, kept: dict[int, float | None], latest: int) -> None:
+        if not self._retains:
+            return
+        keep = self._retained(kept, latest)
         ranked = layout.best_first({e: kept[e] for e in keep}, self.mode)
         if ranked and handle.tags.get(layout.TAG_BEST) != self._models[ranked[0]][0]:
             # The best checkpoint fell out of the kept set: point the tag at the best survivor
@@ -171,6 +214,7 @@ class Checkpointer:
         for epoch in sorted(set(kept) - keep):
             catalog.delete(handle, *self._models.pop(epoch))
             del kept[epoch]
+            self._noted.pop(epoch, None)
 
     def __enter__(self) -> Checkpointer:
         return self

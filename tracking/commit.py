@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -37,7 +37,14 @@ class CheckpointSnapshot:
         return replace(self, payload=to_host(self.payload))
 
 
-def commit_checkpoint(handle: RunHandle, snapshot: CheckpointSnapshot) -> LoggedCheckpoint:
+# Given the new checkpoint's model ID and the run's tags as they will be, more run tags to set
+# in the same request (the Checkpointer's run description).
+Describe = Callable[[str, Mapping[str, str]], dict[str, str]]
+
+
+def commit_checkpoint(
+    handle: RunHandle, snapshot: CheckpointSnapshot, describe: Describe | None = None
+) -> LoggedCheckpoint:
     """Store a checkpoint as a new logged model of the run, then point the run's tags at it.
 
     Order: the logged model (PENDING), ``checkpoint.pt``, ``manifest.json``, READY, then one
@@ -61,6 +68,8 @@ def commit_checkpoint(handle: RunHandle, snapshot: CheckpointSnapshot) -> Logged
         handle.refresh_tags()
         replaced = _replaced(handle.tags, manifest.epoch, checkpoint.model_id)
         tags = _pointer_tags(handle.tags, checkpoint, manifest, snapshot.monitor, snapshot.mode, replaced)
+        if describe is not None:
+            tags.update(describe(checkpoint.model_id, {**handle.tags, **tags}))
         handle.set_tags(tags, _model_metrics(checkpoint, manifest))
     except Exception as exc:
         _abandon(handle, checkpoint)
