@@ -160,7 +160,7 @@ def _parts(handle: RunHandle) -> list[_Part]:
         part.files = state_files
         parts.append(part)
     models = catalog.search(handle, status=None)
-    newest = {m.epoch: m.model_id for m in models if m.status == catalog.READY}  # oldest first: newest wins
+    kept: dict[int | None, str] = {e: m.model_id for e, m in catalog.current(handle, models).items()}
     for model in models:
         part = _Part(f"{model.name} ({model.model_id})", model.store, "", None, model)
         part.files = model.store.list_files("")
@@ -170,7 +170,7 @@ def _parts(handle: RunHandle) -> list[_Part]:
             part.manifest = _manifest(model.store, "")
             if part.manifest is None:
                 part.leftover_kind = NOT_COMMITTED_MODEL  # READY, but its failed save removed the manifest
-            elif newest.get(model.epoch) != model.model_id:
+            elif kept.get(model.epoch) != model.model_id:
                 part.leftover_kind = REPLACED_MODEL
         parts.append(part)
     return parts

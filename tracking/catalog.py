@@ -140,12 +140,25 @@ def search(handle: RunHandle, *, epoch: int | None = None, status: str | None = 
 
 
 def committed(handle: RunHandle) -> dict[int, StoredCheckpoint]:
-    """The run's READY checkpoints by epoch (the newest of an epoch logged twice): one search."""
-    found: dict[int, StoredCheckpoint] = {}
-    for checkpoint in search(handle):
-        if checkpoint.epoch is not None:
-            found[checkpoint.epoch] = checkpoint  # oldest first, so the newest wins
-    return dict(sorted(found.items()))
+    """The run's READY checkpoints by epoch (of an epoch logged twice, see :func:`preferred`): one search."""
+    return current(handle, search(handle))
+
+
+def current(handle: RunHandle, models: list[StoredCheckpoint]) -> dict[int, StoredCheckpoint]:
+    """Of ``models`` (oldest first), the READY one of each epoch that readers take, by epoch."""
+    by_epoch: dict[int, list[StoredCheckpoint]] = {}
+    for model in models:
+        if model.epoch is not None and model.status == READY:
+            by_epoch.setdefault(model.epoch, []).append(model)
+    return {epoch: preferred(handle, by_epoch[epoch])[0] for epoch in sorted(by_epoch)}
+
+
+def preferred(handle: RunHandle, models: list[StoredCheckpoint]) -> list[StoredCheckpoint]:
+    """One epoch's logged models (oldest first) in the order readers try them: the one the run's
+    latest/best tags name, then the newest first. A re-log counts once the tags moved to it: one
+    killed after READY but before the tags must not shadow the checkpoint the tags still name."""
+    pointed = {handle.tags.get(layout.TAG_LATEST), handle.tags.get(layout.TAG_BEST)}
+    return sorted(reversed(models), key=lambda model: model.model_id not in pointed)
 
 
 def delete(handle: RunHandle, model_id: str, artifact_uri: str) -> None:
