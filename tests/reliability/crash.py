@@ -1,6 +1,6 @@
 """Run a module as ``python -m`` would, but SIGKILL the process at one chosen phase of a save.
 
-    python -m tests.reliability.crash --when after --op CompleteMultipartUpload --key 'epoch_0002/' \\
+    python -m tests.reliability.crash --when after --op CompleteMultipartUpload --key '/checkpoint\\.pt$' \\
         tests.reliability.workload RUN_ID --epochs 2
 
 The kill point is a call the save makes to a real server, seen from outside the library
@@ -10,7 +10,10 @@ The kill point is a call the save makes to a real server, seen from outside the 
   ``PutObject``, ``DeleteObject``...), caught where every boto3 client sends its calls, and
   ``--key`` a regular expression its object key must match;
 - ``--op tags``: the tracking server request that moves the run's tags (``runs/log-batch`` or
-  ``runs/set-tag``), caught where MLflow's REST client sends it.
+  ``runs/set-tag``), caught where MLflow's REST client sends it;
+- ``--op mlflow``: any tracking server request, caught there too, and ``--key`` a regular expression
+  its method and path (``PATCH /api/2.0/mlflow/logged-models/m-...``) must match: see
+  :data:`CREATE_MODEL`, :data:`FINALIZE_MODEL`, :data:`DELETE_MODEL`.
 
 ``--when before`` kills before the request is sent, ``after`` once the server has answered;
 ``--nth`` picks the Nth matching call. A child that never reaches its kill point exits
@@ -30,6 +33,10 @@ from collections.abc import Callable
 from typing import Any
 
 TAG_ENDPOINTS = ("/runs/log-batch", "/runs/set-tag")
+# --op mlflow keys: a checkpoint's logged model created (PENDING), finalized (READY or FAILED), deleted.
+CREATE_MODEL = r"^POST /api/2\.0/mlflow/logged-models$"
+FINALIZE_MODEL = r"^PATCH /api/2\.0/mlflow/logged-models/m-[0-9a-f]+$"
+DELETE_MODEL = r"^DELETE /api/2\.0/mlflow/logged-models/m-[0-9a-f]+$"
 
 
 class KillPoint:
@@ -65,14 +72,15 @@ def die() -> None:
 
 
 def install(point: KillPoint) -> None:
-    if point.op == "tags":
+    if point.op in ("tags", "mlflow"):
         import mlflow.utils.rest_utils as rest_utils
 
         original_request = rest_utils.http_request
 
         def http_request(host_creds: Any, endpoint: str, method: str, *args: Any, **kwargs: Any) -> Any:
-            op = "tags" if endpoint.endswith(TAG_ENDPOINTS) else endpoint
-            return point.around(lambda: original_request(host_creds, endpoint, method, *args, **kwargs), op, endpoint)
+            op = "mlflow" if point.op == "mlflow" else "tags" if endpoint.endswith(TAG_ENDPOINTS) else endpoint
+            request = f"{method} {endpoint}"
+            return point.around(lambda: original_request(host_creds, endpoint, method, *args, **kwargs), op, request)
 
         rest_utils.http_request = http_request  # type: ignore[assignment]
         return
@@ -90,7 +98,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m tests.reliability.crash")
     parser.add_argument("--when", choices=("before", "after"), required=True)
     parser.add_argument("--op", required=True)
-    parser.add_argument("--key", default="", help="regular expression the S3 object key must match")
+    parser.add_argument(
+        "--key", default="", help="regular expression the S3 object key (--op mlflow: 'METHOD /path') must match"
+    )
     parser.add_argument("--nth", type=int, default=1)
     parser.add_argument("module")
     parser.add_argument("args", nargs=argparse.REMAINDER)

@@ -3,13 +3,16 @@ checkpoint loadable and the pointers right" (and "Re-logging must not destroy th
 new one is committed").
 
 Child processes save to the real stack and SIGKILL themselves at one phase each (see
-tests/reliability/crash.py): after creating the multipart upload, before part 2, after
-completing it, after the manifest, after moving the tags, between the two deletes of
-retention, between the data and the manifest of a re-logged epoch, and a training pipeline
-mid-save. The children run side by side; then, for each, the parent checks: the previous
-checkpoint loads exactly as saved, latest and best name committed checkpoints, verify finds
-every committed file intact and lists the leftovers, and once they are cleaned
-(``tracking.audit.clean_leftovers`` where it exists) nothing of the dead save is left in the bucket.
+tests/reliability/crash.py): after creating the checkpoint's logged model, after creating the
+multipart upload, before part 2, after completing it, after the manifest (not yet READY), after
+READY (tags not yet moved), after moving the tags; between retention's deletes (manifest gone,
+files not; files gone, logged model not); in a re-log of epoch 1 after its data, its manifest,
+READY and the tags; and a training pipeline mid-save. The children run side by side; then, for
+each, the parent checks: the previous checkpoint loads exactly as saved (a re-log: the old or the
+new weights, as far as the save got), exactly the expected epochs are committed, latest and best
+name committed checkpoints, verify finds every committed file intact and lists the leftovers
+(uncommitted logged models, stray files, unfinished uploads), and once ``clean_leftovers`` ran
+nothing of the dead save is left in the bucket or among the run's logged models.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import pytest
 
 import tracking
 from tests.reliability import invariants, workload
+from tests.reliability.crash import CREATE_MODEL, DELETE_MODEL, FINALIZE_MODEL
 from tracking import audit, layout
 from tracking.localstack import LocalStack
 
@@ -37,12 +41,10 @@ ROOT = Path(__file__).resolve().parents[2]
 CHILDREN_LIMIT_S = 300.0
 
 
-def _data(epoch: int) -> str:
-    return rf"{layout.checkpoint_dir(epoch)}/(?!{layout.MANIFEST_FILE})"
-
-
-def _manifest(epoch: int) -> str:
-    return re.escape(layout.manifest_path(layout.checkpoint_dir(epoch)))
+# Object keys name no epoch (``.../models/m-<hex>/artifacts/checkpoint.pt``): a kill point is the
+# Nth matching request of the child, whose saves are the only ones it makes.
+DATA = rf"/{re.escape(layout.CHECKPOINT_FILE)}$"
+MANIFEST = rf"/{re.escape(layout.MANIFEST_FILE)}$"
 
 
 @dataclass(frozen=True)
@@ -55,21 +57,44 @@ class Crash:
     nth: int = 1
     epochs: str = "2"
     latest: frozenset[int] = frozenset({1})  # where latest may point after the crash
+    committed: frozenset[int] = frozenset({1})  # the committed epochs after the crash
     previous: int | None = 1  # a checkpoint that must still load, exactly as first saved
     relog: bool = False  # the child re-logs epoch 1 with other weights
+    relogged: bool = False  # whether epoch 1 then loads the re-logged weights (else the old ones)
+    leaves: bool = True  # whether the dead save leaves something for verify to report
     child_args: tuple[str, ...] = field(default=())
 
 
+NEW = frozenset({1, 2})
+RETAINED = frozenset({2})
+KEEP_LAST_1 = ("--keep-last", "1")
 CRASHES: dict[str, Crash] = {
-    "after-create-upload": Crash("after", "CreateMultipartUpload", _data(2)),
-    "before-part-2": Crash("before", "UploadPart", _data(2), nth=2),
-    "after-complete-upload": Crash("after", "CompleteMultipartUpload", _data(2)),
-    "after-manifest": Crash("after", "PutObject", _manifest(2), latest=frozenset({1, 2})),
-    "after-tags": Crash("after", "tags", latest=frozenset({2})),
+    # A save: logged model (PENDING), checkpoint.pt (multipart), manifest.json, READY, then the tags.
+    "after-create-model": Crash("after", "mlflow", CREATE_MODEL),
+    "after-create-upload": Crash("after", "CreateMultipartUpload", DATA),
+    "before-part-2": Crash("before", "UploadPart", DATA, nth=2),
+    "after-complete-upload": Crash("after", "CompleteMultipartUpload", DATA),
+    "after-manifest": Crash("after", "PutObject", MANIFEST),
+    "after-ready": Crash("after", "mlflow", FINALIZE_MODEL, committed=NEW, leaves=False),
+    "after-tags": Crash("after", "tags", latest=RETAINED, committed=NEW, leaves=False),
+    # Retention (keep the last 1) deletes epoch 1: manifest, then files, then the logged model.
     "retention-between-deletes": Crash(
-        "after", "DeleteObject", _manifest(1), latest=frozenset({2}), previous=None, child_args=("--keep-last", "1")
+        "after", "DeleteObject", MANIFEST, latest=RETAINED, committed=RETAINED, previous=None, child_args=KEEP_LAST_1
     ),
-    "relog-after-complete-upload": Crash("after", "CompleteMultipartUpload", _data(1), epochs="1", relog=True),
+    "retention-before-model-delete": Crash(
+        "before",
+        "mlflow",
+        DELETE_MODEL,
+        latest=RETAINED,
+        committed=RETAINED,
+        previous=None,
+        child_args=KEEP_LAST_1,
+    ),
+    # A re-log of epoch 1 makes a new logged model; the old one goes only after the tags name the new one.
+    "relog-after-complete-upload": Crash("after", "CompleteMultipartUpload", DATA, epochs="1", relog=True),
+    "relog-after-manifest": Crash("after", "PutObject", MANIFEST, epochs="1", relog=True),
+    "relog-after-ready": Crash("after", "mlflow", FINALIZE_MODEL, epochs="1", relog=True),
+    "relog-after-tags": Crash("after", "tags", epochs="1", relog=True, relogged=True),
 }
 PIPELINE = "pipeline-after-data-of-epoch-3"
 
@@ -120,7 +145,8 @@ def crashed(stack_postgres: LocalStack) -> Iterator[dict[str, Child]]:
                 if crash.relog:
                     child += ["--salt", "1"]
                 procs[name] = (run_id, _spawn(kill + child))
-            pipeline = ["--when", "after", "--op", "PutObject", "--key", _data(3), "pipelines.train"]
+            # The pipeline's checkpoints are single PutObjects: its third checkpoint.pt is epoch 3's data.
+            pipeline = ["--when", "after", "--op", "PutObject", "--key", DATA, "--nth", "3", "pipelines.train"]
             pipeline += ["--epochs", "4", "--checkpoint-every", "1", "--keep-last", "2", "--keep-best", "1"]
             procs[PIPELINE] = ("", _spawn(pipeline))
             results: dict[str, Child] = {}
@@ -144,24 +170,25 @@ def crashed(stack_postgres: LocalStack) -> Iterator[dict[str, Child]]:
         yield results
 
 
-def _clean_and_check(stack: LocalStack, run_id: str, expected: invariants.Expected | None) -> None:
+def _clean_and_check(stack: LocalStack, run_id: str, expected: invariants.Expected | None, leaves: bool) -> None:
     """What the dead save left: invisible to verify's checks and the loader, listed by verify as
-    leftovers, and gone after ``clean_leftovers`` (where the library has it)."""
+    leftovers, and gone (objects, uploads and uncommitted logged models) after ``clean_leftovers``."""
     left = invariants.leftovers(stack, run_id)
-    committed = set(invariants.committed(run_id))
+    assert bool(left) == leaves, f"the dead save should {'' if leaves else 'not '}leave leftovers: {left}"
+    committed = {c.model_id for c in invariants.checkpoints(run_id).values()}
     report = audit.verify(run_id)
     for path in report:
-        epoch = layout.epoch_of(path)
-        assert epoch is None or epoch in committed, f"verify checks uncommitted {path} as if committed: {report}"
-    if hasattr(report, "leftovers"):
-        reported = {leftover.path for leftover in report.leftovers}
-        assert set(left) <= reported, f"verify does not report leftovers {sorted(set(left) - reported)}"
-    clean = getattr(audit, "clean_leftovers", None)
-    if clean is None:
-        return
-    clean(run_id)
+        model = layout.MODEL_ID.search(path.split("/", 1)[0])
+        assert model is None or model.group() in committed, (
+            f"verify checks uncommitted {path} as if committed: {report}"
+        )
+    reported = {leftover.path for leftover in report.leftovers}
+    missed = [path for path in left if not invariants.covered(path, reported)]
+    assert not missed, f"verify does not report leftovers {missed} (it reports {sorted(reported)})"
+    audit.clean_leftovers(run_id)
     remaining = invariants.leftovers(stack, run_id)
     assert not remaining, f"after clean_leftovers({run_id!r}) the dead save's leftovers remain: {remaining}"
+    assert not audit.verify(run_id).leftovers, "verify still reports leftovers after clean_leftovers"
     invariants.assert_sound(run_id, expected)
 
 
@@ -183,11 +210,20 @@ def test_kill_during_save(name: str, crashed: dict[str, Child], stack: LocalStac
 
     epochs = invariants.assert_sound(child.run_id, expected)
 
+    assert set(epochs) == crash.committed, f"killed {name}: committed epochs {epochs}, expected {set(crash.committed)}"
     if crash.previous is not None:
         assert crash.previous in epochs, f"killed {name}: the previous checkpoint (epoch 1) is gone: {epochs}"
     latest = invariants.epoch_of_tag(invariants.run_tags(child.run_id), layout.TAG_LATEST)
     assert latest in crash.latest, f"killed {name}: latest is epoch {latest}, expected one of {set(crash.latest)}"
-    _clean_and_check(stack, child.run_id, expected)
+    if crash.relog:
+        loaded = tracking.load(child.run_id, 1).model.state_dict()
+        assert workload.same_state(loaded, expected[1][1 if crash.relogged else 0]), (
+            f"killed {name}: epoch 1 loads the {'old' if crash.relogged else 're-logged'} weights"
+        )
+    _clean_and_check(stack, child.run_id, expected, crash.leaves)
+    if crash.relog:
+        loaded = tracking.load(child.run_id).model.state_dict()
+        assert workload.same_state(loaded, expected[1][1 if crash.relogged else 0]), f"{name}: clean changed epoch 1"
 
 
 def test_killed_training_resumes_from_the_previous_checkpoint(crashed: dict[str, Child], stack: LocalStack) -> None:
@@ -196,7 +232,7 @@ def test_killed_training_resumes_from_the_previous_checkpoint(crashed: dict[str,
     assert child.run_id, f"the pipeline printed no run ID:\n{child.output[-3000:]}"
     assert invariants.assert_sound(child.run_id, None)[-1] == 2
     assert invariants.epoch_of_tag(invariants.run_tags(child.run_id), layout.TAG_LATEST) == 2
-    _clean_and_check(stack, child.run_id, None)
+    _clean_and_check(stack, child.run_id, None, leaves=True)
 
     resumed = subprocess.run(
         [sys.executable, "-m", "pipelines.train", "--resume", child.run_id, "--epochs", "4"],

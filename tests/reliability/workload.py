@@ -88,17 +88,21 @@ def wait_for(path: Path, limit_s: float = WAIT_LIMIT_S) -> None:
     raise TimeoutError(f"{path} did not appear within {limit_s:.0f}s")
 
 
+# The epoch this process is saving now (saves here are blocking: one at a time).
+_saving: list[int] = []
+
+
 def _hold_before_manifest(epoch: int, ready: Path, until: Path) -> None:
     """Stop this process's save of ``epoch`` right before its manifest is stored."""
     from botocore.client import BaseClient
 
     from tracking import layout
 
-    manifest = layout.manifest_path(layout.checkpoint_dir(epoch))
     original = BaseClient._make_api_call
 
     def make_api_call(self: Any, operation: str, params: dict[str, Any]) -> Any:
-        if operation == "PutObject" and str(params.get("Key", "")).endswith(manifest):
+        key = str(params.get("Key", ""))
+        if operation == "PutObject" and key.endswith(f"/{layout.MANIFEST_FILE}") and _saving == [epoch]:
             ready.touch()
             wait_for(until)
         return original(self, operation, params)
@@ -132,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         else None
     )
     for epoch in epochs:
+        _saving[:] = [epoch]
         if checkpointer is not None:
             model, optimizer = state(epoch, args.hidden, args.salt)
             checkpointer.save(model, optimizer, epoch=epoch, metrics={"val_loss": val_loss(epoch)})
