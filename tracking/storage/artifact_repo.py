@@ -6,7 +6,7 @@ import hashlib
 import os
 import posixpath
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import BinaryIO, cast
 
@@ -35,12 +35,16 @@ class MlflowStore(ArtifactStore):
             self.repo.log_artifact(local, folder or None)
         return writer.stored()
 
-    def read(self, path: str, expected: StoredFile | None = None) -> Buffer:
+    def read(
+        self, path: str, expected: StoredFile | None = None, progress: Callable[[int], object] | None = None
+    ) -> Buffer:
         with tempfile.TemporaryDirectory(prefix="tracking-") as tmp, self._errors(path):
             local = self.repo.download_artifacts(path, dst_path=tmp)
             with open(local, "rb") as fh:
                 data = fh.read()
         self._verify(path, data, hashlib.sha256(data).hexdigest(), expected)
+        if progress is not None:
+            progress(len(data))  # MLflow's repository downloads in one go
         return data
 
     def list_files(self, path: str) -> list[str]:

@@ -52,10 +52,13 @@ class ArtifactStore(ABC):
         return self.write(path, lambda stream: stream.write(data))
 
     @abstractmethod
-    def read(self, path: str, expected: StoredFile | None = None) -> Buffer:
+    def read(
+        self, path: str, expected: StoredFile | None = None, progress: Callable[[int], object] | None = None
+    ) -> Buffer:
         """Return a file's bytes, verified against ``expected`` when given.
 
         Without ``expected`` (manifests, small files) the result is ``bytes`` or ``bytearray``.
+        ``progress`` is called with the number of bytes of each piece as it lands.
         """
 
     def copy(self, source: str, target: str) -> None:

@@ -131,7 +131,9 @@ class S3Store(ArtifactStore):
             self.client.put_object(Bucket=target.bucket, Key=target.key, Body=data)
         return StoredFile(len(data), hashlib.sha256(data).hexdigest())
 
-    def read(self, path: str, expected: StoredFile | None = None) -> Buffer:
+    def read(
+        self, path: str, expected: StoredFile | None = None, progress: Callable[[int], object] | None = None
+    ) -> Buffer:
         """The file in a fresh, writable buffer (so tensors can share its memory), checked while it lands."""
         target = self.root.join(path)
         with self._errors(path):
@@ -155,6 +157,8 @@ class S3Store(ArtifactStore):
             if len(ranges) == 1:
                 self._get_into(target, view, ranges[0], size, first)
                 sha.update(view)
+                if progress is not None:
+                    progress(size)
             else:
                 futures = _bounded_map(
                     self.pool,
@@ -167,6 +171,8 @@ class S3Store(ArtifactStore):
                     for (start, end), future in zip(ranges, futures, strict=True):
                         future.result()
                         sha.update(view[start:end])
+                        if progress is not None:
+                            progress(end - start)
                 except BaseException:
                     for future in futures:
                         future.cancel()
