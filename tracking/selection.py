@@ -198,7 +198,7 @@ def _select_by_search(handle: RunHandle, which: str) -> Located:
             "with tracking.load_model()."
         )
     if which == "latest":
-        return _located(committed[max(committed)])
+        return _first_located(handle, [committed[e] for e in sorted(committed, reverse=True)])
     monitor = handle.tags.get(layout.TAG_MONITOR)
     if not monitor:
         raise NotFoundError(
@@ -217,7 +217,20 @@ def _select_by_search(handle: RunHandle, which: str) -> Located:
     ranked = layout.best_first({e: c.metrics.get(monitor) for e, c in committed.items()}, mode)
     if not ranked:
         raise NotFoundError(f"run {handle.run_id}: no checkpoint has the monitored metric {monitor!r}.")
-    return _located(committed[ranked[0]])
+    return _first_located(handle, [committed[e] for e in ranked])
+
+
+def _first_located(handle: RunHandle, candidates: list[StoredCheckpoint]) -> Located:
+    """The first of ``candidates`` whose manifest is stored: a READY model whose manifest is gone (deleted
+    by hand, or by a retention that died before deleting the model) is no checkpoint, so the next one is."""
+    for stored in candidates:
+        try:
+            return _located(stored)
+        except NotFoundError:
+            continue
+    raise NotFoundError(
+        f"run {handle.run_id}: none of its READY checkpoint logged models has a manifest; log a checkpoint again."
+    )
 
 
 def _located(stored: StoredCheckpoint) -> Located:
