@@ -21,8 +21,9 @@ from mlflow.tracking import MlflowClient
 import tracking
 from pipelines.models import DigitsMLP, Model
 from tests.unit.conftest import BUCKET
-from tracking.layout import delete_checkpoint
+from tracking import layout
 from tracking.run import open_run
+from tracking.selection import find_checkpoint
 from tracking.storage import s3 as s3_storage
 
 REPO = Path(__file__).resolve().parents[2]
@@ -200,30 +201,58 @@ def test_best_latest_epoch_and_step_pick_the_right_checkpoint(experiment: str) -
     assert float(tracking.load_state_dict(run_id, checkpoint=1)["linear.bias"]) == 1.0
 
 
-def test_a_runs_uri_with_a_checkpoint_folder_loads_that_checkpoint(experiment: str) -> None:
+def test_a_models_uri_of_a_checkpoint_loads_exactly_that_checkpoint(experiment: str) -> None:
     model = Model(6)
+    logged = {}
     with mlflow.start_run() as run:
         for epoch in (1, 2, 3):
-            tracking.log_checkpoint(model, epoch=epoch)
+            with torch.no_grad():
+                model.linear.bias.fill_(epoch)
+            logged[epoch] = tracking.log_checkpoint(model, epoch=epoch)
     run_id = run.info.run_id
-    assert tracking.load(f"runs:/{run_id}/checkpoints/epoch_0002").epoch == 2
-    assert tracking.load_model(f"runs:/{run_id}/checkpoints/epoch_0001/", model=Model(6)) is not None
-    with pytest.raises(ValueError, match="is not a checkpoint folder"):
+    second = logged[2]
+    assert second.uri == f"models:/{second.model_id}"
+    loaded = tracking.load(second.uri)
+    assert (loaded.epoch, loaded.model_id, loaded.run_id) == (2, second.model_id, run_id)
+    assert float(loaded.model.linear.bias.detach()) == 2.0
+    assert float(tracking.load_model(logged[1].uri, model=Model(6)).linear.bias.detach()) == 1.0
+    assert float(tracking.load_state_dict(logged[1].uri)["linear.bias"]) == 1.0
+    assert tracking.resolve_run_id(second.uri) == run_id
+    with pytest.raises(ValueError, match="names one checkpoint already"):
+        tracking.load(second.uri, checkpoint=3)
+    with pytest.raises(ValueError, match="is not a checkpoint"):
         tracking.load(f"runs:/{run_id}/model")
-    with pytest.raises(ValueError, match="names epoch 2, but checkpoint=3"):
-        tracking.load(f"runs:/{run_id}/checkpoints/epoch_0002", checkpoint=3)
+    with pytest.raises(ValueError, match="is not a checkpoint"):
+        tracking.load(f"runs:/{run_id}/checkpoints/epoch_0002")
+    with pytest.raises(tracking.NotFoundError, match="no such logged model"):
+        tracking.load(f"models:/m-{'0' * 32}")
 
 
-def test_registry_alias_and_version_lead_back_to_the_run(experiment: str) -> None:
+def test_registry_alias_and_version_lead_to_the_registered_checkpoint(experiment: str) -> None:
     model = Model(6)
     with mlflow.start_run() as run:
         tracking.log_checkpoint(model, epoch=4)
-        tracking.log_model(model, registered_model_name="seed-model")
-    MlflowClient().set_registered_model_alias("seed-model", "champion", "1")
-    assert tracking.load("models:/seed-model@champion").run_id == run.info.run_id
+        tracking.log_checkpoint(model, epoch=5)
+    version = tracking.register(run.info.run_id, "seed-model", checkpoint=4, alias="champion")
+    assert str(version.version) == "1"
+    loaded = tracking.load("models:/seed-model@champion")
+    assert (loaded.run_id, loaded.epoch) == (run.info.run_id, 4)
     assert tracking.load("models:/seed-model/1").epoch == 4
+    assert tracking.resolve_run_id("models:/seed-model@champion") == run.info.run_id
     with pytest.raises(tracking.NotFoundError, match=r"models:/seed-model@nope: no such registered model"):
         tracking.load("models:/seed-model@nope")
+
+
+def test_a_registered_whole_model_is_not_loaded_as_a_checkpoint(experiment: str) -> None:
+    model = Model(6)
+    with mlflow.start_run():
+        tracking.log_checkpoint(model, epoch=4)
+        tracking.log_model(model, registered_model_name="whole-model")
+    MlflowClient().set_registered_model_alias("whole-model", "champion", "1")
+    with pytest.raises(tracking.NotFoundError, match=r"not a checkpoint.*load_pickled_model"):
+        tracking.load("models:/whole-model@champion")
+    loaded = tracking.load_pickled_model("models:/whole-model@champion", trust_pickle=True)
+    assert torch.equal(loaded.linear.weight, model.linear.weight)
 
 
 def test_whole_model_needs_an_explicit_opt_in(experiment: str) -> None:
@@ -237,32 +266,66 @@ def test_whole_model_needs_an_explicit_opt_in(experiment: str) -> None:
     assert not loaded.training
 
 
-def test_stale_latest_tag_falls_back_to_listing(experiment: str) -> None:
+@pytest.mark.parametrize("how", ["logged model", "files"])
+def test_stale_latest_tag_falls_back_to_the_search(experiment: str, how: str) -> None:
     model = Model(6)
     with mlflow.start_run() as run:
         tracking.log_checkpoint(model, epoch=1)
-        tracking.log_checkpoint(model, epoch=2)
-    handle = open_run(run.info.run_id)
-    delete_checkpoint(handle.store, 2)  # deleted by hand: the tag still names epoch 2
+        second = tracking.log_checkpoint(model, epoch=2)
+    assert MlflowClient().get_run(run.info.run_id).data.tags[layout.TAG_LATEST] == second.model_id
+    # Deleted by hand: the tag still names epoch 2's model.
+    if how == "logged model":
+        MlflowClient().delete_logged_model(second.model_id)
+    else:
+        store = find_checkpoint(run.info.run_id, 2).store
+        for name in (layout.MANIFEST_FILE, layout.CHECKPOINT_FILE):
+            store.delete(name)
     assert tracking.load(run.info.run_id).epoch == 1
+
+
+def test_best_by_search_skips_a_ready_model_whose_manifest_is_gone(experiment: str) -> None:
+    model = Model(6)
+    with mlflow.start_run() as run:
+        for epoch, loss in [(1, 0.5), (2, 0.1), (3, 0.9)]:
+            tracking.log_checkpoint(model, epoch=epoch, metrics={"loss": loss}, monitor="loss")
+    MlflowClient().delete_tag(run.info.run_id, layout.TAG_BEST)  # best by search
+    # What a retention that died between the manifest and the logged model leaves: READY, no manifest.
+    find_checkpoint(run.info.run_id, 2).store.delete(layout.MANIFEST_FILE)
+    assert tracking.load(run.info.run_id, "best").epoch == 1
+    assert [c.epoch for c in tracking.list_checkpoints(run.info.run_id)] == [1, 3]
 
 
 # ------------------------------------------------------------ integrity and safety
 
 
-def stored_file(run_id: str, path: str) -> Path | None:
-    """The local file behind an artifact for file:// runs (None for S3 runs)."""
-    uri = MlflowClient().get_run(run_id).info.artifact_uri
-    return Path(uri.removeprefix("file://")) / path if uri.startswith("file://") else None
+def checkpoint_model(run_id: str, epoch: int) -> Any:
+    """The READY logged model of the run's checkpoint of ``epoch`` (the newest), as MLflow lists it.
+
+    Found without the library (its manifest may be what a test broke).
+    """
+    client = MlflowClient()
+    models = client.search_logged_models(
+        experiment_ids=[client.get_run(run_id).info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{layout.checkpoint_name(epoch)}'",
+        order_by=[{"field_name": "creation_timestamp", "ascending": False}],
+    )
+    ready = [model for model in models if str(model.status) == "READY"]
+    assert ready, f"run {run_id} has no READY checkpoint of epoch {epoch}"
+    return ready[0]
 
 
-def rewrite(run_id: str, path: str, change: Any) -> None:
-    local = stored_file(run_id, path)
-    if local is not None:
+def rewrite(run_id: str, epoch: int | None, name: str, change: Any) -> None:
+    """Replace a stored file's bytes behind the library's back: a file of epoch ``epoch``'s
+    checkpoint (its logged model's artifacts), or of the run's artifacts (``epoch=None``)."""
+    if epoch is None:
+        uri = MlflowClient().get_run(run_id).info.artifact_uri
+    else:
+        uri = checkpoint_model(run_id, epoch).artifact_location
+    if uri.startswith("file://"):
+        local = Path(uri.removeprefix("file://")) / name
         local.write_bytes(change(local.read_bytes()))
         return
-    uri = MlflowClient().get_run(run_id).info.artifact_uri
-    key = f"{uri.removeprefix(f's3://{BUCKET}/')}/{path}"
+    key = f"{uri.removeprefix(f's3://{BUCKET}/')}/{name}"
     s3 = boto3.client("s3", region_name="us-east-1")
     data = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
     s3.put_object(Bucket=BUCKET, Key=key, Body=change(data))
@@ -277,22 +340,25 @@ def test_flipped_byte_is_caught(experiment: str) -> None:
         middle = len(data) // 2
         return data[:middle] + bytes([data[middle] ^ 0x01]) + data[middle + 1 :]
 
-    rewrite(run.info.run_id, "checkpoints/epoch_0001/checkpoint.pt", flip)
+    rewrite(run.info.run_id, 1, "checkpoint.pt", flip)
     expected = logged.manifest.files["checkpoint.pt"].sha256
-    with pytest.raises(tracking.IntegrityError) as caught:
-        tracking.load(run.info.run_id)
-    message = str(caught.value)
-    assert run.info.run_id in message and "checkpoints/epoch_0001/checkpoint.pt" in message
-    assert expected in message
+    for call in (lambda: tracking.load(run.info.run_id), lambda: tracking.load(logged.uri)):
+        with pytest.raises(tracking.IntegrityError) as caught:
+            call()
+        message = str(caught.value)
+        assert run.info.run_id in message and logged.model_id in message and "checkpoint.pt" in message
+        assert expected in message
 
 
-def tamper_manifest(run_id: str, folder: str, change: Any) -> None:
+def tamper_manifest(run_id: str, epoch: int, change: Any) -> None:
+    """Edit the manifest of epoch ``epoch``'s checkpoint as JSON, behind the library's back."""
+
     def edit(data: bytes) -> bytes:
         manifest = json.loads(data)
         change(manifest)
         return json.dumps(manifest).encode()
 
-    rewrite(run_id, f"{folder}/manifest.json", edit)
+    rewrite(run_id, epoch, layout.MANIFEST_FILE, edit)
 
 
 def test_os_system_manifest_is_refused_before_anything_runs(experiment: str, tmp_path: Path) -> None:
@@ -303,7 +369,7 @@ def test_os_system_manifest_is_refused_before_anything_runs(experiment: str, tmp
     def point_at_os_system(manifest: dict[str, Any]) -> None:
         manifest["model"] = {"class": "os:system", "init_kwargs": {"command": f"touch {marker}"}}
 
-    tamper_manifest(run.info.run_id, "checkpoints/epoch_0001", point_at_os_system)
+    tamper_manifest(run.info.run_id, 1, point_at_os_system)
     with pytest.raises(tracking.UnsafeClassError, match="refusing to instantiate os:system"):
         tracking.load(run.info.run_id)
     with pytest.raises(tracking.UnsafeClassError):
@@ -319,7 +385,7 @@ def test_optimizer_class_outside_torch_optim_is_refused(experiment: str) -> None
     def swap(manifest: dict[str, Any]) -> None:
         manifest["optimizer"]["class"] = "subprocess:Popen"
 
-    tamper_manifest(run.info.run_id, "checkpoints/epoch_0001", swap)
+    tamper_manifest(run.info.run_id, 1, swap)
     with pytest.raises(tracking.UnsafeClassError, match="subprocess:Popen"):
         tracking.load(run.info.run_id)
 
@@ -331,7 +397,7 @@ def test_class_that_no_longer_imports(experiment: str) -> None:
     def rename(manifest: dict[str, Any]) -> None:
         manifest["model"]["class"] = "old_project.models:Model"
 
-    tamper_manifest(run.info.run_id, "checkpoints/epoch_0001", rename)
+    tamper_manifest(run.info.run_id, 1, rename)
     with pytest.raises(tracking.NotFoundError, match=r"module 'old_project.models'.*pass model="):
         tracking.load(run.info.run_id)
     assert tracking.load(run.info.run_id, model=Model(6)).epoch == 1
@@ -345,11 +411,13 @@ def test_newer_and_malformed_manifests(experiment: str) -> None:
     def newer(manifest: dict[str, Any]) -> None:
         manifest["format_version"] = 99
 
-    tamper_manifest(run.info.run_id, "checkpoints/epoch_0001", newer)
+    tamper_manifest(run.info.run_id, 1, newer)
     with pytest.raises(tracking.IntegrityError, match=r"format_version 99.*upgrade"):
         tracking.load(run.info.run_id, 1)
-    rewrite(run.info.run_id, "checkpoints/epoch_0002/manifest.json", lambda data: data[:20])
-    with pytest.raises(tracking.IntegrityError, match=r"epoch_0002/manifest\.json is not valid JSON"):
+    rewrite(run.info.run_id, 2, "manifest.json", lambda data: data[:20])
+    with pytest.raises(
+        tracking.IntegrityError, match=r"checkpoint-epoch-0002 \(m-[0-9a-f]{32}\): manifest\.json is not valid"
+    ):
         tracking.load(run.info.run_id, 2)
 
 
@@ -382,7 +450,7 @@ def test_unknown_run_no_checkpoints_and_missing_epoch(experiment: str) -> None:
     with mlflow.start_run() as run:
         tracking.log_checkpoint(Model(6), epoch=2)
         tracking.log_checkpoint(Model(6), epoch=4)
-    with pytest.raises(tracking.NotFoundError, match=r"no checkpoint for epoch 3.*committed epochs: 2, 4"):
+    with pytest.raises(tracking.NotFoundError, match=r"no committed checkpoint for epoch 3.*committed epochs: 2, 4"):
         tracking.load(run.info.run_id, 3)
     with pytest.raises(tracking.NotFoundError, match="records no best checkpoint"):
         tracking.load(run.info.run_id, "best")
@@ -393,7 +461,7 @@ def test_unknown_run_no_checkpoints_and_missing_epoch(experiment: str) -> None:
 def test_deleted_checkpoint_file(experiment: str) -> None:
     with mlflow.start_run() as run:
         tracking.log_checkpoint(Model(6), epoch=1)
-    open_run(run.info.run_id).store.delete("checkpoints/epoch_0001/checkpoint.pt")
+    find_checkpoint(run.info.run_id, 1).store.delete(layout.CHECKPOINT_FILE)
     with pytest.raises(tracking.NotFoundError, match="listed in its manifest but missing"):
         tracking.load(run.info.run_id)
 
@@ -403,19 +471,28 @@ def test_a_load_modifies_nothing_on_the_store(experiment: str) -> None:
     with mlflow.start_run() as run:
         tracking.log_checkpoint(model, optimizer, epoch=1, scheduler=scheduler)
         tracking.log_state_dict(model)
-    handle = open_run(run.info.run_id)
+    stores = [open_run(run.info.run_id).store, find_checkpoint(run.info.run_id, 1).store]
+    model_id = find_checkpoint(run.info.run_id, 1).model_id
+    assert model_id is not None
 
-    def snapshot() -> dict[str, str]:
-        return {path: hashlib.sha256(handle.store.read(path)).hexdigest() for path in handle.store.list_files("")}
+    def snapshot() -> list[dict[str, str]]:
+        return [{path: hashlib.sha256(s.read(path)).hexdigest() for path in s.list_files("")} for s in stores]
+
+    def described() -> tuple[Any, ...]:
+        client = MlflowClient()
+        logged = client.get_logged_model(model_id)
+        return client.get_run(run.info.run_id).data.tags, logged.tags, str(logged.status), logged.params
 
     before = snapshot()
-    tags_before = MlflowClient().get_run(run.info.run_id).data.tags
+    assert all(before)
+    described_before = described()
     tracking.load(run.info.run_id)
+    tracking.load(f"models:/{model_id}")
     tracking.load_model(run.info.run_id)
     tracking.load_state_dict(run.info.run_id)
     tracking.list_checkpoints(run.info.run_id)
     assert snapshot() == before
-    assert MlflowClient().get_run(run.info.run_id).data.tags == tags_before
+    assert described() == described_before
 
 
 def test_cuda_map_location(experiment: str) -> None:
