@@ -236,3 +236,42 @@ class Checkpointer:
                 self._saver.close()
         finally:
             self._handle = None
+
+
+def prune(
+    run_id: str,
+    *,
+    keep_last: int | None = None,
+    keep_best: int | None = None,
+    monitor: str | None = None,
+    mode: str | None = None,
+    dry_run: bool = False,
+    config: TrackingConfig | None = None,
+) -> list[catalog.StoredCheckpoint]:
+    """Retention after the fact: delete a run's checkpoints outside the last N and the best K.
+
+    The rule is the :class:`Checkpointer`'s (the latest checkpoint is always kept, the best tag
+    moves to the best survivor first); ``monitor`` and ``mode`` default to what the run's tags
+    record, else ``val_loss`` / ``min``. Returns the checkpoints deleted (with ``dry_run``, those
+    that would be), oldest first.
+    """
+    if keep_last is None and keep_best is None:
+        raise ValueError("pass keep_last and/or keep_best: with neither, every checkpoint is kept")
+    handle = open_run(run_id, config)
+    monitor = monitor or handle.tags.get(layout.TAG_MONITOR) or "val_loss"
+    mode = mode or handle.tags.get(layout.TAG_MODE) or "min"
+    pruner = Checkpointer(keep_last=keep_last, keep_best=keep_best, monitor=monitor, mode=mode, describe_run=False)
+    committed = catalog.committed(handle)
+    kept = pruner._existing(handle)
+    if keep_best is not None and any(value is None for value in kept.values()):
+        missing = sorted(epoch for epoch, value in kept.items() if value is None)
+        raise ValueError(
+            f"run {run_id}: keep_best ranks checkpoints by {monitor!r}, which epochs {missing} lack; "
+            "pass the metric they have with monitor=..."
+        )
+    if not kept:
+        return []
+    doomed = sorted(set(kept) - pruner._retained(kept, latest=max(kept)))
+    if not dry_run:
+        pruner._apply_retention(handle, kept, latest=max(kept))
+    return [committed[epoch] for epoch in doomed]

@@ -1,0 +1,70 @@
+"""The ``tracking`` command line (also ``python -m tracking``): a thin shell over the library.
+
+Errors become exit codes by the project's one rule (:func:`tracking.errors.exit_code`): a
+:class:`TrackingError` prints one line on stderr and exits 1, a usage error exits 2, and
+``--debug`` shows the traceback instead. Commands import torch and MLflow only when they run.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import click
+
+from tracking.cli import inspect, manage
+from tracking.cli.output import human_size
+from tracking.errors import exit_code, one_line
+
+__all__ = ["human_size", "main"]
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            code = exit_code(exc)  # None for click's own exceptions: click maps those itself
+            if code is None or ctx.find_root().params.get("debug"):
+                raise
+            click.echo(f"error: {one_line(exc)}", err=True)
+            ctx.exit(code)
+
+
+# Commands that live outside the library, as "module:attribute": imported only when invoked or
+# listed in the help, so that importing the library (or this module) never loads them.
+_LAZY_COMMANDS = {"stack": "tracking.localstack.cli:stack"}
+
+
+class _MainGroup(_Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in _LAZY_COMMANDS and cmd_name not in self.commands:
+            module, attribute = _LAZY_COMMANDS[cmd_name].split(":")
+            command = getattr(importlib.import_module(module), attribute)
+            if not isinstance(command, click.Command):
+                raise TypeError(f"{_LAZY_COMMANDS[cmd_name]} is not a click command")
+            self.add_command(command, cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_MainGroup, context_settings={"max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def main(debug: bool) -> None:
+    """Find, check, download, prune and register the PyTorch checkpoints of MLflow runs.
+
+    \b
+    With MLFLOW_TRACKING_URI unset, commands use the local stack when one runs
+    (`tracking stack up`). Every command takes --help; most take --json.
+
+    \b
+    Example:
+      tracking runs
+      tracking checkpoints 3f2a...e1 --json
+    """
+
+
+for _command in (*inspect.COMMANDS, *manage.COMMANDS):
+    main.add_command(_command)

@@ -1,0 +1,285 @@
+"""Commands that read: ``runs``, ``checkpoints``, ``show``, ``verify``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from tracking.cli.output import Column, emit_json, human_size, table
+from tracking.cli.server import connect
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+def _check_source(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from tracking.uri import parse_source
+
+    try:
+        parse_source(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+source_argument = click.argument("source", metavar="RUN", callback=_check_source)
+
+
+def _check_checkpoint(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if value in ("latest", "best") or value.isdigit():
+        return value
+    raise click.BadParameter(f"{value!r}: expected latest, best or an epoch number (e.g. 7).")
+
+
+checkpoint_option = click.option(
+    "--checkpoint",
+    default="latest",
+    show_default=True,
+    callback=_check_checkpoint,
+    help="latest, best or an epoch number.",
+)
+
+
+@click.command()
+@click.option("--experiment", help="Experiment name (default: $TRACKING_EXPERIMENT, else pytorch-checkpoints).")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Newest runs to list.")
+@json_option
+def runs(experiment: str | None, limit: int, as_json: bool) -> None:
+    """List an experiment's runs: status, checkpoints, latest and best, size on the store.
+
+    \b
+    Example:
+      tracking runs --experiment pytorch-checkpoints
+    """
+    connect()
+    from mlflow.tracking import MlflowClient
+
+    from tracking.config import TrackingConfig
+    from tracking.errors import NotFoundError
+
+    config = TrackingConfig.from_env(experiment_name=experiment) if experiment else TrackingConfig.from_env()
+    client = MlflowClient(config.tracking_uri)
+    found = client.get_experiment_by_name(config.experiment_name)
+    if found is None:
+        raise NotFoundError(
+            f"no experiment {config.experiment_name!r} on {client.tracking_uri}; pass --experiment with one "
+            "that exists (the MLflow UI lists them)."
+        )
+    listed = client.search_runs([found.experiment_id], max_results=limit, order_by=["attributes.start_time DESC"])
+    summaries = [_run_summary(run, config) for run in listed]
+    if as_json:
+        emit_json(summaries)
+        return
+    columns = [
+        Column("run ID", no_wrap=True),
+        Column("name", drop_order=1),
+        Column("status", drop_order=4),
+        Column("checkpoints", drop_order=3),
+        Column("latest", drop_order=5),
+        Column("best", drop_order=6, fold_to=15),
+        Column("size", drop_order=2),
+    ]
+    rows = [
+        [
+            s["run_id"],
+            s["run_name"] or "",
+            s["status"],
+            str(s["checkpoints"]),
+            "-" if s["latest_epoch"] is None else f"epoch {s['latest_epoch']}",
+            "-" if s["best_epoch"] is None else f"epoch {s['best_epoch']} {s['monitor']}={s['best_value']:.4g}",
+            human_size(s["size_bytes"]),
+        ]
+        for s in summaries
+    ]
+    table(f"runs of {config.experiment_name}", columns, rows)
+
+
+def _run_summary(run: Any, config: Any) -> dict[str, Any]:
+    from tracking import catalog, layout
+    from tracking.errors import NotFoundError
+    from tracking.run import open_run
+
+    handle = open_run(run.info.run_id, config)
+    committed = catalog.committed(handle)
+    by_model = {c.model_id: e for e, c in committed.items()}
+    size = 0
+    for checkpoint in committed.values():
+        try:
+            size += sum(f.size for f in checkpoint.read_manifest().files.values())
+        except NotFoundError:
+            continue
+    try:
+        size += sum(f.size for f in layout.read_manifest(handle.store, layout.STATE_DICT_DIR).files.values())
+    except NotFoundError:
+        pass
+    tags = run.data.tags
+    best = by_model.get(tags.get(layout.TAG_BEST, ""))
+    monitor = tags.get(layout.TAG_MONITOR)
+    return {
+        "run_id": run.info.run_id,
+        "run_name": run.info.run_name,
+        "status": run.info.status,
+        "checkpoints": len(committed),
+        "latest_epoch": by_model.get(tags.get(layout.TAG_LATEST, "")),
+        "latest_model_id": tags.get(layout.TAG_LATEST),
+        "best_epoch": best,
+        "best_model_id": tags.get(layout.TAG_BEST) if best is not None else None,
+        "monitor": monitor,
+        "best_value": committed[best].metrics.get(monitor or "") if best is not None else None,
+        "size_bytes": size,
+    }
+
+
+@click.command()
+@source_argument
+@json_option
+def checkpoints(source: str, as_json: bool) -> None:
+    """List a run's committed checkpoints (each an MLflow logged model) with their metrics.
+
+    RUN is a run ID or runs:/<id>.
+
+    \b
+    Example:
+      tracking checkpoints 3f2a9c0d1b2e4f5a6b7c8d9e0f1a2b3c
+    """
+    connect()
+    from tracking.errors import NotFoundError
+    from tracking.selection import find_checkpoint, list_checkpoints
+
+    logged = list_checkpoints(source)
+    latest = find_checkpoint(source, "latest").model_id if logged else None
+    try:
+        best = find_checkpoint(source, "best").model_id if logged else None
+    except NotFoundError:
+        best = None  # no monitored metric: nothing is "best"
+    found: list[dict[str, Any]] = [
+        {
+            "epoch": c.epoch,
+            "step": c.step,
+            "model_id": c.model_id,
+            "uri": c.uri,
+            "metrics": c.metrics,
+            "size_bytes": sum(f.size for f in c.manifest.files.values()),
+            "created_at": c.manifest.created_at,
+            "latest": c.model_id == latest,
+            "best": c.model_id == best,
+        }
+        for c in logged
+    ]
+    if as_json:
+        emit_json(found)
+        return
+    if not found:
+        click.echo(f"{source}: no committed checkpoints")
+        return
+    columns = [
+        Column("epoch"),
+        Column("step", drop_order=1),
+        Column("metrics", drop_order=3, fold_to=20),
+        Column("size", drop_order=2),
+        Column("model ID", no_wrap=True),
+        Column("", fold_to=6),
+    ]
+    rows = [
+        [
+            str(c["epoch"]),
+            "-" if c["step"] is None else str(c["step"]),
+            ", ".join(f"{k}={v:.4g}" for k, v in sorted(c["metrics"].items())),
+            human_size(c["size_bytes"]),
+            str(c["model_id"]),
+            "\n".join(mark for mark in ("latest", "best") if c[mark]),
+        ]
+        for c in found
+    ]
+    table(f"checkpoints of {source}", columns, rows)
+
+
+@click.command()
+@source_argument
+@checkpoint_option
+@json_option
+def show(source: str, checkpoint: str, as_json: bool) -> None:
+    """Print a checkpoint's manifest as JSON.
+
+    RUN is a run ID, runs:/<id>, a checkpoint's models:/<model_id> or models:/<name>@<alias>.
+    --json wraps the manifest with the checkpoint's model ID and artifact location.
+
+    \b
+    Example:
+      tracking show 3f2a9c0d1b2e4f5a6b7c8d9e0f1a2b3c --checkpoint best
+    """
+    connect()
+    import json
+
+    from tracking.selection import find_checkpoint
+
+    located = find_checkpoint(source, checkpoint)
+    manifest = json.loads(located.manifest.to_json())
+    if as_json:
+        emit_json(
+            {
+                "run_id": located.run_id,
+                "model_id": located.model_id,
+                "uri": f"models:/{located.model_id}",
+                "artifact_uri": located.store.artifact_uri,
+                "manifest": manifest,
+            }
+        )
+        return
+    click.echo(f"# {located.store.describe(located.path('manifest.json'))}", err=True)
+    click.echo(located.manifest.to_json().decode())
+
+
+@click.command()
+@source_argument
+@click.option("--clean", is_flag=True, help="First remove leftovers: unfinished uploads, data no manifest lists.")
+@click.option("--force", is_flag=True, help="With --clean: also when the run is still RUNNING (its writer was killed).")
+@json_option
+def verify(source: str, clean: bool, force: bool, as_json: bool) -> None:
+    """Check a run's stored files against their manifests' size and sha256.
+
+    Also lists leftovers of saves that died before committing (LEFTOVER lines): they are not
+    failures, nothing loads them; --clean removes them, never touching a committed checkpoint.
+
+    \b
+    Example:
+      tracking verify 3f2a9c0d1b2e4f5a6b7c8d9e0f1a2b3c --clean
+    """
+    if force and not clean:
+        raise click.UsageError("--force only applies with --clean.")
+    connect()
+    from tracking.audit import clean_leftovers
+    from tracking.audit import verify as verify_run
+    from tracking.errors import IntegrityError
+
+    removed = clean_leftovers(source, running=force) if clean else []
+    report = verify_run(source)
+    failures = report.failures
+    if as_json:
+        emit_json(
+            {
+                "files": dict(report),
+                "leftovers": [str(leftover) for leftover in report.leftovers],
+                "removed": removed,
+                "intact": not failures,
+            }
+        )
+    else:
+        for item in removed:
+            click.echo(f"REMOVED {item}")
+        if clean:
+            click.echo(f"{len(removed)} leftovers removed")
+        for path, problem in report.items():
+            click.echo(f"{'ok ' if problem is None else 'BAD'} {path}")
+        for leftover in report.leftovers:
+            click.echo(f"LEFTOVER {leftover}")
+        if not failures:
+            click.echo(f"{len(report)} files intact" if report else f"{source}: nothing to verify")
+        if report.leftovers:
+            click.echo(f"{len(report.leftovers)} leftovers; `tracking verify --clean {source}` removes them")
+    if failures:
+        first = next(iter(failures.values()))
+        raise IntegrityError(f"{len(failures)} of {len(report)} files failed: {first}")
+
+
+COMMANDS = (runs, checkpoints, show, verify)

@@ -1,0 +1,166 @@
+"""Commands that copy or change: ``download``, ``gc``, ``register``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from tracking.cli.inspect import json_option, source_argument
+from tracking.cli.output import emit_json, human_size
+from tracking.cli.server import connect
+
+# Files at least this big get a progress bar on a terminal.
+_PROGRESS_FROM_BYTES = 32 * 2**20
+
+
+def _check_selector(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if value in ("latest", "best", "state_dict") or value.isdigit():
+        return value
+    raise click.BadParameter(f"{value!r}: expected latest, best, an epoch number or state_dict.")
+
+
+@click.command()
+@source_argument
+@click.option(
+    "--checkpoint",
+    default="latest",
+    show_default=True,
+    callback=_check_selector,
+    help="latest, best, an epoch number, or state_dict (the run's state dict).",
+)
+@click.option(
+    "--to", "to", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write into."
+)
+@click.option("--force", is_flag=True, help="Overwrite files that exist in the folder.")
+@json_option
+def download(source: str, checkpoint: str, to: Path, force: bool, as_json: bool) -> None:
+    """Download a checkpoint's files and manifest, each checked against its sha256.
+
+    RUN is a run ID, runs:/<id>, a checkpoint's models:/<model_id> or models:/<name>@<alias>.
+    `torch.load(DIR/checkpoint.pt, weights_only=True)` then reads it without this tool.
+
+    \b
+    Example:
+      tracking download 3f2a9c0d1b2e4f5a6b7c8d9e0f1a2b3c --checkpoint best --to ./best
+    """
+    connect()
+    from tracking.errors import ConfigError
+    from tracking.selection import find_checkpoint, find_weights
+
+    located = find_weights(source) if checkpoint == "state_dict" else find_checkpoint(source, checkpoint)
+    names = [*located.manifest.files, "manifest.json"]
+    existing = [name for name in names if (to / name).exists()]
+    if existing and not force:
+        raise ConfigError(f"{to}: {', '.join(existing)} exist already; pass --force to overwrite, or another --to.")
+    to.mkdir(parents=True, exist_ok=True)
+    for name, expected in located.manifest.files.items():
+        path = located.path(name)
+        if sys.stdout.isatty() and not as_json and expected.size >= _PROGRESS_FROM_BYTES:
+            from rich.progress import DownloadColumn, Progress, TaskID, TransferSpeedColumn
+
+            with Progress(*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn()) as bar:
+                task = bar.add_task(name, total=expected.size)
+
+                def advance(n: int, bar: Progress = bar, task: TaskID = task) -> None:
+                    bar.advance(task, n)
+
+                data = located.store.read(path, expected, progress=advance)
+        else:
+            data = located.store.read(path, expected)
+        (to / name).write_bytes(data)
+    (to / "manifest.json").write_bytes(located.manifest.to_json())
+    what = located.label if located.model_id else f"run {located.run_id} {located.label}"
+    if as_json:
+        files = {name: {"size": f.size, "sha256": f.sha256} for name, f in located.manifest.files.items()}
+        emit_json({"run_id": located.run_id, "model_id": located.model_id, "to": str(to), "files": files})
+        return
+    sizes = ", ".join(f"{name} ({human_size(f.size)})" for name, f in located.manifest.files.items())
+    click.echo(f"downloaded {what} to {to}: {sizes}, manifest.json; sha256 checked")
+
+
+@click.command()
+@source_argument
+@click.option("--keep-last", type=click.IntRange(min=1), help="Keep the N newest checkpoints.")
+@click.option("--keep-best", type=click.IntRange(min=1), help="Keep the K best by --monitor.")
+@click.option("--monitor", help="Metric ranking 'best' (default: the run's, else val_loss).")
+@click.option("--mode", type=click.Choice(["min", "max"]), help="Whether lower or higher --monitor is better.")
+@click.option("--dry-run", is_flag=True, help="List what would be deleted; change nothing.")
+@json_option
+def gc(
+    source: str,
+    keep_last: int | None,
+    keep_best: int | None,
+    monitor: str | None,
+    mode: str | None,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Delete a run's checkpoints outside the last N and the best K (the latest always stays).
+
+    Each goes manifest first, then its files, then its logged model, as a Checkpointer's
+    retention does during training.
+
+    \b
+    Example:
+      tracking gc 3f2a9c0d1b2e4f5a6b7c8d9e0f1a2b3c --keep-last 2 --keep-best 1 --dry-run
+    """
+    if keep_last is None and keep_best is None:
+        raise click.UsageError("pass --keep-last and/or --keep-best.")
+    connect()
+    from tracking.checkpointer import prune
+    from tracking.selection import resolve_run_id
+
+    run_id = resolve_run_id(source)
+    doomed = prune(run_id, keep_last=keep_last, keep_best=keep_best, monitor=monitor, mode=mode, dry_run=dry_run)
+    if as_json:
+        emit_json(
+            {
+                "run_id": run_id,
+                "dry_run": dry_run,
+                "deleted": [{"epoch": c.epoch, "model_id": c.model_id} for c in doomed],
+            }
+        )
+        return
+    verb = "would delete" if dry_run else "deleted"
+    for checkpoint in doomed:
+        click.echo(f"{verb} epoch {checkpoint.epoch} ({checkpoint.model_id})")
+    click.echo(f"run {run_id}: {len(doomed)} checkpoints {verb}" + (" (dry run: nothing changed)" if dry_run else ""))
+
+
+@click.command()
+@source_argument
+@click.argument("name")
+@click.option(
+    "--checkpoint",
+    default="best",
+    show_default=True,
+    help="latest, best or an epoch number (a models:/<model_id> RUN names one already).",
+)
+@click.option("--alias", help="Point this alias of NAME at the new version (e.g. champion).")
+@json_option
+def register(source: str, name: str, checkpoint: str, alias: str | None, as_json: bool) -> None:
+    """Register a checkpoint as a new version of model NAME, loadable as models:/NAME@ALIAS.
+
+    \b
+    Example:
+      tracking register 3f2a9c0d1b2e4f5a6b7c8d9e0f1a2b3c seed --checkpoint best --alias champion
+      python -c 'import tracking; print(tracking.load("models:/seed@champion").epoch)'
+    """
+    if checkpoint not in ("latest", "best") and not checkpoint.isdigit():
+        raise click.BadParameter(
+            f"{checkpoint!r}: expected latest, best or an epoch number.", param_hint="--checkpoint"
+        )
+    connect()
+    from tracking.registry import register as register_checkpoint
+
+    version = register_checkpoint(source, name, checkpoint=checkpoint, alias=alias)
+    uri = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version.version}"
+    if as_json:
+        emit_json({"name": name, "version": version.version, "alias": alias, "source": version.source, "uri": uri})
+        return
+    click.echo(f"registered {name} version {version.version} from {version.source}; load it as {uri}")
+
+
+COMMANDS = (download, gc, register)

@@ -1,0 +1,74 @@
+"""How commands print: tables that fit the terminal, plain columns into pipes, JSON on request."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table column; the lower ``drop_order``, the sooner it goes when the terminal is narrow.
+
+    ``fold_to``: the width its cells may wrap to (None: never wrapped when deciding what fits).
+    """
+
+    title: str
+    drop_order: int = 99  # 99: never dropped
+    no_wrap: bool = False
+    fold_to: int | None = None
+
+
+def human_size(size: float) -> str:
+    """``size`` bytes for a person: 512 B, 3.2 MiB (the stack's status shows its data folder this way too)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def emit_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, default=str))
+
+
+def table(title: str, columns: Sequence[Column], rows: Sequence[Sequence[str]]) -> None:
+    """A rich table on a terminal (narrow ones drop columns, then wrap cells); aligned plain text otherwise."""
+    if not _is_terminal():
+        widths = [max([len(c.title), *(len(row[i]) for row in rows)]) for i, c in enumerate(columns)]
+        for line in ([c.title for c in columns], *rows):
+            click.echo("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    shown = list(range(len(columns)))
+    for index in sorted(shown, key=lambda i: columns[i].drop_order):
+        if columns[index].drop_order == 99 or _natural_width(columns, rows, shown) <= console.width:
+            break
+        shown.remove(index)
+    rendered = Table(title=title, title_justify="left")
+    for index in shown:
+        rendered.add_column(columns[index].title, no_wrap=columns[index].no_wrap, overflow="fold")
+    for row in rows:
+        rendered.add_row(*(row[index] for index in shown))
+    console.print(rendered)
+
+
+def _natural_width(columns: Sequence[Column], rows: Sequence[Sequence[str]], shown: list[int]) -> int:
+    """The width a rich table with these columns takes without wrapping: cells, padding and borders."""
+    cells = 0
+    for i in shown:
+        natural = max([len(columns[i].title), *(len(row[i]) for row in rows)])
+        cells += min(natural, columns[i].fold_to or natural)
+    return cells + 3 * len(shown) + 1
+
+
+def _is_terminal() -> bool:
+    return sys.stdout.isatty()
