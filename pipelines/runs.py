@@ -19,6 +19,7 @@ cannot change, so on the same run they keep their first values).
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -34,7 +35,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 import tracking
 from pipelines import data, options
 from pipelines.task import State, Task
-from tracking import layout
+from tracking import layout, spec
 
 TAG_RESUMED_FROM_RUN = "tracking.resumed_from_run"
 TAG_RESUMED_FROM_EPOCH = "tracking.resumed_from_epoch"
@@ -148,14 +149,16 @@ def start(
     origin: Run | None,
     values: Mapping[str, Any],
     overrides: Mapping[str, tuple[str, str]],
-    epoch: int,
+    state: State,
 ) -> Iterator[mlflow.ActiveRun]:
     """The active MLflow run: new, RUN_ID itself, or a child of RUN_ID, with params and tags logged."""
+    epoch = state.epoch
     params = {
         "pipeline": task.name,
         "dataset": task.dataset,
         **{name: str(value) for name, value in task.params.items()},
         **{name: options.param_value(values[name]) for name in options.RECORDED},
+        **described(state),
     }
     tags: dict[str, str] = {}
     run_args: dict[str, Any]
@@ -184,6 +187,23 @@ def start(
         if tags:
             mlflow.set_tags(tags)
         yield run
+
+
+def described(state: State) -> dict[str, str]:
+    """What a reader of the run's params needs to know about the model, optimizer and scheduler."""
+    model = spec.describe_model(state.model, None)
+    optimizer = spec.describe_optimizer(state.optimizer, state.model)
+    params = {
+        "model_class": str(model["class"]),
+        "model_init_kwargs": json.dumps(model.get("init_kwargs"), sort_keys=True),
+        "optimizer_class": str(optimizer["class"]),
+        "optimizer_hparams": json.dumps(optimizer["defaults"], sort_keys=True, default=str),
+    }
+    if state.scheduler is not None:
+        scheduler = spec.describe_scheduler(state.scheduler, None)
+        params["scheduler_class"] = str(scheduler["class"])
+        params["scheduler_kwargs"] = json.dumps(scheduler.get("init_kwargs"), sort_keys=True, default=str)
+    return params
 
 
 def announce(client: MlflowClient, run: mlflow.ActiveRun) -> None:

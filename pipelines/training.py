@@ -78,7 +78,7 @@ def train(task: Task, opts: options.Options) -> str:
             f"python -m {task.name} --resume {{run_id}} --epochs {2 * opts.epochs}",
         ],
     )
-    with runs.start(client, config, task, opts, origin, values, overrides, state.epoch) as run, checkpoints:
+    with runs.start(client, config, task, opts, origin, values, overrides, state) as run, checkpoints:
         runs.announce(client, run)
         if rng is not None:
             # Last thing before the loop, so nothing above (MLflow names new runs with `random`) shifts it.
