@@ -25,6 +25,7 @@ from torch import nn
 
 import tracking
 from pipelines import data, digits, runs, train, training
+from tracking.cli.server import connect
 from tracking.errors import run_command
 
 TASKS = {task.dataset: task for task in (train.TASK, digits.TASK)}
@@ -93,10 +94,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--trust-pickle", action="store_true", help="allow --checkpoint model to unpickle")
     args = parser.parse_args(argv)
+
+    def run() -> dict[str, float]:
+        connect()  # no MLFLOW_TRACKING_URI: the local stack if it runs
+        return evaluate(args.run_id, args.checkpoint, trust_pickle=args.trust_pickle)
+
     # MLflow's own errors (a refused request, an unknown run) are the user's to act on, like ours.
-    return run_command(
-        lambda: evaluate(args.run_id, args.checkpoint, trust_pickle=args.trust_pickle), also=(MlflowException,)
-    )
+    return run_command(run, also=(MlflowException,))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import tracking
 from pipelines import data, options, runs
 from pipelines.progress import EpochProgress
 from pipelines.task import State, Task
+from tracking.cli.server import connect
 from tracking.config import bound_mlflow_requests
 from tracking.errors import run_command
 
@@ -42,8 +43,14 @@ def main(task: Task, argv: Sequence[str] | None = None, description: str | None 
     opts = options.parse(argv, prog=f"python -m {task.name}", description=description, defaults=task.defaults)
     # Every MLflow call of the run fails in about 30 s when the tracking server is gone, not minutes.
     bound_mlflow_requests()
+
+    def run() -> str:
+        # No MLFLOW_TRACKING_URI: the local stack if it runs, never an mlflow.db in the working folder.
+        connect()
+        return train(task, opts)
+
     # MLflow's own errors (a refused request, an unknown run) are the user's to act on, like ours.
-    return run_command(lambda: train(task, opts), also=(MlflowException,))
+    return run_command(run, also=(MlflowException,))
 
 
 def train(task: Task, opts: options.Options) -> str:
