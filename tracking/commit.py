@@ -57,11 +57,14 @@ def commit_checkpoint(
     manifest = snapshot.manifest
     assert manifest.epoch is not None
     checkpoint = catalog.create(handle, manifest)
+    ready = False
+    replaced: set[str] = set()
     try:
         stored = checkpoint.store.write(layout.CHECKPOINT_FILE, TorchSave(snapshot.payload))
         manifest.files = {layout.CHECKPOINT_FILE: stored}
         checkpoint.store.write_bytes(layout.MANIFEST_FILE, manifest.to_json())
         catalog.set_status(handle, checkpoint, catalog.READY)
+        ready = True
         # Compare with the run's tags as stored now, not as read when the save began: another
         # writer may have moved them since, and latest must never move backwards, nor best
         # to a worse checkpoint.
@@ -72,14 +75,16 @@ def commit_checkpoint(
             tags.update(describe(checkpoint.model_id, {**handle.tags, **tags}))
         handle.set_tags(tags, _model_metrics(checkpoint, manifest))
     except Exception as exc:
-        _abandon(handle, checkpoint)
-        if isinstance(exc, StorageError):
+        if not (ready and _named_by_tags(handle, checkpoint.model_id)):
+            _abandon(handle, checkpoint)
+            if not isinstance(exc, StorageError):
+                raise
             raise StorageError(
                 f"{exc} The checkpoint of epoch {manifest.epoch} was not committed (its logged model "
                 f"{checkpoint.model_id} is marked FAILED, the run's latest/best tags are unchanged); save it "
                 "again once the store and the tracking server answer."
             ) from exc
-        raise
+        # Else the tag request was applied and only its answer lost: the checkpoint is committed.
     for model_id in replaced:
         _delete_replaced(handle, model_id)
     return LoggedCheckpoint(handle.run_id, checkpoint.name, manifest, checkpoint.model_id, checkpoint.artifact_uri)
@@ -96,6 +101,15 @@ def _model_metrics(checkpoint: StoredCheckpoint, manifest: Manifest) -> list[Any
     assert manifest.epoch is not None
     now = int(time.time() * 1000)
     return [Metric(k, v, now, manifest.epoch, model_id=checkpoint.model_id) for k, v in manifest.metrics.items()]
+
+
+def _named_by_tags(handle: RunHandle, model_id: str) -> bool:
+    """Whether the run's tags, read again, name ``model_id``: a failed tag request may have been applied."""
+    try:
+        handle.refresh_tags()
+    except TrackingError:
+        return False
+    return model_id in (handle.tags.get(layout.TAG_LATEST), handle.tags.get(layout.TAG_BEST))
 
 
 def _abandon(handle: RunHandle, checkpoint: StoredCheckpoint) -> None:
