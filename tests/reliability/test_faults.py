@@ -3,15 +3,19 @@ checkpoint loadable and the pointers right" and "transport failures are StorageE
 not corruption".
 
 A fault proxy in front of the real SeaweedFS and MLflow server fails one phase of a save
-(creating the multipart upload, a part, completing it, the manifest, moving the tags) or of a
-load (the manifest GET, a ranged GET, the run lookup), once or for good, with S3's own error
+(creating the checkpoint's logged model, creating the multipart upload, a part, completing it,
+the manifest, marking the logged model READY, moving the tags) or of a load (the run lookup,
+the logged model lookup, the manifest GET, a ranged GET), once or for good, with S3's own error
 answers, reset connections, cut bodies and lost answers. After each: the call succeeded (after
-retries) or raised StorageError; what the run holds loads exactly as saved; latest and best
-name committed checkpoints; the previous checkpoint loads; verify finds every committed file intact.
+retries) or raised StorageError; a save that raised committed nothing and left latest on the
+previous checkpoint; what the run holds loads exactly as saved; latest and best name committed
+checkpoints; verify finds every committed file intact, reports what the fault left behind, and
+clean_leftovers removes it.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,25 +26,36 @@ from tests.reliability import invariants, workload
 from tests.reliability.conftest import Route
 from tests.reliability.proxy import FaultProxy
 from tracking import layout
+from tracking.audit import clean_leftovers, verify
 from tracking.errors import StorageError
 
-EPOCH2 = layout.checkpoint_dir(2) + "/"
-DATA = rf"{EPOCH2}(?!{layout.MANIFEST_FILE})"  # the checkpoint's data file(s), whatever they are named
-MANIFEST = rf"{EPOCH2}{layout.MANIFEST_FILE}"
+# A checkpoint's files are at the root of its logged model's location: .../models/m-<hex>/artifacts/.
+# Faults are added after epoch 1 is saved, so these match only the faulted save's requests.
+MODEL_FILES = r"/models/m-[0-9a-f]{32}/artifacts/"
+DATA = rf"{MODEL_FILES}{re.escape(layout.CHECKPOINT_FILE)}"
+MANIFEST = rf"{MODEL_FILES}{re.escape(layout.MANIFEST_FILE)}"
 TAGS = r"^POST /api/2\.0/mlflow/runs/(log-batch|set-tag)\b"
+CREATE_MODEL = r"^POST /api/2\.0/mlflow/logged-models(\?|$)"
+FINALIZE_MODEL = r"^PATCH /api/2\.0/mlflow/logged-models/m-[0-9a-f]{32}(\?|$)"  # READY (and FAILED)
+GET_MODEL = r"^GET /api/2\.0/mlflow/logged-models/m-[0-9a-f]{32}(\?|$)"
 EVERY = None  # Rule(times=None): fault every match, not just the first
 
 # phase -> (which server, request-line pattern)
 SAVE_PHASES: dict[str, tuple[str, str]] = {
-    "create-upload": ("s3", rf"^POST \S*{DATA}\S*\?uploads"),
-    "upload-part-2": ("s3", rf"^PUT \S*{DATA}\S*[?&]partNumber=2\b"),
-    "complete-upload": ("s3", rf"^POST \S*{DATA}\S*\?uploadId="),
+    "create-model": ("tracking", CREATE_MODEL),
+    "create-upload": ("s3", rf"^POST \S*{DATA}\?uploads"),
+    "upload-part-2": ("s3", rf"^PUT \S*{DATA}\?\S*\bpartNumber=2\b"),
+    "complete-upload": ("s3", rf"^POST \S*{DATA}\?uploadId="),
     "write-manifest": ("s3", rf"^PUT \S*{MANIFEST}"),
+    "mark-ready": ("tracking", FINALIZE_MODEL),
     "move-tags": ("tracking", TAGS),
 }
 
 # (phase, fault name, Rule arguments)
 SAVE_FAULTS: list[tuple[str, str, dict[str, Any]]] = [
+    ("create-model", "503-once", {"action": "status", "status": 503}),
+    ("create-model", "answer-lost-once", {"action": "drop_response"}),
+    ("create-model", "500-always", {"action": "status", "status": 500, "times": EVERY}),
     ("create-upload", "503-once", {"action": "status", "status": 503}),
     ("create-upload", "500-always", {"action": "status", "status": 500, "times": EVERY}),
     ("create-upload", "reset-always", {"action": "reset_request", "times": EVERY}),
@@ -53,7 +68,12 @@ SAVE_FAULTS: list[tuple[str, str, dict[str, Any]]] = [
     ("write-manifest", "503-once", {"action": "status", "status": 503}),
     ("write-manifest", "answer-lost-once", {"action": "drop_response"}),
     ("write-manifest", "reset-always", {"action": "reset_request", "times": EVERY}),
+    ("mark-ready", "503-once", {"action": "status", "status": 503}),
+    ("mark-ready", "answer-lost-once", {"action": "drop_response"}),
+    ("mark-ready", "500-always", {"action": "status", "status": 500, "times": EVERY}),
     ("move-tags", "503-once", {"action": "status", "status": 503}),
+    ("move-tags", "answer-lost-once", {"action": "drop_response"}),
+    ("move-tags", "answer-lost-always", {"action": "drop_response", "times": EVERY}),
     ("move-tags", "500-always", {"action": "status", "status": 500, "times": EVERY}),
     ("move-tags", "reset-always", {"action": "reset_request", "times": EVERY}),
 ]
@@ -112,9 +132,22 @@ def test_fault_during_save(
     latest = invariants.epoch_of_tag(invariants.run_tags(run_id), layout.TAG_LATEST)
     if error is None:
         assert epochs == [1, 2] and latest == 2, f"the save succeeded, yet committed={epochs}, latest={latest}"
-    elif phase != "move-tags":
-        assert 2 not in epochs, f"the save failed at {phase} ({error}), yet epoch 2 counts as committed"
-        assert latest == 1
+    else:
+        # A save that raised did not commit, whichever phase failed: its logged model is not READY with
+        # a manifest, and the tags still name epoch 1.
+        assert epochs == [1], f"the save failed at {phase} ({error}), yet committed={epochs}"
+        assert latest == 1, f"the save failed at {phase} ({error}), yet latest names epoch {latest}"
+    # Whatever the fault left (a FAILED or orphaned logged model, stray files) is a leftover that
+    # verify reports and clean removes.
+    _assert_cleanable(run_id, route)
+
+
+def _assert_cleanable(run_id: str, route: Route) -> None:
+    left = invariants.leftovers(route.stack, run_id)
+    reported = {leftover.path for leftover in verify(run_id).leftovers}
+    assert all(invariants.covered(path, reported) for path in left), f"verify misses leftovers {left}: {reported}"
+    clean_leftovers(run_id)
+    assert invariants.leftovers(route.stack, run_id) == [], "clean_leftovers left leftovers behind"
 
 
 # -- loads ------------------------------------------------------------------------------------
@@ -122,6 +155,7 @@ def test_fault_during_save(
 LOAD_PHASES: dict[str, tuple[str, str, int]] = {
     # phase -> (server, pattern, matches to let through first)
     "run-lookup": ("tracking", r"^GET /api/2\.0/mlflow/runs/get\b", 0),
+    "model-lookup": ("tracking", GET_MODEL, 0),
     "manifest-get": ("s3", rf"^GET \S*{MANIFEST}", 0),
     "ranged-get-2": ("s3", rf"^GET \S*{DATA}", 1),
 }
@@ -129,6 +163,8 @@ LOAD_PHASES: dict[str, tuple[str, str, int]] = {
 LOAD_FAULTS: list[tuple[str, str, dict[str, Any]]] = [
     ("run-lookup", "503-always", {"action": "status", "status": 503, "times": EVERY}),
     ("run-lookup", "reset-always", {"action": "reset_request", "times": EVERY}),
+    ("model-lookup", "503-always", {"action": "status", "status": 503, "times": EVERY}),
+    ("model-lookup", "reset-always", {"action": "reset_request", "times": EVERY}),
     ("manifest-get", "503-once", {"action": "status", "status": 503}),
     ("manifest-get", "503-always", {"action": "status", "status": 503, "times": EVERY}),
     ("manifest-get", "cut-body-always", {"action": "cut_response", "after_bytes": 10, "times": EVERY}),
@@ -191,11 +227,11 @@ def test_fault_during_load(
 
 # -- re-logging an epoch: "Re-logging must not destroy the old one before the new one is committed" --
 
-EPOCH1 = layout.checkpoint_dir(1) + "/"
 RELOG_FAULTS: list[tuple[str, str, str, dict[str, Any]]] = [
     # (phase, server, pattern, Rule arguments): each fails the re-log for good
-    ("upload-part-2", "s3", rf"^PUT \S*{EPOCH1}(?!{layout.MANIFEST_FILE})\S*[?&]partNumber=2\b", {}),
-    ("write-manifest", "s3", rf"^PUT \S*{EPOCH1}{layout.MANIFEST_FILE}", {}),
+    ("upload-part-2", "s3", SAVE_PHASES["upload-part-2"][1], {}),
+    ("write-manifest", "s3", SAVE_PHASES["write-manifest"][1], {}),
+    ("mark-ready", "tracking", FINALIZE_MODEL, {"status": 500}),
     ("move-tags", "tracking", TAGS, {"status": 500}),
 ]
 
@@ -222,5 +258,9 @@ def test_fault_during_relog_keeps_the_old_checkpoint(
     assert error is not None, f"the re-log succeeded although every {phase} request failed"
     _assert_storage_error(error, f"re-log with {phase} failing")
     route.direct()
-    epochs = invariants.assert_sound(run_id, {1: [old, new]})
+    # The re-log failed, so it never counted: epoch 1 loads exactly the old weights, by every route.
+    epochs = invariants.assert_sound(run_id, {1: [old]})
     assert epochs == [1], f"the re-log failed at {phase} ({error}) and destroyed the old checkpoint of epoch 1"
+    assert not workload.same_state(tracking.load(run_id, 1).model.state_dict(), new)
+    _assert_cleanable(run_id, route)
+    assert workload.same_state(tracking.load(run_id).model.state_dict(), old), "clean_leftovers changed epoch 1"
