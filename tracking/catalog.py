@@ -206,7 +206,8 @@ def _pages(handle: RunHandle, filter_string: str) -> Iterator[Any]:
 
 def _epoch(model: Any) -> int | None:
     raw = (model.params or {}).get(layout.PARAM_EPOCH, "")
-    return int(raw) if raw.isdecimal() else layout.epoch_of(model.name)
+    # ASCII digits only, as in names: str.isdecimal() also takes other scripts' digits such as "١٢".
+    return int(raw) if raw.isdecimal() and raw.isascii() else layout.epoch_of(model.name)
 
 
 def _wrap(model: Any, config: TrackingConfig) -> StoredCheckpoint:
