@@ -126,7 +126,7 @@ def parse(argv: Sequence[str] | None, *, prog: str, description: str | None, def
     add("--batch-size", "training batch size", type=_positive_int)
     add("--seed", "seed for the initial weights and the batch order", type=int)
     add("--checkpoint-every", "log a checkpoint every N epochs, and after the last", type=_positive_int, metavar="N")
-    add("--keep-last", "keep the last N checkpoints", type=_count, metavar="N|all")
+    add("--keep-last", "keep the last N checkpoints (all: delete none)", type=_count, metavar="N|all")
     add("--keep-best", "also keep the best N checkpoints by --monitor", type=_count, metavar="N|all")
     add("--monitor", "metric that ranks checkpoints", choices=METRICS)
     inferred = "max for accuracies, min otherwise" if merged["monitor_mode"] is None else None

@@ -76,7 +76,8 @@ def train(task: Task, opts: options.Options) -> str:
     checkpoints = tracking.Checkpointer(
         every_n_epochs=values["checkpoint_every"],
         keep_last=values["keep_last"],
-        keep_best=values["keep_best"],
+        # --keep-last all keeps every checkpoint: the best ones are among them.
+        keep_best=values["keep_best"] if values["keep_last"] is not None else None,
         monitor=values["monitor"],
         mode=values["monitor_mode"],
         # For the run's description in the UI: how to evaluate this run and train it further.
