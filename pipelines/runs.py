@@ -225,9 +225,10 @@ def report(client: MlflowClient, run: mlflow.ActiveRun, whole_model_id: str) -> 
             continue
         print(f"{which} checkpoint: epoch {found.manifest.epoch}, models:/{found.model_id}", flush=True)
     print(f"whole model: models:/{whole_model_id} (mlflow.pytorch.load_model)", flush=True)
-    link = ui_link(client, f"experiments/{experiment_id}/models")
-    if link:
-        print(f"checkpoints and models at {link}", flush=True)
+    run_link = ui_link(client, f"experiments/{experiment_id}/runs/{run_id}")
+    if run_link:
+        print(f"run {run_id}: {run_link}", flush=True)
+        print(f"checkpoints and models: {ui_link(client, f'experiments/{experiment_id}/models')}", flush=True)
 
 
 def ui_link(client: MlflowClient, page: str) -> str | None:

@@ -17,6 +17,7 @@ resume goes on in, and what it refuses, is :mod:`pipelines.runs`.
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -43,6 +44,8 @@ def main(task: Task, argv: Sequence[str] | None = None, description: str | None 
     opts = options.parse(argv, prog=f"python -m {task.name}", description=description, defaults=task.defaults)
     # Every MLflow call of the run fails in about 30 s when the tracking server is gone, not minutes.
     bound_mlflow_requests()
+    # MLflow's own "View run" links open the UI's GenAI view; the pipeline prints training-view ones.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
     def run() -> str:
         # No MLFLOW_TRACKING_URI: the local stack if it runs, never an mlflow.db in the working folder.
