@@ -90,7 +90,7 @@ def up(
     for name, pid in pids.items():
         verb = "started" if name in started else "already running"
         click.echo(f"{name}: {verb} (pid {pid}, log {local.log_path(name)})")
-    click.echo(f"MLflow UI:   {local.tracking_uri}")
+    click.echo(f"MLflow UI:   {local.tracking_uri}/#/experiments?workflowType=machine_learning")
     click.echo(f"S3 endpoint: {local.s3_endpoint_url}  bucket: {local.bucket}")
     mode = "proxied by the MLflow server" if local.serve_artifacts else "written to S3 by clients"
     click.echo(f"artifacts:   {local.artifact_root} ({mode})")
