@@ -73,18 +73,20 @@ CORRUPTIONS: dict[str, tuple[str, Callable[[bytes], bytes] | None, type[Exceptio
 }
 
 
-def _key(run_id: str, path: str) -> tuple[str, str]:
-    bucket, prefix = invariants.artifact_prefix(run_id)
-    return bucket, prefix + path
+def _key(artifact_uri: str, path: str) -> tuple[str, str]:
+    """The bucket and object key of ``path`` in a checkpoint's logged model location (``s3://...``)."""
+    assert artifact_uri.startswith("s3://"), artifact_uri
+    bucket, _, prefix = artifact_uri[len("s3://") :].partition("/")
+    return bucket, f"{prefix.rstrip('/')}/{path}"
 
 
-def _get(stack: LocalStack, run_id: str, path: str) -> bytes:
-    bucket, key = _key(run_id, path)
+def _get(stack: LocalStack, artifact_uri: str, path: str) -> bytes:
+    bucket, key = _key(artifact_uri, path)
     return bytes(stack.s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
 
 
-def _put(stack: LocalStack, run_id: str, path: str, data: bytes | None) -> None:
-    bucket, key = _key(run_id, path)
+def _put(stack: LocalStack, artifact_uri: str, path: str, data: bytes | None) -> None:
+    bucket, key = _key(artifact_uri, path)
     if data is None:
         stack.s3_client().delete_object(Bucket=bucket, Key=key)
     else:
@@ -99,28 +101,34 @@ def test_corruption_is_detected_before_torch_load(
     # A data file worth damaging spans several 5 MB parts; manifests are checked on small ones.
     hidden = workload.BIG if target == "data" else workload.SMALL
     run_id = new_run()
-    workload.log(run_id, 1, hidden=workload.SMALL)
+    first = workload.log(run_id, 1, hidden=workload.SMALL)
     logged = workload.log(run_id, 2, hidden=hidden)
     expected = {1: [workload.model_state(1, workload.SMALL)], 2: [workload.model_state(2, hidden)]}
-    folders = {epoch: layout.checkpoint_dir(epoch) for epoch in (1, 2)}
-    manifests = {epoch: layout.manifest_path(folder) for epoch, folder in folders.items()}
-    data_path = f"{folders[2]}/{next(iter(logged.manifest.files))}"
+    # Each checkpoint's files are at the root of its own logged model's location; verify names them
+    # "<checkpoint name> (<model ID>)/<file>".
+    where = {1: str(first.artifact_uri), 2: str(logged.artifact_uri)}
+    folders = {1: invariants.part_label(first.path, str(first.model_id))}
+    folders[2] = invariants.part_label(logged.path, str(logged.model_id))
+    manifest, data = layout.MANIFEST_FILE, next(iter(logged.manifest.files))
+    assert (manifest, data) == ("manifest.json", "checkpoint.pt")
 
     if target == "data":
-        _put(stack, run_id, data_path, damage and damage(_get(stack, run_id, data_path)))
+        _put(stack, where[2], data, damage and damage(_get(stack, where[2], data)))
     elif target == "manifest":
-        _put(stack, run_id, manifests[2], damage and damage(_get(stack, run_id, manifests[2])))
+        _put(stack, where[2], manifest, damage and damage(_get(stack, where[2], manifest)))
     else:
-        first, second = _get(stack, run_id, manifests[1]), _get(stack, run_id, manifests[2])
-        _put(stack, run_id, manifests[1], second)
-        _put(stack, run_id, manifests[2], first)
+        one, two = _get(stack, where[1], manifest), _get(stack, where[2], manifest)
+        _put(stack, where[1], manifest, two)
+        _put(stack, where[2], manifest, one)
     damaged = [2, 1] if target == "both manifests" else [2]
 
+    models = {1: first.model_id, 2: logged.model_id}
     for epoch in damaged:
-        with invariants.watching_torch_load(monkeypatch) as unpickled:
-            with pytest.raises(error):
-                tracking.load(run_id, epoch)
-        assert not unpickled, f"epoch {epoch} ({name}) reached torch.load before the damage was found"
+        for source, selector in ((run_id, epoch), (f"models:/{models[epoch]}", "latest")):
+            with invariants.watching_torch_load(monkeypatch) as unpickled:
+                with pytest.raises(error):
+                    tracking.load(source, selector)
+            assert not unpickled, f"{source} epoch {epoch} ({name}) reached torch.load before the damage was found"
 
     # "latest" names the damaged checkpoint: it must refuse it, or fall back to an intact one.
     with invariants.watching_torch_load(monkeypatch) as unpickled:
@@ -139,6 +147,7 @@ def test_corruption_is_detected_before_torch_load(
         # Without its manifest the checkpoint does not exist: nothing is damaged, nothing is missing.
         assert not problems, problems
         assert invariants.committed(run_id) == [1]
+        assert folders[2] in {leftover.path for leftover in report.leftovers}, report.leftovers
         assert cli.exit_code == 0, cli.output
     else:
         for epoch in damaged:
