@@ -82,8 +82,12 @@ def test_concurrent_trainings_keep_exactly_their_checkpoints(stack: LocalStack) 
 
         assert epochs == expected_kept, f"run {run_id}: kept {epochs}, expected {expected_kept} (val_loss {losses})"
         tags = invariants.run_tags(run_id)
-        assert tags[layout.TAG_LATEST] == layout.checkpoint_dir(EPOCHS)
-        assert tags[layout.TAG_BEST] == layout.checkpoint_dir(best), f"run {run_id}: val_loss {losses}, tags {tags}"
+        kept = invariants.checkpoints(run_id)
+        assert tags[layout.TAG_LATEST] == kept[EPOCHS].model_id and tags[layout.TAG_LATEST_EPOCH] == str(EPOCHS)
+        assert tags[layout.TAG_BEST] == kept[best].model_id, f"run {run_id}: val_loss {losses}, tags {tags}"
+        # Retention deleted the other epochs' logged models and every object of theirs.
+        assert invariants.leftovers(stack, run_id) == [], f"run {run_id}: retention left objects behind"
+        assert sorted(m.model_id for m in invariants.run_models(run_id)) == sorted(c.model_id for c in kept.values())
         assert float(tags[layout.TAG_BEST_VALUE]) == pytest.approx(losses[best], rel=1e-12)
         assert tracking.load(run_id, "best").epoch == best
         assert client.get_run(run_id).info.status == "FINISHED"
@@ -104,28 +108,36 @@ def test_two_writers_on_one_run_never_move_pointers_backwards(
     fast = _popen(["tests.reliability.workload", run_id, "--epochs", "2,4,6,8,10", *small, *after], env)
     client = MlflowClient()
     seen: list[int] = []
+    named: dict[str, int] = {}  # each model ID latest named -> the epoch latest_epoch said with it
     deadline = time.monotonic() + LIMIT_S
     for _ in range(int(LIMIT_S / 0.1)):
         if (slow.poll() is not None and fast.poll() is not None) or time.monotonic() > deadline:
             break
-        latest = client.get_run(run_id).data.tags.get(layout.TAG_LATEST)
-        if latest is not None and (not seen or seen[-1] != layout.epoch_of(latest)):
-            seen.append(layout.epoch_of(latest) or 0)
+        tags = client.get_run(run_id).data.tags
+        latest = tags.get(layout.TAG_LATEST_EPOCH)
+        if latest is not None and (not seen or seen[-1] != int(latest)):
+            seen.append(int(latest))
+            named[tags[layout.TAG_LATEST]] = int(latest)
         time.sleep(0.1)
     (slow_rc, slow_out), (fast_rc, fast_out) = _finish([slow, fast], max(1.0, deadline - time.monotonic()))
     assert slow_rc == 0, slow_out[-3000:]
     assert fast_rc == 0, fast_out[-3000:]
-    seen.append(layout.epoch_of(invariants.run_tags(run_id)[layout.TAG_LATEST]) or 0)
+    seen.append(int(invariants.run_tags(run_id)[layout.TAG_LATEST_EPOCH]))
 
     expected = {epoch: [workload.model_state(epoch, workload.SMALL)] for epoch in range(1, 11)}
     epochs = invariants.assert_sound(run_id, expected)
 
     assert epochs == list(range(1, 11))
     assert seen == sorted(seen), f"latest moved backwards: it named epochs {seen} in turn"
+    kept = invariants.checkpoints(run_id)
+    by_id = {checkpoint.model_id: epoch for epoch, checkpoint in kept.items()}
+    assert all(by_id.get(model_id) == epoch for model_id, epoch in named.items()), (
+        f"latest and latest_epoch disagreed: {named}, committed {by_id}"
+    )
     tags = invariants.run_tags(run_id)
     best = min(workload.VAL_LOSS, key=lambda epoch: workload.VAL_LOSS[epoch])
-    assert tags[layout.TAG_LATEST] == layout.checkpoint_dir(10), f"latest ended at {tags[layout.TAG_LATEST]}"
-    assert tags[layout.TAG_BEST] == layout.checkpoint_dir(best), (
+    assert tags[layout.TAG_LATEST] == kept[10].model_id, f"latest ended at {tags[layout.TAG_LATEST]}"
+    assert tags[layout.TAG_BEST] == kept[best].model_id, (
         f"best ended at {tags[layout.TAG_BEST]} ({tags[layout.TAG_BEST_VALUE]}), not at epoch {best} "
         f"({workload.VAL_LOSS[best]})"
     )
