@@ -40,8 +40,10 @@ def emit_json(value: Any) -> None:
 def table(title: str, columns: Sequence[Column], rows: Sequence[Sequence[str]]) -> None:
     """A rich table on a terminal (narrow ones drop columns, then wrap cells); aligned plain text otherwise."""
     if not _is_terminal():
-        widths = [max([len(c.title), *(len(row[i]) for row in rows)]) for i, c in enumerate(columns)]
-        for line in ([c.title for c in columns], *rows):
+        # One line per row: cells that wrap on a terminal (e.g. "latest\nbest") become one line.
+        flat = [[cell.replace("\n", " ") for cell in row] for row in rows]
+        widths = [max([len(c.title), *(len(row[i]) for row in flat)]) for i, c in enumerate(columns)]
+        for line in ([c.title for c in columns], *flat):
             click.echo("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
         return
     from rich.console import Console

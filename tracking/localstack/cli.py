@@ -18,7 +18,12 @@ from tracking.localstack.stack import DEFAULT_MLFLOW_PORT, DEFAULT_S3_PORT, SEAW
 
 @click.group()
 def stack() -> None:
-    """A local SeaweedFS (S3) + MLflow server, with state in the data folder."""
+    """A local SeaweedFS (S3) + MLflow server, with state in the data folder.
+
+    \b
+    Example:
+      tracking stack up && source .tracking/stack.env
+    """
 
 
 _data_dir_option = click.option(
@@ -70,7 +75,12 @@ def up(
     serve_artifacts: bool,
     timeout: float,
 ) -> None:
-    """Start SeaweedFS and the MLflow server (does nothing if they already run)."""
+    """Start SeaweedFS and the MLflow server (does nothing if they already run).
+
+    \b
+    Example:
+      tracking stack up --backend-store-uri postgresql+psycopg2://postgres@127.0.0.1/test
+    """
     config, settings = _settings(data_dir)
     try:
         local = LocalStack(
@@ -108,7 +118,12 @@ def up(
 @stack.command()
 @_data_dir_option
 def down(data_dir: Path | None) -> None:
-    """Stop the processes `up` started; the data folder stays."""
+    """Stop the processes `up` started; the data folder stays.
+
+    \b
+    Example:
+      tracking stack down
+    """
     config, settings = _settings(data_dir)
     local = LocalStack.from_data_dir(config, settings.data_dir, bucket=settings.bucket)
     stopped = local.down()
@@ -118,7 +133,12 @@ def down(data_dir: Path | None) -> None:
 @stack.command()
 @_data_dir_option
 def status(data_dir: Path | None) -> None:
-    """Show each service's pid, state and URL, and the data folder's size."""
+    """Show each service's pid, state and URL, and the data folder's size.
+
+    \b
+    Example:
+      tracking stack status
+    """
     from rich.console import Console
     from rich.table import Table
 
