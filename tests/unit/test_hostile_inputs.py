@@ -23,13 +23,22 @@ from mlflow.tracking import MlflowClient
 
 import tracking
 from pipelines.models import Model
-from tests.unit.test_loader import rewrite, tamper_manifest
+from tests.unit.test_loader import checkpoint_model, rewrite, tamper_manifest
 from tracking import layout, spec
 from tracking.audit import verify
 from tracking.cli import main
+from tracking.config import TrackingConfig
 from tracking.loader import MODEL_HINT
 from tracking.manifest import MAX_FILES, Manifest
-from tracking.run import open_run
+from tracking.storage import open_store
+
+MODEL_ID = f"m-{'0' * 32}"
+
+
+def checkpoint_of(run_id: str, epoch: int) -> str:
+    """The logged model ID of the run's checkpoint of ``epoch`` (found without reading its manifest)."""
+    return str(checkpoint_model(run_id, epoch).model_id)
+
 
 # ------------------------------------------------------------ no import because a manifest says so
 
@@ -96,7 +105,7 @@ def test_load_refuses_a_manifest_naming_an_unimported_module(experiment: str, si
     def point_elsewhere(manifest: dict[str, Any]) -> None:
         manifest["model"]["class"] = f"{name}:Anything"
 
-    tamper_manifest(run.info.run_id, "checkpoints/epoch_0001", point_elsewhere)
+    tamper_manifest(run.info.run_id, 1, point_elsewhere)
     with pytest.raises(tracking.NotFoundError, match=rf"run {run.info.run_id}.*import {name}"):
         tracking.load(run.info.run_id)
     assert not marker.exists()
@@ -111,7 +120,7 @@ def test_recorded_arguments_a_constructor_refuses_are_an_error_not_a_crash(exper
     def negative_lr(manifest: dict[str, Any]) -> None:
         manifest["optimizer"]["defaults"]["lr"] = -1.0  # SGD raises ValueError
 
-    tamper_manifest(run.info.run_id, "checkpoints/epoch_0001", negative_lr)
+    tamper_manifest(run.info.run_id, 1, negative_lr)
     with pytest.raises(tracking.NotFoundError, match=r"SGD refused the recorded arguments.*ValueError"):
         tracking.load(run.info.run_id)
 
@@ -206,9 +215,9 @@ def test_a_valid_manifest_parses() -> None:
 @pytest.mark.parametrize("raw", MALFORMED.values(), ids=MALFORMED.keys())
 def test_a_malformed_manifest_is_an_integrity_error(raw: bytes) -> None:
     with pytest.raises(tracking.IntegrityError) as caught:
-        Manifest.from_json(raw, where="run r1: checkpoints/epoch_0001/manifest.json")
+        Manifest.from_json(raw, where=f"run r1, checkpoint-epoch-0001 ({MODEL_ID}): manifest.json")
     message = str(caught.value)
-    assert message.startswith("run r1: checkpoints/epoch_0001/manifest.json ")
+    assert message.startswith(f"run r1, checkpoint-epoch-0001 ({MODEL_ID}): manifest.json ")
     assert len(message) < 1000  # a hostile manifest's megabytes are not echoed back
 
 
@@ -216,45 +225,66 @@ def test_load_list_verify_and_cli_report_a_malformed_manifest(experiment: str) -
     with mlflow.start_run() as run:
         tracking.log_checkpoint(Model(6), epoch=1, metrics={"val_loss": 0.5})
     run_id = run.info.run_id
-    tamper_manifest(run_id, "checkpoints/epoch_0001", lambda m: m.update(metrics="val_loss=0.5"))
-    path = "checkpoints/epoch_0001/manifest.json"
+    model_id = checkpoint_of(run_id, 1)
+    tamper_manifest(run_id, 1, lambda m: m.update(metrics="val_loss=0.5"))
+    where = rf"run {run_id}, checkpoint-epoch-0001 \({model_id}\): manifest\.json"
     for call in (
         lambda: tracking.load(run_id),
+        lambda: tracking.load(f"models:/{model_id}"),
         lambda: tracking.load_model(run_id),
         lambda: tracking.list_checkpoints(run_id),
     ):
-        with pytest.raises(tracking.IntegrityError, match=rf"run {run_id}: {path} is malformed: metrics"):
+        with pytest.raises(tracking.IntegrityError, match=rf"{where} is malformed: metrics"):
             call()
     report = verify(run_id)
+    path = f"checkpoint-epoch-0001 ({model_id})/manifest.json"
     assert list(report) == [path] and "metrics" in str(report[path])
     result = CliRunner().invoke(main, ["checkpoints", run_id])
     assert result.exit_code == 1, result.output
-    assert result.stderr.count("\n") == 1 and path in result.stderr
+    assert result.stderr.count("\n") == 1 and model_id in result.stderr and "manifest.json" in result.stderr
 
 
 @pytest.mark.parametrize("size", [-1, 10**11])
 def test_a_wrong_file_size_is_an_integrity_error_without_allocating_it(experiment: str, size: int) -> None:
     with mlflow.start_run() as run:
         tracking.log_checkpoint(Model(6), epoch=1)
-    tamper_manifest(run.info.run_id, "checkpoints/epoch_0001", lambda m: m["files"]["checkpoint.pt"].update(size=size))
-    # The manifest's own check (-1) names the manifest; the S3 read (10**11) names the object.
-    with pytest.raises(tracking.IntegrityError, match=rf"run {run.info.run_id}: (\S*/)?checkpoints/epoch_0001"):
+    model_id = checkpoint_of(run.info.run_id, 1)
+    tamper_manifest(run.info.run_id, 1, lambda m: m["files"]["checkpoint.pt"].update(size=size))
+    # The manifest's own check (-1) names the manifest; the read (10**11) names the object.
+    with pytest.raises(tracking.IntegrityError, match=rf"run {run.info.run_id}, checkpoint-epoch-0001 \({model_id}\)"):
         tracking.load(run.info.run_id)
 
 
 # ------------------------------------------------------------ stray objects and bad tags
 
 
-def test_a_stray_non_ascii_epoch_folder_is_ignored(experiment: str) -> None:
-    assert layout.epoch_of("checkpoints/epoch_¹") is None and layout.epoch_of("checkpoints/epoch_١٢") is None
+@pytest.mark.parametrize(("name", "epoch_param"), [("checkpoint-epoch-¹", None), ("checkpoint-epoch-x", "١٢")])
+def test_a_stray_checkpoint_model_with_a_non_ascii_epoch_is_ignored(
+    experiment: str, name: str, epoch_param: str | None
+) -> None:
+    assert layout.epoch_of("checkpoint-epoch-¹") is None and layout.epoch_of("checkpoint-epoch-١٢") is None
     with mlflow.start_run() as run:
         tracking.log_checkpoint(Model(6), epoch=1)
-    store = open_run(run.info.run_id).store
-    store.write_bytes("checkpoints/epoch_¹/manifest.json", json.dumps(valid_manifest()).encode())
-    assert layout.committed_epochs(store) == [1]
-    assert [m.epoch for m in tracking.list_checkpoints(run.info.run_id)] == [1]
-    assert tracking.load(run.info.run_id).epoch == 1
-    assert list(verify(run.info.run_id)) == ["checkpoints/epoch_0001/checkpoint.pt"]
+    run_id = run.info.run_id
+    client = MlflowClient()
+    # Someone else's logged model in the run, typed as a checkpoint, READY, with a manifest.
+    stray = client.create_logged_model(
+        experiment_id=client.get_run(run_id).info.experiment_id,
+        name=name,
+        source_run_id=run_id,
+        params={} if epoch_param is None else {layout.PARAM_EPOCH: epoch_param},
+        model_type=layout.CHECKPOINT_MODEL_TYPE,
+    )
+    open_store(stray.artifact_location, TrackingConfig.from_env()).write_bytes(
+        layout.MANIFEST_FILE, json.dumps(valid_manifest()).encode()
+    )
+    client.finalize_logged_model(stray.model_id, "READY")
+    client.delete_tag(run_id, layout.TAG_LATEST)  # latest by search, where the stray could show
+    assert [m.epoch for m in tracking.list_checkpoints(run_id)] == [1]
+    assert tracking.load(run_id).epoch == 1
+    with pytest.raises(tracking.NotFoundError, match="no committed checkpoint for epoch 12"):
+        tracking.load(run_id, 12)
+    assert list(verify(run_id)) == [f"checkpoint-epoch-0001 ({checkpoint_of(run_id, 1)})/checkpoint.pt"]
 
 
 @pytest.mark.parametrize("value", ["abc", "nan", "inf", "-inf", ""])
@@ -266,12 +296,12 @@ def test_a_malformed_best_value_tag_means_nothing_to_beat(experiment: str, value
         with pytest.warns(RuntimeWarning, match=rf"{layout.TAG_BEST_VALUE}=.*not a finite number"):
             tracking.log_checkpoint(model, epoch=2, metrics={"loss": 0.9}, monitor="loss")
     tags = MlflowClient().get_run(run.info.run_id).data.tags
-    assert tags[layout.TAG_BEST] == "checkpoints/epoch_0002" and tags[layout.TAG_BEST_VALUE] == "0.9"
+    assert tags[layout.TAG_BEST] == checkpoint_of(run.info.run_id, 2) and tags[layout.TAG_BEST_VALUE] == "0.9"
 
 
 @pytest.mark.parametrize("which", ["latest", "best"])
-@pytest.mark.parametrize("value", ["../../etc", "state_dict"])
-def test_a_pointer_tag_naming_no_checkpoint_falls_back_to_the_listing(experiment: str, which: str, value: str) -> None:
+@pytest.mark.parametrize("value", ["../../etc", "state_dict", f" {MODEL_ID}", "M-" + "0" * 32])
+def test_a_pointer_tag_naming_no_model_id_falls_back_to_the_search(experiment: str, which: str, value: str) -> None:
     model = Model(6)
     with mlflow.start_run() as run:
         tracking.log_checkpoint(model, epoch=1, metrics={"loss": 0.2}, monitor="loss")
@@ -279,18 +309,47 @@ def test_a_pointer_tag_naming_no_checkpoint_falls_back_to_the_listing(experiment
         tracking.log_state_dict(model)
     tag = layout.TAG_LATEST if which == "latest" else layout.TAG_BEST
     MlflowClient().set_tag(run.info.run_id, tag, value)
-    with pytest.warns(RuntimeWarning, match=rf"{tag}=.*does not name a checkpoint folder"):
+    with pytest.warns(RuntimeWarning, match=rf"{tag}=.*is not a logged model ID"):
         loaded = tracking.load(run.info.run_id, which)
     assert loaded.epoch == (2 if which == "latest" else 1)
 
 
-def test_a_pointer_tag_is_read_as_the_folder_it_names(experiment: str) -> None:
+@pytest.mark.parametrize("which", ["latest", "best"])
+def test_a_pointer_tag_is_followed_only_to_a_committed_checkpoint_of_its_own_run(experiment: str, which: str) -> None:
+    model = Model(6)
+    with mlflow.start_run() as other:
+        tracking.log_checkpoint(model, epoch=7, metrics={"loss": 0.01}, monitor="loss")
     with mlflow.start_run() as run:
-        tracking.log_checkpoint(Model(6), epoch=1)
-        tracking.log_checkpoint(Model(6), epoch=2)
-    MlflowClient().set_tag(run.info.run_id, layout.TAG_LATEST, "checkpoints/epoch_1/")
-    loaded = tracking.load(run.info.run_id)
-    assert (loaded.epoch, loaded.path) == (1, "checkpoints/epoch_0001")
+        tracking.log_checkpoint(model, epoch=1, metrics={"loss": 0.2}, monitor="loss")
+        tracking.log_checkpoint(model, epoch=2, metrics={"loss": 0.9}, monitor="loss")
+        tracking.log_model(model)  # a logged model of the run that is no checkpoint
+    run_id = run.info.run_id
+    tag = layout.TAG_LATEST if which == "latest" else layout.TAG_BEST
+    client = MlflowClient()
+    expected = 2 if which == "latest" else 1
+    experiment_id = client.get_run(run_id).info.experiment_id
+    (whole,) = client.search_logged_models(
+        experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{layout.MODEL_NAME}'"
+    )
+    failed = client.create_logged_model(
+        experiment_id=experiment_id,
+        name=layout.checkpoint_name(3),
+        source_run_id=run_id,
+        params={layout.PARAM_EPOCH: "3"},
+        model_type=layout.CHECKPOINT_MODEL_TYPE,
+    )
+    client.finalize_logged_model(failed.model_id, "FAILED")
+    # A model ID of another run's checkpoint, of a deleted model, of a FAILED one, of a whole model:
+    # none is this run's committed checkpoint, so the search answers.
+    for value in (checkpoint_of(other.info.run_id, 7), MODEL_ID, failed.model_id, whole.model_id):
+        client.set_tag(run_id, tag, value)
+        loaded = tracking.load(run_id, which)
+        assert (loaded.epoch, loaded.run_id) == (expected, run_id), value
+    # One of its own committed checkpoints is followed, whichever it is: the tag is the pointer.
+    first = checkpoint_of(run_id, 1)
+    client.set_tag(run_id, layout.TAG_LATEST, first)
+    loaded = tracking.load(run_id)
+    assert (loaded.epoch, loaded.model_id, loaded.path) == (1, first, f"checkpoint-epoch-0001 ({first})")
 
 
 def test_a_malformed_mode_tag_ranks_as_min_with_a_warning(experiment: str) -> None:
@@ -311,15 +370,16 @@ def test_a_tampered_file_entry_does_not_make_verify_read_elsewhere(experiment: s
     def add_foreign(manifest: dict[str, Any]) -> None:
         manifest["files"]["../../other/checkpoint.pt"] = copy.deepcopy(manifest["files"]["checkpoint.pt"])
 
-    tamper_manifest(run.info.run_id, "checkpoints/epoch_0001", add_foreign)
+    tamper_manifest(run.info.run_id, 1, add_foreign)
+    path = f"checkpoint-epoch-0001 ({checkpoint_of(run.info.run_id, 1)})/manifest.json"
     report = verify(run.info.run_id)
-    assert list(report) == ["checkpoints/epoch_0001/manifest.json"]
-    assert "not a plain file name" in str(report["checkpoints/epoch_0001/manifest.json"])
+    assert list(report) == [path]
+    assert "not a plain file name" in str(report[path])
 
 
 def test_an_empty_manifest_object_is_an_integrity_error(experiment: str) -> None:
     with mlflow.start_run() as run:
         tracking.log_checkpoint(Model(6), epoch=1)
-    rewrite(run.info.run_id, "checkpoints/epoch_0001/manifest.json", lambda data: b"")
+    rewrite(run.info.run_id, 1, "manifest.json", lambda data: b"")
     with pytest.raises(tracking.IntegrityError, match="not valid JSON"):
         tracking.load(run.info.run_id)
