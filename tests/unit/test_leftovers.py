@@ -8,17 +8,20 @@ import mlflow
 import pytest
 import torch
 from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
 
 import tracking
 from pipelines.models import Model
+from tests.unit.conftest import BUCKET
 from tracking import audit, layout
 from tracking.cli import main
+from tracking.config import TrackingConfig
 from tracking.errors import TrackingError
 from tracking.run import open_run
+from tracking.selection import find_checkpoint
+from tracking.storage import open_store
 from tracking.uri import parse_s3_uri
 
-UPLOAD = f"{layout.checkpoint_dir(4)}/{layout.CHECKPOINT_FILE}"  # killed mid-upload
-ORPHAN = f"{layout.checkpoint_dir(5)}/{layout.CHECKPOINT_FILE}"  # killed before its manifest
 RETRACTED_STATE = f"{layout.STATE_DICT_DIR}/{layout.STATE_DICT_FILES['torch']}"
 
 
@@ -39,17 +42,56 @@ def log_run(*, end: bool = True) -> tuple[str, dict[int, dict[str, torch.Tensor]
     return str(run.info.run_id), states
 
 
-def kill_mid_save(s3: Any, run_id: str) -> None:
-    """What two dead saves leave: a multipart upload with one part, and data without its manifest."""
-    root = parse_s3_uri(mlflow.get_run(run_id).info.artifact_uri)
-    key = root.join(UPLOAD).key
-    upload = s3.create_multipart_upload(Bucket=root.bucket, Key=key)
-    s3.upload_part(Bucket=root.bucket, Key=key, UploadId=upload["UploadId"], PartNumber=1, Body=b"x" * 1024)
-    s3.put_object(Bucket=root.bucket, Key=root.join(ORPHAN).key, Body=b"half a checkpoint")
+def dead_save(run_id: str, epoch: int, status: str | None = None) -> Any:
+    """The logged model a save of ``epoch`` creates before its data (PENDING), as MLflow returns it."""
+    client = MlflowClient()
+    model = client.create_logged_model(
+        experiment_id=client.get_run(run_id).info.experiment_id,
+        name=layout.checkpoint_name(epoch),
+        source_run_id=run_id,
+        params={layout.PARAM_EPOCH: str(epoch)},
+        model_type=layout.CHECKPOINT_MODEL_TYPE,
+    )
+    if status is not None:
+        client.finalize_logged_model(model.model_id, status)
+    return model
+
+
+def label(model: Any) -> str:
+    return f"{model.name} ({model.model_id})"
+
+
+def kill_mid_save(s3: Any, run_id: str) -> tuple[Any, Any]:
+    """What two dead saves leave: one killed mid-upload (a multipart upload with one part) and one
+    killed before its manifest (its data), each a PENDING logged model."""
+    upload, orphan = dead_save(run_id, 4), dead_save(run_id, 5)
+    root = parse_s3_uri(upload.artifact_location)
+    key = root.join(layout.CHECKPOINT_FILE).key
+    created = s3.create_multipart_upload(Bucket=root.bucket, Key=key)
+    s3.upload_part(Bucket=root.bucket, Key=key, UploadId=created["UploadId"], PartNumber=1, Body=b"x" * 1024)
+    root = parse_s3_uri(orphan.artifact_location)
+    s3.put_object(Bucket=root.bucket, Key=root.join(layout.CHECKPOINT_FILE).key, Body=b"half a checkpoint")
+    return upload, orphan
+
+
+def run_models(run_id: str) -> list[str]:
+    client = MlflowClient()
+    models = client.search_logged_models(
+        experiment_ids=[client.get_run(run_id).info.experiment_id], filter_string=f"source_run_id = '{run_id}'"
+    )
+    return sorted(m.model_id for m in models)
+
+
+def objects_of(s3: Any, model_ids: list[str]) -> list[str]:
+    """The bucket's objects under the experiment's models/ prefix that belong to ``model_ids``."""
+    found = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="exp/models/"):
+        found += [o["Key"] for o in page.get("Contents", []) if o["Key"].split("/")[2] in model_ids]
+    return found
 
 
 def assert_committed_intact(run_id: str, states: dict[int, dict[str, torch.Tensor]]) -> None:
-    assert layout.committed_epochs(open_run(run_id).store) == sorted(states)
+    assert [c.epoch for c in tracking.list_checkpoints(run_id)] == sorted(states)
     for epoch, state in states.items():
         loaded = tracking.load(run_id, epoch).model.state_dict()
         assert all(torch.equal(loaded[k], v) for k, v in state.items()), f"epoch {epoch} changed"
@@ -59,69 +101,85 @@ def assert_committed_intact(run_id: str, states: dict[int, dict[str, torch.Tenso
 
 def test_verify_reports_leftovers_and_clean_removes_only_them(s3_experiment: str, mocked_s3: Any) -> None:
     run_id, states = log_run()
-    kill_mid_save(mocked_s3, run_id)
+    committed = run_models(run_id)
+    upload, orphan = kill_mid_save(mocked_s3, run_id)
 
     report = audit.verify(run_id)
     assert not report.failures
     assert sorted(report.leftovers, key=str) == [
-        audit.Leftover(UPLOAD, audit.UNFINISHED_UPLOAD),
-        audit.Leftover(ORPHAN, audit.UNCOMMITTED),
+        audit.Leftover(label(upload), audit.NOT_COMMITTED_MODEL),
+        audit.Leftover(f"{label(upload)}/{layout.CHECKPOINT_FILE}", audit.UNFINISHED_UPLOAD),
+        audit.Leftover(label(orphan), audit.NOT_COMMITTED_MODEL),
     ]
-    assert all(layout.epoch_of(path) in states for path in report)  # leftovers are not in the file report
+    assert not any(upload.model_id in path or orphan.model_id in path for path in report)  # not in the file report
 
     removed = audit.clean_leftovers(run_id)
-    assert sorted(removed) == sorted([f"{ORPHAN} ({audit.UNCOMMITTED})", f"{UPLOAD} ({audit.UNFINISHED_UPLOAD})"])
-    assert (
-        mocked_s3.list_multipart_uploads(Bucket=parse_s3_uri(open_run(run_id).store.artifact_uri).bucket).get(
-            "Uploads", []
-        )
-        == []
-    )
-    assert ORPHAN not in {
-        f"{layout.CHECKPOINTS_DIR}/{p}" for p in open_run(run_id).store.list_files(layout.CHECKPOINTS_DIR)
-    }
+    assert sorted(removed) == sorted(str(leftover) for leftover in report.leftovers)
+    assert mocked_s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []
+    assert objects_of(mocked_s3, [upload.model_id, orphan.model_id]) == []
+    assert run_models(run_id) == committed
     assert_committed_intact(run_id, states)
     assert audit.clean_leftovers(run_id) == []
 
 
 def test_data_without_manifest_on_the_mlflow_path(experiment: str) -> None:
-    """Both stores: a checkpoint whose manifest was retracted, and a state dict never committed."""
+    """Both stores: a checkpoint whose manifest was retracted, a stray file beside a committed
+    checkpoint, a save killed before its manifest, and a state dict never committed."""
     run_id, states = log_run()
-    store = open_run(run_id).store
-    store.write_bytes(ORPHAN, b"half a checkpoint")
-    store.write_bytes(RETRACTED_STATE, b"half a state dict")
+    committed = run_models(run_id)
+    config = TrackingConfig.from_env()
+    open_run(run_id).store.write_bytes(RETRACTED_STATE, b"half a state dict")
+    first = find_checkpoint(run_id, 1)
+    first.store.write_bytes("stray.pt", b"not listed")
+    orphan = dead_save(run_id, 5)
+    open_store(orphan.artifact_location, config).write_bytes(layout.CHECKPOINT_FILE, b"half a checkpoint")
+    # A save whose retraction deleted the manifest, then could not mark the model FAILED.
+    retracted = dead_save(run_id, 6)
+    open_store(retracted.artifact_location, config).write_bytes(layout.CHECKPOINT_FILE, b"a whole checkpoint")
+    MlflowClient().finalize_logged_model(retracted.model_id, "READY")
+    assert tracking.load(run_id).epoch == 2
+    with pytest.raises(tracking.NotFoundError):
+        tracking.load(run_id, 6)
+
     assert [str(x) for x in audit.verify(run_id).leftovers] == [
         f"{RETRACTED_STATE} ({audit.UNCOMMITTED})",
-        f"{ORPHAN} ({audit.UNCOMMITTED})",
+        f"checkpoint-epoch-0001 ({first.model_id})/stray.pt ({audit.UNCOMMITTED})",
+        f"{label(orphan)} ({audit.NOT_COMMITTED_MODEL})",
+        f"{label(retracted)} ({audit.NOT_COMMITTED_MODEL})",
     ]
-    assert len(audit.clean_leftovers(run_id)) == 2
+    assert len(audit.clean_leftovers(run_id)) == 4
+    assert run_models(run_id) == committed
+    assert open_store(orphan.artifact_location, config).list_files("") == []
+    assert open_store(retracted.artifact_location, config).list_files("") == []
+    assert sorted(first.store.list_files("")) == [layout.CHECKPOINT_FILE, layout.MANIFEST_FILE]
     assert_committed_intact(run_id, states)
 
 
-def test_a_folder_with_an_unreadable_manifest_is_not_a_leftover(s3_experiment: str) -> None:
+def test_a_checkpoint_with_an_unreadable_manifest_is_not_a_leftover(s3_experiment: str) -> None:
     run_id, _ = log_run()
-    store = open_run(run_id).store
-    store.write_bytes(layout.manifest_path(layout.checkpoint_dir(1)), b"{not json")
+    first = find_checkpoint(run_id, 1)
+    first.store.write_bytes(layout.MANIFEST_FILE, b"{not json")
     report = audit.verify(run_id)
-    assert list(report.failures) == [layout.manifest_path(layout.checkpoint_dir(1))]
+    assert list(report.failures) == [f"checkpoint-epoch-0001 ({first.model_id})/{layout.MANIFEST_FILE}"]
     assert report.leftovers == []
     assert audit.clean_leftovers(run_id) == []
-    assert store.list_files(layout.checkpoint_dir(1)) == [layout.CHECKPOINT_FILE, layout.MANIFEST_FILE]
+    assert first.store.list_files("") == [layout.CHECKPOINT_FILE, layout.MANIFEST_FILE]
+    assert first.model_id in run_models(run_id)
 
 
 def test_cli_verify_lists_leftovers_exits_0_and_clean_removes_them(s3_experiment: str, mocked_s3: Any) -> None:
     run_id, states = log_run()
-    kill_mid_save(mocked_s3, run_id)
+    upload, orphan = kill_mid_save(mocked_s3, run_id)
 
     result = CliRunner().invoke(main, ["verify", run_id])
     assert result.exit_code == 0, result.output
-    assert f"LEFTOVER {ORPHAN}" in result.stdout and f"LEFTOVER {UPLOAD}" in result.stdout
+    assert f"LEFTOVER {label(orphan)}" in result.stdout and f"LEFTOVER {label(upload)}/" in result.stdout
     assert "2 files intact" in result.stdout
-    assert f"2 leftovers; `tracking verify --clean {run_id}` removes them" in result.stdout
+    assert f"3 leftovers; `tracking verify --clean {run_id}` removes them" in result.stdout
 
     cleaned = CliRunner().invoke(main, ["verify", "--clean", run_id])
     assert cleaned.exit_code == 0, cleaned.output
-    assert f"REMOVED {ORPHAN}" in cleaned.stdout and f"REMOVED {UPLOAD}" in cleaned.stdout
+    assert f"REMOVED {label(orphan)}" in cleaned.stdout and f"REMOVED {label(upload)}/" in cleaned.stdout
     assert "LEFTOVER" not in cleaned.stdout and "2 files intact" in cleaned.stdout
     assert_committed_intact(run_id, states)
 
@@ -135,11 +193,11 @@ def test_clean_refuses_a_running_run_unless_forced(s3_experiment: str, mocked_s3
         assert "still RUNNING" in refused.stderr and "--force" in refused.stderr
         with pytest.raises(TrackingError, match="still RUNNING"):
             audit.clean_leftovers(run_id, running=False)
-        assert len(audit.verify(run_id).leftovers) == 2  # nothing was removed
+        assert len(audit.verify(run_id).leftovers) == 3  # nothing was removed
 
         forced = CliRunner().invoke(main, ["verify", "--clean", "--force", run_id])
         assert forced.exit_code == 0, forced.output
-        assert forced.stdout.count("REMOVED ") == 2
+        assert forced.stdout.count("REMOVED ") == 3
     finally:
         mlflow.end_run()
     assert_committed_intact(run_id, states)
