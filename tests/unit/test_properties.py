@@ -45,12 +45,15 @@ json_values = st.recursive(
 )
 
 
+WHERE = f"run r1, checkpoint-epoch-0001 (m-{'0' * 32})"
+
+
 def from_json(raw: bytes) -> Manifest | None:
     """Parse ``raw``; None when it is refused as it should be, with an IntegrityError naming it."""
     try:
-        manifest = Manifest.from_json(raw, where="run r1: checkpoints/epoch_0001/manifest.json")
+        manifest = Manifest.from_json(raw, where=f"{WHERE}: manifest.json")
     except IntegrityError as exc:
-        assert str(exc).startswith("run r1: checkpoints/epoch_0001/manifest.json ")
+        assert str(exc).startswith(f"{WHERE}: manifest.json ")
         return None
     # Whatever is accepted can be written back and read again, unchanged (`tracking show` does).
     again = Manifest.from_json(manifest.to_json(), where="again")
@@ -129,7 +132,11 @@ def test_the_unmutated_manifest_is_accepted() -> None:
 
 sources = st.one_of(
     st.text(),
-    st.builds(lambda prefix, rest: prefix + rest, st.sampled_from(["runs:/", "models:/", " runs:/", ""]), st.text()),
+    st.builds(
+        lambda prefix, rest: prefix + rest,
+        st.sampled_from(["runs:/", "models:/", "models:/m-", " runs:/", ""]),
+        st.text(),
+    ),
     st.none(),
     st.integers(),
     st.binary(max_size=10),
@@ -145,21 +152,22 @@ def test_parse_source_raises_only_value_error(source: Any) -> None:
     except ValueError:
         return
     assert isinstance(parsed, RunSource)
-    assert (parsed.run_id is None) != (parsed.model_name is None)
+    assert [parsed.run_id, parsed.model_id, parsed.model_name].count(None) == 2  # exactly one of them
+    assert parsed.model_id is None or (parsed.model_id.startswith("m-") and "/" not in parsed.model_id)
 
 
 @FAST
-@given(st.one_of(st.text(), st.builds(lambda s: f"checkpoints/epoch_{s}", st.text(max_size=6))))
-def test_epoch_of_is_an_epoch_or_none(path: str) -> None:
-    epoch = layout.epoch_of(path)
+@given(st.one_of(st.text(), st.builds(lambda s: f"checkpoint-epoch-{s}", st.text(max_size=6))))
+def test_epoch_of_is_an_epoch_or_none(name: str) -> None:
+    epoch = layout.epoch_of(name)
     assert epoch is None or (isinstance(epoch, int) and epoch >= 0)
+    assert epoch is None or (name.isascii() and name.startswith("checkpoint-epoch-"))
 
 
 @FAST
 @given(st.integers(min_value=0, max_value=10**12))
-def test_epoch_of_inverts_checkpoint_dir(epoch: int) -> None:
-    folder = layout.checkpoint_dir(epoch)
-    assert layout.epoch_of(folder) == epoch == layout.epoch_of(layout.manifest_path(folder))
+def test_epoch_of_inverts_checkpoint_name(epoch: int) -> None:
+    assert layout.epoch_of(layout.checkpoint_name(epoch)) == epoch
 
 
 @FAST
