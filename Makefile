@@ -12,7 +12,7 @@ TRAIN_ARGS  ?= --epochs 10 --checkpoint-every 2 --keep-last 3 --keep-best 1
 # dclint (a Compose-spec validator and linter) comes from npm, at this exact version.
 DCLINT      ?= npx --yes dclint@3.1.0
 
-.PHONY: install train test test-unit test-integration lint lint-docker bench stack-up stack-down stack-status clean
+.PHONY: install browser-deps train test test-unit test-integration lint lint-docker bench stack-up stack-down stack-status clean
 
 install: $(STAMP)
 
@@ -24,6 +24,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet $(if $(PIP_INDEX),--index-url $(PIP_INDEX)) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
+
+# Headless chromium + its driver for the browser test of the MLflow UI (Debian packages; needs
+# root). `make test` does not install them: the browser test fails and names this target.
+browser-deps:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update && apt-get install -y chromium chromium-driver)
 
 # Trains the seed model and logs to MLflow. With no MLFLOW_TRACKING_URI set, it starts the
 # local stack (SeaweedFS + MLflow server) and uses it.
