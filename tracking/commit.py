@@ -76,7 +76,10 @@ def commit_checkpoint(
         handle.set_tags(tags, _model_metrics(checkpoint, manifest))
     except Exception as exc:
         if not (ready and _named_by_tags(handle, checkpoint.model_id)):
-            _abandon(handle, checkpoint)
+            # Before READY no reader sees its files: after a store or server failure, do not wait on it
+            # again to delete them (a silent store would double the time to fail); verify --clean does.
+            delete = ready or not isinstance(exc, StorageError)
+            _abandon(handle, checkpoint, delete=delete)
             if not isinstance(exc, StorageError):
                 raise
             raise StorageError(
@@ -112,13 +115,14 @@ def _named_by_tags(handle: RunHandle, model_id: str) -> bool:
     return model_id in (handle.tags.get(layout.TAG_LATEST), handle.tags.get(layout.TAG_BEST))
 
 
-def _abandon(handle: RunHandle, checkpoint: StoredCheckpoint) -> None:
+def _abandon(handle: RunHandle, checkpoint: StoredCheckpoint, delete: bool = True) -> None:
     """Undo a save that failed: the manifest first (the checkpoint stops existing), then FAILED."""
-    try:
-        checkpoint.store.delete(layout.MANIFEST_FILE)
-        checkpoint.store.delete(layout.CHECKPOINT_FILE)
-    except TrackingError:
-        pass  # readers need the manifest, and verify --clean finds what stays
+    if delete:
+        try:
+            checkpoint.store.delete(layout.MANIFEST_FILE)
+            checkpoint.store.delete(layout.CHECKPOINT_FILE)
+        except TrackingError:
+            pass  # readers need the manifest, and verify --clean finds what stays
     try:
         catalog.set_status(handle, checkpoint, catalog.FAILED)
     except TrackingError:
