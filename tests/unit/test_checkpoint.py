@@ -36,8 +36,21 @@ def download(run_id: str, path: str, tmp_path: Path) -> bytes:
     return Path(local).read_bytes()
 
 
+def download_model_file(model_id: str, name: str, tmp_path: Path) -> bytes:
+    """A file of a checkpoint's logged model, fetched with plain MLflow (all of models:/<model_id>)."""
+    dst = tmp_path / model_id
+    if not dst.exists():
+        dst.mkdir(parents=True)
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_id}", dst_path=str(dst))
+    return (dst / name).read_bytes()
+
+
 def manifest_of(run_id: str, folder: str, tmp_path: Path) -> dict[str, Any]:
     return json.loads(download(run_id, f"{folder}/manifest.json", tmp_path / folder))  # type: ignore[no-any-return]
+
+
+def checkpoint_manifest_of(model_id: str, tmp_path: Path) -> dict[str, Any]:
+    return json.loads(download_model_file(model_id, "manifest.json", tmp_path))  # type: ignore[no-any-return]
 
 
 def test_state_dict_loads_with_the_seed_code(experiment: str, tmp_path: Path) -> None:
@@ -73,8 +86,8 @@ def test_checkpoint_loads_with_the_seed_code(experiment: str, tmp_path: Path) ->
     model, optimizer = trained_seed_model()
     with mlflow.start_run() as run:
         logged = tracking.log_checkpoint(model, optimizer, epoch=7, metrics={"val_loss": 0.25}, step=21)
-    assert logged.path == "checkpoints/epoch_0007"
-    raw = download(run.info.run_id, "checkpoints/epoch_0007/checkpoint.pt", tmp_path)
+    assert logged.path == "checkpoint-epoch-0007" and logged.uri == f"models:/{logged.model_id}"
+    raw = download_model_file(str(logged.model_id), "checkpoint.pt", tmp_path)
 
     # Seed section 6, with the weights_only=True that DESIGN.md requires.
     fresh = Model(n_input_features=6)
@@ -88,7 +101,7 @@ def test_checkpoint_loads_with_the_seed_code(experiment: str, tmp_path: Path) ->
     momentum = optimizer.state[model.linear.weight]["momentum_buffer"]
     assert torch.equal(fresh_optimizer.state[fresh.linear.weight]["momentum_buffer"], momentum)
 
-    manifest = manifest_of(run.info.run_id, "checkpoints/epoch_0007", tmp_path)
+    manifest = checkpoint_manifest_of(str(logged.model_id), tmp_path)
     assert manifest["files"]["checkpoint.pt"]["sha256"] == hashlib.sha256(raw).hexdigest()
     assert manifest["files"]["checkpoint.pt"]["size"] == len(raw)
     assert (manifest["epoch"], manifest["step"], manifest["metrics"]) == (7, 21, {"val_loss": 0.25})
@@ -96,7 +109,19 @@ def test_checkpoint_loads_with_the_seed_code(experiment: str, tmp_path: Path) ->
     assert manifest["optimizer"]["defaults"]["momentum"] == 0.9
     assert manifest["optimizer"]["param_groups"] == [{"params": ["linear.weight", "linear.bias"]}]
     assert {"torch", "mlflow", "python"} <= set(manifest["versions"])
-    assert MlflowClient().get_run(run.info.run_id).data.tags[TAG_LATEST] == "checkpoints/epoch_0007"
+    assert MlflowClient().get_run(run.info.run_id).data.tags[TAG_LATEST] == logged.model_id
+
+    # The checkpoint is a READY logged model of the run that says what it is, with its metrics.
+    model_info = MlflowClient().get_logged_model(str(logged.model_id))
+    assert (model_info.name, str(model_info.status), model_info.source_run_id) == (
+        "checkpoint-epoch-0007",
+        "READY",
+        run.info.run_id,
+    )
+    assert model_info.model_type == "pytorch-checkpoint"
+    assert model_info.params == {"epoch": "7", "step": "21", "model_class": "pipelines.models:Model"}
+    assert {(m.key, m.value) for m in model_info.metrics or []} == {("val_loss", 0.25)}
+    assert model_info.artifact_location == logged.artifact_uri
 
 
 def test_scheduler_scaler_and_extra_keys_are_recorded(experiment: str, tmp_path: Path) -> None:
@@ -104,16 +129,16 @@ def test_scheduler_scaler_and_extra_keys_are_recorded(experiment: str, tmp_path:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
     scaler = torch.amp.GradScaler("cpu")
-    with mlflow.start_run() as run:
-        tracking.log_checkpoint(
+    with mlflow.start_run():
+        logged = tracking.log_checkpoint(
             model, optimizer, epoch=1, scheduler=scheduler, scaler=scaler, extra={"global_step": 10}
         )
-    raw = download(run.info.run_id, "checkpoints/epoch_0001/checkpoint.pt", tmp_path)
+    raw = download_model_file(str(logged.model_id), "checkpoint.pt", tmp_path)
     checkpoint = torch.load(io.BytesIO(raw), weights_only=True)
     assert checkpoint["scheduler_state"]["step_size"] == 3
     assert "scale" in checkpoint["scaler_state"]
     assert checkpoint["global_step"] == 10
-    manifest = manifest_of(run.info.run_id, "checkpoints/epoch_0001", tmp_path)
+    manifest = checkpoint_manifest_of(str(logged.model_id), tmp_path)
     assert manifest["scheduler"] == {
         "class": "torch.optim.lr_scheduler:StepLR",
         "init_kwargs": {"step_size": 3, "gamma": 0.5},
@@ -177,15 +202,24 @@ def test_retention_keeps_last_three_and_best_two_after_twenty_saves(s3_experimen
     with mlflow.start_run() as run:
         for epoch in range(1, 21):
             checkpointer.save(model, optimizer, epoch=epoch, metrics={"val_loss": losses[epoch]})
-    epochs = [m.epoch for m in tracking.list_checkpoints(run.info.run_id)]
-    assert epochs == [5, 11, 18, 19, 20]
+    kept = {m.epoch: m.model_id for m in tracking.list_checkpoints(run.info.run_id)}
+    assert list(kept) == [5, 11, 18, 19, 20]
     tags = MlflowClient().get_run(run.info.run_id).data.tags
-    assert tags[TAG_LATEST] == "checkpoints/epoch_0020"
-    assert tags[TAG_BEST] == "checkpoints/epoch_0005"
-    keys = {o["Key"].split("/artifacts/")[1] for o in _objects()}
-    assert {k for k in keys if k.startswith("checkpoints/")} == {
-        f"checkpoints/epoch_{e:04d}/{name}" for e in epochs for name in ("checkpoint.pt", "manifest.json")
+    assert tags[TAG_LATEST] == kept[20]
+    assert tags[TAG_BEST] == kept[5]
+    # Only the kept checkpoints' logged models remain, and only their files are in the bucket.
+    client = MlflowClient()
+    models = client.search_logged_models(
+        experiment_ids=[s3_experiment], filter_string=f"source_run_id = '{run.info.run_id}'"
+    )
+    assert sorted(m.model_id for m in models) == sorted(kept.values())
+    keys = {o["Key"] for o in _objects() if o["Key"].startswith("exp/models/")}
+    assert keys == {
+        f"exp/models/{model_id}/artifacts/{name}"
+        for model_id in kept.values()
+        for name in ("checkpoint.pt", "manifest.json")
     }
+    assert not [o["Key"] for o in _objects() if o["Key"].startswith(f"exp/{run.info.run_id}/artifacts/checkpoints/")]
 
 
 def test_retention_without_best_moves_the_best_tag_to_a_survivor(experiment: str) -> None:
