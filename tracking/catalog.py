@@ -8,6 +8,7 @@ reading side go through this module, so neither needs to know how MLflow is aske
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,10 +96,29 @@ def create(handle: RunHandle, manifest: Manifest) -> StoredCheckpoint:
             tags={layout.TAG_FORMAT: manifest.format, layout.TAG_FORMAT_VERSION: str(FORMAT_VERSION)},
             model_type=layout.CHECKPOINT_MODEL_TYPE,
         )
+    # Link it to the run as an output (what the run page's "Logged models" lists) beside the upload:
+    # nothing waits on the link until READY, so a small checkpoint does not pay for it in turn.
+    _links[model.model_id] = _linker.submit(_link, handle, model.model_id, manifest.epoch)
     return _wrap(model, handle.config)
 
 
+# model ID -> its pending link to the run, waited on by set_status(READY).
+_links: dict[str, Future[None]] = {}
+_linker = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tracking-link")
+
+
+def _link(handle: RunHandle, model_id: str, epoch: int) -> None:
+    from mlflow.entities import LoggedModelOutput
+
+    with tracking_server_errors(handle.run_id, f"linking checkpoint {model_id} to the run"):
+        handle.client.log_outputs(handle.run_id, [LoggedModelOutput(model_id, step=epoch)])
+
+
 def set_status(handle: RunHandle, checkpoint: StoredCheckpoint, status: str) -> None:
+    """Mark a checkpoint's model READY (once it is linked to its run) or FAILED."""
+    link = _links.pop(checkpoint.model_id, None)
+    if link is not None and status == READY:
+        link.result()
     with tracking_server_errors(handle.run_id, f"marking {checkpoint.name} ({checkpoint.model_id}) {status}"):
         handle.client.finalize_logged_model(checkpoint.model_id, status)
 
