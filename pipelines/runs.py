@@ -244,8 +244,7 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            # The UI then opens the experiment in its training view (runs, models), not its GenAI one.
-            return str(client.create_experiment(name, tags={layout.EXPERIMENT_KIND_TAG: layout.EXPERIMENT_KIND}))
+            return str(client.create_experiment(name))
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -257,8 +256,6 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
         raise PipelineError(
             f"experiment {name!r} is deleted; restore it in the MLflow UI or pass another --experiment."
         )
-    if layout.EXPERIMENT_KIND_TAG not in experiment.tags:
-        client.set_experiment_tag(experiment.experiment_id, layout.EXPERIMENT_KIND_TAG, layout.EXPERIMENT_KIND)
     return str(experiment.experiment_id)
 
 

@@ -32,6 +32,9 @@ MANIFEST_FILE = "manifest.json"
 STATE_DICT_DIR = "state_dict"
 STATE_DICT_FILES = {"torch": "state_dict.pt", "safetensors": "state_dict.safetensors"}
 MODEL_NAME = "model"
+# The checkpoint key holding every rank's own state under torchrun: a list by rank, or in a
+# sharded checkpoint a dict by rank ("0", "1", ...).
+RANK_STATE = "rank_state"
 
 # What a checkpoint's logged model says about itself, for people and for search filters.
 CHECKPOINT_MODEL_TYPE = "pytorch-checkpoint"
@@ -52,10 +55,8 @@ TAG_MODE = "tracking.checkpoint.mode"
 # Where checkpoints lived before they were logged models: only recognised, to say so.
 LEGACY_CHECKPOINTS_DIR = "checkpoints"
 
-# MLflow's UI opens an experiment in its GenAI view unless told otherwise: by this experiment
-# tag, and by the query every link carries.
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-EXPERIMENT_KIND = "custom_model_development"
+# MLflow 3's UI opens in its GenAI view unless a link asks for the training view (runs, models,
+# registry); no experiment tag makes it the default, so every link the project prints carries this.
 UI_VIEW_QUERY = "?workflowType=machine_learning"
 
 MODES = ("min", "max")
