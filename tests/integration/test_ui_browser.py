@@ -228,7 +228,8 @@ def test_mlflow_ui_shows_the_pipeline_run_its_checkpoints_and_manifests(
 
 
 def check_run_page(page: Page, run: Trained) -> None:
-    """(a) The printed run link opens the run in the classic training view, not the GenAI one."""
+    """(a) The printed run link opens the run in the classic training view, not the GenAI one, and
+    the run's Logged models section lists its checkpoints."""
     step = "01-run-overview"
     page.driver.get(run.run_link)
     lines = page.wait_for_lines(step, "Overview", "Model metrics", "Artifacts", "Description", "Run ID", run.run_id)
@@ -241,6 +242,12 @@ def check_run_page(page: Page, run: Trained) -> None:
         )
     if run.run_id not in page.driver.current_url or CLASSIC not in page.driver.current_url:
         page.fail(step, f"the UI left the run page or the training view (expected {run.run_link})")
+    # The run's "Logged models" section lists every checkpoint (each is linked to the run as an output).
+    page.wait(
+        step,
+        f"the run's logged models {CHECKPOINTS}",
+        lambda: all(name in page.text() for name in CHECKPOINTS) or None,
+    )
     page.shot(step)
 
 
