@@ -24,8 +24,12 @@ from tracking.saver import AsyncSaver, to_host
 REPO = Path(__file__).resolve().parents[2]
 
 
-def latest_tag(run_id: str) -> str:
-    return MlflowClient().get_run(run_id).data.tags[TAG_LATEST]
+def latest_tag(run_id: str) -> int:
+    """The epoch of the checkpoint the run's latest tag names (a READY logged model of the run)."""
+    client = MlflowClient()
+    model = client.get_logged_model(client.get_run(run_id).data.tags[TAG_LATEST])
+    assert (str(model.status), model.source_run_id) == ("READY", run_id)
+    return int(model.params["epoch"])
 
 
 def test_snapshot_is_taken_before_save_returns(experiment: str) -> None:
@@ -36,7 +40,8 @@ def test_snapshot_is_taken_before_save_returns(experiment: str) -> None:
         future = tracking.log_checkpoint(model, epoch=1, blocking=False)
         with torch.no_grad():
             model.linear.weight.fill_(2.0)  # the training loop goes on while the upload runs
-        assert future.result(timeout=60).path == "checkpoints/epoch_0001"
+        logged = future.result(timeout=60)
+        assert (logged.path, logged.epoch) == ("checkpoint-epoch-0001", 1)
     weights = tracking.load_state_dict(run.info.run_id)["linear.weight"]
     assert torch.equal(weights, torch.ones_like(weights))
 
@@ -55,10 +60,10 @@ def test_background_error_is_raised_on_next_save_and_close(experiment: str, monk
     saver = tracking.Checkpointer(async_save=True)
     real_commit = checkpoint.commit_checkpoint
 
-    def commit(handle: Any, snapshot: Any) -> Any:
+    def commit(handle: Any, snapshot: Any, *args: Any, **kwargs: Any) -> Any:
         if snapshot.manifest.epoch == 2:
             raise tracking.StorageError("injected: the store went away")
-        return real_commit(handle, snapshot)
+        return real_commit(handle, snapshot, *args, **kwargs)
 
     monkeypatch.setattr(checkpointer, "commit_checkpoint", commit)
     with mlflow.start_run() as run:
@@ -73,7 +78,7 @@ def test_background_error_is_raised_on_next_save_and_close(experiment: str, monk
         saver.save(model, epoch=4)
         saver.close()
     assert [m.epoch for m in tracking.list_checkpoints(run.info.run_id)] == [1, 3, 4]
-    assert latest_tag(run.info.run_id) == "checkpoints/epoch_0004"
+    assert latest_tag(run.info.run_id) == 4
 
 
 def test_failed_background_save_leaves_previous_latest(experiment: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -91,7 +96,7 @@ def test_failed_background_save_leaves_previous_latest(experiment: str, monkeypa
                 future.result(timeout=60)
             with pytest.raises(tracking.StorageError, match="injected"):
                 tracking.wait_for_checkpoints()
-    assert latest_tag(run.info.run_id) == "checkpoints/epoch_0001"
+    assert latest_tag(run.info.run_id) == 1
     assert [m.epoch for m in tracking.list_checkpoints(run.info.run_id)] == [1]
 
 
@@ -157,9 +162,9 @@ def test_pending_saves_are_flushed_at_interpreter_exit(tracking_store: str, tmp_
         from tracking import checkpoint
 
         real = checkpoint.commit_checkpoint
-        def slow_commit(handle, snapshot):
+        def slow_commit(handle, snapshot, *args, **kwargs):
             time.sleep(1.0)  # still uploading when the script ends
-            return real(handle, snapshot)
+            return real(handle, snapshot, *args, **kwargs)
         import tracking.checkpointer
         tracking.checkpointer.commit_checkpoint = slow_commit
 
@@ -181,7 +186,7 @@ def test_pending_saves_are_flushed_at_interpreter_exit(tracking_store: str, tmp_
     assert child.returncode == 0, child.stderr[-3000:]
     assert "script done" in child.stdout
     assert [m.epoch for m in tracking.list_checkpoints(run.info.run_id)] == [1, 2]
-    assert latest_tag(run.info.run_id) == "checkpoints/epoch_0002"
+    assert latest_tag(run.info.run_id) == 2
 
 
 def _env() -> dict[str, str]:

@@ -202,10 +202,10 @@ def test_a_failed_background_save_fails_the_next_save_of_any_kind(
     model = Model(6)
     real_commit = checkpoint.commit_checkpoint
 
-    def failing_commit(handle: Any, snapshot: Any) -> Any:
+    def failing_commit(handle: Any, snapshot: Any, *args: Any, **kwargs: Any) -> Any:
         if snapshot.manifest.epoch == 2:
             raise tracking.StorageError("injected: upload of epoch 2 failed")
-        return real_commit(handle, snapshot)
+        return real_commit(handle, snapshot, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint, "commit_checkpoint", failing_commit)
     with mlflow.start_run() as run:
@@ -228,7 +228,7 @@ def test_a_background_failure_found_only_at_exit_makes_the_process_fail(tracking
         from pipelines.models import Model
         from tracking import checkpoint
 
-        def failing_commit(handle, snapshot):
+        def failing_commit(handle, snapshot, *args, **kwargs):
             time.sleep(0.5)  # still uploading when the script ends
             raise tracking.StorageError("injected: the store went away")
         checkpoint.commit_checkpoint = failing_commit
