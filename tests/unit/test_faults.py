@@ -13,8 +13,18 @@ from mlflow.tracking import MlflowClient
 import tracking
 from pipelines.models import Model
 from tests.unit.conftest import BUCKET
+from tracking import audit
 from tracking.layout import TAG_LATEST
 from tracking.storage import s3 as s3_storage
+
+
+def run_models(run_id: str) -> dict[str, str]:
+    """The run's logged models (not deleted): model ID -> status."""
+    client = MlflowClient()
+    models = client.search_logged_models(
+        experiment_ids=[client.get_run(run_id).info.experiment_id], filter_string=f"source_run_id = '{run_id}'"
+    )
+    return {m.model_id: str(m.status) for m in models}
 
 
 def seed_model() -> tuple[Model, torch.optim.SGD]:
@@ -49,6 +59,7 @@ def test_bad_arguments_raise_and_store_nothing(
         with pytest.raises(error, match=match):
             tracking.log_checkpoint(**arguments)  # type: ignore[arg-type]
     assert tracking.list_checkpoints(run.info.run_id) == []
+    assert run_models(run.info.run_id) == {}  # refused before a logged model was created
 
 
 def test_no_active_run_and_no_run_id(experiment: str) -> None:
@@ -70,7 +81,7 @@ def test_failure_mid_upload_keeps_previous_checkpoint_latest(
     model = big_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with mlflow.start_run() as run:
-        tracking.log_checkpoint(model, optimizer, epoch=1)
+        first = tracking.log_checkpoint(model, optimizer, epoch=1)
         client = s3_storage.s3_client(tracking.TrackingConfig.from_env())
         real_upload_part = client.upload_part
         calls = []
@@ -82,17 +93,26 @@ def test_failure_mid_upload_keeps_previous_checkpoint_latest(
             return real_upload_part(**kwargs)
 
         monkeypatch.setattr(client, "upload_part", failing_upload_part)
-        with pytest.raises(tracking.StorageError, match=r"epoch_0002/checkpoint.pt: .*injected"):
+        with pytest.raises(
+            tracking.StorageError, match=r"run \w+, checkpoint-epoch-0002 \(m-\w+\): \S+/checkpoint.pt: .*injected"
+        ):
             tracking.log_checkpoint(model, optimizer, epoch=2)
         assert 2 in calls
 
-    assert MlflowClient().get_run(run.info.run_id).data.tags[TAG_LATEST] == "checkpoints/epoch_0001"
-    assert [m.epoch for m in tracking.list_checkpoints(run.info.run_id)] == [1]
-    assert tracking.load(run.info.run_id, model=big_model()).epoch == 1
+    run_id = run.info.run_id
+    assert MlflowClient().get_run(run_id).data.tags[TAG_LATEST] == first.model_id
+    assert [m.epoch for m in tracking.list_checkpoints(run_id)] == [1]
+    assert tracking.load(run_id, model=big_model()).epoch == 1
+    models = run_models(run_id)
+    (failed,) = set(models) - {first.model_id}
+    assert models == {first.model_id: "READY", failed: "FAILED"}
     s3 = mocked_s3
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])]  # type: ignore[attr-defined]
-    assert not [k for k in keys if "epoch_0002" in k]
     assert s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []  # type: ignore[attr-defined]
+    # Whatever the failed save left is a leftover, and cleaning leaves no object of it.
+    audit.clean_leftovers(run_id)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])]  # type: ignore[attr-defined]
+    assert not [k for k in keys if failed in k]
+    assert run_models(run_id) == {first.model_id: "READY"}
 
 
 def test_failure_through_mlflow_store_keeps_previous_checkpoint(
@@ -101,7 +121,7 @@ def test_failure_through_mlflow_store_keeps_previous_checkpoint(
     experiment_id = mlflow.create_experiment("files", artifact_location=(tmp_path / "art").as_uri())
     model, optimizer = seed_model()
     with mlflow.start_run(experiment_id=experiment_id) as run:
-        tracking.log_checkpoint(model, optimizer, epoch=1)
+        first = tracking.log_checkpoint(model, optimizer, epoch=1)
 
         def fail(self: object, local: str, artifact_path: str | None = None) -> None:
             raise OSError("injected: disk full")
@@ -110,10 +130,13 @@ def test_failure_through_mlflow_store_keeps_previous_checkpoint(
 
         with monkeypatch.context() as patch:
             patch.setattr(LocalArtifactRepository, "log_artifact", fail)
-            with pytest.raises(tracking.StorageError, match=r"run \w+: .*checkpoint.pt: .*disk full"):
+            with pytest.raises(
+                tracking.StorageError, match=r"run \w+, checkpoint-epoch-0002 \(m-\w+\): \S+/checkpoint.pt: .*disk full"
+            ):
                 tracking.log_checkpoint(model, optimizer, epoch=2)
     assert [m.epoch for m in tracking.list_checkpoints(run.info.run_id)] == [1]
-    assert MlflowClient().get_run(run.info.run_id).data.tags[TAG_LATEST] == "checkpoints/epoch_0001"
+    assert MlflowClient().get_run(run.info.run_id).data.tags[TAG_LATEST] == first.model_id
+    assert sorted(run_models(run.info.run_id).values()) == ["FAILED", "READY"]
 
 
 def test_relogging_an_epoch_that_fails_keeps_the_old_checkpoint_loadable(
@@ -122,7 +145,7 @@ def test_relogging_an_epoch_that_fails_keeps_the_old_checkpoint_loadable(
     model, optimizer = seed_model()
     with mlflow.start_run() as run:
         tracking.log_checkpoint(model, optimizer, epoch=1)
-        tracking.log_checkpoint(model, optimizer, epoch=2)
+        second = tracking.log_checkpoint(model, optimizer, epoch=2)
         saved = model.linear.weight.detach().clone()
         with torch.no_grad():
             model.linear.weight.add_(1.0)
@@ -136,8 +159,9 @@ def test_relogging_an_epoch_that_fails_keeps_the_old_checkpoint_loadable(
                 tracking.log_checkpoint(model, optimizer, epoch=2)
     assert [m.epoch for m in tracking.list_checkpoints(run.info.run_id)] == [1, 2]
     loaded = tracking.load(run.info.run_id)
-    assert loaded.epoch == 2
+    assert (loaded.epoch, loaded.model_id) == (2, second.model_id)
     assert torch.equal(loaded.model.linear.weight, saved)
+    assert tracking.load(run.info.run_id, 2).model_id == second.model_id
 
 
 def test_relogging_an_epoch_that_fails_mid_upload_keeps_the_old_checkpoint(
@@ -146,7 +170,7 @@ def test_relogging_an_epoch_that_fails_mid_upload_keeps_the_old_checkpoint(
     monkeypatch.setenv("TRACKING_S3_PART_SIZE_MB", "5")
     model = big_model()
     with mlflow.start_run() as run:
-        tracking.log_checkpoint(model, epoch=3)
+        old = tracking.log_checkpoint(model, epoch=3)
         saved = model.weight.detach().clone()
         with torch.no_grad():
             model.weight.mul_(2.0)
@@ -161,7 +185,11 @@ def test_relogging_an_epoch_that_fails_mid_upload_keeps_the_old_checkpoint(
         monkeypatch.setattr(client, "upload_part", failing_upload_part)
         with pytest.raises(tracking.StorageError, match="injected"):
             tracking.log_checkpoint(model, epoch=3)
-    assert torch.equal(tracking.load(run.info.run_id, model=big_model()).model.weight, saved)
+    loaded = tracking.load(run.info.run_id, model=big_model())
+    assert loaded.model_id == old.model_id and torch.equal(loaded.model.weight, saved)
+    assert tracking.load(run.info.run_id, 3, model=big_model()).model_id == old.model_id
+    assert MlflowClient().get_run(run.info.run_id).data.tags[TAG_LATEST] == old.model_id
+    assert sorted(run_models(run.info.run_id).values()) == ["FAILED", "READY"]
 
 
 def test_missing_bucket(mocked_s3: object, tracking_store: str) -> None:
