@@ -1,10 +1,12 @@
 """Run a module as ``python -m`` would, but SIGKILL the process halfway through writing one artifact.
 
-    python -m tests.unit.fault checkpoints/epoch_0005/checkpoint.pt pipelines.train --epochs 8
+    python -m tests.unit.fault checkpoint-epoch-0005/checkpoint.pt pipelines.train --epochs 8
 
-Product code has no test hooks: this wraps the stores' ``write`` from outside, so the
-kill lands mid-stream, after part of the file went to the store's staging and before
-anything after it (the manifest, the run's tags) could be written.
+The target is ``<checkpoint name>/<file>`` for a file of a checkpoint's logged model (its
+store's root is the model's own artifact location), or a path in the run's artifacts such as
+``state_dict/state_dict.pt``. Product code has no test hooks: this wraps the stores' ``write``
+from outside, so the kill lands mid-stream, after part of the file went to the store and
+before anything after it (the manifest, READY, the run's tags) could be written.
 """
 
 from __future__ import annotations
@@ -23,9 +25,17 @@ from tracking.storage.artifact_repo import MlflowStore
 from tracking.storage.s3 import S3Store
 
 
+def is_target(store: ArtifactStore, path: str, target: str) -> bool:
+    """Whether writing ``path`` to ``store`` writes ``target``: a run artifact's path, or
+    ``<checkpoint name>/<file>`` in the store of that checkpoint's logged model (named in its owner,
+    ``run <id>, <checkpoint name> (<model ID>)``)."""
+    where, _, name = target.rpartition("/")
+    return path == target or (path == name and f", {where} (" in store.owner)
+
+
 def _dying(original: Callable[..., StoredFile], target: str) -> Callable[..., StoredFile]:
     def write(self: ArtifactStore, path: str, produce: Producer) -> StoredFile:
-        if path != target:
+        if not is_target(self, path, target):
             return original(self, path, produce)
 
         def half_then_die(stream: IO[bytes]) -> None:

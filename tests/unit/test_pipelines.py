@@ -5,10 +5,10 @@ epoch 8 ends bit-identical to a run that trained 8 epochs straight: weights,
 optimizer and scheduler state, RNG states and every metric at every step. Both
 ways of resuming are checked: continuing the killed run, and a child run.
 
-MLflow keeps every value logged at a step. The killed attempt logged epoch 5's
-metrics before dying in its checkpoint, so the resumed run logs epoch 5 again;
-histories are compared on the latest value per step, and both epoch-5 values
-are checked to be equal.
+MLflow keeps every value logged at a step. A checkpointed epoch logs its metrics
+with its checkpoint's commit, so the killed attempt, dying in epoch 5's checkpoint,
+never logged epoch 5: the resumed run logs it exactly once. Histories are compared
+on the latest value per step.
 
 Runs that must be separate processes (the kill, and a resume in a fresh process)
 are subprocesses; the rest call the pipelines' ``main`` in-process to save imports.
@@ -45,8 +45,8 @@ PIPELINES = {"train": train, "digits": digits}
 # Where the fault wrapper kills each pipeline's epoch-5 checkpoint: halfway through the
 # checkpoint file, or with that file stored and halfway through its manifest (the commit).
 KILL_AT = {
-    "train": "checkpoints/epoch_0005/checkpoint.pt",
-    "digits": "checkpoints/epoch_0005/manifest.json",
+    "train": "checkpoint-epoch-0005/checkpoint.pt",
+    "digits": "checkpoint-epoch-0005/manifest.json",
 }
 
 
@@ -99,7 +99,7 @@ class Scenario:
     killed: Outcome  # killed during epoch 5's checkpoint, then resumed in place to 8
     killed_epochs: list[int]  # committed checkpoints right after the kill
     killed_status: str
-    epoch5_files: list[str]  # what the kill left under checkpoints/epoch_0005/
+    epoch5: list[tuple[str, list[str]]]  # what the kill left: epoch 5's logged models, (status, files)
     child: str  # resumed from the killed run's epoch 4 into a new run, to 8
     resumed: Outcome
 
@@ -115,7 +115,10 @@ def scenario(request: pytest.FixtureRequest, env: dict[str, str]) -> Scenario:
     assert killed.code == -9, killed.err
     client = MlflowClient()
     run = client.get_run(killed.run_id)
-    epoch5 = [f.path for f in client.list_artifacts(killed.run_id, "checkpoints/epoch_0005")]
+    epoch5 = [
+        (str(model.status), sorted(f.path for f in client.list_logged_model_artifacts(model.model_id)))
+        for model in checkpoint_models(killed.run_id, 5)
+    ]
     killed_epochs = [m.epoch or 0 for m in tracking.list_checkpoints(killed.run_id)]
 
     # The child first: the in-place resume below lets retention delete epoch 4.
@@ -126,13 +129,24 @@ def scenario(request: pytest.FixtureRequest, env: dict[str, str]) -> Scenario:
     return Scenario(name, reference.run_id, killed, killed_epochs, run.info.status, epoch5, child.run_id, resumed)
 
 
-def checkpoint(run_id: str, epoch: int) -> dict[str, Any]:
-    """The raw checkpoint dict, read the seed notes' way."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=f"checkpoints/epoch_{epoch:04d}/checkpoint.pt", dst_path=tmp
+def checkpoint_models(run_id: str, epoch: int) -> list[Any]:
+    """The run's logged models named for epoch ``epoch``'s checkpoint (any status), oldest first."""
+    client = MlflowClient()
+    return list(
+        client.search_logged_models(
+            experiment_ids=[client.get_run(run_id).info.experiment_id],
+            filter_string=f"source_run_id = '{run_id}' AND name = 'checkpoint-epoch-{epoch:04d}'",
+            order_by=[{"field_name": "creation_timestamp", "ascending": True}],
         )
-        return torch.load(path, weights_only=True)  # type: ignore[no-any-return]
+    )
+
+
+def checkpoint(run_id: str, epoch: int) -> dict[str, Any]:
+    """The raw checkpoint dict, read the seed notes' way from the epoch's READY logged model."""
+    (model,) = [m for m in checkpoint_models(run_id, epoch) if str(m.status) == "READY"]
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model.model_id}", dst_path=tmp)
+        return torch.load(Path(tmp) / "checkpoint.pt", weights_only=True)  # type: ignore[no-any-return]
 
 
 def assert_identical(actual: Any, expected: Any, where: str = "checkpoint") -> None:
@@ -172,10 +186,12 @@ def only(steps: range, metrics: dict[str, dict[int, float]]) -> dict[str, dict[i
 def test_kill_during_checkpoint_leaves_epoch_4_as_the_latest(scenario: Scenario) -> None:
     assert scenario.killed_status == "RUNNING"  # nobody ended the run: the process died
     assert max(scenario.killed_epochs) == 4 and 5 not in scenario.killed_epochs
-    assert "checkpoints/epoch_0005/manifest.json" not in scenario.epoch5_files
+    # Epoch 5's logged model never became READY, and holds no manifest.
+    ((status, files),) = scenario.epoch5
+    assert status == "PENDING" and "manifest.json" not in files
     if KILL_AT[scenario.name].endswith("manifest.json"):
         # The checkpoint file was fully stored, but without its manifest it does not exist.
-        assert scenario.epoch5_files == ["checkpoints/epoch_0005/checkpoint.pt"]
+        assert files == ["checkpoint.pt"]
 
 
 def test_resume_in_place_matches_the_uninterrupted_run(scenario: Scenario) -> None:
@@ -185,15 +201,15 @@ def test_resume_in_place_matches_the_uninterrupted_run(scenario: Scenario) -> No
     assert resumed.data.params == reference.data.params
     assert resumed.data.tags[runs.TAG_RESUMED_FROM_EPOCH] == "4"
     assert resumed.data.tags[runs.TAG_RESUMES] == "1"
-    assert "logged again" in scenario.resumed.err  # the note about epoch 5's second value
+    assert "logged again" not in scenario.resumed.err  # epoch 5's metrics died with its checkpoint
 
     assert_identical(checkpoint(scenario.killed.run_id, 8), checkpoint(scenario.reference, 8))
     assert_identical(tracking.load_state_dict(scenario.killed.run_id), tracking.load_state_dict(scenario.reference))
     assert history(scenario.killed.run_id) == history(scenario.reference)
     assert set(history(scenario.killed.run_id)["val_loss"]) == set(range(1, 9))
     for key in METRICS:
-        at_5 = values_at(scenario.killed.run_id, key, 5)
-        assert len(at_5) == 2 and at_5[0] == at_5[1], key  # logged before the kill, and again
+        assert values_at(scenario.killed.run_id, key, 5) == values_at(scenario.reference, key, 5), key
+        assert len(values_at(scenario.killed.run_id, key, 5)) == 1, key
 
 
 def test_resume_into_a_new_run_matches_the_uninterrupted_run(scenario: Scenario) -> None:
