@@ -36,6 +36,7 @@ _EXPORTS = {
     "rebuildable": "tracking.spec",
     "register": "tracking.registry",
     "resolve_run_id": "tracking.selection",
+    "restore": "tracking.loader",
     "restore_rng_state": "tracking.rng",
     "wait_for_checkpoints": "tracking.saver",
 }
@@ -65,6 +66,7 @@ __all__ = [
     "rebuildable",
     "register",
     "resolve_run_id",
+    "restore",
     "restore_rng_state",
     "wait_for_checkpoints",
 ]
@@ -97,7 +99,7 @@ if TYPE_CHECKING:
         TrackingError,
         UnsafeClassError,
     )
-    from tracking.loader import LoadedCheckpoint, load, load_model, load_pickled_model, load_state_dict
+    from tracking.loader import LoadedCheckpoint, load, load_model, load_pickled_model, load_state_dict, restore
     from tracking.registry import register
     from tracking.rng import capture_rng_state, restore_rng_state
     from tracking.saver import wait_for_checkpoints

@@ -15,13 +15,13 @@ from typing import Any, Literal, overload
 import torch
 from torch import nn
 
-from tracking import layout, spec
+from tracking import distributed, layout, spec
 from tracking.catalog import LoggedCheckpoint
-from tracking.commit import CheckpointSnapshot, commit_checkpoint
+from tracking.commit import CheckpointSnapshot, commit, commit_checkpoint
 from tracking.config import TrackingConfig
-from tracking.manifest import FORMAT_VERSION, Manifest, now, versions
+from tracking.manifest import FORMAT_VERSION, SHARDED_KIND, Manifest, now, versions
 from tracking.payload import TorchSave, check_loadable
-from tracking.run import open_run, target_run_id
+from tracking.run import RunHandle, open_run, target_run_id
 from tracking.saver import background_saver, raise_background_errors
 
 
@@ -111,6 +111,7 @@ def log_checkpoint(
     scaler: Any = None,
     metrics: Mapping[str, float] | None = None,
     extra: Mapping[str, Any] | None = None,
+    rank_state: Any = None,
     monitor: str | None = None,
     mode: str = "min",
     model_kwargs: Mapping[str, Any] | None = None,
@@ -132,6 +133,7 @@ def log_checkpoint(
     scaler: Any = None,
     metrics: Mapping[str, float] | None = None,
     extra: Mapping[str, Any] | None = None,
+    rank_state: Any = None,
     monitor: str | None = None,
     mode: str = "min",
     model_kwargs: Mapping[str, Any] | None = None,
@@ -152,6 +154,7 @@ def log_checkpoint(
     scaler: Any = None,
     metrics: Mapping[str, float] | None = None,
     extra: Mapping[str, Any] | None = None,
+    rank_state: Any = None,
     monitor: str | None = None,
     mode: str = "min",
     model_kwargs: Mapping[str, Any] | None = None,
@@ -173,6 +176,13 @@ def log_checkpoint(
     With ``blocking=False`` the call returns once the state is copied to host memory
     and the upload runs in the background (one at a time, in order); the returned
     future holds the result, and :func:`wait_for_checkpoints` flushes them all.
+
+    Under ``torchrun`` (an initialised process group) every rank calls it: rank 0 alone talks
+    to MLflow and writes the checkpoint of a replicated (DDP) model; every rank writes its own
+    shards of a sharded (FSDP2, DTensor) one, through ``torch.distributed.checkpoint``. Every
+    rank returns once the checkpoint is committed, or raises the same error. ``rank_state`` is
+    this rank's own state to keep (its RNG and data-sampler states): the checkpoint stores every
+    rank's under ``"rank_state"``, and :func:`tracking.restore` gives each rank back its own.
     """
     snapshot = snapshot_checkpoint(
         model,
@@ -183,18 +193,28 @@ def log_checkpoint(
         scaler=scaler,
         metrics=metrics,
         extra=extra,
+        rank_state=rank_state,
         monitor=monitor,
         mode=mode,
         model_kwargs=model_kwargs,
         scheduler_kwargs=scheduler_kwargs,
     )
-    handle = open_run(target_run_id(run_id), config, reuse=True)
+    # Only rank 0 talks to MLflow (the other ranks may have no active run).
+    handle = open_run(target_run_id(run_id), config, reuse=True) if distributed.rank() == 0 else None
     # A background save that failed unnoticed fails this save, whichever kind it is.
     raise_background_errors()
     if blocking:
-        return commit_checkpoint(handle, snapshot)
+        return _commit(handle, snapshot)
     host = snapshot.to_host()
-    return background_saver().submit(lambda: commit_checkpoint(handle, host))
+    distributed.prepare()
+    return background_saver().submit(lambda: _commit(handle, host))
+
+
+def _commit(handle: RunHandle | None, snapshot: CheckpointSnapshot) -> LoggedCheckpoint:
+    if snapshot.manifest.kind == SHARDED_KIND or distributed.active():
+        return commit(handle, snapshot)
+    assert handle is not None
+    return commit_checkpoint(handle, snapshot)
 
 
 def snapshot_checkpoint(
@@ -207,13 +227,19 @@ def snapshot_checkpoint(
     scaler: Any = None,
     metrics: Mapping[str, float] | None = None,
     extra: Mapping[str, Any] | None = None,
+    rank_state: Any = None,
     monitor: str | None = None,
     mode: str = "min",
     model_kwargs: Mapping[str, Any] | None = None,
     scheduler_kwargs: Mapping[str, Any] | None = None,
 ) -> CheckpointSnapshot:
-    """Validate the arguments and gather the checkpoint dict and its manifest (no I/O)."""
+    """Validate the arguments and gather the checkpoint dict and its manifest (no I/O).
+
+    A model wrapped in ``DistributedDataParallel`` is saved as the module it wraps; one whose
+    state holds DTensors (FSDP2) makes a sharded checkpoint, its state dicts keyed by name.
+    """
     _check_model(model)
+    model = distributed.unwrap(model)
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
@@ -227,10 +253,19 @@ def snapshot_checkpoint(
         raise ValueError(
             f"monitor metric {monitor!r} is not in metrics {sorted(clean_metrics)}; pass it in metrics=..."
         )
+    model_state = model.state_dict()
+    sharded = distributed.is_sharded(model_state)
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        model_state = get_model_state_dict(model)
+        optim_state = get_optimizer_state_dict(model, optimizer) if optimizer is not None else None
+    else:
+        optim_state = optimizer.state_dict() if optimizer is not None else None
     payload: dict[str, Any] = {
         "epoch": epoch,
-        "model_state": model.state_dict(),
-        "optim_state": optimizer.state_dict() if optimizer is not None else None,
+        "model_state": model_state,
+        "optim_state": optim_state,
         "step": step,
         "metrics": clean_metrics,
     }
@@ -238,7 +273,7 @@ def snapshot_checkpoint(
         payload["scheduler_state"] = scheduler.state_dict()
     if scaler is not None:
         payload["scaler_state"] = scaler.state_dict()
-    reserved = set(payload) | {"scheduler_state", "scaler_state"}
+    reserved = set(payload) | {"scheduler_state", "scaler_state", layout.RANK_STATE}
     for key, value in (extra or {}).items():
         if not isinstance(key, str):
             raise ValueError(f"extra keys must be strings, got {key!r}")
@@ -246,10 +281,18 @@ def snapshot_checkpoint(
             raise ValueError(f"extra key {key!r} clashes with a checkpoint key; rename it")
         check_loadable(value, f"extra[{key!r}]")
         payload[key] = value
+    check_loadable(rank_state, "rank_state")
+    if rank_state is not None:
+        if sharded:
+            # Each rank writes its own entry; in a sharded checkpoint they sit side by side by rank.
+            payload[layout.RANK_STATE] = {str(distributed.rank()): rank_state}
+        elif not distributed.active():
+            payload[layout.RANK_STATE] = [rank_state]  # else gathered from every rank when committed
     # What torch hands over (state dicts of custom modules, optimizers, schedulers) must load too.
     check_loadable(payload, "the checkpoint")
     manifest = Manifest(
-        kind="checkpoint",
+        kind=SHARDED_KIND if sharded else "checkpoint",
+        format="dcp" if sharded else "torch",
         files={},
         model=spec.describe_model(model, model_kwargs),
         epoch=epoch,
@@ -262,7 +305,10 @@ def snapshot_checkpoint(
         versions=versions(),
         created_at=now(),
     )
-    return CheckpointSnapshot(payload, manifest, monitor, mode)
+    if distributed.rank() != 0 and not sharded:
+        # Rank 0 writes a replicated model's checkpoint; the other ranks only hand it their rank_state.
+        payload = {}
+    return CheckpointSnapshot(payload, manifest, monitor, mode, None if sharded else rank_state)
 
 
 def check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:

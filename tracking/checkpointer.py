@@ -10,11 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from tracking import catalog, layout, note
+from tracking import catalog, distributed, layout, note
 from tracking.catalog import LoggedCheckpoint
 from tracking.checkpoint import check_metrics, snapshot_checkpoint
-from tracking.commit import CheckpointSnapshot, commit_checkpoint
+from tracking.commit import CheckpointSnapshot, Describe, commit, commit_checkpoint
 from tracking.config import TrackingConfig
+from tracking.manifest import SHARDED_KIND, Manifest
 from tracking.run import RunHandle, open_run, target_run_id
 from tracking.saver import AsyncSaver, raise_background_errors
 
@@ -93,6 +94,7 @@ class Checkpointer:
         scheduler: Any = None,
         scaler: Any = None,
         extra: Mapping[str, Any] | None = None,
+        rank_state: Any = None,
         model_kwargs: Mapping[str, Any] | None = None,
         scheduler_kwargs: Mapping[str, Any] | None = None,
     ) -> LoggedCheckpoint | Future[LoggedCheckpoint] | None:
@@ -101,9 +103,14 @@ class Checkpointer:
         The arguments mean what they mean for :func:`tracking.log_checkpoint`; the run, the
         config and the monitored metric are the Checkpointer's own, set when it is made.
         Returns None when no save was due, and a future of the result when saving asynchronously.
+        Under ``torchrun`` every rank calls it, as :func:`tracking.log_checkpoint` says; rank 0
+        alone talks to MLflow and applies retention.
         """
         if not (force or self.should_save(epoch)):
             return None
+        if self._saver is not None and self._saver.on_busy == "coalesce" and distributed.active():
+            # Ranks would drop different saves, and a sharded save needs every rank's part.
+            raise ValueError('on_busy="coalesce" cannot be used under a process group; use on_busy="wait"')
         clean = check_metrics(metrics)
         if self.keep_best is not None and self.monitor not in clean:
             raise ValueError(
@@ -121,20 +128,35 @@ class Checkpointer:
             scheduler=scheduler,
             scaler=scaler,
             extra=extra,
+            rank_state=rank_state,
             model_kwargs=model_kwargs,
             scheduler_kwargs=scheduler_kwargs,
         )
-        handle = self._open()
-        self._existing(handle)
+        handle = None
+        if distributed.rank() == 0:
+            handle = self._open()
+            self._existing(handle)
         # A background save that failed unnoticed fails this save, whichever kind it is.
         raise_background_errors()
         if self._saver is None:
             return self._commit(handle, snapshot)
         host = snapshot.to_host()
+        distributed.prepare()
         return self._saver.submit(lambda: self._commit(handle, host))
 
-    def _commit(self, handle: RunHandle, snapshot: CheckpointSnapshot) -> LoggedCheckpoint:
+    def _commit(self, handle: RunHandle | None, snapshot: CheckpointSnapshot) -> LoggedCheckpoint:
+        """Commit from every rank; ``handle`` (rank 0's alone) does the run's description and retention."""
         manifest = snapshot.manifest
+        if handle is None:
+            return commit(None, snapshot)
+        describe = self._describer(handle, manifest) if self.describe_run else None
+        if manifest.kind == SHARDED_KIND or distributed.active():
+            return commit(handle, snapshot, describe, after=lambda logged: self._committed(handle, manifest, logged))
+        logged = commit_checkpoint(handle, snapshot, describe)
+        self._committed(handle, manifest, logged)
+        return logged
+
+    def _describer(self, handle: RunHandle, manifest: Manifest) -> Describe:
         epoch = manifest.epoch
         assert epoch is not None and self._kept is not None
         known = self._kept
@@ -157,13 +179,17 @@ class Checkpointer:
             )
             return {note.NOTE_TAG: text}
 
-        logged = commit_checkpoint(handle, snapshot, describe if self.describe_run else None)
+        return describe
+
+    def _committed(self, handle: RunHandle, manifest: Manifest, logged: LoggedCheckpoint) -> None:
+        epoch = manifest.epoch
+        assert epoch is not None and self._kept is not None
+        value = manifest.metrics.get(self.monitor)
         self._kept[epoch] = value
         assert logged.model_id is not None and logged.artifact_uri is not None
         self._models[epoch] = (logged.model_id, logged.artifact_uri)
         self._noted[epoch] = note.NotedCheckpoint(logged.model_id, dict(manifest.metrics))
         self._apply_retention(handle, self._kept, latest=epoch)
-        return logged
 
     @property
     def _retains(self) -> bool:

@@ -14,10 +14,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from tracking import catalog, layout
+from tracking import catalog, distributed, layout
 from tracking.catalog import LoggedCheckpoint, StoredCheckpoint
 from tracking.errors import StorageError, TrackingError
-from tracking.manifest import Manifest
+from tracking.manifest import SHARDED_KIND, Manifest, StoredFile
 from tracking.payload import TorchSave
 from tracking.run import RunHandle
 from tracking.saver import to_host
@@ -25,21 +25,57 @@ from tracking.saver import to_host
 
 @dataclass
 class CheckpointSnapshot:
-    """Everything one checkpoint stores, taken from the live objects at one instant."""
+    """Everything one checkpoint stores, taken from the live objects at one instant.
+
+    ``rank_state`` is this rank's own part (its RNG and data-sampler states, say): the
+    checkpoint stores every rank's, and a resume gives each rank back its own.
+    """
 
     payload: dict[str, Any]
     manifest: Manifest
     monitor: str | None
     mode: str
+    rank_state: Any = None
 
     def to_host(self) -> CheckpointSnapshot:
         """A copy that owns its tensors, safe to upload while training goes on."""
-        return replace(self, payload=to_host(self.payload))
+        return replace(self, payload=to_host(self.payload), rank_state=to_host(self.rank_state))
 
 
 # Given the new checkpoint's model ID and the run's tags as they will be, more run tags to set
 # in the same request (the Checkpointer's run description).
 Describe = Callable[[str, Mapping[str, str]], dict[str, str]]
+
+
+def commit(
+    handle: RunHandle | None,
+    snapshot: CheckpointSnapshot,
+    describe: Describe | None = None,
+    after: Callable[[LoggedCheckpoint], object] | None = None,
+) -> LoggedCheckpoint:
+    """Commit ``snapshot`` from every rank of a process group (or from the one process there is).
+
+    Rank 0, the only one with the run's ``handle``, talks to MLflow. A sharded snapshot is
+    written by every rank (:mod:`tracking.sharded`); any other is written by rank 0 alone,
+    with every rank's ``rank_state``. ``after`` runs on rank 0 once the checkpoint is
+    committed (retention). Every rank returns the checkpoint, or raises the same error.
+    """
+    if snapshot.manifest.kind == SHARDED_KIND:
+        from tracking.sharded import commit_sharded
+
+        return commit_sharded(handle, snapshot, describe, after)
+    states = distributed.gather(snapshot.rank_state) if distributed.active() else None
+
+    def on_rank0() -> LoggedCheckpoint:
+        assert handle is not None
+        if states is not None and any(state is not None for state in states):
+            snapshot.payload[layout.RANK_STATE] = states
+        logged = commit_checkpoint(handle, snapshot, describe)
+        if after is not None:
+            after(logged)
+        return logged
+
+    return distributed.on_rank0(on_rank0)
 
 
 def commit_checkpoint(
@@ -54,14 +90,32 @@ def commit_checkpoint(
     --clean`` removes. Re-logging an epoch makes a new model; the one it replaces is deleted
     only after the new one is committed.
     """
+    checkpoint = catalog.create(handle, snapshot.manifest)
+
+    def write_files() -> dict[str, StoredFile]:
+        return {layout.CHECKPOINT_FILE: checkpoint.store.write(layout.CHECKPOINT_FILE, TorchSave(snapshot.payload))}
+
+    return commit_files(handle, checkpoint, snapshot, write_files, describe)
+
+
+def commit_files(
+    handle: RunHandle,
+    checkpoint: StoredCheckpoint,
+    snapshot: CheckpointSnapshot,
+    write_files: Callable[[], dict[str, StoredFile]],
+    describe: Describe | None = None,
+) -> LoggedCheckpoint:
+    """The commit of the PENDING logged model ``checkpoint`` once ``write_files`` stored its data files.
+
+    ``write_files`` returns each file it stored (a sharded save's: every rank's); then the
+    manifest listing them, READY, and the run's tags, as :func:`commit_checkpoint` says.
+    """
     manifest = snapshot.manifest
     assert manifest.epoch is not None
-    checkpoint = catalog.create(handle, manifest)
     ready = False
     replaced: set[str] = set()
     try:
-        stored = checkpoint.store.write(layout.CHECKPOINT_FILE, TorchSave(snapshot.payload))
-        manifest.files = {layout.CHECKPOINT_FILE: stored}
+        manifest.files = write_files()
         checkpoint.store.write_bytes(layout.MANIFEST_FILE, manifest.to_json())
         catalog.set_status(handle, checkpoint, catalog.READY)
         ready = True
@@ -79,7 +133,7 @@ def commit_checkpoint(
             # Before READY no reader sees its files: after a store or server failure, do not wait on it
             # again to delete them (a silent store would double the time to fail); verify --clean does.
             delete = ready or not isinstance(exc, StorageError)
-            _abandon(handle, checkpoint, delete=delete)
+            _abandon(handle, checkpoint, list(manifest.files) or [layout.CHECKPOINT_FILE], delete=delete)
             if not isinstance(exc, StorageError):
                 raise
             raise StorageError(
@@ -115,12 +169,13 @@ def _named_by_tags(handle: RunHandle, model_id: str) -> bool:
     return model_id in (handle.tags.get(layout.TAG_LATEST), handle.tags.get(layout.TAG_BEST))
 
 
-def _abandon(handle: RunHandle, checkpoint: StoredCheckpoint, delete: bool = True) -> None:
-    """Undo a save that failed: the manifest first (the checkpoint stops existing), then FAILED."""
+def _abandon(handle: RunHandle, checkpoint: StoredCheckpoint, files: list[str], delete: bool = True) -> None:
+    """Undo a save that failed: the manifest first (the checkpoint stops existing), its ``files``, then FAILED."""
     if delete:
         try:
             checkpoint.store.delete(layout.MANIFEST_FILE)
-            checkpoint.store.delete(layout.CHECKPOINT_FILE)
+            for name in files:
+                checkpoint.store.delete(name)
         except TrackingError:
             pass  # readers need the manifest, and verify --clean finds what stays
     try:

@@ -22,9 +22,9 @@ from torch import nn
 from tracking import layout, spec, zerocopy
 from tracking.config import TrackingConfig
 from tracking.errors import ConfigError, MismatchError, NotFoundError, TrackingError
-from tracking.manifest import Manifest
+from tracking.manifest import CHECKPOINT_KINDS, SHARDED_KIND, Manifest
 from tracking.selection import Located, Selector, find_checkpoint, find_weights, resolve_run_id
-from tracking.storage import BufferReader
+from tracking.storage import BufferReader, open_store
 
 MODEL_HINT = "pass model=<an instance or a factory> to tracking.load"
 OPTIMIZER_HINT = "pass optimizer=<a factory taking the model's parameters> to tracking.load"
@@ -49,6 +49,7 @@ class LoadedCheckpoint:
     manifest: Manifest
     extra: dict[str, Any] = field(default_factory=dict)
     model_id: str | None = None
+    rank_state: Any = None  # this rank's own state, as log_checkpoint(rank_state=) took it
 
 
 def load(
@@ -106,7 +107,6 @@ def load(
         scaler = scaler_cls(torch.device(map_location).type)
         scaler.load_state_dict(_own(state["scaler_state"]))
     built.train(mode == "train")
-    known = {"epoch", "model_state", "optim_state", "scheduler_state", "scaler_state", "step", "metrics"}
     return LoadedCheckpoint(
         model=built,
         optimizer=optim,
@@ -118,9 +118,107 @@ def load(
         run_id=located.run_id,
         path=located.label,
         manifest=manifest,
-        extra={k: _own(v) for k, v in state.items() if k not in known},
+        extra={k: _own(v) for k, v in state.items() if k not in _KNOWN},
         model_id=located.model_id,
+        rank_state=_own(_rank_entry(state.get(layout.RANK_STATE))),
     )
+
+
+_KNOWN = {
+    "epoch",
+    "model_state",
+    "optim_state",
+    "scheduler_state",
+    "scaler_state",
+    "step",
+    "metrics",
+    layout.RANK_STATE,
+}
+
+
+def restore(
+    source: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    *,
+    checkpoint: Selector = "latest",
+    step: int | None = None,
+    strict: bool = True,
+    config: TrackingConfig | None = None,
+) -> LoadedCheckpoint:
+    """Load a logged checkpoint into existing objects: the model, and the optimizer, scheduler and scaler given.
+
+    ``source``, ``checkpoint`` and ``step`` mean what they mean for :func:`load`. Under ``torchrun``
+    every rank calls it: rank 0 finds the checkpoint (the only rank to ask MLflow), every rank
+    reads what it needs from the store. A sharded checkpoint loads into a sharded model (FSDP2)
+    of any number of ranks, or into a plain one; a checkpoint of a replicated model loads into
+    the module a ``DistributedDataParallel`` wraps. The result's ``rank_state`` is this rank's own.
+    """
+    from tracking import distributed
+
+    config = config or TrackingConfig.from_env()
+
+    def find() -> tuple[str, str, str, str, Manifest, str | None]:
+        found = find_checkpoint(source, checkpoint, step=step, config=config)
+        return found.run_id, found.store.artifact_uri, found.store.owner, found.folder, found.manifest, found.model_id
+
+    run_id, artifact_uri, owner, folder, manifest, model_id = distributed.on_rank0(find)
+    located = Located(run_id, open_store(artifact_uri, config, owner=owner), folder, manifest, model_id)
+    plain = distributed.unwrap(model)
+    if manifest.kind == SHARDED_KIND:
+        from tracking import sharded
+
+        state = sharded.load_into(located.store, manifest.files, _where(located), plain, optimizer, strict)
+    else:
+        if distributed.is_sharded(plain.state_dict()):
+            raise MismatchError(
+                f"run {run_id}: {located.label} is the checkpoint of a whole model, and the model to restore it "
+                "into is sharded (FSDP2); restore it into the model before sharding it, or load it with tracking.load."
+            )
+        device = next((p.device for p in plain.parameters()), torch.device("cpu"))
+        state = _read_torch(located, device)
+        if not isinstance(state, dict) or "model_state" not in state:
+            raise TrackingError(f"run {run_id}: {located.label} has no 'model_state' key; it is not a checkpoint.")
+        _load_weights(located, plain, state["model_state"], strict)
+        if optimizer is not None and state.get("optim_state") is not None:
+            optimizer.load_state_dict(state["optim_state"])
+    if scheduler is not None and state.get("scheduler_state") is not None:
+        scheduler.load_state_dict(state["scheduler_state"])
+    if scaler is not None and state.get("scaler_state") is not None:
+        scaler.load_state_dict(state["scaler_state"])
+    return LoadedCheckpoint(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        epoch=state.get("epoch"),
+        step=state.get("step"),
+        metrics=dict(state.get("metrics") or manifest.metrics),
+        run_id=run_id,
+        path=located.label,
+        manifest=manifest,
+        extra={k: v for k, v in state.items() if k not in _KNOWN},
+        model_id=model_id,
+        rank_state=_rank_entry(state.get(layout.RANK_STATE)),
+    )
+
+
+def _rank_entry(saved: Any) -> Any:
+    """This rank's entry of a checkpoint's ``rank_state`` (a list by rank, or a dict by rank in a sharded one)."""
+    from tracking import distributed
+
+    rank = distributed.rank()
+    if isinstance(saved, list):
+        return saved[rank] if rank < len(saved) else None
+    if isinstance(saved, dict):
+        return saved.get(str(rank))
+    return None
+
+
+def _where(located: Located) -> str:
+    return f"run {located.run_id}: {located.label}"
 
 
 def load_state_dict(
@@ -135,7 +233,7 @@ def load_state_dict(
     # Weights may share the download buffer only when they are all it holds (no optimizer state).
     share = located.manifest.kind == "state_dict"
     state = _read_torch(located, map_location, share=share)
-    return dict(state["model_state"] if located.manifest.kind == "checkpoint" else state)
+    return dict(state["model_state"] if located.manifest.kind in CHECKPOINT_KINDS else state)
 
 
 def load_model(
@@ -158,7 +256,7 @@ def load_model(
     share = located.manifest.kind == "state_dict"
     state = _read_torch(located, map_location, share=share)
     built = _build_model(located, model, map_location)
-    weights = state["model_state"] if located.manifest.kind == "checkpoint" else state
+    weights = state["model_state"] if located.manifest.kind in CHECKPOINT_KINDS else state
     _load_weights(located, built, weights, strict, adopt=share)
     built.train(mode == "train")
     return built
@@ -208,6 +306,12 @@ def _read_torch(located: Located, map_location: str | torch.device, share: bool 
             f"run {located.run_id}: {located.label}: {name} is listed in its manifest but missing from the store "
             f"({located.store.describe(path)}); it was deleted. Load another checkpoint."
         ) from None
+    if manifest.kind == SHARDED_KIND:
+        from tracking import sharded
+
+        _check_device(map_location)
+        full = sharded.read_full(located.store, manifest.files, _where(located))
+        return full if torch.device(map_location).type == "cpu" else _to(full, map_location)
     try:
         _check_device(map_location)
         if manifest.format == "safetensors":
@@ -238,6 +342,16 @@ def _own(value: Any) -> Any:
     if isinstance(value, list | tuple):
         items = [_own(v) for v in value]
         return items if isinstance(value, list) else type(value)(items)
+    return value
+
+
+def _to(value: Any, device: str | torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to(v, device) for v in value]
     return value
 
 

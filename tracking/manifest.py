@@ -20,7 +20,11 @@ from typing import Any, TypeGuard
 from tracking.errors import IntegrityError
 
 FORMAT_VERSION = 1
-KINDS = ("checkpoint", "state_dict")
+# "sharded_checkpoint": a checkpoint written by every rank through torch.distributed.checkpoint
+# (format "dcp"), its files one shard per rank and their index (see tracking.sharded).
+SHARDED_KIND = "sharded_checkpoint"
+KINDS = ("checkpoint", SHARDED_KIND, "state_dict")
+CHECKPOINT_KINDS = ("checkpoint", SHARDED_KIND)
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,7 @@ class Manifest:
 MAX_BYTES = 64 * 1024 * 1024
 MAX_FILES = 10_000
 MAX_DEPTH = 100
-FORMATS = ("torch", "safetensors")
+FORMATS = ("torch", "safetensors", "dcp")
 
 _NEXT_STEP = (
     "the manifest is corrupted or was edited; load another checkpoint (checkpoint=<epoch>) or log this one again."
@@ -186,7 +190,7 @@ def _problem(data: dict[str, Any]) -> str | None:
         value = data.get(key)
         if value is not None and (not _is_int(value) or value < 0):
             return f"{key} is {_short(value)}, expected an integer >= 0"
-    if data["kind"] == "checkpoint" and data.get("epoch") is None:
+    if data["kind"] in CHECKPOINT_KINDS and data.get("epoch") is None:
         return "a checkpoint manifest has no epoch"
     metrics = data.get("metrics", {})
     if not isinstance(metrics, dict):
@@ -199,6 +203,8 @@ def _problem(data: dict[str, Any]) -> str | None:
         return f"extra_keys is {_short(extra_keys)}, expected a list of strings"
     if data.get("format", "torch") not in FORMATS:
         return f"format is {_short(data.get('format'))}, expected one of {', '.join(FORMATS)}"
+    if (data["kind"] == SHARDED_KIND) != (data.get("format", "torch") == "dcp"):
+        return f"format {_short(data.get('format', 'torch'))} does not go with kind {data['kind']!r}"
     versions = data.get("versions", {})
     if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
         return f"versions is {_short(versions)}, expected an object of name -> version string"

@@ -37,7 +37,7 @@ def check_loadable(value: Any, name: str) -> None:
     while pending:
         item, where, above = pending.pop()
         kind = type(item)
-        if kind in _LEAVES or kind in _TENSORS:
+        if kind in _LEAVES or kind in _TENSORS or _is_dtensor(kind):
             continue
         if kind not in _CONTAINERS:
             raise ValueError(
@@ -58,6 +58,15 @@ def check_loadable(value: Any, name: str) -> None:
                 pending.append((child, f"{where}[{key!r}]", inside))
         else:
             pending.extend((child, f"{where}[{i}]", inside) for i, child in enumerate(item))
+
+
+def _is_dtensor(kind: type) -> bool:
+    """A DTensor (FSDP2's shards): written by torch.distributed.checkpoint, never by torch.save."""
+    if not issubclass(kind, torch.Tensor):
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return issubclass(kind, DTensor)
 
 
 class TorchSave:

@@ -86,12 +86,15 @@ def is_json(value: Any) -> bool:
 
 def describe_model(model: nn.Module, model_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
     """Class path and init kwargs of ``model``; ``init_kwargs`` is None when they are unknown."""
+    from tracking.distributed import model_class
+
+    cls = model_class(model)  # the user's class, not the subclass fully_shard makes
     kwargs: Mapping[str, Any] | None = model_kwargs
     source = "explicit"
     if kwargs is None:
         kwargs = getattr(model, INIT_KWARGS_ATTR, None)
         source = "rebuildable"
-    if kwargs is None and _takes_no_arguments(type(model)):
+    if kwargs is None and _takes_no_arguments(cls):
         kwargs, source = {}, "no-arguments"
     if kwargs is not None and not is_json(dict(kwargs)):
         if model_kwargs is not None:
@@ -107,7 +110,7 @@ def describe_model(model: nn.Module, model_kwargs: Mapping[str, Any] | None) -> 
             "model_kwargs=...; to load, pass model=<instance or factory>"
         )
     return {
-        "class": class_path(model),
+        "class": class_path(cls),
         "init_kwargs": None if kwargs is None else dict(kwargs),
         "init_kwargs_source": source,
         **({"note": note} if note else {}),

@@ -1,0 +1,172 @@
+"""Process-group awareness for saves and loads under ``torchrun``.
+
+Outside an initialised process group of more than one process, everything here is a no-op
+and a save or load is the single-process one. Inside one, only rank 0 talks to MLflow: it
+does a step alone and hands the result, or the error, to every rank, so that all ranks
+return the same checkpoint or raise the same error.
+
+Checkpoint coordination uses a gloo group of its own, made once by all ranks (in the order
+they first save or load), so a background save can exchange messages while the training
+loop runs collectives on the default group.
+"""
+
+from __future__ import annotations
+
+import functools
+import pickle
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from torch import nn
+
+from tracking.errors import TrackingError
+
+T = TypeVar("T")
+
+
+def active() -> bool:
+    """Whether this process is one of several in an initialised process group."""
+    import torch.distributed as dist
+
+    return bool(dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+
+
+def initialised() -> bool:
+    """Whether a process group is initialised (of any size, one included)."""
+    import torch.distributed as dist
+
+    return bool(dist.is_available() and dist.is_initialized())
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if initialised() else 0
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if initialised() else 1
+
+
+def group() -> Any:
+    """The gloo group checkpoint coordination runs on (made on first use, by every rank)."""
+    return _group(id(_default_group()))
+
+
+def prepare() -> None:
+    """Make the coordination group now, on the calling thread, before a background save needs it."""
+    if active():
+        group()
+
+
+def _default_group() -> Any:
+    import torch.distributed as dist
+
+    return dist.group.WORLD
+
+
+@functools.cache
+def _group(_world: int) -> Any:
+    # Cached per default group: a test that destroys and re-creates the process group gets a new one.
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo")
+
+
+def on_rank0(step: Callable[[], T]) -> T:
+    """Run ``step`` on rank 0 only and return its result on every rank; raise its error on every rank.
+
+    Outside a process group, ``step()``.
+    """
+    if not active():
+        return step()
+    import torch.distributed as dist
+
+    outcome: list[Any] = [None]
+    if rank() == 0:
+        try:
+            outcome[0] = ("ok", step())
+        except BaseException as exc:
+            outcome[0] = ("error", _portable(exc))
+    dist.broadcast_object_list(outcome, src=0, group=group())
+    kind, value = outcome[0]
+    if kind == "error":
+        raise value
+    return value  # type: ignore[no-any-return]
+
+
+def raise_together(error: BaseException | None) -> None:
+    """Raise on every rank when any rank has an ``error`` (the lowest rank's), else return."""
+    if not active():
+        if error is not None:
+            raise error
+        return
+    import torch.distributed as dist
+
+    errors: list[Any] = [None] * world_size()
+    dist.all_gather_object(errors, None if error is None else _portable(error), group=group())
+    for found in errors:
+        if found is not None:
+            raise found
+
+
+def gather(value: T) -> list[T] | None:
+    """Every rank's ``value`` in rank order, on rank 0; None on the other ranks. ``[value]`` outside a group."""
+    if not active():
+        return [value]
+    import torch.distributed as dist
+
+    gathered: list[Any] | None = [None] * world_size() if rank() == 0 else None
+    dist.gather_object(value, gathered, dst=0, group=group())
+    return gathered
+
+
+def barrier() -> None:
+    if active():
+        import torch.distributed as dist
+
+        dist.barrier(group=group())
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """``exc`` itself when it survives pickling (it is sent to the other ranks), else a TrackingError."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return TrackingError(f"{type(exc).__name__}: {exc}")
+    return exc
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module a ``DistributedDataParallel`` wraps (its state dict has no ``module.`` prefix)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def is_sharded(value: Any) -> bool:
+    """Whether ``value`` (a tensor or a state dict) holds a DTensor: FSDP2 or tensor-parallel state."""
+    from torch.distributed.tensor import DTensor
+
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, DTensor):
+            return True
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
+    return False
+
+
+def model_class(model: nn.Module) -> type:
+    """The user's class of ``model``: ``fully_shard`` swaps in a subclass it generates."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type(model)
+    if isinstance(model, FSDPModule):
+        return next(c for c in cls.__mro__[1:] if not issubclass(c, FSDPModule))
+    return cls

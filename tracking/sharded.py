@@ -1,0 +1,558 @@
+"""Sharded checkpoints (FSDP2, DTensor): every rank streams its own shard file to the store.
+
+A sharded checkpoint is written with ``torch.distributed.checkpoint`` (DCP) through
+:class:`ShardWriter`, which streams each rank's items into one file of the checkpoint's
+logged model, ``shard-<rank>.distcp``, straight from tensor memory (no local file, no
+gather to one rank). What DCP would pickle as its ``.metadata`` is stored as JSON instead,
+``dcp.json`` (which tensor chunk or value is where), so reading it runs no code. Rank 0
+lists every file with its sha256 in the manifest (kind ``sharded_checkpoint``, format
+``dcp``) once all ranks stored theirs: the manifest is still the commit.
+
+Reading verifies each file it needs against the manifest, then lets DCP copy the chunks
+into the state dict being loaded, whatever the number of ranks (DCP reshards); values that
+are not tensors load with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import torch
+from torch.distributed._shard._utils import narrow_tensor_by_index
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner  # type: ignore[attr-defined]
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    LoadPlanner,
+    ReadItem,
+    SavePlan,
+    SavePlanner,
+    WriteItem,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
+from torch.futures import Future
+
+from tracking import catalog, distributed
+from tracking.catalog import LoggedCheckpoint, StoredCheckpoint
+from tracking.errors import IntegrityError, StorageError, TrackingError
+from tracking.manifest import StoredFile
+from tracking.run import RunHandle
+from tracking.storage import ArtifactStore, open_store
+
+FORMAT = "dcp"
+METADATA_FILE = "dcp.json"
+METADATA_VERSION = 1
+
+
+def shard_file(rank: int) -> str:
+    return f"shard-{rank:05d}.distcp"
+
+
+@dataclass(frozen=True)
+class Span:
+    """Where one item's bytes are: a file, an offset and a length; a tensor chunk's dtype and shape too."""
+
+    file: str
+    offset: int
+    length: int
+    dtype: str | None = None
+    sizes: tuple[int, ...] | None = None
+
+
+class _ShardProducer:
+    """Writes a rank's items one after the other; tensors go out from their own memory."""
+
+    def __init__(self, items: list[tuple[WriteItem, Any]]) -> None:
+        self.items = items
+        self.spans: list[tuple[int, int]] = []
+
+    @property
+    def stable(self) -> list[tuple[int, int]]:
+        ranges = []
+        for _, data in self.items:
+            if isinstance(data, torch.Tensor) and data.numel():
+                storage = data.untyped_storage()
+                ranges.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
+        return ranges
+
+    def __call__(self, stream: BinaryIO) -> None:
+        self.spans = []
+        offset = 0
+        for _, data in self.items:
+            view = _bytes_of(data)
+            if len(view):
+                stream.write(view)
+            self.spans.append((offset, len(view)))
+            offset += len(view)
+
+
+def _bytes_of(data: Any) -> memoryview:
+    if isinstance(data, io.BytesIO):
+        return data.getbuffer()
+    tensor: torch.Tensor = data
+    if tensor.numel() == 0:
+        return memoryview(b"")
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+
+
+class ShardWriter(StorageWriter):
+    """A DCP storage writer streaming each rank's items into one file of ``store``."""
+
+    def __init__(self, store: ArtifactStore) -> None:
+        super().__init__()
+        self.store = store
+        self.stored: dict[str, StoredFile] = {}
+        self.metadata: Metadata | None = None
+
+    def reset(self, checkpoint_id: Any = None) -> None:
+        self.stored, self.metadata = {}, None
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        return [dataclasses.replace(plan, storage_data=shard_file(rank)) for rank, plan in enumerate(plans)]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        name: str = plan.storage_data
+        items = []
+        for item in plan.items:
+            data: Any = planner.resolve_data(item)
+            if item.type != WriteItemType.BYTE_IO:
+                data = data.detach().to("cpu").contiguous()
+            items.append((item, data))
+        results = []
+        if items:
+            producer = _ShardProducer(items)
+            self.stored[name] = self.store.write(name, producer)
+            for (item, data), (offset, length) in zip(items, producer.spans, strict=True):
+                span = Span(name, offset, length)
+                if isinstance(data, torch.Tensor):
+                    span = Span(name, offset, length, str(data.dtype).removeprefix("torch."), tuple(data.shape))
+                results.append(WriteResult(index=item.index, size_in_bytes=length, storage_data=span))
+        done: Future[list[WriteResult]] = Future()
+        done.set_result(results)
+        return done
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        metadata.storage_data = {result.index: result.storage_data for rank in results for result in rank}
+        self.metadata = metadata
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+        return False
+
+
+class ShardReader(StorageReader):
+    """A DCP storage reader over a committed sharded checkpoint: each needed file is read once, verified."""
+
+    def __init__(self, store: ArtifactStore, files: Mapping[str, StoredFile], where: str) -> None:
+        super().__init__()
+        self.store = store
+        self.files = dict(files)
+        self.where = where
+        self.spans: dict[MetadataIndex, Span] = {}
+        self.metadata: Metadata | None = None
+
+    def reset(self, checkpoint_id: Any = None) -> None:
+        pass
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if self.metadata is None:
+            if METADATA_FILE not in self.files:
+                raise IntegrityError(f"{self.where}: the manifest lists no {METADATA_FILE}; {_NEXT_STEP}")
+            raw = self.store.read(METADATA_FILE, self.files[METADATA_FILE])
+            self.metadata = metadata_from_json(bytes(raw), set(self.files), where=f"{self.where}: {METADATA_FILE}")
+        return self.metadata
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.spans = dict(metadata.storage_data)
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        needed = sorted({self.spans[item.storage_index].file for item in plan.items})
+        with ThreadPoolExecutor(max_workers=max(1, min(4, len(needed)))) as pool:
+            buffers = dict(
+                zip(needed, pool.map(lambda name: self.store.read(name, self.files[name]), needed), strict=True)
+            )
+        for item in plan.items:
+            span = self.spans[item.storage_index]
+            view = memoryview(buffers[span.file])[span.offset : span.offset + span.length]
+            if len(view) != span.length:
+                raise IntegrityError(f"{self.where}: {span.file} is shorter than {METADATA_FILE} says; {_NEXT_STEP}")
+            if item.type == LoadItemType.BYTE_IO:
+                planner.load_bytes(item, io.BytesIO(bytes(view)))
+                continue
+            chunk = narrow_tensor_by_index(_tensor(view, span), item.storage_offsets, item.lengths)
+            target = planner.resolve_tensor(item).detach()
+            if target.size() != chunk.size():
+                raise IntegrityError(
+                    f"{self.where}: {item.storage_index.fqn} is stored as {tuple(chunk.size())}, the state to load "
+                    f"into needs {tuple(target.size())}; {_NEXT_STEP}"
+                )
+            target.copy_(chunk)
+            planner.commit_tensor(item, target)
+        del buffers
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+        return False
+
+
+def _tensor(view: memoryview, span: Span) -> torch.Tensor:
+    assert span.dtype is not None and span.sizes is not None
+    dtype = getattr(torch, span.dtype)
+    if not span.length:
+        return torch.empty(span.sizes, dtype=dtype)
+    return torch.frombuffer(view, dtype=dtype).reshape(span.sizes)
+
+
+_NEXT_STEP = (
+    "the checkpoint is corrupted or was edited; load another checkpoint (checkpoint=<epoch>) or log this one again."
+)
+
+
+def _safe_load(value: io.BytesIO) -> Any:
+    return torch.load(value, weights_only=True)
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner, reading values that are not tensors with ``weights_only=True``."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        _load_bytes(self, read_item, value)
+
+
+def _load_bytes(planner: DefaultLoadPlanner, read_item: ReadItem, value: io.BytesIO) -> None:
+    # DCP's own planners read these with weights_only=False, which could run code from the store.
+    from torch.distributed.checkpoint._traverse import set_element
+
+    loaded = _safe_load(value)
+    if planner.flatten_state_dict:
+        set_element(planner.original_state_dict, planner.mappings[read_item.dest_index.fqn], loaded)
+    else:
+        planner.state_dict[read_item.dest_index.fqn] = loaded
+
+
+class _SafeFullPlanner(_EmptyStateDictLoadPlanner):
+    """Rebuilds the saved state dict (its top-level ``keys``, or all) from the metadata: full tensors."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        _load_bytes(self, read_item, value)
+
+
+# --- the metadata file ---------------------------------------------------------------------------
+
+
+def metadata_to_json(metadata: Metadata) -> bytes:
+    entries = []
+    for fqn, stored in metadata.state_dict_metadata.items():
+        path = list(metadata.planner_data[fqn]) if metadata.planner_data else [fqn]
+        if isinstance(stored, TensorStorageMetadata):
+            chunks = []
+            for chunk in stored.chunks:
+                span = metadata.storage_data[MetadataIndex(fqn, chunk.offsets)]
+                chunks.append(
+                    {
+                        "offsets": list(chunk.offsets),
+                        "sizes": list(chunk.sizes),
+                        "file": span.file,
+                        "offset": span.offset,
+                        "length": span.length,
+                    }
+                )
+            dtype = str(stored.properties.dtype).removeprefix("torch.")
+            entries.append({"fqn": fqn, "path": path, "dtype": dtype, "size": list(stored.size), "chunks": chunks})
+        else:
+            span = metadata.storage_data[MetadataIndex(fqn)]
+            entries.append({"fqn": fqn, "path": path, "file": span.file, "offset": span.offset, "length": span.length})
+    document = {"format": FORMAT, "version": METADATA_VERSION, "entries": entries}
+    return json.dumps(document, indent=1, sort_keys=True).encode()
+
+
+def metadata_from_json(raw: bytes, files: set[str], *, where: str) -> Metadata:
+    """Parse ``dcp.json`` strictly: anything malformed is an IntegrityError naming ``where``."""
+    try:
+        document = json.loads(raw)
+        if document.get("format") != FORMAT or document.get("version") != METADATA_VERSION:
+            raise ValueError(f"format/version {document.get('format')!r}/{document.get('version')!r}")
+        state: dict[str, Any] = {}
+        planner_data: dict[str, Any] = {}
+        spans: dict[MetadataIndex, Span] = {}
+        for entry in document["entries"]:
+            fqn = _typed(entry["fqn"], str)
+            path = tuple(_typed(p, (str, int)) for p in entry["path"])
+            if not path:
+                raise ValueError(f"{fqn}: empty path")
+            planner_data[fqn] = path
+            if "chunks" in entry:
+                dtype = getattr(torch, _typed(entry["dtype"], str), None)
+                if not isinstance(dtype, torch.dtype):
+                    raise ValueError(f"{fqn}: dtype {entry['dtype']!r}")
+                size = torch.Size(_ints(entry["size"]))
+                chunks = []
+                for chunk in entry["chunks"]:
+                    offsets, sizes = torch.Size(_ints(chunk["offsets"])), torch.Size(_ints(chunk["sizes"]))
+                    if len(offsets) != len(size) or len(sizes) != len(size):
+                        raise ValueError(f"{fqn}: chunk of {len(sizes)} dimensions in a tensor of {len(size)}")
+                    length = _span_fields(chunk, files)
+                    itemsize = torch.empty((), dtype=dtype).element_size()
+                    if length[2] != sizes.numel() * itemsize:
+                        raise ValueError(f"{fqn}: {length[2]} bytes for a chunk of {tuple(sizes)} {dtype}")
+                    spans[MetadataIndex(fqn, offsets)] = Span(*length, str(dtype).removeprefix("torch."), tuple(sizes))
+                    chunks.append(ChunkStorageMetadata(offsets=offsets, sizes=sizes))
+                state[fqn] = TensorStorageMetadata(TensorProperties(dtype=dtype), size, chunks)
+            else:
+                spans[MetadataIndex(fqn)] = Span(*_span_fields(entry, files))
+                state[fqn] = BytesStorageMetadata()
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise IntegrityError(f"{where} is malformed ({exc}); {_NEXT_STEP}") from exc
+    return Metadata(state_dict_metadata=state, planner_data=planner_data, storage_data=spans)
+
+
+def _typed(value: Any, kind: type | tuple[type, ...]) -> Any:
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise TypeError(f"{value!r} is not a {kind}")
+    return value
+
+
+def _ints(values: Any) -> list[int]:
+    if not isinstance(values, list):
+        raise TypeError(f"{values!r} is not a list")
+    return [_typed(v, int) for v in values]
+
+
+def _span_fields(entry: Mapping[str, Any], files: set[str]) -> tuple[str, int, int]:
+    name = _typed(entry["file"], str)
+    if name not in files:
+        raise ValueError(f"file {name[:100]!r} is not in the manifest")
+    offset, length = _typed(entry["offset"], int), _typed(entry["length"], int)
+    if offset < 0 or length < 0:
+        raise ValueError(f"negative offset or length in {name}")
+    return name, offset, length
+
+
+# --- saving and loading ---------------------------------------------------------------------------
+
+
+def write_shards(writer: ShardWriter, state: dict[str, Any]) -> None:
+    """Every rank's part of ``state`` into its shard file: ``writer.stored`` says what this rank stored
+    (even when another rank failed), ``writer.metadata`` on rank 0 where all of it is. Collective."""
+    from torch.distributed.checkpoint.state_dict_saver import save
+
+    with _quiet():  # one process of its own (no process group): DCP says it saves as one process
+        save(
+            state,
+            storage_writer=writer,
+            # A value every rank holds (a buffer, the optimizer's step) is written by the lowest rank:
+            # rank 0's copy, as a replicated model's checkpoint holds.
+            planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True),
+            process_group=distributed.group() if distributed.initialised() else None,
+            no_dist=not distributed.initialised(),
+        )
+
+
+def commit_sharded(
+    handle: RunHandle | None,
+    snapshot: Any,
+    describe: Any = None,
+    after: Callable[[LoggedCheckpoint], object] | None = None,
+) -> LoggedCheckpoint:
+    """Commit a sharded checkpoint: every rank calls it, rank 0 with the run's ``handle``.
+
+    Rank 0 creates the logged model (PENDING) and hands its artifact location to every rank;
+    every rank stores its shard file there; rank 0 then writes ``dcp.json`` and the manifest
+    listing every file, marks the model READY and moves the run's tags through
+    :func:`tracking.commit.commit_files`, and calls ``after`` (retention). Every rank returns
+    the committed checkpoint, or raises the same error.
+    """
+    from tracking.commit import commit_files
+
+    manifest = snapshot.manifest
+    created: list[StoredCheckpoint] = []
+
+    def create() -> tuple[str, str]:
+        assert handle is not None
+        checkpoint = catalog.create(handle, manifest)
+        created.append(checkpoint)
+        return checkpoint.artifact_uri, checkpoint.store.owner
+
+    artifact_uri, owner = distributed.on_rank0(create)
+    error: BaseException | None = None
+    stored: dict[str, StoredFile] = {}
+    metadata = None
+    try:
+        from tracking.config import TrackingConfig
+
+        config = handle.config if handle is not None else TrackingConfig.from_env()
+        store = open_store(artifact_uri, config, owner=owner)
+    except Exception as exc:
+        error = exc
+    error = _first(distributed.gather(error), error)
+    if error is None:
+        writer = ShardWriter(store)
+        try:
+            write_shards(writer, snapshot.payload)
+        except BaseException as exc:
+            error = _dcp_error(exc)
+        stored, metadata = writer.stored, writer.metadata
+    outcomes = distributed.gather((stored, error))
+
+    def commit() -> LoggedCheckpoint:
+        assert handle is not None and outcomes is not None
+        checkpoint = created[0]
+        files: dict[str, StoredFile] = {}
+        failures = []
+        for rank, (rank_files, rank_error) in enumerate(outcomes):
+            files.update(rank_files)
+            if rank_error is not None:
+                failures.append((rank, rank_error))
+
+        def write_files() -> dict[str, StoredFile]:
+            if failures:
+                for name in files:
+                    checkpoint.store.delete(name)  # this save's shards, so no data stays behind
+                rank, failure = failures[0]
+                if isinstance(failure, TrackingError):
+                    raise type(failure)(f"rank {rank}: {failure}") if isinstance(failure, StorageError) else failure
+                raise StorageError(f"rank {rank} could not store its shard ({type(failure).__name__}: {failure}).")
+            assert metadata is not None
+            files[METADATA_FILE] = checkpoint.store.write_bytes(METADATA_FILE, metadata_to_json(metadata))
+            return files
+
+        logged = commit_files(handle, checkpoint, snapshot, write_files, describe)
+        if after is not None:
+            after(logged)
+        return logged
+
+    return distributed.on_rank0(commit)
+
+
+def _first(errors: list[BaseException | None] | None, own: BaseException | None) -> BaseException | None:
+    """Rank 0's view of the first error of any rank; other ranks keep theirs (the commit step says the rest)."""
+    if errors is None:
+        return own
+    return next((e for e in errors if e is not None), None)
+
+
+def _dcp_error(exc: BaseException) -> BaseException:
+    """The error a rank met, out of DCP's CheckpointException (which carries every rank's)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(exc, CheckpointException):
+        for _, (inner, _trace) in sorted(exc.failures.items()):
+            return inner if isinstance(inner, Exception) else TrackingError(str(inner))
+        return TrackingError(str(exc))
+    if not isinstance(exc, Exception):
+        raise exc
+    return exc
+
+
+def read_full(store: ArtifactStore, files: Mapping[str, StoredFile], where: str) -> dict[str, Any]:
+    """The whole checkpoint dict with full tensors, in this one process: what ``checkpoint.pt`` would hold.
+
+    The optimizer state, saved by parameter name, comes back keyed by index as
+    ``Optimizer.load_state_dict`` takes it.
+    """
+    state = read(store, files, where)
+    if isinstance(state.get("optim_state"), dict):
+        state["optim_state"] = index_keyed(state["optim_state"])
+    return state
+
+
+def read(
+    store: ArtifactStore, files: Mapping[str, StoredFile], where: str, keys: set[str] | None = None
+) -> dict[str, Any]:
+    """Top-level ``keys`` (all when None) of a sharded checkpoint, as saved, with full tensors."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}
+    planner = _SafeFullPlanner(keys=keys)
+    _load_state_dict(state, storage_reader=ShardReader(store, files, where), planner=planner, no_dist=True)
+    return state
+
+
+def index_keyed(optim_state: Mapping[str, Any]) -> dict[str, Any]:
+    """An optimizer state dict keyed by parameter name (DCP's) keyed by index instead (``Optimizer``'s)."""
+    index: dict[Any, int] = {}
+    groups = []
+    for group in optim_state.get("param_groups", []):
+        params = []
+        for name in group["params"]:
+            index.setdefault(name, len(index))
+            params.append(index[name])
+        groups.append({**group, "params": params})
+    state = {index[name]: value for name, value in optim_state.get("state", {}).items() if name in index}
+    return {"state": state, "param_groups": groups}
+
+
+def load_into(
+    store: ArtifactStore,
+    files: Mapping[str, StoredFile],
+    where: str,
+    model: Any,
+    optimizer: Any,
+    strict: bool = True,
+) -> dict[str, Any]:
+    """Load a sharded checkpoint into live (sharded or plain) objects on this rank; the other saved values.
+
+    Each rank reads the chunks its own shards overlap, so a checkpoint of N ranks loads into M.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.checkpoint.state_dict_loader import load
+
+    options = StateDictOptions(strict=strict)
+    template: dict[str, Any] = {"model_state": get_model_state_dict(model, options=options)}
+    if optimizer is not None:
+        template["optim_state"] = get_optimizer_state_dict(model, optimizer, options=options)
+    reader = ShardReader(store, files, where)
+    with _quiet():  # each rank reads the chunks it needs on its own: no collective is needed
+        load(template, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
+    set_model_state_dict(model, template["model_state"], options=options)
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, template["optim_state"], options=options)
+    saved = {str(path[0]) for path in reader.read_metadata().planner_data.values()}
+    rest = read(store, files, where, keys=saved - {"model_state", "optim_state"})
+    return rest
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
