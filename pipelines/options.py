@@ -71,6 +71,7 @@ class Options:
     override: bool
     given: dict[str, Any]
     defaults: dict[str, Any]
+    strategy: str | None = None  # "ddp" or "fsdp" under torchrun (see pipelines.parallel)
 
     def settings(self, recorded: Mapping[str, str] | None = None) -> dict[str, Any]:
         """Every recorded option's value: given > the resumed run's param > default."""
@@ -144,6 +145,13 @@ def parse(argv: Sequence[str] | None, *, prog: str, description: str | None, def
         action="store_true",
         help="allow options that differ from RUN_ID's params (recorded in its tracking.overrides tag)",
     )
+    parallel = parser.add_argument_group("several processes (under torchrun)")
+    parallel.add_argument(
+        "--strategy",
+        choices=("ddp", "fsdp"),
+        help="train with every rank of a torchrun job: ddp replicates the model (rank 0 writes checkpoints), "
+        "fsdp shards it with FSDP2 (every rank writes its shards); default under torchrun: ddp",
+    )
     args = parser.parse_args(argv)
     if args.resume is None and (args.from_epoch is not None or args.new_run or args.override):
         parser.error("--from-epoch, --new-run and --override need --resume RUN_ID")
@@ -156,4 +164,5 @@ def parse(argv: Sequence[str] | None, *, prog: str, description: str | None, def
         override=args.override,
         given={name: getattr(args, name) for name in RECORDED if hasattr(args, name)},
         defaults={name: merged[name] for name in RECORDED},
+        strategy=args.strategy,
     )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import mlflow
@@ -50,6 +51,10 @@ def main(task: Task, argv: Sequence[str] | None = None, description: str | None 
     def run() -> str:
         # No MLFLOW_TRACKING_URI: the local stack if it runs, never an mlflow.db in the working folder.
         connect()
+        from pipelines import parallel
+
+        if opts.strategy is not None or parallel.launched():
+            return parallel.train(task, replace(opts, strategy=opts.strategy or "ddp"))
         return train(task, opts)
 
     # MLflow's own errors (a refused request, an unknown run) are the user's to act on, like ours.

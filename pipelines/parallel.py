@@ -1,0 +1,271 @@
+"""The training loop under ``torchrun``: data-parallel (``--strategy ddp``) or sharded (``--strategy fsdp``).
+
+torchrun --nproc-per-node 2 -m pipelines.digits --strategy fsdp --epochs 8
+torchrun --nproc-per-node 2 -m pipelines.digits --strategy fsdp --resume RUN_ID --epochs 16
+
+The same run, flags, checkpoints and resume as the single-process loop (:mod:`pipelines.training`),
+with one process per rank on the gloo backend. Rank 0 alone talks to MLflow: it finds the run to
+resume, starts the run, logs metrics and prints; every rank saves and restores checkpoints (rank 0
+writes a DDP model's, every rank its own shards of an FSDP2 one). Each rank draws its batches from
+a ``DistributedSampler`` (seeded by ``--seed``, reshuffled by epoch) and keeps its own RNG states in
+the checkpoint's ``rank_state``, so a resumed run reaches the same weights bit for bit on every rank.
+
+Batch norm's running statistics are buffers every rank updates from its own batches: as DDP does,
+rank 0's are broadcast before each training forward, under FSDP2 too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import mlflow
+import torch
+import torch.distributed as dist
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+import tracking
+from pipelines import data, options, runs, training
+from pipelines.progress import EpochProgress
+from pipelines.task import State, Task
+from tracking import distributed
+
+STRATEGIES = ("ddp", "fsdp")
+TAG_STRATEGY = "tracking.strategy"
+TAG_WORLD_SIZE = "tracking.world_size"
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or another launcher that sets the rendezvous variables)."""
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def train(task: Task, opts: options.Options) -> str:
+    """Train (or resume) one run with every rank of the torchrun job; returns the run ID on every rank."""
+    if not launched():
+        raise runs.PipelineError(
+            f"--strategy {opts.strategy} trains with several processes: launch it with "
+            f"`torchrun --nproc-per-node N -m {task.name} --strategy {opts.strategy} ...`."
+        )
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("gloo")
+    try:
+        return _train(task, opts)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _train(task: Task, opts: options.Options) -> str:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    config = tracking.TrackingConfig.from_env(experiment_name=opts.experiment)
+    client = MlflowClient(config.tracking_uri)
+
+    def settle() -> tuple[Run | None, dict[str, Any], dict[str, tuple[str, str]]]:
+        origin = runs.find_origin(client, task, opts, config) if opts.resume else None
+        values = opts.settings(origin.data.params if origin else {})
+        overrides = runs.changed_params(task, opts, origin) if origin else {}
+        return origin, values, overrides
+
+    origin, values, overrides = distributed.on_rank0(settle)
+    split = data.load(task.dataset)
+    training._seed(values["seed"])
+    state = _build(task, opts, values, split)
+    rank_state = None
+    if origin is not None:
+        rank_state = _restore(task, opts, origin, state, values, overrides)
+    dataset = TensorDataset(split.x_train, split.y_train)
+    sampler: DistributedSampler[Any] = DistributedSampler(
+        dataset, num_replicas=world, rank=rank, shuffle=True, seed=values["seed"]
+    )
+    loader = DataLoader(dataset, batch_size=values["batch_size"], sampler=sampler)
+    checkpoints = tracking.Checkpointer(
+        every_n_epochs=values["checkpoint_every"],
+        keep_last=values["keep_last"],
+        keep_best=values["keep_best"],
+        monitor=values["monitor"],
+        mode=values["monitor_mode"],
+        commands=[
+            "python -m pipelines.evaluate --run-id {run_id} --checkpoint best",
+            f"torchrun --nproc-per-node {world} -m {task.name} --strategy {opts.strategy} "
+            f"--resume {{run_id}} --epochs {2 * opts.epochs}",
+        ],
+    )
+    plain = State(_plain(state.model), state.optimizer, state.scheduler, state.epoch, state.step)
+    with _run(client, config, task, opts, origin, values, overrides, plain) as run, checkpoints:
+        if run is not None:
+            runs.announce(client, run)
+            mlflow.set_tags({TAG_STRATEGY: str(opts.strategy), TAG_WORLD_SIZE: str(world)})
+        if rank_state is not None:
+            # Last thing before the loop, as in the single-process pipeline.
+            tracking.restore_rng_state(rank_state["rng"])
+        with _progress(rank, state.epoch + 1, opts.epochs) as progress:
+            for epoch in range(state.epoch + 1, opts.epochs + 1):
+                sampler.set_epoch(epoch)
+                lr = float(state.optimizer.param_groups[0]["lr"])
+                train_loss, train_accuracy = _train_epoch(task, state, loader)
+                val_loss, val_accuracy = training.measure(task, state.model, split.x_val, split.y_val)
+                metrics = {
+                    "train_loss": train_loss,
+                    "train_accuracy": train_accuracy,
+                    "val_loss": val_loss,
+                    "val_accuracy": val_accuracy,
+                    "lr": lr,
+                }
+                last = epoch == opts.epochs
+                if run is not None and not (last or checkpoints.should_save(epoch)):
+                    mlflow.log_metrics(metrics, step=epoch)
+                if progress is not None:
+                    progress.update(epoch, metrics)
+                checkpoints.save(
+                    state.model,
+                    state.optimizer,
+                    epoch=epoch,
+                    metrics=metrics,
+                    scheduler=state.scheduler,
+                    step=state.step,
+                    rank_state={
+                        "rng": tracking.capture_rng_state(),
+                        "sampler": {"seed": values["seed"], "epoch": epoch, "world_size": world},
+                    },
+                    force=last,
+                )
+        whole = _plain_copy(task, state.model, split.n_features)
+        if run is not None:
+            assert whole is not None
+            tracking.log_state_dict(whole)
+            logged = tracking.log_model(whole, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+            runs.report(client, run, logged.model_id)
+        return distributed.on_rank0(lambda: str(run.info.run_id) if run is not None else "")
+
+
+def _build(task: Task, opts: options.Options, values: dict[str, Any], split: data.Split) -> State:
+    model = task.build_model(split.n_features)
+    if opts.strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model)
+        model.register_forward_pre_hook(_broadcast_buffers)
+    else:
+        model = nn.parallel.DistributedDataParallel(model)
+    optimizer = task.build_optimizer(model.parameters(), values["lr"])
+    scheduler = task.build_scheduler(optimizer) if task.build_scheduler else None
+    return State(model, optimizer, scheduler)
+
+
+def _broadcast_buffers(module: nn.Module, args: Any) -> None:
+    # What DDP does before each training forward: every rank starts from rank 0's running statistics.
+    if module.training:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def _restore(
+    task: Task,
+    opts: options.Options,
+    origin: Run,
+    state: State,
+    values: dict[str, Any],
+    overrides: dict[str, tuple[str, str]],
+) -> dict[str, Any]:
+    run_id = origin.info.run_id
+    loaded = tracking.restore(
+        run_id,
+        state.model,
+        state.optimizer,
+        state.scheduler,
+        checkpoint="latest" if opts.from_epoch is None else opts.from_epoch,
+    )
+    epoch = loaded.epoch or 0
+    if epoch >= opts.epochs:
+        raise runs.PipelineError(
+            f"run {run_id} already reached epoch {epoch} and --epochs is {opts.epochs}; pass --epochs greater "
+            f"than {epoch} to train further."
+        )
+    saved = loaded.rank_state
+    if not isinstance(saved, dict) or "rng" not in saved:
+        raise runs.PipelineError(
+            f"run {run_id}: {loaded.path} holds no RNG state for rank {dist.get_rank()}, so it cannot be resumed "
+            f"exactly by {dist.get_world_size()} ranks; resume it with the number of ranks that saved it."
+        )
+    if saved.get("sampler", {}).get("world_size", dist.get_world_size()) != dist.get_world_size():
+        raise runs.PipelineError(
+            f"run {run_id} was trained by {saved['sampler']['world_size']} ranks; resume it with as many "
+            "(torchrun --nproc-per-node), or the batches would differ."
+        )
+    if "lr" in overrides:
+        for group in state.optimizer.param_groups:
+            group["lr"] = values["lr"]
+        if state.scheduler is not None:
+            state.scheduler.base_lrs = [values["lr"]] * len(state.optimizer.param_groups)
+    state.epoch, state.step = epoch, loaded.step or 0
+    return saved
+
+
+def _train_epoch(task: Task, state: State, loader: DataLoader[Any]) -> tuple[float, float]:
+    state.model.train()
+    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, seen
+    for x, y in loader:
+        state.optimizer.zero_grad()
+        outputs = state.model(x)
+        loss = task.loss(outputs, y)
+        loss.backward()
+        state.optimizer.step()
+        state.step += 1
+        totals += torch.tensor([loss.item() * len(y), (task.predict(outputs) == y).sum().item(), len(y)])
+    if state.scheduler is not None:
+        state.scheduler.step()
+    dist.all_reduce(totals)  # the epoch's figures over every rank's batches
+    return float(totals[0] / totals[2]), float(totals[1] / totals[2])
+
+
+def _plain(model: nn.Module) -> nn.Module:
+    return distributed.unwrap(model)
+
+
+def _plain_copy(task: Task, model: nn.Module, n_features: int) -> nn.Module | None:
+    """On rank 0, an ordinary model holding the trained weights (an FSDP2 model's gathered); None elsewhere."""
+    if distributed.is_sharded(model.state_dict()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if dist.get_rank() != 0:
+            return None
+        whole = task.build_model(n_features)
+        whole.load_state_dict(full)
+        return whole
+    return distributed.unwrap(model) if dist.get_rank() == 0 else None
+
+
+@contextlib.contextmanager
+def _run(
+    client: MlflowClient,
+    config: tracking.TrackingConfig,
+    task: Task,
+    opts: options.Options,
+    origin: Run | None,
+    values: dict[str, Any],
+    overrides: dict[str, tuple[str, str]],
+    state: State,
+) -> Iterator[mlflow.ActiveRun | None]:
+    """Rank 0's active MLflow run (as the single-process pipeline starts it); None on the other ranks."""
+    if dist.get_rank() != 0:
+        yield None
+        return
+    with runs.start(client, config, task, opts, origin, values, overrides, state) as run:
+        yield run
+
+
+@contextlib.contextmanager
+def _progress(rank: int, first: int, last: int) -> Iterator[EpochProgress | None]:
+    if rank != 0:
+        yield None
+        return
+    with EpochProgress(first, last) as progress:
+        yield progress
