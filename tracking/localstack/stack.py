@@ -219,6 +219,7 @@ class LocalStack:
         """
         self._check_settings_unchanged()
         services.check_driver(self.backend_store_uri)
+        services.prepare_sqlite(self.backend_store_uri)
         for sub in ("run", "logs", SEAWEEDFS):
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
         launches = self._launches()
