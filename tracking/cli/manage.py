@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import urllib.parse
 from pathlib import Path
 
 import click
@@ -10,6 +12,7 @@ import click
 from tracking.cli.inspect import json_option, source_argument
 from tracking.cli.output import emit_json, human_size
 from tracking.cli.server import connect
+from tracking.layout import UI_VIEW_QUERY
 
 # Files at least this big get a progress bar on a terminal.
 _PROGRESS_FROM_BYTES = 32 * 2**20
@@ -161,6 +164,10 @@ def register(source: str, name: str, checkpoint: str, alias: str | None, as_json
         emit_json({"name": name, "version": version.version, "alias": alias, "source": version.source, "uri": uri})
         return
     click.echo(f"registered {name} version {version.version} from {version.source}; load it as {uri}")
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if tracking_uri.startswith(("http://", "https://")):
+        page = f"#/models/{urllib.parse.quote(name)}/versions/{version.version}{UI_VIEW_QUERY}"
+        click.echo(f"in the UI: {tracking_uri.rstrip('/')}/{page}")
 
 
 COMMANDS = (download, gc, register)
