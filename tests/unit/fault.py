@@ -33,25 +33,34 @@ def is_target(store: ArtifactStore, path: str, target: str) -> bool:
     return path == target or (path == name and f", {where} (" in store.owner)
 
 
-def _dying(original: Callable[..., StoredFile], target: str) -> Callable[..., StoredFile]:
+def interrupted(
+    original: Callable[..., StoredFile], target: str, then: Callable[[], object]
+) -> Callable[..., StoredFile]:
+    """A store ``write`` that, for ``target``, sends half of the file's bytes and then calls ``then``
+    (which kills the process, or raises what a failing store would)."""
+
     def write(self: ArtifactStore, path: str, produce: Producer) -> StoredFile:
         if not is_target(self, path, target):
             return original(self, path, produce)
 
-        def half_then_die(stream: IO[bytes]) -> None:
+        def half_then(stream: IO[bytes]) -> None:
             buffer = io.BytesIO()
             produce(buffer)
             stream.write(buffer.getbuffer()[: buffer.tell() // 2])
-            os.kill(os.getpid(), signal.SIGKILL)
+            then()
 
-        return original(self, path, half_then_die)
+        return original(self, path, half_then)
 
     return write
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 if __name__ == "__main__":
     target, module, *args = sys.argv[1:]
     for cls in (MlflowStore, S3Store):
-        cls.write = _dying(cls.write, target)  # type: ignore[method-assign]
+        cls.write = interrupted(cls.write, target, _die)  # type: ignore[method-assign]
     sys.argv = [module, *args]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
