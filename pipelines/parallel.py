@@ -56,9 +56,12 @@ def train(task: Task, opts: options.Options) -> str:
     if own_group:
         dist.init_process_group("gloo")
     try:
-        return _train(task, opts)
+        run_id = _train(task, opts)
+        dist.barrier()  # no rank tears the groups down while another still talks on them
+        return run_id
     finally:
         if own_group:
+            distributed.release()
             dist.destroy_process_group()
 
 

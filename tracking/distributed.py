@@ -61,6 +61,15 @@ def prepare() -> None:
         group()
 
 
+def release() -> None:
+    """Destroy the coordination group (before ``destroy_process_group``): a later process group gets a new one."""
+    import torch.distributed as dist
+
+    if initialised() and _group.cache_info().currsize:
+        dist.destroy_process_group(group())
+    _group.cache_clear()
+
+
 def _default_group() -> Any:
     import torch.distributed as dist
 

@@ -1,0 +1,211 @@
+"""Training under torchrun (2 gloo processes on CPU) against the real local stack, both strategies.
+
+The core claim, as for the single-process pipeline: a run whose torchrun job dies by ``kill -9``
+of one rank in the middle of epoch 5's checkpoint, resumed to epoch 8 by a new launch, ends
+bit-identical to a run of 8 epochs straight: weights, optimizer, scheduler and each rank's RNG
+states. The rank killed is the one writing: rank 0 (DDP, which writes ``checkpoint.pt`` alone),
+rank 1 (FSDP2, while streaming its own shard file). A 2-rank sharded checkpoint loads in one plain
+process, and into 2 and 1 FSDP2 ranks; a rank whose upload fails makes every rank raise and
+leaves nothing committed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+import tracking
+from pipelines.models import DigitsMLP
+from tests.integration.conftest import make_stack
+from tracking import layout, sharded
+from tracking.localstack import LocalStack
+from tracking.storage import BufferReader
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+EXPERIMENT = "distributed"
+# Where each strategy's epoch-5 checkpoint is cut: the file the rank that writes it is streaming.
+KILL_AT = {"ddp": layout.CHECKPOINT_FILE, "fsdp": sharded.shard_file(1)}
+
+
+@dataclass
+class Launch:
+    code: int
+    out: str
+
+    @property
+    def run_id(self) -> str:
+        found = re.search(r"MLflow run ([0-9a-f]{32})", self.out)
+        assert found, f"no run ID in the output:\n{self.out[-3000:]}"
+        return found.group(1)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    local = make_stack(tmp_path_factory.mktemp("stack-distributed"))
+    try:
+        try:
+            local.up()
+        except tracking.TrackingError as exc:
+            pytest.fail(f"the stack could not start: {exc}", pytrace=False)
+        yield local
+    finally:
+        local.down()
+
+
+@pytest.fixture(scope="module")
+def env(stack: LocalStack) -> Iterator[dict[str, str]]:
+    variables = {**stack.env(), "TRACKING_EXPERIMENT": EXPERIMENT}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in variables.items():
+            patch.setenv(name, value)
+        patch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", stack.tracking_uri)
+        yield {**os.environ, **variables}
+
+
+def torchrun(env: dict[str, str], ranks: int, *args: str) -> Launch:
+    command = [str(TORCHRUN), "--standalone", f"--nproc-per-node={ranks}", "-m", *args]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return Launch(done.returncode, done.stdout + done.stderr)
+
+
+def raw(run_id: str, epoch: int) -> dict[str, Any]:
+    """The stored checkpoint dict with every rank's ``rank_state``, as written (full tensors)."""
+    found = tracking.find_checkpoint(run_id, epoch)
+    files = found.manifest.files
+    if found.manifest.kind == "sharded_checkpoint":
+        return sharded.read(found.store, files, found.label)
+    data = found.store.read(layout.CHECKPOINT_FILE, files[layout.CHECKPOINT_FILE])
+    state = torch.load(cast(BinaryIO, BufferReader(data)), weights_only=True)
+    assert isinstance(state, dict)
+    return state
+
+
+def assert_identical(a: Any, b: Any, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), (where, sorted(map(str, a)), sorted(map(str, b)))
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
+
+
+@dataclass
+class Scenario:
+    strategy: str
+    reference: str  # 8 epochs straight
+    killed: Launch  # one rank killed while writing epoch 5's checkpoint
+    killed_epochs: list[int]
+    killed_status: str
+    resumed: Launch  # the next launch: --resume to 8
+
+
+@pytest.fixture(scope="module", params=["ddp", "fsdp"])
+def scenario(request: pytest.FixtureRequest, env: dict[str, str]) -> Scenario:
+    strategy = request.param
+    common = ("pipelines.digits", "--strategy", strategy, "--epochs", "8")
+    reference = torchrun(env, 2, *common)
+    assert reference.code == 0, reference.out[-3000:]
+    killed = torchrun(env, 2, "tests.distributed.fault", "kill", KILL_AT[strategy], "5", *common)
+    assert killed.code != 0, killed.out[-3000:]
+    killed_epochs = [c.epoch or 0 for c in tracking.list_checkpoints(killed.run_id)]
+    killed_status = MlflowClient().get_run(killed.run_id).info.status
+    resumed = torchrun(env, 2, *common, "--resume", killed.run_id)
+    assert resumed.code == 0, resumed.out[-3000:]
+    return Scenario(strategy, reference.run_id, killed, killed_epochs, killed_status, resumed)
+
+
+def test_a_killed_rank_leaves_epoch_4_as_the_latest_checkpoint(scenario: Scenario) -> None:
+    assert max(scenario.killed_epochs) == 4 and 5 not in scenario.killed_epochs
+    # The job died: the run was never ended as FINISHED (rank 0, left alone in a collective, may end it FAILED).
+    assert scenario.killed_status in ("RUNNING", "FAILED")
+
+
+def test_resume_after_a_kill_matches_the_uninterrupted_run_on_every_rank(scenario: Scenario) -> None:
+    assert f"MLflow run {scenario.killed.run_id}" in scenario.resumed.out  # the same run, continued
+    resumed, reference = raw(scenario.killed.run_id, 8), raw(scenario.reference, 8)
+    assert_identical(resumed, reference)  # model, optimizer, scheduler, metrics and every rank's state
+    ranks = reference[layout.RANK_STATE]  # a list by rank (DDP), a dict by rank (FSDP)
+    assert len(ranks) == 2 and all("rng" in state for state in (ranks if isinstance(ranks, list) else ranks.values()))
+    kind = tracking.find_checkpoint(scenario.reference, 8).manifest.kind
+    assert kind == ("sharded_checkpoint" if scenario.strategy == "fsdp" else "checkpoint")
+    if scenario.strategy == "fsdp":
+        # Each rank's own file, byte for byte: its shards of the weights and of the optimizer state.
+        mine = tracking.find_checkpoint(scenario.killed.run_id, 8).manifest.files
+        theirs = tracking.find_checkpoint(scenario.reference, 8).manifest.files
+        assert set(mine) == {sharded.shard_file(0), sharded.shard_file(1), sharded.METADATA_FILE}
+        assert mine == theirs
+
+
+@pytest.mark.parametrize("scenario", ["fsdp"], indirect=True)
+def test_a_sharded_checkpoint_loads_in_one_plain_process(scenario: Scenario) -> None:
+    loaded = tracking.load(scenario.reference, 8, mode="train")
+    stored = raw(scenario.reference, 8)
+    assert type(loaded.model) is DigitsMLP and loaded.epoch == 8
+    assert_identical(dict(loaded.model.state_dict()), stored["model_state"])
+    assert loaded.optimizer is not None and loaded.scheduler is not None
+    assert_identical(loaded.optimizer.state_dict(), sharded.index_keyed(stored["optim_state"]))
+    assert loaded.rank_state is not None and "rng" in loaded.rank_state  # rank 0's, in a plain process
+
+
+@pytest.mark.parametrize("scenario", ["fsdp"], indirect=True)
+@pytest.mark.parametrize("ranks", [2, 1])
+def test_a_sharded_checkpoint_loads_into_fsdp_ranks(
+    scenario: Scenario, env: dict[str, str], ranks: int, tmp_path: Path
+) -> None:
+    launch = torchrun(env, ranks, "tests.distributed.restore_check", scenario.reference, "8", str(tmp_path))
+    assert launch.code == 0, launch.out[-3000:]
+    stored = raw(scenario.reference, 8)
+    for rank in range(ranks):
+        got = torch.load(tmp_path / f"rank{rank}-of-{ranks}.pt", weights_only=True)
+        assert got["epoch"] == 8
+        assert_identical(got["model_state"], stored["model_state"])
+        assert_identical(got["optim_state"], stored["optim_state"])
+        assert_identical(got["rank_state"], stored[layout.RANK_STATE][str(rank)])
+
+
+@pytest.mark.parametrize(("strategy", "failing"), [("fsdp", sharded.shard_file(1)), ("ddp", layout.CHECKPOINT_FILE)])
+def test_a_rank_that_fails_to_upload_makes_every_rank_raise(
+    env: dict[str, str], strategy: str, failing: str, stack: LocalStack
+) -> None:
+    launch = torchrun(
+        env, 2, "tests.distributed.fault", "fail", failing, "1", "pipelines.digits", "--strategy", strategy,
+        "--epochs", "2",
+    )  # fmt: skip
+    assert launch.code != 0
+    errors = [line for line in launch.out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2, launch.out[-3000:]  # both ranks, the same error
+    assert errors[0] == errors[1] and "injected" in errors[0]
+    run_id = launch.run_id
+    assert tracking.list_checkpoints(run_id) == []
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    models = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"
+    )
+    assert [str(m.status) for m in models] == ["FAILED"]
+    leftover = stack.s3_client().list_objects_v2(Bucket=stack.bucket, Prefix=_key(models[0].artifact_location))
+    assert leftover.get("KeyCount", 0) == 0  # no shard of the failed save stays behind
+
+
+def _key(artifact_location: str) -> str:
+    return artifact_location.split("://", 1)[1].split("/", 1)[1].rstrip("/") + "/"
