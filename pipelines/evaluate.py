@@ -24,7 +24,8 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 import tracking
-from pipelines import data, digits, runs, train, training
+from pipelines import data, digits, runs, train
+from pipelines.task import measure
 from tracking.cli.server import connect
 from tracking.errors import run_command
 
@@ -48,7 +49,7 @@ def evaluate(source: str, checkpoint: str | int = "latest", *, trust_pickle: boo
     task = TASKS[dataset]
     model, what, epoch = _load(source, checkpoint, trust_pickle)
     split = data.load(task.dataset)
-    loss, accuracy = training.measure(task, model, split.x_val, split.y_val)
+    loss, accuracy = measure(task, model, split.x_val, split.y_val)
     metrics = {"eval_loss": loss, "eval_accuracy": accuracy}
     for name, value in metrics.items():
         client.log_metric(run.info.run_id, name, value, step=epoch or 0)

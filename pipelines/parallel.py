@@ -30,9 +30,9 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import tracking
-from pipelines import data, options, runs, training
+from pipelines import data, options, runs
 from pipelines.progress import EpochProgress
-from pipelines.task import State, Task
+from pipelines.task import State, Task, measure, seed_everything
 from tracking import distributed
 
 STRATEGIES = ("ddp", "fsdp")
@@ -78,7 +78,7 @@ def _train(task: Task, opts: options.Options) -> str:
 
     origin, values, overrides = distributed.on_rank0(settle)
     split = data.load(task.dataset)
-    training._seed(values["seed"])
+    seed_everything(values["seed"])
     state = _build(task, opts, values, split)
     rank_state = None
     if origin is not None:
@@ -113,7 +113,7 @@ def _train(task: Task, opts: options.Options) -> str:
                 sampler.set_epoch(epoch)
                 lr = float(state.optimizer.param_groups[0]["lr"])
                 train_loss, train_accuracy = _train_epoch(task, state, loader)
-                val_loss, val_accuracy = training.measure(task, state.model, split.x_val, split.y_val)
+                val_loss, val_accuracy = measure(task, state.model, split.x_val, split.y_val)
                 metrics = {
                     "train_loss": train_loss,
                     "train_accuracy": train_accuracy,

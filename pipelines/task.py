@@ -1,4 +1,4 @@
-"""What a pipeline trains (:class:`Task`), and where its training stands (:class:`State`).
+"""What a pipeline trains (:class:`Task`), where its training stands (:class:`State`), how it is measured.
 
 The training loop advances a :class:`State`; a new run builds one from the task, a
 resumed run restores one from a checkpoint.
@@ -6,10 +6,12 @@ resumed run restores one from a checkpoint.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
@@ -39,3 +41,18 @@ class State:
     scheduler: LRScheduler | None
     epoch: int = 0
     step: int = 0
+
+
+@torch.no_grad()
+def measure(task: Task, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Loss and accuracy of ``model`` on ``(x, y)`` in eval mode (no dropout, batch norm's running stats)."""
+    model.eval()
+    outputs = model(x)
+    return task.loss(outputs, y).item(), (task.predict(outputs) == y).float().mean().item()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's (CUDA's too) global RNGs."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

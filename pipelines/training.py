@@ -18,23 +18,20 @@ resume goes on in, and what it refuses, is :mod:`pipelines.runs`.
 from __future__ import annotations
 
 import os
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 import mlflow
-import numpy as np
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import tracking
 from pipelines import data, options, runs
 from pipelines.progress import EpochProgress
-from pipelines.task import State, Task
+from pipelines.task import State, Task, measure, seed_everything
 from tracking.cli.server import connect
 from tracking.config import bound_mlflow_requests
 from tracking.errors import run_command
@@ -71,7 +68,7 @@ def train(task: Task, opts: options.Options) -> str:
     overrides = runs.changed_params(task, opts, origin) if origin else {}
     split = data.load(task.dataset)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    _seed(values["seed"])
+    seed_everything(values["seed"])
     generator = torch.Generator().manual_seed(values["seed"])
     if origin:
         state, rng = runs.restore(task, opts, origin, values, overrides, split, device)
@@ -135,14 +132,6 @@ def train(task: Task, opts: options.Options) -> str:
         return str(run.info.run_id)
 
 
-@torch.no_grad()
-def measure(task: Task, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """Loss and accuracy of ``model`` on ``(x, y)`` in eval mode (no dropout, batch norm's running stats)."""
-    model.eval()
-    outputs = model(x)
-    return task.loss(outputs, y).item(), (task.predict(outputs) == y).float().mean().item()
-
-
 def _train_epoch(task: Task, state: State, loader: DataLoader[Any], device: torch.device) -> tuple[float, float]:
     state.model.train()
     # Summed on the device, read once per epoch: .item() per batch would sync a GPU every step.
@@ -163,12 +152,6 @@ def _train_epoch(task: Task, state: State, loader: DataLoader[Any], device: torc
     if state.scheduler is not None:
         state.scheduler.step()
     return loss_sum.item() / seen, correct.item() / seen
-
-
-def _seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # CUDA too
 
 
 def _build(task: Task, values: Mapping[str, Any], split: data.Split, device: torch.device) -> State:

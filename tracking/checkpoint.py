@@ -17,7 +17,8 @@ from torch import nn
 
 from tracking import distributed, layout, spec
 from tracking.catalog import LoggedCheckpoint
-from tracking.commit import CheckpointSnapshot, commit, commit_checkpoint
+from tracking.collective import commit
+from tracking.commit import CheckpointSnapshot, commit_checkpoint
 from tracking.config import TrackingConfig
 from tracking.manifest import FORMAT_VERSION, SHARDED_KIND, Manifest, now, versions
 from tracking.payload import TorchSave, check_loadable

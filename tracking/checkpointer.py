@@ -13,7 +13,8 @@ from torch import nn
 from tracking import catalog, distributed, layout, note
 from tracking.catalog import LoggedCheckpoint
 from tracking.checkpoint import check_metrics, snapshot_checkpoint
-from tracking.commit import CheckpointSnapshot, Describe, commit, commit_checkpoint
+from tracking.collective import commit
+from tracking.commit import CheckpointSnapshot, Describe, commit_checkpoint
 from tracking.config import TrackingConfig
 from tracking.manifest import SHARDED_KIND, Manifest
 from tracking.run import RunHandle, open_run, target_run_id

@@ -14,10 +14,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from tracking import catalog, distributed, layout
+from tracking import catalog, layout
 from tracking.catalog import LoggedCheckpoint, StoredCheckpoint
 from tracking.errors import StorageError, TrackingError
-from tracking.manifest import SHARDED_KIND, Manifest, StoredFile
+from tracking.manifest import Manifest, StoredFile
 from tracking.payload import TorchSave
 from tracking.run import RunHandle
 from tracking.saver import to_host
@@ -45,37 +45,6 @@ class CheckpointSnapshot:
 # Given the new checkpoint's model ID and the run's tags as they will be, more run tags to set
 # in the same request (the Checkpointer's run description).
 Describe = Callable[[str, Mapping[str, str]], dict[str, str]]
-
-
-def commit(
-    handle: RunHandle | None,
-    snapshot: CheckpointSnapshot,
-    describe: Describe | None = None,
-    after: Callable[[LoggedCheckpoint], object] | None = None,
-) -> LoggedCheckpoint:
-    """Commit ``snapshot`` from every rank of a process group (or from the one process there is).
-
-    Rank 0, the only one with the run's ``handle``, talks to MLflow. A sharded snapshot is
-    written by every rank (:mod:`tracking.sharded`); any other is written by rank 0 alone,
-    with every rank's ``rank_state``. ``after`` runs on rank 0 once the checkpoint is
-    committed (retention). Every rank returns the checkpoint, or raises the same error.
-    """
-    if snapshot.manifest.kind == SHARDED_KIND:
-        from tracking.sharded import commit_sharded
-
-        return commit_sharded(handle, snapshot, describe, after)
-    states = distributed.gather(snapshot.rank_state) if distributed.active() else None
-
-    def on_rank0() -> LoggedCheckpoint:
-        assert handle is not None
-        if states is not None and any(state is not None for state in states):
-            snapshot.payload[layout.RANK_STATE] = states
-        logged = commit_checkpoint(handle, snapshot, describe)
-        if after is not None:
-            after(logged)
-        return logged
-
-    return distributed.on_rank0(on_rank0)
 
 
 def commit_checkpoint(

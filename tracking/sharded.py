@@ -52,6 +52,7 @@ from torch.futures import Future
 
 from tracking import catalog, distributed
 from tracking.catalog import LoggedCheckpoint, StoredCheckpoint
+from tracking.commit import commit_files
 from tracking.errors import IntegrityError, StorageError, TrackingError
 from tracking.manifest import StoredFile
 from tracking.run import RunHandle
@@ -395,7 +396,6 @@ def commit_sharded(
     :func:`tracking.commit.commit_files`, and calls ``after`` (retention). Every rank returns
     the committed checkpoint, or raises the same error.
     """
-    from tracking.commit import commit_files
 
     manifest = snapshot.manifest
     created: list[StoredCheckpoint] = []
