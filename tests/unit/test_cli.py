@@ -28,8 +28,13 @@ def run_id(experiment: str) -> str:
 def test_checkpoints_lists_epochs_with_latest_and_best(run_id: str) -> None:
     result = CliRunner().invoke(main, ["checkpoints", run_id], terminal_width=200)
     assert result.exit_code == 0, result.output
-    rows = {line.split()[1]: line for line in result.output.splitlines() if line.strip()[:1] == "│"}
+    # A table in a terminal, plain columns into a pipe: either way, one row per epoch.
+    cells = [line.replace("│", " ").split() for line in result.output.splitlines()]
+    rows = {row[0]: row for row in cells if row and row[0].isdecimal()}
+    assert sorted(rows) == ["1", "2", "3"]
     assert "best" in rows["2"] and "latest" in rows["3"] and "latest" not in rows["1"]
+    for checkpoint in tracking.list_checkpoints(run_id):
+        assert checkpoint.model_id in rows[str(checkpoint.epoch)]
 
 
 def test_show_prints_the_manifest(run_id: str) -> None:
