@@ -147,11 +147,16 @@ def s3_client(endpoint_url: str, access_key_id: str, secret_access_key: str, reg
 
 
 def s3_problem(client: Any, bucket: str) -> str | None:
-    """None when a signed HeadBucket succeeds; creates the bucket when it is missing."""
+    """None when a signed HeadBucket succeeds and stored data reads back; creates the bucket when it is missing."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
         client.head_bucket(Bucket=bucket)
+        # After a restart the filer answers before the volume server serves what it stores: read
+        # one byte of a stored object, so that `up` returns only once the data is there.
+        stored = client.list_objects_v2(Bucket=bucket, MaxKeys=1).get("Contents", [])
+        if stored:
+            client.get_object(Bucket=bucket, Key=stored[0]["Key"], Range="bytes=0-0")["Body"].read()
         return None
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
@@ -212,11 +217,14 @@ def prepare_sqlite(backend_store_uri: str) -> None:
     if not backend_store_uri.startswith("sqlite:///"):
         return
     path = Path(backend_store_uri.removeprefix("sqlite:///"))
-    if path.exists():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        db.execute("PRAGMA journal_mode=WAL")
+    try:
+        if path.exists():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            db.execute("PRAGMA journal_mode=WAL")
+    except (OSError, sqlite3.Error):
+        return  # a path that cannot hold a database: the server's start says why, in one line
 
 
 def check_driver(backend_store_uri: str) -> None:
