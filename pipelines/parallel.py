@@ -122,8 +122,8 @@ def _train(task: Task, opts: options.Options) -> str:
                     "lr": lr,
                 }
                 last = epoch == opts.epochs
-                if run is not None and not (last or checkpoints.should_save(epoch)):
-                    mlflow.log_metrics(metrics, step=epoch)
+                if run is not None:
+                    runs.log_epoch(checkpoints, epoch, metrics, last)
                 if progress is not None:
                     progress.update(epoch, metrics)
                 checkpoints.save(
@@ -202,11 +202,7 @@ def _restore(
             f"run {run_id} was trained by {saved['sampler']['world_size']} ranks; resume it with as many "
             "(torchrun --nproc-per-node), or the batches would differ."
         )
-    if "lr" in overrides:
-        for group in state.optimizer.param_groups:
-            group["lr"] = values["lr"]
-        if state.scheduler is not None:
-            state.scheduler.base_lrs = [values["lr"]] * len(state.optimizer.param_groups)
+    runs.apply_lr_override(state.optimizer, state.scheduler, values, overrides)
     state.epoch, state.step = epoch, loaded.step or 0
     return saved
 

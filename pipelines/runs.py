@@ -130,14 +130,28 @@ def restore(
             f"run {run_id}: {loaded.path} holds no optimizer or RNG state, so it cannot be resumed exactly; "
             "resume a checkpoint logged by a training pipeline."
         )
-    if "lr" in overrides:
-        # load_state_dict brought back the run's learning rate; the override applies from here on.
-        for group in loaded.optimizer.param_groups:
-            group["lr"] = values["lr"]
-        if loaded.scheduler is not None:
-            loaded.scheduler.base_lrs = [values["lr"]] * len(loaded.optimizer.param_groups)
+    apply_lr_override(loaded.optimizer, loaded.scheduler, values, overrides)
     state = State(loaded.model, loaded.optimizer, loaded.scheduler, epoch, loaded.step or 0)
     return state, loaded.extra["rng"]
+
+
+def apply_lr_override(
+    optimizer: torch.optim.Optimizer, scheduler: Any, values: Mapping[str, Any], overrides: Mapping[str, Any]
+) -> None:
+    """An ``--override``-n learning rate, from the resumed epoch on (loading brought back the run's)."""
+    if "lr" not in overrides:
+        return
+    for group in optimizer.param_groups:
+        group["lr"] = values["lr"]
+    if scheduler is not None:
+        scheduler.base_lrs = [values["lr"]] * len(optimizer.param_groups)
+
+
+def log_epoch(checkpoints: tracking.Checkpointer, epoch: int, metrics: Mapping[str, float], last: bool) -> None:
+    """Log an epoch's metrics, unless the epoch gets a checkpoint: a checkpoint logs its metrics to the
+    run itself (and to its logged model), and logging them here too would show every point twice."""
+    if not (last or checkpoints.should_save(epoch)):
+        mlflow.log_metrics(dict(metrics), step=epoch)
 
 
 @contextmanager

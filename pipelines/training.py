@@ -22,7 +22,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-import mlflow
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -109,10 +108,7 @@ def train(task: Task, opts: options.Options) -> str:
                     "lr": lr,
                 }
                 last = epoch == opts.epochs
-                if not (last or checkpoints.should_save(epoch)):
-                    # A checkpoint logs its metrics to the run itself (and to its logged model):
-                    # logging them here too would show every point twice in the run's history.
-                    mlflow.log_metrics(metrics, step=epoch)
+                runs.log_epoch(checkpoints, epoch, metrics, last)
                 progress.update(epoch, metrics)
                 checkpoints.save(
                     state.model,
