@@ -42,7 +42,8 @@ train: install
 
 # The whole suite: the unit tier (moto S3, sqlite) and the integration tier, which starts
 # its own SeaweedFS + MLflow servers (sqlite and PostgreSQL backends) on free ports.
-test: install
+# The browser test drives Debian's chromium: installed first when missing (apt, as root).
+test: install browser-deps
 	$(BIN)/python -m pytest tests
 
 test-unit: install
