@@ -53,6 +53,16 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+def print_error(message: str) -> None:
+    """Write ``error: <message>`` and its newline to stderr in one write.
+
+    The ranks of a torchrun job share one stderr: ``print`` writes the text and the newline
+    separately, and two ranks failing together then run their lines into one.
+    """
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+
+
 def run_command(action: Callable[[], object], also: tuple[type[BaseException], ...] = ()) -> int:
     """Run a command's ``action`` and return its exit status: 0, or 1 with ``error: <one line>`` on stderr.
 
@@ -64,6 +74,6 @@ def run_command(action: Callable[[], object], also: tuple[type[BaseException], .
         code = exit_code(exc, also)
         if code is None:
             raise
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        print_error(one_line(exc))
         return code
     return 0

@@ -26,6 +26,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from tracking.errors import one_line, print_error
+
 T = TypeVar("T")
 
 ON_BUSY = ("wait", "coalesce")
@@ -190,8 +192,7 @@ def _flush_at_exit() -> None:
             saver.close()
         except BaseException as exc:
             _failed_at_exit.append(exc)
-            message = " ".join(str(exc).split())
-            print(f"error: a background checkpoint save failed: {type(exc).__name__}: {message}", file=sys.stderr)
+            print_error(f"a background checkpoint save failed: {type(exc).__name__}: {one_line(exc)}")
 
 
 def _exit_failed() -> None:

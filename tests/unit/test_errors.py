@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +54,19 @@ def test_run_command_prints_one_line_and_returns_1_and_lets_other_errors_through
     assert capsys.readouterr().err == "error: run r: no such checkpoint\n"
     with pytest.raises(KeyError):
         run_command(lambda: {}["x"])
+
+
+def test_error_lines_of_processes_sharing_stderr_never_run_together(tmp_path: Path) -> None:
+    # The ranks of a torchrun job share one unbuffered stderr and often fail at the same moment;
+    # ``print`` would write each message and its newline apart, and the lines would run together.
+    code = "import sys\nfrom tracking.errors import print_error as e\nfor _ in range(3000): e(sys.argv[1] + 'x' * 300)"
+    shared = tmp_path / "stderr"
+    with shared.open("ab") as stderr:  # O_APPEND: every write lands whole at the end, as on a pipe
+        children = [
+            subprocess.Popen([sys.executable, "-u", "-c", code, f"rank{rank} "], stderr=stderr) for rank in range(4)
+        ]
+        for child in children:
+            assert child.wait(timeout=60) == 0
+    lines = shared.read_text().splitlines()
+    assert sorted(set(lines)) == [f"error: rank{rank} " + "x" * 300 for rank in range(4)]
+    assert len(lines) == 4 * 3000
