@@ -88,17 +88,10 @@ def _train(task: Task, opts: options.Options) -> str:
         dataset, num_replicas=world, rank=rank, shuffle=True, seed=values["seed"]
     )
     loader = DataLoader(dataset, batch_size=values["batch_size"], sampler=sampler)
-    checkpoints = tracking.Checkpointer(
-        every_n_epochs=values["checkpoint_every"],
-        keep_last=values["keep_last"],
-        keep_best=values["keep_best"],
-        monitor=values["monitor"],
-        mode=values["monitor_mode"],
-        commands=[
-            "python -m pipelines.evaluate --run-id {run_id} --checkpoint best",
-            f"torchrun --nproc-per-node {world} -m {task.name} --strategy {opts.strategy} "
-            f"--resume {{run_id}} --epochs {2 * opts.epochs}",
-        ],
+    checkpoints = runs.checkpointer(
+        values,
+        f"torchrun --nproc-per-node {world} -m {task.name} --strategy {opts.strategy} "
+        f"--resume {{run_id}} --epochs {2 * opts.epochs}",
     )
     plain = State(_plain(state.model), state.optimizer, state.scheduler, state.epoch, state.step)
     with _run(client, config, task, opts, origin, values, overrides, plain) as run, checkpoints:

@@ -147,6 +147,20 @@ def apply_lr_override(
         scheduler.base_lrs = [values["lr"]] * len(optimizer.param_groups)
 
 
+def checkpointer(values: Mapping[str, Any], resume_command: str) -> tracking.Checkpointer:
+    """The run's checkpoint policy from its settings; ``resume_command`` (with ``{run_id}``) trains it further."""
+    return tracking.Checkpointer(
+        every_n_epochs=values["checkpoint_every"],
+        keep_last=values["keep_last"],
+        # --keep-last all keeps every checkpoint: the best ones are among them.
+        keep_best=values["keep_best"] if values["keep_last"] is not None else None,
+        monitor=values["monitor"],
+        mode=values["monitor_mode"],
+        # For the run's description in the UI: how to evaluate this run and train it further.
+        commands=["python -m pipelines.evaluate --run-id {run_id} --checkpoint best", resume_command],
+    )
+
+
 def log_epoch(checkpoints: tracking.Checkpointer, epoch: int, metrics: Mapping[str, float], last: bool) -> None:
     """Log an epoch's metrics, unless the epoch gets a checkpoint: a checkpoint logs its metrics to the
     run itself (and to its logged model), and logging them here too would show every point twice."""

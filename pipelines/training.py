@@ -77,19 +77,7 @@ def train(task: Task, opts: options.Options) -> str:
         TensorDataset(split.x_train, split.y_train), batch_size=values["batch_size"], shuffle=True, generator=generator
     )
     x_val, y_val = split.x_val.to(device), split.y_val.to(device)
-    checkpoints = tracking.Checkpointer(
-        every_n_epochs=values["checkpoint_every"],
-        keep_last=values["keep_last"],
-        # --keep-last all keeps every checkpoint: the best ones are among them.
-        keep_best=values["keep_best"] if values["keep_last"] is not None else None,
-        monitor=values["monitor"],
-        mode=values["monitor_mode"],
-        # For the run's description in the UI: how to evaluate this run and train it further.
-        commands=[
-            "python -m pipelines.evaluate --run-id {run_id} --checkpoint best",
-            f"python -m {task.name} --resume {{run_id}} --epochs {2 * opts.epochs}",
-        ],
-    )
+    checkpoints = runs.checkpointer(values, f"python -m {task.name} --resume {{run_id}} --epochs {2 * opts.epochs}")
     with runs.start(client, config, task, opts, origin, values, overrides, state) as run, checkpoints:
         runs.announce(client, run)
         if rng is not None:

@@ -280,3 +280,15 @@ def test_override_applies_the_new_value_and_records_it(env: dict[str, str]) -> N
     assert run.data.params["lr"] == "0.1"  # params cannot change; the tag says what did
     assert history(run_id)["lr"] == {1: 0.1, 2: 0.1, 3: 0.5}
     assert checkpoint(run_id, 3)["optim_state"]["param_groups"][0]["lr"] == 0.5
+
+
+@pytest.mark.parametrize(("keep", "kept"), [(["--keep-last", "all"], [1, 2, 3, 4]), (["--keep-last", "1"], None)])
+def test_keep_last_all_keeps_every_checkpoint(env: dict[str, str], keep: list[str], kept: list[int] | None) -> None:
+    run_id = inline(train.main, "--epochs", "4", "--checkpoint-every", "1", "--keep-best", "1", *keep).run_id
+
+    epochs = [found.epoch for found in tracking.list_checkpoints(run_id)]
+    if kept is not None:
+        assert epochs == kept
+    else:  # the latest and the best by val_loss
+        best = min(history(run_id)["val_loss"].items(), key=lambda item: item[1])[0]
+        assert epochs == sorted({best, 4})
