@@ -81,9 +81,7 @@ def load(
     manifest = located.manifest
     # The checkpoint's tensors share the download buffer: the model adopts its part of it
     # and the optimizer keeps the rest, so nothing is copied and nothing is left over.
-    state = _read_torch(located, map_location, share=True)
-    if not isinstance(state, dict) or "model_state" not in state:
-        raise TrackingError(f"run {located.run_id}: {located.label} has no 'model_state' key; it is not a checkpoint.")
+    state = _checkpoint_state(located, _read_torch(located, map_location, share=True))
     built = _build_model(located, model, map_location)
     adopted = _load_weights(located, built, state["model_state"], strict, adopt=True)
     optim = None
@@ -107,21 +105,8 @@ def load(
         scaler = scaler_cls(torch.device(map_location).type)
         scaler.load_state_dict(_own(state["scaler_state"]))
     built.train(mode == "train")
-    return LoadedCheckpoint(
-        model=built,
-        optimizer=optim,
-        scheduler=sched,
-        scaler=scaler,
-        epoch=state.get("epoch"),
-        step=state.get("step"),
-        metrics=dict(state.get("metrics") or manifest.metrics),
-        run_id=located.run_id,
-        path=located.label,
-        manifest=manifest,
-        extra={k: _own(v) for k, v in state.items() if k not in _KNOWN},
-        model_id=located.model_id,
-        rank_state=_own(_rank_entry(state.get(layout.RANK_STATE))),
-    )
+    # What the result keeps besides the live objects gets its own tensors: the buffer is freed.
+    return _loaded(located, state, built, optim, sched, scaler, keep=_own)
 
 
 _KNOWN = {
@@ -178,9 +163,7 @@ def restore(
                 "into is sharded (FSDP2); restore it into the model before sharding it, or load it with tracking.load."
             )
         device = next((p.device for p in plain.parameters()), torch.device("cpu"))
-        state = _read_torch(located, device)
-        if not isinstance(state, dict) or "model_state" not in state:
-            raise TrackingError(f"run {run_id}: {located.label} has no 'model_state' key; it is not a checkpoint.")
+        state = _checkpoint_state(located, _read_torch(located, device))
         _load_weights(located, plain, state["model_state"], strict)
         if optimizer is not None and state.get("optim_state") is not None:
             optimizer.load_state_dict(state["optim_state"])
@@ -188,6 +171,25 @@ def restore(
         scheduler.load_state_dict(state["scheduler_state"])
     if scaler is not None and state.get("scaler_state") is not None:
         scaler.load_state_dict(state["scaler_state"])
+    return _loaded(located, state, model, optimizer, scheduler, scaler)
+
+
+def _checkpoint_state(located: Located, state: Any) -> dict[str, Any]:
+    if not isinstance(state, dict) or "model_state" not in state:
+        raise TrackingError(f"run {located.run_id}: {located.label} has no 'model_state' key; it is not a checkpoint.")
+    return state
+
+
+def _loaded(
+    located: Located,
+    state: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any,
+    scaler: Any,
+    keep: Callable[[Any], Any] = lambda value: value,
+) -> LoadedCheckpoint:
+    """The result of a load or restore: the live objects, and ``keep``-s of the checkpoint's other entries."""
     return LoadedCheckpoint(
         model=model,
         optimizer=optimizer,
@@ -195,13 +197,13 @@ def restore(
         scaler=scaler,
         epoch=state.get("epoch"),
         step=state.get("step"),
-        metrics=dict(state.get("metrics") or manifest.metrics),
-        run_id=run_id,
+        metrics=dict(state.get("metrics") or located.manifest.metrics),
+        run_id=located.run_id,
         path=located.label,
-        manifest=manifest,
-        extra={k: v for k, v in state.items() if k not in _KNOWN},
-        model_id=model_id,
-        rank_state=_rank_entry(state.get(layout.RANK_STATE)),
+        manifest=located.manifest,
+        extra={k: keep(v) for k, v in state.items() if k not in _KNOWN},
+        model_id=located.model_id,
+        rank_state=keep(_rank_entry(state.get(layout.RANK_STATE))),
     )
 
 

@@ -169,6 +169,33 @@ def test_loaded_optimizer_state_equals_saved(experiment: str) -> None:
             assert torch.equal(restored["state"][index][name], tensor)
 
 
+def test_restore_loads_into_existing_objects_and_returns_what_load_returns(experiment: str) -> None:
+    model, optimizer, scheduler = digits_setup()
+    train_steps(model, optimizer, scheduler, steps=3)
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(
+            model, optimizer, epoch=2, step=3, scheduler=scheduler, metrics={"val_loss": 0.5},
+            extra={"note": "kept"}, rank_state={"rng": [1, 2]},
+        )  # fmt: skip
+    fresh, fresh_optimizer, fresh_scheduler = digits_setup(seed=1)
+
+    restored = tracking.restore(run.info.run_id, fresh, fresh_optimizer, fresh_scheduler)
+    loaded = tracking.load(run.info.run_id)
+
+    assert restored.model is fresh and restored.optimizer is fresh_optimizer and restored.scheduler is fresh_scheduler
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], tensor)
+    saved, into = optimizer.state_dict(), fresh_optimizer.state_dict()
+    assert into["param_groups"] == saved["param_groups"]
+    for index, state in saved["state"].items():
+        assert all(torch.equal(into["state"][index][name], tensor) for name, tensor in state.items())
+    assert fresh_scheduler.state_dict() == scheduler.state_dict()
+    for result in (restored, loaded):
+        assert (result.epoch, result.step, result.metrics, result.extra) == (2, 3, {"val_loss": 0.5}, {"note": "kept"})
+        assert (result.rank_state, result.run_id, result.path) == ({"rng": [1, 2]}, run.info.run_id, loaded.path)
+        assert result.model_id == loaded.model_id is not None
+
+
 def test_multiple_param_groups_are_rebuilt(experiment: str) -> None:
     model, _, _ = digits_setup()
     layers = list(model.net)
