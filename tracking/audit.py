@@ -102,11 +102,11 @@ def _load_problem(part: _Part, name: str, data: Buffer, format: str) -> str | No
 
             load_safetensors(bytes(data))
         elif format == "dcp":
-            from tracking import sharded
+            from tracking import dcp_index
 
             # Shards are raw tensor bytes and weights-only pickles that dcp.json places; its index must parse.
-            if name == sharded.METADATA_FILE and isinstance(part.manifest, Manifest):
-                sharded.metadata_from_json(bytes(data), set(part.manifest.files), where=f"{part.store.owner}: {name}")
+            if name == dcp_index.METADATA_FILE and isinstance(part.manifest, Manifest):
+                dcp_index.from_json(bytes(data), set(part.manifest.files), where=f"{part.store.owner}: {name}")
         else:
             torch.load(cast(BinaryIO, BufferReader(data)), map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -18,11 +18,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import json
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import torch
@@ -30,12 +28,8 @@ from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner  # type: ignore[attr-defined]
 from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
-    ChunkStorageMetadata,
     Metadata,
     MetadataIndex,
-    TensorProperties,
-    TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.planner import (
     LoadItemType,
@@ -50,32 +44,18 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from tracking import catalog, distributed
+from tracking import catalog, dcp_index, distributed
 from tracking.catalog import LoggedCheckpoint, StoredCheckpoint
 from tracking.commit import commit_files
+from tracking.dcp_index import METADATA_FILE, NEXT_STEP, Span
 from tracking.errors import IntegrityError, StorageError, TrackingError
 from tracking.manifest import StoredFile
 from tracking.run import RunHandle
 from tracking.storage import ArtifactStore, open_store
 
-FORMAT = "dcp"
-METADATA_FILE = "dcp.json"
-METADATA_VERSION = 1
-
 
 def shard_file(rank: int) -> str:
     return f"shard-{rank:05d}.distcp"
-
-
-@dataclass(frozen=True)
-class Span:
-    """Where one item's bytes are: a file, an offset and a length; a tensor chunk's dtype and shape too."""
-
-    file: str
-    offset: int
-    length: int
-    dtype: str | None = None
-    sizes: tuple[int, ...] | None = None
 
 
 class _ShardProducer:
@@ -182,9 +162,9 @@ class ShardReader(StorageReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if self.metadata is None:
             if METADATA_FILE not in self.files:
-                raise IntegrityError(f"{self.where}: the manifest lists no {METADATA_FILE}; {_NEXT_STEP}")
+                raise IntegrityError(f"{self.where}: the manifest lists no {METADATA_FILE}; {NEXT_STEP}")
             raw = self.store.read(METADATA_FILE, self.files[METADATA_FILE])
-            self.metadata = metadata_from_json(bytes(raw), set(self.files), where=f"{self.where}: {METADATA_FILE}")
+            self.metadata = dcp_index.from_json(bytes(raw), set(self.files), where=f"{self.where}: {METADATA_FILE}")
         return self.metadata
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
@@ -206,7 +186,7 @@ class ShardReader(StorageReader):
             span = self.spans[item.storage_index]
             view = memoryview(buffers[span.file])[span.offset : span.offset + span.length]
             if len(view) != span.length:
-                raise IntegrityError(f"{self.where}: {span.file} is shorter than {METADATA_FILE} says; {_NEXT_STEP}")
+                raise IntegrityError(f"{self.where}: {span.file} is shorter than {METADATA_FILE} says; {NEXT_STEP}")
             if item.type == LoadItemType.BYTE_IO:
                 planner.load_bytes(item, io.BytesIO(bytes(view)))
                 continue
@@ -215,7 +195,7 @@ class ShardReader(StorageReader):
             if target.size() != chunk.size():
                 raise IntegrityError(
                     f"{self.where}: {item.storage_index.fqn} is stored as {tuple(chunk.size())}, the state to load "
-                    f"into needs {tuple(target.size())}; {_NEXT_STEP}"
+                    f"into needs {tuple(target.size())}; {NEXT_STEP}"
                 )
             target.copy_(chunk)
             planner.commit_tensor(item, target)
@@ -235,11 +215,6 @@ def _tensor(view: memoryview, span: Span) -> torch.Tensor:
     if not span.length:
         return torch.empty(span.sizes, dtype=dtype)
     return torch.frombuffer(view, dtype=dtype).reshape(span.sizes)
-
-
-_NEXT_STEP = (
-    "the checkpoint is corrupted or was edited; load another checkpoint (checkpoint=<epoch>) or log this one again."
-)
 
 
 def _safe_load(value: io.BytesIO) -> Any:
@@ -269,97 +244,6 @@ class _SafeFullPlanner(_EmptyStateDictLoadPlanner):
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         _load_bytes(self, read_item, value)
-
-
-# --- the metadata file ---------------------------------------------------------------------------
-
-
-def metadata_to_json(metadata: Metadata) -> bytes:
-    entries = []
-    for fqn, stored in metadata.state_dict_metadata.items():
-        path = list(metadata.planner_data[fqn]) if metadata.planner_data else [fqn]
-        if isinstance(stored, TensorStorageMetadata):
-            chunks = []
-            for chunk in stored.chunks:
-                span = metadata.storage_data[MetadataIndex(fqn, chunk.offsets)]
-                chunks.append(
-                    {
-                        "offsets": list(chunk.offsets),
-                        "sizes": list(chunk.sizes),
-                        "file": span.file,
-                        "offset": span.offset,
-                        "length": span.length,
-                    }
-                )
-            dtype = str(stored.properties.dtype).removeprefix("torch.")
-            entries.append({"fqn": fqn, "path": path, "dtype": dtype, "size": list(stored.size), "chunks": chunks})
-        else:
-            span = metadata.storage_data[MetadataIndex(fqn)]
-            entries.append({"fqn": fqn, "path": path, "file": span.file, "offset": span.offset, "length": span.length})
-    document = {"format": FORMAT, "version": METADATA_VERSION, "entries": entries}
-    return json.dumps(document, indent=1, sort_keys=True).encode()
-
-
-def metadata_from_json(raw: bytes, files: set[str], *, where: str) -> Metadata:
-    """Parse ``dcp.json`` strictly: anything malformed is an IntegrityError naming ``where``."""
-    try:
-        document = json.loads(raw)
-        if document.get("format") != FORMAT or document.get("version") != METADATA_VERSION:
-            raise ValueError(f"format/version {document.get('format')!r}/{document.get('version')!r}")
-        state: dict[str, Any] = {}
-        planner_data: dict[str, Any] = {}
-        spans: dict[MetadataIndex, Span] = {}
-        for entry in document["entries"]:
-            fqn = _typed(entry["fqn"], str)
-            path = tuple(_typed(p, (str, int)) for p in entry["path"])
-            if not path:
-                raise ValueError(f"{fqn}: empty path")
-            planner_data[fqn] = path
-            if "chunks" in entry:
-                dtype = getattr(torch, _typed(entry["dtype"], str), None)
-                if not isinstance(dtype, torch.dtype):
-                    raise ValueError(f"{fqn}: dtype {entry['dtype']!r}")
-                size = torch.Size(_ints(entry["size"]))
-                chunks = []
-                for chunk in entry["chunks"]:
-                    offsets, sizes = torch.Size(_ints(chunk["offsets"])), torch.Size(_ints(chunk["sizes"]))
-                    if len(offsets) != len(size) or len(sizes) != len(size):
-                        raise ValueError(f"{fqn}: chunk of {len(sizes)} dimensions in a tensor of {len(size)}")
-                    length = _span_fields(chunk, files)
-                    itemsize = torch.empty((), dtype=dtype).element_size()
-                    if length[2] != sizes.numel() * itemsize:
-                        raise ValueError(f"{fqn}: {length[2]} bytes for a chunk of {tuple(sizes)} {dtype}")
-                    spans[MetadataIndex(fqn, offsets)] = Span(*length, str(dtype).removeprefix("torch."), tuple(sizes))
-                    chunks.append(ChunkStorageMetadata(offsets=offsets, sizes=sizes))
-                state[fqn] = TensorStorageMetadata(TensorProperties(dtype=dtype), size, chunks)
-            else:
-                spans[MetadataIndex(fqn)] = Span(*_span_fields(entry, files))
-                state[fqn] = BytesStorageMetadata()
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
-        raise IntegrityError(f"{where} is malformed ({exc}); {_NEXT_STEP}") from exc
-    return Metadata(state_dict_metadata=state, planner_data=planner_data, storage_data=spans)
-
-
-def _typed(value: Any, kind: type | tuple[type, ...]) -> Any:
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise TypeError(f"{value!r} is not a {kind}")
-    return value
-
-
-def _ints(values: Any) -> list[int]:
-    if not isinstance(values, list):
-        raise TypeError(f"{values!r} is not a list")
-    return [_typed(v, int) for v in values]
-
-
-def _span_fields(entry: Mapping[str, Any], files: set[str]) -> tuple[str, int, int]:
-    name = _typed(entry["file"], str)
-    if name not in files:
-        raise ValueError(f"file {name[:100]!r} is not in the manifest")
-    offset, length = _typed(entry["offset"], int), _typed(entry["length"], int)
-    if offset < 0 or length < 0:
-        raise ValueError(f"negative offset or length in {name}")
-    return name, offset, length
 
 
 # --- saving and loading ---------------------------------------------------------------------------
@@ -446,7 +330,7 @@ def commit_sharded(
                     raise type(failure)(f"rank {rank}: {failure}") if isinstance(failure, StorageError) else failure
                 raise StorageError(f"rank {rank} could not store its shard ({type(failure).__name__}: {failure}).")
             assert metadata is not None
-            files[METADATA_FILE] = checkpoint.store.write_bytes(METADATA_FILE, metadata_to_json(metadata))
+            files[METADATA_FILE] = checkpoint.store.write_bytes(METADATA_FILE, dcp_index.to_json(metadata))
             return files
 
         logged = commit_files(handle, checkpoint, snapshot, write_files, describe)

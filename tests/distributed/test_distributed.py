@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 import tracking
 from pipelines.models import DigitsMLP
 from tests.integration.conftest import make_stack
-from tracking import layout, sharded
+from tracking import dcp_index, layout, sharded
 from tracking.localstack import LocalStack
 from tracking.storage import BufferReader
 
@@ -152,7 +152,7 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run_on_every_rank(scenari
         # Each rank's own file, byte for byte: its shards of the weights and of the optimizer state.
         mine = tracking.find_checkpoint(scenario.killed.run_id, 8).manifest.files
         theirs = tracking.find_checkpoint(scenario.reference, 8).manifest.files
-        assert set(mine) == {sharded.shard_file(0), sharded.shard_file(1), sharded.METADATA_FILE}
+        assert set(mine) == {sharded.shard_file(0), sharded.shard_file(1), dcp_index.METADATA_FILE}
         assert mine == theirs
 
 
