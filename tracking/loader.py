@@ -138,10 +138,11 @@ def restore(
     ``source``, ``checkpoint`` and ``step`` mean what they mean for :func:`load`. Under ``torchrun``
     every rank calls it: rank 0 finds the checkpoint (the only rank to ask MLflow), every rank
     reads what it needs from the store. A sharded checkpoint loads into a sharded model (FSDP2)
-    of any number of ranks, or into a plain one; a checkpoint of a replicated model loads into
-    the module a ``DistributedDataParallel`` wraps. The result's ``rank_state`` is this rank's own.
+    of any number of ranks, or into a plain one; a checkpoint of a whole model (one process's, or
+    DDP's) loads into the module a ``DistributedDataParallel`` wraps, or into an FSDP2 model, each
+    rank keeping its own shards. The result's ``rank_state`` is this rank's own.
     """
-    from tracking import distributed
+    from tracking import distributed, sharded
 
     config = config or TrackingConfig.from_env()
 
@@ -153,20 +154,17 @@ def restore(
     located = Located(run_id, open_store(artifact_uri, config, owner=owner), folder, manifest, model_id)
     plain = distributed.unwrap(model)
     if manifest.kind == SHARDED_KIND:
-        from tracking import sharded
-
         state = sharded.load_into(located.store, manifest.files, _where(located), plain, optimizer, strict)
     else:
-        if distributed.is_sharded(plain.state_dict()):
-            raise MismatchError(
-                f"run {run_id}: {located.label} is the checkpoint of a whole model, and the model to restore it "
-                "into is sharded (FSDP2); restore it into the model before sharding it, or load it with tracking.load."
-            )
         device = next((p.device for p in plain.parameters()), torch.device("cpu"))
         state = _checkpoint_state(located, _read_torch(located, device))
-        _load_weights(located, plain, state["model_state"], strict)
-        if optimizer is not None and state.get("optim_state") is not None:
-            optimizer.load_state_dict(state["optim_state"])
+        if distributed.is_sharded(plain.state_dict()):
+            # A whole model's checkpoint (one process's, or DDP's) into an FSDP2 model: every rank keeps its shards.
+            sharded.load_whole_into(plain, optimizer, state, strict, where=_where(located))
+        else:
+            _load_weights(located, plain, state["model_state"], strict)
+            if optimizer is not None and state.get("optim_state") is not None:
+                optimizer.load_state_dict(state["optim_state"])
     if scheduler is not None and state.get("scheduler_state") is not None:
         scheduler.load_state_dict(state["scheduler_state"])
     if scaler is not None and state.get("scaler_state") is not None:

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 import torch
+from torch import nn
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner  # type: ignore[attr-defined]
@@ -48,7 +49,7 @@ from tracking import catalog, dcp_index, distributed
 from tracking.catalog import LoggedCheckpoint, StoredCheckpoint
 from tracking.commit import commit_files
 from tracking.dcp_index import METADATA_FILE, NEXT_STEP, Span
-from tracking.errors import IntegrityError, StorageError, TrackingError
+from tracking.errors import IntegrityError, MismatchError, StorageError, TrackingError
 from tracking.manifest import StoredFile
 from tracking.run import RunHandle
 from tracking.storage import ArtifactStore, open_store
@@ -397,6 +398,45 @@ def index_keyed(optim_state: Mapping[str, Any]) -> dict[str, Any]:
         groups.append({**group, "params": params})
     state = {index[name]: value for name, value in optim_state.get("state", {}).items() if name in index}
     return {"state": state, "param_groups": groups}
+
+
+def name_keyed(optim_state: Mapping[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """An optimizer state dict keyed by index (``Optimizer``'s) keyed by parameter name instead (DCP's).
+
+    The saved indices pair with ``optimizer``'s parameters in order, as ``Optimizer.load_state_dict`` pairs them.
+    """
+    names = {id(param): name for name, param in model.named_parameters()}
+    live = [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
+    saved = [index for group in optim_state["param_groups"] for index in group["params"]]
+    if len(saved) != len(live):
+        raise ValueError(f"the checkpoint's optimizer holds {len(saved)} parameters, the optimizer given {len(live)}")
+    name_of = dict(zip(saved, live, strict=True))
+    groups = [{**g, "params": [name_of[index] for index in g["params"]]} for g in optim_state["param_groups"]]
+    return {"state": {name_of[index]: value for index, value in optim_state["state"].items()}, "param_groups": groups}
+
+
+def load_whole_into(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, state: Mapping[str, Any], strict: bool, *, where: str
+) -> None:
+    """A whole model's checkpoint (``checkpoint.pt``: full tensors, optimizer keyed by index) into a sharded
+    model and its optimizer: every rank holds the full state and keeps its own shards of it."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, strict=strict)
+    try:
+        set_model_state_dict(model, state["model_state"], options=options)
+        if optimizer is not None and state.get("optim_state") is not None:
+            optim_state = name_keyed(state["optim_state"], model, optimizer)
+            set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise MismatchError(
+            f"{where} does not fit the sharded model or optimizer given ({' '.join(str(exc).split())[:500]}); "
+            "build them as the run that saved it did."
+        ) from exc
 
 
 def load_into(

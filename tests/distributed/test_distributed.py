@@ -5,8 +5,8 @@ of one rank in the middle of epoch 5's checkpoint, resumed to epoch 8 by a new l
 bit-identical to a run of 8 epochs straight: weights, optimizer, scheduler and each rank's RNG
 states. The rank killed is the one writing: rank 0 (DDP, which writes ``checkpoint.pt`` alone),
 rank 1 (FSDP2, while streaming its own shard file). A 2-rank sharded checkpoint loads in one plain
-process, and into 2 and 1 FSDP2 ranks; a rank whose upload fails makes every rank raise and
-leaves nothing committed.
+process, and into 2 and 1 FSDP2 ranks; a DDP checkpoint restores into 2 FSDP2 ranks; a rank whose
+upload fails makes every rank raise and leaves nothing committed.
 """
 
 from __future__ import annotations
@@ -181,6 +181,22 @@ def test_a_sharded_checkpoint_loads_into_fsdp_ranks(
         assert_identical(got["model_state"], stored["model_state"])
         assert_identical(got["optim_state"], stored["optim_state"])
         assert_identical(got["rank_state"], stored[layout.RANK_STATE][str(rank)])
+
+
+@pytest.mark.parametrize("scenario", ["ddp"], indirect=True)
+def test_a_whole_model_checkpoint_restores_into_fsdp_ranks(
+    scenario: Scenario, env: dict[str, str], tmp_path: Path
+) -> None:
+    # A run trained with DDP (or in one process) goes on with FSDP2 once the model outgrows a rank.
+    launch = torchrun(env, 2, "tests.distributed.restore_check", scenario.reference, "8", str(tmp_path))
+    assert launch.code == 0, launch.out[-3000:]
+    stored = raw(scenario.reference, 8)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}-of-2.pt", weights_only=True)
+        assert got["epoch"] == 8
+        assert_identical(got["model_state"], stored["model_state"])
+        assert_identical(sharded.index_keyed(got["optim_state"]), stored["optim_state"])
+        assert_identical(got["rank_state"], stored[layout.RANK_STATE][rank])
 
 
 @pytest.mark.parametrize(("strategy", "failing"), [("fsdp", sharded.shard_file(1)), ("ddp", layout.CHECKPOINT_FILE)])
