@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from tracking.config import TrackingConfig, bound_mlflow_requests
-from tracking.errors import NotFoundError, StorageError
+from tracking.errors import NotFoundError, StorageError, one_line
 from tracking.storage import ArtifactStore, open_store
 
 
@@ -49,7 +49,7 @@ def tracking_server_errors(run_id: str, doing: str) -> Iterator[None]:
         yield
     except (MlflowException, OSError) as exc:
         raise StorageError(
-            f"run {run_id}: the tracking server failed while {doing} ({' '.join(str(exc).split())[:500]}); "
+            f"run {run_id}: the tracking server failed while {doing} ({one_line(exc)[:500]}); "
             "check that it runs and MLFLOW_TRACKING_URI points at it, then retry."
         ) from exc
 

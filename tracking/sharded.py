@@ -49,7 +49,7 @@ from tracking import catalog, dcp_index, distributed
 from tracking.catalog import LoggedCheckpoint, StoredCheckpoint
 from tracking.commit import commit_files
 from tracking.dcp_index import METADATA_FILE, NEXT_STEP, Span
-from tracking.errors import IntegrityError, MismatchError, StorageError, TrackingError
+from tracking.errors import IntegrityError, MismatchError, StorageError, TrackingError, one_line
 from tracking.manifest import StoredFile
 from tracking.run import RunHandle
 from tracking.storage import ArtifactStore, open_store
@@ -434,7 +434,7 @@ def load_whole_into(
             set_optimizer_state_dict(model, optimizer, optim_state, options=options)
     except (RuntimeError, KeyError, ValueError) as exc:
         raise MismatchError(
-            f"{where} does not fit the sharded model or optimizer given ({' '.join(str(exc).split())[:500]}); "
+            f"{where} does not fit the sharded model or optimizer given ({one_line(exc)[:500]}); "
             "build them as the run that saved it did."
         ) from exc
 
