@@ -79,10 +79,14 @@ def load(
     _check_mode(mode)
     located = find_checkpoint(source, checkpoint, step=step, config=config)
     manifest = located.manifest
+    _check_device(map_location)
     # The checkpoint's tensors share the download buffer: the model adopts its part of it
-    # and the optimizer keeps the rest, so nothing is copied and nothing is left over.
-    state = _checkpoint_state(located, _read_torch(located, map_location, share=True))
-    built = _build_model(located, model, map_location)
+    # and the optimizer keeps the rest, so nothing is copied and nothing is left over. It is
+    # read on the CPU whatever map_location says: only the weights, the optimizer state (which
+    # load_state_dict moves to its parameters' device) and the scaler follow map_location; RNG
+    # states, rank_state and counters must stay on the host.
+    state = _checkpoint_state(located, _read_torch(located, "cpu", share=True))
+    built = _build_model(located, model, map_location, state["model_state"])
     adopted = _load_weights(located, built, state["model_state"], strict, adopt=True)
     optim = None
     if state.get("optim_state") is not None:
@@ -156,8 +160,8 @@ def restore(
     if manifest.kind == SHARDED_KIND:
         state = sharded.load_into(located.store, manifest.files, _where(located), plain, optimizer, strict)
     else:
-        device = next((p.device for p in plain.parameters()), torch.device("cpu"))
-        state = _checkpoint_state(located, _read_torch(located, device))
+        # Read on the host, as load does: load_state_dict copies each value to where it belongs.
+        state = _checkpoint_state(located, _read_torch(located, "cpu"))
         if distributed.is_sharded(plain.state_dict()):
             # A whole model's checkpoint (one process's, or DDP's) into an FSDP2 model: every rank keeps its shards.
             sharded.load_whole_into(plain, optimizer, state, strict, where=_where(located))
@@ -253,10 +257,12 @@ def load_model(
     """
     _check_mode(mode)
     located = find_weights(source, checkpoint, config)
+    _check_device(map_location)
     share = located.manifest.kind == "state_dict"
-    state = _read_torch(located, map_location, share=share)
-    built = _build_model(located, model, map_location)
+    # A checkpoint is read on the host: its weights alone go to map_location, by load_state_dict.
+    state = _read_torch(located, map_location if share else "cpu", share=share)
     weights = state["model_state"] if located.manifest.kind in CHECKPOINT_KINDS else state
+    built = _build_model(located, model, map_location, weights)
     _load_weights(located, built, weights, strict, adopt=share)
     built.train(mode == "train")
     return built
@@ -361,7 +367,11 @@ def _check_device(map_location: str | torch.device) -> None:
         raise ConfigError(f"map_location={map_location!r} but CUDA is not available here; use 'cpu'.")
 
 
-def _build_model(located: Located, model: ModelArg, map_location: str | torch.device) -> nn.Module:
+def _build_model(
+    located: Located, model: ModelArg, map_location: str | torch.device, weights: Mapping[str, Any]
+) -> nn.Module:
+    """The model to load ``weights`` into, on ``map_location``: the one given (or a factory's), else rebuilt
+    from its class in the floating-point dtype its weights were saved in (a bf16 model comes back bf16)."""
     run_id = located.run_id
     recorded = located.manifest.model
     built: Any
@@ -385,6 +395,10 @@ def _build_model(located: Located, model: ModelArg, map_location: str | torch.de
                 "@tracking.rebuildable / model_kwargs= next time)."
             )
         built = spec.build(cls, (), kwargs, run_id=run_id, hint=MODEL_HINT)
+    if (model is None or isinstance(model, type)) and isinstance(weights, Mapping):
+        saved = {v.dtype for v in weights.values() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+        if len(saved) == 1:
+            built = built.to(saved.pop())
     module: nn.Module = built.to(map_location)
     return module
 

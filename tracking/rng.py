@@ -7,6 +7,7 @@ with ``torch.load(..., weights_only=True)``.
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,24 +41,49 @@ def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -
 
 
 def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None = None) -> None:
-    """Put back what :func:`capture_rng_state` captured; ``generators`` must use the same names."""
-    torch.set_rng_state(state["torch"].cpu())
+    """Put back what :func:`capture_rng_state` captured; ``generators`` must use the same names.
+
+    The state's tensors may sit on any device (``tracking.load(..., map_location="cuda")`` gives
+    them back on the CPU, ``torch.load`` as mapped): RNG states are set from host copies. CUDA
+    states go to the GPUs that exist here; when their number differs from the saving job's, the
+    common ones are restored and a warning says so.
+    """
+    torch.set_rng_state(_host(state["torch"]))
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
     npy = state["numpy"]
     np.random.set_state(
         (
             npy["kind"],
-            npy["keys"].numpy().astype(np.uint32),
-            npy["pos"],
-            npy["has_gauss"],
-            npy["cached_gaussian"],
+            _host(npy["keys"]).numpy().astype(np.uint32),
+            int(npy["pos"]),
+            int(npy["has_gauss"]),
+            float(npy["cached_gaussian"]),
         )
     )
     saved = state.get("generators", {})
     for name, generator in (generators or {}).items():
         if name not in saved:
             raise KeyError(f"no saved state for generator {name!r}; saved: {sorted(saved)}")
-        generator.set_state(saved[name].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        generator.set_state(_host(saved[name]))
+    if "cuda" in state:
+        _restore_cuda(list(state["cuda"]))
+
+
+def _restore_cuda(saved: list[Any]) -> None:
+    here = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if here != len(saved):
+        warnings.warn(
+            f"the checkpoint holds the CUDA RNG states of {len(saved)} GPU(s) and {here} are visible here: "
+            f"restoring {min(here, len(saved))}; a resumed run draws other numbers on the rest.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    for device, rng in enumerate(saved[:here]):
+        torch.cuda.set_rng_state(_host(rng), device)
+
+
+def _host(value: Any) -> torch.Tensor:
+    """A CPU tensor of ``value`` (a tensor on any device, or what numpy or a list holds)."""
+    tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    return tensor.detach().cpu()
