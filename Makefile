@@ -12,7 +12,7 @@ TRAIN_ARGS  ?= --epochs 10 --checkpoint-every 2 --keep-last 3 --keep-best 1
 # dclint (a Compose-spec validator and linter) comes from npm, at this exact version.
 DCLINT      ?= npx --yes dclint@3.1.0
 
-.PHONY: install browser-deps train test test-unit test-integration lint lint-docker bench stack-up stack-down stack-status clean
+.PHONY: install browser-deps train test test-unit test-integration test-gpu lint lint-docker bench stack-up stack-down stack-status clean
 
 install: $(STAMP)
 
@@ -51,6 +51,11 @@ test-unit: install
 
 test-integration: install
 	$(BIN)/python -m pytest tests/integration
+
+# The GPU tier on a CUDA machine (install a CUDA torch build: TORCH_SPEC / PIP_INDEX). Where CUDA is
+# absent its tests are skipped, each with the reason.
+test-gpu: install
+	$(BIN)/python -m pytest -ra tests/gpu
 
 lint: install
 	$(BIN)/ruff check tracking pipelines benchmarks tests

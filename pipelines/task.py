@@ -6,6 +6,7 @@ resumed run restores one from a checkpoint.
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -52,7 +53,13 @@ def measure(task: Task, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> t
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python's, numpy's and torch's (CUDA's too) global RNGs."""
+    """Seed Python's, numpy's and torch's (CUDA's too) global RNGs; on a GPU, also choose deterministic
+    kernels, so that a resumed run repeats the uninterrupted one bit for bit there as on the CPU."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        # cuBLAS reads this when it makes its first handle: before the first matmul on the GPU.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)

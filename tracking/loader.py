@@ -454,7 +454,9 @@ def _build_optimizer(
         raise MismatchError(
             f"run {run_id}: the optimizer was trained over parameter {exc} which the model lacks; {OPTIMIZER_HINT}."
         ) from None
-    built = spec.build(cls, (groups,), recorded.get("defaults", {}), run_id=run_id, hint=OPTIMIZER_HINT)
+    # Checkpoints logged before the manifest kept only accepted defaults may hold others.
+    defaults = spec.accepted(cls, recorded.get("defaults", {}))
+    built = spec.build(cls, (groups,), defaults, run_id=run_id, hint=OPTIMIZER_HINT)
     return built  # type: ignore[no-any-return]
 
 

@@ -137,9 +137,20 @@ def describe_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> di
     return {
         "class": class_path(optimizer),
         # Only JSON-able hyperparameters can be replayed; load_state_dict restores the rest.
-        "defaults": {k: v for k, v in _jsonable(dict(optimizer.defaults)).items() if v is not _SKIP},
+        "defaults": accepted(
+            type(optimizer), {k: v for k, v in _jsonable(dict(optimizer.defaults)).items() if v is not _SKIP}
+        ),
         "param_groups": groups,
     }
+
+
+def accepted(cls: type, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``kwargs`` that ``cls.__init__`` takes by name: an optimizer's ``defaults`` may hold more
+    (AdamW's hold ``decoupled_weight_decay``, which AdamW, unlike Adam, does not accept)."""
+    parameters = inspect.signature(cls.__init__).parameters  # type: ignore[misc]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return dict(kwargs)
+    return {k: v for k, v in kwargs.items() if k in parameters}
 
 
 def describe_scheduler(scheduler: Any, scheduler_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:

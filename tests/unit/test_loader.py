@@ -564,3 +564,16 @@ def test_amp_scaler_is_rebuilt(experiment: str) -> None:
     loaded = tracking.load(run.info.run_id)
     assert isinstance(loaded.scaler, torch.amp.GradScaler)
     assert loaded.scaler.state_dict() == scaler.state_dict()
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.AdamW, torch.optim.Adam, torch.optim.RMSprop])
+def test_optimizers_rebuild_from_the_manifest_alone(s3_experiment: str, optimizer: type) -> None:
+    """AdamW's defaults hold an argument (decoupled_weight_decay) its constructor refuses."""
+    model, _, _ = digits_setup()
+    optim = optimizer(model.parameters(), lr=3e-3, weight_decay=0.1)
+    train_steps(model, optim, torch.optim.lr_scheduler.StepLR(optim, step_size=2), 2)
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, optim, epoch=2)
+    loaded = tracking.load(run.info.run_id, mode="train")
+    assert type(loaded.optimizer) is optimizer
+    assert loaded.optimizer.state_dict()["param_groups"] == optim.state_dict()["param_groups"]
