@@ -18,7 +18,7 @@ from tracking.commit import CheckpointSnapshot, Describe, commit_checkpoint
 from tracking.config import TrackingConfig
 from tracking.manifest import SHARDED_KIND, Manifest
 from tracking.run import RunHandle, open_run, target_run_id
-from tracking.saver import AsyncSaver, raise_background_errors
+from tracking.saver import AsyncSaver, raise_background_errors, reserve_host_memory
 
 
 class Checkpointer:
@@ -79,6 +79,7 @@ class Checkpointer:
         self.describe_run = describe_run
         self.commands = tuple(commands)
         self._saver = AsyncSaver(on_busy) if async_save else None
+        self._pinned = 0  # bytes of pinned host memory reserved for async snapshots
 
     def should_save(self, epoch: int) -> bool:
         return epoch % self.every_n_epochs == 0
@@ -108,6 +109,10 @@ class Checkpointer:
         alone talks to MLflow and applies retention.
         """
         if not (force or self.should_save(epoch)):
+            if self._saver is not None:
+                # Between saves: the pinned memory the next snapshot needs gets ready off the loop's path.
+                state = (model.state_dict(), optimizer.state_dict() if optimizer is not None else None)
+                self._pinned = reserve_host_memory(state, self._pinned)
             return None
         if self._saver is not None and self._saver.on_busy == "coalesce" and distributed.active():
             # Ranks would drop different saves, and a sharded save needs every rank's part.

@@ -63,6 +63,38 @@ def to_host(value: Any) -> Any:
     return result
 
 
+def reserve_host_memory(value: Any, reserved: int = 0) -> int:
+    """Have the pinned host memory that :func:`to_host` of ``value`` will take ready before it is needed.
+
+    Allocating page-locked memory costs far more than copying into it (about 30 times the copy,
+    for 2 GiB), and torch's caching host allocator keeps freed pinned blocks for the next request
+    of their size. So a background thread allocates a block for each CUDA tensor of ``value`` and
+    frees them all, and the next snapshot finds them: the first one too, when this ran before it.
+    Returns the bytes now reserved; nothing is done while ``reserved`` already covers them.
+    """
+    tensors = [t for t in _leaves(value) if type(t) is torch.Tensor and t.device.type == "cuda"]
+    needed = sum(t.numel() * t.element_size() for t in tensors)
+    if needed <= reserved:
+        return reserved
+    sizes = [(t.shape, t.dtype) for t in tensors]
+
+    def allocate() -> None:
+        # All held at once, so that each is a block of its own when they go back to the cache.
+        blocks = [torch.empty(shape, dtype=dtype, pin_memory=True) for shape, dtype in sizes]
+        del blocks
+
+    threading.Thread(target=allocate, name="tracking-pinned-reserve", daemon=True).start()
+    return needed
+
+
+def _leaves(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        return [leaf for item in value.values() for leaf in _leaves(item)]
+    if isinstance(value, list | tuple):
+        return [leaf for item in value for leaf in _leaves(item)]
+    return [value]
+
+
 class AsyncSaver:
     """Commits checkpoints on one background thread, at most one in flight.
 

@@ -146,6 +146,38 @@ def test_async_save_is_a_snapshot(s3_experiment: str) -> None:
         assert torch.equal(loaded[name], tensor), name
 
 
+def test_pinned_memory_is_reserved_between_saves(s3_experiment: str) -> None:
+    """A Checkpointer saving asynchronously reserves the pinned memory of its next snapshot on a
+    call that saves nothing; the snapshot that follows is still exact."""
+    import threading
+
+    from tracking.saver import reserve_host_memory
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(512, 512).cuda()
+    optim = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    batches = [(torch.randn(8, 512, device="cuda"), torch.randn(8, 512, device="cuda")) for _ in range(2)]
+    for x, y in batches:
+        optim.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        optim.step()
+    state_bytes = 2 * sum(p.numel() * p.element_size() for p in model.parameters())  # weights + momentum
+    assert reserve_host_memory((model.state_dict(), optim.state_dict())) == state_bytes
+    with mlflow.start_run() as run, tracking.Checkpointer(every_n_epochs=2, async_save=True) as checkpoints:
+        assert checkpoints.save(model, optim, epoch=1) is None
+        for thread in threading.enumerate():
+            if thread.name == "tracking-pinned-reserve":
+                thread.join(timeout=60)
+        expected = {k: v.cpu().clone() for k, v in model.state_dict().items()}
+        checkpoints.save(model, optim, epoch=2)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.mul_(0.0)
+    loaded = tracking.load_state_dict(run.info.run_id, checkpoint="latest")
+    for name, tensor in expected.items():
+        assert torch.equal(loaded[name], tensor), name
+
+
 @pytest.mark.parametrize("extra_gpus", [0, 1, -1], ids=["same", "more-than-here", "fewer-than-here"])
 def test_cuda_rng_restores_with_another_gpu_count(extra_gpus: int) -> None:
     here = torch.cuda.device_count()
