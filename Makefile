@@ -68,8 +68,10 @@ lint-docker: install
 	$(BIN)/hadolint docker/mlflow.Dockerfile docker/trainer.Dockerfile
 	$(DCLINT) --max-warnings 0 docker/compose.yaml
 
+# The GPU figures follow the CPU ones; without CUDA that part says it skipped.
 bench: install
 	$(BIN)/python -m benchmarks.checkpoint_io
+	$(BIN)/python -m benchmarks.checkpoint_io.gpu
 
 stack-up: install
 	$(BIN)/tracking stack up
