@@ -73,8 +73,8 @@ def mlflow_request_bound(environ: Mapping[str, str] | None = None) -> float:
     retries = int(number("MLFLOW_HTTP_REQUEST_MAX_RETRIES", 7))
     factor = number("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", 2)
     jitter = number("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", _MLFLOW_JITTER_DEFAULT)
-    sleeps = sum(min(factor * 2 ** (k - 1), 120) + jitter for k in range(2, retries + 1))
-    return timeout * (retries + 1) + sleeps
+    sleeps = sum(min(factor * 2.0 ** (k - 1), 120.0) + jitter for k in range(2, retries + 1))
+    return float(timeout * (retries + 1) + sleeps)
 
 
 def s3_attempts(environ: Mapping[str, str] | None = None) -> int:
