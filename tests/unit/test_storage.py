@@ -146,3 +146,25 @@ def test_a_manifest_claiming_a_huge_size_fails_in_one_request_and_bounded_memory
     assert peak < 20 * 2**20, f"peak {peak / 2**20:.0f} MiB"  # 10**13 planned 596,047 ranges: ~70 MiB
     assert result.exit_code == 1 and f"BAD {path}" in result.output, result.output
     assert "Traceback" not in result.output + result.stderr
+
+
+@pytest.mark.parametrize("fan_out", [True, False], ids=["ranges", "stream"])
+def test_a_multipart_read_lands_whole_whether_or_not_ranges_pay(
+    mocked_s3: Any, monkeypatch: pytest.MonkeyPatch, fan_out: bool
+) -> None:
+    """Both ways of reading: the stream joined by ranged GETs from the far end, and the stream alone
+    (what a server slow to answer ranges, like moto's, gets)."""
+    from tracking.storage import ranged
+
+    monkeypatch.setattr(ranged, "RANGES_PAY", float("inf") if fan_out else 0.0)
+    data = random.Random(7).randbytes(7 * PART_MB * 2**20 + 12345)  # 8 parts, the last one short
+    mocked_s3.put_object(Bucket=BUCKET, Key="direct/d/big.bin", Body=data)
+    s3 = s3_store()
+    landed: list[int] = []
+    got = s3.read("d/big.bin", StoredFile(len(data), hashlib.sha256(data).hexdigest()), landed.append)
+    assert bytes(got) == data
+    assert sum(landed) == len(data) and len(landed) == 8
+    assert (s3.last_fan_out > 0) == fan_out
+    # Same length, other bytes: caught by the hash however the parts arrived.
+    with pytest.raises(tracking.IntegrityError, match="does not match its manifest"):
+        s3.read("d/big.bin", StoredFile(len(data), hashlib.sha256(b"other").hexdigest()))
