@@ -164,7 +164,7 @@ def test_a_multipart_read_lands_whole_whether_or_not_ranges_pay(
     got = s3.read("d/big.bin", StoredFile(len(data), hashlib.sha256(data).hexdigest()), landed.append)
     assert bytes(got) == data
     assert sum(landed) == len(data) and len(landed) == 8
-    assert (s3.last_fan_out > 0) == fan_out
+    assert (s3.last_read.fanned_out > 0) == fan_out
     # Same length, other bytes: caught by the hash however the parts arrived.
     with pytest.raises(tracking.IntegrityError, match="does not match its manifest"):
         s3.read("d/big.bin", StoredFile(len(data), hashlib.sha256(b"other").hexdigest()))

@@ -15,13 +15,22 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 # Fan out when the first answer came in under this share of the time the first part's bytes took
 # to arrive: a ranged GET then costs little next to the bytes it brings. Measured: SeaweedFS answers
 # in a few ms against tens for a 16 MB part; moto's server waits as long as it takes to copy the
 # whole object, which is far longer than a part.
 RANGES_PAY = 0.5
+
+
+class ReadRecord(NamedTuple):
+    """How one read went: seconds to the first answer and for the first part's bytes, and how many
+    ranged GET threads joined the stream (0: the stream alone)."""
+
+    answered_in: float
+    first_part_s: float
+    fanned_out: int
 
 
 class RangedRead:
@@ -53,11 +62,15 @@ class RangedRead:
         self.back = self.count  # parts from here on are taken by ranged GETs
         self.error: BaseException | None = None
         self.stopped = False
-        self.fanned_out = 0  # ranged GET threads started, for the benchmark's record
+        # What the decision was made on, and what it was: for the benchmark's record.
+        self.answered_in = 0.0
+        self.first_part_s = 0.0
+        self.fanned_out = 0
 
     def run(self, first: Any, answered_in: float, progress: Callable[[int], object] | None = None) -> str:
         """The sha256 of the object, once every part landed; raises the first error any part met."""
-        threading.Thread(target=self._stream, args=(first, answered_in), name="tracking-s3-stream", daemon=True).start()
+        self.answered_in = answered_in
+        threading.Thread(target=self._stream, args=(first,), name="tracking-s3-stream", daemon=True).start()
         sha = hashlib.sha256()
         try:
             for index in range(self.count):
@@ -100,7 +113,7 @@ class RangedRead:
                 self.error = exc
             self.changed.notify_all()
 
-    def _stream(self, body: Any, answered_in: float) -> None:
+    def _stream(self, body: Any) -> None:
         complete = False
         try:
             index = self._take(from_front=True)
@@ -109,8 +122,10 @@ class RangedRead:
                 began = time.monotonic()
                 self.fill(body, self.view[start:end], start)
                 self._landed(index)
-                if index == 0 and self.count > 2 and answered_in < RANGES_PAY * (time.monotonic() - began):
-                    self._fan_out()
+                if index == 0:
+                    self.first_part_s = time.monotonic() - began
+                    if self.count > 2 and self.answered_in < RANGES_PAY * self.first_part_s:
+                        self._fan_out()
                 complete = end == len(self.view)
                 index = self._take(from_front=True)
         except BaseException as exc:

@@ -21,7 +21,7 @@ from tracking.errors import ConfigError, IntegrityError, NotFoundError, StorageE
 from tracking.manifest import StoredFile
 from tracking.storage.base import ArtifactStore, Buffer, HashingWriter, Producer, StableProducer
 from tracking.storage.multipart import DaemonPool, MultipartUpload
-from tracking.storage.ranged import RangedRead
+from tracking.storage.ranged import RangedRead, ReadRecord
 from tracking.uri import S3Location, parse_s3_uri
 
 # Reads move through memory in blocks of this size when streaming.
@@ -97,7 +97,7 @@ class S3Store(ArtifactStore):
         # Part uploads share one pool (at most max_concurrency parts of one file in flight, so two
         # writes proceed side by side); reads start threads of their own (see storage.ranged).
         self.pool = _executor(config.max_concurrency * 2)
-        self.last_fan_out = 0  # ranged GET threads the last read started (0: the stream alone)
+        self.last_read = ReadRecord(0.0, 0.0, 0)  # how the last read went: see ReadRecord
 
     def write(self, path: str, produce: Producer) -> StoredFile:
         target = self.root.join(path)
@@ -162,7 +162,7 @@ class S3Store(ArtifactStore):
                 close=_close,
             )
             digest = reader.run(first["Body"], answered_in, progress)
-            self.last_fan_out = reader.fanned_out
+            self.last_read = ReadRecord(reader.answered_in, reader.first_part_s, reader.fanned_out)
         self._verify(path, buffer, digest, expected)
         return buffer
 
