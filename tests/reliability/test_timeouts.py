@@ -1,10 +1,14 @@
 """Promise: "A dead or silent endpoint fails in about 30 s by default, never minutes" (as StorageError).
 
-Four child processes, side by side, with the library's default timeouts and retries: a save
-whose S3 server accepts connections and never answers, a load whose tracking server does the
-same (both behind a stalling fault proxy), a load whose S3 endpoint refuses connections, and a
-save whose tracking server does. Each must raise StorageError within :data:`BOUND_S` seconds of
-the call; a child still busy after :data:`CHILD_LIMIT_S` is killed and fails the test.
+Child processes, side by side, with the library's default timeouts and retries: a save whose S3
+server accepts connections and never answers, a load whose tracking server does the same (both
+behind a stalling fault proxy), a load whose S3 endpoint refuses connections, a save whose
+tracking server does; and two that go silent mid-save, where one deadline per operation
+matters: the tracking server once the checkpoint is READY (re-reading the tags, checking the
+tag request, marking FAILED used to wait 27 s each), and S3 once a multipart upload's first
+part is stored (the part's retry, then the abort, used to wait 31 s each). Each must raise
+StorageError within :data:`BOUND_S` seconds of the call; a child still
+busy after :data:`CHILD_LIMIT_S` is killed and fails the test.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,19 +40,47 @@ def _dead_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _silent_after(proxy: FaultProxy, pattern: str, stall_s: float) -> None:
+    """Once a request matching ``pattern`` went through, every later request gets no answer."""
+    seen = proxy.add(pattern, "stall", times=0)  # counts the matches, faults none
+
+    def watch() -> None:
+        deadline = time.monotonic() + CHILD_LIMIT_S
+        while not seen.matched and time.monotonic() < deadline:
+            time.sleep(0.002)
+        proxy.add("", "stall", stall_s=stall_s, times=None)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def test_dead_or_silent_endpoints_fail_within_bound(stack: LocalStack, new_run: Callable[[], str]) -> None:
     run_id = new_run()
     workload.log(run_id, 1, hidden=workload.SMALL)
     base = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST_")}  # the defaults
-    with FaultProxy(stack.s3_port, "s3") as silent_s3, FaultProxy(stack.mlflow_port, "mlflow") as silent_tracking:
+    stall_s = CHILD_LIMIT_S + 20
+    with (
+        FaultProxy(stack.s3_port, "s3") as silent_s3,
+        FaultProxy(stack.mlflow_port, "mlflow") as silent_tracking,
+        FaultProxy(stack.s3_port, "s3") as s3_silent_mid_upload,
+        FaultProxy(stack.mlflow_port, "mlflow") as after_ready,
+    ):
         for proxy in (silent_s3, silent_tracking):
-            proxy.add("", "stall", stall_s=CHILD_LIMIT_S + 20, times=None)
+            proxy.add("", "stall", stall_s=stall_s, times=None)
+        # The second part and the abort get no answer: the first part is stored, then S3 is silent.
+        s3_silent_mid_upload.add(r"^PUT \S*partNumber=2&", "stall", stall_s=stall_s, times=None)
+        s3_silent_mid_upload.add(r"^DELETE \S*uploadId=", "stall", stall_s=stall_s, times=None)
+        _silent_after(after_ready, r"^PATCH /api/2\.0/mlflow/logged-models/m-[0-9a-f]+ ", stall_s)
         dead = f"http://{HOST}:{_dead_port()}"
         cases = {
             "silent S3, save": ("save", {"MLFLOW_S3_ENDPOINT_URL": silent_s3.url}),
             "silent tracking server, load": ("load", {"MLFLOW_TRACKING_URI": silent_tracking.url}),
             "dead S3, load": ("load", {"MLFLOW_S3_ENDPOINT_URL": dead}),
             "dead tracking server, save": ("save", {"MLFLOW_TRACKING_URI": dead}),
+            "S3 silent after the first part, save": (
+                "save-big",
+                {"MLFLOW_S3_ENDPOINT_URL": s3_silent_mid_upload.url, "TRACKING_S3_PART_SIZE_MB": "5"},
+            ),
+            "tracking server silent once READY, save": ("save", {"MLFLOW_TRACKING_URI": after_ready.url}),
         }
         procs = {
             name: subprocess.Popen(

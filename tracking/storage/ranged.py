@@ -3,9 +3,9 @@
 The whole object is asked for first, in one GET: its answer says the object's real size
 before anything is allocated, and on a server where ranges cost what they should, ranged
 GETs for the far end of the object start at once, working towards the stream, until the two
-meet. Whether ranges pay is measured on that first answer: a server that makes a ranged GET
-wait as long as the first part takes to arrive (moto's slices the whole object for each
-one) is read with the single stream alone, which is never slower than one plain GET.
+meet. Whether ranges pay is measured on that first answer: a server that takes half as long
+to answer as the first part's bytes take to arrive (moto's copies the whole object for every
+GET, ranged or not) is read with the single stream alone, which costs what one plain GET does.
 Every part is hashed in order as it lands, on the calling thread, while the rest downloads.
 """
 
@@ -18,9 +18,9 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 # Fan out when the first answer came in under this share of the time the first part's bytes took
-# to arrive: a ranged GET then costs little next to the bytes it brings. Measured: SeaweedFS answers
-# in a few ms against tens for a 16 MB part; moto's server waits as long as it takes to copy the
-# whole object, which is far longer than a part.
+# to arrive: a ranged GET then costs little next to the bytes it brings. Measured at 256 MiB with
+# 16 MiB parts: SeaweedFS answers in about 20 ms, against about 190 ms for the first part; moto's
+# server in about 290 ms, against 40 ms (it copies the whole object before answering).
 RANGES_PAY = 0.5
 
 
@@ -121,11 +121,11 @@ class RangedRead:
                 start, end = self._bounds(index)
                 began = time.monotonic()
                 self.fill(body, self.view[start:end], start)
-                self._landed(index)
                 if index == 0:
                     self.first_part_s = time.monotonic() - began
-                    if self.count > 2 and self.answered_in < RANGES_PAY * self.first_part_s:
-                        self._fan_out()
+                self._landed(index)
+                if index == 0 and self.count > 2 and self.answered_in < RANGES_PAY * self.first_part_s:
+                    self._fan_out()
                 complete = end == len(self.view)
                 index = self._take(from_front=True)
         except BaseException as exc:
