@@ -485,3 +485,13 @@ def test_a_download_paused_mid_read_returns_within_one_bound(s3_env: pytest.Monk
     assert "retry" in result["error"]
     assert exited - result["start"] < bound + 1.5, f"returned {exited - result['start']:.1f} s after the call"
     assert exited - result["failed"] < 1.5, f"exited {exited - result['failed']:.1f} s after the error"
+
+
+def test_the_operation_bound_is_the_longest_request_with_the_default_settings(s3_env: pytest.MonkeyPatch) -> None:
+    from tracking.config import mlflow_request_bound
+
+    # MLflow: 3 attempts x 8 s + backoff 0 + (2 x 1 + 1 jitter); S3: 2 attempts x 15 s + up to 1 s backoff.
+    assert mlflow_request_bound(dict(MLFLOW_REQUEST_DEFAULTS)) == 27
+    assert TrackingConfig().s3_request_bound() == 31
+    s3_env.setenv("AWS_MAX_ATTEMPTS", "3")
+    assert TrackingConfig().s3_request_bound() == 3 * 15 + 1 + 2
