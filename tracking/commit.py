@@ -16,10 +16,11 @@ from typing import Any
 
 from tracking import catalog, layout
 from tracking.catalog import LoggedCheckpoint, StoredCheckpoint
+from tracking.deadline import Deadline, Overdue
 from tracking.errors import StorageError, TrackingError
 from tracking.manifest import Manifest, StoredFile
 from tracking.payload import TorchSave
-from tracking.run import RunHandle
+from tracking.run import RunHandle, tracking_server_errors
 from tracking.saver import to_host
 
 
@@ -81,13 +82,17 @@ def commit_files(
     """
     manifest = snapshot.manifest
     assert manifest.epoch is not None
-    ready = False
+    ready = tagging = False
     replaced: set[str] = set()
+    step = time.monotonic()  # when the request under way began: a failure's follow-ups share its deadline
     try:
         manifest.files = write_files()
+        step = time.monotonic()
         checkpoint.store.write_bytes(layout.MANIFEST_FILE, manifest.to_json())
+        step = time.monotonic()
         catalog.set_status(handle, checkpoint, catalog.READY)
         ready = True
+        step = time.monotonic()
         # Compare with the run's tags as stored now, not as read when the save began: another
         # writer may have moved them since, and latest must never move backwards, nor best
         # to a worse checkpoint.
@@ -96,21 +101,43 @@ def commit_files(
         tags = _pointer_tags(handle.tags, checkpoint, manifest, snapshot.monitor, snapshot.mode, replaced)
         if describe is not None:
             tags.update(describe(checkpoint.model_id, {**handle.tags, **tags}))
+        step, tagging = time.monotonic(), True
         handle.set_tags(tags, _model_metrics(checkpoint, manifest))
     except Exception as exc:
-        if not (ready and _named_by_tags(handle, checkpoint.model_id)):
-            # Before READY no reader sees its files: after a store or server failure, do not wait on it
-            # again to delete them (a silent store would double the time to fail); verify --clean does.
-            delete = ready or not isinstance(exc, StorageError)
-            _abandon(handle, checkpoint, list(manifest.files) or [layout.CHECKPOINT_FILE], delete=delete)
+        # One deadline for the save: the follow-ups below (did the tag request go through? delete the
+        # files, mark FAILED) share what remains of the failed request's bound instead of each waiting
+        # a full timeout of their own on a server that went silent.
+        deadline = Deadline(handle.config.operation_bound(), start=step)
+        # Before READY no reader sees its files: after a store or server failure, do not wait on it
+        # again to delete them (a silent store would double the time to fail); verify --clean does.
+        delete = ready or not isinstance(exc, StorageError)
+        files = list(manifest.files) or [layout.CHECKPOINT_FILE]
+        committed = None
+        if tagging:
+            try:
+                committed = deadline.wait_for(lambda: _tags_naming(handle, checkpoint.model_id))
+            except Overdue:
+                pass  # as when the check fails: not committed (the check goes on, unheard, in its thread)
+        if committed is None:
+            try:
+                deadline.wait_for(lambda: _abandon(handle, checkpoint, files, delete=delete))
+                settled = True
+            except Overdue:
+                settled = False
             if not isinstance(exc, StorageError):
                 raise
+            failed = (
+                f"its logged model {checkpoint.model_id} is marked FAILED"
+                if settled
+                else f"marking its logged model {checkpoint.model_id} FAILED did not finish in time either; "
+                "`tracking verify --clean` removes what it left"
+            )
             raise StorageError(
-                f"{exc} The checkpoint of epoch {manifest.epoch} was not committed (its logged model "
-                f"{checkpoint.model_id} is marked FAILED, the run's latest/best tags are unchanged); save it "
-                "again once the store and the tracking server answer."
+                f"{exc} The checkpoint of epoch {manifest.epoch} was not committed ({failed}, the run's "
+                "latest/best tags are unchanged); save it again once the store and the tracking server answer."
             ) from exc
         # Else the tag request was applied and only its answer lost: the checkpoint is committed.
+        handle.tags = committed
     for model_id in replaced:
         _delete_replaced(handle, model_id)
     return LoggedCheckpoint(handle.run_id, checkpoint.name, manifest, checkpoint.model_id, checkpoint.artifact_uri)
@@ -129,13 +156,14 @@ def _model_metrics(checkpoint: StoredCheckpoint, manifest: Manifest) -> list[Any
     return [Metric(k, v, now, manifest.epoch, model_id=checkpoint.model_id) for k, v in manifest.metrics.items()]
 
 
-def _named_by_tags(handle: RunHandle, model_id: str) -> bool:
-    """Whether the run's tags, read again, name ``model_id``: a failed tag request may have been applied."""
+def _tags_naming(handle: RunHandle, model_id: str) -> dict[str, str] | None:
+    """The run's tags, read again, when they name ``model_id``: a failed tag request may have been applied."""
     try:
-        handle.refresh_tags()
+        with tracking_server_errors(handle.run_id, "reading the run's tags"):
+            tags = dict(handle.client.get_run(handle.run_id).data.tags)
     except TrackingError:
-        return False
-    return model_id in (handle.tags.get(layout.TAG_LATEST), handle.tags.get(layout.TAG_BEST))
+        return None
+    return tags if model_id in (tags.get(layout.TAG_LATEST), tags.get(layout.TAG_BEST)) else None
 
 
 def _abandon(handle: RunHandle, checkpoint: StoredCheckpoint, files: list[str], delete: bool = True) -> None:

@@ -51,6 +51,38 @@ MLFLOW_REQUEST_DEFAULTS: dict[str, str] = {
 }
 
 
+# MLflow's own defaults for what bound_mlflow_requests() leaves to it (its backoff jitter).
+_MLFLOW_JITTER_DEFAULT = 1.0
+
+
+def mlflow_request_bound(environ: Mapping[str, str] | None = None) -> float:
+    """The longest one MLflow request may take against a silent server, from its current settings.
+
+    Attempts x timeout plus the backoff sleeps between them (see :data:`MLFLOW_REQUEST_DEFAULTS`):
+    27 s with the defaults bound_mlflow_requests() sets.
+    """
+    env = os.environ if environ is None else environ
+
+    def number(var: str, default: float) -> float:
+        try:
+            return float(env.get(var) or default)
+        except ValueError:
+            return default  # MLflow itself refuses it, with its own message, at the first request
+
+    timeout = number("MLFLOW_HTTP_REQUEST_TIMEOUT", 120)
+    retries = int(number("MLFLOW_HTTP_REQUEST_MAX_RETRIES", 7))
+    factor = number("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", 2)
+    jitter = number("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", _MLFLOW_JITTER_DEFAULT)
+    sleeps = sum(min(factor * 2.0 ** (k - 1), 120.0) + jitter for k in range(2, retries + 1))
+    return float(timeout * (retries + 1) + sleeps)
+
+
+def s3_attempts(environ: Mapping[str, str] | None = None) -> int:
+    """Attempts per S3 request: ``AWS_MAX_ATTEMPTS`` where it is a number, else :data:`S3_MAX_ATTEMPTS`."""
+    raw = (os.environ if environ is None else environ).get("AWS_MAX_ATTEMPTS", "")
+    return int(raw) if raw.strip().isdecimal() and int(raw) > 0 else S3_MAX_ATTEMPTS
+
+
 @dataclass(frozen=True)
 class TrackingConfig:
     """Where runs are tracked and where their bytes are stored."""
@@ -110,6 +142,23 @@ class TrackingConfig:
     @property
     def part_size(self) -> int:
         return self.part_size_mb * 1024 * 1024
+
+    def s3_request_bound(self, attempts: int | None = None) -> float:
+        """The longest one S3 request may wait on a silent or unreachable server: 31 s by default.
+
+        Each of ``attempts`` (default :func:`s3_attempts`) waits at most the longer of the two
+        timeouts; botocore's standard mode sleeps up to 2**k s (at most 20) between them.
+        """
+        n = s3_attempts() if attempts is None else attempts
+        backoff = sum(min(2.0**k, 20.0) for k in range(n - 1))
+        return n * max(self.s3_connect_timeout, self.s3_read_timeout) + backoff
+
+    def operation_bound(self) -> float:
+        """The longest any one request of a save or a load may take (S3's or the tracking server's).
+
+        A failed operation's follow-up requests share what remains of it (see :mod:`tracking.deadline`).
+        """
+        return max(self.s3_request_bound(), mlflow_request_bound())
 
     def s3_client_env(self) -> dict[str, str]:
         """The variables MLflow's own S3 client and ``mlflow server`` read."""

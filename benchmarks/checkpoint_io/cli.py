@@ -8,6 +8,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,16 @@ import torch
 import tracking
 from benchmarks.checkpoint_io.contenders import CONTENDERS, Contenders, measure_size
 from benchmarks.checkpoint_io.probes import measure_fixed_cost, measure_memory, measure_resolution, probe_memory
-from benchmarks.checkpoint_io.report import METRICS, memory_flatness, print_tables, write_results
+from benchmarks.checkpoint_io.reader import measure_reader, moto_server
+from benchmarks.checkpoint_io.report import METRICS, memory_flatness, print_reader, print_tables, write_results
+from benchmarks.checkpoint_io.runs import end_run, new_run
 from benchmarks.checkpoint_io.stack import Reclaimer, bench_stack, client_env
 
 DESCRIPTION = "Checkpoint I/O benchmark: our S3 fast path against raw boto3, naive MLflow and the plain-HTTP floor."
 DEFAULT_SIZES = "16MB,512MB,2GB"
 QUICK_SIZES = "4MB,40MB"
+DEFAULT_READER_SIZE = "256MB"
+QUICK_READER_SIZE = "40MB"
 DEFAULT_DATA_DIR = Path(".tracking/bench")
 # Away from the defaults (8333, 5000) and below the integration tests' random range (20000+).
 DEFAULT_S3_PORT = 18333
@@ -56,6 +61,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--data-dir", type=Path, default=DEFAULT_DATA_DIR, help=f"bench stack (default {DEFAULT_DATA_DIR})"
     )
+    parser.add_argument(
+        "--reader-size",
+        default=None,
+        help=f"object read by ours and by one get_object, on moto and SeaweedFS (default {DEFAULT_READER_SIZE})",
+    )
+    parser.add_argument(
+        "--reader-only", action="store_true", help="measure only the reader figure (ours vs one get_object)"
+    )
     parser.add_argument("--s3-port", type=int, default=DEFAULT_S3_PORT)
     parser.add_argument("--mlflow-port", type=int, default=DEFAULT_MLFLOW_PORT)
     # The memory probes re-run this command in a child process with these (see probes.measure_memory).
@@ -66,6 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.sizes = [s.strip() for s in (args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)).split(",")]
     for size in args.sizes:
         parse_size(size)
+    args.reader_size = args.reader_size or (QUICK_READER_SIZE if args.quick else DEFAULT_READER_SIZE)
+    parse_size(args.reader_size)
     args.rounds = args.rounds if args.rounds is not None else (2 if args.quick else 5)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -99,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         reclaimer = Reclaimer(client, endpoint.master_url)
         contenders = Contenders(endpoint, client, reclaimer)
         config = tracking.TrackingConfig.from_env()
+        reader = measure_readers(parse_size(args.reader_size), args.rounds, reclaimer, log)
+        if args.reader_only:
+            print_reader(reader)
+            return 0
         sizes, memory = [], []
         for label in args.sizes:
             target = parse_size(label)
@@ -131,8 +150,22 @@ def main(argv: list[str] | None = None) -> int:
         "memory_not_growing": memory_flatness(memory),
         "fixed_cost": fixed,
         "resolution": resolution,
+        "reader": reader,
         "output": str(args.output),
     }
     write_results(results, args.output)
     print_tables(results)
+    print_reader(reader)
     return 0
+
+
+def measure_readers(size: int, rounds: int, reclaimer: Reclaimer, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The reader figure on moto's server (started here) and on the bench stack's SeaweedFS."""
+    with moto_server() as env:
+        on_moto = measure_reader("moto server", env, env["bucket"], "reader", size, rounds, log)
+    run = new_run("bench-reader")
+    try:
+        on_seaweedfs = measure_reader("SeaweedFS", dict(os.environ), run.bucket, run.prefix, size, rounds, log)
+    finally:
+        end_run(run, reclaimer)
+    return [on_moto, on_seaweedfs]

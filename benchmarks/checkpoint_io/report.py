@@ -158,3 +158,26 @@ def _mark(passed: bool, judged: bool) -> str:
     if not judged:
         return "(info)"
     return "[green]PASS[/green]" if passed else "[red]FAIL[/red]"
+
+
+def print_reader(reader: list[dict[str, Any]]) -> None:
+    """Ours against one streamed get_object, server by server."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(Console().width, 130))
+    table = Table(title="reader: tracking's S3 read / one streamed get_object, same object, same server")
+    for column in ("server", "object", "ours (s)", "one get_object (s)", "ratio", "target", "ranged GETs"):
+        table.add_column(column, justify="left" if column == "server" else "right")
+    for figure in reader:
+        threads = sorted({read["fanned_out"] for read in figure["reads"]})
+        table.add_row(
+            figure["server"],
+            f"{figure['bytes'] / 2**20:.0f} MiB",
+            f"{figure['medians_s']['ours']:.3f}",
+            f"{figure['medians_s']['get_object']:.3f}",
+            f"{figure['ratio']:.2f} {_mark(figure['pass'], True)}",
+            f"<= {figure['bound']}",
+            "none (one stream)" if threads == [0] else f"{threads} threads beside the stream",
+        )
+    console.print(table)

@@ -49,6 +49,11 @@ def assert_complete(results: dict[str, Any], sizes: list[str]) -> None:
             assert memory[contender]["checkpoint_bytes"] > 0
             assert math.isfinite(memory[contender]["ratio"])
     assert isinstance(results["memory_not_growing"]["pass"], bool)
+    # The reader figure: ours against one get_object on moto's server and on SeaweedFS (not timed here).
+    assert [figure["server"] for figure in results["reader"]] == ["moto server", "SeaweedFS"]
+    for figure in results["reader"]:
+        assert math.isfinite(figure["ratio"]) and figure["ratio"] > 0 and isinstance(figure["pass"], bool)
+        assert len(figure["reads"]) == results["meta"]["rounds"] + 1
     assert results["fixed_cost"]["median_ms"] > 0
     resolution = results["resolution"]
     many = str(resolution["checkpoints"])
@@ -69,7 +74,7 @@ def test_quick_run_against_a_running_stack(
     results = json.loads(output.read_text())
     assert_complete(results, ["4MB", "40MB"])
     assert results["meta"]["stack_started_here"] is False
-    assert "ratios of medians" in done.stdout
+    assert "ratios of medians" in done.stdout and "reader:" in done.stdout
     assert all(s.alive for s in stack.status().services)  # a reused stack is left running
 
 

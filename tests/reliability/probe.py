@@ -1,6 +1,8 @@
 """One library call against endpoints that fail, timed from inside: prints one JSON line.
 
-    python -m tests.reliability.probe save|load RUN_ID
+    python -m tests.reliability.probe save|save-big|load RUN_ID
+
+``save-big`` saves the workload's big state (~13 MB: several parts with 5 MB parts).
 
 The clock starts after the imports and the model are ready, so what is measured is how long
 the library takes to give up, not how long Python takes to start.
@@ -19,11 +21,11 @@ def main() -> int:
     what, run_id = sys.argv[1:3]
     import tracking
 
-    model, optimizer = workload.state(2, workload.SMALL)
+    model, optimizer = workload.state(2, workload.BIG if what == "save-big" else workload.SMALL)
     start = time.monotonic()
     error: Exception | None = None
     try:
-        if what == "save":
+        if what.startswith("save"):
             tracking.log_checkpoint(model, optimizer, epoch=2, metrics={"val_loss": 0.5}, run_id=run_id)
         else:
             tracking.load(run_id)

@@ -112,3 +112,59 @@ def test_segment_reader_reads_and_seeks_across_segments() -> None:
         assert reader.tell() == min(start + size, max(start, len(whole)))
     assert reader.seek(-4, io.SEEK_END) == len(whole) - 4
     assert reader.read() == whole[-4:]
+
+
+@pytest.mark.parametrize("claimed", [10**13, 10**15])
+def test_a_manifest_claiming_a_huge_size_fails_in_one_request_and_bounded_memory(
+    s3_experiment: str, claimed: int
+) -> None:
+    """The object's real size (the first GET's answer) is checked before any buffer or range plan:
+    time and memory must not scale with what the manifest claims (10**15 bytes took 9.2 GB)."""
+    import tracemalloc
+
+    import mlflow
+    from click.testing import CliRunner
+
+    from pipelines.models import Model
+    from tests.unit.test_hostile_inputs import checkpoint_of
+    from tests.unit.test_loader import tamper_manifest
+    from tracking.cli import main
+
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(Model(6), epoch=1)
+    run_id = run.info.run_id
+    tamper_manifest(run_id, 1, lambda m: m["files"]["checkpoint.pt"].update(size=claimed))
+    path = f"checkpoint-epoch-0001 ({checkpoint_of(run_id, 1)})/checkpoint.pt"
+    tracemalloc.start()
+    try:
+        with pytest.raises(tracking.IntegrityError, match=rf"is \d+ bytes, but its manifest says {claimed}"):
+            tracking.load(run_id)
+        result = CliRunner().invoke(main, ["verify", run_id])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20, f"peak {peak / 2**20:.0f} MiB"  # 10**13 planned 596,047 ranges: ~70 MiB
+    assert result.exit_code == 1 and f"BAD {path}" in result.output, result.output
+    assert "Traceback" not in result.output + result.stderr
+
+
+@pytest.mark.parametrize("fan_out", [True, False], ids=["ranges", "stream"])
+def test_a_multipart_read_lands_whole_whether_or_not_ranges_pay(
+    mocked_s3: Any, monkeypatch: pytest.MonkeyPatch, fan_out: bool
+) -> None:
+    """Both ways of reading: the stream joined by ranged GETs from the far end, and the stream alone
+    (what a server slow to answer ranges, like moto's, gets)."""
+    from tracking.storage import ranged
+
+    monkeypatch.setattr(ranged, "RANGES_PAY", float("inf") if fan_out else 0.0)
+    data = random.Random(7).randbytes(7 * PART_MB * 2**20 + 12345)  # 8 parts, the last one short
+    mocked_s3.put_object(Bucket=BUCKET, Key="direct/d/big.bin", Body=data)
+    s3 = s3_store()
+    landed: list[int] = []
+    got = s3.read("d/big.bin", StoredFile(len(data), hashlib.sha256(data).hexdigest()), landed.append)
+    assert bytes(got) == data
+    assert sum(landed) == len(data) and len(landed) == 8
+    assert (s3.last_read.fanned_out > 0) == fan_out
+    # Same length, other bytes: caught by the hash however the parts arrived.
+    with pytest.raises(tracking.IntegrityError, match="does not match its manifest"):
+        s3.read("d/big.bin", StoredFile(len(data), hashlib.sha256(b"other").hexdigest()))

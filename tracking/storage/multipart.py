@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import bisect
 import io
+import queue
 import threading
-from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_all
+from typing import Any, TypeVar
 
 from tracking.config import TrackingConfig
+from tracking.deadline import Deadline
 from tracking.uri import S3Location
+
+T = TypeVar("T")
 
 # Writes at least this large, from memory the caller keeps unchanged, are uploaded from where
 # they are; smaller ones (zip headers, small tensors) are copied into the part being built.
@@ -31,7 +37,7 @@ class MultipartUpload:
     def __init__(
         self,
         client: Any,
-        pool: ThreadPoolExecutor,
+        pool: DaemonPool,
         target: S3Location,
         config: TrackingConfig,
         stable: Sequence[tuple[int, int]] = (),
@@ -40,6 +46,7 @@ class MultipartUpload:
         self.pool = pool
         self.target = target
         self.part_size = config.part_size
+        self.bound = config.s3_request_bound()
         self.upload_id: str | None = None
         self.parts: list[Future[dict[str, Any]]] = []
         self.slots = threading.BoundedSemaphore(config.max_concurrency)
@@ -51,26 +58,36 @@ class MultipartUpload:
         self.filled = 0
         self.done = False
         self.error: BaseException | None = None
+        # When the earliest request that failed was sent: the clean-up shares its deadline.
+        self.failed_request_at: float | None = None
+        self.lock = threading.Lock()
 
     def __enter__(self) -> MultipartUpload:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if not self.done and self.upload_id is not None:
-            for future in self.parts:
-                future.cancel()
-            for future in self.parts:
-                if not future.cancelled():
-                    future.exception()
-            try:
-                self.client.abort_multipart_upload(
-                    Bucket=self.target.bucket, Key=self.target.key, UploadId=self.upload_id
-                )
-            except Exception:
-                # Keep the error that stopped the upload (the abort usually fails for the same
-                # reason); the upload it leaves behind is a leftover `tracking verify` reports.
-                if exc is None:
-                    raise
+        if self.done or self.upload_id is None:
+            return
+        for future in self.parts:
+            future.cancel()
+        upload_id = self.upload_id
+
+        def abort() -> None:
+            # S3 may still store a part that was in flight when the upload was aborted: let them end first.
+            wait_all([f for f in self.parts if not f.cancelled()])
+            self.client.abort_multipart_upload(Bucket=self.target.bucket, Key=self.target.key, UploadId=upload_id)
+
+        # One deadline for the upload: when a request failed on a silent server (a part, after its
+        # retries), the abort gets what remains of that request's bound, not a full bound of its own.
+        deadline = Deadline(self.bound, start=self.failed_request_at)
+        try:
+            deadline.wait_for(abort, name="tracking-s3-abort")
+        except Exception:
+            # Keep the error that stopped the upload (the abort usually fails for the same reason,
+            # or is still waiting on it); the upload it leaves behind is a leftover `tracking verify`
+            # reports.
+            if exc is None:
+                raise
 
     def feed(self, data: memoryview) -> None:
         try:
@@ -106,11 +123,14 @@ class MultipartUpload:
             if self.filled:
                 self._send_part()
             parts = [future.result() for future in self.parts]
-            client.complete_multipart_upload(
-                Bucket=self.target.bucket,
-                Key=self.target.key,
-                UploadId=self.upload_id,
-                MultipartUpload={"Parts": parts},
+            upload_id = self.upload_id
+            self._request(
+                lambda: client.complete_multipart_upload(
+                    Bucket=self.target.bucket,
+                    Key=self.target.key,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                )
             )
         self.done = True
 
@@ -136,31 +156,89 @@ class MultipartUpload:
     def _send_part(self) -> None:
         client = self.client
         if self.upload_id is None:
-            created = client.create_multipart_upload(Bucket=self.target.bucket, Key=self.target.key)
+            created = self._request(
+                lambda: client.create_multipart_upload(Bucket=self.target.bucket, Key=self.target.key)
+            )
             self.upload_id = created["UploadId"]
-        # Fail fast: a part that already failed stops the stream instead of uploading the rest.
-        for future in self.parts:
-            if future.done() and future.exception():
-                future.result()
+        # Fail fast: a part that already failed stops the stream instead of uploading the rest,
+        # also when it is what freed the slot this part waited for.
+        self._raise_failed()
         self.slots.acquire()
+        try:
+            self._raise_failed()
+        except BaseException:
+            self.slots.release()
+            raise
         body = self._take_part()
         number = len(self.parts) + 1
         upload_id = self.upload_id
 
         def upload() -> dict[str, Any]:
             try:
-                response = client.upload_part(
-                    Bucket=self.target.bucket,
-                    Key=self.target.key,
-                    UploadId=upload_id,
-                    PartNumber=number,
-                    Body=body,
+                response = self._request(
+                    lambda: client.upload_part(
+                        Bucket=self.target.bucket,
+                        Key=self.target.key,
+                        UploadId=upload_id,
+                        PartNumber=number,
+                        Body=body,
+                    )
                 )
                 return {"PartNumber": number, "ETag": response["ETag"]}
             finally:
                 self.slots.release()
 
         self.parts.append(self.pool.submit(upload))
+
+    def _raise_failed(self) -> None:
+        for future in self.parts:
+            if future.done() and not future.cancelled() and future.exception():
+                future.result()
+
+    def _request(self, call: Callable[[], T]) -> T:
+        """``call()``, noting when it was sent if it fails (see :meth:`__exit__`)."""
+        sent = time.monotonic()
+        try:
+            return call()
+        except BaseException:
+            with self.lock:
+                if self.failed_request_at is None or sent < self.failed_request_at:
+                    self.failed_request_at = sent
+            raise
+
+
+class DaemonPool:
+    """Worker threads for part uploads, as daemon threads.
+
+    Unlike ThreadPoolExecutor's, whose workers the interpreter joins at exit, a worker stuck
+    retrying on a silent server never keeps the process alive after the save has failed.
+    """
+
+    def __init__(self, workers: int, name: str) -> None:
+        self.workers = workers
+        self.name = name
+        self.tasks: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]]] = queue.SimpleQueue()
+        self.started = False
+        self.lock = threading.Lock()
+
+    def submit(self, call: Callable[[], T]) -> Future[T]:
+        with self.lock:
+            if not self.started:  # all at the first upload: idle ones only wait on the queue
+                self.started = True
+                for i in range(self.workers):
+                    threading.Thread(target=self._work, name=f"{self.name}-{i}", daemon=True).start()
+        future: Future[T] = Future()
+        self.tasks.put((future, call))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            future, call = self.tasks.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(call())
+                except BaseException as exc:
+                    future.set_exception(exc)
 
 
 class _SegmentReader(io.RawIOBase):

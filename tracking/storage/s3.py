@@ -11,9 +11,8 @@ import functools
 import hashlib
 import mmap
 import os
-import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, BinaryIO, cast
 
@@ -21,7 +20,8 @@ from tracking.config import ENV_VARS, S3_MAX_ATTEMPTS, TrackingConfig
 from tracking.errors import ConfigError, IntegrityError, NotFoundError, StorageError
 from tracking.manifest import StoredFile
 from tracking.storage.base import ArtifactStore, Buffer, HashingWriter, Producer, StableProducer
-from tracking.storage.multipart import MultipartUpload
+from tracking.storage.multipart import DaemonPool, MultipartUpload
+from tracking.storage.ranged import RangedRead, ReadRecord
 from tracking.uri import S3Location, parse_s3_uri
 
 # Reads move through memory in blocks of this size when streaming.
@@ -82,8 +82,8 @@ def _has_other_credentials() -> bool:
 
 
 @functools.lru_cache(maxsize=4)
-def _executor(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tracking-s3")
+def _executor(workers: int) -> DaemonPool:
+    return DaemonPool(workers, "tracking-s3-part")
 
 
 class S3Store(ArtifactStore):
@@ -94,9 +94,10 @@ class S3Store(ArtifactStore):
         self.root: S3Location = parse_s3_uri(artifact_uri)
         self.config = config
         self.client = s3_client(config)
-        # Part uploads and ranged reads share one pool; reads of one file use at most
-        # max_concurrency of it, so a write and a read can proceed side by side.
+        # Part uploads share one pool (at most max_concurrency parts of one file in flight, so two
+        # writes proceed side by side); reads start threads of their own (see storage.ranged).
         self.pool = _executor(config.max_concurrency * 2)
+        self.last_read = ReadRecord(0.0, 0.0, 0)  # how the last read went: see ReadRecord
 
     def write(self, path: str, produce: Producer) -> StoredFile:
         target = self.root.join(path)
@@ -139,46 +140,31 @@ class S3Store(ArtifactStore):
         with self._errors(path):
             if expected is None:
                 # Manifests and other small files: one GET, sized by its response (no HEAD first).
-                data = self._get_whole(target)
-                return data
+                return self._get_whole(target)
             size = expected.size
-            part = self.config.part_size
-            ranges = [(start, min(start + part, size)) for start in range(0, size, part)] or [(0, 0)]
-            # The first GET comes before the buffer: its answer says the object's real size, so a
-            # manifest claiming 100 GB for a small file fails here instead of allocating 100 GB.
-            first = self._get_range(target, ranges[0], size)
+            # The whole object's GET comes first, before the buffer and before any range is planned: its
+            # answer says the object's real size, so a manifest claiming 10**15 bytes for a small file
+            # fails here, in one request, instead of allocating or planning for what it claims.
+            began = time.monotonic()
+            first = self._get_range(target, (0, size), size)
+            answered_in = time.monotonic() - began
             try:
                 buffer = _new_buffer(size)
             except BaseException:
                 first["Body"].close()
                 raise
-            view = memoryview(buffer)
-            sha = hashlib.sha256()
-            if len(ranges) == 1:
-                self._get_into(target, view, ranges[0], size, first)
-                sha.update(view)
-                if progress is not None:
-                    progress(size)
-            else:
-                futures = _bounded_map(
-                    self.pool,
-                    self.config.max_concurrency,
-                    lambda r: self._get_into(target, view[r[0] : r[1]], r, size, first if r == ranges[0] else None),
-                    ranges,
-                )
-                try:
-                    # Hash each range in order as soon as it lands, while later ranges download.
-                    for (start, end), future in zip(ranges, futures, strict=True):
-                        future.result()
-                        sha.update(view[start:end])
-                        if progress is not None:
-                            progress(end - start)
-                except BaseException:
-                    for future in futures:
-                        future.cancel()
-                    raise
-            self._verify(path, buffer, sha.hexdigest(), expected)
-            return buffer
+            reader = RangedRead(
+                memoryview(buffer),
+                self.config.part_size,
+                self.config.max_concurrency - 1,
+                get=lambda start, end: self._get_range(target, (start, end), size)["Body"],
+                fill=lambda body, out, offset: self._fill(target, body, out, offset),
+                close=_close,
+            )
+            digest = reader.run(first["Body"], answered_in, progress)
+            self.last_read = ReadRecord(reader.answered_in, reader.first_part_s, reader.fanned_out)
+        self._verify(path, buffer, digest, expected)
+        return buffer
 
     def list_files(self, path: str) -> list[str]:
         prefix = self._prefix(path)
@@ -230,19 +216,13 @@ class S3Store(ArtifactStore):
     def _get_whole(self, target: S3Location) -> bytearray:
         response = self.client.get_object(Bucket=target.bucket, Key=target.key)
         buffer = bytearray(int(response["ContentLength"]))
-        self._fill(target, response["Body"], memoryview(buffer), 0)
+        complete = False
+        try:
+            self._fill(target, response["Body"], memoryview(buffer), 0)
+            complete = True
+        finally:
+            _close(response["Body"], complete)
         return buffer
-
-    def _get_into(
-        self, target: S3Location, out: memoryview, byte_range: tuple[int, int], size: int, response: Any = None
-    ) -> None:
-        """Fill ``out`` with bytes ``byte_range`` of an object that should be ``size`` bytes long.
-
-        ``response`` is that range's GET when it was already sent (see :meth:`read`).
-        """
-        if response is None:
-            response = self._get_range(target, byte_range, size)
-        self._fill(target, response["Body"], out, byte_range[0])
 
     def _get_range(self, target: S3Location, byte_range: tuple[int, int], size: int) -> Any:
         """GET ``byte_range`` and check the object is ``size`` bytes long; the body is left to read."""
@@ -263,30 +243,24 @@ class S3Store(ArtifactStore):
         return response
 
     def _fill(self, target: S3Location, body: Any, out: memoryview, offset: int) -> None:
+        """Read the next ``len(out)`` bytes of ``body`` (bytes ``offset`` on of the object) into ``out``."""
         # urllib3's readinto reads into a new bytes object and copies that (0.1 s of CPU per
         # 512 MiB here); the http.client response beneath it reads straight into `out`.
         raw: Any = getattr(body, "_raw_stream", None)
         direct: Any = getattr(raw, "_fp", None)
         reader = direct if hasattr(direct, "readinto") and hasattr(raw, "release_conn") else body
-        complete = False
-        try:
-            filled = 0
-            while filled < len(out):
-                n = reader.readinto(out[filled : filled + _COPY_BLOCK])
-                if not n:
-                    # The response's own length was checked against the manifest before reading, so a
-                    # body that stops short is the connection dropping, not a shorter object.
-                    raise StorageError(
-                        f"{self.owner}: the download of s3://{target.bucket}/{target.key} was cut off after "
-                        f"{offset + filled} of {offset + len(out)} bytes (connection closed); the stored "
-                        "object is not affected: retry."
-                    )
-                filled += n
-            complete = True
-        finally:
-            if complete and reader is direct and direct.isclosed():
-                raw.release_conn()  # read to its end: the connection can serve the next request
-            body.close()
+        filled = 0
+        while filled < len(out):
+            n = reader.readinto(out[filled : filled + _COPY_BLOCK])
+            if not n:
+                # The response's own length was checked against the manifest before reading, so a
+                # body that stops short is the connection dropping, not a shorter object.
+                raise StorageError(
+                    f"{self.owner}: the download of s3://{target.bucket}/{target.key} was cut off after "
+                    f"{offset + filled} of {offset + len(out)} bytes (connection closed); the stored "
+                    "object is not affected: retry."
+                )
+            filled += n
 
     @contextmanager
     def _errors(self, path: str) -> Iterator[None]:
@@ -361,14 +335,12 @@ def _new_buffer(size: int) -> bytearray | mmap.mmap:
     return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
 
 
-def _bounded_map(
-    pool: ThreadPoolExecutor, limit: int, fn: Callable[[Any], None], items: list[Any]
-) -> list[Future[None]]:
-    """Submit ``fn`` over ``items`` with at most ``limit`` running, without waiting here."""
-    gate = threading.BoundedSemaphore(limit)
-
-    def run(item: Any) -> None:
-        with gate:
-            fn(item)
-
-    return [pool.submit(run, item) for item in items]
+def _close(body: Any, complete: bool) -> None:
+    """End a GET's body: a connection read to its end serves the next request, any other is dropped."""
+    raw: Any = getattr(body, "_raw_stream", None)
+    direct: Any = getattr(raw, "_fp", None)
+    try:
+        if complete and direct is not None and direct.isclosed() and hasattr(raw, "release_conn"):
+            raw.release_conn()
+    finally:
+        body.close()
