@@ -113,6 +113,7 @@ def test_the_stack_is_found_from_any_folder(
     monkeypatch.setattr(server, "_announced", False)
     stack = new_stack("project/.tracking")  # stopped after the test whatever happens
     (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "project").mkdir()
     runner = CliRunner()
     ports = ["--s3-port", str(stack.s3_port), "--mlflow-port", str(stack.mlflow_port)]
 
