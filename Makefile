@@ -35,7 +35,7 @@ browser-deps:
 # local stack (SeaweedFS + MLflow server) and uses it.
 train: install
 	@if [ -z "$$MLFLOW_TRACKING_URI" ]; then \
-		$(BIN)/tracking stack up && . ./$(STACK_ENV) && $(BIN)/python -m pipelines.train $(TRAIN_ARGS); \
+		$(BIN)/tracking stack up --data-dir .tracking && . ./$(STACK_ENV) && $(BIN)/python -m pipelines.train $(TRAIN_ARGS); \
 	else \
 		$(BIN)/python -m pipelines.train $(TRAIN_ARGS); \
 	fi

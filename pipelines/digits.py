@@ -8,29 +8,42 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Sequence
-
-import torch
-import torch.nn.functional as F
-from torch import nn
+from typing import TYPE_CHECKING
 
 from pipelines import training
-from pipelines.models import DigitsMLP
 from pipelines.task import Task
+
+# torch is imported by the functions below, when they run: `--help` does not wait for it.
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 HIDDEN, DROPOUT = 128, 0.2
 STEP_SIZE, GAMMA = 3, 0.5  # the learning rate halves every 3 epochs
 
 
 def _model(n_features: int) -> nn.Module:
+    from pipelines.models import DigitsMLP
+
     return DigitsMLP(n_features, hidden=HIDDEN, dropout=DROPOUT)
 
 
 def _adam(parameters: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    import torch
+
     return torch.optim.Adam(parameters, lr=lr)
 
 
 def _step_lr(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    import torch
+
     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=STEP_SIZE, gamma=GAMMA)
+
+
+def _cross_entropy(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    return F.cross_entropy(outputs, labels)
 
 
 def _predict(outputs: torch.Tensor) -> torch.Tensor:
@@ -43,7 +56,7 @@ TASK = Task(
     build_model=_model,
     build_optimizer=_adam,
     build_scheduler=_step_lr,
-    loss=F.cross_entropy,
+    loss=_cross_entropy,
     predict=_predict,
     # Fixed hyperparameters: logged as params, so a resume notices when the code changed them.
     params={

@@ -18,16 +18,15 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
-from torch import nn
-
-import tracking
-from pipelines import data, digits, runs, train
-from pipelines.task import measure
-from tracking.cli.server import connect
+from pipelines import digits, train
 from tracking.errors import run_command
+
+# MLflow, torch and scikit-learn are imported when evaluation runs, after the command line is
+# parsed: `--help` and usage errors answer at once.
+if TYPE_CHECKING:
+    from torch import nn
 
 TASKS = {task.dataset: task for task in (train.TASK, digits.TASK)}
 # What --checkpoint takes besides latest, best and an epoch number.
@@ -37,6 +36,12 @@ STATE_DICT = "state_dict"
 
 def evaluate(source: str, checkpoint: str | int = "latest", *, trust_pickle: bool = False) -> dict[str, float]:
     """Validation loss and accuracy of a model the run logged, also logged to the run as ``eval_*`` metrics."""
+    from mlflow.tracking import MlflowClient
+
+    import tracking
+    from pipelines import data, runs
+    from pipelines.task import measure
+
     config = tracking.TrackingConfig.from_env()
     client = MlflowClient(config.tracking_uri)
     run = runs.find_run(client, source, config)
@@ -59,6 +64,11 @@ def evaluate(source: str, checkpoint: str | int = "latest", *, trust_pickle: boo
 
 def _load(source: str, checkpoint: str | int, trust_pickle: bool) -> tuple[nn.Module, str, int | None]:
     """The model to evaluate, how to name it, and its epoch when it is a checkpoint."""
+    # The loader rebuilds only classes whose module is imported already: the pipelines' models.
+    import pipelines.models  # noqa: F401
+    import tracking
+    from pipelines import runs
+
     if checkpoint == WHOLE_MODEL:
         if not trust_pickle:
             raise runs.PipelineError(
@@ -68,14 +78,17 @@ def _load(source: str, checkpoint: str | int, trust_pickle: bool) -> tuple[nn.Mo
         return tracking.load_pickled_model(source, trust_pickle=True), "whole model (pytorch flavor)", None
     if checkpoint == STATE_DICT:
         return tracking.load_model(source), "state_dict", None
-    loaded = tracking.load(source, checkpoint, mode="eval")
-    return loaded.model, f"{loaded.path} (epoch {loaded.epoch})", loaded.epoch
+    # The weights alone: rebuilding the optimizer too (tracking.load) would cost a second of
+    # torch's start-up (its first optimizer imports torch._dynamo) for nothing evaluation uses.
+    located = tracking.find_checkpoint(source, checkpoint)
+    model = tracking.load_model(f"models:/{located.model_id}", mode="eval")
+    return model, f"{located.label} (epoch {located.manifest.epoch})", located.manifest.epoch
 
 
 def _checkpoint(text: str) -> str | int:
     if text in ("latest", "best", WHOLE_MODEL, STATE_DICT):
         return text
-    if text.isdigit():
+    if text.isdecimal() and text.isascii():  # not "²" or "١", which isdigit() takes
         return int(text)
     raise argparse.ArgumentTypeError(f"expected latest, best, an epoch number, state_dict or model; got {text!r}")
 
@@ -97,8 +110,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def run() -> dict[str, float]:
+        from tracking.cli.server import connect
+
         connect()  # no MLFLOW_TRACKING_URI: the local stack if it runs
         return evaluate(args.run_id, args.checkpoint, trust_pickle=args.trust_pickle)
+
+    from mlflow.exceptions import MlflowException
 
     # MLflow's own errors (a refused request, an unknown run) are the user's to act on, like ours.
     return run_command(run, also=(MlflowException,))

@@ -136,7 +136,7 @@ def _train(task: Task, opts: options.Options) -> str:
         if run is not None:
             assert whole is not None
             tracking.log_state_dict(whole)
-            logged = tracking.log_model(whole, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+            logged = runs.log_whole_model(whole)
             runs.report(client, run, logged.model_id)
         return distributed.on_rank0(lambda: str(run.info.run_id) if run is not None else "")
 

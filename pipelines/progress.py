@@ -43,5 +43,5 @@ class EpochProgress:
         if self.bar is None:
             print(line, flush=True)
         else:
-            self.bar.console.print(line)  # printed above the bar, which stays at the bottom
+            self.bar.console.print(line, markup=False)  # above the bar, which stays at the bottom
             self.bar.advance(self.task)

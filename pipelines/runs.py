@@ -36,6 +36,7 @@ import tracking
 from pipelines import data, options
 from pipelines.task import State, Task
 from tracking import layout, spec
+from tracking.cli.noise import muted
 
 TAG_RESUMED_FROM_RUN = "tracking.resumed_from_run"
 TAG_RESUMED_FROM_EPOCH = "tracking.resumed_from_epoch"
@@ -243,6 +244,16 @@ def announce(client: MlflowClient, run: mlflow.ActiveRun) -> None:
         print(f"view it at {link}", flush=True)
 
 
+def log_whole_model(model: torch.nn.Module) -> Any:
+    """The whole model in MLflow's pytorch flavor (``mlflow.pytorch.load_model``, serving); MLflow's ``ModelInfo``.
+
+    A pickle on purpose: that is what the flavor loads. MLflow warns about it at every save; the
+    pipeline silences that and says it once, in :func:`report`, with what it means for loading.
+    """
+    with muted("mlflow.pytorch", "Saving pytorch model by Pickle"):
+        return tracking.log_model(model, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+
+
 def report(client: MlflowClient, run: mlflow.ActiveRun, whole_model_id: str) -> None:
     """Print what the run holds and how to load each: its latest and best checkpoints, the whole model."""
     run_id, experiment_id = run.info.run_id, run.info.experiment_id
@@ -252,7 +263,10 @@ def report(client: MlflowClient, run: mlflow.ActiveRun, whole_model_id: str) -> 
         except tracking.NotFoundError:
             continue
         print(f"{which} checkpoint: epoch {found.manifest.epoch}, models:/{found.model_id}", flush=True)
-    print(f"whole model: models:/{whole_model_id} (mlflow.pytorch.load_model)", flush=True)
+    print(
+        f"whole model: models:/{whole_model_id} (mlflow.pytorch.load_model; a pickle: load only runs you trust)",
+        flush=True,
+    )
     run_link = ui_link(client, f"experiments/{experiment_id}/runs/{run_id}")
     if run_link:
         print(f"run {run_id}: {run_link}", flush=True)

@@ -10,12 +10,14 @@ import os
 import random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-from torch import nn
-from torch.optim.lr_scheduler import LRScheduler
+# No torch at import: a pipeline describes its Task before parsing its command line, and
+# `--help` must not wait for torch (the functions below import it when they run).
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from torch.optim.lr_scheduler import LRScheduler
 
 
 @dataclass(frozen=True)
@@ -44,17 +46,22 @@ class State:
     step: int = 0
 
 
-@torch.no_grad()
 def measure(task: Task, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     """Loss and accuracy of ``model`` on ``(x, y)`` in eval mode (no dropout, batch norm's running stats)."""
+    import torch
+
     model.eval()
-    outputs = model(x)
-    return task.loss(outputs, y).item(), (task.predict(outputs) == y).float().mean().item()
+    with torch.no_grad():
+        outputs = model(x)
+        return task.loss(outputs, y).item(), (task.predict(outputs) == y).float().mean().item()
 
 
 def seed_everything(seed: int) -> None:
     """Seed Python's, numpy's and torch's (CUDA's too) global RNGs; on a GPU, also choose deterministic
     kernels, so that a resumed run repeats the uninterrupted one bit for bit there as on the CPU."""
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

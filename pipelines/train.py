@@ -8,17 +8,26 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Sequence
-
-import torch
-import torch.nn.functional as F
-from torch import nn
+from typing import TYPE_CHECKING
 
 from pipelines import training
-from pipelines.models import Model
 from pipelines.task import Task
+
+# torch is imported by the functions below, when they run: `--help` does not wait for it.
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+def _model(n_features: int) -> nn.Module:
+    from pipelines.models import Model
+
+    return Model(n_features)
 
 
 def _loss(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    import torch.nn.functional as F
+
     return F.binary_cross_entropy(outputs.squeeze(1), labels.float())
 
 
@@ -27,13 +36,15 @@ def _predict(outputs: torch.Tensor) -> torch.Tensor:
 
 
 def _sgd(parameters: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    import torch
+
     return torch.optim.SGD(parameters, lr=lr)
 
 
 TASK = Task(
     name="pipelines.train",
     dataset="breast_cancer",
-    build_model=Model,
+    build_model=_model,
     build_optimizer=_sgd,
     loss=_loss,
     predict=_predict,

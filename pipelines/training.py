@@ -20,20 +20,21 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
-from torch.utils.data import DataLoader, TensorDataset
-
-import tracking
-from pipelines import data, options, runs
-from pipelines.progress import EpochProgress
+from pipelines import options
 from pipelines.task import State, Task, measure, seed_everything
-from tracking.cli.server import connect
 from tracking.config import bound_mlflow_requests
 from tracking.errors import run_command
+
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from pipelines import data
+
+# torch, MLflow, scikit-learn and rich are imported inside the functions that train, after the
+# command line is parsed: `--help` and a usage error answer in a fraction of a second, not 5 s.
 
 
 def main(task: Task, argv: Sequence[str] | None = None, description: str | None = None) -> int:
@@ -45,6 +46,8 @@ def main(task: Task, argv: Sequence[str] | None = None, description: str | None 
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
     def run() -> str:
+        from tracking.cli.server import connect
+
         # No MLFLOW_TRACKING_URI: the local stack if it runs, never an mlflow.db in the working folder.
         connect()
         from pipelines import parallel
@@ -53,12 +56,22 @@ def main(task: Task, argv: Sequence[str] | None = None, description: str | None 
             return parallel.train(task, replace(opts, strategy=opts.strategy or "ddp"))
         return train(task, opts)
 
+    from mlflow.exceptions import MlflowException
+
     # MLflow's own errors (a refused request, an unknown run) are the user's to act on, like ours.
     return run_command(run, also=(MlflowException,))
 
 
 def train(task: Task, opts: options.Options) -> str:
     """Train a new run, or resume one, as ``opts`` says; returns the run ID."""
+    import torch
+    from mlflow.tracking import MlflowClient
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import tracking
+    from pipelines import data, runs
+    from pipelines.progress import EpochProgress
+
     config = tracking.TrackingConfig.from_env(experiment_name=opts.experiment)
     client = MlflowClient(config.tracking_uri)
     origin = runs.find_origin(client, task, opts, config) if opts.resume else None
@@ -111,12 +124,14 @@ def train(task: Task, opts: options.Options) -> str:
         # The trained model in the two other shapes the save/load notes use: its state dict, and
         # the whole model in MLflow's pytorch flavor (mlflow.pytorch.load_model, model serving).
         tracking.log_state_dict(state.model)
-        whole = tracking.log_model(state.model, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        whole = runs.log_whole_model(state.model)
         runs.report(client, run, whole.model_id)
         return str(run.info.run_id)
 
 
 def _train_epoch(task: Task, state: State, loader: DataLoader[Any], device: torch.device) -> tuple[float, float]:
+    import torch
+
     state.model.train()
     # Summed on the device, read once per epoch: .item() per batch would sync a GPU every step.
     loss_sum = torch.zeros((), device=device)

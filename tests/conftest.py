@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 
 import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_state_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Keep `tracking stack up`'s per-user records ($XDG_STATE_HOME) out of the real home folder.
+
+    Subprocesses inherit it; a test that checks the records points it at its own tmp_path.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state-home")))
+        yield
 
 
 @pytest.hookimpl(wrapper=True)

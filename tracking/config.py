@@ -189,6 +189,38 @@ def bound_mlflow_requests(environ: MutableMapping[str, str] | None = None) -> di
     return applied
 
 
+# Variables MLflow and botocore parse themselves, deep inside a request, with a bare ValueError
+# when malformed: the smallest value each accepts, and how they read it (all as int).
+CLIENT_INT_VARS: dict[str, int] = {
+    "AWS_MAX_ATTEMPTS": 1,
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": 1,
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": 0,
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": 0,
+}
+
+
+def check_client_env(environ: Mapping[str, str] | None = None) -> None:
+    """Raise :class:`ConfigError` naming the variable when one that MLflow or botocore reads is malformed.
+
+    ``AWS_MAX_ATTEMPTS=abc`` or ``MLFLOW_HTTP_REQUEST_TIMEOUT=abc`` would otherwise fail later, in
+    the middle of a request, as a ValueError with no variable named. Unset or empty is fine.
+    """
+    env = os.environ if environ is None else environ
+    for var, smallest in CLIENT_INT_VARS.items():
+        raw = env.get(var, "").strip()
+        if not raw:
+            continue
+        try:
+            value = int(raw)
+        except ValueError:
+            value = None
+        if value is None or value < smallest:
+            raise ConfigError(
+                f"{var}={env[var]!r} is not a whole number of at least {smallest}; fix or unset it "
+                f"(e.g. {var}={MLFLOW_REQUEST_DEFAULTS.get(var, S3_MAX_ATTEMPTS)})."
+            )
+
+
 def _parse(raw: str, type_name: str, var: str) -> Any:
     if type_name == "bool":
         lowered = raw.strip().lower()

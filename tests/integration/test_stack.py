@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from tracking.cli import main
+from tracking.cli import main, server
 from tracking.localstack import LocalStack
 
 pytestmark = pytest.mark.integration
@@ -96,9 +96,52 @@ def test_busy_port_is_a_one_line_error(new_stack: Callable[..., LocalStack]) -> 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert str(stack.mlflow_port) in lines[0]
-    assert str(stack.log_path("mlflow")) in lines[0]
+    assert "log" not in lines[0]  # nothing started, so no log to name
     assert "Traceback" not in result.output
     assert not any(s.alive for s in stack.status().services)  # nothing half-started
+    assert not stack.data_dir.exists()  # no data folder with an empty mlflow.db left behind
+
+
+def test_the_stack_is_found_from_any_folder(
+    new_stack: Callable[..., LocalStack], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.delenv("TRACKING_DATA_DIR", raising=False)
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "x")  # restored after the test: the CLI sets what is unset
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(server, "_announced", False)
+    stack = new_stack("project/.tracking")  # stopped after the test whatever happens
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "project").mkdir()
+    runner = CliRunner()
+    ports = ["--s3-port", str(stack.s3_port), "--mlflow-port", str(stack.mlflow_port)]
+
+    monkeypatch.chdir(tmp_path / "project")
+    started = runner.invoke(main, ["stack", "up", *ports])
+    assert started.exit_code == 0, started.output
+
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    status = runner.invoke(main, ["stack", "status"])
+    assert status.exit_code == 0, status.output
+    assert status.output.count(" running ") == 2 and f"data folder: {stack.data_dir} " in status.output
+    listed = runner.invoke(main, ["runs", "--experiment", "Default"])
+    assert listed.exit_code == 0, listed.output
+    assert f"using the local stack at {stack.tracking_uri}" in listed.stderr
+    again = runner.invoke(main, ["stack", "up"])  # finds the running stack: idempotent, its own ports
+    assert again.exit_code == 0 and again.output.count("already running") == 2, again.output
+
+    other = tmp_path / "other"
+    busy = runner.invoke(main, ["stack", "up", "--data-dir", str(other), *ports])
+    assert busy.exit_code == 1
+    [line] = busy.stderr.splitlines()
+    assert f"is taken by your local stack in {stack.data_dir}" in line and "tracking stack down --data-dir" in line
+    assert not other.exists()
+    assert not (tmp_path / "elsewhere" / ".tracking").exists()
+
+    stopped = runner.invoke(main, ["stack", "down"])
+    assert stopped.exit_code == 0 and stopped.output.strip() == "stopped: mlflow, seaweedfs", stopped.output
+    assert list((tmp_path / "state" / "tracking" / "stacks").iterdir()) == []
 
 
 def test_server_dying_on_start_is_a_one_line_error_and_leaves_nothing(

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import resource
+import signal
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -10,12 +13,22 @@ from click.testing import CliRunner
 
 import tracking
 from pipelines.models import Model
-from tracking.cli import main
+from tracking.cli import main, output
 from tracking.selection import find_checkpoint
 
 
 @pytest.fixture
 def run_id(experiment: str) -> str:
+    return _log_run()
+
+
+@pytest.fixture
+def s3_run_id(s3_experiment: str) -> str:
+    """A run like ``run_id``'s on (moto) S3 only, read into memory: no temporary file on the way."""
+    return _log_run()
+
+
+def _log_run() -> str:
     model = Model(6)
     checkpointer = tracking.Checkpointer(monitor="val_loss")
     with mlflow.start_run() as run:
@@ -66,3 +79,102 @@ def test_usage_errors_exit_2() -> None:
     assert CliRunner().invoke(main, ["show"]).exit_code == 2
     malformed = CliRunner().invoke(main, ["checkpoints", "s3://bucket/key"])
     assert malformed.exit_code == 2 and "is not a run ID" in malformed.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["show", "f" * 32, "--checkpoint", "²"],
+        ["show", "f" * 32, "--checkpoint", "١"],
+        ["download", "f" * 32, "--checkpoint", "²", "--to", "out"],
+        ["register", "f" * 32, "seed", "--checkpoint", "١"],
+        ["register", "f" * 32, ""],
+        ["register", "f" * 32, "   "],
+    ],
+)
+def test_arguments_the_library_refuses_are_usage_errors(tracking_store: str, args: list[str]) -> None:
+    # isdigit() takes "²" and "١"; the library reads ASCII digits only, and wants a model name.
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Error:" in result.stderr and "Traceback" not in result.output
+
+
+def test_a_models_uri_takes_no_checkpoint_selector(run_id: str) -> None:
+    pinned = f"models:/{find_checkpoint(run_id, 'best').model_id}"
+    for args in (["show", pinned, "--checkpoint", "best"], ["download", pinned, "--checkpoint", "3", "--to", "x"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, result.output
+        assert "names one checkpoint already" in result.stderr and "Traceback" not in result.output
+    assert CliRunner().invoke(main, ["show", pinned]).exit_code == 0  # the default picks nothing
+
+
+@pytest.mark.parametrize("variable", ["AWS_MAX_ATTEMPTS", "MLFLOW_HTTP_REQUEST_TIMEOUT"])
+def test_malformed_client_variables_are_one_line(run_id: str, variable: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(variable, "abc")
+    result = CliRunner().invoke(main, ["show", run_id])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.count("\n") == 1 and f"{variable}='abc'" in result.stderr
+
+
+def test_download_to_a_full_disk_leaves_no_partial_file(s3_run_id: str, tmp_path: Path) -> None:
+    run_id = s3_run_id
+    size = find_checkpoint(run_id, "best").manifest.files["checkpoint.pt"].size
+    to = tmp_path / "best"
+    # A file size limit below checkpoint.pt's stands in for a full disk: the write fails part way.
+    previous = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, previous[1]))
+    try:
+        result = CliRunner().invoke(main, ["download", run_id, "--checkpoint", "best", "--to", str(to)])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, previous)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.count("\n") == 1 and str(to) in result.stderr
+    assert not to.exists(), sorted(str(p) for p in to.rglob("*"))
+
+    # Into a folder that exists: it is left as it was.
+    to.mkdir()
+    (to / "notes.txt").write_text("mine")
+    (tmp_path / "file").write_text("")
+    blocked = CliRunner().invoke(main, ["download", run_id, "--to", str(tmp_path / "file" / "sub")])
+    assert blocked.exit_code == 1 and blocked.stderr.count("\n") == 1, blocked.output
+    assert [p.name for p in to.iterdir()] == ["notes.txt"]
+
+
+def test_gc_says_one_checkpoint(run_id: str) -> None:
+    result = CliRunner().invoke(main, ["gc", run_id, "--keep-last", "1", "--keep-best", "1", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-1] == f"run {run_id}: 1 checkpoint would be deleted (dry run: nothing changed)"
+
+
+@pytest.fixture
+def terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commands print as on a terminal (rich tables), 200 columns wide."""
+    monkeypatch.setattr(output, "_is_terminal", lambda: True)
+    monkeypatch.setenv("COLUMNS", "200")
+
+
+def test_what_users_wrote_is_printed_not_read_as_markup(experiment: str, terminal: None) -> None:
+    names = ["[/bold]", "[link=https://evil.example]click[/link]", "[red]x"]
+    model = Model(6)
+    for name in names:
+        with mlflow.start_run(run_name=name):
+            tracking.log_checkpoint(model, epoch=1, metrics={"val_loss": 0.5}, monitor="val_loss")
+            mlflow.set_tag("tracking.checkpoint.monitor", "[/]")  # shown as the best's metric
+    result = CliRunner().invoke(main, ["runs", "--experiment", f"unit-{experiment}"])
+    assert result.exit_code == 0, result.output
+    for name in names:
+        assert name in result.output
+    assert "\x1b]8;" not in result.output  # no hyperlink escape
+
+
+def test_runs_say_which_model_made_each_run(experiment: str, run_id: str, terminal: None) -> None:
+    [summary] = json.loads(CliRunner().invoke(main, ["runs", "--experiment", f"unit-{experiment}", "--json"]).stdout)
+    assert summary["model_class"] == "pipelines.models:Model"
+    assert summary["pipeline"] is None  # not made by a pipeline: no `pipeline` param
+    result = CliRunner().invoke(main, ["runs", "--experiment", f"unit-{experiment}"])
+    assert result.exit_code == 0, result.output
+    [row] = [line for line in result.output.splitlines() if run_id in line]
+    assert "made by" in result.output and " Model " in row

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import http.server
+import json
+import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -9,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from tracking.cli import main, output
+from tracking.cli import server as server_module
 
 
 def _commands(group: click.Group, ctx: click.Context) -> list[tuple[str, click.Command]]:
@@ -96,3 +102,72 @@ def test_without_a_server_commands_fail_in_one_line_and_create_nothing(
         assert result.stderr.count("\n") == 1 and "tracking stack up" in result.stderr
         assert "MLFLOW_TRACKING_URI" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "no mlflow.db, no mlruns, no stack folder"
+
+
+def test_stack_status_into_a_pipe_prints_plain_columns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    data_dir = tmp_path / ("a-long-folder-name-" * 4) / ".tracking"
+    result = CliRunner().invoke(main, ["stack", "status", "--data-dir", str(data_dir)])
+    assert result.exit_code == 0, result.output
+    assert not any(ch in result.output for ch in "│┃━─┏"), "no box drawing into a pipe"
+    lines = result.output.splitlines()
+    assert lines[0].split() == ["service", "pid", "state", "url", "log"]
+    for name in ("seaweedfs", "mlflow"):
+        [row] = [line for line in lines if line.startswith(name)]
+        assert row.split() == [name, "-", "stopped", row.split()[3], str(data_dir.resolve() / "logs" / f"{name}.log")]
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    """Answers /health as an MLflow server does."""
+
+    def do_GET(self) -> None:
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+        self.wfile.write(b"OK")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def answering_stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A stack's data folder (run/stack.json) whose MLflow port answers /health; the CLI's default."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    data_dir = tmp_path / "stack"
+    (data_dir / "run").mkdir(parents=True)
+    settings = {"s3_port": 20000, "mlflow_port": server.server_address[1], "serve_artifacts": False}
+    (data_dir / "run" / "stack.json").write_text(json.dumps({**settings, "backend_store_uri": "sqlite:///x.db"}))
+    monkeypatch.setenv("TRACKING_DATA_DIR", str(data_dir))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for name in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(name, "x")  # restored after the test: connect() sets what is unset
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(server_module, "_announced", False)
+    try:
+        yield data_dir
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("rank", "said"), [({}, True), ({"RANK": "0"}, True), ({"RANK": "1"}, False), ({"LOCAL_RANK": "1"}, False)]
+)
+def test_only_the_first_process_says_it_uses_the_local_stack(
+    answering_stack: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    rank: dict[str, str],
+    said: bool,
+) -> None:
+    for name in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in rank.items():
+        monkeypatch.setenv(name, value)
+    server_module.connect()
+    server_module.connect()
+    err = capsys.readouterr().err
+    assert err.count("using the local stack at http://127.0.0.1:") == (1 if said else 0), err
+    assert os.environ["MLFLOW_TRACKING_URI"].startswith("http://127.0.0.1:")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from tracking.config import TrackingConfig
+from tracking.config import TrackingConfig, check_client_env
 from tracking.errors import ConfigError
 
 
@@ -74,3 +76,27 @@ def test_public_api_is_importable_and_lazy() -> None:
     probe = "import sys, tracking.cli; print('torch' in sys.modules, 'mlflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("AWS_MAX_ATTEMPTS", "abc"),
+        ("AWS_MAX_ATTEMPTS", "0"),
+        ("MLFLOW_HTTP_REQUEST_TIMEOUT", "abc"),
+        ("MLFLOW_HTTP_REQUEST_TIMEOUT", "2.5"),  # MLflow reads it with int()
+        ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "-1"),
+        ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "x"),
+    ],
+)
+def test_malformed_client_variables_name_themselves(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{variable}='{re.escape(value)}' is not a whole number"):
+        check_client_env({variable: value})
+
+
+def test_well_formed_or_unset_client_variables_pass() -> None:
+    check_client_env({})
+    check_client_env(
+        {"AWS_MAX_ATTEMPTS": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": " 30 ", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    )
+    check_client_env({"AWS_MAX_ATTEMPTS": ""})

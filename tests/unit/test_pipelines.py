@@ -17,6 +17,7 @@ are subprocesses; the rest call the pipelines' ``main`` in-process to save impor
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import subprocess
@@ -292,3 +293,41 @@ def test_keep_last_all_keeps_every_checkpoint(env: dict[str, str], keep: list[st
     else:  # the latest and the best by val_loss
         best = min(history(run_id)["val_loss"].items(), key=lambda item: item[1])[0]
         assert epochs == sorted({best, 4})
+
+
+@pytest.mark.parametrize("module", ["pipelines.train", "pipelines.digits", "pipelines.evaluate"])
+def test_help_answers_without_importing_torch_or_mlflow(module: str) -> None:
+    probe = (
+        "import runpy, sys\n"
+        f"sys.argv = [{module!r}, '--help']\n"
+        "try:\n"
+        f"    runpy.run_module({module!r}, run_name='__main__')\n"
+        "except SystemExit as done:\n"
+        "    assert done.code == 0, done.code\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'mlflow', 'sklearn', 'numpy', 'rich'}))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "usage: python -m" in done.stdout and done.stdout.splitlines()[-1] == "[]"
+
+
+def test_the_whole_model_is_said_to_be_a_pickle_once_our_way(env: dict[str, str]) -> None:
+    warnings = _Messages()
+    logging.getLogger("mlflow.pytorch").addHandler(warnings)
+    try:
+        outcome = inline(train.main, "--epochs", "1")
+    finally:
+        logging.getLogger("mlflow.pytorch").removeHandler(warnings)
+    assert outcome.code == 0, outcome.err
+    assert not [m for m in warnings.messages if "Pickle" in m], warnings.messages
+    [line] = [line for line in outcome.out.splitlines() if line.startswith("whole model: models:/")]
+    assert "a pickle: load only runs you trust" in line
+
+
+class _Messages(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())

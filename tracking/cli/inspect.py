@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
-from tracking.cli.output import Column, emit_json, human_size, table
+from tracking.cli.output import Column, emit_json, human_size, plural, table
 from tracking.cli.server import connect
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -25,10 +26,29 @@ def _check_source(ctx: click.Context, param: click.Parameter, value: str) -> str
 source_argument = click.argument("source", metavar="RUN", callback=_check_source)
 
 
+def is_epoch(value: str) -> bool:
+    """True for an epoch number as the library reads one: ASCII digits only (not "²" or "١")."""
+    return value.isdecimal() and value.isascii()
+
+
 def _check_checkpoint(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    if value in ("latest", "best") or value.isdigit():
+    if value in ("latest", "best") or is_epoch(value):
         return value
     raise click.BadParameter(f"{value!r}: expected latest, best or an epoch number (e.g. 7).")
+
+
+def refuse_checkpoint_of_pinned(source: str, checkpoint: str) -> None:
+    """A usage error when --checkpoint was given to pick among the checkpoints of a source that names one."""
+    ctx = click.get_current_context()
+    if not source.strip().startswith("models:/") or checkpoint == "latest":
+        return
+    if ctx.get_parameter_source("checkpoint") in (ParameterSource.DEFAULT, None):
+        return
+    raise click.BadParameter(
+        f"{source} names one checkpoint already; --checkpoint picks among a run's checkpoints: "
+        "leave it out, or pass the run ID instead.",
+        param_hint="--checkpoint",
+    )
 
 
 checkpoint_option = click.option(
@@ -73,25 +93,44 @@ def runs(experiment: str | None, limit: int, as_json: bool) -> None:
     columns = [
         Column("run ID", no_wrap=True),
         Column("name", drop_order=1),
-        Column("status", drop_order=4),
-        Column("checkpoints", drop_order=3),
-        Column("latest", drop_order=5),
-        Column("best", drop_order=6, fold_to=15),
+        Column("made by", drop_order=3, fold_to=20),
+        Column("status", drop_order=5),
+        Column("checkpoints", drop_order=4),
+        Column("latest", drop_order=6),
+        Column("best", drop_order=7, fold_to=15),
         Column("size", drop_order=2),
     ]
     rows = [
         [
             s["run_id"],
             s["run_name"] or "",
+            _made_by(s),
             s["status"],
             str(s["checkpoints"]),
             "-" if s["latest_epoch"] is None else f"epoch {s['latest_epoch']}",
-            "-" if s["best_epoch"] is None else f"epoch {s['best_epoch']} {s['monitor']}={s['best_value']:.4g}",
+            _best(s),
             human_size(s["size_bytes"]),
         ]
         for s in summaries
     ]
     table(f"runs of {config.experiment_name}", columns, rows)
+
+
+def _best(summary: dict[str, Any]) -> str:
+    if summary["best_epoch"] is None:
+        return "-"
+    if summary["best_value"] is None:  # the monitor tag names a metric the checkpoint lacks
+        return f"epoch {summary['best_epoch']}"
+    return f"epoch {summary['best_epoch']} {summary['monitor']}={summary['best_value']:.4g}"
+
+
+def _made_by(summary: dict[str, Any]) -> str:
+    """The pipeline that made a run, else its model's class (``module:QualName`` -> ``QualName``)."""
+    if summary["pipeline"]:
+        return str(summary["pipeline"])
+    if summary["model_class"]:
+        return str(summary["model_class"]).rpartition(":")[2]
+    return "-"
 
 
 def _run_summary(run: Any, config: Any) -> dict[str, Any]:
@@ -103,11 +142,14 @@ def _run_summary(run: Any, config: Any) -> dict[str, Any]:
     committed = catalog.committed(handle)
     by_model = {c.model_id: e for e, c in committed.items()}
     size = 0
-    for checkpoint in committed.values():
+    model_class = run.data.params.get("model_class")
+    for _epoch, checkpoint in sorted(committed.items()):
         try:
-            size += sum(f.size for f in checkpoint.read_manifest().files.values())
+            manifest = checkpoint.read_manifest()
         except NotFoundError:
             continue
+        size += sum(f.size for f in manifest.files.values())
+        model_class = str(manifest.model.get("class") or model_class)  # the newest checkpoint's
     try:
         size += sum(f.size for f in layout.read_manifest(handle.store, layout.STATE_DICT_DIR).files.values())
     except NotFoundError:
@@ -118,6 +160,9 @@ def _run_summary(run: Any, config: Any) -> dict[str, Any]:
     return {
         "run_id": run.info.run_id,
         "run_name": run.info.run_name,
+        # Which code made the run: the pipelines log their module as the `pipeline` param.
+        "pipeline": run.data.params.get("pipeline"),
+        "model_class": model_class,
         "status": run.info.status,
         "checkpoints": len(committed),
         "latest_epoch": by_model.get(tags.get(layout.TAG_LATEST, "")),
@@ -208,6 +253,7 @@ def show(source: str, checkpoint: str, as_json: bool) -> None:
     Example:
       tracking show 3f2a9c0d1b2e4f5a6b7c8d9e0f1a2b3c --checkpoint best
     """
+    refuse_checkpoint_of_pinned(source, checkpoint)
     connect()
     import json
 
@@ -268,15 +314,15 @@ def verify(source: str, clean: bool, force: bool, as_json: bool) -> None:
         for item in removed:
             click.echo(f"REMOVED {item}")
         if clean:
-            click.echo(f"{len(removed)} leftovers removed")
+            click.echo(f"{plural(len(removed), 'leftover')} removed")
         for path, problem in report.items():
             click.echo(f"{'ok ' if problem is None else 'BAD'} {path}")
         for leftover in report.leftovers:
             click.echo(f"LEFTOVER {leftover}")
         if not failures:
-            click.echo(f"{len(report)} files intact" if report else f"{source}: nothing to verify")
+            click.echo(f"{plural(len(report), 'file')} intact" if report else f"{source}: nothing to verify")
         if report.leftovers:
-            click.echo(f"{len(report.leftovers)} leftovers; `tracking verify --clean {source}` removes them")
+            click.echo(f"{plural(len(report.leftovers), 'leftover')}; `tracking verify --clean {source}` removes them")
     if failures:
         first = next(iter(failures.values()))
         raise IntegrityError(f"{len(failures)} of {len(report)} files failed: {first}")

@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 import urllib.parse
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from tracking.cli.inspect import json_option, source_argument
-from tracking.cli.output import emit_json, human_size
+from tracking.cli.inspect import is_epoch, json_option, refuse_checkpoint_of_pinned, source_argument
+from tracking.cli.noise import muted
+from tracking.cli.output import emit_json, human_size, plural
 from tracking.cli.server import connect
 from tracking.layout import UI_VIEW_QUERY
+
+if TYPE_CHECKING:
+    from tracking.storage.base import Buffer
 
 # Files at least this big get a progress bar on a terminal.
 _PROGRESS_FROM_BYTES = 32 * 2**20
 
 
 def _check_selector(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    if value in ("latest", "best", "state_dict") or value.isdigit():
+    if value in ("latest", "best", "state_dict") or is_epoch(value):
         return value
     raise click.BadParameter(f"{value!r}: expected latest, best, an epoch number or state_dict.")
 
@@ -46,8 +53,10 @@ def download(source: str, checkpoint: str, to: Path, force: bool, as_json: bool)
 
     \b
     Example:
-      tracking download 3f2a9c0d1b2e4f5a6b7c8d9e0f1a2b3c --checkpoint best --to ./best
+      tracking download 3f2a9c0d1b2e4f5a6b7c8d9e0f1a2b3c --checkpoint best --to downloads/best
     """
+    if checkpoint != "state_dict":
+        refuse_checkpoint_of_pinned(source, checkpoint)
     connect()
     from tracking.errors import ConfigError
     from tracking.selection import find_checkpoint, find_weights
@@ -57,23 +66,28 @@ def download(source: str, checkpoint: str, to: Path, force: bool, as_json: bool)
     existing = [name for name in names if (to / name).exists()]
     if existing and not force:
         raise ConfigError(f"{to}: {', '.join(existing)} exist already; pass --force to overwrite, or another --to.")
-    to.mkdir(parents=True, exist_ok=True)
-    for name, expected in located.manifest.files.items():
-        path = located.path(name)
-        if sys.stdout.isatty() and not as_json and expected.size >= _PROGRESS_FROM_BYTES:
-            from rich.progress import DownloadColumn, Progress, TaskID, TransferSpeedColumn
-
-            with Progress(*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn()) as bar:
-                task = bar.add_task(name, total=expected.size)
-
-                def advance(n: int, bar: Progress = bar, task: TaskID = task) -> None:
-                    bar.advance(task, n)
-
-                data = located.store.read(path, expected, progress=advance)
-        else:
-            data = located.store.read(path, expected)
-        (to / name).write_bytes(data)
-    (to / "manifest.json").write_bytes(located.manifest.to_json())
+    created = not to.exists()
+    # Every file goes to a folder of its own inside --to first and is moved into place only once all
+    # are written: a full or read-only disk, or a failed read, leaves no partial file behind.
+    staging: Path | None = None
+    try:
+        to.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".download-", dir=to))
+        for name, expected in located.manifest.files.items():
+            (staging / name).write_bytes(_read(located, name, expected, as_json))
+        (staging / "manifest.json").write_bytes(located.manifest.to_json())
+        for name in names:
+            os.replace(staging / name, to / name)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write {_what_failed(exc, to)} ({exc.strerror or exc}); nothing was downloaded: pass a "
+            f"writable --to with room for {human_size(sum(f.size for f in located.manifest.files.values()))}."
+        ) from exc
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if created and to.is_dir() and not any(to.iterdir()):
+            to.rmdir()
     what = located.label if located.model_id else f"run {located.run_id} {located.label}"
     if as_json:
         files = {name: {"size": f.size, "sha256": f.sha256} for name, f in located.manifest.files.items()}
@@ -81,6 +95,33 @@ def download(source: str, checkpoint: str, to: Path, force: bool, as_json: bool)
         return
     sizes = ", ".join(f"{name} ({human_size(f.size)})" for name, f in located.manifest.files.items())
     click.echo(f"downloaded {what} to {to}: {sizes}, manifest.json; sha256 checked")
+
+
+def _read(located: Any, name: str, expected: Any, as_json: bool) -> Buffer:
+    """One file of a checkpoint, sha256-checked; with a progress bar when it is big and stdout a terminal."""
+    path = located.path(name)
+    if not (sys.stdout.isatty() and not as_json and expected.size >= _PROGRESS_FROM_BYTES):
+        return located.store.read(path, expected)  # type: ignore[no-any-return]
+    from rich.markup import escape
+    from rich.progress import DownloadColumn, Progress, TaskID, TransferSpeedColumn
+
+    with Progress(*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn()) as bar:
+        task = bar.add_task(escape(name), total=expected.size)  # a file name from the manifest: not markup
+
+        def advance(n: int, bar: Progress = bar, task: TaskID = task) -> None:
+            bar.advance(task, n)
+
+        return located.store.read(path, expected, progress=advance)  # type: ignore[no-any-return]
+
+
+def _what_failed(exc: OSError, to: Path) -> Path:
+    """The path an OSError names, as the user knows it (a staged file by its place in --to)."""
+    if not isinstance(exc.filename, str):
+        return to
+    failed = Path(exc.filename)
+    if failed.name.startswith(".download-"):
+        return to
+    return to / failed.name if failed.parent.name.startswith(".download-") else failed
 
 
 @click.command()
@@ -129,7 +170,8 @@ def gc(
     verb = "would delete" if dry_run else "deleted"
     for checkpoint in doomed:
         click.echo(f"{verb} epoch {checkpoint.epoch} ({checkpoint.model_id})")
-    click.echo(f"run {run_id}: {len(doomed)} checkpoints {verb}" + (" (dry run: nothing changed)" if dry_run else ""))
+    done = "would be deleted (dry run: nothing changed)" if dry_run else "deleted"
+    click.echo(f"run {run_id}: {plural(len(doomed), 'checkpoint')} {done}")
 
 
 @click.command()
@@ -151,14 +193,19 @@ def register(source: str, name: str, checkpoint: str, alias: str | None, as_json
       tracking register 3f2a9c0d1b2e4f5a6b7c8d9e0f1a2b3c seed --checkpoint best --alias champion
       python -c 'import tracking; print(tracking.load("models:/seed@champion").epoch)'
     """
-    if checkpoint not in ("latest", "best") and not checkpoint.isdigit():
+    if checkpoint not in ("latest", "best") and not is_epoch(checkpoint):
         raise click.BadParameter(
             f"{checkpoint!r}: expected latest, best or an epoch number.", param_hint="--checkpoint"
         )
+    if not name.strip():
+        raise click.BadParameter(f"{name!r}: a registered model needs a name, e.g. seed.", param_hint="NAME")
+    refuse_checkpoint_of_pinned(source, checkpoint)
     connect()
     from tracking.registry import register as register_checkpoint
 
-    version = register_checkpoint(source, name, checkpoint=checkpoint, alias=alias)
+    # MLflow logs that it waits for the new version at INFO; the version is READY at once here.
+    with muted("mlflow.store.model_registry.abstract_store", "Waiting up to"):
+        version = register_checkpoint(source, name, checkpoint=checkpoint, alias=alias)
     uri = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version.version}"
     if as_json:
         emit_json({"name": name, "version": version.version, "alias": alias, "source": version.source, "uri": uri})

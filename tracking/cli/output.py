@@ -33,6 +33,11 @@ def human_size(size: float) -> str:
     return f"{size:.1f} TiB"
 
 
+def plural(count: int, noun: str) -> str:
+    """``1 checkpoint``, ``2 checkpoints``: nouns that take an ``s``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def emit_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=str))
 
@@ -47,6 +52,7 @@ def table(title: str, columns: Sequence[Column], rows: Sequence[Sequence[str]]) 
             click.echo("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
@@ -55,11 +61,13 @@ def table(title: str, columns: Sequence[Column], rows: Sequence[Sequence[str]]) 
         if columns[index].drop_order == 99 or _natural_width(columns, rows, shown) <= console.width:
             break
         shown.remove(index)
-    rendered = Table(title=title, title_justify="left")
+    # Cells and titles hold what users wrote (run and metric names, sources): rich would read
+    # "[/bold]" or "[link=...]" in them as markup, crash on it or print a hyperlink.
+    rendered = Table(title=escape(title), title_justify="left")
     for index in shown:
-        rendered.add_column(columns[index].title, no_wrap=columns[index].no_wrap, overflow="fold")
+        rendered.add_column(escape(columns[index].title), no_wrap=columns[index].no_wrap, overflow="fold")
     for row in rows:
-        rendered.add_row(*(row[index] for index in shown))
+        rendered.add_row(*(escape(row[index]) for index in shown))
     console.print(rendered)
 
 

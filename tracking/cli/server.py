@@ -10,30 +10,39 @@ import os
 
 import click
 
+from tracking.config import check_client_env
 from tracking.errors import ConfigError
 
 _announced = False
 
 
 def connect() -> None:
-    """Make sure MLflow talks to a real tracking server; say once when that is the local stack."""
+    """Make sure MLflow talks to a real tracking server; say once when that is the local stack.
+
+    Also refuses malformed client settings (``AWS_MAX_ATTEMPTS=abc``) in one line, before
+    MLflow or botocore trip over them in the middle of a request.
+    """
     global _announced
+    check_client_env()
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return
     from tracking.config import TrackingConfig
-    from tracking.localstack import LocalStack, services
-    from tracking.localstack.settings import StackSettings
+    from tracking.localstack import records, services
 
-    settings = StackSettings.from_env()
-    stack = LocalStack.from_data_dir(TrackingConfig.from_env(), settings.data_dir, bucket=settings.bucket)
+    stack = records.locate(TrackingConfig.from_env())
     if (stack.data_dir / "run" / "stack.json").exists() and services.mlflow_problem(stack.tracking_uri) is None:
         for name, value in stack.env().items():
             os.environ.setdefault(name, value)
-        if not _announced:
+        if not _announced and _first_process():
             click.echo(f"using the local stack at {stack.tracking_uri} (MLFLOW_TRACKING_URI is not set)", err=True)
-            _announced = True
+        _announced = True
         return
     raise ConfigError(
-        "MLFLOW_TRACKING_URI is not set and no local stack runs here: start one with `tracking stack up`, "
+        "MLFLOW_TRACKING_URI is not set and no local stack runs: start one with `tracking stack up`, "
         "or export MLFLOW_TRACKING_URI=http://<your server> (and the S3 variables)."
     )
+
+
+def _first_process() -> bool:
+    """False in every process of a torchrun job but rank 0: the job says things once."""
+    return all(os.environ.get(var, "0") == "0" for var in ("RANK", "LOCAL_RANK"))

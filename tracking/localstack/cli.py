@@ -9,16 +9,30 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
-from tracking.cli import human_size
+from tracking.cli.output import Column, human_size, table
 from tracking.config import TrackingConfig
+from tracking.localstack import records
+from tracking.localstack.services import HOST
 from tracking.localstack.settings import ENV_VARS, StackSettings
-from tracking.localstack.stack import DEFAULT_MLFLOW_PORT, DEFAULT_S3_PORT, SEAWEEDFS_PORT_COUNT, LocalStack
+from tracking.localstack.stack import (
+    DEFAULT_MLFLOW_PORT,
+    DEFAULT_S3_PORT,
+    SEAWEEDFS_PORT_COUNT,
+    LocalStack,
+    StackError,
+)
+from tracking.localstack.supervisor import port_free
 
 
 @click.group()
 def stack() -> None:
     """A local SeaweedFS (S3) + MLflow server, with state in the data folder.
+
+    \b
+    `up` records where the stack runs (in $XDG_STATE_HOME/tracking, default
+    ~/.local/state/tracking), so every command finds it from any folder.
 
     \b
     Example:
@@ -30,12 +44,14 @@ _data_dir_option = click.option(
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help=f"State folder (default: ${ENV_VARS['data_dir']} or .tracking).",
+    help=f"State folder (default: ${ENV_VARS['data_dir']} or .tracking; elsewhere: the stack `up` started).",
 )
 
 
 def _settings(data_dir: Path | None) -> tuple[TrackingConfig, StackSettings]:
-    return TrackingConfig.from_env(), StackSettings.from_env(data_dir=data_dir)
+    config = TrackingConfig.from_env()
+    settings = StackSettings.from_env(data_dir=records.locate(config, data_dir).data_dir)
+    return config, settings
 
 
 @stack.command()
@@ -82,6 +98,16 @@ def up(
       tracking stack up --backend-store-uri postgresql+psycopg2://postgres@127.0.0.1/test
     """
     config, settings = _settings(data_dir)
+    found = LocalStack.from_data_dir(config, settings.data_dir, bucket=settings.bucket)
+    if found.running():
+        # `up` on a running stack is idempotent: options left out take its settings, not the defaults.
+        def given(name: str) -> bool:
+            return click.get_current_context().get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
+
+        s3_port = s3_port if given("s3_port") else found.s3_port
+        mlflow_port = mlflow_port if given("mlflow_port") else found.mlflow_port
+        backend_store_uri = backend_store_uri if given("backend_store_uri") else found.backend_store_uri
+        serve_artifacts = serve_artifacts if given("serve_artifacts") else found.serve_artifacts
     try:
         local = LocalStack(
             config,
@@ -95,7 +121,10 @@ def up(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    if not local.running():
+        _refuse_ports_of_another_stack(local)
     started = local.up()
+    records.write(records.folder(), local.data_dir, local.s3_port, local.mlflow_port)
     pids = {s.name: s.pid for s in local.status().services}
     for name, pid in pids.items():
         verb = "started" if name in started else "already running"
@@ -115,6 +144,20 @@ def up(
         click.echo("# local default S3 credentials; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY to choose your own")
 
 
+def _refuse_ports_of_another_stack(local: LocalStack) -> None:
+    ports = [local.mlflow_port, *range(local.s3_port, local.s3_port + SEAWEEDFS_PORT_COUNT)]
+    for port in ports:
+        if port_free(HOST, port):
+            continue
+        other = records.holder(local.config, records.folder(), port, besides=local.data_dir)
+        if other is not None:
+            raise StackError(
+                f"port {port} is taken by your local stack in {other.data_dir}, which runs: use it (every "
+                f"command finds it from any folder), stop it with `tracking stack down --data-dir "
+                f"{other.data_dir}`, or choose other ports (--s3-port/--mlflow-port)"
+            )
+
+
 @stack.command()
 @_data_dir_option
 def down(data_dir: Path | None) -> None:
@@ -127,6 +170,7 @@ def down(data_dir: Path | None) -> None:
     config, settings = _settings(data_dir)
     local = LocalStack.from_data_dir(config, settings.data_dir, bucket=settings.bucket)
     stopped = local.down()
+    records.remove(records.folder(), local.data_dir)
     click.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
 
 
@@ -139,24 +183,22 @@ def status(data_dir: Path | None) -> None:
     Example:
       tracking stack status
     """
-    from rich.console import Console
-    from rich.table import Table
-
     config, settings = _settings(data_dir)
     local = LocalStack.from_data_dir(config, settings.data_dir, bucket=settings.bucket)
     report = local.status()
-    table = Table(title=f"local stack in {report.data_dir}")
-    for column in ("service", "pid", "state", "url"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("log", overflow="fold")
+    rows = []
     for service in report.services:
-        if service.alive:
-            state = "[green]running[/]"
-        else:
-            state = "[red]dead[/] (stale pid file)" if service.pid is not None else "stopped"
+        stale = "dead (stale pid file)" if service.pid is not None else "stopped"
+        state = "running" if service.alive else stale
         pid = str(service.pid) if service.pid is not None else "-"
-        table.add_row(service.name, pid, state, service.url, str(service.log))
-    console = Console()
-    console.print(table)
-    console.print(f"backend store: {report.backend_store_uri}")
-    console.print(f"data folder: {report.data_dir} ({human_size(report.data_bytes)})")
+        rows.append([service.name, pid, state, service.url, str(service.log)])
+    columns = [
+        Column("service"),
+        Column("pid"),
+        Column("state"),
+        Column("url", no_wrap=True),
+        Column("log", drop_order=1),
+    ]
+    table(f"local stack in {report.data_dir}", columns, rows)
+    click.echo(f"backend store: {report.backend_store_uri}")
+    click.echo(f"data folder: {report.data_dir} ({human_size(report.data_bytes)})")

@@ -219,19 +219,20 @@ class LocalStack:
         """
         self._check_settings_unchanged()
         services.check_driver(self.backend_store_uri)
-        services.prepare_sqlite(self.backend_store_uri)
-        for sub in ("run", "logs", SEAWEEDFS):
-            (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
         launches = self._launches()
         to_start = [launch for launch in launches if self._processes.owned_pid(launch.name) is None]
+        # Every check that can refuse comes before the first file is made: a refused `up` leaves
+        # no data folder (and no empty mlflow.db) behind, and names no log it never wrote.
         for launch in to_start:
             for port in launch.ports:
                 if not port_free(HOST, port):
                     raise StackError(
                         f"port {port} on {HOST} is already in use but {launch.name} needs it; stop what "
-                        f"listens there or choose other ports (--s3-port/--mlflow-port); "
-                        f"log: {self.log_path(launch.name)}"
+                        f"listens there or choose other ports (--s3-port/--mlflow-port)"
                     )
+        services.prepare_sqlite(self.backend_store_uri)
+        for sub in ("run", "logs", SEAWEEDFS):
+            (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
         self._write_private(self.data_dir / "run" / "stack.json", json.dumps(self._settings(), indent=2))
         started: list[str] = []
         try:
@@ -257,6 +258,10 @@ class LocalStack:
         """
         return self._stop(*reversed(_SERVICES))
 
+    def running(self) -> list[str]:
+        """The services of this stack that run now (started by it, found by pid file)."""
+        return [name for name in _SERVICES if self._processes.owned_pid(name) is not None]
+
     def status(self) -> StackStatus:
         """Each service's pid and liveness, and the size of the data folder."""
         urls = {SEAWEEDFS: self.s3_endpoint_url, MLFLOW: self.tracking_uri}
@@ -273,7 +278,7 @@ class LocalStack:
         try:
             weed = services.find_weed()
         except WeedNotFound as exc:
-            raise StackError(f"{exc}; log: {self.log_path(SEAWEEDFS)}") from None
+            raise StackError(str(exc)) from None
         return [
             services.weed_launch(weed, self.s3_port, self.data_dir),
             services.mlflow_launch(
@@ -293,7 +298,7 @@ class LocalStack:
         }
 
     def _check_settings_unchanged(self) -> None:
-        running = [name for name in _SERVICES if self._processes.owned_pid(name) is not None]
+        running = self.running()
         if not running:
             return
         try:

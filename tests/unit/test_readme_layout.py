@@ -1,0 +1,50 @@
+"""README's code layout names every module, and its download example writes where git does not look."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+README = (ROOT / "README.md").read_text()
+
+
+def _section(title: str) -> str:
+    start = README.index(title)
+    end = README.find("\n#", start + len(title))
+    return README[start : end if end != -1 else None]
+
+
+def test_the_code_layout_names_every_module() -> None:
+    layout = _section("### Code layout")
+    named = set(re.findall(r"`([^`]+)`", layout))
+    missing = []
+    for package in ("tracking", "pipelines"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            relative = path.relative_to(ROOT)
+            if path.name in ("__init__.py", "__main__.py"):
+                continue
+            if len(relative.parts) > 2:  # a subpackage: the table names its folder
+                if f"{'/'.join(relative.parts[:2])}/" not in named:
+                    missing.append(str(relative))
+            elif path.name not in named and str(relative) not in named:
+                missing.append(str(relative))
+    assert not missing, f"README's code layout table does not name {missing}"
+
+
+def test_readmes_download_example_writes_into_an_ignored_folder() -> None:
+    commands = [line for line in README.splitlines() if line.startswith("tracking download ")]
+    assert commands, "README shows no `tracking download` command"
+    for command in commands:
+        words = shlex.split(command.split("#")[0])
+        target = words[words.index("--to") + 1]
+        inside = (ROOT / target).resolve()
+        if ROOT not in inside.parents:
+            continue  # outside the checkout: nothing for git to show
+        ignored = subprocess.run(
+            ["git", "check-ignore", "--no-index", "-q", str(inside.relative_to(ROOT) / "checkpoint.pt")],
+            cwd=ROOT,
+        )
+        assert ignored.returncode == 0, f"`git status` would list {target}/ after README's `{command.strip()}`"
