@@ -81,11 +81,12 @@ def commit_files(
     """
     manifest = snapshot.manifest
     assert manifest.epoch is not None
-    ready = False
+    ready = stored = False
     replaced: set[str] = set()
     try:
         manifest.files = write_files()
         checkpoint.store.write_bytes(layout.MANIFEST_FILE, manifest.to_json())
+        stored = True
         catalog.set_status(handle, checkpoint, catalog.READY)
         ready = True
         # Compare with the run's tags as stored now, not as read when the save began: another
@@ -99,15 +100,23 @@ def commit_files(
         handle.set_tags(tags, _model_metrics(checkpoint, manifest))
     except Exception as exc:
         if not (ready and _named_by_tags(handle, checkpoint.model_id)):
-            # Before READY no reader sees its files: after a store or server failure, do not wait on it
-            # again to delete them (a silent store would double the time to fail); verify --clean does.
-            delete = ready or not isinstance(exc, StorageError)
-            _abandon(handle, checkpoint, list(manifest.files) or [layout.CHECKPOINT_FILE], delete=delete)
+            # After a store failure before the manifest, do not wait on the store again to delete the
+            # files (a silent store would double the time to fail; verify --clean does). Once the
+            # manifest is stored the store answered, and the manifest must go whatever failed next:
+            # a model ID with a manifest loads, whatever its status says.
+            delete = stored or not isinstance(exc, StorageError)
+            failed = _abandon(handle, checkpoint, list(manifest.files) or [layout.CHECKPOINT_FILE], delete=delete)
             if not isinstance(exc, StorageError):
                 raise
+            state = (
+                "is marked FAILED"
+                if failed
+                else f"is left {'READY' if ready else 'PENDING'} without a manifest: nothing loads it, and "
+                "`tracking verify --clean` removes it"
+            )
             raise StorageError(
                 f"{exc} The checkpoint of epoch {manifest.epoch} was not committed (its logged model "
-                f"{checkpoint.model_id} is marked FAILED, the run's latest/best tags are unchanged); save it "
+                f"{checkpoint.model_id} {state}; the run's latest/best tags are unchanged); save it "
                 "again once the store and the tracking server answer."
             ) from exc
         # Else the tag request was applied and only its answer lost: the checkpoint is committed.
@@ -138,8 +147,11 @@ def _named_by_tags(handle: RunHandle, model_id: str) -> bool:
     return model_id in (handle.tags.get(layout.TAG_LATEST), handle.tags.get(layout.TAG_BEST))
 
 
-def _abandon(handle: RunHandle, checkpoint: StoredCheckpoint, files: list[str], delete: bool = True) -> None:
-    """Undo a save that failed: the manifest first (the checkpoint stops existing), its ``files``, then FAILED."""
+def _abandon(handle: RunHandle, checkpoint: StoredCheckpoint, files: list[str], delete: bool = True) -> bool:
+    """Undo a save that failed: the manifest first (the checkpoint stops existing), its ``files``, then FAILED.
+
+    True when the model could be marked FAILED.
+    """
     if delete:
         try:
             checkpoint.store.delete(layout.MANIFEST_FILE)
@@ -150,7 +162,8 @@ def _abandon(handle: RunHandle, checkpoint: StoredCheckpoint, files: list[str], 
     try:
         catalog.set_status(handle, checkpoint, catalog.FAILED)
     except TrackingError:
-        pass  # the server that failed the save may refuse this too: the manifest is gone either way
+        return False  # the server that failed the save may refuse this too: the manifest is gone either way
+    return True
 
 
 def _replaced(tags: Mapping[str, str], epoch: int, model_id: str) -> set[str]:
