@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -81,6 +82,51 @@ def test_a_class_of_an_imported_module_loads(sidefx: tuple[str, Path]) -> None:
     module = __import__(name)  # the user's own import, the documented way
     assert marker.exists()
     assert spec.import_class(f"{name}:Anything", "model", run_id="r1", hint=MODEL_HINT) is module.Anything
+
+
+@pytest.fixture
+def lazy_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
+    """An imported package whose ``__getattr__`` imports a submodule on first access, as many do."""
+    name = f"lazypkg_{uuid.uuid4().hex}"
+    marker = tmp_path / "submodule-imported"
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "__init__.py").write_text(
+        "import importlib\n\ndef __getattr__(attr):\n    return importlib.import_module(f'.{attr}', __name__)\n"
+    )
+    (tmp_path / name / "sub.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "import torch\n\nclass Anything(torch.nn.Module):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    __import__(name)
+    yield name, marker
+    for module in [m for m in sys.modules if m == name or m.startswith(f"{name}.")]:
+        sys.modules.pop(module)
+
+
+def test_a_package_getattr_does_not_import_the_submodule_a_manifest_names(lazy_package: tuple[str, Path]) -> None:
+    name, marker = lazy_package
+    with pytest.raises(tracking.NotFoundError, match=rf"run r1: module '{name}' has no 'sub.Anything'"):
+        spec.import_class(f"{name}:sub.Anything", "model", run_id="r1", hint=MODEL_HINT)
+    assert not marker.exists() and f"{name}.sub" not in sys.modules
+    __import__(f"{name}.sub")  # the user's own import: then the class resolves
+    assert spec.import_class(f"{name}:sub.Anything", "model", run_id="r1", hint=MODEL_HINT).__name__ == "Anything"
+
+
+def test_mlflow_lazy_flavors_are_not_imported_by_a_class_path() -> None:
+    # mlflow's flavors are LazyLoader entries of its __dict__: touching one imports the flavor.
+    code = (
+        "import sys, mlflow\n"
+        "from tracking import spec, errors\n"
+        "try:\n"
+        "    spec.import_class('mlflow:sklearn.Anything', 'model', run_id='r1', hint='')\n"
+        "except errors.NotFoundError as exc:\n"
+        "    print('refused:', exc)\n"
+        "print('imported' if 'mlflow.sklearn' in sys.modules else 'not imported')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert "refused: run r1: module 'mlflow' has no 'sklearn.Anything'" in done.stdout
+    assert done.stdout.strip().endswith("not imported")
 
 
 def test_torch_modules_and_allowed_modules_may_be_imported(sidefx: tuple[str, Path]) -> None:
