@@ -106,7 +106,8 @@ def _load_problem(part: _Part, name: str, data: Buffer, format: str) -> str | No
 
             # Shards are raw tensor bytes and weights-only pickles that dcp.json places; its index must parse.
             if name == dcp_index.METADATA_FILE and isinstance(part.manifest, Manifest):
-                dcp_index.from_json(bytes(data), set(part.manifest.files), where=f"{part.store.owner}: {name}")
+                sizes = {file: stored.size for file, stored in part.manifest.files.items()}
+                dcp_index.from_json(bytes(data), sizes, where=f"{part.store.owner}: {name}")
         else:
             torch.load(cast(BinaryIO, BufferReader(data)), map_location="cpu", weights_only=True)
     except Exception as exc:

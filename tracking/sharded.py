@@ -165,7 +165,9 @@ class ShardReader(StorageReader):
             if METADATA_FILE not in self.files:
                 raise IntegrityError(f"{self.where}: the manifest lists no {METADATA_FILE}; {NEXT_STEP}")
             raw = self.store.read(METADATA_FILE, self.files[METADATA_FILE])
-            self.metadata = dcp_index.from_json(bytes(raw), set(self.files), where=f"{self.where}: {METADATA_FILE}")
+            self.metadata = dcp_index.from_json(
+                bytes(raw), {name: f.size for name, f in self.files.items()}, where=f"{self.where}: {METADATA_FILE}"
+            )
         return self.metadata
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
@@ -382,7 +384,9 @@ def read(
 
     state: dict[str, Any] = {}
     planner = _SafeFullPlanner(keys=keys)
-    _load_state_dict(state, storage_reader=ShardReader(store, files, where), planner=planner, no_dist=True)
+    reader = ShardReader(store, files, where)
+    reader.read_metadata()  # its IntegrityError as it is, not inside DCP's CheckpointException
+    _load_state_dict(state, storage_reader=reader, planner=planner, no_dist=True)
     return state
 
 
@@ -465,6 +469,7 @@ def load_into(
     if optimizer is not None:
         template["optim_state"] = get_optimizer_state_dict(model, optimizer, options=options)
     reader = ShardReader(store, files, where)
+    reader.read_metadata()  # its IntegrityError as it is, not inside DCP's CheckpointException
     with _quiet():  # each rank reads the chunks it needs on its own: no collective is needed
         load(template, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
     set_model_state_dict(model, template["model_state"], options=options)
