@@ -109,7 +109,9 @@ def from_json(raw: bytes, files: Mapping[str, int], *, where: str) -> Metadata:
                     offsets, sizes = torch.Size(_ints(chunk["offsets"])), torch.Size(_ints(chunk["sizes"]))
                     if len(offsets) != len(size) or len(sizes) != len(size):
                         raise ValueError(f"{fqn}: chunk of {len(sizes)} dimensions in a tensor of {len(size)}")
-                    if any(o + n > whole for o, n, whole in zip(offsets, sizes, size, strict=True)):
+                    # An empty chunk (a rank with no rows of a small tensor) holds nothing to place.
+                    inside = all(o + n <= whole for o, n, whole in zip(offsets, sizes, size, strict=True))
+                    if sizes.numel() and not inside:
                         raise ValueError(
                             f"{fqn}: chunk at {list(offsets)} of {list(sizes)} lies outside the tensor of {list(size)}"
                         )
