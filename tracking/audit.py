@@ -15,7 +15,7 @@ from typing import BinaryIO, cast
 from tracking import catalog, layout
 from tracking.catalog import StoredCheckpoint
 from tracking.config import TrackingConfig
-from tracking.errors import IntegrityError, NotFoundError, TrackingError, one_line
+from tracking.errors import IntegrityError, NotFoundError, TrackingError, load_refusal
 from tracking.manifest import Manifest
 from tracking.run import RunHandle, tracking_server_errors
 from tracking.selection import open_run_of
@@ -113,7 +113,7 @@ def _load_problem(part: _Part, name: str, data: Buffer, format: str) -> str | No
     except Exception as exc:
         return (
             f"{part.store.owner}: {name} matches its manifest but does not load with torch.load(weights_only=True) "
-            f"({one_line(exc)[:300]}); load another checkpoint."
+            f"({load_refusal(exc)[:300]}); load another checkpoint."
         )
     return None
 

@@ -53,6 +53,18 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+def load_refusal(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, on one line, without torch's own advice.
+
+    torch's message suggests re-running with ``weights_only=False``: for a file from a store,
+    that is the advice to run whatever code it holds, so its paragraphs that mention
+    ``weights_only`` are dropped and only what was refused is kept.
+    """
+    paragraphs = [" ".join(p.split()) for p in str(exc).split("\n\n")]
+    kept = [p for p in paragraphs if p and "weights_only" not in p and "Weights only load failed" not in p]
+    return " ".join(kept) or type(exc).__name__
+
+
 def print_error(message: str) -> None:
     """Write ``error: <message>`` and its newline to stderr in one write.
 

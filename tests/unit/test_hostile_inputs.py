@@ -429,3 +429,41 @@ def test_an_empty_manifest_object_is_an_integrity_error(experiment: str) -> None
     rewrite(run.info.run_id, 1, "manifest.json", lambda data: b"")
     with pytest.raises(tracking.IntegrityError, match="not valid JSON"):
         tracking.load(run.info.run_id)
+
+
+class _Evil:
+    """Unpickling it would run a shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_malicious_pickle_is_refused_without_torchs_advice_to_unpickle_it(s3_experiment: str, tmp_path: Path) -> None:
+    import hashlib
+    import io
+
+    from tests.unit.test_loader import rewrite
+
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(Model(6), epoch=1)
+    marker = tmp_path / "pwned"
+    buffer = io.BytesIO()
+    torch.save({"epoch": 1, "model_state": {}, "hook": _Evil(marker)}, buffer)
+    raw = buffer.getvalue()
+    rewrite(run.info.run_id, 1, layout.CHECKPOINT_FILE, lambda _: raw)
+    digest = {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    tamper_manifest(run.info.run_id, 1, lambda m: m["files"].update({layout.CHECKPOINT_FILE: digest}))
+
+    with pytest.raises(tracking.TrackingError) as caught:
+        tracking.load(run.info.run_id)
+    (problem,) = verify(run.info.run_id).failures.values()
+    for message in (str(caught.value), problem):
+        assert "GLOBAL posix.system" in message or "GLOBAL os.system" in message
+        assert "weights_only" not in message.replace("weights_only=True", "") and "Re-running" not in message
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+    assert not marker.exists()
