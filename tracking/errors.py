@@ -65,6 +65,17 @@ def load_refusal(exc: BaseException) -> str:
     return " ".join(kept) or type(exc).__name__
 
 
+def format_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
+    """A warning as one ``warning: ...`` line, for ``warnings.formatwarning`` in the command line.
+
+    Python's own format adds the file, line and source line that raised it: two lines that say
+    nothing to someone running a command (a stale pointer tag is a hint gone wrong, not a bug).
+    """
+    return f"warning: {one_line(Exception(str(message)))}\n"
+
+
 def print_error(message: str) -> None:
     """Write ``error: <message>`` and its newline to stderr in one write.
 
