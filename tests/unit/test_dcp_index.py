@@ -165,3 +165,59 @@ def test_a_stored_index_that_does_not_tile_its_tensor_fails_load_and_verify(expe
     failures = audit.verify(run.info.run_id).failures
     assert list(failures) == [f"checkpoint-epoch-0001 ({tracking.find_checkpoint(run.info.run_id).model_id})/dcp.json"]
     assert "model_state.linear.weight" in next(iter(failures.values()))
+
+
+class _Evil:
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        import os
+
+        return (os.system, ("echo pwned",))
+
+
+def test_a_malicious_value_in_a_shard_is_refused_naming_the_checkpoint_without_torchs_advice(
+    s3_experiment: str,
+) -> None:
+    import hashlib
+    import io
+
+    import mlflow
+
+    import tracking
+    from tests.unit.test_loader import rewrite, tamper_manifest
+    from tracking.sharded import shard_file
+
+    with mlflow.start_run() as run:
+        _sharded_checkpoint(run.info.run_id)
+    buffer = io.BytesIO()
+    torch.save(_Evil(), buffer)
+    evil = buffer.getvalue()
+    shard = shard_file(0)
+    shard_bytes: dict[str, bytes] = {}
+
+    def append_evil(raw: bytes) -> bytes:
+        shard_bytes["raw"] = raw + evil
+        return shard_bytes["raw"]
+
+    rewrite(run.info.run_id, 1, shard, append_evil)
+    index: dict[str, bytes] = {}
+
+    def point_epoch_at_it(raw: bytes) -> bytes:
+        document = json.loads(raw)
+        entry = next(e for e in document["entries"] if e["fqn"] == "epoch")
+        entry.update(file=shard, offset=len(shard_bytes["raw"]) - len(evil), length=len(evil))
+        index["raw"] = json.dumps(document).encode()
+        return index["raw"]
+
+    rewrite(run.info.run_id, 1, dcp_index.METADATA_FILE, point_epoch_at_it)
+
+    def digests(manifest: dict[str, Any]) -> None:
+        for name, raw in ((shard, shard_bytes["raw"]), (dcp_index.METADATA_FILE, index["raw"])):
+            manifest["files"][name] = {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+
+    tamper_manifest(run.info.run_id, 1, digests)
+    with pytest.raises(IntegrityError) as caught:
+        tracking.load(run.info.run_id)
+    message = str(caught.value)
+    assert message.startswith(f"run {run.info.run_id}: checkpoint-epoch-0001 (")
+    assert "GLOBAL posix.system" in message or "GLOBAL os.system" in message
+    assert "Re-running" not in message and "weights_only" not in message
