@@ -226,6 +226,26 @@ def _load_field(located: Located, key: str, target: Any, value: Any) -> None:
         ) from exc
 
 
+# Per-parameter states that torch's optimizers keep in the shape of their parameter (others, such as
+# Adafactor's row/column factors or LBFGS's flat history, have shapes of their own).
+_PARAM_SHAPED = frozenset(
+    {
+        "momentum_buffer",
+        "exp_avg",
+        "exp_avg_sq",
+        "max_exp_avg_sq",
+        "exp_inf",
+        "square_avg",
+        "grad_avg",
+        "acc_delta",
+        "sum",
+        "ax",
+        "prev",
+        "step_size",
+    }
+)
+
+
 def _load_optimizer(located: Located, model: nn.Module, optimizer: torch.optim.Optimizer, saved: Any) -> None:
     """Load an optimizer state after checking that each saved per-parameter state fits the parameter it goes to.
 
@@ -250,7 +270,7 @@ def _load_optimizer(located: Located, model: nn.Module, optimizer: torch.optim.O
         for saved_id, param in zip(ids, live["params"], strict=True):
             entry = saved["state"].get(saved_id)
             for key, value in (entry or {}).items() if isinstance(entry, Mapping) else ():
-                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                if key in _PARAM_SHAPED and isinstance(value, torch.Tensor) and value.shape != param.shape:
                     raise MismatchError(
                         f"run {located.run_id}: {located.label}: the checkpoint's 'optim_state' holds {key} of shape "
                         f"{tuple(value.shape)} for parameter {names.get(id(param), '?')} of shape "
