@@ -15,7 +15,7 @@ from typing import BinaryIO, cast
 from tracking import catalog, layout
 from tracking.catalog import StoredCheckpoint
 from tracking.config import TrackingConfig
-from tracking.errors import IntegrityError, NotFoundError, TrackingError, one_line
+from tracking.errors import IntegrityError, NotFoundError, TrackingError, load_refusal
 from tracking.manifest import Manifest
 from tracking.run import RunHandle, tracking_server_errors
 from tracking.selection import open_run_of
@@ -106,13 +106,14 @@ def _load_problem(part: _Part, name: str, data: Buffer, format: str) -> str | No
 
             # Shards are raw tensor bytes and weights-only pickles that dcp.json places; its index must parse.
             if name == dcp_index.METADATA_FILE and isinstance(part.manifest, Manifest):
-                dcp_index.from_json(bytes(data), set(part.manifest.files), where=f"{part.store.owner}: {name}")
+                sizes = {file: stored.size for file, stored in part.manifest.files.items()}
+                dcp_index.from_json(bytes(data), sizes, where=f"{part.store.owner}: {name}")
         else:
             torch.load(cast(BinaryIO, BufferReader(data)), map_location="cpu", weights_only=True)
     except Exception as exc:
         return (
             f"{part.store.owner}: {name} matches its manifest but does not load with torch.load(weights_only=True) "
-            f"({one_line(exc)[:300]}); load another checkpoint."
+            f"({load_refusal(exc)[:300]}); load another checkpoint."
         )
     return None
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import posixpath
+import re
 from collections.abc import Mapping
 from concurrent.futures import Future
 from typing import Any, Literal, overload
@@ -20,10 +22,18 @@ from tracking.catalog import LoggedCheckpoint
 from tracking.collective import commit
 from tracking.commit import CheckpointSnapshot, commit_checkpoint
 from tracking.config import TrackingConfig
+from tracking.errors import IntegrityError, NotFoundError, TrackingError
 from tracking.manifest import FORMAT_VERSION, SHARDED_KIND, Manifest, now, versions
 from tracking.payload import TorchSave, check_loadable
 from tracking.run import RunHandle, open_run, target_run_id
 from tracking.saver import background_saver, raise_background_errors
+
+# log_checkpoint's monitor when none is given and the metrics have it (minimised, as the Checkpointer does).
+DEFAULT_MONITOR = "val_loss"
+MAX_INT64 = 2**63 - 1
+# MLflow's rule for metric names (mlflow.utils.validation), checked on the client side before the upload.
+MAX_METRIC_NAME = 250
+_METRIC_NAME = re.compile(r"[/\w.\- :]*")
 
 
 def log_state_dict(
@@ -44,14 +54,14 @@ def log_state_dict(
     handle = open_run(target_run_id(run_id), config)
     state = model.state_dict()
     check_loadable(state, "model.state_dict()")
+    previous = _stored_state_dict_files(handle)
+    name = _state_dict_file(format, previous)
     if format == "safetensors":
         from safetensors.torch import save
 
-        name = layout.STATE_DICT_FILES[format]
         data = save({k: v.contiguous() for k, v in state.items()})
         stored = handle.store.write_bytes(f"{layout.STATE_DICT_DIR}/{name}", data)
     else:
-        name = layout.STATE_DICT_FILES[format]
         stored = handle.store.write(f"{layout.STATE_DICT_DIR}/{name}", TorchSave(state))
     manifest = Manifest(
         kind="state_dict",
@@ -62,7 +72,35 @@ def log_state_dict(
         created_at=now(),
     )
     handle.store.write_bytes(layout.manifest_path(layout.STATE_DICT_DIR), manifest.to_json())
+    # The new manifest is the commit: only now may the files of the state dict it replaces go.
+    for old in previous - {name}:
+        try:
+            handle.store.delete(f"{layout.STATE_DICT_DIR}/{old}")
+        except TrackingError:
+            pass  # no manifest lists it any more: `tracking verify --clean` removes it
     return LoggedCheckpoint(handle.run_id, layout.STATE_DICT_DIR, manifest)
+
+
+def _stored_state_dict_files(handle: RunHandle) -> set[str]:
+    """The files the run's current state dict manifest lists (none when there is none, or it is unreadable)."""
+    try:
+        return set(layout.read_manifest(handle.store, layout.STATE_DICT_DIR).files)
+    except (NotFoundError, IntegrityError):
+        return set()
+
+
+def _state_dict_file(format: str, stored: set[str]) -> str:
+    """A file name for a state dict of ``format`` that the stored manifest does not list.
+
+    A re-log must not overwrite the bytes the current manifest points at: killed between its
+    data and its manifest, it would leave that manifest naming bytes that no longer match. The
+    name alternates between ``state_dict.pt`` and ``state_dict.1.pt`` (``.safetensors`` alike).
+    """
+    name = layout.STATE_DICT_FILES[format]
+    if name not in stored:
+        return name
+    stem, _, suffix = name.rpartition(".")
+    return f"{stem}.1.{suffix}"
 
 
 def log_model(
@@ -172,6 +210,7 @@ def log_checkpoint(
     written last, then the model is marked READY; the run's ``latest`` tag (and ``best``, when
     ``monitor`` is given) move only then, and ``metrics`` are logged against the model and the
     run at step = ``epoch``, as ``mlflow.log_metrics(..., model_id=)`` does: do not log them again.
+    Without ``monitor``, metrics holding ``val_loss`` make it the monitor (with ``mode``, "min").
     The result's ``uri`` (``models:/<model_id>``) loads exactly this checkpoint.
 
     With ``blocking=False`` the call returns once the state is copied to host memory
@@ -185,6 +224,9 @@ def log_checkpoint(
     this rank's own state to keep (its RNG and data-sampler states): the checkpoint stores every
     rank's under ``"rank_state"``, and :func:`tracking.restore` gives each rank back its own.
     """
+    if monitor is None and isinstance(metrics, Mapping) and DEFAULT_MONITOR in metrics:
+        # What the Checkpointer ranks by, so that checkpoint="best" works for the common case.
+        monitor = DEFAULT_MONITOR
     snapshot = snapshot_checkpoint(
         model,
         optimizer,
@@ -243,10 +285,10 @@ def snapshot_checkpoint(
     model = distributed.unwrap(model)
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-        raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= MAX_INT64:
+        raise ValueError(f"epoch must be a non-negative int of at most {MAX_INT64} (int64), got {epoch!r}")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_INT64):
+        raise ValueError(f"step must be a non-negative int of at most {MAX_INT64} (int64), got {step!r}")
     if mode not in layout.MODES:
         raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
     clean_metrics = check_metrics(metrics)
@@ -325,8 +367,29 @@ def check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
             number = math.nan
         if not math.isfinite(number):
             raise ValueError(f"metric {name!r} must be a finite number, got {value!r}")
+        problem = metric_name_problem(str(name))
+        if problem is not None:
+            raise ValueError(f"metric name {str(name)[:100]!r} {problem}; rename it in metrics=")
         out[str(name)] = number
     return out
+
+
+def metric_name_problem(name: str) -> str | None:
+    """Why MLflow would refuse ``name`` as a metric name (None when it takes it).
+
+    Checked before anything is stored: MLflow's refusal would come after the whole upload,
+    as a tracking-server error that no retry fixes.
+    """
+    if not name:
+        return "is empty"
+    if len(name) > MAX_METRIC_NAME:
+        return f"is {len(name)} characters long, more than the {MAX_METRIC_NAME} MLflow accepts"
+    if not _METRIC_NAME.fullmatch(name):
+        return "holds characters MLflow refuses: use letters, digits, _ - . / : and spaces"
+    normal = posixpath.normpath(name)
+    if normal != name or normal.startswith(("..", "/")):
+        return f"is a path that MLflow refuses (it would resolve to {normal!r})"
+    return None
 
 
 def _check_model(model: Any) -> None:

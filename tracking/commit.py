@@ -82,13 +82,14 @@ def commit_files(
     """
     manifest = snapshot.manifest
     assert manifest.epoch is not None
-    ready = tagging = False
+    ready = stored = tagging = False
     replaced: set[str] = set()
     step = time.monotonic()  # when the request under way began: a failure's follow-ups share its deadline
     try:
         manifest.files = write_files()
         step = time.monotonic()
         checkpoint.store.write_bytes(layout.MANIFEST_FILE, manifest.to_json())
+        stored = True
         step = time.monotonic()
         catalog.set_status(handle, checkpoint, catalog.READY)
         ready = True
@@ -108,9 +109,11 @@ def commit_files(
         # files, mark FAILED) share what remains of the failed request's bound instead of each waiting
         # a full timeout of their own on a server that went silent.
         deadline = Deadline(handle.config.operation_bound(), start=step)
-        # Before READY no reader sees its files: after a store or server failure, do not wait on it
-        # again to delete them (a silent store would double the time to fail); verify --clean does.
-        delete = ready or not isinstance(exc, StorageError)
+        # After a store failure before the manifest, do not wait on the store again to delete the
+        # files (a silent store would double the time to fail; verify --clean does). Once the
+        # manifest is stored the store answered, and the manifest must go whatever failed next:
+        # a model ID with a manifest loads, whatever its status says.
+        delete = stored or not isinstance(exc, StorageError)
         files = list(manifest.files) or [layout.CHECKPOINT_FILE]
         committed = None
         if tagging:
@@ -120,21 +123,21 @@ def commit_files(
                 pass  # as when the check fails: not committed (the check goes on, unheard, in its thread)
         if committed is None:
             try:
-                deadline.wait_for(lambda: _abandon(handle, checkpoint, files, delete=delete))
-                settled = True
+                failed = deadline.wait_for(lambda: _abandon(handle, checkpoint, files, delete=delete))
+                state = (
+                    "is marked FAILED"
+                    if failed
+                    else f"is left {'READY' if ready else 'PENDING'} without a manifest: nothing loads it, and "
+                    "`tracking verify --clean` removes it"
+                )
             except Overdue:
-                settled = False
+                state = "could not be marked FAILED in time either: `tracking verify --clean` removes what it left"
             if not isinstance(exc, StorageError):
                 raise
-            failed = (
-                f"its logged model {checkpoint.model_id} is marked FAILED"
-                if settled
-                else f"marking its logged model {checkpoint.model_id} FAILED did not finish in time either; "
-                "`tracking verify --clean` removes what it left"
-            )
             raise StorageError(
-                f"{exc} The checkpoint of epoch {manifest.epoch} was not committed ({failed}, the run's "
-                "latest/best tags are unchanged); save it again once the store and the tracking server answer."
+                f"{exc} The checkpoint of epoch {manifest.epoch} was not committed (its logged model "
+                f"{checkpoint.model_id} {state}; the run's latest/best tags are unchanged); save it "
+                "again once the store and the tracking server answer."
             ) from exc
         # Else the tag request was applied and only its answer lost: the checkpoint is committed.
         handle.tags = committed
@@ -166,8 +169,11 @@ def _tags_naming(handle: RunHandle, model_id: str) -> dict[str, str] | None:
     return tags if model_id in (tags.get(layout.TAG_LATEST), tags.get(layout.TAG_BEST)) else None
 
 
-def _abandon(handle: RunHandle, checkpoint: StoredCheckpoint, files: list[str], delete: bool = True) -> None:
-    """Undo a save that failed: the manifest first (the checkpoint stops existing), its ``files``, then FAILED."""
+def _abandon(handle: RunHandle, checkpoint: StoredCheckpoint, files: list[str], delete: bool = True) -> bool:
+    """Undo a save that failed: the manifest first (the checkpoint stops existing), its ``files``, then FAILED.
+
+    True when the model could be marked FAILED.
+    """
     if delete:
         try:
             checkpoint.store.delete(layout.MANIFEST_FILE)
@@ -178,7 +184,8 @@ def _abandon(handle: RunHandle, checkpoint: StoredCheckpoint, files: list[str], 
     try:
         catalog.set_status(handle, checkpoint, catalog.FAILED)
     except TrackingError:
-        pass  # the server that failed the save may refuse this too: the manifest is gone either way
+        return False  # the server that failed the save may refuse this too: the manifest is gone either way
+    return True
 
 
 def _replaced(tags: Mapping[str, str], epoch: int, model_id: str) -> set[str]:

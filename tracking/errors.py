@@ -53,6 +53,29 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+def load_refusal(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, on one line, without torch's own advice.
+
+    torch's message suggests re-running with ``weights_only=False``: for a file from a store,
+    that is the advice to run whatever code it holds, so its paragraphs that mention
+    ``weights_only`` are dropped and only what was refused is kept.
+    """
+    paragraphs = [" ".join(p.split()) for p in str(exc).split("\n\n")]
+    kept = [p for p in paragraphs if p and "weights_only" not in p and "Weights only load failed" not in p]
+    return " ".join(kept) or type(exc).__name__
+
+
+def format_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
+    """A warning as one ``warning: ...`` line, for ``warnings.formatwarning`` in the command line.
+
+    Python's own format adds the file, line and source line that raised it: two lines that say
+    nothing to someone running a command (a stale pointer tag is a hint gone wrong, not a bug).
+    """
+    return f"warning: {one_line(Exception(str(message)))}\n"
+
+
 def print_error(message: str) -> None:
     """Write ``error: <message>`` and its newline to stderr in one write.
 

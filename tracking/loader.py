@@ -21,7 +21,7 @@ from torch import nn
 
 from tracking import layout, spec, zerocopy
 from tracking.config import TrackingConfig
-from tracking.errors import ConfigError, MismatchError, NotFoundError, TrackingError
+from tracking.errors import ConfigError, IntegrityError, MismatchError, NotFoundError, TrackingError, load_refusal
 from tracking.manifest import CHECKPOINT_KINDS, SHARDED_KIND, Manifest
 from tracking.selection import Located, Selector, find_checkpoint, find_weights, resolve_run_id
 from tracking.storage import BufferReader, open_store
@@ -77,6 +77,10 @@ def load(
     cannot be rebuilt from the manifest.
     """
     _check_mode(mode)
+    _check_map_location(map_location)
+    for name, factory in (("optimizer", optimizer), ("scheduler", scheduler)):
+        if factory is not None and not callable(factory):
+            raise TypeError(f"{name} must be a factory (a callable), got {factory!r}")
     located = find_checkpoint(source, checkpoint, step=step, config=config)
     manifest = located.manifest
     _check_device(map_location)
@@ -93,11 +97,11 @@ def load(
         optim = _build_optimizer(located, built, optimizer)
         # A model that copied its weights leaves its part of the buffer unused: the optimizer
         # state then gets copies of its own, so that the buffer can be freed.
-        optim.load_state_dict(state["optim_state"] if adopted else _own(state["optim_state"]))
+        _load_optimizer(located, built, optim, state["optim_state"] if adopted else _own(state["optim_state"]))
     sched = None
     if state.get("scheduler_state") is not None and optim is not None:
         sched = _build_scheduler(located, optim, scheduler)
-        sched.load_state_dict(_own(state["scheduler_state"]))
+        _load_field(located, "scheduler_state", sched, _own(state["scheduler_state"]))
     scaler = None
     if state.get("scaler_state") is not None:
         scaler_cls = spec.import_class(
@@ -107,7 +111,7 @@ def load(
             hint="install a torch that provides it",
         )
         scaler = scaler_cls(torch.device(map_location).type)
-        scaler.load_state_dict(_own(state["scaler_state"]))
+        _load_field(located, "scaler_state", scaler, _own(state["scaler_state"]))
     built.train(mode == "train")
     # What the result keeps besides the live objects gets its own tensors: the buffer is freed.
     return _loaded(located, state, built, optim, sched, scaler, keep=_own)
@@ -148,6 +152,13 @@ def restore(
     """
     from tracking import distributed, sharded
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    for name, target in (("scheduler", scheduler), ("scaler", scaler)):
+        if target is not None and not callable(getattr(target, "load_state_dict", None)):
+            raise TypeError(f"{name} must be an object with a load_state_dict method, got {type(target).__name__}")
     config = config or TrackingConfig.from_env()
 
     def find() -> tuple[str, str, str, str, Manifest, str | None]:
@@ -168,18 +179,109 @@ def restore(
         else:
             _load_weights(located, plain, state["model_state"], strict)
             if optimizer is not None and state.get("optim_state") is not None:
-                optimizer.load_state_dict(state["optim_state"])
+                _load_optimizer(located, plain, optimizer, state["optim_state"])
     if scheduler is not None and state.get("scheduler_state") is not None:
-        scheduler.load_state_dict(state["scheduler_state"])
+        _load_field(located, "scheduler_state", scheduler, state["scheduler_state"])
     if scaler is not None and state.get("scaler_state") is not None:
-        scaler.load_state_dict(state["scaler_state"])
+        _load_field(located, "scaler_state", scaler, state["scaler_state"])
     return _loaded(located, state, model, optimizer, scheduler, scaler)
 
 
 def _checkpoint_state(located: Located, state: Any) -> dict[str, Any]:
     if not isinstance(state, dict) or "model_state" not in state:
         raise TrackingError(f"run {located.run_id}: {located.label} has no 'model_state' key; it is not a checkpoint.")
+    model_state = state["model_state"]
+    # Values are not all tensors in every state dict (a module's get_extra_state() may be any value).
+    if not isinstance(model_state, Mapping) or not all(isinstance(k, str) for k in model_state):
+        raise _bad_field(located, "model_state", f"is {_kind(model_state)}, not a state dict")
+    optim_state = state.get("optim_state")
+    if optim_state is not None and not (
+        isinstance(optim_state, Mapping)
+        and isinstance(optim_state.get("state"), Mapping)
+        and isinstance(optim_state.get("param_groups"), list)
+    ):
+        raise _bad_field(located, "optim_state", f"is {_kind(optim_state)}, not an optimizer's state_dict()")
+    for key in ("scheduler_state", "scaler_state"):
+        if state.get(key) is not None and not isinstance(state[key], Mapping):
+            raise _bad_field(located, key, f"is {_kind(state[key])}, not a state_dict()")
     return state
+
+
+def _kind(value: Any) -> str:
+    return f"of type {type(value).__name__} ({str(value)[:60]!r})"
+
+
+def _bad_field(located: Located, key: str, problem: str) -> IntegrityError:
+    return IntegrityError(
+        f"run {located.run_id}: {located.label}: the checkpoint's {key!r} {problem}; it was not written by "
+        "tracking.log_checkpoint, or was edited. Load another checkpoint (checkpoint=<epoch>)."
+    )
+
+
+def _load_field(located: Located, key: str, target: Any, value: Any) -> None:
+    """``target.load_state_dict(value)``, a refusal named as the checkpoint's field ``key``, not a bare exception."""
+    try:
+        target.load_state_dict(value)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+        raise MismatchError(
+            f"run {located.run_id}: {located.label}: the checkpoint's {key!r} does not load into "
+            f"{spec.class_path(target)} ({type(exc).__name__}: {str(exc)[:300]}); it is incomplete or of another "
+            "class. Pass the object it was saved from, or load another checkpoint."
+        ) from exc
+
+
+# Per-parameter states that torch's optimizers keep in the shape of their parameter (others, such as
+# Adafactor's row/column factors or LBFGS's flat history, have shapes of their own).
+_PARAM_SHAPED = frozenset(
+    {
+        "momentum_buffer",
+        "exp_avg",
+        "exp_avg_sq",
+        "max_exp_avg_sq",
+        "exp_inf",
+        "square_avg",
+        "grad_avg",
+        "acc_delta",
+        "sum",
+        "ax",
+        "prev",
+        "step_size",
+    }
+)
+
+
+def _load_optimizer(located: Located, model: nn.Module, optimizer: torch.optim.Optimizer, saved: Any) -> None:
+    """Load an optimizer state after checking that each saved per-parameter state fits the parameter it goes to.
+
+    ``Optimizer.load_state_dict`` pairs saved and live parameters by position only: param groups
+    recorded in another order (an edited manifest, a factory grouping otherwise) would hand one
+    parameter's momentum to another without a word.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = saved["param_groups"]
+    if len(groups) != len(optimizer.param_groups):
+        raise MismatchError(
+            f"run {located.run_id}: {located.label}: the checkpoint's 'optim_state' has {len(groups)} param groups, "
+            f"the optimizer {len(optimizer.param_groups)}; {OPTIMIZER_HINT} that groups parameters as when saved."
+        )
+    for index, (group, live) in enumerate(zip(groups, optimizer.param_groups, strict=True)):
+        ids = group.get("params") if isinstance(group, Mapping) else None
+        if not isinstance(ids, list) or len(ids) != len(live["params"]):
+            raise MismatchError(
+                f"run {located.run_id}: {located.label}: param group {index} of the checkpoint's 'optim_state' does "
+                f"not hold the {len(live['params'])} parameters of the optimizer's; {OPTIMIZER_HINT}."
+            )
+        for saved_id, param in zip(ids, live["params"], strict=True):
+            entry = saved["state"].get(saved_id)
+            for key, value in (entry or {}).items() if isinstance(entry, Mapping) else ():
+                if key in _PARAM_SHAPED and isinstance(value, torch.Tensor) and value.shape != param.shape:
+                    raise MismatchError(
+                        f"run {located.run_id}: {located.label}: the checkpoint's 'optim_state' holds {key} of shape "
+                        f"{tuple(value.shape)} for parameter {names.get(id(param), '?')} of shape "
+                        f"{tuple(param.shape)} (param group {index}): the optimizer's parameters are not grouped "
+                        f"as when it was saved; {OPTIMIZER_HINT}."
+                    )
+    _load_field(located, "optim_state", optimizer, saved)
 
 
 def _loaded(
@@ -233,6 +335,7 @@ def load_state_dict(
     config: TrackingConfig | None = None,
 ) -> dict[str, torch.Tensor]:
     """The model weights alone: the ``state_dict/`` artifact, or a checkpoint's ``model_state``."""
+    _check_map_location(map_location)
     located = find_weights(source, checkpoint, config)
     # Weights may share the download buffer only when they are all it holds (no optimizer state).
     share = located.manifest.kind == "state_dict"
@@ -256,6 +359,7 @@ def load_model(
     else the checkpoint (default: latest).
     """
     _check_mode(mode)
+    _check_map_location(map_location)
     located = find_weights(source, checkpoint, config)
     _check_device(map_location)
     share = located.manifest.kind == "state_dict"
@@ -331,9 +435,10 @@ def _read_torch(located: Located, map_location: str | torch.device, share: bool 
         raise
     except Exception as exc:
         raise TrackingError(
-            f"run {located.run_id}: {located.label}: {name} matches its manifest but torch.load refused it ({exc}). "
-            "It may hold objects other than tensors and plain Python values."
-        ) from exc
+            f"run {located.run_id}: {located.label}: {name} matches its manifest but torch.load refused it "
+            f"({load_refusal(exc)[:500]}). It holds objects other than tensors and plain Python values, which "
+            "may be code: do not unpickle it. Load another checkpoint."
+        ) from None
 
 
 def _own(value: Any) -> Any:
@@ -359,6 +464,19 @@ def _to(value: Any, device: str | torch.device) -> Any:
     if isinstance(value, list):
         return [_to(v, device) for v in value]
     return value
+
+
+def _check_map_location(map_location: Any) -> None:
+    """A map_location torch cannot parse is the caller's mistake, said before anything is read."""
+    if not isinstance(map_location, str | torch.device):
+        raise TypeError(f"map_location must be a device string or a torch.device, got {type(map_location).__name__}")
+    try:
+        torch.device(map_location)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"map_location={map_location!r} is not a device torch knows ({exc}); use 'cpu', 'cuda', 'cuda:0', "
+            "'mps' or a torch.device."
+        ) from None
 
 
 def _check_device(map_location: str | torch.device) -> None:

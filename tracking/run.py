@@ -106,7 +106,11 @@ def _fetch_run(run_id: str, config: TrackingConfig) -> RunHandle:
                 f"run {run_id} not found on tracking server {client.tracking_uri}; check the run ID "
                 "(in the MLflow UI) and MLFLOW_TRACKING_URI."
             ) from exc
-        raise StorageError(f"run {run_id}: the tracking server failed: {exc}") from exc
+        raise StorageError(
+            f"run {run_id}: the tracking server {client.tracking_uri} failed while reading the run "
+            f"({one_line(exc)[:500]}); check that it runs and MLFLOW_TRACKING_URI points at it "
+            "(`tracking stack status` for the local stack), then retry."
+        ) from exc
     except OSError as exc:
         raise StorageError(
             f"run {run_id}: cannot reach the tracking server {client.tracking_uri} ({exc}); "

@@ -200,6 +200,15 @@ def _select_by_search(handle: RunHandle, which: str) -> Located:
     if which == "latest":
         return _first_located(handle, [committed[e] for e in sorted(committed, reverse=True)])
     monitor = handle.tags.get(layout.TAG_MONITOR)
+    newest = committed[max(committed)]
+    if not monitor and handle.tags.get(layout.TAG_LATEST) != newest.model_id:
+        # The tags lag behind the newest checkpoint: its save is between READY and moving the tags
+        # (or died there), and its writer may well have passed monitor=.
+        raise NotFoundError(
+            f"run {handle.run_id} records no best checkpoint yet: the save of its newest checkpoint (epoch "
+            f"{max(committed)}) has not moved the run's pointer tags yet; retry in a moment, or pick an epoch: "
+            f"{_epoch_list(list(committed))}."
+        )
     if not monitor:
         raise NotFoundError(
             f"run {handle.run_id} records no best checkpoint: log checkpoints with monitor=... "

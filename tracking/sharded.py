@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import pickle
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -49,7 +50,7 @@ from tracking import catalog, dcp_index, distributed
 from tracking.catalog import LoggedCheckpoint, StoredCheckpoint
 from tracking.commit import commit_files
 from tracking.dcp_index import METADATA_FILE, NEXT_STEP, Span
-from tracking.errors import IntegrityError, MismatchError, StorageError, TrackingError, one_line
+from tracking.errors import IntegrityError, MismatchError, StorageError, TrackingError, load_refusal, one_line
 from tracking.manifest import StoredFile
 from tracking.run import RunHandle
 from tracking.storage import ArtifactStore, open_store
@@ -165,7 +166,9 @@ class ShardReader(StorageReader):
             if METADATA_FILE not in self.files:
                 raise IntegrityError(f"{self.where}: the manifest lists no {METADATA_FILE}; {NEXT_STEP}")
             raw = self.store.read(METADATA_FILE, self.files[METADATA_FILE])
-            self.metadata = dcp_index.from_json(bytes(raw), set(self.files), where=f"{self.where}: {METADATA_FILE}")
+            self.metadata = dcp_index.from_json(
+                bytes(raw), {name: f.size for name, f in self.files.items()}, where=f"{self.where}: {METADATA_FILE}"
+            )
         return self.metadata
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
@@ -218,8 +221,14 @@ def _tensor(view: memoryview, span: Span) -> torch.Tensor:
     return torch.frombuffer(view, dtype=dtype).reshape(span.sizes)
 
 
-def _safe_load(value: io.BytesIO) -> Any:
-    return torch.load(value, weights_only=True)
+def _safe_load(value: io.BytesIO, fqn: str) -> Any:
+    try:
+        return torch.load(value, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise IntegrityError(
+            f"{fqn} matches its file's sha256 but torch.load refused it ({load_refusal(exc)[:500]}): it holds "
+            f"objects other than tensors and plain Python values, which may be code: do not unpickle it; {NEXT_STEP}"
+        ) from None
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -233,7 +242,7 @@ def _load_bytes(planner: DefaultLoadPlanner, read_item: ReadItem, value: io.Byte
     # DCP's own planners read these with weights_only=False, which could run code from the store.
     from torch.distributed.checkpoint._traverse import set_element
 
-    loaded = _safe_load(value)
+    loaded = _safe_load(value, read_item.dest_index.fqn)
     if planner.flatten_state_dict:
         set_element(planner.original_state_dict, planner.mappings[read_item.dest_index.fqn], loaded)
     else:
@@ -382,8 +391,25 @@ def read(
 
     state: dict[str, Any] = {}
     planner = _SafeFullPlanner(keys=keys)
-    _load_state_dict(state, storage_reader=ShardReader(store, files, where), planner=planner, no_dist=True)
+    reader = ShardReader(store, files, where)
+    reader.read_metadata()  # its IntegrityError as it is, not inside DCP's CheckpointException
+    with _own_errors(where):
+        _load_state_dict(state, storage_reader=reader, planner=planner, no_dist=True)
     return state
+
+
+@contextlib.contextmanager
+def _own_errors(where: str) -> Iterator[None]:
+    """A TrackingError raised inside DCP's load as itself (naming ``where``), not as a CheckpointException."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as exc:
+        inner = _dcp_error(exc)
+        if not isinstance(inner, TrackingError):
+            raise
+        raise type(inner)(str(inner) if str(inner).startswith(where) else f"{where}: {inner}") from None
 
 
 def index_keyed(optim_state: Mapping[str, Any]) -> dict[str, Any]:
@@ -465,7 +491,8 @@ def load_into(
     if optimizer is not None:
         template["optim_state"] = get_optimizer_state_dict(model, optimizer, options=options)
     reader = ShardReader(store, files, where)
-    with _quiet():  # each rank reads the chunks it needs on its own: no collective is needed
+    reader.read_metadata()  # its IntegrityError as it is, not inside DCP's CheckpointException
+    with _quiet(), _own_errors(where):  # each rank reads the chunks it needs on its own: no collective is needed
         load(template, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
     set_model_state_dict(model, template["model_state"], options=options)
     if optimizer is not None:

@@ -14,6 +14,7 @@ import importlib
 import inspect
 import json
 import sys
+import types
 from collections.abc import Collection, Mapping
 from typing import Any, TypeVar
 
@@ -236,10 +237,7 @@ def import_class(path: str, role: str, *, run_id: str, hint: str, allow_import: 
             ) from exc
     obj: Any = module
     for part in qualname.split("."):
-        try:
-            obj = getattr(obj, part, None)
-        except Exception:  # a module's __getattr__ may raise anything for a name it lacks
-            obj = None
+        obj = _attribute(obj, part)
         if obj is None:
             raise NotFoundError(
                 f"run {run_id}: module {module_name!r} has no {qualname!r} (recorded {role} class {path}). "
@@ -253,6 +251,25 @@ def import_class(path: str, role: str, *, run_id: str, hint: str, allow_import: 
             "The manifest may have been tampered with."
         )
     return obj
+
+
+def _attribute(obj: Any, name: str) -> Any:
+    """``obj.name`` without importing anything: None when it is not there yet.
+
+    A module's attribute is read from its ``__dict__``, never through ``getattr``: a package's
+    ``__getattr__`` (or a lazy-loader entry such as ``mlflow.sklearn``) imports a submodule on
+    first access, which would run a module because a manifest names it. A submodule counts only
+    once it is really imported (in ``sys.modules``).
+    """
+    if isinstance(obj, types.ModuleType):
+        found = vars(obj).get(name)
+        if isinstance(found, types.ModuleType):
+            return sys.modules.get(vars(found).get("__name__", ""))
+        return found
+    try:
+        return getattr(obj, name, None)
+    except Exception:  # a class's metaclass __getattr__ may raise anything for a name it lacks
+        return None
 
 
 def _may_import(module_name: str, allowed: Collection[str]) -> bool:

@@ -82,6 +82,49 @@ def test_state_dict_as_safetensors(experiment: str, tmp_path: Path) -> None:
     assert torch.equal(tracking.load_model(run.info.run_id).linear.weight, model.linear.weight)
 
 
+class Killed(BaseException):
+    """What a kill -9 leaves: nothing after the point where it lands runs."""
+
+
+@pytest.mark.parametrize("format", ["torch", "safetensors"])
+def test_a_state_dict_relog_killed_before_its_manifest_keeps_the_previous_one(
+    experiment: str, format: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tracking import audit
+    from tracking.run import open_run
+    from tracking.storage import ArtifactStore
+
+    model, _ = trained_seed_model()
+    with mlflow.start_run() as run:
+        tracking.log_state_dict(model, format=format)
+        saved = model.linear.weight.detach().clone()
+        with torch.no_grad():
+            model.linear.weight.add_(1.0)
+        store_class = type(open_run(run.info.run_id).store)  # S3Store or MlflowStore, as the writer opens it
+        real_write_bytes = store_class.write_bytes
+
+        def killed_at_the_manifest(self: ArtifactStore, path: str, data: bytes) -> Any:
+            if path == "state_dict/manifest.json":
+                raise Killed
+            return real_write_bytes(self, path, data)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(store_class, "write_bytes", killed_at_the_manifest)
+            with pytest.raises(Killed):
+                tracking.log_state_dict(model, format=format)
+        # The previous state dict still loads, and verify sees the new bytes as a leftover, not corruption.
+        assert torch.equal(tracking.load_state_dict(run.info.run_id)["linear.weight"], saved)
+        report = audit.verify(run.info.run_id)
+        assert report.failures == {}
+        assert [leftover.kind for leftover in report.leftovers] == [audit.UNCOMMITTED]
+        # The next re-log commits and removes what the dead one and the replaced one left.
+        tracking.log_state_dict(model, format=format)
+    assert torch.equal(tracking.load_state_dict(run.info.run_id)["linear.weight"], model.linear.weight)
+    report = audit.verify(run.info.run_id)
+    assert report.failures == {} and report.leftovers == []
+    assert len(tracking.load_state_dict(run.info.run_id)) == len(model.state_dict())
+
+
 def test_checkpoint_loads_with_the_seed_code(experiment: str, tmp_path: Path) -> None:
     model, optimizer = trained_seed_model()
     with mlflow.start_run() as run:

@@ -178,3 +178,27 @@ def test_runs_say_which_model_made_each_run(experiment: str, run_id: str, termin
     assert result.exit_code == 0, result.output
     [row] = [line for line in result.output.splitlines() if run_id in line]
     assert "made by" in result.output and " Model " in row
+
+
+def test_a_bad_pointer_tag_is_one_warning_line(tracking_store: str, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from tracking.layout import TAG_LATEST
+
+    experiment_id = mlflow.create_experiment("cli-warning", artifact_location=(tmp_path / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        tracking.log_checkpoint(Model(6), epoch=1)
+    MlflowClient().set_tag(run.info.run_id, TAG_LATEST, "not-a-model-id")
+    done = subprocess.run(
+        [sys.executable, "-m", "tracking", "show", run.info.run_id, "--checkpoint", "latest"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    warning_lines = [line for line in done.stderr.splitlines() if "not-a-model-id" in line or "Warning" in line]
+    assert len(warning_lines) == 1 and warning_lines[0].startswith(f"warning: run {run.info.run_id}: tag "), done.stderr
+    assert json.loads(done.stdout)["epoch"] == 1

@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 import tracking
 from pipelines.models import Model
-from tracking import payload
+from tracking import audit, payload
 from tracking.layout import TAG_BEST, TAG_LATEST
 
 REPO = Path(__file__).resolve().parents[2]
@@ -164,6 +164,42 @@ def test_a_tracking_server_failure_while_moving_tags_commits_nothing(
     # The attempt is a logged model of its own, FAILED and without a manifest.
     statuses = {m.name: str(m.status) for m in logged_models(run.info.run_id)}
     assert statuses == {"checkpoint-epoch-0001": "READY", "checkpoint-epoch-0002": "FAILED"}
+
+
+def test_a_tracking_server_failure_before_ready_leaves_nothing_loadable(
+    experiment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = Model(6)
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, epoch=1)
+        created: list[str] = []
+        real_create = MlflowClient.create_logged_model
+
+        def create(self: MlflowClient, *args: Any, **kwargs: Any) -> Any:
+            made = real_create(self, *args, **kwargs)
+            created.append(made.model_id)
+            return made
+
+        def dead_server(self: object, *args: object, **kwargs: object) -> None:
+            raise MlflowException("API request to endpoint /api/2.0/mlflow/logged-models failed: Connection refused")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(MlflowClient, "create_logged_model", create)
+            # The server dies between the manifest and READY: marking FAILED fails as well.
+            patch.setattr(MlflowClient, "finalize_logged_model", dead_server)
+            with pytest.raises(tracking.StorageError) as caught:
+                tracking.log_checkpoint(model, epoch=2)
+    message = str(caught.value)
+    assert "marked FAILED" not in message
+    assert "left PENDING without a manifest" in message and "tracking verify --clean" in message
+    (attempt,) = created
+    # The model ID the error names does not load: its manifest is gone, whatever its status.
+    with pytest.raises(tracking.NotFoundError, match="has no manifest"):
+        tracking.load(f"models:/{attempt}")
+    assert tracking.load(run.info.run_id).epoch == 1
+    assert [str(x) for x in audit.verify(run.info.run_id).leftovers] == [
+        f"checkpoint-epoch-0002 ({attempt}) (a logged model whose save never committed)"
+    ]
 
 
 def test_a_slow_writer_never_moves_latest_back_or_best_to_a_worse_checkpoint(

@@ -21,7 +21,8 @@ from tracking import dcp_index
 from tracking.dcp_index import Span
 from tracking.errors import IntegrityError
 
-FILES = {"shard-00000.distcp", "shard-00001.distcp", "dcp.json"}
+# Each file the manifest lists, with its size: the index's spans must fit in them.
+FILES = {"shard-00000.distcp": 124, "shard-00001.distcp": 24, "dcp.json": 1000}
 
 
 def two_shard_metadata() -> Metadata:
@@ -83,6 +84,15 @@ EDITS = {
     "an empty path": lambda d: d["entries"][0].update(path=[]),
     "a missing key": lambda d: _value(d).pop("offset"),
     "entries that are not a list": lambda d: d.update(entries=7),
+    # Well-formed, but not a whole tensor: a load would leave memory unwritten, or index outside it.
+    "a chunk missing": lambda d: d["entries"][0]["chunks"].pop(),
+    "a chunk outside its tensor": lambda d: _chunk(d).update(offsets=[3, 0]),
+    "two chunks over the same rows": lambda d: d["entries"][0]["chunks"][1].update(offsets=[1, 0]),
+    "a tensor bigger than its files": lambda d: d["entries"][0].update(size=[200000, 200000]),
+    "a chunk bigger than its file": lambda d: _chunk(d).update(sizes=[200000, 200000], length=200000 * 200000 * 4),
+    "a span past the end of its file": lambda d: _value(d).update(offset=25),
+    "two items in the same bytes": lambda d: d["entries"][0]["chunks"][1].update(file="shard-00000.distcp"),
+    "a negative dimension": lambda d: d["entries"][0].update(size=[-4, 3]),
 }
 
 
@@ -96,3 +106,118 @@ def test_an_edited_index_is_an_integrity_error_naming_where(edit: str) -> None:
 def test_what_is_not_an_index_is_an_integrity_error(raw: bytes) -> None:
     with pytest.raises(IntegrityError, match=r"^run r: dcp\.json is malformed"):
         dcp_index.from_json(raw, FILES, where="run r: dcp.json")
+
+
+# ------------------------------------------------ a stored sharded checkpoint whose index was edited
+
+
+def _sharded_checkpoint(run_id: str) -> None:
+    """A sharded checkpoint (DCP's files, dcp.json, manifest) of one process, as a rank-0-of-1 save makes it."""
+    from dataclasses import replace
+
+    from pipelines.models import Model
+    from tracking.checkpoint import snapshot_checkpoint
+    from tracking.manifest import SHARDED_KIND
+    from tracking.run import open_run
+    from tracking.sharded import commit_sharded
+
+    snapshot = snapshot_checkpoint(Model(6), None, epoch=1)
+    snapshot.manifest = replace(snapshot.manifest, kind=SHARDED_KIND, format="dcp")
+    commit_sharded(open_run(run_id), snapshot)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        pytest.param(lambda entry: entry["chunks"].clear(), id="its chunk missing"),
+        pytest.param(lambda entry: entry["chunks"][0].update(offsets=[1, 0]), id="a chunk outside its tensor"),
+        pytest.param(lambda entry: entry.update(size=[200000, 200000]), id="a 200000x200000 tensor"),
+    ],
+)
+def test_a_stored_index_that_does_not_tile_its_tensor_fails_load_and_verify(experiment: str, edit: Any) -> None:
+    import hashlib
+
+    import mlflow
+
+    import tracking
+    from tests.unit.test_loader import rewrite, tamper_manifest
+    from tracking import audit
+
+    with mlflow.start_run() as run:
+        _sharded_checkpoint(run.info.run_id)
+    assert tracking.load(run.info.run_id).epoch == 1
+    edited: dict[str, bytes] = {}
+
+    def change(raw: bytes) -> bytes:
+        document = json.loads(raw)
+        edit(next(e for e in document["entries"] if e["fqn"] == "model_state.linear.weight"))
+        edited["raw"] = json.dumps(document).encode()
+        return edited["raw"]
+
+    rewrite(run.info.run_id, 1, dcp_index.METADATA_FILE, change)
+    # Its digest updated too: only the index checked against itself can tell.
+    digest = {"size": len(edited["raw"]), "sha256": hashlib.sha256(edited["raw"]).hexdigest()}
+    tamper_manifest(run.info.run_id, 1, lambda m: m["files"].update({dcp_index.METADATA_FILE: digest}))
+
+    where = rf"^run {run.info.run_id}: checkpoint-epoch-0001 \(m-[0-9a-f]+\): dcp\.json is malformed"
+    with pytest.raises(IntegrityError, match=where):
+        tracking.load(run.info.run_id)
+    failures = audit.verify(run.info.run_id).failures
+    assert list(failures) == [f"checkpoint-epoch-0001 ({tracking.find_checkpoint(run.info.run_id).model_id})/dcp.json"]
+    assert "model_state.linear.weight" in next(iter(failures.values()))
+
+
+class _Evil:
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        import os
+
+        return (os.system, ("echo pwned",))
+
+
+def test_a_malicious_value_in_a_shard_is_refused_naming_the_checkpoint_without_torchs_advice(
+    s3_experiment: str,
+) -> None:
+    import hashlib
+    import io
+
+    import mlflow
+
+    import tracking
+    from tests.unit.test_loader import rewrite, tamper_manifest
+    from tracking.sharded import shard_file
+
+    with mlflow.start_run() as run:
+        _sharded_checkpoint(run.info.run_id)
+    buffer = io.BytesIO()
+    torch.save(_Evil(), buffer)
+    evil = buffer.getvalue()
+    shard = shard_file(0)
+    shard_bytes: dict[str, bytes] = {}
+
+    def append_evil(raw: bytes) -> bytes:
+        shard_bytes["raw"] = raw + evil
+        return shard_bytes["raw"]
+
+    rewrite(run.info.run_id, 1, shard, append_evil)
+    index: dict[str, bytes] = {}
+
+    def point_epoch_at_it(raw: bytes) -> bytes:
+        document = json.loads(raw)
+        entry = next(e for e in document["entries"] if e["fqn"] == "epoch")
+        entry.update(file=shard, offset=len(shard_bytes["raw"]) - len(evil), length=len(evil))
+        index["raw"] = json.dumps(document).encode()
+        return index["raw"]
+
+    rewrite(run.info.run_id, 1, dcp_index.METADATA_FILE, point_epoch_at_it)
+
+    def digests(manifest: dict[str, Any]) -> None:
+        for name, raw in ((shard, shard_bytes["raw"]), (dcp_index.METADATA_FILE, index["raw"])):
+            manifest["files"][name] = {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+
+    tamper_manifest(run.info.run_id, 1, digests)
+    with pytest.raises(IntegrityError) as caught:
+        tracking.load(run.info.run_id)
+    message = str(caught.value)
+    assert message.startswith(f"run {run.info.run_id}: checkpoint-epoch-0001 (")
+    assert "GLOBAL posix.system" in message or "GLOBAL os.system" in message
+    assert "Re-running" not in message and "weights_only" not in message

@@ -48,6 +48,13 @@ def big_model() -> torch.nn.Module:
         ({"metrics": {"val_loss": float("nan")}}, ValueError, "finite"),
         ({"metrics": {"acc": 0.9}, "monitor": "val_loss"}, ValueError, "monitor metric 'val_loss'"),
         ({"extra": {"model_state": 1}}, ValueError, "clashes"),
+        # What MLflow would refuse only after the whole upload, as a server error no retry fixes.
+        ({"metrics": {"loss?": 0.1}}, ValueError, r"metric name 'loss\?' holds characters MLflow refuses"),
+        ({"metrics": {"": 0.1}}, ValueError, "metric name '' is empty"),
+        ({"metrics": {"l" * 251: 0.1}}, ValueError, "is 251 characters long, more than the 250"),
+        ({"metrics": {"a/../b": 0.1}}, ValueError, "is a path that MLflow refuses"),
+        ({"epoch": 2**63}, ValueError, r"epoch must be .* at most 9223372036854775807 \(int64\)"),
+        ({"step": 2**63}, ValueError, r"step must be .* \(int64\)"),
     ],
 )
 def test_bad_arguments_raise_and_store_nothing(

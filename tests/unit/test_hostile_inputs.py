@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -81,6 +82,51 @@ def test_a_class_of_an_imported_module_loads(sidefx: tuple[str, Path]) -> None:
     module = __import__(name)  # the user's own import, the documented way
     assert marker.exists()
     assert spec.import_class(f"{name}:Anything", "model", run_id="r1", hint=MODEL_HINT) is module.Anything
+
+
+@pytest.fixture
+def lazy_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
+    """An imported package whose ``__getattr__`` imports a submodule on first access, as many do."""
+    name = f"lazypkg_{uuid.uuid4().hex}"
+    marker = tmp_path / "submodule-imported"
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "__init__.py").write_text(
+        "import importlib\n\ndef __getattr__(attr):\n    return importlib.import_module(f'.{attr}', __name__)\n"
+    )
+    (tmp_path / name / "sub.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "import torch\n\nclass Anything(torch.nn.Module):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    __import__(name)
+    yield name, marker
+    for module in [m for m in sys.modules if m == name or m.startswith(f"{name}.")]:
+        sys.modules.pop(module)
+
+
+def test_a_package_getattr_does_not_import_the_submodule_a_manifest_names(lazy_package: tuple[str, Path]) -> None:
+    name, marker = lazy_package
+    with pytest.raises(tracking.NotFoundError, match=rf"run r1: module '{name}' has no 'sub.Anything'"):
+        spec.import_class(f"{name}:sub.Anything", "model", run_id="r1", hint=MODEL_HINT)
+    assert not marker.exists() and f"{name}.sub" not in sys.modules
+    __import__(f"{name}.sub")  # the user's own import: then the class resolves
+    assert spec.import_class(f"{name}:sub.Anything", "model", run_id="r1", hint=MODEL_HINT).__name__ == "Anything"
+
+
+def test_mlflow_lazy_flavors_are_not_imported_by_a_class_path() -> None:
+    # mlflow's flavors are LazyLoader entries of its __dict__: touching one imports the flavor.
+    code = (
+        "import sys, mlflow\n"
+        "from tracking import spec, errors\n"
+        "try:\n"
+        "    spec.import_class('mlflow:sklearn.Anything', 'model', run_id='r1', hint='')\n"
+        "except errors.NotFoundError as exc:\n"
+        "    print('refused:', exc)\n"
+        "print('imported' if 'mlflow.sklearn' in sys.modules else 'not imported')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert "refused: run r1: module 'mlflow' has no 'sklearn.Anything'" in done.stdout
+    assert done.stdout.strip().endswith("not imported")
 
 
 def test_torch_modules_and_allowed_modules_may_be_imported(sidefx: tuple[str, Path]) -> None:
@@ -383,3 +429,41 @@ def test_an_empty_manifest_object_is_an_integrity_error(experiment: str) -> None
     rewrite(run.info.run_id, 1, "manifest.json", lambda data: b"")
     with pytest.raises(tracking.IntegrityError, match="not valid JSON"):
         tracking.load(run.info.run_id)
+
+
+class _Evil:
+    """Unpickling it would run a shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_malicious_pickle_is_refused_without_torchs_advice_to_unpickle_it(s3_experiment: str, tmp_path: Path) -> None:
+    import hashlib
+    import io
+
+    from tests.unit.test_loader import rewrite
+
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(Model(6), epoch=1)
+    marker = tmp_path / "pwned"
+    buffer = io.BytesIO()
+    torch.save({"epoch": 1, "model_state": {}, "hook": _Evil(marker)}, buffer)
+    raw = buffer.getvalue()
+    rewrite(run.info.run_id, 1, layout.CHECKPOINT_FILE, lambda _: raw)
+    digest = {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    tamper_manifest(run.info.run_id, 1, lambda m: m["files"].update({layout.CHECKPOINT_FILE: digest}))
+
+    with pytest.raises(tracking.TrackingError) as caught:
+        tracking.load(run.info.run_id)
+    (problem,) = verify(run.info.run_id).failures.values()
+    for message in (str(caught.value), problem):
+        assert "GLOBAL posix.system" in message or "GLOBAL os.system" in message
+        assert "weights_only" not in message.replace("weights_only=True", "") and "Re-running" not in message
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+    assert not marker.exists()

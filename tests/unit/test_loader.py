@@ -577,3 +577,130 @@ def test_optimizers_rebuild_from_the_manifest_alone(s3_experiment: str, optimize
     loaded = tracking.load(run.info.run_id, mode="train")
     assert type(loaded.optimizer) is optimizer
     assert loaded.optimizer.state_dict()["param_groups"] == optim.state_dict()["param_groups"]
+
+
+# ------------------------------------------------ arguments are the caller's, stored fields the checkpoint's
+
+
+def seed_with_momentum() -> tuple[Model, torch.optim.SGD]:
+    model = Model(6)
+    # Two groups, one parameter each, of different shapes: weight (1, 6), bias (1,).
+    optimizer = torch.optim.SGD(
+        [{"params": [model.linear.weight]}, {"params": [model.linear.bias], "lr": 0.5}], lr=0.1, momentum=0.9
+    )
+    model(torch.randn(4, 6)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda run: tracking.load(run, map_location="bogus"), ValueError, "map_location='bogus' is not a device"),
+        (lambda run: tracking.load_model(run, map_location="cuda:x"), ValueError, "map_location='cuda:x'"),
+        (lambda run: tracking.load_state_dict(run, map_location=7), TypeError, "map_location must be"),
+        (lambda run: tracking.load(run, scheduler="nope"), TypeError, "scheduler must be a factory"),
+        (lambda run: tracking.load(run, optimizer=3), TypeError, "optimizer must be a factory"),
+        (lambda run: tracking.restore(run, Model(6), scaler=object()), TypeError, "scaler must be an object with"),
+        (lambda run: tracking.restore(run, Model(6), scheduler="nope"), TypeError, "scheduler must be an object"),
+        (lambda run: tracking.restore(run, "model"), TypeError, "model must be a torch.nn.Module"),
+    ],
+)
+def test_argument_mistakes_name_the_argument_not_the_file(
+    s3_experiment: str, call: Any, error: type[Exception], match: str
+) -> None:
+    model, optimizer = seed_with_momentum()
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, optimizer, epoch=1)
+    with pytest.raises(error, match=match) as caught:
+        call(run.info.run_id)
+    assert "checkpoint.pt" not in str(caught.value)
+
+
+def replace_payload(run_id: str, epoch: int, change: Any) -> None:
+    """Rewrite epoch ``epoch``'s checkpoint.pt with ``change`` applied to its dict, and its manifest's digest:
+    a file that matches its manifest but holds what log_checkpoint never writes."""
+    import io
+
+    stored: dict[str, bytes] = {}
+
+    def edit(raw: bytes) -> bytes:
+        payload = torch.load(io.BytesIO(raw), weights_only=True)
+        change(payload)
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        stored["raw"] = buffer.getvalue()
+        return stored["raw"]
+
+    rewrite(run_id, epoch, layout.CHECKPOINT_FILE, edit)
+    digest = {"size": len(stored["raw"]), "sha256": hashlib.sha256(stored["raw"]).hexdigest()}
+    tamper_manifest(run_id, epoch, lambda m: m["files"].update({layout.CHECKPOINT_FILE: digest}))
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "field"),
+    [
+        (lambda p: p.update(model_state=5), tracking.IntegrityError, "'model_state' is of type int"),
+        (lambda p: p.update(optim_state="adam"), tracking.IntegrityError, "'optim_state' is of type str"),
+        (lambda p: p["optim_state"]["param_groups"].pop(), tracking.MismatchError, "'optim_state' has 1 param groups"),
+        (lambda p: p.update(scaler_state={"scale": 2.0}), tracking.MismatchError, "'scaler_state' does not load"),
+        (lambda p: p.update(scaler_state=[1]), tracking.IntegrityError, "'scaler_state' is of type list"),
+    ],
+)
+def test_a_checkpoint_holding_wrong_typed_states_names_run_checkpoint_and_field(
+    s3_experiment: str, change: Any, error: type[Exception], field: str
+) -> None:
+    model, optimizer = seed_with_momentum()
+    with mlflow.start_run() as run:
+        logged = tracking.log_checkpoint(model, optimizer, epoch=1, scaler=torch.amp.GradScaler("cpu"))
+    replace_payload(run.info.run_id, 1, change)
+    with pytest.raises(error) as caught:
+        tracking.load(run.info.run_id)
+    message = str(caught.value)
+    assert f"run {run.info.run_id}: checkpoint-epoch-0001 ({logged.model_id})" in message and field in message
+
+
+def test_swapped_param_groups_do_not_load_momentum_into_the_wrong_parameter(s3_experiment: str) -> None:
+    model, optimizer = seed_with_momentum()
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, optimizer, epoch=1)
+    assert tracking.load(run.info.run_id).optimizer is not None
+
+    def swap(manifest: dict[str, Any]) -> None:
+        groups = manifest["optimizer"]["param_groups"]
+        groups[0]["params"], groups[1]["params"] = groups[1]["params"], groups[0]["params"]
+
+    tamper_manifest(run.info.run_id, 1, swap)
+    with pytest.raises(tracking.MismatchError, match=r"momentum_buffer of shape \(1, 6\) for parameter linear\.bias"):
+        tracking.load(run.info.run_id)
+
+
+def test_a_reader_between_ready_and_the_tags_is_told_to_retry_not_to_pass_monitor(s3_experiment: str) -> None:
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(Model(6), epoch=1, metrics={"acc": 0.5}, monitor="acc", mode="max")
+    # What a reader sees while the first save is committed: a READY checkpoint, no pointer tags yet.
+    client = MlflowClient()
+    for tag in [k for k in client.get_run(run.info.run_id).data.tags if k.startswith("tracking.checkpoint.")]:
+        client.delete_tag(run.info.run_id, tag)
+    with pytest.raises(tracking.NotFoundError) as caught:
+        tracking.load(run.info.run_id, "best")
+    assert "retry in a moment" in str(caught.value) and "monitor=" not in str(caught.value)
+
+
+def test_a_tracking_server_failure_when_opening_the_run_says_what_to_do(
+    s3_experiment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.exceptions import MlflowException
+
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(Model(6), epoch=1)
+
+    def failing(self: MlflowClient, run_id: str) -> Any:
+        raise MlflowException("API request to endpoint /api/2.0/mlflow/runs/get failed with error code 503 != 200")
+
+    monkeypatch.setattr(MlflowClient, "get_run", failing)
+    with pytest.raises(tracking.StorageError) as caught:
+        tracking.load(run.info.run_id)
+    message = str(caught.value)
+    assert message.startswith(f"run {run.info.run_id}: the tracking server") and "503" in message
+    assert "MLFLOW_TRACKING_URI" in message and message.endswith("then retry.")

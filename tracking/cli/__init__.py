@@ -8,13 +8,14 @@ Errors become exit codes by the project's one rule (:func:`tracking.errors.exit_
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Any
 
 import click
 
 from tracking.cli import inspect, manage
 from tracking.cli.output import human_size
-from tracking.errors import exit_code, one_line
+from tracking.errors import exit_code, format_warning, one_line
 
 __all__ = ["human_size", "main"]
 
@@ -64,6 +65,7 @@ def main(debug: bool) -> None:
       tracking runs
       tracking checkpoints 3f2a...e1 --json
     """
+    warnings.formatwarning = format_warning  # one line, like the errors
 
 
 for _command in (*inspect.COMMANDS, *manage.COMMANDS):
