@@ -34,7 +34,7 @@ def register(
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"name must be a non-empty registered model name, got {name!r}")
     if alias is not None:
-        _check_alias(alias)
+        check_alias(alias)
     pinned = source.strip().startswith("models:/")
     located = find_checkpoint(source, "latest" if pinned else checkpoint, config=config)
     assert located.model_id is not None
@@ -62,8 +62,9 @@ def register(
     return version
 
 
-def _check_alias(alias: str) -> None:
-    """MLflow's rules for an alias, checked before a version exists: a refused alias must not leave one behind."""
+def check_alias(alias: str) -> None:
+    """ValueError unless ``alias`` passes MLflow's rules; checked before a version exists, so a refused alias
+    leaves no version behind."""
     from mlflow.exceptions import MlflowException
     from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved
 

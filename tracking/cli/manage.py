@@ -178,8 +178,15 @@ def register(source: str, name: str, checkpoint: str, alias: str | None, as_json
         raise click.BadParameter(
             f"{checkpoint!r}: expected latest, best or an epoch number.", param_hint="--checkpoint"
         )
-    connect()
+    from tracking.registry import check_alias
     from tracking.registry import register as register_checkpoint
+
+    if alias is not None:
+        try:
+            check_alias(alias)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--alias") from None
+    connect()
 
     version = register_checkpoint(source, name, checkpoint=checkpoint, alias=alias)
     uri = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version.version}"
