@@ -10,6 +10,7 @@ models is the fallback when a tag is missing or stale.
 
 from __future__ import annotations
 
+import logging
 import re
 import warnings
 from dataclasses import dataclass
@@ -18,13 +19,14 @@ from typing import Any
 from tracking import catalog, layout
 from tracking.catalog import LoggedCheckpoint, StoredCheckpoint
 from tracking.config import TrackingConfig
-from tracking.errors import NotFoundError, TrackingError
+from tracking.errors import IntegrityError, NotFoundError, TrackingError, one_line
 from tracking.manifest import Manifest
 from tracking.run import RunHandle, open_run
 from tracking.storage import ArtifactStore
 from tracking.uri import RunSource, parse_source
 
 Selector = str | int
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,11 @@ def open_run_of(source: str, config: TrackingConfig | None = None) -> RunHandle:
 
 
 def list_checkpoints(source: str, *, config: TrackingConfig | None = None) -> list[LoggedCheckpoint]:
-    """Every committed checkpoint of a run (its manifest and logged model), oldest epoch first."""
+    """Every committed checkpoint of a run (its manifest and logged model), oldest epoch first.
+
+    One whose manifest is unreadable is left out with a warning line naming it: one damaged
+    checkpoint must not hide the healthy ones (``tracking verify`` reports it in full).
+    """
     handle = open_run_of(source, config)
     committed = catalog.committed(handle)
     if not committed and (legacy := catalog.legacy_error(handle)) is not None:
@@ -83,7 +89,20 @@ def list_checkpoints(source: str, *, config: TrackingConfig | None = None) -> li
             found.append(_located(checkpoint).logged())
         except NotFoundError:
             continue  # deleted since the search (retention)
+        except IntegrityError as exc:
+            warn_unreadable(handle.run_id, checkpoint, exc)
     return found
+
+
+def warn_unreadable(run_id: str, checkpoint: StoredCheckpoint, exc: IntegrityError) -> None:
+    """One warning line for a checkpoint left out of a listing because its manifest is damaged."""
+    _log.warning(
+        "run %s: left out %s (%s), its manifest is unreadable: %s",
+        run_id,
+        checkpoint.name,
+        checkpoint.model_id,
+        one_line(exc)[:500],
+    )
 
 
 def find_checkpoint(
