@@ -277,7 +277,8 @@ class Checkpointer:
             # The run's tags as they are now: another writer may have moved best since this one committed.
             handle.refresh_tags()
             registered = {} if delete_registered else registry.versions_by_model(handle)
-            self._repoint_best(handle, kept, keep, doomed)
+            staying = {handle.tags.get(layout.TAG_LATEST), *registered}
+            self._repoint_best(handle, kept, keep, [e for e in doomed if self._models[e][0] not in staying])
         except TrackingError as exc:
             # Without the run's tags, deleting could leave best naming a missing checkpoint: retry next pass.
             done.failed = {epoch: (self._models[epoch][0], exc) for epoch in doomed}
@@ -303,7 +304,7 @@ class Checkpointer:
     def _repoint_best(
         self, handle: RunHandle, kept: Mapping[int, float | None], keep: set[int], doomed: list[int]
     ) -> None:
-        """Before deleting the checkpoint the best tag names, point the tag at the best survivor.
+        """Before deleting (``doomed``) the checkpoint the best tag names, point the tag at the best survivor.
 
         Only then: the tag is the run's, and a survivor of this policy is no better than the run's
         best when another writer holds it (two Checkpointers on one run must not move best to worse).

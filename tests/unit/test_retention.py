@@ -88,7 +88,7 @@ def test_retention_and_gc_keep_a_registered_checkpoint_and_say_so(
     checkpointer = tracking.Checkpointer(keep_last=1, monitor="val_loss")
     with mlflow.start_run() as run:
         run_id = run.info.run_id
-        checkpointer.save(model, epoch=1, metrics={"val_loss": 0.5})
+        registered = checkpointer.save(model, epoch=1, metrics={"val_loss": 0.1})
         tracking.register(run_id, "seed", checkpoint=1, alias="champion")
         with caplog.at_level(logging.WARNING, logger="tracking"):
             checkpointer.save(model, epoch=2, metrics={"val_loss": 0.4})
@@ -97,6 +97,9 @@ def test_retention_and_gc_keep_a_registered_checkpoint_and_say_so(
     assert "keeps epoch 1" in warning and "seed/1" in warning and "--delete-registered" in warning
     assert epochs(run_id) == [1, 3]
     assert tracking.load("models:/seed@champion").epoch == 1
+    # Kept, so still the run's best: the tag did not move to a worse survivor.
+    assert isinstance(registered, tracking.LoggedCheckpoint)
+    assert run_tags(run_id)[TAG_BEST] == registered.model_id
 
     kept = CliRunner().invoke(main, ["gc", run_id, "--keep-last", "1"])
     assert kept.exit_code == 0, kept.output
@@ -106,6 +109,7 @@ def test_retention_and_gc_keep_a_registered_checkpoint_and_say_so(
     gone = CliRunner().invoke(main, ["gc", run_id, "--keep-last", "1", "--delete-registered"])
     assert gone.exit_code == 0, gone.output
     assert epochs(run_id) == [3]
+    assert tracking.load(run_id, "best").epoch == 3
     # The alias now names a deleted checkpoint: the error says so, and what to do.
     with pytest.raises(NotFoundError, match=r"version 1 of 'seed'.*was deleted.*Point the alias"):
         tracking.load("models:/seed@champion")
