@@ -127,7 +127,11 @@ def clean_leftovers(source: str, *, config: TrackingConfig | None = None, runnin
     """
     handle = open_run_of(source, config)
     if not running:
-        _refuse_running(handle)
+        refuse_running(
+            handle,
+            "its leftovers may be a save in progress, and removing them would fail it. If no process writes "
+            "to the run any more (it was killed), add --force.",
+        )
     parts = _parts(handle)
     leftovers = _leftovers(parts)
     removed: list[Leftover] = []
@@ -147,14 +151,12 @@ def clean_leftovers(source: str, *, config: TrackingConfig | None = None, runnin
     return [str(leftover) for leftover in sorted(removed, key=lambda leftover: leftover.path)]
 
 
-def _refuse_running(handle: RunHandle) -> None:
+def refuse_running(handle: RunHandle, why: str) -> None:
+    """A TrackingError when the run's status is still RUNNING: ``why`` says what changing it now risks."""
     with tracking_server_errors(handle.run_id, "reading the run's status"):
         status = handle.client.get_run(handle.run_id).info.status
     if status == "RUNNING":
-        raise TrackingError(
-            f"run {handle.run_id} is still RUNNING: its leftovers may be a save in progress, and removing "
-            "them would fail it. If no process writes to the run any more (it was killed), add --force."
-        )
+        raise TrackingError(f"run {handle.run_id} is still RUNNING: {why}")
 
 
 def _parts(handle: RunHandle) -> list[_Part]:

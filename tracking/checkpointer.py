@@ -2,23 +2,54 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 import torch
 from torch import nn
 
-from tracking import catalog, distributed, layout, note
+from tracking import catalog, distributed, layout, note, registry
 from tracking.catalog import LoggedCheckpoint
 from tracking.checkpoint import check_metrics, snapshot_checkpoint
 from tracking.collective import commit
 from tracking.commit import CheckpointSnapshot, Describe, commit_checkpoint
 from tracking.config import TrackingConfig
+from tracking.errors import StorageError, TrackingError, one_line
 from tracking.manifest import SHARDED_KIND, Manifest
 from tracking.run import RunHandle, open_run, target_run_id
 from tracking.saver import AsyncSaver, raise_background_errors, reserve_host_memory
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass
+class Retention:
+    """What one retention pass did, by epoch: deleted, kept because registered, or failed to delete."""
+
+    deleted: list[int] = field(default_factory=list)
+    registered: dict[int, tuple[str, list[str]]] = field(default_factory=dict)  # -> (model ID, versions)
+    failed: dict[int, tuple[str, TrackingError]] = field(default_factory=dict)  # -> (model ID, error)
+
+    def warnings(self, run_id: str) -> list[str]:
+        """One line for what failed, one per registered checkpoint kept."""
+        lines = [
+            f"run {run_id}: retention keeps epoch {epoch} ({model_id}) because registry version "
+            f"{', '.join(versions)} points at it; delete the version first, or the checkpoint with "
+            "`tracking gc --delete-registered`."
+            for epoch, (model_id, versions) in sorted(self.registered.items())
+        ]
+        if self.failed:
+            what = ", ".join(f"epoch {epoch} ({model_id})" for epoch, (model_id, _) in sorted(self.failed.items()))
+            first = one_line(next(iter(self.failed.values()))[1])[:300]
+            lines.append(
+                f"run {run_id}: retention could not delete {what} ({first}); the checkpoint just saved is "
+                "committed, and the next save retries the deletion."
+            )
+        return lines
 
 
 class Checkpointer:
@@ -195,7 +226,10 @@ class Checkpointer:
         assert logged.model_id is not None and logged.artifact_uri is not None
         self._models[epoch] = (logged.model_id, logged.artifact_uri)
         self._noted[epoch] = note.NotedCheckpoint(logged.model_id, dict(manifest.metrics))
-        self._apply_retention(handle, self._kept, latest=epoch)
+        # The save is committed: what retention cannot do now it says in one line, and the next save retries.
+        done = self._apply_retention(handle, self._kept, latest=epoch)
+        for line in done.warnings(handle.run_id):
+            _log.warning("%s", line)
 
     @property
     def _retains(self) -> bool:
@@ -227,14 +261,63 @@ class Checkpointer:
             keep.update(layout.best_first(kept, self.mode)[: self.keep_best])
         return keep
 
-    def _apply_retention(self, handle: RunHandle, kept: dict[int, float | None], latest: int) -> None:
+    def _apply_retention(
+        self, handle: RunHandle, kept: dict[int, float | None], latest: int, *, delete_registered: bool = False
+    ) -> Retention:
+        """Delete what falls outside the kept set; what cannot be deleted now stays in the policy's state.
+
+        A checkpoint that fails to delete (a stalled server) stays in ``kept``, so the next pass
+        retries it; one that a registry version points at is kept (and dropped from the policy, so
+        it is reported once) unless ``delete_registered``. The checkpoint just committed is never
+        at stake: nothing here raises for a deletion.
+        """
+        done = Retention()
         if not self._retains:
-            return
+            return done
         keep = self._retained(kept, latest)
+        doomed = sorted(set(kept) - keep)
+        if not doomed:
+            return done
+        try:
+            # The run's tags as they are now: another writer may have moved best since this one committed.
+            handle.refresh_tags()
+            registered = {} if delete_registered else registry.versions_by_model(handle)
+            staying = {handle.tags.get(layout.TAG_LATEST), *registered}
+            self._repoint_best(handle, kept, keep, [e for e in doomed if self._models[e][0] not in staying])
+        except TrackingError as exc:
+            # Without the run's tags, deleting could leave best naming a missing checkpoint: retry next pass.
+            done.failed = {epoch: (self._models[epoch][0], exc) for epoch in doomed}
+            return done
+        for epoch in doomed:
+            model_id, artifact_uri = self._models[epoch]
+            if model_id == handle.tags.get(layout.TAG_LATEST):
+                continue  # another writer's latest (re-logged or newer epochs of its own): not ours to delete
+            if model_id in registered:
+                done.registered[epoch] = (model_id, registered[model_id])
+            else:
+                try:
+                    catalog.delete(handle, model_id, artifact_uri)
+                except TrackingError as exc:
+                    done.failed[epoch] = (model_id, exc)
+                    continue
+                done.deleted.append(epoch)
+            del kept[epoch]
+            del self._models[epoch]
+            self._noted.pop(epoch, None)
+        return done
+
+    def _repoint_best(
+        self, handle: RunHandle, kept: Mapping[int, float | None], keep: set[int], doomed: list[int]
+    ) -> None:
+        """Before deleting (``doomed``) the checkpoint the best tag names, point the tag at the best survivor.
+
+        Only then: the tag is the run's, and a survivor of this policy is no better than the run's
+        best when another writer holds it (two Checkpointers on one run must not move best to worse).
+        """
+        if handle.tags.get(layout.TAG_BEST) not in {self._models[epoch][0] for epoch in doomed}:
+            return
         ranked = layout.best_first({e: kept[e] for e in keep}, self.mode)
-        if ranked and handle.tags.get(layout.TAG_BEST) != self._models[ranked[0]][0]:
-            # The best checkpoint fell out of the kept set: point the tag at the best survivor
-            # before anything is deleted, so it never names a missing checkpoint.
+        if ranked:
             handle.set_tags(
                 {
                     layout.TAG_BEST: self._models[ranked[0]][0],
@@ -243,10 +326,6 @@ class Checkpointer:
                     layout.TAG_MODE: self.mode,
                 }
             )
-        for epoch in sorted(set(kept) - keep):
-            catalog.delete(handle, *self._models.pop(epoch))
-            del kept[epoch]
-            self._noted.pop(epoch, None)
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -270,6 +349,15 @@ class Checkpointer:
             self._handle = None
 
 
+@dataclass(frozen=True)
+class Pruned:
+    """What :func:`prune_report` deleted (with ``dry_run``, would delete), and what it kept because
+    a registry version points at it (with those versions, ``name/version``)."""
+
+    deleted: list[catalog.StoredCheckpoint]
+    registered: list[tuple[catalog.StoredCheckpoint, list[str]]]
+
+
 def prune(
     run_id: str,
     *,
@@ -278,18 +366,67 @@ def prune(
     monitor: str | None = None,
     mode: str | None = None,
     dry_run: bool = False,
+    delete_registered: bool = False,
+    running: bool = True,
     config: TrackingConfig | None = None,
 ) -> list[catalog.StoredCheckpoint]:
     """Retention after the fact: delete a run's checkpoints outside the last N and the best K.
 
     The rule is the :class:`Checkpointer`'s (the latest checkpoint is always kept, the best tag
     moves to the best survivor first); ``monitor`` and ``mode`` default to what the run's tags
-    record, else ``val_loss`` / ``min``. Returns the checkpoints deleted (with ``dry_run``, those
-    that would be), oldest first.
+    record, else ``val_loss`` / ``min``. A checkpoint that a registry version points at is kept
+    (a warning says so) unless ``delete_registered``; ``running=False`` refuses a run whose
+    status is still RUNNING, whose trainer would point its tags at deleted checkpoints. Returns
+    the checkpoints deleted (with ``dry_run``, those that would be), oldest first.
     """
+    report = prune_report(
+        run_id,
+        keep_last=keep_last,
+        keep_best=keep_best,
+        monitor=monitor,
+        mode=mode,
+        dry_run=dry_run,
+        delete_registered=delete_registered,
+        running=running,
+        config=config,
+    )
+    for checkpoint, versions in report.registered:
+        _log.warning("%s", registered_line(checkpoint, versions))
+    return report.deleted
+
+
+def registered_line(checkpoint: catalog.StoredCheckpoint, versions: list[str]) -> str:
+    """Why a checkpoint outside the kept set stays: one line."""
+    return (
+        f"kept epoch {checkpoint.epoch} ({checkpoint.model_id}): registry version {', '.join(versions)} points at "
+        "it; delete the version first, or pass --delete-registered (delete_registered=True)"
+    )
+
+
+def prune_report(
+    run_id: str,
+    *,
+    keep_last: int | None = None,
+    keep_best: int | None = None,
+    monitor: str | None = None,
+    mode: str | None = None,
+    dry_run: bool = False,
+    delete_registered: bool = False,
+    running: bool = True,
+    config: TrackingConfig | None = None,
+) -> Pruned:
+    """:func:`prune`, saying which checkpoints it kept because they are registered."""
     if keep_last is None and keep_best is None:
         raise ValueError("pass keep_last and/or keep_best: with neither, every checkpoint is kept")
     handle = open_run(run_id, config)
+    if not running and not dry_run:
+        from tracking.audit import refuse_running
+
+        refuse_running(
+            handle,
+            "its trainer may point the run's latest/best tags at checkpoints deleted now. Stop it first, "
+            "or add --force if no process writes to the run any more (it was killed).",
+        )
     monitor = monitor or handle.tags.get(layout.TAG_MONITOR) or "val_loss"
     mode = mode or handle.tags.get(layout.TAG_MODE) or "min"
     pruner = Checkpointer(keep_last=keep_last, keep_best=keep_best, monitor=monitor, mode=mode, describe_run=False)
@@ -302,8 +439,24 @@ def prune(
             "pass the metric they have with monitor=..."
         )
     if not kept:
-        return []
-    doomed = sorted(set(kept) - pruner._retained(kept, latest=max(kept)))
-    if not dry_run:
-        pruner._apply_retention(handle, kept, latest=max(kept))
-    return [committed[epoch] for epoch in doomed]
+        return Pruned([], [])
+    if dry_run:
+        doomed = sorted(set(kept) - pruner._retained(kept, latest=max(kept)))
+        registered = {} if delete_registered else registry.versions_by_model(handle)
+        return Pruned(
+            [committed[e] for e in doomed if committed[e].model_id not in registered],
+            [(committed[e], registered[committed[e].model_id]) for e in doomed if committed[e].model_id in registered],
+        )
+    done = pruner._apply_retention(handle, kept, latest=max(kept), delete_registered=delete_registered)
+    if done.failed:
+        deleted = ", ".join(str(e) for e in done.deleted) or "none"
+        failed = ", ".join(f"{e} ({model_id})" for e, (model_id, _) in sorted(done.failed.items()))
+        first = one_line(next(iter(done.failed.values()))[1])[:300]
+        raise StorageError(
+            f"run {run_id}: could not delete the checkpoints of epochs {failed} ({first}); deleted epochs: "
+            f"{deleted}. Run the same command again once the tracking server and the store answer."
+        )
+    return Pruned(
+        [committed[e] for e in done.deleted],
+        [(committed[e], versions) for e, (_, versions) in sorted(done.registered.items())],
+    )

@@ -7,6 +7,7 @@ the run meanwhile, a save killed at any point included (see :func:`commit_checkp
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
@@ -22,6 +23,8 @@ from tracking.manifest import Manifest, StoredFile
 from tracking.payload import TorchSave
 from tracking.run import RunHandle, tracking_server_errors
 from tracking.saver import to_host
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -98,8 +101,13 @@ def commit_files(
         # writer may have moved them since, and latest must never move backwards, nor best
         # to a worse checkpoint.
         handle.refresh_tags()
-        replaced = _replaced(handle.tags, manifest.epoch, checkpoint.model_id)
-        tags = _pointer_tags(handle.tags, checkpoint, manifest, snapshot.monitor, snapshot.mode, replaced)
+        replaced, latest = _replaced(handle, manifest.epoch, checkpoint.model_id)
+        survivor = None
+        if snapshot.monitor is not None and handle.tags.get(layout.TAG_BEST) in replaced:
+            survivor = _best_survivor(handle, replaced | {checkpoint.model_id}, snapshot.monitor, snapshot.mode)
+        tags = _pointer_tags(
+            handle.tags, checkpoint, manifest, snapshot.monitor, snapshot.mode, replaced, latest, survivor
+        )
         if describe is not None:
             tags.update(describe(checkpoint.model_id, {**handle.tags, **tags}))
         step, tagging = time.monotonic(), True
@@ -188,12 +196,47 @@ def _abandon(handle: RunHandle, checkpoint: StoredCheckpoint, files: list[str], 
     return True
 
 
-def _replaced(tags: Mapping[str, str], epoch: int, model_id: str) -> set[str]:
-    """The models the run's tags name for this same epoch: a re-log replaces them."""
-    named = set()
-    if tags.get(layout.TAG_LATEST_EPOCH) == str(epoch):
-        named.add(tags.get(layout.TAG_LATEST, ""))
-    return {m for m in named if m and m != model_id}
+def _replaced(handle: RunHandle, epoch: int, model_id: str) -> tuple[set[str], int | None]:
+    """The models of this same epoch that the new one replaces, and the run's latest epoch.
+
+    Saving the latest epoch again needs no search: the latest tag names the model it replaces.
+    Saving an earlier epoch than the latest tag says (a re-log, or a tag edited by hand) costs one
+    search: every committed model of that epoch is replaced, or it would keep shadowing the new one
+    for readers and `verify --clean`; and the latest tag is checked against the model it names.
+    """
+    tags = handle.tags
+    raw = tags.get(layout.TAG_LATEST_EPOCH, "")
+    latest = int(raw) if raw.isdecimal() and raw.isascii() else None
+    if latest is None or epoch > latest:
+        return set(), latest
+    if epoch == latest:
+        named = tags.get(layout.TAG_LATEST, "")
+        return ({named} if named and named != model_id else set()), latest
+    others = [model for model in catalog.search(handle) if model.model_id != model_id]
+    replaced = {model.model_id for model in others if model.epoch == epoch}
+    pointed = next((model for model in others if model.model_id == tags.get(layout.TAG_LATEST)), None)
+    if pointed is None or pointed.epoch != latest:
+        # Tags are editable by anyone with access to the run: one naming an epoch that its model is not
+        # would pin latest there for good. The run's committed models say what latest is.
+        actual = max((model.epoch for model in others if model.epoch is not None), default=None)
+        _log.warning(
+            "run %s: tag %s=%s does not match the checkpoint tag %s names; taking epoch %s, the newest committed, "
+            "as latest. Fix or delete the tag in the MLflow UI.",
+            handle.run_id,
+            layout.TAG_LATEST_EPOCH,
+            raw[:50],
+            layout.TAG_LATEST,
+            actual,
+        )
+        latest = actual
+    return replaced, latest
+
+
+def _best_survivor(handle: RunHandle, leaving: set[str], monitor: str, mode: str) -> tuple[str, float] | None:
+    """The best committed checkpoint of the run outside ``leaving`` by ``monitor``: (model ID, value)."""
+    by_id = {m.model_id: m for m in catalog.search(handle) if m.model_id not in leaving and monitor in m.metrics}
+    ranked = sorted(by_id.values(), key=lambda m: ((1.0 if mode == "min" else -1.0) * m.metrics[monitor], m.epoch or 0))
+    return (ranked[0].model_id, ranked[0].metrics[monitor]) if ranked else None
 
 
 def _delete_replaced(handle: RunHandle, model_id: str) -> None:
@@ -216,17 +259,34 @@ def _pointer_tags(
     monitor: str | None,
     mode: str,
     replaced: set[str],
+    latest: int | None,
+    survivor: tuple[str, float] | None = None,
 ) -> dict[str, str]:
-    """The pointer tags to move for a newly committed checkpoint, given the run's current tags."""
+    """The pointer tags to move for a newly committed checkpoint, given the run's current tags and latest epoch.
+
+    When the best tag names a model this one replaces, ``survivor`` is the best of the run's other
+    checkpoints (model ID, value): best goes to whichever of the two is better.
+    """
     assert manifest.epoch is not None
     out = {}
-    latest = tags.get(layout.TAG_LATEST_EPOCH, "")
-    if not latest.isdecimal() or manifest.epoch >= int(latest):
+    if latest is None or manifest.epoch >= latest:
         out[layout.TAG_LATEST] = checkpoint.model_id
         out[layout.TAG_LATEST_EPOCH] = str(manifest.epoch)
     if monitor is not None:
         value = manifest.metrics[monitor]
-        recorded = None if tags.get(layout.TAG_BEST) in replaced else _recorded_best(tags, monitor)
+        if tags.get(layout.TAG_BEST) in replaced:
+            recorded = survivor[1] if survivor is not None else None
+            if survivor is not None and not layout.is_better(value, recorded, mode):
+                out.update(
+                    {
+                        layout.TAG_BEST: survivor[0],
+                        layout.TAG_BEST_VALUE: repr(survivor[1]),
+                        layout.TAG_MONITOR: monitor,
+                        layout.TAG_MODE: mode,
+                    }
+                )
+        else:
+            recorded = _recorded_best(tags, monitor)
         if layout.is_better(value, recorded, mode):
             out.update(
                 {

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 NOTE_TAG = "mlflow.note.content"
 # Metric columns in the checkpoint table: the monitored one first, then by name, at most this many.
 _METRIC_COLUMNS = 4
+# MLflow stores the description as a run tag, whose values it cuts at this many characters.
+MAX_CHARS = 8000
 
 
 @dataclass(frozen=True)
@@ -41,19 +43,6 @@ def render(
         "*Logged models*, the experiment's *Models* tab): register one there, or with `tracking register`.",
         "",
     ]
-    if checkpoints:
-        names = sorted({name for c in checkpoints.values() for name in c.metrics}, key=lambda n: (n != monitor, n))
-        shown = names[:_METRIC_COLUMNS]
-        lines += [
-            "| epoch | model ID | " + " | ".join(shown) + " | |",
-            "|---|---|" + "---|" * len(shown) + "---|",
-        ]
-        for epoch in sorted(checkpoints, reverse=True):
-            checkpoint = checkpoints[epoch]
-            values = [f"{checkpoint.metrics[n]:.4g}" if n in checkpoint.metrics else "" for n in shown]
-            marks = ", ".join(mark for mark, e in (("latest", latest), ("best", best)) if e == epoch)
-            lines.append(f"| {epoch} | `{checkpoint.model_id}` | " + " | ".join(values) + f" | {marks} |")
-        lines.append("")
     pinned = checkpoints[latest].model_id if latest is not None and latest in checkpoints else None
     python = [
         "import tracking",
@@ -63,5 +52,50 @@ def render(
     if pinned:
         python.append(f'model = tracking.load_model("models:/{pinned}")  # exactly epoch {latest}')
     shell = [f"tracking checkpoints {run_id}", f"tracking show {run_id} --checkpoint best", *commands]
-    lines += ["**Load it**", "", "```python", *python, "```", "", "```bash", *shell, "```"]
-    return "\n".join(lines)
+    load_it = ["**Load it**", "", "```python", *python, "```", "", "```bash", *shell, "```"]
+    if checkpoints:
+        lines += _table(run_id, checkpoints, latest, best, monitor, MAX_CHARS - len("\n".join(lines + load_it)))
+    return "\n".join(lines + load_it)
+
+
+def _table(
+    run_id: str,
+    checkpoints: Mapping[int, NotedCheckpoint],
+    latest: int | None,
+    best: int | None,
+    monitor: str | None,
+    budget: int,
+) -> list[str]:
+    """The checkpoint table in at most ``budget`` characters (newlines included), newest epoch first.
+
+    When every row does not fit, latest and best stay, then the newest others, and one line says
+    how many are left out and where they are all listed.
+    """
+    names = sorted({name for c in checkpoints.values() for name in c.metrics}, key=lambda n: (n != monitor, n))
+    shown = names[:_METRIC_COLUMNS]
+    header = [
+        "| epoch | model ID | " + " | ".join(shown) + " | |",
+        "|---|---|" + "---|" * len(shown) + "---|",
+    ]
+    rows = {}
+    for epoch, checkpoint in checkpoints.items():
+        values = [f"{checkpoint.metrics[n]:.4g}" if n in checkpoint.metrics else "" for n in shown]
+        marks = ", ".join(mark for mark, e in (("latest", latest), ("best", best)) if e == epoch)
+        rows[epoch] = f"| {epoch} | `{checkpoint.model_id}` | " + " | ".join(values) + f" | {marks} |"
+    used = sum(len(line) + 1 for line in header) + 1  # the blank line after the table
+    if used + sum(len(row) + 1 for row in rows.values()) <= budget:
+        return [*header, *(rows[e] for e in sorted(rows, reverse=True)), ""]
+    # Room for the line saying what is left out (after a blank line, or markdown would read it as a row).
+    used += len(_left_out(run_id, len(rows))) + 2
+    order = [e for e in (latest, best) if e in rows] + sorted(rows, reverse=True)
+    kept: set[int] = set()
+    for epoch in order:
+        if epoch not in kept and used + len(rows[epoch]) + 1 <= budget:
+            kept.add(epoch)
+            used += len(rows[epoch]) + 1
+    table = [*header, *(rows[e] for e in sorted(kept, reverse=True))]
+    return [*table, "", _left_out(run_id, len(rows) - len(kept)), ""]
+
+
+def _left_out(run_id: str, count: int) -> str:
+    return f"*{count} more checkpoints are not shown: `tracking checkpoints {run_id}` lists them all.*"

@@ -7,7 +7,8 @@ from typing import Any
 
 from tracking.config import TrackingConfig, bound_mlflow_requests
 from tracking.errors import StorageError
-from tracking.selection import Selector, find_checkpoint
+from tracking.run import RunHandle, tracking_server_errors
+from tracking.selection import Selector, find_checkpoint, version_model_id
 
 # The logged model tag MLflow's own register_model keeps, so the UI links a model to its versions.
 _VERSIONS_TAG = "mlflow.modelVersions"
@@ -32,6 +33,8 @@ def register(
 
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"name must be a non-empty registered model name, got {name!r}")
+    if alias is not None:
+        check_alias(alias)
     pinned = source.strip().startswith("models:/")
     located = find_checkpoint(source, "latest" if pinned else checkpoint, config=config)
     assert located.model_id is not None
@@ -57,3 +60,28 @@ def register(
             "and that the tracking server runs, then retry."
         ) from exc
     return version
+
+
+def check_alias(alias: str) -> None:
+    """ValueError unless ``alias`` passes MLflow's rules; checked before a version exists, so a refused alias
+    leaves no version behind."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved
+
+    try:
+        _validate_model_alias_name(alias)
+        _validate_model_alias_name_reserved(alias)
+    except MlflowException as exc:
+        raise ValueError(f"alias {alias!r} cannot be used: {exc.message} Pick another alias (e.g. champion).") from None
+
+
+def versions_by_model(handle: RunHandle) -> dict[str, list[str]]:
+    """The registry versions made from the run's checkpoints: logged model ID -> ``["name/version", ...]``."""
+    with tracking_server_errors(handle.run_id, "listing the registry versions made from the run"):
+        versions = list(handle.client.search_model_versions(f"run_id = '{handle.run_id}'"))
+    found: dict[str, list[str]] = {}
+    for version in versions:
+        model_id = version_model_id(version)
+        if model_id is not None:
+            found.setdefault(model_id, []).append(f"{version.name}/{version.version}")
+    return found

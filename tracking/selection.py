@@ -10,6 +10,7 @@ models is the fallback when a tag is missing or stale.
 
 from __future__ import annotations
 
+import logging
 import re
 import warnings
 from dataclasses import dataclass
@@ -18,13 +19,14 @@ from typing import Any
 from tracking import catalog, layout
 from tracking.catalog import LoggedCheckpoint, StoredCheckpoint
 from tracking.config import TrackingConfig
-from tracking.errors import NotFoundError, TrackingError
+from tracking.errors import IntegrityError, NotFoundError, TrackingError, one_line
 from tracking.manifest import Manifest
 from tracking.run import RunHandle, open_run
 from tracking.storage import ArtifactStore
 from tracking.uri import RunSource, parse_source
 
 Selector = str | int
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,11 @@ def open_run_of(source: str, config: TrackingConfig | None = None) -> RunHandle:
 
 
 def list_checkpoints(source: str, *, config: TrackingConfig | None = None) -> list[LoggedCheckpoint]:
-    """Every committed checkpoint of a run (its manifest and logged model), oldest epoch first."""
+    """Every committed checkpoint of a run (its manifest and logged model), oldest epoch first.
+
+    One whose manifest is unreadable is left out with a warning line naming it: one damaged
+    checkpoint must not hide the healthy ones (``tracking verify`` reports it in full).
+    """
     handle = open_run_of(source, config)
     committed = catalog.committed(handle)
     if not committed and (legacy := catalog.legacy_error(handle)) is not None:
@@ -83,7 +89,20 @@ def list_checkpoints(source: str, *, config: TrackingConfig | None = None) -> li
             found.append(_located(checkpoint).logged())
         except NotFoundError:
             continue  # deleted since the search (retention)
+        except IntegrityError as exc:
+            warn_unreadable(handle.run_id, checkpoint, exc)
     return found
+
+
+def warn_unreadable(run_id: str, checkpoint: StoredCheckpoint, exc: IntegrityError) -> None:
+    """One warning line for a checkpoint left out of a listing because its manifest is damaged."""
+    _log.warning(
+        "run %s: left out %s (%s), its manifest is unreadable: %s",
+        run_id,
+        checkpoint.name,
+        checkpoint.model_id,
+        one_line(exc)[:500],
+    )
 
 
 def find_checkpoint(
@@ -187,8 +206,14 @@ def _tagged_model(handle: RunHandle, tag: str) -> str | None:
 
 
 def _select_by_search(handle: RunHandle, which: str) -> Located:
-    committed = catalog.committed(handle)
-    if not committed:
+    # Every READY model, not one per epoch: while an epoch is re-logged, the one the (stale) tags name may
+    # lose its manifest to the re-log, and then the same epoch's new model is the answer, not the epoch before.
+    models = catalog.search(handle)
+    by_epoch: dict[int, list[StoredCheckpoint]] = {}
+    for model in models:
+        if model.epoch is not None:
+            by_epoch.setdefault(model.epoch, []).append(model)
+    if not by_epoch:
         legacy = catalog.legacy_error(handle)
         if legacy is not None:
             raise legacy
@@ -197,11 +222,17 @@ def _select_by_search(handle: RunHandle, which: str) -> Located:
             f"{layout.CHECKPOINT_MODEL_TYPE}); log one with tracking.log_checkpoint(...) or load the state dict "
             "with tracking.load_model()."
         )
+
+    def candidates(epochs: list[int]) -> list[StoredCheckpoint]:
+        return [model for epoch in epochs for model in catalog.preferred(handle, by_epoch[epoch])]
+
     if which == "latest":
-        return _first_located(handle, [committed[e] for e in sorted(committed, reverse=True)])
+        return _first_located(handle, candidates(sorted(by_epoch, reverse=True)))
     monitor = handle.tags.get(layout.TAG_MONITOR)
-    newest = committed[max(committed)]
-    if not monitor and handle.tags.get(layout.TAG_LATEST) != newest.model_id:
+    # Each epoch ranks by the model readers take for it (the tags' pick, else its newest).
+    committed = catalog.current(handle, models)
+    newest = committed[max(committed)] if committed else None
+    if not monitor and newest is not None and handle.tags.get(layout.TAG_LATEST) != newest.model_id:
         # The tags lag behind the newest checkpoint: its save is between READY and moving the tags
         # (or died there), and its writer may well have passed monitor=.
         raise NotFoundError(
@@ -212,7 +243,7 @@ def _select_by_search(handle: RunHandle, which: str) -> Located:
     if not monitor:
         raise NotFoundError(
             f"run {handle.run_id} records no best checkpoint: log checkpoints with monitor=... "
-            f"(or a Checkpointer), or pick an epoch: {_epoch_list(list(committed))}."
+            f"(or a Checkpointer), or pick an epoch: {_epoch_list(sorted(by_epoch))}."
         )
     mode = handle.tags.get(layout.TAG_MODE, "min")
     if mode not in layout.MODES:
@@ -226,7 +257,7 @@ def _select_by_search(handle: RunHandle, which: str) -> Located:
     ranked = layout.best_first({e: c.metrics.get(monitor) for e, c in committed.items()}, mode)
     if not ranked:
         raise NotFoundError(f"run {handle.run_id}: no checkpoint has the monitored metric {monitor!r}.")
-    return _first_located(handle, [committed[e] for e in ranked])
+    return _first_located(handle, candidates(ranked))
 
 
 def _first_located(handle: RunHandle, candidates: list[StoredCheckpoint]) -> Located:
@@ -270,12 +301,29 @@ def _open(
     if parsed.model_id is not None:
         return None, catalog.get(client, parsed.model_id, config, checkpoint=checkpoint)
     version = _registry_version(client, source, parsed)
-    model_id = version.model_id or _model_id_in(version.source or "")
+    model_id = version_model_id(version)
+    what = f"{source} (version {version.version} of {version.name!r}, source {version.source})"
     if model_id:
-        return None, catalog.get(client, model_id, config, checkpoint=checkpoint)
-    if version.run_id:
+        try:
+            return None, catalog.get(client, model_id, config, checkpoint=checkpoint)
+        except NotFoundError as exc:
+            if exc.__cause__ is None:
+                raise  # the model exists but is no checkpoint: catalog.get's message says so
+            raise NotFoundError(
+                f"{what}: its checkpoint models:/{model_id} (run {version.run_id}) no longer exists: it was deleted "
+                "(by retention, `tracking gc --delete-registered`, or by hand) after it was registered. Point the "
+                "alias at another version, or register another checkpoint with `tracking register`."
+            ) from exc
+    if version.run_id and not checkpoint:
         return open_run(str(version.run_id), config), None
-    raise NotFoundError(f"{source} (version {version.version}) names no logged model or run; register a checkpoint.")
+    # A version made from a run (runs:/<id>/...) names no checkpoint: the run's latest moves as training
+    # goes on, so loading it would not give what was registered.
+    raise NotFoundError(
+        f"{what} names no checkpoint, only "
+        + (f"run {version.run_id}, whose latest checkpoint changes as it trains" if version.run_id else "no run")
+        + f"; register one checkpoint instead: `tracking register {version.run_id or 'RUN'} {version.name} "
+        "--checkpoint best` (or latest, or an epoch)."
+    )
 
 
 def _registry_version(client: Any, source: str, parsed: RunSource) -> Any:
@@ -299,8 +347,11 @@ def _registry_version(client: Any, source: str, parsed: RunSource) -> Any:
 _VERSION_SOURCE = re.compile(r"(?:^models:/|/models/)(m-[0-9a-f]{32})(?:/artifacts)?/?$")
 
 
-def _model_id_in(uri: str) -> str | None:
-    match = _VERSION_SOURCE.search(uri)
+def version_model_id(version: Any) -> str | None:
+    """The checkpoint logged model a registry version was made from, if it names one."""
+    if getattr(version, "model_id", None):
+        return str(version.model_id)
+    match = _VERSION_SOURCE.search(version.source or "")
     return match.group(1) if match else None
 
 

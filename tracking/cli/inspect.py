@@ -135,8 +135,9 @@ def _made_by(summary: dict[str, Any]) -> str:
 
 def _run_summary(run: Any, config: Any) -> dict[str, Any]:
     from tracking import catalog, layout
-    from tracking.errors import NotFoundError
+    from tracking.errors import IntegrityError, NotFoundError
     from tracking.run import open_run
+    from tracking.selection import warn_unreadable
 
     handle = open_run(run.info.run_id, config)
     committed = catalog.committed(handle)
@@ -147,6 +148,9 @@ def _run_summary(run: Any, config: Any) -> dict[str, Any]:
         try:
             manifest = checkpoint.read_manifest()
         except NotFoundError:
+            continue
+        except IntegrityError as exc:
+            warn_unreadable(run.info.run_id, checkpoint, exc)
             continue
         size += sum(f.size for f in manifest.files.values())
         model_class = str(manifest.model.get("class") or model_class)  # the newest checkpoint's
@@ -188,15 +192,17 @@ def checkpoints(source: str, as_json: bool) -> None:
       tracking checkpoints 3f2a9c0d1b2e4f5a6b7c8d9e0f1a2b3c
     """
     connect()
-    from tracking.errors import NotFoundError
+    from tracking.errors import TrackingError
     from tracking.selection import find_checkpoint, list_checkpoints
 
     logged = list_checkpoints(source)
-    latest = find_checkpoint(source, "latest").model_id if logged else None
-    try:
-        best = find_checkpoint(source, "best").model_id if logged else None
-    except NotFoundError:
-        best = None  # no monitored metric: nothing is "best"
+    marks: dict[str, str | None] = {}
+    for which in ("latest", "best"):
+        try:
+            marks[which] = find_checkpoint(source, which).model_id if logged else None
+        except TrackingError:
+            marks[which] = None  # no monitored metric, or the one it names is damaged (warned above)
+    latest, best = marks["latest"], marks["best"]
     found: list[dict[str, Any]] = [
         {
             "epoch": c.epoch,

@@ -131,6 +131,10 @@ def _what_failed(exc: OSError, to: Path) -> Path:
 @click.option("--monitor", help="Metric ranking 'best' (default: the run's, else val_loss).")
 @click.option("--mode", type=click.Choice(["min", "max"]), help="Whether lower or higher --monitor is better.")
 @click.option("--dry-run", is_flag=True, help="List what would be deleted; change nothing.")
+@click.option(
+    "--delete-registered", is_flag=True, help="Delete checkpoints that registry versions point at too (kept otherwise)."
+)
+@click.option("--force", is_flag=True, help="Delete even while the run is RUNNING (its trainer was killed).")
 @json_option
 def gc(
     source: str,
@@ -139,12 +143,15 @@ def gc(
     monitor: str | None,
     mode: str | None,
     dry_run: bool,
+    delete_registered: bool,
+    force: bool,
     as_json: bool,
 ) -> None:
     """Delete a run's checkpoints outside the last N and the best K (the latest always stays).
 
     Each goes manifest first, then its files, then its logged model, as a Checkpointer's
-    retention does during training.
+    retention does during training. A checkpoint that a registry version points at stays
+    unless --delete-registered; a RUNNING run is refused unless --force.
 
     \b
     Example:
@@ -153,23 +160,39 @@ def gc(
     if keep_last is None and keep_best is None:
         raise click.UsageError("pass --keep-last and/or --keep-best.")
     connect()
-    from tracking.checkpointer import prune
+    from tracking.checkpointer import prune_report, registered_line
     from tracking.selection import resolve_run_id
 
     run_id = resolve_run_id(source)
-    doomed = prune(run_id, keep_last=keep_last, keep_best=keep_best, monitor=monitor, mode=mode, dry_run=dry_run)
+    report = prune_report(
+        run_id,
+        keep_last=keep_last,
+        keep_best=keep_best,
+        monitor=monitor,
+        mode=mode,
+        dry_run=dry_run,
+        delete_registered=delete_registered,
+        running=force,
+    )
+    doomed = report.deleted
     if as_json:
         emit_json(
             {
                 "run_id": run_id,
                 "dry_run": dry_run,
                 "deleted": [{"epoch": c.epoch, "model_id": c.model_id} for c in doomed],
+                "kept_registered": [
+                    {"epoch": c.epoch, "model_id": c.model_id, "versions": versions}
+                    for c, versions in report.registered
+                ],
             }
         )
         return
     verb = "would delete" if dry_run else "deleted"
     for checkpoint in doomed:
         click.echo(f"{verb} epoch {checkpoint.epoch} ({checkpoint.model_id})")
+    for checkpoint, versions in report.registered:
+        click.echo(registered_line(checkpoint, versions))
     done = "would be deleted (dry run: nothing changed)" if dry_run else "deleted"
     click.echo(f"run {run_id}: {plural(len(doomed), 'checkpoint')} {done}")
 
@@ -200,9 +223,15 @@ def register(source: str, name: str, checkpoint: str, alias: str | None, as_json
     if not name.strip():
         raise click.BadParameter(f"{name!r}: a registered model needs a name, e.g. seed.", param_hint="NAME")
     refuse_checkpoint_of_pinned(source, checkpoint)
-    connect()
+    from tracking.registry import check_alias
     from tracking.registry import register as register_checkpoint
 
+    if alias is not None:
+        try:
+            check_alias(alias)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--alias") from None
+    connect()
     # MLflow logs that it waits for the new version at INFO; the version is READY at once here.
     with muted("mlflow.store.model_registry.abstract_store", "Waiting up to"):
         version = register_checkpoint(source, name, checkpoint=checkpoint, alias=alias)

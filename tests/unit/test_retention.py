@@ -1,0 +1,138 @@
+"""Retention and `tracking gc` against what else holds a run: failing servers, other writers, the registry."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import mlflow
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+import tracking
+from pipelines.models import Model
+from tracking import catalog
+from tracking.cli import main
+from tracking.errors import NotFoundError, StorageError
+from tracking.layout import TAG_BEST, TAG_BEST_VALUE, TAG_LATEST
+
+
+def epochs(run_id: str) -> list[int]:
+    return [int(c.epoch or 0) for c in tracking.list_checkpoints(run_id)]
+
+
+def run_tags(run_id: str) -> dict[str, str]:
+    return dict(MlflowClient().get_run(run_id).data.tags)
+
+
+def fail_once(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """catalog.delete fails its first call as a stalled tracking server would; the model IDs asked for."""
+    original = catalog.delete
+    asked: list[str] = []
+
+    def delete(handle: Any, model_id: str, artifact_uri: str) -> None:
+        asked.append(model_id)
+        if len(asked) == 1:
+            raise StorageError(f"run {handle.run_id}: the tracking server failed while deleting {model_id}; retry.")
+        original(handle, model_id, artifact_uri)
+
+    monkeypatch.setattr(catalog, "delete", delete)
+    return asked
+
+
+def test_a_failed_deletion_warns_keeps_the_save_and_is_retried_next_save(
+    experiment: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = Model(6)
+    checkpointer = tracking.Checkpointer(keep_last=1, monitor="val_loss")
+    with mlflow.start_run() as run:
+        first = checkpointer.save(model, epoch=1, metrics={"val_loss": 0.5})
+        asked = fail_once(monkeypatch)
+        with caplog.at_level(logging.WARNING, logger="tracking"):
+            second = checkpointer.save(model, epoch=2, metrics={"val_loss": 0.4})
+        # The save committed; the failed deletion is one warning line, not the save's error.
+        assert isinstance(second, tracking.LoggedCheckpoint) and isinstance(first, tracking.LoggedCheckpoint)
+        (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert "\n" not in warning and "could not delete epoch 1" in warning and "retries" in warning
+        assert epochs(run.info.run_id) == [1, 2]
+        # The next pass deletes both epochs that fell out, with no KeyError from the policy's state.
+        checkpointer.save(model, epoch=3, metrics={"val_loss": 0.3})
+        checkpointer.save(model, epoch=4, metrics={"val_loss": 0.2})
+    assert asked[:2] == [first.model_id, first.model_id]
+    assert epochs(run.info.run_id) == [4]
+    assert tracking.load(run.info.run_id, "best").epoch == 4
+
+
+def test_retention_never_moves_best_to_worse_than_another_writers_best(experiment: str) -> None:
+    model = Model(6)
+    with mlflow.start_run() as run:
+        run_id = run.info.run_id
+        # Writer A keeps its own last checkpoint only; writer B, started after it, commits the run's best.
+        a = tracking.Checkpointer(keep_last=1, monitor="val_loss", run_id=run_id)
+        a.save(model, epoch=10, metrics={"val_loss": 9.0})
+        b = tracking.Checkpointer(monitor="val_loss", run_id=run_id)
+        best = b.save(model, epoch=1, metrics={"val_loss": 0.01})
+        for epoch, loss in [(11, 8.0), (12, 8.5)]:
+            a.save(model, epoch=epoch, metrics={"val_loss": loss})
+    assert isinstance(best, tracking.LoggedCheckpoint)
+    tags = run_tags(run_id)
+    assert (tags[TAG_BEST], float(tags[TAG_BEST_VALUE])) == (best.model_id, 0.01)
+    assert tracking.load(run_id, "best").epoch == 1
+
+
+def test_retention_and_gc_keep_a_registered_checkpoint_and_say_so(
+    experiment: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = Model(6)
+    checkpointer = tracking.Checkpointer(keep_last=1, monitor="val_loss")
+    with mlflow.start_run() as run:
+        run_id = run.info.run_id
+        registered = checkpointer.save(model, epoch=1, metrics={"val_loss": 0.1})
+        tracking.register(run_id, "seed", checkpoint=1, alias="champion")
+        with caplog.at_level(logging.WARNING, logger="tracking"):
+            checkpointer.save(model, epoch=2, metrics={"val_loss": 0.4})
+            checkpointer.save(model, epoch=3, metrics={"val_loss": 0.3})
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "keeps epoch 1" in warning and "seed/1" in warning and "--delete-registered" in warning
+    assert epochs(run_id) == [1, 3]
+    assert tracking.load("models:/seed@champion").epoch == 1
+    # Kept, so still the run's best: the tag did not move to a worse survivor.
+    assert isinstance(registered, tracking.LoggedCheckpoint)
+    assert run_tags(run_id)[TAG_BEST] == registered.model_id
+
+    kept = CliRunner().invoke(main, ["gc", run_id, "--keep-last", "1"])
+    assert kept.exit_code == 0, kept.output
+    assert "kept epoch 1" in kept.output and "seed/1" in kept.output and "0 checkpoints deleted" in kept.output
+    assert epochs(run_id) == [1, 3]
+
+    gone = CliRunner().invoke(main, ["gc", run_id, "--keep-last", "1", "--delete-registered"])
+    assert gone.exit_code == 0, gone.output
+    assert epochs(run_id) == [3]
+    assert tracking.load(run_id, "best").epoch == 3
+    # The alias now names a deleted checkpoint: the error says so, and what to do.
+    with pytest.raises(NotFoundError, match=r"version 1 of 'seed'.*was deleted.*Point the alias"):
+        tracking.load("models:/seed@champion")
+
+
+def test_gc_refuses_a_running_run_without_force(experiment: str) -> None:
+    model = Model(6)
+    with mlflow.start_run() as run:
+        run_id = run.info.run_id
+        for epoch in (1, 2, 3):
+            tracking.log_checkpoint(model, epoch=epoch, metrics={"val_loss": 1.0 / epoch}, monitor="val_loss")
+        refused = CliRunner().invoke(main, ["gc", run_id, "--keep-last", "1"])
+        assert refused.exit_code == 1
+        assert "still RUNNING" in refused.stderr and "--force" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+        assert epochs(run_id) == [1, 2, 3]
+        dry = CliRunner().invoke(main, ["gc", run_id, "--keep-last", "1", "--dry-run"])
+        assert dry.exit_code == 0 and "would delete epoch 1" in dry.output
+        forced = CliRunner().invoke(main, ["gc", run_id, "--keep-last", "2", "--force"])
+        assert forced.exit_code == 0, forced.output
+        assert epochs(run_id) == [2, 3]
+    # Once the run ended, gc needs no --force.
+    ended = CliRunner().invoke(main, ["gc", run_id, "--keep-last", "1"])
+    assert ended.exit_code == 0, ended.output
+    assert epochs(run_id) == [3]
+    assert run_tags(run_id)[TAG_LATEST] == tracking.list_checkpoints(run_id)[0].model_id
