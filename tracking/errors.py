@@ -89,8 +89,12 @@ def print_error(message: str) -> None:
 def run_command(action: Callable[[], object], also: tuple[type[BaseException], ...] = ()) -> int:
     """Run a command's ``action`` and return its exit status: 0, or 1 with ``error: <one line>`` on stderr.
 
-    Errors :func:`exit_code` does not know propagate with their traceback.
+    Errors :func:`exit_code` does not know propagate with their traceback; warnings print as
+    one ``warning:`` line, as the command line's do.
     """
+    import warnings
+
+    shown, warnings.formatwarning = warnings.formatwarning, format_warning
     try:
         action()
     except Exception as exc:
@@ -99,4 +103,6 @@ def run_command(action: Callable[[], object], also: tuple[type[BaseException], .
             raise
         print_error(one_line(exc))
         return code
+    finally:
+        warnings.formatwarning = shown
     return 0

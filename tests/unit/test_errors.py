@@ -70,3 +70,18 @@ def test_error_lines_of_processes_sharing_stderr_never_run_together(tmp_path: Pa
     lines = shared.read_text().splitlines()
     assert sorted(set(lines)) == [f"error: rank{rank} " + "x" * 300 for rank in range(4)]
     assert len(lines) == 4 * 3000
+
+
+def test_a_commands_warnings_are_one_line_each() -> None:
+    """A pipeline (run_command) warns as the CLI does: `warning: <one line>`, not Python's file:line format."""
+    code = (
+        "import warnings\n"
+        "from tracking.errors import run_command\n"
+        "before = warnings.formatwarning\n"
+        "action = lambda: warnings.warn('the RNG states of 2 GPU(s)\\nand 1 here', RuntimeWarning, stacklevel=2)\n"
+        "assert run_command(action) == 0\n"
+        "assert warnings.formatwarning is before\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "warning: the RNG states of 2 GPU(s) and 1 here\n"
