@@ -3,9 +3,41 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
+from pathlib import Path
 
 import pytest
+
+from tests.mlflow_stores import release_mlflow_stores
+
+UNIT = Path(__file__).parent / "unit"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Marks the unit tier ``unit``, and keeps ``smoke(**params)`` only on the parametrisations it names.
+
+    ``make test`` runs ``-m "unit or smoke"``: the unit tier plus one real-stack path per promise.
+    ``@pytest.mark.smoke(stack="sqlite")`` on a test parametrised over stacks picks its sqlite case.
+    """
+    for item in items:
+        if UNIT in item.path.parents:
+            item.add_marker(pytest.mark.unit)
+        marks = list(item.iter_markers("smoke"))
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if marks and not any(all(params.get(k) == v for k, v in m.kwargs.items()) for m in marks):
+            # -m reads the markers of the item and its parents; smoke(...) sits on the function.
+            item.own_markers[:] = [m for m in item.own_markers if m.name != "smoke"]
+
+
+@pytest.fixture(autouse=True)
+def _release_mlflow_stores() -> Iterator[None]:
+    """Lets each test's tracking stores (sqlite engines, open mlflow.db handles) go when it ends.
+
+    MLflow caches them for the life of the process (see tests/mlflow_stores.py): kept, a suite of
+    per-test stores grew to 7 GB and took minutes to exit.
+    """
+    yield
+    release_mlflow_stores()
 
 
 @pytest.hookimpl(wrapper=True)

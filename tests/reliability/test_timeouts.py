@@ -5,6 +5,10 @@ whose S3 server accepts connections and never answers, a load whose tracking ser
 same (both behind a stalling fault proxy), a load whose S3 endpoint refuses connections, and a
 save whose tracking server does. Each must raise StorageError within :data:`BOUND_S` seconds of
 the call; a child still busy after :data:`CHILD_LIMIT_S` is killed and fails the test.
+
+The same defaults, in this process against a bare socket that never answers, are timed closer:
+a silent S3 endpoint fails in 25-40 s, a silent tracking server within 30 s (the unit tier tests
+the arithmetic with small configured timeouts; waiting out the defaults belongs here).
 """
 
 from __future__ import annotations
@@ -16,12 +20,22 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from tests.reliability import workload
 from tests.reliability.proxy import HOST, FaultProxy
+from tests.unit.test_timeouts import (  # noqa: F401 (fixtures)
+    mlflow_env,
+    mlflow_get_run,
+    s3_env,
+    silent_url,
+    store_at,
+    timed_failure,
+)
+from tracking.config import bound_mlflow_requests
 from tracking.localstack import LocalStack
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,3 +97,18 @@ def test_dead_or_silent_endpoints_fail_within_bound(stack: LocalStack, new_run: 
                 failures.append(f"{name}: took {result['elapsed']:.0f}s to fail (bound {BOUND_S:.0f}s)")
     if failures:
         pytest.fail("\n".join(failures), pytrace=False)
+
+
+def test_silent_endpoints_fail_in_about_30_s_by_default(
+    s3_env: pytest.MonkeyPatch,  # noqa: F811
+    mlflow_env: pytest.MonkeyPatch,  # noqa: F811
+    silent_url: str,  # noqa: F811
+) -> None:
+    bound_mlflow_requests()
+    with ThreadPoolExecutor(2) as pool:  # side by side: one wait of about 30 s, not two
+        s3 = pool.submit(timed_failure, lambda: store_at(silent_url).read("f"))
+        tracking = pool.submit(mlflow_get_run, silent_url)
+        (s3_elapsed, s3_error), (tracking_elapsed, _) = s3.result(), tracking.result()
+    print(f"silent S3 endpoint, defaults: {s3_elapsed:.1f} s; silent tracking server: {tracking_elapsed:.1f} s")
+    assert 25 < s3_elapsed < 40 and "did not answer in time" in str(s3_error)
+    assert tracking_elapsed < 30
