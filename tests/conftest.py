@@ -5,10 +5,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.mlflow_stores import release_mlflow_stores
+
+if TYPE_CHECKING:
+    from tracking.localstack import LocalStack
 
 UNIT = Path(__file__).parent / "unit"
 
@@ -73,3 +77,42 @@ def _end_leaked_runs() -> list[str]:
         except Exception:
             pass  # end_run pops the run before it calls the server, which may be gone by now
     return leaked
+
+
+# The real stacks, one of each per session whichever tiers use them (integration, reliability,
+# distributed): each start costs a SeaweedFS and an MLflow server. Defined here, at the root, so
+# that every tier resolves the same fixture; imported lazily, so the unit tier never loads them.
+
+
+@pytest.fixture(scope="session")
+def stack_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """sqlite backend store; clients write artifacts to S3 themselves."""
+    from tests.integration.conftest import _run_stack, make_stack
+
+    yield from _run_stack(make_stack(tmp_path_factory.mktemp("stack-sqlite")), "sqlite")
+
+
+@pytest.fixture(scope="session")
+def stack_proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """sqlite backend store; the server proxies artifacts (``--serve-artifacts``)."""
+    from tests.integration.conftest import _run_stack, make_stack
+
+    yield from _run_stack(make_stack(tmp_path_factory.mktemp("stack-proxied"), serve_artifacts=True), "proxied")
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """A fresh database on the machine's PostgreSQL, dropped at the end of the session."""
+    from tests.integration.conftest import POSTGRES_URI, fresh_postgres_database
+
+    with fresh_postgres_database() as name:
+        yield POSTGRES_URI.format(name=name)
+
+
+@pytest.fixture(scope="session")
+def stack_postgres(tmp_path_factory: pytest.TempPathFactory, postgres_database: str) -> Iterator[LocalStack]:
+    """PostgreSQL backend store; clients write artifacts to S3 themselves."""
+    from tests.integration.conftest import _run_stack, make_stack
+
+    stack = make_stack(tmp_path_factory.mktemp("stack-postgres"), backend_store_uri=postgres_database)
+    yield from _run_stack(stack, "postgres")

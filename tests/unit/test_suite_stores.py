@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
-SESSION = '''
+SESSION = """
 import os
 
 import mlflow
@@ -38,14 +38,14 @@ def test_nothing_is_left_of_them() -> None:
     held = [os.readlink(f"{fds}/{fd}") for fd in os.listdir(fds) if os.path.exists(f"{fds}/{fd}")]
     assert [path for path in held if path.endswith("mlflow.db")] == []
     assert list(SqlAlchemyStore._engine_map) == [] and list(RegistryStore._engine_map) == []
-'''
+"""
 
 
 def test_each_tests_tracking_store_is_released_when_it_ends(tmp_path: Path) -> None:
     (tmp_path / "test_session.py").write_text(SESSION)
+    plugins = ["-p", "no:cacheprovider", "-p", "tests.conftest", "-p", "tests.unit.conftest"]
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest"]
-        + ["-p", "tests.unit.conftest", "--rootdir", str(tmp_path), str(tmp_path / "test_session.py")],
+        [sys.executable, "-m", "pytest", "-q", *plugins, "--rootdir", str(tmp_path), str(tmp_path / "test_session.py")],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
