@@ -1,5 +1,5 @@
-# Two commands for a newcomer: `make train` and `make test`. Both create .venv and install
-# into it first (the CPU build of torch, unless TORCH_SPEC says otherwise).
+# Two commands for a newcomer: `make train` and `make test` (`make test-all`: every tier, as CI).
+# Both create .venv and install into it first (the CPU build of torch, unless TORCH_SPEC says otherwise).
 
 PYTHON      ?= python3
 VENV        ?= .venv
@@ -12,7 +12,7 @@ TRAIN_ARGS  ?= --epochs 10 --checkpoint-every 2 --keep-last 3 --keep-best 1
 # dclint (a Compose-spec validator and linter) comes from npm, at this exact version.
 DCLINT      ?= npx --yes dclint@3.1.0
 
-.PHONY: install browser-deps train test test-unit test-integration test-gpu lint lint-docker bench stack-up stack-down stack-status clean
+.PHONY: install browser-deps train test test-all test-unit test-integration test-gpu lint lint-docker bench stack-up stack-down stack-status clean
 
 install: $(STAMP)
 
@@ -40,10 +40,15 @@ train: install
 		$(BIN)/python -m pipelines.train $(TRAIN_ARGS); \
 	fi
 
-# The whole suite: the unit tier (moto S3, sqlite) and the integration tier, which starts
-# its own SeaweedFS + MLflow servers (sqlite and PostgreSQL backends) on free ports.
-# The browser test drives Debian's chromium: installed first when missing (apt, as root).
+# README's test command: the unit tier (moto S3, sqlite) plus one real-stack path per promise
+# (tests marked smoke: log, load by run ID, resume, logged models, the UI) on one SeaweedFS +
+# MLflow server stack. The browser test drives Debian's chromium: installed first when missing.
 test: install browser-deps
+	$(BIN)/python -m pytest tests -m "unit or smoke"
+
+# Every tier: unit, integration (sqlite, PostgreSQL, proxied stacks; compose server; browser),
+# reliability and distributed. What .ci/run runs.
+test-all: install browser-deps
 	$(BIN)/python -m pytest tests
 
 test-unit: install

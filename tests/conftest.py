@@ -4,8 +4,44 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Generator, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+from tests.mlflow_stores import release_mlflow_stores
+
+if TYPE_CHECKING:
+    from tracking.localstack import LocalStack
+
+UNIT = Path(__file__).parent / "unit"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Marks the unit tier ``unit``, and keeps ``smoke(**params)`` only on the parametrisations it names.
+
+    ``make test`` runs ``-m "unit or smoke"``: the unit tier plus one real-stack path per promise.
+    ``@pytest.mark.smoke(stack="sqlite")`` on a test parametrised over stacks picks its sqlite case.
+    """
+    for item in items:
+        if UNIT in item.path.parents:
+            item.add_marker(pytest.mark.unit)
+        marks = list(item.iter_markers("smoke"))
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if marks and not any(all(params.get(k) == v for k, v in m.kwargs.items()) for m in marks):
+            # -m reads the markers of the item and its parents; smoke(...) sits on the function.
+            item.own_markers[:] = [m for m in item.own_markers if m.name != "smoke"]
+
+
+@pytest.fixture(autouse=True)
+def _release_mlflow_stores() -> Iterator[None]:
+    """Lets each test's tracking stores (sqlite engines, open mlflow.db handles) go when it ends.
+
+    MLflow caches them for the life of the process (see tests/mlflow_stores.py): kept, a suite of
+    per-test stores grew to 7 GB and took minutes to exit.
+    """
+    yield
+    release_mlflow_stores()
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -52,3 +88,42 @@ def _end_leaked_runs() -> list[str]:
         except Exception:
             pass  # end_run pops the run before it calls the server, which may be gone by now
     return leaked
+
+
+# The real stacks, one of each per session whichever tiers use them (integration, reliability,
+# distributed): each start costs a SeaweedFS and an MLflow server. Defined here, at the root, so
+# that every tier resolves the same fixture; imported lazily, so the unit tier never loads them.
+
+
+@pytest.fixture(scope="session")
+def stack_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """sqlite backend store; clients write artifacts to S3 themselves."""
+    from tests.integration.conftest import _run_stack, make_stack
+
+    yield from _run_stack(make_stack(tmp_path_factory.mktemp("stack-sqlite")), "sqlite")
+
+
+@pytest.fixture(scope="session")
+def stack_proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """sqlite backend store; the server proxies artifacts (``--serve-artifacts``)."""
+    from tests.integration.conftest import _run_stack, make_stack
+
+    yield from _run_stack(make_stack(tmp_path_factory.mktemp("stack-proxied"), serve_artifacts=True), "proxied")
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """A fresh database on the machine's PostgreSQL, dropped at the end of the session."""
+    from tests.integration.conftest import POSTGRES_URI, fresh_postgres_database
+
+    with fresh_postgres_database() as name:
+        yield POSTGRES_URI.format(name=name)
+
+
+@pytest.fixture(scope="session")
+def stack_postgres(tmp_path_factory: pytest.TempPathFactory, postgres_database: str) -> Iterator[LocalStack]:
+    """PostgreSQL backend store; clients write artifacts to S3 themselves."""
+    from tests.integration.conftest import _run_stack, make_stack
+
+    stack = make_stack(tmp_path_factory.mktemp("stack-postgres"), backend_store_uri=postgres_database)
+    yield from _run_stack(stack, "postgres")

@@ -27,7 +27,6 @@ from mlflow.tracking import MlflowClient
 
 import tracking
 from pipelines.models import DigitsMLP
-from tests.integration.conftest import make_stack
 from tracking import dcp_index, layout, sharded
 from tracking.localstack import LocalStack
 from tracking.storage import BufferReader
@@ -54,16 +53,9 @@ class Launch:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    local = make_stack(tmp_path_factory.mktemp("stack-distributed"))
-    try:
-        try:
-            local.up()
-        except tracking.TrackingError as exc:
-            pytest.fail(f"the stack could not start: {exc}", pytrace=False)
-        yield local
-    finally:
-        local.down()
+def stack(stack_sqlite: LocalStack) -> LocalStack:
+    """The session's sqlite stack (tests/conftest.py), shared with the other tiers."""
+    return stack_sqlite
 
 
 @pytest.fixture(scope="module")

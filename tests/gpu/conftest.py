@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.unit.conftest import mocked_s3, s3_experiment, tracking_store
+from tests.unit.conftest import empty_tracking_db, mocked_s3, s3_experiment, tracking_store
 
-__all__ = ["mocked_s3", "s3_experiment", "tracking_store"]
+__all__ = ["empty_tracking_db", "mocked_s3", "s3_experiment", "tracking_store"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

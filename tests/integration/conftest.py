@@ -79,16 +79,8 @@ def _run_stack(stack: LocalStack, what: str) -> Iterator[LocalStack]:
         stack.down()
 
 
-@pytest.fixture(scope="session")
-def stack_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    """sqlite backend store; clients write artifacts to S3 themselves."""
-    yield from _run_stack(make_stack(tmp_path_factory.mktemp("stack-sqlite")), "sqlite")
-
-
-@pytest.fixture(scope="session")
-def stack_proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    """sqlite backend store; the server proxies artifacts (``--serve-artifacts``)."""
-    yield from _run_stack(make_stack(tmp_path_factory.mktemp("stack-proxied"), serve_artifacts=True), "proxied")
+# The session stacks (stack_sqlite, stack_postgres, stack_proxied, postgres_database) are defined in
+# tests/conftest.py: one of each for the whole session, shared by every tier that uses them.
 
 
 @contextmanager
@@ -115,20 +107,6 @@ def fresh_postgres_database() -> Iterator[str]:
                 cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         admin.close()
-
-
-@pytest.fixture(scope="session")
-def postgres_database() -> Iterator[str]:
-    """A fresh database on the machine's PostgreSQL, dropped at the end of the session."""
-    with fresh_postgres_database() as name:
-        yield POSTGRES_URI.format(name=name)
-
-
-@pytest.fixture(scope="session")
-def stack_postgres(tmp_path_factory: pytest.TempPathFactory, postgres_database: str) -> Iterator[LocalStack]:
-    """PostgreSQL backend store; clients write artifacts to S3 themselves."""
-    stack = make_stack(tmp_path_factory.mktemp("stack-postgres"), backend_store_uri=postgres_database)
-    yield from _run_stack(stack, "postgres")
 
 
 @pytest.fixture

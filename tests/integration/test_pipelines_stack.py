@@ -26,6 +26,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.smoke(stack="sqlite")  # make test: one real-stack path
 def test_train_resume_and_evaluate_on_the_stack(
     stack: LocalStack, s3_keys: Callable[[LocalStack, str], list[str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -47,6 +47,7 @@ def model_bytes(artifact_uri: str, path: str) -> bytes:
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{artifact_uri}/{path}")).read_bytes()
 
 
+@pytest.mark.smoke(stack="sqlite")  # make test: one real-stack path
 def test_everything_lands_in_the_bucket_and_loads_with_the_seed_code(
     stack: LocalStack, experiment_id: str, s3_keys: Callable[[LocalStack, str], list[str]]
 ) -> None:
@@ -180,6 +181,7 @@ CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.smoke(stack="sqlite")  # make test: one real-stack path
 def test_fresh_process_gets_the_same_model_back(stack: LocalStack, experiment_id: str, tmp_path: Path) -> None:
     torch.manual_seed(1)
     model = DigitsMLP(hidden=32)

@@ -209,6 +209,7 @@ def train(stack: LocalStack) -> Trained:
     return run
 
 
+@pytest.mark.smoke  # make test: the UI promise
 def test_mlflow_ui_shows_the_pipeline_run_its_checkpoints_and_manifests(
     tmp_path: Path,
     stack_sqlite: LocalStack,

@@ -1,7 +1,7 @@
 """Reliability tier: DESIGN.md's "Reliability promises", proved against the real local stack.
 
 Reuses the integration tier's stacks (SeaweedFS + ``mlflow server`` on PostgreSQL, started once
-per session on free ports of 127.0.0.1) and puts :class:`~tests.reliability.proxy.FaultProxy`
+per session on free ports of 127.0.0.1, shared with that tier) and puts :class:`~tests.reliability.proxy.FaultProxy`
 in front of them. Every test here is marked ``reliability`` (and ``integration``: it needs the
 real stack); a stack that cannot start fails the tests, never skips them.
 """
@@ -15,13 +15,11 @@ from pathlib import Path
 import pytest
 
 # The integration tier's fixtures, shared rather than copied (a non-root conftest cannot use
-# pytest_plugins). Only fixtures are imported: that conftest's own hooks stay its own.
+# pytest_plugins). Only fixtures are imported: that conftest's own hooks stay its own. The session
+# stacks (stack_postgres, stack_sqlite) come from tests/conftest.py: the same ones as that tier's.
 from tests.integration.conftest import (  # noqa: F401
     new_stack,
-    postgres_database,
     s3_keys,
-    stack_postgres,
-    stack_sqlite,
     use_stack,
 )
 from tests.reliability.proxy import FaultProxy

@@ -9,6 +9,10 @@ tag request, marking FAILED used to wait 27 s each), and S3 once a multipart upl
 part is stored (the part's retry, then the abort, used to wait 31 s each). Each must raise
 StorageError within :data:`BOUND_S` seconds of the call; a child still
 busy after :data:`CHILD_LIMIT_S` is killed and fails the test.
+
+The same defaults, in this process against a bare socket that never answers, are timed closer:
+a silent S3 endpoint fails in 25-40 s, a silent tracking server within 30 s (the unit tier tests
+the arithmetic with small configured timeouts; waiting out the defaults belongs here).
 """
 
 from __future__ import annotations
@@ -21,12 +25,22 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from tests.reliability import workload
 from tests.reliability.proxy import HOST, FaultProxy
+from tests.unit.test_timeouts import (  # noqa: F401 (fixtures)
+    mlflow_env,
+    mlflow_get_run,
+    s3_env,
+    silent_url,
+    store_at,
+    timed_failure,
+)
+from tracking.config import bound_mlflow_requests
 from tracking.localstack import LocalStack
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -136,3 +150,18 @@ def _probe(run_id: str, cases: dict[str, tuple[str, dict[str, str]]]) -> list[st
         if result["elapsed"] > BOUND_S:
             failures.append(f"{name}: took {result['elapsed']:.0f}s to fail (bound {BOUND_S:.0f}s)")
     return failures
+
+
+def test_silent_endpoints_fail_in_about_30_s_by_default(
+    s3_env: pytest.MonkeyPatch,  # noqa: F811
+    mlflow_env: pytest.MonkeyPatch,  # noqa: F811
+    silent_url: str,  # noqa: F811
+) -> None:
+    bound_mlflow_requests()
+    with ThreadPoolExecutor(2) as pool:  # side by side: one wait of about 30 s, not two
+        s3 = pool.submit(timed_failure, lambda: store_at(silent_url).read("f"))
+        tracking = pool.submit(mlflow_get_run, silent_url)
+        (s3_elapsed, s3_error), (tracking_elapsed, _) = s3.result(), tracking.result()
+    print(f"silent S3 endpoint, defaults: {s3_elapsed:.1f} s; silent tracking server: {tracking_elapsed:.1f} s")
+    assert 25 < s3_elapsed < 40 and "did not answer in time" in str(s3_error)
+    assert tracking_elapsed < 30

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import mlflow
 import pytest
+from mlflow import MlflowClient
 from moto import mock_aws
 
+from tests.mlflow_stores import release_mlflow_stores
 from tracking.storage import s3 as s3_storage
 
 BUCKET = "unit-artifacts"
@@ -30,8 +33,23 @@ def mocked_s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
     s3_storage.s3_client.cache_clear()
 
 
+@pytest.fixture(scope="session")
+def empty_tracking_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sqlite tracking store with MLflow's schema and nothing else, made once per session.
+
+    MLflow creates a new store by running its ~100 schema migrations: 2-3 s each time, most of
+    the unit tier's time when every test did it. A copy of this file is the same fresh store.
+    """
+    path = tmp_path_factory.mktemp("empty-tracking-store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()  # creates the schema and experiment 0
+    release_mlflow_stores()  # closes the engine: the file is complete and nothing holds it
+    return path
+
+
 @pytest.fixture
-def tracking_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def tracking_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_tracking_db: Path) -> Iterator[str]:
+    """A fresh sqlite tracking store in tmp_path, made the current tracking URI."""
+    shutil.copyfile(empty_tracking_db, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)

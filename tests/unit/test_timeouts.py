@@ -2,7 +2,8 @@
 
 The endpoints are real sockets on 127.0.0.1: a closed port (connection refused) and a server
 that accepts connections and never answers. Fast tests set small timeouts through the
-documented variables; the ``slow`` ones measure the defaults.
+documented variables. The defaults' own bounds (a silent endpoint: about 30 s) are measured by
+tests/reliability/test_timeouts.py: the unit tier waits out no real timeout.
 """
 
 from __future__ import annotations
@@ -150,13 +151,6 @@ def test_a_closed_s3_port_fails_fast(s3_env: pytest.MonkeyPatch, closed_url: str
     assert "cannot reach S3" in str(error) and closed_url in str(error)
 
 
-@pytest.mark.slow
-def test_a_silent_s3_endpoint_fails_in_about_30_s_by_default(s3_env: pytest.MonkeyPatch, silent_url: str) -> None:
-    elapsed, error = timed_failure(lambda: store_at(silent_url).read("f"))
-    print(f"silent S3 endpoint, defaults: {elapsed:.1f} s")
-    assert 25 < elapsed < 40 and "did not answer in time" in str(error)
-
-
 def test_a_closed_s3_port_fails_fast_by_default(s3_env: pytest.MonkeyPatch, closed_url: str) -> None:
     elapsed, error = timed_failure(lambda: store_at(closed_url).read("f"))
     print(f"closed S3 port, defaults: {elapsed:.1f} s")
@@ -265,14 +259,6 @@ def test_a_silent_tracking_server_fails_within_the_configured_bound(
     elapsed, error = mlflow_get_run(silent_url)
     assert isinstance(error, MlflowException)
     assert elapsed < 10, f"took {elapsed:.1f} s"
-
-
-@pytest.mark.slow
-def test_a_silent_tracking_server_fails_within_30_s_by_default(mlflow_env: pytest.MonkeyPatch, silent_url: str) -> None:
-    bound_mlflow_requests()
-    elapsed, _ = mlflow_get_run(silent_url)
-    print(f"silent tracking server, defaults: {elapsed:.1f} s")
-    assert elapsed < 30
 
 
 def test_a_closed_tracking_port_fails_fast_by_default(mlflow_env: pytest.MonkeyPatch, closed_url: str) -> None:
