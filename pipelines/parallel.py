@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import tracking
 from pipelines import data, options, runs
-from pipelines.progress import EpochProgress
-from pipelines.task import State, Task, measure, seed_everything
+from pipelines.task import State, Task, seed_everything
+from pipelines.training import run_epochs
 from tracking import distributed
 
 STRATEGIES = ("ddp", "fsdp")
@@ -101,37 +101,21 @@ def _train(task: Task, opts: options.Options) -> str:
         if rank_state is not None:
             # Last thing before the loop, as in the single-process pipeline.
             tracking.restore_rng_state(rank_state["rng"])
-        with _progress(rank, state.epoch + 1, opts.epochs) as progress:
-            for epoch in range(state.epoch + 1, opts.epochs + 1):
-                sampler.set_epoch(epoch)
-                lr = float(state.optimizer.param_groups[0]["lr"])
-                train_loss, train_accuracy = _train_epoch(task, state, loader)
-                val_loss, val_accuracy = measure(task, state.model, split.x_val, split.y_val)
-                metrics = {
-                    "train_loss": train_loss,
-                    "train_accuracy": train_accuracy,
-                    "val_loss": val_loss,
-                    "val_accuracy": val_accuracy,
-                    "lr": lr,
+        run_epochs(
+            task,
+            state,
+            opts.epochs,
+            checkpoints,
+            lambda epoch: _train_epoch(task, state, sampler, loader, epoch),
+            (split.x_val, split.y_val),
+            lambda epoch: {
+                "rank_state": {
+                    "rng": tracking.capture_rng_state(),
+                    "sampler": {"seed": values["seed"], "epoch": epoch, "world_size": world},
                 }
-                last = epoch == opts.epochs
-                if run is not None:
-                    runs.log_epoch(checkpoints, epoch, metrics, last)
-                if progress is not None:
-                    progress.update(epoch, metrics)
-                checkpoints.save(
-                    state.model,
-                    state.optimizer,
-                    epoch=epoch,
-                    metrics=metrics,
-                    scheduler=state.scheduler,
-                    step=state.step,
-                    rank_state={
-                        "rng": tracking.capture_rng_state(),
-                        "sampler": {"seed": values["seed"], "epoch": epoch, "world_size": world},
-                    },
-                    force=last,
-                )
+            },
+            lead=run is not None,
+        )
         whole = _plain_copy(task, state.model, split.n_features)
         if run is not None:
             assert whole is not None
@@ -200,7 +184,10 @@ def _restore(
     return saved
 
 
-def _train_epoch(task: Task, state: State, loader: DataLoader[Any]) -> tuple[float, float]:
+def _train_epoch(
+    task: Task, state: State, sampler: DistributedSampler[Any], loader: DataLoader[Any], epoch: int
+) -> tuple[float, float]:
+    sampler.set_epoch(epoch)  # each epoch's own shuffle, the same on every rank
     state.model.train()
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, seen
     for x, y in loader:
@@ -252,12 +239,3 @@ def _run(
         return
     with runs.start(client, config, task, opts, origin, values, overrides, state) as run:
         yield run
-
-
-@contextlib.contextmanager
-def _progress(rank: int, first: int, last: int) -> Iterator[EpochProgress | None]:
-    if rank != 0:
-        yield None
-        return
-    with EpochProgress(first, last) as progress:
-        yield progress
