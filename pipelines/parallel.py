@@ -3,12 +3,13 @@
 torchrun --nproc-per-node 2 -m pipelines.digits --strategy fsdp --epochs 8
 torchrun --nproc-per-node 2 -m pipelines.digits --strategy fsdp --resume RUN_ID --epochs 16
 
-The same run, flags, checkpoints and resume as the single-process loop (:mod:`pipelines.training`),
-with one process per rank on the gloo backend. Rank 0 alone talks to MLflow: it finds the run to
-resume, starts the run, logs metrics and prints; every rank saves and restores checkpoints (rank 0
-writes a DDP model's, every rank its own shards of an FSDP2 one). Each rank draws its batches from
-a ``DistributedSampler`` (seeded by ``--seed``, reshuffled by epoch) and keeps its own RNG states in
-the checkpoint's ``rank_state``, so a resumed run reaches the same weights bit for bit on every rank.
+The same run, flags, checkpoints, resume and epoch loop (:func:`pipelines.training.run_epochs`) as the
+single-process pipeline, with one process per rank on the gloo backend. Rank 0 alone talks to MLflow: it
+finds the run to resume, starts the run, logs metrics and prints; every rank saves and restores
+checkpoints (rank 0 writes a DDP model's, every rank its own shards of an FSDP2 one). Each rank draws its
+batches from a ``DistributedSampler`` (seeded by ``--seed``, reshuffled by epoch) and keeps its own RNG
+states in the checkpoint's ``rank_state``, so a resumed run reaches the same weights bit for bit on
+every rank.
 
 Batch norm's running statistics are buffers every rank updates from its own batches: as DDP does,
 rank 0's are broadcast before each training forward, under FSDP2 too.
