@@ -3,12 +3,13 @@
 torchrun --nproc-per-node 2 -m pipelines.digits --strategy fsdp --epochs 8
 torchrun --nproc-per-node 2 -m pipelines.digits --strategy fsdp --resume RUN_ID --epochs 16
 
-The same run, flags, checkpoints and resume as the single-process loop (:mod:`pipelines.training`),
-with one process per rank on the gloo backend. Rank 0 alone talks to MLflow: it finds the run to
-resume, starts the run, logs metrics and prints; every rank saves and restores checkpoints (rank 0
-writes a DDP model's, every rank its own shards of an FSDP2 one). Each rank draws its batches from
-a ``DistributedSampler`` (seeded by ``--seed``, reshuffled by epoch) and keeps its own RNG states in
-the checkpoint's ``rank_state``, so a resumed run reaches the same weights bit for bit on every rank.
+The same run, flags, checkpoints, resume and epoch loop (:func:`pipelines.training.run_epochs`) as the
+single-process pipeline, with one process per rank on the gloo backend. Rank 0 alone talks to MLflow: it
+finds the run to resume, starts the run, logs metrics and prints; every rank saves and restores
+checkpoints (rank 0 writes a DDP model's, every rank its own shards of an FSDP2 one). Each rank draws its
+batches from a ``DistributedSampler`` (seeded by ``--seed``, reshuffled by epoch) and keeps its own RNG
+states in the checkpoint's ``rank_state``, so a resumed run reaches the same weights bit for bit on
+every rank.
 
 Batch norm's running statistics are buffers every rank updates from its own batches: as DDP does,
 rank 0's are broadcast before each training forward, under FSDP2 too.
@@ -31,8 +32,8 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import tracking
 from pipelines import data, options, runs
-from pipelines.progress import EpochProgress
-from pipelines.task import State, Task, measure, seed_everything
+from pipelines.task import State, Task, seed_everything
+from pipelines.training import run_epochs
 from tracking import distributed
 
 STRATEGIES = ("ddp", "fsdp")
@@ -101,37 +102,21 @@ def _train(task: Task, opts: options.Options) -> str:
         if rank_state is not None:
             # Last thing before the loop, as in the single-process pipeline.
             tracking.restore_rng_state(rank_state["rng"])
-        with _progress(rank, state.epoch + 1, opts.epochs) as progress:
-            for epoch in range(state.epoch + 1, opts.epochs + 1):
-                sampler.set_epoch(epoch)
-                lr = float(state.optimizer.param_groups[0]["lr"])
-                train_loss, train_accuracy = _train_epoch(task, state, loader)
-                val_loss, val_accuracy = measure(task, state.model, split.x_val, split.y_val)
-                metrics = {
-                    "train_loss": train_loss,
-                    "train_accuracy": train_accuracy,
-                    "val_loss": val_loss,
-                    "val_accuracy": val_accuracy,
-                    "lr": lr,
+        run_epochs(
+            task,
+            state,
+            opts.epochs,
+            checkpoints,
+            lambda epoch: _train_epoch(task, state, sampler, loader, epoch),
+            (split.x_val, split.y_val),
+            lambda epoch: {
+                "rank_state": {
+                    "rng": tracking.capture_rng_state(),
+                    "sampler": {"seed": values["seed"], "epoch": epoch, "world_size": world},
                 }
-                last = epoch == opts.epochs
-                if run is not None:
-                    runs.log_epoch(checkpoints, epoch, metrics, last)
-                if progress is not None:
-                    progress.update(epoch, metrics)
-                checkpoints.save(
-                    state.model,
-                    state.optimizer,
-                    epoch=epoch,
-                    metrics=metrics,
-                    scheduler=state.scheduler,
-                    step=state.step,
-                    rank_state={
-                        "rng": tracking.capture_rng_state(),
-                        "sampler": {"seed": values["seed"], "epoch": epoch, "world_size": world},
-                    },
-                    force=last,
-                )
+            },
+            lead=run is not None,
+        )
         whole = _plain_copy(task, state.model, split.n_features)
         if run is not None:
             assert whole is not None
@@ -200,7 +185,10 @@ def _restore(
     return saved
 
 
-def _train_epoch(task: Task, state: State, loader: DataLoader[Any]) -> tuple[float, float]:
+def _train_epoch(
+    task: Task, state: State, sampler: DistributedSampler[Any], loader: DataLoader[Any], epoch: int
+) -> tuple[float, float]:
+    sampler.set_epoch(epoch)  # each epoch's own shuffle, the same on every rank
     state.model.train()
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, seen
     for x, y in loader:
@@ -252,12 +240,3 @@ def _run(
         return
     with runs.start(client, config, task, opts, origin, values, overrides, state) as run:
         yield run
-
-
-@contextlib.contextmanager
-def _progress(rank: int, first: int, last: int) -> Iterator[EpochProgress | None]:
-    if rank != 0:
-        yield None
-        return
-    with EpochProgress(first, last) as progress:
-        yield progress

@@ -17,8 +17,9 @@ resume goes on in, and what it refuses, is :mod:`pipelines.runs`.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     import torch
     from torch.utils.data import DataLoader
 
+    import tracking
     from pipelines import data
 
 # torch, MLflow, scikit-learn and rich are imported inside the functions that train, after the
@@ -70,7 +72,6 @@ def train(task: Task, opts: options.Options) -> str:
 
     import tracking
     from pipelines import data, runs
-    from pipelines.progress import EpochProgress
 
     config = tracking.TrackingConfig.from_env(experiment_name=opts.experiment)
     client = MlflowClient(config.tracking_uri)
@@ -96,37 +97,71 @@ def train(task: Task, opts: options.Options) -> str:
         if rng is not None:
             # Last thing before the loop, so nothing above (MLflow names new runs with `random`) shifts it.
             tracking.restore_rng_state(rng, {"sampler": generator})
-        with EpochProgress(state.epoch + 1, opts.epochs) as progress:
-            for epoch in range(state.epoch + 1, opts.epochs + 1):
-                lr = float(state.optimizer.param_groups[0]["lr"])
-                train_loss, train_accuracy = _train_epoch(task, state, loader, device)
-                val_loss, val_accuracy = measure(task, state.model, x_val, y_val)
-                metrics = {
-                    "train_loss": train_loss,
-                    "train_accuracy": train_accuracy,
-                    "val_loss": val_loss,
-                    "val_accuracy": val_accuracy,
-                    "lr": lr,
-                }
-                last = epoch == opts.epochs
-                runs.log_epoch(checkpoints, epoch, metrics, last)
-                progress.update(epoch, metrics)
-                checkpoints.save(
-                    state.model,
-                    state.optimizer,
-                    epoch=epoch,
-                    metrics=metrics,
-                    scheduler=state.scheduler,
-                    step=state.step,
-                    extra={"rng": tracking.capture_rng_state({"sampler": generator})},
-                    force=last,
-                )
+        run_epochs(
+            task,
+            state,
+            opts.epochs,
+            checkpoints,
+            lambda epoch: _train_epoch(task, state, loader, device),
+            (x_val, y_val),
+            lambda epoch: {"extra": {"rng": tracking.capture_rng_state({"sampler": generator})}},
+        )
         # The trained model in the two other shapes the save/load notes use: its state dict, and
         # the whole model in MLflow's pytorch flavor (mlflow.pytorch.load_model, model serving).
         tracking.log_state_dict(state.model)
         whole = runs.log_whole_model(state.model)
         runs.report(client, run, whole.model_id)
         return str(run.info.run_id)
+
+
+def run_epochs(
+    task: Task,
+    state: State,
+    epochs: int,
+    checkpoints: tracking.Checkpointer,
+    train_epoch: Callable[[int], tuple[float, float]],
+    validation: tuple[torch.Tensor, torch.Tensor],
+    carried: Callable[[int], Mapping[str, Any]],
+    lead: bool = True,
+) -> None:
+    """Epochs ``state.epoch + 1 .. epochs`` of one process or one rank of many, each offered to ``checkpoints``.
+
+    What differs between them comes in: ``train_epoch(epoch)`` trains an epoch and returns its loss and
+    accuracy (over every rank's batches), ``carried(epoch)`` the RNG states a checkpoint keeps (``extra`` or
+    ``rank_state`` keyword arguments of ``save``, taken as it saves), and ``lead`` whether this process
+    logs to MLflow and shows progress (rank 0 alone). Every rank saves: each writes its own part.
+    """
+    from pipelines import runs
+    from pipelines.progress import EpochProgress
+
+    first = state.epoch + 1
+    with contextlib.ExitStack() as stack:
+        progress = stack.enter_context(EpochProgress(first, epochs)) if lead else None
+        for epoch in range(first, epochs + 1):
+            lr = float(state.optimizer.param_groups[0]["lr"])
+            train_loss, train_accuracy = train_epoch(epoch)
+            val_loss, val_accuracy = measure(task, state.model, *validation)
+            metrics = {
+                "train_loss": train_loss,
+                "train_accuracy": train_accuracy,
+                "val_loss": val_loss,
+                "val_accuracy": val_accuracy,
+                "lr": lr,
+            }
+            last = epoch == epochs
+            if progress is not None:
+                runs.log_epoch(checkpoints, epoch, metrics, last)
+                progress.update(epoch, metrics)
+            checkpoints.save(
+                state.model,
+                state.optimizer,
+                epoch=epoch,
+                metrics=metrics,
+                scheduler=state.scheduler,
+                step=state.step,
+                force=last,
+                **carried(epoch),
+            )
 
 
 def _train_epoch(task: Task, state: State, loader: DataLoader[Any], device: torch.device) -> tuple[float, float]:
