@@ -160,7 +160,7 @@ def gc(
     if keep_last is None and keep_best is None:
         raise click.UsageError("pass --keep-last and/or --keep-best.")
     connect()
-    from tracking.checkpointer import prune_report, registered_line
+    from tracking.retention import prune_report, registered_line
     from tracking.selection import resolve_run_id
 
     run_id = resolve_run_id(source)
