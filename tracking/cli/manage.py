@@ -14,9 +14,9 @@ import click
 
 from tracking.cli.inspect import is_epoch, json_option, refuse_checkpoint_of_pinned, source_argument
 from tracking.cli.noise import muted
-from tracking.cli.output import emit_json, human_size, plural
 from tracking.cli.server import connect
 from tracking.layout import UI_VIEW_QUERY
+from tracking.output import emit_json, human_size, plural
 
 if TYPE_CHECKING:
     from tracking.storage.base import Buffer
