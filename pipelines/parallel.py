@@ -33,7 +33,7 @@ import tracking
 from pipelines import data, options, runs
 from pipelines.progress import EpochProgress
 from pipelines.task import State, Task, measure, seed_everything
-from tracking import distributed
+from tracking.parallel import distributed
 
 STRATEGIES = ("ddp", "fsdp")
 TAG_STRATEGY = "tracking.strategy"

@@ -12,14 +12,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from tracking import catalog, distributed, layout, note, registry
+from tracking import catalog, layout, note, registry
 from tracking.catalog import LoggedCheckpoint
 from tracking.checkpoint import check_metrics, snapshot_checkpoint
-from tracking.collective import commit
 from tracking.commit import CheckpointSnapshot, Describe, commit_checkpoint
 from tracking.config import TrackingConfig
 from tracking.errors import TrackingError, one_line
 from tracking.manifest import SHARDED_KIND, Manifest
+from tracking.parallel import distributed
+from tracking.parallel.collective import commit
 from tracking.run import RunHandle, open_run, target_run_id
 from tracking.saver import AsyncSaver, raise_background_errors, reserve_host_memory
 

@@ -146,7 +146,7 @@ def restore(
     DDP's) loads into the module a ``DistributedDataParallel`` wraps, or into an FSDP2 model, each
     rank keeping its own shards. The result's ``rank_state`` is this rank's own.
     """
-    from tracking import distributed, sharded
+    from tracking.parallel import distributed, sharded
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -212,7 +212,7 @@ def _loaded(
 
 def _rank_entry(saved: Any) -> Any:
     """This rank's entry of a checkpoint's ``rank_state`` (a list by rank, or a dict by rank in a sharded one)."""
-    from tracking import distributed
+    from tracking.parallel import distributed
 
     rank = distributed.rank()
     if isinstance(saved, list):
@@ -316,7 +316,7 @@ def _read_torch(located: Located, map_location: str | torch.device, share: bool 
             f"({located.store.describe(path)}); it was deleted. Load another checkpoint."
         ) from None
     if manifest.kind == SHARDED_KIND:
-        from tracking import sharded
+        from tracking.parallel import sharded
 
         _check_device(map_location)
         full = sharded.read_full(located.store, manifest.files, _where(located))

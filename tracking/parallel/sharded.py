@@ -1,7 +1,7 @@
 """Sharded checkpoints (FSDP2, DTensor): every rank streams its own shard file to the store.
 
 A sharded checkpoint is written with ``torch.distributed.checkpoint`` (DCP) through
-:class:`~tracking.dcp_storage.ShardWriter`, which streams each rank's items into one file of the checkpoint's
+:class:`~tracking.parallel.dcp_storage.ShardWriter`, which streams each rank's items into one file of the checkpoint's
 logged model, ``shard-<rank>.distcp``, straight from tensor memory (no local file, no
 gather to one rank). What DCP would pickle as its ``.metadata`` is stored as JSON instead,
 ``dcp.json`` (which tensor chunk or value is where), so reading it runs no code. Rank 0
@@ -24,14 +24,15 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
-from tracking import catalog, dcp_index, distributed
+from tracking import catalog
 from tracking.catalog import LoggedCheckpoint, StoredCheckpoint
 from tracking.commit import commit_files
-from tracking.dcp_index import METADATA_FILE
-from tracking.dcp_storage import SafeFullPlanner, SafeLoadPlanner, ShardReader, ShardWriter
-from tracking.dcp_storage import shard_file as shard_file  # re-exported: a sharded checkpoint's file names
 from tracking.errors import MismatchError, StorageError, TrackingError, one_line
 from tracking.manifest import StoredFile
+from tracking.parallel import dcp_index, distributed
+from tracking.parallel.dcp_index import METADATA_FILE
+from tracking.parallel.dcp_storage import SafeFullPlanner, SafeLoadPlanner, ShardReader, ShardWriter
+from tracking.parallel.dcp_storage import shard_file as shard_file  # re-exported: a sharded checkpoint's file names
 from tracking.run import RunHandle
 from tracking.storage import ArtifactStore, open_store
 

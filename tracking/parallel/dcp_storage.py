@@ -2,10 +2,10 @@
 
 :class:`ShardWriter` streams each rank's items into one file of the checkpoint's logged model,
 ``shard-<rank>.distcp``, straight from tensor memory (no local file, no gather to one rank).
-:class:`ShardReader` reads the index (``dcp.json``, :mod:`tracking.dcp_index`) in place of DCP's
+:class:`ShardReader` reads the index (``dcp.json``, :mod:`tracking.parallel.dcp_index`) in place of DCP's
 pickled ``.metadata``, and verifies each file it needs against the manifest before DCP copies its
 chunks; the planners load values that are not tensors with ``torch.load(weights_only=True)``.
-What is saved and loaded, and the commit, are :mod:`tracking.sharded`'s.
+What is saved and loaded, and the commit, are :mod:`tracking.parallel.sharded`'s.
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from tracking import dcp_index
-from tracking.dcp_index import METADATA_FILE, NEXT_STEP, Span
 from tracking.errors import IntegrityError, load_refusal
 from tracking.manifest import StoredFile
+from tracking.parallel import dcp_index
+from tracking.parallel.dcp_index import METADATA_FILE, NEXT_STEP, Span
 from tracking.storage import ArtifactStore
 
 
