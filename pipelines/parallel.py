@@ -34,7 +34,7 @@ import tracking
 from pipelines import data, options, runs
 from pipelines.task import State, Task, seed_everything
 from pipelines.training import run_epochs
-from tracking import distributed
+from tracking.parallel import distributed
 
 STRATEGIES = ("ddp", "fsdp")
 TAG_STRATEGY = "tracking.strategy"

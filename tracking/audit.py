@@ -102,7 +102,7 @@ def _load_problem(part: _Part, name: str, data: Buffer, format: str) -> str | No
 
             load_safetensors(bytes(data))
         elif format == "dcp":
-            from tracking import dcp_index
+            from tracking.parallel import dcp_index
 
             # Shards are raw tensor bytes and weights-only pickles that dcp.json places; its index must parse.
             if name == dcp_index.METADATA_FILE and isinstance(part.manifest, Manifest):

@@ -17,13 +17,14 @@ from typing import Any, Literal, overload
 import torch
 from torch import nn
 
-from tracking import distributed, layout, spec
+from tracking import layout, spec
 from tracking.catalog import LoggedCheckpoint
-from tracking.collective import commit
 from tracking.commit import CheckpointSnapshot, commit_checkpoint
 from tracking.config import TrackingConfig
 from tracking.errors import IntegrityError, NotFoundError, TrackingError
 from tracking.manifest import FORMAT_VERSION, SHARDED_KIND, Manifest, now, versions
+from tracking.parallel import distributed
+from tracking.parallel.collective import commit
 from tracking.payload import TorchSave, check_loadable
 from tracking.run import RunHandle, open_run, target_run_id
 from tracking.saver import background_saver, raise_background_errors

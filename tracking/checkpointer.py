@@ -12,14 +12,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from tracking import catalog, distributed, layout, note, registry
+from tracking import catalog, layout, note, registry
 from tracking.catalog import LoggedCheckpoint
 from tracking.checkpoint import check_metrics, snapshot_checkpoint
-from tracking.collective import commit
 from tracking.commit import CheckpointSnapshot, Describe, commit_checkpoint
 from tracking.config import TrackingConfig
-from tracking.errors import StorageError, TrackingError, one_line
+from tracking.errors import TrackingError, one_line
 from tracking.manifest import SHARDED_KIND, Manifest
+from tracking.parallel import distributed
+from tracking.parallel.collective import commit
 from tracking.run import RunHandle, open_run, target_run_id
 from tracking.saver import AsyncSaver, raise_background_errors, reserve_host_memory
 
@@ -347,116 +348,3 @@ class Checkpointer:
                 self._saver.close()
         finally:
             self._handle = None
-
-
-@dataclass(frozen=True)
-class Pruned:
-    """What :func:`prune_report` deleted (with ``dry_run``, would delete), and what it kept because
-    a registry version points at it (with those versions, ``name/version``)."""
-
-    deleted: list[catalog.StoredCheckpoint]
-    registered: list[tuple[catalog.StoredCheckpoint, list[str]]]
-
-
-def prune(
-    run_id: str,
-    *,
-    keep_last: int | None = None,
-    keep_best: int | None = None,
-    monitor: str | None = None,
-    mode: str | None = None,
-    dry_run: bool = False,
-    delete_registered: bool = False,
-    running: bool = True,
-    config: TrackingConfig | None = None,
-) -> list[catalog.StoredCheckpoint]:
-    """Retention after the fact: delete a run's checkpoints outside the last N and the best K.
-
-    The rule is the :class:`Checkpointer`'s (the latest checkpoint is always kept, the best tag
-    moves to the best survivor first); ``monitor`` and ``mode`` default to what the run's tags
-    record, else ``val_loss`` / ``min``. A checkpoint that a registry version points at is kept
-    (a warning says so) unless ``delete_registered``; ``running=False`` refuses a run whose
-    status is still RUNNING, whose trainer would point its tags at deleted checkpoints. Returns
-    the checkpoints deleted (with ``dry_run``, those that would be), oldest first.
-    """
-    report = prune_report(
-        run_id,
-        keep_last=keep_last,
-        keep_best=keep_best,
-        monitor=monitor,
-        mode=mode,
-        dry_run=dry_run,
-        delete_registered=delete_registered,
-        running=running,
-        config=config,
-    )
-    for checkpoint, versions in report.registered:
-        _log.warning("%s", registered_line(checkpoint, versions))
-    return report.deleted
-
-
-def registered_line(checkpoint: catalog.StoredCheckpoint, versions: list[str]) -> str:
-    """Why a checkpoint outside the kept set stays: one line."""
-    return (
-        f"kept epoch {checkpoint.epoch} ({checkpoint.model_id}): registry version {', '.join(versions)} points at "
-        "it; delete the version first, or pass --delete-registered (delete_registered=True)"
-    )
-
-
-def prune_report(
-    run_id: str,
-    *,
-    keep_last: int | None = None,
-    keep_best: int | None = None,
-    monitor: str | None = None,
-    mode: str | None = None,
-    dry_run: bool = False,
-    delete_registered: bool = False,
-    running: bool = True,
-    config: TrackingConfig | None = None,
-) -> Pruned:
-    """:func:`prune`, saying which checkpoints it kept because they are registered."""
-    if keep_last is None and keep_best is None:
-        raise ValueError("pass keep_last and/or keep_best: with neither, every checkpoint is kept")
-    handle = open_run(run_id, config)
-    if not running and not dry_run:
-        from tracking.audit import refuse_running
-
-        refuse_running(
-            handle,
-            "its trainer may point the run's latest/best tags at checkpoints deleted now. Stop it first, "
-            "or add --force if no process writes to the run any more (it was killed).",
-        )
-    monitor = monitor or handle.tags.get(layout.TAG_MONITOR) or "val_loss"
-    mode = mode or handle.tags.get(layout.TAG_MODE) or "min"
-    pruner = Checkpointer(keep_last=keep_last, keep_best=keep_best, monitor=monitor, mode=mode, describe_run=False)
-    committed = catalog.committed(handle)
-    kept = pruner._existing(handle)
-    if keep_best is not None and any(value is None for value in kept.values()):
-        missing = sorted(epoch for epoch, value in kept.items() if value is None)
-        raise ValueError(
-            f"run {run_id}: keep_best ranks checkpoints by {monitor!r}, which epochs {missing} lack; "
-            "pass the metric they have with monitor=..."
-        )
-    if not kept:
-        return Pruned([], [])
-    if dry_run:
-        doomed = sorted(set(kept) - pruner._retained(kept, latest=max(kept)))
-        registered = {} if delete_registered else registry.versions_by_model(handle)
-        return Pruned(
-            [committed[e] for e in doomed if committed[e].model_id not in registered],
-            [(committed[e], registered[committed[e].model_id]) for e in doomed if committed[e].model_id in registered],
-        )
-    done = pruner._apply_retention(handle, kept, latest=max(kept), delete_registered=delete_registered)
-    if done.failed:
-        deleted = ", ".join(str(e) for e in done.deleted) or "none"
-        failed = ", ".join(f"{e} ({model_id})" for e, (model_id, _) in sorted(done.failed.items()))
-        first = one_line(next(iter(done.failed.values()))[1])[:300]
-        raise StorageError(
-            f"run {run_id}: could not delete the checkpoints of epochs {failed} ({first}); deleted epochs: "
-            f"{deleted}. Run the same command again once the tracking server and the store answer."
-        )
-    return Pruned(
-        [committed[e] for e in done.deleted],
-        [(committed[e], versions) for e, (_, versions) in sorted(done.registered.items())],
-    )

@@ -1,7 +1,8 @@
-"""Rebuilding: a run ID (or registry URI) -> a live model, optimizer, scheduler and scaler.
+"""Loading: a run ID (or registry URI) -> a live model, optimizer, scheduler and scaler.
 
 Which run and checkpoint a source names is :mod:`tracking.selection`'s business; how the
-tensors avoid a copy is :mod:`tracking.zerocopy`'s.
+objects are rebuilt from the state is :mod:`tracking.rebuild`'s; how the tensors avoid a
+copy is :mod:`tracking.zerocopy`'s.
 
 Every file is checked against its manifest's size and sha256 before ``torch.load``,
 state always loads with ``weights_only=True``, and recorded classes are checked to
@@ -12,25 +13,20 @@ modifies anything on the store.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, cast
 
 import torch
 from torch import nn
 
-from tracking import layout, spec, zerocopy
+from tracking import layout, rebuild, spec, zerocopy
 from tracking.config import TrackingConfig
-from tracking.errors import ConfigError, IntegrityError, MismatchError, NotFoundError, TrackingError, load_refusal
+from tracking.errors import ConfigError, NotFoundError, TrackingError, load_refusal
 from tracking.manifest import CHECKPOINT_KINDS, SHARDED_KIND, Manifest
+from tracking.rebuild import ModelArg
 from tracking.selection import Located, Selector, find_checkpoint, find_weights, resolve_run_id
 from tracking.storage import BufferReader, open_store
-
-MODEL_HINT = "pass model=<an instance or a factory> to tracking.load"
-OPTIMIZER_HINT = "pass optimizer=<a factory taking the model's parameters> to tracking.load"
-SCHEDULER_HINT = "pass scheduler=<a factory taking the optimizer> to tracking.load"
-
-ModelArg = nn.Module | Callable[[], nn.Module] | None
 
 
 @dataclass
@@ -89,19 +85,19 @@ def load(
     # read on the CPU whatever map_location says: only the weights, the optimizer state (which
     # load_state_dict moves to its parameters' device) and the scaler follow map_location; RNG
     # states, rank_state and counters must stay on the host.
-    state = _checkpoint_state(located, _read_torch(located, "cpu", share=True))
-    built = _build_model(located, model, map_location, state["model_state"])
-    adopted = _load_weights(located, built, state["model_state"], strict, adopt=True)
+    state = rebuild.checkpoint_state(located, _read_torch(located, "cpu", share=True))
+    built = rebuild.build_model(located, model, map_location, state["model_state"])
+    adopted = rebuild.load_weights(located, built, state["model_state"], strict, adopt=True)
     optim = None
     if state.get("optim_state") is not None:
-        optim = _build_optimizer(located, built, optimizer)
+        optim = rebuild.build_optimizer(located, built, optimizer)
         # A model that copied its weights leaves its part of the buffer unused: the optimizer
         # state then gets copies of its own, so that the buffer can be freed.
-        _load_optimizer(located, built, optim, state["optim_state"] if adopted else _own(state["optim_state"]))
+        rebuild.load_optimizer(located, built, optim, state["optim_state"] if adopted else _own(state["optim_state"]))
     sched = None
     if state.get("scheduler_state") is not None and optim is not None:
-        sched = _build_scheduler(located, optim, scheduler)
-        _load_field(located, "scheduler_state", sched, _own(state["scheduler_state"]))
+        sched = rebuild.build_scheduler(located, optim, scheduler)
+        rebuild.load_field(located, "scheduler_state", sched, _own(state["scheduler_state"]))
     scaler = None
     if state.get("scaler_state") is not None:
         scaler_cls = spec.import_class(
@@ -111,7 +107,7 @@ def load(
             hint="install a torch that provides it",
         )
         scaler = scaler_cls(torch.device(map_location).type)
-        _load_field(located, "scaler_state", scaler, _own(state["scaler_state"]))
+        rebuild.load_field(located, "scaler_state", scaler, _own(state["scaler_state"]))
     built.train(mode == "train")
     # What the result keeps besides the live objects gets its own tensors: the buffer is freed.
     return _loaded(located, state, built, optim, sched, scaler, keep=_own)
@@ -150,7 +146,7 @@ def restore(
     DDP's) loads into the module a ``DistributedDataParallel`` wraps, or into an FSDP2 model, each
     rank keeping its own shards. The result's ``rank_state`` is this rank's own.
     """
-    from tracking import distributed, sharded
+    from tracking.parallel import distributed, sharded
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -172,116 +168,19 @@ def restore(
         state = sharded.load_into(located.store, manifest.files, _where(located), plain, optimizer, strict)
     else:
         # Read on the host, as load does: load_state_dict copies each value to where it belongs.
-        state = _checkpoint_state(located, _read_torch(located, "cpu"))
+        state = rebuild.checkpoint_state(located, _read_torch(located, "cpu"))
         if distributed.is_sharded(plain.state_dict()):
             # A whole model's checkpoint (one process's, or DDP's) into an FSDP2 model: every rank keeps its shards.
             sharded.load_whole_into(plain, optimizer, state, strict, where=_where(located))
         else:
-            _load_weights(located, plain, state["model_state"], strict)
+            rebuild.load_weights(located, plain, state["model_state"], strict)
             if optimizer is not None and state.get("optim_state") is not None:
-                _load_optimizer(located, plain, optimizer, state["optim_state"])
+                rebuild.load_optimizer(located, plain, optimizer, state["optim_state"])
     if scheduler is not None and state.get("scheduler_state") is not None:
-        _load_field(located, "scheduler_state", scheduler, state["scheduler_state"])
+        rebuild.load_field(located, "scheduler_state", scheduler, state["scheduler_state"])
     if scaler is not None and state.get("scaler_state") is not None:
-        _load_field(located, "scaler_state", scaler, state["scaler_state"])
+        rebuild.load_field(located, "scaler_state", scaler, state["scaler_state"])
     return _loaded(located, state, model, optimizer, scheduler, scaler)
-
-
-def _checkpoint_state(located: Located, state: Any) -> dict[str, Any]:
-    if not isinstance(state, dict) or "model_state" not in state:
-        raise TrackingError(f"run {located.run_id}: {located.label} has no 'model_state' key; it is not a checkpoint.")
-    model_state = state["model_state"]
-    # Values are not all tensors in every state dict (a module's get_extra_state() may be any value).
-    if not isinstance(model_state, Mapping) or not all(isinstance(k, str) for k in model_state):
-        raise _bad_field(located, "model_state", f"is {_kind(model_state)}, not a state dict")
-    optim_state = state.get("optim_state")
-    if optim_state is not None and not (
-        isinstance(optim_state, Mapping)
-        and isinstance(optim_state.get("state"), Mapping)
-        and isinstance(optim_state.get("param_groups"), list)
-    ):
-        raise _bad_field(located, "optim_state", f"is {_kind(optim_state)}, not an optimizer's state_dict()")
-    for key in ("scheduler_state", "scaler_state"):
-        if state.get(key) is not None and not isinstance(state[key], Mapping):
-            raise _bad_field(located, key, f"is {_kind(state[key])}, not a state_dict()")
-    return state
-
-
-def _kind(value: Any) -> str:
-    return f"of type {type(value).__name__} ({str(value)[:60]!r})"
-
-
-def _bad_field(located: Located, key: str, problem: str) -> IntegrityError:
-    return IntegrityError(
-        f"run {located.run_id}: {located.label}: the checkpoint's {key!r} {problem}; it was not written by "
-        "tracking.log_checkpoint, or was edited. Load another checkpoint (checkpoint=<epoch>)."
-    )
-
-
-def _load_field(located: Located, key: str, target: Any, value: Any) -> None:
-    """``target.load_state_dict(value)``, a refusal named as the checkpoint's field ``key``, not a bare exception."""
-    try:
-        target.load_state_dict(value)
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
-        raise MismatchError(
-            f"run {located.run_id}: {located.label}: the checkpoint's {key!r} does not load into "
-            f"{spec.class_path(target)} ({type(exc).__name__}: {str(exc)[:300]}); it is incomplete or of another "
-            "class. Pass the object it was saved from, or load another checkpoint."
-        ) from exc
-
-
-# Per-parameter states that torch's optimizers keep in the shape of their parameter (others, such as
-# Adafactor's row/column factors or LBFGS's flat history, have shapes of their own).
-_PARAM_SHAPED = frozenset(
-    {
-        "momentum_buffer",
-        "exp_avg",
-        "exp_avg_sq",
-        "max_exp_avg_sq",
-        "exp_inf",
-        "square_avg",
-        "grad_avg",
-        "acc_delta",
-        "sum",
-        "ax",
-        "prev",
-        "step_size",
-    }
-)
-
-
-def _load_optimizer(located: Located, model: nn.Module, optimizer: torch.optim.Optimizer, saved: Any) -> None:
-    """Load an optimizer state after checking that each saved per-parameter state fits the parameter it goes to.
-
-    ``Optimizer.load_state_dict`` pairs saved and live parameters by position only: param groups
-    recorded in another order (an edited manifest, a factory grouping otherwise) would hand one
-    parameter's momentum to another without a word.
-    """
-    names = {id(p): n for n, p in model.named_parameters()}
-    groups = saved["param_groups"]
-    if len(groups) != len(optimizer.param_groups):
-        raise MismatchError(
-            f"run {located.run_id}: {located.label}: the checkpoint's 'optim_state' has {len(groups)} param groups, "
-            f"the optimizer {len(optimizer.param_groups)}; {OPTIMIZER_HINT} that groups parameters as when saved."
-        )
-    for index, (group, live) in enumerate(zip(groups, optimizer.param_groups, strict=True)):
-        ids = group.get("params") if isinstance(group, Mapping) else None
-        if not isinstance(ids, list) or len(ids) != len(live["params"]):
-            raise MismatchError(
-                f"run {located.run_id}: {located.label}: param group {index} of the checkpoint's 'optim_state' does "
-                f"not hold the {len(live['params'])} parameters of the optimizer's; {OPTIMIZER_HINT}."
-            )
-        for saved_id, param in zip(ids, live["params"], strict=True):
-            entry = saved["state"].get(saved_id)
-            for key, value in (entry or {}).items() if isinstance(entry, Mapping) else ():
-                if key in _PARAM_SHAPED and isinstance(value, torch.Tensor) and value.shape != param.shape:
-                    raise MismatchError(
-                        f"run {located.run_id}: {located.label}: the checkpoint's 'optim_state' holds {key} of shape "
-                        f"{tuple(value.shape)} for parameter {names.get(id(param), '?')} of shape "
-                        f"{tuple(param.shape)} (param group {index}): the optimizer's parameters are not grouped "
-                        f"as when it was saved; {OPTIMIZER_HINT}."
-                    )
-    _load_field(located, "optim_state", optimizer, saved)
 
 
 def _loaded(
@@ -313,7 +212,7 @@ def _loaded(
 
 def _rank_entry(saved: Any) -> Any:
     """This rank's entry of a checkpoint's ``rank_state`` (a list by rank, or a dict by rank in a sharded one)."""
-    from tracking import distributed
+    from tracking.parallel import distributed
 
     rank = distributed.rank()
     if isinstance(saved, list):
@@ -366,8 +265,8 @@ def load_model(
     # A checkpoint is read on the host: its weights alone go to map_location, by load_state_dict.
     state = _read_torch(located, map_location if share else "cpu", share=share)
     weights = state["model_state"] if located.manifest.kind in CHECKPOINT_KINDS else state
-    built = _build_model(located, model, map_location, weights)
-    _load_weights(located, built, weights, strict, adopt=share)
+    built = rebuild.build_model(located, model, map_location, weights)
+    rebuild.load_weights(located, built, weights, strict, adopt=share)
     built.train(mode == "train")
     return built
 
@@ -417,7 +316,7 @@ def _read_torch(located: Located, map_location: str | torch.device, share: bool 
             f"({located.store.describe(path)}); it was deleted. Load another checkpoint."
         ) from None
     if manifest.kind == SHARDED_KIND:
-        from tracking import sharded
+        from tracking.parallel import sharded
 
         _check_device(map_location)
         full = sharded.read_full(located.store, manifest.files, _where(located))
@@ -483,126 +382,6 @@ def _check_device(map_location: str | torch.device) -> None:
     device = torch.device(map_location)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"map_location={map_location!r} but CUDA is not available here; use 'cpu'.")
-
-
-def _build_model(
-    located: Located, model: ModelArg, map_location: str | torch.device, weights: Mapping[str, Any]
-) -> nn.Module:
-    """The model to load ``weights`` into, on ``map_location``: the one given (or a factory's), else rebuilt
-    from its class in the floating-point dtype its weights were saved in (a bf16 model comes back bf16)."""
-    run_id = located.run_id
-    recorded = located.manifest.model
-    built: Any
-    if isinstance(model, nn.Module):
-        built = model
-    elif isinstance(model, type) and issubclass(model, nn.Module):
-        built = spec.build(model, (), recorded.get("init_kwargs") or {}, run_id=run_id, hint=MODEL_HINT)
-    elif callable(model):
-        built = model()
-        if not isinstance(built, nn.Module):
-            raise TypeError(f"the model factory returned {type(built).__name__}, not a torch.nn.Module")
-    elif model is not None:
-        raise TypeError(f"model must be an nn.Module, an nn.Module class or a factory, got {model!r}")
-    else:
-        cls = spec.import_class(recorded["class"], "model", run_id=run_id, hint=MODEL_HINT)
-        kwargs = recorded.get("init_kwargs")
-        if kwargs is None:
-            raise NotFoundError(
-                f"run {run_id}: the init arguments of {recorded['class']} were not recorded, so the "
-                f"model cannot be rebuilt from the run alone; {MODEL_HINT} (or log with "
-                "@tracking.rebuildable / model_kwargs= next time)."
-            )
-        built = spec.build(cls, (), kwargs, run_id=run_id, hint=MODEL_HINT)
-    if (model is None or isinstance(model, type)) and isinstance(weights, Mapping):
-        saved = {v.dtype for v in weights.values() if isinstance(v, torch.Tensor) and v.is_floating_point()}
-        if len(saved) == 1:
-            built = built.to(saved.pop())
-    module: nn.Module = built.to(map_location)
-    return module
-
-
-def _load_weights(
-    located: Located,
-    model: nn.Module,
-    state: Mapping[str, torch.Tensor],
-    strict: bool,
-    adopt: bool = False,
-) -> bool:
-    """Load ``state`` into ``model``; True when it adopted the tensors (``adopt``) instead of copying them."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [
-        f"{k}: stored {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(state))
-        if hasattr(state[k], "shape") and state[k].shape != own[k].shape
-    ]
-    if shapes or (strict and (missing or unexpected)):
-        raise MismatchError(
-            f"run {located.run_id}: {located.label} does not fit {spec.class_path(model)}: "
-            f"missing keys {missing or 'none'}; unexpected keys {unexpected or 'none'}; "
-            f"shape mismatches {shapes or 'none'}. Build the model with the architecture that was "
-            "logged" + ("" if shapes else ", or pass strict=False to load the keys that match") + "."
-        )
-    if adopt and zerocopy.adopt(model, state):
-        return True
-    model.load_state_dict(state, strict=strict)
-    return False
-
-
-def _build_optimizer(
-    located: Located,
-    model: nn.Module,
-    factory: Callable[..., torch.optim.Optimizer] | None,
-) -> torch.optim.Optimizer:
-    run_id = located.run_id
-    if factory is not None:
-        built = factory(model.parameters())
-        if not isinstance(built, torch.optim.Optimizer):
-            raise TypeError(f"the optimizer factory returned {type(built).__name__}, not an Optimizer")
-        return built
-    recorded = located.manifest.optimizer
-    if not recorded:
-        raise NotFoundError(f"run {run_id}: the manifest does not describe the optimizer; {OPTIMIZER_HINT}.")
-    cls = spec.import_class(recorded["class"], "optimizer", run_id=run_id, hint=OPTIMIZER_HINT)
-    named = dict(model.named_parameters())
-    try:
-        groups = [{"params": [named[n] for n in g["params"]]} for g in recorded["param_groups"]]
-    except KeyError as exc:
-        raise MismatchError(
-            f"run {run_id}: the optimizer was trained over parameter {exc} which the model lacks; {OPTIMIZER_HINT}."
-        ) from None
-    # Checkpoints logged before the manifest kept only accepted defaults may hold others.
-    defaults = spec.accepted(cls, recorded.get("defaults", {}))
-    built = spec.build(cls, (groups,), defaults, run_id=run_id, hint=OPTIMIZER_HINT)
-    return built  # type: ignore[no-any-return]
-
-
-def _build_scheduler(
-    located: Located,
-    optimizer: torch.optim.Optimizer,
-    factory: Callable[[torch.optim.Optimizer], Any] | None,
-) -> Any:
-    # Constructing a scheduler steps it once, which rewrites the optimizer's learning rates
-    # (a factory's scheduler too); put the loaded values back, load_state_dict restores the rest.
-    saved_groups = [dict(g) for g in optimizer.state_dict()["param_groups"]]
-    if factory is not None:
-        built = factory(optimizer)
-    else:
-        run_id = located.run_id
-        recorded = located.manifest.scheduler or {}
-        if recorded.get("init_kwargs") is None:
-            raise NotFoundError(
-                f"run {run_id}: the scheduler {recorded.get('class', '(unknown)')} cannot be rebuilt from "
-                f"its manifest (its init arguments were not recorded); {SCHEDULER_HINT}."
-            )
-        cls = spec.import_class(recorded["class"], "scheduler", run_id=run_id, hint=SCHEDULER_HINT)
-        built = spec.build(cls, (optimizer,), recorded["init_kwargs"], run_id=run_id, hint=SCHEDULER_HINT)
-    for group, saved in zip(optimizer.param_groups, saved_groups, strict=True):
-        for key, value in saved.items():
-            if key != "params":
-                group[key] = value
-    return built
 
 
 def _check_mode(mode: str) -> None:

@@ -21,7 +21,7 @@ from tracking.errors import IntegrityError
 
 FORMAT_VERSION = 1
 # "sharded_checkpoint": a checkpoint written by every rank through torch.distributed.checkpoint
-# (format "dcp"), its files one shard per rank and their index (see tracking.sharded).
+# (format "dcp"), its files one shard per rank and their index (see tracking.parallel.sharded).
 SHARDED_KIND = "sharded_checkpoint"
 KINDS = ("checkpoint", SHARDED_KIND, "state_dict")
 CHECKPOINT_KINDS = ("checkpoint", SHARDED_KIND)

@@ -87,7 +87,7 @@ def is_json(value: Any) -> bool:
 
 def describe_model(model: nn.Module, model_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
     """Class path and init kwargs of ``model``; ``init_kwargs`` is None when they are unknown."""
-    from tracking.distributed import model_class
+    from tracking.parallel.distributed import model_class
 
     cls = model_class(model)  # the user's class, not the subclass fully_shard makes
     kwargs: Mapping[str, Any] | None = model_kwargs

@@ -38,9 +38,9 @@ import tracking
 from benchmarks.checkpoint_io.cli import parse_size
 from benchmarks.checkpoint_io.model import build_model
 from benchmarks.checkpoint_io.probes import _rss
-from tracking import distributed
 from tracking.checkpoint import snapshot_checkpoint
 from tracking.commit import CheckpointSnapshot, commit_checkpoint
+from tracking.parallel import distributed
 from tracking.run import open_run
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "checkpoint_io_sharded.json"

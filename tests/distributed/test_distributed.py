@@ -27,8 +27,9 @@ from mlflow.tracking import MlflowClient
 
 import tracking
 from pipelines.models import DigitsMLP
-from tracking import dcp_index, layout, sharded
+from tracking import layout
 from tracking.localstack import LocalStack
+from tracking.parallel import dcp_index, sharded
 from tracking.storage import BufferReader
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

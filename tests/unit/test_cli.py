@@ -13,7 +13,8 @@ from click.testing import CliRunner
 
 import tracking
 from pipelines.models import Model
-from tracking.cli import main, output
+from tracking import output
+from tracking.cli import main
 from tracking.selection import find_checkpoint
 
 

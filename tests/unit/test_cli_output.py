@@ -13,7 +13,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from tracking.cli import main, output
+from tracking import output
+from tracking.cli import main
 from tracking.cli import server as server_module
 
 

@@ -17,9 +17,9 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-from tracking import dcp_index
-from tracking.dcp_index import Span
 from tracking.errors import IntegrityError
+from tracking.parallel import dcp_index
+from tracking.parallel.dcp_index import Span
 
 # Each file the manifest lists, with its size: the index's spans must fit in them.
 FILES = {"shard-00000.distcp": 124, "shard-00001.distcp": 24, "dcp.json": 1000}
@@ -118,8 +118,8 @@ def _sharded_checkpoint(run_id: str) -> None:
     from pipelines.models import Model
     from tracking.checkpoint import snapshot_checkpoint
     from tracking.manifest import SHARDED_KIND
+    from tracking.parallel.sharded import commit_sharded
     from tracking.run import open_run
-    from tracking.sharded import commit_sharded
 
     snapshot = snapshot_checkpoint(Model(6), None, epoch=1)
     snapshot.manifest = replace(snapshot.manifest, kind=SHARDED_KIND, format="dcp")
@@ -184,7 +184,7 @@ def test_a_malicious_value_in_a_shard_is_refused_naming_the_checkpoint_without_t
 
     import tracking
     from tests.unit.test_loader import rewrite, tamper_manifest
-    from tracking.sharded import shard_file
+    from tracking.parallel.sharded import shard_file
 
     with mlflow.start_run() as run:
         _sharded_checkpoint(run.info.run_id)

@@ -28,8 +28,8 @@ from tests.unit.test_loader import checkpoint_model, rewrite, tamper_manifest
 from tracking import layout, spec
 from tracking.audit import verify
 from tracking.config import TrackingConfig
-from tracking.loader import MODEL_HINT
 from tracking.manifest import MAX_FILES, Manifest
+from tracking.rebuild import MODEL_HINT
 from tracking.storage import open_store
 
 MODEL_ID = f"m-{'0' * 32}"

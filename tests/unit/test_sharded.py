@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tracking import sharded
+from tracking.parallel import sharded
 
 
 def _trained() -> tuple[torch.nn.Module, torch.optim.Optimizer]:

@@ -14,8 +14,8 @@ from typing import Any
 import click
 
 from tracking.cli import inspect, manage
-from tracking.cli.output import human_size
 from tracking.errors import exit_code, format_warning, one_line
+from tracking.output import human_size
 
 __all__ = ["human_size", "main"]
 

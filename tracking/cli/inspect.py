@@ -7,8 +7,8 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from tracking.cli.output import Column, emit_json, human_size, plural, table
 from tracking.cli.server import connect
+from tracking.output import Column, emit_json, human_size, plural, table
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 

@@ -14,9 +14,9 @@ import click
 
 from tracking.cli.inspect import is_epoch, json_option, refuse_checkpoint_of_pinned, source_argument
 from tracking.cli.noise import muted
-from tracking.cli.output import emit_json, human_size, plural
 from tracking.cli.server import connect
 from tracking.layout import UI_VIEW_QUERY
+from tracking.output import emit_json, human_size, plural
 
 if TYPE_CHECKING:
     from tracking.storage.base import Buffer
@@ -160,7 +160,7 @@ def gc(
     if keep_last is None and keep_best is None:
         raise click.UsageError("pass --keep-last and/or --keep-best.")
     connect()
-    from tracking.checkpointer import prune_report, registered_line
+    from tracking.retention import prune_report, registered_line
     from tracking.selection import resolve_run_id
 
     run_id = resolve_run_id(source)

@@ -11,7 +11,6 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from tracking.cli.output import Column, human_size, table
 from tracking.config import TrackingConfig
 from tracking.localstack import records
 from tracking.localstack.services import HOST
@@ -24,6 +23,7 @@ from tracking.localstack.stack import (
     StackError,
 )
 from tracking.localstack.supervisor import port_free
+from tracking.output import Column, human_size, table
 
 
 @click.group()

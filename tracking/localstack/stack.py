@@ -21,10 +21,8 @@ how it did.
 from __future__ import annotations
 
 import json
-import os
-import shlex
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from typing import Any
 from tracking.config import TrackingConfig
 from tracking.errors import TrackingError
 from tracking.localstack import services
+from tracking.localstack.datadir import export_lines, last_line, tree_size, write_private
 from tracking.localstack.services import HOST as HOST  # re-exported: imported from here
 from tracking.localstack.services import MLFLOW, SEAWEEDFS, Launch, WeedNotFound, redact
 from tracking.localstack.services import SEAWEEDFS_PORT_COUNT as SEAWEEDFS_PORT_COUNT
@@ -233,21 +232,21 @@ class LocalStack:
         services.prepare_sqlite(self.backend_store_uri)
         for sub in ("run", "logs", SEAWEEDFS):
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
-        self._write_private(self.data_dir / "run" / "stack.json", json.dumps(self._settings(), indent=2))
+        write_private(self.data_dir / "run" / "stack.json", json.dumps(self._settings(), indent=2))
         started: list[str] = []
         try:
             for launch in to_start:
                 if launch.name == SEAWEEDFS:
                     # Read by weed at start only; rewritten so changed credentials take effect.
                     identities = services.identities(self.access_key_id, self.secret_access_key)
-                    self._write_private(self.data_dir / "run" / "s3.json", identities)
+                    write_private(self.data_dir / "run" / "s3.json", identities)
                 self._spawn(launch)
                 started.append(launch.name)
             self._wait_until_healthy()
         except BaseException:
             self._stop(*started)
             raise
-        self._write_private(self.env_file, _export_lines(self.env()))
+        write_private(self.env_file, export_lines(self.env()))
         return started
 
     def down(self) -> list[str]:
@@ -270,7 +269,7 @@ class LocalStack:
             owned = self._processes.owned_pid(name)
             pid = owned if owned is not None else self._processes.recorded_pid(name)
             statuses.append(ServiceStatus(name, pid, owned is not None, urls[name], self.log_path(name)))
-        return StackStatus(tuple(statuses), self.data_dir, _tree_size(self.data_dir), redact(self.backend_store_uri))
+        return StackStatus(tuple(statuses), self.data_dir, tree_size(self.data_dir), redact(self.backend_store_uri))
 
     # -- the two services ---------------------------------------------------------------------
 
@@ -345,7 +344,7 @@ class LocalStack:
                     log = self.log_path(name)
                     raise StackError(
                         f"{name} exited during start (exit code {exit_code}, last log line: "
-                        f"{_last_line(log)!r}); log: {log}"
+                        f"{last_line(log)!r}); log: {log}"
                     )
                 if not self._processes.started_here(name) and self._processes.owned_pid(name) is None:
                     raise StackError(f"{name} stopped while waiting for it; log: {self.log_path(name)}")
@@ -358,7 +357,7 @@ class LocalStack:
                 log = self.log_path(name)
                 raise StackError(
                     f"{name} did not become healthy within {self.startup_timeout:.0f}s ({problem}; last "
-                    f"error in log: {_last_line(log, containing='Error')!r}); log: {log}"
+                    f"error in log: {last_line(log, containing='Error')!r}); log: {log}"
                 )
             time.sleep(0.25)
 
@@ -369,37 +368,3 @@ class LocalStack:
                 self.s3_endpoint_url, self.access_key_id, self.secret_access_key, self.config.aws_region
             )
         return self._client
-
-    @staticmethod
-    def _write_private(path: Path, text: str) -> None:
-        # Holds credentials (stack.env, s3.json) or a database URL (stack.json): owner-only.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(path, 0o600)
-
-
-def _last_line(path: Path, containing: str = "") -> str:
-    try:
-        with path.open("rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return ""
-    last = next((line.strip() for line in reversed(lines) if line.strip() and containing in line), "")
-    return last if len(last) <= 200 else last[:197] + "..."
-
-
-def _tree_size(path: Path) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:
-                continue  # removed while walking
-    return total
-
-
-def _export_lines(env: Mapping[str, str]) -> str:
-    return "".join(f"export {key}={shlex.quote(value)}\n" for key, value in env.items())

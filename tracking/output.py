@@ -1,4 +1,5 @@
-"""How commands print: tables that fit the terminal, plain columns into pipes, JSON on request."""
+"""How the command lines print (``tracking`` and ``tracking stack``): tables that fit the terminal, plain columns into
+pipes, JSON on request."""
 
 from __future__ import annotations
 
