@@ -3,7 +3,7 @@
 torchrun --nproc-per-node 2 -m pipelines.digits --strategy fsdp --epochs 8
 torchrun --nproc-per-node 2 -m pipelines.digits --strategy fsdp --resume RUN_ID --epochs 16
 
-The same run, flags, checkpoints, resume and epoch loop (:func:`pipelines.training.run_epochs`) as the
+The same run, flags, checkpoints, resume and epoch loop (:func:`pipelines.epochs.run_epochs`) as the
 single-process pipeline, with one process per rank on the gloo backend. Rank 0 alone talks to MLflow: it
 finds the run to resume, starts the run, logs metrics and prints; every rank saves and restores
 checkpoints (rank 0 writes a DDP model's, every rank its own shards of an FSDP2 one). Each rank draws its
@@ -32,8 +32,8 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import tracking
 from pipelines import data, options, runs
+from pipelines.epochs import run_epochs
 from pipelines.task import State, Task, seed_everything
-from pipelines.training import run_epochs
 from tracking.parallel import distributed
 
 STRATEGIES = ("ddp", "fsdp")

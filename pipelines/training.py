@@ -10,21 +10,21 @@ logged model, at the same step), so the charts and the checkpoints agree.
 ``--resume RUN_ID [--from-epoch N]`` restores the model, optimizer, scheduler, global
 step and every RNG state (torch, CUDA, numpy, Python and the DataLoader's sampler),
 so epochs N+1.. draw the same batches and reach the same weights bit for bit as a
-run that never stopped (on CPU; GPU kernels that are not deterministic can differ
-in the last bits unless ``torch.use_deterministic_algorithms(True)``). Which run a
-resume goes on in, and what it refuses, is :mod:`pipelines.runs`.
+run that never stopped (on a GPU too: :func:`~pipelines.task.seed_everything` picks
+deterministic kernels there). Which run a resume goes on in, and what it refuses, is
+:mod:`pipelines.runs`; the epoch loop itself is :mod:`pipelines.epochs`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from pipelines import options
-from pipelines.task import State, Task, measure, seed_everything
+from pipelines.epochs import run_epochs
+from pipelines.task import State, Task, seed_everything
 from tracking.config import bound_mlflow_requests
 from tracking.errors import run_command
 
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     import torch
     from torch.utils.data import DataLoader
 
-    import tracking
     from pipelines import data
 
 # torch, MLflow, scikit-learn and rich are imported inside the functions that train, after the
@@ -112,56 +111,6 @@ def train(task: Task, opts: options.Options) -> str:
         whole = runs.log_whole_model(state.model)
         runs.report(client, run, whole.model_id)
         return str(run.info.run_id)
-
-
-def run_epochs(
-    task: Task,
-    state: State,
-    epochs: int,
-    checkpoints: tracking.Checkpointer,
-    train_epoch: Callable[[int], tuple[float, float]],
-    validation: tuple[torch.Tensor, torch.Tensor],
-    carried: Callable[[int], Mapping[str, Any]],
-    lead: bool = True,
-) -> None:
-    """Epochs ``state.epoch + 1 .. epochs`` of one process or one rank of many, each offered to ``checkpoints``.
-
-    What differs between them comes in: ``train_epoch(epoch)`` trains an epoch and returns its loss and
-    accuracy (over every rank's batches), ``carried(epoch)`` the RNG states a checkpoint keeps (``extra`` or
-    ``rank_state`` keyword arguments of ``save``, taken as it saves), and ``lead`` whether this process
-    logs to MLflow and shows progress (rank 0 alone). Every rank saves: each writes its own part.
-    """
-    from pipelines import runs
-    from pipelines.progress import EpochProgress
-
-    first = state.epoch + 1
-    with contextlib.ExitStack() as stack:
-        progress = stack.enter_context(EpochProgress(first, epochs)) if lead else None
-        for epoch in range(first, epochs + 1):
-            lr = float(state.optimizer.param_groups[0]["lr"])
-            train_loss, train_accuracy = train_epoch(epoch)
-            val_loss, val_accuracy = measure(task, state.model, *validation)
-            metrics = {
-                "train_loss": train_loss,
-                "train_accuracy": train_accuracy,
-                "val_loss": val_loss,
-                "val_accuracy": val_accuracy,
-                "lr": lr,
-            }
-            last = epoch == epochs
-            if progress is not None:
-                runs.log_epoch(checkpoints, epoch, metrics, last)
-                progress.update(epoch, metrics)
-            checkpoints.save(
-                state.model,
-                state.optimizer,
-                epoch=epoch,
-                metrics=metrics,
-                scheduler=state.scheduler,
-                step=state.step,
-                force=last,
-                **carried(epoch),
-            )
 
 
 def _train_epoch(task: Task, state: State, loader: DataLoader[Any], device: torch.device) -> tuple[float, float]:
