@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +16,7 @@ from mlflow import MlflowClient
 
 import tracking
 from pipelines.models import Model
+from tests.logs import messages_of
 from tracking.cli import main
 from tracking.localstack import LocalStack
 
@@ -92,13 +92,10 @@ def test_every_command_on_a_real_stack(logged_run: tuple[str, str], tmp_path: Pa
     assert sorted(m.name for m in models) == ["checkpoint-epoch-0002", "checkpoint-epoch-0004"]
 
     name = f"cli-model-{uuid.uuid4().hex[:6]}"
-    notes = _Messages()  # MLflow's own handler writes to the real stderr, past CliRunner: listen on its logger
-    logging.getLogger("mlflow.store.model_registry.abstract_store").addHandler(notes)
-    try:
+    # MLflow's own handler writes to the real stderr, past CliRunner: listen on its logger.
+    with messages_of("mlflow.store.model_registry.abstract_store") as notes:
         registered = as_json("register", run_id, name, "--checkpoint", "best", "--alias", "champion")
-    finally:
-        logging.getLogger("mlflow.store.model_registry.abstract_store").removeHandler(notes)
-    assert not [m for m in notes.messages if m.startswith("Waiting up to")], "MLflow's wait note is printed"
+    assert not [m for m in notes if m.startswith("Waiting up to")], "MLflow's wait note is printed"
     assert registered["uri"] == f"models:/{name}@champion"
     assert tracking.load(f"models:/{name}@champion").epoch == 2
     assert tracking.load(run_id).epoch == 4
@@ -113,12 +110,3 @@ def test_errors_name_the_run_and_exit_1(logged_run: tuple[str, str]) -> None:
     unknown = invoke("checkpoints", "f" * 32)
     assert unknown.exit_code == 1 and "not found" in unknown.stderr
     assert invoke("gc", run_id).exit_code == 2  # neither --keep-last nor --keep-best
-
-
-class _Messages(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())

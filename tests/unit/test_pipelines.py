@@ -17,7 +17,6 @@ are subprocesses; the rest call the pipelines' ``main`` in-process to save impor
 from __future__ import annotations
 
 import io
-import logging
 import os
 import re
 import subprocess
@@ -38,6 +37,7 @@ from mlflow.tracking import MlflowClient
 import tracking
 from pipelines import digits, evaluate, runs, train, training
 from pipelines.models import Model
+from tests.logs import messages_of
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENT = "pipelines"
@@ -312,22 +312,9 @@ def test_help_answers_without_importing_torch_or_mlflow(module: str) -> None:
 
 
 def test_the_whole_model_is_said_to_be_a_pickle_once_our_way(env: dict[str, str]) -> None:
-    warnings = _Messages()
-    logging.getLogger("mlflow.pytorch").addHandler(warnings)
-    try:
+    with messages_of("mlflow.pytorch") as warnings:
         outcome = inline(train.main, "--epochs", "1")
-    finally:
-        logging.getLogger("mlflow.pytorch").removeHandler(warnings)
     assert outcome.code == 0, outcome.err
-    assert not [m for m in warnings.messages if "Pickle" in m], warnings.messages
+    assert not [m for m in warnings if "Pickle" in m], warnings
     [line] = [line for line in outcome.out.splitlines() if line.startswith("whole model: models:/")]
     assert "a pickle: load only runs you trust" in line
-
-
-class _Messages(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
