@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from tracking import catalog, layout
@@ -69,6 +71,37 @@ def commit_checkpoint(
         return {layout.CHECKPOINT_FILE: checkpoint.store.write(layout.CHECKPOINT_FILE, TorchSave(snapshot.payload))}
 
     return commit_files(handle, checkpoint, snapshot, write_files, describe)
+
+
+def commit_local_files(
+    handle: RunHandle,
+    manifest: Manifest,
+    files: Mapping[str, Path],
+    *,
+    monitor: str | None = None,
+    mode: str = "min",
+    describe: Describe | None = None,
+) -> LoggedCheckpoint:
+    """Commit files a framework already saved on local disk (``stored name -> local path``) as a checkpoint.
+
+    The same commit as :func:`commit_checkpoint`'s: a new logged model, each file (size and sha256
+    recorded as it streams), the manifest listing them last, READY, the run's tags.
+    """
+    checkpoint = catalog.create(handle, manifest)
+    snapshot = CheckpointSnapshot(payload={}, manifest=manifest, monitor=monitor, mode=mode)
+
+    def write_files() -> dict[str, StoredFile]:
+        return {name: checkpoint.store.write(name, _copy_of(path)) for name, path in files.items()}
+
+    return commit_files(handle, checkpoint, snapshot, write_files, describe)
+
+
+def _copy_of(path: Path) -> Callable[[Any], None]:
+    def produce(stream: Any) -> None:
+        with open(path, "rb") as source:
+            shutil.copyfileobj(source, stream, 8 * 1024 * 1024)
+
+    return produce
 
 
 def commit_files(

@@ -102,7 +102,9 @@ class Manifest:
 MAX_BYTES = 64 * 1024 * 1024
 MAX_FILES = 10_000
 MAX_DEPTH = 100
-FORMATS = ("torch", "safetensors", "dcp")
+# "lightning": checkpoint.pt is a Lightning Trainer checkpoint (state_dict, optimizer_states, loops, ...);
+# "transformers": the files of a Hugging Face Trainer checkpoint folder (see tracking.integrations).
+FORMATS = ("torch", "safetensors", "dcp", "lightning", "transformers")
 
 _NEXT_STEP = (
     "the manifest is corrupted or was edited; load another checkpoint (checkpoint=<epoch>) or log this one again."

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,36 +56,11 @@ def download(source: str, checkpoint: str, to: Path, force: bool, as_json: bool)
     if checkpoint != "state_dict":
         refuse_checkpoint_of_pinned(source, checkpoint)
     connect()
-    from tracking.errors import ConfigError
+    from tracking.download import download_files
     from tracking.selection import find_checkpoint, find_weights
 
     located = find_weights(source) if checkpoint == "state_dict" else find_checkpoint(source, checkpoint)
-    names = [*located.manifest.files, "manifest.json"]
-    existing = [name for name in names if (to / name).exists()]
-    if existing and not force:
-        raise ConfigError(f"{to}: {', '.join(existing)} exist already; pass --force to overwrite, or another --to.")
-    created = not to.exists()
-    # Every file goes to a folder of its own inside --to first and is moved into place only once all
-    # are written: a full or read-only disk, or a failed read, leaves no partial file behind.
-    staging: Path | None = None
-    try:
-        to.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".download-", dir=to))
-        for name, expected in located.manifest.files.items():
-            (staging / name).write_bytes(_read(located, name, expected, as_json))
-        (staging / "manifest.json").write_bytes(located.manifest.to_json())
-        for name in names:
-            os.replace(staging / name, to / name)
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot write {_what_failed(exc, to)} ({exc.strerror or exc}); nothing was downloaded: pass a "
-            f"writable --to with room for {human_size(sum(f.size for f in located.manifest.files.values()))}."
-        ) from exc
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-        if created and to.is_dir() and not any(to.iterdir()):
-            to.rmdir()
+    download_files(located, to, force=force, read=lambda found, name, expected: _read(found, name, expected, as_json))
     what = located.label if located.model_id else f"run {located.run_id} {located.label}"
     if as_json:
         files = {name: {"size": f.size, "sha256": f.sha256} for name, f in located.manifest.files.items()}
@@ -112,16 +85,6 @@ def _read(located: Any, name: str, expected: Any, as_json: bool) -> Buffer:
             bar.advance(task, n)
 
         return located.store.read(path, expected, progress=advance)  # type: ignore[no-any-return]
-
-
-def _what_failed(exc: OSError, to: Path) -> Path:
-    """The path an OSError names, as the user knows it (a staged file by its place in --to)."""
-    if not isinstance(exc.filename, str):
-        return to
-    failed = Path(exc.filename)
-    if failed.name.startswith(".download-"):
-        return to
-    return to / failed.name if failed.parent.name.startswith(".download-") else failed
 
 
 @click.command()
