@@ -117,7 +117,9 @@ def log_model(
     How to rebuild it without unpickling (class path and init kwargs) is recorded in
     the logged model's metadata under ``"tracking"``. Returns MLflow's ``ModelInfo``.
     """
-    import mlflow.pytorch
+    import mlflow
+
+    from tracking.flavor import pytorch_flavor
 
     _check_model(model)
     description = spec.describe_model(model, model_kwargs)
@@ -127,7 +129,7 @@ def log_model(
     logged = mlflow.initialize_logged_model(
         name=layout.MODEL_NAME, source_run_id=handle.run_id, experiment_id=handle.experiment_id
     )
-    return mlflow.pytorch.log_model(
+    return pytorch_flavor().log_model(
         model,
         name=layout.MODEL_NAME,
         run_id=handle.run_id,

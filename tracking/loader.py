@@ -288,13 +288,14 @@ def load_pickled_model(
             "Pass trust_pickle=True if you trust this run, or use tracking.load_model(), which rebuilds "
             "the model from its class and weights without unpickling."
         )
-    import mlflow.pytorch
     from mlflow.exceptions import MlflowException
+
+    from tracking.flavor import pytorch_flavor
 
     # A registry version or logged model ID names the whole model itself; a run, its "model".
     uri = source if source.startswith("models:/") else f"runs:/{resolve_run_id(source, config)}/{layout.MODEL_NAME}"
     try:
-        loaded = mlflow.pytorch.load_model(uri, map_location=map_location)
+        loaded = pytorch_flavor().load_model(uri, map_location=map_location)
     except MlflowException as exc:
         raise NotFoundError(
             f"{source}: no whole model at {uri} ({exc.message}); log one with tracking.log_model(model), "

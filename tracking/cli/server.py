@@ -24,6 +24,9 @@ def connect() -> None:
     """
     global _announced
     check_client_env()
+    # A command prints one line per outcome; MLflow draws a tqdm bar on stderr for every artifact it
+    # downloads whenever tqdm is installed (lightning and transformers install it). Set to true to see them.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return
     from tracking.config import TrackingConfig
