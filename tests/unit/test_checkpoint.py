@@ -198,7 +198,8 @@ def test_scheduler_scaler_and_extra_keys_are_recorded(experiment: str, tmp_path:
 def test_whole_model_loads_with_mlflow_pytorch(experiment: str) -> None:
     model, _ = trained_seed_model()
     with mlflow.start_run() as run:
-        tracking.log_model(model)
+        # requirements given: MLflow would infer them by loading the model in a subprocess (10+ s)
+        tracking.log_model(model, pip_requirements=["torch"])
     loaded = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
     x = torch.randn(5, 6)
     assert torch.equal(loaded(x), model(x))

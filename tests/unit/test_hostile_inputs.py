@@ -369,7 +369,8 @@ def test_a_pointer_tag_is_followed_only_to_a_committed_checkpoint_of_its_own_run
     with mlflow.start_run() as run:
         tracking.log_checkpoint(model, epoch=1, metrics={"loss": 0.2}, monitor="loss")
         tracking.log_checkpoint(model, epoch=2, metrics={"loss": 0.9}, monitor="loss")
-        tracking.log_model(model)  # a logged model of the run that is no checkpoint
+        # a logged model of the run that is no checkpoint (requirements given: MLflow's inference takes 10+ s)
+        tracking.log_model(model, pip_requirements=["torch"])
     run_id = run.info.run_id
     tag = layout.TAG_LATEST if which == "latest" else layout.TAG_BEST
     client = MlflowClient()

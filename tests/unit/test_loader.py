@@ -274,7 +274,8 @@ def test_a_registered_whole_model_is_not_loaded_as_a_checkpoint(experiment: str)
     model = Model(6)
     with mlflow.start_run():
         tracking.log_checkpoint(model, epoch=4)
-        tracking.log_model(model, registered_model_name="whole-model")
+        # requirements given: MLflow would infer them by loading the model in a subprocess (10+ s)
+        tracking.log_model(model, registered_model_name="whole-model", pip_requirements=["torch"])
     MlflowClient().set_registered_model_alias("whole-model", "champion", "1")
     with pytest.raises(tracking.NotFoundError, match=r"not a checkpoint.*load_pickled_model"):
         tracking.load("models:/whole-model@champion")
@@ -285,7 +286,7 @@ def test_a_registered_whole_model_is_not_loaded_as_a_checkpoint(experiment: str)
 def test_whole_model_needs_an_explicit_opt_in(experiment: str) -> None:
     model = Model(6)
     with mlflow.start_run() as run:
-        tracking.log_model(model)
+        tracking.log_model(model, pip_requirements=["torch"])  # not inferred: 10+ s, not under test
     with pytest.raises(ValueError, match="trust_pickle=True"):
         tracking.load_pickled_model(run.info.run_id)
     loaded = tracking.load_pickled_model(run.info.run_id, trust_pickle=True)
