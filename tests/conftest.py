@@ -18,13 +18,15 @@ UNIT = Path(__file__).parent / "unit"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Marks the unit tier ``unit``, and keeps ``smoke(**params)`` only on the parametrisations it names.
+    """Marks the unit tier ``unit`` (not its ``slow`` tests); keeps ``smoke(**params)`` only on the params it names.
 
     ``make test`` runs ``-m "unit or smoke"``: the unit tier plus one real-stack path per promise.
     ``@pytest.mark.smoke(stack="sqlite")`` on a test parametrised over stacks picks its sqlite case.
     """
     for item in items:
-        if UNIT in item.path.parents:
+        # A unit test marked slow (a second case of a promise a faster one proves, or a benchmark's own check)
+        # is left to make test-all.
+        if UNIT in item.path.parents and item.get_closest_marker("slow") is None:
             item.add_marker(pytest.mark.unit)
         marks = list(item.iter_markers("smoke"))
         params = getattr(getattr(item, "callspec", None), "params", {})

@@ -31,6 +31,7 @@ def run_gpu_benchmark(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow  # a benchmark's, not the library's: make test-all runs it
 def test_every_step_runs_and_reports_its_ratio(tmp_path: Path) -> None:
     output = tmp_path / "gpu.json"
     done = run_gpu_benchmark("--smoke", "--rounds", "1", "--output", str(output))
