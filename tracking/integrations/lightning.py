@@ -157,6 +157,9 @@ class MLflowCheckpoints(pl.Callback):
             self._io = _MirrorIO(self, trainer, current)
             strategy.checkpoint_io = self._io
         self._io.trainer = trainer
+        if trainer.is_global_zero and stage == "fit":
+            # On the main thread: MLflow's active run is per thread, and a save may run in another one.
+            self._io.open()
         # The coordination group is made by every rank at the same point, before any save needs it.
         distributed.prepare()
 
@@ -232,6 +235,7 @@ class _MirrorIO(CheckpointIO):
         self._uploading: set[str] = set()  # paths whose background upload is queued or running
         self._removals: list[str] = []  # removals waiting for the uploads in flight
         self._removed_early: set[str] = set()  # removed before their commit (Lightning's AsyncCheckpointIO)
+        self._pending: dict[tuple[int, int], list[str]] = {}  # (epoch, step) uploading -> paths that are it too
         self._error: BaseException | None = None  # a DDP save's error, raised on every rank later
         self._logged: list[LoggedCheckpoint] = []
 
@@ -251,16 +255,19 @@ class _MirrorIO(CheckpointIO):
         epoch, step = int(checkpoint["epoch"]), int(checkpoint["global_step"])
         context = self.owner.context(epoch, step)
         try:
-            handle = self._open()
+            handle = self.open()
             alias = self._alias(path, epoch, step)
             if alias is not None:
-                self._note_path(handle, alias[0], path, alias[1])
+                if alias[0] is not None:
+                    self._note_path(handle, alias[0], path, alias[1])
                 return
             manifest = self._manifest(checkpoint, epoch, step, context)
             monitor, mode = self._monitor(path, manifest)
         except BaseException as exc:
             self._fail(exc)
             return
+        with self._lock:
+            self._pending[(epoch, step)] = []
         if self._saver is None:
             try:
                 self._commit(handle, path, manifest, monitor, mode)
@@ -311,28 +318,36 @@ class _MirrorIO(CheckpointIO):
     def _commit(self, handle: RunHandle, path: str, manifest: Manifest, monitor: str | None, mode: str) -> None:
         assert manifest.epoch is not None and manifest.step is not None
         describe = self._describer(handle, manifest) if self.owner.describe_run else None
-        logged = commit_local_files(
-            handle, manifest, {layout.CHECKPOINT_FILE: Path(path)}, monitor=monitor, mode=mode, describe=describe
-        )
+        try:
+            logged = commit_local_files(
+                handle, manifest, {layout.CHECKPOINT_FILE: Path(path)}, monitor=monitor, mode=mode, describe=describe
+            )
+        except BaseException:
+            with self._lock:
+                self._pending.pop((manifest.epoch, manifest.step), None)
+            raise
         assert logged.model_id is not None and logged.artifact_uri is not None
         with self._lock:
             # The commit replaced any other model of this epoch (a re-log, in the core's terms).
             for model_id in [m for m, kept in self._kept.items() if kept.epoch == manifest.epoch]:
                 for stale in self._kept.pop(model_id).paths:
                     self._by_path.pop(stale, None)
-            previous = self._by_path.get(path)
+            # This file, and those saved as the same epoch and step while it uploaded (last.ckpt).
+            paths = {path, *self._pending.pop((manifest.epoch, manifest.step), [])}
+            overwritten = [(self._by_path[p], p) for p in paths if p in self._by_path]
             self._kept[logged.model_id] = _Kept(
-                logged.model_id, logged.artifact_uri, manifest.epoch, manifest.step, dict(manifest.metrics), {path}
+                logged.model_id, logged.artifact_uri, manifest.epoch, manifest.step, dict(manifest.metrics), paths
             )
-            self._by_path[path] = logged.model_id
+            for saved in paths:
+                self._by_path[saved] = logged.model_id
             self._logged.append(logged)
-            early = path in self._removed_early
-            self._removed_early.discard(path)
-        self._tag_paths(handle, logged.model_id, {path})
-        if previous is not None:
-            self._release(handle, previous, path)  # the file was overwritten: its old model may go
-        if early:
-            self._forget(path)
+            early = paths & self._removed_early
+            self._removed_early -= paths
+        self._tag_paths(handle, logged.model_id, paths)
+        for previous, saved in overwritten:
+            self._release(handle, previous, saved)  # the file was overwritten: its old model may go
+        for removed in early:
+            self._forget(removed)
 
     def _manifest(self, checkpoint: dict[str, Any], epoch: int, step: int, context: _SaveContext | None) -> Manifest:
         if context is None:
@@ -373,10 +388,14 @@ class _MirrorIO(CheckpointIO):
             return None, "min"
         return writer.monitor, writer.mode
 
-    def _alias(self, path: str, epoch: int, step: int) -> tuple[str, str | None] | None:
+    def _alias(self, path: str, epoch: int, step: int) -> tuple[str | None, str | None] | None:
         """The model already committed for this epoch and step (``last.ckpt`` after the top-k file), if any,
-        and the model ``path`` was before (the file is overwritten), if another."""
+        and the model ``path`` was before (the file is overwritten), if another. (None, None) when that
+        checkpoint's upload is still under way: its commit takes ``path`` along."""
         with self._lock:
+            if (epoch, step) in self._pending:
+                self._pending[(epoch, step)].append(path)
+                return None, None
             for model_id, kept in self._kept.items():
                 if kept.epoch == epoch and kept.step == step:
                     previous = self._by_path.get(path)
@@ -456,7 +475,7 @@ class _MirrorIO(CheckpointIO):
 
     # --- the run, errors, flushing ------------------------------------------------------------
 
-    def _open(self) -> RunHandle:
+    def open(self) -> RunHandle:
         if self._handle is None:
             config = self.owner.config or TrackingConfig.from_env()
             logger = next((lg for lg in self.trainer.loggers if isinstance(lg, MLFlowLogger)), None)
