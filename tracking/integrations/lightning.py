@@ -116,7 +116,9 @@ class MLflowCheckpoints(pl.Callback):
     waits only for Lightning's local save (with Lightning's ``AsyncCheckpointIO`` the upload runs in
     its thread instead). A failed upload is never silent: it raises from the save, from the next
     one, or at the end of ``fit`` (under DDP on every rank, at the next epoch or the end of fit).
-    ``commands`` adds lines to the run's description (``{run_id}`` is replaced).
+    ``commands`` adds lines to the run's description (``{run_id}`` is replaced). The run's best pointer
+    follows the ``monitor`` and ``mode`` of the ModelCheckpoint that wrote the file, or ``monitor=`` and
+    ``mode=`` when given (with one ModelCheckpoint keeping the last N by step and another the best K).
     """
 
     def __init__(
@@ -127,7 +129,13 @@ class MLflowCheckpoints(pl.Callback):
         config: TrackingConfig | None = None,
         describe_run: bool = True,
         commands: Sequence[str] = (RESUME_LINE,),
+        monitor: str | None = None,
+        mode: str = "min",
     ) -> None:
+        if mode not in layout.MODES:
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self.monitor = monitor
+        self.mode = mode
         self.run_id = run_id
         self.background = background
         self.config = config
@@ -378,6 +386,8 @@ class _MirrorIO(CheckpointIO):
 
     def _monitor(self, path: str, manifest: Manifest) -> tuple[str | None, str]:
         """The ModelCheckpoint that wrote ``path``: its monitor (when the metrics hold it) and mode."""
+        if self.owner.monitor is not None:
+            return (self.owner.monitor if self.owner.monitor in manifest.metrics else None), self.owner.mode
         callbacks = [c for c in self.trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
         folder = os.path.realpath(os.path.dirname(path))
         writer = next(
