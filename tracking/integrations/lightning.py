@@ -29,6 +29,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -246,6 +247,7 @@ class _MirrorIO(CheckpointIO):
         self._pending: dict[tuple[int, int], list[str]] = {}  # (epoch, step) uploading -> paths that are it too
         self._error: BaseException | None = None  # a DDP save's error, raised on every rank later
         self._logged: list[LoggedCheckpoint] = []
+        self._tagging: list[Future[None]] = []  # path tags under way
 
     # --- CheckpointIO ----------------------------------------------------------------------
 
@@ -422,10 +424,20 @@ class _MirrorIO(CheckpointIO):
             self._release(handle, previous, path)
 
     def _tag_paths(self, handle: RunHandle, model_id: str, paths: set[str]) -> None:
-        try:
-            handle.client.set_logged_model_tags(model_id, {TAG_PATHS: json.dumps(sorted(paths))})
-        except Exception as exc:  # only a resumed run's retention needs it: the checkpoint is committed
-            _log.warning("run %s: could not tag %s with its local paths: %s", handle.run_id, model_id, one_line(exc))
+        """Tag the model with the local files that are it, beside the training (two requests not waited for)."""
+        value = json.dumps(sorted(paths))
+
+        def tag() -> None:
+            try:
+                handle.client.set_logged_model_tags(model_id, {TAG_PATHS: value})
+            except Exception as exc:  # only a resumed run's retention needs it: the checkpoint is committed
+                _log.warning(
+                    "run %s: could not tag %s with its local paths: %s", handle.run_id, model_id, one_line(exc)
+                )
+
+        with self._lock:
+            self._tagging = [f for f in self._tagging if not f.done()]
+            self._tagging.append(_tagger.submit(tag))
 
     # --- retention -------------------------------------------------------------------------
 
@@ -559,12 +571,19 @@ class _MirrorIO(CheckpointIO):
     def flush(self) -> None:
         if self._saver is not None:
             self._saver.wait()
+        with self._lock:
+            tagging, self._tagging = self._tagging, []
+        for future in tagging:
+            future.result()
 
     def logged(self) -> list[LoggedCheckpoint]:
         with self._lock:
             kept = set(self._kept)
             return [entry for entry in self._logged if entry.model_id in kept]
 
+
+# Sets the path tags of every trainer's checkpoints, off the training loop's path.
+_tagger = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracking-lightning-tags")
 
 # Lightning keys that the core maps onto its own (see tracking.rebuild.checkpoint_state).
 _MAPPED = ("state_dict", "optimizer_states", "lr_schedulers", "epoch", "global_step")
