@@ -96,6 +96,24 @@ def test_save_top_k_retention_is_mirrored_and_pointers_follow(s3_experiment: str
     assert tracking.find_checkpoint(run_id, "best").model_id == best.model_id
 
 
+def test_a_resumed_fit_removes_the_earlier_fits_checkpoints_as_its_model_checkpoint_does(
+    s3_experiment: str, tmp_path: Path
+) -> None:
+    keep_last = {"save_top_k": 2, "monitor": "step", "mode": "max"}
+    with mlflow.start_run() as run:
+        _fit(3, tmp_path, **keep_last)
+    run_id = run.info.run_id
+    first = {c.model_id for c in tracking.list_checkpoints(run_id)}
+    with mlflow.start_run(run_id=run_id):
+        _fit(5, tmp_path, ckpt_path=checkpoint_path(run_id, to=tmp_path / "download"), **keep_last)
+    saved = tracking.list_checkpoints(run_id)
+    assert [c.epoch for c in saved] == [3, 4] and first.isdisjoint(c.model_id for c in saved)
+    assert sorted(os.path.basename(p) for c in saved for p in _paths(str(c.model_id))) == sorted(
+        p.name for p in (tmp_path / "checkpoints").iterdir()
+    )
+    assert len(MlflowClient().search_logged_models(experiment_ids=[s3_experiment])) == 2
+
+
 def test_default_checkpoint_keeps_only_the_latest(s3_experiment: str, tmp_path: Path) -> None:
     with mlflow.start_run() as run:
         _fit(3, tmp_path)  # ModelCheckpoint's default: save_top_k=1, no monitor: the newest file only
@@ -215,6 +233,20 @@ def test_a_failed_upload_is_not_silent(
             2, tmp_path, [ModelCheckpoint(dirpath=tmp_path / "c"), MLflowCheckpoints(background=background)]
         )
         fitted.fit(TinyLit(), *loaders())
+
+
+class PathLit(TinyLit):
+    def __init__(self, root: Path = Path("/data")) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+
+def test_a_checkpoint_that_would_not_load_is_refused(s3_experiment: str, tmp_path: Path) -> None:
+    # A Path among the hyperparameters: Lightning saves it, torch.load(weights_only=True) cannot read it.
+    fitted = trainer(1, tmp_path, [ModelCheckpoint(dirpath=tmp_path / "c"), MLflowCheckpoints()])
+    with mlflow.start_run() as run, pytest.raises(ValueError, match=r"hyper_parameters'\]\['root'\] is a pathlib"):
+        fitted.fit(PathLit(), *loaders())
+    assert tracking.list_checkpoints(run.info.run_id) == []
 
 
 def test_without_a_run_the_first_save_says_how_to_give_one(s3_experiment: str, tmp_path: Path) -> None:

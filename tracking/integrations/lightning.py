@@ -48,8 +48,9 @@ from tracking.download import download_files
 from tracking.errors import ConfigError, TrackingError, one_line
 from tracking.manifest import Manifest, now, versions
 from tracking.parallel import distributed
+from tracking.payload import check_loadable
 from tracking.rng import capture_rng_state, restore_rng_state
-from tracking.run import RunHandle, open_run, target_run_id
+from tracking.run import RunHandle, open_run, target_run_id, tracking_server_errors
 from tracking.saver import AsyncSaver
 from tracking.selection import Selector, find_checkpoint
 
@@ -271,6 +272,14 @@ class _MirrorIO(CheckpointIO):
                 if alias[0] is not None:
                     self._note_path(handle, alias[0], path, alias[1])
                 return
+            try:
+                # What is committed must load with torch.load(weights_only=True), as every checkpoint does.
+                check_loadable(checkpoint, "the Lightning checkpoint")
+            except ValueError as exc:
+                raise ValueError(
+                    f"run {handle.run_id}: {path} is not uploaded: {exc} (Lightning saves the module's "
+                    "hyperparameters as they are: keep them to plain values.)"
+                ) from None
             manifest = self._manifest(checkpoint, epoch, step, context)
             monitor, mode = self._monitor(path, manifest)
         except BaseException as exc:
@@ -513,22 +522,41 @@ class _MirrorIO(CheckpointIO):
         return self._handle
 
     def _seed(self, handle: RunHandle) -> None:
-        """A resumed run's checkpoints, by the local paths that are them: its ModelCheckpoint may remove them."""
-        for stored in catalog.committed(handle).values():
-            try:
-                model = handle.client.get_logged_model(stored.model_id)
-                paths = set(json.loads((model.tags or {}).get(TAG_PATHS, "[]")))
-                step = int((model.params or {}).get(layout.PARAM_STEP, "0"))
-            except Exception:
-                continue
-            if not paths or stored.epoch is None:
-                continue
-            with self._lock:
-                self._kept[stored.model_id] = _Kept(
-                    stored.model_id, stored.artifact_uri, stored.epoch, step, dict(stored.metrics), paths
+        """A resumed run's checkpoints, by the local paths that are them: its ModelCheckpoint may remove them.
+
+        One search (paged), which brings each model's tags: no request per checkpoint.
+        """
+        committed = {c.model_id: c for c in catalog.committed(handle).values()}
+        if not committed:
+            return
+        token = None
+        while True:
+            with tracking_server_errors(handle.run_id, "listing the run's checkpoints"):
+                page = handle.client.search_logged_models(
+                    experiment_ids=[handle.experiment_id],
+                    filter_string=f"source_run_id = '{handle.run_id}'",
+                    max_results=100,
+                    page_token=token,
                 )
-                for path in paths:
-                    self._by_path[path] = stored.model_id
+            for model in page:
+                stored = committed.get(model.model_id)
+                raw = (model.tags or {}).get(TAG_PATHS)
+                if stored is None or stored.epoch is None or not raw:
+                    continue
+                try:
+                    paths = {str(p) for p in json.loads(raw)}
+                    step = int((model.params or {}).get(layout.PARAM_STEP, "0"))
+                except (ValueError, TypeError):
+                    continue  # a tag edited by hand: that checkpoint is left to `tracking gc`
+                with self._lock:
+                    self._kept[stored.model_id] = _Kept(
+                        stored.model_id, stored.artifact_uri, stored.epoch, step, dict(stored.metrics), paths
+                    )
+                    for path in paths:
+                        self._by_path[path] = stored.model_id
+            token = page.token
+            if not token:
+                return
 
     def _describer(self, handle: RunHandle, manifest: Manifest) -> Describe:
         def describe(model_id: str, tags: Mapping[str, str]) -> dict[str, str]:
