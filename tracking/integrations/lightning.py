@@ -240,7 +240,6 @@ class _MirrorIO(CheckpointIO):
         self._lock = threading.Lock()
         self._kept: dict[str, _Kept] = {}  # model ID -> what this trainer keeps
         self._by_path: dict[str, str] = {}  # local path -> model ID
-        self._seeded = False
         self._saver = AsyncSaver("wait") if owner.background else None
         self._uploading: set[str] = set()  # paths whose background upload is queued or running
         self._removals: list[str] = []  # removals waiting for the uploads in flight
@@ -261,7 +260,10 @@ class _MirrorIO(CheckpointIO):
                     busy = path in self._uploading
                 if not busy:
                     break
-                self._saver.wait()
+                try:
+                    self._saver.wait()
+                except BaseException as exc:  # an earlier background upload failed: said now
+                    self._fail(exc)
         self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
         epoch, step = int(checkpoint["epoch"]), int(checkpoint["global_step"])
         context = self.owner.context(epoch, step)
@@ -297,10 +299,11 @@ class _MirrorIO(CheckpointIO):
             self._uploading.add(path)
         try:
             self._saver.submit(lambda: self._upload(handle, path, manifest, monitor, mode))
-        except BaseException:
+        except BaseException as exc:  # an earlier background upload failed: this one is not made either
             with self._lock:
                 self._uploading.discard(path)
-            raise
+                self._pending.pop((epoch, step), None)
+            self._fail(exc)
 
     def remove_checkpoint(self, path: Any) -> None:
         path = str(path)
