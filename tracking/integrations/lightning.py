@@ -154,6 +154,7 @@ class MLflowCheckpoints(pl.Callback):
         current = strategy.checkpoint_io
         if isinstance(current, _WrappingCheckpointIO):
             # AsyncCheckpointIO: the mirror goes inside, so it runs in its thread after the local write.
+            # Its public setter ignores a new inner IO once one is configured: the attribute is set directly.
             inner = current.checkpoint_io
             if not isinstance(inner, _MirrorIO):
                 assert inner is not None
