@@ -25,7 +25,14 @@ ModelArg = nn.Module | Callable[[], nn.Module] | None
 
 
 def checkpoint_state(located: Located, state: Any) -> dict[str, Any]:
-    """``state`` once each of its fields is what tracking.log_checkpoint writes; else a refusal that names the field."""
+    """``state`` once each of its fields is what tracking.log_checkpoint writes; else a refusal that names the field.
+
+    A Lightning Trainer checkpoint (manifest format ``"lightning"``) is read as one: its ``state_dict``,
+    first optimizer and first LR scheduler, epoch and global step under the keys tracking.log_checkpoint
+    uses; its other keys (loops, callbacks, hyper_parameters, ...) stay as extras.
+    """
+    if located.manifest.format == "lightning" and isinstance(state, dict):
+        state = _from_lightning(located, state)
     if not isinstance(state, dict) or "model_state" not in state:
         raise TrackingError(f"run {located.run_id}: {located.label} has no 'model_state' key; it is not a checkpoint.")
     model_state = state["model_state"]
@@ -43,6 +50,27 @@ def checkpoint_state(located: Located, state: Any) -> dict[str, Any]:
         if state.get(key) is not None and not isinstance(state[key], Mapping):
             raise _bad_field(located, key, f"is {_kind(state[key])}, not a state_dict()")
     return state
+
+
+def _from_lightning(located: Located, state: dict[str, Any]) -> dict[str, Any]:
+    """A Lightning checkpoint's fields under the core's names (no Lightning import: it is a plain dict)."""
+    if "state_dict" not in state:
+        raise _bad_field(located, "state_dict", "is missing")
+    mapped = {k: v for k, v in state.items() if k not in _LIGHTNING_KEYS}
+    mapped["model_state"] = state["state_dict"]
+    mapped["epoch"] = state.get("epoch")
+    mapped["step"] = state.get("global_step")
+    optimizers = state.get("optimizer_states") or []
+    mapped["optim_state"] = optimizers[0] if isinstance(optimizers, list) and optimizers else None
+    schedulers = state.get("lr_schedulers") or []
+    # Rebuilt only when its manifest says how (its init arguments could be read back when it was saved).
+    rebuildable = (located.manifest.scheduler or {}).get("init_kwargs") is not None
+    if isinstance(schedulers, list) and schedulers and rebuildable:
+        mapped["scheduler_state"] = schedulers[0]
+    return mapped
+
+
+_LIGHTNING_KEYS = frozenset({"state_dict", "optimizer_states", "lr_schedulers", "epoch", "global_step"})
 
 
 def _kind(value: Any) -> str:

@@ -1,0 +1,171 @@
+"""Train a small LightningModule on scikit-learn's 8x8 digits with a Lightning Trainer; every checkpoint
+ModelCheckpoint writes is a logged model of the run (tracking.integrations.lightning).
+
+python -m pipelines.lightning_digits --epochs 10
+python -m pipelines.lightning_digits --resume RUN_ID --epochs 20
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipelines import options
+from tracking.config import bound_mlflow_requests
+from tracking.errors import run_command
+
+NAME = "pipelines.lightning_digits"
+DATASET = "digits"
+HIDDEN, DROPOUT = 128, 0.2
+PARAMS = {"model": "LitDigits", "hidden": HIDDEN, "dropout": DROPOUT, "optimizer": "Adam"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts = options.parse(argv, prog=f"python -m {NAME}", description=__doc__, defaults={"epochs": 10, "lr": 1e-3})
+    if opts.from_epoch is not None or opts.new_run or opts.strategy is not None:
+        print(
+            f"{NAME}: --from-epoch, --new-run and --strategy are the hand-written loop's; this pipeline resumes "
+            "RUN_ID itself from its latest checkpoint (Lightning's own DDP: see README).",
+            file=sys.stderr,
+        )
+        return 2
+    bound_mlflow_requests()
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+    def run() -> str:
+        from tracking.cli.server import connect
+
+        connect()
+        return train(opts)
+
+    from mlflow.exceptions import MlflowException
+
+    return run_command(run, also=(MlflowException,))
+
+
+def train(opts: options.Options) -> str:
+    """Train a new run, or go on with ``--resume RUN_ID``; returns the run ID."""
+    import lightning.pytorch as pl
+    import mlflow
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow.tracking import MlflowClient
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import tracking
+    from pipelines import data, runs
+    from pipelines.lightning_modules import LitDigits
+    from tracking.integrations.lightning import MLflowCheckpoints, checkpoint_path
+
+    config = tracking.TrackingConfig.from_env(experiment_name=opts.experiment)
+    client = MlflowClient(config.tracking_uri)
+    origin = runs.find_run(client, opts.resume, config) if opts.resume else None
+    recorded = origin.data.params if origin else {}
+    if origin is not None and recorded.get("pipeline") != NAME:
+        raise runs.PipelineError(
+            f"run {origin.info.run_id} was trained by {recorded.get('pipeline', 'another pipeline')}, not {NAME}; "
+            f"resume it with `python -m {recorded.get('pipeline')}`."
+        )
+    values = opts.settings(recorded)
+    conflicts = opts.conflicts(recorded) if origin else {}
+    if conflicts and not opts.override:
+        listed = ", ".join(f"{name} {old} -> {new}" for name, (old, new) in conflicts.items())
+        raise runs.PipelineError(
+            f"run {opts.resume} was trained with other params ({listed}); leave these options out to keep them."
+        )
+    ckpt_path = checkpoint_path(origin.info.run_id) if origin else None
+    split = data.load(DATASET)
+    pl.seed_everything(values["seed"], verbose=False)
+    module = LitDigits(n_features=split.n_features, hidden=HIDDEN, dropout=DROPOUT, lr=values["lr"])
+    train_loader = DataLoader(
+        TensorDataset(split.x_train, split.y_train), batch_size=values["batch_size"], shuffle=True
+    )
+    val_loader = DataLoader(TensorDataset(split.x_val, split.y_val), batch_size=256)
+    run_args: dict[str, Any] = (
+        {"run_id": origin.info.run_id}
+        if origin
+        else {"experiment_id": mlflow.set_experiment(config.experiment_name).experiment_id}
+    )
+    with mlflow.start_run(**run_args) as run:
+        if origin is None:
+            mlflow.log_params(
+                {
+                    "pipeline": NAME,
+                    "dataset": DATASET,
+                    **{k: str(v) for k, v in PARAMS.items()},
+                    **{name: options.param_value(values[name]) for name in options.RECORDED},
+                }
+            )
+        runs.announce(client, run)
+        run_id = run.info.run_id
+        # The run's own folder: a resume on this machine finds the files its ModelCheckpoint kept.
+        folder = Path(tempfile.gettempdir()) / "tracking-lightning-digits" / run_id
+        every = values["checkpoint_every"]
+        keep_last = values["keep_last"]
+        callbacks: list[Any] = [
+            # The last N checkpoints (by global step), as --keep-last says; all with --keep-last all.
+            ModelCheckpoint(
+                dirpath=folder / "last",
+                filename="{epoch}-{step}",
+                every_n_epochs=every,
+                save_top_k=-1 if keep_last is None else keep_last,
+                monitor="step",
+                mode="max",
+            ),
+        ]
+        if keep_last is not None and values["keep_best"] is not None:
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=folder / "best",
+                    filename="{epoch}-{step}",
+                    every_n_epochs=every,
+                    save_top_k=values["keep_best"],
+                    monitor=values["monitor"],
+                    mode=values["monitor_mode"],
+                )
+            )
+        resume = f"python -m {NAME} --resume {{run_id}} --epochs {2 * opts.epochs}"
+        callbacks.append(MLflowCheckpoints(monitor=values["monitor"], mode=values["monitor_mode"], commands=[resume]))
+        trainer = pl.Trainer(
+            max_epochs=opts.epochs,
+            callbacks=callbacks,
+            logger=MLFlowLogger(run_id=run_id, tracking_uri=mlflow.get_tracking_uri()),
+            accelerator="cpu",
+            devices=1,
+            deterministic=True,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            log_every_n_steps=1,
+            default_root_dir=str(folder),
+        )
+        if origin is not None and trainer_epochs_done(ckpt_path) >= opts.epochs:
+            raise runs.PipelineError(
+                f"run {run_id} already trained {trainer_epochs_done(ckpt_path)} epochs and --epochs is {opts.epochs}; "
+                "pass a larger --epochs to train further."
+            )
+        trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
+        for which in ("latest", "best"):
+            try:
+                found = tracking.find_checkpoint(run_id, which)
+            except tracking.NotFoundError:
+                continue
+            print(f"{which} checkpoint: epoch {found.manifest.epoch}, models:/{found.model_id}", flush=True)
+        return str(run_id)
+
+
+def trainer_epochs_done(ckpt_path: str | None) -> int:
+    """Epochs a Lightning checkpoint has trained (its ``epoch`` counts from 0)."""
+    import torch
+
+    if ckpt_path is None:
+        return 0
+    return int(torch.load(ckpt_path, map_location="cpu", weights_only=True)["epoch"]) + 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

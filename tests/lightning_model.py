@@ -1,0 +1,61 @@
+"""A tiny LightningModule and its data for the Lightning integration's tests (dropout and a shuffling
+loader, so that an exact resume has to restore the RNG states too)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class TinyLit(pl.LightningModule):
+    def __init__(self, hidden: int = 16, lr: float = 0.01) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Linear(8, hidden), nn.Dropout(0.2), nn.ReLU(), nn.Linear(hidden, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # type: ignore[no-any-return]
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss, on_epoch=True, on_step=False)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 2, 0.5)}
+
+
+def loaders() -> tuple[DataLoader[Any], DataLoader[Any]]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=generator)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    dataset = TensorDataset(x, y)
+    return DataLoader(dataset, batch_size=16, shuffle=True), DataLoader(dataset, batch_size=32)
+
+
+def trainer(epochs: int, folder: Path, callbacks: list[Any], **kwargs: Any) -> pl.Trainer:
+    """A quiet CPU Trainer, deterministic, checkpointing into ``folder``."""
+    return pl.Trainer(
+        max_epochs=epochs,
+        default_root_dir=str(folder),
+        callbacks=callbacks,
+        logger=kwargs.pop("logger", False),
+        accelerator="cpu",
+        devices=1,
+        deterministic=True,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kwargs,
+    )

@@ -1,0 +1,266 @@
+"""The Lightning integration over a real run (moto S3 + sqlite): an in-process Trainer, its checkpoints
+mirrored as logged models, retention, pointers, loading, exact resume by run ID, the CLI, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
+from mlflow import MlflowClient
+
+import tracking
+from tests.lightning_model import TinyLit, loaders, trainer
+from tracking import layout
+from tracking.cli import main
+from tracking.integrations import lightning as integration
+from tracking.integrations.lightning import MLflowCheckpoints, checkpoint_path
+
+
+def _fit(
+    epochs: int, folder: Path, *, ckpt_path: str | None = None, logger: Any = False, **checkpoint: Any
+) -> tuple[TinyLit, pl.Trainer]:
+    pl.seed_everything(0, verbose=False)
+    model = TinyLit()
+    checkpoints = ModelCheckpoint(dirpath=folder / "checkpoints", **checkpoint)
+    fitted = trainer(epochs, folder, [checkpoints, MLflowCheckpoints()], logger=logger)
+    fitted.fit(model, *loaders(), ckpt_path=ckpt_path)
+    return model, fitted
+
+
+def _tags(run_id: str) -> dict[str, str]:
+    return dict(MlflowClient().get_run(run_id).data.tags)
+
+
+def _paths(model_id: str) -> list[str]:
+    return sorted(json.loads(MlflowClient().get_logged_model(model_id).tags[integration.TAG_PATHS]))
+
+
+def test_every_save_is_a_logged_model_with_metrics_epoch_and_step(s3_experiment: str, tmp_path: Path) -> None:
+    with mlflow.start_run() as run:
+        _fit(3, tmp_path, save_top_k=-1, monitor="val_loss", save_last=True)
+    run_id = run.info.run_id
+    saved = tracking.list_checkpoints(run_id)
+    # Lightning's own epoch numbers and global steps, as in its file names: epoch=1-step=8.ckpt.
+    assert [(c.epoch, c.step) for c in saved] == [(0, 4), (1, 8), (2, 12)]
+    for checkpoint in saved:
+        assert checkpoint.manifest.format == "lightning"
+        assert checkpoint.manifest.model["class"] == "tests.lightning_model:TinyLit"
+        assert checkpoint.manifest.model["init_kwargs"] == {"hidden": 16, "lr": 0.01}
+        assert checkpoint.manifest.optimizer is not None and checkpoint.manifest.optimizer["class"].endswith("Adam")
+        assert set(checkpoint.metrics) >= {"val_loss", "train_loss"}
+        assert all(isinstance(v, float) for v in checkpoint.metrics.values())
+    # last.ckpt of epoch 2 is the same checkpoint as epoch=2-step=12.ckpt: no second upload.
+    assert _paths(str(saved[-1].model_id)) == sorted(
+        [str(tmp_path / "checkpoints" / "epoch=2-step=12.ckpt"), str(tmp_path / "checkpoints" / "last.ckpt")]
+    )
+    assert len(MlflowClient().search_logged_models(experiment_ids=[s3_experiment])) == 3
+    tags = _tags(run_id)
+    best = min(saved, key=lambda c: c.metrics["val_loss"])
+    assert tags[layout.TAG_LATEST] == saved[-1].model_id
+    assert (tags[layout.TAG_BEST], tags[layout.TAG_MONITOR], tags[layout.TAG_MODE]) == (
+        best.model_id,
+        "val_loss",
+        "min",
+    )
+    # The run's description says how to load and resume it.
+    description = tags["mlflow.note.content"]
+    assert f'tracking.load("{run_id}")' in description and "checkpoint_path" in description
+
+
+def test_save_top_k_retention_is_mirrored_and_pointers_follow(s3_experiment: str, tmp_path: Path) -> None:
+    with mlflow.start_run() as run:
+        _fit(5, tmp_path, save_top_k=2, monitor="train_loss", mode="max")
+    run_id = run.info.run_id
+    on_disk = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert len(on_disk) == 2
+    saved = tracking.list_checkpoints(run_id)
+    assert sorted(os.path.basename(p) for c in saved for p in _paths(str(c.model_id))) == on_disk
+    # Deleted ones are gone from MLflow altogether (no READY, PENDING or FAILED leftovers).
+    assert len(MlflowClient().search_logged_models(experiment_ids=[s3_experiment])) == 2
+    tags = _tags(run_id)
+    best = max(saved, key=lambda c: c.metrics["train_loss"])
+    assert tags[layout.TAG_BEST] == best.model_id and tags[layout.TAG_MODE] == "max"
+    assert tags[layout.TAG_LATEST] in {c.model_id for c in saved}
+    assert tracking.find_checkpoint(run_id, "best").model_id == best.model_id
+
+
+def test_a_resumed_fit_removes_the_earlier_fits_checkpoints_as_its_model_checkpoint_does(
+    s3_experiment: str, tmp_path: Path
+) -> None:
+    keep_last = {"save_top_k": 2, "monitor": "step", "mode": "max"}
+    with mlflow.start_run() as run:
+        _fit(3, tmp_path, **keep_last)
+    run_id = run.info.run_id
+    first = {c.model_id for c in tracking.list_checkpoints(run_id)}
+    with mlflow.start_run(run_id=run_id):
+        _fit(5, tmp_path, ckpt_path=checkpoint_path(run_id, to=tmp_path / "download"), **keep_last)
+    saved = tracking.list_checkpoints(run_id)
+    assert [c.epoch for c in saved] == [3, 4] and first.isdisjoint(c.model_id for c in saved)
+    assert sorted(os.path.basename(p) for c in saved for p in _paths(str(c.model_id))) == sorted(
+        p.name for p in (tmp_path / "checkpoints").iterdir()
+    )
+    assert len(MlflowClient().search_logged_models(experiment_ids=[s3_experiment])) == 2
+
+
+def test_default_checkpoint_keeps_only_the_latest(s3_experiment: str, tmp_path: Path) -> None:
+    with mlflow.start_run() as run:
+        _fit(3, tmp_path)  # ModelCheckpoint's default: save_top_k=1, no monitor: the newest file only
+    saved = tracking.list_checkpoints(run.info.run_id)
+    assert [c.epoch for c in saved] == [2]
+    assert _tags(run.info.run_id)[layout.TAG_LATEST] == saved[0].model_id
+
+
+def test_load_returns_the_module_in_eval_mode_with_its_optimizer_state(s3_experiment: str, tmp_path: Path) -> None:
+    with mlflow.start_run() as run:
+        model, fitted = _fit(2, tmp_path, save_top_k=-1)
+    loaded = tracking.load(run.info.run_id)
+    assert isinstance(loaded.model, TinyLit) and not loaded.model.training
+    assert loaded.model.hparams == {"hidden": 16, "lr": 0.01}
+    assert (loaded.epoch, loaded.step) == (1, 8)
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], value), name
+    assert isinstance(loaded.optimizer, torch.optim.Adam)
+    live, restored = fitted.optimizers[0].state_dict(), loaded.optimizer.state_dict()
+    for index, entry in live["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(restored["state"][index][key], value), (index, key)
+    assert isinstance(loaded.scheduler, torch.optim.lr_scheduler.StepLR)
+    assert loaded.scheduler.state_dict() == fitted.lr_scheduler_configs[0].scheduler.state_dict()
+    assert "loops" in loaded.extra and "hyper_parameters" in loaded.extra
+
+
+def test_resume_by_run_id_matches_a_straight_run_bit_for_bit(s3_experiment: str, tmp_path: Path) -> None:
+    with mlflow.start_run():
+        straight, straight_trainer = _fit(8, tmp_path / "straight", save_top_k=-1)
+    logger = MLFlowLogger(experiment_name="unit-s3", tracking_uri=mlflow.get_tracking_uri())
+    _fit(4, tmp_path / "first", save_top_k=-1, logger=logger)
+    run_id = str(logger.run_id)
+    path = checkpoint_path(run_id, to=tmp_path / "download")
+    assert torch.load(path, weights_only=True)["epoch"] == 3
+    resumed_logger = MLFlowLogger(run_id=run_id, tracking_uri=mlflow.get_tracking_uri())
+    resumed, resumed_trainer = _fit(8, tmp_path / "second", save_top_k=-1, ckpt_path=path, logger=resumed_logger)
+    for name, value in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+    live, other = straight_trainer.optimizers[0].state_dict(), resumed_trainer.optimizers[0].state_dict()
+    for index, entry in live["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(other["state"][index][key], value), (index, key)
+    # One run holds both halves: epochs 0..7, and the resumed fit's metrics.
+    assert [c.epoch for c in tracking.list_checkpoints(run_id)] == list(range(8))
+    # Lightning's logger logged both halves' metrics at its global steps (the last batch of epochs 3 and 7).
+    steps = {m.step for m in MlflowClient().get_metric_history(run_id, "val_loss")}
+    assert {15, 31} <= steps
+
+
+def test_checkpoint_path_takes_best_an_epoch_and_a_model_uri(s3_experiment: str, tmp_path: Path) -> None:
+    with mlflow.start_run() as run:
+        _fit(3, tmp_path, save_top_k=-1, monitor="val_loss")
+    run_id = run.info.run_id
+    best = tracking.find_checkpoint(run_id, "best")
+    assert (
+        torch.load(checkpoint_path(run_id, "best", to=tmp_path / "b"), weights_only=True)["epoch"]
+        == best.manifest.epoch
+    )
+    assert torch.load(checkpoint_path(run_id, 1, to=tmp_path / "e"), weights_only=True)["epoch"] == 1
+    one = tracking.list_checkpoints(run_id)[0]
+    assert torch.load(checkpoint_path(one.uri, to=tmp_path / "m"), weights_only=True)["global_step"] == one.step
+
+
+def test_cli_lists_shows_verifies_downloads_and_registers(s3_experiment: str, tmp_path: Path) -> None:
+    with mlflow.start_run() as run:
+        _fit(3, tmp_path, save_top_k=-1, monitor="val_loss")
+    run_id = run.info.run_id
+    runner = CliRunner()
+    listed = runner.invoke(main, ["checkpoints", run_id], terminal_width=200)
+    assert listed.exit_code == 0, listed.output
+    assert all(str(c.model_id) in listed.output for c in tracking.list_checkpoints(run_id))
+    shown = runner.invoke(main, ["show", run_id, "--checkpoint", "best"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)["format"] == "lightning"
+    verified = runner.invoke(main, ["verify", run_id])
+    assert verified.exit_code == 0, verified.output
+    downloaded = runner.invoke(main, ["download", run_id, "--checkpoint", "1", "--to", str(tmp_path / "d")])
+    assert downloaded.exit_code == 0, downloaded.output
+    assert torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    registered = runner.invoke(main, ["register", run_id, "lit-digits", "--checkpoint", "best"])
+    assert registered.exit_code == 0, registered.output
+    loaded = tracking.load("models:/lit-digits/1")
+    assert isinstance(loaded.model, TinyLit) and loaded.epoch == tracking.find_checkpoint(run_id, "best").manifest.epoch
+
+
+def test_async_checkpoint_io_and_background_uploads_commit_every_save(s3_experiment: str, tmp_path: Path) -> None:
+    for name, plugins, background in (("lightning-async", [AsyncCheckpointIO()], False), ("background", [], True)):
+        pl.seed_everything(0, verbose=False)
+        with mlflow.start_run() as run:
+            fitted = trainer(
+                3,
+                tmp_path / name,
+                [
+                    ModelCheckpoint(dirpath=tmp_path / name, save_top_k=2, monitor="val_loss", save_last=True),
+                    MLflowCheckpoints(background=background),
+                ],
+                plugins=plugins,
+            )
+            fitted.fit(TinyLit(), *loaders())
+        saved = tracking.list_checkpoints(run.info.run_id)
+        kept = {os.path.basename(p) for c in saved for p in _paths(str(c.model_id))}
+        assert kept == {p.name for p in (tmp_path / name).iterdir()}, name
+        assert _tags(run.info.run_id)[layout.TAG_LATEST] == saved[-1].model_id
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_failed_upload_is_not_silent(
+    s3_experiment: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, background: bool
+) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise tracking.StorageError("the store refused the upload (test)")
+
+    monkeypatch.setattr(integration, "commit_local_files", refuse)
+    with mlflow.start_run(), pytest.raises(tracking.StorageError, match="refused the upload"):
+        fitted = trainer(
+            2, tmp_path, [ModelCheckpoint(dirpath=tmp_path / "c"), MLflowCheckpoints(background=background)]
+        )
+        fitted.fit(TinyLit(), *loaders())
+
+
+class PathLit(TinyLit):
+    def __init__(self, root: Path = Path("/data")) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+
+def test_a_checkpoint_that_would_not_load_is_refused(s3_experiment: str, tmp_path: Path) -> None:
+    # A Path among the hyperparameters: Lightning saves it, torch.load(weights_only=True) cannot read it.
+    fitted = trainer(1, tmp_path, [ModelCheckpoint(dirpath=tmp_path / "c"), MLflowCheckpoints()])
+    with mlflow.start_run() as run, pytest.raises(ValueError, match=r"hyper_parameters'\]\['root'\] is a pathlib"):
+        fitted.fit(PathLit(), *loaders())
+    assert tracking.list_checkpoints(run.info.run_id) == []
+
+
+def test_without_a_run_the_first_save_says_how_to_give_one(s3_experiment: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no active MLflow run"):
+        _fit(1, tmp_path)
+
+
+def test_the_core_does_not_import_lightning() -> None:
+    code = (
+        "import sys, tracking, tracking.loader, tracking.rebuild, tracking.checkpointer, tracking.download;"
+        "import tracking.cli;"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'transformers')"
+        " or m.startswith('tracking.integrations.')];"
+        "sys.exit(f'imported: {bad}' if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr + done.stdout
