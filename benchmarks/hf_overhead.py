@@ -99,7 +99,7 @@ class _Commits:
     def __enter__(self) -> _Commits:
         from tracking.integrations import transformers as integration
 
-        self._original: Callable[..., Any] = integration.commit_local_files
+        self._original: Callable[..., Any] = integration.commit_local_files  # type: ignore[attr-defined]
 
         def timed(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
@@ -107,13 +107,13 @@ class _Commits:
             self.seconds.append(time.perf_counter() - start)
             return result
 
-        integration.commit_local_files = timed  # type: ignore[assignment]
+        integration.commit_local_files = timed  # type: ignore[attr-defined]
         return self
 
     def __exit__(self, *exc: object) -> None:
         from tracking.integrations import transformers as integration
 
-        integration.commit_local_files = self._original  # type: ignore[assignment]
+        integration.commit_local_files = self._original  # type: ignore[attr-defined]
 
 
 class _Blocking:
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         if from_env:
             mlflow.set_experiment(EXPERIMENT)
         work = Path(folder)
-        results = {
+        results: dict[str, Any] = {
             "seed": seed_sized(args.saves, work),
             "large": large(parse_size(args.large_size), args.large_steps, args.large_epochs, work),
             "stack": os.environ.get("MLFLOW_TRACKING_URI", ""),
