@@ -62,6 +62,14 @@ class Examples(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
         return {"x": self.x[index], "labels": self.y[index]}
 
 
+def digits() -> tuple[Examples, Examples]:
+    """scikit-learn's 8x8 digits (:func:`pipelines.data.load`'s split) as the Trainer's training and evaluation sets."""
+    from pipelines import data
+
+    split = data.load("digits")
+    return Examples(split.x_train, split.y_train), Examples(split.x_val, split.y_val)
+
+
 def accuracy(prediction: Any) -> dict[str, float]:
     """The Trainer's ``compute_metrics``: the share of validation rows classified right (``eval_accuracy``)."""
     logits, labels = prediction.predictions, prediction.label_ids
