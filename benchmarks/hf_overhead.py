@@ -222,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--large-steps", type=int, default=40, help="training steps per epoch, large model")
     parser.add_argument("--large-epochs", type=int, default=3, help="checkpoints of the large model (default 3)")
     parser.add_argument("--rounds", type=int, default=2, help="large runs with and without the callback (default 2)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads for training (default: torch's, every core)"
+    )
     parser.add_argument("--output", type=Path, default=OUTPUT)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks every figure is produced")
     args = parser.parse_args(argv)
@@ -235,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.checkpoint_io.gpu import own_stack
 
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    if args.threads is not None:
+        import torch
+
+        # Training on fewer cores than the machine has: as on a GPU, where the CPU has cores to spare.
+        torch.set_num_threads(args.threads)
     from_env = bool(os.environ.get("MLFLOW_TRACKING_URI") and os.environ.get("MLFLOW_S3_ENDPOINT_URL"))
     with own_stack(), tempfile.TemporaryDirectory() as folder:
         if from_env:
@@ -244,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             "seed": seed_sized(args.saves, work),
             "large": large(parse_size(args.large_size), args.large_steps, args.large_epochs, args.rounds, work),
             "stack": os.environ.get("MLFLOW_TRACKING_URI", ""),
+            "threads": args.threads,
         }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")
