@@ -339,3 +339,19 @@ def test_the_core_never_imports_transformers() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_resumed_training_mirrors_the_folder_materialised_from_the_run(
+    s3_experiment: str, split: data.Split, tmp_path: Path
+) -> None:
+    with mlflow.start_run() as run:
+        make_trainer(split, tmp_path / "first", [StopAfter(2), TrackingCallback()], epochs=3).train()
+    run_id = run.info.run_id
+    elsewhere = tmp_path / "elsewhere"
+    folder = checkpoint_folder(run_id, output_dir=elsewhere)
+    resumed = make_trainer(split, elsewhere, [TrackingCallback(run_id=run_id)], epochs=3, save_total_limit=1)
+    resumed.train(resume_from_checkpoint=folder)
+    # The Trainer rotated out the folder it resumed from: epoch 2's logged model went with it. Epoch 1,
+    # whose folder this machine never had, is not the rotation's to delete.
+    assert not Path(folder).exists()
+    assert [c.epoch for c in tracking.list_checkpoints(run_id)] == [1, 3]
