@@ -96,6 +96,8 @@ def _load_problem(part: _Part, name: str, data: Buffer, format: str) -> str | No
     """Why intact bytes still would not load (None when they do): what a save must never commit."""
     import torch
 
+    from tracking.pretrained import STATE_FILES
+
     try:
         if format == "safetensors":
             from safetensors.torch import load as load_safetensors
@@ -108,6 +110,13 @@ def _load_problem(part: _Part, name: str, data: Buffer, format: str) -> str | No
             if name == dcp_index.METADATA_FILE and isinstance(part.manifest, Manifest):
                 sizes = {file: stored.size for file, stored in part.manifest.files.items()}
                 dcp_index.from_json(bytes(data), sizes, where=f"{part.store.owner}: {name}")
+        elif format == "transformers" and name.endswith(".safetensors"):
+            from safetensors.torch import load as load_safetensors
+
+            load_safetensors(bytes(data))
+        elif format == "transformers" and name not in STATE_FILES:
+            # Its config, its trainer state, the Trainer's own pickles: the sha256 is their check (never unpickled).
+            return None
         else:
             torch.load(cast(BinaryIO, BufferReader(data)), map_location="cpu", weights_only=True)
     except Exception as exc:

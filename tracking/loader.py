@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, cast
 import torch
 from torch import nn
 
-from tracking import layout, rebuild, spec, zerocopy
+from tracking import layout, pretrained, rebuild, spec, zerocopy
 from tracking.config import TrackingConfig
 from tracking.errors import ConfigError, NotFoundError, TrackingError, load_refusal
 from tracking.manifest import CHECKPOINT_KINDS, SHARDED_KIND, Manifest
@@ -80,6 +80,14 @@ def load(
     located = find_checkpoint(source, checkpoint, step=step, config=config)
     manifest = located.manifest
     _check_device(map_location)
+    if pretrained.is_folder(located):
+        # A framework's folder of files (the Hugging Face Trainer's): its optimizer only to resume.
+        built = pretrained.build_model(located, model, map_location, strict)
+        optim, sched = None, None
+        if mode == "train":
+            optim, sched = pretrained.build_optimizer(located, built, optimizer, scheduler)
+        built.train(mode == "train")
+        return _loaded(located, {"epoch": manifest.epoch, "step": manifest.step}, built, optim, sched, None)
     # The checkpoint's tensors share the download buffer: the model adopts its part of it
     # and the optimizer keeps the rest, so nothing is copied and nothing is left over. It is
     # read on the CPU whatever map_location says: only the weights, the optimizer state (which
@@ -164,6 +172,12 @@ def restore(
     run_id, artifact_uri, owner, folder, manifest, model_id = distributed.on_rank0(find)
     located = Located(run_id, open_store(artifact_uri, config, owner=owner), folder, manifest, model_id)
     plain = distributed.unwrap(model)
+    if pretrained.is_folder(located):
+        raise TrackingError(
+            f"run {run_id}: {located.label} is a Hugging Face Trainer checkpoint folder; resume it with "
+            "trainer.train(resume_from_checkpoint=tracking.integrations.transformers.checkpoint_folder(...)), or "
+            "rebuild it with tracking.load(..., mode='train')."
+        )
     if manifest.kind == SHARDED_KIND:
         state = sharded.load_into(located.store, manifest.files, _where(located), plain, optimizer, strict)
     else:
@@ -236,6 +250,8 @@ def load_state_dict(
     """The model weights alone: the ``state_dict/`` artifact, or a checkpoint's ``model_state``."""
     _check_map_location(map_location)
     located = find_weights(source, checkpoint, config)
+    if pretrained.is_folder(located):
+        return {k: v.to(map_location) for k, v in pretrained.weights(located).items()}
     # Weights may share the download buffer only when they are all it holds (no optimizer state).
     share = located.manifest.kind == "state_dict"
     state = _read_torch(located, map_location, share=share)
@@ -261,6 +277,10 @@ def load_model(
     _check_map_location(map_location)
     located = find_weights(source, checkpoint, config)
     _check_device(map_location)
+    if pretrained.is_folder(located):
+        built = pretrained.build_model(located, model, map_location, strict)
+        built.train(mode == "train")
+        return built
     share = located.manifest.kind == "state_dict"
     # A checkpoint is read on the host: its weights alone go to map_location, by load_state_dict.
     state = _read_torch(located, map_location if share else "cpu", share=share)

@@ -35,8 +35,10 @@ def render(
     best: int | None,
     monitor: str | None,
     commands: Sequence[str] = (),
+    python: Sequence[str] = (),
 ) -> str:
-    """The markdown description of run ``run_id`` with ``checkpoints`` (by epoch)."""
+    """The markdown description of run ``run_id`` with ``checkpoints`` (by epoch); ``python`` adds lines to
+    its Python block (a framework's own way to resume, say), ``commands`` to its shell block."""
     trained = f"`{model_class}`" + (f" with `{optimizer_class}`" if optimizer_class else "")
     lines = [
         f"Training run of {trained}. Each checkpoint is a logged model of this run (the run's "
@@ -44,15 +46,16 @@ def render(
         "",
     ]
     pinned = checkpoints[latest].model_id if latest is not None and latest in checkpoints else None
-    python = [
+    code = [
         "import tracking",
         f'loaded = tracking.load("{run_id}")  # latest: loaded.model, loaded.optimizer, loaded.epoch',
         f'best = tracking.load("{run_id}", "best", mode="train")  # ready to resume',
     ]
     if pinned:
-        python.append(f'model = tracking.load_model("models:/{pinned}")  # exactly epoch {latest}')
+        code.append(f'model = tracking.load_model("models:/{pinned}")  # exactly epoch {latest}')
+    code += python
     shell = [f"tracking checkpoints {run_id}", f"tracking show {run_id} --checkpoint best", *commands]
-    load_it = ["**Load it**", "", "```python", *python, "```", "", "```bash", *shell, "```"]
+    load_it = ["**Load it**", "", "```python", *code, "```", "", "```bash", *shell, "```"]
     if checkpoints:
         lines += _table(run_id, checkpoints, latest, best, monitor, MAX_CHARS - len("\n".join(lines + load_it)))
     return "\n".join(lines + load_it)

@@ -1,0 +1,357 @@
+"""The Hugging Face Trainer integration: each save a checkpoint logged model, retention mirrored, exact resume by
+run ID, tracking.load on its checkpoints; an in-process Trainer on a tiny model, moto S3 and a sqlite store."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import threading
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+import tracking
+from pipelines import data
+from pipelines.hf_model import DigitsClassifier, DigitsConfig, Examples, accuracy
+from tracking import layout
+from tracking.cli import main
+from tracking.errors import StorageError
+from tracking.integrations import transformers as integration
+from tracking.integrations.transformers import TrackingCallback, checkpoint_folder
+
+FILES = {"config.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"}
+
+
+@pytest.fixture(scope="module")
+def split() -> data.Split:
+    full = data.load("digits")
+    # A slice keeps an epoch to a few steps: 256 rows in batches of 32.
+    return data.Split(full.x_train[:256], full.y_train[:256], full.x_val[:64], full.y_val[:64])
+
+
+class StopAfter(TrainerCallback):  # type: ignore[misc]
+    """Ends training after ``epochs`` epochs of a longer schedule: a job that stopped (was killed) midway."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if round(state.epoch) >= self.epochs:
+            control.should_training_stop = True
+
+
+class Scores(TrainerCallback):  # type: ignore[misc]
+    """Replaces each evaluation's ``eval_score`` with the next of ``values``: a best checkpoint that is not the last."""
+
+    def __init__(self, values: list[float]) -> None:
+        self.values = iter(values)
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float], **kwargs: Any) -> None:
+        metrics["eval_score"] = next(self.values)
+
+
+def make_trainer(
+    split: data.Split, output_dir: Path, callbacks: list[Any], epochs: int = 3, **overrides: Any
+) -> Trainer:
+    torch.manual_seed(0)
+    model = DigitsClassifier(DigitsConfig(hidden=16))
+    settings: dict[str, Any] = {
+        "num_train_epochs": epochs,
+        "per_device_train_batch_size": 32,
+        "learning_rate": 1e-2,
+        "lr_scheduler_type": "linear",
+        "save_strategy": "epoch",
+        "eval_strategy": "epoch",
+        "logging_strategy": "epoch",
+        "report_to": "none",
+        "seed": 0,
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        **overrides,
+    }
+    return Trainer(
+        model=model,
+        args=TrainingArguments(str(output_dir), **settings),
+        train_dataset=Examples(split.x_train, split.y_train),
+        eval_dataset=Examples(split.x_val, split.y_val),
+        compute_metrics=accuracy,
+        callbacks=callbacks,
+    )
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def losses(trainer: Trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+@pytest.fixture
+def trained(s3_experiment: str, split: data.Split, tmp_path: Path) -> Iterator[tuple[str, Trainer]]:
+    """A run trained 3 epochs with the callback (background uploads): its ID and its Trainer."""
+    with mlflow.start_run() as run:
+        trainer = make_trainer(split, tmp_path / "out", [TrackingCallback()])
+        trainer.train()
+    yield run.info.run_id, trainer
+
+
+def test_each_save_is_one_checkpoint_with_every_file_and_its_metrics(trained: tuple[str, Trainer]) -> None:
+    run_id, trainer = trained
+    found = tracking.list_checkpoints(run_id)
+    assert [c.epoch for c in found] == [1, 2, 3]
+    assert [c.step for c in found] == [8, 16, 24]
+    out = Path(trainer.args.output_dir)
+    for checkpoint in found:
+        folder = out / f"checkpoint-{checkpoint.step}"
+        assert checkpoint.manifest.format == "transformers" and checkpoint.manifest.kind == "checkpoint"
+        assert set(checkpoint.manifest.files) == {p.name for p in folder.iterdir()} >= FILES
+        for name, stored in checkpoint.manifest.files.items():
+            assert (stored.size, stored.sha256) == ((folder / name).stat().st_size, sha256(folder / name))
+        logged = {e["step"]: e for e in trainer.state.log_history if "eval_loss" in e}[checkpoint.step]
+        assert checkpoint.metrics["eval_loss"] == logged["eval_loss"]
+        assert {"loss", "eval_accuracy", "learning_rate"} <= set(checkpoint.metrics)
+        assert "epoch" not in checkpoint.metrics and "step" not in checkpoint.metrics
+    manifest = found[-1].manifest
+    assert manifest.model["class"] == "pipelines.hf_model:DigitsClassifier"
+    assert manifest.optimizer is not None and manifest.optimizer["class"] == "torch.optim.adamw:AdamW"
+    assert manifest.versions["transformers"]
+    # The run's pointers and its description, as the pipelines' checkpoints have them.
+    tags = mlflow.get_run(run_id).data.tags
+    assert tags[layout.TAG_LATEST] == found[-1].model_id
+    assert "checkpoint_folder" in tags["mlflow.note.content"] and found[-1].model_id in tags["mlflow.note.content"]
+    assert not (out / integration.STAGING).exists() or not any((out / integration.STAGING).iterdir())
+
+
+def test_save_total_limit_and_the_best_checkpoint_are_mirrored(
+    s3_experiment: str, split: data.Split, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    with mlflow.start_run() as run:
+        trainer = make_trainer(
+            split,
+            out,
+            [Scores([0.5, 0.9, 0.3, 0.2]), TrackingCallback()],
+            epochs=4,
+            save_total_limit=2,
+            metric_for_best_model="score",
+            greater_is_better=True,
+        )
+        trainer.train()
+    kept = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert kept == [16, 32]  # the Trainer kept the best (epoch 2) and the last
+    found = {c.epoch: c for c in tracking.list_checkpoints(run.info.run_id)}
+    assert sorted(found) == [2, 4]
+    tags = mlflow.get_run(run.info.run_id).data.tags
+    assert tags[layout.TAG_BEST] == found[2].model_id and tags[layout.TAG_LATEST] == found[4].model_id
+    assert (tags[layout.TAG_MONITOR], tags[layout.TAG_MODE]) == ("eval_score", "max")
+    assert tracking.find_checkpoint(run.info.run_id, "best").manifest.step == 16
+    # Deleted as retention deletes: no logged model left behind for the epochs the Trainer rotated out.
+    client = mlflow.MlflowClient()
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert sorted(m.name for m in models) == [layout.checkpoint_name(2), layout.checkpoint_name(4)]
+
+
+def test_resume_from_a_run_id_repeats_the_straight_run(s3_experiment: str, split: data.Split, tmp_path: Path) -> None:
+    straight = make_trainer(split, tmp_path / "straight", [], epochs=4)
+    straight.train()
+    with mlflow.start_run() as run:
+        first = make_trainer(split, tmp_path / "first", [StopAfter(2), TrackingCallback()], epochs=4)
+        first.train()
+    run_id = run.info.run_id
+    assert [c.epoch for c in tracking.list_checkpoints(run_id)] == [1, 2]
+    # Elsewhere, from the run ID alone: the latest checkpoint as the Trainer's folder, into the same run.
+    elsewhere = tmp_path / "elsewhere"
+    folder = checkpoint_folder(run_id, output_dir=elsewhere)
+    assert Path(folder) == elsewhere / "checkpoint-16"
+    resumed = make_trainer(split, elsewhere, [TrackingCallback(run_id=run_id)], epochs=4)
+    resumed.train(resume_from_checkpoint=folder)
+    assert losses(resumed) == losses(straight)
+    final, expected = weights(resumed.model), weights(straight.model)
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    found = tracking.list_checkpoints(run_id)
+    assert [c.epoch for c in found] == [1, 2, 3, 4]
+    loaded = tracking.load(run_id)
+    assert all(torch.equal(loaded.model.state_dict()[k], expected[k]) for k in expected)
+
+
+def test_load_rebuilds_the_model_and_with_mode_train_the_optimizer(
+    trained: tuple[str, Trainer], tmp_path: Path
+) -> None:
+    run_id, trainer = trained
+    expected = weights(trainer.model)
+    loaded = tracking.load(run_id)
+    assert isinstance(loaded.model, DigitsClassifier) and not loaded.model.training
+    assert (loaded.epoch, loaded.step, loaded.optimizer) == (3, 24, None)
+    assert all(torch.equal(loaded.model.state_dict()[k], expected[k]) for k in expected)
+    with pytest.warns(RuntimeWarning, match="scheduler=<a factory"):
+        resumable = tracking.load(run_id, mode="train")
+    assert resumable.model.training and isinstance(resumable.optimizer, torch.optim.AdamW)
+    saved = trainer.optimizer.state_dict()
+    state = resumable.optimizer.state_dict()
+    assert [g["weight_decay"] for g in state["param_groups"]] == [g["weight_decay"] for g in saved["param_groups"]]
+    for index, entry in saved["state"].items():
+        assert all(torch.equal(state["state"][index][k], v) for k, v in entry.items())
+    # The Trainer's schedule is a lambda: a factory brings it back with its state.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scheduled = tracking.load(
+            run_id, mode="train", scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0)
+        )
+    assert scheduled.scheduler.last_epoch == 24
+    # The transformers-native path: from_pretrained on the folder materialised from the run ID.
+    native = DigitsClassifier.from_pretrained(checkpoint_folder(run_id, 2, output_dir=tmp_path / "native"))
+    second = tracking.load(run_id, 2)
+    assert all(torch.equal(native.state_dict()[k], v) for k, v in second.model.state_dict().items())
+    assert all(torch.equal(tracking.load_model(run_id).state_dict()[k], v) for k, v in expected.items())
+    assert set(tracking.load_state_dict(run_id)) == set(expected)
+
+
+def test_the_command_line_lists_shows_verifies_downloads_and_registers(
+    trained: tuple[str, Trainer], tmp_path: Path
+) -> None:
+    run_id, _ = trained
+    runner = CliRunner()
+    listed = runner.invoke(main, ["checkpoints", run_id, "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert [c["epoch"] for c in json.loads(listed.stdout)] == [1, 2, 3]
+    shown = runner.invoke(main, ["show", run_id, "--checkpoint", "2"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)["format"] == "transformers" and json.loads(shown.stdout)["step"] == 16
+    verified = runner.invoke(main, ["verify", run_id])
+    assert verified.exit_code == 0 and "BAD" not in verified.output, verified.output
+    downloaded = runner.invoke(main, ["download", run_id, "--checkpoint", "2", "--to", str(tmp_path / "dl")])
+    assert downloaded.exit_code == 0, downloaded.output
+    assert {p.name for p in (tmp_path / "dl").iterdir()} >= FILES | {"manifest.json"}
+    registered = runner.invoke(main, ["register", run_id, "hf-digits", "--checkpoint", "latest", "--alias", "champion"])
+    assert registered.exit_code == 0, registered.output
+    by_alias = tracking.load("models:/hf-digits@champion")
+    assert (by_alias.epoch, type(by_alias.model)) == (3, DigitsClassifier)
+
+
+def test_a_failed_upload_is_not_silent(
+    s3_experiment: str, split: data.Split, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    original = integration.commit_local_files
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[1].epoch)
+        if args[1].epoch == 1:
+            raise StorageError("the store refused the upload")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(integration, "commit_local_files", failing)
+    with mlflow.start_run() as run:
+        trainer = make_trainer(split, tmp_path / "out", [TrackingCallback()])
+        # Epoch 1's upload fails in the background: epoch 2's save says so, and training stops there.
+        with pytest.raises(StorageError, match="refused the upload"):
+            trainer.train()
+    assert calls == [1] and round(trainer.state.epoch) == 2
+    assert tracking.list_checkpoints(run.info.run_id) == []
+
+
+def test_a_failed_last_upload_fails_the_end_of_training(
+    s3_experiment: str, split: data.Split, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        raise StorageError("the store refused the upload")
+
+    monkeypatch.setattr(integration, "commit_local_files", failing)
+    with mlflow.start_run(), pytest.raises(StorageError, match="refused the upload"):
+        make_trainer(split, tmp_path / "out", [TrackingCallback()], epochs=1).train()
+
+
+def test_files_are_staged_so_the_trainer_rotation_cannot_take_them_mid_upload(
+    s3_experiment: str, split: data.Split, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    committed: dict[int, Mapping[str, Any]] = {}
+    original = integration.commit_local_files
+
+    def slow(handle: Any, manifest: Any, files: Mapping[str, Path], **kwargs: Any) -> Any:
+        if manifest.epoch == 1:
+            # Upload epoch 1 only once the Trainer's rotation (save_total_limit=1, at epoch 2's save) deleted it.
+            gone = threading.Event()
+            while not gone.wait(0.05):
+                if not (out / "checkpoint-8").exists():
+                    gone.set()
+        logged = original(handle, manifest, files, **kwargs)
+        committed[manifest.epoch] = logged.manifest.files
+        return logged
+
+    monkeypatch.setattr(integration, "commit_local_files", slow)
+    with mlflow.start_run() as run:
+        make_trainer(split, out, [TrackingCallback()], epochs=2, save_total_limit=1).train()
+    assert set(committed[1]) >= FILES
+    # Committed whole, then deleted: its folder was rotated out.
+    assert [c.epoch for c in tracking.list_checkpoints(run.info.run_id)] == [2]
+
+
+def test_other_save_strategies_are_refused_with_the_fix(s3_experiment: str, split: data.Split, tmp_path: Path) -> None:
+    with mlflow.start_run():
+        trainer = make_trainer(split, tmp_path / "out", [TrackingCallback()], save_strategy="steps", save_steps=5)
+        with pytest.raises(ValueError, match="save_strategy='epoch'"):
+            trainer.train()
+
+
+def test_every_n_epochs_saves_only_due_epochs_and_the_last(
+    s3_experiment: str, split: data.Split, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    with mlflow.start_run() as run:
+        make_trainer(split, out, [TrackingCallback(every_n_epochs=2)], epochs=3).train()
+    assert [c.epoch for c in tracking.list_checkpoints(run.info.run_id)] == [2, 3]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-16", "checkpoint-24"]
+
+
+def test_the_trainer_mlflow_integration_and_the_callback_share_one_run(
+    s3_experiment: str, split: data.Split, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", mlflow.get_experiment_by_name("unit-s3").experiment_id)
+    trainer = make_trainer(split, tmp_path / "out", [TrackingCallback()], epochs=1, report_to="mlflow")
+    trainer.train()
+    runs = mlflow.search_runs(output_format="list")
+    assert len(runs) == 1
+    run_id = runs[0].info.run_id
+    assert [c.epoch for c in tracking.list_checkpoints(run_id)] == [1]
+    assert "eval_loss" in runs[0].data.metrics
+
+
+def test_the_core_never_imports_transformers() -> None:
+    code = (
+        "import sys, tracking, tracking.loader, tracking.pretrained, tracking.download; "
+        "print(sorted({'transformers', 'lightning', 'tracking.integrations'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_resumed_training_mirrors_the_folder_materialised_from_the_run(
+    s3_experiment: str, split: data.Split, tmp_path: Path
+) -> None:
+    with mlflow.start_run() as run:
+        make_trainer(split, tmp_path / "first", [StopAfter(2), TrackingCallback()], epochs=3).train()
+    run_id = run.info.run_id
+    elsewhere = tmp_path / "elsewhere"
+    folder = checkpoint_folder(run_id, output_dir=elsewhere)
+    resumed = make_trainer(split, elsewhere, [TrackingCallback(run_id=run_id)], epochs=3, save_total_limit=1)
+    resumed.train(resume_from_checkpoint=folder)
+    # The Trainer rotated out the folder it resumed from: epoch 2's logged model went with it. Epoch 1,
+    # whose folder this machine never had, is not the rotation's to delete.
+    assert not Path(folder).exists()
+    assert [c.epoch for c in tracking.list_checkpoints(run_id)] == [1, 3]
