@@ -150,12 +150,7 @@ def train(opts: options.Options) -> str:
             callbacks=[_epoch_metrics(), checkpoints],
         )
         trainer.train(resume_from_checkpoint=folder)
-        for which in ("latest", "best"):
-            try:
-                found = tracking.find_checkpoint(run_id, which, config=config)
-            except tracking.NotFoundError:
-                continue
-            print(f"{which} checkpoint: epoch {found.manifest.epoch}, models:/{found.model_id}", flush=True)
+        runs.report(client, run, config=config)
         shutil.rmtree(output_dir, ignore_errors=True)
         return str(run_id)
 

@@ -149,12 +149,7 @@ def train(opts: options.Options) -> str:
                 "pass a larger --epochs to train further."
             )
         trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
-        for which in ("latest", "best"):
-            try:
-                found = tracking.find_checkpoint(run_id, which)
-            except tracking.NotFoundError:
-                continue
-            print(f"{which} checkpoint: epoch {found.manifest.epoch}, models:/{found.model_id}", flush=True)
+        runs.report(client, run)
         return str(run_id)
 
 

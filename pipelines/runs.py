@@ -254,19 +254,26 @@ def log_whole_model(model: torch.nn.Module) -> Any:
         return tracking.log_model(model, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 
 
-def report(client: MlflowClient, run: mlflow.ActiveRun, whole_model_id: str) -> None:
-    """Print what the run holds and how to load each: its latest and best checkpoints, the whole model."""
+def report(
+    client: MlflowClient,
+    run: mlflow.ActiveRun,
+    whole_model_id: str | None = None,
+    config: tracking.TrackingConfig | None = None,
+) -> None:
+    """Print what the run holds and how to load each: its latest and best checkpoints, the whole model
+    (when one was logged), and where the UI shows them."""
     run_id, experiment_id = run.info.run_id, run.info.experiment_id
     for which in ("latest", "best"):
         try:
-            found = tracking.find_checkpoint(run_id, which)
+            found = tracking.find_checkpoint(run_id, which, config=config)
         except tracking.NotFoundError:
             continue
         print(f"{which} checkpoint: epoch {found.manifest.epoch}, models:/{found.model_id}", flush=True)
-    print(
-        f"whole model: models:/{whole_model_id} (mlflow.pytorch.load_model; a pickle: load only runs you trust)",
-        flush=True,
-    )
+    if whole_model_id is not None:
+        print(
+            f"whole model: models:/{whole_model_id} (mlflow.pytorch.load_model; a pickle: load only runs you trust)",
+            flush=True,
+        )
     run_link = ui_link(client, f"experiments/{experiment_id}/runs/{run_id}")
     if run_link:
         print(f"run {run_id}: {run_link}", flush=True)

@@ -1,4 +1,6 @@
-"""What a user sees in the real MLflow UI of a run the training pipeline logged (headless chromium).
+"""What a user sees in the real MLflow UI of a run a pipeline logged (headless chromium): the training
+pipeline's hand-written loop, and the Lightning and Hugging Face Trainer pipelines, whose checkpoints
+must show exactly like its.
 
 The pipeline runs against the session sqlite stack; the test opens the links it prints and the pages
 they lead to, checks visible texts with explicit waits (the UI is a React app that renders after
@@ -33,7 +35,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SHOTS = ROOT / "test-output" / "ui"
 WAIT_S = 60
 EPOCHS = 3
-CHECKPOINTS = [f"checkpoint-epoch-{epoch:04d}" for epoch in range(1, EPOCHS + 1)]
 CLASSIC = "?workflowType=machine_learning"
 # The sidebar of the training view, and entries only the GenAI view's sidebar has.
 TRAINING_NAV = {"Model training", "Runs", "Models", "Model registry"}
@@ -65,11 +66,12 @@ def _browser_binaries() -> tuple[str, str]:
 class Page:
     """A headless chromium that fails the test with a screenshot when what it waits for never shows."""
 
-    def __init__(self, driver: Any) -> None:
+    def __init__(self, driver: Any, shots: Path) -> None:
         self.driver = driver
+        self.shots = shots
 
     def shot(self, step: str) -> Path:
-        path = SHOTS / f"{step}.png"
+        path = self.shots / f"{step}.png"
         self.driver.save_screenshot(str(path))
         return path
 
@@ -135,7 +137,7 @@ class Page:
 
 
 @contextmanager
-def chromium(profile: Path) -> Iterator[Page]:
+def chromium(profile: Path, shots: Path) -> Iterator[Page]:
     """Headless chromium through the Debian chromedriver, with a fresh profile; quit on the way out."""
     chromium_bin, chromedriver = _browser_binaries()
     try:
@@ -152,15 +154,41 @@ def chromium(profile: Path) -> Iterator[Page]:
     )
     try:
         driver.set_page_load_timeout(WAIT_S)
-        yield Page(driver)
+        yield Page(driver, shots)
     finally:
         driver.quit()
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A pipeline's command, and how its checkpoints are numbered, measured and stored."""
+
+    module: str
+    first_epoch: int  # Lightning numbers epochs from 0, as in its own file names
+    metric: str
+    data_file: str
+
+    @property
+    def epochs(self) -> list[int]:
+        return list(range(self.first_epoch, self.first_epoch + EPOCHS))
+
+    @property
+    def checkpoints(self) -> list[str]:
+        return [f"checkpoint-epoch-{epoch:04d}" for epoch in self.epochs]
+
+
+PIPELINES = {
+    "train": Pipeline("pipelines.train", 1, "val_loss", "checkpoint.pt"),
+    "lightning": Pipeline("pipelines.lightning_digits", 0, "val_loss", "checkpoint.pt"),
+    "transformers": Pipeline("pipelines.hf_digits", 1, "eval_loss", "model.safetensors"),
+}
 
 
 @dataclass(frozen=True)
 class Trained:
     """A run the training pipeline logged, and what the UI should show of it (from the tracking API)."""
 
+    pipeline: Pipeline
     ui: str
     run_id: str
     experiment_id: str
@@ -179,10 +207,10 @@ class Trained:
         return f"{self.ui}/#/experiments/{self.experiment_id}/models/{model_id}{tab}{CLASSIC}"
 
 
-def train(stack: LocalStack) -> Trained:
-    """Runs ``python -m pipelines.train`` as a user would, with the stack's environment."""
+def train(stack: LocalStack, pipeline: Pipeline) -> Trained:
+    """Runs ``python -m <pipeline>`` as a user would, with the stack's environment."""
     trained = subprocess.run(
-        [sys.executable, "-m", "pipelines.train", "--epochs", str(EPOCHS)],
+        [sys.executable, "-m", pipeline.module, "--epochs", str(EPOCHS)],
         cwd=ROOT,
         env=dict(os.environ),
         capture_output=True,
@@ -196,21 +224,24 @@ def train(stack: LocalStack) -> Trained:
     client = MlflowClient(stack.tracking_uri)
     logged = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'")
     run = Trained(
+        pipeline=pipeline,
         ui=stack.tracking_uri,
         run_id=run_id,
         experiment_id=experiment_id,
         run_name=client.get_run(run_id).info.run_name,
         checkpoints={m.name: m for m in logged if m.model_type == "pytorch-checkpoint"},
     )
-    assert sorted(run.checkpoints) == CHECKPOINTS
+    assert sorted(run.checkpoints) == pipeline.checkpoints
     # The pipeline prints both links with CLASSIC (MLflow's own "View run" line lacks it).
     printed = re.findall(r"https?://\S+", trained.stdout)
     assert run.run_link in printed and run.models_link in printed, trained.stdout
     return run
 
 
-@pytest.mark.smoke  # make test: the UI promise
+@pytest.mark.smoke(pipeline="train")  # make test: the UI promise; make test-all: each framework's too
+@pytest.mark.parametrize("pipeline", sorted(PIPELINES))
 def test_mlflow_ui_shows_the_pipeline_run_its_checkpoints_and_manifests(
+    pipeline: str,
     tmp_path: Path,
     stack_sqlite: LocalStack,
     use_stack: Callable[[LocalStack], LocalStack],
@@ -218,10 +249,11 @@ def test_mlflow_ui_shows_the_pipeline_run_its_checkpoints_and_manifests(
 ) -> None:
     _browser_binaries()  # fail fast, before training, when the browser is missing
     monkeypatch.setenv("TRACKING_EXPERIMENT", f"ui-{uuid.uuid4().hex[:8]}")
-    run = train(use_stack(stack_sqlite))
-    shutil.rmtree(SHOTS, ignore_errors=True)
-    SHOTS.mkdir(parents=True)
-    with chromium(tmp_path / "chromium-profile") as page:
+    run = train(use_stack(stack_sqlite), PIPELINES[pipeline])
+    shots = SHOTS / pipeline
+    shutil.rmtree(shots, ignore_errors=True)
+    shots.mkdir(parents=True)
+    with chromium(tmp_path / "chromium-profile", shots) as page:
         check_run_page(page, run)
         check_description(page, run)
         check_checkpoints(page, run)
@@ -244,11 +276,8 @@ def check_run_page(page: Page, run: Trained) -> None:
     if run.run_id not in page.driver.current_url or CLASSIC not in page.driver.current_url:
         page.fail(step, f"the UI left the run page or the training view (expected {run.run_link})")
     # The run's "Logged models" section lists every checkpoint (each is linked to the run as an output).
-    page.wait(
-        step,
-        f"the run's logged models {CHECKPOINTS}",
-        lambda: all(name in page.text() for name in CHECKPOINTS) or None,
-    )
+    names = run.pipeline.checkpoints
+    page.wait(step, f"the run's logged models {names}", lambda: all(name in page.text() for name in names) or None)
     page.shot(step)
 
 
@@ -263,14 +292,15 @@ def check_description(page: Page, run: Trained) -> None:
         return [pre for pre in page.visible("//pre") if load_line in pre.text]
 
     page.wait(step, f"a rendered code block with {load_line!r}", load_code)
-    latest = run.checkpoints[CHECKPOINTS[-1]]
+    last = run.pipeline.epochs[-1]
+    latest = run.checkpoints[run.pipeline.checkpoints[-1]]
     page.wait(
         step,
-        f"the description's checkpoint table naming {latest.model_id} (epoch {EPOCHS}) latest",
+        f"the description's checkpoint table naming {latest.model_id} (epoch {last}) latest",
         lambda: [
             row
             for row in page.visible("//table//tr")
-            if row.text.startswith(f"{EPOCHS} ") and latest.model_id in row.text and "latest" in row.text
+            if row.text.startswith(f"{last} ") and latest.model_id in row.text and "latest" in row.text
         ],
     )
     if "```" in page.text():
@@ -280,28 +310,29 @@ def check_description(page: Page, run: Trained) -> None:
 
 def check_checkpoints(page: Page, run: Trained) -> None:
     """(c) The experiment's Models tab (the printed link) lists every checkpoint by name, and each
-    checkpoint's page shows its val_loss as logged against the model."""
+    checkpoint's page shows its validation loss as logged against the model, and the register button."""
     step = "03-experiment-models"
+    names, metric = run.pipeline.checkpoints, run.pipeline.metric
     page.driver.get(run.models_link)
-    page.wait_for_lines(step, "Models", *CHECKPOINTS)
+    page.wait_for_lines(step, "Models", *names)
     page.shot(step)
-    for name in CHECKPOINTS:
+    for name in names:
         links = page.visible(f"//a[normalize-space()='{name}']")
         href = links[0].get_attribute("href") if links else ""
         model_id = run.checkpoints[name].model_id
         if not href or not href.endswith(f"/models/{model_id}"):
             page.fail(step, f"{name} does not link to its logged model {model_id} (href {href!r})")
 
-    for number, name in enumerate(CHECKPOINTS, start=1):
+    for number, name in enumerate(names, start=1):
         step = f"04-{number}-{name}"
         model = run.checkpoints[name]
-        val_loss = {metric.key: metric.value for metric in model.metrics or []}["val_loss"]
+        val_loss = {logged.key: logged.value for logged in model.metrics or []}[metric]
         page.driver.get(run.model_page(model.model_id))
-        page.wait_for_lines(step, name, "Ready", "Source run", run.run_name, "val_loss")
+        page.wait_for_lines(step, name, "Ready", "Register model", "Source run", run.run_name, metric)
         rows = page.wait(
             step,
-            "the val_loss row of the model's metrics table",
-            lambda: page.visible("//*[@role='row'][./*[@role='cell'][1][normalize-space()='val_loss']]"),
+            f"the {metric} row of the model's metrics table",
+            lambda: page.visible(f"//*[@role='row'][./*[@role='cell'][1][normalize-space()='{metric}']]"),
         )
         shown = rows[0].find_elements("xpath", "./*[@role='cell']")[-1].text.strip()
         try:
@@ -309,22 +340,23 @@ def check_checkpoints(page: Page, run: Trained) -> None:
         except ValueError:
             matches = False
         if not matches:
-            page.fail(step, f"{name} shows val_loss {shown!r}, logged {val_loss!r}")
+            page.fail(step, f"{name} shows {metric} {shown!r}, logged {val_loss!r}")
         page.shot(step)
 
 
 def check_manifest_preview(page: Page, run: Trained) -> None:
     """(d) The latest checkpoint's manifest.json previews as JSON in its logged model's Artifacts tab."""
     step = "05-manifest-json"
-    latest = run.checkpoints[CHECKPOINTS[-1]]
+    last = run.pipeline.epochs[-1]
+    latest = run.checkpoints[run.pipeline.checkpoints[-1]]
     page.driver.get(run.model_page(latest.model_id, "/artifacts"))
-    page.wait_for_lines(step, "checkpoint.pt", "manifest.json")
+    page.wait_for_lines(step, run.pipeline.data_file, "manifest.json")
     entry = page.wait(step, "manifest.json in the file tree", lambda: page.visible("//*[text()='manifest.json']"))[0]
     entry.click()
     page.wait(
         step,
-        f'the preview of manifest.json with "sha256" and "epoch": {EPOCHS}',
-        lambda: re.search(r'"sha256": "[0-9a-f]{64}"', page.text()) and f'"epoch": {EPOCHS},' in page.text(),
+        f'the preview of manifest.json with "sha256" and "epoch": {last}',
+        lambda: re.search(r'"sha256": "[0-9a-f]{64}"', page.text()) and f'"epoch": {last},' in page.text(),
     )
     path = f"models/{latest.model_id}/artifacts/manifest.json"
     if not any(line.startswith("Path: s3://") and line.endswith(path) for line in page.lines()):
