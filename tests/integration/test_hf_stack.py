@@ -63,7 +63,7 @@ def train_and_resume() -> str:
 
 
 @pytest.mark.smoke  # make test: the Hugging Face Trainer's one real-stack path
-def test_hf_pipeline_resumes_by_run_id_into_the_same_run_and_the_cli_reads_it(experiment: LocalStack) -> None:
+def test_hf_pipeline_resumes_by_run_id_into_the_same_run(experiment: LocalStack) -> None:
     run_id = train_and_resume()
 
     # The same run went on. Its checkpoints follow the Trainer's rotation of the folders it has: the one
@@ -79,6 +79,12 @@ def test_hf_pipeline_resumes_by_run_id_into_the_same_run_and_the_cli_reads_it(ex
     loaded = tracking.load(run_id)
     assert isinstance(loaded.model, DigitsClassifier) and not loaded.model.training
 
+
+def test_hf_pipeline_resumed_ends_bit_for_bit_where_a_straight_run_ends_and_the_cli_reads_it(
+    experiment: LocalStack,
+) -> None:
+    run_id = train_and_resume()
+    # The command line on the real stack (make test proves it in-process, in tests/unit/test_transformers.py).
     listed = cli("checkpoints", run_id, "--json")
     assert listed.returncode == 0, listed.stderr
     assert [c["epoch"] for c in json.loads(listed.stdout)] == [1, 3, 4]
@@ -88,10 +94,6 @@ def test_hf_pipeline_resumes_by_run_id_into_the_same_run_and_the_cli_reads_it(ex
     assert verified.returncode == 0 and "BAD" not in verified.stdout, verified.stdout + verified.stderr
     registered = cli("register", run_id, f"hf-{uuid.uuid4().hex[:8]}", "--checkpoint", "latest")
     assert registered.returncode == 0, registered.stderr
-
-
-def test_hf_pipeline_resumed_ends_bit_for_bit_where_a_straight_run_ends(experiment: LocalStack) -> None:
-    run_id = train_and_resume()
     straight = run_pipeline("--epochs", "4", "--keep-last", "2")
 
     resumed, expected = tracking.load(run_id), tracking.load(straight)

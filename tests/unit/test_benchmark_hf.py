@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # a benchmark's, not the library's: make test-all runs it
 def test_the_smoke_run_produces_every_figure(tmp_path: Path) -> None:
     output = tmp_path / "hf.json"
     # Its own moto server and sqlite store: no stack from the environment.
