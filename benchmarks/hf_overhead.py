@@ -97,9 +97,9 @@ class _Commits:
         self.seconds: list[float] = []
 
     def __enter__(self) -> _Commits:
-        from tracking.integrations import transformers as integration
+        from tracking.integrations.transformers import callback as hf_callback
 
-        self._original: Callable[..., Any] = integration.commit_local_files  # type: ignore[attr-defined]
+        self._original: Callable[..., Any] = hf_callback.commit_local_files  # type: ignore[attr-defined]
 
         def timed(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
@@ -107,13 +107,13 @@ class _Commits:
             self.seconds.append(time.perf_counter() - start)
             return result
 
-        integration.commit_local_files = timed  # type: ignore[attr-defined]
+        hf_callback.commit_local_files = timed  # type: ignore[attr-defined]
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from tracking.integrations import transformers as integration
+        from tracking.integrations.transformers import callback as hf_callback
 
-        integration.commit_local_files = self._original  # type: ignore[attr-defined]
+        hf_callback.commit_local_files = self._original  # type: ignore[attr-defined]
 
 
 class _Blocking:

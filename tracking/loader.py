@@ -22,6 +22,7 @@ from torch import nn
 
 from tracking import layout, pretrained, rebuild, spec, zerocopy
 from tracking.config import TrackingConfig
+from tracking.device import check_available, check_map_location, to_device
 from tracking.errors import ConfigError, NotFoundError, TrackingError, load_refusal
 from tracking.manifest import CHECKPOINT_KINDS, SHARDED_KIND, Manifest
 from tracking.rebuild import ModelArg
@@ -73,13 +74,13 @@ def load(
     cannot be rebuilt from the manifest.
     """
     _check_mode(mode)
-    _check_map_location(map_location)
+    check_map_location(map_location)
     for name, factory in (("optimizer", optimizer), ("scheduler", scheduler)):
         if factory is not None and not callable(factory):
             raise TypeError(f"{name} must be a factory (a callable), got {factory!r}")
     located = find_checkpoint(source, checkpoint, step=step, config=config)
     manifest = located.manifest
-    _check_device(map_location)
+    check_available(map_location)
     if pretrained.is_folder(located):
         # A framework's folder of files (the Hugging Face Trainer's): its optimizer only to resume.
         built = pretrained.build_model(located, model, map_location, strict)
@@ -248,7 +249,7 @@ def load_state_dict(
     config: TrackingConfig | None = None,
 ) -> dict[str, torch.Tensor]:
     """The model weights alone: the ``state_dict/`` artifact, or a checkpoint's ``model_state``."""
-    _check_map_location(map_location)
+    check_map_location(map_location)
     located = find_weights(source, checkpoint, config)
     if pretrained.is_folder(located):
         return {k: v.to(map_location) for k, v in pretrained.weights(located).items()}
@@ -274,9 +275,9 @@ def load_model(
     else the checkpoint (default: latest).
     """
     _check_mode(mode)
-    _check_map_location(map_location)
+    check_map_location(map_location)
     located = find_weights(source, checkpoint, config)
-    _check_device(map_location)
+    check_available(map_location)
     if pretrained.is_folder(located):
         built = pretrained.build_model(located, model, map_location, strict)
         built.train(mode == "train")
@@ -339,11 +340,11 @@ def _read_torch(located: Located, map_location: str | torch.device, share: bool 
     if manifest.kind == SHARDED_KIND:
         from tracking.parallel import sharded
 
-        _check_device(map_location)
+        check_available(map_location)
         full = sharded.read_full(located.store, manifest.files, _where(located))
-        return full if torch.device(map_location).type == "cpu" else _to(full, map_location)
+        return full if torch.device(map_location).type == "cpu" else to_device(full, map_location)
     try:
-        _check_device(map_location)
+        check_available(map_location)
         if manifest.format == "safetensors":
             from safetensors.torch import load as load_safetensors
 
@@ -374,35 +375,6 @@ def _own(value: Any) -> Any:
         items = [_own(v) for v in value]
         return items if isinstance(value, list) else type(value)(items)
     return value
-
-
-def _to(value: Any, device: str | torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_to(v, device) for v in value]
-    return value
-
-
-def _check_map_location(map_location: Any) -> None:
-    """A map_location torch cannot parse is the caller's mistake, said before anything is read."""
-    if not isinstance(map_location, str | torch.device):
-        raise TypeError(f"map_location must be a device string or a torch.device, got {type(map_location).__name__}")
-    try:
-        torch.device(map_location)
-    except RuntimeError as exc:
-        raise ValueError(
-            f"map_location={map_location!r} is not a device torch knows ({exc}); use 'cpu', 'cuda', 'cuda:0', "
-            "'mps' or a torch.device."
-        ) from None
-
-
-def _check_device(map_location: str | torch.device) -> None:
-    device = torch.device(map_location)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"map_location={map_location!r} but CUDA is not available here; use 'cpu'.")
 
 
 def _check_mode(mode: str) -> None:

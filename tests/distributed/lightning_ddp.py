@@ -15,8 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 import tracking
 from tests.lightning_model import TinyLit, loaders
-from tracking.integrations import lightning as integration
-from tracking.integrations.lightning import MLflowCheckpoints
+from tracking.integrations.lightning import MLflowCheckpoints, mirror
 
 
 def main(argv: list[str]) -> int:
@@ -26,7 +25,7 @@ def main(argv: list[str]) -> int:
         def refuse(*args: object, **kwargs: object) -> object:
             raise tracking.StorageError("the store refused the upload (test)")
 
-        integration.commit_local_files = refuse  # type: ignore[assignment]
+        mirror.commit_local_files = refuse  # type: ignore[attr-defined,assignment]
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(
         max_epochs=3,

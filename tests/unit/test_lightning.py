@@ -25,7 +25,7 @@ from tests.lightning_model import TinyLit, loaders, trainer
 from tracking import layout
 from tracking.cli import main
 from tracking.integrations import lightning as integration
-from tracking.integrations.lightning import MLflowCheckpoints, checkpoint_path
+from tracking.integrations.lightning import MLflowCheckpoints, checkpoint_path, mirror
 
 
 def _fit(
@@ -227,7 +227,7 @@ def test_a_failed_upload_is_not_silent(
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise tracking.StorageError("the store refused the upload (test)")
 
-    monkeypatch.setattr(integration, "commit_local_files", refuse)
+    monkeypatch.setattr(mirror, "commit_local_files", refuse)
     with mlflow.start_run(), pytest.raises(tracking.StorageError, match="refused the upload"):
         fitted = trainer(
             2, tmp_path, [ModelCheckpoint(dirpath=tmp_path / "c"), MLflowCheckpoints(background=background)]

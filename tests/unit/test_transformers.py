@@ -27,6 +27,7 @@ from tracking.cli import main
 from tracking.errors import StorageError
 from tracking.integrations import transformers as integration
 from tracking.integrations.transformers import TrackingCallback, checkpoint_folder
+from tracking.integrations.transformers import callback as hf_callback
 
 FILES = {"config.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"}
 
@@ -247,7 +248,7 @@ def test_a_failed_upload_is_not_silent(
     s3_experiment: str, split: data.Split, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
-    original = integration.commit_local_files
+    original = hf_callback.commit_local_files
 
     def failing(*args: Any, **kwargs: Any) -> Any:
         calls.append(args[1].epoch)
@@ -255,7 +256,7 @@ def test_a_failed_upload_is_not_silent(
             raise StorageError("the store refused the upload")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(integration, "commit_local_files", failing)
+    monkeypatch.setattr(hf_callback, "commit_local_files", failing)
     with mlflow.start_run() as run:
         trainer = make_trainer(split, tmp_path / "out", [TrackingCallback()])
         # Epoch 1's upload fails in the background: epoch 2's save says so, and training stops there.
@@ -271,7 +272,7 @@ def test_a_failed_last_upload_fails_the_end_of_training(
     def failing(*args: Any, **kwargs: Any) -> Any:
         raise StorageError("the store refused the upload")
 
-    monkeypatch.setattr(integration, "commit_local_files", failing)
+    monkeypatch.setattr(hf_callback, "commit_local_files", failing)
     with mlflow.start_run(), pytest.raises(StorageError, match="refused the upload"):
         make_trainer(split, tmp_path / "out", [TrackingCallback()], epochs=1).train()
 
@@ -281,7 +282,7 @@ def test_files_are_staged_so_the_trainer_rotation_cannot_take_them_mid_upload(
 ) -> None:
     out = tmp_path / "out"
     committed: dict[int, Mapping[str, Any]] = {}
-    original = integration.commit_local_files
+    original = hf_callback.commit_local_files
 
     def slow(handle: Any, manifest: Any, files: Mapping[str, Path], **kwargs: Any) -> Any:
         if manifest.epoch == 1:
@@ -294,7 +295,7 @@ def test_files_are_staged_so_the_trainer_rotation_cannot_take_them_mid_upload(
         committed[manifest.epoch] = logged.manifest.files
         return logged
 
-    monkeypatch.setattr(integration, "commit_local_files", slow)
+    monkeypatch.setattr(hf_callback, "commit_local_files", slow)
     with mlflow.start_run() as run:
         make_trainer(split, out, [TrackingCallback()], epochs=2, save_total_limit=1).train()
     assert set(committed[1]) >= FILES

@@ -1,0 +1,40 @@
+"""The device a load asks for (``map_location``): checked before anything is read, and a state moved onto it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tracking.errors import ConfigError
+
+
+def check_map_location(map_location: Any) -> None:
+    """A map_location torch cannot parse is the caller's mistake, said before anything is read."""
+    if not isinstance(map_location, str | torch.device):
+        raise TypeError(f"map_location must be a device string or a torch.device, got {type(map_location).__name__}")
+    try:
+        torch.device(map_location)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"map_location={map_location!r} is not a device torch knows ({exc}); use 'cpu', 'cuda', 'cuda:0', "
+            "'mps' or a torch.device."
+        ) from None
+
+
+def check_available(map_location: str | torch.device) -> None:
+    """A CUDA map_location on a machine without CUDA is a ConfigError that says to use the CPU."""
+    device = torch.device(map_location)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"map_location={map_location!r} but CUDA is not available here; use 'cpu'.")
+
+
+def to_device(value: Any, device: str | torch.device) -> Any:
+    """``value`` (tensors in nested dicts and lists) with every tensor on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, list):
+        return [to_device(v, device) for v in value]
+    return value

@@ -1,0 +1,124 @@
+"""How a Lightning save is described: what the main thread knows at the save, and the manifest made of it.
+
+The commit may run in another thread (the background saver, or Lightning's ``AsyncCheckpointIO``),
+so the trainer's metrics and the module's, optimizer's and scheduler's descriptions are taken at the
+save, on the main thread, and the manifest is made from them.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from tracking import spec
+from tracking.manifest import Manifest, now, versions
+
+_LIGHTNING_VERSION = importlib.metadata.version("lightning")
+
+FORMAT = "lightning"
+
+# Lightning keys that the core maps onto its own (see tracking.rebuild.checkpoint_state).
+_MAPPED = ("state_dict", "optimizer_states", "lr_schedulers", "epoch", "global_step")
+
+
+@dataclass(frozen=True)
+class SaveContext:
+    """What the main thread knows at a save, for the commit that may run in another thread."""
+
+    metrics: dict[str, float]
+    model: dict[str, Any]
+    optimizer: dict[str, Any] | None
+    scheduler: dict[str, Any] | None
+
+
+def save_context(trainer: pl.Trainer, module: pl.LightningModule) -> SaveContext:
+    """The trainer's finite metrics and the module's, optimizer's and scheduler's descriptions, now."""
+    return SaveContext(
+        metrics=_finite_metrics(trainer.callback_metrics),
+        model=_describe_module(module),
+        optimizer=spec.describe_optimizer(trainer.optimizers[0], module) if trainer.optimizers else None,
+        scheduler=_describe_scheduler(trainer),
+    )
+
+
+def save_manifest(
+    trainer: pl.Trainer, checkpoint: dict[str, Any], epoch: int, step: int, context: SaveContext | None
+) -> Manifest:
+    """The manifest of the checkpoint Lightning saved at ``epoch`` and ``step`` (format ``"lightning"``)."""
+    if context is None:
+        # Saved without the callback's hook (trainer.save_checkpoint outside fit): described from here.
+        context = save_context(trainer, trainer.lightning_module)
+    return Manifest(
+        kind="checkpoint",
+        files={},
+        model=context.model,
+        epoch=epoch,
+        step=step,
+        metrics=context.metrics,
+        optimizer=context.optimizer if checkpoint.get("optimizer_states") else None,
+        scheduler=context.scheduler if checkpoint.get("lr_schedulers") else None,
+        extra_keys=sorted(k for k in checkpoint if k not in _MAPPED),
+        format=FORMAT,
+        versions={**versions(), "lightning": _LIGHTNING_VERSION},
+        created_at=now(),
+    )
+
+
+def save_monitor(
+    trainer: pl.Trainer, path: str, manifest: Manifest, monitor: str | None, mode: str
+) -> tuple[str | None, str]:
+    """The metric and mode that rank the checkpoint at ``path``: ``monitor`` and ``mode`` when a monitor is
+    given, else those of the ModelCheckpoint that wrote it (the metric only when the metrics hold it)."""
+    if monitor is not None:
+        return (monitor if monitor in manifest.metrics else None), mode
+    callbacks = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
+    folder = os.path.realpath(os.path.dirname(path))
+    writer = next(
+        (c for c in callbacks if c.dirpath and os.path.realpath(str(c.dirpath)) == folder),
+        callbacks[0] if callbacks else None,
+    )
+    if writer is None or writer.monitor is None or writer.monitor not in manifest.metrics:
+        return None, "min"
+    return writer.monitor, writer.mode
+
+
+def _finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
+    for name, value in metrics.items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError, RuntimeError):
+            continue  # a tensor of several values
+        if math.isfinite(number):
+            out[str(name)] = number
+    return out
+
+
+def _describe_module(module: pl.LightningModule) -> dict[str, Any]:
+    """The LightningModule's class, with its saved hyperparameters as its init arguments."""
+    hparams = dict(module.hparams) if module.hparams else None
+    if hparams is not None and spec.is_json(hparams):
+        return {"class": spec.class_path(type(module)), "init_kwargs": hparams, "init_kwargs_source": "hparams"}
+    described = spec.describe_model(module, None)
+    if hparams is not None:
+        described["note"] = (
+            "its saved hyperparameters are not JSON-serialisable; to load, pass model=<instance or factory>"
+        )
+    return described
+
+
+def _describe_scheduler(trainer: pl.Trainer) -> dict[str, Any] | None:
+    configs = trainer.lr_scheduler_configs
+    if not configs:
+        return None
+    try:
+        return spec.describe_scheduler(configs[0].scheduler, None)
+    except Exception:  # a scheduler whose arguments cannot be read back: the loader leaves it out
+        return {"class": spec.class_path(configs[0].scheduler), "init_kwargs": None}

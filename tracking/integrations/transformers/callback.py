@@ -1,0 +1,236 @@
+"""The callback a Trainer is given: ``TrackingCallback`` commits each checkpoint folder the Trainer saves.
+
+At each save the folder's files are staged (:mod:`~tracking.integrations.transformers.staging`) and
+committed, in the background by default, as one logged model of the run; after each commit the
+Trainer's rotation is mirrored (:mod:`~tracking.integrations.transformers.rotation`).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import transformers
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from tracking import layout, note
+from tracking.catalog import LoggedCheckpoint
+from tracking.commit import Describe, commit_local_files
+from tracking.config import TrackingConfig
+from tracking.errors import NotFoundError
+from tracking.integrations.transformers.description import (
+    FORMAT,
+    checkpoint_metrics,
+    describe_model,
+    describe_optimizer,
+    describe_scheduler,
+    monitor_of,
+)
+from tracking.integrations.transformers.folders import PREFIX
+from tracking.integrations.transformers.rotation import RotationMirror
+from tracking.integrations.transformers.staging import STAGING, stage
+from tracking.manifest import Manifest, now, versions
+from tracking.run import RunHandle, open_run, target_run_id
+from tracking.saver import AsyncSaver
+
+
+class TrackingCallback(TrainerCallback):  # type: ignore[misc]
+    """Logs each checkpoint folder the Trainer saves as a checkpoint logged model of the MLflow run.
+
+    The run is ``run_id``, else the active MLflow run (the one the Trainer's own MLflow
+    integration starts, when ``report_to`` includes ``"mlflow"``). Needs
+    ``save_strategy="epoch"``: checkpoints are keyed by epoch (``every_n_epochs`` saves only
+    every N epochs, and the last). ``metric_for_best_model`` (``greater_is_better``) moves the
+    run's best tag. ``async_upload=False`` commits before ``on_save`` returns. A failed upload
+    raises at the next save or at the end of training. ``commands`` (``{run_id}`` filled in)
+    add shell lines to the run's description, ``describe_run=False`` leaves it alone.
+    """
+
+    def __init__(
+        self,
+        *,
+        run_id: str | None = None,
+        every_n_epochs: int = 1,
+        async_upload: bool = True,
+        describe_run: bool = True,
+        commands: Sequence[str] = (),
+        config: TrackingConfig | None = None,
+    ) -> None:
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        self.run_id = run_id
+        self.every_n_epochs = every_n_epochs
+        self.describe_run = describe_run
+        self.commands = tuple(commands)
+        self._config = config
+        self._saver = AsyncSaver() if async_upload else None
+        self._handle: RunHandle | None = None
+        self._rotation = RotationMirror()
+        self._pending: list[Future[LoggedCheckpoint]] = []
+        self._evaluated: tuple[int, dict[str, Any]] = (-1, {})
+
+    # -- the Trainer's events --------------------------------------------------------------------
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
+        if strategy != "epoch":
+            raise ValueError(
+                f"TrackingCallback keys checkpoints by epoch and needs TrainingArguments(save_strategy='epoch'), "
+                f"got save_strategy={strategy!r}; set save_strategy='epoch' (and eval_strategy='epoch' for "
+                "metrics per checkpoint)."
+            )
+        if not state.is_world_process_zero:
+            return
+        self._raise_failed()
+        self._handle = open_run(target_run_id(self._run_id()), self._config)
+        self._rotation.load(self._handle, Path(str(args.output_dir)))
+
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        # The Trainer saves every epoch; between due epochs it saves nothing, so its folders and
+        # the run's logged models stay one to one.
+        epoch = round(state.epoch or 0)
+        last = state.global_step >= state.max_steps or epoch >= math.ceil(args.num_train_epochs)
+        if control.should_save and not last and epoch % self.every_n_epochs != 0:
+            control.should_save = False
+
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # What the Trainer ranks its best checkpoint by: the metrics as evaluate() returned them
+        # (compute_metrics' and callbacks' additions included), which its log may lack.
+        self._evaluated = (state.global_step, dict(metrics or {}))
+
+    def on_save(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        optimizer: Any = None,
+        lr_scheduler: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if not state.is_world_process_zero:
+            return
+        handle = self._handle
+        if handle is None:
+            raise RuntimeError("TrackingCallback.on_save before on_train_begin: add it to the Trainer's callbacks")
+        self._raise_failed()  # a failed upload is never silent: the next save says so
+        folder = Path(str(args.output_dir)) / f"{PREFIX}-{state.global_step}"
+        if not folder.is_dir():
+            raise NotFoundError(
+                f"run {handle.run_id}: the Trainer saved no folder {folder}; TrackingCallback logs the folders "
+                "Trainer._save_checkpoint writes (one trainer, no hyperparameter search)."
+            )
+        evaluated = [self._evaluated[1]] if self._evaluated[0] == state.global_step else []
+        metrics = checkpoint_metrics([*state.log_history, *evaluated], state.global_step)
+        monitor, mode = monitor_of(args)
+        manifest = Manifest(
+            kind="checkpoint",
+            format=FORMAT,
+            files={},
+            model=describe_model(model),
+            epoch=round(state.epoch or 0),
+            step=state.global_step,
+            metrics=metrics,
+            optimizer=describe_optimizer(optimizer, model),
+            scheduler=describe_scheduler(lr_scheduler),
+            versions={**versions(), "transformers": transformers.__version__},
+            created_at=now(),
+        )
+        staging = stage(folder, Path(str(args.output_dir)) / STAGING, handle.run_id)
+        files = {path.name: path for path in sorted(staging.iterdir())}
+        watched = folder.resolve()
+
+        def commit() -> LoggedCheckpoint:
+            try:
+                logged = commit_local_files(
+                    handle,
+                    manifest,
+                    files,
+                    monitor=monitor if monitor in metrics else None,
+                    mode=mode,
+                    describe=self._describer(handle, manifest, monitor) if self.describe_run else None,
+                )
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            self._rotation.committed(handle, watched, logged, monitor, mode)
+            return logged
+
+        if self._saver is None:
+            commit()
+        else:
+            self._pending = [f for f in self._pending if not f.done()]
+            self._pending.append(self._saver.submit(commit))
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if state.is_world_process_zero:
+            self.wait()
+
+    # -- flushing ----------------------------------------------------------------------------------
+
+    def wait(self) -> None:
+        """Block until every checkpoint handed to the background upload is committed; re-raise a failure."""
+        if self._saver is not None:
+            self._saver.wait()
+
+    def _raise_failed(self) -> None:
+        if self._saver is not None:
+            self._saver._raise_pending_error()
+
+    # -- the run -----------------------------------------------------------------------------------
+
+    def _run_id(self) -> str | None:
+        if self.run_id is not None:
+            return self.run_id
+        import mlflow
+
+        if mlflow.active_run() is None:
+            raise ValueError(
+                "TrackingCallback: no active MLflow run and no run_id; start one (`with mlflow.start_run():` "
+                "around trainer.train(), or report_to='mlflow' for the Trainer's own) or pass run_id=..."
+            )
+        return None
+
+    def _describer(self, handle: RunHandle, manifest: Manifest, monitor: str | None) -> Describe:
+        epoch = manifest.epoch
+        assert epoch is not None
+
+        def describe(model_id: str, tags: Mapping[str, str]) -> dict[str, str]:
+            noted = self._rotation.surviving()
+            noted[epoch] = note.NotedCheckpoint(model_id, dict(manifest.metrics))
+            by_model = {c.model_id: e for e, c in noted.items()}
+            text = note.render(
+                handle.run_id,
+                model_class=str(manifest.model.get("class")),
+                optimizer_class=(manifest.optimizer or {}).get("class"),
+                checkpoints=noted,
+                latest=by_model.get(tags.get(layout.TAG_LATEST, "")),
+                best=by_model.get(tags.get(layout.TAG_BEST, "")),
+                monitor=monitor,
+                commands=[c.replace("{run_id}", handle.run_id) for c in self.commands],
+                python=[
+                    "from tracking.integrations.transformers import checkpoint_folder",
+                    f'trainer.train(resume_from_checkpoint=checkpoint_folder("{handle.run_id}", '
+                    "output_dir=args.output_dir))  # exact resume",
+                ],
+            )
+            return {note.NOTE_TAG: text}
+
+        return describe
