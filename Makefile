@@ -11,6 +11,7 @@ STACK_ENV   := .tracking/stack.env
 TRAIN_ARGS  ?= --epochs 10 --checkpoint-every 2 --keep-last 3 --keep-best 1
 # dclint (a Compose-spec validator and linter) comes from npm, at this exact version.
 DCLINT      ?= npx --yes dclint@3.1.0
+TEST_WORKERS ?= 2
 
 .PHONY: install browser-deps train test test-all test-unit test-integration test-gpu lint lint-docker bench stack-up stack-down stack-status clean
 
@@ -43,8 +44,11 @@ train: install
 # README's test command: the unit tier (moto S3, sqlite) plus one real-stack path per promise
 # (tests marked smoke: log, load by run ID, resume, logged models, the UI) on one SeaweedFS +
 # MLflow server stack. The browser test drives Debian's chromium: installed first when missing.
+# TEST_WORKERS pytest-xdist processes share the files (each file's tests in one of them, each
+# with its own stack when its files need one): much of the suite waits on subprocesses and
+# servers, so two use two cores where one process used one and a half. TEST_WORKERS=0: one process.
 test: install browser-deps
-	$(BIN)/python -m pytest tests -m "unit or smoke"
+	$(BIN)/python -m pytest tests -m "unit or smoke" -n $(TEST_WORKERS) --dist loadfile
 
 # Every tier: unit, integration (sqlite, PostgreSQL, proxied stacks; compose server; browser),
 # reliability and distributed. What .ci/run runs.

@@ -54,11 +54,10 @@ def train(opts: options.Options) -> str:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import MLFlowLogger
     from mlflow.tracking import MlflowClient
-    from torch.utils.data import DataLoader, TensorDataset
 
     import tracking
-    from pipelines import data, runs
-    from pipelines.lightning_modules import LitDigits
+    from pipelines import runs
+    from pipelines.lightning_modules import LitDigits, digits_loaders
     from tracking.integrations.lightning import MLflowCheckpoints, checkpoint_path
 
     config = tracking.TrackingConfig.from_env(experiment_name=opts.experiment)
@@ -78,13 +77,9 @@ def train(opts: options.Options) -> str:
             f"run {opts.resume} was trained with other params ({listed}); leave these options out to keep them."
         )
     ckpt_path = checkpoint_path(origin.info.run_id) if origin else None
-    split = data.load(DATASET)
     pl.seed_everything(values["seed"], verbose=False)
-    module = LitDigits(n_features=split.n_features, hidden=HIDDEN, dropout=DROPOUT, lr=values["lr"])
-    train_loader = DataLoader(
-        TensorDataset(split.x_train, split.y_train), batch_size=values["batch_size"], shuffle=True
-    )
-    val_loader = DataLoader(TensorDataset(split.x_val, split.y_val), batch_size=256)
+    train_loader, val_loader = digits_loaders(values["batch_size"])
+    module = LitDigits(hidden=HIDDEN, dropout=DROPOUT, lr=values["lr"])  # the digits' 64 pixels: its default
     run_args: dict[str, Any] = (
         {"run_id": origin.info.run_id}
         if origin

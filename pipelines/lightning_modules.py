@@ -9,6 +9,9 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from pipelines import data
 
 STEP_SIZE, GAMMA = 3, 0.5  # the learning rate halves every 3 epochs
 
@@ -42,3 +45,10 @@ class LitDigits(pl.LightningModule):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams["lr"])
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=STEP_SIZE, gamma=GAMMA)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+def digits_loaders(batch_size: int = 64) -> tuple[DataLoader[Any], DataLoader[Any]]:
+    """The digits' training (shuffled) and validation loaders, as the pipeline trains on them."""
+    split = data.load("digits")
+    train = DataLoader(TensorDataset(split.x_train, split.y_train), batch_size=batch_size, shuffle=True)
+    return train, DataLoader(TensorDataset(split.x_val, split.y_val), batch_size=256)

@@ -7,7 +7,7 @@ MLflow caches, per process and without a bound that matters here:
   handle to that test's ``mlflow.db`` and the store's mapped metadata;
 - the store objects themselves, in ``lru_cache(maxsize=100)`` on the tracking and registry
   store registries, keyed by resolved URI;
-- artifact repositories by run ID (up to 1,024).
+- artifact repositories by run ID (up to 1,024), and S3 clients by endpoint (up to 64).
 
 The library adds one: the runs its writers opened (``tracking.run._opened``, by config, tracking
 URI and run ID), each holding its artifact store, whose S3 client holds a botocore loader with
@@ -35,6 +35,7 @@ def release_mlflow_stores() -> int:
         run_module._opened.clear()
     if "mlflow" not in sys.modules:
         return 0
+    from mlflow.store.artifact import s3_artifact_repo
     from mlflow.store.jobs.sqlalchemy_store import SqlAlchemyJobStore
     from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as RegistrySqlStore
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingSqlStore
@@ -46,6 +47,9 @@ def release_mlflow_stores() -> int:
     if registry is not None:
         registry._get_store_with_resolved_uri.cache_clear()
     tracking_utils._artifact_repos_cache.clear()
+    # S3 clients by endpoint (not by credentials, which boto3 reads from the environment when it makes one):
+    # kept, a test against a server on a port an earlier test's server had used got that one's credentials.
+    s3_artifact_repo._cached_get_s3_client.cache_clear()
 
     disposed = 0
     for store_class in (TrackingSqlStore, RegistrySqlStore, SqlAlchemyJobStore):
