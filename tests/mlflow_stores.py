@@ -7,7 +7,8 @@ MLflow caches, per process and without a bound that matters here:
   handle to that test's ``mlflow.db`` and the store's mapped metadata;
 - the store objects themselves, in ``lru_cache(maxsize=100)`` on the tracking and registry
   store registries, keyed by resolved URI;
-- artifact repositories by run ID (up to 1,024), and S3 clients by endpoint (up to 64).
+- artifact repositories by run ID (up to 1,024), and S3 clients by endpoint (up to 64), made
+  from boto3's default session, which keeps the first credentials it read.
 
 The library adds one: the runs its writers opened (``tracking.run._opened``, by config, tracking
 URI and run ID), each holding its artifact store, whose S3 client holds a botocore loader with
@@ -47,9 +48,12 @@ def release_mlflow_stores() -> int:
     if registry is not None:
         registry._get_store_with_resolved_uri.cache_clear()
     tracking_utils._artifact_repos_cache.clear()
-    # S3 clients by endpoint (not by credentials, which boto3 reads from the environment when it makes one):
-    # kept, a test against a server on a port an earlier test's server had used got that one's credentials.
+    # S3 clients by endpoint, made from boto3's default session, which keeps the credentials it first read
+    # from the environment: kept, a test against a stack got the keys an earlier test gave moto.
     s3_artifact_repo._cached_get_s3_client.cache_clear()
+    boto3 = sys.modules.get("boto3")
+    if boto3 is not None:
+        boto3.DEFAULT_SESSION = None
 
     disposed = 0
     for store_class in (TrackingSqlStore, RegistrySqlStore, SqlAlchemyJobStore):
