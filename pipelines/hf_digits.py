@@ -12,7 +12,6 @@ data order). --keep-last is the Trainer's save_total_limit, --monitor its metric
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import tempfile
@@ -21,8 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import options
-from tracking.config import bound_mlflow_requests
-from tracking.errors import run_command
 
 NAME = "pipelines.hf_digits"
 DATASET = "digits"
@@ -43,18 +40,7 @@ MONITORS = {"val_loss": "loss", "val_accuracy": "accuracy"}
 
 def main(argv: Sequence[str] | None = None) -> int:
     opts = options.parse(argv, prog=f"python -m {NAME}", description=__doc__, defaults=DEFAULTS)
-    bound_mlflow_requests()
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-
-    def run() -> str:
-        from tracking.cli.server import connect
-
-        connect()
-        return train(opts)
-
-    from mlflow.exceptions import MlflowException
-
-    return run_command(run, also=(MlflowException,))
+    return options.run_pipeline(lambda: train(opts))
 
 
 def train(opts: options.Options) -> str:

@@ -7,7 +7,6 @@ python -m pipelines.lightning_digits --resume RUN_ID --epochs 20
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -15,8 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import options
-from tracking.config import bound_mlflow_requests
-from tracking.errors import run_command
 
 NAME = "pipelines.lightning_digits"
 DATASET = "digits"
@@ -33,18 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    bound_mlflow_requests()
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-
-    def run() -> str:
-        from tracking.cli.server import connect
-
-        connect()
-        return train(opts)
-
-    from mlflow.exceptions import MlflowException
-
-    return run_command(run, also=(MlflowException,))
+    return options.run_pipeline(lambda: train(opts))
 
 
 def train(opts: options.Options) -> str:

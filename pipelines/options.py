@@ -1,11 +1,15 @@
-"""The command line every training pipeline shares, and how a resumed run's params fill it in."""
+"""The command line every training pipeline shares, how a resumed run's params fill it in, and how it runs."""
 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from tracking.config import bound_mlflow_requests
+from tracking.errors import run_command
 
 METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
 
@@ -166,3 +170,23 @@ def parse(argv: Sequence[str] | None, *, prog: str, description: str | None, def
         defaults={name: merged[name] for name in RECORDED},
         strategy=args.strategy,
     )
+
+
+def run_pipeline(train: Callable[[], str]) -> int:
+    """Run a pipeline's ``train`` as its command: the exit status, errors as one line on stderr (status 1)."""
+    # Every MLflow call of the run fails in about 30 s when the tracking server is gone, not minutes.
+    bound_mlflow_requests()
+    # MLflow's own "View run" links open the UI's GenAI view; the pipeline prints training-view ones.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+    def run() -> str:
+        from tracking.cli.server import connect
+
+        # No MLFLOW_TRACKING_URI: the local stack if it runs, never an mlflow.db in the working folder.
+        connect()
+        return train()
+
+    from mlflow.exceptions import MlflowException
+
+    # MLflow's own errors (a refused request, an unknown run) are the user's to act on, like ours.
+    return run_command(run, also=(MlflowException,))

@@ -17,7 +17,6 @@ deterministic kernels there). Which run a resume goes on in, and what it refuses
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -25,8 +24,6 @@ from typing import TYPE_CHECKING, Any
 from pipelines import options
 from pipelines.epochs import run_epochs
 from pipelines.task import State, Task, seed_everything
-from tracking.config import bound_mlflow_requests
-from tracking.errors import run_command
 
 if TYPE_CHECKING:
     import torch
@@ -41,26 +38,15 @@ if TYPE_CHECKING:
 def main(task: Task, argv: Sequence[str] | None = None, description: str | None = None) -> int:
     """Run a pipeline from its command line; errors print one line to stderr and return 1."""
     opts = options.parse(argv, prog=f"python -m {task.name}", description=description, defaults=task.defaults)
-    # Every MLflow call of the run fails in about 30 s when the tracking server is gone, not minutes.
-    bound_mlflow_requests()
-    # MLflow's own "View run" links open the UI's GenAI view; the pipeline prints training-view ones.
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
     def run() -> str:
-        from tracking.cli.server import connect
-
-        # No MLFLOW_TRACKING_URI: the local stack if it runs, never an mlflow.db in the working folder.
-        connect()
         from pipelines import parallel
 
         if opts.strategy is not None or parallel.launched():
             return parallel.train(task, replace(opts, strategy=opts.strategy or "ddp"))
         return train(task, opts)
 
-    from mlflow.exceptions import MlflowException
-
-    # MLflow's own errors (a refused request, an unknown run) are the user's to act on, like ours.
-    return run_command(run, also=(MlflowException,))
+    return options.run_pipeline(run)
 
 
 def train(task: Task, opts: options.Options) -> str:

@@ -204,18 +204,10 @@ class Checkpointer:
             # The checkpoints as they will be once this one is committed and retention has run.
             noted = {**self._noted, epoch: note.NotedCheckpoint(model_id, dict(manifest.metrics))}
             kept = self._retained({**known, epoch: value}, latest=epoch) if self._retains else set(noted)
-            by_model = {c.model_id: e for e, c in noted.items()}
-            text = note.render(
-                handle.run_id,
-                model_class=str(manifest.model.get("class")),
-                optimizer_class=(manifest.optimizer or {}).get("class"),
-                checkpoints={e: c for e, c in noted.items() if e in kept},
-                latest=by_model.get(tags.get(layout.TAG_LATEST, "")),
-                best=by_model.get(tags.get(layout.TAG_BEST, "")),
-                monitor=self.monitor,
-                commands=[c.replace("{run_id}", handle.run_id) for c in self.commands],
+            retained = {e: c for e, c in noted.items() if e in kept}
+            return note.describe_run(
+                handle.run_id, manifest, retained, tags, monitor=self.monitor, commands=self.commands
             )
-            return {note.NOTE_TAG: text}
 
         return describe
 

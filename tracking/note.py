@@ -10,6 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from tracking import layout
+
+if TYPE_CHECKING:
+    from tracking.manifest import Manifest
 
 # MLflow's tag for a run's description.
 NOTE_TAG = "mlflow.note.content"
@@ -59,6 +65,34 @@ def render(
     if checkpoints:
         lines += _table(run_id, checkpoints, latest, best, monitor, MAX_CHARS - len("\n".join(lines + load_it)))
     return "\n".join(lines + load_it)
+
+
+def describe_run(
+    run_id: str,
+    manifest: Manifest,
+    checkpoints: Mapping[int, NotedCheckpoint],
+    tags: Mapping[str, str],
+    *,
+    monitor: str | None,
+    commands: Sequence[str] = (),
+    python: Sequence[str] = (),
+) -> dict[str, str]:
+    """The run's description tag for a checkpoint being committed: ``checkpoints`` are the run's as they will be
+    (by epoch, the new one among them), ``tags`` its tags as they will be (latest, best); ``{run_id}`` in a
+    command is replaced by the run's ID."""
+    by_model = {c.model_id: epoch for epoch, c in checkpoints.items()}
+    text = render(
+        run_id,
+        model_class=str(manifest.model.get("class")),
+        optimizer_class=(manifest.optimizer or {}).get("class"),
+        checkpoints=checkpoints,
+        latest=by_model.get(tags.get(layout.TAG_LATEST, "")),
+        best=by_model.get(tags.get(layout.TAG_BEST, "")),
+        monitor=monitor,
+        commands=[c.replace("{run_id}", run_id) for c in commands],
+        python=python,
+    )
+    return {NOTE_TAG: text}
 
 
 def _table(

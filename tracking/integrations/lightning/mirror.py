@@ -200,18 +200,8 @@ class MirrorIO(CheckpointIO):
             kept = self._kept.noted()
             assert manifest.epoch is not None
             kept[manifest.epoch] = note.NotedCheckpoint(model_id, dict(manifest.metrics))
-            by_model = {c.model_id: e for e, c in kept.items()}
-            text = note.render(
-                handle.run_id,
-                model_class=str(manifest.model.get("class")),
-                optimizer_class=(manifest.optimizer or {}).get("class"),
-                checkpoints=kept,
-                latest=by_model.get(tags.get(layout.TAG_LATEST, "")),
-                best=by_model.get(tags.get(layout.TAG_BEST, "")),
-                monitor=tags.get(layout.TAG_MONITOR),
-                commands=[c.replace("{run_id}", handle.run_id) for c in self.owner.commands],
-            )
-            return {note.NOTE_TAG: text}
+            monitor = tags.get(layout.TAG_MONITOR)
+            return note.describe_run(handle.run_id, manifest, kept, tags, monitor=monitor, commands=self.owner.commands)
 
         return describe
 

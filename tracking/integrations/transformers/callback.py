@@ -18,7 +18,7 @@ import transformers
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from tracking import layout, note
+from tracking import note
 from tracking.catalog import LoggedCheckpoint
 from tracking.commit import Describe, commit_local_files
 from tracking.config import TrackingConfig
@@ -215,22 +215,13 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
         def describe(model_id: str, tags: Mapping[str, str]) -> dict[str, str]:
             noted = self._rotation.surviving()
             noted[epoch] = note.NotedCheckpoint(model_id, dict(manifest.metrics))
-            by_model = {c.model_id: e for e, c in noted.items()}
-            text = note.render(
-                handle.run_id,
-                model_class=str(manifest.model.get("class")),
-                optimizer_class=(manifest.optimizer or {}).get("class"),
-                checkpoints=noted,
-                latest=by_model.get(tags.get(layout.TAG_LATEST, "")),
-                best=by_model.get(tags.get(layout.TAG_BEST, "")),
-                monitor=monitor,
-                commands=[c.replace("{run_id}", handle.run_id) for c in self.commands],
-                python=[
-                    "from tracking.integrations.transformers import checkpoint_folder",
-                    f'trainer.train(resume_from_checkpoint=checkpoint_folder("{handle.run_id}", '
-                    "output_dir=args.output_dir))  # exact resume",
-                ],
+            resume = [
+                "from tracking.integrations.transformers import checkpoint_folder",
+                f'trainer.train(resume_from_checkpoint=checkpoint_folder("{handle.run_id}", '
+                "output_dir=args.output_dir))  # exact resume",
+            ]
+            return note.describe_run(
+                handle.run_id, manifest, noted, tags, monitor=monitor, commands=self.commands, python=resume
             )
-            return {note.NOTE_TAG: text}
 
         return describe
