@@ -23,7 +23,7 @@ from torch import nn
 from tracking import layout, pretrained, rebuild, spec, zerocopy
 from tracking.config import TrackingConfig
 from tracking.device import check_available, check_map_location, to_device
-from tracking.errors import ConfigError, NotFoundError, TrackingError, load_refusal
+from tracking.errors import ConfigError, NotFoundError, TrackingError
 from tracking.manifest import CHECKPOINT_KINDS, SHARDED_KIND, Manifest
 from tracking.rebuild import ModelArg
 from tracking.selection import Located, Selector, find_checkpoint, find_weights, resolve_run_id
@@ -355,11 +355,7 @@ def _read_torch(located: Located, map_location: str | torch.device, share: bool 
     except ConfigError:
         raise
     except Exception as exc:
-        raise TrackingError(
-            f"run {located.run_id}: {located.label}: {name} matches its manifest but torch.load refused it "
-            f"({load_refusal(exc)[:500]}). It holds objects other than tensors and plain Python values, which "
-            "may be code: do not unpickle it. Load another checkpoint."
-        ) from None
+        raise rebuild.refused_file(located, name, exc) from None
 
 
 def _own(value: Any) -> Any:

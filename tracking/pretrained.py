@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from tracking import rebuild, spec
-from tracking.errors import MismatchError, NotFoundError, TrackingError, load_refusal
+from tracking.errors import MismatchError, NotFoundError
 from tracking.rebuild import MODEL_HINT, ModelArg
 from tracking.selection import Located
 from tracking.storage import Buffer, BufferReader
@@ -133,11 +133,7 @@ def _torch_file(located: Located, name: str) -> Any:
     try:
         return torch.load(cast(BinaryIO, BufferReader(data)), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise TrackingError(
-            f"run {located.run_id}: {located.label}: {name} matches its manifest but torch.load refused it "
-            f"({load_refusal(exc)[:500]}). It holds objects other than tensors and plain Python values, which "
-            "may be code: do not unpickle it. Load another checkpoint."
-        ) from None
+        raise rebuild.refused_file(located, name, exc) from None
 
 
 def _read(located: Located, name: str) -> Buffer:

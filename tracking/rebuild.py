@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from tracking import spec, zerocopy
-from tracking.errors import IntegrityError, MismatchError, NotFoundError, TrackingError
+from tracking.errors import IntegrityError, MismatchError, NotFoundError, TrackingError, load_refusal
 from tracking.selection import Located
 
 MODEL_HINT = "pass model=<an instance or a factory> to tracking.load"
@@ -71,6 +71,15 @@ def _from_lightning(located: Located, state: dict[str, Any]) -> dict[str, Any]:
 
 
 _LIGHTNING_KEYS = frozenset({"state_dict", "optimizer_states", "lr_schedulers", "epoch", "global_step"})
+
+
+def refused_file(located: Located, name: str, exc: BaseException) -> TrackingError:
+    """The error for a stored file that matches its manifest but that ``torch.load(weights_only=True)`` refused."""
+    return TrackingError(
+        f"run {located.run_id}: {located.label}: {name} matches its manifest but torch.load refused it "
+        f"({load_refusal(exc)[:500]}). It holds objects other than tensors and plain Python values, which "
+        "may be code: do not unpickle it. Load another checkpoint."
+    )
 
 
 def _kind(value: Any) -> str:
