@@ -12,8 +12,9 @@ TRAIN_ARGS  ?= --epochs 10 --checkpoint-every 2 --keep-last 3 --keep-best 1
 # dclint (a Compose-spec validator and linter) comes from npm, at this exact version.
 DCLINT      ?= npx --yes dclint@3.1.0
 TEST_WORKERS ?= 2
+WHEELHOUSE  ?= .wheelhouse
 
-.PHONY: install browser-deps train test test-all test-unit test-integration test-gpu lint lint-docker bench stack-up stack-down stack-status clean
+.PHONY: install browser-deps train test test-all test-unit test-integration test-gpu wheelhouse lint lint-docker bench stack-up stack-down stack-status clean
 
 install: $(STAMP)
 
@@ -65,6 +66,18 @@ test-integration: install
 # absent its tests are skipped, each with the reason.
 test-gpu: install
 	$(BIN)/python -m pytest -ra tests/gpu
+
+# The wheels the GPU machine (README, "On a GPU") lacks, for its Python 3.12 on x86-64 Linux, at the
+# versions installed here (tests/gpu/wheelhouse.txt says which and why); tests/gpu/device_check.sh
+# installs them there. pip matches each manylinux tag exactly, hence the list; none newer than 2.28,
+# the glibc any CUDA 13 image has.
+wheelhouse: install
+	rm -rf $(WHEELHOUSE)
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+		--dest $(WHEELHOUSE) $$($(BIN)/python -m tests.gpu.wheelhouse pins)
+	$(BIN)/python -m tests.gpu.wheelhouse check $(WHEELHOUSE)
 
 lint: install
 	$(BIN)/ruff check tracking pipelines benchmarks tests
