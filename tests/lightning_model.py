@@ -1,5 +1,6 @@
-"""A tiny LightningModule and its data for the Lightning integration's tests (dropout and a shuffling
-loader, so that an exact resume has to restore the RNG states too)."""
+"""A tiny LightningModule, its data and a fit with the integration's callback, for the Lightning integration's
+tests on the CPU (tests/unit) and on CUDA (tests/gpu): dropout and a shuffling loader, so that an exact resume
+has to restore the RNG states too."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from tracking.integrations.lightning import MLflowCheckpoints
 
 
 class TinyLit(pl.LightningModule):
@@ -44,14 +48,15 @@ def loaders() -> tuple[DataLoader[Any], DataLoader[Any]]:
     return DataLoader(dataset, batch_size=16, shuffle=True), DataLoader(dataset, batch_size=32)
 
 
-def trainer(epochs: int, folder: Path, callbacks: list[Any], **kwargs: Any) -> pl.Trainer:
-    """A quiet CPU Trainer, deterministic, checkpointing into ``folder``."""
+def trainer(epochs: int, folder: Path, callbacks: list[Any], *, accelerator: str = "cpu", **kwargs: Any) -> pl.Trainer:
+    """A quiet Trainer on one device (the CPU unless ``accelerator="gpu"``), deterministic, checkpointing into
+    ``folder``."""
     return pl.Trainer(
         max_epochs=epochs,
         default_root_dir=str(folder),
         callbacks=callbacks,
         logger=kwargs.pop("logger", False),
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=1,
         deterministic=True,
         enable_progress_bar=False,
@@ -59,3 +64,22 @@ def trainer(epochs: int, folder: Path, callbacks: list[Any], **kwargs: Any) -> p
         num_sanity_val_steps=0,
         **kwargs,
     )
+
+
+def fit(
+    epochs: int,
+    folder: Path,
+    *,
+    ckpt_path: str | None = None,
+    logger: Any = False,
+    accelerator: str = "cpu",
+    **checkpoint: Any,
+) -> tuple[TinyLit, pl.Trainer]:
+    """A seeded ``TinyLit`` fitted ``epochs`` epochs (from ``ckpt_path`` when given), its ``ModelCheckpoint``
+    (``checkpoint`` its arguments) in ``folder / "checkpoints"`` mirrored by ``MLflowCheckpoints``."""
+    pl.seed_everything(0, verbose=False)
+    model = TinyLit()
+    checkpoints = ModelCheckpoint(dirpath=folder / "checkpoints", **checkpoint)
+    fitted = trainer(epochs, folder, [checkpoints, MLflowCheckpoints()], accelerator=accelerator, logger=logger)
+    fitted.fit(model, *loaders(), ckpt_path=ckpt_path)
+    return model, fitted

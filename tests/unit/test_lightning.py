@@ -21,22 +21,11 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from mlflow import MlflowClient
 
 import tracking
-from tests.lightning_model import TinyLit, loaders, trainer
+from tests.lightning_model import TinyLit, fit, loaders, trainer
 from tracking import layout
 from tracking.cli import main
 from tracking.integrations import lightning as integration
 from tracking.integrations.lightning import MLflowCheckpoints, checkpoint_path, mirror
-
-
-def _fit(
-    epochs: int, folder: Path, *, ckpt_path: str | None = None, logger: Any = False, **checkpoint: Any
-) -> tuple[TinyLit, pl.Trainer]:
-    pl.seed_everything(0, verbose=False)
-    model = TinyLit()
-    checkpoints = ModelCheckpoint(dirpath=folder / "checkpoints", **checkpoint)
-    fitted = trainer(epochs, folder, [checkpoints, MLflowCheckpoints()], logger=logger)
-    fitted.fit(model, *loaders(), ckpt_path=ckpt_path)
-    return model, fitted
 
 
 def _tags(run_id: str) -> dict[str, str]:
@@ -49,7 +38,7 @@ def _paths(model_id: str) -> list[str]:
 
 def test_every_save_is_a_logged_model_with_metrics_epoch_and_step(s3_experiment: str, tmp_path: Path) -> None:
     with mlflow.start_run() as run:
-        _fit(3, tmp_path, save_top_k=-1, monitor="val_loss", save_last=True)
+        fit(3, tmp_path, save_top_k=-1, monitor="val_loss", save_last=True)
     run_id = run.info.run_id
     saved = tracking.list_checkpoints(run_id)
     # Lightning's own epoch numbers and global steps, as in its file names: epoch=1-step=8.ckpt.
@@ -81,7 +70,7 @@ def test_every_save_is_a_logged_model_with_metrics_epoch_and_step(s3_experiment:
 
 def test_save_top_k_retention_is_mirrored_and_pointers_follow(s3_experiment: str, tmp_path: Path) -> None:
     with mlflow.start_run() as run:
-        _fit(5, tmp_path, save_top_k=2, monitor="train_loss", mode="max")
+        fit(5, tmp_path, save_top_k=2, monitor="train_loss", mode="max")
     run_id = run.info.run_id
     on_disk = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert len(on_disk) == 2
@@ -101,11 +90,11 @@ def test_a_resumed_fit_removes_the_earlier_fits_checkpoints_as_its_model_checkpo
 ) -> None:
     keep_last = {"save_top_k": 2, "monitor": "step", "mode": "max"}
     with mlflow.start_run() as run:
-        _fit(3, tmp_path, **keep_last)
+        fit(3, tmp_path, **keep_last)
     run_id = run.info.run_id
     first = {c.model_id for c in tracking.list_checkpoints(run_id)}
     with mlflow.start_run(run_id=run_id):
-        _fit(5, tmp_path, ckpt_path=checkpoint_path(run_id, to=tmp_path / "download"), **keep_last)
+        fit(5, tmp_path, ckpt_path=checkpoint_path(run_id, to=tmp_path / "download"), **keep_last)
     saved = tracking.list_checkpoints(run_id)
     assert [c.epoch for c in saved] == [3, 4] and first.isdisjoint(c.model_id for c in saved)
     assert sorted(os.path.basename(p) for c in saved for p in _paths(str(c.model_id))) == sorted(
@@ -116,7 +105,7 @@ def test_a_resumed_fit_removes_the_earlier_fits_checkpoints_as_its_model_checkpo
 
 def test_default_checkpoint_keeps_only_the_latest(s3_experiment: str, tmp_path: Path) -> None:
     with mlflow.start_run() as run:
-        _fit(3, tmp_path)  # ModelCheckpoint's default: save_top_k=1, no monitor: the newest file only
+        fit(3, tmp_path)  # ModelCheckpoint's default: save_top_k=1, no monitor: the newest file only
     saved = tracking.list_checkpoints(run.info.run_id)
     assert [c.epoch for c in saved] == [2]
     assert _tags(run.info.run_id)[layout.TAG_LATEST] == saved[0].model_id
@@ -124,7 +113,7 @@ def test_default_checkpoint_keeps_only_the_latest(s3_experiment: str, tmp_path: 
 
 def test_load_returns_the_module_in_eval_mode_with_its_optimizer_state(s3_experiment: str, tmp_path: Path) -> None:
     with mlflow.start_run() as run:
-        model, fitted = _fit(2, tmp_path, save_top_k=-1)
+        model, fitted = fit(2, tmp_path, save_top_k=-1)
     loaded = tracking.load(run.info.run_id)
     assert isinstance(loaded.model, TinyLit) and not loaded.model.training
     assert loaded.model.hparams == {"hidden": 16, "lr": 0.01}
@@ -143,14 +132,14 @@ def test_load_returns_the_module_in_eval_mode_with_its_optimizer_state(s3_experi
 
 def test_resume_by_run_id_matches_a_straight_run_bit_for_bit(s3_experiment: str, tmp_path: Path) -> None:
     with mlflow.start_run():
-        straight, straight_trainer = _fit(8, tmp_path / "straight", save_top_k=-1)
+        straight, straight_trainer = fit(8, tmp_path / "straight", save_top_k=-1)
     logger = MLFlowLogger(experiment_name="unit-s3", tracking_uri=mlflow.get_tracking_uri())
-    _fit(4, tmp_path / "first", save_top_k=-1, logger=logger)
+    fit(4, tmp_path / "first", save_top_k=-1, logger=logger)
     run_id = str(logger.run_id)
     path = checkpoint_path(run_id, to=tmp_path / "download")
     assert torch.load(path, weights_only=True)["epoch"] == 3
     resumed_logger = MLFlowLogger(run_id=run_id, tracking_uri=mlflow.get_tracking_uri())
-    resumed, resumed_trainer = _fit(8, tmp_path / "second", save_top_k=-1, ckpt_path=path, logger=resumed_logger)
+    resumed, resumed_trainer = fit(8, tmp_path / "second", save_top_k=-1, ckpt_path=path, logger=resumed_logger)
     for name, value in straight.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
     live, other = straight_trainer.optimizers[0].state_dict(), resumed_trainer.optimizers[0].state_dict()
@@ -166,7 +155,7 @@ def test_resume_by_run_id_matches_a_straight_run_bit_for_bit(s3_experiment: str,
 
 def test_checkpoint_path_takes_best_an_epoch_and_a_model_uri(s3_experiment: str, tmp_path: Path) -> None:
     with mlflow.start_run() as run:
-        _fit(3, tmp_path, save_top_k=-1, monitor="val_loss")
+        fit(3, tmp_path, save_top_k=-1, monitor="val_loss")
     run_id = run.info.run_id
     best = tracking.find_checkpoint(run_id, "best")
     assert (
@@ -180,7 +169,7 @@ def test_checkpoint_path_takes_best_an_epoch_and_a_model_uri(s3_experiment: str,
 
 def test_cli_lists_shows_verifies_downloads_and_registers(s3_experiment: str, tmp_path: Path) -> None:
     with mlflow.start_run() as run:
-        _fit(3, tmp_path, save_top_k=-1, monitor="val_loss")
+        fit(3, tmp_path, save_top_k=-1, monitor="val_loss")
     run_id = run.info.run_id
     runner = CliRunner()
     listed = runner.invoke(main, ["checkpoints", run_id], terminal_width=200)
@@ -251,7 +240,7 @@ def test_a_checkpoint_that_would_not_load_is_refused(s3_experiment: str, tmp_pat
 
 def test_without_a_run_the_first_save_says_how_to_give_one(s3_experiment: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no active MLflow run"):
-        _fit(1, tmp_path)
+        fit(1, tmp_path)
 
 
 def test_the_core_does_not_import_lightning() -> None:
