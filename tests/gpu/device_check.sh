@@ -7,7 +7,7 @@
 # It installs .wheelhouse/*.whl into $SITE unless $PYTHON already imports mlflow, boto3 and moto,
 # puts $SITE and the repo on PYTHONPATH (no editable install there), writes the versions and the
 # GPUs, runs `pytest tests/gpu` and `python -m benchmarks.checkpoint_io.gpu`, each under its own
-# time limit (the whole script ends within about 8 minutes), and leaves its files in $OUT (at most
+# time limit (the whole script ends within 8.5 minutes), and leaves its files in $OUT (at most
 # 6: environment.txt, tests.log, tests.xml, bench.log, checkpoint_io_gpu.json, summary.txt). The
 # last line it prints is the summary; it exits 0 only when both steps passed.
 set -u -o pipefail
@@ -17,10 +17,10 @@ PYTHON=${PYTHON:-python3}
 OUT=${OUT:-test-output/gpu}
 WHEELHOUSE=${WHEELHOUSE:-.wheelhouse}
 SITE=${SITE:-/tmp/site}
-INSTALL_LIMIT=${INSTALL_LIMIT:-90}
-TESTS_LIMIT=${TESTS_LIMIT:-240}
+INSTALL_LIMIT=${INSTALL_LIMIT:-60}
+TESTS_LIMIT=${TESTS_LIMIT:-180}
 TEST_LIMIT=${TEST_LIMIT:-120}
-BENCH_LIMIT=${BENCH_LIMIT:-150}
+BENCH_LIMIT=${BENCH_LIMIT:-240}
 BENCH_ARGS=${BENCH_ARGS:-}
 RESULTS=benchmarks/results/checkpoint_io_gpu.json
 
