@@ -1,7 +1,8 @@
 """The GPU machine's missing wheels (``wheelhouse.txt``), pinned to the versions installed here.
 
     python -m tests.gpu.wheelhouse pins          # name==version per line, for ``pip download``
-    python -m tests.gpu.wheelhouse check DIR     # DIR holds exactly one wheel of each, for Python 3.12
+    python -m tests.gpu.wheelhouse check DIR     # DIR holds exactly one wheel of each, for Python 3.12,
+                                                 # and nothing they require is missing from both parts
 
 ``make wheelhouse`` runs both; ``tests/gpu/device_check.sh`` installs what it fetched.
 """
@@ -9,9 +10,10 @@
 from __future__ import annotations
 
 import sys
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import PackageNotFoundError, distribution, version
 from pathlib import Path
 
+from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 NAMES_FILE = Path(__file__).with_name("wheelhouse.txt")
@@ -19,9 +21,55 @@ NAMES_FILE = Path(__file__).with_name("wheelhouse.txt")
 PYTHON_TAGS = {"py3", "py2.py3", "cp312"}
 
 
+IMAGE_SECTION = "[on the GPU image]"
+# Where requirement markers are evaluated: the GPU machine's interpreter and platform.
+GPU_MACHINE = {
+    "python_version": "3.12",
+    "python_full_version": "3.12.3",
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "platform_machine": "x86_64",
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+    "os_name": "posix",
+}
+# The extras the project installs (pyproject.toml: moto[s3]).
+EXTRAS = {"moto": {"s3"}}
+
+
+def _sections() -> tuple[list[str], list[str]]:
+    fetched: list[str] = []
+    image: list[str] = []
+    current = fetched
+    for raw in NAMES_FILE.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line == IMAGE_SECTION:
+            current = image
+        elif line:
+            current.append(line)
+    return fetched, image
+
+
 def names() -> list[str]:
-    lines = (line.split("#", 1)[0].strip() for line in NAMES_FILE.read_text().splitlines())
-    return [line for line in lines if line]
+    """The packages to fetch."""
+    return _sections()[0]
+
+
+def unmet() -> list[str]:
+    """Requirements of the fetched packages (as installed here) that are neither fetched nor on the GPU image."""
+    fetched, image = _sections()
+    known = {canonicalize_name(name) for name in fetched + image}
+    problems = []
+    for name in fetched:
+        extras = EXTRAS.get(canonicalize_name(name), set())
+        for text in distribution(name).requires or []:
+            requirement = Requirement(text)
+            needed = requirement.marker is None or any(
+                requirement.marker.evaluate({**GPU_MACHINE, "extra": extra}) for extra in ["", *sorted(extras)]
+            )
+            if needed and canonicalize_name(requirement.name) not in known:
+                problems.append(f"{requirement.name}: required by {name}, neither fetched nor on the GPU image")
+    return problems
 
 
 def pins() -> list[str]:
@@ -42,7 +90,7 @@ def pins() -> list[str]:
 
 def check(folder: Path) -> list[str]:
     """Problems with ``folder``: a listed package without a wheel, two wheels of one, a stray wheel,
-    a wheel built for another Python."""
+    a wheel built for another Python, a requirement nobody provides."""
     wanted = {canonicalize_name(pin.split("==")[0]): pin.split("==")[1] for pin in pins()}
     found: dict[str, list[str]] = {}
     problems = []
@@ -57,7 +105,7 @@ def check(folder: Path) -> list[str]:
             problems.append(f"{wheel.name}: not built for CPython 3.12")
     problems += [f"{name}: no wheel" for name in wanted if name not in found]
     problems += [f"{name}: {len(files)} wheels ({', '.join(files)})" for name, files in found.items() if len(files) > 1]
-    return problems
+    return problems + unmet()
 
 
 def main(argv: list[str]) -> int:
@@ -70,7 +118,11 @@ def main(argv: list[str]) -> int:
         for problem in problems:
             print(f"{folder}: {problem}", file=sys.stderr)
         if problems:
-            print(f"{folder}: incomplete; run `make wheelhouse` again", file=sys.stderr)
+            print(
+                f"{folder}: incomplete; add what is missing to {NAMES_FILE} (the first part, or the image's if the "
+                "GPU machine has it) and run `make wheelhouse` again",
+                file=sys.stderr,
+            )
             return 1
         wheels = list(folder.glob("*.whl"))
         size = sum(wheel.stat().st_size for wheel in wheels)
