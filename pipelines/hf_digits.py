@@ -202,9 +202,10 @@ def _epoch_metrics() -> Any:
     class EpochMetrics(TrainerCallback):  # type: ignore[misc]
         def on_log(self, args: Any, state: Any, control: Any, logs: Mapping[str, Any] | None = None, **kw: Any) -> None:
             # Logged before the epoch's save: should_save says whether a checkpoint will carry these.
+            # At the global step, where TrackingCallback charts a checkpoint's: one chart, one x axis.
             metrics = checkpoint_metrics([logs or {}], state.global_step)
             if metrics and not control.should_save:
-                mlflow.log_metrics(metrics, step=round(state.epoch or 0))
+                mlflow.log_metrics(metrics, step=state.global_step)
 
     return EpochMetrics()
 
