@@ -52,7 +52,7 @@ def train(opts: options.Options) -> str:
     from transformers import Trainer, TrainingArguments
 
     import tracking
-    from pipelines import data, runs
+    from pipelines import data, noise, runs
     from pipelines.hf_model import DigitsClassifier, DigitsConfig, Examples, accuracy
     from tracking.integrations.transformers import TrackingCallback, checkpoint_folder
 
@@ -83,7 +83,8 @@ def train(opts: options.Options) -> str:
         **{name: str(value) for name, value in PARAMS.items()},
         **{name: options.param_value(values[name]) for name in options.RECORDED},
     }
-    with mlflow.start_run(**run_args) as run:
+    # The frameworks' adverts and warnings about their own code would bury the run's lines.
+    with mlflow.start_run(**run_args) as run, noise.transformers_quiet():
         run_id = run.info.run_id
         mlflow.log_params({k: v for k, v in params.items() if k not in recorded or opts.new_run})
         runs.announce(client, run)
@@ -202,9 +203,10 @@ def _epoch_metrics() -> Any:
     class EpochMetrics(TrainerCallback):  # type: ignore[misc]
         def on_log(self, args: Any, state: Any, control: Any, logs: Mapping[str, Any] | None = None, **kw: Any) -> None:
             # Logged before the epoch's save: should_save says whether a checkpoint will carry these.
+            # At the global step, where TrackingCallback charts a checkpoint's: one chart, one x axis.
             metrics = checkpoint_metrics([logs or {}], state.global_step)
             if metrics and not control.should_save:
-                mlflow.log_metrics(metrics, step=round(state.epoch or 0))
+                mlflow.log_metrics(metrics, step=state.global_step)
 
     return EpochMetrics()
 

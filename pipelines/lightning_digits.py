@@ -42,7 +42,7 @@ def train(opts: options.Options) -> str:
     from mlflow.tracking import MlflowClient
 
     import tracking
-    from pipelines import runs
+    from pipelines import noise, runs
     from pipelines.lightning_modules import LitDigits, digits_loaders
     from tracking.integrations.lightning import MLflowCheckpoints, checkpoint_path
 
@@ -71,7 +71,8 @@ def train(opts: options.Options) -> str:
         if origin
         else {"experiment_id": mlflow.set_experiment(config.experiment_name).experiment_id}
     )
-    with mlflow.start_run(**run_args) as run:
+    # The frameworks' adverts and warnings about their own code would bury the run's lines.
+    with mlflow.start_run(**run_args) as run, noise.lightning_quiet():
         if origin is None:
             mlflow.log_params(
                 {

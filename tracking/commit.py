@@ -34,7 +34,8 @@ class CheckpointSnapshot:
     """Everything one checkpoint stores, taken from the live objects at one instant.
 
     ``rank_state`` is this rank's own part (its RNG and data-sampler states, say): the
-    checkpoint stores every rank's, and a resume gives each rank back its own.
+    checkpoint stores every rank's, and a resume gives each rank back its own. ``chart_step``
+    is the step its metrics are logged at in the run's and the model's charts; None: its epoch.
     """
 
     payload: dict[str, Any]
@@ -42,6 +43,7 @@ class CheckpointSnapshot:
     monitor: str | None
     mode: str
     rank_state: Any = None
+    chart_step: int | None = None
 
     def to_host(self) -> CheckpointSnapshot:
         """A copy that owns its tensors, safe to upload while training goes on."""
@@ -81,14 +83,17 @@ def commit_local_files(
     monitor: str | None = None,
     mode: str = "min",
     describe: Describe | None = None,
+    chart_step: int | None = None,
 ) -> LoggedCheckpoint:
     """Commit files a framework already saved on local disk (``stored name -> local path``) as a checkpoint.
 
     The same commit as :func:`commit_checkpoint`'s: a new logged model, each file (size and sha256
-    recorded as it streams), the manifest listing them last, READY, the run's tags.
+    recorded as it streams), the manifest listing them last, READY, the run's tags. ``chart_step``
+    is the step the checkpoint's metrics are charted at (None: its epoch): the framework's own
+    MLflow logger logs the same keys to the run, at its own steps, and one chart must not mix two.
     """
     checkpoint = catalog.create(handle, manifest)
-    snapshot = CheckpointSnapshot(payload={}, manifest=manifest, monitor=monitor, mode=mode)
+    snapshot = CheckpointSnapshot(payload={}, manifest=manifest, monitor=monitor, mode=mode, chart_step=chart_step)
 
     def write_files() -> dict[str, StoredFile]:
         return {name: checkpoint.store.write(name, _copy_of(path)) for name, path in files.items()}
@@ -144,7 +149,7 @@ def commit_files(
         if describe is not None:
             tags.update(describe(checkpoint.model_id, {**handle.tags, **tags}))
         step, tagging = time.monotonic(), True
-        handle.set_tags(tags, _model_metrics(checkpoint, manifest))
+        handle.set_tags(tags, _model_metrics(checkpoint, manifest, snapshot.chart_step))
     except Exception as exc:
         # One deadline for the save: the follow-ups below (did the tag request go through? delete the
         # files, mark FAILED) share what remains of the failed request's bound instead of each waiting
@@ -187,17 +192,19 @@ def commit_files(
     return LoggedCheckpoint(handle.run_id, checkpoint.name, manifest, checkpoint.model_id, checkpoint.artifact_uri)
 
 
-def _model_metrics(checkpoint: StoredCheckpoint, manifest: Manifest) -> list[Any]:
-    """The checkpoint's metrics as MLflow metrics of its logged model, at step = its epoch.
+def _model_metrics(checkpoint: StoredCheckpoint, manifest: Manifest, chart_step: int | None) -> list[Any]:
+    """The checkpoint's metrics as MLflow metrics of its logged model, at step ``chart_step``, else its epoch.
 
-    MLflow logs them to the run as well; epoch is the step the pipelines' charts use, so both
-    views agree (the global optimizer step stays in the manifest and the model's params).
+    MLflow logs them to the run as well, so the run's charts and the model's agree. Epoch is the
+    step the pipelines chart by (the global optimizer step stays in the manifest and the model's
+    params); a framework's integration charts at the step its framework's MLflow logger uses.
     """
     from mlflow.entities import Metric
 
     assert manifest.epoch is not None
+    step = manifest.epoch if chart_step is None else chart_step
     now = int(time.time() * 1000)
-    return [Metric(k, v, now, manifest.epoch, model_id=checkpoint.model_id) for k, v in manifest.metrics.items()]
+    return [Metric(k, v, now, step, model_id=checkpoint.model_id) for k, v in manifest.metrics.items()]
 
 
 def _tags_naming(handle: RunHandle, model_id: str) -> dict[str, str] | None:

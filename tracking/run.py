@@ -82,14 +82,19 @@ def open_run(run_id: str, config: TrackingConfig | None = None, *, reuse: bool =
     bound_mlflow_requests()
     config = config or TrackingConfig.from_env()
     key = (config, config.tracking_uri or mlflow.get_tracking_uri(), run_id)
-    opened = _opened.get(key) if reuse else None
+    opened = _opened.pop(key, None) if reuse else None
     if opened is None:
         opened = _fetch_run(run_id, config)
-        _opened[key] = opened
+    _opened[key] = opened  # the most recently opened last
+    while len(_opened) > _OPENED_KEPT:
+        del _opened[next(iter(_opened))]
     return replace(opened, tags=dict(opened.tags) if not reuse else {})
 
 
-# Runs opened in this process, by (config, tracking URI, run ID): see open_run(reuse=True).
+# Runs opened in this process, by (config, tracking URI, run ID), oldest first: see
+# open_run(reuse=True). Each holds a client and an S3 store, so a process that opens run after
+# run (an evaluation service loading many) keeps only the last few.
+_OPENED_KEPT = 16
 _opened: dict[tuple[TrackingConfig, str, str], RunHandle] = {}
 
 

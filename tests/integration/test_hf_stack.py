@@ -16,6 +16,7 @@ import torch
 from mlflow import MlflowClient
 
 import tracking
+from pipelines import noise
 from pipelines.hf_model import DigitsClassifier
 from tracking import layout
 from tracking.localstack import LocalStack
@@ -36,6 +37,8 @@ def run_pipeline(*args: str) -> str:
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    for noisy in (noise.SHARDS_BAR, noise.MTIME_WARNING):  # transformers' progress bar and false alarm
+        assert noisy not in done.stderr, done.stderr
     found = re.search(r"MLflow run ([0-9a-f]{32})", done.stdout)
     assert found, done.stdout
     return found.group(1)

@@ -314,3 +314,18 @@ def test_models_without_init_arguments_need_no_decorator(experiment: str) -> Non
         assert tracking.log_state_dict(Fixed()).manifest.model["init_kwargs"] == {}
         # Called with a non-default width: recording {} would rebuild the wrong model.
         assert tracking.log_state_dict(Defaults(width=5)).manifest.model["init_kwargs"] is None
+
+
+def test_a_process_that_opens_run_after_run_keeps_only_the_last_few(s3_experiment: str) -> None:
+    from tracking import run as runs
+
+    client = MlflowClient()
+    run_ids = [client.create_run(s3_experiment).info.run_id for _ in range(runs._OPENED_KEPT + 5)]
+    for run_id in run_ids:
+        runs.open_run(run_id, reuse=True)
+    runs.open_run(run_ids[-runs._OPENED_KEPT], reuse=True)  # the oldest kept, used again: kept longest
+    runs.open_run(run_ids[0])
+    kept = [key[2] for key in runs._opened]
+    assert len(kept) == runs._OPENED_KEPT
+    assert kept[-2:] == [run_ids[-runs._OPENED_KEPT], run_ids[0]]
+    assert set(kept) == {run_ids[0], run_ids[-runs._OPENED_KEPT], *run_ids[-runs._OPENED_KEPT + 2 :]}

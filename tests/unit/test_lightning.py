@@ -130,15 +130,28 @@ def test_load_returns_the_module_in_eval_mode_with_its_optimizer_state(s3_experi
     assert "loops" in loaded.extra and "hyper_parameters" in loaded.extra
 
 
+class RecordingLogger(MLFlowLogger):
+    """Lightning's MLflow logger, noting the steps it logs each metric at."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.steps: dict[str, set[int]] = {}
+
+    def log_metrics(self, metrics: Any, step: int | None = None) -> None:
+        for key in metrics:
+            self.steps.setdefault(key, set()).add(step or 0)
+        super().log_metrics(metrics, step)
+
+
 def test_resume_by_run_id_matches_a_straight_run_bit_for_bit(s3_experiment: str, tmp_path: Path) -> None:
     with mlflow.start_run():
         straight, straight_trainer = fit(8, tmp_path / "straight", save_top_k=-1)
-    logger = MLFlowLogger(experiment_name="unit-s3", tracking_uri=mlflow.get_tracking_uri())
+    logger = RecordingLogger(experiment_name="unit-s3", tracking_uri=mlflow.get_tracking_uri())
     fit(4, tmp_path / "first", save_top_k=-1, logger=logger)
     run_id = str(logger.run_id)
     path = checkpoint_path(run_id, to=tmp_path / "download")
     assert torch.load(path, weights_only=True)["epoch"] == 3
-    resumed_logger = MLFlowLogger(run_id=run_id, tracking_uri=mlflow.get_tracking_uri())
+    resumed_logger = RecordingLogger(run_id=run_id, tracking_uri=mlflow.get_tracking_uri())
     resumed, resumed_trainer = fit(8, tmp_path / "second", save_top_k=-1, ckpt_path=path, logger=resumed_logger)
     for name, value in straight.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
@@ -151,6 +164,29 @@ def test_resume_by_run_id_matches_a_straight_run_bit_for_bit(s3_experiment: str,
     # Lightning's logger logged both halves' metrics at its global steps (the last batch of epochs 3 and 7).
     steps = {m.step for m in MlflowClient().get_metric_history(run_id, "val_loss")}
     assert {15, 31} <= steps
+    # The checkpoints' metrics, the resumed fit's included, are charted at those same steps.
+    assert steps == logger.steps["val_loss"] | resumed_logger.steps["val_loss"]
+
+
+@pytest.mark.parametrize("at_train_epoch_end", [False, True])
+def test_checkpoint_metrics_are_charted_at_the_steps_lightnings_logger_uses(
+    s3_experiment: str, tmp_path: Path, at_train_epoch_end: bool
+) -> None:
+    # ModelCheckpoint saves at the end of validation, or of the training epoch: Lightning's counters differ there.
+    logger = RecordingLogger(experiment_name="unit-s3", tracking_uri=mlflow.get_tracking_uri())
+    fit(2, tmp_path, save_top_k=-1, monitor="val_loss", save_on_train_epoch_end=at_train_epoch_end, logger=logger)
+    run_id = str(logger.run_id)
+    saved = tracking.list_checkpoints(run_id)
+    assert [c.step for c in saved] == [4, 8]
+    client = MlflowClient()
+    for key in ("val_loss", "train_loss"):
+        # The last batch of each epoch (global steps 4 and 8 counted from 1): the logger's own points.
+        assert logger.steps[key] == {3, 7}, key
+        charted = {m.step for m in client.get_metric_history(run_id, key)}
+        assert charted == logger.steps[key], f"{key}: stray points at {sorted(charted - logger.steps[key])}"
+    for checkpoint in saved:
+        model_steps = {m.key: m.step for m in client.get_logged_model(str(checkpoint.model_id)).metrics}
+        assert model_steps["val_loss"] == checkpoint.step - 1, model_steps
 
 
 def test_checkpoint_path_takes_best_an_epoch_and_a_model_uri(s3_experiment: str, tmp_path: Path) -> None:

@@ -333,6 +333,29 @@ def test_the_trainer_mlflow_integration_and_the_callback_share_one_run(
     assert "eval_loss" in runs[0].data.metrics
 
 
+def test_checkpoint_metrics_are_charted_at_the_steps_the_trainers_mlflow_logging_uses(
+    s3_experiment: str, split: data.Split, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", mlflow.get_experiment_by_name("unit-s3").experiment_id)
+    trainer = make_trainer(
+        split, tmp_path / "out", [TrackingCallback(async_upload=False)], epochs=2, report_to="mlflow"
+    )
+    trainer.train()
+    run_id = mlflow.search_runs(output_format="list")[0].info.run_id
+    saved = tracking.list_checkpoints(run_id)
+    assert [c.step for c in saved] == [8, 16]
+    client = mlflow.MlflowClient()
+    for key in ("eval_loss", "eval_accuracy", "loss"):
+        # The Trainer's MLflowCallback logs each log_history entry at its global step.
+        logged = {entry["step"] for entry in trainer.state.log_history if key in entry}
+        assert logged == {8, 16}, key
+        charted = {m.step for m in client.get_metric_history(run_id, key)}
+        assert charted == logged, f"{key}: stray points at {sorted(charted - logged)}"
+    for checkpoint in saved:
+        model_steps = {m.key: m.step for m in client.get_logged_model(str(checkpoint.model_id)).metrics}
+        assert model_steps["eval_loss"] == checkpoint.step, model_steps
+
+
 def test_the_core_never_imports_transformers() -> None:
     code = (
         "import sys, tracking, tracking.loader, tracking.pretrained, tracking.download; "

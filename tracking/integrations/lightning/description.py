@@ -12,10 +12,12 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loops.progress import _ProcessedTracker
+from lightning.pytorch.trainer.states import TrainerStatus
 
 from tracking import spec
 from tracking.manifest import Manifest, now, versions
@@ -36,6 +38,7 @@ class SaveContext:
     model: dict[str, Any]
     optimizer: dict[str, Any] | None
     scheduler: dict[str, Any] | None
+    chart_step: int
 
 
 def save_context(trainer: pl.Trainer, module: pl.LightningModule) -> SaveContext:
@@ -45,16 +48,29 @@ def save_context(trainer: pl.Trainer, module: pl.LightningModule) -> SaveContext
         model=_describe_module(module),
         optimizer=spec.describe_optimizer(trainer.optimizers[0], module) if trainer.optimizers else None,
         scheduler=_describe_scheduler(trainer),
+        chart_step=logger_step(trainer),
     )
 
 
-def save_manifest(
-    trainer: pl.Trainer, checkpoint: dict[str, Any], epoch: int, step: int, context: SaveContext | None
-) -> Manifest:
+def logger_step(trainer: pl.Trainer) -> int:
+    """The step Lightning's loggers chart the metrics known now at: a checkpoint saved now charts its metrics there.
+
+    Not ``trainer.global_step``: the loggers count the batches that stepped (``global_step`` counts
+    optimizer steps, several a batch with several optimizers), and chart a batch's metrics, and the
+    epoch's, before that batch counts (``_LoggerConnector.log_metrics``; ``_FitLoop.on_advance_end``
+    steps the count back one for the epoch's metrics). A save at global step 8 charts at step 7,
+    whether ModelCheckpoint saved at the end of validation or of the training epoch.
+    """
+    loop = trainer.fit_loop
+    counted = loop.epoch_loop._batches_that_stepped
+    epoch = cast(_ProcessedTracker, loop.epoch_progress.current)  # typed as its base, as Lightning's fit loop reads it
+    # From the epoch's end hooks on (and after fit), the epoch's last batch has been counted already.
+    last_batch_counted = epoch.processed > epoch.completed or trainer.state.status != TrainerStatus.RUNNING
+    return max(counted - 1, 0) if last_batch_counted else counted
+
+
+def save_manifest(checkpoint: dict[str, Any], epoch: int, step: int, context: SaveContext) -> Manifest:
     """The manifest of the checkpoint Lightning saved at ``epoch`` and ``step`` (format ``"lightning"``)."""
-    if context is None:
-        # Saved without the callback's hook (trainer.save_checkpoint outside fit): described from here.
-        context = save_context(trainer, trainer.lightning_module)
     return Manifest(
         kind="checkpoint",
         files={},

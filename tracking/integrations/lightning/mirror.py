@@ -26,7 +26,7 @@ from tracking.catalog import LoggedCheckpoint
 from tracking.commit import Describe, commit_local_files
 from tracking.config import TrackingConfig
 from tracking.errors import one_line
-from tracking.integrations.lightning.description import SaveContext, save_manifest, save_monitor
+from tracking.integrations.lightning.description import SaveContext, save_context, save_manifest, save_monitor
 from tracking.integrations.lightning.kept import KeptCheckpoints
 from tracking.manifest import Manifest
 from tracking.parallel import distributed
@@ -85,6 +85,9 @@ class MirrorIO(CheckpointIO):
         epoch, step = int(checkpoint["epoch"]), int(checkpoint["global_step"])
         context = self.owner.context(epoch, step)
         try:
+            if context is None:
+                # Saved without the callback's hook (trainer.save_checkpoint outside fit): described from here.
+                context = save_context(self.trainer, self.trainer.lightning_module)
             handle = self.open()
             alias = self._kept.alias(path, epoch, step)
             if alias is not None:
@@ -99,7 +102,7 @@ class MirrorIO(CheckpointIO):
                     f"run {handle.run_id}: {path} is not uploaded: {exc} (Lightning saves the module's "
                     "hyperparameters as they are: keep them to plain values.)"
                 ) from None
-            manifest = save_manifest(self.trainer, checkpoint, epoch, step, context)
+            manifest = save_manifest(checkpoint, epoch, step, context)
             monitor, mode = save_monitor(self.trainer, path, manifest, self.owner.monitor, self.owner.mode)
         except BaseException as exc:
             self._fail(exc)
@@ -107,14 +110,15 @@ class MirrorIO(CheckpointIO):
         self._kept.begin(epoch, step)
         if self._saver is None:
             try:
-                self._commit(handle, path, manifest, monitor, mode)
+                self._commit(handle, path, manifest, monitor, mode, context.chart_step)
             except BaseException as exc:
                 self._fail(exc)
             return
         with self._lock:
             self._uploading.add(path)
         try:
-            self._saver.submit(lambda: self._upload(handle, path, manifest, monitor, mode))
+            chart_step = context.chart_step
+            self._saver.submit(lambda: self._upload(handle, path, manifest, monitor, mode, chart_step))
         except BaseException as exc:  # an earlier background upload failed: this one is not made either
             with self._lock:
                 self._uploading.discard(path)
@@ -139,9 +143,11 @@ class MirrorIO(CheckpointIO):
 
     # --- commit ----------------------------------------------------------------------------
 
-    def _upload(self, handle: RunHandle, path: str, manifest: Manifest, monitor: str | None, mode: str) -> None:
+    def _upload(
+        self, handle: RunHandle, path: str, manifest: Manifest, monitor: str | None, mode: str, chart_step: int
+    ) -> None:
         try:
-            self._commit(handle, path, manifest, monitor, mode)
+            self._commit(handle, path, manifest, monitor, mode, chart_step)
         finally:
             with self._lock:
                 self._uploading.discard(path)
@@ -153,12 +159,21 @@ class MirrorIO(CheckpointIO):
                     _log.warning("could not remove %s after its upload: %s", removed, exc)
                 self._forget(removed)
 
-    def _commit(self, handle: RunHandle, path: str, manifest: Manifest, monitor: str | None, mode: str) -> None:
+    def _commit(
+        self, handle: RunHandle, path: str, manifest: Manifest, monitor: str | None, mode: str, chart_step: int
+    ) -> None:
+        """Commit the file at ``path``, its metrics charted at ``chart_step`` (where Lightning's loggers chart them)."""
         assert manifest.epoch is not None and manifest.step is not None
         describe = self._describer(handle, manifest) if self.owner.describe_run else None
         try:
             logged = commit_local_files(
-                handle, manifest, {layout.CHECKPOINT_FILE: Path(path)}, monitor=monitor, mode=mode, describe=describe
+                handle,
+                manifest,
+                {layout.CHECKPOINT_FILE: Path(path)},
+                monitor=monitor,
+                mode=mode,
+                describe=describe,
+                chart_step=chart_step,
             )
         except BaseException:
             self._kept.abandon(manifest.epoch, manifest.step)

@@ -165,6 +165,8 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
                     monitor=monitor if monitor in metrics else None,
                     mode=mode,
                     describe=self._describer(handle, manifest, monitor) if self.describe_run else None,
+                    # The Trainer's MLflowCallback logs the same keys (eval_loss, ...) at state.global_step.
+                    chart_step=manifest.step,
                 )
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
