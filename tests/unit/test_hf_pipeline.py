@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 
 import tracking
@@ -18,6 +19,9 @@ ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENT = "hf-pipeline"
 
 
+# A pipeline process (about 20 s): make test-all runs it; make test has the stack's HF pipeline test,
+# which checks the same output.
+@pytest.mark.slow
 def test_checkpoint_every_2_charts_every_epoch_at_its_global_step_without_the_frameworks_noise(
     tmp_path: Path,
 ) -> None:
