@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -242,6 +243,17 @@ def test_the_command_line_lists_shows_verifies_downloads_and_registers(
     assert registered.exit_code == 0, registered.output
     by_alias = tracking.load("models:/hf-digits@champion")
     assert (by_alias.epoch, type(by_alias.model)) == (3, DigitsClassifier)
+
+
+def test_checkpoint_folder_before_a_process_group_of_several_warns_that_each_process_downloads(
+    trained: tuple[str, Trainer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_id, _ = trained
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's, before the Trainer starts the process group
+    with caplog.at_level(logging.WARNING, logger="tracking.integrations.transformers.folders"):
+        folder = checkpoint_folder(run_id, output_dir=tmp_path / "early")
+    assert "every process downloads" in caplog.text and "once the Trainer is made" in caplog.text
+    assert {p.name for p in Path(folder).iterdir()} >= FILES
 
 
 def test_a_failed_upload_is_not_silent(

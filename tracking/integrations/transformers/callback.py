@@ -50,6 +50,10 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
     run's best tag. ``async_upload=False`` commits before ``on_save`` returns. A failed upload
     raises at the next save or at the end of training. ``commands`` (``{run_id}`` filled in)
     add shell lines to the run's description, ``describe_run=False`` leaves it alone.
+
+    Under torchrun (DDP) every rank has the callback: rank 0 alone talks to MLflow, each save's
+    checkpoint holds every rank's RNG state (``rng_state_<rank>.pth``, sent to rank 0), and an
+    error of rank 0 (opening the run, a save, an upload) is raised on every rank.
     """
 
     def __init__(

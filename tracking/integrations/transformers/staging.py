@@ -47,8 +47,10 @@ def stage(folder: Path, root: Path, run_id: str, received: Mapping[str, bytes] |
     staging = Path(tempfile.mkdtemp(prefix=f"{folder.name}-", dir=root))
     try:
         for entry in folder.iterdir():
+            # A folder materialised from a run holds its manifest: the commit writes its own. A received
+            # file is what its rank wrote, whatever this disk holds under its name.
             if entry.name == layout.MANIFEST_FILE or entry.name in received:
-                continue  # a folder materialised from a run holds its manifest: the commit writes its own
+                continue
             try:
                 os.link(entry, staging / entry.name)
             except OSError:
