@@ -370,7 +370,7 @@ def test_checkpoint_metrics_are_charted_at_the_steps_the_trainers_mlflow_logging
 
 def test_the_core_never_imports_transformers() -> None:
     code = (
-        "import sys, tracking, tracking.loader, tracking.pretrained, tracking.download; "
+        "import sys, tracking, tracking.loader, tracking.pretrained, tracking.downloader; "
         "print(sorted({'transformers', 'lightning', 'tracking.integrations'} & set(sys.modules)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tracking import layout
 from tracking.config import TrackingConfig
-from tracking.download import download_files
+from tracking.downloader import download_files
 from tracking.errors import NotFoundError
 from tracking.integrations.transformers.description import FORMAT
 from tracking.manifest import Manifest
