@@ -1,14 +1,14 @@
 """A Hugging Face Trainer under DDP (2 CPU ranks, gloo) with TrackingCallback, for torchrun:
 
     torchrun --standalone --nproc-per-node=2 -m tests.distributed.hf_ddp RUN_ID OUTPUT_DIR STATE_FILE
-        [--resume EPOCH] [--disk-per-rank] [--fail]
+        [--resume EPOCH] [--machine-per-rank] [--fail]
 
 Trains 4 epochs of a tiny classifier and logs every epoch's checkpoint to RUN_ID; ``--resume EPOCH``
 first materialises the run's checkpoint of that epoch on every rank (``checkpoint_folder``; each
 download is printed) and resumes from it. Rank 0 writes the final weights, optimizer state and
-losses to STATE_FILE. ``--disk-per-rank`` gives each rank an OUTPUT_DIR of its own
-(``OUTPUT_DIR/rank-<rank>``), as two machines with their own disks have. ``--fail`` makes rank 0's
-upload fail: every rank must raise, none may wait in a collective.
+losses to STATE_FILE. ``--machine-per-rank`` makes each rank the first of a machine of its own with
+its own disk: ``LOCAL_RANK`` 0, and an OUTPUT_DIR of its own (``OUTPUT_DIR/rank-<rank>``).
+``--fail`` makes rank 0's upload fail: every rank must raise, none may wait in a collective.
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def main(argv: list[str]) -> int:
             raise tracking.StorageError("the store refused the upload (test)")
 
         hf_callback.commit_local_files = refuse  # type: ignore[assignment]
-    if "--disk-per-rank" in argv:
+    if "--machine-per-rank" in argv:
+        os.environ["LOCAL_RANK"] = "0"
         output_dir = output_dir / f"rank-{os.environ['RANK']}"
     download_files = folders.download_files
 

@@ -51,7 +51,7 @@ def tracked(stack_sqlite: LocalStack, tmp_path_factory: pytest.TempPathFactory) 
     """
     output_dir = tmp_path_factory.mktemp("hf-ddp") / "straight"
     run_id = _new_run(stack_sqlite)
-    done = _launch(stack_sqlite, run_id, output_dir, "--disk-per-rank")
+    done = _launch(stack_sqlite, run_id, output_dir, "--machine-per-rank")
     assert done.returncode == 0, done.stdout + done.stderr[-4000:]
     assert "rank 0: done" in done.stdout and "rank 1: done" in done.stdout
     return run_id, output_dir
@@ -98,16 +98,21 @@ def _equal(left: Any, right: Any) -> bool:
     return bool(left == right)
 
 
+@pytest.mark.parametrize(
+    ("machines", "downloads"),
+    [([], 1), (["--machine-per-rank"], 2)],
+    ids=["one-machine", "a-machine-per-rank"],
+)
 def test_resume_by_run_id_on_two_ranks_repeats_the_straight_run(
-    stack_sqlite: LocalStack, tracked: tuple[str, Path], tmp_path: Path
+    stack_sqlite: LocalStack, tracked: tuple[str, Path], tmp_path: Path, machines: list[str], downloads: int
 ) -> None:
     run_id, straight = tracked
     # Elsewhere, from the run ID alone, as a job killed after epoch 2 resumes: every rank asks for the folder.
     resumed = tmp_path / "resumed"
-    done = _launch(stack_sqlite, run_id, resumed, "--resume", "2")
+    done = _launch(stack_sqlite, run_id, resumed, "--resume", "2", *machines)
     assert done.returncode == 0, done.stdout + done.stderr[-4000:]
-    # One download for the ranks that share a disk.
-    assert done.stdout.count(": downloaded") == 1, done.stdout
+    # One download per disk: the ranks of a machine share one.
+    assert done.stdout.count(": downloaded") == downloads, done.stdout
     expected, found = _final(straight / "final.pt"), _final(resumed / "final.pt")
     assert found["losses"] == expected["losses"]
     assert _equal(found["model"], expected["model"])
