@@ -54,10 +54,15 @@ def train(opts: options.Options) -> str:
     import tracking
     from pipelines import data, noise, runs
     from pipelines.hf_model import DigitsClassifier, DigitsConfig, Examples, accuracy
+    from pipelines.parallel import launched
     from tracking.integrations.transformers import TrackingCallback, checkpoint_folder
 
-    if opts.strategy is not None:
-        raise runs.PipelineError(f"{NAME} trains in one process; leave out --strategy.")
+    if opts.strategy is not None or launched():
+        # Each process would start a run of its own: the pipeline's run, metrics and output are one process's.
+        raise runs.PipelineError(
+            f"{NAME} trains in one process; run it with `python -m {NAME}`, without torchrun or --strategy "
+            "(TrackingCallback itself works under torchrun: README, Hugging Face Trainer)."
+        )
     config = tracking.TrackingConfig.from_env(experiment_name=opts.experiment)
     client = MlflowClient(config.tracking_uri)
     origin = _origin(client, opts, config) if opts.resume else None

@@ -24,7 +24,7 @@ _EXPORTS = {
     "TrackingError": "tracking.errors",
     "UnsafeClassError": "tracking.errors",
     "capture_rng_state": "tracking.rng",
-    "download": "tracking.download",
+    "download": "tracking.downloader",
     "find_checkpoint": "tracking.selection",
     "list_checkpoints": "tracking.selection",
     "load": "tracking.loader",
@@ -92,7 +92,7 @@ if TYPE_CHECKING:
     from tracking.checkpoint import log_checkpoint, log_model, log_state_dict
     from tracking.checkpointer import Checkpointer
     from tracking.config import TrackingConfig
-    from tracking.download import download
+    from tracking.downloader import download
     from tracking.errors import (
         ConfigError,
         IntegrityError,

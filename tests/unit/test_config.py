@@ -78,6 +78,18 @@ def test_public_api_is_importable_and_lazy() -> None:
     assert out.split() == ["False", "False"]
 
 
+def test_each_public_name_stays_what_its_module_defines_once_every_module_is_imported() -> None:
+    import importlib
+
+    import tracking
+
+    # Importing a submodule binds its name on the package: one named like a public function would shadow it.
+    for module in sorted(set(tracking._EXPORTS.values())):
+        importlib.import_module(module)
+    for name, module in tracking._EXPORTS.items():
+        assert getattr(tracking, name) is getattr(importlib.import_module(module), name), name
+
+
 @pytest.mark.parametrize(
     ("variable", "value"),
     [

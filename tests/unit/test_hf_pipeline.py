@@ -50,3 +50,19 @@ def test_checkpoint_every_2_charts_every_epoch_at_its_global_step_without_the_fr
     for key in ("eval_loss", "loss"):
         history = MlflowClient(uri).get_metric_history(run_id, key)
         assert sorted(m.step for m in history) == [steps_per_epoch, 2 * steps_per_epoch, 3 * steps_per_epoch], key
+
+
+def test_under_torchrun_the_pipeline_refuses_to_start_one_run_per_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipelines import hf_digits
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment_id = MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=(tmp_path / "a").as_uri())
+    launched = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    for name, value in {"MLFLOW_TRACKING_URI": uri, "TRACKING_EXPERIMENT": EXPERIMENT, **launched}.items():
+        monkeypatch.setenv(name, value)
+    assert hf_digits.main(["--epochs", "1"]) == 1
+    error = capsys.readouterr().err
+    assert "trains in one process" in error and "torchrun" in error, error
+    assert not MlflowClient(uri).search_runs([experiment_id])

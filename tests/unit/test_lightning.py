@@ -281,7 +281,7 @@ def test_without_a_run_the_first_save_says_how_to_give_one(s3_experiment: str, t
 
 def test_the_core_does_not_import_lightning() -> None:
     code = (
-        "import sys, tracking, tracking.loader, tracking.rebuild, tracking.checkpointer, tracking.download;"
+        "import sys, tracking, tracking.loader, tracking.rebuild, tracking.checkpointer, tracking.downloader;"
         "import tracking.cli;"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'transformers')"
         " or m.startswith('tracking.integrations.')];"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -244,6 +245,17 @@ def test_the_command_line_lists_shows_verifies_downloads_and_registers(
     assert (by_alias.epoch, type(by_alias.model)) == (3, DigitsClassifier)
 
 
+def test_checkpoint_folder_before_a_process_group_of_several_warns_that_each_process_downloads(
+    trained: tuple[str, Trainer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_id, _ = trained
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's, before the Trainer starts the process group
+    with caplog.at_level(logging.WARNING, logger="tracking.integrations.transformers.folders"):
+        folder = checkpoint_folder(run_id, output_dir=tmp_path / "early")
+    assert "every process downloads" in caplog.text and "once the Trainer is made" in caplog.text
+    assert {p.name for p in Path(folder).iterdir()} >= FILES
+
+
 def test_a_failed_upload_is_not_silent(
     s3_experiment: str, split: data.Split, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -358,7 +370,7 @@ def test_checkpoint_metrics_are_charted_at_the_steps_the_trainers_mlflow_logging
 
 def test_the_core_never_imports_transformers() -> None:
     code = (
-        "import sys, tracking, tracking.loader, tracking.pretrained, tracking.download; "
+        "import sys, tracking, tracking.loader, tracking.pretrained, tracking.downloader; "
         "print(sorted({'transformers', 'lightning', 'tracking.integrations'} & set(sys.modules)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -56,7 +56,7 @@ def download(source: str, checkpoint: str, to: Path, force: bool, as_json: bool)
     if checkpoint != "state_dict":
         refuse_checkpoint_of_pinned(source, checkpoint)
     connect()
-    from tracking.download import download_files
+    from tracking.downloader import download_files
     from tracking.selection import find_checkpoint, find_weights
 
     located = find_weights(source) if checkpoint == "state_dict" else find_checkpoint(source, checkpoint)

@@ -13,6 +13,7 @@ loop runs collectives on the default group.
 from __future__ import annotations
 
 import functools
+import os
 import pickle
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -42,6 +43,12 @@ def rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if initialised() else 0
+
+
+def local_rank() -> int:
+    """This process's rank on its machine: ``LOCAL_RANK``, as torchrun and accelerate set it; else :func:`rank`."""
+    value = os.environ.get("LOCAL_RANK", "")
+    return int(value) if value.isdigit() else rank()
 
 
 def world_size() -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tracking import layout
 from tracking.config import TrackingConfig
-from tracking.download import download_files
+from tracking.downloader import download_files
 from tracking.errors import ConfigError
 from tracking.integrations.lightning.description import FORMAT
 from tracking.selection import Selector, find_checkpoint

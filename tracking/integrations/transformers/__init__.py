@@ -9,13 +9,14 @@
     # later, in the same run: resume exactly where the run's latest checkpoint stopped
     trainer.train(resume_from_checkpoint=checkpoint_folder(run_id, output_dir=args.output_dir))
 
-Each save of the Trainer (``<output_dir>/checkpoint-<step>``: ``model.safetensors``, ``config.json``,
-``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``, ``trainer_state.json``, ...) is committed
-as one logged model: every file with its sha256, the manifest last (format ``"transformers"``),
-READY, the run's latest/best tags. The Trainer's own rotation (``save_total_limit``, keeping the
-best checkpoint of ``metric_for_best_model``) is mirrored: a logged model whose folder the
-Trainer deleted is deleted too. The upload runs in the background: the training loop waits only
-while the folder's files are linked into a private staging folder.
+Each save of the Trainer (``<output_dir>/checkpoint-<step>``: ``model.safetensors``,
+``config.json``, ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth`` (under DDP one
+``rng_state_<rank>.pth`` per rank), ``trainer_state.json``, ...) is committed as one logged model:
+every file with its sha256, the manifest last (format ``"transformers"``), READY, the run's
+latest/best tags. The Trainer's own rotation (``save_total_limit``, keeping the best checkpoint of
+``metric_for_best_model``) is mirrored: a logged model whose folder the Trainer deleted is deleted
+too. The upload runs in the background: the training loop waits only while the folder's files are
+linked into a private staging folder.
 
 Its modules: ``callback`` (:class:`TrackingCallback`), ``staging`` (a save's files, linked aside for
 their upload), ``rotation`` (the Trainer's rotation, mirrored on the run), ``description`` (what a

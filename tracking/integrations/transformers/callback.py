@@ -35,6 +35,7 @@ from tracking.integrations.transformers.folders import PREFIX
 from tracking.integrations.transformers.rotation import RotationMirror
 from tracking.integrations.transformers.staging import STAGING, stage
 from tracking.manifest import Manifest, now, versions
+from tracking.parallel import distributed
 from tracking.run import RunHandle, open_run, target_run_id
 from tracking.saver import AsyncSaver
 
@@ -49,6 +50,10 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
     run's best tag. ``async_upload=False`` commits before ``on_save`` returns. A failed upload
     raises at the next save or at the end of training. ``commands`` (``{run_id}`` filled in)
     add shell lines to the run's description, ``describe_run=False`` leaves it alone.
+
+    Under torchrun (DDP) every rank has the callback: rank 0 alone talks to MLflow, each save's
+    checkpoint holds every rank's RNG state (``rng_state_<rank>.pth``, sent to rank 0), and an
+    error of rank 0 (opening the run, a save, an upload) is raised on every rank.
     """
 
     def __init__(
@@ -86,11 +91,17 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
                 f"got save_strategy={strategy!r}; set save_strategy='epoch' (and eval_strategy='epoch' for "
                 "metrics per checkpoint)."
             )
-        if not state.is_world_process_zero:
-            return
-        self._raise_failed()
-        self._handle = open_run(target_run_id(self._run_id()), self._config)
-        self._rotation.load(self._handle, Path(str(args.output_dir)))
+        # The coordination group is made by every rank at the same point, before any save needs it.
+        distributed.prepare()
+        error: BaseException | None = None
+        if state.is_world_process_zero:
+            try:
+                self._raise_failed()
+                self._handle = open_run(target_run_id(self._run_id()), self._config)
+                self._rotation.load(self._handle, Path(str(args.output_dir)))
+            except BaseException as exc:
+                error = exc
+        distributed.raise_together(error)
 
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -124,8 +135,51 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
         lr_scheduler: Any = None,
         **kwargs: Any,
     ) -> None:
-        if not state.is_world_process_zero:
-            return
+        # Under DDP each rank writes its own RNG state into its own output_dir (another machine's disk,
+        # maybe): rank 0 receives every rank's once that rank's part of the save is done, so the logged
+        # checkpoint resumes every rank. A few KB each, over the coordination group.
+        received = distributed.gather(self._own_files(args, state))
+        error: BaseException | None = None
+        if state.is_world_process_zero:
+            try:
+                self._log(args, state, model, optimizer, lr_scheduler, received or [])
+            except BaseException as exc:
+                error = exc
+        # Rank 0's failure is every rank's: none is left waiting in the next collective of the training loop.
+        distributed.raise_together(error)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        error: BaseException | None = None
+        if state.is_world_process_zero:
+            try:
+                self.wait()
+            except BaseException as exc:
+                error = exc
+        distributed.raise_together(error)
+
+    # -- a save --------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _own_files(args: TrainingArguments, state: TrainerState) -> dict[str, bytes]:
+        """The files of this save only this rank wrote and rank 0 lacks: its RNG state (ranks other than 0)."""
+        if not distributed.active() or state.is_world_process_zero:
+            return {}
+        name = f"rng_state_{args.process_index}.pth"  # Trainer._save_rng_state's name under several processes
+        path = Path(str(args.output_dir)) / f"{PREFIX}-{state.global_step}" / name
+        return {name: path.read_bytes()} if path.is_file() else {}
+
+    def _log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        model: nn.Module | None,
+        optimizer: Any,
+        lr_scheduler: Any,
+        received: Sequence[Mapping[str, bytes]],
+    ) -> None:
+        """Stage the save's folder (with the files the other ranks sent) and commit it, in the background by default."""
         handle = self._handle
         if handle is None:
             raise RuntimeError("TrackingCallback.on_save before on_train_begin: add it to the Trainer's callbacks")
@@ -152,7 +206,8 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
             versions={**versions(), "transformers": transformers.__version__},
             created_at=now(),
         )
-        staging = stage(folder, Path(str(args.output_dir)) / STAGING, handle.run_id)
+        others = {name: data for files in received for name, data in files.items()}
+        staging = stage(folder, Path(str(args.output_dir)) / STAGING, handle.run_id, others)
         files = {path.name: path for path in sorted(staging.iterdir())}
         watched = folder.resolve()
 
@@ -178,12 +233,6 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
         else:
             self._pending = [f for f in self._pending if not f.done()]
             self._pending.append(self._saver.submit(commit))
-
-    def on_train_end(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ) -> None:
-        if state.is_world_process_zero:
-            self.wait()
 
     # -- flushing ----------------------------------------------------------------------------------
 

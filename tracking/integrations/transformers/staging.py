@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from tracking import layout
@@ -18,11 +19,17 @@ STAGING = ".tracking-staging"
 _FILE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
-def stage(folder: Path, root: Path, run_id: str) -> Path:
-    """A private folder holding ``folder``'s files as hard links (copies where links fail).
+def stage(folder: Path, root: Path, run_id: str, received: Mapping[str, bytes] | None = None) -> Path:
+    """A private folder holding ``folder``'s files as hard links (copies where links fail), and ``received``.
 
     The Trainer's rotation may delete ``folder`` while its upload runs; the links keep the bytes.
+    ``received`` (name -> bytes) are the files other ranks wrote, as they sent them: written in
+    place of a file of the same name in ``folder``.
     """
+    received = received or {}
+    for name in received:
+        if not _FILE_NAME.fullmatch(name):
+            raise ValueError(f"run {run_id}: a received file is named {name!r}, not a plain file name")
     for entry in folder.iterdir():
         if entry.name == layout.MANIFEST_FILE:
             continue
@@ -40,12 +47,16 @@ def stage(folder: Path, root: Path, run_id: str) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f"{folder.name}-", dir=root))
     try:
         for entry in folder.iterdir():
-            if entry.name == layout.MANIFEST_FILE:
-                continue  # a folder materialised from a run holds its manifest: the commit writes its own
+            # A folder materialised from a run holds its manifest: the commit writes its own. A received
+            # file is what its rank wrote, whatever this disk holds under its name.
+            if entry.name == layout.MANIFEST_FILE or entry.name in received:
+                continue
             try:
                 os.link(entry, staging / entry.name)
             except OSError:
                 shutil.copy2(entry, staging / entry.name)
+        for name, data in received.items():
+            (staging / name).write_bytes(data)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
