@@ -3,11 +3,18 @@ digits with the Hugging Face Trainer; each epoch's checkpoint folder becomes a l
 
 python -m pipelines.hf_digits --epochs 6
 python -m pipelines.hf_digits --resume RUN_ID --epochs 12
+torchrun --nproc-per-node 2 -m pipelines.hf_digits --epochs 6
+torchrun --nproc-per-node 2 -m pipelines.hf_digits --resume RUN_ID --epochs 12
 
 The learning rate is constant, so a resumed run goes on exactly as one that never stopped
 (`Trainer.train(resume_from_checkpoint=...)` restores the weights, AdamW's state, the RNGs and the
 data order). --keep-last is the Trainer's save_total_limit, --monitor its metric_for_best_model
 (val_loss: eval_loss, val_accuracy: eval_accuracy); the run's logged models follow its rotation.
+
+Under torchrun the Trainer trains DDP on the CPU (gloo), every flag as in one process but --strategy fsdp:
+rank 0 alone finds the run to resume, starts the run, logs and prints; every rank gets the run's ID, has
+the callback (each checkpoint holds every rank's RNG state) and resumes from the run's checkpoint. A run
+resumes exactly on as many ranks as trained it.
 """
 
 from __future__ import annotations
@@ -15,7 +22,8 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,33 +52,141 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def train(opts: options.Options) -> str:
-    """Train a new run, or resume one, as ``opts`` says; returns the run ID."""
-    import mlflow
+    """Train a new run, or resume one, as ``opts`` says, in this process or with every rank of a torchrun
+    job; returns the run ID (on every rank)."""
+    from pipelines import parallel, runs
+
+    if opts.strategy == "fsdp":
+        raise runs.PipelineError(
+            f"--strategy fsdp: {NAME} trains with the Trainer's DDP under torchrun; leave --strategy out "
+            f"(`torchrun --nproc-per-node N -m {NAME} ...`)."
+        )
+    if not parallel.launched():
+        if opts.strategy is not None:
+            raise runs.PipelineError(
+                f"--strategy {opts.strategy} trains with several processes: launch it with "
+                f"`torchrun --nproc-per-node N -m {NAME} ...`."
+            )
+        return _train(opts)
+    # The group the Trainer would start when TrainingArguments is made: made first, so that rank 0 can
+    # settle the run (whose params the arguments take) and hand its ID to every rank.
+    with parallel.process_group():
+        return _train(opts)
+
+
+def _train(opts: options.Options) -> str:
     import torch
     from mlflow.tracking import MlflowClient
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
     from transformers import Trainer, TrainingArguments
 
     import tracking
-    from pipelines import data, noise, runs
+    from pipelines import data, noise, parallel, runs
     from pipelines.hf_model import DigitsClassifier, DigitsConfig, Examples, accuracy
-    from pipelines.parallel import launched
     from tracking.integrations.transformers import TrackingCallback, checkpoint_folder
+    from tracking.parallel import distributed
 
-    if opts.strategy is not None or launched():
-        # Each process would start a run of its own: the pipeline's run, metrics and output are one process's.
-        raise runs.PipelineError(
-            f"{NAME} trains in one process; run it with `python -m {NAME}`, without torchrun or --strategy "
-            "(TrackingCallback itself works under torchrun: README, Hugging Face Trainer)."
-        )
     config = tracking.TrackingConfig.from_env(experiment_name=opts.experiment)
     client = MlflowClient(config.tracking_uri)
-    origin = _origin(client, opts, config) if opts.resume else None
-    recorded = origin.data.params if origin else {}
-    values = opts.settings(recorded)
-    _check_overrides(opts, recorded)
-    monitor = _metric_for_best_model(values)
+    which = "latest" if opts.from_epoch is None else opts.from_epoch
+
+    def settle() -> tuple[Any, dict[str, Any], int | None]:
+        origin = _origin(client, opts, config) if opts.resume else None
+        recorded = origin.data.params if origin else {}
+        values = opts.settings(recorded)
+        _check_overrides(opts, recorded)
+        _metric_for_best_model(values)
+        epoch = None
+        if origin is not None:
+            epoch = tracking.find_checkpoint(origin.info.run_id, which, config=config).manifest.epoch or 0
+            if epoch >= opts.epochs:
+                raise runs.PipelineError(
+                    f"run {origin.info.run_id} already reached epoch {epoch} and --epochs is {opts.epochs}; pass "
+                    f"--epochs greater than {epoch} to train further."
+                )
+        return origin, values, epoch
+
+    # Rank 0 alone reads MLflow; every rank gets what it found, or its error.
+    origin, values, epoch = distributed.on_rank0(settle)
+    world = distributed.world_size()
+    launcher = f"torchrun --nproc-per-node {world}" if parallel.launched() else "python"
     split = data.load(DATASET)
+    # The frameworks' adverts and warnings about their own code would bury the run's lines.
+    with (
+        parallel.lead_run(lambda: _start(client, config, opts, origin, values, epoch)) as (run, run_id),
+        noise.transformers_quiet(),
+    ):
+        # Scratch space for the Trainer's folders, shared by a machine's ranks: every checkpoint that
+        # matters is in the run.
+        output_dir = Path(tempfile.gettempdir()) / "tracking-hf-digits" / run_id
+        if distributed.local_rank() == 0:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        distributed.barrier()
+        output_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(values["seed"])
+        model = DigitsClassifier(DigitsConfig(n_features=split.n_features, hidden=HIDDEN, dropout=DROPOUT))
+        # Under torchrun the Trainer runs DDP on the CPU over gloo, as the other pipelines' --strategy ddp. Every
+        # parameter takes part in each step: DDP need not look for unused ones (and warn that it found none).
+        ranks: dict[str, Any] = {}
+        if parallel.launched():
+            ranks = {"use_cpu": True, "ddp_backend": "gloo", "ddp_find_unused_parameters": False}
+        args = TrainingArguments(
+            str(output_dir),
+            num_train_epochs=opts.epochs,
+            per_device_train_batch_size=values["batch_size"],
+            learning_rate=values["lr"],
+            lr_scheduler_type="constant",
+            save_strategy="epoch",
+            eval_strategy="epoch",
+            logging_strategy="epoch",
+            save_total_limit=values["keep_last"],
+            metric_for_best_model=MONITORS[values["monitor"]],
+            greater_is_better=values["monitor_mode"] == "max",
+            seed=values["seed"],
+            report_to="none",  # the run is this pipeline's; the callback and EpochMetrics log to it
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            dataloader_pin_memory=False,
+            **ranks,
+        )
+        checkpoints = TrackingCallback(
+            run_id=run_id,
+            every_n_epochs=values["checkpoint_every"],
+            commands=[f"{launcher} -m {NAME} --resume {{run_id}} --epochs {2 * opts.epochs}"],
+            config=config,
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=Examples(split.x_train, split.y_train),
+            eval_dataset=Examples(split.x_val, split.y_val),
+            compute_metrics=accuracy,
+            callbacks=[_epoch_metrics(), checkpoints],
+        )
+        folder = None
+        if origin is not None:
+            # On every rank (rank 0 downloads, a machine's ranks share its folder), once the Trainer is made.
+            folder = checkpoint_folder(origin.info.run_id, which, output_dir=output_dir, config=config)
+        trainer.train(resume_from_checkpoint=folder)
+        if run is not None:
+            runs.report(client, run, config=config)
+        distributed.barrier()  # no rank deletes the folder another still reads
+        if distributed.local_rank() == 0:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        return run_id
+
+
+@contextmanager
+def _start(
+    client: Any, config: Any, opts: options.Options, origin: Any, values: Mapping[str, Any], epoch: int | None
+) -> Iterator[Any]:
+    """The MLflow run this training writes to (new, RUN_ID itself, or its child), params and tags logged."""
+    import mlflow
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    from pipelines import runs
+    from pipelines.hf_model import DigitsClassifier
+
+    recorded = origin.data.params if origin else {}
     if origin is None:
         run_args: dict[str, Any] = {"experiment_id": mlflow.set_experiment(config.experiment_name).experiment_id}
         tags: dict[str, str] = {}
@@ -88,63 +204,12 @@ def train(opts: options.Options) -> str:
         **{name: str(value) for name, value in PARAMS.items()},
         **{name: options.param_value(values[name]) for name in options.RECORDED},
     }
-    # The frameworks' adverts and warnings about their own code would bury the run's lines.
-    with mlflow.start_run(**run_args) as run, noise.transformers_quiet():
-        run_id = run.info.run_id
+    with mlflow.start_run(**run_args) as run:
         mlflow.log_params({k: v for k, v in params.items() if k not in recorded or opts.new_run})
         runs.announce(client, run)
-        # Scratch space for the Trainer's folders: every checkpoint that matters is in the run.
-        output_dir = Path(tempfile.gettempdir()) / "tracking-hf-digits" / run_id
-        shutil.rmtree(output_dir, ignore_errors=True)
-        output_dir.mkdir(parents=True)
-        folder = None
-        if origin is not None:
-            which = "latest" if opts.from_epoch is None else opts.from_epoch
-            folder = checkpoint_folder(origin.info.run_id, which, output_dir=output_dir, config=config)
-            epoch = tracking.find_checkpoint(origin.info.run_id, which, config=config).manifest.epoch or 0
-            if epoch >= opts.epochs:
-                raise runs.PipelineError(
-                    f"run {origin.info.run_id} already reached epoch {epoch} and --epochs is {opts.epochs}; pass "
-                    f"--epochs greater than {epoch} to train further."
-                )
+        if epoch is not None:
             mlflow.set_tags({**tags, runs.TAG_RESUMED_FROM_EPOCH: str(epoch)})
-        torch.manual_seed(values["seed"])
-        model = DigitsClassifier(DigitsConfig(n_features=split.n_features, hidden=HIDDEN, dropout=DROPOUT))
-        args = TrainingArguments(
-            str(output_dir),
-            num_train_epochs=opts.epochs,
-            per_device_train_batch_size=values["batch_size"],
-            learning_rate=values["lr"],
-            lr_scheduler_type="constant",
-            save_strategy="epoch",
-            eval_strategy="epoch",
-            logging_strategy="epoch",
-            save_total_limit=values["keep_last"],
-            metric_for_best_model=monitor,
-            greater_is_better=values["monitor_mode"] == "max",
-            seed=values["seed"],
-            report_to="none",  # the run is this pipeline's; the callback and EpochMetrics log to it
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            dataloader_pin_memory=False,
-        )
-        checkpoints = TrackingCallback(
-            every_n_epochs=values["checkpoint_every"],
-            commands=[f"python -m {NAME} --resume {{run_id}} --epochs {2 * opts.epochs}"],
-            config=config,
-        )
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=Examples(split.x_train, split.y_train),
-            eval_dataset=Examples(split.x_val, split.y_val),
-            compute_metrics=accuracy,
-            callbacks=[_epoch_metrics(), checkpoints],
-        )
-        trainer.train(resume_from_checkpoint=folder)
-        runs.report(client, run, config=config)
-        shutil.rmtree(output_dir, ignore_errors=True)
-        return str(run_id)
+        yield run
 
 
 def _origin(client: Any, opts: options.Options, config: Any) -> Any:
@@ -210,7 +275,8 @@ def _epoch_metrics() -> Any:
             # Logged before the epoch's save: should_save says whether a checkpoint will carry these.
             # At the global step, where TrackingCallback charts a checkpoint's: one chart, one x axis.
             metrics = checkpoint_metrics([logs or {}], state.global_step)
-            if metrics and not control.should_save:
+            # Under torchrun every rank logs; rank 0 alone has the run.
+            if metrics and not control.should_save and state.is_world_process_zero:
                 mlflow.log_metrics(metrics, step=state.global_step)
 
     return EpochMetrics()

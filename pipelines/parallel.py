@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import mlflow
@@ -53,17 +53,43 @@ def train(task: Task, opts: options.Options) -> str:
             f"--strategy {opts.strategy} trains with several processes: launch it with "
             f"`torchrun --nproc-per-node N -m {task.name} --strategy {opts.strategy} ...`."
         )
+    with process_group():
+        return _train(task, opts)
+
+
+@contextlib.contextmanager
+def process_group() -> Iterator[None]:
+    """The torchrun job's process group (gloo) for the block, unless one exists already; torn down after it."""
     own_group = not dist.is_initialized()
     if own_group:
         dist.init_process_group("gloo")
     try:
-        run_id = _train(task, opts)
+        yield
         dist.barrier()  # no rank tears the groups down while another still talks on them
-        return run_id
     finally:
         if own_group:
             distributed.release()
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def lead_run(
+    start: Callable[[], contextlib.AbstractContextManager[mlflow.ActiveRun]],
+) -> Iterator[tuple[mlflow.ActiveRun | None, str]]:
+    """Rank 0's MLflow run, entered by ``start()`` (None on the other ranks), and its ID on every rank.
+
+    Rank 0 alone starts (or resumes) the run; its error is raised on every rank. Outside a process
+    group, the one process's run.
+    """
+    with contextlib.ExitStack() as stack:
+        entered: list[mlflow.ActiveRun] = []
+
+        def open_run() -> str:
+            entered.append(stack.enter_context(start()))
+            return str(entered[0].info.run_id)
+
+        run_id = distributed.on_rank0(open_run)
+        yield (entered[0] if entered else None), run_id
 
 
 def _train(task: Task, opts: options.Options) -> str:
@@ -95,7 +121,10 @@ def _train(task: Task, opts: options.Options) -> str:
         f"--resume {{run_id}} --epochs {2 * opts.epochs}",
     )
     plain = State(_plain(state.model), state.optimizer, state.scheduler, state.epoch, state.step)
-    with _run(client, config, task, opts, origin, values, overrides, plain) as run, checkpoints:
+    with (
+        lead_run(lambda: runs.start(client, config, task, opts, origin, values, overrides, plain)) as (run, run_id),
+        checkpoints,
+    ):
         if run is not None:
             runs.announce(client, run)
             mlflow.set_tags({TAG_STRATEGY: str(opts.strategy), TAG_WORLD_SIZE: str(world)})
@@ -123,7 +152,7 @@ def _train(task: Task, opts: options.Options) -> str:
             tracking.log_state_dict(whole)
             logged = runs.log_whole_model(whole)
             runs.report(client, run, logged.model_id)
-        return distributed.on_rank0(lambda: str(run.info.run_id) if run is not None else "")
+        return run_id
 
 
 def _build(task: Task, opts: options.Options, values: dict[str, Any], split: data.Split) -> State:
@@ -221,22 +250,3 @@ def _plain_copy(task: Task, model: nn.Module, n_features: int) -> nn.Module | No
         whole.load_state_dict(full)
         return whole
     return distributed.unwrap(model) if dist.get_rank() == 0 else None
-
-
-@contextlib.contextmanager
-def _run(
-    client: MlflowClient,
-    config: tracking.TrackingConfig,
-    task: Task,
-    opts: options.Options,
-    origin: Run | None,
-    values: dict[str, Any],
-    overrides: dict[str, tuple[str, str]],
-    state: State,
-) -> Iterator[mlflow.ActiveRun | None]:
-    """Rank 0's active MLflow run (as the single-process pipeline starts it); None on the other ranks."""
-    if dist.get_rank() != 0:
-        yield None
-        return
-    with runs.start(client, config, task, opts, origin, values, overrides, state) as run:
-        yield run

@@ -52,17 +52,34 @@ def test_checkpoint_every_2_charts_every_epoch_at_its_global_step_without_the_fr
         assert sorted(m.step for m in history) == [steps_per_epoch, 2 * steps_per_epoch, 3 * steps_per_epoch], key
 
 
-def test_under_torchrun_the_pipeline_refuses_to_start_one_run_per_process(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("launched", "flag", "said"),
+    [(True, "fsdp", "--strategy fsdp"), (False, "ddp", "torchrun --nproc-per-node N -m pipelines.hf_digits")],
+    ids=["fsdp-under-torchrun", "ddp-without-torchrun"],
+)
+def test_a_strategy_the_pipeline_cannot_honour_is_refused_in_one_line_before_any_run(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    launched: bool,
+    flag: str,
+    said: str,
 ) -> None:
     from pipelines import hf_digits
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     experiment_id = MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=(tmp_path / "a").as_uri())
-    launched = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
-    for name, value in {"MLFLOW_TRACKING_URI": uri, "TRACKING_EXPERIMENT": EXPERIMENT, **launched}.items():
+    rendezvous = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    for name in rendezvous:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {"MLFLOW_TRACKING_URI": uri, "TRACKING_EXPERIMENT": EXPERIMENT}.items():
         monkeypatch.setenv(name, value)
-    assert hf_digits.main(["--epochs", "1"]) == 1
+    if launched:
+        for name, value in rendezvous.items():
+            monkeypatch.setenv(name, value)
+    assert hf_digits.main(["--epochs", "1", "--strategy", flag]) == 1
     error = capsys.readouterr().err
-    assert "trains in one process" in error and "torchrun" in error, error
+    # MLflow's own log lines (its database being made) come first; the refusal is one line of its own.
+    refusals = [line for line in error.splitlines() if line.startswith("error:")]
+    assert len(refusals) == 1 and said in refusals[0], error
     assert not MlflowClient(uri).search_runs([experiment_id])
