@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -93,15 +93,13 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
             )
         # The coordination group is made by every rank at the same point, before any save needs it.
         distributed.prepare()
-        error: BaseException | None = None
-        if state.is_world_process_zero:
-            try:
-                self._raise_failed()
-                self._handle = open_run(target_run_id(self._run_id()), self._config)
-                self._rotation.load(self._handle, Path(str(args.output_dir)))
-            except BaseException as exc:
-                error = exc
-        distributed.raise_together(error)
+
+        def open_the_run() -> None:
+            self._raise_failed()
+            self._handle = open_run(target_run_id(self._run_id()), self._config)
+            self._rotation.load(self._handle, Path(str(args.output_dir)))
+
+        _on_process_zero(state, open_the_run)
 
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -139,25 +137,12 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
         # maybe): rank 0 receives every rank's once that rank's part of the save is done, so the logged
         # checkpoint resumes every rank. A few KB each, over the coordination group.
         received = distributed.gather(self._own_files(args, state))
-        error: BaseException | None = None
-        if state.is_world_process_zero:
-            try:
-                self._log(args, state, model, optimizer, lr_scheduler, received or [])
-            except BaseException as exc:
-                error = exc
-        # Rank 0's failure is every rank's: none is left waiting in the next collective of the training loop.
-        distributed.raise_together(error)
+        _on_process_zero(state, lambda: self._log(args, state, model, optimizer, lr_scheduler, received or []))
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        error: BaseException | None = None
-        if state.is_world_process_zero:
-            try:
-                self.wait()
-            except BaseException as exc:
-                error = exc
-        distributed.raise_together(error)
+        _on_process_zero(state, self.wait)
 
     # -- a save --------------------------------------------------------------------------------------
 
@@ -276,3 +261,15 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
             )
 
         return describe
+
+
+def _on_process_zero(state: TrainerState, step: Callable[[], object]) -> None:
+    """``step`` on the Trainer's world process zero, its error raised on every rank: under DDP no rank is left
+    waiting in the training loop's next collective for a rank 0 that failed."""
+    error: BaseException | None = None
+    if state.is_world_process_zero:
+        try:
+            step()
+        except BaseException as exc:
+            error = exc
+    distributed.raise_together(error)
