@@ -24,7 +24,7 @@ from tracking.storage import ArtifactStore, Buffer, BufferReader
 UNCOMMITTED = "no manifest lists it"
 UNFINISHED_UPLOAD = "unfinished upload"
 NOT_COMMITTED_MODEL = "a logged model whose save never committed"
-REPLACED_MODEL = "replaced by a newer checkpoint of the same epoch"
+REPLACED_MODEL = "replaced by a newer checkpoint of the same epoch (or step)"
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,7 @@ def _parts(handle: RunHandle) -> list[_Part]:
             part.manifest = _manifest(model.store, "")
             if part.manifest is None:
                 part.leftover_kind = NOT_COMMITTED_MODEL  # READY, but its failed save removed the manifest
-            elif kept.get(model.epoch) != model.model_id:
+            elif kept.get(model.key) != model.model_id:
                 part.leftover_kind = REPLACED_MODEL
         parts.append(part)
     return parts

@@ -7,7 +7,7 @@ reading side go through this module, so neither needs to know how MLflow is aske
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -29,11 +29,13 @@ _PAGE = 100
 
 @dataclass(frozen=True)
 class StoredCheckpoint:
-    """One checkpoint's logged model: its ID, epoch, status, and the store of its files."""
+    """One checkpoint's logged model: its ID, key (epoch or step), status, and the store of its files."""
 
     model_id: str
     name: str
     epoch: int | None
+    key: int | None
+    keyed_by: str
     status: str
     run_id: str
     metrics: dict[str, float]
@@ -77,20 +79,33 @@ class LoggedCheckpoint:
         return self.manifest.step
 
     @property
+    def key(self) -> int | None:
+        return self.manifest.key
+
+    @property
+    def keyed_by(self) -> str:
+        return self.manifest.keyed_by
+
+    @property
     def metrics(self) -> dict[str, float]:
         return self.manifest.metrics
 
 
 def create(handle: RunHandle, manifest: Manifest) -> StoredCheckpoint:
-    """A new PENDING logged model for the checkpoint ``manifest`` describes, owned by the run."""
-    assert manifest.epoch is not None
+    """A new PENDING logged model for the checkpoint ``manifest`` describes, owned by the run.
+
+    A run's checkpoints are keyed by one thing: one keyed otherwise than the run's earlier ones
+    is refused here, before anything is stored.
+    """
+    assert manifest.epoch is not None and manifest.key is not None
+    refuse_mixed_keys(handle, manifest.keyed_by)
     params = {layout.PARAM_EPOCH: str(manifest.epoch), layout.PARAM_MODEL_CLASS: str(manifest.model.get("class"))}
     if manifest.step is not None:
         params[layout.PARAM_STEP] = str(manifest.step)
     with tracking_server_errors(handle.run_id, "creating the checkpoint's logged model"):
         model = handle.client.create_logged_model(
             experiment_id=handle.experiment_id,
-            name=layout.checkpoint_name(manifest.epoch),
+            name=layout.checkpoint_name(manifest.key, manifest.keyed_by),
             source_run_id=handle.run_id,
             params=params,
             tags={layout.TAG_FORMAT: manifest.format, layout.TAG_FORMAT_VERSION: str(FORMAT_VERSION)},
@@ -98,8 +113,19 @@ def create(handle: RunHandle, manifest: Manifest) -> StoredCheckpoint:
         )
     # Link it to the run as an output (what the run page's "Logged models" lists) beside the upload:
     # nothing waits on the link until READY, so a small checkpoint does not pay for it in turn.
-    _links[model.model_id] = _linker.submit(_link, handle, model.model_id, manifest.epoch)
+    _links[model.model_id] = _linker.submit(_link, handle, model.model_id, manifest.key)
     return _wrap(model, handle.config)
+
+
+def refuse_mixed_keys(handle: RunHandle, keyed_by: str) -> None:
+    """Raise when the run's committed checkpoints are keyed by something else than ``keyed_by``."""
+    recorded = layout.keyed_by_of(handle.tags)
+    if recorded is not None and recorded != keyed_by:
+        raise TrackingError(
+            f"run {handle.run_id} keys its checkpoints by {recorded}, and this one is keyed by {keyed_by}: one "
+            f"run's checkpoints are all saved by epoch or all by step. Log it to a new run, or save by "
+            f"{recorded} as the run's earlier checkpoints were."
+        )
 
 
 # model ID -> its pending link to the run, waited on by set_status(READY).
@@ -107,11 +133,11 @@ _links: dict[str, Future[None]] = {}
 _linker = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tracking-link")
 
 
-def _link(handle: RunHandle, model_id: str, epoch: int) -> None:
+def _link(handle: RunHandle, model_id: str, key: int) -> None:
     from mlflow.entities import LoggedModelOutput
 
     with tracking_server_errors(handle.run_id, f"linking checkpoint {model_id} to the run"):
-        handle.client.log_outputs(handle.run_id, [LoggedModelOutput(model_id, step=epoch)])
+        handle.client.log_outputs(handle.run_id, [LoggedModelOutput(model_id, step=key)])
 
 
 def set_status(handle: RunHandle, checkpoint: StoredCheckpoint, status: str) -> None:
@@ -149,32 +175,39 @@ def get(client: Any, model_id: str, config: TrackingConfig, *, checkpoint: bool 
     return _wrap(model, config)
 
 
-def search(handle: RunHandle, *, epoch: int | None = None, status: str | None = READY) -> list[StoredCheckpoint]:
-    """The run's checkpoint logged models (of one epoch, of one status), oldest first."""
+def search(
+    handle: RunHandle, *, key: int | None = None, keyed_by: str = layout.EPOCH, status: str | None = READY
+) -> list[StoredCheckpoint]:
+    """The run's checkpoint logged models (of one key, of one status), oldest first."""
     terms = [f"source_run_id = '{handle.run_id}'", f"model_type = '{layout.CHECKPOINT_MODEL_TYPE}'"]
-    if epoch is not None:
-        terms.append(f"name = '{layout.checkpoint_name(epoch)}'")
+    if key is not None:
+        terms.append(f"name = '{layout.checkpoint_name(key, keyed_by)}'")
     # Filtered here: the SQL stores do not match status in a filter string.
     models = [_wrap(model, handle.config) for model in _pages(handle, " AND ".join(terms))]
     return [m for m in models if status is None or m.status == status]
 
 
 def committed(handle: RunHandle) -> dict[int, StoredCheckpoint]:
-    """The run's READY checkpoints by epoch (of an epoch logged twice, see :func:`preferred`): one search."""
+    """The run's READY checkpoints by key (of one logged twice, see :func:`preferred`): one search."""
     return current(handle, search(handle))
 
 
 def current(handle: RunHandle, models: list[StoredCheckpoint]) -> dict[int, StoredCheckpoint]:
-    """Of ``models`` (oldest first), the READY one of each epoch that readers take, by epoch."""
-    by_epoch: dict[int, list[StoredCheckpoint]] = {}
+    """Of ``models`` (oldest first), the READY one of each key that readers take, by key (epoch or step)."""
+    by_key: dict[int, list[StoredCheckpoint]] = {}
     for model in models:
-        if model.epoch is not None and model.status == READY:
-            by_epoch.setdefault(model.epoch, []).append(model)
-    return {epoch: preferred(handle, by_epoch[epoch])[0] for epoch in sorted(by_epoch)}
+        if model.key is not None and model.status == READY:
+            by_key.setdefault(model.key, []).append(model)
+    return {key: preferred(handle, by_key[key])[0] for key in sorted(by_key)}
+
+
+def keyed_by(handle: RunHandle, models: Iterable[StoredCheckpoint] = ()) -> str:
+    """What the run's checkpoints are keyed by: its tags say, else ``models`` (found by a search), else epoch."""
+    return layout.keyed_by_of(handle.tags) or next((m.keyed_by for m in models if m.key is not None), layout.EPOCH)
 
 
 def preferred(handle: RunHandle, models: list[StoredCheckpoint]) -> list[StoredCheckpoint]:
-    """One epoch's logged models (oldest first) in the order readers try them: the one the run's
+    """One key's logged models (oldest first) in the order readers try them: the one the run's
     latest/best tags name, then the newest first. A re-log counts once the tags moved to it: one
     killed after READY but before the tags must not shadow the checkpoint the tags still name."""
     pointed = {handle.tags.get(layout.TAG_LATEST), handle.tags.get(layout.TAG_BEST)}
@@ -224,10 +257,20 @@ def _pages(handle: RunHandle, filter_string: str) -> Iterator[Any]:
             return
 
 
-def _epoch(model: Any) -> int | None:
-    raw = (model.params or {}).get(layout.PARAM_EPOCH, "")
+def _key(model: Any) -> tuple[str, int | None, int | None]:
+    """What a logged model is keyed by, its key, and its epoch: its params say, else its name."""
+    params = model.params or {}
+    keyed_by, named = layout.key_of(model.name) or (layout.EPOCH, None)
+    epoch = _count(params.get(layout.PARAM_EPOCH, ""))
+    if keyed_by == layout.STEP:
+        return keyed_by, _count(params.get(layout.PARAM_STEP, ""), named), epoch
+    epoch = named if epoch is None else epoch
+    return keyed_by, epoch, epoch
+
+
+def _count(raw: str, otherwise: int | None = None) -> int | None:
     # ASCII digits only, as in names: str.isdecimal() also takes other scripts' digits such as "١٢".
-    return int(raw) if raw.isdecimal() and raw.isascii() else layout.epoch_of(model.name)
+    return int(raw) if raw.isdecimal() and raw.isascii() else otherwise
 
 
 def _wrap(model: Any, config: TrackingConfig) -> StoredCheckpoint:
@@ -237,10 +280,13 @@ def _wrap(model: Any, config: TrackingConfig) -> StoredCheckpoint:
     store = open_store(
         model.artifact_location, config, owner=f"run {model.source_run_id}, {model.name} ({model.model_id})"
     )
+    keyed_by, key, epoch = _key(model)
     return StoredCheckpoint(
         model_id=model.model_id,
         name=model.name,
-        epoch=_epoch(model),
+        epoch=epoch,
+        key=key,
+        keyed_by=keyed_by,
         status=str(model.status),
         run_id=str(model.source_run_id),
         metrics=metrics,

@@ -29,22 +29,25 @@ _log = logging.getLogger(__name__)
 
 @dataclass
 class Retention:
-    """What one retention pass did, by epoch: deleted, kept because registered, or failed to delete."""
+    """What one retention pass did, by key (epoch or step): deleted, kept because registered, or failed to delete."""
 
     deleted: list[int] = field(default_factory=list)
     registered: dict[int, tuple[str, list[str]]] = field(default_factory=dict)  # -> (model ID, versions)
     failed: dict[int, tuple[str, TrackingError]] = field(default_factory=dict)  # -> (model ID, error)
+    keyed_by: str = layout.EPOCH
 
     def warnings(self, run_id: str) -> list[str]:
         """One line for what failed, one per registered checkpoint kept."""
         lines = [
-            f"run {run_id}: retention keeps epoch {epoch} ({model_id}) because registry version "
-            f"{', '.join(versions)} points at it; delete the version first, or the checkpoint with "
+            f"run {run_id}: retention keeps {layout.label(self.keyed_by, key)} ({model_id}) because registry "
+            f"version {', '.join(versions)} points at it; delete the version first, or the checkpoint with "
             "`tracking gc --delete-registered`."
-            for epoch, (model_id, versions) in sorted(self.registered.items())
+            for key, (model_id, versions) in sorted(self.registered.items())
         ]
         if self.failed:
-            what = ", ".join(f"epoch {epoch} ({model_id})" for epoch, (model_id, _) in sorted(self.failed.items()))
+            what = ", ".join(
+                f"{layout.label(self.keyed_by, key)} ({model_id})" for key, (model_id, _) in sorted(self.failed.items())
+            )
             first = one_line(next(iter(self.failed.values()))[1])[:300]
             lines.append(
                 f"run {run_id}: retention could not delete {what} ({first}); the checkpoint just saved is "
@@ -102,11 +105,11 @@ class Checkpointer:
         self._run_id = run_id
         self._config = config
         self._handle: RunHandle | None = None
-        # epoch -> monitored value (None when the checkpoint lacks it), for retention, and
-        # epoch -> (model ID, artifact location), to delete what falls out.
+        # key (epoch, or step) -> monitored value (None when the checkpoint lacks it), for retention, and
+        # key -> (model ID, artifact location), to delete what falls out.
         self._kept: dict[int, float | None] | None = None
         self._models: dict[int, tuple[str, str]] = {}
-        # epoch -> model ID and metrics of every committed checkpoint, for the run's description.
+        # key -> model ID and metrics of every committed checkpoint, for the run's description.
         self._noted: dict[int, note.NotedCheckpoint] = {}
         self.describe_run = describe_run
         self.commands = tuple(commands)
@@ -195,15 +198,15 @@ class Checkpointer:
         return logged
 
     def _describer(self, handle: RunHandle, manifest: Manifest) -> Describe:
-        epoch = manifest.epoch
-        assert epoch is not None and self._kept is not None
+        key = manifest.key
+        assert key is not None and self._kept is not None
         known = self._kept
         value = manifest.metrics.get(self.monitor)
 
         def describe(model_id: str, tags: Mapping[str, str]) -> dict[str, str]:
             # The checkpoints as they will be once this one is committed and retention has run.
-            noted = {**self._noted, epoch: note.NotedCheckpoint(model_id, dict(manifest.metrics))}
-            kept = self._retained({**known, epoch: value}, latest=epoch) if self._retains else set(noted)
+            noted = {**self._noted, key: note.NotedCheckpoint(model_id, dict(manifest.metrics))}
+            kept = self._retained({**known, key: value}, latest=key) if self._retains else set(noted)
             retained = {e: c for e, c in noted.items() if e in kept}
             return note.describe_run(
                 handle.run_id, manifest, retained, tags, monitor=self.monitor, commands=self.commands
@@ -212,15 +215,15 @@ class Checkpointer:
         return describe
 
     def _committed(self, handle: RunHandle, manifest: Manifest, logged: LoggedCheckpoint) -> None:
-        epoch = manifest.epoch
-        assert epoch is not None and self._kept is not None
+        key = manifest.key
+        assert key is not None and self._kept is not None
         value = manifest.metrics.get(self.monitor)
-        self._kept[epoch] = value
+        self._kept[key] = value
         assert logged.model_id is not None and logged.artifact_uri is not None
-        self._models[epoch] = (logged.model_id, logged.artifact_uri)
-        self._noted[epoch] = note.NotedCheckpoint(logged.model_id, dict(manifest.metrics))
+        self._models[key] = (logged.model_id, logged.artifact_uri)
+        self._noted[key] = note.NotedCheckpoint(logged.model_id, dict(manifest.metrics))
         # The save is committed: what retention cannot do now it says in one line, and the next save retries.
-        done = self._apply_retention(handle, self._kept, latest=epoch)
+        done = self._apply_retention(handle, self._kept, latest=key)
         for line in done.warnings(handle.run_id):
             _log.warning("%s", line)
 
@@ -239,14 +242,14 @@ class Checkpointer:
         if self._kept is None:
             self._kept = {}
             if self._retains or self.describe_run:
-                for epoch, stored in catalog.committed(handle).items():
-                    self._kept[epoch] = stored.metrics.get(self.monitor)
-                    self._models[epoch] = (stored.model_id, stored.artifact_uri)
-                    self._noted[epoch] = note.NotedCheckpoint(stored.model_id, stored.metrics)
+                for key, stored in catalog.committed(handle).items():
+                    self._kept[key] = stored.metrics.get(self.monitor)
+                    self._models[key] = (stored.model_id, stored.artifact_uri)
+                    self._noted[key] = note.NotedCheckpoint(stored.model_id, stored.metrics)
         return self._kept
 
     def _retained(self, kept: Mapping[int, float | None], latest: int) -> set[int]:
-        """The epochs retention keeps of ``kept`` (epoch -> monitored value) once ``latest`` is committed."""
+        """The keys retention keeps of ``kept`` (key -> monitored value) once ``latest`` is committed."""
         keep = {latest}
         if self.keep_last is not None:
             keep.update(sorted(kept)[-self.keep_last :])
@@ -264,7 +267,7 @@ class Checkpointer:
         it is reported once) unless ``delete_registered``. The checkpoint just committed is never
         at stake: nothing here raises for a deletion.
         """
-        done = Retention()
+        done = Retention(keyed_by=layout.keyed_by_of(handle.tags) or layout.EPOCH)
         if not self._retains:
             return done
         keep = self._retained(kept, latest)
@@ -279,24 +282,24 @@ class Checkpointer:
             self._repoint_best(handle, kept, keep, [e for e in doomed if self._models[e][0] not in staying])
         except TrackingError as exc:
             # Without the run's tags, deleting could leave best naming a missing checkpoint: retry next pass.
-            done.failed = {epoch: (self._models[epoch][0], exc) for epoch in doomed}
+            done.failed = {key: (self._models[key][0], exc) for key in doomed}
             return done
-        for epoch in doomed:
-            model_id, artifact_uri = self._models[epoch]
+        for key in doomed:
+            model_id, artifact_uri = self._models[key]
             if model_id == handle.tags.get(layout.TAG_LATEST):
-                continue  # another writer's latest (re-logged or newer epochs of its own): not ours to delete
+                continue  # another writer's latest (re-logged or newer checkpoints of its own): not ours to delete
             if model_id in registered:
-                done.registered[epoch] = (model_id, registered[model_id])
+                done.registered[key] = (model_id, registered[model_id])
             else:
                 try:
                     catalog.delete(handle, model_id, artifact_uri)
                 except TrackingError as exc:
-                    done.failed[epoch] = (model_id, exc)
+                    done.failed[key] = (model_id, exc)
                     continue
-                done.deleted.append(epoch)
-            del kept[epoch]
-            del self._models[epoch]
-            self._noted.pop(epoch, None)
+                done.deleted.append(key)
+            del kept[key]
+            del self._models[key]
+            self._noted.pop(key, None)
         return done
 
     def _repoint_best(
@@ -307,7 +310,7 @@ class Checkpointer:
         Only then: the tag is the run's, and a survivor of this policy is no better than the run's
         best when another writer holds it (two Checkpointers on one run must not move best to worse).
         """
-        if handle.tags.get(layout.TAG_BEST) not in {self._models[epoch][0] for epoch in doomed}:
+        if handle.tags.get(layout.TAG_BEST) not in {self._models[key][0] for key in doomed}:
             return
         ranked = layout.best_first({e: kept[e] for e in keep}, self.mode)
         if ranked:

@@ -122,7 +122,7 @@ def commit_files(
     manifest listing them, READY, and the run's tags, as :func:`commit_checkpoint` says.
     """
     manifest = snapshot.manifest
-    assert manifest.epoch is not None
+    assert manifest.key is not None
     ready = stored = tagging = False
     replaced: set[str] = set()
     step = time.monotonic()  # when the request under way began: a failure's follow-ups share its deadline
@@ -139,7 +139,7 @@ def commit_files(
         # writer may have moved them since, and latest must never move backwards, nor best
         # to a worse checkpoint.
         handle.refresh_tags()
-        replaced, latest = _replaced(handle, manifest.epoch, checkpoint.model_id)
+        replaced, latest = _replaced(handle, manifest, checkpoint.model_id)
         survivor = None
         if snapshot.monitor is not None and handle.tags.get(layout.TAG_BEST) in replaced:
             survivor = _best_survivor(handle, replaced | {checkpoint.model_id}, snapshot.monitor, snapshot.mode)
@@ -181,8 +181,8 @@ def commit_files(
             if not isinstance(exc, StorageError):
                 raise
             raise StorageError(
-                f"{exc} The checkpoint of epoch {manifest.epoch} was not committed (its logged model "
-                f"{checkpoint.model_id} {state}; the run's latest/best tags are unchanged); save it "
+                f"{exc} The checkpoint of {layout.label(manifest.keyed_by, manifest.key)} was not committed (its "
+                f"logged model {checkpoint.model_id} {state}; the run's latest/best tags are unchanged); save it "
                 "again once the store and the tracking server answer."
             ) from exc
         # Else the tag request was applied and only its answer lost: the checkpoint is committed.
@@ -236,36 +236,40 @@ def _abandon(handle: RunHandle, checkpoint: StoredCheckpoint, files: list[str], 
     return True
 
 
-def _replaced(handle: RunHandle, epoch: int, model_id: str) -> tuple[set[str], int | None]:
-    """The models of this same epoch that the new one replaces, and the run's latest epoch.
+def _replaced(handle: RunHandle, manifest: Manifest, model_id: str) -> tuple[set[str], int | None]:
+    """The models of this same key (epoch or step) that the new one replaces, and the run's latest key.
 
-    Saving the latest epoch again needs no search: the latest tag names the model it replaces.
-    Saving an earlier epoch than the latest tag says (a re-log, or a tag edited by hand) costs one
-    search: every committed model of that epoch is replaced, or it would keep shadowing the new one
+    Saving the latest key again needs no search: the latest tag names the model it replaces.
+    Saving an earlier key than the latest tag says (a re-log, or a tag edited by hand) costs one
+    search: every committed model of that key is replaced, or it would keep shadowing the new one
     for readers and `verify --clean`; and the latest tag is checked against the model it names.
     """
     tags = handle.tags
-    raw = tags.get(layout.TAG_LATEST_EPOCH, "")
+    key = manifest.key
+    assert key is not None
+    latest_tag = layout.latest_key_tag(manifest.keyed_by)
+    raw = tags.get(latest_tag, "")
     latest = int(raw) if raw.isdecimal() and raw.isascii() else None
-    if latest is None or epoch > latest:
+    if latest is None or key > latest:
         return set(), latest
-    if epoch == latest:
+    if key == latest:
         named = tags.get(layout.TAG_LATEST, "")
         return ({named} if named and named != model_id else set()), latest
     others = [model for model in catalog.search(handle) if model.model_id != model_id]
-    replaced = {model.model_id for model in others if model.epoch == epoch}
+    replaced = {model.model_id for model in others if model.key == key}
     pointed = next((model for model in others if model.model_id == tags.get(layout.TAG_LATEST)), None)
-    if pointed is None or pointed.epoch != latest:
-        # Tags are editable by anyone with access to the run: one naming an epoch that its model is not
+    if pointed is None or pointed.key != latest:
+        # Tags are editable by anyone with access to the run: one naming a key that its model is not
         # would pin latest there for good. The run's committed models say what latest is.
-        actual = max((model.epoch for model in others if model.epoch is not None), default=None)
+        actual = max((model.key for model in others if model.key is not None), default=None)
         _log.warning(
-            "run %s: tag %s=%s does not match the checkpoint tag %s names; taking epoch %s, the newest committed, "
+            "run %s: tag %s=%s does not match the checkpoint tag %s names; taking %s %s, the newest committed, "
             "as latest. Fix or delete the tag in the MLflow UI.",
             handle.run_id,
-            layout.TAG_LATEST_EPOCH,
+            latest_tag,
             raw[:50],
             layout.TAG_LATEST,
+            manifest.keyed_by,
             actual,
         )
         latest = actual
@@ -275,7 +279,7 @@ def _replaced(handle: RunHandle, epoch: int, model_id: str) -> tuple[set[str], i
 def _best_survivor(handle: RunHandle, leaving: set[str], monitor: str, mode: str) -> tuple[str, float] | None:
     """The best committed checkpoint of the run outside ``leaving`` by ``monitor``: (model ID, value)."""
     by_id = {m.model_id: m for m in catalog.search(handle) if m.model_id not in leaving and monitor in m.metrics}
-    ranked = sorted(by_id.values(), key=lambda m: ((1.0 if mode == "min" else -1.0) * m.metrics[monitor], m.epoch or 0))
+    ranked = sorted(by_id.values(), key=lambda m: ((1.0 if mode == "min" else -1.0) * m.metrics[monitor], m.key or 0))
     return (ranked[0].model_id, ranked[0].metrics[monitor]) if ranked else None
 
 
@@ -307,11 +311,11 @@ def _pointer_tags(
     When the best tag names a model this one replaces, ``survivor`` is the best of the run's other
     checkpoints (model ID, value): best goes to whichever of the two is better.
     """
-    assert manifest.epoch is not None
+    assert manifest.key is not None
     out = {}
-    if latest is None or manifest.epoch >= latest:
+    if latest is None or manifest.key >= latest:
         out[layout.TAG_LATEST] = checkpoint.model_id
-        out[layout.TAG_LATEST_EPOCH] = str(manifest.epoch)
+        out[layout.latest_key_tag(manifest.keyed_by)] = str(manifest.key)
     if monitor is not None:
         value = manifest.metrics[monitor]
         if tags.get(layout.TAG_BEST) in replaced:

@@ -7,15 +7,19 @@
         state_dict/manifest.json
     logged models of the run (MLflow 3), each with its own artifact location
         checkpoint-epoch-0007              model type "pytorch-checkpoint", params epoch/step/model_class
+                                           (checkpoint-step-00001500 in a run that saves by step)
             checkpoint.pt                  {"epoch", "model_state", "optim_state", ...}
             manifest.json                  written last: its presence is the commit, then READY
         model                              the whole model, MLflow's pytorch flavor
     run tags
-        tracking.checkpoint.latest         model ID of the newest committed checkpoint (+ _epoch)
+        tracking.checkpoint.latest         model ID of the newest committed checkpoint (+ _epoch, or _step)
         tracking.checkpoint.best           model ID of the best one (+ best_value, monitor, mode)
 
 A checkpoint exists once its manifest is stored and its logged model is READY; readers
 trust the manifest, never the status alone. The manifest is deleted first.
+
+A run's checkpoints are keyed by one thing, their epoch or (a training that saves every N steps)
+their global step: the key names them, orders them (latest is the highest) and picks one.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ import math
 import re
 from collections.abc import Mapping
 
+# Re-exported: the writing and the reading side take the keys from here, with every other name.
+from tracking.manifest import EPOCH as EPOCH
+from tracking.manifest import KEYS as KEYS
+from tracking.manifest import STEP as STEP
 from tracking.manifest import Manifest
 from tracking.storage import ArtifactStore
 
@@ -47,6 +55,7 @@ TAG_FORMAT_VERSION = "tracking.format_version"
 # Run tags pointing at committed checkpoints (logged model IDs), so "latest"/"best" cost O(1) calls.
 TAG_LATEST = "tracking.checkpoint.latest"
 TAG_LATEST_EPOCH = "tracking.checkpoint.latest_epoch"
+TAG_LATEST_STEP = "tracking.checkpoint.latest_step"
 TAG_BEST = "tracking.checkpoint.best"
 TAG_BEST_VALUE = "tracking.checkpoint.best_value"
 TAG_MONITOR = "tracking.checkpoint.monitor"
@@ -61,19 +70,37 @@ UI_VIEW_QUERY = "?workflowType=machine_learning"
 
 MODES = ("min", "max")
 
-_CHECKPOINT_NAME = re.compile(r"checkpoint-epoch-([0-9]+)")
+_CHECKPOINT_NAME = re.compile(r"checkpoint-(epoch|step)-([0-9]+)")
+_KEY_DIGITS = {EPOCH: 4, STEP: 8}
 MODEL_ID = re.compile(r"m-[0-9a-f]{32}")
 
 
-def checkpoint_name(epoch: int) -> str:
-    """The logged model name of epoch ``epoch``'s checkpoint, e.g. ``checkpoint-epoch-0007``."""
-    return f"checkpoint-epoch-{epoch:04d}"
+def checkpoint_name(key: int, keyed_by: str = EPOCH) -> str:
+    """The logged model name of a checkpoint: ``checkpoint-epoch-0007``, or ``checkpoint-step-00001500``."""
+    return f"checkpoint-{keyed_by}-{key:0{_KEY_DIGITS[keyed_by]}d}"
 
 
-def epoch_of(name: str) -> int | None:
-    """The epoch a checkpoint's logged model name says, e.g. 7 for ``checkpoint-epoch-0007``; else None."""
+def key_of(name: str) -> tuple[str, int] | None:
+    """What a checkpoint's logged model name says it is keyed by, e.g. ``("step", 1500)``; else None."""
     match = _CHECKPOINT_NAME.fullmatch(name)
-    return int(match.group(1)) if match else None
+    return (match.group(1), int(match.group(2))) if match else None
+
+
+def latest_key_tag(keyed_by: str) -> str:
+    """The run tag holding the key of the latest checkpoint: ``..._epoch``, or ``..._step``."""
+    return TAG_LATEST_STEP if keyed_by == STEP else TAG_LATEST_EPOCH
+
+
+def keyed_by_of(tags: Mapping[str, str]) -> str | None:
+    """What a run's committed checkpoints are keyed by, as its pointer tags say; None before its first."""
+    if tags.get(TAG_LATEST_STEP):
+        return STEP
+    return EPOCH if tags.get(TAG_LATEST_EPOCH) else None
+
+
+def label(keyed_by: str, key: int | None) -> str:
+    """How messages name a checkpoint's key: ``epoch 7``, ``step 1500``."""
+    return f"{keyed_by} {key}"
 
 
 def is_better(value: float, than: float | None, mode: str) -> bool:
@@ -84,10 +111,10 @@ def is_better(value: float, than: float | None, mode: str) -> bool:
 
 
 def best_first(values: Mapping[int, float | None], mode: str) -> list[int]:
-    """The epochs of ``values`` that have a value, best first; ties go to the earlier epoch."""
+    """The keys (epochs or steps) of ``values`` that have a value, best first; ties go to the earlier one."""
     sign = 1.0 if mode == "min" else -1.0
-    scored = {epoch: value for epoch, value in values.items() if value is not None}
-    return sorted(scored, key=lambda epoch: (sign * scored[epoch], epoch))
+    scored = {key: value for key, value in values.items() if value is not None}
+    return sorted(scored, key=lambda key: (sign * scored[key], key))
 
 
 def read_manifest(store: ArtifactStore, folder: str = "") -> Manifest:

@@ -65,8 +65,8 @@ def load(
     """Rebuild the model, optimizer, scheduler and AMP scaler of a logged checkpoint.
 
     ``source`` is a run ID or ``runs:/<id>`` (then ``checkpoint`` is ``"latest"``, ``"best"``
-    or an epoch number, and ``step=`` picks the checkpoint logged at that global step
-    instead), a checkpoint's logged model ``models:/<model_id>``, or a registry version
+    or an epoch number, a step number in a run keyed by step, and ``step=`` picks the checkpoint
+    logged at that global step instead), a checkpoint's logged model ``models:/<model_id>``, or a registry version
     ``models:/<name>@<alias>`` / ``models:/<name>/<version>``: the checkpoint it was made from.
     ``mode="eval"`` returns the model in eval mode, ``"train"`` ready to resume.
     Pass ``model=`` (instance or factory), ``optimizer=`` (factory taking the model's

@@ -25,6 +25,11 @@ FORMAT_VERSION = 1
 SHARDED_KIND = "sharded_checkpoint"
 KINDS = ("checkpoint", SHARDED_KIND, "state_dict")
 CHECKPOINT_KINDS = ("checkpoint", SHARDED_KIND)
+# What a run's checkpoints are keyed by (named, listed and picked by): the epoch, or the global step
+# for a training that saves every N steps (a Hugging Face or Lightning run saving by step).
+EPOCH = "epoch"
+STEP = "step"
+KEYS = (EPOCH, STEP)
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,12 @@ class Manifest:
     versions: dict[str, str] = field(default_factory=dict)
     created_at: str = ""
     format_version: int = FORMAT_VERSION
+    keyed_by: str = EPOCH
+
+    @property
+    def key(self) -> int | None:
+        """What the checkpoint is keyed by in its run: its global step when ``keyed_by`` is "step", else its epoch."""
+        return self.step if self.keyed_by == STEP else self.epoch
 
     def to_json(self) -> bytes:
         data = asdict(self)
@@ -194,6 +205,11 @@ def _problem(data: dict[str, Any]) -> str | None:
             return f"{key} is {_short(value)}, expected an integer >= 0"
     if data["kind"] in CHECKPOINT_KINDS and data.get("epoch") is None:
         return "a checkpoint manifest has no epoch"
+    keyed_by = data.get("keyed_by", EPOCH)
+    if keyed_by not in KEYS:
+        return f"keyed_by is {_short(keyed_by)}, expected one of {', '.join(KEYS)}"
+    if keyed_by == STEP and data.get("step") is None:
+        return "a checkpoint keyed by step has no step"
     metrics = data.get("metrics", {})
     if not isinstance(metrics, dict):
         return f"metrics is {_short(metrics)}, expected an object of name -> number"

@@ -42,9 +42,11 @@ def render(
     monitor: str | None,
     commands: Sequence[str] = (),
     python: Sequence[str] = (),
+    keyed_by: str = layout.EPOCH,
 ) -> str:
-    """The markdown description of run ``run_id`` with ``checkpoints`` (by epoch); ``python`` adds lines to
-    its Python block (a framework's own way to resume, say), ``commands`` to its shell block."""
+    """The markdown description of run ``run_id`` with ``checkpoints`` (by key: epoch, or step when ``keyed_by``
+    says so); ``python`` adds lines to its Python block (a framework's own way to resume, say), ``commands`` to
+    its shell block."""
     trained = f"`{model_class}`" + (f" with `{optimizer_class}`" if optimizer_class else "")
     lines = [
         f"Training run of {trained}. Each checkpoint is a logged model of this run (the run's "
@@ -58,12 +60,13 @@ def render(
         f'best = tracking.load("{run_id}", "best", mode="train")  # ready to resume',
     ]
     if pinned:
-        code.append(f'model = tracking.load_model("models:/{pinned}")  # exactly epoch {latest}')
+        code.append(f'model = tracking.load_model("models:/{pinned}")  # exactly {layout.label(keyed_by, latest)}')
     code += python
     shell = [f"tracking checkpoints {run_id}", f"tracking show {run_id} --checkpoint best", *commands]
     load_it = ["**Load it**", "", "```python", *code, "```", "", "```bash", *shell, "```"]
     if checkpoints:
-        lines += _table(run_id, checkpoints, latest, best, monitor, MAX_CHARS - len("\n".join(lines + load_it)))
+        budget = MAX_CHARS - len("\n".join(lines + load_it))
+        lines += _table(run_id, checkpoints, latest, best, monitor, budget, keyed_by)
     return "\n".join(lines + load_it)
 
 
@@ -78,9 +81,9 @@ def describe_run(
     python: Sequence[str] = (),
 ) -> dict[str, str]:
     """The run's description tag for a checkpoint being committed: ``checkpoints`` are the run's as they will be
-    (by epoch, the new one among them), ``tags`` its tags as they will be (latest, best); ``{run_id}`` in a
+    (by key, the new one among them), ``tags`` its tags as they will be (latest, best); ``{run_id}`` in a
     command is replaced by the run's ID."""
-    by_model = {c.model_id: epoch for epoch, c in checkpoints.items()}
+    by_model = {c.model_id: key for key, c in checkpoints.items()}
     text = render(
         run_id,
         model_class=str(manifest.model.get("class")),
@@ -91,6 +94,7 @@ def describe_run(
         monitor=monitor,
         commands=[c.replace("{run_id}", run_id) for c in commands],
         python=python,
+        keyed_by=manifest.keyed_by,
     )
     return {NOTE_TAG: text}
 
@@ -102,8 +106,9 @@ def _table(
     best: int | None,
     monitor: str | None,
     budget: int,
+    keyed_by: str,
 ) -> list[str]:
-    """The checkpoint table in at most ``budget`` characters (newlines included), newest epoch first.
+    """The checkpoint table in at most ``budget`` characters (newlines included), newest first.
 
     When every row does not fit, latest and best stay, then the newest others, and one line says
     how many are left out and where they are all listed.
@@ -111,7 +116,7 @@ def _table(
     names = sorted({name for c in checkpoints.values() for name in c.metrics}, key=lambda n: (n != monitor, n))
     shown = names[:_METRIC_COLUMNS]
     header = [
-        "| epoch | model ID | " + " | ".join(shown) + " | |",
+        f"| {keyed_by} | model ID | " + " | ".join(shown) + " | |",
         "|---|---|" + "---|" * len(shown) + "---|",
     ]
     rows = {}

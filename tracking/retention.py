@@ -60,7 +60,8 @@ def prune(run_id: str, **options: Unpack[PruneOptions]) -> list[catalog.StoredCh
 def registered_line(checkpoint: catalog.StoredCheckpoint, versions: list[str]) -> str:
     """Why a checkpoint outside the kept set stays: one line."""
     return (
-        f"kept epoch {checkpoint.epoch} ({checkpoint.model_id}): registry version {', '.join(versions)} points at "
+        f"kept {layout.label(checkpoint.keyed_by, checkpoint.key)} ({checkpoint.model_id}): registry version "
+        f"{', '.join(versions)} points at "
         "it; delete the version first, or pass --delete-registered (delete_registered=True)"
     )
 
@@ -93,11 +94,12 @@ def prune_report(
     mode = mode or handle.tags.get(layout.TAG_MODE) or "min"
     pruner = Checkpointer(keep_last=keep_last, keep_best=keep_best, monitor=monitor, mode=mode, describe_run=False)
     committed = catalog.committed(handle)
+    keys = f"{catalog.keyed_by(handle, committed.values())}s"
     kept = pruner._existing(handle)
     if keep_best is not None and any(value is None for value in kept.values()):
-        missing = sorted(epoch for epoch, value in kept.items() if value is None)
+        missing = sorted(key for key, value in kept.items() if value is None)
         raise ValueError(
-            f"run {run_id}: keep_best ranks checkpoints by {monitor!r}, which epochs {missing} lack; "
+            f"run {run_id}: keep_best ranks checkpoints by {monitor!r}, which {keys} {missing} lack; "
             "pass the metric they have with monitor=..."
         )
     if not kept:
@@ -115,7 +117,7 @@ def prune_report(
         failed = ", ".join(f"{e} ({model_id})" for e, (model_id, _) in sorted(done.failed.items()))
         first = one_line(next(iter(done.failed.values()))[1])[:300]
         raise StorageError(
-            f"run {run_id}: could not delete the checkpoints of epochs {failed} ({first}); deleted epochs: "
+            f"run {run_id}: could not delete the checkpoints of {keys} {failed} ({first}); deleted {keys}: "
             f"{deleted}. Run the same command again once the tracking server and the store answer."
         )
     return Pruned(

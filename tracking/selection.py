@@ -3,7 +3,8 @@
 A source is a run ID, ``runs:/<id>``, a checkpoint's logged model ``models:/<model_id>``, or
 a registry version ``models:/<name>@<alias>`` / ``models:/<name>/<version>`` (which loads the
 checkpoint that version was made from). For a run, a selector picks one of its checkpoints:
-``"latest"``, ``"best"``, an epoch number, or a global step. ``latest`` and ``best`` cost a
+``"latest"``, ``"best"``, a key (the epoch, or the global step in a run keyed by step), or
+(``step=``) a global step in any run. ``latest`` and ``best`` cost a
 constant number of requests through the run's pointer tags; a search of the run's logged
 models is the fallback when a tag is missing or stale.
 """
@@ -54,11 +55,18 @@ class Located:
         """How messages name it: ``checkpoint-epoch-0007 (m-...)`` or ``state_dict``."""
         if self.model_id is None:
             return self.folder
-        return f"{layout.checkpoint_name(self.manifest.epoch or 0)} ({self.model_id})"
+        return f"{self.name} ({self.model_id})"
+
+    @property
+    def name(self) -> str:
+        """Its logged model's name (``checkpoint-epoch-0007``, ``checkpoint-step-00001500``), else its folder."""
+        if self.model_id is None:
+            return self.folder
+        return layout.checkpoint_name(self.manifest.key or 0, self.manifest.keyed_by)
 
     def logged(self) -> LoggedCheckpoint:
         uri = self.store.artifact_uri if self.model_id else None
-        name = layout.checkpoint_name(self.manifest.epoch or 0) if self.model_id else self.folder
+        name = self.name
         return LoggedCheckpoint(self.run_id, name, self.manifest, self.model_id, uri)
 
 
@@ -74,7 +82,7 @@ def open_run_of(source: str, config: TrackingConfig | None = None) -> RunHandle:
 
 
 def list_checkpoints(source: str, *, config: TrackingConfig | None = None) -> list[LoggedCheckpoint]:
-    """Every committed checkpoint of a run (its manifest and logged model), oldest epoch first.
+    """Every committed checkpoint of a run (its manifest and logged model), oldest (lowest key) first.
 
     One whose manifest is unreadable is left out with a warning line naming it: one damaged
     checkpoint must not hide the healthy ones (``tracking verify`` reports it in full).
@@ -155,11 +163,16 @@ def select_checkpoint(handle: RunHandle, checkpoint: Selector, step: int | None)
                 return located
         raise NotFoundError(f"run {handle.run_id}: no checkpoint was logged at step {step}.")
     if isinstance(checkpoint, bool) or not isinstance(checkpoint, int | str):
-        raise TypeError(f"checkpoint must be 'latest', 'best' or an epoch number, got {checkpoint!r}")
+        raise TypeError(f"checkpoint must be 'latest', 'best' or an epoch (or step) number, got {checkpoint!r}")
     if isinstance(checkpoint, str) and checkpoint.isdecimal() and checkpoint.isascii():
         checkpoint = int(checkpoint)
     if isinstance(checkpoint, int):
-        for stored in catalog.preferred(handle, catalog.search(handle, epoch=checkpoint)):
+        keyed_by = layout.keyed_by_of(handle.tags)
+        if keyed_by is not None:
+            found = catalog.search(handle, key=checkpoint, keyed_by=keyed_by)
+        else:  # no pointer tags (yet): the run's checkpoints say what they are keyed by
+            found = [model for model in catalog.search(handle) if model.key == checkpoint]
+        for stored in catalog.preferred(handle, found):
             try:
                 return _located(stored)
             except NotFoundError:
@@ -167,12 +180,13 @@ def select_checkpoint(handle: RunHandle, checkpoint: Selector, step: int | None)
         committed = catalog.committed(handle)
         if not committed and (legacy := catalog.legacy_error(handle)) is not None:
             raise legacy
+        keyed_by = catalog.keyed_by(handle, committed.values())
         raise NotFoundError(
-            f"run {handle.run_id}: no committed checkpoint for epoch {checkpoint}; committed epochs: "
-            f"{_epoch_list(list(committed))}."
+            f"run {handle.run_id}: no committed checkpoint for {layout.label(keyed_by, checkpoint)}; committed "
+            f"{keyed_by}s: {_key_list(list(committed))}."
         )
     if checkpoint not in ("latest", "best"):
-        raise ValueError(f"checkpoint must be 'latest', 'best' or an epoch number, got {checkpoint!r}")
+        raise ValueError(f"checkpoint must be 'latest', 'best' or an epoch (or step) number, got {checkpoint!r}")
     model_id = _tagged_model(handle, layout.TAG_LATEST if checkpoint == "latest" else layout.TAG_BEST)
     if model_id is not None:
         try:
@@ -206,14 +220,14 @@ def _tagged_model(handle: RunHandle, tag: str) -> str | None:
 
 
 def _select_by_search(handle: RunHandle, which: str) -> Located:
-    # Every READY model, not one per epoch: while an epoch is re-logged, the one the (stale) tags name may
+    # Every READY model, not one per key: while an epoch is re-logged, the one the (stale) tags name may
     # lose its manifest to the re-log, and then the same epoch's new model is the answer, not the epoch before.
     models = catalog.search(handle)
-    by_epoch: dict[int, list[StoredCheckpoint]] = {}
+    by_key: dict[int, list[StoredCheckpoint]] = {}
     for model in models:
-        if model.epoch is not None:
-            by_epoch.setdefault(model.epoch, []).append(model)
-    if not by_epoch:
+        if model.key is not None:
+            by_key.setdefault(model.key, []).append(model)
+    if not by_key:
         legacy = catalog.legacy_error(handle)
         if legacy is not None:
             raise legacy
@@ -223,27 +237,28 @@ def _select_by_search(handle: RunHandle, which: str) -> Located:
             "with tracking.load_model()."
         )
 
-    def candidates(epochs: list[int]) -> list[StoredCheckpoint]:
-        return [model for epoch in epochs for model in catalog.preferred(handle, by_epoch[epoch])]
+    def candidates(keys: list[int]) -> list[StoredCheckpoint]:
+        return [model for key in keys for model in catalog.preferred(handle, by_key[key])]
 
     if which == "latest":
-        return _first_located(handle, candidates(sorted(by_epoch, reverse=True)))
+        return _first_located(handle, candidates(sorted(by_key, reverse=True)))
     monitor = handle.tags.get(layout.TAG_MONITOR)
-    # Each epoch ranks by the model readers take for it (the tags' pick, else its newest).
+    # Each key ranks by the model readers take for it (the tags' pick, else its newest).
     committed = catalog.current(handle, models)
+    keyed_by = catalog.keyed_by(handle, models)
     newest = committed[max(committed)] if committed else None
     if not monitor and newest is not None and handle.tags.get(layout.TAG_LATEST) != newest.model_id:
         # The tags lag behind the newest checkpoint: its save is between READY and moving the tags
         # (or died there), and its writer may well have passed monitor=.
         raise NotFoundError(
-            f"run {handle.run_id} records no best checkpoint yet: the save of its newest checkpoint (epoch "
-            f"{max(committed)}) has not moved the run's pointer tags yet; retry in a moment, or pick an epoch: "
-            f"{_epoch_list(list(committed))}."
+            f"run {handle.run_id} records no best checkpoint yet: the save of its newest checkpoint "
+            f"({layout.label(keyed_by, max(committed))}) has not moved the run's pointer tags yet; retry in a "
+            f"moment, or pick {_a(keyed_by)}: {_key_list(list(committed))}."
         )
     if not monitor:
         raise NotFoundError(
             f"run {handle.run_id} records no best checkpoint: log checkpoints with monitor=... "
-            f"(or a Checkpointer), or pick an epoch: {_epoch_list(sorted(by_epoch))}."
+            f"(or a Checkpointer), or pick {_a(keyed_by)}: {_key_list(sorted(by_key))}."
         )
     mode = handle.tags.get(layout.TAG_MODE, "min")
     if mode not in layout.MODES:
@@ -355,5 +370,9 @@ def version_model_id(version: Any) -> str | None:
     return match.group(1) if match else None
 
 
-def _epoch_list(epochs: list[int]) -> str:
-    return ", ".join(map(str, epochs)) if epochs else "none"
+def _key_list(keys: list[int]) -> str:
+    return ", ".join(map(str, keys)) if keys else "none"
+
+
+def _a(keyed_by: str) -> str:
+    return f"an {keyed_by}" if keyed_by == layout.EPOCH else f"a {keyed_by}"

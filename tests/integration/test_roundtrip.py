@@ -155,7 +155,7 @@ def test_retention_and_failed_upload_on_the_real_store(
 
     handle = open_run(run_id)
     # The failed save's logged model is FAILED, with no file left in its artifact location.
-    failed = catalog.search(handle, epoch=21, status=None)
+    failed = catalog.search(handle, key=21, status=None)
     assert [m.status for m in failed] == [catalog.FAILED]
     assert failed[0].store.list_files("") == []
     # Retention deleted the other 15 logged models (they vanish from search) and every one of their files.

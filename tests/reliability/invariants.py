@@ -58,7 +58,8 @@ def model_epoch(model_id: str) -> int | None:
     except MlflowException:
         return None
     raw = (model.params or {}).get(layout.PARAM_EPOCH, "")
-    return int(raw) if raw.isdecimal() else layout.epoch_of(model.name)
+    named = layout.key_of(model.name)
+    return int(raw) if raw.isdecimal() else (named[1] if named else None)
 
 
 def epoch_of_tag(tags: Mapping[str, str], tag: str) -> int | None:

@@ -309,7 +309,7 @@ def test_a_wrong_file_size_is_an_integrity_error_without_allocating_it(experimen
 def test_a_stray_checkpoint_model_with_a_non_ascii_epoch_is_ignored(
     experiment: str, name: str, epoch_param: str | None
 ) -> None:
-    assert layout.epoch_of("checkpoint-epoch-¹") is None and layout.epoch_of("checkpoint-epoch-١٢") is None
+    assert layout.key_of("checkpoint-epoch-¹") is None and layout.key_of("checkpoint-epoch-١٢") is None
     with mlflow.start_run() as run:
         tracking.log_checkpoint(Model(6), epoch=1)
     run_id = run.info.run_id

@@ -157,17 +157,22 @@ def test_parse_source_raises_only_value_error(source: Any) -> None:
 
 
 @FAST
-@given(st.one_of(st.text(), st.builds(lambda s: f"checkpoint-epoch-{s}", st.text(max_size=6))))
-def test_epoch_of_is_an_epoch_or_none(name: str) -> None:
-    epoch = layout.epoch_of(name)
-    assert epoch is None or (isinstance(epoch, int) and epoch >= 0)
-    assert epoch is None or (name.isascii() and name.startswith("checkpoint-epoch-"))
+@given(
+    st.one_of(
+        st.text(),
+        st.builds(lambda k, s: f"checkpoint-{k}-{s}", st.sampled_from(["epoch", "step"]), st.text(max_size=6)),
+    )
+)
+def test_key_of_is_a_key_or_none(name: str) -> None:
+    found = layout.key_of(name)
+    assert found is None or (found[0] in layout.KEYS and isinstance(found[1], int) and found[1] >= 0)
+    assert found is None or (name.isascii() and name.startswith(f"checkpoint-{found[0]}-"))
 
 
 @FAST
-@given(st.integers(min_value=0, max_value=10**12))
-def test_epoch_of_inverts_checkpoint_name(epoch: int) -> None:
-    assert layout.epoch_of(layout.checkpoint_name(epoch)) == epoch
+@given(st.integers(min_value=0, max_value=10**12), st.sampled_from(["epoch", "step"]))
+def test_key_of_inverts_checkpoint_name(key: int, keyed_by: str) -> None:
+    assert layout.key_of(layout.checkpoint_name(key, keyed_by)) == (keyed_by, key)
 
 
 @FAST

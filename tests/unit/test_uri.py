@@ -54,9 +54,16 @@ def test_s3_uri_splits_into_bucket_and_key_and_joins() -> None:
     ],
 )
 def test_a_checkpoint_model_name_names_its_epoch_and_nothing_else_does(name: str, epoch: int | None) -> None:
-    assert layout.epoch_of(name) == epoch
+    assert layout.key_of(name) == (None if epoch is None else ("epoch", epoch))
 
 
-@pytest.mark.parametrize("epoch", [0, 3, 12345])
-def test_checkpoint_names_round_trip(epoch: int) -> None:
-    assert layout.epoch_of(layout.checkpoint_name(epoch)) == epoch
+@pytest.mark.parametrize("key", [0, 3, 12345, 123456789])
+@pytest.mark.parametrize("keyed_by", ["epoch", "step"])
+def test_checkpoint_names_round_trip(key: int, keyed_by: str) -> None:
+    assert layout.key_of(layout.checkpoint_name(key, keyed_by)) == (keyed_by, key)
+
+
+def test_a_step_checkpoint_name_reads_as_a_step() -> None:
+    assert layout.checkpoint_name(1500, "step") == "checkpoint-step-00001500"
+    assert layout.key_of("checkpoint-step-00001500") == ("step", 1500)
+    assert layout.key_of("checkpoint-steps-1500") is None

@@ -34,7 +34,9 @@ def is_epoch(value: str) -> bool:
 def _check_checkpoint(ctx: click.Context, param: click.Parameter, value: str) -> str:
     if value in ("latest", "best") or is_epoch(value):
         return value
-    raise click.BadParameter(f"{value!r}: expected latest, best or an epoch number (e.g. 7).")
+    raise click.BadParameter(
+        f"{value!r}: expected latest, best or an epoch number (e.g. 7; a step, e.g. 1500, in a run keyed by step)."
+    )
 
 
 def refuse_checkpoint_of_pinned(source: str, checkpoint: str) -> None:
@@ -56,7 +58,7 @@ checkpoint_option = click.option(
     default="latest",
     show_default=True,
     callback=_check_checkpoint,
-    help="latest, best or an epoch number.",
+    help="latest, best or an epoch number (a step number in a run that saves by step).",
 )
 
 
@@ -107,7 +109,7 @@ def runs(experiment: str | None, limit: int, as_json: bool) -> None:
             _made_by(s),
             s["status"],
             str(s["checkpoints"]),
-            "-" if s["latest_epoch"] is None else f"epoch {s['latest_epoch']}",
+            _key(s, "latest") or "-",
             _best(s),
             human_size(s["size_bytes"]),
         ]
@@ -117,11 +119,19 @@ def runs(experiment: str | None, limit: int, as_json: bool) -> None:
 
 
 def _best(summary: dict[str, Any]) -> str:
-    if summary["best_epoch"] is None:
+    best = _key(summary, "best")
+    if best is None:
         return "-"
     if summary["best_value"] is None:  # the monitor tag names a metric the checkpoint lacks
-        return f"epoch {summary['best_epoch']}"
-    return f"epoch {summary['best_epoch']} {summary['monitor']}={summary['best_value']:.4g}"
+        return best
+    return f"{best} {summary['monitor']}={summary['best_value']:.4g}"
+
+
+def _key(summary: dict[str, Any], which: str) -> str | None:
+    """``epoch 7``, or ``step 1500`` in a run keyed by step, for the latest or best checkpoint."""
+    keyed_by = summary["keyed_by"]
+    key = summary[f"{which}_{keyed_by}"]
+    return None if key is None else f"{keyed_by} {key}"
 
 
 def _made_by(summary: dict[str, Any]) -> str:
@@ -141,10 +151,11 @@ def _run_summary(run: Any, config: Any) -> dict[str, Any]:
 
     handle = open_run(run.info.run_id, config)
     committed = catalog.committed(handle)
-    by_model = {c.model_id: e for e, c in committed.items()}
+    by_model = {c.model_id: c for c in committed.values()}
+    keyed_by = catalog.keyed_by(handle, committed.values())
     size = 0
     model_class = run.data.params.get("model_class")
-    for _epoch, checkpoint in sorted(committed.items()):
+    for _key, checkpoint in sorted(committed.items()):
         try:
             manifest = checkpoint.read_manifest()
         except NotFoundError:
@@ -159,8 +170,10 @@ def _run_summary(run: Any, config: Any) -> dict[str, Any]:
     except NotFoundError:
         pass
     tags = run.data.tags
+    latest = by_model.get(tags.get(layout.TAG_LATEST, ""))
     best = by_model.get(tags.get(layout.TAG_BEST, ""))
     monitor = tags.get(layout.TAG_MONITOR)
+    stepped = keyed_by == layout.STEP
     return {
         "run_id": run.info.run_id,
         "run_name": run.info.run_name,
@@ -169,12 +182,15 @@ def _run_summary(run: Any, config: Any) -> dict[str, Any]:
         "model_class": model_class,
         "status": run.info.status,
         "checkpoints": len(committed),
-        "latest_epoch": by_model.get(tags.get(layout.TAG_LATEST, "")),
+        "keyed_by": keyed_by,
+        "latest_epoch": latest.epoch if latest is not None else None,
+        "latest_step": latest.key if latest is not None and stepped else None,
         "latest_model_id": tags.get(layout.TAG_LATEST),
-        "best_epoch": best,
+        "best_epoch": best.epoch if best is not None else None,
+        "best_step": best.key if best is not None and stepped else None,
         "best_model_id": tags.get(layout.TAG_BEST) if best is not None else None,
         "monitor": monitor,
-        "best_value": committed[best].metrics.get(monitor or "") if best is not None else None,
+        "best_value": best.metrics.get(monitor or "") if best is not None else None,
         "size_bytes": size,
     }
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from tracking import layout
 from tracking.cli.inspect import is_epoch, json_option, refuse_checkpoint_of_pinned, source_argument
 from tracking.cli.noise import muted
 from tracking.cli.server import connect
@@ -36,7 +37,7 @@ def _check_selector(ctx: click.Context, param: click.Parameter, value: str) -> s
     default="latest",
     show_default=True,
     callback=_check_selector,
-    help="latest, best, an epoch number, or state_dict (the run's state dict).",
+    help="latest, best, an epoch number (a step in a run keyed by step), or state_dict (the run's state dict).",
 )
 @click.option(
     "--to", "to", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write into."
@@ -143,9 +144,9 @@ def gc(
             {
                 "run_id": run_id,
                 "dry_run": dry_run,
-                "deleted": [{"epoch": c.epoch, "model_id": c.model_id} for c in doomed],
+                "deleted": [{"epoch": c.epoch, c.keyed_by: c.key, "model_id": c.model_id} for c in doomed],
                 "kept_registered": [
-                    {"epoch": c.epoch, "model_id": c.model_id, "versions": versions}
+                    {"epoch": c.epoch, c.keyed_by: c.key, "model_id": c.model_id, "versions": versions}
                     for c, versions in report.registered
                 ],
             }
@@ -153,7 +154,7 @@ def gc(
         return
     verb = "would delete" if dry_run else "deleted"
     for checkpoint in doomed:
-        click.echo(f"{verb} epoch {checkpoint.epoch} ({checkpoint.model_id})")
+        click.echo(f"{verb} {layout.label(checkpoint.keyed_by, checkpoint.key)} ({checkpoint.model_id})")
     for checkpoint, versions in report.registered:
         click.echo(registered_line(checkpoint, versions))
     done = "would be deleted (dry run: nothing changed)" if dry_run else "deleted"
@@ -167,7 +168,7 @@ def gc(
     "--checkpoint",
     default="best",
     show_default=True,
-    help="latest, best or an epoch number (a models:/<model_id> RUN names one already).",
+    help="latest, best or an epoch number (a step in a run keyed by step; a models:/<model_id> RUN names one).",
 )
 @click.option("--alias", help="Point this alias of NAME at the new version (e.g. champion).")
 @json_option

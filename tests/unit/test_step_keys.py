@@ -1,0 +1,132 @@
+"""A run whose checkpoints are keyed by global step (a training that saves every N steps).
+
+The integrations set ``keyed_by="step"`` on what they commit; here the core is driven directly
+through the same commit, so that naming, listing, picking, retention, the CLI and the run's
+description are proved on their own.
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+import tracking
+from pipelines.models import Model
+from tracking import catalog, layout, note
+from tracking.catalog import LoggedCheckpoint
+from tracking.checkpoint import snapshot_checkpoint
+from tracking.cli import main
+from tracking.commit import commit_checkpoint
+from tracking.errors import NotFoundError, TrackingError
+from tracking.run import open_run
+
+
+def log_by_step(run_id: str, model: Model, *, step: int, epoch: int, val_loss: float) -> LoggedCheckpoint:
+    optimizer = torch.optim.Adam(model.parameters())
+    snapshot = snapshot_checkpoint(
+        model, optimizer, epoch=epoch, step=step, metrics={"val_loss": val_loss}, monitor="val_loss"
+    )
+    snapshot.manifest.keyed_by = layout.STEP
+    return commit_checkpoint(open_run(run_id), snapshot)
+
+
+def three_steps(model: Model) -> str:
+    """A run with checkpoints at steps 500, 1000 (the best) and 1500; its ID."""
+    with mlflow.start_run() as run:
+        for step, epoch, loss in ((500, 0, 0.5), (1000, 0, 0.3), (1500, 1, 0.4)):
+            log_by_step(run.info.run_id, model, step=step, epoch=epoch, val_loss=loss)
+    return run.info.run_id
+
+
+def test_a_run_saved_by_step_names_lists_and_picks_its_checkpoints_by_step(experiment: str) -> None:
+    model = Model(6)
+    run_id = three_steps(model)
+
+    listed = tracking.list_checkpoints(run_id)
+    assert [c.path for c in listed] == [f"checkpoint-step-{step:08d}" for step in (500, 1000, 1500)]
+    assert [(c.keyed_by, c.key, c.epoch, c.step) for c in listed] == [
+        ("step", 500, 0, 500),
+        ("step", 1000, 0, 1000),
+        ("step", 1500, 1, 1500),
+    ]
+    tags = MlflowClient().get_run(run_id).data.tags
+    assert tags[layout.TAG_LATEST_STEP] == "1500" and layout.TAG_LATEST_EPOCH not in tags
+    assert tags[layout.TAG_LATEST] == listed[2].model_id and tags[layout.TAG_BEST] == listed[1].model_id
+
+    assert tracking.find_checkpoint(run_id).manifest.step == 1500
+    assert tracking.find_checkpoint(run_id, "best").manifest.step == 1000
+    assert tracking.find_checkpoint(run_id, 500).model_id == listed[0].model_id  # an int is the run's key: a step
+    assert tracking.find_checkpoint(run_id, "1000").model_id == listed[1].model_id
+    assert tracking.find_checkpoint(run_id, step=1500).model_id == listed[2].model_id
+    loaded = tracking.load(run_id, 1000)
+    assert (loaded.epoch, loaded.step, loaded.model_id) == (0, 1000, listed[1].model_id)
+    saved, restored = model.state_dict(), loaded.model.state_dict()
+    assert all(torch.equal(saved[name], restored[name]) for name in saved)
+
+    with pytest.raises(NotFoundError) as missing:
+        tracking.find_checkpoint(run_id, 1)  # epoch 1 exists, but this run picks by step
+    assert f"run {run_id}: no committed checkpoint for step 1; committed steps: 500, 1000, 1500." in str(missing.value)
+
+
+def test_a_step_is_found_by_search_when_the_run_has_no_pointer_tags(experiment: str) -> None:
+    run_id = three_steps(Model(6))
+    client = MlflowClient()
+    for tag in (layout.TAG_LATEST, layout.TAG_LATEST_STEP, layout.TAG_BEST):
+        client.delete_tag(run_id, tag)
+    assert tracking.find_checkpoint(run_id, 1000).manifest.step == 1000
+    assert tracking.find_checkpoint(run_id).manifest.step == 1500
+
+
+def test_relogging_a_step_replaces_its_checkpoint(experiment: str) -> None:
+    model = Model(6)
+    with mlflow.start_run() as run:
+        first = log_by_step(run.info.run_id, model, step=500, epoch=0, val_loss=0.5)
+        again = log_by_step(run.info.run_id, model, step=500, epoch=0, val_loss=0.25)
+    (only,) = tracking.list_checkpoints(run.info.run_id)
+    assert only.model_id == again.model_id != first.model_id and only.metrics["val_loss"] == 0.25
+
+
+def test_a_run_keeps_one_kind_of_key_and_a_refused_save_stores_nothing(experiment: str) -> None:
+    model = Model(6)
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, epoch=1)
+        with pytest.raises(TrackingError) as refused:
+            log_by_step(run.info.run_id, model, step=500, epoch=1, val_loss=0.5)
+    message = str(refused.value)
+    assert f"run {run.info.run_id} keys its checkpoints by epoch" in message and "new run" in message
+    handle = open_run(run.info.run_id)
+    assert [m.name for m in catalog.search(handle, status=None)] == ["checkpoint-epoch-0001"]
+
+
+def test_gc_keeps_the_newest_steps_and_says_steps(experiment: str) -> None:
+    run_id = three_steps(Model(6))
+    result = CliRunner().invoke(main, ["gc", run_id, "--keep-last", "2", "--force"])
+    assert result.exit_code == 0, result.output
+    assert "deleted step 500 (" in result.output
+    assert [c.key for c in tracking.list_checkpoints(run_id)] == [1000, 1500]
+
+
+def test_the_description_and_the_cli_name_steps(experiment: str) -> None:
+    run_id = three_steps(Model(6))
+    listed = tracking.list_checkpoints(run_id)
+    noted = {c.key: note.NotedCheckpoint(str(c.model_id), c.metrics) for c in listed if c.key is not None}
+    tags = MlflowClient().get_run(run_id).data.tags
+    description = note.describe_run(run_id, listed[-1].manifest, noted, tags, monitor="val_loss")[note.NOTE_TAG]
+    assert "| step | model ID |" in description and "# exactly step 1500" in description
+    assert "| 1500 |" in description and "| 500 |" in description
+
+    runs = CliRunner().invoke(main, ["runs", "--experiment", f"unit-{experiment}", "--json"])
+    assert runs.exit_code == 0, runs.output
+    (summary,) = json.loads(runs.output)
+    assert (summary["keyed_by"], summary["latest_step"], summary["latest_epoch"]) == ("step", 1500, 1)
+    assert (summary["best_step"], summary["best_epoch"]) == (1000, 0)
+    table = CliRunner().invoke(main, ["runs", "--experiment", f"unit-{experiment}"], terminal_width=200)
+    assert "step 1500" in table.output and "step 1000 val_loss=0.3" in table.output
+
+    rows = CliRunner().invoke(main, ["checkpoints", run_id, "--json"])
+    assert [(c["epoch"], c["step"]) for c in json.loads(rows.output)] == [(0, 500), (0, 1000), (1, 1500)]
