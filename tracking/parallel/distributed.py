@@ -16,6 +16,7 @@ import functools
 import os
 import pickle
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from torch import nn
@@ -23,6 +24,12 @@ from torch import nn
 from tracking.errors import TrackingError
 
 T = TypeVar("T")
+
+# How long a rank waits in the coordination group for rank 0's step. A synchronous save holds the
+# other ranks for as long as its upload takes (hours for a checkpoint of hundreds of GB), longer than
+# torch's default of 30 minutes. A dead or silent endpoint still ends the step in about 30 s (the
+# library's own request bounds), and torchrun ends the job when a rank dies.
+COORDINATION_TIMEOUT = timedelta(hours=24)
 
 
 def active() -> bool:
@@ -88,7 +95,7 @@ def _group(_world: int) -> Any:
     # Cached per default group: a test that destroys and re-creates the process group gets a new one.
     import torch.distributed as dist
 
-    return dist.new_group(backend="gloo")
+    return dist.new_group(backend="gloo", timeout=COORDINATION_TIMEOUT)
 
 
 def on_rank0(step: Callable[[], T]) -> T:
