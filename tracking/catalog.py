@@ -119,6 +119,8 @@ def create(handle: RunHandle, manifest: Manifest) -> StoredCheckpoint:
 
 def refuse_mixed_keys(handle: RunHandle, keyed_by: str) -> None:
     """Raise when the run's committed checkpoints are keyed by something else than ``keyed_by``."""
+    if not handle.tags:
+        handle.refresh_tags()  # a writer's handle opened without them (log_checkpoint reuses one)
     recorded = layout.keyed_by_of(handle.tags)
     if recorded is not None and recorded != keyed_by:
         raise TrackingError(

@@ -6,10 +6,6 @@ Where each file goes is :mod:`tracking.layout`'s business, and how a checkpoint 
 
 from __future__ import annotations
 
-import math
-import numbers
-import posixpath
-import re
 from collections.abc import Mapping
 from concurrent.futures import Future
 from typing import Any, Literal, overload
@@ -23,6 +19,7 @@ from tracking.commit import CheckpointSnapshot, commit_checkpoint
 from tracking.config import TrackingConfig
 from tracking.errors import IntegrityError, NotFoundError, TrackingError
 from tracking.manifest import FORMAT_VERSION, SHARDED_KIND, Manifest, now, versions
+from tracking.metrics import check_metrics
 from tracking.parallel import distributed
 from tracking.parallel.collective import commit
 from tracking.payload import TorchSave, check_loadable
@@ -32,9 +29,6 @@ from tracking.saver import background_saver, raise_background_errors
 # log_checkpoint's monitor when none is given and the metrics have it (minimised, as the Checkpointer does).
 DEFAULT_MONITOR = "val_loss"
 MAX_INT64 = 2**63 - 1
-# MLflow's rule for metric names (mlflow.utils.validation), checked on the client side before the upload.
-MAX_METRIC_NAME = 250
-_METRIC_NAME = re.compile(r"[/\w.\- :]*")
 
 
 def log_state_dict(
@@ -149,6 +143,7 @@ def log_checkpoint(
     *,
     epoch: int,
     step: int | None = None,
+    keyed_by: str = layout.EPOCH,
     scheduler: Any = None,
     scaler: Any = None,
     metrics: Mapping[str, float] | None = None,
@@ -171,6 +166,7 @@ def log_checkpoint(
     *,
     epoch: int,
     step: int | None = None,
+    keyed_by: str = layout.EPOCH,
     scheduler: Any = None,
     scaler: Any = None,
     metrics: Mapping[str, float] | None = None,
@@ -192,6 +188,7 @@ def log_checkpoint(
     *,
     epoch: int,
     step: int | None = None,
+    keyed_by: str = layout.EPOCH,
     scheduler: Any = None,
     scaler: Any = None,
     metrics: Mapping[str, float] | None = None,
@@ -213,6 +210,9 @@ def log_checkpoint(
     written last, then the model is marked READY; the run's ``latest`` tag (and ``best``, when
     ``monitor`` is given) move only then, and ``metrics`` are logged against the model and the
     run at step = ``epoch``, as ``mlflow.log_metrics(..., model_id=)`` does: do not log them again.
+    ``keyed_by="step"`` keys the checkpoint by ``step`` instead of ``epoch`` (a training that saves
+    every N steps): its name, "latest" and ``checkpoint=<int>`` then go by step, in a run whose
+    checkpoints are all keyed so.
     Without ``monitor``, metrics holding ``val_loss`` make it the monitor (with ``mode``, "min").
     The result's ``uri`` (``models:/<model_id>``) loads exactly this checkpoint.
 
@@ -235,6 +235,7 @@ def log_checkpoint(
         optimizer,
         epoch=epoch,
         step=step,
+        keyed_by=keyed_by,
         scheduler=scheduler,
         scaler=scaler,
         metrics=metrics,
@@ -269,6 +270,7 @@ def snapshot_checkpoint(
     *,
     epoch: int,
     step: int | None = None,
+    keyed_by: str = layout.EPOCH,
     scheduler: Any = None,
     scaler: Any = None,
     metrics: Mapping[str, float] | None = None,
@@ -292,6 +294,8 @@ def snapshot_checkpoint(
         raise ValueError(f"epoch must be a non-negative int of at most {MAX_INT64} (int64), got {epoch!r}")
     if step is not None and (isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_INT64):
         raise ValueError(f"step must be a non-negative int of at most {MAX_INT64} (int64), got {step!r}")
+    if keyed_by not in layout.KEYS or (keyed_by == layout.STEP and step is None):
+        raise ValueError(f"keyed_by must be 'epoch', or 'step' with step= given; got {keyed_by!r}, step={step!r}")
     if mode not in layout.MODES:
         raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
     clean_metrics = check_metrics(metrics)
@@ -343,6 +347,7 @@ def snapshot_checkpoint(
         model=spec.describe_model(model, model_kwargs),
         epoch=epoch,
         step=step,
+        keyed_by=keyed_by,
         metrics=clean_metrics,
         optimizer=spec.describe_optimizer(optimizer, model) if optimizer is not None else None,
         scheduler=spec.describe_scheduler(scheduler, scheduler_kwargs) if scheduler is not None else None,
@@ -355,44 +360,6 @@ def snapshot_checkpoint(
         # Rank 0 writes a replicated model's checkpoint; the other ranks only hand it their rank_state.
         payload = {}
     return CheckpointSnapshot(payload, manifest, monitor, mode, None if sharded else rank_state)
-
-
-def check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
-    if metrics is not None and not isinstance(metrics, Mapping):
-        raise TypeError(f"metrics must be a mapping of name -> number, got {type(metrics).__name__}")
-    out: dict[str, float] = {}
-    for name, value in (metrics or {}).items():
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
-        try:
-            number = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else math.nan
-        except OverflowError:  # an int beyond float range
-            number = math.nan
-        if not math.isfinite(number):
-            raise ValueError(f"metric {name!r} must be a finite number, got {value!r}")
-        problem = metric_name_problem(str(name))
-        if problem is not None:
-            raise ValueError(f"metric name {str(name)[:100]!r} {problem}; rename it in metrics=")
-        out[str(name)] = number
-    return out
-
-
-def metric_name_problem(name: str) -> str | None:
-    """Why MLflow would refuse ``name`` as a metric name (None when it takes it).
-
-    Checked before anything is stored: MLflow's refusal would come after the whole upload,
-    as a tracking-server error that no retry fixes.
-    """
-    if not name:
-        return "is empty"
-    if len(name) > MAX_METRIC_NAME:
-        return f"is {len(name)} characters long, more than the {MAX_METRIC_NAME} MLflow accepts"
-    if not _METRIC_NAME.fullmatch(name):
-        return "holds characters MLflow refuses: use letters, digits, _ - . / : and spaces"
-    normal = posixpath.normpath(name)
-    if normal != name or normal.startswith(("..", "/")):
-        return f"is a path that MLflow refuses (it would resolve to {normal!r})"
-    return None
 
 
 def _check_model(model: Any) -> None:

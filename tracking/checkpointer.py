@@ -14,11 +14,12 @@ from torch import nn
 
 from tracking import catalog, layout, note, registry
 from tracking.catalog import LoggedCheckpoint
-from tracking.checkpoint import check_metrics, snapshot_checkpoint
+from tracking.checkpoint import snapshot_checkpoint
 from tracking.commit import CheckpointSnapshot, Describe, commit_checkpoint
 from tracking.config import TrackingConfig
 from tracking.errors import TrackingError, one_line
 from tracking.manifest import SHARDED_KIND, Manifest
+from tracking.metrics import check_metrics
 from tracking.parallel import distributed
 from tracking.parallel.collective import commit
 from tracking.run import RunHandle, open_run, target_run_id
@@ -57,7 +58,11 @@ class Retention:
 
 
 class Checkpointer:
-    """Saves every ``every_n_epochs`` epochs and keeps the last N and the best K checkpoints.
+    """Saves every ``every_n_epochs`` epochs (or ``every_n_steps`` steps) and keeps the last N and the best K.
+
+    With ``every_n_steps``, :meth:`save` takes the global ``step`` and the checkpoints are keyed
+    by it (``checkpoint-step-00001500``: named, ordered and picked by step), for a training
+    whose epochs are too long to checkpoint only at their end.
 
     A checkpoint outside both sets is deleted (manifest first, then data, then its logged
     model) right after the next one commits; the latest checkpoint is always kept, and
@@ -89,15 +94,20 @@ class Checkpointer:
         on_busy: str = "wait",
         describe_run: bool = True,
         commands: Sequence[str] = (),
+        every_n_steps: int | None = None,
     ) -> None:
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1 or None, got {every_n_steps}")
         for name, value in (("keep_last", keep_last), ("keep_best", keep_best)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
         if mode not in layout.MODES:
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         self.every_n_epochs = every_n_epochs
+        self.every_n_steps = every_n_steps
+        self.keyed_by = layout.EPOCH if every_n_steps is None else layout.STEP
         self.keep_last = keep_last
         self.keep_best = keep_best
         self.monitor = monitor
@@ -116,8 +126,12 @@ class Checkpointer:
         self._saver = AsyncSaver(on_busy) if async_save else None
         self._pinned = 0  # bytes of pinned host memory reserved for async snapshots
 
-    def should_save(self, epoch: int) -> bool:
-        return epoch % self.every_n_epochs == 0
+    def should_save(self, epoch: int, step: int | None = None) -> bool:
+        if self.every_n_steps is None:
+            return epoch % self.every_n_epochs == 0
+        if step is None:
+            raise ValueError(f"Checkpointer(every_n_steps={self.every_n_steps}) saves by step: pass step= to save()")
+        return step % self.every_n_steps == 0
 
     def save(
         self,
@@ -135,7 +149,7 @@ class Checkpointer:
         model_kwargs: Mapping[str, Any] | None = None,
         scheduler_kwargs: Mapping[str, Any] | None = None,
     ) -> LoggedCheckpoint | Future[LoggedCheckpoint] | None:
-        """Log a checkpoint if ``epoch`` is due (or ``force``), then apply retention.
+        """Log a checkpoint if ``epoch`` (``step``, with ``every_n_steps``) is due, or ``force``; then apply retention.
 
         The arguments mean what they mean for :func:`tracking.log_checkpoint`; the run, the
         config and the monitored metric are the Checkpointer's own, set when it is made.
@@ -143,7 +157,7 @@ class Checkpointer:
         Under ``torchrun`` every rank calls it, as :func:`tracking.log_checkpoint` says; rank 0
         alone talks to MLflow and applies retention.
         """
-        if not (force or self.should_save(epoch)):
+        if not (force or self.should_save(epoch, step)):
             if self._saver is not None:
                 # Between saves: the pinned memory the next snapshot needs gets ready off the loop's path.
                 state = (model.state_dict(), optimizer.state_dict() if optimizer is not None else None)
@@ -166,6 +180,7 @@ class Checkpointer:
             monitor=self.monitor if self.monitor in clean else None,
             mode=self.mode,
             step=step,
+            keyed_by=self.keyed_by,
             scheduler=scheduler,
             scaler=scaler,
             extra=extra,

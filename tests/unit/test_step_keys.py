@@ -1,8 +1,9 @@
 """A run whose checkpoints are keyed by global step (a training that saves every N steps).
 
-The integrations set ``keyed_by="step"`` on what they commit; here the core is driven directly
-through the same commit, so that naming, listing, picking, retention, the CLI and the run's
-description are proved on their own.
+The integrations commit what their frameworks save with ``keyed_by="step"``; here the public
+calls (``log_checkpoint(keyed_by="step")``, ``Checkpointer(every_n_steps=)``) drive the same
+commit, so that naming, listing, picking, retention, the CLI and the run's description are
+proved on their own.
 """
 
 from __future__ import annotations
@@ -19,20 +20,17 @@ import tracking
 from pipelines.models import Model
 from tracking import catalog, layout, note
 from tracking.catalog import LoggedCheckpoint
-from tracking.checkpoint import snapshot_checkpoint
 from tracking.cli import main
-from tracking.commit import commit_checkpoint
 from tracking.errors import NotFoundError, TrackingError
 from tracking.run import open_run
 
 
 def log_by_step(run_id: str, model: Model, *, step: int, epoch: int, val_loss: float) -> LoggedCheckpoint:
     optimizer = torch.optim.Adam(model.parameters())
-    snapshot = snapshot_checkpoint(
-        model, optimizer, epoch=epoch, step=step, metrics={"val_loss": val_loss}, monitor="val_loss"
+    metrics = {"val_loss": val_loss}
+    return tracking.log_checkpoint(
+        model, optimizer, epoch=epoch, step=step, metrics=metrics, keyed_by="step", run_id=run_id
     )
-    snapshot.manifest.keyed_by = layout.STEP
-    return commit_checkpoint(open_run(run_id), snapshot)
 
 
 def three_steps(model: Model) -> str:
@@ -130,3 +128,29 @@ def test_the_description_and_the_cli_name_steps(experiment: str) -> None:
 
     rows = CliRunner().invoke(main, ["checkpoints", run_id, "--json"])
     assert [(c["epoch"], c["step"]) for c in json.loads(rows.output)] == [(0, 500), (0, 1000), (1, 1500)]
+
+
+def test_a_checkpointer_saving_every_n_steps_keys_and_retains_by_step(experiment: str) -> None:
+    model = Model(6)
+    checkpointer = tracking.Checkpointer(every_n_steps=4, keep_last=2, monitor="val_loss")
+    with mlflow.start_run() as run:
+        saved = [
+            step
+            for step in range(1, 15)
+            if checkpointer.save(model, epoch=step // 6, step=step, metrics={"val_loss": 1 / step}) is not None
+        ]
+        with pytest.raises(ValueError, match="saves by step: pass step="):
+            checkpointer.save(model, epoch=3)
+    assert saved == [4, 8, 12]
+    assert [(c.path, c.epoch) for c in tracking.list_checkpoints(run.info.run_id)] == [
+        ("checkpoint-step-00000008", 1),
+        ("checkpoint-step-00000012", 2),
+    ]
+    assert tracking.find_checkpoint(run.info.run_id, "best").manifest.step == 12
+
+
+def test_keyed_by_step_needs_a_step() -> None:
+    with pytest.raises(ValueError, match="keyed_by must be 'epoch', or 'step' with step= given"):
+        tracking.log_checkpoint(Model(6), epoch=1, keyed_by="step")
+    with pytest.raises(ValueError, match="keyed_by must be"):
+        tracking.log_checkpoint(Model(6), epoch=1, step=3, keyed_by="batch")
