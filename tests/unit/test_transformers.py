@@ -25,7 +25,7 @@ from pipelines import data
 from pipelines.hf_model import DigitsClassifier, DigitsConfig, Examples, accuracy
 from tracking import layout
 from tracking.cli import main
-from tracking.errors import StorageError
+from tracking.errors import StorageError, TrackingError
 from tracking.integrations import transformers as integration
 from tracking.integrations.transformers import TrackingCallback, checkpoint_folder
 from tracking.integrations.transformers import callback as hf_callback
@@ -89,6 +89,29 @@ def make_trainer(
         compute_metrics=accuracy,
         callbacks=callbacks,
     )
+
+
+def by_steps(every: int) -> dict[str, Any]:
+    """Settings for a save, an evaluation and a loss log every ``every`` global steps (HF's usual pairing)."""
+    return {
+        "save_strategy": "steps",
+        "save_steps": every,
+        "eval_strategy": "steps",
+        "eval_steps": every,
+        "logging_strategy": "steps",
+        "logging_steps": every,
+    }
+
+
+class StopAtStep(TrainerCallback):  # type: ignore[misc]
+    """Ends training after global step ``step`` of a longer schedule: a job killed mid-epoch."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step >= self.step:
+            control.should_training_stop = True
 
 
 def sha256(path: Path) -> str:
@@ -315,11 +338,32 @@ def test_files_are_staged_so_the_trainer_rotation_cannot_take_them_mid_upload(
     assert [c.epoch for c in tracking.list_checkpoints(run.info.run_id)] == [2]
 
 
-def test_other_save_strategies_are_refused_with_the_fix(s3_experiment: str, split: data.Split, tmp_path: Path) -> None:
-    with mlflow.start_run():
-        trainer = make_trainer(split, tmp_path / "out", [TrackingCallback()], save_strategy="steps", save_steps=5)
-        with pytest.raises(ValueError, match="save_strategy='epoch'"):
+@pytest.mark.parametrize(
+    ("strategy", "fix"),
+    [("no", "save_strategy='steps'"), ("best", "save_strategy='steps'")],
+)
+def test_other_save_strategies_are_refused_with_the_fix(
+    s3_experiment: str, split: data.Split, tmp_path: Path, strategy: str, fix: str
+) -> None:
+    with mlflow.start_run() as run:
+        trainer = make_trainer(
+            split, tmp_path / "out", [TrackingCallback()], save_strategy=strategy, metric_for_best_model="loss"
+        )
+        with pytest.raises(ValueError, match=f"save_strategy={strategy!r}") as refused:
             trainer.train()
+    message = str(refused.value)
+    assert fix in message and "\n" not in message
+    assert trainer.state.global_step == 0 and tracking.list_checkpoints(run.info.run_id) == []
+
+
+def test_every_n_epochs_with_save_strategy_steps_is_refused_with_the_fix(
+    s3_experiment: str, split: data.Split, tmp_path: Path
+) -> None:
+    with mlflow.start_run():
+        trainer = make_trainer(split, tmp_path / "out", [TrackingCallback(every_n_epochs=2)], **by_steps(5))
+        with pytest.raises(ValueError, match="every_n_epochs=2") as refused:
+            trainer.train()
+    assert "save_steps" in str(refused.value) and trainer.state.global_step == 0
 
 
 def test_every_n_epochs_saves_only_due_epochs_and_the_last(
@@ -391,3 +435,136 @@ def test_a_resumed_training_mirrors_the_folder_materialised_from_the_run(
     # whose folder this machine never had, is not the rotation's to delete.
     assert not Path(folder).exists()
     assert [c.epoch for c in tracking.list_checkpoints(run_id)] == [1, 3]
+
+
+# -- save_strategy="steps": each save keyed by its global step -------------------------------------------------
+# 256 rows in batches of 32: 8 steps an epoch, 24 in 3 epochs. A save every 5 steps lands mid-epoch (5, 10, 15,
+# 20) and the Trainer saves the last step (24) too.
+
+
+def test_save_strategy_steps_logs_each_save_keyed_by_its_global_step(
+    s3_experiment: str, split: data.Split, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", mlflow.get_experiment_by_name("unit-s3").experiment_id)
+    out = tmp_path / "out"
+    trainer = make_trainer(split, out, [TrackingCallback()], report_to="mlflow", **by_steps(5))
+    trainer.train()
+    run_id = mlflow.search_runs(output_format="list")[0].info.run_id
+    found = tracking.list_checkpoints(run_id)
+    assert [c.step for c in found] == [5, 10, 15, 20, 24]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == sorted(f"checkpoint-{c.step}" for c in found)
+    # The epochs completed at each save, as the Trainer counts them when it resumes from that folder.
+    assert [c.epoch for c in found] == [0, 1, 1, 2, 3]
+    assert [(c.keyed_by, c.key) for c in found] == [("step", c.step) for c in found]
+    assert [c.manifest.keyed_by for c in found] == ["step"] * 5
+    client = mlflow.MlflowClient()
+    for checkpoint in found:
+        folder = out / f"checkpoint-{checkpoint.step}"
+        assert client.get_logged_model(str(checkpoint.model_id)).name == layout.checkpoint_name(
+            checkpoint.step, layout.STEP
+        )
+        assert set(checkpoint.manifest.files) == {p.name for p in folder.iterdir()} >= FILES
+        for name, stored in checkpoint.manifest.files.items():
+            assert (stored.size, stored.sha256) == ((folder / name).stat().st_size, sha256(folder / name))
+        logged = {e["step"]: e for e in trainer.state.log_history if "eval_loss" in e}[checkpoint.step]
+        assert checkpoint.metrics["eval_loss"] == logged["eval_loss"]
+        # Charted at the global step, where the Trainer's own MLflow logging puts the same keys.
+        model_steps = {m.key: m.step for m in client.get_logged_model(str(checkpoint.model_id)).metrics}
+        assert model_steps["eval_loss"] == checkpoint.step, model_steps
+    assert {m.step for m in client.get_metric_history(run_id, "eval_loss")} == {5, 10, 15, 20, 24}
+    tags = mlflow.get_run(run_id).data.tags
+    assert tags[layout.TAG_LATEST] == found[-1].model_id and tags[layout.TAG_LATEST_STEP] == "24"
+    assert "step 24" in tags["mlflow.note.content"] and "checkpoint_folder" in tags["mlflow.note.content"]
+    # tracking.load and the selectors: an int is a global step in a run keyed by step.
+    expected = weights(trainer.model)
+    loaded = tracking.load(run_id)
+    assert isinstance(loaded.model, DigitsClassifier) and (loaded.epoch, loaded.step) == (3, 24)
+    assert all(torch.equal(loaded.model.state_dict()[k], expected[k]) for k in expected)
+    assert tracking.load(run_id, 10).step == 10
+    native = DigitsClassifier.from_pretrained(checkpoint_folder(run_id, 15, output_dir=tmp_path / "native"))
+    assert all(torch.equal(native.state_dict()[k], v) for k, v in tracking.load(run_id, 15).model.state_dict().items())
+
+
+def test_save_strategy_steps_mirrors_save_total_limit_and_the_best_checkpoint(
+    s3_experiment: str, split: data.Split, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    with mlflow.start_run() as run:
+        trainer = make_trainer(
+            split,
+            out,
+            [Scores([0.1, 0.2, 0.3, 0.9, 0.5]), TrackingCallback()],
+            save_total_limit=2,
+            metric_for_best_model="score",
+            greater_is_better=True,
+            load_best_model_at_end=True,
+            **by_steps(5),
+        )
+        trainer.train()
+    kept = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert kept == [20, 24]  # the Trainer kept the best (step 20) and the last
+    run_id = run.info.run_id
+    found = {c.key: c for c in tracking.list_checkpoints(run_id)}
+    assert sorted(found) == [20, 24]
+    tags = mlflow.get_run(run_id).data.tags
+    assert tags[layout.TAG_BEST] == found[20].model_id and tags[layout.TAG_LATEST] == found[24].model_id
+    assert (tags[layout.TAG_MONITOR], tags[layout.TAG_MODE]) == ("eval_score", "max")
+    assert tracking.find_checkpoint(run_id, "best").manifest.step == 20
+    assert Path(checkpoint_folder(run_id, "best", output_dir=tmp_path / "best")) == tmp_path / "best" / "checkpoint-20"
+    # No logged model left behind for the steps the Trainer rotated out, steps 10 and 15 of one epoch among them.
+    models = mlflow.MlflowClient().search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert sorted(m.name for m in models) == [layout.checkpoint_name(k, layout.STEP) for k in (20, 24)]
+
+
+def test_save_strategy_steps_resumes_mid_epoch_from_a_run_id_as_the_straight_run(
+    s3_experiment: str, split: data.Split, tmp_path: Path
+) -> None:
+    settings = {**by_steps(5), "logging_steps": 1}  # every step's loss: the whole curve is compared
+    straight = make_trainer(split, tmp_path / "straight", [], **settings)
+    straight.train()
+    with mlflow.start_run() as run:
+        # Killed at step 12: its last save is step 10, two steps into the second epoch.
+        make_trainer(split, tmp_path / "first", [StopAtStep(12), TrackingCallback()], **settings).train()
+    run_id = run.info.run_id
+    assert [c.step for c in tracking.list_checkpoints(run_id)] == [5, 10]
+    elsewhere = tmp_path / "elsewhere"
+    assert Path(checkpoint_folder(run_id, 5, output_dir=tmp_path / "five")) == tmp_path / "five" / "checkpoint-5"
+    folder = checkpoint_folder(run_id, output_dir=elsewhere)
+    assert Path(folder) == elsewhere / "checkpoint-10"
+    resumed = make_trainer(split, elsewhere, [TrackingCallback(run_id=run_id)], **settings)
+    resumed.train(resume_from_checkpoint=folder)
+    assert len(losses(straight)) == 24 and losses(resumed) == losses(straight)
+    final, expected = weights(resumed.model), weights(straight.model)
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    found = tracking.list_checkpoints(run_id)
+    assert [(c.step, c.epoch) for c in found] == [(5, 0), (10, 1), (15, 1), (20, 2), (24, 3)]
+    loaded = tracking.load(run_id)
+    assert all(torch.equal(loaded.model.state_dict()[k], expected[k]) for k in expected)
+
+
+def test_a_run_keyed_by_epoch_is_not_continued_by_steps(s3_experiment: str, split: data.Split, tmp_path: Path) -> None:
+    with mlflow.start_run() as run:
+        make_trainer(split, tmp_path / "first", [TrackingCallback()], epochs=1).train()
+    run_id = run.info.run_id
+    trainer = make_trainer(split, tmp_path / "second", [TrackingCallback(run_id=run_id)], **by_steps(5))
+    with pytest.raises(TrackingError, match=f"run {run_id}") as refused:
+        trainer.train()
+    message = str(refused.value)
+    assert "keyed by epoch" in message and "new run" in message and "\n" not in message
+    assert trainer.state.global_step == 0
+    assert [(c.keyed_by, c.epoch) for c in tracking.list_checkpoints(run_id)] == [("epoch", 1)]
+
+
+def test_a_resumed_training_by_steps_mirrors_the_folder_materialised_from_the_run(
+    s3_experiment: str, split: data.Split, tmp_path: Path
+) -> None:
+    with mlflow.start_run() as run:
+        make_trainer(split, tmp_path / "first", [StopAtStep(12), TrackingCallback()], **by_steps(5)).train()
+    run_id = run.info.run_id
+    elsewhere = tmp_path / "elsewhere"
+    folder = checkpoint_folder(run_id, output_dir=elsewhere)
+    resumed = make_trainer(split, elsewhere, [TrackingCallback(run_id=run_id)], save_total_limit=1, **by_steps(5))
+    resumed.train(resume_from_checkpoint=folder)
+    # Step 10's folder, materialised from the run, was rotated out with its logged model; step 5's never was here.
+    assert not Path(folder).exists()
+    assert [c.step for c in tracking.list_checkpoints(run_id)] == [5, 24]

@@ -18,11 +18,11 @@ import transformers
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from tracking import note
+from tracking import layout, note
 from tracking.catalog import LoggedCheckpoint
 from tracking.commit import Describe, commit_local_files
 from tracking.config import TrackingConfig
-from tracking.errors import NotFoundError
+from tracking.errors import NotFoundError, TrackingError
 from tracking.integrations.transformers.description import (
     FORMAT,
     checkpoint_metrics,
@@ -39,17 +39,23 @@ from tracking.parallel import distributed
 from tracking.run import RunHandle, open_run, target_run_id
 from tracking.saver import AsyncSaver
 
+# The Trainer's save strategies the callback logs, and what each keys the run's checkpoints by: a save at
+# each epoch's end by its epoch, a save every save_steps (and at the last step) by its global step.
+KEYED_BY = {"epoch": layout.EPOCH, "steps": layout.STEP}
+
 
 class TrackingCallback(TrainerCallback):  # type: ignore[misc]
     """Logs each checkpoint folder the Trainer saves as a checkpoint logged model of the MLflow run.
 
     The run is ``run_id``, else the active MLflow run (the one the Trainer's own MLflow
-    integration starts, when ``report_to`` includes ``"mlflow"``). Needs
-    ``save_strategy="epoch"``: checkpoints are keyed by epoch (``every_n_epochs`` saves only
-    every N epochs, and the last). ``metric_for_best_model`` (``greater_is_better``) moves the
-    run's best tag. ``async_upload=False`` commits before ``on_save`` returns. A failed upload
-    raises at the next save or at the end of training. ``commands`` (``{run_id}`` filled in)
-    add shell lines to the run's description, ``describe_run=False`` leaves it alone.
+    integration starts, when ``report_to`` includes ``"mlflow"``). ``save_strategy="steps"`` (the
+    Trainer's default) keys each checkpoint by its global step (``checkpoint-step-00001500``; its
+    manifest also records the epochs completed), ``save_strategy="epoch"`` by its epoch
+    (``every_n_epochs`` saves only every N epochs, and the last); a run holds one kind, and other
+    strategies are refused. ``metric_for_best_model`` (``greater_is_better``) moves the run's best
+    tag. ``async_upload=False`` commits before ``on_save`` returns. A failed upload raises at the
+    next save or at the end of training. ``commands`` (``{run_id}`` filled in) add shell lines to
+    the run's description, ``describe_run=False`` leaves it alone.
 
     Under torchrun (DDP) every rank has the callback: rank 0 alone talks to MLflow, each save's
     checkpoint holds every rank's RNG state (``rng_state_<rank>.pth``, sent to rank 0), and an
@@ -78,6 +84,7 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
         self._rotation = RotationMirror()
         self._pending: list[Future[LoggedCheckpoint]] = []
         self._evaluated: tuple[int, dict[str, Any]] = (-1, {})
+        self._keyed_by = layout.EPOCH
 
     # -- the Trainer's events --------------------------------------------------------------------
 
@@ -85,12 +92,18 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
-        if strategy != "epoch":
+        if strategy not in KEYED_BY:
             raise ValueError(
-                f"TrackingCallback keys checkpoints by epoch and needs TrainingArguments(save_strategy='epoch'), "
-                f"got save_strategy={strategy!r}; set save_strategy='epoch' (and eval_strategy='epoch' for "
-                "metrics per checkpoint)."
+                f"TrackingCallback logs the checkpoints of TrainingArguments(save_strategy='steps') or 'epoch', "
+                f"got save_strategy={strategy!r}; set save_strategy='steps' with save_steps=N (keep the best with "
+                "metric_for_best_model and save_total_limit) or save_strategy='epoch'."
             )
+        if strategy != "epoch" and self.every_n_epochs != 1:
+            raise ValueError(
+                f"TrackingCallback(every_n_epochs={self.every_n_epochs}) thins the saves of save_strategy='epoch', "
+                f"got save_strategy={strategy!r}; set save_steps=N to save less often, or save_strategy='epoch'."
+            )
+        self._keyed_by = KEYED_BY[strategy]
         # The coordination group is made by every rank at the same point, before any save needs it.
         distributed.prepare()
 
@@ -98,6 +111,14 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
             self._raise_failed()
             self._handle = open_run(target_run_id(self._run_id()), self._config)
             self._rotation.load(self._handle, Path(str(args.output_dir)))
+            # The commit refuses a save keyed otherwise than the run's earlier ones; said here, before training.
+            held = layout.keyed_by_of(self._handle.tags)
+            if held is not None and held != self._keyed_by:
+                raise TrackingError(
+                    f"run {self._handle.run_id} holds checkpoints keyed by {held} and save_strategy={strategy!r} "
+                    f"keys them by {self._keyed_by}; a run holds one kind: log to a new run, or train with "
+                    f"save_strategy={_strategy_of(held)!r}."
+                )
 
         _on_process_zero(state, open_the_run)
 
@@ -105,7 +126,9 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         # The Trainer saves every epoch; between due epochs it saves nothing, so its folders and
-        # the run's logged models stay one to one.
+        # the run's logged models stay one to one. Saves by steps are thinned by save_steps alone.
+        if self._keyed_by != layout.EPOCH:
+            return
         epoch = round(state.epoch or 0)
         last = state.global_step >= state.max_steps or epoch >= math.ceil(args.num_train_epochs)
         if control.should_save and not last and epoch % self.every_n_epochs != 0:
@@ -183,8 +206,9 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
             format=FORMAT,
             files={},
             model=describe_model(model),
-            epoch=round(state.epoch or 0),
+            epoch=_epochs_completed(state, self._keyed_by),
             step=state.global_step,
+            keyed_by=self._keyed_by,
             metrics=metrics,
             optimizer=describe_optimizer(optimizer, model),
             scheduler=describe_scheduler(lr_scheduler),
@@ -245,12 +269,12 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
         return None
 
     def _describer(self, handle: RunHandle, manifest: Manifest, monitor: str | None) -> Describe:
-        epoch = manifest.epoch
-        assert epoch is not None
+        key = manifest.key
+        assert key is not None
 
         def describe(model_id: str, tags: Mapping[str, str]) -> dict[str, str]:
             noted = self._rotation.surviving()
-            noted[epoch] = note.NotedCheckpoint(model_id, dict(manifest.metrics))
+            noted[key] = note.NotedCheckpoint(model_id, dict(manifest.metrics))
             resume = [
                 "from tracking.integrations.transformers import checkpoint_folder",
                 f'trainer.train(resume_from_checkpoint=checkpoint_folder("{handle.run_id}", '
@@ -261,6 +285,17 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
             )
 
         return describe
+
+
+def _epochs_completed(state: TrainerState, keyed_by: str) -> int:
+    """The epochs completed at a save: an epoch's save comes at its end; a save by steps may come mid-epoch,
+    after the epochs the Trainer skips when it resumes from that folder."""
+    epoch = state.epoch or 0.0
+    return round(epoch) if keyed_by == layout.EPOCH else math.floor(epoch)
+
+
+def _strategy_of(keyed_by: str) -> str:
+    return next(strategy for strategy, keyed in KEYED_BY.items() if keyed == keyed_by)
 
 
 def _on_process_zero(state: TrainerState, step: Callable[[], object]) -> None:

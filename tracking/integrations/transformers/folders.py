@@ -32,8 +32,9 @@ def checkpoint_folder(
     """A run's checkpoint as the Trainer's folder ``<output_dir>/checkpoint-<step>``, for ``resume_from_checkpoint``.
 
     ``source`` and ``checkpoint`` name it as in :func:`tracking.load` (a run ID with ``"latest"``,
-    ``"best"`` or an epoch; ``models:/...``). Every file is checked against its sha256; a folder
-    already there with the same files is used as it is, one with other content is overwritten.
+    ``"best"`` or an int: the global step of a run saved by steps, else the epoch; ``models:/...``).
+    Every file is checked against its sha256; a folder already there with the same files is used as
+    it is, one with other content is overwritten.
 
     Under torchrun, every rank calls it once the Trainer is made (the Trainer starts the process
     group): rank 0 downloads first, then each other machine's first rank, then the other ranks; a

@@ -27,15 +27,17 @@ class _Logged:
 
     model_id: str
     artifact_uri: str
-    epoch: int
+    key: int
+    keyed_by: str
     metrics: dict[str, float]
 
 
 class RotationMirror:
-    """The run's checkpoints by the folder each was logged from, and every committed checkpoint by epoch."""
+    """The run's checkpoints by the folder each was logged from, and every committed checkpoint by its key
+    (its epoch, or its global step in a run keyed by step)."""
 
     def __init__(self) -> None:
-        # checkpoint folder -> the logged model of its files; epoch -> every committed checkpoint of the run.
+        # checkpoint folder -> the logged model of its files; key -> every committed checkpoint of the run.
         self._mirrored: dict[Path, _Logged] = {}
         self._noted: dict[int, note.NotedCheckpoint] = {}
 
@@ -47,8 +49,8 @@ class RotationMirror:
         """
         mirrored: dict[Path, _Logged] = {}
         noted: dict[int, note.NotedCheckpoint] = {}
-        for epoch, stored in catalog.committed(handle).items():
-            noted[epoch] = note.NotedCheckpoint(stored.model_id, stored.metrics)
+        for key, stored in catalog.committed(handle).items():
+            noted[key] = note.NotedCheckpoint(stored.model_id, stored.metrics)
             try:
                 manifest = stored.read_manifest()
             except TrackingError:
@@ -57,24 +59,27 @@ class RotationMirror:
                 continue
             folder = output_dir / f"{PREFIX}-{manifest.step}"
             if folder.is_dir():
-                mirrored[folder.resolve()] = _Logged(stored.model_id, stored.artifact_uri, epoch, stored.metrics)
+                mirrored[folder.resolve()] = _Logged(
+                    stored.model_id, stored.artifact_uri, key, stored.keyed_by, stored.metrics
+                )
         self._mirrored, self._noted = mirrored, noted
 
     def surviving(self) -> dict[int, note.NotedCheckpoint]:
-        """The run's committed checkpoints by epoch, less those whose folder the Trainer rotated out."""
-        gone = {m.epoch for folder, m in self._mirrored.items() if not folder.is_dir()}
-        return {e: c for e, c in self._noted.items() if e not in gone}
+        """The run's committed checkpoints by key, less those whose folder the Trainer rotated out."""
+        gone = {m.key for folder, m in self._mirrored.items() if not folder.is_dir()}
+        return {k: c for k, c in self._noted.items() if k not in gone}
 
     def committed(
         self, handle: RunHandle, folder: Path, logged: LoggedCheckpoint, monitor: str | None, mode: str
     ) -> None:
         """Record the checkpoint just committed, then delete the logged models whose folder the Trainer rotated out."""
-        epoch = logged.manifest.epoch
-        assert epoch is not None and logged.model_id is not None and logged.artifact_uri is not None
-        # A re-logged epoch replaced its earlier logged model (the commit deleted it).
-        self._mirrored = {f: m for f, m in self._mirrored.items() if m.epoch != epoch}
-        self._mirrored[folder] = _Logged(logged.model_id, logged.artifact_uri, epoch, dict(logged.manifest.metrics))
-        self._noted[epoch] = note.NotedCheckpoint(logged.model_id, dict(logged.manifest.metrics))
+        key, keyed_by = logged.manifest.key, logged.manifest.keyed_by
+        assert key is not None and logged.model_id is not None and logged.artifact_uri is not None
+        # A re-logged key replaced its earlier logged model (the commit deleted it).
+        self._mirrored = {f: m for f, m in self._mirrored.items() if m.key != key}
+        metrics = dict(logged.manifest.metrics)
+        self._mirrored[folder] = _Logged(logged.model_id, logged.artifact_uri, key, keyed_by, metrics)
+        self._noted[key] = note.NotedCheckpoint(logged.model_id, metrics)
         gone = {f: m for f, m in self._mirrored.items() if not f.is_dir()}
         if not gone:
             return
@@ -90,17 +95,17 @@ class RotationMirror:
                 one_line(exc)[:300],
             )
             return
-        for folder_gone, doomed in sorted(gone.items(), key=lambda item: item[1].epoch):
+        for folder_gone, doomed in sorted(gone.items(), key=lambda item: item[1].key):
             if doomed.model_id == handle.tags.get(layout.TAG_LATEST):
                 # Still the run's latest: the save that rotated it out is uploading next, and its pass deletes it.
                 continue
             if doomed.model_id in registered:
                 _log.warning(
-                    "run %s: the Trainer deleted %s, but its checkpoint (epoch %d, %s) is kept because registry "
+                    "run %s: the Trainer deleted %s, but its checkpoint (%s, %s) is kept because registry "
                     "version %s points at it.",
                     handle.run_id,
                     folder_gone.name,
-                    doomed.epoch,
+                    layout.label(doomed.keyed_by, doomed.key),
                     doomed.model_id,
                     ", ".join(registered[doomed.model_id]),
                 )
@@ -112,23 +117,23 @@ class RotationMirror:
                 catalog.delete(handle, doomed.model_id, doomed.artifact_uri)
             except TrackingError as exc:
                 _log.warning(
-                    "run %s: could not delete checkpoint %s (epoch %d), whose folder the Trainer rotated out "
+                    "run %s: could not delete checkpoint %s (%s), whose folder the Trainer rotated out "
                     "(%s); the next save retries.",
                     handle.run_id,
                     doomed.model_id,
-                    doomed.epoch,
+                    layout.label(doomed.keyed_by, doomed.key),
                     one_line(exc)[:300],
                 )
                 continue
             del self._mirrored[folder_gone]
-            self._noted.pop(doomed.epoch, None)
+            self._noted.pop(doomed.key, None)
 
     def _repoint_best(self, handle: RunHandle, doomed: _Logged, monitor: str, mode: str) -> None:
         """Point the best tag at the best checkpoint still mirrored, before the one it names goes."""
         survivors = {
-            m.epoch: m for f, m in self._mirrored.items() if f.is_dir() and m is not doomed and monitor in m.metrics
+            m.key: m for f, m in self._mirrored.items() if f.is_dir() and m is not doomed and monitor in m.metrics
         }
-        ranked = layout.best_first({e: m.metrics[monitor] for e, m in survivors.items()}, mode)
+        ranked = layout.best_first({k: m.metrics[monitor] for k, m in survivors.items()}, mode)
         if ranked:
             best = survivors[ranked[0]]
             handle.set_tags(
