@@ -1,9 +1,10 @@
 """A tiny LightningModule, its data and a fit with the integration's callback, for the Lightning integration's
 tests on the CPU (tests/unit) and on CUDA (tests/gpu): dropout and a shuffling loader, so that an exact resume
-has to restore the RNG states too."""
+has to restore the RNG states too; and a shuffling loader Lightning can resume mid-epoch."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from tracking.integrations.lightning import MLflowCheckpoints
 
@@ -40,12 +41,52 @@ class TinyLit(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 2, 0.5)}
 
 
-def loaders() -> tuple[DataLoader[Any], DataLoader[Any]]:
+class EpochShuffle(Sampler[int]):
+    """Each epoch's own order (a function of the epoch Lightning sets), resumable after its first ``start`` indices."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.epoch, self.start, self.taken = size, 0, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.epoch)).tolist()
+        self.taken, self.start = self.start, 0
+        for index in order[self.taken :]:
+            self.taken += 1
+            yield index
+
+
+class ResumableLoader(DataLoader[Any]):
+    """A DataLoader with ``state_dict``/``load_state_dict``: Lightning keeps its place in the checkpoint and
+    resumes a mid-epoch checkpoint at the next batch (a plain DataLoader starts its epoch over)."""
+
+    sampler: EpochShuffle
+
+    def state_dict(self) -> dict[str, int]:
+        return {"taken": self.sampler.taken}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        # A save at an epoch's last batch: the next epoch starts at its beginning.
+        self.sampler.start = state["taken"] % len(self.sampler)
+
+
+def loaders(resumable: bool = False) -> tuple[DataLoader[Any], DataLoader[Any]]:
+    """The training loader (shuffling; ``resumable``: a :class:`ResumableLoader`) and the validation loader."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(64, 8, generator=generator)
     y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
     dataset = TensorDataset(x, y)
-    return DataLoader(dataset, batch_size=16, shuffle=True), DataLoader(dataset, batch_size=32)
+    train = (
+        ResumableLoader(dataset, batch_size=16, sampler=EpochShuffle(len(dataset)))
+        if resumable
+        else DataLoader(dataset, batch_size=16, shuffle=True)
+    )
+    return train, DataLoader(dataset, batch_size=32)
 
 
 def trainer(epochs: int, folder: Path, callbacks: list[Any], *, accelerator: str = "cpu", **kwargs: Any) -> pl.Trainer:
@@ -73,13 +114,23 @@ def fit(
     ckpt_path: str | None = None,
     logger: Any = False,
     accelerator: str = "cpu",
+    max_steps: int = -1,
+    resumable: bool = False,
     **checkpoint: Any,
 ) -> tuple[TinyLit, pl.Trainer]:
-    """A seeded ``TinyLit`` fitted ``epochs`` epochs (from ``ckpt_path`` when given), its ``ModelCheckpoint``
-    (``checkpoint`` its arguments) in ``folder / "checkpoints"`` mirrored by ``MLflowCheckpoints``."""
+    """A seeded ``TinyLit`` fitted ``epochs`` epochs, or ``max_steps`` steps (from ``ckpt_path`` when given), its
+    ``ModelCheckpoint`` (``checkpoint`` its arguments) in ``folder / "checkpoints"`` mirrored by ``MLflowCheckpoints``;
+    ``resumable``: on the :class:`ResumableLoader`."""
     pl.seed_everything(0, verbose=False)
     model = TinyLit()
     checkpoints = ModelCheckpoint(dirpath=folder / "checkpoints", **checkpoint)
-    fitted = trainer(epochs, folder, [checkpoints, MLflowCheckpoints()], accelerator=accelerator, logger=logger)
-    fitted.fit(model, *loaders(), ckpt_path=ckpt_path)
+    fitted = trainer(
+        epochs,
+        folder,
+        [checkpoints, MLflowCheckpoints()],
+        accelerator=accelerator,
+        logger=logger,
+        max_steps=max_steps,
+    )
+    fitted.fit(model, *loaders(resumable), ckpt_path=ckpt_path)
     return model, fitted

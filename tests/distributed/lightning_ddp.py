@@ -1,9 +1,11 @@
 """A Lightning DDP fit (2 CPU ranks, gloo) with MLflowCheckpoints, for torchrun:
 
-    torchrun --standalone --nproc-per-node=2 -m tests.distributed.lightning_ddp RUN_ID [--fail]
+    torchrun --standalone --nproc-per-node=2 -m tests.distributed.lightning_ddp RUN_ID [--fail] [--steps]
 
 Lightning sees torchrun's environment and runs one rank per process. ``--fail`` makes rank 0's
-upload fail: every rank must raise, none may hang at Lightning's barrier.
+upload fail: every rank must raise, none may hang at Lightning's barrier. ``--steps``: the
+ModelCheckpoint keeps the last two saves of every 2 steps (2 batches an epoch on each rank) instead
+of the best two epochs by ``val_loss``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from tracking.integrations.lightning import MLflowCheckpoints, mirror
 
 
 def main(argv: list[str]) -> int:
-    run_id, fail = argv[0], "--fail" in argv
+    run_id, fail, steps = argv[0], "--fail" in argv, "--steps" in argv
     if fail:
 
         def refuse(*args: object, **kwargs: object) -> object:
@@ -27,12 +29,17 @@ def main(argv: list[str]) -> int:
 
         mirror.commit_local_files = refuse  # type: ignore[attr-defined,assignment]
     pl.seed_everything(0, verbose=False)
+    checkpoints = (
+        ModelCheckpoint(every_n_train_steps=2, save_top_k=2, monitor="step", mode="max")
+        if steps
+        else ModelCheckpoint(save_top_k=2, monitor="val_loss")
+    )
     trainer = pl.Trainer(
         max_epochs=3,
         strategy="ddp",
         devices=2,
         accelerator="cpu",
-        callbacks=[ModelCheckpoint(save_top_k=2, monitor="val_loss"), MLflowCheckpoints(run_id=run_id)],
+        callbacks=[checkpoints, MLflowCheckpoints(run_id=run_id)],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,

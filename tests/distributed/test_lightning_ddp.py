@@ -55,6 +55,21 @@ def test_ddp_rank0_writes_and_every_rank_finishes(stack_sqlite: LocalStack, run_
     assert tags[layout.TAG_LATEST] == saved[-1].model_id and tags[layout.TAG_MONITOR] == "val_loss"
 
 
+def test_ddp_saves_by_step_are_keyed_by_step(stack_sqlite: LocalStack, run_id: str) -> None:
+    done = _launch(stack_sqlite, run_id, "--steps")
+    assert done.returncode == 0, done.stdout + done.stderr[-4000:]
+    assert "rank 0: done" in done.stdout and "rank 1: done" in done.stdout
+    saved = tracking.list_checkpoints(run_id)
+    assert [(c.keyed_by, c.step) for c in saved] == [("step", 4), ("step", 6)]
+    models = MlflowClient(stack_sqlite.tracking_uri).search_logged_models(
+        experiment_ids=[MlflowClient().get_run(run_id).info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}'",
+    )
+    assert sorted(m.model_id for m in models) == sorted(str(c.model_id) for c in saved)  # written once each
+    tags = MlflowClient().get_run(run_id).data.tags
+    assert (tags[layout.TAG_LATEST], tags[layout.TAG_LATEST_STEP]) == (saved[-1].model_id, "6")
+
+
 def test_ddp_failed_upload_raises_on_every_rank(stack_sqlite: LocalStack, run_id: str) -> None:
     done = _launch(stack_sqlite, run_id, "--fail")
     assert done.returncode != 0

@@ -168,6 +168,127 @@ def test_resume_by_run_id_matches_a_straight_run_bit_for_bit(s3_experiment: str,
     assert steps == logger.steps["val_loss"] | resumed_logger.steps["val_loss"]
 
 
+def test_saves_by_step_are_keyed_by_step_and_each_one_stays(s3_experiment: str, tmp_path: Path) -> None:
+    # 4 batches an epoch: a save every 3 steps lands mid-epoch, two in epoch 2 (steps 9 and 12).
+    with mlflow.start_run() as run:
+        fit(4, tmp_path, every_n_train_steps=3, save_top_k=-1, save_last=True)
+    run_id = run.info.run_id
+    saved = tracking.list_checkpoints(run_id)
+    assert [(c.epoch, c.step) for c in saved] == [(0, 3), (1, 6), (2, 9), (2, 12), (3, 15)]
+    for checkpoint in saved:
+        assert (checkpoint.keyed_by, checkpoint.key, checkpoint.manifest.keyed_by) == ("step", checkpoint.step, "step")
+        name = MlflowClient().get_logged_model(str(checkpoint.model_id)).name
+        assert name == f"checkpoint-step-{checkpoint.step:08d}", name
+        file = torch.load(_paths(str(checkpoint.model_id))[0], weights_only=True)
+        assert (file["epoch"], file["global_step"]) == (checkpoint.epoch, checkpoint.step)
+    # last.ckpt, saved at step 15 too, is the same logged model.
+    assert _paths(str(saved[-1].model_id)) == sorted(
+        [str(tmp_path / "checkpoints" / "epoch=3-step=15.ckpt"), str(tmp_path / "checkpoints" / "last.ckpt")]
+    )
+    assert len(MlflowClient().search_logged_models(experiment_ids=[s3_experiment])) == 5
+    tags = _tags(run_id)
+    assert (tags[layout.TAG_LATEST], tags[layout.TAG_LATEST_STEP]) == (saved[-1].model_id, "15")
+    assert "step 15" in tags["mlflow.note.content"]
+
+
+def test_a_fit_with_an_epoch_and_a_step_model_checkpoint_keys_by_step(s3_experiment: str, tmp_path: Path) -> None:
+    # One ModelCheckpoint keeps the last 2 by step, the other the best by val_loss at each epoch's end: the
+    # epoch's save at the step of a step save is that same logged model; a model goes once no kept file is it.
+    by_step = ModelCheckpoint(
+        dirpath=tmp_path / "steps", every_n_train_steps=2, save_top_k=2, monitor="step", mode="max"
+    )
+    by_epoch = ModelCheckpoint(dirpath=tmp_path / "best", monitor="val_loss", save_top_k=1)
+    pl.seed_everything(0, verbose=False)
+    with mlflow.start_run() as run:
+        trainer(3, tmp_path, [by_step, by_epoch, MLflowCheckpoints(monitor="val_loss")]).fit(TinyLit(), *loaders())
+    run_id = run.info.run_id
+    saved = tracking.list_checkpoints(run_id)
+    assert {c.keyed_by for c in saved} == {"step"}
+    on_disk = {str(p) for folder in ("steps", "best") for p in (tmp_path / folder).iterdir()}
+    assert {p for c in saved for p in _paths(str(c.model_id))} == on_disk
+    assert [c.step for c in saved][-2:] == [10, 12]
+    assert len(MlflowClient().search_logged_models(experiment_ids=[s3_experiment])) == len(saved)
+    tags = _tags(run_id)
+    assert (tags[layout.TAG_LATEST], tags[layout.TAG_LATEST_STEP]) == (saved[-1].model_id, "12")
+    assert tags[layout.TAG_BEST] in {c.model_id for c in saved}
+
+
+def test_save_top_k_by_step_deletes_the_removed_models(s3_experiment: str, tmp_path: Path) -> None:
+    with mlflow.start_run() as run:
+        fit(3, tmp_path, every_n_train_steps=2, save_top_k=2, monitor="step", mode="max", save_last=True)
+    run_id = run.info.run_id
+    saved = tracking.list_checkpoints(run_id)
+    assert [c.step for c in saved] == [10, 12]
+    assert sorted(os.path.basename(p) for c in saved for p in _paths(str(c.model_id))) == sorted(
+        p.name for p in (tmp_path / "checkpoints").iterdir()
+    )
+    assert len(MlflowClient().search_logged_models(experiment_ids=[s3_experiment])) == 2
+    assert _tags(run_id)[layout.TAG_LATEST] == saved[-1].model_id
+
+
+def test_checkpoint_path_and_load_take_a_global_step_in_a_run_keyed_by_step(s3_experiment: str, tmp_path: Path) -> None:
+    with mlflow.start_run() as run:
+        model, _ = fit(3, tmp_path, every_n_train_steps=3, save_top_k=-1, monitor="train_loss")
+    run_id = run.info.run_id
+    # 6 is a step (epoch 1, mid-epoch), not an epoch: the run is keyed by step.
+    six = torch.load(checkpoint_path(run_id, 6, to=tmp_path / "six"), weights_only=True)
+    assert (six["epoch"], six["global_step"]) == (1, 6)
+    latest = torch.load(checkpoint_path(run_id, to=tmp_path / "latest"), weights_only=True)
+    assert latest["global_step"] == 12
+    best = tracking.find_checkpoint(run_id, "best")
+    assert best.manifest.step in {6, 9, 12}  # train_loss is an epoch metric: the first save (step 3) has none
+    assert (
+        torch.load(checkpoint_path(run_id, "best", to=tmp_path / "b"), weights_only=True)["global_step"]
+        == best.manifest.step
+    )
+    with pytest.raises(tracking.NotFoundError):
+        checkpoint_path(run_id, 2, to=tmp_path / "none")  # epoch 2 holds steps 9 and 12, no step 2
+    loaded = tracking.load(run_id)
+    assert isinstance(loaded.model, TinyLit) and (loaded.epoch, loaded.step) == (2, 12)
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], value), name
+    assert tracking.load(run_id, 6).step == 6
+
+
+def test_resume_mid_epoch_by_run_id_matches_a_straight_run_bit_for_bit(s3_experiment: str, tmp_path: Path) -> None:
+    # Lightning resumes a mid-epoch checkpoint at the next batch only with a resumable loader (a plain
+    # DataLoader starts the epoch's data over: Lightning warns that the run will differ).
+    saving = {"every_n_train_steps": 3, "save_top_k": -1, "resumable": True}
+    with mlflow.start_run():
+        straight, straight_trainer = fit(4, tmp_path / "straight", **saving)
+    with mlflow.start_run() as run:
+        fit(4, tmp_path / "first", max_steps=6, **saving)  # stops at step 6: epoch 1, batch 2 of 4
+    run_id = run.info.run_id
+    path = checkpoint_path(run_id, to=tmp_path / "download")
+    assert (torch.load(path, weights_only=True)["epoch"], torch.load(path, weights_only=True)["global_step"]) == (1, 6)
+    with mlflow.start_run(run_id=run_id):
+        resumed, resumed_trainer = fit(4, tmp_path / "second", ckpt_path=path, **saving)
+    assert resumed_trainer.global_step == straight_trainer.global_step == 16
+    for name, value in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+    live, other = straight_trainer.optimizers[0].state_dict(), resumed_trainer.optimizers[0].state_dict()
+    for index, entry in live["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(other["state"][index][key], value), (index, key)
+    assert [c.step for c in tracking.list_checkpoints(run_id)] == [3, 6, 9, 12, 15]
+
+
+def test_a_run_keyed_by_epoch_refuses_a_fit_that_saves_by_step_before_it_trains(
+    s3_experiment: str, tmp_path: Path
+) -> None:
+    with mlflow.start_run() as run:
+        fit(1, tmp_path / "epochs")
+    run_id = run.info.run_id
+    before = [c.model_id for c in tracking.list_checkpoints(run_id)]
+    fitted = trainer(
+        2, tmp_path, [ModelCheckpoint(dirpath=tmp_path / "steps", every_n_train_steps=2), MLflowCheckpoints()]
+    )
+    with mlflow.start_run(run_id=run_id), pytest.raises(tracking.TrackingError, match="keys its checkpoints by epoch"):
+        fitted.fit(TinyLit(), *loaders())
+    assert fitted.global_step == 0
+    assert [c.model_id for c in tracking.list_checkpoints(run_id)] == before
+
+
 @pytest.mark.parametrize("at_train_epoch_end", [False, True])
 def test_checkpoint_metrics_are_charted_at_the_steps_lightnings_logger_uses(
     s3_experiment: str, tmp_path: Path, at_train_epoch_end: bool

@@ -15,10 +15,10 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 
-from tracking import layout
+from tracking import catalog, layout
 from tracking.catalog import LoggedCheckpoint
 from tracking.config import TrackingConfig
-from tracking.integrations.lightning.description import SaveContext, save_context
+from tracking.integrations.lightning.description import SaveContext, keying, save_context
 from tracking.integrations.lightning.mirror import MirrorIO
 from tracking.integrations.lightning.resume import RESUME_LINE
 from tracking.parallel import distributed
@@ -29,13 +29,18 @@ class MLflowCheckpoints(pl.Callback):
     """Mirror ``ModelCheckpoint``'s checkpoints into MLflow as checkpoint logged models of the run.
 
     The run is the trainer's ``MLFlowLogger`` run when it has one, else ``run_id``, else the active
-    MLflow run. ``background=True`` uploads on the library's background saver: the training loop
-    waits only for Lightning's local save (with Lightning's ``AsyncCheckpointIO`` the upload runs in
-    its thread instead). A failed upload is never silent: it raises from the save, from the next
-    one, or at the end of ``fit`` (under DDP on every rank, at the next epoch or the end of fit).
-    ``commands`` adds lines to the run's description (``{run_id}`` is replaced). The run's best pointer
-    follows the ``monitor`` and ``mode`` of the ModelCheckpoint that wrote the file, or ``monitor=`` and
-    ``mode=`` when given (with one ModelCheckpoint keeping the last N by step and another the best K).
+    MLflow run. Each saved file is a logged model keyed by its epoch (``checkpoint-epoch-0003``), or,
+    when one of the trainer's ModelCheckpoints saves by step (``every_n_train_steps``,
+    ``train_time_interval``), by its global step (``checkpoint-step-00001500``): then each save of an
+    epoch stays, and an int given to :func:`~tracking.integrations.lightning.checkpoint_path` or
+    ``tracking.load`` is a global step. ``background=True`` uploads on the library's background saver:
+    the training loop waits only for Lightning's local save (with Lightning's ``AsyncCheckpointIO`` the
+    upload runs in its thread instead). A failed upload is never silent: it raises from the save, from
+    the next one, or at the end of ``fit`` (under DDP on every rank, at the next epoch or the end of
+    fit). ``commands`` adds lines to the run's description (``{run_id}`` is replaced). The run's best
+    pointer follows the ``monitor`` and ``mode`` of the ModelCheckpoint that wrote the file, or
+    ``monitor=`` and ``mode=`` when given (with one ModelCheckpoint keeping the last N by step and
+    another the best K).
     """
 
     def __init__(
@@ -59,6 +64,10 @@ class MLflowCheckpoints(pl.Callback):
         self.describe_run = describe_run
         self.commands = tuple(commands)
         self._io: MirrorIO | None = None
+        # How this fit's checkpoints are keyed ("epoch" or "step"): decided at its setup, for all of them.
+        self.keyed_by: str | None = None
+        # The RNG states a resumed fit restored, put back once more before its first batch (see load_state_dict).
+        self._restored_rng: dict[str, Any] | None = None
         self._contexts: dict[tuple[int, int], SaveContext] = {}
         self._lock = threading.Lock()
 
@@ -83,11 +92,14 @@ class MLflowCheckpoints(pl.Callback):
             self._io = MirrorIO(self, trainer, current)
             strategy.checkpoint_io = self._io
         self._io.trainer = trainer
-        if trainer.is_global_zero and stage == "fit":
-            # On the main thread: MLflow's active run is per thread, and a save may run in another one.
-            self._io.open()
         # The coordination group is made by every rank at the same point, before any save needs it.
         distributed.prepare()
+        if stage == "fit":
+            self.keyed_by = keying(trainer)
+            io, keyed_by, zero = self._io, self.keyed_by, trainer.is_global_zero
+            # On the main thread: MLflow's active run is per thread, and a save may run in another one. A fit
+            # keyed otherwise than the run's checkpoints is refused now, on every rank, not at its first save.
+            distributed.on_rank0(lambda: catalog.refuse_mixed_keys(io.open(), keyed_by) if zero else None)
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -106,9 +118,22 @@ class MLflowCheckpoints(pl.Callback):
         # Restored while Lightning restores the checkpoint, before the fit loop makes its data iterator.
         if "rng" in state_dict:
             restore_rng_state(state_dict["rng"])
+            self._restored_rng = state_dict["rng"]
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A new epoch: its data iterator is made after this, from the restored states, as in a run that never stopped.
+        self._restored_rng = None
         self._agree(wait=False)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._restored_rng is not None:
+            # Resumed mid-epoch (a save by step): the run that never stopped made this epoch's data iterator
+            # before the save, the resumed fit made it after the restore, drawing from the RNG (the
+            # DataLoader's base seed). The batch starts from the states as they were at the save.
+            restore_rng_state(self._restored_rng)
+            self._restored_rng = None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._agree(wait=True)

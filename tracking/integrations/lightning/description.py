@@ -2,7 +2,8 @@
 
 The commit may run in another thread (the background saver, or Lightning's ``AsyncCheckpointIO``),
 so the trainer's metrics and the module's, optimizer's and scheduler's descriptions are taken at the
-save, on the main thread, and the manifest is made from them.
+save, on the main thread, and the manifest is made from them. A fit whose ``ModelCheckpoint`` saves
+by step keys its checkpoints by global step, any other by epoch (:func:`keying`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loops.progress import _ProcessedTracker
 from lightning.pytorch.trainer.states import TrainerStatus
 
-from tracking import spec
+from tracking import layout, spec
 from tracking.manifest import Manifest, now, versions
 
 _LIGHTNING_VERSION = importlib.metadata.version("lightning")
@@ -52,6 +53,22 @@ def save_context(trainer: pl.Trainer, module: pl.LightningModule) -> SaveContext
     )
 
 
+def keying(trainer: pl.Trainer) -> str:
+    """``"step"`` when one of the trainer's ModelCheckpoints saves by step, else ``"epoch"``.
+
+    Saves by step (``every_n_train_steps``, ``train_time_interval``) come several an epoch: keyed by
+    epoch, each would replace the one before. The fit's every checkpoint takes this key, those its
+    epoch-driven ModelCheckpoints write too, because a run holds one kind of key.
+    """
+    for callback in trainer.checkpoint_callbacks:
+        if not isinstance(callback, ModelCheckpoint):
+            continue
+        # Lightning keeps its triggers as set (every_n_epochs defaults to 0 once a step trigger is given).
+        if callback._every_n_train_steps >= 1 or callback._train_time_interval is not None:
+            return layout.STEP
+    return layout.EPOCH
+
+
 def logger_step(trainer: pl.Trainer) -> int:
     """The step Lightning's loggers chart the metrics known now at: a checkpoint saved now charts its metrics there.
 
@@ -69,14 +86,18 @@ def logger_step(trainer: pl.Trainer) -> int:
     return max(counted - 1, 0) if last_batch_counted else counted
 
 
-def save_manifest(checkpoint: dict[str, Any], epoch: int, step: int, context: SaveContext) -> Manifest:
-    """The manifest of the checkpoint Lightning saved at ``epoch`` and ``step`` (format ``"lightning"``)."""
+def save_manifest(
+    checkpoint: dict[str, Any], epoch: int, step: int, context: SaveContext, keyed_by: str = layout.EPOCH
+) -> Manifest:
+    """The manifest of the checkpoint Lightning saved at ``epoch`` and ``step`` (format ``"lightning"``), keyed
+    by ``keyed_by`` (``"epoch"`` or ``"step"``)."""
     return Manifest(
         kind="checkpoint",
         files={},
         model=context.model,
         epoch=epoch,
         step=step,
+        keyed_by=keyed_by,
         metrics=context.metrics,
         optimizer=context.optimizer if checkpoint.get("optimizer_states") else None,
         scheduler=context.scheduler if checkpoint.get("lr_schedulers") else None,

@@ -1,9 +1,10 @@
 """The checkpoints a trainer keeps: which local files Lightning wrote are which logged model of the run.
 
 ``ModelCheckpoint`` names its files, overwrites them (``last.ckpt``) and removes them (``save_top_k``);
-the run knows logged models. This is the map between the two, the deletion of a logged model once no
-kept file is it any more (after moving the run's latest/best tag to a survivor), and the tag on each
-model listing its files, by which a resumed run's trainer finds the models of the files it removes.
+the run knows logged models, one a key (an epoch, or a global step for a fit that saves by step).
+This is the map between the two, the deletion of a logged model once no kept file is it any more
+(after moving the run's latest/best tag to a survivor), and the tag on each model listing its
+files, by which a resumed run's trainer finds the models of the files it removes.
 """
 
 from __future__ import annotations
@@ -30,10 +31,13 @@ TAG_PATHS = "tracking.lightning.paths"
 
 @dataclass
 class Kept:
-    """A committed checkpoint of this trainer: its model, the local paths that are it, its epoch and metrics."""
+    """A committed checkpoint of this trainer: its model, the local paths that are it, its key, epoch, step and
+    metrics. ``key`` is its epoch, or its global step when ``keyed_by`` is ``"step"``."""
 
     model_id: str
     artifact_uri: str
+    key: int
+    keyed_by: str
     epoch: int
     step: int
     metrics: dict[str, float]
@@ -74,7 +78,7 @@ class KeptCheckpoints:
             for model in page:
                 stored = committed.get(model.model_id)
                 raw = (model.tags or {}).get(TAG_PATHS)
-                if stored is None or stored.epoch is None or not raw:
+                if stored is None or stored.key is None or stored.epoch is None or not raw:
                     continue
                 try:
                     paths = {str(p) for p in json.loads(raw)}
@@ -83,7 +87,14 @@ class KeptCheckpoints:
                     continue  # a tag edited by hand: that checkpoint is left to `tracking gc`
                 with self._lock:
                     self._kept[stored.model_id] = Kept(
-                        stored.model_id, stored.artifact_uri, stored.epoch, step, dict(stored.metrics), paths
+                        stored.model_id,
+                        stored.artifact_uri,
+                        stored.key,
+                        stored.keyed_by,
+                        stored.epoch,
+                        step,
+                        dict(stored.metrics),
+                        paths,
                     )
                     for path in paths:
                         self._by_path[path] = stored.model_id
@@ -130,18 +141,25 @@ class KeptCheckpoints:
     def record(self, handle: RunHandle, logged: LoggedCheckpoint, manifest: Manifest, path: str) -> set[str]:
         """Keep the checkpoint just committed from ``path`` (and the files saved as it while it uploaded);
         returns those of its files that ModelCheckpoint removed before the commit ran."""
-        assert manifest.epoch is not None and manifest.step is not None
+        assert manifest.key is not None and manifest.epoch is not None and manifest.step is not None
         assert logged.model_id is not None and logged.artifact_uri is not None
         with self._lock:
-            # The commit replaced any other model of this epoch (a re-log, in the core's terms).
-            for model_id in [m for m, kept in self._kept.items() if kept.epoch == manifest.epoch]:
+            # The commit replaced any other model of this key (a re-log, in the core's terms).
+            for model_id in [m for m, kept in self._kept.items() if kept.key == manifest.key]:
                 for stale in self._kept.pop(model_id).paths:
                     self._by_path.pop(stale, None)
             # This file, and those saved as the same epoch and step while it uploaded (last.ckpt).
             paths = {path, *self._pending.pop((manifest.epoch, manifest.step), [])}
             overwritten = [(self._by_path[p], p) for p in paths if p in self._by_path]
             self._kept[logged.model_id] = Kept(
-                logged.model_id, logged.artifact_uri, manifest.epoch, manifest.step, dict(manifest.metrics), paths
+                logged.model_id,
+                logged.artifact_uri,
+                manifest.key,
+                manifest.keyed_by,
+                manifest.epoch,
+                manifest.step,
+                dict(manifest.metrics),
+                paths,
             )
             for saved in paths:
                 self._by_path[saved] = logged.model_id
@@ -188,21 +206,28 @@ class KeptCheckpoints:
             kept = self._kept.get(model_id)
             if kept is None:
                 return
+            was_it = path in kept.paths
             kept.paths.discard(path)
-            if kept.paths:
-                return
-            del self._kept[model_id]
-            survivors = list(self._kept.values())
+            remaining = set(kept.paths)
+            if not remaining:
+                del self._kept[model_id]
+                survivors = list(self._kept.values())
+        if remaining:
+            if was_it:
+                # Its tag must stop naming the file (last.ckpt, overwritten by a later save): a resumed run's
+                # trainer takes the tag's paths for the model's files.
+                self.tag_paths(handle, model_id, remaining)
+            return
         try:
             self._repoint(handle, model_id, survivors)
             catalog.delete(handle, model_id, kept.artifact_uri)
         except TrackingError as exc:
             _log.warning(
-                "run %s: could not delete checkpoint %s (epoch %s), which ModelCheckpoint removed (%s); "
+                "run %s: could not delete checkpoint %s (%s), which ModelCheckpoint removed (%s); "
                 "`tracking gc` or `tracking verify --clean` removes it.",
                 handle.run_id,
                 model_id,
-                kept.epoch,
+                layout.label(kept.keyed_by, kept.key),
                 one_line(exc)[:300],
             )
 
@@ -211,8 +236,8 @@ class KeptCheckpoints:
         handle.refresh_tags()
         tags: dict[str, str] = {}
         if handle.tags.get(layout.TAG_LATEST) == leaving and survivors:
-            newest = max(survivors, key=lambda k: (k.epoch, k.step))
-            tags.update({layout.TAG_LATEST: newest.model_id, layout.TAG_LATEST_EPOCH: str(newest.epoch)})
+            newest = max(survivors, key=lambda k: (k.key, k.step))
+            tags.update({layout.TAG_LATEST: newest.model_id, layout.latest_key_tag(newest.keyed_by): str(newest.key)})
         monitor = handle.tags.get(layout.TAG_MONITOR)
         if handle.tags.get(layout.TAG_BEST) == leaving and monitor:
             mode = handle.tags.get(layout.TAG_MODE, "min")
@@ -225,9 +250,9 @@ class KeptCheckpoints:
     # --- what is kept --------------------------------------------------------------------------
 
     def noted(self) -> dict[int, note.NotedCheckpoint]:
-        """The kept checkpoints by epoch, as the run's description lists them."""
+        """The kept checkpoints by key, as the run's description lists them."""
         with self._lock:
-            return {k.epoch: note.NotedCheckpoint(k.model_id, k.metrics) for k in self._kept.values()}
+            return {k.key: note.NotedCheckpoint(k.model_id, k.metrics) for k in self._kept.values()}
 
     def logged(self) -> list[LoggedCheckpoint]:
         """The checkpoints this trainer committed that are kept (oldest first)."""

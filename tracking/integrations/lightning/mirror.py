@@ -1,7 +1,8 @@
 """The CheckpointIO mirror: Lightning's own CheckpointIO, plus a commit of each file it saves.
 
 Each file Lightning writes is committed as it is (``checkpoint.pt``, manifest format ``"lightning"``)
-to the run, on the calling thread or on the library's background saver; a second save of the same
+to the run, on the calling thread or on the library's background saver, keyed as the fit decided
+(by epoch, or by global step when its ModelCheckpoint saves by step); a second save of the same
 epoch and step (``last.ckpt``) is the same logged model, not another upload; a file ``ModelCheckpoint``
 removes hands its model to :mod:`~tracking.integrations.lightning.kept`, which deletes it once no kept
 file is it. Under DDP a failed upload is held and raised on every rank together.
@@ -26,7 +27,13 @@ from tracking.catalog import LoggedCheckpoint
 from tracking.commit import Describe, commit_local_files
 from tracking.config import TrackingConfig
 from tracking.errors import one_line
-from tracking.integrations.lightning.description import SaveContext, save_context, save_manifest, save_monitor
+from tracking.integrations.lightning.description import (
+    SaveContext,
+    keying,
+    save_context,
+    save_manifest,
+    save_monitor,
+)
 from tracking.integrations.lightning.kept import KeptCheckpoints
 from tracking.manifest import Manifest
 from tracking.parallel import distributed
@@ -47,6 +54,7 @@ class Owner(Protocol):
     commands: tuple[str, ...]
     monitor: str | None
     mode: str
+    keyed_by: str | None
 
     def context(self, epoch: int, step: int) -> SaveContext | None: ...
 
@@ -102,7 +110,9 @@ class MirrorIO(CheckpointIO):
                     f"run {handle.run_id}: {path} is not uploaded: {exc} (Lightning saves the module's "
                     "hyperparameters as they are: keep them to plain values.)"
                 ) from None
-            manifest = save_manifest(checkpoint, epoch, step, context)
+            # Decided at the fit's setup; a save outside fit (trainer.save_checkpoint) asks the trainer's callbacks.
+            key = self.owner.keyed_by or keying(self.trainer)
+            manifest = save_manifest(checkpoint, epoch, step, context, key)
             monitor, mode = save_monitor(self.trainer, path, manifest, self.owner.monitor, self.owner.mode)
         except BaseException as exc:
             self._fail(exc)
@@ -211,10 +221,10 @@ class MirrorIO(CheckpointIO):
 
     def _describer(self, handle: RunHandle, manifest: Manifest) -> Describe:
         def describe(model_id: str, tags: Mapping[str, str]) -> dict[str, str]:
-            # The checkpoints as they will be once this one is committed (it replaces others of its epoch).
+            # The checkpoints as they will be once this one is committed (it replaces others of its key).
             kept = self._kept.noted()
-            assert manifest.epoch is not None
-            kept[manifest.epoch] = note.NotedCheckpoint(model_id, dict(manifest.metrics))
+            assert manifest.key is not None
+            kept[manifest.key] = note.NotedCheckpoint(model_id, dict(manifest.metrics))
             monitor = tags.get(layout.TAG_MONITOR)
             return note.describe_run(handle.run_id, manifest, kept, tags, monitor=monitor, commands=self.owner.commands)
 

@@ -26,7 +26,8 @@ def checkpoint_path(
     """A local copy of a Lightning checkpoint of a run, for ``trainer.fit(model, ckpt_path=...)``.
 
     ``source`` and ``checkpoint`` name it as in :func:`tracking.load` (a run ID with ``"latest"``,
-    ``"best"`` or an epoch; ``models:/...``). The file is downloaded into ``to`` (default: a folder
+    ``"best"`` or an int, the run's key: an epoch, or a global step for a run whose ModelCheckpoint
+    saved by step; ``models:/...``). The file is downloaded into ``to`` (default: a folder
     per logged model under the temporary directory), checked against its sha256, and its path returned.
     """
     located = find_checkpoint(source, checkpoint, config=config)
