@@ -12,7 +12,7 @@ loop runs collectives on the default group.
 
 from __future__ import annotations
 
-import functools
+import atexit
 import os
 import pickle
 from collections.abc import Callable
@@ -66,7 +66,18 @@ def world_size() -> int:
 
 def group() -> Any:
     """The gloo group checkpoint coordination runs on (made on first use, by every rank)."""
-    return _group(id(_default_group()))
+    import torch.distributed as dist
+
+    world = id(_default_group())
+    if world not in _groups:
+        _groups[world] = dist.new_group(backend="gloo", timeout=COORDINATION_TIMEOUT)
+        if len(_groups) == 1:
+            # Destroyed at exit, before the default group (atexit runs the last registered first, and
+            # Lightning registers its destroy_process_group when it starts the group): a gloo group left
+            # to the interpreter's teardown can abort a rank once its peer is gone ("terminate called
+            # without an active exception"), failing a torchrun job that finished.
+            atexit.register(release)
+    return _groups[world]
 
 
 def prepare() -> None:
@@ -79,9 +90,15 @@ def release() -> None:
     """Destroy the coordination group (before ``destroy_process_group``): a later process group gets a new one."""
     import torch.distributed as dist
 
-    if initialised() and _group.cache_info().currsize:
-        dist.destroy_process_group(group())
-    _group.cache_clear()
+    if initialised():
+        for made in _groups.values():
+            try:
+                dist.destroy_process_group(made)
+            except (ValueError, RuntimeError):
+                pass  # made for a process group destroyed since, and destroyed with it
+    if _groups:
+        atexit.unregister(release)
+    _groups.clear()
 
 
 def _default_group() -> Any:
@@ -90,12 +107,9 @@ def _default_group() -> Any:
     return dist.group.WORLD
 
 
-@functools.cache
-def _group(_world: int) -> Any:
-    # Cached per default group: a test that destroys and re-creates the process group gets a new one.
-    import torch.distributed as dist
-
-    return dist.new_group(backend="gloo", timeout=COORDINATION_TIMEOUT)
+# The coordination group of each default group (by its id): a test that destroys and re-creates the
+# process group gets a new one.
+_groups: dict[int, Any] = {}
 
 
 def on_rank0(step: Callable[[], T]) -> T:
