@@ -153,12 +153,7 @@ def test_resume_by_run_id_matches_a_straight_run_bit_for_bit(s3_experiment: str,
     assert torch.load(path, weights_only=True)["epoch"] == 3
     resumed_logger = RecordingLogger(run_id=run_id, tracking_uri=mlflow.get_tracking_uri())
     resumed, resumed_trainer = fit(8, tmp_path / "second", save_top_k=-1, ckpt_path=path, logger=resumed_logger)
-    for name, value in straight.state_dict().items():
-        assert torch.equal(resumed.state_dict()[name], value), name
-    live, other = straight_trainer.optimizers[0].state_dict(), resumed_trainer.optimizers[0].state_dict()
-    for index, entry in live["state"].items():
-        for key, value in entry.items():
-            assert torch.equal(other["state"][index][key], value), (index, key)
+    assert_same_training(straight, straight_trainer, resumed, resumed_trainer)
     # One run holds both halves: epochs 0..7, and the resumed fit's metrics.
     assert [c.epoch for c in tracking.list_checkpoints(run_id)] == list(range(8))
     # Lightning's logger logged both halves' metrics at its global steps (the last batch of epochs 3 and 7).
@@ -264,12 +259,7 @@ def test_resume_mid_epoch_by_run_id_matches_a_straight_run_bit_for_bit(s3_experi
     with mlflow.start_run(run_id=run_id):
         resumed, resumed_trainer = fit(4, tmp_path / "second", ckpt_path=path, **saving)
     assert resumed_trainer.global_step == straight_trainer.global_step == 16
-    for name, value in straight.state_dict().items():
-        assert torch.equal(resumed.state_dict()[name], value), name
-    live, other = straight_trainer.optimizers[0].state_dict(), resumed_trainer.optimizers[0].state_dict()
-    for index, entry in live["state"].items():
-        for key, value in entry.items():
-            assert torch.equal(other["state"][index][key], value), (index, key)
+    assert_same_training(straight, straight_trainer, resumed, resumed_trainer)
     assert [c.step for c in tracking.list_checkpoints(run_id)] == [3, 6, 9, 12, 15]
 
 
@@ -410,3 +400,15 @@ def test_the_core_does_not_import_lightning() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr + done.stdout
+
+
+def assert_same_training(
+    straight: pl.LightningModule, straight_trainer: pl.Trainer, resumed: pl.LightningModule, resumed_trainer: pl.Trainer
+) -> None:
+    """Bit for bit the same weights and optimizer state after a resumed fit as after the straight one."""
+    for name, value in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+    live, other = straight_trainer.optimizers[0].state_dict(), resumed_trainer.optimizers[0].state_dict()
+    for index, entry in live["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(other["state"][index][key], value), (index, key)
