@@ -1,13 +1,15 @@
 """A Hugging Face Trainer under DDP (2 CPU ranks, gloo) with TrackingCallback, for torchrun:
 
     torchrun --standalone --nproc-per-node=2 -m tests.distributed.hf_ddp RUN_ID OUTPUT_DIR STATE_FILE
-        [--resume EPOCH] [--machine-per-rank] [--fail]
+        [--resume KEY] [--steps N] [--machine-per-rank] [--fail]
 
-Trains 4 epochs of a tiny classifier and logs every epoch's checkpoint to RUN_ID; ``--resume EPOCH``
-first materialises the run's checkpoint of that epoch on every rank (``checkpoint_folder``; each
-download is printed) and resumes from it. Rank 0 writes the final weights, optimizer state and
-losses to STATE_FILE. ``--machine-per-rank`` makes each rank the first of a machine of its own with
-its own disk: ``LOCAL_RANK`` 0, and an OUTPUT_DIR of its own (``OUTPUT_DIR/rank-<rank>``).
+Trains 4 epochs of a tiny classifier and logs every epoch's checkpoint to RUN_ID (``--steps N``: a
+checkpoint every N steps, the Trainer's ``save_strategy="steps"``, and the loss of every step);
+``--resume KEY`` first materialises the run's checkpoint of that epoch (or step) on every rank
+(``checkpoint_folder``; each download is printed) and resumes from it. Rank 0 writes the final
+weights, optimizer state and losses to STATE_FILE. ``--machine-per-rank`` makes each rank the first
+of a machine of its own with its own disk: ``LOCAL_RANK`` 0, and an OUTPUT_DIR of its own
+(``OUTPUT_DIR/rank-<rank>``).
 ``--fail`` makes rank 0's upload fail: every rank must raise, none may wait in a collective.
 """
 
@@ -30,20 +32,23 @@ from tracking.integrations.transformers import callback as hf_callback
 EPOCHS = 4
 
 
-def make_trainer(output_dir: Path, run_id: str) -> Trainer:
+def make_trainer(output_dir: Path, run_id: str, steps: int | None = None) -> Trainer:
     full = data.load("digits")
     # 128 rows in batches of 16 per rank: 4 steps an epoch on each of the 2 ranks.
     train, val = Examples(full.x_train[:128], full.y_train[:128]), Examples(full.x_val[:32], full.y_val[:32])
     torch.manual_seed(0)
+    if steps is None:
+        strategies: dict[str, Any] = {"save_strategy": "epoch", "eval_strategy": "epoch", "logging_strategy": "epoch"}
+    else:
+        strategies = {"save_strategy": "steps", "save_steps": steps, "eval_strategy": "steps", "eval_steps": steps}
+        strategies |= {"logging_strategy": "steps", "logging_steps": 1}
     args = TrainingArguments(
         str(output_dir),
         num_train_epochs=EPOCHS,
         per_device_train_batch_size=16,
         learning_rate=1e-2,
         lr_scheduler_type="linear",
-        save_strategy="epoch",
-        eval_strategy="epoch",
-        logging_strategy="epoch",
+        **strategies,
         report_to="none",
         seed=0,
         use_cpu=True,
@@ -60,6 +65,7 @@ def make_trainer(output_dir: Path, run_id: str) -> Trainer:
 def main(argv: list[str]) -> int:
     run_id, output_dir, state_file = argv[0], Path(argv[1]), Path(argv[2])
     resume = int(argv[argv.index("--resume") + 1]) if "--resume" in argv else None
+    steps = int(argv[argv.index("--steps") + 1]) if "--steps" in argv else None
     if "--fail" in argv:
 
         def refuse(*args: object, **kwargs: object) -> object:
@@ -76,7 +82,7 @@ def main(argv: list[str]) -> int:
         return download_files(*args, **kwargs)
 
     folders.download_files = download  # type: ignore[assignment]
-    trainer = make_trainer(output_dir, run_id)
+    trainer = make_trainer(output_dir, run_id, steps)
     rank = trainer.args.process_index
     try:
         # After the Trainer is made: its process group lets one rank download for the others.

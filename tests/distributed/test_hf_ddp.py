@@ -1,6 +1,7 @@
 """The Hugging Face Trainer under DDP (2 gloo ranks on CPU, under torchrun) with TrackingCallback, on the real
 stack: each logged checkpoint holds every rank's RNG state, a resume by run ID on 2 ranks repeats the straight
-run bit for bit, and a failed upload makes every rank raise rather than wait in a collective."""
+run bit for bit (from an epoch's end, and from mid-epoch with saves by steps), and a failed upload makes every
+rank raise rather than wait in a collective."""
 
 from __future__ import annotations
 
@@ -119,6 +120,34 @@ def test_resume_by_run_id_on_two_ranks_repeats_the_straight_run(
     assert _equal(found["optimizer"], expected["optimizer"])
     # The resumed training logged its epochs into the same run.
     assert [c.epoch for c in tracking.list_checkpoints(run_id)] == [1, 2, 3, 4]
+
+
+def test_saves_by_steps_hold_every_ranks_rng_state_and_resume_mid_epoch_on_two_ranks(
+    stack_sqlite: LocalStack, tmp_path: Path
+) -> None:
+    # 4 steps an epoch on each rank, a save every 3 steps: steps 3, 6, 9, 12, 15 and the last, 16.
+    run_id, straight = _new_run(stack_sqlite), tmp_path / "straight"
+    done = _launch(stack_sqlite, run_id, straight, "--steps", "3", "--machine-per-rank")
+    assert done.returncode == 0, done.stdout + done.stderr[-4000:]
+    saved = tracking.list_checkpoints(run_id)
+    assert [(c.keyed_by, c.key, c.epoch) for c in saved] == [
+        ("step", 3, 0),
+        ("step", 6, 1),
+        ("step", 9, 2),
+        ("step", 12, 3),
+        ("step", 15, 3),
+        ("step", 16, 4),
+    ]
+    assert all(set(c.manifest.files) >= RNG_FILES for c in saved)
+    # Killed in epoch 2 after step 6 (its second of four): resumed by run ID from that step's checkpoint.
+    resumed = tmp_path / "resumed"
+    done = _launch(stack_sqlite, run_id, resumed, "--steps", "3", "--resume", "6", "--machine-per-rank")
+    assert done.returncode == 0, done.stdout + done.stderr[-4000:]
+    expected, found = _final(straight / "final.pt"), _final(resumed / "final.pt")
+    assert len(found["losses"]) == 16 and found["losses"] == expected["losses"]
+    assert _equal(found["model"], expected["model"])
+    assert _equal(found["optimizer"], expected["optimizer"])
+    assert [c.key for c in tracking.list_checkpoints(run_id)] == [3, 6, 9, 12, 15, 16]
 
 
 def test_a_failed_upload_raises_on_every_rank(stack_sqlite: LocalStack, tmp_path: Path) -> None:
