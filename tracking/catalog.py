@@ -124,9 +124,9 @@ def refuse_mixed_keys(handle: RunHandle, keyed_by: str) -> None:
     recorded = layout.keyed_by_of(handle.tags)
     if recorded is not None and recorded != keyed_by:
         raise TrackingError(
-            f"run {handle.run_id} keys its checkpoints by {recorded}, and this one is keyed by {keyed_by}: one "
-            f"run's checkpoints are all saved by epoch or all by step. Log it to a new run, or save by "
-            f"{recorded} as the run's earlier checkpoints were."
+            f"run {handle.run_id} keys its checkpoints by {recorded}, and this one is keyed by {keyed_by}: a run's "
+            f"checkpoints are all keyed by epoch or all by step. Log it to a new run, or save by {recorded} as the "
+            "run's earlier checkpoints were."
         )
 
 

@@ -31,17 +31,20 @@ TAG_PATHS = "tracking.lightning.paths"
 
 @dataclass
 class Kept:
-    """A committed checkpoint of this trainer: its model, the local paths that are it, its key, epoch, step and
-    metrics. ``key`` is its epoch, or its global step when ``keyed_by`` is ``"step"``."""
+    """A committed checkpoint of this trainer: its model, the local paths that are it, its epoch, step and
+    metrics. Its ``key`` is its epoch, or its global step when ``keyed_by`` is ``"step"``."""
 
     model_id: str
     artifact_uri: str
-    key: int
     keyed_by: str
     epoch: int
     step: int
     metrics: dict[str, float]
     paths: set[str]
+
+    @property
+    def key(self) -> int:
+        return self.step if self.keyed_by == layout.STEP else self.epoch
 
 
 class KeptCheckpoints:
@@ -89,7 +92,6 @@ class KeptCheckpoints:
                     self._kept[stored.model_id] = Kept(
                         stored.model_id,
                         stored.artifact_uri,
-                        stored.key,
                         stored.keyed_by,
                         stored.epoch,
                         step,
@@ -154,7 +156,6 @@ class KeptCheckpoints:
             self._kept[logged.model_id] = Kept(
                 logged.model_id,
                 logged.artifact_uri,
-                manifest.key,
                 manifest.keyed_by,
                 manifest.epoch,
                 manifest.step,

@@ -18,11 +18,11 @@ import transformers
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from tracking import layout, note
+from tracking import catalog, layout, note
 from tracking.catalog import LoggedCheckpoint
 from tracking.commit import Describe, commit_local_files
 from tracking.config import TrackingConfig
-from tracking.errors import NotFoundError, TrackingError
+from tracking.errors import NotFoundError
 from tracking.integrations.transformers.description import (
     FORMAT,
     checkpoint_metrics,
@@ -112,13 +112,7 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
             self._handle = open_run(target_run_id(self._run_id()), self._config)
             self._rotation.load(self._handle, Path(str(args.output_dir)))
             # The commit refuses a save keyed otherwise than the run's earlier ones; said here, before training.
-            held = layout.keyed_by_of(self._handle.tags)
-            if held is not None and held != self._keyed_by:
-                raise TrackingError(
-                    f"run {self._handle.run_id} holds checkpoints keyed by {held} and save_strategy={strategy!r} "
-                    f"keys them by {self._keyed_by}; a run holds one kind: log to a new run, or train with "
-                    f"save_strategy={_strategy_of(held)!r}."
-                )
+            catalog.refuse_mixed_keys(self._handle, self._keyed_by)
 
         _on_process_zero(state, open_the_run)
 
@@ -292,10 +286,6 @@ def _epochs_completed(state: TrainerState, keyed_by: str) -> int:
     after the epochs the Trainer skips when it resumes from that folder."""
     epoch = state.epoch or 0.0
     return round(epoch) if keyed_by == layout.EPOCH else math.floor(epoch)
-
-
-def _strategy_of(keyed_by: str) -> str:
-    return next(strategy for strategy, keyed in KEYED_BY.items() if keyed == keyed_by)
 
 
 def _on_process_zero(state: TrainerState, step: Callable[[], object]) -> None:
