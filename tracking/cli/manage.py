@@ -178,7 +178,10 @@ def register(source: str, name: str, checkpoint: str, alias: str | None, as_json
     \b
     Example:
       tracking register 3f2a9c0d1b2e4f5a6b7c8d9e0f1a2b3c seed --checkpoint best --alias champion
-      python -c 'import tracking; print(tracking.load("models:/seed@champion").epoch)'
+      python -c 'import pipelines.models, tracking; print(tracking.load("models:/seed@champion").epoch)'
+
+    (The loader imports no module a manifest names: import the model's class first, here the
+    pipelines' models.)
     """
     if checkpoint not in ("latest", "best") and not is_epoch(checkpoint):
         raise click.BadParameter(
