@@ -7,6 +7,7 @@ TORCH_SPEC  ?= torch==2.13.0
 PIP_INDEX   ?=
 BIN         := $(VENV)/bin
 STAMP       := $(VENV)/.installed
+TORCH_STAMP := $(VENV)/.torch-spec
 STACK_ENV   := .tracking/stack.env
 TRAIN_ARGS  ?= --epochs 10 --checkpoint-every 2 --keep-last 3 --keep-best 1
 # dclint (a Compose-spec validator and linter) comes from npm, at this exact version.
@@ -14,18 +15,23 @@ DCLINT      ?= npx --yes dclint@3.1.0
 TEST_WORKERS ?= 2
 WHEELHOUSE  ?= .wheelhouse
 
-.PHONY: install browser-deps train test test-all test-unit test-integration test-gpu wheelhouse lint lint-docker bench stack-up stack-down stack-status clean
+.PHONY: FORCE install browser-deps train test test-all test-unit test-integration test-gpu wheelhouse lint lint-docker bench stack-up stack-down stack-status clean
 
 install: $(STAMP)
 
 # torch goes in first and on its own: installed through the project's dependencies it would
-# resolve to the multi-GB CUDA build. Re-run when pyproject.toml changes.
-$(STAMP): pyproject.toml
+# resolve to the multi-GB CUDA build. Re-run when pyproject.toml, TORCH_SPEC or PIP_INDEX changes.
+$(STAMP): pyproject.toml $(TORCH_STAMP)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(if $(PIP_INDEX),--index-url $(PIP_INDEX)) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
+
+# Rewritten (so newer than the install) only when the torch asked for differs from the one installed.
+$(TORCH_STAMP): FORCE
+	@mkdir -p $(VENV)
+	@echo '$(TORCH_SPEC) $(PIP_INDEX)' | cmp -s - $@ || echo '$(TORCH_SPEC) $(PIP_INDEX)' > $@
 
 # Headless chromium + its driver for the browser test of the MLflow UI (Debian packages; needs
 # root). `make test` does not install them: the browser test fails and names this target.
