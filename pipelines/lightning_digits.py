@@ -22,11 +22,13 @@ PARAMS = {"model": "LitDigits", "hidden": HIDDEN, "dropout": DROPOUT, "optimizer
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    opts = options.parse(argv, prog=f"python -m {NAME}", description=__doc__, defaults={"epochs": 10, "lr": 1e-3})
-    if opts.from_epoch is not None or opts.new_run or opts.strategy is not None:
+    opts = options.parse(
+        argv, prog=f"python -m {NAME}", description=__doc__, defaults={"epochs": 10, "lr": 1e-3}, steps=True
+    )
+    if opts.from_epoch is not None or opts.from_step is not None or opts.new_run or opts.strategy is not None:
         print(
-            f"{NAME}: --from-epoch, --new-run and --strategy are the hand-written loop's; this pipeline resumes "
-            "RUN_ID itself from its latest checkpoint (Lightning's own DDP: see README).",
+            f"{NAME}: --from-epoch, --from-step, --new-run and --strategy are the other pipelines'; this pipeline "
+            "resumes RUN_ID itself from its latest checkpoint (Lightning's own DDP: see README).",
             file=sys.stderr,
         )
         return 2
@@ -37,13 +39,12 @@ def train(opts: options.Options) -> str:
     """Train a new run, or go on with ``--resume RUN_ID``; returns the run ID."""
     import lightning.pytorch as pl
     import mlflow
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import MLFlowLogger
     from mlflow.tracking import MlflowClient
 
     import tracking
     from pipelines import noise, runs
-    from pipelines.lightning_modules import LitDigits, digits_loaders
+    from pipelines.lightning_modules import LitDigits, PipelineCheckpoint, digits_loaders
     from tracking.integrations.lightning import MLflowCheckpoints, checkpoint_path
 
     config = tracking.TrackingConfig.from_env(experiment_name=opts.experiment)
@@ -60,11 +61,12 @@ def train(opts: options.Options) -> str:
     if conflicts and not opts.override:
         listed = ", ".join(f"{name} {old} -> {new}" for name, (old, new) in conflicts.items())
         raise runs.PipelineError(
-            f"run {opts.resume} was trained with other params ({listed}); leave these options out to keep them."
+            f"run {opts.resume} was trained with other params ({listed}); leave these options out to keep them, "
+            "or add --override to apply them."
         )
     ckpt_path = checkpoint_path(origin.info.run_id) if origin else None
     pl.seed_everything(values["seed"], verbose=False)
-    train_loader, val_loader = digits_loaders(values["batch_size"])
+    train_loader, val_loader = digits_loaders(values["batch_size"], values["seed"])
     module = LitDigits(hidden=HIDDEN, dropout=DROPOUT, lr=values["lr"])  # the digits' 64 pixels: its default
     run_args: dict[str, Any] = (
         {"run_id": origin.info.run_id}
@@ -79,35 +81,37 @@ def train(opts: options.Options) -> str:
                     "pipeline": NAME,
                     "dataset": DATASET,
                     **{k: str(v) for k, v in PARAMS.items()},
-                    **{name: options.param_value(values[name]) for name in options.RECORDED},
+                    **opts.params(values),
                 }
             )
         runs.announce(client, run)
         run_id = run.info.run_id
         # The run's own folder: a resume on this machine finds the files its ModelCheckpoint kept.
         folder = Path(tempfile.gettempdir()) / "tracking-lightning-digits" / run_id
-        every = values["checkpoint_every"]
+        # Every N optimizer steps (the run's checkpoints keyed by global step) or every N epochs, and the last.
+        steps = values["checkpoint_every_steps"]
+        every = {"every_n_train_steps": steps} if steps is not None else {"every_n_epochs": values["checkpoint_every"]}
         keep_last = values["keep_last"]
         callbacks: list[Any] = [
             # The last N checkpoints (by global step), as --keep-last says; all with --keep-last all.
-            ModelCheckpoint(
+            PipelineCheckpoint(
                 dirpath=folder / "last",
                 filename="{epoch}-{step}",
-                every_n_epochs=every,
                 save_top_k=-1 if keep_last is None else keep_last,
                 monitor="step",
                 mode="max",
+                **every,
             ),
         ]
         if keep_last is not None and values["keep_best"] is not None:
             callbacks.append(
-                ModelCheckpoint(
+                PipelineCheckpoint(
                     dirpath=folder / "best",
                     filename="{epoch}-{step}",
-                    every_n_epochs=every,
                     save_top_k=values["keep_best"],
                     monitor=values["monitor"],
                     mode=values["monitor_mode"],
+                    **every,
                 )
             )
         resume = f"python -m {NAME} --resume {{run_id}} --epochs {2 * opts.epochs}"
@@ -136,12 +140,15 @@ def train(opts: options.Options) -> str:
 
 
 def trainer_epochs_done(ckpt_path: str | None) -> int:
-    """Epochs a Lightning checkpoint has trained (its ``epoch`` counts from 0)."""
+    """Epochs a Lightning checkpoint has trained (its ``epoch`` counts from 0; a save by steps in mid-epoch
+    has not finished that epoch)."""
     import torch
 
     if ckpt_path is None:
         return 0
-    return int(torch.load(ckpt_path, map_location="cpu", weights_only=True)["epoch"]) + 1
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    batches = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+    return int(checkpoint["epoch"]) + (1 if batches.get("is_last_batch", True) else 0)
 
 
 if __name__ == "__main__":
