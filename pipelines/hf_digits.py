@@ -97,6 +97,8 @@ def _train(opts: options.Options) -> str:
         values = opts.settings(recorded)
         if origin is not None:
             _check_overrides(origin.info.run_id, opts, recorded)
+            if not opts.new_run:
+                runs.check_keys(origin.info.run_id, values, config, instead="add --new-run to branch a child run")
         _metric_for_best_model(values)
         if origin is None:
             return origin, values, None

@@ -61,9 +61,11 @@ def train(opts: options.Options) -> str:
     if conflicts and not opts.override:
         listed = ", ".join(f"{name} {old} -> {new}" for name, (old, new) in conflicts.items())
         raise runs.PipelineError(
-            f"run {opts.resume} was trained with other params ({listed}); leave these options out to keep them, "
+            f"run {origin.info.run_id} was trained with other params ({listed}); leave these options out to keep them, "
             "or add --override to apply them."
         )
+    if origin is not None:
+        runs.check_keys(origin.info.run_id, values, config, instead="train a new run (no --resume)")
     ckpt_path = checkpoint_path(origin.info.run_id) if origin else None
     pl.seed_everything(values["seed"], verbose=False)
     train_loader, val_loader = digits_loaders(values["batch_size"], values["seed"])

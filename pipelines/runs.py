@@ -102,6 +102,19 @@ def check_pick(run_id: str, opts: options.Options, config: tracking.TrackingConf
         )
 
 
+def check_keys(run_id: str, values: Mapping[str, Any], config: tracking.TrackingConfig, *, instead: str) -> None:
+    """Refuse to go on in run ``run_id`` with saves keyed otherwise than its checkpoints: a run holds one kind
+    of key (epoch or step). Said before the run is touched; ``instead`` says how to save the other way."""
+    asked = layout.STEP if values.get("checkpoint_every_steps") is not None else layout.EPOCH
+    saved = tracking.list_checkpoints(run_id, config=config)
+    if saved and saved[-1].keyed_by != asked:
+        flag = "--checkpoint-every-steps" if asked == layout.STEP else "--checkpoint-every"
+        raise PipelineError(
+            f"run {run_id} keys its checkpoints by {saved[-1].keyed_by}, and {flag} would key the resumed ones by "
+            f"{asked}: a run holds one kind of key. Leave {flag} out to save as the run did, or {instead}."
+        )
+
+
 def changed_params(task: Task, opts: options.Options, origin: Run) -> dict[str, tuple[str, str]]:
     """Params this resume changes: name -> (recorded, new); refused without --override."""
     recorded = origin.data.params

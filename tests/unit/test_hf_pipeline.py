@@ -195,8 +195,18 @@ def test_from_step_branches_a_child_run_from_mid_epoch_that_ends_as_the_straight
         (["--resume", "{run}", "--from-step", "4"], 1, "Add --new-run to branch a child run from step 4"),
         (["--resume", "{run}", "--checkpoint-every", "1"], 1, "checkpoint_every none -> 1"),
         (["--resume", "{run}", "--checkpoint-every-steps", "3"], 1, "checkpoint_every_steps 2 -> 3"),
+        (["--resume", "{run}", "--checkpoint-every", "1", "--override"], 1, "a run holds one kind of key"),
     ],
-    ids=["both-intervals", "from-step-alone", "from-step-and-epoch", "from-epoch", "rewind", "by-epoch", "other-steps"],
+    ids=[
+        "both-intervals",
+        "from-step-alone",
+        "from-step-and-epoch",
+        "from-epoch",
+        "rewind",
+        "by-epoch",
+        "other-steps",
+        "by-epoch-overridden",
+    ],
 )
 def test_a_step_run_refuses_what_it_cannot_do_before_any_training(
     step_runs: StepRuns, args: list[str], code: int, said: str
@@ -206,6 +216,7 @@ def test_a_step_run_refuses_what_it_cannot_do_before_any_training(
     assert experiment is not None
     before = len(client.search_runs([experiment.experiment_id]))
     run = step_runs.resumed
+    status = client.get_run(run).info
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", step_runs.uri)
         patch.setenv("TRACKING_EXPERIMENT", EXPERIMENT)
@@ -218,6 +229,8 @@ def test_a_step_run_refuses_what_it_cannot_do_before_any_training(
     if code == 1:
         assert run in lines[0], lines[0]
     assert len(client.search_runs([experiment.experiment_id])) == before
+    after = client.get_run(run).info
+    assert (after.status, after.end_time) == (status.status, status.end_time)
     steps = [c.step for c in tracking.list_checkpoints(run, config=tracking.TrackingConfig(tracking_uri=step_runs.uri))]
     assert steps == [2, 3, 4, 6]
 
