@@ -1,8 +1,10 @@
 """Train `DigitsClassifier` (a tiny Hugging Face model from a config made in code) on scikit-learn's 8x8
-digits with the Hugging Face Trainer; each epoch's checkpoint folder becomes a logged model of the run.
+digits with the Hugging Face Trainer; each checkpoint folder it saves becomes a logged model of the run.
 
 python -m pipelines.hf_digits --epochs 6
 python -m pipelines.hf_digits --resume RUN_ID --epochs 12
+python -m pipelines.hf_digits --epochs 6 --checkpoint-every-steps 20     # checkpoint-step-00000020, ...
+python -m pipelines.hf_digits --resume RUN_ID --from-step 40 --new-run --epochs 12
 torchrun --nproc-per-node 2 -m pipelines.hf_digits --epochs 6
 torchrun --nproc-per-node 2 -m pipelines.hf_digits --resume RUN_ID --epochs 12
 
@@ -10,6 +12,15 @@ The learning rate is constant, so a resumed run goes on exactly as one that neve
 (`Trainer.train(resume_from_checkpoint=...)` restores the weights, AdamW's state, the RNGs and the
 data order). --keep-last is the Trainer's save_total_limit, --monitor its metric_for_best_model
 (val_loss: eval_loss, val_accuracy: eval_accuracy); the run's logged models follow its rotation.
+
+By default the Trainer saves, evaluates and logs at each epoch's end (--checkpoint-every N: every N
+epochs, and the last), and the run's checkpoints are keyed by epoch. --checkpoint-every-steps N
+(recorded, instead of --checkpoint-every) does all three every N optimizer steps and at the last step
+(save_strategy="steps"), and keys them by global step; a save may then fall mid-epoch, and the Trainer
+resumes it at its next batch. An evaluation there leaves the RNG states as it found them, so a run
+resumed from its last step (where the Trainer evaluates even off the N-step grid) goes on bit for bit
+as a longer run. --from-step N picks step N's checkpoint of such a run (--from-epoch is refused
+there, and --from-step in a run keyed by epoch); a resume in the same run keeps its kind of key.
 
 Under torchrun the Trainer trains DDP on the CPU (gloo), every flag as in one process but --strategy fsdp:
 rank 0 alone finds the run to resume, starts the run, logs and prints; every rank gets the run's ID, has

@@ -3,6 +3,19 @@ ModelCheckpoint writes is a logged model of the run (tracking.integrations.light
 
 python -m pipelines.lightning_digits --epochs 10
 python -m pipelines.lightning_digits --resume RUN_ID --epochs 20
+python -m pipelines.lightning_digits --epochs 10 --checkpoint-every-steps 20   # checkpoint-step-00000020, ...
+
+The checkpoints are saved every --checkpoint-every N epochs, or (recorded, instead) every
+--checkpoint-every-steps N optimizer steps, keyed by global step; either way also at the end of the
+last epoch, so a run's latest checkpoint is where it stopped. A save by steps that falls on an epoch's
+last batch is made at that epoch's end, after its validation, as saves by epoch are (Lightning resumes
+a save made before that validation past it, not as a run that never stopped). --keep-best ranks
+the saves by steps by the latest validation's --monitor.
+
+--resume RUN_ID goes on in RUN_ID from its latest checkpoint (a resume keeps the run's kind of key),
+bit for bit as a longer run would have: the training loader is resumable (an order drawn from --seed
+and the epoch, and its place in the epoch kept in each checkpoint), so a save in mid-epoch, the latest
+of a run killed before its end, resumes at its next batch.
 """
 
 from __future__ import annotations
@@ -57,14 +70,14 @@ def train(opts: options.Options) -> str:
             f"resume it with `python -m {recorded.get('pipeline')}`."
         )
     values = opts.settings(recorded)
-    conflicts = opts.conflicts(recorded) if origin else {}
-    if conflicts and not opts.override:
-        listed = ", ".join(f"{name} {old} -> {new}" for name, (old, new) in conflicts.items())
-        raise runs.PipelineError(
-            f"run {origin.info.run_id} was trained with other params ({listed}); leave these options out to keep them, "
-            "or add --override to apply them."
-        )
     if origin is not None:
+        conflicts = opts.conflicts(recorded)
+        if conflicts and not opts.override:
+            listed = ", ".join(f"{name} {old} -> {new}" for name, (old, new) in conflicts.items())
+            raise runs.PipelineError(
+                f"run {origin.info.run_id} was trained with other params ({listed}); leave these options out to "
+                "keep them, or add --override to apply them."
+            )
         runs.check_keys(origin.info.run_id, values, config, instead="train a new run (no --resume)")
     ckpt_path = checkpoint_path(origin.info.run_id) if origin else None
     pl.seed_everything(values["seed"], verbose=False)
