@@ -1,8 +1,10 @@
 """Train `DigitsClassifier` (a tiny Hugging Face model from a config made in code) on scikit-learn's 8x8
-digits with the Hugging Face Trainer; each epoch's checkpoint folder becomes a logged model of the run.
+digits with the Hugging Face Trainer; each checkpoint folder it saves becomes a logged model of the run.
 
 python -m pipelines.hf_digits --epochs 6
 python -m pipelines.hf_digits --resume RUN_ID --epochs 12
+python -m pipelines.hf_digits --epochs 6 --checkpoint-every-steps 20     # checkpoint-step-00000020, ...
+python -m pipelines.hf_digits --resume RUN_ID --from-step 40 --new-run --epochs 12
 torchrun --nproc-per-node 2 -m pipelines.hf_digits --epochs 6
 torchrun --nproc-per-node 2 -m pipelines.hf_digits --resume RUN_ID --epochs 12
 
@@ -10,6 +12,15 @@ The learning rate is constant, so a resumed run goes on exactly as one that neve
 (`Trainer.train(resume_from_checkpoint=...)` restores the weights, AdamW's state, the RNGs and the
 data order). --keep-last is the Trainer's save_total_limit, --monitor its metric_for_best_model
 (val_loss: eval_loss, val_accuracy: eval_accuracy); the run's logged models follow its rotation.
+
+By default the Trainer saves, evaluates and logs at each epoch's end (--checkpoint-every N: every N
+epochs, and the last), and the run's checkpoints are keyed by epoch. --checkpoint-every-steps N
+(recorded, instead of --checkpoint-every) does all three every N optimizer steps and at the last step
+(save_strategy="steps"), and keys them by global step; a save may then fall mid-epoch, and the Trainer
+resumes it at its next batch. An evaluation there leaves the RNG states as it found them, so a run
+resumed from its last step (where the Trainer evaluates even off the N-step grid) goes on bit for bit
+as a longer run. --from-step N picks step N's checkpoint of such a run (--from-epoch is refused
+there, and --from-step in a run keyed by epoch); a resume in the same run keeps its kind of key.
 
 Under torchrun the Trainer trains DDP on the CPU (gloo), every flag as in one process but --strategy fsdp:
 rank 0 alone finds the run to resume, starts the run, logs and prints; every rank gets the run's ID, has
@@ -47,7 +58,7 @@ MONITORS = {"val_loss": "loss", "val_accuracy": "accuracy"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    opts = options.parse(argv, prog=f"python -m {NAME}", description=__doc__, defaults=DEFAULTS)
+    opts = options.parse(argv, prog=f"python -m {NAME}", description=__doc__, defaults=DEFAULTS, steps=True)
     return options.run_pipeline(lambda: train(opts))
 
 
@@ -82,37 +93,47 @@ def _train(opts: options.Options) -> str:
     import tracking
     from pipelines import data, noise, parallel, runs
     from pipelines.hf_model import DigitsClassifier, DigitsConfig, Examples, accuracy
+    from tracking import layout
     from tracking.integrations.transformers import TrackingCallback, checkpoint_folder
     from tracking.parallel import distributed
 
     config = tracking.TrackingConfig.from_env(experiment_name=opts.experiment)
     client = MlflowClient(config.tracking_uri)
-    which = "latest" if opts.from_epoch is None else opts.from_epoch
+    # An int picks a step in a run keyed by step, else an epoch (_origin checked which the run has).
+    which = opts.from_step or opts.from_epoch or "latest"
 
-    def settle() -> tuple[Any, dict[str, Any], int | None]:
+    def settle() -> tuple[Any, dict[str, Any], dict[str, str] | None]:
         origin = _origin(client, opts, config) if opts.resume else None
         recorded = origin.data.params if origin else {}
         values = opts.settings(recorded)
-        _check_overrides(opts, recorded)
-        _metric_for_best_model(values)
-        epoch = None
         if origin is not None:
-            epoch = tracking.find_checkpoint(origin.info.run_id, which, config=config).manifest.epoch or 0
-            if epoch >= opts.epochs:
-                raise runs.PipelineError(
-                    f"run {origin.info.run_id} already reached epoch {epoch} and --epochs is {opts.epochs}; pass "
-                    f"--epochs greater than {epoch} to train further."
-                )
-        return origin, values, epoch
+            _check_overrides(origin.info.run_id, opts, recorded)
+            if not opts.new_run:
+                runs.check_keys(origin.info.run_id, values, config, instead="add --new-run to branch a child run")
+        _metric_for_best_model(values)
+        if origin is None:
+            return origin, values, None
+        picked = tracking.find_checkpoint(origin.info.run_id, which, config=config).manifest
+        epoch = picked.epoch or 0
+        if epoch >= opts.epochs:
+            raise runs.PipelineError(
+                f"run {origin.info.run_id} already reached epoch {epoch} and --epochs is {opts.epochs}; pass "
+                f"--epochs greater than {epoch} to train further."
+            )
+        # The run's tags say where the resume started: the epochs completed, and the step of a save by steps.
+        resumed = {runs.TAG_RESUMED_FROM_EPOCH: str(epoch)}
+        if picked.keyed_by == layout.STEP:
+            resumed[runs.TAG_RESUMED_FROM_STEP] = str(picked.step)
+        return origin, values, resumed
 
     # Rank 0 alone reads MLflow; every rank gets what it found, or its error.
-    origin, values, epoch = distributed.on_rank0(settle)
+    origin, values, resumed = distributed.on_rank0(settle)
     world = distributed.world_size()
     launcher = f"torchrun --nproc-per-node {world}" if parallel.launched() else "python"
     split = data.load(DATASET)
     # The frameworks' adverts and warnings about their own code would bury the run's lines.
     with (
-        parallel.lead_run(lambda: _start(client, config, opts, origin, values, epoch)) as (run, run_id),
+        parallel.lead_run(lambda: _start(client, config, opts, origin, values, resumed)) as (run, run_id),
         noise.transformers_quiet(),
     ):
         # Scratch space for the Trainer's folders, shared by a machine's ranks: every checkpoint that
@@ -124,6 +145,13 @@ def _train(opts: options.Options) -> str:
         output_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(values["seed"])
         model = DigitsClassifier(DigitsConfig(n_features=split.n_features, hidden=HIDDEN, dropout=DROPOUT))
+        # Saved, evaluated and logged at the same points, so that each checkpoint carries the metrics it is
+        # ranked by: every N optimizer steps (and the last, keyed by global step), or at each epoch's end.
+        steps = values["checkpoint_every_steps"]
+        interval: dict[str, Any] = {"save_strategy": "epoch", "eval_strategy": "epoch", "logging_strategy": "epoch"}
+        if steps is not None:
+            interval = {"save_strategy": "steps", "eval_strategy": "steps", "logging_strategy": "steps"}
+            interval.update(save_steps=steps, eval_steps=steps, logging_steps=steps)
         # Under torchrun the Trainer runs DDP on the CPU over gloo, as the other pipelines' --strategy ddp. Every
         # parameter takes part in each step: DDP need not look for unused ones (and warn that it found none).
         ranks: dict[str, Any] = {}
@@ -135,9 +163,6 @@ def _train(opts: options.Options) -> str:
             per_device_train_batch_size=values["batch_size"],
             learning_rate=values["lr"],
             lr_scheduler_type="constant",
-            save_strategy="epoch",
-            eval_strategy="epoch",
-            logging_strategy="epoch",
             save_total_limit=values["keep_last"],
             metric_for_best_model=MONITORS[values["monitor"]],
             greater_is_better=values["monitor_mode"] == "max",
@@ -146,11 +171,12 @@ def _train(opts: options.Options) -> str:
             disable_tqdm=True,
             dataloader_num_workers=0,
             dataloader_pin_memory=False,
+            **interval,
             **ranks,
         )
         checkpoints = TrackingCallback(
             run_id=run_id,
-            every_n_epochs=values["checkpoint_every"],
+            every_n_epochs=values["checkpoint_every"] or 1,  # saves by steps: save_steps thins them
             commands=[f"{launcher} -m {NAME} --resume {{run_id}} --epochs {2 * opts.epochs}"],
             config=config,
         )
@@ -160,7 +186,7 @@ def _train(opts: options.Options) -> str:
             train_dataset=Examples(split.x_train, split.y_train),
             eval_dataset=Examples(split.x_val, split.y_val),
             compute_metrics=accuracy,
-            callbacks=[_epoch_metrics(), checkpoints],
+            callbacks=[_epoch_metrics(), checkpoints, *([_neutral_evaluations()] if steps is not None else [])],
         )
         folder = None
         if origin is not None:
@@ -177,7 +203,12 @@ def _train(opts: options.Options) -> str:
 
 @contextmanager
 def _start(
-    client: Any, config: Any, opts: options.Options, origin: Any, values: Mapping[str, Any], epoch: int | None
+    client: Any,
+    config: Any,
+    opts: options.Options,
+    origin: Any,
+    values: Mapping[str, Any],
+    resumed: Mapping[str, str] | None,
 ) -> Iterator[Any]:
     """The MLflow run this training writes to (new, RUN_ID itself, or its child), params and tags logged."""
     import mlflow
@@ -202,19 +233,18 @@ def _start(
         "dataset": DATASET,
         "model_class": f"{DigitsClassifier.__module__}:{DigitsClassifier.__qualname__}",
         **{name: str(value) for name, value in PARAMS.items()},
-        **{name: options.param_value(values[name]) for name in options.RECORDED},
+        **opts.params(values),
     }
     with mlflow.start_run(**run_args) as run:
         mlflow.log_params({k: v for k, v in params.items() if k not in recorded or opts.new_run})
         runs.announce(client, run)
-        if epoch is not None:
-            mlflow.set_tags({**tags, runs.TAG_RESUMED_FROM_EPOCH: str(epoch)})
+        if resumed is not None:
+            mlflow.set_tags({**tags, **resumed})
         yield run
 
 
 def _origin(client: Any, opts: options.Options, config: Any) -> Any:
     """The run to resume, once checked that this pipeline trained it and can go on as asked."""
-    import tracking
     from pipelines import runs
 
     assert opts.resume is not None
@@ -225,24 +255,18 @@ def _origin(client: Any, opts: options.Options, config: Any) -> Any:
             f"run {run_id} was trained by {params['pipeline']}, not by {NAME}; resume it with "
             f"`python -m {params['pipeline']}`."
         )
-    if opts.from_epoch is not None and not opts.new_run:
-        latest = max((m.epoch or 0 for m in tracking.list_checkpoints(run_id, config=config)), default=0)
-        if opts.from_epoch < latest:
-            raise runs.PipelineError(
-                f"run {run_id} has checkpoints up to epoch {latest}; continuing it from epoch {opts.from_epoch} "
-                f"would rewrite its later history. Add --new-run to branch a child run from epoch {opts.from_epoch}."
-            )
+    runs.check_pick(run_id, opts, config)
     return origin
 
 
-def _check_overrides(opts: options.Options, recorded: Mapping[str, str]) -> None:
+def _check_overrides(run_id: str, opts: options.Options, recorded: Mapping[str, str]) -> None:
     from pipelines import runs
 
     changed = opts.conflicts(recorded)
     if changed and not opts.override:
         listed = ", ".join(f"{name} {old} -> {new}" for name, (old, new) in changed.items())
         raise runs.PipelineError(
-            f"the run was trained with other params ({listed}); leave these options out to keep the run's "
+            f"run {run_id} was trained with other params ({listed}); leave these options out to keep the run's "
             "values, or add --override to apply them."
         )
 
@@ -280,6 +304,34 @@ def _epoch_metrics() -> Any:
                 mlflow.log_metrics(metrics, step=state.global_step)
 
     return EpochMetrics()
+
+
+def _neutral_evaluations() -> Any:
+    """A callback that puts the RNG states back as they were before each evaluation of a training by steps.
+
+    Evaluating draws from the global RNG (each DataLoader iterator draws its base seed), and the Trainer
+    evaluates at its last step also when that step is no multiple of --checkpoint-every-steps; the save
+    there holds the RNG states after that evaluation, which a longer run never made. Left neutral, a
+    resume from that save goes on as the longer run does, bit for bit.
+    """
+    from transformers import TrainerCallback
+
+    import tracking
+
+    class NeutralEvaluations(TrainerCallback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.before: dict[str, Any] | None = None
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            # After the Trainer's own flow callback decided: an evaluation follows this step.
+            self.before = tracking.capture_rng_state() if control.should_evaluate else None
+
+        def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.before is not None:  # before the save of this step writes the RNG states
+                tracking.restore_rng_state(self.before)
+                self.before = None
+
+    return NeutralEvaluations()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,19 @@ ModelCheckpoint writes is a logged model of the run (tracking.integrations.light
 
 python -m pipelines.lightning_digits --epochs 10
 python -m pipelines.lightning_digits --resume RUN_ID --epochs 20
+python -m pipelines.lightning_digits --epochs 10 --checkpoint-every-steps 20   # checkpoint-step-00000020, ...
+
+The checkpoints are saved every --checkpoint-every N epochs, or (recorded, instead) every
+--checkpoint-every-steps N optimizer steps, keyed by global step; either way also at the end of the
+last epoch, so a run's latest checkpoint is where it stopped. A save by steps that falls on an epoch's
+last batch is made at that epoch's end, after its validation, as saves by epoch are (Lightning resumes
+a save made before that validation past it, not as a run that never stopped). --keep-best ranks
+the saves by steps by the latest validation's --monitor.
+
+--resume RUN_ID goes on in RUN_ID from its latest checkpoint (a resume keeps the run's kind of key),
+bit for bit as a longer run would have: the training loader is resumable (an order drawn from --seed
+and the epoch, and its place in the epoch kept in each checkpoint), so a save in mid-epoch, the latest
+of a run killed before its end, resumes at its next batch.
 """
 
 from __future__ import annotations
@@ -22,11 +35,13 @@ PARAMS = {"model": "LitDigits", "hidden": HIDDEN, "dropout": DROPOUT, "optimizer
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    opts = options.parse(argv, prog=f"python -m {NAME}", description=__doc__, defaults={"epochs": 10, "lr": 1e-3})
-    if opts.from_epoch is not None or opts.new_run or opts.strategy is not None:
+    opts = options.parse(
+        argv, prog=f"python -m {NAME}", description=__doc__, defaults={"epochs": 10, "lr": 1e-3}, steps=True
+    )
+    if opts.from_epoch is not None or opts.from_step is not None or opts.new_run or opts.strategy is not None:
         print(
-            f"{NAME}: --from-epoch, --new-run and --strategy are the hand-written loop's; this pipeline resumes "
-            "RUN_ID itself from its latest checkpoint (Lightning's own DDP: see README).",
+            f"{NAME}: --from-epoch, --from-step, --new-run and --strategy are the other pipelines'; this pipeline "
+            "resumes RUN_ID itself from its latest checkpoint (Lightning's own DDP: see README).",
             file=sys.stderr,
         )
         return 2
@@ -37,13 +52,12 @@ def train(opts: options.Options) -> str:
     """Train a new run, or go on with ``--resume RUN_ID``; returns the run ID."""
     import lightning.pytorch as pl
     import mlflow
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import MLFlowLogger
     from mlflow.tracking import MlflowClient
 
     import tracking
     from pipelines import noise, runs
-    from pipelines.lightning_modules import LitDigits, digits_loaders
+    from pipelines.lightning_modules import LitDigits, PipelineCheckpoint, digits_loaders
     from tracking.integrations.lightning import MLflowCheckpoints, checkpoint_path
 
     config = tracking.TrackingConfig.from_env(experiment_name=opts.experiment)
@@ -56,15 +70,18 @@ def train(opts: options.Options) -> str:
             f"resume it with `python -m {recorded.get('pipeline')}`."
         )
     values = opts.settings(recorded)
-    conflicts = opts.conflicts(recorded) if origin else {}
-    if conflicts and not opts.override:
-        listed = ", ".join(f"{name} {old} -> {new}" for name, (old, new) in conflicts.items())
-        raise runs.PipelineError(
-            f"run {opts.resume} was trained with other params ({listed}); leave these options out to keep them."
-        )
+    if origin is not None:
+        conflicts = opts.conflicts(recorded)
+        if conflicts and not opts.override:
+            listed = ", ".join(f"{name} {old} -> {new}" for name, (old, new) in conflicts.items())
+            raise runs.PipelineError(
+                f"run {origin.info.run_id} was trained with other params ({listed}); leave these options out to "
+                "keep them, or add --override to apply them."
+            )
+        runs.check_keys(origin.info.run_id, values, config, instead="train a new run (no --resume)")
     ckpt_path = checkpoint_path(origin.info.run_id) if origin else None
     pl.seed_everything(values["seed"], verbose=False)
-    train_loader, val_loader = digits_loaders(values["batch_size"])
+    train_loader, val_loader = digits_loaders(values["batch_size"], values["seed"])
     module = LitDigits(hidden=HIDDEN, dropout=DROPOUT, lr=values["lr"])  # the digits' 64 pixels: its default
     run_args: dict[str, Any] = (
         {"run_id": origin.info.run_id}
@@ -79,35 +96,37 @@ def train(opts: options.Options) -> str:
                     "pipeline": NAME,
                     "dataset": DATASET,
                     **{k: str(v) for k, v in PARAMS.items()},
-                    **{name: options.param_value(values[name]) for name in options.RECORDED},
+                    **opts.params(values),
                 }
             )
         runs.announce(client, run)
         run_id = run.info.run_id
         # The run's own folder: a resume on this machine finds the files its ModelCheckpoint kept.
         folder = Path(tempfile.gettempdir()) / "tracking-lightning-digits" / run_id
-        every = values["checkpoint_every"]
+        # Every N optimizer steps (the run's checkpoints keyed by global step) or every N epochs, and the last.
+        steps = values["checkpoint_every_steps"]
+        every = {"every_n_train_steps": steps} if steps is not None else {"every_n_epochs": values["checkpoint_every"]}
         keep_last = values["keep_last"]
         callbacks: list[Any] = [
             # The last N checkpoints (by global step), as --keep-last says; all with --keep-last all.
-            ModelCheckpoint(
+            PipelineCheckpoint(
                 dirpath=folder / "last",
                 filename="{epoch}-{step}",
-                every_n_epochs=every,
                 save_top_k=-1 if keep_last is None else keep_last,
                 monitor="step",
                 mode="max",
+                **every,
             ),
         ]
         if keep_last is not None and values["keep_best"] is not None:
             callbacks.append(
-                ModelCheckpoint(
+                PipelineCheckpoint(
                     dirpath=folder / "best",
                     filename="{epoch}-{step}",
-                    every_n_epochs=every,
                     save_top_k=values["keep_best"],
                     monitor=values["monitor"],
                     mode=values["monitor_mode"],
+                    **every,
                 )
             )
         resume = f"python -m {NAME} --resume {{run_id}} --epochs {2 * opts.epochs}"
@@ -136,12 +155,15 @@ def train(opts: options.Options) -> str:
 
 
 def trainer_epochs_done(ckpt_path: str | None) -> int:
-    """Epochs a Lightning checkpoint has trained (its ``epoch`` counts from 0)."""
+    """Epochs a Lightning checkpoint has trained (its ``epoch`` counts from 0; a save by steps in mid-epoch
+    has not finished that epoch)."""
     import torch
 
     if ckpt_path is None:
         return 0
-    return int(torch.load(ckpt_path, map_location="cpu", weights_only=True)["epoch"]) + 1
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    batches = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+    return int(checkpoint["epoch"]) + (1 if batches.get("is_last_batch", True) else 0)
 
 
 if __name__ == "__main__":

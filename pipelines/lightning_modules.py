@@ -1,15 +1,18 @@
-"""The LightningModules the Lightning pipeline trains (a module of their own: importing the pipeline's
-command line does not import Lightning)."""
+"""What the Lightning pipeline trains with: its LightningModule, its data (a loader Lightning resumes
+mid-epoch) and its ModelCheckpoint (a module of their own: importing the pipeline's command line does not
+import Lightning)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from pipelines import data
 
@@ -47,8 +50,72 @@ class LitDigits(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
 
-def digits_loaders(batch_size: int = 64) -> tuple[DataLoader[Any], DataLoader[Any]]:
-    """The digits' training (shuffled) and validation loaders, as the pipeline trains on them."""
+class EpochShuffle(Sampler[int]):
+    """The training rows in an order drawn from the seed and the epoch (Lightning calls ``set_epoch``), so a
+    resumed fit draws the order a fit that never stopped drew; an epoch resumed mid-way skips its first
+    ``start`` rows."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch, self.start, self.taken = size, seed, 0, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        # hash() of a tuple of ints is the same in every process (PYTHONHASHSEED salts only str and bytes).
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(hash((self.seed, self.epoch))))
+        self.taken, self.start = self.start, 0
+        for index in order[self.taken :].tolist():
+            self.taken += 1
+            yield index
+
+
+class ResumableLoader(DataLoader[Any]):
+    """A DataLoader with ``state_dict``/``load_state_dict``: Lightning keeps its place in each checkpoint and
+    resumes a mid-epoch one at its next batch (a plain DataLoader would start that epoch's data over)."""
+
+    sampler: EpochShuffle
+
+    def state_dict(self) -> dict[str, int]:
+        return {"taken": self.sampler.taken}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        # A save at an epoch's end: the next epoch starts at its beginning.
+        self.sampler.start = state["taken"] % len(self.sampler)
+
+
+def digits_loaders(batch_size: int = 64, seed: int = 0) -> tuple[DataLoader[Any], DataLoader[Any]]:
+    """The digits' training loader (shuffled by ``seed`` and the epoch, resumable mid-epoch) and validation
+    loader, as the pipeline trains on them."""
     split = data.load("digits")
-    train = DataLoader(TensorDataset(split.x_train, split.y_train), batch_size=batch_size, shuffle=True)
+    rows = TensorDataset(split.x_train, split.y_train)
+    train = ResumableLoader(rows, batch_size=batch_size, sampler=EpochShuffle(len(rows), seed))
     return train, DataLoader(TensorDataset(split.x_val, split.y_val), batch_size=256)
+
+
+class PipelineCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` saving every ``every_n_epochs`` epochs or every ``every_n_train_steps`` optimizer
+    steps, and at the end of the last epoch (``max_epochs``), so that a run's latest checkpoint is where it stopped.
+
+    A save by steps that falls on an epoch's last batch is made at that epoch's end instead, after its
+    validation, where saves by epoch are made: Lightning resumes a save made before that validation past
+    the epoch's end without running it, and the run would not go on as one that never stopped.
+    """
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return  # on_train_epoch_end saves it, if due
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)  # a save every N epochs
+        every = self._every_n_train_steps
+        due = every >= 1 and trainer.global_step % every == 0
+        last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        if (due or last) and not self._should_skip_saving_checkpoint(trainer):
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))

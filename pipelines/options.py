@@ -19,11 +19,18 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 32,
     "seed": 0,
     "checkpoint_every": 1,
+    "checkpoint_every_steps": None,  # None: by epoch (--checkpoint-every)
     "keep_last": 3,
     "keep_best": 1,
     "monitor": "val_loss",
     "monitor_mode": None,  # None: max for accuracies, min otherwise
 }
+
+
+# How a param spells None: keep every checkpoint ("all"), or no saving by that interval ("none").
+ALL, NONE = "all", "none"
+# The options a run saves by: every N epochs, or (the framework pipelines) every N optimizer steps.
+INTERVALS = ("checkpoint_every", "checkpoint_every_steps")
 
 
 def _positive_int(text: str) -> int:
@@ -37,7 +44,12 @@ def _positive_int(text: str) -> int:
 
 
 def _count(text: str) -> int | None:
-    return None if text == "all" else _positive_int(text)
+    return None if text == ALL else _positive_int(text)
+
+
+def _interval(text: str) -> int | None:
+    # A run saves by epoch or by step: the other interval is recorded as "none".
+    return None if text == NONE else _positive_int(text)
 
 
 def _rate(text: str) -> float:
@@ -50,12 +62,14 @@ def _rate(text: str) -> float:
     return value
 
 
-# The options logged as run params, with the parser that reads them back from a param.
+# The options logged as run params, with the parser that reads them back from a param. A pipeline
+# records those it offers: checkpoint_every_steps only where parse(..., steps=True).
 RECORDED: dict[str, Callable[[str], Any]] = {
     "lr": _rate,
     "batch_size": _positive_int,
     "seed": int,
-    "checkpoint_every": _positive_int,
+    "checkpoint_every": _interval,
+    "checkpoint_every_steps": _interval,
     "keep_last": _count,
     "keep_best": _count,
     "monitor": str,
@@ -65,7 +79,8 @@ RECORDED: dict[str, Callable[[str], Any]] = {
 
 @dataclass(frozen=True)
 class Options:
-    """A parsed command line; ``given`` holds the recorded options that were passed explicitly."""
+    """A parsed command line; ``given`` holds the recorded options that were passed explicitly,
+    ``defaults`` every option this pipeline records."""
 
     epochs: int
     experiment: str | None
@@ -76,33 +91,58 @@ class Options:
     given: dict[str, Any]
     defaults: dict[str, Any]
     strategy: str | None = None  # "ddp" or "fsdp" under torchrun (see pipelines.parallel)
+    from_step: int | None = None  # the framework pipelines' --from-step
 
     def settings(self, recorded: Mapping[str, str] | None = None) -> dict[str, Any]:
         """Every recorded option's value: given > the resumed run's param > default."""
         recorded = recorded or {}
         values = dict(self.defaults)
-        values.update({k: RECORDED[k](v) for k, v in recorded.items() if k in RECORDED})
+        values.update({k: RECORDED[k](v) for k, v in recorded.items() if k in self.defaults})
         values.update(self.given)
         if values["monitor_mode"] is None or ("monitor" in self.given and "monitor_mode" not in self.given):
             values["monitor_mode"] = "max" if values["monitor"].endswith("accuracy") else "min"
+        # A run saves by one interval: the one given, else the recorded one; the other is none.
+        for name, other in (INTERVALS, INTERVALS[::-1]):
+            if name in self.given and other in values:
+                values[other] = None
         return values
+
+    def params(self, values: Mapping[str, Any]) -> dict[str, str]:
+        """The recorded options' ``values`` as the run's params."""
+        return {name: param_value(name, values[name]) for name in self.defaults}
 
     def conflicts(self, recorded: Mapping[str, str]) -> dict[str, tuple[str, str]]:
         """Given options whose value differs from the resumed run's param: name -> (recorded, given)."""
         return {
-            name: (recorded[name], param_value(value))
+            name: (recorded[name], param_value(name, value))
             for name, value in self.given.items()
             if name in recorded and RECORDED[name](recorded[name]) != value
         }
 
 
-def param_value(value: Any) -> str:
-    return "all" if value is None else str(value)
+def param_value(name: str, value: Any) -> str:
+    """Option ``name``'s ``value`` as a param (and as its default in ``--help``)."""
+    if value is None:
+        return NONE if name in INTERVALS else ALL
+    return str(value)
 
 
-def parse(argv: Sequence[str] | None, *, prog: str, description: str | None, defaults: Mapping[str, Any]) -> Options:
-    """Parse a training pipeline's command line; ``defaults`` override the shared ones per pipeline."""
+def parse(
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+    description: str | None,
+    defaults: Mapping[str, Any],
+    steps: bool = False,
+) -> Options:
+    """Parse a training pipeline's command line; ``defaults`` override the shared ones per pipeline.
+
+    ``steps``: the pipeline also saves every N optimizer steps (``--checkpoint-every-steps``, recorded)
+    and resumes from a step's checkpoint (``--from-step``): the framework pipelines, whose Trainer resumes
+    mid-epoch. The others save by epoch and do not offer these flags.
+    """
     merged = {**DEFAULTS, **defaults}
+    names = [name for name in RECORDED if steps or name != "checkpoint_every_steps"]
     parser = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -122,7 +162,8 @@ def parse(argv: Sequence[str] | None, *, prog: str, description: str | None, def
     )
 
     def add(flag: str, help: str, shown: str | None = None, **kwargs: Any) -> None:
-        default = shown or param_value(merged[flag[2:].replace("-", "_")])
+        name = flag[2:].replace("-", "_")
+        default = shown or param_value(name, merged[name])
         # SUPPRESS keeps options that were not given out of the namespace, so that a
         # resumed run can tell them from the ones its params should fill in.
         recorded.add_argument(flag, default=argparse.SUPPRESS, help=f"{help} (default: {default})", **kwargs)
@@ -131,6 +172,14 @@ def parse(argv: Sequence[str] | None, *, prog: str, description: str | None, def
     add("--batch-size", "training batch size", type=_positive_int)
     add("--seed", "seed for the initial weights and the batch order", type=int)
     add("--checkpoint-every", "log a checkpoint every N epochs, and after the last", type=_positive_int, metavar="N")
+    if steps:
+        add(
+            "--checkpoint-every-steps",
+            "log a checkpoint every N optimizer steps, and after the last, keyed by global step "
+            "(checkpoint-step-00000120), instead of every N epochs",
+            type=_positive_int,
+            metavar="N",
+        )
     add("--keep-last", "keep the last N checkpoints (all: delete none)", type=_count, metavar="N|all")
     add("--keep-best", "also keep the best N checkpoints by --monitor", type=_count, metavar="N|all")
     add("--monitor", "metric that ranks checkpoints", choices=METRICS)
@@ -141,6 +190,13 @@ def parse(argv: Sequence[str] | None, *, prog: str, description: str | None, def
     resume.add_argument(
         "--from-epoch", type=_positive_int, metavar="N", help="resume from epoch N's checkpoint instead"
     )
+    if steps:
+        resume.add_argument(
+            "--from-step",
+            type=_positive_int,
+            metavar="N",
+            help="resume a run saved by steps from global step N's checkpoint instead",
+        )
     resume.add_argument(
         "--new-run", action="store_true", help="resume into a new child run instead of continuing RUN_ID"
     )
@@ -157,8 +213,13 @@ def parse(argv: Sequence[str] | None, *, prog: str, description: str | None, def
         "fsdp shards it with FSDP2 (every rank writes its shards); default under torchrun: ddp",
     )
     args = parser.parse_args(argv)
-    if args.resume is None and (args.from_epoch is not None or args.new_run or args.override):
-        parser.error("--from-epoch, --new-run and --override need --resume RUN_ID")
+    from_step = getattr(args, "from_step", None)
+    if args.resume is None and (args.from_epoch is not None or from_step is not None or args.new_run or args.override):
+        parser.error(f"--from-epoch, {'--from-step, ' if steps else ''}--new-run and --override need --resume RUN_ID")
+    if hasattr(args, "checkpoint_every") and hasattr(args, "checkpoint_every_steps"):
+        parser.error("--checkpoint-every (epochs) and --checkpoint-every-steps: a run saves by one of them; pass one")
+    if args.from_epoch is not None and from_step is not None:
+        parser.error("--from-epoch and --from-step: a checkpoint is picked by one of them; pass one")
     return Options(
         epochs=args.epochs,
         experiment=args.experiment,
@@ -166,9 +227,10 @@ def parse(argv: Sequence[str] | None, *, prog: str, description: str | None, def
         from_epoch=args.from_epoch,
         new_run=args.new_run,
         override=args.override,
-        given={name: getattr(args, name) for name in RECORDED if hasattr(args, name)},
-        defaults={name: merged[name] for name in RECORDED},
+        given={name: getattr(args, name) for name in names if hasattr(args, name)},
+        defaults={name: merged[name] for name in names},
         strategy=args.strategy,
+        from_step=from_step,
     )
 
 

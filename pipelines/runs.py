@@ -40,6 +40,7 @@ from tracking.cli.noise import muted
 
 TAG_RESUMED_FROM_RUN = "tracking.resumed_from_run"
 TAG_RESUMED_FROM_EPOCH = "tracking.resumed_from_epoch"
+TAG_RESUMED_FROM_STEP = "tracking.resumed_from_step"
 TAG_RESUMES = "tracking.resumes"
 TAG_OVERRIDES = "tracking.overrides"
 
@@ -72,15 +73,46 @@ def find_origin(client: MlflowClient, task: Task, opts: options.Options, config:
             f"run {run_id} was trained by {params.get('pipeline', 'another pipeline')} on {params['dataset']}, "
             f"not by {task.name} on {task.dataset}; resume it with `python -m {params.get('pipeline')}`."
         )
-    if opts.from_epoch is not None and not opts.new_run:
-        latest = max((m.epoch or 0 for m in tracking.list_checkpoints(run_id, config=config)), default=0)
-        if opts.from_epoch < latest:
-            raise PipelineError(
-                f"run {run_id} has checkpoints up to epoch {latest}; continuing it from epoch "
-                f"{opts.from_epoch} would rewrite its later history. Add --new-run to branch a child run "
-                f"from epoch {opts.from_epoch}."
-            )
+    check_pick(run_id, opts, config)
     return run
+
+
+def check_pick(run_id: str, opts: options.Options, config: tracking.TrackingConfig) -> None:
+    """Refuse a ``--from-epoch`` in a run keyed by step (or ``--from-step`` in one keyed by epoch), and a pick
+    before the run's latest checkpoint when it would continue in place: that would rewrite its later history."""
+    kind, value = (layout.EPOCH, opts.from_epoch) if opts.from_epoch is not None else (layout.STEP, opts.from_step)
+    if value is None:
+        return
+    saved = tracking.list_checkpoints(run_id, config=config)
+    keys = [c.key for c in saved if c.key is not None]
+    if not keys:
+        return
+    keyed_by = saved[-1].keyed_by
+    if kind != keyed_by:
+        shown = ("..., " if len(keys) > 5 else "") + ", ".join(str(key) for key in keys[-5:])
+        raise PipelineError(
+            f"run {run_id} keys its checkpoints by {keyed_by} ({keyed_by}s {shown}), so --from-{kind} {value} "
+            f"names none of them; pass --from-{keyed_by} N with one of its {keyed_by}s instead."
+        )
+    latest = max(keys)
+    if value < latest and not opts.new_run:
+        raise PipelineError(
+            f"run {run_id} has checkpoints up to {kind} {latest}; continuing it from {kind} {value} would rewrite "
+            f"its later history. Add --new-run to branch a child run from {kind} {value}."
+        )
+
+
+def check_keys(run_id: str, values: Mapping[str, Any], config: tracking.TrackingConfig, *, instead: str) -> None:
+    """Refuse to go on in run ``run_id`` with saves keyed otherwise than its checkpoints: a run holds one kind
+    of key (epoch or step). Said before the run is touched; ``instead`` says how to save the other way."""
+    asked = layout.STEP if values.get("checkpoint_every_steps") is not None else layout.EPOCH
+    saved = tracking.list_checkpoints(run_id, config=config)
+    if saved and saved[-1].keyed_by != asked:
+        flag = "--checkpoint-every-steps" if asked == layout.STEP else "--checkpoint-every"
+        raise PipelineError(
+            f"run {run_id} keys its checkpoints by {saved[-1].keyed_by}, and {flag} would key the resumed ones by "
+            f"{asked}: a run holds one kind of key. Leave {flag} out to save as the run did, or {instead}."
+        )
 
 
 def changed_params(task: Task, opts: options.Options, origin: Run) -> dict[str, tuple[str, str]]:
@@ -186,7 +218,7 @@ def start(
         "pipeline": task.name,
         "dataset": task.dataset,
         **{name: str(value) for name, value in task.params.items()},
-        **{name: options.param_value(values[name]) for name in options.RECORDED},
+        **opts.params(values),
         **described(state),
     }
     tags: dict[str, str] = {}
@@ -268,7 +300,9 @@ def report(
             found = tracking.find_checkpoint(run_id, which, config=config)
         except tracking.NotFoundError:
             continue
-        print(f"{which} checkpoint: epoch {found.manifest.epoch}, models:/{found.model_id}", flush=True)
+        manifest = found.manifest
+        at = f"step {manifest.step}" if manifest.keyed_by == layout.STEP else f"epoch {manifest.epoch}"
+        print(f"{which} checkpoint: {at}, models:/{found.model_id}", flush=True)
     if whole_model_id is not None:
         print(
             f"whole model: models:/{whole_model_id} (mlflow.pytorch.load_model; a pickle: load only runs you trust)",

@@ -1,15 +1,22 @@
 """The Hugging Face pipeline as a command, on a sqlite tracking store and file:// artifacts: what it prints,
-and its charts (the epochs without a checkpoint at the same steps as those with one)."""
+its charts (the epochs without a checkpoint at the same steps as those with one), and its saves every N
+steps (keyed by step, resumed by run ID or from a step, exactly, and what such a run refuses)."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 import pytest
+import torch
 from mlflow import MlflowClient
 
 import tracking
@@ -83,3 +90,159 @@ def test_a_strategy_the_pipeline_cannot_honour_is_refused_in_one_line_before_any
     refusals = [line for line in error.splitlines() if line.startswith("error:")]
     assert len(refusals) == 1 and said in refusals[0], error
     assert not MlflowClient(uri).search_runs([experiment_id])
+
+
+# --checkpoint-every-steps: 1,437 training rows in batches of 512 are 3 optimizer steps an epoch, so a save every
+# 2 steps lands mid-epoch (step 2, step 4) and at the last step (3 after one epoch, 6 after two). In-process runs.
+STEPS = ("--batch-size", "512", "--checkpoint-every-steps", "2", "--keep-last", "all")
+
+
+@dataclass
+class StepRuns:
+    uri: str
+    straight: str  # 2 epochs
+    resumed: str  # 1 epoch, then --resume RUN_ID to 2
+    branched: str  # --resume resumed --from-step 2 --new-run to 2: a child run from mid-epoch 1
+
+
+def _inline(*args: str) -> tuple[int, str, str]:
+    from pipelines import hf_digits
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = hf_digits.main(list(args))
+        except SystemExit as exc:  # a usage error: argparse exits 2
+            code = int(exc.code or 0)
+    return code, out.getvalue(), err.getvalue()
+
+
+def _run_id(out: str) -> str:
+    found = re.search(r"MLflow run ([0-9a-f]{32})", out)
+    assert found, out
+    return found.group(1)
+
+
+@pytest.fixture(scope="module")
+def step_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StepRuns]:
+    root = tmp_path_factory.mktemp("hf-steps")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.setenv("TRACKING_EXPERIMENT", EXPERIMENT)
+        # Other tests leave an experiment active in this process; the pipeline sets its own.
+        patch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+        patch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+        runs = []
+        for args in (("--epochs", "2", *STEPS), ("--epochs", "1", *STEPS)):
+            code, out, err = _inline(*args)
+            assert code == 0, err[-3000:]
+            runs.append(_run_id(out))
+        straight, resumed = runs
+        code, out, err = _inline("--resume", resumed, "--epochs", "2")
+        assert code == 0 and _run_id(out) == resumed, err[-3000:]
+        code, out, err = _inline("--resume", resumed, "--from-step", "2", "--new-run", "--epochs", "2")
+        assert code == 0, err[-3000:]
+        yield StepRuns(uri, straight, resumed, _run_id(out))
+
+
+def _weights(run_id: str) -> dict[str, torch.Tensor]:
+    import pipelines.hf_model  # noqa: F401  the recorded class's module, imported as a user's code would
+
+    return dict(tracking.load(run_id).model.state_dict())
+
+
+def test_checkpoint_every_steps_keys_the_run_by_step_and_a_resume_by_run_id_ends_as_the_straight_run(
+    step_runs: StepRuns,
+) -> None:
+    client = MlflowClient(step_runs.uri)
+    config = tracking.TrackingConfig(tracking_uri=step_runs.uri)
+    for run_id, steps in ((step_runs.straight, [2, 4, 6]), (step_runs.resumed, [2, 3, 4, 6])):
+        saved = tracking.list_checkpoints(run_id, config=config)
+        assert [c.step for c in saved] == steps
+        assert {c.keyed_by for c in saved} == {"step"}
+        names = {client.get_logged_model(str(c.model_id)).name for c in saved}
+        assert names == {f"checkpoint-step-{step:08d}" for step in steps}
+        params = client.get_run(run_id).data.params
+        assert (params["checkpoint_every_steps"], params["checkpoint_every"]) == ("2", "none")
+    tags = client.get_run(step_runs.resumed).data.tags
+    assert (tags["tracking.resumed_from_step"], tags["tracking.resumed_from_epoch"]) == ("3", "1")
+    straight = _weights(step_runs.straight)
+    resumed = _weights(step_runs.resumed)
+    assert all(torch.equal(resumed[name], value) for name, value in straight.items())
+
+
+def test_from_step_branches_a_child_run_from_mid_epoch_that_ends_as_the_straight_run(step_runs: StepRuns) -> None:
+    client = MlflowClient(step_runs.uri)
+    config = tracking.TrackingConfig(tracking_uri=step_runs.uri)
+    tags = client.get_run(step_runs.branched).data.tags
+    assert tags["mlflow.parentRunId"] == step_runs.resumed
+    assert (tags["tracking.resumed_from_step"], tags["tracking.resumed_from_epoch"]) == ("2", "0")
+    assert [c.step for c in tracking.list_checkpoints(step_runs.branched, config=config)] == [4, 6]
+    straight = _weights(step_runs.straight)
+    branched = _weights(step_runs.branched)
+    assert all(torch.equal(branched[name], value) for name, value in straight.items())
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "said"),
+    [
+        (["--checkpoint-every", "2", "--checkpoint-every-steps", "2"], 2, "a run saves by one of them"),
+        (["--from-step", "2"], 2, "need --resume RUN_ID"),
+        (["--resume", "{run}", "--from-step", "2", "--from-epoch", "1"], 2, "pass one"),
+        (["--resume", "{run}", "--from-epoch", "1", "--new-run"], 1, "--from-step N with one of its steps"),
+        (["--resume", "{run}", "--from-step", "4"], 1, "Add --new-run to branch a child run from step 4"),
+        (["--resume", "{run}", "--checkpoint-every", "1"], 1, "checkpoint_every none -> 1"),
+        (["--resume", "{run}", "--checkpoint-every-steps", "3"], 1, "checkpoint_every_steps 2 -> 3"),
+        (["--resume", "{run}", "--checkpoint-every", "1", "--override"], 1, "a run holds one kind of key"),
+    ],
+    ids=[
+        "both-intervals",
+        "from-step-alone",
+        "from-step-and-epoch",
+        "from-epoch",
+        "rewind",
+        "by-epoch",
+        "other-steps",
+        "by-epoch-overridden",
+    ],
+)
+def test_a_step_run_refuses_what_it_cannot_do_before_any_training(
+    step_runs: StepRuns, args: list[str], code: int, said: str
+) -> None:
+    client = MlflowClient(step_runs.uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None
+    before = len(client.search_runs([experiment.experiment_id]))
+    run = step_runs.resumed
+    status = client.get_run(run).info
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", step_runs.uri)
+        patch.setenv("TRACKING_EXPERIMENT", EXPERIMENT)
+        patch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+        patch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+        done = _inline(*(arg.format(run=run) for arg in args), "--epochs", "3")
+    assert done[0] == code, done
+    lines = [line for line in done[2].splitlines() if said in line]
+    assert len(lines) == 1, done[2]
+    if code == 1:
+        assert run in lines[0], lines[0]
+    assert len(client.search_runs([experiment.experiment_id])) == before
+    after = client.get_run(run).info
+    assert (after.status, after.end_time) == (status.status, status.end_time)
+    steps = [c.step for c in tracking.list_checkpoints(run, config=tracking.TrackingConfig(tracking_uri=step_runs.uri))]
+    assert steps == [2, 3, 4, 6]
+
+
+@pytest.mark.parametrize("module", ["pipelines.train", "pipelines.digits"])
+def test_the_own_loop_pipelines_save_by_epoch_and_do_not_offer_step_flags(
+    module: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib
+
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as exited:
+        main(["--checkpoint-every-steps", "2"])
+    assert exited.value.code == 2
+    assert "unrecognized arguments: --checkpoint-every-steps" in capsys.readouterr().err

@@ -1,0 +1,192 @@
+"""The Lightning pipeline as a command, on a sqlite tracking store and file:// artifacts: its saves every N
+steps (keyed by step; the last one at the end of training), a resume by run ID that ends as a run that never
+stopped, from the end of a run or from mid-epoch, and what a run saved by steps refuses.
+
+1,437 training rows in batches of 512 are 3 optimizer steps an epoch: a save every 2 steps lands mid-epoch
+(steps 2, 4 and 8), on the last batch of epoch 2 (step 6: the save is made at that epoch's end, after its
+validation), and a run ends with a save at its last step (3 after one epoch). The runs are in-process (the
+pipeline's ``main``) but for the one killed mid-save.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+
+import tracking
+from pipelines import lightning_digits
+
+ROOT = Path(__file__).resolve().parents[2]
+EXPERIMENT = "lightning-pipeline"
+STEPS = ("--batch-size", "512", "--checkpoint-every-steps", "2", "--keep-last", "all")
+
+
+@dataclass
+class Outcome:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def run_id(self) -> str:
+        for line in self.out.splitlines():
+            if line.startswith("MLflow run "):
+                return line.split()[2]
+        raise AssertionError(f"no run ID in stdout:\n{self.out}\nstderr:\n{self.err[-3000:]}")
+
+
+def inline(*args: str) -> Outcome:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = lightning_digits.main(list(args))
+        except SystemExit as exc:  # a usage error: argparse exits 2
+            code = int(exc.code or 0)
+    return Outcome(code, out.getvalue(), err.getvalue())
+
+
+@dataclass
+class Runs:
+    env: dict[str, str]
+    config: tracking.TrackingConfig
+    straight: str  # 3 epochs
+    resumed: str  # 1 epoch, then --resume RUN_ID to 2, then to 3
+
+
+@pytest.fixture(scope="module")
+def step_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
+    root = tmp_path_factory.mktemp("lightning-steps")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
+    variables = {"MLFLOW_TRACKING_URI": uri, "TRACKING_EXPERIMENT": EXPERIMENT}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in variables.items():
+            patch.setenv(name, value)
+        # Other tests leave an experiment active in this process; the pipeline sets its own.
+        patch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+        patch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+        straight, first = inline("--epochs", "3", *STEPS), inline("--epochs", "1", *STEPS)
+        assert straight.code == 0 and first.code == 0, straight.err[-3000:] + first.err[-3000:]
+        # From step 3 (the end of a run), then from step 6 (a save due at an epoch's last batch).
+        for epochs in ("2", "3"):
+            resumed = inline("--resume", first.run_id, "--epochs", epochs)
+            assert resumed.code == 0 and resumed.run_id == first.run_id, resumed.err[-3000:]
+        yield Runs(
+            {**os.environ, **variables}, tracking.TrackingConfig(tracking_uri=uri), straight.run_id, first.run_id
+        )
+
+
+def assert_same_training(run_id: str, reference: str, config: tracking.TrackingConfig) -> None:
+    """The latest checkpoints of both runs hold the same weights and optimizer state, bit for bit."""
+    import pipelines.lightning_modules  # noqa: F401  the recorded class's module, imported as a user's code would
+
+    ours, theirs = (
+        tracking.load(run_id, mode="train", config=config),
+        tracking.load(reference, mode="train", config=config),
+    )
+    assert (ours.epoch, ours.step) == (theirs.epoch, theirs.step)
+    expected = theirs.model.state_dict()
+    assert all(torch.equal(value, expected[name]) for name, value in ours.model.state_dict().items())
+    assert ours.optimizer is not None and theirs.optimizer is not None
+    state, reference_state = ours.optimizer.state_dict()["state"], theirs.optimizer.state_dict()["state"]
+    assert all(torch.equal(state[i][k], v) for i, entry in reference_state.items() for k, v in entry.items())
+
+
+def test_checkpoint_every_steps_keys_the_run_by_step_and_a_resume_by_run_id_ends_as_the_straight_run(
+    step_runs: Runs,
+) -> None:
+    client = MlflowClient(step_runs.config.tracking_uri)
+    for run_id, steps in ((step_runs.straight, [2, 4, 6, 8, 9]), (step_runs.resumed, [2, 3, 4, 6, 8, 9])):
+        saved = tracking.list_checkpoints(run_id, config=step_runs.config)
+        assert [c.step for c in saved] == steps
+        names = {client.get_logged_model(str(c.model_id)).name for c in saved}
+        assert names == {f"checkpoint-step-{step:08d}" for step in steps}
+        params = client.get_run(run_id).data.params
+        assert (params["checkpoint_every_steps"], params["checkpoint_every"]) == ("2", "none")
+    assert_same_training(step_runs.resumed, step_runs.straight, step_runs.config)
+
+
+# A pipeline process killed mid-save (about 15 s): make test-all runs it.
+@pytest.mark.slow
+def test_a_run_killed_in_its_last_save_resumes_from_mid_epoch_as_the_straight_run(step_runs: Runs) -> None:
+    fault = ["tests.unit.fault", "checkpoint-step-00000009/checkpoint.pt", "pipelines.lightning_digits"]
+    killed = subprocess.run(
+        [sys.executable, "-m", *fault, "--epochs", "3", *STEPS],
+        cwd=ROOT,
+        env=step_runs.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    run_id = Outcome(killed.returncode, killed.stdout, killed.stderr).run_id
+    # The latest checkpoint is step 8: epoch 3's second batch of 3. The loader resumes at its third.
+    latest = tracking.find_checkpoint(run_id, config=step_runs.config).manifest
+    assert (latest.step, latest.epoch) == (8, 2)
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("MLFLOW_TRACKING_URI", "TRACKING_EXPERIMENT"):
+            patch.setenv(name, step_runs.env[name])
+        patch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+        patch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+        resumed = inline("--resume", run_id, "--epochs", "3")
+    assert resumed.code == 0, resumed.err[-3000:]
+    assert [c.step for c in tracking.list_checkpoints(run_id, config=step_runs.config)] == [2, 4, 6, 8, 9]
+    assert_same_training(run_id, step_runs.straight, step_runs.config)
+
+
+def test_checkpoint_every_n_epochs_also_saves_the_last_epoch(step_runs: Runs, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("MLFLOW_TRACKING_URI", "TRACKING_EXPERIMENT"):
+        monkeypatch.setenv(name, step_runs.env[name])
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+    done = inline("--epochs", "2", "--batch-size", "512", "--checkpoint-every", "3")
+    assert done.code == 0, done.err[-3000:]
+    saved = tracking.list_checkpoints(done.run_id, config=step_runs.config)
+    # Lightning counts epochs from 0: the second epoch's end, where the training stopped.
+    assert [(c.keyed_by, c.epoch, c.step) for c in saved] == [("epoch", 1, 6)]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "said"),
+    [
+        (["--checkpoint-every", "2", "--checkpoint-every-steps", "2"], 2, "a run saves by one of them"),
+        (["--resume", "{run}", "--from-step", "2"], 2, "--from-step, --new-run and --strategy are the other"),
+        (["--resume", "{run}", "--checkpoint-every", "1"], 1, "checkpoint_every none -> 1"),
+        (["--resume", "{run}", "--checkpoint-every", "1", "--override"], 1, "a run holds one kind of key"),
+    ],
+    ids=["both-intervals", "from-step", "by-epoch", "by-epoch-overridden"],
+)
+def test_a_step_run_refuses_what_it_cannot_do_before_it_is_touched(
+    step_runs: Runs, monkeypatch: pytest.MonkeyPatch, args: list[str], code: int, said: str
+) -> None:
+    for name in ("MLFLOW_TRACKING_URI", "TRACKING_EXPERIMENT"):
+        monkeypatch.setenv(name, step_runs.env[name])
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+    client = MlflowClient(step_runs.config.tracking_uri)
+    before = client.get_run(step_runs.resumed)
+    done = inline(*(arg.format(run=step_runs.resumed) for arg in args), "--epochs", "4")
+    assert done.code == code, done
+    lines = [line for line in done.err.splitlines() if said in line]
+    assert len(lines) == 1, done.err
+    if code == 1:
+        assert step_runs.resumed in lines[0], lines[0]
+    after = client.get_run(step_runs.resumed)
+    assert (after.info.status, after.info.end_time, after.data.tags) == (
+        before.info.status,
+        before.info.end_time,
+        before.data.tags,
+    )
+    steps = [c.step for c in tracking.list_checkpoints(step_runs.resumed, config=step_runs.config)]
+    assert steps == [2, 3, 4, 6, 8, 9]
