@@ -243,6 +243,8 @@ def _replaced(handle: RunHandle, manifest: Manifest, model_id: str) -> tuple[set
     Saving an earlier key than the latest tag says (a re-log, or a tag edited by hand) costs one
     search: every committed model of that key is replaced, or it would keep shadowing the new one
     for readers and `verify --clean`; and the latest tag is checked against the model it names.
+    So does a save to a run whose latest tag names a model but whose key tag is missing or unreadable
+    (deleted or edited by hand): without the search, any key would pass for the newest.
     """
     tags = handle.tags
     key = manifest.key
@@ -250,7 +252,9 @@ def _replaced(handle: RunHandle, manifest: Manifest, model_id: str) -> tuple[set
     latest_tag = layout.latest_key_tag(manifest.keyed_by)
     raw = tags.get(latest_tag, "")
     latest = int(raw) if raw.isdecimal() and raw.isascii() else None
-    if latest is None or key > latest:
+    if latest is None and not tags.get(layout.TAG_LATEST):
+        return set(), None  # the run's first checkpoint
+    if latest is not None and key > latest:
         return set(), latest
     if key == latest:
         named = tags.get(layout.TAG_LATEST, "")
@@ -263,7 +267,7 @@ def _replaced(handle: RunHandle, manifest: Manifest, model_id: str) -> tuple[set
         # would pin latest there for good. The run's committed models say what latest is.
         actual = max((model.key for model in others if model.key is not None), default=None)
         _log.warning(
-            "run %s: tag %s=%s does not match the checkpoint tag %s names; taking %s %s, the newest committed, "
+            "run %s: tag %s=%r does not match the checkpoint tag %s names; taking %s %s, the newest committed, "
             "as latest. Fix or delete the tag in the MLflow UI.",
             handle.run_id,
             latest_tag,

@@ -154,3 +154,19 @@ def test_keyed_by_step_needs_a_step() -> None:
         tracking.log_checkpoint(Model(6), epoch=1, keyed_by="step")
     with pytest.raises(ValueError, match="keyed_by must be"):
         tracking.log_checkpoint(Model(6), epoch=1, step=3, keyed_by="batch")
+
+
+def test_a_relog_after_the_latest_step_tag_was_deleted_keeps_latest_and_best(experiment: str) -> None:
+    model = Model(6)
+    run_id = three_steps(model)
+    MlflowClient().delete_tag(run_id, layout.TAG_LATEST_STEP)  # by hand, in the UI
+    relogged = log_by_step(run_id, model, step=1000, epoch=0, val_loss=0.9)
+
+    assert tracking.find_checkpoint(run_id).manifest.step == 1500  # latest never moves backwards
+    tags = MlflowClient().get_run(run_id).data.tags
+    assert layout.TAG_LATEST_STEP not in tags or tags[layout.TAG_LATEST_STEP] == "1500"
+    # The re-log replaced step 1000 (best at 0.3), so best is the best of the rest: step 1500 at 0.4.
+    assert [(c.key, c.model_id) for c in tracking.list_checkpoints(run_id)][1] == (1000, relogged.model_id)
+    assert [m.name for m in catalog.search(open_run(run_id))].count("checkpoint-step-00001000") == 1
+    assert tracking.find_checkpoint(run_id, "best").manifest.step == 1500
+
