@@ -170,3 +170,18 @@ def test_a_relog_after_the_latest_step_tag_was_deleted_keeps_latest_and_best(exp
     assert [m.name for m in catalog.search(open_run(run_id))].count("checkpoint-step-00001000") == 1
     assert tracking.find_checkpoint(run_id, "best").manifest.step == 1500
 
+
+@pytest.mark.parametrize("deleted", [[layout.TAG_LATEST_STEP], [layout.TAG_LATEST_STEP, layout.TAG_LATEST]])
+def test_a_save_keyed_by_epoch_is_refused_in_a_run_by_step_whose_tags_were_deleted(
+    experiment: str, deleted: list[str]
+) -> None:
+    model = Model(6)
+    run_id = three_steps(model)
+    for tag in deleted:
+        MlflowClient().delete_tag(run_id, tag)
+    with pytest.raises(TrackingError) as refused:
+        tracking.log_checkpoint(model, epoch=500, run_id=run_id)
+    assert f"run {run_id} keys its checkpoints by step" in str(refused.value)
+    assert [c.path for c in tracking.list_checkpoints(run_id)] == [
+        f"checkpoint-step-{step:08d}" for step in (500, 1000, 1500)
+    ]
