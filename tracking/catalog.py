@@ -29,13 +29,14 @@ _PAGE = 100
 
 @dataclass(frozen=True)
 class StoredCheckpoint:
-    """One checkpoint's logged model: its ID, key (epoch or step), status, and the store of its files."""
+    """One checkpoint's logged model: its ID, key (epoch or step), step, status, and the store of its files."""
 
     model_id: str
     name: str
     epoch: int | None
     key: int | None
     keyed_by: str
+    step: int | None  # the global step its params record; None when saved without one
     status: str
     run_id: str
     metrics: dict[str, float]
@@ -292,6 +293,7 @@ def _wrap(model: Any, config: TrackingConfig) -> StoredCheckpoint:
         epoch=epoch,
         key=key,
         keyed_by=keyed_by,
+        step=_count((model.params or {}).get(layout.PARAM_STEP, "")),
         status=str(model.status),
         run_id=str(model.source_run_id),
         metrics=metrics,

@@ -22,6 +22,7 @@ from tracking import catalog, layout, note
 from tracking.catalog import LoggedCheckpoint
 from tracking.cli import main
 from tracking.errors import NotFoundError, TrackingError
+from tracking.manifest import Manifest
 from tracking.run import open_run
 
 
@@ -185,3 +186,33 @@ def test_a_save_keyed_by_epoch_is_refused_in_a_run_by_step_whose_tags_were_delet
     assert [c.path for c in tracking.list_checkpoints(run_id)] == [
         f"checkpoint-step-{step:08d}" for step in (500, 1000, 1500)
     ]
+
+
+def test_step_takes_a_global_step_number_alone_and_says_which_steps_there_are(
+    experiment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_id = three_steps(Model(6))
+    for wrong in (True, "1000", 1000.0):
+        with pytest.raises(TypeError, match="step must be"):
+            tracking.find_checkpoint(run_id, step=wrong)  # type: ignore[arg-type]
+    for negative in ({"step": -1}, {"checkpoint": -1}):
+        with pytest.raises(ValueError, match=">= 0"):
+            tracking.find_checkpoint(run_id, **negative)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="checkpoint= or step=, not both"):
+        tracking.find_checkpoint(run_id, "best", step=500)  # "best" was dropped without a word
+    with pytest.raises(NotFoundError) as missing:
+        tracking.find_checkpoint(run_id, step=7)
+    assert f"run {run_id}: no committed checkpoint was logged at step 7; their steps: 500, 1000, 1500" in str(
+        missing.value
+    )
+
+    read = []
+    original = catalog.StoredCheckpoint.read_manifest
+
+    def counted(stored: catalog.StoredCheckpoint) -> Manifest:
+        read.append(stored.name)
+        return original(stored)
+
+    monkeypatch.setattr(catalog.StoredCheckpoint, "read_manifest", counted)
+    assert tracking.find_checkpoint(run_id, step=1000).manifest.step == 1000
+    assert read == ["checkpoint-step-00001000"]  # the others' params say their steps: not downloaded
