@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -130,8 +130,11 @@ class Checkpointer:
         if self.every_n_steps is None:
             return epoch % self.every_n_epochs == 0
         if step is None:
-            raise ValueError(f"Checkpointer(every_n_steps={self.every_n_steps}) saves by step: pass step= to save()")
+            self._refuse_no_step()
         return step % self.every_n_steps == 0
+
+    def _refuse_no_step(self) -> NoReturn:
+        raise ValueError(f"Checkpointer(every_n_steps={self.every_n_steps}) saves by step: pass step= to save()")
 
     def save(
         self,
@@ -157,6 +160,8 @@ class Checkpointer:
         Under ``torchrun`` every rank calls it, as :func:`tracking.log_checkpoint` says; rank 0
         alone talks to MLflow and applies retention.
         """
+        if step is None and self.every_n_steps is not None:
+            self._refuse_no_step()  # forced or not: the step is the checkpoint's key
         if not (force or self.should_save(epoch, step)):
             if self._saver is not None:
                 # Between saves: the pinned memory the next snapshot needs gets ready off the loop's path.

@@ -216,3 +216,10 @@ def test_step_takes_a_global_step_number_alone_and_says_which_steps_there_are(
     monkeypatch.setattr(catalog.StoredCheckpoint, "read_manifest", counted)
     assert tracking.find_checkpoint(run_id, step=1000).manifest.step == 1000
     assert read == ["checkpoint-step-00001000"]  # the others' params say their steps: not downloaded
+
+
+def test_a_forced_save_of_a_checkpointer_by_step_without_a_step_says_to_pass_one(experiment: str) -> None:
+    checkpointer = tracking.Checkpointer(every_n_steps=4)
+    with mlflow.start_run() as run, pytest.raises(ValueError, match=r"every_n_steps=4\) saves by step: pass step="):
+        checkpointer.save(Model(6), epoch=1, force=True)  # the end of training, saved whatever the step
+    assert catalog.search(open_run(run.info.run_id), status=None) == []
