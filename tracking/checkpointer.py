@@ -62,7 +62,8 @@ class Checkpointer:
 
     With ``every_n_steps``, :meth:`save` takes the global ``step`` and the checkpoints are keyed
     by it (``checkpoint-step-00001500``: named, ordered and picked by step), for a training
-    whose epochs are too long to checkpoint only at their end.
+    whose epochs are too long to checkpoint only at their end. A step is saved once however
+    often :meth:`save` is called with it (every micro-batch of a gradient accumulation), unless ``force``.
 
     A checkpoint outside both sets is deleted (manifest first, then data, then its logged
     model) right after the next one commits; the latest checkpoint is always kept, and
@@ -125,13 +126,15 @@ class Checkpointer:
         self.commands = tuple(commands)
         self._saver = AsyncSaver(on_busy) if async_save else None
         self._pinned = 0  # bytes of pinned host memory reserved for async snapshots
+        self._saved_step: int | None = None  # the global step of this Checkpointer's last save
 
     def should_save(self, epoch: int, step: int | None = None) -> bool:
         if self.every_n_steps is None:
             return epoch % self.every_n_epochs == 0
         if step is None:
             self._refuse_no_step()
-        return step % self.every_n_steps == 0
+        # A loop may pass one global step many times (gradient accumulation calls save() every micro-batch).
+        return step % self.every_n_steps == 0 and step != self._saved_step
 
     def _refuse_no_step(self) -> NoReturn:
         raise ValueError(f"Checkpointer(every_n_steps={self.every_n_steps}) saves by step: pass step= to save()")
@@ -200,10 +203,14 @@ class Checkpointer:
         # A background save that failed unnoticed fails this save, whichever kind it is.
         raise_background_errors()
         if self._saver is None:
-            return self._commit(handle, snapshot)
+            logged = self._commit(handle, snapshot)
+            self._saved_step = step
+            return logged
         host = snapshot.to_host()
         distributed.prepare()
-        return self._saver.submit(lambda: self._commit(handle, host))
+        future = self._saver.submit(lambda: self._commit(handle, host))
+        self._saved_step = step
+        return future
 
     def _commit(self, handle: RunHandle | None, snapshot: CheckpointSnapshot) -> LoggedCheckpoint:
         """Commit from every rank; ``handle`` (rank 0's alone) does the run's description and retention."""

@@ -223,3 +223,20 @@ def test_a_forced_save_of_a_checkpointer_by_step_without_a_step_says_to_pass_one
     with mlflow.start_run() as run, pytest.raises(ValueError, match=r"every_n_steps=4\) saves by step: pass step="):
         checkpointer.save(Model(6), epoch=1, force=True)  # the end of training, saved whatever the step
     assert catalog.search(open_run(run.info.run_id), status=None) == []
+
+
+def test_a_checkpointer_by_step_saves_a_step_once_however_often_it_is_called(experiment: str) -> None:
+    model = Model(6)
+    checkpointer = tracking.Checkpointer(every_n_steps=4)
+    with mlflow.start_run() as run:
+        # Gradient accumulation: the loop calls save() for every micro-batch, the global step moves every 3rd.
+        saved = [
+            micro // 3
+            for micro in range(3, 27)
+            if checkpointer.save(model, epoch=0, step=micro // 3, metrics={"val_loss": 1 / micro}) is not None
+        ]
+        forced = checkpointer.save(model, epoch=0, step=8, metrics={"val_loss": 0.01}, force=True)
+    assert saved == [4, 8]
+    assert forced is not None and forced.metrics == {"val_loss": 0.01}  # force= still saves it again
+    models = catalog.search(open_run(run.info.run_id), status=None)
+    assert [m.name for m in models] == ["checkpoint-step-00000004", "checkpoint-step-00000008"]
