@@ -240,3 +240,10 @@ def test_a_checkpointer_by_step_saves_a_step_once_however_often_it_is_called(exp
     assert forced is not None and forced.metrics == {"val_loss": 0.01}  # force= still saves it again
     models = catalog.search(open_run(run.info.run_id), status=None)
     assert [m.name for m in models] == ["checkpoint-step-00000004", "checkpoint-step-00000008"]
+
+
+@pytest.mark.parametrize("command", [["register", "RUN", "seed"], ["download", "RUN", "--to", "out"]])
+def test_a_refused_checkpoint_option_says_a_step_is_taken_too(command: list[str]) -> None:
+    result = CliRunner().invoke(main, [*command, "--checkpoint", "step-1500"])
+    assert result.exit_code == 2
+    assert "'step-1500': expected latest, best or an epoch number (e.g. 7; a step, e.g. 1500" in result.output

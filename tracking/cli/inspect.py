@@ -31,12 +31,14 @@ def is_epoch(value: str) -> bool:
     return value.isdecimal() and value.isascii()
 
 
+# What --checkpoint takes, as its refusals say.
+CHECKPOINT_CHOICES = "latest, best or an epoch number (e.g. 7; a step, e.g. 1500, in a run keyed by step)"
+
+
 def _check_checkpoint(ctx: click.Context, param: click.Parameter, value: str) -> str:
     if value in ("latest", "best") or is_epoch(value):
         return value
-    raise click.BadParameter(
-        f"{value!r}: expected latest, best or an epoch number (e.g. 7; a step, e.g. 1500, in a run keyed by step)."
-    )
+    raise click.BadParameter(f"{value!r}: expected {CHECKPOINT_CHOICES}.")
 
 
 def refuse_checkpoint_of_pinned(source: str, checkpoint: str) -> None:
