@@ -247,3 +247,12 @@ def test_a_refused_checkpoint_option_says_a_step_is_taken_too(command: list[str]
     result = CliRunner().invoke(main, [*command, "--checkpoint", "step-1500"])
     assert result.exit_code == 2
     assert "'step-1500': expected latest, best or an epoch number (e.g. 7; a step, e.g. 1500" in result.output
+
+
+def test_gc_keep_best_by_a_metric_the_steps_lack_is_a_usage_error_naming_the_ones_they_have(experiment: str) -> None:
+    run_id = three_steps(Model(6))
+    result = CliRunner().invoke(main, ["gc", run_id, "--keep-best", "1", "--monitor", "val_acc", "--force"])
+    assert result.exit_code == 2, result.output  # was a traceback
+    assert "--monitor" in result.output and "'val_acc', which steps [500, 1000, 1500] lack" in result.output
+    assert "a metric they all have: val_loss" in result.output
+    assert len(tracking.list_checkpoints(run_id)) == 3

@@ -134,16 +134,19 @@ def gc(
     from tracking.selection import resolve_run_id
 
     run_id = resolve_run_id(source)
-    report = prune_report(
-        run_id,
-        keep_last=keep_last,
-        keep_best=keep_best,
-        monitor=monitor,
-        mode=mode,
-        dry_run=dry_run,
-        delete_registered=delete_registered,
-        running=force,
-    )
+    try:
+        report = prune_report(
+            run_id,
+            keep_last=keep_last,
+            keep_best=keep_best,
+            monitor=monitor,
+            mode=mode,
+            dry_run=dry_run,
+            delete_registered=delete_registered,
+            running=force,
+        )
+    except ValueError as exc:  # the options are checked above: what is left is a --monitor the checkpoints lack
+        raise click.BadParameter(str(exc), param_hint="--monitor") from None
     doomed = report.deleted
     if as_json:
         emit_json(
