@@ -101,6 +101,12 @@ class Checkpointer:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1 or None, got {every_n_steps}")
+        if every_n_steps is not None and every_n_epochs != 1:
+            raise ValueError(
+                f"a Checkpointer saves every_n_epochs={every_n_epochs} or every_n_steps={every_n_steps}, not both: "
+                "its checkpoints are keyed by one of them. To save at the end of an epoch too, call "
+                "save(..., step=, force=True) there."
+            )
         for name, value in (("keep_last", keep_last), ("keep_best", keep_best)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")

@@ -256,3 +256,9 @@ def test_gc_keep_best_by_a_metric_the_steps_lack_is_a_usage_error_naming_the_one
     assert "--monitor" in result.output and "'val_acc', which steps [500, 1000, 1500] lack" in result.output
     assert "a metric they all have: val_loss" in result.output
     assert len(tracking.list_checkpoints(run_id)) == 3
+
+
+def test_a_checkpointer_saves_by_epochs_or_by_steps_and_refuses_both() -> None:
+    with pytest.raises(ValueError, match="every_n_epochs=2 or every_n_steps=500, not both") as refused:
+        tracking.Checkpointer(every_n_epochs=2, every_n_steps=500)  # every_n_epochs was ignored without a word
+    assert "force=True" in str(refused.value)
