@@ -262,3 +262,17 @@ def test_a_checkpointer_saves_by_epochs_or_by_steps_and_refuses_both() -> None:
     with pytest.raises(ValueError, match="every_n_epochs=2 or every_n_steps=500, not both") as refused:
         tracking.Checkpointer(every_n_epochs=2, every_n_steps=500)  # every_n_epochs was ignored without a word
     assert "force=True" in str(refused.value)
+
+
+def test_runs_finds_latest_and_best_by_search_when_the_tags_are_stale(experiment: str) -> None:
+    run_id = three_steps(Model(6))
+    listed = tracking.list_checkpoints(run_id)
+    client = MlflowClient()
+    client.delete_tag(run_id, layout.TAG_LATEST)  # by hand
+    client.set_tag(run_id, layout.TAG_BEST, f"m-{'0' * 32}")  # a checkpoint deleted by hand
+    result = CliRunner().invoke(main, ["runs", "--experiment", f"unit-{experiment}", "--json"])
+    (summary,) = json.loads(result.output)
+    assert (summary["latest_step"], summary["latest_model_id"]) == (1500, listed[2].model_id)
+    assert (summary["best_step"], summary["best_model_id"], summary["best_value"]) == (1000, listed[1].model_id, 0.3)
+    assert tracking.find_checkpoint(run_id).model_id == listed[2].model_id  # as the loader finds them
+    assert tracking.find_checkpoint(run_id, "best").model_id == listed[1].model_id

@@ -172,9 +172,10 @@ def _run_summary(run: Any, config: Any) -> dict[str, Any]:
     except NotFoundError:
         pass
     tags = run.data.tags
-    latest = by_model.get(tags.get(layout.TAG_LATEST, ""))
-    best = by_model.get(tags.get(layout.TAG_BEST, ""))
     monitor = tags.get(layout.TAG_MONITOR)
+    # A tag naming no committed checkpoint (deleted or edited by hand) is stale: the search says, as for the loader.
+    latest = by_model.get(tags.get(layout.TAG_LATEST, "")) or (committed[max(committed)] if committed else None)
+    best = by_model.get(tags.get(layout.TAG_BEST, "")) or _ranked_best(committed, monitor, tags.get(layout.TAG_MODE))
     stepped = keyed_by == layout.STEP
     return {
         "run_id": run.info.run_id,
@@ -187,14 +188,26 @@ def _run_summary(run: Any, config: Any) -> dict[str, Any]:
         "keyed_by": keyed_by,
         "latest_epoch": latest.epoch if latest is not None else None,
         "latest_step": latest.key if latest is not None and stepped else None,
-        "latest_model_id": tags.get(layout.TAG_LATEST),
+        "latest_model_id": latest.model_id if latest is not None else None,
         "best_epoch": best.epoch if best is not None else None,
         "best_step": best.key if best is not None and stepped else None,
-        "best_model_id": tags.get(layout.TAG_BEST) if best is not None else None,
+        "best_model_id": best.model_id if best is not None else None,
         "monitor": monitor,
         "best_value": best.metrics.get(monitor or "") if best is not None else None,
         "size_bytes": size,
     }
+
+
+def _ranked_best(committed: dict[int, Any], monitor: str | None, mode: str | None) -> Any:
+    """The best of a run's committed checkpoints by its monitor tag (None without one), ranked as the loader does."""
+    from tracking import layout
+
+    if not monitor:
+        return None
+    ranked = layout.best_first(
+        {key: c.metrics.get(monitor) for key, c in committed.items()}, mode if mode in layout.MODES else "min"
+    )
+    return committed[ranked[0]] if ranked else None
 
 
 @click.command()
