@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 import tracking
 from pipelines.models import Model
-from tracking import catalog, layout, note
+from tracking import catalog, layout, note, output
 from tracking.catalog import LoggedCheckpoint
 from tracking.cli import main
 from tracking.errors import NotFoundError, TrackingError
@@ -276,3 +276,17 @@ def test_runs_finds_latest_and_best_by_search_when_the_tags_are_stale(experiment
     assert (summary["best_step"], summary["best_model_id"], summary["best_value"]) == (1000, listed[1].model_id, 0.3)
     assert tracking.find_checkpoint(run_id).model_id == listed[2].model_id  # as the loader finds them
     assert tracking.find_checkpoint(run_id, "best").model_id == listed[1].model_id
+
+
+def test_an_80_column_terminal_keeps_the_step_column_of_a_run_keyed_by_step(
+    experiment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_id = three_steps(Model(6))
+    monkeypatch.setattr(output, "_is_terminal", lambda: True)
+    monkeypatch.setenv("COLUMNS", "80")
+    result = CliRunner().invoke(main, ["checkpoints", run_id])
+    lines = result.output.splitlines()
+    assert max(len(line) for line in lines) <= 80, result.output
+    header = next(line for line in lines if "model ID" in line)
+    assert "step" in header, result.output  # its key: epochs 0, 0, 1 name no checkpoint
+    assert all(f" {step} " in result.output for step in (500, 1000, 1500))

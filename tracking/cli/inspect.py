@@ -223,6 +223,7 @@ def checkpoints(source: str, as_json: bool) -> None:
       tracking checkpoints 3f2a9c0d1b2e4f5a6b7c8d9e0f1a2b3c
     """
     connect()
+    from tracking import layout
     from tracking.errors import TrackingError
     from tracking.selection import find_checkpoint, list_checkpoints
 
@@ -254,9 +255,11 @@ def checkpoints(source: str, as_json: bool) -> None:
     if not found:
         click.echo(f"{source}: no committed checkpoints")
         return
+    # The run's key names its checkpoints and stays; the other goes first on a narrow terminal.
+    stepped = any(c.keyed_by == layout.STEP for c in logged)
     columns = [
-        Column("epoch"),
-        Column("step", drop_order=1),
+        Column("epoch", drop_order=1 if stepped else 99),
+        Column("step", drop_order=99 if stepped else 1),
         Column("metrics", drop_order=3, fold_to=20),
         Column("size", drop_order=2),
         Column("model ID", no_wrap=True),
