@@ -57,6 +57,14 @@ class Retention:
         return lines
 
 
+def _count(value: int, name: str) -> int:
+    """``value`` when it is an int (an epoch or a step); else the ValueError log_checkpoint raises for it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        # Checked here: "8" % 4 is string formatting, and fails with a TypeError that names nothing.
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return value
+
+
 class Checkpointer:
     """Saves every ``every_n_epochs`` epochs (or ``every_n_steps`` steps) and keeps the last N and the best K.
 
@@ -136,9 +144,10 @@ class Checkpointer:
 
     def should_save(self, epoch: int, step: int | None = None) -> bool:
         if self.every_n_steps is None:
-            return epoch % self.every_n_epochs == 0
+            return _count(epoch, "epoch") % self.every_n_epochs == 0
         if step is None:
             self._refuse_no_step()
+        step = _count(step, "step")
         # A loop may pass one global step many times (gradient accumulation calls save() every micro-batch).
         return step % self.every_n_steps == 0 and step != self._saved_step
 

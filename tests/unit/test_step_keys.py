@@ -290,3 +290,13 @@ def test_an_80_column_terminal_keeps_the_step_column_of_a_run_keyed_by_step(
     header = next(line for line in lines if "model ID" in line)
     assert "step" in header, result.output  # its key: epochs 0, 0, 1 name no checkpoint
     assert all(f" {step} " in result.output for step in (500, 1000, 1500))
+
+
+@pytest.mark.parametrize(("every", "epoch", "step"), [({"every_n_steps": 4}, 0, "8"), ({}, "1", None)])
+def test_a_checkpointer_refuses_a_step_or_epoch_that_is_no_int_saying_which(
+    every: dict[str, int], epoch: object, step: object
+) -> None:
+    checkpointer = tracking.Checkpointer(**every)
+    what = "epoch" if step is None else "step"
+    with pytest.raises(ValueError, match=f"{what} must be a non-negative int, got '"):
+        checkpointer.save(Model(6), epoch=epoch, step=step)  # type: ignore[arg-type]
