@@ -187,8 +187,8 @@ def commit_files(
             ) from exc
         # Else the tag request was applied and only its answer lost: the checkpoint is committed.
         handle.tags = committed
-    for model_id in replaced:
-        _delete_replaced(handle, model_id)
+    if replaced:
+        _delete_replaced(handle, replaced)
     return LoggedCheckpoint(handle.run_id, checkpoint.name, manifest, checkpoint.model_id, checkpoint.artifact_uri)
 
 
@@ -287,17 +287,42 @@ def _best_survivor(handle: RunHandle, leaving: set[str], monitor: str, mode: str
     return (ranked[0].model_id, ranked[0].metrics[monitor]) if ranked else None
 
 
-def _delete_replaced(handle: RunHandle, model_id: str) -> None:
+def _delete_replaced(handle: RunHandle, replaced: set[str]) -> None:
+    """Delete the models a re-log replaced, but one a registry version points at: ``models:/<name>@<alias>``
+    must go on loading exactly what it named (retention keeps those too)."""
+    from tracking.registry import versions_by_model
+
     try:
-        replaced = catalog.get(handle.client, model_id, handle.config)
-        catalog.delete(handle, replaced.model_id, replaced.artifact_uri)
+        registered = versions_by_model(handle)
     except TrackingError as exc:
         warnings.warn(
-            f"run {handle.run_id}: the re-logged checkpoint replaces {model_id}, which could not be deleted "
-            f"({exc}); it is no longer latest, and `tracking verify --clean` removes it.",
+            f"run {handle.run_id}: the re-logged checkpoint replaces {', '.join(sorted(replaced))}, left in place: "
+            f"the registry versions made from the run could not be listed ({exc}). It is no longer latest, and "
+            "`tracking verify --clean` removes it unless a version points at it.",
             RuntimeWarning,
             stacklevel=3,
         )
+        return
+    for model_id in sorted(replaced):
+        if model_id in registered:
+            warnings.warn(
+                f"run {handle.run_id}: the re-logged checkpoint replaces {model_id}, which registry version "
+                f"{', '.join(registered[model_id])} points at: it stays, so that version loads it still (the run's "
+                "readers take the new one). Delete the version first for `tracking verify --clean` to remove it.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            continue
+        try:
+            stored = catalog.get(handle.client, model_id, handle.config)
+            catalog.delete(handle, stored.model_id, stored.artifact_uri)
+        except TrackingError as exc:
+            warnings.warn(
+                f"run {handle.run_id}: the re-logged checkpoint replaces {model_id}, which could not be deleted "
+                f"({exc}); it is no longer latest, and `tracking verify --clean` removes it.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
 
 def _pointer_tags(

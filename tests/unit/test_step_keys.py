@@ -300,3 +300,20 @@ def test_a_checkpointer_refuses_a_step_or_epoch_that_is_no_int_saying_which(
     what = "epoch" if step is None else "step"
     with pytest.raises(ValueError, match=f"{what} must be a non-negative int, got '"):
         checkpointer.save(Model(6), epoch=epoch, step=step)  # type: ignore[arg-type]
+
+
+def test_relogging_a_registered_step_keeps_the_checkpoint_its_alias_loads(experiment: str) -> None:
+    model = Model(6)
+    run_id = three_steps(model)
+    registered = tracking.find_checkpoint(run_id, 1000).model_id
+    tracking.register(run_id, "seed", checkpoint=1000, alias="champion")
+    with pytest.warns(RuntimeWarning, match=f"replaces {registered}, which registry version seed/1 points at"):
+        relogged = log_by_step(run_id, model, step=1000, epoch=0, val_loss=0.9)  # a resume from step 500
+
+    assert tracking.find_checkpoint(run_id, 1000).model_id == relogged.model_id  # the run's readers take the new one
+    assert tracking.load("models:/seed@champion").metrics == {"val_loss": 0.3}  # the alias, exactly what it named
+    verified = CliRunner().invoke(main, ["verify", run_id, "--clean"])
+    assert verified.exit_code == 0, verified.output
+    assert "0 leftovers removed" in verified.output and "LEFTOVER" not in verified.output
+    assert f"ok  checkpoint-step-00001000 ({registered})/checkpoint.pt" in verified.output  # verified as any other
+    assert tracking.load("models:/seed@champion").metrics == {"val_loss": 0.3}
