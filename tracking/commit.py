@@ -281,8 +281,13 @@ def _replaced(handle: RunHandle, manifest: Manifest, model_id: str) -> tuple[set
 
 
 def _best_survivor(handle: RunHandle, leaving: set[str], monitor: str, mode: str) -> tuple[str, float] | None:
-    """The best committed checkpoint of the run outside ``leaving`` by ``monitor``: (model ID, value)."""
-    by_id = {m.model_id: m for m in catalog.search(handle) if m.model_id not in leaving and monitor in m.metrics}
+    """The best committed checkpoint of the run outside ``leaving`` by ``monitor``: (model ID, value).
+
+    Of each key, only the model readers take counts: one a re-log replaced (kept for a registry version,
+    or left by a racing writer) is no checkpoint of the run any more.
+    """
+    staying = [m for m in catalog.search(handle) if m.model_id not in leaving]
+    by_id = {m.model_id: m for m in catalog.current(handle, staying).values() if monitor in m.metrics}
     ranked = sorted(by_id.values(), key=lambda m: ((1.0 if mode == "min" else -1.0) * m.metrics[monitor], m.key or 0))
     return (ranked[0].model_id, ranked[0].metrics[monitor]) if ranked else None
 

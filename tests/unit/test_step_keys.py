@@ -317,3 +317,14 @@ def test_relogging_a_registered_step_keeps_the_checkpoint_its_alias_loads(experi
     assert "0 leftovers removed" in verified.output and "LEFTOVER" not in verified.output
     assert f"ok  checkpoint-step-00001000 ({registered})/checkpoint.pt" in verified.output  # verified as any other
     assert tracking.load("models:/seed@champion").metrics == {"val_loss": 0.3}
+
+
+def test_best_never_moves_to_a_registered_checkpoint_that_a_relog_replaced(experiment: str) -> None:
+    model = Model(6)
+    run_id = three_steps(model)
+    tracking.register(run_id, "seed", checkpoint=1000, alias="champion")
+    with pytest.warns(RuntimeWarning, match="registry version seed/1"):
+        log_by_step(run_id, model, step=1000, epoch=0, val_loss=0.9)  # the registered 0.3 stays, replaced
+    log_by_step(run_id, model, step=1500, epoch=1, val_loss=0.95)  # best (step 1500) replaced by a worse one
+    best = tracking.find_checkpoint(run_id, "best")
+    assert (best.manifest.step, best.manifest.metrics) == (500, {"val_loss": 0.5})  # the best of what the run lists
