@@ -17,6 +17,7 @@ from tracking.catalog import StoredCheckpoint
 from tracking.config import TrackingConfig
 from tracking.errors import IntegrityError, NotFoundError, TrackingError, load_refusal
 from tracking.manifest import Manifest
+from tracking.registry import versions_by_model
 from tracking.run import RunHandle, tracking_server_errors
 from tracking.selection import open_run_of
 from tracking.storage import ArtifactStore, Buffer, BufferReader
@@ -180,6 +181,7 @@ def _parts(handle: RunHandle) -> list[_Part]:
         parts.append(part)
     models = catalog.search(handle, status=None)
     kept: dict[int | None, str] = {e: m.model_id for e, m in catalog.current(handle, models).items()}
+    registered: dict[str, list[str]] | None = None  # listed once, when a replaced model is found
     for model in models:
         part = _Part(f"{model.name} ({model.model_id})", model.store, "", None, model)
         part.files = model.store.list_files("")
@@ -190,7 +192,10 @@ def _parts(handle: RunHandle) -> list[_Part]:
             if part.manifest is None:
                 part.leftover_kind = NOT_COMMITTED_MODEL  # READY, but its failed save removed the manifest
             elif kept.get(model.key) != model.model_id:
-                part.leftover_kind = REPLACED_MODEL
+                if registered is None:
+                    registered = versions_by_model(handle)
+                if model.model_id not in registered:  # one a registry version loads stays a checkpoint
+                    part.leftover_kind = REPLACED_MODEL
         parts.append(part)
     return parts
 

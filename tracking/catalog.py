@@ -29,13 +29,14 @@ _PAGE = 100
 
 @dataclass(frozen=True)
 class StoredCheckpoint:
-    """One checkpoint's logged model: its ID, key (epoch or step), status, and the store of its files."""
+    """One checkpoint's logged model: its ID, key (epoch or step), step, status, and the store of its files."""
 
     model_id: str
     name: str
     epoch: int | None
     key: int | None
     keyed_by: str
+    step: int | None  # the global step its params record; None when saved without one
     status: str
     run_id: str
     metrics: dict[str, float]
@@ -122,6 +123,9 @@ def refuse_mixed_keys(handle: RunHandle, keyed_by: str) -> None:
     if not handle.tags:
         handle.refresh_tags()  # a writer's handle opened without them (log_checkpoint reuses one)
     recorded = layout.keyed_by_of(handle.tags)
+    if recorded is None:
+        # No tag says (the run's first save, or its tags deleted by hand): its committed checkpoints do.
+        recorded = next((model.keyed_by for model in search(handle) if model.key is not None), None)
     if recorded is not None and recorded != keyed_by:
         raise TrackingError(
             f"run {handle.run_id} keys its checkpoints by {recorded}, and this one is keyed by {keyed_by}: a run's "
@@ -289,6 +293,7 @@ def _wrap(model: Any, config: TrackingConfig) -> StoredCheckpoint:
         epoch=epoch,
         key=key,
         keyed_by=keyed_by,
+        step=_count((model.params or {}).get(layout.PARAM_STEP, "")),
         status=str(model.status),
         run_id=str(model.source_run_id),
         metrics=metrics,

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -57,12 +57,21 @@ class Retention:
         return lines
 
 
+def _count(value: int, name: str) -> int:
+    """``value`` when it is an int (an epoch or a step); else the ValueError log_checkpoint raises for it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        # Checked here: "8" % 4 is string formatting, and fails with a TypeError that names nothing.
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return value
+
+
 class Checkpointer:
     """Saves every ``every_n_epochs`` epochs (or ``every_n_steps`` steps) and keeps the last N and the best K.
 
     With ``every_n_steps``, :meth:`save` takes the global ``step`` and the checkpoints are keyed
     by it (``checkpoint-step-00001500``: named, ordered and picked by step), for a training
-    whose epochs are too long to checkpoint only at their end.
+    whose epochs are too long to checkpoint only at their end. A step is saved once however
+    often :meth:`save` is called with it (every micro-batch of a gradient accumulation), unless ``force``.
 
     A checkpoint outside both sets is deleted (manifest first, then data, then its logged
     model) right after the next one commits; the latest checkpoint is always kept, and
@@ -100,6 +109,12 @@ class Checkpointer:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1 or None, got {every_n_steps}")
+        if every_n_steps is not None and every_n_epochs != 1:
+            raise ValueError(
+                f"a Checkpointer saves every_n_epochs={every_n_epochs} or every_n_steps={every_n_steps}, not both: "
+                "its checkpoints are keyed by one of them. To save at the end of an epoch too, call "
+                "save(..., step=, force=True) there."
+            )
         for name, value in (("keep_last", keep_last), ("keep_best", keep_best)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
@@ -125,13 +140,19 @@ class Checkpointer:
         self.commands = tuple(commands)
         self._saver = AsyncSaver(on_busy) if async_save else None
         self._pinned = 0  # bytes of pinned host memory reserved for async snapshots
+        self._saved_step: int | None = None  # the global step of this Checkpointer's last save
 
     def should_save(self, epoch: int, step: int | None = None) -> bool:
         if self.every_n_steps is None:
-            return epoch % self.every_n_epochs == 0
+            return _count(epoch, "epoch") % self.every_n_epochs == 0
         if step is None:
-            raise ValueError(f"Checkpointer(every_n_steps={self.every_n_steps}) saves by step: pass step= to save()")
-        return step % self.every_n_steps == 0
+            self._refuse_no_step()
+        step = _count(step, "step")
+        # A loop may pass one global step many times (gradient accumulation calls save() every micro-batch).
+        return step % self.every_n_steps == 0 and step != self._saved_step
+
+    def _refuse_no_step(self) -> NoReturn:
+        raise ValueError(f"Checkpointer(every_n_steps={self.every_n_steps}) saves by step: pass step= to save()")
 
     def save(
         self,
@@ -157,6 +178,8 @@ class Checkpointer:
         Under ``torchrun`` every rank calls it, as :func:`tracking.log_checkpoint` says; rank 0
         alone talks to MLflow and applies retention.
         """
+        if step is None and self.every_n_steps is not None:
+            self._refuse_no_step()  # forced or not: the step is the checkpoint's key
         if not (force or self.should_save(epoch, step)):
             if self._saver is not None:
                 # Between saves: the pinned memory the next snapshot needs gets ready off the loop's path.
@@ -195,10 +218,14 @@ class Checkpointer:
         # A background save that failed unnoticed fails this save, whichever kind it is.
         raise_background_errors()
         if self._saver is None:
-            return self._commit(handle, snapshot)
+            logged = self._commit(handle, snapshot)
+            self._saved_step = step
+            return logged
         host = snapshot.to_host()
         distributed.prepare()
-        return self._saver.submit(lambda: self._commit(handle, host))
+        future = self._saver.submit(lambda: self._commit(handle, host))
+        self._saved_step = step
+        return future
 
     def _commit(self, handle: RunHandle | None, snapshot: CheckpointSnapshot) -> LoggedCheckpoint:
         """Commit from every rank; ``handle`` (rank 0's alone) does the run's description and retention."""

@@ -187,8 +187,8 @@ def commit_files(
             ) from exc
         # Else the tag request was applied and only its answer lost: the checkpoint is committed.
         handle.tags = committed
-    for model_id in replaced:
-        _delete_replaced(handle, model_id)
+    if replaced:
+        _delete_replaced(handle, replaced)
     return LoggedCheckpoint(handle.run_id, checkpoint.name, manifest, checkpoint.model_id, checkpoint.artifact_uri)
 
 
@@ -243,6 +243,8 @@ def _replaced(handle: RunHandle, manifest: Manifest, model_id: str) -> tuple[set
     Saving an earlier key than the latest tag says (a re-log, or a tag edited by hand) costs one
     search: every committed model of that key is replaced, or it would keep shadowing the new one
     for readers and `verify --clean`; and the latest tag is checked against the model it names.
+    So does a save to a run whose latest tag names a model but whose key tag is missing or unreadable
+    (deleted or edited by hand): without the search, any key would pass for the newest.
     """
     tags = handle.tags
     key = manifest.key
@@ -250,7 +252,9 @@ def _replaced(handle: RunHandle, manifest: Manifest, model_id: str) -> tuple[set
     latest_tag = layout.latest_key_tag(manifest.keyed_by)
     raw = tags.get(latest_tag, "")
     latest = int(raw) if raw.isdecimal() and raw.isascii() else None
-    if latest is None or key > latest:
+    if latest is None and not tags.get(layout.TAG_LATEST):
+        return set(), None  # the run's first checkpoint
+    if latest is not None and key > latest:
         return set(), latest
     if key == latest:
         named = tags.get(layout.TAG_LATEST, "")
@@ -263,7 +267,7 @@ def _replaced(handle: RunHandle, manifest: Manifest, model_id: str) -> tuple[set
         # would pin latest there for good. The run's committed models say what latest is.
         actual = max((model.key for model in others if model.key is not None), default=None)
         _log.warning(
-            "run %s: tag %s=%s does not match the checkpoint tag %s names; taking %s %s, the newest committed, "
+            "run %s: tag %s=%r does not match the checkpoint tag %s names; taking %s %s, the newest committed, "
             "as latest. Fix or delete the tag in the MLflow UI.",
             handle.run_id,
             latest_tag,
@@ -277,23 +281,53 @@ def _replaced(handle: RunHandle, manifest: Manifest, model_id: str) -> tuple[set
 
 
 def _best_survivor(handle: RunHandle, leaving: set[str], monitor: str, mode: str) -> tuple[str, float] | None:
-    """The best committed checkpoint of the run outside ``leaving`` by ``monitor``: (model ID, value)."""
-    by_id = {m.model_id: m for m in catalog.search(handle) if m.model_id not in leaving and monitor in m.metrics}
+    """The best committed checkpoint of the run outside ``leaving`` by ``monitor``: (model ID, value).
+
+    Of each key, only the model readers take counts: one a re-log replaced (kept for a registry version,
+    or left by a racing writer) is no checkpoint of the run any more.
+    """
+    staying = [m for m in catalog.search(handle) if m.model_id not in leaving]
+    by_id = {m.model_id: m for m in catalog.current(handle, staying).values() if monitor in m.metrics}
     ranked = sorted(by_id.values(), key=lambda m: ((1.0 if mode == "min" else -1.0) * m.metrics[monitor], m.key or 0))
     return (ranked[0].model_id, ranked[0].metrics[monitor]) if ranked else None
 
 
-def _delete_replaced(handle: RunHandle, model_id: str) -> None:
+def _delete_replaced(handle: RunHandle, replaced: set[str]) -> None:
+    """Delete the models a re-log replaced, but one a registry version points at: ``models:/<name>@<alias>``
+    must go on loading exactly what it named (retention keeps those too)."""
+    from tracking.registry import versions_by_model
+
     try:
-        replaced = catalog.get(handle.client, model_id, handle.config)
-        catalog.delete(handle, replaced.model_id, replaced.artifact_uri)
+        registered = versions_by_model(handle)
     except TrackingError as exc:
         warnings.warn(
-            f"run {handle.run_id}: the re-logged checkpoint replaces {model_id}, which could not be deleted "
-            f"({exc}); it is no longer latest, and `tracking verify --clean` removes it.",
+            f"run {handle.run_id}: the re-logged checkpoint replaces {', '.join(sorted(replaced))}, left in place: "
+            f"the registry versions made from the run could not be listed ({exc}). It is no longer latest, and "
+            "`tracking verify --clean` removes it unless a version points at it.",
             RuntimeWarning,
             stacklevel=3,
         )
+        return
+    for model_id in sorted(replaced):
+        if model_id in registered:
+            warnings.warn(
+                f"run {handle.run_id}: the re-logged checkpoint replaces {model_id}, which registry version "
+                f"{', '.join(registered[model_id])} points at: it stays, so that version loads it still (the run's "
+                "readers take the new one). Delete the version first for `tracking verify --clean` to remove it.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            continue
+        try:
+            stored = catalog.get(handle.client, model_id, handle.config)
+            catalog.delete(handle, stored.model_id, stored.artifact_uri)
+        except TrackingError as exc:
+            warnings.warn(
+                f"run {handle.run_id}: the re-logged checkpoint replaces {model_id}, which could not be deleted "
+                f"({exc}); it is no longer latest, and `tracking verify --clean` removes it.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
 
 def _pointer_tags(

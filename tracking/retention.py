@@ -98,9 +98,10 @@ def prune_report(
     kept = pruner._existing(handle)
     if keep_best is not None and any(value is None for value in kept.values()):
         missing = sorted(key for key, value in kept.items() if value is None)
+        shared = set.intersection(*(set(checkpoint.metrics) for checkpoint in committed.values()))
         raise ValueError(
-            f"run {run_id}: keep_best ranks checkpoints by {monitor!r}, which {keys} {missing} lack; "
-            "pass the metric they have with monitor=..."
+            f"run {run_id}: keep_best ranks checkpoints by {monitor!r}, which {keys} {missing} lack; pass "
+            f"monitor= (--monitor) a metric they all have: {', '.join(sorted(shared)) or 'none'}."
         )
     if not kept:
         return Pruned([], [])

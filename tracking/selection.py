@@ -157,16 +157,23 @@ def find_weights(source: str, checkpoint: Selector | None = None, config: Tracki
 
 def select_checkpoint(handle: RunHandle, checkpoint: Selector, step: int | None) -> Located:
     if step is not None:
-        for stored in catalog.committed(handle).values():
-            located = _located(stored)
-            if located.manifest.step == step:
-                return located
-        raise NotFoundError(f"run {handle.run_id}: no checkpoint was logged at step {step}.")
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise TypeError(f"step must be a global step number (an int >= 0), got {step!r}")
+        if step < 0:
+            raise ValueError(f"step must be a global step number >= 0, got {step}")
+        if checkpoint != "latest":
+            raise ValueError(
+                f"pass checkpoint= or step=, not both: checkpoint={checkpoint!r} and step={step} would each pick "
+                "a checkpoint of the run."
+            )
+        return _select_step(handle, step)
     if isinstance(checkpoint, bool) or not isinstance(checkpoint, int | str):
         raise TypeError(f"checkpoint must be 'latest', 'best' or an epoch (or step) number, got {checkpoint!r}")
     if isinstance(checkpoint, str) and checkpoint.isdecimal() and checkpoint.isascii():
         checkpoint = int(checkpoint)
     if isinstance(checkpoint, int):
+        if checkpoint < 0:
+            raise ValueError(f"checkpoint must be 'latest', 'best' or an epoch (or step) number >= 0, got {checkpoint}")
         keyed_by = layout.keyed_by_of(handle.tags)
         if keyed_by is not None:
             found = catalog.search(handle, key=checkpoint, keyed_by=keyed_by)
@@ -196,6 +203,27 @@ def select_checkpoint(handle: RunHandle, checkpoint: Selector, step: int | None)
         except NotFoundError:
             pass  # a stale tag (checkpoint deleted by hand): fall back to searching below
     return _select_by_search(handle, checkpoint)
+
+
+def _select_step(handle: RunHandle, step: int) -> Located:
+    """The run's committed checkpoint logged at global ``step``, whatever the run's checkpoints are keyed by."""
+    committed = catalog.committed(handle)
+    for stored in committed.values():
+        if stored.step is not None and stored.step != step:
+            continue  # its params, written from its manifest, record another step: no need to read it
+        try:
+            located = _located(stored)
+        except NotFoundError:
+            continue
+        if located.manifest.step == step:
+            return located
+    if not committed and (legacy := catalog.legacy_error(handle)) is not None:
+        raise legacy
+    steps = sorted({stored.step for stored in committed.values() if stored.step is not None})
+    raise NotFoundError(
+        f"run {handle.run_id}: no committed checkpoint was logged at step {step}; their steps: {_key_list(steps)}. "
+        "Pass one of those, or checkpoint='latest' | 'best'."
+    )
 
 
 def _tagged_model(handle: RunHandle, tag: str) -> str | None:

@@ -18,10 +18,11 @@ from mlflow.tracking import MlflowClient
 
 import tracking
 from pipelines.models import Model
-from tracking import catalog, layout, note
+from tracking import catalog, layout, note, output
 from tracking.catalog import LoggedCheckpoint
 from tracking.cli import main
 from tracking.errors import NotFoundError, TrackingError
+from tracking.manifest import Manifest
 from tracking.run import open_run
 
 
@@ -154,3 +155,176 @@ def test_keyed_by_step_needs_a_step() -> None:
         tracking.log_checkpoint(Model(6), epoch=1, keyed_by="step")
     with pytest.raises(ValueError, match="keyed_by must be"):
         tracking.log_checkpoint(Model(6), epoch=1, step=3, keyed_by="batch")
+
+
+def test_a_relog_after_the_latest_step_tag_was_deleted_keeps_latest_and_best(experiment: str) -> None:
+    model = Model(6)
+    run_id = three_steps(model)
+    MlflowClient().delete_tag(run_id, layout.TAG_LATEST_STEP)  # by hand, in the UI
+    relogged = log_by_step(run_id, model, step=1000, epoch=0, val_loss=0.9)
+
+    assert tracking.find_checkpoint(run_id).manifest.step == 1500  # latest never moves backwards
+    tags = MlflowClient().get_run(run_id).data.tags
+    assert layout.TAG_LATEST_STEP not in tags or tags[layout.TAG_LATEST_STEP] == "1500"
+    # The re-log replaced step 1000 (best at 0.3), so best is the best of the rest: step 1500 at 0.4.
+    assert [(c.key, c.model_id) for c in tracking.list_checkpoints(run_id)][1] == (1000, relogged.model_id)
+    assert [m.name for m in catalog.search(open_run(run_id))].count("checkpoint-step-00001000") == 1
+    assert tracking.find_checkpoint(run_id, "best").manifest.step == 1500
+
+
+@pytest.mark.parametrize("deleted", [[layout.TAG_LATEST_STEP], [layout.TAG_LATEST_STEP, layout.TAG_LATEST]])
+def test_a_save_keyed_by_epoch_is_refused_in_a_run_by_step_whose_tags_were_deleted(
+    experiment: str, deleted: list[str]
+) -> None:
+    model = Model(6)
+    run_id = three_steps(model)
+    for tag in deleted:
+        MlflowClient().delete_tag(run_id, tag)
+    with pytest.raises(TrackingError) as refused:
+        tracking.log_checkpoint(model, epoch=500, run_id=run_id)
+    assert f"run {run_id} keys its checkpoints by step" in str(refused.value)
+    assert [c.path for c in tracking.list_checkpoints(run_id)] == [
+        f"checkpoint-step-{step:08d}" for step in (500, 1000, 1500)
+    ]
+
+
+def test_step_takes_a_global_step_number_alone_and_says_which_steps_there_are(
+    experiment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_id = three_steps(Model(6))
+    for wrong in (True, "1000", 1000.0):
+        with pytest.raises(TypeError, match="step must be"):
+            tracking.find_checkpoint(run_id, step=wrong)  # type: ignore[arg-type]
+    for negative in ({"step": -1}, {"checkpoint": -1}):
+        with pytest.raises(ValueError, match=">= 0"):
+            tracking.find_checkpoint(run_id, **negative)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="checkpoint= or step=, not both"):
+        tracking.find_checkpoint(run_id, "best", step=500)  # "best" was dropped without a word
+    with pytest.raises(NotFoundError) as missing:
+        tracking.find_checkpoint(run_id, step=7)
+    assert f"run {run_id}: no committed checkpoint was logged at step 7; their steps: 500, 1000, 1500" in str(
+        missing.value
+    )
+
+    read = []
+    original = catalog.StoredCheckpoint.read_manifest
+
+    def counted(stored: catalog.StoredCheckpoint) -> Manifest:
+        read.append(stored.name)
+        return original(stored)
+
+    monkeypatch.setattr(catalog.StoredCheckpoint, "read_manifest", counted)
+    assert tracking.find_checkpoint(run_id, step=1000).manifest.step == 1000
+    assert read == ["checkpoint-step-00001000"]  # the others' params say their steps: not downloaded
+
+
+def test_a_forced_save_of_a_checkpointer_by_step_without_a_step_says_to_pass_one(experiment: str) -> None:
+    checkpointer = tracking.Checkpointer(every_n_steps=4)
+    with mlflow.start_run() as run, pytest.raises(ValueError, match=r"every_n_steps=4\) saves by step: pass step="):
+        checkpointer.save(Model(6), epoch=1, force=True)  # the end of training, saved whatever the step
+    assert catalog.search(open_run(run.info.run_id), status=None) == []
+
+
+def test_a_checkpointer_by_step_saves_a_step_once_however_often_it_is_called(experiment: str) -> None:
+    model = Model(6)
+    checkpointer = tracking.Checkpointer(every_n_steps=4)
+    with mlflow.start_run() as run:
+        # Gradient accumulation: the loop calls save() for every micro-batch, the global step moves every 3rd.
+        saved = [
+            micro // 3
+            for micro in range(3, 27)
+            if checkpointer.save(model, epoch=0, step=micro // 3, metrics={"val_loss": 1 / micro}) is not None
+        ]
+        forced = checkpointer.save(model, epoch=0, step=8, metrics={"val_loss": 0.01}, force=True)
+    assert saved == [4, 8]
+    assert forced is not None and forced.metrics == {"val_loss": 0.01}  # force= still saves it again
+    models = catalog.search(open_run(run.info.run_id), status=None)
+    assert [m.name for m in models] == ["checkpoint-step-00000004", "checkpoint-step-00000008"]
+
+
+@pytest.mark.parametrize("command", [["register", "RUN", "seed"], ["download", "RUN", "--to", "out"]])
+def test_a_refused_checkpoint_option_says_a_step_is_taken_too(command: list[str]) -> None:
+    result = CliRunner().invoke(main, [*command, "--checkpoint", "step-1500"])
+    assert result.exit_code == 2
+    assert "'step-1500': expected latest, best or an epoch number (e.g. 7; a step, e.g. 1500" in result.output
+
+
+def test_gc_keep_best_by_a_metric_the_steps_lack_is_a_usage_error_naming_the_ones_they_have(experiment: str) -> None:
+    run_id = three_steps(Model(6))
+    result = CliRunner().invoke(main, ["gc", run_id, "--keep-best", "1", "--monitor", "val_acc", "--force"])
+    assert result.exit_code == 2, result.output  # was a traceback
+    assert "--monitor" in result.output and "'val_acc', which steps [500, 1000, 1500] lack" in result.output
+    assert "a metric they all have: val_loss" in result.output
+    assert len(tracking.list_checkpoints(run_id)) == 3
+
+
+def test_a_checkpointer_saves_by_epochs_or_by_steps_and_refuses_both() -> None:
+    with pytest.raises(ValueError, match="every_n_epochs=2 or every_n_steps=500, not both") as refused:
+        tracking.Checkpointer(every_n_epochs=2, every_n_steps=500)  # every_n_epochs was ignored without a word
+    assert "force=True" in str(refused.value)
+
+
+def test_runs_finds_latest_and_best_by_search_when_the_tags_are_stale(experiment: str) -> None:
+    run_id = three_steps(Model(6))
+    listed = tracking.list_checkpoints(run_id)
+    client = MlflowClient()
+    client.delete_tag(run_id, layout.TAG_LATEST)  # by hand
+    client.set_tag(run_id, layout.TAG_BEST, f"m-{'0' * 32}")  # a checkpoint deleted by hand
+    result = CliRunner().invoke(main, ["runs", "--experiment", f"unit-{experiment}", "--json"])
+    (summary,) = json.loads(result.output)
+    assert (summary["latest_step"], summary["latest_model_id"]) == (1500, listed[2].model_id)
+    assert (summary["best_step"], summary["best_model_id"], summary["best_value"]) == (1000, listed[1].model_id, 0.3)
+    assert tracking.find_checkpoint(run_id).model_id == listed[2].model_id  # as the loader finds them
+    assert tracking.find_checkpoint(run_id, "best").model_id == listed[1].model_id
+
+
+def test_an_80_column_terminal_keeps_the_step_column_of_a_run_keyed_by_step(
+    experiment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_id = three_steps(Model(6))
+    monkeypatch.setattr(output, "_is_terminal", lambda: True)
+    monkeypatch.setenv("COLUMNS", "80")
+    result = CliRunner().invoke(main, ["checkpoints", run_id])
+    lines = result.output.splitlines()
+    assert max(len(line) for line in lines) <= 80, result.output
+    header = next(line for line in lines if "model ID" in line)
+    assert "step" in header, result.output  # its key: epochs 0, 0, 1 name no checkpoint
+    assert all(f" {step} " in result.output for step in (500, 1000, 1500))
+
+
+@pytest.mark.parametrize(("every", "epoch", "step"), [({"every_n_steps": 4}, 0, "8"), ({}, "1", None)])
+def test_a_checkpointer_refuses_a_step_or_epoch_that_is_no_int_saying_which(
+    every: dict[str, int], epoch: object, step: object
+) -> None:
+    checkpointer = tracking.Checkpointer(**every)
+    what = "epoch" if step is None else "step"
+    with pytest.raises(ValueError, match=f"{what} must be a non-negative int, got '"):
+        checkpointer.save(Model(6), epoch=epoch, step=step)  # type: ignore[arg-type]
+
+
+def test_relogging_a_registered_step_keeps_the_checkpoint_its_alias_loads(experiment: str) -> None:
+    model = Model(6)
+    run_id = three_steps(model)
+    registered = tracking.find_checkpoint(run_id, 1000).model_id
+    tracking.register(run_id, "seed", checkpoint=1000, alias="champion")
+    with pytest.warns(RuntimeWarning, match=f"replaces {registered}, which registry version seed/1 points at"):
+        relogged = log_by_step(run_id, model, step=1000, epoch=0, val_loss=0.9)  # a resume from step 500
+
+    assert tracking.find_checkpoint(run_id, 1000).model_id == relogged.model_id  # the run's readers take the new one
+    assert tracking.load("models:/seed@champion").metrics == {"val_loss": 0.3}  # the alias, exactly what it named
+    verified = CliRunner().invoke(main, ["verify", run_id, "--clean"])
+    assert verified.exit_code == 0, verified.output
+    assert "0 leftovers removed" in verified.output and "LEFTOVER" not in verified.output
+    assert f"ok  checkpoint-step-00001000 ({registered})/checkpoint.pt" in verified.output  # verified as any other
+    assert tracking.load("models:/seed@champion").metrics == {"val_loss": 0.3}
+
+
+def test_best_never_moves_to_a_registered_checkpoint_that_a_relog_replaced(experiment: str) -> None:
+    model = Model(6)
+    run_id = three_steps(model)
+    tracking.register(run_id, "seed", checkpoint=1000, alias="champion")
+    with pytest.warns(RuntimeWarning, match="registry version seed/1"):
+        log_by_step(run_id, model, step=1000, epoch=0, val_loss=0.9)  # the registered 0.3 stays, replaced
+    log_by_step(run_id, model, step=1500, epoch=1, val_loss=0.95)  # best (step 1500) replaced by a worse one
+    best = tracking.find_checkpoint(run_id, "best")
+    assert (best.manifest.step, best.manifest.metrics) == (500, {"val_loss": 0.5})  # the best of what the run lists

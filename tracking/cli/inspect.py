@@ -31,12 +31,14 @@ def is_epoch(value: str) -> bool:
     return value.isdecimal() and value.isascii()
 
 
+# What --checkpoint takes, as its refusals say.
+CHECKPOINT_CHOICES = "latest, best or an epoch number (e.g. 7; a step, e.g. 1500, in a run keyed by step)"
+
+
 def _check_checkpoint(ctx: click.Context, param: click.Parameter, value: str) -> str:
     if value in ("latest", "best") or is_epoch(value):
         return value
-    raise click.BadParameter(
-        f"{value!r}: expected latest, best or an epoch number (e.g. 7; a step, e.g. 1500, in a run keyed by step)."
-    )
+    raise click.BadParameter(f"{value!r}: expected {CHECKPOINT_CHOICES}.")
 
 
 def refuse_checkpoint_of_pinned(source: str, checkpoint: str) -> None:
@@ -170,9 +172,10 @@ def _run_summary(run: Any, config: Any) -> dict[str, Any]:
     except NotFoundError:
         pass
     tags = run.data.tags
-    latest = by_model.get(tags.get(layout.TAG_LATEST, ""))
-    best = by_model.get(tags.get(layout.TAG_BEST, ""))
     monitor = tags.get(layout.TAG_MONITOR)
+    # A tag naming no committed checkpoint (deleted or edited by hand) is stale: the search says, as for the loader.
+    latest = by_model.get(tags.get(layout.TAG_LATEST, "")) or (committed[max(committed)] if committed else None)
+    best = by_model.get(tags.get(layout.TAG_BEST, "")) or _ranked_best(committed, monitor, tags.get(layout.TAG_MODE))
     stepped = keyed_by == layout.STEP
     return {
         "run_id": run.info.run_id,
@@ -185,14 +188,26 @@ def _run_summary(run: Any, config: Any) -> dict[str, Any]:
         "keyed_by": keyed_by,
         "latest_epoch": latest.epoch if latest is not None else None,
         "latest_step": latest.key if latest is not None and stepped else None,
-        "latest_model_id": tags.get(layout.TAG_LATEST),
+        "latest_model_id": latest.model_id if latest is not None else None,
         "best_epoch": best.epoch if best is not None else None,
         "best_step": best.key if best is not None and stepped else None,
-        "best_model_id": tags.get(layout.TAG_BEST) if best is not None else None,
+        "best_model_id": best.model_id if best is not None else None,
         "monitor": monitor,
         "best_value": best.metrics.get(monitor or "") if best is not None else None,
         "size_bytes": size,
     }
+
+
+def _ranked_best(committed: dict[int, Any], monitor: str | None, mode: str | None) -> Any:
+    """The best of a run's committed checkpoints by its monitor tag (None without one), ranked as the loader does."""
+    from tracking import layout
+
+    if not monitor:
+        return None
+    ranked = layout.best_first(
+        {key: c.metrics.get(monitor) for key, c in committed.items()}, mode if mode in layout.MODES else "min"
+    )
+    return committed[ranked[0]] if ranked else None
 
 
 @click.command()
@@ -208,6 +223,7 @@ def checkpoints(source: str, as_json: bool) -> None:
       tracking checkpoints 3f2a9c0d1b2e4f5a6b7c8d9e0f1a2b3c
     """
     connect()
+    from tracking import layout
     from tracking.errors import TrackingError
     from tracking.selection import find_checkpoint, list_checkpoints
 
@@ -239,9 +255,11 @@ def checkpoints(source: str, as_json: bool) -> None:
     if not found:
         click.echo(f"{source}: no committed checkpoints")
         return
+    # The run's key names its checkpoints and stays; the other goes first on a narrow terminal.
+    stepped = any(c.keyed_by == layout.STEP for c in logged)
     columns = [
-        Column("epoch"),
-        Column("step", drop_order=1),
+        Column("epoch", drop_order=1 if stepped else 99),
+        Column("step", drop_order=99 if stepped else 1),
         Column("metrics", drop_order=3, fold_to=20),
         Column("size", drop_order=2),
         Column("model ID", no_wrap=True),

@@ -11,7 +11,13 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from tracking import layout
-from tracking.cli.inspect import is_epoch, json_option, refuse_checkpoint_of_pinned, source_argument
+from tracking.cli.inspect import (
+    CHECKPOINT_CHOICES,
+    is_epoch,
+    json_option,
+    refuse_checkpoint_of_pinned,
+    source_argument,
+)
 from tracking.cli.noise import muted
 from tracking.cli.server import connect
 from tracking.layout import UI_VIEW_QUERY
@@ -27,7 +33,7 @@ _PROGRESS_FROM_BYTES = 32 * 2**20
 def _check_selector(ctx: click.Context, param: click.Parameter, value: str) -> str:
     if value in ("latest", "best", "state_dict") or is_epoch(value):
         return value
-    raise click.BadParameter(f"{value!r}: expected latest, best, an epoch number or state_dict.")
+    raise click.BadParameter(f"{value!r}: expected {CHECKPOINT_CHOICES}, or state_dict.")
 
 
 @click.command()
@@ -128,16 +134,19 @@ def gc(
     from tracking.selection import resolve_run_id
 
     run_id = resolve_run_id(source)
-    report = prune_report(
-        run_id,
-        keep_last=keep_last,
-        keep_best=keep_best,
-        monitor=monitor,
-        mode=mode,
-        dry_run=dry_run,
-        delete_registered=delete_registered,
-        running=force,
-    )
+    try:
+        report = prune_report(
+            run_id,
+            keep_last=keep_last,
+            keep_best=keep_best,
+            monitor=monitor,
+            mode=mode,
+            dry_run=dry_run,
+            delete_registered=delete_registered,
+            running=force,
+        )
+    except ValueError as exc:  # the options are checked above: what is left is a --monitor the checkpoints lack
+        raise click.BadParameter(str(exc), param_hint="--monitor") from None
     doomed = report.deleted
     if as_json:
         emit_json(
@@ -184,9 +193,7 @@ def register(source: str, name: str, checkpoint: str, alias: str | None, as_json
     pipelines' models.)
     """
     if checkpoint not in ("latest", "best") and not is_epoch(checkpoint):
-        raise click.BadParameter(
-            f"{checkpoint!r}: expected latest, best or an epoch number.", param_hint="--checkpoint"
-        )
+        raise click.BadParameter(f"{checkpoint!r}: expected {CHECKPOINT_CHOICES}.", param_hint="--checkpoint")
     if not name.strip():
         raise click.BadParameter(f"{name!r}: a registered model needs a name, e.g. seed.", param_hint="NAME")
     refuse_checkpoint_of_pinned(source, checkpoint)
