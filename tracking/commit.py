@@ -140,6 +140,7 @@ def commit_files(
         # to a worse checkpoint.
         handle.refresh_tags()
         replaced, latest = _replaced(handle, manifest, checkpoint.model_id)
+        replaced |= _left_by_a_killed_save(handle, manifest, checkpoint.model_id)
         survivor = None
         if snapshot.monitor is not None and handle.tags.get(layout.TAG_BEST) in replaced:
             survivor = _best_survivor(handle, replaced | {checkpoint.model_id}, snapshot.monitor, snapshot.mode)
@@ -278,6 +279,27 @@ def _replaced(handle: RunHandle, manifest: Manifest, model_id: str) -> tuple[set
         )
         latest = actual
     return replaced, latest
+
+
+def _left_by_a_killed_save(handle: RunHandle, manifest: Manifest, model_id: str) -> set[str]:
+    """Committed models of this save's key made before it, looked for at this process's first commit to the run.
+
+    A save killed between READY and the run's tags leaves a committed model that no tag names; the
+    resumed job saves that key again, and without this both would stay, two models of one key in the
+    run's list. One search per run and process, by the key's name; models made after this one (a writer
+    racing on the same key) are left to that writer, which replaces this one.
+    """
+    where = (str(handle.client.tracking_uri), handle.run_id)
+    if where in _committed_here:
+        return set()
+    _committed_here.add(where)
+    assert manifest.key is not None
+    same_key = [m.model_id for m in catalog.search(handle, key=manifest.key, keyed_by=manifest.keyed_by)]
+    return set(same_key[: same_key.index(model_id)]) if model_id in same_key else set()
+
+
+# Runs this process committed a checkpoint to, by (tracking URI, run ID): see _left_by_a_killed_save.
+_committed_here: set[tuple[str, str]] = set()
 
 
 def _best_survivor(handle: RunHandle, leaving: set[str], monitor: str, mode: str) -> tuple[str, float] | None:

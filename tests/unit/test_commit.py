@@ -388,6 +388,43 @@ def test_a_failed_relog_keeps_the_old_checkpoint(experiment: str, monkeypatch: p
     assert models[1].model_id in report.leftovers[0].path
 
 
+class Killed(BaseException):
+    """What SIGKILL leaves: the save stops where it is, and none of its error handling runs."""
+
+
+def test_a_save_killed_after_ready_is_replaced_by_the_resumed_jobs_save_of_that_epoch(
+    experiment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tracking import commit
+    from tracking.run import RunHandle
+
+    model = Model(6)
+    with mlflow.start_run() as run:
+        run_id = run.info.run_id
+        first = tracking.log_checkpoint(model, epoch=1)
+    assert isinstance(first, tracking.LoggedCheckpoint)
+    # Killed once its epoch 2 is READY, before the run's tags name it: a committed model no tag names.
+    with monkeypatch.context() as patch:
+        patch.setattr(RunHandle, "set_tags", lambda *args, **kwargs: (_ for _ in ()).throw(Killed()))
+        with pytest.raises(Killed):
+            tracking.log_checkpoint(model, epoch=2, run_id=run_id)
+    dead = logged_models(run_id)[-1]
+    assert str(dead.status) == "READY" and tags(run_id)[TAG_LATEST] == first.model_id
+
+    # The resumed job, a new process, trains epoch 2 again and saves it.
+    monkeypatch.setattr(commit, "_committed_here", set())
+    with torch.no_grad():
+        model.linear.weight.add_(1.0)
+    again = tracking.log_checkpoint(model, epoch=2, run_id=run_id)
+    assert isinstance(again, tracking.LoggedCheckpoint)
+    assert [(m.name, m.model_id) for m in logged_models(run_id)] == [
+        ("checkpoint-epoch-0001", first.model_id),
+        ("checkpoint-epoch-0002", again.model_id),
+    ]
+    assert tracking.load(run_id).model_id == again.model_id
+    assert not audit.verify(run_id).leftovers
+
+
 def test_a_relog_after_one_killed_mid_upload_commits_and_leaves_only_the_dead_one_to_clean(experiment: str) -> None:
     from tracking import audit, catalog, layout
     from tracking.run import open_run
