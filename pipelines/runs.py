@@ -68,10 +68,12 @@ def find_origin(client: MlflowClient, task: Task, opts: options.Options, config:
     assert opts.resume is not None
     run = find_run(client, opts.resume, config)
     run_id, params = run.info.run_id, run.data.params
-    if params.get("dataset", task.dataset) != task.dataset:
+    if params.get("dataset", task.dataset) != task.dataset or params.get("pipeline", task.name) != task.name:
+        pipeline = params.get("pipeline")
         raise PipelineError(
-            f"run {run_id} was trained by {params.get('pipeline', 'another pipeline')} on {params['dataset']}, "
-            f"not by {task.name} on {task.dataset}; resume it with `python -m {params.get('pipeline')}`."
+            f"run {run_id} was trained by {pipeline or 'another pipeline'} on {params.get('dataset', 'other data')}, "
+            f"not by {task.name} on {task.dataset}; "
+            + (f"resume it with `python -m {pipeline}`." if pipeline else "train a new run instead.")
         )
     check_pick(run_id, opts, config)
     return run

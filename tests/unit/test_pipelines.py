@@ -262,6 +262,14 @@ def test_resume_refuses_what_it_cannot_do_exactly(env: dict[str, str]) -> None:
     assert "--override" in refused(train.main, "--epochs", "3", "--batch-size", "16")
     assert "--new-run" in refused(train.main, "--epochs", "3", "--from-epoch", "1")
     assert "pipelines.train" in refused(digits.main, "--epochs", "3")
+    # Another pipeline's run on the same data: refused before anything is read, naming the pipeline to use.
+    client = MlflowClient()
+    other = client.create_run(client.get_run(run_id).info.experiment_id).info.run_id
+    client.log_param(other, "pipeline", "pipelines.hf_digits")
+    client.log_param(other, "dataset", "digits")
+    client.set_terminated(other)
+    elsewhere = inline(digits.main, "--resume", other, "--epochs", "3")
+    assert elsewhere.code == 1 and "`python -m pipelines.hf_digits`" in elsewhere.err, elsewhere.err
     reshaped = replace(train.TASK, build_model=lambda n: Model(n + 1))
     assert "shape" in refused(partial(training.main, reshaped), "--epochs", "3")
     run = MlflowClient().get_run(run_id)
