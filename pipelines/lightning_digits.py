@@ -80,6 +80,12 @@ def train(opts: options.Options) -> str:
             )
         runs.check_keys(origin.info.run_id, values, config, instead="train a new run (no --resume)")
     ckpt_path = checkpoint_path(origin.info.run_id) if origin else None
+    # Refused before the run is touched: inside it, the refusal would end the run FAILED.
+    if origin is not None and (done := trainer_epochs_done(ckpt_path)) >= opts.epochs:
+        raise runs.PipelineError(
+            f"run {origin.info.run_id} already trained {done} epochs and --epochs is {opts.epochs}; "
+            "pass a larger --epochs to train further."
+        )
     pl.seed_everything(values["seed"], verbose=False)
     train_loader, val_loader = digits_loaders(values["batch_size"], values["seed"])
     module = LitDigits(hidden=HIDDEN, dropout=DROPOUT, lr=values["lr"])  # the digits' 64 pixels: its default
@@ -144,11 +150,6 @@ def train(opts: options.Options) -> str:
             log_every_n_steps=1,
             default_root_dir=str(folder),
         )
-        if origin is not None and trainer_epochs_done(ckpt_path) >= opts.epochs:
-            raise runs.PipelineError(
-                f"run {run_id} already trained {trainer_epochs_done(ckpt_path)} epochs and --epochs is {opts.epochs}; "
-                "pass a larger --epochs to train further."
-            )
         trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
         runs.report(client, run)
         return str(run_id)

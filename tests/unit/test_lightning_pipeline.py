@@ -164,8 +164,9 @@ def test_checkpoint_every_n_epochs_also_saves_the_last_epoch(step_runs: Runs, mo
         (["--resume", "{run}", "--from-step", "2"], 2, "--from-step, --new-run and --strategy are the other"),
         (["--resume", "{run}", "--checkpoint-every", "1"], 1, "checkpoint_every none -> 1"),
         (["--resume", "{run}", "--checkpoint-every", "1", "--override"], 1, "a run holds one kind of key"),
+        (["--resume", "{run}", "--epochs", "3"], 1, "already trained 3 epochs"),
     ],
-    ids=["both-intervals", "from-step", "by-epoch", "by-epoch-overridden"],
+    ids=["both-intervals", "from-step", "by-epoch", "by-epoch-overridden", "trained-already"],
 )
 def test_a_step_run_refuses_what_it_cannot_do_before_it_is_touched(
     step_runs: Runs, monkeypatch: pytest.MonkeyPatch, args: list[str], code: int, said: str
@@ -176,7 +177,7 @@ def test_a_step_run_refuses_what_it_cannot_do_before_it_is_touched(
     monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
     client = MlflowClient(step_runs.config.tracking_uri)
     before = client.get_run(step_runs.resumed)
-    done = inline(*(arg.format(run=step_runs.resumed) for arg in args), "--epochs", "4")
+    done = inline("--epochs", "4", *(arg.format(run=step_runs.resumed) for arg in args))
     assert done.code == code, done
     lines = [line for line in done.err.splitlines() if said in line]
     assert len(lines) == 1, done.err
