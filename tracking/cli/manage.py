@@ -199,6 +199,7 @@ def register(source: str, name: str, checkpoint: str, alias: str | None, as_json
     refuse_checkpoint_of_pinned(source, checkpoint)
     from tracking.registry import check_alias
     from tracking.registry import register as register_checkpoint
+    from tracking.selection import version_model_id
 
     if alias is not None:
         try:
@@ -211,13 +212,34 @@ def register(source: str, name: str, checkpoint: str, alias: str | None, as_json
         version = register_checkpoint(source, name, checkpoint=checkpoint, alias=alias)
     uri = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version.version}"
     if as_json:
-        emit_json({"name": name, "version": version.version, "alias": alias, "source": version.source, "uri": uri})
+        tags = dict(version.tags or {})
+        emit_json(
+            {
+                "name": name,
+                "version": version.version,
+                "alias": alias,
+                "source": version.source,
+                "uri": uri,
+                "run_id": version.run_id,
+                "model_id": version_model_id(version),
+                "checkpoint": tags.get(layout.VERSION_TAG_CHECKPOINT),
+                "key": _number(tags.get(layout.VERSION_TAG_KEY)),
+                "keyed_by": tags.get(layout.VERSION_TAG_KEYED_BY),
+                "epoch": _number(tags.get(layout.VERSION_TAG_EPOCH)),
+                "step": _number(tags.get(layout.VERSION_TAG_STEP)),
+                "tags": tags,
+            }
+        )
         return
     click.echo(f"registered {name} version {version.version} from {version.source}; load it as {uri}")
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if tracking_uri.startswith(("http://", "https://")):
         page = f"#/models/{urllib.parse.quote(name)}/versions/{version.version}{UI_VIEW_QUERY}"
         click.echo(f"in the UI: {tracking_uri.rstrip('/')}/{page}")
+
+
+def _number(tag: str | None) -> int | None:
+    return int(tag) if tag is not None else None
 
 
 COMMANDS = (download, gc, register)
