@@ -15,6 +15,7 @@ from tracking.cli.inspect import (
     CHECKPOINT_CHOICES,
     is_epoch,
     json_option,
+    key_fields,
     refuse_checkpoint_of_pinned,
     source_argument,
 )
@@ -71,7 +72,15 @@ def download(source: str, checkpoint: str, to: Path, force: bool, as_json: bool)
     what = located.label if located.model_id else f"run {located.run_id} {located.label}"
     if as_json:
         files = {name: {"size": f.size, "sha256": f.sha256} for name, f in located.manifest.files.items()}
-        emit_json({"run_id": located.run_id, "model_id": located.model_id, "to": str(to), "files": files})
+        emit_json(
+            {
+                "run_id": located.run_id,
+                "model_id": located.model_id,
+                **key_fields(located.manifest),
+                "to": str(to),
+                "files": files,
+            }
+        )
         return
     sizes = ", ".join(f"{name} ({human_size(f.size)})" for name, f in located.manifest.files.items())
     click.echo(f"downloaded {what} to {to}: {sizes}, manifest.json; sha256 checked")
@@ -153,10 +162,9 @@ def gc(
             {
                 "run_id": run_id,
                 "dry_run": dry_run,
-                "deleted": [{"epoch": c.epoch, c.keyed_by: c.key, "model_id": c.model_id} for c in doomed],
+                "deleted": [{**key_fields(c), "model_id": c.model_id} for c in doomed],
                 "kept_registered": [
-                    {"epoch": c.epoch, c.keyed_by: c.key, "model_id": c.model_id, "versions": versions}
-                    for c, versions in report.registered
+                    {**key_fields(c), "model_id": c.model_id, "versions": versions} for c, versions in report.registered
                 ],
             }
         )
