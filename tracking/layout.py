@@ -14,6 +14,8 @@
     run tags
         tracking.checkpoint.latest         model ID of the newest committed checkpoint (+ _epoch, or _step)
         tracking.checkpoint.best           model ID of the best one (+ best_value, monitor, mode)
+    registry version tags (a version made from a checkpoint)
+        tracking.checkpoint.name           checkpoint-epoch-0007 (+ keyed_by, key, epoch, step)
 
 A checkpoint exists once its manifest is stored and its logged model is READY; readers
 trust the manifest, never the status alone. The manifest is deleted first.
@@ -60,6 +62,15 @@ TAG_BEST = "tracking.checkpoint.best"
 TAG_BEST_VALUE = "tracking.checkpoint.best_value"
 TAG_MONITOR = "tracking.checkpoint.monitor"
 TAG_MODE = "tracking.checkpoint.mode"
+
+# Tags on a registry version made from a checkpoint, so the registry UI says which one it is; MLflow
+# records the run (run_id) and the logged model (source models:/<model_id>) itself. The step tag is
+# left out when the checkpoint recorded no global step.
+VERSION_TAG_CHECKPOINT = "tracking.checkpoint.name"
+VERSION_TAG_KEYED_BY = "tracking.checkpoint.keyed_by"
+VERSION_TAG_KEY = "tracking.checkpoint.key"
+VERSION_TAG_EPOCH = "tracking.checkpoint.epoch"
+VERSION_TAG_STEP = "tracking.checkpoint.step"
 
 # Where checkpoints lived before they were logged models: only recognised, to say so.
 LEGACY_CHECKPOINTS_DIR = "checkpoints"

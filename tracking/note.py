@@ -23,6 +23,9 @@ NOTE_TAG = "mlflow.note.content"
 _METRIC_COLUMNS = 4
 # MLflow stores the description as a run tag, whose values it cuts at this many characters.
 MAX_CHARS = 8000
+# How a description render() wrote begins, and the heading its checkpoint table ends at.
+_INTRO = "Training run of "
+_LOAD_IT = "**Load it**"
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ def render(
     its shell block."""
     trained = f"`{model_class}`" + (f" with `{optimizer_class}`" if optimizer_class else "")
     lines = [
-        f"Training run of {trained}. Each checkpoint is a logged model of this run (the run's "
+        f"{_INTRO}{trained}. Each checkpoint is a logged model of this run (the run's "
         "*Logged models*, the experiment's *Models* tab): register one there, or with `tracking register`.",
         "",
     ]
@@ -63,7 +66,7 @@ def render(
         code.append(f'model = tracking.load_model("models:/{pinned}")  # exactly {layout.label(keyed_by, latest)}')
     code += python
     shell = [f"tracking checkpoints {run_id}", f"tracking show {run_id} --checkpoint best", *commands]
-    load_it = ["**Load it**", "", "```python", *code, "```", "", "```bash", *shell, "```"]
+    load_it = [_LOAD_IT, "", "```python", *code, "```", "", "```bash", *shell, "```"]
     if checkpoints:
         budget = MAX_CHARS - len("\n".join(lines + load_it))
         lines += _table(run_id, checkpoints, latest, best, monitor, budget, keyed_by)
@@ -97,6 +100,32 @@ def describe_run(
         keyed_by=manifest.keyed_by,
     )
     return {NOTE_TAG: text}
+
+
+def relist(
+    text: str,
+    run_id: str,
+    checkpoints: Mapping[int, NotedCheckpoint],
+    tags: Mapping[str, str],
+    *,
+    monitor: str | None,
+    keyed_by: str,
+) -> str | None:
+    """``text``, a run's description as :func:`render` wrote it, with its checkpoint table listing ``checkpoints``
+    (by key) marked by ``tags`` (latest, best), the rest as it was; None when ``text`` is not such a description
+    (one a user wrote or edited around the table is theirs: left alone)."""
+    intro, blank, rest = text.partition("\n\n")
+    table, heading, load_it = rest.partition(_LOAD_IT)
+    if not (intro.startswith(_INTRO) and "\n" not in intro and blank and heading):
+        return None
+    if any(line and not line.startswith(("|", "*")) for line in table.splitlines()):
+        return None
+    by_model = {c.model_id: key for key, c in checkpoints.items()}
+    latest = by_model.get(tags.get(layout.TAG_LATEST, ""))
+    best = by_model.get(tags.get(layout.TAG_BEST, ""))
+    kept = heading + load_it
+    rows = _table(run_id, checkpoints, latest, best, monitor, MAX_CHARS - len(intro) - 2 - len(kept), keyed_by)
+    return "\n".join([intro, "", *(rows if checkpoints else [])]) + "\n" + kept
 
 
 def _table(

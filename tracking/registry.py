@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from tracking import layout
 from tracking.config import TrackingConfig, bound_mlflow_requests
 from tracking.errors import StorageError
+from tracking.manifest import Manifest
 from tracking.run import RunHandle, tracking_server_errors
 from tracking.selection import Selector, find_checkpoint, version_model_id
 
@@ -47,7 +49,11 @@ def register(
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         version = client.create_model_version(
-            name, source=f"models:/{located.model_id}", run_id=located.run_id, model_id=located.model_id
+            name,
+            source=f"models:/{located.model_id}",
+            run_id=located.run_id,
+            model_id=located.model_id,
+            tags=version_tags(located.name, located.manifest),
         )
         if alias is not None:
             client.set_registered_model_alias(name, alias, version.version)
@@ -60,6 +66,19 @@ def register(
             "and that the tracking server runs, then retry."
         ) from exc
     return version
+
+
+def version_tags(checkpoint: str, manifest: Manifest) -> dict[str, str]:
+    """The tags saying which checkpoint a registry version is: its name, key, epoch and step (when recorded)."""
+    tags = {layout.VERSION_TAG_CHECKPOINT: checkpoint, layout.VERSION_TAG_KEYED_BY: manifest.keyed_by}
+    for tag, value in (
+        (layout.VERSION_TAG_KEY, manifest.key),
+        (layout.VERSION_TAG_EPOCH, manifest.epoch),
+        (layout.VERSION_TAG_STEP, manifest.step),
+    ):
+        if value is not None:
+            tags[tag] = str(value)
+    return tags
 
 
 def check_alias(alias: str) -> None:

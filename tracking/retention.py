@@ -10,11 +10,11 @@ import logging
 from dataclasses import dataclass
 from typing import TypedDict, Unpack
 
-from tracking import catalog, layout, registry
+from tracking import catalog, layout, note, registry
 from tracking.checkpointer import Checkpointer
 from tracking.config import TrackingConfig
-from tracking.errors import StorageError, one_line
-from tracking.run import open_run
+from tracking.errors import StorageError, TrackingError, one_line
+from tracking.run import RunHandle, open_run
 
 _log = logging.getLogger(__name__)
 
@@ -48,13 +48,37 @@ def prune(run_id: str, **options: Unpack[PruneOptions]) -> list[catalog.StoredCh
     moves to the best survivor first); ``monitor`` and ``mode`` default to what the run's tags
     record, else ``val_loss`` / ``min``. A checkpoint that a registry version points at is kept
     (a warning says so) unless ``delete_registered``; ``running=False`` refuses a run whose
-    status is still RUNNING, whose trainer would point its tags at deleted checkpoints. Returns
+    status is still RUNNING, whose trainer would point its tags at deleted checkpoints. Once some are
+    deleted, a run description the library wrote is rewritten to list those that remain. Returns
     the checkpoints deleted (with ``dry_run``, those that would be), oldest first.
     """
     report = prune_report(run_id, **options)
     for checkpoint, versions in report.registered:
         _log.warning("%s", registered_line(checkpoint, versions))
     return report.deleted
+
+
+def _relist(handle: RunHandle, remaining: dict[int, catalog.StoredCheckpoint], monitor: str) -> None:
+    """Rewrite the run's description to list the checkpoints that remain, when the library wrote it: one request.
+
+    ``handle.tags`` are the run's as retention left them (re-read before deleting, best moved).
+    """
+    text = handle.tags.get(note.NOTE_TAG, "")
+    noted = {key: note.NotedCheckpoint(c.model_id, c.metrics) for key, c in remaining.items()}
+    keyed_by = catalog.keyed_by(handle, remaining.values())
+    monitor = handle.tags.get(layout.TAG_MONITOR) or monitor  # the run's own, which ranks its best
+    relisted = note.relist(text, handle.run_id, noted, handle.tags, monitor=monitor, keyed_by=keyed_by)
+    if relisted is None or relisted == text:
+        return
+    try:
+        handle.set_tags({note.NOTE_TAG: relisted})
+    except TrackingError as exc:  # the checkpoints are deleted all the same: the description is a view of them
+        _log.warning(
+            "run %s: the checkpoints are deleted, but the run's description still lists them (%s); the run's next "
+            "checkpoint rewrites it, or edit it in the MLflow UI.",
+            handle.run_id,
+            one_line(exc)[:300],
+        )
 
 
 def registered_line(checkpoint: catalog.StoredCheckpoint, versions: list[str]) -> str:
@@ -113,6 +137,8 @@ def prune_report(
             [(committed[e], registered[committed[e].model_id]) for e in doomed if committed[e].model_id in registered],
         )
     done = pruner._apply_retention(handle, kept, latest=max(kept), delete_registered=delete_registered)
+    if done.deleted:
+        _relist(handle, {key: c for key, c in committed.items() if key not in done.deleted}, monitor)
     if done.failed:
         deleted = ", ".join(str(e) for e in done.deleted) or "none"
         failed = ", ".join(f"{e} ({model_id})" for e, (model_id, _) in sorted(done.failed.items()))

@@ -59,7 +59,7 @@ def test_every_command_on_a_real_stack(logged_run: tuple[str, str], tmp_path: Pa
     assert plain.exit_code == 0 and run_id in plain.stdout and "epoch 2 val_loss=0.5" in plain.stdout
 
     checkpoints = as_json("checkpoints", run_id)
-    assert [c["epoch"] for c in checkpoints] == [1, 2, 3, 4]
+    assert [(c["key"], c["keyed_by"], c["epoch"]) for c in checkpoints] == [(e, "epoch", e) for e in (1, 2, 3, 4)]
     marks = {c["epoch"]: (c["latest"], c["best"]) for c in checkpoints}
     assert marks[4] == (True, False) and marks[2] == (False, True)
     by_epoch = {c["epoch"]: c["model_id"] for c in checkpoints}
@@ -97,6 +97,12 @@ def test_every_command_on_a_real_stack(logged_run: tuple[str, str], tmp_path: Pa
         registered = as_json("register", run_id, name, "--checkpoint", "best", "--alias", "champion")
     assert not [m for m in notes if m.startswith("Waiting up to")], "MLflow's wait note is printed"
     assert registered["uri"] == f"models:/{name}@champion"
+    assert (registered["checkpoint"], registered["key"], registered["keyed_by"]) == (
+        "checkpoint-epoch-0002",
+        2,
+        "epoch",
+    )
+    assert MlflowClient().get_model_version(name, registered["version"]).tags == registered["tags"]
     assert tracking.load(f"models:/{name}@champion").epoch == 2
     assert tracking.load(run_id).epoch == 4
 

@@ -6,6 +6,7 @@ import json
 import resource
 import signal
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pytest
@@ -203,3 +204,31 @@ def test_a_bad_pointer_tag_is_one_warning_line(tracking_store: str, tmp_path: Pa
     warning_lines = [line for line in done.stderr.splitlines() if "not-a-model-id" in line or "Warning" in line]
     assert len(warning_lines) == 1 and warning_lines[0].startswith(f"warning: run {run.info.run_id}: tag "), done.stderr
     assert json.loads(done.stdout)["epoch"] == 1
+
+
+KEY_FIELDS = ("key", "keyed_by", "epoch", "step")
+
+
+def test_every_json_row_about_a_checkpoint_says_its_key_epoch_and_step(s3_run_id: str, tmp_path: Path) -> None:
+    run_id = s3_run_id  # keyed by epoch, each checkpoint recording the global step epoch * 10
+
+    def rows(*args: str) -> Any:
+        result = CliRunner().invoke(main, [*args, "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    def numbers(row: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(row[name] for name in KEY_FIELDS)
+
+    assert [numbers(row) for row in rows("checkpoints", run_id)] == [(e, "epoch", e, e * 10) for e in (1, 2, 3)]
+    assert numbers(rows("show", run_id, "--checkpoint", "best")) == (2, "epoch", 2, 20)
+    assert numbers(rows("download", run_id, "--checkpoint", "1", "--to", str(tmp_path / "one"))) == (1, "epoch", 1, 10)
+    weights = rows("download", run_id, "--checkpoint", "state_dict", "--to", str(tmp_path / "weights"))
+    assert numbers(weights) == (None, None, None, None)  # a state dict, keyed by nothing
+    (deleted,) = rows("gc", run_id, "--keep-last", "1", "--keep-best", "1", "--dry-run")["deleted"]
+    assert numbers(deleted) == (1, "epoch", 1, 10)
+    (summary,) = rows("runs", "--experiment", "unit-s3")
+    assert [summary[f"latest_{name}"] for name in ("key", "epoch", "step")] == [3, 3, 30]
+    assert [summary[f"best_{name}"] for name in ("key", "epoch", "step")] == [2, 2, 20]
+    registered = rows("register", run_id, "seed", "--checkpoint", "best")
+    assert (registered["checkpoint"], *numbers(registered)) == ("checkpoint-epoch-0002", 2, "epoch", 2, 20)

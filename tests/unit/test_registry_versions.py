@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import mlflow
 import pytest
 from click.testing import CliRunner
@@ -9,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 import tracking
 from pipelines.models import Model
+from tracking import layout
 from tracking.cli import main
 from tracking.errors import NotFoundError
 
@@ -38,3 +41,44 @@ def test_a_refused_alias_leaves_no_version_behind(experiment: str, alias: str) -
     cli = CliRunner().invoke(main, ["register", run.info.run_id, "seed", "--checkpoint", "latest", "--alias", alias])
     assert cli.exit_code == 2 and "cannot be used" in cli.output and "Traceback" not in cli.output
     assert list(MlflowClient().search_model_versions("name = 'seed'")) == []
+
+
+def test_a_version_says_which_checkpoint_it_is_in_its_tags(s3_experiment: str) -> None:
+    model = Model(6)
+    with mlflow.start_run() as by_epoch:
+        tracking.log_checkpoint(model, epoch=1, step=10)
+        tracking.log_checkpoint(model, epoch=2)  # no global step recorded: no step tag
+    with mlflow.start_run() as by_step:
+        tracking.log_checkpoint(model, epoch=0, step=1500, keyed_by="step")
+    client = MlflowClient()
+
+    version = tracking.register(by_epoch.info.run_id, "seed", checkpoint=1)
+    stored = client.get_model_version("seed", version.version)
+    assert stored.tags == {
+        layout.VERSION_TAG_CHECKPOINT: "checkpoint-epoch-0001",
+        layout.VERSION_TAG_KEYED_BY: "epoch",
+        layout.VERSION_TAG_KEY: "1",
+        layout.VERSION_TAG_EPOCH: "1",
+        layout.VERSION_TAG_STEP: "10",
+    }
+    # What MLflow records itself, and the tags leave out: the run and the logged model.
+    listed = tracking.list_checkpoints(by_epoch.info.run_id)
+    assert (stored.run_id, stored.source) == (by_epoch.info.run_id, f"models:/{listed[0].model_id}")
+
+    result = CliRunner().invoke(main, ["register", by_epoch.info.run_id, "seed", "--checkpoint", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    assert printed["tags"] == client.get_model_version("seed", printed["version"]).tags
+    assert printed["tags"][layout.VERSION_TAG_CHECKPOINT] == "checkpoint-epoch-0002"
+    assert layout.VERSION_TAG_STEP not in printed["tags"]
+    assert (printed["key"], printed["keyed_by"], printed["epoch"], printed["step"]) == (2, "epoch", 2, None)
+    assert (printed["run_id"], printed["model_id"]) == (by_epoch.info.run_id, listed[1].model_id)
+
+    stepped = tracking.register(by_step.info.run_id, "seed", checkpoint="latest")
+    assert client.get_model_version("seed", stepped.version).tags == {
+        layout.VERSION_TAG_CHECKPOINT: "checkpoint-step-00001500",
+        layout.VERSION_TAG_KEYED_BY: "step",
+        layout.VERSION_TAG_KEY: "1500",
+        layout.VERSION_TAG_EPOCH: "0",
+        layout.VERSION_TAG_STEP: "1500",
+    }

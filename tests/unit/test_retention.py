@@ -12,10 +12,11 @@ from mlflow.tracking import MlflowClient
 
 import tracking
 from pipelines.models import Model
-from tracking import catalog
+from tracking import catalog, note
 from tracking.cli import main
 from tracking.errors import NotFoundError, StorageError
 from tracking.layout import TAG_BEST, TAG_BEST_VALUE, TAG_LATEST
+from tracking.run import RunHandle
 
 
 def epochs(run_id: str) -> list[int]:
@@ -136,3 +137,53 @@ def test_gc_refuses_a_running_run_without_force(experiment: str) -> None:
     assert ended.exit_code == 0, ended.output
     assert epochs(run_id) == [3]
     assert run_tags(run_id)[TAG_LATEST] == tracking.list_checkpoints(run_id)[0].model_id
+
+
+def test_gc_relists_the_description_the_library_wrote_and_leaves_a_users_alone(
+    s3_experiment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = Model(6)
+    commands = ["python -m pipelines.evaluate --run-id {run_id}"]
+    runs = []
+    for _ in range(2):
+        with mlflow.start_run() as run, tracking.Checkpointer(monitor="val_loss", commands=commands) as checkpointer:
+            for epoch, loss in ((1, 0.5), (2, 0.2), (3, 0.4), (4, 0.3)):
+                checkpointer.save(model, epoch=epoch, metrics={"val_loss": loss})
+        runs.append(run.info.run_id)
+    ours, theirs = runs
+    before = run_tags(ours)[note.NOTE_TAG]
+    deleted = [c.model_id for c in tracking.list_checkpoints(ours)[:3]]
+    assert all(model_id in before for model_id in deleted)
+    users = f"Baseline for the ablation; compare with {deleted[0]}."
+    MlflowClient().set_tag(theirs, note.NOTE_TAG, users)
+    written: list[str] = []
+    original = RunHandle.set_tags
+
+    def set_tags(handle: RunHandle, tags: dict[str, str], metrics: Any = ()) -> None:
+        written.extend(name for name in tags if name == note.NOTE_TAG)
+        original(handle, tags, metrics)
+
+    monkeypatch.setattr(RunHandle, "set_tags", set_tags)
+
+    for run_id in runs:
+        result = CliRunner().invoke(main, ["gc", run_id, "--keep-last", "1"])
+        assert result.exit_code == 0, result.output
+        assert epochs(run_id) == [4]
+    assert written == [note.NOTE_TAG]  # one request, for the run whose description the library wrote
+
+    tags = run_tags(ours)
+    (kept,) = tracking.list_checkpoints(ours)
+    assert tags[TAG_BEST] == tags[TAG_LATEST] == kept.model_id
+    noted = {4: note.NotedCheckpoint(str(kept.model_id), kept.metrics)}
+    # As a Checkpointer that kept only epoch 4 would have written it: its commands included.
+    assert (
+        tags[note.NOTE_TAG]
+        == note.describe_run(ours, kept.manifest, noted, tags, monitor="val_loss", commands=commands)[note.NOTE_TAG]
+    )
+    assert not any(model_id in tags[note.NOTE_TAG] for model_id in deleted)
+    assert "| 4 |" in tags[note.NOTE_TAG] and "latest, best" in tags[note.NOTE_TAG]
+    assert run_tags(theirs)[note.NOTE_TAG] == users
+
+    again = CliRunner().invoke(main, ["gc", ours, "--keep-last", "1"])
+    assert again.exit_code == 0 and "0 checkpoints deleted" in again.output
+    assert written == [note.NOTE_TAG]  # nothing deleted, nothing rewritten

@@ -69,3 +69,21 @@ def test_the_stored_description_of_a_run_is_the_whole_rendering(experiment: str)
     assert len(stored) <= note.MAX_CHARS
     assert stored.endswith("```") and f"--run-id {run.info.run_id}" in stored.splitlines()[-2]
     assert 5 in table_epochs(stored) and "more checkpoints are not shown" in stored
+
+
+def test_relisting_gives_what_render_writes_for_the_checkpoints_that_remain() -> None:
+    every = noted(range(1, 131))  # summarised: the table ends with the line saying how many are left out
+    remaining = {epoch: every[epoch] for epoch in (7, 130)}
+    tags = {"tracking.checkpoint.latest": every[130].model_id, "tracking.checkpoint.best": every[7].model_id}
+    relisted = note.relist(
+        render(every, latest=130, best=7), RUN_ID, remaining, tags, monitor="val_loss", keyed_by="epoch"
+    )
+    assert relisted == render(remaining, latest=130, best=7)
+    assert note.relist(relisted, RUN_ID, remaining, tags, monitor="val_loss", keyed_by="epoch") == relisted
+
+
+def test_a_description_a_user_wrote_or_edited_around_the_table_is_not_relisted() -> None:
+    ours = render(noted(range(1, 4)), latest=3, best=1)
+    edited = ours.replace("**Load it**", "Epoch 1 diverged, see the notebook.\n\n**Load it**")
+    for text in ("Baseline for the ablation.", "", edited, ours.replace("Training run of", "Run of")):
+        assert note.relist(text, RUN_ID, noted(range(3, 4)), {}, monitor="val_loss", keyed_by="epoch") is None

@@ -9,6 +9,7 @@ proved on their own.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import mlflow
 import pytest
@@ -328,3 +329,21 @@ def test_best_never_moves_to_a_registered_checkpoint_that_a_relog_replaced(exper
     log_by_step(run_id, model, step=1500, epoch=1, val_loss=0.95)  # best (step 1500) replaced by a worse one
     best = tracking.find_checkpoint(run_id, "best")
     assert (best.manifest.step, best.manifest.metrics) == (500, {"val_loss": 0.5})  # the best of what the run lists
+
+
+def test_json_rows_of_a_run_keyed_by_step_have_the_fields_of_one_keyed_by_epoch(s3_experiment: str) -> None:
+    run_id = three_steps(Model(6))
+
+    def rows(*args: str) -> Any:
+        result = CliRunner().invoke(main, [*args, "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    expected = [(500, "step", 0, 500), (1000, "step", 0, 1000), (1500, "step", 1, 1500)]
+    fields = ("key", "keyed_by", "epoch", "step")
+    assert [tuple(row[name] for name in fields) for row in rows("checkpoints", run_id)] == expected
+    assert tuple(rows("show", run_id, "--checkpoint", "best")[name] for name in fields) == expected[1]
+    deleted = rows("gc", run_id, "--keep-last", "1", "--keep-best", "1", "--dry-run")["deleted"]
+    assert [tuple(row[name] for name in fields) for row in deleted] == [expected[0]]
+    (summary,) = rows("runs", "--experiment", "unit-s3")
+    assert [summary[f"latest_{name}"] for name in ("key", "epoch", "step")] == [1500, 1, 1500]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import click
 from click.core import ParameterSource
@@ -11,6 +11,29 @@ from tracking.cli.server import connect
 from tracking.output import Column, emit_json, human_size, plural, table
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+class Keyed(Protocol):
+    """A checkpoint as listed, stored or described by its manifest: what it is keyed by, and its numbers."""
+
+    @property
+    def keyed_by(self) -> str: ...
+    @property
+    def key(self) -> int | None: ...
+    @property
+    def epoch(self) -> int | None: ...
+    @property
+    def step(self) -> int | None: ...
+
+
+def key_fields(checkpoint: Keyed) -> dict[str, Any]:
+    """What every JSON row about a checkpoint carries, whatever its run is keyed by: ``key``, ``keyed_by``,
+    ``epoch`` and ``step`` (the global step it recorded, else null)."""
+    step = checkpoint.step
+    if step is None and checkpoint.keyed_by == "step":
+        step = checkpoint.key  # a logged model whose step param is gone: its name says
+    keyed_by = checkpoint.keyed_by if checkpoint.key is not None else None  # a state dict is keyed by nothing
+    return {"key": checkpoint.key, "keyed_by": keyed_by, "epoch": checkpoint.epoch, "step": step}
 
 
 def _check_source(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -131,9 +154,8 @@ def _best(summary: dict[str, Any]) -> str:
 
 def _key(summary: dict[str, Any], which: str) -> str | None:
     """``epoch 7``, or ``step 1500`` in a run keyed by step, for the latest or best checkpoint."""
-    keyed_by = summary["keyed_by"]
-    key = summary[f"{which}_{keyed_by}"]
-    return None if key is None else f"{keyed_by} {key}"
+    key = summary[f"{which}_key"]
+    return None if key is None else f"{summary['keyed_by']} {key}"
 
 
 def _made_by(summary: dict[str, Any]) -> str:
@@ -176,7 +198,6 @@ def _run_summary(run: Any, config: Any) -> dict[str, Any]:
     # A tag naming no committed checkpoint (deleted or edited by hand) is stale: the search says, as for the loader.
     latest = by_model.get(tags.get(layout.TAG_LATEST, "")) or (committed[max(committed)] if committed else None)
     best = by_model.get(tags.get(layout.TAG_BEST, "")) or _ranked_best(committed, monitor, tags.get(layout.TAG_MODE))
-    stepped = keyed_by == layout.STEP
     return {
         "run_id": run.info.run_id,
         "run_name": run.info.run_name,
@@ -186,16 +207,22 @@ def _run_summary(run: Any, config: Any) -> dict[str, Any]:
         "status": run.info.status,
         "checkpoints": len(committed),
         "keyed_by": keyed_by,
-        "latest_epoch": latest.epoch if latest is not None else None,
-        "latest_step": latest.key if latest is not None and stepped else None,
+        **{f"latest_{name}": value for name, value in _numbers(latest).items()},
         "latest_model_id": latest.model_id if latest is not None else None,
-        "best_epoch": best.epoch if best is not None else None,
-        "best_step": best.key if best is not None and stepped else None,
+        **{f"best_{name}": value for name, value in _numbers(best).items()},
         "best_model_id": best.model_id if best is not None else None,
         "monitor": monitor,
         "best_value": best.metrics.get(monitor or "") if best is not None else None,
         "size_bytes": size,
     }
+
+
+def _numbers(checkpoint: Any) -> dict[str, Any]:
+    """A run's latest or best checkpoint (None when it has none) as ``key``, ``epoch`` and ``step``."""
+    if checkpoint is None:
+        return dict.fromkeys(("key", "epoch", "step"))
+    fields = key_fields(checkpoint)
+    return {name: fields[name] for name in ("key", "epoch", "step")}
 
 
 def _ranked_best(committed: dict[int, Any], monitor: str | None, mode: str | None) -> Any:
@@ -237,8 +264,7 @@ def checkpoints(source: str, as_json: bool) -> None:
     latest, best = marks["latest"], marks["best"]
     found: list[dict[str, Any]] = [
         {
-            "epoch": c.epoch,
-            "step": c.step,
+            **key_fields(c),
             "model_id": c.model_id,
             "uri": c.uri,
             "metrics": c.metrics,
@@ -306,6 +332,7 @@ def show(source: str, checkpoint: str, as_json: bool) -> None:
             {
                 "run_id": located.run_id,
                 "model_id": located.model_id,
+                **key_fields(located.manifest),
                 "uri": f"models:/{located.model_id}",
                 "artifact_uri": located.store.artifact_uri,
                 "manifest": manifest,

@@ -15,6 +15,7 @@ from tracking.cli.inspect import (
     CHECKPOINT_CHOICES,
     is_epoch,
     json_option,
+    key_fields,
     refuse_checkpoint_of_pinned,
     source_argument,
 )
@@ -71,7 +72,15 @@ def download(source: str, checkpoint: str, to: Path, force: bool, as_json: bool)
     what = located.label if located.model_id else f"run {located.run_id} {located.label}"
     if as_json:
         files = {name: {"size": f.size, "sha256": f.sha256} for name, f in located.manifest.files.items()}
-        emit_json({"run_id": located.run_id, "model_id": located.model_id, "to": str(to), "files": files})
+        emit_json(
+            {
+                "run_id": located.run_id,
+                "model_id": located.model_id,
+                **key_fields(located.manifest),
+                "to": str(to),
+                "files": files,
+            }
+        )
         return
     sizes = ", ".join(f"{name} ({human_size(f.size)})" for name, f in located.manifest.files.items())
     click.echo(f"downloaded {what} to {to}: {sizes}, manifest.json; sha256 checked")
@@ -153,10 +162,9 @@ def gc(
             {
                 "run_id": run_id,
                 "dry_run": dry_run,
-                "deleted": [{"epoch": c.epoch, c.keyed_by: c.key, "model_id": c.model_id} for c in doomed],
+                "deleted": [{**key_fields(c), "model_id": c.model_id} for c in doomed],
                 "kept_registered": [
-                    {"epoch": c.epoch, c.keyed_by: c.key, "model_id": c.model_id, "versions": versions}
-                    for c, versions in report.registered
+                    {**key_fields(c), "model_id": c.model_id, "versions": versions} for c, versions in report.registered
                 ],
             }
         )
@@ -199,6 +207,7 @@ def register(source: str, name: str, checkpoint: str, alias: str | None, as_json
     refuse_checkpoint_of_pinned(source, checkpoint)
     from tracking.registry import check_alias
     from tracking.registry import register as register_checkpoint
+    from tracking.selection import version_model_id
 
     if alias is not None:
         try:
@@ -211,13 +220,34 @@ def register(source: str, name: str, checkpoint: str, alias: str | None, as_json
         version = register_checkpoint(source, name, checkpoint=checkpoint, alias=alias)
     uri = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version.version}"
     if as_json:
-        emit_json({"name": name, "version": version.version, "alias": alias, "source": version.source, "uri": uri})
+        tags = dict(version.tags or {})
+        emit_json(
+            {
+                "name": name,
+                "version": version.version,
+                "alias": alias,
+                "source": version.source,
+                "uri": uri,
+                "run_id": version.run_id,
+                "model_id": version_model_id(version),
+                "checkpoint": tags.get(layout.VERSION_TAG_CHECKPOINT),
+                "key": _number(tags.get(layout.VERSION_TAG_KEY)),
+                "keyed_by": tags.get(layout.VERSION_TAG_KEYED_BY),
+                "epoch": _number(tags.get(layout.VERSION_TAG_EPOCH)),
+                "step": _number(tags.get(layout.VERSION_TAG_STEP)),
+                "tags": tags,
+            }
+        )
         return
     click.echo(f"registered {name} version {version.version} from {version.source}; load it as {uri}")
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if tracking_uri.startswith(("http://", "https://")):
         page = f"#/models/{urllib.parse.quote(name)}/versions/{version.version}{UI_VIEW_QUERY}"
         click.echo(f"in the UI: {tracking_uri.rstrip('/')}/{page}")
+
+
+def _number(tag: str | None) -> int | None:
+    return int(tag) if tag is not None else None
 
 
 COMMANDS = (download, gc, register)
