@@ -395,7 +395,7 @@ class Killed(BaseException):
 def test_a_save_killed_after_ready_is_replaced_by_the_resumed_jobs_save_of_that_epoch(
     experiment: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tracking import commit
+    from tracking import replacement
     from tracking.run import RunHandle
 
     model = Model(6)
@@ -412,7 +412,7 @@ def test_a_save_killed_after_ready_is_replaced_by_the_resumed_jobs_save_of_that_
     assert str(dead.status) == "READY" and tags(run_id)[TAG_LATEST] == first.model_id
 
     # The resumed job, a new process, trains epoch 2 again and saves it.
-    monkeypatch.setattr(commit, "_committed_here", set())
+    monkeypatch.setattr(replacement, "_committed_here", set())
     with torch.no_grad():
         model.linear.weight.add_(1.0)
     again = tracking.log_checkpoint(model, epoch=2, run_id=run_id)
