@@ -196,6 +196,8 @@ def test_from_step_branches_a_child_run_from_mid_epoch_that_ends_as_the_straight
         (["--resume", "{run}", "--checkpoint-every", "1"], 1, "checkpoint_every none -> 1"),
         (["--resume", "{run}", "--checkpoint-every-steps", "3"], 1, "checkpoint_every_steps 2 -> 3"),
         (["--resume", "{run}", "--checkpoint-every", "1", "--override"], 1, "a run holds one kind of key"),
+        (["--resume", "{run}", "--from-step", "5"], 1, "committed steps: 2, 3, 4, 6"),
+        (["--resume", "{run}", "--from-step", "5", "--new-run"], 1, "committed steps: 2, 3, 4, 6"),
     ],
     ids=[
         "both-intervals",
@@ -206,6 +208,8 @@ def test_from_step_branches_a_child_run_from_mid_epoch_that_ends_as_the_straight
         "by-epoch",
         "other-steps",
         "by-epoch-overridden",
+        "missing-step",
+        "missing-step-new-run",
     ],
 )
 def test_a_step_run_refuses_what_it_cannot_do_before_any_training(
@@ -246,3 +250,4 @@ def test_the_own_loop_pipelines_save_by_epoch_and_do_not_offer_step_flags(
         main(["--checkpoint-every-steps", "2"])
     assert exited.value.code == 2
     assert "unrecognized arguments: --checkpoint-every-steps" in capsys.readouterr().err
+
