@@ -186,7 +186,11 @@ def _train(opts: options.Options) -> str:
             train_dataset=Examples(split.x_train, split.y_train),
             eval_dataset=Examples(split.x_val, split.y_val),
             compute_metrics=accuracy,
-            callbacks=[_epoch_metrics(), checkpoints, *([_neutral_evaluations()] if steps is not None else [])],
+            callbacks=[
+                _epoch_metrics(),
+                checkpoints,
+                *([_given_intervals(), _neutral_evaluations()] if steps is not None else []),
+            ],
         )
         folder = None
         if origin is not None:
@@ -304,6 +308,22 @@ def _epoch_metrics() -> Any:
                 mlflow.log_metrics(metrics, step=state.global_step)
 
     return EpochMetrics()
+
+
+def _given_intervals() -> Any:
+    """A callback that makes a resumed training save, evaluate and log every --checkpoint-every-steps steps.
+
+    The Trainer takes save_steps, eval_steps and logging_steps from the resumed folder's trainer_state.json,
+    not from its arguments: a run resumed with --override --checkpoint-every-steps would record the new
+    interval and save by the old one.
+    """
+    from transformers import TrainerCallback
+
+    class GivenIntervals(TrainerCallback):  # type: ignore[misc]
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            state.compute_steps(args, state.max_steps)
+
+    return GivenIntervals()
 
 
 def _neutral_evaluations() -> Any:

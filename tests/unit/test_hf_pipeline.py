@@ -251,3 +251,23 @@ def test_the_own_loop_pipelines_save_by_epoch_and_do_not_offer_step_flags(
     assert exited.value.code == 2
     assert "unrecognized arguments: --checkpoint-every-steps" in capsys.readouterr().err
 
+
+def test_an_overridden_checkpoint_every_steps_is_the_one_a_resumed_training_saves_by(
+    step_runs: StepRuns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The Trainer takes save_steps and eval_steps from the resumed folder's trainer_state.json (every 2 here):
+    # --override --checkpoint-every-steps 3 must be what the resumed training saves and evaluates by.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", step_runs.uri)
+    monkeypatch.setenv("TRACKING_EXPERIMENT", EXPERIMENT)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+    code, out, err = _inline(
+        "--resume", step_runs.straight, "--new-run", "--override", "--checkpoint-every-steps", "3", "--epochs", "4"
+    )
+    assert code == 0, err[-3000:]
+    child = _run_id(out)
+    config = tracking.TrackingConfig(tracking_uri=step_runs.uri)
+    # Steps 7 to 12: a save every 3 steps is at 9 and 12 (the last), none at 8 or 10.
+    assert [c.step for c in tracking.list_checkpoints(child, config=config)] == [9, 12]
+    assert MlflowClient(step_runs.uri).get_run(child).data.params["checkpoint_every_steps"] == "3"
+    assert {m.step for m in MlflowClient(step_runs.uri).get_metric_history(child, "eval_loss")} == {9, 12}
