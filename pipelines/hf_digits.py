@@ -22,6 +22,10 @@ resumed from its last step (where the Trainer evaluates even off the N-step grid
 as a longer run. --from-step N picks step N's checkpoint of such a run (--from-epoch is refused
 there, and --from-step in a run keyed by epoch); a resume in the same run keeps its kind of key.
 
+--override applies the options given from the resumed checkpoint on (the learning rate too, which the Trainer
+restores with the optimizer, and --checkpoint-every-steps, which it restores from trainer_state.json) and
+records them in the run's tracking.overrides tag.
+
 Under torchrun the Trainer trains DDP on the CPU (gloo), every flag as in one process but --strategy fsdp:
 rank 0 alone finds the run to resume, starts the run, logs and prints; every rank gets the run's ID, has
 the callback (each checkpoint holds every rank's RNG state) and resumes from the run's checkpoint. A run
@@ -106,8 +110,9 @@ def _train(opts: options.Options) -> str:
         origin = _origin(client, opts, config) if opts.resume else None
         recorded = origin.data.params if origin else {}
         values = opts.settings(recorded)
+        changed: dict[str, tuple[str, str]] = {}
         if origin is not None:
-            _check_overrides(origin.info.run_id, opts, recorded)
+            changed = _check_overrides(origin.info.run_id, opts, recorded)
             if not opts.new_run:
                 runs.check_keys(origin.info.run_id, values, config, instead="add --new-run to branch a child run")
         _metric_for_best_model(values)
@@ -124,6 +129,12 @@ def _train(opts: options.Options) -> str:
         resumed = {runs.TAG_RESUMED_FROM_EPOCH: str(epoch)}
         if picked.keyed_by == layout.STEP:
             resumed[runs.TAG_RESUMED_FROM_STEP] = str(picked.step)
+        if changed:
+            # A run's params cannot change: its overrides tag says what this resume trains with instead.
+            where = f"step {picked.step}" if picked.keyed_by == layout.STEP else f"epoch {epoch}"
+            note = f"from {where}: " + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+            earlier = None if opts.new_run else origin.data.tags.get(runs.TAG_OVERRIDES)
+            resumed[runs.TAG_OVERRIDES] = f"{earlier}; {note}" if earlier else note
         return origin, values, resumed
 
     # Rank 0 alone reads MLflow; every rank gets what it found, or its error.
@@ -190,6 +201,8 @@ def _train(opts: options.Options) -> str:
                 _epoch_metrics(),
                 checkpoints,
                 *([_given_intervals(), _neutral_evaluations()] if steps is not None else []),
+                # The Trainer restores the run's learning rate with the optimizer and the scheduler.
+                *([_learning_rate(values["lr"])] if origin is not None and "lr" in opts.given else []),
             ],
         )
         folder = None
@@ -263,7 +276,8 @@ def _origin(client: Any, opts: options.Options, config: Any) -> Any:
     return origin
 
 
-def _check_overrides(run_id: str, opts: options.Options, recorded: Mapping[str, str]) -> None:
+def _check_overrides(run_id: str, opts: options.Options, recorded: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """The params this resume changes (name -> recorded, given); refused without --override."""
     from pipelines import runs
 
     changed = opts.conflicts(recorded)
@@ -273,6 +287,7 @@ def _check_overrides(run_id: str, opts: options.Options, recorded: Mapping[str, 
             f"run {run_id} was trained with other params ({listed}); leave these options out to keep the run's "
             "values, or add --override to apply them."
         )
+    return changed
 
 
 def _metric_for_best_model(values: Mapping[str, Any]) -> str:
@@ -308,6 +323,23 @@ def _epoch_metrics() -> Any:
                 mlflow.log_metrics(metrics, step=state.global_step)
 
     return EpochMetrics()
+
+
+def _learning_rate(lr: float) -> Any:
+    """A callback that puts ``lr`` (an --override-n learning rate) into the optimizer and the scheduler the
+    Trainer restored from the resumed folder, before the first step."""
+    from transformers import TrainerCallback
+
+    from pipelines import runs
+
+    class LearningRate(TrainerCallback):  # type: ignore[misc]
+        def on_train_begin(
+            self, args: Any, state: Any, control: Any, optimizer: Any = None, lr_scheduler: Any = None, **kw: Any
+        ) -> None:
+            scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's wrapper, if any
+            runs.apply_lr_override(optimizer, scheduler, {"lr": lr}, {"lr": lr})
+
+    return LearningRate()
 
 
 def _given_intervals() -> Any:

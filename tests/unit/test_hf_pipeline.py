@@ -271,3 +271,23 @@ def test_an_overridden_checkpoint_every_steps_is_the_one_a_resumed_training_save
     assert [c.step for c in tracking.list_checkpoints(child, config=config)] == [9, 12]
     assert MlflowClient(step_runs.uri).get_run(child).data.params["checkpoint_every_steps"] == "3"
     assert {m.step for m in MlflowClient(step_runs.uri).get_metric_history(child, "eval_loss")} == {9, 12}
+
+
+def test_an_overridden_learning_rate_is_the_one_a_resumed_training_steps_with_and_is_recorded(
+    step_runs: StepRuns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The Trainer restores the optimizer's and the scheduler's learning rate from the resumed folder.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", step_runs.uri)
+    monkeypatch.setenv("TRACKING_EXPERIMENT", EXPERIMENT)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+    code, out, err = _inline("--resume", step_runs.straight, "--new-run", "--override", "--lr", "0.05", "--epochs", "3")
+    assert code == 0, err[-3000:]
+    child = _run_id(out)
+    config = tracking.TrackingConfig(tracking_uri=step_runs.uri)
+    saved = tracking.list_checkpoints(child, config=config)
+    assert [c.step for c in saved] == [8, 9]
+    assert saved[0].metrics["learning_rate"] == 0.05  # logged every 2 steps: at step 8, not at the last
+    run = MlflowClient(step_runs.uri).get_run(child)
+    assert run.data.params["lr"] == "0.05"
+    assert run.data.tags["tracking.overrides"] == "from step 6: lr 0.005 -> 0.05"
