@@ -119,3 +119,18 @@ class PipelineCheckpoint(ModelCheckpoint):
         last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
         if (due or last) and not self._should_skip_saving_checkpoint(trainer):
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class GivenLearningRate(pl.Callback):
+    """Puts ``lr`` (an ``--override``-n learning rate) into the optimizer and the scheduler a resumed fit restored
+    from its checkpoint, before its first step."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr
+        for config in trainer.lr_scheduler_configs:
+            config.scheduler.base_lrs = [self.lr] * len(config.scheduler.optimizer.param_groups)  # type: ignore[union-attr]
