@@ -11,7 +11,8 @@ torchrun --nproc-per-node 2 -m pipelines.hf_digits --resume RUN_ID --epochs 12
 The learning rate is constant, so a resumed run goes on exactly as one that never stopped
 (`Trainer.train(resume_from_checkpoint=...)` restores the weights, AdamW's state, the RNGs and the
 data order). --keep-last is the Trainer's save_total_limit, --monitor its metric_for_best_model
-(val_loss: eval_loss, val_accuracy: eval_accuracy); the run's logged models follow its rotation.
+(val_loss: eval_loss, val_accuracy: eval_accuracy); the run's logged models follow its rotation, and a
+resume holds the run's earlier checkpoints, whose folders its Trainer never had, to the same rule.
 
 By default the Trainer saves, evaluates and logs at each epoch's end (--checkpoint-every N: every N
 epochs, and the last), and the run's checkpoints are keyed by epoch. --checkpoint-every-steps N
@@ -100,6 +101,7 @@ def _train(opts: options.Options) -> str:
     from tracking import layout
     from tracking.integrations.transformers import TrackingCallback, checkpoint_folder
     from tracking.parallel import distributed
+    from tracking.retention import prune
 
     config = tracking.TrackingConfig.from_env(experiment_name=opts.experiment)
     client = MlflowClient(config.tracking_uri)
@@ -211,6 +213,17 @@ def _train(opts: options.Options) -> str:
             folder = checkpoint_folder(origin.info.run_id, which, output_dir=output_dir, config=config)
         trainer.train(resume_from_checkpoint=folder)
         if run is not None:
+            if origin is not None and values["keep_last"] is not None:
+                # The Trainer rotated only the folders of this invocation (and the one it resumed from): the
+                # run's earlier checkpoints are held to --keep-last (and the best) as its rotation holds these.
+                prune(
+                    run_id,
+                    keep_last=values["keep_last"],
+                    keep_best=1,
+                    monitor=f"eval_{MONITORS[values['monitor']]}",
+                    mode=values["monitor_mode"],
+                    config=config,
+                )
             runs.report(client, run, config=config)
         distributed.barrier()  # no rank deletes the folder another still reads
         if distributed.local_rank() == 0:

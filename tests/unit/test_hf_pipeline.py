@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 
 import tracking
 from pipelines import noise
+from tracking import layout
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENT = "hf-pipeline"
@@ -291,3 +292,28 @@ def test_an_overridden_learning_rate_is_the_one_a_resumed_training_steps_with_an
     run = MlflowClient(step_runs.uri).get_run(child)
     assert run.data.params["lr"] == "0.05"
     assert run.data.tags["tracking.overrides"] == "from step 6: lr 0.005 -> 0.05"
+
+
+def test_keep_last_holds_across_a_resume_whose_trainer_never_saw_the_earlier_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The Trainer rotates only the folders in its output_dir: a resume has the one it starts from.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=(tmp_path / "artifacts").as_uri())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("TRACKING_EXPERIMENT", EXPERIMENT)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+    config = tracking.TrackingConfig(tracking_uri=uri)
+    code, out, err = _inline(
+        "--epochs", "2", "--batch-size", "512", "--checkpoint-every-steps", "2", "--keep-last", "2"
+    )
+    assert code == 0, err[-3000:]
+    run_id = _run_id(out)
+    assert [c.step for c in tracking.list_checkpoints(run_id, config=config)] == [4, 6]
+    code, out, err = _inline("--resume", run_id, "--epochs", "4")
+    assert code == 0, err[-3000:]
+    saved = tracking.list_checkpoints(run_id, config=config)
+    best = MlflowClient(uri).get_run(run_id).data.tags[layout.TAG_BEST]
+    assert [c.step for c in saved][-2:] == [10, 12] and len(saved) <= 3
+    assert {c.model_id for c in saved} == {best, saved[-2].model_id, saved[-1].model_id}
