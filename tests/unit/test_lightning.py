@@ -412,3 +412,21 @@ def assert_same_training(
     for index, entry in live["state"].items():
         for key, value in entry.items():
             assert torch.equal(other["state"][index][key], value), (index, key)
+
+
+def test_the_best_pointer_follows_the_model_checkpoint_that_wrote_the_file_in_a_shared_folder(
+    s3_experiment: str, tmp_path: Path
+) -> None:
+    # Both in the trainer's default folder: one keeps the last 2 by step, the other the best by val_loss.
+    by_step = ModelCheckpoint(
+        filename="s-{epoch}-{step}", every_n_train_steps=3, save_top_k=2, monitor="step", mode="max"
+    )
+    by_loss = ModelCheckpoint(filename="b-{epoch}-{step}", monitor="val_loss", save_top_k=1)
+    pl.seed_everything(0, verbose=False)
+    with mlflow.start_run() as run:
+        trainer(4, tmp_path, [by_step, by_loss, MLflowCheckpoints()]).fit(TinyLit(), *loaders())
+    assert by_step.dirpath == by_loss.dirpath
+    best = tracking.find_checkpoint(run.info.run_id, "best")
+    assert _paths(str(best.model_id)) == [by_loss.best_model_path]
+    tags = _tags(run.info.run_id)
+    assert (tags[layout.TAG_MONITOR], tags[layout.TAG_MODE]) == ("val_loss", "min")

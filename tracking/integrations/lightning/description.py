@@ -116,8 +116,17 @@ def save_monitor(
     if monitor is not None:
         return (monitor if monitor in manifest.metrics else None), mode
     callbacks = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
-    folder = os.path.realpath(os.path.dirname(path))
+    file, folder = os.path.realpath(path), os.path.realpath(os.path.dirname(path))
+    # A ModelCheckpoint records the file it saves before saving it (among its top k, or as its last): that
+    # names the writer also when several share a folder (the trainer's default one, say).
     writer = next(
+        (
+            c
+            for c in callbacks
+            if file in {os.path.realpath(str(p)) for p in [*c.best_k_models, c.last_model_path] if p}
+        ),
+        None,
+    ) or next(
         (c for c in callbacks if c.dirpath and os.path.realpath(str(c.dirpath)) == folder),
         callbacks[0] if callbacks else None,
     )
