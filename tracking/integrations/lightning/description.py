@@ -56,17 +56,31 @@ def save_context(trainer: pl.Trainer, module: pl.LightningModule) -> SaveContext
 def keying(trainer: pl.Trainer) -> str:
     """``"step"`` when one of the trainer's ModelCheckpoints saves by step, else ``"epoch"``.
 
-    Saves by step (``every_n_train_steps``, ``train_time_interval``) come several an epoch: keyed by
-    epoch, each would replace the one before. The fit's every checkpoint takes this key, those its
-    epoch-driven ModelCheckpoints write too, because a run holds one kind of key.
+    Saves by step (``every_n_train_steps``, ``train_time_interval``, or after each of several validations
+    an epoch, ``val_check_interval``) come several an epoch: keyed by epoch, each would replace the one
+    before. The fit's every checkpoint takes this key, those its epoch-driven ModelCheckpoints write too,
+    because a run holds one kind of key.
     """
+    several = _validates_mid_epoch(trainer)
     for callback in trainer.checkpoint_callbacks:
         if not isinstance(callback, ModelCheckpoint):
             continue
         # Lightning keeps its triggers as set (every_n_epochs defaults to 0 once a step trigger is given).
         if callback._every_n_train_steps >= 1 or callback._train_time_interval is not None:
             return layout.STEP
+        # Unless told to save at the training epoch's end, ModelCheckpoint then saves after each validation.
+        if several and callback._save_on_train_epoch_end is not True:
+            return layout.STEP
     return layout.EPOCH
+
+
+def _validates_mid_epoch(trainer: pl.Trainer) -> bool:
+    """Whether validation may run before an epoch's end: ``val_check_interval`` a fraction below 1, a number
+    of batches or a time, or ``check_val_every_n_epoch=None``."""
+    if getattr(trainer, "_val_check_time_interval", None) is not None or trainer.check_val_every_n_epoch is None:
+        return True
+    # As ModelCheckpoint tells (1 and 1.0 alike: once an epoch, at its end).
+    return bool(trainer.val_check_interval != 1.0)
 
 
 def logger_step(trainer: pl.Trainer) -> int:
