@@ -4,6 +4,7 @@ import Lightning)."""
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Iterator
 from typing import Any
 
@@ -111,6 +112,27 @@ class PipelineCheckpoint(ModelCheckpoint):
         if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             return  # on_train_epoch_end saves it, if due
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Lightning restores a ModelCheckpoint's state (the files it keeps) under a key that names its interval
+        # too: a resume with another --checkpoint-every(-steps) (--override) takes over the state kept under
+        # the one the run had, so that --keep-last goes on removing the earlier files (and their models).
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        prefix = type(self).__qualname__
+        for key, state in list(states.items()):
+            if not (isinstance(key, str) and key.startswith(prefix + "{")):
+                continue
+            try:
+                fields = ast.literal_eval(key[len(prefix) :])
+            except (ValueError, SyntaxError):  # a train_time_interval's timedelta: not one of the pipeline's
+                continue
+            if isinstance(fields, dict) and (fields.get("monitor"), fields.get("mode")) == (self.monitor, self.mode):
+                states[self.state_key] = state
+                return
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)  # a save every N epochs
