@@ -11,7 +11,8 @@ torchrun --nproc-per-node 2 -m pipelines.hf_digits --resume RUN_ID --epochs 12
 The learning rate is constant, so a resumed run goes on exactly as one that never stopped
 (`Trainer.train(resume_from_checkpoint=...)` restores the weights, AdamW's state, the RNGs and the
 data order). --keep-last is the Trainer's save_total_limit, --monitor its metric_for_best_model
-(val_loss: eval_loss, val_accuracy: eval_accuracy); the run's logged models follow its rotation.
+(val_loss: eval_loss, val_accuracy: eval_accuracy); the run's logged models follow its rotation, and a
+resume holds the run's earlier checkpoints, whose folders its Trainer never had, to the same rule.
 
 By default the Trainer saves, evaluates and logs at each epoch's end (--checkpoint-every N: every N
 epochs, and the last), and the run's checkpoints are keyed by epoch. --checkpoint-every-steps N
@@ -21,6 +22,10 @@ resumes it at its next batch. An evaluation there leaves the RNG states as it fo
 resumed from its last step (where the Trainer evaluates even off the N-step grid) goes on bit for bit
 as a longer run. --from-step N picks step N's checkpoint of such a run (--from-epoch is refused
 there, and --from-step in a run keyed by epoch); a resume in the same run keeps its kind of key.
+
+--override applies the options given from the resumed checkpoint on (the learning rate too, which the Trainer
+restores with the optimizer, and --checkpoint-every-steps, which it restores from trainer_state.json) and
+records them in the run's tracking.overrides tag.
 
 Under torchrun the Trainer trains DDP on the CPU (gloo), every flag as in one process but --strategy fsdp:
 rank 0 alone finds the run to resume, starts the run, logs and prints; every rank gets the run's ID, has
@@ -96,6 +101,7 @@ def _train(opts: options.Options) -> str:
     from tracking import layout
     from tracking.integrations.transformers import TrackingCallback, checkpoint_folder
     from tracking.parallel import distributed
+    from tracking.retention import prune
 
     config = tracking.TrackingConfig.from_env(experiment_name=opts.experiment)
     client = MlflowClient(config.tracking_uri)
@@ -106,8 +112,9 @@ def _train(opts: options.Options) -> str:
         origin = _origin(client, opts, config) if opts.resume else None
         recorded = origin.data.params if origin else {}
         values = opts.settings(recorded)
+        changed: dict[str, tuple[str, str]] = {}
         if origin is not None:
-            _check_overrides(origin.info.run_id, opts, recorded)
+            changed = _check_overrides(origin.info.run_id, opts, recorded)
             if not opts.new_run:
                 runs.check_keys(origin.info.run_id, values, config, instead="add --new-run to branch a child run")
         _metric_for_best_model(values)
@@ -124,6 +131,12 @@ def _train(opts: options.Options) -> str:
         resumed = {runs.TAG_RESUMED_FROM_EPOCH: str(epoch)}
         if picked.keyed_by == layout.STEP:
             resumed[runs.TAG_RESUMED_FROM_STEP] = str(picked.step)
+        if changed:
+            # A run's params cannot change: its overrides tag says what this resume trains with instead.
+            where = f"step {picked.step}" if picked.keyed_by == layout.STEP else f"epoch {epoch}"
+            note = f"from {where}: " + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+            earlier = None if opts.new_run else origin.data.tags.get(runs.TAG_OVERRIDES)
+            resumed[runs.TAG_OVERRIDES] = f"{earlier}; {note}" if earlier else note
         return origin, values, resumed
 
     # Rank 0 alone reads MLflow; every rank gets what it found, or its error.
@@ -186,7 +199,13 @@ def _train(opts: options.Options) -> str:
             train_dataset=Examples(split.x_train, split.y_train),
             eval_dataset=Examples(split.x_val, split.y_val),
             compute_metrics=accuracy,
-            callbacks=[_epoch_metrics(), checkpoints, *([_neutral_evaluations()] if steps is not None else [])],
+            callbacks=[
+                _epoch_metrics(),
+                checkpoints,
+                *([_given_intervals(), _neutral_evaluations()] if steps is not None else []),
+                # The Trainer restores the run's learning rate with the optimizer and the scheduler.
+                *([_learning_rate(values["lr"])] if origin is not None and "lr" in opts.given else []),
+            ],
         )
         folder = None
         if origin is not None:
@@ -194,6 +213,17 @@ def _train(opts: options.Options) -> str:
             folder = checkpoint_folder(origin.info.run_id, which, output_dir=output_dir, config=config)
         trainer.train(resume_from_checkpoint=folder)
         if run is not None:
+            if origin is not None and values["keep_last"] is not None:
+                # The Trainer rotated only the folders of this invocation (and the one it resumed from): the
+                # run's earlier checkpoints are held to --keep-last (and the best) as its rotation holds these.
+                prune(
+                    run_id,
+                    keep_last=values["keep_last"],
+                    keep_best=1,
+                    monitor=f"eval_{MONITORS[values['monitor']]}",
+                    mode=values["monitor_mode"],
+                    config=config,
+                )
             runs.report(client, run, config=config)
         distributed.barrier()  # no rank deletes the folder another still reads
         if distributed.local_rank() == 0:
@@ -259,7 +289,8 @@ def _origin(client: Any, opts: options.Options, config: Any) -> Any:
     return origin
 
 
-def _check_overrides(run_id: str, opts: options.Options, recorded: Mapping[str, str]) -> None:
+def _check_overrides(run_id: str, opts: options.Options, recorded: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """The params this resume changes (name -> recorded, given); refused without --override."""
     from pipelines import runs
 
     changed = opts.conflicts(recorded)
@@ -269,6 +300,7 @@ def _check_overrides(run_id: str, opts: options.Options, recorded: Mapping[str, 
             f"run {run_id} was trained with other params ({listed}); leave these options out to keep the run's "
             "values, or add --override to apply them."
         )
+    return changed
 
 
 def _metric_for_best_model(values: Mapping[str, Any]) -> str:
@@ -304,6 +336,39 @@ def _epoch_metrics() -> Any:
                 mlflow.log_metrics(metrics, step=state.global_step)
 
     return EpochMetrics()
+
+
+def _learning_rate(lr: float) -> Any:
+    """A callback that puts ``lr`` (an --override-n learning rate) into the optimizer and the scheduler the
+    Trainer restored from the resumed folder, before the first step."""
+    from transformers import TrainerCallback
+
+    from pipelines import runs
+
+    class LearningRate(TrainerCallback):  # type: ignore[misc]
+        def on_train_begin(
+            self, args: Any, state: Any, control: Any, optimizer: Any = None, lr_scheduler: Any = None, **kw: Any
+        ) -> None:
+            scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's wrapper, if any
+            runs.apply_lr_override(optimizer, scheduler, {"lr": lr}, {"lr": lr})
+
+    return LearningRate()
+
+
+def _given_intervals() -> Any:
+    """A callback that makes a resumed training save, evaluate and log every --checkpoint-every-steps steps.
+
+    The Trainer takes save_steps, eval_steps and logging_steps from the resumed folder's trainer_state.json,
+    not from its arguments: a run resumed with --override --checkpoint-every-steps would record the new
+    interval and save by the old one.
+    """
+    from transformers import TrainerCallback
+
+    class GivenIntervals(TrainerCallback):  # type: ignore[misc]
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            state.compute_steps(args, state.max_steps)
+
+    return GivenIntervals()
 
 
 def _neutral_evaluations() -> Any:

@@ -15,14 +15,16 @@ the saves by steps by the latest validation's --monitor.
 --resume RUN_ID goes on in RUN_ID from its latest checkpoint (a resume keeps the run's kind of key),
 bit for bit as a longer run would have: the training loader is resumable (an order drawn from --seed
 and the epoch, and its place in the epoch kept in each checkpoint), so a save in mid-epoch, the latest
-of a run killed before its end, resumes at its next batch.
+of a run killed before its end, resumes at its next batch. --override applies the options given from
+there on, the learning rate into the restored optimizer and scheduler (the module's hparams and the
+run's params keep the run's), and records them in the run's tracking.overrides tag.
 """
 
 from __future__ import annotations
 
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +59,7 @@ def train(opts: options.Options) -> str:
 
     import tracking
     from pipelines import noise, runs
-    from pipelines.lightning_modules import LitDigits, PipelineCheckpoint, digits_loaders
+    from pipelines.lightning_modules import GivenLearningRate, LitDigits, PipelineCheckpoint, digits_loaders
     from tracking.integrations.lightning import MLflowCheckpoints, checkpoint_path
 
     config = tracking.TrackingConfig.from_env(experiment_name=opts.experiment)
@@ -70,6 +72,7 @@ def train(opts: options.Options) -> str:
             f"resume it with `python -m {recorded.get('pipeline')}`."
         )
     values = opts.settings(recorded)
+    conflicts: dict[str, tuple[str, str]] = {}
     if origin is not None:
         conflicts = opts.conflicts(recorded)
         if conflicts and not opts.override:
@@ -88,7 +91,10 @@ def train(opts: options.Options) -> str:
         )
     pl.seed_everything(values["seed"], verbose=False)
     train_loader, val_loader = digits_loaders(values["batch_size"], values["seed"])
-    module = LitDigits(hidden=HIDDEN, dropout=DROPOUT, lr=values["lr"])  # the digits' 64 pixels: its default
+    # The module's hparams are the run's params (MLFlowLogger logs them, and a param cannot change): an
+    # --override-n learning rate goes into the restored optimizer instead, and into the run's overrides tag.
+    lr = options.RECORDED["lr"](recorded["lr"]) if "lr" in recorded else values["lr"]
+    module = LitDigits(hidden=HIDDEN, dropout=DROPOUT, lr=lr)  # the digits' 64 pixels: its default
     run_args: dict[str, Any] = (
         {"run_id": origin.info.run_id}
         if origin
@@ -105,6 +111,8 @@ def train(opts: options.Options) -> str:
                     **opts.params(values),
                 }
             )
+        else:
+            _record_overrides(origin, conflicts, ckpt_path, values["checkpoint_every_steps"] is not None)
         runs.announce(client, run)
         run_id = run.info.run_id
         # The run's own folder: a resume on this machine finds the files its ModelCheckpoint kept.
@@ -136,6 +144,8 @@ def train(opts: options.Options) -> str:
                 )
             )
         resume = f"python -m {NAME} --resume {{run_id}} --epochs {2 * opts.epochs}"
+        if "lr" in conflicts:
+            callbacks.append(GivenLearningRate(values["lr"]))
         callbacks.append(MLflowCheckpoints(monitor=values["monitor"], mode=values["monitor_mode"], commands=[resume]))
         trainer = pl.Trainer(
             max_epochs=opts.epochs,
@@ -153,6 +163,24 @@ def train(opts: options.Options) -> str:
         trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
         runs.report(client, run)
         return str(run_id)
+
+
+def _record_overrides(
+    origin: Any, changed: Mapping[str, tuple[str, str]], ckpt_path: str | None, by_step: bool
+) -> None:
+    """Append what this resume changes to the run's overrides tag (its params cannot change)."""
+    import mlflow
+    import torch
+
+    from pipelines import runs
+
+    if not changed or ckpt_path is None:
+        return
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    where = f"step {checkpoint['global_step']}" if by_step else f"epoch {checkpoint['epoch']}"
+    note = f"from {where}: " + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+    earlier = origin.data.tags.get(runs.TAG_OVERRIDES)
+    mlflow.set_tag(runs.TAG_OVERRIDES, f"{earlier}; {note}" if earlier else note)
 
 
 def trainer_epochs_done(ckpt_path: str | None) -> int:

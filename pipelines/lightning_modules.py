@@ -4,6 +4,7 @@ import Lightning)."""
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Iterator
 from typing import Any
 
@@ -112,6 +113,27 @@ class PipelineCheckpoint(ModelCheckpoint):
             return  # on_train_epoch_end saves it, if due
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Lightning restores a ModelCheckpoint's state (the files it keeps) under a key that names its interval
+        # too: a resume with another --checkpoint-every(-steps) (--override) takes over the state kept under
+        # the one the run had, so that --keep-last goes on removing the earlier files (and their models).
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        prefix = type(self).__qualname__
+        for key, state in list(states.items()):
+            if not (isinstance(key, str) and key.startswith(prefix + "{")):
+                continue
+            try:
+                fields = ast.literal_eval(key[len(prefix) :])
+            except (ValueError, SyntaxError):  # a train_time_interval's timedelta: not one of the pipeline's
+                continue
+            if isinstance(fields, dict) and (fields.get("monitor"), fields.get("mode")) == (self.monitor, self.mode):
+                states[self.state_key] = state
+                return
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)  # a save every N epochs
         every = self._every_n_train_steps
@@ -119,3 +141,18 @@ class PipelineCheckpoint(ModelCheckpoint):
         last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
         if (due or last) and not self._should_skip_saving_checkpoint(trainer):
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class GivenLearningRate(pl.Callback):
+    """Puts ``lr`` (an ``--override``-n learning rate) into the optimizer and the scheduler a resumed fit restored
+    from its checkpoint, before its first step."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr
+        for config in trainer.lr_scheduler_configs:
+            config.scheduler.base_lrs = [self.lr] * len(config.scheduler.optimizer.param_groups)  # type: ignore[union-attr]

@@ -96,6 +96,12 @@ def check_pick(run_id: str, opts: options.Options, config: tracking.TrackingConf
             f"run {run_id} keys its checkpoints by {keyed_by} ({keyed_by}s {shown}), so --from-{kind} {value} "
             f"names none of them; pass --from-{keyed_by} N with one of its {keyed_by}s instead."
         )
+    if value not in keys:
+        # Said before the rewind check: --new-run would not help a pick the run does not have.
+        raise PipelineError(
+            f"run {run_id} has no checkpoint for {kind} {value}; committed {kind}s: "
+            f"{', '.join(str(key) for key in keys)}. Pass --from-{kind} N with one of them."
+        )
     latest = max(keys)
     if value < latest and not opts.new_run:
         raise PipelineError(

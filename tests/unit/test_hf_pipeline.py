@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 
 import tracking
 from pipelines import noise
+from tracking import layout
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENT = "hf-pipeline"
@@ -196,6 +197,8 @@ def test_from_step_branches_a_child_run_from_mid_epoch_that_ends_as_the_straight
         (["--resume", "{run}", "--checkpoint-every", "1"], 1, "checkpoint_every none -> 1"),
         (["--resume", "{run}", "--checkpoint-every-steps", "3"], 1, "checkpoint_every_steps 2 -> 3"),
         (["--resume", "{run}", "--checkpoint-every", "1", "--override"], 1, "a run holds one kind of key"),
+        (["--resume", "{run}", "--from-step", "5"], 1, "committed steps: 2, 3, 4, 6"),
+        (["--resume", "{run}", "--from-step", "5", "--new-run"], 1, "committed steps: 2, 3, 4, 6"),
     ],
     ids=[
         "both-intervals",
@@ -206,6 +209,8 @@ def test_from_step_branches_a_child_run_from_mid_epoch_that_ends_as_the_straight
         "by-epoch",
         "other-steps",
         "by-epoch-overridden",
+        "missing-step",
+        "missing-step-new-run",
     ],
 )
 def test_a_step_run_refuses_what_it_cannot_do_before_any_training(
@@ -246,3 +251,69 @@ def test_the_own_loop_pipelines_save_by_epoch_and_do_not_offer_step_flags(
         main(["--checkpoint-every-steps", "2"])
     assert exited.value.code == 2
     assert "unrecognized arguments: --checkpoint-every-steps" in capsys.readouterr().err
+
+
+def test_an_overridden_checkpoint_every_steps_is_the_one_a_resumed_training_saves_by(
+    step_runs: StepRuns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The Trainer takes save_steps and eval_steps from the resumed folder's trainer_state.json (every 2 here):
+    # --override --checkpoint-every-steps 3 must be what the resumed training saves and evaluates by.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", step_runs.uri)
+    monkeypatch.setenv("TRACKING_EXPERIMENT", EXPERIMENT)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+    code, out, err = _inline(
+        "--resume", step_runs.straight, "--new-run", "--override", "--checkpoint-every-steps", "3", "--epochs", "4"
+    )
+    assert code == 0, err[-3000:]
+    child = _run_id(out)
+    config = tracking.TrackingConfig(tracking_uri=step_runs.uri)
+    # Steps 7 to 12: a save every 3 steps is at 9 and 12 (the last), none at 8 or 10.
+    assert [c.step for c in tracking.list_checkpoints(child, config=config)] == [9, 12]
+    assert MlflowClient(step_runs.uri).get_run(child).data.params["checkpoint_every_steps"] == "3"
+    assert {m.step for m in MlflowClient(step_runs.uri).get_metric_history(child, "eval_loss")} == {9, 12}
+
+
+def test_an_overridden_learning_rate_is_the_one_a_resumed_training_steps_with_and_is_recorded(
+    step_runs: StepRuns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The Trainer restores the optimizer's and the scheduler's learning rate from the resumed folder.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", step_runs.uri)
+    monkeypatch.setenv("TRACKING_EXPERIMENT", EXPERIMENT)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+    code, out, err = _inline("--resume", step_runs.straight, "--new-run", "--override", "--lr", "0.05", "--epochs", "3")
+    assert code == 0, err[-3000:]
+    child = _run_id(out)
+    config = tracking.TrackingConfig(tracking_uri=step_runs.uri)
+    saved = tracking.list_checkpoints(child, config=config)
+    assert [c.step for c in saved] == [8, 9]
+    assert saved[0].metrics["learning_rate"] == 0.05  # logged every 2 steps: at step 8, not at the last
+    run = MlflowClient(step_runs.uri).get_run(child)
+    assert run.data.params["lr"] == "0.05"
+    assert run.data.tags["tracking.overrides"] == "from step 6: lr 0.005 -> 0.05"
+
+
+def test_keep_last_holds_across_a_resume_whose_trainer_never_saw_the_earlier_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The Trainer rotates only the folders in its output_dir: a resume has the one it starts from.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=(tmp_path / "artifacts").as_uri())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("TRACKING_EXPERIMENT", EXPERIMENT)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+    config = tracking.TrackingConfig(tracking_uri=uri)
+    code, out, err = _inline(
+        "--epochs", "2", "--batch-size", "512", "--checkpoint-every-steps", "2", "--keep-last", "2"
+    )
+    assert code == 0, err[-3000:]
+    run_id = _run_id(out)
+    assert [c.step for c in tracking.list_checkpoints(run_id, config=config)] == [4, 6]
+    code, out, err = _inline("--resume", run_id, "--epochs", "4")
+    assert code == 0, err[-3000:]
+    saved = tracking.list_checkpoints(run_id, config=config)
+    best = MlflowClient(uri).get_run(run_id).data.tags[layout.TAG_BEST]
+    assert [c.step for c in saved][-2:] == [10, 12] and len(saved) <= 3
+    assert {c.model_id for c in saved} == {best, saved[-2].model_id, saved[-1].model_id}

@@ -412,3 +412,41 @@ def assert_same_training(
     for index, entry in live["state"].items():
         for key, value in entry.items():
             assert torch.equal(other["state"][index][key], value), (index, key)
+
+
+def test_the_best_pointer_follows_the_model_checkpoint_that_wrote_the_file_in_a_shared_folder(
+    s3_experiment: str, tmp_path: Path
+) -> None:
+    # Both in the trainer's default folder: one keeps the last 2 by step, the other the best by val_loss.
+    by_step = ModelCheckpoint(
+        filename="s-{epoch}-{step}", every_n_train_steps=3, save_top_k=2, monitor="step", mode="max"
+    )
+    by_loss = ModelCheckpoint(filename="b-{epoch}-{step}", monitor="val_loss", save_top_k=1)
+    pl.seed_everything(0, verbose=False)
+    with mlflow.start_run() as run:
+        trainer(4, tmp_path, [by_step, by_loss, MLflowCheckpoints()]).fit(TinyLit(), *loaders())
+    assert by_step.dirpath == by_loss.dirpath
+    best = tracking.find_checkpoint(run.info.run_id, "best")
+    assert _paths(str(best.model_id)) == [by_loss.best_model_path]
+    tags = _tags(run.info.run_id)
+    assert (tags[layout.TAG_MONITOR], tags[layout.TAG_MODE]) == ("val_loss", "min")
+
+
+def test_saves_at_several_validations_an_epoch_are_keyed_by_step_and_each_one_stays(
+    s3_experiment: str, tmp_path: Path
+) -> None:
+    # val_check_interval=0.5: ModelCheckpoint saves after each validation, twice an epoch (4 batches an epoch).
+    pl.seed_everything(0, verbose=False)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "c", save_top_k=-1, monitor="val_loss")
+    with mlflow.start_run() as run:
+        trainer(2, tmp_path, [checkpoints, MLflowCheckpoints()], val_check_interval=0.5).fit(TinyLit(), *loaders())
+    saved = tracking.list_checkpoints(run.info.run_id)
+    assert [(c.keyed_by, c.epoch, c.step) for c in saved] == [
+        ("step", 0, 2),
+        ("step", 0, 4),
+        ("step", 1, 6),
+        ("step", 1, 8),
+    ]
+    assert sorted(p for c in saved for p in _paths(str(c.model_id))) == sorted(
+        str(p) for p in (tmp_path / "c").iterdir()
+    )

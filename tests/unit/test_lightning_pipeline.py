@@ -191,3 +191,41 @@ def test_a_step_run_refuses_what_it_cannot_do_before_it_is_touched(
     )
     steps = [c.step for c in tracking.list_checkpoints(step_runs.resumed, config=step_runs.config)]
     assert steps == [2, 3, 4, 6, 8, 9]
+
+
+def test_an_overridden_learning_rate_is_the_one_a_resumed_fit_steps_with_and_is_recorded(
+    step_runs: Runs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Lightning restores the optimizer's and the scheduler's learning rate from the checkpoint.
+    for name in ("MLFLOW_TRACKING_URI", "TRACKING_EXPERIMENT"):
+        monkeypatch.setenv(name, step_runs.env[name])
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+    first = inline("--epochs", "1", *STEPS)
+    assert first.code == 0, first.err[-3000:]
+    resumed = inline("--resume", first.run_id, "--override", "--lr", "0.01", "--epochs", "2")
+    assert resumed.code == 0, resumed.err[-3000:]
+    loaded = tracking.load(first.run_id, mode="train", config=step_runs.config)
+    assert loaded.step == 6 and loaded.optimizer is not None
+    assert [group["lr"] for group in loaded.optimizer.param_groups] == [0.01]
+    tags = MlflowClient(step_runs.config.tracking_uri).get_run(first.run_id).data.tags
+    assert tags["tracking.overrides"] == "from step 3: lr 0.001 -> 0.01"
+
+
+def test_keep_last_holds_across_a_resume_that_overrides_the_interval(
+    step_runs: Runs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Lightning restores a ModelCheckpoint's kept files only into one of the same state key, which names its
+    # interval: with another --checkpoint-every-steps the resumed fit would never remove the earlier files.
+    for name in ("MLFLOW_TRACKING_URI", "TRACKING_EXPERIMENT"):
+        monkeypatch.setenv(name, step_runs.env[name])
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+    first = inline("--epochs", "1", "--batch-size", "512", "--checkpoint-every-steps", "2", "--keep-last", "2")
+    assert first.code == 0, first.err[-3000:]
+    assert [c.step for c in tracking.list_checkpoints(first.run_id, config=step_runs.config)] == [2, 3]
+    resumed = inline("--resume", first.run_id, "--override", "--checkpoint-every-steps", "1", "--epochs", "2")
+    assert resumed.code == 0, resumed.err[-3000:]
+    steps = [c.step for c in tracking.list_checkpoints(first.run_id, config=step_runs.config)]
+    # The last 2 (steps 5 and 6), and the best by val_loss (a save after a validation: not step 2).
+    assert steps[-2:] == [5, 6] and len(steps) <= 3 and 2 not in steps, steps

@@ -568,3 +568,15 @@ def test_a_resumed_training_by_steps_mirrors_the_folder_materialised_from_the_ru
     # Step 10's folder, materialised from the run, was rotated out with its logged model; step 5's never was here.
     assert not Path(folder).exists()
     assert [c.step for c in tracking.list_checkpoints(run_id)] == [5, 24]
+
+
+def test_a_save_by_epoch_after_training_stopped_mid_epoch_is_keyed_by_that_epoch(
+    s3_experiment: str, split: data.Split, tmp_path: Path
+) -> None:
+    # max_steps=10 stops two steps into the second epoch (8 steps an epoch); the Trainer saves there too.
+    with mlflow.start_run() as run:
+        make_trainer(split, tmp_path / "out", [TrackingCallback()], max_steps=10).train()
+    found = tracking.list_checkpoints(run.info.run_id)
+    # Epoch 1's checkpoint stays: the save of the unfinished second epoch does not replace it.
+    assert [(c.key, c.step) for c in found] == [(1, 8), (2, 10)]
+    assert tracking.load(run.info.run_id, 1).step == 8

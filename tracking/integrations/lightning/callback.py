@@ -28,19 +28,18 @@ from tracking.rng import capture_rng_state, restore_rng_state
 class MLflowCheckpoints(pl.Callback):
     """Mirror ``ModelCheckpoint``'s checkpoints into MLflow as checkpoint logged models of the run.
 
-    The run is the trainer's ``MLFlowLogger`` run when it has one, else ``run_id``, else the active
-    MLflow run. Each saved file is a logged model keyed by its epoch (``checkpoint-epoch-0003``), or,
-    when one of the trainer's ModelCheckpoints saves by step (``every_n_train_steps``,
-    ``train_time_interval``), by its global step (``checkpoint-step-00001500``): then each save of an
-    epoch stays, and an int given to :func:`~tracking.integrations.lightning.checkpoint_path` or
-    ``tracking.load`` is a global step. ``background=True`` uploads on the library's background saver:
-    the training loop waits only for Lightning's local save (with Lightning's ``AsyncCheckpointIO`` the
-    upload runs in its thread instead). A failed upload is never silent: it raises from the save, from
-    the next one, or at the end of ``fit`` (under DDP on every rank, at the next epoch or the end of
-    fit). ``commands`` adds lines to the run's description (``{run_id}`` is replaced). The run's best
-    pointer follows the ``monitor`` and ``mode`` of the ModelCheckpoint that wrote the file, or
-    ``monitor=`` and ``mode=`` when given (with one ModelCheckpoint keeping the last N by step and
-    another the best K).
+    The run is the trainer's ``MLFlowLogger`` run when it has one, else ``run_id``, else the active MLflow
+    run. Each saved file is a logged model keyed by its epoch (``checkpoint-epoch-0003``), or, when one of
+    the trainer's ModelCheckpoints saves by step (``every_n_train_steps``, ``train_time_interval``, or after
+    each of several validations an epoch), by its global step (``checkpoint-step-00001500``): then each save
+    of an epoch stays, and an int given to :func:`~tracking.integrations.lightning.checkpoint_path` or
+    ``tracking.load`` is a global step. ``background=True`` uploads on the library's background saver: the
+    training loop waits only for Lightning's local save (with Lightning's ``AsyncCheckpointIO`` the upload
+    runs in its thread instead). A failed upload is never silent: it raises from the save, from the next
+    one, or at the end of ``fit`` (under DDP on every rank, at the next epoch or the end of fit).
+    ``commands`` adds lines to the run's description (``{run_id}`` is replaced). The run's best pointer
+    follows the ``monitor`` and ``mode`` of the ModelCheckpoint that wrote the file, or ``monitor=`` and
+    ``mode=`` when given (with one ModelCheckpoint keeping the last N by step and another the best K).
     """
 
     def __init__(

@@ -56,17 +56,31 @@ def save_context(trainer: pl.Trainer, module: pl.LightningModule) -> SaveContext
 def keying(trainer: pl.Trainer) -> str:
     """``"step"`` when one of the trainer's ModelCheckpoints saves by step, else ``"epoch"``.
 
-    Saves by step (``every_n_train_steps``, ``train_time_interval``) come several an epoch: keyed by
-    epoch, each would replace the one before. The fit's every checkpoint takes this key, those its
-    epoch-driven ModelCheckpoints write too, because a run holds one kind of key.
+    Saves by step (``every_n_train_steps``, ``train_time_interval``, or after each of several validations
+    an epoch, ``val_check_interval``) come several an epoch: keyed by epoch, each would replace the one
+    before. The fit's every checkpoint takes this key, those its epoch-driven ModelCheckpoints write too,
+    because a run holds one kind of key.
     """
+    several = _validates_mid_epoch(trainer)
     for callback in trainer.checkpoint_callbacks:
         if not isinstance(callback, ModelCheckpoint):
             continue
         # Lightning keeps its triggers as set (every_n_epochs defaults to 0 once a step trigger is given).
         if callback._every_n_train_steps >= 1 or callback._train_time_interval is not None:
             return layout.STEP
+        # Unless told to save at the training epoch's end, ModelCheckpoint then saves after each validation.
+        if several and callback._save_on_train_epoch_end is not True:
+            return layout.STEP
     return layout.EPOCH
+
+
+def _validates_mid_epoch(trainer: pl.Trainer) -> bool:
+    """Whether validation may run before an epoch's end: ``val_check_interval`` a fraction below 1, a number
+    of batches or a time, or ``check_val_every_n_epoch=None``."""
+    if getattr(trainer, "_val_check_time_interval", None) is not None or trainer.check_val_every_n_epoch is None:
+        return True
+    # As ModelCheckpoint tells (1 and 1.0 alike: once an epoch, at its end).
+    return bool(trainer.val_check_interval != 1.0)
 
 
 def logger_step(trainer: pl.Trainer) -> int:
@@ -116,8 +130,17 @@ def save_monitor(
     if monitor is not None:
         return (monitor if monitor in manifest.metrics else None), mode
     callbacks = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
-    folder = os.path.realpath(os.path.dirname(path))
+    file, folder = os.path.realpath(path), os.path.realpath(os.path.dirname(path))
+    # A ModelCheckpoint records the file it saves before saving it (among its top k, or as its last): that
+    # names the writer also when several share a folder (the trainer's default one, say).
     writer = next(
+        (
+            c
+            for c in callbacks
+            if file in {os.path.realpath(str(p)) for p in [*c.best_k_models, c.last_model_path] if p}
+        ),
+        None,
+    ) or next(
         (c for c in callbacks if c.dirpath and os.path.realpath(str(c.dirpath)) == folder),
         callbacks[0] if callbacks else None,
     )

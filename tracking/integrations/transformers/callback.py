@@ -123,7 +123,7 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
         # the run's logged models stay one to one. Saves by steps are thinned by save_steps alone.
         if self._keyed_by != layout.EPOCH:
             return
-        epoch = round(state.epoch or 0)
+        epoch = _epochs_completed(state, layout.EPOCH)
         last = state.global_step >= state.max_steps or epoch >= math.ceil(args.num_train_epochs)
         if control.should_save and not last and epoch % self.every_n_epochs != 0:
             control.should_save = False
@@ -282,10 +282,13 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
 
 
 def _epochs_completed(state: TrainerState, keyed_by: str) -> int:
-    """The epochs completed at a save: an epoch's save comes at its end; a save by steps may come mid-epoch,
-    after the epochs the Trainer skips when it resumes from that folder."""
-    epoch = state.epoch or 0.0
-    return round(epoch) if keyed_by == layout.EPOCH else math.floor(epoch)
+    """The epoch of a save keyed by epoch: the one it ends, or the one under way when training stopped mid-epoch
+    (max_steps, should_training_stop), which must not replace the save of the epoch before. A save by steps
+    may come mid-epoch: the epochs completed, which the Trainer skips when it resumes from that folder."""
+    # The Trainer's epoch is a float (2.0 at the second epoch's end, 1.25 two steps into it of eight);
+    # rounded first, so that a sum's last bits never put an epoch's end into the next.
+    epoch = round(state.epoch or 0.0, 6)
+    return math.ceil(epoch) if keyed_by == layout.EPOCH else math.floor(epoch)
 
 
 def _on_process_zero(state: TrainerState, step: Callable[[], object]) -> None:
