@@ -114,7 +114,8 @@ def _train(opts: options.Options) -> str:
         values = opts.settings(recorded)
         changed: dict[str, tuple[str, str]] = {}
         if origin is not None:
-            changed = _check_overrides(origin.info.run_id, opts, recorded)
+            changed = opts.conflicts(recorded)
+            runs.refuse_changes(origin.info.run_id, changed, opts.override)
             if not opts.new_run:
                 runs.check_keys(origin.info.run_id, values, config, instead="add --new-run to branch a child run")
         _metric_for_best_model(values)
@@ -134,9 +135,8 @@ def _train(opts: options.Options) -> str:
         if changed:
             # A run's params cannot change: its overrides tag says what this resume trains with instead.
             where = f"step {picked.step}" if picked.keyed_by == layout.STEP else f"epoch {epoch}"
-            note = f"from {where}: " + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
             earlier = None if opts.new_run else origin.data.tags.get(runs.TAG_OVERRIDES)
-            resumed[runs.TAG_OVERRIDES] = f"{earlier}; {note}" if earlier else note
+            resumed[runs.TAG_OVERRIDES] = runs.overrides_tag(where, changed, earlier)
         return origin, values, resumed
 
     # Rank 0 alone reads MLflow; every rank gets what it found, or its error.
@@ -287,20 +287,6 @@ def _origin(client: Any, opts: options.Options, config: Any) -> Any:
         )
     runs.check_pick(run_id, opts, config)
     return origin
-
-
-def _check_overrides(run_id: str, opts: options.Options, recorded: Mapping[str, str]) -> dict[str, tuple[str, str]]:
-    """The params this resume changes (name -> recorded, given); refused without --override."""
-    from pipelines import runs
-
-    changed = opts.conflicts(recorded)
-    if changed and not opts.override:
-        listed = ", ".join(f"{name} {old} -> {new}" for name, (old, new) in changed.items())
-        raise runs.PipelineError(
-            f"run {run_id} was trained with other params ({listed}); leave these options out to keep the run's "
-            "values, or add --override to apply them."
-        )
-    return changed
 
 
 def _metric_for_best_model(values: Mapping[str, Any]) -> str:

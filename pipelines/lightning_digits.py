@@ -75,12 +75,7 @@ def train(opts: options.Options) -> str:
     conflicts: dict[str, tuple[str, str]] = {}
     if origin is not None:
         conflicts = opts.conflicts(recorded)
-        if conflicts and not opts.override:
-            listed = ", ".join(f"{name} {old} -> {new}" for name, (old, new) in conflicts.items())
-            raise runs.PipelineError(
-                f"run {origin.info.run_id} was trained with other params ({listed}); leave these options out to "
-                "keep them, or add --override to apply them."
-            )
+        runs.refuse_changes(origin.info.run_id, conflicts, opts.override)
         runs.check_keys(origin.info.run_id, values, config, instead="train a new run (no --resume)")
     ckpt_path = checkpoint_path(origin.info.run_id) if origin else None
     # Refused before the run is touched: inside it, the refusal would end the run FAILED.
@@ -178,9 +173,7 @@ def _record_overrides(
         return
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     where = f"step {checkpoint['global_step']}" if by_step else f"epoch {checkpoint['epoch']}"
-    note = f"from {where}: " + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
-    earlier = origin.data.tags.get(runs.TAG_OVERRIDES)
-    mlflow.set_tag(runs.TAG_OVERRIDES, f"{earlier}; {note}" if earlier else note)
+    mlflow.set_tag(runs.TAG_OVERRIDES, runs.overrides_tag(where, changed, origin.data.tags.get(runs.TAG_OVERRIDES)))
 
 
 def trainer_epochs_done(ckpt_path: str | None) -> int:

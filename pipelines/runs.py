@@ -123,17 +123,32 @@ def check_keys(run_id: str, values: Mapping[str, Any], config: tracking.Tracking
         )
 
 
+def refuse_changes(run_id: str, changed: Mapping[str, tuple[str, str]], override: bool) -> None:
+    """Refuse a resume that changes run ``run_id``'s params (name -> (recorded, given)) without --override."""
+    if changed and not override:
+        raise PipelineError(
+            f"run {run_id} was trained with other params ({_listed(changed)}); leave these options out to keep the "
+            f"run's values, or add --override to apply them (recorded in the tag {TAG_OVERRIDES})."
+        )
+
+
+def overrides_tag(where: str, changed: Mapping[str, tuple[str, str]], earlier: str | None) -> str:
+    """The run's overrides tag: ``earlier`` (its value so far, if any) and what this resume changes from ``where``
+    (``"epoch 4"``, ``"step 120"``) on; a run's params cannot change."""
+    note = f"from {where}: {_listed(changed)}"
+    return f"{earlier}; {note}" if earlier else note
+
+
+def _listed(changed: Mapping[str, tuple[str, str]]) -> str:
+    return ", ".join(f"{name} {old} -> {new}" for name, (old, new) in changed.items())
+
+
 def changed_params(task: Task, opts: options.Options, origin: Run) -> dict[str, tuple[str, str]]:
     """Params this resume changes: name -> (recorded, new); refused without --override."""
     recorded = origin.data.params
     changed = opts.conflicts(recorded)
     changed.update({k: (recorded[k], str(v)) for k, v in task.params.items() if recorded.get(k, str(v)) != str(v)})
-    if changed and not opts.override:
-        listed = ", ".join(f"{name} {old} -> {new}" for name, (old, new) in changed.items())
-        raise PipelineError(
-            f"run {origin.info.run_id} was trained with other params ({listed}); leave these options out "
-            f"to keep the run's values, or add --override to apply them (recorded in the tag {TAG_OVERRIDES})."
-        )
+    refuse_changes(origin.info.run_id, changed, opts.override)
     return changed
 
 
@@ -247,9 +262,8 @@ def start(
         tags = {TAG_RESUMED_FROM_EPOCH: str(epoch), TAG_RESUMES: str(resumes)}
         _note_relogged(client, origin.info.run_id, epoch)
     if overrides:
-        note = f"from epoch {epoch}: " + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in overrides.items())
         earlier = origin.data.tags.get(TAG_OVERRIDES) if origin and not opts.new_run else None
-        tags[TAG_OVERRIDES] = f"{earlier}; {note}" if earlier else note
+        tags[TAG_OVERRIDES] = overrides_tag(f"epoch {epoch}", overrides, earlier)
     with mlflow.start_run(**run_args) as run:
         if params:
             mlflow.log_params(params)
