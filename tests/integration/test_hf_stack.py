@@ -69,13 +69,13 @@ def train_and_resume() -> str:
 def test_hf_pipeline_resumes_by_run_id_into_the_same_run(experiment: LocalStack) -> None:
     run_id = train_and_resume()
 
-    # The same run went on. Its checkpoints follow the Trainer's rotation of the folders it has: the one
-    # materialised from the run (epoch 2) is rotated out with its logged model; epoch 1, whose folder only
-    # the first invocation had, stays (`tracking gc --keep-last` prunes such ones).
+    # The same run went on, held to --keep-last 2 (and the best): the Trainer rotates out the folder
+    # materialised from the run (epoch 2) with its logged model, and the pipeline prunes epoch 1, whose
+    # folder only the first invocation had.
     run = MlflowClient(experiment.tracking_uri).get_run(run_id)
     assert run.data.tags["tracking.resumed_from_epoch"] == "2"
     found = tracking.list_checkpoints(run_id)
-    assert [c.epoch for c in found] == [1, 3, 4]
+    assert [c.epoch for c in found] == [3, 4]
     assert all(c.manifest.format == "transformers" for c in found)
     assert run.data.tags[layout.TAG_LATEST] == found[-1].model_id
     assert "checkpoint_folder" in run.data.tags["mlflow.note.content"]
@@ -90,7 +90,7 @@ def test_hf_pipeline_resumed_ends_bit_for_bit_where_a_straight_run_ends_and_the_
     # The command line on the real stack (make test proves it in-process, in tests/unit/test_transformers.py).
     listed = cli("checkpoints", run_id, "--json")
     assert listed.returncode == 0, listed.stderr
-    assert [c["epoch"] for c in json.loads(listed.stdout)] == [1, 3, 4]
+    assert [c["epoch"] for c in json.loads(listed.stdout)] == [3, 4]
     shown = cli("show", run_id, "--checkpoint", "best")
     assert shown.returncode == 0 and json.loads(shown.stdout)["format"] == "transformers", shown.stderr
     verified = cli("verify", run_id)
