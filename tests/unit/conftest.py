@@ -71,3 +71,15 @@ def s3_experiment(mocked_s3: object, tracking_store: str) -> str:
     experiment_id = mlflow.create_experiment("unit-s3", artifact_location=f"s3://{BUCKET}/exp")
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+def use_store(patch: pytest.MonkeyPatch, uri: str, experiment: str) -> None:
+    """Point a pipeline run in this process (its ``main``) at tracking store ``uri`` and ``experiment``.
+
+    Other tests leave an experiment active in this process, and ``mlflow.start_run(run_id=...)`` refuses a
+    run from any other experiment; the pipelines themselves never set one.
+    """
+    patch.setenv("MLFLOW_TRACKING_URI", uri)
+    patch.setenv("TRACKING_EXPERIMENT", experiment)
+    patch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    patch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)

@@ -14,13 +14,13 @@ from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
 
 import tracking
 from pipelines import noise
+from tests.unit.conftest import use_store
 from tracking import layout
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -130,11 +130,7 @@ def step_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StepRuns]:
     uri = f"sqlite:///{root / 'mlflow.db'}"
     MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.setenv("TRACKING_EXPERIMENT", EXPERIMENT)
-        # Other tests leave an experiment active in this process; the pipeline sets its own.
-        patch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
-        patch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+        use_store(patch, uri, EXPERIMENT)
         runs = []
         for args in (("--epochs", "2", *STEPS), ("--epochs", "1", *STEPS)):
             code, out, err = _inline(*args)
@@ -223,10 +219,7 @@ def test_a_step_run_refuses_what_it_cannot_do_before_any_training(
     run = step_runs.resumed
     status = client.get_run(run).info
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", step_runs.uri)
-        patch.setenv("TRACKING_EXPERIMENT", EXPERIMENT)
-        patch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
-        patch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+        use_store(patch, step_runs.uri, EXPERIMENT)
         done = _inline(*(arg.format(run=run) for arg in args), "--epochs", "3")
     assert done[0] == code, done
     lines = [line for line in done[2].splitlines() if said in line]
@@ -258,10 +251,7 @@ def test_an_overridden_checkpoint_every_steps_is_the_one_a_resumed_training_save
 ) -> None:
     # The Trainer takes save_steps and eval_steps from the resumed folder's trainer_state.json (every 2 here):
     # --override --checkpoint-every-steps 3 must be what the resumed training saves and evaluates by.
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", step_runs.uri)
-    monkeypatch.setenv("TRACKING_EXPERIMENT", EXPERIMENT)
-    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
-    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+    use_store(monkeypatch, step_runs.uri, EXPERIMENT)
     code, out, err = _inline(
         "--resume", step_runs.straight, "--new-run", "--override", "--checkpoint-every-steps", "3", "--epochs", "4"
     )
@@ -278,10 +268,7 @@ def test_an_overridden_learning_rate_is_the_one_a_resumed_training_steps_with_an
     step_runs: StepRuns, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The Trainer restores the optimizer's and the scheduler's learning rate from the resumed folder.
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", step_runs.uri)
-    monkeypatch.setenv("TRACKING_EXPERIMENT", EXPERIMENT)
-    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
-    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+    use_store(monkeypatch, step_runs.uri, EXPERIMENT)
     code, out, err = _inline("--resume", step_runs.straight, "--new-run", "--override", "--lr", "0.05", "--epochs", "3")
     assert code == 0, err[-3000:]
     child = _run_id(out)
@@ -300,10 +287,7 @@ def test_keep_last_holds_across_a_resume_whose_trainer_never_saw_the_earlier_fol
     # The Trainer rotates only the folders in its output_dir: a resume has the one it starts from.
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=(tmp_path / "artifacts").as_uri())
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("TRACKING_EXPERIMENT", EXPERIMENT)
-    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
-    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+    use_store(monkeypatch, uri, EXPERIMENT)
     config = tracking.TrackingConfig(tracking_uri=uri)
     code, out, err = _inline(
         "--epochs", "2", "--batch-size", "512", "--checkpoint-every-steps", "2", "--keep-last", "2"

@@ -19,13 +19,13 @@ from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
 
 import tracking
 from pipelines import lightning_digits
+from tests.unit.conftest import use_store
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENT = "lightning-pipeline"
@@ -71,11 +71,7 @@ def step_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
     MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
     variables = {"MLFLOW_TRACKING_URI": uri, "TRACKING_EXPERIMENT": EXPERIMENT}
     with pytest.MonkeyPatch.context() as patch:
-        for name, value in variables.items():
-            patch.setenv(name, value)
-        # Other tests leave an experiment active in this process; the pipeline sets its own.
-        patch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
-        patch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+        use_store(patch, uri, EXPERIMENT)
         straight, first = inline("--epochs", "3", *STEPS), inline("--epochs", "1", *STEPS)
         assert straight.code == 0 and first.code == 0, straight.err[-3000:] + first.err[-3000:]
         # From step 3 (the end of a run), then from step 6 (a save due at an epoch's last batch).
@@ -135,10 +131,7 @@ def test_a_run_killed_in_its_last_save_resumes_from_mid_epoch_as_the_straight_ru
     latest = tracking.find_checkpoint(run_id, config=step_runs.config).manifest
     assert (latest.step, latest.epoch) == (8, 2)
     with pytest.MonkeyPatch.context() as patch:
-        for name in ("MLFLOW_TRACKING_URI", "TRACKING_EXPERIMENT"):
-            patch.setenv(name, step_runs.env[name])
-        patch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
-        patch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+        use_store(patch, step_runs.env["MLFLOW_TRACKING_URI"], EXPERIMENT)
         resumed = inline("--resume", run_id, "--epochs", "3")
     assert resumed.code == 0, resumed.err[-3000:]
     assert [c.step for c in tracking.list_checkpoints(run_id, config=step_runs.config)] == [2, 4, 6, 8, 9]
@@ -146,10 +139,7 @@ def test_a_run_killed_in_its_last_save_resumes_from_mid_epoch_as_the_straight_ru
 
 
 def test_checkpoint_every_n_epochs_also_saves_the_last_epoch(step_runs: Runs, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("MLFLOW_TRACKING_URI", "TRACKING_EXPERIMENT"):
-        monkeypatch.setenv(name, step_runs.env[name])
-    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
-    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+    use_store(monkeypatch, step_runs.env["MLFLOW_TRACKING_URI"], EXPERIMENT)
     done = inline("--epochs", "2", "--batch-size", "512", "--checkpoint-every", "3")
     assert done.code == 0, done.err[-3000:]
     saved = tracking.list_checkpoints(done.run_id, config=step_runs.config)
@@ -171,10 +161,7 @@ def test_checkpoint_every_n_epochs_also_saves_the_last_epoch(step_runs: Runs, mo
 def test_a_step_run_refuses_what_it_cannot_do_before_it_is_touched(
     step_runs: Runs, monkeypatch: pytest.MonkeyPatch, args: list[str], code: int, said: str
 ) -> None:
-    for name in ("MLFLOW_TRACKING_URI", "TRACKING_EXPERIMENT"):
-        monkeypatch.setenv(name, step_runs.env[name])
-    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
-    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+    use_store(monkeypatch, step_runs.env["MLFLOW_TRACKING_URI"], EXPERIMENT)
     client = MlflowClient(step_runs.config.tracking_uri)
     before = client.get_run(step_runs.resumed)
     done = inline("--epochs", "4", *(arg.format(run=step_runs.resumed) for arg in args))
@@ -197,10 +184,7 @@ def test_an_overridden_learning_rate_is_the_one_a_resumed_fit_steps_with_and_is_
     step_runs: Runs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Lightning restores the optimizer's and the scheduler's learning rate from the checkpoint.
-    for name in ("MLFLOW_TRACKING_URI", "TRACKING_EXPERIMENT"):
-        monkeypatch.setenv(name, step_runs.env[name])
-    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
-    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+    use_store(monkeypatch, step_runs.env["MLFLOW_TRACKING_URI"], EXPERIMENT)
     first = inline("--epochs", "1", *STEPS)
     assert first.code == 0, first.err[-3000:]
     resumed = inline("--resume", first.run_id, "--override", "--lr", "0.01", "--epochs", "2")
@@ -217,10 +201,7 @@ def test_keep_last_holds_across_a_resume_that_overrides_the_interval(
 ) -> None:
     # Lightning restores a ModelCheckpoint's kept files only into one of the same state key, which names its
     # interval: with another --checkpoint-every-steps the resumed fit would never remove the earlier files.
-    for name in ("MLFLOW_TRACKING_URI", "TRACKING_EXPERIMENT"):
-        monkeypatch.setenv(name, step_runs.env[name])
-    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
-    monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+    use_store(monkeypatch, step_runs.env["MLFLOW_TRACKING_URI"], EXPERIMENT)
     first = inline("--epochs", "1", "--batch-size", "512", "--checkpoint-every-steps", "2", "--keep-last", "2")
     assert first.code == 0, first.err[-3000:]
     assert [c.step for c in tracking.list_checkpoints(first.run_id, config=step_runs.config)] == [2, 3]

@@ -38,6 +38,7 @@ import tracking
 from pipelines import digits, evaluate, runs, train, training
 from pipelines.models import Model
 from tests.logs import messages_of
+from tests.unit.conftest import use_store
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENT = "pipelines"
@@ -72,12 +73,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
     variables = {"MLFLOW_TRACKING_URI": uri, "TRACKING_EXPERIMENT": EXPERIMENT}
     with pytest.MonkeyPatch.context() as patch:
-        for name, value in variables.items():
-            patch.setenv(name, value)
-        # Other tests leave an experiment active in this process, and mlflow.start_run(run_id=...)
-        # refuses a run from any other experiment; the pipelines themselves never set one.
-        patch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
-        patch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+        use_store(patch, uri, EXPERIMENT)
         yield {**os.environ, **variables}
 
 
