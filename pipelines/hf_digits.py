@@ -25,7 +25,7 @@ there, and --from-step in a run keyed by epoch); a resume in the same run keeps 
 
 --override applies the options given from the resumed checkpoint on (the learning rate too, which the Trainer
 restores with the optimizer, and --checkpoint-every-steps, which it restores from trainer_state.json) and
-records them in the run's tracking.overrides tag.
+records them in the run's override tags, which its later resumes go on with.
 
 Under torchrun the Trainer trains DDP on the CPU (gloo), every flag as in one process but --strategy fsdp:
 rank 0 alone finds the run to resume, starts the run, logs and prints; every rank gets the run's ID, has
@@ -110,11 +110,11 @@ def _train(opts: options.Options) -> str:
 
     def settle() -> tuple[Any, dict[str, Any], dict[str, str] | None]:
         origin = _origin(client, opts, config) if opts.resume else None
-        recorded = origin.data.params if origin else {}
-        values = opts.settings(recorded)
+        current = runs.current_params(origin)
+        values = opts.settings(current)
         changed: dict[str, tuple[str, str]] = {}
         if origin is not None:
-            changed = opts.conflicts(recorded)
+            changed = opts.conflicts(current)
             runs.refuse_changes(origin.info.run_id, changed, opts.override)
             if not opts.new_run:
                 runs.check_keys(origin.info.run_id, values, config, instead="add --new-run to branch a child run")
@@ -132,11 +132,9 @@ def _train(opts: options.Options) -> str:
         resumed = {runs.TAG_RESUMED_FROM_EPOCH: str(epoch)}
         if picked.keyed_by == layout.STEP:
             resumed[runs.TAG_RESUMED_FROM_STEP] = str(picked.step)
-        if changed:
-            # A run's params cannot change: its overrides tag says what this resume trains with instead.
-            where = f"step {picked.step}" if picked.keyed_by == layout.STEP else f"epoch {epoch}"
-            earlier = None if opts.new_run else origin.data.tags.get(runs.TAG_OVERRIDES)
-            resumed[runs.TAG_OVERRIDES] = runs.overrides_tag(where, changed, earlier)
+        # A run's params cannot change: its override tags say what this resume trains with instead.
+        where = f"step {picked.step}" if picked.keyed_by == layout.STEP else f"epoch {epoch}"
+        resumed.update(runs.override_tags(where, changed, origin, opts.new_run))
         return origin, values, resumed
 
     # Rank 0 alone reads MLflow; every rank gets what it found, or its error.

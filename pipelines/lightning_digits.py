@@ -17,7 +17,7 @@ bit for bit as a longer run would have: the training loader is resumable (an ord
 and the epoch, and its place in the epoch kept in each checkpoint), so a save in mid-epoch, the latest
 of a run killed before its end, resumes at its next batch. --override applies the options given from
 there on, the learning rate into the restored optimizer and scheduler (the module's hparams and the
-run's params keep the run's), and records them in the run's tracking.overrides tag.
+run's params keep the run's), and records them in the run's override tags, which its later resumes go on with.
 """
 
 from __future__ import annotations
@@ -71,10 +71,11 @@ def train(opts: options.Options) -> str:
             f"run {origin.info.run_id} was trained by {recorded.get('pipeline', 'another pipeline')}, not {NAME}; "
             f"resume it with `python -m {recorded.get('pipeline')}`."
         )
-    values = opts.settings(recorded)
+    current = runs.current_params(origin)
+    values = opts.settings(current)
     conflicts: dict[str, tuple[str, str]] = {}
     if origin is not None:
-        conflicts = opts.conflicts(recorded)
+        conflicts = opts.conflicts(current)
         runs.refuse_changes(origin.info.run_id, conflicts, opts.override)
         runs.check_keys(origin.info.run_id, values, config, instead="train a new run (no --resume)")
     ckpt_path = checkpoint_path(origin.info.run_id) if origin else None
@@ -163,7 +164,7 @@ def train(opts: options.Options) -> str:
 def _record_overrides(
     origin: Any, changed: Mapping[str, tuple[str, str]], ckpt_path: str | None, by_step: bool
 ) -> None:
-    """Append what this resume changes to the run's overrides tag (its params cannot change)."""
+    """Record what this resume changes in the run's override tags (its params cannot change)."""
     import mlflow
     import torch
 
@@ -173,7 +174,7 @@ def _record_overrides(
         return
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     where = f"step {checkpoint['global_step']}" if by_step else f"epoch {checkpoint['epoch']}"
-    mlflow.set_tag(runs.TAG_OVERRIDES, runs.overrides_tag(where, changed, origin.data.tags.get(runs.TAG_OVERRIDES)))
+    mlflow.set_tags(runs.override_tags(where, changed, origin, new_run=False))
 
 
 def trainer_epochs_done(ckpt_path: str | None) -> int:

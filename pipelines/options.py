@@ -203,7 +203,8 @@ def parse(
     resume.add_argument(
         "--override",
         action="store_true",
-        help="allow options that differ from RUN_ID's params (recorded in its tracking.overrides tag)",
+        help="allow options that differ from RUN_ID's params (recorded in its tracking.overrides and "
+        "tracking.override.<param> tags; its later resumes keep them)",
     )
     parallel = parser.add_argument_group("several processes (under torchrun)")
     parallel.add_argument(

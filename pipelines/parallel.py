@@ -99,7 +99,7 @@ def _train(task: Task, opts: options.Options) -> str:
 
     def settle() -> tuple[Run | None, dict[str, Any], dict[str, tuple[str, str]]]:
         origin = runs.find_origin(client, task, opts, config) if opts.resume else None
-        values = opts.settings(origin.data.params if origin else {})
+        values = opts.settings(runs.current_params(origin))
         overrides = runs.changed_params(task, opts, origin) if origin else {}
         return origin, values, overrides
 

@@ -12,9 +12,10 @@ restores RUN_ID's checkpoint (the latest, or epoch N) and goes on in one of two 
   (tags ``mlflow.parentRunId``, ``tracking.resumed_from_run``,
   ``tracking.resumed_from_epoch``) with the same params; its metrics start at step N+1.
 
-Options left out take RUN_ID's recorded params. Given ones that differ are refused
-unless ``--override``, which the tag ``tracking.overrides`` records (a run's params
-cannot change, so on the same run they keep their first values).
+Options left out take RUN_ID's params as it last trained with them. Given ones that
+differ are refused unless ``--override``. A run's params cannot change, so an override
+on RUN_ID itself is kept in tags: ``tracking.override.<param>`` holds the value its
+later resumes go on with, and ``tracking.overrides`` tells what changed from where.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ TAG_RESUMED_FROM_EPOCH = "tracking.resumed_from_epoch"
 TAG_RESUMED_FROM_STEP = "tracking.resumed_from_step"
 TAG_RESUMES = "tracking.resumes"
 TAG_OVERRIDES = "tracking.overrides"
+# tracking.override.lr = "0.5": the value of param lr since an --override on the run itself.
+TAG_OVERRIDE_PREFIX = "tracking.override."
 
 
 # A TrackingError, so that tracking.errors.exit_code reports it like the library's own errors.
@@ -124,7 +127,7 @@ def check_keys(run_id: str, values: Mapping[str, Any], config: tracking.Tracking
 
 
 def refuse_changes(run_id: str, changed: Mapping[str, tuple[str, str]], override: bool) -> None:
-    """Refuse a resume that changes run ``run_id``'s params (name -> (recorded, given)) without --override."""
+    """Refuse a resume that changes run ``run_id``'s params (name -> (current, given)) without --override."""
     if changed and not override:
         raise PipelineError(
             f"run {run_id} was trained with other params ({_listed(changed)}); leave these options out to keep the "
@@ -132,11 +135,30 @@ def refuse_changes(run_id: str, changed: Mapping[str, tuple[str, str]], override
         )
 
 
-def overrides_tag(where: str, changed: Mapping[str, tuple[str, str]], earlier: str | None) -> str:
-    """The run's overrides tag: ``earlier`` (its value so far, if any) and what this resume changes from ``where``
-    (``"epoch 4"``, ``"step 120"``) on; a run's params cannot change."""
+def current_params(run: Run | None) -> dict[str, str]:
+    """The params ``run`` last trained with: its recorded ones, with the values --override gave it since."""
+    if run is None:
+        return {}
+    params = dict(run.data.params)
+    for tag, value in run.data.tags.items():
+        name = tag.removeprefix(TAG_OVERRIDE_PREFIX)
+        if name != tag and name in params:
+            params[name] = value
+    return params
+
+
+def override_tags(where: str, changed: Mapping[str, tuple[str, str]], origin: Run, new_run: bool) -> dict[str, str]:
+    """The tags that record the params this resume changes (name -> (current, given)) from ``where`` (``"epoch 4"``,
+    ``"step 120"``) on: the overrides tag, appended to on RUN_ID itself, and there each param's value from now
+    on, which its later resumes take (:func:`current_params`). A ``--new-run`` child records them as its params."""
+    if not changed:
+        return {}
     note = f"from {where}: {_listed(changed)}"
-    return f"{earlier}; {note}" if earlier else note
+    earlier = None if new_run else origin.data.tags.get(TAG_OVERRIDES)
+    tags = {TAG_OVERRIDES: f"{earlier}; {note}" if earlier else note}
+    if not new_run:
+        tags.update({TAG_OVERRIDE_PREFIX + name: given for name, (_, given) in changed.items()})
+    return tags
 
 
 def _listed(changed: Mapping[str, tuple[str, str]]) -> str:
@@ -144,8 +166,8 @@ def _listed(changed: Mapping[str, tuple[str, str]]) -> str:
 
 
 def changed_params(task: Task, opts: options.Options, origin: Run) -> dict[str, tuple[str, str]]:
-    """Params this resume changes: name -> (recorded, new); refused without --override."""
-    recorded = origin.data.params
+    """Params this resume changes: name -> (current, new); refused without --override."""
+    recorded = current_params(origin)
     changed = opts.conflicts(recorded)
     changed.update({k: (recorded[k], str(v)) for k, v in task.params.items() if recorded.get(k, str(v)) != str(v)})
     refuse_changes(origin.info.run_id, changed, opts.override)
@@ -261,9 +283,8 @@ def start(
         resumes = (int(recorded) if recorded.isdecimal() else 0) + 1  # a hand-edited tag restarts the count
         tags = {TAG_RESUMED_FROM_EPOCH: str(epoch), TAG_RESUMES: str(resumes)}
         _note_relogged(client, origin.info.run_id, epoch)
-    if overrides:
-        earlier = origin.data.tags.get(TAG_OVERRIDES) if origin and not opts.new_run else None
-        tags[TAG_OVERRIDES] = overrides_tag(f"epoch {epoch}", overrides, earlier)
+    if origin is not None:
+        tags.update(override_tags(f"epoch {epoch}", overrides, origin, opts.new_run))
     with mlflow.start_run(**run_args) as run:
         if params:
             mlflow.log_params(params)

@@ -61,8 +61,7 @@ def train(task: Task, opts: options.Options) -> str:
     config = tracking.TrackingConfig.from_env(experiment_name=opts.experiment)
     client = MlflowClient(config.tracking_uri)
     origin = runs.find_origin(client, task, opts, config) if opts.resume else None
-    recorded = origin.data.params if origin else {}
-    values = opts.settings(recorded)
+    values = opts.settings(runs.current_params(origin))
     overrides = runs.changed_params(task, opts, origin) if origin else {}
     split = data.load(task.dataset)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -301,3 +301,26 @@ def test_keep_last_holds_across_a_resume_whose_trainer_never_saw_the_earlier_fol
     best = MlflowClient(uri).get_run(run_id).data.tags[layout.TAG_BEST]
     assert [c.step for c in saved][-2:] == [10, 12] and len(saved) <= 3
     assert {c.model_id for c in saved} == {best, saved[-2].model_id, saved[-1].model_id}
+
+
+def test_an_override_of_keep_last_holds_for_the_runs_later_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A run's params cannot change: a later plain --resume took --keep-last 2 back and pruned the run to it.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=(tmp_path / "artifacts").as_uri())
+    use_store(monkeypatch, uri, EXPERIMENT)
+    config = tracking.TrackingConfig(tracking_uri=uri)
+    code, out, err = _inline(
+        "--epochs", "2", "--batch-size", "512", "--checkpoint-every-steps", "2", "--keep-last", "2"
+    )
+    assert code == 0, err[-3000:]
+    run_id = _run_id(out)
+    code, out, err = _inline("--resume", run_id, "--epochs", "3", "--override", "--keep-last", "all")
+    assert code == 0, err[-3000:]
+    code, out, err = _inline("--resume", run_id, "--epochs", "4")
+    assert code == 0, err[-3000:]
+    assert [c.step for c in tracking.list_checkpoints(run_id, config=config)] == [4, 6, 8, 9, 10, 12]
+    tags = MlflowClient(uri).get_run(run_id).data.tags
+    assert tags["tracking.override.keep_last"] == "all"
+    assert tags["tracking.overrides"] == "from step 6: keep_last 2 -> all"

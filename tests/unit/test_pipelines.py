@@ -289,6 +289,35 @@ def test_override_applies_the_new_value_and_records_it(env: dict[str, str]) -> N
     assert checkpoint(run_id, 3)["optim_state"]["param_groups"][0]["lr"] == 0.5
 
 
+def test_an_override_holds_for_the_runs_later_resumes(env: dict[str, str]) -> None:
+    # A run's params cannot change: a later plain --resume took the first values back, and its --keep-last 1
+    # deleted the checkpoints the override had asked to keep.
+    run_id = inline(train.main, "--epochs", "2", "--keep-last", "1", "--keep-best", "1").run_id
+    overridden = inline(
+        train.main, "--resume", run_id, "--epochs", "3", "--override", "--lr", "0.5", "--keep-last", "all"
+    )
+    assert overridden.code == 0, overridden.err
+
+    # Given again, the overridden value is the run's own: no --override needed.
+    again = inline(train.main, "--resume", run_id, "--epochs", "4", "--lr", "0.5")
+
+    assert again.code == 0, again.err
+    run = MlflowClient().get_run(run_id)
+    assert run.data.params["keep_last"] == "1"
+    assert {name: value for name, value in run.data.tags.items() if name.startswith(runs.TAG_OVERRIDE_PREFIX)} == {
+        "tracking.override.lr": "0.5",
+        "tracking.override.keep_last": "all",
+    }
+    assert run.data.tags[runs.TAG_OVERRIDES] == "from epoch 2: lr 0.1 -> 0.5, keep_last 1 -> all"
+    assert [found.epoch for found in tracking.list_checkpoints(run_id)] == [2, 3, 4]
+    assert history(run_id)["lr"] == {1: 0.1, 2: 0.1, 3: 0.5, 4: 0.5}
+    # And changed again, the tags follow: the history grows, each param holds its latest value.
+    inline(train.main, "--resume", run_id, "--epochs", "5", "--override", "--lr", "0.25")
+    tags = MlflowClient().get_run(run_id).data.tags
+    assert tags["tracking.override.lr"] == "0.25"
+    assert tags[runs.TAG_OVERRIDES].endswith("; from epoch 4: lr 0.5 -> 0.25")
+
+
 @pytest.mark.parametrize(("keep", "kept"), [(["--keep-last", "all"], [1, 2, 3, 4]), (["--keep-last", "1"], None)])
 def test_keep_last_all_keeps_every_checkpoint(env: dict[str, str], keep: list[str], kept: list[int] | None) -> None:
     run_id = inline(train.main, "--epochs", "4", "--checkpoint-every", "1", "--keep-best", "1", *keep).run_id
