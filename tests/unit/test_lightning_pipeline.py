@@ -208,5 +208,12 @@ def test_keep_last_holds_across_a_resume_that_overrides_the_interval(
     resumed = inline("--resume", first.run_id, "--override", "--checkpoint-every-steps", "1", "--epochs", "2")
     assert resumed.code == 0, resumed.err[-3000:]
     steps = [c.step for c in tracking.list_checkpoints(first.run_id, config=step_runs.config)]
-    # The last 2 (steps 5 and 6), and the best by val_loss (a save after a validation: not step 2).
-    assert steps[-2:] == [5, 6] and len(steps) <= 3 and 2 not in steps, steps
+    # The last 2 (steps 5 and 6), and the best by val_loss: step 6's validation beat step 3's.
+    assert steps == [5, 6], steps
+    # The override holds for the run's later resumes: the interval is the run's own now, given again or not.
+    tags = MlflowClient(step_runs.config.tracking_uri).get_run(first.run_id).data.tags
+    assert tags["tracking.override.checkpoint_every_steps"] == "1"
+    again = inline("--resume", first.run_id, "--checkpoint-every-steps", "1", "--epochs", "3")
+    assert again.code == 0, again.err[-3000:]
+    steps = [c.step for c in tracking.list_checkpoints(first.run_id, config=step_runs.config)]
+    assert steps == [8, 9], steps  # none of the earlier best ones kept

@@ -20,7 +20,7 @@ from tracking.catalog import LoggedCheckpoint
 from tracking.config import TrackingConfig
 from tracking.integrations.lightning.description import SaveContext, keying, save_context
 from tracking.integrations.lightning.mirror import MirrorIO
-from tracking.integrations.lightning.resume import RESUME_LINE
+from tracking.integrations.lightning.resume import RESUME_LINE, take_writers_states
 from tracking.parallel import distributed
 from tracking.rng import capture_rng_state, restore_rng_state
 
@@ -108,6 +108,13 @@ class MLflowCheckpoints(pl.Callback):
         key = (int(checkpoint["epoch"]), int(checkpoint["global_step"]))
         with self._lock:
             self._contexts[key] = save_context(trainer, pl_module)
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Before the ModelCheckpoints load their states from it: Lightning runs them after the other callbacks.
+        if self._io is not None:
+            take_writers_states(checkpoint, self._io.paths_of(int(checkpoint["epoch"]), int(checkpoint["global_step"])))
 
     def state_dict(self) -> dict[str, Any]:
         # Kept in the checkpoint (its "callbacks"), so that a resumed fit draws what the straight run drew.

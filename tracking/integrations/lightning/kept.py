@@ -255,6 +255,11 @@ class KeptCheckpoints:
         with self._lock:
             return {k.key: note.NotedCheckpoint(k.model_id, k.metrics) for k in self._kept.values()}
 
+    def paths_of(self, epoch: int, step: int) -> set[str]:
+        """The local files that are the kept checkpoint of ``epoch`` and ``step`` (none if it is not kept)."""
+        with self._lock:
+            return next((set(k.paths) for k in self._kept.values() if (k.epoch, k.step) == (epoch, step)), set())
+
     def logged(self) -> list[LoggedCheckpoint]:
         """The checkpoints this trainer committed that are kept (oldest first)."""
         with self._lock:

@@ -253,3 +253,6 @@ class MirrorIO(CheckpointIO):
 
     def logged(self) -> list[LoggedCheckpoint]:
         return self._kept.logged()
+
+    def paths_of(self, epoch: int, step: int) -> set[str]:
+        return self._kept.paths_of(epoch, step)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from tracking import layout
 from tracking.config import TrackingConfig
@@ -12,6 +17,8 @@ from tracking.downloader import download_files
 from tracking.errors import ConfigError
 from tracking.integrations.lightning.description import FORMAT
 from tracking.selection import Selector, find_checkpoint
+
+logger = logging.getLogger(__name__)
 
 RESUME_LINE = "# resume: trainer.fit(model, ckpt_path=tracking.integrations.lightning.checkpoint_path('{run_id}'))"
 
@@ -39,3 +46,30 @@ def checkpoint_path(
     folder = Path(to) if to is not None else Path(tempfile.gettempdir()) / "tracking-lightning" / str(located.model_id)
     download_files(located, folder, force=True)
     return str(folder / layout.CHECKPOINT_FILE)
+
+
+def take_writers_states(checkpoint: dict[str, Any], paths: Iterable[str]) -> None:
+    """Put into ``checkpoint`` (the one a fit resumes from) each ModelCheckpoint's state as saved in its own file
+    of that save: ``paths``, the local files that are that checkpoint.
+
+    Where several ModelCheckpoints save at one step, each writes a file with every callback's state at that
+    moment, and the file written first is the logged model a resume by run ID loads. In it, the states of
+    those that saved after it lack their own save: resumed from it, they never remove that save's file (nor
+    delete its logged model), one more kept at every resume. A file's writer is the ModelCheckpoint whose
+    state names the file's folder.
+    """
+    states = checkpoint.get("callbacks")
+    if not isinstance(states, dict):
+        return
+    for path in paths:
+        try:
+            # mmap: the states are read, the weights stay on disk.
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("callbacks")
+        except Exception as exc:  # gone, unreadable or beyond weights_only: that state stays as the file had it
+            logger.debug("not reading the ModelCheckpoint states in %s: %s", path, exc)
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        for key, state in (saved or {}).items():
+            dirpath = state.get("dirpath") if isinstance(state, dict) else None
+            if key in states and dirpath and os.path.abspath(dirpath) == folder:
+                states[key] = state
