@@ -201,8 +201,8 @@ def _train(opts: options.Options) -> str:
                 _epoch_metrics(),
                 checkpoints,
                 *([_given_intervals(), _neutral_evaluations()] if steps is not None else []),
-                # The Trainer restores the run's learning rate with the optimizer and the scheduler.
-                *([_learning_rate(values["lr"])] if origin is not None and "lr" in opts.given else []),
+                # The Trainer restores the checkpoint's learning rate with the optimizer and the scheduler.
+                *([_learning_rate(values["lr"])] if origin is not None else []),
             ],
         )
         folder = None
@@ -323,8 +323,8 @@ def _epoch_metrics() -> Any:
 
 
 def _learning_rate(lr: float) -> Any:
-    """A callback that puts ``lr`` (an --override-n learning rate) into the optimizer and the scheduler the
-    Trainer restored from the resumed folder, before the first step."""
+    """A callback that puts ``lr``, the run's learning rate, into the optimizer and the scheduler the Trainer
+    restored from the resumed folder, before the first step, where they hold another (:func:`runs.apply_lr`)."""
     from transformers import TrainerCallback
 
     from pipelines import runs
@@ -334,7 +334,7 @@ def _learning_rate(lr: float) -> Any:
             self, args: Any, state: Any, control: Any, optimizer: Any = None, lr_scheduler: Any = None, **kw: Any
         ) -> None:
             scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's wrapper, if any
-            runs.apply_lr_override(optimizer, scheduler, {"lr": lr}, {"lr": lr})
+            runs.apply_lr(optimizer, scheduler, lr)
 
     return LearningRate()
 

@@ -109,7 +109,7 @@ def _train(task: Task, opts: options.Options) -> str:
     state = _build(task, opts, values, split)
     rank_state = None
     if origin is not None:
-        rank_state = _restore(task, opts, origin, state, values, overrides)
+        rank_state = _restore(task, opts, origin, state, values)
     dataset = TensorDataset(split.x_train, split.y_train)
     sampler: DistributedSampler[Any] = DistributedSampler(
         dataset, num_replicas=world, rank=rank, shuffle=True, seed=values["seed"]
@@ -182,7 +182,6 @@ def _restore(
     origin: Run,
     state: State,
     values: dict[str, Any],
-    overrides: dict[str, tuple[str, str]],
 ) -> dict[str, Any]:
     run_id = origin.info.run_id
     loaded = tracking.restore(
@@ -209,7 +208,7 @@ def _restore(
             f"run {run_id} was trained by {saved['sampler']['world_size']} ranks; resume it with as many "
             "(torchrun --nproc-per-node), or the batches would differ."
         )
-    runs.apply_lr_override(state.optimizer, state.scheduler, values, overrides)
+    runs.apply_lr(state.optimizer, state.scheduler, values["lr"])
     state.epoch, state.step = epoch, loaded.step or 0
     return saved
 

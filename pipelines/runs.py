@@ -179,7 +179,6 @@ def restore(
     opts: options.Options,
     origin: Run,
     values: Mapping[str, Any],
-    overrides: Mapping[str, Any],
     split: data.Split,
     device: torch.device,
 ) -> tuple[State, dict[str, Any]]:
@@ -208,21 +207,22 @@ def restore(
             f"run {run_id}: {loaded.path} holds no optimizer or RNG state, so it cannot be resumed exactly; "
             "resume a checkpoint logged by a training pipeline."
         )
-    apply_lr_override(loaded.optimizer, loaded.scheduler, values, overrides)
+    apply_lr(loaded.optimizer, loaded.scheduler, values["lr"])
     state = State(loaded.model, loaded.optimizer, loaded.scheduler, epoch, loaded.step or 0)
     return state, loaded.extra["rng"]
 
 
-def apply_lr_override(
-    optimizer: torch.optim.Optimizer, scheduler: Any, values: Mapping[str, Any], overrides: Mapping[str, Any]
-) -> None:
-    """An ``--override``-n learning rate, from the resumed epoch on (loading brought back the run's)."""
-    if "lr" not in overrides:
-        return
+def apply_lr(optimizer: torch.optim.Optimizer, scheduler: Any, lr: float) -> None:
+    """Train on with learning rate ``lr`` from the resumed checkpoint, where its optimizer trained with another:
+    an ``--override``-n one, or the run's since an override after that checkpoint (a child branched from before
+    it records the run's current ``lr`` as its param, and must train with it too)."""
+    trained = scheduler.base_lrs if scheduler is not None else [group["lr"] for group in optimizer.param_groups]
+    if all(value == lr for value in trained):
+        return  # the loaded state as it is: a plain resume goes on bit for bit
     for group in optimizer.param_groups:
-        group["lr"] = values["lr"]
+        group["lr"] = lr
     if scheduler is not None:
-        scheduler.base_lrs = [values["lr"]] * len(optimizer.param_groups)
+        scheduler.base_lrs = [lr] * len(optimizer.param_groups)
 
 
 def checkpointer(values: Mapping[str, Any], resume_command: str) -> tracking.Checkpointer:

@@ -68,7 +68,7 @@ def train(task: Task, opts: options.Options) -> str:
     seed_everything(values["seed"])
     generator = torch.Generator().manual_seed(values["seed"])
     if origin:
-        state, rng = runs.restore(task, opts, origin, values, overrides, split, device)
+        state, rng = runs.restore(task, opts, origin, values, split, device)
     else:
         state, rng = _build(task, values, split, device), None
     loader = DataLoader(

@@ -353,3 +353,17 @@ def test_the_whole_model_is_said_to_be_a_pickle_once_our_way(env: dict[str, str]
     assert not [m for m in warnings if "Pickle" in m], warnings
     [line] = [line for line in outcome.out.splitlines() if line.startswith("whole model: models:/")]
     assert "a pickle: load only runs you trust" in line
+
+
+def test_a_child_from_before_an_override_trains_with_the_value_it_records(env: dict[str, str]) -> None:
+    # The child took lr 0.5 from the parent's override tag as its param, but trained on with the 0.1 that
+    # epoch 2's optimizer state held: its param and its training disagreed.
+    run_id = inline(train.main, "--epochs", "2", "--keep-last", "all").run_id
+    assert inline(train.main, "--resume", run_id, "--epochs", "3", "--override", "--lr", "0.5").code == 0
+
+    child = inline(train.main, "--resume", run_id, "--from-epoch", "2", "--new-run", "--epochs", "4")
+
+    assert child.code == 0, child.err
+    assert MlflowClient().get_run(child.run_id).data.params["lr"] == "0.5"
+    assert history(child.run_id)["lr"] == {3: 0.5, 4: 0.5}
+    assert checkpoint(child.run_id, 4)["optim_state"]["param_groups"][0]["lr"] == 0.5
