@@ -105,6 +105,7 @@ def _train(opts: options.Options) -> str:
 
     config = tracking.TrackingConfig.from_env(experiment_name=opts.experiment)
     client = MlflowClient(config.tracking_uri)
+    opts = distributed.on_rank0(lambda: runs.pinned(opts, config))
     # An int picks a step in a run keyed by step, else an epoch (_origin checked which the run has).
     which = opts.from_step or opts.from_epoch or "latest"
 

@@ -64,6 +64,7 @@ def train(opts: options.Options) -> str:
 
     config = tracking.TrackingConfig.from_env(experiment_name=opts.experiment)
     client = MlflowClient(config.tracking_uri)
+    opts = runs.pinned(opts, config)
     origin = runs.find_run(client, opts.resume, config) if opts.resume else None
     recorded = origin.data.params if origin else {}
     if origin is not None and recorded.get("pipeline") != NAME:
@@ -71,6 +72,8 @@ def train(opts: options.Options) -> str:
             f"run {origin.info.run_id} was trained by {recorded.get('pipeline', 'another pipeline')}, not {NAME}; "
             f"resume it with `python -m {recorded.get('pipeline')}`."
         )
+    if origin is not None and (opts.from_step is not None or opts.from_epoch is not None):
+        _refuse_a_pick_but_the_latest(origin.info.run_id, opts, config)
     current = runs.current_params(origin)
     values = opts.settings(current)
     conflicts: dict[str, tuple[str, str]] = {}
@@ -159,6 +162,24 @@ def train(opts: options.Options) -> str:
         trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
         runs.report(client, run)
         return str(run_id)
+
+
+def _refuse_a_pick_but_the_latest(run_id: str, opts: options.Options, config: Any) -> None:
+    """Refuse a ``--resume models:/...`` naming a checkpoint of run ``run_id`` other than its latest: Lightning
+    resumes a run from where it stopped (:func:`runs.pinned` made the URI ``--from-epoch``/``--from-step``)."""
+    import tracking
+    from pipelines import runs
+    from tracking import layout
+
+    picked = opts.from_step if opts.from_step is not None else opts.from_epoch
+    latest = tracking.find_checkpoint(run_id, config=config).manifest
+    if picked != latest.key:
+        kind = layout.STEP if opts.from_step is not None else layout.EPOCH
+        raise runs.PipelineError(
+            f"--resume names the checkpoint of run {run_id} at {layout.label(kind, picked)}, not its latest "
+            f"({layout.label(latest.keyed_by, latest.key)}): {NAME} resumes a run from its latest checkpoint; "
+            f"pass --resume {run_id} to go on from there."
+        )
 
 
 def _record_overrides(

@@ -186,7 +186,11 @@ def parse(
     inferred = "max for accuracies, min otherwise" if merged["monitor_mode"] is None else None
     add("--monitor-mode", "whether lower or higher --monitor is better", inferred, choices=("min", "max"))
     resume = parser.add_argument_group("resuming")
-    resume.add_argument("--resume", metavar="RUN_ID", help="continue run RUN_ID from its latest checkpoint")
+    resume.add_argument(
+        "--resume",
+        metavar="RUN_ID",
+        help="continue run RUN_ID from its latest checkpoint (a checkpoint's models:/ URI: from that checkpoint)",
+    )
     resume.add_argument(
         "--from-epoch", type=_positive_int, metavar="N", help="resume from epoch N's checkpoint instead"
     )

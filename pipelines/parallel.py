@@ -96,6 +96,7 @@ def _train(task: Task, opts: options.Options) -> str:
     rank, world = dist.get_rank(), dist.get_world_size()
     config = tracking.TrackingConfig.from_env(experiment_name=opts.experiment)
     client = MlflowClient(config.tracking_uri)
+    opts = distributed.on_rank0(lambda: runs.pinned(opts, config))
 
     def settle() -> tuple[Run | None, dict[str, Any], dict[str, tuple[str, str]]]:
         origin = runs.find_origin(client, task, opts, config) if opts.resume else None

@@ -1,7 +1,8 @@
 """The MLflow run a training writes to, and what a resume of one refuses or restores.
 
 A training without ``--resume`` starts a new run. ``--resume RUN_ID [--from-epoch N]``
-restores RUN_ID's checkpoint (the latest, or epoch N) and goes on in one of two runs:
+restores RUN_ID's checkpoint (the latest, or epoch N; a checkpoint's ``models:/`` URI as RUN_ID picks that
+one) and goes on in one of two runs:
 
 - By default the resumed run is RUN_ID itself and its metrics go on at step N+1.
   An attempt that died after logging an epoch's metrics but before committing that
@@ -24,6 +25,7 @@ import json
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import mlflow
@@ -64,6 +66,31 @@ def find_run(client: MlflowClient, source: str, config: tracking.TrackingConfig)
     if run.info.lifecycle_stage == "deleted":
         raise PipelineError(f"run {run.info.run_id} is deleted; restore it in the MLflow UI first.")
     return run
+
+
+def pinned(opts: options.Options, config: tracking.TrackingConfig) -> options.Options:
+    """``opts`` with a ``--resume models:/...`` that names one checkpoint (its logged model, or a registry version
+    made from it) as ``--resume RUN_ID --from-epoch N`` (``--from-step N``): its run, from exactly that checkpoint."""
+    if opts.resume is None or not opts.resume.strip().startswith("models:/"):
+        return opts
+    try:
+        located = tracking.find_checkpoint(opts.resume, config=config)
+    except ValueError as exc:
+        raise PipelineError(str(exc)) from exc
+    kind, key = located.manifest.keyed_by, located.manifest.key
+    run_id = located.run_id
+    if opts.from_epoch is not None or opts.from_step is not None:
+        flag = "--from-epoch" if opts.from_epoch is not None else "--from-step"
+        raise PipelineError(
+            f"{opts.resume} names one checkpoint already ({layout.label(kind, key)} of run {run_id}), and "
+            f"{flag} picks among a run's: leave {flag} out, or pass --resume {run_id} with it."
+        )
+    return replace(
+        opts,
+        resume=run_id,
+        from_epoch=key if kind == layout.EPOCH else None,
+        from_step=key if kind == layout.STEP else None,
+    )
 
 
 def find_origin(client: MlflowClient, task: Task, opts: options.Options, config: tracking.TrackingConfig) -> Run:

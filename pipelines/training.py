@@ -60,6 +60,7 @@ def train(task: Task, opts: options.Options) -> str:
 
     config = tracking.TrackingConfig.from_env(experiment_name=opts.experiment)
     client = MlflowClient(config.tracking_uri)
+    opts = runs.pinned(opts, config)
     origin = runs.find_origin(client, task, opts, config) if opts.resume else None
     values = opts.settings(runs.current_params(origin))
     overrides = runs.changed_params(task, opts, origin) if origin else {}

@@ -182,6 +182,22 @@ def test_from_step_branches_a_child_run_from_mid_epoch_that_ends_as_the_straight
     assert all(torch.equal(branched[name], value) for name, value in straight.items())
 
 
+def test_resume_from_a_checkpoints_models_uri_branches_from_that_step(
+    step_runs: StepRuns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --resume models:/<a checkpoint> went on from the run's latest checkpoint, whichever one the URI named.
+    use_store(monkeypatch, step_runs.uri, EXPERIMENT)
+    config = tracking.TrackingConfig(tracking_uri=step_runs.uri)
+    (step2,) = [c for c in tracking.list_checkpoints(step_runs.resumed, config=config) if c.step == 2]
+
+    code, out, err = _inline("--resume", f"models:/{step2.model_id}", "--new-run", "--epochs", "2")
+
+    assert code == 0, err[-3000:]
+    tags = MlflowClient(step_runs.uri).get_run(_run_id(out)).data.tags
+    assert (tags["mlflow.parentRunId"], tags["tracking.resumed_from_step"]) == (step_runs.resumed, "2")
+    assert [c.step for c in tracking.list_checkpoints(_run_id(out), config=config)] == [4, 6]
+
+
 @pytest.mark.parametrize(
     ("args", "code", "said"),
     [

@@ -155,8 +155,10 @@ def test_checkpoint_every_n_epochs_also_saves_the_last_epoch(step_runs: Runs, mo
         (["--resume", "{run}", "--checkpoint-every", "1"], 1, "checkpoint_every none -> 1"),
         (["--resume", "{run}", "--checkpoint-every", "1", "--override"], 1, "a run holds one kind of key"),
         (["--resume", "{run}", "--epochs", "3"], 1, "already trained 3 epochs"),
+        # A models:/ URI of an earlier checkpoint went on from the latest one instead.
+        (["--resume", "{step4}"], 1, "at step 4, not its latest (step 9)"),
     ],
-    ids=["both-intervals", "from-step", "by-epoch", "by-epoch-overridden", "trained-already"],
+    ids=["both-intervals", "from-step", "by-epoch", "by-epoch-overridden", "trained-already", "earlier-checkpoint"],
 )
 def test_a_step_run_refuses_what_it_cannot_do_before_it_is_touched(
     step_runs: Runs, monkeypatch: pytest.MonkeyPatch, args: list[str], code: int, said: str
@@ -164,7 +166,9 @@ def test_a_step_run_refuses_what_it_cannot_do_before_it_is_touched(
     use_store(monkeypatch, step_runs.env["MLFLOW_TRACKING_URI"], EXPERIMENT)
     client = MlflowClient(step_runs.config.tracking_uri)
     before = client.get_run(step_runs.resumed)
-    done = inline("--epochs", "4", *(arg.format(run=step_runs.resumed) for arg in args))
+    (step4,) = [c for c in tracking.list_checkpoints(step_runs.resumed, config=step_runs.config) if c.step == 4]
+    given = (arg.format(run=step_runs.resumed, step4=f"models:/{step4.model_id}") for arg in args)
+    done = inline("--epochs", "4", *given)
     assert done.code == code, done
     lines = [line for line in done.err.splitlines() if said in line]
     assert len(lines) == 1, done.err

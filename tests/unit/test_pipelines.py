@@ -367,3 +367,23 @@ def test_a_child_from_before_an_override_trains_with_the_value_it_records(env: d
     assert MlflowClient().get_run(child.run_id).data.params["lr"] == "0.5"
     assert history(child.run_id)["lr"] == {3: 0.5, 4: 0.5}
     assert checkpoint(child.run_id, 4)["optim_state"]["param_groups"][0]["lr"] == 0.5
+
+
+def test_resume_from_a_checkpoints_models_uri_starts_from_that_checkpoint(env: dict[str, str]) -> None:
+    # --resume models:/<a checkpoint> went on from the run's latest checkpoint, whichever one the URI named.
+    run_id = inline(train.main, "--epochs", "3", "--keep-last", "all").run_id
+    (epoch2,) = [found for found in tracking.list_checkpoints(run_id) if found.epoch == 2]
+    uri = f"models:/{epoch2.model_id}"
+
+    child = inline(train.main, "--resume", uri, "--new-run", "--epochs", "4")
+
+    assert child.code == 0, child.err
+    tags = MlflowClient().get_run(child.run_id).data.tags
+    assert tags[runs.TAG_RESUMED_FROM_RUN] == run_id and tags[runs.TAG_RESUMED_FROM_EPOCH] == "2"
+    assert set(history(child.run_id)["val_loss"]) == {3, 4}
+    # In the run itself that is a rewind, and the URI picks the checkpoint: refused, saying what to do instead.
+    rewind = inline(train.main, "--resume", uri, "--epochs", "4")
+    assert rewind.code == 1 and "--new-run" in rewind.err, rewind.err
+    both = inline(train.main, "--resume", uri, "--from-epoch", "3", "--new-run", "--epochs", "4")
+    assert both.code == 1 and f"--resume {run_id}" in both.err and both.err.count("\n") == 1, both.err
+    assert max(history(run_id)["val_loss"]) == 3  # untouched
