@@ -34,17 +34,34 @@ WHOLE_MODEL = "model"
 STATE_DICT = "state_dict"
 
 
-def evaluate(source: str, checkpoint: str | int = "latest", *, trust_pickle: bool = False) -> dict[str, float]:
-    """Validation loss and accuracy of a model the run logged, also logged to the run as ``eval_*`` metrics."""
+def evaluate(source: str, checkpoint: str | int | None = None, *, trust_pickle: bool = False) -> dict[str, float]:
+    """Validation loss and accuracy of a model the run logged, also logged to the run as ``eval_*`` metrics.
+
+    ``checkpoint`` picks among a run's models (default: its latest checkpoint); a ``models:/`` source names one
+    already, and takes none but ``"model"`` (a whole model's URI, which unpickles)."""
     from mlflow.tracking import MlflowClient
 
     import tracking
     from pipelines import data, runs
     from pipelines.task import measure
+    from tracking import layout
+    from tracking.uri import parse_source
 
     config = tracking.TrackingConfig.from_env()
     client = MlflowClient(config.tracking_uri)
     run = runs.find_run(client, source, config)
+    if checkpoint not in (None, WHOLE_MODEL) and parse_source(source).run_id is None:
+        # Else a checkpoint's URI with --checkpoint state_dict was evaluated as that checkpoint, named state_dict.
+        raise runs.PipelineError(
+            f"{source} names one model already, and --checkpoint {checkpoint} picks among a run's: leave "
+            f"--checkpoint out to evaluate it, or pass --run-id {run.info.run_id} --checkpoint {checkpoint}."
+        )
+    model_id = parse_source(source).model_id
+    if checkpoint is None and model_id and client.get_logged_model(model_id).model_type != layout.CHECKPOINT_MODEL_TYPE:
+        raise runs.PipelineError(
+            f"{source} is not a checkpoint but a whole model, a pickle: add --checkpoint {WHOLE_MODEL} --trust-pickle "
+            "to evaluate it if you trust the run, or pass a checkpoint's models:/ URI or the run ID."
+        )
     dataset = run.data.params.get("dataset")
     if dataset not in TASKS:
         raise runs.PipelineError(
@@ -62,7 +79,7 @@ def evaluate(source: str, checkpoint: str | int = "latest", *, trust_pickle: boo
     return metrics
 
 
-def _load(source: str, checkpoint: str | int, trust_pickle: bool) -> tuple[nn.Module, str, int | None]:
+def _load(source: str, checkpoint: str | int | None, trust_pickle: bool) -> tuple[nn.Module, str, int | None]:
     """The model to evaluate, how to name it, and its epoch when it is a checkpoint."""
     # The loader rebuilds only classes whose module is imported already: the pipelines' models.
     import pipelines.models  # noqa: F401
@@ -80,7 +97,7 @@ def _load(source: str, checkpoint: str | int, trust_pickle: bool) -> tuple[nn.Mo
         return tracking.load_model(source), "state_dict", None
     # The weights alone: rebuilding the optimizer too (tracking.load) would cost a second of
     # torch's start-up (its first optimizer imports torch._dynamo) for nothing evaluation uses.
-    located = tracking.find_checkpoint(source, checkpoint)
+    located = tracking.find_checkpoint(source, "latest" if checkpoint is None else checkpoint)
     model = tracking.load_model(f"models:/{located.model_id}", mode="eval")
     return model, f"{located.label} (epoch {located.manifest.epoch})", located.manifest.epoch
 
@@ -103,8 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--checkpoint",
         type=_checkpoint,
-        default="latest",
-        help="latest, best, an epoch number, state_dict or model (default: latest)",
+        help="which of the run's models: latest, best, an epoch number, state_dict or model (default: latest; "
+        "a models:/ URI names one already)",
     )
     parser.add_argument("--trust-pickle", action="store_true", help="allow --checkpoint model to unpickle")
     args = parser.parse_args(argv)

@@ -387,3 +387,22 @@ def test_resume_from_a_checkpoints_models_uri_starts_from_that_checkpoint(env: d
     both = inline(train.main, "--resume", uri, "--from-epoch", "3", "--new-run", "--epochs", "4")
     assert both.code == 1 and f"--resume {run_id}" in both.err and both.err.count("\n") == 1, both.err
     assert max(history(run_id)["val_loss"]) == 3  # untouched
+
+
+def test_evaluate_of_a_models_uri_refuses_a_checkpoint_pick_in_one_line(env: dict[str, str]) -> None:
+    # With a checkpoint's models:/ URI, --checkpoint 2 and best ended in a ValueError's traceback, and
+    # --checkpoint state_dict evaluated that checkpoint but printed and named it "state_dict".
+    trained = inline(train.main, "--epochs", "2", "--keep-last", "all")
+    run_id = trained.run_id
+    (epoch1,) = [found for found in tracking.list_checkpoints(run_id) if found.epoch == 1]
+    for pick in ("2", "best", "state_dict"):
+        outcome = inline(evaluate.main, "--run-id", f"models:/{epoch1.model_id}", "--checkpoint", pick)
+        assert outcome.code == 1 and outcome.err.count("\n") == 1, outcome.err
+        assert f"--run-id {run_id} --checkpoint {pick}" in outcome.err
+    assert values_at(run_id, "eval_loss", 0) == values_at(run_id, "eval_loss", 1) == []
+    # The whole model's URI alone: the flags that evaluate it, not a library call.
+    (whole,) = re.findall(r"whole model: (models:/m-[0-9a-f]+)", trained.out)
+    outcome = inline(evaluate.main, "--run-id", whole)
+    assert outcome.code == 1 and "add --checkpoint model --trust-pickle" in outcome.err, outcome.err
+    assert inline(evaluate.main, "--run-id", f"models:/{epoch1.model_id}").code == 0
+    assert len(values_at(run_id, "eval_loss", 1)) == 1
