@@ -112,7 +112,7 @@ def _train(opts: options.Options) -> str:
     def settle() -> tuple[Any, dict[str, Any], dict[str, str] | None]:
         origin = _origin(client, opts, config) if opts.resume else None
         current = runs.current_params(origin)
-        values = opts.settings(current)
+        values = opts.settings(current, origin.info.run_id if origin else None)
         changed: dict[str, tuple[str, str]] = {}
         if origin is not None:
             changed = opts.conflicts(current)

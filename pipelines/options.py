@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tracking.config import bound_mlflow_requests
-from tracking.errors import run_command
+from tracking.errors import TrackingError, run_command
 
 METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
 
@@ -93,11 +93,17 @@ class Options:
     strategy: str | None = None  # "ddp" or "fsdp" under torchrun (see pipelines.parallel)
     from_step: int | None = None  # the framework pipelines' --from-step
 
-    def settings(self, recorded: Mapping[str, str] | None = None) -> dict[str, Any]:
-        """Every recorded option's value: given > the resumed run's param > default."""
+    def settings(self, recorded: Mapping[str, str] | None = None, run_id: str | None = None) -> dict[str, Any]:
+        """Every recorded option's value: given > the resumed run's param > default.
+
+        A recorded value that its option would refuse (a param or override tag edited by hand) is a
+        :class:`~tracking.errors.TrackingError` that names run ``run_id`` and the option that replaces it.
+        """
         recorded = recorded or {}
         values = dict(self.defaults)
-        values.update({k: RECORDED[k](v) for k, v in recorded.items() if k in self.defaults})
+        for name, text in recorded.items():
+            if name in self.defaults and name not in self.given:
+                values[name] = _read_back(name, text, run_id)
         values.update(self.given)
         if values["monitor_mode"] is None or ("monitor" in self.given and "monitor_mode" not in self.given):
             values["monitor_mode"] = "max" if values["monitor"].endswith("accuracy") else "min"
@@ -116,8 +122,26 @@ class Options:
         return {
             name: (recorded[name], param_value(name, value))
             for name, value in self.given.items()
-            if name in recorded and RECORDED[name](recorded[name]) != value
+            if name in recorded and not _reads_as(name, recorded[name], value)
         }
+
+
+def _read_back(name: str, text: str, run_id: str | None) -> Any:
+    try:
+        return RECORDED[name](text)
+    except (argparse.ArgumentTypeError, ValueError) as exc:
+        flag = "--" + name.replace("_", "-")
+        raise TrackingError(
+            f"run {run_id} records {name} {text!r} (its param, or its tag tracking.override.{name}), which {flag} "
+            f"would refuse: {exc}. Pass {flag} with the value to go on with, and --override."
+        ) from None
+
+
+def _reads_as(name: str, text: str, value: Any) -> bool:
+    try:
+        return bool(RECORDED[name](text) == value)
+    except (argparse.ArgumentTypeError, ValueError):
+        return False  # a value edited by hand into one its option refuses: the given one replaces it
 
 
 def param_value(name: str, value: Any) -> str:

@@ -100,7 +100,7 @@ def _train(task: Task, opts: options.Options) -> str:
 
     def settle() -> tuple[Run | None, dict[str, Any], dict[str, tuple[str, str]]]:
         origin = runs.find_origin(client, task, opts, config) if opts.resume else None
-        values = opts.settings(runs.current_params(origin))
+        values = opts.settings(runs.current_params(origin), origin.info.run_id if origin else None)
         overrides = runs.changed_params(task, opts, origin) if origin else {}
         return origin, values, overrides
 

@@ -62,7 +62,7 @@ def train(task: Task, opts: options.Options) -> str:
     client = MlflowClient(config.tracking_uri)
     opts = runs.pinned(opts, config)
     origin = runs.find_origin(client, task, opts, config) if opts.resume else None
-    values = opts.settings(runs.current_params(origin))
+    values = opts.settings(runs.current_params(origin), origin.info.run_id if origin else None)
     overrides = runs.changed_params(task, opts, origin) if origin else {}
     split = data.load(task.dataset)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

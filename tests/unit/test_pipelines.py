@@ -406,3 +406,22 @@ def test_evaluate_of_a_models_uri_refuses_a_checkpoint_pick_in_one_line(env: dic
     assert outcome.code == 1 and "add --checkpoint model --trust-pickle" in outcome.err, outcome.err
     assert inline(evaluate.main, "--run-id", f"models:/{epoch1.model_id}").code == 0
     assert len(values_at(run_id, "eval_loss", 1)) == 1
+
+
+def test_a_recorded_value_edited_into_one_its_option_refuses_is_said_in_one_line(env: dict[str, str]) -> None:
+    # An override tag edited by hand in the UI to a value its option refuses ended in argparse's traceback.
+    run_id = inline(train.main, "--epochs", "1").run_id
+    client = MlflowClient()
+    client.set_tag(run_id, "tracking.override.lr", "abc")
+    client.set_tag(run_id, "tracking.override.keep_last", "0")
+
+    refused = inline(train.main, "--resume", run_id, "--epochs", "2")
+
+    assert refused.code == 1 and refused.err.count("\n") == 1, refused.err
+    assert run_id in refused.err and "Pass --lr" in refused.err and "--override" in refused.err
+    # Given with --override, the option replaces the value: the run goes on, and its tags hold the new one.
+    fixed = inline(train.main, "--resume", run_id, "--epochs", "2", "--lr", "0.2", "--keep-last", "2", "--override")
+    assert fixed.code == 0, fixed.err
+    tags = client.get_run(run_id).data.tags
+    assert (tags["tracking.override.lr"], tags["tracking.override.keep_last"]) == ("0.2", "2")
+    assert history(run_id)["lr"] == {1: 0.1, 2: 0.2}
