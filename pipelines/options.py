@@ -245,6 +245,12 @@ def parse(
     from_step = getattr(args, "from_step", None)
     if args.resume is None and (args.from_epoch is not None or from_step is not None or args.new_run or args.override):
         parser.error(f"--from-epoch, {'--from-step, ' if steps else ''}--new-run and --override need --resume RUN_ID")
+    if args.experiment is not None and args.resume is not None and not args.new_run:
+        # Else ignored: a run resumed in place goes on in the experiment it is in.
+        parser.error(
+            "--experiment names the experiment a new run starts in, and --resume RUN_ID goes on in RUN_ID, in its "
+            "own: leave --experiment out (a --new-run child may start in another experiment)"
+        )
     if hasattr(args, "checkpoint_every") and hasattr(args, "checkpoint_every_steps"):
         parser.error("--checkpoint-every (epochs) and --checkpoint-every-steps: a run saves by one of them; pass one")
     if args.from_epoch is not None and from_step is not None:

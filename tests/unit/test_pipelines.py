@@ -425,3 +425,12 @@ def test_a_recorded_value_edited_into_one_its_option_refuses_is_said_in_one_line
     tags = client.get_run(run_id).data.tags
     assert (tags["tracking.override.lr"], tags["tracking.override.keep_last"]) == ("0.2", "2")
     assert history(run_id)["lr"] == {1: 0.1, 2: 0.2}
+
+
+def test_experiment_with_a_resume_in_place_is_a_usage_error(env: dict[str, str]) -> None:
+    # The run went on in its own experiment, and --experiment was ignored without a word.
+    err = io.StringIO()
+    with redirect_stderr(err), pytest.raises(SystemExit) as usage:
+        train.main(["--resume", "0" * 32, "--experiment", "elsewhere", "--epochs", "3"])
+    assert usage.value.code == 2
+    assert "leave --experiment out" in err.getvalue()
