@@ -256,7 +256,7 @@ def load_state_dict(
     # Weights may share the download buffer only when they are all it holds (no optimizer state).
     share = located.manifest.kind == "state_dict"
     state = _read_torch(located, map_location, share=share)
-    return dict(state["model_state"] if located.manifest.kind in CHECKPOINT_KINDS else state)
+    return dict(_weights(located, state))
 
 
 def load_model(
@@ -285,11 +285,18 @@ def load_model(
     share = located.manifest.kind == "state_dict"
     # A checkpoint is read on the host: its weights alone go to map_location, by load_state_dict.
     state = _read_torch(located, map_location if share else "cpu", share=share)
-    weights = state["model_state"] if located.manifest.kind in CHECKPOINT_KINDS else state
+    weights = _weights(located, state)
     built = rebuild.build_model(located, model, map_location, weights)
     rebuild.load_weights(located, built, weights, strict, adopt=share)
     built.train(mode == "train")
     return built
+
+
+def _weights(located: Located, state: Any) -> Any:
+    """A read checkpoint's model weights (its ``model_state``, a Lightning one's ``state_dict``), or a state dict."""
+    if located.manifest.kind not in CHECKPOINT_KINDS:
+        return state
+    return rebuild.checkpoint_state(located, state)["model_state"]
 
 
 def load_pickled_model(

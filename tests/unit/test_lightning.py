@@ -156,6 +156,17 @@ def test_load_returns_the_module_in_eval_mode_with_its_optimizer_state(s3_experi
     assert "loops" in loaded.extra and "hyper_parameters" in loaded.extra
 
 
+def test_load_model_and_load_state_dict_read_the_modules_weights(s3_experiment: str, tmp_path: Path) -> None:
+    # Both read the checkpoint's "model_state", which a Lightning checkpoint calls "state_dict": a KeyError.
+    with mlflow.start_run() as run:
+        model, _ = fit(1, tmp_path)
+    built = tracking.load_model(run.info.run_id)
+    weights = tracking.load_state_dict(run.info.run_id)
+    assert isinstance(built, TinyLit) and not built.training
+    for name, value in model.state_dict().items():
+        assert torch.equal(built.state_dict()[name], value) and torch.equal(weights[name], value), name
+
+
 class RecordingLogger(MLFlowLogger):
     """Lightning's MLflow logger, noting the steps it logs each metric at."""
 
