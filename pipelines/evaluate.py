@@ -8,8 +8,9 @@
 
 A checkpoint or the state dict is rebuilt by `tracking.load` / `tracking.load_model` without
 unpickling; ``model`` is the whole model in MLflow's pytorch flavor, a pickle, hence
-``--trust-pickle``. The run's `dataset` param says which data. Metrics are logged as
-`eval_loss` and `eval_accuracy` (at the checkpoint's epoch) through the client, so a finished
+``--trust-pickle``. The run's `dataset` param says which data. It evaluates runs of pipelines.train and
+pipelines.digits; the Lightning and Hugging Face pipelines evaluate each checkpoint as they save it.
+Metrics are logged as `eval_loss` and `eval_accuracy` (at the checkpoint's epoch) through the client, so a finished
 run stays finished.
 """
 
@@ -61,6 +62,15 @@ def evaluate(source: str, checkpoint: str | int | None = None, *, trust_pickle: 
         raise runs.PipelineError(
             f"{source} is not a checkpoint but a whole model, a pickle: add --checkpoint {WHOLE_MODEL} --trust-pickle "
             "to evaluate it if you trust the run, or pass a checkpoint's models:/ URI or the run ID."
+        )
+    pipeline = run.data.params.get("pipeline")
+    if pipeline is not None and pipeline not in {task.name for task in TASKS.values()}:
+        # Its dataset may be one evaluate knows (digits): the loader then refused its model's class, saying to
+        # import a module, which no option of this command does.
+        raise runs.PipelineError(
+            f"run {run.info.run_id} was trained by {pipeline}, which evaluates each checkpoint as it saves it: "
+            f"`tracking checkpoints {run.info.run_id}` lists them with their metrics. pipelines.evaluate "
+            "evaluates runs of pipelines.train and pipelines.digits."
         )
     dataset = run.data.params.get("dataset")
     if dataset not in TASKS:

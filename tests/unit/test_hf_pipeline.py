@@ -198,6 +198,21 @@ def test_resume_from_a_checkpoints_models_uri_branches_from_that_step(
     assert [c.step for c in tracking.list_checkpoints(_run_id(out), config=config)] == [4, 6]
 
 
+def test_evaluate_refuses_a_frameworks_run_in_one_line_naming_what_lists_its_metrics(
+    step_runs: StepRuns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its dataset is one evaluate knows: the loader then refused the model's class, saying to import a module.
+    from pipelines import evaluate
+
+    use_store(monkeypatch, step_runs.uri, EXPERIMENT)
+    err = io.StringIO()
+    with redirect_stderr(err), redirect_stdout(io.StringIO()):
+        code = evaluate.main(["--run-id", step_runs.straight])
+    assert code == 1 and err.getvalue().count("\n") == 1, err.getvalue()
+    assert "trained by pipelines.hf_digits" in err.getvalue()
+    assert f"`tracking checkpoints {step_runs.straight}`" in err.getvalue()
+
+
 @pytest.mark.parametrize(
     ("args", "code", "said"),
     [
