@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tracking.config import bound_mlflow_requests
-from tracking.errors import TrackingError, run_command
+from tracking.errors import TrackingError, print_error, run_command
 
 METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
 
@@ -285,5 +285,10 @@ def run_pipeline(train: Callable[[], str]) -> int:
 
     from mlflow.exceptions import MlflowException
 
-    # MLflow's own errors (a refused request, an unknown run) are the user's to act on, like ours.
-    return run_command(run, also=(MlflowException,))
+    try:
+        # MLflow's own errors (a refused request, an unknown run) are the user's to act on, like ours.
+        return run_command(run, also=(MlflowException,))
+    except KeyboardInterrupt as interrupted:
+        # Ctrl-C: one line (where the run stands, once pipelines.runs.start ended it), not a traceback.
+        print_error(str(interrupted) or "interrupted (Ctrl-C).")
+        return 130  # 128 + SIGINT, as a shell reports a command Ctrl-C stopped

@@ -30,7 +30,7 @@ from typing import Any
 
 import mlflow
 import torch
-from mlflow.entities import Run
+from mlflow.entities import Run, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
@@ -317,7 +317,20 @@ def start(
             mlflow.log_params(params)
         if tags:
             mlflow.set_tags(tags)
-        yield run
+        try:
+            yield run
+        except KeyboardInterrupt:
+            # Ctrl-C: MLflow would end the run FAILED, and Python print a traceback; options.run_pipeline prints this.
+            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+            run_id = run.info.run_id
+            launch = f"python -m {task.name}"
+            if opts.strategy is not None:
+                ranks = torch.distributed.get_world_size()
+                launch = f"torchrun --nproc-per-node {ranks} -m {task.name} --strategy {opts.strategy}"
+            raise KeyboardInterrupt(
+                f"interrupted: run {run_id} ended KILLED; `{launch} --resume {run_id} --epochs {opts.epochs}` goes "
+                "on from its latest checkpoint."
+            ) from None
 
 
 def described(state: State) -> dict[str, str]:

@@ -434,3 +434,32 @@ def test_experiment_with_a_resume_in_place_is_a_usage_error(env: dict[str, str])
         train.main(["--resume", "0" * 32, "--experiment", "elsewhere", "--epochs", "3"])
     assert usage.value.code == 2
     assert "leave --experiment out" in err.getvalue()
+
+
+def test_ctrl_c_ends_the_run_killed_and_says_how_to_go_on_in_one_line(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl-C printed a traceback and left the run FAILED, as if training had crashed.
+    saved = tracking.Checkpointer.save
+
+    def interrupted_after_epoch_2(self: tracking.Checkpointer, *args: Any, **kwargs: Any) -> Any:
+        done = saved(self, *args, **kwargs)
+        if kwargs["epoch"] == 2:
+            raise KeyboardInterrupt
+        return done
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tracking.Checkpointer, "save", interrupted_after_epoch_2)
+        try:
+            stopped = inline(train.main, "--epochs", "4")
+        except KeyboardInterrupt:
+            pytest.fail("Ctrl-C escaped the pipeline: Python prints its traceback", pytrace=False)
+
+    assert stopped.code == 130 and stopped.err.count("\n") == 1, stopped.err
+    run_id = stopped.run_id
+    assert f"`python -m pipelines.train --resume {run_id} --epochs 4`" in stopped.err
+    assert MlflowClient().get_run(run_id).info.status == "KILLED"
+    resumed = inline(train.main, "--resume", run_id, "--epochs", "4")
+    assert resumed.code == 0, resumed.err
+    assert MlflowClient().get_run(run_id).info.status == "FINISHED"
+    assert max(history(run_id)["val_loss"]) == 4
