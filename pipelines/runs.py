@@ -22,6 +22,7 @@ later resumes go on with, and ``tracking.overrides`` tells what changed from whe
 from __future__ import annotations
 
 import json
+import random
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -312,7 +313,15 @@ def start(
         _note_relogged(client, origin.info.run_id, epoch)
     if origin is not None:
         tags.update(override_tags(f"epoch {epoch}", overrides, origin, opts.new_run))
-    with mlflow.start_run(**run_args) as run:
+    # A local store (sqlite, a folder) names a new run in this process, from Python's RNG, which the pipeline
+    # seeded: every run of a seed got the same name. Drawn from the OS's entropy, and the seeded state kept.
+    seeded = random.getstate()
+    random.seed()
+    try:
+        started = mlflow.start_run(**run_args)
+    finally:
+        random.setstate(seeded)
+    with started as run:
         if params:
             mlflow.log_params(params)
         if tags:
