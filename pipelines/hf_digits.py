@@ -143,6 +143,8 @@ def _train(opts: options.Options) -> str:
     world = distributed.world_size()
     launcher = f"torchrun --nproc-per-node {world}" if parallel.launched() else "python"
     split = data.load(DATASET)
+    # --keep-best all keeps every checkpoint, as --keep-last all does (the Trainer keeps the best beside the last).
+    keep_last = values["keep_last"] if values["keep_best"] is not None else None
     # The frameworks' adverts and warnings about their own code would bury the run's lines.
     with (
         parallel.lead_run(lambda: _start(client, config, opts, origin, values, resumed)) as (run, run_id),
@@ -175,7 +177,7 @@ def _train(opts: options.Options) -> str:
             per_device_train_batch_size=values["batch_size"],
             learning_rate=values["lr"],
             lr_scheduler_type="constant",
-            save_total_limit=values["keep_last"],
+            save_total_limit=keep_last,
             metric_for_best_model=MONITORS[values["monitor"]],
             greater_is_better=values["monitor_mode"] == "max",
             seed=values["seed"],
@@ -212,12 +214,12 @@ def _train(opts: options.Options) -> str:
             folder = checkpoint_folder(origin.info.run_id, which, output_dir=output_dir, config=config)
         trainer.train(resume_from_checkpoint=folder)
         if run is not None:
-            if origin is not None and values["keep_last"] is not None:
+            if origin is not None and keep_last is not None:
                 # The Trainer rotated only the folders of this invocation (and the one it resumed from): the
                 # run's earlier checkpoints are held to --keep-last (and the best) as its rotation holds these.
                 prune(
                     run_id,
-                    keep_last=values["keep_last"],
+                    keep_last=keep_last,
                     keep_best=1,
                     monitor=f"eval_{MONITORS[values['monitor']]}",
                     mode=values["monitor_mode"],

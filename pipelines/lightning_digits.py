@@ -119,7 +119,8 @@ def train(opts: options.Options) -> str:
         # Every N optimizer steps (the run's checkpoints keyed by global step) or every N epochs, and the last.
         steps = values["checkpoint_every_steps"]
         every = {"every_n_train_steps": steps} if steps is not None else {"every_n_epochs": values["checkpoint_every"]}
-        keep_last = values["keep_last"]
+        # --keep-best all keeps every checkpoint, as --keep-last all does.
+        keep_last = values["keep_last"] if values["keep_best"] is not None else None
         callbacks: list[Any] = [
             # The last N checkpoints (by global step), as --keep-last says; all with --keep-last all.
             PipelineCheckpoint(

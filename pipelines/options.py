@@ -205,7 +205,7 @@ def parse(
             metavar="N",
         )
     add("--keep-last", "keep the last N checkpoints (all: delete none)", type=_count, metavar="N|all")
-    add("--keep-best", "also keep the best N checkpoints by --monitor", type=_count, metavar="N|all")
+    add("--keep-best", "also keep the best N checkpoints by --monitor (all: delete none)", type=_count, metavar="N|all")
     add("--monitor", "metric that ranks checkpoints", choices=METRICS)
     inferred = "max for accuracies, min otherwise" if merged["monitor_mode"] is None else None
     add("--monitor-mode", "whether lower or higher --monitor is better", inferred, choices=("min", "max"))

@@ -255,11 +255,13 @@ def apply_lr(optimizer: torch.optim.Optimizer, scheduler: Any, lr: float) -> Non
 
 def checkpointer(values: Mapping[str, Any], resume_command: str) -> tracking.Checkpointer:
     """The run's checkpoint policy from its settings; ``resume_command`` (with ``{run_id}``) trains it further."""
+    # --keep-last all keeps every checkpoint (the best ones among them), and so does --keep-best all: to the
+    # Checkpointer, keep_best=None alone means no best kept beside the last ones.
+    keep_all = values["keep_last"] is None or values["keep_best"] is None
     return tracking.Checkpointer(
         every_n_epochs=values["checkpoint_every"],
-        keep_last=values["keep_last"],
-        # --keep-last all keeps every checkpoint: the best ones are among them.
-        keep_best=values["keep_best"] if values["keep_last"] is not None else None,
+        keep_last=None if keep_all else values["keep_last"],
+        keep_best=None if keep_all else values["keep_best"],
         monitor=values["monitor"],
         mode=values["monitor_mode"],
         # For the run's description in the UI: how to evaluate this run and train it further.

@@ -355,3 +355,12 @@ def test_an_override_of_keep_last_holds_for_the_runs_later_resumes(
     tags = MlflowClient(uri).get_run(run_id).data.tags
     assert tags["tracking.override.keep_last"] == "all"
     assert tags["tracking.overrides"] == "from step 6: keep_last 2 -> all"
+
+
+def test_keep_best_all_keeps_every_checkpoint(step_runs: StepRuns, monkeypatch: pytest.MonkeyPatch) -> None:
+    # --keep-best all was taken as 1: the Trainer kept the last (--keep-last 1) and the best save alone.
+    use_store(monkeypatch, step_runs.uri, EXPERIMENT)
+    code, out, err = _inline("--epochs", "3", "--keep-last", "1", "--keep-best", "all")
+    assert code == 0, err[-3000:]
+    config = tracking.TrackingConfig(tracking_uri=step_runs.uri)
+    assert [c.epoch for c in tracking.list_checkpoints(_run_id(out), config=config)] == [1, 2, 3]

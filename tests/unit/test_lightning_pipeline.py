@@ -221,3 +221,11 @@ def test_keep_last_holds_across_a_resume_that_overrides_the_interval(
     assert again.code == 0, again.err[-3000:]
     steps = [c.step for c in tracking.list_checkpoints(first.run_id, config=step_runs.config)]
     assert steps == [8, 9], steps  # none of the earlier best ones kept
+
+
+def test_keep_best_all_keeps_every_checkpoint(step_runs: Runs, monkeypatch: pytest.MonkeyPatch) -> None:
+    # --keep-best all added no best ModelCheckpoint at all: --keep-last 1 alone held the run to its last save.
+    use_store(monkeypatch, step_runs.env["MLFLOW_TRACKING_URI"], EXPERIMENT)
+    done = inline("--epochs", "3", "--keep-last", "1", "--keep-best", "all")
+    assert done.code == 0, done.err[-3000:]
+    assert len(tracking.list_checkpoints(done.run_id, config=step_runs.config)) == 3

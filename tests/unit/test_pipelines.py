@@ -318,7 +318,15 @@ def test_an_override_holds_for_the_runs_later_resumes(env: dict[str, str]) -> No
     assert tags[runs.TAG_OVERRIDES].endswith("; from epoch 4: lr 0.5 -> 0.25")
 
 
-@pytest.mark.parametrize(("keep", "kept"), [(["--keep-last", "all"], [1, 2, 3, 4]), (["--keep-last", "1"], None)])
+@pytest.mark.parametrize(
+    ("keep", "kept"),
+    [
+        (["--keep-last", "all"], [1, 2, 3, 4]),
+        (["--keep-last", "1"], None),
+        # --keep-best all kept no best checkpoint at all beside the last one: only epoch 4 stayed.
+        (["--keep-last", "1", "--keep-best", "all"], [1, 2, 3, 4]),
+    ],
+)
 def test_keep_last_all_keeps_every_checkpoint(env: dict[str, str], keep: list[str], kept: list[int] | None) -> None:
     run_id = inline(train.main, "--epochs", "4", "--checkpoint-every", "1", "--keep-best", "1", *keep).run_id
 
