@@ -286,7 +286,7 @@ def _origin(client: Any, opts: options.Options, config: Any) -> Any:
             f"run {run_id} was trained by {params['pipeline']}, not by {NAME}; resume it with "
             f"`python -m {params['pipeline']}`."
         )
-    runs.check_pick(run_id, opts, config)
+    runs.check_pick(run_id, opts, config, origin.data.tags)
     return origin
 
 

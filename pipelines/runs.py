@@ -106,13 +106,16 @@ def find_origin(client: MlflowClient, task: Task, opts: options.Options, config:
             f"not by {task.name} on {task.dataset}; "
             + (f"resume it with `python -m {pipeline}`." if pipeline else "train a new run instead.")
         )
-    check_pick(run_id, opts, config)
+    check_pick(run_id, opts, config, run.data.tags)
     return run
 
 
-def check_pick(run_id: str, opts: options.Options, config: tracking.TrackingConfig) -> None:
+def check_pick(
+    run_id: str, opts: options.Options, config: tracking.TrackingConfig, tags: Mapping[str, str] | None = None
+) -> None:
     """Refuse a ``--from-epoch`` in a run keyed by step (or ``--from-step`` in one keyed by epoch), and a pick
-    before the run's latest checkpoint when it would continue in place: that would rewrite its later history."""
+    before the run's latest checkpoint when it would continue in place: that would rewrite its later history.
+    ``tags``, the run's: a pick from before a ``--new-run`` child branched is said to be its parent's."""
     kind, value = (layout.EPOCH, opts.from_epoch) if opts.from_epoch is not None else (layout.STEP, opts.from_step)
     if value is None:
         return
@@ -129,9 +132,17 @@ def check_pick(run_id: str, opts: options.Options, config: tracking.TrackingConf
         )
     if value not in keys:
         # Said before the rewind check: --new-run would not help a pick the run does not have.
+        parent = (tags or {}).get(TAG_RESUMED_FROM_RUN)
+        earlier = ""
+        if parent and value < min(keys):
+            # (Its resumed_from tags say where its latest resume started, not where it branched.)
+            earlier = (
+                f" It is a --new-run child of run {parent}, which holds the {kind}s from before it branched: "
+                f"--resume {parent} --from-{kind} {value} --new-run."
+            )
         raise PipelineError(
             f"run {run_id} has no checkpoint for {kind} {value}; committed {kind}s: "
-            f"{', '.join(str(key) for key in keys)}. Pass --from-{kind} N with one of them."
+            f"{', '.join(str(key) for key in keys)}. Pass --from-{kind} N with one of them.{earlier}"
         )
     latest = max(keys)
     if value < latest and not opts.new_run:

@@ -481,3 +481,15 @@ def test_runs_of_the_same_seed_get_different_names(env: dict[str, str]) -> None:
     client = MlflowClient()
     names = {client.get_run(outcome.run_id).info.run_name for outcome in (first, second)}
     assert len(names) == 2, names
+
+
+def test_a_pick_from_before_a_child_branched_names_its_parent(env: dict[str, str]) -> None:
+    # The child's committed epochs were listed, and nothing said that epoch 1 is its parent's.
+    parent = inline(train.main, "--epochs", "2", "--keep-last", "all").run_id
+    child = inline(train.main, "--resume", parent, "--new-run", "--epochs", "3").run_id
+
+    refused = inline(train.main, "--resume", child, "--from-epoch", "1", "--new-run", "--epochs", "3")
+
+    assert refused.code == 1 and refused.err.count("\n") == 1, refused.err
+    assert "committed epochs: 3" in refused.err
+    assert f"--resume {parent} --from-epoch 1 --new-run" in refused.err
