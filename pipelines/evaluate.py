@@ -79,7 +79,7 @@ def evaluate(source: str, checkpoint: str | int | None = None, *, trust_pickle: 
             "i.e. runs of pipelines.train and pipelines.digits."
         )
     task = TASKS[dataset]
-    model, what, epoch = _load(source, checkpoint, trust_pickle)
+    model, what, epoch = _load(source, run.info.run_id, checkpoint, trust_pickle)
     split = data.load(task.dataset)
     loss, accuracy = measure(task, model, split.x_val, split.y_val)
     metrics = {"eval_loss": loss, "eval_accuracy": accuracy}
@@ -89,7 +89,16 @@ def evaluate(source: str, checkpoint: str | int | None = None, *, trust_pickle: 
     return metrics
 
 
-def _load(source: str, checkpoint: str | int | None, trust_pickle: bool) -> tuple[nn.Module, str, int | None]:
+# Why a run lacks the state dict or the whole model, and what to evaluate instead.
+_ENDED = (
+    "a training pipeline logs it when the run's last epoch ends, and this one did not get there (or is not such a "
+    "run); leave --checkpoint out to evaluate its latest checkpoint."
+)
+
+
+def _load(
+    source: str, run_id: str, checkpoint: str | int | None, trust_pickle: bool
+) -> tuple[nn.Module, str, int | None]:
     """The model to evaluate, how to name it, and its epoch when it is a checkpoint."""
     # The loader rebuilds only classes whose module is imported already: the pipelines' models.
     import pipelines.models  # noqa: F401
@@ -102,9 +111,16 @@ def _load(source: str, checkpoint: str | int | None, trust_pickle: bool) -> tupl
                 f"{source}: the whole model is a pickle and unpickling runs code from the artifact; pass "
                 "--trust-pickle if you trust this run, or evaluate a checkpoint or the state_dict."
             )
-        return tracking.load_pickled_model(source, trust_pickle=True), "whole model (pytorch flavor)", None
+        try:
+            return tracking.load_pickled_model(source, trust_pickle=True), "whole model (pytorch flavor)", None
+        except tracking.NotFoundError as exc:
+            raise runs.PipelineError(f"{source} has no whole model: {_ENDED}") from exc
     if checkpoint == STATE_DICT:
-        return tracking.load_model(source), "state_dict", None
+        # Its folder by name: the run alone would be read as its latest checkpoint where it has no state dict.
+        try:
+            return tracking.load_model(f"runs:/{run_id}/{STATE_DICT}"), "state_dict", None
+        except tracking.NotFoundError as exc:
+            raise runs.PipelineError(f"run {run_id} has no state dict: {_ENDED}") from exc
     # The weights alone: rebuilding the optimizer too (tracking.load) would cost a second of
     # torch's start-up (its first optimizer imports torch._dynamo) for nothing evaluation uses.
     located = tracking.find_checkpoint(source, "latest" if checkpoint is None else checkpoint)

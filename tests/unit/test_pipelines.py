@@ -27,6 +27,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import mlflow
@@ -444,24 +445,29 @@ def test_experiment_with_a_resume_in_place_is_a_usage_error(env: dict[str, str])
     assert "leave --experiment out" in err.getvalue()
 
 
-def test_ctrl_c_ends_the_run_killed_and_says_how_to_go_on_in_one_line(
-    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Ctrl-C printed a traceback and left the run FAILED, as if training had crashed.
+def interrupted_after_epoch_2(monkeypatch: pytest.MonkeyPatch, *args: str) -> Outcome:
+    """pipelines.train with ``args``, Ctrl-C pressed once epoch 2's checkpoint is saved."""
     saved = tracking.Checkpointer.save
 
-    def interrupted_after_epoch_2(self: tracking.Checkpointer, *args: Any, **kwargs: Any) -> Any:
+    def save(self: tracking.Checkpointer, *args: Any, **kwargs: Any) -> Any:
         done = saved(self, *args, **kwargs)
         if kwargs["epoch"] == 2:
             raise KeyboardInterrupt
         return done
 
     with monkeypatch.context() as patch:
-        patch.setattr(tracking.Checkpointer, "save", interrupted_after_epoch_2)
+        patch.setattr(tracking.Checkpointer, "save", save)
         try:
-            stopped = inline(train.main, "--epochs", "4")
+            return inline(train.main, *args)
         except KeyboardInterrupt:
             pytest.fail("Ctrl-C escaped the pipeline: Python prints its traceback", pytrace=False)
+
+
+def test_ctrl_c_ends_the_run_killed_and_says_how_to_go_on_in_one_line(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl-C printed a traceback and left the run FAILED, as if training had crashed.
+    stopped = interrupted_after_epoch_2(monkeypatch, "--epochs", "4")
 
     assert stopped.code == 130 and stopped.err.count("\n") == 1, stopped.err
     run_id = stopped.run_id
@@ -493,3 +499,20 @@ def test_a_pick_from_before_a_child_branched_names_its_parent(env: dict[str, str
     assert refused.code == 1 and refused.err.count("\n") == 1, refused.err
     assert "committed epochs: 3" in refused.err
     assert f"--resume {parent} --from-epoch 1 --new-run" in refused.err
+
+
+def test_evaluate_of_a_state_dict_a_run_never_logged_refuses_instead_of_evaluating_a_checkpoint(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A run stopped before its end has checkpoints but no state dict: --checkpoint state_dict evaluated its latest
+    # checkpoint and printed it as "state_dict"; --checkpoint model named tracking.log_model as the next step.
+    with monkeypatch.context() as patch:  # as a run stopped after its last checkpoint
+        patch.setattr(tracking, "log_state_dict", lambda model: None)
+        patch.setattr(runs, "log_whole_model", lambda model: SimpleNamespace(model_id=None))
+        run_id = inline(train.main, "--epochs", "1").run_id
+
+    for pick, said in (["state_dict"], "has no state dict"), (["model", "--trust-pickle"], "has no whole model"):
+        outcome = inline(evaluate.main, "--run-id", run_id, "--checkpoint", *pick)
+        assert outcome.code == 1 and outcome.err.count("\n") == 1, outcome.err
+        assert said in outcome.err and "leave --checkpoint out" in outcome.err
+    assert values_at(run_id, "eval_loss", 0) == []
