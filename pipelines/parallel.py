@@ -129,8 +129,8 @@ def _train(task: Task, opts: options.Options) -> str:
         if run is not None:
             runs.announce(client, run)
             mlflow.set_tags({TAG_STRATEGY: str(opts.strategy), TAG_WORLD_SIZE: str(world)})
-        if rank_state is not None:
-            # Last thing before the loop, as in the single-process pipeline.
+        if rank_state is not None and "seed" not in overrides:
+            # Last thing before the loop, as in the single-process pipeline (and, as there, not with a new seed).
             tracking.restore_rng_state(rank_state["rng"])
         run_epochs(
             task,

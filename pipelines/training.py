@@ -79,8 +79,9 @@ def train(task: Task, opts: options.Options) -> str:
     checkpoints = runs.checkpointer(values, f"python -m {task.name} --resume {{run_id}} --epochs {2 * opts.epochs}")
     with runs.start(client, config, task, opts, origin, values, overrides, state) as run, checkpoints:
         runs.announce(client, run)
-        if rng is not None:
+        if rng is not None and "seed" not in overrides:
             # Last thing before the loop, so nothing above (MLflow names new runs with `random`) shifts it.
+            # An --override-n seed draws the batches (and dropout) from here on instead.
             tracking.restore_rng_state(rng, {"sampler": generator})
         run_epochs(
             task,

@@ -516,3 +516,15 @@ def test_evaluate_of_a_state_dict_a_run_never_logged_refuses_instead_of_evaluati
         assert outcome.code == 1 and outcome.err.count("\n") == 1, outcome.err
         assert said in outcome.err and "leave --checkpoint out" in outcome.err
     assert values_at(run_id, "eval_loss", 0) == []
+
+
+def test_an_overridden_seed_draws_the_batches_from_there_on(env: dict[str, str]) -> None:
+    # The checkpoint's RNG states were restored over it: the child recorded seed 5 and trained as seed 0 would.
+    parent = inline(train.main, "--epochs", "2", "--keep-last", "all").run_id
+    same = inline(train.main, "--resume", parent, "--new-run", "--epochs", "3").run_id
+    reseeded = inline(train.main, "--resume", parent, "--new-run", "--epochs", "3", "--seed", "5", "--override").run_id
+    again = inline(train.main, "--resume", parent, "--new-run", "--epochs", "3", "--seed", "5", "--override").run_id
+
+    assert MlflowClient().get_run(reseeded).data.params["seed"] == "5"
+    assert history(reseeded)["train_loss"] != history(same)["train_loss"]
+    assert history(reseeded) == history(again)  # still exactly repeatable
