@@ -118,11 +118,14 @@ class Options:
         return {name: param_value(name, values[name]) for name in self.defaults}
 
     def conflicts(self, recorded: Mapping[str, str]) -> dict[str, tuple[str, str]]:
-        """Given options whose value differs from the resumed run's param: name -> (recorded, given)."""
+        """Options whose value differs from the resumed run's param: name -> (recorded, new). The given ones, and
+        those that follow from them (--monitor's inferred --monitor-mode, the interval not given), which an
+        override must record too: else a later resume went on with --monitor's new metric and its old mode."""
+        values = self.settings(recorded)
         return {
-            name: (recorded[name], param_value(name, value))
-            for name, value in self.given.items()
-            if name in recorded and not _reads_as(name, recorded[name], value)
+            name: (recorded[name], param_value(name, values[name]))
+            for name in self.defaults
+            if name in recorded and not _reads_as(name, recorded[name], values[name])
         }
 
 

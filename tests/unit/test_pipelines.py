@@ -528,3 +528,18 @@ def test_an_overridden_seed_draws_the_batches_from_there_on(env: dict[str, str])
     assert MlflowClient().get_run(reseeded).data.params["seed"] == "5"
     assert history(reseeded)["train_loss"] != history(same)["train_loss"]
     assert history(reseeded) == history(again)  # still exactly repeatable
+
+
+def test_an_overridden_monitor_holds_with_its_mode_for_later_resumes(env: dict[str, str]) -> None:
+    # --override --monitor val_accuracy inferred mode max, but only monitor was recorded: the next plain resume
+    # ranked val_accuracy with the run's old mode, min, and called the least accurate checkpoint the best.
+    run_id = inline(train.main, "--epochs", "2").run_id
+    overridden = inline(train.main, "--resume", run_id, "--epochs", "3", "--monitor", "val_accuracy", "--override")
+    assert overridden.code == 0, overridden.err
+
+    assert inline(train.main, "--resume", run_id, "--epochs", "4").code == 0
+
+    tags = MlflowClient().get_run(run_id).data.tags
+    assert (tags["tracking.override.monitor"], tags["tracking.override.monitor_mode"]) == ("val_accuracy", "max")
+    assert tags["tracking.checkpoint.mode"] == "max"
+    assert tags[runs.TAG_OVERRIDES] == "from epoch 2: monitor val_loss -> val_accuracy, monitor_mode min -> max"
