@@ -105,7 +105,9 @@ class Options:
             if name in self.defaults and name not in self.given:
                 values[name] = _read_back(name, text, run_id)
         values.update(self.given)
-        if values["monitor_mode"] is None or ("monitor" in self.given and "monitor_mode" not in self.given):
+        # A --monitor given without --monitor-mode infers its mode; given as recorded, the run's mode stays.
+        new_monitor = "monitor" in self.given and self.given["monitor"] != recorded.get("monitor")
+        if values["monitor_mode"] is None or (new_monitor and "monitor_mode" not in self.given):
             values["monitor_mode"] = "max" if values["monitor"].endswith("accuracy") else "min"
         # A run saves by one interval: the one given, else the recorded one; the other is none.
         for name, other in (INTERVALS, INTERVALS[::-1]):

@@ -543,3 +543,13 @@ def test_an_overridden_monitor_holds_with_its_mode_for_later_resumes(env: dict[s
     assert (tags["tracking.override.monitor"], tags["tracking.override.monitor_mode"]) == ("val_accuracy", "max")
     assert tags["tracking.checkpoint.mode"] == "max"
     assert tags[runs.TAG_OVERRIDES] == "from epoch 2: monitor val_loss -> val_accuracy, monitor_mode min -> max"
+
+
+def test_a_monitor_given_as_recorded_keeps_the_runs_mode(env: dict[str, str]) -> None:
+    # Given again, --monitor re-inferred its mode: the run's --monitor-mode max became min, without a word.
+    run_id = inline(train.main, "--epochs", "1", "--monitor", "val_loss", "--monitor-mode", "max").run_id
+
+    again = inline(train.main, "--resume", run_id, "--epochs", "2", "--monitor", "val_loss")
+
+    assert again.code == 0, again.err
+    assert MlflowClient().get_run(run_id).data.tags["tracking.checkpoint.mode"] == "max"
