@@ -71,6 +71,8 @@ def train(opts: options.Options) -> str:
             f"run {origin.info.run_id} was trained by {recorded.get('pipeline', 'another pipeline')}, not {NAME}; "
             f"resume it with `python -m {recorded.get('pipeline')}`."
         )
+    if origin is not None:
+        runs.check_pick(origin.info.run_id, opts, config)
     current = runs.current_params(origin)
     values = opts.settings(current)
     conflicts: dict[str, tuple[str, str]] = {}
