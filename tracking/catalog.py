@@ -118,14 +118,18 @@ def create(handle: RunHandle, manifest: Manifest) -> StoredCheckpoint:
     return _wrap(model, handle.config)
 
 
-def refuse_mixed_keys(handle: RunHandle, keyed_by: str) -> None:
-    """Raise when the run's committed checkpoints are keyed by something else than ``keyed_by``."""
+def refuse_mixed_keys(handle: RunHandle, keyed_by: str, listed: Iterable[StoredCheckpoint] | None = None) -> None:
+    """Raise when the run's committed checkpoints are keyed by something else than ``keyed_by``.
+
+    ``listed``: the run's committed checkpoints when the caller has just searched them (no search then).
+    """
     if not handle.tags:
         handle.refresh_tags()  # a writer's handle opened without them (log_checkpoint reuses one)
     recorded = layout.keyed_by_of(handle.tags)
     if recorded is None:
         # No tag says (the run's first save, or its tags deleted by hand): its committed checkpoints do.
-        recorded = next((model.keyed_by for model in search(handle) if model.key is not None), None)
+        models = search(handle) if listed is None else listed
+        recorded = next((model.keyed_by for model in models if model.key is not None), None)
     if recorded is not None and recorded != keyed_by:
         raise TrackingError(
             f"run {handle.run_id} keys its checkpoints by {recorded}, and this one is keyed by {keyed_by}: a run's "
