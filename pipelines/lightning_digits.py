@@ -74,6 +74,8 @@ def train(opts: options.Options) -> str:
         )
     if origin is not None and (opts.from_step is not None or opts.from_epoch is not None):
         _refuse_a_pick_but_the_latest(origin.info.run_id, opts, config)
+    if origin is not None:
+        runs.check_pick(origin.info.run_id, opts, config)
     current = runs.current_params(origin)
     values = opts.settings(current, origin.info.run_id if origin else None)
     conflicts: dict[str, tuple[str, str]] = {}

@@ -113,15 +113,23 @@ def find_origin(client: MlflowClient, task: Task, opts: options.Options, config:
 def check_pick(
     run_id: str, opts: options.Options, config: tracking.TrackingConfig, tags: Mapping[str, str] | None = None
 ) -> None:
-    """Refuse a ``--from-epoch`` in a run keyed by step (or ``--from-step`` in one keyed by epoch), and a pick
-    before the run's latest checkpoint when it would continue in place: that would rewrite its later history.
-    ``tags``, the run's: a pick from before a ``--new-run`` child branched is said to be its parent's."""
-    kind, value = (layout.EPOCH, opts.from_epoch) if opts.from_epoch is not None else (layout.STEP, opts.from_step)
-    if value is None:
-        return
+    """Refuse to resume a run with no checkpoint, a ``--from-epoch`` in a run keyed by step (or ``--from-step``
+    in one keyed by epoch), and a pick before the run's latest checkpoint when it would continue in place: that
+    would rewrite its later history. ``tags``, the run's: a pick from before a ``--new-run`` child branched is
+    said to be its parent's."""
     saved = tracking.list_checkpoints(run_id, config=config)
     keys = [c.key for c in saved if c.key is not None]
     if not keys:
+        try:
+            tracking.find_checkpoint(run_id, config=config)  # a run of the layout before logged models says so
+        except tracking.NotFoundError:
+            raise PipelineError(
+                f"run {run_id} has no committed checkpoint to resume from: it stopped before its first save, or "
+                "its checkpoints were deleted. Train a new run instead (leave out --resume)."
+            ) from None
+        return
+    kind, value = (layout.EPOCH, opts.from_epoch) if opts.from_epoch is not None else (layout.STEP, opts.from_step)
+    if value is None:
         return
     keyed_by = saved[-1].keyed_by
     if kind != keyed_by:

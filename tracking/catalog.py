@@ -118,14 +118,18 @@ def create(handle: RunHandle, manifest: Manifest) -> StoredCheckpoint:
     return _wrap(model, handle.config)
 
 
-def refuse_mixed_keys(handle: RunHandle, keyed_by: str) -> None:
-    """Raise when the run's committed checkpoints are keyed by something else than ``keyed_by``."""
+def refuse_mixed_keys(handle: RunHandle, keyed_by: str, listed: Iterable[StoredCheckpoint] | None = None) -> None:
+    """Raise when the run's committed checkpoints are keyed by something else than ``keyed_by``.
+
+    ``listed``: the run's committed checkpoints when the caller has just searched them (no search then).
+    """
     if not handle.tags:
         handle.refresh_tags()  # a writer's handle opened without them (log_checkpoint reuses one)
     recorded = layout.keyed_by_of(handle.tags)
     if recorded is None:
         # No tag says (the run's first save, or its tags deleted by hand): its committed checkpoints do.
-        recorded = next((model.keyed_by for model in search(handle) if model.key is not None), None)
+        models = search(handle) if listed is None else listed
+        recorded = next((model.keyed_by for model in models if model.key is not None), None)
     if recorded is not None and recorded != keyed_by:
         raise TrackingError(
             f"run {handle.run_id} keys its checkpoints by {recorded}, and this one is keyed by {keyed_by}: a run's "
@@ -158,16 +162,27 @@ def set_status(handle: RunHandle, checkpoint: StoredCheckpoint, status: str) -> 
 def get(client: Any, model_id: str, config: TrackingConfig, *, checkpoint: bool = True) -> StoredCheckpoint:
     """The logged model ``model_id``; NotFoundError when there is none (or it is deleted), or when
     ``checkpoint`` asks for a checkpoint and it is another kind of model (a whole model)."""
+    model = get_if_present(client, model_id, config, checkpoint=checkpoint)
+    if model is None:
+        raise NotFoundError(
+            f"models:/{model_id}: no such logged model on {client.tracking_uri}; check the model ID "
+            "(the run page's Logged models) and MLFLOW_TRACKING_URI."
+        )
+    return model
+
+
+def get_if_present(
+    client: Any, model_id: str, config: TrackingConfig, *, checkpoint: bool = True
+) -> StoredCheckpoint | None:
+    """:func:`get`, but None when there is no such logged model or it is deleted: for a writer about to
+    delete it, which finds it gone when another writer deleted it first."""
     from mlflow.exceptions import MlflowException
 
     try:
         model = client.get_logged_model(model_id)
     except MlflowException as exc:
         if exc.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}:
-            raise NotFoundError(
-                f"models:/{model_id}: no such logged model on {client.tracking_uri}; check the model ID "
-                "(the run page's Logged models) and MLFLOW_TRACKING_URI."
-            ) from exc
+            return None
         raise StorageError(f"models:/{model_id}: the tracking server failed: {exc}") from exc
     except OSError as exc:
         raise StorageError(
@@ -221,13 +236,24 @@ def preferred(handle: RunHandle, models: list[StoredCheckpoint]) -> list[StoredC
 
 
 def delete(handle: RunHandle, model_id: str, artifact_uri: str) -> None:
-    """Delete a checkpoint: its manifest first (it stops existing), then its files, then its logged model."""
+    """Delete a checkpoint: its manifest first (it stops existing), then its files, then its logged model.
+
+    A checkpoint already deleted (by another writer) is no error, as a missing file is none to the store.
+    """
     store = open_store(artifact_uri, handle.config, owner=f"run {handle.run_id}, {model_id}")
     store.delete(layout.MANIFEST_FILE)
     for name in store.list_files(""):
         store.delete(name)
+    from mlflow.exceptions import MlflowException
+
     with tracking_server_errors(handle.run_id, f"deleting checkpoint {model_id}"):
-        handle.client.delete_logged_model(model_id)
+        try:
+            handle.client.delete_logged_model(model_id)
+        except MlflowException as exc:
+            # Deleted by another writer and purged since (`mlflow gc`): gone, as this deletion meant it to be.
+            # A deleted model that is not purged deletes again without an error.
+            if exc.error_code not in {"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"}:
+                raise
 
 
 def legacy_error(handle: RunHandle) -> TrackingError | None:

@@ -141,6 +141,7 @@ class Checkpointer:
         self._saver = AsyncSaver(on_busy) if async_save else None
         self._pinned = 0  # bytes of pinned host memory reserved for async snapshots
         self._saved_step: int | None = None  # the global step of this Checkpointer's last save
+        self._run_checked = False  # whether the run's key was checked, at the first save() call (see _check_run)
 
     def should_save(self, epoch: int, step: int | None = None) -> bool:
         if self.every_n_steps is None:
@@ -176,11 +177,15 @@ class Checkpointer:
         config and the monitored metric are the Checkpointer's own, set when it is made.
         Returns None when no save was due, and a future of the result when saving asynchronously.
         Under ``torchrun`` every rank calls it, as :func:`tracking.log_checkpoint` says; rank 0
-        alone talks to MLflow and applies retention.
+        alone talks to MLflow and applies retention. The first call, due or not, refuses a run whose
+        checkpoints are keyed otherwise (by epoch for ``every_n_steps``, by step else).
         """
         if step is None and self.every_n_steps is not None:
             self._refuse_no_step()  # forced or not: the step is the checkpoint's key
-        if not (force or self.should_save(epoch, step)):
+        due = force or self.should_save(epoch, step)
+        if not self._run_checked:
+            self._check_run()
+        if not due:
             if self._saver is not None:
                 # Between saves: the pinned memory the next snapshot needs gets ready off the loop's path.
                 state = (model.state_dict(), optimizer.state_dict() if optimizer is not None else None)
@@ -278,13 +283,38 @@ class Checkpointer:
             self._handle = open_run(target_run_id(self._run_id), self._config)
         return self._handle
 
-    def _existing(self, handle: RunHandle) -> dict[int, float | None]:
+    def _check_run(self) -> None:
+        """Refuse a run keyed otherwise than this Checkpointer saves, at its first save() call, due or not.
+
+        Else ``every_n_steps=N`` on a run keyed by epoch (or the reverse) would fail at its first due
+        save, N steps of training later: the integrations refuse such a fit when it starts too. Rank 0
+        asks and every rank raises. What it reads (the run, and its committed checkpoints, for retention and
+        the run's description or when the tags do not say their key) is what the first due save reads:
+        the check costs no request of its own, and later calls none.
+        """
+
+        def ask() -> None:
+            handle = self._open()
+            if not handle.tags:
+                handle.refresh_tags()
+            # When the tags do not say the run's key, its committed checkpoints do: one search for both.
+            listed = catalog.search(handle) if layout.keyed_by_of(handle.tags) is None else None
+            catalog.refuse_mixed_keys(handle, self.keyed_by, listed)
+            self._existing(handle, listed)
+
+        distributed.on_rank0(ask)
+        self._run_checked = True
+
+    def _existing(
+        self, handle: RunHandle, listed: list[catalog.StoredCheckpoint] | None = None
+    ) -> dict[int, float | None]:
         # Read once per Checkpointer: a resumed run's earlier checkpoints count for retention
-        # and its description too.
+        # and its description too. ``listed``: the run's committed checkpoints, when just searched.
         if self._kept is None:
             self._kept = {}
             if self._retains or self.describe_run:
-                for key, stored in catalog.committed(handle).items():
+                committed = catalog.committed(handle) if listed is None else catalog.current(handle, listed)
+                for key, stored in committed.items():
                     self._kept[key] = stored.metrics.get(self.monitor)
                     self._models[key] = (stored.model_id, stored.artifact_uri)
                     self._noted[key] = note.NotedCheckpoint(stored.model_id, stored.metrics)
@@ -385,3 +415,4 @@ class Checkpointer:
                 self._saver.close()
         finally:
             self._handle = None
+            self._run_checked = False  # a save after this opens the run again, and checks it again

@@ -97,7 +97,8 @@ def best_survivor(handle: RunHandle, leaving: set[str], monitor: str, mode: str)
 
 def delete_replaced(handle: RunHandle, replaced: set[str]) -> None:
     """Delete the models a re-log replaced, but one a registry version points at: ``models:/<name>@<alias>``
-    must go on loading exactly what it named (retention keeps those too)."""
+    must go on loading exactly what it named (retention keeps those too). One already gone (two writers
+    re-logging the run's latest key both replace the model the tags named) counts as deleted."""
     from tracking.registry import versions_by_model
 
     try:
@@ -122,8 +123,10 @@ def delete_replaced(handle: RunHandle, replaced: set[str]) -> None:
             )
             continue
         try:
-            stored = catalog.get(handle.client, model_id, handle.config)
-            catalog.delete(handle, stored.model_id, stored.artifact_uri)
+            stored = catalog.get_if_present(handle.client, model_id, handle.config)
+            # None: gone already. Another writer re-logging this key replaced it first, and deleted it.
+            if stored is not None:
+                catalog.delete(handle, stored.model_id, stored.artifact_uri)
         except TrackingError as exc:
             warnings.warn(
                 f"run {handle.run_id}: the re-logged checkpoint replaces {model_id}, which could not be deleted "

@@ -347,16 +347,15 @@ def _open(
     model_id = version_model_id(version)
     what = f"{source} (version {version.version} of {version.name!r}, source {version.source})"
     if model_id:
-        try:
-            return None, catalog.get(client, model_id, config, checkpoint=checkpoint)
-        except NotFoundError as exc:
-            if exc.__cause__ is None:
-                raise  # the model exists but is no checkpoint: catalog.get's message says so
+        # A model that exists but is no checkpoint raises here: catalog.get's message says so.
+        found = catalog.get_if_present(client, model_id, config, checkpoint=checkpoint)
+        if found is None:
             raise NotFoundError(
                 f"{what}: its checkpoint models:/{model_id} (run {version.run_id}) no longer exists: it was deleted "
                 "(by retention, `tracking gc --delete-registered`, or by hand) after it was registered. Point the "
                 "alias at another version, or register another checkpoint with `tracking register`."
-            ) from exc
+            )
+        return None, found
     if version.run_id and not checkpoint:
         return open_run(str(version.run_id), config), None
     # A version made from a run (runs:/<id>/...) names no checkpoint: the run's latest moves as training

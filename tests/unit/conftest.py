@@ -9,7 +9,9 @@ from pathlib import Path
 import boto3
 import mlflow
 import pytest
+from click.testing import CliRunner
 from mlflow import MlflowClient
+from mlflow.cli import cli as mlflow_cli
 from moto import mock_aws
 
 from tests.mlflow_stores import release_mlflow_stores
@@ -83,3 +85,11 @@ def use_store(patch: pytest.MonkeyPatch, uri: str, experiment: str) -> None:
     patch.setenv("TRACKING_EXPERIMENT", experiment)
     patch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
     patch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+
+
+def purge(model_id: str) -> None:
+    """Remove a deleted logged model of the current tracking store for good, as ``mlflow gc`` does."""
+    result = CliRunner().invoke(
+        mlflow_cli, ["gc", "--backend-store-uri", mlflow.get_tracking_uri(), "--logged-model-ids", model_id]
+    )
+    assert result.exit_code == 0, result.output

@@ -103,14 +103,19 @@ def test_a_resumed_fit_removes_the_earlier_fits_checkpoints_as_its_model_checkpo
     assert len(MlflowClient().search_logged_models(experiment_ids=[s3_experiment])) == 2
 
 
-def test_resumed_fits_with_two_model_checkpoints_keep_what_each_one_keeps(s3_experiment: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("shared", [False, True], ids=["own-folders", "one-folder"])
+def test_resumed_fits_with_two_model_checkpoints_keep_what_each_one_keeps(
+    s3_experiment: str, tmp_path: Path, shared: bool
+) -> None:
     # At a step both save, the file written first is the logged model, and the other ModelCheckpoint's state
     # in it lacks its own save there: resumed from it, it kept that save's file (and model) for good.
+    last, best = (tmp_path / "ckpts", tmp_path / "ckpts") if shared else (tmp_path / "last", tmp_path / "best")
+
     def fit_two(epochs: int, ckpt_path: str | None = None) -> None:
         pl.seed_everything(0, verbose=False)
         callbacks = [
-            ModelCheckpoint(dirpath=tmp_path / "last", save_top_k=2, monitor="step", mode="max"),
-            ModelCheckpoint(dirpath=tmp_path / "best", save_top_k=1, monitor="val_loss"),
+            ModelCheckpoint(dirpath=last, save_top_k=2, monitor="step", mode="max"),
+            ModelCheckpoint(dirpath=best, filename="best-{epoch}-{step}", save_top_k=1, monitor="val_loss"),
             MLflowCheckpoints(monitor="val_loss"),
         ]
         trainer(epochs, tmp_path, callbacks).fit(TinyLit(), *loaders(), ckpt_path=ckpt_path)
@@ -122,11 +127,12 @@ def test_resumed_fits_with_two_model_checkpoints_keep_what_each_one_keeps(s3_exp
         with mlflow.start_run(run_id=run_id):
             fit_two(epochs, ckpt_path=checkpoint_path(run_id, to=tmp_path / f"download-{epochs}"))
 
-    on_disk = [path.name for folder in ("best", "last") for path in (tmp_path / folder).iterdir()]
+    on_disk = sorted(path.name for folder in {last, best} for path in folder.iterdir())
+    assert [name for name in on_disk if name.startswith("best-")] == ["best-epoch=3-step=16.ckpt"]
+    assert len(on_disk) == 3  # and the last two
     saved = tracking.list_checkpoints(run_id)
-    assert len(list((tmp_path / "best").iterdir())) == 1
-    assert sorted(os.path.basename(p) for c in saved for p in _paths(str(c.model_id))) == sorted(on_disk)
-    assert len(MlflowClient().search_logged_models(experiment_ids=[s3_experiment])) == len(saved) <= 3
+    assert sorted(os.path.basename(p) for c in saved for p in _paths(str(c.model_id))) == on_disk
+    assert len(MlflowClient().search_logged_models(experiment_ids=[s3_experiment])) == len(saved) == 2
 
 
 def test_default_checkpoint_keeps_only_the_latest(s3_experiment: str, tmp_path: Path) -> None:

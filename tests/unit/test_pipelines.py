@@ -16,6 +16,7 @@ are subprocesses; the rest call the pipelines' ``main`` in-process to save impor
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import re
@@ -275,6 +276,28 @@ def test_resume_refuses_what_it_cannot_do_exactly(env: dict[str, str]) -> None:
     with pytest.raises(SystemExit) as usage:
         inline(train.main, "--new-run")
     assert usage.value.code == 2
+
+
+@pytest.mark.parametrize("pipeline", ["pipelines.digits", "pipelines.hf_digits", "pipelines.lightning_digits"])
+def test_resuming_a_run_without_checkpoints_says_to_train_a_new_one(env: dict[str, str], pipeline: str) -> None:
+    # A run that stopped before its first save: the library's "log one with tracking.log_checkpoint" was no
+    # next step for a pipeline's user. Refused before the run is touched.
+    client = MlflowClient()
+    run_id = client.create_run(client.get_experiment_by_name(EXPERIMENT).experiment_id).info.run_id
+    client.log_param(run_id, "pipeline", pipeline)
+    client.log_param(run_id, "dataset", "digits")
+    client.set_terminated(run_id, "KILLED")
+    main = importlib.import_module(pipeline).main
+
+    outcome = inline(main, "--resume", run_id, "--epochs", "3")
+
+    assert outcome.code == 1
+    assert outcome.err.strip() == (
+        f"error: run {run_id} has no committed checkpoint to resume from: it stopped before its first save, or "
+        "its checkpoints were deleted. Train a new run instead (leave out --resume)."
+    )
+    after = client.get_run(run_id)
+    assert (after.info.status, set(after.data.params)) == ("KILLED", {"pipeline", "dataset"})
 
 
 def test_override_applies_the_new_value_and_records_it(env: dict[str, str]) -> None:

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import mlflow
 import pytest
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
 from mlflow.tracking import MlflowClient
 
 import tracking
 from pipelines.models import Model
-from tracking import audit, catalog
+from tests.unit.conftest import purge
+from tracking import audit, catalog, replacement
 from tracking.errors import StorageError
 from tracking.layout import TAG_LATEST, TAG_LATEST_EPOCH
 from tracking.run import open_run
@@ -122,3 +126,53 @@ def test_a_tampered_latest_epoch_tag_warns_in_one_line_and_recovers(
             tracking.log_checkpoint(model_with(4), epoch=4)
         assert not caplog.records
     assert tracking.load(run_id).epoch == 4
+
+
+@pytest.mark.parametrize("other_writer", ["deleted", "deleted and purged"])
+def test_two_writers_relogging_the_latest_epoch_both_replace_it_and_the_second_finds_it_gone_silently(
+    experiment: str, monkeypatch: pytest.MonkeyPatch, other_writer: str
+) -> None:
+    with mlflow.start_run() as run:
+        run_id = run.info.run_id
+        tracking.log_checkpoint(model_with(1), epoch=1)
+        old = tracking.log_checkpoint(model_with(2), epoch=2)
+        handle = open_run(run_id)
+        listed = replacement.replaced
+
+        def raced(*args: Any) -> Any:
+            # This writer read the tags naming the old epoch 2; the other writer re-logging it committed and
+            # deleted the old one before this one deletes it (`mlflow gc` may have purged it since too).
+            found = listed(*args)
+            assert old.model_id in found[0]
+            assert old.artifact_uri is not None
+            catalog.delete(handle, old.model_id, old.artifact_uri)
+            if other_writer == "deleted and purged":
+                purge(old.model_id)
+            return found
+
+        monkeypatch.setattr(replacement, "replaced", raced)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # was: "... which could not be deleted (...)", with nothing to remove
+            new = tracking.log_checkpoint(model_with(22), epoch=2)
+        monkeypatch.setattr(replacement, "replaced", listed)
+    assert bias_of(tracking.load(run_id, 2)) == 22.0 and tracking.load(run_id).model_id == new.model_id
+    assert [(c.epoch, c.model_id) for c in tracking.list_checkpoints(run_id)][1] == (2, new.model_id)
+    assert old.model_id not in {m.model_id for m in all_models(run_id) if m.status == "READY"}
+    assert audit.clean_leftovers(run_id) == []  # nothing was left for `verify --clean`
+
+
+def test_a_replaced_checkpoint_that_the_server_fails_to_look_up_still_warns(
+    experiment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model_with(1), epoch=1)
+        old = tracking.log_checkpoint(model_with(2), epoch=2)
+
+        def failing(self: MlflowClient, model_id: str) -> Any:
+            raise MlflowException("the database is locked", error_code=INTERNAL_ERROR)
+
+        monkeypatch.setattr(MlflowClient, "get_logged_model", failing)
+        with pytest.warns(RuntimeWarning, match=f"replaces {old.model_id}, which could not be deleted"):
+            tracking.log_checkpoint(model_with(22), epoch=2)
+        monkeypatch.undo()
+    assert old.model_id in {m.model_id for m in all_models(run.info.run_id)}  # left for `verify --clean`

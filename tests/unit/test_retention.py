@@ -12,11 +12,12 @@ from mlflow.tracking import MlflowClient
 
 import tracking
 from pipelines.models import Model
+from tests.unit.conftest import purge
 from tracking import catalog, note
 from tracking.cli import main
 from tracking.errors import NotFoundError, StorageError
 from tracking.layout import TAG_BEST, TAG_BEST_VALUE, TAG_LATEST
-from tracking.run import RunHandle
+from tracking.run import RunHandle, open_run
 
 
 def epochs(run_id: str) -> list[int]:
@@ -63,6 +64,25 @@ def test_a_failed_deletion_warns_keeps_the_save_and_is_retried_next_save(
     assert asked[:2] == [first.model_id, first.model_id]
     assert epochs(run.info.run_id) == [4]
     assert tracking.load(run.info.run_id, "best").epoch == 4
+
+
+def test_retention_counts_a_checkpoint_another_writer_deleted_and_mlflow_gc_purged_as_deleted(
+    experiment: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = Model(6)
+    checkpointer = tracking.Checkpointer(keep_last=1, monitor="val_loss")
+    with mlflow.start_run() as run:
+        first = checkpointer.save(model, epoch=1, metrics={"val_loss": 0.5})
+        assert isinstance(first, tracking.LoggedCheckpoint) and first.artifact_uri is not None
+        # Another writer's retention (or `tracking gc`) deleted it, and `mlflow gc` removed it for good.
+        catalog.delete(open_run(run.info.run_id), first.model_id, first.artifact_uri)
+        purge(first.model_id)
+        with caplog.at_level(logging.WARNING, logger="tracking"):
+            checkpointer.save(model, epoch=2, metrics={"val_loss": 0.4})
+            checkpointer.save(model, epoch=3, metrics={"val_loss": 0.3})
+    # Was: "retention could not delete epoch 1 (... not found ...)" at every save, retrying what is gone.
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert epochs(run.info.run_id) == [3]
 
 
 def test_retention_never_moves_best_to_worse_than_another_writers_best(experiment: str) -> None:

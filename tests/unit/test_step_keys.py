@@ -9,6 +9,12 @@ proved on their own.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -347,3 +353,129 @@ def test_json_rows_of_a_run_keyed_by_step_have_the_fields_of_one_keyed_by_epoch(
     assert [tuple(row[name] for name in fields) for row in deleted] == [expected[0]]
     (summary,) = rows("runs", "--experiment", "unit-s3")
     assert [summary[f"latest_{name}"] for name in ("key", "epoch", "step")] == [1500, 1, 1500]
+
+
+@contextmanager
+def client_requests(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter[str]]:
+    """The tracking-server requests made inside the block, by MlflowClient method."""
+    counts: Counter[str] = Counter()
+    with monkeypatch.context() as patch:
+        for name in dir(MlflowClient):
+            original = getattr(MlflowClient, name)
+            if name.startswith("_") or not callable(original):
+                continue
+
+            def counting(self: Any, *args: Any, _name: str = name, _original: Any = original, **kwargs: Any) -> Any:
+                counts[_name] += 1
+                return _original(self, *args, **kwargs)
+
+            patch.setattr(MlflowClient, name, counting)
+        yield counts
+
+
+def by_epoch(model: Model) -> str:
+    """A run with checkpoints at epochs 1 and 2; its ID."""
+    with mlflow.start_run() as run:
+        for epoch in (1, 2):
+            tracking.log_checkpoint(model, epoch=epoch, metrics={"val_loss": 1 / epoch})
+    return run.info.run_id
+
+
+@pytest.mark.parametrize(
+    ("run_of", "every", "first"),
+    [
+        (by_epoch, {"every_n_steps": 500}, {"epoch": 2, "step": 1}),  # due at step 500
+        (three_steps, {"every_n_epochs": 5}, {"epoch": 2}),  # due at epoch 5
+    ],
+    ids=["steps-on-a-run-by-epoch", "epochs-on-a-run-by-step"],
+)
+def test_a_checkpointer_keyed_otherwise_than_its_run_is_refused_at_its_first_save_call_due_or_not(
+    experiment: str, monkeypatch: pytest.MonkeyPatch, run_of: Any, every: dict[str, int], first: dict[str, int]
+) -> None:
+    model = Model(6)
+    run_id = run_of(model)
+    recorded, asked = ("epoch", "step") if run_of is by_epoch else ("step", "epoch")
+    before = [m.name for m in catalog.search(open_run(run_id), status=None)]
+    checkpointer = tracking.Checkpointer(**every, keep_last=1, run_id=run_id)
+    # Was: nothing at this call (not due), the refusal only at the first due one, that much training later.
+    with pytest.raises(TrackingError) as refused:
+        checkpointer.save(model, metrics={"val_loss": 0.1}, **first)
+    assert f"run {run_id} keys its checkpoints by {recorded}, and this one is keyed by {asked}" in str(refused.value)
+    assert "Log it to a new run" in str(refused.value)
+    with client_requests(monkeypatch) as requests, pytest.raises(TrackingError, match=f"by {recorded}"):
+        checkpointer.save(model, metrics={"val_loss": 0.1}, **first)  # still refused, from what it read
+    assert sum(requests.values()) == 0, requests
+    assert [m.name for m in catalog.search(open_run(run_id), status=None)] == before  # nothing stored or deleted
+
+
+@pytest.mark.parametrize("resumed", [False, True], ids=["fresh-run", "run-by-epoch"])
+def test_a_checkpointer_by_epoch_checks_its_run_once_at_its_first_call_at_no_extra_cost(
+    experiment: str, monkeypatch: pytest.MonkeyPatch, resumed: bool
+) -> None:
+    model = Model(6)
+
+    def new_run() -> str:
+        if resumed:
+            return by_epoch(model)
+        with mlflow.start_run() as run:
+            return run.info.run_id
+
+    def saves(run_id: str, *epochs: int) -> list[int]:
+        """The requests of each save() call (for ``epochs``) of a new Checkpointer on run ``run_id``."""
+        checkpointer = tracking.Checkpointer(every_n_epochs=2, keep_last=2, run_id=run_id)
+        costs = []
+        for epoch in epochs:
+            with client_requests(monkeypatch) as requests:
+                checkpointer.save(model, epoch=epoch, metrics={"val_loss": 1 / epoch})
+            costs.append(sum(requests.values()))
+        return costs
+
+    (alone,) = saves(new_run(), 4)  # a first call that is due
+    run_id = new_run()
+    first, due, later = saves(run_id, 5, 6, 7)  # not due, due, not due
+    # The first call reads the run (and its checkpoints): what the first due save would read, not more.
+    assert first > 0 and first + due == alone, (first, due, alone)
+    assert later == 0  # not due, once checked: no request
+    assert [c.epoch for c in tracking.list_checkpoints(run_id)] == ([2, 6] if resumed else [6])
+
+
+REFUSED_ON_EVERY_RANK = """
+import sys, mlflow, torch.distributed as dist
+import tracking
+from pipelines.models import Model
+
+rank, store, tracking_uri, run_id = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
+mlflow.set_tracking_uri(tracking_uri)
+checkpointer = tracking.Checkpointer(every_n_steps=500, run_id=run_id)
+try:
+    checkpointer.save(Model(6), epoch=3, step=1)  # the first step of the loop: not due
+    print("rank", rank, "not refused", flush=True)
+except tracking.TrackingError as exc:
+    print("rank", rank, "refused:", exc, flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_under_a_process_group_every_rank_is_refused_at_the_first_call(tracking_store: str, tmp_path: Path) -> None:
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("ranks", (tmp_path / "artifacts").as_uri()))
+    run_id = by_epoch(Model(6))
+    args = [str(tmp_path / "rendezvous"), tracking_store, run_id]
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", REFUSED_ON_EVERY_RANK, str(rank), *args],
+            cwd=Path(__file__).parents[2],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        outputs = [process.communicate(timeout=120) for process in ranks]  # a rank left waiting times out
+    finally:
+        for process in ranks:
+            process.kill()
+    for rank, (process, (out, err)) in enumerate(zip(ranks, outputs, strict=True)):
+        assert process.returncode == 0, err[-2000:]
+        assert f"rank {rank} refused: run {run_id} keys its checkpoints by epoch" in out, out + err[-2000:]

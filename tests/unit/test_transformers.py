@@ -580,3 +580,63 @@ def test_a_save_by_epoch_after_training_stopped_mid_epoch_is_keyed_by_that_epoch
     # Epoch 1's checkpoint stays: the save of the unfinished second epoch does not replace it.
     assert [(c.key, c.step) for c in found] == [(1, 8), (2, 10)]
     assert tracking.load(run.info.run_id, 1).step == 8
+
+
+# -- metric_for_best_model and where the Trainer evaluates ------------------------------------------------------
+# One epoch of 8 steps. A save carries the eval metrics of an evaluation made at its step before it.
+UNEVALUATED = {  # the schedules and whether the warning says the run will have no best checkpoint
+    "epoch evals, step saves": ({"eval_strategy": "epoch", "save_strategy": "steps", "save_steps": 4}, True),
+    "no evals": ({"eval_strategy": "no"}, True),
+    "step evals off the saves": (
+        {"eval_strategy": "steps", "eval_steps": 3, "save_strategy": "steps", "save_steps": 4},
+        False,
+    ),
+    "step evals, epoch saves": ({"eval_strategy": "steps", "eval_steps": 3}, False),
+}
+EVALUATED = {
+    "epoch evals, epoch saves": {},
+    "step saves on evals": {"eval_strategy": "steps", "eval_steps": 2, "save_strategy": "steps", "save_steps": 4},
+}
+
+
+def unevaluated_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    records = [r for r in caplog.records if r.name == hf_callback.__name__]
+    return [r.getMessage() for r in records if "Evaluate where you save" in r.getMessage()]
+
+
+@pytest.mark.parametrize("schedule", sorted(UNEVALUATED))
+def test_a_metric_for_best_model_the_saves_cannot_carry_is_warned_of_once_as_training_starts(
+    s3_experiment: str, split: data.Split, tmp_path: Path, caplog: pytest.LogCaptureFixture, schedule: str
+) -> None:
+    settings, no_best = UNEVALUATED[schedule]
+    with caplog.at_level(logging.WARNING, logger=hf_callback.__name__), mlflow.start_run() as run:
+        make_trainer(
+            split, tmp_path / "out", [TrackingCallback()], epochs=1, metric_for_best_model="loss", **settings
+        ).train()
+    [warned] = unevaluated_warnings(caplog)
+    assert warned.startswith(f"run {run.info.run_id}: metric_for_best_model='loss' ranks its checkpoints by eval_loss")
+    assert "eval_strategy equal to save_strategy and, by steps, save_steps a multiple of eval_steps" in warned
+    assert "load_best_model_at_end" in warned and "\n" not in warned
+    if no_best:
+        # As the warning says: no checkpoint holds eval_loss, and the run has no best.
+        assert "no best checkpoint" in warned
+        found = tracking.list_checkpoints(run.info.run_id)
+        assert found and not any("eval_loss" in c.metrics for c in found)
+        assert layout.TAG_BEST not in mlflow.get_run(run.info.run_id).data.tags
+    else:
+        assert "every 3 steps" in warned and "only the saves that fall on an evaluation" in warned
+
+
+@pytest.mark.parametrize("schedule", [*sorted(EVALUATED), "no metric"])
+def test_no_warning_when_each_save_falls_on_an_evaluation_or_no_metric_ranks_them(
+    s3_experiment: str, split: data.Split, tmp_path: Path, caplog: pytest.LogCaptureFixture, schedule: str
+) -> None:
+    if schedule == "no metric":
+        settings = UNEVALUATED["epoch evals, step saves"][0]
+    else:
+        settings = {"metric_for_best_model": "loss", **EVALUATED[schedule]}
+    with caplog.at_level(logging.WARNING, logger=hf_callback.__name__), mlflow.start_run() as run:
+        make_trainer(split, tmp_path / "out", [TrackingCallback()], epochs=1, **settings).train()
+    assert unevaluated_warnings(caplog) == []
+    if schedule != "no metric":
+        assert "eval_loss" in tracking.find_checkpoint(run.info.run_id, "best").manifest.metrics

@@ -49,23 +49,29 @@ def checkpoint_path(
 
 
 def take_writers_states(checkpoint: dict[str, Any], paths: Iterable[str]) -> None:
-    """Put into ``checkpoint`` (the one a fit resumes from) each ModelCheckpoint's state as saved in its own file
-    of that save: ``paths``, the local files that are that checkpoint.
+    """Put into ``checkpoint`` (the one a fit resumes from) each ModelCheckpoint's state as the last file it
+    wrote of that save holds it: ``paths``, the local files that are that checkpoint.
 
     Where several ModelCheckpoints save at one step, each writes a file with every callback's state at that
     moment, and the file written first is the logged model a resume by run ID loads. In it, the states of
     those that saved after it lack their own save: resumed from it, they never remove that save's file (nor
-    delete its logged model), one more kept at every resume. A file's writer is the ModelCheckpoint whose
-    state names the file's folder.
+    delete its logged model), one more kept at every resume. A ModelCheckpoint's state names its folder; the
+    last file written there holds its state after its save (and that of any other saving there before).
     """
     states = checkpoint.get("callbacks")
     if not isinstance(states, dict):
         return
+    written = []
     for path in paths:
+        try:
+            written.append((os.stat(path).st_mtime_ns, path))
+        except OSError:
+            continue  # removed since, or on another machine
+    for _, path in sorted(written):  # the last written wins
         try:
             # mmap: the states are read, the weights stay on disk.
             saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("callbacks")
-        except Exception as exc:  # gone, unreadable or beyond weights_only: that state stays as the file had it
+        except Exception as exc:  # unreadable or beyond weights_only: those states stay as the loaded file has them
             logger.debug("not reading the ModelCheckpoint states in %s: %s", path, exc)
             continue
         folder = os.path.dirname(os.path.abspath(path))

@@ -7,6 +7,7 @@ Trainer's rotation is mirrored (:mod:`~tracking.integrations.transformers.rotati
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -39,6 +40,8 @@ from tracking.parallel import distributed
 from tracking.run import RunHandle, open_run, target_run_id
 from tracking.saver import AsyncSaver
 
+_log = logging.getLogger(__name__)
+
 # The Trainer's save strategies the callback logs, and what each keys the run's checkpoints by: a save at
 # each epoch's end by its epoch, a save every save_steps (and at the last step) by its global step.
 KEYED_BY = {"epoch": layout.EPOCH, "steps": layout.STEP}
@@ -53,9 +56,10 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
     manifest also records the epochs completed), ``save_strategy="epoch"`` by its epoch
     (``every_n_epochs`` saves only every N epochs, and the last); a run holds one kind, and other
     strategies are refused. ``metric_for_best_model`` (``greater_is_better``) moves the run's best
-    tag. ``async_upload=False`` commits before ``on_save`` returns. A failed upload raises at the
-    next save or at the end of training. ``commands`` (``{run_id}`` filled in) add shell lines to
-    the run's description, ``describe_run=False`` leaves it alone.
+    tag; when the Trainer does not evaluate where it saves (its checkpoints then lack that metric), a
+    warning says so as training starts. ``async_upload=False`` commits before ``on_save`` returns. A
+    failed upload raises at the next save or at the end of training. ``commands`` (``{run_id}``
+    filled in) add shell lines to the run's description, ``describe_run=False`` leaves it alone.
 
     Under torchrun (DDP) every rank has the callback: rank 0 alone talks to MLflow, each save's
     checkpoint holds every rank's RNG state (``rng_state_<rank>.pth``, sent to rank 0), and an
@@ -113,6 +117,17 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
             self._rotation.load(self._handle, Path(str(args.output_dir)))
             # The commit refuses a save keyed otherwise than the run's earlier ones; said here, before training.
             catalog.refuse_mixed_keys(self._handle, self._keyed_by)
+            unevaluated = _unevaluated_saves(args, state)
+            if unevaluated is not None:
+                _log.warning(
+                    "run %s: metric_for_best_model=%r ranks its checkpoints by %s, but %s. Evaluate where you save: "
+                    "eval_strategy equal to save_strategy and, by steps, save_steps a multiple of eval_steps "
+                    "(what the Trainer itself requires for load_best_model_at_end).",
+                    self._handle.run_id,
+                    args.metric_for_best_model,
+                    monitor_of(args)[0],
+                    unevaluated,
+                )
 
         _on_process_zero(state, open_the_run)
 
@@ -279,6 +294,32 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
             )
 
         return describe
+
+
+def _unevaluated_saves(args: TrainingArguments, state: TrainerState) -> str | None:
+    """Why the Trainer's saves will not all carry the eval metric that ranks them (``metric_for_best_model``) and
+    what follows, said for a warning; None when no metric ranks them or each save falls on an evaluation.
+
+    Each save falls on an evaluation under the Trainer's own rule for ``load_best_model_at_end``: one strategy
+    for both and, by steps, ``save_steps`` a multiple of ``eval_steps`` (``state``'s, ratios made steps).
+    """
+    if not args.metric_for_best_model:
+        return None
+    evaluate = str(getattr(args.eval_strategy, "value", args.eval_strategy))
+    save = str(getattr(args.save_strategy, "value", args.save_strategy))
+    no_best = "no checkpoint will carry eval metrics, so the run will have no best checkpoint (checkpoint='best' fails)"
+    if evaluate == "no":
+        return f"the Trainer never evaluates (eval_strategy='no'): {no_best}"
+    if (evaluate, save) == ("epoch", "steps"):
+        # The last save of an epoch is made at its last step, before the epoch's evaluation, never after it.
+        return f"the Trainer saves by steps, each before the epoch's evaluation (eval_strategy='epoch'): {no_best}"
+    if evaluate == save and (save == "epoch" or (state.eval_steps and state.save_steps % state.eval_steps == 0)):
+        return None
+    saving = f"every {state.save_steps} steps" if save == "steps" else "at each epoch's end"
+    return (
+        f"the Trainer evaluates every {state.eval_steps} steps and saves {saving}: only the saves that fall on "
+        "an evaluation will carry eval metrics, so the run's best checkpoint is picked among those alone, if any"
+    )
 
 
 def _epochs_completed(state: TrainerState, keyed_by: str) -> int:
