@@ -182,6 +182,7 @@ def test_from_step_branches_a_child_run_from_mid_epoch_that_ends_as_the_straight
     assert all(torch.equal(branched[name], value) for name, value in straight.items())
 
 
+@pytest.mark.slow  # the own-loop pipelines' case is in make test (tests/unit/test_pipelines.py)
 def test_resume_from_a_checkpoints_models_uri_branches_from_that_step(
     step_runs: StepRuns, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -334,6 +335,7 @@ def test_keep_last_holds_across_a_resume_whose_trainer_never_saw_the_earlier_fol
     assert {c.model_id for c in saved} == {best, saved[-2].model_id, saved[-1].model_id}
 
 
+@pytest.mark.slow  # the own-loop pipelines' case is in make test (tests/unit/test_pipelines.py)
 def test_an_override_of_keep_last_holds_for_the_runs_later_resumes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -357,6 +359,7 @@ def test_an_override_of_keep_last_holds_for_the_runs_later_resumes(
     assert tags["tracking.overrides"] == "from step 6: keep_last 2 -> all"
 
 
+@pytest.mark.slow  # the own-loop pipelines' case is in make test (tests/unit/test_pipelines.py)
 def test_keep_best_all_keeps_every_checkpoint(step_runs: StepRuns, monkeypatch: pytest.MonkeyPatch) -> None:
     # --keep-best all was taken as 1: the Trainer kept the last (--keep-last 1) and the best save alone.
     use_store(monkeypatch, step_runs.uri, EXPERIMENT)

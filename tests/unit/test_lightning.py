@@ -103,7 +103,9 @@ def test_a_resumed_fit_removes_the_earlier_fits_checkpoints_as_its_model_checkpo
     assert len(MlflowClient().search_logged_models(experiment_ids=[s3_experiment])) == 2
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["own-folders", "one-folder"])
+@pytest.mark.parametrize(
+    "shared", [pytest.param(False, id="own-folders"), pytest.param(True, id="one-folder", marks=pytest.mark.slow)]
+)
 def test_resumed_fits_with_two_model_checkpoints_keep_what_each_one_keeps(
     s3_experiment: str, tmp_path: Path, shared: bool
 ) -> None:

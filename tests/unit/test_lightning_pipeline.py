@@ -223,6 +223,7 @@ def test_keep_last_holds_across_a_resume_that_overrides_the_interval(
     assert steps == [8, 9], steps  # none of the earlier best ones kept
 
 
+@pytest.mark.slow  # the own-loop pipelines' case is in make test (tests/unit/test_pipelines.py)
 def test_keep_best_all_keeps_every_checkpoint(step_runs: Runs, monkeypatch: pytest.MonkeyPatch) -> None:
     # --keep-best all added no best ModelCheckpoint at all: --keep-last 1 alone held the run to its last save.
     use_store(monkeypatch, step_runs.env["MLFLOW_TRACKING_URI"], EXPERIMENT)

@@ -278,7 +278,14 @@ def test_resume_refuses_what_it_cannot_do_exactly(env: dict[str, str]) -> None:
     assert usage.value.code == 2
 
 
-@pytest.mark.parametrize("pipeline", ["pipelines.digits", "pipelines.hf_digits", "pipelines.lightning_digits"])
+@pytest.mark.parametrize(
+    "pipeline",
+    [
+        "pipelines.digits",
+        pytest.param("pipelines.hf_digits", marks=pytest.mark.slow),
+        pytest.param("pipelines.lightning_digits", marks=pytest.mark.slow),
+    ],
+)
 def test_resuming_a_run_without_checkpoints_says_to_train_a_new_one(env: dict[str, str], pipeline: str) -> None:
     # A run that stopped before its first save: the library's "log one with tracking.log_checkpoint" was no
     # next step for a pipeline's user. Refused before the run is touched.

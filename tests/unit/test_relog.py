@@ -128,7 +128,7 @@ def test_a_tampered_latest_epoch_tag_warns_in_one_line_and_recovers(
     assert tracking.load(run_id).epoch == 4
 
 
-@pytest.mark.parametrize("other_writer", ["deleted", "deleted and purged"])
+@pytest.mark.parametrize("other_writer", ["deleted", pytest.param("deleted and purged", marks=pytest.mark.slow)])
 def test_two_writers_relogging_the_latest_epoch_both_replace_it_and_the_second_finds_it_gone_silently(
     experiment: str, monkeypatch: pytest.MonkeyPatch, other_writer: str
 ) -> None:

@@ -457,6 +457,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow  # two processes; the single-process refusal above is in make test
 def test_under_a_process_group_every_rank_is_refused_at_the_first_call(tracking_store: str, tmp_path: Path) -> None:
     mlflow.set_experiment(experiment_id=mlflow.create_experiment("ranks", (tmp_path / "artifacts").as_uri()))
     run_id = by_epoch(Model(6))

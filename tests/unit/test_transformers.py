@@ -604,7 +604,14 @@ def unevaluated_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in records if "Evaluate where you save" in r.getMessage()]
 
 
-@pytest.mark.parametrize("schedule", sorted(UNEVALUATED))
+# One case of each in make test; the others in make test-all (slow).
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        "epoch evals, step saves",
+        *(pytest.param(schedule, marks=pytest.mark.slow) for schedule in sorted(UNEVALUATED)[1:]),
+    ],
+)
 def test_a_metric_for_best_model_the_saves_cannot_carry_is_warned_of_once_as_training_starts(
     s3_experiment: str, split: data.Split, tmp_path: Path, caplog: pytest.LogCaptureFixture, schedule: str
 ) -> None:
@@ -627,7 +634,14 @@ def test_a_metric_for_best_model_the_saves_cannot_carry_is_warned_of_once_as_tra
         assert "every 3 steps" in warned and "only the saves that fall on an evaluation" in warned
 
 
-@pytest.mark.parametrize("schedule", [*sorted(EVALUATED), "no metric"])
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        "step saves on evals",
+        pytest.param("epoch evals, epoch saves", marks=pytest.mark.slow),
+        pytest.param("no metric", marks=pytest.mark.slow),
+    ],
+)
 def test_no_warning_when_each_save_falls_on_an_evaluation_or_no_metric_ranks_them(
     s3_experiment: str, split: data.Split, tmp_path: Path, caplog: pytest.LogCaptureFixture, schedule: str
 ) -> None:
