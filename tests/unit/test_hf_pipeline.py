@@ -313,21 +313,27 @@ def test_an_overridden_learning_rate_is_the_one_a_resumed_training_steps_with_an
     assert run.data.tags["tracking.overrides"] == "from step 6: lr 0.005 -> 0.05"
 
 
-def test_keep_last_holds_across_a_resume_whose_trainer_never_saw_the_earlier_folders(
+def _two_epochs_keeping_the_last_two_steps(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The Trainer rotates only the folders in its output_dir: a resume has the one it starts from.
+) -> tuple[str, tracking.TrackingConfig, str]:
+    """A store of its own, and a run of it: 2 epochs saved every 2 steps, --keep-last 2 (steps 4 and 6)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=(tmp_path / "artifacts").as_uri())
     use_store(monkeypatch, uri, EXPERIMENT)
-    config = tracking.TrackingConfig(tracking_uri=uri)
     code, out, err = _inline(
         "--epochs", "2", "--batch-size", "512", "--checkpoint-every-steps", "2", "--keep-last", "2"
     )
     assert code == 0, err[-3000:]
-    run_id = _run_id(out)
+    return uri, tracking.TrackingConfig(tracking_uri=uri), _run_id(out)
+
+
+def test_keep_last_holds_across_a_resume_whose_trainer_never_saw_the_earlier_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The Trainer rotates only the folders in its output_dir: a resume has the one it starts from.
+    uri, config, run_id = _two_epochs_keeping_the_last_two_steps(tmp_path, monkeypatch)
     assert [c.step for c in tracking.list_checkpoints(run_id, config=config)] == [4, 6]
-    code, out, err = _inline("--resume", run_id, "--epochs", "4")
+    code, _, err = _inline("--resume", run_id, "--epochs", "4")
     assert code == 0, err[-3000:]
     saved = tracking.list_checkpoints(run_id, config=config)
     best = MlflowClient(uri).get_run(run_id).data.tags[layout.TAG_BEST]
@@ -340,18 +346,10 @@ def test_an_override_of_keep_last_holds_for_the_runs_later_resumes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A run's params cannot change: a later plain --resume took --keep-last 2 back and pruned the run to it.
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=(tmp_path / "artifacts").as_uri())
-    use_store(monkeypatch, uri, EXPERIMENT)
-    config = tracking.TrackingConfig(tracking_uri=uri)
-    code, out, err = _inline(
-        "--epochs", "2", "--batch-size", "512", "--checkpoint-every-steps", "2", "--keep-last", "2"
-    )
+    uri, config, run_id = _two_epochs_keeping_the_last_two_steps(tmp_path, monkeypatch)
+    code, _, err = _inline("--resume", run_id, "--epochs", "3", "--override", "--keep-last", "all")
     assert code == 0, err[-3000:]
-    run_id = _run_id(out)
-    code, out, err = _inline("--resume", run_id, "--epochs", "3", "--override", "--keep-last", "all")
-    assert code == 0, err[-3000:]
-    code, out, err = _inline("--resume", run_id, "--epochs", "4")
+    code, _, err = _inline("--resume", run_id, "--epochs", "4")
     assert code == 0, err[-3000:]
     assert [c.step for c in tracking.list_checkpoints(run_id, config=config)] == [4, 6, 8, 9, 10, 12]
     tags = MlflowClient(uri).get_run(run_id).data.tags

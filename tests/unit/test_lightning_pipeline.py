@@ -26,24 +26,11 @@ from mlflow import MlflowClient
 import tracking
 from pipelines import lightning_digits
 from tests.unit.conftest import use_store
+from tests.unit.test_pipelines import Outcome
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENT = "lightning-pipeline"
 STEPS = ("--batch-size", "512", "--checkpoint-every-steps", "2", "--keep-last", "all")
-
-
-@dataclass
-class Outcome:
-    code: int
-    out: str
-    err: str
-
-    @property
-    def run_id(self) -> str:
-        for line in self.out.splitlines():
-            if line.startswith("MLflow run "):
-                return line.split()[2]
-        raise AssertionError(f"no run ID in stdout:\n{self.out}\nstderr:\n{self.err[-3000:]}")
 
 
 def inline(*args: str) -> Outcome:
