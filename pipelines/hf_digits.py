@@ -96,7 +96,7 @@ def _train(opts: options.Options) -> str:
     from transformers import Trainer, TrainingArguments
 
     import tracking
-    from pipelines import data, noise, parallel, runs
+    from pipelines import data, noise, parallel, resume, runs
     from pipelines.hf_model import DigitsClassifier, DigitsConfig, Examples, accuracy
     from tracking import layout
     from tracking.integrations.transformers import TrackingCallback, checkpoint_folder
@@ -105,7 +105,7 @@ def _train(opts: options.Options) -> str:
 
     config = tracking.TrackingConfig.from_env(experiment_name=opts.experiment)
     client = MlflowClient(config.tracking_uri)
-    opts = distributed.on_rank0(lambda: runs.pinned(opts, config))
+    opts = distributed.on_rank0(lambda: resume.pinned(opts, config))
     # An int picks a step in a run keyed by step, else an epoch (_origin checked which the run has).
     which = opts.from_step or opts.from_epoch or "latest"
 
@@ -118,7 +118,7 @@ def _train(opts: options.Options) -> str:
             changed = opts.conflicts(current)
             runs.refuse_changes(origin.info.run_id, changed, opts.override)
             if not opts.new_run:
-                runs.check_keys(origin.info.run_id, values, config, instead="add --new-run to branch a child run")
+                resume.check_keys(origin.info.run_id, values, config, instead="add --new-run to branch a child run")
         _metric_for_best_model(values)
         if origin is None:
             return origin, values, None
@@ -276,7 +276,7 @@ def _start(
 
 def _origin(client: Any, opts: options.Options, config: Any) -> Any:
     """The run to resume, once checked that this pipeline trained it and can go on as asked."""
-    from pipelines import runs
+    from pipelines import resume, runs
 
     assert opts.resume is not None
     origin = runs.find_run(client, opts.resume, config)
@@ -286,7 +286,7 @@ def _origin(client: Any, opts: options.Options, config: Any) -> Any:
             f"run {run_id} was trained by {params['pipeline']}, not by {NAME}; resume it with "
             f"`python -m {params['pipeline']}`."
         )
-    runs.check_pick(run_id, opts, config, origin.data.tags)
+    resume.check_pick(run_id, opts, config, origin.data.tags)
     return origin
 
 
@@ -327,17 +327,18 @@ def _epoch_metrics() -> Any:
 
 def _learning_rate(lr: float) -> Any:
     """A callback that puts ``lr``, the run's learning rate, into the optimizer and the scheduler the Trainer
-    restored from the resumed folder, before the first step, where they hold another (:func:`runs.apply_lr`)."""
+    restored from the resumed folder, before the first step, where they hold another
+    (:func:`pipelines.resume.apply_lr`)."""
     from transformers import TrainerCallback
 
-    from pipelines import runs
+    from pipelines import resume
 
     class LearningRate(TrainerCallback):  # type: ignore[misc]
         def on_train_begin(
             self, args: Any, state: Any, control: Any, optimizer: Any = None, lr_scheduler: Any = None, **kw: Any
         ) -> None:
             scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's wrapper, if any
-            runs.apply_lr(optimizer, scheduler, lr)
+            resume.apply_lr(optimizer, scheduler, lr)
 
     return LearningRate()
 

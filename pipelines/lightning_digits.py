@@ -58,13 +58,13 @@ def train(opts: options.Options) -> str:
     from mlflow.tracking import MlflowClient
 
     import tracking
-    from pipelines import noise, runs
+    from pipelines import noise, resume, runs
     from pipelines.lightning_modules import GivenLearningRate, LitDigits, PipelineCheckpoint, digits_loaders
     from tracking.integrations.lightning import MLflowCheckpoints, checkpoint_path
 
     config = tracking.TrackingConfig.from_env(experiment_name=opts.experiment)
     client = MlflowClient(config.tracking_uri)
-    opts = runs.pinned(opts, config)
+    opts = resume.pinned(opts, config)
     origin = runs.find_run(client, opts.resume, config) if opts.resume else None
     recorded = origin.data.params if origin else {}
     if origin is not None and recorded.get("pipeline") != NAME:
@@ -75,14 +75,14 @@ def train(opts: options.Options) -> str:
     if origin is not None and (opts.from_step is not None or opts.from_epoch is not None):
         _refuse_a_pick_but_the_latest(origin.info.run_id, opts, config)
     if origin is not None:
-        runs.check_pick(origin.info.run_id, opts, config)
+        resume.check_pick(origin.info.run_id, opts, config)
     current = runs.current_params(origin)
     values = opts.settings(current, origin.info.run_id if origin else None)
     conflicts: dict[str, tuple[str, str]] = {}
     if origin is not None:
         conflicts = opts.conflicts(current)
         runs.refuse_changes(origin.info.run_id, conflicts, opts.override)
-        runs.check_keys(origin.info.run_id, values, config, instead="train a new run (no --resume)")
+        resume.check_keys(origin.info.run_id, values, config, instead="train a new run (no --resume)")
     ckpt_path = checkpoint_path(origin.info.run_id) if origin else None
     # Refused before the run is touched: inside it, the refusal would end the run FAILED.
     if origin is not None and (done := trainer_epochs_done(ckpt_path)) >= opts.epochs:
@@ -145,10 +145,12 @@ def train(opts: options.Options) -> str:
                     **every,
                 )
             )
-        resume = f"python -m {NAME} --resume {{run_id}} --epochs {2 * opts.epochs}"
+        resume_command = f"python -m {NAME} --resume {{run_id}} --epochs {2 * opts.epochs}"
         if "lr" in conflicts:
             callbacks.append(GivenLearningRate(values["lr"]))
-        callbacks.append(MLflowCheckpoints(monitor=values["monitor"], mode=values["monitor_mode"], commands=[resume]))
+        callbacks.append(
+            MLflowCheckpoints(monitor=values["monitor"], mode=values["monitor_mode"], commands=[resume_command])
+        )
         trainer = pl.Trainer(
             max_epochs=opts.epochs,
             callbacks=callbacks,
@@ -169,7 +171,8 @@ def train(opts: options.Options) -> str:
 
 def _refuse_a_pick_but_the_latest(run_id: str, opts: options.Options, config: Any) -> None:
     """Refuse a ``--resume models:/...`` naming a checkpoint of run ``run_id`` other than its latest: Lightning
-    resumes a run from where it stopped (:func:`runs.pinned` made the URI ``--from-epoch``/``--from-step``)."""
+    resumes a run from where it stopped (:func:`pipelines.resume.pinned` made the URI
+    ``--from-epoch``/``--from-step``)."""
     import tracking
     from pipelines import runs
     from tracking import layout

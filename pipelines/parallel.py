@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import tracking
-from pipelines import data, options, runs
+from pipelines import data, options, resume, runs
 from pipelines.epochs import run_epochs
 from pipelines.task import State, Task, seed_everything
 from tracking.parallel import distributed
@@ -96,10 +96,10 @@ def _train(task: Task, opts: options.Options) -> str:
     rank, world = dist.get_rank(), dist.get_world_size()
     config = tracking.TrackingConfig.from_env(experiment_name=opts.experiment)
     client = MlflowClient(config.tracking_uri)
-    opts = distributed.on_rank0(lambda: runs.pinned(opts, config))
+    opts = distributed.on_rank0(lambda: resume.pinned(opts, config))
 
     def settle() -> tuple[Run | None, dict[str, Any], dict[str, tuple[str, str]]]:
-        origin = runs.find_origin(client, task, opts, config) if opts.resume else None
+        origin = resume.find_origin(client, task, opts, config) if opts.resume else None
         values = opts.settings(runs.current_params(origin), origin.info.run_id if origin else None)
         overrides = runs.changed_params(task, opts, origin) if origin else {}
         return origin, values, overrides
@@ -209,7 +209,7 @@ def _restore(
             f"run {run_id} was trained by {saved['sampler']['world_size']} ranks; resume it with as many "
             "(torchrun --nproc-per-node), or the batches would differ."
         )
-    runs.apply_lr(state.optimizer, state.scheduler, values["lr"])
+    resume.apply_lr(state.optimizer, state.scheduler, values["lr"])
     state.epoch, state.step = epoch, loaded.step or 0
     return saved
 

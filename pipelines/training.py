@@ -56,12 +56,12 @@ def train(task: Task, opts: options.Options) -> str:
     from torch.utils.data import DataLoader, TensorDataset
 
     import tracking
-    from pipelines import data, runs
+    from pipelines import data, resume, runs
 
     config = tracking.TrackingConfig.from_env(experiment_name=opts.experiment)
     client = MlflowClient(config.tracking_uri)
-    opts = runs.pinned(opts, config)
-    origin = runs.find_origin(client, task, opts, config) if opts.resume else None
+    opts = resume.pinned(opts, config)
+    origin = resume.find_origin(client, task, opts, config) if opts.resume else None
     values = opts.settings(runs.current_params(origin), origin.info.run_id if origin else None)
     overrides = runs.changed_params(task, opts, origin) if origin else {}
     split = data.load(task.dataset)
@@ -69,7 +69,7 @@ def train(task: Task, opts: options.Options) -> str:
     seed_everything(values["seed"])
     generator = torch.Generator().manual_seed(values["seed"])
     if origin:
-        state, rng = runs.restore(task, opts, origin, values, split, device)
+        state, rng = resume.restore(task, opts, origin, values, split, device)
     else:
         state, rng = _build(task, values, split, device), None
     loader = DataLoader(

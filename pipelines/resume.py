@@ -1,0 +1,181 @@
+"""What a ``--resume`` picks, refuses and restores: the checkpoint of run RUN_ID to go on from.
+
+``--resume RUN_ID [--from-epoch N | --from-step N]`` picks RUN_ID's latest checkpoint, or the one of that
+epoch (step); a checkpoint's ``models:/`` URI as RUN_ID picks that one. Refused, each before the run is
+touched: a run of another pipeline or dataset, a run with no committed checkpoint, a pick the run does not
+hold or of the other kind of key, and a pick before the run's latest checkpoint that would continue in place
+(it would rewrite the run's later history; ``--new-run`` branches a child instead). :mod:`pipelines.runs`
+starts the run that goes on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+import torch
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+import tracking
+from pipelines import data, options, runs
+from pipelines.task import State, Task
+from tracking import layout
+
+
+def pinned(opts: options.Options, config: tracking.TrackingConfig) -> options.Options:
+    """``opts`` with a ``--resume models:/...`` that names one checkpoint (its logged model, or a registry version
+    made from it) as ``--resume RUN_ID --from-epoch N`` (``--from-step N``): its run, from exactly that checkpoint."""
+    if opts.resume is None or not opts.resume.strip().startswith("models:/"):
+        return opts
+    try:
+        located = tracking.find_checkpoint(opts.resume, config=config)
+    except ValueError as exc:
+        raise runs.PipelineError(str(exc)) from exc
+    kind, key = located.manifest.keyed_by, located.manifest.key
+    run_id = located.run_id
+    if opts.from_epoch is not None or opts.from_step is not None:
+        flag = "--from-epoch" if opts.from_epoch is not None else "--from-step"
+        raise runs.PipelineError(
+            f"{opts.resume} names one checkpoint already ({layout.label(kind, key)} of run {run_id}), and "
+            f"{flag} picks among a run's: leave {flag} out, or pass --resume {run_id} with it."
+        )
+    return replace(
+        opts,
+        resume=run_id,
+        from_epoch=key if kind == layout.EPOCH else None,
+        from_step=key if kind == layout.STEP else None,
+    )
+
+
+def find_origin(client: MlflowClient, task: Task, opts: options.Options, config: tracking.TrackingConfig) -> Run:
+    """The run to resume, once checked that this pipeline can resume it as asked."""
+    assert opts.resume is not None
+    run = runs.find_run(client, opts.resume, config)
+    run_id, params = run.info.run_id, run.data.params
+    if params.get("dataset", task.dataset) != task.dataset or params.get("pipeline", task.name) != task.name:
+        pipeline = params.get("pipeline")
+        raise runs.PipelineError(
+            f"run {run_id} was trained by {pipeline or 'another pipeline'} on {params.get('dataset', 'other data')}, "
+            f"not by {task.name} on {task.dataset}; "
+            + (f"resume it with `python -m {pipeline}`." if pipeline else "train a new run instead.")
+        )
+    check_pick(run_id, opts, config, run.data.tags)
+    return run
+
+
+def check_pick(
+    run_id: str, opts: options.Options, config: tracking.TrackingConfig, tags: Mapping[str, str] | None = None
+) -> None:
+    """Refuse to resume a run with no checkpoint, a ``--from-epoch`` in a run keyed by step (or ``--from-step``
+    in one keyed by epoch), and a pick before the run's latest checkpoint when it would continue in place: that
+    would rewrite its later history. ``tags``, the run's: a pick from before a ``--new-run`` child branched is
+    said to be its parent's."""
+    saved = tracking.list_checkpoints(run_id, config=config)
+    keys = [c.key for c in saved if c.key is not None]
+    if not keys:
+        try:
+            tracking.find_checkpoint(run_id, config=config)  # a run of the layout before logged models says so
+        except tracking.NotFoundError:
+            raise runs.PipelineError(
+                f"run {run_id} has no committed checkpoint to resume from: it stopped before its first save, or "
+                "its checkpoints were deleted. Train a new run instead (leave out --resume)."
+            ) from None
+        return
+    kind, value = (layout.EPOCH, opts.from_epoch) if opts.from_epoch is not None else (layout.STEP, opts.from_step)
+    if value is None:
+        return
+    keyed_by = saved[-1].keyed_by
+    if kind != keyed_by:
+        shown = ("..., " if len(keys) > 5 else "") + ", ".join(str(key) for key in keys[-5:])
+        raise runs.PipelineError(
+            f"run {run_id} keys its checkpoints by {keyed_by} ({keyed_by}s {shown}), so --from-{kind} {value} "
+            f"names none of them; pass --from-{keyed_by} N with one of its {keyed_by}s instead."
+        )
+    if value not in keys:
+        # Said before the rewind check: --new-run would not help a pick the run does not have.
+        parent = (tags or {}).get(runs.TAG_RESUMED_FROM_RUN)
+        earlier = ""
+        if parent and value < min(keys):
+            # (Its resumed_from tags say where its latest resume started, not where it branched.)
+            earlier = (
+                f" It is a --new-run child of run {parent}, which holds the {kind}s from before it branched: "
+                f"--resume {parent} --from-{kind} {value} --new-run."
+            )
+        raise runs.PipelineError(
+            f"run {run_id} has no checkpoint for {kind} {value}; committed {kind}s: "
+            f"{', '.join(str(key) for key in keys)}. Pass --from-{kind} N with one of them.{earlier}"
+        )
+    latest = max(keys)
+    if value < latest and not opts.new_run:
+        raise runs.PipelineError(
+            f"run {run_id} has checkpoints up to {kind} {latest}; continuing it from {kind} {value} would rewrite "
+            f"its later history. Add --new-run to branch a child run from {kind} {value}."
+        )
+
+
+def check_keys(run_id: str, values: Mapping[str, Any], config: tracking.TrackingConfig, *, instead: str) -> None:
+    """Refuse to go on in run ``run_id`` with saves keyed otherwise than its checkpoints: a run holds one kind
+    of key (epoch or step). Said before the run is touched; ``instead`` says how to save the other way."""
+    asked = layout.STEP if values.get("checkpoint_every_steps") is not None else layout.EPOCH
+    saved = tracking.list_checkpoints(run_id, config=config)
+    if saved and saved[-1].keyed_by != asked:
+        flag = "--checkpoint-every-steps" if asked == layout.STEP else "--checkpoint-every"
+        raise runs.PipelineError(
+            f"run {run_id} keys its checkpoints by {saved[-1].keyed_by}, and {flag} would key the resumed ones by "
+            f"{asked}: a run holds one kind of key. Leave {flag} out to save as the run did, or {instead}."
+        )
+
+
+def restore(
+    task: Task,
+    opts: options.Options,
+    origin: Run,
+    values: Mapping[str, Any],
+    split: data.Split,
+    device: torch.device,
+) -> tuple[State, dict[str, Any]]:
+    """The state ``origin``'s checkpoint holds, and the RNG states to restore just before the first epoch."""
+    run_id = origin.info.run_id
+    try:
+        loaded = tracking.load(
+            run_id,
+            "latest" if opts.from_epoch is None else opts.from_epoch,
+            mode="train",
+            map_location=device,
+            model=lambda: task.build_model(split.n_features),
+            optimizer=lambda parameters: task.build_optimizer(parameters, values["lr"]),
+            scheduler=task.build_scheduler,
+        )
+    except tracking.MismatchError as exc:
+        raise runs.PipelineError(
+            f"cannot resume: {task.name} builds a different model than the one logged. {exc}"
+        ) from exc
+    epoch = loaded.epoch or 0
+    if epoch >= opts.epochs:
+        raise runs.PipelineError(
+            f"run {run_id} ({origin.info.status}) already reached epoch {epoch} and --epochs is "
+            f"{opts.epochs}; pass --epochs greater than {epoch} to train further."
+        )
+    if loaded.optimizer is None or "rng" not in loaded.extra:
+        raise runs.PipelineError(
+            f"run {run_id}: {loaded.path} holds no optimizer or RNG state, so it cannot be resumed exactly; "
+            "resume a checkpoint logged by a training pipeline."
+        )
+    apply_lr(loaded.optimizer, loaded.scheduler, values["lr"])
+    state = State(loaded.model, loaded.optimizer, loaded.scheduler, epoch, loaded.step or 0)
+    return state, loaded.extra["rng"]
+
+
+def apply_lr(optimizer: torch.optim.Optimizer, scheduler: Any, lr: float) -> None:
+    """Train on with learning rate ``lr`` from the resumed checkpoint, where its optimizer trained with another:
+    an ``--override``-n one, or the run's since an override after that checkpoint (a child branched from before
+    it records the run's current ``lr`` as its param, and must train with it too)."""
+    trained = scheduler.base_lrs if scheduler is not None else [group["lr"] for group in optimizer.param_groups]
+    if all(value == lr for value in trained):
+        return  # the loaded state as it is: a plain resume goes on bit for bit
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if scheduler is not None:
+        scheduler.base_lrs = [lr] * len(optimizer.param_groups)
