@@ -5,56 +5,26 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, NoReturn
 
 import torch
 from torch import nn
 
-from tracking import catalog, layout, note, registry
+from tracking import catalog, layout, note
 from tracking.catalog import LoggedCheckpoint
 from tracking.checkpoint import snapshot_checkpoint
 from tracking.commit import CheckpointSnapshot, Describe, commit_checkpoint
 from tracking.config import TrackingConfig
-from tracking.errors import TrackingError, one_line
 from tracking.manifest import SHARDED_KIND, Manifest
 from tracking.metrics import check_metrics
 from tracking.parallel import distributed
 from tracking.parallel.collective import commit
+from tracking.retention import RetentionPolicy
 from tracking.run import RunHandle, open_run, target_run_id
 from tracking.saver import AsyncSaver, raise_background_errors, reserve_host_memory
 
 _log = logging.getLogger(__name__)
-
-
-@dataclass
-class Retention:
-    """What one retention pass did, by key (epoch or step): deleted, kept because registered, or failed to delete."""
-
-    deleted: list[int] = field(default_factory=list)
-    registered: dict[int, tuple[str, list[str]]] = field(default_factory=dict)  # -> (model ID, versions)
-    failed: dict[int, tuple[str, TrackingError]] = field(default_factory=dict)  # -> (model ID, error)
-    keyed_by: str = layout.EPOCH
-
-    def warnings(self, run_id: str) -> list[str]:
-        """One line for what failed, one per registered checkpoint kept."""
-        lines = [
-            f"run {run_id}: retention keeps {layout.label(self.keyed_by, key)} ({model_id}) because registry "
-            f"version {', '.join(versions)} points at it; delete the version first, or the checkpoint with "
-            "`tracking gc --delete-registered`."
-            for key, (model_id, versions) in sorted(self.registered.items())
-        ]
-        if self.failed:
-            what = ", ".join(
-                f"{layout.label(self.keyed_by, key)} ({model_id})" for key, (model_id, _) in sorted(self.failed.items())
-            )
-            first = one_line(next(iter(self.failed.values()))[1])[:300]
-            lines.append(
-                f"run {run_id}: retention could not delete {what} ({first}); the checkpoint just saved is "
-                "committed, and the next save retries the deletion."
-            )
-        return lines
 
 
 def _count(value: int, name: str) -> int:
@@ -123,25 +93,21 @@ class Checkpointer:
         self.every_n_epochs = every_n_epochs
         self.every_n_steps = every_n_steps
         self.keyed_by = layout.EPOCH if every_n_steps is None else layout.STEP
-        self.keep_last = keep_last
-        self.keep_best = keep_best
-        self.monitor = monitor
-        self.mode = mode
+        self.retention = RetentionPolicy(keep_last, keep_best, monitor, mode)
         self._run_id = run_id
         self._config = config
         self._handle: RunHandle | None = None
-        # key (epoch, or step) -> monitored value (None when the checkpoint lacks it), for retention, and
-        # key -> (model ID, artifact location), to delete what falls out.
-        self._kept: dict[int, float | None] | None = None
-        self._models: dict[int, tuple[str, str]] = {}
-        # key -> model ID and metrics of every committed checkpoint, for the run's description.
-        self._noted: dict[int, note.NotedCheckpoint] = {}
         self.describe_run = describe_run
         self.commands = tuple(commands)
         self._saver = AsyncSaver(on_busy) if async_save else None
         self._pinned = 0  # bytes of pinned host memory reserved for async snapshots
         self._saved_step: int | None = None  # the global step of this Checkpointer's last save
         self._run_checked = False  # whether the run's key was checked, at the first save() call (see _check_run)
+
+    @property
+    def monitor(self) -> str:
+        """The metric that ranks checkpoints for ``keep_best`` and the run's best."""
+        return self.retention.monitor
 
     def should_save(self, epoch: int, step: int | None = None) -> bool:
         if self.every_n_steps is None:
@@ -195,9 +161,10 @@ class Checkpointer:
             # Ranks would drop different saves, and a sharded save needs every rank's part.
             raise ValueError('on_busy="coalesce" cannot be used under a process group; use on_busy="wait"')
         clean = check_metrics(metrics)
-        if self.keep_best is not None and self.monitor not in clean:
+        keep_best = self.retention.keep_best
+        if keep_best is not None and self.monitor not in clean:
             raise ValueError(
-                f"keep_best={self.keep_best} ranks checkpoints by {self.monitor!r}, which is not in "
+                f"keep_best={keep_best} ranks checkpoints by {self.monitor!r}, which is not in "
                 f"metrics {sorted(clean)}; pass it, or set monitor= to a metric you log."
             )
         snapshot = snapshot_checkpoint(
@@ -206,7 +173,7 @@ class Checkpointer:
             epoch=epoch,
             metrics=clean,
             monitor=self.monitor if self.monitor in clean else None,
-            mode=self.mode,
+            mode=self.retention.mode,
             step=step,
             keyed_by=self.keyed_by,
             scheduler=scheduler,
@@ -219,7 +186,7 @@ class Checkpointer:
         handle = None
         if distributed.rank() == 0:
             handle = self._open()
-            self._existing(handle)
+            self.retention.read(handle, describe=self.describe_run)
         # A background save that failed unnoticed fails this save, whichever kind it is.
         raise_background_errors()
         if self._saver is None:
@@ -246,14 +213,15 @@ class Checkpointer:
 
     def _describer(self, handle: RunHandle, manifest: Manifest) -> Describe:
         key = manifest.key
-        assert key is not None and self._kept is not None
-        known = self._kept
+        policy = self.retention
+        assert key is not None and policy.kept is not None
+        known = policy.kept
         value = manifest.metrics.get(self.monitor)
 
         def describe(model_id: str, tags: Mapping[str, str]) -> dict[str, str]:
             # The checkpoints as they will be once this one is committed and retention has run.
-            noted = {**self._noted, key: note.NotedCheckpoint(model_id, dict(manifest.metrics))}
-            kept = self._retained({**known, key: value}, latest=key) if self._retains else set(noted)
+            noted = {**policy.noted, key: note.NotedCheckpoint(model_id, dict(manifest.metrics))}
+            kept = policy.retained({**known, key: value}, latest=key) if policy.retains else set(noted)
             retained = {e: c for e, c in noted.items() if e in kept}
             return note.describe_run(
                 handle.run_id, manifest, retained, tags, monitor=self.monitor, commands=self.commands
@@ -263,20 +231,12 @@ class Checkpointer:
 
     def _committed(self, handle: RunHandle, manifest: Manifest, logged: LoggedCheckpoint) -> None:
         key = manifest.key
-        assert key is not None and self._kept is not None
-        value = manifest.metrics.get(self.monitor)
-        self._kept[key] = value
-        assert logged.model_id is not None and logged.artifact_uri is not None
-        self._models[key] = (logged.model_id, logged.artifact_uri)
-        self._noted[key] = note.NotedCheckpoint(logged.model_id, dict(manifest.metrics))
+        assert key is not None and logged.model_id is not None and logged.artifact_uri is not None
+        self.retention.add(key, logged.model_id, logged.artifact_uri, manifest.metrics)
         # The save is committed: what retention cannot do now it says in one line, and the next save retries.
-        done = self._apply_retention(handle, self._kept, latest=key)
+        done = self.retention.apply(handle, latest=key)
         for line in done.warnings(handle.run_id):
             _log.warning("%s", line)
-
-    @property
-    def _retains(self) -> bool:
-        return self.keep_last is not None or self.keep_best is not None
 
     def _open(self) -> RunHandle:
         if self._handle is None:
@@ -300,100 +260,10 @@ class Checkpointer:
             # When the tags do not say the run's key, its committed checkpoints do: one search for both.
             listed = catalog.search(handle) if layout.keyed_by_of(handle.tags) is None else None
             catalog.refuse_mixed_keys(handle, self.keyed_by, listed)
-            self._existing(handle, listed)
+            self.retention.read(handle, listed, describe=self.describe_run)
 
         distributed.on_rank0(ask)
         self._run_checked = True
-
-    def _existing(
-        self, handle: RunHandle, listed: list[catalog.StoredCheckpoint] | None = None
-    ) -> dict[int, float | None]:
-        # Read once per Checkpointer: a resumed run's earlier checkpoints count for retention
-        # and its description too. ``listed``: the run's committed checkpoints, when just searched.
-        if self._kept is None:
-            self._kept = {}
-            if self._retains or self.describe_run:
-                committed = catalog.committed(handle) if listed is None else catalog.current(handle, listed)
-                for key, stored in committed.items():
-                    self._kept[key] = stored.metrics.get(self.monitor)
-                    self._models[key] = (stored.model_id, stored.artifact_uri)
-                    self._noted[key] = note.NotedCheckpoint(stored.model_id, stored.metrics)
-        return self._kept
-
-    def _retained(self, kept: Mapping[int, float | None], latest: int) -> set[int]:
-        """The keys retention keeps of ``kept`` (key -> monitored value) once ``latest`` is committed."""
-        keep = {latest}
-        if self.keep_last is not None:
-            keep.update(sorted(kept)[-self.keep_last :])
-        if self.keep_best is not None:
-            keep.update(layout.best_first(kept, self.mode)[: self.keep_best])
-        return keep
-
-    def _apply_retention(
-        self, handle: RunHandle, kept: dict[int, float | None], latest: int, *, delete_registered: bool = False
-    ) -> Retention:
-        """Delete what falls outside the kept set; what cannot be deleted now stays in the policy's state.
-
-        A checkpoint that fails to delete (a stalled server) stays in ``kept``, so the next pass
-        retries it; one that a registry version points at is kept (and dropped from the policy, so
-        it is reported once) unless ``delete_registered``. The checkpoint just committed is never
-        at stake: nothing here raises for a deletion.
-        """
-        done = Retention(keyed_by=layout.keyed_by_of(handle.tags) or layout.EPOCH)
-        if not self._retains:
-            return done
-        keep = self._retained(kept, latest)
-        doomed = sorted(set(kept) - keep)
-        if not doomed:
-            return done
-        try:
-            # The run's tags as they are now: another writer may have moved best since this one committed.
-            handle.refresh_tags()
-            registered = {} if delete_registered else registry.versions_by_model(handle)
-            staying = {handle.tags.get(layout.TAG_LATEST), *registered}
-            self._repoint_best(handle, kept, keep, [e for e in doomed if self._models[e][0] not in staying])
-        except TrackingError as exc:
-            # Without the run's tags, deleting could leave best naming a missing checkpoint: retry next pass.
-            done.failed = {key: (self._models[key][0], exc) for key in doomed}
-            return done
-        for key in doomed:
-            model_id, artifact_uri = self._models[key]
-            if model_id == handle.tags.get(layout.TAG_LATEST):
-                continue  # another writer's latest (re-logged or newer checkpoints of its own): not ours to delete
-            if model_id in registered:
-                done.registered[key] = (model_id, registered[model_id])
-            else:
-                try:
-                    catalog.delete(handle, model_id, artifact_uri)
-                except TrackingError as exc:
-                    done.failed[key] = (model_id, exc)
-                    continue
-                done.deleted.append(key)
-            del kept[key]
-            del self._models[key]
-            self._noted.pop(key, None)
-        return done
-
-    def _repoint_best(
-        self, handle: RunHandle, kept: Mapping[int, float | None], keep: set[int], doomed: list[int]
-    ) -> None:
-        """Before deleting (``doomed``) the checkpoint the best tag names, point the tag at the best survivor.
-
-        Only then: the tag is the run's, and a survivor of this policy is no better than the run's
-        best when another writer holds it (two Checkpointers on one run must not move best to worse).
-        """
-        if handle.tags.get(layout.TAG_BEST) not in {self._models[key][0] for key in doomed}:
-            return
-        ranked = layout.best_first({e: kept[e] for e in keep}, self.mode)
-        if ranked:
-            handle.set_tags(
-                {
-                    layout.TAG_BEST: self._models[ranked[0]][0],
-                    layout.TAG_BEST_VALUE: repr(kept[ranked[0]]),
-                    layout.TAG_MONITOR: self.monitor,
-                    layout.TAG_MODE: self.mode,
-                }
-            )
 
     def __enter__(self) -> Checkpointer:
         return self

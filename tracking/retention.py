@@ -1,22 +1,175 @@
-"""Retention after the fact (``tracking gc``): delete a run's checkpoints outside the last N and the best K.
+"""Retention: keep a run's last N and best K checkpoints, and delete the rest.
 
-The rule and the deletions are a :class:`~tracking.checkpointer.Checkpointer`'s, the same as during training;
-this module applies them to a run that is no longer (or never was) in this process, and reports what it did.
+A :class:`~tracking.checkpointer.Checkpointer` applies its :class:`RetentionPolicy` right after each save
+commits; :func:`prune` (``tracking gc``) applies the same rule to a run that is no longer (or never was)
+in this process, and reports what it did.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TypedDict, Unpack
 
 from tracking import catalog, layout, note, registry
-from tracking.checkpointer import Checkpointer
 from tracking.config import TrackingConfig
 from tracking.errors import StorageError, TrackingError, one_line
 from tracking.run import RunHandle, open_run
 
 _log = logging.getLogger(__name__)
+
+
+@dataclass
+class Retention:
+    """What one retention pass did, by key (epoch or step): deleted, kept because registered, or failed to delete."""
+
+    deleted: list[int] = field(default_factory=list)
+    registered: dict[int, tuple[str, list[str]]] = field(default_factory=dict)  # -> (model ID, versions)
+    failed: dict[int, tuple[str, TrackingError]] = field(default_factory=dict)  # -> (model ID, error)
+    keyed_by: str = layout.EPOCH
+
+    def warnings(self, run_id: str) -> list[str]:
+        """One line for what failed, one per registered checkpoint kept."""
+        lines = [
+            f"run {run_id}: retention keeps {layout.label(self.keyed_by, key)} ({model_id}) because registry "
+            f"version {', '.join(versions)} points at it; delete the version first, or the checkpoint with "
+            "`tracking gc --delete-registered`."
+            for key, (model_id, versions) in sorted(self.registered.items())
+        ]
+        if self.failed:
+            what = ", ".join(
+                f"{layout.label(self.keyed_by, key)} ({model_id})" for key, (model_id, _) in sorted(self.failed.items())
+            )
+            first = one_line(next(iter(self.failed.values()))[1])[:300]
+            lines.append(
+                f"run {run_id}: retention could not delete {what} ({first}); the checkpoint just saved is "
+                "committed, and the next save retries the deletion."
+            )
+        return lines
+
+
+class RetentionPolicy:
+    """Keep the last ``keep_last`` and the best ``keep_best`` (by ``monitor``, ``mode``) of a run's checkpoints.
+
+    It holds the run's committed checkpoints as this process knows them: read from the run once
+    (:meth:`read`), then added to as checkpoints commit (:meth:`add`). A
+    :class:`~tracking.checkpointer.Checkpointer` applies it right after each save; :func:`prune`, after the fact.
+    """
+
+    def __init__(self, keep_last: int | None, keep_best: int | None, monitor: str, mode: str) -> None:
+        self.keep_last = keep_last
+        self.keep_best = keep_best
+        self.monitor = monitor
+        self.mode = mode
+        # key (epoch, or step) -> monitored value (None when the checkpoint lacks it), for retention, and
+        # key -> (model ID, artifact location), to delete what falls out. None until read from the run.
+        self.kept: dict[int, float | None] | None = None
+        self._models: dict[int, tuple[str, str]] = {}
+        # key -> model ID and metrics of every committed checkpoint, for the run's description.
+        self.noted: dict[int, note.NotedCheckpoint] = {}
+
+    @property
+    def retains(self) -> bool:
+        """Whether it deletes anything: with neither ``keep_last`` nor ``keep_best``, everything is kept."""
+        return self.keep_last is not None or self.keep_best is not None
+
+    def read(
+        self, handle: RunHandle, listed: list[catalog.StoredCheckpoint] | None = None, *, describe: bool = False
+    ) -> dict[int, float | None]:
+        """The run's committed checkpoints (key -> monitored value), read once: a resumed run's earlier ones count.
+
+        ``listed``: the run's checkpoints, when just searched. Not read when nothing needs them: a
+        policy that retains nothing, for a writer that does not ``describe`` the run either.
+        """
+        if self.kept is None:
+            self.kept = {}
+            if self.retains or describe:
+                committed = catalog.committed(handle) if listed is None else catalog.current(handle, listed)
+                for key, stored in committed.items():
+                    self.add(key, stored.model_id, stored.artifact_uri, stored.metrics)
+        return self.kept
+
+    def add(self, key: int, model_id: str, artifact_uri: str, metrics: Mapping[str, float]) -> None:
+        """Count a checkpoint just committed (or found committed) at ``key``."""
+        assert self.kept is not None, "read() the run first"
+        self.kept[key] = metrics.get(self.monitor)
+        self._models[key] = (model_id, artifact_uri)
+        self.noted[key] = note.NotedCheckpoint(model_id, dict(metrics))
+
+    def retained(self, kept: Mapping[int, float | None], latest: int) -> set[int]:
+        """The keys retention keeps of ``kept`` (key -> monitored value) once ``latest`` is committed."""
+        keep = {latest}
+        if self.keep_last is not None:
+            keep.update(sorted(kept)[-self.keep_last :])
+        if self.keep_best is not None:
+            keep.update(layout.best_first(kept, self.mode)[: self.keep_best])
+        return keep
+
+    def apply(self, handle: RunHandle, latest: int, *, delete_registered: bool = False) -> Retention:
+        """Delete what falls outside the kept set once ``latest`` is committed; what cannot be deleted now stays.
+
+        A checkpoint that fails to delete (a stalled server) stays in the kept set, so the next pass
+        retries it; one that a registry version points at is kept (and dropped from the policy, so
+        it is reported once) unless ``delete_registered``. The checkpoint just committed is never
+        at stake: nothing here raises for a deletion.
+        """
+        kept = self.read(handle)
+        done = Retention(keyed_by=layout.keyed_by_of(handle.tags) or layout.EPOCH)
+        if not self.retains:
+            return done
+        keep = self.retained(kept, latest)
+        doomed = sorted(set(kept) - keep)
+        if not doomed:
+            return done
+        try:
+            # The run's tags as they are now: another writer may have moved best since this one committed.
+            handle.refresh_tags()
+            registered = {} if delete_registered else registry.versions_by_model(handle)
+            staying = {handle.tags.get(layout.TAG_LATEST), *registered}
+            self._repoint_best(handle, kept, keep, [e for e in doomed if self._models[e][0] not in staying])
+        except TrackingError as exc:
+            # Without the run's tags, deleting could leave best naming a missing checkpoint: retry next pass.
+            done.failed = {key: (self._models[key][0], exc) for key in doomed}
+            return done
+        for key in doomed:
+            model_id, artifact_uri = self._models[key]
+            if model_id == handle.tags.get(layout.TAG_LATEST):
+                continue  # another writer's latest (re-logged or newer checkpoints of its own): not ours to delete
+            if model_id in registered:
+                done.registered[key] = (model_id, registered[model_id])
+            else:
+                try:
+                    catalog.delete(handle, model_id, artifact_uri)
+                except TrackingError as exc:
+                    done.failed[key] = (model_id, exc)
+                    continue
+                done.deleted.append(key)
+            del kept[key]
+            del self._models[key]
+            self.noted.pop(key, None)
+        return done
+
+    def _repoint_best(
+        self, handle: RunHandle, kept: Mapping[int, float | None], keep: set[int], doomed: list[int]
+    ) -> None:
+        """Before deleting (``doomed``) the checkpoint the best tag names, point the tag at the best survivor.
+
+        Only then: the tag is the run's, and a survivor of this policy is no better than the run's
+        best when another writer holds it (two Checkpointers on one run must not move best to worse).
+        """
+        if handle.tags.get(layout.TAG_BEST) not in {self._models[key][0] for key in doomed}:
+            return
+        ranked = layout.best_first({e: kept[e] for e in keep}, self.mode)
+        if ranked:
+            handle.set_tags(
+                {
+                    layout.TAG_BEST: self._models[ranked[0]][0],
+                    layout.TAG_BEST_VALUE: repr(kept[ranked[0]]),
+                    layout.TAG_MONITOR: self.monitor,
+                    layout.TAG_MODE: self.mode,
+                }
+            )
 
 
 class PruneOptions(TypedDict, total=False):
@@ -116,10 +269,10 @@ def prune_report(
         )
     monitor = monitor or handle.tags.get(layout.TAG_MONITOR) or "val_loss"
     mode = mode or handle.tags.get(layout.TAG_MODE) or "min"
-    pruner = Checkpointer(keep_last=keep_last, keep_best=keep_best, monitor=monitor, mode=mode, describe_run=False)
+    policy = RetentionPolicy(keep_last, keep_best, monitor, mode)
     committed = catalog.committed(handle)
     keys = f"{catalog.keyed_by(handle, committed.values())}s"
-    kept = pruner._existing(handle)
+    kept = policy.read(handle)
     if keep_best is not None and any(value is None for value in kept.values()):
         missing = sorted(key for key, value in kept.items() if value is None)
         shared = set.intersection(*(set(checkpoint.metrics) for checkpoint in committed.values()))
@@ -130,13 +283,13 @@ def prune_report(
     if not kept:
         return Pruned([], [])
     if dry_run:
-        doomed = sorted(set(kept) - pruner._retained(kept, latest=max(kept)))
+        doomed = sorted(set(kept) - policy.retained(kept, latest=max(kept)))
         registered = {} if delete_registered else registry.versions_by_model(handle)
         return Pruned(
             [committed[e] for e in doomed if committed[e].model_id not in registered],
             [(committed[e], registered[committed[e].model_id]) for e in doomed if committed[e].model_id in registered],
         )
-    done = pruner._apply_retention(handle, kept, latest=max(kept), delete_registered=delete_registered)
+    done = policy.apply(handle, latest=max(kept), delete_registered=delete_registered)
     if done.deleted:
         _relist(handle, {key: c for key, c in committed.items() if key not in done.deleted}, monitor)
     if done.failed:
