@@ -85,11 +85,6 @@ class Checkpointer:
                 "its checkpoints are keyed by one of them. To save at the end of an epoch too, call "
                 "save(..., step=, force=True) there."
             )
-        for name, value in (("keep_last", keep_last), ("keep_best", keep_best)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {value}")
-        if mode not in layout.MODES:
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         self.every_n_epochs = every_n_epochs
         self.every_n_steps = every_n_steps
         self.keyed_by = layout.EPOCH if every_n_steps is None else layout.STEP

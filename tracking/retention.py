@@ -58,6 +58,11 @@ class RetentionPolicy:
     """
 
     def __init__(self, keep_last: int | None, keep_best: int | None, monitor: str, mode: str) -> None:
+        for name, value in (("keep_last", keep_last), ("keep_best", keep_best)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        if mode not in layout.MODES:
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         self.keep_last = keep_last
         self.keep_best = keep_best
         self.monitor = monitor
