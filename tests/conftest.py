@@ -10,10 +10,13 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.mlflow_stores import release_mlflow_stores
+from tracking.testing import release_mlflow_stores
 
 if TYPE_CHECKING:
     from tracking.localstack import LocalStack
+
+# tracking_s3, tracking_store, tracking_experiment: the fixtures the library offers its users' tests.
+pytest_plugins = ["tracking.testing"]
 
 UNIT = Path(__file__).parent / "unit"
 
@@ -50,7 +53,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def _release_mlflow_stores() -> Iterator[None]:
     """Lets each test's tracking stores (sqlite engines, open mlflow.db handles) go when it ends.
 
-    MLflow caches them for the life of the process (see tests/mlflow_stores.py): kept, a suite of
+    MLflow caches them for the life of the process (see tracking.testing.release_mlflow_stores): kept, a suite of
     per-test stores grew to 7 GB and took minutes to exit.
     """
     yield

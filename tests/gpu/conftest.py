@@ -14,9 +14,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from tests.unit.conftest import empty_tracking_db, mocked_s3, s3_experiment, tracking_store
+from tests.unit.conftest import mocked_s3, s3_experiment, tracking_s3_bucket
 
-__all__ = ["empty_tracking_db", "mocked_s3", "s3_experiment", "tracking_store"]
+__all__ = ["mocked_s3", "s3_experiment", "tracking_s3_bucket"]
 
 # cuBLAS reads this once, when it makes its first handle: set before any test's first matmul, so that
 # the bit-for-bit tests that come later in the session (the pipelines', Lightning's, the Trainer's) run

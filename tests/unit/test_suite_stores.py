@@ -1,9 +1,10 @@
-"""The suite's own fixtures let each test's tracking store go when the test ends.
+"""tracking.testing's fixtures let each test's tracking store go when the test ends.
 
 MLflow caches a SQLAlchemy engine per database URI (and the store per URI) for the life of the
 process: a suite that gives every test a fresh sqlite store kept ~500 of them open, 7 GB resident,
 and spent minutes collecting garbage at exit. This runs a small session of tests, each with its
-own ``tracking_store``, in a child pytest with the suite's conftests as plugins, and checks in its
+own ``tracking_store``, in a child pytest with ``tracking.testing`` as its only plugin (as a user's suite
+enables it, without this suite's conftests), and checks in its
 last test that nothing of the earlier stores is left: no engine, no open ``mlflow.db``, no run the
 library's writers opened (each holds an S3 client and its parsed service model).
 """
@@ -48,7 +49,7 @@ def test_nothing_is_left_of_them() -> None:
 
 def test_each_tests_tracking_store_is_released_when_it_ends(tmp_path: Path) -> None:
     (tmp_path / "test_session.py").write_text(SESSION)
-    plugins = ["-p", "no:cacheprovider", "-p", "tests.conftest", "-p", "tests.unit.conftest"]
+    plugins = ["-p", "no:cacheprovider", "-p", "tracking.testing"]
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", *plugins, "--rootdir", str(tmp_path), str(tmp_path / "test_session.py")],
         cwd=ROOT,
