@@ -218,7 +218,8 @@ def parse(
     resume.add_argument(
         "--resume",
         metavar="RUN_ID",
-        help="continue run RUN_ID from its latest checkpoint (a checkpoint's models:/ URI: from that checkpoint)",
+        help="continue run RUN_ID (or runs:/RUN_ID) from its latest checkpoint (a checkpoint's models:/ URI: from "
+        "that checkpoint)",
     )
     resume.add_argument(
         "--from-epoch", type=_positive_int, metavar="N", help="resume from epoch N's checkpoint instead"
