@@ -79,7 +79,7 @@ def evaluate(source: str, checkpoint: str | int | None = None, *, trust_pickle: 
             "i.e. runs of pipelines.train and pipelines.digits."
         )
     task = TASKS[dataset]
-    model, what, epoch = _load(source, run.info.run_id, checkpoint, trust_pickle)
+    model, what, epoch = _load(source, run.info.run_id, task.name, checkpoint, trust_pickle)
     split = data.load(task.dataset)
     loss, accuracy = measure(task, model, split.x_val, split.y_val)
     metrics = {"eval_loss": loss, "eval_accuracy": accuracy}
@@ -97,9 +97,9 @@ _ENDED = (
 
 
 def _load(
-    source: str, run_id: str, checkpoint: str | int | None, trust_pickle: bool
+    source: str, run_id: str, pipeline: str, checkpoint: str | int | None, trust_pickle: bool
 ) -> tuple[nn.Module, str, int | None]:
-    """The model to evaluate, how to name it, and its epoch when it is a checkpoint."""
+    """The model to evaluate, how to name it, and its epoch when it is a checkpoint; ``pipeline`` trained the run."""
     # The loader rebuilds only classes whose module is imported already: the pipelines' models.
     import pipelines.models  # noqa: F401
     import tracking
@@ -123,9 +123,33 @@ def _load(
             raise runs.PipelineError(f"run {run_id} has no state dict: {_ENDED}") from exc
     # The weights alone: rebuilding the optimizer too (tracking.load) would cost a second of
     # torch's start-up (its first optimizer imports torch._dynamo) for nothing evaluation uses.
-    located = tracking.find_checkpoint(source, "latest" if checkpoint is None else checkpoint)
+    try:
+        located = tracking.find_checkpoint(source, "latest" if checkpoint is None else checkpoint)
+    except tracking.NotFoundError as exc:
+        if tracking.list_checkpoints(run_id):
+            raise  # not the one asked for: the library's message lists those the run has
+        raise runs.PipelineError(_without_checkpoints(run_id, pipeline)) from exc
     model = tracking.load_model(f"models:/{located.model_id}", mode="eval")
     return model, f"{located.label} (epoch {located.manifest.epoch})", located.manifest.epoch
+
+
+def _without_checkpoints(run_id: str, pipeline: str) -> str:
+    """What a run without checkpoints lacks, and what to evaluate or train instead."""
+    import tracking
+    from tracking.selection import find_weights
+
+    try:
+        find_weights(f"runs:/{run_id}/{STATE_DICT}")
+        instead = (
+            f"evaluate the weights its training ended with (--checkpoint {STATE_DICT}, or --checkpoint {WHOLE_MODEL} "
+            f"--trust-pickle), or train a new run with `python -m {pipeline}`."
+        )
+    except tracking.NotFoundError:
+        instead = f"train a new run with `python -m {pipeline}` and evaluate that."
+    return (
+        f"run {run_id} has no committed checkpoint to evaluate (it stopped before its first save, or its checkpoints "
+        f"were deleted), so it cannot be resumed either; {instead}"
+    )
 
 
 def _checkpoint(text: str) -> str | int:
