@@ -171,11 +171,7 @@ def restore(
             f"cannot resume: {task.name} builds a different model than the one logged. {exc}"
         ) from exc
     epoch = loaded.epoch or 0
-    if epoch >= opts.epochs:
-        raise runs.PipelineError(
-            f"run {run_id} ({origin.info.status}) already reached epoch {epoch} and --epochs is "
-            f"{opts.epochs}; pass --epochs greater than {epoch} to train further."
-        )
+    runs.check_target(origin, epoch, opts)
     if loaded.optimizer is None or "rng" not in loaded.extra:
         raise runs.PipelineError(
             f"run {run_id}: {loaded.path} holds no optimizer or RNG state, so it cannot be resumed exactly; "

@@ -12,6 +12,10 @@ one, and what is refused: :mod:`pipelines.resume`) at epoch N and goes on in one
   (tags ``mlflow.parentRunId``, ``tracking.resumed_from_run``,
   ``tracking.resumed_from_epoch``) with the same params; its metrics start at step N+1.
 
+Every run records the number of epochs it trains to in the tag ``tracking.epochs``: a resume without
+``--epochs`` goes on to that target, and one with ``--epochs`` sets the new target (in RUN_ID's tag, or the
+child's) that later resumes go on to.
+
 Options left out take RUN_ID's params as it last trained with them. Given ones that
 differ are refused unless ``--override``. A run's params cannot change, so an override
 on RUN_ID itself is kept in tags: ``tracking.override.<param>`` holds the value its
@@ -25,6 +29,7 @@ import random
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import mlflow
@@ -44,6 +49,8 @@ TAG_RESUMED_FROM_RUN = "tracking.resumed_from_run"
 TAG_RESUMED_FROM_EPOCH = "tracking.resumed_from_epoch"
 TAG_RESUMED_FROM_STEP = "tracking.resumed_from_step"
 TAG_RESUMES = "tracking.resumes"
+# The number of epochs the run trains to: its latest --epochs, which a resume without --epochs goes on to.
+TAG_EPOCHS = "tracking.epochs"
 TAG_OVERRIDES = "tracking.overrides"
 # tracking.override.lr = "0.5": the value of param lr since an --override on the run itself.
 TAG_OVERRIDE_PREFIX = "tracking.override."
@@ -65,6 +72,32 @@ def find_run(client: MlflowClient, source: str, config: tracking.TrackingConfig)
     if run.info.lifecycle_stage == "deleted":
         raise PipelineError(f"run {run.info.run_id} is deleted; restore it in the MLflow UI first.")
     return run
+
+
+def with_target(opts: options.Options, origin: Run | None) -> options.Options:
+    """``opts`` with ``origin``'s recorded target as ``epochs`` when --epochs was left out (a run recorded
+    before targets were keeps the pipeline's default)."""
+    recorded = None if origin is None or opts.epochs_given else origin.data.tags.get(TAG_EPOCHS)
+    if recorded is None:
+        return opts
+    if not (recorded.isdecimal() and recorded.isascii() and int(recorded) > 0):
+        raise PipelineError(
+            f"run {origin.info.run_id} records {recorded!r} as its target number of epochs (tag {TAG_EPOCHS}); "
+            "pass --epochs N to say how far to train it."
+        )
+    return replace(opts, epochs=int(recorded))
+
+
+def check_target(origin: Run, epoch: int, opts: options.Options) -> None:
+    """Refuse to resume ``origin`` from ``epoch`` when that is its target already: there is nothing to train."""
+    if epoch < opts.epochs:
+        return
+    target = "--epochs" if opts.epochs_given else f"its target (tag {TAG_EPOCHS})"
+    raise PipelineError(
+        f"run {origin.info.run_id} ({origin.info.status}) already reached epoch {epoch} and {target} is "
+        f"{opts.epochs}; pass --epochs "
+        f"greater than {epoch} to train further."
+    )
 
 
 def refuse_changes(run_id: str, changed: Mapping[str, tuple[str, str]], override: bool) -> None:
@@ -177,6 +210,7 @@ def start(
         _note_relogged(client, origin.info.run_id, epoch)
     if origin is not None:
         tags.update(override_tags(f"epoch {epoch}", overrides, origin, opts.new_run))
+    tags[TAG_EPOCHS] = str(opts.epochs)
     # A local store (sqlite, a folder) names a new run in this process, from Python's RNG, which the pipeline
     # seeded: every run of a seed got the same name. Drawn from the OS's entropy, and the seeded state kept.
     seeded = random.getstate()

@@ -600,7 +600,7 @@ def test_a_plain_resume_goes_on_to_the_target_the_run_was_last_given(
     assert max(history(run_id)["val_loss"]) == 6
     done = inline(train.main, "--resume", run_id)
     assert done.code == 1 and done.err.count("\n") == 1, done.err
-    assert "already reached epoch 6, its target (tag tracking.epochs)" in done.err and "pass --epochs" in done.err
+    assert "already reached epoch 6 and its target (tag tracking.epochs) is 6" in done.err and "pass --epochs" in done.err
 
 
 def test_a_child_resumed_in_place_keeps_where_it_branched(env: dict[str, str]) -> None:
