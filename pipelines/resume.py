@@ -116,7 +116,8 @@ def check_pick(
         parent = (tags or {}).get(runs.TAG_RESUMED_FROM_RUN)
         earlier = ""
         if parent and value < min(keys):
-            # (Its resumed_from tags say where its latest resume started, not where it branched.)
+            # (Its tracking.resumed_from_epoch says where its latest resume started; tracking.branched_from_epoch,
+            # where it branched, is not on children made before that tag, hence its first checkpoint as the bound.)
             earlier = (
                 f" It is a --new-run child of run {parent}, which holds the {kind}s from before it branched: "
                 f"--resume {parent} --from-{kind} {value} --new-run."

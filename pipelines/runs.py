@@ -3,14 +3,16 @@
 A training without ``--resume`` starts a new run. ``--resume RUN_ID`` restores RUN_ID's checkpoint (which
 one, and what is refused: :mod:`pipelines.resume`) at epoch N and goes on in one of two runs:
 
-- By default the resumed run is RUN_ID itself and its metrics go on at step N+1.
+- By default the resumed run is RUN_ID itself and its metrics go on at step N+1 (tags
+  ``tracking.resumed_from_epoch``: N, where its latest resume began, and ``tracking.resumes``: how many).
   An attempt that died after logging an epoch's metrics but before committing that
   epoch's checkpoint leaves those steps behind: they are logged again, MLflow keeps
   both values, and the later one is current. Rewinding a run in place to before its
   latest checkpoint is refused; branch with ``--new-run`` instead.
 - ``--new-run`` starts a child run (in RUN_ID's experiment unless ``--experiment``)
-  (tags ``mlflow.parentRunId``, ``tracking.resumed_from_run``,
-  ``tracking.resumed_from_epoch``) with the same params; its metrics start at step N+1.
+  (tags ``mlflow.parentRunId``, ``tracking.resumed_from_run``: RUN_ID, ``tracking.branched_from_epoch``
+  and ``tracking.resumed_from_epoch``: N) with the same params; its metrics start at step N+1. Resumed in
+  place later, the child keeps its branch point: only ``tracking.resumed_from_epoch`` moves.
 
 Every run records the number of epochs it trains to in the tag ``tracking.epochs``: a resume without
 ``--epochs`` goes on to that target, and one with ``--epochs`` sets the new target (in RUN_ID's tag, or the
@@ -46,7 +48,10 @@ from tracking import layout, spec
 from tracking.cli.noise import muted
 
 TAG_RESUMED_FROM_RUN = "tracking.resumed_from_run"
+# Where the run's latest start from a checkpoint began: a child's branch point until it is resumed in place.
 TAG_RESUMED_FROM_EPOCH = "tracking.resumed_from_epoch"
+# A --new-run child's epoch of its parent it branched from, set once: its in-place resumes leave it.
+TAG_BRANCHED_FROM_EPOCH = "tracking.branched_from_epoch"
 TAG_RESUMED_FROM_STEP = "tracking.resumed_from_step"
 TAG_RESUMES = "tracking.resumes"
 # The number of epochs the run trains to: its latest --epochs, which a resume without --epochs goes on to.
@@ -199,7 +204,12 @@ def start(
         parent = origin.info.run_id
         experiment_id = _experiment_id(client, opts.experiment) if opts.experiment else origin.info.experiment_id
         run_args = {"experiment_id": experiment_id}
-        tags = {MLFLOW_PARENT_RUN_ID: parent, TAG_RESUMED_FROM_RUN: parent, TAG_RESUMED_FROM_EPOCH: str(epoch)}
+        tags = {
+            MLFLOW_PARENT_RUN_ID: parent,
+            TAG_RESUMED_FROM_RUN: parent,
+            TAG_BRANCHED_FROM_EPOCH: str(epoch),
+            TAG_RESUMED_FROM_EPOCH: str(epoch),
+        }
     else:
         run_args = {"run_id": origin.info.run_id}
         # A run's params cannot change: log only those it lacks (options added since it started).
