@@ -116,8 +116,7 @@ def check_pick(
         parent = (tags or {}).get(runs.TAG_RESUMED_FROM_RUN)
         earlier = ""
         if parent and value < min(keys):
-            # (Its tracking.resumed_from_epoch says where its latest resume started; tracking.branched_from_epoch,
-            # where it branched, is not on children made before that tag, hence its first checkpoint as the bound.)
+            # Before its first checkpoint: from before it branched (tag tracking.branched_from_epoch), its parent's.
             earlier = (
                 f" It is a --new-run child of run {parent}, which holds the {kind}s from before it branched: "
                 f"--resume {parent} --from-{kind} {value} --new-run."
