@@ -150,8 +150,7 @@ def _train(task: Task, opts: options.Options) -> str:
         whole = _plain_copy(task, state.model, split.n_features)
         if run is not None:
             assert whole is not None
-            tracking.log_state_dict(whole)
-            logged = runs.log_whole_model(whole)
+            logged = runs.log_final_weights(whole, opts.epochs)
             runs.report(client, run, logged.model_id)
         return run_id
 

@@ -82,8 +82,7 @@ def find_run(client: MlflowClient, source: str, config: tracking.TrackingConfig)
 def with_target(opts: options.Options, origin: Run | None) -> options.Options:
     """``opts`` with ``origin``'s recorded target as ``epochs`` when --epochs was left out (a run recorded
     before targets were keeps the pipeline's default)."""
-    recorded = None if origin is None or opts.epochs_given else origin.data.tags.get(TAG_EPOCHS)
-    if recorded is None:
+    if origin is None or opts.epochs_given or (recorded := origin.data.tags.get(TAG_EPOCHS)) is None:
         return opts
     if not (recorded.isdecimal() and recorded.isascii() and int(recorded) > 0):
         raise PipelineError(
@@ -276,14 +275,18 @@ def announce(client: MlflowClient, run: mlflow.ActiveRun) -> None:
         print(f"view it at {link}", flush=True)
 
 
-def log_whole_model(model: torch.nn.Module) -> Any:
-    """The whole model in MLflow's pytorch flavor (``mlflow.pytorch.load_model``, serving); MLflow's ``ModelInfo``.
+def log_final_weights(model: torch.nn.Module, epoch: int) -> Any:
+    """The model a training ended with at ``epoch``, as its state dict and as the whole model in MLflow's pytorch
+    flavor (``mlflow.pytorch.load_model``, serving); MLflow's ``ModelInfo`` of the latter. Each records ``epoch``:
+    the state dict in its manifest, the whole model as its step among the run's outputs (MLflow then shows that
+    epoch's metrics on it), where ``pipelines.evaluate`` logs their ``eval_*`` metrics.
 
-    A pickle on purpose: that is what the flavor loads. MLflow warns about it at every save; the
-    pipeline silences that and says it once, in :func:`report`, with what it means for loading.
+    The whole model is a pickle on purpose: that is what the flavor loads. MLflow warns about it at every save;
+    the pipeline silences that and says it once, in :func:`report`, with what it means for loading.
     """
+    tracking.log_state_dict(model, epoch=epoch)
     with muted("mlflow.pytorch", "Saving pytorch model by Pickle"):
-        return tracking.log_model(model, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        return tracking.log_model(model, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], step=epoch)
 
 
 def report(
@@ -342,8 +345,13 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
     return str(experiment.experiment_id)
 
 
+def last_logged_epoch(client: MlflowClient, run_id: str) -> int:
+    """The last epoch run ``run_id`` logged its metrics at (0: none)."""
+    return max((m.step for m in client.get_metric_history(run_id, "val_loss")), default=0)
+
+
 def _note_relogged(client: MlflowClient, run_id: str, epoch: int) -> None:
-    last = max((m.step for m in client.get_metric_history(run_id, "val_loss")), default=0)
+    last = last_logged_epoch(client, run_id)
     if last > epoch:
         print(
             f"note: run {run_id} logged metrics up to epoch {last} but its checkpoint is from epoch {epoch}; "

@@ -537,8 +537,7 @@ def test_evaluate_of_a_state_dict_a_run_never_logged_refuses_instead_of_evaluati
     # A run stopped before its end has checkpoints but no state dict: --checkpoint state_dict evaluated its latest
     # checkpoint and printed it as "state_dict"; --checkpoint model named tracking.log_model as the next step.
     with monkeypatch.context() as patch:  # as a run stopped after its last checkpoint
-        patch.setattr(tracking, "log_state_dict", lambda model: None)
-        patch.setattr(runs, "log_whole_model", lambda model: SimpleNamespace(model_id=None))
+        patch.setattr(runs, "log_final_weights", lambda model, epoch: SimpleNamespace(model_id=None))
         run_id = inline(train.main, "--epochs", "1").run_id
 
     for pick, said in (["state_dict"], "has no state dict"), (["model", "--trust-pickle"], "has no whole model"):
@@ -600,7 +599,7 @@ def test_a_plain_resume_goes_on_to_the_target_the_run_was_last_given(
     assert max(history(run_id)["val_loss"]) == 6
     done = inline(train.main, "--resume", run_id)
     assert done.code == 1 and done.err.count("\n") == 1, done.err
-    assert "already reached epoch 6 and its target (tag tracking.epochs) is 6" in done.err and "pass --epochs" in done.err
+    assert "already reached epoch 6 and its target (tag tracking.epochs) is 6; pass --epochs" in done.err
 
 
 def test_a_child_resumed_in_place_keeps_where_it_branched(env: dict[str, str]) -> None:
