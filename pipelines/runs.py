@@ -96,11 +96,15 @@ def check_target(origin: Run, epoch: int, opts: options.Options) -> None:
     """Refuse to resume ``origin`` from ``epoch`` when that is its target already: there is nothing to train."""
     if epoch < opts.epochs:
         return
-    target = "--epochs" if opts.epochs_given else f"its target (tag {TAG_EPOCHS})"
+    if opts.epochs_given:
+        target = "--epochs"
+    elif TAG_EPOCHS in origin.data.tags:
+        target = f"its target (tag {TAG_EPOCHS})"
+    else:  # a run from before targets were recorded
+        target = "the pipeline's default --epochs"
     raise PipelineError(
         f"run {origin.info.run_id} ({origin.info.status}) already reached epoch {epoch} and {target} is "
-        f"{opts.epochs}; pass --epochs "
-        f"greater than {epoch} to train further."
+        f"{opts.epochs}; pass --epochs greater than {epoch} to train further."
     )
 
 
