@@ -10,8 +10,9 @@ A checkpoint or the state dict is rebuilt by `tracking.load` / `tracking.load_mo
 unpickling; ``model`` is the whole model in MLflow's pytorch flavor, a pickle, hence
 ``--trust-pickle``. The run's `dataset` param says which data. It evaluates runs of pipelines.train and
 pipelines.digits; the Lightning and Hugging Face pipelines evaluate each checkpoint as they save it.
-Metrics are logged as `eval_loss` and `eval_accuracy` (at the checkpoint's epoch) through the client, so a finished
-run stays finished.
+Metrics are logged as `eval_loss` and `eval_accuracy` at the epoch the model holds (a checkpoint's own; the state dict's
+and the whole model's, the last epoch of the training that logged them) through the client, so a finished run stays
+finished.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from typing import TYPE_CHECKING
 
 from pipelines import digits, train
 from tracking.errors import run_command
+from tracking.uri import parse_source
 
 # MLflow, torch and scikit-learn are imported when evaluation runs, after the command line is
 # parsed: `--help` and usage errors answer at once.
 if TYPE_CHECKING:
+    from mlflow.entities import Run
     from torch import nn
 
 TASKS = {task.dataset: task for task in (train.TASK, digits.TASK)}
@@ -46,7 +49,6 @@ def evaluate(source: str, checkpoint: str | int | None = None, *, trust_pickle: 
     from pipelines import data, runs
     from pipelines.task import measure
     from tracking import layout
-    from tracking.uri import parse_source
 
     config = tracking.TrackingConfig.from_env()
     client = MlflowClient(config.tracking_uri)
@@ -79,13 +81,18 @@ def evaluate(source: str, checkpoint: str | int | None = None, *, trust_pickle: 
             "i.e. runs of pipelines.train and pipelines.digits."
         )
     task = TASKS[dataset]
-    model, what, epoch = _load(source, run.info.run_id, checkpoint, trust_pickle)
+    model, what, epoch = _load(source, run, task.name, checkpoint, trust_pickle)
+    if epoch is None:  # logged before the pipelines recorded it: at the end of training, its last epoch then
+        epoch = runs.last_logged_epoch(client, run.info.run_id)
     split = data.load(task.dataset)
     loss, accuracy = measure(task, model, split.x_val, split.y_val)
     metrics = {"eval_loss": loss, "eval_accuracy": accuracy}
     for name, value in metrics.items():
-        client.log_metric(run.info.run_id, name, value, step=epoch or 0)
-    print(f"run {run.info.run_id} {what}: " + " ".join(f"{name}={value:.6f}" for name, value in metrics.items()))
+        client.log_metric(run.info.run_id, name, value, step=epoch)
+    print(
+        f"run {run.info.run_id} {what} (epoch {epoch}): "
+        + " ".join(f"{name}={value:.6f}" for name, value in metrics.items())
+    )
     return metrics
 
 
@@ -97,14 +104,18 @@ _ENDED = (
 
 
 def _load(
-    source: str, run_id: str, checkpoint: str | int | None, trust_pickle: bool
+    source: str, run: Run, pipeline: str, checkpoint: str | int | None, trust_pickle: bool
 ) -> tuple[nn.Module, str, int | None]:
-    """The model to evaluate, how to name it, and its epoch when it is a checkpoint."""
+    """The model to evaluate, how to name it, and the epoch it holds (None: not recorded); ``pipeline`` trained
+    the run. A checkpoint holds its own epoch; the state dict and the whole model, the one the training that
+    logged them ended with, which they record (:func:`pipelines.runs.log_final_weights`)."""
     # The loader rebuilds only classes whose module is imported already: the pipelines' models.
     import pipelines.models  # noqa: F401
     import tracking
     from pipelines import runs
+    from tracking.selection import find_weights
 
+    run_id = run.info.run_id
     if checkpoint == WHOLE_MODEL:
         if not trust_pickle:
             raise runs.PipelineError(
@@ -112,20 +123,67 @@ def _load(
                 "--trust-pickle if you trust this run, or evaluate a checkpoint or the state_dict."
             )
         try:
-            return tracking.load_pickled_model(source, trust_pickle=True), "whole model (pytorch flavor)", None
+            model = tracking.load_pickled_model(source, trust_pickle=True)
         except tracking.NotFoundError as exc:
             raise runs.PipelineError(f"{source} has no whole model: {_ENDED}") from exc
+        return model, "whole model", _whole_model_epoch(source, run)
     if checkpoint == STATE_DICT:
         # Its folder by name: the run alone would be read as its latest checkpoint where it has no state dict.
+        uri = f"runs:/{run_id}/{STATE_DICT}"
         try:
-            return tracking.load_model(f"runs:/{run_id}/{STATE_DICT}"), "state_dict", None
+            epoch = find_weights(uri).manifest.epoch
+            return tracking.load_model(uri), "state_dict", epoch
         except tracking.NotFoundError as exc:
             raise runs.PipelineError(f"run {run_id} has no state dict: {_ENDED}") from exc
     # The weights alone: rebuilding the optimizer too (tracking.load) would cost a second of
     # torch's start-up (its first optimizer imports torch._dynamo) for nothing evaluation uses.
-    located = tracking.find_checkpoint(source, "latest" if checkpoint is None else checkpoint)
+    try:
+        located = tracking.find_checkpoint(source, "latest" if checkpoint is None else checkpoint)
+    except tracking.NotFoundError as exc:
+        if tracking.list_checkpoints(run_id):
+            raise  # not the one asked for: the library's message lists those the run has
+        raise runs.PipelineError(_without_checkpoints(run_id, pipeline)) from exc
     model = tracking.load_model(f"models:/{located.model_id}", mode="eval")
-    return model, f"{located.label} (epoch {located.manifest.epoch})", located.manifest.epoch
+    return model, located.label, located.manifest.epoch
+
+
+def _whole_model_epoch(source: str, run: Run) -> int | None:
+    """The epoch of the whole model ``source`` names (a run: its newest, which ``runs:/RUN_ID/model`` loads): the
+    step it was logged at among the run's outputs; None when it was logged at none (step 0) or is a registry's."""
+    from mlflow.tracking import MlflowClient
+
+    from tracking import layout
+
+    model_id = parse_source(source).model_id
+    if model_id is None and parse_source(source).run_id is not None:
+        newest = MlflowClient().search_logged_models(
+            experiment_ids=[run.info.experiment_id],
+            filter_string=f"name = '{layout.MODEL_NAME}' AND source_run_id = '{run.info.run_id}'",
+            order_by=[{"field_name": "creation_timestamp", "ascending": False}],
+            max_results=1,
+        )
+        model_id = newest[0].model_id if newest else None
+    outputs = run.outputs.model_outputs if run.outputs else []
+    return max((output.step for output in outputs if output.model_id == model_id), default=0) or None
+
+
+def _without_checkpoints(run_id: str, pipeline: str) -> str:
+    """What a run without checkpoints lacks, and what to evaluate or train instead."""
+    import tracking
+    from tracking.selection import find_weights
+
+    try:
+        find_weights(f"runs:/{run_id}/{STATE_DICT}")
+        instead = (
+            f"evaluate the weights its training ended with (--checkpoint {STATE_DICT}, or --checkpoint {WHOLE_MODEL} "
+            f"--trust-pickle), or train a new run with `python -m {pipeline}`."
+        )
+    except tracking.NotFoundError:
+        instead = f"train a new run with `python -m {pipeline}` and evaluate that."
+    return (
+        f"run {run_id} has no committed checkpoint to evaluate (it stopped before its first save, or its checkpoints "
+        f"were deleted), so it cannot be resumed either; {instead}"
+    )
 
 
 def _checkpoint(text: str) -> str | int:

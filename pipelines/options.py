@@ -92,6 +92,7 @@ class Options:
     defaults: dict[str, Any]
     strategy: str | None = None  # "ddp" or "fsdp" under torchrun (see pipelines.parallel)
     from_step: int | None = None  # the framework pipelines' --from-step
+    epochs_given: bool = True  # False: --epochs left out, epochs is the default (a resume goes on to its run's target)
 
     def settings(self, recorded: Mapping[str, str] | None = None, run_id: str | None = None) -> dict[str, Any]:
         """Every recorded option's value: given > the resumed run's param > default.
@@ -178,8 +179,8 @@ def parse(
     parser.add_argument(
         "--epochs",
         type=_positive_int,
-        default=merged["epochs"],
-        help="total epochs to reach; a resumed run trains the ones left (default: %(default)s)",
+        help="total epochs to reach; a resumed run trains the ones left (default: "
+        f"{merged['epochs']}; a resume of a run that recorded its target: that target)",
     )
     parser.add_argument(
         "--experiment",
@@ -218,7 +219,8 @@ def parse(
     resume.add_argument(
         "--resume",
         metavar="RUN_ID",
-        help="continue run RUN_ID from its latest checkpoint (a checkpoint's models:/ URI: from that checkpoint)",
+        help="continue run RUN_ID (or runs:/RUN_ID) from its latest checkpoint (a checkpoint's models:/ URI: from "
+        "that checkpoint)",
     )
     resume.add_argument(
         "--from-epoch", type=_positive_int, metavar="N", help="resume from epoch N's checkpoint instead"
@@ -261,7 +263,7 @@ def parse(
     if args.from_epoch is not None and from_step is not None:
         parser.error("--from-epoch and --from-step: a checkpoint is picked by one of them; pass one")
     return Options(
-        epochs=args.epochs,
+        epochs=merged["epochs"] if args.epochs is None else args.epochs,
         experiment=args.experiment,
         resume=args.resume,
         from_epoch=args.from_epoch,
@@ -271,6 +273,7 @@ def parse(
         defaults={name: merged[name] for name in names},
         strategy=args.strategy,
         from_step=from_step,
+        epochs_given=args.epochs is not None,
     )
 
 

@@ -98,13 +98,13 @@ def _train(task: Task, opts: options.Options) -> str:
     client = MlflowClient(config.tracking_uri)
     opts = distributed.on_rank0(lambda: resume.pinned(opts, config))
 
-    def settle() -> tuple[Run | None, dict[str, Any], dict[str, tuple[str, str]]]:
+    def settle() -> tuple[options.Options, Run | None, dict[str, Any], dict[str, tuple[str, str]]]:
         origin = resume.find_origin(client, task, opts, config) if opts.resume else None
         values = opts.settings(runs.current_params(origin), origin.info.run_id if origin else None)
         overrides = runs.changed_params(task, opts, origin) if origin else {}
-        return origin, values, overrides
+        return runs.with_target(opts, origin), origin, values, overrides
 
-    origin, values, overrides = distributed.on_rank0(settle)
+    opts, origin, values, overrides = distributed.on_rank0(settle)
     split = data.load(task.dataset)
     seed_everything(values["seed"])
     state = _build(task, opts, values, split)
@@ -150,8 +150,7 @@ def _train(task: Task, opts: options.Options) -> str:
         whole = _plain_copy(task, state.model, split.n_features)
         if run is not None:
             assert whole is not None
-            tracking.log_state_dict(whole)
-            logged = runs.log_whole_model(whole)
+            logged = runs.log_final_weights(whole, opts.epochs)
             runs.report(client, run, logged.model_id)
         return run_id
 
@@ -193,11 +192,7 @@ def _restore(
         checkpoint="latest" if opts.from_epoch is None else opts.from_epoch,
     )
     epoch = loaded.epoch or 0
-    if epoch >= opts.epochs:
-        raise runs.PipelineError(
-            f"run {run_id} already reached epoch {epoch} and --epochs is {opts.epochs}; pass --epochs greater "
-            f"than {epoch} to train further."
-        )
+    runs.check_target(origin, epoch, opts)
     saved = loaded.rank_state
     if not isinstance(saved, dict) or "rng" not in saved:
         raise runs.PipelineError(

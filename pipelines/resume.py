@@ -22,12 +22,30 @@ import tracking
 from pipelines import data, options, runs
 from pipelines.task import State, Task
 from tracking import layout
+from tracking.uri import parse_source
 
 
 def pinned(opts: options.Options, config: tracking.TrackingConfig) -> options.Options:
     """``opts`` with a ``--resume models:/...`` that names one checkpoint (its logged model, or a registry version
-    made from it) as ``--resume RUN_ID --from-epoch N`` (``--from-step N``): its run, from exactly that checkpoint."""
-    if opts.resume is None or not opts.resume.strip().startswith("models:/"):
+    made from it) as ``--resume RUN_ID --from-epoch N`` (``--from-step N``): its run, from exactly that checkpoint.
+    A ``runs:/RUN_ID/<path>`` is refused: a path names no checkpoint (they are logged models), and the run's latest
+    would be resumed whatever it said."""
+    if opts.resume is None:
+        return opts
+    source = opts.resume.strip()
+    if source.startswith("runs:/"):
+        try:
+            parsed = parse_source(source)
+        except ValueError as exc:  # runs:/ with no run ID
+            raise runs.PipelineError(str(exc)) from exc
+        if parsed.artifact_path:
+            pick = "--from-epoch N (--from-step N)" if "checkpoint_every_steps" in opts.defaults else "--from-epoch N"
+            raise runs.PipelineError(
+                f"--resume {source}: a path names no checkpoint; --resume takes a run ID, runs:/RUN_ID or a "
+                f"checkpoint's models:/MODEL_ID (or models:/NAME@ALIAS): pass --resume {parsed.run_id} {pick} to "
+                "pick one (`tracking checkpoints RUN_ID` lists them)."
+            )
+    if not source.startswith("models:/"):
         return opts
     try:
         located = tracking.find_checkpoint(opts.resume, config=config)
@@ -98,7 +116,7 @@ def check_pick(
         parent = (tags or {}).get(runs.TAG_RESUMED_FROM_RUN)
         earlier = ""
         if parent and value < min(keys):
-            # (Its resumed_from tags say where its latest resume started, not where it branched.)
+            # Before its first checkpoint: from before it branched (tag tracking.branched_from_epoch), its parent's.
             earlier = (
                 f" It is a --new-run child of run {parent}, which holds the {kind}s from before it branched: "
                 f"--resume {parent} --from-{kind} {value} --new-run."
@@ -153,11 +171,7 @@ def restore(
             f"cannot resume: {task.name} builds a different model than the one logged. {exc}"
         ) from exc
     epoch = loaded.epoch or 0
-    if epoch >= opts.epochs:
-        raise runs.PipelineError(
-            f"run {run_id} ({origin.info.status}) already reached epoch {epoch} and --epochs is "
-            f"{opts.epochs}; pass --epochs greater than {epoch} to train further."
-        )
+    runs.check_target(origin, epoch, opts)
     if loaded.optimizer is None or "rng" not in loaded.extra:
         raise runs.PipelineError(
             f"run {run_id}: {loaded.path} holds no optimizer or RNG state, so it cannot be resumed exactly; "

@@ -3,14 +3,20 @@
 A training without ``--resume`` starts a new run. ``--resume RUN_ID`` restores RUN_ID's checkpoint (which
 one, and what is refused: :mod:`pipelines.resume`) at epoch N and goes on in one of two runs:
 
-- By default the resumed run is RUN_ID itself and its metrics go on at step N+1.
+- By default the resumed run is RUN_ID itself and its metrics go on at step N+1 (tags
+  ``tracking.resumed_from_epoch``: N, where its latest resume began, and ``tracking.resumes``: how many).
   An attempt that died after logging an epoch's metrics but before committing that
   epoch's checkpoint leaves those steps behind: they are logged again, MLflow keeps
   both values, and the later one is current. Rewinding a run in place to before its
   latest checkpoint is refused; branch with ``--new-run`` instead.
 - ``--new-run`` starts a child run (in RUN_ID's experiment unless ``--experiment``)
-  (tags ``mlflow.parentRunId``, ``tracking.resumed_from_run``,
-  ``tracking.resumed_from_epoch``) with the same params; its metrics start at step N+1.
+  (tags ``mlflow.parentRunId``, ``tracking.resumed_from_run``: RUN_ID, ``tracking.branched_from_epoch``
+  and ``tracking.resumed_from_epoch``: N) with the same params; its metrics start at step N+1. Resumed in
+  place later, the child keeps its branch point: only ``tracking.resumed_from_epoch`` moves.
+
+Every run records the number of epochs it trains to in the tag ``tracking.epochs``: a resume without
+``--epochs`` goes on to that target, and one with ``--epochs`` sets the new target (in RUN_ID's tag, or the
+child's) that later resumes go on to.
 
 Options left out take RUN_ID's params as it last trained with them. Given ones that
 differ are refused unless ``--override``. A run's params cannot change, so an override
@@ -25,6 +31,7 @@ import random
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import mlflow
@@ -41,9 +48,14 @@ from tracking import layout, spec
 from tracking.cli.noise import muted
 
 TAG_RESUMED_FROM_RUN = "tracking.resumed_from_run"
+# Where the run's latest start from a checkpoint began: a child's branch point until it is resumed in place.
 TAG_RESUMED_FROM_EPOCH = "tracking.resumed_from_epoch"
+# A --new-run child's epoch of its parent it branched from, set once: its in-place resumes leave it.
+TAG_BRANCHED_FROM_EPOCH = "tracking.branched_from_epoch"
 TAG_RESUMED_FROM_STEP = "tracking.resumed_from_step"
 TAG_RESUMES = "tracking.resumes"
+# The number of epochs the run trains to: its latest --epochs, which a resume without --epochs goes on to.
+TAG_EPOCHS = "tracking.epochs"
 TAG_OVERRIDES = "tracking.overrides"
 # tracking.override.lr = "0.5": the value of param lr since an --override on the run itself.
 TAG_OVERRIDE_PREFIX = "tracking.override."
@@ -65,6 +77,35 @@ def find_run(client: MlflowClient, source: str, config: tracking.TrackingConfig)
     if run.info.lifecycle_stage == "deleted":
         raise PipelineError(f"run {run.info.run_id} is deleted; restore it in the MLflow UI first.")
     return run
+
+
+def with_target(opts: options.Options, origin: Run | None) -> options.Options:
+    """``opts`` with ``origin``'s recorded target as ``epochs`` when --epochs was left out (a run recorded
+    before targets were keeps the pipeline's default)."""
+    if origin is None or opts.epochs_given or (recorded := origin.data.tags.get(TAG_EPOCHS)) is None:
+        return opts
+    if not (recorded.isdecimal() and recorded.isascii() and int(recorded) > 0):
+        raise PipelineError(
+            f"run {origin.info.run_id} records {recorded!r} as its target number of epochs (tag {TAG_EPOCHS}); "
+            "pass --epochs N to say how far to train it."
+        )
+    return replace(opts, epochs=int(recorded))
+
+
+def check_target(origin: Run, epoch: int, opts: options.Options) -> None:
+    """Refuse to resume ``origin`` from ``epoch`` when that is its target already: there is nothing to train."""
+    if epoch < opts.epochs:
+        return
+    if opts.epochs_given:
+        target = "--epochs"
+    elif TAG_EPOCHS in origin.data.tags:
+        target = f"its target (tag {TAG_EPOCHS})"
+    else:  # a run from before targets were recorded
+        target = "the pipeline's default --epochs"
+    raise PipelineError(
+        f"run {origin.info.run_id} ({origin.info.status}) already reached epoch {epoch} and {target} is "
+        f"{opts.epochs}; pass --epochs greater than {epoch} to train further."
+    )
 
 
 def refuse_changes(run_id: str, changed: Mapping[str, tuple[str, str]], override: bool) -> None:
@@ -166,7 +207,12 @@ def start(
         parent = origin.info.run_id
         experiment_id = _experiment_id(client, opts.experiment) if opts.experiment else origin.info.experiment_id
         run_args = {"experiment_id": experiment_id}
-        tags = {MLFLOW_PARENT_RUN_ID: parent, TAG_RESUMED_FROM_RUN: parent, TAG_RESUMED_FROM_EPOCH: str(epoch)}
+        tags = {
+            MLFLOW_PARENT_RUN_ID: parent,
+            TAG_RESUMED_FROM_RUN: parent,
+            TAG_BRANCHED_FROM_EPOCH: str(epoch),
+            TAG_RESUMED_FROM_EPOCH: str(epoch),
+        }
     else:
         run_args = {"run_id": origin.info.run_id}
         # A run's params cannot change: log only those it lacks (options added since it started).
@@ -177,6 +223,7 @@ def start(
         _note_relogged(client, origin.info.run_id, epoch)
     if origin is not None:
         tags.update(override_tags(f"epoch {epoch}", overrides, origin, opts.new_run))
+    tags[TAG_EPOCHS] = str(opts.epochs)
     # A local store (sqlite, a folder) names a new run in this process, from Python's RNG, which the pipeline
     # seeded: every run of a seed got the same name. Drawn from the OS's entropy, and the seeded state kept.
     seeded = random.getstate()
@@ -232,14 +279,18 @@ def announce(client: MlflowClient, run: mlflow.ActiveRun) -> None:
         print(f"view it at {link}", flush=True)
 
 
-def log_whole_model(model: torch.nn.Module) -> Any:
-    """The whole model in MLflow's pytorch flavor (``mlflow.pytorch.load_model``, serving); MLflow's ``ModelInfo``.
+def log_final_weights(model: torch.nn.Module, epoch: int) -> Any:
+    """The model a training ended with at ``epoch``, as its state dict and as the whole model in MLflow's pytorch
+    flavor (``mlflow.pytorch.load_model``, serving); MLflow's ``ModelInfo`` of the latter. Each records ``epoch``:
+    the state dict in its manifest, the whole model as its step among the run's outputs (MLflow then shows that
+    epoch's metrics on it), where ``pipelines.evaluate`` logs their ``eval_*`` metrics.
 
-    A pickle on purpose: that is what the flavor loads. MLflow warns about it at every save; the
-    pipeline silences that and says it once, in :func:`report`, with what it means for loading.
+    The whole model is a pickle on purpose: that is what the flavor loads. MLflow warns about it at every save;
+    the pipeline silences that and says it once, in :func:`report`, with what it means for loading.
     """
+    tracking.log_state_dict(model, epoch=epoch)
     with muted("mlflow.pytorch", "Saving pytorch model by Pickle"):
-        return tracking.log_model(model, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        return tracking.log_model(model, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], step=epoch)
 
 
 def report(
@@ -298,8 +349,13 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
     return str(experiment.experiment_id)
 
 
+def last_logged_epoch(client: MlflowClient, run_id: str) -> int:
+    """The last epoch run ``run_id`` logged its metrics at (0: none)."""
+    return max((m.step for m in client.get_metric_history(run_id, "val_loss")), default=0)
+
+
 def _note_relogged(client: MlflowClient, run_id: str, epoch: int) -> None:
-    last = max((m.step for m in client.get_metric_history(run_id, "val_loss")), default=0)
+    last = last_logged_epoch(client, run_id)
     if last > epoch:
         print(
             f"note: run {run_id} logged metrics up to epoch {last} but its checkpoint is from epoch {epoch}; "

@@ -62,6 +62,7 @@ def train(task: Task, opts: options.Options) -> str:
     client = MlflowClient(config.tracking_uri)
     opts = resume.pinned(opts, config)
     origin = resume.find_origin(client, task, opts, config) if opts.resume else None
+    opts = runs.with_target(opts, origin)
     values = opts.settings(runs.current_params(origin), origin.info.run_id if origin else None)
     overrides = runs.changed_params(task, opts, origin) if origin else {}
     split = data.load(task.dataset)
@@ -94,8 +95,7 @@ def train(task: Task, opts: options.Options) -> str:
         )
         # The trained model in the two other shapes the save/load notes use: its state dict, and
         # the whole model in MLflow's pytorch flavor (mlflow.pytorch.load_model, model serving).
-        tracking.log_state_dict(state.model)
-        whole = runs.log_whole_model(state.model)
+        whole = runs.log_final_weights(state.model, opts.epochs)
         runs.report(client, run, whole.model_id)
         return str(run.info.run_id)
 

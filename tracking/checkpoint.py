@@ -37,15 +37,19 @@ def log_state_dict(
     run_id: str | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     format: str = "torch",
+    epoch: int | None = None,
     config: TrackingConfig | None = None,
 ) -> LoggedCheckpoint:
     """Log ``model.state_dict()`` as ``state_dict/state_dict.pt`` (or ``.safetensors``) plus a manifest.
 
-    The file loads with the plain ``model.load_state_dict(torch.load(f, weights_only=True))``.
+    The file loads with the plain ``model.load_state_dict(torch.load(f, weights_only=True))``. ``epoch``, the
+    epoch the weights are from (e.g. the last one trained), is recorded in the manifest.
     """
     _check_model(model)
     if format not in ("torch", "safetensors"):
         raise ValueError(f"format must be 'torch' or 'safetensors', got {format!r}")
+    if epoch is not None:
+        _check_int64("epoch", epoch)
     handle = open_run(target_run_id(run_id), config)
     state = model.state_dict()
     check_loadable(state, "model.state_dict()")
@@ -62,6 +66,7 @@ def log_state_dict(
         kind="state_dict",
         files={name: stored},
         model=spec.describe_model(model, model_kwargs),
+        epoch=epoch,
         format=format,
         versions=versions(),
         created_at=now(),
@@ -74,6 +79,11 @@ def log_state_dict(
         except TrackingError:
             pass  # no manifest lists it any more: `tracking verify --clean` removes it
     return LoggedCheckpoint(handle.run_id, layout.STATE_DICT_DIR, manifest)
+
+
+def _check_int64(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT64:
+        raise ValueError(f"{name} must be a non-negative int of at most {MAX_INT64} (int64), got {value!r}")
 
 
 def _stored_state_dict_files(handle: RunHandle) -> set[str]:
@@ -290,10 +300,9 @@ def snapshot_checkpoint(
     model = distributed.unwrap(model)
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= MAX_INT64:
-        raise ValueError(f"epoch must be a non-negative int of at most {MAX_INT64} (int64), got {epoch!r}")
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_INT64):
-        raise ValueError(f"step must be a non-negative int of at most {MAX_INT64} (int64), got {step!r}")
+    _check_int64("epoch", epoch)
+    if step is not None:
+        _check_int64("step", step)
     if keyed_by not in layout.KEYS or (keyed_by == layout.STEP and step is None):
         raise ValueError(f"keyed_by must be 'epoch', or 'step' with step= given; got {keyed_by!r}, step={step!r}")
     if mode not in layout.MODES:

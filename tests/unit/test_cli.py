@@ -232,3 +232,20 @@ def test_every_json_row_about_a_checkpoint_says_its_key_epoch_and_step(s3_run_id
     assert [summary[f"best_{name}"] for name in ("key", "epoch", "step")] == [2, 2, 20]
     registered = rows("register", run_id, "seed", "--checkpoint", "best")
     assert (registered["checkpoint"], *numbers(registered)) == ("checkpoint-epoch-0002", 2, "epoch", 2, 20)
+
+
+def test_runs_of_a_deleted_experiment_says_it_is_deleted_and_how_to_restore_it(tracking_store: str) -> None:
+    # An empty table, exit status 0, and not a word that the experiment was deleted.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    experiment_id = client.create_experiment("cli-deleted")
+    client.delete_experiment(experiment_id)
+
+    result = CliRunner().invoke(main, ["runs", "--experiment", "cli-deleted"])
+
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output
+    assert "'cli-deleted' is deleted" in result.stderr
+    assert f"mlflow experiments restore --experiment-id {experiment_id}" in result.stderr
+    missing = CliRunner().invoke(main, ["runs", "--experiment", "cli-never-made"])
+    assert missing.exit_code == 1 and "no experiment 'cli-never-made'" in missing.stderr, missing.output

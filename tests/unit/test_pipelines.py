@@ -475,13 +475,13 @@ def test_experiment_with_a_resume_in_place_is_a_usage_error(env: dict[str, str])
     assert "leave --experiment out" in err.getvalue()
 
 
-def interrupted_after_epoch_2(monkeypatch: pytest.MonkeyPatch, *args: str) -> Outcome:
-    """pipelines.train with ``args``, Ctrl-C pressed once epoch 2's checkpoint is saved."""
+def interrupted(monkeypatch: pytest.MonkeyPatch, after_epoch: int, *args: str) -> Outcome:
+    """pipelines.train with ``args``, Ctrl-C pressed once epoch ``after_epoch``'s checkpoint is saved."""
     saved = tracking.Checkpointer.save
 
     def save(self: tracking.Checkpointer, *args: Any, **kwargs: Any) -> Any:
         done = saved(self, *args, **kwargs)
-        if kwargs["epoch"] == 2:
+        if kwargs["epoch"] == after_epoch:
             raise KeyboardInterrupt
         return done
 
@@ -497,7 +497,7 @@ def test_ctrl_c_ends_the_run_killed_and_says_how_to_go_on_in_one_line(
     env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Ctrl-C printed a traceback and left the run FAILED, as if training had crashed.
-    stopped = interrupted_after_epoch_2(monkeypatch, "--epochs", "4")
+    stopped = interrupted(monkeypatch, 2, "--epochs", "4")
 
     assert stopped.code == 130 and stopped.err.count("\n") == 1, stopped.err
     run_id = stopped.run_id
@@ -537,8 +537,7 @@ def test_evaluate_of_a_state_dict_a_run_never_logged_refuses_instead_of_evaluati
     # A run stopped before its end has checkpoints but no state dict: --checkpoint state_dict evaluated its latest
     # checkpoint and printed it as "state_dict"; --checkpoint model named tracking.log_model as the next step.
     with monkeypatch.context() as patch:  # as a run stopped after its last checkpoint
-        patch.setattr(tracking, "log_state_dict", lambda model: None)
-        patch.setattr(runs, "log_whole_model", lambda model: SimpleNamespace(model_id=None))
+        patch.setattr(runs, "log_final_weights", lambda model, epoch: SimpleNamespace(model_id=None))
         run_id = inline(train.main, "--epochs", "1").run_id
 
     for pick, said in (["state_dict"], "has no state dict"), (["model", "--trust-pickle"], "has no whole model"):
@@ -583,3 +582,77 @@ def test_a_monitor_given_as_recorded_keeps_the_runs_mode(env: dict[str, str]) ->
 
     assert again.code == 0, again.err
     assert MlflowClient().get_run(run_id).data.tags["tracking.checkpoint.mode"] == "max"
+
+
+def test_a_plain_resume_goes_on_to_the_target_the_run_was_last_given(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --resume without --epochs trained to the pipeline's default (20), not to the target the run was started with.
+    run_id = interrupted(monkeypatch, 2, "--epochs", "3").run_id
+
+    assert inline(train.main, "--resume", run_id).code == 0
+    assert max(history(run_id)["val_loss"]) == 3
+    # --epochs on a resume moves the target: recorded, so that the next plain resume goes on to it.
+    assert interrupted(monkeypatch, 4, "--resume", run_id, "--epochs", "6").code == 130
+    assert MlflowClient().get_run(run_id).data.tags["tracking.epochs"] == "6"
+    assert inline(train.main, "--resume", run_id).code == 0
+    assert max(history(run_id)["val_loss"]) == 6
+    done = inline(train.main, "--resume", run_id)
+    assert done.code == 1 and done.err.count("\n") == 1, done.err
+    assert "already reached epoch 6 and its target (tag tracking.epochs) is 6; pass --epochs" in done.err
+
+
+def test_a_child_resumed_in_place_keeps_where_it_branched(env: dict[str, str]) -> None:
+    # Its in-place resume overwrote tracking.resumed_from_epoch: the child lost where it branched from its parent.
+    parent = inline(train.main, "--epochs", "1").run_id
+    child = inline(train.main, "--resume", parent, "--new-run", "--epochs", "2").run_id
+
+    assert inline(train.main, "--resume", child, "--epochs", "3").code == 0
+
+    tags = MlflowClient().get_run(child).data.tags
+    assert (tags["mlflow.parentRunId"], tags[runs.TAG_RESUMED_FROM_RUN]) == (parent, parent)
+    assert tags["tracking.branched_from_epoch"] == "1"
+    assert (tags[runs.TAG_RESUMED_FROM_EPOCH], tags[runs.TAG_RESUMES]) == ("2", "1")  # where its latest resume began
+
+
+def test_evaluate_logs_the_state_dict_and_the_whole_model_at_the_epoch_they_hold(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Their eval_* metrics went to step 0, the start of the run's charts. Both are logged when a training ends:
+    # a later resume stopped after epoch 3 leaves them at epoch 2, behind the run's latest checkpoint.
+    run_id = inline(train.main, "--epochs", "2").run_id
+    assert interrupted(monkeypatch, 3, "--resume", run_id, "--epochs", "4").code == 130
+
+    for pick in ["state_dict"], ["model", "--trust-pickle"]:
+        outcome = inline(evaluate.main, "--run-id", run_id, "--checkpoint", *pick)
+        assert outcome.code == 0, outcome.err
+        assert "(epoch 2)" in outcome.out
+
+    assert values_at(run_id, "eval_loss", 0) == values_at(run_id, "eval_loss", 3) == []
+    assert len(values_at(run_id, "eval_loss", 2)) == 2
+
+
+def test_evaluate_of_a_run_without_checkpoints_says_what_it_lacks_and_what_to_do(env: dict[str, str]) -> None:
+    # The library's advice, to log one with tracking.log_checkpoint, means nothing to a pipeline's user.
+    client = MlflowClient()
+    run_id = client.create_run(client.get_experiment_by_name(EXPERIMENT).experiment_id).info.run_id
+    client.log_param(run_id, "pipeline", "pipelines.train")
+    client.log_param(run_id, "dataset", "breast_cancer")
+    client.set_terminated(run_id, "KILLED")
+
+    outcome = inline(evaluate.main, "--run-id", run_id)
+
+    assert outcome.code == 1 and outcome.err.count("\n") == 1, outcome.err
+    assert f"run {run_id} has no committed checkpoint to evaluate" in outcome.err
+    assert "`python -m pipelines.train`" in outcome.err and "log_checkpoint" not in outcome.err
+
+
+def test_resume_refuses_a_runs_uri_with_a_path_in_one_line(env: dict[str, str]) -> None:
+    # --resume runs:/ID/<path> resumed the run's latest checkpoint, whatever the path named.
+    run_id = inline(train.main, "--epochs", "1").run_id
+
+    outcome = inline(train.main, "--resume", f"runs:/{run_id}/checkpoints/epoch_0001", "--epochs", "2")
+
+    assert outcome.code == 1 and outcome.err.count("\n") == 1, outcome.err
+    assert "models:/" in outcome.err and f"--resume {run_id} --from-epoch N" in outcome.err
+    assert max(history(run_id)["val_loss"]) == 1  # untouched

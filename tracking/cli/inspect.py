@@ -112,6 +112,13 @@ def runs(experiment: str | None, limit: int, as_json: bool) -> None:
             f"no experiment {config.experiment_name!r} on {client.tracking_uri}; pass --experiment with one "
             "that exists (the MLflow UI lists them)."
         )
+    if found.lifecycle_stage == "deleted":
+        # Its runs went with it: the table would be empty, as if the experiment had never had any.
+        raise NotFoundError(
+            f"experiment {config.experiment_name!r} is deleted (ID {found.experiment_id}); restore it with "
+            f"`MLFLOW_TRACKING_URI={client.tracking_uri} mlflow experiments restore --experiment-id "
+            f"{found.experiment_id}`, or pass --experiment with another."
+        )
     listed = client.search_runs([found.experiment_id], max_results=limit, order_by=["attributes.start_time DESC"])
     summaries = [_run_summary(run, config) for run in listed]
     if as_json:
