@@ -179,7 +179,9 @@ def start(
         tags.update(override_tags(f"epoch {epoch}", overrides, origin, opts.new_run))
     launch = f"python -m {task.name}"
     if opts.strategy is not None:
-        launch = f"torchrun --nproc-per-node {torch.distributed.get_world_size()} -m {task.name} --strategy {opts.strategy}"
+        launch = (
+            f"torchrun --nproc-per-node {torch.distributed.get_world_size()} -m {task.name} --strategy {opts.strategy}"
+        )
     with start_run(**run_args) as run, killed_on_ctrl_c(run, launch, opts.epochs):
         if params:
             mlflow.log_params(params)
