@@ -24,7 +24,8 @@ as a longer run. --from-step N picks step N's checkpoint of such a run (--from-e
 there, and --from-step in a run keyed by epoch); a resume in the same run keeps its kind of key.
 
 --override applies the options given from the resumed checkpoint on (the learning rate too, which the Trainer
-restores with the optimizer, and --checkpoint-every-steps, which it restores from trainer_state.json) and
+restores with the optimizer, --checkpoint-every-steps, which it restores from trainer_state.json, and --seed,
+whose draws it would restore from the checkpoint's RNG states) and
 records them in the run's override tags, which its later resumes go on with.
 
 Under torchrun the Trainer trains DDP on the CPU (gloo), every flag as in one process but --strategy fsdp:
