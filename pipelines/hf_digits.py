@@ -24,7 +24,8 @@ as a longer run. --from-step N picks step N's checkpoint of such a run (--from-e
 there, and --from-step in a run keyed by epoch); a resume in the same run keeps its kind of key.
 
 --override applies the options given from the resumed checkpoint on (the learning rate too, which the Trainer
-restores with the optimizer, and --checkpoint-every-steps, which it restores from trainer_state.json) and
+restores with the optimizer, --checkpoint-every-steps, which it restores from trainer_state.json, and --seed,
+whose draws it would restore from the checkpoint's RNG states) and
 records them in the run's override tags, which its later resumes go on with.
 
 Under torchrun the Trainer trains DDP on the CPU (gloo), every flag as in one process but --strategy fsdp:
@@ -109,7 +110,7 @@ def _train(opts: options.Options) -> str:
     # An int picks a step in a run keyed by step, else an epoch (_origin checked which the run has).
     which = opts.from_step or opts.from_epoch or "latest"
 
-    def settle() -> tuple[Any, dict[str, Any], dict[str, str] | None]:
+    def settle() -> tuple[Any, dict[str, Any], dict[str, str] | None, bool]:
         origin = _origin(client, opts, config) if opts.resume else None
         current = runs.current_params(origin)
         values = opts.settings(current, origin.info.run_id if origin else None)
@@ -121,7 +122,7 @@ def _train(opts: options.Options) -> str:
                 resume.check_keys(origin.info.run_id, values, config, instead="add --new-run to branch a child run")
         _metric_for_best_model(values)
         if origin is None:
-            return origin, values, None
+            return origin, values, None, False
         picked = tracking.find_checkpoint(origin.info.run_id, which, config=config).manifest
         epoch = picked.epoch or 0
         if epoch >= opts.epochs:
@@ -136,10 +137,10 @@ def _train(opts: options.Options) -> str:
         # A run's params cannot change: its override tags say what this resume trains with instead.
         where = f"step {picked.step}" if picked.keyed_by == layout.STEP else f"epoch {epoch}"
         resumed.update(runs.override_tags(where, changed, origin, opts.new_run))
-        return origin, values, resumed
+        return origin, values, resumed, "seed" in changed
 
     # Rank 0 alone reads MLflow; every rank gets what it found, or its error.
-    origin, values, resumed = distributed.on_rank0(settle)
+    origin, values, resumed, reseeded = distributed.on_rank0(settle)
     world = distributed.world_size()
     launcher = f"torchrun --nproc-per-node {world}" if parallel.launched() else "python"
     split = data.load(DATASET)
@@ -147,7 +148,10 @@ def _train(opts: options.Options) -> str:
     keep_last = values["keep_last"] if values["keep_best"] is not None else None
     # The frameworks' adverts and warnings about their own code would bury the run's lines.
     with (
-        parallel.lead_run(lambda: _start(client, config, opts, origin, values, resumed)) as (run, run_id),
+        parallel.lead_run(lambda: _start(client, config, opts, origin, values, resumed, f"{launcher} -m {NAME}")) as (
+            run,
+            run_id,
+        ),
         noise.transformers_quiet(),
     ):
         # Scratch space for the Trainer's folders, shared by a machine's ranks: every checkpoint that
@@ -212,6 +216,8 @@ def _train(opts: options.Options) -> str:
         if origin is not None:
             # On every rank (rank 0 downloads, a machine's ranks share its folder), once the Trainer is made.
             folder = checkpoint_folder(origin.info.run_id, which, output_dir=output_dir, config=config)
+            if reseeded:
+                _drop_rng_states(folder)
         trainer.train(resume_from_checkpoint=folder)
         if run is not None:
             if origin is not None and keep_last is not None:
@@ -240,8 +246,10 @@ def _start(
     origin: Any,
     values: Mapping[str, Any],
     resumed: Mapping[str, str] | None,
+    launch: str,
 ) -> Iterator[Any]:
-    """The MLflow run this training writes to (new, RUN_ID itself, or its child), params and tags logged."""
+    """The MLflow run this training writes to (new, RUN_ID itself, or its child), params and tags logged; Ctrl-C
+    ends it KILLED, saying how to go on with ``launch`` (``python -m PIPELINE``)."""
     import mlflow
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -266,7 +274,7 @@ def _start(
         **{name: str(value) for name, value in PARAMS.items()},
         **opts.params(values),
     }
-    with mlflow.start_run(**run_args) as run:
+    with runs.start_run(**run_args) as run, runs.killed_on_ctrl_c(run, launch, opts.epochs):
         mlflow.log_params({k: v for k, v in params.items() if k not in recorded or opts.new_run})
         runs.announce(client, run)
         if resumed is not None:
@@ -288,6 +296,19 @@ def _origin(client: Any, opts: options.Options, config: Any) -> Any:
         )
     resume.check_pick(run_id, opts, config, origin.data.tags)
     return origin
+
+
+def _drop_rng_states(folder: str) -> None:
+    """Leave out the RNG states of the checkpoint ``folder`` an ``--override --seed N`` resumes from: the Trainer
+    restores them (``rng_state*.pth``) over the seed it set when it was made, which the data order alone took from
+    N. Without them it draws from N from there on, as the own-loop pipelines do."""
+    from tracking.parallel import distributed
+
+    distributed.barrier()  # every rank has its folder: a machine's ranks share the one its first rank wrote
+    if distributed.local_rank() == 0:
+        for state in Path(folder).glob("rng_state*.pth"):
+            state.unlink()
+    distributed.barrier()
 
 
 def _metric_for_best_model(values: Mapping[str, Any]) -> str:

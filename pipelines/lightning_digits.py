@@ -22,6 +22,7 @@ run's params keep the run's), and records them in the run's override tags, which
 
 from __future__ import annotations
 
+import signal
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -102,7 +103,11 @@ def train(opts: options.Options) -> str:
         else {"experiment_id": mlflow.set_experiment(config.experiment_name).experiment_id}
     )
     # The frameworks' adverts and warnings about their own code would bury the run's lines.
-    with mlflow.start_run(**run_args) as run, noise.lightning_quiet():
+    with (
+        runs.start_run(**run_args) as run,
+        runs.killed_on_ctrl_c(run, f"python -m {NAME}", opts.epochs),
+        noise.lightning_quiet(),
+    ):
         if origin is None:
             mlflow.log_params(
                 {
@@ -146,7 +151,9 @@ def train(opts: options.Options) -> str:
                 )
             )
         resume_command = f"python -m {NAME} --resume {{run_id}} --epochs {2 * opts.epochs}"
-        if "lr" in conflicts:
+        if origin is not None:
+            # Lightning restores the checkpoint's learning rate with the optimizer and the scheduler: the run's
+            # may be another since (an --override now, or one whose resume stopped before its first save).
             callbacks.append(GivenLearningRate(values["lr"]))
         callbacks.append(
             MLflowCheckpoints(monitor=values["monitor"], mode=values["monitor_mode"], commands=[resume_command])
@@ -164,8 +171,8 @@ def train(opts: options.Options) -> str:
             log_every_n_steps=1,
             default_root_dir=str(folder),
         )
-        trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
-        runs.report(client, run)
+        _fit(trainer, module, train_loader, val_loader, ckpt_path)
+        runs.report(client, run, lightning_epochs=True)
         return str(run_id)
 
 
@@ -200,8 +207,24 @@ def _record_overrides(
     if not changed or ckpt_path is None:
         return
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    where = f"step {checkpoint['global_step']}" if by_step else f"epoch {checkpoint['epoch']}"
+    # Epochs as the user counts them (and the own-loop pipelines' tags): those trained, not Lightning's from 0.
+    where = f"step {checkpoint['global_step']}" if by_step else f"epoch {trainer_epochs_done(ckpt_path)}"
     mlflow.set_tags(runs.override_tags(where, changed, origin, new_run=False))
+
+
+def _fit(trainer: Any, module: Any, train_loader: Any, val_loader: Any, ckpt_path: str | None) -> None:
+    """``trainer.fit``, a Ctrl-C in it raised as KeyboardInterrupt (which ends the run KILLED): Lightning handles
+    it itself, ignores SIGINT from then on and exits with status 1 (SystemExit, raised while handling it)."""
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
+    except SystemExit as exited:
+        if trainer.interrupted and isinstance(exited.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if handler is not None and signal.getsignal(signal.SIGINT) is not handler:
+            signal.signal(signal.SIGINT, handler)  # a second Ctrl-C stops the process again
 
 
 def trainer_epochs_done(ckpt_path: str | None) -> int:

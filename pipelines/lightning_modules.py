@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from pipelines import data
+from pipelines import data, resume
 
 STEP_SIZE, GAMMA = 3, 0.5  # the learning rate halves every 3 epochs
 
@@ -144,15 +144,14 @@ class PipelineCheckpoint(ModelCheckpoint):
 
 
 class GivenLearningRate(pl.Callback):
-    """Puts ``lr`` (an ``--override``-n learning rate) into the optimizer and the scheduler a resumed fit restored
-    from its checkpoint, before its first step."""
+    """Puts ``lr``, the run's learning rate (an ``--override``-n one, or its override tag's), into the optimizer and
+    the scheduler a resumed fit restored from its checkpoint, before its first step, where they hold another
+    (:func:`pipelines.resume.apply_lr`)."""
 
     def __init__(self, lr: float) -> None:
         self.lr = lr
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        schedulers = {id(config.scheduler.optimizer): config.scheduler for config in trainer.lr_scheduler_configs}
         for optimizer in trainer.optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = self.lr
-        for config in trainer.lr_scheduler_configs:
-            config.scheduler.base_lrs = [self.lr] * len(config.scheduler.optimizer.param_groups)  # type: ignore[union-attr]
+            resume.apply_lr(optimizer, schedulers.get(id(optimizer)), self.lr)

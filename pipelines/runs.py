@@ -224,33 +224,47 @@ def start(
     if origin is not None:
         tags.update(override_tags(f"epoch {epoch}", overrides, origin, opts.new_run))
     tags[TAG_EPOCHS] = str(opts.epochs)
-    # A local store (sqlite, a folder) names a new run in this process, from Python's RNG, which the pipeline
-    # seeded: every run of a seed got the same name. Drawn from the OS's entropy, and the seeded state kept.
-    seeded = random.getstate()
-    random.seed()
-    try:
-        started = mlflow.start_run(**run_args)
-    finally:
-        random.setstate(seeded)
-    with started as run:
+    launch = f"python -m {task.name}"
+    if opts.strategy is not None:
+        launch = (
+            f"torchrun --nproc-per-node {torch.distributed.get_world_size()} -m {task.name} --strategy {opts.strategy}"
+        )
+    with start_run(**run_args) as run, killed_on_ctrl_c(run, launch, opts.epochs):
         if params:
             mlflow.log_params(params)
         if tags:
             mlflow.set_tags(tags)
-        try:
-            yield run
-        except KeyboardInterrupt:
-            # Ctrl-C: MLflow would end the run FAILED, and Python print a traceback; options.run_pipeline prints this.
-            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
-            run_id = run.info.run_id
-            launch = f"python -m {task.name}"
-            if opts.strategy is not None:
-                ranks = torch.distributed.get_world_size()
-                launch = f"torchrun --nproc-per-node {ranks} -m {task.name} --strategy {opts.strategy}"
-            raise KeyboardInterrupt(
-                f"interrupted: run {run_id} ended KILLED; `{launch} --resume {run_id} --epochs {opts.epochs}` goes "
-                "on from its latest checkpoint."
-            ) from None
+        yield run
+
+
+def start_run(**run_args: Any) -> mlflow.ActiveRun:
+    """``mlflow.start_run(**run_args)``, a new run named from the OS's entropy, Python's RNG state kept.
+
+    A local store (sqlite, a folder) names a new run in this process, from Python's RNG, which the pipeline
+    seeded: every run of a seed got the same name.
+    """
+    seeded = random.getstate()
+    random.seed()
+    try:
+        return mlflow.start_run(**run_args)
+    finally:
+        random.setstate(seeded)
+
+
+@contextmanager
+def killed_on_ctrl_c(run: mlflow.ActiveRun, launch: str, epochs: int) -> Iterator[None]:
+    """Ctrl-C inside ends ``run`` KILLED (MLflow would end it FAILED, and Python print a traceback) and raises a
+    KeyboardInterrupt that says so, with ``launch`` (``python -m PIPELINE``) going on to ``epochs``, which
+    options.run_pipeline prints in one line."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        run_id = run.info.run_id
+        raise KeyboardInterrupt(
+            f"interrupted: run {run_id} ended KILLED; `{launch} --resume {run_id} --epochs {epochs}` goes "
+            "on from its latest checkpoint."
+        ) from None
 
 
 def described(state: State) -> dict[str, str]:
@@ -298,9 +312,13 @@ def report(
     run: mlflow.ActiveRun,
     whole_model_id: str | None = None,
     config: tracking.TrackingConfig | None = None,
+    lightning_epochs: bool = False,
 ) -> None:
     """Print what the run holds and how to load each: its latest and best checkpoints, the whole model
-    (when one was logged), and where the UI shows them."""
+    (when one was logged), and where the UI shows them.
+
+    ``lightning_epochs``: the checkpoints are keyed by Lightning's epoch, which counts from 0 (``epoch=0`` is the
+    save at the first epoch's end); shown as the user counts, from 1, with Lightning's beside it."""
     run_id, experiment_id = run.info.run_id, run.info.experiment_id
     for which in ("latest", "best"):
         try:
@@ -309,6 +327,8 @@ def report(
             continue
         manifest = found.manifest
         at = f"step {manifest.step}" if manifest.keyed_by == layout.STEP else f"epoch {manifest.epoch}"
+        if lightning_epochs and manifest.keyed_by == layout.EPOCH and manifest.epoch is not None:
+            at = f"epoch {manifest.epoch + 1} (Lightning's epoch={manifest.epoch})"
         print(f"{which} checkpoint: {at}, models:/{found.model_id}", flush=True)
     if whole_model_id is not None:
         print(

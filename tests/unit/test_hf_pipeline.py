@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -365,3 +366,54 @@ def test_keep_best_all_keeps_every_checkpoint(step_runs: StepRuns, monkeypatch: 
     assert code == 0, err[-3000:]
     config = tracking.TrackingConfig(tracking_uri=step_runs.uri)
     assert [c.epoch for c in tracking.list_checkpoints(_run_id(out), config=config)] == [1, 2, 3]
+
+
+def test_ctrl_c_ends_the_run_killed_and_says_how_to_go_on_in_one_line(
+    step_runs: StepRuns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl-C printed a traceback and left the run FAILED, as if training had crashed.
+    from tracking.integrations.transformers import TrackingCallback
+
+    saved = TrackingCallback.on_save
+
+    def on_save(self: TrackingCallback, *args: Any, **kwargs: Any) -> Any:
+        saved(self, *args, **kwargs)
+        raise KeyboardInterrupt  # once the first epoch's checkpoint is committed
+
+    use_store(monkeypatch, step_runs.uri, EXPERIMENT)
+    with monkeypatch.context() as patch:
+        patch.setattr(TrackingCallback, "on_save", on_save)
+        try:
+            code, out, err = _inline("--epochs", "2", "--batch-size", "512")
+        except KeyboardInterrupt:
+            pytest.fail("Ctrl-C escaped the pipeline: Python prints its traceback", pytrace=False)
+
+    assert code == 130 and err.count("\n") == 1, err
+    run_id = _run_id(out)
+    assert f"`python -m pipelines.hf_digits --resume {run_id} --epochs 2`" in err
+    assert MlflowClient(step_runs.uri).get_run(run_id).info.status == "KILLED"
+
+
+def test_an_overridden_seed_draws_from_there_on(step_runs: StepRuns, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The Trainer restored the checkpoint's RNG states over it: the child recorded seed 5, and only its data
+    # order (seeded by the Trainer from --seed) took it; its dropout drew on from seed 0's states.
+    from tracking.integrations.transformers import TrackingCallback
+
+    first_steps: list[torch.Tensor] = []  # the RNG state each child's first step (after step 6) draws dropout from
+
+    def on_step_begin(self: TrackingCallback, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == 6:
+            first_steps.append(torch.random.get_rng_state())
+
+    use_store(monkeypatch, step_runs.uri, EXPERIMENT)
+    monkeypatch.setattr(TrackingCallback, "on_step_begin", on_step_begin)
+    branch = ("--resume", step_runs.straight, "--new-run", "--epochs", "3")
+    children = [_inline(*branch, *more) for more in ((), ("--override", "--seed", "5"), ("--override", "--seed", "5"))]
+    assert all(code == 0 for code, _, _ in children), [err[-3000:] for _, _, err in children]
+    reseeded, again = (_run_id(out) for _, out, _ in children[1:])
+
+    assert MlflowClient(step_runs.uri).get_run(reseeded).data.params["seed"] == "5"
+    assert not torch.equal(first_steps[1], first_steps[0])
+    assert torch.equal(first_steps[2], first_steps[1])  # still exactly repeatable
+    weights, repeated = _weights(reseeded), _weights(again)
+    assert all(torch.equal(value, repeated[name]) for name, value in weights.items())

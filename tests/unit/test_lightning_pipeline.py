@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -132,6 +134,8 @@ def test_checkpoint_every_n_epochs_also_saves_the_last_epoch(step_runs: Runs, mo
     saved = tracking.list_checkpoints(done.run_id, config=step_runs.config)
     # Lightning counts epochs from 0: the second epoch's end, where the training stopped.
     assert [(c.keyed_by, c.epoch, c.step) for c in saved] == [("epoch", 1, 6)]
+    # The user counts from 1, as the own-loop pipelines do: the pipeline said "epoch 1" after 2 epochs.
+    assert f"latest checkpoint: epoch 2 (Lightning's epoch=1), models:/{saved[0].model_id}" in done.out, done.out
 
 
 @pytest.mark.parametrize(
@@ -217,3 +221,74 @@ def test_keep_best_all_keeps_every_checkpoint(step_runs: Runs, monkeypatch: pyte
     done = inline("--epochs", "3", "--keep-last", "1", "--keep-best", "all")
     assert done.code == 0, done.err[-3000:]
     assert len(tracking.list_checkpoints(done.run_id, config=step_runs.config)) == 3
+
+
+def interrupted_when_epoch_starts(monkeypatch: pytest.MonkeyPatch, epoch: int, *args: str) -> Outcome:
+    """The pipeline with ``args``, Ctrl-C pressed from a callback as Lightning's epoch ``epoch`` (from 0) starts."""
+    from tracking.integrations.lightning import MLflowCheckpoints
+
+    started = MLflowCheckpoints.on_train_epoch_start
+
+    def on_train_epoch_start(self: MLflowCheckpoints, trainer: Any, pl_module: Any) -> None:
+        started(self, trainer, pl_module)
+        if trainer.current_epoch == epoch:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MLflowCheckpoints, "on_train_epoch_start", on_train_epoch_start)
+        try:
+            return inline(*args)
+        except (KeyboardInterrupt, SystemExit):
+            pytest.fail("Ctrl-C escaped the pipeline: Python prints its traceback", pytrace=False)
+
+
+def test_ctrl_c_ends_the_run_killed_and_says_how_to_go_on_in_one_line(
+    step_runs: Runs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Lightning catches Ctrl-C itself, ignores SIGINT from then on and exits 1: the run ended FAILED.
+    use_store(monkeypatch, step_runs.env["MLFLOW_TRACKING_URI"], EXPERIMENT)
+    handler = signal.getsignal(signal.SIGINT)
+    stopped = interrupted_when_epoch_starts(monkeypatch, 1, "--epochs", "2", "--batch-size", "512")
+
+    assert stopped.code == 130 and stopped.err.count("\n") == 1, stopped.err
+    run_id = stopped.run_id
+    assert f"`python -m pipelines.lightning_digits --resume {run_id} --epochs 2`" in stopped.err
+    client = MlflowClient(step_runs.config.tracking_uri)
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert signal.getsignal(signal.SIGINT) is handler  # a second Ctrl-C stops the process again
+    resumed = inline("--resume", run_id, "--epochs", "2")
+    assert resumed.code == 0, resumed.err[-3000:]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_plain_resume_goes_on_with_the_learning_rate_an_override_left_in_the_runs_tags(
+    step_runs: Runs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The override's resume stopped before its first save: the run's tag said lr 0.01, and a plain resume
+    # trained on with the checkpoint's 0.001.
+    use_store(monkeypatch, step_runs.env["MLFLOW_TRACKING_URI"], EXPERIMENT)
+    first = inline("--epochs", "1", "--batch-size", "512")
+    assert first.code == 0, first.err[-3000:]
+    run_id = first.run_id
+    override = ("--resume", run_id, "--override", "--lr", "0.01", "--epochs", "2")
+    assert interrupted_when_epoch_starts(monkeypatch, 1, *override).code == 130
+    tags = MlflowClient(step_runs.config.tracking_uri).get_run(run_id).data.tags
+    # Where the override starts, counted as the user counts: after epoch 1 (Lightning's epoch=0).
+    assert (tags["tracking.overrides"], tags["tracking.override.lr"]) == ("from epoch 1: lr 0.001 -> 0.01", "0.01")
+
+    resumed = inline("--resume", run_id, "--epochs", "2")
+
+    assert resumed.code == 0, resumed.err[-3000:]
+    loaded = tracking.load(run_id, mode="train", config=step_runs.config)
+    assert loaded.optimizer is not None
+    assert [group["lr"] for group in loaded.optimizer.param_groups] == [0.01]
+
+
+def test_runs_of_the_same_seed_get_different_names(step_runs: Runs, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A local store draws a new run's name from Python's RNG in this process, after the pipeline seeded it.
+    use_store(monkeypatch, step_runs.env["MLFLOW_TRACKING_URI"], EXPERIMENT)
+    first, second = (inline("--epochs", "1", "--batch-size", "512") for _ in range(2))
+
+    client = MlflowClient(step_runs.config.tracking_uri)
+    names = {client.get_run(outcome.run_id).info.run_name for outcome in (first, second)}
+    assert len(names) == 2, names
