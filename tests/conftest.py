@@ -10,8 +10,6 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tracking.testing import release_mlflow_stores
-
 if TYPE_CHECKING:
     from tracking.localstack import LocalStack
 
@@ -57,6 +55,9 @@ def _release_mlflow_stores() -> Iterator[None]:
     per-test stores grew to 7 GB and took minutes to exit.
     """
     yield
+    # Imported here, not at the top: pytest imports the plugin first (pytest_plugins below), as it rewrites plugins.
+    from tracking.testing import release_mlflow_stores
+
     release_mlflow_stores()
 
 
