@@ -146,13 +146,30 @@ def find_weights(source: str, checkpoint: Selector | None = None, config: Tracki
         assert handle is not None
         if parsed.artifact_path.strip("/") in ("", layout.STATE_DICT_DIR):
             try:
-                manifest = layout.read_manifest(handle.store, layout.STATE_DICT_DIR)
-                return Located(handle.run_id, handle.store, layout.STATE_DICT_DIR, manifest)
+                return _state_dict(handle)
             except NotFoundError:
                 if parsed.artifact_path:
                     raise
         return select_checkpoint(handle, "latest", None)
     return find_checkpoint(source, "latest" if checkpoint is None else checkpoint, config=config)
+
+
+def find_state_dict(source: str, config: TrackingConfig | None = None) -> Located:
+    """The state dict (``state_dict/``, from :func:`tracking.log_state_dict`) of the run ``source`` names."""
+    handle = open_run_of(source, config)
+    try:
+        return _state_dict(handle)
+    except NotFoundError:
+        raise NotFoundError(
+            f"run {handle.run_id} has no state dict ({layout.STATE_DICT_DIR}/, logged by tracking.log_state_dict); "
+            "its checkpoints hold the weights too: pick one with checkpoint='latest' (--checkpoint latest), "
+            "'best' or an epoch."
+        ) from None
+
+
+def _state_dict(handle: RunHandle) -> Located:
+    manifest = layout.read_manifest(handle.store, layout.STATE_DICT_DIR)
+    return Located(handle.run_id, handle.store, layout.STATE_DICT_DIR, manifest)
 
 
 def select_checkpoint(handle: RunHandle, checkpoint: Selector, step: int | None) -> Located:

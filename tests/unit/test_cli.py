@@ -92,6 +92,11 @@ def test_usage_errors_exit_2() -> None:
         ["register", "f" * 32, "seed", "--checkpoint", "١"],
         ["register", "f" * 32, ""],
         ["register", "f" * 32, "   "],
+        # A model ID copied from `tracking checkpoints` without its models:/ scheme.
+        ["show", "m-" + "f" * 32],
+        # An artifact path names no checkpoint: --checkpoint picks one.
+        ["show", f"runs:/{'f' * 32}/checkpoints"],
+        ["checkpoints", f"runs:/{'f' * 32}/state_dict"],
     ],
 )
 def test_arguments_the_library_refuses_are_usage_errors(tracking_store: str, args: list[str]) -> None:
@@ -100,6 +105,36 @@ def test_arguments_the_library_refuses_are_usage_errors(tracking_store: str, arg
     assert result.exit_code == 2, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert "Error:" in result.stderr and "Traceback" not in result.output
+
+
+def test_a_bare_model_id_and_an_artifact_path_say_what_to_pass(tracking_store: str) -> None:
+    model_id = "m-" + "f" * 32
+    bare = CliRunner().invoke(main, ["show", model_id])
+    assert f"models:/{model_id}" in bare.stderr, bare.output
+    with_path = CliRunner().invoke(main, ["download", f"runs:/{'f' * 32}/foo", "--to", "out"])
+    assert "--checkpoint" in with_path.stderr and "'foo'" in with_path.stderr, with_path.output
+
+
+def test_checkpoints_of_a_models_uri_lists_its_run(s3_run_id: str) -> None:
+    best = find_checkpoint(s3_run_id, "best").model_id
+    result = CliRunner().invoke(main, ["checkpoints", f"models:/{best}", "--json"])
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.stdout)
+    assert [(row["epoch"], row["latest"], row["best"]) for row in listed] == [
+        (1, False, False),
+        (2, False, True),
+        (3, True, False),
+    ]
+
+
+def test_download_of_the_state_dict_of_a_run_without_one_is_refused(s3_experiment: str, tmp_path: Path) -> None:
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(Model(6), epoch=1)
+    to = tmp_path / "weights"
+    result = CliRunner().invoke(main, ["download", run.info.run_id, "--checkpoint", "state_dict", "--to", str(to)])
+    assert result.exit_code == 1, result.output
+    assert run.info.run_id in result.stderr and "--checkpoint latest" in result.stderr
+    assert not to.exists()
 
 
 def test_a_models_uri_takes_no_checkpoint_selector(run_id: str) -> None:

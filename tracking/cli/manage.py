@@ -61,13 +61,12 @@ def download(source: str, checkpoint: str, to: Path, force: bool, as_json: bool)
     Example:
       tracking download 3f2a9c0d1b2e4f5a6b7c8d9e0f1a2b3c --checkpoint best --to downloads/best
     """
-    if checkpoint != "state_dict":
-        refuse_checkpoint_of_pinned(source, checkpoint)
+    refuse_checkpoint_of_pinned(source, checkpoint)
     connect()
     from tracking.downloader import download_files
-    from tracking.selection import find_checkpoint, find_weights
+    from tracking.selection import find_checkpoint, find_state_dict
 
-    located = find_weights(source) if checkpoint == "state_dict" else find_checkpoint(source, checkpoint)
+    located = find_state_dict(source) if checkpoint == "state_dict" else find_checkpoint(source, checkpoint)
     download_files(located, to, force=force, read=lambda found, name, expected: _read(found, name, expected, as_json))
     what = located.label if located.model_id else f"run {located.run_id} {located.label}"
     if as_json:
