@@ -180,6 +180,16 @@ def test_download_to_a_full_disk_leaves_no_partial_file(s3_run_id: str, tmp_path
     assert [p.name for p in to.iterdir()] == ["notes.txt"]
 
 
+def test_a_checkpoint_file_deleted_by_hand_is_named_with_what_to_do(s3_run_id: str, tmp_path: Path) -> None:
+    first = find_checkpoint(s3_run_id, 1)
+    first.store.delete(first.path("checkpoint.pt"))
+    for args in (["download", s3_run_id, "--checkpoint", "1", "--to", str(tmp_path / "one")], ["verify", s3_run_id]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1, result.output
+        assert "checkpoint.pt is listed in its manifest but missing" in result.stderr, result.stderr
+        assert "another checkpoint" in result.stderr
+
+
 def test_gc_says_one_checkpoint(run_id: str) -> None:
     result = CliRunner().invoke(main, ["gc", run_id, "--keep-last", "1", "--keep-best", "1", "--dry-run"])
     assert result.exit_code == 0, result.output

@@ -87,9 +87,8 @@ def download(source: str, checkpoint: str, to: Path, force: bool, as_json: bool)
 
 def _read(located: Any, name: str, expected: Any, as_json: bool) -> Buffer:
     """One file of a checkpoint, sha256-checked; with a progress bar when it is big and stdout a terminal."""
-    path = located.path(name)
     if not (sys.stdout.isatty() and not as_json and expected.size >= _PROGRESS_FROM_BYTES):
-        return located.store.read(path, expected)  # type: ignore[no-any-return]
+        return located.read(name)  # type: ignore[no-any-return]
     from rich.markup import escape
     from rich.progress import DownloadColumn, Progress, TaskID, TransferSpeedColumn
 
@@ -99,7 +98,7 @@ def _read(located: Any, name: str, expected: Any, as_json: bool) -> Buffer:
         def advance(n: int, bar: Progress = bar, task: TaskID = task) -> None:
             bar.advance(task, n)
 
-        return located.store.read(path, expected, progress=advance)  # type: ignore[no-any-return]
+        return located.read(name, progress=advance)  # type: ignore[no-any-return]
 
 
 @click.command()
