@@ -190,6 +190,16 @@ def test_a_checkpoint_file_deleted_by_hand_is_named_with_what_to_do(s3_run_id: s
         assert "another checkpoint" in result.stderr
 
 
+def test_a_checkpoint_left_out_of_a_listing_is_one_warning_line(s3_run_id: str) -> None:
+    first = find_checkpoint(s3_run_id, 1)
+    first.store.write_bytes(first.path("manifest.json"), b"{not json")
+    result = CliRunner().invoke(main, ["checkpoints", s3_run_id, "--json"])
+    assert result.exit_code == 0, result.output
+    assert [row["epoch"] for row in json.loads(result.stdout)] == [2, 3]
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"warning: run {s3_run_id}: left out checkpoint-epoch-0001"), result.stderr
+
+
 def test_gc_says_one_checkpoint(run_id: str) -> None:
     result = CliRunner().invoke(main, ["gc", run_id, "--keep-last", "1", "--keep-best", "1", "--dry-run"])
     assert result.exit_code == 0, result.output
