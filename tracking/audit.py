@@ -166,10 +166,14 @@ def clean_leftovers(source: str, *, config: TrackingConfig | None = None, runnin
 
 def refuse_running(handle: RunHandle, why: str) -> None:
     """A TrackingError when the run's status is still RUNNING: ``why`` says what changing it now risks."""
-    with tracking_server_errors(handle.run_id, "reading the run's status"):
-        status = handle.client.get_run(handle.run_id).info.status
-    if status == "RUNNING":
+    if is_running(handle):
         raise TrackingError(f"run {handle.run_id} is still RUNNING: {why}")
+
+
+def is_running(handle: RunHandle) -> bool:
+    """Whether the run's status is still RUNNING: its trainer writes to it, or was killed."""
+    with tracking_server_errors(handle.run_id, "reading the run's status"):
+        return bool(handle.client.get_run(handle.run_id).info.status == "RUNNING")
 
 
 def _parts(handle: RunHandle) -> list[_Part]:

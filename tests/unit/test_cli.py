@@ -200,6 +200,19 @@ def test_a_checkpoint_left_out_of_a_listing_is_one_warning_line(s3_run_id: str) 
     assert line.startswith(f"warning: run {s3_run_id}: left out checkpoint-epoch-0001"), result.stderr
 
 
+def test_a_dry_run_of_gc_on_a_running_run_says_that_deleting_needs_force(s3_experiment: str) -> None:
+    with mlflow.start_run() as run:
+        for epoch in (1, 2):
+            tracking.log_checkpoint(Model(6), epoch=epoch)
+        args = ["gc", run.info.run_id, "--keep-last", "1", "--dry-run"]
+        dry = CliRunner().invoke(main, args)
+        assert dry.exit_code == 0, dry.output
+        assert "still RUNNING" in dry.output.splitlines()[-1] and "--force" in dry.output.splitlines()[-1]
+        assert json.loads(CliRunner().invoke(main, [*args, "--json"]).stdout)["needs_force"] is True
+        forced = CliRunner().invoke(main, [*args, "--force"])
+        assert "RUNNING" not in forced.output, forced.output
+
+
 def test_gc_says_one_checkpoint(run_id: str) -> None:
     result = CliRunner().invoke(main, ["gc", run_id, "--keep-last", "1", "--keep-best", "1", "--dry-run"])
     assert result.exit_code == 0, result.output

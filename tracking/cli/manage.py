@@ -160,6 +160,7 @@ def gc(
             {
                 "run_id": run_id,
                 "dry_run": dry_run,
+                "needs_force": report.needs_force,
                 "deleted": [{**key_fields(c), "model_id": c.model_id} for c in doomed],
                 "kept_registered": [
                     {**key_fields(c), "model_id": c.model_id, "versions": versions} for c, versions in report.registered
@@ -173,6 +174,8 @@ def gc(
     for checkpoint, versions in report.registered:
         click.echo(registered_line(checkpoint, versions))
     done = "would be deleted (dry run: nothing changed)" if dry_run else "deleted"
+    if report.needs_force:
+        done += "; the run is still RUNNING: without --dry-run, gc refuses it unless --force (its trainer was killed)"
     click.echo(f"run {run_id}: {plural(len(doomed), 'checkpoint')} {done}")
 
 
