@@ -319,7 +319,8 @@ def _select_by_search(handle: RunHandle, which: str) -> Located:
     if not monitor:
         raise NotFoundError(
             f"run {handle.run_id} records no best checkpoint: log checkpoints with monitor=... "
-            f"(or a Checkpointer), or pick {_a(keyed_by)}: {_key_list(sorted(by_key))}."
+            f"(or a Checkpointer), or pick checkpoint='latest' (--checkpoint latest) or {_a(keyed_by)}: "
+            f"{_key_list(sorted(by_key))}."
         )
     mode = handle.tags.get(layout.TAG_MODE, "min")
     if mode not in layout.MODES:

@@ -137,6 +137,14 @@ def test_download_of_the_state_dict_of_a_run_without_one_is_refused(s3_experimen
     assert not to.exists()
 
 
+def test_register_of_a_run_without_a_best_says_to_pick_latest(s3_experiment: str) -> None:
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(Model(6), epoch=1)  # no metrics: no best
+    result = CliRunner().invoke(main, ["register", run.info.run_id, "seed"])  # --checkpoint best by default
+    assert result.exit_code == 1, result.output
+    assert "records no best checkpoint" in result.stderr and "'latest'" in result.stderr, result.stderr
+
+
 def test_a_models_uri_takes_no_checkpoint_selector(run_id: str) -> None:
     pinned = f"models:/{find_checkpoint(run_id, 'best').model_id}"
     for args in (["show", pinned, "--checkpoint", "best"], ["download", pinned, "--checkpoint", "3", "--to", "x"]):
