@@ -71,6 +71,15 @@ def test_verify_passes_then_reports_a_corrupted_file(run_id: str) -> None:
     assert len(bad.stderr.strip().splitlines()) == 1 and "1 of 4 files failed" in bad.stderr
 
 
+def test_verify_says_what_is_wrong_with_each_bad_file(s3_run_id: str) -> None:
+    for epoch in (1, 3):
+        damaged = find_checkpoint(s3_run_id, epoch)
+        damaged.store.write_bytes(damaged.path("checkpoint.pt"), b"not a checkpoint")
+    result = CliRunner().invoke(main, ["verify", s3_run_id])
+    assert result.exit_code == 1, result.output
+    assert result.stdout.count("is 16 bytes, but its manifest says") == 2, result.stdout
+
+
 def test_errors_are_one_line_and_exit_1(experiment: str) -> None:
     result = CliRunner().invoke(main, ["checkpoints", "ffffffffffffffffffffffffffffffff"])
     assert result.exit_code == 1

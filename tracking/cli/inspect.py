@@ -398,7 +398,7 @@ def verify(source: str, clean: bool, force: bool, as_json: bool) -> None:
         if clean:
             click.echo(f"{plural(len(removed), 'leftover')} removed")
         for path, problem in report.items():
-            click.echo(f"{'ok ' if problem is None else 'BAD'} {path}")
+            click.echo(f"ok  {path}" if problem is None else f"BAD {path}\n    {problem}")
         for leftover in report.leftovers:
             click.echo(f"LEFTOVER {leftover}")
         if not failures:
