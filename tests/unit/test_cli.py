@@ -154,6 +154,17 @@ def test_register_of_a_run_without_a_best_says_to_pick_latest(s3_experiment: str
     assert "records no best checkpoint" in result.stderr and "'latest'" in result.stderr, result.stderr
 
 
+def test_register_with_an_alias_in_use_says_which_version_it_named(s3_run_id: str) -> None:
+    first = CliRunner().invoke(main, ["register", s3_run_id, "seed", "--alias", "champion"])
+    assert first.exit_code == 0, first.output
+    assert "named version" not in first.output
+    second = CliRunner().invoke(main, ["register", s3_run_id, "seed", "--checkpoint", "3", "--alias", "champion"])
+    assert second.exit_code == 0, second.output
+    assert "alias champion named version 1 before; models:/seed/1 still loads it" in second.output
+    third = CliRunner().invoke(main, ["register", s3_run_id, "seed", "--alias", "champion", "--json"])
+    assert json.loads(third.stdout)["alias_moved_from"] == "2"
+
+
 def test_a_models_uri_takes_no_checkpoint_selector(run_id: str) -> None:
     pinned = f"models:/{find_checkpoint(run_id, 'best').model_id}"
     for args in (["show", pinned, "--checkpoint", "best"], ["download", pinned, "--checkpoint", "3", "--to", "x"]):

@@ -206,7 +206,7 @@ def register(source: str, name: str, checkpoint: str, alias: str | None, as_json
     if not name.strip():
         raise click.BadParameter(f"{name!r}: a registered model needs a name, e.g. seed.", param_hint="NAME")
     refuse_checkpoint_of_pinned(source, checkpoint)
-    from tracking.registry import check_alias
+    from tracking.registry import alias_version, check_alias
     from tracking.registry import register as register_checkpoint
     from tracking.selection import version_model_id
 
@@ -216,6 +216,7 @@ def register(source: str, name: str, checkpoint: str, alias: str | None, as_json
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--alias") from None
     connect()
+    moved_from = alias_version(name, alias) if alias is not None else None  # the version the alias leaves
     # MLflow logs that it waits for the new version at INFO; the version is READY at once here.
     with muted("mlflow.store.model_registry.abstract_store", "Waiting up to"):
         version = register_checkpoint(source, name, checkpoint=checkpoint, alias=alias)
@@ -227,6 +228,7 @@ def register(source: str, name: str, checkpoint: str, alias: str | None, as_json
                 "name": name,
                 "version": version.version,
                 "alias": alias,
+                "alias_moved_from": moved_from,
                 "source": version.source,
                 "uri": uri,
                 "run_id": version.run_id,
@@ -241,6 +243,8 @@ def register(source: str, name: str, checkpoint: str, alias: str | None, as_json
         )
         return
     click.echo(f"registered {name} version {version.version} from {version.source}; load it as {uri}")
+    if moved_from is not None:
+        click.echo(f"alias {alias} named version {moved_from} before; models:/{name}/{moved_from} still loads it")
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if tracking_uri.startswith(("http://", "https://")):
         page = f"#/models/{urllib.parse.quote(name)}/versions/{version.version}{UI_VIEW_QUERY}"
