@@ -241,6 +241,13 @@ def test_a_dry_run_of_gc_on_a_running_run_says_that_deleting_needs_force(s3_expe
         assert "RUNNING" not in forced.output, forced.output
 
 
+@pytest.mark.parametrize("ranking", [["--monitor", "train_loss"], ["--mode", "max"]])
+def test_gc_refuses_a_ranking_without_keep_best(ranking: list[str]) -> None:
+    result = CliRunner().invoke(main, ["gc", "f" * 32, "--keep-last", "2", *ranking])
+    assert result.exit_code == 2, result.output
+    assert "--keep-best" in result.stderr and "Traceback" not in result.output
+
+
 def test_gc_says_one_checkpoint(run_id: str) -> None:
     result = CliRunner().invoke(main, ["gc", run_id, "--keep-last", "1", "--keep-best", "1", "--dry-run"])
     assert result.exit_code == 0, result.output

@@ -136,6 +136,8 @@ def gc(
     """
     if keep_last is None and keep_best is None:
         raise click.UsageError("pass --keep-last and/or --keep-best.")
+    if keep_best is None and (monitor or mode):  # they would change nothing: say so rather than ignore them
+        raise click.UsageError("--monitor and --mode rank what --keep-best keeps: pass --keep-best N, or drop them.")
     connect()
     from tracking.retention import prune_report, registered_line
     from tracking.selection import resolve_run_id
