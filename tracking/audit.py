@@ -19,7 +19,7 @@ from tracking.errors import IntegrityError, NotFoundError, TrackingError, load_r
 from tracking.manifest import Manifest
 from tracking.registry import versions_by_model
 from tracking.run import RunHandle, tracking_server_errors
-from tracking.selection import open_run_of
+from tracking.selection import missing_file, open_run_of
 from tracking.storage import ArtifactStore, Buffer, BufferReader
 
 UNCOMMITTED = "no manifest lists it"
@@ -87,8 +87,11 @@ def verify(source: str, *, config: TrackingConfig | None = None) -> VerifyReport
             try:
                 data = part.store.read(part.path(name), expected)
                 report[f"{part.label}/{name}"] = _load_problem(part, name, data, part.manifest.format)
-            except (IntegrityError, NotFoundError) as exc:
+            except IntegrityError as exc:
                 report[f"{part.label}/{name}"] = str(exc)
+            except NotFoundError:
+                missing = missing_file(handle.run_id, part.label, name, part.store.describe(part.path(name)))
+                report[f"{part.label}/{name}"] = str(missing)
     report.leftovers = _leftovers(parts)
     return report
 
@@ -163,10 +166,14 @@ def clean_leftovers(source: str, *, config: TrackingConfig | None = None, runnin
 
 def refuse_running(handle: RunHandle, why: str) -> None:
     """A TrackingError when the run's status is still RUNNING: ``why`` says what changing it now risks."""
-    with tracking_server_errors(handle.run_id, "reading the run's status"):
-        status = handle.client.get_run(handle.run_id).info.status
-    if status == "RUNNING":
+    if is_running(handle):
         raise TrackingError(f"run {handle.run_id} is still RUNNING: {why}")
+
+
+def is_running(handle: RunHandle) -> bool:
+    """Whether the run's status is still RUNNING: its trainer writes to it, or was killed."""
+    with tracking_server_errors(handle.run_id, "reading the run's status"):
+        return bool(handle.client.get_run(handle.run_id).info.status == "RUNNING")
 
 
 def _parts(handle: RunHandle) -> list[_Part]:

@@ -74,7 +74,7 @@ def download_files(located: Located, to: Path, *, force: bool = False, read: Rea
 
 
 def _read(located: Located, name: str, expected: StoredFile) -> Any:
-    return located.store.read(located.path(name), expected)
+    return located.read(name)
 
 
 def _what_failed(exc: OSError, to: Path) -> Path:

@@ -336,14 +336,7 @@ def load_pickled_model(
 def _read_torch(located: Located, map_location: str | torch.device, share: bool = False) -> Any:
     manifest = located.manifest
     name = located.file
-    path = located.path(name)
-    try:
-        data = located.store.read(path, manifest.files[name])
-    except NotFoundError:
-        raise NotFoundError(
-            f"run {located.run_id}: {located.label}: {name} is listed in its manifest but missing from the store "
-            f"({located.store.describe(path)}); it was deleted. Load another checkpoint."
-        ) from None
+    data = located.read(name)
     if manifest.kind == SHARDED_KIND:
         from tracking.parallel import sharded
 

@@ -68,6 +68,25 @@ def register(
     return version
 
 
+def alias_version(name: str, alias: str, *, config: TrackingConfig | None = None) -> str | None:
+    """The version ``models:/<name>@<alias>`` names now; None when the model or the alias does not exist."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    bound_mlflow_requests()
+    client = MlflowClient(tracking_uri=(config or TrackingConfig.from_env()).tracking_uri)
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException as exc:
+        # MLflow answers a missing model with RESOURCE_DOES_NOT_EXIST, a missing alias with INVALID_PARAMETER_VALUE.
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise StorageError(
+            f"reading alias {alias!r} of registered model {name!r} failed ({exc}); check that the tracking server "
+            "runs, then retry."
+        ) from exc
+
+
 def version_tags(checkpoint: str, manifest: Manifest) -> dict[str, str]:
     """The tags saying which checkpoint a registry version is: its name, key, epoch and step (when recorded)."""
     tags = {layout.VERSION_TAG_CHECKPOINT: checkpoint, layout.VERSION_TAG_KEYED_BY: manifest.keyed_by}

@@ -197,6 +197,7 @@ class Pruned:
 
     deleted: list[catalog.StoredCheckpoint]
     registered: list[tuple[catalog.StoredCheckpoint, list[str]]]
+    needs_force: bool = False  # a dry run of a RUNNING run with running=False: deleting would be refused
 
 
 def prune(run_id: str, **options: Unpack[PruneOptions]) -> list[catalog.StoredCheckpoint]:
@@ -264,14 +265,18 @@ def prune_report(
     if keep_last is None and keep_best is None:
         raise ValueError("pass keep_last and/or keep_best: with neither, every checkpoint is kept")
     handle = open_run(run_id, config)
-    if not running and not dry_run:
-        from tracking.audit import refuse_running
+    needs_force = False
+    if not running:
+        from tracking.audit import is_running, refuse_running
 
-        refuse_running(
-            handle,
-            "its trainer may point the run's latest/best tags at checkpoints deleted now. Stop it first, "
-            "or add --force if no process writes to the run any more (it was killed).",
-        )
+        if dry_run:  # it lists what it would delete all the same, and says so
+            needs_force = is_running(handle)
+        else:
+            refuse_running(
+                handle,
+                "its trainer may point the run's latest/best tags at checkpoints deleted now. Stop it first, "
+                "or add --force if no process writes to the run any more (it was killed).",
+            )
     monitor = monitor or handle.tags.get(layout.TAG_MONITOR) or "val_loss"
     mode = mode or handle.tags.get(layout.TAG_MODE) or "min"
     policy = RetentionPolicy(keep_last, keep_best, monitor, mode)
@@ -286,13 +291,14 @@ def prune_report(
             f"monitor= (--monitor) a metric they all have: {', '.join(sorted(shared)) or 'none'}."
         )
     if not kept:
-        return Pruned([], [])
+        return Pruned([], [], needs_force)
     if dry_run:
         doomed = sorted(set(kept) - policy.retained(kept, latest=max(kept)))
         registered = {} if delete_registered else registry.versions_by_model(handle)
         return Pruned(
             [committed[e] for e in doomed if committed[e].model_id not in registered],
             [(committed[e], registered[committed[e].model_id]) for e in doomed if committed[e].model_id in registered],
+            needs_force,
         )
     done = policy.apply(handle, latest=max(kept), delete_registered=delete_registered)
     if done.deleted:

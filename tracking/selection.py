@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,7 @@ from tracking.config import TrackingConfig
 from tracking.errors import IntegrityError, NotFoundError, TrackingError, one_line
 from tracking.manifest import Manifest
 from tracking.run import RunHandle, open_run
-from tracking.storage import ArtifactStore
+from tracking.storage import ArtifactStore, Buffer
 from tracking.uri import RunSource, parse_source
 
 Selector = str | int
@@ -50,6 +51,13 @@ class Located:
     def path(self, name: str) -> str:
         return f"{self.folder}/{name}" if self.folder else name
 
+    def read(self, name: str, progress: Callable[[int], object] | None = None) -> Buffer:
+        """One of its files, checked against the manifest's size and sha256."""
+        try:
+            return self.store.read(self.path(name), self.manifest.files[name], progress=progress)
+        except NotFoundError:
+            raise missing_file(self.run_id, self.label, name, self.store.describe(self.path(name))) from None
+
     @property
     def label(self) -> str:
         """How messages name it: ``checkpoint-epoch-0007 (m-...)`` or ``state_dict``."""
@@ -68,6 +76,14 @@ class Located:
         uri = self.store.artifact_uri if self.model_id else None
         name = self.name
         return LoggedCheckpoint(self.run_id, name, self.manifest, self.model_id, uri)
+
+
+def missing_file(run_id: str, label: str, name: str, where: str) -> NotFoundError:
+    """A file a manifest lists that the store no longer has: the checkpoint was damaged after its commit."""
+    return NotFoundError(
+        f"run {run_id}: {label}: {name} is listed in its manifest but missing from the store ({where}); it was "
+        "deleted. Load or download another checkpoint (`tracking checkpoints` lists them)."
+    )
 
 
 def resolve_run_id(source: str, config: TrackingConfig | None = None) -> str:
@@ -146,13 +162,30 @@ def find_weights(source: str, checkpoint: Selector | None = None, config: Tracki
         assert handle is not None
         if parsed.artifact_path.strip("/") in ("", layout.STATE_DICT_DIR):
             try:
-                manifest = layout.read_manifest(handle.store, layout.STATE_DICT_DIR)
-                return Located(handle.run_id, handle.store, layout.STATE_DICT_DIR, manifest)
+                return _state_dict(handle)
             except NotFoundError:
                 if parsed.artifact_path:
                     raise
         return select_checkpoint(handle, "latest", None)
     return find_checkpoint(source, "latest" if checkpoint is None else checkpoint, config=config)
+
+
+def find_state_dict(source: str, config: TrackingConfig | None = None) -> Located:
+    """The state dict (``state_dict/``, from :func:`tracking.log_state_dict`) of the run ``source`` names."""
+    handle = open_run_of(source, config)
+    try:
+        return _state_dict(handle)
+    except NotFoundError:
+        raise NotFoundError(
+            f"run {handle.run_id} has no state dict ({layout.STATE_DICT_DIR}/, logged by tracking.log_state_dict); "
+            "its checkpoints hold the weights too: pick one with checkpoint='latest' (--checkpoint latest), "
+            "'best' or an epoch."
+        ) from None
+
+
+def _state_dict(handle: RunHandle) -> Located:
+    manifest = layout.read_manifest(handle.store, layout.STATE_DICT_DIR)
+    return Located(handle.run_id, handle.store, layout.STATE_DICT_DIR, manifest)
 
 
 def select_checkpoint(handle: RunHandle, checkpoint: Selector, step: int | None) -> Located:
@@ -286,7 +319,8 @@ def _select_by_search(handle: RunHandle, which: str) -> Located:
     if not monitor:
         raise NotFoundError(
             f"run {handle.run_id} records no best checkpoint: log checkpoints with monitor=... "
-            f"(or a Checkpointer), or pick {_a(keyed_by)}: {_key_list(sorted(by_key))}."
+            f"(or a Checkpointer), or pick checkpoint='latest' (--checkpoint latest) or {_a(keyed_by)}: "
+            f"{_key_list(sorted(by_key))}."
         )
     mode = handle.tags.get(layout.TAG_MODE, "min")
     if mode not in layout.MODES:

@@ -44,6 +44,8 @@ def parse_source(source: str) -> RunSource:
             if name and version.isdigit():
                 return RunSource(model_name=name, version=version)
         raise ValueError(f"{source!r} is not models:/<model_id>, models:/<name>@<alias> or models:/<name>/<version>")
+    if source.startswith("m-"):  # run IDs are hex: this is a logged model's ID, as the MLflow UI and listings show it
+        raise ValueError(f"{source!r} is a logged model ID, not a run ID; pass models:/{source}")
     if "/" in source or ":" in source:
         raise ValueError(
             f"{source!r} is not a run ID; expected a 32-character hex run ID, runs:/<run_id> or models:/<name>@<alias>"

@@ -71,6 +71,15 @@ def test_verify_passes_then_reports_a_corrupted_file(run_id: str) -> None:
     assert len(bad.stderr.strip().splitlines()) == 1 and "1 of 4 files failed" in bad.stderr
 
 
+def test_verify_says_what_is_wrong_with_each_bad_file(s3_run_id: str) -> None:
+    for epoch in (1, 3):
+        damaged = find_checkpoint(s3_run_id, epoch)
+        damaged.store.write_bytes(damaged.path("checkpoint.pt"), b"not a checkpoint")
+    result = CliRunner().invoke(main, ["verify", s3_run_id])
+    assert result.exit_code == 1, result.output
+    assert result.stdout.count("is 16 bytes, but its manifest says") == 2, result.stdout
+
+
 def test_errors_are_one_line_and_exit_1(experiment: str) -> None:
     result = CliRunner().invoke(main, ["checkpoints", "ffffffffffffffffffffffffffffffff"])
     assert result.exit_code == 1
@@ -92,6 +101,11 @@ def test_usage_errors_exit_2() -> None:
         ["register", "f" * 32, "seed", "--checkpoint", "١"],
         ["register", "f" * 32, ""],
         ["register", "f" * 32, "   "],
+        # A model ID copied from `tracking checkpoints` without its models:/ scheme.
+        ["show", "m-" + "f" * 32],
+        # An artifact path names no checkpoint: --checkpoint picks one.
+        ["show", f"runs:/{'f' * 32}/checkpoints"],
+        ["checkpoints", f"runs:/{'f' * 32}/state_dict"],
     ],
 )
 def test_arguments_the_library_refuses_are_usage_errors(tracking_store: str, args: list[str]) -> None:
@@ -100,6 +114,55 @@ def test_arguments_the_library_refuses_are_usage_errors(tracking_store: str, arg
     assert result.exit_code == 2, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert "Error:" in result.stderr and "Traceback" not in result.output
+
+
+def test_a_bare_model_id_and_an_artifact_path_say_what_to_pass(tracking_store: str) -> None:
+    model_id = "m-" + "f" * 32
+    bare = CliRunner().invoke(main, ["show", model_id])
+    assert f"models:/{model_id}" in bare.stderr, bare.output
+    with_path = CliRunner().invoke(main, ["download", f"runs:/{'f' * 32}/foo", "--to", "out"])
+    assert "--checkpoint" in with_path.stderr and "'foo'" in with_path.stderr, with_path.output
+
+
+def test_checkpoints_of_a_models_uri_lists_its_run(s3_run_id: str) -> None:
+    best = find_checkpoint(s3_run_id, "best").model_id
+    result = CliRunner().invoke(main, ["checkpoints", f"models:/{best}", "--json"])
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.stdout)
+    assert [(row["epoch"], row["latest"], row["best"]) for row in listed] == [
+        (1, False, False),
+        (2, False, True),
+        (3, True, False),
+    ]
+
+
+def test_download_of_the_state_dict_of_a_run_without_one_is_refused(s3_experiment: str, tmp_path: Path) -> None:
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(Model(6), epoch=1)
+    to = tmp_path / "weights"
+    result = CliRunner().invoke(main, ["download", run.info.run_id, "--checkpoint", "state_dict", "--to", str(to)])
+    assert result.exit_code == 1, result.output
+    assert run.info.run_id in result.stderr and "--checkpoint latest" in result.stderr
+    assert not to.exists()
+
+
+def test_register_of_a_run_without_a_best_says_to_pick_latest(s3_experiment: str) -> None:
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(Model(6), epoch=1)  # no metrics: no best
+    result = CliRunner().invoke(main, ["register", run.info.run_id, "seed"])  # --checkpoint best by default
+    assert result.exit_code == 1, result.output
+    assert "records no best checkpoint" in result.stderr and "'latest'" in result.stderr, result.stderr
+
+
+def test_register_with_an_alias_in_use_says_which_version_it_named(s3_run_id: str) -> None:
+    first = CliRunner().invoke(main, ["register", s3_run_id, "seed", "--alias", "champion"])
+    assert first.exit_code == 0, first.output
+    assert "named version" not in first.output
+    second = CliRunner().invoke(main, ["register", s3_run_id, "seed", "--checkpoint", "3", "--alias", "champion"])
+    assert second.exit_code == 0, second.output
+    assert "alias champion named version 1 before; models:/seed/1 still loads it" in second.output
+    third = CliRunner().invoke(main, ["register", s3_run_id, "seed", "--alias", "champion", "--json"])
+    assert json.loads(third.stdout)["alias_moved_from"] == "2"
 
 
 def test_a_models_uri_takes_no_checkpoint_selector(run_id: str) -> None:
@@ -143,6 +206,46 @@ def test_download_to_a_full_disk_leaves_no_partial_file(s3_run_id: str, tmp_path
     blocked = CliRunner().invoke(main, ["download", run_id, "--to", str(tmp_path / "file" / "sub")])
     assert blocked.exit_code == 1 and blocked.stderr.count("\n") == 1, blocked.output
     assert [p.name for p in to.iterdir()] == ["notes.txt"]
+
+
+def test_a_checkpoint_file_deleted_by_hand_is_named_with_what_to_do(s3_run_id: str, tmp_path: Path) -> None:
+    first = find_checkpoint(s3_run_id, 1)
+    first.store.delete(first.path("checkpoint.pt"))
+    for args in (["download", s3_run_id, "--checkpoint", "1", "--to", str(tmp_path / "one")], ["verify", s3_run_id]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1, result.output
+        assert "checkpoint.pt is listed in its manifest but missing" in result.stderr, result.stderr
+        assert "another checkpoint" in result.stderr
+
+
+def test_a_checkpoint_left_out_of_a_listing_is_one_warning_line(s3_run_id: str) -> None:
+    first = find_checkpoint(s3_run_id, 1)
+    first.store.write_bytes(first.path("manifest.json"), b"{not json")
+    result = CliRunner().invoke(main, ["checkpoints", s3_run_id, "--json"])
+    assert result.exit_code == 0, result.output
+    assert [row["epoch"] for row in json.loads(result.stdout)] == [2, 3]
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"warning: run {s3_run_id}: left out checkpoint-epoch-0001"), result.stderr
+
+
+def test_a_dry_run_of_gc_on_a_running_run_says_that_deleting_needs_force(s3_experiment: str) -> None:
+    with mlflow.start_run() as run:
+        for epoch in (1, 2):
+            tracking.log_checkpoint(Model(6), epoch=epoch)
+        args = ["gc", run.info.run_id, "--keep-last", "1", "--dry-run"]
+        dry = CliRunner().invoke(main, args)
+        assert dry.exit_code == 0, dry.output
+        assert "still RUNNING" in dry.output.splitlines()[-1] and "--force" in dry.output.splitlines()[-1]
+        assert json.loads(CliRunner().invoke(main, [*args, "--json"]).stdout)["needs_force"] is True
+        forced = CliRunner().invoke(main, [*args, "--force"])
+        assert "RUNNING" not in forced.output, forced.output
+
+
+@pytest.mark.parametrize("ranking", [["--monitor", "train_loss"], ["--mode", "max"]])
+def test_gc_refuses_a_ranking_without_keep_best(ranking: list[str]) -> None:
+    result = CliRunner().invoke(main, ["gc", "f" * 32, "--keep-last", "2", *ranking])
+    assert result.exit_code == 2, result.output
+    assert "--keep-best" in result.stderr and "Traceback" not in result.output
 
 
 def test_gc_says_one_checkpoint(run_id: str) -> None:

@@ -8,6 +8,7 @@ Errors become exit codes by the project's one rule (:func:`tracking.errors.exit_
 from __future__ import annotations
 
 import importlib
+import logging
 import warnings
 from typing import Any
 
@@ -37,7 +38,26 @@ class _Group(click.Group):
 _LAZY_COMMANDS = {"stack": "tracking.localstack.cli:stack"}
 
 
+class _WarningLines(logging.Handler):
+    """The library's logged warnings as ``warning: ...`` lines on stderr, like its warnings and the ``error:`` lines.
+
+    Without a handler, Python prints a logged warning bare: a line nobody can tell from an error.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(format_warning(record.getMessage(), UserWarning, "", 0), nl=False, err=True)
+
+
 class _MainGroup(_Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        library = logging.getLogger("tracking")
+        handler = _WarningLines(logging.WARNING)
+        library.addHandler(handler)
+        try:
+            return super().invoke(ctx)
+        finally:
+            library.removeHandler(handler)
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *_LAZY_COMMANDS})
 

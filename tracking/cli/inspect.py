@@ -40,9 +40,15 @@ def _check_source(ctx: click.Context, param: click.Parameter, value: str) -> str
     from tracking.uri import parse_source
 
     try:
-        parse_source(value)
+        parsed = parse_source(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+    if parsed.artifact_path:  # the library reads runs:/<id>/<path> in load_model(); no command takes a path
+        picks = any(option.name == "checkpoint" for option in ctx.command.params)
+        raise click.BadParameter(
+            f"{value}: {parsed.artifact_path!r} names an artifact, not a checkpoint; pass runs:/{parsed.run_id}"
+            + (" and pick the checkpoint with --checkpoint." if picks else ".")
+        )
     return value
 
 
@@ -250,7 +256,8 @@ def _ranked_best(committed: dict[int, Any], monitor: str | None, mode: str | Non
 def checkpoints(source: str, as_json: bool) -> None:
     """List a run's committed checkpoints (each an MLflow logged model) with their metrics.
 
-    RUN is a run ID or runs:/<id>.
+    RUN is a run ID or runs:/<id>; a checkpoint's models:/<model_id> or models:/<name>@<alias>
+    lists the checkpoints of the run that logged it.
 
     \b
     Example:
@@ -259,13 +266,14 @@ def checkpoints(source: str, as_json: bool) -> None:
     connect()
     from tracking import layout
     from tracking.errors import TrackingError
-    from tracking.selection import find_checkpoint, list_checkpoints
+    from tracking.selection import find_checkpoint, list_checkpoints, resolve_run_id
 
-    logged = list_checkpoints(source)
+    run_id = resolve_run_id(source)  # a models:/ source names one checkpoint: latest and best are its run's
+    logged = list_checkpoints(run_id)
     marks: dict[str, str | None] = {}
     for which in ("latest", "best"):
         try:
-            marks[which] = find_checkpoint(source, which).model_id if logged else None
+            marks[which] = find_checkpoint(run_id, which).model_id if logged else None
         except TrackingError:
             marks[which] = None  # no monitored metric, or the one it names is damaged (warned above)
     latest, best = marks["latest"], marks["best"]
@@ -390,7 +398,7 @@ def verify(source: str, clean: bool, force: bool, as_json: bool) -> None:
         if clean:
             click.echo(f"{plural(len(removed), 'leftover')} removed")
         for path, problem in report.items():
-            click.echo(f"{'ok ' if problem is None else 'BAD'} {path}")
+            click.echo(f"ok  {path}" if problem is None else f"BAD {path}\n    {problem}")
         for leftover in report.leftovers:
             click.echo(f"LEFTOVER {leftover}")
         if not failures:

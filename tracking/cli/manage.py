@@ -61,13 +61,12 @@ def download(source: str, checkpoint: str, to: Path, force: bool, as_json: bool)
     Example:
       tracking download 3f2a9c0d1b2e4f5a6b7c8d9e0f1a2b3c --checkpoint best --to downloads/best
     """
-    if checkpoint != "state_dict":
-        refuse_checkpoint_of_pinned(source, checkpoint)
+    refuse_checkpoint_of_pinned(source, checkpoint)
     connect()
     from tracking.downloader import download_files
-    from tracking.selection import find_checkpoint, find_weights
+    from tracking.selection import find_checkpoint, find_state_dict
 
-    located = find_weights(source) if checkpoint == "state_dict" else find_checkpoint(source, checkpoint)
+    located = find_state_dict(source) if checkpoint == "state_dict" else find_checkpoint(source, checkpoint)
     download_files(located, to, force=force, read=lambda found, name, expected: _read(found, name, expected, as_json))
     what = located.label if located.model_id else f"run {located.run_id} {located.label}"
     if as_json:
@@ -88,9 +87,8 @@ def download(source: str, checkpoint: str, to: Path, force: bool, as_json: bool)
 
 def _read(located: Any, name: str, expected: Any, as_json: bool) -> Buffer:
     """One file of a checkpoint, sha256-checked; with a progress bar when it is big and stdout a terminal."""
-    path = located.path(name)
     if not (sys.stdout.isatty() and not as_json and expected.size >= _PROGRESS_FROM_BYTES):
-        return located.store.read(path, expected)  # type: ignore[no-any-return]
+        return located.read(name)  # type: ignore[no-any-return]
     from rich.markup import escape
     from rich.progress import DownloadColumn, Progress, TaskID, TransferSpeedColumn
 
@@ -100,7 +98,7 @@ def _read(located: Any, name: str, expected: Any, as_json: bool) -> Buffer:
         def advance(n: int, bar: Progress = bar, task: TaskID = task) -> None:
             bar.advance(task, n)
 
-        return located.store.read(path, expected, progress=advance)  # type: ignore[no-any-return]
+        return located.read(name, progress=advance)  # type: ignore[no-any-return]
 
 
 @click.command()
@@ -138,6 +136,8 @@ def gc(
     """
     if keep_last is None and keep_best is None:
         raise click.UsageError("pass --keep-last and/or --keep-best.")
+    if keep_best is None and (monitor or mode):  # they would change nothing: say so rather than ignore them
+        raise click.UsageError("--monitor and --mode rank what --keep-best keeps: pass --keep-best N, or drop them.")
     connect()
     from tracking.retention import prune_report, registered_line
     from tracking.selection import resolve_run_id
@@ -162,6 +162,7 @@ def gc(
             {
                 "run_id": run_id,
                 "dry_run": dry_run,
+                "needs_force": report.needs_force,
                 "deleted": [{**key_fields(c), "model_id": c.model_id} for c in doomed],
                 "kept_registered": [
                     {**key_fields(c), "model_id": c.model_id, "versions": versions} for c, versions in report.registered
@@ -175,6 +176,8 @@ def gc(
     for checkpoint, versions in report.registered:
         click.echo(registered_line(checkpoint, versions))
     done = "would be deleted (dry run: nothing changed)" if dry_run else "deleted"
+    if report.needs_force:
+        done += "; the run is still RUNNING: without --dry-run, gc refuses it unless --force (its trainer was killed)"
     click.echo(f"run {run_id}: {plural(len(doomed), 'checkpoint')} {done}")
 
 
@@ -205,7 +208,7 @@ def register(source: str, name: str, checkpoint: str, alias: str | None, as_json
     if not name.strip():
         raise click.BadParameter(f"{name!r}: a registered model needs a name, e.g. seed.", param_hint="NAME")
     refuse_checkpoint_of_pinned(source, checkpoint)
-    from tracking.registry import check_alias
+    from tracking.registry import alias_version, check_alias
     from tracking.registry import register as register_checkpoint
     from tracking.selection import version_model_id
 
@@ -215,6 +218,7 @@ def register(source: str, name: str, checkpoint: str, alias: str | None, as_json
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--alias") from None
     connect()
+    moved_from = alias_version(name, alias) if alias is not None else None  # the version the alias leaves
     # MLflow logs that it waits for the new version at INFO; the version is READY at once here.
     with muted("mlflow.store.model_registry.abstract_store", "Waiting up to"):
         version = register_checkpoint(source, name, checkpoint=checkpoint, alias=alias)
@@ -226,6 +230,7 @@ def register(source: str, name: str, checkpoint: str, alias: str | None, as_json
                 "name": name,
                 "version": version.version,
                 "alias": alias,
+                "alias_moved_from": moved_from,
                 "source": version.source,
                 "uri": uri,
                 "run_id": version.run_id,
@@ -240,6 +245,8 @@ def register(source: str, name: str, checkpoint: str, alias: str | None, as_json
         )
         return
     click.echo(f"registered {name} version {version.version} from {version.source}; load it as {uri}")
+    if moved_from is not None:
+        click.echo(f"alias {alias} named version {moved_from} before; models:/{name}/{moved_from} still loads it")
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if tracking_uri.startswith(("http://", "https://")):
         page = f"#/models/{urllib.parse.quote(name)}/versions/{version.version}{UI_VIEW_QUERY}"
