@@ -21,7 +21,9 @@ epochs, and the last), and the run's checkpoints are keyed by epoch. --checkpoin
 resumes it at its next batch. An evaluation there leaves the RNG states as it found them, so a run
 resumed from its last step (where the Trainer evaluates even off the N-step grid) goes on bit for bit
 as a longer run. --from-step N picks step N's checkpoint of such a run (--from-epoch is refused
-there, and --from-step in a run keyed by epoch); a resume in the same run keeps its kind of key.
+there, and --from-step in a run keyed by epoch); a resume in the same run keeps its kind of key. A resume
+without --epochs goes on to the run's target (tag tracking.epochs), and a --new-run child records where it
+branched once (tracking.branched_from_epoch, and from a run keyed by step tracking.branched_from_step).
 
 --override applies the options given from the resumed checkpoint on (the learning rate too, which the Trainer
 restores with the optimizer, --checkpoint-every-steps, which it restores from trainer_state.json, and --seed,
@@ -110,8 +112,9 @@ def _train(opts: options.Options) -> str:
     # An int picks a step in a run keyed by step, else an epoch (_origin checked which the run has).
     which = opts.from_step or opts.from_epoch or "latest"
 
-    def settle() -> tuple[Any, dict[str, Any], dict[str, str] | None, bool]:
+    def settle() -> tuple[options.Options, Any, dict[str, Any], dict[str, str], bool]:
         origin = _origin(client, opts, config) if opts.resume else None
+        settled = runs.with_target(opts, origin)
         current = runs.current_params(origin)
         values = opts.settings(current, origin.info.run_id if origin else None)
         changed: dict[str, tuple[str, str]] = {}
@@ -122,25 +125,16 @@ def _train(opts: options.Options) -> str:
                 resume.check_keys(origin.info.run_id, values, config, instead="add --new-run to branch a child run")
         _metric_for_best_model(values)
         if origin is None:
-            return origin, values, None, False
+            return settled, origin, values, runs.resume_tags(None, settled, {}, 0), False
         picked = tracking.find_checkpoint(origin.info.run_id, which, config=config).manifest
-        epoch = picked.epoch or 0
-        if epoch >= opts.epochs:
-            raise runs.PipelineError(
-                f"run {origin.info.run_id} already reached epoch {epoch} and --epochs is {opts.epochs}; pass "
-                f"--epochs greater than {epoch} to train further."
-            )
-        # The run's tags say where the resume started: the epochs completed, and the step of a save by steps.
-        resumed = {runs.TAG_RESUMED_FROM_EPOCH: str(epoch)}
-        if picked.keyed_by == layout.STEP:
-            resumed[runs.TAG_RESUMED_FROM_STEP] = str(picked.step)
-        # A run's params cannot change: its override tags say what this resume trains with instead.
-        where = f"step {picked.step}" if picked.keyed_by == layout.STEP else f"epoch {epoch}"
-        resumed.update(runs.override_tags(where, changed, origin, opts.new_run))
-        return origin, values, resumed, "seed" in changed
+        epoch = picked.epoch or 0  # the epochs completed
+        runs.check_target(origin, epoch, settled)
+        # Where the resume started: the epochs completed, and the step of a save by steps.
+        step = picked.step if picked.keyed_by == layout.STEP else None
+        return settled, origin, values, runs.resume_tags(origin, settled, changed, epoch, step), "seed" in changed
 
     # Rank 0 alone reads MLflow; every rank gets what it found, or its error.
-    origin, values, resumed, reseeded = distributed.on_rank0(settle)
+    opts, origin, values, tags, reseeded = distributed.on_rank0(settle)
     world = distributed.world_size()
     launcher = f"torchrun --nproc-per-node {world}" if parallel.launched() else "python"
     split = data.load(DATASET)
@@ -148,7 +142,7 @@ def _train(opts: options.Options) -> str:
     keep_last = values["keep_last"] if values["keep_best"] is not None else None
     # The frameworks' adverts and warnings about their own code would bury the run's lines.
     with (
-        parallel.lead_run(lambda: _start(client, config, opts, origin, values, resumed, f"{launcher} -m {NAME}")) as (
+        parallel.lead_run(lambda: _start(client, config, opts, origin, values, tags, f"{launcher} -m {NAME}")) as (
             run,
             run_id,
         ),
@@ -245,13 +239,13 @@ def _start(
     opts: options.Options,
     origin: Any,
     values: Mapping[str, Any],
-    resumed: Mapping[str, str] | None,
+    tags: Mapping[str, str],
     launch: str,
 ) -> Iterator[Any]:
-    """The MLflow run this training writes to (new, RUN_ID itself, or its child), params and tags logged; Ctrl-C
-    ends it KILLED, saying how to go on with ``launch`` (``python -m PIPELINE``)."""
+    """The MLflow run this training writes to (new, RUN_ID itself, or its child), params and ``tags``
+    (:func:`pipelines.runs.resume_tags`) logged; Ctrl-C ends it KILLED, saying how to go on with ``launch``
+    (``python -m PIPELINE``)."""
     import mlflow
-    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     from pipelines import runs
     from pipelines.hf_model import DigitsClassifier
@@ -259,14 +253,11 @@ def _start(
     recorded = origin.data.params if origin else {}
     if origin is None:
         run_args: dict[str, Any] = {"experiment_id": mlflow.set_experiment(config.experiment_name).experiment_id}
-        tags: dict[str, str] = {}
     elif opts.new_run:
-        parent = origin.info.run_id
         experiment = mlflow.set_experiment(opts.experiment).experiment_id if opts.experiment else None
         run_args = {"experiment_id": experiment or origin.info.experiment_id}
-        tags = {MLFLOW_PARENT_RUN_ID: parent, runs.TAG_RESUMED_FROM_RUN: parent}
     else:
-        run_args, tags = {"run_id": origin.info.run_id}, {}
+        run_args = {"run_id": origin.info.run_id}
     params = {
         "pipeline": NAME,
         "dataset": DATASET,
@@ -277,8 +268,7 @@ def _start(
     with runs.start_run(**run_args) as run, runs.killed_on_ctrl_c(run, launch, opts.epochs):
         mlflow.log_params({k: v for k, v in params.items() if k not in recorded or opts.new_run})
         runs.announce(client, run)
-        if resumed is not None:
-            mlflow.set_tags({**tags, **resumed})
+        mlflow.set_tags(dict(tags))
         yield run
 
 

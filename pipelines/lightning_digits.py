@@ -17,7 +17,9 @@ bit for bit as a longer run would have: the training loader is resumable (an ord
 and the epoch, and its place in the epoch kept in each checkpoint), so a save in mid-epoch, the latest
 of a run killed before its end, resumes at its next batch. --override applies the options given from
 there on, the learning rate into the restored optimizer and scheduler (the module's hparams and the
-run's params keep the run's), and records them in the run's override tags, which its later resumes go on with.
+run's params keep the run's), and --seed to the dropout too (the checkpoint's RNG states are not restored),
+and records them in the run's override tags, which its later resumes go on with. A resume without --epochs
+goes on to the run's target (tag tracking.epochs), one with --epochs sets it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 import signal
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,20 +79,22 @@ def train(opts: options.Options) -> str:
         _refuse_a_pick_but_the_latest(origin.info.run_id, opts, config)
     if origin is not None:
         resume.check_pick(origin.info.run_id, opts, config)
+    opts = runs.with_target(opts, origin)
     current = runs.current_params(origin)
     values = opts.settings(current, origin.info.run_id if origin else None)
     conflicts: dict[str, tuple[str, str]] = {}
+    ckpt_path = None
+    tags = runs.resume_tags(None, opts, {}, 0)  # a new run's: its target
     if origin is not None:
         conflicts = opts.conflicts(current)
         runs.refuse_changes(origin.info.run_id, conflicts, opts.override)
         resume.check_keys(origin.info.run_id, values, config, instead="train a new run (no --resume)")
-    ckpt_path = checkpoint_path(origin.info.run_id) if origin else None
-    # Refused before the run is touched: inside it, the refusal would end the run FAILED.
-    if origin is not None and (done := trainer_epochs_done(ckpt_path)) >= opts.epochs:
-        raise runs.PipelineError(
-            f"run {origin.info.run_id} already trained {done} epochs and --epochs is {opts.epochs}; "
-            "pass a larger --epochs to train further."
-        )
+        ckpt_path = checkpoint_path(origin.info.run_id)
+        epoch, step = _resumed_at(ckpt_path)
+        # Refused before the run is touched: inside it, the refusal would end the run FAILED.
+        runs.check_target(origin, epoch, opts)
+        by_step = values["checkpoint_every_steps"] is not None
+        tags = runs.resume_tags(origin, opts, conflicts, epoch, step if by_step else None)
     pl.seed_everything(values["seed"], verbose=False)
     train_loader, val_loader = digits_loaders(values["batch_size"], values["seed"])
     # The module's hparams are the run's params (MLFlowLogger logs them, and a param cannot change): an
@@ -117,8 +121,7 @@ def train(opts: options.Options) -> str:
                     **opts.params(values),
                 }
             )
-        else:
-            _record_overrides(origin, conflicts, ckpt_path, values["checkpoint_every_steps"] is not None)
+        mlflow.set_tags(tags)
         runs.announce(client, run)
         run_id = run.info.run_id
         # The run's own folder: a resume on this machine finds the files its ModelCheckpoint kept.
@@ -156,7 +159,13 @@ def train(opts: options.Options) -> str:
             # may be another since (an --override now, or one whose resume stopped before its first save).
             callbacks.append(GivenLearningRate(values["lr"]))
         callbacks.append(
-            MLflowCheckpoints(monitor=values["monitor"], mode=values["monitor_mode"], commands=[resume_command])
+            MLflowCheckpoints(
+                monitor=values["monitor"],
+                mode=values["monitor_mode"],
+                commands=[resume_command],
+                # An --override-n seed draws (dropout too) from the seed set above, not the checkpoint's states.
+                restore_rng="seed" not in conflicts,
+            )
         )
         trainer = pl.Trainer(
             max_epochs=opts.epochs,
@@ -195,21 +204,16 @@ def _refuse_a_pick_but_the_latest(run_id: str, opts: options.Options, config: An
         )
 
 
-def _record_overrides(
-    origin: Any, changed: Mapping[str, tuple[str, str]], ckpt_path: str | None, by_step: bool
-) -> None:
-    """Record what this resume changes in the run's override tags (its params cannot change)."""
-    import mlflow
+def _resumed_at(ckpt_path: str) -> tuple[int, int]:
+    """Where a Lightning checkpoint resumes: the epochs it trained, as the user counts them (and the own-loop
+    pipelines' tags), not Lightning's ``epoch`` from 0 (a save by steps in mid-epoch has not finished that
+    epoch); and its global step."""
     import torch
 
-    from pipelines import runs
-
-    if not changed or ckpt_path is None:
-        return
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    # Epochs as the user counts them (and the own-loop pipelines' tags): those trained, not Lightning's from 0.
-    where = f"step {checkpoint['global_step']}" if by_step else f"epoch {trainer_epochs_done(ckpt_path)}"
-    mlflow.set_tags(runs.override_tags(where, changed, origin, new_run=False))
+    batches = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+    epochs = int(checkpoint["epoch"]) + (1 if batches.get("is_last_batch", True) else 0)
+    return epochs, int(checkpoint["global_step"])
 
 
 def _fit(trainer: Any, module: Any, train_loader: Any, val_loader: Any, ckpt_path: str | None) -> None:
@@ -225,18 +229,6 @@ def _fit(trainer: Any, module: Any, train_loader: Any, val_loader: Any, ckpt_pat
     finally:
         if handler is not None and signal.getsignal(signal.SIGINT) is not handler:
             signal.signal(signal.SIGINT, handler)  # a second Ctrl-C stops the process again
-
-
-def trainer_epochs_done(ckpt_path: str | None) -> int:
-    """Epochs a Lightning checkpoint has trained (its ``epoch`` counts from 0; a save by steps in mid-epoch
-    has not finished that epoch)."""
-    import torch
-
-    if ckpt_path is None:
-        return 0
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    batches = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
-    return int(checkpoint["epoch"]) + (1 if batches.get("is_last_batch", True) else 0)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ one, and what is refused: :mod:`pipelines.resume`) at epoch N and goes on in one
 - ``--new-run`` starts a child run (in RUN_ID's experiment unless ``--experiment``)
   (tags ``mlflow.parentRunId``, ``tracking.resumed_from_run``: RUN_ID, ``tracking.branched_from_epoch``
   and ``tracking.resumed_from_epoch``: N) with the same params; its metrics start at step N+1. Resumed in
-  place later, the child keeps its branch point: only ``tracking.resumed_from_epoch`` moves.
+  place later, the child keeps its branch point: only ``tracking.resumed_from_epoch`` moves. A run keyed by
+  global step (the framework pipelines' ``--checkpoint-every-steps``) also records the step of each:
+  ``tracking.branched_from_step`` and ``tracking.resumed_from_step``.
 
 Every run records the number of epochs it trains to in the tag ``tracking.epochs``: a resume without
 ``--epochs`` goes on to that target, and one with ``--epochs`` sets the new target (in RUN_ID's tag, or the
@@ -52,6 +54,9 @@ TAG_RESUMED_FROM_RUN = "tracking.resumed_from_run"
 TAG_RESUMED_FROM_EPOCH = "tracking.resumed_from_epoch"
 # A --new-run child's epoch of its parent it branched from, set once: its in-place resumes leave it.
 TAG_BRANCHED_FROM_EPOCH = "tracking.branched_from_epoch"
+# Its parent's global step it branched from, when the parent keys its checkpoints by step (set once too): the
+# epoch alone does not name a checkpoint saved in mid-epoch.
+TAG_BRANCHED_FROM_STEP = "tracking.branched_from_step"
 TAG_RESUMED_FROM_STEP = "tracking.resumed_from_step"
 TAG_RESUMES = "tracking.resumes"
 # The number of epochs the run trains to: its latest --epochs, which a resume without --epochs goes on to.
@@ -143,6 +148,37 @@ def override_tags(where: str, changed: Mapping[str, tuple[str, str]], origin: Ru
     return tags
 
 
+def resume_tags(
+    origin: Run | None,
+    opts: options.Options,
+    overrides: Mapping[str, tuple[str, str]],
+    epoch: int,
+    step: int | None = None,
+) -> dict[str, str]:
+    """The tags a run records as it starts: its target (``opts.epochs``) and, resumed from ``origin``'s checkpoint
+    at ``epoch`` (the epochs it completed; ``step``, its global step, in a run keyed by step), where it goes on
+    from: a ``--new-run`` child its parent and branch point, RUN_ID itself where its latest resume began and how
+    many there were; and the params this resume changes (:func:`override_tags`)."""
+    tags = {TAG_EPOCHS: str(opts.epochs)}
+    if origin is None:
+        return tags
+    tags[TAG_RESUMED_FROM_EPOCH] = str(epoch)
+    if step is not None:
+        tags[TAG_RESUMED_FROM_STEP] = str(step)
+    if opts.new_run:
+        parent = origin.info.run_id
+        tags.update({MLFLOW_PARENT_RUN_ID: parent, TAG_RESUMED_FROM_RUN: parent, TAG_BRANCHED_FROM_EPOCH: str(epoch)})
+        if step is not None:
+            tags[TAG_BRANCHED_FROM_STEP] = str(step)
+    else:
+        recorded = origin.data.tags.get(TAG_RESUMES, "0")
+        resumes = (int(recorded) if recorded.isdecimal() else 0) + 1  # a hand-edited tag restarts the count
+        tags[TAG_RESUMES] = str(resumes)
+    where = f"step {step}" if step is not None else f"epoch {epoch}"
+    tags.update(override_tags(where, overrides, origin, opts.new_run))
+    return tags
+
+
 def _listed(changed: Mapping[str, tuple[str, str]]) -> str:
     return ", ".join(f"{name} {old} -> {new}" for name, (old, new) in changed.items())
 
@@ -199,31 +235,18 @@ def start(
         **opts.params(values),
         **described(state),
     }
-    tags: dict[str, str] = {}
     run_args: dict[str, Any]
     if origin is None:
         run_args = {"experiment_id": _experiment_id(client, config.experiment_name)}
     elif opts.new_run:
-        parent = origin.info.run_id
         experiment_id = _experiment_id(client, opts.experiment) if opts.experiment else origin.info.experiment_id
         run_args = {"experiment_id": experiment_id}
-        tags = {
-            MLFLOW_PARENT_RUN_ID: parent,
-            TAG_RESUMED_FROM_RUN: parent,
-            TAG_BRANCHED_FROM_EPOCH: str(epoch),
-            TAG_RESUMED_FROM_EPOCH: str(epoch),
-        }
     else:
         run_args = {"run_id": origin.info.run_id}
         # A run's params cannot change: log only those it lacks (options added since it started).
         params = {name: value for name, value in params.items() if name not in origin.data.params}
-        recorded = origin.data.tags.get(TAG_RESUMES, "0")
-        resumes = (int(recorded) if recorded.isdecimal() else 0) + 1  # a hand-edited tag restarts the count
-        tags = {TAG_RESUMED_FROM_EPOCH: str(epoch), TAG_RESUMES: str(resumes)}
         _note_relogged(client, origin.info.run_id, epoch)
-    if origin is not None:
-        tags.update(override_tags(f"epoch {epoch}", overrides, origin, opts.new_run))
-    tags[TAG_EPOCHS] = str(opts.epochs)
+    tags = resume_tags(origin, opts, overrides, epoch)
     launch = f"python -m {task.name}"
     if opts.strategy is not None:
         launch = (
@@ -232,8 +255,7 @@ def start(
     with start_run(**run_args) as run, killed_on_ctrl_c(run, launch, opts.epochs):
         if params:
             mlflow.log_params(params)
-        if tags:
-            mlflow.set_tags(tags)
+        mlflow.set_tags(tags)
         yield run
 
 

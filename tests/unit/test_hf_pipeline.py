@@ -417,3 +417,41 @@ def test_an_overridden_seed_draws_from_there_on(step_runs: StepRuns, monkeypatch
     assert torch.equal(first_steps[2], first_steps[1])  # still exactly repeatable
     weights, repeated = _weights(reseeded), _weights(again)
     assert all(torch.equal(value, repeated[name]) for name, value in weights.items())
+
+
+def test_a_resume_without_epochs_goes_on_to_the_runs_target(
+    step_runs: StepRuns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The run recorded no target: a plain --resume trained on to the pipeline's default 6 epochs.
+    client = MlflowClient(step_runs.uri)
+    assert [
+        client.get_run(run_id).data.tags["tracking.epochs"] for run_id in (step_runs.straight, step_runs.resumed)
+    ] == [
+        "2",
+        "2",
+    ]
+    use_store(monkeypatch, step_runs.uri, EXPERIMENT)
+    runs_before = len(client.search_runs([client.get_run(step_runs.straight).info.experiment_id]))
+
+    code, _, err = _inline("--resume", step_runs.straight, "--new-run")
+
+    assert code == 1 and "already reached epoch 2 and its target (tag tracking.epochs) is 2" in err, err
+    assert len(client.search_runs([client.get_run(step_runs.straight).info.experiment_id])) == runs_before
+
+
+def test_a_child_records_the_step_it_branched_from_once(step_runs: StepRuns, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The child recorded where its latest resume began (tracking.resumed_from_*), which its in-place resumes move,
+    # and nothing that kept its branch point.
+    use_store(monkeypatch, step_runs.uri, EXPERIMENT)
+    code, out, err = _inline("--resume", step_runs.straight, "--from-step", "4", "--new-run")
+    assert code == 0, err[-3000:]
+    child = _run_id(out)
+    config = tracking.TrackingConfig(tracking_uri=step_runs.uri)
+    assert [c.step for c in tracking.list_checkpoints(child, config=config)] == [6]  # to its parent's target
+    code, _, err = _inline("--resume", child, "--epochs", "3")
+    assert code == 0, err[-3000:]
+
+    tags = MlflowClient(step_runs.uri).get_run(child).data.tags
+    assert (tags["tracking.branched_from_step"], tags["tracking.branched_from_epoch"]) == ("4", "1")
+    assert (tags["tracking.resumed_from_step"], tags["tracking.resumed_from_epoch"]) == ("6", "2")
+    assert (tags["tracking.epochs"], tags["tracking.resumes"]) == ("3", "1")

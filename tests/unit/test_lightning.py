@@ -208,6 +208,17 @@ def test_resume_by_run_id_matches_a_straight_run_bit_for_bit(s3_experiment: str,
     assert steps == logger.steps["val_loss"] | resumed_logger.steps["val_loss"]
 
 
+def test_restore_rng_false_leaves_the_rng_states_a_resumed_fit_finds() -> None:
+    # A resumed fit always restored the checkpoint's RNG states: one reseeded to draw anew drew on from the old.
+    saved = MLflowCheckpoints().state_dict()  # the RNG states a checkpoint keeps
+    torch.manual_seed(5)
+    reseeded = torch.get_rng_state()
+    MLflowCheckpoints(restore_rng=False).load_state_dict(saved)
+    assert torch.equal(torch.get_rng_state(), reseeded)
+    MLflowCheckpoints().load_state_dict(saved)
+    assert torch.equal(torch.get_rng_state(), saved["rng"]["torch"])
+
+
 def test_saves_by_step_are_keyed_by_step_and_each_one_stays(s3_experiment: str, tmp_path: Path) -> None:
     # 4 batches an epoch: a save every 3 steps lands mid-epoch, two in epoch 2 (steps 9 and 12).
     with mlflow.start_run() as run:

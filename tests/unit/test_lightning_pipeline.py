@@ -145,7 +145,7 @@ def test_checkpoint_every_n_epochs_also_saves_the_last_epoch(step_runs: Runs, mo
         (["--resume", "{run}", "--from-step", "2"], 2, "--from-step, --new-run and --strategy are the other"),
         (["--resume", "{run}", "--checkpoint-every", "1"], 1, "checkpoint_every none -> 1"),
         (["--resume", "{run}", "--checkpoint-every", "1", "--override"], 1, "a run holds one kind of key"),
-        (["--resume", "{run}", "--epochs", "3"], 1, "already trained 3 epochs"),
+        (["--resume", "{run}", "--epochs", "3"], 1, "already reached epoch 3 and --epochs is 3"),
         # A models:/ URI of an earlier checkpoint went on from the latest one instead.
         (["--resume", "{step4}"], 1, "at step 4, not its latest (step 9)"),
     ],
@@ -292,3 +292,58 @@ def test_runs_of_the_same_seed_get_different_names(step_runs: Runs, monkeypatch:
     client = MlflowClient(step_runs.config.tracking_uri)
     names = {client.get_run(outcome.run_id).info.run_name for outcome in (first, second)}
     assert len(names) == 2, names
+
+
+def test_a_resume_goes_on_to_the_runs_target_and_one_with_epochs_sets_a_new_one(
+    step_runs: Runs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The run recorded no target: a plain --resume trained on to the pipeline's default 10 epochs.
+    use_store(monkeypatch, step_runs.env["MLFLOW_TRACKING_URI"], EXPERIMENT)
+    client = MlflowClient(step_runs.config.tracking_uri)
+    stopped = interrupted_when_epoch_starts(monkeypatch, 1, "--epochs", "2", "--batch-size", "512")
+    assert stopped.code == 130, stopped.err
+    run_id = stopped.run_id
+    assert client.get_run(run_id).data.tags["tracking.epochs"] == "2"
+
+    resumed = inline("--resume", run_id)
+
+    assert resumed.code == 0, resumed.err[-3000:]
+    assert tracking.find_checkpoint(run_id, config=step_runs.config).manifest.epoch == 1  # Lightning's: the 2nd
+    further = inline("--resume", run_id, "--epochs", "3")
+    assert further.code == 0, further.err[-3000:]
+    tags = client.get_run(run_id).data.tags
+    assert (tags["tracking.epochs"], tags["tracking.resumed_from_epoch"], tags["tracking.resumes"]) == ("3", "2", "2")
+    done = inline("--resume", run_id)
+    assert done.code == 1 and "its target (tag tracking.epochs) is 3" in done.err, done.err
+
+
+def test_an_overridden_seed_draws_from_there_on(step_runs: Runs, monkeypatch: pytest.MonkeyPatch) -> None:
+    # MLflowCheckpoints restored the checkpoint's RNG states over the new seed: the resumed run recorded seed 5,
+    # and only its loader's order took it; its dropout drew on from seed 0's states.
+    from tracking.integrations.lightning import MLflowCheckpoints
+
+    first_steps: list[torch.Tensor] = []  # the RNG state each resumed fit's first step (after step 3) draws from
+    started = MLflowCheckpoints.on_train_batch_start
+
+    def on_train_batch_start(self: MLflowCheckpoints, trainer: Any, pl_module: Any, batch: Any, index: int) -> None:
+        started(self, trainer, pl_module, batch, index)
+        if trainer.global_step == 3:
+            first_steps.append(torch.random.get_rng_state())
+
+    use_store(monkeypatch, step_runs.env["MLFLOW_TRACKING_URI"], EXPERIMENT)
+    monkeypatch.setattr(MLflowCheckpoints, "on_train_batch_start", on_train_batch_start)
+    firsts = [inline("--epochs", "1", "--batch-size", "512") for _ in range(3)]
+    assert all(first.code == 0 for first in firsts), [first.err[-3000:] for first in firsts]
+    more: list[tuple[str, ...]] = [(), ("--override", "--seed", "5"), ("--override", "--seed", "5")]
+    resumed = [
+        inline("--resume", first.run_id, "--epochs", "2", *args) for first, args in zip(firsts, more, strict=True)
+    ]
+    assert all(done.code == 0 for done in resumed), [done.err[-3000:] for done in resumed]
+
+    reseeded, again = (done.run_id for done in resumed[1:])
+    tags = MlflowClient(step_runs.config.tracking_uri).get_run(reseeded).data.tags
+    assert (tags["tracking.override.seed"], tags["tracking.overrides"]) == ("5", "from epoch 1: seed 0 -> 5")
+    assert len(first_steps) == 3
+    assert not torch.equal(first_steps[1], first_steps[0])
+    assert torch.equal(first_steps[2], first_steps[1])  # still exactly repeatable
+    assert_same_training(reseeded, again, step_runs.config)

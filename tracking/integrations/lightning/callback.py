@@ -40,6 +40,11 @@ class MLflowCheckpoints(pl.Callback):
     ``commands`` adds lines to the run's description (``{run_id}`` is replaced). The run's best pointer
     follows the ``monitor`` and ``mode`` of the ModelCheckpoint that wrote the file, or ``monitor=`` and
     ``mode=`` when given (with one ModelCheckpoint keeping the last N by step and another the best K).
+
+    The checkpoint keeps the RNG states, and a fit resumed from it restores them, so that it draws the batches
+    and dropout masks a fit that never stopped drew. ``restore_rng=False`` leaves them as the resumed fit finds
+    them instead (seeded by you: ``pl.seed_everything(new_seed)`` before ``fit``), so that it draws from a new
+    seed from the checkpoint on; its own checkpoints keep the states as ever.
     """
 
     def __init__(
@@ -52,6 +57,7 @@ class MLflowCheckpoints(pl.Callback):
         commands: Sequence[str] = (RESUME_LINE,),
         monitor: str | None = None,
         mode: str = "min",
+        restore_rng: bool = True,
     ) -> None:
         if mode not in layout.MODES:
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -62,6 +68,7 @@ class MLflowCheckpoints(pl.Callback):
         self.config = config
         self.describe_run = describe_run
         self.commands = tuple(commands)
+        self.restore_rng = restore_rng
         self._io: MirrorIO | None = None
         # How this fit's checkpoints are keyed ("epoch" or "step"): decided at its setup, for all of them.
         self.keyed_by: str | None = None
@@ -122,7 +129,7 @@ class MLflowCheckpoints(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Restored while Lightning restores the checkpoint, before the fit loop makes its data iterator.
-        if "rng" in state_dict:
+        if "rng" in state_dict and self.restore_rng:
             restore_rng_state(state_dict["rng"])
             self._restored_rng = state_dict["rng"]
 
