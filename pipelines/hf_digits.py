@@ -114,7 +114,7 @@ def _train(opts: options.Options) -> str:
 
     def settle() -> tuple[options.Options, Any, dict[str, Any], dict[str, str], bool]:
         origin = _origin(client, opts, config) if opts.resume else None
-        settled = runs.with_target(opts, origin)
+        settled = resume.with_target(opts, origin)
         current = runs.current_params(origin)
         values = opts.settings(current, origin.info.run_id if origin else None)
         changed: dict[str, tuple[str, str]] = {}
@@ -128,7 +128,7 @@ def _train(opts: options.Options) -> str:
             return settled, origin, values, runs.resume_tags(None, settled, {}, 0), False
         picked = tracking.find_checkpoint(origin.info.run_id, which, config=config).manifest
         epoch = picked.epoch or 0  # the epochs completed
-        runs.check_target(origin, epoch, settled)
+        resume.check_target(origin, epoch, settled)
         # Where the resume started: the epochs completed, and the step of a save by steps.
         step = picked.step if picked.keyed_by == layout.STEP else None
         return settled, origin, values, runs.resume_tags(origin, settled, changed, epoch, step), "seed" in changed

@@ -79,7 +79,7 @@ def train(opts: options.Options) -> str:
         _refuse_a_pick_but_the_latest(origin.info.run_id, opts, config)
     if origin is not None:
         resume.check_pick(origin.info.run_id, opts, config)
-    opts = runs.with_target(opts, origin)
+    opts = resume.with_target(opts, origin)
     current = runs.current_params(origin)
     values = opts.settings(current, origin.info.run_id if origin else None)
     conflicts: dict[str, tuple[str, str]] = {}
@@ -92,7 +92,7 @@ def train(opts: options.Options) -> str:
         ckpt_path = checkpoint_path(origin.info.run_id)
         epoch, step = _resumed_at(ckpt_path)
         # Refused before the run is touched: inside it, the refusal would end the run FAILED.
-        runs.check_target(origin, epoch, opts)
+        resume.check_target(origin, epoch, opts)
         by_step = values["checkpoint_every_steps"] is not None
         tags = runs.resume_tags(origin, opts, conflicts, epoch, step if by_step else None)
     pl.seed_everything(values["seed"], verbose=False)

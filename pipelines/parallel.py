@@ -102,7 +102,7 @@ def _train(task: Task, opts: options.Options) -> str:
         origin = resume.find_origin(client, task, opts, config) if opts.resume else None
         values = opts.settings(runs.current_params(origin), origin.info.run_id if origin else None)
         overrides = runs.changed_params(task, opts, origin) if origin else {}
-        return runs.with_target(opts, origin), origin, values, overrides
+        return resume.with_target(opts, origin), origin, values, overrides
 
     opts, origin, values, overrides = distributed.on_rank0(settle)
     split = data.load(task.dataset)
@@ -192,7 +192,7 @@ def _restore(
         checkpoint="latest" if opts.from_epoch is None else opts.from_epoch,
     )
     epoch = loaded.epoch or 0
-    runs.check_target(origin, epoch, opts)
+    resume.check_target(origin, epoch, opts)
     saved = loaded.rank_state
     if not isinstance(saved, dict) or "rng" not in saved:
         raise runs.PipelineError(

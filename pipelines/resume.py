@@ -4,8 +4,9 @@
 epoch (step); a checkpoint's ``models:/`` URI as RUN_ID picks that one. Refused, each before the run is
 touched: a run of another pipeline or dataset, a run with no committed checkpoint, a pick the run does not
 hold or of the other kind of key, and a pick before the run's latest checkpoint that would continue in place
-(it would rewrite the run's later history; ``--new-run`` branches a child instead). :mod:`pipelines.runs`
-starts the run that goes on.
+(it would rewrite the run's later history; ``--new-run`` branches a child instead). Without ``--epochs``, a
+resume trains to the target the run recorded (tag ``tracking.epochs``), and one that has reached it is refused.
+:mod:`pipelines.runs` starts the run that goes on.
 """
 
 from __future__ import annotations
@@ -23,6 +24,35 @@ from pipelines import data, options, runs
 from pipelines.task import State, Task
 from tracking import layout
 from tracking.uri import parse_source
+
+
+def with_target(opts: options.Options, origin: Run | None) -> options.Options:
+    """``opts`` with ``origin``'s recorded target as ``epochs`` when --epochs was left out (a run recorded
+    before targets were keeps the pipeline's default)."""
+    if origin is None or opts.epochs_given or (recorded := origin.data.tags.get(runs.TAG_EPOCHS)) is None:
+        return opts
+    if not (recorded.isdecimal() and recorded.isascii() and int(recorded) > 0):
+        raise runs.PipelineError(
+            f"run {origin.info.run_id} records {recorded!r} as its target number of epochs (tag {runs.TAG_EPOCHS}); "
+            "pass --epochs N to say how far to train it."
+        )
+    return replace(opts, epochs=int(recorded))
+
+
+def check_target(origin: Run, epoch: int, opts: options.Options) -> None:
+    """Refuse to resume ``origin`` from ``epoch`` when that is its target already: there is nothing to train."""
+    if epoch < opts.epochs:
+        return
+    if opts.epochs_given:
+        target = "--epochs"
+    elif runs.TAG_EPOCHS in origin.data.tags:
+        target = f"its target (tag {runs.TAG_EPOCHS})"
+    else:  # a run from before targets were recorded
+        target = "the pipeline's default --epochs"
+    raise runs.PipelineError(
+        f"run {origin.info.run_id} ({origin.info.status}) already reached epoch {epoch} and {target} is "
+        f"{opts.epochs}; pass --epochs greater than {epoch} to train further."
+    )
 
 
 def pinned(opts: options.Options, config: tracking.TrackingConfig) -> options.Options:
@@ -171,7 +201,7 @@ def restore(
             f"cannot resume: {task.name} builds a different model than the one logged. {exc}"
         ) from exc
     epoch = loaded.epoch or 0
-    runs.check_target(origin, epoch, opts)
+    check_target(origin, epoch, opts)
     if loaded.optimizer is None or "rng" not in loaded.extra:
         raise runs.PipelineError(
             f"run {run_id}: {loaded.path} holds no optimizer or RNG state, so it cannot be resumed exactly; "

@@ -33,7 +33,6 @@ import random
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import replace
 from typing import Any
 
 import mlflow
@@ -82,35 +81,6 @@ def find_run(client: MlflowClient, source: str, config: tracking.TrackingConfig)
     if run.info.lifecycle_stage == "deleted":
         raise PipelineError(f"run {run.info.run_id} is deleted; restore it in the MLflow UI first.")
     return run
-
-
-def with_target(opts: options.Options, origin: Run | None) -> options.Options:
-    """``opts`` with ``origin``'s recorded target as ``epochs`` when --epochs was left out (a run recorded
-    before targets were keeps the pipeline's default)."""
-    if origin is None or opts.epochs_given or (recorded := origin.data.tags.get(TAG_EPOCHS)) is None:
-        return opts
-    if not (recorded.isdecimal() and recorded.isascii() and int(recorded) > 0):
-        raise PipelineError(
-            f"run {origin.info.run_id} records {recorded!r} as its target number of epochs (tag {TAG_EPOCHS}); "
-            "pass --epochs N to say how far to train it."
-        )
-    return replace(opts, epochs=int(recorded))
-
-
-def check_target(origin: Run, epoch: int, opts: options.Options) -> None:
-    """Refuse to resume ``origin`` from ``epoch`` when that is its target already: there is nothing to train."""
-    if epoch < opts.epochs:
-        return
-    if opts.epochs_given:
-        target = "--epochs"
-    elif TAG_EPOCHS in origin.data.tags:
-        target = f"its target (tag {TAG_EPOCHS})"
-    else:  # a run from before targets were recorded
-        target = "the pipeline's default --epochs"
-    raise PipelineError(
-        f"run {origin.info.run_id} ({origin.info.status}) already reached epoch {epoch} and {target} is "
-        f"{opts.epochs}; pass --epochs greater than {epoch} to train further."
-    )
 
 
 def refuse_changes(run_id: str, changed: Mapping[str, tuple[str, str]], override: bool) -> None:

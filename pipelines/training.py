@@ -62,7 +62,7 @@ def train(task: Task, opts: options.Options) -> str:
     client = MlflowClient(config.tracking_uri)
     opts = resume.pinned(opts, config)
     origin = resume.find_origin(client, task, opts, config) if opts.resume else None
-    opts = runs.with_target(opts, origin)
+    opts = resume.with_target(opts, origin)
     values = opts.settings(runs.current_params(origin), origin.info.run_id if origin else None)
     overrides = runs.changed_params(task, opts, origin) if origin else {}
     split = data.load(task.dataset)
