@@ -48,7 +48,7 @@ def test_lightning_pipeline_trains_and_resumes_by_run_id_on_the_stack(
     found = re.search(r"MLflow run ([0-9a-f]{32}) \(experiment (\d+)\)", first.stdout)
     assert found, first.stdout
     run_id, experiment_id = found.groups()
-    assert "latest checkpoint: epoch 1" in first.stdout
+    assert "latest checkpoint: epoch 2 (Lightning's epoch=1)" in first.stdout
 
     second = _pipeline("--resume", run_id, "--epochs", "4")
     assert second.returncode == 0, second.stderr
