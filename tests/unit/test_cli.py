@@ -352,3 +352,29 @@ def test_runs_of_a_deleted_experiment_says_it_is_deleted_and_how_to_restore_it(t
     assert f"mlflow experiments restore --experiment-id {experiment_id}" in result.stderr
     missing = CliRunner().invoke(main, ["runs", "--experiment", "cli-never-made"])
     assert missing.exit_code == 1 and "no experiment 'cli-never-made'" in missing.stderr, missing.output
+
+
+def test_download_force_over_another_download_leaves_only_the_new_checkpoint(s3_run_id: str, tmp_path: Path) -> None:
+    to = tmp_path / "weights"
+    first = CliRunner().invoke(main, ["download", s3_run_id, "--checkpoint", "1", "--to", str(to)])
+    assert first.exit_code == 0, first.output
+    (to / "notes.txt").write_text("mine")
+    args = ["download", s3_run_id, "--checkpoint", "state_dict", "--to", str(to), "--force"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    # The previous download's checkpoint.pt beside the state dict's manifest: a folder of two checkpoints.
+    assert sorted(p.name for p in to.iterdir()) == ["manifest.json", "notes.txt", "state_dict.pt"]
+    assert "removed checkpoint.pt" in result.output and "kept notes.txt" in result.output, result.output
+
+
+def test_a_download_whose_last_move_fails_leaves_the_folder_as_it_was(s3_run_id: str, tmp_path: Path) -> None:
+    to = tmp_path / "one"
+    CliRunner().invoke(main, ["download", s3_run_id, "--checkpoint", "1", "--to", str(to)])
+    before = (to / "checkpoint.pt").read_bytes()
+    (to / "manifest.json").unlink()
+    (to / "manifest.json").mkdir()  # the last file's move fails, after checkpoint.pt's
+    result = CliRunner().invoke(main, ["download", s3_run_id, "--checkpoint", "3", "--to", str(to), "--force"])
+    assert result.exit_code == 1, result.output
+    assert f"{to} is as it was" in result.stderr and "manifest.json" in result.stderr, result.stderr
+    assert (to / "checkpoint.pt").read_bytes() == before
+    assert sorted(p.name for p in to.iterdir()) == ["checkpoint.pt", "manifest.json"]

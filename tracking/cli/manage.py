@@ -49,7 +49,11 @@ def _check_selector(ctx: click.Context, param: click.Parameter, value: str) -> s
 @click.option(
     "--to", "to", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write into."
 )
-@click.option("--force", is_flag=True, help="Overwrite files that exist in the folder.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Overwrite files that exist in the folder, and remove those of a previous download this checkpoint lacks.",
+)
 @json_option
 def download(source: str, checkpoint: str, to: Path, force: bool, as_json: bool) -> None:
     """Download a checkpoint's files and manifest, each checked against its sha256.
@@ -67,7 +71,9 @@ def download(source: str, checkpoint: str, to: Path, force: bool, as_json: bool)
     from tracking.selection import find_checkpoint, find_state_dict
 
     located = find_state_dict(source) if checkpoint == "state_dict" else find_checkpoint(source, checkpoint)
-    download_files(located, to, force=force, read=lambda found, name, expected: _read(found, name, expected, as_json))
+    done = download_files(
+        located, to, force=force, read=lambda found, name, expected: _read(found, name, expected, as_json)
+    )
     what = located.label if located.model_id else f"run {located.run_id} {located.label}"
     if as_json:
         files = {name: {"size": f.size, "sha256": f.sha256} for name, f in located.manifest.files.items()}
@@ -78,11 +84,17 @@ def download(source: str, checkpoint: str, to: Path, force: bool, as_json: bool)
                 **key_fields(located.manifest),
                 "to": str(to),
                 "files": files,
+                "removed": done.removed,
+                "kept": done.kept,
             }
         )
         return
     sizes = ", ".join(f"{name} ({human_size(f.size)})" for name, f in located.manifest.files.items())
     click.echo(f"downloaded {what} to {to}: {sizes}, manifest.json; sha256 checked")
+    if done.removed:
+        click.echo(f"removed {', '.join(done.removed)}: the previous download's, which this checkpoint has not")
+    if force and done.kept:  # what --force left beside the checkpoint: the folder is not only a download
+        click.echo(f"kept {', '.join(done.kept)}: not from a download (no manifest.json listed them)")
 
 
 def _read(located: Any, name: str, expected: Any, as_json: bool) -> Buffer:
