@@ -39,8 +39,21 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
+# click.Context.meta key: set once a command printed its JSON, so that its failure prints no second document.
+JSON_EMITTED = "tracking.json_emitted"
+
+
 def emit_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=str))
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.meta[JSON_EMITTED] = True
+
+
+def json_error(message: str, code: int, exc: BaseException) -> dict[str, Any]:
+    """What a ``--json`` command prints on stdout when it fails: the stderr line's message, its exit status, and
+    the error's class (``StorageError``: retry; ``NotFoundError``, ``IntegrityError``, ``UsageError``...)."""
+    return {"error": message, "exit_code": code, "type": type(exc).__name__}
 
 
 def table(title: str, columns: Sequence[Column], rows: Sequence[Sequence[str]]) -> None:

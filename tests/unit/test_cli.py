@@ -378,3 +378,24 @@ def test_a_download_whose_last_move_fails_leaves_the_folder_as_it_was(s3_run_id:
     assert f"{to} is as it was" in result.stderr and "manifest.json" in result.stderr, result.stderr
     assert (to / "checkpoint.pt").read_bytes() == before
     assert sorted(p.name for p in to.iterdir()) == ["checkpoint.pt", "manifest.json"]
+
+
+def test_a_failing_json_command_prints_a_json_error_on_stdout(tracking_store: str) -> None:
+    missing = CliRunner().invoke(main, ["checkpoints", "f" * 32, "--json"])
+    assert missing.exit_code == 1 and missing.stderr.startswith("error: "), missing.output
+    error = json.loads(missing.stdout)
+    assert error == {"error": missing.stderr.removeprefix("error: ").strip(), "exit_code": 1, "type": "NotFoundError"}
+    usage = CliRunner().invoke(main, ["show", "f" * 32, "--checkpoint", "²", "--json"])
+    assert usage.exit_code == 2 and "Error:" in usage.stderr, usage.output
+    assert json.loads(usage.stdout)["exit_code"] == 2
+    assert CliRunner().invoke(main, ["checkpoints", "f" * 32]).stdout == "", "without --json, stdout stays empty"
+
+
+@pytest.mark.slow
+def test_a_failing_verify_json_is_one_document_with_the_error(s3_run_id: str) -> None:
+    second = find_checkpoint(s3_run_id, 2)
+    second.store.write_bytes(second.path("checkpoint.pt"), b"not a checkpoint")
+    result = CliRunner().invoke(main, ["verify", s3_run_id, "--json"])
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert report["intact"] is False and report["exit_code"] == 1 and "1 of 4 files failed" in report["error"]

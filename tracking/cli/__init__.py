@@ -2,7 +2,9 @@
 
 Errors become exit codes by the project's one rule (:func:`tracking.errors.exit_code`): a
 :class:`TrackingError` prints one line on stderr and exits 1, a usage error exits 2, and
-``--debug`` shows the traceback instead. Commands import torch and MLflow only when they run.
+``--debug`` shows the traceback instead. With ``--json``, a failure also prints
+``{"error", "exit_code", "type"}`` on stdout, unless the command printed its own JSON already.
+Commands import torch and MLflow only when they run.
 """
 
 from __future__ import annotations
@@ -16,21 +18,42 @@ import click
 
 from tracking.cli import inspect, manage
 from tracking.errors import exit_code, format_warning, one_line
-from tracking.output import human_size
+from tracking.output import JSON_EMITTED, emit_json, human_size, json_error
 
 __all__ = ["human_size", "main"]
 
 
 class _Group(click.Group):
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        name, command, rest = super().resolve_command(ctx, args)
+        # Read here, before the command's own parsing can fail: a usage error with --json is JSON too.
+        options = rest[: rest.index("--")] if "--" in rest else rest
+        takes_json = command is not None and any(p.name == "as_json" for p in command.params)
+        ctx.meta[_JSON_ERRORS] = takes_json and "--json" in options
+        return name, command, rest
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except Exception as exc:
             code = exit_code(exc)  # None for click's own exceptions: click maps those itself
-            if code is None or ctx.find_root().params.get("debug"):
+            if (code is None and not isinstance(exc, click.ClickException)) or ctx.find_root().params.get("debug"):
                 raise
+            if ctx.meta.pop(_JSON_ERRORS, False) and not ctx.meta.get(JSON_EMITTED):
+                if isinstance(exc, click.ClickException):
+                    emit_json(json_error(exc.format_message(), exc.exit_code, exc))
+                else:
+                    emit_json(json_error(one_line(exc), code or 1, exc))
+            if code is None:
+                raise  # click prints its usage error on stderr and exits 2
             click.echo(f"error: {one_line(exc)}", err=True)
             ctx.exit(code)
+
+
+# ctx.meta key: whether a failure of the command invoked prints a JSON error object on stdout (it took --json).
+_JSON_ERRORS = "tracking.json_errors"
 
 
 # Commands that live outside the library, as "module:attribute": imported only when invoked or

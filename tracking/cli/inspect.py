@@ -8,7 +8,8 @@ import click
 from click.core import ParameterSource
 
 from tracking.cli.server import connect
-from tracking.output import Column, emit_json, human_size, plural, table
+from tracking.errors import one_line
+from tracking.output import Column, emit_json, human_size, json_error, plural, table
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
@@ -383,6 +384,11 @@ def verify(source: str, clean: bool, force: bool, as_json: bool) -> None:
     removed = clean_leftovers(source, running=force) if clean else []
     report = verify_run(source)
     failures = report.failures
+    failed = (
+        IntegrityError(f"{len(failures)} of {len(report)} files failed: {next(iter(failures.values()))}")
+        if failures
+        else None
+    )
     if as_json:
         emit_json(
             {
@@ -390,6 +396,8 @@ def verify(source: str, clean: bool, force: bool, as_json: bool) -> None:
                 "leftovers": [str(leftover) for leftover in report.leftovers],
                 "removed": removed,
                 "intact": not failures,
+                # The error object a failing --json command prints, in the report rather than after it.
+                **(json_error(one_line(failed), 1, failed) if failed else {}),
             }
         )
     else:
@@ -405,9 +413,8 @@ def verify(source: str, clean: bool, force: bool, as_json: bool) -> None:
             click.echo(f"{plural(len(report), 'file')} intact" if report else f"{source}: nothing to verify")
         if report.leftovers:
             click.echo(f"{plural(len(report.leftovers), 'leftover')}; `tracking verify --clean {source}` removes them")
-    if failures:
-        first = next(iter(failures.values()))
-        raise IntegrityError(f"{len(failures)} of {len(report)} files failed: {first}")
+    if failed is not None:
+        raise failed
 
 
 COMMANDS = (runs, checkpoints, show, verify)
