@@ -18,7 +18,7 @@ from tracking import layout
 from tracking.config import TrackingConfig
 from tracking.errors import ConfigError, TrackingError
 from tracking.manifest import Manifest, StoredFile
-from tracking.output import human_size
+from tracking.output import agree, human_size
 from tracking.selection import Located, Selector, find_checkpoint
 from tracking.storage import Buffer
 
@@ -64,7 +64,8 @@ def download_files(located: Located, to: Path, *, force: bool = False, read: Rea
     names = [*located.manifest.files, layout.MANIFEST_FILE]
     existing = [name for name in names if (to / name).exists()]
     if existing and not force:
-        raise ConfigError(f"{to}: {', '.join(existing)} exist already; pass force=True (--force) to overwrite.")
+        exist = agree(len(existing), "exists", "exist")
+        raise ConfigError(f"{to}: {', '.join(existing)} {exist} already; pass force=True (--force) to overwrite.")
     read = read or _read
     created = not to.exists()
     # Every file goes to a folder of its own inside `to` first and is moved into place only once all

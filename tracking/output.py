@@ -43,6 +43,11 @@ def plural(count: int, noun: str) -> str:
 JSON_EMITTED = "tracking.json_emitted"
 
 
+def agree(count: int, one: str, many: str) -> str:
+    """The form of a phrase that agrees with ``count``: ``agree(n, "version points", "versions point")``."""
+    return one if count == 1 else many
+
+
 def emit_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=str))
     ctx = click.get_current_context(silent=True)

@@ -9,6 +9,7 @@ from tracking import layout
 from tracking.config import TrackingConfig, bound_mlflow_requests
 from tracking.errors import StorageError
 from tracking.manifest import Manifest
+from tracking.output import agree
 from tracking.run import RunHandle, tracking_server_errors
 from tracking.selection import Selector, find_checkpoint, version_model_id
 
@@ -111,6 +112,18 @@ def check_alias(alias: str) -> None:
         _validate_model_alias_name_reserved(alias)
     except MlflowException as exc:
         raise ValueError(f"alias {alias!r} cannot be used: {exc.message} Pick another alias (e.g. champion).") from None
+
+
+def versions_point(versions: list[str]) -> str:
+    """``registry version seed/1 points``, ``registry versions seed/3, seed/1 point``: what keeps a checkpoint."""
+    return f"registry {agree(len(versions), 'version', 'versions')} {', '.join(versions)} " + agree(
+        len(versions), "points", "point"
+    )
+
+
+def those_versions(versions: list[str]) -> str:
+    """``that version`` or ``those versions``: what to delete for a checkpoint to go."""
+    return agree(len(versions), "that version", "those versions")
 
 
 def versions_by_model(handle: RunHandle) -> dict[str, list[str]]:

@@ -99,7 +99,8 @@ def delete_replaced(handle: RunHandle, replaced: set[str]) -> None:
     """Delete the models a re-log replaced, but one a registry version points at: ``models:/<name>@<alias>``
     must go on loading exactly what it named (retention keeps those too). One already gone (two writers
     re-logging the run's latest key both replace the model the tags named) counts as deleted."""
-    from tracking.registry import versions_by_model
+    from tracking.output import agree
+    from tracking.registry import those_versions, versions_by_model, versions_point
 
     try:
         registered = versions_by_model(handle)
@@ -114,10 +115,12 @@ def delete_replaced(handle: RunHandle, replaced: set[str]) -> None:
         return
     for model_id in sorted(replaced):
         if model_id in registered:
+            versions = registered[model_id]
+            they = those_versions(versions)
             warnings.warn(
-                f"run {handle.run_id}: the re-logged checkpoint replaces {model_id}, which registry version "
-                f"{', '.join(registered[model_id])} points at: it stays, so that version loads it still (the run's "
-                "readers take the new one). Delete the version first for `tracking verify --clean` to remove it.",
+                f"run {handle.run_id}: the re-logged checkpoint replaces {model_id}, which {versions_point(versions)} "
+                f"at: it stays, so that {they} {agree(len(versions), 'loads', 'load')} it still (the run's readers "
+                f"take the new one). Delete {they} first for `tracking verify --clean` to remove it.",
                 RuntimeWarning,
                 stacklevel=3,
             )

@@ -15,6 +15,7 @@ from typing import TypedDict, Unpack
 from tracking import catalog, layout, note, registry
 from tracking.config import TrackingConfig
 from tracking.errors import StorageError, TrackingError, one_line
+from tracking.output import agree
 from tracking.run import RunHandle, open_run
 
 _log = logging.getLogger(__name__)
@@ -32,9 +33,9 @@ class Retention:
     def warnings(self, run_id: str) -> list[str]:
         """One line for what failed, one per registered checkpoint kept."""
         lines = [
-            f"run {run_id}: retention keeps {layout.label(self.keyed_by, key)} ({model_id}) because registry "
-            f"version {', '.join(versions)} points at it; delete the version first, or the checkpoint with "
-            "`tracking gc --delete-registered`."
+            f"run {run_id}: retention keeps {layout.label(self.keyed_by, key)} ({model_id}) because "
+            f"{registry.versions_point(versions)} at it; delete {registry.those_versions(versions)} first, or the "
+            "checkpoint with `tracking gc --delete-registered`."
             for key, (model_id, versions) in sorted(self.registered.items())
         ]
         if self.failed:
@@ -243,9 +244,9 @@ def _relist(handle: RunHandle, remaining: dict[int, catalog.StoredCheckpoint], m
 def registered_line(checkpoint: catalog.StoredCheckpoint, versions: list[str]) -> str:
     """Why a checkpoint outside the kept set stays: one line."""
     return (
-        f"kept {layout.label(checkpoint.keyed_by, checkpoint.key)} ({checkpoint.model_id}): registry version "
-        f"{', '.join(versions)} points at "
-        "it; delete the version first, or pass --delete-registered (delete_registered=True)"
+        f"kept {layout.label(checkpoint.keyed_by, checkpoint.key)} ({checkpoint.model_id}): "
+        f"{registry.versions_point(versions)} at it; delete {registry.those_versions(versions)} "
+        "first, or pass --delete-registered (delete_registered=True)"
     )
 
 
@@ -281,13 +282,15 @@ def prune_report(
     mode = mode or handle.tags.get(layout.TAG_MODE) or "min"
     policy = RetentionPolicy(keep_last, keep_best, monitor, mode)
     committed = catalog.committed(handle)
-    keys = f"{catalog.keyed_by(handle, committed.values())}s"
+    key_name = catalog.keyed_by(handle, committed.values())
+    keys = f"{key_name}s"
     kept = policy.read(handle)
     if keep_best is not None and any(value is None for value in kept.values()):
         missing = sorted(key for key, value in kept.items() if value is None)
         shared = set.intersection(*(set(checkpoint.metrics) for checkpoint in committed.values()))
         raise ValueError(
-            f"run {run_id}: keep_best ranks checkpoints by {monitor!r}, which {keys} {missing} lack; pass "
+            f"run {run_id}: keep_best ranks checkpoints by {monitor!r}, which "
+            f"{agree(len(missing), f'{key_name} {missing} lacks', f'{keys} {missing} lack')}; pass "
             f"monitor= (--monitor) a metric they all have: {', '.join(sorted(shared)) or 'none'}."
         )
     if not kept:
@@ -307,8 +310,9 @@ def prune_report(
         deleted = ", ".join(str(e) for e in done.deleted) or "none"
         failed = ", ".join(f"{e} ({model_id})" for e, (model_id, _) in sorted(done.failed.items()))
         first = one_line(next(iter(done.failed.values()))[1])[:300]
+        undeleted = agree(len(done.failed), f"checkpoint of {key_name}", f"checkpoints of {keys}")
         raise StorageError(
-            f"run {run_id}: could not delete the checkpoints of {keys} {failed} ({first}); deleted {keys}: "
+            f"run {run_id}: could not delete the {undeleted} {failed} ({first}); deleted {keys}: "
             f"{deleted}. Run the same command again once the tracking server and the store answer."
         )
     return Pruned(

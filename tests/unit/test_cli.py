@@ -399,3 +399,12 @@ def test_a_failing_verify_json_is_one_document_with_the_error(s3_run_id: str) ->
     assert result.exit_code == 1, result.output
     report = json.loads(result.stdout)
     assert report["intact"] is False and report["exit_code"] == 1 and "1 of 4 files failed" in report["error"]
+
+
+def test_gc_of_a_checkpoint_two_versions_point_at_says_versions_point(s3_run_id: str) -> None:
+    for name in ("seed", "other"):
+        assert CliRunner().invoke(main, ["register", s3_run_id, name, "--checkpoint", "1"]).exit_code == 0
+    result = CliRunner().invoke(main, ["gc", s3_run_id, "--keep-last", "1", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    [line] = [line for line in result.output.splitlines() if line.startswith("kept epoch 1")]
+    assert "registry versions " in line and " point at it; delete those versions first" in line, line

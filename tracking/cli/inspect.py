@@ -9,7 +9,7 @@ from click.core import ParameterSource
 
 from tracking.cli.server import connect
 from tracking.errors import one_line
-from tracking.output import Column, emit_json, human_size, json_error, plural, table
+from tracking.output import Column, agree, emit_json, human_size, json_error, plural, table
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
@@ -385,7 +385,7 @@ def verify(source: str, clean: bool, force: bool, as_json: bool) -> None:
     report = verify_run(source)
     failures = report.failures
     failed = (
-        IntegrityError(f"{len(failures)} of {len(report)} files failed: {next(iter(failures.values()))}")
+        IntegrityError(f"{len(failures)} of {plural(len(report), 'file')} failed: {next(iter(failures.values()))}")
         if failures
         else None
     )
@@ -412,7 +412,10 @@ def verify(source: str, clean: bool, force: bool, as_json: bool) -> None:
         if not failures:
             click.echo(f"{plural(len(report), 'file')} intact" if report else f"{source}: nothing to verify")
         if report.leftovers:
-            click.echo(f"{plural(len(report.leftovers), 'leftover')}; `tracking verify --clean {source}` removes them")
+            them = agree(len(report.leftovers), "it", "them")
+            click.echo(
+                f"{plural(len(report.leftovers), 'leftover')}; `tracking verify --clean {source}` removes {them}"
+            )
     if failed is not None:
         raise failed
 
