@@ -408,3 +408,11 @@ def test_gc_of_a_checkpoint_two_versions_point_at_says_versions_point(s3_run_id:
     assert result.exit_code == 0, result.output
     [line] = [line for line in result.output.splitlines() if line.startswith("kept epoch 1")]
     assert "registry versions " in line and " point at it; delete those versions first" in line, line
+
+
+def test_show_prints_the_state_dicts_manifest_as_download_takes_it(s3_run_id: str) -> None:
+    result = CliRunner().invoke(main, ["show", s3_run_id, "--checkpoint", "state_dict", "--json"])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.stdout)
+    assert list(shown["manifest"]["files"]) == ["state_dict.pt"] and shown["model_id"] is None
+    assert shown["uri"] == f"runs:/{s3_run_id}/state_dict"

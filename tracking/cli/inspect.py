@@ -65,12 +65,6 @@ def is_epoch(value: str) -> bool:
 CHECKPOINT_CHOICES = "latest, best or an epoch number (e.g. 7; a step, e.g. 1500, in a run keyed by step)"
 
 
-def _check_checkpoint(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    if value in ("latest", "best") or is_epoch(value):
-        return value
-    raise click.BadParameter(f"{value!r}: expected {CHECKPOINT_CHOICES}.")
-
-
 def refuse_checkpoint_of_pinned(source: str, checkpoint: str) -> None:
     """A usage error when --checkpoint was given to pick among the checkpoints of a source that names one."""
     ctx = click.get_current_context()
@@ -85,13 +79,27 @@ def refuse_checkpoint_of_pinned(source: str, checkpoint: str) -> None:
     )
 
 
-checkpoint_option = click.option(
+def _check_selector(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if value in ("latest", "best", "state_dict") or is_epoch(value):
+        return value
+    raise click.BadParameter(f"{value!r}: expected {CHECKPOINT_CHOICES}, or state_dict.")
+
+
+# --checkpoint of the commands that read one manifest's files: a checkpoint, or the run's state dict.
+selector_option = click.option(
     "--checkpoint",
     default="latest",
     show_default=True,
-    callback=_check_checkpoint,
-    help="latest, best or an epoch number (a step number in a run that saves by step).",
+    callback=_check_selector,
+    help="latest, best, an epoch number (a step in a run keyed by step), or state_dict (the run's state dict).",
 )
+
+
+def find_selected(source: str, checkpoint: str) -> Any:
+    """The checkpoint, or with ``state_dict`` the run's state dict, that ``--checkpoint`` picks of ``source``."""
+    from tracking.selection import find_checkpoint, find_state_dict
+
+    return find_state_dict(source) if checkpoint == "state_dict" else find_checkpoint(source, checkpoint)
 
 
 @click.command()
@@ -323,10 +331,10 @@ def checkpoints(source: str, as_json: bool) -> None:
 
 @click.command()
 @source_argument
-@checkpoint_option
+@selector_option
 @json_option
 def show(source: str, checkpoint: str, as_json: bool) -> None:
-    """Print a checkpoint's manifest as JSON.
+    """Print a checkpoint's manifest (or with --checkpoint state_dict, the run's state dict's) as JSON.
 
     RUN is a run ID, runs:/<id>, a checkpoint's models:/<model_id> or models:/<name>@<alias>.
     --json wraps the manifest with the checkpoint's model ID and artifact location.
@@ -339,9 +347,7 @@ def show(source: str, checkpoint: str, as_json: bool) -> None:
     connect()
     import json
 
-    from tracking.selection import find_checkpoint
-
-    located = find_checkpoint(source, checkpoint)
+    located = find_selected(source, checkpoint)
     manifest = json.loads(located.manifest.to_json())
     if as_json:
         emit_json(
@@ -349,7 +355,7 @@ def show(source: str, checkpoint: str, as_json: bool) -> None:
                 "run_id": located.run_id,
                 "model_id": located.model_id,
                 **key_fields(located.manifest),
-                "uri": f"models:/{located.model_id}",
+                "uri": located.logged().uri,  # models:/<model_id>, or runs:/<run_id>/state_dict
                 "artifact_uri": located.store.artifact_uri,
                 "manifest": manifest,
             }

@@ -13,10 +13,12 @@ import click
 from tracking import layout
 from tracking.cli.inspect import (
     CHECKPOINT_CHOICES,
+    find_selected,
     is_epoch,
     json_option,
     key_fields,
     refuse_checkpoint_of_pinned,
+    selector_option,
     source_argument,
 )
 from tracking.cli.noise import muted
@@ -31,21 +33,9 @@ if TYPE_CHECKING:
 _PROGRESS_FROM_BYTES = 32 * 2**20
 
 
-def _check_selector(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    if value in ("latest", "best", "state_dict") or is_epoch(value):
-        return value
-    raise click.BadParameter(f"{value!r}: expected {CHECKPOINT_CHOICES}, or state_dict.")
-
-
 @click.command()
 @source_argument
-@click.option(
-    "--checkpoint",
-    default="latest",
-    show_default=True,
-    callback=_check_selector,
-    help="latest, best, an epoch number (a step in a run keyed by step), or state_dict (the run's state dict).",
-)
+@selector_option
 @click.option(
     "--to", "to", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write into."
 )
@@ -68,9 +58,8 @@ def download(source: str, checkpoint: str, to: Path, force: bool, as_json: bool)
     refuse_checkpoint_of_pinned(source, checkpoint)
     connect()
     from tracking.downloader import download_files
-    from tracking.selection import find_checkpoint, find_state_dict
 
-    located = find_state_dict(source) if checkpoint == "state_dict" else find_checkpoint(source, checkpoint)
+    located = find_selected(source, checkpoint)
     done = download_files(
         located, to, force=force, read=lambda found, name, expected: _read(found, name, expected, as_json)
     )
