@@ -19,7 +19,7 @@ from tracking.errors import IntegrityError, NotFoundError, TrackingError, load_r
 from tracking.manifest import Manifest
 from tracking.registry import versions_by_model
 from tracking.run import RunHandle, tracking_server_errors
-from tracking.selection import missing_file, open_run_of
+from tracking.selection import missing_file, open_run_of, open_run_pinned
 from tracking.storage import ArtifactStore, Buffer, BufferReader
 
 UNCOMMITTED = "no manifest lists it"
@@ -59,11 +59,15 @@ class VerifyReport(dict[str, str | None]):
     """Each committed file's path -> None if intact, else the problem; plus the run's ``leftovers``.
 
     Leftovers are not failures: nothing loads them, and :func:`clean_leftovers` removes them.
+    ``checked`` says what: ``run <id>``, or the one checkpoint a ``models:/`` source names.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, run_id: str = "", model_id: str | None = None, checked: str = "") -> None:
         super().__init__()
         self.leftovers: list[Leftover] = []
+        self.run_id = run_id
+        self.model_id = model_id
+        self.checked = checked
 
     @property
     def failures(self) -> dict[str, str]:
@@ -71,10 +75,19 @@ class VerifyReport(dict[str, str | None]):
 
 
 def verify(source: str, *, config: TrackingConfig | None = None) -> VerifyReport:
-    """Check every stored file of a run against its manifest, and list what dead saves left behind."""
-    handle = open_run_of(source, config)
+    """Check every stored file of a run against its manifest, and list what dead saves left behind.
+
+    A ``models:/`` source that names a checkpoint checks that checkpoint only (and what its folder
+    holds beside it); any other source, its whole run.
+    """
+    handle, pinned = open_run_pinned(source, config)
     parts = _parts(handle)
-    report = VerifyReport()
+    own = [part for part in parts if part.model is not None and part.model.model_id == pinned]
+    if own:
+        parts = own
+        report = VerifyReport(handle.run_id, pinned, f"{own[0].label} of run {handle.run_id}")
+    else:  # a run, or a models:/ URI of something else than a checkpoint (a whole model): its run
+        report = VerifyReport(handle.run_id, None, f"run {handle.run_id}")
     for part in parts:
         if part.leftover_kind is not None:
             continue

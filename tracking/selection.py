@@ -92,6 +92,15 @@ def resolve_run_id(source: str, config: TrackingConfig | None = None) -> str:
     return pinned.run_id if pinned is not None else handle.run_id  # type: ignore[union-attr]
 
 
+def open_run_pinned(source: str, config: TrackingConfig | None = None) -> tuple[RunHandle, str | None]:
+    """The run ``source`` names or was logged by, and the logged model ID it names (a ``models:/`` URI), else None."""
+    handle, pinned = _open(source, parse_source(source), config, checkpoint=False)
+    if pinned is None:
+        assert handle is not None
+        return handle, None
+    return open_run(pinned.run_id, config), pinned.model_id
+
+
 def open_run_of(source: str, config: TrackingConfig | None = None) -> RunHandle:
     """The run ``source`` names or was logged by."""
     return open_run(resolve_run_id(source, config), config)

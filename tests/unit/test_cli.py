@@ -416,3 +416,20 @@ def test_show_prints_the_state_dicts_manifest_as_download_takes_it(s3_run_id: st
     shown = json.loads(result.stdout)
     assert list(shown["manifest"]["files"]) == ["state_dict.pt"] and shown["model_id"] is None
     assert shown["uri"] == f"runs:/{s3_run_id}/state_dict"
+
+
+def test_verify_of_a_models_uri_checks_that_checkpoint_and_gc_refuses_one(s3_run_id: str) -> None:
+    assert CliRunner().invoke(main, ["register", s3_run_id, "seed", "--alias", "champion"]).exit_code == 0
+    best = find_checkpoint(s3_run_id, "best")
+    result = CliRunner().invoke(main, ["verify", "models:/seed@champion"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-1] == f"{best.label} of run {s3_run_id}: 1 file intact", result.output
+    assert json.loads(CliRunner().invoke(main, ["verify", "models:/seed@champion", "--json"]).stdout)["files"] == {
+        f"{best.label}/checkpoint.pt": None
+    }
+    run_level = (["gc", "models:/seed@champion", "--keep-last", "1"], ["verify", "--clean", f"models:/{best.model_id}"])
+    for args in run_level:
+        refused = CliRunner().invoke(main, args)
+        assert refused.exit_code == 2 and f"pass the run ID, `tracking {args[0]}" in refused.stderr, refused.output
+        assert s3_run_id in refused.stderr
+    assert len(tracking.list_checkpoints(s3_run_id)) == 3

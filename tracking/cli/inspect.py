@@ -79,6 +79,17 @@ def refuse_checkpoint_of_pinned(source: str, checkpoint: str) -> None:
     )
 
 
+def refuse_one_model(command: str, acts_on: str, source: str) -> None:
+    """A usage error for a ``models:/`` source given to a command that acts on a whole run: it names the run."""
+    from tracking.selection import resolve_run_id
+
+    run_id = resolve_run_id(source)
+    raise click.UsageError(
+        f"{command} {acts_on}, and {source} names one model of run {run_id}: pass the run ID, "
+        f"`tracking {command} {run_id}` with the same options."
+    )
+
+
 def _check_selector(ctx: click.Context, param: click.Parameter, value: str) -> str:
     if value in ("latest", "best", "state_dict") or is_epoch(value):
         return value
@@ -373,8 +384,10 @@ def show(source: str, checkpoint: str, as_json: bool) -> None:
 def verify(source: str, clean: bool, force: bool, as_json: bool) -> None:
     """Check a run's stored files against their manifests' size and sha256.
 
-    Also lists leftovers of saves that died before committing (LEFTOVER lines): they are not
-    failures, nothing loads them; --clean removes them, never touching a committed checkpoint.
+    RUN is a run ID or runs:/<id>; a checkpoint's models:/<model_id> or models:/<name>@<alias>
+    checks that checkpoint only. Also lists leftovers of saves that died before committing
+    (LEFTOVER lines): they are not failures, nothing loads them; --clean removes a run's,
+    never touching a committed checkpoint.
 
     \b
     Example:
@@ -387,6 +400,8 @@ def verify(source: str, clean: bool, force: bool, as_json: bool) -> None:
     from tracking.audit import verify as verify_run
     from tracking.errors import IntegrityError
 
+    if clean and source.strip().startswith("models:/"):
+        refuse_one_model("verify --clean", "removes the leftovers of a whole run", source)
     removed = clean_leftovers(source, running=force) if clean else []
     report = verify_run(source)
     failures = report.failures
@@ -398,6 +413,9 @@ def verify(source: str, clean: bool, force: bool, as_json: bool) -> None:
     if as_json:
         emit_json(
             {
+                "run_id": report.run_id,
+                "model_id": report.model_id,  # the checkpoint a models:/ RUN names; null: the whole run
+                "checked": report.checked,
                 "files": dict(report),
                 "leftovers": [str(leftover) for leftover in report.leftovers],
                 "removed": removed,
@@ -416,7 +434,9 @@ def verify(source: str, clean: bool, force: bool, as_json: bool) -> None:
         for leftover in report.leftovers:
             click.echo(f"LEFTOVER {leftover}")
         if not failures:
-            click.echo(f"{plural(len(report), 'file')} intact" if report else f"{source}: nothing to verify")
+            click.echo(
+                f"{report.checked}: {plural(len(report), 'file')} intact" if report else f"{source}: nothing to verify"
+            )
         if report.leftovers:
             them = agree(len(report.leftovers), "it", "them")
             click.echo(

@@ -18,6 +18,7 @@ from tracking.cli.inspect import (
     json_option,
     key_fields,
     refuse_checkpoint_of_pinned,
+    refuse_one_model,
     selector_option,
     source_argument,
 )
@@ -127,6 +128,8 @@ def gc(
 ) -> None:
     """Delete a run's checkpoints outside the last N and the best K (the latest always stays).
 
+    RUN is a run ID or runs:/<id>: retention acts on a whole run, so a models:/ URI is refused.
+
     Each goes manifest first, then its files, then its logged model, as a Checkpointer's
     retention does during training. A checkpoint that a registry version points at stays
     unless --delete-registered; a RUNNING run is refused unless --force.
@@ -143,6 +146,8 @@ def gc(
     from tracking.retention import prune_report, registered_line
     from tracking.selection import resolve_run_id
 
+    if source.strip().startswith("models:/"):  # retention is a run's: it would not spare the checkpoint named
+        refuse_one_model("gc", "keeps the last and best checkpoints of a whole run", source)
     run_id = resolve_run_id(source)
     try:
         report = prune_report(
