@@ -199,6 +199,18 @@ class Pruned:
     deleted: list[catalog.StoredCheckpoint]
     registered: list[tuple[catalog.StoredCheckpoint, list[str]]]
     needs_force: bool = False  # a dry run of a RUNNING run with running=False: deleting would be refused
+    best_moved: BestMoved | None = None  # the run's best checkpoint is among those deleted
+
+
+@dataclass(frozen=True)
+class BestMoved:
+    """The run's best checkpoint, deleted by retention, and the survivor its best tag moves to (ranked by
+    ``monitor``, which may differ from the run's ``was_monitor``); ``to`` is None when no survivor has ``monitor``."""
+
+    deleted: catalog.StoredCheckpoint
+    to: catalog.StoredCheckpoint | None
+    monitor: str
+    was_monitor: str | None
 
 
 def prune(run_id: str, **options: Unpack[PruneOptions]) -> list[catalog.StoredCheckpoint]:
@@ -295,13 +307,27 @@ def prune_report(
         )
     if not kept:
         return Pruned([], [], needs_force)
+    retained = policy.retained(kept, latest=max(kept))
+    # Where the best tag goes if its checkpoint is deleted: to the best survivor, as policy.apply moves it.
+    survivors = layout.best_first({key: kept[key] for key in retained}, mode)
+    run_best = handle.tags.get(layout.TAG_BEST)
+
+    def best_moved(deleted: list[int]) -> BestMoved | None:
+        best = next((committed[key] for key in deleted if committed[key].model_id == run_best), None)
+        if best is None:
+            return None
+        to = committed[survivors[0]] if survivors else None
+        return BestMoved(best, to, monitor, handle.tags.get(layout.TAG_MONITOR))
+
     if dry_run:
-        doomed = sorted(set(kept) - policy.retained(kept, latest=max(kept)))
+        doomed = sorted(set(kept) - retained)
         registered = {} if delete_registered else registry.versions_by_model(handle)
+        deleting = [key for key in doomed if committed[key].model_id not in registered]
         return Pruned(
-            [committed[e] for e in doomed if committed[e].model_id not in registered],
+            [committed[e] for e in deleting],
             [(committed[e], registered[committed[e].model_id]) for e in doomed if committed[e].model_id in registered],
             needs_force,
+            best_moved(deleting),
         )
     done = policy.apply(handle, latest=max(kept), delete_registered=delete_registered)
     if done.deleted:
@@ -318,4 +344,29 @@ def prune_report(
     return Pruned(
         [committed[e] for e in done.deleted],
         [(committed[e], versions) for e, (_, versions) in sorted(done.registered.items())],
+        best_moved=best_moved(done.deleted),
     )
+
+
+def best_moved_line(moved: BestMoved, *, dry_run: bool) -> str:
+    """What deleting the run's best checkpoint does to its best tag: one line."""
+    deleted = moved.deleted
+    line = (
+        f"the run's best checkpoint, {layout.label(deleted.keyed_by, deleted.key)} ({deleted.model_id}"
+        + (
+            f", {moved.was_monitor}={deleted.metrics[moved.was_monitor]:.4g}"
+            if moved.was_monitor in deleted.metrics
+            else ""
+        )
+        + f"), {'would be' if dry_run else 'was'} deleted"
+    )
+    if moved.to is None:
+        return f"{line}; no checkpoint left has {moved.monitor} to take its place as best"
+    to = moved.to
+    line += (
+        f": best {'would move' if dry_run else 'moved'} to {layout.label(to.keyed_by, to.key)} ({to.model_id}, "
+        f"{moved.monitor}={to.metrics[moved.monitor]:.4g})"
+    )
+    if moved.was_monitor and moved.was_monitor != moved.monitor:
+        line += f", ranked by {moved.monitor} instead of {moved.was_monitor} from then on"
+    return line

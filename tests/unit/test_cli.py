@@ -433,3 +433,24 @@ def test_verify_of_a_models_uri_checks_that_checkpoint_and_gc_refuses_one(s3_run
         assert refused.exit_code == 2 and f"pass the run ID, `tracking {args[0]}" in refused.stderr, refused.output
         assert s3_run_id in refused.stderr
     assert len(tracking.list_checkpoints(s3_run_id)) == 3
+
+
+def test_gc_that_deletes_the_runs_best_says_where_best_moves(s3_experiment: str) -> None:
+    model = Model(6)
+    checkpointer = tracking.Checkpointer(monitor="val_loss")
+    with mlflow.start_run() as run:
+        for epoch, (val, train) in enumerate([(0.2, 0.5), (0.4, 0.1), (0.3, 0.3)], start=1):
+            checkpointer.save(model, epoch=epoch, metrics={"val_loss": val, "train_loss": train})
+    run_id = run.info.run_id
+    best = find_checkpoint(run_id, "best")  # epoch 1 by val_loss; epoch 2 is best by train_loss
+    args = ["gc", run_id, "--keep-best", "1", "--monitor", "train_loss", "--dry-run"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    said = result.output
+    assert f"the run's best checkpoint, epoch 1 ({best.model_id}, val_loss=0.2), would be deleted" in said, said
+    assert "best would move to epoch 2" in said and "ranked by train_loss instead of val_loss" in said, said
+    moved = json.loads(CliRunner().invoke(main, [*args, "--json"]).stdout)["best_moved"]
+    assert (moved["from"]["epoch"], moved["to"]["epoch"], moved["monitor"]) == (1, 2, "train_loss")
+    done = CliRunner().invoke(main, args[:-1])
+    assert "was deleted: best moved to epoch 2" in done.output, done.output
+    assert find_checkpoint(run_id, "best").manifest.epoch == 2

@@ -143,7 +143,7 @@ def gc(
     if keep_best is None and (monitor or mode):  # they would change nothing: say so rather than ignore them
         raise click.UsageError("--monitor and --mode rank what --keep-best keeps: pass --keep-best N, or drop them.")
     connect()
-    from tracking.retention import prune_report, registered_line
+    from tracking.retention import best_moved_line, prune_report, registered_line
     from tracking.selection import resolve_run_id
 
     if source.strip().startswith("models:/"):  # retention is a run's: it would not spare the checkpoint named
@@ -173,6 +173,7 @@ def gc(
                 "kept_registered": [
                     {**key_fields(c), "model_id": c.model_id, "versions": versions} for c, versions in report.registered
                 ],
+                "best_moved": _best_moved_json(report.best_moved),
             }
         )
         return
@@ -181,6 +182,8 @@ def gc(
         click.echo(f"{verb} {layout.label(checkpoint.keyed_by, checkpoint.key)} ({checkpoint.model_id})")
     for checkpoint, versions in report.registered:
         click.echo(registered_line(checkpoint, versions))
+    if report.best_moved is not None:
+        click.echo(best_moved_line(report.best_moved, dry_run=dry_run))
     done = "would be deleted (dry run: nothing changed)" if dry_run else "deleted"
     if report.needs_force:
         done += "; the run is still RUNNING: without --dry-run, gc refuses it unless --force (its trainer was killed)"
@@ -257,6 +260,19 @@ def register(source: str, name: str, checkpoint: str, alias: str | None, as_json
     if tracking_uri.startswith(("http://", "https://")):
         page = f"#/models/{urllib.parse.quote(name)}/versions/{version.version}{UI_VIEW_QUERY}"
         click.echo(f"in the UI: {tracking_uri.rstrip('/')}/{page}")
+
+
+def _best_moved_json(moved: Any) -> dict[str, Any] | None:
+    """gc's ``best_moved``: the run's best checkpoint it deletes, the one best moves to, and the metric ranking it."""
+    if moved is None:
+        return None
+    to = moved.to
+    return {
+        "from": {**key_fields(moved.deleted), "model_id": moved.deleted.model_id},
+        "to": None if to is None else {**key_fields(to), "model_id": to.model_id},
+        "monitor": moved.monitor,
+        "was_monitor": moved.was_monitor,
+    }
 
 
 def _number(tag: str | None) -> int | None:
