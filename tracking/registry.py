@@ -7,7 +7,7 @@ from typing import Any
 
 from tracking import layout
 from tracking.config import TrackingConfig, bound_mlflow_requests
-from tracking.errors import StorageError
+from tracking.errors import ConfigError, StorageError
 from tracking.manifest import Manifest
 from tracking.output import agree
 from tracking.run import RunHandle, tracking_server_errors
@@ -23,6 +23,7 @@ def register(
     *,
     checkpoint: Selector = "best",
     alias: str | None = None,
+    allow_mixed: bool = False,
     config: TrackingConfig | None = None,
 ) -> Any:
     """Make a version of registered model ``name`` from one checkpoint; MLflow's ``ModelVersion``.
@@ -30,6 +31,8 @@ def register(
     ``source`` is a run (then ``checkpoint`` picks ``"best"``, ``"latest"`` or an epoch) or a
     checkpoint's ``models:/<model_id>``. The version points at that checkpoint's logged model,
     so ``tracking.load("models:/<name>@<alias>")`` rebuilds exactly it, whatever the run logs later.
+    A ``name`` whose versions are something else (whole models) is refused unless ``allow_mixed``:
+    what loads ``models:/<name>@<alias>`` would then depend on which kind the alias names.
     """
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -44,6 +47,8 @@ def register(
     bound_mlflow_requests()
     client = MlflowClient(tracking_uri=(config or TrackingConfig.from_env()).tracking_uri)
     try:
+        if not allow_mixed:
+            _refuse_other_kinds(client, name, located.label)
         try:
             client.create_registered_model(name)
         except MlflowException as exc:
@@ -67,6 +72,44 @@ def register(
             "and that the tracking server runs, then retry."
         ) from exc
     return version
+
+
+def _refuse_other_kinds(client: Any, name: str, what: str) -> None:
+    """ConfigError when registered model ``name`` has versions that are no checkpoint (a whole model, a run's files).
+
+    MLflow's registry takes any source under one name, but its consumers load by alias with one
+    loader: ``tracking.load`` for a checkpoint, ``mlflow.pytorch.load_model`` for a whole model.
+    """
+    quote = '"' if "'" in name else "'"
+    others = [
+        str(version.version)
+        for version in client.search_model_versions(f"name = {quote}{name}{quote}")
+        if not _is_checkpoint(client, version)
+    ]
+    if others:
+        listed = f"{agree(len(others), 'version', 'versions')} {', '.join(sorted(others, key=int))}"
+        raise ConfigError(
+            f"registered model {name!r} holds {listed} that {agree(len(others), 'is', 'are')} no checkpoint (a whole "
+            f"model, e.g. from tracking.log_model(registered_model_name=...)); registering {what} beside them would "
+            f"make models:/{name}@ALIAS need tracking.load() or mlflow.pytorch.load_model() depending on the version "
+            f"the alias names. Register it under another name (e.g. {name}-checkpoints), or pass --allow-mixed "
+            "(allow_mixed=True) if what loads it handles both."
+        )
+
+
+def _is_checkpoint(client: Any, version: Any) -> bool:
+    """Whether a registry version was made from a checkpoint logged model (ours say so in a tag; the UI's do not)."""
+    from mlflow.exceptions import MlflowException
+
+    if layout.VERSION_TAG_CHECKPOINT in (version.tags or {}):
+        return True
+    model_id = version_model_id(version)
+    if model_id is None:
+        return False  # made from a run's files (runs:/...): no checkpoint
+    try:
+        return bool(client.get_logged_model(model_id).model_type == layout.CHECKPOINT_MODEL_TYPE)
+    except MlflowException:
+        return True  # its model is deleted: nothing loads it, whatever it was
 
 
 def alias_version(name: str, alias: str, *, config: TrackingConfig | None = None) -> str | None:

@@ -454,3 +454,21 @@ def test_gc_that_deletes_the_runs_best_says_where_best_moves(s3_experiment: str)
     done = CliRunner().invoke(main, args[:-1])
     assert "was deleted: best moved to epoch 2" in done.output, done.output
     assert find_checkpoint(run_id, "best").manifest.epoch == 2
+
+
+def test_register_under_a_name_holding_whole_models_is_refused_unless_allowed(s3_experiment: str) -> None:
+    model = Model(6)
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, epoch=1)
+        tracking.log_model(model, registered_model_name="wholemodel", pip_requirements=["torch"])
+    args = ["register", run.info.run_id, "wholemodel", "--checkpoint", "latest"]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 1, refused.output
+    assert "'wholemodel' holds version 1 that is no checkpoint" in refused.stderr, refused.stderr
+    assert "--allow-mixed" in refused.stderr and "wholemodel-checkpoints" in refused.stderr
+    allowed = CliRunner().invoke(main, [*args, "--allow-mixed"])
+    assert allowed.exit_code == 0 and "version 2" in allowed.output, allowed.output
+    # A name holding checkpoints only takes more without a word.
+    again = CliRunner().invoke(main, ["register", run.info.run_id, "seed", "--checkpoint", "latest"])
+    assert CliRunner().invoke(main, ["register", run.info.run_id, "seed", "--checkpoint", "latest"]).exit_code == 0
+    assert again.exit_code == 0, again.output

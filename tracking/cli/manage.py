@@ -200,8 +200,11 @@ def gc(
     help="latest, best or an epoch number (a step in a run keyed by step; a models:/<model_id> RUN names one).",
 )
 @click.option("--alias", help="Point this alias of NAME at the new version (e.g. champion).")
+@click.option(
+    "--allow-mixed", is_flag=True, help="Register even when NAME holds versions that are no checkpoint (whole models)."
+)
 @json_option
-def register(source: str, name: str, checkpoint: str, alias: str | None, as_json: bool) -> None:
+def register(source: str, name: str, checkpoint: str, alias: str | None, allow_mixed: bool, as_json: bool) -> None:
     """Register a checkpoint as a new version of model NAME, loadable as models:/NAME@ALIAS.
 
     \b
@@ -230,7 +233,7 @@ def register(source: str, name: str, checkpoint: str, alias: str | None, as_json
     moved_from = alias_version(name, alias) if alias is not None else None  # the version the alias leaves
     # MLflow logs that it waits for the new version at INFO; the version is READY at once here.
     with muted("mlflow.store.model_registry.abstract_store", "Waiting up to"):
-        version = register_checkpoint(source, name, checkpoint=checkpoint, alias=alias)
+        version = register_checkpoint(source, name, checkpoint=checkpoint, alias=alias, allow_mixed=allow_mixed)
     uri = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version.version}"
     if as_json:
         tags = dict(version.tags or {})
