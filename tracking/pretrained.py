@@ -25,7 +25,7 @@ from tracking import rebuild, spec
 from tracking.errors import MismatchError, NotFoundError
 from tracking.rebuild import MODEL_HINT, ModelArg
 from tracking.selection import Located
-from tracking.storage import Buffer, BufferReader
+from tracking.storage import BufferReader
 
 FORMAT = "transformers"
 WEIGHTS_FILE = "model.safetensors"
@@ -100,7 +100,7 @@ def _from_pretrained(located: Located, cls: type) -> nn.Module:
     try:
         for name in located.manifest.files:
             if name not in _TRAINING_ONLY and not name.startswith("rng_state"):
-                (folder / name).write_bytes(_read(located, name))
+                (folder / name).write_bytes(located.read(name))
         try:
             built = cls.from_pretrained(str(folder))  # type: ignore[attr-defined]
         except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as exc:
@@ -125,16 +125,12 @@ def _weights(located: Located) -> dict[str, torch.Tensor]:
         )
     from safetensors.torch import load as load_safetensors
 
-    return dict(load_safetensors(bytes(_read(located, WEIGHTS_FILE))))
+    return dict(load_safetensors(bytes(located.read(WEIGHTS_FILE))))
 
 
 def _torch_file(located: Located, name: str) -> Any:
-    data = _read(located, name)
+    data = located.read(name)
     try:
         return torch.load(cast(BinaryIO, BufferReader(data)), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise rebuild.refused_file(located, name, exc) from None
-
-
-def _read(located: Located, name: str) -> Buffer:
-    return located.read(name)
