@@ -36,7 +36,7 @@ _EXPORTS = {
     "log_state_dict": "tracking.checkpoint",
     "rebuildable": "tracking.spec",
     "register": "tracking.registry",
-    "resolve_run_id": "tracking.selection",
+    "resolve_run_id": "tracking.source",
     "restore": "tracking.loader",
     "restore_rng_state": "tracking.rng",
     "wait_for_checkpoints": "tracking.saver",
@@ -106,5 +106,6 @@ if TYPE_CHECKING:
     from tracking.registry import register
     from tracking.rng import capture_rng_state, restore_rng_state
     from tracking.saver import wait_for_checkpoints
-    from tracking.selection import find_checkpoint, list_checkpoints, resolve_run_id
+    from tracking.selection import find_checkpoint, list_checkpoints
+    from tracking.source import resolve_run_id
     from tracking.spec import rebuildable

@@ -19,7 +19,8 @@ from tracking.errors import IntegrityError, NotFoundError, TrackingError, load_r
 from tracking.manifest import Manifest
 from tracking.registry import versions_by_model
 from tracking.run import RunHandle, tracking_server_errors
-from tracking.selection import missing_file, open_run_of, open_run_pinned
+from tracking.selection import missing_file
+from tracking.source import open_run_of, open_run_pinned
 from tracking.storage import ArtifactStore, Buffer, BufferReader
 
 UNCOMMITTED = "no manifest lists it"

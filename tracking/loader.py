@@ -26,7 +26,8 @@ from tracking.device import check_available, check_map_location, to_device
 from tracking.errors import ConfigError, NotFoundError, TrackingError
 from tracking.manifest import CHECKPOINT_KINDS, SHARDED_KIND, Manifest
 from tracking.rebuild import ModelArg
-from tracking.selection import Located, Selector, find_checkpoint, find_weights, resolve_run_id
+from tracking.selection import Located, Selector, find_checkpoint, find_weights
+from tracking.source import resolve_run_id
 from tracking.storage import BufferReader, open_store
 
 

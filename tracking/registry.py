@@ -11,7 +11,8 @@ from tracking.errors import ConfigError, StorageError
 from tracking.manifest import Manifest
 from tracking.output import agree
 from tracking.run import RunHandle, tracking_server_errors
-from tracking.selection import Selector, find_checkpoint, version_model_id
+from tracking.selection import Selector, find_checkpoint
+from tracking.source import version_model_id
 
 # The logged model tag MLflow's own register_model keeps, so the UI links a model to its versions.
 _VERSIONS_TAG = "mlflow.modelVersions"

@@ -2,30 +2,29 @@
 
 A source is a run ID, ``runs:/<id>``, a checkpoint's logged model ``models:/<model_id>``, or
 a registry version ``models:/<name>@<alias>`` / ``models:/<name>/<version>`` (which loads the
-checkpoint that version was made from). For a run, a selector picks one of its checkpoints:
-``"latest"``, ``"best"``, a key (the epoch, or the global step in a run keyed by step), or
-(``step=``) a global step in any run. ``latest`` and ``best`` cost a
-constant number of requests through the run's pointer tags; a search of the run's logged
-models is the fallback when a tag is missing or stale.
+checkpoint that version was made from; :mod:`tracking.source` opens what it names). For a run,
+a selector picks one of its checkpoints: ``"latest"``, ``"best"``, a key (the epoch, or the
+global step in a run keyed by step), or (``step=``) a global step in any run. ``latest`` and
+``best`` cost a constant number of requests through the run's pointer tags; a search of the
+run's logged models is the fallback when a tag is missing or stale.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from tracking import catalog, layout
 from tracking.catalog import LoggedCheckpoint, StoredCheckpoint
 from tracking.config import TrackingConfig
 from tracking.errors import IntegrityError, NotFoundError, TrackingError, one_line
 from tracking.manifest import Manifest
-from tracking.run import RunHandle, open_run
+from tracking.run import RunHandle
+from tracking.source import open_run_of, open_source
 from tracking.storage import ArtifactStore, Buffer
-from tracking.uri import RunSource, parse_source
+from tracking.uri import parse_source
 
 Selector = str | int
 _log = logging.getLogger(__name__)
@@ -86,26 +85,6 @@ def missing_file(run_id: str, label: str, name: str, where: str) -> NotFoundErro
     )
 
 
-def resolve_run_id(source: str, config: TrackingConfig | None = None) -> str:
-    """The run a run ID, ``runs:/``, ``models:/<model_id>`` or registry URI leads to."""
-    handle, pinned = _open(source, parse_source(source), config, checkpoint=False)
-    return pinned.run_id if pinned is not None else handle.run_id  # type: ignore[union-attr]
-
-
-def open_run_pinned(source: str, config: TrackingConfig | None = None) -> tuple[RunHandle, str | None]:
-    """The run ``source`` names or was logged by, and the logged model ID it names (a ``models:/`` URI), else None."""
-    handle, pinned = _open(source, parse_source(source), config, checkpoint=False)
-    if pinned is None:
-        assert handle is not None
-        return handle, None
-    return open_run(pinned.run_id, config), pinned.model_id
-
-
-def open_run_of(source: str, config: TrackingConfig | None = None) -> RunHandle:
-    """The run ``source`` names or was logged by."""
-    return open_run(resolve_run_id(source, config), config)
-
-
 def list_checkpoints(source: str, *, config: TrackingConfig | None = None) -> list[LoggedCheckpoint]:
     """Every committed checkpoint of a run (its manifest and logged model), oldest (lowest key) first.
 
@@ -146,7 +125,7 @@ def find_checkpoint(
     A source that names one checkpoint (``models:/...``) takes only the default ``"latest"``.
     """
     parsed = parse_source(source)
-    handle, pinned = _open(source, parsed, config)
+    handle, pinned = open_source(source, parsed, config)
     if pinned is not None:
         if checkpoint != "latest" or step is not None:
             raise ValueError(
@@ -166,7 +145,7 @@ def find_checkpoint(
 def find_weights(source: str, checkpoint: Selector | None = None, config: TrackingConfig | None = None) -> Located:
     """The run's state dict when it has one and no checkpoint is asked for, else a checkpoint."""
     parsed = parse_source(source)
-    handle, pinned = _open(source, parsed, config)
+    handle, pinned = open_source(source, parsed, config)
     if pinned is None and checkpoint is None:
         assert handle is not None
         if parsed.artifact_path.strip("/") in ("", layout.STATE_DICT_DIR):
@@ -369,75 +348,6 @@ def _located(stored: StoredCheckpoint) -> Located:
             "save did not commit, or the checkpoint was deleted. Load another checkpoint of the run."
         ) from None
     return Located(stored.run_id, stored.store, "", manifest, stored.model_id)
-
-
-def _open(
-    source: str, parsed: RunSource, config: TrackingConfig | None, *, checkpoint: bool = True
-) -> tuple[RunHandle | None, StoredCheckpoint | None]:
-    """The run a source names, or the one checkpoint it pins (a model ID or registry version)."""
-    if parsed.run_id is not None:
-        return open_run(parsed.run_id, config), None
-    from mlflow.tracking import MlflowClient
-
-    from tracking.config import bound_mlflow_requests
-
-    bound_mlflow_requests()
-    config = config or TrackingConfig.from_env()
-    client = MlflowClient(tracking_uri=config.tracking_uri)
-    if parsed.model_id is not None:
-        return None, catalog.get(client, parsed.model_id, config, checkpoint=checkpoint)
-    version = _registry_version(client, source, parsed)
-    model_id = version_model_id(version)
-    what = f"{source} (version {version.version} of {version.name!r}, source {version.source})"
-    if model_id:
-        # A model that exists but is no checkpoint raises here: catalog.get's message says so.
-        found = catalog.get_if_present(client, model_id, config, checkpoint=checkpoint)
-        if found is None:
-            raise NotFoundError(
-                f"{what}: its checkpoint models:/{model_id} (run {version.run_id}) no longer exists: it was deleted "
-                "(by retention, `tracking gc --delete-registered`, or by hand) after it was registered. Point the "
-                "alias at another version, or register another checkpoint with `tracking register`."
-            )
-        return None, found
-    if version.run_id and not checkpoint:
-        return open_run(str(version.run_id), config), None
-    # A version made from a run (runs:/<id>/...) names no checkpoint: the run's latest moves as training
-    # goes on, so loading it would not give what was registered.
-    raise NotFoundError(
-        f"{what} names no checkpoint, only "
-        + (f"run {version.run_id}, whose latest checkpoint changes as it trains" if version.run_id else "no run")
-        + f"; register one checkpoint instead: `tracking register {version.run_id or 'RUN'} {version.name} "
-        "--checkpoint best` (or latest, or an epoch)."
-    )
-
-
-def _registry_version(client: Any, source: str, parsed: RunSource) -> Any:
-    from mlflow.exceptions import MlflowException
-
-    name = str(parsed.model_name)
-    try:
-        if parsed.alias is not None:
-            return client.get_model_version_by_alias(name, parsed.alias)
-        return client.get_model_version(name, str(parsed.version))
-    except MlflowException as exc:
-        raise NotFoundError(
-            f"{source}: no such registered model version or alias ({exc.message}); check the name and "
-            "alias in the MLflow UI's Models page."
-        ) from exc
-
-
-# A version's source when it was made from a logged model: models:/<id> (MLflow's register_model,
-# ours) or the model's artifact location (the UI's Register button). MLflow's own registry keeps
-# no model ID on the version, so the source is what says which checkpoint it is.
-_VERSION_SOURCE = re.compile(r"(?:^models:/|/models/)(m-[0-9a-f]{32})(?:/artifacts)?/?$")
-
-
-def version_model_id(version: Any) -> str | None:
-    """The checkpoint logged model a registry version was made from, if it names one."""
-    if getattr(version, "model_id", None):
-        return str(version.model_id)
-    match = _VERSION_SOURCE.search(version.source or "")
-    return match.group(1) if match else None
 
 
 def _key_list(keys: list[int]) -> str:

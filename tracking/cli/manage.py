@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from tracking import layout
-from tracking.cli.inspect import (
+from tracking.cli.noise import muted
+from tracking.cli.options import (
     CHECKPOINT_CHOICES,
     find_selected,
     is_epoch,
@@ -22,7 +23,6 @@ from tracking.cli.inspect import (
     selector_option,
     source_argument,
 )
-from tracking.cli.noise import muted
 from tracking.cli.server import connect
 from tracking.layout import UI_VIEW_QUERY
 from tracking.output import emit_json, human_size, plural
@@ -144,7 +144,7 @@ def gc(
         raise click.UsageError("--monitor and --mode rank what --keep-best keeps: pass --keep-best N, or drop them.")
     connect()
     from tracking.retention import best_moved_line, prune_report, registered_line
-    from tracking.selection import resolve_run_id
+    from tracking.source import resolve_run_id
 
     if source.strip().startswith("models:/"):  # retention is a run's: it would not spare the checkpoint named
         refuse_one_model("gc", "keeps the last and best checkpoints of a whole run", source)
@@ -222,7 +222,7 @@ def register(source: str, name: str, checkpoint: str, alias: str | None, allow_m
     refuse_checkpoint_of_pinned(source, checkpoint)
     from tracking.registry import alias_version, check_alias
     from tracking.registry import register as register_checkpoint
-    from tracking.selection import version_model_id
+    from tracking.source import version_model_id
 
     if alias is not None:
         try:

@@ -1,0 +1,108 @@
+"""The run, or the one checkpoint, a source names: before any checkpoint of it is picked.
+
+A source is a run ID, ``runs:/<id>``, a checkpoint's logged model ``models:/<model_id>``, or
+a registry version ``models:/<name>@<alias>`` / ``models:/<name>/<version>``. A run ID or
+``runs:/`` names a run; the others pin one checkpoint (a registry version through the logged
+model it was made from).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from tracking import catalog
+from tracking.catalog import StoredCheckpoint
+from tracking.config import TrackingConfig
+from tracking.errors import NotFoundError
+from tracking.run import RunHandle, open_run
+from tracking.uri import RunSource, parse_source
+
+
+def resolve_run_id(source: str, config: TrackingConfig | None = None) -> str:
+    """The run a run ID, ``runs:/``, ``models:/<model_id>`` or registry URI leads to."""
+    handle, pinned = open_source(source, parse_source(source), config, checkpoint=False)
+    return pinned.run_id if pinned is not None else handle.run_id  # type: ignore[union-attr]
+
+
+def open_run_pinned(source: str, config: TrackingConfig | None = None) -> tuple[RunHandle, str | None]:
+    """The run ``source`` names or was logged by, and the logged model ID it names (a ``models:/`` URI), else None."""
+    handle, pinned = open_source(source, parse_source(source), config, checkpoint=False)
+    if pinned is None:
+        assert handle is not None
+        return handle, None
+    return open_run(pinned.run_id, config), pinned.model_id
+
+
+def open_run_of(source: str, config: TrackingConfig | None = None) -> RunHandle:
+    """The run ``source`` names or was logged by."""
+    return open_run(resolve_run_id(source, config), config)
+
+
+def open_source(
+    source: str, parsed: RunSource, config: TrackingConfig | None, *, checkpoint: bool = True
+) -> tuple[RunHandle | None, StoredCheckpoint | None]:
+    """The run a source names, or the one checkpoint it pins (a model ID or registry version)."""
+    if parsed.run_id is not None:
+        return open_run(parsed.run_id, config), None
+    from mlflow.tracking import MlflowClient
+
+    from tracking.config import bound_mlflow_requests
+
+    bound_mlflow_requests()
+    config = config or TrackingConfig.from_env()
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    if parsed.model_id is not None:
+        return None, catalog.get(client, parsed.model_id, config, checkpoint=checkpoint)
+    version = _registry_version(client, source, parsed)
+    model_id = version_model_id(version)
+    what = f"{source} (version {version.version} of {version.name!r}, source {version.source})"
+    if model_id:
+        # A model that exists but is no checkpoint raises here: catalog.get's message says so.
+        found = catalog.get_if_present(client, model_id, config, checkpoint=checkpoint)
+        if found is None:
+            raise NotFoundError(
+                f"{what}: its checkpoint models:/{model_id} (run {version.run_id}) no longer exists: it was deleted "
+                "(by retention, `tracking gc --delete-registered`, or by hand) after it was registered. Point the "
+                "alias at another version, or register another checkpoint with `tracking register`."
+            )
+        return None, found
+    if version.run_id and not checkpoint:
+        return open_run(str(version.run_id), config), None
+    # A version made from a run (runs:/<id>/...) names no checkpoint: the run's latest moves as training
+    # goes on, so loading it would not give what was registered.
+    raise NotFoundError(
+        f"{what} names no checkpoint, only "
+        + (f"run {version.run_id}, whose latest checkpoint changes as it trains" if version.run_id else "no run")
+        + f"; register one checkpoint instead: `tracking register {version.run_id or 'RUN'} {version.name} "
+        "--checkpoint best` (or latest, or an epoch)."
+    )
+
+
+def _registry_version(client: Any, source: str, parsed: RunSource) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    name = str(parsed.model_name)
+    try:
+        if parsed.alias is not None:
+            return client.get_model_version_by_alias(name, parsed.alias)
+        return client.get_model_version(name, str(parsed.version))
+    except MlflowException as exc:
+        raise NotFoundError(
+            f"{source}: no such registered model version or alias ({exc.message}); check the name and "
+            "alias in the MLflow UI's Models page."
+        ) from exc
+
+
+# A version's source when it was made from a logged model: models:/<id> (MLflow's register_model,
+# ours) or the model's artifact location (the UI's Register button). MLflow's own registry keeps
+# no model ID on the version, so the source is what says which checkpoint it is.
+_VERSION_SOURCE = re.compile(r"(?:^models:/|/models/)(m-[0-9a-f]{32})(?:/artifacts)?/?$")
+
+
+def version_model_id(version: Any) -> str | None:
+    """The checkpoint logged model a registry version was made from, if it names one."""
+    if getattr(version, "model_id", None):
+        return str(version.model_id)
+    match = _VERSION_SOURCE.search(version.source or "")
+    return match.group(1) if match else None
