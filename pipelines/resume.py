@@ -143,10 +143,14 @@ def check_pick(
         )
     if value not in keys:
         # Said before the rewind check: --new-run would not help a pick the run does not have.
-        parent = (tags or {}).get(runs.TAG_RESUMED_FROM_RUN)
+        tags = tags or {}
+        parent = tags.get(runs.TAG_RESUMED_FROM_RUN)
+        branched = tags.get(runs.TAG_BRANCHED_FROM_EPOCH if kind == layout.EPOCH else runs.TAG_BRANCHED_FROM_STEP)
+        # Up to where it branched, the pick is its parent's; after, one of its own that retention deleted. A
+        # child from before the branch tags existed: its first checkpoint is the best guess of where it branched.
+        last_of_parent = int(branched) if branched and branched.isdecimal() else min(keys) - 1
         earlier = ""
-        if parent and value < min(keys):
-            # Before its first checkpoint: from before it branched (tag tracking.branched_from_epoch), its parent's.
+        if parent and value <= last_of_parent:
             earlier = (
                 f" It is a --new-run child of run {parent}, which holds the {kind}s from before it branched: "
                 f"--resume {parent} --from-{kind} {value} --new-run."

@@ -531,6 +531,20 @@ def test_a_pick_from_before_a_child_branched_names_its_parent(env: dict[str, str
     assert f"--resume {parent} --from-epoch 1 --new-run" in refused.err
 
 
+def test_a_pick_the_child_itself_deleted_is_not_sent_to_its_parent(env: dict[str, str]) -> None:
+    # Retention removed the child's epoch 3: it is after the child branched (at 2), so the parent never had
+    # it, yet the refusal sent the user to `--resume PARENT --from-epoch 3`.
+    parent = inline(train.main, "--epochs", "2", "--keep-last", "2").run_id
+    child = inline(train.main, "--resume", parent, "--new-run", "--epochs", "5").run_id
+
+    refused = inline(train.main, "--resume", child, "--from-epoch", "3", "--new-run", "--epochs", "6")
+    before = inline(train.main, "--resume", child, "--from-epoch", "2", "--new-run", "--epochs", "6")
+
+    assert refused.code == 1 and "committed epochs: 4, 5" in refused.err, refused.err
+    assert parent not in refused.err
+    assert before.code == 1 and f"--resume {parent} --from-epoch 2 --new-run" in before.err, before.err
+
+
 def test_evaluate_of_a_state_dict_a_run_never_logged_refuses_instead_of_evaluating_a_checkpoint(
     env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
