@@ -23,7 +23,8 @@ from tracking.metrics import check_metrics
 from tracking.parallel import distributed
 from tracking.parallel.collective import commit
 from tracking.payload import TorchSave, check_loadable
-from tracking.run import RunHandle, open_run, target_run_id
+from tracking.registry import refuse_mixed
+from tracking.run import RunHandle, open_run, target_run_id, tracking_server_errors
 from tracking.saver import background_saver, raise_background_errors
 
 # log_checkpoint's monitor when none is given and the metrics have it (minimised, as the Checkpointer does).
@@ -114,12 +115,16 @@ def log_model(
     run_id: str | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     registered_model_name: str | None = None,
+    allow_mixed: bool = False,
     **mlflow_kwargs: Any,
 ) -> Any:
     """Log the whole model with MLflow's pytorch flavor, loadable as ``runs:/<id>/model``.
 
     How to rebuild it without unpickling (class path and init kwargs) is recorded in
     the logged model's metadata under ``"tracking"``. Returns MLflow's ``ModelInfo``.
+    A ``registered_model_name`` whose versions are checkpoints is refused before anything is
+    logged, unless ``allow_mixed``: what loads ``models:/<name>@<alias>`` would then depend on
+    which kind the alias names.
     """
     import mlflow
 
@@ -128,6 +133,15 @@ def log_model(
     _check_model(model)
     description = spec.describe_model(model, model_kwargs)
     handle = open_run(target_run_id(run_id))
+    if registered_model_name is not None and not allow_mixed:
+        with tracking_server_errors(handle.run_id, f"listing the versions of {registered_model_name!r}"):
+            refuse_mixed(
+                handle.client,
+                registered_model_name,
+                "a whole model",
+                checkpoint=False,
+                escape="allow_mixed=True to tracking.log_model",
+            )
     # Create the logged model in the run's own experiment: MLflow would otherwise put it in
     # the active (or default) experiment, where runs:/<id>/model does not look.
     logged = mlflow.initialize_logged_model(

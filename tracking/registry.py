@@ -49,7 +49,7 @@ def register(
     client = MlflowClient(tracking_uri=(config or TrackingConfig.from_env()).tracking_uri)
     try:
         if not allow_mixed:
-            _refuse_other_kinds(client, name, located.label)
+            refuse_mixed(client, name, located.label, checkpoint=True, escape="--allow-mixed (allow_mixed=True)")
         try:
             client.create_registered_model(name)
         except MlflowException as exc:
@@ -75,31 +75,39 @@ def register(
     return version
 
 
-def _refuse_other_kinds(client: Any, name: str, what: str) -> None:
-    """ConfigError when registered model ``name`` has versions that are no checkpoint (a whole model, a run's files).
+def refuse_mixed(client: Any, name: str, what: str, *, checkpoint: bool, escape: str) -> None:
+    """ConfigError when registered model ``name`` has versions of the other kind than what is added to it.
 
     MLflow's registry takes any source under one name, but its consumers load by alias with one
     loader: ``tracking.load`` for a checkpoint, ``mlflow.pytorch.load_model`` for a whole model.
+    ``checkpoint`` says whether ``what`` (a checkpoint or a whole model) is a checkpoint; ``escape`` is
+    how the caller allows the mix anyway.
     """
     quote = '"' if "'" in name else "'"
     others = [
         str(version.version)
         for version in client.search_model_versions(f"name = {quote}{name}{quote}")
-        if not _is_checkpoint(client, version)
+        if _is_checkpoint(client, version) not in (checkpoint, None)
     ]
-    if others:
-        listed = f"{agree(len(others), 'version', 'versions')} {', '.join(sorted(others, key=int))}"
-        raise ConfigError(
-            f"registered model {name!r} holds {listed} that {agree(len(others), 'is', 'are')} no checkpoint (a whole "
-            f"model, e.g. from tracking.log_model(registered_model_name=...)); registering {what} beside them would "
-            f"make models:/{name}@ALIAS need tracking.load() or mlflow.pytorch.load_model() depending on the version "
-            f"the alias names. Register it under another name (e.g. {name}-checkpoints), or pass --allow-mixed "
-            "(allow_mixed=True) if what loads it handles both."
-        )
+    if not others:
+        return
+    listed = f"{agree(len(others), 'version', 'versions')} {', '.join(sorted(others, key=int))}"
+    kind = (
+        "no checkpoint (a whole model, e.g. from tracking.log_model(registered_model_name=...))"
+        if checkpoint
+        else "a checkpoint (from tracking register or the UI's Register model button on one)"
+    )
+    raise ConfigError(
+        f"registered model {name!r} holds {listed} that {agree(len(others), 'is', 'are')} {kind}; registering "
+        f"{what} beside them would make models:/{name}@ALIAS need tracking.load() or mlflow.pytorch.load_model() "
+        f"depending on the version the alias names. Register it under another name (e.g. "
+        f"{name}-{'checkpoints' if checkpoint else 'models'}), or pass {escape} if what loads it handles both."
+    )
 
 
-def _is_checkpoint(client: Any, version: Any) -> bool:
-    """Whether a registry version was made from a checkpoint logged model (ours say so in a tag; the UI's do not)."""
+def _is_checkpoint(client: Any, version: Any) -> bool | None:
+    """Whether a registry version was made from a checkpoint logged model (ours say so in a tag; the UI's do not);
+    None when its logged model is deleted: nothing loads it, whatever it was."""
     from mlflow.exceptions import MlflowException
 
     if layout.VERSION_TAG_CHECKPOINT in (version.tags or {}):
@@ -110,7 +118,7 @@ def _is_checkpoint(client: Any, version: Any) -> bool:
     try:
         return bool(client.get_logged_model(model_id).model_type == layout.CHECKPOINT_MODEL_TYPE)
     except MlflowException:
-        return True  # its model is deleted: nothing loads it, whatever it was
+        return None
 
 
 def alias_version(name: str, alias: str, *, config: TrackingConfig | None = None) -> str | None:

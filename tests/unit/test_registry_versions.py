@@ -82,3 +82,24 @@ def test_a_version_says_which_checkpoint_it_is_in_its_tags(s3_experiment: str) -
         layout.VERSION_TAG_EPOCH: "0",
         layout.VERSION_TAG_STEP: "1500",
     }
+
+
+def test_log_model_under_a_name_holding_checkpoints_is_refused_unless_allowed(s3_experiment: str) -> None:
+    model = Model(6)
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, epoch=1)
+        tracking.register(run.info.run_id, "seed", checkpoint="latest", alias="champion")
+        with pytest.raises(tracking.ConfigError) as refused:
+            tracking.log_model(model, registered_model_name="seed", pip_requirements=["torch"])
+        message = str(refused.value)
+        assert "'seed' holds version 1 that is a checkpoint" in message, message
+        assert "seed-models" in message and "allow_mixed=True" in message, message
+        # Refused before anything is stored: no whole model logged, no version made.
+        assert [m.name for m in mlflow.search_logged_models(output_format="list")] == ["checkpoint-epoch-0001"]
+        assert len(MlflowClient().search_model_versions("name = 'seed'")) == 1
+        mixed = tracking.log_model(model, registered_model_name="seed", allow_mixed=True, pip_requirements=["torch"])
+        assert mixed.registered_model_version == 2
+        # A name holding whole models only takes more without a word.
+        tracking.log_model(model, registered_model_name="seed-models", pip_requirements=["torch"])
+        again = tracking.log_model(model, registered_model_name="seed-models", pip_requirements=["torch"])
+        assert again.registered_model_version == 2
