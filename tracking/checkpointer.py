@@ -144,6 +144,7 @@ class Checkpointer:
         if step is None and self.every_n_steps is not None:
             self._refuse_no_step()  # forced or not: the step is the checkpoint's key
         due = force or self.should_save(epoch, step)
+        self._follow_active_run()
         if not self._run_checked:
             self._check_run()
         if not due:
@@ -232,6 +233,25 @@ class Checkpointer:
         done = self.retention.apply(handle, latest=key)
         for line in done.warnings(handle.run_id):
             _log.warning("%s", line)
+
+    def _follow_active_run(self) -> None:
+        """Start afresh when the active run is another than the one saved to (a sweep's next trial).
+
+        A Checkpointer made without ``run_id`` saves to the active run, as :func:`tracking.log_checkpoint`
+        does: the previous run's background saves are flushed, and its retention state, last saved step
+        and key check are dropped, so that nothing of one run is saved to, or deleted from, another.
+        Under a process group only rank 0 has a run, and the ranks keep the run they started with.
+        """
+        if self._run_id is not None or self._handle is None or distributed.active():
+            return
+        if target_run_id(None) == self._handle.run_id:
+            return
+        self.wait()
+        retention = self.retention
+        self.retention = RetentionPolicy(retention.keep_last, retention.keep_best, retention.monitor, retention.mode)
+        self._handle = None
+        self._saved_step = None
+        self._run_checked = False
 
     def _open(self) -> RunHandle:
         if self._handle is None:

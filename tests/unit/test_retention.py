@@ -207,3 +207,21 @@ def test_gc_relists_the_description_the_library_wrote_and_leaves_a_users_alone(
     again = CliRunner().invoke(main, ["gc", ours, "--keep-last", "1"])
     assert again.exit_code == 0 and "0 checkpoints deleted" in again.output
     assert written == [note.NOTE_TAG]  # nothing deleted, nothing rewritten
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_checkpointer_reused_across_runs_saves_to_each_active_run(s3_experiment: str, async_save: bool) -> None:
+    model = Model(6)
+    checkpointer = tracking.Checkpointer(keep_last=1, async_save=async_save)
+    with mlflow.start_run() as first:
+        for epoch in (1, 2):
+            checkpointer.save(model, epoch=epoch, metrics={"val_loss": 1.0 / epoch})
+    with mlflow.start_run() as second:  # a sweep's next trial, with the same policy
+        checkpointer.save(model, epoch=1, metrics={"val_loss": 0.9})
+    checkpointer.close()
+    # Each run holds its own checkpoints; the second run's retention left the first run's alone.
+    assert epochs(first.info.run_id) == [2]
+    assert epochs(second.info.run_id) == [1]
+    with pytest.raises(ValueError, match="no active MLflow run"):
+        checkpointer.save(model, epoch=3, metrics={"val_loss": 0.1})
+    assert epochs(second.info.run_id) == [1]
