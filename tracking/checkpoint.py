@@ -47,6 +47,7 @@ def log_state_dict(
     epoch the weights are from (e.g. the last one trained), is recorded in the manifest.
     """
     _check_model(model)
+    model = distributed.unwrap(model)
     if format not in ("torch", "safetensors"):
         raise ValueError(f"format must be 'torch' or 'safetensors', got {format!r}")
     if epoch is not None:
@@ -131,6 +132,7 @@ def log_model(
     from tracking.flavor import pytorch_flavor
 
     _check_model(model)
+    model = distributed.unwrap(model)
     description = spec.describe_model(model, model_kwargs)
     handle = open_run(target_run_id(run_id))
     if registered_model_name is not None and not allow_mixed:

@@ -25,6 +25,7 @@ from tracking.config import TrackingConfig
 from tracking.device import check_available, check_map_location, to_device
 from tracking.errors import ConfigError, NotFoundError, TrackingError
 from tracking.manifest import CHECKPOINT_KINDS, SHARDED_KIND, Manifest
+from tracking.parallel import distributed
 from tracking.rebuild import ModelArg
 from tracking.selection import Located, Selector, find_checkpoint, find_weights
 from tracking.source import resolve_run_id
@@ -97,13 +98,14 @@ def load(
     # states, rank_state and counters must stay on the host.
     state = rebuild.checkpoint_state(located, _read_torch(located, "cpu", share=True))
     built = rebuild.build_model(located, model, map_location, state["model_state"])
-    adopted = rebuild.load_weights(located, built, state["model_state"], strict, adopt=True)
+    plain = distributed.unwrap(built)  # a model=torch.compile(...) or DataParallel(...) takes the state in its module
+    adopted = rebuild.load_weights(located, plain, state["model_state"], strict, adopt=True)
     optim = None
     if state.get("optim_state") is not None:
-        optim = rebuild.build_optimizer(located, built, optimizer)
+        optim = rebuild.build_optimizer(located, plain, optimizer)
         # A model that copied its weights leaves its part of the buffer unused: the optimizer
         # state then gets copies of its own, so that the buffer can be freed.
-        rebuild.load_optimizer(located, built, optim, state["optim_state"] if adopted else _own(state["optim_state"]))
+        rebuild.load_optimizer(located, plain, optim, state["optim_state"] if adopted else _own(state["optim_state"]))
     sched = None
     if state.get("scheduler_state") is not None and optim is not None:
         sched = rebuild.build_scheduler(located, optim, scheduler)
@@ -156,7 +158,7 @@ def restore(
     DDP's) loads into the module a ``DistributedDataParallel`` wraps, or into an FSDP2 model, each
     rank keeping its own shards. The result's ``rank_state`` is this rank's own.
     """
-    from tracking.parallel import distributed, sharded
+    from tracking.parallel import sharded
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -228,8 +230,6 @@ def _loaded(
 
 def _rank_entry(saved: Any) -> Any:
     """This rank's entry of a checkpoint's ``rank_state`` (a list by rank, or a dict by rank in a sharded one)."""
-    from tracking.parallel import distributed
-
     rank = distributed.rank()
     if isinstance(saved, list):
         return saved[rank] if rank < len(saved) else None
@@ -288,7 +288,7 @@ def load_model(
     state = _read_torch(located, map_location if share else "cpu", share=share)
     weights = _weights(located, state)
     built = rebuild.build_model(located, model, map_location, weights)
-    rebuild.load_weights(located, built, weights, strict, adopt=share)
+    rebuild.load_weights(located, distributed.unwrap(built), weights, strict, adopt=share)
     built.train(mode == "train")
     return built
 

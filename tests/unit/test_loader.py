@@ -17,6 +17,7 @@ import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from torch import nn
 
 import tracking
 from pipelines.models import DigitsMLP, Model
@@ -705,3 +706,34 @@ def test_a_tracking_server_failure_when_opening_the_run_says_what_to_do(
     message = str(caught.value)
     assert message.startswith(f"run {run.info.run_id}: the tracking server") and "503" in message
     assert "MLFLOW_TRACKING_URI" in message and message.endswith("then retry.")
+
+
+@pytest.mark.parametrize("wrap", [torch.compile, nn.DataParallel], ids=["compile", "DataParallel"])
+def test_a_wrapped_model_is_saved_and_loaded_as_the_module_it_wraps(s3_experiment: str, wrap: Any) -> None:
+    model = Model(6)
+    wrapped = wrap(model)
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 6)).sum().backward()  # the wrapper shares the parameters (compiling is not under test)
+    optimizer.step()
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(wrapped, optimizer, epoch=1)
+        tracking.log_state_dict(wrapped)
+    run_id = run.info.run_id
+    # Stored without the wrapper's "_orig_mod." / "module." prefixes: any model of the class takes them.
+    plain = {"linear.weight", "linear.bias"}
+    assert set(tracking.load_state_dict(run_id)) == set(tracking.load_state_dict(run_id, checkpoint=1)) == plain
+    loaded = tracking.load(run_id)
+    assert type(loaded.model) is Model and torch.equal(loaded.model.linear.weight, model.linear.weight)
+    # ... and so does a wrapped one.
+    target = wrap(Model(6))
+    target_optimizer = torch.optim.SGD(target.parameters(), lr=0.1, momentum=0.9)
+    tracking.restore(run_id, target, target_optimizer)
+    assert torch.equal(target.state_dict()[next(iter(target.state_dict()))], next(iter(wrapped.state_dict().values())))
+    assert target_optimizer.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
+    again = tracking.load(run_id, model=wrap(Model(6)), mode="train")
+    assert again.optimizer is not None and torch.equal(
+        again.optimizer.state_dict()["state"][0]["momentum_buffer"],
+        optimizer.state_dict()["state"][0]["momentum_buffer"],
+    )
+    weights = tracking.load_model(run_id, model=wrap(Model(6))).state_dict()
+    assert all(torch.equal(w, v) for w, v in zip(weights.values(), wrapped.state_dict().values(), strict=True))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import os
 import pickle
+import sys
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -177,10 +178,27 @@ def _portable(exc: BaseException) -> BaseException:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module a ``DistributedDataParallel`` wraps (its state dict has no ``module.`` prefix)."""
+    """The module wrappers hold, however nested: ``DistributedDataParallel``, ``DataParallel``, ``torch.compile``'s.
+
+    Its state dict has no ``module.`` or ``_orig_mod.`` prefix, so that a model of its class, wrapped or
+    not, loads what is saved from it.
+    """
+    from torch.nn import DataParallel
     from torch.nn.parallel import DistributedDataParallel
 
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    while True:
+        if isinstance(model, DistributedDataParallel | DataParallel):
+            model = model.module
+        elif _is_compiled(model):
+            model = model._orig_mod  # type: ignore[assignment]  # nn.Module's __getattr__ types it loosely
+        else:
+            return model
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    # torch.compile's wrapper class is defined in a module that is imported once anything is compiled.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
 
 
 def is_sharded(value: Any) -> bool:
