@@ -9,6 +9,7 @@ model it was made from).
 from __future__ import annotations
 
 import re
+import sys
 from typing import Any
 
 from tracking import catalog
@@ -43,6 +44,7 @@ def open_source(
     source: str, parsed: RunSource, config: TrackingConfig | None, *, checkpoint: bool = True
 ) -> tuple[RunHandle | None, StoredCheckpoint | None]:
     """The run a source names, or the one checkpoint it pins (a model ID or registry version)."""
+    _settle_background_saves()
     if parsed.run_id is not None:
         return open_run(parsed.run_id, config), None
     from mlflow.tracking import MlflowClient
@@ -77,6 +79,18 @@ def open_source(
         + f"; register one checkpoint instead: `tracking register {version.run_id or 'RUN'} {version.name} "
         "--checkpoint best` (or latest, or an epoch)."
     )
+
+
+def _settle_background_saves() -> None:
+    """Let this process's background saves commit before it reads: a load (or a register) right after
+    ``log_checkpoint(blocking=False)`` gets that checkpoint, not the one before it or none; a failed one raises.
+
+    Not under a process group, where every rank's part of a background save coordinates with the others.
+    """
+    saver = sys.modules.get("tracking.saver")  # not imported: nothing was saved in the background
+    distributed = sys.modules.get("tracking.parallel.distributed")
+    if saver is not None and not (distributed is not None and distributed.active()):
+        saver.wait_for_checkpoints()
 
 
 def _registry_version(client: Any, source: str, parsed: RunSource) -> Any:

@@ -193,3 +193,34 @@ def _env() -> dict[str, str]:
     import os
 
     return dict(os.environ)
+
+
+def test_a_read_right_after_a_background_save_gets_that_checkpoint(
+    experiment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = Model(6)
+    # The upload stays in flight until someone waits for it: what a slow store does to a read right after the run.
+    waited = threading.Event()
+    commit = checkpoint.commit_checkpoint
+
+    def slow_commit(*args: Any, **kwargs: Any) -> Any:
+        assert waited.wait(timeout=60), "the upload was never waited for"
+        return commit(*args, **kwargs)
+
+    original_wait = AsyncSaver.wait
+
+    def wait(self: AsyncSaver) -> None:
+        waited.set()
+        original_wait(self)
+
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, epoch=1)
+        monkeypatch.setattr(checkpoint, "commit_checkpoint", slow_commit)
+        monkeypatch.setattr(AsyncSaver, "wait", wait)
+        tracking.log_checkpoint(model, epoch=2, metrics={"val_loss": 0.1}, blocking=False)
+    try:
+        assert tracking.load(run.info.run_id).epoch == 2
+        assert tracking.find_checkpoint(run.info.run_id, "best").manifest.epoch == 2
+    finally:
+        waited.set()
+        tracking.wait_for_checkpoints()
