@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -48,10 +49,24 @@ def tracking_server_errors(run_id: str, doing: str) -> Iterator[None]:
     try:
         yield
     except (MlflowException, OSError) as exc:
+        deleted = _DELETED.search(str(exc))
+        if deleted is not None:
+            # Deleted since this process opened the run (in the UI, by another user): no retry helps.
+            what = "" if deleted["kind"] == "run" else f"'s experiment {deleted['id']}"
+            raise NotFoundError(
+                f"run {run_id}{what} is deleted (found while {doing}); restore it in the MLflow UI and retry, "
+                "or log to another run."
+            ) from exc
         raise StorageError(
             f"run {run_id}: the tracking server failed while {doing} ({one_line(exc)[:500]}); "
             "check that it runs and MLFLOW_TRACKING_URI points at it, then retry."
         ) from exc
+
+
+# MLflow's refusal to write to a deleted run or to a run of a deleted experiment.
+_DELETED = re.compile(
+    r"The (?P<kind>run|experiment) (?P<id>\S+) must be in the 'active' state\. Current state is deleted"
+)
 
 
 def target_run_id(run_id: str | None) -> str:

@@ -329,3 +329,23 @@ def test_a_process_that_opens_run_after_run_keeps_only_the_last_few(s3_experimen
     assert len(kept) == runs._OPENED_KEPT
     assert kept[-2:] == [run_ids[-runs._OPENED_KEPT], run_ids[0]]
     assert set(kept) == {run_ids[0], run_ids[-runs._OPENED_KEPT], *run_ids[-runs._OPENED_KEPT + 2 :]}
+
+
+def test_a_save_to_a_run_deleted_meanwhile_says_so_and_restoring_it_brings_back_its_checkpoints(
+    experiment: str,
+) -> None:
+    model = Model(6)
+    client = MlflowClient()
+    run_id = client.create_run(mlflow.get_experiment_by_name(f"unit-{experiment}").experiment_id).info.run_id
+    checkpointer = tracking.Checkpointer(keep_last=1, run_id=run_id)
+    checkpointer.save(model, epoch=1, metrics={"val_loss": 0.5})
+    client.delete_run(run_id)  # in the MLflow UI, while the training goes on
+    for save in (
+        lambda: checkpointer.save(model, epoch=2, metrics={"val_loss": 0.4}),
+        lambda: tracking.log_checkpoint(model, epoch=2, run_id=run_id),
+    ):
+        with pytest.raises(tracking.NotFoundError, match=rf"run {run_id} is deleted.*restore it in the MLflow UI"):
+            save()
+    client.restore_run(run_id)
+    assert [c.epoch for c in tracking.list_checkpoints(run_id)] == [1]
+    assert tracking.load(run_id).epoch == 1
