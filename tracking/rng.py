@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from tracking.errors import MismatchError
+
 
 def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
     """The global torch (CPU and CUDA), numpy and Python ``random`` states, plus named generators.
@@ -46,8 +48,17 @@ def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.G
     The state's tensors may sit on any device (``tracking.load(..., map_location="cuda")`` gives
     them back on the CPU, ``torch.load`` as mapped): RNG states are set from host copies. CUDA
     states go to the GPUs that exist here; when their number differs from the saving job's, the
-    common ones are restored and a warning says so.
+    common ones are restored and a warning says so. A generator the state holds no state for is
+    refused before anything is restored.
     """
+    saved = state.get("generators", {})
+    missing = [name for name in generators or {} if name not in saved]
+    if missing:
+        raise MismatchError(
+            f"the RNG state holds no generator named {', '.join(map(repr, missing))} (it holds: "
+            f"{', '.join(map(repr, sorted(saved))) or 'none'}); pass the names given to capture_rng_state when it "
+            "was saved, or leave the others out to keep their current state."
+        )
     torch.set_rng_state(_host(state["torch"]))
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
@@ -61,10 +72,7 @@ def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.G
             float(npy["cached_gaussian"]),
         )
     )
-    saved = state.get("generators", {})
     for name, generator in (generators or {}).items():
-        if name not in saved:
-            raise KeyError(f"no saved state for generator {name!r}; saved: {sorted(saved)}")
         generator.set_state(_host(saved[name]))
     if "cuda" in state:
         _restore_cuda(list(state["cuda"]))

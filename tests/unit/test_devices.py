@@ -57,6 +57,19 @@ def test_rng_state_restores_from_tensors_on_another_device() -> None:
     assert draws(generator) == expected
 
 
+def test_a_generator_the_state_does_not_hold_is_refused_before_anything_is_restored() -> None:
+    # A bare KeyError, raised after the global states were already put back: half a restore, and no next step.
+    saved = tracking.capture_rng_state({"sampler": torch.Generator().manual_seed(7)})
+    torch.manual_seed(123)
+    expected = torch.rand(3).tolist()
+    torch.manual_seed(123)
+
+    with pytest.raises(tracking.MismatchError, match=r"no generator named 'augment'.*'sampler'.*capture_rng_state"):
+        tracking.restore_rng_state(saved, {"augment": torch.Generator()})
+
+    assert torch.rand(3).tolist() == expected  # the global states were left as they were
+
+
 @pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter:UserWarning")
 def test_load_restores_rng_and_rank_state_from_host_copies_whatever_map_location(s3_experiment: str) -> None:
     """A checkpoint read with map_location="meta" (a device with no data, as a GPU is to numpy) still
