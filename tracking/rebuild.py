@@ -170,7 +170,12 @@ def build_model(
     if isinstance(model, nn.Module):
         built = model
     elif isinstance(model, type) and issubclass(model, nn.Module):
-        built = spec.build(model, (), recorded.get("init_kwargs") or {}, run_id=run_id, hint=MODEL_HINT)
+        name = model.__name__
+        hint = (
+            f"a class given as model= is built with the run's recorded arguments; pass model={name}(...) (an "
+            f"instance) or model=lambda: {name}(...) (a factory) to tracking.load"
+        )
+        built = spec.build(model, (), recorded.get("init_kwargs") or {}, run_id=run_id, hint=hint)
     elif callable(model):
         built = model()
         if not isinstance(built, nn.Module):

@@ -432,6 +432,22 @@ def test_class_that_no_longer_imports(experiment: str) -> None:
     assert tracking.load(run.info.run_id, model=Model(6)).epoch == 1
 
 
+def test_a_class_given_as_model_that_the_recorded_arguments_cannot_build_says_what_to_pass(experiment: str) -> None:
+    # The hint said "pass model=<an instance or a factory>" to a user who had passed model=<a class>.
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(Model(6), epoch=1)
+
+    class Renamed(nn.Module):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.fc = nn.Linear(width, 2)
+
+    with pytest.raises(tracking.NotFoundError) as refused:
+        tracking.load(run.info.run_id, model=Renamed)
+    assert "built with the run's recorded arguments" in str(refused.value)
+    assert "model=Renamed(...)" in str(refused.value) and "lambda: Renamed(...)" in str(refused.value)
+
+
 def test_newer_and_malformed_manifests(experiment: str) -> None:
     with mlflow.start_run() as run:
         tracking.log_checkpoint(Model(6), epoch=1)
