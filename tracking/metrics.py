@@ -10,7 +10,8 @@ import math
 import numbers
 import posixpath
 import re
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -56,3 +57,20 @@ def metric_name_problem(name: str) -> str | None:
     if normal != name or normal.startswith(("..", "/")):
         return f"is a path that MLflow refuses (it would resolve to {normal!r})"
     return None
+
+
+def renamed(metrics: Mapping[str, float], rename: Callable[[str], str]) -> dict[str, float]:
+    """``metrics`` under the names ``rename`` gives them (a framework's own MLflow logger's renaming of the
+    characters MLflow refuses), so that a checkpoint's metrics are the keys that logger charts; a name MLflow
+    refuses even so (too long, a path) is left out with a warning, not left to fail the checkpoint's commit."""
+    out: dict[str, float] = {}
+    for name, value in metrics.items():
+        key = rename(name)
+        problem = metric_name_problem(key)
+        if problem is None:
+            out[key] = value
+        else:
+            warnings.warn(
+                f"metric {name!r} is not logged with the checkpoint: its name {problem}", RuntimeWarning, stacklevel=2
+            )
+    return out

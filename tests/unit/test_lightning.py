@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from mlflow import MlflowClient
+from torch import nn
 
 import tracking
 from tests.lightning_model import TinyLit, fit, loaders, trainer
@@ -26,6 +27,8 @@ from tracking import layout
 from tracking.cli import main
 from tracking.integrations import lightning as integration
 from tracking.integrations.lightning import MLflowCheckpoints, checkpoint_path, mirror
+from tracking.integrations.lightning.description import metric_key
+from tracking.metrics import renamed
 
 
 def _tags(run_id: str) -> dict[str, str]:
@@ -439,6 +442,41 @@ def test_a_checkpoint_that_would_not_load_is_refused(s3_experiment: str, tmp_pat
     with mlflow.start_run() as run, pytest.raises(ValueError, match=r"hyper_parameters'\]\['root'\] is a pathlib"):
         fitted.fit(PathLit(), *loaders())
     assert tracking.list_checkpoints(run.info.run_id) == []
+
+
+class TopOneLit(TinyLit):
+    """Logs its accuracy under a name MLflow refuses (`@`), as top-k accuracies often are named."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log("val_loss", nn.functional.cross_entropy(logits, y))
+        self.log("acc@1", (logits.argmax(-1) == y).float().mean())
+
+
+def test_metric_names_mlflow_refuses_are_logged_as_lightnings_logger_logs_them(
+    s3_experiment: str, tmp_path: Path
+) -> None:
+    logger = MLFlowLogger(experiment_name="unit-s3", tracking_uri=mlflow.get_tracking_uri())
+    pl.seed_everything(0, verbose=False)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "c", monitor="acc@1", mode="max", save_top_k=-1)
+    with pytest.warns(RuntimeWarning, match="Replacing acc@1 with acc1"):  # MLFlowLogger's own renaming
+        trainer(2, tmp_path, [checkpoints, MLflowCheckpoints()], logger=logger).fit(TopOneLit(), *loaders())
+    run_id = str(logger.run_id)
+    saved = tracking.list_checkpoints(run_id)
+    assert [c.epoch for c in saved] == [0, 1]
+    # Under the key the logger charts it by, and ranking the checkpoints as ModelCheckpoint's monitor does.
+    assert all("acc1" in c.metrics and "val_loss" in c.metrics for c in saved)
+    assert "acc1" in MlflowClient().get_run(run_id).data.metrics
+    tags = _tags(run_id)
+    assert (tags[layout.TAG_MONITOR], tags[layout.TAG_MODE]) == ("acc1", "max")
+    best = tracking.find_checkpoint(run_id, "best")
+    assert best.manifest.metrics["acc1"] == max(c.metrics["acc1"] for c in saved)
+
+
+def test_a_metric_name_mlflow_refuses_even_renamed_is_left_out_with_a_warning() -> None:
+    with pytest.warns(RuntimeWarning, match=r"'val//loss' is not logged with the checkpoint: its name is a path"):
+        assert renamed({"val//loss": 1.0, "acc@1": 0.5}, metric_key) == {"acc1": 0.5}
 
 
 def test_without_a_run_the_first_save_says_how_to_give_one(s3_experiment: str, tmp_path: Path) -> None:

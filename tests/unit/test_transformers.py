@@ -412,6 +412,33 @@ def test_checkpoint_metrics_are_charted_at_the_steps_the_trainers_mlflow_logging
         assert model_steps["eval_loss"] == checkpoint.step, model_steps
 
 
+def top_one(prediction: Any) -> dict[str, float]:
+    """``compute_metrics`` naming its metric with characters MLflow refuses, which the Trainer's own MLflow logging
+    replaces with ``_``."""
+    return {"acc(top1)": accuracy(prediction)["accuracy"]}
+
+
+def test_metric_names_mlflow_refuses_are_logged_as_the_trainers_mlflow_logging_logs_them(
+    s3_experiment: str, split: data.Split, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", mlflow.get_experiment_by_name("unit-s3").experiment_id)
+    trainer = make_trainer(
+        split, tmp_path / "out", [TrackingCallback()], epochs=2, report_to="mlflow", metric_for_best_model="acc(top1)"
+    )
+    trainer.compute_metrics = top_one
+    trainer.train()
+    run_id = mlflow.search_runs(output_format="list")[0].info.run_id
+    saved = tracking.list_checkpoints(run_id)
+    assert [c.epoch for c in saved] == [1, 2]
+    # Under the key the Trainer's MLflowCallback charts it by, ranking the checkpoints as metric_for_best_model does.
+    assert "eval_acc_top1_" in mlflow.get_run(run_id).data.metrics
+    assert all("eval_acc_top1_" in c.metrics for c in saved)
+    tags = mlflow.get_run(run_id).data.tags
+    assert (tags[layout.TAG_MONITOR], tags[layout.TAG_MODE]) == ("eval_acc_top1_", "max")
+    best = tracking.find_checkpoint(run_id, "best")
+    assert f"checkpoint-{best.manifest.step}" == Path(str(trainer.state.best_model_checkpoint)).name
+
+
 def test_the_core_never_imports_transformers() -> None:
     code = (
         "import sys, tracking, tracking.loader, tracking.pretrained, tracking.downloader; "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -22,6 +23,7 @@ from lightning.pytorch.trainer.states import TrainerStatus
 
 from tracking import layout, spec
 from tracking.manifest import Manifest, now, versions
+from tracking.metrics import renamed
 
 _LIGHTNING_VERSION = importlib.metadata.version("lightning")
 
@@ -29,6 +31,9 @@ FORMAT = "lightning"
 
 # Lightning keys that the core maps onto its own (see tracking.rebuild.checkpoint_state).
 _MAPPED = ("state_dict", "optimizer_states", "lr_schedulers", "epoch", "global_step")
+
+# What Lightning's MLFlowLogger removes from a metric's name (lightning.pytorch.loggers.mlflow).
+_NOT_IN_MLFLOW_NAMES = re.compile("[^a-zA-Z0-9_/. -]+")
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,7 @@ def save_monitor(
     """The metric and mode that rank the checkpoint at ``path``: ``monitor`` and ``mode`` when a monitor is
     given, else those of the ModelCheckpoint that wrote it (the metric only when the metrics hold it)."""
     if monitor is not None:
+        monitor = metric_key(monitor)
         return (monitor if monitor in manifest.metrics else None), mode
     callbacks = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
     file, folder = os.path.realpath(path), os.path.realpath(os.path.dirname(path))
@@ -144,9 +150,15 @@ def save_monitor(
         (c for c in callbacks if c.dirpath and os.path.realpath(str(c.dirpath)) == folder),
         callbacks[0] if callbacks else None,
     )
-    if writer is None or writer.monitor is None or writer.monitor not in manifest.metrics:
+    if writer is None or writer.monitor is None or metric_key(writer.monitor) not in manifest.metrics:
         return None, "min"
-    return writer.monitor, writer.mode
+    return metric_key(writer.monitor), writer.mode
+
+
+def metric_key(name: str) -> str:
+    """The key Lightning's MLFlowLogger logs metric ``name`` by (``acc@1`` as ``acc1``): a checkpoint's metrics
+    take it, so that MLflow accepts them and they chart with the logger's."""
+    return _NOT_IN_MLFLOW_NAMES.sub("", name)
 
 
 def _finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -158,7 +170,7 @@ def _finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
             continue  # a tensor of several values
         if math.isfinite(number):
             out[str(name)] = number
-    return out
+    return renamed(out, metric_key)
 
 
 def _describe_module(module: pl.LightningModule) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -10,11 +11,14 @@ from torch import nn
 from transformers import TrainingArguments
 
 from tracking import spec
+from tracking.metrics import renamed
 
 FORMAT = "transformers"
 # log_history keys that are positions, totals or timings, not metrics of the checkpoint.
 _NOT_METRICS = frozenset({"epoch", "step", "total_flos"})
 _TIMINGS = ("_runtime", "_samples_per_second", "_steps_per_second")
+# What the Trainer's MLflowCallback replaces with "_" in a metric's name (transformers.integrations).
+_NOT_IN_MLFLOW_NAMES = re.compile(r"[^0-9A-Za-z_\-\.\ :/]")
 
 
 def checkpoint_metrics(entries: Sequence[Mapping[str, Any]], step: int) -> dict[str, float]:
@@ -31,15 +35,22 @@ def checkpoint_metrics(entries: Sequence[Mapping[str, Any]], step: int) -> dict[
                 continue
             if math.isfinite(value):
                 metrics[name] = float(value)
-    return metrics
+    return renamed(metrics, metric_key)
+
+
+def metric_key(name: str) -> str:
+    """The key the Trainer's MLflowCallback logs metric ``name`` by (``eval_acc(top1)`` as ``eval_acc_top1_``):
+    a checkpoint's metrics take it, so that MLflow accepts them and they chart with the Trainer's."""
+    return _NOT_IN_MLFLOW_NAMES.sub("_", name)
 
 
 def monitor_of(args: TrainingArguments) -> tuple[str | None, str]:
-    """The metric that ranks checkpoints, as the Trainer names it in its eval logs, and min/max."""
+    """The metric that ranks checkpoints, under its key among a checkpoint's metrics (:func:`metric_key` of the
+    name the Trainer gives it in its eval logs), and min/max."""
     name = args.metric_for_best_model
     if not name:
         return None, "min"
-    monitor = name if name.startswith("eval_") else f"eval_{name}"
+    monitor = metric_key(name if name.startswith("eval_") else f"eval_{name}")
     greater = args.greater_is_better
     if greater is None:
         greater = not name.endswith("loss")  # the Trainer's own default
