@@ -4,6 +4,7 @@ mirrored as logged models, retention, pointers, loading, exact resume by run ID,
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -477,6 +478,20 @@ def test_metric_names_mlflow_refuses_are_logged_as_lightnings_logger_logs_them(
 def test_a_metric_name_mlflow_refuses_even_renamed_is_left_out_with_a_warning() -> None:
     with pytest.warns(RuntimeWarning, match=r"'val//loss' is not logged with the checkpoint: its name is a path"):
         assert renamed({"val//loss": 1.0, "acc@1": 0.5}, metric_key) == {"acc1": 0.5}
+
+
+def test_a_trainer_without_model_checkpoint_is_warned_that_only_saves_by_hand_are_logged(
+    s3_experiment: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pl.seed_everything(0, verbose=False)
+    fitted = trainer(1, tmp_path, [MLflowCheckpoints()], enable_checkpointing=False)
+    with mlflow.start_run() as run, caplog.at_level(logging.WARNING):
+        fitted.fit(TinyLit(), *loaders())
+        assert tracking.list_checkpoints(run.info.run_id) == []
+        fitted.save_checkpoint(tmp_path / "by-hand.ckpt")
+    said = [r.getMessage() for r in caplog.records if "ModelCheckpoint" in r.getMessage()]
+    assert len(said) == 1 and run.info.run_id in said[0] and "enable_checkpointing" in said[0], said
+    assert [c.epoch for c in tracking.list_checkpoints(run.info.run_id)] == [1]
 
 
 def test_without_a_run_the_first_save_says_how_to_give_one(s3_experiment: str, tmp_path: Path) -> None:

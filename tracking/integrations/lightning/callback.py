@@ -8,11 +8,13 @@ state), and raises a failed upload on every rank together.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 
 from tracking import catalog, layout
@@ -23,6 +25,8 @@ from tracking.integrations.lightning.mirror import MirrorIO
 from tracking.integrations.lightning.resume import RESUME_LINE, take_writers_states
 from tracking.parallel import distributed
 from tracking.rng import capture_rng_state, restore_rng_state
+
+_log = logging.getLogger(__name__)
 
 
 class MLflowCheckpoints(pl.Callback):
@@ -106,6 +110,14 @@ class MLflowCheckpoints(pl.Callback):
             # On the main thread: MLflow's active run is per thread, and a save may run in another one. A fit
             # keyed otherwise than the run's checkpoints is refused now, on every rank, not at its first save.
             distributed.on_rank0(lambda: catalog.refuse_mixed_keys(io.open(), keyed_by) if zero else None)
+            if zero and not any(isinstance(c, ModelCheckpoint) for c in trainer.checkpoint_callbacks):
+                # Nothing saves as the fit goes: the run would end with no checkpoint, and nothing would say why.
+                _log.warning(
+                    "run %s: the Trainer has no ModelCheckpoint (enable_checkpointing=False), so MLflowCheckpoints "
+                    "logs no checkpoint as it trains, only what trainer.save_checkpoint(path) saves; keep "
+                    "enable_checkpointing=True or add a ModelCheckpoint(...) to the callbacks.",
+                    io.open().run_id,
+                )
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
