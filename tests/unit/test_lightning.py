@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -437,11 +438,41 @@ class PathLit(TinyLit):
         self.save_hyperparameters()
 
 
-def test_a_checkpoint_that_would_not_load_is_refused(s3_experiment: str, tmp_path: Path) -> None:
-    # A Path among the hyperparameters: Lightning saves it, torch.load(weights_only=True) cannot read it.
-    fitted = trainer(1, tmp_path, [ModelCheckpoint(dirpath=tmp_path / "c"), MLflowCheckpoints()])
-    with mlflow.start_run() as run, pytest.raises(ValueError, match=r"hyper_parameters'\]\['root'\] is a pathlib"):
-        fitted.fit(PathLit(), *loaders())
+class PathData(pl.LightningDataModule):
+    def __init__(self, data_dir: Path = Path("/data")) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+    def train_dataloader(self) -> Any:
+        return loaders()[0]
+
+    def val_dataloader(self) -> Any:
+        return loaders()[1]
+
+
+class Batches(pl.Callback):
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self.seen += 1
+
+
+@pytest.mark.parametrize(
+    ("module", "data", "key"),
+    [(PathLit, None, "'hyper_parameters']['root']"), (TinyLit, PathData, "'datamodule_hyper_parameters']['data_dir']")],
+)
+def test_a_checkpoint_that_would_not_load_is_refused_before_the_fit_trains(
+    s3_experiment: str, tmp_path: Path, module: type[pl.LightningModule], data: type | None, key: str
+) -> None:
+    # A Path among the hyperparameters: Lightning saves it, torch.load(weights_only=True) cannot read it. Said
+    # as the fit starts, not after its first epoch's training, at the first save.
+    batches = Batches()
+    fitted = trainer(1, tmp_path, [ModelCheckpoint(dirpath=tmp_path / "c"), MLflowCheckpoints(), batches])
+    with mlflow.start_run() as run, pytest.raises(ValueError, match=re.escape(f"{key} is a pathlib")) as refused:
+        fitted.fit(module(), datamodule=data()) if data else fitted.fit(module(), *loaders())
+    assert run.info.run_id in str(refused.value) and "save_hyperparameters(ignore=" in str(refused.value)
+    assert batches.seen == 0
     assert tracking.list_checkpoints(run.info.run_id) == []
 
 

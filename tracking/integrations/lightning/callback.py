@@ -20,7 +20,13 @@ from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from tracking import catalog, layout
 from tracking.catalog import LoggedCheckpoint
 from tracking.config import TrackingConfig
-from tracking.integrations.lightning.description import SaveContext, keying, save_context
+from tracking.integrations.lightning.description import (
+    HYPERPARAMETERS_FIX,
+    SaveContext,
+    check_hyperparameters,
+    keying,
+    save_context,
+)
 from tracking.integrations.lightning.mirror import MirrorIO
 from tracking.integrations.lightning.resume import RESUME_LINE, take_writers_states
 from tracking.parallel import distributed
@@ -107,9 +113,22 @@ class MLflowCheckpoints(pl.Callback):
         if stage == "fit":
             self.keyed_by = keying(trainer)
             io, keyed_by, zero = self._io, self.keyed_by, trainer.is_global_zero
+
+            def refuse() -> None:
+                handle = io.open()
+                catalog.refuse_mixed_keys(handle, keyed_by)
+                try:
+                    check_hyperparameters(trainer, pl_module)
+                except ValueError as exc:
+                    raise ValueError(
+                        f"run {handle.run_id}: the fit's checkpoints would not be uploaded: {exc} "
+                        f"({HYPERPARAMETERS_FIX})"
+                    ) from None
+
             # On the main thread: MLflow's active run is per thread, and a save may run in another one. A fit
-            # keyed otherwise than the run's checkpoints is refused now, on every rank, not at its first save.
-            distributed.on_rank0(lambda: catalog.refuse_mixed_keys(io.open(), keyed_by) if zero else None)
+            # keyed otherwise than the run's checkpoints, or whose checkpoints would not load, is refused now, on
+            # every rank, not at its first save.
+            distributed.on_rank0(lambda: refuse() if zero else None)
             if zero and not any(isinstance(c, ModelCheckpoint) for c in trainer.checkpoint_callbacks):
                 # Nothing saves as the fit goes: the run would end with no checkpoint, and nothing would say why.
                 _log.warning(

@@ -24,6 +24,7 @@ from lightning.pytorch.trainer.states import TrainerStatus
 from tracking import layout, spec
 from tracking.manifest import Manifest, now, versions
 from tracking.metrics import renamed
+from tracking.payload import check_loadable
 
 _LIGHTNING_VERSION = importlib.metadata.version("lightning")
 
@@ -103,6 +104,23 @@ def logger_step(trainer: pl.Trainer) -> int:
     # From the epoch's end hooks on (and after fit), the epoch's last batch has been counted already.
     last_batch_counted = epoch.processed > epoch.completed or trainer.state.status != TrainerStatus.RUNNING
     return max(counted - 1, 0) if last_batch_counted else counted
+
+
+HYPERPARAMETERS_FIX = (
+    "Lightning saves the module's and the datamodule's hyperparameters as they are: keep them to plain values, "
+    "or leave such an argument out with save_hyperparameters(ignore=[...])."
+)
+
+
+def check_hyperparameters(trainer: pl.Trainer, module: pl.LightningModule) -> None:
+    """Raise ValueError, naming the key, when the hyperparameters Lightning puts in every checkpoint (the module's,
+    the datamodule's) would not load with ``torch.load(weights_only=True)``: said as a fit starts, not at its first
+    save, after an epoch of training."""
+    datamodule = getattr(trainer, "datamodule", None)
+    for key, owner in (("hyper_parameters", module), ("datamodule_hyper_parameters", datamodule)):
+        hparams = getattr(owner, "hparams", None)
+        if hparams:
+            check_loadable(dict(hparams), f"the Lightning checkpoint[{key!r}]")
 
 
 def save_manifest(

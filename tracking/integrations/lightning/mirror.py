@@ -28,6 +28,7 @@ from tracking.commit import Describe, commit_local_files
 from tracking.config import TrackingConfig
 from tracking.errors import one_line
 from tracking.integrations.lightning.description import (
+    HYPERPARAMETERS_FIX,
     SaveContext,
     keying,
     save_context,
@@ -107,8 +108,7 @@ class MirrorIO(CheckpointIO):
                 check_loadable(checkpoint, "the Lightning checkpoint")
             except ValueError as exc:
                 raise ValueError(
-                    f"run {handle.run_id}: {path} is not uploaded: {exc} (Lightning saves the module's "
-                    "hyperparameters as they are: keep them to plain values.)"
+                    f"run {handle.run_id}: {path} is not uploaded: {exc} ({HYPERPARAMETERS_FIX})"
                 ) from None
             # Decided at the fit's setup; a save outside fit (trainer.save_checkpoint) asks the trainer's callbacks.
             key = self.owner.keyed_by or keying(self.trainer)
