@@ -3,9 +3,11 @@ run ID, tracking.load on its checkpoints; an in-process Trainer on a tiny model,
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
+import re
 import subprocess
 import sys
 import threading
@@ -387,6 +389,25 @@ def test_the_trainer_mlflow_integration_and_the_callback_share_one_run(
     run_id = runs[0].info.run_id
     assert [c.epoch for c in tracking.list_checkpoints(run_id)] == [1]
     assert "eval_loss" in runs[0].data.metrics
+
+
+def test_a_second_train_after_the_trainers_mlflow_logging_ended_its_run_says_how_to_go_on_in_it(
+    s3_experiment: str, split: data.Split, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", mlflow.get_experiment_by_name("unit-s3").experiment_id)
+    trainer = make_trainer(split, tmp_path / "out", [TrackingCallback()], epochs=1, report_to="mlflow")
+    trainer.train()
+    run_id = mlflow.search_runs(output_format="list")[0].info.run_id
+    with pytest.raises(ValueError, match=re.escape(f'with mlflow.start_run(run_id="{run_id}")')) as refused:
+        trainer.train()  # the Trainer's MLflowCallback ended its run at the end of the first
+    assert "report_to" in str(refused.value)
+    with mlflow.start_run(run_id=run_id):  # as the error says: both trainings' checkpoints in the one run
+        trainer.train()
+    assert [c.epoch for c in tracking.list_checkpoints(run_id)] == [1]
+    assert len(mlflow.search_runs(output_format="list")) == 1
+    # The traceback holds the Trainer: freed now, its MLflowCallback ends no later test's run when collected.
+    del refused, trainer
+    gc.collect()
 
 
 def test_checkpoint_metrics_are_charted_at_the_steps_the_trainers_mlflow_logging_uses(

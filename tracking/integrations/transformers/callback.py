@@ -271,6 +271,14 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
         import mlflow
 
         if mlflow.active_run() is None:
+            if self._handle is not None:
+                # An earlier train() logged to a run the Trainer's MLflowCallback started, and ended at its end.
+                raise ValueError(
+                    f"TrackingCallback: no active MLflow run for this train(); the one before logged to run "
+                    f"{self._handle.run_id}, which the Trainer's own MLflow logging (report_to='mlflow') ended with "
+                    f'it. Go on in it: `with mlflow.start_run(run_id="{self._handle.run_id}"):` around '
+                    "trainer.train(), or start a new one the same way."
+                )
             raise ValueError(
                 "TrackingCallback: no active MLflow run and no run_id; start one (`with mlflow.start_run():` "
                 "around trainer.train(), or report_to='mlflow' for the Trainer's own) or pass run_id=..."
