@@ -218,3 +218,13 @@ def test_a_rank_that_fails_to_upload_makes_every_rank_raise(
 
 def _key(artifact_location: str) -> str:
     return artifact_location.split("://", 1)[1].split("/", 1)[1].rstrip("/") + "/"
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_destroying_the_process_group_right_after_a_background_save_keeps_it(
+    env: dict[str, str], strategy: str
+) -> None:
+    # PyTorch's examples end with destroy_process_group(); the saves still in the background must commit first.
+    launch = torchrun(env, 2, "tests.distributed.async_exit", strategy, "3")
+    assert launch.code == 0, launch.out[-3000:]
+    assert [c.epoch for c in tracking.list_checkpoints(launch.run_id)] == [1, 2, 3]

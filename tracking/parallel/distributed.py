@@ -13,6 +13,7 @@ loop runs collectives on the default group.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import pickle
 import sys
@@ -82,9 +83,42 @@ def group() -> Any:
 
 
 def prepare() -> None:
-    """Make the coordination group now, on the calling thread, before a background save needs it."""
+    """Before a background save: make the coordination group now, on the calling thread, and have
+    ``torch.distributed.destroy_process_group()`` wait for background saves first."""
     if active():
         group()
+        _flush_before_destroy()
+
+
+def _flush_before_destroy() -> None:
+    """Wrap ``torch.distributed.destroy_process_group`` (once) so that destroying the job's process group
+    first waits for every background save, then raises a failed one's error.
+
+    A torchrun script ends with it, as PyTorch's examples do, often right after its last save: destroyed
+    under a commit still in flight, the groups would take that checkpoint with them, and the job would
+    fail with gloo's "Connection closed by peer" or "Default process group has not been initialized".
+    """
+    import torch.distributed as dist
+
+    destroy = dist.destroy_process_group
+    if getattr(destroy, "flushes_checkpoints", False):
+        return
+
+    @functools.wraps(destroy)
+    def destroy_process_group(group: Any = None) -> None:
+        if group is not None and group is not dist.group.WORLD:
+            destroy(group)
+            return
+        from tracking.saver import wait_for_checkpoints
+
+        try:
+            wait_for_checkpoints()
+        finally:
+            release()
+            destroy(group)
+
+    destroy_process_group.flushes_checkpoints = True  # type: ignore[attr-defined]
+    dist.destroy_process_group = destroy_process_group
 
 
 def release() -> None:
