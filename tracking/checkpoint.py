@@ -280,7 +280,9 @@ def log_checkpoint(
         return _commit(handle, snapshot)
     host = snapshot.to_host()
     distributed.prepare()
-    return background_saver().submit(lambda: _commit(handle, host))
+    return background_saver().submit(
+        distributed.in_background(lambda: _commit(handle, host), saving_label(handle, host))
+    )
 
 
 def _commit(handle: RunHandle | None, snapshot: CheckpointSnapshot) -> LoggedCheckpoint:
@@ -288,6 +290,13 @@ def _commit(handle: RunHandle | None, snapshot: CheckpointSnapshot) -> LoggedChe
         return commit(handle, snapshot)
     assert handle is not None
     return commit_checkpoint(handle, snapshot)
+
+
+def saving_label(handle: RunHandle | None, snapshot: CheckpointSnapshot) -> str:
+    """How messages name the checkpoint ``snapshot`` becomes: ``run <ID>: the checkpoint of epoch 7`` (on rank 0)."""
+    manifest = snapshot.manifest
+    named = f"the checkpoint of {layout.label(manifest.keyed_by, manifest.key)}"
+    return f"run {handle.run_id}: {named}" if handle is not None else named
 
 
 def snapshot_checkpoint(

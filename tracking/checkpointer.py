@@ -13,7 +13,7 @@ from torch import nn
 
 from tracking import catalog, layout, note
 from tracking.catalog import LoggedCheckpoint
-from tracking.checkpoint import snapshot_checkpoint
+from tracking.checkpoint import saving_label, snapshot_checkpoint
 from tracking.commit import CheckpointSnapshot, Describe, commit_checkpoint
 from tracking.config import TrackingConfig
 from tracking.manifest import SHARDED_KIND, Manifest
@@ -191,7 +191,9 @@ class Checkpointer:
             return logged
         host = snapshot.to_host()
         distributed.prepare()
-        future = self._saver.submit(lambda: self._commit(handle, host))
+        future = self._saver.submit(
+            distributed.in_background(lambda: self._commit(handle, host), saving_label(handle, host))
+        )
         self._saved_step = step
         return future
 

@@ -1,7 +1,10 @@
 """A user's torchrun script that saves in the background and ends as PyTorch's examples end: it destroys
 the process group right after its last save, without waiting for it.
 
-    torchrun --standalone --nproc-per-node 2 -m tests.distributed.async_exit fsdp|ddp EPOCHS
+    torchrun --standalone --nproc-per-node 2 -m tests.distributed.async_exit fsdp|ddp EPOCHS [imported]
+
+``imported``: through the name ``from torch.distributed import destroy_process_group`` bound at import,
+as PyTorch's DDP tutorial does, which the library cannot make wait.
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ import mlflow
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed import destroy_process_group
 from torch.distributed.fsdp import fully_shard
 
 import tracking
 
 
-def main(strategy: str, epochs: int) -> None:
+def main(strategy: str, epochs: int, imported: bool) -> None:
     dist.init_process_group("gloo")
     torch.manual_seed(0)
     model: nn.Module = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -35,10 +39,10 @@ def main(strategy: str, epochs: int) -> None:
         optimizer.step()
         optimizer.zero_grad()
         checkpointer.save(model, optimizer, epoch=epoch)
-    dist.destroy_process_group()
+    (destroy_process_group if imported else dist.destroy_process_group)()
     if rank == 0:
         mlflow.end_run()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3:] == ["imported"])

@@ -228,3 +228,18 @@ def test_destroying_the_process_group_right_after_a_background_save_keeps_it(
     launch = torchrun(env, 2, "tests.distributed.async_exit", strategy, "3")
     assert launch.code == 0, launch.out[-3000:]
     assert [c.epoch for c in tracking.list_checkpoints(launch.run_id)] == [1, 2, 3]
+
+
+def test_a_background_save_cut_off_by_the_process_groups_end_says_what_to_do(env: dict[str, str]) -> None:
+    # Through a name bound before the first save, destroy_process_group cannot wait: a rank says why the save is lost
+    # (the first rank to fail ends the job: the other may be stopped before it says so too).
+    launch = torchrun(env, 2, "tests.distributed.async_exit", "fsdp", "3", "imported")
+    assert launch.code != 0
+    errors = [line for line in launch.out.splitlines() if line.startswith("error:")]
+    assert errors, launch.out[-3000:]
+    for error in errors:
+        # The save before it is committed before the next one starts (on_busy="wait"): only epoch 3 was cut off.
+        assert (
+            "the checkpoint of epoch 3 was still saving in the background when the process group was destroyed" in error
+        )
+        assert "call tracking.wait_for_checkpoints()" in error

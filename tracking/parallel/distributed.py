@@ -90,6 +90,27 @@ def prepare() -> None:
         _flush_before_destroy()
 
 
+def in_background(job: Callable[[], T], what: str) -> Callable[[], T]:
+    """``job``, a save to run in the background, failing with an error that says what to do when the process
+    group it needs is destroyed under it (by a ``destroy_process_group`` that does not wait for it)."""
+    if not active():
+        return job
+
+    def run() -> T:
+        try:
+            return job()
+        except Exception as exc:
+            if initialised():
+                raise
+            raise TrackingError(
+                f"{what} was still saving in the background when the process group was destroyed, so this "
+                "rank could not finish it (a checkpoint is loaded only once every rank stored its part); call "
+                "tracking.wait_for_checkpoints() (or the Checkpointer's close()) before destroy_process_group()."
+            ) from exc
+
+    return run
+
+
 def _flush_before_destroy() -> None:
     """Wrap ``torch.distributed.destroy_process_group`` (once) so that destroying the job's process group
     first waits for every background save, then raises a failed one's error.
