@@ -23,6 +23,7 @@ import tracking
 from pipelines import data, options, runs
 from pipelines.task import State, Task
 from tracking import layout
+from tracking.manifest import SHARDED_KIND
 from tracking.uri import parse_source
 
 
@@ -206,6 +207,8 @@ def restore(
         ) from exc
     epoch = loaded.epoch or 0
     check_target(origin, epoch, opts)
+    if loaded.optimizer is not None and "rng" not in loaded.extra and isinstance(loaded.rank_state, dict):
+        raise _saved_by_ranks(task, opts, run_id, loaded)
     if loaded.optimizer is None or "rng" not in loaded.extra:
         raise runs.PipelineError(
             f"run {run_id}: {loaded.path} holds no optimizer or RNG state, so it cannot be resumed exactly; "
@@ -214,6 +217,19 @@ def restore(
     apply_lr(loaded.optimizer, loaded.scheduler, values["lr"])
     state = State(loaded.model, loaded.optimizer, loaded.scheduler, epoch, loaded.step or 0)
     return state, loaded.extra["rng"]
+
+
+def _saved_by_ranks(
+    task: Task, opts: options.Options, run_id: str, loaded: tracking.LoadedCheckpoint
+) -> runs.PipelineError:
+    """The refusal of a checkpoint saved under torchrun (each rank's RNG and sampler state in its ``rank_state``)."""
+    world = loaded.rank_state.get("sampler", {}).get("world_size", "several")
+    strategy = "fsdp" if loaded.manifest.kind == SHARDED_KIND else "ddp"
+    return runs.PipelineError(
+        f"run {run_id}: {loaded.path} was saved by {world} ranks under torchrun, each with its own RNG state and "
+        f"share of the batches: resume it with as many, `torchrun --nproc-per-node {world} -m {task.name} "
+        f"--strategy {strategy} --resume {run_id} --epochs {opts.epochs}` (with your other flags)."
+    )
 
 
 def apply_lr(optimizer: torch.optim.Optimizer, scheduler: Any, lr: float) -> None:

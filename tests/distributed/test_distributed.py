@@ -243,3 +243,17 @@ def test_a_background_save_cut_off_by_the_process_groups_end_says_what_to_do(env
             "the checkpoint of epoch 3 was still saving in the background when the process group was destroyed" in error
         )
         assert "call tracking.wait_for_checkpoints()" in error
+
+
+def test_resuming_a_torchrun_run_in_one_process_says_how_to_launch_it(env: dict[str, str]) -> None:
+    # Its checkpoints keep each rank's RNG and sampler state: one process cannot go on exactly, and must say so.
+    trained = torchrun(env, 2, "pipelines.digits", "--strategy", "ddp", "--epochs", "1")
+    assert trained.code == 0, trained.out[-3000:]
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines.digits", "--resume", trained.run_id, "--epochs", "2"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert f"run {trained.run_id}" in done.stderr and "saved by 2 ranks" in done.stderr
+    assert "`torchrun --nproc-per-node 2 -m pipelines.digits --strategy ddp --resume" in done.stderr
+    assert [c.epoch for c in tracking.list_checkpoints(trained.run_id)] == [1]  # untouched
