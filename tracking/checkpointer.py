@@ -138,8 +138,9 @@ class Checkpointer:
         config and the monitored metric are the Checkpointer's own, set when it is made.
         Returns None when no save was due, and a future of the result when saving asynchronously.
         Under ``torchrun`` every rank calls it, as :func:`tracking.log_checkpoint` says; rank 0
-        alone talks to MLflow and applies retention. The first call, due or not, refuses a run whose
-        checkpoints are keyed otherwise (by epoch for ``every_n_steps``, by step else).
+        alone talks to MLflow and applies retention, by its own ``metrics`` (the other ranks may pass none).
+        The first call, due or not, refuses a run whose checkpoints are keyed otherwise (by epoch for
+        ``every_n_steps``, by step else).
         """
         if step is None and self.every_n_steps is not None:
             self._refuse_no_step()  # forced or not: the step is the checkpoint's key
@@ -158,7 +159,8 @@ class Checkpointer:
             raise ValueError('on_busy="coalesce" cannot be used under a process group; use on_busy="wait"')
         clean = check_metrics(metrics)
         keep_best = self.retention.keep_best
-        if keep_best is not None and self.monitor not in clean:
+        # Rank 0's metrics rank the checkpoint (it alone applies retention): the other ranks need none.
+        if keep_best is not None and self.monitor not in clean and distributed.rank() == 0:
             raise ValueError(
                 f"keep_best={keep_best} ranks checkpoints by {self.monitor!r}, which is not in "
                 f"metrics {sorted(clean)}; pass it, or set monitor= to a metric you log."

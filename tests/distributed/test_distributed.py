@@ -257,3 +257,13 @@ def test_resuming_a_torchrun_run_in_one_process_says_how_to_launch_it(env: dict[
     assert f"run {trained.run_id}" in done.stderr and "saved by 2 ranks" in done.stderr
     assert "`torchrun --nproc-per-node 2 -m pipelines.digits --strategy ddp --resume" in done.stderr
     assert [c.epoch for c in tracking.list_checkpoints(trained.run_id)] == [1]  # untouched
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_keep_best_ranks_by_the_metrics_rank_0_saves_with(env: dict[str, str], strategy: str) -> None:
+    # Rank 0 alone validates, as log_checkpoint allows: the other ranks have no metrics to pass.
+    launch = torchrun(env, 2, "tests.distributed.lead_metrics", strategy)
+    assert launch.code == 0, launch.out[-3000:]
+    kept = {c.epoch: c.metrics for c in tracking.list_checkpoints(launch.run_id)}
+    assert kept == {2: {"val_loss": 0.2}, 3: {"val_loss": 0.9}}  # the best and the last
+    assert tracking.find_checkpoint(launch.run_id, "best").manifest.epoch == 2
