@@ -54,6 +54,7 @@ def log_state_dict(
         _check_int64("epoch", epoch)
     handle = open_run(target_run_id(run_id), config)
     state = model.state_dict()
+    _refuse_sharded(handle, state, "log_state_dict")
     check_loadable(state, "model.state_dict()")
     previous = _stored_state_dict_files(handle)
     name = _state_dict_file(format, previous)
@@ -81,6 +82,18 @@ def log_state_dict(
         except TrackingError:
             pass  # no manifest lists it any more: `tracking verify --clean` removes it
     return LoggedCheckpoint(handle.run_id, layout.STATE_DICT_DIR, manifest)
+
+
+def _refuse_sharded(handle: RunHandle, state: Mapping[str, Any], what: str) -> None:
+    """Refuse a sharded (FSDP2) model's state for a log that stores one process's file: it would never load."""
+    if distributed.is_sharded(state):
+        raise ValueError(
+            f"run {handle.run_id}: {what} stores the model of one process, but this model is sharded (FSDP2) "
+            "across the ranks: one rank's shards would never load. Log it with tracking.log_checkpoint(model, "
+            "optimizer, epoch=...) on every rank (a sharded checkpoint, which tracking.load_model reads as a "
+            "whole model in any process), or gather its full weights (get_model_state_dict with "
+            "full_state_dict=True) into a plain model and log that."
+        )
 
 
 def _check_int64(name: str, value: object) -> None:
@@ -135,6 +148,7 @@ def log_model(
     model = distributed.unwrap(model)
     description = spec.describe_model(model, model_kwargs)
     handle = open_run(target_run_id(run_id))
+    _refuse_sharded(handle, model.state_dict(), "log_model")
     if registered_model_name is not None and not allow_mixed:
         with tracking_server_errors(handle.run_id, f"listing the versions of {registered_model_name!r}"):
             refuse_mixed(
