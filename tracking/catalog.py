@@ -138,6 +138,24 @@ def refuse_mixed_keys(handle: RunHandle, keyed_by: str, listed: Iterable[StoredC
         )
 
 
+def refuse_rewind(handle: RunHandle, keyed_by: str, resumed: int, from_latest: str) -> None:
+    """Raise when the run holds committed checkpoints after ``resumed``, the key a training resumes from and goes
+    on logging to the run: it would log a second history over them, and "latest", which never moves back, would
+    name the abandoned one's until the new one passed it. ``from_latest``: the framework's line that resumes from
+    the run's latest instead."""
+    later = [key for key in committed(handle) if key > resumed]
+    if not later:
+        return
+    shown = ", ".join(str(key) for key in later[:5]) + (", ..." if len(later) > 5 else "")
+    raise TrackingError(
+        f"run {handle.run_id}: this training resumes from {layout.label(keyed_by, resumed)}, but the run has later "
+        f"checkpoints ({keyed_by}s {shown}): going on in it would rewrite its later history, and tracking.load "
+        f"would give the abandoned training's {layout.label(keyed_by, later[-1])} until the new one passed it. "
+        "Nothing was trained or logged. Resume into a new MLflow run (start one with mlflow.start_run() or give "
+        f"another run), or resume from the run's latest: {from_latest}."
+    )
+
+
 # model ID -> its pending link to the run, waited on by set_status(READY).
 _links: dict[str, Future[None]] = {}
 _linker = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tracking-link")

@@ -590,3 +590,49 @@ def test_saves_at_several_validations_an_epoch_are_keyed_by_step_and_each_one_st
     assert sorted(p for c in saved for p in _paths(str(c.model_id))) == sorted(
         str(p) for p in (tmp_path / "c").iterdir()
     )
+
+
+def test_a_fit_resumed_from_before_the_runs_latest_in_the_same_run_is_refused_before_it_trains(
+    s3_experiment: str, tmp_path: Path
+) -> None:
+    with mlflow.start_run() as run:
+        fit(3, tmp_path / "first", save_top_k=-1, monitor="val_loss")
+    run_id = run.info.run_id
+    before = {c.model_id: c.key for c in tracking.list_checkpoints(run_id)}
+    latest = _tags(run_id)[layout.TAG_LATEST]
+    with mlflow.start_run(run_id=run_id), pytest.raises(tracking.TrackingError) as refused:
+        fit(5, tmp_path / "again", ckpt_path=checkpoint_path(run_id, 1, to=tmp_path / "e1"))
+    message = str(refused.value)
+    assert run_id in message and "epoch 1" in message and "epochs 2" in message
+    assert "new MLflow run" in message and "checkpoint_path" in message
+    assert not (tmp_path / "again" / "checkpoints").exists()  # nothing trained, nothing saved
+    assert {c.model_id: c.key for c in tracking.list_checkpoints(run_id)} == before
+    assert _tags(run_id)[layout.TAG_LATEST] == latest
+
+
+def test_a_fit_resumed_from_the_latest_or_into_a_new_run_goes_on(s3_experiment: str, tmp_path: Path) -> None:
+    with mlflow.start_run() as run:
+        fit(2, tmp_path / "first", save_top_k=-1, monitor="val_loss")
+    run_id = run.info.run_id
+    with mlflow.start_run() as child:  # a new run from an earlier checkpoint
+        fit(3, tmp_path / "child", ckpt_path=checkpoint_path(run_id, 0, to=tmp_path / "e0"), save_top_k=-1)
+    assert [c.epoch for c in tracking.list_checkpoints(child.info.run_id)] == [1, 2]
+    with mlflow.start_run(run_id=run_id):  # the same run from its latest
+        fit(3, tmp_path / "again", ckpt_path=checkpoint_path(run_id, to=tmp_path / "latest"), save_top_k=-1)
+    assert [c.epoch for c in tracking.list_checkpoints(run_id)] == [0, 1, 2]
+
+
+def test_a_weights_only_run_says_so_instead_of_how_to_resume(
+    s3_experiment: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with mlflow.start_run() as run:
+        fit(1, tmp_path, save_weights_only=True)
+    run_id = run.info.run_id
+    description = _tags(run_id)["mlflow.note.content"]
+    assert "weights only" in description and "ckpt_path=tracking.integrations.lightning" not in description
+    with caplog.at_level(logging.WARNING, logger="tracking.integrations.lightning.resume"):
+        path = checkpoint_path(run_id, to=tmp_path / "download")
+    assert "optimizer_states" not in torch.load(path, weights_only=True)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert run_id in warning and "weights only" in warning and "tracking.load" in warning
+    assert isinstance(tracking.load(run_id).model, TinyLit)

@@ -702,3 +702,43 @@ def test_no_warning_when_each_save_falls_on_an_evaluation_or_no_metric_ranks_the
     assert unevaluated_warnings(caplog) == []
     if schedule != "no metric":
         assert "eval_loss" in tracking.find_checkpoint(run.info.run_id, "best").manifest.metrics
+
+
+def test_a_training_resumed_from_before_the_runs_latest_in_the_same_run_is_refused_before_it_trains(
+    trained: tuple[str, Trainer], split: data.Split, tmp_path: Path
+) -> None:
+    run_id, _ = trained
+    before = {c.model_id: c.key for c in tracking.list_checkpoints(run_id)}
+    latest = mlflow.MlflowClient().get_run(run_id).data.tags[layout.TAG_LATEST]
+    folder = checkpoint_folder(run_id, 1, output_dir=tmp_path / "again")
+    again = make_trainer(split, tmp_path / "again", [TrackingCallback(run_id=run_id)])
+    with pytest.raises(TrackingError, match=f"run {run_id}") as refused:
+        again.train(resume_from_checkpoint=folder)
+    message = str(refused.value)
+    assert "epoch 1" in message and "epochs 2, 3" in message and "\n" not in message
+    assert "new MLflow run" in message and "checkpoint_folder" in message
+    assert not any(entry.get("loss") for entry in again.state.log_history[len(before) :])
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["checkpoint-8"]  # nothing saved
+    assert {c.model_id: c.key for c in tracking.list_checkpoints(run_id)} == before
+    assert mlflow.MlflowClient().get_run(run_id).data.tags[layout.TAG_LATEST] == latest
+    # Into a new run, the same checkpoint goes on as ever.
+    with mlflow.start_run() as child:
+        make_trainer(split, tmp_path / "child", [TrackingCallback()]).train(resume_from_checkpoint=folder)
+    assert [c.epoch for c in tracking.list_checkpoints(child.info.run_id)] == [2, 3]
+
+
+def test_a_resume_from_a_save_only_model_checkpoint_warns_that_it_starts_a_fresh_optimizer(
+    s3_experiment: str, split: data.Split, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with mlflow.start_run() as run:
+        make_trainer(
+            split, tmp_path / "first", [StopAfter(1), TrackingCallback()], epochs=2, save_only_model=True
+        ).train()
+    run_id = run.info.run_id
+    folder = checkpoint_folder(run_id, output_dir=tmp_path / "again")
+    resumed = make_trainer(split, tmp_path / "again", [TrackingCallback(run_id=run_id)], epochs=2, save_only_model=True)
+    with caplog.at_level(logging.WARNING, logger=hf_callback.__name__):
+        resumed.train(resume_from_checkpoint=folder)
+    (warning,) = [r.getMessage() for r in caplog.records if "save_only_model" in r.getMessage()]
+    assert run_id in warning and "optimizer" in warning and "LR schedule" in warning and "RNG" in warning
+    assert [c.epoch for c in tracking.list_checkpoints(run_id)] == [1, 2]

@@ -16,6 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
 
 from tracking import catalog, layout
 from tracking.catalog import LoggedCheckpoint
@@ -28,7 +29,7 @@ from tracking.integrations.lightning.description import (
     save_context,
 )
 from tracking.integrations.lightning.mirror import MirrorIO
-from tracking.integrations.lightning.resume import RESUME_LINE, take_writers_states
+from tracking.integrations.lightning.resume import RESUME_LINE, refuse_resume, take_writers_states
 from tracking.parallel import distributed
 from tracking.rng import capture_rng_state, restore_rng_state
 
@@ -150,6 +151,10 @@ class MLflowCheckpoints(pl.Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            io, keyed_by, zero = self._io, self.keyed_by, trainer.is_global_zero
+            # Before Lightning restores the optimizers and loops: a refused fit has not trained a batch.
+            distributed.on_rank0(lambda: refuse_resume(io.open(), checkpoint, keyed_by) if zero and io else None)
         # Before the ModelCheckpoints load their states from it: Lightning runs them after the other callbacks.
         if self._io is not None:
             take_writers_states(checkpoint, self._io.paths_of(int(checkpoint["epoch"]), int(checkpoint["global_step"])))

@@ -145,6 +145,12 @@ def save_manifest(
     )
 
 
+def weights_only(manifest: Manifest) -> bool:
+    """Whether a Lightning checkpoint holds the weights alone (``ModelCheckpoint(save_weights_only=True)``):
+    Lightning then leaves out the optimizers' and the callbacks' states, and no fit resumes from it."""
+    return manifest.format == FORMAT and manifest.optimizer is None and "callbacks" not in manifest.extra_keys
+
+
 def save_monitor(
     trainer: pl.Trainer, path: str, manifest: Manifest, monitor: str | None, mode: str
 ) -> tuple[str | None, str]:

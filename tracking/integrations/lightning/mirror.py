@@ -34,8 +34,10 @@ from tracking.integrations.lightning.description import (
     save_context,
     save_manifest,
     save_monitor,
+    weights_only,
 )
 from tracking.integrations.lightning.kept import KeptCheckpoints
+from tracking.integrations.lightning.resume import RESUME_LINE, WEIGHTS_ONLY_LINE
 from tracking.manifest import Manifest
 from tracking.parallel import distributed
 from tracking.payload import check_loadable
@@ -226,7 +228,10 @@ class MirrorIO(CheckpointIO):
             assert manifest.key is not None
             kept[manifest.key] = note.NotedCheckpoint(model_id, dict(manifest.metrics))
             monitor = tags.get(layout.TAG_MONITOR)
-            return note.describe_run(handle.run_id, manifest, kept, tags, monitor=monitor, commands=self.owner.commands)
+            commands = self.owner.commands
+            if weights_only(manifest):  # no fit resumes from it: the description says what works instead
+                commands = tuple(WEIGHTS_ONLY_LINE if line == RESUME_LINE else line for line in commands)
+            return note.describe_run(handle.run_id, manifest, kept, tags, monitor=monitor, commands=commands)
 
         return describe
 

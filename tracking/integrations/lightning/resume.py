@@ -5,22 +5,29 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tracking import layout
+from tracking import catalog, layout
 from tracking.config import TrackingConfig
 from tracking.downloader import download_files
 from tracking.errors import ConfigError
-from tracking.integrations.lightning.description import FORMAT
+from tracking.integrations.lightning.description import FORMAT, weights_only
+from tracking.run import RunHandle
 from tracking.selection import Selector, find_checkpoint
 
 logger = logging.getLogger(__name__)
 
 RESUME_LINE = "# resume: trainer.fit(model, ckpt_path=tracking.integrations.lightning.checkpoint_path('{run_id}'))"
+# What works with a checkpoint of the weights alone, said where a resume would be ({run_id} filled in).
+WEIGHTS_ONLY_NEXT = (
+    "Load the weights: tracking.load('{run_id}').model (or tracking.load_model), or "
+    "YourModule.load_from_checkpoint(checkpoint_path('{run_id}'))"
+)
+WEIGHTS_ONLY_LINE = f"# weights only (ModelCheckpoint(save_weights_only=True)), no resume: {WEIGHTS_ONLY_NEXT}"
 
 
 def checkpoint_path(
@@ -43,9 +50,27 @@ def checkpoint_path(
             f"run {located.run_id}: {located.label} was logged as format {located.manifest.format!r}, not by "
             "Lightning; load it with tracking.load() instead of resuming a Trainer from it."
         )
+    if weights_only(located.manifest):
+        # Still a Lightning checkpoint (YourModule.load_from_checkpoint reads it), but no fit resumes from it.
+        logger.warning(
+            "run %s: %s holds the weights only (ModelCheckpoint(save_weights_only=True)), so "
+            "trainer.fit(ckpt_path=...) cannot resume from it. %s.",
+            located.run_id,
+            located.label,
+            WEIGHTS_ONLY_NEXT.replace("{run_id}", located.run_id),
+        )
     folder = Path(to) if to is not None else Path(tempfile.gettempdir()) / "tracking-lightning" / str(located.model_id)
     download_files(located, folder, force=True)
     return str(folder / layout.CHECKPOINT_FILE)
+
+
+def refuse_resume(handle: RunHandle, checkpoint: Mapping[str, Any], keyed_by: str | None) -> None:
+    """Refuse, before it trains, a fit that resumes from ``checkpoint`` and logs to the run of ``handle`` when the
+    run has checkpoints after it (see :func:`tracking.catalog.refuse_rewind`)."""
+    keyed_by = keyed_by or layout.EPOCH
+    resumed = int(checkpoint["global_step"] if keyed_by == layout.STEP else checkpoint["epoch"])
+    from_latest = f"trainer.fit(model, ckpt_path=checkpoint_path({handle.run_id!r}))"
+    catalog.refuse_rewind(handle, keyed_by, resumed, from_latest)
 
 
 def take_writers_states(checkpoint: dict[str, Any], paths: Iterable[str]) -> None:

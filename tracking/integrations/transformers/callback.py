@@ -117,6 +117,8 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
             self._rotation.load(self._handle, Path(str(args.output_dir)))
             # The commit refuses a save keyed otherwise than the run's earlier ones; said here, before training.
             catalog.refuse_mixed_keys(self._handle, self._keyed_by)
+            if state.global_step > 0:  # resumed: the Trainer restored its state from a checkpoint folder
+                self._check_resume(args, state, self._handle)
             unevaluated = _unevaluated_saves(args, state)
             if unevaluated is not None:
                 _log.warning(
@@ -130,6 +132,23 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
                 )
 
         _on_process_zero(state, open_the_run)
+
+    def _check_resume(self, args: TrainingArguments, state: TrainerState, handle: RunHandle) -> None:
+        """Refuse a resume from before the run's latest (see :func:`tracking.catalog.refuse_rewind`); warn of one from
+        a folder saved with ``save_only_model=True``, whose optimizer, schedule and RNG the Trainer starts afresh."""
+        resumed = state.global_step if self._keyed_by == layout.STEP else _epochs_completed(state, self._keyed_by)
+        from_latest = f'trainer.train(resume_from_checkpoint=checkpoint_folder("{handle.run_id}", output_dir=...))'
+        catalog.refuse_rewind(handle, self._keyed_by, resumed, from_latest)
+        folder = Path(str(args.output_dir)) / f"{PREFIX}-{state.global_step}"
+        if _saved_model_only(folder):
+            _log.warning(
+                "run %s: training resumes from %s, which holds the model alone (saved with "
+                "TrainingArguments(save_only_model=True)): the Trainer restores the weights and starts the optimizer "
+                "state, the LR schedule and the RNG states afresh, so training does not go on exactly where it "
+                "stopped; save without save_only_model to resume exactly.",
+                handle.run_id,
+                folder,
+            )
 
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -328,6 +347,15 @@ def _unevaluated_saves(args: TrainingArguments, state: TrainerState) -> str | No
         f"the Trainer evaluates every {state.eval_steps} steps and saves {saving}: only the saves that fall on "
         "an evaluation will carry eval metrics, so the run's best checkpoint is picked among those alone, if any"
     )
+
+
+def _saved_model_only(folder: Path) -> bool:
+    """Whether ``folder`` is a checkpoint folder of the Trainer's without its optimizer state: one it saved with
+    ``save_only_model=True``, which leaves out the scheduler's and the RNG states too (False where no such folder
+    is there). The Trainer resumes from it without them, saying nothing above log level info."""
+    if not (folder / "trainer_state.json").is_file():
+        return False
+    return not any((folder / name).is_file() for name in ("optimizer.pt", "optimizer.bin"))
 
 
 def _epochs_completed(state: TrainerState, keyed_by: str) -> int:
