@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from tracking.cli import inspect, manage
+from tracking.cli.server import mlflow_failure
 from tracking.errors import exit_code, format_warning, one_line
 from tracking.output import JSON_EMITTED, emit_json, human_size, json_error
 
@@ -36,7 +37,13 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            except Exception as exc:
+                ours = mlflow_failure(exc)
+                if ours is None:
+                    raise
+                raise ours from exc
         except Exception as exc:
             code = exit_code(exc)  # None for click's own exceptions: click maps those itself
             if (code is None and not isinstance(exc, click.ClickException)) or ctx.find_root().params.get("debug"):

@@ -7,11 +7,12 @@ run there; a command fails with a line that says how to start a stack or what to
 from __future__ import annotations
 
 import os
+import sys
 
 import click
 
-from tracking.config import check_client_env
-from tracking.errors import ConfigError
+from tracking.config import bound_mlflow_requests, check_client_env
+from tracking.errors import ConfigError, StorageError, TrackingError, one_line
 
 _announced = False
 
@@ -24,6 +25,9 @@ def connect() -> None:
     """
     global _announced
     check_client_env()
+    # A command's own MLflow calls (listing runs, reading an experiment) come before any library
+    # call that would bound them: without this, a closed tracking port takes MLflow's minutes.
+    bound_mlflow_requests()
     # A command prints one line per outcome; MLflow draws a tqdm bar on stderr for every artifact it
     # downloads whenever tqdm is installed (lightning and transformers install it). Set to true to see them.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -49,3 +53,23 @@ def connect() -> None:
 def _first_process() -> bool:
     """False in every process of a torchrun job but rank 0: the job says things once."""
     return all(os.environ.get(var, "0") == "0" for var in ("RANK", "LOCAL_RANK"))
+
+
+def mlflow_failure(exc: BaseException) -> TrackingError | None:
+    """``exc`` as one of ours when it is MLflow's own error (a refused or failed request), else None.
+
+    Read from ``sys.modules``: an MLflow error can only come from a command that imported MLflow.
+    """
+    errors = sys.modules.get("mlflow.exceptions")
+    if errors is None or not isinstance(exc, errors.MlflowException):
+        return None
+    message = one_line(exc)
+    if not message.startswith("API request to"):
+        return TrackingError(message)  # the server answered: an unknown run, a bad argument
+    # The request itself failed: nothing listens there, or what answers is no MLflow server (S3, a proxy).
+    import mlflow
+
+    return StorageError(
+        f"the tracking server at {mlflow.get_tracking_uri()} failed ({message[:300]}); check that it runs "
+        "and that MLFLOW_TRACKING_URI points at an MLflow server (e.g. http://127.0.0.1:5000), then retry."
+    )
