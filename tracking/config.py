@@ -7,6 +7,7 @@ read only when :meth:`TrackingConfig.from_env` is called, never at import time.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -244,12 +245,25 @@ def _parse(raw: str, type_name: str, var: str) -> Any:
     return raw
 
 
+# host:port with no scheme, e.g. "localhost:5000": MLflow would read it as a local folder.
+_BARE_HOST_PORT = re.compile(r"[A-Za-z0-9.-]+:\d+(/.*)?")
+
+
 def _check_uri(value: str, var: str, schemes: set[str] | None) -> None:
     parsed = urlparse(value)
     if schemes is not None:
         if parsed.scheme not in schemes or not parsed.netloc:
             raise ConfigError(f"{var}={value!r} is not a valid URL; expected e.g. http://127.0.0.1:8333.")
+        if parsed.path.strip("/") or parsed.query:
+            # botocore puts the path in front of every key: the bytes would land under keys that
+            # no reader with the bare endpoint ever looks at.
+            raise ConfigError(
+                f"{var}={value!r} has a path ({parsed.path!r}); an S3 endpoint is only scheme://host:port "
+                f"(the bucket comes from the experiment's s3:// artifact root): use {parsed.scheme}://{parsed.netloc}."
+            )
         return
+    if _BARE_HOST_PORT.fullmatch(value.strip()):
+        raise ConfigError(f"{var}={value!r} has no scheme; use http://{value.strip()} (or https://).")
     # A tracking URI may be a plain local path (MLflow accepts it), or scheme://...
     if parsed.scheme in {"http", "https"} and not parsed.netloc:
         raise ConfigError(f"{var}={value!r} is not a valid URL; expected e.g. http://127.0.0.1:5000.")

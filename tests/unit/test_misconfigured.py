@@ -16,6 +16,8 @@ import pytest
 from click.testing import CliRunner
 
 from tracking.cli import main
+from tracking.config import TrackingConfig
+from tracking.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -78,3 +80,27 @@ def test_the_cli_against_a_server_that_is_not_mlflow_says_so_in_one_line(
     assert result.exit_code == 1, result.output
     [line] = result.stderr.splitlines()
     assert line.startswith("error: ") and not_mlflow_url in line and "MLFLOW_TRACKING_URI" in line
+
+
+@pytest.mark.parametrize("value", ["127.0.0.1:5000", "localhost:5000", "mlflow.example.com:443/"])
+def test_a_tracking_uri_without_its_scheme_is_refused_with_the_fix(value: str) -> None:
+    # MLflow would take "localhost:5000" for a folder of a local file store, and fail elsewhere.
+    with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI") as raised:
+        TrackingConfig.from_env({"MLFLOW_TRACKING_URI": value})
+    assert f"http://{value}" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "value", ["http://127.0.0.1:5000/", "sqlite:///tmp/mlflow.db", "file:///tmp/mlruns", "/tmp/mlruns", "databricks"]
+)
+def test_tracking_uris_mlflow_accepts_still_pass(value: str) -> None:
+    assert TrackingConfig.from_env({"MLFLOW_TRACKING_URI": value}).tracking_uri == value
+
+
+def test_an_s3_endpoint_with_a_path_is_refused_before_anything_is_stored_under_the_wrong_key() -> None:
+    # botocore puts the path in front of every key: http://minio:9000/mlflow would write bucket
+    # "mlflow", key "mlflow/<artifact path>", where no reader with the right endpoint looks.
+    with pytest.raises(ConfigError, match="MLFLOW_S3_ENDPOINT_URL") as raised:
+        TrackingConfig.from_env({"MLFLOW_S3_ENDPOINT_URL": "http://127.0.0.1:9000/mlflow"})
+    assert "http://127.0.0.1:9000" in str(raised.value) and "'/mlflow'" in str(raised.value)
+    assert TrackingConfig.from_env({"MLFLOW_S3_ENDPOINT_URL": "https://minio.example.com/"}).s3_endpoint_url
