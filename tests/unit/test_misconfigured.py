@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from tracking.cli import main
 from tracking.config import TrackingConfig
-from tracking.errors import ConfigError
+from tracking.errors import ConfigError, NotFoundError, StorageError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,7 +29,8 @@ class _NotMlflow(http.server.BaseHTTPRequestHandler):
         self.send_response(404)
         self.send_header("Content-Type", "text/html")
         self.end_headers()
-        self.wfile.write(b"<html><h1>Not Found</h1></html>")
+        # Flask's own page (the MLflow server's), which is no XML at all.
+        self.wfile.write(b"<!doctype html>\n<html lang=en>\n<title>404 Not Found</title>\n<h1>Not Found</h1>\n")
 
     do_POST = do_PUT = do_GET
 
@@ -104,3 +105,24 @@ def test_an_s3_endpoint_with_a_path_is_refused_before_anything_is_stored_under_t
         TrackingConfig.from_env({"MLFLOW_S3_ENDPOINT_URL": "http://127.0.0.1:9000/mlflow"})
     assert "http://127.0.0.1:9000" in str(raised.value) and "'/mlflow'" in str(raised.value)
     assert TrackingConfig.from_env({"MLFLOW_S3_ENDPOINT_URL": "https://minio.example.com/"}).s3_endpoint_url
+
+
+@pytest.mark.parametrize("operation", ["write", "read", "list"])
+def test_an_s3_endpoint_that_is_no_s3_server_is_named_not_taken_for_a_missing_file(
+    not_mlflow_url: str, operation: str
+) -> None:
+    # MLFLOW_S3_ENDPOINT_URL set to the MLflow server's address: every request gets an HTML 404.
+    from tracking.storage.s3 import S3Store
+
+    config = TrackingConfig(s3_endpoint_url=not_mlflow_url, aws_access_key_id="k", aws_secret_access_key="s")
+    store = S3Store("s3://bucket/exp/run/artifacts", config, owner="run r1")
+    calls = {
+        "write": lambda: store.write_bytes("f", b"x"),
+        "read": lambda: store.read("f"),
+        "list": lambda: store.list_files(""),
+    }
+    with pytest.raises(StorageError) as raised:
+        calls[operation]()
+    assert not isinstance(raised.value, NotFoundError)
+    message = str(raised.value)
+    assert "run r1" in message and not_mlflow_url in message and "MLFLOW_S3_ENDPOINT_URL" in message

@@ -304,6 +304,14 @@ class S3Store(ArtifactStore):
             ) from exc
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
+            if exc.operation_name not in {"HeadObject", "HeadBucket"} and (code.isdecimal() or not code):
+                # Only a HEAD's answer has no body; S3 says what went wrong in every other one.
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", code or "?")
+                raise StorageError(
+                    f"{where}: {endpoint} answered HTTP {status} with no S3 error in it: it is not an S3 "
+                    "server (the MLflow server's address?); set MLFLOW_S3_ENDPOINT_URL to the S3 / MinIO "
+                    "endpoint, e.g. http://127.0.0.1:9000."
+                ) from exc
             if code in {"NoSuchKey", "404", "NotFound"}:
                 raise NotFoundError(f"{where}: no such artifact.") from exc
             if code == "NoSuchBucket":
