@@ -126,3 +126,52 @@ def test_an_s3_endpoint_that_is_no_s3_server_is_named_not_taken_for_a_missing_fi
     assert not isinstance(raised.value, NotFoundError)
     message = str(raised.value)
     assert "run r1" in message and not_mlflow_url in message and "MLFLOW_S3_ENDPOINT_URL" in message
+
+
+def test_credentials_allowed_to_read_but_not_to_write_are_told_so_not_to_recheck_the_keys(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import json
+
+    import boto3
+    from moto import mock_aws
+    from moto.core import set_initial_no_auth_action_count
+
+    from tracking.storage import s3 as s3_storage
+    from tracking.storage.s3 import S3Store
+
+    for var in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "setup")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "setup")
+    s3_storage.s3_client.cache_clear()
+    read_only = {"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"], "Resource": "*"}
+
+    @set_initial_no_auth_action_count(5)  # the setup's requests below; every later one is checked
+    def scenario() -> None:
+        with mock_aws():
+            s3 = boto3.client("s3", region_name="us-east-1")
+            s3.create_bucket(Bucket="team")
+            s3.put_object(Bucket="team", Key="exp/run/artifacts/kept", Body=b"stored")
+            iam = boto3.client("iam", region_name="us-east-1")
+            iam.create_user(UserName="reader")
+            key = iam.create_access_key(UserName="reader")["AccessKey"]
+            iam.put_user_policy(
+                UserName="reader",
+                PolicyName="read-only",
+                PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [read_only]}),
+            )
+            config = TrackingConfig(aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"])
+            store = S3Store("s3://team/exp/run/artifacts", config, owner="run r1")
+            assert bytes(store.read("kept")) == b"stored"  # the keys themselves are right
+            with pytest.raises(StorageError) as raised:
+                store.write_bytes("new", b"x")
+            message = str(raised.value)
+            assert "run r1" in message and "AccessDenied" in message and "write" in message
+            assert "'team'" in message and "check AWS_ACCESS_KEY_ID" not in message
+            assert bytes(store.read("kept")) == b"stored"
+
+    try:
+        scenario()
+    finally:
+        s3_storage.s3_client.cache_clear()

@@ -319,7 +319,16 @@ class S3Store(ArtifactStore):
                     f"{where}: bucket {self.root.bucket!r} does not exist; create it "
                     "(`tracking stack up` does) or point the experiment at an existing bucket."
                 ) from exc
-            if code in {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"}:
+            if code == "AccessDenied":
+                # The keys were accepted (a wrong key is InvalidAccessKeyId, a wrong secret
+                # SignatureDoesNotMatch): a policy does not let them do this here.
+                verb = "read" if exc.operation_name.startswith(("Get", "Head", "List")) else "write"
+                raise StorageError(
+                    f"{where}: S3 at {endpoint} denied the credentials the right to {verb} in bucket "
+                    f"{self.root.bucket!r} (AccessDenied); ask for {verb} access to s3://{self.root.bucket}/"
+                    f"{self.root.key} or point the experiment at a location these credentials may {verb}."
+                ) from exc
+            if code in {"InvalidAccessKeyId", "SignatureDoesNotMatch", "403"}:
                 raise StorageError(
                     f"{where}: S3 refused the credentials ({code}); check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY."
                 ) from exc
