@@ -16,8 +16,10 @@ from urllib.parse import urlparse
 
 from tracking.errors import ConfigError
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+# What MLflow itself accepts for its boolean variables (case-insensitive): its S3 client reads
+# MLFLOW_S3_IGNORE_TLS too, and raises a bare ValueError for anything else ("yes", "").
+_TRUE = {"1", "true"}
+_FALSE = {"0", "false"}
 
 # Variable name for every field read from the environment.
 ENV_VARS: dict[str, str] = {
@@ -229,7 +231,7 @@ def _parse(raw: str, type_name: str, var: str) -> Any:
             return True
         if lowered in _FALSE:
             return False
-        raise ConfigError(f"{var}={raw!r} is not a boolean; use true or false.")
+        raise ConfigError(f"{var}={raw!r} is not a boolean MLflow reads; use true or false (or 1 or 0).")
     if type_name == "int":
         try:
             return int(raw)

@@ -175,3 +175,37 @@ def test_credentials_allowed_to_read_but_not_to_write_are_told_so_not_to_recheck
         scenario()
     finally:
         s3_storage.s3_client.cache_clear()
+
+
+@pytest.mark.parametrize("value", ["yes", "on", "no", "off", ""])
+def test_an_ignore_tls_value_mlflow_itself_would_refuse_is_refused_first(value: str) -> None:
+    # MLflow's own S3 client reads the variable too, and raises a bare ValueError at the whole
+    # model's upload, after the training and the checkpoints, for anything but true/false/1/0.
+    with pytest.raises(ConfigError, match="MLFLOW_S3_IGNORE_TLS"):
+        TrackingConfig.from_env({"MLFLOW_S3_IGNORE_TLS": value})
+
+
+@pytest.mark.parametrize(
+    ("value", "ignored"), [("true", True), ("TRUE", True), ("1", True), ("false", False), ("0", False)]
+)
+def test_ignore_tls_values_mlflow_accepts_pass(value: str, ignored: bool) -> None:
+    assert TrackingConfig.from_env({"MLFLOW_S3_IGNORE_TLS": value}).s3_ignore_tls is ignored
+
+
+def test_an_aws_profile_that_does_not_exist_is_a_config_error_naming_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from tracking.storage import s3 as s3_storage
+
+    (tmp_path / "config").write_text("[profile team]\nregion = eu-west-1\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_PROFILE", "teem")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    s3_storage.s3_client.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match="AWS_PROFILE='teem'") as raised:
+            s3_storage.s3_client(TrackingConfig(s3_endpoint_url="http://127.0.0.1:9000"))
+    finally:
+        s3_storage.s3_client.cache_clear()
+    assert str(tmp_path / "config") in str(raised.value)

@@ -36,15 +36,35 @@ def s3_client(config: TrackingConfig) -> Any:
     ``AWS_MAX_ATTEMPTS`` / ``AWS_RETRY_MODE`` (or the AWS profile), read when the client is built,
     with :data:`tracking.config.S3_MAX_ATTEMPTS` standard-mode attempts where neither sets them.
     """
-    import boto3
-    import botocore.session
-    from botocore.config import Config
+    import botocore.exceptions
 
     if not config.aws_access_key_id and not _has_other_credentials():
         raise ConfigError(
             "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
             "(or an AWS profile), e.g. from `tracking stack up`."
         )
+    try:
+        return _client(config)
+    except botocore.exceptions.ProfileNotFound as exc:
+        files = " or ".join(
+            os.environ.get(var, default)
+            for var, default in (
+                ("AWS_CONFIG_FILE", "~/.aws/config"),
+                ("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
+            )
+        )
+        raise ConfigError(
+            f"AWS_PROFILE={os.environ.get('AWS_PROFILE')!r} names no profile in {files} ({exc}); fix the "
+            "name (`aws configure list-profiles` lists them) or unset AWS_PROFILE and set AWS_ACCESS_KEY_ID "
+            "and AWS_SECRET_ACCESS_KEY."
+        ) from exc
+
+
+def _client(config: TrackingConfig) -> Any:
+    import boto3
+    import botocore.session
+    from botocore.config import Config
+
     core = botocore.session.get_session()
     # A `retries` in Config overrides botocore's environment and profile settings, so pass our
     # bound only where the user set none; the retry mode is left to botocore (its default: standard).
