@@ -226,7 +226,21 @@ def start(
         if params:
             mlflow.log_params(params)
         mlflow.set_tags(tags)
+        check_store(run.info.run_id, config)
         yield run
+
+
+def check_store(run_id: str, config: tracking.TrackingConfig) -> None:
+    """Fail now, not at the first checkpoint an epoch later, when the run's artifact store cannot be used.
+
+    One listing of a small folder: it meets wrong or missing credentials, a missing bucket and an
+    endpoint that is down or no S3 server, each with the store's own error naming the run and path.
+    """
+    from tracking import layout
+    from tracking.run import open_run
+
+    # reuse=True: the first save takes this handle instead of fetching the run again.
+    open_run(run_id, config, reuse=True).store.list_files(layout.STATE_DICT_DIR)
 
 
 def start_run(**run_args: Any) -> mlflow.ActiveRun:
