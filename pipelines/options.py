@@ -285,11 +285,17 @@ def run_pipeline(train: Callable[[], str]) -> int:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
     def run() -> str:
-        from tracking.cli.server import connect
+        from tracking.cli.server import connect, mlflow_failure
 
         # No MLFLOW_TRACKING_URI: the local stack if it runs, never an mlflow.db in the working folder.
         connect()
-        return train()
+        try:
+            return train()
+        except Exception as exc:
+            ours = mlflow_failure(exc)  # a failed request says which server and what to check
+            if ours is None:
+                raise
+            raise ours from exc
 
     from mlflow.exceptions import MlflowException
 

@@ -234,3 +234,20 @@ def test_a_pipeline_whose_store_refuses_stops_before_training_not_at_its_first_c
     [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert line.startswith(f"error: run {run.info.run_id}") and "'no-such-bucket' does not exist" in line
     assert run.info.status == "FAILED"
+
+
+def test_a_pipeline_pointed_at_a_server_that_is_not_mlflow_names_it_in_one_line(
+    not_mlflow_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from pipelines import train
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", not_mlflow_url)
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = train.main(["--epochs", "1"])
+    assert code == 1
+    [line] = err.getvalue().splitlines()
+    assert line.startswith("error: ") and not_mlflow_url in line and "MLFLOW_TRACKING_URI" in line
