@@ -269,6 +269,7 @@ def _start(
         mlflow.log_params({k: v for k, v in params.items() if k not in recorded or opts.new_run})
         runs.announce(client, run)
         mlflow.set_tags(dict(tags))
+        runs.check_store(run.info.run_id, config)
         yield run
 
 

@@ -123,6 +123,7 @@ def train(opts: options.Options) -> str:
             )
         mlflow.set_tags(tags)
         runs.announce(client, run)
+        runs.check_store(run.info.run_id, config)
         run_id = run.info.run_id
         # The run's own folder: a resume on this machine finds the files its ModelCheckpoint kept.
         folder = Path(tempfile.gettempdir()) / "tracking-lightning-digits" / run_id
