@@ -12,32 +12,18 @@ from __future__ import annotations
 import sys
 
 import mlflow
-import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed import destroy_process_group
-from torch.distributed.fsdp import fully_shard
 
 import tracking
+from tests.distributed import tiny_job
 
 
 def main(strategy: str, epochs: int, imported: bool) -> None:
-    dist.init_process_group("gloo")
-    torch.manual_seed(0)
-    model: nn.Module = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    if strategy == "fsdp":
-        fully_shard(model)
-    else:
-        model = nn.parallel.DistributedDataParallel(model)
-    optimizer = torch.optim.Adam(model.parameters())
-    rank = dist.get_rank()
-    if rank == 0:
-        print("MLflow run", mlflow.start_run().info.run_id, flush=True)
+    model, optimizer, rank = tiny_job.start(strategy)
     checkpointer = tracking.Checkpointer(async_save=True)
     for epoch in range(1, epochs + 1):
-        model(torch.randn(16, 4)).pow(2).mean().backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        tiny_job.step(model, optimizer)
         checkpointer.save(model, optimizer, epoch=epoch)
     (destroy_process_group if imported else dist.destroy_process_group)()
     if rank == 0:
