@@ -354,6 +354,37 @@ def test_runs_of_a_deleted_experiment_says_it_is_deleted_and_how_to_restore_it(t
     assert missing.exit_code == 1 and "no experiment 'cli-never-made'" in missing.stderr, missing.output
 
 
+def test_runs_lists_every_run_when_the_store_of_one_cannot_be_read(s3_experiment: str, tracking_store: str) -> None:
+    # One run whose artifacts live where these credentials cannot read (another team's bucket) failed the
+    # whole listing, hiding every other run.
+    import sqlalchemy
+
+    readable, elsewhere = _log_run(), _log_run()
+    engine = sqlalchemy.create_engine(tracking_store)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                sqlalchemy.text("UPDATE runs SET artifact_uri = :uri WHERE run_uuid = :run"),
+                {"uri": f"s3://no-such-bucket/{elsewhere}/artifacts", "run": elsewhere},
+            )
+    finally:
+        engine.dispose()
+
+    listed = CliRunner().invoke(main, ["runs", "--experiment", "unit-s3", "--json"])
+
+    assert listed.exit_code == 0, listed.output
+    sizes = {row["run_id"]: row["size_bytes"] for row in json.loads(listed.stdout)}
+    assert sizes[elsewhere] is None and sizes[readable] > 0
+    assert listed.stderr.count("\n") == 1 and f"warning: run {elsewhere}" in listed.stderr, listed.stderr
+    assert "no-such-bucket" in listed.stderr
+    table = CliRunner().invoke(main, ["runs", "--experiment", "unit-s3"])
+    row = next(line for line in table.stdout.splitlines() if line.startswith(elsewhere))
+    assert table.exit_code == 0 and row.rstrip().endswith("?"), table.output
+    # When no listed run's store answers, the settings are what is wrong: an error, not a table of "?".
+    alone = CliRunner().invoke(main, ["runs", "--experiment", "unit-s3", "--limit", "1"])
+    assert alone.exit_code == 1 and "no-such-bucket" in alone.stderr, alone.output
+
+
 def test_download_force_over_another_download_leaves_only_the_new_checkpoint(s3_run_id: str, tmp_path: Path) -> None:
     to = tmp_path / "weights"
     first = CliRunner().invoke(main, ["download", s3_run_id, "--checkpoint", "1", "--to", str(to)])

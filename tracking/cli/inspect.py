@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import click
@@ -16,8 +17,10 @@ from tracking.cli.options import (
     source_argument,
 )
 from tracking.cli.server import connect
-from tracking.errors import one_line
+from tracking.errors import StorageError, one_line
 from tracking.output import Column, agree, emit_json, human_size, json_error, plural, table
+
+_log = logging.getLogger(__name__)
 
 
 @click.command()
@@ -53,7 +56,12 @@ def runs(experiment: str | None, limit: int, as_json: bool) -> None:
             f"{found.experiment_id}`, or pass --experiment with another."
         )
     listed = client.search_runs([found.experiment_id], max_results=limit, order_by=["attributes.start_time DESC"])
-    summaries = [_run_summary(run, config) for run in listed]
+    unreadable: list[StorageError] = []
+    summaries = [_run_summary(run, config, unreadable) for run in listed]
+    if unreadable and len(unreadable) == len(listed):
+        raise unreadable[0]  # no run's store answers: the settings are wrong, not one run's location
+    for problem in unreadable:
+        _log.warning("%s; its size is left out (?)", one_line(problem).rstrip("."))
     if as_json:
         emit_json(summaries)
         return
@@ -76,7 +84,7 @@ def runs(experiment: str | None, limit: int, as_json: bool) -> None:
             str(s["checkpoints"]),
             _key(s, "latest") or "-",
             _best(s),
-            human_size(s["size_bytes"]),
+            "?" if s["size_bytes"] is None else human_size(s["size_bytes"]),
         ]
         for s in summaries
     ]
@@ -107,7 +115,9 @@ def _made_by(summary: dict[str, Any]) -> str:
     return "-"
 
 
-def _run_summary(run: Any, config: Any) -> dict[str, Any]:
+def _run_summary(run: Any, config: Any, unreadable: list[StorageError]) -> dict[str, Any]:
+    """A row of ``tracking runs``. A run whose store cannot be read (a bucket these credentials may not read)
+    gets no size, and its error goes to ``unreadable``: one such run must not hide the others."""
     from tracking import catalog, layout
     from tracking.errors import IntegrityError, NotFoundError
     from tracking.run import open_run
@@ -117,22 +127,27 @@ def _run_summary(run: Any, config: Any) -> dict[str, Any]:
     committed = catalog.committed(handle)
     by_model = {c.model_id: c for c in committed.values()}
     keyed_by = catalog.keyed_by(handle, committed.values())
-    size = 0
+    total = 0
     model_class = run.data.params.get("model_class")
-    for _key, checkpoint in sorted(committed.items()):
-        try:
-            manifest = checkpoint.read_manifest()
-        except NotFoundError:
-            continue
-        except IntegrityError as exc:
-            warn_unreadable(run.info.run_id, checkpoint, exc)
-            continue
-        size += sum(f.size for f in manifest.files.values())
-        model_class = str(manifest.model.get("class") or model_class)  # the newest checkpoint's
     try:
-        size += sum(f.size for f in layout.read_manifest(handle.store, layout.STATE_DICT_DIR).files.values())
-    except NotFoundError:
-        pass
+        for _key, checkpoint in sorted(committed.items()):
+            try:
+                manifest = checkpoint.read_manifest()
+            except NotFoundError:
+                continue
+            except IntegrityError as exc:
+                warn_unreadable(run.info.run_id, checkpoint, exc)
+                continue
+            total += sum(f.size for f in manifest.files.values())
+            model_class = str(manifest.model.get("class") or model_class)  # the newest checkpoint's
+        try:
+            total += sum(f.size for f in layout.read_manifest(handle.store, layout.STATE_DICT_DIR).files.values())
+        except NotFoundError:
+            pass
+        size: int | None = total
+    except StorageError as exc:
+        unreadable.append(exc)
+        size = None
     tags = run.data.tags
     monitor = tags.get(layout.TAG_MONITOR)
     # A tag naming no committed checkpoint (deleted or edited by hand) is stale: the search says, as for the loader.
