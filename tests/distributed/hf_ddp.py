@@ -1,12 +1,13 @@
 """A Hugging Face Trainer under DDP (2 CPU ranks, gloo) with TrackingCallback, for torchrun:
 
     torchrun --standalone --nproc-per-node=2 -m tests.distributed.hf_ddp RUN_ID OUTPUT_DIR STATE_FILE
-        [--resume KEY] [--steps N] [--machine-per-rank] [--fail]
+        [--resume KEY [--from RUN]] [--steps N] [--machine-per-rank] [--fail]
 
 Trains 4 epochs of a tiny classifier and logs every epoch's checkpoint to RUN_ID (``--steps N``: a
 checkpoint every N steps, the Trainer's ``save_strategy="steps"``, and the loss of every step);
-``--resume KEY`` first materialises the run's checkpoint of that epoch (or step) on every rank
-(``checkpoint_folder``; each download is printed) and resumes from it. Rank 0 writes the final
+``--resume KEY`` first materialises the checkpoint of that epoch (or step) of RUN (``--from``; else of
+RUN_ID itself) on every rank (``checkpoint_folder``; each download is printed) and resumes from it,
+logging on to RUN_ID. Rank 0 writes the final
 weights, optimizer state and losses to STATE_FILE. ``--machine-per-rank`` makes each rank the first
 of a machine of its own with its own disk: ``LOCAL_RANK`` 0, and an OUTPUT_DIR of its own
 (``OUTPUT_DIR/rank-<rank>``).
@@ -65,6 +66,7 @@ def make_trainer(output_dir: Path, run_id: str, steps: int | None = None) -> Tra
 def main(argv: list[str]) -> int:
     run_id, output_dir, state_file = argv[0], Path(argv[1]), Path(argv[2])
     resume = int(argv[argv.index("--resume") + 1]) if "--resume" in argv else None
+    source = argv[argv.index("--from") + 1] if "--from" in argv else run_id
     steps = int(argv[argv.index("--steps") + 1]) if "--steps" in argv else None
     if "--fail" in argv:
 
@@ -86,7 +88,7 @@ def main(argv: list[str]) -> int:
     rank = trainer.args.process_index
     try:
         # After the Trainer is made: its process group lets one rank download for the others.
-        folder = None if resume is None else checkpoint_folder(run_id, resume, output_dir=output_dir)
+        folder = None if resume is None else checkpoint_folder(source, resume, output_dir=output_dir)
         trainer.train(resume_from_checkpoint=folder)
     except tracking.TrackingError as exc:
         print(f"rank {rank}: raised {type(exc).__name__}: {exc}", flush=True)

@@ -109,8 +109,9 @@ def test_resume_by_run_id_on_two_ranks_repeats_the_straight_run(
 ) -> None:
     run_id, straight = tracked
     # Elsewhere, from the run ID alone, as a job killed after epoch 2 resumes: every rank asks for the folder.
-    resumed = tmp_path / "resumed"
-    done = _launch(stack_sqlite, run_id, resumed, "--resume", "2", *machines)
+    # Into a run of its own: the straight run has epochs 3 and 4 already, which a resume in it may not rewrite.
+    resumed, resumed_run = tmp_path / "resumed", _new_run(stack_sqlite)
+    done = _launch(stack_sqlite, resumed_run, resumed, "--resume", "2", "--from", run_id, *machines)
     assert done.returncode == 0, done.stdout + done.stderr[-4000:]
     # One download per disk: the ranks of a machine share one.
     assert done.stdout.count(": downloaded") == downloads, done.stdout
@@ -118,8 +119,8 @@ def test_resume_by_run_id_on_two_ranks_repeats_the_straight_run(
     assert found["losses"] == expected["losses"]
     assert _equal(found["model"], expected["model"])
     assert _equal(found["optimizer"], expected["optimizer"])
-    # The resumed training logged its epochs into the same run.
-    assert [c.epoch for c in tracking.list_checkpoints(run_id)] == [1, 2, 3, 4]
+    # The resumed training logged the epochs it trained into its run.
+    assert [c.epoch for c in tracking.list_checkpoints(resumed_run)] == [3, 4]
 
 
 def test_saves_by_steps_hold_every_ranks_rng_state_and_resume_mid_epoch_on_two_ranks(
@@ -139,15 +140,17 @@ def test_saves_by_steps_hold_every_ranks_rng_state_and_resume_mid_epoch_on_two_r
         ("step", 16, 4),
     ]
     assert all(set(c.manifest.files) >= RNG_FILES for c in saved)
-    # Killed in epoch 2 after step 6 (its second of four): resumed by run ID from that step's checkpoint.
-    resumed = tmp_path / "resumed"
-    done = _launch(stack_sqlite, run_id, resumed, "--steps", "3", "--resume", "6", "--machine-per-rank")
+    # Killed in epoch 2 after step 6 (its second of four): resumed by run ID from that step's checkpoint, into a
+    # run of its own (the straight run holds the later steps).
+    resumed, resumed_run = tmp_path / "resumed", _new_run(stack_sqlite)
+    args = ["--steps", "3", "--resume", "6", "--from", run_id, "--machine-per-rank"]
+    done = _launch(stack_sqlite, resumed_run, resumed, *args)
     assert done.returncode == 0, done.stdout + done.stderr[-4000:]
     expected, found = _final(straight / "final.pt"), _final(resumed / "final.pt")
     assert len(found["losses"]) == 16 and found["losses"] == expected["losses"]
     assert _equal(found["model"], expected["model"])
     assert _equal(found["optimizer"], expected["optimizer"])
-    assert [c.key for c in tracking.list_checkpoints(run_id)] == [3, 6, 9, 12, 15, 16]
+    assert [c.key for c in tracking.list_checkpoints(resumed_run)] == [9, 12, 15, 16]
 
 
 def test_a_failed_upload_raises_on_every_rank(stack_sqlite: LocalStack, tmp_path: Path) -> None:
