@@ -143,8 +143,14 @@ def refuse_rewind(handle: RunHandle, keyed_by: str, resumed: int, from_latest: s
     on logging to the run: it would log a second history over them, and "latest", which never moves back, would
     name the abandoned one's until the new one passed it. ``from_latest``: the framework's line that resumes from
     the run's latest instead."""
-    later = [key for key in committed(handle) if key > resumed]
+    stored = committed(handle)
+    later = [key for key in stored if key > resumed]
     if not later:
+        return
+    # The latest as readers take it: the one the run's tag names, else the newest. A save killed between READY
+    # and moving the tags left a newer one, which a resume from that latest (a crashed job's) logs again.
+    tagged = handle.tags.get(layout.TAG_LATEST)
+    if resumed >= next((key for key, model in stored.items() if model.model_id == tagged), max(stored)):
         return
     shown = ", ".join(str(key) for key in later[:5]) + (", ..." if len(later) > 5 else "")
     raise TrackingError(

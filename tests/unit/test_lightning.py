@@ -622,6 +622,25 @@ def test_a_fit_resumed_from_the_latest_or_into_a_new_run_goes_on(s3_experiment: 
     assert [c.epoch for c in tracking.list_checkpoints(run_id)] == [0, 1, 2]
 
 
+def test_a_fit_resumed_from_the_latest_the_tags_name_goes_on_past_a_save_that_died_before_moving_them(
+    s3_experiment: str, tmp_path: Path
+) -> None:
+    # Killed after epoch 2's checkpoint was READY but before the run's tags moved: the latest is epoch 1's, as
+    # readers and checkpoint_path say, and resuming from it was refused as a rewrite of epoch 2.
+    with mlflow.start_run() as run:
+        fit(3, tmp_path / "first", save_top_k=-1)
+    run_id = run.info.run_id
+    saved = tracking.list_checkpoints(run_id)
+    MlflowClient().set_tag(run_id, layout.TAG_LATEST, saved[1].model_id)
+    path = checkpoint_path(run_id, to=tmp_path / "latest")
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    with mlflow.start_run(run_id=run_id):
+        fit(4, tmp_path / "again", ckpt_path=path, save_top_k=-1)
+    after = tracking.list_checkpoints(run_id)
+    assert [c.epoch for c in after] == [0, 1, 2, 3]
+    assert _tags(run_id)[layout.TAG_LATEST] == after[-1].model_id
+
+
 def test_a_weights_only_run_says_so_instead_of_how_to_resume(
     s3_experiment: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
