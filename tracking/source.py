@@ -1,8 +1,8 @@
 """The run, or the one checkpoint, a source names: before any checkpoint of it is picked.
 
 A source is a run ID, ``runs:/<id>``, a checkpoint's logged model ``models:/<model_id>``, or
-a registry version ``models:/<name>@<alias>`` / ``models:/<name>/<version>``. A run ID or
-``runs:/`` names a run; the others pin one checkpoint (a registry version through the logged
+a registry version ``models:/<name>@<alias>`` / ``models:/<name>/<version>`` / ``models:/<name>/latest``.
+A run ID or ``runs:/`` names a run; the others pin one checkpoint (a registry version through the logged
 model it was made from).
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import sys
+import warnings
 from typing import Any
 
 from tracking import catalog
@@ -100,12 +101,43 @@ def _registry_version(client: Any, source: str, parsed: RunSource) -> Any:
     try:
         if parsed.alias is not None:
             return client.get_model_version_by_alias(name, parsed.alias)
+        if parsed.stage is not None:
+            return _newest_version(client, source, name, parsed.stage)
         return client.get_model_version(name, str(parsed.version))
     except MlflowException as exc:
         raise NotFoundError(
             f"{source}: no such registered model version or alias ({exc.message}); check the name and "
             "alias in the MLflow UI's Models page."
         ) from exc
+
+
+def _newest_version(client: Any, source: str, name: str, stage: str) -> Any:
+    """The newest version of ``name`` (``stage`` is ``latest``) or of those in ``stage``, as MLflow resolves
+    ``models:/<name>/latest`` and ``models:/<name>/<stage>``."""
+    from mlflow.exceptions import MlflowException
+
+    latest = stage.lower() == "latest"
+    numbered = re.fullmatch(r"[vV](\d+)", stage)  # "v3": a version as the UI shows it, no stage
+    hint = f"; for version {numbered[1]}, write models:/{name}/{numbered[1]}" if numbered else ""
+    try:
+        with warnings.catch_warnings():
+            if latest:  # MLflow's one call for it is deprecated for stages; models:/<name>/latest is not
+                warnings.simplefilter("ignore", FutureWarning)
+            found = client.get_latest_versions(name, None if latest else [stage])
+    except MlflowException as exc:
+        if exc.error_code != "INVALID_PARAMETER_VALUE":
+            raise
+        raise NotFoundError(
+            f"{source}: {stage!r} is no version number, 'latest' or stage ({exc.message}){hint}."
+        ) from exc
+    if found:
+        return max(found, key=lambda version: int(version.version))
+    raise NotFoundError(
+        f"{source}: registered model {name!r} has no "
+        + ("versions" if latest else f"version in stage {stage!r} (MLflow's deprecated stages)")
+        + f"{hint}. Register a checkpoint with `tracking register RUN {name} --alias champion`, then load "
+        f"models:/{name}@champion."
+    )
 
 
 # A version's source when it was made from a logged model: models:/<id> (MLflow's register_model,

@@ -8,19 +8,28 @@ from urllib.parse import urlparse
 
 @dataclass(frozen=True)
 class RunSource:
-    """A run ID, a logged model ID, or the registry model (name + alias or version) that leads to one."""
+    """A run ID, a logged model ID, or the registry model (name + alias, version or stage) that leads to one.
+
+    ``stage`` is ``latest`` (any case: the newest version) or one of MLflow's deprecated stages
+    (``Production``...: the newest version in it), as ``models:/<name>/<stage>`` means in MLflow.
+    """
 
     run_id: str | None = None
     model_id: str | None = None
     model_name: str | None = None
     alias: str | None = None
     version: str | None = None
+    stage: str | None = None
     artifact_path: str = ""
 
 
+# What a models:/ URI may be, for the error when it is none of them.
+_MODELS_FORMS = "models:/<model_id>, models:/<name>@<alias>, models:/<name>/<version> or models:/<name>/latest"
+
+
 def parse_source(source: str) -> RunSource:
-    """Parse ``<run_id>``, ``runs:/<run_id>[/path]``, ``models:/<model_id>``, ``models:/<name>@<alias>``
-    or ``models:/<name>/<version>``."""
+    """Parse ``<run_id>``, ``runs:/<run_id>[/path]``, ``models:/<model_id>``, ``models:/<name>@<alias>``,
+    ``models:/<name>/<version>`` or ``models:/<name>/latest`` (or ``/<stage>``), as MLflow reads them."""
     if not isinstance(source, str) or not source.strip():
         raise ValueError(
             f"source must be a run ID, runs:/<run_id>, models:/<model_id> or models:/<name>@<alias>, got {source!r}"
@@ -32,18 +41,7 @@ def parse_source(source: str) -> RunSource:
             raise ValueError(f"{source!r} has no run ID; expected runs:/<run_id>[/path]")
         return RunSource(run_id=parts[0], artifact_path=parts[1] if len(parts) > 1 else "")
     if source.startswith("models:/"):
-        rest = source[len("models:/") :].strip("/")
-        if "@" in rest:
-            name, _, alias = rest.partition("@")
-            if name and alias:
-                return RunSource(model_name=name, alias=alias)
-        elif "/" not in rest and rest.startswith("m-"):
-            return RunSource(model_id=rest)
-        else:
-            name, _, version = rest.partition("/")
-            if name and version.isdigit():
-                return RunSource(model_name=name, version=version)
-        raise ValueError(f"{source!r} is not models:/<model_id>, models:/<name>@<alias> or models:/<name>/<version>")
+        return _parse_models_uri(source)
     if source.startswith("m-"):  # run IDs are hex: this is a logged model's ID, as the MLflow UI and listings show it
         raise ValueError(f"{source!r} is a logged model ID, not a run ID; pass models:/{source}")
     if "/" in source or ":" in source:
@@ -51,6 +49,24 @@ def parse_source(source: str) -> RunSource:
             f"{source!r} is not a run ID; expected a 32-character hex run ID, runs:/<run_id> or models:/<name>@<alias>"
         )
     return RunSource(run_id=source)
+
+
+def _parse_models_uri(source: str) -> RunSource:
+    # In MLflow's order: a suffix after the name's "/" first (a name holds no "/" but may hold "@"),
+    # then the alias after the last "@", else a logged model's ID.
+    parts = source[len("models:/") :].strip("/").split("/")
+    if len(parts) == 2 and parts[0].strip() and parts[1].strip():
+        name, suffix = parts
+        if suffix.isdigit() and suffix.isascii():
+            return RunSource(model_name=name, version=suffix)
+        return RunSource(model_name=name, stage=suffix)
+    if len(parts) == 1 and "@" in parts[0]:
+        name, _, alias = parts[0].rpartition("@")
+        if name.strip() and alias.strip():
+            return RunSource(model_name=name, alias=alias)
+    elif len(parts) == 1 and parts[0].startswith("m-"):
+        return RunSource(model_id=parts[0])
+    raise ValueError(f"{source!r} is not {_MODELS_FORMS}")
 
 
 @dataclass(frozen=True)

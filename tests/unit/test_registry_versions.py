@@ -103,3 +103,31 @@ def test_log_model_under_a_name_holding_checkpoints_is_refused_unless_allowed(s3
         tracking.log_model(model, registered_model_name="seed-models", pip_requirements=["torch"])
         again = tracking.log_model(model, registered_model_name="seed-models", pip_requirements=["torch"])
         assert again.registered_model_version == 2
+
+
+def test_latest_and_stage_uris_load_the_newest_version_as_in_mlflow(s3_experiment: str) -> None:
+    with mlflow.start_run() as run:
+        for epoch in (1, 2, 3):
+            tracking.log_checkpoint(Model(6), epoch=epoch)
+    tracking.register(run.info.run_id, "seed", checkpoint=1)
+    tracking.register(run.info.run_id, "seed", checkpoint=3)
+    tracking.register(run.info.run_id, "team@seed", checkpoint=2, alias="champion")  # MLflow names may hold "@"
+    with pytest.warns(FutureWarning):  # MLflow's stages are deprecated, and say so
+        MlflowClient().transition_model_version_stage("seed", "1", "Production")
+
+    assert tracking.load("models:/seed/latest").epoch == 3
+    assert tracking.load("models:/seed/LATEST").epoch == 3
+    with pytest.warns(FutureWarning):
+        assert tracking.load("models:/seed/Production").epoch == 1
+    assert tracking.load("models:/team@seed@champion").epoch == 2
+    assert tracking.load("models:/team@seed/1").epoch == 2
+    assert tracking.resolve_run_id("models:/seed/latest") == run.info.run_id
+    with pytest.raises(NotFoundError, match=r"'seed' has no version in stage 'Staging'.*models:/seed@champion"):
+        with pytest.warns(FutureWarning):
+            tracking.load("models:/seed/Staging")
+    with pytest.raises(NotFoundError, match=r"'v2' is no version number.*for version 2, write models:/seed/2"):
+        with pytest.warns(FutureWarning):
+            tracking.load("models:/seed/v2")
+    result = CliRunner().invoke(main, ["show", "models:/seed/latest", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["epoch"] == 3

@@ -20,13 +20,21 @@ MODEL = "m-0123456789abcdef0123456789abcdef"
         (f"models:/{MODEL}", RunSource(model_id=MODEL)),
         ("models:/seed@champion", RunSource(model_name="seed", alias="champion")),
         ("models:/seed/3", RunSource(model_name="seed", version="3")),
+        ("models:/seed/latest", RunSource(model_name="seed", stage="latest")),
+        ("models:/seed/Production", RunSource(model_name="seed", stage="Production")),
+        ("models:/seed/\u00b3", RunSource(model_name="seed", stage="\u00b3")),  # a digit, but no version number
+        ("models:/team@seed@champion", RunSource(model_name="team@seed", alias="champion")),
+        ("models:/team@seed/2", RunSource(model_name="team@seed", version="2")),
+        ("models:/my seed@champion", RunSource(model_name="my seed", alias="champion")),
     ],
 )
 def test_sources_parse_into_their_parts(source: str, parsed: RunSource) -> None:
     assert parse_source(source) == parsed
 
 
-@pytest.mark.parametrize("source", ["", "runs:/", "models:/seed", "models:/seed/latest", "s3://b/k", 7])
+@pytest.mark.parametrize(
+    "source", ["", "runs:/", "models:/seed", "models:/seed@", "models:/@c", "models:/a/b/3", "s3://b/k", 7]
+)
 def test_malformed_sources_are_value_errors(source: object) -> None:
     with pytest.raises(ValueError):
         parse_source(source)  # type: ignore[arg-type]
