@@ -14,7 +14,7 @@ from typing import Any
 
 from tracking import layout
 from tracking.config import TrackingConfig
-from tracking.errors import NotFoundError, StorageError, TrackingError
+from tracking.errors import NotFoundError, StorageError, TrackingError, one_line
 from tracking.manifest import FORMAT_VERSION, Manifest
 from tracking.run import RunHandle, tracking_server_errors
 from tracking.storage import ArtifactStore, open_store
@@ -207,10 +207,14 @@ def get_if_present(
     except MlflowException as exc:
         if exc.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}:
             return None
-        raise StorageError(f"models:/{model_id}: the tracking server failed: {exc}") from exc
+        raise StorageError(
+            f"models:/{model_id}: the tracking server {client.tracking_uri} failed ({one_line(exc)[:500]}); "
+            "check that it runs and MLFLOW_TRACKING_URI points at it, then retry."
+        ) from exc
     except OSError as exc:
         raise StorageError(
-            f"models:/{model_id}: cannot reach the tracking server {client.tracking_uri} ({exc})."
+            f"models:/{model_id}: cannot reach the tracking server {client.tracking_uri} ({exc}); check that it "
+            "runs and MLFLOW_TRACKING_URI points at it, then retry."
         ) from exc
     if checkpoint and model.model_type != layout.CHECKPOINT_MODEL_TYPE:
         raise NotFoundError(

@@ -16,7 +16,7 @@ from typing import Any
 from tracking import catalog
 from tracking.catalog import StoredCheckpoint
 from tracking.config import TrackingConfig
-from tracking.errors import NotFoundError
+from tracking.errors import NotFoundError, StorageError, one_line
 from tracking.run import RunHandle, open_run
 from tracking.uri import RunSource, parse_source
 
@@ -105,10 +105,19 @@ def _registry_version(client: Any, source: str, parsed: RunSource) -> Any:
             return _newest_version(client, source, name, parsed.stage)
         return client.get_model_version(name, str(parsed.version))
     except MlflowException as exc:
+        if exc.error_code not in _NO_SUCH_VERSION:  # the server failed or is not there: retrying may help
+            raise StorageError(
+                f"{source}: the tracking server {client.tracking_uri} failed while reading the registry "
+                f"({one_line(exc)[:500]}); check that it runs and MLFLOW_TRACKING_URI points at it, then retry."
+            ) from exc
         raise NotFoundError(
             f"{source}: no such registered model version or alias ({exc.message}); check the name and "
             "alias in the MLflow UI's Models page."
         ) from exc
+
+
+# What MLflow answers for a registered model, version or alias that does not exist (or a malformed one).
+_NO_SUCH_VERSION = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}
 
 
 def _newest_version(client: Any, source: str, name: str, stage: str) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import importlib
+import json
 import os
 import socket
 import subprocess
@@ -252,3 +253,19 @@ def test_a_pipeline_pointed_at_a_server_that_is_not_mlflow_names_it_in_one_line(
     assert code == 1
     [line] = err.getvalue().splitlines()
     assert line.startswith("error: ") and not_mlflow_url in line and "MLFLOW_TRACKING_URI" in line
+
+
+@pytest.mark.parametrize(
+    "source", ["models:/seed@champion", "models:/seed/3", "models:/seed/latest", f"models:/m-{'0' * 32}"]
+)
+def test_a_registry_uri_against_a_closed_tracking_port_is_a_storage_error_not_a_missing_version(
+    closed_url: str, monkeypatch: pytest.MonkeyPatch, source: str
+) -> None:
+    # "No such version or alias: check the name" would send them to the Models page of a server that is down.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", closed_url)
+    result = CliRunner().invoke(main, ["show", source, "--json"])
+    assert result.exit_code == 1, result.output
+    printed = json.loads(result.stdout)
+    assert printed["type"] == "StorageError", printed
+    assert source in printed["error"] and closed_url in printed["error"] and "retry" in printed["error"]
+    assert "no such registered model" not in printed["error"]
