@@ -23,7 +23,7 @@ from tracking.metrics import check_metrics
 from tracking.parallel import distributed
 from tracking.parallel.collective import commit
 from tracking.payload import TorchSave, check_loadable
-from tracking.registry import refuse_mixed
+from tracking.registry import check_model_name, refuse_mixed
 from tracking.run import RunHandle, open_run, target_run_id, tracking_server_errors
 from tracking.saver import background_saver, raise_background_errors
 
@@ -145,6 +145,8 @@ def log_model(
     from tracking.flavor import pytorch_flavor
 
     _check_model(model)
+    if registered_model_name is not None:
+        check_model_name(registered_model_name)
     model = distributed.unwrap(model)
     description = spec.describe_model(model, model_kwargs)
     handle = open_run(target_run_id(run_id))

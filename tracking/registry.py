@@ -38,8 +38,7 @@ def register(
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"name must be a non-empty registered model name, got {name!r}")
+    check_model_name(name)
     if alias is not None:
         check_alias(alias)
     pinned = source.strip().startswith("models:/")
@@ -151,6 +150,23 @@ def version_tags(checkpoint: str, manifest: Manifest) -> dict[str, str]:
         if value is not None:
             tags[tag] = str(value)
     return tags
+
+
+def check_model_name(name: str) -> None:
+    """ValueError unless ``name`` passes MLflow's rules for a registered model's name; checked before anything
+    is logged or registered, so a refused name leaves nothing behind."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_name
+
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"name must be a non-empty registered model name, got {name!r}")
+    try:
+        _validate_model_name(name)
+    except MlflowException as exc:
+        suggestion = "-".join(part for part in name.replace(":", "/").split("/") if part) or "seed"
+        raise ValueError(
+            f"registered model name {name!r} cannot be used: {exc.message} Pick another name (e.g. {suggestion})."
+        ) from None
 
 
 def check_alias(alias: str) -> None:

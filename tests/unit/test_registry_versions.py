@@ -131,3 +131,21 @@ def test_latest_and_stage_uris_load_the_newest_version_as_in_mlflow(s3_experimen
     result = CliRunner().invoke(main, ["show", "models:/seed/latest", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["epoch"] == 3
+
+
+@pytest.mark.parametrize("name", ["team/seed", "team:seed"])
+def test_a_name_mlflow_refuses_is_a_usage_error_that_leaves_nothing_behind(s3_experiment: str, name: str) -> None:
+    # MLflow refuses it only after the checkpoint is found (or the whole model logged): it was a StorageError,
+    # "check that the tracking server runs, then retry", which no retry fixes.
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(Model(6), epoch=1)
+    with pytest.raises(ValueError, match=rf"name {name!r} cannot be used.*Pick another name \(e.g. team-seed\)"):
+        tracking.register(run.info.run_id, name, checkpoint="latest")
+    cli = CliRunner().invoke(main, ["register", run.info.run_id, name, "--checkpoint", "latest", "--json"])
+    assert cli.exit_code == 2 and "cannot be used" in cli.stderr and "Traceback" not in cli.output
+    assert json.loads(cli.stdout)["exit_code"] == 2
+    with pytest.raises(ValueError, match=rf"name {name!r} cannot be used"):
+        tracking.log_model(Model(6), run_id=run.info.run_id, registered_model_name=name)
+    client = MlflowClient()
+    assert list(client.search_registered_models()) == []
+    assert [m.name for m in client.search_logged_models([run.info.experiment_id])] == ["checkpoint-epoch-0001"]

@@ -220,10 +220,14 @@ def register(source: str, name: str, checkpoint: str, alias: str | None, allow_m
     if not name.strip():
         raise click.BadParameter(f"{name!r}: a registered model needs a name, e.g. seed.", param_hint="NAME")
     refuse_checkpoint_of_pinned(source, checkpoint)
-    from tracking.registry import alias_version, check_alias
+    from tracking.registry import alias_version, check_alias, check_model_name
     from tracking.registry import register as register_checkpoint
     from tracking.source import version_model_id
 
+    try:
+        check_model_name(name)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="NAME") from None
     if alias is not None:
         try:
             check_alias(alias)
