@@ -23,10 +23,18 @@ def check_map_location(map_location: Any) -> None:
 
 
 def check_available(map_location: str | torch.device) -> None:
-    """A CUDA map_location on a machine without CUDA is a ConfigError that says to use the CPU."""
+    """A map_location this machine lacks (no CUDA, ``cuda:1`` on one GPU, ``mps`` off a Mac) is a ConfigError
+    that names what it has, said before torch.load would report it as a file it refused."""
     device = torch.device(map_location)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"map_location={map_location!r} but CUDA is not available here; use 'cpu'.")
+    if device.type == "cuda" and device.index is not None and device.index >= (count := torch.cuda.device_count()):
+        raise ConfigError(
+            f"map_location={map_location!r} but this machine has {count} CUDA "
+            f"{'device' if count == 1 else 'devices'} (cuda:0 to cuda:{count - 1}); pass one of them, or 'cuda'."
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"map_location={map_location!r} but MPS (Apple's GPU) is not available here; use 'cpu'.")
 
 
 def to_device(value: Any, device: str | torch.device) -> Any:

@@ -134,3 +134,26 @@ def test_a_model_rebuilt_from_its_class_keeps_the_dtype_it_was_saved_in(s3_exper
     assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("map_location", ["cuda:1", torch.device("cuda", 2), "mps"])
+def test_a_device_this_machine_lacks_is_a_config_error_not_a_refused_file(
+    s3_experiment: str, monkeypatch: pytest.MonkeyPatch, map_location: Any
+) -> None:
+    # Torch's "Attempting to deserialize object on CUDA device 1" read as a file torch.load refused: "which may
+    # be code: do not unpickle it", for a healthy checkpoint asked onto a GPU the serving machine lacks.
+    model = DigitsMLP()
+    with mlflow.start_run() as run:
+        tracking.log_state_dict(model)
+        tracking.log_checkpoint(model, epoch=1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one GPU, cuda:0
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    reads = [
+        lambda: tracking.load_model(run.info.run_id, map_location=map_location),
+        lambda: tracking.load_state_dict(run.info.run_id, map_location=map_location),
+        lambda: tracking.load(run.info.run_id, map_location=map_location),
+    ]
+    for read in reads:
+        with pytest.raises(tracking.ConfigError, match=r"map_location=.* but (this machine has 1 CUDA device|MPS)"):
+            read()
