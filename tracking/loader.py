@@ -330,6 +330,15 @@ def load_pickled_model(
             f"{source}: no whole model at {uri} ({exc.message}); log one with tracking.log_model(model), "
             "or use tracking.load_model() for checkpoints."
         ) from exc
+    except (ModuleNotFoundError, AttributeError) as exc:
+        if isinstance(exc, AttributeError) and not str(exc).startswith("Can't get attribute"):
+            raise  # not pickle's "the class is not in its module": a bug, with its traceback
+        # The pickle names the class by module and name: the code that trained it must be importable here.
+        raise NotFoundError(
+            f"{source}: the whole model at {uri} is a pickle of a class this process cannot import ({exc}). "
+            "Install or put on sys.path the code that defines it (the package that trained it); a checkpoint or "
+            "state dict of the run loads without unpickling: tracking.load_model(run_id, model=<an instance>)."
+        ) from exc
     loaded.eval()
     return loaded  # type: ignore[no-any-return]
 

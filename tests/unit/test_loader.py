@@ -753,3 +753,26 @@ def test_a_wrapped_model_is_saved_and_loaded_as_the_module_it_wraps(s3_experimen
     )
     weights = tracking.load_model(run_id, model=wrap(Model(6))).state_dict()
     assert all(torch.equal(w, v) for w, v in zip(weights.values(), wrapped.state_dict().values(), strict=True))
+
+
+@pytest.mark.parametrize("gone", ["module", "class"])
+def test_a_whole_model_whose_class_is_not_importable_says_which_code_to_install(
+    s3_experiment: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gone: str
+) -> None:
+    # The reviewer's machine has tracking and torch, not the training code the pickle names.
+    (tmp_path / "trainer_code.py").write_text(
+        "import torch\n\nclass Net(torch.nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.fc = torch.nn.Linear(3, 1)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import trainer_code  # type: ignore[import-not-found]
+
+    with mlflow.start_run() as run:
+        tracking.log_model(trainer_code.Net(), pip_requirements=["torch"])  # not inferred: 10+ s, not under test
+    monkeypatch.delitem(sys.modules, "trainer_code")
+    if gone == "module":
+        (tmp_path / "trainer_code.py").unlink()
+    else:  # the code is there, but the class was renamed since
+        (tmp_path / "trainer_code.py").write_text("class Renamed:\n    pass\n")
+    with pytest.raises(tracking.NotFoundError, match=r"pickle of a class this process cannot import.*trainer_code"):
+        tracking.load_pickled_model(run.info.run_id, trust_pickle=True)
