@@ -110,6 +110,8 @@ def _load(
     the run. A checkpoint holds its own epoch; the state dict and the whole model, the one the training that
     logged them ended with, which they record (:func:`pipelines.runs.log_final_weights`)."""
     # The loader rebuilds only classes whose module is imported already: the pipelines' models.
+    from mlflow.exceptions import MlflowException
+
     import pipelines.models  # noqa: F401
     import tracking
     from pipelines import runs
@@ -125,6 +127,8 @@ def _load(
         try:
             model = tracking.load_pickled_model(source, trust_pickle=True)
         except tracking.NotFoundError as exc:
+            if not isinstance(exc.__cause__, MlflowException):
+                raise  # it is there, but its class cannot be imported here: the loader's message says which
             raise runs.PipelineError(f"{source} has no whole model: {_ENDED}") from exc
         return model, "whole model", _whole_model_epoch(source, run)
     if checkpoint == STATE_DICT:

@@ -561,6 +561,20 @@ def test_evaluate_of_a_state_dict_a_run_never_logged_refuses_instead_of_evaluati
     assert values_at(run_id, "eval_loss", 0) == []
 
 
+def test_evaluate_of_a_whole_model_whose_class_is_gone_says_so_not_that_there_is_none(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The class was renamed in the code since the run trained: the pickle cannot name it. It was "has no whole
+    # model ... leave --checkpoint out", for a run whose whole model is right there.
+    run_id = inline(train.main, "--epochs", "1").run_id
+    import pipelines.models
+
+    monkeypatch.delattr(pipelines.models, "Model")
+    outcome = inline(evaluate.main, "--run-id", run_id, "--checkpoint", "model", "--trust-pickle")
+    assert outcome.code == 1 and outcome.err.count("\n") == 1, outcome.err
+    assert "cannot import" in outcome.err and "'Model'" in outcome.err and "has no whole model" not in outcome.err
+
+
 def test_an_overridden_seed_draws_the_batches_from_there_on(env: dict[str, str]) -> None:
     # The checkpoint's RNG states were restored over it: the child recorded seed 5 and trained as seed 0 would.
     parent = inline(train.main, "--epochs", "2", "--keep-last", "all").run_id
