@@ -49,6 +49,7 @@ def evaluate(source: str, checkpoint: str | int | None = None, *, trust_pickle: 
     from pipelines import data, runs
     from pipelines.task import measure
     from tracking import layout
+    from tracking.source import open_run_pinned
 
     config = tracking.TrackingConfig.from_env()
     client = MlflowClient(config.tracking_uri)
@@ -59,7 +60,8 @@ def evaluate(source: str, checkpoint: str | int | None = None, *, trust_pickle: 
             f"{source} names one model already, and --checkpoint {checkpoint} picks among a run's: leave "
             f"--checkpoint out to evaluate it, or pass --run-id {run.info.run_id} --checkpoint {checkpoint}."
         )
-    model_id = parse_source(source).model_id
+    # The logged model a models:/ URI names, a registry version's too: a whole model is registered as a checkpoint is.
+    model_id = open_run_pinned(source, config)[1] if parse_source(source).run_id is None else None
     if checkpoint is None and model_id and client.get_logged_model(model_id).model_type != layout.CHECKPOINT_MODEL_TYPE:
         raise runs.PipelineError(
             f"{source} is not a checkpoint but a whole model, a pickle: add --checkpoint {WHOLE_MODEL} --trust-pickle "

@@ -443,6 +443,11 @@ def test_evaluate_of_a_models_uri_refuses_a_checkpoint_pick_in_one_line(env: dic
     (whole,) = re.findall(r"whole model: (models:/m-[0-9a-f]+)", trained.out)
     outcome = inline(evaluate.main, "--run-id", whole)
     assert outcome.code == 1 and "add --checkpoint model --trust-pickle" in outcome.err, outcome.err
+    # And a registry version of it (as log_model(registered_model_name=...) makes one), which said to call
+    # tracking.load_pickled_model().
+    version = mlflow.register_model(whole, "whole-model").version
+    outcome = inline(evaluate.main, "--run-id", f"models:/whole-model/{version}")
+    assert outcome.code == 1 and "add --checkpoint model --trust-pickle" in outcome.err, outcome.err
     assert inline(evaluate.main, "--run-id", f"models:/{epoch1.model_id}").code == 0
     assert len(values_at(run_id, "eval_loss", 1)) == 1
 
