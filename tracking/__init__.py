@@ -32,8 +32,8 @@ _EXPORTS = {
     "load_pickled_model": "tracking.loader",
     "load_state_dict": "tracking.loader",
     "log_checkpoint": "tracking.checkpoint",
-    "log_model": "tracking.checkpoint",
-    "log_state_dict": "tracking.checkpoint",
+    "log_model": "tracking.model_logs",
+    "log_state_dict": "tracking.model_logs",
     "rebuildable": "tracking.spec",
     "register": "tracking.registry",
     "resolve_run_id": "tracking.source",
@@ -89,7 +89,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from tracking.catalog import LoggedCheckpoint
-    from tracking.checkpoint import log_checkpoint, log_model, log_state_dict
+    from tracking.checkpoint import log_checkpoint
     from tracking.checkpointer import Checkpointer
     from tracking.config import TrackingConfig
     from tracking.downloader import download
@@ -103,6 +103,7 @@ if TYPE_CHECKING:
         UnsafeClassError,
     )
     from tracking.loader import LoadedCheckpoint, load, load_model, load_pickled_model, load_state_dict, restore
+    from tracking.model_logs import log_model, log_state_dict
     from tracking.registry import register
     from tracking.rng import capture_rng_state, restore_rng_state
     from tracking.saver import wait_for_checkpoints

@@ -25,6 +25,20 @@ _CONTAINERS = (dict, OrderedDict, list, tuple, set)
 # Deeper than any state dict: a structure this deep is a mistake, and deep enough ones make
 # the loader fail with RecursionError.
 MAX_DEPTH = 64
+# Epochs and steps are stored as int64 (tensors, MLflow's metric steps).
+MAX_INT64 = 2**63 - 1
+
+
+def check_model(model: Any) -> None:
+    """Raise TypeError unless ``model`` is a ``torch.nn.Module``: whatever a log stores comes from one."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def check_int64(name: str, value: object) -> None:
+    """Raise ValueError unless ``value`` (an epoch or step, called ``name``) is a non-negative int64."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT64:
+        raise ValueError(f"{name} must be a non-negative int of at most {MAX_INT64} (int64), got {value!r}")
 
 
 def check_loadable(value: Any, name: str) -> None:
