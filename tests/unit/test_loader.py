@@ -776,3 +776,37 @@ def test_a_whole_model_whose_class_is_not_importable_says_which_code_to_install(
         (tmp_path / "trainer_code.py").write_text("class Renamed:\n    pass\n")
     with pytest.raises(tracking.NotFoundError, match=r"pickle of a class this process cannot import.*trainer_code"):
         tracking.load_pickled_model(run.info.run_id, trust_pickle=True)
+
+
+@pytest.mark.parametrize(
+    ("wrap", "prefix"), [(torch.compile, "_orig_mod."), (nn.DataParallel, "module.")], ids=["compile", "DataParallel"]
+)
+def test_a_checkpoint_whose_keys_carry_a_wrappers_prefix_loads_into_a_plain_model(
+    s3_experiment: str, wrap: Any, prefix: str
+) -> None:
+    from tracking.checkpoint import snapshot_checkpoint
+    from tracking.commit import commit_checkpoint
+
+    torch.manual_seed(0)
+    model = Model(6)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    # As an older version (or another tool) wrote it: the wrapper's state dict, every key prefixed.
+    snapshot = snapshot_checkpoint(model, optimizer, epoch=1)
+    snapshot.payload["model_state"] = wrap(model).state_dict()
+    with mlflow.start_run() as run:
+        commit_checkpoint(open_run(run.info.run_id), snapshot)
+    run_id = run.info.run_id
+    assert set(tracking.load_state_dict(run_id, checkpoint=1)) == {f"{prefix}linear.weight", f"{prefix}linear.bias"}
+
+    def fits(loaded: nn.Module) -> bool:
+        return torch.equal(loaded.linear.weight, model.linear.weight) and torch.equal(
+            loaded.linear.bias, model.linear.bias
+        )
+
+    assert fits(tracking.load(run_id).model) and fits(tracking.load(run_id, model=Model(6), mode="train").model)
+    # strict=False used to load none of the keys, silently.
+    assert fits(tracking.load(run_id, model=Model(6), strict=False).model)
+    assert fits(tracking.load_model(run_id, model=Model(6)))
+    target = Model(6)
+    tracking.restore(run_id, target, torch.optim.SGD(target.parameters(), lr=0.1))
+    assert fits(target)
