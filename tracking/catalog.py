@@ -43,6 +43,7 @@ class StoredCheckpoint:
     created_ms: int
     artifact_uri: str
     store: ArtifactStore
+    format: str | None = None  # what wrote it: "torch" (tracking.log_checkpoint), "lightning", "transformers"...
 
     @property
     def uri(self) -> str:
@@ -159,6 +160,30 @@ def refuse_rewind(handle: RunHandle, keyed_by: str, resumed: int, from_latest: s
         f"would give the abandoned training's {layout.label(keyed_by, later[-1])} until the new one passed it. "
         "Nothing was trained or logged. Resume into a new MLflow run (start one with mlflow.start_run() or give "
         f"another run), or resume from the run's latest: {from_latest}."
+    )
+
+
+def refuse_restart(handle: RunHandle, format: str, from_latest: str) -> None:
+    """Raise when the run holds committed checkpoints of ``format`` and a training that resumes from none of them
+    (a fresh one: a notebook cell run again into its run, a long-lived active run) would go on logging to it: it
+    would log a second history over them, and "latest", which never moves back, would name the earlier
+    training's until the new one passed it. ``from_latest``: the framework's line that resumes from the run's
+    latest instead."""
+    stored = {key: model for key, model in committed(handle).items() if model.format == format}
+    if not stored:
+        return
+    # The latest as readers take it: the one the run's tag names, else the newest.
+    tagged = handle.tags.get(layout.TAG_LATEST)
+    latest = next((model for model in stored.values() if model.model_id == tagged), stored[max(stored)])
+    keys = list(stored)
+    shown = ", ".join(str(key) for key in keys[:5]) + (", ..." if len(keys) > 5 else "")
+    raise TrackingError(
+        f"run {handle.run_id}: this training starts afresh, but the run has checkpoints of an earlier one "
+        f"({latest.keyed_by}s {shown}; latest {layout.label(latest.keyed_by, latest.key)}): going on in it would "
+        "rewrite its history, and tracking.load would give the earlier training's "
+        f"{layout.label(latest.keyed_by, latest.key)} until the new one passed it. Nothing was trained or logged. "
+        "Train into a new MLflow run (start one with mlflow.start_run() or give another run), or resume from the "
+        f"run's latest: {from_latest}."
     )
 
 
@@ -354,4 +379,5 @@ def _wrap(model: Any, config: TrackingConfig) -> StoredCheckpoint:
         created_ms=model.creation_timestamp,
         artifact_uri=model.artifact_location,
         store=store,
+        format=(model.tags or {}).get(layout.TAG_FORMAT),
     )

@@ -610,6 +610,25 @@ def test_a_fit_resumed_from_before_the_runs_latest_in_the_same_run_is_refused_be
     assert _tags(run_id)[layout.TAG_LATEST] == latest
 
 
+def test_a_fresh_fit_into_a_run_with_lightning_checkpoints_is_refused_before_it_trains(
+    s3_experiment: str, tmp_path: Path
+) -> None:
+    with mlflow.start_run() as run:
+        fit(2, tmp_path / "first", save_top_k=-1)
+    run_id = run.info.run_id
+    before = {c.model_id: c.key for c in tracking.list_checkpoints(run_id)}
+    latest = _tags(run_id)[layout.TAG_LATEST]
+    # A notebook cell run again into its run: a new fit, from no checkpoint.
+    with mlflow.start_run(run_id=run_id), pytest.raises(tracking.TrackingError) as refused:
+        fit(2, tmp_path / "again", save_top_k=-1)
+    message = str(refused.value)
+    assert message.startswith(f"run {run_id}: this training starts afresh") and "latest epoch 1" in message
+    assert "new MLflow run" in message and f"checkpoint_path({run_id!r})" in message and "\n" not in message
+    assert not (tmp_path / "again" / "checkpoints").exists()  # nothing trained, nothing saved
+    assert {c.model_id: c.key for c in tracking.list_checkpoints(run_id)} == before
+    assert _tags(run_id)[layout.TAG_LATEST] == latest
+
+
 def test_a_fit_resumed_from_the_latest_or_into_a_new_run_goes_on(s3_experiment: str, tmp_path: Path) -> None:
     with mlflow.start_run() as run:
         fit(2, tmp_path / "first", save_top_k=-1, monitor="val_loss")

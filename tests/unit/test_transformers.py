@@ -400,9 +400,11 @@ def test_a_second_train_after_the_trainers_mlflow_logging_ended_its_run_says_how
     run_id = mlflow.search_runs(output_format="list")[0].info.run_id
     with pytest.raises(ValueError, match=re.escape(f'with mlflow.start_run(run_id="{run_id}")')) as refused:
         trainer.train()  # the Trainer's MLflowCallback ended its run at the end of the first
-    assert "report_to" in str(refused.value)
-    with mlflow.start_run(run_id=run_id):  # as the error says: both trainings' checkpoints in the one run
-        trainer.train()
+    assert "report_to" in str(refused.value) and "checkpoint_folder" in str(refused.value)
+    with mlflow.start_run(run_id=run_id), pytest.raises(TrackingError, match="starts afresh"):
+        trainer.train()  # a second training from scratch would rewrite the run's checkpoints
+    with mlflow.start_run(run_id=run_id):  # as the error says: from the run's latest, in the one run
+        trainer.train(resume_from_checkpoint=checkpoint_folder(run_id, output_dir=tmp_path / "out"))
     assert [c.epoch for c in tracking.list_checkpoints(run_id)] == [1]
     assert len(mlflow.search_runs(output_format="list")) == 1
     # The traceback holds the Trainer: freed now, its MLflowCallback ends no later test's run when collected.
@@ -725,6 +727,23 @@ def test_a_training_resumed_from_before_the_runs_latest_in_the_same_run_is_refus
     with mlflow.start_run() as child:
         make_trainer(split, tmp_path / "child", [TrackingCallback()]).train(resume_from_checkpoint=folder)
     assert [c.epoch for c in tracking.list_checkpoints(child.info.run_id)] == [2, 3]
+
+
+def test_a_fresh_training_into_a_run_with_its_checkpoints_is_refused_before_it_trains(
+    trained: tuple[str, Trainer], split: data.Split, tmp_path: Path
+) -> None:
+    run_id, _ = trained
+    before = {c.model_id: c.key for c in tracking.list_checkpoints(run_id)}
+    latest = mlflow.MlflowClient().get_run(run_id).data.tags[layout.TAG_LATEST]
+    again = make_trainer(split, tmp_path / "again", [TrackingCallback(run_id=run_id)])
+    with pytest.raises(TrackingError, match=f"run {run_id}: this training starts afresh") as refused:
+        again.train()  # no resume_from_checkpoint
+    message = str(refused.value)
+    assert "epochs 1, 2, 3; latest epoch 3" in message and "\n" not in message
+    assert "new MLflow run" in message and f'checkpoint_folder("{run_id}"' in message
+    assert again.state.global_step == 0 and not list((tmp_path / "again").glob("checkpoint-*"))  # nothing saved
+    assert {c.model_id: c.key for c in tracking.list_checkpoints(run_id)} == before
+    assert mlflow.MlflowClient().get_run(run_id).data.tags[layout.TAG_LATEST] == latest
 
 
 def test_a_resume_from_a_save_only_model_checkpoint_warns_that_it_starts_a_fresh_optimizer(

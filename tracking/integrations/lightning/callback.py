@@ -29,7 +29,12 @@ from tracking.integrations.lightning.description import (
     save_context,
 )
 from tracking.integrations.lightning.mirror import MirrorIO
-from tracking.integrations.lightning.resume import RESUME_LINE, refuse_resume, take_writers_states
+from tracking.integrations.lightning.resume import (
+    RESUME_LINE,
+    refuse_restart,
+    refuse_resume,
+    take_writers_states,
+)
 from tracking.parallel import distributed
 from tracking.rng import capture_rng_state, restore_rng_state
 
@@ -168,6 +173,12 @@ class MLflowCheckpoints(pl.Callback):
         if "rng" in state_dict and self.restore_rng:
             restore_rng_state(state_dict["rng"])
             self._restored_rng = state_dict["rng"]
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Once a resume restored the loops, before the first batch: a fit that starts at 0 resumed from nothing.
+        if trainer.global_step == 0 and trainer.current_epoch == 0:
+            io, zero = self._io, trainer.is_global_zero
+            distributed.on_rank0(lambda: refuse_restart(io.open()) if zero and io else None)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A new epoch: its data iterator is made after this, from the restored states, as in a run that never stopped.

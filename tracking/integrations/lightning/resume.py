@@ -69,8 +69,17 @@ def refuse_resume(handle: RunHandle, checkpoint: Mapping[str, Any], keyed_by: st
     run has checkpoints after it (see :func:`tracking.catalog.refuse_rewind`)."""
     keyed_by = keyed_by or layout.EPOCH
     resumed = int(checkpoint["global_step"] if keyed_by == layout.STEP else checkpoint["epoch"])
-    from_latest = f"trainer.fit(model, ckpt_path=checkpoint_path({handle.run_id!r}))"
-    catalog.refuse_rewind(handle, keyed_by, resumed, from_latest)
+    catalog.refuse_rewind(handle, keyed_by, resumed, _from_latest(handle))
+
+
+def refuse_restart(handle: RunHandle) -> None:
+    """Refuse, before it trains, a fit that resumes from no checkpoint and logs to the run of ``handle`` when the
+    run has Lightning checkpoints (see :func:`tracking.catalog.refuse_restart`)."""
+    catalog.refuse_restart(handle, FORMAT, _from_latest(handle))
+
+
+def _from_latest(handle: RunHandle) -> str:
+    return f"trainer.fit(model, ckpt_path=checkpoint_path({handle.run_id!r}))"
 
 
 def take_writers_states(checkpoint: dict[str, Any], paths: Iterable[str]) -> None:

@@ -119,6 +119,8 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
             catalog.refuse_mixed_keys(self._handle, self._keyed_by)
             if state.global_step > 0:  # resumed: the Trainer restored its state from a checkpoint folder
                 self._check_resume(args, state, self._handle)
+            else:
+                catalog.refuse_restart(self._handle, FORMAT, _from_latest(self._handle))
             unevaluated = _unevaluated_saves(args, state)
             if unevaluated is not None:
                 _log.warning(
@@ -137,8 +139,7 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
         """Refuse a resume from before the run's latest (see :func:`tracking.catalog.refuse_rewind`); warn of one from
         a folder saved with ``save_only_model=True``, whose optimizer, schedule and RNG the Trainer starts afresh."""
         resumed = state.global_step if self._keyed_by == layout.STEP else _epochs_completed(state, self._keyed_by)
-        from_latest = f'trainer.train(resume_from_checkpoint=checkpoint_folder("{handle.run_id}", output_dir=...))'
-        catalog.refuse_rewind(handle, self._keyed_by, resumed, from_latest)
+        catalog.refuse_rewind(handle, self._keyed_by, resumed, _from_latest(handle))
         folder = Path(str(args.output_dir)) / f"{PREFIX}-{state.global_step}"
         if _saved_model_only(folder):
             _log.warning(
@@ -296,7 +297,7 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
                     f"TrackingCallback: no active MLflow run for this train(); the one before logged to run "
                     f"{self._handle.run_id}, which the Trainer's own MLflow logging (report_to='mlflow') ended with "
                     f'it. Go on in it: `with mlflow.start_run(run_id="{self._handle.run_id}"):` around '
-                    "trainer.train(), or start a new one the same way."
+                    f"{_from_latest(self._handle)}, or train into a new run: `with mlflow.start_run():`."
                 )
             raise ValueError(
                 "TrackingCallback: no active MLflow run and no run_id; start one (`with mlflow.start_run():` "
@@ -378,3 +379,8 @@ def _on_process_zero(state: TrainerState, step: Callable[[], object]) -> None:
         except BaseException as exc:
             error = exc
     distributed.raise_together(error)
+
+
+def _from_latest(handle: RunHandle) -> str:
+    # How to resume the run's latest instead, said where a training would rewrite the run.
+    return f'trainer.train(resume_from_checkpoint=checkpoint_folder("{handle.run_id}", output_dir=...))'
