@@ -27,9 +27,10 @@ from mlflow.tracking import MlflowClient
 
 import tracking
 from pipelines.models import DigitsMLP
-from tracking import layout
+from tracking import catalog, layout
 from tracking.localstack import LocalStack
 from tracking.parallel import dcp_index, sharded
+from tracking.run import open_run
 from tracking.storage import BufferReader
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -267,3 +268,19 @@ def test_keep_best_ranks_by_the_metrics_rank_0_saves_with(env: dict[str, str], s
     kept = {c.epoch: c.metrics for c in tracking.list_checkpoints(launch.run_id)}
     assert kept == {2: {"val_loss": 0.2}, 3: {"val_loss": 0.9}}  # the best and the last
     assert tracking.find_checkpoint(launch.run_id, "best").manifest.epoch == 2
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_ranks_that_pass_different_epochs_to_one_save_all_raise_and_nothing_is_stored(
+    env: dict[str, str], strategy: str
+) -> None:
+    launch = torchrun(env, 2, "tests.distributed.split_keys", strategy)
+    assert launch.code == 0, launch.out[-3000:]
+    refusals = re.findall(r"rank (\d) refused: (.*)", launch.out)
+    assert sorted(rank for rank, _ in refusals) == ["0", "1"], launch.out[-3000:]
+    message = refusals[0][1]
+    assert refusals[1][1] == message and message.startswith(f"run {launch.run_id}: the ranks saved one checkpoint")
+    assert "rank 0: epoch=1, step=None; rank 1: epoch=2, step=None" in message and "Nothing was stored" in message
+    assert [c.epoch for c in tracking.list_checkpoints(launch.run_id)] == [5]
+    every = catalog.search(open_run(launch.run_id), status=None)  # no logged model left of the refused save
+    assert [(c.epoch, c.status) for c in every] == [(5, catalog.READY)]

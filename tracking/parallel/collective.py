@@ -30,20 +30,44 @@ def commit(
     with every rank's ``rank_state``. ``after`` runs on rank 0 once the checkpoint is
     committed (retention). Every rank returns the checkpoint, or raises the same error.
     """
+    key = (snapshot.manifest.epoch, snapshot.manifest.step)
     if snapshot.manifest.kind == SHARDED_KIND:
         # Imported here: torch.distributed.checkpoint costs every other save nothing.
         from tracking.parallel.sharded import commit_sharded
 
+        # Before rank 0 creates its logged model: two small collectives beside the shards' writes.
+        keys = distributed.gather(key)
+        distributed.on_rank0(lambda: _refuse_different_keys(handle, keys))
         return commit_sharded(handle, snapshot, describe, after)
-    states = distributed.gather(snapshot.rank_state) if distributed.active() else None
+    # Every rank's key travels with its rank_state, in the one gather the commit makes anyway.
+    gathered = distributed.gather((snapshot.rank_state, key)) if distributed.active() else None
 
     def on_rank0() -> LoggedCheckpoint:
         assert handle is not None
-        if states is not None and any(state is not None for state in states):
-            snapshot.payload[layout.RANK_STATE] = states
+        if gathered is not None:
+            _refuse_different_keys(handle, [rank_key for _, rank_key in gathered])
+            states = [state for state, _ in gathered]
+            if any(state is not None for state in states):
+                snapshot.payload[layout.RANK_STATE] = states
         logged = commit_checkpoint(handle, snapshot, describe)
         if after is not None:
             after(logged)
         return logged
 
     return distributed.on_rank0(on_rank0)
+
+
+def _refuse_different_keys(handle: RunHandle | None, keys: list[tuple[int | None, int | None]] | None) -> None:
+    """On rank 0, raise when the ranks gave one collective save different ``(epoch, step)``: rank 0's alone
+    would be stored, under a key the other ranks did not mean."""
+    if not keys or all(key == keys[0] for key in keys):
+        return
+    assert handle is not None
+    other = next(rank for rank, key in enumerate(keys) if key != keys[0])
+    (epoch, step), (other_epoch, other_step) = keys[0], keys[other]
+    raise ValueError(
+        f"run {handle.run_id}: the ranks saved one checkpoint (tracking.log_checkpoint, Checkpointer.save) with "
+        f"different keys (rank 0: epoch={epoch}, step={step}; rank {other}: epoch={other_epoch}, step={other_step}), "
+        "and only rank 0's would be stored. Nothing was stored. Pass every rank the same epoch= and step= (the "
+        "training loop's counters, not a count of each rank's own)."
+    )
