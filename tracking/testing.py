@@ -11,7 +11,15 @@ Enable them in a ``conftest.py`` (they need ``moto[s3]`` and ``pytest``: ``pip i
   tracking URI (``MLFLOW_TRACKING_URI`` and ``mlflow.set_tracking_uri``); its URI.
 - ``tracking_experiment``: both, and an active experiment whose artifacts go to that bucket; its ID.
   ``tracking.log_checkpoint``, ``Checkpointer`` and ``tracking.load`` then run as they do against a real
-  server and S3, in a second or two per test.
+  server and S3, in a second or two per test; so does the ``tracking`` command line (``TRACKING_EXPERIMENT``
+  names that experiment).
+
+Each test is isolated from the shell and from the tests before it: the fixtures hide the variables and AWS
+config files that would send requests elsewhere (an endpoint, a profile, a registry, an experiment or run
+ID), undo ``mlflow.set_experiment`` and ``mlflow.set_registry_uri``, end the runs a test left open, and
+wait for its background checkpoint saves (``blocking=False``, ``Checkpointer(async_save=True)``) before
+moto goes: a save still running lands in its own test's bucket, and a failed one fails that test's
+teardown.
 
 A new sqlite store runs MLflow's ~100 schema migrations (2-3 s): the fixtures migrate one once per
 session and give each test a copy. MLflow caches every store it opens for the life of the process
@@ -22,6 +30,7 @@ stays small and each test's credentials are its own.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from collections.abc import Iterator
@@ -37,6 +46,11 @@ _S3_ELSEWHERE = (
     "AWS_PROFILE",
     "AWS_SESSION_TOKEN",
 )
+# Where botocore reads a profile: the default one may name an endpoint_url (a MinIO or a real bucket's).
+_AWS_FILES = ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
+# The variables that would send MLflow's writes to another registry, or into an experiment or run of the
+# shell's, rather than the test's store: mlflow.set_experiment and set_registry_uri set them too.
+_MLFLOW_ELSEWHERE = ("MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
 
 
 @pytest.fixture
@@ -55,15 +69,25 @@ def tracking_s3(tracking_s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> Ite
 
     for var in _S3_ELSEWHERE:
         monkeypatch.delenv(var, raising=False)
+    for var in _AWS_FILES:
+        monkeypatch.setenv(var, os.devnull)
+    monkeypatch.setenv("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "true")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    # boto3's default session keeps the profile it read when made (the user's code may have made it).
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
     s3_storage.s3_client.cache_clear()  # a client made before would go to the real endpoint
     with mock_aws():
         boto3.client("s3", region_name="us-east-1").create_bucket(Bucket=tracking_s3_bucket)
-        yield tracking_s3_bucket
-    s3_storage.s3_client.cache_clear()
-    release_mlflow_stores()  # MLflow's S3 clients, made with moto's credentials
+        try:
+            yield tracking_s3_bucket
+        finally:
+            try:
+                _flush_background_saves()  # while moto still answers: after it, they would go to AWS
+            finally:
+                s3_storage.s3_client.cache_clear()
+                release_mlflow_stores()  # MLflow's S3 clients, made with moto's credentials
 
 
 @pytest.fixture(scope="session")
@@ -81,26 +105,58 @@ def tracking_empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tracking_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tracking_empty_store: Path) -> Iterator[str]:
     """A fresh sqlite tracking store in ``tmp_path``, the current tracking URI for this test; its URI."""
     import mlflow
+    from mlflow.tracking import fluent
+    from mlflow.tracking._model_registry import utils as registry_utils
 
     shutil.copyfile(tracking_empty_store, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for var in _MLFLOW_ELSEWHERE:
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # The registry follows the tracking URI once no registry URI is set; an experiment set by an earlier
+    # test (or this one) would be looked up in the next test's store, where it does not exist.
+    monkeypatch.setattr(registry_utils, "_registry_uri", None)
+    monkeypatch.setattr(fluent, "_active_experiment_id", None)
     mlflow.set_tracking_uri(uri)
     yield uri
-    while mlflow.active_run() is not None:  # a run the test left open would be ended in the next test's store
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # back to the environment's: MLflow takes None
-    release_mlflow_stores()
+    try:
+        _flush_background_saves()  # they write the run's tags: into this store, not the next test's
+    finally:
+        while mlflow.active_run() is not None:  # a run left open would be ended in the next test's store
+            mlflow.end_run()
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # back to the environment's: MLflow takes None
+        release_mlflow_stores()
 
 
 @pytest.fixture
-def tracking_experiment(tracking_s3: str, tracking_store: str) -> str:
+def tracking_experiment(tracking_s3: str, tracking_store: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """An active experiment, ``tracking-test``, whose runs store their artifacts in ``tracking_s3``; its ID."""
     import mlflow
 
     experiment_id = mlflow.create_experiment("tracking-test", artifact_location=f"s3://{tracking_s3}/tracking-test")
     mlflow.set_experiment(experiment_id=experiment_id)
+    monkeypatch.setenv("TRACKING_EXPERIMENT", "tracking-test")  # the experiment `tracking runs` lists
     return str(experiment_id)
+
+
+def _flush_background_saves() -> None:
+    """Wait for the background checkpoint saves still running; fail the test's teardown when one failed.
+
+    Left running, a save would outlive the test's moto (its requests then going to AWS) and its failure
+    would surface in a later test, or only when the process exits.
+    """
+    saver = sys.modules.get("tracking.saver")
+    if saver is None:
+        return
+    try:
+        saver.wait_for_checkpoints()
+    except Exception as exc:
+        pytest.fail(
+            f"a background checkpoint save of this test failed: {type(exc).__name__}: {exc}\n"
+            "The fixtures waited for it at teardown; call tracking.wait_for_checkpoints() (or close the "
+            "Checkpointer) before the test ends to see the failure in the test itself.",
+            pytrace=False,
+        )
 
 
 def release_mlflow_stores() -> int:
