@@ -8,7 +8,8 @@ Enable them in a ``conftest.py`` (they need ``moto[s3]`` and ``pytest``: ``pip i
 - ``tracking_s3``: moto's in-process S3 (``moto.mock_aws``) holding one empty bucket, with fake
   credentials in the environment; the bucket's name. Override the ``tracking_s3_bucket`` fixture to name it.
 - ``tracking_store``: a fresh sqlite tracking store in the test's ``tmp_path``, made the current
-  tracking URI (``MLFLOW_TRACKING_URI`` and ``mlflow.set_tracking_uri``); its URI.
+  tracking URI (``MLFLOW_TRACKING_URI`` and ``mlflow.set_tracking_uri``) and registry; its URI. Experiments
+  made without an artifact location keep their files in ``tmp_path / "mlruns"``, not the working directory.
 - ``tracking_experiment``: both, and an active experiment whose artifacts go to that bucket; its ID.
   ``tracking.log_checkpoint``, ``Checkpointer`` and ``tracking.load`` then run as they do against a real
   server and S3, in a second or two per test; so does the ``tracking`` command line (``TRACKING_EXPERIMENT``
@@ -32,8 +33,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import sys
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -107,9 +110,11 @@ def tracking_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tracking_emp
     import mlflow
     from mlflow.tracking import fluent
     from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
 
     shutil.copyfile(tracking_empty_store, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    artifacts = _keep_artifacts_in(tmp_path / "mlruns", tmp_path / "mlflow.db")
     for var in _MLFLOW_ELSEWHERE:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -118,6 +123,9 @@ def tracking_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tracking_emp
     monkeypatch.setattr(registry_utils, "_registry_uri", None)
     monkeypatch.setattr(fluent, "_active_experiment_id", None)
     mlflow.set_tracking_uri(uri)
+    # MLflow roots a sqlite store's experiments at ./mlruns of the working directory: the user's
+    # checkout, where each test would write into the same mlruns/<id>/ as the tests before it.
+    tracking_utils._get_store(uri).artifact_root_uri = artifacts
     yield uri
     try:
         _flush_background_saves()  # they write the run's tags: into this store, not the next test's
@@ -137,6 +145,13 @@ def tracking_experiment(tracking_s3: str, tracking_store: str, monkeypatch: pyte
     mlflow.set_experiment(experiment_id=experiment_id)
     monkeypatch.setenv("TRACKING_EXPERIMENT", "tracking-test")  # the experiment `tracking runs` lists
     return str(experiment_id)
+
+
+def _keep_artifacts_in(root: Path, database: Path) -> str:
+    """Root the default experiment of the store at ``database`` in ``root``; ``root`` as MLflow writes it."""
+    with closing(sqlite3.connect(database)) as db, db:
+        db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (str(root / "0"),))
+    return str(root)
 
 
 def _flush_background_saves() -> None:

@@ -54,6 +54,16 @@ def test_registers_loads_and_lists_in_the_fixtures(tracking_experiment: str) -> 
     assert listed.exit_code == 0 and run.info.run_id in listed.output, listed.output
 
 
+def test_keeps_artifacts_in_its_tmp_path(tracking_store: str, tmp_path) -> None:
+    mlflow.set_experiment("made-by-the-test")  # with no artifact location of its own
+    with mlflow.start_run() as run:
+        mlflow.log_text("x", "a.txt")
+    with mlflow.start_run(experiment_id="0") as default:
+        mlflow.log_text("x", "a.txt")
+    for made in (run, default):
+        assert made.info.artifact_uri.removeprefix("file://").startswith(str(tmp_path)), made.info.artifact_uri
+
+
 def test_sets_experiment_and_registry_of_its_own(tracking_experiment: str) -> None:
     mlflow.set_experiment("mine")
     mlflow.set_registry_uri("sqlite:///elsewhere.db")
@@ -147,7 +157,8 @@ def user_suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[
     for case in ET.parse(report).iter("testcase"):
         problems = [f"{p.tag}: {p.get('message')}\n{p.text}" for p in case if p.tag in ("failure", "error")]
         outcomes[case.get("name", "")] = "\n".join(problems) or "passed"
-    yield outcomes, list(_Recorder.requests), done.stdout[-3000:]
+    leftovers = sorted(path.name for path in home.iterdir())
+    yield outcomes, list(_Recorder.requests), f"{done.stdout[-3000:]}\nleft in the working directory: {leftovers}"
 
 
 def test_the_shells_servers_and_aws_config_get_no_request(user_suite: tuple[dict[str, str], list[str], str]) -> None:
@@ -181,3 +192,9 @@ def test_a_failed_background_save_fails_its_own_tests_teardown(
     assert "a background checkpoint save of this test failed" in failed and "bucket 'tracking-test'" in failed
     assert "tracking.wait_for_checkpoints()" in failed
     assert outcomes["test_then_saves_of_its_own_succeed"] == "passed"
+
+
+def test_run_artifacts_stay_in_the_tests_tmp_path(user_suite: tuple[dict[str, str], list[str], str]) -> None:
+    outcomes, _, output = user_suite
+    assert outcomes["test_keeps_artifacts_in_its_tmp_path"] == "passed"
+    assert "mlruns" not in output.rsplit("left in the working directory:", 1)[1], output
