@@ -58,9 +58,10 @@ test: install browser-deps
 	$(BIN)/python -m pytest tests -m "unit or smoke" -n $(TEST_WORKERS) --dist loadfile
 
 # Every tier: unit, integration (sqlite, PostgreSQL, proxied stacks; compose server; browser),
-# reliability and distributed. What .ci/run runs.
+# reliability and distributed. What .ci/run runs. On TEST_WORKERS workers too, each file's tests in
+# one of them: each worker starts the stacks its files use (one of each kind per worker).
 test-all: install browser-deps
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile
 
 test-unit: install
 	$(BIN)/python -m pytest tests/unit
