@@ -37,14 +37,10 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            try:
-                return super().invoke(ctx)
-            except Exception as exc:
-                ours = mlflow_failure(exc)
-                if ours is None:
-                    raise
-                raise ours from exc
-        except Exception as exc:
+            return super().invoke(ctx)
+        except Exception as raised:
+            # MLflow's own error (a refused or failed request) is reported as ours; --debug shows its traceback.
+            exc = mlflow_failure(raised) or raised
             code = exit_code(exc)  # None for click's own exceptions: click maps those itself
             if (code is None and not isinstance(exc, click.ClickException)) or ctx.find_root().params.get("debug"):
                 raise
