@@ -6,7 +6,8 @@ Enable them in a ``conftest.py`` (they need ``moto[s3]`` and ``pytest``: ``pip i
     pytest_plugins = ["tracking.testing"]
 
 - ``tracking_s3``: moto's in-process S3 (``moto.mock_aws``) holding one empty bucket, with fake
-  credentials in the environment; the bucket's name. Override the ``tracking_s3_bucket`` fixture to name it.
+  credentials in the environment; the bucket's name. Override the ``tracking_s3_bucket`` fixture to name it
+  (a name AWS S3 refuses fails the setup: moto takes it).
 - ``tracking_store``: a fresh sqlite tracking store in the test's ``tmp_path``, made the current
   tracking URI (``MLFLOW_TRACKING_URI`` and ``mlflow.set_tracking_uri``) and registry; its URI. Experiments
   made without an artifact location keep their files in ``tmp_path / "mlruns"``, not the working directory.
@@ -14,13 +15,16 @@ Enable them in a ``conftest.py`` (they need ``moto[s3]`` and ``pytest``: ``pip i
   ``tracking.log_checkpoint``, ``Checkpointer`` and ``tracking.load`` then run as they do against a real
   server and S3, in a second or two per test; so does the ``tracking`` command line (``TRACKING_EXPERIMENT``
   names that experiment).
+- ``tracking_s3_server``: instead of ``tracking_s3``, the same bucket served by moto over HTTP on 127.0.0.1,
+  with its endpoint and the fake credentials exported, for training code the test runs as a child process;
+  ``tracking_experiment`` then keeps its artifacts there.
 
 Each test is isolated from the shell and from the tests before it: the fixtures hide the variables and AWS
 config files that would send requests elsewhere (an endpoint, a profile, a registry, an experiment or run
-ID), undo ``mlflow.set_experiment`` and ``mlflow.set_registry_uri``, end the runs a test left open, and
-wait for its background checkpoint saves (``blocking=False``, ``Checkpointer(async_save=True)``) before
-moto goes: a save still running lands in its own test's bucket, and a failed one fails that test's
-teardown.
+ID), undo ``mlflow.set_experiment`` and ``mlflow.set_registry_uri``, end the runs a test left open (FAILED
+when the test failed, FINISHED otherwise), and wait for its background checkpoint saves (``blocking=False``,
+``Checkpointer(async_save=True)``) before moto goes: a save still running lands in its own test's bucket,
+and a failed one fails that test's teardown.
 
 A new sqlite store runs MLflow's ~100 schema migrations (2-3 s): the fixtures migrate one once per
 session and give each test a copy. MLflow caches every store it opens for the life of the process
@@ -35,7 +39,8 @@ import os
 import shutil
 import sqlite3
 import sys
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Generator, Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -54,6 +59,8 @@ _AWS_FILES = ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
 # The variables that would send MLflow's writes to another registry, or into an experiment or run of the
 # shell's, rather than the test's store: mlflow.set_experiment and set_registry_uri set them too.
 _MLFLOW_ELSEWHERE = ("MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
+# Set on a test whose setup or body failed (pytest_runtest_makereport): its open runs end FAILED.
+_TEST_FAILED = pytest.StashKey[bool]()
 
 
 @pytest.fixture
@@ -68,8 +75,77 @@ def tracking_s3(tracking_s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> Ite
     import boto3
     from moto import mock_aws
 
-    from tracking.storage import s3 as s3_storage
+    _use_fake_aws(monkeypatch, tracking_s3_bucket)
+    with mock_aws():
+        boto3.client("s3", region_name="us-east-1").create_bucket(Bucket=tracking_s3_bucket)
+        try:
+            yield tracking_s3_bucket
+        finally:
+            _let_s3_go()  # while moto still answers: after it, a save still running would go to AWS
 
+
+@pytest.fixture(scope="session")
+def tracking_moto_server() -> Iterator[str]:
+    """moto's S3 served over HTTP on 127.0.0.1 (a free port) for the whole session; its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def tracking_s3_server(
+    tracking_s3_bucket: str, tracking_moto_server: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Iterator[str]:
+    """``tracking_s3`` served over HTTP, so child processes of the test reach it too; the bucket's name.
+
+    ``MLFLOW_S3_ENDPOINT_URL``, ``AWS_ENDPOINT_URL_S3`` and the fake credentials are exported: training code
+    the test runs as a subprocess (``python train.py``, ``torchrun``) logs to this bucket, and with
+    ``tracking_store`` into its store (``MLFLOW_TRACKING_URI``).
+    """
+    import boto3
+
+    if "tracking_s3" in request.fixturenames:
+        pytest.fail(
+            f"{request.node.nodeid} asks for both tracking_s3 (moto in this process) and tracking_s3_server "
+            "(moto over HTTP, for child processes): ask for one; tracking_s3_server serves this process too.",
+            pytrace=False,
+        )
+    _use_fake_aws(monkeypatch, tracking_s3_bucket)
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", tracking_moto_server)  # the library's and MLflow's S3 clients
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", tracking_moto_server)  # a plain boto3.client("s3") of the user's
+    monkeypatch.delenv("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS")
+    boto3.client("s3", region_name="us-east-1").create_bucket(Bucket=tracking_s3_bucket)
+    try:
+        yield tracking_s3_bucket
+    finally:
+        try:
+            _let_s3_go()
+        finally:
+            # Every bucket and object goes: the next test starts from an empty S3, as with tracking_s3.
+            urllib.request.urlopen(urllib.request.Request(f"{tracking_moto_server}/moto-api/reset", method="POST"))
+
+
+def _use_fake_aws(monkeypatch: pytest.MonkeyPatch, bucket: str) -> None:
+    """Refuse a bucket name AWS refuses; hide what would send S3 requests elsewhere; set fake credentials."""
+    import boto3
+
+    from tracking.storage import s3 as s3_storage
+    from tracking.uri import bucket_name_problem
+
+    problem = bucket_name_problem(bucket)
+    if problem is not None:  # moto takes it: the suite would pass and the same code fail against AWS
+        pytest.fail(
+            f"tracking_s3_bucket is {bucket!r}, a name real S3 refuses: {problem}. Your code would pass its "
+            "tests on moto and fail against S3; override the tracking_s3_bucket fixture with a name such as "
+            "'my-bucket'.",
+            pytrace=False,
+        )
     for var in _S3_ELSEWHERE:
         monkeypatch.delenv(var, raising=False)
     for var in _AWS_FILES:
@@ -81,16 +157,17 @@ def tracking_s3(tracking_s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> Ite
     # boto3's default session keeps the profile it read when made (the user's code may have made it).
     monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
     s3_storage.s3_client.cache_clear()  # a client made before would go to the real endpoint
-    with mock_aws():
-        boto3.client("s3", region_name="us-east-1").create_bucket(Bucket=tracking_s3_bucket)
-        try:
-            yield tracking_s3_bucket
-        finally:
-            try:
-                _flush_background_saves()  # while moto still answers: after it, they would go to AWS
-            finally:
-                s3_storage.s3_client.cache_clear()
-                release_mlflow_stores()  # MLflow's S3 clients, made with moto's credentials
+
+
+def _let_s3_go() -> None:
+    """Wait for the test's background saves, then drop the S3 clients made with moto's credentials and endpoint."""
+    from tracking.storage import s3 as s3_storage
+
+    try:
+        _flush_background_saves()
+    finally:
+        s3_storage.s3_client.cache_clear()
+        release_mlflow_stores()  # MLflow's S3 clients
 
 
 @pytest.fixture(scope="session")
@@ -105,7 +182,9 @@ def tracking_empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def tracking_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tracking_empty_store: Path) -> Iterator[str]:
+def tracking_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tracking_empty_store: Path, request: pytest.FixtureRequest
+) -> Iterator[str]:
     """A fresh sqlite tracking store in ``tmp_path``, the current tracking URI for this test; its URI."""
     import mlflow
     from mlflow.tracking import fluent
@@ -130,21 +209,41 @@ def tracking_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tracking_emp
     try:
         _flush_background_saves()  # they write the run's tags: into this store, not the next test's
     finally:
-        while mlflow.active_run() is not None:  # a run left open would be ended in the next test's store
-            mlflow.end_run()
+        # A run left open would be ended in the next test's store; FAILED tells a failed test's run apart.
+        status = "FAILED" if request.node.stash.get(_TEST_FAILED, False) else "FINISHED"
+        while mlflow.active_run() is not None:
+            mlflow.end_run(status)
         mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # back to the environment's: MLflow takes None
         release_mlflow_stores()
 
 
 @pytest.fixture
-def tracking_experiment(tracking_s3: str, tracking_store: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """An active experiment, ``tracking-test``, whose runs store their artifacts in ``tracking_s3``; its ID."""
+def tracking_experiment(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An active experiment, ``tracking-test``, whose runs store their artifacts in ``tracking_s3``; its ID.
+
+    Its bucket is ``tracking_s3_server``'s when the test asks for that one.
+    """
     import mlflow
 
-    experiment_id = mlflow.create_experiment("tracking-test", artifact_location=f"s3://{tracking_s3}/tracking-test")
-    mlflow.set_experiment(experiment_id=experiment_id)
+    served = "tracking_s3_server" in request.fixturenames
+    bucket = request.getfixturevalue("tracking_s3_server" if served else "tracking_s3")
+    request.getfixturevalue("tracking_store")  # after S3: its teardown ends the runs before S3 goes
+    experiment_id = mlflow.create_experiment("tracking-test", artifact_location=f"s3://{bucket}/tracking-test")
+    mlflow.set_experiment(experiment_id=experiment_id)  # also MLFLOW_EXPERIMENT_ID, for child processes
     monkeypatch.setenv("TRACKING_EXPERIMENT", "tracking-test")  # the experiment `tracking runs` lists
     return str(experiment_id)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Note on the test whether its setup or body failed: the runs it left open then end FAILED."""
+    report: pytest.TestReport = yield
+    raised_as_expected = report.skipped and hasattr(report, "wasxfail")  # an xfail test's body raised
+    if report.when in ("setup", "call") and (report.failed or raised_as_expected):
+        item.stash[_TEST_FAILED] = True
+    return report
 
 
 def _keep_artifacts_in(root: Path, database: Path) -> str:

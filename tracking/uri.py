@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import dataclass
 from urllib.parse import urlparse
+
+# S3's naming rules for a general purpose bucket (AWS S3 user guide, "Bucket naming rules"). MinIO,
+# SeaweedFS and moto take more, so a name that works in tests or on a local stack can fail on AWS.
+_BUCKET_CHARACTERS = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_BUCKET_RESERVED_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
+_BUCKET_RESERVED_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
 
 
 @dataclass(frozen=True)
@@ -87,3 +95,26 @@ def parse_s3_uri(uri: str) -> S3Location:
     if parsed.scheme != "s3" or not parsed.netloc:
         raise ValueError(f"{uri!r} is not an s3://bucket/key URI")
     return S3Location(parsed.netloc, parsed.path.lstrip("/"))
+
+
+def bucket_name_problem(name: str) -> str | None:
+    """The rule of S3's that a bucket named ``name`` breaks, in words; None when AWS S3 takes the name."""
+    if not _BUCKET_CHARACTERS.fullmatch(name):
+        return (
+            "a bucket name is 3 to 63 characters of lowercase letters, digits, '.' and '-', "
+            "beginning and ending with a letter or digit"
+        )
+    if ".." in name:
+        return "a bucket name has no two adjacent periods"
+    try:
+        ipaddress.IPv4Address(name)
+    except ValueError:
+        pass
+    else:
+        return "a bucket name is not formatted as an IP address"
+    if name.startswith(_BUCKET_RESERVED_PREFIXES) or name.endswith(_BUCKET_RESERVED_SUFFIXES):
+        reserved = ", ".join(
+            (*(f"{p}..." for p in _BUCKET_RESERVED_PREFIXES), *(f"...{s}" for s in _BUCKET_RESERVED_SUFFIXES))
+        )
+        return f"a bucket name does not begin or end as AWS reserves ({reserved})"
+    return None

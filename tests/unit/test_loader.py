@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,6 @@ from tests.unit.conftest import BUCKET
 from tracking import layout
 from tracking.run import open_run
 from tracking.selection import find_checkpoint
-from tracking.storage import s3 as s3_storage
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,30 +46,6 @@ def digits_setup(seed: int = 0) -> tuple[DigitsMLP, torch.optim.Adam, Any]:
 
 
 # ------------------------------------------------------------ fresh process
-
-
-@pytest.fixture
-def moto_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """moto as a real HTTP S3 endpoint on 127.0.0.1, so a child process can reach it."""
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    s3_storage.s3_client.cache_clear()
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
-    try:
-        yield endpoint
-    finally:
-        server.stop()
-        s3_storage.s3_client.cache_clear()
 
 
 CHILD = textwrap.dedent(
@@ -104,7 +77,7 @@ def test_fresh_process_rebuilds_model_optimizer_and_scheduler_exactly(
     artifacts: str, request: pytest.FixtureRequest, tracking_store: str, tmp_path: Path
 ) -> None:
     if artifacts == "s3":
-        request.getfixturevalue("moto_server")
+        request.getfixturevalue("tracking_s3_server")  # moto over HTTP: the child reaches it
         location = f"s3://{BUCKET}/exp"
     else:
         location = (tmp_path / "artifacts").as_uri()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tracking import layout
-from tracking.uri import RunSource, parse_s3_uri, parse_source
+from tracking.uri import RunSource, bucket_name_problem, parse_s3_uri, parse_source
 
 RUN = "0123456789abcdef0123456789abcdef"
 MODEL = "m-0123456789abcdef0123456789abcdef"
@@ -38,6 +38,29 @@ def test_sources_parse_into_their_parts(source: str, parsed: RunSource) -> None:
 def test_malformed_sources_are_value_errors(source: object) -> None:
     with pytest.raises(ValueError):
         parse_source(source)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["abc", "my-bucket.v2", "unit-artifacts", "a" * 63, "1-2"])
+def test_bucket_names_aws_takes_have_no_problem(name: str) -> None:
+    assert bucket_name_problem(name) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "rule"),
+    [
+        ("My_Bucket", "lowercase letters"),
+        ("ab", "3 to 63 characters"),
+        ("a" * 64, "3 to 63 characters"),
+        ("-abc", "beginning and ending"),
+        ("a..b", "two adjacent periods"),
+        ("192.168.0.1", "IP address"),
+        ("xn--abc", "xn--..."),
+        ("data--x-s3", "...--x-s3"),
+    ],
+)
+def test_bucket_names_aws_refuses_name_the_rule(name: str, rule: str) -> None:
+    problem = bucket_name_problem(name)
+    assert problem is not None and rule in problem
 
 
 def test_s3_uri_splits_into_bucket_and_key_and_joins() -> None:
