@@ -45,7 +45,6 @@ from tests.unit.conftest import use_store
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENT = "pipelines"
 METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
-PIPELINES = {"train": train, "digits": digits}
 # Where the fault wrapper kills each pipeline's epoch-5 checkpoint: halfway through the
 # checkpoint file, or with that file stored and halfway through its manifest (the commit).
 KILL_AT = {
@@ -73,7 +72,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     root = tmp_path_factory.mktemp("pipelines")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
-    variables = {"MLFLOW_TRACKING_URI": uri, "TRACKING_EXPERIMENT": EXPERIMENT}
+    # One intra-op thread: with two, torch's CPU matrix products (MKL) differ in their last bits from one
+    # process to the next on a loaded machine, so that two straight runs of the digits model can differ.
+    variables = {"MLFLOW_TRACKING_URI": uri, "TRACKING_EXPERIMENT": EXPERIMENT, "OMP_NUM_THREADS": "1"}
     with pytest.MonkeyPatch.context() as patch:
         use_store(patch, uri, EXPERIMENT)
         yield {**os.environ, **variables}
@@ -108,8 +109,9 @@ class Scenario:
 @pytest.fixture(scope="module", params=[pytest.param("digits", marks=pytest.mark.slow), "train"])
 def scenario(request: pytest.FixtureRequest, env: dict[str, str]) -> Scenario:
     name = request.param
-    module = PIPELINES[name]
-    reference = inline(module.main, "--epochs", "8")
+    # Every training compared here runs in a fresh process, on env's one thread: one trained in this worker
+    # would run on its threads, and with whatever state the tests before it left in the process.
+    reference = process(env, f"pipelines.{name}", "--epochs", "8")
     assert reference.code == 0, reference.err
 
     killed = process(env, "tests.unit.fault", KILL_AT[name], f"pipelines.{name}", "--epochs", "8")
@@ -123,7 +125,7 @@ def scenario(request: pytest.FixtureRequest, env: dict[str, str]) -> Scenario:
     killed_epochs = [m.epoch or 0 for m in tracking.list_checkpoints(killed.run_id)]
 
     # The child first: the in-place resume below lets retention delete epoch 4.
-    child = inline(module.main, "--resume", killed.run_id, "--new-run", "--epochs", "8")
+    child = process(env, f"pipelines.{name}", "--resume", killed.run_id, "--new-run", "--epochs", "8")
     assert child.code == 0, child.err
     resumed = process(env, f"pipelines.{name}", "--resume", killed.run_id, "--epochs", "8")
     assert resumed.code == 0, resumed.err
