@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import sys
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -12,6 +13,13 @@ import pytest
 
 if TYPE_CHECKING:
     from tracking.localstack import LocalStack
+
+# One intra-op thread in every test process and in every process a test starts, set before anything imports
+# torch. The tests compare trainings across processes bit for bit (a straight run against a killed and resumed
+# one), and with several threads torch's CPU matrix products (MKL) do not always repeat their last bits from
+# one process to the next on a loaded machine. On two cores it also keeps two pytest workers from
+# oversubscribing them. torchrun gives its ranks one thread already.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 # tracking_s3, tracking_store, tracking_experiment: the fixtures the library offers its users' tests.
 pytest_plugins = ["tracking.testing"]
@@ -59,6 +67,25 @@ def _release_mlflow_stores() -> Iterator[None]:
     from tracking.testing import release_mlflow_stores
 
     release_mlflow_stores()
+
+
+@pytest.fixture(autouse=True)
+def _forget_the_tests_experiment() -> Iterator[None]:
+    """Put back MLflow's active experiment after each test.
+
+    ``mlflow.set_experiment`` also exports ``MLFLOW_EXPERIMENT_ID``: left, the next test (which may talk to
+    another store, where that ID names another experiment or none) and every process it starts inherit it.
+    """
+    exported = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    fluent = sys.modules.get("mlflow.tracking.fluent")
+    active = getattr(fluent, "_active_experiment_id", None)
+    yield
+    if exported is None:
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    else:
+        os.environ["MLFLOW_EXPERIMENT_ID"] = exported
+    if (fluent := sys.modules.get("mlflow.tracking.fluent")) is not None:
+        fluent._active_experiment_id = active
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -35,9 +35,15 @@ def _gone(pid: int) -> bool:
     return False
 
 
-def test_up_is_idempotent_and_data_survives_down_and_up(new_stack: Callable[..., LocalStack]) -> None:
+def test_up_is_idempotent_and_data_survives_down_and_up(
+    new_stack: Callable[..., LocalStack], monkeypatch: pytest.MonkeyPatch
+) -> None:
     stack = new_stack()
     runner = CliRunner()
+    # The CLI's `up` reads the keys from the environment, the stack above has none: a shell with AWS keys
+    # exported would be another setting.
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
 
     assert sorted(stack.up()) == ["mlflow", "seaweedfs"]
     first = {s.name: s.pid for s in stack.status().services}

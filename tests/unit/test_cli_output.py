@@ -141,9 +141,11 @@ def answering_stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
     settings = {"s3_port": 20000, "mlflow_port": server.server_address[1], "serve_artifacts": False}
     (data_dir / "run" / "stack.json").write_text(json.dumps({**settings, "backend_store_uri": "sqlite:///x.db"}))
     monkeypatch.setenv("TRACKING_DATA_DIR", str(data_dir))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    for name in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
-        monkeypatch.setenv(name, "x")  # restored after the test: connect() sets what is unset
+    connect_sets = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    for name in (*connect_sets, "AWS_DEFAULT_REGION"):
+        # Set, then deleted: monkeypatch records an unset variable only when it deletes one, and connect()
+        # sets what is unset. Without the record, those would outlive the test.
+        monkeypatch.setenv(name, "x")
         monkeypatch.delenv(name)
     monkeypatch.setattr(server_module, "_announced", False)
     try:

@@ -72,9 +72,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     root = tmp_path_factory.mktemp("pipelines")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
-    # One intra-op thread: with two, torch's CPU matrix products (MKL) differ in their last bits from one
-    # process to the next on a loaded machine, so that two straight runs of the digits model can differ.
-    variables = {"MLFLOW_TRACKING_URI": uri, "TRACKING_EXPERIMENT": EXPERIMENT, "OMP_NUM_THREADS": "1"}
+    # Every compared training runs in a fresh process, on one thread (tests/conftest.py says why).
+    variables = {"MLFLOW_TRACKING_URI": uri, "TRACKING_EXPERIMENT": EXPERIMENT}
     with pytest.MonkeyPatch.context() as patch:
         use_store(patch, uri, EXPERIMENT)
         yield {**os.environ, **variables}

@@ -171,8 +171,10 @@ def test_a_replaced_checkpoint_that_the_server_fails_to_look_up_still_warns(
         def failing(self: MlflowClient, model_id: str) -> Any:
             raise MlflowException("the database is locked", error_code=INTERNAL_ERROR)
 
-        monkeypatch.setattr(MlflowClient, "get_logged_model", failing)
-        with pytest.warns(RuntimeWarning, match=f"replaces {old.model_id}, which could not be deleted"):
-            tracking.log_checkpoint(model_with(22), epoch=2)
-        monkeypatch.undo()
+        # A context of its own: monkeypatch.undo() would also undo the fixtures' settings (moto's keys), and
+        # moto's own teardown would then put them back for the rest of the session.
+        with monkeypatch.context() as patch:
+            patch.setattr(MlflowClient, "get_logged_model", failing)
+            with pytest.warns(RuntimeWarning, match=f"replaces {old.model_id}, which could not be deleted"):
+                tracking.log_checkpoint(model_with(22), epoch=2)
     assert old.model_id in {m.model_id for m in all_models(run.info.run_id)}  # left for `verify --clean`
