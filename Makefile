@@ -58,11 +58,12 @@ test: install browser-deps
 	$(BIN)/python -m pytest tests -m "unit or smoke" -n $(TEST_WORKERS) --dist loadfile
 
 # Every tier: unit, integration (sqlite, PostgreSQL, proxied stacks; compose server; browser),
-# reliability and distributed. What .ci/run runs, in one process: on two workers it took 19 minutes
-# instead of about 35, but the files' order then changes from run to run, and a test that depends on
-# what an earlier file left behind failed (tests/integration/test_stack.py's access key).
+# reliability and distributed. What .ci/run runs, on TEST_WORKERS workers as `make test`: about 20
+# minutes on two instead of about 35 in one process. The files' order then changes from run to run, so
+# no test may depend on what an earlier file left in its process (tests/conftest.py puts back what
+# MLflow leaves).
 test-all: install browser-deps
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile
 
 test-unit: install
 	$(BIN)/python -m pytest tests/unit

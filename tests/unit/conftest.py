@@ -49,6 +49,10 @@ def use_store(patch: pytest.MonkeyPatch, uri: str, experiment: str) -> None:
     """
     patch.setenv("MLFLOW_TRACKING_URI", uri)
     patch.setenv("TRACKING_EXPERIMENT", experiment)
+    # The pipeline's mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID: set, then deleted, so that ``patch``
+    # records it and deletes it again when it is undone (monkeypatch records an unset variable only then).
+    patch.setenv("MLFLOW_EXPERIMENT_ID", "")
+    patch.delenv("MLFLOW_EXPERIMENT_ID")
     patch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
     patch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
 

@@ -706,12 +706,17 @@ def test_no_warning_when_each_save_falls_on_an_evaluation_or_no_metric_ranks_the
         assert "eval_loss" in tracking.find_checkpoint(run.info.run_id, "best").manifest.metrics
 
 
+def stored(run_id: str) -> tuple[dict[str | None, object], str]:
+    """What a refused training must leave as it was: the run's checkpoints and its latest."""
+    checkpoints = {c.model_id: c.key for c in tracking.list_checkpoints(run_id)}
+    return checkpoints, mlflow.MlflowClient().get_run(run_id).data.tags[layout.TAG_LATEST]
+
+
 def test_a_training_resumed_from_before_the_runs_latest_in_the_same_run_is_refused_before_it_trains(
     trained: tuple[str, Trainer], split: data.Split, tmp_path: Path
 ) -> None:
     run_id, _ = trained
-    before = {c.model_id: c.key for c in tracking.list_checkpoints(run_id)}
-    latest = mlflow.MlflowClient().get_run(run_id).data.tags[layout.TAG_LATEST]
+    before = stored(run_id)
     folder = checkpoint_folder(run_id, 1, output_dir=tmp_path / "again")
     again = make_trainer(split, tmp_path / "again", [TrackingCallback(run_id=run_id)])
     with pytest.raises(TrackingError, match=f"run {run_id}") as refused:
@@ -719,10 +724,9 @@ def test_a_training_resumed_from_before_the_runs_latest_in_the_same_run_is_refus
     message = str(refused.value)
     assert "epoch 1" in message and "epochs 2, 3" in message and "\n" not in message
     assert "new MLflow run" in message and "checkpoint_folder" in message
-    assert not any(entry.get("loss") for entry in again.state.log_history[len(before) :])
+    assert not any(entry.get("loss") for entry in again.state.log_history[len(before[0]) :])
     assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["checkpoint-8"]  # nothing saved
-    assert {c.model_id: c.key for c in tracking.list_checkpoints(run_id)} == before
-    assert mlflow.MlflowClient().get_run(run_id).data.tags[layout.TAG_LATEST] == latest
+    assert stored(run_id) == before  # nothing deleted, the latest unmoved
     # Into a new run, the same checkpoint goes on as ever.
     with mlflow.start_run() as child:
         make_trainer(split, tmp_path / "child", [TrackingCallback()]).train(resume_from_checkpoint=folder)
@@ -733,8 +737,7 @@ def test_a_fresh_training_into_a_run_with_its_checkpoints_is_refused_before_it_t
     trained: tuple[str, Trainer], split: data.Split, tmp_path: Path
 ) -> None:
     run_id, _ = trained
-    before = {c.model_id: c.key for c in tracking.list_checkpoints(run_id)}
-    latest = mlflow.MlflowClient().get_run(run_id).data.tags[layout.TAG_LATEST]
+    before = stored(run_id)
     again = make_trainer(split, tmp_path / "again", [TrackingCallback(run_id=run_id)])
     with pytest.raises(TrackingError, match=f"run {run_id}: this training starts afresh") as refused:
         again.train()  # no resume_from_checkpoint
@@ -742,8 +745,7 @@ def test_a_fresh_training_into_a_run_with_its_checkpoints_is_refused_before_it_t
     assert "epochs 1, 2, 3; latest epoch 3" in message and "\n" not in message
     assert "new MLflow run" in message and f'checkpoint_folder("{run_id}"' in message
     assert again.state.global_step == 0 and not list((tmp_path / "again").glob("checkpoint-*"))  # nothing saved
-    assert {c.model_id: c.key for c in tracking.list_checkpoints(run_id)} == before
-    assert mlflow.MlflowClient().get_run(run_id).data.tags[layout.TAG_LATEST] == latest
+    assert stored(run_id) == before  # nothing deleted, the latest unmoved
 
 
 def test_a_resume_from_a_save_only_model_checkpoint_warns_that_it_starts_a_fresh_optimizer(
