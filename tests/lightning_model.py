@@ -91,7 +91,8 @@ def loaders(resumable: bool = False) -> tuple[DataLoader[Any], DataLoader[Any]]:
 
 def trainer(epochs: int, folder: Path, callbacks: list[Any], *, accelerator: str = "cpu", **kwargs: Any) -> pl.Trainer:
     """A quiet Trainer on one device (the CPU unless ``accelerator="gpu"``), deterministic, checkpointing into
-    ``folder``."""
+    ``folder``, with no sanity check unless ``num_sanity_val_steps`` is given."""
+    kwargs.setdefault("num_sanity_val_steps", 0)
     return pl.Trainer(
         max_epochs=epochs,
         default_root_dir=str(folder),
@@ -102,7 +103,6 @@ def trainer(epochs: int, folder: Path, callbacks: list[Any], *, accelerator: str
         deterministic=True,
         enable_progress_bar=False,
         enable_model_summary=False,
-        num_sanity_val_steps=0,
         **kwargs,
     )
 

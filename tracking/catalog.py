@@ -7,7 +7,7 @@ reading side go through this module, so neither needs to know how MLflow is aske
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -163,12 +163,19 @@ def refuse_rewind(handle: RunHandle, keyed_by: str, resumed: int, from_latest: s
     )
 
 
-def refuse_restart(handle: RunHandle, format: str, from_latest: str) -> None:
+def refuse_restart(
+    handle: RunHandle,
+    format: str,
+    from_latest: str,
+    *,
+    no_resume: Callable[[StoredCheckpoint], str | None] = lambda latest: None,
+) -> None:
     """Raise when the run holds committed checkpoints of ``format`` and a training that resumes from none of them
     (a fresh one: a notebook cell run again into its run, a long-lived active run) would go on logging to it: it
     would log a second history over them, and "latest", which never moves back, would name the earlier
     training's until the new one passed it. ``from_latest``: the framework's line that resumes from the run's
-    latest instead."""
+    latest instead; ``no_resume(latest)``: why no training resumes from that checkpoint (the weights alone), or
+    None when one does: then the error offers the new run only."""
     stored = {key: model for key, model in committed(handle).items() if model.format == format}
     if not stored:
         return
@@ -177,13 +184,16 @@ def refuse_restart(handle: RunHandle, format: str, from_latest: str) -> None:
     latest = next((model for model in stored.values() if model.model_id == tagged), stored[max(stored)])
     keys = list(stored)
     shown = ", ".join(str(key) for key in keys[:5]) + (", ..." if len(keys) > 5 else "")
+    label = layout.label(latest.keyed_by, latest.key)
+    new_run = "Train into a new MLflow run (start one with mlflow.start_run() or give another run)"
+    why_not = no_resume(latest)
+    ways = (
+        f"{new_run}, or resume from the run's latest: {from_latest}." if why_not is None else f"{new_run}: {why_not}."
+    )
     raise TrackingError(
         f"run {handle.run_id}: this training starts afresh, but the run has checkpoints of an earlier one "
-        f"({latest.keyed_by}s {shown}; latest {layout.label(latest.keyed_by, latest.key)}): going on in it would "
-        "rewrite its history, and tracking.load would give the earlier training's "
-        f"{layout.label(latest.keyed_by, latest.key)} until the new one passed it. Nothing was trained or logged. "
-        "Train into a new MLflow run (start one with mlflow.start_run() or give another run), or resume from the "
-        f"run's latest: {from_latest}."
+        f"({latest.keyed_by}s {shown}; latest {label}): going on in it would rewrite its history, and tracking.load "
+        f"would give the earlier training's {label} until the new one passed it. Nothing was trained or logged. {ways}"
     )
 
 

@@ -1,27 +1,45 @@
 """A Lightning DDP fit (2 CPU ranks, gloo) with MLflowCheckpoints, for torchrun:
 
     torchrun --standalone --nproc-per-node=2 -m tests.distributed.lightning_ddp RUN_ID [--fail] [--steps]
+        [--sanity] [--resume]
 
 Lightning sees torchrun's environment and runs one rank per process. ``--fail`` makes rank 0's
 upload fail: every rank must raise, none may hang at Lightning's barrier. ``--steps``: the
 ModelCheckpoint keeps the last two saves of every 2 steps (2 batches an epoch on each rank) instead
-of the best two epochs by ``val_loss``.
+of the best two epochs by ``val_loss``. ``--sanity``: Lightning's sanity check runs (two validation
+batches) and each rank prints how many validation steps it ran. ``--resume``: the fit resumes from the
+run's latest checkpoint and trains to epoch 4.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import tracking
 from tests.lightning_model import TinyLit, loaders
-from tracking.integrations.lightning import MLflowCheckpoints, mirror
+from tracking.integrations.lightning import MLflowCheckpoints, checkpoint_path, mirror
+
+
+class ValidationCounts(TinyLit):
+    """Counts the validation steps its rank ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.validated = 0
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.validated += 1
+        super().validation_step(batch, batch_idx)
 
 
 def main(argv: list[str]) -> int:
-    run_id, fail, steps = argv[0], "--fail" in argv, "--steps" in argv
+    run_id = argv[0]
+    fail, steps, sanity, resume = (flag in argv for flag in ("--fail", "--steps", "--sanity", "--resume"))
     if fail:
 
         def refuse(*args: object, **kwargs: object) -> object:
@@ -35,7 +53,7 @@ def main(argv: list[str]) -> int:
         else ModelCheckpoint(save_top_k=2, monitor="val_loss")
     )
     trainer = pl.Trainer(
-        max_epochs=3,
+        max_epochs=4 if resume else 3,
         strategy="ddp",
         devices=2,
         accelerator="cpu",
@@ -43,14 +61,20 @@ def main(argv: list[str]) -> int:
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        num_sanity_val_steps=0,
+        num_sanity_val_steps=2 if sanity else 0,
         default_root_dir=f"/tmp/lightning-ddp-{run_id}",
     )
+    module = ValidationCounts()
+    # Each rank its own download: the default folder is one per logged model, shared by the ranks of one machine.
+    ckpt_path = checkpoint_path(run_id, to=f"/tmp/lightning-ddp-{run_id}/rank-{os.environ['RANK']}") if resume else None
     try:
-        trainer.fit(TinyLit(), *loaders())
+        trainer.fit(module, *loaders(), ckpt_path=ckpt_path)
     except tracking.TrackingError as exc:
         print(f"rank {trainer.global_rank}: raised {type(exc).__name__}: {exc}", flush=True)
         return 3
+    finally:
+        if sanity:
+            print(f"rank {trainer.global_rank}: validated {module.validated}", flush=True)
     print(f"rank {trainer.global_rank}: done", flush=True)
     return 0
 

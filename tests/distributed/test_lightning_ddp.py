@@ -77,3 +77,21 @@ def test_ddp_failed_upload_raises_on_every_rank(stack_sqlite: LocalStack, run_id
     for rank in (0, 1):
         assert f"rank {rank}: raised StorageError: the store refused the upload" in output, output[-4000:]
     assert tracking.list_checkpoints(run_id) == []
+
+
+def test_ddp_a_fresh_fit_into_the_run_is_refused_on_every_rank_before_validating_and_a_resumed_one_goes_on(
+    stack_sqlite: LocalStack, run_id: str
+) -> None:
+    first = _launch(stack_sqlite, run_id)
+    assert first.returncode == 0, first.stdout + first.stderr[-4000:]
+    again = _launch(stack_sqlite, run_id, "--sanity")
+    assert again.returncode != 0
+    for rank in (0, 1):
+        assert f"rank {rank}: raised TrackingError: run {run_id}: this training starts afresh" in again.stdout, (
+            again.stdout + again.stderr[-4000:]
+        )
+        assert f"rank {rank}: validated 0" in again.stdout  # refused before the sanity check's validation
+    resumed = _launch(stack_sqlite, run_id, "--sanity", "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr[-4000:]
+    assert "rank 0: done" in resumed.stdout and "rank 1: done" in resumed.stdout
+    assert tracking.list_checkpoints(run_id)[-1].epoch == 3

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from mlflow import MlflowClient
 from torch import nn
 
@@ -629,6 +630,66 @@ def test_a_fresh_fit_into_a_run_with_lightning_checkpoints_is_refused_before_it_
     assert _tags(run_id)[layout.TAG_LATEST] == latest
 
 
+class ValidationCounts(TinyLit):
+    """Counts its validation steps: a fit's sanity check runs two before its first batch."""
+
+    def __init__(self, hidden: int = 16) -> None:
+        super().__init__(hidden)
+        self.validated = 0
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.validated += 1
+        super().validation_step(batch, batch_idx)
+
+
+class RestoresAfterSetup(SingleDeviceStrategy):
+    """Restores a checkpoint after its setup and ``on_fit_start``, as DeepSpeed's and FSDP's strategies do."""
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("restores_after_setup", [False, True])
+def test_a_fresh_fit_is_refused_before_the_sanity_check_validates_and_a_resumed_one_goes_on(
+    s3_experiment: str, tmp_path: Path, restores_after_setup: bool
+) -> None:
+    with mlflow.start_run() as run:
+        fit(1, tmp_path / "first")
+    run_id = run.info.run_id
+
+    def sanity_checked(folder: Path) -> pl.Trainer:
+        strategy = {"strategy": RestoresAfterSetup(torch.device("cpu"))} if restores_after_setup else {}
+        callbacks = [ModelCheckpoint(dirpath=folder / "checkpoints"), MLflowCheckpoints()]
+        return trainer(2, folder, callbacks, num_sanity_val_steps=2, **strategy)
+
+    module = ValidationCounts()
+    with mlflow.start_run(run_id=run_id), pytest.raises(tracking.TrackingError, match="starts afresh"):
+        sanity_checked(tmp_path / "again").fit(module, *loaders())
+    assert module.validated == 0  # the user's validation code never ran for a refused fit
+    resumed = ValidationCounts()
+    with mlflow.start_run(run_id=run_id):
+        sanity_checked(tmp_path / "resumed").fit(
+            resumed, *loaders(), ckpt_path=checkpoint_path(run_id, to=tmp_path / "latest")
+        )
+    assert resumed.validated > 0 and [c.epoch for c in tracking.list_checkpoints(run_id)] == [0, 1]
+
+
+def test_a_fresh_fit_is_refused_before_lightnings_logger_logs_its_hyperparameters(
+    s3_experiment: str, tmp_path: Path
+) -> None:
+    # MLflow refuses a param logged again with another value: refused later, the fit of a wider module failed
+    # on MLflow's own error, and one of the same module logged its hyperparameters into the run it then refused.
+    logger = MLFlowLogger(experiment_name="unit-s3", tracking_uri=mlflow.get_tracking_uri())
+    fit(1, tmp_path / "first", logger=logger)
+    run_id = str(logger.run_id)
+    again = MLFlowLogger(run_id=run_id, tracking_uri=mlflow.get_tracking_uri())
+    callbacks = [ModelCheckpoint(dirpath=tmp_path / "again"), MLflowCheckpoints()]
+    with pytest.raises(tracking.TrackingError, match="starts afresh"):
+        trainer(1, tmp_path / "again", callbacks, logger=again).fit(TinyLit(hidden=32), *loaders())
+    assert MlflowClient().get_run(run_id).data.params["hidden"] == "16"
+
+
 def test_a_fit_resumed_from_the_latest_or_into_a_new_run_goes_on(s3_experiment: str, tmp_path: Path) -> None:
     with mlflow.start_run() as run:
         fit(2, tmp_path / "first", save_top_k=-1, monitor="val_loss")
@@ -674,3 +735,18 @@ def test_a_weights_only_run_says_so_instead_of_how_to_resume(
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert run_id in warning and "weights only" in warning and "tracking.load" in warning
     assert isinstance(tracking.load(run_id).model, TinyLit)
+
+
+def test_a_fresh_fit_into_a_weights_only_run_is_offered_only_a_new_run(s3_experiment: str, tmp_path: Path) -> None:
+    # No fit resumes from the weights alone: the resume line a run of full checkpoints is offered would fail.
+    with mlflow.start_run() as run:
+        fit(2, tmp_path / "first", save_top_k=-1, save_weights_only=True)
+    run_id = run.info.run_id
+    with mlflow.start_run(run_id=run_id), pytest.raises(tracking.TrackingError) as refused:
+        fit(2, tmp_path / "again", save_top_k=-1, save_weights_only=True)
+    message = str(refused.value)
+    assert message.startswith(f"run {run_id}: this training starts afresh") and "latest epoch 1" in message
+    assert "new MLflow run" in message and "ckpt_path" not in message and "\n" not in message
+    assert "weights alone" in message and "save_weights_only=True" in message
+    assert f"load_from_checkpoint(checkpoint_path({run_id!r}))" in message
+    assert not (tmp_path / "again" / "checkpoints").exists()

@@ -92,6 +92,8 @@ class MLflowCheckpoints(pl.Callback):
         self._restored_rng: dict[str, Any] | None = None
         self._contexts: dict[tuple[int, int], SaveContext] = {}
         self._lock = threading.Lock()
+        # Whether this fit was checked for a fresh start into a run with checkpoints: at its first hook that can.
+        self._restart_checked = False
 
     # --- Lightning hooks -------------------------------------------------------------------
 
@@ -117,6 +119,7 @@ class MLflowCheckpoints(pl.Callback):
         # The coordination group is made by every rank at the same point, before any save needs it.
         distributed.prepare()
         if stage == "fit":
+            self._restart_checked = False
             self.keyed_by = keying(trainer)
             io, keyed_by, zero = self._io, self.keyed_by, trainer.is_global_zero
 
@@ -174,11 +177,18 @@ class MLflowCheckpoints(pl.Callback):
             restore_rng_state(state_dict["rng"])
             self._restored_rng = state_dict["rng"]
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Every strategy but DeepSpeed's, FSDP's and ModelParallel's has restored the checkpoint by this hook: a fresh
+        # fit is known here, before the logger logs its hyperparameters into the run and the sanity check runs the
+        # module's validation. Those three restore after it: the sanity check's start, or training's, says.
+        if not trainer.strategy.restore_checkpoint_after_setup:
+            self._refuse_restart(trainer)
+
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._refuse_restart(trainer)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Once a resume restored the loops, before the first batch: a fit that starts at 0 resumed from nothing.
-        if trainer.global_step == 0 and trainer.current_epoch == 0:
-            io, zero = self._io, trainer.is_global_zero
-            distributed.on_rank0(lambda: refuse_restart(io.open()) if zero and io else None)
+        self._refuse_restart(trainer)  # when no sanity check ran
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A new epoch: its data iterator is made after this, from the restored states, as in a run that never stopped.
@@ -203,6 +213,17 @@ class MLflowCheckpoints(pl.Callback):
             self._io.flush()
 
     # --- helpers ---------------------------------------------------------------------------
+
+    def _refuse_restart(self, trainer: pl.Trainer) -> None:
+        """Refuse, once a fit, a fit that resumes from no checkpoint into a run with Lightning checkpoints."""
+        if self._restart_checked:
+            return
+        self._restart_checked = True
+        # Once Lightning restored it, ``ckpt_path`` is the checkpoint this fit resumed from, None for a fresh one
+        # (before, it still names the previous fit's). Judged inside on_rank0, called by every rank at the same
+        # hook: a rank seeing another path than rank 0 cannot leave the others waiting.
+        io, zero, fresh = self._io, trainer.is_global_zero, trainer.ckpt_path is None
+        distributed.on_rank0(lambda: refuse_restart(io.open()) if zero and fresh and io else None)
 
     def context(self, epoch: int, step: int) -> SaveContext | None:
         with self._lock:

@@ -23,10 +23,11 @@ logger = logging.getLogger(__name__)
 
 RESUME_LINE = "# resume: trainer.fit(model, ckpt_path=tracking.integrations.lightning.checkpoint_path('{run_id}'))"
 # What works with a checkpoint of the weights alone, said where a resume would be ({run_id} filled in).
-WEIGHTS_ONLY_NEXT = (
-    "Load the weights: tracking.load('{run_id}').model (or tracking.load_model), or "
+LOAD_WEIGHTS = (
+    "tracking.load('{run_id}').model (or tracking.load_model), or "
     "YourModule.load_from_checkpoint(checkpoint_path('{run_id}'))"
 )
+WEIGHTS_ONLY_NEXT = f"Load the weights: {LOAD_WEIGHTS}"
 WEIGHTS_ONLY_LINE = f"# weights only (ModelCheckpoint(save_weights_only=True)), no resume: {WEIGHTS_ONLY_NEXT}"
 
 
@@ -74,8 +75,19 @@ def refuse_resume(handle: RunHandle, checkpoint: Mapping[str, Any], keyed_by: st
 
 def refuse_restart(handle: RunHandle) -> None:
     """Refuse, before it trains, a fit that resumes from no checkpoint and logs to the run of ``handle`` when the
-    run has Lightning checkpoints (see :func:`tracking.catalog.refuse_restart`)."""
-    catalog.refuse_restart(handle, FORMAT, _from_latest(handle))
+    run has Lightning checkpoints (see :func:`tracking.catalog.refuse_restart`). When the run's latest holds the
+    weights alone, no fit resumes from it, and the error offers the new run only."""
+
+    def no_resume(latest: catalog.StoredCheckpoint) -> str | None:
+        if not weights_only(latest.read_manifest()):
+            return None
+        return (
+            f"the run's latest, {layout.label(latest.keyed_by, latest.key)}, holds the weights alone "
+            "(ModelCheckpoint(save_weights_only=True)), from which no fit resumes; to start the new run from them, "
+            f"load them: {LOAD_WEIGHTS.replace('{run_id}', handle.run_id)}"
+        )
+
+    catalog.refuse_restart(handle, FORMAT, _from_latest(handle), no_resume=no_resume)
 
 
 def _from_latest(handle: RunHandle) -> str:
