@@ -19,7 +19,7 @@ from tracking.config import TrackingConfig
 from tracking.manifest import SHARDED_KIND, Manifest
 from tracking.metrics import check_metrics
 from tracking.parallel import distributed
-from tracking.parallel.collective import commit
+from tracking.parallel.collective import commit, refuse_different_keys
 from tracking.retention import RetentionPolicy
 from tracking.run import RunHandle, open_run, target_run_id
 from tracking.saver import AsyncSaver, raise_background_errors, reserve_host_memory
@@ -140,14 +140,15 @@ class Checkpointer:
         Under ``torchrun`` every rank calls it, as :func:`tracking.log_checkpoint` says; rank 0
         alone talks to MLflow and applies retention, by its own ``metrics`` (the other ranks may pass none).
         The first call, due or not, refuses a run whose checkpoints are keyed otherwise (by epoch for
-        ``every_n_steps``, by step else).
+        ``every_n_steps``, by step else), and ranks that pass different ``epoch=`` or ``step=``: every rank raises
+        the same ValueError, before any rank skips or saves.
         """
         if step is None and self.every_n_steps is not None:
             self._refuse_no_step()  # forced or not: the step is the checkpoint's key
         due = force or self.should_save(epoch, step)
         self._follow_active_run()
         if not self._run_checked:
-            self._check_run()
+            self._check_run(epoch, step)
         if not due:
             if self._saver is not None:
                 # Between saves: the pinned memory the next snapshot needs gets ready off the loop's path.
@@ -262,18 +263,30 @@ class Checkpointer:
             self._handle = open_run(target_run_id(self._run_id), self._config)
         return self._handle
 
-    def _check_run(self) -> None:
-        """Refuse a run keyed otherwise than this Checkpointer saves, at its first save() call, due or not.
+    def _check_run(self, epoch: int, step: int | None) -> None:
+        """Refuse a run keyed otherwise than this Checkpointer saves, and ranks that pass different keys,
+        at its first save() call, due or not.
 
         Else ``every_n_steps=N`` on a run keyed by epoch (or the reverse) would fail at its first due
-        save, N steps of training later: the integrations refuse such a fit when it starts too. Rank 0
-        asks and every rank raises. What it reads (the run, and its committed checkpoints, for retention and
-        the run's description or when the tags do not say their key) is what the first due save reads:
-        the check costs no request of its own, and later calls none.
+        save, N steps of training later: the integrations refuse such a fit when it starts too. Ranks that
+        count epochs (or steps) apart would find a save due on some ranks only, which would wait in the commit
+        for the others, still training: a hang, before the commit could compare their keys. Rank 0 asks and
+        every rank raises. What it reads (the run, and its committed checkpoints, for retention and the run's
+        description or when the tags do not say their key) is what the first due save reads: the check costs
+        no request of its own, and under a process group one small gather of the ranks' keys. Later calls cost
+        neither (a step-keyed Checkpointer is called every step).
         """
+        keys = distributed.gather((epoch, step))
 
         def ask() -> None:
             handle = self._open()
+            refuse_different_keys(
+                handle,
+                keys,
+                called="called Checkpointer.save (checked at its first call, due or not)",
+                outcome="a rank whose save is due would wait in it for the others, which go on training: the job "
+                "would hang",
+            )
             if not handle.tags:
                 handle.refresh_tags()
             # When the tags do not say the run's key, its committed checkpoints do: one search for both.

@@ -70,10 +70,18 @@ def env(stack: LocalStack) -> Iterator[dict[str, str]]:
         yield {**os.environ, **variables}
 
 
-def torchrun(env: dict[str, str], ranks: int, *args: str) -> Launch:
+def torchrun(env: dict[str, str], ranks: int, *args: str, timeout: float = 300) -> Launch:
     command = [str(TORCHRUN), "--standalone", f"--nproc-per-node={ranks}", "-m", *args]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    return Launch(done.returncode, done.stdout + done.stderr)
+    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as job:
+        try:
+            out, err = job.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # SIGTERM, which torchrun passes on to its ranks: killed alone (as subprocess.run does), it leaves them
+            # hung, and hanging is what some of these tests catch.
+            job.terminate()
+            out, err = job.communicate()
+            pytest.fail(f"torchrun {' '.join(args)} still running after {timeout} s:\n{(out + err)[-3000:]}")
+    return Launch(job.returncode, out + err)
 
 
 def raw(run_id: str, epoch: int) -> dict[str, Any]:
@@ -284,3 +292,20 @@ def test_ranks_that_pass_different_epochs_to_one_save_all_raise_and_nothing_is_s
     assert [c.epoch for c in tracking.list_checkpoints(launch.run_id)] == [5]
     every = catalog.search(open_run(launch.run_id), status=None)  # no logged model left of the refused save
     assert [(c.epoch, c.status) for c in every] == [(5, catalog.READY)]
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_a_checkpointer_whose_ranks_count_epochs_apart_fails_every_rank_at_its_first_call(
+    env: dict[str, str], strategy: str
+) -> None:
+    # Rank 1 resumed one epoch ahead: every_n_epochs=2 finds the save due on one rank only. Without the first call's
+    # check, that rank waits in the commit while the other trains on, and the job hangs.
+    launch = torchrun(env, 2, "tests.distributed.ranks_apart", strategy, timeout=120)
+    assert launch.code == 0, launch.out[-3000:]
+    refusals = re.findall(r"rank (\d) refused: (.*)", launch.out)
+    assert sorted(rank for rank, _ in refusals) == ["0", "1"], launch.out[-3000:]
+    message = refusals[0][1]
+    assert refusals[1][1] == message and message.startswith(f"run {launch.run_id}: the ranks called Checkpointer.save")
+    assert "rank 0: epoch=0, step=None; rank 1: epoch=1, step=None" in message and "Nothing was stored" in message
+    assert "Pass every rank the same epoch= and step=" in message
+    assert catalog.search(open_run(launch.run_id), status=None) == []  # not even a failed logged model

@@ -7,7 +7,7 @@ any other by rank 0 with every rank's own state.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from tracking import layout
 from tracking.catalog import LoggedCheckpoint
@@ -37,7 +37,7 @@ def commit(
 
         # Before rank 0 creates its logged model: two small collectives beside the shards' writes.
         keys = distributed.gather(key)
-        distributed.on_rank0(lambda: _refuse_different_keys(handle, keys))
+        distributed.on_rank0(lambda: refuse_different_keys(handle, keys))
         return commit_sharded(handle, snapshot, describe, after)
     # Every rank's key travels with its rank_state, in the one gather the commit makes anyway.
     gathered = distributed.gather((snapshot.rank_state, key)) if distributed.active() else None
@@ -45,7 +45,7 @@ def commit(
     def on_rank0() -> LoggedCheckpoint:
         assert handle is not None
         if gathered is not None:
-            _refuse_different_keys(handle, [rank_key for _, rank_key in gathered])
+            refuse_different_keys(handle, [rank_key for _, rank_key in gathered])
             states = [state for state, _ in gathered]
             if any(state is not None for state in states):
                 snapshot.payload[layout.RANK_STATE] = states
@@ -57,17 +57,25 @@ def commit(
     return distributed.on_rank0(on_rank0)
 
 
-def _refuse_different_keys(handle: RunHandle | None, keys: list[tuple[int | None, int | None]] | None) -> None:
-    """On rank 0, raise when the ranks gave one collective save different ``(epoch, step)``: rank 0's alone
-    would be stored, under a key the other ranks did not mean."""
+def refuse_different_keys(
+    handle: RunHandle | None,
+    keys: Sequence[tuple[int | None, int | None]] | None,
+    *,
+    called: str = "saved one checkpoint (tracking.log_checkpoint, Checkpointer.save)",
+    outcome: str = "only rank 0's would be stored",
+) -> None:
+    """On rank 0, raise when the ranks gave one collective call different ``(epoch, step)`` (``keys``, in rank order).
+
+    ``called`` says what the ranks called, ``outcome`` what the different keys would do: by default a collective
+    save, which would store rank 0's alone, under a key the other ranks did not mean.
+    """
     if not keys or all(key == keys[0] for key in keys):
         return
     assert handle is not None
     other = next(rank for rank, key in enumerate(keys) if key != keys[0])
     (epoch, step), (other_epoch, other_step) = keys[0], keys[other]
     raise ValueError(
-        f"run {handle.run_id}: the ranks saved one checkpoint (tracking.log_checkpoint, Checkpointer.save) with "
-        f"different keys (rank 0: epoch={epoch}, step={step}; rank {other}: epoch={other_epoch}, step={other_step}), "
-        "and only rank 0's would be stored. Nothing was stored. Pass every rank the same epoch= and step= (the "
-        "training loop's counters, not a count of each rank's own)."
+        f"run {handle.run_id}: the ranks {called} with different keys (rank 0: epoch={epoch}, step={step}; "
+        f"rank {other}: epoch={other_epoch}, step={other_step}), and {outcome}. Nothing was stored. Pass every rank "
+        "the same epoch= and step= (the training loop's counters, not a count of each rank's own)."
     )
