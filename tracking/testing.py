@@ -24,7 +24,9 @@ config files that would send requests elsewhere (an endpoint, a profile, a regis
 ID), undo ``mlflow.set_experiment`` and ``mlflow.set_registry_uri``, end the runs a test left open (FAILED
 when the test failed, FINISHED otherwise), and wait for its background checkpoint saves (``blocking=False``,
 ``Checkpointer(async_save=True)``) before moto goes: a save still running lands in its own test's bucket,
-and a failed one fails that test's teardown.
+and a failed one fails that test's teardown. In every test, fixtures or not, MLflow's autologging is put back as
+it was before it (``mlflow.autolog()``, ``mlflow.<flavor>.autolog()``): on, off or configured as the session's
+conftest.py left it.
 
 A new sqlite store runs MLflow's ~100 schema migrations (2-3 s): the fixtures migrate one once per
 session and give each test a copy. MLflow caches every store it opens for the life of the process
@@ -232,6 +234,82 @@ def tracking_experiment(request: pytest.FixtureRequest, monkeypatch: pytest.Monk
     mlflow.set_experiment(experiment_id=experiment_id)  # also MLFLOW_EXPERIMENT_ID, for child processes
     monkeypatch.setenv("TRACKING_EXPERIMENT", "tracking-test")  # the experiment `tracking runs` lists
     return str(experiment_id)
+
+
+@pytest.fixture(autouse=True)
+def _tracking_autologging_as_before(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Put MLflow's autologging back as it was before the test, whether or not the test used the fixtures.
+
+    ``mlflow.autolog()`` or ``mlflow.<flavor>.autolog()`` in one test would otherwise stay on for every later
+    test of the session, logging params, metrics and models they never asked for. Only what the test turned
+    on, off or reconfigured is undone: autologging the session enabled before (in a conftest.py) stays.
+    """
+    before = _autologging_state()
+    yield
+    _restore_autologging(before, request.node.nodeid)
+
+
+# Each autologging integration's config as MLflow records it, by name ("mlflow" for mlflow.autolog()).
+_AutologgingConfigs = dict[str, dict[str, object]]
+
+
+def _autologging_state() -> _AutologgingConfigs:
+    """MLflow's autologging configs, copied; none while mlflow is not imported (nothing is configured)."""
+    if "mlflow.utils.autologging_utils" not in sys.modules:
+        return {}  # importing mlflow to read them would cost each test seconds
+    from mlflow.utils.autologging_utils import AUTOLOGGING_INTEGRATIONS
+
+    return {name: dict(config) for name, config in AUTOLOGGING_INTEGRATIONS.items()}
+
+
+def _restore_autologging(before: _AutologgingConfigs, nodeid: str) -> None:
+    """Call the autolog() of each integration whose config the test changed with its config from before.
+
+    MLflow's own evaluation puts autologging back the same way (mlflow.models.evaluation.utils.trace).
+    """
+    if "mlflow.utils.autologging_utils" not in sys.modules:
+        return
+    from mlflow.utils.autologging_utils import AUTOLOGGING_INTEGRATIONS
+
+    # mlflow.autolog() first: it also waits for the libraries it covers to be imported, and undoing it
+    # replaces those waiting calls; a later test importing Lightning would turn its autologging on.
+    problems = _restore_integration("mlflow", before, nodeid)
+    for name in list(AUTOLOGGING_INTEGRATIONS):
+        problems += _restore_integration(name, before, nodeid)
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
+
+
+def _restore_integration(name: str, configs: _AutologgingConfigs, nodeid: str) -> list[str]:
+    """Put integration ``name`` back to its config in ``configs``; what went wrong, in a sentence, or nothing."""
+    import inspect
+
+    import mlflow
+    from mlflow.utils.autologging_utils import AUTOLOGGING_INTEGRATIONS, get_autolog_function
+
+    # Absent before: its flavor module was imported during the test, which records it as {} (never configured).
+    config = configs.get(name, {})
+    if AUTOLOGGING_INTEGRATIONS.get(name, {}) == config:
+        return []
+    module = "mlflow" if name == "mlflow" else f"mlflow.{name}"
+    try:
+        autolog = mlflow.autolog if name == "mlflow" else get_autolog_function(name)
+        if autolog is None:
+            raise LookupError(f"{module} has no autolog()")
+        if config and not config.get("disable", False):
+            accepted = inspect.signature(autolog).parameters  # not "globally_configured", MLflow's own key
+            autolog(**{key: value for key, value in config.items() if key in accepted})
+        else:
+            autolog(disable=True)
+    except Exception as exc:
+        return [
+            f"{nodeid} changed MLflow's {name} autologging and tracking.testing could not put it back as it was "
+            f"before the test ({type(exc).__name__}: {exc}): later tests would autolog with it. Undo it at the end "
+            f"of the test, e.g. {module}.autolog(disable=True)."
+        ]
+    finally:
+        AUTOLOGGING_INTEGRATIONS[name] = config  # MLflow's patches read it on every call: off even if not reverted
+    return []
 
 
 @pytest.hookimpl(wrapper=True)
