@@ -14,6 +14,8 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 FIT = """
@@ -112,6 +114,8 @@ def test_autologging_a_test_turns_on_is_off_for_the_next(tmp_path: Path) -> None
     _assert_all_passed(outcomes, 4)
 
 
+# A second child session (about 10 s): make test-all runs it.
+@pytest.mark.slow
 def test_autologging_the_session_turned_on_stays_as_configured(tmp_path: Path) -> None:
     conftest = (
         'pytest_plugins = ["tracking.testing"]\n\nimport mlflow\n\n'
