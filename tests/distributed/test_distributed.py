@@ -278,16 +278,22 @@ def test_keep_best_ranks_by_the_metrics_rank_0_saves_with(env: dict[str, str], s
     assert tracking.find_checkpoint(launch.run_id, "best").manifest.epoch == 2
 
 
+def every_ranks_refusal(launch: Launch) -> str:
+    """The one message both ranks of a job that exited cleanly printed as "rank N refused: ..."."""
+    assert launch.code == 0, launch.out[-3000:]
+    refusals = re.findall(r"rank (\d) refused: (.*)", launch.out)
+    assert sorted(rank for rank, _ in refusals) == ["0", "1"], launch.out[-3000:]
+    assert refusals[0][1] == refusals[1][1], refusals
+    return str(refusals[0][1])
+
+
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
 def test_ranks_that_pass_different_epochs_to_one_save_all_raise_and_nothing_is_stored(
     env: dict[str, str], strategy: str
 ) -> None:
     launch = torchrun(env, 2, "tests.distributed.split_keys", strategy)
-    assert launch.code == 0, launch.out[-3000:]
-    refusals = re.findall(r"rank (\d) refused: (.*)", launch.out)
-    assert sorted(rank for rank, _ in refusals) == ["0", "1"], launch.out[-3000:]
-    message = refusals[0][1]
-    assert refusals[1][1] == message and message.startswith(f"run {launch.run_id}: the ranks saved one checkpoint")
+    message = every_ranks_refusal(launch)
+    assert message.startswith(f"run {launch.run_id}: the ranks saved one checkpoint")
     assert "rank 0: epoch=1, step=None; rank 1: epoch=2, step=None" in message and "Nothing was stored" in message
     assert [c.epoch for c in tracking.list_checkpoints(launch.run_id)] == [5]
     every = catalog.search(open_run(launch.run_id), status=None)  # no logged model left of the refused save
@@ -301,11 +307,8 @@ def test_a_checkpointer_whose_ranks_count_epochs_apart_fails_every_rank_at_its_f
     # Rank 1 resumed one epoch ahead: every_n_epochs=2 finds the save due on one rank only. Without the first call's
     # check, that rank waits in the commit while the other trains on, and the job hangs.
     launch = torchrun(env, 2, "tests.distributed.ranks_apart", strategy, timeout=120)
-    assert launch.code == 0, launch.out[-3000:]
-    refusals = re.findall(r"rank (\d) refused: (.*)", launch.out)
-    assert sorted(rank for rank, _ in refusals) == ["0", "1"], launch.out[-3000:]
-    message = refusals[0][1]
-    assert refusals[1][1] == message and message.startswith(f"run {launch.run_id}: the ranks called Checkpointer.save")
+    message = every_ranks_refusal(launch)
+    assert message.startswith(f"run {launch.run_id}: the ranks called Checkpointer.save")
     assert "rank 0: epoch=0, step=None; rank 1: epoch=1, step=None" in message and "Nothing was stored" in message
     assert "Pass every rank the same epoch= and step=" in message
     assert catalog.search(open_run(launch.run_id), status=None) == []  # not even a failed logged model

@@ -8,15 +8,11 @@ every library leaves it on, as configured, for the next.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.unit.user_suite import ONLY_THE_PLUGIN, run_user_suite
 
 FIT = """
 import mlflow
@@ -83,34 +79,13 @@ def test_then_only_the_sessions_own_is_on(tracking_store: str) -> None:
 )
 
 
-def _run_user_suite(home: Path, conftest: str, suite: str) -> dict[str, str]:
-    """Each test's outcome in a child pytest session of ``suite``: "passed", or its failures and errors."""
-    (home / "conftest.py").write_text(conftest)
-    (home / "test_training.py").write_text(suite)
-    report = home / "report.xml"
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", str(home)],
-        cwd=home,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert report.exists(), done.stdout[-3000:] + done.stderr[-3000:]
-    outcomes = {}
-    for case in ET.parse(report).iter("testcase"):
-        problems = [f"{p.tag}: {p.get('message')}\n{p.text}" for p in case if p.tag in ("failure", "error")]
-        outcomes[case.get("name", "")] = "\n".join(problems) or "passed"
-    return outcomes
-
-
 def _assert_all_passed(outcomes: dict[str, str], expected: int) -> None:
     failed = "\n\n".join(f"{name}: {outcome}" for name, outcome in outcomes.items() if outcome != "passed")
     assert len(outcomes) == expected and not failed, failed or outcomes
 
 
 def test_autologging_a_test_turns_on_is_off_for_the_next(tmp_path: Path) -> None:
-    outcomes = _run_user_suite(tmp_path, 'pytest_plugins = ["tracking.testing"]\n', TURNED_ON_IN_A_TEST)
+    outcomes, _ = run_user_suite(tmp_path, {"test_training.py": TURNED_ON_IN_A_TEST})
     _assert_all_passed(outcomes, 4)
 
 
@@ -118,8 +93,8 @@ def test_autologging_a_test_turns_on_is_off_for_the_next(tmp_path: Path) -> None
 @pytest.mark.slow
 def test_autologging_the_session_turned_on_stays_as_configured(tmp_path: Path) -> None:
     conftest = (
-        'pytest_plugins = ["tracking.testing"]\n\nimport mlflow\n\n'
+        f"{ONLY_THE_PLUGIN}\nimport mlflow\n\n"
         "mlflow.sklearn.autolog(log_models=False, log_datasets=False, silent=True)  # for the whole session\n"
     )
-    outcomes = _run_user_suite(tmp_path, conftest, TURNED_ON_IN_CONFTEST)
+    outcomes, _ = run_user_suite(tmp_path, {"test_training.py": TURNED_ON_IN_CONFTEST}, conftest)
     _assert_all_passed(outcomes, 4)

@@ -10,18 +10,13 @@ URI, a background checkpoint save still running or one that failed.
 from __future__ import annotations
 
 import http.server
-import os
-import subprocess
-import sys
 import threading
-import xml.etree.ElementTree as ET
 from collections.abc import Iterator
-from pathlib import Path
 from typing import ClassVar
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.unit.user_suite import run_user_suite
 
 USER_SUITE = """
 import threading
@@ -135,30 +130,16 @@ def user_suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[
     threading.Thread(target=server.serve_forever, daemon=True).start()
     elsewhere = f"http://127.0.0.1:{server.server_address[1]}"
     home = tmp_path_factory.mktemp("user-suite")
-    (home / "conftest.py").write_text('pytest_plugins = ["tracking.testing"]\n')
-    (home / "test_training.py").write_text(USER_SUITE)
     (home / "aws-config").write_text(f"[default]\nendpoint_url = {elsewhere}\nregion = eu-west-1\n")
     shell = {var: elsewhere for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_S3_ENDPOINT_URL")}
     shell.update(AWS_CONFIG_FILE=str(home / "aws-config"), AWS_ACCESS_KEY_ID="real-looking")
     shell.update(MLFLOW_EXPERIMENT_ID="17", MLFLOW_RUN_ID="0123456789abcdef", TRACKING_EXPERIMENT="production")
-    report = home / "report.xml"
     try:
-        done = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", str(home)],
-            cwd=home,
-            env={**os.environ, "PYTHONPATH": str(ROOT), **shell},
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        outcomes, output = run_user_suite(home, {"test_training.py": USER_SUITE}, env=shell)
     finally:
         server.shutdown()
-    outcomes = {}
-    for case in ET.parse(report).iter("testcase"):
-        problems = [f"{p.tag}: {p.get('message')}\n{p.text}" for p in case if p.tag in ("failure", "error")]
-        outcomes[case.get("name", "")] = "\n".join(problems) or "passed"
     leftovers = sorted(path.name for path in home.iterdir())
-    yield outcomes, list(_Recorder.requests), f"{done.stdout[-3000:]}\nleft in the working directory: {leftovers}"
+    yield outcomes, list(_Recorder.requests), f"{output}\nleft in the working directory: {leftovers}"
 
 
 def test_the_shells_servers_and_aws_config_get_no_request(user_suite: tuple[dict[str, str], list[str], str]) -> None:

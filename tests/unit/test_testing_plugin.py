@@ -10,12 +10,11 @@ import os
 import re
 import subprocess
 import sys
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.unit.user_suite import ROOT, run_user_suite
 
 
 def _readme_example() -> str:
@@ -143,24 +142,8 @@ def test_with_both_s3_fixtures(tracking_s3: str, tracking_s3_server: str) -> Non
 @pytest.fixture(scope="module")
 def user_suite(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Each test's outcome in a child pytest whose only plugin is tracking.testing: "passed", or its problem."""
-    home = tmp_path_factory.mktemp("user-suite")
-    (home / "conftest.py").write_text('pytest_plugins = ["tracking.testing"]\n')
-    (home / "test_bucket_names.py").write_text(BUCKET_NAMES)
-    (home / "test_runs_left_open.py").write_text(RUNS_LEFT_OPEN)
-    (home / "test_both_s3.py").write_text(BOTH_S3)
-    report = home / "report.xml"
-    subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", str(home)],
-        cwd=home,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    outcomes = {}
-    for case in ET.parse(report).iter("testcase"):
-        problems = [f"{p.tag}: {p.get('message')}\n{p.text}" for p in case if p.tag in ("failure", "error")]
-        outcomes[case.get("name", "")] = "\n".join(problems) or "passed"
+    files = {"test_bucket_names.py": BUCKET_NAMES, "test_runs_left_open.py": RUNS_LEFT_OPEN, "test_both_s3.py": BOTH_S3}
+    outcomes, _ = run_user_suite(tmp_path_factory.mktemp("user-suite"), files)
     return outcomes
 
 
