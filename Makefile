@@ -60,7 +60,7 @@ test: install browser-deps
 # Every tier: unit, integration (sqlite, PostgreSQL, proxied stacks; compose server; browser),
 # reliability and distributed. What .ci/run runs, on TEST_WORKERS workers as `make test`: about 20
 # minutes on two instead of about 35 in one process. The files' order then changes from run to run, so
-# no test may depend on what an earlier file left in its process (tests/conftest.py puts back what
+# no test may depend on what an earlier file left in its process (tracking.testing puts back what
 # MLflow leaves).
 test-all: install browser-deps
 	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile

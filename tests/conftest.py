@@ -69,25 +69,6 @@ def _release_mlflow_stores() -> Iterator[None]:
     release_mlflow_stores()
 
 
-@pytest.fixture(autouse=True)
-def _forget_the_tests_experiment() -> Iterator[None]:
-    """Put back MLflow's active experiment after each test.
-
-    ``mlflow.set_experiment`` also exports ``MLFLOW_EXPERIMENT_ID``: left, the next test (which may talk to
-    another store, where that ID names another experiment or none) and every process it starts inherit it.
-    """
-    exported = os.environ.get("MLFLOW_EXPERIMENT_ID")
-    fluent = sys.modules.get("mlflow.tracking.fluent")
-    active = getattr(fluent, "_active_experiment_id", None)
-    yield
-    if exported is None:
-        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
-    else:
-        os.environ["MLFLOW_EXPERIMENT_ID"] = exported
-    if (fluent := sys.modules.get("mlflow.tracking.fluent")) is not None:
-        fluent._active_experiment_id = active
-
-
 @pytest.fixture(autouse=True, scope="session")
 def _private_state_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Keep `tracking stack up`'s per-user records ($XDG_STATE_HOME) out of the real home folder.

@@ -237,6 +237,25 @@ def tracking_experiment(request: pytest.FixtureRequest, monkeypatch: pytest.Monk
 
 
 @pytest.fixture(autouse=True)
+def _tracking_experiment_as_before() -> Iterator[None]:
+    """Put MLflow's active experiment back as it was before the test, whether or not the test used the fixtures.
+
+    ``mlflow.set_experiment`` also exports ``MLFLOW_EXPERIMENT_ID``: left, the next test (which may talk to
+    another store, where that ID names another experiment or none) and every process it starts would inherit it.
+    """
+    exported = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    fluent = sys.modules.get("mlflow.tracking.fluent")  # not imported: no experiment is set, and no import cost
+    active = getattr(fluent, "_active_experiment_id", None)
+    yield
+    if exported is None:
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    else:
+        os.environ["MLFLOW_EXPERIMENT_ID"] = exported
+    if (fluent := sys.modules.get("mlflow.tracking.fluent")) is not None:
+        setattr(fluent, "_active_experiment_id", active)  # noqa: B010  MLflow keeps it private
+
+
+@pytest.fixture(autouse=True)
 def _tracking_autologging_as_before(request: pytest.FixtureRequest) -> Iterator[None]:
     """Put MLflow's autologging back as it was before the test, whether or not the test used the fixtures.
 

@@ -138,11 +138,25 @@ def test_with_both_s3_fixtures(tracking_s3: str, tracking_s3_server: str) -> Non
     pass
 """
 
+# mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID; a test after it, fixtures or not, must not inherit it.
+EXPERIMENT_SET = """
+import os
+
+
+def test_sets_an_experiment(tracking_experiment: str) -> None:
+    assert os.environ["MLFLOW_EXPERIMENT_ID"] == tracking_experiment
+
+
+def test_then_none_is_exported() -> None:
+    assert not os.environ.get("MLFLOW_EXPERIMENT_ID")
+"""
+
 
 @pytest.fixture(scope="module")
 def user_suite(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Each test's outcome in a child pytest whose only plugin is tracking.testing: "passed", or its problem."""
     files = {"test_bucket_names.py": BUCKET_NAMES, "test_runs_left_open.py": RUNS_LEFT_OPEN, "test_both_s3.py": BOTH_S3}
+    files["test_experiment_set.py"] = EXPERIMENT_SET
     outcomes, _ = run_user_suite(tmp_path_factory.mktemp("user-suite"), files)
     return outcomes
 
@@ -168,3 +182,8 @@ def test_asking_for_both_s3_fixtures_fails_the_setup_naming_them(user_suite: dic
     problem = user_suite["test_with_both_s3_fixtures"]
     assert problem.startswith("error: failed on setup"), problem
     assert "asks for both tracking_s3" in problem and "ask for one" in problem, problem
+
+
+def test_an_experiment_a_test_set_is_not_exported_to_the_next(user_suite: dict[str, str]) -> None:
+    assert user_suite["test_sets_an_experiment"] == "passed", user_suite
+    assert user_suite["test_then_none_is_exported"] == "passed", user_suite
