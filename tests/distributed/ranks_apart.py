@@ -23,7 +23,7 @@ def main(strategy: str) -> None:
                 tiny_job.step(model, optimizer)  # the strategy's collectives: a rank left in a save blocks them
                 checkpoints.save(model, optimizer, epoch=epoch + rank)
     except ValueError as exc:
-        print(f"rank {rank} refused: {exc}", flush=True)
+        tiny_job.say(f"rank {rank} refused: {exc}")
     dist.destroy_process_group()
     if rank == 0:
         mlflow.end_run()

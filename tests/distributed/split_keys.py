@@ -21,7 +21,7 @@ def main(strategy: str) -> None:
     try:
         tracking.log_checkpoint(model, optimizer, epoch=1 + rank)
     except ValueError as exc:
-        print(f"rank {rank} refused: {exc}", flush=True)
+        tiny_job.say(f"rank {rank} refused: {exc}")
     # The group is still in step: a save with the same key on every rank goes on.
     tracking.log_checkpoint(model, optimizer, epoch=5)
     dist.destroy_process_group()

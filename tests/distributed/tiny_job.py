@@ -3,6 +3,8 @@ strategy says, its Adam, and (on rank 0) the MLflow run, whose ID rank 0 prints 
 
 from __future__ import annotations
 
+import os
+
 import mlflow
 import torch
 import torch.distributed as dist
@@ -21,8 +23,14 @@ def start(strategy: str) -> tuple[nn.Module, torch.optim.Optimizer, int]:
         model = nn.parallel.DistributedDataParallel(model)
     rank = dist.get_rank()
     if rank == 0:
-        print("MLflow run", mlflow.start_run().info.run_id, flush=True)
+        say(f"MLflow run {mlflow.start_run().info.run_id}")
     return model, torch.optim.Adam(model.parameters()), rank
+
+
+def say(line: str) -> None:
+    """Print ``line`` in one write. The ranks share torchrun's stdout, and ``print`` writes the text and its newline
+    apart: two ranks' lines printed at once can run into one line."""
+    os.write(1, (line + "\n").encode())
 
 
 def step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
