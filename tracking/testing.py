@@ -77,8 +77,12 @@ def tracking_s3(tracking_s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> Ite
     import boto3
     from moto import mock_aws
 
+    from tracking.storage import s3 as s3_storage
+
     _use_fake_aws(monkeypatch, tracking_s3_bucket)
     with mock_aws():
+        # mock_aws empties boto3's default session (and puts it back when it ends): a new one as in _use_fake_aws.
+        boto3.DEFAULT_SESSION = s3_storage.boto3_session()
         boto3.client("s3", region_name="us-east-1").create_bucket(Bucket=tracking_s3_bucket)
         try:
             yield tracking_s3_bucket
@@ -156,8 +160,9 @@ def _use_fake_aws(monkeypatch: pytest.MonkeyPatch, bucket: str) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    # boto3's default session keeps the profile it read when made (the user's code may have made it).
-    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
+    # boto3's default session keeps the profile it read when made (the user's code may have made it): a new one
+    # reads the fake credentials, for the user's boto3.client("s3") and MLflow's.
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", s3_storage.boto3_session())
     s3_storage.s3_client.cache_clear()  # a client made before would go to the real endpoint
 
 

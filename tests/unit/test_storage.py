@@ -168,3 +168,28 @@ def test_a_multipart_read_lands_whole_whether_or_not_ranges_pay(
     # Same length, other bytes: caught by the hash however the parts arrived.
     with pytest.raises(tracking.IntegrityError, match="does not match its manifest"):
         s3.read("d/big.bin", StoredFile(len(data), hashlib.sha256(b"other").hexdigest()))
+
+
+def test_a_new_client_reads_no_botocore_data_file_again(mocked_s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clients are made again for every change of credentials or endpoint (each test of a suite, in
+    tracking.testing): botocore's JSON service models are parsed once a process, not once a client."""
+    import boto3
+    import botocore.loaders
+
+    from tracking.storage import s3
+
+    s3.s3_client(TrackingConfig.from_env())  # loads what a first client needs
+    loaded: list[str] = []
+    real_load = botocore.loaders.JSONFileLoader.load_file
+
+    def spy(self: botocore.loaders.JSONFileLoader, file_path: str) -> Any:
+        loaded.append(file_path)
+        return real_load(self, file_path)
+
+    monkeypatch.setattr(botocore.loaders.JSONFileLoader, "load_file", spy)
+    s3.s3_client.cache_clear()
+    search_path = list(s3._data_loader(None).search_paths)
+    s3.s3_client(TrackingConfig.from_env()).list_objects_v2(Bucket=BUCKET)
+    boto3.client("s3", region_name="us-east-1").list_objects_v2(Bucket=BUCKET)  # the user's, in tracking.testing
+    assert loaded == []
+    assert s3._data_loader(None).search_paths == search_path  # each boto3 session adds nothing more to it
