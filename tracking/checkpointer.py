@@ -276,7 +276,7 @@ class Checkpointer:
         no request of its own, and under a process group one small gather of the ranks' keys. Later calls cost
         neither (a step-keyed Checkpointer is called every step).
         """
-        keys = distributed.gather((epoch, step))
+        keys = distributed.gather((epoch, step), arrival=True)
 
         def ask() -> None:
             handle = self._open()

@@ -173,7 +173,7 @@ def restore(
         found = find_checkpoint(source, checkpoint, step=step, config=config)
         return found.run_id, found.store.artifact_uri, found.store.owner, found.folder, found.manifest, found.model_id
 
-    run_id, artifact_uri, owner, folder, manifest, model_id = distributed.on_rank0(find)
+    run_id, artifact_uri, owner, folder, manifest, model_id = distributed.on_rank0(find, arrival=True)
     located = Located(run_id, open_store(artifact_uri, config, owner=owner), folder, manifest, model_id)
     plain = distributed.unwrap(model)
     if pretrained.is_folder(located):

@@ -312,3 +312,16 @@ def test_a_checkpointer_whose_ranks_count_epochs_apart_fails_every_rank_at_its_f
     assert "rank 0: epoch=0, step=None; rank 1: epoch=1, step=None" in message and "Nothing was stored" in message
     assert "Pass every rank the same epoch= and step=" in message
     assert catalog.search(open_run(launch.run_id), status=None) == []  # not even a failed logged model
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_rank_0_waiting_for_the_other_ranks_at_a_save_says_why_they_may_never_come(
+    env: dict[str, str], strategy: str
+) -> None:
+    launch = torchrun(env, 2, "tests.distributed.late_rank", strategy)
+    assert launch.code == 0, launch.out[-3000:]
+    waited = [line for line in launch.out.splitlines() if "has waited" in line]
+    assert len(waited) == 1, launch.out[-3000:]  # once, at the first save; not at the second, reached together
+    assert waited[0].startswith("rank 0 has waited 1 s for the other 1 rank(s) to save or load a checkpoint")
+    assert "Called under `if rank == 0:`" in waited[0] and "call it on every rank" in waited[0]
+    assert [c.epoch for c in tracking.list_checkpoints(launch.run_id)] == [1, 2]  # the late rank's save went on

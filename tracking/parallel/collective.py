@@ -36,11 +36,11 @@ def commit(
         from tracking.parallel.sharded import commit_sharded
 
         # Before rank 0 creates its logged model: two small collectives beside the shards' writes.
-        keys = distributed.gather(key)
+        keys = distributed.gather(key, arrival=True)
         distributed.on_rank0(lambda: refuse_different_keys(handle, keys))
         return commit_sharded(handle, snapshot, describe, after)
     # Every rank's key travels with its rank_state, in the one gather the commit makes anyway.
-    gathered = distributed.gather((snapshot.rank_state, key)) if distributed.active() else None
+    gathered = distributed.gather((snapshot.rank_state, key), arrival=True) if distributed.active() else None
 
     def on_rank0() -> LoggedCheckpoint:
         assert handle is not None

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import atexit
 import functools
+import logging
 import os
 import pickle
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -27,11 +30,19 @@ from tracking.errors import TrackingError
 
 T = TypeVar("T")
 
+_log = logging.getLogger(__name__)
+
 # How long a rank waits in the coordination group for rank 0's step. A synchronous save holds the
 # other ranks for as long as its upload takes (hours for a checkpoint of hundreds of GB), longer than
 # torch's default of 30 minutes. A dead or silent endpoint still ends the step in about 30 s (the
 # library's own request bounds), and torchrun ends the job when a rank dies.
 COORDINATION_TIMEOUT = timedelta(hours=24)
+
+# How long rank 0 waits in a collective of the library's for the other ranks before it says why they may never
+# come: the ranks of a training loop reach a save within a step of each other, and a save called under
+# `if rank == 0:` (PyTorch's habit for torch.save) leaves rank 0 waiting here while the others wait for it in
+# the next collective of the training loop, silent until one of the groups times out.
+ARRIVAL_WARNING_S = 60.0
 
 
 def active() -> bool:
@@ -168,10 +179,11 @@ def _default_group() -> Any:
 _groups: dict[int, Any] = {}
 
 
-def on_rank0(step: Callable[[], T]) -> T:
+def on_rank0(step: Callable[[], T], *, arrival: bool = False) -> T:
     """Run ``step`` on rank 0 only and return its result on every rank; raise its error on every rank.
 
-    Outside a process group, ``step()``.
+    ``arrival``: the first collective of a call every rank makes (see :func:`_arrival_watch`). Outside a process
+    group, ``step()``.
     """
     if not active():
         return step()
@@ -183,7 +195,8 @@ def on_rank0(step: Callable[[], T]) -> T:
             outcome[0] = ("ok", step())
         except BaseException as exc:
             outcome[0] = ("error", _portable(exc))
-    dist.broadcast_object_list(outcome, src=0, group=group())
+    with _arrival_watch(arrival):
+        dist.broadcast_object_list(outcome, src=0, group=group())
     kind, value = outcome[0]
     if kind == "error":
         raise value
@@ -205,14 +218,18 @@ def raise_together(error: BaseException | None) -> None:
             raise found
 
 
-def gather(value: T) -> list[T] | None:
-    """Every rank's ``value`` in rank order, on rank 0; None on the other ranks. ``[value]`` outside a group."""
+def gather(value: T, *, arrival: bool = False) -> list[T] | None:
+    """Every rank's ``value`` in rank order, on rank 0; None on the other ranks. ``[value]`` outside a group.
+
+    ``arrival``: the first collective of a call every rank makes (see :func:`_arrival_watch`).
+    """
     if not active():
         return [value]
     import torch.distributed as dist
 
     gathered: list[Any] | None = [None] * world_size() if rank() == 0 else None
-    dist.gather_object(value, gathered, dst=0, group=group())
+    with _arrival_watch(arrival):
+        dist.gather_object(value, gathered, dst=0, group=group())
     return gathered
 
 
@@ -221,6 +238,35 @@ def barrier() -> None:
         import torch.distributed as dist
 
         dist.barrier(group=group())
+
+
+@contextmanager
+def _arrival_watch(arrival: bool) -> Iterator[None]:
+    """Around the first collective of a save or load, which every rank reaches within a step of the others: on
+    rank 0, after ``ARRIVAL_WARNING_S`` without them, say once why they may never come, and go on waiting (a rank
+    that is only slower still arrives). Not around later ones: there rank 0 may wait as long as another rank's
+    upload or download takes."""
+    if not arrival or rank() != 0:
+        yield
+        return
+    watch = threading.Timer(ARRIVAL_WARNING_S, _warn_waiting)
+    watch.daemon = True
+    watch.start()
+    try:
+        yield
+    finally:
+        watch.cancel()
+
+
+def _warn_waiting() -> None:
+    _log.warning(
+        "rank 0 has waited %.0f s for the other %d rank(s) to save or load a checkpoint with it: under torchrun "
+        "every rank calls tracking.log_checkpoint, Checkpointer.save and tracking.restore (rank 0 alone talks to "
+        "MLflow). Called under `if rank == 0:`, it waits here until the job's collectives time out: call it on "
+        "every rank. Still waiting, in case another rank is only slower.",
+        ARRIVAL_WARNING_S,
+        world_size() - 1,
+    )
 
 
 def _portable(exc: BaseException) -> BaseException:
