@@ -1,7 +1,7 @@
 """``tracking.testing`` in a user's suite that enables only that plugin.
 
-README's example passes; training code run as a child process logs to ``tracking_s3_server``; a bucket name
-AWS refuses fails the fixtures' setup; a run a failed test left open ends FAILED, a passed one's FINISHED.
+README's example passes; training code run as a child process (one, or a torchrun job's ranks) logs to
+``tracking_s3_server``; a bucket name AWS refuses fails the fixtures' setup; a run a failed test left open ends FAILED, a passed one's FINISHED.
 """
 
 from __future__ import annotations
@@ -88,6 +88,67 @@ def test_training_code_in_a_child_process_logs_where_the_test_loads_it(
     assert torch.equal(loaded.model.weight, torch.load(weights, weights_only=True)["weight"])
     # The bytes are on the served moto, where a plain boto3 client of the test finds them too.
     assert boto3.client("s3").list_objects_v2(Bucket=tracking_s3_server)["KeyCount"] > 0
+
+
+TRAIN_UNDER_TORCHRUN = """
+import sys
+
+import mlflow
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+
+import tracking
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(7)
+model = nn.Linear(4, 2)
+if rank == 0:
+    torch.save(model.state_dict(), sys.argv[1])
+    run = mlflow.start_run()  # rank 0 alone talks to MLflow
+fully_shard(model)
+tracking.log_checkpoint(model, torch.optim.SGD(model.parameters(), lr=0.1), epoch=3)  # every rank writes its shards
+dist.destroy_process_group()
+if rank == 0:
+    mlflow.end_run()
+    print(run.info.run_id)
+"""
+
+
+@pytest.mark.slow  # a torchrun job; the one-process child above is in make test
+def test_training_code_under_torchrun_logs_every_ranks_shards_where_the_test_loads_them(
+    tracking_s3_server: str, tracking_experiment: str, tmp_path: Path
+) -> None:
+    import mlflow
+    import torch
+    from torch import nn
+
+    import tracking
+
+    script, weights = tmp_path / "train.py", tmp_path / "weights.pt"
+    script.write_text(TRAIN_UNDER_TORCHRUN)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    job = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", str(script), str(weights)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-3000:]
+    run_id = job.stdout.split()[-1]
+
+    assert mlflow.get_run(run_id).info.experiment_id == tracking_experiment
+    found = tracking.find_checkpoint(run_id, 3)
+    assert found.manifest.kind == "sharded_checkpoint"
+    shards = sorted(name for name in found.manifest.files if name.startswith("shard-"))
+    assert shards == ["shard-00000.distcp", "shard-00001.distcp"]
+    loaded = tracking.load(run_id, model=nn.Linear(4, 2))
+    assert loaded.epoch == 3
+    assert torch.equal(loaded.model.weight, torch.load(weights, weights_only=True)["weight"])
 
 
 # ------------------------------------------------------------ a user's suite: bucket names, runs left open
