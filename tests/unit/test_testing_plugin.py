@@ -1,7 +1,8 @@
 """``tracking.testing`` in a user's suite that enables only that plugin.
 
 README's example passes; training code run as a child process (one, or a torchrun job's ranks) logs to
-``tracking_s3_server``; a bucket name AWS refuses fails the fixtures' setup; a run a failed test left open ends FAILED, a passed one's FINISHED.
+``tracking_s3_server``; a bucket name AWS refuses fails the fixtures' setup; a run a failed test left open
+ends FAILED, a passed one's FINISHED.
 """
 
 from __future__ import annotations
