@@ -10,9 +10,6 @@ from __future__ import annotations
 import sys
 import time
 
-import mlflow
-import torch.distributed as dist
-
 import tracking
 from tests.distributed import tiny_job
 from tracking.parallel import distributed
@@ -27,9 +24,7 @@ def main(strategy: str) -> None:
     tracking.log_checkpoint(model, optimizer, epoch=1)
     tiny_job.step(model, optimizer)
     tracking.log_checkpoint(model, optimizer, epoch=2)
-    dist.destroy_process_group()
-    if rank == 0:
-        mlflow.end_run()
+    tiny_job.finish(rank)
 
 
 if __name__ == "__main__":

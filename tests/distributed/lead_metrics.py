@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import sys
 
-import mlflow
-import torch.distributed as dist
-
 import tracking
 from tests.distributed import tiny_job
 
@@ -23,9 +20,7 @@ def main(strategy: str) -> None:
         for epoch, val_loss in enumerate(VAL_LOSSES, start=1):
             tiny_job.step(model, optimizer)
             checkpointer.save(model, optimizer, epoch=epoch, metrics={"val_loss": val_loss} if rank == 0 else None)
-    dist.destroy_process_group()
-    if rank == 0:
-        mlflow.end_run()
+    tiny_job.finish(rank)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import sys
 
-import mlflow
-import torch.distributed as dist
-
 import tracking
 from tests.distributed import tiny_job
 
@@ -24,9 +21,7 @@ def main(strategy: str) -> None:
                 checkpoints.save(model, optimizer, epoch=epoch + rank)
     except ValueError as exc:
         tiny_job.say(f"rank {rank} refused: {exc}")
-    dist.destroy_process_group()
-    if rank == 0:
-        mlflow.end_run()
+    tiny_job.finish(rank)
 
 
 if __name__ == "__main__":

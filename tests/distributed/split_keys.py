@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import sys
 
-import mlflow
-import torch.distributed as dist
-
 import tracking
 from tests.distributed import tiny_job
 
@@ -24,9 +21,7 @@ def main(strategy: str) -> None:
         tiny_job.say(f"rank {rank} refused: {exc}")
     # The group is still in step: a save with the same key on every rank goes on.
     tracking.log_checkpoint(model, optimizer, epoch=5)
-    dist.destroy_process_group()
-    if rank == 0:
-        mlflow.end_run()
+    tiny_job.finish(rank)
 
 
 if __name__ == "__main__":

@@ -38,3 +38,10 @@ def step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     model(torch.randn(16, 4)).pow(2).mean().backward()
     optimizer.step()
     optimizer.zero_grad()
+
+
+def finish(rank: int) -> None:
+    """End the job as a user's script does: the process group, then (on rank 0) the MLflow run."""
+    dist.destroy_process_group()
+    if rank == 0:
+        mlflow.end_run()
