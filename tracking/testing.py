@@ -81,7 +81,9 @@ def tracking_s3(tracking_s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> Ite
 
     _use_fake_aws(monkeypatch, tracking_s3_bucket)
     with mock_aws():
-        # mock_aws empties boto3's default session (and puts it back when it ends): a new one as in _use_fake_aws.
+        # boto3's default session keeps the profile it read when made (the user's code may have made it): a new
+        # one reads the fake credentials, for the user's boto3.client("s3") and MLflow's. (mock_aws puts the old
+        # one back when it ends.)
         boto3.DEFAULT_SESSION = s3_storage.boto3_session()
         boto3.client("s3", region_name="us-east-1").create_bucket(Bucket=tracking_s3_bucket)
         try:
@@ -116,6 +118,8 @@ def tracking_s3_server(
     """
     import boto3
 
+    from tracking.storage import s3 as s3_storage
+
     if "tracking_s3" in request.fixturenames:
         pytest.fail(
             f"{request.node.nodeid} asks for both tracking_s3 (moto in this process) and tracking_s3_server "
@@ -123,6 +127,7 @@ def tracking_s3_server(
             pytrace=False,
         )
     _use_fake_aws(monkeypatch, tracking_s3_bucket)
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", s3_storage.boto3_session())  # as in tracking_s3
     monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", tracking_moto_server)  # the library's and MLflow's S3 clients
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", tracking_moto_server)  # a plain boto3.client("s3") of the user's
     monkeypatch.delenv("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS")
@@ -139,8 +144,6 @@ def tracking_s3_server(
 
 def _use_fake_aws(monkeypatch: pytest.MonkeyPatch, bucket: str) -> None:
     """Refuse a bucket name AWS refuses; hide what would send S3 requests elsewhere; set fake credentials."""
-    import boto3
-
     from tracking.storage import s3 as s3_storage
     from tracking.uri import bucket_name_problem
 
@@ -160,9 +163,6 @@ def _use_fake_aws(monkeypatch: pytest.MonkeyPatch, bucket: str) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    # boto3's default session keeps the profile it read when made (the user's code may have made it): a new one
-    # reads the fake credentials, for the user's boto3.client("s3") and MLflow's.
-    monkeypatch.setattr(boto3, "DEFAULT_SESSION", s3_storage.boto3_session())
     s3_storage.s3_client.cache_clear()  # a client made before would go to the real endpoint
 
 
