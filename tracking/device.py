@@ -11,6 +11,15 @@ from tracking.errors import ConfigError
 
 def check_map_location(map_location: Any) -> None:
     """A map_location torch cannot parse is the caller's mistake, said before anything is read."""
+    if isinstance(map_location, dict) or callable(map_location):
+        # torch.load's remapping forms: here every checkpoint is read on the host and only the weights,
+        # optimizer state and scaler move, to one device, so the device they remap to is all a load needs.
+        raise TypeError(
+            f"map_location must be a device string or a torch.device, got a {type(map_location).__name__}: "
+            "torch.load's remapping dict or function is not needed here, because a checkpoint is read on the host "
+            "and its weights move to the one device named; pass that device ({'cuda:1': 'cuda:0'} -> 'cuda:0', "
+            "lambda storage, loc: storage -> 'cpu')."
+        )
     if not isinstance(map_location, str | torch.device):
         raise TypeError(f"map_location must be a device string or a torch.device, got {type(map_location).__name__}")
     try:

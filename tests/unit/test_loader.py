@@ -590,6 +590,8 @@ def seed_with_momentum() -> tuple[Model, torch.optim.SGD]:
         (lambda run: tracking.load(run, map_location="bogus"), ValueError, "map_location='bogus' is not a device"),
         (lambda run: tracking.load_model(run, map_location="cuda:x"), ValueError, "map_location='cuda:x'"),
         (lambda run: tracking.load_state_dict(run, map_location=7), TypeError, "map_location must be"),
+        (lambda run: tracking.load(run, map_location={"cuda:1": "cuda:0"}), TypeError, r"-> 'cuda:0'"),
+        (lambda run: tracking.load(run, map_location=lambda storage, loc: storage), TypeError, "remapping"),
         (lambda run: tracking.load(run, scheduler="nope"), TypeError, "scheduler must be a factory"),
         (lambda run: tracking.load(run, optimizer=3), TypeError, "optimizer must be a factory"),
         (lambda run: tracking.restore(run, Model(6), scaler=object()), TypeError, "scaler must be an object with"),
