@@ -77,14 +77,14 @@ def tracking_s3(tracking_s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> Ite
     import boto3
     from moto import mock_aws
 
-    from tracking.storage import s3 as s3_storage
+    from tracking.storage.s3_client import boto3_session
 
     _use_fake_aws(monkeypatch, tracking_s3_bucket)
     with mock_aws():
         # boto3's default session keeps the profile it read when made (the user's code may have made it): a new
         # one reads the fake credentials, for the user's boto3.client("s3") and MLflow's. (mock_aws puts the old
         # one back when it ends.)
-        boto3.DEFAULT_SESSION = s3_storage.boto3_session()
+        boto3.DEFAULT_SESSION = boto3_session()
         boto3.client("s3", region_name="us-east-1").create_bucket(Bucket=tracking_s3_bucket)
         try:
             yield tracking_s3_bucket
@@ -118,7 +118,7 @@ def tracking_s3_server(
     """
     import boto3
 
-    from tracking.storage import s3 as s3_storage
+    from tracking.storage.s3_client import boto3_session
 
     if "tracking_s3" in request.fixturenames:
         pytest.fail(
@@ -127,7 +127,7 @@ def tracking_s3_server(
             pytrace=False,
         )
     _use_fake_aws(monkeypatch, tracking_s3_bucket)
-    monkeypatch.setattr(boto3, "DEFAULT_SESSION", s3_storage.boto3_session())  # as in tracking_s3
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", boto3_session())  # as in tracking_s3
     monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", tracking_moto_server)  # the library's and MLflow's S3 clients
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", tracking_moto_server)  # a plain boto3.client("s3") of the user's
     monkeypatch.delenv("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS")
@@ -144,7 +144,7 @@ def tracking_s3_server(
 
 def _use_fake_aws(monkeypatch: pytest.MonkeyPatch, bucket: str) -> None:
     """Refuse a bucket name AWS refuses; hide what would send S3 requests elsewhere; set fake credentials."""
-    from tracking.storage import s3 as s3_storage
+    from tracking.storage.s3_client import s3_client
     from tracking.uri import bucket_name_problem
 
     problem = bucket_name_problem(bucket)
@@ -163,17 +163,17 @@ def _use_fake_aws(monkeypatch: pytest.MonkeyPatch, bucket: str) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    s3_storage.s3_client.cache_clear()  # a client made before would go to the real endpoint
+    s3_client.cache_clear()  # a client made before would go to the real endpoint
 
 
 def _let_s3_go() -> None:
     """Wait for the test's background saves, then drop the S3 clients made with moto's credentials and endpoint."""
-    from tracking.storage import s3 as s3_storage
+    from tracking.storage.s3_client import s3_client
 
     try:
         _flush_background_saves()
     finally:
-        s3_storage.s3_client.cache_clear()
+        s3_client.cache_clear()
         release_mlflow_stores()  # MLflow's S3 clients
 
 
