@@ -48,6 +48,8 @@ from pathlib import Path
 
 import pytest
 
+from tracking.autologging import autologging_configs, restore_autologging
+
 # The variables that would send the library's S3 requests, or MLflow's, anywhere but moto.
 _S3_ELSEWHERE = (
     "MLFLOW_S3_ENDPOINT_URL",
@@ -268,72 +270,11 @@ def _tracking_autologging_as_before(request: pytest.FixtureRequest) -> Iterator[
     test of the session, logging params, metrics and models they never asked for. Only what the test turned
     on, off or reconfigured is undone: autologging the session enabled before (in a conftest.py) stays.
     """
-    before = _autologging_state()
+    before = autologging_configs()
     yield
-    _restore_autologging(before, request.node.nodeid)
-
-
-# Each autologging integration's config as MLflow records it, by name ("mlflow" for mlflow.autolog()).
-_AutologgingConfigs = dict[str, dict[str, object]]
-
-
-def _autologging_state() -> _AutologgingConfigs:
-    """MLflow's autologging configs, copied; none while mlflow is not imported (nothing is configured)."""
-    if "mlflow.utils.autologging_utils" not in sys.modules:
-        return {}  # importing mlflow to read them would cost each test seconds
-    from mlflow.utils.autologging_utils import AUTOLOGGING_INTEGRATIONS
-
-    return {name: dict(config) for name, config in AUTOLOGGING_INTEGRATIONS.items()}
-
-
-def _restore_autologging(before: _AutologgingConfigs, nodeid: str) -> None:
-    """Call the autolog() of each integration whose config the test changed with its config from before.
-
-    MLflow's own evaluation puts autologging back the same way (mlflow.models.evaluation.utils.trace).
-    """
-    if "mlflow.utils.autologging_utils" not in sys.modules:
-        return
-    from mlflow.utils.autologging_utils import AUTOLOGGING_INTEGRATIONS
-
-    # mlflow.autolog() first: it also waits for the libraries it covers to be imported, and undoing it
-    # replaces those waiting calls; a later test importing Lightning would turn its autologging on.
-    problems = _restore_integration("mlflow", before, nodeid)
-    for name in list(AUTOLOGGING_INTEGRATIONS):
-        problems += _restore_integration(name, before, nodeid)
+    problems = restore_autologging(before, request.node.nodeid)
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)
-
-
-def _restore_integration(name: str, configs: _AutologgingConfigs, nodeid: str) -> list[str]:
-    """Put integration ``name`` back to its config in ``configs``; what went wrong, in a sentence, or nothing."""
-    import inspect
-
-    import mlflow
-    from mlflow.utils.autologging_utils import AUTOLOGGING_INTEGRATIONS, get_autolog_function
-
-    # Absent before: its flavor module was imported during the test, which records it as {} (never configured).
-    config = configs.get(name, {})
-    if AUTOLOGGING_INTEGRATIONS.get(name, {}) == config:
-        return []
-    module = "mlflow" if name == "mlflow" else f"mlflow.{name}"
-    try:
-        autolog = mlflow.autolog if name == "mlflow" else get_autolog_function(name)
-        if autolog is None:
-            raise LookupError(f"{module} has no autolog()")
-        if config and not config.get("disable", False):
-            accepted = inspect.signature(autolog).parameters  # not "globally_configured", MLflow's own key
-            autolog(**{key: value for key, value in config.items() if key in accepted})
-        else:
-            autolog(disable=True)
-    except Exception as exc:
-        return [
-            f"{nodeid} changed MLflow's {name} autologging and tracking.testing could not put it back as it was "
-            f"before the test ({type(exc).__name__}: {exc}): later tests would autolog with it. Undo it at the end "
-            f"of the test, e.g. {module}.autolog(disable=True)."
-        ]
-    finally:
-        AUTOLOGGING_INTEGRATIONS[name] = config  # MLflow's patches read it on every call: off even if not reverted
-    return []
 
 
 @pytest.hookimpl(wrapper=True)
