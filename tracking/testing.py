@@ -48,6 +48,8 @@ from pathlib import Path
 
 import pytest
 
+from tracking.autologging import autologging_configs, restore_autologging
+
 # The variables that would send the library's S3 requests, or MLflow's, anywhere but moto.
 _S3_ELSEWHERE = (
     "MLFLOW_S3_ENDPOINT_URL",
@@ -77,14 +79,14 @@ def tracking_s3(tracking_s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> Ite
     import boto3
     from moto import mock_aws
 
-    from tracking.storage import s3 as s3_storage
+    from tracking.storage.s3_client import boto3_session
 
     _use_fake_aws(monkeypatch, tracking_s3_bucket)
     with mock_aws():
         # boto3's default session keeps the profile it read when made (the user's code may have made it): a new
         # one reads the fake credentials, for the user's boto3.client("s3") and MLflow's. (mock_aws puts the old
         # one back when it ends.)
-        boto3.DEFAULT_SESSION = s3_storage.boto3_session()
+        boto3.DEFAULT_SESSION = boto3_session()
         boto3.client("s3", region_name="us-east-1").create_bucket(Bucket=tracking_s3_bucket)
         try:
             yield tracking_s3_bucket
@@ -118,7 +120,7 @@ def tracking_s3_server(
     """
     import boto3
 
-    from tracking.storage import s3 as s3_storage
+    from tracking.storage.s3_client import boto3_session
 
     if "tracking_s3" in request.fixturenames:
         pytest.fail(
@@ -127,7 +129,7 @@ def tracking_s3_server(
             pytrace=False,
         )
     _use_fake_aws(monkeypatch, tracking_s3_bucket)
-    monkeypatch.setattr(boto3, "DEFAULT_SESSION", s3_storage.boto3_session())  # as in tracking_s3
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", boto3_session())  # as in tracking_s3
     monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", tracking_moto_server)  # the library's and MLflow's S3 clients
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", tracking_moto_server)  # a plain boto3.client("s3") of the user's
     monkeypatch.delenv("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS")
@@ -144,7 +146,7 @@ def tracking_s3_server(
 
 def _use_fake_aws(monkeypatch: pytest.MonkeyPatch, bucket: str) -> None:
     """Refuse a bucket name AWS refuses; hide what would send S3 requests elsewhere; set fake credentials."""
-    from tracking.storage import s3 as s3_storage
+    from tracking.storage.s3_client import s3_client
     from tracking.uri import bucket_name_problem
 
     problem = bucket_name_problem(bucket)
@@ -163,17 +165,17 @@ def _use_fake_aws(monkeypatch: pytest.MonkeyPatch, bucket: str) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    s3_storage.s3_client.cache_clear()  # a client made before would go to the real endpoint
+    s3_client.cache_clear()  # a client made before would go to the real endpoint
 
 
 def _let_s3_go() -> None:
     """Wait for the test's background saves, then drop the S3 clients made with moto's credentials and endpoint."""
-    from tracking.storage import s3 as s3_storage
+    from tracking.storage.s3_client import s3_client
 
     try:
         _flush_background_saves()
     finally:
-        s3_storage.s3_client.cache_clear()
+        s3_client.cache_clear()
         release_mlflow_stores()  # MLflow's S3 clients
 
 
@@ -268,72 +270,11 @@ def _tracking_autologging_as_before(request: pytest.FixtureRequest) -> Iterator[
     test of the session, logging params, metrics and models they never asked for. Only what the test turned
     on, off or reconfigured is undone: autologging the session enabled before (in a conftest.py) stays.
     """
-    before = _autologging_state()
+    before = autologging_configs()
     yield
-    _restore_autologging(before, request.node.nodeid)
-
-
-# Each autologging integration's config as MLflow records it, by name ("mlflow" for mlflow.autolog()).
-_AutologgingConfigs = dict[str, dict[str, object]]
-
-
-def _autologging_state() -> _AutologgingConfigs:
-    """MLflow's autologging configs, copied; none while mlflow is not imported (nothing is configured)."""
-    if "mlflow.utils.autologging_utils" not in sys.modules:
-        return {}  # importing mlflow to read them would cost each test seconds
-    from mlflow.utils.autologging_utils import AUTOLOGGING_INTEGRATIONS
-
-    return {name: dict(config) for name, config in AUTOLOGGING_INTEGRATIONS.items()}
-
-
-def _restore_autologging(before: _AutologgingConfigs, nodeid: str) -> None:
-    """Call the autolog() of each integration whose config the test changed with its config from before.
-
-    MLflow's own evaluation puts autologging back the same way (mlflow.models.evaluation.utils.trace).
-    """
-    if "mlflow.utils.autologging_utils" not in sys.modules:
-        return
-    from mlflow.utils.autologging_utils import AUTOLOGGING_INTEGRATIONS
-
-    # mlflow.autolog() first: it also waits for the libraries it covers to be imported, and undoing it
-    # replaces those waiting calls; a later test importing Lightning would turn its autologging on.
-    problems = _restore_integration("mlflow", before, nodeid)
-    for name in list(AUTOLOGGING_INTEGRATIONS):
-        problems += _restore_integration(name, before, nodeid)
+    problems = restore_autologging(before, request.node.nodeid)
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)
-
-
-def _restore_integration(name: str, configs: _AutologgingConfigs, nodeid: str) -> list[str]:
-    """Put integration ``name`` back to its config in ``configs``; what went wrong, in a sentence, or nothing."""
-    import inspect
-
-    import mlflow
-    from mlflow.utils.autologging_utils import AUTOLOGGING_INTEGRATIONS, get_autolog_function
-
-    # Absent before: its flavor module was imported during the test, which records it as {} (never configured).
-    config = configs.get(name, {})
-    if AUTOLOGGING_INTEGRATIONS.get(name, {}) == config:
-        return []
-    module = "mlflow" if name == "mlflow" else f"mlflow.{name}"
-    try:
-        autolog = mlflow.autolog if name == "mlflow" else get_autolog_function(name)
-        if autolog is None:
-            raise LookupError(f"{module} has no autolog()")
-        if config and not config.get("disable", False):
-            accepted = inspect.signature(autolog).parameters  # not "globally_configured", MLflow's own key
-            autolog(**{key: value for key, value in config.items() if key in accepted})
-        else:
-            autolog(disable=True)
-    except Exception as exc:
-        return [
-            f"{nodeid} changed MLflow's {name} autologging and tracking.testing could not put it back as it was "
-            f"before the test ({type(exc).__name__}: {exc}): later tests would autolog with it. Undo it at the end "
-            f"of the test, e.g. {module}.autolog(disable=True)."
-        ]
-    finally:
-        AUTOLOGGING_INTEGRATIONS[name] = config  # MLflow's patches read it on every call: off even if not reverted
-    return []
 
 
 @pytest.hookimpl(wrapper=True)

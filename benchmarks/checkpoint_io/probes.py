@@ -182,7 +182,7 @@ class RequestCounter:
     def counting(self) -> Iterator[RequestCounter]:
         import requests
 
-        from tracking.storage.s3 import s3_client
+        from tracking.storage.s3_client import s3_client
 
         # The very client the library's loads use: it is cached per configuration.
         client = s3_client(tracking.TrackingConfig.from_env())

@@ -37,7 +37,7 @@ from tests.integration.conftest import POSTGRES_ADMIN_DSN, free_ports, fresh_pos
 from tracking.localstack import LocalStack
 from tracking.localstack.services import mlflow_problem
 from tracking.localstack.supervisor import Supervisor
-from tracking.storage import s3 as s3_storage
+from tracking.storage.s3_client import s3_client
 
 pytestmark = pytest.mark.integration
 
@@ -173,10 +173,10 @@ def server(
             for key, value in client_env.items():
                 monkeypatch.setenv(key, value)
             monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_uri)
-            s3_storage.s3_client.cache_clear()
+            s3_client.cache_clear()
             yield Server(tracking_uri, bucket, database, client_env, log)
         finally:
-            s3_storage.s3_client.cache_clear()
+            s3_client.cache_clear()
             supervisor.stop([SERVER], timeout=15)
 
 

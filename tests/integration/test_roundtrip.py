@@ -24,14 +24,14 @@ from tracking import catalog
 from tracking.layout import CHECKPOINT_MODEL_TYPE, TAG_BEST, TAG_LATEST, TAG_LATEST_EPOCH, checkpoint_name
 from tracking.localstack import LocalStack
 from tracking.run import open_run
-from tracking.storage import s3 as s3_storage
+from tracking.storage.s3_client import s3_client
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
 def experiment_id(stack: LocalStack, monkeypatch: pytest.MonkeyPatch) -> str:
-    s3_storage.s3_client.cache_clear()
+    s3_client.cache_clear()
     experiment = mlflow.create_experiment(f"roundtrip-{uuid.uuid4().hex[:8]}")
     monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", experiment)
     return experiment

@@ -39,9 +39,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def stack(stack_postgres: LocalStack, use_stack: Callable[[LocalStack], LocalStack]) -> LocalStack:  # noqa: F811
     """The PostgreSQL stack, with this test's clients pointed straight at it."""
-    from tracking.storage import s3 as s3_storage
+    from tracking.storage.s3_client import s3_client
 
-    s3_storage.s3_client.cache_clear()
+    s3_client.cache_clear()
     return use_stack(stack_postgres)
 
 
@@ -87,13 +87,13 @@ class Route:
     def _point(self, s3_url: str, tracking_uri: str) -> None:
         import mlflow.tracking._tracking_service.utils as tracking_utils
 
-        from tracking.storage import s3 as s3_storage
+        from tracking.storage.s3_client import s3_client
 
         self.monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", s3_url)
         self.monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
         # An explicit tracking URI in MLflow's fluent state wins over the variable.
         self.monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_uri)
-        s3_storage.s3_client.cache_clear()
+        s3_client.cache_clear()
 
     def close(self) -> None:
         self.s3.close()

@@ -123,7 +123,7 @@ def crashed(stack_postgres: LocalStack) -> Iterator[dict[str, Child]]:
     import mlflow.tracking._tracking_service.utils as tracking_utils
     from mlflow import MlflowClient
 
-    from tracking.storage import s3 as s3_storage
+    from tracking.storage.s3_client import s3_client
 
     with pytest.MonkeyPatch.context() as patch:
         for key, value in stack_postgres.env().items():
@@ -132,7 +132,7 @@ def crashed(stack_postgres: LocalStack) -> Iterator[dict[str, Child]]:
         experiment = f"reliability-crash-{uuid.uuid4().hex[:8]}"
         patch.setenv("TRACKING_EXPERIMENT", experiment)
         patch.setattr(tracking_utils, "_tracking_uri", stack_postgres.tracking_uri)
-        s3_storage.s3_client.cache_clear()
+        s3_client.cache_clear()
         client = MlflowClient(stack_postgres.tracking_uri)
         experiment_id = client.create_experiment(experiment)
         procs: dict[str, tuple[str, subprocess.Popen[str]]] = {}

@@ -183,14 +183,14 @@ def committed_run(stack_postgres: Any) -> Iterator[str]:
     import mlflow.tracking._tracking_service.utils as tracking_utils
     from mlflow import MlflowClient
 
-    from tracking.storage import s3 as s3_storage
+    from tracking.storage.s3_client import s3_client
 
     with pytest.MonkeyPatch.context() as patch:
         for key, value in stack_postgres.env().items():
             patch.setenv(key, value)
         patch.setenv("TRACKING_S3_PART_SIZE_MB", "5")
         patch.setattr(tracking_utils, "_tracking_uri", stack_postgres.tracking_uri)
-        s3_storage.s3_client.cache_clear()
+        s3_client.cache_clear()
         client = MlflowClient(stack_postgres.tracking_uri)
         run_id = client.create_run(client.create_experiment("reliability-loads")).info.run_id
         workload.log(run_id, 1)

@@ -85,7 +85,7 @@ def test_credentials_reach_no_param_tag_artifact_log_or_output(
     from mlflow import MlflowClient
 
     from tracking.audit import verify
-    from tracking.storage import s3 as s3_storage
+    from tracking.storage.s3_client import s3_client
 
     stack = secret_stack
     experiment = f"reliability-secrets-{uuid.uuid4().hex[:8]}"
@@ -100,7 +100,7 @@ def test_credentials_reach_no_param_tag_artifact_log_or_output(
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(tracking_utils, "_tracking_uri", stack.tracking_uri)
-    s3_storage.s3_client.cache_clear()
+    s3_client.cache_clear()
     texts: list[tuple[str, str]] = []  # (where it was found, text)
 
     # Every logger at DEBUG, including those that do not propagate to the root (MLflow's).
@@ -129,11 +129,11 @@ def test_credentials_reach_no_param_tag_artifact_log_or_output(
             with monkeypatch.context() as patch:
                 for key, value in override.items():
                     patch.setenv(key, value)
-                s3_storage.s3_client.cache_clear()
+                s3_client.cache_clear()
                 with pytest.raises(TrackingError) as raised:
                     verify(run_id)
                 texts.append((f"error in-process ({what})", _error_text(raised.value)))
-            s3_storage.s3_client.cache_clear()
+            s3_client.cache_clear()
     finally:
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)

@@ -15,7 +15,7 @@ from pipelines.models import Model
 from tests.unit.conftest import BUCKET
 from tracking import audit
 from tracking.layout import TAG_LATEST
-from tracking.storage import s3 as s3_storage
+from tracking.storage.s3_client import s3_client
 
 
 def run_models(run_id: str) -> dict[str, str]:
@@ -89,7 +89,7 @@ def test_failure_mid_upload_keeps_previous_checkpoint_latest(
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with mlflow.start_run() as run:
         first = tracking.log_checkpoint(model, optimizer, epoch=1)
-        client = s3_storage.s3_client(tracking.TrackingConfig.from_env())
+        client = s3_client(tracking.TrackingConfig.from_env())
         real_upload_part = client.upload_part
         calls = []
 
@@ -181,7 +181,7 @@ def test_relogging_an_epoch_that_fails_mid_upload_keeps_the_old_checkpoint(
         saved = model.weight.detach().clone()
         with torch.no_grad():
             model.weight.mul_(2.0)
-        client = s3_storage.s3_client(tracking.TrackingConfig.from_env())
+        client = s3_client(tracking.TrackingConfig.from_env())
         real_upload_part = client.upload_part
 
         def failing_upload_part(**kwargs: object) -> object:
@@ -210,7 +210,7 @@ def test_missing_bucket(mocked_s3: object, tracking_store: str) -> None:
 def test_missing_credentials(tracking_store: str, monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(var, raising=False)
-    s3_storage.s3_client.cache_clear()
+    s3_client.cache_clear()
     experiment_id = mlflow.create_experiment("nocreds", artifact_location="s3://bucket/exp")
     model, optimizer = seed_model()
     with mlflow.start_run(experiment_id=experiment_id):
@@ -225,10 +225,10 @@ def test_unreachable_endpoint(tracking_store: str, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
-    s3_storage.s3_client.cache_clear()
+    s3_client.cache_clear()
     experiment_id = mlflow.create_experiment("unreachable", artifact_location="s3://bucket/exp")
     model, optimizer = seed_model()
     with mlflow.start_run(experiment_id=experiment_id):
         with pytest.raises(tracking.StorageError, match=rf"cannot reach S3 at http://127.0.0.1:{port}"):
             tracking.log_checkpoint(model, optimizer, epoch=1)
-    s3_storage.s3_client.cache_clear()
+    s3_client.cache_clear()

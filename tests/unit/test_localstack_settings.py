@@ -80,16 +80,19 @@ def test_cli_lists_the_stack_commands() -> None:
 
 def test_the_library_never_imports_the_local_stack_nor_the_test_fixtures() -> None:
     # Every module of the package but the stack's own (walk_packages would import it to recurse) and the
-    # fixtures for users' tests (tracking.testing: pytest and moto are not the library's dependencies).
+    # fixtures for users' tests (tracking.testing and the autologging it puts back: pytest and moto are not the
+    # library's dependencies).
     root = Path(__file__).resolve().parents[2] / "tracking"
+    fixtures = ("testing.py", "autologging.py")
     modules = [
         ".".join(("tracking", *path.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
         for path in sorted(root.rglob("*.py"))
-        if "localstack" not in path.relative_to(root).parts and path.name not in ("__main__.py", "testing.py")
+        if "localstack" not in path.relative_to(root).parts and path.name not in ("__main__.py", *fixtures)
     ]
+    apart = ("tracking.localstack", *(f"tracking.{name.removesuffix('.py')}" for name in fixtures))
     probe = (
         f"import importlib, sys\nfor name in {modules!r}: importlib.import_module(name)\n"
-        "print(sorted(m for m in sys.modules if m.startswith(('tracking.localstack', 'tracking.testing'))))"
+        f"print(sorted(m for m in sys.modules if m.startswith({apart!r})))"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

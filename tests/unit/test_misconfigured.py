@@ -139,14 +139,14 @@ def test_credentials_allowed_to_read_but_not_to_write_are_told_so_not_to_recheck
     from moto import mock_aws
     from moto.core import set_initial_no_auth_action_count
 
-    from tracking.storage import s3 as s3_storage
     from tracking.storage.s3 import S3Store
+    from tracking.storage.s3_client import s3_client
 
     for var in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "setup")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "setup")
-    s3_storage.s3_client.cache_clear()
+    s3_client.cache_clear()
     read_only = {"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"], "Resource": "*"}
 
     @set_initial_no_auth_action_count(5)  # the setup's requests below; every later one is checked
@@ -176,7 +176,7 @@ def test_credentials_allowed_to_read_but_not_to_write_are_told_so_not_to_recheck
     try:
         scenario()
     finally:
-        s3_storage.s3_client.cache_clear()
+        s3_client.cache_clear()
 
 
 @pytest.mark.parametrize("value", ["yes", "on", "no", "off", ""])
@@ -197,19 +197,19 @@ def test_ignore_tls_values_mlflow_accepts_pass(value: str, ignored: bool) -> Non
 def test_an_aws_profile_that_does_not_exist_is_a_config_error_naming_it(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from tracking.storage import s3 as s3_storage
+    from tracking.storage.s3_client import s3_client
 
     (tmp_path / "config").write_text("[profile team]\nregion = eu-west-1\n")
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
     monkeypatch.setenv("AWS_PROFILE", "teem")
     monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
-    s3_storage.s3_client.cache_clear()
+    s3_client.cache_clear()
     try:
         with pytest.raises(ConfigError, match="AWS_PROFILE='teem'") as raised:
-            s3_storage.s3_client(TrackingConfig(s3_endpoint_url="http://127.0.0.1:9000"))
+            s3_client(TrackingConfig(s3_endpoint_url="http://127.0.0.1:9000"))
     finally:
-        s3_storage.s3_client.cache_clear()
+        s3_client.cache_clear()
     assert str(tmp_path / "config") in str(raised.value)
 
 

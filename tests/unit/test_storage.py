@@ -176,9 +176,9 @@ def test_a_new_client_reads_no_botocore_data_file_again(mocked_s3: Any, monkeypa
     import boto3
     import botocore.loaders
 
-    from tracking.storage import s3
+    from tracking.storage.s3_client import _data_loader, s3_client
 
-    s3.s3_client(TrackingConfig.from_env())  # loads what a first client needs
+    s3_client(TrackingConfig.from_env())  # loads what a first client needs
     loaded: list[str] = []
     real_load = botocore.loaders.JSONFileLoader.load_file
 
@@ -187,9 +187,9 @@ def test_a_new_client_reads_no_botocore_data_file_again(mocked_s3: Any, monkeypa
         return real_load(self, file_path)
 
     monkeypatch.setattr(botocore.loaders.JSONFileLoader, "load_file", spy)
-    s3.s3_client.cache_clear()
-    search_path = list(s3._data_loader(None).search_paths)
-    s3.s3_client(TrackingConfig.from_env()).list_objects_v2(Bucket=BUCKET)
+    s3_client.cache_clear()
+    search_path = list(_data_loader(None).search_paths)
+    s3_client(TrackingConfig.from_env()).list_objects_v2(Bucket=BUCKET)
     boto3.client("s3", region_name="us-east-1").list_objects_v2(Bucket=BUCKET)  # the user's, in tracking.testing
     assert loaded == []
-    assert s3._data_loader(None).search_paths == search_path  # each boto3 session adds nothing more to it
+    assert _data_loader(None).search_paths == search_path  # each boto3 session adds nothing more to it

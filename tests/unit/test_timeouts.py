@@ -23,8 +23,8 @@ from tracking.config import MLFLOW_REQUEST_DEFAULTS, TrackingConfig, bound_mlflo
 from tracking.deadline import GRACE_SHARE
 from tracking.errors import ConfigError, StorageError
 from tracking.manifest import StoredFile
-from tracking.storage import s3 as s3_storage
 from tracking.storage.s3 import S3Store
+from tracking.storage.s3_client import s3_client
 
 
 class SilentServer:
@@ -80,9 +80,9 @@ def s3_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[pytest.M
     monkeypatch.delenv("TRACKING_S3_READ_TIMEOUT", raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    s3_storage.s3_client.cache_clear()
+    s3_client.cache_clear()
     yield monkeypatch
-    s3_storage.s3_client.cache_clear()
+    s3_client.cache_clear()
 
 
 def store_at(endpoint: str) -> S3Store:
