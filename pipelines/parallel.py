@@ -9,7 +9,8 @@ finds the run to resume, starts the run, logs metrics and prints; every rank sav
 checkpoints (rank 0 writes a DDP model's, every rank its own shards of an FSDP2 one). Each rank draws its
 batches from a ``DistributedSampler`` (seeded by ``--seed``, reshuffled by epoch) and keeps its own RNG
 states in the checkpoint's ``rank_state``, so a resumed run reaches the same weights bit for bit on
-every rank.
+every rank; a save in mid-epoch (``--checkpoint-every-steps``) also keeps the batches each rank had
+taken of its share, which the resumed epoch skips.
 
 Batch norm's running statistics are buffers every rank updates from its own batches: as DDP does,
 rank 0's are broadcast before each training forward, under FSDP2 too.

@@ -13,7 +13,7 @@ one, and what is refused: :mod:`pipelines.resume`) at epoch N and goes on in one
   (tags ``mlflow.parentRunId``, ``tracking.resumed_from_run``: RUN_ID, ``tracking.branched_from_epoch``
   and ``tracking.resumed_from_epoch``: N) with the same params; its metrics start at step N+1. Resumed in
   place later, the child keeps its branch point: only ``tracking.resumed_from_epoch`` moves. A run keyed by
-  global step (the framework pipelines' ``--checkpoint-every-steps``) also records the step of each:
+  global step (``--checkpoint-every-steps``) also records the step of each:
   ``tracking.branched_from_step`` and ``tracking.resumed_from_step``.
 
 Every run records the number of epochs it trains to in the tag ``tracking.epochs``: a resume without

@@ -7,11 +7,15 @@ checkpoint to a :class:`tracking.Checkpointer`; the last epoch always gets one. 
 that gets a checkpoint logs its metrics through it (to the run and to the checkpoint's
 logged model, at the same step), so the charts and the checkpoints agree.
 
-``--resume RUN_ID [--from-epoch N]`` restores the model, optimizer, scheduler, global
-step and every RNG state (torch, CUDA, numpy, Python and the DataLoader's sampler),
-so epochs N+1.. draw the same batches and reach the same weights bit for bit as a
-run that never stopped (on a GPU too: :func:`~pipelines.task.seed_everything` picks
-deterministic kernels there). Which run a resume goes on in, and what it refuses, is
+``--checkpoint-every-steps N`` (recorded; instead of ``--checkpoint-every``) saves every N
+optimizer steps instead, keyed by global step, and charts by global step: a save in
+mid-epoch validates there, and keeps where its epoch stood (:mod:`pipelines.steps`).
+
+``--resume RUN_ID [--from-epoch N | --from-step N]`` restores the model, optimizer, scheduler,
+global step and every RNG state (torch, CUDA, numpy, Python and the DataLoader's sampler),
+so the epochs after it draw the same batches (a save in mid-epoch: the rest of its epoch's)
+and reach the same weights bit for bit as a run that never stopped (on a GPU too:
+:func:`~pipelines.task.seed_everything` picks deterministic kernels there). Which run a resume goes on in, and what it refuses, is
 :mod:`pipelines.runs`; the epoch loop itself is :mod:`pipelines.epochs`.
 """
 
