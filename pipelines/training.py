@@ -15,8 +15,8 @@ mid-epoch validates there, and keeps where its epoch stood (:mod:`pipelines.step
 global step and every RNG state (torch, CUDA, numpy, Python and the DataLoader's sampler),
 so the epochs after it draw the same batches (a save in mid-epoch: the rest of its epoch's)
 and reach the same weights bit for bit as a run that never stopped (on a GPU too:
-:func:`~pipelines.task.seed_everything` picks deterministic kernels there). Which run a resume goes on in, and what it refuses, is
-:mod:`pipelines.runs`; the epoch loop itself is :mod:`pipelines.epochs`.
+:func:`~pipelines.task.seed_everything` picks deterministic kernels there). Which run a resume
+goes on in, and what it refuses, is :mod:`pipelines.runs`; the epoch loop itself is :mod:`pipelines.epochs`.
 """
 
 from __future__ import annotations
