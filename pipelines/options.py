@@ -29,7 +29,7 @@ DEFAULTS: dict[str, Any] = {
 
 # How a param spells None: keep every checkpoint ("all"), or no saving by that interval ("none").
 ALL, NONE = "all", "none"
-# The options a run saves by: every N epochs, or (the framework pipelines) every N optimizer steps.
+# The options a run saves by: every N epochs, or every N optimizer steps.
 INTERVALS = ("checkpoint_every", "checkpoint_every_steps")
 
 
@@ -91,7 +91,7 @@ class Options:
     given: dict[str, Any]
     defaults: dict[str, Any]
     strategy: str | None = None  # "ddp" or "fsdp" under torchrun (see pipelines.parallel)
-    from_step: int | None = None  # the framework pipelines' --from-step
+    from_step: int | None = None  # --from-step, where parse(..., steps=True)
     epochs_given: bool = True  # False: --epochs left out, epochs is the default (a resume goes on to its run's target)
 
     def settings(self, recorded: Mapping[str, str] | None = None, run_id: str | None = None) -> dict[str, Any]:
@@ -168,8 +168,8 @@ def parse(
     """Parse a training pipeline's command line; ``defaults`` override the shared ones per pipeline.
 
     ``steps``: the pipeline also saves every N optimizer steps (``--checkpoint-every-steps``, recorded)
-    and resumes from a step's checkpoint (``--from-step``): the framework pipelines, whose Trainer resumes
-    mid-epoch. The others save by epoch and do not offer these flags.
+    and resumes from a step's checkpoint (``--from-step``), a save in mid-epoch included: every training
+    pipeline does (the own-loop ones, and the framework ones, whose Trainer resumes mid-epoch).
     """
     merged = {**DEFAULTS, **defaults}
     names = [name for name in RECORDED if steps or name != "checkpoint_every_steps"]

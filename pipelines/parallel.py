@@ -9,7 +9,8 @@ finds the run to resume, starts the run, logs metrics and prints; every rank sav
 checkpoints (rank 0 writes a DDP model's, every rank its own shards of an FSDP2 one). Each rank draws its
 batches from a ``DistributedSampler`` (seeded by ``--seed``, reshuffled by epoch) and keeps its own RNG
 states in the checkpoint's ``rank_state``, so a resumed run reaches the same weights bit for bit on
-every rank.
+every rank; a save in mid-epoch (``--checkpoint-every-steps``) also keeps the batches each rank had
+taken of its share, which the resumed epoch skips.
 
 Batch norm's running statistics are buffers every rank updates from its own batches: as DDP does,
 rank 0's are broadcast before each training forward, under FSDP2 too.
@@ -18,6 +19,7 @@ rank 0's are broadcast before each training forward, under FSDP2 too.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -28,11 +30,12 @@ import torch.distributed as dist
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
 
 import tracking
 from pipelines import data, options, resume, runs
-from pipelines.epochs import run_epochs
+from pipelines.epochs import AfterStep, run_epochs
+from pipelines.steps import KEY, Position, SkippingBatches
 from pipelines.task import State, Task, seed_everything
 from tracking.parallel import distributed
 
@@ -111,11 +114,15 @@ def _train(task: Task, opts: options.Options) -> str:
     rank_state = None
     if origin is not None:
         rank_state = _restore(task, opts, origin, state, values)
+    position = Position.read(rank_state.get(KEY)) if rank_state is not None else None
     dataset = TensorDataset(split.x_train, split.y_train)
     sampler: DistributedSampler[Any] = DistributedSampler(
         dataset, num_replicas=world, rank=rank, shuffle=True, seed=values["seed"]
     )
-    loader = DataLoader(dataset, batch_size=values["batch_size"], sampler=sampler)
+    # What DataLoader(batch_size=, sampler=sampler) builds, able to begin an epoch past the batches a save in
+    # mid-epoch had taken (this rank's: each rank skips its own share).
+    batches = SkippingBatches(BatchSampler(sampler, values["batch_size"], False))
+    loader = DataLoader(dataset, batch_sampler=batches)
     checkpoints = runs.checkpointer(
         values,
         f"torchrun --nproc-per-node {world} -m {task.name} --strategy {opts.strategy} "
@@ -129,23 +136,38 @@ def _train(task: Task, opts: options.Options) -> str:
         if run is not None:
             runs.announce(client, run)
             mlflow.set_tags({TAG_STRATEGY: str(opts.strategy), TAG_WORLD_SIZE: str(world)})
+        restore = None
         if rank_state is not None and "seed" not in overrides:
+            saved_rng = rank_state["rng"]
+            restore = functools.partial(tracking.restore_rng_state, saved_rng)
+        if restore is not None and position is None:
             # Last thing before the loop, as in the single-process pipeline (and, as there, not with a new seed).
-            tracking.restore_rng_state(rank_state["rng"])
+            restore()
+            restore = None
+
+        def train_epoch(epoch: int, start: Position | None, after_step: AfterStep) -> tuple[float, float]:
+            # A save in mid-epoch took the RNG states after its epoch's loader drew its seed from them: they
+            # are put back once the resumed epoch's loader drew its own.
+            batches.skip = start.batches if start else 0
+            return _train_epoch(task, state, sampler, loader, epoch, start, after_step, restore if start else None)
+
+        def carried(epoch: int, position: Position | None) -> dict[str, Any]:
+            saved = {
+                "rng": tracking.capture_rng_state(),
+                "sampler": {"seed": values["seed"], "epoch": epoch, "world_size": world},
+            }
+            return {"rank_state": saved if position is None else {**saved, KEY: position.saved()}}
+
         run_epochs(
             task,
             state,
             opts.epochs,
             checkpoints,
-            lambda epoch: _train_epoch(task, state, sampler, loader, epoch),
+            train_epoch,
             (split.x_val, split.y_val),
-            lambda epoch: {
-                "rank_state": {
-                    "rng": tracking.capture_rng_state(),
-                    "sampler": {"seed": values["seed"], "epoch": epoch, "world_size": world},
-                }
-            },
+            carried,
             lead=run is not None,
+            resumed=position,
         )
         whole = _plain_copy(task, state.model, split.n_features)
         if run is not None:
@@ -189,7 +211,7 @@ def _restore(
         state.model,
         state.optimizer,
         state.scheduler,
-        checkpoint="latest" if opts.from_epoch is None else opts.from_epoch,
+        checkpoint=resume.picked(opts),
     )
     epoch = loaded.epoch or 0
     resume.check_target(origin, epoch, opts)
@@ -210,23 +232,42 @@ def _restore(
 
 
 def _train_epoch(
-    task: Task, state: State, sampler: DistributedSampler[Any], loader: DataLoader[Any], epoch: int
+    task: Task,
+    state: State,
+    sampler: DistributedSampler[Any],
+    loader: DataLoader[Any],
+    epoch: int,
+    start: Position | None,
+    after_step: AfterStep,
+    restore: Callable[[], None] | None,
 ) -> tuple[float, float]:
     sampler.set_epoch(epoch)  # each epoch's own shuffle, the same on every rank
     state.model.train()
-    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, seen
-    for x, y in loader:
+    # Loss sum, correct, seen: this rank's, or those the save in mid-epoch had summed.
+    totals = start.sums["totals"].clone() if start else torch.zeros(3, dtype=torch.float64)
+    taken, last = (start.batches if start else 0), len(loader)
+
+    def so_far() -> tuple[float, float]:
+        summed = totals.clone()
+        dist.all_reduce(summed)  # over every rank's batches
+        return float(summed[0] / summed[2]), float(summed[1] / summed[2])
+
+    batches = iter(loader)
+    if restore is not None:
+        restore()
+    for x, y in batches:
         state.optimizer.zero_grad()
         outputs = state.model(x)
         loss = task.loss(outputs, y)
         loss.backward()
         state.optimizer.step()
         state.step += 1
+        taken += 1
         totals += torch.tensor([loss.item() * len(y), (task.predict(outputs) == y).sum().item(), len(y)])
+        after_step(Position(taken, {"totals": totals}), so_far, taken == last)
     if state.scheduler is not None:
         state.scheduler.step()
-    dist.all_reduce(totals)  # the epoch's figures over every rank's batches
-    return float(totals[0] / totals[2]), float(totals[1] / totals[2])
+    return so_far()
 
 
 def _plain(model: nn.Module) -> nn.Module:

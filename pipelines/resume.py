@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 
 import tracking
 from pipelines import data, options, runs
+from pipelines.steps import KEY, Position
 from pipelines.task import State, Task
 from tracking import layout
 from tracking.manifest import SHARDED_KIND
@@ -188,13 +189,14 @@ def restore(
     values: Mapping[str, Any],
     split: data.Split,
     device: torch.device,
-) -> tuple[State, dict[str, Any]]:
-    """The state ``origin``'s checkpoint holds, and the RNG states to restore just before the first epoch."""
+) -> tuple[State, dict[str, Any], Position | None]:
+    """The state ``origin``'s checkpoint holds, the RNG states to restore just before the first epoch, and where
+    that epoch starts when the checkpoint was saved in mid-epoch."""
     run_id = origin.info.run_id
     try:
         loaded = tracking.load(
             run_id,
-            "latest" if opts.from_epoch is None else opts.from_epoch,
+            picked(opts),
             mode="train",
             map_location=device,
             model=lambda: task.build_model(split.n_features),
@@ -216,7 +218,15 @@ def restore(
         )
     apply_lr(loaded.optimizer, loaded.scheduler, values["lr"])
     state = State(loaded.model, loaded.optimizer, loaded.scheduler, epoch, loaded.step or 0)
-    return state, loaded.extra["rng"]
+    return state, loaded.extra["rng"], Position.read(loaded.extra.get(KEY))
+
+
+def picked(opts: options.Options) -> int | str:
+    """The checkpoint ``opts`` resumes: ``--from-step``'s or ``--from-epoch``'s (:func:`check_pick` made sure it is
+    the run's kind of key, which an int picks), else the latest."""
+    if opts.from_step is not None:
+        return opts.from_step
+    return "latest" if opts.from_epoch is None else opts.from_epoch
 
 
 def _saved_by_ranks(

@@ -13,7 +13,7 @@ one, and what is refused: :mod:`pipelines.resume`) at epoch N and goes on in one
   (tags ``mlflow.parentRunId``, ``tracking.resumed_from_run``: RUN_ID, ``tracking.branched_from_epoch``
   and ``tracking.resumed_from_epoch``: N) with the same params; its metrics start at step N+1. Resumed in
   place later, the child keeps its branch point: only ``tracking.resumed_from_epoch`` moves. A run keyed by
-  global step (the framework pipelines' ``--checkpoint-every-steps``) also records the step of each:
+  global step (``--checkpoint-every-steps``) also records the step of each:
   ``tracking.branched_from_step`` and ``tracking.resumed_from_step``.
 
 Every run records the number of epochs it trains to in the tag ``tracking.epochs``: a resume without
@@ -168,7 +168,8 @@ def checkpointer(values: Mapping[str, Any], resume_command: str) -> tracking.Che
     # Checkpointer, keep_best=None alone means no best kept beside the last ones.
     keep_all = values["keep_last"] is None or values["keep_best"] is None
     return tracking.Checkpointer(
-        every_n_epochs=values["checkpoint_every"],
+        every_n_epochs=values["checkpoint_every"] or 1,  # none: every_n_steps saves instead
+        every_n_steps=values.get("checkpoint_every_steps"),
         keep_last=None if keep_all else values["keep_last"],
         keep_best=None if keep_all else values["keep_best"],
         monitor=values["monitor"],
@@ -178,11 +179,14 @@ def checkpointer(values: Mapping[str, Any], resume_command: str) -> tracking.Che
     )
 
 
-def log_epoch(checkpoints: tracking.Checkpointer, epoch: int, metrics: Mapping[str, float], last: bool) -> None:
-    """Log an epoch's metrics, unless the epoch gets a checkpoint: a checkpoint logs its metrics to the
-    run itself (and to its logged model), and logging them here too would show every point twice."""
-    if not (last or checkpoints.should_save(epoch)):
-        mlflow.log_metrics(dict(metrics), step=epoch)
+def log_epoch(
+    checkpoints: tracking.Checkpointer, epoch: int, metrics: Mapping[str, float], last: bool, step: int | None = None
+) -> None:
+    """Log an epoch's metrics (at ``step``, its last global step, in a run saved by steps; else at ``epoch``),
+    unless the epoch gets a checkpoint: a checkpoint logs its metrics to the run itself (and to its logged model),
+    and logging them here too would show every point twice."""
+    if not (last or checkpoints.should_save(epoch, step)):
+        mlflow.log_metrics(dict(metrics), step=epoch if step is None else step)
 
 
 @contextmanager
@@ -197,7 +201,8 @@ def start(
     state: State,
 ) -> Iterator[mlflow.ActiveRun]:
     """The active MLflow run: new, RUN_ID itself, or a child of RUN_ID, with params and tags logged."""
-    epoch = state.epoch
+    # A run saved by steps charts by global step, and records the step it was resumed from.
+    epoch, step = state.epoch, state.step if values.get("checkpoint_every_steps") is not None else None
     params = {
         "pipeline": task.name,
         "dataset": task.dataset,
@@ -215,8 +220,8 @@ def start(
         run_args = {"run_id": origin.info.run_id}
         # A run's params cannot change: log only those it lacks (options added since it started).
         params = {name: value for name, value in params.items() if name not in origin.data.params}
-        _note_relogged(client, origin.info.run_id, epoch)
-    tags = resume_tags(origin, opts, overrides, epoch)
+        _note_relogged(client, origin.info.run_id, epoch, step)
+    tags = resume_tags(origin, opts, overrides, epoch, step)
     launch = f"python -m {task.name}"
     if opts.strategy is not None:
         launch = (
@@ -380,11 +385,13 @@ def last_logged_epoch(client: MlflowClient, run_id: str) -> int:
     return max((m.step for m in client.get_metric_history(run_id, "val_loss")), default=0)
 
 
-def _note_relogged(client: MlflowClient, run_id: str, epoch: int) -> None:
-    last = last_logged_epoch(client, run_id)
-    if last > epoch:
+def _note_relogged(client: MlflowClient, run_id: str, epoch: int, step: int | None) -> None:
+    last, at, unit = last_logged_epoch(client, run_id), epoch, "epoch"
+    if step is not None:  # charted by global step
+        at, unit = step, "step"
+    if last > at:
         print(
-            f"note: run {run_id} logged metrics up to epoch {last} but its checkpoint is from epoch {epoch}; "
-            f"epochs {epoch + 1}..{last} are logged again (MLflow keeps both values; the later is current).",
+            f"note: run {run_id} logged metrics up to {unit} {last} but its checkpoint is from {unit} {at}; "
+            f"{unit}s {at + 1}..{last} are logged again (MLflow keeps both values; the later is current).",
             file=sys.stderr,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
+from dataclasses import replace
 from types import TracebackType
 from typing import Any, NoReturn
 
@@ -20,6 +21,7 @@ from tracking.manifest import SHARDED_KIND, Manifest
 from tracking.metrics import check_metrics
 from tracking.parallel import distributed
 from tracking.parallel.collective import commit, refuse_different_keys
+from tracking.payload import check_int64
 from tracking.retention import RetentionPolicy
 from tracking.run import RunHandle, open_run, target_run_id
 from tracking.saver import AsyncSaver, raise_background_errors, reserve_host_memory
@@ -131,11 +133,14 @@ class Checkpointer:
         rank_state: Any = None,
         model_kwargs: Mapping[str, Any] | None = None,
         scheduler_kwargs: Mapping[str, Any] | None = None,
+        chart_step: int | None = None,
     ) -> LoggedCheckpoint | Future[LoggedCheckpoint] | None:
         """Log a checkpoint if ``epoch`` (``step``, with ``every_n_steps``) is due, or ``force``; then apply retention.
 
         The arguments mean what they mean for :func:`tracking.log_checkpoint`; the run, the
         config and the monitored metric are the Checkpointer's own, set when it is made.
+        ``chart_step`` is the step its metrics are charted at, in the run and its logged model (default: ``epoch``):
+        a loop that saves in mid-epoch charts by its global step, so that two saves of one epoch are two points.
         Returns None when no save was due, and a future of the result when saving asynchronously.
         Under ``torchrun`` every rank calls it, as :func:`tracking.log_checkpoint` says; rank 0
         alone talks to MLflow and applies retention, by its own ``metrics`` (the other ranks may pass none).
@@ -182,6 +187,9 @@ class Checkpointer:
             model_kwargs=model_kwargs,
             scheduler_kwargs=scheduler_kwargs,
         )
+        if chart_step is not None:
+            check_int64("chart_step", chart_step)
+            snapshot = replace(snapshot, chart_step=chart_step)
         handle = None
         if distributed.rank() == 0:
             handle = self._open()

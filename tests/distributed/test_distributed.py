@@ -6,7 +6,8 @@ bit-identical to a run of 8 epochs straight: weights, optimizer, scheduler and e
 states. The rank killed is the one writing: rank 0 (DDP, which writes ``checkpoint.pt`` alone),
 rank 1 (FSDP2, while streaming its own shard file). A 2-rank sharded checkpoint loads in one plain
 process, and into 2 and 1 FSDP2 ranks; a DDP checkpoint restores into 2 FSDP2 ranks; a rank whose
-upload fails makes every rank raise and leaves nothing committed.
+upload fails makes every rank raise and leaves nothing committed. A save in mid-epoch
+(``--checkpoint-every-steps``) resumes with ``--from-step`` as the straight run goes on, on every rank.
 """
 
 from __future__ import annotations
@@ -252,6 +253,22 @@ def test_a_background_save_cut_off_by_the_process_groups_end_says_what_to_do(env
             "the checkpoint of epoch 3 was still saving in the background when the process group was destroyed" in error
         )
         assert "call tracking.wait_for_checkpoints()" in error
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_save_in_mid_epoch_resumes_as_the_straight_run_on_every_rank(env: dict[str, str], strategy: str) -> None:
+    # 1,437 rows over 2 ranks in batches of 64: 12 steps an epoch on each rank. A save every 5 steps puts step 20
+    # in mid-epoch 2 (its 8th batch): the child skips each rank's 7 batches taken and goes on with the 8th.
+    common = ("pipelines.digits", "--strategy", strategy, "--epochs", "3")
+    every = ("--checkpoint-every-steps", "5", "--keep-last", "all")
+    straight = torchrun(env, 2, *common, *every)
+    assert straight.code == 0, straight.out[-3000:]
+    child = torchrun(env, 2, *common, "--resume", straight.run_id, "--from-step", "20", "--new-run")
+    assert child.code == 0, child.out[-3000:]
+
+    assert [c.step for c in tracking.list_checkpoints(straight.run_id)] == [5, 10, 15, 20, 25, 30, 35, 36]
+    assert [c.step for c in tracking.list_checkpoints(child.run_id)] == [25, 30, 35, 36]
+    assert_identical(raw(child.run_id, 36), raw(straight.run_id, 36))  # every rank's states too
 
 
 def test_resuming_a_torchrun_run_in_one_process_says_how_to_launch_it(env: dict[str, str]) -> None:

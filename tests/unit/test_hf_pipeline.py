@@ -266,19 +266,6 @@ def test_a_step_run_refuses_what_it_cannot_do_before_any_training(
     assert steps == [2, 3, 4, 6]
 
 
-@pytest.mark.parametrize("module", ["pipelines.train", "pipelines.digits"])
-def test_the_own_loop_pipelines_save_by_epoch_and_do_not_offer_step_flags(
-    module: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    import importlib
-
-    main = importlib.import_module(module).main
-    with pytest.raises(SystemExit) as exited:
-        main(["--checkpoint-every-steps", "2"])
-    assert exited.value.code == 2
-    assert "unrecognized arguments: --checkpoint-every-steps" in capsys.readouterr().err
-
-
 def test_an_overridden_checkpoint_every_steps_is_the_one_a_resumed_training_saves_by(
     step_runs: StepRuns, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,0 +1,203 @@
+"""The own-loop pipelines saving every N optimizer steps (``--checkpoint-every-steps``), on sqlite and file://.
+
+The claim: a run stopped at a save in mid-epoch and resumed ends bit-identical to a run that trained straight
+(weights, optimizer and scheduler state, RNG states, every metric at every step), both ways: killed while writing
+a later save and resumed in place, and branched with ``--from-step N --new-run``. Every compared training is a
+fresh process, as in tests/unit/test_pipelines.py.
+
+breast_cancer's 455 training rows in batches of 32 are 15 steps an epoch: a save every 4 steps lands in mid-epoch
+(4, 8, 12 in epoch 1; 16 .. 28 in epoch 2), the epochs end at steps 15, 30 and 45. digits' 1,437 rows in batches
+of 64 are 23 steps an epoch: saves every 10 steps at 10, 20 (epoch 1), 30, 40 (epoch 2), ..., the last at 69.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+import tracking
+from pipelines import runs, train
+from tests.unit.conftest import use_store
+from tests.unit.test_pipelines import Outcome, assert_identical, process
+
+EXPERIMENT = "pipeline-steps"
+METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    every: int  # --checkpoint-every-steps
+    steps: list[int]  # the straight run's saves
+    killed_at: int  # the save the kill interrupts (in epoch 2), leaving the one before as the latest
+    branched_at: int  # --from-step of the child run (in epoch 1)
+    epochs_done: dict[int, int]  # a save's step -> the epochs completed it records
+
+
+CASES = {
+    "train": Case("train", 4, [4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 45], 24, 12, {12: 0, 20: 1, 45: 3}),
+    "digits": Case("digits", 10, [10, 20, 30, 40, 50, 60, 69], 40, 10, {10: 0, 30: 1, 69: 3}),
+}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    root = tmp_path_factory.mktemp("pipeline-steps")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
+    with pytest.MonkeyPatch.context() as patch:
+        use_store(patch, uri, EXPERIMENT)
+        yield {**os.environ, "MLFLOW_TRACKING_URI": uri, "TRACKING_EXPERIMENT": EXPERIMENT}
+
+
+@dataclass
+class Scenario:
+    case: Case
+    reference: str  # 3 epochs straight
+    killed: str  # killed while writing the save at case.killed_at, then resumed in place to 3
+    killed_steps: list[int]  # its committed saves right after the kill
+    child: str  # --resume reference --from-step case.branched_at --new-run, to 3
+
+
+def args(case: Case) -> tuple[str, ...]:
+    every = ("--checkpoint-every-steps", str(case.every))
+    return (f"pipelines.{case.name}", "--epochs", "3", *every, "--keep-last", "all")
+
+
+# digits (dropout, batch norm, Adam, a StepLR schedule) takes longer: make test runs train's, make test-all both.
+@pytest.fixture(scope="module", params=[pytest.param("digits", marks=pytest.mark.slow), "train"])
+def scenario(request: pytest.FixtureRequest, env: dict[str, str]) -> Scenario:
+    case = CASES[request.param]
+    reference = process(env, *args(case))
+    assert reference.code == 0, reference.err
+    killed = process(env, "tests.unit.fault", f"checkpoint-step-{case.killed_at:08d}/checkpoint.pt", *args(case))
+    assert killed.code == -9, killed.err
+    killed_steps = [c.step or 0 for c in tracking.list_checkpoints(killed.run_id)]
+    resumed = process(env, f"pipelines.{case.name}", "--resume", killed.run_id)
+    assert resumed.code == 0, resumed.err
+    branched = ("--resume", reference.run_id, "--from-step", str(case.branched_at), "--new-run")
+    child = process(env, f"pipelines.{case.name}", *branched)
+    assert child.code == 0, child.err
+    return Scenario(case, reference.run_id, killed.run_id, killed_steps, child.run_id)
+
+
+def stored(run_id: str, step: int | None = None) -> dict[str, Any]:
+    """The raw checkpoint dict of the run's save at ``step`` (its latest: None), read the seed notes' way."""
+    found = tracking.find_checkpoint(run_id, "latest" if step is None else step)
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{found.model_id}", dst_path=tmp)
+        return torch.load(Path(tmp) / "checkpoint.pt", weights_only=True)  # type: ignore[no-any-return]
+
+
+def history(run_id: str) -> dict[str, dict[int, float]]:
+    """Each metric's latest value per step."""
+    client = MlflowClient()
+    return {
+        key: {m.step: m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
+        for key in METRICS
+    }
+
+
+def after(step: int, metrics: dict[str, dict[int, float]]) -> dict[str, dict[int, float]]:
+    return {key: {s: v for s, v in values.items() if s > step} for key, values in metrics.items()}
+
+
+def test_saves_every_n_steps_are_keyed_by_step_and_charted_by_global_step(scenario: Scenario) -> None:
+    case, client = scenario.case, MlflowClient()
+    saved = tracking.list_checkpoints(scenario.reference)
+    assert [c.step for c in saved] == case.steps and {c.keyed_by for c in saved} == {"step"}
+    assert {c.step: c.epoch for c in saved if c.step in case.epochs_done} == case.epochs_done
+    names = {client.get_logged_model(str(c.model_id)).name for c in saved}
+    assert names == {f"checkpoint-step-{step:08d}" for step in case.steps}
+    params = client.get_run(scenario.reference).data.params
+    assert (params["checkpoint_every_steps"], params["checkpoint_every"]) == (str(case.every), "none")
+    # Each save validated where it was taken; each epoch's end is charted at its last step too.
+    steps_per_epoch = case.steps[-1] // 3
+    charted = set(history(scenario.reference)["val_loss"])
+    assert charted == set(case.steps) | {steps_per_epoch, 2 * steps_per_epoch}
+    # A save in mid-epoch keeps where the epoch stood, which its resume skips to.
+    assert stored(scenario.reference, case.branched_at)["position"]["batches"] == case.branched_at
+
+
+def test_a_run_killed_after_a_save_in_mid_epoch_resumes_in_place_as_the_straight_run(scenario: Scenario) -> None:
+    case, client = scenario.case, MlflowClient()
+    assert max(scenario.killed_steps) == case.killed_at - case.every  # the save before the kill: mid-epoch 2
+    run = client.get_run(scenario.killed)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[runs.TAG_RESUMED_FROM_STEP] == str(case.killed_at - case.every)
+    assert run.data.tags[runs.TAG_RESUMED_FROM_EPOCH] == "1"
+    assert_identical(stored(scenario.killed), stored(scenario.reference))
+    assert history(scenario.killed) == history(scenario.reference)
+
+
+def test_from_step_branches_a_child_from_mid_epoch_that_ends_as_the_straight_run(scenario: Scenario) -> None:
+    case, client = scenario.case, MlflowClient()
+    tags = client.get_run(scenario.child).data.tags
+    assert tags[runs.TAG_RESUMED_FROM_RUN] == scenario.reference
+    assert (tags[runs.TAG_BRANCHED_FROM_STEP], tags[runs.TAG_BRANCHED_FROM_EPOCH]) == (str(case.branched_at), "0")
+    steps = [c.step for c in tracking.list_checkpoints(scenario.child)]
+    assert steps == [step for step in case.steps if step > case.branched_at]
+    assert_identical(stored(scenario.child), stored(scenario.reference))
+    assert history(scenario.child) == after(case.branched_at, history(scenario.reference))
+
+
+@pytest.fixture(scope="module")
+def step_run(env: dict[str, str]) -> str:
+    """A run of pipelines.train saved every 4 steps, to try refusals on."""
+    trained = process(env, *args(CASES["train"]))
+    assert trained.code == 0, trained.err
+    return trained.run_id
+
+
+def inline(*arguments: str) -> Outcome:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = train.main(list(arguments))
+        except SystemExit as exc:  # a usage error: argparse exits 2
+            code = int(exc.code or 0)
+    return Outcome(code, out.getvalue(), err.getvalue())
+
+
+@pytest.mark.parametrize(
+    ("arguments", "code", "said"),
+    [
+        (["--checkpoint-every", "2", "--checkpoint-every-steps", "2"], 2, "a run saves by one of them"),
+        (["--from-step", "4"], 2, "need --resume RUN_ID"),
+        (["--resume", "{run}", "--from-step", "4", "--from-epoch", "1"], 2, "pass one"),
+        (["--resume", "{run}", "--from-epoch", "1", "--new-run"], 1, "--from-step N with one of its steps"),
+        (["--resume", "{run}", "--from-step", "20"], 1, "Add --new-run to branch a child run from step 20"),
+        (["--resume", "{run}", "--from-step", "21", "--new-run"], 1, "committed steps: 4, 8, 12"),
+        (["--resume", "{run}", "--checkpoint-every-steps", "5"], 1, "checkpoint_every_steps 4 -> 5"),
+        (["--resume", "{run}", "--checkpoint-every", "1", "--override"], 1, "a run holds one kind of key"),
+    ],
+    ids=["both-intervals", "from-step-alone", "from-step-and-epoch", "from-epoch", "rewind", "missing-step",
+         "other-steps", "by-epoch-overridden"],
+)  # fmt: skip
+def test_a_step_run_refuses_what_it_cannot_do_before_any_training(
+    step_run: str, arguments: list[str], code: int, said: str
+) -> None:
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None
+    before = len(client.search_runs([experiment.experiment_id]))
+    ended = client.get_run(step_run).info.end_time
+
+    done = inline(*(arg.format(run=step_run) for arg in arguments), "--epochs", "4")
+
+    assert done.code == code, done
+    lines = [line for line in done.err.splitlines() if said in line]
+    assert len(lines) == 1, done.err
+    assert len(client.search_runs([experiment.experiment_id])) == before
+    assert client.get_run(step_run).info.end_time == ended  # the run was not touched
