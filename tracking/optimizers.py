@@ -1,0 +1,201 @@
+"""Several optimizers in one checkpoint, by name: a GAN's generator and discriminator, an actor and a critic.
+
+``optimizer=`` is one optimizer, or a mapping of names to optimizers (``scheduler=`` likewise, each scheduler
+named as the optimizer it drives). One optimizer is stored as it always was: ``optim_state`` is its
+``state_dict()`` and the manifest's ``optimizer`` its description. A mapping is stored as ``optim_state =
+{name: state_dict()}`` (``scheduler_state`` likewise) and described under the manifest's ``optimizers`` and
+``schedulers``, in format version 2: a reader older than the names refuses it, where it would otherwise load the
+model and no optimizer. This module checks what a caller hands over, describes it, and pairs the names a
+checkpoint holds with the ones a load or restore is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from tracking import rebuild, spec
+from tracking.errors import MismatchError
+from tracking.manifest import Manifest
+from tracking.selection import Located
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# One optimizer, or several by name (what log_checkpoint, Checkpointer.save and restore take).
+Optimizers = torch.optim.Optimizer | Mapping[str, torch.optim.Optimizer]
+
+
+def each(value: T | Mapping[str, T] | None, do: Callable[[T], R]) -> R | dict[str, R] | None:
+    """``do(value)``, or ``{name: do(item)}`` for a mapping of names; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        return {name: do(item) for name, item in value.items()}
+    return do(value)
+
+
+def _named(value: Any, role: str) -> dict[str, Any] | None:
+    """The entries of ``value`` when it is a mapping of names (each a non-empty string), else None."""
+    if not isinstance(value, Mapping):
+        return None
+    if not value:
+        raise ValueError(f"{role}= is an empty mapping; pass None, one {role}, or a mapping of names to {role}s")
+    for name in value:
+        if not isinstance(name, str):
+            raise TypeError(f"{role}= names must be strings, got the key {name!r} ({type(name).__name__})")
+        if not name.strip():
+            raise ValueError(f"{role}= names must be non-empty strings, got the key {name!r}")
+    return dict(value)
+
+
+def check(optimizer: Any, scheduler: Any, scheduler_kwargs: Any) -> None:
+    """Raise TypeError or ValueError, naming the key, unless the arguments are one optimizer (or None) and one
+    scheduler, or mappings of names: optimizers, and schedulers each named as the optimizer it drives."""
+    optimizers = _named(optimizer, "optimizer")
+    if optimizers is None:
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    else:
+        for name, item in optimizers.items():
+            if not isinstance(item, torch.optim.Optimizer):
+                raise TypeError(f"optimizer[{name!r}] must be a torch.optim.Optimizer, got {type(item).__name__}")
+        if len({id(item) for item in optimizers.values()}) < len(optimizers):
+            raise ValueError(f"optimizer= names one optimizer twice ({sorted(optimizers)}); name each one once")
+    schedulers = _named(scheduler, "scheduler")
+    if schedulers is None:
+        if scheduler is not None and optimizers is not None:
+            raise TypeError(
+                f"optimizer= is a mapping of names, scheduler= is one {type(scheduler).__name__}: pass "
+                f"scheduler={{name: scheduler}}, named as the optimizer it drives (one of {sorted(optimizers)})"
+            )
+        return
+    if optimizers is None:
+        raise TypeError("scheduler= is a mapping of names, optimizer= is not: pass optimizer={name: optimizer}")
+    for name, item in schedulers.items():
+        if name not in optimizers:
+            raise ValueError(
+                f"scheduler[{name!r}] has no optimizer of that name (optimizer= names {sorted(optimizers)}); "
+                "name each scheduler as the optimizer it drives"
+            )
+        if not callable(getattr(item, "state_dict", None)):
+            raise TypeError(f"scheduler[{name!r}] must be an LR scheduler, got {type(item).__name__}")
+        driven = getattr(item, "optimizer", None)
+        if driven is not None and driven is not optimizers[name]:
+            raise ValueError(f"scheduler[{name!r}] drives another optimizer than optimizer[{name!r}]")
+    if scheduler_kwargs is not None and (
+        not isinstance(scheduler_kwargs, Mapping) or not set(scheduler_kwargs) <= set(schedulers)
+    ):
+        raise ValueError(
+            f"with schedulers by name, scheduler_kwargs= maps some of their names {sorted(schedulers)} to "
+            f"each one's init arguments, got {scheduler_kwargs!r}"
+        )
+
+
+def describe(model: nn.Module, optimizer: Any, scheduler: Any, scheduler_kwargs: Any) -> dict[str, Any]:
+    """The manifest's fields for the optimizers and schedulers (``optimizer``, ``scheduler``, or ``optimizers``,
+    ``schedulers`` and the format version that reads them). ``check`` has passed."""
+    from tracking.manifest import NAMED_OPTIMIZERS_VERSION
+
+    if not isinstance(optimizer, Mapping):
+        return {
+            "optimizer": spec.describe_optimizer(optimizer, model) if optimizer is not None else None,
+            "scheduler": spec.describe_scheduler(scheduler, scheduler_kwargs) if scheduler is not None else None,
+        }
+    optimizers = {}
+    for name, item in optimizer.items():
+        try:
+            optimizers[name] = spec.describe_optimizer(item, model)
+        except ValueError as exc:
+            raise ValueError(f"optimizer[{name!r}]: {exc}") from None
+    kwargs = scheduler_kwargs or {}
+    schedulers = {name: spec.describe_scheduler(item, kwargs.get(name)) for name, item in (scheduler or {}).items()}
+    return {"optimizers": optimizers, "schedulers": schedulers or None, "format_version": NAMED_OPTIMIZERS_VERSION}
+
+
+def names(manifest: Manifest, role: str) -> list[str] | None:
+    """The names of a checkpoint's optimizers (``role`` "optimizer") or schedulers, None when it holds one or none."""
+    named = manifest.optimizers if role == "optimizer" else manifest.schedulers
+    return None if named is None else sorted(named)
+
+
+def match(located: Located, role: str, given: Any, call: str) -> None:
+    """Raise MismatchError unless ``given`` (what ``call`` was handed for ``role``: objects or factories) is
+    shaped as the checkpoint's: one for one, a mapping for names. ``exact``: the same names, not only some."""
+    saved = names(located.manifest, role)
+    if given is None or (saved is None and not _holds(located.manifest, role)):
+        return
+    where = f"run {located.run_id}: {located.label} ({located.store.describe(located.path(located.file))})"
+    if saved is None and isinstance(given, Mapping):
+        raise MismatchError(
+            f"{where} holds one {role}, and {call} was given {role}s named {sorted(given)}; pass {role}=<one "
+            f"{role}>, as it was saved."
+        )
+    if saved is not None and not isinstance(given, Mapping):
+        raise MismatchError(
+            f"{where} holds {role}s named {saved}, and {call} was given one {type(given).__name__}; pass "
+            f"{role}={{name: {role}}} with the names {saved}."
+        )
+    if isinstance(given, Mapping) and saved is not None:
+        exact = call == "tracking.restore"
+        if (sorted(given) != saved) if exact else not set(given) <= set(saved):
+            extra = "exactly" if exact else "some of"
+            raise MismatchError(
+                f"{where} holds {role}s named {saved}, and {call} was given {role}s named {sorted(given)}; "
+                f"pass {role}= a mapping of {extra} the names {saved}."
+            )
+
+
+def _holds(manifest: Manifest, role: str) -> bool:
+    return (manifest.optimizer if role == "optimizer" else manifest.scheduler) is not None
+
+
+def load_into(located: Located, model: nn.Module, optimizer: Any, saved: Any) -> None:
+    """Load the saved optimizer state (one, or one per name) into ``optimizer``, shaped the same (``match`` has
+    passed)."""
+    if isinstance(optimizer, Mapping):
+        for name, item in optimizer.items():
+            rebuild.load_optimizer(located, model, item, saved[name], key=f"optim_state[{name!r}]")
+    else:
+        rebuild.load_optimizer(located, model, optimizer, saved)
+
+
+def load_schedulers(located: Located, scheduler: Any, saved: Any) -> None:
+    """Load the saved scheduler state (one, or one per name) into ``scheduler``, shaped the same."""
+    if isinstance(scheduler, Mapping):
+        for name, item in scheduler.items():
+            rebuild.load_field(located, f"scheduler_state[{name!r}]", item, saved[name])
+    else:
+        rebuild.load_field(located, "scheduler_state", scheduler, saved)
+
+
+def build(located: Located, model: nn.Module, factory: Any) -> Any:
+    """The checkpoint's optimizer, or ``{name: optimizer}``: each from its factory (``factory``, or the one of its
+    name) when given, else from its description (``match`` has passed)."""
+    named = located.manifest.optimizers
+    if named is None:
+        return rebuild.build_optimizer(located, model, factory, located.manifest.optimizer)
+    factories = factory or {}
+    return {
+        name: rebuild.build_optimizer(located, model, factories.get(name), recorded, name=name)
+        for name, recorded in sorted(named.items())
+    }
+
+
+def build_schedulers(located: Located, optimizer: Any, factory: Any, saved: Any) -> Any:
+    """The checkpoint's scheduler (or ``{name: scheduler}`` of the ones ``saved`` holds), each over the optimizer
+    of its name, with its state loaded."""
+    named = located.manifest.schedulers
+    if named is None or not isinstance(optimizer, Mapping):
+        built = rebuild.build_scheduler(located, optimizer, factory, located.manifest.scheduler)
+        rebuild.load_field(located, "scheduler_state", built, saved)
+        return built
+    factories = factory or {}
+    out = {}
+    for name, recorded in sorted(named.items()):
+        out[name] = rebuild.build_scheduler(located, optimizer[name], factories.get(name), recorded, name=name)
+        rebuild.load_field(located, f"scheduler_state[{name!r}]", out[name], saved[name])
+    return out
