@@ -85,11 +85,7 @@ def load(
     """
     _check_mode(mode)
     check_map_location(map_location)
-    for name, factory in (("optimizer", optimizer), ("scheduler", scheduler)):
-        for key, item in factory.items() if isinstance(factory, Mapping) else [(None, factory)]:
-            if item is not None and not callable(item):
-                named = name if key is None else f"{name}[{key!r}]"
-                raise TypeError(f"{named} must be a factory (a callable), got {item!r}")
+    optimizers.check_factories(optimizer, scheduler)
     located = find_checkpoint(source, checkpoint, step=step, config=config)
     manifest = located.manifest
     optimizers.match(located, "optimizer", optimizer, "tracking.load")
@@ -178,11 +174,7 @@ def restore(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     optimizers.check(optimizer, None, None)
-    for name, target in (("scheduler", scheduler), ("scaler", scaler)):
-        for key, item in target.items() if name == "scheduler" and isinstance(target, Mapping) else [(None, target)]:
-            if item is not None and not callable(getattr(item, "load_state_dict", None)):
-                named = name if key is None else f"{name}[{key!r}]"
-                raise TypeError(f"{named} must be an object with a load_state_dict method, got {type(item).__name__}")
+    optimizers.check_loadable(scheduler, scaler)
     config = config or TrackingConfig.from_env()
 
     def find() -> tuple[str, str, str, str, Manifest, str | None]:

@@ -95,6 +95,33 @@ def check(optimizer: Any, scheduler: Any, scheduler_kwargs: Any) -> None:
         )
 
 
+def check_factories(optimizer: Any, scheduler: Any) -> None:
+    """Raise TypeError, naming the key, unless each is None, a callable, or a mapping of names to callables."""
+    for role, factory in (("optimizer", optimizer), ("scheduler", scheduler)):
+        for name, item in _entries(factory, role):
+            if item is not None and not callable(item):
+                raise TypeError(f"{_called(role, name)} must be a factory (a callable), got {item!r}")
+
+
+def check_loadable(scheduler: Any, scaler: Any) -> None:
+    """Raise TypeError, naming the key, unless each is None or has ``load_state_dict`` (schedulers: or by name)."""
+    for role, target in (("scheduler", scheduler), ("scaler", scaler)):
+        for name, item in _entries(target, role) if role == "scheduler" else [(None, target)]:
+            if item is not None and not callable(getattr(item, "load_state_dict", None)):
+                raise TypeError(
+                    f"{_called(role, name)} must be an object with a load_state_dict method, got {type(item).__name__}"
+                )
+
+
+def _entries(value: Any, role: str) -> list[tuple[str | None, Any]]:
+    named = _named(value, role)
+    return [(None, value)] if named is None else list(named.items())
+
+
+def _called(role: str, name: str | None) -> str:
+    return role if name is None else f"{role}[{name!r}]"
+
+
 def describe(model: nn.Module, optimizer: Any, scheduler: Any, scheduler_kwargs: Any) -> dict[str, Any]:
     """The manifest's fields for the optimizers and schedulers (``optimizer``, ``scheduler``, or ``optimizers``,
     ``schedulers`` and the format version that reads them). ``check`` has passed."""

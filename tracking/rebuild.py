@@ -287,20 +287,17 @@ def build_optimizer(
     recorded: Mapping[str, Any] | None = None,
     name: str | None = None,
 ) -> torch.optim.Optimizer:
-    """The optimizer from ``factory`` (given the model's parameters), else from its description: ``recorded``
-    (the manifest's ``optimizer`` when None), the one named ``name`` of several."""
+    """The optimizer from ``factory``, else from its description: ``recorded`` (the manifest's ``optimizer``
+    when None), the one named ``name`` of several. The factory of one optimizer is given the model's
+    parameters; the factory of one of several, the parameters it trained, grouped as when saved."""
     run_id = located.run_id
-    if factory is not None:
-        built = factory(model.parameters())
-        if not isinstance(built, torch.optim.Optimizer):
-            raise TypeError(f"the optimizer factory returned {type(built).__name__}, not an Optimizer")
-        return built
     recorded = recorded if recorded is not None else located.manifest.optimizer
     hint = _hint(OPTIMIZER_HINT, name)
     which = "optimizer" if name is None else f"optimizer {name!r}"
+    if factory is not None and name is None:
+        return _built_by(factory, model.parameters())
     if not recorded:
         raise NotFoundError(f"run {run_id}: the manifest does not describe the {which}; {hint}.")
-    cls = spec.import_class(recorded["class"], "optimizer", run_id=run_id, hint=hint)
     named = dict(model.named_parameters())
     try:
         groups = [{"params": [named[n] for n in g["params"]]} for g in recorded["param_groups"]]
@@ -308,10 +305,20 @@ def build_optimizer(
         raise MismatchError(
             f"run {run_id}: the {which} was trained over parameter {exc} which the model lacks; {hint}."
         ) from None
+    if factory is not None:
+        return _built_by(factory, groups)
+    cls = spec.import_class(recorded["class"], "optimizer", run_id=run_id, hint=hint)
     # Checkpoints logged before the manifest kept only accepted defaults may hold others.
     defaults = spec.accepted(cls, recorded.get("defaults", {}))
     built = spec.build(cls, (groups,), defaults, run_id=run_id, hint=hint)
     return built  # type: ignore[no-any-return]
+
+
+def _built_by(factory: Callable[..., torch.optim.Optimizer], parameters: Any) -> torch.optim.Optimizer:
+    built = factory(parameters)
+    if not isinstance(built, torch.optim.Optimizer):
+        raise TypeError(f"the optimizer factory returned {type(built).__name__}, not an Optimizer")
+    return built
 
 
 def build_scheduler(
