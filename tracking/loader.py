@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, cast
 import torch
 from torch import nn
 
-from tracking import layout, optimizers, pretrained, rebuild, spec, zerocopy
+from tracking import layout, optimizers, pairing, pretrained, rebuild, spec, zerocopy
 from tracking.config import TrackingConfig
 from tracking.device import check_available, check_map_location, to_device
 from tracking.errors import ConfigError, NotFoundError, TrackingError
@@ -88,8 +88,8 @@ def load(
     optimizers.check_factories(optimizer, scheduler)
     located = find_checkpoint(source, checkpoint, step=step, config=config)
     manifest = located.manifest
-    optimizers.match(located, "optimizer", optimizer, "tracking.load")
-    optimizers.match(located, "scheduler", scheduler, "tracking.load")
+    pairing.match(located, "optimizer", optimizer, "tracking.load")
+    pairing.match(located, "scheduler", scheduler, "tracking.load")
     check_available(map_location)
     if pretrained.is_folder(located):
         # A framework's folder of files (the Hugging Face Trainer's): its optimizer only to resume.
@@ -112,13 +112,13 @@ def load(
     adopted = rebuild.load_weights(located, plain, state["model_state"], strict, adopt=True)
     optim = None
     if state.get("optim_state") is not None:
-        optim = optimizers.build(located, plain, optimizer)
+        optim = pairing.build(located, plain, optimizer)
         # A model that copied its weights leaves its part of the buffer unused: the optimizer
         # state then gets copies of its own, so that the buffer can be freed.
-        optimizers.load_into(located, plain, optim, state["optim_state"] if adopted else _own(state["optim_state"]))
+        pairing.load_into(located, plain, optim, state["optim_state"] if adopted else _own(state["optim_state"]))
     sched = None
     if state.get("scheduler_state") is not None and optim is not None:
-        sched = optimizers.build_schedulers(located, optim, scheduler, _own(state["scheduler_state"]))
+        sched = pairing.build_schedulers(located, optim, scheduler, _own(state["scheduler_state"]))
     scaler = None
     if state.get("scaler_state") is not None:
         scaler_cls = spec.import_class(
@@ -183,8 +183,8 @@ def restore(
 
     run_id, artifact_uri, owner, folder, manifest, model_id = distributed.on_rank0(find, arrival=True)
     located = Located(run_id, open_store(artifact_uri, config, owner=owner), folder, manifest, model_id)
-    optimizers.match(located, "optimizer", optimizer, "tracking.restore")
-    optimizers.match(located, "scheduler", scheduler, "tracking.restore")
+    pairing.match(located, "optimizer", optimizer, "tracking.restore")
+    pairing.match(located, "scheduler", scheduler, "tracking.restore")
     plain = distributed.unwrap(model)
     if pretrained.is_folder(located):
         raise TrackingError(
@@ -203,9 +203,9 @@ def restore(
         else:
             rebuild.load_weights(located, plain, state["model_state"], strict)
             if optimizer is not None and state.get("optim_state") is not None:
-                optimizers.load_into(located, plain, optimizer, state["optim_state"])
+                pairing.load_into(located, plain, optimizer, state["optim_state"])
     if scheduler is not None and state.get("scheduler_state") is not None:
-        optimizers.load_schedulers(located, scheduler, state["scheduler_state"])
+        pairing.load_schedulers(located, scheduler, state["scheduler_state"])
     if scaler is not None and state.get("scaler_state") is not None:
         rebuild.load_field(located, "scaler_state", scaler, state["scaler_state"])
     given = dict(optimizer) if isinstance(optimizer, Mapping) else optimizer

@@ -5,8 +5,8 @@ named as the optimizer it drives). One optimizer is stored as it always was: ``o
 ``state_dict()`` and the manifest's ``optimizer`` its description. A mapping is stored as ``optim_state =
 {name: state_dict()}`` (``scheduler_state`` likewise) and described under the manifest's ``optimizers`` and
 ``schedulers``, in format version 2: a reader older than the names refuses it, where it would otherwise load the
-model and no optimizer. This module checks what a caller hands over, describes it, and pairs the names a
-checkpoint holds with the ones a load or restore is given.
+model and no optimizer. This module checks what a caller hands over and describes it, for the writing and the
+reading side; :mod:`tracking.pairing` pairs the names a checkpoint holds with the ones a load or restore is given.
 """
 
 from __future__ import annotations
@@ -17,10 +17,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from tracking import rebuild, spec
-from tracking.errors import MismatchError
-from tracking.manifest import Manifest
-from tracking.selection import Located
+from tracking import spec
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -141,88 +138,3 @@ def describe(model: nn.Module, optimizer: Any, scheduler: Any, scheduler_kwargs:
     kwargs = scheduler_kwargs or {}
     schedulers = {name: spec.describe_scheduler(item, kwargs.get(name)) for name, item in (scheduler or {}).items()}
     return {"optimizers": optimizers, "schedulers": schedulers or None, "format_version": NAMED_OPTIMIZERS_VERSION}
-
-
-def names(manifest: Manifest, role: str) -> list[str] | None:
-    """The names of a checkpoint's optimizers (``role`` "optimizer") or schedulers, None when it holds one or none."""
-    named = manifest.optimizers if role == "optimizer" else manifest.schedulers
-    return None if named is None else sorted(named)
-
-
-def match(located: Located, role: str, given: Any, call: str) -> None:
-    """Raise MismatchError unless ``given`` (what ``call`` was handed for ``role``: objects or factories) is
-    shaped as the checkpoint's: one for one, a mapping for names. ``exact``: the same names, not only some."""
-    saved = names(located.manifest, role)
-    if given is None or (saved is None and not _holds(located.manifest, role)):
-        return
-    where = f"run {located.run_id}: {located.label} ({located.store.describe(located.path(located.file))})"
-    if saved is None and isinstance(given, Mapping):
-        raise MismatchError(
-            f"{where} holds one {role}, and {call} was given {role}s named {sorted(given)}; pass {role}=<one "
-            f"{role}>, as it was saved."
-        )
-    if saved is not None and not isinstance(given, Mapping):
-        raise MismatchError(
-            f"{where} holds {role}s named {saved}, and {call} was given one {type(given).__name__}; pass "
-            f"{role}={{name: {role}}} with the names {saved}."
-        )
-    if isinstance(given, Mapping) and saved is not None:
-        exact = call == "tracking.restore"
-        if (sorted(given) != saved) if exact else not set(given) <= set(saved):
-            extra = "exactly" if exact else "some of"
-            raise MismatchError(
-                f"{where} holds {role}s named {saved}, and {call} was given {role}s named {sorted(given)}; "
-                f"pass {role}= a mapping of {extra} the names {saved}."
-            )
-
-
-def _holds(manifest: Manifest, role: str) -> bool:
-    return (manifest.optimizer if role == "optimizer" else manifest.scheduler) is not None
-
-
-def load_into(located: Located, model: nn.Module, optimizer: Any, saved: Any) -> None:
-    """Load the saved optimizer state (one, or one per name) into ``optimizer``, shaped the same (``match`` has
-    passed)."""
-    if isinstance(optimizer, Mapping):
-        for name, item in optimizer.items():
-            rebuild.load_optimizer(located, model, item, saved[name], key=f"optim_state[{name!r}]")
-    else:
-        rebuild.load_optimizer(located, model, optimizer, saved)
-
-
-def load_schedulers(located: Located, scheduler: Any, saved: Any) -> None:
-    """Load the saved scheduler state (one, or one per name) into ``scheduler``, shaped the same."""
-    if isinstance(scheduler, Mapping):
-        for name, item in scheduler.items():
-            rebuild.load_field(located, f"scheduler_state[{name!r}]", item, saved[name])
-    else:
-        rebuild.load_field(located, "scheduler_state", scheduler, saved)
-
-
-def build(located: Located, model: nn.Module, factory: Any) -> Any:
-    """The checkpoint's optimizer, or ``{name: optimizer}``: each from its factory (``factory``, or the one of its
-    name) when given, else from its description (``match`` has passed)."""
-    named = located.manifest.optimizers
-    if named is None:
-        return rebuild.build_optimizer(located, model, factory, located.manifest.optimizer)
-    factories = factory or {}
-    return {
-        name: rebuild.build_optimizer(located, model, factories.get(name), recorded, name=name)
-        for name, recorded in sorted(named.items())
-    }
-
-
-def build_schedulers(located: Located, optimizer: Any, factory: Any, saved: Any) -> Any:
-    """The checkpoint's scheduler (or ``{name: scheduler}`` of the ones ``saved`` holds), each over the optimizer
-    of its name, with its state loaded."""
-    named = located.manifest.schedulers
-    if named is None or not isinstance(optimizer, Mapping):
-        built = rebuild.build_scheduler(located, optimizer, factory, located.manifest.scheduler)
-        rebuild.load_field(located, "scheduler_state", built, saved)
-        return built
-    factories = factory or {}
-    out = {}
-    for name, recorded in sorted(named.items()):
-        out[name] = rebuild.build_scheduler(located, optimizer[name], factories.get(name), recorded, name=name)
-        rebuild.load_field(located, f"scheduler_state[{name!r}]", out[name], saved[name])
-    return out

@@ -168,7 +168,7 @@ def test_load_in_train_mode_rebuilds_every_named_optimizer_and_scheduler(s3_expe
     with pytest.raises(tracking.MismatchError) as refused:
         tracking.load(run.info.run_id, mode="train", optimizer={"critic": factory})
     assert "['discriminator', 'generator']" in str(refused.value) and "['critic']" in str(refused.value)
-    with pytest.raises(tracking.MismatchError, match="was given one function"):
+    with pytest.raises(tracking.MismatchError, match="was given one factory"):
         tracking.load(run.info.run_id, mode="train", optimizer=factory)
     with pytest.raises(TypeError, match=r"optimizer\['generator'\] must be a factory"):
         tracking.load(run.info.run_id, mode="train", optimizer={"generator": 3})  # type: ignore[dict-item]
