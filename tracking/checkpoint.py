@@ -110,6 +110,12 @@ def log_checkpoint(
     Without ``monitor``, metrics holding ``val_loss`` make it the monitor (with ``mode``, "min").
     The result's ``uri`` (``models:/<model_id>``) loads exactly this checkpoint.
 
+    ``optimizer`` is one optimizer, or a mapping of names to optimizers (a GAN's generator and
+    discriminator): ``optim_state`` is then ``{name: state_dict()}``. ``scheduler`` then maps names
+    too, each scheduler under the name of the optimizer it drives (``scheduler_kwargs`` likewise);
+    a name that is not a non-empty string or a value of the wrong type is refused, naming the key,
+    before anything is stored.
+
     With ``blocking=False`` the call returns once the state is copied to host memory
     and the upload runs in the background (one at a time, in order); the returned
     future holds the result, and :func:`wait_for_checkpoints` flushes them all.
