@@ -235,15 +235,16 @@ def test_bad_names_and_values_are_refused_before_anything_is_stored(s3_experimen
     assert tracking.list_checkpoints(run.info.run_id) == []
 
 
-def test_a_checkpointer_saves_and_retains_named_optimizers(s3_experiment: str) -> None:
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_checkpointer_saves_and_retains_named_optimizers(s3_experiment: str, async_save: bool) -> None:
     model, optimizers, schedulers = setup()
-    checkpointer = tracking.Checkpointer(every_n_epochs=1, keep_last=1)
+    checkpointer = tracking.Checkpointer(every_n_epochs=2, keep_last=1, async_save=async_save)
     with mlflow.start_run() as run:
-        for epoch in (1, 2):
+        for epoch in (1, 2, 3, 4):
             train(model, optimizers, schedulers, steps=2, seed=epoch)
             checkpointer.save(model, optimizers, epoch=epoch, scheduler=schedulers, metrics={"val_loss": 1.0 / epoch})
         checkpointer.close()
-    assert [c.epoch for c in tracking.list_checkpoints(run.info.run_id)] == [2]
+    assert [c.epoch for c in tracking.list_checkpoints(run.info.run_id)] == [4]
     into, into_optimizers, into_schedulers = setup(seed=5)
     tracking.restore(run.info.run_id, into, into_optimizers, into_schedulers)
     assert_same(states(into, into_optimizers, into_schedulers), states(model, optimizers, schedulers))
