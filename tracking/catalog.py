@@ -15,7 +15,7 @@ from typing import Any
 from tracking import layout
 from tracking.config import TrackingConfig
 from tracking.errors import NotFoundError, StorageError, TrackingError, one_line
-from tracking.manifest import FORMAT_VERSION, Manifest
+from tracking.manifest import Manifest
 from tracking.run import RunHandle, tracking_server_errors
 from tracking.storage import ArtifactStore, open_store
 
@@ -110,7 +110,7 @@ def create(handle: RunHandle, manifest: Manifest) -> StoredCheckpoint:
             name=layout.checkpoint_name(manifest.key, manifest.keyed_by),
             source_run_id=handle.run_id,
             params=params,
-            tags={layout.TAG_FORMAT: manifest.format, layout.TAG_FORMAT_VERSION: str(FORMAT_VERSION)},
+            tags={layout.TAG_FORMAT: manifest.format, layout.TAG_FORMAT_VERSION: str(manifest.format_version)},
             model_type=layout.CHECKPOINT_MODEL_TYPE,
         )
     # Link it to the run as an output (what the run page's "Logged models" lists) beside the upload:

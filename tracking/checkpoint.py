@@ -11,15 +11,15 @@ from collections.abc import Mapping
 from concurrent.futures import Future
 from typing import Any, Literal, overload
 
-import torch
 from torch import nn
 
-from tracking import layout, spec
+from tracking import layout, optimizers, spec
 from tracking.catalog import LoggedCheckpoint
 from tracking.commit import CheckpointSnapshot, commit_checkpoint
 from tracking.config import TrackingConfig
 from tracking.manifest import SHARDED_KIND, Manifest, now, versions
 from tracking.metrics import check_metrics
+from tracking.optimizers import Optimizers
 from tracking.parallel import distributed
 from tracking.parallel.collective import commit
 from tracking.payload import check_int64, check_loadable, check_model
@@ -33,7 +33,7 @@ DEFAULT_MONITOR = "val_loss"
 @overload
 def log_checkpoint(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: Optimizers | None = None,
     *,
     epoch: int,
     step: int | None = None,
@@ -56,7 +56,7 @@ def log_checkpoint(
 @overload
 def log_checkpoint(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: Optimizers | None = None,
     *,
     epoch: int,
     step: int | None = None,
@@ -78,7 +78,7 @@ def log_checkpoint(
 
 def log_checkpoint(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: Optimizers | None = None,
     *,
     epoch: int,
     step: int | None = None,
@@ -109,6 +109,12 @@ def log_checkpoint(
     checkpoints are all keyed so.
     Without ``monitor``, metrics holding ``val_loss`` make it the monitor (with ``mode``, "min").
     The result's ``uri`` (``models:/<model_id>``) loads exactly this checkpoint.
+
+    ``optimizer`` is one optimizer, or a mapping of names to optimizers (a GAN's generator and
+    discriminator): ``optim_state`` is then ``{name: state_dict()}``. ``scheduler`` then maps names
+    too, each scheduler under the name of the optimizer it drives (``scheduler_kwargs`` likewise);
+    a name that is not a non-empty string or a value of the wrong type is refused, naming the key,
+    before anything is stored.
 
     With ``blocking=False`` the call returns once the state is copied to host memory
     and the upload runs in the background (one at a time, in order); the returned
@@ -169,7 +175,7 @@ def saving_label(handle: RunHandle | None, snapshot: CheckpointSnapshot) -> str:
 
 def snapshot_checkpoint(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
+    optimizer: Optimizers | None,
     *,
     epoch: int,
     step: int | None = None,
@@ -191,8 +197,7 @@ def snapshot_checkpoint(
     """
     check_model(model)
     model = distributed.unwrap(model)
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    optimizers.check(optimizer, scheduler, scheduler_kwargs)
     check_int64("epoch", epoch)
     if step is not None:
         check_int64("step", step)
@@ -206,14 +211,15 @@ def snapshot_checkpoint(
             f"monitor metric {monitor!r} is not in metrics {sorted(clean_metrics)}; pass it in metrics=..."
         )
     model_state = model.state_dict()
+    optim_state: Any
     sharded = distributed.is_sharded(model_state)
     if sharded:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
         model_state = get_model_state_dict(model)
-        optim_state = get_optimizer_state_dict(model, optimizer) if optimizer is not None else None
+        optim_state = optimizers.each(optimizer, lambda one: get_optimizer_state_dict(model, one))
     else:
-        optim_state = optimizer.state_dict() if optimizer is not None else None
+        optim_state = optimizers.each(optimizer, lambda one: one.state_dict())
     payload: dict[str, Any] = {
         "epoch": epoch,
         "model_state": model_state,
@@ -222,7 +228,7 @@ def snapshot_checkpoint(
         "metrics": clean_metrics,
     }
     if scheduler is not None:
-        payload["scheduler_state"] = scheduler.state_dict()
+        payload["scheduler_state"] = optimizers.each(scheduler, lambda one: one.state_dict())
     if scaler is not None:
         payload["scaler_state"] = scaler.state_dict()
     reserved = set(payload) | {"scheduler_state", "scaler_state", layout.RANK_STATE}
@@ -251,8 +257,7 @@ def snapshot_checkpoint(
         step=step,
         keyed_by=keyed_by,
         metrics=clean_metrics,
-        optimizer=spec.describe_optimizer(optimizer, model) if optimizer is not None else None,
-        scheduler=spec.describe_scheduler(scheduler, scheduler_kwargs) if scheduler is not None else None,
+        **optimizers.describe(model, optimizer, scheduler, scheduler_kwargs),
         scaler={"class": spec.class_path(scaler)} if scaler is not None else None,
         extra_keys=sorted(extra or {}),
         versions=versions(),

@@ -9,16 +9,16 @@ from dataclasses import replace
 from types import TracebackType
 from typing import Any, NoReturn
 
-import torch
 from torch import nn
 
-from tracking import catalog, layout, note
+from tracking import catalog, layout, note, optimizers
 from tracking.catalog import LoggedCheckpoint
 from tracking.checkpoint import saving_label, snapshot_checkpoint
 from tracking.commit import CheckpointSnapshot, Describe, commit_checkpoint
 from tracking.config import TrackingConfig
 from tracking.manifest import SHARDED_KIND, Manifest
 from tracking.metrics import check_metrics
+from tracking.optimizers import Optimizers
 from tracking.parallel import distributed
 from tracking.parallel.collective import commit, refuse_different_keys
 from tracking.payload import check_int64
@@ -121,7 +121,7 @@ class Checkpointer:
     def save(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: Optimizers | None = None,
         *,
         epoch: int,
         metrics: Mapping[str, float] | None = None,
@@ -157,7 +157,7 @@ class Checkpointer:
         if not due:
             if self._saver is not None:
                 # Between saves: the pinned memory the next snapshot needs gets ready off the loop's path.
-                state = (model.state_dict(), optimizer.state_dict() if optimizer is not None else None)
+                state = (model.state_dict(), optimizers.each(optimizer, lambda one: one.state_dict()))
                 self._pinned = reserve_host_memory(state, self._pinned)
             return None
         if self._saver is not None and self._saver.on_busy == "coalesce" and distributed.active():

@@ -13,14 +13,14 @@ modifies anything on the store.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, cast
 
 import torch
 from torch import nn
 
-from tracking import layout, pretrained, rebuild, spec, zerocopy
+from tracking import layout, optimizers, pairing, pretrained, rebuild, spec, zerocopy
 from tracking.config import TrackingConfig
 from tracking.device import check_available, check_map_location, to_device
 from tracking.errors import ConfigError, NotFoundError, TrackingError
@@ -31,13 +31,19 @@ from tracking.selection import Located, Selector, find_checkpoint, find_weights
 from tracking.source import resolve_run_id
 from tracking.storage import BufferReader, open_store
 
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
 
 @dataclass
 class LoadedCheckpoint:
-    """A checkpoint rebuilt into live objects; attributes are None where nothing was saved."""
+    """A checkpoint rebuilt into live objects; attributes are None where nothing was saved.
+
+    ``optimizer`` and ``scheduler`` are dicts by name for a checkpoint of several optimizers.
+    """
 
     model: nn.Module
-    optimizer: torch.optim.Optimizer | None
+    optimizer: torch.optim.Optimizer | dict[str, torch.optim.Optimizer] | None
     scheduler: Any
     scaler: Any
     epoch: int | None
@@ -59,8 +65,8 @@ def load(
     map_location: str | torch.device = "cpu",
     mode: str = "eval",
     model: ModelArg = None,
-    optimizer: Callable[..., torch.optim.Optimizer] | None = None,
-    scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+    optimizer: OptimizerFactory | Mapping[str, OptimizerFactory] | None = None,
+    scheduler: SchedulerFactory | Mapping[str, SchedulerFactory] | None = None,
     strict: bool = True,
     config: TrackingConfig | None = None,
 ) -> LoadedCheckpoint:
@@ -73,21 +79,25 @@ def load(
     ``mode="eval"`` returns the model in eval mode, ``"train"`` ready to resume.
     Pass ``model=`` (instance or factory), ``optimizer=`` (factory taking the model's
     parameters) or ``scheduler=`` (factory taking the optimizer) for classes that
-    cannot be rebuilt from the manifest.
+    cannot be rebuilt from the manifest. For a checkpoint of several optimizers by name,
+    ``mode="train"`` rebuilds each, and the result's ``optimizer`` and ``scheduler`` are dicts
+    by name; ``optimizer=`` and ``scheduler=`` then map some of those names to factories.
     """
     _check_mode(mode)
     check_map_location(map_location)
-    for name, factory in (("optimizer", optimizer), ("scheduler", scheduler)):
-        if factory is not None and not callable(factory):
-            raise TypeError(f"{name} must be a factory (a callable), got {factory!r}")
+    optimizers.check_factories(optimizer, scheduler)
     located = find_checkpoint(source, checkpoint, step=step, config=config)
     manifest = located.manifest
+    pairing.match(located, "optimizer", optimizer, "tracking.load")
+    pairing.match(located, "scheduler", scheduler, "tracking.load")
     check_available(map_location)
     if pretrained.is_folder(located):
         # A framework's folder of files (the Hugging Face Trainer's): its optimizer only to resume.
         built = pretrained.build_model(located, model, map_location, strict)
         optim, sched = None, None
         if mode == "train":
+            if isinstance(optimizer, Mapping) or isinstance(scheduler, Mapping):
+                raise TypeError(f"run {located.run_id}: {located.label} holds one optimizer; pass one factory")
             optim, sched = pretrained.build_optimizer(located, built, optimizer, scheduler)
         built.train(mode == "train")
         return _loaded(located, {"epoch": manifest.epoch, "step": manifest.step}, built, optim, sched, None)
@@ -102,14 +112,13 @@ def load(
     adopted = rebuild.load_weights(located, plain, state["model_state"], strict, adopt=True)
     optim = None
     if state.get("optim_state") is not None:
-        optim = rebuild.build_optimizer(located, plain, optimizer)
+        optim = pairing.build(located, plain, optimizer)
         # A model that copied its weights leaves its part of the buffer unused: the optimizer
         # state then gets copies of its own, so that the buffer can be freed.
-        rebuild.load_optimizer(located, plain, optim, state["optim_state"] if adopted else _own(state["optim_state"]))
+        pairing.load_into(located, plain, optim, state["optim_state"] if adopted else _own(state["optim_state"]))
     sched = None
     if state.get("scheduler_state") is not None and optim is not None:
-        sched = rebuild.build_scheduler(located, optim, scheduler)
-        rebuild.load_field(located, "scheduler_state", sched, _own(state["scheduler_state"]))
+        sched = pairing.build_schedulers(located, optim, scheduler, _own(state["scheduler_state"]))
     scaler = None
     if state.get("scaler_state") is not None:
         scaler_cls = spec.import_class(
@@ -140,7 +149,7 @@ _KNOWN = {
 def restore(
     source: str,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: optimizers.Optimizers | None = None,
     scheduler: Any = None,
     scaler: Any = None,
     *,
@@ -157,16 +166,15 @@ def restore(
     of any number of ranks, or into a plain one; a checkpoint of a whole model (one process's, or
     DDP's) loads into the module a ``DistributedDataParallel`` wraps, or into an FSDP2 model, each
     rank keeping its own shards. The result's ``rank_state`` is this rank's own.
+    A checkpoint of several optimizers by name restores into ``optimizer={name: optimizer}`` with
+    the same names (``scheduler=`` likewise, or None).
     """
     from tracking.parallel import sharded
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    for name, target in (("scheduler", scheduler), ("scaler", scaler)):
-        if target is not None and not callable(getattr(target, "load_state_dict", None)):
-            raise TypeError(f"{name} must be an object with a load_state_dict method, got {type(target).__name__}")
+    optimizers.check(optimizer, None, None)
+    optimizers.check_loadable(scheduler, scaler)
     config = config or TrackingConfig.from_env()
 
     def find() -> tuple[str, str, str, str, Manifest, str | None]:
@@ -175,6 +183,8 @@ def restore(
 
     run_id, artifact_uri, owner, folder, manifest, model_id = distributed.on_rank0(find, arrival=True)
     located = Located(run_id, open_store(artifact_uri, config, owner=owner), folder, manifest, model_id)
+    pairing.match(located, "optimizer", optimizer, "tracking.restore")
+    pairing.match(located, "scheduler", scheduler, "tracking.restore")
     plain = distributed.unwrap(model)
     if pretrained.is_folder(located):
         raise TrackingError(
@@ -193,19 +203,21 @@ def restore(
         else:
             rebuild.load_weights(located, plain, state["model_state"], strict)
             if optimizer is not None and state.get("optim_state") is not None:
-                rebuild.load_optimizer(located, plain, optimizer, state["optim_state"])
+                pairing.load_into(located, plain, optimizer, state["optim_state"])
     if scheduler is not None and state.get("scheduler_state") is not None:
-        rebuild.load_field(located, "scheduler_state", scheduler, state["scheduler_state"])
+        pairing.load_schedulers(located, scheduler, state["scheduler_state"])
     if scaler is not None and state.get("scaler_state") is not None:
         rebuild.load_field(located, "scaler_state", scaler, state["scaler_state"])
-    return _loaded(located, state, model, optimizer, scheduler, scaler)
+    given = dict(optimizer) if isinstance(optimizer, Mapping) else optimizer
+    schedulers = dict(scheduler) if isinstance(scheduler, Mapping) else scheduler
+    return _loaded(located, state, model, given, schedulers, scaler)
 
 
 def _loaded(
     located: Located,
     state: dict[str, Any],
     model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
+    optimizer: torch.optim.Optimizer | dict[str, torch.optim.Optimizer] | None,
     scheduler: Any,
     scaler: Any,
     keep: Callable[[Any], Any] = lambda value: value,
@@ -351,7 +363,7 @@ def _read_torch(located: Located, map_location: str | torch.device, share: bool 
         from tracking.parallel import sharded
 
         check_available(map_location)
-        full = sharded.read_full(located.store, manifest.files, _where(located))
+        full = sharded.read_full(located.store, manifest.files, _where(located), named=manifest.optimizers is not None)
         return full if torch.device(map_location).type == "cpu" else to_device(full, map_location)
     try:
         check_available(map_location)

@@ -19,7 +19,12 @@ from typing import Any, TypeGuard
 
 from tracking.errors import IntegrityError
 
+# What a manifest is written as, but for a checkpoint of several optimizers by name (``optimizers``/``schedulers``):
+# that one is NAMED_OPTIMIZERS_VERSION, so that a reader older than the names refuses it, rather than rebuilding no
+# optimizer from it. A reader reads every version up to NEWEST_VERSION.
 FORMAT_VERSION = 1
+NAMED_OPTIMIZERS_VERSION = 2
+NEWEST_VERSION = NAMED_OPTIMIZERS_VERSION
 # "sharded_checkpoint": a checkpoint written by every rank through torch.distributed.checkpoint
 # (format "dcp"), its files one shard per rank and their index (see tracking.parallel.sharded).
 SHARDED_KIND = "sharded_checkpoint"
@@ -57,6 +62,9 @@ class Manifest:
     created_at: str = ""
     format_version: int = FORMAT_VERSION
     keyed_by: str = EPOCH
+    # Several optimizers (and their schedulers) by name, in place of ``optimizer``/``scheduler``.
+    optimizers: dict[str, dict[str, Any]] | None = None
+    schedulers: dict[str, dict[str, Any]] | None = None
 
     @property
     def key(self) -> int | None:
@@ -66,6 +74,9 @@ class Manifest:
     def to_json(self) -> bytes:
         data = asdict(self)
         data["files"] = {name: asdict(f) for name, f in self.files.items()}
+        for key in ("optimizers", "schedulers"):
+            if data[key] is None:
+                del data[key]  # a manifest of one optimizer stays as every reader knows it
         return json.dumps(data, indent=2, sort_keys=True, allow_nan=False).encode()
 
     @classmethod
@@ -90,9 +101,9 @@ class Manifest:
         version = data.get("format_version")
         if not _is_int(version):
             raise IntegrityError(f"{where} has no integer format_version; {_NEXT_STEP}")
-        if version > FORMAT_VERSION:
+        if version > NEWEST_VERSION:
             raise IntegrityError(
-                f"{where} has format_version {version}, newer than the {FORMAT_VERSION} this version "
+                f"{where} has format_version {version}, newer than the {NEWEST_VERSION} this version "
                 "reads; upgrade the torch-mlflow-tracking package."
             )
         if version < 1:
@@ -196,6 +207,8 @@ def _problem(data: dict[str, Any]) -> str | None:
         or _optimizer_groups(data.get("optimizer"))
         or _described_class(data, "scheduler", required=False, kwargs_key="init_kwargs")
         or _described_class(data, "scaler", required=False, kwargs_key=None)
+        or _named(data, "optimizers", "optimizer", kwargs_key="defaults")
+        or _named(data, "schedulers", "scheduler", kwargs_key="init_kwargs")
     )
     if problem is not None:
         return problem
@@ -245,6 +258,26 @@ def _described_class(data: dict[str, Any], key: str, *, required: bool, kwargs_k
         kwargs = described.get(kwargs_key)
         if kwargs is not None and not isinstance(kwargs, dict):
             return f"{key}.{kwargs_key} is {_short(kwargs)}, expected an object of argument -> value"
+    return None
+
+
+def _named(data: dict[str, Any], key: str, single: str, *, kwargs_key: str) -> str | None:
+    """What is wrong with ``optimizers`` or ``schedulers`` (``key``): an object of name -> description."""
+    named = data.get(key)
+    if named is None:
+        return None
+    if not isinstance(named, dict) or not named:
+        return f"{key} is {_short(named)}, expected an object of name -> {{class, ...}}"
+    if data.get(single) is not None:
+        return f"it has both {single!r} and {key!r}"
+    if key == "schedulers" and not set(named) <= set(data.get("optimizers") or {}):
+        return f"schedulers {_short(sorted(named))} are not all named as optimizers"
+    for name, described in named.items():
+        problem = _described_class({single: described}, single, required=True, kwargs_key=kwargs_key)
+        if problem is None and key == "optimizers":
+            problem = _optimizer_groups(described)
+        if problem is not None:
+            return f"{key}[{name!r}]: {problem}"
     return None
 
 

@@ -46,11 +46,17 @@ def render(
     commands: Sequence[str] = (),
     python: Sequence[str] = (),
     keyed_by: str = layout.EPOCH,
+    optimizers: Mapping[str, str] | None = None,
 ) -> str:
     """The markdown description of run ``run_id`` with ``checkpoints`` (by key: epoch, or step when ``keyed_by``
     says so); ``python`` adds lines to its Python block (a framework's own way to resume, say), ``commands`` to
-    its shell block."""
+    its shell block. ``optimizers``: the classes of several optimizers by name, in place of ``optimizer_class``."""
     trained = f"`{model_class}`" + (f" with `{optimizer_class}`" if optimizer_class else "")
+    optimizer_attribute = "loaded.optimizer"
+    if optimizers:
+        each = ", ".join(f"`{name}` (`{cls}`)" for name, cls in sorted(optimizers.items()))
+        trained = f"`{model_class}` with the optimizers {each}"
+        optimizer_attribute = f"loaded.optimizer[{min(optimizers)!r}] (a dict by name)"
     lines = [
         f"{_INTRO}{trained}. Each checkpoint is a logged model of this run (the run's "
         "*Logged models*, the experiment's *Models* tab): register one there, or with `tracking register`.",
@@ -59,7 +65,7 @@ def render(
     pinned = checkpoints[latest].model_id if latest is not None and latest in checkpoints else None
     code = [
         "import tracking",
-        f'loaded = tracking.load("{run_id}")  # latest: loaded.model, loaded.optimizer, loaded.epoch',
+        f'loaded = tracking.load("{run_id}")  # latest: loaded.model, {optimizer_attribute}, loaded.epoch',
         f'best = tracking.load("{run_id}", "best", mode="train")  # ready to resume',
     ]
     if pinned:
@@ -91,6 +97,7 @@ def describe_run(
         run_id,
         model_class=str(manifest.model.get("class")),
         optimizer_class=(manifest.optimizer or {}).get("class"),
+        optimizers={name: str(d.get("class")) for name, d in (manifest.optimizers or {}).items()} or None,
         checkpoints=checkpoints,
         latest=by_model.get(tags.get(layout.TAG_LATEST, "")),
         best=by_model.get(tags.get(layout.TAG_BEST, "")),

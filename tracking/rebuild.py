@@ -41,17 +41,42 @@ def checkpoint_state(located: Located, state: Any) -> dict[str, Any]:
     # Values are not all tensors in every state dict (a module's get_extra_state() may be any value).
     if not isinstance(model_state, Mapping) or not all(isinstance(k, str) for k in model_state):
         raise _bad_field(located, "model_state", f"is {_kind(model_state)}, not a state dict")
-    optim_state = state.get("optim_state")
-    if optim_state is not None and not (
-        isinstance(optim_state, Mapping)
-        and isinstance(optim_state.get("state"), Mapping)
-        and isinstance(optim_state.get("param_groups"), list)
-    ):
-        raise _bad_field(located, "optim_state", f"is {_kind(optim_state)}, not an optimizer's state_dict()")
-    for key in ("scheduler_state", "scaler_state"):
-        if state.get(key) is not None and not isinstance(state[key], Mapping):
-            raise _bad_field(located, key, f"is {_kind(state[key])}, not a state_dict()")
+    _check_field(located, state, "optim_state", located.manifest.optimizers, _is_optimizer_state, "an optimizer's")
+    _check_field(located, state, "scheduler_state", located.manifest.schedulers, _is_state, "a")
+    _check_field(located, state, "scaler_state", None, _is_state, "a")
     return state
+
+
+def _check_field(
+    located: Located, state: dict[str, Any], key: str, named: Any, fits: Callable[[Any], bool], whose: str
+) -> None:
+    """Refuse ``state[key]`` unless it is one state dict that ``fits``, or, where the manifest records them by
+    name (``named``), one for each of those names."""
+    value = state.get(key)
+    if value is None:
+        return
+    if named is None:
+        if not fits(value):
+            raise _bad_field(located, key, f"is {_kind(value)}, not {whose} state_dict()")
+        return
+    if not isinstance(value, Mapping) or sorted(value) != sorted(named):
+        found = sorted(value) if isinstance(value, Mapping) else _kind(value)
+        raise _bad_field(located, key, f"holds {found}, where its manifest names {sorted(named)}")
+    for name, item in value.items():
+        if not fits(item):
+            raise _bad_field(located, f"{key}[{name!r}]", f"is {_kind(item)}, not {whose} state_dict()")
+
+
+def _is_state(value: Any) -> bool:
+    return isinstance(value, Mapping)
+
+
+def _is_optimizer_state(value: Any) -> bool:
+    return (
+        isinstance(value, Mapping)
+        and isinstance(value.get("state"), Mapping)
+        and isinstance(value.get("param_groups"), list)
+    )
 
 
 def _from_lightning(located: Located, state: dict[str, Any]) -> dict[str, Any]:
@@ -127,38 +152,40 @@ _PARAM_SHAPED = frozenset(
 )
 
 
-def load_optimizer(located: Located, model: nn.Module, optimizer: torch.optim.Optimizer, saved: Any) -> None:
+def load_optimizer(
+    located: Located, model: nn.Module, optimizer: torch.optim.Optimizer, saved: Any, key: str = "optim_state"
+) -> None:
     """Load an optimizer state after checking that each saved per-parameter state fits the parameter it goes to.
 
     ``Optimizer.load_state_dict`` pairs saved and live parameters by position only: param groups
     recorded in another order (an edited manifest, a factory grouping otherwise) would hand one
-    parameter's momentum to another without a word.
+    parameter's momentum to another without a word. ``key`` names the state in messages.
     """
     names = {id(p): n for n, p in model.named_parameters()}
     groups = saved["param_groups"]
     if len(groups) != len(optimizer.param_groups):
         raise MismatchError(
-            f"run {located.run_id}: {located.label}: the checkpoint's 'optim_state' has {len(groups)} param groups, "
+            f"run {located.run_id}: {located.label}: the checkpoint's {key!r} has {len(groups)} param groups, "
             f"the optimizer {len(optimizer.param_groups)}; {OPTIMIZER_HINT} that groups parameters as when saved."
         )
     for index, (group, live) in enumerate(zip(groups, optimizer.param_groups, strict=True)):
         ids = group.get("params") if isinstance(group, Mapping) else None
         if not isinstance(ids, list) or len(ids) != len(live["params"]):
             raise MismatchError(
-                f"run {located.run_id}: {located.label}: param group {index} of the checkpoint's 'optim_state' does "
+                f"run {located.run_id}: {located.label}: param group {index} of the checkpoint's {key!r} does "
                 f"not hold the {len(live['params'])} parameters of the optimizer's; {OPTIMIZER_HINT}."
             )
         for saved_id, param in zip(ids, live["params"], strict=True):
             entry = saved["state"].get(saved_id)
-            for key, value in (entry or {}).items() if isinstance(entry, Mapping) else ():
-                if key in _PARAM_SHAPED and isinstance(value, torch.Tensor) and value.shape != param.shape:
+            for name, value in (entry or {}).items() if isinstance(entry, Mapping) else ():
+                if name in _PARAM_SHAPED and isinstance(value, torch.Tensor) and value.shape != param.shape:
                     raise MismatchError(
-                        f"run {located.run_id}: {located.label}: the checkpoint's 'optim_state' holds {key} of shape "
+                        f"run {located.run_id}: {located.label}: the checkpoint's {key!r} holds {name} of shape "
                         f"{tuple(value.shape)} for parameter {names.get(id(param), '?')} of shape "
                         f"{tuple(param.shape)} (param group {index}): the optimizer's parameters are not grouped "
                         f"as when it was saved; {OPTIMIZER_HINT}."
                     )
-    load_field(located, "optim_state", optimizer, saved)
+    load_field(located, key, optimizer, saved)
 
 
 def build_model(
@@ -257,35 +284,51 @@ def build_optimizer(
     located: Located,
     model: nn.Module,
     factory: Callable[..., torch.optim.Optimizer] | None,
+    recorded: Mapping[str, Any] | None = None,
+    name: str | None = None,
 ) -> torch.optim.Optimizer:
+    """The optimizer from ``factory``, else from its description: ``recorded`` (the manifest's ``optimizer``
+    when None), the one named ``name`` of several. The factory of one optimizer is given the model's
+    parameters; the factory of one of several, the parameters it trained, grouped as when saved."""
     run_id = located.run_id
-    if factory is not None:
-        built = factory(model.parameters())
-        if not isinstance(built, torch.optim.Optimizer):
-            raise TypeError(f"the optimizer factory returned {type(built).__name__}, not an Optimizer")
-        return built
-    recorded = located.manifest.optimizer
+    recorded = recorded if recorded is not None else located.manifest.optimizer
+    hint = _hint(OPTIMIZER_HINT, name)
+    which = "optimizer" if name is None else f"optimizer {name!r}"
+    if factory is not None and name is None:
+        return _built_by(factory, model.parameters())
     if not recorded:
-        raise NotFoundError(f"run {run_id}: the manifest does not describe the optimizer; {OPTIMIZER_HINT}.")
-    cls = spec.import_class(recorded["class"], "optimizer", run_id=run_id, hint=OPTIMIZER_HINT)
+        raise NotFoundError(f"run {run_id}: the manifest does not describe the {which}; {hint}.")
     named = dict(model.named_parameters())
     try:
         groups = [{"params": [named[n] for n in g["params"]]} for g in recorded["param_groups"]]
     except KeyError as exc:
         raise MismatchError(
-            f"run {run_id}: the optimizer was trained over parameter {exc} which the model lacks; {OPTIMIZER_HINT}."
+            f"run {run_id}: the {which} was trained over parameter {exc} which the model lacks; {hint}."
         ) from None
+    if factory is not None:
+        return _built_by(factory, groups)
+    cls = spec.import_class(recorded["class"], "optimizer", run_id=run_id, hint=hint)
     # Checkpoints logged before the manifest kept only accepted defaults may hold others.
     defaults = spec.accepted(cls, recorded.get("defaults", {}))
-    built = spec.build(cls, (groups,), defaults, run_id=run_id, hint=OPTIMIZER_HINT)
+    built = spec.build(cls, (groups,), defaults, run_id=run_id, hint=hint)
     return built  # type: ignore[no-any-return]
+
+
+def _built_by(factory: Callable[..., torch.optim.Optimizer], parameters: Any) -> torch.optim.Optimizer:
+    built = factory(parameters)
+    if not isinstance(built, torch.optim.Optimizer):
+        raise TypeError(f"the optimizer factory returned {type(built).__name__}, not an Optimizer")
+    return built
 
 
 def build_scheduler(
     located: Located,
     optimizer: torch.optim.Optimizer,
     factory: Callable[[torch.optim.Optimizer], Any] | None,
+    recorded: Mapping[str, Any] | None = None,
+    name: str | None = None,
 ) -> Any:
+    """The scheduler of ``optimizer`` from ``factory``, else from its description (as for build_optimizer)."""
     # Constructing a scheduler steps it once, which rewrites the optimizer's learning rates
     # (a factory's scheduler too); put the loaded values back, load_state_dict restores the rest.
     saved_groups = [dict(g) for g in optimizer.state_dict()["param_groups"]]
@@ -293,16 +336,27 @@ def build_scheduler(
         built = factory(optimizer)
     else:
         run_id = located.run_id
-        recorded = located.manifest.scheduler or {}
+        recorded = (recorded if recorded is not None else located.manifest.scheduler) or {}
+        hint = _hint(SCHEDULER_HINT, name)
+        which = "scheduler" if name is None else f"scheduler {name!r}"
         if recorded.get("init_kwargs") is None:
             raise NotFoundError(
-                f"run {run_id}: the scheduler {recorded.get('class', '(unknown)')} cannot be rebuilt from "
-                f"its manifest (its init arguments were not recorded); {SCHEDULER_HINT}."
+                f"run {run_id}: the {which} {recorded.get('class', '(unknown)')} cannot be rebuilt from "
+                f"its manifest (its init arguments were not recorded); {hint}."
             )
-        cls = spec.import_class(recorded["class"], "scheduler", run_id=run_id, hint=SCHEDULER_HINT)
-        built = spec.build(cls, (optimizer,), recorded["init_kwargs"], run_id=run_id, hint=SCHEDULER_HINT)
+        cls = spec.import_class(recorded["class"], "scheduler", run_id=run_id, hint=hint)
+        built = spec.build(cls, (optimizer,), recorded["init_kwargs"], run_id=run_id, hint=hint)
     for group, saved in zip(optimizer.param_groups, saved_groups, strict=True):
         for key, value in saved.items():
             if key != "params":
                 group[key] = value
     return built
+
+
+def _hint(hint: str, name: str | None) -> str:
+    """``hint`` (``pass optimizer=<...> to tracking.load``) for the one of several named ``name``."""
+    if name is None:
+        return hint
+    role, _, rest = hint.removeprefix("pass ").partition("=")
+    factory, _, tail = rest.partition(">")
+    return f"pass {role}={{{name!r}: {factory}>}}{tail}"

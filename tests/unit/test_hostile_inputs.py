@@ -241,6 +241,20 @@ MALFORMED: dict[str, bytes] = {
     "created_at a number": edit(lambda d: d.update(created_at=0)),
     "format_version a bool": edit(lambda d: d.update(format_version=True)),
     "format_version 0": edit(lambda d: d.update(format_version=0)),
+    "optimizers a list": edit(lambda d: d.update(optimizer=None, optimizers=[d["optimizer"]])),
+    "optimizers empty": edit(lambda d: d.update(optimizer=None, optimizers={})),
+    "optimizers beside an optimizer": edit(lambda d: d.update(optimizers={"g": d["optimizer"]})),
+    "a named optimizer without class": edit(lambda d: d.update(optimizer=None, optimizers={"g": {"defaults": {}}})),
+    "a named optimizer's groups an object": edit(
+        lambda d: d.update(optimizer=None, optimizers={"g": {**d["optimizer"], "param_groups": {}}})
+    ),
+    "schedulers of no optimizer": edit(
+        lambda d: d.update(
+            optimizer=None,
+            optimizers={"g": d["optimizer"]},
+            schedulers={"d": {"class": "torch.optim.lr_scheduler:StepLR", "init_kwargs": {}}},
+        )
+    ),
     "a JSON list": b"[1, 2]",
     "not UTF-8": b"\xff\xfe{",
     "100k-deep JSON": b"[" * 100_000 + b"]" * 100_000,
@@ -255,6 +269,14 @@ MALFORMED: dict[str, bytes] = {
 def test_a_valid_manifest_parses() -> None:
     manifest = Manifest.from_json(json.dumps(valid_manifest()).encode(), where="run r1: m.json")
     assert manifest.files["checkpoint.pt"].size == 10 and manifest.metrics == {"val_loss": 0.5}
+
+
+def test_a_valid_manifest_of_optimizers_by_name_parses() -> None:
+    data = valid_manifest()
+    scheduler = {"class": "torch.optim.lr_scheduler:StepLR", "init_kwargs": {"step_size": 1}}
+    data.update(format_version=2, optimizer=None, optimizers={"g": data["optimizer"]}, schedulers={"g": scheduler})
+    manifest = Manifest.from_json(json.dumps(data).encode(), where="run r1: m.json")
+    assert manifest.optimizers == {"g": valid_manifest()["optimizer"]} and manifest.schedulers == {"g": scheduler}
 
 
 @pytest.mark.parametrize("raw", MALFORMED.values(), ids=MALFORMED.keys())

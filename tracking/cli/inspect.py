@@ -230,6 +230,8 @@ def checkpoints(source: str, as_json: bool) -> None:
             "created_at": c.manifest.created_at,
             "latest": c.model_id == latest,
             "best": c.model_id == best,
+            # Only a checkpoint of several optimizers by name says so (a list of one stays as it was).
+            **({"optimizers": sorted(c.manifest.optimizers)} if c.manifest.optimizers else {}),
         }
         for c in logged
     ]
@@ -249,11 +251,15 @@ def checkpoints(source: str, as_json: bool) -> None:
         Column("model ID", no_wrap=True),
         Column("", fold_to=6),
     ]
+    named = any("optimizers" in c for c in found)
+    if named:
+        columns.insert(3, Column("optimizers", drop_order=4, fold_to=12))
     rows = [
         [
             str(c["epoch"]),
             "-" if c["step"] is None else str(c["step"]),
             ", ".join(f"{k}={v:.4g}" for k, v in sorted(c["metrics"].items())),
+            *([", ".join(c.get("optimizers", ["-"]))] if named else []),
             human_size(c["size_bytes"]),
             str(c["model_id"]),
             "\n".join(mark for mark in ("latest", "best") if c[mark]),

@@ -149,15 +149,19 @@ def _dcp_error(exc: BaseException) -> BaseException:
     return exc
 
 
-def read_full(store: ArtifactStore, files: Mapping[str, StoredFile], where: str) -> dict[str, Any]:
+def read_full(store: ArtifactStore, files: Mapping[str, StoredFile], where: str, named: bool = False) -> dict[str, Any]:
     """The whole checkpoint dict with full tensors, in this one process: what ``checkpoint.pt`` would hold.
 
-    The optimizer state, saved by parameter name, comes back keyed by index as
-    ``Optimizer.load_state_dict`` takes it.
+    The optimizer state (each one's, when ``named``: several by name), saved by parameter name, comes back
+    keyed by index as ``Optimizer.load_state_dict`` takes it.
     """
     state = read(store, files, where)
-    if isinstance(state.get("optim_state"), dict):
-        state["optim_state"] = index_keyed(state["optim_state"])
+    saved = state.get("optim_state")
+    if isinstance(saved, dict):
+        if named:
+            state["optim_state"] = {name: index_keyed(one) for name, one in saved.items() if isinstance(one, dict)}
+        else:
+            state["optim_state"] = index_keyed(saved)
     return state
 
 
@@ -219,11 +223,10 @@ def name_keyed(optim_state: Mapping[str, Any], model: nn.Module, optimizer: torc
     return {"state": {name_of[index]: value for index, value in optim_state["state"].items()}, "param_groups": groups}
 
 
-def load_whole_into(
-    model: nn.Module, optimizer: torch.optim.Optimizer | None, state: Mapping[str, Any], strict: bool, *, where: str
-) -> None:
+def load_whole_into(model: nn.Module, optimizer: Any, state: Mapping[str, Any], strict: bool, *, where: str) -> None:
     """A whole model's checkpoint (``checkpoint.pt``: full tensors, optimizer keyed by index) into a sharded
-    model and its optimizer: every rank holds the full state and keeps its own shards of it."""
+    model and its optimizer (or optimizers by name, the checkpoint's names): every rank holds the full state and
+    keeps its own shards of it."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
@@ -234,8 +237,8 @@ def load_whole_into(
     try:
         set_model_state_dict(model, state["model_state"], options=options)
         if optimizer is not None and state.get("optim_state") is not None:
-            optim_state = name_keyed(state["optim_state"], model, optimizer)
-            set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+            for one, saved in _pairs(optimizer, state["optim_state"]):
+                set_optimizer_state_dict(model, one, name_keyed(saved, model, one), options=options)
     except (RuntimeError, KeyError, ValueError) as exc:
         raise MismatchError(
             f"{where} does not fit the sharded model or optimizer given ({one_line(exc)[:500]}); "
@@ -267,17 +270,30 @@ def load_into(
     options = StateDictOptions(strict=strict)
     template: dict[str, Any] = {"model_state": get_model_state_dict(model, options=options)}
     if optimizer is not None:
-        template["optim_state"] = get_optimizer_state_dict(model, optimizer, options=options)
+        # Several optimizers by name (the checkpoint's names) are each saved under theirs.
+        template["optim_state"] = (
+            {name: get_optimizer_state_dict(model, one, options=options) for name, one in optimizer.items()}
+            if isinstance(optimizer, Mapping)
+            else get_optimizer_state_dict(model, optimizer, options=options)
+        )
     reader = ShardReader(store, files, where)
     reader.read_metadata()  # its IntegrityError as it is, not inside DCP's CheckpointException
     with _quiet(), _own_errors(where):  # each rank reads the chunks it needs on its own: no collective is needed
         load(template, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
     set_model_state_dict(model, template["model_state"], options=options)
     if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, template["optim_state"], options=options)
+        for one, saved in _pairs(optimizer, template["optim_state"]):
+            set_optimizer_state_dict(model, one, saved, options=options)
     saved = {str(path[0]) for path in reader.read_metadata().planner_data.values()}
     rest = read(store, files, where, keys=saved - {"model_state", "optim_state"})
     return rest
+
+
+def _pairs(optimizer: Any, saved: Any) -> list[tuple[torch.optim.Optimizer, Any]]:
+    """Each optimizer with its saved state: one and one, or by name."""
+    if isinstance(optimizer, Mapping):
+        return [(one, saved[name]) for name, one in optimizer.items()]
+    return [(optimizer, saved)]
 
 
 @contextlib.contextmanager

@@ -1,0 +1,113 @@
+"""Several optimizers by name in a sharded (FSDP2) checkpoint: each saved under its name through DCP, restored into
+sharded models by name, and rebuilt in one plain process.
+
+A process group of one process (gloo, in this process) is enough to shard a model as torchrun jobs do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+from torch.distributed.fsdp import fully_shard
+
+import tracking
+from tests.unit.gan import GAN, setup, train
+from tests.unit.test_optimizers import assert_same, differs
+from tracking.manifest import SHARDED_KIND
+from tracking.parallel import distributed
+
+FULL = StateDictOptions(full_state_dict=True)
+
+
+@pytest.fixture
+def process_group(tmp_path: Path) -> Iterator[None]:
+    dist.init_process_group("gloo", init_method=(tmp_path / "rendezvous").as_uri(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        distributed.release()
+        dist.destroy_process_group()
+
+
+def sharded_setup(seed: int) -> tuple[GAN, dict[str, torch.optim.Optimizer], dict[str, Any]]:
+    """The GAN of tests.unit.gan, its generator, discriminator and whole sharded, with their optimizers by name."""
+    torch.manual_seed(seed)
+    model = GAN()
+    fully_shard(model.generator)
+    fully_shard(model.discriminator)
+    fully_shard(model)
+    optimizers: dict[str, torch.optim.Optimizer] = {
+        "generator": torch.optim.Adam(model.generator.parameters(), lr=1e-2, betas=(0.5, 0.999)),
+        "discriminator": torch.optim.Adam(model.discriminator.parameters(), lr=3e-3),
+    }
+    schedulers = {
+        "generator": torch.optim.lr_scheduler.StepLR(optimizers["generator"], step_size=2, gamma=0.5),
+        "discriminator": torch.optim.lr_scheduler.ExponentialLR(optimizers["discriminator"], gamma=0.9),
+    }
+    return model, optimizers, schedulers
+
+
+def full(model: torch.nn.Module, optimizers: dict[str, Any], schedulers: dict[str, Any]) -> dict[str, Any]:
+    """Full tensors of a sharded model and its optimizers (each keyed by parameter name), and the schedulers."""
+    return {
+        "model": get_model_state_dict(model, options=FULL),
+        "optimizers": {name: get_optimizer_state_dict(model, one, options=FULL) for name, one in optimizers.items()},
+        "schedulers": {name: one.state_dict() for name, one in schedulers.items()},
+    }
+
+
+def test_a_sharded_checkpoint_saves_and_restores_each_optimizer_by_name(
+    s3_experiment: str, process_group: None
+) -> None:
+    model, optimizers, schedulers = sharded_setup(0)
+    train(model, optimizers, schedulers, steps=3, seed=1)
+    with mlflow.start_run() as run:
+        logged = tracking.log_checkpoint(model, optimizers, epoch=1, scheduler=schedulers)
+    assert logged.manifest.kind == SHARDED_KIND and logged.manifest.optimizers is not None
+    saved = full(model, optimizers, schedulers)
+
+    into, into_optimizers, into_schedulers = sharded_setup(5)
+    train(into, into_optimizers, into_schedulers, steps=1, seed=2)
+    assert differs(full(into, into_optimizers, into_schedulers), saved)
+    tracking.restore(run.info.run_id, into, into_optimizers, into_schedulers)
+    assert_same(full(into, into_optimizers, into_schedulers), saved)
+    with pytest.raises(tracking.MismatchError, match=r"named \['generator'\]"):
+        tracking.restore(run.info.run_id, into, {"generator": into_optimizers["generator"]})
+
+    # Rebuilt in one plain process, each optimizer from its description, trains on as the sharded originals.
+    loaded = tracking.load(run.info.run_id, mode="train")
+    assert isinstance(loaded.optimizer, dict) and isinstance(loaded.scheduler, dict)
+    train(loaded.model, loaded.optimizer, loaded.scheduler, steps=2, seed=3)
+    train(model, optimizers, schedulers, steps=2, seed=3)
+    after = full(model, optimizers, schedulers)
+    assert_same(dict(loaded.model.state_dict()), after["model"])
+    assert_same(loaded.scheduler["generator"].state_dict(), after["schedulers"]["generator"])
+    for name, one in loaded.optimizer.items():
+        by_name = get_optimizer_state_dict(loaded.model, one, options=FULL)
+        assert_same(by_name["state"], after["optimizers"][name]["state"], name)
+
+
+def test_a_whole_model_checkpoint_restores_named_optimizers_into_a_sharded_model(
+    s3_experiment: str, process_group: None
+) -> None:
+    model, optimizers, schedulers = setup(0)  # plain: checkpoint.pt
+    train(model, optimizers, schedulers, steps=3, seed=1)
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, optimizers, epoch=1, scheduler=schedulers)
+
+    into, into_optimizers, into_schedulers = sharded_setup(5)
+    tracking.restore(run.info.run_id, into, into_optimizers, into_schedulers)
+    restored = full(into, into_optimizers, into_schedulers)
+    assert_same(restored["model"], dict(model.state_dict()))
+    for name, one in optimizers.items():
+        # The plain optimizer keyed by index, the sharded one by name: the same tensors in the same order.
+        expected = [value for _, state in sorted(one.state_dict()["state"].items()) for value in state.values()]
+        found = [value for state in restored["optimizers"][name]["state"].values() for value in state.values()]
+        assert len(found) == len(expected) and all(torch.equal(a, b) for a, b in zip(found, expected, strict=True))

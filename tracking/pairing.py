@@ -1,0 +1,102 @@
+"""Pairing a checkpoint's optimizers and schedulers with the ones a load or restore is given: one with one, or
+by name (see :mod:`tracking.optimizers` for how several are stored), each state loaded into its own object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from tracking import rebuild
+from tracking.errors import MismatchError
+from tracking.manifest import Manifest
+from tracking.selection import Located
+
+
+def names(manifest: Manifest, role: str) -> list[str] | None:
+    """The names of a checkpoint's optimizers (``role`` "optimizer") or schedulers, None when it holds one or none."""
+    named = manifest.optimizers if role == "optimizer" else manifest.schedulers
+    return None if named is None else sorted(named)
+
+
+def match(located: Located, role: str, given: Any, call: str) -> None:
+    """Raise MismatchError unless ``given`` (what ``call`` was handed for ``role``: objects or factories) is
+    shaped as the checkpoint's: one for one, a mapping for names; the same names for ``tracking.restore``, some of
+    them for ``tracking.load`` (factories for those it cannot rebuild from their descriptions)."""
+    saved = names(located.manifest, role)
+    if given is None or (saved is None and not _holds(located.manifest, role)):
+        return
+    where = f"run {located.run_id}: {located.label} ({located.store.describe(located.path(located.file))})"
+    if saved is None and isinstance(given, Mapping):
+        raise MismatchError(
+            f"{where} holds one {role}, and {call} was given {role}s named {sorted(given)}; pass {role}=<one "
+            f"{role}>, as it was saved."
+        )
+    if saved is not None and not isinstance(given, Mapping):
+        kind = "factory" if call == "tracking.load" else type(given).__name__
+        raise MismatchError(
+            f"{where} holds {role}s named {saved}, and {call} was given one {kind}; pass "
+            f"{role}={{name: {role}}} with the names {saved}."
+        )
+    if isinstance(given, Mapping) and saved is not None:
+        exact = call == "tracking.restore"
+        if (sorted(given) != saved) if exact else not set(given) <= set(saved):
+            extra = "exactly" if exact else "some of"
+            raise MismatchError(
+                f"{where} holds {role}s named {saved}, and {call} was given {role}s named {sorted(given)}; "
+                f"pass {role}= a mapping of {extra} the names {saved}."
+            )
+
+
+def _holds(manifest: Manifest, role: str) -> bool:
+    return (manifest.optimizer if role == "optimizer" else manifest.scheduler) is not None
+
+
+def load_into(located: Located, model: nn.Module, optimizer: Any, saved: Any) -> None:
+    """Load the saved optimizer state (one, or one per name) into ``optimizer``, shaped the same (``match`` has
+    passed)."""
+    if isinstance(optimizer, Mapping):
+        for name, item in optimizer.items():
+            rebuild.load_optimizer(located, model, item, saved[name], key=f"optim_state[{name!r}]")
+    else:
+        rebuild.load_optimizer(located, model, optimizer, saved)
+
+
+def load_schedulers(located: Located, scheduler: Any, saved: Any) -> None:
+    """Load the saved scheduler state (one, or one per name) into ``scheduler``, shaped the same."""
+    if isinstance(scheduler, Mapping):
+        for name, item in scheduler.items():
+            rebuild.load_field(located, f"scheduler_state[{name!r}]", item, saved[name])
+    else:
+        rebuild.load_field(located, "scheduler_state", scheduler, saved)
+
+
+def build(located: Located, model: nn.Module, factory: Any) -> Any:
+    """The checkpoint's optimizer, or ``{name: optimizer}``: each from its factory (``factory``, or the one of its
+    name) when given, else from its description (``match`` has passed)."""
+    named = located.manifest.optimizers
+    if named is None:
+        return rebuild.build_optimizer(located, model, factory, located.manifest.optimizer)
+    factories = factory or {}
+    return {
+        name: rebuild.build_optimizer(located, model, factories.get(name), recorded, name=name)
+        for name, recorded in sorted(named.items())
+    }
+
+
+def build_schedulers(located: Located, optimizer: Any, factory: Any, saved: Any) -> Any:
+    """The checkpoint's scheduler (or ``{name: scheduler}`` of the ones ``saved`` holds), each over the optimizer
+    of its name, with its state loaded."""
+    named = located.manifest.schedulers
+    if named is None or not isinstance(optimizer, Mapping):
+        built = rebuild.build_scheduler(located, optimizer, factory, located.manifest.scheduler)
+        rebuild.load_field(located, "scheduler_state", built, saved)
+        return built
+    factories = factory or {}
+    out = {}
+    for name, recorded in sorted(named.items()):
+        out[name] = rebuild.build_scheduler(located, optimizer[name], factories.get(name), recorded, name=name)
+        rebuild.load_field(located, f"scheduler_state[{name!r}]", out[name], saved[name])
+    return out
