@@ -48,7 +48,7 @@ def test_a_dropped_trainer_ends_not_the_run_the_user_trains_next(
     assert active() is None and status(own.info.run_id) == RunStatus.to_string(RunStatus.FINISHED)
     assert [c.epoch for c in tracking.list_checkpoints(own.info.run_id)] == [1]
     with mlflow.start_run() as run:  # the next trial of a sweep, the next notebook cell
-        # The old Trainer is replaced: once collected, its MLflowCallback's finalizer ran with this run active.
+        # The old Trainer is replaced and collected (now, not whenever Python's collector runs) in this run.
         trainer = make_trainer(split, tmp_path / "second", [TrackingCallback()], epochs=1, report_to="mlflow")
         gc.collect()
         assert active() == run.info.run_id
