@@ -22,7 +22,8 @@ linked into a private staging folder.
 
 Its modules: ``callback`` (:class:`TrackingCallback`), ``staging`` (a save's files, linked aside for
 their upload), ``rotation`` (the Trainer's rotation, mirrored on the run), ``description`` (what a
-save's manifest says) and ``folders`` (the folders' name, and :func:`checkpoint_folder`).
+save's manifest says), ``folders`` (the folders' name, and :func:`checkpoint_folder`) and ``reporting``
+(the Trainer's own MLflow logging, kept from ending runs it did not start).
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from tracking.integrations.transformers.description import (
     monitor_of,
 )
 from tracking.integrations.transformers.folders import PREFIX
+from tracking.integrations.transformers.reporting import calling_handler, disarm, follow
 from tracking.integrations.transformers.rotation import RotationMirror
 from tracking.integrations.transformers.staging import STAGING, stage
 from tracking.manifest import Manifest, now, versions
@@ -108,6 +109,9 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
                 f"got save_strategy={strategy!r}; set save_steps=N to save less often, or save_strategy='epoch'."
             )
         self._keyed_by = KEYED_BY[strategy]
+        handler = calling_handler()
+        if handler is not None:  # after the Trainer's MLflowCallback, to disarm it once it ended its run
+            follow(handler, self)
         # The coordination group is made by every rank at the same point, before any save needs it.
         distributed.prepare()
 
@@ -194,6 +198,9 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        handler = calling_handler()
+        if handler is not None:  # first: a failed upload raises below, and the Trainer's own run is ended already
+            disarm(handler, self)
         _on_process_zero(state, self.wait)
 
     # -- a save --------------------------------------------------------------------------------------
