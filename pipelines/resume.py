@@ -211,7 +211,7 @@ def restore(
     check_target(origin, epoch, opts)
     if loaded.optimizer is not None and "rng" not in loaded.extra and isinstance(loaded.rank_state, dict):
         raise _saved_by_ranks(task, opts, run_id, loaded)
-    if loaded.optimizer is None or isinstance(loaded.optimizer, dict) or "rng" not in loaded.extra:
+    if loaded.optimizer is None or "rng" not in loaded.extra:
         raise runs.PipelineError(
             f"run {run_id}: {loaded.path} holds no optimizer or RNG state, so it cannot be resumed exactly; "
             "resume a checkpoint logged by a training pipeline."

@@ -15,7 +15,7 @@ _EXPORTS = {
     "Checkpointer": "tracking.checkpointer",
     "ConfigError": "tracking.errors",
     "IntegrityError": "tracking.errors",
-    "LoadedCheckpoint": "tracking.loader",
+    "LoadedCheckpoint": "tracking.loaded",
     "LoggedCheckpoint": "tracking.catalog",
     "MismatchError": "tracking.errors",
     "NotFoundError": "tracking.errors",
@@ -102,7 +102,8 @@ if TYPE_CHECKING:
         TrackingError,
         UnsafeClassError,
     )
-    from tracking.loader import LoadedCheckpoint, load, load_model, load_pickled_model, load_state_dict, restore
+    from tracking.loaded import LoadedCheckpoint
+    from tracking.loader import load, load_model, load_pickled_model, load_state_dict, restore
     from tracking.model_logs import log_model, log_state_dict
     from tracking.registry import register
     from tracking.rng import capture_rng_state, restore_rng_state

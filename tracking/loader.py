@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, BinaryIO, cast
 
 import torch
@@ -24,6 +23,7 @@ from tracking import layout, optimizers, pairing, pretrained, rebuild, spec, zer
 from tracking.config import TrackingConfig
 from tracking.device import check_available, check_map_location, to_device
 from tracking.errors import ConfigError, NotFoundError, TrackingError
+from tracking.loaded import LoadedCheckpoint, loaded
 from tracking.manifest import CHECKPOINT_KINDS, SHARDED_KIND, Manifest
 from tracking.parallel import distributed
 from tracking.rebuild import ModelArg
@@ -33,28 +33,6 @@ from tracking.storage import BufferReader, open_store
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
-
-
-@dataclass
-class LoadedCheckpoint:
-    """A checkpoint rebuilt into live objects; attributes are None where nothing was saved.
-
-    ``optimizer`` and ``scheduler`` are dicts by name for a checkpoint of several optimizers.
-    """
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer | dict[str, torch.optim.Optimizer] | None
-    scheduler: Any
-    scaler: Any
-    epoch: int | None
-    step: int | None
-    metrics: dict[str, float]
-    run_id: str
-    path: str
-    manifest: Manifest
-    extra: dict[str, Any] = field(default_factory=dict)
-    model_id: str | None = None
-    rank_state: Any = None  # this rank's own state, as log_checkpoint(rank_state=) took it
 
 
 def load(
@@ -100,7 +78,7 @@ def load(
                 raise TypeError(f"run {located.run_id}: {located.label} holds one optimizer; pass one factory")
             optim, sched = pretrained.build_optimizer(located, built, optimizer, scheduler)
         built.train(mode == "train")
-        return _loaded(located, {"epoch": manifest.epoch, "step": manifest.step}, built, optim, sched, None)
+        return loaded(located, {"epoch": manifest.epoch, "step": manifest.step}, built, optim, sched, None)
     # The checkpoint's tensors share the download buffer: the model adopts its part of it
     # and the optimizer keeps the rest, so nothing is copied and nothing is left over. It is
     # read on the CPU whatever map_location says: only the weights, the optimizer state (which
@@ -131,19 +109,7 @@ def load(
         rebuild.load_field(located, "scaler_state", scaler, _own(state["scaler_state"]))
     built.train(mode == "train")
     # What the result keeps besides the live objects gets its own tensors: the buffer is freed.
-    return _loaded(located, state, built, optim, sched, scaler, keep=_own)
-
-
-_KNOWN = {
-    "epoch",
-    "model_state",
-    "optim_state",
-    "scheduler_state",
-    "scaler_state",
-    "step",
-    "metrics",
-    layout.RANK_STATE,
-}
+    return loaded(located, state, built, optim, sched, scaler, keep=_own)
 
 
 def restore(
@@ -210,44 +176,7 @@ def restore(
         rebuild.load_field(located, "scaler_state", scaler, state["scaler_state"])
     given = dict(optimizer) if isinstance(optimizer, Mapping) else optimizer
     schedulers = dict(scheduler) if isinstance(scheduler, Mapping) else scheduler
-    return _loaded(located, state, model, given, schedulers, scaler)
-
-
-def _loaded(
-    located: Located,
-    state: dict[str, Any],
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | dict[str, torch.optim.Optimizer] | None,
-    scheduler: Any,
-    scaler: Any,
-    keep: Callable[[Any], Any] = lambda value: value,
-) -> LoadedCheckpoint:
-    """The result of a load or restore: the live objects, and ``keep``-s of the checkpoint's other entries."""
-    return LoadedCheckpoint(
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        scaler=scaler,
-        epoch=state.get("epoch"),
-        step=state.get("step"),
-        metrics=dict(state.get("metrics") or located.manifest.metrics),
-        run_id=located.run_id,
-        path=located.label,
-        manifest=located.manifest,
-        extra={k: keep(v) for k, v in state.items() if k not in _KNOWN},
-        model_id=located.model_id,
-        rank_state=keep(_rank_entry(state.get(layout.RANK_STATE))),
-    )
-
-
-def _rank_entry(saved: Any) -> Any:
-    """This rank's entry of a checkpoint's ``rank_state`` (a list by rank, or a dict by rank in a sharded one)."""
-    rank = distributed.rank()
-    if isinstance(saved, list):
-        return saved[rank] if rank < len(saved) else None
-    if isinstance(saved, dict):
-        return saved.get(str(rank))
-    return None
+    return loaded(located, state, model, given, schedulers, scaler)
 
 
 def _where(located: Located) -> str:

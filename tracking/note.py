@@ -56,7 +56,7 @@ def render(
     if optimizers:
         each = ", ".join(f"`{name}` (`{cls}`)" for name, cls in sorted(optimizers.items()))
         trained = f"`{model_class}` with the optimizers {each}"
-        optimizer_attribute = f"loaded.optimizer[{min(optimizers)!r}] (a dict by name)"
+        optimizer_attribute = f"loaded.optimizers[{min(optimizers)!r}]"
     lines = [
         f"{_INTRO}{trained}. Each checkpoint is a logged model of this run (the run's "
         "*Logged models*, the experiment's *Models* tab): register one there, or with `tracking register`.",

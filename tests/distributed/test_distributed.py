@@ -361,9 +361,9 @@ def test_two_optimizers_by_name_are_logged_and_restored_on_every_rank(
     saved = torch.load(tmp_path / "saved.pt", weights_only=True)
     loaded = tracking.load(launch.run_id, mode="train")
     assert type(loaded.model) is GAN
-    assert isinstance(loaded.optimizer, dict) and isinstance(loaded.scheduler, dict)
+    assert (loaded.optimizer, loaded.scheduler) == (None, None)
     assert_identical(dict(loaded.model.state_dict()), saved["model_state"])
-    for name, optimizer in loaded.optimizer.items():
+    for name, optimizer in loaded.optimizers.items():
         by_name = sharded.name_keyed(optimizer.state_dict(), loaded.model, optimizer)
         assert_identical(by_name["state"], saved["optim_state"][name]["state"], name)
-        assert_identical(loaded.scheduler[name].state_dict(), saved["scheduler_state"][name], name)
+        assert_identical(loaded.schedulers[name].state_dict(), saved["scheduler_state"][name], name)

@@ -69,11 +69,11 @@ CHILD = textwrap.dedent(
     from tests.unit.gan import train  # the model's code: the loader never imports a module a manifest names
     run_id, out = sys.argv[1], sys.argv[2]
     loaded = tracking.load(run_id, mode="train")
-    result = {"types": {name: type(one).__name__ for name, one in loaded.optimizer.items()}}
-    train(loaded.model, loaded.optimizer, loaded.scheduler, steps=4, seed=7)
+    result = {"types": {name: type(one).__name__ for name, one in loaded.optimizers.items()}}
+    train(loaded.model, loaded.optimizers, loaded.schedulers, steps=4, seed=7)
     result["model"] = loaded.model.state_dict()
-    result["optimizers"] = {name: one.state_dict() for name, one in loaded.optimizer.items()}
-    result["schedulers"] = {name: one.state_dict() for name, one in loaded.scheduler.items()}
+    result["optimizers"] = {name: one.state_dict() for name, one in loaded.optimizers.items()}
+    result["schedulers"] = {name: one.state_dict() for name, one in loaded.schedulers.items()}
     torch.save(result, out)
     """
 )
@@ -121,7 +121,8 @@ def test_restore_by_name_is_bit_exact_and_the_checkpoint_holds_each_state_by_nam
     assert differs(states(into, into_optimizers, into_schedulers), saved)  # the state differed before
     loaded = tracking.restore(run.info.run_id, into, into_optimizers, into_schedulers)
     assert_same(states(into, into_optimizers, into_schedulers), saved)  # and matches after
-    assert loaded.optimizer == into_optimizers and loaded.scheduler == into_schedulers
+    assert loaded.optimizers == into_optimizers and loaded.schedulers == into_schedulers
+    assert (loaded.optimizer, loaded.scheduler) == (None, None)
 
     # What the user's own torch.load reads: each optimizer's and scheduler's state_dict() under its name.
     located = find_checkpoint(run.info.run_id)
@@ -145,13 +146,13 @@ def test_load_in_train_mode_rebuilds_every_named_optimizer_and_scheduler(s3_expe
     with mlflow.start_run() as run:
         tracking.log_checkpoint(model, optimizers, epoch=2, scheduler=schedulers)
     loaded = tracking.load(run.info.run_id, mode="train")
-    assert isinstance(loaded.optimizer, dict) and isinstance(loaded.scheduler, dict)
-    assert sorted(loaded.optimizer) == sorted(loaded.scheduler) == ["discriminator", "generator"]
-    assert isinstance(loaded.scheduler["discriminator"], torch.optim.lr_scheduler.ExponentialLR)
-    assert_same(states(loaded.model, loaded.optimizer, loaded.scheduler), states(model, optimizers, schedulers))
+    assert (loaded.optimizer, loaded.scheduler) == (None, None)
+    assert sorted(loaded.optimizers) == sorted(loaded.schedulers) == ["discriminator", "generator"]
+    assert isinstance(loaded.schedulers["discriminator"], torch.optim.lr_scheduler.ExponentialLR)
+    assert_same(states(loaded.model, loaded.optimizers, loaded.schedulers), states(model, optimizers, schedulers))
     # Each optimizer holds its own module's parameters, not the whole model's.
     generator = {id(p) for p in loaded.model.generator.parameters()}
-    assert {id(p) for g in loaded.optimizer["generator"].param_groups for p in g["params"]} == generator
+    assert {id(p) for g in loaded.optimizers["generator"].param_groups for p in g["params"]} == generator
 
     # A factory for some of the names: given the parameters that optimizer trained, grouped as saved.
     given: list[Any] = []
@@ -161,9 +162,9 @@ def test_load_in_train_mode_rebuilds_every_named_optimizer_and_scheduler(s3_expe
         return torch.optim.Adam(groups, lr=0.5)
 
     rebuilt = tracking.load(run.info.run_id, mode="train", optimizer={"discriminator": factory})
-    assert isinstance(rebuilt.optimizer, dict)
+    assert rebuilt.optimizer is None and sorted(rebuilt.optimizers) == ["discriminator", "generator"]
     assert len(given) == 1 and [len(group["params"]) for group in given[0]] == [4]
-    assert_same(rebuilt.optimizer["discriminator"].state_dict(), optimizers["discriminator"].state_dict())
+    assert_same(rebuilt.optimizers["discriminator"].state_dict(), optimizers["discriminator"].state_dict())
 
     with pytest.raises(tracking.MismatchError) as refused:
         tracking.load(run.info.run_id, mode="train", optimizer={"critic": factory})
@@ -252,7 +253,7 @@ def test_a_checkpointer_saves_and_retains_named_optimizers(s3_experiment: str, a
     assert "the optimizers `discriminator` (`torch.optim.adam:Adam`), `generator` (`torch.optim.adam:Adam`)" in (
         description
     )
-    assert "loaded.optimizer['discriminator'] (a dict by name)" in description
+    assert "loaded.optimizers['discriminator']" in description
 
     # The CLI lists and shows it with its names.
     runner = CliRunner()

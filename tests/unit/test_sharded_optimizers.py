@@ -83,13 +83,13 @@ def test_a_sharded_checkpoint_saves_and_restores_each_optimizer_by_name(
 
     # Rebuilt in one plain process, each optimizer from its description, trains on as the sharded originals.
     loaded = tracking.load(run.info.run_id, mode="train")
-    assert isinstance(loaded.optimizer, dict) and isinstance(loaded.scheduler, dict)
-    train(loaded.model, loaded.optimizer, loaded.scheduler, steps=2, seed=3)
+    assert (loaded.optimizer, loaded.scheduler) == (None, None)
+    train(loaded.model, loaded.optimizers, loaded.schedulers, steps=2, seed=3)
     train(model, optimizers, schedulers, steps=2, seed=3)
     after = full(model, optimizers, schedulers)
     assert_same(dict(loaded.model.state_dict()), after["model"])
-    assert_same(loaded.scheduler["generator"].state_dict(), after["schedulers"]["generator"])
-    for name, one in loaded.optimizer.items():
+    assert_same(loaded.schedulers["generator"].state_dict(), after["schedulers"]["generator"])
+    for name, one in loaded.optimizers.items():
         by_name = get_optimizer_state_dict(loaded.model, one, options=FULL)
         assert_same(by_name["state"], after["optimizers"][name]["state"], name)
 
