@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -63,3 +64,18 @@ def purge(model_id: str) -> None:
         mlflow_cli, ["gc", "--backend-store-uri", mlflow.get_tracking_uri(), "--logged-model-ids", model_id]
     )
     assert result.exit_code == 0, result.output
+
+
+@pytest.fixture
+def process_group(tmp_path: Path) -> Iterator[None]:
+    """A one-process gloo group, the library's coordination group released with it (FSDP2 in one process)."""
+    import torch.distributed as dist
+
+    from tracking.parallel import distributed
+
+    dist.init_process_group("gloo", init_method=(tmp_path / "rendezvous").as_uri(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        distributed.release()
+        dist.destroy_process_group()

@@ -3,6 +3,7 @@ what tests of several optimizers in one checkpoint train, here and in a fresh pr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,10 +21,15 @@ class GAN(nn.Module):
         self.noise = noise
 
 
-def setup(seed: int = 0) -> tuple[GAN, dict[str, torch.optim.Optimizer], dict[str, Any]]:
-    """The model, its two Adams by name (other learning rates, so that mixing them up shows) and their schedulers."""
+def setup(
+    seed: int = 0, shard: Callable[[GAN], None] | None = None
+) -> tuple[GAN, dict[str, torch.optim.Optimizer], dict[str, Any]]:
+    """The model, its two Adams by name (other learning rates, so that mixing them up shows) and their schedulers;
+    ``shard`` prepares the model (FSDP2) before the optimizers take its parameters."""
     torch.manual_seed(seed)
     model = GAN()
+    if shard is not None:
+        shard(model)
     optimizers: dict[str, torch.optim.Optimizer] = {
         "generator": torch.optim.Adam(model.generator.parameters(), lr=1e-2, betas=(0.5, 0.999)),
         "discriminator": torch.optim.Adam(model.discriminator.parameters(), lr=3e-3),

@@ -5,28 +5,13 @@ A process group of one process (gloo, in this process) is enough to shard a mode
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import mlflow
 import pytest
-import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
 import tracking
 from pipelines.models import Model
 from tracking import layout
-from tracking.parallel import distributed
-
-
-@pytest.fixture
-def process_group(tmp_path: Path) -> Iterator[None]:
-    dist.init_process_group("gloo", init_method=(tmp_path / "rendezvous").as_uri(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        distributed.release()
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("log", [tracking.log_state_dict, tracking.log_model])

@@ -6,14 +6,11 @@ A process group of one process (gloo, in this process) is enough to shard a mode
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import mlflow
 import pytest
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.fsdp import fully_shard
 
@@ -21,37 +18,19 @@ import tracking
 from tests.unit.gan import GAN, setup, train
 from tests.unit.test_optimizers import assert_same, differs
 from tracking.manifest import SHARDED_KIND
-from tracking.parallel import distributed
 
 FULL = StateDictOptions(full_state_dict=True)
 
 
-@pytest.fixture
-def process_group(tmp_path: Path) -> Iterator[None]:
-    dist.init_process_group("gloo", init_method=(tmp_path / "rendezvous").as_uri(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        distributed.release()
-        dist.destroy_process_group()
-
-
 def sharded_setup(seed: int) -> tuple[GAN, dict[str, torch.optim.Optimizer], dict[str, Any]]:
     """The GAN of tests.unit.gan, its generator, discriminator and whole sharded, with their optimizers by name."""
-    torch.manual_seed(seed)
-    model = GAN()
-    fully_shard(model.generator)
-    fully_shard(model.discriminator)
-    fully_shard(model)
-    optimizers: dict[str, torch.optim.Optimizer] = {
-        "generator": torch.optim.Adam(model.generator.parameters(), lr=1e-2, betas=(0.5, 0.999)),
-        "discriminator": torch.optim.Adam(model.discriminator.parameters(), lr=3e-3),
-    }
-    schedulers = {
-        "generator": torch.optim.lr_scheduler.StepLR(optimizers["generator"], step_size=2, gamma=0.5),
-        "discriminator": torch.optim.lr_scheduler.ExponentialLR(optimizers["discriminator"], gamma=0.9),
-    }
-    return model, optimizers, schedulers
+
+    def shard(model: GAN) -> None:
+        fully_shard(model.generator)
+        fully_shard(model.discriminator)
+        fully_shard(model)
+
+    return setup(seed, shard=shard)
 
 
 def full(model: torch.nn.Module, optimizers: dict[str, Any], schedulers: dict[str, Any]) -> dict[str, Any]:
