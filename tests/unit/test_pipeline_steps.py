@@ -12,10 +12,11 @@ of 64 are 23 steps an epoch: saves every 10 steps at 10, 20 (epoch 1), 30, 40 (e
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,21 +76,33 @@ def args(case: Case) -> tuple[str, ...]:
     return (f"pipelines.{case.name}", "--epochs", "3", *every, "--keep-last", "all")
 
 
+@pytest.fixture(scope="module")
+def straight(env: dict[str, str]) -> Callable[[str], str]:
+    """The run ID of a case's 3 epochs straight, trained once a module: the scenarios' reference, the refusals' run."""
+
+    @functools.cache
+    def trained(name: str) -> str:
+        done = process(env, *args(CASES[name]))
+        assert done.code == 0, done.err
+        return done.run_id
+
+    return trained
+
+
 # digits (dropout, batch norm, Adam, a StepLR schedule) takes longer: make test runs train's, make test-all both.
 @pytest.fixture(scope="module", params=[pytest.param("digits", marks=pytest.mark.slow), "train"])
-def scenario(request: pytest.FixtureRequest, env: dict[str, str]) -> Scenario:
+def scenario(request: pytest.FixtureRequest, env: dict[str, str], straight: Callable[[str], str]) -> Scenario:
     case = CASES[request.param]
-    reference = process(env, *args(case))
-    assert reference.code == 0, reference.err
+    reference = straight(case.name)
     killed = process(env, "tests.unit.fault", f"checkpoint-step-{case.killed_at:08d}/checkpoint.pt", *args(case))
     assert killed.code == -9, killed.err
     killed_steps = [c.step or 0 for c in tracking.list_checkpoints(killed.run_id)]
     resumed = process(env, f"pipelines.{case.name}", "--resume", killed.run_id)
     assert resumed.code == 0, resumed.err
-    branched = ("--resume", reference.run_id, "--from-step", str(case.branched_at), "--new-run")
+    branched = ("--resume", reference, "--from-step", str(case.branched_at), "--new-run")
     child = process(env, f"pipelines.{case.name}", *branched)
     assert child.code == 0, child.err
-    return Scenario(case, reference.run_id, killed.run_id, killed_steps, child.run_id)
+    return Scenario(case, reference, killed.run_id, killed_steps, child.run_id)
 
 
 def stored(run_id: str, step: int | None = None) -> dict[str, Any]:
@@ -153,11 +166,9 @@ def test_from_step_branches_a_child_from_mid_epoch_that_ends_as_the_straight_run
 
 
 @pytest.fixture(scope="module")
-def step_run(env: dict[str, str]) -> str:
-    """A run of pipelines.train saved every 4 steps, to try refusals on."""
-    trained = process(env, *args(CASES["train"]))
-    assert trained.code == 0, trained.err
-    return trained.run_id
+def step_run(straight: Callable[[str], str]) -> str:
+    """A run of pipelines.train saved every 4 steps, to try refusals on (the train scenario's reference)."""
+    return straight("train")
 
 
 def inline(*arguments: str) -> Outcome:
