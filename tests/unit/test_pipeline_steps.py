@@ -62,13 +62,33 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         yield {**os.environ, "MLFLOW_TRACKING_URI": uri, "TRACKING_EXPERIMENT": EXPERIMENT}
 
 
-@dataclass
 class Scenario:
-    case: Case
-    reference: str  # 3 epochs straight
-    killed: str  # killed while writing the save at case.killed_at, then resumed in place to 3
-    killed_steps: list[int]  # its committed saves right after the kill
-    child: str  # --resume reference --from-step case.branched_at --new-run, to 3
+    """A case's runs, each trained (in fresh processes) when a test first asks for it."""
+
+    def __init__(self, case: Case, env: dict[str, str], reference: str) -> None:
+        self.case, self.env = case, env
+        self.reference = reference  # 3 epochs straight
+
+    @functools.cached_property
+    def killed(self) -> tuple[str, list[int]]:
+        """Killed while writing the save at case.killed_at (its committed saves then), then resumed in place to 3."""
+        case = self.case
+        killed = process(
+            self.env, "tests.unit.fault", f"checkpoint-step-{case.killed_at:08d}/checkpoint.pt", *args(case)
+        )
+        assert killed.code == -9, killed.err
+        steps = [c.step or 0 for c in tracking.list_checkpoints(killed.run_id)]
+        resumed = process(self.env, f"pipelines.{case.name}", "--resume", killed.run_id)
+        assert resumed.code == 0, resumed.err
+        return killed.run_id, steps
+
+    @functools.cached_property
+    def child(self) -> str:
+        """--resume reference --from-step case.branched_at --new-run, to 3."""
+        branched = ("--resume", self.reference, "--from-step", str(self.case.branched_at), "--new-run")
+        child = process(self.env, f"pipelines.{self.case.name}", *branched)
+        assert child.code == 0, child.err
+        return child.run_id
 
 
 def args(case: Case) -> tuple[str, ...]:
@@ -92,17 +112,7 @@ def straight(env: dict[str, str]) -> Callable[[str], str]:
 # digits (dropout, batch norm, Adam, a StepLR schedule) takes longer: make test runs train's, make test-all both.
 @pytest.fixture(scope="module", params=[pytest.param("digits", marks=pytest.mark.slow), "train"])
 def scenario(request: pytest.FixtureRequest, env: dict[str, str], straight: Callable[[str], str]) -> Scenario:
-    case = CASES[request.param]
-    reference = straight(case.name)
-    killed = process(env, "tests.unit.fault", f"checkpoint-step-{case.killed_at:08d}/checkpoint.pt", *args(case))
-    assert killed.code == -9, killed.err
-    killed_steps = [c.step or 0 for c in tracking.list_checkpoints(killed.run_id)]
-    resumed = process(env, f"pipelines.{case.name}", "--resume", killed.run_id)
-    assert resumed.code == 0, resumed.err
-    branched = ("--resume", reference, "--from-step", str(case.branched_at), "--new-run")
-    child = process(env, f"pipelines.{case.name}", *branched)
-    assert child.code == 0, child.err
-    return Scenario(case, reference, killed.run_id, killed_steps, child.run_id)
+    return Scenario(CASES[request.param], env, straight(request.param))
 
 
 def stored(run_id: str, step: int | None = None) -> dict[str, Any]:
@@ -143,15 +153,19 @@ def test_saves_every_n_steps_are_keyed_by_step_and_charted_by_global_step(scenar
     assert stored(scenario.reference, case.branched_at)["position"]["batches"] == case.branched_at
 
 
+# Four fresh processes: make test-all's. make test has the child from mid-epoch, and the kill of a save by epoch
+# (tests/unit/test_pipelines.py), which takes the same path.
+@pytest.mark.slow
 def test_a_run_killed_after_a_save_in_mid_epoch_resumes_in_place_as_the_straight_run(scenario: Scenario) -> None:
     case, client = scenario.case, MlflowClient()
-    assert max(scenario.killed_steps) == case.killed_at - case.every  # the save before the kill: mid-epoch 2
-    run = client.get_run(scenario.killed)
+    killed, killed_steps = scenario.killed
+    assert max(killed_steps) == case.killed_at - case.every  # the save before the kill: mid-epoch 2
+    run = client.get_run(killed)
     assert run.info.status == "FINISHED"
     assert run.data.tags[runs.TAG_RESUMED_FROM_STEP] == str(case.killed_at - case.every)
     assert run.data.tags[runs.TAG_RESUMED_FROM_EPOCH] == "1"
-    assert_identical(stored(scenario.killed), stored(scenario.reference))
-    assert history(scenario.killed) == history(scenario.reference)
+    assert_identical(stored(killed), stored(scenario.reference))
+    assert history(killed) == history(scenario.reference)
 
 
 def test_from_step_branches_a_child_from_mid_epoch_that_ends_as_the_straight_run(scenario: Scenario) -> None:
