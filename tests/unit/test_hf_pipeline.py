@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 import tracking
 from pipelines import noise
 from tests.unit.conftest import use_store
+from tests.unit.test_pipelines import inline
 from tracking import layout
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,13 +111,8 @@ class StepRuns:
 def _inline(*args: str) -> tuple[int, str, str]:
     from pipelines import hf_digits
 
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            code = hf_digits.main(list(args))
-        except SystemExit as exc:  # a usage error: argparse exits 2
-            code = int(exc.code or 0)
-    return code, out.getvalue(), err.getvalue()
+    done = inline(hf_digits.main, *args, usage_exits=True)
+    return done.code, done.out, done.err
 
 
 def _run_id(out: str) -> str:

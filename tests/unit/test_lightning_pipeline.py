@@ -10,13 +10,11 @@ pipeline's ``main``) but for the one killed mid-save.
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ import tracking
 from pipelines import lightning_digits
 from tests.unit.conftest import use_store
 from tests.unit.test_pipelines import Outcome
+from tests.unit.test_pipelines import inline as pipeline_inline
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENT = "lightning-pipeline"
@@ -36,13 +35,7 @@ STEPS = ("--batch-size", "512", "--checkpoint-every-steps", "2", "--keep-last", 
 
 
 def inline(*args: str) -> Outcome:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            code = lightning_digits.main(list(args))
-        except SystemExit as exc:  # a usage error: argparse exits 2
-            code = int(exc.code or 0)
-    return Outcome(code, out.getvalue(), err.getvalue())
+    return pipeline_inline(lightning_digits.main, *args, usage_exits=True)
 
 
 @dataclass

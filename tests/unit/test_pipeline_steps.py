@@ -13,11 +13,9 @@ of 64 are 23 steps an epoch: saves every 10 steps at 10, 20 (epoch 1), 30, 40 (e
 from __future__ import annotations
 
 import functools
-import io
 import os
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,7 @@ from mlflow.tracking import MlflowClient
 import tracking
 from pipelines import runs, train
 from tests.unit.conftest import use_store
-from tests.unit.test_pipelines import Outcome, assert_identical, process
+from tests.unit.test_pipelines import assert_identical, inline, process
 
 EXPERIMENT = "pipeline-steps"
 METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
@@ -185,16 +183,6 @@ def step_run(straight: Callable[[str], str]) -> str:
     return straight("train")
 
 
-def inline(*arguments: str) -> Outcome:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            code = train.main(list(arguments))
-        except SystemExit as exc:  # a usage error: argparse exits 2
-            code = int(exc.code or 0)
-    return Outcome(code, out.getvalue(), err.getvalue())
-
-
 @pytest.mark.parametrize(
     ("arguments", "code", "said"),
     [
@@ -219,7 +207,7 @@ def test_a_step_run_refuses_what_it_cannot_do_before_any_training(
     before = len(client.search_runs([experiment.experiment_id]))
     ended = client.get_run(step_run).info.end_time
 
-    done = inline(*(arg.format(run=step_run) for arg in arguments), "--epochs", "4")
+    done = inline(train.main, *(arg.format(run=step_run) for arg in arguments), "--epochs", "4", usage_exits=True)
 
     assert done.code == code, done
     lines = [line for line in done.err.splitlines() if said in line]

@@ -79,10 +79,17 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         yield {**os.environ, **variables}
 
 
-def inline(main: Callable[[list[str]], int], *args: str) -> Outcome:
+def inline(main: Callable[[list[str]], int], *args: str, usage_exits: bool = False) -> Outcome:
+    """``main(args)`` in this process, its output captured; ``usage_exits``: a usage error (argparse exits 2)
+    is an Outcome with that code and the usage message, not a SystemExit."""
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
-        code = main(list(args))
+        try:
+            code = main(list(args))
+        except SystemExit as exc:
+            if not usage_exits:
+                raise
+            code = int(exc.code or 0)
     return Outcome(code, out.getvalue(), err.getvalue())
 
 
