@@ -150,6 +150,8 @@ class Checkpointer:
         """
         if step is None and self.every_n_steps is not None:
             self._refuse_no_step()  # forced or not: the step is the checkpoint's key
+        if chart_step is not None:
+            check_int64("chart_step", chart_step)
         due = force or self.should_save(epoch, step)
         self._follow_active_run()
         if not self._run_checked:
@@ -188,7 +190,6 @@ class Checkpointer:
             scheduler_kwargs=scheduler_kwargs,
         )
         if chart_step is not None:
-            check_int64("chart_step", chart_step)
             snapshot = replace(snapshot, chart_step=chart_step)
         handle = None
         if distributed.rank() == 0:
