@@ -12,9 +12,10 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from tracking import catalog, layout, replacement
 from tracking.catalog import LoggedCheckpoint, StoredCheckpoint
@@ -89,19 +90,33 @@ def commit_local_files(
     is the step the checkpoint's metrics are charted at (None: its epoch): the framework's own
     MLflow logger logs the same keys to the run, at its own steps, and one chart must not mix two.
     """
-    checkpoint = catalog.create(handle, manifest)
-    snapshot = CheckpointSnapshot(payload={}, manifest=manifest, monitor=monitor, mode=mode, chart_step=chart_step)
+    # Opened before anything is logged, and held open: a file the framework removes meanwhile (its own
+    # retention) still reads whole, and a file already gone is said as such, not as a failed transfer.
+    with ExitStack() as opened:
+        sources = {name: opened.enter_context(_open_saved(handle, manifest, path)) for name, path in files.items()}
+        checkpoint = catalog.create(handle, manifest)
+        snapshot = CheckpointSnapshot(payload={}, manifest=manifest, monitor=monitor, mode=mode, chart_step=chart_step)
 
-    def write_files() -> dict[str, StoredFile]:
-        return {name: checkpoint.store.write(name, _copy_of(path)) for name, path in files.items()}
+        def write_files() -> dict[str, StoredFile]:
+            return {name: checkpoint.store.write(name, _copy_of(source)) for name, source in sources.items()}
 
-    return commit_files(handle, checkpoint, snapshot, write_files, describe)
+        return commit_files(handle, checkpoint, snapshot, write_files, describe)
 
 
-def _copy_of(path: Path) -> Callable[[Any], None]:
+def _open_saved(handle: RunHandle, manifest: Manifest, path: Path) -> BinaryIO:
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise TrackingError(
+            f"run {handle.run_id}: {path}, saved as {layout.label(manifest.keyed_by, manifest.key)}, cannot be "
+            f"read to upload ({exc.strerror or exc}); nothing was logged for it and the run's checkpoints are "
+            "unchanged: check that nothing else removes or rewrites the training's checkpoint folder, then save again."
+        ) from exc
+
+
+def _copy_of(source: BinaryIO) -> Callable[[Any], None]:
     def produce(stream: Any) -> None:
-        with open(path, "rb") as source:
-            shutil.copyfileobj(source, stream, 8 * 1024 * 1024)
+        shutil.copyfileobj(source, stream, 8 * 1024 * 1024)
 
     return produce
 

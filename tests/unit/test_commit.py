@@ -24,8 +24,11 @@ from mlflow.tracking import MlflowClient
 
 import tracking
 from pipelines.models import Model
-from tracking import audit, payload
+from tracking import audit, commit, payload
+from tracking.config import TrackingConfig
 from tracking.layout import TAG_BEST, TAG_LATEST
+from tracking.manifest import Manifest
+from tracking.run import open_run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -461,3 +464,55 @@ def test_a_relog_after_one_killed_mid_upload_commits_and_leaves_only_the_dead_on
     assert [m.model_id for m in logged_models(run_id)] == [new.model_id]
     assert dead.store.list_files("") == []
     assert tracking.load(run_id).model_id == new.model_id
+
+
+def _local_save(tmp_path: Path) -> tuple[Path, Manifest]:
+    saved = tmp_path / "epoch=0-step=4.ckpt"
+    torch.save({"state_dict": {"w": torch.arange(4.0)}, "epoch": 0, "global_step": 4}, saved)
+    manifest = Manifest(
+        kind="checkpoint",
+        files={},
+        model={"class": "tests.lightning_model:TinyLit"},
+        epoch=0,
+        step=4,
+        format="lightning",
+    )
+    return saved, manifest
+
+
+def test_a_framework_file_removed_while_its_commit_runs_still_uploads_whole(
+    experiment: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    saved, manifest = _local_save(tmp_path)
+    size = saved.stat().st_size
+    create = commit.catalog.create
+
+    def create_then_remove(*args: Any) -> Any:
+        made = create(*args)
+        saved.unlink()  # the framework's retention, racing the upload
+        return made
+
+    monkeypatch.setattr(commit.catalog, "create", create_then_remove)
+    with mlflow.start_run() as run:
+        handle = open_run(run.info.run_id, TrackingConfig.from_env())
+        logged = commit.commit_local_files(handle, manifest, {"checkpoint.pt": saved})
+    assert not saved.exists()
+    [stored] = tracking.list_checkpoints(run.info.run_id)
+    assert stored.model_id == logged.model_id and stored.manifest.files["checkpoint.pt"].size == size
+    report = audit.verify(run.info.run_id)
+    assert report.failures == {} and f"checkpoint-epoch-0000 ({logged.model_id})/checkpoint.pt" in report
+
+
+def test_a_framework_file_gone_before_its_commit_is_named_and_nothing_is_logged(
+    experiment: str, tmp_path: Path
+) -> None:
+    saved, manifest = _local_save(tmp_path)
+    saved.unlink()
+    with mlflow.start_run() as run:
+        handle = open_run(run.info.run_id, TrackingConfig.from_env())
+        with pytest.raises(tracking.TrackingError) as caught:
+            commit.commit_local_files(handle, manifest, {"checkpoint.pt": saved})
+    message = str(caught.value)
+    assert run.info.run_id in message and str(saved) in message and "epoch 0" in message
+    assert "No such file" in message and "save again" in message
+    assert logged_models(run.info.run_id) == []

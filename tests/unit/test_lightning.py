@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from click.testing import CliRunner
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.plugins.io import AsyncCheckpointIO
+from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from mlflow import MlflowClient
 from torch import nn
@@ -416,6 +417,38 @@ def test_async_checkpoint_io_and_background_uploads_commit_every_save(s3_experim
         kept = {os.path.basename(p) for c in saved for p in _paths(str(c.model_id))}
         assert kept == {p.name for p in (tmp_path / name).iterdir()}, name
         assert _tags(run.info.run_id)[layout.TAG_LATEST] == saved[-1].model_id
+
+
+def test_a_file_removed_while_async_checkpoint_io_writes_or_uploads_it_is_removed_after(
+    s3_experiment: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # AsyncCheckpointIO removes on the trainer's thread while its worker may still be saving the file: here the
+    # worker holds epoch 0's save (written, not yet uploaded) until the trainer has removed that file.
+    removed = threading.Event()
+    remove = mirror.MirrorIO.remove_checkpoint
+
+    def remove_then_go_on(self: mirror.MirrorIO, path: Any) -> None:
+        remove(self, path)
+        removed.set()
+
+    class HeldIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+            super().save_checkpoint(checkpoint, path, storage_options)
+            if checkpoint["epoch"] == 0:
+                assert removed.wait(timeout=20), "the trainer never removed epoch 0's file"
+
+    monkeypatch.setattr(mirror.MirrorIO, "remove_checkpoint", remove_then_go_on)
+    root = tmp_path / "checkpoints"
+    with mlflow.start_run() as run:  # save_top_k=1 without a monitor: each epoch's save removes the one before
+        fitted = trainer(
+            2, tmp_path, [ModelCheckpoint(dirpath=root), MLflowCheckpoints()], plugins=[AsyncCheckpointIO(HeldIO())]
+        )
+        fitted.fit(TinyLit(), *loaders())
+    assert removed.is_set()
+    assert [p.name for p in root.iterdir()] == ["epoch=1-step=8.ckpt"]
+    saved = tracking.list_checkpoints(run.info.run_id)
+    assert [(c.epoch, c.step) for c in saved] == [(1, 8)]
+    assert _paths(str(saved[0].model_id)) == [str(root / "epoch=1-step=8.ckpt")]
 
 
 @pytest.mark.parametrize("background", [False, True])

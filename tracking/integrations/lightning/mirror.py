@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -139,6 +140,24 @@ class MirrorIO(CheckpointIO):
 
     def remove_checkpoint(self, path: Any) -> None:
         path = str(path)
+        queue = getattr(self.trainer.strategy.checkpoint_io, "_executor", None)
+        if isinstance(queue, ThreadPoolExecutor):
+            # Lightning's AsyncCheckpointIO saves (through this mirror: the write, then the upload) on its one
+            # worker thread, in order, but removes on the trainer's: the file may still be written or uploaded.
+            # Queued behind the saves submitted before it, the removal comes after them, as in a blocking fit.
+            queue.submit(self._remove_after_saves, path)
+            return
+        self._remove(path)
+
+    def _remove_after_saves(self, path: str) -> None:
+        try:
+            self._remove(path)
+        except BaseException as exc:  # on the worker thread: held, raised by the trainer at the next epoch
+            _log.error("could not remove %s: %s", path, one_line(exc))
+            with self._lock:
+                self._error = self._error or exc
+
+    def _remove(self, path: str) -> None:
         with self._lock:
             if self._uploading:
                 # The upload in flight may read this very file: remove it, and its model, once it is done.
