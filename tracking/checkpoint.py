@@ -47,6 +47,7 @@ def log_checkpoint(
     mode: str = "min",
     model_kwargs: Mapping[str, Any] | None = None,
     scheduler_kwargs: Mapping[str, Any] | None = None,
+    chart_step: int | None = None,
     run_id: str | None = None,
     config: TrackingConfig | None = None,
     blocking: Literal[True] = True,
@@ -70,6 +71,7 @@ def log_checkpoint(
     mode: str = "min",
     model_kwargs: Mapping[str, Any] | None = None,
     scheduler_kwargs: Mapping[str, Any] | None = None,
+    chart_step: int | None = None,
     run_id: str | None = None,
     config: TrackingConfig | None = None,
     blocking: Literal[False],
@@ -92,6 +94,7 @@ def log_checkpoint(
     mode: str = "min",
     model_kwargs: Mapping[str, Any] | None = None,
     scheduler_kwargs: Mapping[str, Any] | None = None,
+    chart_step: int | None = None,
     run_id: str | None = None,
     config: TrackingConfig | None = None,
     blocking: bool = True,
@@ -103,7 +106,8 @@ def log_checkpoint(
     and any ``extra`` keys (tensors and plain Python values only). The manifest is
     written last, then the model is marked READY; the run's ``latest`` tag (and ``best``, when
     ``monitor`` is given) move only then, and ``metrics`` are logged against the model and the
-    run at step = ``epoch``, as ``mlflow.log_metrics(..., model_id=)`` does: do not log them again.
+    run at step = ``epoch`` (``chart_step``, when given: a loop that saves in mid-epoch charts by its
+    global step), as ``mlflow.log_metrics(..., model_id=)`` does: do not log them again.
     ``keyed_by="step"`` keys the checkpoint by ``step`` instead of ``epoch`` (a training that saves
     every N steps): its name, "latest" and ``checkpoint=<int>`` then go by step, in a run whose
     checkpoints are all keyed so.
@@ -145,6 +149,7 @@ def log_checkpoint(
         mode=mode,
         model_kwargs=model_kwargs,
         scheduler_kwargs=scheduler_kwargs,
+        chart_step=chart_step,
     )
     # Only rank 0 talks to MLflow (the other ranks may have no active run).
     handle = open_run(target_run_id(run_id), config, reuse=True) if distributed.rank() == 0 else None
@@ -189,6 +194,7 @@ def snapshot_checkpoint(
     mode: str = "min",
     model_kwargs: Mapping[str, Any] | None = None,
     scheduler_kwargs: Mapping[str, Any] | None = None,
+    chart_step: int | None = None,
 ) -> CheckpointSnapshot:
     """Validate the arguments and gather the checkpoint dict and its manifest (no I/O).
 
@@ -199,8 +205,9 @@ def snapshot_checkpoint(
     model = distributed.unwrap(model)
     optimizers.check(optimizer, scheduler, scheduler_kwargs)
     check_int64("epoch", epoch)
-    if step is not None:
-        check_int64("step", step)
+    for name, value in (("step", step), ("chart_step", chart_step)):
+        if value is not None:
+            check_int64(name, value)
     if keyed_by not in layout.KEYS or (keyed_by == layout.STEP and step is None):
         raise ValueError(f"keyed_by must be 'epoch', or 'step' with step= given; got {keyed_by!r}, step={step!r}")
     if mode not in layout.MODES:
@@ -266,4 +273,4 @@ def snapshot_checkpoint(
     if distributed.rank() != 0 and not sharded:
         # Rank 0 writes a replicated model's checkpoint; the other ranks only hand it their rank_state.
         payload = {}
-    return CheckpointSnapshot(payload, manifest, monitor, mode, None if sharded else rank_state)
+    return CheckpointSnapshot(payload, manifest, monitor, mode, None if sharded else rank_state, chart_step)

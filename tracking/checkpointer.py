@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import replace
 from types import TracebackType
 from typing import Any, NoReturn
 
@@ -188,9 +187,8 @@ class Checkpointer:
             rank_state=rank_state,
             model_kwargs=model_kwargs,
             scheduler_kwargs=scheduler_kwargs,
+            chart_step=chart_step,
         )
-        if chart_step is not None:
-            snapshot = replace(snapshot, chart_step=chart_step)
         handle = None
         if distributed.rank() == 0:
             handle = self._open()

@@ -286,6 +286,27 @@ def test_checkpointer_saves_every_n_epochs(experiment: str) -> None:
     assert [m.epoch for m in tracking.list_checkpoints(run.info.run_id)] == [3, 6, 8]
 
 
+def test_saves_of_one_epoch_are_charted_at_their_chart_step(experiment: str) -> None:
+    model, optimizer = trained_seed_model()
+    checkpointer = tracking.Checkpointer(every_n_steps=5)
+    with mlflow.start_run() as run:
+        with pytest.raises(ValueError, match=r"chart_step must be a non-negative int.*'5'"):
+            checkpointer.save(model, optimizer, epoch=1, step=5, metrics={"loss": 0.5}, chart_step="5")  # type: ignore[arg-type]
+        for step, loss in ((5, 0.5), (10, 0.4)):  # two saves in epoch 1, charted by global step
+            checkpointer.save(model, optimizer, epoch=1, step=step, metrics={"loss": loss}, chart_step=step)
+        tracking.log_checkpoint(
+            model, optimizer, epoch=1, step=15, keyed_by="step", metrics={"loss": 0.3}, chart_step=15
+        )
+    saved = tracking.list_checkpoints(run.info.run_id)
+    assert [(c.epoch, c.step) for c in saved] == [(1, 5), (1, 10), (1, 15)]
+    client = MlflowClient()
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(5, 0.5), (10, 0.4), (15, 0.3)]
+    for checkpoint in saved:
+        model_metrics = client.get_logged_model(str(checkpoint.model_id)).metrics or []
+        assert [(m.key, m.step) for m in model_metrics] == [("loss", checkpoint.step)]
+
+
 def _objects() -> list[dict[str, Any]]:
     import boto3
 
