@@ -27,10 +27,10 @@ from mlflow.tracking import MlflowClient
 from torch.utils.data import TensorDataset
 
 import tracking
-from pipelines import runs, train
+from pipelines import evaluate, runs, train
 from pipelines.steps import Position
 from tests.unit.conftest import use_store
-from tests.unit.test_pipelines import Outcome, assert_identical, inline, process
+from tests.unit.test_pipelines import Outcome, assert_identical, inline, process, values_at
 
 EXPERIMENT = "pipeline-steps"
 METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
@@ -291,6 +291,20 @@ def test_a_save_in_mid_epoch_refuses_a_batch_size_its_samples_taken_do_not_fill_
         after = client.get_run(run_id)
         assert after.data.tags == before.data.tags and after.info.status == before.info.status == "KILLED"
         assert len(client.search_runs([experiment.experiment_id])) == runs_before
+
+
+def test_evaluate_charts_a_checkpoint_of_a_run_saved_by_steps_at_its_global_step(step_run: str) -> None:
+    # Its eval_* went to the checkpoint's epoch (0 for step 12, 3 for step 45), away from the run's step charts.
+    logged = history(step_run)
+    for pick, step in ("12", 12), ("latest", 45):
+        done = inline(evaluate.main, "--run-id", step_run, "--checkpoint", pick)
+
+        assert done.code == 0, done.err
+        assert f"(step {step}, " in done.out
+        assert values_at(step_run, "eval_loss", step) == [logged["val_loss"][step]]
+        assert values_at(step_run, "eval_accuracy", step) == [logged["val_accuracy"][step]]
+    for epoch in 0, 3:
+        assert values_at(step_run, "eval_loss", epoch) == []
 
 
 @pytest.mark.parametrize(
