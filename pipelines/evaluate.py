@@ -12,7 +12,8 @@ unpickling; ``model`` is the whole model in MLflow's pytorch flavor, a pickle, h
 pipelines.digits; the Lightning and Hugging Face pipelines evaluate each checkpoint as they save it.
 Metrics are logged as `eval_loss` and `eval_accuracy` at the epoch the model holds (a checkpoint's own; the state dict's
 and the whole model's, the last epoch of the training that logged them) through the client, so a finished run stays
-finished.
+finished. A checkpoint of a run saved by steps (`--checkpoint-every-steps`), which charts by global step, logs them at
+its global step instead.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pipelines import digits, train
@@ -83,19 +85,34 @@ def evaluate(source: str, checkpoint: str | int | None = None, *, trust_pickle: 
             "i.e. runs of pipelines.train and pipelines.digits."
         )
     task = TASKS[dataset]
-    model, what, epoch = _load(source, run, task.name, checkpoint, trust_pickle)
-    if epoch is None:  # logged before the pipelines recorded it: at the end of training, its last epoch then
-        epoch = runs.last_logged_epoch(client, run.info.run_id)
+    model, what, at = _load(source, run, task.name, checkpoint, trust_pickle)
+    if at.step is None and at.epoch is None:  # logged before the pipelines recorded it: at the end of training
+        at = Charted(runs.last_logged_epoch(client, run.info.run_id))
     split = data.load(task.dataset)
     loss, accuracy = measure(task, model, split.x_val, split.y_val)
     metrics = {"eval_loss": loss, "eval_accuracy": accuracy}
     for name, value in metrics.items():
-        client.log_metric(run.info.run_id, name, value, step=epoch)
-    print(
-        f"run {run.info.run_id} {what} (epoch {epoch}): "
-        + " ".join(f"{name}={value:.6f}" for name, value in metrics.items())
-    )
+        client.log_metric(run.info.run_id, name, value, step=at.chart_step)
+    print(f"run {run.info.run_id} {what} ({at}): " + " ".join(f"{name}={value:.6f}" for name, value in metrics.items()))
     return metrics
+
+
+@dataclass(frozen=True)
+class Charted:
+    """Where a model's ``eval_*`` metrics go on its run's charts: at its ``epoch``, or at its global ``step`` in a run
+    charted by step (a checkpoint of ``--checkpoint-every-steps``, keyed by step); both None: not recorded."""
+
+    epoch: int | None
+    step: int | None = None
+
+    @property
+    def chart_step(self) -> int:
+        return self.step if self.step is not None else self.epoch or 0
+
+    def __str__(self) -> str:
+        if self.step is None:
+            return f"epoch {self.epoch}"
+        return f"step {self.step}" + ("" if self.epoch is None else f", {self.epoch} epochs completed")
 
 
 # Why a run lacks the state dict or the whole model, and what to evaluate instead.
@@ -107,16 +124,18 @@ _ENDED = (
 
 def _load(
     source: str, run: Run, pipeline: str, checkpoint: str | int | None, trust_pickle: bool
-) -> tuple[nn.Module, str, int | None]:
-    """The model to evaluate, how to name it, and the epoch it holds (None: not recorded); ``pipeline`` trained
-    the run. A checkpoint holds its own epoch; the state dict and the whole model, the one the training that
-    logged them ended with, which they record (:func:`pipelines.runs.log_final_weights`)."""
+) -> tuple[nn.Module, str, Charted]:
+    """The model to evaluate, how to name it, and where its metrics are charted; ``pipeline`` trained the run. A
+    checkpoint holds its own epoch, and its global step, where a run keyed by step charts it; the state dict and the
+    whole model, the epoch the training that logged them ended with, which they record
+    (:func:`pipelines.runs.log_final_weights`)."""
     # The loader rebuilds only classes whose module is imported already: the pipelines' models.
     from mlflow.exceptions import MlflowException
 
     import pipelines.models  # noqa: F401
     import tracking
     from pipelines import runs
+    from tracking import layout
     from tracking.selection import find_weights
 
     run_id = run.info.run_id
@@ -132,13 +151,13 @@ def _load(
             if not isinstance(exc.__cause__, MlflowException):
                 raise  # it is there, but its class cannot be imported here: the loader's message says which
             raise runs.PipelineError(f"{source} has no whole model: {_ENDED}") from exc
-        return model, "whole model", _whole_model_epoch(source, run)
+        return model, "whole model", Charted(_whole_model_epoch(source, run))
     if checkpoint == STATE_DICT:
         # Its folder by name: the run alone would be read as its latest checkpoint where it has no state dict.
         uri = f"runs:/{run_id}/{STATE_DICT}"
         try:
             epoch = find_weights(uri).manifest.epoch
-            return tracking.load_model(uri), "state_dict", epoch
+            return tracking.load_model(uri), "state_dict", Charted(epoch)
         except tracking.NotFoundError as exc:
             raise runs.PipelineError(f"run {run_id} has no state dict: {_ENDED}") from exc
     # The weights alone: rebuilding the optimizer too (tracking.load) would cost a second of
@@ -150,7 +169,9 @@ def _load(
             raise  # not the one asked for: the library's message lists those the run has
         raise runs.PipelineError(_without_checkpoints(run_id, pipeline)) from exc
     model = tracking.load_model(f"models:/{located.model_id}", mode="eval")
-    return model, located.label, located.manifest.epoch
+    manifest = located.manifest
+    # A checkpoint keyed by step had its metrics charted at its global step: its eval_* go beside them.
+    return model, located.label, Charted(manifest.epoch, manifest.step if manifest.keyed_by == layout.STEP else None)
 
 
 def _whole_model_epoch(source: str, run: Run) -> int | None:
@@ -210,8 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--checkpoint",
         type=_checkpoint,
-        help="which of the run's models: latest, best, an epoch number, state_dict or model (default: latest; "
-        "a models:/ URI names one already)",
+        help="which of the run's models: latest, best, an epoch number (a global step in a run saved by "
+        "--checkpoint-every-steps), state_dict or model (default: latest; a models:/ URI names one already)",
     )
     parser.add_argument("--trust-pickle", action="store_true", help="allow --checkpoint model to unpickle")
     args = parser.parse_args(argv)

@@ -114,7 +114,10 @@ def _train(task: Task, opts: options.Options) -> str:
     rank_state = None
     if origin is not None:
         rank_state = _restore(task, opts, origin, state, values)
-    position = Position.read(rank_state.get(KEY)) if rank_state is not None else None
+    position = None
+    if origin is not None and rank_state is not None:
+        # Each rank skips its own share's samples: in batches of the size it trains with now, or refused.
+        position = resume.rebatched(Position.read(rank_state.get(KEY)), values["batch_size"], origin.info.run_id, state)
     dataset = TensorDataset(split.x_train, split.y_train)
     sampler: DistributedSampler[Any] = DistributedSampler(
         dataset, num_replicas=world, rank=rank, shuffle=True, seed=values["seed"]
@@ -156,7 +159,7 @@ def _train(task: Task, opts: options.Options) -> str:
                 "rng": tracking.capture_rng_state(),
                 "sampler": {"seed": values["seed"], "epoch": epoch, "world_size": world},
             }
-            return {"rank_state": saved if position is None else {**saved, KEY: position.saved()}}
+            return {"rank_state": saved if position is None else {**saved, KEY: position.saved(values["batch_size"])}}
 
         run_epochs(
             task,

@@ -102,7 +102,7 @@ def train(task: Task, opts: options.Options) -> str:
         if position is None:  # an epoch's end: the sampler as the next epoch begins
             return {"extra": {"rng": tracking.capture_rng_state({"sampler": generator})}}
         rng = tracking.capture_rng_state({"sampler": epoch_start})
-        return {"extra": {"rng": rng, KEY: position.saved()}}
+        return {"extra": {"rng": rng, KEY: position.saved(values["batch_size"])}}
 
     with runs.start(client, config, task, opts, origin, values, overrides, state) as run, checkpoints:
         runs.announce(client, run)

@@ -24,11 +24,13 @@ import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from torch.utils.data import TensorDataset
 
 import tracking
-from pipelines import runs, train
+from pipelines import evaluate, runs, train
+from pipelines.steps import Position
 from tests.unit.conftest import use_store
-from tests.unit.test_pipelines import assert_identical, inline, process
+from tests.unit.test_pipelines import Outcome, assert_identical, inline, process, values_at
 
 EXPERIMENT = "pipeline-steps"
 METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
@@ -214,3 +216,108 @@ def test_a_step_run_refuses_what_it_cannot_do_before_any_training(
     assert len(lines) == 1, done.err
     assert len(client.search_runs([experiment.experiment_id])) == before
     assert client.get_run(step_run).info.end_time == ended  # the run was not touched
+
+
+def rows_trained(monkeypatch: pytest.MonkeyPatch, *arguments: str) -> tuple[Outcome, list[int]]:
+    """pipelines.train with ``arguments`` in this process, and the rows of the samples it trained on, in order."""
+    loaded: list[int] = []
+
+    class Recorded(TensorDataset):
+        def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+            loaded.append(int(index))
+            return tuple(super().__getitem__(index))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.utils.data, "TensorDataset", Recorded)
+        return inline(train.main, *arguments), loaded
+
+
+def test_a_save_in_mid_epoch_resumed_with_another_batch_size_trains_the_samples_its_epoch_had_left(
+    step_run: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Step 12 took 12 batches of 32, 384 of epoch 1's 455 samples: 24 batches of 16. The resume skipped 12 of 16
+    # (192 samples) instead, and trained on 192 samples the epoch had already taken.
+    child = ("--resume", step_run, "--from-step", "12", "--new-run", "--epochs", "1")
+    kept, rows_kept = rows_trained(monkeypatch, *child)
+    halved, rows_halved = rows_trained(monkeypatch, *child, "--batch-size", "16", "--override")
+
+    assert kept.code == 0 and halved.code == 0, kept.err + halved.err
+    assert len(rows_kept) == 455 - 384 and rows_halved == rows_kept
+    # 71 samples in batches of 16 end epoch 1 at step 17; the save at step 16 keeps its position in them.
+    assert [c.step for c in tracking.list_checkpoints(halved.run_id)] == [16, 17]
+    position = stored(halved.run_id, 16)["position"]
+    assert (position["batches"], position["batch_size"], position["sums"]["seen"]) == (28, 16, 448)
+
+    # A save at an epoch's end goes on with any batch size: 455 samples in batches of 50 are 10 steps.
+    later = inline(train.main, "--resume", step_run, "--new-run", "--epochs", "4", "--batch-size", "50", "--override")
+    assert later.code == 0, later.err
+    assert [c.step for c in tracking.list_checkpoints(later.run_id)][-1] == 45 + 10
+
+
+def stopped_at_step(monkeypatch: pytest.MonkeyPatch, step: int, *arguments: str) -> str:
+    """The run of pipelines.train with ``arguments``, Ctrl-C pressed once its save at global step ``step`` is made."""
+    saved = tracking.Checkpointer.save
+
+    def save(self: tracking.Checkpointer, *args: Any, **kwargs: Any) -> Any:
+        done = saved(self, *args, **kwargs)
+        if kwargs["step"] == step:
+            raise KeyboardInterrupt
+        return done
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tracking.Checkpointer, "save", save)
+        stopped = inline(train.main, *arguments)
+    assert stopped.code == 130, stopped.err
+    return stopped.run_id
+
+
+def test_a_save_in_mid_epoch_refuses_a_batch_size_its_samples_taken_do_not_fill_before_touching_the_run(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 384 samples are no whole number of batches of 50: it trained on, skipping 12 batches of 50 (600 samples).
+    run_id = stopped_at_step(monkeypatch, 12, "--epochs", "2", "--checkpoint-every-steps", "4")
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None
+    before, runs_before = client.get_run(run_id), len(client.search_runs([experiment.experiment_id]))
+
+    for branch in [], ["--from-step", "12", "--new-run"]:
+        done = inline(train.main, "--resume", run_id, *branch, "--batch-size", "50", "--override")
+
+        assert done.code == 1, done
+        assert done.err.count("\n") == 1, done.err
+        assert f"run {run_id}: its checkpoint at step 12 was saved in mid-epoch 1, after 12 batches of 32" in done.err
+        assert "Keep the checkpoint's --batch-size 32, pass one that divides 384" in done.err
+        after = client.get_run(run_id)
+        assert after.data.tags == before.data.tags and after.info.status == before.info.status == "KILLED"
+        assert len(client.search_runs([experiment.experiment_id])) == runs_before
+
+
+def test_evaluate_charts_a_checkpoint_of_a_run_saved_by_steps_at_its_global_step(step_run: str) -> None:
+    # Its eval_* went to the checkpoint's epoch (0 for step 12, 3 for step 45), away from the run's step charts.
+    logged = history(step_run)
+    for pick, step in ("12", 12), ("latest", 45):
+        done = inline(evaluate.main, "--run-id", step_run, "--checkpoint", pick)
+
+        assert done.code == 0, done.err
+        assert f"(step {step}, " in done.out
+        assert values_at(step_run, "eval_loss", step) == [logged["val_loss"][step]]
+        assert values_at(step_run, "eval_accuracy", step) == [logged["val_accuracy"][step]]
+    for epoch in 0, 3:
+        assert values_at(step_run, "eval_loss", epoch) == []
+
+
+@pytest.mark.parametrize(
+    "sums", [{"seen": 384}, {"totals": torch.tensor([1.0, 2.0, 384.0], dtype=torch.float64)}], ids=["one", "torchrun"]
+)
+def test_a_position_saved_before_its_batch_size_was_kept_tells_it_from_the_samples_its_sums_counted(
+    sums: dict[str, Any],
+) -> None:
+    position = Position.read({"batches": 12, "sums": sums})
+
+    assert position is not None and (position.batch_size, position.samples) == (32, 384)
+    halved = position.rebatched(16)
+    assert halved is not None and (halved.batches, halved.batch_size, halved.sums) == (24, 16, sums)
+    assert position.rebatched(50) is None
+    kept = Position.read(Position(12, sums).saved(32))
+    assert kept is not None and (kept.batches, kept.batch_size) == (12, 32)
