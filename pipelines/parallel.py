@@ -117,7 +117,9 @@ def _train(task: Task, opts: options.Options) -> str:
     position = None
     if origin is not None and rank_state is not None:
         # Each rank skips its own share's samples: in batches of the size it trains with now, or refused.
-        position = resume.rebatched(Position.read(rank_state.get(KEY)), values["batch_size"], origin.info.run_id, state)
+        position = resume.resumed_position(
+            Position.read(rank_state.get(KEY)), values, overrides, origin.info.run_id, state
+        )
     dataset = TensorDataset(split.x_train, split.y_train)
     sampler: DistributedSampler[Any] = DistributedSampler(
         dataset, num_replicas=world, rank=rank, shuffle=True, seed=values["seed"]

@@ -5,10 +5,9 @@ epoch (step); a checkpoint's ``models:/`` URI as RUN_ID picks that one. Refused,
 touched: a run of another pipeline or dataset, a run with no committed checkpoint, a pick the run does not
 hold or of the other kind of key, a pick before the run's latest checkpoint that would continue in place
 (it would rewrite the run's later history; ``--new-run`` branches a child instead), and a save in mid-epoch
-resumed with a ``--batch-size`` its samples taken are no whole number of batches of (:func:`rebatched`). Without
-``--epochs``, a resume trains to the target the run recorded (tag ``tracking.epochs``), and one that has reached it
-is refused.
-:mod:`pipelines.runs` starts the run that goes on.
+resumed with another ``--seed`` or a ``--batch-size`` its samples taken are no whole number of batches of
+(:func:`resumed_position`). Without ``--epochs``, a resume trains to the target the run recorded (tag
+``tracking.epochs``), and one that has reached it is refused. :mod:`pipelines.runs` starts the run that goes on.
 """
 
 from __future__ import annotations
@@ -189,6 +188,7 @@ def restore(
     opts: options.Options,
     origin: Run,
     values: Mapping[str, Any],
+    overrides: Mapping[str, Any],
     split: data.Split,
     device: torch.device,
 ) -> tuple[State, dict[str, Any], Position | None]:
@@ -220,27 +220,40 @@ def restore(
         )
     apply_lr(loaded.optimizer, loaded.scheduler, values["lr"])
     state = State(loaded.model, loaded.optimizer, loaded.scheduler, epoch, loaded.step or 0)
-    position = rebatched(Position.read(loaded.extra.get(KEY)), values["batch_size"], run_id, state)
+    position = resumed_position(Position.read(loaded.extra.get(KEY)), values, overrides, run_id, state)
     return state, loaded.extra["rng"], position
 
 
-def rebatched(position: Position | None, batch_size: int, run_id: str, state: State) -> Position | None:
-    """Where the resumed epoch starts in batches of ``batch_size``, from ``position``, where the save in mid-epoch of
-    run ``run_id`` at ``state``'s step left it: the samples it had taken, skipped in batches of the size it trains
-    with now (an ``--override``-n ``--batch-size``). The epoch's order does not depend on the batch size, so the
-    epoch goes on with the samples it had left. Refused when they are no whole number of such batches: it would
-    train some of them twice or never. A save at an epoch's end (None) starts the next epoch with any size."""
+def resumed_position(
+    position: Position | None,
+    values: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+    run_id: str,
+    state: State,
+) -> Position | None:
+    """Where the resumed epoch starts, from ``position``, where the save in mid-epoch of run ``run_id`` at
+    ``state``'s step left it: the samples it had taken, skipped in batches of the size it trains with now (an
+    ``--override``-n ``--batch-size``). The epoch's order does not depend on the batch size, so the epoch goes on
+    with the samples it had left. Refused when they are no whole number of such batches, and with an
+    ``--override``-n ``--seed``, which draws another order: either would train some samples twice or never. A save
+    at an epoch's end (None) starts the next epoch with any size and seed."""
     if position is None:
         return None
-    resized = position.rebatched(batch_size)
+    where = f"run {run_id}: its checkpoint at step {state.step} was saved in mid-epoch {state.epoch + 1}"
+    if "seed" in overrides:
+        raise runs.PipelineError(
+            f"{where}, whose order of samples --seed {values['seed']} would not draw again: the epoch could not go "
+            "on with the samples it had left. Keep the run's --seed, or resume from a save at an epoch's end, from "
+            "which a new seed draws the next epochs."
+        )
+    resized = position.rebatched(values["batch_size"])
     if resized is not None:
         return resized
     taken = f"{position.batches} batches of {position.batch_size} ({position.samples} samples)"
     raise runs.PipelineError(
-        f"run {run_id}: its checkpoint at step {state.step} was saved in mid-epoch {state.epoch + 1}, after {taken}, "
-        f"which are no whole number of batches of {batch_size}: the epoch could not go on with the samples it had "
-        f"left. Keep the checkpoint's --batch-size {position.batch_size}, pass one that divides {position.samples}, "
-        "or resume from a save at an epoch's end, which any batch size goes on from."
+        f"{where}, after {taken}, which are no whole number of batches of {values['batch_size']}: the epoch could not "
+        f"go on with the samples it had left. Keep the checkpoint's --batch-size {position.batch_size}, pass one that "
+        f"divides {position.samples}, or resume from a save at an epoch's end, which any batch size goes on from."
     )
 
 

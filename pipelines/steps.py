@@ -8,7 +8,7 @@ its next batch is the one the run that never stopped trained on next.
 
 The save keeps the size of those batches too: a resume with another ``--batch-size`` (``--override``) skips the
 same samples, in batches of its own size, when they make a whole number of them (the epoch's order does not
-depend on the batch size); else it is refused (:func:`pipelines.resume.rebatched`).
+depend on the batch size); else it is refused (:func:`pipelines.resume.resumed_position`).
 """
 
 from __future__ import annotations

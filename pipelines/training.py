@@ -80,7 +80,7 @@ def train(task: Task, opts: options.Options) -> str:
     generator = torch.Generator().manual_seed(values["seed"])
     position = None
     if origin:
-        state, rng, position = resume.restore(task, opts, origin, values, split, device)
+        state, rng, position = resume.restore(task, opts, origin, values, overrides, split, device)
     else:
         state, rng = _build(task, values, split, device), None
     dataset = TensorDataset(split.x_train, split.y_train)

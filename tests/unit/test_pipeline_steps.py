@@ -13,6 +13,7 @@ of 64 are 23 steps an epoch: saves every 10 steps at 10, 20 (epoch 1), 30, 40 (e
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -271,7 +272,7 @@ def stopped_at_step(monkeypatch: pytest.MonkeyPatch, step: int, *arguments: str)
     return stopped.run_id
 
 
-def test_a_save_in_mid_epoch_refuses_a_batch_size_its_samples_taken_do_not_fill_before_touching_the_run(
+def test_a_save_in_mid_epoch_refuses_another_seed_or_a_batch_size_its_samples_taken_do_not_fill_before_touching_the_run(
     env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # 384 samples are no whole number of batches of 50: it trained on, skipping 12 batches of 50 (600 samples).
@@ -281,13 +282,17 @@ def test_a_save_in_mid_epoch_refuses_a_batch_size_its_samples_taken_do_not_fill_
     assert experiment is not None
     before, runs_before = client.get_run(run_id), len(client.search_runs([experiment.experiment_id]))
 
-    for branch in [], ["--from-step", "12", "--new-run"]:
-        done = inline(train.main, "--resume", run_id, *branch, "--batch-size", "50", "--override")
+    # Another seed draws another order: it trained on, skipping 12 batches of that one.
+    changes = {
+        ("--batch-size", "50"): "after 12 batches of 32 (384 samples), which are no whole number of batches of 50",
+        ("--seed", "7"): "whose order of samples --seed 7 would not draw again",
+    }
+    for branch, (change, says) in itertools.product(([], ["--from-step", "12", "--new-run"]), changes.items()):
+        done = inline(train.main, "--resume", run_id, *branch, *change, "--override")
 
         assert done.code == 1, done
         assert done.err.count("\n") == 1, done.err
-        assert f"run {run_id}: its checkpoint at step 12 was saved in mid-epoch 1, after 12 batches of 32" in done.err
-        assert "Keep the checkpoint's --batch-size 32, pass one that divides 384" in done.err
+        assert f"run {run_id}: its checkpoint at step 12 was saved in mid-epoch 1, {says}" in done.err
         after = client.get_run(run_id)
         assert after.data.tags == before.data.tags and after.info.status == before.info.status == "KILLED"
         assert len(client.search_runs([experiment.experiment_id])) == runs_before
