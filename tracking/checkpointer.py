@@ -19,7 +19,7 @@ from tracking.manifest import SHARDED_KIND, Manifest
 from tracking.metrics import check_metrics
 from tracking.optimizers import Optimizers
 from tracking.parallel import distributed
-from tracking.parallel.collective import commit, refuse_different_keys
+from tracking.parallel.collective import commit, keys_named, refuse_different_keys
 from tracking.payload import check_int64
 from tracking.retention import RetentionPolicy
 from tracking.run import RunHandle, open_run, target_run_id
@@ -283,7 +283,9 @@ class Checkpointer:
         no request of its own, and under a process group one small gather of the ranks' keys. Later calls cost
         neither (a step-keyed Checkpointer is called every step).
         """
-        keys = distributed.gather((epoch, step), arrival=True)
+        keys = distributed.gather(
+            (epoch, step), arrival=f"the first Checkpointer.save call, due or not ({keys_named(epoch, step)})"
+        )
 
         def ask() -> None:
             handle = self._open()

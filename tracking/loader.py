@@ -147,7 +147,9 @@ def restore(
         found = find_checkpoint(source, checkpoint, step=step, config=config)
         return found.run_id, found.store.artifact_uri, found.store.owner, found.folder, found.manifest, found.model_id
 
-    run_id, artifact_uri, owner, folder, manifest, model_id = distributed.on_rank0(find, arrival=True)
+    wanted = f"checkpoint={checkpoint!r}" + (f", step={step}" if step is not None else "")
+    arrival = f"tracking.restore({source!r}, {wanted})"
+    run_id, artifact_uri, owner, folder, manifest, model_id = distributed.on_rank0(find, arrival=arrival)
     located = Located(run_id, open_store(artifact_uri, config, owner=owner), folder, manifest, model_id)
     pairing.match(located, "optimizer", optimizer, "tracking.restore")
     pairing.match(located, "scheduler", scheduler, "tracking.restore")

@@ -340,9 +340,23 @@ def test_rank_0_waiting_for_the_other_ranks_at_a_save_says_why_they_may_never_co
     assert launch.code == 0, launch.out[-3000:]
     waited = [line for line in launch.out.splitlines() if "has waited" in line]
     assert len(waited) == 1, launch.out[-3000:]  # once, at the first save; not at the second, reached together
-    assert waited[0].startswith("rank 0 has waited 1 s for the other 1 rank(s) to save or load a checkpoint")
-    assert "Called under `if rank == 0:`" in waited[0] and "call it on every rank" in waited[0]
+    assert waited[0].startswith("rank 0 has waited 1 s for the other 1 rank(s) to reach the save of epoch 1: ")
+    assert "under `if rank == 0:`" in waited[0] and "Make the call on every rank" in waited[0]
     assert [c.epoch for c in tracking.list_checkpoints(launch.run_id)] == [1, 2]  # the late rank's save went on
+
+
+def test_a_rank_alone_in_a_due_save_says_what_it_waits_for(env: dict[str, str], tmp_path: Path) -> None:
+    # Step counters that drift apart after the Checkpointer's first call: the save is due on rank 1 only, which waits
+    # in its first collective while rank 0 trains on. Rank 0 makes the same save once rank 1 has said so.
+    launch = torchrun(env, 2, "tests.distributed.drifted_ranks", str(tmp_path), timeout=120)
+    assert launch.code == 0, launch.out[-3000:]
+    assert "rank 0 saw rank 1's warning: True" in launch.out, launch.out[-3000:]
+    waited = [line for line in launch.out.splitlines() if "has waited" in line]
+    assert len(waited) == 1, launch.out[-3000:]  # once, on the rank that waited
+    assert waited[0].startswith("rank 1 has waited 1 s for the other 1 rank(s) to reach the save of epoch 0, step 2: ")
+    assert "under `if rank == 0:`" in waited[0] and "Checkpointer(every_n_steps=...)" in waited[0]
+    assert "Still waiting" in waited[0]
+    assert [c.step for c in tracking.list_checkpoints(launch.run_id)] == [2]  # the save went on once rank 0 came
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

@@ -31,16 +31,17 @@ def commit(
     committed (retention). Every rank returns the checkpoint, or raises the same error.
     """
     key = (snapshot.manifest.epoch, snapshot.manifest.step)
+    arrival = f"the save of {keys_named(*key)}"  # what a rank waiting for the others there names
     if snapshot.manifest.kind == SHARDED_KIND:
         # Imported here: torch.distributed.checkpoint costs every other save nothing.
         from tracking.parallel.sharded import commit_sharded
 
         # Before rank 0 creates its logged model: two small collectives beside the shards' writes.
-        keys = distributed.gather(key, arrival=True)
+        keys = distributed.gather(key, arrival=arrival)
         distributed.on_rank0(lambda: refuse_different_keys(handle, keys))
         return commit_sharded(handle, snapshot, describe, after)
     # Every rank's key travels with its rank_state, in the one gather the commit makes anyway.
-    gathered = distributed.gather((snapshot.rank_state, key), arrival=True) if distributed.active() else None
+    gathered = distributed.gather((snapshot.rank_state, key), arrival=arrival) if distributed.active() else None
 
     def on_rank0() -> LoggedCheckpoint:
         assert handle is not None
@@ -55,6 +56,11 @@ def commit(
         return logged
 
     return distributed.on_rank0(on_rank0)
+
+
+def keys_named(epoch: int | None, step: int | None) -> str:
+    """How a rank waiting for the others names the key it was given: ``epoch 7, step 1500``, ``epoch 7``."""
+    return ", ".join(f"{name} {value}" for name, value in (("epoch", epoch), ("step", step)) if value is not None)
 
 
 def refuse_different_keys(

@@ -38,10 +38,11 @@ _log = logging.getLogger(__name__)
 # library's own request bounds), and torchrun ends the job when a rank dies.
 COORDINATION_TIMEOUT = timedelta(hours=24)
 
-# How long rank 0 waits in a collective of the library's for the other ranks before it says why they may never
-# come: the ranks of a training loop reach a save within a step of each other, and a save called under
-# `if rank == 0:` (PyTorch's habit for torch.save) leaves rank 0 waiting here while the others wait for it in
-# the next collective of the training loop, silent until one of the groups times out.
+# How long a rank waits in the first collective of a save or load for the other ranks before it says why they may
+# never come: the ranks of a training loop reach a save within a step of each other. A save called under
+# `if rank == 0:` (PyTorch's habit for torch.save), or one due on some ranks only (ranks whose epoch or step
+# counters drifted apart), leaves the ranks that called it waiting here while the others wait for them in the next
+# collective of the training loop, silent until one of the groups times out.
 ARRIVAL_WARNING_S = 60.0
 
 
@@ -179,24 +180,27 @@ def _default_group() -> Any:
 _groups: dict[int, Any] = {}
 
 
-def on_rank0(step: Callable[[], T], *, arrival: bool = False) -> T:
+def on_rank0(step: Callable[[], T], *, arrival: str | None = None) -> T:
     """Run ``step`` on rank 0 only and return its result on every rank; raise its error on every rank.
 
-    ``arrival``: the first collective of a call every rank makes (see :func:`_arrival_watch`). Outside a process
-    group, ``step()``.
+    ``arrival``: what every rank calls, when this is its first collective (see :func:`_arrival_watch`); the
+    ranks then meet before rank 0 runs ``step``, so that a rank's wait there is for the others to arrive, not
+    for rank 0's step. Outside a process group, ``step()``.
     """
     if not active():
         return step()
     import torch.distributed as dist
 
+    if arrival is not None:
+        with _arrival_watch(arrival):
+            dist.barrier(group=group())
     outcome: list[Any] = [None]
     if rank() == 0:
         try:
             outcome[0] = ("ok", step())
         except BaseException as exc:
             outcome[0] = ("error", _portable(exc))
-    with _arrival_watch(arrival):
-        dist.broadcast_object_list(outcome, src=0, group=group())
+    dist.broadcast_object_list(outcome, src=0, group=group())
     kind, value = outcome[0]
     if kind == "error":
         raise value
@@ -218,10 +222,10 @@ def raise_together(error: BaseException | None) -> None:
             raise found
 
 
-def gather(value: T, *, arrival: bool = False) -> list[T] | None:
+def gather(value: T, *, arrival: str | None = None) -> list[T] | None:
     """Every rank's ``value`` in rank order, on rank 0; None on the other ranks. ``[value]`` outside a group.
 
-    ``arrival``: the first collective of a call every rank makes (see :func:`_arrival_watch`).
+    ``arrival``: what every rank calls, when this is its first collective (see :func:`_arrival_watch`).
     """
     if not active():
         return [value]
@@ -241,15 +245,15 @@ def barrier() -> None:
 
 
 @contextmanager
-def _arrival_watch(arrival: bool) -> Iterator[None]:
-    """Around the first collective of a save or load, which every rank reaches within a step of the others: on
-    rank 0, after ``ARRIVAL_WARNING_S`` without them, say once why they may never come, and go on waiting (a rank
-    that is only slower still arrives). Not around later ones: there rank 0 may wait as long as another rank's
-    upload or download takes."""
-    if not arrival or rank() != 0:
+def _arrival_watch(arrival: str | None) -> Iterator[None]:
+    """Around the first collective of a save or load (``arrival`` names it: ``the save of epoch 7, step 1500``),
+    which every rank reaches within a step of the others: on whichever rank waits there ``ARRIVAL_WARNING_S``
+    without the others, say once why they may never come, and go on waiting (a rank that is only slower still
+    arrives). Not around later ones: there a rank may wait as long as another rank's upload or download takes."""
+    if arrival is None:
         yield
         return
-    watch = threading.Timer(ARRIVAL_WARNING_S, _warn_waiting)
+    watch = threading.Timer(ARRIVAL_WARNING_S, _warn_waiting, args=(rank(), world_size(), arrival))
     watch.daemon = True
     watch.start()
     try:
@@ -258,14 +262,19 @@ def _arrival_watch(arrival: bool) -> Iterator[None]:
         watch.cancel()
 
 
-def _warn_waiting() -> None:
+def _warn_waiting(waiting: int, ranks: int, arrival: str) -> None:
     _log.warning(
-        "rank 0 has waited %.0f s for the other %d rank(s) to save or load a checkpoint with it: under torchrun "
-        "every rank calls tracking.log_checkpoint, Checkpointer.save and tracking.restore (rank 0 alone talks to "
-        "MLflow). Called under `if rank == 0:`, it waits here until the job's collectives time out: call it on "
-        "every rank. Still waiting, in case another rank is only slower.",
+        "rank %d has waited %.0f s for the other %d rank(s) to reach %s: under torchrun every rank calls "
+        "tracking.log_checkpoint, Checkpointer.save and tracking.restore (rank 0 alone talks to MLflow), with the "
+        "same epoch= and step=. Likely causes: the call is made on some ranks only (e.g. under `if rank == 0:`), or "
+        "the ranks' epoch or step counters differ, so that a save is due on some ranks only (e.g. "
+        "Checkpointer(every_n_steps=...) given each rank's own count of steps, which drifts when a rank skips a "
+        "batch). Make the call on every rank, with the training loop's shared counters: else the job hangs until "
+        "its collectives time out. Still waiting, in case another rank is only slower.",
+        waiting,
         ARRIVAL_WARNING_S,
-        world_size() - 1,
+        ranks - 1,
+        arrival,
     )
 
 
