@@ -45,9 +45,10 @@ class TinyLit(pl.LightningModule):
 class TwoOptimizerLit(pl.LightningModule):
     """A generator and a discriminator, each trained by its own optimizer of its own class (manual optimization),
     each with its LR scheduler; the schedulers come in the other order than their optimizers, so that a scheduler's
-    place in Lightning's list is not its optimizer's."""
+    place in Lightning's list is not its optimizer's. ``lambda_lr``: the generator's scheduler is a LambdaLR, whose
+    init arguments (a function) cannot be recorded."""
 
-    def __init__(self, lr: float = 0.01) -> None:
+    def __init__(self, lr: float = 0.01, lambda_lr: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -81,9 +82,14 @@ class TwoOptimizerLit(pl.LightningModule):
         discriminator = torch.optim.SGD(self.discriminator.parameters(), lr=self.hparams.lr / 2, momentum=0.9)
         schedulers = [
             torch.optim.lr_scheduler.ExponentialLR(discriminator, gamma=0.9),
-            torch.optim.lr_scheduler.StepLR(generator, step_size=1, gamma=0.5),
+            halving(generator) if self.hparams.lambda_lr else torch.optim.lr_scheduler.StepLR(generator, 1, 0.5),
         ]
         return [generator, discriminator], schedulers
+
+
+def halving(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """A scheduler that halves the learning rate every epoch, from a function: one that cannot be described."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.5**epoch)
 
 
 class EpochShuffle(Sampler[int]):

@@ -15,17 +15,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 from mlflow import MlflowClient
+from torch.optim.lr_scheduler import LambdaLR
 
 import tracking
-from tests.lightning_model import TwoOptimizerLit, fit
+from tests.lightning_model import TwoOptimizerLit, fit, halving
 from tracking import spec
 from tracking.cli import main
 from tracking.integrations.lightning import callback, description
 
 
-def _fit(folder: Path) -> tuple[str, TwoOptimizerLit, pl.Trainer]:
+def _fit(folder: Path, **kwargs: Any) -> tuple[str, TwoOptimizerLit, pl.Trainer]:
     with mlflow.start_run() as run:
-        module, trainer = fit(2, folder, module=TwoOptimizerLit)
+        module, trainer = fit(2, folder, module=lambda: TwoOptimizerLit(**kwargs))
     return run.info.run_id, module, trainer
 
 
@@ -81,6 +82,21 @@ def test_factories_are_taken_by_name_and_one_factory_is_refused(s3_experiment: s
     assert [p for g in groups for p in g["params"]] == list(loaded.model.discriminator.parameters())
     _same_state(loaded.optimizers["1"].state_dict(), trainer.optimizers[1].state_dict())
     _same_state(loaded.optimizers["0"].state_dict(), trainer.optimizers[0].state_dict())
+
+
+def test_a_scheduler_that_cannot_be_rebuilt_is_left_out_unless_a_factory_of_its_name_is_given(
+    s3_experiment: str, tmp_path: Path
+) -> None:
+    run_id, _, trainer = _fit(tmp_path, lambda_lr=True)
+    schedulers = tracking.find_checkpoint(run_id).manifest.schedulers
+    assert schedulers is not None and schedulers["0"]["init_kwargs"] is None
+    loaded = tracking.load(run_id, mode="train")
+    assert sorted(loaded.optimizers) == ["0", "1"] and sorted(loaded.schedulers) == ["1"]
+    given = tracking.load(run_id, mode="train", scheduler={"0": halving})
+    (live,) = [c.scheduler for c in trainer.lr_scheduler_configs if isinstance(c.scheduler, LambdaLR)]
+    assert isinstance(given.schedulers["0"], LambdaLR)
+    assert given.schedulers["0"].last_epoch == live.last_epoch == 2
+    assert given.schedulers["0"].optimizer is given.optimizers["0"]
 
 
 def test_restore_loads_each_optimizer_and_scheduler_by_its_index(s3_experiment: str, tmp_path: Path) -> None:
