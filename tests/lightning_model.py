@@ -1,10 +1,11 @@
 """A tiny LightningModule, its data and a fit with the integration's callback, for the Lightning integration's
 tests on the CPU (tests/unit) and on CUDA (tests/gpu): dropout and a shuffling loader, so that an exact resume
-has to restore the RNG states too; and a shuffling loader Lightning can resume mid-epoch."""
+has to restore the RNG states too; and a shuffling loader Lightning can resume mid-epoch. ``TwoOptimizerLit`` is
+a GAN-like module of two optimizers (manual optimization)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,56 @@ class TinyLit(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
         return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 2, 0.5)}
+
+
+class TwoOptimizerLit(pl.LightningModule):
+    """A generator and a discriminator, each trained by its own optimizer of its own class (manual optimization),
+    each with its LR scheduler; the schedulers come in the other order than their optimizers, so that a scheduler's
+    place in Lightning's list is not its optimizer's. ``lambda_lr``: the generator's scheduler is a LambdaLR, whose
+    init arguments (a function) cannot be recorded."""
+
+    def __init__(self, lr: float = 0.01, lambda_lr: bool = False) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.generator = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+        self.discriminator = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        real, _ = batch
+        generator, discriminator = self.optimizers()  # type: ignore[misc]
+        bce = nn.functional.binary_cross_entropy_with_logits
+        ones, zeros = torch.ones(len(real), 1), torch.zeros(len(real), 1)
+        fake = self.generator(torch.randn_like(real))
+        loss = bce(self.discriminator(real), ones) + bce(self.discriminator(fake.detach()), zeros)
+        discriminator.zero_grad()
+        self.manual_backward(loss)
+        discriminator.step()
+        self.log("d_loss", loss, on_epoch=True, on_step=False)
+        generator.zero_grad()
+        self.manual_backward(bce(self.discriminator(fake), ones))
+        generator.step()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", self.discriminator(batch[0]).mean())
+
+    def on_train_epoch_end(self) -> None:
+        for scheduler in self.lr_schedulers():  # type: ignore[union-attr]
+            scheduler.step()
+
+    def configure_optimizers(self) -> Any:
+        generator = torch.optim.Adam(self.generator.parameters(), lr=self.hparams.lr, betas=(0.5, 0.999))
+        discriminator = torch.optim.SGD(self.discriminator.parameters(), lr=self.hparams.lr / 2, momentum=0.9)
+        schedulers = [
+            torch.optim.lr_scheduler.ExponentialLR(discriminator, gamma=0.9),
+            halving(generator) if self.hparams.lambda_lr else torch.optim.lr_scheduler.StepLR(generator, 1, 0.5),
+        ]
+        return [generator, discriminator], schedulers
+
+
+def halving(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """A scheduler that halves the learning rate every epoch, from a function: one that cannot be described."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.5**epoch)
 
 
 class EpochShuffle(Sampler[int]):
@@ -116,13 +167,14 @@ def fit(
     accelerator: str = "cpu",
     max_steps: int = -1,
     resumable: bool = False,
+    module: Callable[[], pl.LightningModule] = TinyLit,
     **checkpoint: Any,
-) -> tuple[TinyLit, pl.Trainer]:
-    """A seeded ``TinyLit`` fitted ``epochs`` epochs, or ``max_steps`` steps (from ``ckpt_path`` when given), its
-    ``ModelCheckpoint`` (``checkpoint`` its arguments) in ``folder / "checkpoints"`` mirrored by ``MLflowCheckpoints``;
-    ``resumable``: on the :class:`ResumableLoader`."""
+) -> tuple[Any, pl.Trainer]:
+    """A seeded ``TinyLit`` (or ``module()``) fitted ``epochs`` epochs, or ``max_steps`` steps (from ``ckpt_path``
+    when given), its ``ModelCheckpoint`` (``checkpoint`` its arguments) in ``folder / "checkpoints"`` mirrored by
+    ``MLflowCheckpoints``; ``resumable``: on the :class:`ResumableLoader`."""
     pl.seed_everything(0, verbose=False)
-    model = TinyLit()
+    model = module()
     checkpoints = ModelCheckpoint(dirpath=folder / "checkpoints", **checkpoint)
     fitted = trainer(
         epochs,

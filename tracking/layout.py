@@ -45,6 +45,9 @@ MODEL_NAME = "model"
 # The checkpoint key holding every rank's own state under torchrun: a list by rank, or in a
 # sharded checkpoint a dict by rank ("0", "1", ...).
 RANK_STATE = "rank_state"
+# A Lightning checkpoint of several optimizers: each scheduler's description in the manifest (under the name of
+# the optimizer it drives) holds the index of its state in the checkpoint's "lr_schedulers" list.
+LR_SCHEDULERS_INDEX = "lr_schedulers_index"
 
 # What a checkpoint's logged model says about itself, for people and for search filters.
 CHECKPOINT_MODEL_TYPE = "pytorch-checkpoint"

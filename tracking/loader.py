@@ -84,7 +84,9 @@ def load(
     # read on the CPU whatever map_location says: only the weights, the optimizer state (which
     # load_state_dict moves to its parameters' device) and the scaler follow map_location; RNG
     # states, rank_state and counters must stay on the host.
-    state = rebuild.checkpoint_state(located, _read_torch(located, "cpu", share=True))
+    read = _read_torch(located, "cpu", share=True)
+    rebuild.undescribed_optimizers(located, read)
+    state = rebuild.checkpoint_state(located, read)
     built = rebuild.build_model(located, model, map_location, state["model_state"])
     plain = distributed.unwrap(built)  # a model=torch.compile(...) or DataParallel(...) takes the state in its module
     adopted = rebuild.load_weights(located, plain, state["model_state"], strict, adopt=True)
@@ -164,7 +166,9 @@ def restore(
         state = sharded.load_into(located.store, manifest.files, _where(located), plain, optimizer, strict)
     else:
         # Read on the host, as load does: load_state_dict copies each value to where it belongs.
-        state = rebuild.checkpoint_state(located, _read_torch(located, "cpu"))
+        read = _read_torch(located, "cpu")
+        rebuild.undescribed_optimizers(located, read)
+        state = rebuild.checkpoint_state(located, read)
         if distributed.is_sharded(plain.state_dict()):
             # A whole model's checkpoint (one process's, or DDP's) into an FSDP2 model: every rank keeps its shards.
             sharded.load_whole_into(plain, optimizer, state, strict, where=_where(located))

@@ -88,7 +88,8 @@ def build(located: Located, model: nn.Module, factory: Any) -> Any:
 
 def build_schedulers(located: Located, optimizer: Any, factory: Any, saved: Any) -> Any:
     """The checkpoint's scheduler (or ``{name: scheduler}`` of the ones ``saved`` holds), each over the optimizer
-    of its name, with its state loaded."""
+    of its name, with its state loaded. A Lightning checkpoint's scheduler whose init arguments could not be read
+    back at the save is left out unless a factory of its name is given, as with one optimizer."""
     named = located.manifest.schedulers
     if named is None or not isinstance(optimizer, Mapping):
         built = rebuild.build_scheduler(located, optimizer, factory, located.manifest.scheduler)
@@ -97,6 +98,8 @@ def build_schedulers(located: Located, optimizer: Any, factory: Any, saved: Any)
     factories = factory or {}
     out = {}
     for name, recorded in sorted(named.items()):
+        if name not in factories and located.manifest.format == "lightning" and recorded.get("init_kwargs") is None:
+            continue
         out[name] = rebuild.build_scheduler(located, optimizer[name], factories.get(name), recorded, name=name)
         rebuild.load_field(located, f"scheduler_state[{name!r}]", out[name], saved[name])
     return out

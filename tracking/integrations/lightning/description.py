@@ -4,6 +4,11 @@ The commit may run in another thread (the background saver, or Lightning's ``Asy
 so the trainer's metrics and the module's, optimizer's and scheduler's descriptions are taken at the
 save, on the main thread, and the manifest is made from them. A fit whose ``ModelCheckpoint`` saves
 by step keys its checkpoints by global step, any other by epoch (:func:`keying`).
+
+A module of several optimizers (a GAN's, with manual optimization) has them described by name, as the core
+describes ``log_checkpoint(optimizer={name: ...})``'s: Lightning names none, so each is named by its index in
+``trainer.optimizers`` (the order ``configure_optimizers`` returns them in, and ``optimizer_states``'s): "0",
+"1", ...; each LR scheduler is named as the optimizer it drives, with its index in ``lr_schedulers``.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from lightning.pytorch.loops.progress import _ProcessedTracker
 from lightning.pytorch.trainer.states import TrainerStatus
 
 from tracking import layout, spec
-from tracking.manifest import Manifest, now, versions
+from tracking.manifest import FORMAT_VERSION, NAMED_OPTIMIZERS_VERSION, Manifest, now, versions
 from tracking.metrics import renamed
 from tracking.payload import check_loadable
 
@@ -46,16 +51,22 @@ class SaveContext:
     optimizer: dict[str, Any] | None
     scheduler: dict[str, Any] | None
     chart_step: int
+    # Several optimizers and their schedulers by name (their index), in place of optimizer and scheduler.
+    optimizers: dict[str, dict[str, Any]] | None = None
+    schedulers: dict[str, dict[str, Any]] | None = None
 
 
 def save_context(trainer: pl.Trainer, module: pl.LightningModule) -> SaveContext:
-    """The trainer's finite metrics and the module's, optimizer's and scheduler's descriptions, now."""
+    """The trainer's finite metrics and the module's, optimizers' and schedulers' descriptions, now."""
+    several = len(trainer.optimizers) > 1
     return SaveContext(
         metrics=_finite_metrics(trainer.callback_metrics),
         model=_describe_module(module),
-        optimizer=spec.describe_optimizer(trainer.optimizers[0], module) if trainer.optimizers else None,
-        scheduler=_describe_scheduler(trainer),
+        optimizer=spec.describe_optimizer(trainer.optimizers[0], module) if len(trainer.optimizers) == 1 else None,
+        scheduler=None if several else _describe_scheduler(trainer),
         chart_step=logger_step(trainer),
+        optimizers=_describe_optimizers(trainer, module) if several else None,
+        schedulers=_describe_schedulers(trainer) if several else None,
     )
 
 
@@ -128,6 +139,8 @@ def save_manifest(
 ) -> Manifest:
     """The manifest of the checkpoint Lightning saved at ``epoch`` and ``step`` (format ``"lightning"``), keyed
     by ``keyed_by`` (``"epoch"`` or ``"step"``)."""
+    saves_optimizers, saves_schedulers = bool(checkpoint.get("optimizer_states")), bool(checkpoint.get("lr_schedulers"))
+    named = context.optimizers is not None and saves_optimizers
     return Manifest(
         kind="checkpoint",
         files={},
@@ -136,19 +149,25 @@ def save_manifest(
         step=step,
         keyed_by=keyed_by,
         metrics=context.metrics,
-        optimizer=context.optimizer if checkpoint.get("optimizer_states") else None,
-        scheduler=context.scheduler if checkpoint.get("lr_schedulers") else None,
+        optimizer=context.optimizer if saves_optimizers else None,
+        scheduler=context.scheduler if saves_schedulers else None,
+        optimizers=context.optimizers if saves_optimizers else None,
+        schedulers=context.schedulers if saves_schedulers and named else None,
         extra_keys=sorted(k for k in checkpoint if k not in _MAPPED),
         format=FORMAT,
         versions={**versions(), "lightning": _LIGHTNING_VERSION},
         created_at=now(),
+        # Names are read from this version on: a reader before them refuses the checkpoint, where it would
+        # otherwise rebuild no optimizer from it.
+        format_version=NAMED_OPTIMIZERS_VERSION if named else FORMAT_VERSION,
     )
 
 
 def weights_only(manifest: Manifest) -> bool:
     """Whether a Lightning checkpoint holds the weights alone (``ModelCheckpoint(save_weights_only=True)``):
     Lightning then leaves out the optimizers' and the callbacks' states, and no fit resumes from it."""
-    return manifest.format == FORMAT and manifest.optimizer is None and "callbacks" not in manifest.extra_keys
+    no_optimizer = manifest.optimizer is None and manifest.optimizers is None
+    return manifest.format == FORMAT and no_optimizer and "callbacks" not in manifest.extra_keys
 
 
 def save_monitor(
@@ -218,3 +237,31 @@ def _describe_scheduler(trainer: pl.Trainer) -> dict[str, Any] | None:
         return spec.describe_scheduler(configs[0].scheduler, None)
     except Exception:  # a scheduler whose arguments cannot be read back: the loader leaves it out
         return {"class": spec.class_path(configs[0].scheduler), "init_kwargs": None}
+
+
+def _describe_optimizers(trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, dict[str, Any]]:
+    described = {}
+    for index, optimizer in enumerate(trainer.optimizers):
+        try:
+            described[str(index)] = spec.describe_optimizer(optimizer, module)
+        except ValueError as exc:
+            raise ValueError(f"optimizer {index} of {type(module).__name__}.configure_optimizers: {exc}") from None
+    return described
+
+
+def _describe_schedulers(trainer: pl.Trainer) -> dict[str, dict[str, Any]] | None:
+    """Each optimizer's LR scheduler, under the optimizer's name, with its index in the checkpoint's
+    ``lr_schedulers`` (the loader's only way to tell which state is whose). Of several schedulers of one
+    optimizer, the first, as with one optimizer."""
+    indices = {id(optimizer): str(index) for index, optimizer in enumerate(trainer.optimizers)}
+    described: dict[str, dict[str, Any]] = {}
+    for position, config in enumerate(trainer.lr_scheduler_configs):
+        name = indices.get(id(getattr(config.scheduler, "optimizer", None)))
+        if name is None or name in described:
+            continue
+        try:
+            description = spec.describe_scheduler(config.scheduler, None)
+        except Exception:  # arguments that cannot be read back: the loader leaves it out
+            description = {"class": spec.class_path(config.scheduler), "init_kwargs": None}
+        described[name] = {**description, layout.LR_SCHEDULERS_INDEX: position}
+    return described or None
