@@ -111,6 +111,8 @@ def _train(opts: options.Options) -> str:
     opts = distributed.on_rank0(lambda: resume.pinned(opts, config))
     # An int picks a step in a run keyed by step, else an epoch (_origin checked which the run has).
     which = opts.from_step or opts.from_epoch or "latest"
+    split = data.load(DATASET)
+    world = distributed.world_size()
 
     def settle() -> tuple[options.Options, Any, dict[str, Any], dict[str, str], bool]:
         origin = _origin(client, opts, config) if opts.resume else None
@@ -126,18 +128,18 @@ def _train(opts: options.Options) -> str:
         _metric_for_best_model(values)
         if origin is None:
             return settled, origin, values, runs.resume_tags(None, settled, {}, 0), False
-        picked = tracking.find_checkpoint(origin.info.run_id, which, config=config).manifest
+        located = tracking.find_checkpoint(origin.info.run_id, which, config=config)
+        picked = located.manifest
         epoch = picked.epoch or 0  # the epochs completed
         resume.check_target(origin, epoch, settled)
+        _check_samples_left(located, values, changed, len(split.x_train), world)
         # Where the resume started: the epochs completed, and the step of a save by steps.
         step = picked.step if picked.keyed_by == layout.STEP else None
         return settled, origin, values, runs.resume_tags(origin, settled, changed, epoch, step), "seed" in changed
 
     # Rank 0 alone reads MLflow; every rank gets what it found, or its error.
     opts, origin, values, tags, reseeded = distributed.on_rank0(settle)
-    world = distributed.world_size()
     launcher = f"torchrun --nproc-per-node {world}" if parallel.launched() else "python"
-    split = data.load(DATASET)
     # --keep-best all keeps every checkpoint, as --keep-last all does (the Trainer keeps the best beside the last).
     keep_last = values["keep_last"] if values["keep_best"] is not None else None
     # The frameworks' adverts and warnings about their own code would bury the run's lines.
@@ -287,6 +289,47 @@ def _origin(client: Any, opts: options.Options, config: Any) -> Any:
         )
     resume.check_pick(run_id, opts, config, origin.data.tags)
     return origin
+
+
+def _check_samples_left(
+    located: Any, values: Mapping[str, Any], changed: Mapping[str, Any], rows: int, world: int
+) -> None:
+    """Refuse a resume from ``located`` (a checkpoint folder of ``rows`` training rows, saved by ``world`` ranks)
+    that the Trainer would not go on from with the samples its epoch had left. It counts the epochs and the
+    batches trained (and skips those) in optimizer steps of the batch size it trains with now, and draws the
+    epoch's order from the seed: from a save in mid-epoch, another ``--seed`` or ``--batch-size`` (``--override``)
+    would train some samples twice or never; from one at an epoch's end, a batch size that makes an epoch another
+    number of steps would go on at another place in another epoch."""
+    import json
+    import math
+
+    from pipelines import resume, runs
+    from pipelines.steps import Position
+
+    state = json.loads(bytes(located.read("trainer_state.json")))
+    step = int(state["global_step"])
+    size, batch_size = int(state.get("train_batch_size") or values["batch_size"]), values["batch_size"]
+    # As the Trainer's loader splits the batches among the ranks (accelerate's BatchSamplerShard, even_batches).
+    steps = {b: math.ceil(math.ceil(rows / b) / world) for b in (size, batch_size)}
+    # The Trainer's epoch is a float (1.5 half way into the second); rounded as the callback rounds it.
+    epochs = round(float(state.get("epoch") or 0.0), 6)
+    if epochs % 1:
+        completed = math.floor(epochs)
+        where = resume.mid_epoch(located.run_id, completed, step)
+        if "seed" in changed:
+            raise resume.another_order(where, values["seed"])
+        if batch_size != size:
+            taken = Position(step - completed * steps[size], batch_size=size)
+            why = f"which the Trainer would skip as {taken.batches} batches of {batch_size}"
+            raise resume.other_batches(where, taken, why, "or resume from a save at an epoch's end")
+    elif steps[batch_size] != steps[size]:
+        raise runs.PipelineError(
+            f"run {located.run_id}: its checkpoint at step {step} ends epoch {int(epochs)} of {steps[size]} steps in "
+            f"batches of {size}; in batches of {batch_size} an epoch is {steps[batch_size]} steps, and the Trainer "
+            "counts the epochs trained in those: it would go on at another place in another epoch, training some "
+            f"samples twice or never. Keep the checkpoint's --batch-size {size}, or pass one that makes an epoch "
+            f"{steps[size]} steps."
+        )
 
 
 def _drop_rng_states(folder: str) -> None:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import options
+from pipelines.steps import Position
 
 NAME = "pipelines.lightning_digits"
 DATASET = "digits"
@@ -62,7 +63,13 @@ def train(opts: options.Options) -> str:
 
     import tracking
     from pipelines import noise, resume, runs
-    from pipelines.lightning_modules import GivenLearningRate, LitDigits, PipelineCheckpoint, digits_loaders
+    from pipelines.lightning_modules import (
+        GivenLearningRate,
+        LitDigits,
+        PipelineCheckpoint,
+        RebatchedEpoch,
+        digits_loaders,
+    )
     from tracking.integrations.lightning import MLflowCheckpoints, checkpoint_path
 
     config = tracking.TrackingConfig.from_env(experiment_name=opts.experiment)
@@ -84,15 +91,19 @@ def train(opts: options.Options) -> str:
     values = opts.settings(current, origin.info.run_id if origin else None)
     conflicts: dict[str, tuple[str, str]] = {}
     ckpt_path = None
+    position = None
     tags = runs.resume_tags(None, opts, {}, 0)  # a new run's: its target
     if origin is not None:
         conflicts = opts.conflicts(current)
         runs.refuse_changes(origin.info.run_id, conflicts, opts.override)
         resume.check_keys(origin.info.run_id, values, config, instead="train a new run (no --resume)")
         ckpt_path = checkpoint_path(origin.info.run_id)
-        epoch, step = _resumed_at(ckpt_path)
+        epoch, step, taken = _resumed_at(ckpt_path)
         # Refused before the run is touched: inside it, the refusal would end the run FAILED.
         resume.check_target(origin, epoch, opts)
+        # A save in mid-epoch goes on with the samples it had left: refused with another seed (another order), and
+        # with a batch size they are no whole number of batches of.
+        position = resume.resumed_position(taken, values, conflicts, origin.info.run_id, (epoch, step))
         by_step = values["checkpoint_every_steps"] is not None
         tags = runs.resume_tags(origin, opts, conflicts, epoch, step if by_step else None)
     pl.seed_everything(values["seed"], verbose=False)
@@ -159,6 +170,8 @@ def train(opts: options.Options) -> str:
             # Lightning restores the checkpoint's learning rate with the optimizer and the scheduler: the run's
             # may be another since (an --override now, or one whose resume stopped before its first save).
             callbacks.append(GivenLearningRate(values["lr"]))
+        if position is not None:
+            callbacks.append(RebatchedEpoch(position.batches))
         callbacks.append(
             MLflowCheckpoints(
                 monitor=values["monitor"],
@@ -205,16 +218,23 @@ def _refuse_a_pick_but_the_latest(run_id: str, opts: options.Options, config: An
         )
 
 
-def _resumed_at(ckpt_path: str) -> tuple[int, int]:
+def _resumed_at(ckpt_path: str) -> tuple[int, int, Position | None]:
     """Where a Lightning checkpoint resumes: the epochs it trained, as the user counts them (and the own-loop
     pipelines' tags), not Lightning's ``epoch`` from 0 (a save by steps in mid-epoch has not finished that
-    epoch); and its global step."""
+    epoch); its global step; and for a save in mid-epoch, the batches the epoch had taken (None at its end)."""
     import torch
 
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    batches = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
-    epochs = int(checkpoint["epoch"]) + (1 if batches.get("is_last_batch", True) else 0)
-    return epochs, int(checkpoint["global_step"])
+    fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    batches = fit_loop.get("epoch_loop.batch_progress", {})
+    mid_epoch = not batches.get("is_last_batch", True)
+    epochs = int(checkpoint["epoch"]) + (0 if mid_epoch else 1)
+    # The loader's samples taken (lightning_modules.ResumableLoader), in whole batches: the epoch's last, maybe
+    # short, is saved at its end.
+    loaders = fit_loop.get("state_dict", {}).get("combined_loader") or [{}]
+    taken, ready = int(loaders[0].get("taken", 0)), int(batches.get("current", {}).get("ready", 0))
+    position = Position(ready, batch_size=taken // ready) if mid_epoch and ready and taken else None
+    return epochs, int(checkpoint["global_step"]), position
 
 
 def _fit(trainer: Any, module: Any, train_loader: Any, val_loader: Any, ckpt_path: str | None) -> None:

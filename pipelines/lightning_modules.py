@@ -143,6 +143,27 @@ class PipelineCheckpoint(ModelCheckpoint):
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
+class RebatchedEpoch(pl.Callback):
+    """Counts the batches a save in mid-epoch had taken as ``batches`` of the size the resumed fit trains with (an
+    ``--override``-n ``--batch-size``; :func:`pipelines.resume.resumed_position` made sure they are whole): the
+    loader skips the samples taken whatever their batches, but Lightning restores its count of the epoch's batches,
+    which says when the epoch validates, steps its scheduler and ends, from the checkpoint's."""
+
+    def __init__(self, batches: int) -> None:
+        self.batches = batches
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Called before Lightning restores its loops from the same dict. Every counter moves alike: the batch the
+        # save was made in is ready, started and processed, and completes once the fit resumes.
+        progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+        shift = self.batches - progress["current"]["ready"]
+        for counters in (progress["current"], progress["total"]):
+            for name in counters:
+                counters[name] += shift
+
+
 class GivenLearningRate(pl.Callback):
     """Puts ``lr``, the run's learning rate (an ``--override``-n one, or its override tag's), into the optimizer and
     the scheduler a resumed fit restored from its checkpoint, before its first step, where they hold another

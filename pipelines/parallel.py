@@ -118,7 +118,7 @@ def _train(task: Task, opts: options.Options) -> str:
     if origin is not None and rank_state is not None:
         # Each rank skips its own share's samples: in batches of the size it trains with now, or refused.
         position = resume.resumed_position(
-            Position.read(rank_state.get(KEY)), values, overrides, origin.info.run_id, state
+            Position.read(rank_state.get(KEY)), values, overrides, origin.info.run_id, (state.epoch, state.step)
         )
     dataset = TensorDataset(split.x_train, split.y_train)
     sampler: DistributedSampler[Any] = DistributedSampler(

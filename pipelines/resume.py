@@ -220,7 +220,9 @@ def restore(
         )
     apply_lr(loaded.optimizer, loaded.scheduler, values["lr"])
     state = State(loaded.model, loaded.optimizer, loaded.scheduler, epoch, loaded.step or 0)
-    position = resumed_position(Position.read(loaded.extra.get(KEY)), values, overrides, run_id, state)
+    position = resumed_position(
+        Position.read(loaded.extra.get(KEY)), values, overrides, run_id, (state.epoch, state.step)
+    )
     return state, loaded.extra["rng"], position
 
 
@@ -229,31 +231,53 @@ def resumed_position(
     values: Mapping[str, Any],
     overrides: Mapping[str, Any],
     run_id: str,
-    state: State,
+    at: tuple[int, int],
 ) -> Position | None:
-    """Where the resumed epoch starts, from ``position``, where the save in mid-epoch of run ``run_id`` at
-    ``state``'s step left it: the samples it had taken, skipped in batches of the size it trains with now (an
-    ``--override``-n ``--batch-size``). The epoch's order does not depend on the batch size, so the epoch goes on
-    with the samples it had left. Refused when they are no whole number of such batches, and with an
-    ``--override``-n ``--seed``, which draws another order: either would train some samples twice or never. A save
-    at an epoch's end (None) starts the next epoch with any size and seed."""
+    """Where the resumed epoch starts, from ``position``, where the save in mid-epoch of run ``run_id`` at ``at``
+    (its epochs completed, its global step) left it: the samples it had taken, skipped in batches of the size it
+    trains with now (an ``--override``-n ``--batch-size``). The epoch's order does not depend on the batch size, so
+    the epoch goes on with the samples it had left. Refused when they are no whole number of such batches, and with
+    an ``--override``-n ``--seed``, which draws another order: either would train some samples twice or never. A
+    save at an epoch's end (None) starts the next epoch with any size and seed."""
     if position is None:
         return None
-    where = f"run {run_id}: its checkpoint at step {state.step} was saved in mid-epoch {state.epoch + 1}"
+    where = mid_epoch(run_id, *at)
     if "seed" in overrides:
-        raise runs.PipelineError(
-            f"{where}, whose order of samples --seed {values['seed']} would not draw again: the epoch could not go "
-            "on with the samples it had left. Keep the run's --seed, or resume from a save at an epoch's end, from "
-            "which a new seed draws the next epochs."
-        )
+        raise another_order(where, values["seed"])
     resized = position.rebatched(values["batch_size"])
     if resized is not None:
         return resized
-    taken = f"{position.batches} batches of {position.batch_size} ({position.samples} samples)"
-    raise runs.PipelineError(
-        f"{where}, after {taken}, which are no whole number of batches of {values['batch_size']}: the epoch could not "
-        f"go on with the samples it had left. Keep the checkpoint's --batch-size {position.batch_size}, pass one that "
-        f"divides {position.samples}, or resume from a save at an epoch's end, which any batch size goes on from."
+    raise other_batches(
+        where,
+        position,
+        f"which are no whole number of batches of {values['batch_size']}",
+        f"pass one that divides {position.samples}, or resume from a save at an epoch's end, which any batch size "
+        "goes on from",
+    )
+
+
+# A save in mid-epoch that a resume could not go on from, as every pipeline says it (the framework ones too).
+def mid_epoch(run_id: str, epoch: int, step: int) -> str:
+    """How a refusal names the save of run ``run_id`` at global step ``step``, ``epoch`` epochs completed."""
+    return f"run {run_id}: its checkpoint at step {step} was saved in mid-epoch {epoch + 1}"
+
+
+def another_order(where: str, seed: int) -> runs.PipelineError:
+    """The refusal of ``--seed`` ``seed`` (``--override``) from the save in mid-epoch ``where`` names."""
+    return runs.PipelineError(
+        f"{where}, whose order of samples --seed {seed} would not draw again: the epoch could not go on with the "
+        "samples it had left. Keep the run's --seed, or resume from a save at an epoch's end, from which a new seed "
+        "draws the next epochs."
+    )
+
+
+def other_batches(where: str, taken: Position, why: str, instead: str) -> runs.PipelineError:
+    """The refusal of another ``--batch-size`` (``--override``) from the save in mid-epoch ``where`` names, after
+    the batches ``taken``: ``why`` it could not go on, and what to do ``instead`` of keeping the checkpoint's."""
+    samples = f"{taken.batches} batches of {taken.batch_size} ({taken.samples} samples)"
+    return runs.PipelineError(
+        f"{where}, after {samples}, {why}: the epoch could not go on with the samples it had left. Keep the "
+        f"checkpoint's --batch-size {taken.batch_size}, {instead}."
     )
 
 
