@@ -224,6 +224,24 @@ def test_evaluate_refuses_a_frameworks_run_in_one_line_naming_what_lists_its_met
         (["--resume", "{run}", "--checkpoint-every", "1", "--override"], 1, "a run holds one kind of key"),
         (["--resume", "{run}", "--from-step", "5"], 1, "committed steps: 2, 3, 4, 6"),
         (["--resume", "{run}", "--from-step", "5", "--new-run"], 1, "committed steps: 2, 3, 4, 6"),
+        # From mid-epoch 1 the Trainer drew another order (--seed), or skipped 2 batches of the new size: either
+        # trained some samples twice and others never.
+        (
+            ["--resume", "{run}", "--from-step", "2", "--new-run", "--override", "--seed", "5"],
+            1,
+            "at step 2 was saved in mid-epoch 1, whose order of samples --seed 5 would not draw again",
+        ),
+        (
+            ["--resume", "{run}", "--from-step", "2", "--new-run", "--override", "--batch-size", "256"],
+            1,
+            "at step 2 was saved in mid-epoch 1, after 2 batches of 512 (1024 samples), which the Trainer would skip",
+        ),
+        # At epoch 1's end (step 3), 256 makes an epoch 6 steps: the Trainer went on at step 3 of epoch 1.
+        (
+            ["--resume", "{run}", "--from-step", "3", "--new-run", "--override", "--batch-size", "256"],
+            1,
+            "at step 3 ends epoch 1 of 3 steps in batches of 512; in batches of 256 an epoch is 6 steps",
+        ),
     ],
     ids=[
         "both-intervals",
@@ -236,6 +254,9 @@ def test_evaluate_refuses_a_frameworks_run_in_one_line_naming_what_lists_its_met
         "by-epoch-overridden",
         "missing-step",
         "missing-step-new-run",
+        "mid-epoch-seed",
+        "mid-epoch-batch-size",
+        "epoch-end-batch-size",
     ],
 )
 def test_a_step_run_refuses_what_it_cannot_do_before_any_training(

@@ -10,6 +10,7 @@ pipeline's ``main``) but for the one killed mid-save.
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -340,3 +341,86 @@ def test_an_overridden_seed_draws_from_there_on(step_runs: Runs, monkeypatch: py
     assert not torch.equal(first_steps[1], first_steps[0])
     assert torch.equal(first_steps[2], first_steps[1])  # still exactly repeatable
     assert_same_training(reseeded, again, step_runs.config)
+
+
+def killed_in_mid_epoch(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A run of 2 epochs stopped by Ctrl-C as it was to take its third batch: its latest checkpoint is step 2, in
+    mid-epoch 1, after 2 batches of 512 (1,024 samples)."""
+    from tracking.integrations.lightning import MLflowCheckpoints
+
+    started = MLflowCheckpoints.on_train_batch_start
+
+    def on_train_batch_start(self: MLflowCheckpoints, trainer: Any, pl_module: Any, batch: Any, index: int) -> None:
+        started(self, trainer, pl_module, batch, index)
+        if trainer.global_step == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MLflowCheckpoints, "on_train_batch_start", on_train_batch_start)
+        stopped = inline("--epochs", "2", *STEPS)
+    assert stopped.code == 130, stopped.err[-3000:]
+    return stopped.run_id
+
+
+@pytest.fixture(scope="module")
+def mid_epoch_run(step_runs: Runs) -> Iterator[str]:
+    with pytest.MonkeyPatch.context() as patch:
+        use_store(patch, step_runs.env["MLFLOW_TRACKING_URI"], EXPERIMENT)
+        yield killed_in_mid_epoch(patch)
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--seed", "5"], "whose order of samples --seed 5 would not draw again"),
+        (["--batch-size", "300"], "after 2 batches of 512 (1024 samples), which are no whole number of batches of 300"),
+    ],
+    ids=["seed", "batch-size"],
+)
+def test_a_save_in_mid_epoch_refuses_another_seed_or_batches_its_samples_taken_do_not_make_before_it_is_touched(
+    step_runs: Runs, mid_epoch_run: str, monkeypatch: pytest.MonkeyPatch, args: list[str], said: str
+) -> None:
+    # The resumed epoch drew another order (--seed) and skipped the 1,024 samples taken in it, or rebatched the
+    # samples taken: either trained some of its samples twice and others never.
+    use_store(monkeypatch, step_runs.env["MLFLOW_TRACKING_URI"], EXPERIMENT)
+    client = MlflowClient(step_runs.config.tracking_uri)
+    before = client.get_run(mid_epoch_run)
+
+    done = inline("--resume", mid_epoch_run, "--override", *args)
+
+    assert done.code == 1 and done.err.count("\n") == 1, done.err
+    where = f"run {mid_epoch_run}: its checkpoint at step 2 was saved in mid-epoch 1"
+    assert where in done.err and said in done.err and "resume from a save at an epoch's end" in done.err, done.err
+    after = client.get_run(mid_epoch_run)
+    assert (after.info.status, after.info.end_time, after.data.tags) == (
+        before.info.status,
+        before.info.end_time,
+        before.data.tags,
+    )
+    assert [c.step for c in tracking.list_checkpoints(mid_epoch_run, config=step_runs.config)] == [2]
+
+
+def test_a_save_in_mid_epoch_goes_on_in_batches_of_another_size_that_its_samples_taken_make(
+    step_runs: Runs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The loader skipped the 1,024 samples taken, but Lightning counted the epoch's batches on from the checkpoint's
+    # 2 (of 512): with 256, epoch 1 ended at batch 4 of the 6 it counted to, neither validated nor stepped its
+    # scheduler, and epoch 2 validated alone.
+    use_store(monkeypatch, step_runs.env["MLFLOW_TRACKING_URI"], EXPERIMENT)
+    from pipelines.lightning_modules import LitDigits
+
+    run_id = killed_in_mid_epoch(monkeypatch)
+    validations: list[int] = []  # the epoch (from 1) of each validation of the resumed fit
+    monkeypatch.setattr(
+        LitDigits, "on_validation_start", lambda module: validations.append(module.trainer.current_epoch + 1)
+    )
+
+    done = inline("--resume", run_id, "--override", "--batch-size", "256")
+
+    assert done.code == 0, done.err[-3000:]
+    located = tracking.find_checkpoint(run_id, config=step_runs.config)
+    saved = torch.load(io.BytesIO(bytes(located.read("checkpoint.pt"))), weights_only=True)
+    # 4 of 256 (2 + 2 that take the 413 left) to epoch 1's end, then 6: the scheduler stepped at both ends.
+    assert (saved["epoch"], saved["global_step"]) == (1, 10)
+    assert [scheduler["last_epoch"] for scheduler in saved["lr_schedulers"]] == [2]
+    assert validations == [1, 2]
