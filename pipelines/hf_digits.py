@@ -303,12 +303,20 @@ def _check_samples_left(
     import json
     import math
 
-    from pipelines import resume, runs
+    import torch
+
+    from pipelines import parallel, resume, runs
     from pipelines.steps import Position
 
+    if "seed" not in changed and "batch_size" not in changed:
+        return  # the Trainer's own resume goes on exactly
     state = json.loads(bytes(located.read("trainer_state.json")))
     step = int(state["global_step"])
-    size, batch_size = int(state.get("train_batch_size") or values["batch_size"]), values["batch_size"]
+    # The Trainer's batch is one process's: one device's batch on each of its GPUs (nn.DataParallel) when it runs
+    # without torchrun on several.
+    devices = torch.cuda.device_count() if torch.cuda.is_available() and not parallel.launched() else 1
+    batch_size = values["batch_size"] * max(1, devices)
+    size = int(state.get("train_batch_size") or batch_size)
     # As the Trainer's loader splits the batches among the ranks (accelerate's BatchSamplerShard, even_batches).
     steps = {b: math.ceil(math.ceil(rows / b) / world) for b in (size, batch_size)}
     # The Trainer's epoch is a float (1.5 half way into the second); rounded as the callback rounds it.
