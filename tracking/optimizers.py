@@ -90,6 +90,11 @@ def check(optimizer: Any, scheduler: Any, scheduler_kwargs: Any) -> None:
             f"with schedulers by name, scheduler_kwargs= maps some of their names {sorted(schedulers)} to "
             f"each one's init arguments, got {scheduler_kwargs!r}"
         )
+    for name, kwargs in (scheduler_kwargs or {}).items():
+        if kwargs is not None and not isinstance(kwargs, Mapping):
+            raise TypeError(
+                f"scheduler_kwargs[{name!r}] must be a mapping of scheduler[{name!r}]'s init arguments, got {kwargs!r}"
+            )
 
 
 def check_factories(optimizer: Any, scheduler: Any) -> None:

@@ -346,3 +346,12 @@ def test_a_checkpoint_whose_states_do_not_match_its_manifests_names_is_refused(s
     tamper_manifest(run.info.run_id, 1, fix_manifest)
     with pytest.raises(tracking.IntegrityError, match=r"'optim_state' holds \['generator'\], where its manifest names"):
         tracking.load(run.info.run_id, mode="train")
+
+
+def test_scheduler_kwargs_by_name_that_are_not_each_a_mapping_are_refused_naming_the_key(s3_experiment: str) -> None:
+    model, optimizers, schedulers = setup()
+    with mlflow.start_run() as run:
+        for kwargs in ({"generator": 3}, {"generator": ["step_size", 2]}):
+            with pytest.raises(TypeError, match=r"scheduler_kwargs\['generator'\] must be a mapping"):
+                tracking.log_checkpoint(model, optimizers, epoch=1, scheduler=schedulers, scheduler_kwargs=kwargs)
+    assert tracking.list_checkpoints(run.info.run_id) == []

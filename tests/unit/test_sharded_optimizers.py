@@ -90,3 +90,51 @@ def test_a_whole_model_checkpoint_restores_named_optimizers_into_a_sharded_model
         expected = [value for _, state in sorted(one.state_dict()["state"].items()) for value in state.values()]
         found = [value for state in restored["optimizers"][name]["state"].values() for value in state.values()]
         assert len(found) == len(expected) and all(torch.equal(a, b) for a, b in zip(found, expected, strict=True))
+
+
+class Generator(torch.nn.Module):
+    """The GAN's generator alone: a model with no place for the discriminator's weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generator = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 6))
+
+
+def test_a_sharded_checkpoint_that_does_not_fit_what_restore_is_given_is_refused_and_loads_nothing(
+    s3_experiment: str, process_group: None
+) -> None:
+    model, optimizers, schedulers = sharded_setup(0)
+    train(model, optimizers, schedulers, steps=3, seed=1)
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, optimizers, epoch=1, scheduler=schedulers)
+        tracking.log_checkpoint(model, None, epoch=2)  # the weights alone
+    run_id = run.info.run_id
+
+    into, into_optimizers, into_schedulers = sharded_setup(5)
+    before = full(into, into_optimizers, into_schedulers)
+    swapped = {"generator": into_optimizers["discriminator"], "discriminator": into_optimizers["generator"]}
+    half = Generator()
+    fully_shard(half)
+    half_before = get_model_state_dict(half, options=FULL)
+    cases: list[tuple[torch.nn.Module, Any, str]] = [
+        (into, swapped, "optim_state.discriminator.state.discriminator.0.bias.exp_avg"),  # a state of each, swapped
+        (into, {**into_optimizers, "generator": torch.optim.Adam(into.parameters())}, "does not fit"),
+        (half, None, "model_state.discriminator.0.bias"),  # left out without a word before: strict=True
+    ]
+    for target, optimizer, said in cases:
+        # A MismatchError naming the run, not DCP's CheckpointException (no Exception: except Exception missed it).
+        with pytest.raises(tracking.MismatchError) as refused:
+            tracking.restore(run_id, target, optimizer, checkpoint=1)
+        message = str(refused.value)
+        assert message.startswith(f"run {run_id}: checkpoint-epoch-0001 (m-") and said in message, message
+    assert_same(full(into, into_optimizers, into_schedulers), before)
+    assert_same(get_model_state_dict(half, options=FULL), half_before)
+    tracking.restore(run_id, half, checkpoint=1, strict=False)  # the weights that match, when asked for
+    generator = {k: v for k, v in full(model, optimizers, schedulers)["model"].items() if k.startswith("generator.")}
+    assert_same(get_model_state_dict(half, options=FULL), generator)
+
+    # A checkpoint of the weights alone restores the model and leaves the optimizers as they are, as checkpoint.pt.
+    tracking.restore(run_id, into, into_optimizers, checkpoint=2)
+    restored = full(into, into_optimizers, into_schedulers)
+    assert_same(restored["model"], full(model, optimizers, schedulers)["model"])
+    assert_same(restored["optimizers"], before["optimizers"])

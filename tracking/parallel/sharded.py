@@ -181,8 +181,10 @@ def read(
 
 
 @contextlib.contextmanager
-def _own_errors(where: str) -> Iterator[None]:
-    """A TrackingError raised inside DCP's load as itself (naming ``where``), not as a CheckpointException."""
+def _own_errors(where: str, mismatch: bool = False) -> Iterator[None]:
+    """A TrackingError raised inside DCP's load as itself (naming ``where``), not as a CheckpointException;
+    ``mismatch``: any other error of the load (a key the objects loaded into hold and the checkpoint does not, a
+    shape) as a MismatchError. A CheckpointException is no Exception: ``except Exception`` would not catch it."""
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
@@ -190,8 +192,17 @@ def _own_errors(where: str) -> Iterator[None]:
     except CheckpointException as exc:
         inner = _dcp_error(exc)
         if not isinstance(inner, TrackingError):
+            if mismatch:
+                raise _mismatch(where, one_line(inner)) from None
             raise
         raise type(inner)(str(inner) if str(inner).startswith(where) else f"{where}: {inner}") from None
+
+
+def _mismatch(where: str, found: str) -> MismatchError:
+    return MismatchError(
+        f"{where} does not fit the sharded model or optimizer given ({found[:500]}); "
+        "build them as the run that saved it did."
+    )
 
 
 def index_keyed(optim_state: Mapping[str, Any]) -> dict[str, Any]:
@@ -240,10 +251,7 @@ def load_whole_into(model: nn.Module, optimizer: Any, state: Mapping[str, Any], 
             for one, saved in _pairs(optimizer, state["optim_state"]):
                 set_optimizer_state_dict(model, one, name_keyed(saved, model, one), options=options)
     except (RuntimeError, KeyError, ValueError) as exc:
-        raise MismatchError(
-            f"{where} does not fit the sharded model or optimizer given ({one_line(exc)[:500]}); "
-            "build them as the run that saved it did."
-        ) from exc
+        raise _mismatch(where, one_line(exc)) from exc
 
 
 def load_into(
@@ -267,26 +275,54 @@ def load_into(
     )
     from torch.distributed.checkpoint.state_dict_loader import load
 
+    reader = ShardReader(store, files, where)
+    # Its IntegrityError as it is, not inside DCP's CheckpointException; each saved value's path in the state dict.
+    paths = {tuple(path) for path in reader.read_metadata().planner_data.values()}
     options = StateDictOptions(strict=strict)
     template: dict[str, Any] = {"model_state": get_model_state_dict(model, options=options)}
-    if optimizer is not None:
+    # Saved without one (its optim_state a None): the model alone, as from checkpoint.pt.
+    if optimizer is not None and any(path[0] == "optim_state" and len(path) > 1 for path in paths):
         # Several optimizers by name (the checkpoint's names) are each saved under theirs.
         template["optim_state"] = (
             {name: get_optimizer_state_dict(model, one, options=options) for name, one in optimizer.items()}
             if isinstance(optimizer, Mapping)
             else get_optimizer_state_dict(model, optimizer, options=options)
         )
-    reader = ShardReader(store, files, where)
-    reader.read_metadata()  # its IntegrityError as it is, not inside DCP's CheckpointException
-    with _quiet(), _own_errors(where):  # each rank reads the chunks it needs on its own: no collective is needed
+    _refuse_left_over(where, template, paths, strict)
+    with _quiet(), _own_errors(where, mismatch=True):  # each rank reads the chunks it needs: no collective
         load(template, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
-    set_model_state_dict(model, template["model_state"], options=options)
-    if optimizer is not None:
-        for one, saved in _pairs(optimizer, template["optim_state"]):
-            set_optimizer_state_dict(model, one, saved, options=options)
-    saved = {str(path[0]) for path in reader.read_metadata().planner_data.values()}
-    rest = read(store, files, where, keys=saved - {"model_state", "optim_state"})
-    return rest
+    try:
+        set_model_state_dict(model, template["model_state"], options=options)
+        if "optim_state" in template:
+            for one, state in _pairs(optimizer, template["optim_state"]):
+                set_optimizer_state_dict(model, one, state, options=options)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise _mismatch(where, one_line(exc)) from exc
+    saved = {str(path[0]) for path in paths}
+    return read(store, files, where, keys=saved - {"model_state", "optim_state"})
+
+
+def _refuse_left_over(where: str, template: dict[str, Any], paths: set[tuple[Any, ...]], strict: bool) -> None:
+    """Raise MismatchError when the checkpoint holds weights (``strict``) or optimizer states that nothing in
+    ``template`` takes: DCP loads what the template asks for, and would leave those out without a word."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+
+    _, mappings = flatten_state_dict(template)
+    wanted = {tuple(path) for path in mappings.values()}
+    roles = {"optim_state"} | ({"model_state"} if strict else set())
+    # An optimizer's param_groups hold its settings (initial_lr once a scheduler ran): those follow the live one.
+    left = sorted(
+        ".".join(str(part) for part in path)
+        for path in paths
+        if path[0] in roles and path[0] in template and "param_groups" not in path[1:3] and path not in wanted
+    )
+    if left:
+        shown = ", ".join(left[:5]) + (f", ... ({len(left)} in all)" if len(left) > 5 else "")
+        hint = "" if left[0].startswith("optim_state") else " (or pass strict=False to load the weights that match)"
+        raise MismatchError(
+            f"{where} holds {shown}, which the sharded model or optimizer given has no place for: restoring it "
+            f"would leave them out. Build them as the run that saved it did{hint}."
+        )
 
 
 def _pairs(optimizer: Any, saved: Any) -> list[tuple[torch.optim.Optimizer, Any]]:
