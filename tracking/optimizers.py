@@ -64,6 +64,10 @@ def check(optimizer: Any, scheduler: Any, scheduler_kwargs: Any) -> None:
             raise ValueError(f"optimizer= names one optimizer twice ({sorted(optimizers)}); name each one once")
     schedulers = _named(scheduler, "scheduler")
     if schedulers is None:
+        if scheduler_kwargs is not None and not isinstance(scheduler_kwargs, Mapping):
+            raise TypeError(
+                f"scheduler_kwargs= must be a mapping of the scheduler's init arguments, got {scheduler_kwargs!r}"
+            )
         if scheduler is not None and optimizers is not None:
             raise TypeError(
                 f"optimizer= is a mapping of names, scheduler= is one {type(scheduler).__name__}: pass "

@@ -354,4 +354,9 @@ def test_scheduler_kwargs_by_name_that_are_not_each_a_mapping_are_refused_naming
         for kwargs in ({"generator": 3}, {"generator": ["step_size", 2]}):
             with pytest.raises(TypeError, match=r"scheduler_kwargs\['generator'\] must be a mapping"):
                 tracking.log_checkpoint(model, optimizers, epoch=1, scheduler=schedulers, scheduler_kwargs=kwargs)
+        # One optimizer and its scheduler: the kwargs are that scheduler's own.
+        with pytest.raises(TypeError, match=r"scheduler_kwargs= must be a mapping of the scheduler's init arguments"):
+            tracking.log_checkpoint(
+                model, optimizers["generator"], epoch=1, scheduler=schedulers["generator"], scheduler_kwargs=3
+            )
     assert tracking.list_checkpoints(run.info.run_id) == []
