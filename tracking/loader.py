@@ -19,7 +19,7 @@ from typing import Any, BinaryIO, cast
 import torch
 from torch import nn
 
-from tracking import layout, optimizers, pairing, pretrained, rebuild, spec, zerocopy
+from tracking import layout, lightning_state, optimizers, pairing, pretrained, rebuild, spec, zerocopy
 from tracking.config import TrackingConfig
 from tracking.device import check_available, check_map_location, to_device
 from tracking.errors import ConfigError, NotFoundError, TrackingError
@@ -85,7 +85,7 @@ def load(
     # load_state_dict moves to its parameters' device) and the scaler follow map_location; RNG
     # states, rank_state and counters must stay on the host.
     read = _read_torch(located, "cpu", share=True)
-    rebuild.undescribed_optimizers(located, read)
+    lightning_state.undescribed_states(located, read)
     state = rebuild.checkpoint_state(located, read)
     built = rebuild.build_model(located, model, map_location, state["model_state"])
     plain = distributed.unwrap(built)  # a model=torch.compile(...) or DataParallel(...) takes the state in its module
@@ -167,7 +167,7 @@ def restore(
     else:
         # Read on the host, as load does: load_state_dict copies each value to where it belongs.
         read = _read_torch(located, "cpu")
-        rebuild.undescribed_optimizers(located, read)
+        lightning_state.undescribed_states(located, read)
         state = rebuild.checkpoint_state(located, read)
         if distributed.is_sharded(plain.state_dict()):
             # A whole model's checkpoint (one process's, or DDP's) into an FSDP2 model: every rank keeps its shards.

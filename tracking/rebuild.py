@@ -7,7 +7,6 @@ are checked to be Module / Optimizer / scheduler subclasses before they are call
 
 from __future__ import annotations
 
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -16,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from tracking import layout, spec, zerocopy
+from tracking import lightning_state, spec, zerocopy
 from tracking.errors import IntegrityError, MismatchError, NotFoundError, TrackingError, load_refusal
 from tracking.selection import Located
 
@@ -36,7 +35,7 @@ def checkpoint_state(located: Located, state: Any) -> dict[str, Any]:
     hyper_parameters, ...) stay as extras.
     """
     if located.manifest.format == "lightning" and isinstance(state, dict):
-        state = _from_lightning(located, state)
+        state = lightning_state.as_core_state(located, state)
     if not isinstance(state, dict) or "model_state" not in state:
         raise TrackingError(f"run {located.run_id}: {located.label} has no 'model_state' key; it is not a checkpoint.")
     model_state = state["model_state"]
@@ -79,56 +78,6 @@ def _is_optimizer_state(value: Any) -> bool:
         and isinstance(value.get("state"), Mapping)
         and isinstance(value.get("param_groups"), list)
     )
-
-
-def _from_lightning(located: Located, state: dict[str, Any]) -> dict[str, Any]:
-    """A Lightning checkpoint's fields under the core's names (no Lightning import: it is a plain dict)."""
-    if "state_dict" not in state:
-        raise _bad_field(located, "state_dict", "is missing")
-    mapped = {k: v for k, v in state.items() if k not in _LIGHTNING_KEYS}
-    mapped["model_state"] = state["state_dict"]
-    mapped["epoch"] = state.get("epoch")
-    mapped["step"] = state.get("global_step")
-    optimizers = state.get("optimizer_states") or []
-    schedulers = state.get("lr_schedulers") or []
-    if located.manifest.optimizers is not None:
-        # Several optimizers, named by their index in Lightning's list; each scheduler by the optimizer it drives.
-        if isinstance(optimizers, list) and optimizers:
-            mapped["optim_state"] = {str(index): item for index, item in enumerate(optimizers)}
-        if isinstance(schedulers, list) and schedulers and located.manifest.schedulers:
-            # A missing or bad index leaves its name out: the check that follows refuses the state, naming it.
-            positions = {name: d.get(layout.LR_SCHEDULERS_INDEX) for name, d in located.manifest.schedulers.items()}
-            mapped["scheduler_state"] = {
-                name: schedulers[index]
-                for name, index in positions.items()
-                if isinstance(index, int) and not isinstance(index, bool) and 0 <= index < len(schedulers)
-            }
-        return mapped
-    mapped["optim_state"] = optimizers[0] if isinstance(optimizers, list) and optimizers else None
-    # Rebuilt only when its manifest says how (its init arguments could be read back when it was saved).
-    rebuildable = (located.manifest.scheduler or {}).get("init_kwargs") is not None
-    if isinstance(schedulers, list) and schedulers and rebuildable:
-        mapped["scheduler_state"] = schedulers[0]
-    return mapped
-
-
-def undescribed_optimizers(located: Located, state: Any) -> None:
-    """Warn, naming the run and the checkpoint, when a Lightning checkpoint holds several optimizers' states and
-    its manifest (written before the library described each) describes the first alone: that one is rebuilt."""
-    if located.manifest.format != "lightning" or located.manifest.optimizers is not None:
-        return
-    saved = state.get("optimizer_states") if isinstance(state, dict) else None
-    if isinstance(saved, list) and len(saved) > 1:
-        warnings.warn(
-            f"run {located.run_id}: {located.label} holds the states of {len(saved)} optimizers, and its manifest, "
-            "written by a version of torch-mlflow-tracking that described the first alone, says how to rebuild "
-            "that one only: the others are left out. Lightning's own resume restores them all: trainer.fit(model, "
-            "ckpt_path=tracking.integrations.lightning.checkpoint_path(run_id)).",
-            stacklevel=3,
-        )
-
-
-_LIGHTNING_KEYS = frozenset({"state_dict", "optimizer_states", "lr_schedulers", "epoch", "global_step"})
 
 
 def refused_file(located: Located, name: str, exc: BaseException) -> TrackingError:

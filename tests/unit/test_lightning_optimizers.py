@@ -15,10 +15,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 from mlflow import MlflowClient
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.lr_scheduler import ExponentialLR, LambdaLR, StepLR
 
 import tracking
-from tests.lightning_model import TwoOptimizerLit, fit, halving
+from tests.lightning_model import TinyLit, TwoOptimizerLit, fit, halving
 from tracking import spec
 from tracking.cli import main
 from tracking.integrations.lightning import callback, description
@@ -141,7 +141,23 @@ def test_a_checkpoint_whose_manifest_describes_the_first_optimizer_alone_warns_t
 
     monkeypatch.setattr(callback, "save_context", first_only)
     run_id, _, trainer = _fit(tmp_path)
-    with pytest.warns(UserWarning, match=rf"run {run_id}: .* holds the states of 2 optimizers.*checkpoint_path"):
+    left_out = r"1 of its 2 optimizers .* describes the first alone\) and 1 of its 2 LR schedulers"
+    with pytest.warns(UserWarning, match=rf"run {run_id}: .* left out of this load: {left_out}.*checkpoint_path"):
         loaded = tracking.load(run_id, mode="train")
     assert isinstance(loaded.optimizer, torch.optim.Adam) and not loaded.optimizers
     _same_state(loaded.optimizer.state_dict(), trainer.optimizers[0].state_dict())
+
+
+class TwoSchedulersLit(TinyLit):
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        return [optimizer], [StepLR(optimizer, 2, 0.5), ExponentialLR(optimizer, 0.9)]
+
+
+def test_a_second_scheduler_of_one_optimizer_is_said_to_be_left_out(s3_experiment: str, tmp_path: Path) -> None:
+    with mlflow.start_run() as run:
+        _, trainer = fit(2, tmp_path, module=TwoSchedulersLit)
+    with pytest.warns(UserWarning, match=r"left out of this load: 1 of its 2 LR schedulers \(the first of each"):
+        loaded = tracking.load(run.info.run_id, mode="train")
+    assert isinstance(loaded.scheduler, StepLR)
+    assert loaded.scheduler.state_dict() == trainer.lr_scheduler_configs[0].scheduler.state_dict()
