@@ -59,7 +59,8 @@ def load(
     parameters) or ``scheduler=`` (factory taking the optimizer) for classes that
     cannot be rebuilt from the manifest. For a checkpoint of several optimizers by name,
     ``mode="train"`` rebuilds each, and the result's ``optimizer`` and ``scheduler`` are dicts
-    by name; ``optimizer=`` and ``scheduler=`` then map some of those names to factories.
+    by name; ``optimizer=`` and ``scheduler=`` then map some of those names to factories. A factory given for a
+    checkpoint saved without an optimizer (or scheduler) is not used, with a warning.
     """
     _check_mode(mode)
     check_map_location(map_location)
@@ -68,6 +69,7 @@ def load(
     manifest = located.manifest
     pairing.match(located, "optimizer", optimizer, "tracking.load")
     pairing.match(located, "scheduler", scheduler, "tracking.load")
+    pairing.unheld(located, {"optimizer": optimizer, "scheduler": scheduler}, "tracking.load")
     check_available(map_location)
     if pretrained.is_folder(located):
         # A framework's folder of files (the Hugging Face Trainer's): its optimizer only to resume.
@@ -135,13 +137,15 @@ def restore(
     DDP's) loads into the module a ``DistributedDataParallel`` wraps, or into an FSDP2 model, each
     rank keeping its own shards. The result's ``rank_state`` is this rank's own.
     A checkpoint of several optimizers by name restores into ``optimizer={name: optimizer}`` with
-    the same names (``scheduler=`` likewise, or None).
+    the same names (``scheduler=`` likewise, or None: schedulers by name need their optimizers by name). An
+    optimizer or scheduler given for a checkpoint saved without one is left as it is, with a warning.
     """
     from tracking.parallel import sharded
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    optimizers.check(optimizer, None, None)
+    # As log_checkpoint takes them: schedulers by name only with their optimizers, each under the name of its own.
+    optimizers.check(optimizer, scheduler, None)
     optimizers.check_loadable(scheduler, scaler)
     config = config or TrackingConfig.from_env()
 
@@ -162,6 +166,7 @@ def restore(
             "trainer.train(resume_from_checkpoint=tracking.integrations.transformers.checkpoint_folder(...)), or "
             "rebuild it with tracking.load(..., mode='train')."
         )
+    pairing.unheld(located, {"optimizer": optimizer, "scheduler": scheduler}, "tracking.restore")
     if manifest.kind == SHARDED_KIND:
         state = sharded.load_into(located.store, manifest.files, _where(located), plain, optimizer, strict)
     else:

@@ -4,12 +4,13 @@ by name (see :mod:`tracking.optimizers` for how several are stored), each state 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
-from tracking import rebuild
+from tracking import pretrained, rebuild
 from tracking.errors import MismatchError
 from tracking.manifest import Manifest
 from tracking.selection import Located
@@ -26,9 +27,9 @@ def match(located: Located, role: str, given: Any, call: str) -> None:
     shaped as the checkpoint's: one for one, a mapping for names; the same names for ``tracking.restore``, some of
     them for ``tracking.load`` (factories for those it cannot rebuild from their descriptions)."""
     saved = names(located.manifest, role)
-    if given is None or (saved is None and not _holds(located.manifest, role)):
-        return
-    where = f"run {located.run_id}: {located.label} ({located.store.describe(located.path(located.file))})"
+    if given is None or (saved is None and not _holds(located, role)):
+        return  # what the checkpoint holds none of is said by unheld, once for all of it
+    where = _where(located)
     if saved is None and isinstance(given, Mapping):
         raise MismatchError(
             f"{where} holds one {role}, and {call} was given {role}s named {sorted(given)}; pass {role}=<one "
@@ -50,8 +51,42 @@ def match(located: Located, role: str, given: Any, call: str) -> None:
             )
 
 
-def _holds(manifest: Manifest, role: str) -> bool:
-    return (manifest.optimizer if role == "optimizer" else manifest.scheduler) is not None
+def unheld(located: Located, given: Mapping[str, Any], call: str) -> None:
+    """Warn once, naming the run and the checkpoint, when ``call`` was given an optimizer or scheduler (``given``
+    by role: objects, factories, or mappings of names) that the checkpoint holds no state for. It is left as it
+    is, as a checkpoint saved without an optimizer has always restored the model alone; a training resumed from
+    it would otherwise start that optimizer or schedule afresh without a word."""
+    roles = [role for role, value in given.items() if value is not None and not _holds(located, role)]
+    if not roles:
+        return
+    one = len(roles) == 1
+    given_to = f"the {' and '.join(f'{role}=' for role in roles)} given to {call} {'is' if one else 'are'}"
+    if call == "tracking.restore":
+        outcome = f"{given_to} left as {'it is' if one else 'they are'}"
+    else:
+        outcome = f"{given_to} not used: " + " and ".join(f"the result's {role} is None" for role in roles)
+    warnings.warn(
+        f"{_where(located)} holds no {' or '.join(roles)} state (it was saved without {'one' if one else 'them'}): "
+        f"{outcome}. Pass {' and '.join(f'{role}=None' for role in roles)} to load it as it was saved, or pick a "
+        f"checkpoint saved with {'one' if one else 'them'} (checkpoint=<epoch>).",
+        stacklevel=3,
+    )
+
+
+def _where(located: Located) -> str:
+    return f"run {located.run_id}: {located.label} ({located.store.describe(located.path(located.file))})"
+
+
+def _holds(located: Located, role: str) -> bool:
+    """Whether the checkpoint holds state for ``role``: described in its manifest (one, or by name), and for a
+    framework's folder, in its files (a Trainer's ``save_only_model`` folder describes an optimizer it has not)."""
+    manifest = located.manifest
+    if pretrained.is_folder(located):
+        wanted = [pretrained.OPTIMIZER_FILE] + ([pretrained.SCHEDULER_FILE] if role == "scheduler" else [])
+        return all(name in manifest.files for name in wanted)
+    if role == "optimizer":
+        return manifest.optimizer is not None or manifest.optimizers is not None
+    return manifest.scheduler is not None or manifest.schedulers is not None
 
 
 def load_into(located: Located, model: nn.Module, optimizer: Any, saved: Any) -> None:

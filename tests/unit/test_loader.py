@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -544,6 +545,56 @@ def test_scheduler_factory_keeps_the_loaded_learning_rate(experiment: str) -> No
         assert loaded.optimizer is not None
         assert loaded.optimizer.param_groups[0]["lr"] == saved_lr
         assert loaded.scheduler.last_epoch == 5
+
+
+def test_an_optimizer_or_scheduler_given_for_a_checkpoint_saved_without_one_is_said_to_be_left_as_it_is(
+    s3_experiment: str,
+) -> None:
+    model, optimizer, scheduler = digits_setup()
+    train_steps(model, optimizer, scheduler, steps=3)
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, optimizer, epoch=1)  # no scheduler
+        tracking.log_checkpoint(model, None, epoch=2)  # the weights alone
+        tracking.log_checkpoint(model, optimizer, epoch=3, scheduler=scheduler)  # all of it
+    run_id = run.info.run_id
+
+    def said(call: Any) -> str:
+        with pytest.warns(UserWarning) as caught:
+            call()
+        (warning,) = [str(w.message) for w in caught if "holds no" in str(w.message)]  # once, whatever is left out
+        return warning
+
+    fresh, fresh_optimizer, fresh_scheduler = digits_setup(seed=1)
+    scheduler_before = fresh_scheduler.state_dict()
+    warning = said(lambda: tracking.restore(run_id, fresh, fresh_optimizer, fresh_scheduler, checkpoint=1))
+    assert warning.startswith(f"run {run_id}: checkpoint-epoch-0001 (m-"), warning
+    assert "holds no scheduler state" in warning and "scheduler= given to tracking.restore is left as it is" in warning
+    assert "Pass scheduler=None" in warning, warning
+    assert fresh_scheduler.state_dict() == scheduler_before  # left as it is; the optimizer was loaded
+    assert fresh_optimizer.state_dict()["param_groups"] == optimizer.state_dict()["param_groups"]
+
+    def halving(opt: torch.optim.Optimizer) -> Any:
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+
+    loaded: list[Any] = []
+    warning = said(lambda: loaded.append(tracking.load(run_id, 1, mode="train", scheduler=halving)))
+    assert "given to tracking.load is not used: the result's scheduler is None" in warning, warning
+    assert loaded[0].optimizer is not None and loaded[0].scheduler is None
+
+    # The weights alone: both named in one warning, the model restored and the rest left as it is.
+    spare, spare_scheduler = digits_setup(seed=1)[1:]
+    warning = said(lambda: tracking.restore(run_id, fresh, spare, spare_scheduler, checkpoint=2))
+    assert "checkpoint-epoch-0002" in warning and "holds no optimizer or scheduler state" in warning, warning
+    assert "Pass optimizer=None and scheduler=None" in warning, warning
+    warning = said(lambda: loaded.append(tracking.load(run_id, 2, optimizer=torch.optim.SGD)))
+    assert "the result's optimizer is None" in warning and loaded[-1].optimizer is None, warning
+    assert spare.state_dict()["state"] == {}  # never stepped: nothing was loaded into it
+
+    # A checkpoint that holds them all says nothing.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tracking.restore(run_id, fresh, fresh_optimizer, fresh_scheduler, checkpoint=3)
+        tracking.load(run_id, 3, mode="train", optimizer=torch.optim.Adam, scheduler=halving)
 
 
 def test_amp_scaler_is_rebuilt(experiment: str) -> None:

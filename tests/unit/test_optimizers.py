@@ -360,3 +360,50 @@ def test_scheduler_kwargs_by_name_that_are_not_each_a_mapping_are_refused_naming
                 model, optimizers["generator"], epoch=1, scheduler=schedulers["generator"], scheduler_kwargs=3
             )
     assert tracking.list_checkpoints(run.info.run_id) == []
+
+
+def test_restore_refuses_schedulers_by_name_without_their_optimizers_as_log_checkpoint_does(
+    s3_experiment: str,
+) -> None:
+    model, optimizers, schedulers = setup()
+    train(model, optimizers, schedulers, steps=2, seed=1)
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, optimizers, epoch=1, scheduler=schedulers)
+    into, into_optimizers, into_schedulers = setup(seed=5)
+    before = states(into, into_optimizers, into_schedulers)
+    # Not a result whose .scheduler is the dict and .schedulers empty: refused, naming what to pass.
+    with pytest.raises(TypeError, match=r"scheduler= is a mapping of names, optimizer= is not: pass optimizer="):
+        tracking.restore(run.info.run_id, into, None, into_schedulers)
+    with pytest.raises(ValueError, match=r"scheduler\['generator'\] drives another optimizer"):
+        swapped = {"generator": into_schedulers["discriminator"], "discriminator": into_schedulers["generator"]}
+        tracking.restore(run.info.run_id, into, into_optimizers, swapped)
+    assert_same(states(into, into_optimizers, into_schedulers), before)  # nothing was loaded
+
+
+def test_schedulers_by_name_given_for_a_checkpoint_saved_without_schedulers_are_said_to_be_left_out(
+    s3_experiment: str,
+) -> None:
+    model, optimizers, schedulers = setup()
+    train(model, optimizers, schedulers, steps=2, seed=1)
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, optimizers, epoch=1)  # the optimizers, no scheduler
+    run_id = run.info.run_id
+    path = find_checkpoint(run_id).store.describe(layout.CHECKPOINT_FILE)
+
+    into, into_optimizers, into_schedulers = setup(seed=5)
+    before = states(into, into_optimizers, into_schedulers)
+    with pytest.warns(UserWarning) as said:
+        restored = tracking.restore(run_id, into, into_optimizers, into_schedulers)
+    (warning,) = [str(w.message) for w in said if "holds no" in str(w.message)]
+    assert warning.startswith(f"run {run_id}: checkpoint-epoch-0001 (m-") and path in warning, warning
+    assert "holds no scheduler state" in warning and "tracking.restore" in warning and "scheduler=None" in warning
+    assert "optimizer state" not in warning and restored.optimizers == into_optimizers
+    assert_same(states(into, into_optimizers, {})["optimizers"], states(model, optimizers, {})["optimizers"])
+    assert_same({n: s.state_dict() for n, s in into_schedulers.items()}, before["schedulers"])  # left as they are
+
+    def halving(optimizer: torch.optim.Optimizer) -> Any:
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+
+    with pytest.warns(UserWarning, match=r"holds no scheduler state .*given to tracking.load is not used"):
+        loaded = tracking.load(run_id, mode="train", scheduler={"generator": halving})
+    assert sorted(loaded.optimizers) == ["discriminator", "generator"] and loaded.schedulers == {}
