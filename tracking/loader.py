@@ -138,7 +138,7 @@ def restore(
     rank keeping its own shards. The result's ``rank_state`` is this rank's own.
     A checkpoint of several optimizers by name restores into ``optimizer={name: optimizer}`` with
     the same names (``scheduler=`` likewise, or None: schedulers by name need their optimizers by name). An
-    optimizer or scheduler given for a checkpoint saved without one is left as it is, with a warning.
+    optimizer, scheduler or scaler given for a checkpoint saved without one is left as it is, with a warning.
     """
     from tracking.parallel import sharded
 
@@ -166,7 +166,7 @@ def restore(
             "trainer.train(resume_from_checkpoint=tracking.integrations.transformers.checkpoint_folder(...)), or "
             "rebuild it with tracking.load(..., mode='train')."
         )
-    pairing.unheld(located, {"optimizer": optimizer, "scheduler": scheduler}, "tracking.restore")
+    pairing.unheld(located, {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}, "tracking.restore")
     if manifest.kind == SHARDED_KIND:
         state = sharded.load_into(located.store, manifest.files, _where(located), plain, optimizer, strict)
     else:

@@ -86,6 +86,8 @@ def _holds(located: Located, role: str) -> bool:
         return all(name in manifest.files for name in wanted)
     if role == "optimizer":
         return manifest.optimizer is not None or manifest.optimizers is not None
+    if role == "scaler":
+        return manifest.scaler is not None
     return manifest.scheduler is not None or manifest.schedulers is not None
 
 

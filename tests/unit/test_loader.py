@@ -547,7 +547,7 @@ def test_scheduler_factory_keeps_the_loaded_learning_rate(experiment: str) -> No
         assert loaded.scheduler.last_epoch == 5
 
 
-def test_an_optimizer_or_scheduler_given_for_a_checkpoint_saved_without_one_is_said_to_be_left_as_it_is(
+def test_an_optimizer_scheduler_or_scaler_given_for_a_checkpoint_saved_without_one_is_said_to_be_left_as_it_is(
     s3_experiment: str,
 ) -> None:
     model, optimizer, scheduler = digits_setup()
@@ -589,6 +589,11 @@ def test_an_optimizer_or_scheduler_given_for_a_checkpoint_saved_without_one_is_s
     warning = said(lambda: loaded.append(tracking.load(run_id, 2, optimizer=torch.optim.SGD)))
     assert "the result's optimizer is None" in warning and loaded[-1].optimizer is None, warning
     assert spare.state_dict()["state"] == {}  # never stepped: nothing was loaded into it
+    # An AMP scaler too.
+    scaler = torch.amp.GradScaler("cpu", init_scale=64.0)
+    warning = said(lambda: tracking.restore(run_id, fresh, fresh_optimizer, fresh_scheduler, scaler, checkpoint=3))
+    assert "holds no scaler state" in warning and "Pass scaler=None" in warning, warning
+    assert scaler.state_dict()["scale"] == 64.0
 
     # A checkpoint that holds them all says nothing.
     with warnings.catch_warnings():
