@@ -42,9 +42,9 @@ def as_core_state(located: Located, state: dict[str, Any]) -> dict[str, Any]:
             }
         return mapped
     mapped["optim_state"] = optimizers[0] if isinstance(optimizers, list) and optimizers else None
-    # Rebuilt only when its manifest says how (its init arguments could be read back when it was saved).
-    rebuildable = (located.manifest.scheduler or {}).get("init_kwargs") is not None
-    if isinstance(schedulers, list) and schedulers and rebuildable:
+    # Kept even when its init arguments could not be read back at the save: a scheduler given to restore, or a
+    # factory given to load, takes it (pairing.build_schedulers leaves it out otherwise).
+    if isinstance(schedulers, list) and schedulers and located.manifest.scheduler is not None:
         mapped["scheduler_state"] = schedulers[0]
     return mapped
 

@@ -73,6 +73,12 @@ def unheld(located: Located, given: Mapping[str, Any], call: str) -> None:
     )
 
 
+def _undescribed(located: Located, recorded: Any) -> bool:
+    """A Lightning checkpoint's scheduler whose init arguments could not be read back at the save: left out of a
+    load unless a factory for it is given (a LambdaLR's function, say, is no JSON)."""
+    return located.manifest.format == "lightning" and (recorded or {}).get("init_kwargs") is None
+
+
 def _where(located: Located) -> str:
     return f"run {located.run_id}: {located.label} ({located.store.describe(located.path(located.file))})"
 
@@ -129,13 +135,15 @@ def build_schedulers(located: Located, optimizer: Any, factory: Any, saved: Any)
     back at the save is left out unless a factory of its name is given, as with one optimizer."""
     named = located.manifest.schedulers
     if named is None or not isinstance(optimizer, Mapping):
+        if factory is None and _undescribed(located, located.manifest.scheduler):
+            return None
         built = rebuild.build_scheduler(located, optimizer, factory, located.manifest.scheduler)
         rebuild.load_field(located, "scheduler_state", built, saved)
         return built
     factories = factory or {}
     out = {}
     for name, recorded in sorted(named.items()):
-        if name not in factories and located.manifest.format == "lightning" and recorded.get("init_kwargs") is None:
+        if name not in factories and _undescribed(located, recorded):
             continue
         out[name] = rebuild.build_scheduler(located, optimizer[name], factories.get(name), recorded, name=name)
         rebuild.load_field(located, f"scheduler_state[{name!r}]", out[name], saved[name])

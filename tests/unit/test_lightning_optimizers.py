@@ -161,3 +161,26 @@ def test_a_second_scheduler_of_one_optimizer_is_said_to_be_left_out(s3_experimen
         loaded = tracking.load(run.info.run_id, mode="train")
     assert isinstance(loaded.scheduler, StepLR)
     assert loaded.scheduler.state_dict() == trainer.lr_scheduler_configs[0].scheduler.state_dict()
+
+
+class LambdaLit(TinyLit):
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        return {"optimizer": optimizer, "lr_scheduler": halving(optimizer)}
+
+
+def test_one_optimizers_scheduler_that_cannot_be_rebuilt_is_taken_by_a_factory_or_by_restore(
+    s3_experiment: str, tmp_path: Path
+) -> None:
+    with mlflow.start_run() as run:
+        _, trainer = fit(2, tmp_path, module=LambdaLit)
+    run_id, saved = run.info.run_id, trainer.lr_scheduler_configs[0].scheduler.state_dict()
+    assert saved["last_epoch"] == 2
+    assert tracking.load(run_id, mode="train").scheduler is None  # no factory: left out, as README says
+    rebuilt = tracking.load(run_id, mode="train", scheduler=halving).scheduler
+    assert isinstance(rebuilt, LambdaLR) and rebuilt.state_dict()["last_epoch"] == 2
+    fresh = LambdaLit()
+    optimizer = torch.optim.Adam(fresh.parameters(), lr=0.01)
+    given = halving(optimizer)
+    tracking.restore(run_id, fresh, optimizer, given)
+    assert given.state_dict()["last_epoch"] == 2 and given.get_last_lr() == rebuilt.get_last_lr()
