@@ -326,6 +326,72 @@ def test_resume_mid_epoch_by_run_id_matches_a_straight_run_bit_for_bit(s3_experi
     assert [c.step for c in tracking.list_checkpoints(run_id)] == [3, 6, 9, 12, 15]
 
 
+class StepLossLit(TinyLit):
+    """TinyLit logging its loss at every step too (``train_loss_step``)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss, on_epoch=True, on_step=True)
+        return loss
+
+
+class Killed(Exception):
+    pass
+
+
+class KillAtStep(pl.Callback):
+    """Kills the fit as the batch after global step ``step`` starts (as a crash or a preemption would)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        if trainer.global_step == self.step:
+            raise Killed(f"killed at global step {self.step}")
+
+
+@pytest.mark.parametrize(
+    ("killed_at", "validating"),
+    [(4, {}), (2, {"val_check_interval": 2})],
+    ids=["on-the-epochs-last-batch", "mid-epoch-before-a-validation"],
+)
+def test_resume_from_a_save_followed_by_a_validation_matches_a_straight_run_bit_for_bit(
+    s3_experiment: str, tmp_path: Path, killed_at: int, validating: dict[str, int]
+) -> None:
+    # 4 batches an epoch, a save every 2 steps, the fit killed as the batch after a save starts. At step 4 the
+    # save is on epoch 0's last batch, before its validation, whose loader (and the next epoch's) draw a seed from
+    # the RNG after the save; at step 2, with a validation every 2 batches, the validation's loader alone.
+    def fit_steps(folder: Path, logger: MLFlowLogger, *, kill: bool = False, ckpt_path: str | None = None) -> Any:
+        pl.seed_everything(0, verbose=False)
+        model = StepLossLit()
+        saving = ModelCheckpoint(dirpath=folder / "checkpoints", every_n_train_steps=2, save_top_k=-1)
+        callbacks = [saving, MLflowCheckpoints(), *([KillAtStep(killed_at)] if kill else [])]
+        fitted = trainer(4, folder, callbacks, logger=logger, log_every_n_steps=1, **validating)
+        fitted.fit(model, *loaders(resumable=True), ckpt_path=ckpt_path)
+        return model, fitted
+
+    uri = mlflow.get_tracking_uri()
+    straight_logger = MLFlowLogger(experiment_name="unit-s3", tracking_uri=uri)
+    straight, straight_trainer = fit_steps(tmp_path / "straight", straight_logger)
+    logger = MLFlowLogger(experiment_name="unit-s3", tracking_uri=uri)
+    with pytest.raises(Killed):
+        fit_steps(tmp_path / "first", logger, kill=True)
+    run_id = str(logger.run_id)
+    path = checkpoint_path(run_id, to=tmp_path / "download")
+    assert torch.load(path, weights_only=True)["global_step"] == killed_at
+    resumed, resumed_trainer = fit_steps(
+        tmp_path / "second", MLFlowLogger(run_id=run_id, tracking_uri=uri), ckpt_path=path
+    )
+    assert resumed_trainer.global_step == straight_trainer.global_step == 16
+    losses = {
+        name: [(m.step, m.value) for m in MlflowClient().get_metric_history(name_run, "train_loss_step")]
+        for name, name_run in (("straight", str(straight_logger.run_id)), ("resumed", run_id))
+    }
+    assert sorted(losses["resumed"]) == sorted(losses["straight"])
+    assert_same_training(straight, straight_trainer, resumed, resumed_trainer)
+
+
 def test_a_run_keyed_by_epoch_refuses_a_fit_that_saves_by_step_before_it_trains(
     s3_experiment: str, tmp_path: Path
 ) -> None:

@@ -88,7 +88,7 @@ class MLflowCheckpoints(pl.Callback):
         self._io: MirrorIO | None = None
         # How this fit's checkpoints are keyed ("epoch" or "step"): decided at its setup, for all of them.
         self.keyed_by: str | None = None
-        # The RNG states a resumed fit restored, put back once more before its first batch (see load_state_dict).
+        # The RNG states a resumed fit restored, put back once more as it starts training (see on_train_start).
         self._restored_rng: dict[str, Any] | None = None
         self._contexts: dict[tuple[int, int], SaveContext] = {}
         self._lock = threading.Lock()
@@ -189,21 +189,18 @@ class MLflowCheckpoints(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._refuse_restart(trainer)  # when no sanity check ran
+        restored, self._restored_rng = self._restored_rng, None
+        if restored is not None and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            # Resumed mid-epoch (a save by step before the epoch's last batch): the run that never stopped made
+            # this epoch's data iterator before the save; the resumed fit made it since the restore, drawing from
+            # the RNG (the DataLoader's base seed). Put back here, before Lightning goes past a validation due at
+            # the save (making its loader's iterator, as the run that never stopped did after the save).
+            # A save on the epoch's last batch or at its end is followed by the next epoch's iterator in both fits,
+            # so the restore in load_state_dict stands.
+            restore_rng_state(restored)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # A new epoch: its data iterator is made after this, from the restored states, as in a run that never stopped.
-        self._restored_rng = None
         self._agree(wait=False)
-
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if self._restored_rng is not None:
-            # Resumed mid-epoch (a save by step): the run that never stopped made this epoch's data iterator
-            # before the save, the resumed fit made it after the restore, drawing from the RNG (the
-            # DataLoader's base seed). The batch starts from the states as they were at the save.
-            restore_rng_state(self._restored_rng)
-            self._restored_rng = None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._agree(wait=True)
