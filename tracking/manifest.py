@@ -309,14 +309,16 @@ def versions() -> dict[str, str]:
 
 @functools.cache  # importlib.metadata scans sys.path on every call: look once per process
 def _installed_versions() -> tuple[tuple[str, str], ...]:
+    import mlflow
     import torch
 
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for dist in ("mlflow", "torch-mlflow-tracking"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
+    # MLflow's version from the module: the distribution is "mlflow" or "mlflow-skinny" (a server's or a
+    # container's slimmer install), and both are the same MLflow to a reader of the checkpoint.
+    out = {"python": platform.python_version(), "torch": torch.__version__, "mlflow": mlflow.__version__}
+    try:
+        out["torch-mlflow-tracking"] = metadata.version("torch-mlflow-tracking")
+    except metadata.PackageNotFoundError:
+        pass  # run from a checkout on PYTHONPATH, not installed
     return tuple(out.items())
 
 

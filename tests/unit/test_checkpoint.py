@@ -370,3 +370,25 @@ def test_a_save_to_a_run_deleted_meanwhile_says_so_and_restoring_it_brings_back_
     client.restore_run(run_id)
     assert [c.epoch for c in tracking.list_checkpoints(run_id)] == [1]
     assert tracking.load(run_id).epoch == 1
+
+
+def test_a_checkpoint_records_mlflows_version_under_mlflow_skinny(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mlflow-skinny (a server's or a container's slimmer install) is the same MLflow, under another distribution
+    name: its version is recorded as mlflow's."""
+    from importlib import metadata
+
+    from tracking import manifest
+
+    def version(name: str) -> str:
+        if name == "mlflow":
+            raise metadata.PackageNotFoundError(name)  # as where only mlflow-skinny is installed
+        return original(name)
+
+    original = metadata.version
+    monkeypatch.setattr(metadata, "version", version)
+    manifest._installed_versions.cache_clear()
+    try:
+        assert manifest.versions()["mlflow"] == mlflow.__version__
+    finally:
+        monkeypatch.undo()
+        manifest._installed_versions.cache_clear()

@@ -13,7 +13,6 @@ describes ``log_checkpoint(optimizer={name: ...})``'s: Lightning names none, so 
 
 from __future__ import annotations
 
-import importlib.metadata
 import math
 import os
 import re
@@ -21,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
+import lightning
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loops.progress import _ProcessedTracker
@@ -30,8 +30,6 @@ from tracking import layout, spec
 from tracking.manifest import FORMAT_VERSION, NAMED_OPTIMIZERS_VERSION, Manifest, now, versions
 from tracking.metrics import renamed
 from tracking.payload import check_loadable
-
-_LIGHTNING_VERSION = importlib.metadata.version("lightning")
 
 FORMAT = "lightning"
 
@@ -155,7 +153,7 @@ def save_manifest(
         schedulers=context.schedulers if saves_schedulers and named else None,
         extra_keys=sorted(k for k in checkpoint if k not in _MAPPED),
         format=FORMAT,
-        versions={**versions(), "lightning": _LIGHTNING_VERSION},
+        versions={**versions(), "lightning": lightning.__version__},
         created_at=now(),
         # Names are read from this version on: a reader before them refuses the checkpoint, where it would
         # otherwise rebuild no optimizer from it.
