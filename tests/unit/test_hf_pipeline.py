@@ -283,6 +283,50 @@ def test_a_step_run_refuses_what_it_cannot_do_before_any_training(
     assert steps == [2, 3, 4, 6]
 
 
+def test_from_an_epochs_end_a_batch_size_of_as_many_steps_an_epoch_trains_the_next_epoch_as_a_straight_run(
+    step_runs: StepRuns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 1,437 rows in batches of 480 are 3 steps an epoch, as in batches of 512: from epoch 1's end (step 3) the Trainer
+    # counts 1 epoch trained and none of epoch 2 to skip, and trains epoch 2 as a run in batches of 480 from the start.
+    from pipelines.hf_model import DigitsClassifier
+
+    batches: list[torch.Tensor] = []  # every training batch's rows, in the order trained
+    forward = DigitsClassifier.forward
+
+    def recorded(self: DigitsClassifier, x: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
+        if self.training:
+            batches.append(x.clone())
+        return forward(self, x, labels)
+
+    use_store(monkeypatch, step_runs.uri, EXPERIMENT)
+    monkeypatch.setattr(DigitsClassifier, "forward", recorded)
+    code, out, err = _inline(
+        "--resume", step_runs.resumed, "--from-step", "3", "--new-run", "--override", "--batch-size", "480",
+        "--epochs", "2",
+    )  # fmt: skip
+    assert code == 0, err[-3000:]
+    child, resumed = _run_id(out), batches[:]
+    batches.clear()
+    code, out, err = _inline(
+        "--epochs", "2", "--batch-size", "480", "--checkpoint-every-steps", "2", "--keep-last", "all"
+    )  # fmt: skip
+    assert code == 0, err[-3000:]
+    straight = _run_id(out)
+
+    assert [len(batch) for batch in batches] == [480, 480, 477] * 2
+    assert len(resumed) == 3 and all(torch.equal(a, b) for a, b in zip(resumed, batches[3:], strict=True))
+    config = tracking.TrackingConfig(tracking_uri=step_runs.uri)
+    saved = tracking.list_checkpoints(child, config=config)
+    assert [(c.step, c.epoch) for c in saved] == [(4, 1), (6, 2)]
+    assert [(c.step, c.epoch) for c in tracking.list_checkpoints(straight, config=config)][1:] == [(4, 1), (6, 2)]
+    client = MlflowClient(step_runs.uri)
+    for key in ("loss", "eval_loss"):
+        assert sorted(m.step for m in client.get_metric_history(child, key)) == [4, 6], key
+    run = client.get_run(child)
+    assert run.data.params["batch_size"] == "480"
+    assert run.data.tags["tracking.overrides"] == "from step 3: batch_size 512 -> 480"
+
+
 def test_an_overridden_checkpoint_every_steps_is_the_one_a_resumed_training_saves_by(
     step_runs: StepRuns, monkeypatch: pytest.MonkeyPatch
 ) -> None:
