@@ -63,6 +63,12 @@ def test_two_epochs_then_a_resume_to_four_on_two_ranks_make_one_run_with_every_r
     description = client.get_run(run_id).data.tags.get("mlflow.note.content", "")
     assert f"torchrun --nproc-per-node 2 -m pipelines.hf_digits --resume {run_id}" in description, description
 
+    # In one process the Trainer counted 23 steps an epoch: it went on after 2 batches of epoch 3, to step 115.
+    alone = subprocess.run(
+        [sys.executable, "-m", "pipelines.hf_digits", "--resume", run_id, "--new-run", "--epochs", "5"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    _refused(alone, run_id, "at step 48 was saved by 2 ranks, and this resume runs in one process: the Trainer would")
     # Batches of 70 are 21, 11 steps an epoch on each rank: refused before training. Batches of 60 are 24, 12 steps
     # an epoch on each rank as batches of 64 (in one process they are 24 steps, not 23): the child goes on at
     # epoch 5's first step and ends it at step 60.

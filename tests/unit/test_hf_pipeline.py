@@ -327,6 +327,28 @@ def test_from_an_epochs_end_a_batch_size_of_as_many_steps_an_epoch_trains_the_ne
     assert run.data.tags["tracking.overrides"] == "from step 3: batch_size 512 -> 480"
 
 
+def test_a_resume_on_another_number_of_ranks_than_saved_the_checkpoint_is_refused_before_any_training(
+    step_runs: StepRuns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The Trainer counts an epoch in steps of one rank's share of its batches: on 2 ranks, the checkpoint one process
+    # saved at step 6 (epoch 2's end, of 3 steps an epoch) is 3 epochs of 2 steps, and it would go on at epoch 4.
+    # Here the process is told it is one of 2 ranks (tests/distributed has a run of 2 ranks resumed in one process).
+    from tracking.parallel import distributed
+
+    client = MlflowClient(step_runs.uri)
+    experiment = client.get_run(step_runs.resumed).info.experiment_id
+    before = client.search_runs([experiment])
+    use_store(monkeypatch, step_runs.uri, EXPERIMENT)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+
+    code, _, err = _inline("--resume", step_runs.resumed, "--new-run", "--epochs", "3")
+
+    said = "at step 6 was saved by one process, and this resume runs on 2 ranks: the Trainer would split an epoch"
+    assert code == 1 and err.count("\n") == 1 and said in err, err
+    assert f"`python -m pipelines.hf_digits --resume {step_runs.resumed} ...`" in err
+    assert [run.info.run_id for run in client.search_runs([experiment])] == [run.info.run_id for run in before]
+
+
 def test_an_overridden_checkpoint_every_steps_is_the_one_a_resumed_training_saves_by(
     step_runs: StepRuns, monkeypatch: pytest.MonkeyPatch
 ) -> None:
