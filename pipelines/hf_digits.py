@@ -300,15 +300,18 @@ def _check_ranks(located: Any, world: int) -> None:
     in steps of one rank's share: on another number it would go on at another place in another epoch (a run of 2
     ranks at epoch 4's end, step 48 of 12 an epoch, went on in one process after 2 batches of epoch 3, of 23 steps
     an epoch), and each rank restores the RNG state of its own file, which another number of ranks does not find.
-    The ranks that saved it are told by those files: ``rng_state_<rank>.pth`` each under torchrun,
-    ``rng_state.pth`` in one process (a folder with neither, saved without its RNG states, is let go on)."""
+    The ranks that saved it are told by those files: ``rng_state_<rank>.pth`` from each of 2 ranks or more,
+    ``rng_state.pth`` in one process (a folder that does not tell, saved without its RNG states or missing a rank's,
+    is let go on)."""
     import re
 
     from pipelines import runs
 
     files = located.manifest.files
-    ranks = [int(found.group(1)) for name in files if (found := re.fullmatch(r"rng_state_(\d+)\.pth", name))]
-    saved = max(ranks) + 1 if ranks else 1 if "rng_state.pth" in files else None
+    ranks = sorted(int(found.group(1)) for name in files if (found := re.fullmatch(r"rng_state_(\d+)\.pth", name)))
+    saved = len(ranks) if len(ranks) > 1 and ranks == list(range(len(ranks))) else None
+    if not ranks and "rng_state.pth" in files:
+        saved = 1
     if saved is None or saved == world:
         return
     run_id = located.run_id
