@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -347,6 +348,41 @@ def test_a_resume_on_another_number_of_ranks_than_saved_the_checkpoint_is_refuse
     assert code == 1 and err.count("\n") == 1 and said in err, err
     assert f"`python -m pipelines.hf_digits --resume {step_runs.resumed} ...`" in err
     assert [run.info.run_id for run in client.search_runs([experiment])] == [run.info.run_id for run in before]
+
+
+@pytest.mark.parametrize(
+    ("files", "world", "said"),
+    [
+        ({"rng_state.pth"}, 1, None),
+        ({"rng_state_0.pth", "rng_state_1.pth"}, 2, None),
+        (
+            {"rng_state_0.pth", "rng_state_1.pth"},
+            1,
+            "saved by 2 ranks, and this resume runs in one process: the Trainer would split an epoch into other "
+            "batches per rank and count the epochs trained in those, going on at another place in another epoch, "
+            "without the ranks' RNG states. Resume it as it was saved: `torchrun --nproc-per-node 2 -m "
+            "pipelines.hf_digits --resume RUN ...`.",
+        ),
+        # Files that do not tell how many ranks saved them: rank 1's is missing (it was taken for one process's),
+        # or no rank's RNG state was saved.
+        ({"rng_state_0.pth"}, 2, None),
+        (set(), 2, None),
+    ],
+    ids=["one-process", "two-ranks", "two-ranks-in-one-process", "a-rank-missing", "no-rng-state"],
+)
+def test_the_ranks_that_saved_a_checkpoint_are_told_by_its_rng_state_files(
+    files: set[str], world: int, said: str | None
+) -> None:
+    from pipelines import hf_digits, runs
+
+    manifest = SimpleNamespace(files={name: None for name in {"trainer_state.json", *files}}, step=48)
+    located = SimpleNamespace(run_id="RUN", manifest=manifest)
+    if said is None:
+        hf_digits._check_ranks(located, world)
+        return
+    with pytest.raises(runs.PipelineError) as refused:
+        hf_digits._check_ranks(located, world)
+    assert str(refused.value) == f"run RUN: its checkpoint at step 48 was {said}"
 
 
 def test_an_overridden_checkpoint_every_steps_is_the_one_a_resumed_training_saves_by(
