@@ -33,7 +33,8 @@ records them in the run's override tags, which its later resumes go on with.
 Under torchrun the Trainer trains DDP on the CPU (gloo), every flag as in one process but --strategy fsdp:
 rank 0 alone finds the run to resume, starts the run, logs and prints; every rank gets the run's ID, has
 the callback (each checkpoint holds every rank's RNG state) and resumes from the run's checkpoint. A run
-resumes exactly on as many ranks as trained it.
+resumes on as many ranks as saved its checkpoint (on another number the Trainer would split an epoch into other
+batches per rank and go on at another place): another number is refused before anything is touched.
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ def _train(opts: options.Options) -> str:
         picked = located.manifest
         epoch = picked.epoch or 0  # the epochs completed
         resume.check_target(origin, epoch, settled)
+        _check_ranks(located, world)
         _check_samples_left(located, values, changed, len(split.x_train), world)
         # Where the resume started: the epochs completed, and the step of a save by steps.
         step = picked.step if picked.keyed_by == layout.STEP else None
@@ -289,6 +291,39 @@ def _origin(client: Any, opts: options.Options, config: Any) -> Any:
         )
     resume.check_pick(run_id, opts, config, origin.data.tags)
     return origin
+
+
+def _check_ranks(located: Any, world: int) -> None:
+    """Refuse a resume on ``world`` ranks from ``located``, a checkpoint folder saved by another number of them.
+
+    The Trainer splits an epoch's batches among the ranks and counts the epochs trained, and the batches it skips,
+    in steps of one rank's share: on another number it would go on at another place in another epoch (a run of 2
+    ranks at epoch 4's end, step 48 of 12 an epoch, went on in one process after 2 batches of epoch 3, of 23 steps
+    an epoch), and each rank restores the RNG state of its own file, which another number of ranks does not find.
+    The ranks that saved it are told by those files: ``rng_state_<rank>.pth`` from each of 2 ranks or more,
+    ``rng_state.pth`` in one process (a folder that does not tell, saved without its RNG states or missing a rank's,
+    is let go on)."""
+    import re
+
+    from pipelines import runs
+
+    files = located.manifest.files
+    ranks = sorted(int(found.group(1)) for name in files if (found := re.fullmatch(r"rng_state_(\d+)\.pth", name)))
+    saved = len(ranks) if len(ranks) > 1 and ranks == list(range(len(ranks))) else None
+    if not ranks and "rng_state.pth" in files:
+        saved = 1
+    if saved is None or saved == world:
+        return
+    run_id = located.run_id
+    saved_by = f"{saved} ranks" if saved > 1 else "one process"
+    runs_on = f"on {world} ranks" if world > 1 else "in one process"
+    launch = f"torchrun --nproc-per-node {saved} -m {NAME}" if saved > 1 else f"python -m {NAME}"
+    raise runs.PipelineError(
+        f"run {run_id}: its checkpoint at step {located.manifest.step} was saved by {saved_by}, and this resume runs "
+        f"{runs_on}: the Trainer would split an epoch into other batches per rank and count the epochs trained in "
+        "those, going on at another place in another epoch, without the ranks' RNG states. Resume it as it was "
+        f"saved: `{launch} --resume {run_id} ...`."
+    )
 
 
 def _check_samples_left(

@@ -50,10 +50,41 @@ def test_two_epochs_then_a_resume_to_four_on_two_ranks_make_one_run_with_every_r
     assert resumed.stdout.count("latest checkpoint: epoch 4") == 1, resumed.stdout
 
     assert [run.info.run_id for run in client.search_runs([experiment_id])] == [run_id]
-    saved = tracking.list_checkpoints(run_id, config=tracking.TrackingConfig(tracking_uri=uri))
+    config = tracking.TrackingConfig(tracking_uri=uri)
+    saved = tracking.list_checkpoints(run_id, config=config)
     assert [c.epoch for c in saved] == [1, 2, 3, 4]
     for checkpoint in saved:
         assert set(checkpoint.manifest.files) >= RNG_FILES, (checkpoint.epoch, sorted(checkpoint.manifest.files))
+    # 1,437 rows in batches of 64 are 23 batches, 12 steps an epoch on each rank (the second takes one batch again);
+    # the resume charted each epoch once, at its last step.
+    for key in ("loss", "eval_loss"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [12, 24, 36, 48], key
     # The description's resume command is the one that trains it further: on as many ranks.
     description = client.get_run(run_id).data.tags.get("mlflow.note.content", "")
     assert f"torchrun --nproc-per-node 2 -m pipelines.hf_digits --resume {run_id}" in description, description
+
+    # In one process the Trainer counted 23 steps an epoch: it went on after 2 batches of epoch 3, to step 115.
+    alone = subprocess.run(
+        [sys.executable, "-m", "pipelines.hf_digits", "--resume", run_id, "--new-run", "--epochs", "5"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    _refused(alone, run_id, "at step 48 was saved by 2 ranks, and this resume runs in one process: the Trainer would")
+    # Batches of 70 are 21, 11 steps an epoch on each rank: refused before training. Batches of 60 are 24, 12 steps
+    # an epoch on each rank as batches of 64 (in one process they are 24 steps, not 23): the child goes on at
+    # epoch 5's first step and ends it at step 60.
+    fewer = _pipeline(env, "--resume", run_id, "--new-run", "--override", "--batch-size", "70", "--epochs", "5")
+    _refused(fewer, run_id, "ends epoch 4 of 12 steps in batches of 64; in batches of 70 an epoch is 11 steps")
+    assert [run.info.run_id for run in client.search_runs([experiment_id])] == [run_id]
+    same = _pipeline(env, "--resume", run_id, "--new-run", "--override", "--batch-size", "60", "--epochs", "5")
+    assert same.returncode == 0, same.stdout + same.stderr[-4000:]
+    child = re.findall(r"MLflow run ([0-9a-f]{32})", same.stdout)[0]
+    assert [(c.epoch, c.step) for c in tracking.list_checkpoints(child, config=config)] == [(5, 60)]
+    assert [m.step for m in client.get_metric_history(child, "eval_loss")] == [60]
+
+
+def _refused(done: subprocess.CompletedProcess[str], run_id: str, said: str) -> None:
+    """``done`` failed before training, every rank with the one error that names ``run_id`` and says ``said``."""
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode != 0 and errors, done.stdout + done.stderr[-4000:]
+    assert all(line == errors[0] for line in errors) and run_id in errors[0] and said in errors[0], errors
+    assert "MLflow run" not in done.stdout, done.stdout

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -281,6 +282,107 @@ def test_a_step_run_refuses_what_it_cannot_do_before_any_training(
     assert (after.status, after.end_time) == (status.status, status.end_time)
     steps = [c.step for c in tracking.list_checkpoints(run, config=tracking.TrackingConfig(tracking_uri=step_runs.uri))]
     assert steps == [2, 3, 4, 6]
+
+
+def test_from_an_epochs_end_a_batch_size_of_as_many_steps_an_epoch_trains_the_next_epoch_as_a_straight_run(
+    step_runs: StepRuns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 1,437 rows in batches of 480 are 3 steps an epoch, as in batches of 512: from epoch 1's end (step 3) the Trainer
+    # counts 1 epoch trained and none of epoch 2 to skip, and trains epoch 2 as a run in batches of 480 from the start.
+    from pipelines.hf_model import DigitsClassifier
+
+    batches: list[torch.Tensor] = []  # every training batch's rows, in the order trained
+    forward = DigitsClassifier.forward
+
+    def recorded(self: DigitsClassifier, x: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
+        if self.training:
+            batches.append(x.clone())
+        return forward(self, x, labels)
+
+    use_store(monkeypatch, step_runs.uri, EXPERIMENT)
+    monkeypatch.setattr(DigitsClassifier, "forward", recorded)
+    code, out, err = _inline(
+        "--resume", step_runs.resumed, "--from-step", "3", "--new-run", "--override", "--batch-size", "480",
+        "--epochs", "2",
+    )  # fmt: skip
+    assert code == 0, err[-3000:]
+    child, resumed = _run_id(out), batches[:]
+    batches.clear()
+    code, out, err = _inline(
+        "--epochs", "2", "--batch-size", "480", "--checkpoint-every-steps", "2", "--keep-last", "all"
+    )  # fmt: skip
+    assert code == 0, err[-3000:]
+    straight = _run_id(out)
+
+    assert [len(batch) for batch in batches] == [480, 480, 477] * 2
+    assert len(resumed) == 3 and all(torch.equal(a, b) for a, b in zip(resumed, batches[3:], strict=True))
+    config = tracking.TrackingConfig(tracking_uri=step_runs.uri)
+    saved = tracking.list_checkpoints(child, config=config)
+    assert [(c.step, c.epoch) for c in saved] == [(4, 1), (6, 2)]
+    assert [(c.step, c.epoch) for c in tracking.list_checkpoints(straight, config=config)][1:] == [(4, 1), (6, 2)]
+    client = MlflowClient(step_runs.uri)
+    for key in ("loss", "eval_loss"):
+        assert sorted(m.step for m in client.get_metric_history(child, key)) == [4, 6], key
+    run = client.get_run(child)
+    assert run.data.params["batch_size"] == "480"
+    assert run.data.tags["tracking.overrides"] == "from step 3: batch_size 512 -> 480"
+
+
+def test_a_resume_on_another_number_of_ranks_than_saved_the_checkpoint_is_refused_before_any_training(
+    step_runs: StepRuns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The Trainer counts an epoch in steps of one rank's share of its batches: on 2 ranks, the checkpoint one process
+    # saved at step 6 (epoch 2's end, of 3 steps an epoch) is 3 epochs of 2 steps, and it would go on at epoch 4.
+    # Here the process is told it is one of 2 ranks (tests/distributed has a run of 2 ranks resumed in one process).
+    from tracking.parallel import distributed
+
+    client = MlflowClient(step_runs.uri)
+    experiment = client.get_run(step_runs.resumed).info.experiment_id
+    before = client.search_runs([experiment])
+    use_store(monkeypatch, step_runs.uri, EXPERIMENT)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+
+    code, _, err = _inline("--resume", step_runs.resumed, "--new-run", "--epochs", "3")
+
+    said = "at step 6 was saved by one process, and this resume runs on 2 ranks: the Trainer would split an epoch"
+    assert code == 1 and err.count("\n") == 1 and said in err, err
+    assert f"`python -m pipelines.hf_digits --resume {step_runs.resumed} ...`" in err
+    assert [run.info.run_id for run in client.search_runs([experiment])] == [run.info.run_id for run in before]
+
+
+@pytest.mark.parametrize(
+    ("files", "world", "said"),
+    [
+        ({"rng_state.pth"}, 1, None),
+        ({"rng_state_0.pth", "rng_state_1.pth"}, 2, None),
+        (
+            {"rng_state_0.pth", "rng_state_1.pth"},
+            1,
+            "saved by 2 ranks, and this resume runs in one process: the Trainer would split an epoch into other "
+            "batches per rank and count the epochs trained in those, going on at another place in another epoch, "
+            "without the ranks' RNG states. Resume it as it was saved: `torchrun --nproc-per-node 2 -m "
+            "pipelines.hf_digits --resume RUN ...`.",
+        ),
+        # Files that do not tell how many ranks saved them: rank 1's is missing (it was taken for one process's),
+        # or no rank's RNG state was saved.
+        ({"rng_state_0.pth"}, 2, None),
+        (set(), 2, None),
+    ],
+    ids=["one-process", "two-ranks", "two-ranks-in-one-process", "a-rank-missing", "no-rng-state"],
+)
+def test_the_ranks_that_saved_a_checkpoint_are_told_by_its_rng_state_files(
+    files: set[str], world: int, said: str | None
+) -> None:
+    from pipelines import hf_digits, runs
+
+    manifest = SimpleNamespace(files={name: None for name in {"trainer_state.json", *files}}, step=48)
+    located = SimpleNamespace(run_id="RUN", manifest=manifest)
+    if said is None:
+        hf_digits._check_ranks(located, world)
+        return
+    with pytest.raises(runs.PipelineError) as refused:
+        hf_digits._check_ranks(located, world)
+    assert str(refused.value) == f"run RUN: its checkpoint at step 48 was {said}"
 
 
 def test_an_overridden_checkpoint_every_steps_is_the_one_a_resumed_training_saves_by(
