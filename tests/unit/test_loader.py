@@ -22,6 +22,7 @@ import tracking
 from pipelines.models import DigitsMLP, Model
 from tests.unit.conftest import BUCKET
 from tracking import layout
+from tracking.parallel import distributed
 from tracking.run import open_run
 from tracking.selection import find_checkpoint
 
@@ -600,6 +601,29 @@ def test_an_optimizer_scheduler_or_scaler_given_for_a_checkpoint_saved_without_o
         warnings.simplefilter("error")
         tracking.restore(run_id, fresh, fresh_optimizer, fresh_scheduler, checkpoint=3)
         tracking.load(run_id, 3, mode="train", optimizer=torch.optim.Adam, scheduler=halving)
+
+
+def test_a_warning_every_rank_of_a_job_reaches_is_said_on_rank_0_alone(
+    s3_experiment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, optimizer, scheduler = digits_setup()
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, optimizer, epoch=1)  # no scheduler
+    run_id = run.info.run_id
+    MlflowClient().set_tag(run_id, layout.TAG_LATEST, "not-a-model-id")
+
+    def said(rank: int) -> list[str]:
+        monkeypatch.setattr(distributed, "rank", lambda: rank)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tracking.load(run_id, scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2))
+            tracking.restore(run_id, model, optimizer, scheduler)
+        return [str(w.message) for w in caught]
+
+    on_rank0 = said(0)
+    assert len([m for m in on_rank0 if "holds no scheduler state" in m]) == 2, on_rank0  # load's and restore's
+    assert [m for m in on_rank0 if "is not a logged model ID" in m], on_rank0  # load selects on every rank
+    assert said(1) == []
 
 
 def test_amp_scaler_is_rebuilt(experiment: str) -> None:
