@@ -73,6 +73,19 @@ def unheld(located: Located, given: Mapping[str, Any], call: str) -> None:
     )
 
 
+def driverless_scheduler(located: Located) -> None:
+    """Warn, naming the run and the checkpoint, that a checkpoint saved with a scheduler and no optimizer (as
+    ``log_checkpoint`` took it before it refused that) loads without its scheduler: there is no optimizer to
+    rebuild it over. Its state is still there, for a scheduler of the caller's own."""
+    distributed.warn(
+        f"{_where(located)} holds a scheduler state and no optimizer state (it was saved with a scheduler and no "
+        "optimizer): the result's scheduler is None, as there is no optimizer for it to drive. To load its state "
+        "into a scheduler of yours, pass it with the optimizer it drives: tracking.restore(run_id, model, optimizer, "
+        "scheduler, checkpoint=<its epoch>) (the optimizer is left as it is).",
+        stacklevel=3,
+    )
+
+
 def _undescribed(located: Located, recorded: Any) -> bool:
     """A Lightning checkpoint's scheduler whose init arguments could not be read back at the save: left out of a
     load unless a factory for it is given (a LambdaLR's function, say, is no JSON)."""
