@@ -72,10 +72,12 @@ def load(
     pairing.unheld(located, {"optimizer": optimizer, "scheduler": scheduler}, "tracking.load")
     check_available(map_location)
     if pretrained.is_folder(located):
-        # A framework's folder of files (the Hugging Face Trainer's): its optimizer only to resume.
+        # A framework's folder of files (the Hugging Face Trainer's): its optimizer (optimizer.pt, as big as the
+        # model twice over for Adam) is read to resume, or when a factory given for it or its scheduler says that it
+        # is wanted, in any mode, as for every other checkpoint: a factory is never left unused without a word.
         built = pretrained.build_model(located, model, map_location, strict)
         optim, sched = None, None
-        if mode == "train":
+        if mode == "train" or optimizer is not None or scheduler is not None:
             if isinstance(optimizer, Mapping) or isinstance(scheduler, Mapping):
                 raise TypeError(f"run {located.run_id}: {located.label} holds one optimizer; pass one factory")
             optim, sched = pretrained.build_optimizer(located, built, optimizer, scheduler)
