@@ -12,8 +12,9 @@ unpickling; ``model`` is the whole model in MLflow's pytorch flavor, a pickle, h
 pipelines.digits; the Lightning and Hugging Face pipelines evaluate each checkpoint as they save it.
 Metrics are logged as `eval_loss` and `eval_accuracy` at the epoch the model holds (a checkpoint's own; the state dict's
 and the whole model's, the last epoch of the training that logged them) through the client, so a finished run stays
-finished. A checkpoint of a run saved by steps (`--checkpoint-every-steps`), which charts by global step, logs them at
-its global step instead.
+finished. In a run saved by steps (`--checkpoint-every-steps`), which charts by global step, they go at the model's
+global step instead: a checkpoint's own; the state dict's and the whole model's, the step the training that logged them
+ended at, which the state dict records (one logged before it did is charted at its epoch, and the output says so).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pipelines import digits, train
+from pipelines import digits, options, train
 from tracking.errors import run_command
 from tracking.uri import parse_source
 
@@ -86,8 +87,16 @@ def evaluate(source: str, checkpoint: str | int | None = None, *, trust_pickle: 
         )
     task = TASKS[dataset]
     model, what, at = _load(source, run, task.name, checkpoint, trust_pickle)
+    by_step = _charts_by_step(run)
     if at.step is None and at.epoch is None:  # logged before the pipelines recorded it: at the end of training
-        at = Charted(runs.last_logged_epoch(client, run.info.run_id))
+        last = runs.last_logged_epoch(client, run.info.run_id)  # the last step, in a run charted by step
+        at = Charted(None, last) if by_step else Charted(last)
+    if by_step and at.step is None:
+        print(
+            f"note: run {run.info.run_id} charts by global step, and its {what} records no step (it was logged before "
+            f"the pipelines recorded one): its eval_* metrics are charted at step {at.chart_step}, its epoch.",
+            file=sys.stderr,
+        )
     split = data.load(task.dataset)
     loss, accuracy = measure(task, model, split.x_val, split.y_val)
     metrics = {"eval_loss": loss, "eval_accuracy": accuracy}
@@ -151,13 +160,15 @@ def _load(
             if not isinstance(exc.__cause__, MlflowException):
                 raise  # it is there, but its class cannot be imported here: the loader's message says which
             raise runs.PipelineError(f"{source} has no whole model: {_ENDED}") from exc
-        return model, "whole model", Charted(_whole_model_epoch(source, run))
+        epoch = _whole_model_epoch(source, run)
+        return model, "whole model", Charted(epoch, _final_step(run, epoch) if _charts_by_step(run) else None)
     if checkpoint == STATE_DICT:
         # Its folder by name: the run alone would be read as its latest checkpoint where it has no state dict.
         uri = f"runs:/{run_id}/{STATE_DICT}"
         try:
-            epoch = find_weights(uri).manifest.epoch
-            return tracking.load_model(uri), "state_dict", Charted(epoch)
+            manifest = find_weights(uri).manifest
+            step = manifest.step if _charts_by_step(run) else None
+            return tracking.load_model(uri), "state_dict", Charted(manifest.epoch, step)
         except tracking.NotFoundError as exc:
             raise runs.PipelineError(f"run {run_id} has no state dict: {_ENDED}") from exc
     # The weights alone: rebuilding the optimizer too (tracking.load) would cost a second of
@@ -192,6 +203,26 @@ def _whole_model_epoch(source: str, run: Run) -> int | None:
         model_id = newest[0].model_id if newest else None
     outputs = run.outputs.model_outputs if run.outputs else []
     return max((output.step for output in outputs if output.model_id == model_id), default=0) or None
+
+
+def _charts_by_step(run: Run) -> bool:
+    """Whether ``run`` charts by global step: it saves by steps (its recorded ``checkpoint_every_steps``)."""
+    return run.data.params.get("checkpoint_every_steps", options.NONE) != options.NONE
+
+
+def _final_step(run: Run, epoch: int | None) -> int | None:
+    """The global step the whole model of ``epoch`` is from: the one the state dict logged beside it (the same
+    weights, :func:`pipelines.runs.log_final_weights`) records, when that is of the same epoch; else None."""
+    import tracking
+    from tracking.selection import find_weights
+
+    if epoch is None:
+        return None
+    try:
+        manifest = find_weights(f"runs:/{run.info.run_id}/{STATE_DICT}").manifest
+    except tracking.NotFoundError:
+        return None
+    return manifest.step if manifest.epoch == epoch else None
 
 
 def _without_checkpoints(run_id: str, pipeline: str) -> str:

@@ -177,7 +177,8 @@ def _train(task: Task, opts: options.Options) -> str:
         whole = _plain_copy(task, state.model, split.n_features)
         if run is not None:
             assert whole is not None
-            logged = runs.log_final_weights(whole, opts.epochs)
+            by_step = checkpoints.every_n_steps is not None  # charted by global step
+            logged = runs.log_final_weights(whole, opts.epochs, state.step if by_step else None)
             runs.report(client, run, logged.model_id)
         return run_id
 

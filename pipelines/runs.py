@@ -304,16 +304,18 @@ def announce(client: MlflowClient, run: mlflow.ActiveRun) -> None:
         print(f"view it at {link}", flush=True)
 
 
-def log_final_weights(model: torch.nn.Module, epoch: int) -> Any:
+def log_final_weights(model: torch.nn.Module, epoch: int, step: int | None = None) -> Any:
     """The model a training ended with at ``epoch``, as its state dict and as the whole model in MLflow's pytorch
     flavor (``mlflow.pytorch.load_model``, serving); MLflow's ``ModelInfo`` of the latter. Each records ``epoch``:
     the state dict in its manifest, the whole model as its step among the run's outputs (MLflow then shows that
-    epoch's metrics on it), where ``pipelines.evaluate`` logs their ``eval_*`` metrics.
+    epoch's metrics on it), where ``pipelines.evaluate`` logs their ``eval_*`` metrics. ``step``: the global step it
+    ended at, in a run that charts by step (saved by ``--checkpoint-every-steps``); the state dict's manifest records
+    it, and ``pipelines.evaluate`` charts both there.
 
     The whole model is a pickle on purpose: that is what the flavor loads. MLflow warns about it at every save;
     the pipeline silences that and says it once, in :func:`report`, with what it means for loading.
     """
-    tracking.log_state_dict(model, epoch=epoch)
+    tracking.log_state_dict(model, epoch=epoch, step=step)
     with muted("mlflow.pytorch", "Saving pytorch model by Pickle"):
         return tracking.log_model(model, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], step=epoch)
 

@@ -113,7 +113,8 @@ def train(task: Task, opts: options.Options) -> str:
         run_epochs(task, state, opts.epochs, checkpoints, train_epoch, (x_val, y_val), carried, resumed=position)
         # The trained model in the two other shapes the save/load notes use: its state dict, and
         # the whole model in MLflow's pytorch flavor (mlflow.pytorch.load_model, model serving).
-        whole = runs.log_final_weights(state.model, opts.epochs)
+        by_step = checkpoints.every_n_steps is not None  # charted by global step
+        whole = runs.log_final_weights(state.model, opts.epochs, state.step if by_step else None)
         runs.report(client, run, whole.model_id)
         return str(run.info.run_id)
 

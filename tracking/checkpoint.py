@@ -118,7 +118,8 @@ def log_checkpoint(
     discriminator): ``optim_state`` is then ``{name: state_dict()}``. ``scheduler`` then maps names
     too, each scheduler under the name of the optimizer it drives (``scheduler_kwargs`` likewise);
     a name that is not a non-empty string or a value of the wrong type is refused, naming the key,
-    before anything is stored.
+    before anything is stored, and so is a scheduler without the optimizer it drives (a load
+    rebuilds a scheduler over its optimizer: stored alone, its state would load as nothing).
 
     With ``blocking=False`` the call returns once the state is copied to host memory
     and the upload runs in the background (one at a time, in order); the returned

@@ -149,6 +149,8 @@ class Checkpointer:
         """
         if step is None and self.every_n_steps is not None:
             self._refuse_no_step()  # forced or not: the step is the checkpoint's key
+        # At every call, due or not: a mistake is said at the first one, not epochs later at the first due save.
+        optimizers.check(optimizer, scheduler, scheduler_kwargs)
         if chart_step is not None:
             check_int64("chart_step", chart_step)
         due = force or self.should_save(epoch, step)

@@ -4,11 +4,11 @@ import), its fields under the keys tracking.log_checkpoint writes, and what a lo
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from tracking import layout
 from tracking.errors import IntegrityError
+from tracking.parallel import distributed
 from tracking.selection import Located
 
 # Lightning's keys that become the core's; the others (loops, callbacks, hyper_parameters, ...) stay as extras.
@@ -71,7 +71,7 @@ def undescribed_states(located: Located, state: Any) -> None:
             "optimizer is rebuilt)"
         )
     if left_out:
-        warnings.warn(
+        distributed.warn(  # once for the job: every rank loads it
             f"run {located.run_id}: {located.label} holds states that are left out of this load: "
             f"{' and '.join(left_out)}. Lightning's own resume restores them all: trainer.fit(model, "
             "ckpt_path=tracking.integrations.lightning.checkpoint_path(run_id)).",

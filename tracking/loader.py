@@ -72,10 +72,12 @@ def load(
     pairing.unheld(located, {"optimizer": optimizer, "scheduler": scheduler}, "tracking.load")
     check_available(map_location)
     if pretrained.is_folder(located):
-        # A framework's folder of files (the Hugging Face Trainer's): its optimizer only to resume.
+        # A framework's folder of files (the Hugging Face Trainer's): its optimizer (optimizer.pt, as big as the
+        # model twice over for Adam) is read to resume, or when a factory given for it or its scheduler says that it
+        # is wanted, in any mode, as for every other checkpoint: a factory is never left unused without a word.
         built = pretrained.build_model(located, model, map_location, strict)
         optim, sched = None, None
-        if mode == "train":
+        if mode == "train" or optimizer is not None or scheduler is not None:
             if isinstance(optimizer, Mapping) or isinstance(scheduler, Mapping):
                 raise TypeError(f"run {located.run_id}: {located.label} holds one optimizer; pass one factory")
             optim, sched = pretrained.build_optimizer(located, built, optimizer, scheduler)
@@ -99,7 +101,9 @@ def load(
         # state then gets copies of its own, so that the buffer can be freed.
         pairing.load_into(located, plain, optim, state["optim_state"] if adopted else _own(state["optim_state"]))
     sched = None
-    if state.get("scheduler_state") is not None and optim is not None:
+    if state.get("scheduler_state") is not None and optim is None:
+        pairing.driverless_scheduler(located)
+    elif state.get("scheduler_state") is not None:
         sched = pairing.build_schedulers(located, optim, scheduler, _own(state["scheduler_state"]))
     scaler = None
     if state.get("scaler_state") is not None:
@@ -137,16 +141,18 @@ def restore(
     DDP's) loads into the module a ``DistributedDataParallel`` wraps, or into an FSDP2 model, each
     rank keeping its own shards. The result's ``rank_state`` is this rank's own.
     A checkpoint of several optimizers by name restores into ``optimizer={name: optimizer}`` with
-    the same names (``scheduler=`` likewise, or None: schedulers by name need their optimizers by name). An
-    optimizer, scheduler or scaler given for a checkpoint saved without one is left as it is, with a warning.
+    the same names (``scheduler=`` likewise, or None: a scheduler needs the optimizer it drives, schedulers by
+    name their optimizers by name). An optimizer, scheduler or scaler given for a checkpoint saved without one
+    is left as it is, with a warning.
     """
     from tracking.parallel import sharded
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    # As log_checkpoint takes them: schedulers by name only with their optimizers, each under the name of its own.
-    optimizers.check(optimizer, scheduler, None)
+    # What each is first (so that a scheduler="nope" is named as such), then as log_checkpoint takes them: a
+    # scheduler only with its optimizer, schedulers by name only with their optimizers, each under its own name.
     optimizers.check_loadable(scheduler, scaler)
+    optimizers.check(optimizer, scheduler, None)
     config = config or TrackingConfig.from_env()
 
     def find() -> tuple[str, str, str, str, Manifest, str | None]:

@@ -28,19 +28,22 @@ def log_state_dict(
     model_kwargs: Mapping[str, Any] | None = None,
     format: str = "torch",
     epoch: int | None = None,
+    step: int | None = None,
     config: TrackingConfig | None = None,
 ) -> LoggedCheckpoint:
     """Log ``model.state_dict()`` as ``state_dict/state_dict.pt`` (or ``.safetensors``) plus a manifest.
 
     The file loads with the plain ``model.load_state_dict(torch.load(f, weights_only=True))``. ``epoch``, the
-    epoch the weights are from (e.g. the last one trained), is recorded in the manifest.
+    epoch the weights are from (e.g. the last one trained), is recorded in the manifest, and so is ``step``, the
+    global step they are from: a training that charts by step puts what is measured of them there.
     """
     check_model(model)
     model = distributed.unwrap(model)
     if format not in ("torch", "safetensors"):
         raise ValueError(f"format must be 'torch' or 'safetensors', got {format!r}")
-    if epoch is not None:
-        check_int64("epoch", epoch)
+    for name, value in (("epoch", epoch), ("step", step)):
+        if value is not None:
+            check_int64(name, value)
     handle = open_run(target_run_id(run_id), config)
     state = model.state_dict()
     _refuse_sharded(handle, state, "log_state_dict")
@@ -59,6 +62,7 @@ def log_state_dict(
         files={name: stored},
         model=spec.describe_model(model, model_kwargs),
         epoch=epoch,
+        step=step,
         format=format,
         versions=versions(),
         created_at=now(),

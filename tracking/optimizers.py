@@ -51,7 +51,9 @@ def _named(value: Any, role: str) -> dict[str, Any] | None:
 
 def check(optimizer: Any, scheduler: Any, scheduler_kwargs: Any) -> None:
     """Raise TypeError or ValueError, naming the key, unless the arguments are one optimizer (or None) and one
-    scheduler, or mappings of names: optimizers, and schedulers each named as the optimizer it drives."""
+    scheduler (or None; one only with an optimizer), or mappings of names: optimizers, and schedulers each named as
+    the optimizer it drives. Whether one scheduler drives the very optimizer given is not checked: a framework's
+    wrapped optimizer is not the object its scheduler holds."""
     optimizers = _named(optimizer, "optimizer")
     if optimizers is None:
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -67,6 +69,13 @@ def check(optimizer: Any, scheduler: Any, scheduler_kwargs: Any) -> None:
         if scheduler_kwargs is not None and not isinstance(scheduler_kwargs, Mapping):
             raise TypeError(
                 f"scheduler_kwargs= must be a mapping of the scheduler's init arguments, got {scheduler_kwargs!r}"
+            )
+        if scheduler is not None and optimizer is None:
+            # Its state alone is of no use: a load rebuilds a scheduler over the optimizer it drives (none here),
+            # and a scheduler restored without its optimizer's learning rates would step from the wrong ones.
+            raise TypeError(
+                f"scheduler= is one {type(scheduler).__name__} and optimizer= is None: a scheduler is saved and "
+                "restored with the optimizer it drives; pass that optimizer as optimizer=, or scheduler=None"
             )
         if scheduler is not None and optimizers is not None:
             raise TypeError(

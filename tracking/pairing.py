@@ -4,7 +4,6 @@ by name (see :mod:`tracking.optimizers` for how several are stored), each state 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,6 +12,7 @@ from torch import nn
 from tracking import pretrained, rebuild
 from tracking.errors import MismatchError
 from tracking.manifest import Manifest
+from tracking.parallel import distributed
 from tracking.selection import Located
 
 
@@ -52,10 +52,10 @@ def match(located: Located, role: str, given: Any, call: str) -> None:
 
 
 def unheld(located: Located, given: Mapping[str, Any], call: str) -> None:
-    """Warn once, naming the run and the checkpoint, when ``call`` was given an optimizer or scheduler (``given``
-    by role: objects, factories, or mappings of names) that the checkpoint holds no state for. It is left as it
-    is, as a checkpoint saved without an optimizer has always restored the model alone; a training resumed from
-    it would otherwise start that optimizer or schedule afresh without a word."""
+    """Warn once (on rank 0 of a job, where every rank loads), naming the run and the checkpoint, when ``call`` was
+    given an optimizer or scheduler (``given`` by role: objects, factories, or mappings of names) that the checkpoint
+    holds no state for. It is left as it is, as a checkpoint saved without an optimizer has always restored the model
+    alone; a training resumed from it would otherwise start that optimizer or schedule afresh without a word."""
     roles = [role for role, value in given.items() if value is not None and not _holds(located, role)]
     if not roles:
         return
@@ -65,10 +65,23 @@ def unheld(located: Located, given: Mapping[str, Any], call: str) -> None:
         outcome = f"{given_to} left as {'it is' if one else 'they are'}"
     else:
         outcome = f"{given_to} not used: " + " and ".join(f"the result's {role} is None" for role in roles)
-    warnings.warn(
+    distributed.warn(
         f"{_where(located)} holds no {' or '.join(roles)} state (it was saved without {'one' if one else 'them'}): "
         f"{outcome}. Pass {' and '.join(f'{role}=None' for role in roles)} to load it as it was saved, or pick a "
         f"checkpoint saved with {'one' if one else 'them'} (checkpoint=<epoch>).",
+        stacklevel=3,
+    )
+
+
+def driverless_scheduler(located: Located) -> None:
+    """Warn, naming the run and the checkpoint, that a checkpoint saved with a scheduler and no optimizer (as
+    ``log_checkpoint`` took it before it refused that) loads without its scheduler: there is no optimizer to
+    rebuild it over. Its state is still there, for a scheduler of the caller's own."""
+    distributed.warn(
+        f"{_where(located)} holds a scheduler state and no optimizer state (it was saved with a scheduler and no "
+        "optimizer): the result's scheduler is None, as there is no optimizer for it to drive. To load its state "
+        "into a scheduler of yours, pass it with the optimizer it drives: tracking.restore(run_id, model, optimizer, "
+        "scheduler, checkpoint=<its epoch>) (the optimizer is left as it is).",
         stacklevel=3,
     )
 

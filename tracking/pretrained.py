@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -23,6 +22,7 @@ from torch import nn
 
 from tracking import rebuild, spec
 from tracking.errors import MismatchError, NotFoundError
+from tracking.parallel import distributed
 from tracking.rebuild import MODEL_HINT, ModelArg
 from tracking.selection import Located
 from tracking.storage import BufferReader
@@ -77,7 +77,7 @@ def build_optimizer(
         return optim, None
     recorded = located.manifest.scheduler or {}
     if scheduler is None and recorded.get("init_kwargs") is None:
-        warnings.warn(
+        distributed.warn(  # once for the job: every rank loads it
             f"run {located.run_id}: {located.label}: the scheduler {recorded.get('class', '(unknown)')} cannot be "
             f"rebuilt from its manifest (its arguments are not recorded); {rebuild.SCHEDULER_HINT} to get it back "
             "with its state.",

@@ -21,7 +21,8 @@ from torch import nn
 import tracking
 from pipelines.models import DigitsMLP, Model
 from tests.unit.conftest import BUCKET
-from tracking import layout
+from tracking import layout, optimizers
+from tracking.parallel import distributed
 from tracking.run import open_run
 from tracking.selection import find_checkpoint
 
@@ -600,6 +601,70 @@ def test_an_optimizer_scheduler_or_scaler_given_for_a_checkpoint_saved_without_o
         warnings.simplefilter("error")
         tracking.restore(run_id, fresh, fresh_optimizer, fresh_scheduler, checkpoint=3)
         tracking.load(run_id, 3, mode="train", optimizer=torch.optim.Adam, scheduler=halving)
+
+
+def test_a_scheduler_without_the_optimizer_it_drives_is_refused_at_every_save_and_restore(s3_experiment: str) -> None:
+    # Stored, it would load as nothing: a load rebuilds a scheduler over its optimizer, and there is none.
+    model, optimizer, scheduler = digits_setup()
+    train_steps(model, optimizer, scheduler, steps=3)
+    refused = r"scheduler= is one StepLR and optimizer= is None: .* pass that optimizer as optimizer=, or scheduler="
+    with mlflow.start_run() as run:
+        with pytest.raises(TypeError, match=refused):
+            tracking.log_checkpoint(model, None, epoch=1, scheduler=scheduler)
+        with pytest.raises(TypeError, match=refused):  # at its first call, not at the first save due (epoch 5)
+            tracking.Checkpointer(every_n_epochs=5).save(model, epoch=1, scheduler=scheduler)
+        assert tracking.list_checkpoints(run.info.run_id) == []
+        tracking.log_checkpoint(model, optimizer, epoch=2, scheduler=scheduler)
+    fresh, _, fresh_scheduler = digits_setup(seed=1)
+    before = fresh_scheduler.state_dict()
+    with pytest.raises(TypeError, match=refused):
+        tracking.restore(run.info.run_id, fresh, scheduler=fresh_scheduler)
+    assert fresh_scheduler.state_dict() == before
+
+
+def test_a_checkpoint_stored_with_a_scheduler_and_no_optimizer_loads_without_it_and_says_how_to_get_it(
+    s3_experiment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, optimizer, scheduler = digits_setup()
+    train_steps(model, optimizer, scheduler, steps=3)
+    # Stored as log_checkpoint stored it before it refused a scheduler without its optimizer.
+    with monkeypatch.context() as patch, mlflow.start_run() as run:
+        patch.setattr(optimizers, "check", lambda *args: None)
+        tracking.log_checkpoint(model, None, epoch=1, scheduler=scheduler)
+    run_id = run.info.run_id
+    said = rf"run {run_id}: checkpoint-epoch-0001 .* holds a scheduler state and no optimizer state"
+    with pytest.warns(UserWarning, match=said) as w:
+        loaded = tracking.load(run_id, mode="train")
+    assert "the result's scheduler is None" in str(w[0].message) and "tracking.restore(" in str(w[0].message)
+    assert loaded.optimizer is None and loaded.scheduler is None
+    # Nothing stored is lost: restored with an optimizer to drive, as the warning says.
+    fresh, fresh_optimizer, fresh_scheduler = digits_setup(seed=1)
+    with pytest.warns(UserWarning, match="holds no optimizer state"):
+        tracking.restore(run_id, fresh, fresh_optimizer, fresh_scheduler)
+    assert fresh_scheduler.state_dict() == scheduler.state_dict()
+
+
+def test_a_warning_every_rank_of_a_job_reaches_is_said_on_rank_0_alone(
+    s3_experiment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, optimizer, scheduler = digits_setup()
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, optimizer, epoch=1)  # no scheduler
+    run_id = run.info.run_id
+    MlflowClient().set_tag(run_id, layout.TAG_LATEST, "not-a-model-id")
+
+    def said(rank: int) -> list[str]:
+        monkeypatch.setattr(distributed, "rank", lambda: rank)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tracking.load(run_id, scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2))
+            tracking.restore(run_id, model, optimizer, scheduler)
+        return [str(w.message) for w in caught]
+
+    on_rank0 = said(0)
+    assert len([m for m in on_rank0 if "holds no scheduler state" in m]) == 2, on_rank0  # load's and restore's
+    assert [m for m in on_rank0 if "is not a logged model ID" in m], on_rank0  # load selects on every rank
+    assert said(1) == []
 
 
 def test_amp_scaler_is_rebuilt(experiment: str) -> None:

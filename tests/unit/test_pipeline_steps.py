@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from torch.utils.data import TensorDataset
 
 import tracking
-from pipelines import evaluate, runs, train
+from pipelines import data, evaluate, runs, train
 from pipelines.steps import Position
 from tests.unit.conftest import use_store
 from tests.unit.test_pipelines import Outcome, assert_identical, inline, process, values_at
@@ -310,6 +310,46 @@ def test_evaluate_charts_a_checkpoint_of_a_run_saved_by_steps_at_its_global_step
         assert values_at(step_run, "eval_accuracy", step) == [logged["val_accuracy"][step]]
     for epoch in 0, 3:
         assert values_at(step_run, "eval_loss", epoch) == []
+
+
+def test_evaluate_charts_the_state_dict_and_whole_model_of_a_run_saved_by_steps_at_its_last_step(
+    step_run: str,
+) -> None:
+    # They went to the run's epoch 3: step 3 of a chart whose every other point is a global step.
+    logged = history(step_run)
+    for pick in ["state_dict"], ["model", "--trust-pickle"]:
+        done = inline(evaluate.main, "--run-id", step_run, "--checkpoint", *pick)
+
+        assert done.code == 0, done.err
+        assert "(step 45, 3 epochs completed)" in done.out and "note:" not in done.err
+    # The weights the training ended with, whose validation the run charted at its last step.
+    at_the_end = values_at(step_run, "eval_loss", 45)
+    assert at_the_end and set(at_the_end) == {logged["val_loss"][45]}
+    assert values_at(step_run, "eval_loss", 3) == []
+
+
+def test_evaluate_of_weights_that_record_no_step_in_a_run_charted_by_step_says_the_axis_it_used(
+    env: dict[str, str],
+) -> None:
+    # A run of pipelines.train saved by steps, whose state dict was logged before the pipelines recorded its step.
+    with mlflow.start_run() as run:
+        mlflow.log_params({"pipeline": train.TASK.name, "dataset": train.TASK.dataset, "checkpoint_every_steps": "8"})
+        tracking.log_state_dict(train.TASK.build_model(data.load(train.TASK.dataset).n_features), epoch=1)
+
+    done = inline(evaluate.main, "--run-id", run.info.run_id, "--checkpoint", "state_dict")
+
+    assert done.code == 0, done.err
+    assert "(epoch 1)" in done.out
+    assert f"note: run {run.info.run_id} charts by global step, and its state_dict records no step" in done.err
+    assert "charted at step 1, its epoch" in done.err
+    assert len(values_at(run.info.run_id, "eval_loss", 1)) == 1
+    # Nor an epoch (logged before the pipelines recorded that): at the run's last step, named a step.
+    with mlflow.start_run(run.info.run_id):
+        mlflow.log_metric("val_loss", 0.5, step=8)
+        tracking.log_state_dict(train.TASK.build_model(data.load(train.TASK.dataset).n_features))
+    done = inline(evaluate.main, "--run-id", run.info.run_id, "--checkpoint", "state_dict")
+    assert done.code == 0 and "(step 8)" in done.out and "note:" not in done.err, done
+    assert len(values_at(run.info.run_id, "eval_loss", 8)) == 1
 
 
 @pytest.mark.parametrize(

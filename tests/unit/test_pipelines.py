@@ -564,7 +564,7 @@ def test_evaluate_of_a_state_dict_a_run_never_logged_refuses_instead_of_evaluati
     # A run stopped before its end has checkpoints but no state dict: --checkpoint state_dict evaluated its latest
     # checkpoint and printed it as "state_dict"; --checkpoint model named tracking.log_model as the next step.
     with monkeypatch.context() as patch:  # as a run stopped after its last checkpoint
-        patch.setattr(runs, "log_final_weights", lambda model, epoch: SimpleNamespace(model_id=None))
+        patch.setattr(runs, "log_final_weights", lambda model, epoch, step: SimpleNamespace(model_id=None))
         run_id = inline(train.main, "--epochs", "1").run_id
 
     for pick, said in (["state_dict"], "has no state dict"), (["model", "--trust-pickle"], "has no whole model"):

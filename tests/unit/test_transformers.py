@@ -30,6 +30,7 @@ from tracking.errors import StorageError, TrackingError
 from tracking.integrations import transformers as integration
 from tracking.integrations.transformers import TrackingCallback, checkpoint_folder
 from tracking.integrations.transformers import callback as hf_callback
+from tracking.parallel import distributed
 
 FILES = {"config.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"}
 
@@ -245,6 +246,40 @@ def test_load_rebuilds_the_model_and_with_mode_train_the_optimizer(
     assert all(torch.equal(native.state_dict()[k], v) for k, v in second.model.state_dict().items())
     assert all(torch.equal(tracking.load_model(run_id).state_dict()[k], v) for k, v in expected.items())
     assert set(tracking.load_state_dict(run_id)) == set(expected)
+
+
+def test_load_in_eval_mode_uses_the_factories_it_is_given_as_for_every_checkpoint(
+    trained: tuple[str, Trainer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_id, trainer = trained
+    # The Trainer's AdamW groups the parameters it decays apart from the others: a factory groups them alike.
+    names = [name for name, _ in trainer.model.named_parameters()]
+    groups = tracking.find_checkpoint(run_id).manifest.optimizer["param_groups"]
+
+    def adamw(parameters: Any) -> torch.optim.Optimizer:
+        by_name = dict(zip(names, parameters, strict=True))
+        return torch.optim.AdamW([{"params": [by_name[name] for name in group["params"]]} for group in groups])
+
+    def constant(optimizer: torch.optim.Optimizer) -> Any:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    saved = trainer.optimizer.state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no factory is left unused, and no scheduler left out
+        both = tracking.load(run_id, optimizer=adamw, scheduler=constant)
+        # A scheduler's factory alone: the optimizer it drives is rebuilt from the folder's manifest.
+        scheduled = tracking.load(run_id, scheduler=constant)
+    for loaded in (both, scheduled):
+        assert not loaded.model.training and isinstance(loaded.optimizer, torch.optim.AdamW)
+        assert loaded.scheduler.last_epoch == 24
+        state = loaded.optimizer.state_dict()["state"]
+        for index, entry in saved["state"].items():
+            assert all(torch.equal(state[index][k], v) for k, v in entry.items())
+    # The scheduler left out for want of a factory is said once for a job, on rank 0 (every rank loads).
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert tracking.load(run_id, mode="train").scheduler is None
 
 
 def test_the_command_line_lists_shows_verifies_downloads_and_registers(

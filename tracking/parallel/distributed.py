@@ -19,14 +19,17 @@ import os
 import pickle
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, TypeVar
-
-from torch import nn
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tracking.errors import TrackingError
+
+if TYPE_CHECKING:
+    # Annotations only: the torch-free modules that read a run (selection) import this one for warn().
+    from torch import nn
 
 T = TypeVar("T")
 
@@ -64,6 +67,13 @@ def rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if initialised() else 0
+
+
+def warn(message: str, category: type[Warning] = UserWarning, stacklevel: int = 1) -> None:
+    """``warnings.warn`` on rank 0 alone: what every rank of a job reaches alike (every rank loads the same
+    checkpoint) is said once, not once per rank. ``stacklevel`` counts from the caller, as ``warnings.warn``'s does."""
+    if rank() == 0:
+        warnings.warn(message, category, stacklevel=stacklevel + 1)
 
 
 def local_rank() -> int:
