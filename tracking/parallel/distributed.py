@@ -23,13 +23,11 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
+
+from torch import nn
 
 from tracking.errors import TrackingError
-
-if TYPE_CHECKING:
-    # Annotations only: the torch-free modules that read a run (selection) import this one for warn().
-    from torch import nn
 
 T = TypeVar("T")
 
