@@ -218,11 +218,12 @@ def prune(run_id: str, **options: Unpack[PruneOptions]) -> list[catalog.StoredCh
 
     The rule is the :class:`~tracking.checkpointer.Checkpointer`'s (the latest checkpoint is always kept, the best tag
     moves to the best survivor first); ``monitor`` and ``mode`` default to what the run's tags
-    record, else ``val_loss`` / ``min``. A checkpoint that a registry version points at is kept
-    (a warning says so) unless ``delete_registered``; ``running=False`` refuses a run whose
-    status is still RUNNING, whose trainer would point its tags at deleted checkpoints. Once some are
-    deleted, a run description the library wrote is rewritten to list those that remain. Returns
-    the checkpoints deleted (with ``dry_run``, those that would be), oldest first.
+    record, else ``val_loss`` / ``min``; a ``monitor`` other than the run's needs its ``mode``, and a ``mode``
+    contradicting the run's for the run's own metric is refused (ValueError: either would keep the worst). A
+    checkpoint that a registry version points at is kept (a warning says so) unless ``delete_registered``;
+    ``running=False`` refuses a run whose status is still RUNNING, whose trainer would point its tags at deleted
+    checkpoints. Once some are deleted, a run description the library wrote is rewritten to list those that
+    remain. Returns the checkpoints deleted (with ``dry_run``, those that would be), oldest first.
     """
     report = prune_report(run_id, **options)
     for checkpoint, versions in report.registered:
@@ -291,20 +292,20 @@ def prune_report(
                 "or add --force if no process writes to the run any more (it was killed).",
             )
     monitor = monitor or handle.tags.get(layout.TAG_MONITOR) or "val_loss"
-    mode = mode or handle.tags.get(layout.TAG_MODE) or "min"
-    policy = RetentionPolicy(keep_last, keep_best, monitor, mode)
     committed = catalog.committed(handle)
     key_name = catalog.keyed_by(handle, committed.values())
     keys = f"{key_name}s"
-    kept = policy.read(handle)
-    if keep_best is not None and any(value is None for value in kept.values()):
-        missing = sorted(key for key, value in kept.items() if value is None)
+    missing = sorted(key for key, checkpoint in committed.items() if monitor not in checkpoint.metrics)
+    if keep_best is not None and missing:
         shared = set.intersection(*(set(checkpoint.metrics) for checkpoint in committed.values()))
         raise ValueError(
             f"run {run_id}: keep_best ranks checkpoints by {monitor!r}, which "
             f"{agree(len(missing), f'{key_name} {missing} lacks', f'{keys} {missing} lack')}; pass "
             f"monitor= (--monitor) a metric they all have: {', '.join(sorted(shared)) or 'none'}."
         )
+    mode = _mode(run_id, handle.tags, monitor, mode)
+    policy = RetentionPolicy(keep_last, keep_best, monitor, mode)
+    kept = policy.read(handle)
     if not kept:
         return Pruned([], [], needs_force)
     retained = policy.retained(kept, latest=max(kept))
@@ -346,6 +347,36 @@ def prune_report(
         [(committed[e], versions) for e, (_, versions) in sorted(done.registered.items())],
         best_moved=best_moved(done.deleted),
     )
+
+
+def _mode(run_id: str, tags: Mapping[str, str], monitor: str, mode: str | None) -> str:
+    """How ``monitor`` ranks a run's checkpoints for :func:`prune_report`: ``mode`` as given, else as the run records.
+
+    The run's mode tag is how its own monitored metric ranks, and says nothing of another: ``val_loss``'s
+    ``min`` would keep the worst ``val_acc`` and delete the best. So a ``monitor`` other than the run's needs its
+    ``mode``, and a ``mode`` contradicting the run's for the run's own metric is refused: either would delete the
+    checkpoints the run counts best, and move its best tag to one it counts worse.
+    """
+    recorded = tags.get(layout.TAG_MONITOR) or None
+    recorded_mode = tags.get(layout.TAG_MODE) if tags.get(layout.TAG_MODE) in layout.MODES else None
+    if recorded is None:
+        return mode or "min"  # no best recorded: ranked as a Checkpointer ranks by default
+    if monitor == recorded:
+        if mode is not None and recorded_mode is not None and mode != recorded_mode:
+            raise ValueError(
+                f"run {run_id} ranks {monitor!r} by {recorded_mode} (its tag {layout.TAG_MODE}); mode={mode!r} "
+                f"(--mode {mode}) would keep the checkpoints it counts worst and move its best tag to one of them. "
+                f"Leave mode out, or if the run's mode is wrong, set the tag {layout.TAG_MODE} to {mode} in the "
+                "MLflow UI first."
+            )
+        return mode or recorded_mode or "min"
+    if mode is None:
+        raise ValueError(
+            f"run {run_id}: pass mode= (--mode) 'min' or 'max' to rank by {monitor!r}: the run's mode "
+            f"({recorded_mode or 'min'}) ranks its own metric {recorded!r}, and a wrong guess would delete the "
+            f"best checkpoints by {monitor!r}."
+        )
+    return mode
 
 
 def best_moved_line(moved: BestMoved, *, dry_run: bool) -> str:

@@ -474,7 +474,7 @@ def test_gc_that_deletes_the_runs_best_says_where_best_moves(s3_experiment: str)
             checkpointer.save(model, epoch=epoch, metrics={"val_loss": val, "train_loss": train})
     run_id = run.info.run_id
     best = find_checkpoint(run_id, "best")  # epoch 1 by val_loss; epoch 2 is best by train_loss
-    args = ["gc", run_id, "--keep-best", "1", "--monitor", "train_loss", "--dry-run"]
+    args = ["gc", run_id, "--keep-best", "1", "--monitor", "train_loss", "--mode", "min", "--dry-run"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     said = result.output

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 import tracking
 from pipelines.models import Model
 from tests.unit.conftest import purge
-from tracking import catalog, note
+from tracking import catalog, note, retention
 from tracking.cli import main
 from tracking.errors import NotFoundError, StorageError
 from tracking.layout import TAG_BEST, TAG_BEST_VALUE, TAG_LATEST
@@ -225,3 +225,27 @@ def test_a_checkpointer_reused_across_runs_saves_to_each_active_run(s3_experimen
     with pytest.raises(ValueError, match="no active MLflow run"):
         checkpointer.save(model, epoch=3, metrics={"val_loss": 0.1})
     assert epochs(second.info.run_id) == [1]
+
+
+def test_gc_ranks_another_metric_only_by_a_mode_given_and_never_against_the_runs_own(s3_experiment: str) -> None:
+    model = Model(6)
+    with mlflow.start_run() as run, tracking.Checkpointer(monitor="val_loss") as checkpointer:
+        for epoch, (loss, accuracy) in enumerate([(0.2, 0.9), (0.4, 0.5), (0.3, 0.6)], start=1):
+            checkpointer.save(model, epoch=epoch, metrics={"val_loss": loss, "val_acc": accuracy})
+    run_id = run.info.run_id
+    best = run_tags(run_id)[TAG_BEST]
+    # The run's mode (min) ranks val_loss: taken for val_acc, it kept the worst accuracy and deleted epoch 1.
+    guessed = CliRunner().invoke(main, ["gc", run_id, "--keep-best", "1", "--monitor", "val_acc"])
+    assert guessed.exit_code == 2, guessed.output
+    assert run_id in guessed.stderr and "pass mode= (--mode) 'min' or 'max' to rank by 'val_acc'" in guessed.stderr
+    # --mode max for the run's own val_loss would keep its worst checkpoints and move best to one of them.
+    flipped = CliRunner().invoke(main, ["gc", run_id, "--keep-best", "1", "--mode", "max"])
+    assert flipped.exit_code == 2, flipped.output
+    assert "ranks 'val_loss' by min" in flipped.stderr and "tracking.checkpoint.mode" in flipped.stderr
+    with pytest.raises(ValueError, match="pass mode="):
+        retention.prune(run_id, keep_best=1, monitor="val_acc")
+    assert epochs(run_id) == [1, 2, 3] and run_tags(run_id)[TAG_BEST] == best
+
+    given = CliRunner().invoke(main, ["gc", run_id, "--keep-best", "1", "--monitor", "val_acc", "--mode", "max"])
+    assert given.exit_code == 0, given.output
+    assert epochs(run_id) == [1, 3] and run_tags(run_id)[TAG_BEST] == best
