@@ -466,6 +466,20 @@ def test_verify_of_a_models_uri_checks_that_checkpoint_and_gc_refuses_one(s3_run
     assert len(tracking.list_checkpoints(s3_run_id)) == 3
 
 
+def test_verify_of_a_registered_checkpoint_whose_run_was_deleted_checks_it_as_load_reads_it(s3_run_id: str) -> None:
+    assert CliRunner().invoke(main, ["register", s3_run_id, "seed", "--alias", "champion"]).exit_code == 0
+    best = find_checkpoint(s3_run_id, "best")
+    mlflow.MlflowClient().delete_run(s3_run_id)  # training done, the run cleaned up; the registered checkpoint stays
+    assert tracking.load("models:/seed@champion").epoch == best.manifest.epoch
+    result = CliRunner().invoke(main, ["verify", "models:/seed@champion"])
+    assert result.exit_code == 0, result.output  # was "run ... is deleted; restore it ... to use its artifacts"
+    said = f"{best.label} of run {s3_run_id}, which is deleted: 1 file intact"
+    assert result.output.splitlines() == [f"ok  {best.label}/checkpoint.pt", said], result.output
+    # A run's own commands still say it is deleted.
+    refused = CliRunner().invoke(main, ["verify", s3_run_id])
+    assert refused.exit_code == 1 and f"run {s3_run_id} is deleted" in refused.stderr, refused.output
+
+
 def test_gc_that_deletes_the_runs_best_says_where_best_moves(s3_experiment: str) -> None:
     model = Model(6)
     checkpointer = tracking.Checkpointer(monitor="val_loss")
