@@ -63,15 +63,32 @@ def register(
         )
         if alias is not None:
             client.set_registered_model_alias(name, alias, version.version)
-        model = client.get_logged_model(located.model_id)
-        linked = [*json.loads(model.tags.get(_VERSIONS_TAG, "[]")), {"name": name, "version": version.version}]
-        client.set_logged_model_tags(located.model_id, {_VERSIONS_TAG: json.dumps(linked)})
+        _link_version(client, located.model_id, name, version.version)
     except (MlflowException, OSError) as exc:
         raise StorageError(
             f"registering {located.label} of run {located.run_id} as {name!r} failed ({exc}); check the name "
             "and that the tracking server runs, then retry."
         ) from exc
     return version
+
+
+def _link_version(client: Any, model_id: str, name: str, version: int | str) -> None:
+    """List the new version in the logged model's ``mlflow.modelVersions`` tag, once.
+
+    A tracking server lists it itself as it creates the version (its version an int), a local store does
+    not: added again, the tag listed every version twice. A tag that is no such list (edited by hand) is
+    replaced rather than failing the registration after the version exists.
+    """
+    try:
+        linked = json.loads(client.get_logged_model(model_id).tags.get(_VERSIONS_TAG, "[]"))
+    except ValueError:
+        linked = []
+    if not isinstance(linked, list):
+        linked = []
+    listed = {(entry.get("name"), str(entry.get("version"))) for entry in linked if isinstance(entry, dict)}
+    if (name, str(version)) not in listed:
+        linked.append({"name": name, "version": version})
+        client.set_logged_model_tags(model_id, {_VERSIONS_TAG: json.dumps(linked)})
 
 
 def refuse_mixed(client: Any, name: str, what: str, *, checkpoint: bool, escape: str) -> None:
