@@ -99,11 +99,10 @@ def refuse_mixed(client: Any, name: str, what: str, *, checkpoint: bool, escape:
     ``checkpoint`` says whether ``what`` (a checkpoint or a whole model) is a checkpoint; ``escape`` is
     how the caller allows the mix anyway.
     """
-    quote = '"' if "'" in name else "'"
     others = [
         str(version.version)
-        for version in client.search_model_versions(f"name = {quote}{name}{quote}")
-        if _is_checkpoint(client, version) not in (checkpoint, None)
+        for version in client.search_model_versions(_name_filter(name))
+        if version.name == name and _is_checkpoint(client, version) not in (checkpoint, None)
     ]
     if not others:
         return
@@ -119,6 +118,19 @@ def refuse_mixed(client: Any, name: str, what: str, *, checkpoint: bool, escape:
         f"depending on the version the alias names. Register it under another name (e.g. "
         f"{name}-{'checkpoints' if checkpoint else 'models'}), or pass {escape} if what loads it handles both."
     )
+
+
+def _name_filter(name: str) -> str:
+    """A search filter for the versions of registered model ``name`` (and, for some names, of others: check each).
+
+    MLflow's filters have no escape for a quote: a name holding both kinds (which MLflow takes) is matched
+    with LIKE, each ``'`` a one-character wildcard.
+    """
+    if "'" not in name:
+        return f"name = '{name}'"
+    if '"' not in name:
+        return f'name = "{name}"'
+    return "name LIKE '" + name.replace("'", "_") + "'"
 
 
 def _is_checkpoint(client: Any, version: Any) -> bool | None:

@@ -179,3 +179,20 @@ def test_a_checkpoint_lists_each_version_made_from_it_once_as_a_server_lists_the
     assert json.loads(client.get_logged_model(logged.model_id).tags["mlflow.modelVersions"]) == [
         {"name": "other", "version": version.version}
     ]
+
+
+def test_a_name_holding_both_quotes_registers_and_is_told_apart_from_names_like_it(s3_experiment: str) -> None:
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(Model(6), epoch=1)
+    run_id, name, client = run.info.run_id, 'it\'s "v2"', MlflowClient()
+    # Whole models under a name that a LIKE filter with "_" for the quote matches too: not this name's versions.
+    client.create_registered_model('it_s "v2"')
+    client.create_model_version('it_s "v2"', source=f"runs:/{run_id}/model", run_id=run_id)
+    args = ["register", run_id, name, "--checkpoint", "latest"]
+    result = CliRunner().invoke(main, [*args, "--alias", "champion"])
+    assert result.exit_code == 0, result.output  # was "Invalid clause(s) in filter string ... the tracking server"
+    assert tracking.load(f"models:/{name}@champion").epoch == 1
+    # The name's own whole-model versions are still found.
+    client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id)
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 1 and "holds version 2 that is no checkpoint" in refused.stderr, refused.output
