@@ -14,7 +14,7 @@ from typing import TypedDict, Unpack
 
 from tracking import catalog, layout, note, registry
 from tracking.config import TrackingConfig
-from tracking.errors import StorageError, TrackingError, one_line
+from tracking.errors import IntegrityError, NotFoundError, StorageError, TrackingError, one_line
 from tracking.output import agree
 from tracking.run import RunHandle, open_run
 
@@ -74,6 +74,9 @@ class RetentionPolicy:
         self._models: dict[int, tuple[str, str]] = {}
         # key -> model ID and metrics of every committed checkpoint, for the run's description.
         self.noted: dict[int, note.NotedCheckpoint] = {}
+        # Keys of READY models whose manifest is gone (a deletion that died after it), found by prune_report:
+        # no checkpoint, so none of the last N or best K, and deleted again.
+        self.torn: set[int] = set()
 
     @property
     def retains(self) -> bool:
@@ -106,10 +109,11 @@ class RetentionPolicy:
     def retained(self, kept: Mapping[int, float | None], latest: int) -> set[int]:
         """The keys retention keeps of ``kept`` (key -> monitored value) once ``latest`` is committed."""
         keep = {latest}
+        candidates = {key: value for key, value in kept.items() if key not in self.torn}
         if self.keep_last is not None:
-            keep.update(sorted(kept)[-self.keep_last :])
+            keep.update(sorted(candidates)[-self.keep_last :])
         if self.keep_best is not None:
-            keep.update(layout.best_first(kept, self.mode)[: self.keep_best])
+            keep.update(layout.best_first(candidates, self.mode)[: self.keep_best])
         return keep
 
     def apply(self, handle: RunHandle, latest: int, *, delete_registered: bool = False) -> Retention:
@@ -308,6 +312,7 @@ def prune_report(
     kept = policy.read(handle)
     if not kept:
         return Pruned([], [], needs_force)
+    _find_torn(policy, kept, committed)
     retained = policy.retained(kept, latest=max(kept))
     # Where the best tag goes if its checkpoint is deleted: to the best survivor, as policy.apply moves it.
     survivors = layout.best_first({key: kept[key] for key in retained}, mode)
@@ -347,6 +352,29 @@ def prune_report(
         [(committed[e], versions) for e, (_, versions) in sorted(done.registered.items())],
         best_moved=best_moved(done.deleted),
     )
+
+
+def _find_torn(
+    policy: RetentionPolicy, kept: Mapping[int, float | None], committed: Mapping[int, catalog.StoredCheckpoint]
+) -> None:
+    """Add to ``policy.torn`` the checkpoints it would keep that lost their manifest, until those it keeps have one.
+
+    Kept, such a model (its deletion died after the manifest) took the place of a checkpoint that loads: the
+    best one by the ranking, deleted. Only what the policy would keep is read: a few manifests, not the run's.
+    """
+    latest = max(kept)
+    checked = {latest}  # always kept, whatever it holds
+    while unchecked := policy.retained(kept, latest) - checked:
+        for key in unchecked:
+            checked.add(key)
+            if key not in committed:
+                continue  # committed since the run was listed: it has its manifest
+            try:
+                committed[key].read_manifest()
+            except NotFoundError:
+                policy.torn.add(key)
+            except IntegrityError:
+                pass  # there, but damaged: left as it is for `tracking verify` to report
 
 
 def _mode(run_id: str, tags: Mapping[str, str], monitor: str, mode: str | None) -> str:

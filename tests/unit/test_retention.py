@@ -249,3 +249,24 @@ def test_gc_ranks_another_metric_only_by_a_mode_given_and_never_against_the_runs
     given = CliRunner().invoke(main, ["gc", run_id, "--keep-best", "1", "--monitor", "val_acc", "--mode", "max"])
     assert given.exit_code == 0, given.output
     assert epochs(run_id) == [1, 3] and run_tags(run_id)[TAG_BEST] == best
+
+
+def test_gc_keeps_no_checkpoint_whose_deletion_died_after_its_manifest_in_place_of_one_that_loads(
+    s3_experiment: str,
+) -> None:
+    model = Model(6)
+    with mlflow.start_run() as run, tracking.Checkpointer(monitor="val_loss") as checkpointer:
+        for epoch, loss in [(1, 0.5), (2, 0.1), (3, 0.3), (4, 0.4)]:
+            checkpointer.save(model, epoch=epoch, metrics={"val_loss": loss})
+    run_id = run.info.run_id
+    torn = tracking.list_checkpoints(run_id)[1]
+    handle = open_run(run_id)
+    # A retention killed after deleting epoch 2's manifest: its model stays READY, with the best val_loss.
+    catalog.get(handle.client, str(torn.model_id), handle.config).store.delete("manifest.json")
+    assert tracking.load(run_id, "best").epoch == 3
+
+    result = CliRunner().invoke(main, ["gc", run_id, "--keep-best", "1", "--keep-last", "1"])
+    assert result.exit_code == 0, result.output
+    # Was [4]: epoch 2 kept as the best, and epoch 3, the best that loads, deleted.
+    assert epochs(run_id) == [3, 4] and tracking.load(run_id, "best").epoch == 3
+    assert catalog.get_if_present(handle.client, str(torn.model_id), handle.config) is None  # its deletion finished
