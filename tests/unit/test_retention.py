@@ -134,6 +134,10 @@ def test_retention_and_gc_keep_a_registered_checkpoint_and_say_so(
     # The alias now names a deleted checkpoint: the error says so, and what to do.
     with pytest.raises(NotFoundError, match=r"version 1 of 'seed'.*was deleted.*Point the alias"):
         tracking.load("models:/seed@champion")
+    # A version URI names no alias to point elsewhere (it said to): another version is the way.
+    with pytest.raises(NotFoundError, match=r"was deleted .* Load another version of 'seed', or register") as gone:
+        tracking.load("models:/seed/1")
+    assert "alias" not in str(gone.value)
 
 
 def test_gc_refuses_a_running_run_without_force(experiment: str) -> None:
