@@ -17,6 +17,7 @@ from tracking.config import TrackingConfig
 from tracking.errors import IntegrityError, NotFoundError, StorageError, TrackingError, one_line
 from tracking.output import agree
 from tracking.run import RunHandle, open_run
+from tracking.storage import open_store
 
 _log = logging.getLogger(__name__)
 
@@ -74,9 +75,11 @@ class RetentionPolicy:
         self._models: dict[int, tuple[str, str]] = {}
         # key -> model ID and metrics of every committed checkpoint, for the run's description.
         self.noted: dict[int, note.NotedCheckpoint] = {}
-        # Keys of READY models whose manifest is gone (a deletion that died after it), found by prune_report:
-        # no checkpoint, so none of the last N or best K, and deleted again.
+        # Keys of READY models whose manifest is gone (a deletion that died after it): no checkpoint, so none of
+        # the last N or best K, and deleted again. Found among those read from the run (_unread) as they would
+        # be kept: one this process committed has its manifest.
         self.torn: set[int] = set()
+        self._unread: set[int] = set()
 
     @property
     def retains(self) -> bool:
@@ -97,6 +100,7 @@ class RetentionPolicy:
                 committed = catalog.committed(handle) if listed is None else catalog.current(handle, listed)
                 for key, stored in committed.items():
                     self.add(key, stored.model_id, stored.artifact_uri, stored.metrics)
+                self._unread = set(committed)
         return self.kept
 
     def add(self, key: int, model_id: str, artifact_uri: str, metrics: Mapping[str, float]) -> None:
@@ -105,6 +109,8 @@ class RetentionPolicy:
         self.kept[key] = metrics.get(self.monitor)
         self._models[key] = (model_id, artifact_uri)
         self.noted[key] = note.NotedCheckpoint(model_id, dict(metrics))
+        self.torn.discard(key)
+        self._unread.discard(key)
 
     def retained(self, kept: Mapping[int, float | None], latest: int) -> set[int]:
         """The keys retention keeps of ``kept`` (key -> monitored value) once ``latest`` is committed."""
@@ -115,6 +121,31 @@ class RetentionPolicy:
         if self.keep_best is not None:
             keep.update(layout.best_first(candidates, self.mode)[: self.keep_best])
         return keep
+
+    def find_torn(self, handle: RunHandle, latest: int) -> None:
+        """Add to ``torn`` the checkpoints read from the run that it would keep and that lost their manifest.
+
+        Kept, such a model (its deletion died after the manifest; a policy that keeps more, or ranks otherwise,
+        would keep it) takes the place of a checkpoint that loads: the best one by the ranking, deleted. Only
+        what it would keep is read, each once: a few manifests, not the run's. One that cannot be read now
+        counts as there, and is read again by the next pass.
+        """
+        assert self.kept is not None, "read() the run first"
+        while unread := self.retained(self.kept, latest) & self._unread:
+            for key in unread:
+                model_id, artifact_uri = self._models[key]
+                store = open_store(artifact_uri, handle.config, owner=f"run {handle.run_id}, {model_id}")
+                try:
+                    layout.read_manifest(store)
+                except NotFoundError:
+                    self.torn.add(key)
+                except IntegrityError:
+                    pass  # there, but damaged: left as it is for `tracking verify` to report
+                except TrackingError:
+                    continue  # the store failed: kept as if there, and read again next pass
+                self._unread.discard(key)
+            if not self.torn & unread:
+                return  # none dropped out: the kept set stands (one the store failed to read is read next pass)
 
     def apply(self, handle: RunHandle, latest: int, *, delete_registered: bool = False) -> Retention:
         """Delete what falls outside the kept set once ``latest`` is committed; what cannot be deleted now stays.
@@ -128,6 +159,7 @@ class RetentionPolicy:
         done = Retention(keyed_by=layout.keyed_by_of(handle.tags) or layout.EPOCH)
         if not self.retains:
             return done
+        self.find_torn(handle, latest)
         keep = self.retained(kept, latest)
         doomed = sorted(set(kept) - keep)
         if not doomed:
@@ -312,7 +344,7 @@ def prune_report(
     kept = policy.read(handle)
     if not kept:
         return Pruned([], [], needs_force)
-    _find_torn(policy, kept, committed)
+    policy.find_torn(handle, latest=max(kept))
     retained = policy.retained(kept, latest=max(kept))
     # Where the best tag goes if its checkpoint is deleted: to the best survivor, as policy.apply moves it.
     survivors = layout.best_first({key: kept[key] for key in retained}, mode)
@@ -352,29 +384,6 @@ def prune_report(
         [(committed[e], versions) for e, (_, versions) in sorted(done.registered.items())],
         best_moved=best_moved(done.deleted),
     )
-
-
-def _find_torn(
-    policy: RetentionPolicy, kept: Mapping[int, float | None], committed: Mapping[int, catalog.StoredCheckpoint]
-) -> None:
-    """Add to ``policy.torn`` the checkpoints it would keep that lost their manifest, until those it keeps have one.
-
-    Kept, such a model (its deletion died after the manifest) took the place of a checkpoint that loads: the
-    best one by the ranking, deleted. Only what the policy would keep is read: a few manifests, not the run's.
-    """
-    latest = max(kept)
-    checked = {latest}  # always kept, whatever it holds
-    while unchecked := policy.retained(kept, latest) - checked:
-        for key in unchecked:
-            checked.add(key)
-            if key not in committed:
-                continue  # committed since the run was listed: it has its manifest
-            try:
-                committed[key].read_manifest()
-            except NotFoundError:
-                policy.torn.add(key)
-            except IntegrityError:
-                pass  # there, but damaged: left as it is for `tracking verify` to report
 
 
 def _mode(run_id: str, tags: Mapping[str, str], monitor: str, mode: str | None) -> str:

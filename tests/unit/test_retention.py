@@ -274,3 +274,21 @@ def test_gc_keeps_no_checkpoint_whose_deletion_died_after_its_manifest_in_place_
     # Was [4]: epoch 2 kept as the best, and epoch 3, the best that loads, deleted.
     assert epochs(run_id) == [3, 4] and tracking.load(run_id, "best").epoch == 3
     assert catalog.get_if_present(handle.client, str(torn.model_id), handle.config) is None  # its deletion finished
+
+
+def test_a_checkpointer_resumed_with_another_retention_keeps_no_checkpoint_whose_deletion_died(
+    s3_experiment: str,
+) -> None:
+    model = Model(6)
+    with mlflow.start_run() as run, tracking.Checkpointer(monitor="val_loss") as checkpointer:
+        for epoch, loss in [(1, 0.5), (2, 0.1), (3, 0.3)]:
+            checkpointer.save(model, epoch=epoch, metrics={"val_loss": loss})
+    run_id = run.info.run_id
+    torn = tracking.list_checkpoints(run_id)[1]
+    handle = open_run(run_id)
+    catalog.get(handle.client, str(torn.model_id), handle.config).store.delete("manifest.json")  # a killed deletion
+    # Resumed, keeping the best one: epoch 2 (its manifest gone) was kept as it, and epoch 3 deleted.
+    with tracking.Checkpointer(keep_last=1, keep_best=1, monitor="val_loss", run_id=run_id) as checkpointer:
+        checkpointer.save(model, epoch=4, metrics={"val_loss": 0.4})
+    assert epochs(run_id) == [3, 4] and tracking.load(run_id, "best").epoch == 3
+    assert catalog.get_if_present(handle.client, str(torn.model_id), handle.config) is None
