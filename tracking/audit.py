@@ -20,8 +20,9 @@ from tracking.manifest import Manifest
 from tracking.registry import versions_by_model
 from tracking.run import RunHandle, tracking_server_errors
 from tracking.selection import missing_file
-from tracking.source import open_run_of, open_run_pinned
+from tracking.source import open_run_of, open_run_pinned, open_source
 from tracking.storage import ArtifactStore, Buffer, BufferReader
+from tracking.uri import parse_source
 
 UNCOMMITTED = "no manifest lists it"
 UNFINISHED_UPLOAD = "unfinished upload"
@@ -79,16 +80,27 @@ def verify(source: str, *, config: TrackingConfig | None = None) -> VerifyReport
     """Check every stored file of a run against its manifest, and list what dead saves left behind.
 
     A ``models:/`` source that names a checkpoint checks that checkpoint only (and what its folder
-    holds beside it); any other source, its whole run.
+    holds beside it), even once its run is deleted, as ``tracking.load`` reads it then; any other source,
+    its whole run.
     """
-    handle, pinned = open_run_pinned(source, config)
-    parts = _parts(handle)
-    own = [part for part in parts if part.model is not None and part.model.model_id == pinned]
-    if own:
-        parts = own
-        report = VerifyReport(handle.run_id, pinned, f"{own[0].label} of run {handle.run_id}")
-    else:  # a run, or a models:/ URI of something else than a checkpoint (a whole model): its run
-        report = VerifyReport(handle.run_id, None, f"run {handle.run_id}")
+    try:
+        handle, pinned = open_run_pinned(source, config)
+    except NotFoundError:
+        # A registered checkpoint outlives its run (deleted in the UI once training was done): it loads, so it
+        # verifies, alone; what the run's other checkpoints left is no longer anyone's.
+        model = _checkpoint_of_a_gone_run(source, config)
+        if model is None:
+            raise
+        parts = [_model_part(model)]
+        report = VerifyReport(model.run_id, model.model_id, f"{parts[0].label} of run {model.run_id}, which is deleted")
+    else:
+        parts = _parts(handle)
+        own = [part for part in parts if part.model is not None and part.model.model_id == pinned]
+        if own:
+            parts = own
+            report = VerifyReport(handle.run_id, pinned, f"{own[0].label} of run {handle.run_id}")
+        else:  # a run, or a models:/ URI of something else than a checkpoint (a whole model): its run
+            report = VerifyReport(handle.run_id, None, f"run {handle.run_id}")
     for part in parts:
         if part.leftover_kind is not None:
             continue
@@ -104,7 +116,7 @@ def verify(source: str, *, config: TrackingConfig | None = None) -> VerifyReport
             except IntegrityError as exc:
                 report[f"{part.label}/{name}"] = str(exc)
             except NotFoundError:
-                missing = missing_file(handle.run_id, part.label, name, part.store.describe(part.path(name)))
+                missing = missing_file(report.run_id, part.label, name, part.store.describe(part.path(name)))
                 report[f"{part.label}/{name}"] = str(missing)
     report.leftovers = _leftovers(parts)
     return report
@@ -204,21 +216,39 @@ def _parts(handle: RunHandle) -> list[_Part]:
     kept: dict[int | None, str] = {e: m.model_id for e, m in catalog.current(handle, models).items()}
     registered: dict[str, list[str]] | None = None  # listed once, when a replaced model is found
     for model in models:
-        part = _Part(f"{model.name} ({model.model_id})", model.store, "", None, model)
-        part.files = model.store.list_files("")
-        if model.status != catalog.READY:
-            part.leftover_kind = NOT_COMMITTED_MODEL
-        else:
-            part.manifest = _manifest(model.store, "")
-            if part.manifest is None:
-                part.leftover_kind = NOT_COMMITTED_MODEL  # READY, but its failed save removed the manifest
-            elif kept.get(model.key) != model.model_id:
-                if registered is None:
-                    registered = versions_by_model(handle)
-                if model.model_id not in registered:  # one a registry version loads stays a checkpoint
-                    part.leftover_kind = REPLACED_MODEL
+        part = _model_part(model)
+        if part.leftover_kind is None and kept.get(model.key) != model.model_id:
+            if registered is None:
+                registered = versions_by_model(handle)
+            if model.model_id not in registered:  # one a registry version loads stays a checkpoint
+                part.leftover_kind = REPLACED_MODEL
         parts.append(part)
     return parts
+
+
+def _model_part(model: StoredCheckpoint) -> _Part:
+    """A checkpoint logged model with its files and manifest; a leftover when its save never committed."""
+    part = _Part(f"{model.name} ({model.model_id})", model.store, "", None, model)
+    part.files = model.store.list_files("")
+    if model.status != catalog.READY:
+        part.leftover_kind = NOT_COMMITTED_MODEL
+    else:
+        part.manifest = _manifest(model.store, "")
+        if part.manifest is None:
+            part.leftover_kind = NOT_COMMITTED_MODEL  # READY, but its failed save removed the manifest
+    return part
+
+
+def _checkpoint_of_a_gone_run(source: str, config: TrackingConfig | None) -> StoredCheckpoint | None:
+    """The checkpoint a ``models:/`` source names when its run cannot be opened (deleted); None when it names none."""
+    parsed = parse_source(source)
+    if parsed.run_id is not None:
+        return None
+    try:
+        _, pinned = open_source(source, parsed, config)
+    except NotFoundError:  # no such model or version, or one that is no checkpoint: the first error says
+        return None
+    return pinned
 
 
 def _manifest(store: ArtifactStore, folder: str) -> Manifest | IntegrityError | None:

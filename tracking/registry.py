@@ -63,15 +63,32 @@ def register(
         )
         if alias is not None:
             client.set_registered_model_alias(name, alias, version.version)
-        model = client.get_logged_model(located.model_id)
-        linked = [*json.loads(model.tags.get(_VERSIONS_TAG, "[]")), {"name": name, "version": version.version}]
-        client.set_logged_model_tags(located.model_id, {_VERSIONS_TAG: json.dumps(linked)})
+        _link_version(client, located.model_id, name, version.version)
     except (MlflowException, OSError) as exc:
         raise StorageError(
             f"registering {located.label} of run {located.run_id} as {name!r} failed ({exc}); check the name "
             "and that the tracking server runs, then retry."
         ) from exc
     return version
+
+
+def _link_version(client: Any, model_id: str, name: str, version: int | str) -> None:
+    """List the new version in the logged model's ``mlflow.modelVersions`` tag, once.
+
+    A tracking server lists it itself as it creates the version (its version an int), a local store does
+    not: added again, the tag listed every version twice. A tag that is no such list (edited by hand) is
+    replaced rather than failing the registration after the version exists.
+    """
+    try:
+        linked = json.loads(client.get_logged_model(model_id).tags.get(_VERSIONS_TAG, "[]"))
+    except ValueError:
+        linked = []
+    if not isinstance(linked, list):
+        linked = []
+    listed = {(entry.get("name"), str(entry.get("version"))) for entry in linked if isinstance(entry, dict)}
+    if (name, str(version)) not in listed:
+        linked.append({"name": name, "version": version})
+        client.set_logged_model_tags(model_id, {_VERSIONS_TAG: json.dumps(linked)})
 
 
 def refuse_mixed(client: Any, name: str, what: str, *, checkpoint: bool, escape: str) -> None:
@@ -82,11 +99,10 @@ def refuse_mixed(client: Any, name: str, what: str, *, checkpoint: bool, escape:
     ``checkpoint`` says whether ``what`` (a checkpoint or a whole model) is a checkpoint; ``escape`` is
     how the caller allows the mix anyway.
     """
-    quote = '"' if "'" in name else "'"
     others = [
         str(version.version)
-        for version in client.search_model_versions(f"name = {quote}{name}{quote}")
-        if _is_checkpoint(client, version) not in (checkpoint, None)
+        for version in client.search_model_versions(_name_filter(name))
+        if version.name == name and _is_checkpoint(client, version) not in (checkpoint, None)
     ]
     if not others:
         return
@@ -102,6 +118,19 @@ def refuse_mixed(client: Any, name: str, what: str, *, checkpoint: bool, escape:
         f"depending on the version the alias names. Register it under another name (e.g. "
         f"{name}-{'checkpoints' if checkpoint else 'models'}), or pass {escape} if what loads it handles both."
     )
+
+
+def _name_filter(name: str) -> str:
+    """A search filter for the versions of registered model ``name`` (and, for some names, of others: check each).
+
+    MLflow's filters have no escape for a quote: a name holding both kinds (which MLflow takes) is matched
+    with LIKE, each ``'`` a one-character wildcard.
+    """
+    if "'" not in name:
+        return f"name = '{name}'"
+    if '"' not in name:
+        return f'name = "{name}"'
+    return "name LIKE '" + name.replace("'", "_") + "'"
 
 
 def _is_checkpoint(client: Any, version: Any) -> bool | None:

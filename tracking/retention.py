@@ -14,9 +14,10 @@ from typing import TypedDict, Unpack
 
 from tracking import catalog, layout, note, registry
 from tracking.config import TrackingConfig
-from tracking.errors import StorageError, TrackingError, one_line
+from tracking.errors import IntegrityError, NotFoundError, StorageError, TrackingError, one_line
 from tracking.output import agree
 from tracking.run import RunHandle, open_run
+from tracking.storage import open_store
 
 _log = logging.getLogger(__name__)
 
@@ -74,6 +75,11 @@ class RetentionPolicy:
         self._models: dict[int, tuple[str, str]] = {}
         # key -> model ID and metrics of every committed checkpoint, for the run's description.
         self.noted: dict[int, note.NotedCheckpoint] = {}
+        # Keys of READY models whose manifest is gone (a deletion that died after it): no checkpoint, so none of
+        # the last N or best K, and deleted again. Found among those read from the run (_unread) as they would
+        # be kept: one this process committed has its manifest.
+        self.torn: set[int] = set()
+        self._unread: set[int] = set()
 
     @property
     def retains(self) -> bool:
@@ -94,6 +100,7 @@ class RetentionPolicy:
                 committed = catalog.committed(handle) if listed is None else catalog.current(handle, listed)
                 for key, stored in committed.items():
                     self.add(key, stored.model_id, stored.artifact_uri, stored.metrics)
+                self._unread = set(committed)
         return self.kept
 
     def add(self, key: int, model_id: str, artifact_uri: str, metrics: Mapping[str, float]) -> None:
@@ -102,15 +109,43 @@ class RetentionPolicy:
         self.kept[key] = metrics.get(self.monitor)
         self._models[key] = (model_id, artifact_uri)
         self.noted[key] = note.NotedCheckpoint(model_id, dict(metrics))
+        self.torn.discard(key)
+        self._unread.discard(key)
 
     def retained(self, kept: Mapping[int, float | None], latest: int) -> set[int]:
         """The keys retention keeps of ``kept`` (key -> monitored value) once ``latest`` is committed."""
         keep = {latest}
+        candidates = {key: value for key, value in kept.items() if key not in self.torn}
         if self.keep_last is not None:
-            keep.update(sorted(kept)[-self.keep_last :])
+            keep.update(sorted(candidates)[-self.keep_last :])
         if self.keep_best is not None:
-            keep.update(layout.best_first(kept, self.mode)[: self.keep_best])
+            keep.update(layout.best_first(candidates, self.mode)[: self.keep_best])
         return keep
+
+    def find_torn(self, handle: RunHandle, latest: int) -> None:
+        """Add to ``torn`` the checkpoints read from the run that it would keep and that lost their manifest.
+
+        Kept, such a model (its deletion died after the manifest; a policy that keeps more, or ranks otherwise,
+        would keep it) takes the place of a checkpoint that loads: the best one by the ranking, deleted. Only
+        what it would keep is read, each once: a few manifests, not the run's. One that cannot be read now
+        counts as there, and is read again by the next pass.
+        """
+        assert self.kept is not None, "read() the run first"
+        while unread := self.retained(self.kept, latest) & self._unread:
+            for key in unread:
+                model_id, artifact_uri = self._models[key]
+                store = open_store(artifact_uri, handle.config, owner=f"run {handle.run_id}, {model_id}")
+                try:
+                    layout.read_manifest(store)
+                except NotFoundError:
+                    self.torn.add(key)
+                except IntegrityError:
+                    pass  # there, but damaged: left as it is for `tracking verify` to report
+                except TrackingError:
+                    continue  # the store failed: kept as if there, and read again next pass
+                self._unread.discard(key)
+            if not self.torn & unread:
+                return  # none dropped out: the kept set stands (one the store failed to read is read next pass)
 
     def apply(self, handle: RunHandle, latest: int, *, delete_registered: bool = False) -> Retention:
         """Delete what falls outside the kept set once ``latest`` is committed; what cannot be deleted now stays.
@@ -124,6 +159,7 @@ class RetentionPolicy:
         done = Retention(keyed_by=layout.keyed_by_of(handle.tags) or layout.EPOCH)
         if not self.retains:
             return done
+        self.find_torn(handle, latest)
         keep = self.retained(kept, latest)
         doomed = sorted(set(kept) - keep)
         if not doomed:
@@ -218,11 +254,12 @@ def prune(run_id: str, **options: Unpack[PruneOptions]) -> list[catalog.StoredCh
 
     The rule is the :class:`~tracking.checkpointer.Checkpointer`'s (the latest checkpoint is always kept, the best tag
     moves to the best survivor first); ``monitor`` and ``mode`` default to what the run's tags
-    record, else ``val_loss`` / ``min``. A checkpoint that a registry version points at is kept
-    (a warning says so) unless ``delete_registered``; ``running=False`` refuses a run whose
-    status is still RUNNING, whose trainer would point its tags at deleted checkpoints. Once some are
-    deleted, a run description the library wrote is rewritten to list those that remain. Returns
-    the checkpoints deleted (with ``dry_run``, those that would be), oldest first.
+    record, else ``val_loss`` / ``min``; a ``monitor`` other than the run's needs its ``mode``, and a ``mode``
+    contradicting the run's for the run's own metric is refused (ValueError: either would keep the worst). A
+    checkpoint that a registry version points at is kept (a warning says so) unless ``delete_registered``;
+    ``running=False`` refuses a run whose status is still RUNNING, whose trainer would point its tags at deleted
+    checkpoints. Once some are deleted, a run description the library wrote is rewritten to list those that
+    remain. Returns the checkpoints deleted (with ``dry_run``, those that would be), oldest first.
     """
     report = prune_report(run_id, **options)
     for checkpoint, versions in report.registered:
@@ -291,22 +328,23 @@ def prune_report(
                 "or add --force if no process writes to the run any more (it was killed).",
             )
     monitor = monitor or handle.tags.get(layout.TAG_MONITOR) or "val_loss"
-    mode = mode or handle.tags.get(layout.TAG_MODE) or "min"
-    policy = RetentionPolicy(keep_last, keep_best, monitor, mode)
     committed = catalog.committed(handle)
     key_name = catalog.keyed_by(handle, committed.values())
     keys = f"{key_name}s"
-    kept = policy.read(handle)
-    if keep_best is not None and any(value is None for value in kept.values()):
-        missing = sorted(key for key, value in kept.items() if value is None)
+    missing = sorted(key for key, checkpoint in committed.items() if monitor not in checkpoint.metrics)
+    if keep_best is not None and missing:
         shared = set.intersection(*(set(checkpoint.metrics) for checkpoint in committed.values()))
         raise ValueError(
             f"run {run_id}: keep_best ranks checkpoints by {monitor!r}, which "
             f"{agree(len(missing), f'{key_name} {missing} lacks', f'{keys} {missing} lack')}; pass "
             f"monitor= (--monitor) a metric they all have: {', '.join(sorted(shared)) or 'none'}."
         )
+    mode = _mode(run_id, handle.tags, monitor, mode)
+    policy = RetentionPolicy(keep_last, keep_best, monitor, mode)
+    kept = policy.read(handle)
     if not kept:
         return Pruned([], [], needs_force)
+    policy.find_torn(handle, latest=max(kept))
     retained = policy.retained(kept, latest=max(kept))
     # Where the best tag goes if its checkpoint is deleted: to the best survivor, as policy.apply moves it.
     survivors = layout.best_first({key: kept[key] for key in retained}, mode)
@@ -346,6 +384,36 @@ def prune_report(
         [(committed[e], versions) for e, (_, versions) in sorted(done.registered.items())],
         best_moved=best_moved(done.deleted),
     )
+
+
+def _mode(run_id: str, tags: Mapping[str, str], monitor: str, mode: str | None) -> str:
+    """How ``monitor`` ranks a run's checkpoints for :func:`prune_report`: ``mode`` as given, else as the run records.
+
+    The run's mode tag is how its own monitored metric ranks, and says nothing of another: ``val_loss``'s
+    ``min`` would keep the worst ``val_acc`` and delete the best. So a ``monitor`` other than the run's needs its
+    ``mode``, and a ``mode`` contradicting the run's for the run's own metric is refused: either would delete the
+    checkpoints the run counts best, and move its best tag to one it counts worse.
+    """
+    recorded = tags.get(layout.TAG_MONITOR) or None
+    recorded_mode = tags.get(layout.TAG_MODE) if tags.get(layout.TAG_MODE) in layout.MODES else None
+    if recorded is None:
+        return mode or "min"  # no best recorded: ranked as a Checkpointer ranks by default
+    if monitor == recorded:
+        if mode is not None and recorded_mode is not None and mode != recorded_mode:
+            raise ValueError(
+                f"run {run_id} ranks {monitor!r} by {recorded_mode} (its tag {layout.TAG_MODE}); mode={mode!r} "
+                f"(--mode {mode}) would keep the checkpoints it counts worst and move its best tag to one of them. "
+                f"Leave mode out, or if the run's mode is wrong, set the tag {layout.TAG_MODE} to {mode} in the "
+                "MLflow UI first."
+            )
+        return mode or recorded_mode or "min"
+    if mode is None:
+        raise ValueError(
+            f"run {run_id}: pass mode= (--mode) 'min' or 'max' to rank by {monitor!r}: the run's mode "
+            f"({recorded_mode or 'min'}) ranks its own metric {recorded!r}, and a wrong guess would delete the "
+            f"best checkpoints by {monitor!r}."
+        )
+    return mode
 
 
 def best_moved_line(moved: BestMoved, *, dry_run: bool) -> str:

@@ -209,9 +209,11 @@ def select_checkpoint(handle: RunHandle, checkpoint: Selector, step: int | None)
         if not committed and (legacy := catalog.legacy_error(handle)) is not None:
             raise legacy
         keyed_by = catalog.keyed_by(handle, committed.values())
+        # Not the one asked for even when a READY model has its key: without its manifest it is none.
+        others = [key for key in committed if key != checkpoint]
         raise NotFoundError(
             f"run {handle.run_id}: no committed checkpoint for {layout.label(keyed_by, checkpoint)}; committed "
-            f"{keyed_by}s: {_key_list(list(committed))}."
+            f"{keyed_by}s: {_key_list(others)}."
         )
     if checkpoint not in ("latest", "best"):
         raise ValueError(f"checkpoint must be 'latest', 'best' or an epoch (or step) number, got {checkpoint!r}")

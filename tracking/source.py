@@ -64,10 +64,14 @@ def open_source(
         # A model that exists but is no checkpoint raises here: catalog.get's message says so.
         found = catalog.get_if_present(client, model_id, config, checkpoint=checkpoint)
         if found is None:
+            # models:/<name>/<version> and /latest name no alias to move: another version is loaded by its URI.
+            instead = f"Load another version of {version.name!r}"
+            if parsed.alias:
+                instead = "Point the alias at another version"
             raise NotFoundError(
                 f"{what}: its checkpoint models:/{model_id} (run {version.run_id}) no longer exists: it was deleted "
-                "(by retention, `tracking gc --delete-registered`, or by hand) after it was registered. Point the "
-                "alias at another version, or register another checkpoint with `tracking register`."
+                f"(by retention, `tracking gc --delete-registered`, or by hand) after it was registered. {instead}, "
+                "or register another checkpoint with `tracking register`."
             )
         return None, found
     if version.run_id and not checkpoint:

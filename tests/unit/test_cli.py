@@ -14,8 +14,9 @@ from click.testing import CliRunner
 
 import tracking
 from pipelines.models import Model
-from tracking import output
+from tracking import catalog, output
 from tracking.cli import main
+from tracking.run import open_run
 from tracking.selection import find_checkpoint
 
 
@@ -466,6 +467,34 @@ def test_verify_of_a_models_uri_checks_that_checkpoint_and_gc_refuses_one(s3_run
     assert len(tracking.list_checkpoints(s3_run_id)) == 3
 
 
+def test_verify_of_a_registered_checkpoint_whose_run_was_deleted_checks_it_as_load_reads_it(s3_run_id: str) -> None:
+    assert CliRunner().invoke(main, ["register", s3_run_id, "seed", "--alias", "champion"]).exit_code == 0
+    best = find_checkpoint(s3_run_id, "best")
+    mlflow.MlflowClient().delete_run(s3_run_id)  # training done, the run cleaned up; the registered checkpoint stays
+    assert tracking.load("models:/seed@champion").epoch == best.manifest.epoch
+    result = CliRunner().invoke(main, ["verify", "models:/seed@champion"])
+    assert result.exit_code == 0, result.output  # was "run ... is deleted; restore it ... to use its artifacts"
+    said = f"{best.label} of run {s3_run_id}, which is deleted: 1 file intact"
+    assert result.output.splitlines() == [f"ok  {best.label}/checkpoint.pt", said], result.output
+    # A run's own commands still say it is deleted.
+    refused = CliRunner().invoke(main, ["verify", s3_run_id])
+    assert refused.exit_code == 1 and f"run {s3_run_id} is deleted" in refused.stderr, refused.output
+
+
+def test_a_checkpoint_whose_manifest_is_gone_is_none_in_runs_and_in_errors_as_for_the_loader(s3_run_id: str) -> None:
+    second = tracking.list_checkpoints(s3_run_id)[1]  # epoch 2, the run's best
+    handle = open_run(s3_run_id)
+    # A deletion (retention, gc) that died after the manifest: the model stays READY, with no checkpoint.
+    catalog.get(handle.client, str(second.model_id), handle.config).store.delete("manifest.json")
+    assert tracking.load(s3_run_id, "best").epoch == 3
+    (row,) = json.loads(CliRunner().invoke(main, ["runs", "--experiment", "unit-s3", "--json"]).stdout)
+    # Was 3 checkpoints, best epoch 2 (val_loss=0.2), which loads for no one.
+    assert (row["checkpoints"], row["best_epoch"], row["best_value"], row["latest_epoch"]) == (2, 3, 0.4, 3), row
+    refused = CliRunner().invoke(main, ["show", s3_run_id, "--checkpoint", "2"])
+    assert refused.exit_code == 1, refused.output
+    assert "no committed checkpoint for epoch 2; committed epochs: 1, 3." in refused.stderr  # was "1, 2, 3"
+
+
 def test_gc_that_deletes_the_runs_best_says_where_best_moves(s3_experiment: str) -> None:
     model = Model(6)
     checkpointer = tracking.Checkpointer(monitor="val_loss")
@@ -474,7 +503,7 @@ def test_gc_that_deletes_the_runs_best_says_where_best_moves(s3_experiment: str)
             checkpointer.save(model, epoch=epoch, metrics={"val_loss": val, "train_loss": train})
     run_id = run.info.run_id
     best = find_checkpoint(run_id, "best")  # epoch 1 by val_loss; epoch 2 is best by train_loss
-    args = ["gc", run_id, "--keep-best", "1", "--monitor", "train_loss", "--dry-run"]
+    args = ["gc", run_id, "--keep-best", "1", "--monitor", "train_loss", "--mode", "min", "--dry-run"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     said = result.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import mlflow
 import pytest
@@ -149,3 +150,49 @@ def test_a_name_mlflow_refuses_is_a_usage_error_that_leaves_nothing_behind(s3_ex
     client = MlflowClient()
     assert list(client.search_registered_models()) == []
     assert [m.name for m in client.search_logged_models([run.info.experiment_id])] == ["checkpoint-epoch-0001"]
+
+
+def test_a_checkpoint_lists_each_version_made_from_it_once_as_a_server_lists_them_too(
+    s3_experiment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with mlflow.start_run() as run:
+        logged = tracking.log_checkpoint(Model(6), epoch=1)
+    client = MlflowClient()
+    created = MlflowClient.create_model_version
+
+    def as_a_server(self: MlflowClient, name: str, *args: Any, **kwargs: Any) -> Any:
+        version = created(self, name, *args, **kwargs)
+        # What a tracking server's handler does as it creates a version from a logged model (its version an int).
+        self._tracking_client.store.set_model_versions_tags(name, int(version.version), kwargs["model_id"])
+        return version
+
+    monkeypatch.setattr(MlflowClient, "create_model_version", as_a_server)
+    for _ in range(2):
+        tracking.register(run.info.run_id, "seed", checkpoint="latest")
+    listed = json.loads(client.get_logged_model(logged.model_id).tags["mlflow.modelVersions"])
+    assert [(entry["name"], str(entry["version"])) for entry in listed] == [("seed", "1"), ("seed", "2")]  # was 4
+
+    # A tag edited into no list fails no registration once its version exists (it was a JSON traceback).
+    monkeypatch.setattr(MlflowClient, "create_model_version", created)
+    client.set_logged_model_tags(logged.model_id, {"mlflow.modelVersions": "edited"})
+    version = tracking.register(run.info.run_id, "other", checkpoint="latest")
+    assert json.loads(client.get_logged_model(logged.model_id).tags["mlflow.modelVersions"]) == [
+        {"name": "other", "version": version.version}
+    ]
+
+
+def test_a_name_holding_both_quotes_registers_and_is_told_apart_from_names_like_it(s3_experiment: str) -> None:
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(Model(6), epoch=1)
+    run_id, name, client = run.info.run_id, 'it\'s "v2"', MlflowClient()
+    # Whole models under a name that a LIKE filter with "_" for the quote matches too: not this name's versions.
+    client.create_registered_model('it_s "v2"')
+    client.create_model_version('it_s "v2"', source=f"runs:/{run_id}/model", run_id=run_id)
+    args = ["register", run_id, name, "--checkpoint", "latest"]
+    result = CliRunner().invoke(main, [*args, "--alias", "champion"])
+    assert result.exit_code == 0, result.output  # was "Invalid clause(s) in filter string ... the tracking server"
+    assert tracking.load(f"models:/{name}@champion").epoch == 1
+    # The name's own whole-model versions are still found.
+    client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id)
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 1 and "holds version 2 that is no checkpoint" in refused.stderr, refused.output

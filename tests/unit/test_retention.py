@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 import tracking
 from pipelines.models import Model
 from tests.unit.conftest import purge
-from tracking import catalog, note
+from tracking import catalog, note, retention
 from tracking.cli import main
 from tracking.errors import NotFoundError, StorageError
 from tracking.layout import TAG_BEST, TAG_BEST_VALUE, TAG_LATEST
@@ -134,6 +134,10 @@ def test_retention_and_gc_keep_a_registered_checkpoint_and_say_so(
     # The alias now names a deleted checkpoint: the error says so, and what to do.
     with pytest.raises(NotFoundError, match=r"version 1 of 'seed'.*was deleted.*Point the alias"):
         tracking.load("models:/seed@champion")
+    # A version URI names no alias to point elsewhere (it said to): another version is the way.
+    with pytest.raises(NotFoundError, match=r"was deleted .* Load another version of 'seed', or register") as gone:
+        tracking.load("models:/seed/1")
+    assert "alias" not in str(gone.value)
 
 
 def test_gc_refuses_a_running_run_without_force(experiment: str) -> None:
@@ -225,3 +229,66 @@ def test_a_checkpointer_reused_across_runs_saves_to_each_active_run(s3_experimen
     with pytest.raises(ValueError, match="no active MLflow run"):
         checkpointer.save(model, epoch=3, metrics={"val_loss": 0.1})
     assert epochs(second.info.run_id) == [1]
+
+
+def test_gc_ranks_another_metric_only_by_a_mode_given_and_never_against_the_runs_own(s3_experiment: str) -> None:
+    model = Model(6)
+    with mlflow.start_run() as run, tracking.Checkpointer(monitor="val_loss") as checkpointer:
+        for epoch, (loss, accuracy) in enumerate([(0.2, 0.9), (0.4, 0.5), (0.3, 0.6)], start=1):
+            checkpointer.save(model, epoch=epoch, metrics={"val_loss": loss, "val_acc": accuracy})
+    run_id = run.info.run_id
+    best = run_tags(run_id)[TAG_BEST]
+    # The run's mode (min) ranks val_loss: taken for val_acc, it kept the worst accuracy and deleted epoch 1.
+    guessed = CliRunner().invoke(main, ["gc", run_id, "--keep-best", "1", "--monitor", "val_acc"])
+    assert guessed.exit_code == 2, guessed.output
+    assert run_id in guessed.stderr and "pass mode= (--mode) 'min' or 'max' to rank by 'val_acc'" in guessed.stderr
+    # --mode max for the run's own val_loss would keep its worst checkpoints and move best to one of them.
+    flipped = CliRunner().invoke(main, ["gc", run_id, "--keep-best", "1", "--mode", "max"])
+    assert flipped.exit_code == 2, flipped.output
+    assert "ranks 'val_loss' by min" in flipped.stderr and "tracking.checkpoint.mode" in flipped.stderr
+    with pytest.raises(ValueError, match="pass mode="):
+        retention.prune(run_id, keep_best=1, monitor="val_acc")
+    assert epochs(run_id) == [1, 2, 3] and run_tags(run_id)[TAG_BEST] == best
+
+    given = CliRunner().invoke(main, ["gc", run_id, "--keep-best", "1", "--monitor", "val_acc", "--mode", "max"])
+    assert given.exit_code == 0, given.output
+    assert epochs(run_id) == [1, 3] and run_tags(run_id)[TAG_BEST] == best
+
+
+def test_gc_keeps_no_checkpoint_whose_deletion_died_after_its_manifest_in_place_of_one_that_loads(
+    s3_experiment: str,
+) -> None:
+    model = Model(6)
+    with mlflow.start_run() as run, tracking.Checkpointer(monitor="val_loss") as checkpointer:
+        for epoch, loss in [(1, 0.5), (2, 0.1), (3, 0.3), (4, 0.4)]:
+            checkpointer.save(model, epoch=epoch, metrics={"val_loss": loss})
+    run_id = run.info.run_id
+    torn = tracking.list_checkpoints(run_id)[1]
+    handle = open_run(run_id)
+    # A retention killed after deleting epoch 2's manifest: its model stays READY, with the best val_loss.
+    catalog.get(handle.client, str(torn.model_id), handle.config).store.delete("manifest.json")
+    assert tracking.load(run_id, "best").epoch == 3
+
+    result = CliRunner().invoke(main, ["gc", run_id, "--keep-best", "1", "--keep-last", "1"])
+    assert result.exit_code == 0, result.output
+    # Was [4]: epoch 2 kept as the best, and epoch 3, the best that loads, deleted.
+    assert epochs(run_id) == [3, 4] and tracking.load(run_id, "best").epoch == 3
+    assert catalog.get_if_present(handle.client, str(torn.model_id), handle.config) is None  # its deletion finished
+
+
+def test_a_checkpointer_resumed_with_another_retention_keeps_no_checkpoint_whose_deletion_died(
+    s3_experiment: str,
+) -> None:
+    model = Model(6)
+    with mlflow.start_run() as run, tracking.Checkpointer(monitor="val_loss") as checkpointer:
+        for epoch, loss in [(1, 0.5), (2, 0.1), (3, 0.3)]:
+            checkpointer.save(model, epoch=epoch, metrics={"val_loss": loss})
+    run_id = run.info.run_id
+    torn = tracking.list_checkpoints(run_id)[1]
+    handle = open_run(run_id)
+    catalog.get(handle.client, str(torn.model_id), handle.config).store.delete("manifest.json")  # a killed deletion
+    # Resumed, keeping the best one: epoch 2 (its manifest gone) was kept as it, and epoch 3 deleted.
+    with tracking.Checkpointer(keep_last=1, keep_best=1, monitor="val_loss", run_id=run_id) as checkpointer:
+        checkpointer.save(model, epoch=4, metrics={"val_loss": 0.4})
+    assert epochs(run_id) == [3, 4] and tracking.load(run_id, "best").epoch == 3
+    assert catalog.get_if_present(handle.client, str(torn.model_id), handle.config) is None

@@ -125,15 +125,17 @@ def _run_summary(run: Any, config: Any, unreadable: list[StorageError]) -> dict[
 
     handle = open_run(run.info.run_id, config)
     committed = catalog.committed(handle)
-    by_model = {c.model_id: c for c in committed.values()}
     keyed_by = catalog.keyed_by(handle, committed.values())
     total = 0
     model_class = run.data.params.get("model_class")
     try:
-        for _key, checkpoint in sorted(committed.items()):
+        for key, checkpoint in sorted(committed.items()):
             try:
                 manifest = checkpoint.read_manifest()
             except NotFoundError:
+                # No manifest, no checkpoint (a deletion that died after it): not counted, nor latest or best,
+                # as `tracking checkpoints` and the loader leave it out.
+                del committed[key]
                 continue
             except IntegrityError as exc:
                 warn_unreadable(run.info.run_id, checkpoint, exc)
@@ -150,6 +152,7 @@ def _run_summary(run: Any, config: Any, unreadable: list[StorageError]) -> dict[
         size = None
     tags = run.data.tags
     monitor = tags.get(layout.TAG_MONITOR)
+    by_model = {c.model_id: c for c in committed.values()}
     # A tag naming no committed checkpoint (deleted or edited by hand) is stale: the search says, as for the loader.
     latest = by_model.get(tags.get(layout.TAG_LATEST, "")) or (committed[max(committed)] if committed else None)
     best = by_model.get(tags.get(layout.TAG_BEST, "")) or _ranked_best(committed, monitor, tags.get(layout.TAG_MODE))

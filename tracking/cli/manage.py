@@ -108,7 +108,11 @@ def _read(located: Any, name: str, expected: Any, as_json: bool) -> Buffer:
 @click.option("--keep-last", type=click.IntRange(min=1), help="Keep the N newest checkpoints.")
 @click.option("--keep-best", type=click.IntRange(min=1), help="Keep the K best by --monitor.")
 @click.option("--monitor", help="Metric ranking 'best' (default: the run's, else val_loss).")
-@click.option("--mode", type=click.Choice(["min", "max"]), help="Whether lower or higher --monitor is better.")
+@click.option(
+    "--mode",
+    type=click.Choice(["min", "max"]),
+    help="Whether lower or higher --monitor is better (default: the run's; needed for a --monitor not the run's).",
+)
 @click.option("--dry-run", is_flag=True, help="List what would be deleted; change nothing.")
 @click.option(
     "--delete-registered", is_flag=True, help="Delete checkpoints that registry versions point at too (kept otherwise)."
@@ -160,8 +164,8 @@ def gc(
             delete_registered=delete_registered,
             running=force,
         )
-    except ValueError as exc:  # the options are checked above: what is left is a --monitor the checkpoints lack
-        raise click.BadParameter(str(exc), param_hint="--monitor") from None
+    except ValueError as exc:  # the options are checked above: what is left is a ranking the run's tags contradict
+        raise click.UsageError(str(exc)) from None  # or a --monitor the checkpoints lack; each message says which
     doomed = report.deleted
     if as_json:
         emit_json(
