@@ -58,8 +58,8 @@ class _Materialised:
         return found
 
     def local_state(self, output_dir: Path) -> bytes | None:
-        """``trainer_state.json`` naming its best checkpoint in ``output_dir``, or none when the run no longer holds
-        it (the Trainer's own check would drop it with a warning that it does not exist anymore)."""
+        """``trainer_state.json`` naming its best checkpoint in ``output_dir``, or naming none (null) when the run no
+        longer holds it: the Trainer's own check would drop it, with a warning that it does not exist anymore."""
         named = _best_step(self.state)
         if self.state is None or named is None:
             return self.state
