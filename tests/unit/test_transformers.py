@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -214,6 +215,130 @@ def test_resume_from_a_run_id_repeats_the_straight_run(s3_experiment: str, split
     assert [c.epoch for c in found] == [1, 2, 3, 4]
     loaded = tracking.load(run_id)
     assert all(torch.equal(loaded.model.state_dict()[k], expected[k]) for k in expected)
+
+
+# load_best_model_at_end with its best checkpoint early: epoch 1's of 4 (SCORES), before a resume after epoch 2.
+BEST_EARLY = {
+    "save_total_limit": 2,
+    "metric_for_best_model": "score",
+    "greater_is_better": True,
+    "load_best_model_at_end": True,
+}
+SCORES = [0.9, 0.5, 0.3, 0.2]
+
+
+@pytest.fixture
+def stopped_after_the_best(s3_experiment: str, split: data.Split, tmp_path: Path) -> str:
+    """A run of BEST_EARLY stopped after epoch 2, its folders gone (as on another machine): its ID."""
+    with mlflow.start_run() as run:
+        callbacks = [Scores(SCORES[:2]), StopAfter(2), TrackingCallback()]
+        make_trainer(split, tmp_path / "first", callbacks, 4, **BEST_EARLY).train()
+    shutil.rmtree(tmp_path / "first")
+    return str(run.info.run_id)
+
+
+def test_a_resume_from_a_run_id_ends_with_the_best_checkpoint_and_keeps_those_of_the_straight_run(
+    stopped_after_the_best: str, split: data.Split, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with mlflow.start_run() as run:
+        straight = make_trainer(split, tmp_path / "straight", [Scores(SCORES), TrackingCallback()], 4, **BEST_EARLY)
+        straight.train()
+    kept = [c.epoch for c in tracking.list_checkpoints(run.info.run_id)]
+    assert kept == [1, 4]  # the Trainer kept the best beside the last
+    run_id = stopped_after_the_best
+    elsewhere = tmp_path / "elsewhere"
+    folder = checkpoint_folder(run_id, output_dir=elsewhere)
+    state = json.loads((Path(folder) / "trainer_state.json").read_text())
+    assert state["best_model_checkpoint"] == str(elsewhere / "checkpoint-8")
+    # The best beside it holds the model alone, not the state only a resume from it would need.
+    assert {p.name for p in (elsewhere / "checkpoint-8").iterdir()} == {
+        "config.json",
+        "model.safetensors",
+        "training_args.bin",
+        "manifest.json",
+    }
+    resumed = make_trainer(split, elsewhere, [Scores(SCORES[2:]), TrackingCallback(run_id=run_id)], 4, **BEST_EARLY)
+    trainer_log = logging.getLogger("transformers.trainer")  # the Trainer's own logging may not propagate
+    trainer_log.addHandler(caplog.handler)
+    try:
+        resumed.train(resume_from_checkpoint=folder)
+    finally:
+        trainer_log.removeHandler(caplog.handler)
+    assert "does not exist anymore" not in caplog.text
+    assert losses(resumed) == losses(straight)
+    final, best = weights(resumed.model), weights(straight.model)
+    assert all(torch.equal(final[k], best[k]) for k in best)  # epoch 1's, loaded at the end
+    assert resumed.state.best_model_checkpoint == str(elsewhere / "checkpoint-8")
+    # The Trainer's rotation kept the best as the straight run's did, and the run mirrored it.
+    assert sorted(p.name for p in elsewhere.glob("checkpoint-*")) == ["checkpoint-32", "checkpoint-8"]
+    assert [c.epoch for c in tracking.list_checkpoints(run_id)] == kept
+
+
+def test_the_ranks_of_a_machine_share_the_best_checkpoint_its_first_rank_materialised(
+    stopped_after_the_best: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[str] = []  # what this process asked of the run and the store
+    find, download_files = integration.folders.find_checkpoint, integration.folders.download_files
+
+    def found(*args: Any, **kwargs: Any) -> Any:
+        asked.append("found")
+        return find(*args, **kwargs)
+
+    def download(located: Any, to: Path, **kwargs: Any) -> Any:
+        asked.append(f"downloaded {to.name}")
+        return download_files(located, to, **kwargs)
+
+    def elsewhere_on_rank0(step: Any, **kwargs: Any) -> Any:
+        done = step()
+        if machines == "a machine per rank":
+            shutil.rmtree(output)  # rank 0's disk is another machine's
+        return done
+
+    def raise_together(error: BaseException | None) -> None:
+        if error is not None:
+            raise error
+
+    # Rank 1 of two, in this process: rank 0's part (on_rank0) is run here too, its folders where it leaves them.
+    monkeypatch.setattr(integration.folders, "find_checkpoint", found)
+    monkeypatch.setattr(integration.folders, "download_files", download)
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "raise_together", raise_together)
+    monkeypatch.setattr(distributed, "on_rank0", elsewhere_on_rank0)
+    monkeypatch.setattr(distributed, "barrier", lambda: None)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    for machines, local_rank in [("one machine", 1), ("a machine per rank", 0)]:
+        monkeypatch.setattr(distributed, "local_rank", lambda local_rank=local_rank: local_rank)
+        output = tmp_path / machines.replace(" ", "-")
+        asked.clear()
+        folder = Path(checkpoint_folder(stopped_after_the_best, output_dir=output))
+        # Rank 0 looks up the resumed checkpoint and its best and downloads both; rank 1 uses them as they are on
+        # the disk they share, or on a disk of its own does the same.
+        expected = ["found", "found", "downloaded checkpoint-8", "downloaded checkpoint-16"]
+        assert asked == (expected if machines == "one machine" else expected * 2), machines
+        state = json.loads((folder / "trainer_state.json").read_text())
+        assert state["best_model_checkpoint"] == str(output / "checkpoint-8"), machines
+
+
+def test_a_best_checkpoint_the_run_no_longer_holds_is_said_once_and_dropped(
+    s3_experiment: str, split: data.Split, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Epoch 1's best, then epoch 3's: the Trainer's rotation (save_total_limit=2) took epoch 1 from the run.
+    with mlflow.start_run() as run:
+        callbacks = [Scores([0.9, 0.5, 0.95]), TrackingCallback()]
+        make_trainer(split, tmp_path / "first", callbacks, 3, **BEST_EARLY).train()
+    run_id = run.info.run_id
+    assert [c.epoch for c in tracking.list_checkpoints(run_id)] == [2, 3]
+    elsewhere = tmp_path / "elsewhere"
+    with caplog.at_level(logging.WARNING, logger=integration.folders.__name__):
+        folder = Path(checkpoint_folder(run_id, 2, output_dir=elsewhere))
+    (warned,) = [r.getMessage() for r in caplog.records if r.name == integration.folders.__name__]
+    assert warned.startswith(f"run {run_id}: checkpoint-epoch-0002") and "step 8" in warned, warned
+    assert "no longer holds" in warned and "load_best_model_at_end" in warned and "\n" not in warned
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["checkpoint-16"]
+    # The Trainer resumes without it, keeping the best metric, as its own check would after a warning that the
+    # saving process's folder does not exist anymore.
+    state = json.loads((folder / "trainer_state.json").read_text())
+    assert (state["best_model_checkpoint"], state["best_metric"]) == (None, 0.9)
 
 
 def test_load_rebuilds_the_model_and_with_mode_train_the_optimizer(
