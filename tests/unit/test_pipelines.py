@@ -488,6 +488,38 @@ def test_experiment_with_a_resume_in_place_is_a_usage_error(env: dict[str, str])
     assert "leave --experiment out" in err.getvalue()
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        # An unset $RUN_ID: a new run of 20 epochs started, --from-epoch, --new-run and --override ignored.
+        (["--resume", "", "--from-epoch", "1", "--new-run"], "argument --resume: expected a run ID"),
+        (["--resume", " "], "argument --resume: expected a run ID"),
+        # Blamed TRACKING_EXPERIMENT (""), or made an experiment named " ".
+        (["--experiment", ""], "argument --experiment: expected an experiment name"),
+        (["--experiment", "  "], "argument --experiment: expected an experiment name"),
+        # numpy's seed refused them with a traceback, after the command line was taken.
+        (["--seed", "-1"], "argument --seed: expected a whole number from 0 to 4294967295, got '-1'"),
+        (["--seed", str(2**32)], "argument --seed: expected a whole number from 0 to 4294967295"),
+        # A run started, and its loss raised a traceback at the first batch: the run was left FAILED.
+        (["--lr", "inf"], "argument --lr: expected a positive finite number, got inf"),
+        (["--lr", "1e400"], "argument --lr: expected a positive finite number, got inf"),
+    ],
+)
+def test_a_value_no_training_can_use_is_a_usage_error_before_anything_starts(
+    env: dict[str, str], args: list[str], said: str
+) -> None:
+    client = MlflowClient()
+
+    def stored() -> tuple[int, int]:
+        experiments = client.search_experiments()
+        return len(experiments), len(client.search_runs([e.experiment_id for e in experiments]))
+
+    before = stored()
+    outcome = inline(train.main, "--epochs", "1", *args, usage_exits=True)
+    assert outcome.code == 2 and said in outcome.err, outcome.err
+    assert stored() == before  # no experiment made, no run started
+
+
 def interrupted(monkeypatch: pytest.MonkeyPatch, after_epoch: int, *args: str) -> Outcome:
     """pipelines.train with ``args``, Ctrl-C pressed once epoch ``after_epoch``'s checkpoint is saved."""
     saved = tracking.Checkpointer.save
