@@ -56,6 +56,13 @@ def evaluate(source: str, checkpoint: str | int | None = None, *, trust_pickle: 
     config = tracking.TrackingConfig.from_env()
     client = MlflowClient(config.tracking_uri)
     run = runs.find_run(client, source, config)
+    if parse_source(source).artifact_path:
+        # The run's models are picked by --checkpoint, not by a path: runs:/RUN_ID/model ended in a traceback.
+        raise runs.PipelineError(
+            f"--run-id {source.strip()}: a path names none of the run's models here; pass --run-id "
+            f"{run.info.run_id} with --checkpoint latest, best, N, {STATE_DICT} or {WHOLE_MODEL} --trust-pickle "
+            f"(`tracking checkpoints {run.info.run_id}` lists its checkpoints)."
+        )
     if checkpoint not in (None, WHOLE_MODEL) and parse_source(source).run_id is None:
         # Else a checkpoint's URI with --checkpoint state_dict was evaluated as that checkpoint, named state_dict.
         raise runs.PipelineError(

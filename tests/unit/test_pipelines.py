@@ -729,3 +729,19 @@ def test_resume_refuses_a_runs_uri_with_a_path_in_one_line(env: dict[str, str]) 
     assert outcome.code == 1 and outcome.err.count("\n") == 1, outcome.err
     assert "models:/" in outcome.err and f"--resume {run_id} --from-epoch N" in outcome.err
     assert max(history(run_id)["val_loss"]) == 1  # untouched
+
+
+@pytest.mark.parametrize("path", ["model", "state_dict", "checkpoints/epoch_0001"])
+def test_evaluate_refuses_a_runs_uri_with_a_path_in_one_line(env: dict[str, str], path: str) -> None:
+    # runs:/ID/model ended in a traceback (the library's ValueError: 'model' is not a checkpoint).
+    client = MlflowClient()
+    run_id = client.create_run(client.get_experiment_by_name(EXPERIMENT).experiment_id).info.run_id
+    client.log_param(run_id, "pipeline", "pipelines.train")
+    client.log_param(run_id, "dataset", "breast_cancer")
+    client.set_terminated(run_id)
+
+    outcome = inline(evaluate.main, "--run-id", f"runs:/{run_id}/{path}")
+
+    assert outcome.code == 1 and outcome.err.count("\n") == 1, outcome.err
+    assert f"pass --run-id {run_id} with --checkpoint latest, best, N, state_dict or model" in outcome.err
+    assert client.get_run(run_id).data.metrics == {}  # nothing evaluated, nothing logged
