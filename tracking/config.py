@@ -36,6 +36,9 @@ ENV_VARS: dict[str, str] = {
     "s3_read_timeout": "TRACKING_S3_READ_TIMEOUT",
 }
 
+# The largest part (and single PUT) S3 takes, in MB: 5 GiB.
+S3_MAX_PART_MB = 5 * 1024
+
 # S3 attempts per request when neither AWS_MAX_ATTEMPTS nor an AWS profile sets them. With the
 # default timeouts below, an endpoint that accepts connections and never answers fails in
 # 2 x 15 s (+ under a second of backoff): "about 30 s", never minutes.
@@ -117,9 +120,11 @@ class TrackingConfig:
             raise ConfigError(
                 f"{ENV_VARS['experiment_name']}={self.experiment_name!r} is blank; set an experiment name."
             )
-        if self.part_size_mb < 5:
+        if not 5 <= self.part_size_mb <= S3_MAX_PART_MB:
+            # Above the maximum, every upload of a checkpoint over 5 GiB failed (EntityTooLarge), after the training.
             raise ConfigError(
-                f"{ENV_VARS['part_size_mb']}={self.part_size_mb}: S3 multipart parts must be at least 5 MB."
+                f"{ENV_VARS['part_size_mb']}={self.part_size_mb}: S3 multipart parts must be from 5 MB to "
+                f"{S3_MAX_PART_MB} MB (5 GiB); e.g. 16, the default."
             )
         if self.max_concurrency < 1:
             raise ConfigError(f"{ENV_VARS['max_concurrency']}={self.max_concurrency}: must be at least 1.")

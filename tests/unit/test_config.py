@@ -47,6 +47,8 @@ def test_secrets_stay_out_of_repr() -> None:
         ({"MLFLOW_TRACKING_URI": "http://"}, "MLFLOW_TRACKING_URI"),
         ({"TRACKING_S3_PART_SIZE_MB": "big"}, "TRACKING_S3_PART_SIZE_MB"),
         ({"TRACKING_S3_PART_SIZE_MB": "1"}, "TRACKING_S3_PART_SIZE_MB"),
+        # Above S3's 5 GiB a part, every checkpoint over 5 GiB failed to upload after the training.
+        ({"TRACKING_S3_PART_SIZE_MB": "5121"}, "TRACKING_S3_PART_SIZE_MB=5121: .* from 5 MB to 5120 MB"),
     ],
 )
 def test_invalid_values_name_the_variable(env: dict[str, str], variable: str) -> None:
