@@ -82,7 +82,11 @@ def train(opts: options.Options) -> str:
         # A run no pipeline trained (no pipeline param) was sent to `python -m None`.
         raise runs.PipelineError(
             f"run {origin.info.run_id} was trained by {pipeline or 'another pipeline'}, not {NAME}; "
-            + (f"resume it with `python -m {pipeline}`." if pipeline else "train a new run instead (leave out --resume).")
+            + (
+                f"resume it with `python -m {pipeline}`."
+                if pipeline
+                else "train a new run instead (leave out --resume)."
+            )
         )
     if origin is not None and (opts.from_step is not None or opts.from_epoch is not None):
         _refuse_a_pick_but_the_latest(origin.info.run_id, opts, config)

@@ -269,7 +269,9 @@ def _check_uri(value: str, var: str, schemes: set[str] | None) -> None:
     if not value.strip():
         raise ConfigError(f"{var}={value!r} is blank; unset it, or set a URL such as {example}.")
     if value != value.strip():
-        raise ConfigError(f"{var}={value!r} has spaces around it, which MLflow and boto3 would keep; set {value.strip()!r}.")
+        raise ConfigError(
+            f"{var}={value!r} has spaces around it, which MLflow and boto3 would keep; set {value.strip()!r}."
+        )
     parsed = urlparse(value)
     if schemes is not None:
         if _BARE_HOST_PORT.fullmatch(value):

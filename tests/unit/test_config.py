@@ -56,7 +56,6 @@ def test_invalid_values_name_the_variable(env: dict[str, str], variable: str) ->
         TrackingConfig.from_env(env)
 
 
-
 @pytest.mark.parametrize(
     ("variable", "value", "said"),
     [
@@ -72,10 +71,13 @@ def test_invalid_values_name_the_variable(env: dict[str, str], variable: str) ->
         ("AWS_DEFAULT_REGION", " ", "is blank; set a region, e.g. us-east-1."),
     ],
 )
-def test_blank_spaced_or_schemeless_values_are_refused_naming_the_variable(variable: str, value: str, said: str) -> None:
+def test_blank_spaced_or_schemeless_values_are_refused_naming_the_variable(
+    variable: str, value: str, said: str
+) -> None:
     with pytest.raises(ConfigError) as refused:
         TrackingConfig.from_env({variable: value})
     assert str(refused.value).startswith(f"{variable}={value!r} {said}")
+
 
 def test_unknown_override_is_a_programmer_error() -> None:
     with pytest.raises(TypeError, match="unknown config fields"):

@@ -169,7 +169,6 @@ def test_a_step_run_refuses_what_it_cannot_do_before_it_is_touched(
     assert steps == [2, 3, 4, 6, 8, 9]
 
 
-
 def test_a_run_no_pipeline_trained_is_refused_saying_to_train_a_new_one(
     step_runs: Runs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -188,6 +187,7 @@ def test_a_run_no_pipeline_trained_is_refused_saying_to_train_a_new_one(
         "instead (leave out --resume).\n"
     )
     assert client.get_run(run_id).info.status == "FINISHED"
+
 
 def test_an_overridden_learning_rate_is_the_one_a_resumed_fit_steps_with_and_is_recorded(
     step_runs: Runs, monkeypatch: pytest.MonkeyPatch

@@ -71,7 +71,6 @@ def test_cli_reads_the_data_folder_from_the_environment(tmp_path: Path, monkeypa
     assert f"data folder: {(tmp_path / 'explicit').resolve()} " in explicit.output
 
 
-
 @pytest.mark.parametrize("command", ["up", "status", "down"])
 def test_a_data_folder_that_is_a_file_is_a_one_line_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
@@ -106,6 +105,7 @@ def test_up_in_a_data_folder_it_cannot_write_is_a_stack_error_naming_the_path(
     with pytest.raises(StackError, match=f"cannot prepare the data folder {data_dir}: {data_dir / 'run'}: .*TRACKING"):
         stack.up()
     assert sorted(p.name for p in data_dir.iterdir()) == ["run"]  # nothing made beside it, no mlflow.db
+
 
 def test_cli_lists_the_stack_commands() -> None:
     listed = CliRunner().invoke(main, ["--help"])

@@ -221,7 +221,8 @@ def test_the_default_profile_of_the_credentials_file_is_used_and_none_anywhere_i
     from tracking.storage.s3_client import s3_client
 
     if configured:
-        (tmp_path / "credentials").write_text("[default]\naws_access_key_id = AKIAFROMFILE\naws_secret_access_key = s\n")
+        profile = "[default]\naws_access_key_id = AKIAFROMFILE\naws_secret_access_key = s\n"
+        (tmp_path / "credentials").write_text(profile)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance role asked for, here or anywhere
