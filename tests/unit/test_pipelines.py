@@ -446,6 +446,11 @@ def test_evaluate_of_a_models_uri_refuses_a_checkpoint_pick_in_one_line(env: dic
         outcome = inline(evaluate.main, "--run-id", f"models:/{epoch1.model_id}", "--checkpoint", pick)
         assert outcome.code == 1 and outcome.err.count("\n") == 1, outcome.err
         assert f"--run-id {run_id} --checkpoint {pick}" in outcome.err
+    # --checkpoint model unpickled the checkpoint, and said the run, which has a whole model, had none.
+    outcome = inline(evaluate.main, "--run-id", f"models:/{epoch1.model_id}", "--checkpoint", "model", "--trust-pickle")
+    assert outcome.code == 1 and outcome.err.count("\n") == 1, outcome.err
+    assert "is a checkpoint, not a whole model" in outcome.err
+    assert f"--run-id {run_id} --checkpoint model --trust-pickle" in outcome.err
     assert values_at(run_id, "eval_loss", 0) == values_at(run_id, "eval_loss", 1) == []
     # The whole model's URI alone: the flags that evaluate it, not a library call.
     (whole,) = re.findall(r"whole model: (models:/m-[0-9a-f]+)", trained.out)
