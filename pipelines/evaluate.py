@@ -57,6 +57,13 @@ def evaluate(source: str, checkpoint: str | int | None = None, *, trust_pickle: 
     config = tracking.TrackingConfig.from_env()
     client = MlflowClient(config.tracking_uri)
     run = runs.find_run(client, source, config)
+    if parse_source(source).artifact_path:
+        # The run's models are picked by --checkpoint, not by a path: runs:/RUN_ID/model ended in a traceback.
+        raise runs.PipelineError(
+            f"--run-id {source.strip()}: a path names none of the run's models here; pass --run-id "
+            f"{run.info.run_id} with --checkpoint latest, best, N, {STATE_DICT} or {WHOLE_MODEL} --trust-pickle "
+            f"(`tracking checkpoints {run.info.run_id}` lists its checkpoints)."
+        )
     if checkpoint not in (None, WHOLE_MODEL) and parse_source(source).run_id is None:
         # Else a checkpoint's URI with --checkpoint state_dict was evaluated as that checkpoint, named state_dict.
         raise runs.PipelineError(
@@ -65,10 +72,19 @@ def evaluate(source: str, checkpoint: str | int | None = None, *, trust_pickle: 
         )
     # The logged model a models:/ URI names, a registry version's too: a whole model is registered as a checkpoint is.
     model_id = open_run_pinned(source, config)[1] if parse_source(source).run_id is None else None
-    if checkpoint is None and model_id and client.get_logged_model(model_id).model_type != layout.CHECKPOINT_MODEL_TYPE:
+    model_type = client.get_logged_model(model_id).model_type if model_id else None
+    is_checkpoint = model_type == layout.CHECKPOINT_MODEL_TYPE
+    if checkpoint is None and model_id and not is_checkpoint:
         raise runs.PipelineError(
             f"{source} is not a checkpoint but a whole model, a pickle: add --checkpoint {WHOLE_MODEL} --trust-pickle "
             "to evaluate it if you trust the run, or pass a checkpoint's models:/ URI or the run ID."
+        )
+    if checkpoint == WHOLE_MODEL and is_checkpoint:
+        # Else unpickled as a whole model, which it is not: "has no whole model: ... did not get there", of a run
+        # that logged one.
+        raise runs.PipelineError(
+            f"{source} is a checkpoint, not a whole model: leave --checkpoint out to evaluate it, or pass --run-id "
+            f"{run.info.run_id} --checkpoint {WHOLE_MODEL} --trust-pickle for the run's whole model."
         )
     pipeline = run.data.params.get("pipeline")
     if pipeline is not None and pipeline not in {task.name for task in TASKS.values()}:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,9 +58,38 @@ def _rate(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    # inf (or 1e400) trained a run to NaN weights, and the loss refused them with a traceback mid-epoch.
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {value}")
     return value
+
+
+# What numpy, and Lightning's and transformers' seed_everything, accept: any other seed failed with a
+# traceback (Lightning's, a ValueError of its own) after the command line was taken.
+SEEDS = range(2**32)
+
+
+def _seed(text: str) -> int:
+    refused = argparse.ArgumentTypeError(f"expected a whole number from 0 to {SEEDS[-1]}, got {text!r}")
+    try:
+        value = int(text)
+    except ValueError:
+        raise refused from None
+    if value not in SEEDS:
+        raise refused
+    return value
+
+
+def _named(what: str) -> Callable[[str], str]:
+    """The type of an option that names something (a run, an experiment): refused when blank. An empty
+    ``--resume "$RUN_ID"`` (the variable unset) started a new run, every other resume flag ignored."""
+
+    def named(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return text.strip()
+
+    return named
 
 
 # The options logged as run params, with the parser that reads them back from a param. A pipeline
@@ -67,7 +97,7 @@ def _rate(text: str) -> float:
 RECORDED: dict[str, Callable[[str], Any]] = {
     "lr": _rate,
     "batch_size": _positive_int,
-    "seed": int,
+    "seed": _seed,
     "checkpoint_every": _interval,
     "checkpoint_every_steps": _interval,
     "keep_last": _count,
@@ -184,6 +214,7 @@ def parse(
     )
     parser.add_argument(
         "--experiment",
+        type=_named("an experiment name"),
         help="MLflow experiment for a new run (default: $TRACKING_EXPERIMENT or pytorch-checkpoints; "
         "a --new-run child: its parent's)",
     )
@@ -200,7 +231,7 @@ def parse(
 
     add("--lr", "learning rate", type=_rate)
     add("--batch-size", "training batch size", type=_positive_int)
-    add("--seed", "seed for the initial weights and the batch order", type=int)
+    add("--seed", "seed for the initial weights and the batch order", type=_seed)
     add("--checkpoint-every", "log a checkpoint every N epochs, and after the last", type=_positive_int, metavar="N")
     if steps:
         add(
@@ -218,6 +249,7 @@ def parse(
     resume = parser.add_argument_group("resuming")
     resume.add_argument(
         "--resume",
+        type=_named("a run ID, runs:/RUN_ID or a checkpoint's models:/ URI"),
         metavar="RUN_ID",
         help="continue run RUN_ID (or runs:/RUN_ID) from its latest checkpoint (a checkpoint's models:/ URI: from "
         "that checkpoint)",

@@ -36,6 +36,9 @@ ENV_VARS: dict[str, str] = {
     "s3_read_timeout": "TRACKING_S3_READ_TIMEOUT",
 }
 
+# The largest part (and single PUT) S3 takes, in MB: 5 GiB.
+S3_MAX_PART_MB = 5 * 1024
+
 # S3 attempts per request when neither AWS_MAX_ATTEMPTS nor an AWS profile sets them. With the
 # default timeouts below, an endpoint that accepts connections and never answers fails in
 # 2 x 15 s (+ under a second of backoff): "about 30 s", never minutes.
@@ -107,13 +110,21 @@ class TrackingConfig:
     def __post_init__(self) -> None:
         if self.tracking_uri is not None:
             _check_uri(self.tracking_uri, ENV_VARS["tracking_uri"], schemes=None)
+        if not self.aws_region.strip():
+            # botocore refused it at the first request, naming no variable.
+            raise ConfigError(f"{ENV_VARS['aws_region']}={self.aws_region!r} is blank; set a region, e.g. us-east-1.")
         if self.s3_endpoint_url is not None:
             _check_uri(self.s3_endpoint_url, ENV_VARS["s3_endpoint_url"], schemes={"http", "https"})
-        if not self.experiment_name:
-            raise ConfigError(f"{ENV_VARS['experiment_name']} is empty; set an experiment name.")
-        if self.part_size_mb < 5:
+        if not self.experiment_name.strip():
+            # Blank, the experiment was made with a name of spaces, that the UI shows as nothing.
             raise ConfigError(
-                f"{ENV_VARS['part_size_mb']}={self.part_size_mb}: S3 multipart parts must be at least 5 MB."
+                f"{ENV_VARS['experiment_name']}={self.experiment_name!r} is blank; set an experiment name."
+            )
+        if not 5 <= self.part_size_mb <= S3_MAX_PART_MB:
+            # Above the maximum, every upload of a checkpoint over 5 GiB failed (EntityTooLarge), after the training.
+            raise ConfigError(
+                f"{ENV_VARS['part_size_mb']}={self.part_size_mb}: S3 multipart parts must be from 5 MB to "
+                f"{S3_MAX_PART_MB} MB (5 GiB); e.g. 16, the default."
             )
         if self.max_concurrency < 1:
             raise ConfigError(f"{ENV_VARS['max_concurrency']}={self.max_concurrency}: must be at least 1.")
@@ -252,8 +263,19 @@ _BARE_HOST_PORT = re.compile(r"[A-Za-z0-9.-]+:\d+(/.*)?")
 
 
 def _check_uri(value: str, var: str, schemes: set[str] | None) -> None:
+    example = "http://127.0.0.1:8333" if schemes is not None else "http://127.0.0.1:5000"
+    # MLflow and botocore take the variable as it is: "   " became a local folder store named by the spaces, and
+    # " http://host:5000 " an "Invalid url" with no variable named (urlparse below would drop the spaces).
+    if not value.strip():
+        raise ConfigError(f"{var}={value!r} is blank; unset it, or set a URL such as {example}.")
+    if value != value.strip():
+        raise ConfigError(
+            f"{var}={value!r} has spaces around it, which MLflow and boto3 would keep; set {value.strip()!r}."
+        )
     parsed = urlparse(value)
     if schemes is not None:
+        if _BARE_HOST_PORT.fullmatch(value):
+            raise ConfigError(f"{var}={value!r} has no scheme; use http://{value} (or https://).")
         if parsed.scheme not in schemes or not parsed.netloc:
             raise ConfigError(f"{var}={value!r} is not a valid URL; expected e.g. http://127.0.0.1:8333.")
         if parsed.path.strip("/") or parsed.query:
@@ -264,10 +286,10 @@ def _check_uri(value: str, var: str, schemes: set[str] | None) -> None:
                 f"(the bucket comes from the experiment's s3:// artifact root): use {parsed.scheme}://{parsed.netloc}."
             )
         return
-    if _BARE_HOST_PORT.fullmatch(value.strip()):
-        raise ConfigError(f"{var}={value!r} has no scheme; use http://{value.strip()} (or https://).")
+    if _BARE_HOST_PORT.fullmatch(value):
+        raise ConfigError(f"{var}={value!r} has no scheme; use http://{value} (or https://).")
     # A tracking URI may be a plain local path (MLflow accepts it), or scheme://...
     if parsed.scheme in {"http", "https"} and not parsed.netloc:
-        raise ConfigError(f"{var}={value!r} is not a valid URL; expected e.g. http://127.0.0.1:5000.")
-    if " " in value.strip():
+        raise ConfigError(f"{var}={value!r} is not a valid URL; expected e.g. {example}.")
+    if " " in value:
         raise ConfigError(f"{var}={value!r} contains spaces; expected a URI such as http://127.0.0.1:5000.")

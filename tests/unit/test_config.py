@@ -47,11 +47,36 @@ def test_secrets_stay_out_of_repr() -> None:
         ({"MLFLOW_TRACKING_URI": "http://"}, "MLFLOW_TRACKING_URI"),
         ({"TRACKING_S3_PART_SIZE_MB": "big"}, "TRACKING_S3_PART_SIZE_MB"),
         ({"TRACKING_S3_PART_SIZE_MB": "1"}, "TRACKING_S3_PART_SIZE_MB"),
+        # Above S3's 5 GiB a part, every checkpoint over 5 GiB failed to upload after the training.
+        ({"TRACKING_S3_PART_SIZE_MB": "5121"}, "TRACKING_S3_PART_SIZE_MB=5121: .* from 5 MB to 5120 MB"),
     ],
 )
 def test_invalid_values_name_the_variable(env: dict[str, str], variable: str) -> None:
     with pytest.raises(ConfigError, match=variable):
         TrackingConfig.from_env(env)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "said"),
+    [
+        # MLflow made a folder store named by the spaces, and failed on its maintenance notice.
+        ("MLFLOW_TRACKING_URI", "   ", "is blank; unset it, or set a URL such as http://127.0.0.1:5000."),
+        # MLflow: "Invalid url:  http://127.0.0.1:5000 /api/2.0/...", no variable named.
+        ("MLFLOW_TRACKING_URI", " http://127.0.0.1:5000 ", "has spaces around it, which MLflow and boto3 would keep"),
+        ("MLFLOW_S3_ENDPOINT_URL", "http://127.0.0.1:8333 ", "has spaces around it"),
+        ("MLFLOW_S3_ENDPOINT_URL", "127.0.0.1:8333", "has no scheme; use http://127.0.0.1:8333 (or https://)."),
+        # An experiment named by spaces, shown as nothing in the UI.
+        ("TRACKING_EXPERIMENT", "  ", "is blank; set an experiment name."),
+        # botocore's InvalidRegionError at the first request, naming no variable.
+        ("AWS_DEFAULT_REGION", " ", "is blank; set a region, e.g. us-east-1."),
+    ],
+)
+def test_blank_spaced_or_schemeless_values_are_refused_naming_the_variable(
+    variable: str, value: str, said: str
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        TrackingConfig.from_env({variable: value})
+    assert str(refused.value).startswith(f"{variable}={value!r} {said}")
 
 
 def test_unknown_override_is_a_programmer_error() -> None:

@@ -169,6 +169,26 @@ def test_a_step_run_refuses_what_it_cannot_do_before_it_is_touched(
     assert steps == [2, 3, 4, 6, 8, 9]
 
 
+def test_a_run_no_pipeline_trained_is_refused_saying_to_train_a_new_one(
+    step_runs: Runs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A run of the user's own code (no pipeline param) was sent to `python -m None`.
+    use_store(monkeypatch, step_runs.env["MLFLOW_TRACKING_URI"], EXPERIMENT)
+    client = MlflowClient(step_runs.config.tracking_uri)
+    run_id = client.create_run(client.get_run(step_runs.straight).info.experiment_id).info.run_id
+    client.log_param(run_id, "lr", "0.1")
+    client.set_terminated(run_id)
+
+    done = inline("--resume", run_id, "--epochs", "2")
+
+    assert done.code == 1 and done.err.count("\n") == 1, done.err
+    assert done.err == (
+        f"error: run {run_id} was trained by another pipeline, not pipelines.lightning_digits; train a new run "
+        "instead (leave out --resume).\n"
+    )
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
 def test_an_overridden_learning_rate_is_the_one_a_resumed_fit_steps_with_and_is_recorded(
     step_runs: Runs, monkeypatch: pytest.MonkeyPatch
 ) -> None:

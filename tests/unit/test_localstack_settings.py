@@ -71,6 +71,42 @@ def test_cli_reads_the_data_folder_from_the_environment(tmp_path: Path, monkeypa
     assert f"data folder: {(tmp_path / 'explicit').resolve()} " in explicit.output
 
 
+@pytest.mark.parametrize("command", ["up", "status", "down"])
+def test_a_data_folder_that_is_a_file_is_a_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    # $TRACKING_DATA_DIR (or ./.tracking) naming a file ended every command in a NotADirectoryError traceback.
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("COLUMNS", "400")
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    monkeypatch.setenv("TRACKING_DATA_DIR", str(afile))
+
+    result = CliRunner().invoke(main, ["stack", command])
+
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.output == (
+        f"error: the data folder {afile} is a file, not a folder: pass --data-dir (or set TRACKING_DATA_DIR to) a "
+        "folder, or move the file away\n"
+    )
+    assert afile.read_text() == "mine"
+
+
+def test_up_in_a_data_folder_it_cannot_write_is_a_stack_error_naming_the_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A file where run/ goes (as a read-only folder or a full disk would): NotADirectoryError, then FileExistsError.
+    monkeypatch.setattr("tracking.localstack.stack.port_free", lambda host, port: True)  # nothing is started
+    data_dir = tmp_path / "stack"
+    data_dir.mkdir()
+    (data_dir / "run").write_text("not a folder")
+    stack = LocalStack(TrackingConfig(), data_dir, s3_port=21000, mlflow_port=21010)
+
+    with pytest.raises(StackError, match=f"cannot prepare the data folder {data_dir}: {data_dir / 'run'}: .*TRACKING"):
+        stack.up()
+    assert sorted(p.name for p in data_dir.iterdir()) == ["run"]  # nothing made beside it, no mlflow.db
+
+
 def test_cli_lists_the_stack_commands() -> None:
     listed = CliRunner().invoke(main, ["--help"])
     assert listed.exit_code == 0 and "stack" in listed.output.split("Commands:")[1]

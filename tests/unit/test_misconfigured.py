@@ -213,6 +213,33 @@ def test_an_aws_profile_that_does_not_exist_is_a_config_error_naming_it(
     assert str(tmp_path / "config") in str(raised.value)
 
 
+@pytest.mark.parametrize("configured", [True, False])
+def test_the_default_profile_of_the_credentials_file_is_used_and_none_anywhere_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, configured: bool
+) -> None:
+    # `aws configure` writes the default profile, with no variable set: refused as "no S3 credentials".
+    from tracking.storage.s3_client import s3_client
+
+    if configured:
+        profile = "[default]\naws_access_key_id = AKIAFROMFILE\naws_secret_access_key = s\n"
+        (tmp_path / "credentials").write_text(profile)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance role asked for, here or anywhere
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    s3_client.cache_clear()
+    try:
+        if configured:
+            client = s3_client(TrackingConfig(s3_endpoint_url="http://127.0.0.1:9000"))
+            assert client._request_signer._credentials.access_key == "AKIAFROMFILE"
+        else:
+            with pytest.raises(ConfigError, match="no S3 credentials: set AWS_ACCESS_KEY_ID"):
+                s3_client(TrackingConfig(s3_endpoint_url="http://127.0.0.1:9000"))
+    finally:
+        s3_client.cache_clear()
+
+
 @pytest.mark.parametrize("pipeline", ["pipelines.train", "pipelines.lightning_digits", "pipelines.hf_digits"])
 def test_a_pipeline_whose_store_refuses_stops_before_training_not_at_its_first_checkpoint(
     tracking_s3: str, tracking_store: str, monkeypatch: pytest.MonkeyPatch, pipeline: str

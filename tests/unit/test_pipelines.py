@@ -446,6 +446,11 @@ def test_evaluate_of_a_models_uri_refuses_a_checkpoint_pick_in_one_line(env: dic
         outcome = inline(evaluate.main, "--run-id", f"models:/{epoch1.model_id}", "--checkpoint", pick)
         assert outcome.code == 1 and outcome.err.count("\n") == 1, outcome.err
         assert f"--run-id {run_id} --checkpoint {pick}" in outcome.err
+    # --checkpoint model unpickled the checkpoint, and said the run, which has a whole model, had none.
+    outcome = inline(evaluate.main, "--run-id", f"models:/{epoch1.model_id}", "--checkpoint", "model", "--trust-pickle")
+    assert outcome.code == 1 and outcome.err.count("\n") == 1, outcome.err
+    assert "is a checkpoint, not a whole model" in outcome.err
+    assert f"--run-id {run_id} --checkpoint model --trust-pickle" in outcome.err
     assert values_at(run_id, "eval_loss", 0) == values_at(run_id, "eval_loss", 1) == []
     # The whole model's URI alone: the flags that evaluate it, not a library call.
     (whole,) = re.findall(r"whole model: (models:/m-[0-9a-f]+)", trained.out)
@@ -486,6 +491,38 @@ def test_experiment_with_a_resume_in_place_is_a_usage_error(env: dict[str, str])
         train.main(["--resume", "0" * 32, "--experiment", "elsewhere", "--epochs", "3"])
     assert usage.value.code == 2
     assert "leave --experiment out" in err.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        # An unset $RUN_ID: a new run of 20 epochs started, --from-epoch, --new-run and --override ignored.
+        (["--resume", "", "--from-epoch", "1", "--new-run"], "argument --resume: expected a run ID"),
+        (["--resume", " "], "argument --resume: expected a run ID"),
+        # Blamed TRACKING_EXPERIMENT (""), or made an experiment named " ".
+        (["--experiment", ""], "argument --experiment: expected an experiment name"),
+        (["--experiment", "  "], "argument --experiment: expected an experiment name"),
+        # numpy's seed refused them with a traceback, after the command line was taken.
+        (["--seed", "-1"], "argument --seed: expected a whole number from 0 to 4294967295, got '-1'"),
+        (["--seed", str(2**32)], "argument --seed: expected a whole number from 0 to 4294967295"),
+        # A run started, and its loss raised a traceback at the first batch: the run was left FAILED.
+        (["--lr", "inf"], "argument --lr: expected a positive finite number, got inf"),
+        (["--lr", "1e400"], "argument --lr: expected a positive finite number, got inf"),
+    ],
+)
+def test_a_value_no_training_can_use_is_a_usage_error_before_anything_starts(
+    env: dict[str, str], args: list[str], said: str
+) -> None:
+    client = MlflowClient()
+
+    def stored() -> tuple[int, int]:
+        experiments = client.search_experiments()
+        return len(experiments), len(client.search_runs([e.experiment_id for e in experiments]))
+
+    before = stored()
+    outcome = inline(train.main, "--epochs", "1", *args, usage_exits=True)
+    assert outcome.code == 2 and said in outcome.err, outcome.err
+    assert stored() == before  # no experiment made, no run started
 
 
 def interrupted(monkeypatch: pytest.MonkeyPatch, after_epoch: int, *args: str) -> Outcome:
@@ -697,3 +734,19 @@ def test_resume_refuses_a_runs_uri_with_a_path_in_one_line(env: dict[str, str]) 
     assert outcome.code == 1 and outcome.err.count("\n") == 1, outcome.err
     assert "models:/" in outcome.err and f"--resume {run_id} --from-epoch N" in outcome.err
     assert max(history(run_id)["val_loss"]) == 1  # untouched
+
+
+@pytest.mark.parametrize("path", ["model", "state_dict", "checkpoints/epoch_0001"])
+def test_evaluate_refuses_a_runs_uri_with_a_path_in_one_line(env: dict[str, str], path: str) -> None:
+    # runs:/ID/model ended in a traceback (the library's ValueError: 'model' is not a checkpoint).
+    client = MlflowClient()
+    run_id = client.create_run(client.get_experiment_by_name(EXPERIMENT).experiment_id).info.run_id
+    client.log_param(run_id, "pipeline", "pipelines.train")
+    client.log_param(run_id, "dataset", "breast_cancer")
+    client.set_terminated(run_id)
+
+    outcome = inline(evaluate.main, "--run-id", f"runs:/{run_id}/{path}")
+
+    assert outcome.code == 1 and outcome.err.count("\n") == 1, outcome.err
+    assert f"pass --run-id {run_id} with --checkpoint latest, best, N, state_dict or model" in outcome.err
+    assert client.get_run(run_id).data.metrics == {}  # nothing evaluated, nothing logged

@@ -51,6 +51,13 @@ _data_dir_option = click.option(
 def _settings(data_dir: Path | None) -> tuple[TrackingConfig, StackSettings]:
     config = TrackingConfig.from_env()
     settings = StackSettings.from_env(data_dir=records.locate(config, data_dir).data_dir)
+    # --data-dir is checked by click; $TRACKING_DATA_DIR and the default .tracking are not, and a file there ended
+    # every command in a traceback (NotADirectoryError on its pid files).
+    if settings.data_dir.exists() and not settings.data_dir.is_dir():
+        raise StackError(
+            f"the data folder {settings.data_dir} is a file, not a folder: pass --data-dir (or set "
+            f"{ENV_VARS['data_dir']} to) a folder, or move the file away"
+        )
     return config, settings
 
 

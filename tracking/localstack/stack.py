@@ -229,10 +229,7 @@ class LocalStack:
                         f"port {port} on {HOST} is already in use but {launch.name} needs it; stop what "
                         f"listens there or choose other ports (--s3-port/--mlflow-port)"
                     )
-        services.prepare_sqlite(self.backend_store_uri)
-        for sub in ("run", "logs", SEAWEEDFS):
-            (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
-        write_private(self.data_dir / "run" / "stack.json", json.dumps(self._settings(), indent=2))
+        self._prepare_data_dir()
         started: list[str] = []
         try:
             for launch in to_start:
@@ -248,6 +245,21 @@ class LocalStack:
             raise
         write_private(self.env_file, export_lines(self.env()))
         return started
+
+    def _prepare_data_dir(self) -> None:
+        """Make the data folder's parts and record this ``up``'s settings; a folder that cannot hold them (a file
+        in its place, no write permission, a full disk) is a :class:`StackError` naming the path, not a traceback."""
+        try:
+            for sub in ("run", "logs", SEAWEEDFS):
+                (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
+            services.prepare_sqlite(self.backend_store_uri)
+            write_private(self.data_dir / "run" / "stack.json", json.dumps(self._settings(), indent=2))
+        except OSError as exc:
+            where = exc.filename or self.data_dir
+            raise StackError(
+                f"cannot prepare the data folder {self.data_dir}: {where}: {exc.strerror or exc}; make it a writable "
+                "folder, or pass another --data-dir (or TRACKING_DATA_DIR)"
+            ) from None
 
     def down(self) -> list[str]:
         """Stop the services this stack started (found by pid file); returns the names stopped.

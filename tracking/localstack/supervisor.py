@@ -172,7 +172,8 @@ def port_free(host: str, port: int) -> bool:
 def _read_pid(path: Path) -> int | None:
     try:
         return int(path.read_text().split()[0])
-    except (FileNotFoundError, IndexError, ValueError):
+    # NotADirectoryError: a file stands where the run folder should be, so no pid file is there either.
+    except (FileNotFoundError, NotADirectoryError, IndexError, ValueError):
         return None
 
 

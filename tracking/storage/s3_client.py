@@ -24,7 +24,7 @@ def s3_client(config: TrackingConfig) -> Any:
     """
     import botocore.exceptions
 
-    if not config.aws_access_key_id and not _has_other_credentials():
+    if not config.aws_access_key_id and not _has_other_credentials() and not _botocore_finds_credentials():
         raise ConfigError(
             "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
             "(or an AWS profile), e.g. from `tracking stack up`."
@@ -109,3 +109,17 @@ def _client(config: TrackingConfig) -> Any:
 
 def _has_other_credentials() -> bool:
     return any(k in os.environ for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_WEB_IDENTITY_TOKEN_FILE"))
+
+
+def _botocore_finds_credentials() -> bool:
+    """True when botocore's own chain finds credentials none of the variables above name: the default profile of
+    ~/.aws/credentials (what `aws configure` writes), an instance or container role. Asked only when those
+    variables are unset, since the chain's last steps may ask the instance's metadata service (about a second
+    where there is none)."""
+    import botocore.exceptions
+    import botocore.session
+
+    try:
+        return botocore.session.get_session().get_credentials() is not None
+    except botocore.exceptions.BotoCoreError:
+        return False  # a malformed credentials file: the refusal below says what to set
