@@ -211,6 +211,9 @@ def gc(
 def register(source: str, name: str, checkpoint: str, alias: str | None, allow_mixed: bool, as_json: bool) -> None:
     """Register a checkpoint as a new version of model NAME, loadable as models:/NAME@ALIAS.
 
+    A checkpoint a version of NAME was made from already gets no second one: that version is
+    reused (ALIAS moved to it), so a registration that failed part way is safe to run again.
+
     \b
     Example:
       tracking register 3f2a9c0d1b2e4f5a6b7c8d9e0f1a2b3c seed --checkpoint best --alias champion
@@ -224,8 +227,7 @@ def register(source: str, name: str, checkpoint: str, alias: str | None, allow_m
     if not name.strip():
         raise click.BadParameter(f"{name!r}: a registered model needs a name, e.g. seed.", param_hint="NAME")
     refuse_checkpoint_of_pinned(source, checkpoint)
-    from tracking.registry import alias_version, check_alias, check_model_name
-    from tracking.registry import register as register_checkpoint
+    from tracking.registry import alias_version, check_alias, check_model_name, registration
     from tracking.source import version_model_id
 
     try:
@@ -241,7 +243,10 @@ def register(source: str, name: str, checkpoint: str, alias: str | None, allow_m
     moved_from = alias_version(name, alias) if alias is not None else None  # the version the alias leaves
     # MLflow logs that it waits for the new version at INFO; the version is READY at once here.
     with muted("mlflow.store.model_registry.abstract_store", "Waiting up to"):
-        version = register_checkpoint(source, name, checkpoint=checkpoint, alias=alias, allow_mixed=allow_mixed)
+        registered = registration(source, name, checkpoint=checkpoint, alias=alias, allow_mixed=allow_mixed)
+    version = registered.version
+    if moved_from == str(version.version):
+        moved_from = None  # the alias named the reused version already: it moved nowhere
     uri = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version.version}"
     if as_json:
         tags = dict(version.tags or {})
@@ -249,6 +254,7 @@ def register(source: str, name: str, checkpoint: str, alias: str | None, allow_m
             {
                 "name": name,
                 "version": version.version,
+                "reused": registered.reused,
                 "alias": alias,
                 "alias_moved_from": moved_from,
                 "source": version.source,
@@ -264,7 +270,10 @@ def register(source: str, name: str, checkpoint: str, alias: str | None, allow_m
             }
         )
         return
-    click.echo(f"registered {name} version {version.version} from {version.source}; load it as {uri}")
+    if registered.reused:
+        click.echo(f"{name} version {version.version} already holds {version.source}: reused it; load it as {uri}")
+    else:
+        click.echo(f"registered {name} version {version.version} from {version.source}; load it as {uri}")
     if moved_from is not None:
         click.echo(f"alias {alias} named version {moved_from} before; models:/{name}/{moved_from} still loads it")
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
