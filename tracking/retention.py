@@ -167,19 +167,18 @@ class RetentionPolicy:
         try:
             # The run's tags as they are now: another writer may have moved best since this one committed.
             handle.refresh_tags()
-            registered = {} if delete_registered else registry.versions_by_model(handle)
-            staying = {handle.tags.get(layout.TAG_LATEST), *registered}
-            self._repoint_best(handle, kept, keep, [e for e in doomed if self._models[e][0] not in staying])
+            deleting, registered = self.split(handle, doomed, delete_registered=delete_registered)
+            self._repoint_best(handle, kept, keep, deleting)
         except TrackingError as exc:
             # Without the run's tags, deleting could leave best naming a missing checkpoint: retry next pass.
             done.failed = {key: (self._models[key][0], exc) for key in doomed}
             return done
         for key in doomed:
             model_id, artifact_uri = self._models[key]
-            if model_id == handle.tags.get(layout.TAG_LATEST):
-                continue  # another writer's latest (re-logged or newer checkpoints of its own): not ours to delete
-            if model_id in registered:
-                done.registered[key] = (model_id, registered[model_id])
+            if key in registered:
+                done.registered[key] = (model_id, registered[key])
+            elif key not in deleting:
+                continue  # the run's latest: kept in the policy, and at stake again once the tag moves on
             else:
                 try:
                     catalog.delete(handle, model_id, artifact_uri)
@@ -191,6 +190,22 @@ class RetentionPolicy:
             del self._models[key]
             self.noted.pop(key, None)
         return done
+
+    def split(
+        self, handle: RunHandle, doomed: list[int], *, delete_registered: bool
+    ) -> tuple[list[int], dict[int, list[str]]]:
+        """Of ``doomed`` (outside the kept set), the keys deleted, and those kept because registry versions point at
+        them (key -> the versions): what :meth:`apply` does, and a dry run lists.
+
+        The checkpoint the run's latest tag (``handle.tags``) names is neither: it stays, whatever its key. It is
+        another writer's latest (of re-logged or newer checkpoints of its own), or the newest key's save died
+        between READY and moving the tags, and deleting it would leave ``latest`` naming nothing.
+        """
+        registered = {} if delete_registered else registry.versions_by_model(handle)
+        latest = handle.tags.get(layout.TAG_LATEST)
+        models = {key: self._models[key][0] for key in doomed if self._models[key][0] != latest}
+        deleting = [key for key, model_id in models.items() if model_id not in registered]
+        return deleting, {key: registered[model_id] for key, model_id in models.items() if model_id in registered}
 
     def _repoint_best(
         self, handle: RunHandle, kept: Mapping[int, float | None], keep: set[int], doomed: list[int]
@@ -358,12 +373,10 @@ def prune_report(
         return BestMoved(best, to, monitor, handle.tags.get(layout.TAG_MONITOR))
 
     if dry_run:
-        doomed = sorted(set(kept) - retained)
-        registered = {} if delete_registered else registry.versions_by_model(handle)
-        deleting = [key for key in doomed if committed[key].model_id not in registered]
+        deleting, registered = policy.split(handle, sorted(set(kept) - retained), delete_registered=delete_registered)
         return Pruned(
             [committed[e] for e in deleting],
-            [(committed[e], registered[committed[e].model_id]) for e in doomed if committed[e].model_id in registered],
+            [(committed[e], versions) for e, versions in sorted(registered.items())],
             needs_force,
             best_moved(deleting),
         )

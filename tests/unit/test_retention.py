@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -292,3 +293,20 @@ def test_a_checkpointer_resumed_with_another_retention_keeps_no_checkpoint_whose
         checkpointer.save(model, epoch=4, metrics={"val_loss": 0.4})
     assert epochs(run_id) == [3, 4] and tracking.load(run_id, "best").epoch == 3
     assert catalog.get_if_present(handle.client, str(torn.model_id), handle.config) is None
+
+
+def test_a_dry_run_of_gc_lists_what_gc_deletes_when_latest_is_not_the_newest_key(s3_experiment: str) -> None:
+    model = Model(6)
+    with mlflow.start_run() as run:
+        logged = [tracking.log_checkpoint(model, epoch=e, metrics={"val_loss": 1.0 / e}) for e in (1, 2, 3)]
+    run_id = run.info.run_id
+    # Epoch 3's save was killed between READY and moving the tags: the latest tag still names epoch 2.
+    MlflowClient().set_tag(run_id, TAG_LATEST, logged[1].model_id)
+    args = ["gc", run_id, "--keep-last", "1", "--json"]
+    dry = CliRunner().invoke(main, [*args, "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    real = CliRunner().invoke(main, args)
+    assert real.exit_code == 0, real.output
+    listed, deleted = ([row["epoch"] for row in json.loads(r.stdout)["deleted"]] for r in (dry, real))
+    assert listed == deleted == [1]  # the dry run listed epoch 2 too, which gc keeps as the run's latest
+    assert epochs(run_id) == [2, 3]
