@@ -244,13 +244,15 @@ class PruneOptions(TypedDict, total=False):
 
 @dataclass(frozen=True)
 class Pruned:
-    """What :func:`prune_report` deleted (with ``dry_run``, would delete), and what it kept because
-    a registry version points at it (with those versions, ``name/version``)."""
+    """What :func:`prune_report` deleted (with ``dry_run``, would delete), what it kept because
+    a registry version points at it (with those versions, ``name/version``), and what it failed to delete."""
 
     deleted: list[catalog.StoredCheckpoint]
     registered: list[tuple[catalog.StoredCheckpoint, list[str]]]
     needs_force: bool = False  # a dry run of a RUNNING run with running=False: deleting would be refused
     best_moved: BestMoved | None = None  # the run's best checkpoint is among those deleted
+    failed: list[catalog.StoredCheckpoint] = field(default_factory=list)  # still there: the store or server failed
+    error: StorageError | None = None  # why they failed, naming those deleted all the same: prune() raises it
 
 
 @dataclass(frozen=True)
@@ -279,6 +281,8 @@ def prune(run_id: str, **options: Unpack[PruneOptions]) -> list[catalog.StoredCh
     report = prune_report(run_id, **options)
     for checkpoint, versions in report.registered:
         _log.warning("%s", registered_line(checkpoint, versions))
+    if report.error is not None:
+        raise report.error
     return report.deleted
 
 
@@ -326,7 +330,8 @@ def prune_report(
     running: bool = True,
     config: TrackingConfig | None = None,
 ) -> Pruned:
-    """:func:`prune`, saying which checkpoints it kept because they are registered."""
+    """:func:`prune`, saying which checkpoints it kept because they are registered; what it failed to delete is in
+    the report's ``failed`` and ``error`` rather than raised, beside what it deleted all the same."""
     if keep_last is None and keep_best is None:
         raise ValueError("pass keep_last and/or keep_best: with neither, every checkpoint is kept")
     handle = open_run(run_id, config)
@@ -383,12 +388,13 @@ def prune_report(
     done = policy.apply(handle, latest=max(kept), delete_registered=delete_registered)
     if done.deleted:
         _relist(handle, {key: c for key, c in committed.items() if key not in done.deleted}, monitor)
+    error = None
     if done.failed:
         deleted = ", ".join(str(e) for e in done.deleted) or "none"
         failed = ", ".join(f"{e} ({model_id})" for e, (model_id, _) in sorted(done.failed.items()))
         first = one_line(next(iter(done.failed.values()))[1])[:300]
         undeleted = agree(len(done.failed), f"checkpoint of {key_name}", f"checkpoints of {keys}")
-        raise StorageError(
+        error = StorageError(
             f"run {run_id}: could not delete the {undeleted} {failed} ({first}); deleted {keys}: "
             f"{deleted}. Run the same command again once the tracking server and the store answer."
         )
@@ -396,6 +402,8 @@ def prune_report(
         [committed[e] for e in done.deleted],
         [(committed[e], versions) for e, (_, versions) in sorted(done.registered.items())],
         best_moved=best_moved(done.deleted),
+        failed=[committed[e] for e in sorted(done.failed)],
+        error=error,
     )
 
 

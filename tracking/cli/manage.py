@@ -24,8 +24,9 @@ from tracking.cli.options import (
     source_argument,
 )
 from tracking.cli.server import connect
+from tracking.errors import one_line
 from tracking.layout import UI_VIEW_QUERY
-from tracking.output import emit_json, human_size, plural
+from tracking.output import emit_json, human_size, json_error, plural
 
 if TYPE_CHECKING:
     from tracking.storage.base import Buffer
@@ -178,8 +179,14 @@ def gc(
                     {**key_fields(c), "model_id": c.model_id, "versions": versions} for c, versions in report.registered
                 ],
                 "best_moved": _best_moved_json(report.best_moved),
+                "failed": [{**key_fields(c), "model_id": c.model_id} for c in report.failed],
+                # The error object a failing --json command prints, in the report rather than after it.
+                **(json_error(one_line(report.error), 1, report.error) if report.error else {}),
             }
         )
+    if report.error is not None:
+        raise report.error  # its line names what was deleted all the same
+    if as_json:
         return
     verb = "would delete" if dry_run else "deleted"
     for checkpoint in doomed:
