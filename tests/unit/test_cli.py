@@ -532,3 +532,33 @@ def test_register_under_a_name_holding_whole_models_is_refused_unless_allowed(s3
     again = CliRunner().invoke(main, ["register", run.info.run_id, "seed", "--checkpoint", "latest"])
     assert CliRunner().invoke(main, ["register", run.info.run_id, "seed", "--checkpoint", "latest"]).exit_code == 0
     assert again.exit_code == 0, again.output
+
+
+def test_download_of_a_sharded_checkpoint_says_to_load_it_from_the_run(
+    s3_experiment: str, process_group: None, tmp_path: Path
+) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    model = Model(6)
+    fully_shard(model)
+    with mlflow.start_run() as run:
+        logged = tracking.log_checkpoint(model, epoch=1)
+    to = tmp_path / "sharded"
+    result = CliRunner().invoke(main, ["download", run.info.run_id, "--to", str(to)])
+    assert result.exit_code == 0, result.output
+    assert not (to / "checkpoint.pt").exists()
+    # Was: nothing, and the help's torch.load(DIR/checkpoint.pt), a file a sharded checkpoint has not.
+    hint = result.output.splitlines()[-1]
+    assert f"tracking.load('models:/{logged.model_id}')" in hint and "tracking.restore(" in hint, hint
+    assert "torch.load(" not in hint and "dcp.json" in hint
+    helped = CliRunner().invoke(main, ["download", "--help"])
+    assert "sharded" in helped.output and "tracking.restore" in helped.output, helped.output
+
+
+def test_download_says_which_file_torch_load_reads(s3_run_id: str, tmp_path: Path) -> None:
+    for checkpoint, name in (("1", "checkpoint.pt"), ("state_dict", "state_dict.pt")):
+        to = tmp_path / checkpoint
+        result = CliRunner().invoke(main, ["download", s3_run_id, "--checkpoint", checkpoint, "--to", str(to)])
+        assert result.exit_code == 0, result.output
+        hint = result.output.splitlines()[-1]
+        assert f"torch.load({str(to / name)!r}, weights_only=True)" in hint, hint

@@ -51,7 +51,10 @@ def download(source: str, checkpoint: str, to: Path, force: bool, as_json: bool)
     """Download a checkpoint's files and manifest, each checked against its sha256.
 
     RUN is a run ID, runs:/<id>, a checkpoint's models:/<model_id> or models:/<name>@<alias>.
-    `torch.load(DIR/checkpoint.pt, weights_only=True)` then reads it without this tool.
+    The last line says how to read what was written: `torch.load(DIR/checkpoint.pt,
+    weights_only=True)` (DIR/state_dict.pt with --checkpoint state_dict) without this tool. A
+    sharded (FSDP2) checkpoint's shards and their index (dcp.json) load from the run instead:
+    tracking.load("models:/<model_id>"), or on every rank tracking.restore(..., model, optimizer).
 
     \b
     Example:
@@ -86,6 +89,39 @@ def download(source: str, checkpoint: str, to: Path, force: bool, as_json: bool)
         click.echo(f"removed {', '.join(done.removed)}: the previous download's, which this checkpoint has not")
     if force and done.kept:  # what --force left beside the checkpoint: the folder is not only a download
         click.echo(f"kept {', '.join(done.kept)}: not from a download (no manifest.json listed them)")
+    click.echo(_how_to_read(located, to))
+
+
+def _how_to_read(located: Any, to: Path) -> str:
+    """How to read the files a download wrote into ``to``, by what they are: one line."""
+    from tracking.manifest import SHARDED_KIND
+
+    manifest = located.manifest
+    if manifest.kind == SHARDED_KIND:
+        # Its index is JSON, not the pickled .metadata torch.distributed.checkpoint reads: only the library reads it.
+        source = f"models:/{located.model_id}"
+        return (
+            f"read it from the run: tracking.load({source!r}) in one process (a full model and optimizer), or "
+            f"tracking.restore({source!r}, model, optimizer) on every rank under torchrun; its shards' index "
+            "(dcp.json) is JSON, not the pickled .metadata that torch.distributed.checkpoint reads on its own"
+        )
+    if manifest.format == "transformers":
+        return (
+            f"read it as the Hugging Face Trainer checkpoint folder it is: Trainer.train(resume_from_checkpoint="
+            f"{str(to)!r}), or the model class's from_pretrained({str(to)!r})"
+        )
+    name = next(iter(manifest.files))  # a checkpoint or state dict of one process: one file
+    path = str(to / name)
+    if name.endswith(".safetensors"):
+        return f"read it with model.load_state_dict(safetensors.torch.load_file({path!r}))"
+    if manifest.kind == "state_dict":
+        return f"read it with model.load_state_dict(torch.load({path!r}, weights_only=True))"
+    keys = (
+        "state_dict, optimizer_states, epoch, ..."
+        if manifest.format == "lightning"
+        else "model_state, optim_state, epoch, ..."
+    )
+    return f"read it with torch.load({path!r}, weights_only=True): a dict of {keys}"
 
 
 def _read(located: Any, name: str, expected: Any, as_json: bool) -> Buffer:
