@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from tracking import layout
@@ -16,6 +17,14 @@ from tracking.source import version_model_id
 
 # The logged model tag MLflow's own register_model keeps, so the UI links a model to its versions.
 _VERSIONS_TAG = "mlflow.modelVersions"
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What :func:`registration` did: the version (MLflow's ``ModelVersion``) and whether it existed already."""
+
+    version: Any
+    reused: bool
 
 
 def register(
@@ -32,9 +41,26 @@ def register(
     ``source`` is a run (then ``checkpoint`` picks ``"best"``, ``"latest"`` or an epoch) or a
     checkpoint's ``models:/<model_id>``. The version points at that checkpoint's logged model,
     so ``tracking.load("models:/<name>@<alias>")`` rebuilds exactly it, whatever the run logs later.
+    A checkpoint that a version of ``name`` was made from already gets no second one: that version is
+    returned (``alias`` moved to it), so a registration that failed part way is retried safely.
     A ``name`` whose versions are something else (whole models) is refused unless ``allow_mixed``:
     what loads ``models:/<name>@<alias>`` would then depend on which kind the alias names.
     """
+    return registration(
+        source, name, checkpoint=checkpoint, alias=alias, allow_mixed=allow_mixed, config=config
+    ).version
+
+
+def registration(
+    source: str,
+    name: str,
+    *,
+    checkpoint: Selector = "best",
+    alias: str | None = None,
+    allow_mixed: bool = False,
+    config: TrackingConfig | None = None,
+) -> Registration:
+    """:func:`register`, saying whether the version was made now or one made before from the checkpoint reused."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -46,30 +72,53 @@ def register(
     assert located.model_id is not None
     bound_mlflow_requests()
     client = MlflowClient(tracking_uri=(config or TrackingConfig.from_env()).tracking_uri)
+    tags = version_tags(located.name, located.manifest)
+    made: str | None = None
     try:
         if not allow_mixed:
             refuse_mixed(client, name, located.label, checkpoint=True, escape="--allow-mixed (allow_mixed=True)")
-        try:
-            client.create_registered_model(name)
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        version = client.create_model_version(
-            name,
-            source=f"models:/{located.model_id}",
-            run_id=located.run_id,
-            model_id=located.model_id,
-            tags=version_tags(located.name, located.manifest),
-        )
+        version = _version_made_from(client, name, located.model_id)
+        reused = version is not None
+        if version is None:
+            try:
+                client.create_registered_model(name)
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            version = client.create_model_version(
+                name, source=f"models:/{located.model_id}", run_id=located.run_id, model_id=located.model_id, tags=tags
+            )
+        made = str(version.version)
+        if reused and not tags.items() <= dict(version.tags or {}).items():
+            # Made by the UI's Register button, which tags nothing: it gets the tags saying which checkpoint it is.
+            for tag, value in tags.items():
+                client.set_model_version_tag(name, made, tag, value)
+            version = client.get_model_version(name, made)
         if alias is not None:
-            client.set_registered_model_alias(name, alias, version.version)
+            client.set_registered_model_alias(name, alias, made)
         _link_version(client, located.model_id, name, version.version)
     except (MlflowException, OSError) as exc:
+        # A retry finds the version made here and finishes with it: naming it tells that no second one is made.
+        then = f"; version {made} of {name!r} was made from it, and a retry reuses it" if made else ""
         raise StorageError(
-            f"registering {located.label} of run {located.run_id} as {name!r} failed ({exc}); check the name "
+            f"registering {located.label} of run {located.run_id} as {name!r} failed ({exc}){then}; check the name "
             "and that the tracking server runs, then retry."
         ) from exc
-    return version
+    return Registration(version, reused)
+
+
+def _version_made_from(client: Any, name: str, model_id: str) -> Any | None:
+    """The newest READY version of ``name`` made from logged model ``model_id``, else None.
+
+    One exists when a registration created it and then failed (setting the alias, linking the model, or
+    its answer lost on the way): registering the checkpoint again finishes with it rather than adding another.
+    """
+    made = [
+        version
+        for version in client.search_model_versions(_name_filter(name))
+        if version.name == name and version.status == "READY" and version_model_id(version) == model_id
+    ]
+    return max(made, key=lambda version: int(version.version), default=None)
 
 
 def _link_version(client: Any, model_id: str, name: str, version: int | str) -> None:

@@ -167,19 +167,18 @@ class RetentionPolicy:
         try:
             # The run's tags as they are now: another writer may have moved best since this one committed.
             handle.refresh_tags()
-            registered = {} if delete_registered else registry.versions_by_model(handle)
-            staying = {handle.tags.get(layout.TAG_LATEST), *registered}
-            self._repoint_best(handle, kept, keep, [e for e in doomed if self._models[e][0] not in staying])
+            deleting, registered = self.split(handle, doomed, delete_registered=delete_registered)
+            self._repoint_best(handle, kept, keep, deleting)
         except TrackingError as exc:
             # Without the run's tags, deleting could leave best naming a missing checkpoint: retry next pass.
             done.failed = {key: (self._models[key][0], exc) for key in doomed}
             return done
         for key in doomed:
             model_id, artifact_uri = self._models[key]
-            if model_id == handle.tags.get(layout.TAG_LATEST):
-                continue  # another writer's latest (re-logged or newer checkpoints of its own): not ours to delete
-            if model_id in registered:
-                done.registered[key] = (model_id, registered[model_id])
+            if key in registered:
+                done.registered[key] = (model_id, registered[key])
+            elif key not in deleting:
+                continue  # the run's latest: kept in the policy, and at stake again once the tag moves on
             else:
                 try:
                     catalog.delete(handle, model_id, artifact_uri)
@@ -191,6 +190,22 @@ class RetentionPolicy:
             del self._models[key]
             self.noted.pop(key, None)
         return done
+
+    def split(
+        self, handle: RunHandle, doomed: list[int], *, delete_registered: bool
+    ) -> tuple[list[int], dict[int, list[str]]]:
+        """Of ``doomed`` (outside the kept set), the keys deleted, and those kept because registry versions point at
+        them (key -> the versions): what :meth:`apply` does, and a dry run lists.
+
+        The checkpoint the run's latest tag (``handle.tags``) names is neither: it stays, whatever its key. It is
+        another writer's latest (of re-logged or newer checkpoints of its own), or the newest key's save died
+        between READY and moving the tags, and deleting it would leave ``latest`` naming nothing.
+        """
+        registered = {} if delete_registered else registry.versions_by_model(handle)
+        latest = handle.tags.get(layout.TAG_LATEST)
+        models = {key: self._models[key][0] for key in doomed if self._models[key][0] != latest}
+        deleting = [key for key, model_id in models.items() if model_id not in registered]
+        return deleting, {key: registered[model_id] for key, model_id in models.items() if model_id in registered}
 
     def _repoint_best(
         self, handle: RunHandle, kept: Mapping[int, float | None], keep: set[int], doomed: list[int]
@@ -229,13 +244,15 @@ class PruneOptions(TypedDict, total=False):
 
 @dataclass(frozen=True)
 class Pruned:
-    """What :func:`prune_report` deleted (with ``dry_run``, would delete), and what it kept because
-    a registry version points at it (with those versions, ``name/version``)."""
+    """What :func:`prune_report` deleted (with ``dry_run``, would delete), what it kept because
+    a registry version points at it (with those versions, ``name/version``), and what it failed to delete."""
 
     deleted: list[catalog.StoredCheckpoint]
     registered: list[tuple[catalog.StoredCheckpoint, list[str]]]
     needs_force: bool = False  # a dry run of a RUNNING run with running=False: deleting would be refused
     best_moved: BestMoved | None = None  # the run's best checkpoint is among those deleted
+    failed: list[catalog.StoredCheckpoint] = field(default_factory=list)  # still there: the store or server failed
+    error: StorageError | None = None  # why they failed, naming those deleted all the same: prune() raises it
 
 
 @dataclass(frozen=True)
@@ -264,6 +281,8 @@ def prune(run_id: str, **options: Unpack[PruneOptions]) -> list[catalog.StoredCh
     report = prune_report(run_id, **options)
     for checkpoint, versions in report.registered:
         _log.warning("%s", registered_line(checkpoint, versions))
+    if report.error is not None:
+        raise report.error
     return report.deleted
 
 
@@ -311,7 +330,8 @@ def prune_report(
     running: bool = True,
     config: TrackingConfig | None = None,
 ) -> Pruned:
-    """:func:`prune`, saying which checkpoints it kept because they are registered."""
+    """:func:`prune`, saying which checkpoints it kept because they are registered; what it failed to delete is in
+    the report's ``failed`` and ``error`` rather than raised, beside what it deleted all the same."""
     if keep_last is None and keep_best is None:
         raise ValueError("pass keep_last and/or keep_best: with neither, every checkpoint is kept")
     handle = open_run(run_id, config)
@@ -358,24 +378,23 @@ def prune_report(
         return BestMoved(best, to, monitor, handle.tags.get(layout.TAG_MONITOR))
 
     if dry_run:
-        doomed = sorted(set(kept) - retained)
-        registered = {} if delete_registered else registry.versions_by_model(handle)
-        deleting = [key for key in doomed if committed[key].model_id not in registered]
+        deleting, registered = policy.split(handle, sorted(set(kept) - retained), delete_registered=delete_registered)
         return Pruned(
             [committed[e] for e in deleting],
-            [(committed[e], registered[committed[e].model_id]) for e in doomed if committed[e].model_id in registered],
+            [(committed[e], versions) for e, versions in sorted(registered.items())],
             needs_force,
             best_moved(deleting),
         )
     done = policy.apply(handle, latest=max(kept), delete_registered=delete_registered)
     if done.deleted:
         _relist(handle, {key: c for key, c in committed.items() if key not in done.deleted}, monitor)
+    error = None
     if done.failed:
         deleted = ", ".join(str(e) for e in done.deleted) or "none"
         failed = ", ".join(f"{e} ({model_id})" for e, (model_id, _) in sorted(done.failed.items()))
         first = one_line(next(iter(done.failed.values()))[1])[:300]
         undeleted = agree(len(done.failed), f"checkpoint of {key_name}", f"checkpoints of {keys}")
-        raise StorageError(
+        error = StorageError(
             f"run {run_id}: could not delete the {undeleted} {failed} ({first}); deleted {keys}: "
             f"{deleted}. Run the same command again once the tracking server and the store answer."
         )
@@ -383,6 +402,8 @@ def prune_report(
         [committed[e] for e in done.deleted],
         [(committed[e], versions) for e, (_, versions) in sorted(done.registered.items())],
         best_moved=best_moved(done.deleted),
+        failed=[committed[e] for e in sorted(done.failed)],
+        error=error,
     )
 
 

@@ -21,7 +21,7 @@ from tracking.catalog import LoggedCheckpoint, StoredCheckpoint
 from tracking.config import TrackingConfig
 from tracking.errors import IntegrityError, NotFoundError, TrackingError, one_line
 from tracking.manifest import Manifest
-from tracking.run import RunHandle
+from tracking.run import RunHandle, tracking_server_errors
 from tracking.source import open_run_of, open_source
 from tracking.storage import ArtifactStore, Buffer
 from tracking.uri import parse_source
@@ -284,8 +284,7 @@ def _select_by_search(handle: RunHandle, which: str) -> Located:
             raise legacy
         raise NotFoundError(
             f"run {handle.run_id} has no committed checkpoints (logged models of type "
-            f"{layout.CHECKPOINT_MODEL_TYPE}); log one with tracking.log_checkpoint(...) or load the state dict "
-            "with tracking.load_model()."
+            f"{layout.CHECKPOINT_MODEL_TYPE}); {_what_else_loads(handle)}"
         )
 
     def candidates(keys: list[int]) -> list[StoredCheckpoint]:
@@ -325,6 +324,43 @@ def _select_by_search(handle: RunHandle, which: str) -> Located:
     if not ranked:
         raise NotFoundError(f"run {handle.run_id}: no checkpoint has the monitored metric {monitor!r}.")
     return _first_located(handle, candidates(ranked))
+
+
+def _what_else_loads(handle: RunHandle) -> str:
+    """The advice for a run without checkpoints: load its state dict, or its whole model, or log a checkpoint.
+
+    Read only on that error's way: a state dict's manifest, and one search for the whole model. One that cannot
+    be told now (the store or server failing) is left out of the advice rather than claimed.
+    """
+    run_id = handle.run_id
+    log_one = "log a checkpoint with tracking.log_checkpoint(...) (or a Checkpointer)"
+    try:
+        _state_dict(handle)
+        held = True
+    except IntegrityError:
+        held = True  # there, but damaged: loading it says how
+    except TrackingError:
+        held = False  # none, or the store cannot tell now
+    if held:
+        return (
+            f"its state dict loads with tracking.load_model({run_id!r}) (`--checkpoint state_dict` in the command "
+            f"line), or {log_one}."
+        )
+    try:
+        with tracking_server_errors(run_id, "looking for the run's whole model"):
+            whole = handle.client.search_logged_models(
+                experiment_ids=[handle.experiment_id],
+                filter_string=f"source_run_id = '{run_id}' AND name = '{layout.MODEL_NAME}'",
+                max_results=1,
+            )
+    except TrackingError:
+        whole = []
+    if whole:
+        return (
+            f"its whole model (tracking.log_model) loads with tracking.load_pickled_model({run_id!r}, "
+            f"trust_pickle=True), which unpickles it: only for a run you trust; or {log_one}."
+        )
+    return f"it holds no state dict or whole model either: {log_one}."
 
 
 def _first_located(handle: RunHandle, candidates: list[StoredCheckpoint]) -> Located:

@@ -532,3 +532,59 @@ def test_register_under_a_name_holding_whole_models_is_refused_unless_allowed(s3
     again = CliRunner().invoke(main, ["register", run.info.run_id, "seed", "--checkpoint", "latest"])
     assert CliRunner().invoke(main, ["register", run.info.run_id, "seed", "--checkpoint", "latest"]).exit_code == 0
     assert again.exit_code == 0, again.output
+
+
+def test_download_of_a_sharded_checkpoint_says_to_load_it_from_the_run(
+    s3_experiment: str, process_group: None, tmp_path: Path
+) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    model = Model(6)
+    fully_shard(model)
+    with mlflow.start_run() as run:
+        logged = tracking.log_checkpoint(model, epoch=1)
+    to = tmp_path / "sharded"
+    result = CliRunner().invoke(main, ["download", run.info.run_id, "--to", str(to)])
+    assert result.exit_code == 0, result.output
+    assert not (to / "checkpoint.pt").exists()
+    # Was: nothing, and the help's torch.load(DIR/checkpoint.pt), a file a sharded checkpoint has not.
+    hint = result.output.splitlines()[-1]
+    assert f"tracking.load('models:/{logged.model_id}')" in hint and "tracking.restore(" in hint, hint
+    assert "torch.load(" not in hint and "dcp.json" in hint
+    helped = CliRunner().invoke(main, ["download", "--help"])
+    assert "sharded" in helped.output and "tracking.restore" in helped.output, helped.output
+
+
+def test_download_says_which_file_torch_load_reads(s3_run_id: str, tmp_path: Path) -> None:
+    for checkpoint, name in (("1", "checkpoint.pt"), ("state_dict", "state_dict.pt")):
+        to = tmp_path / checkpoint
+        result = CliRunner().invoke(main, ["download", s3_run_id, "--checkpoint", checkpoint, "--to", str(to)])
+        assert result.exit_code == 0, result.output
+        hint = result.output.splitlines()[-1]
+        assert f"torch.load({str(to / name)!r}, weights_only=True)" in hint, hint
+
+
+def test_show_and_download_of_a_run_without_checkpoints_advise_what_the_run_holds(
+    s3_experiment: str, tmp_path: Path
+) -> None:
+    model = Model(6)
+    with mlflow.start_run() as weights:
+        tracking.log_state_dict(model)
+    with mlflow.start_run() as whole:
+        tracking.log_model(model, pip_requirements=["torch"])
+    with mlflow.start_run() as empty:
+        pass
+    pickled = f"tracking.load_pickled_model('{whole.info.run_id}', trust_pickle=True)"
+    for run, advised, not_advised in (
+        (weights, ["--checkpoint state_dict", f"tracking.load_model('{weights.info.run_id}')"], ["load_pickled"]),
+        (whole, [pickled], ["load_model(", "state_dict"]),
+        (empty, ["no state dict or whole model", "tracking.log_checkpoint("], ["load_model(", "state_dict"]),
+    ):
+        run_id = run.info.run_id
+        for args in (["show", run_id], ["download", run_id, "--to", str(tmp_path / run_id)]):
+            result = CliRunner().invoke(main, args)
+            assert result.exit_code == 1, result.output
+            assert "has no committed checkpoints" in result.stderr, result.stderr
+            # Was: "load the state dict with tracking.load_model()" whatever the run held, no --checkpoint state_dict.
+            assert all(words in result.stderr for words in advised), result.stderr
+            assert not any(words in result.stderr for words in not_advised), result.stderr

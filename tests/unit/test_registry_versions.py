@@ -167,10 +167,10 @@ def test_a_checkpoint_lists_each_version_made_from_it_once_as_a_server_lists_the
         return version
 
     monkeypatch.setattr(MlflowClient, "create_model_version", as_a_server)
-    for _ in range(2):
-        tracking.register(run.info.run_id, "seed", checkpoint="latest")
+    for name in ("seed", "seed", "seed-b"):  # registered twice under one name, a checkpoint has one version of it
+        tracking.register(run.info.run_id, name, checkpoint="latest")
     listed = json.loads(client.get_logged_model(logged.model_id).tags["mlflow.modelVersions"])
-    assert [(entry["name"], str(entry["version"])) for entry in listed] == [("seed", "1"), ("seed", "2")]  # was 4
+    assert [(entry["name"], str(entry["version"])) for entry in listed] == [("seed", "1"), ("seed-b", "1")]  # was 4
 
     # A tag edited into no list fails no registration once its version exists (it was a JSON traceback).
     monkeypatch.setattr(MlflowClient, "create_model_version", created)
@@ -196,3 +196,62 @@ def test_a_name_holding_both_quotes_registers_and_is_told_apart_from_names_like_
     client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id)
     refused = CliRunner().invoke(main, args)
     assert refused.exit_code == 1 and "holds version 2 that is no checkpoint" in refused.stderr, refused.output
+
+
+@pytest.mark.parametrize("failing", ["set_registered_model_alias", "set_logged_model_tags", "create_model_version"])
+def test_a_retried_registration_reuses_the_version_it_made_before_failing(
+    s3_experiment: str, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(Model(6), epoch=1)
+        tracking.log_checkpoint(Model(6), epoch=2)
+    run_id, client = run.info.run_id, MlflowClient()
+    tracking.register(run_id, "seed", checkpoint=2, alias="champion")
+    original = getattr(MlflowClient, failing)
+
+    def fails_once(self: MlflowClient, *args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(MlflowClient, failing, original)
+        # The step after creating the version fails; create_model_version's answer is lost after the server made it.
+        if failing == "create_model_version":
+            original(self, *args, **kwargs)
+        raise mlflow.exceptions.MlflowException(f"{failing} timed out")
+
+    monkeypatch.setattr(MlflowClient, failing, fails_once)
+    with pytest.raises(tracking.StorageError) as failed:
+        tracking.register(run_id, "seed", checkpoint=1, alias="champion")
+    assert "retry" in str(failed.value)
+    if failing != "create_model_version":  # the version exists, and the error says the retry reuses it
+        assert "version 2 of 'seed' was made" in str(failed.value), failed.value
+    result = CliRunner().invoke(main, ["register", run_id, "seed", "--checkpoint", "1", "--alias", "champion"])
+    assert result.exit_code == 0, result.output
+    assert "seed version 2 already holds" in result.output, result.output  # was: registered seed version 3
+    # Where the alias was set before the failure, it moved nowhere now.
+    assert ("alias champion named version 1 before" in result.output) == (failing != "set_logged_model_tags")
+    assert sorted(int(v.version) for v in client.search_model_versions("name = 'seed'")) == [1, 2]
+    assert str(client.get_model_version_by_alias("seed", "champion").version) == "2"
+    assert tracking.load("models:/seed@champion").epoch == 1
+    (model_1,) = [c.model_id for c in tracking.list_checkpoints(run_id) if c.epoch == 1]
+    listed = json.loads(client.get_logged_model(str(model_1)).tags["mlflow.modelVersions"])
+    assert [(entry["name"], str(entry["version"])) for entry in listed] == [("seed", "2")]
+    # Registered again, the same checkpoint names the same version; the alias moves back to it from another.
+    tracking.register(run_id, "seed", checkpoint=2, alias="champion")
+    again = CliRunner().invoke(main, ["register", run_id, "seed", "--checkpoint", "1", "--alias", "champion", "--json"])
+    assert again.exit_code == 0, again.output
+    printed = json.loads(again.stdout)
+    assert (str(printed["version"]), printed["reused"], printed["alias_moved_from"]) == ("2", True, "1")
+    assert sorted(int(v.version) for v in client.search_model_versions("name = 'seed'")) == [1, 2]
+
+
+def test_a_checkpoint_registered_by_the_uis_button_is_reused_and_tagged(s3_experiment: str) -> None:
+    with mlflow.start_run() as run:
+        logged = tracking.log_checkpoint(Model(6), epoch=1)
+    client = MlflowClient()
+    client.create_registered_model("seed")
+    # The UI's Register model button: its source the logged model's artifact location, no tags.
+    location = client.get_logged_model(logged.model_id).artifact_location
+    client.create_model_version("seed", source=location, run_id=run.info.run_id)
+    version = tracking.register(run.info.run_id, "seed", checkpoint=1, alias="champion")
+    assert str(version.version) == "1" and version.tags[layout.VERSION_TAG_CHECKPOINT] == "checkpoint-epoch-0001"
+    assert client.get_model_version("seed", "1").tags == version.tags
+    assert len(client.search_model_versions("name = 'seed'")) == 1
+    assert tracking.load("models:/seed@champion").epoch == 1

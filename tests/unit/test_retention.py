@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -292,3 +293,38 @@ def test_a_checkpointer_resumed_with_another_retention_keeps_no_checkpoint_whose
         checkpointer.save(model, epoch=4, metrics={"val_loss": 0.4})
     assert epochs(run_id) == [3, 4] and tracking.load(run_id, "best").epoch == 3
     assert catalog.get_if_present(handle.client, str(torn.model_id), handle.config) is None
+
+
+def test_a_dry_run_of_gc_lists_what_gc_deletes_when_latest_is_not_the_newest_key(s3_experiment: str) -> None:
+    model = Model(6)
+    with mlflow.start_run() as run:
+        logged = [tracking.log_checkpoint(model, epoch=e, metrics={"val_loss": 1.0 / e}) for e in (1, 2, 3)]
+    run_id = run.info.run_id
+    # Epoch 3's save was killed between READY and moving the tags: the latest tag still names epoch 2.
+    MlflowClient().set_tag(run_id, TAG_LATEST, logged[1].model_id)
+    args = ["gc", run_id, "--keep-last", "1", "--json"]
+    dry = CliRunner().invoke(main, [*args, "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    real = CliRunner().invoke(main, args)
+    assert real.exit_code == 0, real.output
+    listed, deleted = ([row["epoch"] for row in json.loads(r.stdout)["deleted"]] for r in (dry, real))
+    assert listed == deleted == [1]  # the dry run listed epoch 2 too, which gc keeps as the run's latest
+    assert epochs(run_id) == [2, 3]
+
+
+def test_a_failed_gc_json_names_the_checkpoints_it_deleted_and_those_it_could_not(
+    s3_experiment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = Model(6)
+    with mlflow.start_run() as run:
+        logged = [tracking.log_checkpoint(model, epoch=e, metrics={"val_loss": 1.0 / e}) for e in (1, 2, 3)]
+    fail_once(monkeypatch)  # epoch 1 fails to delete, epoch 2 goes
+    result = CliRunner().invoke(main, ["gc", run.info.run_id, "--keep-last", "1", "--json"])
+    assert result.exit_code == 1, result.output
+    printed = json.loads(result.stdout)  # one JSON document: the report, and the error object in it
+    assert (printed["type"], printed["exit_code"]) == ("StorageError", 1)
+    assert printed["error"] in result.stderr and "could not delete the checkpoint of epoch 1" in printed["error"]
+    # Was: the error object alone, though the text output names what was deleted.
+    assert [(row["epoch"], row["model_id"]) for row in printed["deleted"]] == [(2, logged[1].model_id)]
+    assert [(row["epoch"], row["model_id"]) for row in printed["failed"]] == [(1, logged[0].model_id)]
+    assert epochs(run.info.run_id) == [1, 3]

@@ -24,8 +24,9 @@ from tracking.cli.options import (
     source_argument,
 )
 from tracking.cli.server import connect
+from tracking.errors import one_line
 from tracking.layout import UI_VIEW_QUERY
-from tracking.output import emit_json, human_size, plural
+from tracking.output import emit_json, human_size, json_error, plural
 
 if TYPE_CHECKING:
     from tracking.storage.base import Buffer
@@ -50,7 +51,10 @@ def download(source: str, checkpoint: str, to: Path, force: bool, as_json: bool)
     """Download a checkpoint's files and manifest, each checked against its sha256.
 
     RUN is a run ID, runs:/<id>, a checkpoint's models:/<model_id> or models:/<name>@<alias>.
-    `torch.load(DIR/checkpoint.pt, weights_only=True)` then reads it without this tool.
+    The last line says how to read what was written: `torch.load(DIR/checkpoint.pt,
+    weights_only=True)` (DIR/state_dict.pt with --checkpoint state_dict) without this tool. A
+    sharded (FSDP2) checkpoint's shards and their index (dcp.json) load from the run instead:
+    tracking.load("models:/<model_id>"), or on every rank tracking.restore(..., model, optimizer).
 
     \b
     Example:
@@ -85,6 +89,39 @@ def download(source: str, checkpoint: str, to: Path, force: bool, as_json: bool)
         click.echo(f"removed {', '.join(done.removed)}: the previous download's, which this checkpoint has not")
     if force and done.kept:  # what --force left beside the checkpoint: the folder is not only a download
         click.echo(f"kept {', '.join(done.kept)}: not from a download (no manifest.json listed them)")
+    click.echo(_how_to_read(located, to))
+
+
+def _how_to_read(located: Any, to: Path) -> str:
+    """How to read the files a download wrote into ``to``, by what they are: one line."""
+    from tracking.manifest import SHARDED_KIND
+
+    manifest = located.manifest
+    if manifest.kind == SHARDED_KIND:
+        # Its index is JSON, not the pickled .metadata torch.distributed.checkpoint reads: only the library reads it.
+        source = f"models:/{located.model_id}"
+        return (
+            f"read it from the run: tracking.load({source!r}) in one process (a full model and optimizer), or "
+            f"tracking.restore({source!r}, model, optimizer) on every rank under torchrun; its shards' index "
+            "(dcp.json) is JSON, not the pickled .metadata that torch.distributed.checkpoint reads on its own"
+        )
+    if manifest.format == "transformers":
+        return (
+            f"read it as the Hugging Face Trainer checkpoint folder it is: Trainer.train(resume_from_checkpoint="
+            f"{str(to)!r}), or the model class's from_pretrained({str(to)!r})"
+        )
+    name = next(iter(manifest.files))  # a checkpoint or state dict of one process: one file
+    path = str(to / name)
+    if name.endswith(".safetensors"):
+        return f"read it with model.load_state_dict(safetensors.torch.load_file({path!r}))"
+    if manifest.kind == "state_dict":
+        return f"read it with model.load_state_dict(torch.load({path!r}, weights_only=True))"
+    keys = (
+        "state_dict, optimizer_states, epoch, ..."
+        if manifest.format == "lightning"
+        else "model_state, optim_state, epoch, ..."
+    )
+    return f"read it with torch.load({path!r}, weights_only=True): a dict of {keys}"
 
 
 def _read(located: Any, name: str, expected: Any, as_json: bool) -> Buffer:
@@ -178,8 +215,14 @@ def gc(
                     {**key_fields(c), "model_id": c.model_id, "versions": versions} for c, versions in report.registered
                 ],
                 "best_moved": _best_moved_json(report.best_moved),
+                "failed": [{**key_fields(c), "model_id": c.model_id} for c in report.failed],
+                # The error object a failing --json command prints, in the report rather than after it.
+                **(json_error(one_line(report.error), 1, report.error) if report.error else {}),
             }
         )
+    if report.error is not None:
+        raise report.error  # its line names what was deleted all the same
+    if as_json:
         return
     verb = "would delete" if dry_run else "deleted"
     for checkpoint in doomed:
@@ -211,6 +254,9 @@ def gc(
 def register(source: str, name: str, checkpoint: str, alias: str | None, allow_mixed: bool, as_json: bool) -> None:
     """Register a checkpoint as a new version of model NAME, loadable as models:/NAME@ALIAS.
 
+    A checkpoint a version of NAME was made from already gets no second one: that version is
+    reused (ALIAS moved to it), so a registration that failed part way is safe to run again.
+
     \b
     Example:
       tracking register 3f2a9c0d1b2e4f5a6b7c8d9e0f1a2b3c seed --checkpoint best --alias champion
@@ -224,8 +270,7 @@ def register(source: str, name: str, checkpoint: str, alias: str | None, allow_m
     if not name.strip():
         raise click.BadParameter(f"{name!r}: a registered model needs a name, e.g. seed.", param_hint="NAME")
     refuse_checkpoint_of_pinned(source, checkpoint)
-    from tracking.registry import alias_version, check_alias, check_model_name
-    from tracking.registry import register as register_checkpoint
+    from tracking.registry import alias_version, check_alias, check_model_name, registration
     from tracking.source import version_model_id
 
     try:
@@ -241,7 +286,10 @@ def register(source: str, name: str, checkpoint: str, alias: str | None, allow_m
     moved_from = alias_version(name, alias) if alias is not None else None  # the version the alias leaves
     # MLflow logs that it waits for the new version at INFO; the version is READY at once here.
     with muted("mlflow.store.model_registry.abstract_store", "Waiting up to"):
-        version = register_checkpoint(source, name, checkpoint=checkpoint, alias=alias, allow_mixed=allow_mixed)
+        registered = registration(source, name, checkpoint=checkpoint, alias=alias, allow_mixed=allow_mixed)
+    version = registered.version
+    if moved_from == str(version.version):
+        moved_from = None  # the alias named the reused version already: it moved nowhere
     uri = f"models:/{name}@{alias}" if alias else f"models:/{name}/{version.version}"
     if as_json:
         tags = dict(version.tags or {})
@@ -249,6 +297,7 @@ def register(source: str, name: str, checkpoint: str, alias: str | None, allow_m
             {
                 "name": name,
                 "version": version.version,
+                "reused": registered.reused,
                 "alias": alias,
                 "alias_moved_from": moved_from,
                 "source": version.source,
@@ -264,7 +313,10 @@ def register(source: str, name: str, checkpoint: str, alias: str | None, allow_m
             }
         )
         return
-    click.echo(f"registered {name} version {version.version} from {version.source}; load it as {uri}")
+    if registered.reused:
+        click.echo(f"{name} version {version.version} already holds {version.source}: reused it; load it as {uri}")
+    else:
+        click.echo(f"registered {name} version {version.version} from {version.source}; load it as {uri}")
     if moved_from is not None:
         click.echo(f"alias {alias} named version {moved_from} before; models:/{name}/{moved_from} still loads it")
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
