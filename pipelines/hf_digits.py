@@ -105,7 +105,7 @@ def _train(opts: options.Options) -> str:
     from tracking import layout
     from tracking.integrations.transformers import TrackingCallback, checkpoint_folder
     from tracking.parallel import distributed
-    from tracking.retention import prune
+    from tracking.pruning import prune
 
     config = tracking.TrackingConfig.from_env(experiment_name=opts.experiment)
     client = MlflowClient(config.tracking_uri)

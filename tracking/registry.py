@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from tracking import layout
 from tracking.config import TrackingConfig, bound_mlflow_requests
@@ -27,15 +27,16 @@ class Registration:
     reused: bool
 
 
-def register(
-    source: str,
-    name: str,
-    *,
-    checkpoint: Selector = "best",
-    alias: str | None = None,
-    allow_mixed: bool = False,
-    config: TrackingConfig | None = None,
-) -> Any:
+class RegisterOptions(TypedDict, total=False):
+    """The keyword arguments of :func:`registration`, which :func:`register` passes on as they are."""
+
+    checkpoint: Selector
+    alias: str | None
+    allow_mixed: bool
+    config: TrackingConfig | None
+
+
+def register(source: str, name: str, **options: Unpack[RegisterOptions]) -> Any:
     """Make a version of registered model ``name`` from one checkpoint; MLflow's ``ModelVersion``.
 
     ``source`` is a run (then ``checkpoint`` picks ``"best"``, ``"latest"`` or an epoch) or a
@@ -46,9 +47,7 @@ def register(
     A ``name`` whose versions are something else (whole models) is refused unless ``allow_mixed``:
     what loads ``models:/<name>@<alias>`` would then depend on which kind the alias names.
     """
-    return registration(
-        source, name, checkpoint=checkpoint, alias=alias, allow_mixed=allow_mixed, config=config
-    ).version
+    return registration(source, name, **options).version
 
 
 def registration(

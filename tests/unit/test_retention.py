@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 import tracking
 from pipelines.models import Model
 from tests.unit.conftest import purge
-from tracking import catalog, note, retention
+from tracking import catalog, note, pruning
 from tracking.cli import main
 from tracking.errors import NotFoundError, StorageError
 from tracking.layout import TAG_BEST, TAG_BEST_VALUE, TAG_LATEST
@@ -248,7 +248,7 @@ def test_gc_ranks_another_metric_only_by_a_mode_given_and_never_against_the_runs
     assert flipped.exit_code == 2, flipped.output
     assert "ranks 'val_loss' by min" in flipped.stderr and "tracking.checkpoint.mode" in flipped.stderr
     with pytest.raises(ValueError, match="pass mode="):
-        retention.prune(run_id, keep_best=1, monitor="val_acc")
+        pruning.prune(run_id, keep_best=1, monitor="val_acc")
     assert epochs(run_id) == [1, 2, 3] and run_tags(run_id)[TAG_BEST] == best
 
     given = CliRunner().invoke(main, ["gc", run_id, "--keep-best", "1", "--monitor", "val_acc", "--mode", "max"])

@@ -184,7 +184,7 @@ def gc(
     if keep_best is None and (monitor or mode):  # they would change nothing: say so rather than ignore them
         raise click.UsageError("--monitor and --mode rank what --keep-best keeps: pass --keep-best N, or drop them.")
     connect()
-    from tracking.retention import best_moved_line, prune_report, registered_line
+    from tracking.pruning import best_moved_line, prune_report, registered_line
     from tracking.source import resolve_run_id
 
     if source.strip().startswith("models:/"):  # retention is a run's: it would not spare the checkpoint named
