@@ -84,9 +84,11 @@ def registration(
             except MlflowException as exc:
                 if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
-            version = client.create_model_version(
+            created = client.create_model_version(
                 name, source=f"models:/{located.model_id}", run_id=located.run_id, model_id=located.model_id, tags=tags
             )
+            version = _settle(client, name, located.model_id, created)
+            reused = version is not created
         made = str(version.version)
         if reused and not tags.items() <= dict(version.tags or {}).items():
             # Made by the UI's Register button, which tags nothing: it gets the tags saying which checkpoint it is.
@@ -107,17 +109,32 @@ def registration(
 
 
 def _version_made_from(client: Any, name: str, model_id: str) -> Any | None:
-    """The newest READY version of ``name`` made from logged model ``model_id``, else None.
+    """The oldest READY version of ``name`` made from logged model ``model_id``, else None.
 
     One exists when a registration created it and then failed (setting the alias, linking the model, or
     its answer lost on the way): registering the checkpoint again finishes with it rather than adding another.
+    The oldest, as :func:`_settle` keeps: where two exist, every caller names the same one.
     """
     made = [
         version
         for version in client.search_model_versions(_name_filter(name))
         if version.name == name and version.status == "READY" and version_model_id(version) == model_id
     ]
-    return max(made, key=lambda version: int(version.version), default=None)
+    return min(made, key=lambda version: int(version.version), default=None)
+
+
+def _settle(client: Any, name: str, model_id: str, created: Any) -> Any:
+    """The version the checkpoint keeps once ``created`` exists: ``created``, or an older one made from it.
+
+    Two registrations of one checkpoint at the same moment both find no version and both create one: MLflow
+    has no create-if-absent. Each looks again after creating, and the newer deletes itself, so both callers
+    return the oldest whatever order they ran in, and the checkpoint has one version of ``name``.
+    """
+    oldest = _version_made_from(client, name, model_id)
+    if oldest is None or int(oldest.version) >= int(created.version):
+        return created
+    client.delete_model_version(name, str(created.version))
+    return oldest
 
 
 def _link_version(client: Any, model_id: str, name: str, version: int | str) -> None:

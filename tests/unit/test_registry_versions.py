@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import mlflow
@@ -254,4 +256,28 @@ def test_a_checkpoint_registered_by_the_uis_button_is_reused_and_tagged(s3_exper
     assert str(version.version) == "1" and version.tags[layout.VERSION_TAG_CHECKPOINT] == "checkpoint-epoch-0001"
     assert client.get_model_version("seed", "1").tags == version.tags
     assert len(client.search_model_versions("name = 'seed'")) == 1
+    assert tracking.load("models:/seed@champion").epoch == 1
+
+
+def test_two_registrations_of_one_checkpoint_at_once_make_one_version(
+    s3_experiment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(Model(6), epoch=1)
+    run_id, client = run.info.run_id, MlflowClient()
+    # Both calls have searched for a version of the checkpoint, and found none, before either creates one.
+    both_searched = threading.Barrier(2, timeout=30)
+    create = MlflowClient.create_registered_model
+
+    def after_both_searched(self: MlflowClient, *args: Any, **kwargs: Any) -> Any:
+        both_searched.wait()
+        return create(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "create_registered_model", after_both_searched)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        calls = [pool.submit(tracking.register, run_id, "seed", checkpoint=1, alias="champion") for _ in range(2)]
+        versions = [str(call.result(timeout=60).version) for call in calls]
+    assert versions == ["1", "1"]  # was: one caller got version 1, the other version 2, both of the checkpoint
+    assert [str(v.version) for v in client.search_model_versions("name = 'seed'")] == ["1"]
+    assert str(client.get_model_version_by_alias("seed", "champion").version) == "1"
     assert tracking.load("models:/seed@champion").epoch == 1
