@@ -4,7 +4,8 @@ A save that dies (``kill -9``, a lost connection) before its checkpoint is commi
 logged model that never became READY, data that no manifest lists, and on S3 possibly a
 multipart upload that was never completed. No reader sees any of it (a checkpoint without a
 manifest and a READY model does not exist), but it takes up space: :func:`verify` reports
-it as *leftovers*, and :func:`clean_leftovers` removes it.
+it as *leftovers*, and :func:`clean_leftovers` removes it. So it does with a checkpoint whose deletion
+died after its manifest (the deletion's first step): :func:`clean_leftovers` finishes that deletion.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from tracking.uri import parse_source
 UNCOMMITTED = "no manifest lists it"
 UNFINISHED_UPLOAD = "unfinished upload"
 NOT_COMMITTED_MODEL = "a logged model whose save never committed"
+UNFINISHED_DELETION = (
+    "a deletion that did not finish: its manifest is deleted, its files and READY logged model not yet (retention, "
+    "gc or a failed save's undoing died part way)"
+)
 REPLACED_MODEL = "replaced by a newer checkpoint of the same epoch (or step)"
 
 
@@ -185,7 +190,7 @@ def clean_leftovers(source: str, *, config: TrackingConfig | None = None, runnin
             part = next(p for p in parts if p.label == part_label)
             part.store.delete(part.path(name))
             removed.append(leftover)
-        elif leftover.kind in (NOT_COMMITTED_MODEL, REPLACED_MODEL):
+        elif leftover.kind in (NOT_COMMITTED_MODEL, UNFINISHED_DELETION, REPLACED_MODEL):
             removed.append(leftover)
     return [str(leftover) for leftover in sorted(removed, key=lambda leftover: leftover.path)]
 
@@ -235,7 +240,9 @@ def _model_part(model: StoredCheckpoint) -> _Part:
     else:
         part.manifest = _manifest(model.store, "")
         if part.manifest is None:
-            part.leftover_kind = NOT_COMMITTED_MODEL  # READY, but its failed save removed the manifest
+            # READY, so it was committed, or its save failed after READY: the manifest going first is how a
+            # deletion starts (retention's, gc's, a failed save undoing itself), and one died after that.
+            part.leftover_kind = UNFINISHED_DELETION
     return part
 
 

@@ -145,13 +145,32 @@ def test_data_without_manifest_on_the_mlflow_path(experiment: str) -> None:
         f"{RETRACTED_STATE} ({audit.UNCOMMITTED})",
         f"checkpoint-epoch-0001 ({first.model_id})/stray.pt ({audit.UNCOMMITTED})",
         f"{label(orphan)} ({audit.NOT_COMMITTED_MODEL})",
-        f"{label(retracted)} ({audit.NOT_COMMITTED_MODEL})",
+        f"{label(retracted)} ({audit.UNFINISHED_DELETION})",
     ]
     assert len(audit.clean_leftovers(run_id)) == 4
     assert run_models(run_id) == committed
     assert open_store(orphan.artifact_location, config).list_files("") == []
     assert open_store(retracted.artifact_location, config).list_files("") == []
     assert sorted(first.store.list_files("")) == [layout.CHECKPOINT_FILE, layout.MANIFEST_FILE]
+    assert_committed_intact(run_id, states)
+
+
+def test_a_deletion_that_died_after_the_manifest_is_called_one_and_clean_finishes_it(s3_experiment: str) -> None:
+    run_id, states = log_run()
+    first = find_checkpoint(run_id, 1)
+    first.store.delete(layout.MANIFEST_FILE)  # retention's or gc's first step, then the process died
+    del states[1]
+
+    listed = CliRunner().invoke(main, ["verify", run_id])
+    assert listed.exit_code == 0, listed.output
+    # Was: "(a logged model whose save never committed)", of a checkpoint that had committed and loaded.
+    assert f"LEFTOVER {label(first)} (a deletion that did not finish: its manifest is deleted" in listed.output
+    assert f"1 leftover; `tracking verify --clean {run_id}` removes it, finishing the deletion" in listed.output
+    assert "never committed" not in listed.output
+
+    cleaned = CliRunner().invoke(main, ["verify", "--clean", run_id])
+    assert cleaned.exit_code == 0 and "1 leftover removed" in cleaned.output, cleaned.output
+    assert first.model_id not in run_models(run_id) and first.store.list_files("") == []
     assert_committed_intact(run_id, states)
 
 

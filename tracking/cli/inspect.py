@@ -318,8 +318,9 @@ def verify(source: str, clean: bool, force: bool, as_json: bool) -> None:
 
     RUN is a run ID or runs:/<id>; a checkpoint's models:/<model_id> or models:/<name>@<alias>
     checks that checkpoint only. Also lists leftovers of saves that died before committing
-    (LEFTOVER lines): they are not failures, nothing loads them; --clean removes a run's,
-    never touching a committed checkpoint.
+    and of deletions that died after the manifest (LEFTOVER lines): they are not failures,
+    nothing loads them; --clean removes a run's (finishing those deletions), never touching a
+    committed checkpoint.
 
     \b
     Example:
@@ -328,7 +329,7 @@ def verify(source: str, clean: bool, force: bool, as_json: bool) -> None:
     if force and not clean:
         raise click.UsageError("--force only applies with --clean.")
     connect()
-    from tracking.audit import clean_leftovers
+    from tracking.audit import UNFINISHED_DELETION, clean_leftovers
     from tracking.audit import verify as verify_run
     from tracking.errors import IntegrityError
 
@@ -371,8 +372,11 @@ def verify(source: str, clean: bool, force: bool, as_json: bool) -> None:
             )
         if report.leftovers:
             them = agree(len(report.leftovers), "it", "them")
+            unfinished = sum(leftover.kind == UNFINISHED_DELETION for leftover in report.leftovers)
+            finishing = f", finishing {agree(unfinished, 'the deletion', 'the deletions')}" if unfinished else ""
             click.echo(
                 f"{plural(len(report.leftovers), 'leftover')}; `tracking verify --clean {source}` removes {them}"
+                f"{finishing}"
             )
     if failed is not None:
         raise failed
