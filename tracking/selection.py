@@ -210,10 +210,13 @@ def select_checkpoint(handle: RunHandle, checkpoint: Selector, step: int | None)
             raise legacy
         keyed_by = catalog.keyed_by(handle, committed.values())
         # Not the one asked for even when a READY model has its key: without its manifest it is none.
-        others = [key for key in committed if key != checkpoint]
+        others = sorted(key for key in committed if key != checkpoint)
+        missing = f"run {handle.run_id}: no committed checkpoint for {layout.label(keyed_by, checkpoint)}"
+        if not others:
+            raise NotFoundError(f"{missing}, nor any other: it holds no checkpoints; {what_else_loads(handle)}")
         raise NotFoundError(
-            f"run {handle.run_id}: no committed checkpoint for {layout.label(keyed_by, checkpoint)}; committed "
-            f"{keyed_by}s: {_key_list(others)}."
+            f"{missing}; committed {keyed_by}s: {_key_list(others)}. Pass one of those, or checkpoint='latest' | "
+            "'best' (--checkpoint latest | best)."
         )
     if checkpoint not in ("latest", "best"):
         raise ValueError(f"checkpoint must be 'latest', 'best' or an epoch (or step) number, got {checkpoint!r}")
@@ -242,6 +245,11 @@ def _select_step(handle: RunHandle, step: int) -> Located:
             return located
     if not committed and (legacy := catalog.legacy_error(handle)) is not None:
         raise legacy
+    if not committed:
+        raise NotFoundError(
+            f"run {handle.run_id}: no committed checkpoint was logged at step {step}, nor any other: it holds no "
+            f"checkpoints; {what_else_loads(handle)}"
+        )
     steps = sorted({stored.step for stored in committed.values() if stored.step is not None})
     raise NotFoundError(
         f"run {handle.run_id}: no committed checkpoint was logged at step {step}; their steps: {_key_list(steps)}. "
@@ -284,7 +292,7 @@ def _select_by_search(handle: RunHandle, which: str) -> Located:
             raise legacy
         raise NotFoundError(
             f"run {handle.run_id} has no committed checkpoints (logged models of type "
-            f"{layout.CHECKPOINT_MODEL_TYPE}); {_what_else_loads(handle)}"
+            f"{layout.CHECKPOINT_MODEL_TYPE}); {what_else_loads(handle)}"
         )
 
     def candidates(keys: list[int]) -> list[StoredCheckpoint]:
@@ -326,8 +334,9 @@ def _select_by_search(handle: RunHandle, which: str) -> Located:
     return _first_located(handle, candidates(ranked))
 
 
-def _what_else_loads(handle: RunHandle) -> str:
-    """The advice for a run without checkpoints: load its state dict, or its whole model, or log a checkpoint.
+def what_else_loads(handle: RunHandle) -> str:
+    """The advice for a run without checkpoints (one sentence): load its state dict, or its whole model, or log a
+    checkpoint.
 
     Read only on that error's way: a state dict's manifest, and one search for the whole model. One that cannot
     be told now (the store or server failing) is left out of the advice rather than claimed.

@@ -588,3 +588,35 @@ def test_show_and_download_of_a_run_without_checkpoints_advise_what_the_run_hold
             # Was: "load the state dict with tracking.load_model()" whatever the run held, no --checkpoint state_dict.
             assert all(words in result.stderr for words in advised), result.stderr
             assert not any(words in result.stderr for words in not_advised), result.stderr
+
+
+def test_checkpoints_and_an_epoch_of_a_run_without_checkpoints_advise_what_the_run_holds(s3_experiment: str) -> None:
+    model = Model(6)
+    with mlflow.start_run() as weights:
+        tracking.log_state_dict(model)
+    with mlflow.start_run() as empty:
+        pass
+    for run, advised in (
+        (weights, ["--checkpoint state_dict", f"tracking.load_model('{weights.info.run_id}')"]),
+        (empty, ["no state dict or whole model", "tracking.log_checkpoint("]),
+    ):
+        run_id = run.info.run_id
+        listed = CliRunner().invoke(main, ["checkpoints", run_id])
+        assert listed.exit_code == 0, listed.output
+        # Was: "RUN: no committed checkpoints", and nothing on what of the run loads.
+        assert listed.stdout.startswith(f"{run_id}: no committed checkpoints; "), listed.stdout
+        assert all(words in listed.stdout for words in advised), listed.stdout
+        refused = CliRunner().invoke(main, ["show", run_id, "--checkpoint", "3"])
+        assert refused.exit_code == 1, refused.output
+        # Was: "committed epochs: none." and no next step.
+        assert "no committed checkpoint for epoch 3, nor any other: it holds no checkpoints;" in refused.stderr
+        assert all(words in refused.stderr for words in advised), refused.stderr
+        with pytest.raises(tracking.NotFoundError, match="at step 5, nor any other: it holds no checkpoints;"):
+            tracking.load(run_id, step=5)  # was: "their steps: none. Pass one of those"
+
+
+def test_an_epoch_the_run_does_not_hold_names_those_it_does_and_the_next_step(s3_run_id: str) -> None:
+    refused = CliRunner().invoke(main, ["show", s3_run_id, "--checkpoint", "7"])
+    assert refused.exit_code == 1, refused.output
+    # Was: "...; committed epochs: 1, 2, 3." and no next step.
+    assert "committed epochs: 1, 2, 3. Pass one of those, or checkpoint='latest' | 'best'" in refused.stderr

@@ -242,7 +242,10 @@ def checkpoints(source: str, as_json: bool) -> None:
         emit_json(found)
         return
     if not found:
-        click.echo(f"{source}: no committed checkpoints")
+        from tracking.run import open_run
+        from tracking.selection import what_else_loads
+
+        click.echo(f"{source}: no committed checkpoints; {what_else_loads(open_run(run_id))}")
         return
     # The run's key names its checkpoints and stays; the other goes first on a narrow terminal.
     stepped = any(c.keyed_by == layout.STEP for c in logged)
