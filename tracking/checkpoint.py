@@ -205,10 +205,9 @@ def snapshot_checkpoint(
     check_model(model)
     model = distributed.unwrap(model)
     optimizers.check(optimizer, scheduler, scheduler_kwargs)
-    check_int64("epoch", epoch)
-    for name, value in (("step", step), ("chart_step", chart_step)):
-        if value is not None:
-            check_int64(name, value)
+    epoch = check_int64("epoch", epoch)
+    step = None if step is None else check_int64("step", step)
+    chart_step = None if chart_step is None else check_int64("chart_step", chart_step)
     if keyed_by not in layout.KEYS or (keyed_by == layout.STEP and step is None):
         raise ValueError(f"keyed_by must be 'epoch', or 'step' with step= given; got {keyed_by!r}, step={step!r}")
     if mode not in layout.MODES:

@@ -17,6 +17,8 @@ from typing import Any, BinaryIO
 import torch
 from torch import nn
 
+from tracking.number import integral
+
 # Types torch.load(weights_only=True) rebuilds (checked against torch 2.13; exact types:
 # subclasses such as IntEnum, NamedTuple or defaultdict are refused by that loader).
 _LEAVES = (type(None), bool, int, float, complex, str, bytes, bytearray, torch.Size, torch.dtype, torch.device)
@@ -35,10 +37,12 @@ def check_model(model: Any) -> None:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
-def check_int64(name: str, value: object) -> None:
-    """Raise ValueError unless ``value`` (an epoch or step, called ``name``) is a non-negative int64."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT64:
+def check_int64(name: str, value: object) -> int:
+    """``value`` (an epoch or step, called ``name``) as a plain int; ValueError unless it is a non-negative int64."""
+    count = integral(value)
+    if count is None or not 0 <= count <= MAX_INT64:
         raise ValueError(f"{name} must be a non-negative int of at most {MAX_INT64} (int64), got {value!r}")
+    return count
 
 
 def check_loadable(value: Any, name: str) -> None:

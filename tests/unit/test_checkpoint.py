@@ -392,3 +392,32 @@ def test_a_checkpoint_records_mlflows_version_under_mlflow_skinny(monkeypatch: p
     finally:
         monkeypatch.undo()
         manifest._installed_versions.cache_clear()
+
+
+def test_numpy_and_tensor_integers_are_epochs_and_steps_saved_as_ints(s3_experiment: str) -> None:
+    import numpy as np
+
+    model = Model(6)
+    with mlflow.start_run() as run:
+        # What loops hand over: a numpy epoch from np.arange, a trainer's global step as a 0-d tensor.
+        logged = tracking.log_checkpoint(model, epoch=np.int64(1), step=torch.tensor(10), chart_step=np.int32(10))
+        checkpointer = tracking.Checkpointer(every_n_epochs=2)
+        assert checkpointer.save(model, epoch=np.int64(1)) is None  # not due; was: ValueError "must be ... int"
+        checkpointer.save(model, epoch=np.int64(2), step=torch.tensor(20, dtype=torch.int32))
+    assert isinstance(logged, tracking.LoggedCheckpoint)
+    assert (type(logged.manifest.epoch), type(logged.manifest.step)) == (int, int)
+    run_id = run.info.run_id
+    # Read back from checkpoint.pt by torch.load(weights_only=True), which a numpy scalar there would fail.
+    first = tracking.load(run_id, checkpoint=np.int64(1))
+    assert (first.epoch, first.step, type(first.epoch), type(first.step)) == (1, 10, int, int)
+    assert tracking.load(run_id, step=torch.tensor(20)).epoch == 2
+    # Still refused, with the same messages: bools of any kind, floats, negatives, tensors of several numbers.
+    for bad in (True, np.bool_(True), torch.tensor(True), 1.0, np.float64(1), torch.tensor(1.0), -1, np.int64(-1)):
+        with pytest.raises(ValueError, match="epoch must be a non-negative int"):
+            tracking.log_checkpoint(model, epoch=bad, run_id=run_id)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="step must be a non-negative int"):
+            tracking.log_checkpoint(model, epoch=3, step=bad, run_id=run_id)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="epoch must be a non-negative int"):
+        tracking.Checkpointer().save(model, epoch=torch.tensor([1, 2]))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="checkpoint must be 'latest', 'best' or an epoch"):
+        tracking.load(run_id, checkpoint=np.bool_(True))  # type: ignore[arg-type]
