@@ -19,7 +19,6 @@ import os
 import pickle
 import sys
 import threading
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -28,6 +27,7 @@ from typing import Any, TypeVar
 from torch import nn
 
 from tracking.errors import TrackingError
+from tracking.rank import warn_once
 
 T = TypeVar("T")
 
@@ -70,8 +70,7 @@ def rank() -> int:
 def warn(message: str, category: type[Warning] = UserWarning, stacklevel: int = 1) -> None:
     """``warnings.warn`` on rank 0 alone: what every rank of a job reaches alike (every rank loads the same
     checkpoint) is said once, not once per rank. ``stacklevel`` counts from the caller, as ``warnings.warn``'s does."""
-    if rank() == 0:
-        warnings.warn(message, category, stacklevel=stacklevel + 1)
+    warn_once(message, category, stacklevel=stacklevel + 1)
 
 
 def local_rank() -> int:
