@@ -13,6 +13,7 @@ from tracking.cli import main
 from tracking.config import TrackingConfig
 from tracking.errors import ConfigError, TrackingError
 from tracking.localstack import LocalStack, StackError, StackSettings
+from tracking.localstack.supervisor import Supervisor
 
 
 def test_defaults_without_environment() -> None:
@@ -132,3 +133,42 @@ def test_the_library_never_imports_the_local_stack_nor_the_test_fixtures() -> No
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_damaged_stack_json_is_kept_while_its_stack_runs_and_down_still_stops_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("COLUMNS", "400")
+    data_dir = (tmp_path / "stack").resolve()
+    (data_dir / "run").mkdir(parents=True)
+    state = data_dir / "run" / "stack.json"
+    state.write_text('{"s3_port": 18333, "mlflow_')  # cut short by a full disk
+    # MLflow's server runs (its pid file names a live process that runs its command); SeaweedFS does not.
+    running = {"mlflow": 4242}
+    monkeypatch.setattr(Supervisor, "owned_pid", lambda self, name: running.get(name))
+    stopped: list[str] = []
+
+    def stop(self: Supervisor, names: list[str], timeout: float) -> list[str]:
+        stopped.extend(name for name in names if name in running)
+        return [name for name in names if name in running]
+
+    monkeypatch.setattr(Supervisor, "stop", stop)
+
+    for command in ("up", "status"):
+        refused = CliRunner().invoke(main, ["stack", command, "--data-dir", str(data_dir)])
+        assert refused.exit_code == 1, refused.output
+        # Was: "cannot read .../stack.json (...); delete it and retry", which left the server without its ports.
+        assert "delete it and retry" not in refused.output
+        assert "still runs in" in refused.output and "mlflow pid 4242" in refused.output, refused.output
+        assert f"run `tracking stack down --data-dir {data_dir}`, which needs only the pid files" in refused.output
+    assert state.exists()
+
+    down = CliRunner().invoke(main, ["stack", "down", "--data-dir", str(data_dir)])
+    assert down.exit_code == 0 and "stopped: mlflow" in down.output, down.output  # was: the same error, nothing stopped
+    assert stopped == ["mlflow"]
+
+    running.clear()
+    after = CliRunner().invoke(main, ["stack", "up", "--data-dir", str(data_dir)])
+    assert after.exit_code == 1, after.output
+    assert "no process of the stack" in after.output and "nothing needs it: delete it" in after.output, after.output

@@ -48,9 +48,9 @@ _data_dir_option = click.option(
 )
 
 
-def _settings(data_dir: Path | None) -> tuple[TrackingConfig, StackSettings]:
+def _settings(data_dir: Path | None, *, stopping: bool = False) -> tuple[TrackingConfig, StackSettings]:
     config = TrackingConfig.from_env()
-    settings = StackSettings.from_env(data_dir=records.locate(config, data_dir).data_dir)
+    settings = StackSettings.from_env(data_dir=records.locate(config, data_dir, stopping=stopping).data_dir)
     # --data-dir is checked by click; $TRACKING_DATA_DIR and the default .tracking are not, and a file there ended
     # every command in a traceback (NotADirectoryError on its pid files).
     if settings.data_dir.exists() and not settings.data_dir.is_dir():
@@ -174,8 +174,9 @@ def down(data_dir: Path | None) -> None:
     Example:
       tracking stack down
     """
-    config, settings = _settings(data_dir)
-    local = LocalStack.from_data_dir(config, settings.data_dir, bucket=settings.bucket)
+    config, settings = _settings(data_dir, stopping=True)
+    # Stopping needs only the pid files: a damaged stack.json must not keep the servers running.
+    local = LocalStack.from_data_dir(config, settings.data_dir, bucket=settings.bucket, stopping=True)
     stopped = local.down()
     records.remove(records.folder(), local.data_dir)
     click.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")

@@ -95,14 +95,19 @@ def read(records: Path) -> list[Record]:
 
 
 def locate(
-    config: TrackingConfig, data_dir: Path | None = None, environ: Mapping[str, str] | None = None
+    config: TrackingConfig,
+    data_dir: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    stopping: bool = False,
 ) -> LocalStack:
     """The stack a command means: ``data_dir`` (``--data-dir``) or ``$TRACKING_DATA_DIR`` when given;
     else ``./.tracking`` when a stack was ever started there; else the newest recorded stack that
-    runs; else ``./.tracking`` (where ``up`` starts a new one)."""
+    runs; else ``./.tracking`` (where ``up`` starts a new one). ``stopping``: as for
+    :meth:`LocalStack.from_data_dir`, a damaged settings file does not stand in the way of ``down``."""
     env = os.environ if environ is None else environ
     settings = StackSettings.from_env(env, data_dir=data_dir)
-    here = LocalStack.from_data_dir(config, settings.data_dir, bucket=settings.bucket)
+    here = LocalStack.from_data_dir(config, settings.data_dir, bucket=settings.bucket, stopping=stopping)
     if data_dir is not None or env.get(ENV_VARS["data_dir"]) or (here.data_dir / "run" / "stack.json").exists():
         return here
     return running(config, folder(env), settings.bucket) or here

@@ -52,6 +52,25 @@ class StackError(TrackingError):
     """The local stack could not be started, stopped or inspected."""
 
 
+def _unreadable_settings(state: Path, exc: Exception, processes: Supervisor) -> str:
+    """What to do about a damaged ``run/stack.json``: it holds the ports and backend store of the stack's last
+    ``up``, so deleting it while that stack runs would leave servers that no command knows the ports of."""
+    running = [f"{name} pid {pid}" for name in _SERVICES if (pid := processes.owned_pid(name)) is not None]
+    data_dir = state.parent.parent
+    if running:
+        return (
+            f"cannot read {state} ({exc!r}), the settings of the stack that still runs in {data_dir} "
+            f"({', '.join(running)}, found by their pid files in {processes.run_dir}); keep the file until it is "
+            f"stopped: run `tracking stack down --data-dir {data_dir}`, which needs only the pid files, then delete "
+            f"{state} and run `tracking stack up` again (with the --backend-store-uri it used, if any)"
+        )
+    return (
+        f"cannot read {state} ({exc!r}); no process of the stack in {data_dir} runs (its pid files in "
+        f"{processes.run_dir} name none), so nothing needs it: delete it and run `tracking stack up` again (with "
+        "the --backend-store-uri it used, if any; its data stays in the folder)"
+    )
+
+
 @dataclass(frozen=True)
 class ServiceStatus:
     """One service of the stack as seen from its pid file."""
@@ -123,9 +142,18 @@ class LocalStack:
 
     @classmethod
     def from_data_dir(
-        cls, config: TrackingConfig | None = None, data_dir: Path | str | None = None, bucket: str | None = None
+        cls,
+        config: TrackingConfig | None = None,
+        data_dir: Path | str | None = None,
+        bucket: str | None = None,
+        *,
+        stopping: bool = False,
     ) -> LocalStack:
-        """The stack last started in ``data_dir`` (its ports and settings), or a default one."""
+        """The stack last started in ``data_dir`` (its ports and settings), or a default one.
+
+        ``stopping``: the stack is only to be stopped, which its pid files are enough for, so an unreadable
+        settings file gives the default settings rather than an error that would leave its servers running.
+        """
         path = Path(data_dir if data_dir is not None else DEFAULT_DATA_DIR).resolve()
         state = path / "run" / "stack.json"
         if not state.exists():
@@ -142,7 +170,9 @@ class LocalStack:
                 bucket=bucket,
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise StackError(f"cannot read {state} ({exc!r}); delete it and retry") from None
+            if stopping:
+                return cls(config, path, bucket=bucket)
+            raise StackError(_unreadable_settings(state, exc, Supervisor(path / "run", cwd=path))) from None
 
     # -- what clients use ---------------------------------------------------------------------
 
