@@ -134,6 +134,7 @@ def _settle(client: Any, name: str, model_id: str, created: Any) -> Any:
     if oldest is None or int(oldest.version) >= int(created.version):
         return created
     client.delete_model_version(name, str(created.version))
+    _unlink_version(client, model_id, name, created.version)
     return oldest
 
 
@@ -154,6 +155,24 @@ def _link_version(client: Any, model_id: str, name: str, version: int | str) -> 
     if (name, str(version)) not in listed:
         linked.append({"name": name, "version": version})
         client.set_logged_model_tags(model_id, {_VERSIONS_TAG: json.dumps(linked)})
+
+
+def _unlink_version(client: Any, model_id: str, name: str, version: int | str) -> None:
+    """Take a deleted version out of the logged model's ``mlflow.modelVersions`` tag, where a tracking server
+    listed it as it created it (and leaves it when the version is deleted): the UI would link to nothing."""
+    try:
+        linked = json.loads(client.get_logged_model(model_id).tags.get(_VERSIONS_TAG, "[]"))
+    except ValueError:
+        return
+    if not isinstance(linked, list):
+        return
+    kept = [
+        entry
+        for entry in linked
+        if not (isinstance(entry, dict) and (entry.get("name"), str(entry.get("version"))) == (name, str(version)))
+    ]
+    if len(kept) != len(linked):
+        client.set_logged_model_tags(model_id, {_VERSIONS_TAG: json.dumps(kept)})
 
 
 def refuse_mixed(client: Any, name: str, what: str, *, checkpoint: bool, escape: str) -> None:

@@ -281,3 +281,25 @@ def test_two_registrations_of_one_checkpoint_at_once_make_one_version(
     assert [str(v.version) for v in client.search_model_versions("name = 'seed'")] == ["1"]
     assert str(client.get_model_version_by_alias("seed", "champion").version) == "1"
     assert tracking.load("models:/seed@champion").epoch == 1
+
+
+def test_the_newer_of_two_versions_of_one_checkpoint_deletes_itself_and_its_link(s3_experiment: str) -> None:
+    from tracking.registry import _settle
+
+    with mlflow.start_run() as run:
+        logged = tracking.log_checkpoint(Model(6), epoch=1)
+    client, model_id = MlflowClient(), str(logged.model_id)
+    client.create_registered_model("seed")
+    made = [
+        client.create_model_version("seed", source=f"models:/{model_id}", run_id=run.info.run_id, model_id=model_id)
+        for _ in range(2)
+    ]
+    # As a tracking server lists each version it creates in the logged model's tag (and keeps it once deleted).
+    listed = [{"name": "seed", "version": int(v.version)} for v in made]
+    client.set_logged_model_tags(model_id, {"mlflow.modelVersions": json.dumps(listed)})
+
+    assert str(_settle(client, "seed", model_id, made[0]).version) == "1"  # the older keeps itself
+    assert str(_settle(client, "seed", model_id, made[1]).version) == "1"
+    assert [str(v.version) for v in client.search_model_versions("name = 'seed'")] == ["1"]
+    tag = json.loads(client.get_logged_model(model_id).tags["mlflow.modelVersions"])
+    assert [(entry["name"], str(entry["version"])) for entry in tag] == [("seed", "1")]
