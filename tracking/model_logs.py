@@ -41,9 +41,9 @@ def log_state_dict(
     model = distributed.unwrap(model)
     if format not in ("torch", "safetensors"):
         raise ValueError(f"format must be 'torch' or 'safetensors', got {format!r}")
-    for name, value in (("epoch", epoch), ("step", step)):
-        if value is not None:
-            check_int64(name, value)
+    # Plain ints from here on: a numpy integer would not go into the manifest's JSON.
+    epoch = None if epoch is None else check_int64("epoch", epoch)
+    step = None if step is None else check_int64("step", step)
     handle = open_run(target_run_id(run_id), config)
     state = model.state_dict()
     _refuse_sharded(handle, state, "log_state_dict")

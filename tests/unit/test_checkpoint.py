@@ -71,6 +71,16 @@ def test_state_dict_loads_with_the_seed_code(experiment: str, tmp_path: Path) ->
     assert manifest["model"]["init_kwargs"] == {"n_input_features": 6}
 
 
+def test_a_state_dict_takes_numpy_and_tensor_integers_as_its_epoch_and_step(experiment: str, tmp_path: Path) -> None:
+    import numpy as np
+
+    with mlflow.start_run() as run:
+        # Was: accepted by the check, then a TypeError from the manifest's JSON, with nothing committed.
+        tracking.log_state_dict(Model(6), epoch=np.int64(3), step=torch.tensor(30))
+    manifest = manifest_of(run.info.run_id, "state_dict", tmp_path)
+    assert (manifest["epoch"], manifest["step"]) == (3, 30)
+
+
 def test_state_dict_as_safetensors(experiment: str, tmp_path: Path) -> None:
     from safetensors.torch import load
 
