@@ -45,7 +45,15 @@ def _positive_int(text: str) -> int:
 
 
 def _count(text: str) -> int | None:
-    return None if text == ALL else _positive_int(text)
+    # --keep-last 0 was refused as "expected a positive integer", which did not say how to keep every checkpoint.
+    if text == ALL:
+        return None
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer, or {ALL} to keep every checkpoint (delete none), got {text!r}"
+        ) from None
 
 
 def _interval(text: str) -> int | None:

@@ -508,6 +508,9 @@ def test_experiment_with_a_resume_in_place_is_a_usage_error(env: dict[str, str])
         # A run started, and its loss raised a traceback at the first batch: the run was left FAILED.
         (["--lr", "inf"], "argument --lr: expected a positive finite number, got inf"),
         (["--lr", "1e400"], "argument --lr: expected a positive finite number, got inf"),
+        # "expected a positive integer, got 0" did not say what keeps every checkpoint.
+        (["--keep-last", "0"], "argument --keep-last: expected a positive integer, or all to keep every checkpoint"),
+        (["--keep-best", "0"], "argument --keep-best: expected a positive integer, or all to keep every checkpoint"),
     ],
 )
 def test_a_value_no_training_can_use_is_a_usage_error_before_anything_starts(
