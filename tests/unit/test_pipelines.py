@@ -753,3 +753,20 @@ def test_evaluate_refuses_a_runs_uri_with_a_path_in_one_line(env: dict[str, str]
     assert outcome.code == 1 and outcome.err.count("\n") == 1, outcome.err
     assert f"pass --run-id {run_id} with --checkpoint latest, best, N, state_dict or model" in outcome.err
     assert client.get_run(run_id).data.metrics == {}  # nothing evaluated, nothing logged
+
+
+def test_resume_of_a_whole_models_uri_says_to_pass_the_run_or_a_checkpoint(env: dict[str, str]) -> None:
+    # The library's advice, "load a whole model with tracking.load_pickled_model()", was no next step for a
+    # pipeline's user: registered or not, a whole model holds no optimizer state to go on from.
+    trained = inline(train.main, "--epochs", "1")
+    run_id = trained.run_id
+    (whole,) = re.findall(r"whole model: (models:/m-[0-9a-f]+)", trained.out)
+    version = mlflow.register_model(whole, "whole-model-to-resume").version
+
+    for source in (whole, f"models:/whole-model-to-resume/{version}"):
+        outcome = inline(train.main, "--resume", source, "--epochs", "2")
+
+        assert outcome.code == 1 and outcome.err.count("\n") == 1, outcome.err
+        assert "is a whole model, not a checkpoint" in outcome.err and "load_pickled_model" not in outcome.err
+        assert f"Pass --resume {run_id} to go on from the run's latest checkpoint" in outcome.err
+    assert max(history(run_id)["val_loss"]) == 1  # untouched
