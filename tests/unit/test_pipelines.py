@@ -770,3 +770,23 @@ def test_resume_of_a_whole_models_uri_says_to_pass_the_run_or_a_checkpoint(env: 
         assert "is a whole model, not a checkpoint" in outcome.err and "load_pickled_model" not in outcome.err
         assert f"Pass --resume {run_id} to go on from the run's latest checkpoint" in outcome.err
     assert max(history(run_id)["val_loss"]) == 1  # untouched
+
+
+def test_resume_of_a_run_in_a_deleted_experiment_says_to_restore_the_experiment(env: dict[str, str]) -> None:
+    # MLflow marks the runs of a deleted experiment deleted too: "restore it (the run) in the MLflow UI" sent
+    # users to restore a run, which MLflow refuses while its experiment stays deleted.
+    client = MlflowClient()
+    run_id = inline(train.main, "--epochs", "1", "--experiment", "deleted-with-its-runs").run_id
+    experiment_id = client.get_run(run_id).info.experiment_id
+    client.delete_experiment(experiment_id)
+
+    outcome = inline(train.main, "--resume", run_id, "--epochs", "2")
+
+    assert outcome.code == 1 and outcome.err.count("\n") == 1, outcome.err
+    assert f"experiment 'deleted-with-its-runs' (ID {experiment_id}), which is deleted" in outcome.err
+    assert f"`mlflow experiments restore --experiment-id {experiment_id}`" in outcome.err
+    # A run deleted on its own is the run to restore.
+    client.restore_experiment(experiment_id)
+    client.delete_run(run_id)
+    outcome = inline(train.main, "--resume", run_id, "--epochs", "2")
+    assert outcome.code == 1 and f"`mlflow runs restore --run-id {run_id}`" in outcome.err, outcome.err
