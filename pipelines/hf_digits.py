@@ -290,6 +290,7 @@ def _origin(client: Any, opts: options.Options, config: Any) -> Any:
             f"`python -m {params['pipeline']}`."
         )
     resume.check_pick(run_id, opts, config, origin.data.tags)
+    resume.check_trainer(origin, opts)
     return origin
 
 

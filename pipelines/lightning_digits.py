@@ -92,6 +92,7 @@ def train(opts: options.Options) -> str:
         _refuse_a_pick_but_the_latest(origin.info.run_id, opts, config)
     if origin is not None:
         resume.check_pick(origin.info.run_id, opts, config)
+        resume.check_trainer(origin, opts)
     opts = resume.with_target(opts, origin)
     current = runs.current_params(origin)
     values = opts.settings(current, origin.info.run_id if origin else None)

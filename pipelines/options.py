@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pipelines.trainer import RunInUseError
 from tracking.config import bound_mlflow_requests
 from tracking.errors import TrackingError, print_error, run_command
 
@@ -341,7 +342,8 @@ def run_pipeline(train: Callable[[], str]) -> int:
 
     try:
         # MLflow's own errors (a refused request, an unknown run) are the user's to act on, like ours.
-        return run_command(run, also=(MlflowException,))
+        # A run whose training still runs here is refused as a usage error is (2): not now, whatever the flags.
+        return run_command(run, also=(MlflowException,), refused=(RunInUseError,))
     except KeyboardInterrupt as interrupted:
         # Ctrl-C: one line (where the run stands, once pipelines.runs.start ended it), not a traceback.
         print_error(str(interrupted) or "interrupted (Ctrl-C).")

@@ -12,6 +12,7 @@ resumed with another ``--seed`` or a ``--batch-size`` its samples taken are no w
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -25,6 +26,7 @@ import tracking
 from pipelines import data, options, runs
 from pipelines.steps import KEY, Position
 from pipelines.task import State, Task
+from pipelines.trainer import TAG_TRAINER, RunInUseError, Trainer
 from tracking import layout
 from tracking.manifest import SHARDED_KIND
 from tracking.uri import parse_source
@@ -140,7 +142,37 @@ def find_origin(client: MlflowClient, task: Task, opts: options.Options, config:
             + (f"resume it with `python -m {pipeline}`." if pipeline else "train a new run instead.")
         )
     check_pick(run_id, opts, config, run.data.tags)
+    check_trainer(run, opts)
     return run
+
+
+def check_trainer(origin: Run, opts: options.Options) -> None:
+    """Refuse to resume ``origin`` in place while its training still runs on this host, and warn when it is still
+    marked RUNNING otherwise: a ``kill -9``-ed or power-lost training leaves it so, the very run to resume, but one
+    on another host may still go on. A ``--new-run`` child only reads a committed checkpoint: neither."""
+    if origin.info.status != "RUNNING" or opts.new_run:
+        return
+    run_id = origin.info.run_id
+    recorded = Trainer.read(origin.data.tags)
+    if recorded is not None and recorded.alive():
+        pid = recorded.pid
+        raise RunInUseError(
+            f"run {run_id} is being trained by process {pid} on this host (since {recorded.since}): two trainings "
+            f"of one run overwrite each other's checkpoints. Stop it first (kill {pid}) or wait for it to finish, "
+            "then resume; or add --new-run to branch a child run from its latest checkpoint now."
+        )
+    if recorded is None:
+        who = f"records no process that trained it (tag {TAG_TRAINER})"
+    elif recorded.on_this_host():
+        who = f"last trained by {recorded}, which no longer runs"
+    else:
+        who = f"last trained by {recorded}, which this host cannot check"
+    print(
+        f"warning: run {run_id} is still marked RUNNING and {who}; if that training still goes on, the two "
+        "trainings of one run overwrite each other's checkpoints.",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def check_pick(

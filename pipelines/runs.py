@@ -45,6 +45,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 import tracking
 from pipelines import options
 from pipelines.task import State, Task
+from pipelines.trainer import Trainer
 from tracking import layout, spec
 from tracking.cli.noise import muted
 from tracking.uri import parse_source
@@ -161,11 +162,13 @@ def resume_tags(
     epoch: int,
     step: int | None = None,
 ) -> dict[str, str]:
-    """The tags a run records as it starts: its target (``opts.epochs``) and, resumed from ``origin``'s checkpoint
+    """The tags a run records as it starts: its target (``opts.epochs``), the process that trains it
+    (:mod:`pipelines.trainer`) and, resumed from ``origin``'s checkpoint
     at ``epoch`` (the epochs it completed; ``step``, its global step, in a run keyed by step), where it goes on
     from: a ``--new-run`` child its parent and branch point, RUN_ID itself where its latest resume began and how
     many there were; and the params this resume changes (:func:`override_tags`)."""
-    tags = {TAG_EPOCHS: str(opts.epochs)}
+    # Who trains it from now on: a resume of the run while it is still RUNNING asks whether this process still runs.
+    tags = {TAG_EPOCHS: str(opts.epochs), **Trainer.this_process().tag()}
     if origin is None:
         return tags
     tags[TAG_RESUMED_FROM_EPOCH] = str(epoch)

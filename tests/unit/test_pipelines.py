@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import importlib
 import io
+import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -790,3 +792,51 @@ def test_resume_of_a_run_in_a_deleted_experiment_says_to_restore_the_experiment(
     client.delete_run(run_id)
     outcome = inline(train.main, "--resume", run_id, "--epochs", "2")
     assert outcome.code == 1 and f"`mlflow runs restore --run-id {run_id}`" in outcome.err, outcome.err
+
+
+def test_resume_of_a_run_still_marked_running_refuses_a_live_training_and_warns_of_any_other(
+    env: dict[str, str],
+) -> None:
+    # A run still marked RUNNING was resumed in place without a word, a training that still ran too: the two
+    # overwrote each other's checkpoints. A kill -9 leaves the run RUNNING as well, and that is the usual resume.
+    client = MlflowClient()
+    run_id = inline(train.main, "--epochs", "1").run_id
+    recorded = json.loads(client.get_run(run_id).data.tags["tracking.trainer"])
+    assert (recorded["host"], recorded["pid"]) == (socket.gethostname(), os.getpid())
+    # Its training, this very process, still runs.
+    client.update_run(run_id, "RUNNING")
+
+    outcome = inline(train.main, "--resume", run_id, "--epochs", "2")
+
+    assert outcome.code == 2 and outcome.err.count("\n") == 1, outcome.err
+    assert f"error: run {run_id} is being trained by process {os.getpid()} on this host" in outcome.err
+    assert f"Stop it first (kill {os.getpid()}) or wait for it to finish" in outcome.err
+    assert client.get_run(run_id).info.status == "RUNNING" and max(history(run_id)["val_loss"]) == 1  # untouched
+    # A child only reads a committed checkpoint: neither refused nor warned about.
+    child = inline(train.main, "--resume", run_id, "--new-run", "--epochs", "2")
+    assert child.code == 0 and "warning" not in child.err, child.err
+
+    # A dead process (one whose ID is free, or one whose ID another process has taken since), another host's
+    # process, and none recorded: one warning line, and the resume goes on.
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    ended.wait()
+    trainers = [
+        ({**recorded, "pid": ended.pid}, f"process {ended.pid} on {socket.gethostname()}", "which no longer runs"),
+        ({**recorded, "started": "another boot:1"}, f"process {os.getpid()}", "which no longer runs"),
+        ({**recorded, "host": "elsewhere"}, f"process {os.getpid()} on elsewhere", "which this host cannot check"),
+        (None, "records no process that trained it", "(tag tracking.trainer)"),
+    ]
+    for epochs, (trainer, who, why) in enumerate(trainers, start=2):
+        client.update_run(run_id, "RUNNING")
+        if trainer is None:
+            client.delete_tag(run_id, "tracking.trainer")
+        else:
+            client.set_tag(run_id, "tracking.trainer", json.dumps(trainer))
+
+        outcome = inline(train.main, "--resume", run_id, "--epochs", str(epochs))
+
+        assert outcome.code == 0, outcome.err
+        [warning] = [line for line in outcome.err.splitlines() if line.startswith("warning:")]
+        assert f"warning: run {run_id} is still marked RUNNING and" in warning and who in warning and why in warning
+        assert "overwrite each other's checkpoints" in warning
+        assert max(history(run_id)["val_loss"]) == epochs
