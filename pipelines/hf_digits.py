@@ -283,12 +283,8 @@ def _origin(client: Any, opts: options.Options, config: Any) -> Any:
 
     assert opts.resume is not None
     origin = runs.find_run(client, opts.resume, config)
-    run_id, params = origin.info.run_id, origin.data.params
-    if params.get("pipeline", NAME) != NAME:
-        raise runs.PipelineError(
-            f"run {run_id} was trained by {params['pipeline']}, not by {NAME}; resume it with "
-            f"`python -m {params['pipeline']}`."
-        )
+    run_id = origin.info.run_id
+    resume.check_pipeline(origin, NAME, DATASET)
     resume.check_pick(run_id, opts, config, origin.data.tags)
     resume.check_trainer(origin, opts)
     return origin

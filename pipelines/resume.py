@@ -2,12 +2,13 @@
 
 ``--resume RUN_ID [--from-epoch N | --from-step N]`` picks RUN_ID's latest checkpoint, or the one of that
 epoch (step); a checkpoint's ``models:/`` URI as RUN_ID picks that one. Refused, each before the run is
-touched: a run of another pipeline or dataset, a run with no committed checkpoint, a pick the run does not
-hold or of the other kind of key, a pick before the run's latest checkpoint that would continue in place
-(it would rewrite the run's later history; ``--new-run`` branches a child instead), and a save in mid-epoch
-resumed with another ``--seed`` or a ``--batch-size`` its samples taken are no whole number of batches of
-(:func:`resumed_position`). Without ``--epochs``, a resume trains to the target the run recorded (tag
-``tracking.epochs``), and one that has reached it is refused. :mod:`pipelines.runs` starts the run that goes on.
+touched: a run of another pipeline or dataset, or of none (:func:`check_pipeline`), a run with no committed
+checkpoint, a pick the run does not hold or of the other kind of key, a pick before the run's latest checkpoint
+that would continue in place (it would rewrite the run's later history; ``--new-run`` branches a child instead),
+a save in mid-epoch resumed with another ``--seed`` or a ``--batch-size`` its samples taken are no whole number of
+batches of (:func:`resumed_position`), and a run whose training still runs on this host (:func:`check_trainer`).
+Without ``--epochs``, a resume trains to the target the run recorded (tag ``tracking.epochs``), and one that has
+reached it is refused. :mod:`pipelines.runs` starts the run that goes on.
 """
 
 from __future__ import annotations
@@ -133,17 +134,35 @@ def find_origin(client: MlflowClient, task: Task, opts: options.Options, config:
     """The run to resume, once checked that this pipeline can resume it as asked."""
     assert opts.resume is not None
     run = runs.find_run(client, opts.resume, config)
-    run_id, params = run.info.run_id, run.data.params
-    if params.get("dataset", task.dataset) != task.dataset or params.get("pipeline", task.name) != task.name:
-        pipeline = params.get("pipeline")
-        raise runs.PipelineError(
-            f"run {run_id} was trained by {pipeline or 'another pipeline'} on {params.get('dataset', 'other data')}, "
-            f"not by {task.name} on {task.dataset}; "
-            + (f"resume it with `python -m {pipeline}`." if pipeline else "train a new run instead.")
-        )
+    run_id = run.info.run_id
+    check_pipeline(run, task.name, task.dataset)
     check_pick(run_id, opts, config, run.data.tags)
     check_trainer(run, opts)
     return run
+
+
+def check_pipeline(origin: Run, name: str, dataset: str) -> None:
+    """Refuse to resume ``origin`` with pipeline ``name`` (training on ``dataset``) unless that pipeline trained it:
+    another one's checkpoint holds another model, or the same model in another framework's shape, and a run no
+    pipeline trained (no ``pipeline`` param) says nothing of what it holds. Said before anything is touched, by every
+    pipeline alike (a run with no param was resumed by some and refused by others, and sent to `python -m None`)."""
+    run_id, params = origin.info.run_id, origin.data.params
+    trained_by, trained_on = params.get("pipeline"), params.get("dataset", dataset)
+    if trained_by is None:
+        raise runs.PipelineError(
+            f"run {run_id} records no pipeline param: no training pipeline trained it, so {name} cannot tell what its "
+            "checkpoints hold; train a new run instead (leave out --resume)."
+        )
+    if trained_by == name and trained_on == dataset:
+        return
+    instead = (
+        f"resume it with `python -m {trained_by} --resume {run_id}` (with your other flags)"
+        if trained_by != name
+        else "train a new run instead (leave out --resume)"
+    )
+    raise runs.PipelineError(
+        f"run {run_id} was trained by {trained_by} on {trained_on}, not by {name} on {dataset}; {instead}."
+    )
 
 
 def check_trainer(origin: Run, opts: options.Options) -> None:

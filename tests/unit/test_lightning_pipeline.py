@@ -183,8 +183,9 @@ def test_a_run_no_pipeline_trained_is_refused_saying_to_train_a_new_one(
 
     assert done.code == 1 and done.err.count("\n") == 1, done.err
     assert done.err == (
-        f"error: run {run_id} was trained by another pipeline, not pipelines.lightning_digits; train a new run "
-        "instead (leave out --resume).\n"
+        f"error: run {run_id} records no pipeline param: no training pipeline trained it, so "
+        "pipelines.lightning_digits cannot tell what its checkpoints hold; train a new run instead (leave out "
+        "--resume).\n"
     )
     assert client.get_run(run_id).info.status == "FINISHED"
 

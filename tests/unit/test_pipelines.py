@@ -277,7 +277,7 @@ def test_resume_refuses_what_it_cannot_do_exactly(env: dict[str, str]) -> None:
     client.log_param(other, "dataset", "digits")
     client.set_terminated(other)
     elsewhere = inline(digits.main, "--resume", other, "--epochs", "3")
-    assert elsewhere.code == 1 and "`python -m pipelines.hf_digits`" in elsewhere.err, elsewhere.err
+    assert elsewhere.code == 1 and f"`python -m pipelines.hf_digits --resume {other}`" in elsewhere.err, elsewhere.err
     reshaped = replace(train.TASK, build_model=lambda n: Model(n + 1))
     assert "shape" in refused(partial(training.main, reshaped), "--epochs", "3")
     run = MlflowClient().get_run(run_id)
@@ -840,3 +840,39 @@ def test_resume_of_a_run_still_marked_running_refuses_a_live_training_and_warns_
         assert f"warning: run {run_id} is still marked RUNNING and" in warning and who in warning and why in warning
         assert "overwrite each other's checkpoints" in warning
         assert max(history(run_id)["val_loss"]) == epochs
+
+
+@pytest.mark.parametrize(
+    "pipeline", ["pipelines.train", "pipelines.digits", "pipelines.hf_digits", "pipelines.lightning_digits"]
+)
+def test_every_pipeline_refuses_a_run_no_pipeline_or_another_one_trained_alike(
+    env: dict[str, str], pipeline: str
+) -> None:
+    # A run with no pipeline param was resumed by pipelines.hf_digits (and by train and digits), refused by
+    # pipelines.lightning_digits; another pipeline's run was refused by each in its own words.
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    main = importlib.import_module(pipeline).main
+    other = "pipelines.train" if pipeline != "pipelines.train" else "pipelines.lightning_digits"
+    runs_by = {}
+    for trained_by in (None, other):
+        run_id = client.create_run(experiment_id).info.run_id
+        if trained_by is not None:
+            client.log_param(run_id, "pipeline", trained_by)
+        client.set_terminated(run_id)
+        runs_by[trained_by] = run_id
+
+    unknown = inline(main, "--resume", runs_by[None], "--epochs", "3")
+    elsewhere = inline(main, "--resume", runs_by[other], "--epochs", "3")
+
+    assert unknown.code == elsewhere.code == 1, unknown.err + elsewhere.err
+    assert unknown.err == (
+        f"error: run {runs_by[None]} records no pipeline param: no training pipeline trained it, so {pipeline} "
+        "cannot tell what its checkpoints hold; train a new run instead (leave out --resume).\n"
+    )
+    assert elsewhere.err.startswith(f"error: run {runs_by[other]} was trained by {other} on ")
+    assert elsewhere.err.endswith(
+        f"resume it with `python -m {other} --resume {runs_by[other]}` (with your other flags).\n"
+    )
+    for run_id in runs_by.values():
+        assert client.get_run(run_id).info.status == "FINISHED"  # untouched
