@@ -368,8 +368,25 @@ def _check_samples_left(
             f"batches of {size}; in batches of {batch_size} an epoch is {steps[batch_size]} steps, and the Trainer "
             "counts the epochs trained in those: it would go on at another place in another epoch, training some "
             f"samples twice or never. Keep the checkpoint's --batch-size {size}, or pass one that makes an epoch "
-            f"{steps[size]} steps."
+            f"{steps[size]} steps{_sizes_for(steps[size], rows, world, max(1, devices))}."
         )
+
+
+def _sizes_for(steps: int, rows: int, world: int, devices: int) -> str:
+    """The ``--batch-size`` values that make an epoch of ``rows`` rows ``steps`` steps on ``world`` ranks, each
+    process's batch one per device of its ``devices``, as a refusal lists them: `` (--batch-size 479 to 718)``;
+    empty when none does. They are one span: an epoch's steps only fall as the batch grows."""
+    import math
+
+    fits = [size for size in range(1, rows + 1) if math.ceil(math.ceil(rows / size) / world) == steps]
+    if not fits:
+        return ""
+    low, high = math.ceil(fits[0] / devices), fits[-1] // devices
+    if low > high:
+        return ""
+    if fits[-1] == rows:  # every batch of all the rows or more is one step too
+        return f" (--batch-size {low} or more)"
+    return f" (--batch-size {low})" if low == high else f" (--batch-size {low} to {high})"
 
 
 def _drop_rng_states(folder: str) -> None:

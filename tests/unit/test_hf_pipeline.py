@@ -243,6 +243,12 @@ def test_evaluate_refuses_a_frameworks_run_in_one_line_naming_what_lists_its_met
             1,
             "at step 3 ends epoch 1 of 3 steps in batches of 512; in batches of 256 an epoch is 6 steps",
         ),
+        # ... and it said to pass "one that makes an epoch 3 steps", leaving users to work out which.
+        (
+            ["--resume", "{run}", "--from-step", "3", "--new-run", "--override", "--batch-size", "256"],
+            1,
+            "or pass one that makes an epoch 3 steps (--batch-size 479 to 718).",
+        ),
     ],
     ids=[
         "both-intervals",
@@ -258,6 +264,7 @@ def test_evaluate_refuses_a_frameworks_run_in_one_line_naming_what_lists_its_met
         "mid-epoch-seed",
         "mid-epoch-batch-size",
         "epoch-end-batch-size",
+        "epoch-end-batch-sizes-listed",
     ],
 )
 def test_a_step_run_refuses_what_it_cannot_do_before_any_training(
@@ -561,3 +568,21 @@ def test_a_child_records_the_step_it_branched_from_once(step_runs: StepRuns, mon
     assert (tags["tracking.branched_from_step"], tags["tracking.branched_from_epoch"]) == ("4", "1")
     assert (tags["tracking.resumed_from_step"], tags["tracking.resumed_from_epoch"]) == ("6", "2")
     assert (tags["tracking.epochs"], tags["tracking.resumes"]) == ("3", "1")
+
+
+@pytest.mark.parametrize(
+    ("steps", "world", "devices", "said"),
+    [
+        (3, 1, 1, " (--batch-size 479 to 718)"),  # 1,437 rows: 3 steps from 479 (ceil 2.99...) up to 718
+        (1, 1, 1, " (--batch-size 1437 or more)"),
+        (2, 2, 1, " (--batch-size 360 to 718)"),  # 2 steps a rank: 3 or 4 batches shared by 2 ranks
+        (3, 1, 2, " (--batch-size 240 to 359)"),  # each GPU's batch, the process's split over 2 of them
+        (1000, 1, 1, ""),  # no batch size makes an epoch of 1,437 rows 1,000 steps
+    ],
+)
+def test_the_batch_sizes_that_keep_an_epochs_steps_are_listed_as_one_span(
+    steps: int, world: int, devices: int, said: str
+) -> None:
+    from pipelines import hf_digits
+
+    assert hf_digits._sizes_for(steps, 1437, world, devices) == said
