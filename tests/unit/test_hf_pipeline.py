@@ -380,15 +380,15 @@ def test_a_resume_on_another_number_of_ranks_than_saved_the_checkpoint_is_refuse
 def test_the_ranks_that_saved_a_checkpoint_are_told_by_its_rng_state_files(
     files: set[str], world: int, said: str | None
 ) -> None:
-    from pipelines import hf_digits, runs
+    from pipelines import hf_digits, hf_resume, runs
 
     manifest = SimpleNamespace(files={name: None for name in {"trainer_state.json", *files}}, step=48)
     located = SimpleNamespace(run_id="RUN", manifest=manifest)
     if said is None:
-        hf_digits._check_ranks(located, world)
+        hf_resume.check_ranks(located, world, hf_digits.NAME)
         return
     with pytest.raises(runs.PipelineError) as refused:
-        hf_digits._check_ranks(located, world)
+        hf_resume.check_ranks(located, world, hf_digits.NAME)
     assert str(refused.value) == f"run RUN: its checkpoint at step 48 was {said}"
 
 
@@ -583,6 +583,6 @@ def test_a_child_records_the_step_it_branched_from_once(step_runs: StepRuns, mon
 def test_the_batch_sizes_that_keep_an_epochs_steps_are_listed_as_one_span(
     steps: int, world: int, devices: int, said: str
 ) -> None:
-    from pipelines import hf_digits
+    from pipelines import hf_resume
 
-    assert hf_digits._sizes_for(steps, 1437, world, devices) == said
+    assert hf_resume.batch_sizes_for(steps, 1437, world, devices) == said
