@@ -5,8 +5,10 @@ steps (keyed by step, resumed by run ID or from a step, exactly, and what such a
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -586,3 +588,23 @@ def test_the_batch_sizes_that_keep_an_epochs_steps_are_listed_as_one_span(
     from pipelines import hf_resume
 
     assert hf_resume.batch_sizes_for(steps, 1437, world, devices) == said
+
+
+def test_a_run_whose_training_still_runs_here_is_refused_before_anything_is_touched(step_runs: StepRuns) -> None:
+    # The Trainer's resume of a run its own training still trained overwrote that training's checkpoints.
+    client = MlflowClient(step_runs.uri)
+    run_id = step_runs.straight
+    before = client.get_run(run_id).info
+    trainer = json.loads(client.get_run(run_id).data.tags["tracking.trainer"])
+    assert (trainer["host"], trainer["pid"]) == (socket.gethostname(), os.getpid())  # trained inline, here
+    client.update_run(run_id, "RUNNING")
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            use_store(patch, step_runs.uri, EXPERIMENT)
+            code, _, err = _inline("--resume", run_id, "--epochs", "3")
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"process {os.getpid()} on this host" in err and f"(kill {os.getpid()})" in err
+        config = tracking.TrackingConfig(tracking_uri=step_runs.uri)
+        assert [c.step for c in tracking.list_checkpoints(run_id, config=config)] == [2, 4, 6]
+    finally:
+        client.set_terminated(run_id, before.status, end_time=before.end_time)
