@@ -319,7 +319,8 @@ def parse(
 
 
 def run_pipeline(train: Callable[[], str]) -> int:
-    """Run a pipeline's ``train`` as its command: the exit status, errors as one line on stderr (status 1)."""
+    """Run a pipeline's ``train`` as its command: the exit status, errors as one line on stderr (status 1; 2 for a
+    run whose training still runs on this host, :class:`~pipelines.trainer.RunInUseError`)."""
     # Every MLflow call of the run fails in about 30 s when the tracking server is gone, not minutes.
     bound_mlflow_requests()
     # MLflow's own "View run" links open the UI's GenAI view; the pipeline prints training-view ones.
