@@ -77,21 +77,13 @@ def train(opts: options.Options) -> str:
     opts = resume.pinned(opts, config)
     origin = runs.find_run(client, opts.resume, config) if opts.resume else None
     recorded = origin.data.params if origin else {}
-    if origin is not None and recorded.get("pipeline") != NAME:
-        pipeline = recorded.get("pipeline")
-        # A run no pipeline trained (no pipeline param) was sent to `python -m None`.
-        raise runs.PipelineError(
-            f"run {origin.info.run_id} was trained by {pipeline or 'another pipeline'}, not {NAME}; "
-            + (
-                f"resume it with `python -m {pipeline}`."
-                if pipeline
-                else "train a new run instead (leave out --resume)."
-            )
-        )
+    if origin is not None:
+        resume.check_pipeline(origin, NAME, DATASET)
     if origin is not None and (opts.from_step is not None or opts.from_epoch is not None):
         _refuse_a_pick_but_the_latest(origin.info.run_id, opts, config)
     if origin is not None:
         resume.check_pick(origin.info.run_id, opts, config)
+        resume.check_trainer(origin, opts)
     opts = resume.with_target(opts, origin)
     current = runs.current_params(origin)
     values = opts.settings(current, origin.info.run_id if origin else None)

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pipelines.trainer import RunInUseError
 from tracking.config import bound_mlflow_requests
 from tracking.errors import TrackingError, print_error, run_command
 
@@ -45,7 +46,15 @@ def _positive_int(text: str) -> int:
 
 
 def _count(text: str) -> int | None:
-    return None if text == ALL else _positive_int(text)
+    # --keep-last 0 was refused as "expected a positive integer", which did not say how to keep every checkpoint.
+    if text == ALL:
+        return None
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer, or {ALL} to keep every checkpoint (delete none), got {text!r}"
+        ) from None
 
 
 def _interval(text: str) -> int | None:
@@ -310,7 +319,8 @@ def parse(
 
 
 def run_pipeline(train: Callable[[], str]) -> int:
-    """Run a pipeline's ``train`` as its command: the exit status, errors as one line on stderr (status 1)."""
+    """Run a pipeline's ``train`` as its command: the exit status, errors as one line on stderr (status 1; 2 for a
+    run whose training still runs on this host, :class:`~pipelines.trainer.RunInUseError`)."""
     # Every MLflow call of the run fails in about 30 s when the tracking server is gone, not minutes.
     bound_mlflow_requests()
     # MLflow's own "View run" links open the UI's GenAI view; the pipeline prints training-view ones.
@@ -333,7 +343,8 @@ def run_pipeline(train: Callable[[], str]) -> int:
 
     try:
         # MLflow's own errors (a refused request, an unknown run) are the user's to act on, like ours.
-        return run_command(run, also=(MlflowException,))
+        # A run whose training still runs here is refused as a usage error is (2): not now, whatever the flags.
+        return run_command(run, also=(MlflowException,), refused=(RunInUseError,))
     except KeyboardInterrupt as interrupted:
         # Ctrl-C: one line (where the run stands, once pipelines.runs.start ended it), not a traceback.
         print_error(str(interrupted) or "interrupted (Ctrl-C).")

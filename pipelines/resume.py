@@ -2,28 +2,32 @@
 
 ``--resume RUN_ID [--from-epoch N | --from-step N]`` picks RUN_ID's latest checkpoint, or the one of that
 epoch (step); a checkpoint's ``models:/`` URI as RUN_ID picks that one. Refused, each before the run is
-touched: a run of another pipeline or dataset, a run with no committed checkpoint, a pick the run does not
-hold or of the other kind of key, a pick before the run's latest checkpoint that would continue in place
-(it would rewrite the run's later history; ``--new-run`` branches a child instead), and a save in mid-epoch
-resumed with another ``--seed`` or a ``--batch-size`` its samples taken are no whole number of batches of
-(:func:`resumed_position`). Without ``--epochs``, a resume trains to the target the run recorded (tag
-``tracking.epochs``), and one that has reached it is refused. :mod:`pipelines.runs` starts the run that goes on.
+touched: a run of another pipeline or dataset, or of none (:func:`check_pipeline`), a run with no committed
+checkpoint, a pick the run does not hold or of the other kind of key, a pick before the run's latest checkpoint
+that would continue in place (it would rewrite the run's later history; ``--new-run`` branches a child instead),
+a save in mid-epoch resumed with another ``--seed`` or a ``--batch-size`` its samples taken are no whole number of
+batches of (:func:`resumed_position`), and a run whose training still runs on this host (:func:`check_trainer`).
+Without ``--epochs``, a resume trains to the target the run recorded (tag ``tracking.epochs``), and one that has
+reached it is refused. :mod:`pipelines.runs` starts the run that goes on.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
 import torch
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import tracking
 from pipelines import data, options, runs
 from pipelines.steps import KEY, Position
 from pipelines.task import State, Task
+from pipelines.trainer import TAG_TRAINER, RunInUseError, Trainer
 from tracking import layout
 from tracking.manifest import SHARDED_KIND
 from tracking.uri import parse_source
@@ -84,6 +88,9 @@ def pinned(opts: options.Options, config: tracking.TrackingConfig) -> options.Op
         located = tracking.find_checkpoint(opts.resume, config=config)
     except ValueError as exc:
         raise runs.PipelineError(str(exc)) from exc
+    except tracking.NotFoundError:
+        _refuse_a_whole_model(source, config)
+        raise
     kind, key = located.manifest.keyed_by, located.manifest.key
     run_id = located.run_id
     if opts.from_epoch is not None or opts.from_step is not None:
@@ -100,20 +107,91 @@ def pinned(opts: options.Options, config: tracking.TrackingConfig) -> options.Op
     )
 
 
+def _refuse_a_whole_model(source: str, config: tracking.TrackingConfig) -> None:
+    """Refuse ``--resume models:/...`` of a logged model that is no checkpoint (a whole model, registered or not)
+    in the pipeline's terms: the library's advice, to load it with tracking.load_pickled_model(), was no next step
+    for a command line. Returns when ``source`` names no such model (the library's own error says what it lacks)."""
+    from mlflow.tracking import MlflowClient
+
+    from tracking.source import open_run_pinned
+
+    try:
+        handle, model_id = open_run_pinned(source, config)
+        model = MlflowClient(config.tracking_uri).get_logged_model(model_id) if model_id else None
+    except (tracking.TrackingError, MlflowException):
+        return
+    if model is None or model.model_type == layout.CHECKPOINT_MODEL_TYPE:
+        return
+    run_id = handle.run_id
+    raise runs.PipelineError(
+        f"--resume {source}: {model.name!r} of run {run_id} is a whole model, not a checkpoint: it holds no optimizer "
+        f"or RNG state to go on from. Pass --resume {run_id} to go on from the run's latest checkpoint, or a "
+        f"checkpoint's models:/ URI (`tracking checkpoints {run_id}` lists them)."
+    )
+
+
 def find_origin(client: MlflowClient, task: Task, opts: options.Options, config: tracking.TrackingConfig) -> Run:
     """The run to resume, once checked that this pipeline can resume it as asked."""
     assert opts.resume is not None
     run = runs.find_run(client, opts.resume, config)
-    run_id, params = run.info.run_id, run.data.params
-    if params.get("dataset", task.dataset) != task.dataset or params.get("pipeline", task.name) != task.name:
-        pipeline = params.get("pipeline")
-        raise runs.PipelineError(
-            f"run {run_id} was trained by {pipeline or 'another pipeline'} on {params.get('dataset', 'other data')}, "
-            f"not by {task.name} on {task.dataset}; "
-            + (f"resume it with `python -m {pipeline}`." if pipeline else "train a new run instead.")
-        )
+    run_id = run.info.run_id
+    check_pipeline(run, task.name, task.dataset)
     check_pick(run_id, opts, config, run.data.tags)
+    check_trainer(run, opts)
     return run
+
+
+def check_pipeline(origin: Run, name: str, dataset: str) -> None:
+    """Refuse to resume ``origin`` with pipeline ``name`` (training on ``dataset``) unless that pipeline trained it:
+    another one's checkpoint holds another model, or the same model in another framework's shape, and a run no
+    pipeline trained (no ``pipeline`` param) says nothing of what it holds. Said before anything is touched, by every
+    pipeline alike (a run with no param was resumed by some and refused by others, and sent to `python -m None`)."""
+    run_id, params = origin.info.run_id, origin.data.params
+    trained_by, trained_on = params.get("pipeline"), params.get("dataset", dataset)
+    if trained_by is None:
+        raise runs.PipelineError(
+            f"run {run_id} records no pipeline param: no training pipeline trained it, so {name} cannot tell what its "
+            "checkpoints hold; train a new run instead (leave out --resume)."
+        )
+    if trained_by == name and trained_on == dataset:
+        return
+    instead = (
+        f"resume it with `python -m {trained_by} --resume {run_id}` (with your other flags)"
+        if trained_by != name
+        else "train a new run instead (leave out --resume)"
+    )
+    raise runs.PipelineError(
+        f"run {run_id} was trained by {trained_by} on {trained_on}, not by {name} on {dataset}; {instead}."
+    )
+
+
+def check_trainer(origin: Run, opts: options.Options) -> None:
+    """Refuse to resume ``origin`` in place while its training still runs on this host, and warn when it is still
+    marked RUNNING otherwise: a ``kill -9``-ed or power-lost training leaves it so, the very run to resume, but one
+    on another host may still go on. A ``--new-run`` child only reads a committed checkpoint: neither."""
+    if origin.info.status != "RUNNING" or opts.new_run:
+        return
+    run_id = origin.info.run_id
+    recorded = Trainer.read(origin.data.tags)
+    if recorded is not None and recorded.alive():
+        pid = recorded.pid
+        raise RunInUseError(
+            f"run {run_id} is being trained by process {pid} on this host (since {recorded.since}): two trainings "
+            f"of one run overwrite each other's checkpoints. Stop it first (kill {pid}) or wait for it to finish, "
+            "then resume; or add --new-run to branch a child run from its latest checkpoint now."
+        )
+    if recorded is None:
+        who = f"records no process that trained it (tag {TAG_TRAINER})"
+    elif recorded.on_this_host():
+        who = f"last trained by {recorded}, which no longer runs"
+    else:
+        who = f"last trained by {recorded}, which this host cannot check"
+    print(
+        f"warning: run {run_id} is still marked RUNNING and {who}; if that training still goes on, the two "
+        "trainings of one run overwrite each other's checkpoints.",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def check_pick(

@@ -45,8 +45,10 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 import tracking
 from pipelines import options
 from pipelines.task import State, Task
+from pipelines.trainer import Trainer
 from tracking import layout, spec
 from tracking.cli.noise import muted
+from tracking.uri import parse_source
 
 TAG_RESUMED_FROM_RUN = "tracking.resumed_from_run"
 # Where the run's latest start from a checkpoint began: a child's branch point until it is resumed in place.
@@ -74,13 +76,48 @@ def find_run(client: MlflowClient, source: str, config: tracking.TrackingConfig)
     """The live run a run ID, ``runs:/`` or ``models:/`` URI names; :class:`PipelineError` if none."""
     try:
         run = client.get_run(tracking.resolve_run_id(source, config))
+    except tracking.NotFoundError:
+        _refuse_deleted(client, source)
+        raise
     except ValueError as exc:
         raise PipelineError(str(exc)) from exc
     except MlflowException as exc:
         raise PipelineError(f"{source}: {exc.message}") from exc
     if run.info.lifecycle_stage == "deleted":
-        raise PipelineError(f"run {run.info.run_id} is deleted; restore it in the MLflow UI first.")
+        raise PipelineError(_deleted(client, run))
     return run
+
+
+def _refuse_deleted(client: MlflowClient, source: str) -> None:
+    """Refuse the run ``source`` names when it is deleted, saying what to restore (the library says "the run");
+    returns when it is not, or ``source`` names no run by its ID."""
+    run_id = parse_source(source).run_id
+    try:
+        run = client.get_run(run_id) if run_id else None
+    except MlflowException:
+        return
+    if run is not None and run.info.lifecycle_stage == "deleted":
+        raise PipelineError(_deleted(client, run))
+
+
+def _deleted(client: MlflowClient, run: Run) -> str:
+    """Why ``run`` (deleted) cannot be found, and what to restore: MLflow marks the runs of a deleted experiment
+    deleted too, and restoring such a run alone is refused while its experiment stays deleted."""
+    run_id, experiment_id = run.info.run_id, run.info.experiment_id
+    try:
+        experiment = client.get_experiment(experiment_id)
+    except MlflowException:
+        experiment = None  # the run's own state is all there is to tell
+    if experiment is not None and experiment.lifecycle_stage == "deleted":
+        return (
+            f"run {run_id} is in experiment {experiment.name!r} (ID {experiment_id}), which is deleted, and its runs "
+            "with it; restore the experiment in the MLflow UI or with `mlflow experiments restore --experiment-id "
+            f"{experiment_id}`, then resume."
+        )
+    return (
+        f"run {run_id} is deleted; restore it in the MLflow UI or with `mlflow runs restore --run-id {run_id}`, "
+        "then resume."
+    )
 
 
 def refuse_changes(run_id: str, changed: Mapping[str, tuple[str, str]], override: bool) -> None:
@@ -125,11 +162,13 @@ def resume_tags(
     epoch: int,
     step: int | None = None,
 ) -> dict[str, str]:
-    """The tags a run records as it starts: its target (``opts.epochs``) and, resumed from ``origin``'s checkpoint
+    """The tags a run records as it starts: its target (``opts.epochs``), the process that trains it
+    (:mod:`pipelines.trainer`) and, resumed from ``origin``'s checkpoint
     at ``epoch`` (the epochs it completed; ``step``, its global step, in a run keyed by step), where it goes on
     from: a ``--new-run`` child its parent and branch point, RUN_ID itself where its latest resume began and how
     many there were; and the params this resume changes (:func:`override_tags`)."""
-    tags = {TAG_EPOCHS: str(opts.epochs)}
+    # Who trains it from now on: a resume of the run while it is still RUNNING asks whether this process still runs.
+    tags = {TAG_EPOCHS: str(opts.epochs), **Trainer.this_process().tag()}
     if origin is None:
         return tags
     tags[TAG_RESUMED_FROM_EPOCH] = str(epoch)

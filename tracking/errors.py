@@ -40,11 +40,16 @@ class MismatchError(TrackingError):
     """Stored weights do not fit the model they are loaded into (keys or shapes differ)."""
 
 
-def exit_code(exc: BaseException, also: tuple[type[BaseException], ...] = ()) -> int | None:
-    """The status a command line exits with for ``exc``: 1 for a :class:`TrackingError` or one of ``also``.
+def exit_code(
+    exc: BaseException, also: tuple[type[BaseException], ...] = (), refused: tuple[type[BaseException], ...] = ()
+) -> int | None:
+    """The status a command line exits with for ``exc``: 1 for a :class:`TrackingError` or one of ``also``; 2, as
+    for a usage error, for one of ``refused`` (a command that must not run now, whatever its arguments).
 
     None for anything else: the caller re-raises it, so an unexpected error keeps its traceback.
     """
+    if isinstance(exc, refused):
+        return 2
     return 1 if isinstance(exc, (TrackingError, *also)) else None
 
 
@@ -86,8 +91,13 @@ def print_error(message: str) -> None:
     sys.stderr.flush()
 
 
-def run_command(action: Callable[[], object], also: tuple[type[BaseException], ...] = ()) -> int:
-    """Run a command's ``action`` and return its exit status: 0, or 1 with ``error: <one line>`` on stderr.
+def run_command(
+    action: Callable[[], object],
+    also: tuple[type[BaseException], ...] = (),
+    refused: tuple[type[BaseException], ...] = (),
+) -> int:
+    """Run a command's ``action`` and return its exit status: 0, or 1 (2 for ``refused``, :func:`exit_code`) with
+    ``error: <one line>`` on stderr.
 
     Errors :func:`exit_code` does not know propagate with their traceback; warnings print as
     one ``warning:`` line, as the command line's do.
@@ -98,7 +108,7 @@ def run_command(action: Callable[[], object], also: tuple[type[BaseException], .
     try:
         action()
     except Exception as exc:
-        code = exit_code(exc, also)
+        code = exit_code(exc, also, refused)
         if code is None:
             raise
         print_error(one_line(exc))

@@ -5,8 +5,10 @@ steps (keyed by step, resumed by run ID or from a step, exactly, and what such a
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -243,6 +245,12 @@ def test_evaluate_refuses_a_frameworks_run_in_one_line_naming_what_lists_its_met
             1,
             "at step 3 ends epoch 1 of 3 steps in batches of 512; in batches of 256 an epoch is 6 steps",
         ),
+        # ... and it said to pass "one that makes an epoch 3 steps", leaving users to work out which.
+        (
+            ["--resume", "{run}", "--from-step", "3", "--new-run", "--override", "--batch-size", "256"],
+            1,
+            "or pass one that makes an epoch 3 steps (--batch-size 479 to 718).",
+        ),
     ],
     ids=[
         "both-intervals",
@@ -258,6 +266,7 @@ def test_evaluate_refuses_a_frameworks_run_in_one_line_naming_what_lists_its_met
         "mid-epoch-seed",
         "mid-epoch-batch-size",
         "epoch-end-batch-size",
+        "epoch-end-batch-sizes-listed",
     ],
 )
 def test_a_step_run_refuses_what_it_cannot_do_before_any_training(
@@ -373,15 +382,15 @@ def test_a_resume_on_another_number_of_ranks_than_saved_the_checkpoint_is_refuse
 def test_the_ranks_that_saved_a_checkpoint_are_told_by_its_rng_state_files(
     files: set[str], world: int, said: str | None
 ) -> None:
-    from pipelines import hf_digits, runs
+    from pipelines import hf_digits, hf_resume, runs
 
     manifest = SimpleNamespace(files={name: None for name in {"trainer_state.json", *files}}, step=48)
     located = SimpleNamespace(run_id="RUN", manifest=manifest)
     if said is None:
-        hf_digits._check_ranks(located, world)
+        hf_resume.check_ranks(located, world, hf_digits.NAME)
         return
     with pytest.raises(runs.PipelineError) as refused:
-        hf_digits._check_ranks(located, world)
+        hf_resume.check_ranks(located, world, hf_digits.NAME)
     assert str(refused.value) == f"run RUN: its checkpoint at step 48 was {said}"
 
 
@@ -561,3 +570,41 @@ def test_a_child_records_the_step_it_branched_from_once(step_runs: StepRuns, mon
     assert (tags["tracking.branched_from_step"], tags["tracking.branched_from_epoch"]) == ("4", "1")
     assert (tags["tracking.resumed_from_step"], tags["tracking.resumed_from_epoch"]) == ("6", "2")
     assert (tags["tracking.epochs"], tags["tracking.resumes"]) == ("3", "1")
+
+
+@pytest.mark.parametrize(
+    ("steps", "world", "devices", "said"),
+    [
+        (3, 1, 1, " (--batch-size 479 to 718)"),  # 1,437 rows: 3 steps from 479 (ceil 2.99...) up to 718
+        (1, 1, 1, " (--batch-size 1437 or more)"),
+        (2, 2, 1, " (--batch-size 360 to 718)"),  # 2 steps a rank: 3 or 4 batches shared by 2 ranks
+        (3, 1, 2, " (--batch-size 240 to 359)"),  # each GPU's batch, the process's split over 2 of them
+        (1000, 1, 1, ""),  # no batch size makes an epoch of 1,437 rows 1,000 steps
+    ],
+)
+def test_the_batch_sizes_that_keep_an_epochs_steps_are_listed_as_one_span(
+    steps: int, world: int, devices: int, said: str
+) -> None:
+    from pipelines import hf_resume
+
+    assert hf_resume.batch_sizes_for(steps, 1437, world, devices) == said
+
+
+def test_a_run_whose_training_still_runs_here_is_refused_before_anything_is_touched(step_runs: StepRuns) -> None:
+    # The Trainer's resume of a run its own training still trained overwrote that training's checkpoints.
+    client = MlflowClient(step_runs.uri)
+    run_id = step_runs.straight
+    before = client.get_run(run_id).info
+    trainer = json.loads(client.get_run(run_id).data.tags["tracking.trainer"])
+    assert (trainer["host"], trainer["pid"]) == (socket.gethostname(), os.getpid())  # trained inline, here
+    client.update_run(run_id, "RUNNING")
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            use_store(patch, step_runs.uri, EXPERIMENT)
+            code, _, err = _inline("--resume", run_id, "--epochs", "3")
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"process {os.getpid()} on this host" in err and f"(kill {os.getpid()})" in err
+        config = tracking.TrackingConfig(tracking_uri=step_runs.uri)
+        assert [c.step for c in tracking.list_checkpoints(run_id, config=config)] == [2, 4, 6]
+    finally:
+        client.set_terminated(run_id, before.status, end_time=before.end_time)

@@ -11,8 +11,10 @@ pipeline's ``main``) but for the one killed mid-save.
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -183,8 +185,9 @@ def test_a_run_no_pipeline_trained_is_refused_saying_to_train_a_new_one(
 
     assert done.code == 1 and done.err.count("\n") == 1, done.err
     assert done.err == (
-        f"error: run {run_id} was trained by another pipeline, not pipelines.lightning_digits; train a new run "
-        "instead (leave out --resume).\n"
+        f"error: run {run_id} records no pipeline param: no training pipeline trained it, so "
+        "pipelines.lightning_digits cannot tell what its checkpoints hold; train a new run instead (leave out "
+        "--resume).\n"
     )
     assert client.get_run(run_id).info.status == "FINISHED"
 
@@ -444,3 +447,23 @@ def test_a_save_in_mid_epoch_goes_on_in_batches_of_another_size_that_its_samples
     assert (saved["epoch"], saved["global_step"]) == (1, 10)
     assert [scheduler["last_epoch"] for scheduler in saved["lr_schedulers"]] == [2]
     assert validations == [1, 2]
+
+
+def test_a_run_whose_training_still_runs_here_is_refused_before_anything_is_touched(
+    step_runs: Runs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Lightning's resume of a run its own training still trained overwrote that training's checkpoints.
+    use_store(monkeypatch, step_runs.env["MLFLOW_TRACKING_URI"], EXPERIMENT)
+    client = MlflowClient(step_runs.config.tracking_uri)
+    run_id = step_runs.straight
+    before = client.get_run(run_id)
+    trainer = json.loads(before.data.tags["tracking.trainer"])
+    assert (trainer["host"], trainer["pid"]) == (socket.gethostname(), os.getpid())  # trained inline, here
+    client.update_run(run_id, "RUNNING")
+    try:
+        done = inline("--resume", run_id, "--epochs", "4")
+        assert done.code == 2 and done.err.count("\n") == 1, done.err
+        assert f"process {os.getpid()} on this host" in done.err and f"(kill {os.getpid()})" in done.err
+        assert client.get_run(run_id).data.metrics == before.data.metrics
+    finally:
+        client.set_terminated(run_id, before.info.status, end_time=before.info.end_time)

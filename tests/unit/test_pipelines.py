@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import importlib
 import io
+import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -275,7 +277,7 @@ def test_resume_refuses_what_it_cannot_do_exactly(env: dict[str, str]) -> None:
     client.log_param(other, "dataset", "digits")
     client.set_terminated(other)
     elsewhere = inline(digits.main, "--resume", other, "--epochs", "3")
-    assert elsewhere.code == 1 and "`python -m pipelines.hf_digits`" in elsewhere.err, elsewhere.err
+    assert elsewhere.code == 1 and f"`python -m pipelines.hf_digits --resume {other}`" in elsewhere.err, elsewhere.err
     reshaped = replace(train.TASK, build_model=lambda n: Model(n + 1))
     assert "shape" in refused(partial(training.main, reshaped), "--epochs", "3")
     run = MlflowClient().get_run(run_id)
@@ -508,6 +510,9 @@ def test_experiment_with_a_resume_in_place_is_a_usage_error(env: dict[str, str])
         # A run started, and its loss raised a traceback at the first batch: the run was left FAILED.
         (["--lr", "inf"], "argument --lr: expected a positive finite number, got inf"),
         (["--lr", "1e400"], "argument --lr: expected a positive finite number, got inf"),
+        # "expected a positive integer, got 0" did not say what keeps every checkpoint.
+        (["--keep-last", "0"], "argument --keep-last: expected a positive integer, or all to keep every checkpoint"),
+        (["--keep-best", "0"], "argument --keep-best: expected a positive integer, or all to keep every checkpoint"),
     ],
 )
 def test_a_value_no_training_can_use_is_a_usage_error_before_anything_starts(
@@ -750,3 +755,124 @@ def test_evaluate_refuses_a_runs_uri_with_a_path_in_one_line(env: dict[str, str]
     assert outcome.code == 1 and outcome.err.count("\n") == 1, outcome.err
     assert f"pass --run-id {run_id} with --checkpoint latest, best, N, state_dict or model" in outcome.err
     assert client.get_run(run_id).data.metrics == {}  # nothing evaluated, nothing logged
+
+
+def test_resume_of_a_whole_models_uri_says_to_pass_the_run_or_a_checkpoint(env: dict[str, str]) -> None:
+    # The library's advice, "load a whole model with tracking.load_pickled_model()", was no next step for a
+    # pipeline's user: registered or not, a whole model holds no optimizer state to go on from.
+    trained = inline(train.main, "--epochs", "1")
+    run_id = trained.run_id
+    (whole,) = re.findall(r"whole model: (models:/m-[0-9a-f]+)", trained.out)
+    version = mlflow.register_model(whole, "whole-model-to-resume").version
+
+    for source in (whole, f"models:/whole-model-to-resume/{version}"):
+        outcome = inline(train.main, "--resume", source, "--epochs", "2")
+
+        assert outcome.code == 1 and outcome.err.count("\n") == 1, outcome.err
+        assert "is a whole model, not a checkpoint" in outcome.err and "load_pickled_model" not in outcome.err
+        assert f"Pass --resume {run_id} to go on from the run's latest checkpoint" in outcome.err
+    assert max(history(run_id)["val_loss"]) == 1  # untouched
+
+
+def test_resume_of_a_run_in_a_deleted_experiment_says_to_restore_the_experiment(env: dict[str, str]) -> None:
+    # MLflow marks the runs of a deleted experiment deleted too: "restore it (the run) in the MLflow UI" sent
+    # users to restore a run, which MLflow refuses while its experiment stays deleted.
+    client = MlflowClient()
+    run_id = inline(train.main, "--epochs", "1", "--experiment", "deleted-with-its-runs").run_id
+    experiment_id = client.get_run(run_id).info.experiment_id
+    client.delete_experiment(experiment_id)
+
+    outcome = inline(train.main, "--resume", run_id, "--epochs", "2")
+
+    assert outcome.code == 1 and outcome.err.count("\n") == 1, outcome.err
+    assert f"experiment 'deleted-with-its-runs' (ID {experiment_id}), which is deleted" in outcome.err
+    assert f"`mlflow experiments restore --experiment-id {experiment_id}`" in outcome.err
+    # A run deleted on its own is the run to restore.
+    client.restore_experiment(experiment_id)
+    client.delete_run(run_id)
+    outcome = inline(train.main, "--resume", run_id, "--epochs", "2")
+    assert outcome.code == 1 and f"`mlflow runs restore --run-id {run_id}`" in outcome.err, outcome.err
+
+
+def test_resume_of_a_run_still_marked_running_refuses_a_live_training_and_warns_of_any_other(
+    env: dict[str, str],
+) -> None:
+    # A run still marked RUNNING was resumed in place without a word, a training that still ran too: the two
+    # overwrote each other's checkpoints. A kill -9 leaves the run RUNNING as well, and that is the usual resume.
+    client = MlflowClient()
+    run_id = inline(train.main, "--epochs", "1").run_id
+    recorded = json.loads(client.get_run(run_id).data.tags["tracking.trainer"])
+    assert (recorded["host"], recorded["pid"]) == (socket.gethostname(), os.getpid())
+    # Its training, this very process, still runs.
+    client.update_run(run_id, "RUNNING")
+
+    outcome = inline(train.main, "--resume", run_id, "--epochs", "2")
+
+    assert outcome.code == 2 and outcome.err.count("\n") == 1, outcome.err
+    assert f"error: run {run_id} is being trained by process {os.getpid()} on this host" in outcome.err
+    assert f"Stop it first (kill {os.getpid()}) or wait for it to finish" in outcome.err
+    assert client.get_run(run_id).info.status == "RUNNING" and max(history(run_id)["val_loss"]) == 1  # untouched
+    # A child only reads a committed checkpoint: neither refused nor warned about.
+    child = inline(train.main, "--resume", run_id, "--new-run", "--epochs", "2")
+    assert child.code == 0 and "warning" not in child.err, child.err
+
+    # A dead process (one whose ID is free, or one whose ID another process has taken since), another host's
+    # process, and none recorded: one warning line, and the resume goes on.
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    ended.wait()
+    trainers = [
+        ({**recorded, "pid": ended.pid}, f"process {ended.pid} on {socket.gethostname()}", "which no longer runs"),
+        ({**recorded, "started": "another boot:1"}, f"process {os.getpid()}", "which no longer runs"),
+        ({**recorded, "host": "elsewhere"}, f"process {os.getpid()} on elsewhere", "which this host cannot check"),
+        (None, "records no process that trained it", "(tag tracking.trainer)"),
+    ]
+    for epochs, (trainer, who, why) in enumerate(trainers, start=2):
+        client.update_run(run_id, "RUNNING")
+        if trainer is None:
+            client.delete_tag(run_id, "tracking.trainer")
+        else:
+            client.set_tag(run_id, "tracking.trainer", json.dumps(trainer))
+
+        outcome = inline(train.main, "--resume", run_id, "--epochs", str(epochs))
+
+        assert outcome.code == 0, outcome.err
+        [warning] = [line for line in outcome.err.splitlines() if line.startswith("warning:")]
+        assert f"warning: run {run_id} is still marked RUNNING and" in warning and who in warning and why in warning
+        assert "overwrite each other's checkpoints" in warning
+        assert max(history(run_id)["val_loss"]) == epochs
+
+
+@pytest.mark.parametrize(
+    "pipeline", ["pipelines.train", "pipelines.digits", "pipelines.hf_digits", "pipelines.lightning_digits"]
+)
+def test_every_pipeline_refuses_a_run_no_pipeline_or_another_one_trained_alike(
+    env: dict[str, str], pipeline: str
+) -> None:
+    # A run with no pipeline param was resumed by pipelines.hf_digits (and by train and digits), refused by
+    # pipelines.lightning_digits; another pipeline's run was refused by each in its own words.
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    main = importlib.import_module(pipeline).main
+    other = "pipelines.train" if pipeline != "pipelines.train" else "pipelines.lightning_digits"
+    runs_by = {}
+    for trained_by in (None, other):
+        run_id = client.create_run(experiment_id).info.run_id
+        if trained_by is not None:
+            client.log_param(run_id, "pipeline", trained_by)
+        client.set_terminated(run_id)
+        runs_by[trained_by] = run_id
+
+    unknown = inline(main, "--resume", runs_by[None], "--epochs", "3")
+    elsewhere = inline(main, "--resume", runs_by[other], "--epochs", "3")
+
+    assert unknown.code == elsewhere.code == 1, unknown.err + elsewhere.err
+    assert unknown.err == (
+        f"error: run {runs_by[None]} records no pipeline param: no training pipeline trained it, so {pipeline} "
+        "cannot tell what its checkpoints hold; train a new run instead (leave out --resume).\n"
+    )
+    assert elsewhere.err.startswith(f"error: run {runs_by[other]} was trained by {other} on ")
+    assert elsewhere.err.endswith(
+        f"resume it with `python -m {other} --resume {runs_by[other]}` (with your other flags).\n"
+    )
+    for run_id in runs_by.values():
+        assert client.get_run(run_id).info.status == "FINISHED"  # untouched
