@@ -473,6 +473,29 @@ def test_a_failed_last_upload_fails_the_end_of_training(
         make_trainer(split, tmp_path / "out", [TrackingCallback()], epochs=1).train()
 
 
+def upload_threads() -> int:
+    return sum(t.name == "tracking-async-save" for t in threading.enumerate())
+
+
+def test_each_training_stops_its_upload_thread_so_a_sweep_leaves_none_behind(
+    s3_experiment: str, split: data.Split, tmp_path: Path
+) -> None:
+    before = upload_threads()
+    for trial in range(3):  # a sweep: a Trainer and a callback per trial
+        with mlflow.start_run() as run:
+            make_trainer(split, tmp_path / f"trial-{trial}", [TrackingCallback()], epochs=1).train()
+        assert [c.epoch for c in tracking.list_checkpoints(run.info.run_id)] == [1]  # committed before it stopped
+        assert upload_threads() == before
+    # A callback made but never trained starts none; one trained twice starts one for each train().
+    callback = TrackingCallback()
+    assert upload_threads() == before
+    with mlflow.start_run() as run:
+        trainer = make_trainer(split, tmp_path / "twice", [callback], epochs=1)
+        trainer.train()
+        trainer.train(resume_from_checkpoint=str(tmp_path / "twice" / "checkpoint-8"))
+    assert upload_threads() == before
+
+
 def test_files_are_staged_so_the_trainer_rotation_cannot_take_them_mid_upload(
     s3_experiment: str, split: data.Split, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -84,7 +84,9 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
         self.describe_run = describe_run
         self.commands = tuple(commands)
         self._config = config
-        self._saver = AsyncSaver() if async_upload else None
+        self.async_upload = async_upload
+        # Started by each train() and stopped at its end: a callback made per trial of a sweep leaves no thread.
+        self._saver: AsyncSaver | None = None
         self._handle: RunHandle | None = None
         self._rotation = RotationMirror()
         self._pending: list[Future[LoggedCheckpoint]] = []
@@ -109,6 +111,8 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
                 f"got save_strategy={strategy!r}; set save_steps=N to save less often, or save_strategy='epoch'."
             )
         self._keyed_by = KEYED_BY[strategy]
+        if self.async_upload and self._saver is None:
+            self._saver = AsyncSaver()
         handler = calling_handler()
         if handler is not None:  # after the Trainer's MLflowCallback, to disarm it once it ended its run
             follow(handler, self)
@@ -201,7 +205,10 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
         handler = calling_handler()
         if handler is not None:  # first: a failed upload raises below, and the Trainer's own run is ended already
             disarm(handler, self)
-        _on_process_zero(state, self.wait)
+        try:
+            _on_process_zero(state, self.wait)
+        finally:
+            self._stop_saver()
 
     # -- a save --------------------------------------------------------------------------------------
 
@@ -285,6 +292,16 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
         """Block until every checkpoint handed to the background upload is committed; re-raise a failure."""
         if self._saver is not None:
             self._saver.wait()
+
+    def _stop_saver(self) -> None:
+        """Stop the background upload's thread (every upload is committed or failed by now); the next train()
+        starts another."""
+        saver, self._saver = self._saver, None
+        if saver is not None:
+            try:
+                saver.close()
+            except BaseException as exc:  # raised by wait() already, on every rank: not twice
+                _log.debug("background upload error at close: %s", exc)
 
     def _raise_failed(self) -> None:
         if self._saver is not None:
