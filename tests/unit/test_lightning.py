@@ -485,6 +485,20 @@ def test_async_checkpoint_io_and_background_uploads_commit_every_save(s3_experim
         assert _tags(run.info.run_id)[layout.TAG_LATEST] == saved[-1].model_id
 
 
+def test_background_uploads_stop_their_thread_at_the_end_of_each_fit(s3_experiment: str, tmp_path: Path) -> None:
+    def upload_threads() -> int:
+        return sum(t.name == "tracking-async-save" for t in threading.enumerate())
+
+    before = upload_threads()
+    callback = MLflowCheckpoints(background=True)
+    for trial in range(3):  # a sweep: a Trainer per trial (the last two share a callback)
+        with mlflow.start_run() as run:
+            fitted = trainer(2, tmp_path / str(trial), [MLflowCheckpoints(background=True) if trial == 0 else callback])
+            fitted.fit(TinyLit(), *loaders())
+        assert [c.epoch for c in tracking.list_checkpoints(run.info.run_id)] == [1]  # committed before it stopped
+        assert upload_threads() == before
+
+
 def test_a_file_removed_while_async_checkpoint_io_writes_or_uploads_it_is_removed_after(
     s3_experiment: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

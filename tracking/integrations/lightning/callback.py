@@ -206,8 +206,13 @@ class MLflowCheckpoints(pl.Callback):
         self._agree(wait=True)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._io is not None and not distributed.active():
-            self._io.flush()
+        if self._io is None:
+            return
+        try:
+            if not distributed.active():  # under DDP every rank flushed together at on_train_end
+                self._io.flush()
+        finally:
+            self._io.stop()
 
     # --- helpers ---------------------------------------------------------------------------
 

@@ -73,7 +73,9 @@ class MirrorIO(CheckpointIO):
         self._handle: RunHandle | None = None
         self._lock = threading.Lock()
         self._kept = KeptCheckpoints()
-        self._saver = AsyncSaver("wait") if owner.background else None
+        # With owner.background: started by the first save of a fit, stopped at its end (see stop), so that a
+        # Trainer made per trial of a sweep leaves no thread behind.
+        self._saver: AsyncSaver | None = None
         self._uploading: set[str] = set()  # paths whose background upload is queued or running
         self._removals: list[str] = []  # removals waiting for the uploads in flight
         self._error: BaseException | None = None  # a DDP save's error, raised on every rank later
@@ -82,6 +84,8 @@ class MirrorIO(CheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         path = str(path)
+        if self.owner.background and self._saver is None:
+            self._saver = AsyncSaver("wait")
         if self._saver is not None:
             # Never rewrite a file its upload is still reading (last.ckpt, saved every epoch).
             while True:
@@ -217,7 +221,7 @@ class MirrorIO(CheckpointIO):
 
         def may_precede_commit() -> bool:
             # Lightning's AsyncCheckpointIO may remove a file before its commit ran: dropped then.
-            return self._saver is not None or isinstance(self.trainer.strategy.checkpoint_io, _WrappingCheckpointIO)
+            return self.owner.background or isinstance(self.trainer.strategy.checkpoint_io, _WrappingCheckpointIO)
 
         model_id = self._kept.removed(path, may_precede_commit)
         if model_id is not None and self._handle is not None:
@@ -274,6 +278,16 @@ class MirrorIO(CheckpointIO):
         if self._saver is not None:
             self._saver.wait()
         self._kept.flush_tags()
+
+    def stop(self) -> None:
+        """Stop the background upload's thread once its uploads are done (flush raised any failure already); the
+        next save starts another."""
+        saver, self._saver = self._saver, None
+        if saver is not None:
+            try:
+                saver.close()
+            except BaseException as exc:
+                _log.error("checkpoint upload failed: %s", one_line(exc))
 
     def logged(self) -> list[LoggedCheckpoint]:
         return self._kept.logged()
