@@ -473,6 +473,23 @@ def test_a_failed_last_upload_fails_the_end_of_training(
         make_trainer(split, tmp_path / "out", [TrackingCallback()], epochs=1).train()
 
 
+def test_a_killed_jobs_staged_files_are_removed_when_training_resumes_in_its_output_dir(
+    trained: tuple[str, Trainer], split: data.Split, tmp_path: Path
+) -> None:
+    run_id, _ = trained
+    out = tmp_path / "out"
+    # A job killed mid-upload leaves its staged links behind: they keep a rotated-out checkpoint's bytes on disk.
+    left = out / ".tracking-staging" / "checkpoint-16-killed"
+    left.mkdir(parents=True)
+    (left / "model.safetensors").write_bytes(b"the bytes of a checkpoint the Trainer rotated out")
+    with mlflow.start_run(run_id=run_id):
+        resumed = make_trainer(split, out, [TrackingCallback()], epochs=4)
+        resumed.train(resume_from_checkpoint=checkpoint_folder(run_id, output_dir=out))
+    assert [c.epoch for c in tracking.list_checkpoints(run_id)] == [1, 2, 3, 4]
+    # Nothing left but the Trainer's folders: the leftovers went as training started, staging once it ended.
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-16", "checkpoint-24", "checkpoint-32", "checkpoint-8"]
+
+
 def upload_threads() -> int:
     return sum(t.name == "tracking-async-save" for t in threading.enumerate())
 

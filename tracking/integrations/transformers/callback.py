@@ -35,7 +35,7 @@ from tracking.integrations.transformers.description import (
 from tracking.integrations.transformers.folders import PREFIX
 from tracking.integrations.transformers.reporting import calling_handler, disarm, follow
 from tracking.integrations.transformers.rotation import RotationMirror
-from tracking.integrations.transformers.staging import STAGING, stage
+from tracking.integrations.transformers.staging import STAGING, clear, drop_if_empty, stage
 from tracking.manifest import Manifest, now, versions
 from tracking.parallel import distributed
 from tracking.run import RunHandle, open_run, target_run_id
@@ -120,7 +120,10 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
         distributed.prepare()
 
         def open_the_run() -> None:
-            self._raise_failed()
+            # An earlier train()'s uploads are done (a failure raised here): what staging holds now is a killed
+            # process's, whose links keep rotated-out checkpoints on disk.
+            self.wait()
+            clear(Path(str(args.output_dir)) / STAGING)
             self._handle = open_run(target_run_id(self._run_id()), self._config)
             self._rotation.load(self._handle, Path(str(args.output_dir)))
             # The commit refuses a save keyed otherwise than the run's earlier ones; said here, before training.
@@ -205,8 +208,13 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
         handler = calling_handler()
         if handler is not None:  # first: a failed upload raises below, and the Trainer's own run is ended already
             disarm(handler, self)
+
+        def finish() -> None:
+            self.wait()
+            drop_if_empty(Path(str(args.output_dir)) / STAGING)
+
         try:
-            _on_process_zero(state, self.wait)
+            _on_process_zero(state, finish)
         finally:
             self._stop_saver()
 
