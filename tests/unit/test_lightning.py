@@ -850,6 +850,38 @@ def test_a_weights_only_run_says_so_instead_of_how_to_resume(
     assert isinstance(tracking.load(run_id).model, TinyLit)
 
 
+@pytest.mark.parametrize("background", [False, True])
+def test_a_weights_only_model_checkpoint_listed_first_leaves_the_full_checkpoint_to_resume_from(
+    s3_experiment: str, tmp_path: Path, background: bool
+) -> None:
+    # Weights for export beside full checkpoints for resuming: the weights-only file of a save is written first.
+    def callbacks() -> list[Any]:
+        return [
+            ModelCheckpoint(dirpath=tmp_path / "weights", save_weights_only=True),
+            ModelCheckpoint(dirpath=tmp_path / "full", monitor="val_loss"),
+            MLflowCheckpoints(background=background),
+        ]
+
+    with mlflow.start_run() as run:
+        pl.seed_everything(0, verbose=False)
+        trainer(2, tmp_path, callbacks()).fit(TinyLit(), *loaders())
+    run_id = run.info.run_id
+    (saved,) = tracking.list_checkpoints(run_id)
+    assert (saved.epoch, saved.step) == (1, 8) and saved.manifest.optimizer is not None
+    assert _paths(str(saved.model_id)) == [
+        str(tmp_path / "full" / "epoch=1-step=8.ckpt"),
+        str(tmp_path / "weights" / "epoch=1-step=8.ckpt"),
+    ]
+    assert len(MlflowClient().search_logged_models(experiment_ids=[s3_experiment])) == 1
+    assert "weights only" not in _tags(run_id)["mlflow.note.content"]
+    path = checkpoint_path(run_id, to=tmp_path / "download")
+    assert "optimizer_states" in torch.load(path, weights_only=True)
+    with mlflow.start_run(run_id=run_id):  # the run goes on by its ID
+        pl.seed_everything(0, verbose=False)
+        trainer(3, tmp_path, callbacks()).fit(TinyLit(), *loaders(), ckpt_path=path)
+    assert [(c.epoch, c.manifest.optimizer is not None) for c in tracking.list_checkpoints(run_id)] == [(2, True)]
+
+
 def test_a_fresh_fit_into_a_weights_only_run_is_offered_only_a_new_run(s3_experiment: str, tmp_path: Path) -> None:
     # No fit resumes from the weights alone: the resume line a run of full checkpoints is offered would fail.
     with mlflow.start_run() as run:

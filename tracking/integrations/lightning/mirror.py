@@ -35,6 +35,7 @@ from tracking.integrations.lightning.description import (
     save_context,
     save_manifest,
     save_monitor,
+    saves_weights_only,
     weights_only,
 )
 from tracking.integrations.lightning.kept import KeptCheckpoints
@@ -105,7 +106,12 @@ class MirrorIO(CheckpointIO):
                 # Saved without the callback's hook (trainer.save_checkpoint outside fit): described from here.
                 context = save_context(self.trainer, self.trainer.lightning_module)
             handle = self.open()
-            alias = self._kept.alias(path, epoch, step)
+            partial = saves_weights_only(checkpoint)
+            if not partial and self._saver is not None and self._kept.uploading_weights_only(epoch, step):
+                # The weights alone of this save are uploading (a ModelCheckpoint(save_weights_only=True) saved
+                # first): this whole checkpoint replaces them once they are committed.
+                self._saver.wait()
+            alias = self._kept.alias(path, epoch, step, partial)
             if alias is not None:
                 if alias[0] is not None:
                     self._kept.note_path(handle, alias[0], path, alias[1])
@@ -124,7 +130,7 @@ class MirrorIO(CheckpointIO):
         except BaseException as exc:
             self._fail(exc)
             return
-        self._kept.begin(epoch, step)
+        self._kept.begin(epoch, step, weights_only(manifest))
         if self._saver is None:
             try:
                 self._commit(handle, path, manifest, monitor, mode, context.chart_step)
