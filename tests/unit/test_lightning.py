@@ -763,6 +763,23 @@ class RestoresAfterSetup(SingleDeviceStrategy):
         return True
 
 
+def test_a_second_fit_of_the_same_trainer_goes_on_in_the_run_where_the_first_stopped(
+    s3_experiment: str, tmp_path: Path
+) -> None:
+    # A notebook: fit 2 epochs, look, raise max_epochs and fit again. Lightning goes on from epoch 2, step 8.
+    with mlflow.start_run() as run:
+        pl.seed_everything(0, verbose=False)
+        module = TinyLit()
+        fitted = trainer(2, tmp_path, [ModelCheckpoint(dirpath=tmp_path / "c", save_top_k=-1), MLflowCheckpoints()])
+        fitted.fit(module, *loaders())
+        fitted.fit_loop.max_epochs = 4
+        fitted.fit(module, *loaders())
+    assert fitted.global_step == 16
+    saved = tracking.list_checkpoints(run.info.run_id)
+    assert [(c.epoch, c.step) for c in saved] == [(0, 4), (1, 8), (2, 12), (3, 16)]
+    assert _tags(run.info.run_id)[layout.TAG_LATEST] == saved[-1].model_id
+
+
 @pytest.mark.parametrize("restores_after_setup", [False, True])
 def test_a_fresh_fit_is_refused_before_the_sanity_check_validates_and_a_resumed_one_goes_on(
     s3_experiment: str, tmp_path: Path, restores_after_setup: bool
