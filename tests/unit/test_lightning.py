@@ -780,6 +780,21 @@ def test_a_second_fit_of_the_same_trainer_goes_on_in_the_run_where_the_first_sto
     assert _tags(run.info.run_id)[layout.TAG_LATEST] == saved[-1].model_id
 
 
+def test_a_second_fit_of_the_same_trainer_in_another_run_logs_to_that_run(s3_experiment: str, tmp_path: Path) -> None:
+    # A notebook: one Trainer, each fit inside a run of its own (a second try, a longer schedule).
+    pl.seed_everything(0, verbose=False)
+    module = TinyLit()
+    fitted = trainer(1, tmp_path, [ModelCheckpoint(dirpath=tmp_path / "c", save_top_k=-1), MLflowCheckpoints()])
+    with mlflow.start_run() as first:
+        fitted.fit(module, *loaders())
+    fitted.fit_loop.max_epochs = 2
+    with mlflow.start_run() as second:
+        fitted.fit(module, *loaders())
+    assert [c.epoch for c in tracking.list_checkpoints(first.info.run_id)] == [0]
+    assert [c.epoch for c in tracking.list_checkpoints(second.info.run_id)] == [1]
+    assert _tags(second.info.run_id)[layout.TAG_LATEST] == tracking.list_checkpoints(second.info.run_id)[0].model_id
+
+
 @pytest.mark.parametrize("restores_after_setup", [False, True])
 def test_a_fresh_fit_is_refused_before_the_sanity_check_validates_and_a_resumed_one_goes_on(
     s3_experiment: str, tmp_path: Path, restores_after_setup: bool

@@ -124,6 +124,7 @@ class MLflowCheckpoints(pl.Callback):
             io, keyed_by, zero = self._io, self.keyed_by, trainer.is_global_zero
 
             def refuse() -> None:
+                io.follow_run()
                 handle = io.open()
                 catalog.refuse_mixed_keys(handle, keyed_by)
                 try:

@@ -237,18 +237,28 @@ class MirrorIO(CheckpointIO):
 
     def open(self) -> RunHandle:
         if self._handle is None:
-            config = self.owner.config or TrackingConfig.from_env()
-            logger = next((lg for lg in self.trainer.loggers if isinstance(lg, MLFlowLogger)), None)
-            if logger is not None:
-                uri = getattr(logger, "_tracking_uri", None)
-                if uri and uri != config.tracking_uri:
-                    config = replace(config, tracking_uri=uri)
-                run_id = str(logger.run_id)
-            else:
-                run_id = target_run_id(self.owner.run_id)
+            run_id, config = self._target()
             self._handle = open_run(run_id, config)
             self._kept.seed(self._handle)
         return self._handle
+
+    def follow_run(self) -> None:
+        """Start over with the run a fit logs to when an earlier fit of the Trainer logged to another (its second
+        fit inside another ``mlflow.start_run()``): its checkpoints go there, not into the earlier fit's run."""
+        if self._handle is not None and self._target()[0] != self._handle.run_id:
+            self._handle = None
+            self._kept = KeptCheckpoints()
+
+    def _target(self) -> tuple[str, TrackingConfig]:
+        """The run the trainer logs to (its MLFlowLogger's, else the callback's run_id, else the active run)."""
+        config = self.owner.config or TrackingConfig.from_env()
+        logger = next((lg for lg in self.trainer.loggers if isinstance(lg, MLFlowLogger)), None)
+        if logger is None:
+            return target_run_id(self.owner.run_id), config
+        uri = getattr(logger, "_tracking_uri", None)
+        if uri and uri != config.tracking_uri:
+            config = replace(config, tracking_uri=uri)
+        return str(logger.run_id), config
 
     def _describer(self, handle: RunHandle, manifest: Manifest) -> Describe:
         def describe(model_id: str, tags: Mapping[str, str]) -> dict[str, str]:
