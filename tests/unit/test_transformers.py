@@ -577,6 +577,28 @@ def test_every_n_epochs_saves_only_due_epochs_and_the_last(
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-16", "checkpoint-24"]
 
 
+def test_every_n_epochs_leaves_the_trainers_best_among_the_epochs_it_saves(
+    s3_experiment: str, split: data.Split, tmp_path: Path
+) -> None:
+    # Epoch 1 scores best but is not saved: the Trainer took it for its best, so no later save was, its rotation
+    # (save_total_limit=1) deleted epoch 2's checkpoint, the best saved, from its folder and the run, and
+    # load_best_model_at_end loaded none.
+    out = tmp_path / "out"
+    callbacks = [Scores([0.3, 0.5, 0.6, 0.7]), TrackingCallback(every_n_epochs=2)]
+    best = {"metric_for_best_model": "score", "greater_is_better": False, "load_best_model_at_end": True}
+    with mlflow.start_run() as run:
+        trainer = make_trainer(split, out, callbacks, epochs=4, save_total_limit=1, **best)
+        trainer.train()
+    run_id = run.info.run_id
+    # The Trainer keeps its best (and, at the end of training with save_total_limit=1, deletes the last folder).
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-16"]
+    assert [c.epoch for c in tracking.list_checkpoints(run_id)] == [2, 4]
+    assert tracking.find_checkpoint(run_id, "best").manifest.epoch == 2
+    assert (trainer.state.best_model_checkpoint, trainer.state.best_metric) == (str(out / "checkpoint-16"), 0.5)
+    loaded = tracking.load(run_id, "best").model
+    assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in loaded.state_dict().items())  # loaded
+
+
 def test_the_trainer_mlflow_integration_and_the_callback_share_one_run(
     s3_experiment: str, split: data.Split, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

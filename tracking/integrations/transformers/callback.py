@@ -92,6 +92,8 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
         self._pending: list[Future[LoggedCheckpoint]] = []
         self._evaluated: tuple[int, dict[str, Any]] = (-1, {})
         self._keyed_by = layout.EPOCH
+        # The Trainer's best (metric, global step, folder) before the evaluation of an epoch whose save is skipped.
+        self._best_before_skip: tuple[float | None, int | None, str | None] | None = None
 
     # -- the Trainer's events --------------------------------------------------------------------
 
@@ -173,6 +175,17 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
         last = state.global_step >= state.max_steps or epoch >= math.ceil(args.num_train_epochs)
         if control.should_save and not last and epoch % self.every_n_epochs != 0:
             control.should_save = False
+            # The Trainer ranks this epoch's evaluation next, saved or not: an unsaved epoch taken for its best would
+            # make no later save its best (load_best_model_at_end would load none, save_total_limit would delete the
+            # best saved). Its best as it stands is put back as the next epoch begins: the best of the saves.
+            self._best_before_skip = (state.best_metric, state.best_global_step, state.best_model_checkpoint)
+
+    def on_epoch_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self._best_before_skip is not None:
+            state.best_metric, state.best_global_step, state.best_model_checkpoint = self._best_before_skip
+            self._best_before_skip = None
 
     def on_evaluate(
         self,
