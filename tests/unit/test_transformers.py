@@ -577,6 +577,15 @@ def test_every_n_epochs_saves_only_due_epochs_and_the_last(
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-16", "checkpoint-24"]
 
 
+def test_every_n_epochs_with_max_steps_saves_only_due_epochs_and_the_last(
+    s3_experiment: str, split: data.Split, tmp_path: Path
+) -> None:
+    # max_steps=40 trains 5 epochs of 8 steps; num_train_epochs (3 by default) is ignored, and epoch 3 is not last.
+    with mlflow.start_run() as run:
+        make_trainer(split, tmp_path / "out", [TrackingCallback(every_n_epochs=2)], max_steps=40).train()
+    assert [c.epoch for c in tracking.list_checkpoints(run.info.run_id)] == [2, 4, 5]
+
+
 def test_every_n_epochs_leaves_the_trainers_best_among_the_epochs_it_saves(
     s3_experiment: str, split: data.Split, tmp_path: Path
 ) -> None:

@@ -172,7 +172,10 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
         if self._keyed_by != layout.EPOCH:
             return
         epoch = _epochs_completed(state, layout.EPOCH)
-        last = state.global_step >= state.max_steps or epoch >= math.ceil(args.num_train_epochs)
+        # With max_steps the Trainer ignores num_train_epochs (3 by default): its last epoch is the one max_steps ends.
+        last = state.global_step >= state.max_steps or (
+            args.max_steps <= 0 and epoch >= math.ceil(args.num_train_epochs)
+        )
         if control.should_save and not last and epoch % self.every_n_epochs != 0:
             control.should_save = False
             # The Trainer ranks this epoch's evaluation next, saved or not: an unsaved epoch taken for its best would
