@@ -485,6 +485,20 @@ def test_async_checkpoint_io_and_background_uploads_commit_every_save(s3_experim
         assert _tags(run.info.run_id)[layout.TAG_LATEST] == saved[-1].model_id
 
 
+def test_background_uploads_stop_their_thread_at_the_end_of_each_fit(s3_experiment: str, tmp_path: Path) -> None:
+    def upload_threads() -> int:
+        return sum(t.name == "tracking-async-save" for t in threading.enumerate())
+
+    before = upload_threads()
+    callback = MLflowCheckpoints(background=True)
+    for trial in range(3):  # a sweep: a Trainer per trial (the last two share a callback)
+        with mlflow.start_run() as run:
+            fitted = trainer(2, tmp_path / str(trial), [MLflowCheckpoints(background=True) if trial == 0 else callback])
+            fitted.fit(TinyLit(), *loaders())
+        assert [c.epoch for c in tracking.list_checkpoints(run.info.run_id)] == [1]  # committed before it stopped
+        assert upload_threads() == before
+
+
 def test_a_file_removed_while_async_checkpoint_io_writes_or_uploads_it_is_removed_after(
     s3_experiment: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -749,6 +763,38 @@ class RestoresAfterSetup(SingleDeviceStrategy):
         return True
 
 
+def test_a_second_fit_of_the_same_trainer_goes_on_in_the_run_where_the_first_stopped(
+    s3_experiment: str, tmp_path: Path
+) -> None:
+    # A notebook: fit 2 epochs, look, raise max_epochs and fit again. Lightning goes on from epoch 2, step 8.
+    with mlflow.start_run() as run:
+        pl.seed_everything(0, verbose=False)
+        module = TinyLit()
+        fitted = trainer(2, tmp_path, [ModelCheckpoint(dirpath=tmp_path / "c", save_top_k=-1), MLflowCheckpoints()])
+        fitted.fit(module, *loaders())
+        fitted.fit_loop.max_epochs = 4
+        fitted.fit(module, *loaders())
+    assert fitted.global_step == 16
+    saved = tracking.list_checkpoints(run.info.run_id)
+    assert [(c.epoch, c.step) for c in saved] == [(0, 4), (1, 8), (2, 12), (3, 16)]
+    assert _tags(run.info.run_id)[layout.TAG_LATEST] == saved[-1].model_id
+
+
+def test_a_second_fit_of_the_same_trainer_in_another_run_logs_to_that_run(s3_experiment: str, tmp_path: Path) -> None:
+    # A notebook: one Trainer, each fit inside a run of its own (a second try, a longer schedule).
+    pl.seed_everything(0, verbose=False)
+    module = TinyLit()
+    fitted = trainer(1, tmp_path, [ModelCheckpoint(dirpath=tmp_path / "c", save_top_k=-1), MLflowCheckpoints()])
+    with mlflow.start_run() as first:
+        fitted.fit(module, *loaders())
+    fitted.fit_loop.max_epochs = 2
+    with mlflow.start_run() as second:
+        fitted.fit(module, *loaders())
+    assert [c.epoch for c in tracking.list_checkpoints(first.info.run_id)] == [0]
+    assert [c.epoch for c in tracking.list_checkpoints(second.info.run_id)] == [1]
+    assert _tags(second.info.run_id)[layout.TAG_LATEST] == tracking.list_checkpoints(second.info.run_id)[0].model_id
+
+
 @pytest.mark.parametrize("restores_after_setup", [False, True])
 def test_a_fresh_fit_is_refused_before_the_sanity_check_validates_and_a_resumed_one_goes_on(
     s3_experiment: str, tmp_path: Path, restores_after_setup: bool
@@ -834,6 +880,38 @@ def test_a_weights_only_run_says_so_instead_of_how_to_resume(
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert run_id in warning and "weights only" in warning and "tracking.load" in warning
     assert isinstance(tracking.load(run_id).model, TinyLit)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_weights_only_model_checkpoint_listed_first_leaves_the_full_checkpoint_to_resume_from(
+    s3_experiment: str, tmp_path: Path, background: bool
+) -> None:
+    # Weights for export beside full checkpoints for resuming: the weights-only file of a save is written first.
+    def callbacks() -> list[Any]:
+        return [
+            ModelCheckpoint(dirpath=tmp_path / "weights", save_weights_only=True),
+            ModelCheckpoint(dirpath=tmp_path / "full", monitor="val_loss"),
+            MLflowCheckpoints(background=background),
+        ]
+
+    with mlflow.start_run() as run:
+        pl.seed_everything(0, verbose=False)
+        trainer(2, tmp_path, callbacks()).fit(TinyLit(), *loaders())
+    run_id = run.info.run_id
+    (saved,) = tracking.list_checkpoints(run_id)
+    assert (saved.epoch, saved.step) == (1, 8) and saved.manifest.optimizer is not None
+    assert _paths(str(saved.model_id)) == [
+        str(tmp_path / "full" / "epoch=1-step=8.ckpt"),
+        str(tmp_path / "weights" / "epoch=1-step=8.ckpt"),
+    ]
+    assert len(MlflowClient().search_logged_models(experiment_ids=[s3_experiment])) == 1
+    assert "weights only" not in _tags(run_id)["mlflow.note.content"]
+    path = checkpoint_path(run_id, to=tmp_path / "download")
+    assert "optimizer_states" in torch.load(path, weights_only=True)
+    with mlflow.start_run(run_id=run_id):  # the run goes on by its ID
+        pl.seed_everything(0, verbose=False)
+        trainer(3, tmp_path, callbacks()).fit(TinyLit(), *loaders(), ckpt_path=path)
+    assert [(c.epoch, c.manifest.optimizer is not None) for c in tracking.list_checkpoints(run_id)] == [(2, True)]
 
 
 def test_a_fresh_fit_into_a_weights_only_run_is_offered_only_a_new_run(s3_experiment: str, tmp_path: Path) -> None:

@@ -473,6 +473,46 @@ def test_a_failed_last_upload_fails_the_end_of_training(
         make_trainer(split, tmp_path / "out", [TrackingCallback()], epochs=1).train()
 
 
+def test_a_killed_jobs_staged_files_are_removed_when_training_resumes_in_its_output_dir(
+    trained: tuple[str, Trainer], split: data.Split, tmp_path: Path
+) -> None:
+    run_id, _ = trained
+    out = tmp_path / "out"
+    # A job killed mid-upload leaves its staged links behind: they keep a rotated-out checkpoint's bytes on disk.
+    left = out / ".tracking-staging" / "checkpoint-16-killed"
+    left.mkdir(parents=True)
+    (left / "model.safetensors").write_bytes(b"the bytes of a checkpoint the Trainer rotated out")
+    with mlflow.start_run(run_id=run_id):
+        resumed = make_trainer(split, out, [TrackingCallback()], epochs=4)
+        resumed.train(resume_from_checkpoint=checkpoint_folder(run_id, output_dir=out))
+    assert [c.epoch for c in tracking.list_checkpoints(run_id)] == [1, 2, 3, 4]
+    # Nothing left but the Trainer's folders: the leftovers went as training started, staging once it ended.
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-16", "checkpoint-24", "checkpoint-32", "checkpoint-8"]
+
+
+def upload_threads() -> int:
+    return sum(t.name == "tracking-async-save" for t in threading.enumerate())
+
+
+def test_each_training_stops_its_upload_thread_so_a_sweep_leaves_none_behind(
+    s3_experiment: str, split: data.Split, tmp_path: Path
+) -> None:
+    before = upload_threads()
+    for trial in range(3):  # a sweep: a Trainer and a callback per trial
+        with mlflow.start_run() as run:
+            make_trainer(split, tmp_path / f"trial-{trial}", [TrackingCallback()], epochs=1).train()
+        assert [c.epoch for c in tracking.list_checkpoints(run.info.run_id)] == [1]  # committed before it stopped
+        assert upload_threads() == before
+    # A callback made but never trained starts none; one trained twice starts one for each train().
+    callback = TrackingCallback()
+    assert upload_threads() == before
+    with mlflow.start_run() as run:
+        trainer = make_trainer(split, tmp_path / "twice", [callback], epochs=1)
+        trainer.train()
+        trainer.train(resume_from_checkpoint=str(tmp_path / "twice" / "checkpoint-8"))
+    assert upload_threads() == before
+
+
 def test_files_are_staged_so_the_trainer_rotation_cannot_take_them_mid_upload(
     s3_experiment: str, split: data.Split, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -535,6 +575,37 @@ def test_every_n_epochs_saves_only_due_epochs_and_the_last(
         make_trainer(split, out, [TrackingCallback(every_n_epochs=2)], epochs=3).train()
     assert [c.epoch for c in tracking.list_checkpoints(run.info.run_id)] == [2, 3]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-16", "checkpoint-24"]
+
+
+def test_every_n_epochs_with_max_steps_saves_only_due_epochs_and_the_last(
+    s3_experiment: str, split: data.Split, tmp_path: Path
+) -> None:
+    # max_steps=40 trains 5 epochs of 8 steps; num_train_epochs (3 by default) is ignored, and epoch 3 is not last.
+    with mlflow.start_run() as run:
+        make_trainer(split, tmp_path / "out", [TrackingCallback(every_n_epochs=2)], max_steps=40).train()
+    assert [c.epoch for c in tracking.list_checkpoints(run.info.run_id)] == [2, 4, 5]
+
+
+def test_every_n_epochs_leaves_the_trainers_best_among_the_epochs_it_saves(
+    s3_experiment: str, split: data.Split, tmp_path: Path
+) -> None:
+    # Epoch 1 scores best but is not saved: the Trainer took it for its best, so no later save was, its rotation
+    # (save_total_limit=1) deleted epoch 2's checkpoint, the best saved, from its folder and the run, and
+    # load_best_model_at_end loaded none.
+    out = tmp_path / "out"
+    callbacks = [Scores([0.3, 0.5, 0.6, 0.7]), TrackingCallback(every_n_epochs=2)]
+    best = {"metric_for_best_model": "score", "greater_is_better": False, "load_best_model_at_end": True}
+    with mlflow.start_run() as run:
+        trainer = make_trainer(split, out, callbacks, epochs=4, save_total_limit=1, **best)
+        trainer.train()
+    run_id = run.info.run_id
+    # The Trainer keeps its best (and, at the end of training with save_total_limit=1, deletes the last folder).
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-16"]
+    assert [c.epoch for c in tracking.list_checkpoints(run_id)] == [2, 4]
+    assert tracking.find_checkpoint(run_id, "best").manifest.epoch == 2
+    assert (trainer.state.best_model_checkpoint, trainer.state.best_metric) == (str(out / "checkpoint-16"), 0.5)
+    loaded = tracking.load(run_id, "best").model
+    assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in loaded.state_dict().items())  # loaded
 
 
 def test_the_trainer_mlflow_integration_and_the_callback_share_one_run(

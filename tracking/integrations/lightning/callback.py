@@ -124,6 +124,7 @@ class MLflowCheckpoints(pl.Callback):
             io, keyed_by, zero = self._io, self.keyed_by, trainer.is_global_zero
 
             def refuse() -> None:
+                io.follow_run()
                 handle = io.open()
                 catalog.refuse_mixed_keys(handle, keyed_by)
                 try:
@@ -206,8 +207,13 @@ class MLflowCheckpoints(pl.Callback):
         self._agree(wait=True)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._io is not None and not distributed.active():
-            self._io.flush()
+        if self._io is None:
+            return
+        try:
+            if not distributed.active():  # under DDP every rank flushed together at on_train_end
+                self._io.flush()
+        finally:
+            self._io.stop()
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -217,9 +223,12 @@ class MLflowCheckpoints(pl.Callback):
             return
         self._restart_checked = True
         # Once Lightning restored it, ``ckpt_path`` is the checkpoint this fit resumed from, None for a fresh one
-        # (before, it still names the previous fit's). Judged inside on_rank0, called by every rank at the same
-        # hook: a rank seeing another path than rank 0 cannot leave the others waiting.
-        io, zero, fresh = self._io, trainer.is_global_zero, trainer.ckpt_path is None
+        # (before, it still names the previous fit's). A second fit of the same Trainer (max_epochs raised in a
+        # notebook) has none either, but goes on from the step its first reached, as Lightning keeps its loops:
+        # not fresh. Judged inside on_rank0, called by every rank at the same hook: a rank seeing another path
+        # than rank 0 cannot leave the others waiting.
+        io, zero = self._io, trainer.is_global_zero
+        fresh = trainer.ckpt_path is None and trainer.global_step == 0
         distributed.on_rank0(lambda: refuse_restart(io.open()) if zero and fresh and io else None)
 
     def context(self, epoch: int, step: int) -> SaveContext | None:

@@ -168,6 +168,11 @@ def weights_only(manifest: Manifest) -> bool:
     return manifest.format == FORMAT and no_optimizer and "callbacks" not in manifest.extra_keys
 
 
+def saves_weights_only(checkpoint: Mapping[str, Any]) -> bool:
+    """Whether Lightning's ``checkpoint`` holds the weights alone (as :func:`weights_only` tells of its manifest)."""
+    return not checkpoint.get("optimizer_states") and "callbacks" not in checkpoint
+
+
 def save_monitor(
     trainer: pl.Trainer, path: str, manifest: Manifest, monitor: str | None, mode: str
 ) -> tuple[str | None, str]:

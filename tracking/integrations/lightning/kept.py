@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from tracking import catalog, layout, note
 from tracking.catalog import LoggedCheckpoint
 from tracking.errors import TrackingError, one_line
+from tracking.integrations.lightning.description import weights_only
 from tracking.manifest import Manifest
 from tracking.run import RunHandle, tracking_server_errors
 
@@ -41,6 +42,8 @@ class Kept:
     step: int
     metrics: dict[str, float]
     paths: set[str]
+    # Saved by ModelCheckpoint(save_weights_only=True): a full save of the same epoch and step takes its place.
+    weights_only: bool = False
 
     @property
     def key(self) -> int:
@@ -56,6 +59,7 @@ class KeptCheckpoints:
         self._by_path: dict[str, str] = {}  # local path -> model ID
         self._removed_early: set[str] = set()  # removed before their commit (Lightning's AsyncCheckpointIO)
         self._pending: dict[tuple[int, int], list[str]] = {}  # (epoch, step) uploading -> paths that are it too
+        self._pending_weights_only: set[tuple[int, int]] = set()  # those of them that hold the weights alone
         self._logged: list[LoggedCheckpoint] = []
         self._tagging: list[Future[None]] = []  # path tags under way
 
@@ -106,26 +110,40 @@ class KeptCheckpoints:
 
     # --- saves and commits ---------------------------------------------------------------------
 
-    def begin(self, epoch: int, step: int) -> None:
+    def begin(self, epoch: int, step: int, weights_only: bool = False) -> None:
         """The checkpoint of ``epoch`` and ``step`` is being committed: saves of it meanwhile go along."""
         with self._lock:
             self._pending[(epoch, step)] = []
+            if weights_only:
+                self._pending_weights_only.add((epoch, step))
 
     def abandon(self, epoch: int, step: int) -> None:
         """The commit of ``epoch`` and ``step`` will not be made."""
         with self._lock:
             self._pending.pop((epoch, step), None)
+            self._pending_weights_only.discard((epoch, step))
 
-    def alias(self, path: str, epoch: int, step: int) -> tuple[str | None, str | None] | None:
+    def uploading_weights_only(self, epoch: int, step: int) -> bool:
+        """Whether the checkpoint of ``epoch`` and ``step`` being committed holds the weights alone."""
+        with self._lock:
+            return (epoch, step) in self._pending_weights_only
+
+    def alias(
+        self, path: str, epoch: int, step: int, weights_only: bool = False
+    ) -> tuple[str | None, str | None] | None:
         """The model already committed for this epoch and step (``last.ckpt`` after the top-k file), if any,
         and the model ``path`` was before (the file is overwritten), if another. (None, None) when that
-        checkpoint's upload is still under way: its commit takes ``path`` along."""
+        checkpoint's upload is still under way: its commit takes ``path`` along. None too when the model of this
+        epoch and step holds the weights alone and ``path`` (not ``weights_only``) the whole training state: a
+        ModelCheckpoint(save_weights_only=True) saved first, and this file, which a fit resumes from, replaces it."""
         with self._lock:
             if (epoch, step) in self._pending:
                 self._pending[(epoch, step)].append(path)
                 return None, None
             for model_id, kept in self._kept.items():
                 if kept.epoch == epoch and kept.step == step:
+                    if kept.weights_only and not weights_only:
+                        return None
                     previous = self._by_path.get(path)
                     kept.paths.add(path)
                     self._by_path[path] = model_id
@@ -146,12 +164,18 @@ class KeptCheckpoints:
         assert manifest.key is not None and manifest.epoch is not None and manifest.step is not None
         assert logged.model_id is not None and logged.artifact_uri is not None
         with self._lock:
-            # The commit replaced any other model of this key (a re-log, in the core's terms).
+            # The commit replaced any other model of this key (a re-log, in the core's terms). The weights alone
+            # of this very save, which it replaced, stay its files: they are this checkpoint's weights.
+            same_save: set[str] = set()
             for model_id in [m for m, kept in self._kept.items() if kept.key == manifest.key]:
-                for stale in self._kept.pop(model_id).paths:
+                replaced = self._kept.pop(model_id)
+                if replaced.weights_only and (replaced.epoch, replaced.step) == (manifest.epoch, manifest.step):
+                    same_save |= replaced.paths
+                for stale in replaced.paths:
                     self._by_path.pop(stale, None)
             # This file, and those saved as the same epoch and step while it uploaded (last.ckpt).
-            paths = {path, *self._pending.pop((manifest.epoch, manifest.step), [])}
+            paths = {path, *same_save, *self._pending.pop((manifest.epoch, manifest.step), [])}
+            self._pending_weights_only.discard((manifest.epoch, manifest.step))
             overwritten = [(self._by_path[p], p) for p in paths if p in self._by_path]
             self._kept[logged.model_id] = Kept(
                 logged.model_id,
@@ -161,6 +185,7 @@ class KeptCheckpoints:
                 manifest.step,
                 dict(manifest.metrics),
                 paths,
+                weights_only(manifest),
             )
             for saved in paths:
                 self._by_path[saved] = logged.model_id

@@ -35,6 +35,7 @@ from tracking.integrations.lightning.description import (
     save_context,
     save_manifest,
     save_monitor,
+    saves_weights_only,
     weights_only,
 )
 from tracking.integrations.lightning.kept import KeptCheckpoints
@@ -73,7 +74,9 @@ class MirrorIO(CheckpointIO):
         self._handle: RunHandle | None = None
         self._lock = threading.Lock()
         self._kept = KeptCheckpoints()
-        self._saver = AsyncSaver("wait") if owner.background else None
+        # With owner.background: started by the first save of a fit, stopped at its end (see stop), so that a
+        # Trainer made per trial of a sweep leaves no thread behind.
+        self._saver: AsyncSaver | None = None
         self._uploading: set[str] = set()  # paths whose background upload is queued or running
         self._removals: list[str] = []  # removals waiting for the uploads in flight
         self._error: BaseException | None = None  # a DDP save's error, raised on every rank later
@@ -82,6 +85,8 @@ class MirrorIO(CheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         path = str(path)
+        if self.owner.background and self._saver is None:
+            self._saver = AsyncSaver("wait")
         if self._saver is not None:
             # Never rewrite a file its upload is still reading (last.ckpt, saved every epoch).
             while True:
@@ -101,7 +106,12 @@ class MirrorIO(CheckpointIO):
                 # Saved without the callback's hook (trainer.save_checkpoint outside fit): described from here.
                 context = save_context(self.trainer, self.trainer.lightning_module)
             handle = self.open()
-            alias = self._kept.alias(path, epoch, step)
+            partial = saves_weights_only(checkpoint)
+            if not partial and self._saver is not None and self._kept.uploading_weights_only(epoch, step):
+                # The weights alone of this save are uploading (a ModelCheckpoint(save_weights_only=True) saved
+                # first): this whole checkpoint replaces them once they are committed.
+                self._saver.wait()
+            alias = self._kept.alias(path, epoch, step, partial)
             if alias is not None:
                 if alias[0] is not None:
                     self._kept.note_path(handle, alias[0], path, alias[1])
@@ -120,7 +130,7 @@ class MirrorIO(CheckpointIO):
         except BaseException as exc:
             self._fail(exc)
             return
-        self._kept.begin(epoch, step)
+        self._kept.begin(epoch, step, weights_only(manifest))
         if self._saver is None:
             try:
                 self._commit(handle, path, manifest, monitor, mode, context.chart_step)
@@ -217,7 +227,7 @@ class MirrorIO(CheckpointIO):
 
         def may_precede_commit() -> bool:
             # Lightning's AsyncCheckpointIO may remove a file before its commit ran: dropped then.
-            return self._saver is not None or isinstance(self.trainer.strategy.checkpoint_io, _WrappingCheckpointIO)
+            return self.owner.background or isinstance(self.trainer.strategy.checkpoint_io, _WrappingCheckpointIO)
 
         model_id = self._kept.removed(path, may_precede_commit)
         if model_id is not None and self._handle is not None:
@@ -227,18 +237,28 @@ class MirrorIO(CheckpointIO):
 
     def open(self) -> RunHandle:
         if self._handle is None:
-            config = self.owner.config or TrackingConfig.from_env()
-            logger = next((lg for lg in self.trainer.loggers if isinstance(lg, MLFlowLogger)), None)
-            if logger is not None:
-                uri = getattr(logger, "_tracking_uri", None)
-                if uri and uri != config.tracking_uri:
-                    config = replace(config, tracking_uri=uri)
-                run_id = str(logger.run_id)
-            else:
-                run_id = target_run_id(self.owner.run_id)
+            run_id, config = self._target()
             self._handle = open_run(run_id, config)
             self._kept.seed(self._handle)
         return self._handle
+
+    def follow_run(self) -> None:
+        """Start over with the run a fit logs to when an earlier fit of the Trainer logged to another (its second
+        fit inside another ``mlflow.start_run()``): its checkpoints go there, not into the earlier fit's run."""
+        if self._handle is not None and self._target()[0] != self._handle.run_id:
+            self._handle = None
+            self._kept = KeptCheckpoints()
+
+    def _target(self) -> tuple[str, TrackingConfig]:
+        """The run the trainer logs to (its MLFlowLogger's, else the callback's run_id, else the active run)."""
+        config = self.owner.config or TrackingConfig.from_env()
+        logger = next((lg for lg in self.trainer.loggers if isinstance(lg, MLFlowLogger)), None)
+        if logger is None:
+            return target_run_id(self.owner.run_id), config
+        uri = getattr(logger, "_tracking_uri", None)
+        if uri and uri != config.tracking_uri:
+            config = replace(config, tracking_uri=uri)
+        return str(logger.run_id), config
 
     def _describer(self, handle: RunHandle, manifest: Manifest) -> Describe:
         def describe(model_id: str, tags: Mapping[str, str]) -> dict[str, str]:
@@ -274,6 +294,16 @@ class MirrorIO(CheckpointIO):
         if self._saver is not None:
             self._saver.wait()
         self._kept.flush_tags()
+
+    def stop(self) -> None:
+        """Stop the background upload's thread once its uploads are done (flush raised any failure already); the
+        next save starts another."""
+        saver, self._saver = self._saver, None
+        if saver is not None:
+            try:
+                saver.close()
+            except BaseException as exc:
+                _log.error("checkpoint upload failed: %s", one_line(exc))
 
     def logged(self) -> list[LoggedCheckpoint]:
         return self._kept.logged()

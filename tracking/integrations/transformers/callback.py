@@ -35,7 +35,7 @@ from tracking.integrations.transformers.description import (
 from tracking.integrations.transformers.folders import PREFIX
 from tracking.integrations.transformers.reporting import calling_handler, disarm, follow
 from tracking.integrations.transformers.rotation import RotationMirror
-from tracking.integrations.transformers.staging import STAGING, stage
+from tracking.integrations.transformers.staging import STAGING, clear, drop_if_empty, stage
 from tracking.manifest import Manifest, now, versions
 from tracking.parallel import distributed
 from tracking.run import RunHandle, open_run, target_run_id
@@ -84,12 +84,16 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
         self.describe_run = describe_run
         self.commands = tuple(commands)
         self._config = config
-        self._saver = AsyncSaver() if async_upload else None
+        self.async_upload = async_upload
+        # Started by each train() and stopped at its end: a callback made per trial of a sweep leaves no thread.
+        self._saver: AsyncSaver | None = None
         self._handle: RunHandle | None = None
         self._rotation = RotationMirror()
         self._pending: list[Future[LoggedCheckpoint]] = []
         self._evaluated: tuple[int, dict[str, Any]] = (-1, {})
         self._keyed_by = layout.EPOCH
+        # The Trainer's best (metric, global step, folder) before the evaluation of an epoch whose save is skipped.
+        self._best_before_skip: tuple[float | None, int | None, str | None] | None = None
 
     # -- the Trainer's events --------------------------------------------------------------------
 
@@ -109,6 +113,8 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
                 f"got save_strategy={strategy!r}; set save_steps=N to save less often, or save_strategy='epoch'."
             )
         self._keyed_by = KEYED_BY[strategy]
+        if self.async_upload and self._saver is None:
+            self._saver = AsyncSaver()
         handler = calling_handler()
         if handler is not None:  # after the Trainer's MLflowCallback, to disarm it once it ended its run
             follow(handler, self)
@@ -116,7 +122,10 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
         distributed.prepare()
 
         def open_the_run() -> None:
-            self._raise_failed()
+            # An earlier train()'s uploads are done (a failure raised here): what staging holds now is a killed
+            # process's, whose links keep rotated-out checkpoints on disk.
+            self.wait()
+            clear(Path(str(args.output_dir)) / STAGING)
             self._handle = open_run(target_run_id(self._run_id()), self._config)
             self._rotation.load(self._handle, Path(str(args.output_dir)))
             # The commit refuses a save keyed otherwise than the run's earlier ones; said here, before training.
@@ -163,9 +172,23 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
         if self._keyed_by != layout.EPOCH:
             return
         epoch = _epochs_completed(state, layout.EPOCH)
-        last = state.global_step >= state.max_steps or epoch >= math.ceil(args.num_train_epochs)
+        # With max_steps the Trainer ignores num_train_epochs (3 by default): its last epoch is the one max_steps ends.
+        last = state.global_step >= state.max_steps or (
+            args.max_steps <= 0 and epoch >= math.ceil(args.num_train_epochs)
+        )
         if control.should_save and not last and epoch % self.every_n_epochs != 0:
             control.should_save = False
+            # The Trainer ranks this epoch's evaluation next, saved or not: an unsaved epoch taken for its best would
+            # make no later save its best (load_best_model_at_end would load none, save_total_limit would delete the
+            # best saved). Its best as it stands is put back as the next epoch begins: the best of the saves.
+            self._best_before_skip = (state.best_metric, state.best_global_step, state.best_model_checkpoint)
+
+    def on_epoch_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self._best_before_skip is not None:
+            state.best_metric, state.best_global_step, state.best_model_checkpoint = self._best_before_skip
+            self._best_before_skip = None
 
     def on_evaluate(
         self,
@@ -201,7 +224,15 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
         handler = calling_handler()
         if handler is not None:  # first: a failed upload raises below, and the Trainer's own run is ended already
             disarm(handler, self)
-        _on_process_zero(state, self.wait)
+
+        def finish() -> None:
+            self.wait()
+            drop_if_empty(Path(str(args.output_dir)) / STAGING)
+
+        try:
+            _on_process_zero(state, finish)
+        finally:
+            self._stop_saver()
 
     # -- a save --------------------------------------------------------------------------------------
 
@@ -285,6 +316,16 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
         """Block until every checkpoint handed to the background upload is committed; re-raise a failure."""
         if self._saver is not None:
             self._saver.wait()
+
+    def _stop_saver(self) -> None:
+        """Stop the background upload's thread (every upload is committed or failed by now); the next train()
+        starts another."""
+        saver, self._saver = self._saver, None
+        if saver is not None:
+            try:
+                saver.close()
+            except BaseException as exc:  # raised by wait() already, on every rank: not twice
+                _log.debug("background upload error at close: %s", exc)
 
     def _raise_failed(self) -> None:
         if self._saver is not None:

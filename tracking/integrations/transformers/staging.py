@@ -61,3 +61,19 @@ def stage(folder: Path, root: Path, run_id: str, received: Mapping[str, bytes] |
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return staging
+
+
+def clear(root: Path) -> None:
+    """Remove the staging folder ``root`` and what it holds: called before a training stages anything, when
+    what is left there is a killed process's uploads, whose links would keep the bytes of checkpoints the
+    Trainer rotated out on disk for good."""
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def drop_if_empty(root: Path) -> None:
+    """Remove the staging folder ``root`` once every upload is done, so that output_dir holds the Trainer's
+    folders alone."""
+    try:
+        root.rmdir()
+    except OSError:
+        pass  # absent, or an upload still holds files there
