@@ -240,3 +240,27 @@ def test_a_file_of_more_parts_than_s3_takes_grows_its_parts_and_is_stored_whole(
     assert max(client.parts) <= 10_000
     sizes = [len(client.parts[n]) for n in sorted(client.parts)]
     assert sizes[0] == 1024 and sizes[:1000] == [1024] * 1000  # a file of under 1,000 parts keeps the size set
+
+
+def test_a_server_that_ignores_ranges_still_reads_right(mocked_s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HTTP lets a server (or a proxy in front of it) answer a ranged GET with the whole object (200, no
+    Content-Range). Each range then held the object's first bytes, and a sound checkpoint failed its hash as
+    "corrupted or replaced"."""
+    from tracking.storage import ranged
+
+    monkeypatch.setattr(ranged, "RANGES_PAY", float("inf"))
+    data = random.Random(8).randbytes(4 * PART_MB * 2**20 + 999)
+    mocked_s3.put_object(Bucket=BUCKET, Key="direct/r/big.bin", Body=data)
+    s3 = s3_store()
+    real_get = s3.client.get_object
+    ignored: list[str] = []
+
+    def ignoring_ranges(**kwargs: Any) -> Any:
+        if "Range" in kwargs:
+            ignored.append(kwargs.pop("Range"))
+        return real_get(**kwargs)
+
+    monkeypatch.setattr(s3.client, "get_object", ignoring_ranges)
+    got = s3.read("r/big.bin", StoredFile(len(data), hashlib.sha256(data).hexdigest()))
+    assert bytes(got) == data
+    assert ignored and s3.last_read.fanned_out > 0

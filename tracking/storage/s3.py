@@ -188,7 +188,24 @@ class S3Store(ArtifactStore):
                 f"says {size}; the stored file was replaced or truncated. Load another checkpoint "
                 "(e.g. checkpoint=<epoch>) or re-log it."
             )
+        if "Range" in kwargs and not response.get("ContentRange"):
+            # A server (or a proxy before it) may ignore a Range and send the whole object: read up to where the
+            # range starts. Taken from the object's start, its bytes failed the hash as a corrupted checkpoint.
+            self._skip(target, response["Body"], byte_range[0])
         return response
+
+    def _skip(self, target: S3Location, body: Any, count: int) -> None:
+        """Read and drop the first ``count`` bytes of ``body``."""
+        scratch = memoryview(bytearray(min(count, _COPY_BLOCK)))
+        skipped = 0
+        try:
+            while skipped < count:
+                step = min(count - skipped, len(scratch))
+                self._fill(target, body, scratch[:step], skipped)
+                skipped += step
+        except BaseException:
+            body.close()
+            raise
 
     def _fill(self, target: S3Location, body: Any, out: memoryview, offset: int) -> None:
         """Read the next ``len(out)`` bytes of ``body`` (bytes ``offset`` on of the object) into ``out``."""
