@@ -264,3 +264,27 @@ def test_a_server_that_ignores_ranges_still_reads_right(mocked_s3: Any, monkeypa
     got = s3.read("r/big.bin", StoredFile(len(data), hashlib.sha256(data).hexdigest()))
     assert bytes(got) == data
     assert ignored and s3.last_read.fanned_out > 0
+
+
+def test_a_huge_object_in_a_manifests_place_is_refused_before_it_is_read(
+    mocked_s3: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A manifest may have 64 MiB (manifest.MAX_BYTES); a larger object where one belongs (a checkpoint uploaded
+    under its name) was read whole into memory first, whatever its size, and only then refused."""
+    from tracking import layout, manifest
+
+    monkeypatch.setattr(manifest, "MAX_BYTES", 1000)  # stands in for 64 MiB
+    mocked_s3.put_object(Bucket=BUCKET, Key="direct/h/manifest.json", Body=b"{" + b" " * 2 * 2**20 + b"}")
+    s3 = s3_store()
+    real_get = s3.client.get_object
+    bodies: list[Any] = []
+
+    def counting(**kwargs: Any) -> Any:
+        response = real_get(**kwargs)
+        bodies.append(response["Body"])
+        return response
+
+    monkeypatch.setattr(s3.client, "get_object", counting)
+    with pytest.raises(tracking.IntegrityError, match=r"h/manifest.json .*2097154 bytes.*more than the 1000"):
+        layout.read_manifest(s3, "h")
+    assert len(bodies) == 1 and bodies[0]._amount_read == 0

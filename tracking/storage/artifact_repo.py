@@ -57,13 +57,19 @@ class MlflowStore(ArtifactStore):
         return writer.stored()
 
     def read(
-        self, path: str, expected: StoredFile | None = None, progress: Callable[[int], object] | None = None
+        self,
+        path: str,
+        expected: StoredFile | None = None,
+        progress: Callable[[int], object] | None = None,
+        limit: int | None = None,
     ) -> Buffer:
         with self._staging(path, "make") as tmp:
             with self._errors(path, staged_in=tmp):
                 local = self.repo.download_artifacts(path, dst_path=tmp)
-            with self._local(path, "read", tmp), open(local, "rb") as fh:
-                data = fh.read()
+            with self._local(path, "read", tmp):
+                self._check_limit(path, os.path.getsize(local), limit)
+                with open(local, "rb") as fh:
+                    data = fh.read()
         self._verify(path, data, hashlib.sha256(data).hexdigest(), expected)
         if progress is not None:
             progress(len(data))  # MLflow's repository downloads in one go

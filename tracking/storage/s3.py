@@ -81,14 +81,18 @@ class S3Store(ArtifactStore):
         return StoredFile(len(data), hashlib.sha256(data).hexdigest())
 
     def read(
-        self, path: str, expected: StoredFile | None = None, progress: Callable[[int], object] | None = None
+        self,
+        path: str,
+        expected: StoredFile | None = None,
+        progress: Callable[[int], object] | None = None,
+        limit: int | None = None,
     ) -> Buffer:
         """The file in a fresh, writable buffer (so tensors can share its memory), checked while it lands."""
         target = self.root.join(path)
         with self._errors(path):
             if expected is None:
                 # Manifests and other small files: one GET, sized by its response (no HEAD first).
-                return self._get_whole(target)
+                return self._get_whole(target, path, limit)
             size = expected.size
             # The whole object's GET comes first, before the buffer and before any range is planned: its
             # answer says the object's real size, so a manifest claiming 10**15 bytes for a small file
@@ -161,9 +165,15 @@ class S3Store(ArtifactStore):
                 found += [(u["Key"], u["UploadId"]) for u in page.get("Uploads", [])]
         return found
 
-    def _get_whole(self, target: S3Location) -> bytearray:
+    def _get_whole(self, target: S3Location, path: str, limit: int | None) -> bytearray:
         response = self.client.get_object(Bucket=target.bucket, Key=target.key)
-        buffer = bytearray(int(response["ContentLength"]))
+        size = int(response["ContentLength"])
+        try:
+            self._check_limit(path, size, limit)  # before a buffer of whatever size the object has
+        except IntegrityError:
+            response["Body"].close()
+            raise
+        buffer = bytearray(size)
         complete = False
         try:
             self._fill(target, response["Body"], memoryview(buffer), 0)
