@@ -235,6 +235,13 @@ def import_class(path: str, role: str, *, run_id: str, hint: str, allow_import: 
                 f"run {run_id}: the {role} class {path} cannot be imported (module {module_name!r}: {exc}). "
                 f"Install the code that defines it, or {hint}."
             ) from exc
+    if "<locals>" in qualname.split("."):
+        # Python names a class defined inside a function `function.<locals>.Class`: it exists only while that
+        # function runs, and no module holds it. "The code changed since the run" sent users looking for a change.
+        raise NotFoundError(
+            f"run {run_id}: the {role} class {path} was defined inside a function (<locals>), so it cannot be looked "
+            f"up by its name: {hint} (or define the class at the top level of its module for the runs you log next)."
+        )
     obj: Any = module
     for part in qualname.split("."):
         obj = _attribute(obj, part)

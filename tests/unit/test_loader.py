@@ -407,6 +407,25 @@ def test_class_that_no_longer_imports(experiment: str) -> None:
     assert tracking.load(run.info.run_id, model=Model(6)).epoch == 1
 
 
+def test_a_model_class_defined_inside_a_function_is_said_to_be_so(s3_experiment: str) -> None:
+    """A class defined in a function (a training script's main(), a test) is recorded as `f.<locals>.Net`: the
+    load said "The code changed since the run", which sent users looking for a change that was never made."""
+
+    @tracking.rebuildable
+    class Net(nn.Module):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.fc = nn.Linear(width, 2)
+
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(Net(3), epoch=1)
+    with pytest.raises(tracking.NotFoundError) as refused:
+        tracking.load(run.info.run_id)
+    assert "<locals>.Net was defined inside a function" in str(refused.value)
+    assert "pass model=" in str(refused.value) and "code changed" not in str(refused.value)
+    assert tracking.load(run.info.run_id, model=Net(3)).epoch == 1
+
+
 def test_a_class_given_as_model_that_the_recorded_arguments_cannot_build_says_what_to_pass(experiment: str) -> None:
     # The hint said "pass model=<an instance or a factory>" to a user who had passed model=<a class>.
     with mlflow.start_run() as run:
