@@ -78,10 +78,26 @@ def class_path(obj_or_cls: Any) -> str:
 
 
 def is_json(value: Any) -> bool:
+    """Whether ``value`` comes back from JSON as it went in (but for tuples, which come back as lists)."""
     try:
         json.dumps(value, allow_nan=False)
     except (TypeError, ValueError):
         return False
+    return _keys_are_strings(value)
+
+
+def _keys_are_strings(value: Any) -> bool:
+    # json.dumps writes an int key as a string: a model built with id2label={0: "cat"} came back with
+    # {"0": "cat"}, and its lookups by class index failed, or found nothing, only once it was in use.
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            if not all(isinstance(key, str) for key in item):
+                return False
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
     return True
 
 
@@ -100,7 +116,8 @@ def describe_model(model: nn.Module, model_kwargs: Mapping[str, Any] | None) -> 
     if kwargs is not None and not is_json(dict(kwargs)):
         if model_kwargs is not None:
             raise ValueError(
-                f"model_kwargs for {class_path(model)} must be JSON-serialisable, got {dict(model_kwargs)!r}"
+                f"model_kwargs for {class_path(model)} must be JSON-serialisable, with string keys in every dict "
+                f"(JSON turns others into strings), got {dict(model_kwargs)!r}"
             )
         kwargs = None
     note = None
