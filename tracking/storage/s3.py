@@ -198,7 +198,8 @@ class S3Store(ArtifactStore):
                 f"says {size}; the stored file was replaced or truncated. Load another checkpoint "
                 "(e.g. checkpoint=<epoch>) or re-log it."
             )
-        if "Range" in kwargs and not response.get("ContentRange"):
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if "Range" in kwargs and status == 200 and not response.get("ContentRange"):
             # A server (or a proxy before it) may ignore a Range and send the whole object: read up to where the
             # range starts. Taken from the object's start, its bytes failed the hash as a corrupted checkpoint.
             self._skip(target, response["Body"], byte_range[0])
