@@ -30,6 +30,8 @@ import math
 import re
 from collections.abc import Mapping
 
+from tracking import manifest as manifest_format
+
 # Re-exported: the writing and the reading side take the keys from here, with every other name.
 from tracking.manifest import EPOCH as EPOCH
 from tracking.manifest import KEYS as KEYS
@@ -134,7 +136,8 @@ def best_first(values: Mapping[int, float | None], mode: str) -> list[int]:
 def read_manifest(store: ArtifactStore, folder: str = "") -> Manifest:
     """The manifest in ``folder`` of ``store`` (a checkpoint's is at the root of its logged model)."""
     path = manifest_path(folder)
-    raw = store.read(path)
+    # Bounded before it is read: a huge object in a manifest's place must not be read into memory to be refused.
+    raw = store.read(path, limit=manifest_format.MAX_BYTES)
     return Manifest.from_json(raw if isinstance(raw, bytes | bytearray) else bytes(raw), where=f"{store.owner}: {path}")
 
 

@@ -78,10 +78,26 @@ def class_path(obj_or_cls: Any) -> str:
 
 
 def is_json(value: Any) -> bool:
+    """Whether ``value`` comes back from JSON as it went in (but for tuples, which come back as lists)."""
     try:
         json.dumps(value, allow_nan=False)
     except (TypeError, ValueError):
         return False
+    return _keys_are_strings(value)
+
+
+def _keys_are_strings(value: Any) -> bool:
+    # json.dumps writes an int key as a string: a model built with id2label={0: "cat"} came back with
+    # {"0": "cat"}, and its lookups by class index failed, or found nothing, only once it was in use.
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            if not all(isinstance(key, str) for key in item):
+                return False
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
     return True
 
 
@@ -100,7 +116,8 @@ def describe_model(model: nn.Module, model_kwargs: Mapping[str, Any] | None) -> 
     if kwargs is not None and not is_json(dict(kwargs)):
         if model_kwargs is not None:
             raise ValueError(
-                f"model_kwargs for {class_path(model)} must be JSON-serialisable, got {dict(model_kwargs)!r}"
+                f"model_kwargs for {class_path(model)} must be JSON-serialisable, with string keys in every dict "
+                f"(JSON turns others into strings), got {dict(model_kwargs)!r}"
             )
         kwargs = None
     note = None
@@ -235,6 +252,13 @@ def import_class(path: str, role: str, *, run_id: str, hint: str, allow_import: 
                 f"run {run_id}: the {role} class {path} cannot be imported (module {module_name!r}: {exc}). "
                 f"Install the code that defines it, or {hint}."
             ) from exc
+    if "<locals>" in qualname.split("."):
+        # Python names a class defined inside a function `function.<locals>.Class`: it exists only while that
+        # function runs, and no module holds it. "The code changed since the run" sent users looking for a change.
+        raise NotFoundError(
+            f"run {run_id}: the {role} class {path} was defined inside a function (<locals>), so it cannot be looked "
+            f"up by its name: {hint} (or define the class at the top level of its module for the runs you log next)."
+        )
     obj: Any = module
     for part in qualname.split("."):
         obj = _attribute(obj, part)

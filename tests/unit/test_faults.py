@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pytest
@@ -144,6 +146,60 @@ def test_failure_through_mlflow_store_keeps_previous_checkpoint(
     assert [m.epoch for m in tracking.list_checkpoints(run.info.run_id)] == [1]
     assert MlflowClient().get_run(run.info.run_id).data.tags[TAG_LATEST] == first.model_id
     assert sorted(run_models(run.info.run_id).values()) == ["FAILED", "READY"]
+
+
+class _FullDisk:
+    """A file being written on a full disk."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def __enter__(self) -> _FullDisk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.close()
+
+    def write(self, data: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_local_disk_on_the_mlflow_path_is_said_as_such_not_as_a_network_failure(
+    tracking_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow's repositories move local files only: a save or a load through them stages the file in the temp
+    folder. A full one read as "a network or server failure", sending users to check the tracking server."""
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    from tracking.storage import artifact_repo
+
+    experiment_id = mlflow.create_experiment("files", artifact_location=(tmp_path / "art").as_uri())
+    model, optimizer = seed_model()
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        first = tracking.log_checkpoint(model, optimizer, epoch=1)
+        real_open = open
+
+        def full_disk(file: str, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+            handle = real_open(file, mode, *args, **kwargs)
+            return _FullDisk(handle) if "w" in mode else handle
+
+        with monkeypatch.context() as patch:
+            patch.setattr(artifact_repo, "open", full_disk, raising=False)
+            with pytest.raises(tracking.ConfigError, match=r"checkpoint.pt: .*No space left on device.*TMPDIR"):
+                tracking.log_checkpoint(model, optimizer, epoch=2)
+
+        def full_download(self: object, remote_file_path: str, local_path: str) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(LocalArtifactRepository, "_download_file", full_download)
+            with pytest.raises(
+                tracking.ConfigError, match=r"manifest.json: cannot make .*No space left on device.*TMPDIR"
+            ):
+                tracking.load(run.info.run_id)
+    assert [m.epoch for m in tracking.list_checkpoints(run.info.run_id)] == [1]
+    assert MlflowClient().get_run(run.info.run_id).data.tags[TAG_LATEST] == first.model_id
+    assert tracking.load(run.info.run_id).epoch == 1
 
 
 def test_relogging_an_epoch_that_fails_keeps_the_old_checkpoint_loadable(

@@ -407,6 +407,48 @@ def test_class_that_no_longer_imports(experiment: str) -> None:
     assert tracking.load(run.info.run_id, model=Model(6)).epoch == 1
 
 
+def test_a_model_class_defined_inside_a_function_is_said_to_be_so(s3_experiment: str) -> None:
+    """A class defined in a function (a training script's main(), a test) is recorded as `f.<locals>.Net`: the
+    load said "The code changed since the run", which sent users looking for a change that was never made."""
+
+    @tracking.rebuildable
+    class Net(nn.Module):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.fc = nn.Linear(width, 2)
+
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(Net(3), epoch=1)
+    with pytest.raises(tracking.NotFoundError) as refused:
+        tracking.load(run.info.run_id)
+    assert "<locals>.Net was defined inside a function" in str(refused.value)
+    assert "pass model=" in str(refused.value) and "code changed" not in str(refused.value)
+    assert tracking.load(run.info.run_id, model=Net(3)).epoch == 1
+
+
+@tracking.rebuildable
+class Labelled(nn.Module):
+    def __init__(self, id2label: dict[int, str]) -> None:
+        super().__init__()
+        self.id2label = id2label
+        self.fc = nn.Linear(2, len(id2label))
+
+
+def test_init_arguments_that_json_would_change_are_not_recorded_as_if_they_were_kept(s3_experiment: str) -> None:
+    """JSON writes an int key as a string: a model built with id2label={0: "cat", 1: "dog"} was rebuilt with
+    {"0": "cat", "1": "dog"}, and its lookups by class index failed only once it was in use."""
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(Labelled({0: "cat", 1: "dog"}), epoch=1)
+    with pytest.raises(tracking.NotFoundError, match=r"init arguments of .*Labelled were not recorded.*pass model="):
+        tracking.load(run.info.run_id)
+    loaded = tracking.load(run.info.run_id, model=Labelled({0: "cat", 1: "dog"})).model
+    assert loaded.id2label == {0: "cat", 1: "dog"}
+    with pytest.raises(ValueError, match="string keys"):
+        tracking.log_checkpoint(
+            Labelled({0: "cat"}), epoch=2, run_id=run.info.run_id, model_kwargs={"id2label": {0: "cat"}}
+        )
+
+
 def test_a_class_given_as_model_that_the_recorded_arguments_cannot_build_says_what_to_pass(experiment: str) -> None:
     # The hint said "pass model=<an instance or a factory>" to a user who had passed model=<a class>.
     with mlflow.start_run() as run:

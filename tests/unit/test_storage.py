@@ -17,6 +17,7 @@ from tracking.manifest import StoredFile
 from tracking.payload import TorchSave
 from tracking.storage import multipart
 from tracking.storage.s3 import S3Store
+from tracking.uri import S3Location
 
 # The smallest part S3 allows, so that a few MB already go multipart.
 PART_MB = 5
@@ -193,3 +194,97 @@ def test_a_new_client_reads_no_botocore_data_file_again(mocked_s3: Any, monkeypa
     boto3.client("s3", region_name="us-east-1").list_objects_v2(Bucket=BUCKET)  # the user's, in tracking.testing
     assert loaded == []
     assert _data_loader(None).search_paths == search_path  # each boto3 session adds nothing more to it
+
+
+class _PartLimitedS3:
+    """What an S3 client of multipart uploads does, in memory: parts numbered 1 to 10,000 only, as S3 takes them."""
+
+    def __init__(self) -> None:
+        self.parts: dict[int, bytes] = {}
+        self.stored = b""
+
+    def create_multipart_upload(self, **kwargs: Any) -> dict[str, Any]:
+        return {"UploadId": "upload"}
+
+    def upload_part(self, *, PartNumber: int, Body: Any, **kwargs: Any) -> dict[str, Any]:
+        if not 1 <= PartNumber <= 10_000:
+            raise RuntimeError(f"InvalidArgument: Part number must be an integer between 1 and 10000, got {PartNumber}")
+        self.parts[PartNumber] = Body.read()
+        return {"ETag": f"etag-{PartNumber}"}
+
+    def complete_multipart_upload(self, *, MultipartUpload: dict[str, Any], **kwargs: Any) -> None:
+        self.stored = b"".join(self.parts[p["PartNumber"]] for p in MultipartUpload["Parts"])
+
+    def abort_multipart_upload(self, **kwargs: Any) -> None:
+        pass
+
+
+def test_a_file_of_more_parts_than_s3_takes_grows_its_parts_and_is_stored_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """S3 takes 10,000 parts per upload: a checkpoint over 10,000 x TRACKING_S3_PART_SIZE_MB (156 GiB at 16 MB)
+    failed at its 10,001st part, after everything before it was uploaded. Parts of 1 KiB stand in for 16 MB."""
+    monkeypatch.setattr(TrackingConfig, "part_size", property(lambda self: 1024))
+    client = _PartLimitedS3()
+    data = random.Random(0).randbytes(12_000 * 1024)
+    upload = multipart.MultipartUpload(
+        client, multipart.DaemonPool(4, "test-part"), S3Location(BUCKET, "big/checkpoint.pt"), TrackingConfig()
+    )
+    with upload:
+        view = memoryview(data)
+        for start in range(0, len(data), 300 * 1024):
+            upload.feed(view[start : start + 300 * 1024])
+        upload.finish()
+
+    assert client.stored == data
+    assert max(client.parts) <= 10_000
+    sizes = [len(client.parts[n]) for n in sorted(client.parts)]
+    assert sizes[0] == 1024 and sizes[:1000] == [1024] * 1000  # a file of under 1,000 parts keeps the size set
+
+
+def test_a_server_that_ignores_ranges_still_reads_right(mocked_s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HTTP lets a server (or a proxy in front of it) answer a ranged GET with the whole object (200, no
+    Content-Range). Each range then held the object's first bytes, and a sound checkpoint failed its hash as
+    "corrupted or replaced"."""
+    from tracking.storage import ranged
+
+    monkeypatch.setattr(ranged, "RANGES_PAY", float("inf"))
+    data = random.Random(8).randbytes(4 * PART_MB * 2**20 + 999)
+    mocked_s3.put_object(Bucket=BUCKET, Key="direct/r/big.bin", Body=data)
+    s3 = s3_store()
+    real_get = s3.client.get_object
+    ignored: list[str] = []
+
+    def ignoring_ranges(**kwargs: Any) -> Any:
+        if "Range" in kwargs:
+            ignored.append(kwargs.pop("Range"))
+        return real_get(**kwargs)
+
+    monkeypatch.setattr(s3.client, "get_object", ignoring_ranges)
+    got = s3.read("r/big.bin", StoredFile(len(data), hashlib.sha256(data).hexdigest()))
+    assert bytes(got) == data
+    assert ignored and s3.last_read.fanned_out > 0
+
+
+def test_a_huge_object_in_a_manifests_place_is_refused_before_it_is_read(
+    mocked_s3: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A manifest may have 64 MiB (manifest.MAX_BYTES); a larger object where one belongs (a checkpoint uploaded
+    under its name) was read whole into memory first, whatever its size, and only then refused."""
+    from tracking import layout, manifest
+
+    monkeypatch.setattr(manifest, "MAX_BYTES", 1000)  # stands in for 64 MiB
+    mocked_s3.put_object(Bucket=BUCKET, Key="direct/h/manifest.json", Body=b"{" + b" " * 2 * 2**20 + b"}")
+    s3 = s3_store()
+    real_get = s3.client.get_object
+    bodies: list[Any] = []
+
+    def counting(**kwargs: Any) -> Any:
+        response = real_get(**kwargs)
+        bodies.append(response["Body"])
+        return response
+
+    monkeypatch.setattr(s3.client, "get_object", counting)
+    with pytest.raises(tracking.IntegrityError, match=r"h/manifest.json .*2097154 bytes.*more than the 1000"):
+        layout.read_manifest(s3, "h")
+    assert len(bodies) == 1 and bodies[0]._amount_read == 0

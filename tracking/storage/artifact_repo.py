@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import posixpath
@@ -10,7 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import BinaryIO, cast
 
-from tracking.errors import NotFoundError, StorageError
+from tracking.errors import ConfigError, NotFoundError, StorageError
 from tracking.manifest import StoredFile
 from tracking.storage.base import ArtifactStore, Buffer, HashingWriter, Producer
 
@@ -27,21 +28,48 @@ class MlflowStore(ArtifactStore):
     def write(self, path: str, produce: Producer) -> StoredFile:
         # MLflow's repositories upload local files only, so stage the file in a temp dir.
         folder, name = posixpath.split(path)
-        with tempfile.TemporaryDirectory(prefix="tracking-") as tmp, self._errors(path):
+        with self._staging(path, "write") as tmp:
             local = os.path.join(tmp, name)
-            with open(local, "wb") as fh:
-                writer = HashingWriter(fh.write)
-                produce(cast(BinaryIO, writer))
-            self.repo.log_artifact(local, folder or None)
+            # Only the staged file's own opening and writes are this machine's disk: a producer's other errors
+            # (a framework's file it copies from, say) are its own.
+            disk: list[OSError] = []
+            try:
+                with _noting(disk):
+                    fh = open(local, "wb")  # noqa: SIM115 (closed by the with below, once opened)
+                with fh:
+
+                    def sink(data: memoryview) -> None:
+                        with _noting(disk):
+                            fh.write(data)
+
+                    writer = HashingWriter(sink)
+                    produce(cast(BinaryIO, writer))
+                    with _noting(disk):
+                        fh.flush()
+            except Exception:
+                # torch.save reports a failing write as its own RuntimeError ("unexpected pos").
+                if disk:
+                    with self._local(path, "write", tmp):
+                        raise disk[0] from None
+                raise
+            with self._errors(path):
+                self.repo.log_artifact(local, folder or None)
         return writer.stored()
 
     def read(
-        self, path: str, expected: StoredFile | None = None, progress: Callable[[int], object] | None = None
+        self,
+        path: str,
+        expected: StoredFile | None = None,
+        progress: Callable[[int], object] | None = None,
+        limit: int | None = None,
     ) -> Buffer:
-        with tempfile.TemporaryDirectory(prefix="tracking-") as tmp, self._errors(path):
-            local = self.repo.download_artifacts(path, dst_path=tmp)
-            with open(local, "rb") as fh:
-                data = fh.read()
+        with self._staging(path, "make") as tmp:
+            with self._errors(path, staged_in=tmp):
+                local = self.repo.download_artifacts(path, dst_path=tmp)
+            with self._local(path, "read", tmp):
+                self._check_limit(path, os.path.getsize(local), limit)
+                with open(local, "rb") as fh:
+                    data = fh.read()
         self._verify(path, data, hashlib.sha256(data).hexdigest(), expected)
         if progress is not None:
             progress(len(data))  # MLflow's repository downloads in one go
@@ -64,7 +92,30 @@ class MlflowStore(ArtifactStore):
             self.repo.delete_artifacts(path)
 
     @contextmanager
-    def _errors(self, path: str) -> Iterator[None]:
+    def _staging(self, path: str, verb: str) -> Iterator[str]:
+        """A temp folder to stage the file in; failing to make one is this machine's problem, not the store's."""
+        with self._local(path, verb, tempfile.gettempdir()):
+            staging = tempfile.TemporaryDirectory(prefix="tracking-")
+        with staging as tmp:
+            yield tmp
+
+    @contextmanager
+    def _local(self, path: str, verb: str, folder: str) -> Iterator[None]:
+        """A local disk's error while staging (a full or unwritable temp folder), said as such, with what to do.
+
+        Left to :meth:`_errors`, it read as a network failure, with the advice to check the tracking server.
+        """
+        try:
+            yield
+        except OSError as exc:
+            raise ConfigError(
+                f"{self.owner}: {self.describe(path)}: cannot {verb} the local copy that MLflow's artifact "
+                f"repository needs, in {folder} ({exc.strerror or exc}); this machine's disk failed, not the "
+                "store: free space there, or set TMPDIR to a folder with room for the file, then retry."
+            ) from exc
+
+    @contextmanager
+    def _errors(self, path: str, staged_in: str | None = None) -> Iterator[None]:
         from mlflow.exceptions import MlflowException
 
         where = f"{self.owner}: {self.describe(path)}"
@@ -75,10 +126,33 @@ class MlflowStore(ArtifactStore):
         except MlflowException as exc:
             if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "404" in str(exc):
                 raise NotFoundError(f"{where}: no such artifact.") from exc
+            if staged_in is not None and any(f"[Errno {number}]" in str(exc) for number in _DISK_FULL):
+                # MLflow's download gathers each file's failure into one message, keeping only its text.
+                with self._local(path, "make", staged_in):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from exc
             raise StorageError(f"{where}: the artifact store failed ({exc}); retry.") from exc
         except OSError as exc:
+            staged = isinstance(exc.filename, str) and staged_in is not None and exc.filename.startswith(staged_in)
+            if staged_in is not None and (staged or exc.errno in _DISK_FULL):
+                # The download's own write into the staging folder, not the transfer.
+                with self._local(path, "make", staged_in or tempfile.gettempdir()):
+                    raise
             # requests' and urllib3's transport errors are OSErrors: a network failure, not corruption.
             raise StorageError(
                 f"{where}: the artifact store failed ({exc}); a network or server failure, not corruption: "
                 "check that the tracking server runs (MLFLOW_TRACKING_URI), then retry."
             ) from exc
+
+
+# A local disk that is full (or over quota): no network error has these.
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+@contextmanager
+def _noting(errors: list[OSError]) -> Iterator[None]:
+    """Note an OSError in ``errors`` on its way out."""
+    try:
+        yield
+    except OSError as exc:
+        errors.append(exc)
+        raise

@@ -53,12 +53,17 @@ class ArtifactStore(ABC):
 
     @abstractmethod
     def read(
-        self, path: str, expected: StoredFile | None = None, progress: Callable[[int], object] | None = None
+        self,
+        path: str,
+        expected: StoredFile | None = None,
+        progress: Callable[[int], object] | None = None,
+        limit: int | None = None,
     ) -> Buffer:
         """Return a file's bytes, verified against ``expected`` when given.
 
         Without ``expected`` (manifests, small files) the result is ``bytes`` or ``bytearray``.
-        ``progress`` is called with the number of bytes of each piece as it lands.
+        ``progress`` is called with the number of bytes of each piece as it lands. A file larger
+        than ``limit`` raises :class:`IntegrityError` before its bytes are read into memory.
         """
 
     def copy(self, source: str, target: str) -> None:
@@ -88,6 +93,14 @@ class ArtifactStore(ABC):
 
     def describe(self, path: str) -> str:
         return f"{self.artifact_uri.rstrip('/')}/{path}"
+
+    def _check_limit(self, path: str, size: int, limit: int | None) -> None:
+        if limit is not None and size > limit:
+            raise IntegrityError(
+                f"{self.owner}: {path} is {size} bytes at {self.describe(path)}, more than the {limit} such a file "
+                "may have: it was replaced or corrupted, and is not read. Load another checkpoint (e.g. "
+                "checkpoint=<epoch>) or log this one again."
+            )
 
     def _verify(self, path: str, data: Buffer, digest: str, expected: StoredFile | None) -> None:
         if expected is None:

@@ -12,7 +12,7 @@ from concurrent.futures import Future
 from concurrent.futures import wait as wait_all
 from typing import Any, TypeVar
 
-from tracking.config import TrackingConfig
+from tracking.config import S3_MAX_PART_MB, TrackingConfig
 from tracking.deadline import Deadline
 from tracking.uri import S3Location
 
@@ -22,6 +22,14 @@ T = TypeVar("T")
 # they are; smaller ones (zip headers, small tensors) are copied into the part being built.
 BORROW_MIN = 64 * 1024
 
+# S3 takes at most 10,000 parts in one upload, and a streamed file's size is not known when it
+# starts: parts double in size after every PARTS_PER_SIZE of them (up to S3's largest part), so
+# that any file S3 stores fits (5 MB parts reach 4.9 TiB, 16 MB parts S3's 5 TiB limit) while a
+# file of a few GB keeps the configured size. A fixed size failed the 10,001st part: 156 GiB with
+# 16 MB parts, after the whole training and every byte before it was uploaded.
+PARTS_PER_SIZE = 1_000
+MAX_PART_SIZE = S3_MAX_PART_MB * 1024 * 1024
+
 
 class MultipartUpload:
     """Streams bytes into S3: one PUT when small, else parts uploaded by a worker pool.
@@ -30,8 +38,9 @@ class MultipartUpload:
     tensors being saved, uploaded without a copy), and a buffer of its own holding copies of
     everything else. At most ``max_concurrency`` parts are in flight and a copied byte
     belongs to one part only, so memory stays bounded however large the file is: at worst
-    ``max_concurrency + 1`` parts' worth, when nothing can be borrowed. Any error aborts
-    the upload, so no partial object ever appears.
+    ``max_concurrency + 1`` parts' worth, when nothing can be borrowed (parts grow past the
+    first :data:`PARTS_PER_SIZE`, so that any file fits S3's 10,000 parts). Any error aborts the upload, so no
+    partial object ever appears.
     """
 
     def __init__(
@@ -45,6 +54,7 @@ class MultipartUpload:
         self.client = client
         self.pool = pool
         self.target = target
+        self.first_part_size = config.part_size
         self.part_size = config.part_size
         self.bound = config.s3_request_bound()
         self.upload_id: str | None = None
@@ -60,6 +70,7 @@ class MultipartUpload:
         self.error: BaseException | None = None
         # When the earliest request that failed was sent: the clean-up shares its deadline.
         self.failed_request_at: float | None = None
+        self.failed_part: BaseException | None = None  # the first part upload that failed
         self.lock = threading.Lock()
 
     def __enter__(self) -> MultipartUpload:
@@ -185,15 +196,22 @@ class MultipartUpload:
                     )
                 )
                 return {"PartNumber": number, "ETag": response["ETag"]}
+            except BaseException as exc:
+                with self.lock:
+                    self.failed_part = self.failed_part or exc
+                raise
             finally:
                 self.slots.release()
 
         self.parts.append(self.pool.submit(upload))
+        growth = 2 ** (len(self.parts) // PARTS_PER_SIZE)
+        self.part_size = min(self.first_part_size * growth, MAX_PART_SIZE)
 
     def _raise_failed(self) -> None:
-        for future in self.parts:
-            if future.done() and not future.cancelled() and future.exception():
-                future.result()
+        # Noted by the part that failed: looking through every part's future before each new part
+        # cost CPU time growing with the square of the part count (tens of seconds at 10,000 parts).
+        if self.failed_part is not None:
+            raise self.failed_part
 
     def _request(self, call: Callable[[], T]) -> T:
         """``call()``, noting when it was sent if it fails (see :meth:`__exit__`)."""
