@@ -23,7 +23,7 @@ def rank_zero() -> bool:
     return not value.isdecimal() or int(value) == 0
 
 
-def warn_once(message: str, category: type[Warning] = UserWarning, stacklevel: int = 1) -> None:
+def warn_on_rank_zero(message: str, category: type[Warning] = UserWarning, stacklevel: int = 1) -> None:
     """``warnings.warn`` on rank 0 alone: said once for the job, not once per rank. ``stacklevel`` counts from
     the caller, as ``warnings.warn``'s does."""
     if rank_zero():

@@ -21,7 +21,7 @@ from tracking.config import TrackingConfig
 from tracking.errors import IntegrityError, NotFoundError, TrackingError, one_line
 from tracking.manifest import Manifest
 from tracking.number import integral
-from tracking.rank import warn_once
+from tracking.rank import warn_on_rank_zero
 from tracking.run import RunHandle, tracking_server_errors
 from tracking.source import open_run_of, open_source
 from tracking.storage import ArtifactStore, Buffer
@@ -273,7 +273,7 @@ def _tagged_model(handle: RunHandle, tag: str) -> str | None:
     if not layout.MODEL_ID.fullmatch(value):
         # Tags are editable by anyone with access to the run: one that names no logged model is
         # a hint gone wrong, not corruption, and a search still knows the answer.
-        warn_once(  # every rank of a job reads the same tag: said once
+        warn_on_rank_zero(  # every rank of a job reads the same tag: said once
             f"run {handle.run_id}: tag {tag}={value[:200]!r} is not a logged model ID such as "
             f"m-{'0' * 32}; ignoring it and searching the run's checkpoints instead. "
             "Fix or delete the tag in the MLflow UI.",
@@ -327,7 +327,7 @@ def _select_by_search(handle: RunHandle, which: str) -> Located:
         )
     mode = handle.tags.get(layout.TAG_MODE, "min")
     if mode not in layout.MODES:
-        warn_once(  # every rank of a job reads the same tag: said once
+        warn_on_rank_zero(  # every rank of a job reads the same tag: said once
             f"run {handle.run_id}: tag {layout.TAG_MODE}={mode[:200]!r} is not one of {', '.join(layout.MODES)}; "
             "ranking the checkpoints as 'min'. Fix the tag in the MLflow UI.",
             RuntimeWarning,

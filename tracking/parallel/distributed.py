@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from torch import nn
 
 from tracking.errors import TrackingError
-from tracking.rank import warn_once
+from tracking.rank import warn_on_rank_zero
 
 T = TypeVar("T")
 
@@ -70,9 +70,9 @@ def rank() -> int:
 def warn(message: str, category: type[Warning] = UserWarning, stacklevel: int = 1) -> None:
     """``warnings.warn`` on rank 0 alone: what every rank of a job reaches alike (every rank loads the same
     checkpoint) is said once, not once per rank. ``stacklevel`` counts from the caller, as ``warnings.warn``'s does."""
-    # rank() is the process group's, 0 on every rank before one is made: warn_once asks torchrun's RANK then.
+    # rank() is the process group's, 0 on every rank before one is made: warn_on_rank_zero asks torchrun's RANK then.
     if rank() == 0:
-        warn_once(message, category, stacklevel=stacklevel + 1)
+        warn_on_rank_zero(message, category, stacklevel=stacklevel + 1)
 
 
 def local_rank() -> int:

@@ -66,11 +66,6 @@ class ArtifactStore(ABC):
         than ``limit`` raises :class:`IntegrityError` before its bytes are read into memory.
         """
 
-    def copy(self, source: str, target: str) -> None:
-        """Copy one file to another path of the same root (replacing it when it exists)."""
-        data = self.read(source)
-        self.write_bytes(target, bytes(data))
-
     @abstractmethod
     def list_files(self, path: str) -> list[str]:
         """Paths, relative to ``path``, of every file below it; empty when there are none."""

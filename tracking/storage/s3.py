@@ -64,14 +64,6 @@ class S3Store(ArtifactStore):
             upload.finish()
         return writer.stored()
 
-    def copy(self, source: str, target: str) -> None:
-        with self._errors(source):
-            self.client.copy(
-                {"Bucket": self.root.bucket, "Key": self.root.join(source).key},
-                self.root.bucket,
-                self.root.join(target).key,
-            )
-
     def write_bytes(self, path: str, data: bytes) -> StoredFile:
         if len(data) > self.config.part_size:
             return super().write_bytes(path, data)
