@@ -48,3 +48,34 @@ def test_readmes_download_example_writes_into_an_ignored_folder() -> None:
             cwd=ROOT,
         )
         assert ignored.returncode == 0, f"`git status` would list {target}/ after README's `{command.strip()}`"
+
+
+def test_readme_mentions_every_public_name() -> None:
+    import tracking
+
+    named = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", README))
+    missing = [name for name in tracking.__all__ if name not in named]
+    assert not missing, f"README never mentions {missing}, which `import tracking` offers"
+
+
+def test_readme_mentions_every_command_and_option() -> None:
+    import click
+
+    from tracking.cli import main
+
+    missing = []
+    context = click.Context(main)
+    for name in main.list_commands(context):
+        command = main.get_command(context, name)
+        assert command is not None
+        commands = {name: command}
+        if isinstance(command, click.Group):
+            commands.update({f"{name} {sub}": command.commands[sub] for sub in command.commands})
+        for label, each in commands.items():
+            if f"tracking {label.split()[0]}" not in README:
+                missing.append(f"tracking {label}")
+            for param in each.params:
+                for flag in param.opts if isinstance(param, click.Option) and not param.hidden else ():
+                    if flag.startswith("--") and flag not in ("--help",) and not re.search(rf"{flag}\b", README):
+                        missing.append(f"tracking {label} {flag}")
+    assert not missing, f"README never mentions {missing}"
