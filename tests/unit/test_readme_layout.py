@@ -79,3 +79,11 @@ def test_readme_mentions_every_command_and_option() -> None:
                     if flag.startswith("--") and flag not in ("--help",) and not re.search(rf"{flag}\b", README):
                         missing.append(f"tracking {label} {flag}")
     assert not missing, f"README never mentions {missing}"
+
+
+def test_readme_names_every_fixture_of_the_testing_plugin() -> None:
+    source = (ROOT / "tracking" / "testing.py").read_text()
+    fixtures = re.findall(r"@pytest\.fixture[^\n]*\ndef ([a-z]\w*)", source)
+    assert "tracking_experiment" in fixtures
+    missing = [name for name in fixtures if f"`{name}`" not in README]
+    assert not missing, f"README's testing section never names the fixtures {missing}"
