@@ -87,3 +87,19 @@ def test_readme_names_every_fixture_of_the_testing_plugin() -> None:
     assert "tracking_experiment" in fixtures
     missing = [name for name in fixtures if f"`{name}`" not in README]
     assert not missing, f"README's testing section never names the fixtures {missing}"
+
+
+def test_readme_mentions_every_keyword_of_the_public_functions() -> None:
+    import inspect
+
+    import tracking
+
+    missing = []
+    for name in tracking.__all__:
+        value = getattr(tracking, name)
+        if not (inspect.isfunction(value) or value is tracking.Checkpointer) or name == "rebuildable":
+            continue
+        for parameter in inspect.signature(value).parameters:
+            if not re.search(rf"\b{parameter}\b", README):
+                missing.append(f"{name}({parameter}=)")
+    assert not missing, f"README never mentions {missing}"
