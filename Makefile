@@ -34,7 +34,7 @@ $(TORCH_STAMP): FORCE
 	@echo '$(TORCH_SPEC) $(PIP_INDEX)' | cmp -s - $@ || echo '$(TORCH_SPEC) $(PIP_INDEX)' > $@
 
 # Headless chromium + its driver for the browser test of the MLflow UI (Debian packages; needs
-# root). `make test` does not install them: the browser test fails and names this target.
+# root). `make test` and `make test-all` run it first: it installs them only when they are missing.
 browser-deps:
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		(apt-get update && apt-get install -y chromium chromium-driver)

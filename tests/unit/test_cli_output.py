@@ -41,6 +41,16 @@ def test_every_command_has_help_with_an_example() -> None:
         assert "Example:" in result.output, f"`tracking {name} --help` shows no example"
 
 
+def test_a_command_run_in_process_leaves_pythons_warning_format_as_it_was() -> None:
+    """A test that runs a command through CliRunner then sees its later warnings with their file and line."""
+    import warnings
+
+    before = warnings.formatwarning
+    result = CliRunner().invoke(main, ["runs", "--help"])
+    assert result.exit_code == 0, result.output
+    assert warnings.formatwarning is before
+
+
 ROWS = [
     [
         str(epoch),

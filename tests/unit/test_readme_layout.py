@@ -48,3 +48,58 @@ def test_readmes_download_example_writes_into_an_ignored_folder() -> None:
             cwd=ROOT,
         )
         assert ignored.returncode == 0, f"`git status` would list {target}/ after README's `{command.strip()}`"
+
+
+def test_readme_mentions_every_public_name() -> None:
+    import tracking
+
+    named = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", README))
+    missing = [name for name in tracking.__all__ if name not in named]
+    assert not missing, f"README never mentions {missing}, which `import tracking` offers"
+
+
+def test_readme_mentions_every_command_and_option() -> None:
+    import click
+
+    from tracking.cli import main
+
+    missing = []
+    context = click.Context(main)
+    for name in main.list_commands(context):
+        command = main.get_command(context, name)
+        assert command is not None
+        commands = {name: command}
+        if isinstance(command, click.Group):
+            commands.update({f"{name} {sub}": command.commands[sub] for sub in command.commands})
+        for label, each in commands.items():
+            if f"tracking {label.split()[0]}" not in README:
+                missing.append(f"tracking {label}")
+            for param in each.params:
+                for flag in param.opts if isinstance(param, click.Option) and not param.hidden else ():
+                    if flag.startswith("--") and flag not in ("--help",) and not re.search(rf"{flag}\b", README):
+                        missing.append(f"tracking {label} {flag}")
+    assert not missing, f"README never mentions {missing}"
+
+
+def test_readme_names_every_fixture_of_the_testing_plugin() -> None:
+    source = (ROOT / "tracking" / "testing.py").read_text()
+    fixtures = re.findall(r"@pytest\.fixture[^\n]*\ndef ([a-z]\w*)", source)
+    assert "tracking_experiment" in fixtures
+    missing = [name for name in fixtures if f"`{name}`" not in README]
+    assert not missing, f"README's testing section never names the fixtures {missing}"
+
+
+def test_readme_mentions_every_keyword_of_the_public_functions() -> None:
+    import inspect
+
+    import tracking
+
+    missing = []
+    for name in tracking.__all__:
+        value = getattr(tracking, name)
+        if not (inspect.isfunction(value) or value is tracking.Checkpointer) or name == "rebuildable":
+            continue
+        for parameter in inspect.signature(value).parameters:
+            if not re.search(rf"\b{parameter}\b", README):
+                missing.append(f"{name}({parameter}=)")
+    assert not missing, f"README never mentions {missing}"

@@ -79,9 +79,13 @@ class _MainGroup(_Group):
         library = logging.getLogger("tracking")
         handler = _WarningLines(logging.WARNING)
         library.addHandler(handler)
+        # One line, like the errors; put back after, so a process that runs a command in-process (a test's
+        # CliRunner) gets Python's own format for its later warnings, with their file and line.
+        shown, warnings.formatwarning = warnings.formatwarning, format_warning
         try:
             return super().invoke(ctx)
         finally:
+            warnings.formatwarning = shown
             library.removeHandler(handler)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -111,7 +115,6 @@ def main(debug: bool) -> None:
       tracking runs
       tracking checkpoints 3f2a...e1 --json
     """
-    warnings.formatwarning = format_warning  # one line, like the errors
 
 
 for _command in (*inspect.COMMANDS, *manage.COMMANDS):
