@@ -39,6 +39,10 @@ ENV_VARS: dict[str, str] = {
 # The largest part (and single PUT) S3 takes, in MB: 5 GiB.
 S3_MAX_PART_MB = 5 * 1024
 
+# The most parallel transfers per file TRACKING_S3_MAX_CONCURRENCY takes: far past where S3 stops getting faster
+# from one client, and well below where a typo (100000) would start threads by the hundred thousand.
+MAX_CONCURRENCY = 256
+
 # S3 attempts per request when neither AWS_MAX_ATTEMPTS nor an AWS profile sets them. With the
 # default timeouts below, an endpoint that accepts connections and never answers fails in
 # 2 x 15 s (+ under a second of backoff): "about 30 s", never minutes.
@@ -126,8 +130,12 @@ class TrackingConfig:
                 f"{ENV_VARS['part_size_mb']}={self.part_size_mb}: S3 multipart parts must be from 5 MB to "
                 f"{S3_MAX_PART_MB} MB (5 GiB); e.g. 16, the default."
             )
-        if self.max_concurrency < 1:
-            raise ConfigError(f"{ENV_VARS['max_concurrency']}={self.max_concurrency}: must be at least 1.")
+        if not 1 <= self.max_concurrency <= MAX_CONCURRENCY:
+            # Twice the value in part-upload threads start at the first upload, and as many connections to S3.
+            raise ConfigError(
+                f"{ENV_VARS['max_concurrency']}={self.max_concurrency}: must be from 1 to {MAX_CONCURRENCY} "
+                "parallel transfers per file (2x as many threads start at the first upload); e.g. 8, the default."
+            )
         for name in ("s3_connect_timeout", "s3_read_timeout"):
             value = getattr(self, name)
             if not value > 0 or value == float("inf"):

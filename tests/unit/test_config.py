@@ -49,6 +49,9 @@ def test_secrets_stay_out_of_repr() -> None:
         ({"TRACKING_S3_PART_SIZE_MB": "1"}, "TRACKING_S3_PART_SIZE_MB"),
         # Above S3's 5 GiB a part, every checkpoint over 5 GiB failed to upload after the training.
         ({"TRACKING_S3_PART_SIZE_MB": "5121"}, "TRACKING_S3_PART_SIZE_MB=5121: .* from 5 MB to 5120 MB"),
+        ({"TRACKING_S3_MAX_CONCURRENCY": "0"}, "TRACKING_S3_MAX_CONCURRENCY=0: must be from 1 to 256"),
+        # Twice the value in threads started at the first upload: a typo of 100000 started 200,000.
+        ({"TRACKING_S3_MAX_CONCURRENCY": "100000"}, "TRACKING_S3_MAX_CONCURRENCY=100000: must be from 1 to 256"),
     ],
 )
 def test_invalid_values_name_the_variable(env: dict[str, str], variable: str) -> None:
