@@ -88,9 +88,23 @@ def mlflow_request_bound(environ: Mapping[str, str] | None = None) -> float:
 
 
 def s3_attempts(environ: Mapping[str, str] | None = None) -> int:
-    """Attempts per S3 request: ``AWS_MAX_ATTEMPTS`` where it is a number, else :data:`S3_MAX_ATTEMPTS`."""
-    raw = (os.environ if environ is None else environ).get("AWS_MAX_ATTEMPTS", "")
-    return int(raw) if raw.strip().isdecimal() and int(raw) > 0 else S3_MAX_ATTEMPTS
+    """Attempts per S3 request, as the S3 client takes them: ``AWS_MAX_ATTEMPTS``, else the AWS profile's
+    ``max_attempts``, as botocore resolves them, else :data:`S3_MAX_ATTEMPTS`. Given ``environ``, only its
+    ``AWS_MAX_ATTEMPTS`` is read."""
+    if environ is not None:
+        raw = environ.get("AWS_MAX_ATTEMPTS", "")
+        return int(raw) if raw.strip().isdecimal() and int(raw) > 0 else S3_MAX_ATTEMPTS
+    import botocore.exceptions
+    import botocore.session
+
+    try:
+        # The one reading the S3 client's retries come from (see tracking.storage.s3_client): the bounds a
+        # profile's max_attempts = 10 gives are the ones its requests take.
+        resolved = botocore.session.get_session().get_config_variable("max_attempts")
+        attempts = int(resolved) if resolved is not None else 0
+    except (botocore.exceptions.BotoCoreError, ValueError, TypeError):
+        attempts = 0  # a profile that is not there, or a value that is no number: refused with a clear error elsewhere
+    return attempts if attempts > 0 else S3_MAX_ATTEMPTS
 
 
 @dataclass(frozen=True)
