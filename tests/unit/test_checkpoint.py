@@ -390,12 +390,17 @@ def test_a_load_from_a_run_of_a_deleted_experiment_says_to_restore_the_experimen
     run_id = client.create_run(s3_experiment).info.run_id
     checkpointer = tracking.Checkpointer(keep_last=1, run_id=run_id)
     checkpointer.save(Model(6), epoch=1, metrics={"val_loss": 0.5})
+    (saved,) = tracking.list_checkpoints(run_id)
     client.delete_experiment(s3_experiment)
 
     restore_experiment = rf"experiment 'unit-s3' \(ID {s3_experiment}\), which is deleted.*" + re.escape(
         f"`mlflow experiments restore --experiment-id {s3_experiment}`"
     )
-    for use in (lambda: tracking.load(run_id), lambda: tracking.list_checkpoints(run_id)):
+    for use in (
+        lambda: tracking.load(run_id),
+        lambda: tracking.list_checkpoints(run_id),
+        lambda: tracking.list_checkpoints(f"models:/{saved.model_id}"),  # a models:/ URI's run
+    ):
         with pytest.raises(tracking.NotFoundError, match=rf"run {run_id} is in {restore_experiment}"):
             use()
     # A writer that opened the run before the experiment was deleted is told the same.
