@@ -48,6 +48,7 @@ from pipelines.task import State, Task
 from pipelines.trainer import Trainer
 from tracking import layout, spec
 from tracking.cli.noise import muted
+from tracking.run import deleted_run_advice
 from tracking.uri import parse_source
 
 TAG_RESUMED_FROM_RUN = "tracking.resumed_from_run"
@@ -101,23 +102,8 @@ def _refuse_deleted(client: MlflowClient, source: str) -> None:
 
 
 def _deleted(client: MlflowClient, run: Run) -> str:
-    """Why ``run`` (deleted) cannot be found, and what to restore: MLflow marks the runs of a deleted experiment
-    deleted too, and restoring such a run alone is refused while its experiment stays deleted."""
-    run_id, experiment_id = run.info.run_id, run.info.experiment_id
-    try:
-        experiment = client.get_experiment(experiment_id)
-    except MlflowException:
-        experiment = None  # the run's own state is all there is to tell
-    if experiment is not None and experiment.lifecycle_stage == "deleted":
-        return (
-            f"run {run_id} is in experiment {experiment.name!r} (ID {experiment_id}), which is deleted, and its runs "
-            "with it; restore the experiment in the MLflow UI or with `mlflow experiments restore --experiment-id "
-            f"{experiment_id}`, then resume."
-        )
-    return (
-        f"run {run_id} is deleted; restore it in the MLflow UI or with `mlflow runs restore --run-id {run_id}`, "
-        "then resume."
-    )
+    """Why ``run`` (deleted) cannot be resumed, and what to restore (its experiment, when that is deleted)."""
+    return f"{deleted_run_advice(client, run.info.run_id, run.info.experiment_id)}, then resume."
 
 
 def refuse_changes(run_id: str, changed: Mapping[str, tuple[str, str]], override: bool) -> None:

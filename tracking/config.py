@@ -39,6 +39,10 @@ ENV_VARS: dict[str, str] = {
 # The largest part (and single PUT) S3 takes, in MB: 5 GiB.
 S3_MAX_PART_MB = 5 * 1024
 
+# The most parallel transfers per file TRACKING_S3_MAX_CONCURRENCY takes: far past where S3 stops getting faster
+# from one client, and well below where a typo (100000) would start threads by the hundred thousand.
+MAX_CONCURRENCY = 256
+
 # S3 attempts per request when neither AWS_MAX_ATTEMPTS nor an AWS profile sets them. With the
 # default timeouts below, an endpoint that accepts connections and never answers fails in
 # 2 x 15 s (+ under a second of backoff): "about 30 s", never minutes.
@@ -84,9 +88,23 @@ def mlflow_request_bound(environ: Mapping[str, str] | None = None) -> float:
 
 
 def s3_attempts(environ: Mapping[str, str] | None = None) -> int:
-    """Attempts per S3 request: ``AWS_MAX_ATTEMPTS`` where it is a number, else :data:`S3_MAX_ATTEMPTS`."""
-    raw = (os.environ if environ is None else environ).get("AWS_MAX_ATTEMPTS", "")
-    return int(raw) if raw.strip().isdecimal() and int(raw) > 0 else S3_MAX_ATTEMPTS
+    """Attempts per S3 request, as the S3 client takes them: ``AWS_MAX_ATTEMPTS``, else the AWS profile's
+    ``max_attempts``, as botocore resolves them, else :data:`S3_MAX_ATTEMPTS`. Given ``environ``, only its
+    ``AWS_MAX_ATTEMPTS`` is read."""
+    if environ is not None:
+        raw = environ.get("AWS_MAX_ATTEMPTS", "")
+        return int(raw) if raw.strip().isdecimal() and int(raw) > 0 else S3_MAX_ATTEMPTS
+    import botocore.exceptions
+    import botocore.session
+
+    try:
+        # The one reading the S3 client's retries come from (see tracking.storage.s3_client): the bounds a
+        # profile's max_attempts = 10 gives are the ones its requests take.
+        resolved = botocore.session.get_session().get_config_variable("max_attempts")
+        attempts = int(resolved) if resolved is not None else 0
+    except (botocore.exceptions.BotoCoreError, ValueError, TypeError):
+        attempts = 0  # a profile that is not there, or a value that is no number: refused with a clear error elsewhere
+    return attempts if attempts > 0 else S3_MAX_ATTEMPTS
 
 
 @dataclass(frozen=True)
@@ -126,8 +144,12 @@ class TrackingConfig:
                 f"{ENV_VARS['part_size_mb']}={self.part_size_mb}: S3 multipart parts must be from 5 MB to "
                 f"{S3_MAX_PART_MB} MB (5 GiB); e.g. 16, the default."
             )
-        if self.max_concurrency < 1:
-            raise ConfigError(f"{ENV_VARS['max_concurrency']}={self.max_concurrency}: must be at least 1.")
+        if not 1 <= self.max_concurrency <= MAX_CONCURRENCY:
+            # Twice the value in part-upload threads start at the first upload, and as many connections to S3.
+            raise ConfigError(
+                f"{ENV_VARS['max_concurrency']}={self.max_concurrency}: must be from 1 to {MAX_CONCURRENCY} "
+                "parallel transfers per file (2x as many threads start at the first upload); e.g. 8, the default."
+            )
         for name in ("s3_connect_timeout", "s3_read_timeout"):
             value = getattr(self, name)
             if not value > 0 or value == float("inf"):

@@ -52,9 +52,13 @@ def tracking_server_errors(run_id: str, doing: str) -> Iterator[None]:
         deleted = _DELETED.search(str(exc))
         if deleted is not None:
             # Deleted since this process opened the run (in the UI, by another user): no retry helps.
-            what = "" if deleted["kind"] == "run" else f"'s experiment {deleted['id']}"
+            if deleted["kind"] == "run":
+                what, restore = "", f"the MLflow UI or with `mlflow runs restore --run-id {run_id}`"
+            else:
+                what = f"'s experiment (ID {deleted['id']})"
+                restore = f"the MLflow UI or with `mlflow experiments restore --experiment-id {deleted['id']}`"
             raise NotFoundError(
-                f"run {run_id}{what} is deleted (found while {doing}); restore it in the MLflow UI and retry, "
+                f"run {run_id}{what} is deleted (found while {doing}); restore it in {restore} and retry, "
                 "or log to another run."
             ) from exc
         raise StorageError(
@@ -137,6 +141,25 @@ def _fetch_run(run_id: str, config: TrackingConfig) -> RunHandle:
             "check MLFLOW_TRACKING_URI (`tracking stack status`)."
         ) from exc
     if run.info.lifecycle_stage == "deleted":
-        raise NotFoundError(f"run {run_id} is deleted; restore it in the MLflow UI to use its artifacts.")
+        raise NotFoundError(f"{deleted_run_advice(client, run_id, run.info.experiment_id)}, to use its artifacts.")
     store = open_store(run.info.artifact_uri, config, owner=f"run {run_id}")
     return RunHandle(run_id, run.info.experiment_id, dict(run.data.tags), store, client, config)
+
+
+def deleted_run_advice(client: Any, run_id: str, experiment_id: str) -> str:
+    """Why run ``run_id`` (deleted) cannot be used, and what to restore, without a closing period: MLflow marks
+    the runs of a deleted experiment deleted too, and refuses to restore such a run while its experiment stays
+    deleted, so the advice names the experiment then."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        experiment = client.get_experiment(experiment_id)
+    except (MlflowException, OSError):
+        experiment = None  # the run's own state is all there is to tell
+    if experiment is not None and experiment.lifecycle_stage == "deleted":
+        return (
+            f"run {run_id} is in experiment {experiment.name!r} (ID {experiment_id}), which is deleted, and its runs "
+            "with it; restore the experiment in the MLflow UI or with `mlflow experiments restore --experiment-id "
+            f"{experiment_id}`"
+        )
+    return f"run {run_id} is deleted; restore it in the MLflow UI or with `mlflow runs restore --run-id {run_id}`"

@@ -67,7 +67,13 @@ def _parse_models_uri(source: str) -> RunSource:
         name, suffix = parts
         if suffix.isdigit() and suffix.isascii():
             return RunSource(model_name=name, version=suffix)
+        if "@" in name and suffix.lower() not in _STAGES:
+            # models:/seed@champion/model: an alias with an artifact path after it, which MLflow would read as
+            # stage "model" of a model named "seed@champion", to fail as no such model.
+            _refuse_extra_path(source, suffix)
         return RunSource(model_name=name, stage=suffix)
+    if len(parts) > 2 and all(p.strip() for p in parts[:2]):
+        _refuse_extra_path(source, "/".join(parts[1 if "@" in parts[0] else 2 :]))
     if len(parts) == 1 and "@" in parts[0]:
         name, _, alias = parts[0].rpartition("@")
         if name.strip() and alias.strip():
@@ -75,6 +81,17 @@ def _parse_models_uri(source: str) -> RunSource:
     elif len(parts) == 1 and parts[0].startswith("m-"):
         return RunSource(model_id=parts[0])
     raise ValueError(f"{source!r} is not {_MODELS_FORMS}")
+
+
+# The suffixes after a name that MLflow reads as a stage: its deprecated stages, and latest.
+_STAGES = frozenset({"latest", "none", "staging", "production", "archived"})
+
+
+def _refuse_extra_path(source: str, extra: str) -> None:
+    raise ValueError(
+        f"{source!r} has a path ({extra!r}) after the model it names; a models:/ URI names a logged model, or a "
+        f"registered model's alias, version or stage, with nothing after it: {_MODELS_FORMS}"
+    )
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -380,6 +381,36 @@ def test_a_save_to_a_run_deleted_meanwhile_says_so_and_restoring_it_brings_back_
     client.restore_run(run_id)
     assert [c.epoch for c in tracking.list_checkpoints(run_id)] == [1]
     assert tracking.load(run_id).epoch == 1
+
+
+def test_a_load_from_a_run_of_a_deleted_experiment_says_to_restore_the_experiment(s3_experiment: str) -> None:
+    # MLflow marks the runs of a deleted experiment deleted too: "restore it (the run) in the MLflow UI" sent
+    # users to restore a run, which MLflow refuses while its experiment stays deleted.
+    client = MlflowClient()
+    run_id = client.create_run(s3_experiment).info.run_id
+    checkpointer = tracking.Checkpointer(keep_last=1, run_id=run_id)
+    checkpointer.save(Model(6), epoch=1, metrics={"val_loss": 0.5})
+    (saved,) = tracking.list_checkpoints(run_id)
+    client.delete_experiment(s3_experiment)
+
+    restore_experiment = rf"experiment 'unit-s3' \(ID {s3_experiment}\), which is deleted.*" + re.escape(
+        f"`mlflow experiments restore --experiment-id {s3_experiment}`"
+    )
+    for use in (
+        lambda: tracking.load(run_id),
+        lambda: tracking.list_checkpoints(run_id),
+        lambda: tracking.list_checkpoints(f"models:/{saved.model_id}"),  # a models:/ URI's run
+    ):
+        with pytest.raises(tracking.NotFoundError, match=rf"run {run_id} is in {restore_experiment}"):
+            use()
+    # A writer that opened the run before the experiment was deleted is told the same.
+    with pytest.raises(tracking.NotFoundError, match=re.escape(f"--experiment-id {s3_experiment}`")):
+        checkpointer.save(Model(6), epoch=2, metrics={"val_loss": 0.4})
+    # A run deleted on its own is the run to restore.
+    client.restore_experiment(s3_experiment)
+    client.delete_run(run_id)
+    with pytest.raises(tracking.NotFoundError, match=re.escape(f"`mlflow runs restore --run-id {run_id}`")):
+        tracking.load(run_id)
 
 
 def test_a_checkpoint_records_mlflows_version_under_mlflow_skinny(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -49,6 +50,9 @@ def test_secrets_stay_out_of_repr() -> None:
         ({"TRACKING_S3_PART_SIZE_MB": "1"}, "TRACKING_S3_PART_SIZE_MB"),
         # Above S3's 5 GiB a part, every checkpoint over 5 GiB failed to upload after the training.
         ({"TRACKING_S3_PART_SIZE_MB": "5121"}, "TRACKING_S3_PART_SIZE_MB=5121: .* from 5 MB to 5120 MB"),
+        ({"TRACKING_S3_MAX_CONCURRENCY": "0"}, "TRACKING_S3_MAX_CONCURRENCY=0: must be from 1 to 256"),
+        # Twice the value in threads started at the first upload: a typo of 100000 started 200,000.
+        ({"TRACKING_S3_MAX_CONCURRENCY": "100000"}, "TRACKING_S3_MAX_CONCURRENCY=100000: must be from 1 to 256"),
     ],
 )
 def test_invalid_values_name_the_variable(env: dict[str, str], variable: str) -> None:
@@ -137,3 +141,19 @@ def test_well_formed_or_unset_client_variables_pass() -> None:
         {"AWS_MAX_ATTEMPTS": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": " 30 ", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
     )
     check_client_env({"AWS_MAX_ATTEMPTS": ""})
+
+
+def test_the_s3_request_bound_counts_an_aws_profiles_max_attempts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """README says a profile's max_attempts counts: the S3 client took it, but the bound (and every deadline
+    built on it) counted AWS_MAX_ATTEMPTS alone, and cut a profile's third attempt short."""
+    (tmp_path / "config").write_text("[profile patient]\nmax_attempts = 5\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_PROFILE", "patient")
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
+    config = TrackingConfig(s3_connect_timeout=5, s3_read_timeout=15)
+
+    assert config.s3_request_bound() == 5 * 15 + (1 + 2 + 4 + 8)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")  # the variable wins over the profile, as botocore reads them
+    assert config.s3_request_bound() == 3 * 15 + (1 + 2)

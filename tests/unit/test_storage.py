@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+import threading
 from typing import Any
 
 import pytest
@@ -240,6 +241,35 @@ def test_a_file_of_more_parts_than_s3_takes_grows_its_parts_and_is_stored_whole(
     assert max(client.parts) <= 10_000
     sizes = [len(client.parts[n]) for n in sorted(client.parts)]
     assert sizes[0] == 1024 and sizes[:1000] == [1024] * 1000  # a file of under 1,000 parts keeps the size set
+
+
+def test_a_part_pool_dropped_for_a_newer_concurrency_leaves_no_thread_and_still_serves_its_upload(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The shared part pools, one per worker count, were kept 4 at most: a process trying a fifth
+    TRACKING_S3_MAX_CONCURRENCY dropped the oldest pool and left its threads waiting on its queue forever."""
+    from tracking.storage import s3
+
+    monkeypatch.setattr(s3, "_pools", {}, raising=False)  # this test's pools only
+    before = set(threading.enumerate())
+    oldest = s3._executor(3)
+    assert oldest.submit(lambda: 1).result(timeout=5) == 1
+    oldest_threads = set(threading.enumerate()) - before
+    assert len(oldest_threads) == 3
+    newer = [s3._executor(workers) for workers in (4, 5, 6, 7)]  # the fifth drops the oldest
+
+    for thread in oldest_threads:
+        thread.join(timeout=2)
+    assert not [t.name for t in oldest_threads if t.is_alive()]
+    # An upload that held the dropped pool goes on: its parts are uploaded, by workers that end after them.
+    before = set(threading.enumerate())
+    assert [f.result(timeout=5) for f in [oldest.submit(lambda n=n: n) for n in range(5)]] == list(range(5))
+    for thread in set(threading.enumerate()) - before:
+        thread.join(timeout=2)
+        assert not thread.is_alive(), thread.name
+    for pool in newer:
+        assert pool.submit(lambda: 2).result(timeout=5) == 2
+        pool.retire()  # this test's pools leave no thread behind either
 
 
 def test_a_server_that_ignores_ranges_still_reads_right(mocked_s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:

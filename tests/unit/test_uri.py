@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tracking import layout
@@ -38,6 +40,26 @@ def test_sources_parse_into_their_parts(source: str, parsed: RunSource) -> None:
 def test_malformed_sources_are_value_errors(source: object) -> None:
     with pytest.raises(ValueError):
         parse_source(source)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("source", "extra"),
+    [
+        ("models:/seed@champion/model", "model"),
+        ("models:/seed@champion/model/data", "model/data"),
+        ("models:/seed/3/model", "model"),
+    ],
+)
+def test_a_models_uri_with_a_path_after_its_model_is_refused_naming_the_accepted_forms(source: str, extra: str) -> None:
+    # models:/seed@champion/model read as stage "model" of a model named "seed@champion": no such model.
+    with pytest.raises(ValueError, match=re.escape(f"has a path ({extra!r}) after the model")) as refused:
+        parse_source(source)
+    assert "models:/<name>@<alias>, models:/<name>/<version>" in str(refused.value)
+
+
+def test_a_name_with_at_signs_keeps_its_versions_and_stages() -> None:
+    assert parse_source("models:/team@seed/Production") == RunSource(model_name="team@seed", stage="Production")
+    assert parse_source("models:/team@seed/latest") == RunSource(model_name="team@seed", stage="latest")
 
 
 @pytest.mark.parametrize("name", ["abc", "my-bucket.v2", "unit-artifacts", "a" * 63, "1-2"])

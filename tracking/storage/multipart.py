@@ -230,28 +230,50 @@ class DaemonPool:
 
     Unlike ThreadPoolExecutor's, whose workers the interpreter joins at exit, a worker stuck
     retrying on a silent server never keeps the process alive after the save has failed.
+    A pool no longer shared (see :meth:`retire`) lets its workers end once its queue is empty.
     """
 
     def __init__(self, workers: int, name: str) -> None:
         self.workers = workers
         self.name = name
-        self.tasks: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]]] = queue.SimpleQueue()
-        self.started = False
+        self.tasks: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = queue.SimpleQueue()
+        self.running = 0  # workers started and not ended
+        self.retired = False
         self.lock = threading.Lock()
 
     def submit(self, call: Callable[[], T]) -> Future[T]:
-        with self.lock:
-            if not self.started:  # all at the first upload: idle ones only wait on the queue
-                self.started = True
-                for i in range(self.workers):
-                    threading.Thread(target=self._work, name=f"{self.name}-{i}", daemon=True).start()
         future: Future[T] = Future()
-        self.tasks.put((future, call))
+        with self.lock:
+            self.tasks.put((future, call))
+            if self.retired:
+                # An upload that still holds the pool: one worker for its part, ended after it like the others.
+                self._start(1)
+                self.tasks.put(None)
+            else:  # all at the first upload: idle ones only wait on the queue
+                self._start(self.workers - self.running)
         return future
+
+    def retire(self) -> None:
+        """End the workers once the tasks queued are done, rather than leave them waiting forever on a pool that
+        no new store takes; an upload still holding the pool goes on (each part it submits brings a worker)."""
+        with self.lock:
+            self.retired = True
+            for _ in range(self.running):
+                self.tasks.put(None)  # one per worker, after the tasks queued: each worker ends at the first it takes
+
+    def _start(self, count: int) -> None:
+        for _ in range(count):
+            threading.Thread(target=self._work, name=f"{self.name}-{self.running}", daemon=True).start()
+            self.running += 1
 
     def _work(self) -> None:
         while True:
-            future, call = self.tasks.get()
+            task = self.tasks.get()
+            if task is None:
+                with self.lock:
+                    self.running -= 1
+                return
+            future, call = task
             if future.set_running_or_notify_cancel():
                 try:
                     future.set_result(call())

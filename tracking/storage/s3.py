@@ -8,9 +8,9 @@ The boto3 client comes from :mod:`tracking.storage.s3_client`.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import mmap
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -29,9 +29,20 @@ from tracking.uri import S3Location, parse_s3_uri
 _COPY_BLOCK = 8 * 1024 * 1024
 
 
-@functools.lru_cache(maxsize=4)
 def _executor(workers: int) -> DaemonPool:
-    return DaemonPool(workers, "tracking-s3-part")
+    """The shared part-upload pool of ``workers`` threads; the least recently asked for beyond the last few is
+    retired, so that a process trying concurrency after concurrency keeps no idle threads of each."""
+    with _pools_lock:
+        pool = _pools.pop(workers, None) or DaemonPool(workers, "tracking-s3-part")
+        _pools[workers] = pool  # the most recently asked for last
+        while len(_pools) > _POOLS_KEPT:
+            _pools.pop(next(iter(_pools))).retire()
+        return pool
+
+
+_POOLS_KEPT = 4
+_pools: dict[int, DaemonPool] = {}
+_pools_lock = threading.Lock()
 
 
 class S3Store(ArtifactStore):
