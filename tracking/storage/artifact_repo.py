@@ -30,22 +30,23 @@ class MlflowStore(ArtifactStore):
         folder, name = posixpath.split(path)
         with self._staging(path, "write") as tmp:
             local = os.path.join(tmp, name)
-            # Only the staged file's own opening and writes are this machine's disk: a producer's other errors
-            # (a framework's file it copies from, say) are its own.
+            # Only the staged file's own opening and writes are this machine's disk, said as such; the producer's
+            # other failures are the save's, as on S3.
             disk: list[OSError] = []
             try:
-                with _noting(disk):
-                    fh = open(local, "wb")  # noqa: SIM115 (closed by the with below, once opened)
-                with fh:
-
-                    def sink(data: memoryview) -> None:
-                        with _noting(disk):
-                            fh.write(data)
-
-                    writer = HashingWriter(sink)
-                    produce(cast(BinaryIO, writer))
+                with self._errors(path):
                     with _noting(disk):
-                        fh.flush()
+                        fh = open(local, "wb")  # noqa: SIM115 (closed by the with below, once opened)
+                    with fh:
+
+                        def sink(data: memoryview) -> None:
+                            with _noting(disk):
+                                fh.write(data)
+
+                        writer = HashingWriter(sink)
+                        produce(cast(BinaryIO, writer))
+                        with _noting(disk):
+                            fh.flush()
             except Exception:
                 # torch.save reports a failing write as its own RuntimeError ("unexpected pos").
                 if disk:
