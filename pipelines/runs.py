@@ -49,7 +49,6 @@ from pipelines.trainer import Trainer
 from tracking import layout, spec
 from tracking.cli.noise import muted
 from tracking.run import deleted_run_advice
-from tracking.uri import parse_source
 
 TAG_RESUMED_FROM_RUN = "tracking.resumed_from_run"
 # Where the run's latest start from a checkpoint began: a child's branch point until it is resumed in place.
@@ -77,9 +76,6 @@ def find_run(client: MlflowClient, source: str, config: tracking.TrackingConfig)
     """The live run a run ID, ``runs:/`` or ``models:/`` URI names; :class:`PipelineError` if none."""
     try:
         run = client.get_run(tracking.resolve_run_id(source, config))
-    except tracking.NotFoundError:
-        _refuse_deleted(client, source)
-        raise
     except ValueError as exc:
         raise PipelineError(str(exc)) from exc
     except MlflowException as exc:
@@ -87,18 +83,6 @@ def find_run(client: MlflowClient, source: str, config: tracking.TrackingConfig)
     if run.info.lifecycle_stage == "deleted":
         raise PipelineError(_deleted(client, run))
     return run
-
-
-def _refuse_deleted(client: MlflowClient, source: str) -> None:
-    """Refuse the run ``source`` names when it is deleted, saying what to restore (the library says "the run");
-    returns when it is not, or ``source`` names no run by its ID."""
-    run_id = parse_source(source).run_id
-    try:
-        run = client.get_run(run_id) if run_id else None
-    except MlflowException:
-        return
-    if run is not None and run.info.lifecycle_stage == "deleted":
-        raise PipelineError(_deleted(client, run))
 
 
 def _deleted(client: MlflowClient, run: Run) -> str:
