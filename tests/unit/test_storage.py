@@ -318,3 +318,25 @@ def test_a_huge_object_in_a_manifests_place_is_refused_before_it_is_read(
     with pytest.raises(tracking.IntegrityError, match=r"h/manifest.json .*2097154 bytes.*more than the 1000"):
         layout.read_manifest(s3, "h")
     assert len(bodies) == 1 and bodies[0]._amount_read == 0
+
+
+@pytest.mark.parametrize(
+    ("message", "missing"),
+    [
+        # A server failure on a model whose ID holds the digits 404 (one ID in 80 or so does): was "no such artifact",
+        # so a sound checkpoint was passed over as one without a manifest.
+        ("500 Server Error for url: .../m-26fa6a54585b41429a977cd404fdadb4/artifacts/manifest.json", False),
+        ("failed to download mlflow-artifacts:/404/m-1/artifacts/manifest.json: 503 Service Unavailable", False),
+        ("{'manifest.json': \"HTTPError('404 Client Error: NOT FOUND for url: http://...')\"}", True),
+        ("An error occurred (404) when calling the HeadObject operation: Not Found", True),
+    ],
+)
+def test_only_an_http_404_on_the_mlflow_path_is_a_missing_artifact(tmp_path: Any, message: str, missing: bool) -> None:
+    from mlflow.exceptions import MlflowException
+
+    from tracking.storage.artifact_repo import MlflowStore
+
+    store = MlflowStore(tmp_path.as_uri(), owner="run r1")
+    expected = tracking.NotFoundError if missing else tracking.StorageError
+    with pytest.raises(expected), store._errors("manifest.json"):
+        raise MlflowException(message)

@@ -6,6 +6,7 @@ import errno
 import hashlib
 import os
 import posixpath
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -125,7 +126,7 @@ class MlflowStore(ArtifactStore):
         except (FileNotFoundError, NotFoundError) as exc:
             raise NotFoundError(f"{where}: no such artifact.") from exc
         except MlflowException as exc:
-            if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "404" in str(exc):
+            if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or _NOT_FOUND.search(str(exc)):
                 raise NotFoundError(f"{where}: no such artifact.") from exc
             if staged_in is not None and any(f"[Errno {number}]" in str(exc) for number in _DISK_FULL):
                 # MLflow's download gathers each file's failure into one message, keeping only its text.
@@ -144,6 +145,11 @@ class MlflowStore(ArtifactStore):
                 "check that the tracking server runs (MLFLOW_TRACKING_URI), then retry."
             ) from exc
 
+
+# An HTTP 404 in MLflow's message ("404 Client Error", "(404)"), not the digits inside an ID or a path of it: a
+# model ID such as m-...cd404fd... turned any failure on that model into "no such artifact", and a checkpoint
+# into one without a manifest.
+_NOT_FOUND = re.compile(r"(?<![0-9A-Za-z/_-])404(?![0-9A-Za-z/_-])")
 
 # A local disk that is full (or over quota): no network error has these.
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
