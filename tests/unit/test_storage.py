@@ -323,7 +323,7 @@ def test_a_huge_object_in_a_manifests_place_is_refused_before_it_is_read(
 @pytest.mark.parametrize(
     ("message", "missing"),
     [
-        # A server failure on a model whose ID holds the digits 404 (one ID in 80 or so does): was "no such artifact",
+        # A server failure on a model whose ID holds the digits 404 (about one ID in 140 does): was "no such artifact",
         # so a sound checkpoint was passed over as one without a manifest.
         ("500 Server Error for url: .../m-26fa6a54585b41429a977cd404fdadb4/artifacts/manifest.json", False),
         ("failed to download mlflow-artifacts:/404/m-1/artifacts/manifest.json: 503 Service Unavailable", False),
