@@ -17,7 +17,7 @@ from tracking.commit import CheckpointSnapshot, Describe, commit_checkpoint
 from tracking.config import TrackingConfig
 from tracking.manifest import SHARDED_KIND, Manifest
 from tracking.metrics import check_metrics
-from tracking.number import integral
+from tracking.number import integral, plain
 from tracking.optimizers import Optimizers
 from tracking.parallel import distributed
 from tracking.parallel.collective import commit, keys_named, refuse_different_keys
@@ -37,13 +37,6 @@ def _count(value: int, name: str) -> int:
         # Checked here: "8" % 4 is string formatting, and fails with a TypeError that names nothing.
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
     return count
-
-
-def _plain(value: Any) -> Any:
-    """An integer of any kind (``numpy.int64``, a 0-d integer tensor) as a plain int; anything else as it is,
-    for the checks that refuse it to name it."""
-    count = integral(value)
-    return value if count is None else count
 
 
 class Checkpointer:
@@ -158,7 +151,7 @@ class Checkpointer:
         the same ValueError, before any rank skips or saves.
         """
         # Plain ints from here on: compared with the last saved step, sent to the other ranks, stored.
-        epoch, step = _plain(epoch), _plain(step)
+        epoch, step = plain(epoch), plain(step)  # type: ignore[assignment]
         if step is None and self.every_n_steps is not None:
             self._refuse_no_step()  # forced or not: the step is the checkpoint's key
         # At every call, due or not: a mistake is said at the first one, not epochs later at the first due save.

@@ -22,3 +22,10 @@ def integral(value: object) -> int | None:
         return operator.index(value)  # type: ignore[arg-type]
     except (TypeError, RuntimeError, ValueError):
         return None  # a float, a string, a tensor of several elements
+
+
+def plain(value: object) -> object:
+    """``value`` as a plain int when it is an integer of any kind; anything else as it is, for the checks that
+    refuse it to name it."""
+    count = integral(value)
+    return value if count is None else count

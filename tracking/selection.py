@@ -20,7 +20,7 @@ from tracking.catalog import LoggedCheckpoint, StoredCheckpoint
 from tracking.config import TrackingConfig
 from tracking.errors import IntegrityError, NotFoundError, TrackingError, one_line
 from tracking.manifest import Manifest
-from tracking.number import integral
+from tracking.number import plain
 from tracking.rank import warn_on_rank_zero
 from tracking.run import RunHandle, tracking_server_errors
 from tracking.source import open_run_of, open_source
@@ -179,10 +179,7 @@ def _state_dict(handle: RunHandle) -> Located:
 
 def select_checkpoint(handle: RunHandle, checkpoint: Selector, step: int | None) -> Located:
     # An integer of any kind (numpy.int64 from a loop, a 0-d tensor) picks as the int it is, as it saves.
-    if step is not None and (plain := integral(step)) is not None:
-        step = plain
-    if not isinstance(checkpoint, str) and (plain := integral(checkpoint)) is not None:
-        checkpoint = plain
+    step, checkpoint = plain(step), plain(checkpoint)  # type: ignore[assignment]
     if step is not None:
         if isinstance(step, bool) or not isinstance(step, int):
             raise TypeError(f"step must be a global step number (an int >= 0), got {step!r}")
