@@ -103,3 +103,21 @@ def test_readme_mentions_every_keyword_of_the_public_functions() -> None:
             if not re.search(rf"\b{parameter}\b", README):
                 missing.append(f"{name}({parameter}=)")
     assert not missing, f"README never mentions {missing}"
+
+
+def test_what_a_run_stores_names_every_tag_and_checkpoint_format() -> None:
+    """The logged models' tracking.format and tracking.format_version tags were missing from the list of what a run
+    stores, which named every other tag: a search filter on them had nothing to go by."""
+    from tracking import layout, manifest
+
+    stored = _section("## What a run stores")
+    tags = [
+        value
+        for name, value in vars(layout).items()
+        if name.startswith(("TAG_", "VERSION_TAG_")) and isinstance(value, str)
+    ]
+    # A tag of a family is named in full or as its last part after the first: "(and .latest_epoch, ...)".
+    missing = [tag for tag in tags if tag not in stored and f".{tag.rsplit('.', 1)[-1]}" not in stored]
+    assert not missing, f"README's 'What a run stores' does not name the tags {missing}"
+    formats = [fmt for fmt in manifest.FORMATS if fmt != "safetensors"]  # safetensors: the state dict's, no model's
+    assert not [fmt for fmt in formats if fmt not in stored.split("tracking.format", 1)[-1]]
