@@ -43,6 +43,20 @@ def rebuildable(cls: ModuleT) -> ModuleT:
         raise TypeError(f"@rebuildable decorates torch.nn.Module subclasses, got {cls!r}")
     original = cls.__init__
     signature = inspect.signature(original)
+    positional_only = [
+        name
+        for name, parameter in list(signature.parameters.items())[1:]
+        if parameter.kind is inspect.Parameter.POSITIONAL_ONLY
+    ]
+    if positional_only:
+        # The manifest records init arguments by name and the loader passes them so: the class logged, then
+        # failed to rebuild ("got some positional-only arguments passed as keyword arguments").
+        listed = ", ".join(repr(name) for name in positional_only)
+        raise TypeError(
+            f"@rebuildable records init arguments by name, but {cls.__qualname__}.__init__ takes {listed} "
+            "positional-only (before '/'), which a rebuild cannot pass by name; drop the '/' from its signature, "
+            "or leave the class undecorated and load with model=<instance or factory>."
+        )
 
     @functools.wraps(original)
     def __init__(self: nn.Module, *args: Any, **kwargs: Any) -> None:

@@ -946,3 +946,23 @@ def test_a_checkpoint_whose_keys_carry_a_wrappers_prefix_loads_into_a_plain_mode
     target = Model(6)
     tracking.restore(run_id, target, torch.optim.SGD(target.parameters(), lr=0.1))
     assert fits(target)
+
+
+def test_rebuildable_refuses_a_class_with_positional_only_init_parameters_naming_them() -> None:
+    """The manifest records init arguments by name: a class taking them before '/' logged, then every rebuild failed
+    with "got some positional-only arguments passed as keyword arguments", long after the training."""
+    with pytest.raises(TypeError, match=r"Net.__init__ takes 'width', 'depth' positional-only.*drop the '/'"):
+
+        @tracking.rebuildable
+        class Net(nn.Module):
+            def __init__(self, width: int, depth: int, /, bias: bool = True) -> None:
+                super().__init__()
+                self.fc = nn.Linear(width, depth, bias=bias)
+
+    @tracking.rebuildable
+    class Kept(nn.Module):  # self alone before '/' is fine: every argument still goes by name
+        def __init__(self, /, width: int) -> None:
+            super().__init__()
+            self.fc = nn.Linear(width, 2)
+
+    assert Kept(3).fc.in_features == 3
