@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any, TypedDict, Unpack
 
@@ -17,6 +18,8 @@ from tracking.source import version_model_id
 
 # The logged model tag MLflow's own register_model keeps, so the UI links a model to its versions.
 _VERSIONS_TAG = "mlflow.modelVersions"
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -145,27 +148,45 @@ def _link_version(client: Any, model_id: str, name: str, version: int | str) -> 
     not: added again, the tag listed every version twice. A tag that is no such list (edited by hand) is
     replaced rather than failing the registration after the version exists.
     """
+    # MLflow has no compare-and-set for tags: two registrations from this checkpoint at once (under two names)
+    # both read the list, and the later write dropped the other's entry. Reading back after writing, and merging
+    # again while ours is missing, narrows that to a writer whose stale list lands after our last read back.
+    for written in range(_LINK_WRITES + 1):
+        linked = _linked_versions(client, model_id)
+        listed = {(entry.get("name"), str(entry.get("version"))) for entry in linked if isinstance(entry, dict)}
+        if (name, str(version)) in listed:
+            return
+        if written == _LINK_WRITES:
+            break
+        linked.append({"name": name, "version": version})
+        client.set_logged_model_tags(model_id, {_VERSIONS_TAG: json.dumps(linked)})
+    _log.warning(
+        "logged model %s: version %s of %r is made, but other registrations kept overwriting its %s tag, "
+        "so the UI does not link the model to it; register the checkpoint again to link it.",
+        model_id,
+        version,
+        name,
+        _VERSIONS_TAG,
+    )
+
+
+# Writes of the tag per registration before it gives up on listing its version (the version exists anyway).
+_LINK_WRITES = 4
+
+
+def _linked_versions(client: Any, model_id: str) -> list[Any]:
+    """The logged model's ``mlflow.modelVersions`` list; empty when the tag is missing or no list."""
     try:
         linked = json.loads(client.get_logged_model(model_id).tags.get(_VERSIONS_TAG, "[]"))
     except ValueError:
-        linked = []
-    if not isinstance(linked, list):
-        linked = []
-    listed = {(entry.get("name"), str(entry.get("version"))) for entry in linked if isinstance(entry, dict)}
-    if (name, str(version)) not in listed:
-        linked.append({"name": name, "version": version})
-        client.set_logged_model_tags(model_id, {_VERSIONS_TAG: json.dumps(linked)})
+        return []
+    return linked if isinstance(linked, list) else []
 
 
 def _unlink_version(client: Any, model_id: str, name: str, version: int | str) -> None:
     """Take a deleted version out of the logged model's ``mlflow.modelVersions`` tag, where a tracking server
     listed it as it created it (and leaves it when the version is deleted): the UI would link to nothing."""
-    try:
-        linked = json.loads(client.get_logged_model(model_id).tags.get(_VERSIONS_TAG, "[]"))
-    except ValueError:
-        return
-    if not isinstance(linked, list):
-        return
+    linked = _linked_versions(client, model_id)
     kept = [
         entry
         for entry in linked

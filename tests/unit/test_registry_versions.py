@@ -303,3 +303,32 @@ def test_the_newer_of_two_versions_of_one_checkpoint_deletes_itself_and_its_link
     assert [str(v.version) for v in client.search_model_versions("name = 'seed'")] == ["1"]
     tag = json.loads(client.get_logged_model(model_id).tags["mlflow.modelVersions"])
     assert [(entry["name"], str(entry["version"])) for entry in tag] == [("seed", "1")]
+
+
+def test_a_registration_whose_link_another_overwrites_links_its_version_again(
+    s3_experiment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two registrations of one checkpoint under two names at once both read the logged model's
+    mlflow.modelVersions tag, then both write it: the later write dropped the other's version from it."""
+    with mlflow.start_run() as run:
+        logged = tracking.log_checkpoint(Model(6), epoch=1)
+    client, model_id = MlflowClient(), str(logged.model_id)
+    stale = json.dumps([{"name": "other", "version": 1}])  # what the other registration read, plus its own
+    write = MlflowClient.set_logged_model_tags
+    overwritten: list[str] = []
+
+    def then_the_other_writes(self: MlflowClient, model: str, tags: dict[str, str]) -> None:
+        write(self, model, tags)
+        if "mlflow.modelVersions" in tags and not overwritten:
+            overwritten.append(tags["mlflow.modelVersions"])
+            write(self, model, {"mlflow.modelVersions": stale})
+
+    monkeypatch.setattr(MlflowClient, "set_logged_model_tags", then_the_other_writes)
+    version = tracking.register(run.info.run_id, "seed", checkpoint="latest")
+
+    assert overwritten  # the other registration's write did land after ours
+    tag = json.loads(client.get_logged_model(model_id).tags["mlflow.modelVersions"])
+    assert sorted((entry["name"], str(entry["version"])) for entry in tag) == [
+        ("other", "1"),
+        ("seed", str(version.version)),
+    ]
