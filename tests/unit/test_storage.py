@@ -272,6 +272,27 @@ def test_a_part_pool_dropped_for_a_newer_concurrency_leaves_no_thread_and_still_
         pool.retire()  # this test's pools leave no thread behind either
 
 
+def test_a_retired_part_pool_serves_an_upload_with_no_more_threads_than_its_size() -> None:
+    """A retired pool started a thread for every part submitted to it: an upload that still held it, of a file of
+    thousands of parts, started thousands of threads, as many at once as the parts queued."""
+    pool = multipart.DaemonPool(3, "test-retired-part")
+    assert pool.submit(lambda: 0).result(timeout=5) == 0
+    pool.retire()
+    for thread in [t for t in threading.enumerate() if t.name.startswith("test-retired-part")]:
+        thread.join(timeout=2)  # idle once retired: ended
+    release = threading.Event()
+    started = set(threading.enumerate())
+    futures = [pool.submit(lambda n=n: release.wait(5) and n) for n in range(40)]
+    workers = {t for t in set(threading.enumerate()) - started if t.name.startswith("test-retired-part")}
+    release.set()
+
+    assert [f.result(timeout=5) for f in futures] == list(range(40))
+    assert 1 <= len(workers) <= 3
+    for thread in workers | {t for t in threading.enumerate() if t.name.startswith("test-retired-part")}:
+        thread.join(timeout=2)
+        assert not thread.is_alive(), thread.name
+
+
 def test_a_server_that_ignores_ranges_still_reads_right(mocked_s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """HTTP lets a server (or a proxy in front of it) answer a ranged GET with the whole object (200, no
     Content-Range). Each range then held the object's first bytes, and a sound checkpoint failed its hash as

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import bisect
 import io
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_all
@@ -236,44 +236,47 @@ class DaemonPool:
     def __init__(self, workers: int, name: str) -> None:
         self.workers = workers
         self.name = name
-        self.tasks: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = queue.SimpleQueue()
+        self.tasks: deque[tuple[Future[Any], Callable[[], Any]]] = deque()
         self.running = 0  # workers started and not ended
+        self.started = 0  # workers ever started, for their names
         self.retired = False
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()
 
     def submit(self, call: Callable[[], T]) -> Future[T]:
         future: Future[T] = Future()
         with self.lock:
-            self.tasks.put((future, call))
+            self.tasks.append((future, call))
             if self.retired:
-                # An upload that still holds the pool: one worker for its part, ended after it like the others.
-                self._start(1)
-                self.tasks.put(None)
-            else:  # all at the first upload: idle ones only wait on the queue
+                # An upload that still holds the pool: workers come back for its parts, never more than the pool's
+                # size (not one thread per part, for a file of thousands of parts), and end once none is queued.
+                self._start(min(self.workers, len(self.tasks)) - self.running)
+            else:  # all at the first upload: idle ones only wait for a task
                 self._start(self.workers - self.running)
+            self.lock.notify()
         return future
 
     def retire(self) -> None:
         """End the workers once the tasks queued are done, rather than leave them waiting forever on a pool that
-        no new store takes; an upload still holding the pool goes on (each part it submits brings a worker)."""
+        no new store takes; an upload still holding the pool goes on (its parts bring workers back)."""
         with self.lock:
             self.retired = True
-            for _ in range(self.running):
-                self.tasks.put(None)  # one per worker, after the tasks queued: each worker ends at the first it takes
+            self.lock.notify_all()
 
     def _start(self, count: int) -> None:
         for _ in range(count):
-            threading.Thread(target=self._work, name=f"{self.name}-{self.running}", daemon=True).start()
+            threading.Thread(target=self._work, name=f"{self.name}-{self.started}", daemon=True).start()
             self.running += 1
+            self.started += 1
 
     def _work(self) -> None:
         while True:
-            task = self.tasks.get()
-            if task is None:
-                with self.lock:
+            with self.lock:
+                while not self.tasks and not self.retired:
+                    self.lock.wait()
+                if not self.tasks:  # retired, and nothing left to do
                     self.running -= 1
-                return
-            future, call = task
+                    return
+                future, call = self.tasks.popleft()
             if future.set_running_or_notify_cancel():
                 try:
                     future.set_result(call())
