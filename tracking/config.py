@@ -6,6 +6,7 @@ read only when :meth:`TrackingConfig.from_env` is called, never at import time.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping, MutableMapping
@@ -87,6 +88,53 @@ def mlflow_request_bound(environ: Mapping[str, str] | None = None) -> float:
     return float(timeout * (retries + 1) + sleeps)
 
 
+# The region where neither AWS_DEFAULT_REGION nor the AWS profile names one: S3-compatible servers (MinIO,
+# SeaweedFS) take any, but botocore needs some to sign a request.
+DEFAULT_REGION = "us-east-1"
+
+
+def default_region(environ: Mapping[str, str] | None = None) -> str:
+    """The region boto3 would use, from ``environ`` (default ``os.environ``): ``AWS_DEFAULT_REGION``, else the
+    ``region`` of the AWS profile (``AWS_DEFAULT_PROFILE`` or ``AWS_PROFILE``, else ``default``) in
+    ``AWS_CONFIG_FILE`` (default ``~/.aws/config``), else :data:`DEFAULT_REGION`."""
+    env = os.environ if environ is None else environ
+    named = env.get("AWS_DEFAULT_REGION") or _profile_setting(env, "region")
+    return named or DEFAULT_REGION
+
+
+def _profile_setting(env: Mapping[str, str], name: str) -> str | None:
+    """A setting of the AWS profile ``env`` names, as botocore reads its config file; None where it has none."""
+    path, written = _config_file(env)
+    if written is None:
+        return None
+    profile = env.get("AWS_DEFAULT_PROFILE") or env.get("AWS_PROFILE") or "default"
+    value = _profiles(path, written).get(profile, {}).get(name)
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def _config_file(env: Mapping[str, str]) -> tuple[str, tuple[int, int] | None]:
+    """The AWS config file ``env`` names, and when it was written (mtime and size), None where there is none."""
+    path = os.path.expanduser(os.path.expandvars(env.get("AWS_CONFIG_FILE") or "~/.aws/config"))
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return path, None
+    return path, (stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _profiles(path: str, written: tuple[int, int]) -> dict[str, Any]:
+    """The profiles of an AWS config file, parsed by botocore; read again once the file changes."""
+    import botocore.configloader
+    import botocore.exceptions
+
+    try:
+        profiles = botocore.configloader.load_config(path).get("profiles", {})
+    except (botocore.exceptions.BotoCoreError, OSError, UnicodeDecodeError):
+        return {}  # botocore refuses the file with its own error at the first client: nothing to add here
+    return profiles if isinstance(profiles, dict) else {}
+
+
 def s3_attempts(environ: Mapping[str, str] | None = None) -> int:
     """Attempts per S3 request, as the S3 client takes them: ``AWS_MAX_ATTEMPTS``, else the AWS profile's
     ``max_attempts``, as botocore resolves them, else :data:`S3_MAX_ATTEMPTS`. Given ``environ``, only its
@@ -115,7 +163,8 @@ class TrackingConfig:
     s3_endpoint_url: str | None = None
     aws_access_key_id: str | None = field(default=None, repr=False)
     aws_secret_access_key: str | None = field(default=None, repr=False)
-    aws_region: str = "us-east-1"
+    # AWS_DEFAULT_REGION, else the AWS profile's region, else DEFAULT_REGION (see default_region).
+    aws_region: str = field(default_factory=default_region)
     s3_ignore_tls: bool = False
     experiment_name: str = "pytorch-checkpoints"
     part_size_mb: int = 16
@@ -173,6 +222,8 @@ class TrackingConfig:
         if unknown:
             raise TypeError(f"unknown config fields: {sorted(unknown)}")
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if "aws_region" not in values:
+            values["aws_region"] = default_region(env)
         return cls(**values)
 
     @property

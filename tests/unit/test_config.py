@@ -157,3 +157,43 @@ def test_the_s3_request_bound_counts_an_aws_profiles_max_attempts(
     assert config.s3_request_bound() == 5 * 15 + (1 + 2 + 4 + 8)
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")  # the variable wins over the profile, as botocore reads them
     assert config.s3_request_bound() == 3 * 15 + (1 + 2)
+
+
+@pytest.fixture
+def aws_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """An AWS config file of this test's own, named by AWS_CONFIG_FILE, and no region or profile from outside."""
+    for var in ("AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_MAX_ATTEMPTS"):
+        monkeypatch.delenv(var, raising=False)
+    path = tmp_path / "aws-config"
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(path))
+    return path
+
+
+def test_an_unset_region_is_the_aws_profiles_as_boto3_resolves_it(
+    aws_config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The region was us-east-1 whatever the AWS profile said, where boto3 itself takes the profile's region: a
+    bucket in eu-west-3 was asked for in the wrong region."""
+    import botocore.session
+
+    aws_config.write_text("[default]\nregion = ap-south-1\n[profile paris]\nregion = eu-west-3\n")
+    monkeypatch.setenv("AWS_PROFILE", "paris")
+
+    assert TrackingConfig.from_env().aws_region == "eu-west-3"
+    assert TrackingConfig().aws_region == "eu-west-3"
+    assert botocore.session.get_session().get_config_variable("region") == "eu-west-3"  # what boto3 takes
+    monkeypatch.delenv("AWS_PROFILE")
+    assert TrackingConfig.from_env().aws_region == "ap-south-1"
+    # The chain reads the environment it is given, as every other setting does.
+    assert TrackingConfig.from_env({"AWS_CONFIG_FILE": str(aws_config), "AWS_PROFILE": "paris"}).aws_region == (
+        "eu-west-3"
+    )
+    # explicit argument > environment > profile > default
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-north-1")
+    assert TrackingConfig.from_env().aws_region == "eu-north-1"
+    assert TrackingConfig.from_env(aws_region="us-west-2").aws_region == "us-west-2"
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    aws_config.write_text("[profile other]\nregion = eu-west-3\n")  # nothing names one: what S3 servers take
+    assert TrackingConfig.from_env().aws_region == "us-east-1"
+    monkeypatch.setenv("HOME", str(aws_config.parent))  # whatever ~/.aws/config this machine has
+    assert TrackingConfig.from_env({}).aws_region == "us-east-1"
