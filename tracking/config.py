@@ -142,6 +142,19 @@ def s3_attempts(environ: Mapping[str, str] | None = None) -> int:
     if environ is not None:
         raw = environ.get("AWS_MAX_ATTEMPTS", "")
         return int(raw) if raw.strip().isdecimal() and int(raw) > 0 else S3_MAX_ATTEMPTS
+    # A botocore session takes ~17 ms to build, once per multipart upload or failed commit: its answer is kept
+    # for as long as what it reads is unchanged (a profile switched, or its file edited, is read again).
+    path, written = _config_file(os.environ)
+    return _resolved_attempts(tuple(os.environ.get(var) for var in _ATTEMPTS_VARS), path, written)
+
+
+# What botocore reads to resolve max_attempts (the config file aside).
+_ATTEMPTS_VARS = ("AWS_MAX_ATTEMPTS", "AWS_DEFAULT_PROFILE", "AWS_PROFILE", "AWS_CONFIG_FILE")
+
+
+@functools.lru_cache(maxsize=8)
+def _resolved_attempts(read: tuple[str | None, ...], path: str, written: tuple[int, int] | None) -> int:
+    """botocore's max_attempts for the environment ``read`` and config file ``path`` (as ``written``)."""
     import botocore.exceptions
     import botocore.session
 

@@ -197,3 +197,30 @@ def test_an_unset_region_is_the_aws_profiles_as_boto3_resolves_it(
     assert TrackingConfig.from_env().aws_region == "us-east-1"
     monkeypatch.setenv("HOME", str(aws_config.parent))  # whatever ~/.aws/config this machine has
     assert TrackingConfig.from_env({}).aws_region == "us-east-1"
+
+
+def test_s3_attempts_builds_no_botocore_session_per_call_yet_sees_a_changed_profile(
+    aws_config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each call built a botocore session (~17 ms, once per multipart upload or failed commit) to read one value."""
+    import os
+
+    import botocore.session
+
+    from tracking.config import s3_attempts
+
+    built: list[object] = []
+    get_session = botocore.session.get_session
+    monkeypatch.setattr(botocore.session, "get_session", lambda *a, **k: built.append(1) or get_session(*a, **k))
+    aws_config.write_text("[profile patient]\nmax_attempts = 5\n[profile hasty]\nmax_attempts = 1\n")
+    monkeypatch.setenv("AWS_PROFILE", "patient")
+
+    assert [s3_attempts() for _ in range(20)] == [5] * 20
+    assert len(built) == 1
+    monkeypatch.setenv("AWS_PROFILE", "hasty")  # another profile named
+    assert s3_attempts() == 1
+    aws_config.write_text("[profile hasty]\nmax_attempts = 7\n")  # the file edited
+    os.utime(aws_config, ns=(1, 1))  # however fine the clock of the file system
+    assert s3_attempts() == 7
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")  # the variable wins, as botocore reads them
+    assert s3_attempts() == 3
