@@ -17,10 +17,10 @@ from tracking import catalog, layout
 from tracking.catalog import StoredCheckpoint
 from tracking.config import TrackingConfig
 from tracking.errors import IntegrityError, NotFoundError, TrackingError, load_refusal
+from tracking.located import missing_file
 from tracking.manifest import Manifest
 from tracking.registry import versions_by_model
 from tracking.run import RunHandle, tracking_server_errors
-from tracking.selection import missing_file
 from tracking.source import open_run_of, open_run_pinned, open_source
 from tracking.storage import ArtifactStore, Buffer, BufferReader
 from tracking.uri import parse_source

@@ -17,9 +17,10 @@ from typing import Any
 from tracking import layout
 from tracking.config import TrackingConfig
 from tracking.errors import ConfigError, TrackingError
+from tracking.located import Located
 from tracking.manifest import Manifest, StoredFile
 from tracking.output import agree, human_size
-from tracking.selection import Located, Selector, find_checkpoint
+from tracking.selection import Selector, find_checkpoint
 from tracking.storage import Buffer
 
 # Reads one file of a located checkpoint, sha256-checked: (located, name, expected) -> its bytes.

@@ -8,8 +8,8 @@ from typing import Any
 
 from tracking import layout
 from tracking.errors import IntegrityError
+from tracking.located import Located
 from tracking.parallel import distributed
-from tracking.selection import Located
 
 # Lightning's keys that become the core's; the others (loops, callbacks, hyper_parameters, ...) stay as extras.
 _MAPPED = frozenset({"state_dict", "optimizer_states", "lr_schedulers", "epoch", "global_step"})

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from tracking import layout
+from tracking.located import Located
 from tracking.manifest import Manifest
 from tracking.parallel import distributed
-from tracking.selection import Located
 
 
 @dataclass

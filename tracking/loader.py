@@ -24,10 +24,11 @@ from tracking.config import TrackingConfig
 from tracking.device import check_available, check_map_location, to_device
 from tracking.errors import ConfigError, NotFoundError, TrackingError
 from tracking.loaded import LoadedCheckpoint, loaded
+from tracking.located import Located
 from tracking.manifest import CHECKPOINT_KINDS, SHARDED_KIND, Manifest
 from tracking.parallel import distributed
 from tracking.rebuild import ModelArg
-from tracking.selection import Located, Selector, find_checkpoint, find_weights
+from tracking.selection import Selector, find_checkpoint, find_weights
 from tracking.source import resolve_run_id
 from tracking.storage import BufferReader, open_store
 

@@ -11,9 +11,9 @@ from torch import nn
 
 from tracking import pretrained, rebuild
 from tracking.errors import MismatchError
+from tracking.located import Located
 from tracking.manifest import Manifest
 from tracking.parallel import distributed
-from tracking.selection import Located
 
 
 def names(manifest: Manifest, role: str) -> list[str] | None:

@@ -22,9 +22,9 @@ from torch import nn
 
 from tracking import rebuild, spec
 from tracking.errors import MismatchError, NotFoundError
+from tracking.located import Located
 from tracking.parallel import distributed
 from tracking.rebuild import MODEL_HINT, ModelArg
-from tracking.selection import Located
 from tracking.storage import BufferReader
 
 FORMAT = "transformers"

@@ -17,7 +17,7 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from tracking import lightning_state, spec, zerocopy
 from tracking.errors import IntegrityError, MismatchError, NotFoundError, TrackingError, load_refusal
-from tracking.selection import Located
+from tracking.located import Located
 
 MODEL_HINT = "pass model=<an instance or a factory> to tracking.load"
 OPTIMIZER_HINT = "pass optimizer=<a factory taking the model's parameters> to tracking.load"

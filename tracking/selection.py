@@ -12,78 +12,22 @@ run's logged models is the fallback when a tag is missing or stale.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
 
 from tracking import catalog, layout
+from tracking.alternatives import what_else_loads
 from tracking.catalog import LoggedCheckpoint, StoredCheckpoint
 from tracking.config import TrackingConfig
 from tracking.errors import IntegrityError, NotFoundError, TrackingError, one_line
-from tracking.manifest import Manifest
+from tracking.located import Located as Located  # re-exported: the integrations import it from here
+from tracking.located import locate, state_dict
 from tracking.number import plain
 from tracking.rank import warn_on_rank_zero
-from tracking.run import RunHandle, tracking_server_errors
+from tracking.run import RunHandle
 from tracking.source import open_run_of, open_source
-from tracking.storage import ArtifactStore, Buffer
 from tracking.uri import parse_source
 
 Selector = str | int
 _log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Located:
-    """A manifest and where its files are: a checkpoint's logged model, or a run's ``state_dict/``."""
-
-    run_id: str
-    store: ArtifactStore
-    folder: str  # "" for a checkpoint (the root of its logged model), "state_dict" for a state dict
-    manifest: Manifest
-    model_id: str | None = None
-
-    @property
-    def file(self) -> str:
-        """The data file the manifest lists."""
-        return (
-            layout.CHECKPOINT_FILE if layout.CHECKPOINT_FILE in self.manifest.files else next(iter(self.manifest.files))
-        )
-
-    def path(self, name: str) -> str:
-        return f"{self.folder}/{name}" if self.folder else name
-
-    def read(self, name: str, progress: Callable[[int], object] | None = None) -> Buffer:
-        """One of its files, checked against the manifest's size and sha256."""
-        try:
-            return self.store.read(self.path(name), self.manifest.files[name], progress=progress)
-        except NotFoundError:
-            raise missing_file(self.run_id, self.label, name, self.store.describe(self.path(name))) from None
-
-    @property
-    def label(self) -> str:
-        """How messages name it: ``checkpoint-epoch-0007 (m-...)`` or ``state_dict``."""
-        if self.model_id is None:
-            return self.folder
-        return f"{self.name} ({self.model_id})"
-
-    @property
-    def name(self) -> str:
-        """Its logged model's name (``checkpoint-epoch-0007``, ``checkpoint-step-00001500``), else its folder."""
-        if self.model_id is None:
-            return self.folder
-        return layout.checkpoint_name(self.manifest.key or 0, self.manifest.keyed_by)
-
-    def logged(self) -> LoggedCheckpoint:
-        uri = self.store.artifact_uri if self.model_id else None
-        name = self.name
-        return LoggedCheckpoint(self.run_id, name, self.manifest, self.model_id, uri)
-
-
-def missing_file(run_id: str, label: str, name: str, where: str) -> NotFoundError:
-    """A file a manifest lists that the store no longer has: the checkpoint was damaged after its commit."""
-    return NotFoundError(
-        f"run {run_id}: {label}: {name} is listed in its manifest but missing from the store ({where}); it was "
-        "deleted. Load or download another checkpoint (`tracking checkpoints` lists them)."
-    )
 
 
 def list_checkpoints(source: str, *, config: TrackingConfig | None = None) -> list[LoggedCheckpoint]:
@@ -99,7 +43,7 @@ def list_checkpoints(source: str, *, config: TrackingConfig | None = None) -> li
     found = []
     for checkpoint in committed.values():
         try:
-            found.append(_located(checkpoint).logged())
+            found.append(locate(checkpoint).logged())
         except NotFoundError:
             continue  # deleted since the search (retention)
         except IntegrityError as exc:
@@ -133,7 +77,7 @@ def find_checkpoint(
                 f"{source} names one checkpoint already; checkpoint=/step= pick among a run's checkpoints: "
                 "pass the run ID instead."
             )
-        return _located(pinned)
+        return locate(pinned)
     assert handle is not None
     if parsed.artifact_path:
         raise ValueError(
@@ -151,7 +95,7 @@ def find_weights(source: str, checkpoint: Selector | None = None, config: Tracki
         assert handle is not None
         if parsed.artifact_path.strip("/") in ("", layout.STATE_DICT_DIR):
             try:
-                return _state_dict(handle)
+                return state_dict(handle)
             except NotFoundError:
                 if parsed.artifact_path:
                     raise
@@ -163,18 +107,13 @@ def find_state_dict(source: str, config: TrackingConfig | None = None) -> Locate
     """The state dict (``state_dict/``, from :func:`tracking.log_state_dict`) of the run ``source`` names."""
     handle = open_run_of(source, config)
     try:
-        return _state_dict(handle)
+        return state_dict(handle)
     except NotFoundError:
         raise NotFoundError(
             f"run {handle.run_id} has no state dict ({layout.STATE_DICT_DIR}/, logged by tracking.log_state_dict); "
             "its checkpoints hold the weights too: pick one with checkpoint='latest' (--checkpoint latest), "
             "'best' or an epoch."
         ) from None
-
-
-def _state_dict(handle: RunHandle) -> Located:
-    manifest = layout.read_manifest(handle.store, layout.STATE_DICT_DIR)
-    return Located(handle.run_id, handle.store, layout.STATE_DICT_DIR, manifest)
 
 
 def select_checkpoint(handle: RunHandle, checkpoint: Selector, step: int | None) -> Located:
@@ -205,7 +144,7 @@ def select_checkpoint(handle: RunHandle, checkpoint: Selector, step: int | None)
             found = [model for model in catalog.search(handle) if model.key == checkpoint]
         for stored in catalog.preferred(handle, found):
             try:
-                return _located(stored)
+                return locate(stored)
             except NotFoundError:
                 continue
         committed = catalog.committed(handle)
@@ -228,7 +167,7 @@ def select_checkpoint(handle: RunHandle, checkpoint: Selector, step: int | None)
         try:
             stored = catalog.get(handle.client, model_id, handle.config)
             if stored.status == catalog.READY and stored.run_id == handle.run_id:
-                return _located(stored)
+                return locate(stored)
         except NotFoundError:
             pass  # a stale tag (checkpoint deleted by hand): fall back to searching below
     return _select_by_search(handle, checkpoint)
@@ -241,7 +180,7 @@ def _select_step(handle: RunHandle, step: int) -> Located:
         if stored.step is not None and stored.step != step:
             continue  # its params, written from its manifest, record another step: no need to read it
         try:
-            located = _located(stored)
+            located = locate(stored)
         except NotFoundError:
             continue
         if located.manifest.step == step:
@@ -337,67 +276,17 @@ def _select_by_search(handle: RunHandle, which: str) -> Located:
     return _first_located(handle, candidates(ranked))
 
 
-def what_else_loads(handle: RunHandle) -> str:
-    """The advice for a run without checkpoints (one sentence): load its state dict, or its whole model, or log a
-    checkpoint.
-
-    Read only on that error's way: a state dict's manifest, and one search for the whole model. One that cannot
-    be told now (the store or server failing) is left out of the advice rather than claimed.
-    """
-    run_id = handle.run_id
-    log_one = "log a checkpoint with tracking.log_checkpoint(...) (or a Checkpointer)"
-    try:
-        _state_dict(handle)
-        held = True
-    except IntegrityError:
-        held = True  # there, but damaged: loading it says how
-    except TrackingError:
-        held = False  # none, or the store cannot tell now
-    if held:
-        return (
-            f"its state dict loads with tracking.load_model({run_id!r}) (`--checkpoint state_dict` in the command "
-            f"line), or {log_one}."
-        )
-    try:
-        with tracking_server_errors(run_id, "looking for the run's whole model"):
-            whole = handle.client.search_logged_models(
-                experiment_ids=[handle.experiment_id],
-                filter_string=f"source_run_id = '{run_id}' AND name = '{layout.MODEL_NAME}'",
-                max_results=1,
-            )
-    except TrackingError:
-        whole = []
-    if whole:
-        return (
-            f"its whole model (tracking.log_model) loads with tracking.load_pickled_model({run_id!r}, "
-            f"trust_pickle=True), which unpickles it: only for a run you trust; or {log_one}."
-        )
-    return f"it holds no state dict or whole model either: {log_one}."
-
-
 def _first_located(handle: RunHandle, candidates: list[StoredCheckpoint]) -> Located:
     """The first of ``candidates`` whose manifest is stored: a READY model whose manifest is gone (deleted
     by hand, or by a retention that died before deleting the model) is no checkpoint, so the next one is."""
     for stored in candidates:
         try:
-            return _located(stored)
+            return locate(stored)
         except NotFoundError:
             continue
     raise NotFoundError(
         f"run {handle.run_id}: none of its READY checkpoint logged models has a manifest; log a checkpoint again."
     )
-
-
-def _located(stored: StoredCheckpoint) -> Located:
-    """A checkpoint logged model with its manifest read: the manifest, not the status, says it exists."""
-    try:
-        manifest = stored.read_manifest()
-    except NotFoundError:
-        raise NotFoundError(
-            f"{stored.uri} ({stored.name} of run {stored.run_id}, status {stored.status}) has no manifest: the "
-            "save did not commit, or the checkpoint was deleted. Load another checkpoint of the run."
-        ) from None
-    return Located(stored.run_id, stored.store, "", manifest, stored.model_id)
 
 
 def _key_list(keys: list[int]) -> str:

@@ -242,8 +242,8 @@ def checkpoints(source: str, as_json: bool) -> None:
         emit_json(found)
         return
     if not found:
+        from tracking.alternatives import what_else_loads
         from tracking.run import open_run
-        from tracking.selection import what_else_loads
 
         click.echo(f"{source}: no committed checkpoints; {what_else_loads(open_run(run_id))}")
         return
