@@ -13,10 +13,9 @@ from tracking.localstack.stack import (
     LOCAL_ACCESS_KEY_ID,
     LOCAL_SECRET_ACCESS_KEY,
     LocalStack,
-    ServiceStatus,
     StackError,
-    StackStatus,
 )
+from tracking.localstack.status import ServiceStatus, StackStatus
 
 __all__ = [
     "ARTIFACT_PREFIX",

@@ -14,27 +14,27 @@ Everything lives under one data folder (default ``.tracking/``, or ``$TRACKING_D
     stack.env             ``export ...`` lines for shells and Makefiles
 
 What the two services are (ports, command lines, health probes) is in
-:mod:`tracking.localstack.services`; this module starts them together, waits for them and records
-how it did.
+:mod:`tracking.localstack.services`; this module starts them together, waits for them (through
+:mod:`tracking.localstack.health`) and records how it did.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tracking.config import TrackingConfig
 from tracking.errors import TrackingError
 from tracking.localstack import services
-from tracking.localstack.datadir import export_lines, last_line, tree_size, write_private
+from tracking.localstack.datadir import export_lines, tree_size, write_private
+from tracking.localstack.health import wait_until_healthy
 from tracking.localstack.services import HOST as HOST  # re-exported: imported from here
 from tracking.localstack.services import MLFLOW, SEAWEEDFS, Launch, WeedNotFound, redact
 from tracking.localstack.services import SEAWEEDFS_PORT_COUNT as SEAWEEDFS_PORT_COUNT
 from tracking.localstack.settings import DEFAULT_BUCKET, DEFAULT_DATA_DIR, StackSettings
+from tracking.localstack.status import ServiceStatus, StackStatus
 from tracking.localstack.supervisor import SpawnError, StillRunning, Supervisor, port_free
 
 DEFAULT_S3_PORT = 8333
@@ -69,27 +69,6 @@ def _unreadable_settings(state: Path, exc: Exception, processes: Supervisor) -> 
         f"{processes.run_dir} name none), so nothing needs it: delete it and run `tracking stack up` again (with "
         "the --backend-store-uri it used, if any; its data stays in the folder)"
     )
-
-
-@dataclass(frozen=True)
-class ServiceStatus:
-    """One service of the stack as seen from its pid file."""
-
-    name: str
-    pid: int | None
-    alive: bool
-    url: str
-    log: Path
-
-
-@dataclass(frozen=True)
-class StackStatus:
-    """What :meth:`LocalStack.status` reports."""
-
-    services: tuple[ServiceStatus, ...]
-    data_dir: Path
-    data_bytes: int
-    backend_store_uri: str
 
 
 class LocalStack:
@@ -375,33 +354,9 @@ class LocalStack:
             SEAWEEDFS: lambda: services.s3_problem(self.s3_client(), self.bucket),
             MLFLOW: lambda: services.mlflow_problem(self.tracking_uri),
         }
-        problems: dict[str, str | None] = dict.fromkeys(_SERVICES, "not checked yet")
-        deadline = time.monotonic() + self.startup_timeout
-        while True:
-            for name in _SERVICES:
-                if problems[name] is None:
-                    continue
-                exit_code = self._processes.exit_code(name)
-                if exit_code is not None:
-                    log = self.log_path(name)
-                    raise StackError(
-                        f"{name} exited during start (exit code {exit_code}, last log line: "
-                        f"{last_line(log)!r}); log: {log}"
-                    )
-                if not self._processes.started_here(name) and self._processes.owned_pid(name) is None:
-                    raise StackError(f"{name} stopped while waiting for it; log: {self.log_path(name)}")
-                problems[name] = checks[name]()
-            pending = {name: problem for name, problem in problems.items() if problem is not None}
-            if not pending:
-                return
-            if time.monotonic() > deadline:
-                name, problem = next(iter(pending.items()))
-                log = self.log_path(name)
-                raise StackError(
-                    f"{name} did not become healthy within {self.startup_timeout:.0f}s ({problem}; last "
-                    f"error in log: {last_line(log, containing='Error')!r}); log: {log}"
-                )
-            time.sleep(0.25)
+        problem = wait_until_healthy(self._processes, checks, self.log_path, self.startup_timeout)
+        if problem is not None:
+            raise StackError(problem)
 
     def s3_client(self) -> Any:
         """A boto3 S3 client for this stack's endpoint and credentials: short timeouts, no retries, made once."""
