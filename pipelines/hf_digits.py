@@ -100,7 +100,7 @@ def _train(opts: options.Options) -> str:
     from transformers import Trainer, TrainingArguments
 
     import tracking
-    from pipelines import data, noise, parallel, resume, runs
+    from pipelines import data, noise, override, parallel, reporting, resume, runs
     from pipelines.hf_model import DigitsClassifier, DigitsConfig, Examples, accuracy
     from tracking import layout
     from tracking.integrations.transformers import TrackingCallback, checkpoint_folder
@@ -118,7 +118,7 @@ def _train(opts: options.Options) -> str:
     def settle() -> tuple[options.Options, Any, dict[str, Any], dict[str, str], bool]:
         origin = _origin(client, opts, config) if opts.resume else None
         settled = resume.with_target(opts, origin)
-        current = runs.current_params(origin)
+        current = override.current_params(origin)
         values = opts.settings(current, origin.info.run_id if origin else None)
         changed: dict[str, tuple[str, str]] = {}
         if origin is not None:
@@ -229,7 +229,7 @@ def _train(opts: options.Options) -> str:
                     mode=values["monitor_mode"],
                     config=config,
                 )
-            runs.report(client, run, config=config)
+            reporting.report(client, run, config=config)
         distributed.barrier()  # no rank deletes the folder another still reads
         if distributed.local_rank() == 0:
             shutil.rmtree(output_dir, ignore_errors=True)
@@ -251,7 +251,7 @@ def _start(
     (``python -m PIPELINE``)."""
     import mlflow
 
-    from pipelines import runs
+    from pipelines import reporting, runs
     from pipelines.hf_model import DigitsClassifier
 
     recorded = origin.data.params if origin else {}
@@ -271,7 +271,7 @@ def _start(
     }
     with runs.start_run(**run_args) as run, runs.killed_on_ctrl_c(run, launch, opts.epochs):
         mlflow.log_params({k: v for k, v in params.items() if k not in recorded or opts.new_run})
-        runs.announce(client, run)
+        reporting.announce(client, run)
         mlflow.set_tags(dict(tags))
         runs.check_store(run.info.run_id, config)
         yield run

@@ -62,7 +62,7 @@ def train(opts: options.Options) -> str:
     from mlflow.tracking import MlflowClient
 
     import tracking
-    from pipelines import noise, resume, runs
+    from pipelines import noise, override, reporting, resume, runs
     from pipelines.lightning_modules import (
         GivenLearningRate,
         LitDigits,
@@ -85,7 +85,7 @@ def train(opts: options.Options) -> str:
         resume.check_pick(origin.info.run_id, opts, config)
         resume.check_trainer(origin, opts)
     opts = resume.with_target(opts, origin)
-    current = runs.current_params(origin)
+    current = override.current_params(origin)
     values = opts.settings(current, origin.info.run_id if origin else None)
     conflicts: dict[str, tuple[str, str]] = {}
     ckpt_path = None
@@ -131,7 +131,7 @@ def train(opts: options.Options) -> str:
                 }
             )
         mlflow.set_tags(tags)
-        runs.announce(client, run)
+        reporting.announce(client, run)
         runs.check_store(run.info.run_id, config)
         run_id = run.info.run_id
         # The run's own folder: a resume on this machine finds the files its ModelCheckpoint kept.
@@ -193,7 +193,7 @@ def train(opts: options.Options) -> str:
             default_root_dir=str(folder),
         )
         _fit(trainer, module, train_loader, val_loader, ckpt_path)
-        runs.report(client, run, lightning_epochs=True)
+        reporting.report(client, run, lightning_epochs=True)
         return str(run_id)
 
 

@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
 
 import tracking
-from pipelines import data, options, resume, runs
+from pipelines import data, options, override, reporting, resume, runs
 from pipelines.epochs import AfterStep, run_epochs
 from pipelines.steps import KEY, Position, SkippingBatches
 from pipelines.task import State, Task, seed_everything
@@ -103,7 +103,7 @@ def _train(task: Task, opts: options.Options) -> str:
 
     def settle() -> tuple[options.Options, Run | None, dict[str, Any], dict[str, tuple[str, str]]]:
         origin = resume.find_origin(client, task, opts, config) if opts.resume else None
-        values = opts.settings(runs.current_params(origin), origin.info.run_id if origin else None)
+        values = opts.settings(override.current_params(origin), origin.info.run_id if origin else None)
         overrides = runs.changed_params(task, opts, origin) if origin else {}
         return resume.with_target(opts, origin), origin, values, overrides
 
@@ -139,7 +139,7 @@ def _train(task: Task, opts: options.Options) -> str:
         checkpoints,
     ):
         if run is not None:
-            runs.announce(client, run)
+            reporting.announce(client, run)
             mlflow.set_tags({TAG_STRATEGY: str(opts.strategy), TAG_WORLD_SIZE: str(world)})
         restore = None
         if rank_state is not None and "seed" not in overrides:
@@ -179,7 +179,7 @@ def _train(task: Task, opts: options.Options) -> str:
             assert whole is not None
             by_step = checkpoints.every_n_steps is not None  # charted by global step
             logged = runs.log_final_weights(whole, opts.epochs, state.step if by_step else None)
-            runs.report(client, run, logged.model_id)
+            reporting.report(client, run, logged.model_id)
         return run_id
 
 

@@ -1,4 +1,4 @@
-"""The MLflow run a training writes to: its params and tags, and what it reports.
+"""The MLflow run a training writes to: its params and tags (what it prints about them: :mod:`pipelines.reporting`).
 
 A training without ``--resume`` starts a new run. ``--resume RUN_ID`` restores RUN_ID's checkpoint (which
 one, and what is refused: :mod:`pipelines.resume`) at epoch N and goes on in one of two runs:
@@ -20,10 +20,8 @@ Every run records the number of epochs it trains to in the tag ``tracking.epochs
 ``--epochs`` goes on to that target, and one with ``--epochs`` sets the new target (in RUN_ID's tag, or the
 child's) that later resumes go on to.
 
-Options left out take RUN_ID's params as it last trained with them. Given ones that
-differ are refused unless ``--override``. A run's params cannot change, so an override
-on RUN_ID itself is kept in tags: ``tracking.override.<param>`` holds the value its
-later resumes go on with, and ``tracking.overrides`` tells what changed from where.
+Options left out take RUN_ID's params as it last trained with them; given ones that differ are refused unless
+``--override`` (how an override is recorded: :mod:`pipelines.override`).
 """
 
 from __future__ import annotations
@@ -44,9 +42,12 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 import tracking
 from pipelines import options
+from pipelines.override import TAG_OVERRIDE_PREFIX as TAG_OVERRIDE_PREFIX  # re-exported: imported from here
+from pipelines.override import TAG_OVERRIDES as TAG_OVERRIDES  # re-exported: imported from here
+from pipelines.override import current_params, listed, override_tags
 from pipelines.task import State, Task
 from pipelines.trainer import Trainer
-from tracking import layout, spec
+from tracking import spec
 from tracking.cli.noise import muted
 from tracking.run import deleted_run_advice
 
@@ -62,9 +63,6 @@ TAG_RESUMED_FROM_STEP = "tracking.resumed_from_step"
 TAG_RESUMES = "tracking.resumes"
 # The number of epochs the run trains to: its latest --epochs, which a resume without --epochs goes on to.
 TAG_EPOCHS = "tracking.epochs"
-TAG_OVERRIDES = "tracking.overrides"
-# tracking.override.lr = "0.5": the value of param lr since an --override on the run itself.
-TAG_OVERRIDE_PREFIX = "tracking.override."
 
 
 # A TrackingError, so that tracking.errors.exit_code reports it like the library's own errors.
@@ -94,35 +92,9 @@ def refuse_changes(run_id: str, changed: Mapping[str, tuple[str, str]], override
     """Refuse a resume that changes run ``run_id``'s params (name -> (current, given)) without --override."""
     if changed and not override:
         raise PipelineError(
-            f"run {run_id} was trained with other params ({_listed(changed)}); leave these options out to keep the "
+            f"run {run_id} was trained with other params ({listed(changed)}); leave these options out to keep the "
             f"run's values, or add --override to apply them (recorded in the tag {TAG_OVERRIDES})."
         )
-
-
-def current_params(run: Run | None) -> dict[str, str]:
-    """The params ``run`` last trained with: its recorded ones, with the values --override gave it since."""
-    if run is None:
-        return {}
-    params = dict(run.data.params)
-    for tag, value in run.data.tags.items():
-        name = tag.removeprefix(TAG_OVERRIDE_PREFIX)
-        if name != tag and name in params:
-            params[name] = value
-    return params
-
-
-def override_tags(where: str, changed: Mapping[str, tuple[str, str]], origin: Run, new_run: bool) -> dict[str, str]:
-    """The tags that record the params this resume changes (name -> (current, given)) from ``where`` (``"epoch 4"``,
-    ``"step 120"``) on: the overrides tag, appended to on RUN_ID itself, and there each param's value from now
-    on, which its later resumes take (:func:`current_params`). A ``--new-run`` child records them as its params."""
-    if not changed:
-        return {}
-    note = f"from {where}: {_listed(changed)}"
-    earlier = None if new_run else origin.data.tags.get(TAG_OVERRIDES)
-    tags = {TAG_OVERRIDES: f"{earlier}; {note}" if earlier else note}
-    if not new_run:
-        tags.update({TAG_OVERRIDE_PREFIX + name: given for name, (_, given) in changed.items()})
-    return tags
 
 
 def resume_tags(
@@ -136,7 +108,7 @@ def resume_tags(
     (:mod:`pipelines.trainer`) and, resumed from ``origin``'s checkpoint
     at ``epoch`` (the epochs it completed; ``step``, its global step, in a run keyed by step), where it goes on
     from: a ``--new-run`` child its parent and branch point, RUN_ID itself where its latest resume began and how
-    many there were; and the params this resume changes (:func:`override_tags`)."""
+    many there were; and the params this resume changes (:func:`pipelines.override.override_tags`)."""
     # Who trains it from now on: a resume of the run while it is still RUNNING asks whether this process still runs.
     tags = {TAG_EPOCHS: str(opts.epochs), **Trainer.this_process().tag()}
     if origin is None:
@@ -156,10 +128,6 @@ def resume_tags(
     where = f"step {step}" if step is not None else f"epoch {epoch}"
     tags.update(override_tags(where, overrides, origin, opts.new_run))
     return tags
-
-
-def _listed(changed: Mapping[str, tuple[str, str]]) -> str:
-    return ", ".join(f"{name} {old} -> {new}" for name, (old, new) in changed.items())
 
 
 def changed_params(task: Task, opts: options.Options, origin: Run) -> dict[str, tuple[str, str]]:
@@ -304,15 +272,6 @@ def described(state: State) -> dict[str, str]:
     return params
 
 
-def announce(client: MlflowClient, run: mlflow.ActiveRun) -> None:
-    """Print the run's ID and experiment, and where to view it when the tracking server has a UI."""
-    run_id, experiment_id = run.info.run_id, run.info.experiment_id
-    print(f"MLflow run {run_id} (experiment {experiment_id})", flush=True)
-    link = ui_link(client, f"experiments/{experiment_id}/runs/{run_id}")
-    if link:
-        print(f"view it at {link}", flush=True)
-
-
 def log_final_weights(model: torch.nn.Module, epoch: int, step: int | None = None) -> Any:
     """The model a training ended with at ``epoch``, as its state dict and as the whole model in MLflow's pytorch
     flavor (``mlflow.pytorch.load_model``, serving); MLflow's ``ModelInfo`` of the latter. Each records ``epoch``:
@@ -327,49 +286,6 @@ def log_final_weights(model: torch.nn.Module, epoch: int, step: int | None = Non
     tracking.log_state_dict(model, epoch=epoch, step=step)
     with muted("mlflow.pytorch", "Saving pytorch model by Pickle"):
         return tracking.log_model(model, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], step=epoch)
-
-
-def report(
-    client: MlflowClient,
-    run: mlflow.ActiveRun,
-    whole_model_id: str | None = None,
-    config: tracking.TrackingConfig | None = None,
-    lightning_epochs: bool = False,
-) -> None:
-    """Print what the run holds and how to load each: its latest and best checkpoints, the whole model
-    (when one was logged), and where the UI shows them.
-
-    ``lightning_epochs``: the checkpoints are keyed by Lightning's epoch, which counts from 0 (``epoch=0`` is the
-    save at the first epoch's end); shown as the user counts, from 1, with Lightning's beside it."""
-    run_id, experiment_id = run.info.run_id, run.info.experiment_id
-    for which in ("latest", "best"):
-        try:
-            found = tracking.find_checkpoint(run_id, which, config=config)
-        except tracking.NotFoundError:
-            continue
-        manifest = found.manifest
-        at = f"step {manifest.step}" if manifest.keyed_by == layout.STEP else f"epoch {manifest.epoch}"
-        if lightning_epochs and manifest.keyed_by == layout.EPOCH and manifest.epoch is not None:
-            at = f"epoch {manifest.epoch + 1} (Lightning's epoch={manifest.epoch})"
-        print(f"{which} checkpoint: {at}, models:/{found.model_id}", flush=True)
-    if whole_model_id is not None:
-        print(
-            f"whole model: models:/{whole_model_id} (mlflow.pytorch.load_model; a pickle: load only runs you trust)",
-            flush=True,
-        )
-    run_link = ui_link(client, f"experiments/{experiment_id}/runs/{run_id}")
-    if run_link:
-        print(f"run {run_id}: {run_link}", flush=True)
-        print(f"checkpoints and models: {ui_link(client, f'experiments/{experiment_id}/models')}", flush=True)
-
-
-def ui_link(client: MlflowClient, page: str) -> str | None:
-    """The UI address of ``page`` (e.g. ``experiments/1/runs/<id>``) in the classic training view;
-    None when the tracking server has no UI (a local file or database)."""
-    uri = str(client.tracking_uri)
-    if not uri.startswith(("http://", "https://")):
-        return None
-    return f"{uri.rstrip('/')}/#/{page}{layout.UI_VIEW_QUERY}"
 
 
 def _experiment_id(client: MlflowClient, name: str) -> str:

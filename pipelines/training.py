@@ -63,14 +63,14 @@ def train(task: Task, opts: options.Options) -> str:
     from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
     import tracking
-    from pipelines import data, resume, runs
+    from pipelines import data, override, reporting, resume, runs
 
     config = tracking.TrackingConfig.from_env(experiment_name=opts.experiment)
     client = MlflowClient(config.tracking_uri)
     opts = resume.pinned(opts, config)
     origin = resume.find_origin(client, task, opts, config) if opts.resume else None
     opts = resume.with_target(opts, origin)
-    values = opts.settings(runs.current_params(origin), origin.info.run_id if origin else None)
+    values = opts.settings(override.current_params(origin), origin.info.run_id if origin else None)
     overrides = runs.changed_params(task, opts, origin) if origin else {}
     if origin is not None and not opts.new_run:
         resume.check_keys(origin.info.run_id, values, config, instead="add --new-run to branch a child run")
@@ -105,7 +105,7 @@ def train(task: Task, opts: options.Options) -> str:
         return {"extra": {"rng": rng, KEY: position.saved(values["batch_size"])}}
 
     with runs.start(client, config, task, opts, origin, values, overrides, state) as run, checkpoints:
-        runs.announce(client, run)
+        reporting.announce(client, run)
         if rng is not None and "seed" not in overrides:
             # Last thing before the loop, so nothing above (MLflow names new runs with `random`) shifts it.
             # An --override-n seed draws the batches (and dropout) from here on instead.
@@ -115,7 +115,7 @@ def train(task: Task, opts: options.Options) -> str:
         # the whole model in MLflow's pytorch flavor (mlflow.pytorch.load_model, model serving).
         by_step = checkpoints.every_n_steps is not None  # charted by global step
         whole = runs.log_final_weights(state.model, opts.epochs, state.step if by_step else None)
-        runs.report(client, run, whole.model_id)
+        reporting.report(client, run, whole.model_id)
         return str(run.info.run_id)
 
 
