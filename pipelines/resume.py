@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from mlflow.entities import Run
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import tracking
@@ -88,8 +87,8 @@ def pinned(opts: options.Options, config: tracking.TrackingConfig) -> options.Op
         located = tracking.find_checkpoint(opts.resume, config=config)
     except ValueError as exc:
         raise runs.PipelineError(str(exc)) from exc
-    except tracking.NotFoundError:
-        _refuse_a_whole_model(source, config)
+    except tracking.NotFoundError as exc:
+        _refuse_a_whole_model(source, exc, config)
         raise
     kind, key = located.manifest.keyed_by, located.manifest.key
     run_id = located.run_id
@@ -107,24 +106,22 @@ def pinned(opts: options.Options, config: tracking.TrackingConfig) -> options.Op
     )
 
 
-def _refuse_a_whole_model(source: str, config: tracking.TrackingConfig) -> None:
+def _refuse_a_whole_model(source: str, exc: tracking.NotFoundError, config: tracking.TrackingConfig) -> None:
     """Refuse ``--resume models:/...`` of a logged model that is no checkpoint (a whole model, registered or not)
     in the pipeline's terms: the library's advice, to load it with tracking.load_pickled_model(), was no next step
-    for a command line. Returns when ``source`` names no such model (the library's own error says what it lacks)."""
-    from mlflow.tracking import MlflowClient
+    for a command line. Returns when ``exc`` is about something else (the library's own error says what it lacks)."""
+    from tracking.errors import NotACheckpoint
+    from tracking.run import open_run
 
-    from tracking.source import open_run_pinned
-
+    if not isinstance(exc, NotACheckpoint):
+        return
+    run_id = exc.run_id
     try:
-        handle, model_id = open_run_pinned(source, config)
-        model = MlflowClient(config.tracking_uri).get_logged_model(model_id) if model_id else None
-    except (tracking.TrackingError, MlflowException):
-        return
-    if model is None or model.model_type == layout.CHECKPOINT_MODEL_TYPE:
-        return
-    run_id = handle.run_id
+        open_run(run_id, config)
+    except tracking.TrackingError:
+        return  # the refusal sends the user to --resume the run: one that cannot be opened leaves the library's error
     raise runs.PipelineError(
-        f"--resume {source}: {model.name!r} of run {run_id} is a whole model, not a checkpoint: it holds no optimizer "
+        f"--resume {source}: {exc.name!r} of run {run_id} is a whole model, not a checkpoint: it holds no optimizer "
         f"or RNG state to go on from. Pass --resume {run_id} to go on from the run's latest checkpoint, or a "
         f"checkpoint's models:/ URI (`tracking checkpoints {run_id}` lists them)."
     )

@@ -14,7 +14,7 @@ from typing import Any
 
 from tracking import layout
 from tracking.config import TrackingConfig
-from tracking.errors import NotFoundError, StorageError, TrackingError, one_line
+from tracking.errors import NotACheckpoint, NotFoundError, StorageError, TrackingError, one_line
 from tracking.manifest import Manifest
 from tracking.run import RunHandle, tracking_server_errors
 from tracking.storage import ArtifactStore, open_store
@@ -252,9 +252,11 @@ def get_if_present(
             "runs and MLFLOW_TRACKING_URI points at it, then retry."
         ) from exc
     if checkpoint and model.model_type != layout.CHECKPOINT_MODEL_TYPE:
-        raise NotFoundError(
+        raise NotACheckpoint(
             f"models:/{model_id} ({model.name}) is a {model.model_type or 'plain'} logged model, not a checkpoint; "
-            "load a whole model with tracking.load_pickled_model() or mlflow.pytorch.load_model()."
+            "load a whole model with tracking.load_pickled_model() or mlflow.pytorch.load_model().",
+            model.source_run_id,
+            model.name,
         )
     return _wrap(model, config)
 

@@ -24,6 +24,19 @@ class NotFoundError(TrackingError):
     """A run, checkpoint, artifact, registry alias or class does not exist."""
 
 
+class NotACheckpoint(NotFoundError):
+    """A logged model asked for as a checkpoint that is another kind (a whole model): which one, of which run."""
+
+    def __init__(self, message: str, run_id: str, name: str) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.name = name
+
+    def __reduce__(self) -> tuple[type[NotACheckpoint], tuple[str, str, str]]:
+        # Sent to the other ranks of a job pickled: by its message alone it would not rebuild.
+        return type(self), (str(self), self.run_id, self.name)
+
+
 class IntegrityError(TrackingError):
     """Stored bytes or a manifest do not match what was recorded, or are unreadable."""
 

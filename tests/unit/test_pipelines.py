@@ -774,6 +774,26 @@ def test_resume_of_a_whole_models_uri_says_to_pass_the_run_or_a_checkpoint(env: 
     assert max(history(run_id)["val_loss"]) == 1  # untouched
 
 
+def test_resume_of_a_whole_models_uri_asks_the_server_for_the_model_once(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The library's refusal names the model and its run already: the pipeline's own words need no second look.
+    trained = inline(train.main, "--epochs", "1")
+    (whole,) = re.findall(r"whole model: (models:/m-[0-9a-f]+)", trained.out)
+    asked: list[str] = []
+    get_logged_model = MlflowClient.get_logged_model
+
+    def counted(client: MlflowClient, model_id: str) -> Any:
+        asked.append(model_id)
+        return get_logged_model(client, model_id)
+
+    monkeypatch.setattr(MlflowClient, "get_logged_model", counted)
+    outcome = inline(train.main, "--resume", whole, "--epochs", "2")
+
+    assert outcome.code == 1 and "is a whole model, not a checkpoint" in outcome.err, outcome.err
+    assert asked == [whole.removeprefix("models:/")]
+
+
 def test_resume_of_a_run_in_a_deleted_experiment_says_to_restore_the_experiment(env: dict[str, str]) -> None:
     # MLflow marks the runs of a deleted experiment deleted too: "restore it (the run) in the MLflow UI" sent
     # users to restore a run, which MLflow refuses while its experiment stays deleted.
