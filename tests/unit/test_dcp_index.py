@@ -167,6 +167,28 @@ def test_a_stored_index_that_does_not_tile_its_tensor_fails_load_and_verify(expe
     assert "model_state.linear.weight" in next(iter(failures.values()))
 
 
+def test_a_restore_of_a_sharded_checkpoint_reads_its_index_once(
+    experiment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    import tracking
+    from pipelines.models import Model
+
+    with mlflow.start_run() as run:
+        _sharded_checkpoint(run.info.run_id)
+    parsed: list[str] = []
+    parse = dcp_index.from_json
+
+    def counted(raw: bytes, files: Any, *, where: str) -> Metadata:
+        parsed.append(where)
+        return parse(raw, files, where=where)
+
+    monkeypatch.setattr(dcp_index, "from_json", counted)
+    tracking.restore(run.info.run_id, Model(6))
+    assert len(parsed) == 1, parsed
+
+
 class _Evil:
     def __reduce__(self) -> tuple[Any, tuple[str]]:
         import os

@@ -169,11 +169,15 @@ def read(
     store: ArtifactStore, files: Mapping[str, StoredFile], where: str, keys: set[str] | None = None
 ) -> dict[str, Any]:
     """Top-level ``keys`` (all when None) of a sharded checkpoint, as saved, with full tensors."""
+    return _read_with(ShardReader(store, files, where), where, keys)
+
+
+def _read_with(reader: ShardReader, where: str, keys: set[str] | None) -> dict[str, Any]:
+    """:func:`read` through ``reader``, which keeps the index it read already: ``dcp.json`` is read once a load."""
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     state: dict[str, Any] = {}
     planner = SafeFullPlanner(keys=keys)
-    reader = ShardReader(store, files, where)
     reader.read_metadata()  # its IntegrityError as it is, not inside DCP's CheckpointException
     with _own_errors(where):
         _load_state_dict(state, storage_reader=reader, planner=planner, no_dist=True)
@@ -299,7 +303,7 @@ def load_into(
     except (RuntimeError, KeyError, ValueError) as exc:
         raise _mismatch(where, one_line(exc)) from exc
     saved = {str(path[0]) for path in paths}
-    return read(store, files, where, keys=saved - {"model_state", "optim_state"})
+    return _read_with(reader, where, saved - {"model_state", "optim_state"})
 
 
 def _refuse_left_over(where: str, template: dict[str, Any], paths: set[tuple[Any, ...]], strict: bool) -> None:
