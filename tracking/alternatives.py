@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tracking import layout
-from tracking.errors import IntegrityError, TrackingError
+from tracking.errors import IntegrityError, NotFoundError, TrackingError
 from tracking.located import state_dict
 from tracking.run import RunHandle, tracking_server_errors
 
@@ -44,3 +44,8 @@ def what_else_loads(handle: RunHandle) -> str:
             f"trust_pickle=True), which unpickles it: only for a run you trust; or {log_one}."
         )
     return f"it holds no state dict or whole model either: {log_one}."
+
+
+def no_checkpoints(handle: RunHandle, missing: str) -> NotFoundError:
+    """The refusal of a pick (``missing``: what was asked and not found) in a run that holds no checkpoint at all."""
+    return NotFoundError(f"{missing}, nor any other: it holds no checkpoints; {what_else_loads(handle)}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 
 from tracking import catalog, layout
-from tracking.alternatives import what_else_loads
+from tracking.alternatives import no_checkpoints, what_else_loads
 from tracking.catalog import LoggedCheckpoint, StoredCheckpoint
 from tracking.config import TrackingConfig
 from tracking.errors import IntegrityError, NotFoundError, TrackingError, one_line
@@ -155,7 +155,7 @@ def select_checkpoint(handle: RunHandle, checkpoint: Selector, step: int | None)
         others = sorted(key for key in committed if key != checkpoint)
         missing = f"run {handle.run_id}: no committed checkpoint for {layout.label(keyed_by, checkpoint)}"
         if not others:
-            raise NotFoundError(f"{missing}, nor any other: it holds no checkpoints; {what_else_loads(handle)}")
+            raise no_checkpoints(handle, missing)
         raise NotFoundError(
             f"{missing}; committed {keyed_by}s: {_key_list(others)}. Pass one of those, or checkpoint='latest' | "
             "'best' (--checkpoint latest | best)."
@@ -188,10 +188,7 @@ def _select_step(handle: RunHandle, step: int) -> Located:
     if not committed and (legacy := catalog.legacy_error(handle)) is not None:
         raise legacy
     if not committed:
-        raise NotFoundError(
-            f"run {handle.run_id}: no committed checkpoint was logged at step {step}, nor any other: it holds no "
-            f"checkpoints; {what_else_loads(handle)}"
-        )
+        raise no_checkpoints(handle, f"run {handle.run_id}: no committed checkpoint was logged at step {step}")
     steps = sorted({stored.step for stored in committed.values() if stored.step is not None})
     raise NotFoundError(
         f"run {handle.run_id}: no committed checkpoint was logged at step {step}; their steps: {_key_list(steps)}. "
