@@ -21,7 +21,7 @@ from tracking.errors import IntegrityError, NotFoundError, TrackingError, one_li
 from tracking.located import Located as Located  # re-exported: the integrations import it from here
 from tracking.located import locate, state_dict
 from tracking.number import plain
-from tracking.rank import warn_on_rank_zero
+from tracking.rank import rank_zero, warn_on_rank_zero
 from tracking.run import RunHandle
 from tracking.source import open_run_of, open_source
 from tracking.uri import parse_source
@@ -52,7 +52,10 @@ def list_checkpoints(source: str, *, config: TrackingConfig | None = None) -> li
 
 
 def warn_unreadable(run_id: str, checkpoint: StoredCheckpoint, exc: IntegrityError) -> None:
-    """One warning line for a checkpoint left out of a listing because its manifest is damaged."""
+    """One warning line for a checkpoint left out of a listing because its manifest is damaged: said by rank 0
+    alone under torchrun (every rank lists the same run)."""
+    if not rank_zero():
+        return
     _log.warning(
         "run %s: left out %s (%s), its manifest is unreadable: %s",
         run_id,

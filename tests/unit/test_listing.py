@@ -48,3 +48,23 @@ def test_one_malformed_manifest_leaves_the_others_listed_and_is_reported(
     assert runs.exit_code == 0, runs.output
     assert run_id in runs.stdout
     assert any(bad.model_id in r.getMessage() for r in caplog.records)
+
+
+def test_a_damaged_manifest_is_said_once_for_a_torchrun_job_on_rank_0(
+    experiment: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with mlflow.start_run() as run:
+        for epoch in (1, 2):
+            tracking.log_checkpoint(Model(6), epoch=epoch)
+    bad = tracking.find_checkpoint(run.info.run_id, 1)
+    bad.store.write_bytes("manifest.json", b"{not json")
+
+    def said(rank: str) -> list[str]:
+        monkeypatch.setenv("RANK", rank)  # every rank of the job lists the run alike
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="tracking"):
+            assert [c.epoch for c in tracking.list_checkpoints(run.info.run_id)] == [2]
+        return [r.getMessage() for r in caplog.records if bad.model_id in r.getMessage()]
+
+    assert len(said("0")) == 1
+    assert said("1") == []
