@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -497,6 +498,63 @@ def test_background_uploads_stop_their_thread_at_the_end_of_each_fit(s3_experime
             fitted.fit(TinyLit(), *loaders())
         assert [c.epoch for c in tracking.list_checkpoints(run.info.run_id)] == [1]  # committed before it stopped
         assert upload_threads() == before
+
+
+class RaisingLit(TinyLit):
+    """Its training step raises at epoch 1, once ``raised`` is set: user code failing after epoch 0's save."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raised = threading.Event()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.current_epoch == 1:
+            self.raised.set()
+            raise RuntimeError("a bug in the training step (test)")
+        return super().training_step(batch, batch_idx)
+
+
+def no_upload_thread_within(seconds: float, before: int) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if sum(t.name == "tracking-async-save" for t in threading.enumerate()) == before:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.parametrize("upload_fails", [False, True])
+def test_a_fit_that_raises_finishes_the_upload_it_queued_and_leaves_no_upload_thread(
+    s3_experiment: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    upload_fails: bool,
+) -> None:
+    # A sweep or notebook that catches a fit's error must not keep its upload thread, nor lose (or never hear of)
+    # the upload queued before the error.
+    before = sum(t.name == "tracking-async-save" for t in threading.enumerate())
+    module = RaisingLit()
+    commit = mirror.commit_local_files
+
+    def held_commit(*args: Any, **kwargs: Any) -> Any:
+        assert module.raised.wait(timeout=20), "the training step never raised"  # still uploading as it raises
+        if upload_fails:
+            raise tracking.StorageError("the store refused the upload (test)")
+        return commit(*args, **kwargs)
+
+    monkeypatch.setattr(mirror, "commit_local_files", held_commit)
+    with mlflow.start_run() as run, caplog.at_level(logging.ERROR):
+        fitted = trainer(3, tmp_path, [ModelCheckpoint(dirpath=tmp_path / "c"), MLflowCheckpoints(background=True)])
+        with pytest.raises(RuntimeError, match="a bug in the training step"):
+            fitted.fit(module, *loaders())
+    assert no_upload_thread_within(10, before)
+    saved = [c.epoch for c in tracking.list_checkpoints(run.info.run_id)]
+    if upload_fails:
+        assert saved == []
+        assert any("refused the upload" in r.getMessage() and run.info.run_id in r.getMessage() for r in caplog.records)
+    else:
+        assert saved == [0]
 
 
 def test_a_file_removed_while_async_checkpoint_io_writes_or_uploads_it_is_removed_after(

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -511,6 +512,56 @@ def test_each_training_stops_its_upload_thread_so_a_sweep_leaves_none_behind(
         trainer.train()
         trainer.train(resume_from_checkpoint=str(tmp_path / "twice" / "checkpoint-8"))
     assert upload_threads() == before
+
+
+class RaiseAtStep(TrainerCallback):  # type: ignore[misc]
+    """Raises as global step ``step`` + 1 begins, once ``raised`` is set: user code failing inside train()."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.raised = threading.Event()
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step >= self.step:
+            self.raised.set()
+            raise RuntimeError("a bug in the training step (test)")
+
+
+@pytest.mark.parametrize("upload_fails", [False, True])
+def test_a_training_that_raises_finishes_the_upload_it_queued_and_leaves_no_upload_thread(
+    s3_experiment: str,
+    split: data.Split,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    upload_fails: bool,
+) -> None:
+    # The Trainer calls no callback when train() raises: a sweep or notebook that catches the error must not keep
+    # the upload thread, nor lose (or never hear of) the upload queued before the error.
+    before = upload_threads()
+    failing = RaiseAtStep(8)  # epoch 1 ends at step 8 with a save; step 9 raises
+    commit = hf_callback.commit_local_files
+
+    def held_commit(*args: Any, **kwargs: Any) -> Any:
+        assert failing.raised.wait(timeout=20), "training never raised"  # still uploading as it raises
+        if upload_fails:
+            raise StorageError("the store refused the upload (test)")
+        return commit(*args, **kwargs)
+
+    monkeypatch.setattr(hf_callback, "commit_local_files", held_commit)
+    with mlflow.start_run() as run, caplog.at_level(logging.ERROR):
+        trainer = make_trainer(split, tmp_path / "out", [failing, TrackingCallback()])
+        with pytest.raises(RuntimeError, match="a bug in the training step"):
+            trainer.train()
+        deadline = time.monotonic() + 10
+        while upload_threads() != before and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert upload_threads() == before
+    if upload_fails:
+        assert any("refused the upload" in r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+        with pytest.raises(StorageError, match="refused the upload"):  # and raised by the process's next read
+            tracking.list_checkpoints(run.info.run_id)
+    assert [c.epoch for c in tracking.list_checkpoints(run.info.run_id)] == ([] if upload_fails else [1])
 
 
 def test_files_are_staged_so_the_trainer_rotation_cannot_take_them_mid_upload(

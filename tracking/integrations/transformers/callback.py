@@ -86,6 +86,7 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
         self._config = config
         self.async_upload = async_upload
         # Started by each train() and stopped at its end: a callback made per trial of a sweep leaves no thread.
+        # A train() that raises has no end the Trainer tells a callback of: the thread ends once its uploads are.
         self._saver: AsyncSaver | None = None
         self._handle: RunHandle | None = None
         self._rotation = RotationMirror()
@@ -114,7 +115,7 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
             )
         self._keyed_by = KEYED_BY[strategy]
         if self.async_upload and self._saver is None:
-            self._saver = AsyncSaver()
+            self._saver = AsyncSaver(idle_exit=True)
         handler = calling_handler()
         if handler is not None:  # after the Trainer's MLflowCallback, to disarm it once it ended its run
             follow(handler, self)
