@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -442,6 +443,40 @@ def test_checkpoint_path_takes_best_an_epoch_and_a_model_uri(s3_experiment: str,
     assert torch.load(checkpoint_path(run_id, 1, to=tmp_path / "e"), weights_only=True)["epoch"] == 1
     one = tracking.list_checkpoints(run_id)[0]
     assert torch.load(checkpoint_path(one.uri, to=tmp_path / "m"), weights_only=True)["global_step"] == one.step
+
+
+def test_each_rank_downloads_into_its_own_default_folder(
+    s3_experiment: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under DDP every rank calls checkpoint_path before the process group exists, each on its own: in one shared
+    # folder a rank's download would swap the files another rank is reading.
+    with mlflow.start_run() as run:
+        fit(2, tmp_path / "fit")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    paths = []
+    for variable, rank in (("RANK", "0"), ("RANK", "1"), ("LOCAL_RANK", "2")):  # torchrun's; Lightning's launcher's
+        with monkeypatch.context() as ranked:
+            ranked.delenv("RANK", raising=False)
+            ranked.setenv(variable, rank)
+            paths.append(checkpoint_path(run.info.run_id))
+    assert len({os.path.dirname(p) for p in paths}) == 3
+    assert all(torch.load(p, weights_only=True)["epoch"] == 1 for p in paths)
+
+
+def test_a_folder_that_holds_the_checkpoint_is_left_as_it_is(
+    s3_experiment: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The ranks of a job given one folder: the first downloads, the next finds the files and does not swap them
+    # under a rank that is reading them. A folder holding other bytes is downloaded into as before.
+    with mlflow.start_run() as run:
+        fit(2, tmp_path / "fit")
+    shared = tmp_path / "shared"
+    path = Path(checkpoint_path(run.info.run_id, to=shared))
+    with open(path, "rb") as reading:
+        inode = os.fstat(reading.fileno()).st_ino
+        assert Path(checkpoint_path(run.info.run_id, to=shared)).stat().st_ino == inode
+    path.write_bytes(b"torn")
+    assert torch.load(checkpoint_path(run.info.run_id, to=shared), weights_only=True)["epoch"] == 1
 
 
 def test_cli_lists_shows_verifies_downloads_and_registers(s3_experiment: str, tmp_path: Path) -> None:
