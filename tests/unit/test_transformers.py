@@ -1041,3 +1041,29 @@ def test_a_resume_from_a_save_only_model_checkpoint_warns_that_it_starts_a_fresh
     (warning,) = [r.getMessage() for r in caplog.records if "save_only_model" in r.getMessage()]
     assert run_id in warning and "optimizer" in warning and "LR schedule" in warning and "RNG" in warning
     assert [c.epoch for c in tracking.list_checkpoints(run_id)] == [1, 2]
+
+
+def test_the_save_only_model_warning_looks_at_the_folder_the_trainer_resumes_from(
+    s3_experiment: str, split: data.Split, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The Trainer resumes from the folder given to train(), wherever it is: not from output_dir's folder of that
+    # step, which may be missing, or another save of the same step.
+    def first(name: str, **settings: Any) -> tuple[str, Path]:
+        with mlflow.start_run() as run:
+            make_trainer(split, tmp_path / name, [StopAfter(1), TrackingCallback()], epochs=2, **settings).train()
+        return run.info.run_id, tmp_path / name / "checkpoint-8"
+
+    def warned(run_id: str, resumed_from: Path, output_dir: Path) -> list[str]:
+        caplog.clear()
+        resumed = make_trainer(split, output_dir, [TrackingCallback(run_id=run_id)], epochs=2)
+        with caplog.at_level(logging.WARNING, logger=hf_callback.__name__):
+            resumed.train(resume_from_checkpoint=str(resumed_from))
+        return [r.getMessage() for r in caplog.records if "save_only_model" in r.getMessage()]
+
+    model_only, model_only_folder = first("model-only", save_only_model=True)
+    (warning,) = warned(model_only, model_only_folder, tmp_path / "elsewhere")
+    assert model_only in warning and str(model_only_folder) in warning
+    # A full folder resumed while output_dir holds a model-only save of the same step: nothing to warn of.
+    full, full_folder = first("full")
+    shutil.copytree(model_only_folder, tmp_path / "shared" / "checkpoint-8")
+    assert warned(full, full_folder, tmp_path / "shared") == []

@@ -32,7 +32,7 @@ from tracking.integrations.transformers.description import (
     describe_scheduler,
     monitor_of,
 )
-from tracking.integrations.transformers.folders import PREFIX
+from tracking.integrations.transformers.folders import PREFIX, resumed_folder
 from tracking.integrations.transformers.reporting import calling_handler, disarm, follow
 from tracking.integrations.transformers.rotation import RotationMirror
 from tracking.integrations.transformers.staging import STAGING, clear, drop_if_empty, stage
@@ -154,7 +154,9 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
         a folder saved with ``save_only_model=True``, whose optimizer, schedule and RNG the Trainer starts afresh."""
         resumed = state.global_step if self._keyed_by == layout.STEP else _epochs_completed(state, self._keyed_by)
         catalog.refuse_rewind(handle, self._keyed_by, resumed, _from_latest(handle))
-        folder = Path(str(args.output_dir)) / f"{PREFIX}-{state.global_step}"
+        # Where the Trainer resumed from: a folder anywhere (another output_dir, checkpoint_folder's), else the one
+        # of its step in output_dir.
+        folder = resumed_folder() or Path(str(args.output_dir)) / f"{PREFIX}-{state.global_step}"
         if _saved_model_only(folder):
             _log.warning(
                 "run %s: training resumes from %s, which holds the model alone (saved with "
