@@ -21,7 +21,7 @@ import mlflow
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 
 import tracking
 from pipelines import data
@@ -635,6 +635,30 @@ def test_every_n_epochs_with_max_steps_saves_only_due_epochs_and_the_last(
     with mlflow.start_run() as run:
         make_trainer(split, tmp_path / "out", [TrackingCallback(every_n_epochs=2)], max_steps=40).train()
     assert [c.epoch for c in tracking.list_checkpoints(run.info.run_id)] == [2, 4, 5]
+
+
+def test_every_n_epochs_saves_the_epoch_an_early_stop_ends_training_at(
+    s3_experiment: str, split: data.Split, tmp_path: Path
+) -> None:
+    # Epoch 3 of 5 scores worse than epoch 2: EarlyStoppingCallback (patience 1, listed after the tracking callback)
+    # stops training there. Unsaved, the run could resume only from epoch 2, and train it again.
+    out = tmp_path / "out"
+    stop = EarlyStoppingCallback(early_stopping_patience=1)
+    best = {"metric_for_best_model": "score", "greater_is_better": False, "load_best_model_at_end": True}
+    with mlflow.start_run() as run:
+        trainer = make_trainer(
+            split, out, [Scores([0.5, 0.3, 0.6]), TrackingCallback(every_n_epochs=2), stop], epochs=5, **best
+        )
+        trainer.train()
+    assert round(trainer.state.epoch) == 3
+    assert [c.epoch for c in tracking.list_checkpoints(run.info.run_id)] == [2, 3]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-16", "checkpoint-24"]
+    assert tracking.find_checkpoint(run.info.run_id, "best").manifest.epoch == 2  # the Trainer's best stays
+    assert trainer.state.best_model_checkpoint == str(out / "checkpoint-16")
+    # A callback that stops training at an epoch's end (a time budget) is an early stop too.
+    with mlflow.start_run() as run:
+        make_trainer(split, tmp_path / "budget", [StopAfter(3), TrackingCallback(every_n_epochs=2)], epochs=5).train()
+    assert [c.epoch for c in tracking.list_checkpoints(run.info.run_id)] == [2, 3]
 
 
 def test_every_n_epochs_leaves_the_trainers_best_among_the_epochs_it_saves(

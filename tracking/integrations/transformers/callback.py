@@ -55,7 +55,8 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
     integration starts, when ``report_to`` includes ``"mlflow"``). ``save_strategy="steps"`` (the
     Trainer's default) keys each checkpoint by its global step (``checkpoint-step-00001500``; its
     manifest also records the epochs completed), ``save_strategy="epoch"`` by its epoch
-    (``every_n_epochs`` saves only every N epochs, and the last); a run holds one kind, and other
+    (``every_n_epochs`` saves only every N epochs, and the last: the schedule's, or where a callback such
+    as ``EarlyStoppingCallback`` stops training); a run holds one kind, and other
     strategies are refused. ``metric_for_best_model`` (``greater_is_better``) moves the run's best
     tag; when the Trainer does not evaluate where it saves (its checkpoints then lack that metric), a
     warning says so as training starts. ``async_upload=False`` commits before ``on_save`` returns. A
@@ -176,8 +177,11 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
             return
         epoch = _epochs_completed(state, layout.EPOCH)
         # With max_steps the Trainer ignores num_train_epochs (3 by default): its last epoch is the one max_steps ends.
-        last = state.global_step >= state.max_steps or (
-            args.max_steps <= 0 and epoch >= math.ceil(args.num_train_epochs)
+        # A callback that stopped training here (before this one: it goes last) makes this epoch the last too.
+        last = (
+            control.should_training_stop
+            or state.global_step >= state.max_steps
+            or (args.max_steps <= 0 and epoch >= math.ceil(args.num_train_epochs))
         )
         if control.should_save and not last and epoch % self.every_n_epochs != 0:
             control.should_save = False
@@ -204,6 +208,11 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
         # What the Trainer ranks its best checkpoint by: the metrics as evaluate() returned them
         # (compute_metrics' and callbacks' additions included), which its log may lack.
         self._evaluated = (state.global_step, dict(metrics or {}))
+        if self._best_before_skip is not None and control.should_training_stop:
+            # Stopped early at an epoch the schedule skips (EarlyStoppingCallback, which ran before this one): saved
+            # after all, as the last, so that the run resumes from where training stopped. The Trainer may rank it.
+            control.should_save = True
+            self._best_before_skip = None
 
     def on_save(
         self,
