@@ -97,6 +97,15 @@ def resumed_folder() -> Path | None:
 _RESUME_DEPTH = 12
 
 
+def saved_model_only(folder: Path) -> bool:
+    """Whether ``folder`` is a checkpoint folder of the Trainer's without its optimizer state: one it saved with
+    ``save_only_model=True``, which leaves out the scheduler's and the RNG states too (False where no such folder
+    is there). The Trainer resumes from it without them, saying nothing above log level info."""
+    if not (folder / "trainer_state.json").is_file():
+        return False
+    return not any((folder / name).is_file() for name in ("optimizer.pt", "optimizer.bin"))
+
+
 def checkpoint_folder(
     source: str,
     checkpoint: Selector = "latest",
