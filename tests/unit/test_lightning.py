@@ -32,7 +32,7 @@ from tests.lightning_model import TinyLit, fit, loaders, trainer
 from tracking import layout
 from tracking.cli import main
 from tracking.integrations import lightning as integration
-from tracking.integrations.lightning import MLflowCheckpoints, checkpoint_path, mirror
+from tracking.integrations.lightning import MLflowCheckpoints, checkpoint_path, mirror, resume
 from tracking.integrations.lightning.description import metric_key
 from tracking.metrics import renamed
 
@@ -477,6 +477,18 @@ def test_a_folder_that_holds_the_checkpoint_is_left_as_it_is(
         assert Path(checkpoint_path(run.info.run_id, to=shared)).stat().st_ino == inode
     path.write_bytes(b"torn")
     assert torch.load(checkpoint_path(run.info.run_id, to=shared), weights_only=True)["epoch"] == 1
+
+
+def test_a_folder_the_file_system_cannot_lock_is_downloaded_into_as_before(
+    s3_experiment: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(fd: int, operation: int) -> None:
+        raise OSError(9, "Bad file descriptor")  # what NFS may answer for a folder opened read-only
+
+    with mlflow.start_run() as run:
+        fit(2, tmp_path / "fit")
+    monkeypatch.setattr(resume.fcntl, "flock", refuse)
+    assert torch.load(checkpoint_path(run.info.run_id, to=tmp_path / "nfs"), weights_only=True)["epoch"] == 1
 
 
 def test_cli_lists_shows_verifies_downloads_and_registers(s3_experiment: str, tmp_path: Path) -> None:

@@ -86,7 +86,10 @@ def _download_once(located: Located, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     turn = os.open(folder, os.O_RDONLY)  # a lock on the folder itself: a file in it would be swapped as stale
     try:
-        fcntl.flock(turn, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(turn, fcntl.LOCK_EX)
+        except OSError as exc:  # a file system without locks on folders (NFS may refuse one): no turns taken there
+            logger.debug("no lock on %s (%s): its processes may download into it at once", folder, exc)
         if not _holds(folder, located):
             download_files(located, folder, force=True)
     except BaseException:
