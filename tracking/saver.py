@@ -178,10 +178,10 @@ class AsyncSaver:
             with self._lock:
                 while self._queued is None and not self._closed:
                     if self._idle_exit:
-                        self._worker = None  # the next submit starts another
                         if self._error is not None:
                             # Its owner may never wait again (its training raised, and was caught): said here too.
                             _log.error("a background checkpoint save failed: %s", one_line(self._error))
+                        self._worker = None  # the next submit starts another
                         return
                     self._lock.wait()
                 if self._queued is None:
