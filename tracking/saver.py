@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import logging
 import os
 import sys
 import threading
@@ -29,6 +30,8 @@ import torch
 from tracking.errors import one_line, print_error
 
 T = TypeVar("T")
+
+_log = logging.getLogger(__name__)
 
 ON_BUSY = ("wait", "coalesce")
 
@@ -101,9 +104,13 @@ class AsyncSaver:
     ``on_busy="wait"`` makes a new save wait for the one in flight; ``"coalesce"``
     queues it instead, replacing (and dropping) any save still queued, so a slow
     store costs skipped intermediate checkpoints rather than training time.
+    ``idle_exit=True`` ends the thread once nothing is queued or running and starts
+    another at the next ``submit``: an owner that is never told its work ended (a
+    training loop that raised) leaves no thread behind, and a failure it never asks
+    about is logged as the thread ends.
     """
 
-    def __init__(self, on_busy: str = "wait") -> None:
+    def __init__(self, on_busy: str = "wait", *, idle_exit: bool = False) -> None:
         if on_busy not in ON_BUSY:
             raise ValueError(f"on_busy must be one of {ON_BUSY}, got {on_busy!r}")
         self.on_busy = on_busy
@@ -112,9 +119,15 @@ class AsyncSaver:
         self._running: Future[Any] | None = None
         self._error: BaseException | None = None
         self._closed = False
+        self._idle_exit = idle_exit
+        self._worker: threading.Thread | None = None
+        if not idle_exit:
+            self._start()
+        _live.add(self)
+
+    def _start(self) -> None:
         self._worker = threading.Thread(target=self._loop, name="tracking-async-save", daemon=True)
         self._worker.start()
-        _live.add(self)
 
     def submit(self, job: Callable[[], T]) -> Future[T]:
         """Run ``job`` in the background after the saves before it.
@@ -133,6 +146,8 @@ class AsyncSaver:
             elif self._queued is not None:
                 self._queued[1].cancel()  # superseded by this newer checkpoint
             self._queued = (job, future)
+            if self._worker is None:
+                self._start()
             self._lock.notify_all()
         return future
 
@@ -162,6 +177,12 @@ class AsyncSaver:
         while True:
             with self._lock:
                 while self._queued is None and not self._closed:
+                    if self._idle_exit:
+                        if self._error is not None:
+                            # Its owner may never wait again (its training raised, and was caught): said here too.
+                            _log.error("a background checkpoint save failed: %s", one_line(self._error))
+                        self._worker = None  # the next submit starts another
+                        return
                     self._lock.wait()
                 if self._queued is None:
                     return

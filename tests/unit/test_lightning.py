@@ -9,7 +9,9 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from tests.lightning_model import TinyLit, fit, loaders, trainer
 from tracking import layout
 from tracking.cli import main
 from tracking.integrations import lightning as integration
-from tracking.integrations.lightning import MLflowCheckpoints, checkpoint_path, mirror
+from tracking.integrations.lightning import MLflowCheckpoints, checkpoint_path, mirror, resume
 from tracking.integrations.lightning.description import metric_key
 from tracking.metrics import renamed
 
@@ -443,6 +445,52 @@ def test_checkpoint_path_takes_best_an_epoch_and_a_model_uri(s3_experiment: str,
     assert torch.load(checkpoint_path(one.uri, to=tmp_path / "m"), weights_only=True)["global_step"] == one.step
 
 
+def test_each_rank_downloads_into_its_own_default_folder(
+    s3_experiment: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under DDP every rank calls checkpoint_path before the process group exists, each on its own: in one shared
+    # folder a rank's download would swap the files another rank is reading.
+    with mlflow.start_run() as run:
+        fit(2, tmp_path / "fit")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    paths = []
+    for variable, rank in (("RANK", "0"), ("RANK", "1"), ("LOCAL_RANK", "2")):  # torchrun's; Lightning's launcher's
+        with monkeypatch.context() as ranked:
+            ranked.delenv("RANK", raising=False)
+            ranked.setenv(variable, rank)
+            paths.append(checkpoint_path(run.info.run_id))
+    assert len({os.path.dirname(p) for p in paths}) == 3
+    assert all(torch.load(p, weights_only=True)["epoch"] == 1 for p in paths)
+
+
+def test_a_folder_that_holds_the_checkpoint_is_left_as_it_is(
+    s3_experiment: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The ranks of a job given one folder: the first downloads, the next finds the files and does not swap them
+    # under a rank that is reading them. A folder holding other bytes is downloaded into as before.
+    with mlflow.start_run() as run:
+        fit(2, tmp_path / "fit")
+    shared = tmp_path / "shared"
+    path = Path(checkpoint_path(run.info.run_id, to=shared))
+    with open(path, "rb") as reading:
+        inode = os.fstat(reading.fileno()).st_ino
+        assert Path(checkpoint_path(run.info.run_id, to=shared)).stat().st_ino == inode
+    path.write_bytes(b"torn")
+    assert torch.load(checkpoint_path(run.info.run_id, to=shared), weights_only=True)["epoch"] == 1
+
+
+def test_a_folder_the_file_system_cannot_lock_is_downloaded_into_as_before(
+    s3_experiment: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(fd: int, operation: int) -> None:
+        raise OSError(9, "Bad file descriptor")  # what NFS may answer for a folder opened read-only
+
+    with mlflow.start_run() as run:
+        fit(2, tmp_path / "fit")
+    monkeypatch.setattr(resume.fcntl, "flock", refuse)
+    assert torch.load(checkpoint_path(run.info.run_id, to=tmp_path / "nfs"), weights_only=True)["epoch"] == 1
+
+
 def test_cli_lists_shows_verifies_downloads_and_registers(s3_experiment: str, tmp_path: Path) -> None:
     with mlflow.start_run() as run:
         fit(3, tmp_path, save_top_k=-1, monitor="val_loss")
@@ -497,6 +545,63 @@ def test_background_uploads_stop_their_thread_at_the_end_of_each_fit(s3_experime
             fitted.fit(TinyLit(), *loaders())
         assert [c.epoch for c in tracking.list_checkpoints(run.info.run_id)] == [1]  # committed before it stopped
         assert upload_threads() == before
+
+
+class RaisingLit(TinyLit):
+    """Its training step raises at epoch 1, once ``raised`` is set: user code failing after epoch 0's save."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raised = threading.Event()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.current_epoch == 1:
+            self.raised.set()
+            raise RuntimeError("a bug in the training step (test)")
+        return super().training_step(batch, batch_idx)
+
+
+def no_upload_thread_within(seconds: float, before: int) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if sum(t.name == "tracking-async-save" for t in threading.enumerate()) == before:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.parametrize("upload_fails", [False, True])
+def test_a_fit_that_raises_finishes_the_upload_it_queued_and_leaves_no_upload_thread(
+    s3_experiment: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    upload_fails: bool,
+) -> None:
+    # A sweep or notebook that catches a fit's error must not keep its upload thread, nor lose (or never hear of)
+    # the upload queued before the error.
+    before = sum(t.name == "tracking-async-save" for t in threading.enumerate())
+    module = RaisingLit()
+    commit = mirror.commit_local_files
+
+    def held_commit(*args: Any, **kwargs: Any) -> Any:
+        assert module.raised.wait(timeout=20), "the training step never raised"  # still uploading as it raises
+        if upload_fails:
+            raise tracking.StorageError("the store refused the upload (test)")
+        return commit(*args, **kwargs)
+
+    monkeypatch.setattr(mirror, "commit_local_files", held_commit)
+    with mlflow.start_run() as run, caplog.at_level(logging.ERROR):
+        fitted = trainer(3, tmp_path, [ModelCheckpoint(dirpath=tmp_path / "c"), MLflowCheckpoints(background=True)])
+        with pytest.raises(RuntimeError, match="a bug in the training step"):
+            fitted.fit(module, *loaders())
+    assert no_upload_thread_within(10, before)
+    saved = [c.epoch for c in tracking.list_checkpoints(run.info.run_id)]
+    if upload_fails:
+        assert saved == []
+        assert any("refused the upload" in r.getMessage() and run.info.run_id in r.getMessage() for r in caplog.records)
+    else:
+        assert saved == [0]
 
 
 def test_a_file_removed_while_async_checkpoint_io_writes_or_uploads_it_is_removed_after(

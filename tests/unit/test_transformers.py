@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -20,7 +21,7 @@ import mlflow
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 
 import tracking
 from pipelines import data
@@ -513,6 +514,56 @@ def test_each_training_stops_its_upload_thread_so_a_sweep_leaves_none_behind(
     assert upload_threads() == before
 
 
+class RaiseAtStep(TrainerCallback):  # type: ignore[misc]
+    """Raises as global step ``step`` + 1 begins, once ``raised`` is set: user code failing inside train()."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.raised = threading.Event()
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step >= self.step:
+            self.raised.set()
+            raise RuntimeError("a bug in the training step (test)")
+
+
+@pytest.mark.parametrize("upload_fails", [False, True])
+def test_a_training_that_raises_finishes_the_upload_it_queued_and_leaves_no_upload_thread(
+    s3_experiment: str,
+    split: data.Split,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    upload_fails: bool,
+) -> None:
+    # The Trainer calls no callback when train() raises: a sweep or notebook that catches the error must not keep
+    # the upload thread, nor lose (or never hear of) the upload queued before the error.
+    before = upload_threads()
+    failing = RaiseAtStep(8)  # epoch 1 ends at step 8 with a save; step 9 raises
+    commit = hf_callback.commit_local_files
+
+    def held_commit(*args: Any, **kwargs: Any) -> Any:
+        assert failing.raised.wait(timeout=20), "training never raised"  # still uploading as it raises
+        if upload_fails:
+            raise StorageError("the store refused the upload (test)")
+        return commit(*args, **kwargs)
+
+    monkeypatch.setattr(hf_callback, "commit_local_files", held_commit)
+    with mlflow.start_run() as run, caplog.at_level(logging.ERROR):
+        trainer = make_trainer(split, tmp_path / "out", [failing, TrackingCallback()])
+        with pytest.raises(RuntimeError, match="a bug in the training step"):
+            trainer.train()
+        deadline = time.monotonic() + 10
+        while upload_threads() != before and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert upload_threads() == before
+    if upload_fails:
+        assert any("refused the upload" in r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+        with pytest.raises(StorageError, match="refused the upload"):  # and raised by the process's next read
+            tracking.list_checkpoints(run.info.run_id)
+    assert [c.epoch for c in tracking.list_checkpoints(run.info.run_id)] == ([] if upload_fails else [1])
+
+
 def test_files_are_staged_so_the_trainer_rotation_cannot_take_them_mid_upload(
     s3_experiment: str, split: data.Split, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -584,6 +635,30 @@ def test_every_n_epochs_with_max_steps_saves_only_due_epochs_and_the_last(
     with mlflow.start_run() as run:
         make_trainer(split, tmp_path / "out", [TrackingCallback(every_n_epochs=2)], max_steps=40).train()
     assert [c.epoch for c in tracking.list_checkpoints(run.info.run_id)] == [2, 4, 5]
+
+
+def test_every_n_epochs_saves_the_epoch_an_early_stop_ends_training_at(
+    s3_experiment: str, split: data.Split, tmp_path: Path
+) -> None:
+    # Epoch 3 of 5 scores worse than epoch 2: EarlyStoppingCallback (patience 1, listed after the tracking callback)
+    # stops training there. Unsaved, the run could resume only from epoch 2, and train it again.
+    out = tmp_path / "out"
+    stop = EarlyStoppingCallback(early_stopping_patience=1)
+    best = {"metric_for_best_model": "score", "greater_is_better": False, "load_best_model_at_end": True}
+    with mlflow.start_run() as run:
+        trainer = make_trainer(
+            split, out, [Scores([0.5, 0.3, 0.6]), TrackingCallback(every_n_epochs=2), stop], epochs=5, **best
+        )
+        trainer.train()
+    assert round(trainer.state.epoch) == 3
+    assert [c.epoch for c in tracking.list_checkpoints(run.info.run_id)] == [2, 3]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-16", "checkpoint-24"]
+    assert tracking.find_checkpoint(run.info.run_id, "best").manifest.epoch == 2  # the Trainer's best stays
+    assert trainer.state.best_model_checkpoint == str(out / "checkpoint-16")
+    # A callback that stops training at an epoch's end (a time budget) is an early stop too.
+    with mlflow.start_run() as run:
+        make_trainer(split, tmp_path / "budget", [StopAfter(3), TrackingCallback(every_n_epochs=2)], epochs=5).train()
+    assert [c.epoch for c in tracking.list_checkpoints(run.info.run_id)] == [2, 3]
 
 
 def test_every_n_epochs_leaves_the_trainers_best_among_the_epochs_it_saves(
@@ -990,3 +1065,29 @@ def test_a_resume_from_a_save_only_model_checkpoint_warns_that_it_starts_a_fresh
     (warning,) = [r.getMessage() for r in caplog.records if "save_only_model" in r.getMessage()]
     assert run_id in warning and "optimizer" in warning and "LR schedule" in warning and "RNG" in warning
     assert [c.epoch for c in tracking.list_checkpoints(run_id)] == [1, 2]
+
+
+def test_the_save_only_model_warning_looks_at_the_folder_the_trainer_resumes_from(
+    s3_experiment: str, split: data.Split, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The Trainer resumes from the folder given to train(), wherever it is: not from output_dir's folder of that
+    # step, which may be missing, or another save of the same step.
+    def first(name: str, **settings: Any) -> tuple[str, Path]:
+        with mlflow.start_run() as run:
+            make_trainer(split, tmp_path / name, [StopAfter(1), TrackingCallback()], epochs=2, **settings).train()
+        return run.info.run_id, tmp_path / name / "checkpoint-8"
+
+    def warned(run_id: str, resumed_from: Path, output_dir: Path) -> list[str]:
+        caplog.clear()
+        resumed = make_trainer(split, output_dir, [TrackingCallback(run_id=run_id)], epochs=2)
+        with caplog.at_level(logging.WARNING, logger=hf_callback.__name__):
+            resumed.train(resume_from_checkpoint=str(resumed_from))
+        return [r.getMessage() for r in caplog.records if "save_only_model" in r.getMessage()]
+
+    model_only, model_only_folder = first("model-only", save_only_model=True)
+    (warning,) = warned(model_only, model_only_folder, tmp_path / "elsewhere")
+    assert model_only in warning and str(model_only_folder) in warning
+    # A full folder resumed while output_dir holds a model-only save of the same step: nothing to warn of.
+    full, full_folder = first("full")
+    shutil.copytree(model_only_folder, tmp_path / "shared" / "checkpoint-8")
+    assert warned(full, full_folder, tmp_path / "shared") == []

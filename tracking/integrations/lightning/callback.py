@@ -21,6 +21,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from tracking import catalog, layout
 from tracking.catalog import LoggedCheckpoint
 from tracking.config import TrackingConfig
+from tracking.errors import one_line
 from tracking.integrations.lightning.description import (
     HYPERPARAMETERS_FIX,
     SaveContext,
@@ -205,6 +206,27 @@ class MLflowCheckpoints(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._agree(wait=True)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # A fit that raises calls no teardown hook of a callback: the uploads queued before it are finished here,
+        # before Lightning's logger ends the run as failed, and the thread stopped, so that a sweep or notebook
+        # catching the error keeps none. A failed upload is logged: raised, it would hide the fit's own error.
+        if self._io is None:
+            return
+        try:
+            self._io.flush()
+            self._io.raise_pending()
+        except BaseException as exc:
+            if exc is not exception:
+                _log.error(
+                    "run %s: a checkpoint upload queued before the fit raised %s failed: %s; the run's latest "
+                    "is the checkpoint committed before it.",
+                    self._io.run_id(),
+                    type(exception).__name__,
+                    one_line(exc),
+                )
+        finally:
+            self._io.stop()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._io is None:

@@ -75,7 +75,8 @@ class MirrorIO(CheckpointIO):
         self._lock = threading.Lock()
         self._kept = KeptCheckpoints()
         # With owner.background: started by the first save of a fit, stopped at its end (see stop), so that a
-        # Trainer made per trial of a sweep leaves no thread behind.
+        # Trainer made per trial of a sweep leaves no thread behind; its thread also ends whenever it is idle, for
+        # saves no fit's end follows (trainer.save_checkpoint outside fit).
         self._saver: AsyncSaver | None = None
         self._uploading: set[str] = set()  # paths whose background upload is queued or running
         self._removals: list[str] = []  # removals waiting for the uploads in flight
@@ -86,7 +87,7 @@ class MirrorIO(CheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         path = str(path)
         if self.owner.background and self._saver is None:
-            self._saver = AsyncSaver("wait")
+            self._saver = AsyncSaver("wait", idle_exit=True)
         if self._saver is not None:
             # Never rewrite a file its upload is still reading (last.ckpt, saved every epoch).
             while True:
@@ -241,6 +242,10 @@ class MirrorIO(CheckpointIO):
             self._handle = open_run(run_id, config)
             self._kept.seed(self._handle)
         return self._handle
+
+    def run_id(self) -> str | None:
+        """The run this mirror logs to, once it opened it."""
+        return None if self._handle is None else self._handle.run_id
 
     def follow_run(self) -> None:
         """Start over with the run a fit logs to when an earlier fit of the Trainer logged to another (its second

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
 import os
 import tempfile
@@ -17,7 +19,7 @@ from tracking.downloader import download_files
 from tracking.errors import ConfigError
 from tracking.integrations.lightning.description import FORMAT, weights_only
 from tracking.run import RunHandle
-from tracking.selection import Selector, find_checkpoint
+from tracking.selection import Located, Selector, find_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +45,9 @@ def checkpoint_path(
     ``source`` and ``checkpoint`` name it as in :func:`tracking.load` (a run ID with ``"latest"``,
     ``"best"`` or an int, the run's key: an epoch, or a global step for a run whose ModelCheckpoint
     saved by step; ``models:/...``). The file is downloaded into ``to`` (default: a folder
-    per logged model under the temporary directory), checked against its sha256, and its path returned.
+    per logged model, and per rank under DDP, under the temporary directory), checked against its
+    sha256, and its path returned; a ``to`` that holds it already is left as it is, and processes
+    given one ``to`` (the ranks of a job) download into it one at a time, the first for them all.
     """
     located = find_checkpoint(source, checkpoint, config=config)
     if located.manifest.format != FORMAT:
@@ -60,9 +64,60 @@ def checkpoint_path(
             located.label,
             WEIGHTS_ONLY_NEXT.replace("{run_id}", located.run_id),
         )
-    folder = Path(to) if to is not None else Path(tempfile.gettempdir()) / "tracking-lightning" / str(located.model_id)
-    download_files(located, folder, force=True)
+    folder = Path(to) if to is not None else _default_folder(str(located.model_id))
+    _download_once(located, folder)
     return str(folder / layout.CHECKPOINT_FILE)
+
+
+def _default_folder(model_id: str) -> Path:
+    """A folder per logged model under the temporary directory, and per rank under DDP: every rank resumes from
+    the file (before the process group exists), and a download swaps files a rank beside it may be reading."""
+    # RANK from torchrun; LOCAL_RANK from Lightning's own launcher, which sets it in the processes it starts.
+    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "")).strip()
+    name = f"{model_id}-rank-{rank}" if rank.isdigit() else model_id
+    return Path(tempfile.gettempdir()) / "tracking-lightning" / name
+
+
+def _download_once(located: Located, folder: Path) -> None:
+    """``located``'s files in ``folder``, downloaded unless it holds them already. Processes sharing a folder (the
+    ranks of a job given one ``to``) take turns: the first downloads, the others find the files and leave them be,
+    so none swaps a file another is reading."""
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    turn = os.open(folder, os.O_RDONLY)  # a lock on the folder itself: a file in it would be swapped as stale
+    try:
+        try:
+            fcntl.flock(turn, fcntl.LOCK_EX)
+        except OSError as exc:  # a file system without locks on folders (NFS may refuse one): no turns taken there
+            logger.debug("no lock on %s (%s): its processes may download into it at once", folder, exc)
+        if not _holds(folder, located):
+            download_files(located, folder, force=True)
+    except BaseException:
+        if created and not any(folder.iterdir()):
+            folder.rmdir()  # a failed download leaves no empty folder behind, as download_files itself does
+        raise
+    finally:
+        os.close(turn)  # releases the lock
+
+
+def _holds(folder: Path, located: Located) -> bool:
+    """Whether ``folder`` holds ``located``'s manifest and each of its files, checked against its sha256."""
+    try:
+        if (folder / layout.MANIFEST_FILE).read_bytes() != located.manifest.to_json():
+            return False
+        for name, expected in located.manifest.files.items():
+            path = folder / name
+            if path.stat().st_size != expected.size:
+                return False
+            digest = hashlib.sha256()
+            with open(path, "rb") as stream:
+                while chunk := stream.read(8 * 1024 * 1024):
+                    digest.update(chunk)
+            if digest.hexdigest() != expected.sha256:
+                return False
+    except OSError:
+        return False
+    return True
 
 
 def refuse_resume(handle: RunHandle, checkpoint: Mapping[str, Any], keyed_by: str | None) -> None:

@@ -8,7 +8,6 @@ Trainer's rotation is mirrored (:mod:`~tracking.integrations.transformers.rotati
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
@@ -32,9 +31,10 @@ from tracking.integrations.transformers.description import (
     describe_scheduler,
     monitor_of,
 )
-from tracking.integrations.transformers.folders import PREFIX
+from tracking.integrations.transformers.folders import PREFIX, resumed_folder, saved_model_only
 from tracking.integrations.transformers.reporting import calling_handler, disarm, follow
 from tracking.integrations.transformers.rotation import RotationMirror
+from tracking.integrations.transformers.schedule import SaveSchedule, epochs_completed, unevaluated_saves
 from tracking.integrations.transformers.staging import STAGING, clear, drop_if_empty, stage
 from tracking.manifest import Manifest, now, versions
 from tracking.parallel import distributed
@@ -42,10 +42,6 @@ from tracking.run import RunHandle, open_run, target_run_id
 from tracking.saver import AsyncSaver
 
 _log = logging.getLogger(__name__)
-
-# The Trainer's save strategies the callback logs, and what each keys the run's checkpoints by: a save at
-# each epoch's end by its epoch, a save every save_steps (and at the last step) by its global step.
-KEYED_BY = {"epoch": layout.EPOCH, "steps": layout.STEP}
 
 
 class TrackingCallback(TrainerCallback):  # type: ignore[misc]
@@ -55,7 +51,8 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
     integration starts, when ``report_to`` includes ``"mlflow"``). ``save_strategy="steps"`` (the
     Trainer's default) keys each checkpoint by its global step (``checkpoint-step-00001500``; its
     manifest also records the epochs completed), ``save_strategy="epoch"`` by its epoch
-    (``every_n_epochs`` saves only every N epochs, and the last); a run holds one kind, and other
+    (``every_n_epochs`` saves only every N epochs, and the last: the schedule's, or where a callback such
+    as ``EarlyStoppingCallback`` stops training); a run holds one kind, and other
     strategies are refused. ``metric_for_best_model`` (``greater_is_better``) moves the run's best
     tag; when the Trainer does not evaluate where it saves (its checkpoints then lack that metric), a
     warning says so as training starts. ``async_upload=False`` commits before ``on_save`` returns. A
@@ -77,44 +74,32 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
         commands: Sequence[str] = (),
         config: TrackingConfig | None = None,
     ) -> None:
-        if every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        self._schedule = SaveSchedule(every_n_epochs)
         self.run_id = run_id
-        self.every_n_epochs = every_n_epochs
         self.describe_run = describe_run
         self.commands = tuple(commands)
         self._config = config
         self.async_upload = async_upload
         # Started by each train() and stopped at its end: a callback made per trial of a sweep leaves no thread.
+        # A train() that raises has no end the Trainer tells a callback of: the thread ends once its uploads are.
         self._saver: AsyncSaver | None = None
         self._handle: RunHandle | None = None
         self._rotation = RotationMirror()
         self._pending: list[Future[LoggedCheckpoint]] = []
         self._evaluated: tuple[int, dict[str, Any]] = (-1, {})
-        self._keyed_by = layout.EPOCH
-        # The Trainer's best (metric, global step, folder) before the evaluation of an epoch whose save is skipped.
-        self._best_before_skip: tuple[float | None, int | None, str | None] | None = None
+
+    @property
+    def every_n_epochs(self) -> int:
+        return self._schedule.every_n_epochs
 
     # -- the Trainer's events --------------------------------------------------------------------
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
-        if strategy not in KEYED_BY:
-            raise ValueError(
-                f"TrackingCallback logs the checkpoints of TrainingArguments(save_strategy='steps') or 'epoch', "
-                f"got save_strategy={strategy!r}; set save_strategy='steps' with save_steps=N (keep the best with "
-                "metric_for_best_model and save_total_limit) or save_strategy='epoch'."
-            )
-        if strategy != "epoch" and self.every_n_epochs != 1:
-            raise ValueError(
-                f"TrackingCallback(every_n_epochs={self.every_n_epochs}) thins the saves of save_strategy='epoch', "
-                f"got save_strategy={strategy!r}; set save_steps=N to save less often, or save_strategy='epoch'."
-            )
-        self._keyed_by = KEYED_BY[strategy]
+        self._schedule.start(args)
         if self.async_upload and self._saver is None:
-            self._saver = AsyncSaver()
+            self._saver = AsyncSaver(idle_exit=True)
         handler = calling_handler()
         if handler is not None:  # after the Trainer's MLflowCallback, to disarm it once it ended its run
             follow(handler, self)
@@ -129,12 +114,12 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
             self._handle = open_run(target_run_id(self._run_id()), self._config)
             self._rotation.load(self._handle, Path(str(args.output_dir)))
             # The commit refuses a save keyed otherwise than the run's earlier ones; said here, before training.
-            catalog.refuse_mixed_keys(self._handle, self._keyed_by)
+            catalog.refuse_mixed_keys(self._handle, self._schedule.keyed_by)
             if state.global_step > 0:  # resumed: the Trainer restored its state from a checkpoint folder
                 self._check_resume(args, state, self._handle)
             else:
                 catalog.refuse_restart(self._handle, FORMAT, _from_latest(self._handle))
-            unevaluated = _unevaluated_saves(args, state)
+            unevaluated = unevaluated_saves(args, state)
             if unevaluated is not None:
                 _log.warning(
                     "run %s: metric_for_best_model=%r ranks its checkpoints by %s, but %s. Evaluate where you save: "
@@ -151,10 +136,13 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
     def _check_resume(self, args: TrainingArguments, state: TrainerState, handle: RunHandle) -> None:
         """Refuse a resume from before the run's latest (see :func:`tracking.catalog.refuse_rewind`); warn of one from
         a folder saved with ``save_only_model=True``, whose optimizer, schedule and RNG the Trainer starts afresh."""
-        resumed = state.global_step if self._keyed_by == layout.STEP else _epochs_completed(state, self._keyed_by)
-        catalog.refuse_rewind(handle, self._keyed_by, resumed, _from_latest(handle))
-        folder = Path(str(args.output_dir)) / f"{PREFIX}-{state.global_step}"
-        if _saved_model_only(folder):
+        keyed_by = self._schedule.keyed_by
+        resumed = state.global_step if keyed_by == layout.STEP else epochs_completed(state, keyed_by)
+        catalog.refuse_rewind(handle, keyed_by, resumed, _from_latest(handle))
+        # Where the Trainer resumed from: a folder anywhere (another output_dir, checkpoint_folder's), else the one
+        # of its step in output_dir.
+        folder = resumed_folder() or Path(str(args.output_dir)) / f"{PREFIX}-{state.global_step}"
+        if saved_model_only(folder):
             _log.warning(
                 "run %s: training resumes from %s, which holds the model alone (saved with "
                 "TrainingArguments(save_only_model=True)): the Trainer restores the weights and starts the optimizer "
@@ -167,28 +155,12 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        # The Trainer saves every epoch; between due epochs it saves nothing, so its folders and
-        # the run's logged models stay one to one. Saves by steps are thinned by save_steps alone.
-        if self._keyed_by != layout.EPOCH:
-            return
-        epoch = _epochs_completed(state, layout.EPOCH)
-        # With max_steps the Trainer ignores num_train_epochs (3 by default): its last epoch is the one max_steps ends.
-        last = state.global_step >= state.max_steps or (
-            args.max_steps <= 0 and epoch >= math.ceil(args.num_train_epochs)
-        )
-        if control.should_save and not last and epoch % self.every_n_epochs != 0:
-            control.should_save = False
-            # The Trainer ranks this epoch's evaluation next, saved or not: an unsaved epoch taken for its best would
-            # make no later save its best (load_best_model_at_end would load none, save_total_limit would delete the
-            # best saved). Its best as it stands is put back as the next epoch begins: the best of the saves.
-            self._best_before_skip = (state.best_metric, state.best_global_step, state.best_model_checkpoint)
+        self._schedule.epoch_ended(args, state, control)
 
     def on_epoch_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self._best_before_skip is not None:
-            state.best_metric, state.best_global_step, state.best_model_checkpoint = self._best_before_skip
-            self._best_before_skip = None
+        self._schedule.epoch_began(state)
 
     def on_evaluate(
         self,
@@ -201,6 +173,7 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
         # What the Trainer ranks its best checkpoint by: the metrics as evaluate() returned them
         # (compute_metrics' and callbacks' additions included), which its log may lack.
         self._evaluated = (state.global_step, dict(metrics or {}))
+        self._schedule.evaluated(control)
 
     def on_save(
         self,
@@ -273,9 +246,9 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
             format=FORMAT,
             files={},
             model=describe_model(model),
-            epoch=_epochs_completed(state, self._keyed_by),
+            epoch=epochs_completed(state, self._schedule.keyed_by),
             step=state.global_step,
-            keyed_by=self._keyed_by,
+            keyed_by=self._schedule.keyed_by,
             metrics=metrics,
             optimizer=describe_optimizer(optimizer, model),
             scheduler=describe_scheduler(lr_scheduler),
@@ -370,51 +343,6 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
             )
 
         return describe
-
-
-def _unevaluated_saves(args: TrainingArguments, state: TrainerState) -> str | None:
-    """Why the Trainer's saves will not all carry the eval metric that ranks them (``metric_for_best_model``) and
-    what follows, said for a warning; None when no metric ranks them or each save falls on an evaluation.
-
-    Each save falls on an evaluation under the Trainer's own rule for ``load_best_model_at_end``: one strategy
-    for both and, by steps, ``save_steps`` a multiple of ``eval_steps`` (``state``'s, ratios made steps).
-    """
-    if not args.metric_for_best_model:
-        return None
-    evaluate = str(getattr(args.eval_strategy, "value", args.eval_strategy))
-    save = str(getattr(args.save_strategy, "value", args.save_strategy))
-    no_best = "no checkpoint will carry eval metrics, so the run will have no best checkpoint (checkpoint='best' fails)"
-    if evaluate == "no":
-        return f"the Trainer never evaluates (eval_strategy='no'): {no_best}"
-    if (evaluate, save) == ("epoch", "steps"):
-        # The last save of an epoch is made at its last step, before the epoch's evaluation, never after it.
-        return f"the Trainer saves by steps, each before the epoch's evaluation (eval_strategy='epoch'): {no_best}"
-    if evaluate == save and (save == "epoch" or (state.eval_steps and state.save_steps % state.eval_steps == 0)):
-        return None
-    saving = f"every {state.save_steps} steps" if save == "steps" else "at each epoch's end"
-    return (
-        f"the Trainer evaluates every {state.eval_steps} steps and saves {saving}: only the saves that fall on "
-        "an evaluation will carry eval metrics, so the run's best checkpoint is picked among those alone, if any"
-    )
-
-
-def _saved_model_only(folder: Path) -> bool:
-    """Whether ``folder`` is a checkpoint folder of the Trainer's without its optimizer state: one it saved with
-    ``save_only_model=True``, which leaves out the scheduler's and the RNG states too (False where no such folder
-    is there). The Trainer resumes from it without them, saying nothing above log level info."""
-    if not (folder / "trainer_state.json").is_file():
-        return False
-    return not any((folder / name).is_file() for name in ("optimizer.pt", "optimizer.bin"))
-
-
-def _epochs_completed(state: TrainerState, keyed_by: str) -> int:
-    """The epoch of a save keyed by epoch: the one it ends, or the one under way when training stopped mid-epoch
-    (max_steps, should_training_stop), which must not replace the save of the epoch before. A save by steps
-    may come mid-epoch: the epochs completed, which the Trainer skips when it resumes from that folder."""
-    # The Trainer's epoch is a float (2.0 at the second epoch's end, 1.25 two steps into it of eight);
-    # rounded first, so that a sum's last bits never put an epoch's end into the next.
-    epoch = round(state.epoch or 0.0, 6)
-    return math.ceil(epoch) if keyed_by == layout.EPOCH else math.floor(epoch)
 
 
 def _on_process_zero(state: TrainerState, step: Callable[[], object]) -> None:

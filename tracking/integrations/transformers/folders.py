@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import logging
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 
@@ -67,6 +69,41 @@ class _Materialised:
         best = output_dir / f"{PREFIX}-{named}"
         state["best_model_checkpoint"] = str(best) if named in (self.step, self.best_step) else None
         return (json.dumps(state, indent=2, sort_keys=True) + "\n").encode()  # as TrainerState.save_to_json
+
+
+def resumed_folder() -> Path | None:
+    """The folder the Trainer's ``train()`` under way resumes from (``resume_from_checkpoint`` as given, or the
+    last folder of its ``output_dir`` it found for ``True``); None outside ``train()`` or for a fresh one.
+
+    transformers hands a callback neither the Trainer nor that path: it is read from the training loop's frame.
+    """
+    # Not imported here: transformers.trainer is heavy, and loaded by whatever Trainer is training.
+    trainer = getattr(sys.modules.get("transformers.trainer"), "Trainer", None)
+    if trainer is None:
+        return None
+    frame = inspect.currentframe()
+    for _ in range(_RESUME_DEPTH):
+        frame = frame.f_back if frame is not None else None
+        if frame is None:
+            return None
+        if frame.f_code.co_name == "_inner_training_loop" and isinstance(frame.f_locals.get("self"), trainer):
+            resumed = frame.f_locals.get("resume_from_checkpoint")
+            return Path(resumed) if isinstance(resumed, str | os.PathLike) else None
+    return None
+
+
+# How far up resumed_folder looks: a callback's event, the CallbackHandler's, its call_event, the training loop, and
+# the callback's own helpers between them.
+_RESUME_DEPTH = 12
+
+
+def saved_model_only(folder: Path) -> bool:
+    """Whether ``folder`` is a checkpoint folder of the Trainer's without its optimizer state: one it saved with
+    ``save_only_model=True``, which leaves out the scheduler's and the RNG states too (False where no such folder
+    is there). The Trainer resumes from it without them, saying nothing above log level info."""
+    if not (folder / "trainer_state.json").is_file():
+        return False
+    return not any((folder / name).is_file() for name in ("optimizer.pt", "optimizer.bin"))
 
 
 def checkpoint_folder(

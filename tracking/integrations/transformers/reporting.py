@@ -4,9 +4,9 @@ transformers' ``MLflowCallback`` starts a run when none is active, marks it its 
 ends it at the end of ``train()``, but leaves the mark set. Its ``__del__`` then ends whichever run is active
 when the dropped Trainer is collected (the next trial of a sweep, the next notebook cell, maybe mid-training),
 and a later ``train()`` of the same Trainer ends, at its end, the run the user goes on in. ``TrackingCallback``
-follows every ``MLflowCallback`` of its Trainer (:func:`follow`) and, once their ``on_train_end`` has ended their
-own runs, clears the mark (:func:`disarm`). A run ``MLflowCallback`` merely logged into is never its own, and
-nothing here ends a run.
+follows every ``MLflowCallback`` of its Trainer (:func:`follow`: it goes last) and, once their ``on_train_end``
+has ended their own runs, clears the mark (:func:`disarm`). A run ``MLflowCallback`` merely logged into is never
+its own, and nothing here ends a run.
 
 transformers hands a callback neither its Trainer nor the Trainer's other callbacks: the ``CallbackHandler``
 calling the event holds them (:func:`calling_handler`).
@@ -39,18 +39,18 @@ def calling_handler() -> CallbackHandler | None:
 
 
 def follow(handler: CallbackHandler, ours: TrainerCallback) -> None:
-    """Move ``ours`` just after the last ``MLflowCallback`` of ``handler`` where one comes after it (a user's
-    ``callbacks=[TrackingCallback(...), MLflowCallback()]``), so that at the end of ``train()`` theirs has
-    ended its run when ours disarms it.
+    """Move ``ours`` to the end of ``handler``'s callbacks, so that at each event it sees what every other one made
+    of it: at the end of ``train()`` each ``MLflowCallback`` (a user's ``callbacks=[TrackingCallback(...),
+    MLflowCallback()]`` too) has ended its own run when ours disarms it; at an evaluation the metrics are final
+    and an ``EarlyStoppingCallback`` has decided whether training stops there.
 
     The list is replaced, not changed in place: the handler is iterating the old one for the event under way.
     """
     callbacks = list(handler.callbacks)
-    last = max((i for i, c in enumerate(callbacks) if isinstance(c, MLflowCallback)), default=-1)
-    if ours not in callbacks or callbacks.index(ours) > last:
+    if ours not in callbacks or callbacks[-1] is ours:
         return
     callbacks.remove(ours)
-    callbacks.insert(last, ours)  # ``last`` moved down one with ours removed: this is just after it
+    callbacks.append(ours)
     handler.callbacks = callbacks
 
 
