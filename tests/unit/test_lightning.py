@@ -32,7 +32,7 @@ from tests.lightning_model import TinyLit, fit, loaders, trainer
 from tracking import layout
 from tracking.cli import main
 from tracking.integrations import lightning as integration
-from tracking.integrations.lightning import MLflowCheckpoints, checkpoint_path, mirror, resume
+from tracking.integrations.lightning import MLflowCheckpoints, checkpoint_path, mirror
 from tracking.integrations.lightning.description import metric_key
 from tracking.metrics import renamed
 
@@ -487,7 +487,9 @@ def test_a_folder_the_file_system_cannot_lock_is_downloaded_into_as_before(
 
     with mlflow.start_run() as run:
         fit(2, tmp_path / "fit")
-    monkeypatch.setattr(resume.fcntl, "flock", refuse)
+    import fcntl
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
     assert torch.load(checkpoint_path(run.info.run_id, to=tmp_path / "nfs"), weights_only=True)["epoch"] == 1
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
@@ -84,12 +83,8 @@ def _download_once(located: Located, folder: Path) -> None:
     so none swaps a file another is reading."""
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    turn = os.open(folder, os.O_RDONLY)  # a lock on the folder itself: a file in it would be swapped as stale
+    turn = _take_turn(folder)
     try:
-        try:
-            fcntl.flock(turn, fcntl.LOCK_EX)
-        except OSError as exc:  # a file system without locks on folders (NFS may refuse one): no turns taken there
-            logger.debug("no lock on %s (%s): its processes may download into it at once", folder, exc)
         if not _holds(folder, located):
             download_files(located, folder, force=True)
     except BaseException:
@@ -97,7 +92,26 @@ def _download_once(located: Located, folder: Path) -> None:
             folder.rmdir()  # a failed download leaves no empty folder behind, as download_files itself does
         raise
     finally:
-        os.close(turn)  # releases the lock
+        if turn is not None:
+            os.close(turn)  # releases the lock
+
+
+def _take_turn(folder: Path) -> int | None:
+    """An exclusive lock on ``folder`` itself (a file in it would be swapped as stale), held until the descriptor
+    returned is closed; None where there can be none (no ``fcntl`` on Windows; NFS may refuse a folder's lock): its
+    processes then download into it at once, as before there were turns."""
+    try:
+        import fcntl
+
+        turn = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError) as exc:
+        logger.debug("no lock on %s (%s): its processes may download into it at once", folder, exc)
+        return None
+    try:
+        fcntl.flock(turn, fcntl.LOCK_EX)
+    except OSError as exc:
+        logger.debug("no lock on %s (%s): its processes may download into it at once", folder, exc)
+    return turn
 
 
 def _holds(folder: Path, located: Located) -> bool:
