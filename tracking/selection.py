@@ -18,8 +18,7 @@ from tracking.alternatives import no_checkpoints, what_else_loads
 from tracking.catalog import LoggedCheckpoint, StoredCheckpoint
 from tracking.config import TrackingConfig
 from tracking.errors import IntegrityError, NotFoundError, TrackingError, one_line
-from tracking.located import Located as Located  # re-exported: the integrations import it from here
-from tracking.located import locate, state_dict
+from tracking.located import Located, locate, state_dict
 from tracking.number import plain
 from tracking.rank import rank_zero, warn_on_rank_zero
 from tracking.run import RunHandle

@@ -17,8 +17,9 @@ from tracking.config import TrackingConfig
 from tracking.downloader import download_files
 from tracking.errors import ConfigError
 from tracking.integrations.lightning.description import FORMAT, weights_only
+from tracking.located import Located
 from tracking.run import RunHandle
-from tracking.selection import Located, Selector, find_checkpoint
+from tracking.selection import Selector, find_checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -25,9 +25,10 @@ from tracking.config import TrackingConfig
 from tracking.downloader import download_files
 from tracking.errors import NotFoundError
 from tracking.integrations.transformers.description import FORMAT
+from tracking.located import Located
 from tracking.manifest import Manifest
 from tracking.parallel import distributed
-from tracking.selection import Located, Selector, find_checkpoint
+from tracking.selection import Selector, find_checkpoint
 
 _log = logging.getLogger(__name__)
 
