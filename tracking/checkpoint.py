@@ -157,17 +157,17 @@ def log_checkpoint(
     # A background save that failed unnoticed fails this save, whichever kind it is.
     raise_background_errors()
     if blocking:
-        return _commit(handle, snapshot)
+        return _commit(handle, snapshot, config)
     host = snapshot.to_host()
     distributed.prepare()
     return background_saver().submit(
-        distributed.in_background(lambda: _commit(handle, host), saving_label(handle, host))
+        distributed.in_background(lambda: _commit(handle, host, config), saving_label(handle, host))
     )
 
 
-def _commit(handle: RunHandle | None, snapshot: CheckpointSnapshot) -> LoggedCheckpoint:
+def _commit(handle: RunHandle | None, snapshot: CheckpointSnapshot, config: TrackingConfig | None) -> LoggedCheckpoint:
     if snapshot.manifest.kind == SHARDED_KIND or distributed.active():
-        return commit(handle, snapshot)
+        return commit(handle, snapshot, config=config)
     assert handle is not None
     return commit_checkpoint(handle, snapshot)
 

@@ -218,7 +218,7 @@ class Checkpointer:
         """Commit from every rank; ``handle`` (rank 0's alone) does the run's description and retention."""
         manifest = snapshot.manifest
         if handle is None:
-            return commit(None, snapshot)
+            return commit(None, snapshot, config=self._config)
         describe = self._describer(handle, manifest) if self.describe_run else None
         if manifest.kind == SHARDED_KIND or distributed.active():
             return commit(handle, snapshot, describe, after=lambda logged: self._committed(handle, manifest, logged))

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from tracking import layout
 from tracking.catalog import LoggedCheckpoint
 from tracking.commit import CheckpointSnapshot, Describe, commit_checkpoint
+from tracking.config import TrackingConfig
 from tracking.manifest import SHARDED_KIND
 from tracking.parallel import distributed
 from tracking.run import RunHandle
@@ -22,11 +23,13 @@ def commit(
     snapshot: CheckpointSnapshot,
     describe: Describe | None = None,
     after: Callable[[LoggedCheckpoint], object] | None = None,
+    config: TrackingConfig | None = None,
 ) -> LoggedCheckpoint:
     """Commit ``snapshot`` from every rank of a process group (or from the one process there is).
 
     Rank 0, the only one with the run's ``handle``, talks to MLflow. A sharded snapshot is
-    written by every rank (:mod:`tracking.parallel.sharded`); any other is written by rank 0 alone,
+    written by every rank (:mod:`tracking.parallel.sharded`), each to the store its ``config`` says (the one
+    the caller gave; else the environment's); any other is written by rank 0 alone,
     with every rank's ``rank_state``. ``after`` runs on rank 0 once the checkpoint is
     committed (retention). Every rank returns the checkpoint, or raises the same error.
     """
@@ -39,7 +42,7 @@ def commit(
         # Before rank 0 creates its logged model: two small collectives beside the shards' writes.
         keys = distributed.gather(key, arrival=arrival)
         distributed.on_rank0(lambda: refuse_different_keys(handle, keys))
-        return commit_sharded(handle, snapshot, describe, after)
+        return commit_sharded(handle, snapshot, describe, after, config)
     # Every rank's key travels with its rank_state, in the one gather the commit makes anyway.
     gathered = distributed.gather((snapshot.rank_state, key), arrival=arrival) if distributed.active() else None
 

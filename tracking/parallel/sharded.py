@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from tracking import catalog
 from tracking.catalog import LoggedCheckpoint, StoredCheckpoint
 from tracking.commit import commit_files
+from tracking.config import TrackingConfig
 from tracking.errors import MismatchError, StorageError, TrackingError, one_line
 from tracking.manifest import StoredFile
 from tracking.parallel import dcp_index, distributed
@@ -59,8 +60,10 @@ def commit_sharded(
     snapshot: Any,
     describe: Any = None,
     after: Callable[[LoggedCheckpoint], object] | None = None,
+    config: TrackingConfig | None = None,
 ) -> LoggedCheckpoint:
-    """Commit a sharded checkpoint: every rank calls it, rank 0 with the run's ``handle``.
+    """Commit a sharded checkpoint: every rank calls it, rank 0 with the run's ``handle``, every rank with the
+    ``config`` it was given (None: the environment's), which says how to reach the store.
 
     Rank 0 creates the logged model (PENDING) and hands its artifact location to every rank;
     every rank stores its shard file there; rank 0 then writes ``dcp.json`` and the manifest
@@ -83,10 +86,9 @@ def commit_sharded(
     stored: dict[str, StoredFile] = {}
     metadata = None
     try:
-        from tracking.config import TrackingConfig
-
-        config = handle.config if handle is not None else TrackingConfig.from_env()
-        store = open_store(artifact_uri, config, owner=owner)
+        # The config the caller gave every rank (its endpoint, its credentials), not the environment's alone.
+        own = handle.config if handle is not None else config or TrackingConfig.from_env()
+        store = open_store(artifact_uri, own, owner=owner)
     except Exception as exc:
         error = exc
     error = _first(distributed.gather(error), error)

@@ -1,0 +1,63 @@
+"""Sharded (FSDP2) checkpoints saved by the ranks of a two-process gloo job against moto's S3 server.
+
+Every rank writes its own shard to the store, so what each rank is given (its config) and what each meets
+(a failure before the shards' writes) must lead every rank to the same place: the same store, the same error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+from torch import nn
+
+import tracking
+from tests.unit.ranks import run_ranks
+from tracking.config import TrackingConfig
+
+pytestmark = pytest.mark.slow  # two processes each; make test-all runs them
+
+GIVEN_CONFIG = """
+import tracking
+from tracking.config import TrackingConfig
+
+run_id, endpoint = args
+# The store's endpoint is given as an argument; the environment names another, where nothing answers.
+config = TrackingConfig.from_env(s3_endpoint_url=endpoint)
+tracking.log_checkpoint(model, optimizer, epoch=1, run_id=run_id, config=config)
+with tracking.Checkpointer(keep_last=1, run_id=run_id, config=config) as checkpointer:
+    checkpointer.save(model, optimizer, epoch=2)
+say("saved")
+dist.destroy_process_group()
+"""
+
+
+@pytest.fixture
+def run_id(tracking_s3_server: str, tracking_store: str) -> str:
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("ranks", f"s3://{tracking_s3_server}/exp"))
+    with mlflow.start_run() as run:
+        return str(run.info.run_id)
+
+
+def test_every_rank_stores_its_shard_where_the_config_given_says(run_id: str, tmp_path: Path) -> None:
+    endpoint = TrackingConfig.from_env().s3_endpoint_url
+    assert endpoint is not None
+    # Was: ranks other than 0 read the environment's endpoint, and the save failed there ("cannot reach S3").
+    outputs = run_ranks(
+        GIVEN_CONFIG,
+        2,
+        tmp_path,
+        run_id,
+        endpoint,
+        env={"MLFLOW_S3_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ENDPOINT_URL_S3": "", "AWS_MAX_ATTEMPTS": "1"},
+    )
+    assert [out.strip() for out in outputs] == ["rank 0: saved", "rank 1: saved"]
+    assert [c.epoch for c in tracking.list_checkpoints(run_id)] == [2]  # keep_last=1: epoch 1 deleted
+    loaded = tracking.load(run_id, model=small_model)
+    assert loaded.epoch == 2
+
+
+def small_model() -> nn.Module:
+    """The model of the ranks' script (tests.unit.ranks), unsharded."""
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
