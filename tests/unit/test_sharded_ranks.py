@@ -61,3 +61,45 @@ def test_every_rank_stores_its_shard_where_the_config_given_says(run_id: str, tm
 def small_model() -> nn.Module:
     """The model of the ranks' script (tests.unit.ranks), unsharded."""
     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+ONE_RANK_FAILS = """
+import tracking
+from tracking.errors import StorageError
+from tracking.parallel import sharded
+from tracking.storage.s3 import S3Store
+
+run_id, failing, failing_rank = args[0], args[1], int(args[2])
+tracking.log_checkpoint(model, optimizer, epoch=1, run_id=run_id)
+
+
+def fail(*args, **kwargs):
+    raise StorageError(f"injected: rank {rank} fails {failing}")
+
+
+if rank == failing_rank:
+    if failing == "open":
+        sharded.open_store = fail  # before any shard is written
+    else:
+        S3Store.write = fail  # its shard's upload
+try:
+    tracking.log_checkpoint(model, optimizer, epoch=2, run_id=run_id)
+    say("saved")
+except tracking.TrackingError as exc:
+    say(f"raised {exc}")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize(("failing", "failing_rank"), [("open", 0), ("shard", 1)])
+def test_a_rank_that_fails_makes_every_rank_raise_its_error_naming_it(
+    run_id: str, tmp_path: Path, failing: str, failing_rank: int
+) -> None:
+    # Was ("open", 0): rank 1 wrote its shard alone, in collectives rank 0 never joined: the job hung.
+    # Was ("shard", 1): the error said rank 0, which had stored its shard.
+    outputs = run_ranks(ONE_RANK_FAILS, 2, tmp_path, run_id, failing, str(failing_rank), timeout=60)
+    said = [out.strip().split(": ", 1)[1] for out in outputs]
+    assert said[0] == said[1], said  # the same error on every rank
+    assert said[0].startswith(f"raised rank {failing_rank}: ") and f"injected: rank {failing_rank}" in said[0], said
+    assert [c.epoch for c in tracking.list_checkpoints(run_id)] == [1]
+    assert tracking.load(run_id, model=small_model).epoch == 1  # the previous checkpoint is still the latest

@@ -208,7 +208,7 @@ def on_rank0(step: Callable[[], T], *, arrival: str | None = None) -> T:
         try:
             outcome[0] = ("ok", step())
         except BaseException as exc:
-            outcome[0] = ("error", _portable(exc))
+            outcome[0] = ("error", portable(exc))
     dist.broadcast_object_list(outcome, src=0, group=group())
     kind, value = outcome[0]
     if kind == "error":
@@ -225,7 +225,7 @@ def raise_together(error: BaseException | None) -> None:
     import torch.distributed as dist
 
     errors: list[Any] = [None] * world_size()
-    dist.all_gather_object(errors, None if error is None else _portable(error), group=group())
+    dist.all_gather_object(errors, None if error is None else portable(error), group=group())
     for found in errors:
         if found is not None:
             raise found
@@ -243,6 +243,18 @@ def gather(value: T, *, arrival: str | None = None) -> list[T] | None:
     gathered: list[Any] | None = [None] * world_size() if rank() == 0 else None
     with _arrival_watch(arrival):
         dist.gather_object(value, gathered, dst=0, group=group())
+    return gathered
+
+
+def every(value: T) -> list[T]:
+    """Every rank's ``value`` in rank order, on every rank: what all ranks must decide alike. ``[value]`` outside a
+    group."""
+    if not active():
+        return [value]
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, value, group=group())
     return gathered
 
 
@@ -287,7 +299,7 @@ def _warn_waiting(waiting: int, ranks: int, arrival: str) -> None:
     )
 
 
-def _portable(exc: BaseException) -> BaseException:
+def portable(exc: BaseException) -> BaseException:
     """``exc`` itself when it survives pickling (it is sent to the other ranks), else a TrackingError."""
     try:
         pickle.loads(pickle.dumps(exc))
