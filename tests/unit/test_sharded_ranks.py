@@ -103,3 +103,33 @@ def test_a_rank_that_fails_makes_every_rank_raise_its_error_naming_it(
     assert said[0].startswith(f"raised rank {failing_rank}: ") and f"injected: rank {failing_rank}" in said[0], said
     assert [c.epoch for c in tracking.list_checkpoints(run_id)] == [1]
     assert tracking.load(run_id, model=small_model).epoch == 1  # the previous checkpoint is still the latest
+
+
+ONE_RANK_CANNOT_READ = """
+import boto3
+import tracking
+
+run_id = args[0]
+logged = tracking.log_checkpoint(model, optimizer, epoch=1, run_id=run_id)
+if rank == 1:
+    # Its own shard, which it alone reads back: the same size, other bytes.
+    bucket, key = logged.artifact_uri.removeprefix("s3://").split("/", 1)
+    s3 = boto3.client("s3", region_name="us-east-1")
+    body = s3.get_object(Bucket=bucket, Key=f"{key}/shard-00001.distcp")["Body"].read()
+    s3.put_object(Bucket=bucket, Key=f"{key}/shard-00001.distcp", Body=bytes(255 - b for b in body))
+dist.barrier()
+try:
+    tracking.restore(run_id, model, optimizer)
+    say("restored")
+except tracking.TrackingError as exc:
+    say(f"raised {type(exc).__name__}: {exc}")
+dist.destroy_process_group()
+"""
+
+
+def test_a_rank_that_cannot_read_its_part_makes_every_rank_raise_its_error(run_id: str, tmp_path: Path) -> None:
+    # Was: rank 0 restored and went on to train, into collectives rank 1, which had raised, never reached.
+    outputs = run_ranks(ONE_RANK_CANNOT_READ, 2, tmp_path, run_id, timeout=60)
+    said = [out.strip().split(": ", 1)[1] for out in outputs]
+    assert said[0] == said[1], said
+    assert said[0].startswith("raised IntegrityError: ") and "shard-00001.distcp" in said[0], said

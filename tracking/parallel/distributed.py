@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from torch import nn
 
@@ -30,6 +30,7 @@ from tracking.errors import TrackingError
 from tracking.rank import warn_on_rank_zero
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 _log = logging.getLogger(__name__)
 
@@ -226,9 +227,29 @@ def raise_together(error: BaseException | None) -> None:
 
     errors: list[Any] = [None] * world_size()
     dist.all_gather_object(errors, None if error is None else portable(error), group=group())
-    for found in errors:
+    for found_rank, found in enumerate(errors):
         if found is not None:
+            if found_rank == rank() and error is not None:
+                raise error  # this rank's own, with its traceback
             raise found
+
+
+def together(function: Callable[P, T]) -> Callable[P, T]:
+    """``function``, which every rank calls, returning on every rank or raising on every rank (the lowest failing
+    rank's error): a step each rank does alone (reading its own shards) may fail on some ranks only, and a rank
+    that returned would go on into the training loop's collectives, which the ranks that raised never reach."""
+
+    @functools.wraps(function)
+    def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            result = function(*args, **kwargs)
+        except Exception as exc:
+            raise_together(exc)
+            raise
+        raise_together(None)
+        return result
+
+    return call
 
 
 def gather(value: T, *, arrival: str | None = None) -> list[T] | None:
