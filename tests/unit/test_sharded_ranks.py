@@ -133,3 +133,44 @@ def test_a_rank_that_cannot_read_its_part_makes_every_rank_raise_its_error(run_i
     said = [out.strip().split(": ", 1)[1] for out in outputs]
     assert said[0] == said[1], said
     assert said[0].startswith("raised IntegrityError: ") and "shard-00001.distcp" in said[0], said
+
+
+RANK_0_FAILS_BEFORE_THE_COMMIT = """
+import tracking
+
+strategy, run_id, how = args
+if strategy == "ddp":
+    model = nn.parallel.DistributedDataParallel(nn.Linear(4, 2))
+try:
+    if how == "log_checkpoint":
+        tracking.log_checkpoint(model, epoch=1, run_id=run_id)
+    elif how == "Checkpointer":
+        tracking.Checkpointer(keep_best=1, run_id=run_id).save(model, epoch=1, metrics={"val_loss": 0.5})
+    else:
+        checkpointer = tracking.Checkpointer(keep_best=1, run_id=run_id)
+        checkpointer.save(model, epoch=1, metrics={"val_loss": 0.5} if rank == 0 else None)
+        # Rank 0 validates, and forgot the metric keep_best ranks by; the other ranks pass none.
+        checkpointer.save(model, epoch=2, metrics={"loss": 0.4} if rank == 0 else None)
+    say("saved")
+except (tracking.TrackingError, ValueError) as exc:
+    say(f"raised {type(exc).__name__}")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("how", ["log_checkpoint", "Checkpointer"])
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_a_run_rank_0_cannot_open_makes_every_rank_raise(
+    tracking_store: str, tmp_path: Path, strategy: str, how: str
+) -> None:
+    # Was (log_checkpoint): rank 0 raised NotFoundError alone; rank 1 waited in the commit for it, for good.
+    outputs = run_ranks(RANK_0_FAILS_BEFORE_THE_COMMIT, 2, tmp_path, strategy, "0" * 32, how, timeout=45)
+    assert [out.strip() for out in outputs] == ["rank 0: raised NotFoundError", "rank 1: raised NotFoundError"]
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_a_save_rank_0_refuses_makes_every_rank_raise(run_id: str, tmp_path: Path, strategy: str) -> None:
+    # Was: rank 0 raised ValueError alone; rank 1 waited in the commit for it, for good.
+    outputs = run_ranks(RANK_0_FAILS_BEFORE_THE_COMMIT, 2, tmp_path, strategy, run_id, "no_monitor", timeout=45)
+    assert [out.strip() for out in outputs] == ["rank 0: raised ValueError", "rank 1: raised ValueError"]
+    assert [c.epoch for c in tracking.list_checkpoints(run_id)] == [1]

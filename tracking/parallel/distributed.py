@@ -217,6 +217,20 @@ def on_rank0(step: Callable[[], T], *, arrival: str | None = None) -> T:
     return value  # type: ignore[no-any-return]
 
 
+def lead(step: Callable[[], T]) -> tuple[T | None, Exception | None]:
+    """``step()`` on rank 0 alone: what it returned (None on the other ranks), and the error it raised, for the
+    collective that follows to raise on every rank (raised here, on rank 0 alone, it would leave the other ranks
+    waiting in that collective for good). Outside a process group, ``step()``'s result, or its error raised."""
+    if rank() != 0:
+        return None, None
+    if not active():
+        return step(), None
+    try:
+        return step(), None
+    except Exception as exc:
+        return None, exc
+
+
 def raise_together(error: BaseException | None) -> None:
     """Raise on every rank when any rank has an ``error`` (the lowest rank's), else return."""
     if not active():
