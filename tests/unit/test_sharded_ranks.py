@@ -174,3 +174,47 @@ def test_a_save_rank_0_refuses_makes_every_rank_raise(run_id: str, tmp_path: Pat
     outputs = run_ranks(RANK_0_FAILS_BEFORE_THE_COMMIT, 2, tmp_path, strategy, run_id, "no_monitor", timeout=45)
     assert [out.strip() for out in outputs] == ["rank 0: raised ValueError", "rank 1: raised ValueError"]
     assert [c.epoch for c in tracking.list_checkpoints(run_id)] == [1]
+
+
+SAVE_THEN_RESTORE = """
+import tracking
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+run_id, action, saved = args
+full = StateDictOptions(full_state_dict=True)
+
+
+def whole():
+    model_state = get_model_state_dict(model, options=full)
+    return {"model": model_state, "optim": get_optimizer_state_dict(model, optimizer, options=full)}
+
+
+if action == "save":
+    tracking.log_checkpoint(model, optimizer, epoch=1, run_id=run_id)
+    state = whole()
+    if rank == 0:
+        torch.save(state, saved)
+else:
+    for _ in range(3):  # away from the saved state
+        model(torch.randn(16, 4)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    before = whole()
+    tracking.restore(run_id, model, optimizer)
+    after, expected = whole(), torch.load(saved, weights_only=True)
+    differed = not torch.equal(before["model"]["0.weight"], expected["model"]["0.weight"])
+    same = all(torch.equal(after["model"][k], v) for k, v in expected["model"].items())
+    moments = [s["exp_avg"] for s in after["optim"]["state"].values()]
+    same_optim = all(
+        torch.equal(m, e["exp_avg"]) for m, e in zip(moments, expected["optim"]["state"].values(), strict=True)
+    )
+    say(f"differed {differed}, restored {same and same_optim}")
+dist.destroy_process_group()
+"""
+
+
+def test_a_sharded_checkpoint_of_two_ranks_restores_into_three(run_id: str, tmp_path: Path) -> None:
+    saved = str(tmp_path / "saved.pt")
+    run_ranks(SAVE_THEN_RESTORE, 2, tmp_path, run_id, "save", saved)
+    outputs = run_ranks(SAVE_THEN_RESTORE, 3, tmp_path, run_id, "restore", saved)
+    assert [out.strip() for out in outputs] == [f"rank {r}: differed True, restored True" for r in range(3)]
