@@ -97,7 +97,7 @@ def test_a_rank_that_fails_makes_every_rank_raise_its_error_naming_it(
 ) -> None:
     # Was ("open", 0): rank 1 wrote its shard alone, in collectives rank 0 never joined: the job hung.
     # Was ("shard", 1): the error said rank 0, which had stored its shard.
-    outputs = run_ranks(ONE_RANK_FAILS, 2, tmp_path, run_id, failing, str(failing_rank), timeout=60)
+    outputs = run_ranks(ONE_RANK_FAILS, 2, tmp_path, run_id, failing, str(failing_rank), timeout=90)
     said = [out.strip().split(": ", 1)[1] for out in outputs]
     assert said[0] == said[1], said  # the same error on every rank
     assert said[0].startswith(f"raised rank {failing_rank}: ") and f"injected: rank {failing_rank}" in said[0], said
@@ -129,7 +129,7 @@ dist.destroy_process_group()
 
 def test_a_rank_that_cannot_read_its_part_makes_every_rank_raise_its_error(run_id: str, tmp_path: Path) -> None:
     # Was: rank 0 restored and went on to train, into collectives rank 1, which had raised, never reached.
-    outputs = run_ranks(ONE_RANK_CANNOT_READ, 2, tmp_path, run_id, timeout=60)
+    outputs = run_ranks(ONE_RANK_CANNOT_READ, 2, tmp_path, run_id, timeout=90)
     said = [out.strip().split(": ", 1)[1] for out in outputs]
     assert said[0] == said[1], said
     assert said[0].startswith("raised IntegrityError: ") and "shard-00001.distcp" in said[0], said
@@ -164,14 +164,14 @@ def test_a_run_rank_0_cannot_open_makes_every_rank_raise(
     tracking_store: str, tmp_path: Path, strategy: str, how: str
 ) -> None:
     # Was (log_checkpoint): rank 0 raised NotFoundError alone; rank 1 waited in the commit for it, for good.
-    outputs = run_ranks(RANK_0_FAILS_BEFORE_THE_COMMIT, 2, tmp_path, strategy, "0" * 32, how, timeout=45)
+    outputs = run_ranks(RANK_0_FAILS_BEFORE_THE_COMMIT, 2, tmp_path, strategy, "0" * 32, how, timeout=90)
     assert [out.strip() for out in outputs] == ["rank 0: raised NotFoundError", "rank 1: raised NotFoundError"]
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
 def test_a_save_rank_0_refuses_makes_every_rank_raise(run_id: str, tmp_path: Path, strategy: str) -> None:
     # Was: rank 0 raised ValueError alone; rank 1 waited in the commit for it, for good.
-    outputs = run_ranks(RANK_0_FAILS_BEFORE_THE_COMMIT, 2, tmp_path, strategy, run_id, "no_monitor", timeout=45)
+    outputs = run_ranks(RANK_0_FAILS_BEFORE_THE_COMMIT, 2, tmp_path, strategy, run_id, "no_monitor", timeout=90)
     assert [out.strip() for out in outputs] == ["rank 0: raised ValueError", "rank 1: raised ValueError"]
     assert [c.epoch for c in tracking.list_checkpoints(run_id)] == [1]
 
