@@ -152,22 +152,24 @@ def log_checkpoint(
         scheduler_kwargs=scheduler_kwargs,
         chart_step=chart_step,
     )
-    # Only rank 0 talks to MLflow (the other ranks may have no active run).
-    handle = open_run(target_run_id(run_id), config, reuse=True) if distributed.rank() == 0 else None
+    # Only rank 0 talks to MLflow (the other ranks may have no active run); its error is raised on every rank.
+    handle, refused = distributed.lead(lambda: open_run(target_run_id(run_id), config, reuse=True))
     # A background save that failed unnoticed fails this save, whichever kind it is.
     raise_background_errors()
     if blocking:
-        return _commit(handle, snapshot)
+        return _commit(handle, snapshot, config, refused)
     host = snapshot.to_host()
     distributed.prepare()
     return background_saver().submit(
-        distributed.in_background(lambda: _commit(handle, host), saving_label(handle, host))
+        distributed.in_background(lambda: _commit(handle, host, config, refused), saving_label(handle, host))
     )
 
 
-def _commit(handle: RunHandle | None, snapshot: CheckpointSnapshot) -> LoggedCheckpoint:
+def _commit(
+    handle: RunHandle | None, snapshot: CheckpointSnapshot, config: TrackingConfig | None, refused: Exception | None
+) -> LoggedCheckpoint:
     if snapshot.manifest.kind == SHARDED_KIND or distributed.active():
-        return commit(handle, snapshot)
+        return commit(handle, snapshot, config=config, refused=refused)
     assert handle is not None
     return commit_checkpoint(handle, snapshot)
 

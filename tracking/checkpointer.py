@@ -172,13 +172,9 @@ class Checkpointer:
             # Ranks would drop different saves, and a sharded save needs every rank's part.
             raise ValueError('on_busy="coalesce" cannot be used under a process group; use on_busy="wait"')
         clean = check_metrics(metrics)
-        keep_best = self.retention.keep_best
-        # Rank 0's metrics rank the checkpoint (it alone applies retention): the other ranks need none.
-        if keep_best is not None and self.monitor not in clean and distributed.rank() == 0:
-            raise ValueError(
-                f"keep_best={keep_best} ranks checkpoints by {self.monitor!r}, which is not in "
-                f"metrics {sorted(clean)}; pass it, or set monitor= to a metric you log."
-            )
+        # Rank 0's metrics rank the checkpoint (it alone applies retention): the other ranks need none. What rank 0
+        # refuses or fails to read here is raised on every rank, by the commit's first step.
+        _, refused = distributed.lead(lambda: self._check_monitor(clean))
         snapshot = snapshot_checkpoint(
             model,
             optimizer,
@@ -197,28 +193,43 @@ class Checkpointer:
             chart_step=chart_step,
         )
         handle = None
-        if distributed.rank() == 0:
-            handle = self._open()
-            self.retention.read(handle, describe=self.describe_run)
+        if refused is None:
+            handle, refused = distributed.lead(self._read_run)
         # A background save that failed unnoticed fails this save, whichever kind it is.
         raise_background_errors()
         if self._saver is None:
-            logged = self._commit(handle, snapshot)
+            logged = self._commit(handle, snapshot, refused)
             self._saved_step = step
             return logged
         host = snapshot.to_host()
         distributed.prepare()
         future = self._saver.submit(
-            distributed.in_background(lambda: self._commit(handle, host), saving_label(handle, host))
+            distributed.in_background(lambda: self._commit(handle, host, refused), saving_label(handle, host))
         )
         self._saved_step = step
         return future
 
-    def _commit(self, handle: RunHandle | None, snapshot: CheckpointSnapshot) -> LoggedCheckpoint:
-        """Commit from every rank; ``handle`` (rank 0's alone) does the run's description and retention."""
+    def _check_monitor(self, metrics: Mapping[str, float]) -> None:
+        keep_best = self.retention.keep_best
+        if keep_best is not None and self.monitor not in metrics:
+            raise ValueError(
+                f"keep_best={keep_best} ranks checkpoints by {self.monitor!r}, which is not in "
+                f"metrics {sorted(metrics)}; pass it, or set monitor= to a metric you log."
+            )
+
+    def _read_run(self) -> RunHandle:
+        handle = self._open()
+        self.retention.read(handle, describe=self.describe_run)
+        return handle
+
+    def _commit(
+        self, handle: RunHandle | None, snapshot: CheckpointSnapshot, refused: Exception | None = None
+    ) -> LoggedCheckpoint:
+        """Commit from every rank; ``handle`` (rank 0's alone) does the run's description and retention.
+        ``refused``: rank 0's error before the commit, raised on every rank."""
         manifest = snapshot.manifest
         if handle is None:
-            return commit(None, snapshot)
+            return commit(None, snapshot, config=self._config, refused=refused)
         describe = self._describer(handle, manifest) if self.describe_run else None
         if manifest.kind == SHARDED_KIND or distributed.active():
             return commit(handle, snapshot, describe, after=lambda logged: self._committed(handle, manifest, logged))

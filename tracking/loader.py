@@ -121,6 +121,7 @@ def load(
     return loaded(located, state, built, optim, sched, scaler, keep=_own)
 
 
+@distributed.together
 def restore(
     source: str,
     model: nn.Module,
@@ -137,7 +138,8 @@ def restore(
 
     ``source``, ``checkpoint`` and ``step`` mean what they mean for :func:`load`. Under ``torchrun``
     every rank calls it: rank 0 finds the checkpoint (the only rank to ask MLflow), every rank
-    reads what it needs from the store. A sharded checkpoint loads into a sharded model (FSDP2)
+    reads what it needs from the store; every rank returns, or every rank raises the same error (a rank that
+    cannot read its own shards fails them all). A sharded checkpoint loads into a sharded model (FSDP2)
     of any number of ranks, or into a plain one; a checkpoint of a whole model (one process's, or
     DDP's) loads into the module a ``DistributedDataParallel`` wraps, or into an FSDP2 model, each
     rank keeping its own shards. The result's ``rank_state`` is this rank's own.

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from tracking import layout
 from tracking.catalog import LoggedCheckpoint
 from tracking.commit import CheckpointSnapshot, Describe, commit_checkpoint
+from tracking.config import TrackingConfig
 from tracking.manifest import SHARDED_KIND
 from tracking.parallel import distributed
 from tracking.run import RunHandle
@@ -22,13 +23,17 @@ def commit(
     snapshot: CheckpointSnapshot,
     describe: Describe | None = None,
     after: Callable[[LoggedCheckpoint], object] | None = None,
+    config: TrackingConfig | None = None,
+    refused: Exception | None = None,
 ) -> LoggedCheckpoint:
     """Commit ``snapshot`` from every rank of a process group (or from the one process there is).
 
     Rank 0, the only one with the run's ``handle``, talks to MLflow. A sharded snapshot is
-    written by every rank (:mod:`tracking.parallel.sharded`); any other is written by rank 0 alone,
+    written by every rank (:mod:`tracking.parallel.sharded`), each to the store its ``config`` says (the one
+    the caller gave; else the environment's); any other is written by rank 0 alone,
     with every rank's ``rank_state``. ``after`` runs on rank 0 once the checkpoint is
-    committed (retention). Every rank returns the checkpoint, or raises the same error.
+    committed (retention). Every rank returns the checkpoint, or raises the same error: ``refused``, rank 0's
+    error before the commit (opening the run, see :func:`distributed.lead`), at the commit's first step.
     """
     key = (snapshot.manifest.epoch, snapshot.manifest.step)
     arrival = f"the save of {keys_named(*key)}"  # what a rank waiting for the others there names
@@ -38,12 +43,14 @@ def commit(
 
         # Before rank 0 creates its logged model: two small collectives beside the shards' writes.
         keys = distributed.gather(key, arrival=arrival)
-        distributed.on_rank0(lambda: refuse_different_keys(handle, keys))
-        return commit_sharded(handle, snapshot, describe, after)
+        distributed.on_rank0(lambda: refuse_different_keys(handle, keys, refused=refused))
+        return commit_sharded(handle, snapshot, describe, after, config)
     # Every rank's key travels with its rank_state, in the one gather the commit makes anyway.
     gathered = distributed.gather((snapshot.rank_state, key), arrival=arrival) if distributed.active() else None
 
     def on_rank0() -> LoggedCheckpoint:
+        if refused is not None:
+            raise refused
         assert handle is not None
         if gathered is not None:
             refuse_different_keys(handle, [rank_key for _, rank_key in gathered])
@@ -69,12 +76,16 @@ def refuse_different_keys(
     *,
     called: str = "saved one checkpoint (tracking.log_checkpoint, Checkpointer.save)",
     outcome: str = "only rank 0's would be stored",
+    refused: Exception | None = None,
 ) -> None:
     """On rank 0, raise when the ranks gave one collective call different ``(epoch, step)`` (``keys``, in rank order).
 
     ``called`` says what the ranks called, ``outcome`` what the different keys would do: by default a collective
-    save, which would store rank 0's alone, under a key the other ranks did not mean.
+    save, which would store rank 0's alone, under a key the other ranks did not mean. ``refused``: rank 0's own
+    error before, raised first.
     """
+    if refused is not None:
+        raise refused
     if not keys or all(key == keys[0] for key in keys):
         return
     assert handle is not None

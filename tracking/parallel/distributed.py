@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from torch import nn
 
@@ -30,6 +30,7 @@ from tracking.errors import TrackingError
 from tracking.rank import warn_on_rank_zero
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 _log = logging.getLogger(__name__)
 
@@ -208,12 +209,26 @@ def on_rank0(step: Callable[[], T], *, arrival: str | None = None) -> T:
         try:
             outcome[0] = ("ok", step())
         except BaseException as exc:
-            outcome[0] = ("error", _portable(exc))
+            outcome[0] = ("error", portable(exc))
     dist.broadcast_object_list(outcome, src=0, group=group())
     kind, value = outcome[0]
     if kind == "error":
         raise value
     return value  # type: ignore[no-any-return]
+
+
+def lead(step: Callable[[], T]) -> tuple[T | None, Exception | None]:
+    """``step()`` on rank 0 alone: what it returned (None on the other ranks), and the error it raised, for the
+    collective that follows to raise on every rank (raised here, on rank 0 alone, it would leave the other ranks
+    waiting in that collective for good). Outside a process group, ``step()``'s result, or its error raised."""
+    if rank() != 0:
+        return None, None
+    if not active():
+        return step(), None
+    try:
+        return step(), None
+    except Exception as exc:
+        return None, exc
 
 
 def raise_together(error: BaseException | None) -> None:
@@ -225,10 +240,30 @@ def raise_together(error: BaseException | None) -> None:
     import torch.distributed as dist
 
     errors: list[Any] = [None] * world_size()
-    dist.all_gather_object(errors, None if error is None else _portable(error), group=group())
-    for found in errors:
+    dist.all_gather_object(errors, None if error is None else portable(error), group=group())
+    for found_rank, found in enumerate(errors):
         if found is not None:
+            if found_rank == rank() and error is not None:
+                raise error  # this rank's own, with its traceback
             raise found
+
+
+def together(function: Callable[P, T]) -> Callable[P, T]:
+    """``function``, which every rank calls, returning on every rank or raising on every rank (the lowest failing
+    rank's error): a step each rank does alone (reading its own shards) may fail on some ranks only, and a rank
+    that returned would go on into the training loop's collectives, which the ranks that raised never reach."""
+
+    @functools.wraps(function)
+    def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            result = function(*args, **kwargs)
+        except Exception as exc:
+            raise_together(exc)
+            raise
+        raise_together(None)
+        return result
+
+    return call
 
 
 def gather(value: T, *, arrival: str | None = None) -> list[T] | None:
@@ -243,6 +278,18 @@ def gather(value: T, *, arrival: str | None = None) -> list[T] | None:
     gathered: list[Any] | None = [None] * world_size() if rank() == 0 else None
     with _arrival_watch(arrival):
         dist.gather_object(value, gathered, dst=0, group=group())
+    return gathered
+
+
+def every(value: T) -> list[T]:
+    """Every rank's ``value`` in rank order, on every rank: what all ranks must decide alike. ``[value]`` outside a
+    group."""
+    if not active():
+        return [value]
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, value, group=group())
     return gathered
 
 
@@ -287,7 +334,7 @@ def _warn_waiting(waiting: int, ranks: int, arrival: str) -> None:
     )
 
 
-def _portable(exc: BaseException) -> BaseException:
+def portable(exc: BaseException) -> BaseException:
     """``exc`` itself when it survives pickling (it is sent to the other ranks), else a TrackingError."""
     try:
         pickle.loads(pickle.dumps(exc))

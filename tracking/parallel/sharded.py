@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from tracking import catalog
 from tracking.catalog import LoggedCheckpoint, StoredCheckpoint
 from tracking.commit import commit_files
+from tracking.config import TrackingConfig
 from tracking.errors import MismatchError, StorageError, TrackingError, one_line
 from tracking.manifest import StoredFile
 from tracking.parallel import dcp_index, distributed
@@ -35,6 +36,9 @@ from tracking.parallel.dcp_storage import SafeFullPlanner, SafeLoadPlanner, Shar
 from tracking.parallel.dcp_storage import shard_file as shard_file  # re-exported: a sharded checkpoint's file names
 from tracking.run import RunHandle
 from tracking.storage import ArtifactStore, open_store
+
+# A rank and the error it met.
+Failure = tuple[int, BaseException]
 
 
 def write_shards(writer: ShardWriter, state: dict[str, Any]) -> None:
@@ -59,8 +63,10 @@ def commit_sharded(
     snapshot: Any,
     describe: Any = None,
     after: Callable[[LoggedCheckpoint], object] | None = None,
+    config: TrackingConfig | None = None,
 ) -> LoggedCheckpoint:
-    """Commit a sharded checkpoint: every rank calls it, rank 0 with the run's ``handle``.
+    """Commit a sharded checkpoint: every rank calls it, rank 0 with the run's ``handle``, every rank with the
+    ``config`` it was given (None: the environment's), which says how to reach the store.
 
     Rank 0 creates the logged model (PENDING) and hands its artifact location to every rank;
     every rank stores its shard file there; rank 0 then writes ``dcp.json`` and the manifest
@@ -79,41 +85,45 @@ def commit_sharded(
         return checkpoint.artifact_uri, checkpoint.store.owner
 
     artifact_uri, owner = distributed.on_rank0(create)
-    error: BaseException | None = None
+    failure: Failure | None = None  # the first failing rank and its error, the same on every rank
     stored: dict[str, StoredFile] = {}
     metadata = None
+    store = None
     try:
-        from tracking.config import TrackingConfig
-
-        config = handle.config if handle is not None else TrackingConfig.from_env()
-        store = open_store(artifact_uri, config, owner=owner)
+        # The config the caller gave every rank (its endpoint, its credentials), not the environment's alone.
+        own = handle.config if handle is not None else config or TrackingConfig.from_env()
+        store = open_store(artifact_uri, own, owner=owner)
     except Exception as exc:
-        error = exc
-    error = _first(distributed.gather(error), error)
-    if error is None:
+        failure = (distributed.rank(), distributed.portable(exc))
+    # Every rank learns whether any failed: one that writes its shard while another does not would wait in DCP's
+    # collectives for it, while the others went on to the next step.
+    failure = next((found for found in distributed.every(failure) if found is not None), None)
+    if failure is None:
+        assert store is not None
         writer = ShardWriter(store)
         try:
             write_shards(writer, snapshot.payload)
         except BaseException as exc:
-            error = _dcp_error(exc)
+            rank, error = _dcp_failure(exc)
+            failure = (rank, distributed.portable(error))
         stored, metadata = writer.stored, writer.metadata
-    outcomes = distributed.gather((stored, error))
+    outcomes = distributed.gather((stored, failure))
 
     def commit() -> LoggedCheckpoint:
         assert handle is not None and outcomes is not None
         checkpoint = created[0]
         files: dict[str, StoredFile] = {}
         failures = []
-        for rank, (rank_files, rank_error) in enumerate(outcomes):
+        for rank_files, rank_failure in outcomes:
             files.update(rank_files)
-            if rank_error is not None:
-                failures.append((rank, rank_error))
+            if rank_failure is not None:
+                failures.append(rank_failure)
 
         def write_files() -> dict[str, StoredFile]:
             if failures:
                 for name in files:
                     checkpoint.store.delete(name)  # this save's shards, so no data stays behind
-                rank, failure = failures[0]
+                rank, failure = min(failures, key=lambda found: found[0])
                 if isinstance(failure, TrackingError):
                     raise type(failure)(f"rank {rank}: {failure}") if isinstance(failure, StorageError) else failure
                 raise StorageError(f"rank {rank} could not store its shard ({type(failure).__name__}: {failure}).")
@@ -129,24 +139,23 @@ def commit_sharded(
     return distributed.on_rank0(commit)
 
 
-def _first(errors: list[BaseException | None] | None, own: BaseException | None) -> BaseException | None:
-    """Rank 0's view of the first error of any rank; other ranks keep theirs (the commit step says the rest)."""
-    if errors is None:
-        return own
-    return next((e for e in errors if e is not None), None)
+def _dcp_failure(exc: BaseException) -> Failure:
+    """The failing rank and its error, out of DCP's CheckpointException (which carries every rank's, by rank, on
+    every rank); else this rank's own ``exc``."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(exc, CheckpointException):
+        for rank, (inner, _trace) in sorted(exc.failures.items()):
+            return rank, inner if isinstance(inner, Exception) else TrackingError(str(inner))
+        return distributed.rank(), TrackingError(str(exc))
+    if not isinstance(exc, Exception):
+        raise exc
+    return distributed.rank(), exc
 
 
 def _dcp_error(exc: BaseException) -> BaseException:
     """The error a rank met, out of DCP's CheckpointException (which carries every rank's)."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    if isinstance(exc, CheckpointException):
-        for _, (inner, _trace) in sorted(exc.failures.items()):
-            return inner if isinstance(inner, Exception) else TrackingError(str(inner))
-        return TrackingError(str(exc))
-    if not isinstance(exc, Exception):
-        raise exc
-    return exc
+    return _dcp_failure(exc)[1]
 
 
 def read_full(store: ArtifactStore, files: Mapping[str, StoredFile], where: str, named: bool = False) -> dict[str, Any]:
