@@ -68,6 +68,12 @@ def test_each_local_root_is_warned_about_once() -> None:
     assert len(other) == 1 and "/srv/mlruns/2 " in other[0]
 
 
+def test_the_warning_shows_no_credentials_of_the_tracking_uri() -> None:
+    said = _opened("/srv/mlruns/1/aaa/artifacts", "https://alice:s3cret@mlflow.example.com/mlflow?token=t0k")
+    assert len(said) == 1 and "https://mlflow.example.com/mlflow runs" in said[0], said
+    assert "s3cret" not in said[0] and "alice" not in said[0] and "t0k" not in said[0]
+
+
 @pytest.mark.parametrize(
     "tracking_uri",
     [

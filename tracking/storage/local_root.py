@@ -32,14 +32,23 @@ def warn_if_local_root(artifact_uri: str, tracking_uri: str | None, owner: str =
         return
     _warned.add(root)
     whose = f"{owner}: " if owner else ""
+    server = _shown(tracking_uri or "")
     warn_on_rank_zero(
         f"{whose}the artifact root {root} is a path on this machine's disk, but the tracking server "
-        f"{tracking_uri} runs on another host: checkpoints written here stay on this machine, where no other "
+        f"{server} runs on another host: checkpoints written here stay on this machine, where no other "
         "machine (nor the MLflow UI) finds them. Start the server with --serve-artifacts "
         "(--artifacts-destination s3://<bucket>/<prefix>), or give the experiment an s3:// artifact root. "
         "Ignore this if the path is a shared file system (NFS) mounted at the same place on every machine.",
         stacklevel=3,
     )
+
+
+def _shown(tracking_uri: str) -> str:
+    """A tracking URI without its user, password and query: credentials never reach a warning."""
+    parsed = urllib.parse.urlparse(tracking_uri.strip())
+    if not parsed.netloc:
+        return tracking_uri
+    return parsed._replace(netloc=parsed.netloc.rpartition("@")[2], query="", fragment="").geturl()
 
 
 def is_local_path(uri: str) -> bool:
