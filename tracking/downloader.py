@@ -119,7 +119,8 @@ class _Swap:
             for name in names:  # the manifest last: a folder never holds a manifest of files it lacks
                 os.replace(staging / name, self.to / name)
                 self.placed.append(name)
-        except OSError:
+        except BaseException:
+            # Ctrl-C too: the caller then removes the staging folder, and the set-aside files with it.
             self._put_back(aside)
             raise
 

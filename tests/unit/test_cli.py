@@ -412,6 +412,44 @@ def test_a_download_whose_last_move_fails_leaves_the_folder_as_it_was(s3_run_id:
     assert sorted(p.name for p in to.iterdir()) == ["checkpoint.pt", "manifest.json"]
 
 
+def test_ctrl_c_while_a_forced_download_moves_its_files_in_leaves_the_previous_download(
+    s3_run_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from tracking import downloader
+
+    to = tmp_path / "one"
+    CliRunner().invoke(main, ["download", s3_run_id, "--checkpoint", "1", "--to", str(to)])
+    before = {p.name: p.read_bytes() for p in to.iterdir()}
+    moved = os.replace
+
+    def interrupted(src: Any, dst: Any) -> None:
+        if Path(dst) == to / "manifest.json" and ".previous" not in str(src):  # the new manifest's move
+            raise KeyboardInterrupt
+        moved(src, dst)
+
+    monkeypatch.setattr(downloader.os, "replace", interrupted)
+    result = CliRunner().invoke(main, ["download", s3_run_id, "--checkpoint", "3", "--to", str(to), "--force"])
+    assert result.exit_code == 1 and "Aborted" in result.output, result.output
+    assert {p.name: p.read_bytes() for p in to.iterdir()} == before  # no staging folder, nothing half-placed
+
+
+def test_ctrl_c_while_a_download_reads_leaves_no_folder(
+    s3_run_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tracking.cli import manage
+
+    def interrupted(*args: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(manage, "_read", interrupted)
+    to = tmp_path / "new" / "weights"
+    result = CliRunner().invoke(main, ["download", s3_run_id, "--to", str(to)])
+    assert result.exit_code == 1 and "Aborted" in result.output, result.output
+    assert not to.exists()
+
+
 def test_a_failing_json_command_prints_a_json_error_on_stdout(tracking_store: str) -> None:
     missing = CliRunner().invoke(main, ["checkpoints", "f" * 32, "--json"])
     assert missing.exit_code == 1 and missing.stderr.startswith("error: "), missing.output

@@ -17,12 +17,17 @@ __all__ = ["ArtifactStore", "Buffer", "BufferReader", "Producer", "StableProduce
 def open_store(artifact_uri: str, config: TrackingConfig, owner: str = "") -> ArtifactStore:
     """The fast S3 store for an ``s3://`` artifact root, MLflow's repository otherwise.
 
-    ``owner`` names what the root belongs to (``run <id>``) in error messages.
+    ``owner`` names what the root belongs to (``run <id>``) in error messages. A local path behind a
+    tracking server on another host is warned about (:mod:`tracking.storage.local_root`).
     """
     if artifact_uri.startswith("s3://"):
         from tracking.storage.s3 import S3Store
 
         return S3Store(artifact_uri, config, owner)
-    from tracking.storage.artifact_repo import MlflowStore
+    import mlflow
 
+    from tracking.storage.artifact_repo import MlflowStore
+    from tracking.storage.local_root import warn_if_local_root
+
+    warn_if_local_root(artifact_uri, config.tracking_uri or mlflow.get_tracking_uri(), owner)
     return MlflowStore(artifact_uri, owner)
