@@ -228,6 +228,37 @@ def test_restore_rng_false_leaves_the_rng_states_a_resumed_fit_finds() -> None:
     assert torch.equal(torch.get_rng_state(), saved["rng"]["torch"])
 
 
+def test_under_ddp_each_rank_resumes_its_own_rng_states(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only rank 0's callback states are written: a resumed rank 1 drew rank 0's numbers from then on, so ranks seeded
+    # apart (seed_everything(seed + rank)) drew the same dropout masks and augmentations.
+    from tracking.parallel import distributed
+
+    def state_of(seed: int) -> Any:
+        torch.manual_seed(seed)
+        return MLflowCheckpoints().state_dict()["rng"]
+
+    ranks = [state_of(0), state_of(1)]  # what each rank's callback captures at the save
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "gather", lambda value, **kwargs: ranks)  # rank 0's view of the save
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    saved = MLflowCheckpoints().state_dict()  # what the file holds: rank 0's
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        torch.manual_seed(7)
+        MLflowCheckpoints().load_state_dict(saved)
+        assert torch.equal(torch.get_rng_state(), ranks[rank]["torch"]), f"rank {rank}"
+    # Resumed on 3 ranks: each rank of a number the saving job had takes its states, the others rank 0's; said once.
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    warned: list[str] = []
+    monkeypatch.setattr(distributed, "warn", lambda message, *args, **kwargs: warned.append(message))
+    for rank, expected in [(1, ranks[1]), (2, saved["rng"])]:
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        MLflowCheckpoints().load_state_dict(saved)
+        assert torch.equal(torch.get_rng_state(), expected["torch"]), f"rank {rank}"
+    assert warned and "holds the RNG states of 2 ranks, this fit runs on 3" in warned[0]
+
+
 def test_saves_by_step_are_keyed_by_step_and_each_one_stays(s3_experiment: str, tmp_path: Path) -> None:
     # 4 batches an epoch: a save every 3 steps lands mid-epoch, two in epoch 2 (steps 9 and 12).
     with mlflow.start_run() as run:
