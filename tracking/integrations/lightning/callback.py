@@ -167,7 +167,21 @@ class MLflowCheckpoints(pl.Callback):
             distributed.on_rank0(lambda: refuse_resume(io.open(), checkpoint, keyed_by) if zero and io else None)
         # Before the ModelCheckpoints load their states from it: Lightning runs them after the other callbacks.
         if self._io is not None:
-            take_writers_states(checkpoint, self._io.paths_of(int(checkpoint["epoch"]), int(checkpoint["global_step"])))
+            io = self._io
+            epoch, step = int(checkpoint["epoch"]), int(checkpoint["global_step"])
+
+            def taken() -> dict[str, Any]:
+                states = checkpoint.get("callbacks")
+                before = dict(states) if isinstance(states, dict) else {}
+                take_writers_states(checkpoint, io.paths_of(epoch, step))
+                return {key: state for key, state in (states or {}).items() if state is not before.get(key)}
+
+            # Rank 0 alone knows the files it wrote (its mirror's paths): every rank takes the states it took. A
+            # ModelCheckpoint whose top-k differs between ranks decides alone on one rank and in a collective on the
+            # other (check_monitor_top_k), and the job hangs at its next save.
+            taken_states = distributed.on_rank0(taken)
+            if taken_states and isinstance(checkpoint.get("callbacks"), dict):
+                checkpoint["callbacks"].update(taken_states)
 
     def state_dict(self) -> dict[str, Any]:
         # Kept in the checkpoint (its "callbacks"), so that a resumed fit draws what the straight run drew.
