@@ -1,14 +1,16 @@
 """A Lightning DDP fit (2 CPU ranks, gloo) with MLflowCheckpoints, for torchrun:
 
     torchrun --standalone --nproc-per-node=2 -m tests.distributed.lightning_ddp RUN_ID [--fail] [--steps]
-        [--sanity] [--resume]
+        [--sanity] [--resume] [--straight] [--rank-seeds] [--resume-from RUN_ID:STEP]
 
 Lightning sees torchrun's environment and runs one rank per process. ``--fail`` makes rank 0's
 upload fail: every rank must raise, none may hang at Lightning's barrier. ``--steps``: the
 ModelCheckpoint keeps the last two saves of every 2 steps (2 batches an epoch on each rank) instead
 of the best two epochs by ``val_loss``. ``--sanity``: Lightning's sanity check runs (two validation
 batches) and each rank prints how many validation steps it ran. ``--resume``: the fit resumes from the
-run's latest checkpoint and trains to epoch 4.
+run's latest checkpoint and trains to epoch 4; ``--straight`` trains to epoch 4 from the start.
+``--rank-seeds``: each rank seeds its global torch RNG (dropout) with a seed of its own. ``--resume-from
+RUN_ID:STEP``: as ``--resume``, from that run's checkpoint of that global step (saved by ``--steps``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import tracking
@@ -31,6 +34,13 @@ class ValidationCounts(TinyLit):
     def __init__(self) -> None:
         super().__init__()
         self.validated = 0
+        self.rank_seeds = False
+
+    def setup(self, stage: str) -> None:
+        # Once the strategy reseeded every rank alike (from PL_GLOBAL_SEED, which the samplers' seed stays) and
+        # before a resumed fit restores the checkpoint.
+        if self.rank_seeds:
+            torch.manual_seed(1000 + self.global_rank)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self.validated += 1
@@ -39,7 +49,13 @@ class ValidationCounts(TinyLit):
 
 def main(argv: list[str]) -> int:
     run_id = argv[0]
-    fail, steps, sanity, resume = (flag in argv for flag in ("--fail", "--steps", "--sanity", "--resume"))
+    fail, steps, sanity, resume, straight, rank_seeds = (
+        flag in argv for flag in ("--fail", "--steps", "--sanity", "--resume", "--straight", "--rank-seeds")
+    )
+    source: tuple[str, Any] = (run_id, "latest")
+    if "--resume-from" in argv:
+        named, step = argv[argv.index("--resume-from") + 1].split(":")
+        source, resume = (named, int(step)), True
     if fail:
 
         def refuse(*args: object, **kwargs: object) -> object:
@@ -53,7 +69,7 @@ def main(argv: list[str]) -> int:
         else ModelCheckpoint(save_top_k=2, monitor="val_loss")
     )
     trainer = pl.Trainer(
-        max_epochs=4 if resume else 3,
+        max_epochs=4 if resume or straight else 3,
         strategy="ddp",
         devices=2,
         accelerator="cpu",
@@ -65,8 +81,10 @@ def main(argv: list[str]) -> int:
         default_root_dir=f"/tmp/lightning-ddp-{run_id}",
     )
     module = ValidationCounts()
+    module.rank_seeds = rank_seeds
     # Each rank its own download: the default folder is one per logged model, shared by the ranks of one machine.
-    ckpt_path = checkpoint_path(run_id, to=f"/tmp/lightning-ddp-{run_id}/rank-{os.environ['RANK']}") if resume else None
+    download = f"/tmp/lightning-ddp-{run_id}/rank-{os.environ['RANK']}"
+    ckpt_path = checkpoint_path(*source, to=download) if resume else None
     try:
         trainer.fit(module, *loaders(), ckpt_path=ckpt_path)
     except tracking.TrackingError as exc:

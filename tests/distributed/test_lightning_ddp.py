@@ -11,9 +11,11 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 import tracking
+from tests.lightning_model import TinyLit
 from tracking import layout
 from tracking.localstack import LocalStack
 
@@ -95,3 +97,17 @@ def test_ddp_a_fresh_fit_into_the_run_is_refused_on_every_rank_before_validating
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr[-4000:]
     assert "rank 0: done" in resumed.stdout and "rank 1: done" in resumed.stdout
     assert tracking.list_checkpoints(run_id)[-1].epoch == 3
+
+
+def test_ddp_a_resume_with_ranks_seeded_apart_matches_a_straight_fit(stack_sqlite: LocalStack, run_id: str) -> None:
+    # Each rank draws its own dropout masks: a resumed rank 1 that restored rank 0's RNG states drew rank 0's.
+    # By step (the last two saves kept): the straight fit keeps epoch 3's end (step 6), resumed into the other run.
+    straight_run = MlflowClient().create_run(MlflowClient().get_run(run_id).info.experiment_id).info.run_id
+    straight = _launch(stack_sqlite, straight_run, "--straight", "--rank-seeds", "--steps")
+    assert straight.returncode == 0, straight.stdout + straight.stderr[-4000:]
+    resumed = _launch(stack_sqlite, run_id, "--rank-seeds", "--steps", "--resume-from", f"{straight_run}:6")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr[-4000:]
+    assert tracking.list_checkpoints(run_id)[-1].step == tracking.list_checkpoints(straight_run)[-1].step == 8
+    # The module's class was the job's __main__'s: rebuilt as its base, which has the same weights.
+    expected, found = (tracking.load(run, model=TinyLit()).model.state_dict() for run in (straight_run, run_id))
+    assert all(torch.equal(found[name], expected[name]) for name in expected)

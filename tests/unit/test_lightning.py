@@ -146,6 +146,61 @@ def test_resumed_fits_with_two_model_checkpoints_keep_what_each_one_keeps(
     assert len(MlflowClient().search_logged_models(experiment_ids=[s3_experiment])) == len(saved) == 2
 
 
+def test_under_ddp_every_rank_resumes_the_model_checkpoint_states_rank_0_took(
+    s3_experiment: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rank 0 alone knows the files it wrote, and took the best ModelCheckpoint's state from the last one; rank 1 kept
+    # the stale state (no save of its own), so at the next validation it saved alone while rank 0 waited in
+    # check_monitor_top_k's collective. Rank 1 of two, in this process: rank 0's steps (on_rank0) run here too.
+    from tracking.integrations.lightning.mirror import MirrorIO
+    from tracking.parallel import distributed
+
+    last, best = tmp_path / "last", tmp_path / "best"
+
+    def fit_two(epochs: int, ckpt_path: str | None = None) -> pl.Trainer:
+        pl.seed_everything(0, verbose=False)
+        callbacks = [
+            ModelCheckpoint(dirpath=last, save_top_k=2, monitor="step", mode="max"),
+            ModelCheckpoint(dirpath=best, filename="best-{epoch}-{step}", save_top_k=1, monitor="val_loss"),
+            MLflowCheckpoints(monitor="val_loss"),
+        ]
+        fitted = trainer(epochs, tmp_path, callbacks)
+        fitted.fit(TinyLit(), *loaders(), ckpt_path=ckpt_path)
+        return fitted
+
+    with mlflow.start_run() as run:
+        fit_two(2)
+    run_id = run.info.run_id
+    path = checkpoint_path(run_id, to=tmp_path / "download")
+
+    current = [1]
+    paths_of = MirrorIO.paths_of
+
+    def on_rank0(step: Any, **kwargs: Any) -> Any:
+        current[0] = 0
+        try:
+            return step()
+        finally:
+            current[0] = 1
+
+    def raise_together(error: BaseException | None) -> None:
+        if error is not None:
+            raise error
+
+    monkeypatch.setattr(MirrorIO, "paths_of", lambda io, *key: paths_of(io, *key) if current[0] == 0 else set())
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "prepare", lambda: None)
+    monkeypatch.setattr(distributed, "rank", lambda: current[0])
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "on_rank0", on_rank0)
+    monkeypatch.setattr(distributed, "raise_together", raise_together)
+    monkeypatch.setattr(distributed, "gather", lambda value, **kwargs: [value, value])
+    with mlflow.start_run(run_id=run_id):
+        resumed = fit_two(2, ckpt_path=path)  # restored, not trained: the states as the resumed fit has them
+    best_kept = next(c for c in resumed.checkpoint_callbacks if c.dirpath == str(best))
+    assert sorted(os.path.basename(p) for p in best_kept.best_k_models) == ["best-epoch=1-step=8.ckpt"]
+
+
 def test_default_checkpoint_keeps_only_the_latest(s3_experiment: str, tmp_path: Path) -> None:
     with mlflow.start_run() as run:
         fit(3, tmp_path)  # ModelCheckpoint's default: save_top_k=1, no monitor: the newest file only
@@ -226,6 +281,37 @@ def test_restore_rng_false_leaves_the_rng_states_a_resumed_fit_finds() -> None:
     assert torch.equal(torch.get_rng_state(), reseeded)
     MLflowCheckpoints().load_state_dict(saved)
     assert torch.equal(torch.get_rng_state(), saved["rng"]["torch"])
+
+
+def test_under_ddp_each_rank_resumes_its_own_rng_states(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only rank 0's callback states are written: a resumed rank 1 drew rank 0's numbers from then on, so ranks seeded
+    # apart (seed_everything(seed + rank)) drew the same dropout masks and augmentations.
+    from tracking.parallel import distributed
+
+    def state_of(seed: int) -> Any:
+        torch.manual_seed(seed)
+        return MLflowCheckpoints().state_dict()["rng"]
+
+    ranks = [state_of(0), state_of(1)]  # what each rank's callback captures at the save
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "gather", lambda value, **kwargs: ranks)  # rank 0's view of the save
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    saved = MLflowCheckpoints().state_dict()  # what the file holds: rank 0's
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        torch.manual_seed(7)
+        MLflowCheckpoints().load_state_dict(saved)
+        assert torch.equal(torch.get_rng_state(), ranks[rank]["torch"]), f"rank {rank}"
+    # Resumed on 3 ranks: each rank of a number the saving job had takes its states, the others rank 0's; said once.
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    warned: list[str] = []
+    monkeypatch.setattr(distributed, "warn", lambda message, *args, **kwargs: warned.append(message))
+    for rank, expected in [(1, ranks[1]), (2, saved["rng"])]:
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        MLflowCheckpoints().load_state_dict(saved)
+        assert torch.equal(torch.get_rng_state(), expected["torch"]), f"rank {rank}"
+    assert warned and "holds the RNG states of 2 ranks, this fit runs on 3" in warned[0]
 
 
 def test_saves_by_step_are_keyed_by_step_and_each_one_stays(s3_experiment: str, tmp_path: Path) -> None:

@@ -167,17 +167,38 @@ class MLflowCheckpoints(pl.Callback):
             distributed.on_rank0(lambda: refuse_resume(io.open(), checkpoint, keyed_by) if zero and io else None)
         # Before the ModelCheckpoints load their states from it: Lightning runs them after the other callbacks.
         if self._io is not None:
-            take_writers_states(checkpoint, self._io.paths_of(int(checkpoint["epoch"]), int(checkpoint["global_step"])))
+            io = self._io
+            epoch, step = int(checkpoint["epoch"]), int(checkpoint["global_step"])
+
+            def taken() -> dict[str, Any]:
+                states = checkpoint.get("callbacks")
+                before = dict(states) if isinstance(states, dict) else {}
+                take_writers_states(checkpoint, io.paths_of(epoch, step))
+                return {key: state for key, state in (states or {}).items() if state is not before.get(key)}
+
+            # Rank 0 alone knows the files it wrote (its mirror's paths): every rank takes the states it took. A
+            # ModelCheckpoint whose top-k differs between ranks decides alone on one rank and in a collective on the
+            # other (check_monitor_top_k), and the job hangs at its next save.
+            taken_states = distributed.on_rank0(taken)
+            if taken_states and isinstance(checkpoint.get("callbacks"), dict):
+                checkpoint["callbacks"].update(taken_states)
 
     def state_dict(self) -> dict[str, Any]:
         # Kept in the checkpoint (its "callbacks"), so that a resumed fit draws what the straight run drew.
-        return {"rng": capture_rng_state()}
+        own = capture_rng_state()
+        if not distributed.active():
+            return {"rng": own}
+        # Under DDP the file holds rank 0's callback states alone: each rank's RNG goes in it too, or every resumed
+        # rank would draw rank 0's numbers (ranks seeded apart would draw the same augmentations and dropout masks
+        # from then on). Every rank builds the checkpoint (Lightning's dump_checkpoint), so every rank is here.
+        return {"rng": own, "rng_by_rank": distributed.gather(own)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Restored while Lightning restores the checkpoint, before the fit loop makes its data iterator.
         if "rng" in state_dict and self.restore_rng:
-            restore_rng_state(state_dict["rng"])
-            self._restored_rng = state_dict["rng"]
+            own = _rank_rng(state_dict)
+            restore_rng_state(own)
+            self._restored_rng = own
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Every strategy but DeepSpeed's, FSDP's and ModelParallel's has restored the checkpoint by this hook: a fresh
@@ -272,3 +293,20 @@ class MLflowCheckpoints(pl.Callback):
     def logged(self) -> list[LoggedCheckpoint]:
         """The checkpoints this trainer committed that are kept (oldest first)."""
         return [] if self._io is None else self._io.logged()
+
+
+def _rank_rng(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """This rank's RNG states in a checkpoint's callback state: its own where the saving job had as many ranks, else
+    the state of the same rank where there was one, else rank 0's (a checkpoint saved by one process holds that)."""
+    by_rank = state_dict.get("rng_by_rank")
+    if not isinstance(by_rank, list) or not by_rank:
+        return dict(state_dict["rng"])
+    rank, ranks = distributed.rank(), distributed.world_size()
+    if len(by_rank) != ranks:
+        distributed.warn(
+            f"MLflowCheckpoints: the checkpoint holds the RNG states of {len(by_rank)} ranks, this fit runs on "
+            f"{ranks}: each rank restores the states of the rank of its number where there is one, else rank 0's, "
+            "so the resumed fit does not draw what a fit that never stopped drew; resume on the same number of ranks "
+            "to go on exactly."
+        )
+    return dict(by_rank[rank] if rank < len(by_rank) else state_dict["rng"])
