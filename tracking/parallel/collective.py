@@ -43,7 +43,13 @@ def commit(
 
         # Before rank 0 creates its logged model: two small collectives beside the shards' writes.
         keys = distributed.gather(key, arrival=arrival)
-        distributed.on_rank0(lambda: refuse_different_keys(handle, keys, refused=refused))
+
+        def refuse() -> None:
+            if refused is not None:
+                raise refused
+            refuse_different_keys(handle, keys)
+
+        distributed.on_rank0(refuse)
         return commit_sharded(handle, snapshot, describe, after, config)
     # Every rank's key travels with its rank_state, in the one gather the commit makes anyway.
     gathered = distributed.gather((snapshot.rank_state, key), arrival=arrival) if distributed.active() else None
@@ -76,16 +82,12 @@ def refuse_different_keys(
     *,
     called: str = "saved one checkpoint (tracking.log_checkpoint, Checkpointer.save)",
     outcome: str = "only rank 0's would be stored",
-    refused: Exception | None = None,
 ) -> None:
     """On rank 0, raise when the ranks gave one collective call different ``(epoch, step)`` (``keys``, in rank order).
 
     ``called`` says what the ranks called, ``outcome`` what the different keys would do: by default a collective
-    save, which would store rank 0's alone, under a key the other ranks did not mean. ``refused``: rank 0's own
-    error before, raised first.
+    save, which would store rank 0's alone, under a key the other ranks did not mean.
     """
-    if refused is not None:
-        raise refused
     if not keys or all(key == keys[0] for key in keys):
         return
     assert handle is not None
