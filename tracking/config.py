@@ -28,6 +28,7 @@ ENV_VARS: dict[str, str] = {
     "s3_endpoint_url": "MLFLOW_S3_ENDPOINT_URL",
     "aws_access_key_id": "AWS_ACCESS_KEY_ID",
     "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
+    "aws_session_token": "AWS_SESSION_TOKEN",
     "aws_region": "AWS_DEFAULT_REGION",
     "s3_ignore_tls": "MLFLOW_S3_IGNORE_TLS",
     "experiment_name": "TRACKING_EXPERIMENT",
@@ -176,6 +177,8 @@ class TrackingConfig:
     s3_endpoint_url: str | None = None
     aws_access_key_id: str | None = field(default=None, repr=False)
     aws_secret_access_key: str | None = field(default=None, repr=False)
+    # Temporary keys (SSO, an assumed role, CI's OIDC) are refused without the token issued with them.
+    aws_session_token: str | None = field(default=None, repr=False)
     # AWS_DEFAULT_REGION, else the AWS profile's region, else DEFAULT_REGION (see default_region).
     aws_region: str = field(default_factory=default_region)
     s3_ignore_tls: bool = False
@@ -269,6 +272,8 @@ class TrackingConfig:
             out["AWS_ACCESS_KEY_ID"] = self.aws_access_key_id
         if self.aws_secret_access_key:
             out["AWS_SECRET_ACCESS_KEY"] = self.aws_secret_access_key
+        if self.aws_session_token:
+            out["AWS_SESSION_TOKEN"] = self.aws_session_token
         if self.s3_ignore_tls:
             out["MLFLOW_S3_IGNORE_TLS"] = "true"
         return out

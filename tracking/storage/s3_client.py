@@ -96,6 +96,8 @@ def _client(config: TrackingConfig) -> Any:
     session = boto3_session(
         aws_access_key_id=config.aws_access_key_id,
         aws_secret_access_key=config.aws_secret_access_key,
+        # A token alone is no credentials: botocore would then sign with no key at all.
+        aws_session_token=config.aws_session_token if config.aws_access_key_id else None,
         region_name=config.aws_region,
         botocore_session=core,
     )
