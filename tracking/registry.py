@@ -310,9 +310,12 @@ def check_alias(alias: str) -> None:
     from mlflow.utils import validation
 
     # MLflow 3.18 renamed these (from _validate_model_alias_name...): every alias failed with an ImportError.
-    valid = getattr(validation, "_validate_alias_name", None) or validation._validate_model_alias_name
-    unreserved = getattr(validation, "_validate_alias_name_reserved", None) or (
-        validation._validate_model_alias_name_reserved
+    valid, unreserved = (
+        getattr(validation, name, None) or getattr(validation, former)
+        for name, former in (
+            ("_validate_alias_name", "_validate_model_alias_name"),
+            ("_validate_alias_name_reserved", "_validate_model_alias_name_reserved"),
+        )
     )
     try:
         valid(alias)
