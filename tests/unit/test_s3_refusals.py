@@ -91,3 +91,16 @@ def test_an_endpoint_set_by_aws_endpoint_url_s3_is_the_one_named_when_it_is_down
     message = str(raised.value)
     assert f"cannot reach S3 at {closed} " in message and "check AWS_ENDPOINT_URL_S3 " in message
     assert "AWS default endpoint" not in message
+
+
+def test_a_part_answered_with_no_etag_fails_the_write_in_words_and_leaves_no_upload(mocked_s3: object) -> None:
+    # A proxy that drops response headers: completing a multipart upload needs every part's ETag.
+    store = S3Store("s3://unit-artifacts/exp/r1/artifacts", TrackingConfig.from_env(part_size_mb=5), "run r1")
+    store.client.meta.events.register("after-call.s3.UploadPart", lambda parsed, **_: parsed.pop("ETag", None))
+    data = b"w" * (11 * 1024 * 1024)
+    with pytest.raises(StorageError) as raised:
+        store.write("checkpoint.pt", lambda stream: stream.write(data))
+    message = str(raised.value)
+    assert message.startswith("run r1: ") and "s3://unit-artifacts/exp/r1/artifacts/checkpoint.pt" in message
+    assert "no ETag" in message and "TRACKING_S3_PART_SIZE_MB" in message
+    assert store.list_files("") == [] and store.pending_uploads("") == []

@@ -62,7 +62,7 @@ class S3Store(ArtifactStore):
     def write(self, path: str, produce: Producer) -> StoredFile:
         target = self.root.join(path)
         stable: Sequence[tuple[int, int]] = produce.stable if isinstance(produce, StableProducer) else ()
-        upload = MultipartUpload(self.client, self.pool, target, self.config, stable)
+        upload = MultipartUpload(self.client, self.pool, target, self.config, stable, self.owner)
         with self._errors(path), upload:
             writer = HashingWriter(upload.feed)
             try:
