@@ -31,6 +31,7 @@ ENV_VARS: dict[str, str] = {
     "aws_session_token": "AWS_SESSION_TOKEN",
     "aws_region": "AWS_DEFAULT_REGION",
     "s3_ignore_tls": "MLFLOW_S3_IGNORE_TLS",
+    "s3_addressing_style": "MLFLOW_BOTO_CLIENT_ADDRESSING_STYLE",
     "experiment_name": "TRACKING_EXPERIMENT",
     "part_size_mb": "TRACKING_S3_PART_SIZE_MB",
     "max_concurrency": "TRACKING_S3_MAX_CONCURRENCY",
@@ -182,6 +183,9 @@ class TrackingConfig:
     # AWS_DEFAULT_REGION, else the AWS profile's region, else DEFAULT_REGION (see default_region).
     aws_region: str = field(default_factory=default_region)
     s3_ignore_tls: bool = False
+    # Path-style by default: a bucket name with dots breaks TLS host names, and local stacks serve no other. A
+    # store serving only bucket.host (OSS, some Ceph gateways) is set as for MLflow's own S3 client.
+    s3_addressing_style: str = "path"
     experiment_name: str = "pytorch-checkpoints"
     part_size_mb: int = 16
     max_concurrency: int = 8
@@ -198,6 +202,11 @@ class TrackingConfig:
             raise ConfigError(f"{ENV_VARS['aws_region']}={self.aws_region!r} is blank; set a region, e.g. us-east-1.")
         if self.s3_endpoint_url is not None:
             _check_uri(self.s3_endpoint_url, ENV_VARS["s3_endpoint_url"], schemes={"http", "https"})
+        if self.s3_addressing_style not in ("path", "virtual", "auto"):
+            raise ConfigError(
+                f"{ENV_VARS['s3_addressing_style']}={self.s3_addressing_style!r}: must be path, virtual or auto, "
+                "as botocore takes it; e.g. virtual for a store that serves buckets only as <bucket>.<host>."
+            )
         if not self.experiment_name.strip():
             # Blank, the experiment was made with a name of spaces, that the UI shows as nothing.
             raise ConfigError(

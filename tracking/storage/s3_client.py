@@ -91,7 +91,7 @@ def _client(config: TrackingConfig) -> Any:
         # per-request payload hashing and CRC checksums, which would hash it all twice more.
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
-        s3={"payload_signing_enabled": False, "addressing_style": "path"},
+        s3={"payload_signing_enabled": False, "addressing_style": config.s3_addressing_style},
     )
     session = boto3_session(
         aws_access_key_id=config.aws_access_key_id,
