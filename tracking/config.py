@@ -28,8 +28,10 @@ ENV_VARS: dict[str, str] = {
     "s3_endpoint_url": "MLFLOW_S3_ENDPOINT_URL",
     "aws_access_key_id": "AWS_ACCESS_KEY_ID",
     "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
+    "aws_session_token": "AWS_SESSION_TOKEN",
     "aws_region": "AWS_DEFAULT_REGION",
     "s3_ignore_tls": "MLFLOW_S3_IGNORE_TLS",
+    "s3_addressing_style": "MLFLOW_BOTO_CLIENT_ADDRESSING_STYLE",
     "experiment_name": "TRACKING_EXPERIMENT",
     "part_size_mb": "TRACKING_S3_PART_SIZE_MB",
     "max_concurrency": "TRACKING_S3_MAX_CONCURRENCY",
@@ -176,9 +178,14 @@ class TrackingConfig:
     s3_endpoint_url: str | None = None
     aws_access_key_id: str | None = field(default=None, repr=False)
     aws_secret_access_key: str | None = field(default=None, repr=False)
+    # Temporary keys (SSO, an assumed role, CI's OIDC) are refused without the token issued with them.
+    aws_session_token: str | None = field(default=None, repr=False)
     # AWS_DEFAULT_REGION, else the AWS profile's region, else DEFAULT_REGION (see default_region).
     aws_region: str = field(default_factory=default_region)
     s3_ignore_tls: bool = False
+    # Path-style by default: a bucket name with dots breaks TLS host names, and local stacks serve no other. A
+    # store serving only bucket.host (OSS, some Ceph gateways) is set as for MLflow's own S3 client.
+    s3_addressing_style: str = "path"
     experiment_name: str = "pytorch-checkpoints"
     part_size_mb: int = 16
     max_concurrency: int = 8
@@ -195,6 +202,11 @@ class TrackingConfig:
             raise ConfigError(f"{ENV_VARS['aws_region']}={self.aws_region!r} is blank; set a region, e.g. us-east-1.")
         if self.s3_endpoint_url is not None:
             _check_uri(self.s3_endpoint_url, ENV_VARS["s3_endpoint_url"], schemes={"http", "https"})
+        if self.s3_addressing_style not in ("path", "virtual", "auto"):
+            raise ConfigError(
+                f"{ENV_VARS['s3_addressing_style']}={self.s3_addressing_style!r}: must be path, virtual or auto, "
+                "as botocore takes it; e.g. virtual for a store that serves buckets only as <bucket>.<host>."
+            )
         if not self.experiment_name.strip():
             # Blank, the experiment was made with a name of spaces, that the UI shows as nothing.
             raise ConfigError(
@@ -269,6 +281,8 @@ class TrackingConfig:
             out["AWS_ACCESS_KEY_ID"] = self.aws_access_key_id
         if self.aws_secret_access_key:
             out["AWS_SECRET_ACCESS_KEY"] = self.aws_secret_access_key
+        if self.aws_session_token:
+            out["AWS_SESSION_TOKEN"] = self.aws_session_token
         if self.s3_ignore_tls:
             out["MLFLOW_S3_IGNORE_TLS"] = "true"
         return out

@@ -172,3 +172,12 @@ def test_a_damaged_stack_json_is_kept_while_its_stack_runs_and_down_still_stops_
     after = CliRunner().invoke(main, ["stack", "up", "--data-dir", str(data_dir)])
     assert after.exit_code == 1, after.output
     assert "no process of the stack" in after.output and "nothing needs it: delete it" in after.output, after.output
+
+
+def test_the_stacks_variables_blank_a_session_token_seaweedfs_would_refuse(tmp_path: Path) -> None:
+    # Temporary AWS keys in the shell become the stack's S3 identity; their token, sent along, was refused.
+    shell = {"AWS_ACCESS_KEY_ID": "ASIATEMPORARY", "AWS_SECRET_ACCESS_KEY": "s", "AWS_SESSION_TOKEN": "token"}
+    stack = LocalStack(TrackingConfig.from_env(shell), tmp_path, s3_port=21000, mlflow_port=21010)
+    sourced = {**shell, **stack.env()}  # `source stack.env` in that shell
+    assert sourced["AWS_SESSION_TOKEN"] == "" and TrackingConfig.from_env(sourced).aws_session_token is None
+    assert stack.access_key_id == "ASIATEMPORARY"

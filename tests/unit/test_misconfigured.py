@@ -296,3 +296,62 @@ def test_a_registry_uri_against_a_closed_tracking_port_is_a_storage_error_not_a_
     assert printed["type"] == "StorageError", printed
     assert source in printed["error"] and closed_url in printed["error"] and "retry" in printed["error"]
     assert "no such registered model" not in printed["error"]
+
+
+def test_temporary_credentials_sign_every_request_with_their_session_token(
+    mocked_s3: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SSO, an assumed role and CI's OIDC all export three variables: the key alone is refused by AWS S3
+    # (InvalidAccessKeyId) without the token issued with it, at the first checkpoint's upload.
+    from tracking.storage.s3 import S3Store
+    from tracking.storage.s3_client import s3_client
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ASIATEMPORARY")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "temporary-secret")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "token-of-the-session")
+    s3_client.cache_clear()
+    try:
+        config = TrackingConfig.from_env()
+        assert "token-of-the-session" not in repr(config)
+        store = S3Store("s3://unit-artifacts/exp/run/artifacts", config, owner="run r1")
+        tokens: list[object] = []
+        # First in line: moto answers the request at this same event, once it is signed.
+        store.client.meta.events.register_first(
+            "before-send.s3", lambda request, **_: tokens.append(request.headers.get("X-Amz-Security-Token"))
+        )
+        store.write_bytes("checkpoint.pt", b"weights")
+        assert bytes(store.read("checkpoint.pt")) == b"weights"
+    finally:
+        s3_client.cache_clear()
+    assert tokens == [b"token-of-the-session"] * 2
+
+
+@pytest.mark.parametrize(
+    ("style", "url"),
+    [(None, "https://s3.amazonaws.com/unit-artifacts/"), ("virtual", "https://unit-artifacts.s3.amazonaws.com/")],
+)
+def test_the_addressing_style_mlflows_s3_client_is_set_to_is_the_one_checkpoints_use(
+    mocked_s3: object, monkeypatch: pytest.MonkeyPatch, style: str | None, url: str
+) -> None:
+    # A store that serves buckets only as <bucket>.<host>: MLflow's own uploads (the whole model) followed the
+    # variable, the checkpoints' were sent path-style regardless, and failed.
+    from tracking.storage.s3 import S3Store
+    from tracking.storage.s3_client import s3_client
+
+    if style is not None:
+        monkeypatch.setenv("MLFLOW_BOTO_CLIENT_ADDRESSING_STYLE", style)
+    s3_client.cache_clear()
+    try:
+        store = S3Store("s3://unit-artifacts/exp/run/artifacts", TrackingConfig.from_env(), owner="run r1")
+        urls: list[str] = []
+        store.client.meta.events.register_first("before-send.s3", lambda request, **_: urls.append(request.url))
+        store.write_bytes("checkpoint.pt", b"weights")
+        assert bytes(store.read("checkpoint.pt")) == b"weights"
+    finally:
+        s3_client.cache_clear()
+    assert [u[: len(url)] for u in urls] == [url] * 2
+
+
+def test_an_addressing_style_botocore_would_refuse_is_refused_naming_the_variable() -> None:
+    with pytest.raises(ConfigError, match="MLFLOW_BOTO_CLIENT_ADDRESSING_STYLE='virtual-hosted'"):
+        TrackingConfig.from_env({"MLFLOW_BOTO_CLIENT_ADDRESSING_STYLE": "virtual-hosted"})

@@ -59,3 +59,30 @@ def test_tied_weights_stay_as_the_loading_model_ties_them(experiment: str, tie_w
         target.encode.weight.add_(1.0)
     # Loaded into separate parameters, the two must not end up sharing memory.
     assert torch.equal(target.decode.weight, target.encode.weight) == tie_when_loading
+
+
+def test_a_load_through_mlflows_repository_adopts_the_downloaded_buffer_too(
+    experiment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # mlflow-artifacts:/ and file:// roots: the download was read-only bytes, so torch.load copied every tensor
+    # out of it and a large checkpoint was held twice over at the load's peak.
+    from tracking import zerocopy
+
+    buffers: list[memoryview] = []
+    real = zerocopy.load_sharing
+
+    def spy(data: object, map_location: str) -> object:
+        buffers.append(memoryview(data))  # type: ignore[arg-type]
+        return real(data, map_location)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(zerocopy, "load_sharing", spy)
+    model = torch.nn.Linear(256, 256)
+    with mlflow.start_run() as run:
+        tracking.log_checkpoint(model, epoch=1)
+    loaded = tracking.load(run.info.run_id, model=torch.nn.Linear(256, 256))
+
+    assert len(buffers) == 1 and not buffers[0].readonly
+    start = torch.frombuffer(buffers[0], dtype=torch.uint8).data_ptr()
+    weight = loaded.model.weight
+    assert start <= weight.data_ptr() < start + len(buffers[0])
+    assert torch.equal(weight, model.weight)

@@ -205,6 +205,9 @@ class LocalStack:
             "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint_url,
             "AWS_ACCESS_KEY_ID": self.access_key_id,
             "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
+            # Blank: SeaweedFS knows the keys alone, and refuses a request that carries a token (AWS SSO's, left in
+            # the shell that started the stack with those temporary keys) as InvalidAccessKeyId.
+            "AWS_SESSION_TOKEN": "",
             "AWS_DEFAULT_REGION": self.config.aws_region,
         }
 

@@ -69,9 +69,15 @@ class MlflowStore(ArtifactStore):
             with self._errors(path, staged_in=tmp):
                 local = self.repo.download_artifacts(path, dst_path=tmp)
             with self._local(path, "read", tmp):
-                self._check_limit(path, os.path.getsize(local), limit)
+                size = os.path.getsize(local)
+                self._check_limit(path, size, limit)
+                # A writable buffer, as S3's read gives: the loader's tensors then share it (see tracking.zerocopy).
+                # Read-only bytes were copied by torch.load, holding the checkpoint twice over at its peak.
+                data = bytearray(size)
                 with open(local, "rb") as fh:
-                    data = fh.read()
+                    got = fh.readinto(data)
+                if got != size:
+                    raise OSError(errno.EIO, f"{local} changed size while read: {got} of {size} bytes")
         self._verify(path, data, hashlib.sha256(data).hexdigest(), expected)
         if progress is not None:
             progress(len(data))  # MLflow's repository downloads in one go

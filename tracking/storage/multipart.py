@@ -12,8 +12,9 @@ from concurrent.futures import Future
 from concurrent.futures import wait as wait_all
 from typing import Any, TypeVar
 
-from tracking.config import S3_MAX_PART_MB, TrackingConfig
+from tracking.config import ENV_VARS, S3_MAX_PART_MB, TrackingConfig
 from tracking.deadline import Deadline
+from tracking.errors import StorageError
 from tracking.uri import S3Location
 
 T = TypeVar("T")
@@ -50,7 +51,9 @@ class MultipartUpload:
         target: S3Location,
         config: TrackingConfig,
         stable: Sequence[tuple[int, int]] = (),
+        owner: str = "",
     ) -> None:
+        self.owner = owner or str(target)
         self.client = client
         self.pool = pool
         self.target = target
@@ -195,7 +198,16 @@ class MultipartUpload:
                         Body=body,
                     )
                 )
-                return {"PartNumber": number, "ETag": response["ETag"]}
+                etag = response.get("ETag")
+                if not etag:
+                    raise StorageError(
+                        f"{self.owner}: S3 stored part {number} of s3://{self.target.bucket}/{self.target.key} but "
+                        "answered with no ETag, which completing the upload needs: a proxy before the server drops "
+                        f"the header, or the server is not S3-compatible. Let the ETag header through, or raise "
+                        f"{ENV_VARS['part_size_mb']} above the checkpoint's size to store it in one PUT; nothing "
+                        "was committed."
+                    )
+                return {"PartNumber": number, "ETag": etag}
             except BaseException as exc:
                 with self.lock:
                     self.failed_part = self.failed_part or exc

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import mmap
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, BinaryIO, cast
 
-from tracking.config import ENV_VARS, TrackingConfig
+from tracking.config import ENV_VARS, TrackingConfig, s3_attempts
 from tracking.errors import ConfigError, IntegrityError, NotFoundError, StorageError
 from tracking.manifest import StoredFile
 from tracking.storage.base import ArtifactStore, Buffer, HashingWriter, Producer, StableProducer
@@ -61,7 +62,7 @@ class S3Store(ArtifactStore):
     def write(self, path: str, produce: Producer) -> StoredFile:
         target = self.root.join(path)
         stable: Sequence[tuple[int, int]] = produce.stable if isinstance(produce, StableProducer) else ()
-        upload = MultipartUpload(self.client, self.pool, target, self.config, stable)
+        upload = MultipartUpload(self.client, self.pool, target, self.config, stable, self.owner)
         with self._errors(path), upload:
             writer = HashingWriter(upload.feed)
             try:
@@ -261,7 +262,10 @@ class S3Store(ArtifactStore):
         from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
         where = f"{self.owner}: {self.describe(path)}"
-        endpoint = self.config.s3_endpoint_url or "the AWS default endpoint"
+        # Where the client sends its requests, whichever setting chose it: MLFLOW_S3_ENDPOINT_URL, botocore's own
+        # AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (or a profile's endpoint_url), else AWS's regional endpoint.
+        endpoint = self.config.s3_endpoint_url or self.client.meta.endpoint_url
+        setting = _endpoint_setting(self.config)
         try:
             yield
         except (NoCredentialsError, PartialCredentialsError) as exc:
@@ -278,7 +282,7 @@ class S3Store(ArtifactStore):
             ) from exc
         except (EndpointConnectionError, BotoConnectionError) as exc:
             raise StorageError(
-                f"{where}: cannot reach S3 at {endpoint} ({exc}); check MLFLOW_S3_ENDPOINT_URL "
+                f"{where}: cannot reach S3 at {endpoint} ({exc}); check {setting} "
                 "and that the server runs (`tracking stack status`)."
             ) from exc
         except ClientError as exc:
@@ -311,6 +315,23 @@ class S3Store(ArtifactStore):
                 raise StorageError(
                     f"{where}: S3 refused the credentials ({code}); check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY."
                 ) from exc
+            if code in _EXPIRED_CREDENTIALS:
+                raise StorageError(
+                    f"{where}: S3 refused the session credentials as expired or invalid ({code}); refresh them "
+                    "(`aws sso login`, or a new AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN), "
+                    "then retry; no checkpoint was committed or changed by this failure."
+                ) from exc
+            if code == "RequestTimeTooSkewed":
+                raise StorageError(
+                    f"{where}: S3 refused the request as signed at the wrong time ({code}): this machine's clock is "
+                    "off by more than 15 minutes; set it right (NTP), then retry."
+                ) from exc
+            if code in _TRANSIENT:
+                raise StorageError(
+                    f"{where}: S3 at {endpoint} kept answering {code} (attempts: {s3_attempts()}): it is "
+                    f"overloaded, throttling or failing; retry later, or lower {ENV_VARS['max_concurrency']} (now "
+                    f"{self.config.max_concurrency}) to send it fewer requests at once."
+                ) from exc
             raise StorageError(f"{where}: S3 error {code}: {exc}") from exc
         except (BotoCoreError, Urllib3Error, http.client.HTTPException, OSError) as exc:
             # Streaming errors, dropped connections, truncated responses: the transfer failed,
@@ -319,6 +340,21 @@ class S3Store(ArtifactStore):
                 f"{where}: the S3 transfer failed ({type(exc).__name__}: {exc}); this is a network or "
                 "server failure, not corruption, and nothing was committed by it: retry."
             ) from exc
+
+
+# What S3 (and STS-issued session credentials) answer once a session token expired or is not the key's.
+_EXPIRED_CREDENTIALS = frozenset({"ExpiredToken", "ExpiredTokenException", "TokenRefreshRequired", "InvalidToken"})
+# Answers botocore already retried with backoff: what is left to say is to wait, or to ask for less at once.
+_TRANSIENT = frozenset({"SlowDown", "ServiceUnavailable", "503", "InternalError", "500", "RequestTimeout"})
+
+
+def _endpoint_setting(config: TrackingConfig) -> str:
+    """The variable that chose the S3 endpoint, for the error that says to check it."""
+    if not config.s3_endpoint_url:
+        for var in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+            if os.environ.get(var):
+                return var
+    return ENV_VARS["s3_endpoint_url"]
 
 
 def _new_buffer(size: int) -> bytearray | mmap.mmap:

@@ -80,6 +80,8 @@ def _client(config: TrackingConfig) -> Any:
     # bound only where the user set none; the retry mode is left to botocore (its default: standard).
     user_attempts = core.get_config_variable("max_attempts") is not None
     retries: Any = None if user_attempts else {"total_max_attempts": S3_MAX_ATTEMPTS}
+    # One of the three botocore takes: TrackingConfig refuses any other.
+    s3_settings: Any = {"payload_signing_enabled": False, "addressing_style": config.s3_addressing_style}
     botocore_config = Config(
         region_name=config.aws_region,
         max_pool_connections=max(10, config.max_concurrency * 2),
@@ -91,11 +93,13 @@ def _client(config: TrackingConfig) -> Any:
         # per-request payload hashing and CRC checksums, which would hash it all twice more.
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
-        s3={"payload_signing_enabled": False, "addressing_style": "path"},
+        s3=s3_settings,
     )
     session = boto3_session(
         aws_access_key_id=config.aws_access_key_id,
         aws_secret_access_key=config.aws_secret_access_key,
+        # A token alone is no credentials: botocore would then sign with no key at all.
+        aws_session_token=config.aws_session_token if config.aws_access_key_id else None,
         region_name=config.aws_region,
         botocore_session=core,
     )
