@@ -307,11 +307,17 @@ def check_alias(alias: str) -> None:
     """ValueError unless ``alias`` passes MLflow's rules; checked before a version exists, so a refused alias
     leaves no version behind."""
     from mlflow.exceptions import MlflowException
-    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved
+    from mlflow.utils import validation
 
+    # MLflow 3.18 renamed its checks (_validate_model_alias_name -> _validate_alias_name); the range we support
+    # holds both names.
+    named = getattr(validation, "_validate_alias_name", None) or validation._validate_model_alias_name
+    reserved = (
+        getattr(validation, "_validate_alias_name_reserved", None) or validation._validate_model_alias_name_reserved
+    )
     try:
-        _validate_model_alias_name(alias)
-        _validate_model_alias_name_reserved(alias)
+        named(alias)
+        reserved(alias)
     except MlflowException as exc:
         raise ValueError(f"alias {alias!r} cannot be used: {exc.message} Pick another alias (e.g. champion).") from None
 
