@@ -311,9 +311,12 @@ def check_alias(alias: str) -> None:
 
     # MLflow 3.18 renamed its checks (_validate_model_alias_name -> _validate_alias_name); the range we support
     # holds both names.
-    named = getattr(validation, "_validate_alias_name", None) or validation._validate_model_alias_name
-    reserved = (
-        getattr(validation, "_validate_alias_name_reserved", None) or validation._validate_model_alias_name_reserved
+    named, reserved = (
+        next(getattr(validation, name) for name in names if hasattr(validation, name))
+        for names in (
+            ("_validate_alias_name", "_validate_model_alias_name"),
+            ("_validate_alias_name_reserved", "_validate_model_alias_name_reserved"),
+        )
     )
     try:
         named(alias)
