@@ -143,7 +143,8 @@ def checkpoint_folder(
                 source,
             )
         return str(_folder(_materialise(source, checkpoint, output, config), output))
-    written = distributed.on_rank0(lambda: _materialise(source, checkpoint, output, config))
+    arrival = f"checkpoint_folder({source!r}, {checkpoint!r})"
+    written = distributed.on_rank0(lambda: _materialise(source, checkpoint, output, config), arrival=arrival)
     error: BaseException | None = None
     # Each machine's first rank before the machine's other ranks: they then find its folders on their disk.
     for first_on_machine in (True, False):
