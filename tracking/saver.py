@@ -98,6 +98,10 @@ def _leaves(value: Any) -> list[Any]:
     return [value]
 
 
+# The name of every AsyncSaver's thread.
+WORKER = "tracking-async-save"
+
+
 class AsyncSaver:
     """Commits checkpoints on one background thread, at most one in flight.
 
@@ -126,7 +130,7 @@ class AsyncSaver:
         _live.add(self)
 
     def _start(self) -> None:
-        self._worker = threading.Thread(target=self._loop, name="tracking-async-save", daemon=True)
+        self._worker = threading.Thread(target=self._loop, name=WORKER, daemon=True)
         self._worker.start()
 
     def submit(self, job: Callable[[], T]) -> Future[T]:
@@ -273,3 +277,12 @@ threading._register_atexit(_flush_at_exit)  # type: ignore[attr-defined]
 # Python has no way to change the exit status once the program ended but os._exit; registered
 # at import, so it runs after the atexit handlers registered later (LIFO).
 atexit.register(_exit_failed)
+
+
+def settle_before_collective() -> None:
+    """Under a process group, before the calling thread's first collective of a save or load: let this process's
+    background saves commit first (raising a failed one's error). Each runs its own collectives on the same group
+    from its thread; one begun meanwhile would interleave with them, in another order on each rank, and the job
+    would hang. Nothing on a saver's own thread, whose commit those collectives are."""
+    if threading.current_thread().name != WORKER:
+        wait_for_checkpoints()

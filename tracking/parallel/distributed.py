@@ -303,12 +303,16 @@ def barrier() -> None:
 @contextmanager
 def _arrival_watch(arrival: str | None) -> Iterator[None]:
     """Around the first collective of a save or load (``arrival`` names it: ``the save of epoch 7, step 1500``),
+    once this process's background saves committed (see :func:`tracking.saver.settle_before_collective`),
     which every rank reaches within a step of the others: on whichever rank waits there ``ARRIVAL_WARNING_S``
     without the others, say once why they may never come, and go on waiting (a rank that is only slower still
     arrives). Not around later ones: there a rank may wait as long as another rank's upload or download takes."""
     if arrival is None:
         yield
         return
+    from tracking.saver import settle_before_collective
+
+    settle_before_collective()
     watch = threading.Timer(ARRIVAL_WARNING_S, _warn_waiting, args=(rank(), world_size(), arrival))
     watch.daemon = True
     watch.start()

@@ -22,7 +22,7 @@ from tracking import catalog, layout, note
 from tracking.catalog import LoggedCheckpoint
 from tracking.commit import Describe, commit_local_files
 from tracking.config import TrackingConfig
-from tracking.errors import NotFoundError
+from tracking.errors import NotFoundError, TrackingError
 from tracking.integrations.transformers.description import (
     FORMAT,
     checkpoint_metrics,
@@ -188,8 +188,18 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
         # Under DDP each rank writes its own RNG state into its own output_dir (another machine's disk,
         # maybe): rank 0 receives every rank's once that rank's part of the save is done, so the logged
         # checkpoint resumes every rank. A few KB each, over the coordination group.
-        received = distributed.gather(self._own_files(args, state))
-        _on_process_zero(state, lambda: self._log(args, state, model, optimizer, lr_scheduler, received or []))
+        # A rank that cannot read its file sends why instead: raised on that rank alone, it would leave rank 0 in
+        # this gather for good; rank 0 raises it for the whole job, in the one collective that follows anyway.
+        try:
+            own: dict[str, bytes] | str = self._own_files(args, state)
+        except OSError as exc:
+            own = f"rank {distributed.rank()} cannot read its RNG state {exc.filename or ''} ({exc.strerror or exc})"
+        received = distributed.gather(own)
+
+        def log() -> None:
+            self._log(args, state, model, optimizer, lr_scheduler, _sent_files(self._handle, state, received or []))
+
+        _on_process_zero(state, log)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -343,6 +353,24 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
             )
 
         return describe
+
+
+def _sent_files(
+    handle: RunHandle | None, state: TrainerState, received: Sequence[Mapping[str, bytes] | str]
+) -> list[Mapping[str, bytes]]:
+    """The files each rank sent at a save (``received``, on rank 0); a rank that could not read its own sent why,
+    raised here, naming the run, so that the ranks raise it together and none logs a checkpoint without it."""
+    for sent in received:
+        if isinstance(sent, str):
+            run = f"run {handle.run_id}: " if handle is not None else ""
+            raise TrackingError(
+                f"{run}the save of step {state.global_step} is not logged: {sent}. Each rank's "
+                "rng_state_<rank>.pth must be readable by its own process for a checkpoint to resume every rank; "
+                "fix that rank's output_dir (permissions, disk), then resume from the run's latest checkpoint: "
+                + (_from_latest(handle) if handle is not None else "checkpoint_folder(RUN_ID, output_dir=...)")
+                + "."
+            )
+    return [sent for sent in received if not isinstance(sent, str)]
 
 
 def _on_process_zero(state: TrainerState, step: Callable[[], object]) -> None:

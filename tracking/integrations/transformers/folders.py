@@ -43,12 +43,13 @@ _TRAINING_STATE = re.compile(r"trainer_state\.json|optimizer\.(pt|bin)|scheduler
 @dataclasses.dataclass(frozen=True)
 class _Materialised:
     """What materialising a checkpoint left in an ``output_dir``, as rank 0 tells the other ranks: the step and
-    manifest.json of its folder, its ``trainer_state.json`` as stored, and the step and manifest.json of the best
-    checkpoint materialised beside it (its model's files alone), if any."""
+    manifest.json of its folder, its ``trainer_state.json`` as stored, the logged model it is, and the step and
+    manifest.json of the best checkpoint materialised beside it (its model's files alone), if any."""
 
     step: int
     manifest: bytes
     state: bytes | None
+    model_id: str | None
     best_step: int | None = None
     best: bytes | None = None
 
@@ -129,7 +130,8 @@ def checkpoint_folder(
     Under torchrun, every rank calls it once the Trainer is made (the Trainer starts the process
     group): rank 0 downloads first, then each other machine's first rank, then the other ranks; a
     rank whose disk already holds the folders a rank before it wrote (a disk they share) uses them as
-    they are. An error on any rank is raised on every rank.
+    they are. Every rank materialises the checkpoint rank 0 picked, even when ``source`` names
+    another by then (an alias moved). An error on any rank is raised on every rank.
     """
     output = Path(output_dir)
     if not distributed.active():
@@ -140,14 +142,18 @@ def checkpoint_folder(
                 source,
             )
         return str(_folder(_materialise(source, checkpoint, output, config), output))
-    written = distributed.on_rank0(lambda: _materialise(source, checkpoint, output, config))
+    arrival = f"checkpoint_folder({source!r}, {checkpoint!r})"
+    written = distributed.on_rank0(lambda: _materialise(source, checkpoint, output, config), arrival=arrival)
     error: BaseException | None = None
     # Each machine's first rank before the machine's other ranks: they then find its folders on their disk.
     for first_on_machine in (True, False):
         if distributed.rank() != 0 and (distributed.local_rank() == 0) == first_on_machine:
             try:
                 if not _downloaded(output, written):
-                    written = _materialise(source, checkpoint, output, config)
+                    # Rank 0's checkpoint itself, not the source again: an alias moved or a checkpoint logged since
+                    # rank 0 looked would give this machine's ranks another one to resume from.
+                    pinned = f"models:/{written.model_id}" if written.model_id else source
+                    written = _materialise(pinned, "latest" if written.model_id else checkpoint, output, config)
             except BaseException as exc:
                 error = exc
         if first_on_machine:
@@ -171,7 +177,7 @@ def _materialise(source: str, checkpoint: Selector, output_dir: Path, config: Tr
             "folder; resume it with tracking.load(..., mode='train'), or pick a checkpoint TrackingCallback logged."
         )
     state = bytes(located.read(TRAINER_STATE)) if TRAINER_STATE in manifest.files else None
-    written = _Materialised(manifest.step, manifest.to_json(), state)
+    written = _Materialised(manifest.step, manifest.to_json(), state, located.model_id)
     best = _best(located, state, config)
     if best is not None and best.manifest.step is not None:
         # Before the resumed folder: the Trainer's rotation orders the folders by their time, the oldest first.
