@@ -7,6 +7,7 @@ manifest is always written last and deleted first (see :mod:`tracking.layout`).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import platform
@@ -15,6 +16,7 @@ import reprlib
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
+from pathlib import Path
 from typing import Any, TypeGuard
 
 from tracking.errors import IntegrityError
@@ -43,6 +45,19 @@ class StoredFile:
 
     size: int
     sha256: str
+
+    def held_by(self, path: Path) -> bool:
+        """Whether the local file at ``path`` has this size and sha256 (False where it is missing or unreadable)."""
+        try:
+            if not path.is_file() or path.stat().st_size != self.size:
+                return False
+            digest = hashlib.sha256()
+            with open(path, "rb") as stream:
+                while chunk := stream.read(8 * 1024 * 1024):
+                    digest.update(chunk)
+        except OSError:
+            return False
+        return digest.hexdigest() == self.sha256
 
 
 @dataclass

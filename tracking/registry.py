@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypedDict, Unpack
+from typing import Any, TypedDict, Unpack, cast
 
 from tracking import layout
 from tracking.config import TrackingConfig, bound_mlflow_requests
@@ -307,13 +308,23 @@ def check_alias(alias: str) -> None:
     """ValueError unless ``alias`` passes MLflow's rules; checked before a version exists, so a refused alias
     leaves no version behind."""
     from mlflow.exceptions import MlflowException
-    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved
 
     try:
-        _validate_model_alias_name(alias)
-        _validate_model_alias_name_reserved(alias)
+        _mlflow_rule("_validate_alias_name", "_validate_model_alias_name")(alias)
+        _mlflow_rule("_validate_alias_name_reserved", "_validate_model_alias_name_reserved")(alias)
     except MlflowException as exc:
         raise ValueError(f"alias {alias!r} cannot be used: {exc.message} Pick another alias (e.g. champion).") from None
+
+
+def _mlflow_rule(*names: str) -> Callable[[str], None]:
+    """MLflow's own check of a name, under the first of ``names`` that this MLflow has: they are private, and
+    MLflow 3.18 renamed the alias ones (``_validate_model_alias_name`` became ``_validate_alias_name``)."""
+    from mlflow.utils import validation
+
+    for name in names:
+        if (rule := getattr(validation, name, None)) is not None:
+            return cast(Callable[[str], None], rule)
+    raise ImportError(f"mlflow.utils.validation has none of {', '.join(names)}: this MLflow release is not supported")
 
 
 def versions_point(versions: list[str]) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tempfile
@@ -120,19 +119,9 @@ def _holds(folder: Path, located: Located) -> bool:
     try:
         if (folder / layout.MANIFEST_FILE).read_bytes() != located.manifest.to_json():
             return False
-        for name, expected in located.manifest.files.items():
-            path = folder / name
-            if path.stat().st_size != expected.size:
-                return False
-            digest = hashlib.sha256()
-            with open(path, "rb") as stream:
-                while chunk := stream.read(8 * 1024 * 1024):
-                    digest.update(chunk)
-            if digest.hexdigest() != expected.sha256:
-                return False
     except OSError:
         return False
-    return True
+    return all(expected.held_by(folder / name) for name, expected in located.manifest.files.items())
 
 
 def refuse_resume(handle: RunHandle, checkpoint: Mapping[str, Any], keyed_by: str | None) -> None:

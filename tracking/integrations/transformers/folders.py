@@ -10,7 +10,6 @@ resumed folder's ``trainer_state.json`` names it there.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
 import json
 import logging
@@ -224,7 +223,7 @@ def _download(located: Located, folder: Path) -> None:
     """``located``'s files in ``folder``, downloaded unless they are there already; its ``trainer_state.json`` is
     not compared: the resumed folder's names its best in this ``output_dir``, and is written after."""
     files = {name: f for name, f in located.manifest.files.items() if name != TRAINER_STATE}
-    if not (folder.is_dir() and all(_matches(folder / name, f.size, f.sha256) for name, f in files.items())):
+    if not (folder.is_dir() and all(f.held_by(folder / name) for name, f in files.items())):
         download_files(located, folder, force=True)
 
 
@@ -261,13 +260,3 @@ def _holds(path: Path, data: bytes) -> bool:
         return path.read_bytes() == data
     except OSError:
         return False
-
-
-def _matches(path: Path, size: int, sha256: str) -> bool:
-    if not path.is_file() or path.stat().st_size != size:
-        return False
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(8 * 1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest() == sha256
