@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
-from tracking.cli import main
+from tracking.cli import inspect, main
 
 pytestmark = pytest.mark.unit
 
@@ -48,3 +54,44 @@ def test_a_run_id_mlflow_takes_that_names_no_run_is_not_found_and_says_what_run_
     assert "run not-a-run not found" in result.stderr and "32 hex characters" in result.stderr, result.stderr
     issued = CliRunner().invoke(main, ["checkpoints", "f" * 32])
     assert issued.exit_code == 1 and "32 hex" not in issued.stderr, issued.stderr  # its shape is right
+
+
+@pytest.mark.parametrize("as_json", [[], ["--json"]])
+def test_ctrl_c_exits_130_with_one_line_and_json_when_asked(
+    monkeypatch: pytest.MonkeyPatch, as_json: list[str]
+) -> None:
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inspect, "connect", interrupted)
+    result = CliRunner().invoke(main, ["runs", *as_json])
+    # Was: "Aborted!" and exit 1, the status of a command that failed; nothing on stdout with --json.
+    assert result.exit_code == 130, result.output
+    assert result.stderr == "error: interrupted (Ctrl-C).\n", result.stderr
+    if as_json:
+        assert json.loads(result.stdout) == {
+            "error": "interrupted (Ctrl-C).",
+            "exit_code": 130,
+            "type": "KeyboardInterrupt",
+        }
+    else:
+        assert result.stdout == ""
+
+
+def test_ctrl_c_while_a_command_waits_for_its_server_exits_130(tmp_path: Any) -> None:
+    # A tracking server that takes the connection and never answers: the command waits in its request.
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(60)
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{server.getsockname()[1]}"}
+        command = [sys.executable, "-m", "tracking", "runs", "--json"]
+        with subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as run:
+            try:
+                connection, _ = server.accept()
+                run.send_signal(signal.SIGINT)
+                out, err = run.communicate(timeout=60)
+                connection.close()
+            finally:
+                run.kill()
+    assert run.returncode == 130, err.decode()
+    assert err.decode().splitlines()[-1] == "error: interrupted (Ctrl-C).", err.decode()
+    assert json.loads(out)["exit_code"] == 130

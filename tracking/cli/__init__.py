@@ -3,7 +3,8 @@
 Errors become exit codes by the project's one rule (:func:`tracking.errors.exit_code`): a
 :class:`TrackingError` prints one line on stderr and exits 1, a usage error exits 2, and
 ``--debug`` shows the traceback instead. With ``--json``, a failure also prints
-``{"error", "exit_code", "type"}`` on stdout, unless the command printed its own JSON already.
+``{"error", "exit_code", "type"}`` on stdout, unless the command printed its own JSON already. Ctrl-C
+prints ``error: interrupted (Ctrl-C).`` and exits 130, as the pipelines do.
 Commands import torch and MLflow only when they run.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import traceback
 import warnings
 from typing import Any
 
@@ -38,6 +40,16 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt as interrupted:
+            # Not click's "Aborted!" and 1, a failed command's status: a script tells Ctrl-C apart by 130, as from
+            # the pipelines, and --json still prints one document.
+            if ctx.find_root().params.get("debug"):
+                traceback.print_exc()  # where it was: a command that hangs is what one interrupts
+            message = str(interrupted) or "interrupted (Ctrl-C)."
+            if ctx.meta.pop(_JSON_ERRORS, False) and not ctx.meta.get(JSON_EMITTED):
+                emit_json(json_error(message, INTERRUPTED, interrupted))
+            click.echo(f"error: {message}", err=True)
+            ctx.exit(INTERRUPTED)
         except Exception as raised:
             # MLflow's own error (a refused or failed request) is reported as ours; --debug shows its traceback.
             exc = mlflow_failure(raised) or raised
@@ -54,6 +66,9 @@ class _Group(click.Group):
             click.echo(f"error: {one_line(exc)}", err=True)
             ctx.exit(code)
 
+
+# The status of a command stopped by Ctrl-C: 128 + SIGINT, as a shell reports one.
+INTERRUPTED = 130
 
 # ctx.meta key: whether a failure of the command invoked prints a JSON error object on stdout (it took --json).
 _JSON_ERRORS = "tracking.json_errors"
