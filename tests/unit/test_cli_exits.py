@@ -46,6 +46,23 @@ def test_a_malformed_run_id_with_json_prints_the_usage_error_as_json(tracking_st
     assert (error["exit_code"], error["type"]) == (2, "BadParameter") and "32 hex characters" in error["error"]
 
 
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [(["download", "f" * 32, "--to", ""], "--to"), (["runs", "--experiment", " "], "--experiment")],
+)
+def test_an_empty_folder_or_experiment_name_is_a_usage_error(
+    tracking_store: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, args: list[str], option: str
+) -> None:
+    # Was: --to "" downloaded into the current folder, --experiment "" listed the default experiment.
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option}'" in result.stderr and "names no" in result.stderr, result.stderr
+    assert list(here.iterdir()) == []
+
+
 def test_a_run_id_mlflow_takes_that_names_no_run_is_not_found_and_says_what_run_ids_look_like(
     tracking_store: str,
 ) -> None:
