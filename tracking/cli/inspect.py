@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from tracking.cli.options import (
+    experiment_option,
     find_selected,
     json_option,
     key_fields,
@@ -24,11 +25,7 @@ _log = logging.getLogger(__name__)
 
 
 @click.command()
-@click.option(
-    "--experiment",
-    callback=lambda ctx, param, value: _check_experiment(value),
-    help="Experiment name (default: $TRACKING_EXPERIMENT, else pytorch-checkpoints).",
-)
+@experiment_option
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Newest runs to list.")
 @json_option
 def runs(experiment: str | None, limit: int, as_json: bool) -> None:
@@ -93,15 +90,6 @@ def runs(experiment: str | None, limit: int, as_json: bool) -> None:
         for s in summaries
     ]
     table(f"runs of {config.experiment_name}", columns, rows)
-
-
-def _check_experiment(value: str | None) -> str | None:
-    # An empty name listed the default experiment's runs as if --experiment had been left out.
-    if value is not None and not value.strip():
-        raise click.BadParameter(
-            f"{value!r} names no experiment: pass its name, e.g. --experiment pytorch-checkpoints."
-        )
-    return value
 
 
 def _best(summary: dict[str, Any]) -> str:
