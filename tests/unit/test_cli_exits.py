@@ -112,3 +112,20 @@ def test_ctrl_c_while_a_command_waits_for_its_server_exits_130(tmp_path: Any) ->
     assert run.returncode == 130, err.decode()
     assert err.decode().splitlines()[-1] == "error: interrupted (Ctrl-C).", err.decode()
     assert json.loads(out)["exit_code"] == 130
+
+
+def test_output_that_cannot_be_written_is_one_line_not_a_traceback(tmp_path: Any) -> None:
+    # `tracking ... > out.json` on a full disk (/dev/full: every write fails with ENOSPC).
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "tracking", "stack", "status", "--data-dir", str(tmp_path / "stack")],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    # Was: an OSError traceback from click.echo.
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("error: cannot write the output (No space left on device): ") and (
+        done.stderr.count("\n") == 1
+    ), done.stderr

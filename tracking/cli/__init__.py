@@ -10,17 +10,19 @@ Commands import torch and MLflow only when they run.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import traceback
 import warnings
+from pathlib import Path
 from typing import Any
 
 import click
 
 from tracking.cli import inspect, manage
 from tracking.cli.server import mlflow_failure
-from tracking.errors import exit_code, format_warning, one_line
+from tracking.errors import TrackingError, exit_code, format_warning, one_line
 from tracking.output import JSON_EMITTED, emit_json, human_size, json_error
 
 __all__ = ["human_size", "main"]
@@ -52,11 +54,12 @@ class _Group(click.Group):
             ctx.exit(INTERRUPTED)
         except Exception as raised:
             # MLflow's own error (a refused or failed request) is reported as ours; --debug shows its traceback.
-            exc = mlflow_failure(raised) or raised
+            unwritten = _output_failure(raised)
+            exc = mlflow_failure(raised) or unwritten or raised
             code = exit_code(exc)  # None for click's own exceptions: click maps those itself
             if (code is None and not isinstance(exc, click.ClickException)) or ctx.find_root().params.get("debug"):
                 raise
-            if ctx.meta.pop(_JSON_ERRORS, False) and not ctx.meta.get(JSON_EMITTED):
+            if ctx.meta.pop(_JSON_ERRORS, False) and not ctx.meta.get(JSON_EMITTED) and unwritten is None:
                 if isinstance(exc, click.ClickException):
                     emit_json(json_error(exc.format_message(), exc.exit_code, exc))
                 else:
@@ -65,6 +68,19 @@ class _Group(click.Group):
                 raise  # click prints its usage error on stderr and exits 2
             click.echo(f"error: {one_line(exc)}", err=True)
             ctx.exit(code)
+
+
+def _output_failure(exc: BaseException) -> TrackingError | None:
+    """``exc`` as one of ours when it is the command's output that could not be written (``> out.json`` on a full
+    disk), else None. A closed pipe (``| head -1``) is not: click ends the command quietly then, as it should."""
+    if not isinstance(exc, OSError) or exc.errno == errno.EPIPE:
+        return None
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames or frames[-1].name != "echo" or Path(frames[-1].filename) != Path(click.utils.__file__):
+        return None
+    return TrackingError(
+        f"cannot write the output ({exc.strerror or exc}): free space where stdout goes, or send it elsewhere."
+    )
 
 
 # The status of a command stopped by Ctrl-C: 128 + SIGINT, as a shell reports one.
