@@ -11,6 +11,7 @@ from typing import Any
 from tracking.config import TrackingConfig, bound_mlflow_requests
 from tracking.errors import NotFoundError, StorageError, one_line
 from tracking.storage import ArtifactStore, open_store
+from tracking.uri import RUN_ID_SHAPE, looks_issued
 
 
 @dataclass
@@ -126,9 +127,11 @@ def _fetch_run(run_id: str, config: TrackingConfig) -> RunHandle:
         run = client.get_run(run_id)
     except MlflowException as exc:
         if exc.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"} or "not found" in str(exc):
+            # An ID of another shape is more likely a typo or a name than a run of another server's.
+            shape = "" if looks_issued(run_id) else f"; an MLflow server's run IDs are {RUN_ID_SHAPE}"
             raise NotFoundError(
                 f"run {run_id} not found on tracking server {client.tracking_uri}; check the run ID "
-                "(in the MLflow UI) and MLFLOW_TRACKING_URI."
+                f"(in the MLflow UI{shape}) and MLFLOW_TRACKING_URI."
             ) from exc
         raise StorageError(
             f"run {run_id}: the tracking server {client.tracking_uri} failed while reading the run "

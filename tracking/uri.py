@@ -35,6 +35,34 @@ class RunSource:
 _MODELS_FORMS = "models:/<model_id>, models:/<name>@<alias>, models:/<name>/<version> or models:/<name>/latest"
 
 
+# What a run ID may be: MLflow's own rule (mlflow.utils.validation._RUN_ID_REGEX), which its stores refuse a
+# request by. MLflow's servers issue 32 hex characters (uuid4().hex), but other servers that speak its API issue
+# other IDs (Azure Machine Learning's are its job names, which users choose): anything MLflow takes is the
+# server's to find or not.
+_RUN_ID = re.compile(r"[a-zA-Z0-9][\w\-]{0,255}")
+# What a run ID of an MLflow server looks like, for a refusal or a run not found.
+RUN_ID_SHAPE = "32 hex characters, e.g. 3f2a9c0d1b2e4f5a6b7c8d9e0f1a2b3c"
+_ISSUED = re.compile(r"[0-9a-f]{32}")
+
+
+def looks_issued(run_id: str) -> bool:
+    """Whether ``run_id`` has the shape of the run IDs MLflow's own servers issue (32 lowercase hex characters)."""
+    return _ISSUED.fullmatch(run_id) is not None
+
+
+def _check_run_id(run_id: str, source: str) -> None:
+    if _RUN_ID.fullmatch(run_id) is None:
+        raise ValueError(
+            f"{_named(run_id, source)} is not a run ID: a run ID is {RUN_ID_SHAPE} (letters, digits, '_' and '-' "
+            "on other servers), as the MLflow UI shows it; also runs:/<run_id>, models:/<model_id> or "
+            "models:/<name>@<alias>"
+        )
+
+
+def _named(run_id: str, source: str) -> str:
+    return repr(source) if run_id == source else f"{source!r}: {run_id!r}"
+
+
 def parse_source(source: str) -> RunSource:
     """Parse ``<run_id>``, ``runs:/<run_id>[/path]``, ``models:/<model_id>``, ``models:/<name>@<alias>``,
     ``models:/<name>/<version>`` or ``models:/<name>/latest`` (or ``/<stage>``), as MLflow reads them."""
@@ -47,15 +75,13 @@ def parse_source(source: str) -> RunSource:
         parts = source[len("runs:/") :].strip("/").split("/", 1)
         if not parts[0]:
             raise ValueError(f"{source!r} has no run ID; expected runs:/<run_id>[/path]")
+        _check_run_id(parts[0], source)
         return RunSource(run_id=parts[0], artifact_path=parts[1] if len(parts) > 1 else "")
     if source.startswith("models:/"):
         return _parse_models_uri(source)
     if source.startswith("m-"):  # run IDs are hex: this is a logged model's ID, as the MLflow UI and listings show it
         raise ValueError(f"{source!r} is a logged model ID, not a run ID; pass models:/{source}")
-    if "/" in source or ":" in source:
-        raise ValueError(
-            f"{source!r} is not a run ID; expected a 32-character hex run ID, runs:/<run_id> or models:/<name>@<alias>"
-        )
+    _check_run_id(source, source)
     return RunSource(run_id=source)
 
 

@@ -431,7 +431,7 @@ def test_ctrl_c_while_a_forced_download_moves_its_files_in_leaves_the_previous_d
 
     monkeypatch.setattr(downloader.os, "replace", interrupted)
     result = CliRunner().invoke(main, ["download", s3_run_id, "--checkpoint", "3", "--to", str(to), "--force"])
-    assert result.exit_code == 1 and "Aborted" in result.output, result.output
+    assert result.exit_code == 130 and "interrupted (Ctrl-C)" in result.stderr, result.output
     assert {p.name: p.read_bytes() for p in to.iterdir()} == before  # no staging folder, nothing half-placed
 
 
@@ -446,7 +446,7 @@ def test_ctrl_c_while_a_download_reads_leaves_no_folder(
     monkeypatch.setattr(manage, "_read", interrupted)
     to = tmp_path / "new" / "weights"
     result = CliRunner().invoke(main, ["download", s3_run_id, "--to", str(to)])
-    assert result.exit_code == 1 and "Aborted" in result.output, result.output
+    assert result.exit_code == 130 and "interrupted (Ctrl-C)" in result.stderr, result.output
     assert not to.exists()
 
 

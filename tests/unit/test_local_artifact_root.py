@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import socket
+import threading
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pytest
@@ -24,7 +27,9 @@ REMOTE = "http://mlflow.example.com:5000"
 @pytest.fixture(autouse=True)
 def _nothing_warned_yet(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(local_root, "_warned", set())
+    local_root._is_this_machine.cache_clear()
     yield
+    local_root._is_this_machine.cache_clear()
 
 
 def _opened(artifact_uri: str, tracking_uri: str, owner: str = "run r1") -> list[str]:
@@ -103,3 +108,56 @@ def test_a_root_the_server_serves_or_on_s3_is_not_warned_about(
 @pytest.mark.parametrize("tracking_uri", [REMOTE, "https://10.1.2.3", "HTTPS://MLflow.Example.com/"])
 def test_remote_servers_are_told_apart_from_this_machine(tracking_uri: str) -> None:
     assert local_root.is_remote_server(tracking_uri)
+
+
+def _own_address() -> str:
+    """An address of this machine's own that is not a loopback one: the one it would send from."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("198.51.100.1", 9))  # a datagram socket sends nothing on connect: it picks a route
+        return str(probe.getsockname()[0])
+
+
+def _resolving(monkeypatch: pytest.MonkeyPatch, names: dict[str, str]) -> list[str]:
+    """Host names in ``names`` resolve to their address (as a DNS server or /etc/hosts would); the names looked up."""
+    looked_up: list[str] = []
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: str, port: Any, *args: Any, **kwargs: Any) -> Any:
+        looked_up.append(host)
+        return real(names.get(host, host), port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return looked_up
+
+
+def test_a_server_reached_through_an_address_or_name_of_this_machine_is_not_warned_about(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Was warned: an address that is not a loopback one, a name that is not this machine's host name.
+    own = _own_address()
+    looked_up = _resolving(monkeypatch, {"mlflow.box.internal": own, "mlflow.other.internal": "198.51.100.7"})
+    assert _opened("file:///srv/mlruns/1/aaa/artifacts", f"http://{own}:5000") == []
+    assert _opened("file:///srv/mlruns/1/aaa/artifacts", "http://mlflow.box.internal:5000") == []
+    assert not local_root.is_remote_server("https://MLflow.Box.Internal./")
+    assert looked_up.count("mlflow.box.internal") == 1, looked_up  # resolved once per process
+    assert local_root.is_remote_server("http://mlflow.other.internal:5000")
+
+
+def test_a_host_name_that_does_not_resolve_in_time_is_taken_for_another_host_without_waiting_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    answer = threading.Event()
+
+    def silent_resolver(*args: Any, **kwargs: Any) -> Any:
+        answer.wait(60)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", silent_resolver)
+    monkeypatch.setattr(local_root, "RESOLVE_TIMEOUT_S", 0.05)
+    started = time.monotonic()
+    try:
+        said = _opened("file:///srv/mlruns/1/aaa/artifacts", "http://mlflow.silent.internal:5000")
+        assert time.monotonic() - started < 5
+    finally:
+        answer.set()
+    assert len(said) == 1, said  # warned, as for any other host

@@ -43,6 +43,31 @@ def test_malformed_sources_are_value_errors(source: object) -> None:
 
 
 @pytest.mark.parametrize(
+    "source",
+    ["a b", "../x", "..", "-x", ".hidden", "run%20id", "runs:/a b", "runs:/../x", "runs:/-x/state_dict", "r" * 257],
+)
+def test_what_mlflow_refuses_as_a_run_id_is_a_value_error_saying_what_one_looks_like(source: str) -> None:
+    # Was a run ID handed to the server: "not found", as if the run had been deleted.
+    with pytest.raises(ValueError, match=re.escape("is not a run ID: a run ID is 32 hex characters, e.g. ")):
+        parse_source(source)
+
+
+@pytest.mark.parametrize(
+    "run_id",
+    [
+        RUN,
+        RUN.upper(),
+        "not-a-run",  # MLflow's own rule takes it: a server may hold such a run
+        "dreamy_lemon_5hy8k2ll1b",  # an Azure Machine Learning job name, its MLflow run ID
+        "r" * 256,
+    ],
+)
+def test_every_run_id_mlflow_takes_is_passed_on_to_the_server(run_id: str) -> None:
+    assert parse_source(run_id) == RunSource(run_id=run_id)
+    assert parse_source(f"runs:/{run_id}/state_dict") == RunSource(run_id=run_id, artifact_path="state_dict")
+
+
+@pytest.mark.parametrize(
     ("source", "extra"),
     [
         ("models:/seed@champion/model", "model"),

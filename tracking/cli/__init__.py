@@ -3,22 +3,26 @@
 Errors become exit codes by the project's one rule (:func:`tracking.errors.exit_code`): a
 :class:`TrackingError` prints one line on stderr and exits 1, a usage error exits 2, and
 ``--debug`` shows the traceback instead. With ``--json``, a failure also prints
-``{"error", "exit_code", "type"}`` on stdout, unless the command printed its own JSON already.
+``{"error", "exit_code", "type"}`` on stdout, unless the command printed its own JSON already. Ctrl-C
+prints ``error: interrupted (Ctrl-C).`` and exits 130, as the pipelines do.
 Commands import torch and MLflow only when they run.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
+import traceback
 import warnings
+from pathlib import Path
 from typing import Any
 
 import click
 
 from tracking.cli import inspect, manage
 from tracking.cli.server import mlflow_failure
-from tracking.errors import exit_code, format_warning, one_line
+from tracking.errors import TrackingError, exit_code, format_warning, one_line
 from tracking.output import JSON_EMITTED, emit_json, human_size, json_error
 
 __all__ = ["human_size", "main"]
@@ -38,13 +42,24 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt as interrupted:
+            # Not click's "Aborted!" and 1, a failed command's status: a script tells Ctrl-C apart by 130, as from
+            # the pipelines, and --json still prints one document.
+            if ctx.find_root().params.get("debug"):
+                traceback.print_exc()  # where it was: a command that hangs is what one interrupts
+            message = str(interrupted) or "interrupted (Ctrl-C)."
+            if ctx.meta.pop(_JSON_ERRORS, False) and not ctx.meta.get(JSON_EMITTED):
+                emit_json(json_error(message, INTERRUPTED, interrupted))
+            click.echo(f"error: {message}", err=True)
+            ctx.exit(INTERRUPTED)
         except Exception as raised:
             # MLflow's own error (a refused or failed request) is reported as ours; --debug shows its traceback.
-            exc = mlflow_failure(raised) or raised
+            unwritten = _output_failure(raised)
+            exc = mlflow_failure(raised) or unwritten or raised
             code = exit_code(exc)  # None for click's own exceptions: click maps those itself
             if (code is None and not isinstance(exc, click.ClickException)) or ctx.find_root().params.get("debug"):
                 raise
-            if ctx.meta.pop(_JSON_ERRORS, False) and not ctx.meta.get(JSON_EMITTED):
+            if ctx.meta.pop(_JSON_ERRORS, False) and not ctx.meta.get(JSON_EMITTED) and unwritten is None:
                 if isinstance(exc, click.ClickException):
                     emit_json(json_error(exc.format_message(), exc.exit_code, exc))
                 else:
@@ -54,6 +69,22 @@ class _Group(click.Group):
             click.echo(f"error: {one_line(exc)}", err=True)
             ctx.exit(code)
 
+
+def _output_failure(exc: BaseException) -> TrackingError | None:
+    """``exc`` as one of ours when it is the command's output that could not be written (``> out.json`` on a full
+    disk), else None. A closed pipe (``| head -1``) is not: click ends the command quietly then, as it should."""
+    if not isinstance(exc, OSError) or exc.errno == errno.EPIPE:
+        return None
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames or frames[-1].name != "echo" or Path(frames[-1].filename) != Path(click.utils.__file__):
+        return None
+    return TrackingError(
+        f"cannot write the output ({exc.strerror or exc}): free space where stdout goes, or send it elsewhere."
+    )
+
+
+# The status of a command stopped by Ctrl-C: 128 + SIGINT, as a shell reports one.
+INTERRUPTED = 130
 
 # ctx.meta key: whether a failure of the command invoked prints a JSON error object on stdout (it took --json).
 _JSON_ERRORS = "tracking.json_errors"

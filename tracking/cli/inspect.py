@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from tracking.cli.options import (
+    experiment_option,
     find_selected,
     json_option,
     key_fields,
@@ -24,7 +25,7 @@ _log = logging.getLogger(__name__)
 
 
 @click.command()
-@click.option("--experiment", help="Experiment name (default: $TRACKING_EXPERIMENT, else pytorch-checkpoints).")
+@experiment_option
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Newest runs to list.")
 @json_option
 def runs(experiment: str | None, limit: int, as_json: bool) -> None:

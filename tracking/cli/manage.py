@@ -35,11 +35,20 @@ if TYPE_CHECKING:
 _PROGRESS_FROM_BYTES = 32 * 2**20
 
 
+def _folder(ctx: click.Context, param: click.Parameter, value: str) -> Path:
+    # click takes "" for the current folder: `--to "$DIR"` with DIR unset would download into wherever one stands.
+    if not value.strip():
+        raise click.BadParameter(
+            f"{value!r} names no folder: pass one, e.g. --to downloads/best (--to . for this one)."
+        )
+    return Path(value)
+
+
 @click.command()
 @source_argument
 @selector_option
 @click.option(
-    "--to", "to", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write into."
+    "--to", "to", required=True, type=click.Path(file_okay=False), callback=_folder, help="Folder to write into."
 )
 @click.option(
     "--force",

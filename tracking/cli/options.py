@@ -10,6 +10,22 @@ from click.core import ParameterSource
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
 
+def _check_experiment(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    # An empty name listed the default experiment's runs, as if --experiment had been left out.
+    if value is not None and not value.strip():
+        raise click.BadParameter(
+            f"{value!r} names no experiment: pass its name, e.g. --experiment pytorch-checkpoints."
+        )
+    return value
+
+
+experiment_option = click.option(
+    "--experiment",
+    callback=_check_experiment,
+    help="Experiment name (default: $TRACKING_EXPERIMENT, else pytorch-checkpoints).",
+)
+
+
 class Keyed(Protocol):
     """A checkpoint as listed, stored or described by its manifest: what it is keyed by, and its numbers."""
 

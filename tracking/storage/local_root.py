@@ -8,10 +8,13 @@ path on every machine (NFS) is a legitimate setup.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
+import threading
 import urllib.parse
+from typing import Any
 
 from tracking.rank import warn_on_rank_zero
 
@@ -58,17 +61,74 @@ def is_local_path(uri: str) -> bool:
 
 
 def is_remote_server(tracking_uri: str) -> bool:
-    """Whether a tracking URI is an HTTP(S) server on a host other than this machine."""
+    """Whether a tracking URI is an HTTP(S) server on a host other than this machine.
+
+    A host is this machine when it is ``localhost``, this machine's host name, or a name or address that
+    resolves to one of this machine's own addresses (``http://10.0.0.5`` or ``http://box.corp.example``
+    reached from the box itself). A name that does not resolve within :data:`RESOLVE_TIMEOUT_S` counts
+    as another host: the warning is a hint, never worth a long wait.
+    """
     parsed = urllib.parse.urlparse(tracking_uri.strip())
     if parsed.scheme.lower() not in ("http", "https"):
         return False
     host = (parsed.hostname or "").rstrip(".").lower()
     if not host or host == "localhost" or host.endswith(".localhost"):
         return False
+    return not _is_this_machine(host)
+
+
+# How long the check waits for a host name to resolve. The server's requests resolved the same name a
+# moment before, so an answer is usually at hand (in the resolver's cache, or /etc/hosts).
+RESOLVE_TIMEOUT_S = 1.0
+
+
+@functools.lru_cache(maxsize=64)  # a process opens run after run on the same server: resolved once
+def _is_this_machine(host: str) -> bool:
+    this = socket.gethostname().lower()
+    # "box" is this machine also as "box.corp.example": the hostname often lacks the domain.
+    if host == this or ("." not in this and host.startswith(f"{this}.")):
+        return True
+    return any(_is_own_address(family, address) for family, address in _addresses(host))
+
+
+def _addresses(host: str) -> list[tuple[socket.AddressFamily, Any]]:
+    """The socket addresses ``host`` (a name or an IP address) resolves to, port 0; none when it does not resolve
+    in time. An IP address is parsed, not looked up."""
     try:
-        address = ipaddress.ip_address(host)
+        ipaddress.ip_address(host.partition("%")[0])
     except ValueError:
-        this = socket.gethostname().lower()
-        # "box" is this machine also as "box.corp.example": the hostname often lacks the domain.
-        return host != this and not ("." not in this and host.startswith(f"{this}."))
-    return not (address.is_loopback or address.is_unspecified)
+        pass
+    else:
+        return _resolve(host, socket.AI_NUMERICHOST)
+    found: list[list[tuple[socket.AddressFamily, Any]]] = []
+    # getaddrinfo takes no timeout: a resolver that does not answer would hold the save for its own (seconds
+    # per server, times attempts). A daemon thread waits for it instead, and is left behind if it is late.
+    lookup = threading.Thread(target=lambda: found.append(_resolve(host, 0)), name="resolve-tracking-host", daemon=True)
+    lookup.start()
+    lookup.join(RESOLVE_TIMEOUT_S)
+    return found[0] if found else []
+
+
+def _resolve(host: str, flags: int) -> list[tuple[socket.AddressFamily, Any]]:
+    try:
+        answers = socket.getaddrinfo(host, 0, type=socket.SOCK_DGRAM, flags=flags)
+    except (OSError, UnicodeError):  # socket.gaierror is an OSError; a label too long for IDNA a UnicodeError
+        return []
+    return [(family, address) for family, _, _, _, address in answers]
+
+
+def _is_own_address(family: socket.AddressFamily, address: Any) -> bool:
+    """Whether ``address`` belongs to this machine: a loopback or unspecified address, or one it can bind to
+    (only an address of its own interfaces binds; no packet leaves, no name is looked up)."""
+    try:
+        ip = ipaddress.ip_address(str(address[0]).partition("%")[0])
+    except ValueError:
+        return False
+    if ip.is_loopback or ip.is_unspecified:
+        return True
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind(address)
+    except OSError:
+        return False
+    return True

@@ -1,0 +1,131 @@
+"""How a command ends when its arguments, its user or its reader stop it: the status and the one line it prints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from tracking.cli import inspect, main
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["download", "../x", "--to", "out"],
+        ["checkpoints", "a run"],
+        ["show", "runs:/a run"],
+        ["verify", "--", "--json"],
+        ["gc", "1 2", "--keep-last", "1"],
+        ["register", "run.1", "seed"],
+    ],
+)
+def test_a_malformed_run_id_is_a_usage_error_saying_what_a_run_id_looks_like(
+    tracking_store: str, args: list[str]
+) -> None:
+    # Was: "error: run ... not found on tracking server ..." and exit 1, as for a run deleted since.
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert "is not a run ID: a run ID is 32 hex characters" in result.stderr, result.stderr
+    assert "models:/<name>@<alias>" in result.stderr and "Traceback" not in result.output
+
+
+def test_a_malformed_run_id_with_json_prints_the_usage_error_as_json(tracking_store: str) -> None:
+    result = CliRunner().invoke(main, ["checkpoints", "a run", "--json"])
+    assert result.exit_code == 2, result.output
+    error = json.loads(result.stdout)
+    assert (error["exit_code"], error["type"]) == (2, "BadParameter") and "32 hex characters" in error["error"]
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [(["download", "f" * 32, "--to", ""], "--to"), (["runs", "--experiment", " "], "--experiment")],
+)
+def test_an_empty_folder_or_experiment_name_is_a_usage_error(
+    tracking_store: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, args: list[str], option: str
+) -> None:
+    # Was: --to "" downloaded into the current folder, --experiment "" listed the default experiment.
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option}'" in result.stderr and "names no" in result.stderr, result.stderr
+    assert list(here.iterdir()) == []
+
+
+def test_a_run_id_mlflow_takes_that_names_no_run_is_not_found_and_says_what_run_ids_look_like(
+    tracking_store: str,
+) -> None:
+    result = CliRunner().invoke(main, ["checkpoints", "not-a-run"])
+    assert result.exit_code == 1, result.output
+    assert "run not-a-run not found" in result.stderr and "32 hex characters" in result.stderr, result.stderr
+    issued = CliRunner().invoke(main, ["checkpoints", "f" * 32])
+    assert issued.exit_code == 1 and "32 hex" not in issued.stderr, issued.stderr  # its shape is right
+
+
+@pytest.mark.parametrize("as_json", [[], ["--json"]])
+def test_ctrl_c_exits_130_with_one_line_and_json_when_asked(
+    monkeypatch: pytest.MonkeyPatch, as_json: list[str]
+) -> None:
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inspect, "connect", interrupted)
+    result = CliRunner().invoke(main, ["runs", *as_json])
+    # Was: "Aborted!" and exit 1, the status of a command that failed; nothing on stdout with --json.
+    assert result.exit_code == 130, result.output
+    assert result.stderr == "error: interrupted (Ctrl-C).\n", result.stderr
+    if as_json:
+        assert json.loads(result.stdout) == {
+            "error": "interrupted (Ctrl-C).",
+            "exit_code": 130,
+            "type": "KeyboardInterrupt",
+        }
+    else:
+        assert result.stdout == ""
+
+
+def test_ctrl_c_while_a_command_waits_for_its_server_exits_130(tmp_path: Any) -> None:
+    # A tracking server that takes the connection and never answers: the command waits in its request.
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(60)
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{server.getsockname()[1]}"}
+        command = [sys.executable, "-m", "tracking", "runs", "--json"]
+        with subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as run:
+            try:
+                connection, _ = server.accept()
+                run.send_signal(signal.SIGINT)
+                out, err = run.communicate(timeout=60)
+                connection.close()
+            finally:
+                run.kill()
+    assert run.returncode == 130, err.decode()
+    assert err.decode().splitlines()[-1] == "error: interrupted (Ctrl-C).", err.decode()
+    assert json.loads(out)["exit_code"] == 130
+
+
+def test_output_that_cannot_be_written_is_one_line_not_a_traceback(tmp_path: Any) -> None:
+    # `tracking ... > out.json` on a full disk (/dev/full: every write fails with ENOSPC).
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "tracking", "stack", "status", "--data-dir", str(tmp_path / "stack")],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    # Was: an OSError traceback from click.echo.
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("error: cannot write the output (No space left on device): ") and (
+        done.stderr.count("\n") == 1
+    ), done.stderr
