@@ -7,15 +7,13 @@ are checked to be Module / Optimizer / scheduler subclasses before they are call
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from tracking import lightning_state, spec, zerocopy
+from tracking import lightning_state, spec, state_keys, zerocopy
 from tracking.errors import IntegrityError, MismatchError, NotFoundError, TrackingError, load_refusal
 from tracking.located import Located
 
@@ -218,7 +216,7 @@ def load_weights(
 ) -> bool:
     """Load ``state`` into ``model``; True when it adopted the tensors (``adopt``) instead of copying them."""
     own = model.state_dict()
-    state = without_wrapper_prefix(state, own)
+    state = state_keys.with_tied_keys(state_keys.with_model_keys(state, own), model)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [
@@ -239,27 +237,6 @@ def load_weights(
     return False
 
 
-# What torch.compile's and (Distributed)DataParallel's wrappers put before each key of their state dict.
-WRAPPER_PREFIXES = ("_orig_mod.", "module.")
-
-
-def without_wrapper_prefix(state: Mapping[str, torch.Tensor], own: Iterable[str]) -> Mapping[str, torch.Tensor]:
-    """``state`` with a wrapper's prefix taken off its keys when every key carries that one prefix and none of
-    the model's keys ``own`` does: the state dict of the wrapper, not of the module it wraps, as versions before
-    the library unwrapped models saved it, and as other tools do."""
-    own = list(own)
-    for prefix in WRAPPER_PREFIXES:
-        if state and all(key.startswith(prefix) for key in state) and not any(key.startswith(prefix) for key in own):
-            stripped = OrderedDict(state)
-            metadata = getattr(state, "_metadata", None)
-            if metadata is not None:
-                stripped._metadata = dict(metadata)  # type: ignore[attr-defined]
-            # torch's own renaming: the keys and the per-module metadata (versions) that load_state_dict reads.
-            consume_prefix_in_state_dict_if_present(stripped, prefix)
-            return stripped
-    return state
-
-
 def build_optimizer(
     located: Located,
     model: nn.Module,
@@ -278,9 +255,8 @@ def build_optimizer(
         return _built_by(factory, model.parameters())
     if not recorded:
         raise NotFoundError(f"run {run_id}: the manifest does not describe the {which}; {hint}.")
-    named = dict(model.named_parameters())
     try:
-        groups = [{"params": [named[n] for n in g["params"]]} for g in recorded["param_groups"]]
+        groups = [{"params": state_keys.parameters_named(model, g["params"])} for g in recorded["param_groups"]]
     except KeyError as exc:
         raise MismatchError(
             f"run {run_id}: the {which} was trained over parameter {exc} which the model lacks; {hint}."

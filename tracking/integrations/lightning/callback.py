@@ -213,13 +213,11 @@ class MLflowCheckpoints(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._refuse_restart(trainer)  # when no sanity check ran
         restored, self._restored_rng = self._restored_rng, None
-        if restored is not None and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
-            # Resumed mid-epoch (a save by step before the epoch's last batch): the run that never stopped made
-            # this epoch's data iterator before the save; the resumed fit made it since the restore, drawing from
-            # the RNG (the DataLoader's base seed). Put back here, before Lightning goes past a validation due at
-            # the save (making its loader's iterator, as the run that never stopped did after the save).
-            # A save on the epoch's last batch or at its end is followed by the next epoch's iterator in both fits,
-            # so the restore in load_state_dict stands.
+        if restored is not None and _resumes_the_saved_epochs_iterator(trainer):
+            # Resumed within the saved epoch: the run that never stopped made this epoch's data iterator before the
+            # save; the resumed fit made it since the restore, drawing from the RNG (the DataLoader's base seed). Put
+            # back here, before Lightning goes past a validation due at the save (making its loader's iterator, as the
+            # run that never stopped did after the save).
             restore_rng_state(restored)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -293,6 +291,21 @@ class MLflowCheckpoints(pl.Callback):
     def logged(self) -> list[LoggedCheckpoint]:
         """The checkpoints this trainer committed that are kept (oldest first)."""
         return [] if self._io is None else self._io.logged()
+
+
+def _resumes_the_saved_epochs_iterator(trainer: pl.Trainer) -> bool:
+    """Whether the data iterator a resumed fit made before training (Lightning's ``FitLoop.setup_data``) is the saved
+    epoch's, which the run that never stopped made before the save, rather than the next epoch's, which it made after.
+
+    It is the saved epoch's for a save before the epoch's last batch (by step), and for one after a validation on
+    the last batch (``val_check_interval`` below 1, ``check_val_every_n_epoch`` above 1: ModelCheckpoint saves at the
+    validation's end), where the resumed fit finishes that epoch on it and makes the next epoch's anew. A save at the
+    end of the last batch (by step) or of the epoch is followed by the next epoch's iterator in both fits.
+    """
+    fit_loop = trainer.fit_loop
+    if not fit_loop.epoch_loop.batch_progress.is_last_batch:
+        return True
+    return fit_loop.restarted_mid_epoch and not fit_loop.epoch_loop.restarted_on_train_batch_end
 
 
 def _rank_rng(state_dict: dict[str, Any]) -> dict[str, Any]:
