@@ -1,7 +1,8 @@
 """Sharded (FSDP2) checkpoints saved by the ranks of a two-process gloo job against moto's S3 server.
 
 Every rank writes its own shard to the store, so what each rank is given (its config) and what each meets
-(a failure before the shards' writes) must lead every rank to the same place: the same store, the same error.
+(a failure before the shards' writes) must lead every rank to the same place: the same store, the same error;
+and a restore right after the ranks' own background saves must restore what they saved.
 """
 
 from __future__ import annotations
@@ -218,3 +219,22 @@ def test_a_sharded_checkpoint_of_two_ranks_restores_into_three(run_id: str, tmp_
     run_ranks(SAVE_THEN_RESTORE, 2, tmp_path, run_id, "save", saved)
     outputs = run_ranks(SAVE_THEN_RESTORE, 3, tmp_path, run_id, "restore", saved)
     assert [out.strip() for out in outputs] == [f"rank {r}: differed True, restored True" for r in range(3)]
+
+
+RESTORE_AFTER_A_BACKGROUND_SAVE = """
+import tracking
+
+run_id = args[0]
+tracking.log_checkpoint(model, optimizer, epoch=1, run_id=run_id)
+with tracking.Checkpointer(run_id=run_id, async_save=True, keep_last=1) as checkpointer:
+    checkpointer.save(model, optimizer, epoch=2)  # still uploading in the background
+    loaded = tracking.restore(run_id, model, optimizer)
+    say(f"restored epoch {loaded.epoch}")
+dist.destroy_process_group()
+"""
+
+
+def test_a_restore_right_after_a_background_save_waits_for_it_on_every_rank(run_id: str, tmp_path: Path) -> None:
+    # Was: the job hung, the restore's collectives interleaved with the background save's on the same group.
+    outputs = run_ranks(RESTORE_AFTER_A_BACKGROUND_SAVE, 2, tmp_path, run_id, timeout=90)
+    assert [out.strip() for out in outputs] == ["rank 0: restored epoch 2", "rank 1: restored epoch 2"]
