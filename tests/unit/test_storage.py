@@ -361,3 +361,36 @@ def test_only_an_http_404_on_the_mlflow_path_is_a_missing_artifact(tmp_path: Any
     expected = tracking.NotFoundError if missing else tracking.StorageError
     with pytest.raises(expected), store._errors("manifest.json"):
         raise MlflowException(message)
+
+
+def test_a_missing_file_on_the_mlflow_path_is_found_missing_without_downloading_it(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.exceptions import MlflowException
+
+    from tracking.storage.artifact_repo import MlflowStore
+
+    (tmp_path / "state_dict").mkdir()
+    (tmp_path / "state_dict" / "state_dict.pt").write_bytes(b"weights")
+    store = MlflowStore(tmp_path.as_uri(), owner="run r1")
+    download = store.repo.download_artifacts
+    downloaded: list[str] = []
+
+    def as_the_proxy_answers(path: str, dst_path: str | None = None) -> str:
+        # MLflow 3.18's proxy answers a missing file with 500s, which its client retries, then reports so.
+        downloaded.append(path)
+        if not (tmp_path / path).is_file():
+            raise MlflowException(
+                f"{path}: Max retries exceeded (Caused by ResponseError('too many 500 error responses'))"
+            )
+        return str(download(path, dst_path))
+
+    monkeypatch.setattr(store.repo, "download_artifacts", as_the_proxy_answers)
+    # Was: a StorageError ("the artifact store failed ...; retry") for a manifest not written yet.
+    with pytest.raises(tracking.NotFoundError, match=r"run r1: .*state_dict/manifest.json: no such artifact"):
+        store.read("state_dict/manifest.json")
+    with pytest.raises(tracking.NotFoundError):
+        store.read("nowhere/manifest.json")
+    assert downloaded == []
+    assert bytes(store.read("state_dict/state_dict.pt")) == b"weights"
+    assert downloaded == ["state_dict/state_dict.pt"]

@@ -67,6 +67,7 @@ class MlflowStore(ArtifactStore):
     ) -> Buffer:
         with self._staging(path, "make") as tmp:
             with self._errors(path, staged_in=tmp):
+                self._refuse_missing(path)
                 local = self.repo.download_artifacts(path, dst_path=tmp)
             with self._local(path, "read", tmp):
                 size = os.path.getsize(local)
@@ -82,6 +83,15 @@ class MlflowStore(ArtifactStore):
         if progress is not None:
             progress(len(data))  # MLflow's repository downloads in one go
         return data
+
+    def _refuse_missing(self, path: str) -> None:
+        """NotFoundError unless ``path`` is a file of its folder's listing. MLflow's proxy (``mlflow-artifacts:/``,
+        3.18) answers the download of a missing file with 500s, which its client retries for seconds and then
+        reports as a failed server, not as a file that is not there (a manifest not written yet, the usual case)."""
+        folder, name = posixpath.split(path)
+        listed = self.repo.list_artifacts(folder or None)
+        if not any(not info.is_dir and posixpath.basename(info.path) == name for info in listed):
+            raise NotFoundError(path)
 
     def list_files(self, path: str) -> list[str]:
         found: list[str] = []
