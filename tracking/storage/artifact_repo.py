@@ -90,8 +90,9 @@ class MlflowStore(ArtifactStore):
         MLflow's ``download_artifacts`` draws a tqdm bar on stderr for every call ("Downloading artifacts 1/1"), so a
         load printed several, and MLflow has no parameter to say otherwise, only MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR,
         which every thread of the process reads. The file is one file: its repository's own download of one file
-        skips that bar (and the request that asks whether ``path`` is a folder), touching nothing the user's own
-        MLflow calls see. A user who set the variable to true gets MLflow's download, bars and all.
+        (``_download_file``, which every repository implements and ``download_artifacts`` calls per file) skips that
+        bar and the request that asks whether ``path`` is a folder, touching nothing the user's own MLflow calls
+        see. A user who set the variable to true gets MLflow's download, bars and all.
         """
         if os.environ.get(_BARS, "").strip().lower() in ("true", "1"):
             return cast(str, self.repo.download_artifacts(path, dst_path=tmp))
