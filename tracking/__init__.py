@@ -2,13 +2,21 @@
 and load them back by run ID.
 
 Names are imported on first use, so ``import tracking`` (and the ``tracking`` command
-line) does not pay for torch and mlflow until they are needed.
+line) does not pay for torch and mlflow until they are needed. Importing it bounds MLflow's
+HTTP timeout and retries where the user set none (:func:`tracking.config.bound_mlflow_requests`).
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
+
+from tracking import config as _config
+
+# MLflow's own HTTP defaults wait minutes on a silent tracking server (see tracking.config). Bounded here, on
+# import, not at the library's first call: a script's own mlflow.start_run() or search before that call is bounded
+# too. Only the variables the user left unset are set, and this module imports neither MLflow nor torch.
+_config.bound_mlflow_requests()
 
 # public name -> module that defines it
 _EXPORTS = {

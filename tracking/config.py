@@ -295,7 +295,7 @@ def bound_mlflow_requests(environ: MutableMapping[str, str] | None = None) -> di
     ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR`` (1) in ``environ`` (default ``os.environ``), each only
     where it is unset, and returns what it set. MLflow reads them on every request, so this
     bounds every MLflow call of the process, the user's own included: that is the point, and
-    setting any of the three beforehand opts out of it.
+    setting any of the three beforehand opts out of it. ``import tracking`` calls it.
     """
     env = os.environ if environ is None else environ
     applied = {var: value for var, value in MLFLOW_REQUEST_DEFAULTS.items() if not env.get(var)}

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,30 @@ class Column:
     drop_order: int = 99  # 99: never dropped
     no_wrap: bool = False
     fold_to: int | None = None
+
+
+class UnwrittenOutput(Exception):
+    """The command's output could not be written to stdout; ``cause`` says why (EPIPE: its reader stopped reading)."""
+
+    def __init__(self, cause: OSError) -> None:
+        super().__init__(cause.strerror or str(cause))
+        self.cause = cause
+
+
+@contextmanager
+def writing() -> Iterator[None]:
+    """Whatever writes stdout in the block: its OSError becomes :class:`UnwrittenOutput`, told apart from the
+    command's own OSErrors (a download's, a socket's) by where it was raised, not by what it says."""
+    try:
+        yield
+    except OSError as exc:
+        raise UnwrittenOutput(exc) from exc
+
+
+def echo(message: str = "") -> None:
+    """``message`` and a newline on stdout, as ``click.echo`` writes it; see :func:`writing`."""
+    with writing():
+        click.echo(message)
 
 
 def human_size(size: float) -> str:
@@ -49,7 +74,7 @@ def agree(count: int, one: str, many: str) -> str:
 
 
 def emit_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, default=str))
+    echo(json.dumps(value, indent=2, default=str))
     ctx = click.get_current_context(silent=True)
     if ctx is not None:
         ctx.meta[JSON_EMITTED] = True
@@ -68,7 +93,7 @@ def table(title: str, columns: Sequence[Column], rows: Sequence[Sequence[str]]) 
         flat = [[cell.replace("\n", " ") for cell in row] for row in rows]
         widths = [max([len(c.title), *(len(row[i]) for row in flat)]) for i, c in enumerate(columns)]
         for line in ([c.title for c in columns], *flat):
-            click.echo("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+            echo("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
         return
     from rich.console import Console
     from rich.markup import escape
@@ -87,7 +112,8 @@ def table(title: str, columns: Sequence[Column], rows: Sequence[Sequence[str]]) 
         rendered.add_column(escape(columns[index].title), no_wrap=columns[index].no_wrap, overflow="fold")
     for row in rows:
         rendered.add_row(*(escape(row[index]) for index in shown))
-    console.print(rendered)
+    with writing():
+        console.print(rendered)
 
 
 def _natural_width(columns: Sequence[Column], rows: Sequence[Sequence[str]], shown: list[int]) -> int:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from typing import Any
 
+import mlflow
 import pytest
 from click.testing import CliRunner
 
@@ -154,3 +155,63 @@ def test_output_that_cannot_be_written_is_one_line_not_a_traceback(tmp_path: Any
     assert done.stderr.startswith("error: cannot write the output (No space left on device): ") and (
         done.stderr.count("\n") == 1
     ), done.stderr
+
+
+@pytest.mark.parametrize("command", [["stack", "status"], ["runs", "--json"]])
+def test_a_reader_that_stops_early_ends_the_command_quietly_with_141(
+    tracking_store: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    # `tracking ... | head -1`: a reader that closed its end before the command wrote (every write fails, EPIPE).
+    monkeypatch.setenv("TRACKING_EXPERIMENT", "piped")
+    mlflow.create_experiment("piped")
+    args = [*command, "--data-dir", str(tmp_path / "stack")] if command[0] == "stack" else command
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "tracking", *args], stdout=writer, stderr=subprocess.PIPE, text=True, timeout=120
+        )
+    finally:
+        os.close(writer)
+    # Was: 1, click's, the status of a failed command: `set -o pipefail` scripts took it for one.
+    assert done.returncode == 141, done.stderr
+    assert done.stderr == "", done.stderr
+
+
+def test_a_failure_into_a_closed_pipe_still_says_its_error_line_and_exits_1(tracking_store: str) -> None:
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "tracking", "checkpoints", "f" * 32, "--json"],
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(writer)
+    # Was: nothing at all and 1: the JSON error object's write failed, and with it the error line.
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("error: run ffff") and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_only_click_echo_to_stderr_is_left_outside_what_tells_an_unwritable_output(tmp_path: Any) -> None:
+    """Every write to stdout goes through tracking.output (echo, emit_json, table), which tells a closed pipe or a
+    full disk apart from the command's own OSErrors; a bare click.echo to stdout would be a traceback again."""
+    import ast
+    from pathlib import Path
+
+    import tracking
+
+    root = Path(tracking.__file__).parent
+    bare = []
+    for path in sorted(root.rglob("*.py")):
+        if path == root / "output.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("click.echo", "click.secho", "print"):
+                to_stderr = any(k.arg == "err" and ast.unparse(k.value) == "True" for k in node.keywords)
+                if not to_stderr and not any(k.arg == "file" for k in node.keywords):
+                    bare.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert bare == [], bare

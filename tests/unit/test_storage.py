@@ -373,19 +373,19 @@ def test_a_missing_file_on_the_mlflow_path_is_found_missing_without_downloading_
     (tmp_path / "state_dict").mkdir()
     (tmp_path / "state_dict" / "state_dict.pt").write_bytes(b"weights")
     store = MlflowStore(tmp_path.as_uri(), owner="run r1")
-    download = store.repo.download_artifacts
+    download = store.repo._download_file
     downloaded: list[str] = []
 
-    def as_the_proxy_answers(path: str, dst_path: str | None = None) -> str:
+    def as_the_proxy_answers(remote_file_path: str, local_path: str) -> None:
         # MLflow 3.18's proxy answers a missing file with 500s, which its client retries, then reports so.
-        downloaded.append(path)
-        if not (tmp_path / path).is_file():
+        downloaded.append(remote_file_path)
+        if not (tmp_path / remote_file_path).is_file():
             raise MlflowException(
-                f"{path}: Max retries exceeded (Caused by ResponseError('too many 500 error responses'))"
+                f"{remote_file_path}: Max retries exceeded (Caused by ResponseError('too many 500 error responses'))"
             )
-        return str(download(path, dst_path))
+        download(remote_file_path, local_path)
 
-    monkeypatch.setattr(store.repo, "download_artifacts", as_the_proxy_answers)
+    monkeypatch.setattr(store.repo, "_download_file", as_the_proxy_answers)
     # Was: a StorageError ("the artifact store failed ...; retry") for a manifest not written yet.
     with pytest.raises(tracking.NotFoundError, match=r"run r1: .*state_dict/manifest.json: no such artifact"):
         store.read("state_dict/manifest.json")

@@ -4,7 +4,8 @@ Errors become exit codes by the project's one rule (:func:`tracking.errors.exit_
 :class:`TrackingError` prints one line on stderr and exits 1, a usage error exits 2, and
 ``--debug`` shows the traceback instead. With ``--json``, a failure also prints
 ``{"error", "exit_code", "type"}`` on stdout, unless the command printed its own JSON already. Ctrl-C
-prints ``error: interrupted (Ctrl-C).`` and exits 130, as the pipelines do.
+prints ``error: interrupted (Ctrl-C).`` and exits 130, as the pipelines do. A reader that stops early
+(``| head -1``) ends the command quietly with 141, as SIGPIPE ends other commands.
 Commands import torch and MLflow only when they run.
 """
 
@@ -13,17 +14,19 @@ from __future__ import annotations
 import errno
 import importlib
 import logging
+import os
+import signal
+import sys
 import traceback
 import warnings
-from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from tracking.cli import inspect, manage
 from tracking.cli.server import mlflow_failure
 from tracking.errors import TrackingError, exit_code, format_warning, one_line
-from tracking.output import JSON_EMITTED, emit_json, human_size, json_error
+from tracking.output import JSON_EMITTED, UnwrittenOutput, emit_json, human_size, json_error
 
 __all__ = ["human_size", "main"]
 
@@ -49,21 +52,25 @@ class _Group(click.Group):
                 traceback.print_exc()  # where it was: a command that hangs is what one interrupts
             message = str(interrupted) or "interrupted (Ctrl-C)."
             if ctx.meta.pop(_JSON_ERRORS, False) and not ctx.meta.get(JSON_EMITTED):
-                emit_json(json_error(message, INTERRUPTED, interrupted))
+                _emit_error_json(json_error(message, INTERRUPTED, interrupted))
             click.echo(f"error: {message}", err=True)
             ctx.exit(INTERRUPTED)
         except Exception as raised:
+            if isinstance(raised, UnwrittenOutput) and raised.cause.errno == errno.EPIPE:
+                _reader_gone(ctx)
             # MLflow's own error (a refused or failed request) is reported as ours; --debug shows its traceback.
             unwritten = _output_failure(raised)
+            if unwritten is not None:
+                _detach_stdout()
             exc = mlflow_failure(raised) or unwritten or raised
             code = exit_code(exc)  # None for click's own exceptions: click maps those itself
             if (code is None and not isinstance(exc, click.ClickException)) or ctx.find_root().params.get("debug"):
                 raise
             if ctx.meta.pop(_JSON_ERRORS, False) and not ctx.meta.get(JSON_EMITTED) and unwritten is None:
                 if isinstance(exc, click.ClickException):
-                    emit_json(json_error(exc.format_message(), exc.exit_code, exc))
+                    _emit_error_json(json_error(exc.format_message(), exc.exit_code, exc))
                 else:
-                    emit_json(json_error(one_line(exc), code or 1, exc))
+                    _emit_error_json(json_error(one_line(exc), code or 1, exc))
             if code is None:
                 raise  # click prints its usage error on stderr and exits 2
             click.echo(f"error: {one_line(exc)}", err=True)
@@ -72,19 +79,47 @@ class _Group(click.Group):
 
 def _output_failure(exc: BaseException) -> TrackingError | None:
     """``exc`` as one of ours when it is the command's output that could not be written (``> out.json`` on a full
-    disk), else None. A closed pipe (``| head -1``) is not: click ends the command quietly then, as it should."""
-    if not isinstance(exc, OSError) or exc.errno == errno.EPIPE:
+    disk), else None."""
+    if not isinstance(exc, UnwrittenOutput):
         return None
-    frames = traceback.extract_tb(exc.__traceback__)
-    if not frames or frames[-1].name != "echo" or Path(frames[-1].filename) != Path(click.utils.__file__):
-        return None
-    return TrackingError(
-        f"cannot write the output ({exc.strerror or exc}): free space where stdout goes, or send it elsewhere."
-    )
+    return TrackingError(f"cannot write the output ({exc}): free space where stdout goes, or send it elsewhere.")
+
+
+def _emit_error_json(value: dict[str, Any]) -> None:
+    """A failed command's JSON error on stdout, if stdout still takes it: the ``error:`` line on stderr and the
+    status say the failure either way."""
+    try:
+        emit_json(value)
+    except UnwrittenOutput:
+        _detach_stdout()
+
+
+def _reader_gone(ctx: click.Context) -> NoReturn:
+    """End quietly with 141 (128 + SIGPIPE), as a shell reports a command whose reader closed the pipe
+    (``| head -1``): not 1, which ``set -o pipefail`` scripts take for the command's own failure.
+
+    SIGPIPE itself stays ignored, as Python leaves it: a socket closed under a request stays a Python error.
+    """
+    _detach_stdout()
+    ctx.exit(CLOSED_PIPE)
+
+
+def _detach_stdout() -> None:
+    """Point stdout at /dev/null once it failed: Python flushes it once more at exit, and a failing flush then
+    prints "Exception ignored ... BrokenPipeError" and exits 120 (Python's docs, "Note on SIGPIPE")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # a stdout with no file behind it (a test's CliRunner): nothing to flush there
+        pass
 
 
 # The status of a command stopped by Ctrl-C: 128 + SIGINT, as a shell reports one.
 INTERRUPTED = 130
+
+# The status of a command whose reader closed the pipe: 128 + SIGPIPE, as a shell reports one.
+CLOSED_PIPE = 128 + getattr(signal, "SIGPIPE", 13)
 
 # ctx.meta key: whether a failure of the command invoked prints a JSON error object on stdout (it took --json).
 _JSON_ERRORS = "tracking.json_errors"

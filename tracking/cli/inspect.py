@@ -19,7 +19,7 @@ from tracking.cli.options import (
 )
 from tracking.cli.server import connect
 from tracking.errors import StorageError, one_line
-from tracking.output import Column, agree, emit_json, human_size, json_error, plural, table
+from tracking.output import Column, agree, echo, emit_json, human_size, json_error, plural, table
 
 _log = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ def checkpoints(source: str, as_json: bool) -> None:
         from tracking.alternatives import what_else_loads
         from tracking.run import open_run
 
-        click.echo(f"{source}: no committed checkpoints; {what_else_loads(open_run(run_id))}")
+        echo(f"{source}: no committed checkpoints; {what_else_loads(open_run(run_id))}")
         return
     # The run's key names its checkpoints and stays; the other goes first on a narrow terminal.
     stepped = any(c.keyed_by == layout.STEP for c in logged)
@@ -309,7 +309,7 @@ def show(source: str, checkpoint: str, as_json: bool) -> None:
         )
         return
     click.echo(f"# {located.store.describe(located.path('manifest.json'))}", err=True)
-    click.echo(located.manifest.to_json().decode())
+    echo(located.manifest.to_json().decode())
 
 
 @click.command()
@@ -363,22 +363,22 @@ def verify(source: str, clean: bool, force: bool, as_json: bool) -> None:
         )
     else:
         for item in removed:
-            click.echo(f"REMOVED {item}")
+            echo(f"REMOVED {item}")
         if clean:
-            click.echo(f"{plural(len(removed), 'leftover')} removed")
+            echo(f"{plural(len(removed), 'leftover')} removed")
         for path, problem in report.items():
-            click.echo(f"ok  {path}" if problem is None else f"BAD {path}\n    {problem}")
+            echo(f"ok  {path}" if problem is None else f"BAD {path}\n    {problem}")
         for leftover in report.leftovers:
-            click.echo(f"LEFTOVER {leftover}")
+            echo(f"LEFTOVER {leftover}")
         if not failures:
-            click.echo(
+            echo(
                 f"{report.checked}: {plural(len(report), 'file')} intact" if report else f"{source}: nothing to verify"
             )
         if report.leftovers:
             them = agree(len(report.leftovers), "it", "them")
             unfinished = sum(leftover.kind == UNFINISHED_DELETION for leftover in report.leftovers)
             finishing = f", finishing {agree(unfinished, 'the deletion', 'the deletions')}" if unfinished else ""
-            click.echo(
+            echo(
                 f"{plural(len(report.leftovers), 'leftover')}; `tracking verify --clean {source}` removes {them}"
                 f"{finishing}"
             )

@@ -26,7 +26,7 @@ from tracking.cli.options import (
 from tracking.cli.server import connect
 from tracking.errors import one_line
 from tracking.layout import UI_VIEW_QUERY
-from tracking.output import emit_json, human_size, json_error, plural
+from tracking.output import echo, emit_json, human_size, json_error, plural
 
 if TYPE_CHECKING:
     from tracking.storage.base import Buffer
@@ -93,12 +93,12 @@ def download(source: str, checkpoint: str, to: Path, force: bool, as_json: bool)
         )
         return
     sizes = ", ".join(f"{name} ({human_size(f.size)})" for name, f in located.manifest.files.items())
-    click.echo(f"downloaded {what} to {to}: {sizes}, manifest.json; sha256 checked")
+    echo(f"downloaded {what} to {to}: {sizes}, manifest.json; sha256 checked")
     if done.removed:
-        click.echo(f"removed {', '.join(done.removed)}: the previous download's, which this checkpoint has not")
+        echo(f"removed {', '.join(done.removed)}: the previous download's, which this checkpoint has not")
     if force and done.kept:  # what --force left beside the checkpoint: the folder is not only a download
-        click.echo(f"kept {', '.join(done.kept)}: not from a download (no manifest.json listed them)")
-    click.echo(_how_to_read(located, to))
+        echo(f"kept {', '.join(done.kept)}: not from a download (no manifest.json listed them)")
+    echo(_how_to_read(located, to))
 
 
 def _how_to_read(located: Any, to: Path) -> str:
@@ -235,15 +235,15 @@ def gc(
         return
     verb = "would delete" if dry_run else "deleted"
     for checkpoint in doomed:
-        click.echo(f"{verb} {layout.label(checkpoint.keyed_by, checkpoint.key)} ({checkpoint.model_id})")
+        echo(f"{verb} {layout.label(checkpoint.keyed_by, checkpoint.key)} ({checkpoint.model_id})")
     for checkpoint, versions in report.registered:
-        click.echo(registered_line(checkpoint, versions))
+        echo(registered_line(checkpoint, versions))
     if report.best_moved is not None:
-        click.echo(best_moved_line(report.best_moved, dry_run=dry_run))
+        echo(best_moved_line(report.best_moved, dry_run=dry_run))
     done = "would be deleted (dry run: nothing changed)" if dry_run else "deleted"
     if report.needs_force:
         done += "; the run is still RUNNING: without --dry-run, gc refuses it unless --force (its trainer was killed)"
-    click.echo(f"run {run_id}: {plural(len(doomed), 'checkpoint')} {done}")
+    echo(f"run {run_id}: {plural(len(doomed), 'checkpoint')} {done}")
 
 
 @click.command()
@@ -323,15 +323,15 @@ def register(source: str, name: str, checkpoint: str, alias: str | None, allow_m
         )
         return
     if registered.reused:
-        click.echo(f"{name} version {version.version} already holds {version.source}: reused it; load it as {uri}")
+        echo(f"{name} version {version.version} already holds {version.source}: reused it; load it as {uri}")
     else:
-        click.echo(f"registered {name} version {version.version} from {version.source}; load it as {uri}")
+        echo(f"registered {name} version {version.version} from {version.source}; load it as {uri}")
     if moved_from is not None:
-        click.echo(f"alias {alias} named version {moved_from} before; models:/{name}/{moved_from} still loads it")
+        echo(f"alias {alias} named version {moved_from} before; models:/{name}/{moved_from} still loads it")
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if tracking_uri.startswith(("http://", "https://")):
         page = f"#/models/{urllib.parse.quote(name)}/versions/{version.version}{UI_VIEW_QUERY}"
-        click.echo(f"in the UI: {tracking_uri.rstrip('/')}/{page}")
+        echo(f"in the UI: {tracking_uri.rstrip('/')}/{page}")
 
 
 def _best_moved_json(moved: Any) -> dict[str, Any] | None:

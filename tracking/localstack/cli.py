@@ -23,7 +23,7 @@ from tracking.localstack.stack import (
     StackError,
 )
 from tracking.localstack.supervisor import port_free
-from tracking.output import Column, human_size, table
+from tracking.output import Column, echo, human_size, table
 
 
 @click.group()
@@ -135,20 +135,20 @@ def up(
     pids = {s.name: s.pid for s in local.status().services}
     for name, pid in pids.items():
         verb = "started" if name in started else "already running"
-        click.echo(f"{name}: {verb} (pid {pid}, log {local.log_path(name)})")
-    click.echo(f"MLflow UI:   {local.tracking_uri}/#/experiments?workflowType=machine_learning")
-    click.echo(f"S3 endpoint: {local.s3_endpoint_url}  bucket: {local.bucket}")
+        echo(f"{name}: {verb} (pid {pid}, log {local.log_path(name)})")
+    echo(f"MLflow UI:   {local.tracking_uri}/#/experiments?workflowType=machine_learning")
+    echo(f"S3 endpoint: {local.s3_endpoint_url}  bucket: {local.bucket}")
     mode = "proxied by the MLflow server" if local.serve_artifacts else "written to S3 by clients"
-    click.echo(f"artifacts:   {local.artifact_root} ({mode})")
-    click.echo(f"\n# set these (or: source {local.env_file})")
+    echo(f"artifacts:   {local.artifact_root} ({mode})")
+    echo(f"\n# set these (or: source {local.env_file})")
     for key, value in local.env().items():
         if key == "AWS_SECRET_ACCESS_KEY" and not local.uses_local_credentials:
             # The user's own secret: it is in their environment already and never printed.
-            click.echo(f"# {key} is taken from your environment")
+            echo(f"# {key} is taken from your environment")
             continue
-        click.echo(f"export {key}={value}")
+        echo(f"export {key}={value}")
     if local.uses_local_credentials:
-        click.echo("# local default S3 credentials; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY to choose your own")
+        echo("# local default S3 credentials; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY to choose your own")
 
 
 def _refuse_ports_of_another_stack(local: LocalStack) -> None:
@@ -179,7 +179,7 @@ def down(data_dir: Path | None) -> None:
     local = LocalStack.from_data_dir(config, settings.data_dir, bucket=settings.bucket, stopping=True)
     stopped = local.down()
     records.remove(records.folder(), local.data_dir)
-    click.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+    echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
 
 
 @stack.command()
@@ -208,5 +208,5 @@ def status(data_dir: Path | None) -> None:
         Column("log", drop_order=1),
     ]
     table(f"local stack in {report.data_dir}", columns, rows)
-    click.echo(f"backend store: {report.backend_store_uri}")
-    click.echo(f"data folder: {report.data_dir} ({human_size(report.data_bytes)})")
+    echo(f"backend store: {report.backend_store_uri}")
+    echo(f"data folder: {report.data_dir} ({human_size(report.data_bytes)})")

@@ -68,7 +68,7 @@ class MlflowStore(ArtifactStore):
         with self._staging(path, "make") as tmp:
             with self._errors(path, staged_in=tmp):
                 self._refuse_missing(path)
-                local = self.repo.download_artifacts(path, dst_path=tmp)
+                local = self._download(path, tmp)
             with self._local(path, "read", tmp):
                 size = os.path.getsize(local)
                 self._check_limit(path, size, limit)
@@ -83,6 +83,22 @@ class MlflowStore(ArtifactStore):
         if progress is not None:
             progress(len(data))  # MLflow's repository downloads in one go
         return data
+
+    def _download(self, path: str, tmp: str) -> str:
+        """Copy the file at ``path`` into ``tmp``: its local path.
+
+        MLflow's ``download_artifacts`` draws a tqdm bar on stderr for every call ("Downloading artifacts 1/1"), so a
+        load printed several, and MLflow has no parameter to say otherwise, only MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR,
+        which every thread of the process reads. The file is one file: its repository's own download of one file
+        (``_download_file``, which every repository implements and ``download_artifacts`` calls per file) skips that
+        bar and the request that asks whether ``path`` is a folder, touching nothing the user's own MLflow calls
+        see. A user who set the variable to true gets MLflow's download, bars and all.
+        """
+        if os.environ.get(_BARS, "").strip().lower() in ("true", "1"):
+            return cast(str, self.repo.download_artifacts(path, dst_path=tmp))
+        local = os.path.join(tmp, posixpath.basename(path))
+        self.repo._download_file(remote_file_path=path, local_path=local)
+        return local
 
     def _refuse_missing(self, path: str) -> None:
         """NotFoundError unless ``path`` is a file of its folder's listing. MLflow's proxy (``mlflow-artifacts:/``,
@@ -155,6 +171,9 @@ class MlflowStore(ArtifactStore):
                 # The download's own write into the staging folder, not the transfer.
                 with self._local(path, "make", staged_in or tempfile.gettempdir()):
                     raise
+            if getattr(getattr(exc, "response", None), "status_code", None) == 404:
+                # requests' HTTPError of a proxied download: a file deleted since its folder was listed.
+                raise NotFoundError(f"{where}: no such artifact.") from exc
             # requests' and urllib3's transport errors are OSErrors: a network failure, not corruption.
             raise StorageError(
                 f"{where}: the artifact store failed ({exc}); a network or server failure, not corruption: "
@@ -166,6 +185,9 @@ class MlflowStore(ArtifactStore):
 # model ID such as m-...cd404fd... turned any failure on that model into "no such artifact", and a checkpoint
 # into one without a manifest.
 _NOT_FOUND = re.compile(r"(?<![0-9A-Za-z/_-])404(?![0-9A-Za-z/_-])")
+
+# MLflow's switch for its tqdm bars; see MlflowStore._download.
+_BARS = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 # A local disk that is full (or over quota): no network error has these.
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
