@@ -207,8 +207,11 @@ def _work() -> None:
             entry = _jobs.popleft()
             saver, job, future = entry.saver, entry.job, entry.future
             saver._queued = None
-            saver._running = future
             del entry
+            if not future.set_running_or_notify_cancel():  # its caller cancelled it while it was queued
+                _lock.notify_all()
+                continue
+            saver._running = future
         try:
             future.set_result(job())
         except BaseException as exc:

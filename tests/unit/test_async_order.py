@@ -152,3 +152,18 @@ def test_a_job_settles_before_its_own_collectives_without_waiting_for_the_jobs_a
     gate.set()
     assert committing.result(timeout=30) == "committed"
     later.wait()
+
+
+def test_a_save_its_caller_cancelled_while_queued_is_skipped_and_the_next_ones_run() -> None:
+    saver, other = AsyncSaver(on_busy="coalesce"), AsyncSaver()
+    jobs = Jobs()
+    gate = threading.Event()
+    saver.submit(jobs.job("a1", lambda: gate.wait(timeout=30)))
+    assert jobs.started["a1"].wait(timeout=30)
+    cancelled = saver.submit(jobs.job("a2"))
+    assert cancelled.cancel()
+    later = other.submit(jobs.job("b1"))
+    gate.set()
+    assert later.result(timeout=30) == "b1"
+    tracking.wait_for_checkpoints()
+    assert jobs.order == ["a1", "b1"]
