@@ -171,7 +171,11 @@ class AsyncSaver:
     def wait(self) -> None:
         """Block until every save submitted to this saver is committed; re-raise a background error."""
         if threading.current_thread() is _worker:
-            raise RuntimeError("a background save cannot wait for background saves: they run after it")
+            raise RuntimeError(
+                "a background save waited for background saves (wait(), tracking.wait_for_checkpoints(), a read "
+                "that flushes them): they run after it, one at a time, so it would wait for good; wait from the "
+                "training loop instead"
+            )
         with _lock:
             while self._busy():
                 _lock.wait()

@@ -119,7 +119,7 @@ def test_a_failure_of_a_saver_its_owner_dropped_is_still_raised_by_the_flush() -
         tracking.wait_for_checkpoints()
 
 
-def test_a_job_that_waits_for_background_saves_is_told_it_would_wait_for_itself() -> None:
+def test_a_job_that_waits_for_background_saves_is_told_it_would_wait_for_good() -> None:
     # Each job runs after those submitted before it: waiting for the ones after it would never end.
     saver, later = AsyncSaver(), AsyncSaver()
     gate = threading.Event()
@@ -132,7 +132,7 @@ def test_a_job_that_waits_for_background_saves_is_told_it_would_wait_for_itself(
     later.submit(lambda: None)
     gate.set()
     error = waiting.exception(timeout=30)
-    assert isinstance(error, RuntimeError) and "cannot wait for background saves" in str(error)
+    assert isinstance(error, RuntimeError) and "would wait for good" in str(error)
     with pytest.raises(RuntimeError):
         saver.wait()
     later.wait()
