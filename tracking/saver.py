@@ -1,9 +1,10 @@
 """Background checkpoint commits: the training loop blocks only for a host-memory snapshot.
 
-At most one commit runs at a time per saver, in submission order, so the run's ``latest``
-tag always ends at the newest checkpoint. An error in the background is re-raised on
-the next ``submit``, ``wait`` or ``close``. A crash mid-upload leaves the previous
-checkpoint as latest, because the manifest (the commit) is written last.
+One commit runs at a time in the process, in submission order whichever saver it was submitted
+to, so the run's ``latest`` tag always ends at the newest checkpoint, and under a process group
+each rank runs the commits' collectives in the same order (its program's). An error in the
+background is re-raised on the saver's next ``submit``, ``wait`` or ``close``. A crash mid-upload
+leaves the previous checkpoint as latest, because the manifest (the commit) is written last.
 
 There is one story for every background save: ``log_checkpoint(blocking=False)`` uses the
 process's shared saver (:func:`background_saver`), each ``Checkpointer(async_save=True)``
@@ -20,9 +21,11 @@ import os
 import sys
 import threading
 import weakref
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import thread as _futures_thread  # noqa: F401  (see _flush_at_exit)
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -98,118 +101,147 @@ def _leaves(value: Any) -> list[Any]:
     return [value]
 
 
-# The name of every AsyncSaver's thread.
+# The name of the one thread that runs every AsyncSaver's jobs.
 WORKER = "tracking-async-save"
 
 
-class AsyncSaver:
-    """Commits checkpoints on one background thread, at most one in flight.
+@dataclass(eq=False)  # removed from the queue by identity
+class _Entry:
+    saver: AsyncSaver
+    job: Callable[[], Any]
+    future: Future[Any]
 
-    ``on_busy="wait"`` makes a new save wait for the one in flight; ``"coalesce"``
-    queues it instead, replacing (and dropping) any save still queued, so a slow
-    store costs skipped intermediate checkpoints rather than training time.
-    ``idle_exit=True`` ends the thread once nothing is queued or running and starts
-    another at the next ``submit``: an owner that is never told its work ended (a
-    training loop that raised) leaves no thread behind, and a failure it never asks
-    about is logged as the thread ends.
+
+# Every saver's jobs, in one queue, in the order the training thread submitted them, run one at a time by one
+# thread. Under a process group a job runs collectives on the coordination group; the order the program submits
+# them in is the same on every rank, so their collectives are too. Two savers' jobs run at once would interleave
+# their collectives in another order on each rank, and the job would hang.
+_lock = threading.Condition()
+_jobs: deque[_Entry] = deque()
+_worker: threading.Thread | None = None  # running while _jobs holds work; started again by the next submit
+
+
+class AsyncSaver:
+    """Commits checkpoints in the background, at most one of its own in flight, after every job submitted before.
+
+    Every saver's jobs run on one process-wide thread, in submission order. ``on_busy="wait"`` makes a new save
+    wait for this saver's one in flight; ``"coalesce"`` queues it instead, replacing (and dropping) any save of
+    this saver still queued, so a slow store costs skipped intermediate checkpoints rather than training time
+    (not under a process group: ranks would drop different saves, so the Checkpointer refuses it there).
+    ``log_when_idle=True``, for an owner that is never told its work ended (a training loop that raised): a
+    failure it never asks about is logged as soon as the saver has nothing left to do.
     """
 
-    def __init__(self, on_busy: str = "wait", *, idle_exit: bool = False) -> None:
+    def __init__(self, on_busy: str = "wait", *, log_when_idle: bool = False) -> None:
         if on_busy not in ON_BUSY:
             raise ValueError(f"on_busy must be one of {ON_BUSY}, got {on_busy!r}")
         self.on_busy = on_busy
-        self._lock = threading.Condition()
-        self._queued: tuple[Callable[[], Any], Future[Any]] | None = None
+        self._log_when_idle = log_when_idle
+        self._queued: _Entry | None = None
         self._running: Future[Any] | None = None
         self._error: BaseException | None = None
         self._closed = False
-        self._idle_exit = idle_exit
-        self._worker: threading.Thread | None = None
-        if not idle_exit:
-            self._start()
         _live.add(self)
 
-    def _start(self) -> None:
-        self._worker = threading.Thread(target=self._loop, name=WORKER, daemon=True)
-        self._worker.start()
-
     def submit(self, job: Callable[[], T]) -> Future[T]:
-        """Run ``job`` in the background after the saves before it.
+        """Run ``job`` in the background after every job submitted before it, by any saver of this process.
 
         ``job`` must own its data: snapshot live tensors with :func:`to_host` first.
         """
+        global _worker
         self._raise_pending_error()
         future: Future[T] = Future()
-        with self._lock:
+        with _lock:
             if self._closed:
                 raise RuntimeError("this AsyncSaver is closed")
             if self.on_busy == "wait":
-                while self._running is not None or self._queued is not None:
-                    self._lock.wait()
+                while self._busy():
+                    _lock.wait()
                 self._raise_pending_error()
             elif self._queued is not None:
-                self._queued[1].cancel()  # superseded by this newer checkpoint
-            self._queued = (job, future)
-            if self._worker is None:
-                self._start()
-            self._lock.notify_all()
+                _jobs.remove(self._queued)
+                self._queued.future.cancel()  # superseded by this newer checkpoint
+            self._queued = _Entry(self, job, future)
+            _jobs.append(self._queued)
+            if _worker is None:
+                _worker = threading.Thread(target=_work, name=WORKER, daemon=True)
+                _worker.start()
         return future
 
     def wait(self) -> None:
-        """Block until every submitted save is committed; re-raise a background error."""
-        with self._lock:
-            while self._running is not None or self._queued is not None:
-                self._lock.wait()
+        """Block until every save submitted to this saver is committed; re-raise a background error."""
+        if threading.current_thread() is _worker:
+            raise RuntimeError(
+                "a background save waited for background saves (wait(), tracking.wait_for_checkpoints(), a read "
+                "that flushes them): they run after it, one at a time, so it would wait for good; wait from the "
+                "training loop instead"
+            )
+        with _lock:
+            while self._busy():
+                _lock.wait()
         self._raise_pending_error()
 
     def close(self) -> None:
-        """Flush, then stop the background thread."""
+        """Flush, then refuse new saves."""
         try:
             self.wait()
         finally:
-            with self._lock:
+            with _lock:
                 self._closed = True
-                self._lock.notify_all()
+
+    def _busy(self) -> bool:
+        return self._running is not None or self._queued is not None
 
     def _raise_pending_error(self) -> None:
-        with self._lock:
+        with _lock:
             error, self._error = self._error, None
+            _unreported.discard(self)
         if error is not None:
             raise error
 
-    def _loop(self) -> None:
-        while True:
-            with self._lock:
-                while self._queued is None and not self._closed:
-                    if self._idle_exit:
-                        if self._error is not None:
-                            # Its owner may never wait again (its training raised, and was caught): said here too.
-                            _log.error("a background checkpoint save failed: %s", one_line(self._error))
-                        self._worker = None  # the next submit starts another
-                        return
-                    self._lock.wait()
-                if self._queued is None:
-                    return
-                job, future = self._queued
-                self._queued = None
-                self._running = future
-            try:
-                future.set_result(job())
-            except BaseException as exc:
-                future.set_exception(exc)
-                with self._lock:
-                    self._error = exc
-            finally:
-                # Drop the job, and the host snapshot it holds, now: kept until the next save
-                # arrives, it would double the memory of the next snapshot and be freed in its time.
-                del job
-                with self._lock:
-                    self._running = None
-                    self._lock.notify_all()
+
+def _work() -> None:
+    """Run the queued jobs one at a time, in order; end once none is left."""
+    global _worker
+    while True:
+        with _lock:
+            if not _jobs:
+                _worker = None
+                return
+            entry = _jobs.popleft()
+            saver, job, future = entry.saver, entry.job, entry.future
+            saver._queued = None
+            del entry
+            if not future.set_running_or_notify_cancel():  # its caller cancelled it while it was queued
+                _lock.notify_all()
+                continue
+            saver._running = future
+        try:
+            future.set_result(job())
+        except BaseException as exc:
+            future.set_exception(exc)
+            with _lock:
+                saver._error = exc
+                if not saver._log_when_idle:
+                    _unreported.add(saver)
+        finally:
+            # Drop the job, and the host snapshot it holds, now: kept until the next save
+            # arrives, it would double the memory of the next snapshot and be freed in its time.
+            del job
+            with _lock:
+                saver._running = None
+                if saver._log_when_idle and saver._error is not None and not saver._busy():
+                    # Its owner may never wait again (its training raised, and was caught): said here too.
+                    _log.error("a background checkpoint save failed: %s", one_line(saver._error))
+                _lock.notify_all()
+            del saver
 
 
 # Every saver not yet garbage collected: flushed together by wait_for_checkpoints() and at exit.
 _live: weakref.WeakSet[AsyncSaver] = weakref.WeakSet()
+# The savers whose failure nobody was told of yet, kept alive (their owner may have dropped them, a Checkpointer
+# never closed) so that the exit flush reports it.
+_unreported: set[AsyncSaver] = set()
 
 
 @functools.cache
@@ -281,8 +313,9 @@ atexit.register(_exit_failed)
 
 def settle_before_collective() -> None:
     """Under a process group, before the calling thread's first collective of a save or load: let this process's
-    background saves commit first (raising a failed one's error). Each runs its own collectives on the same group
-    from its thread; one begun meanwhile would interleave with them, in another order on each rank, and the job
-    would hang. Nothing on a saver's own thread, whose commit those collectives are."""
-    if threading.current_thread().name != WORKER:
+    background saves commit first (raising a failed one's error). They run their own collectives on the same group
+    from the background thread; one begun meanwhile would interleave with them, in another order on each rank, and
+    the job would hang. Nothing on the background thread itself, whose jobs those collectives are, and which runs
+    them one at a time."""
+    if threading.current_thread() is not _worker:
         wait_for_checkpoints()

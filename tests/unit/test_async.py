@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 import tracking
 from pipelines.models import Model
 from tracking import checkpoint, checkpointer
+from tracking import saver as background_saves
 from tracking.layout import TAG_LATEST
 from tracking.saver import AsyncSaver, to_host
 
@@ -226,32 +227,36 @@ def test_a_read_right_after_a_background_save_gets_that_checkpoint(
         tracking.wait_for_checkpoints()
 
 
+def background_thread_alive() -> bool:
+    """Whether the process's background save thread still runs, once it had 10 s to end."""
+    deadline = time.monotonic() + 10
+    while background_saves._worker is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return background_saves._worker is not None
+
+
 @pytest.mark.parametrize("on_busy", ["wait", "coalesce"])
-def test_an_idle_exit_saver_ends_its_thread_when_idle_and_starts_one_on_demand(
+def test_the_background_thread_ends_when_idle_and_starts_on_demand(
     on_busy: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     # For an owner never told that its work ended (a training loop that raised and was caught): no thread stays.
-    def alive(saver: AsyncSaver) -> bool:
-        deadline = time.monotonic() + 10
-        while saver._worker is not None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return saver._worker is not None
-
-    saver = AsyncSaver(on_busy=on_busy, idle_exit=True)
-    assert not alive(saver)  # none before the first save
-    assert saver.submit(lambda: 1).result(timeout=30) == 1
-    assert not alive(saver)
-    assert saver.submit(lambda: 2).result(timeout=30) == 2  # started again
-    assert not alive(saver)
+    tracking.wait_for_checkpoints()
+    assert not background_thread_alive()
+    one = AsyncSaver(on_busy=on_busy, log_when_idle=True)
+    assert not background_thread_alive()  # none for a saver made
+    assert one.submit(lambda: 1).result(timeout=30) == 1
+    assert not background_thread_alive()
+    assert one.submit(lambda: 2).result(timeout=30) == 2  # started again
+    assert not background_thread_alive()
 
     def fail() -> None:
         raise OSError("the store refused the upload (test)")
 
     with caplog.at_level("ERROR", logger="tracking.saver"):
-        saver.submit(fail)
-        assert not alive(saver)
-    # Never silent: logged as the thread ended, and raised to the owner that asks.
+        one.submit(fail)
+        assert not background_thread_alive()
+    # Never silent: logged once the saver had nothing left to do, and raised to the owner that asks.
     assert any("refused the upload" in r.getMessage() for r in caplog.records)
     with pytest.raises(OSError, match="refused the upload"):
-        saver.wait()
-    saver.close()
+        one.wait()
+    one.close()

@@ -238,3 +238,30 @@ def test_a_restore_right_after_a_background_save_waits_for_it_on_every_rank(run_
     # Was: the job hung, the restore's collectives interleaved with the background save's on the same group.
     outputs = run_ranks(RESTORE_AFTER_A_BACKGROUND_SAVE, 2, tmp_path, run_id, timeout=90)
     assert [out.strip() for out in outputs] == ["rank 0: restored epoch 2", "rank 1: restored epoch 2"]
+
+
+TWO_SAVERS_IN_THE_BACKGROUND = """
+import tracking
+
+run_id = args[0]
+checkpointer = tracking.Checkpointer(run_id=run_id, async_save=True)
+for epoch in (1, 3):  # two savers, each still committing as the other's save is handed over
+    tracking.log_checkpoint(model, optimizer, epoch=epoch, run_id=run_id, blocking=False)
+    checkpointer.save(model, optimizer, epoch=epoch + 1)
+checkpointer.close()
+tracking.wait_for_checkpoints()
+say("saved")
+dist.destroy_process_group()
+"""
+
+
+def test_two_savers_saving_in_the_background_at_once_commit_every_checkpoint_on_every_rank(
+    run_id: str, tmp_path: Path
+) -> None:
+    # Was: each saver committed on its own thread, their collectives interleaved in another order on each rank, and
+    # the job hung.
+    outputs = run_ranks(TWO_SAVERS_IN_THE_BACKGROUND, 2, tmp_path, run_id, timeout=90)
+    assert [out.strip() for out in outputs] == ["rank 0: saved", "rank 1: saved"]
+    assert [c.epoch for c in tracking.list_checkpoints(run_id)] == [1, 2, 3, 4]
+    for epoch in (1, 2, 3, 4):
+        assert tracking.load(run_id, epoch, model=small_model).epoch == epoch

@@ -74,9 +74,9 @@ class MirrorIO(CheckpointIO):
         self._handle: RunHandle | None = None
         self._lock = threading.Lock()
         self._kept = KeptCheckpoints()
-        # With owner.background: started by the first save of a fit, stopped at its end (see stop), so that a
-        # Trainer made per trial of a sweep leaves no thread behind; its thread also ends whenever it is idle, for
-        # saves no fit's end follows (trainer.save_checkpoint outside fit).
+        # With owner.background: made by the first save of a fit, closed at its end (see stop). The process's one
+        # background thread ends whenever no saver has work, so a Trainer made per trial of a sweep leaves no thread
+        # behind, nor do saves no fit's end follows (trainer.save_checkpoint outside fit).
         self._saver: AsyncSaver | None = None
         self._uploading: set[str] = set()  # paths whose background upload is queued or running
         self._removals: list[str] = []  # removals waiting for the uploads in flight
@@ -87,7 +87,7 @@ class MirrorIO(CheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         path = str(path)
         if self.owner.background and self._saver is None:
-            self._saver = AsyncSaver("wait", idle_exit=True)
+            self._saver = AsyncSaver("wait", log_when_idle=True)
         if self._saver is not None:
             # Never rewrite a file its upload is still reading (last.ckpt, saved every epoch).
             while True:
@@ -301,8 +301,8 @@ class MirrorIO(CheckpointIO):
         self._kept.flush_tags()
 
     def stop(self) -> None:
-        """Stop the background upload's thread once its uploads are done (flush raised any failure already); the
-        next save starts another."""
+        """Close the background saver once its uploads are done (flush raised any failure already); the next save
+        makes another."""
         saver, self._saver = self._saver, None
         if saver is not None:
             try:

@@ -80,8 +80,9 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
         self.commands = tuple(commands)
         self._config = config
         self.async_upload = async_upload
-        # Started by each train() and stopped at its end: a callback made per trial of a sweep leaves no thread.
-        # A train() that raises has no end the Trainer tells a callback of: the thread ends once its uploads are.
+        # Made by each train() and closed at its end. The process's one background thread ends whenever no saver
+        # has work, so a callback made per trial of a sweep leaves no thread, nor does a train() that raises (it has
+        # no end the Trainer tells a callback of: a failed upload is logged once its uploads are done).
         self._saver: AsyncSaver | None = None
         self._handle: RunHandle | None = None
         self._rotation = RotationMirror()
@@ -99,7 +100,7 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
     ) -> None:
         self._schedule.start(args)
         if self.async_upload and self._saver is None:
-            self._saver = AsyncSaver(idle_exit=True)
+            self._saver = AsyncSaver(log_when_idle=True)
         handler = calling_handler()
         if handler is not None:  # after the Trainer's MLflowCallback, to disarm it once it ended its run
             follow(handler, self)
@@ -301,8 +302,8 @@ class TrackingCallback(TrainerCallback):  # type: ignore[misc]
             self._saver.wait()
 
     def _stop_saver(self) -> None:
-        """Stop the background upload's thread (every upload is committed or failed by now); the next train()
-        starts another."""
+        """Close the background saver (every upload is committed or failed by now); the next train() makes
+        another."""
         saver, self._saver = self._saver, None
         if saver is not None:
             try:
