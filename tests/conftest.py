@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import sys
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -78,6 +79,26 @@ def _release_mlflow_stores() -> Iterator[None]:
     from tracking.testing import release_mlflow_stores
 
     release_mlflow_stores()
+
+
+# The signal handlers the test process started with. A test may leave one changed (Lightning ignores SIGINT once it
+# has caught a Ctrl-C), and every process a later test starts inherits an ignored signal: a command that Ctrl-C
+# should stop would then run on.
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+SIGNAL_HANDLERS_AT_START = {number: signal.getsignal(number) for number in _SIGNALS}
+
+
+@pytest.fixture(autouse=True)
+def _put_back_signal_handlers() -> Iterator[None]:
+    """After each test, the handlers of SIGINT, SIGTERM, SIGHUP and SIGQUIT are the process's own again.
+
+    Put back to those the process started with rather than those the test found: a module-scoped fixture runs
+    before any test's own fixtures, and what it changed would otherwise outlive the module.
+    """
+    yield
+    for number, handler in SIGNAL_HANDLERS_AT_START.items():
+        if handler is not None and signal.getsignal(number) is not handler:
+            signal.signal(number, handler)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -102,8 +102,9 @@ def test_ctrl_c_while_a_command_waits_for_its_server_exits_130(tmp_path: Any) ->
         server.settimeout(60)
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{server.getsockname()[1]}"}
         command = [sys.executable, "-m", "tracking", "runs", "--json"]
-        # SIGINT as a shell leaves it to the commands it starts: a test run before in this process may have left it
-        # ignored (Lightning ignores it once it has caught a Ctrl-C), and a child inherits an ignored signal.
+        # SIGINT as a shell leaves it to the commands it starts: pytest itself may have started with it ignored (a
+        # script's background job does), and a child inherits an ignored signal. (What a test before this one left,
+        # tests/conftest.py puts back.)
         with subprocess.Popen(
             command,
             env=env,
