@@ -64,7 +64,7 @@ def test_the_users_own_mlflow_call_before_any_library_call_is_bounded_once_track
         )
     except subprocess.TimeoutExpired:
         # Was: MLflow's own 7 retries with backoff factor 2 (sleeps of 4, 8, 16, 32... s): minutes of a silent server.
-        pytest.fail("mlflow.start_run() against a silent server was still waiting after 45 s")
+        pytest.fail("mlflow.get_run() against a silent server was still waiting after 45 s")
     assert done.returncode == 0, done.stderr
     said = json.loads(done.stdout.splitlines()[-1])
     assert said["failed"] is not None, said
