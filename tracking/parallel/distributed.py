@@ -365,17 +365,19 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def _loaded_class(module: str, name: str) -> type | None:
+    """``module``'s class ``name`` once imported, else None (nothing is of it before): importing it to look would
+    cost every process that never compiles or shards (torch.distributed's: 0.6 s of CPU at the first save)."""
+    return getattr(sys.modules.get(module), name, None)
+
+
 def _is_compiled(model: nn.Module) -> bool:
-    # torch.compile's wrapper class is defined in a module that is imported once anything is compiled.
-    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
-    return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
+    return isinstance(model, _loaded_class("torch._dynamo.eval_frame", "OptimizedModule") or ())
 
 
 def is_sharded(value: Any) -> bool:
     """Whether ``value`` (a tensor or a state dict) holds a DTensor: FSDP2 or tensor-parallel state."""
-    # A DTensor exists only once its module is imported (which imports this package first); importing it to
-    # look costs a process that never shards 0.6 s of CPU (sympy, torch.fx) at its first save or load.
-    DTensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    DTensor = _loaded_class("torch.distributed.tensor", "DTensor")
     if DTensor is None:
         return False
     pending = [value]
@@ -392,10 +394,7 @@ def is_sharded(value: Any) -> bool:
 
 def model_class(model: nn.Module) -> type:
     """The user's class of ``model``: ``fully_shard`` swaps in a subclass it generates."""
-    cls = type(model)
-    # No module is sharded before torch.distributed.fsdp is imported (fully_shard lives in it): a plain model's
-    # first save or load does not import it (0.6 s of CPU).
-    FSDPModule = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    FSDPModule = _loaded_class("torch.distributed.fsdp", "FSDPModule")  # fully_shard lives in that module
     if FSDPModule is not None and isinstance(model, FSDPModule):
-        return next(c for c in cls.__mro__[1:] if not issubclass(c, FSDPModule))
-    return cls
+        return next(c for c in type(model).__mro__[1:] if not issubclass(c, FSDPModule))
+    return type(model)
